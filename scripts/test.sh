@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs the project with its test tools, lints, and runs the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "cpu,lm,dev"
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

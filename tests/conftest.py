@@ -1,0 +1,136 @@
+"""Shared fixtures: a local Ray cluster, an event loop thread for in-process gRPC servers,
+small datastores built by the real build job, and servers on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from retriever_server.build import BuildConfig, build_datastore
+from retriever_server.request import Limits
+from retriever_server.router import RouterConfig, start_router
+from retriever_server.service import RunningServer
+from retriever_server.shard import ShardOptions
+from retriever_server.shard_server import ShardServerConfig, start_shard_server
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread: grpc.aio servers live here while tests call them."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def aio() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster per module, as users get from `ray.init()`."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def synthetic(n: int, d: int, seed: int = 0, clusters: int = 50) -> np.ndarray:
+    """Clustered float32 vectors (n, d): structure like embeddings, made in milliseconds."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32) * 3
+    return (centres[rng.integers(0, clusters, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def build(tmp: Path, keys: np.ndarray, name: str, **kwargs) -> Path:
+    """Saves keys (and payload arrays given as numpy) and runs the build job; returns the datastore."""
+    keys_path = tmp / f"{name}-keys.npy"
+    np.save(keys_path, keys)
+    payloads = {}
+    for payload, array in kwargs.pop("payload_arrays", {}).items():
+        payloads[payload] = tmp / f"{name}-{payload}.npy"
+        np.save(payloads[payload], array)
+    out = tmp / name
+    build_datastore(BuildConfig(keys=keys_path, out=out, payloads=payloads, **kwargs), progress=False)
+    return out
+
+
+def unsharded_reference(datastore: Path, keys: np.ndarray) -> faiss.Index:
+    """One index with the datastore's trained codec holding every row: the sharding reference."""
+    index = faiss.read_index(str(datastore / "shard-00000" / "index.faiss"))
+    index.reset()
+    index.add_with_ids(np.ascontiguousarray(keys, dtype=np.float32), np.arange(len(keys), dtype=np.int64))
+    return index
+
+
+@dataclass
+class Served:
+    router: RunningServer
+    shards: list[list[RunningServer]]
+
+    @property
+    def address(self) -> str:
+        return self.router.address
+
+    def shard_addresses(self) -> list[list[str]]:
+        return [[r.address for r in replicas] for replicas in self.shards]
+
+
+@contextlib.contextmanager
+def serve(aio: LoopThread, datastore: Path, n_shards: int, replicas: int = 1, limits: Limits = Limits(),
+          options: ShardOptions = ShardOptions()) -> Iterator[Served]:
+    """Every shard (x replicas) and a router, in process on ephemeral 127.0.0.1 ports; always stopped."""
+    shards: list[list[RunningServer]] = []
+    router = None
+    try:
+        for i in range(n_shards):
+            shards.append([
+                aio.run(start_shard_server(ShardServerConfig(datastore, i, replica=r, metrics_port=None,
+                                                             limits=limits, options=options)))
+                for r in range(replicas)
+            ])
+        spec = tuple(tuple(s.address for s in replicas) for replicas in shards)
+        router = aio.run(start_router(RouterConfig(spec, metrics_port=None, limits=limits)))
+        yield Served(router, shards)
+    finally:
+        for server in ([router] if router else []) + [s for replicas in shards for s in replicas]:
+            if not server.service.draining:
+                aio.run(server.drain(grace=0))
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-k found in the returned top-k."""
+    hits = [len(set(f[:k]) & set(t[:k])) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) / k
+
+
+def assert_same_neighbours(ids, distances, ref_ids, ref_distances, rtol: float = 1e-5) -> None:
+    """Equal distances, and equal ids except where a tie at the k-th distance makes either valid.
+    Missing neighbours (-1) must be missing in both, whatever sentinel distance each uses."""
+    missing = ref_ids < 0
+    np.testing.assert_array_equal(ids < 0, missing)
+    np.testing.assert_allclose(distances[~missing], ref_distances[~missing], rtol=rtol, atol=1e-5)
+    for row in range(len(ids)):
+        kth = ref_distances[row][~missing[row]][-1]
+        strict = ~np.isclose(ref_distances[row], kth, rtol=rtol, atol=1e-5) & ~missing[row]
+        assert set(ids[row][strict]) == set(ref_ids[row][strict]), f"row {row} differs"

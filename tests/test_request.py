@@ -1,0 +1,117 @@
+"""Request checking and the wire format, without servers: each bad field gets its own message."""
+
+import grpc
+import numpy as np
+import pytest
+from retrieval.v1 import retriever_pb2 as pb
+
+from retriever_server.client import Exclude, make_request
+from retriever_server.merge import merge_results
+from retriever_server.request import DatastoreView, Limits, RequestError, parse_search
+from retriever_server.result import SearchResult
+from retriever_server.wire import from_tensor, to_tensor
+
+VIEW = DatastoreView(dimension=8, nlist=16, default_nprobe=2, has_keys=True,
+                     payload_names=frozenset({"values"}), version="v1")
+LIMITS = Limits(max_k=100, max_batch=50, max_excluded=10)
+Q = np.zeros((3, 8), dtype=np.float32)
+
+
+def refused(request: pb.SearchRequest, view: DatastoreView = VIEW) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        parse_search(request, view, LIMITS)
+    return caught.value
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.uint8, np.float64])
+def test_tensor_round_trip(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
+    back = from_tensor(to_tensor(array))
+    assert back.dtype == array.dtype and np.array_equal(back, array)
+
+
+def test_float16_queries_are_accepted_as_float32():
+    spec = parse_search(make_request(Q.astype(np.float16) + 1, k=5), VIEW, LIMITS)
+    assert spec.queries.dtype == np.float32 and np.all(spec.queries == 1)
+    assert spec.nprobe == VIEW.default_nprobe
+
+
+@pytest.mark.parametrize(
+    "mutate, code, words",
+    [
+        (lambda r: r.ClearField("queries"), "INVALID_ARGUMENT", "queries is required"),
+        (lambda r: r.queries.CopyFrom(to_tensor(np.zeros((3, 7), np.float32))), "INVALID_ARGUMENT", "dimension 7"),
+        (lambda r: setattr(r.queries, "data", r.queries.data[:-4]), "INVALID_ARGUMENT", "queries.data has"),
+        (lambda r: setattr(r.queries, "dtype", 42), "INVALID_ARGUMENT", "queries.dtype"),
+        (lambda r: r.queries.CopyFrom(to_tensor(np.zeros((3, 8), np.int64))), "INVALID_ARGUMENT", "queries.dtype"),
+        (lambda r: r.queries.CopyFrom(to_tensor(np.zeros((0, 8), np.float32))), "INVALID_ARGUMENT", "empty batch"),
+        (lambda r: r.queries.CopyFrom(to_tensor(np.zeros((51, 8), np.float32))), "RESOURCE_EXHAUSTED", "batch limit"),
+        (lambda r: r.queries.CopyFrom(to_tensor(np.zeros(8, np.float32))), "INVALID_ARGUMENT", "(nq, d)"),
+        (lambda r: setattr(r, "k", 0), "INVALID_ARGUMENT", "k must be"),
+        (lambda r: setattr(r, "k", 101), "INVALID_ARGUMENT", "k must be"),
+        (lambda r: setattr(r, "nprobe", 17), "INVALID_ARGUMENT", "nprobe must be"),
+        (lambda r: setattr(r, "nprobe", -1), "INVALID_ARGUMENT", "nprobe must be"),
+        (lambda r: setattr(r, "rerank_candidates", 2), "INVALID_ARGUMENT", "rerank_candidates"),
+        (lambda r: r.payloads.append("nope"), "INVALID_ARGUMENT", "'nope'"),
+        (lambda r: r.exclude.ranges.append(pb.IdRange(start=5, end=2)), "INVALID_ARGUMENT", "exclude.ranges[0]"),
+        (lambda r: r.exclude.ids.append(-3), "INVALID_ARGUMENT", "exclude.ids"),
+        (lambda r: r.exclude_per_query.append(pb.Exclusion()), "INVALID_ARGUMENT", "exclude_per_query has 1"),
+        (lambda r: r.exclude.ids.extend(range(11)), "RESOURCE_EXHAUSTED", "excludes 11 ids"),
+        (lambda r: setattr(r, "expected_datastore_version", "v0"), "FAILED_PRECONDITION", "version v1"),
+    ],
+)
+def test_each_bad_field_is_named(mutate, code, words):
+    request = make_request(Q, k=5)
+    mutate(request)
+    error = refused(request)
+    assert error.code == getattr(grpc.StatusCode, code)
+    assert words in error.message
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused_with_the_row(value):
+    queries = Q.copy()
+    queries[2, 3] = value
+    error = refused(make_request(queries, k=5))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "row 2" in error.message
+
+
+def test_rerank_without_keys_is_a_failed_precondition():
+    view = DatastoreView(8, 16, 2, False, frozenset(), "v1")
+    error = refused(make_request(Q, k=5, exact_rerank=True), view)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "--keep-keys" in error.message
+
+
+def test_exclusions_merge_request_wide_and_per_query():
+    request = make_request(Q, k=5, exclude=Exclude(ids=[9], ranges=[(0, 2)]),
+                           exclude_per_query=[Exclude(ids=[1]), Exclude(), Exclude(ranges=[(4, 6)])])
+    spec = parse_search(request, VIEW, LIMITS)
+    assert spec.exclusions[0] == ((1, 9), ((0, 2),))
+    assert spec.exclusions[1] == ((9,), ((0, 2),))
+    assert spec.exclusions[2] == ((9,), ((0, 2), (4, 6)))
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_merge_equals_brute_force_top_k(metric):
+    rng = np.random.default_rng(1)
+    distances = rng.integers(0, 20, (4, 30)).astype(np.float32)  # many ties
+    ids = rng.permutation(30 * 4).reshape(4, 30).astype(np.int64)
+    values = ids.astype(np.int32) * 10
+    parts = []
+    for s in range(3):
+        cols = slice(10 * s, 10 * s + 10)
+        parts.append(SearchResult(ids[:, cols], distances[:, cols], {"values": values[:, cols]}))
+    merged = merge_results(parts, 7, metric)
+    for row in range(4):
+        key = distances[row] if metric == "l2" else -distances[row]
+        expect = sorted(range(30), key=lambda j: (key[j], ids[row, j]))[:7]
+        assert merged.ids[row].tolist() == ids[row, expect].tolist()
+        assert merged.distances[row].tolist() == distances[row, expect].tolist()
+    assert np.array_equal(merged.payloads["values"], merged.ids * 10)
+
+
+def test_merge_puts_missing_neighbours_last():
+    a = SearchResult(np.array([[3, -1]]), np.array([[1.0, np.inf]], dtype=np.float32))
+    b = SearchResult(np.array([[-1, -1]]), np.array([[np.inf, np.inf]], dtype=np.float32))
+    merged = merge_results([b, a], 2, "l2")
+    assert merged.ids.tolist() == [[3, -1]]

@@ -1,0 +1,268 @@
+"""Shard server and router behaviour: bad input over gRPC, health, drain, reflection, deadlines,
+limits, metrics, version mismatch, and failures of replicas and shards in real processes."""
+
+import asyncio
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build, serve, synthetic
+from retrieval.v1 import retriever_pb2 as pb
+from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+
+from retriever_server import shard as shard_module
+from retriever_server.client import RetrieverClient, RetrieverError, make_request
+from retriever_server.grpc_util import SERVICE_NAME, health_status
+from retriever_server.launcher import LocalDeployment
+from retriever_server.request import Limits
+from retriever_server.router import RouterConfig, start_router
+from retriever_server.shard_server import ShardServerConfig, start_shard_server
+
+pytestmark = [pytest.mark.ray]
+N, D = 4000, 16
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return synthetic(N, D, seed=11)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    return build(tmp, keys, "ds", shards=2, factory="IVF16,PQ4", keep_keys=True,
+                 payload_arrays={"values": np.arange(N, dtype=np.int32)})
+
+
+@pytest.fixture(scope="module")
+def other_datastore(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("other")
+    return build(tmp, synthetic(1000, D, seed=12), "other", shards=2, factory="IVF8,Flat")
+
+
+def raw_search(address: str, request: pb.SearchRequest, timeout: float = 10) -> pb.SearchResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.RetrieverStub(channel).Search(request, timeout=timeout)
+
+
+def good_request(keys) -> pb.SearchRequest:
+    return make_request(keys[:4], k=5, nprobe=4)
+
+
+def bad_requests(keys):
+    """(request, expected code, words in the message) for each way a request can be wrong."""
+    def req(**kw):
+        r = good_request(keys)
+        for name, value in kw.items():
+            setattr(r, name, value)
+        return r
+
+    short = good_request(keys)
+    short.queries.data = short.queries.data[:-1]
+    unknown = good_request(keys)
+    unknown.queries.dtype = 77
+    bad_range = good_request(keys)
+    bad_range.exclude.ranges.append(pb.IdRange(start=9, end=3))
+    per_query = good_request(keys)
+    per_query.exclude_per_query.append(pb.Exclusion(ids=[1]))
+    nan = keys[:2].copy()
+    nan[1, 0] = np.nan
+    return [
+        (make_request(keys[:2, :8], k=5), "INVALID_ARGUMENT", "dimension 8"),
+        (short, "INVALID_ARGUMENT", "bytes but shape"),
+        (unknown, "INVALID_ARGUMENT", "queries.dtype"),
+        (make_request(nan, k=5), "INVALID_ARGUMENT", "NaN or Inf"),
+        (req(k=0), "INVALID_ARGUMENT", "k must be"),
+        (req(k=5000), "INVALID_ARGUMENT", "k must be"),
+        (req(nprobe=17), "INVALID_ARGUMENT", "nprobe must be in [1, 16]"),
+        (make_request(np.zeros((0, D), np.float32), k=5), "INVALID_ARGUMENT", "empty batch"),
+        (make_request(np.zeros((20000, D), np.float32), k=5), "RESOURCE_EXHAUSTED", "batch limit"),
+        (bad_range, "INVALID_ARGUMENT", "exclude.ranges[0]"),
+        (per_query, "INVALID_ARGUMENT", "exclude_per_query has 1 entries but there are 4 queries"),
+        (req(expected_datastore_version="0123"), "FAILED_PRECONDITION", "expected_datastore_version"),
+    ]
+
+
+def test_bad_input_gets_a_named_status_and_the_servers_keep_serving(aio, keys, datastore):
+    with serve(aio, datastore, 2) as served:
+        expected = raw_search(served.address, good_request(keys))
+        for address in (served.address, served.shards[0][0].address):
+            for request, code, words in bad_requests(keys):
+                with pytest.raises(grpc.RpcError) as caught:
+                    raw_search(address, request)
+                assert caught.value.code() == getattr(grpc.StatusCode, code), (words, caught.value.details())
+                assert words in caught.value.details()
+        assert raw_search(served.address, good_request(keys)) == expected
+
+
+def test_request_over_the_size_limit_is_refused(aio, keys, datastore):
+    limits = Limits(max_request_bytes=64 * 1024)
+    with serve(aio, datastore, 2, limits=limits) as served:
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(served.address, make_request(np.zeros((2000, D), np.float32), k=5))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        raw_search(served.address, good_request(keys))
+
+
+def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(aio, keys, datastore,
+                                                                                monkeypatch):
+    release = threading.Event()
+    original = shard_module.Shard.open
+
+    def slow_open(*args, **kwargs):  # fault injection: hold the load until the test has looked
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(shard_module.Shard, "open", slow_open)
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None), wait_loaded=False))
+    try:
+        assert health_status(running.address) == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(running.address, good_request(keys))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in caught.value.details()
+        release.set()
+        deadline = time.monotonic() + 30
+        while health_status(running.address) != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(running.address) == "SERVING"
+        raw_search(running.address, good_request(keys))
+        drained = asyncio.run_coroutine_threadsafe(running.drain(grace=1, delay=1.5), aio.loop)
+        time.sleep(0.3)
+        assert health_status(running.address) == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(running.address, good_request(keys))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in caught.value.details()
+        drained.result(10)
+        assert health_status(running.address) == "UNAVAILABLE"
+    finally:
+        release.set()
+        if not running.service.draining:
+            aio.run(running.drain(grace=0))
+
+
+def test_reflection_lists_the_service_to_a_generic_client(aio, datastore):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with serve(aio, datastore, 2) as served:
+        for address in (served.address, served.shards[1][0].address):
+            with grpc.insecure_channel(address) as channel:
+                database = ProtoReflectionDescriptorDatabase(channel)
+                assert SERVICE_NAME in database.get_services()
+                assert "grpc.health.v1.Health" in database.get_services()
+                service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
+                assert {m.name for m in service.methods} == {"Search", "GetInfo"}
+                assert service.FindMethodByName("Search").input_type.fields_by_name["queries"]
+
+
+def test_caller_deadline_is_honoured_through_the_router(aio, keys, datastore, monkeypatch):
+    original = shard_module.Shard.search
+
+    def slow_search(self, spec):  # fault injection: a shard that takes 3 s
+        time.sleep(3)
+        return original(self, spec)
+
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address) as client:
+        monkeypatch.setattr(shard_module.Shard, "search", slow_search)
+        with pytest.raises(RetrieverError) as caught:
+            client.search(keys[:3], k=5, timeout=0.5)
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
+    original = shard_module.Shard.search
+    entered = threading.Event()
+
+    def slow_search(self, spec):  # fault injection: hold the first request inside the shard
+        entered.set()
+        time.sleep(1.5)
+        return original(self, spec)
+
+    with serve(aio, datastore, 1, limits=Limits(max_inflight=1)) as served:
+        monkeypatch.setattr(shard_module.Shard, "search", slow_search)
+        shard = served.shards[0][0].address
+        first = threading.Thread(target=raw_search, args=(shard, good_request(keys)))
+        first.start()
+        entered.wait(10)
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(shard, good_request(keys))
+        first.join()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "in flight" in caught.value.details()
+
+
+def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore):
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=0)))
+    try:
+        raw_search(running.address, good_request(keys))
+        with pytest.raises(grpc.RpcError):
+            raw_search(running.address, make_request(keys[:1], k=0))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
+        assert 'retriever_requests_total{method="Search",status="OK"} 1.0' in text
+        assert 'retriever_requests_total{method="Search",status="INVALID_ARGUMENT"} 1.0' in text
+        assert 'retriever_request_seconds_count{method="Search"} 2.0' in text
+    finally:
+        aio.run(running.drain(grace=0))
+
+
+def test_router_refuses_shards_of_different_datastores(aio, keys, datastore, other_datastore):
+    a = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
+    b = aio.run(start_shard_server(ShardServerConfig(other_datastore, 1, metrics_port=None)))
+    router = aio.run(start_router(RouterConfig(((a.address,), (b.address,)), metrics_port=None), wait_ready=False))
+    try:
+        with pytest.raises(RuntimeError, match="different datastores"):
+            aio.run(asyncio.wait_for(asyncio.shield(router.ready), 30))
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(router.address, good_request(keys))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        for server in (router, a, b):
+            aio.run(server.drain(grace=0))
+
+
+@pytest.mark.slow
+def test_replica_killed_mid_test_leaves_answers_unchanged(keys, datastore):
+    with LocalDeployment(datastore, replicas=2) as deployment, RetrieverClient(deployment.router_address) as client:
+        before = [client.search(keys[i:i + 50], k=10, nprobe=8, payloads=["values"]) for i in range(0, 500, 50)]
+        deployment.kill(shard=0, replica=0)
+        deployment.kill(shard=1, replica=1)
+        for i, expected in zip(range(0, 500, 50), before):
+            after = client.search(keys[i:i + 50], k=10, nprobe=8, payloads=["values"])
+            np.testing.assert_array_equal(after.ids, expected.ids)
+            np.testing.assert_array_equal(after.distances, expected.distances)
+            np.testing.assert_array_equal(after.payloads["values"], expected.payloads["values"])
+            assert not after.partial
+
+
+@pytest.mark.slow
+def test_shard_down_gives_partial_results_only_when_allowed(keys, datastore):
+    with LocalDeployment(datastore, replicas=1) as deployment:
+        shards = deployment.shard_addresses
+        with RetrieverClient(deployment.router_address) as client, RetrieverClient(shards[0][0]) as only_first:
+            alone = only_first.search(keys[:20], k=10, nprobe=8)
+            deployment.kill(shard=1)
+            with pytest.raises(RetrieverError) as caught:
+                client.search(keys[:20], k=10, nprobe=8)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "shard-00001" in caught.value.message
+            partial = client.search(keys[:20], k=10, nprobe=8, allow_partial=True)
+        assert partial.partial and list(partial.failed_shards) == ["shard-00001"]
+        np.testing.assert_array_equal(partial.ids, alone.ids)
+        with RetrieverClient(shards) as fan_out:
+            with pytest.raises(RetrieverError, match="shard-00001"):
+                fan_out.search(keys[:20], k=10, nprobe=8)
+            assert fan_out.search(keys[:20], k=10, nprobe=8, allow_partial=True).partial
+
+
+@pytest.mark.slow
+def test_sigterm_drains_and_exits_cleanly(datastore):
+    deployment = LocalDeployment(datastore, replicas=1).start()
+    try:
+        process = deployment.shards[0][0].popen
+        process.terminate()
+        assert process.wait(timeout=20) == 0
+    finally:
+        deployment.stop()
+    assert all(p.popen.returncode == 0 for p in deployment.processes())
