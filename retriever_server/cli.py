@@ -5,6 +5,8 @@
     retriever-server router --shards HOST:PORT,HOST:PORT  # replicas of a shard joined by '|'
     retriever-server info DIR_OR_ADDRESS
     retriever-server search ADDRESS --queries Q.npy -k 10
+
+Global options go before the command: `retriever-server --log-level DEBUG --log-format json serve ...`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from retriever_server.logs import configure_logging
 from retriever_server.request import Limits
 
 PROG = "retriever-server"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 log = logging.getLogger(__name__)
 
 
@@ -66,11 +69,18 @@ def _add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Sharded FAISS retrieval datastore over gRPC.")
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", metavar="LEVEL",
+                        help="DEBUG, INFO (default), WARNING or ERROR, any case; goes before the command")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text, or one JSON object per line; goes before the command")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands",
+                                metavar="COMMAND")
 
-    b = sub.add_parser("build", help="build a sharded datastore from an (N, d) .npy matrix (a Ray job)")
+    def command(name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}")
+
+    b = command("build", "build a sharded datastore from an (N, d) .npy matrix",
+                "Runs as a Ray job: on --address, or on a local cluster started for it.")
     b.add_argument("keys", type=Path, help="(N, d) float .npy matrix; memory-mapped")
     b.add_argument("--out", type=Path, required=True, help="datastore directory to create")
     b.add_argument("--payload", type=_key_value, action="append", default=[], metavar="NAME=FILE.npy",
@@ -89,8 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
     b.add_argument("--no-progress", action="store_true")
 
-    s = sub.add_parser("serve", help="serve one shard, or (no --shard) every shard and a router")
-    s.add_argument("--datastore", type=Path, required=True)
+    s = command("serve", "serve one shard, or every shard and a router",
+                "With --shard, serves that shard. Without it, runs every shard (x --replicas) and a router "
+                "over them as local processes; --port, --metrics-port and --address-file then apply to "
+                "the router, and SIGTERM drains them all.")
+    s.add_argument("--datastore", type=Path, required=True, help="datastore directory (holds manifest.json)")
     s.add_argument("--shard", type=int, help="shard number; omit to serve the whole datastore locally")
     s.add_argument("--replica", type=int, default=0, help="replica number reported by GetInfo")
     s.add_argument("--replicas", type=int, default=1, help="without --shard: replicas per shard")
@@ -100,15 +113,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS default)")
     _add_server(s)
 
-    r = sub.add_parser("router", help="serve the Retriever API in front of shards")
+    r = command("router", "serve the Retriever API in front of shards")
     r.add_argument("--shards", required=True, help="HOST:PORT per shard, comma-separated; replicas joined by |")
     _add_server(r)
 
-    i = sub.add_parser("info", help="describe a datastore directory or a running server")
+    i = command("info", "describe a datastore directory or a running server")
     i.add_argument("target", help="datastore directory or HOST:PORT")
     i.add_argument("--json", action="store_true")
 
-    q = sub.add_parser("search", help="search a running router or shard with queries from a .npy file")
+    q = command("search", "search a running server with queries from a .npy file")
     q.add_argument("target", help="HOST:PORT of a router or shard")
     q.add_argument("--queries", type=Path, required=True, help="(nq, d) float32 .npy")
     q.add_argument("-k", type=int, default=10)
@@ -128,13 +141,17 @@ def _metrics_port(args) -> int | None:
     return None if args.metrics_port < 0 else args.metrics_port
 
 
-def _write_address(path: Path | None, running) -> None:
+def _write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
+    """Writes the address JSON atomically, so a reader never sees half of it."""
     if path is None:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"address": running.address, "metrics_port": running.metrics_port,
-                               "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(), **more}))
     os.replace(tmp, path)
+
+
+def _with_metrics(address: str, metrics_port: int | None) -> str:
+    return address + (f" (metrics on port {metrics_port})" if metrics_port else "")
 
 
 async def _run_until_signal(running, args) -> None:
@@ -142,9 +159,8 @@ async def _run_until_signal(running, args) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    _write_address(args.address_file, running)
-    print(f"listening on {running.address}" + (f" (metrics on port {running.metrics_port})"
-                                              if running.metrics_port else ""), flush=True)
+    _write_address(args.address_file, running.address, running.metrics_port)
+    print(f"listening on {_with_metrics(running.address, running.metrics_port)}", flush=True)
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)
     if running.ready in done and running.ready.exception() is not None:
@@ -196,29 +212,51 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _child_args(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The flags `serve` without --shard passes on: (to each shard server, to the router).
+
+    The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1.
+    """
+    common = ["--grace", str(args.grace), "--drain-delay", str(args.drain_delay), "--max-k", str(args.max_k),
+              "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
+              "--max-request-mb", str(args.max_request_mb)]
+    shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads)]
+    shard += ["--gpu"] if args.gpu else []
+    shard += ["--no-mmap"] if args.no_mmap else []
+    shard += ["--no-verify"] if args.no_verify else []
+    return tuple(shard), (*common, "--metrics-port", str(args.metrics_port))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: unwinds like Ctrl-C, so the deployment stops and every child drains."""
+    raise KeyboardInterrupt
+
+
+def _announce(deployment, address_file: Path | None) -> None:
+    """Prints every process's address (and metrics port) and writes the router's address file."""
+    for process in deployment.processes():
+        print(f"{process.name}: {_with_metrics(process.address, process.metrics_port)}")
+    print(f"logs in {deployment.log_dir}", flush=True)
+    router = deployment.router
+    _write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses)
+
+
 def _serve_local(args) -> int:
     from retriever_server.launcher import LocalDeployment
 
-    extra = ["--max-k", str(args.max_k), "--max-batch", str(args.max_batch), "--max-inflight",
-             str(args.max_inflight), "--max-request-mb", str(args.max_request_mb), "--threads", str(args.threads)]
-    extra += ["--gpu"] if args.gpu else []
-    extra += ["--no-mmap"] if args.no_mmap else []
-    extra += ["--no-verify"] if args.no_verify else []
+    shard_args, router_args = _child_args(args)
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
-                                 extra_args=tuple(extra))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    deployment.start()
-    for i, replicas in enumerate(deployment.shard_addresses):
-        print(f"shard {i}: {' | '.join(replicas)}")
-    print(f"router: {deployment.router_address}", flush=True)
-    if args.address_file:
-        args.address_file.write_text(json.dumps({"address": deployment.router_address,
-                                                 "shards": deployment.shard_addresses}))
+                                 extra_args=shard_args, router_args=router_args, log_level=args.log_level,
+                                 log_format=args.log_format)
+    signal.signal(signal.SIGTERM, _interrupt)
+    deployment.start()  # on an interrupt here, start() stops what it started
     try:
-        deployment.wait()
-    except KeyboardInterrupt:
+        _announce(deployment, args.address_file)
+        why = deployment.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
         deployment.stop()
-    return 0
+        return 0
+    raise CliError(f"stopped: {why}")
 
 
 def _cmd_router(args) -> int:
@@ -288,18 +326,27 @@ COMMANDS = {"build": _cmd_build, "serve": _cmd_serve, "router": _cmd_router, "in
             "search": _cmd_search}
 
 
+def _last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's message (Ray's errors end with the useful one)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `retriever-server`."""
+    """Entry point of `retriever-server`: runs one command; user errors print one line and return 1.
+
+    Errors caught here (bad input, a missing or damaged datastore, a server that did not start, an
+    unreachable Ray cluster or server, a file that cannot be written) never show a traceback.
+    """
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     from retriever_server.client import RetrieverError
-    from retriever_server.launcher import LaunchError
     from retriever_server.manifest import DatastoreError
 
     try:
         return COMMANDS[args.command](args)
-    except (CliError, DatastoreError, LaunchError, RetrieverError, FileNotFoundError, ValueError) as err:
-        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+    except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError) as err:
+        print(f"{PROG} {args.command}: error: {_last_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-
-from retriever_server.fanout import RETRYABLE, ReplicaSet, failure_message, replica_sets
+from retriever_server.fanout import RETRYABLE, Deadline, ReplicaSet, check_shards, failure_message, replica_sets
 from retriever_server.grpc_util import CHANNEL_OPTIONS
 from retriever_server.merge import merge_results
 from retriever_server.result import SearchResult
@@ -94,7 +94,7 @@ class RetrieverClient:
         self.channels = {a: grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for s in shards for a in s}
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
         self._pool = ThreadPoolExecutor(max(1, len(shards))) if self.fan_out else None
-        self._metric: str | None = None
+        self._infos: list[pb.InfoResponse] | None = None
 
     def __enter__(self) -> RetrieverClient:
         return self
@@ -109,11 +109,13 @@ class RetrieverClient:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def _call(self, replicas: ReplicaSet, method: str, request, timeout: float | None):
+    def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         last: grpc.RpcError | None = None
         for address in replicas.order():
+            if deadline.expired():
+                raise RetrieverError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
             try:
-                reply = getattr(self.stubs[address], method)(request, timeout=timeout)
+                reply = getattr(self.stubs[address], method)(request, timeout=deadline.remaining())
                 replicas.succeeded(address)
                 return reply
             except grpc.RpcError as err:
@@ -126,8 +128,8 @@ class RetrieverClient:
 
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""
-        timeout = timeout or self.timeout
-        infos = [self._call(s, "GetInfo", pb.GetInfoRequest(), timeout) for s in self.sets]
+        deadline = Deadline(timeout or self.timeout)
+        infos = [self._call(s, "GetInfo", pb.GetInfoRequest(), deadline) for s in self.sets]
         if len(infos) == 1:
             return infos[0]
         combined = pb.InfoResponse()
@@ -141,17 +143,30 @@ class RetrieverClient:
             combined.shards.append(shard)
         return combined
 
-    def _datastore_metric(self, timeout: float | None) -> str:
-        if self._metric is None:
-            for replicas in self.sets:
-                try:
-                    self._metric = self._call(replicas, "GetInfo", pb.GetInfoRequest(), timeout).metric
-                    break
-                except RetrieverError:
-                    continue
-        if self._metric is None:
-            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, "no shard answered GetInfo")
-        return self._metric
+    def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
+        """GetInfo of the shards that answer. Once all have, checks they are all the shards of one
+        datastore, once each, and remembers them."""
+        if self._infos is not None:
+            return self._infos
+        infos, down = [], {}
+        for replicas in self.sets:
+            try:
+                infos.append(self._call(replicas, "GetInfo", pb.GetInfoRequest(), deadline))
+            except RetrieverError as err:
+                if err.code not in RETRYABLE:
+                    raise
+                down[replicas.name] = err.message
+        if not infos:
+            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
+        if down:
+            return infos
+        problem = check_shards([[i] for i in infos])
+        if problem is not None:
+            raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        for replicas, info in zip(self.sets, infos):
+            replicas.name = info.shard
+        self._infos = infos
+        return infos
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
@@ -181,15 +196,18 @@ class RetrieverClient:
         """
         request = make_request(queries, k, nprobe, exact_rerank, rerank_candidates, payloads, return_keys,
                                exclude, exclude_per_query, allow_partial, expected_version)
-        timeout = timeout or self.timeout
+        deadline = Deadline(timeout or self.timeout)
         if not self.fan_out:
-            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, timeout))
-        return self._fan_out(request, k, timeout)
+            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, deadline))
+        return self._fan_out(request, k, deadline)
 
-    def _fan_out(self, request: pb.SearchRequest, k: int, timeout: float | None) -> SearchResult:
+    def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
+        infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
         request.allow_partial = False
-        futures = [self._pool.submit(self._call, s, "Search", request, timeout) for s in self.sets]
+        if not request.expected_datastore_version:
+            request.expected_datastore_version = infos[0].datastore_version
+        futures = [self._pool.submit(self._call, s, "Search", request, deadline) for s in self.sets]
         answers, failures = [], {}
         for replicas, future in zip(self.sets, futures):
             try:
@@ -200,6 +218,6 @@ class RetrieverClient:
                 failures[replicas.name] = err.message
         if failures and (not allow_partial or not answers):
             raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
-        merged = merge_results(answers, k, self._datastore_metric(timeout))
+        merged = merge_results(answers, k, infos[0].metric)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
+from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.manifest import shard_name
+from retriever_server.request import DatastoreView
+from retriever_server.wire import numpy_dtype
 
 # A replica answering with one of these may be down or busy: try the next replica of its shard.
 RETRYABLE = frozenset({
@@ -61,3 +65,50 @@ def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
 def failure_message(failures: dict[str, str]) -> str:
     """'shard-00001 unavailable (reason); ...' for a status message."""
     return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
+
+
+class Deadline:
+    """The caller's deadline, shared by every attempt of one call (None: no deadline)."""
+
+    def __init__(self, timeout: float | None):
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
+    """Why shards (each the infos of its answering replicas) are not one whole datastore, or None.
+
+    Every replica must serve the same datastore version, the shards must be all of the datastore's
+    shards, each once, and their id ranges must tile [0, ntotal).
+    """
+    everyone = [info for replicas in infos for info in replicas]
+    versions = sorted({info.datastore_version for info in everyone})
+    if len(versions) > 1:
+        return f"the shards serve different datastores (versions {versions})"
+    for replicas in infos:
+        if len({info.shard for info in replicas}) > 1:
+            return f"replicas given as one shard serve different shards {sorted({i.shard for i in replicas})}"
+    names = [replicas[0].shard for replicas in infos]
+    if len(set(names)) != len(names):
+        return f"shards given more than once: {sorted({n for n in names if names.count(n) > 1})}"
+    expected = everyone[0].num_shards
+    if expected and expected != len(infos):
+        return f"the datastore has {expected} shards but {len(infos)} were given ({', '.join(names)})"
+    ranges = sorted((r[0].shards[0].id_start, r[0].shards[0].id_end) for r in infos)
+    ends = [0] + [end for _, end in ranges]
+    if any(start != end for (start, _), end in zip(ranges, ends)) or ends[-1] != everyone[0].datastore_ntotal:
+        return f"the shards' id ranges {ranges} do not cover [0, {everyone[0].datastore_ntotal}) once"
+    return None
+
+
+def view_of(info: pb.InfoResponse) -> DatastoreView:
+    """What requests are checked against, from a shard's GetInfo."""
+    row_bytes = {p.name: int(numpy_dtype(p.dtype).itemsize * np.prod(p.row_shape, dtype=np.int64))
+                 for p in info.payloads}
+    return DatastoreView(info.dimension, info.nlist, info.default_nprobe, info.has_keys, row_bytes,
+                         info.datastore_version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from retrieval.v1 import retriever_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class LaunchError(RuntimeError):
-    """A server process did not come up; the message names it and quotes its last error line."""
+    """A server process did not come up; the message names it, quotes its last error line and
+    gives the directory that keeps its log."""
 
 
 @dataclass
@@ -39,30 +41,47 @@ class _Process:
     address_file: Path
     log_file: Path
     address: str = ""
+    metrics_port: int | None = None
+
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
 
 
 @dataclass
 class LocalDeployment:
-    """Starts S shards x R replicas and a router on 127.0.0.1 ephemeral ports."""
+    """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
+
+    `extra_args` go to every shard server, `router_args` to the router; `log_level` and `log_format`
+    to all of them. Their logs and address files live in `log_dir` until `stop()` removes it; it is
+    kept when a process fails to start, and the LaunchError names it.
+    """
 
     datastore: Path
     replicas: int = 1
     host: str = "127.0.0.1"
     router_port: int = 0
     extra_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
     startup_timeout_s: float = 300.0
     log_level: str = "WARNING"
+    log_format: str = "text"
     shards: list[list[_Process]] = field(default_factory=list)
     router: _Process | None = None
 
     def __post_init__(self):
         self._dir = Path(tempfile.mkdtemp(prefix="retriever-local-"))
+        self._keep_dir = False
+
+    @property
+    def log_dir(self) -> Path:
+        """The directory holding each process's log (NAME.log) and address file (NAME.json)."""
+        return self._dir
 
     def _spawn(self, name: str, args: list[str]) -> _Process:
         address_file = self._dir / f"{name}.json"
         log_file = self._dir / f"{name}.log"
-        command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level, *args,
-                   "--address-file", str(address_file)]
+        command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
+                   "--log-format", self.log_format, *args, "--address-file", str(address_file)]
         with open(log_file, "w") as out:
             popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return _Process(name, popen, address_file, log_file)
@@ -71,34 +90,43 @@ class LocalDeployment:
         lines = [line for line in process.log_file.read_text(errors="replace").splitlines() if line.strip()]
         return lines[-1] if lines else f"exit code {process.popen.returncode}"
 
+    def _failed(self, process: _Process, why: str) -> LaunchError:
+        self._keep_dir = True
+        return LaunchError(f"{process.name} {why} (logs in {self._dir})")
+
     def _wait_serving(self, process: _Process, deadline: float) -> None:
         while time.monotonic() < deadline:
-            if process.popen.poll() is not None:
-                raise LaunchError(f"{process.name} exited: {self._last_error(process)}")
+            if process.exited():
+                raise self._failed(process, f"exited: {self._last_error(process)}")
             if not process.address and process.address_file.is_file():
-                process.address = json.loads(process.address_file.read_text())["address"]
+                written = json.loads(process.address_file.read_text())
+                process.address, process.metrics_port = written["address"], written.get("metrics_port")
             if process.address and health_status(process.address, timeout=1.0) == "SERVING":
                 return
             time.sleep(0.1)
-        raise LaunchError(f"{process.name} did not turn SERVING within {self.startup_timeout_s:.0f}s")
+        raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
+
+    def _spawn_shard(self, shard: int, replica: int) -> _Process:
+        return self._spawn(f"shard-{shard:05d}-r{replica}", [
+            "serve", "--datastore", str(self.datastore), "--shard", str(shard), "--replica", str(replica),
+            "--host", self.host, "--port", "0", *self.extra_args])
 
     def start(self) -> LocalDeployment:
-        """Starts every process and returns once the router is SERVING; raises LaunchError."""
+        """Starts every process and returns once the router is SERVING.
+
+        Raises:
+            LaunchError: a process exited or did not turn SERVING in time; every process is stopped.
+        """
         manifest = read_manifest(self.datastore)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             for i in range(len(manifest.shards)):
-                self.shards.append([
-                    self._spawn(f"shard-{i:05d}-r{r}", ["serve", "--datastore", str(self.datastore), "--shard",
-                                                        str(i), "--replica", str(r), "--host", self.host,
-                                                        "--port", "0", *self.extra_args])
-                    for r in range(self.replicas)
-                ])
+                self.shards.append([self._spawn_shard(i, r) for r in range(self.replicas)])
             for process in self.processes():
                 self._wait_serving(process, deadline)
             spec = ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
             self.router = self._spawn("router", ["router", "--shards", spec, "--host", self.host,
-                                                 "--port", str(self.router_port)])
+                                                 "--port", str(self.router_port), *self.router_args])
             self._wait_serving(self.router, deadline)
         except BaseException:
             self.stop()
@@ -108,6 +136,7 @@ class LocalDeployment:
         return self
 
     def processes(self) -> list[_Process]:
+        """Every shard replica, then the router once started."""
         return [p for replicas in self.shards for p in replicas] + ([self.router] if self.router else [])
 
     @property
@@ -125,9 +154,10 @@ class LocalDeployment:
         process.popen.wait(timeout=30)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to every process (router first, so it stops sending), then waits; SIGKILL stragglers."""
+        """SIGTERM to every process (router first, so it stops sending), then waits; SIGKILL stragglers.
+        Removes `log_dir` unless a process failed to start."""
         for process in reversed(self.processes()):
-            if process.popen.poll() is None:
+            if not process.exited():
                 process.popen.send_signal(signal.SIGTERM)
         for process in reversed(self.processes()):
             try:
@@ -135,14 +165,39 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
+        if not self._keep_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
-    def wait(self) -> None:
-        """Blocks until any process exits (or this process gets SIGTERM/SIGINT), then stops all."""
+    def _why_stop(self, reported: set[str]) -> str:
+        """Why the deployment must stop ("" while it can serve); warns once per replica that exits."""
+        if self.router and self.router.exited():
+            return f"router exited with code {self.router.popen.returncode}"
+        for i, replicas in enumerate(self.shards):
+            if all(p.exited() for p in replicas):
+                return f"every replica of shard {i} exited"
+            for process in replicas:
+                if process.exited() and process.name not in reported:
+                    reported.add(process.name)
+                    log.warning("%s exited with code %s; %d other replicas of shard %d still serve", process.name,
+                                process.popen.returncode, sum(not p.exited() for p in replicas), i)
+        return ""
+
+    def wait(self, poll_s: float = 0.5) -> str:
+        """Blocks while the deployment can serve, then stops every process.
+
+        A replica that exits is logged while other replicas of its shard remain; the deployment stops
+        when the router exits, when every replica of some shard has exited, or on an exception here
+        (KeyboardInterrupt from SIGINT, or SIGTERM turned into one by the caller).
+
+        Returns:
+            Why it stopped, e.g. "every replica of shard 0 exited".
+        """
+        reported: set[str] = set()
         try:
-            while all(p.popen.poll() is None for p in self.processes()):
-                time.sleep(0.5)
-            dead = [p.name for p in self.processes() if p.popen.poll() is not None]
-            log.error("%s exited; stopping the deployment", ", ".join(dead))
+            while not (why := self._why_stop(reported)):
+                time.sleep(poll_s)
+            log.error("%s; stopping the deployment", why)
+            return why
         finally:
             self.stop()
 

@@ -106,23 +106,35 @@ def read_manifest(directory: Path) -> Manifest:
         raise DatastoreError(f"{path} not found: not a datastore directory (or its build has not finished)")
     try:
         body = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatastoreError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise DatastoreError(f"{path} holds a JSON {type(body).__name__}, not an object")
     if body.get("format_version") != FORMAT_VERSION:
         raise DatastoreError(
             f"{path} has format version {body.get('format_version')}; this server reads version {FORMAT_VERSION}"
         )
     try:
         manifest = _from_json(body)
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatastoreError(f"{path} is missing or has a malformed field: {err}") from None
-    if body.get("checksum") != manifest.checksum:
+        checksum = manifest.checksum
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise DatastoreError(f"{path} is missing or has a malformed field: {type(err).__name__}: {err}") from None
+    if body.get("checksum") != checksum:
         raise DatastoreError(f"{path} checksum does not match its contents (edited or corrupted)")
     return manifest
 
 
+def fsync_directory(directory: Path) -> None:
+    """fsyncs a directory, so that the names just created or renamed in it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Writes the manifest through a temporary file and fsyncs it."""
+    """Writes the manifest through a temporary file, fsyncing the file and then its directory."""
     path = Path(directory) / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -130,6 +142,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def file_sha256(path: Path, block: int = 1 << 22) -> str:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from retrieval.v1 import retriever_pb2 as pb
 
+from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire import TensorError, from_tensor
 
 
@@ -23,7 +23,9 @@ class Limits:
     max_batch: int = 16384
     max_request_bytes: int = 256 * 1024 * 1024
     max_inflight: int = 64
-    max_excluded: int = 1_000_000
+    max_excluded: int = 1_000_000  # excluded ids in one request
+    max_excluded_ranges: int = 100_000  # excluded id ranges in one request
+    max_response_bytes: int = 768 * 1024 * 1024  # ids, distances, payloads and keys of one answer
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,12 @@ class DatastoreView:
     nlist: int
     default_nprobe: int
     has_keys: bool
-    payload_names: frozenset[str]
+    payload_row_bytes: dict[str, int]  # bytes of one row of each payload, by name
     version: str
+
+    @property
+    def payload_names(self) -> frozenset[str]:
+        return frozenset(self.payload_row_bytes)
 
 
 # One query's exclusions, hashable so that queries excluding the same rows are searched together.
@@ -131,8 +137,18 @@ def _exclusion_key(message: pb.Exclusion, field: str) -> ExclusionKey:
             raise _invalid(f"{field}.ranges[{i}] must satisfy 0 <= start <= end, got [{r.start}, {r.end})")
     if any(i < 0 for i in message.ids):
         raise _invalid(f"{field}.ids must be non-negative row ids")
-    ranges = tuple(sorted({(int(r.start), int(r.end)) for r in message.ranges if r.end > r.start}))
-    return tuple(sorted(set(int(i) for i in message.ids))), ranges
+    return tuple(sorted(set(int(i) for i in message.ids))), merge_ranges((r.start, r.end) for r in message.ranges)
+
+
+def merge_ranges(ranges) -> tuple[tuple[int, int], ...]:
+    """Sorted, non-empty, non-overlapping ranges covering the same ids (adjacent ones joined)."""
+    merged: list[list[int]] = []
+    for start, end in sorted((int(s), int(e)) for s, e in ranges if e > s):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple((s, e) for s, e in merged)
 
 
 def _merge_keys(a: ExclusionKey, b: ExclusionKey) -> ExclusionKey:
@@ -140,7 +156,7 @@ def _merge_keys(a: ExclusionKey, b: ExclusionKey) -> ExclusionKey:
         return b
     if b == NO_EXCLUSION:
         return a
-    return tuple(sorted(set(a[0]) | set(b[0]))), tuple(sorted(set(a[1]) | set(b[1])))
+    return tuple(sorted(set(a[0]) | set(b[0]))), merge_ranges(a[1] + b[1])
 
 
 def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits) -> tuple[ExclusionKey, ...]:
@@ -154,11 +170,29 @@ def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits) -> tupl
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"the request excludes {total} ids, over the limit of {limits.max_excluded}",
         )
+    ranges = len(request.exclude.ranges) + sum(len(e.ranges) for e in per_query)
+    if ranges > limits.max_excluded_ranges:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request excludes {ranges} id ranges, over the limit of {limits.max_excluded_ranges}",
+        )
     common = _exclusion_key(request.exclude, "exclude")
     if not per_query:
         return (common,) * nq
     keys = [_merge_keys(common, _exclusion_key(e, f"exclude_per_query[{i}]")) for i, e in enumerate(per_query)]
     return tuple(keys)
+
+
+def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
+    per_neighbour = 12 + sum(view.payload_row_bytes[name] for name in set(request.payloads))
+    per_neighbour += 4 * view.dimension if request.return_keys else 0
+    size = nq * request.k * per_neighbour
+    if size > limits.max_response_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the answer would take {size >> 20} MiB (nq={nq}, k={request.k}, payloads and keys), over the "
+            f"limit of {limits.max_response_bytes >> 20} MiB; split the batch",
+        )
 
 
 def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> SearchSpec:
@@ -180,6 +214,7 @@ def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits)
             grpc.StatusCode.FAILED_PRECONDITION,
             "return_keys needs stored keys, and this datastore was built without them (--keep-keys)",
         )
+    _check_response_size(request, queries.shape[0], view, limits)
     return SearchSpec(
         queries=queries,
         k=int(request.k),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from retrieval.v1 import retriever_pb2 as pb
 
+from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire import from_tensor, to_tensor
 
 

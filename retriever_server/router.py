@@ -1,9 +1,10 @@
 """The router: the Retriever service in front of S shards x R replicas.
 
 It checks each request once, sends it to one replica of every shard in parallel (the next replica
-when one fails), and merges the per-shard top-k exactly. The caller's deadline bounds every shard
-call. When a shard has no replica left, the request fails with UNAVAILABLE naming the shard, unless
-the caller set `allow_partial`: then the other shards' merged answer comes back flagged partial.
+when one fails, within the caller's deadline), and merges the per-shard top-k exactly. When a shard
+has no replica left, the request fails with UNAVAILABLE naming the shard, unless the caller set
+`allow_partial`: then the other shards' merged answer comes back flagged partial. Before serving,
+it checks that its shards are all the shards of one datastore, once each.
 
 Run it with `retriever-server router --shards HOST:PORT,HOST:PORT`.
 """
@@ -16,10 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-
-from retriever_server.fanout import RETRYABLE, ReplicaSet, failure_message, replica_sets
+from retriever_server.fanout import (
+    RETRYABLE,
+    Deadline,
+    ReplicaSet,
+    check_shards,
+    failure_message,
+    replica_sets,
+    view_of,
+)
 from retriever_server.grpc_util import CHANNEL_OPTIONS
 from retriever_server.merge import merge_results
 from retriever_server.metrics import ServerMetrics
@@ -28,6 +37,7 @@ from retriever_server.result import SearchResult
 from retriever_server.service import BaseRetrieverService, RunningServer, start_server
 
 log = logging.getLogger(__name__)
+INLINE_ELEMENTS = 1 << 16  # requests and answers this small are checked and merged on the event loop
 
 
 @dataclass(frozen=True)
@@ -69,70 +79,79 @@ class RouterService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "router is waiting for its shards to load")
         return None
 
-    async def _shard_info(self, replicas: ReplicaSet) -> pb.InfoResponse | None:
-        for address in replicas.order():
+    async def _replica_infos(self, replicas: ReplicaSet) -> list[pb.InfoResponse]:
+        async def one(address: str) -> pb.InfoResponse | None:
             try:
                 return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s)
             except grpc.aio.AioRpcError:
-                continue
-        return None
+                return None
+
+        infos = await asyncio.gather(*(one(a) for a in replicas.addresses))
+        return [i for i in infos if i is not None]
 
     async def discover(self, poll_s: float = 0.2) -> None:
-        """Waits until every shard answers GetInfo, checks they form one datastore, then is ready."""
+        """Waits until every shard has a replica answering GetInfo, checks they form one whole
+        datastore, then is ready; raises RuntimeError (and refuses requests) when they do not."""
         while True:
-            infos = await asyncio.gather(*(self._shard_info(s) for s in self.sets))
-            if all(i is not None for i in infos):
+            infos = await asyncio.gather(*(self._replica_infos(s) for s in self.sets))
+            if all(infos):
                 break
             await asyncio.sleep(poll_s)
-        versions = {i.datastore_version for i in infos}
-        if len(versions) > 1 or {i.dimension for i in infos} != {infos[0].dimension}:
-            self.config_error = f"the shards serve different datastores (versions {sorted(versions)})"
-            log.error(self.config_error)
-            raise RuntimeError(self.config_error)
-        names = [i.shard for i in infos]
-        if names != [s.name for s in self.sets]:
-            log.warning("shards listed as %s report names %s", [s.name for s in self.sets], names)
-            for replicas, name in zip(self.sets, names):
-                replicas.name = name
-        first = infos[0]
-        self.infos = list(infos)
-        self.view = DatastoreView(first.dimension, first.nlist, first.default_nprobe, first.has_keys,
-                                  frozenset(p.name for p in first.payloads), first.datastore_version)
+        problem = check_shards(infos)
+        if problem is not None:
+            self.config_error = problem
+            log.error("router refuses its shards: %s", problem)
+            raise RuntimeError(problem)
+        for replicas, shard_infos in zip(self.sets, infos):
+            replicas.name = shard_infos[0].shard
+            if len(shard_infos) < len(replicas.addresses):
+                log.warning("%s: %d of %d replicas answered at start", replicas.name, len(shard_infos),
+                            len(replicas.addresses))
+        self.infos = [shard_infos[0] for shard_infos in infos]
+        self.view = view_of(self.infos[0])
 
-    async def _ask_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, timeout: float | None):
+    async def _ask_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, deadline: Deadline):
         reason = "no replica answered"
         for address in replicas.order():
+            if deadline.expired():
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
             try:
-                response = await self.stubs[address].Search(request, timeout=timeout)
+                response = await self.stubs[address].Search(request, timeout=deadline.remaining())
                 replicas.succeeded(address)
                 return response
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE:
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.expired():
+                    raise RequestError(err.code(), f"deadline passed waiting for {replicas.name}") from None
+                if err.code() not in RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
                     raise RequestError(err.code(), f"{replicas.name}: {err.details()}") from None
                 replicas.failed(address)
                 reason = f"{address}: {err.code().name} {err.details()}"
                 log.warning("%s replica %s failed: %s", replicas.name, address, reason)
         raise _ShardFailed(reason)
 
+    async def _off_loop(self, elements: int, function, *args):
+        if elements <= INLINE_ELEMENTS:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
     async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        loop = asyncio.get_running_loop()
-        spec = await loop.run_in_executor(self.pool, parse_search, request, self.view, self.limits)
+        size = len(request.queries.data) // 4
+        spec = await self._off_loop(size, parse_search, request, self.view, self.limits)
         forwarded = pb.SearchRequest()
         forwarded.CopyFrom(request)
         forwarded.allow_partial = False
-        timeout = context.time_remaining()
-        outcomes = await asyncio.gather(*(self._ask_shard(s, forwarded, timeout) for s in self.sets),
+        forwarded.expected_datastore_version = self.view.version
+        deadline = Deadline(context.time_remaining())
+        outcomes = await asyncio.gather(*(self._ask_shard(s, forwarded, deadline) for s in self.sets),
                                         return_exceptions=True)
         for outcome in outcomes:
-            if isinstance(outcome, RequestError):
-                raise outcome
             if isinstance(outcome, BaseException) and not isinstance(outcome, _ShardFailed):
                 raise outcome
         failures = {s.name: str(o) for s, o in zip(self.sets, outcomes) if isinstance(o, _ShardFailed)}
         answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
         if failures and (not spec.allow_partial or not answers):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
-        return await loop.run_in_executor(self.pool, self._merge, answers, spec.k, failures)
+        return await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
 
     def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> pb.SearchResponse:
         parts = [SearchResult.from_proto(a) for a in answers]
@@ -142,9 +161,8 @@ class RouterService(BaseRetrieverService):
         return merged.to_proto()
 
     async def handle_info(self) -> pb.InfoResponse:
-        first = self.infos[0]
         info = pb.InfoResponse()
-        info.CopyFrom(first)
+        info.CopyFrom(self.infos[0])
         info.role, info.shard, info.replica = "router", "", 0
         info.ntotal = sum(i.ntotal for i in self.infos)
         del info.shards[:]
@@ -160,11 +178,12 @@ class RouterService(BaseRetrieverService):
 
 
 async def start_router(config: RouterConfig, wait_ready: bool = True) -> RunningServer:
-    """Starts a router; it turns SERVING once every shard answers and they agree on the datastore.
+    """Starts a router; it turns SERVING once every shard answers and they form one datastore.
 
     Args:
         config: shard replica addresses, listen address and limits.
-        wait_ready: return only when the router is SERVING.
+        wait_ready: return only when the router is SERVING (raising RuntimeError if its shards
+            are not one whole datastore).
 
     Returns:
         The running router; `await running.drain()` stops it.

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 
 import grpc
+
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-
 from retriever_server.grpc_util import add_health_and_reflection, server_options, set_serving
 from retriever_server.metrics import ServerMetrics
 from retriever_server.request import Limits, RequestError
@@ -76,6 +76,10 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
+        except Exception as err:  # noqa: BLE001 - a bug must still answer with a status, not a reset
+            status = "INTERNAL"
+            log.exception("search failed inside the %s", self.role)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{self.role} internal error: {type(err).__name__}: {err}")
         finally:
             if counted:
                 self.inflight -= 1

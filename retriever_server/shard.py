@@ -6,28 +6,27 @@ No gRPC here: `shard_server` wraps a `Shard` in a service, the benchmarks call i
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from retriever_server import index as ix
 from retriever_server.manifest import Manifest, ShardEntry, read_manifest, verify_shard
+from retriever_server.merge import sort_neighbours, take_neighbours
 from retriever_server.request import DatastoreView, ExclusionKey, SearchSpec
 from retriever_server.result import SearchResult
 
 log = logging.getLogger(__name__)
+RERANK_CHUNK_ELEMENTS = 1 << 24  # float32 elements of stored keys re-ranked at once (64 MiB)
+SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP team costs more than it saves
 
 
-def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
-    """Row-wise order of (nq, m) candidates: best distance first, ties by id, missing (-1) last."""
-    worst = np.inf if metric == "l2" else -np.inf
-    score = np.where(ids < 0, worst, distances).astype(np.float64)
-    if metric != "l2":
-        score = -score
-    tie = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    return np.lexsort((tie, score), axis=-1)
+def _row_bytes(payload) -> int:
+    return int(np.dtype(payload.dtype).itemsize * np.prod(payload.row_shape, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -54,9 +53,14 @@ class Shard:
         self.entry = entry
         self.options = options
         base = self.directory / entry.name
-        self.index = ix.read_index(base / "index.faiss", mmap=options.mmap and not options.gpu)
-        if options.gpu:
-            self.index = ix.to_gpu(self.index)
+        self.index = ix.read_index(base / "index.faiss", mmap=options.mmap)
+        # GPU indexes are not thread-safe and take no id selectors: searches with exclusions use
+        # the memory-mapped CPU index, the others take turns on the GPU.
+        self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
+        self.gpu_lock = threading.Lock()
+        self.threads = options.threads or faiss.omp_get_max_threads()
+        self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
+                                   {p.name: _row_bytes(p) for p in manifest.payloads}, manifest.version)
         self.keys = np.load(base / "keys.npy", mmap_mode="r") if manifest.has_keys else None
         self.payloads = {p.name: np.load(base / f"payload.{p.name}.npy", mmap_mode="r") for p in manifest.payloads}
 
@@ -68,18 +72,20 @@ class Shard:
             raise ValueError(f"shard {shard} out of range: the datastore has {len(manifest.shards)} shards")
         entry = manifest.shards[shard]
         verify_shard(directory, entry, full=options.verify)
-        if options.threads:
-            import faiss
-
-            faiss.omp_set_num_threads(options.threads)
         log.info("loading %s of %s (%d rows)", entry.name, directory, entry.ntotal)
         return cls(directory, manifest, entry, options)
 
     def view(self) -> DatastoreView:
         """What requests to this shard are checked against."""
-        m = self.manifest
-        return DatastoreView(m.dimension, m.nlist, m.default_nprobe, m.has_keys,
-                             frozenset(p.name for p in m.payloads), m.version)
+        return self._view
+
+    def _search_index(self, queries: np.ndarray, m: int, nprobe: int, selector):
+        # OpenMP's thread count belongs to the calling thread: this sets it for this search only.
+        faiss.omp_set_num_threads(1 if len(queries) <= SMALL_BATCH else self.threads)
+        if self.gpu_index is not None and selector is None:
+            with self.gpu_lock:
+                return ix.search(self.gpu_index, queries, m, nprobe)
+        return ix.search(self.index, queries, m, nprobe, selector)
 
     def _search_candidates(self, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
         groups: dict[ExclusionKey, list[int]] = defaultdict(list)
@@ -91,7 +97,7 @@ class Shard:
         for key, rows in groups.items():
             selector = ix.id_selector(*key)
             queries = spec.queries if len(rows) == spec.nq else spec.queries[rows]
-            d, i = ix.search(self.index, queries, m, spec.nprobe, selector)
+            d, i = self._search_index(queries, m, spec.nprobe, selector)
             distances[rows], ids[rows] = d, i
         return distances, ids
 
@@ -107,11 +113,19 @@ class Shard:
         return keys
 
     def _rerank(self, spec: SearchSpec, ids: np.ndarray) -> np.ndarray:
-        keys = self._stored_keys(ids)  # (nq, m, d)
-        if self.manifest.metric == "l2":
-            diff = keys - spec.queries[:, None, :]
-            return np.einsum("qmd,qmd->qm", diff, diff)
-        return np.einsum("qmd,qd->qm", keys, spec.queries)
+        """Exact distances (nq, m) to the stored keys, a chunk of queries at a time (bounded memory)."""
+        out = np.empty(ids.shape, dtype=np.float32)
+        step = max(1, RERANK_CHUNK_ELEMENTS // max(1, ids.shape[1] * self.manifest.dimension))
+        for start in range(0, len(ids), step):
+            rows = slice(start, start + step)
+            keys = self._stored_keys(ids[rows])  # (c, m, d)
+            queries = spec.queries[rows]  # (c, d)
+            if self.manifest.metric == "l2":
+                diff = keys - queries[:, None, :]  # (c, m, d)
+                out[rows] = np.einsum("cmd,cmd->cm", diff, diff)
+            else:
+                out[rows] = np.einsum("cmd,cd->cm", keys, queries)
+        return out
 
     def _payload(self, name: str, ids: np.ndarray) -> np.ndarray:
         rows, valid = self._local_rows(ids)
@@ -124,16 +138,12 @@ class Shard:
         """Top-k neighbours of the checked request, exactly re-ranked when asked."""
         distances, ids = self._search_candidates(spec)
         if spec.exact_rerank:
-            distances = self._rerank(spec, ids).astype(np.float32)
+            distances = self._rerank(spec, ids)
         order = sort_neighbours(ids, distances, self.manifest.metric)[:, : spec.k]
-        ids = np.take_along_axis(ids, order, axis=1)
-        distances = np.take_along_axis(distances, order, axis=1)
-        worst = np.inf if self.manifest.metric == "l2" else -np.inf
-        distances[ids < 0] = worst
-        return SearchResult(
-            ids=ids,
-            distances=distances,
-            payloads={name: self._payload(name, ids) for name in spec.payloads},
-            keys=self._stored_keys(ids) if spec.return_keys else None,
-            datastore_version=self.manifest.version,
-        )
+        ranked = take_neighbours(SearchResult(ids, distances), order)
+        ids = ranked.ids
+        ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
+        ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}
+        ranked.keys = self._stored_keys(ids) if spec.return_keys else None
+        ranked.datastore_version = self._view.version
+        return ranked

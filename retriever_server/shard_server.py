@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from retrieval.v1 import retriever_pb2 as pb
 
+from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.manifest import DatastoreError
 from retriever_server.metrics import ServerMetrics
 from retriever_server.request import Limits, RequestError, parse_search
@@ -91,7 +91,7 @@ class ShardService(BaseRetrieverService):
             shard=entry.name, replica=self.config.replica, datastore_version=m.version,
             datastore_checksum=m.checksum, has_keys=m.has_keys, nlist=m.nlist, default_nprobe=m.default_nprobe,
             max_k=self.limits.max_k, max_batch=self.limits.max_batch, metadata=m.metadata,
-            gpu=self.config.options.gpu,
+            gpu=self.config.options.gpu, num_shards=len(m.shards), datastore_ntotal=m.ntotal,
             payloads=[pb.PayloadInfo(name=p.name, dtype=dtype_code(p.dtype), row_shape=p.row_shape)
                       for p in m.payloads],
             shards=[pb.ShardInfo(name=entry.name, id_start=entry.id_start, id_end=entry.id_end,

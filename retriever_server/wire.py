@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from retrieval.v1 import retriever_pb2 as pb
 
 _TO_NUMPY: dict[int, np.dtype] = {
@@ -15,6 +16,9 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_INT8: np.dtype("i1"),
     pb.DTYPE_UINT16: np.dtype("<u2"),
     pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_UINT32: np.dtype("<u4"),
+    pb.DTYPE_UINT64: np.dtype("<u8"),
+    pb.DTYPE_BOOL: np.dtype("?"),
 }
 _FROM_NUMPY: dict[str, int] = {dt.newbyteorder("=").str.lstrip("<>=|"): code for code, dt in _TO_NUMPY.items()}
 

@@ -1,18 +1,28 @@
 """The build job on a real local Ray cluster: layout, checksums, atomic publishing, resuming."""
 
+import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 
 import faiss
 import numpy as np
 import pytest
-from conftest import build, synthetic, unsharded_reference
+import ray
+from conftest import build, synthetic
+from faiss.contrib.inspect_tools import get_invlist
 
+from retriever_server import build as build_module
+from retriever_server import publish
 from retriever_server.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
-from retriever_server.manifest import DatastoreError, read_manifest
+from retriever_server.build_inputs import check_inputs
+from retriever_server.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
 from retriever_server.shard import Shard
 
 pytestmark = [pytest.mark.ray]
@@ -47,18 +57,26 @@ def test_layout_ranges_and_checksums(datastore, keys):
         values = np.load(datastore / entry.name / "payload.values.npy")
         np.testing.assert_array_equal(values, np.arange(entry.id_start, entry.id_end) * 7)
     assert not list(datastore.parent.glob(".ds.*")), "the build left its work directory behind"
+    assert not (datastore / "build.json").exists() and not (datastore / "trained.index").exists()
 
 
-def test_shards_share_one_trained_codec(datastore, keys):
-    """Each shard's ids are its rows, and all shards hold the same coarse quantizer."""
-    centroids = []
-    for i in range(3):
-        index = faiss.read_index(str(datastore / f"shard-0000{i}" / "index.faiss"))
-        ivf = faiss.extract_index_ivf(index)
-        centroids.append(ivf.quantizer.reconstruct_n(0, ivf.nlist))
-    assert np.array_equal(centroids[0], centroids[1]) and np.array_equal(centroids[0], centroids[2])
-    reference = unsharded_reference(datastore, keys)
-    assert reference.ntotal == N
+def _stored_ids(ivf) -> np.ndarray:
+    return np.sort(np.concatenate([get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]))
+
+
+def test_shards_share_one_trained_codec(datastore):
+    """Each shard's ids are its rows, and all shards hold the same coarse quantizer and PQ codebooks."""
+    quantizers, codebooks = [], []
+    for entry in read_manifest(datastore).shards:
+        index = faiss.read_index(str(datastore / entry.name / "index.faiss"))
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        np.testing.assert_array_equal(_stored_ids(ivf), np.arange(entry.id_start, entry.id_end))
+        quantizers.append(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+        codebooks.append(faiss.vector_to_array(ivf.pq.centroids))
+    assert codebooks[0].size == 8 * 256 * (D // 8)
+    for quantizer, codebook in zip(quantizers[1:], codebooks[1:]):
+        np.testing.assert_array_equal(quantizer, quantizers[0])
+        np.testing.assert_array_equal(codebook, codebooks[0])
 
 
 def _corrupt(path):
@@ -90,6 +108,41 @@ def test_edited_manifest_and_wrong_format_are_refused(datastore, tmp_path):
         read_manifest(copy)
 
 
+@pytest.mark.parametrize(
+    "malform",
+    [
+        lambda body: [],
+        lambda body: "text",
+        lambda body: None,
+        lambda body: {k: v for k, v in body.items() if k != "nlist"},
+        lambda body: {**body, "shards": [{**body["shards"][0], "files": []}]},
+        lambda body: {**body, "shards": [{**body["shards"][0], "files": {"index.faiss": [1, 2]}}]},
+        lambda body: {**body, "shards": 5},
+        lambda body: {**body, "payloads": [{"name": "x"}]},
+        lambda body: {**body, "shards": [{**body["shards"][0], "id_start": "zero"}]},
+    ],
+)
+def test_malformed_manifest_is_a_datastore_error_naming_it(datastore, tmp_path, malform):
+    body = json.loads((datastore / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(malform(body)))
+    with pytest.raises(DatastoreError, match=r"manifest\.json"):
+        read_manifest(tmp_path)
+
+
+def test_manifest_and_its_directory_are_fsynced(datastore, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_manifest(tmp_path, read_manifest(datastore))
+    assert synced == [False, True], "the manifest file, then its directory"
+    assert read_manifest(tmp_path) == read_manifest(datastore)
+
+
 def test_existing_output_needs_overwrite_and_is_replaced_whole(ray_cluster, datastore, keys, tmp_path):
     with pytest.raises(BuildError, match="already exists"):
         build_datastore(BuildConfig(keys=tmp_path / "x.npy", out=datastore), progress=False)
@@ -98,6 +151,135 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(ray_cluster, data
     build(tmp_path, keys[:4000], "small", shards=2, factory="IVF16,Flat", overwrite=True)
     after = read_manifest(out)
     assert after.ntotal == 4000 and after.version != before
+
+
+def _saved_config(tmp_path, keys, **kwargs) -> BuildConfig:
+    np.save(tmp_path / "keys.npy", keys)
+    return BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "ds", **{"factory": "IVF16,Flat", **kwargs})
+
+
+def test_replacing_a_datastore_never_leaves_its_name_empty(ray_cluster, keys, tmp_path, monkeypatch):
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+    build_datastore(config, progress=False)
+    present = []
+    real_replace = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        present.append((config.out / "manifest.json").is_file())
+
+    monkeypatch.setattr(os, "replace", spy)
+    manifest = build_datastore(dataclasses.replace(config, overwrite=True, seed=1), progress=False)
+    assert present and all(present), "the datastore's name was briefly empty"
+    assert read_manifest(config.out).version == manifest.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "keys.npy"]
+    assert not (config.out / "build.json").exists() and not (config.out / "trained.index").exists()
+
+
+def test_replacing_without_renameat2_falls_back_to_two_renames(ray_cluster, keys, tmp_path, monkeypatch, caplog):
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+    build_datastore(config, progress=False)
+    monkeypatch.setattr(publish, "exchange", lambda a, b: False)
+    with caplog.at_level(logging.WARNING, logger="retriever_server.build"):
+        manifest = build_datastore(dataclasses.replace(config, overwrite=True, seed=1), progress=False)
+    assert "renameat2" in caplog.text
+    assert read_manifest(config.out).version == manifest.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "keys.npy"]
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "from-a").touch()
+    assert publish.exchange(tmp_path / "a", tmp_path / "b"), "renameat2 should work on Linux"
+    assert (tmp_path / "b" / "from-a").exists() and not list((tmp_path / "a").iterdir())
+
+
+def test_failed_publish_is_a_build_error_and_the_rerun_resumes(ray_cluster, keys, tmp_path, monkeypatch):
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+
+    def disk_full(directory, manifest):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build_module, "write_manifest", disk_full)
+    with pytest.raises(BuildError, match=re.escape(f"cannot write {config.out}: No space left on device")):
+        build_datastore(config, progress=False)
+    monkeypatch.undo()
+    shard = tmp_path / ".ds.partial" / "shard-00000" / "index.faiss"
+    stamp = shard.stat().st_mtime_ns
+    build_datastore(config, progress=False)
+    assert (config.out / "shard-00000" / "index.faiss").stat().st_mtime_ns == stamp, "finished shard was redone"
+    assert not (tmp_path / ".ds.partial").exists()
+
+
+def test_resume_rebuilds_a_damaged_shard(ray_cluster, keys, tmp_path, monkeypatch, caplog):
+    config = _saved_config(tmp_path, keys[:3000], shards=3, payloads={"values": tmp_path / "values.npy"})
+    np.save(tmp_path / "values.npy", np.arange(3000, dtype=np.int64))
+
+    def crash(config, work, manifest):
+        raise BuildError("crashed before publishing")
+
+    monkeypatch.setattr(build_module, "_publish", crash)
+    with pytest.raises(BuildError, match="crashed"):
+        build_datastore(config, progress=False)
+    monkeypatch.undo()
+    partial = tmp_path / ".ds.partial"
+    with open(partial / "shard-00001" / "index.faiss", "r+b") as f:
+        f.truncate(100)
+    (partial / "shard-00002" / "payload.values.npy").unlink()
+    stamp = (partial / "shard-00000" / "index.faiss").stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="retriever_server.build"):
+        manifest = build_datastore(config, progress=False)
+    assert "shard-00001 from the earlier run is unfinished or damaged" in caplog.text
+    assert "shard-00002 from the earlier run is unfinished or damaged" in caplog.text
+    assert (config.out / "shard-00000" / "index.faiss").stat().st_mtime_ns == stamp, "intact shard was redone"
+    for entry in manifest.shards:
+        verify_shard(config.out, entry, full=True)
+
+
+def test_failed_shard_cancels_the_others_and_says_why(ray_cluster, keys, tmp_path, monkeypatch):
+    config = _saved_config(tmp_path, keys[:2000], shards=4)
+
+    def untrained(config, inputs, work):
+        path = work / "trained.index"
+        faiss.write_index(faiss.index_factory(D, "IVF16,Flat"), str(path))
+        return path
+
+    cancelled = []
+    real_cancel = ray.cancel
+
+    def spy(ref, **kwargs):
+        cancelled.append(ref)
+        real_cancel(ref, **kwargs)
+
+    monkeypatch.setattr(build_module, "_train", untrained)
+    monkeypatch.setattr(ray, "cancel", spy)
+    with pytest.raises(BuildError, match=r"shard-0000\d failed: .*'is_trained' failed") as failure:
+        build_datastore(config, progress=False)
+    assert "\n" not in str(failure.value) and "Traceback" not in str(failure.value)
+    assert len(cancelled) == 3, "the three other shard tasks are cancelled"
+
+
+def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):
+    config = _saved_config(tmp_path, synthetic(100, 16), shards=1, factory="IVF16,RQ2x8")
+    with pytest.raises(BuildError, match=r"training IVF16,RQ2x8 .*Number of training points \(100\)") as failure:
+        build_datastore(config, progress=False)
+    assert "\n" not in str(failure.value)
+    assert not config.out.exists() and not (tmp_path / ".ds.partial").exists()
+
+
+def _save_payload_files(tmp_path) -> None:
+    arrays = {
+        "short": np.zeros(99, np.int32), "objects": np.array([{"a": 1}] * 100, dtype=object),
+        "strings": np.array(["text"] * 100), "complex": np.zeros(100, np.complex64),
+        "dates": np.zeros(100, "datetime64[s]"), "records": np.zeros(100, [("a", "i4"), ("b", "f4")]),
+        "longdouble": np.zeros(100, np.longdouble), "bytes": np.zeros(100, "S4"),
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array, allow_pickle=True)
+    (tmp_path / "garbage.npy").write_bytes(b"not an array at all")
+    whole = (tmp_path / "short.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(whole[:200])
 
 
 @pytest.mark.parametrize(
@@ -109,19 +291,48 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(ray_cluster, data
         (dict(metric="cosine"), "metric must be one of"),
         (dict(payloads={"values": "short.npy"}), "first dimension must be 100"),
         (dict(keys="ints.npy"), "must be a non-empty float"),
+        (dict(keys="garbage.npy"), "keys file .*garbage.npy is not a loadable .npy array"),
+        (dict(factory="IVF256,PQ8"), "factory IVF256,PQ8 needs at least 256 training rows; the keys have 100"),
+        (dict(factory="IVF16,PQ8"), "factory IVF16,PQ8 needs at least 256 training rows; the keys have 100"),
+        (dict(factory="PQ4x10"), "factory PQ4x10 needs at least 1024 training rows"),
+        (dict(factory="OPQ4,IVF128,Flat"), "needs at least 128 training rows"),
+        (dict(factory="IVF64,Flat", train_size=50), "needs at least 64 training rows; train_size is 50"),
+        (dict(payloads={"p": "objects.npy"}), "payload 'p' .* has dtype object, which cannot be served"),
+        (dict(payloads={"p": "strings.npy"}), "payload 'p' .* has dtype <U4, which cannot be served"),
+        (dict(payloads={"p": "bytes.npy"}), "payload 'p' .* has dtype \\|S4, which cannot be served"),
+        (dict(payloads={"p": "complex.npy"}), "payload 'p' .* has dtype complex64, which cannot be served"),
+        (dict(payloads={"p": "dates.npy"}), r"payload 'p' .* has dtype datetime64\[s\], which cannot be served"),
+        (dict(payloads={"p": "records.npy"}), "payload 'p' .* which cannot be served"),
+        (dict(payloads={"p": "longdouble.npy"}), "payload 'p' .* has dtype float128, which cannot be served"),
+        (dict(payloads={"p": "garbage.npy"}), "payload 'p' file .*garbage.npy is not a loadable .npy array"),
+        (dict(payloads={"p": "truncated.npy"}), "payload 'p' file .*truncated.npy is not a loadable .npy array"),
     ],
 )
 def test_bad_build_inputs_are_refused_before_any_work(tmp_path, change, message):
     np.save(tmp_path / "keys.npy", synthetic(100, 16))
-    np.save(tmp_path / "short.npy", np.zeros(99, np.int32))
     np.save(tmp_path / "ints.npy", np.zeros((100, 16), np.int64))
+    _save_payload_files(tmp_path)
     fields = dict(keys="keys.npy", out=tmp_path / "out")
     fields.update(change)
     fields["keys"] = tmp_path / fields["keys"]
     fields["payloads"] = {k: tmp_path / v for k, v in fields.get("payloads", {}).items()}
-    with pytest.raises(BuildError, match=message):
+    with pytest.raises(BuildError, match=message) as refused:
         build_datastore(BuildConfig(**fields), progress=False)
+    assert "\n" not in str(refused.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_every_servable_payload_dtype_is_accepted(tmp_path):
+    np.save(tmp_path / "keys.npy", synthetic(300, 16))
+    dtypes = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+              "uint64", "bool", ">i4", ">f8"]
+    payloads = {}
+    for i, dtype in enumerate(dtypes):
+        payloads[f"p{i}"] = tmp_path / f"p{i}.npy"
+        np.save(payloads[f"p{i}"], np.zeros((300, 2), dtype))
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "out", payloads=payloads, factory="IVF16,PQ4x4")
+    inputs = check_inputs(config)
+    assert {p.name: np.dtype(p.dtype) for p in inputs.payloads} == {f"p{i}": np.dtype(d) for i, d in enumerate(dtypes)}
 
 
 @pytest.mark.slow

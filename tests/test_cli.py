@@ -1,6 +1,7 @@
 """The `retriever-server` command: bad arguments and missing files in one line, no traceback."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 from conftest import synthetic
 
+from retriever_server import cli
+
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # a server's log record, not the CLI's message
 
 
-def run(*args, timeout=120):
+def run(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "retriever_server.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def one_line_error(result, words):
@@ -39,12 +42,74 @@ def one_line_error(result, words):
         (["info", "nowhere"], "UNAVAILABLE"),
         (["search", "127.0.0.1:1", "--queries", "missing.npy"], "queries file missing.npy not found"),
         (["frobnicate"], "invalid choice"),
+        (["--log-level", "bogus", "info", "."], "argument --log-level: invalid choice: 'BOGUS'"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "k.npy", synthetic(50, 8))
     one_line_error(run(*args), words)
+
+
+def test_log_level_is_any_case():
+    assert cli._parser().parse_args(["--log-level", "debug", "info", "x"]).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        (ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379"),
+         "Failed to connect to Ray cluster at 10.0.0.1:6379"),
+        (RuntimeError("Ray says:\n  some context\n\n  the line that matters\n\n"), "the line that matters"),
+        (PermissionError(13, "Permission denied", "/data/ds"), "[Errno 13] Permission denied: '/data/ds'"),
+    ],
+)
+def test_runtime_and_os_errors_are_one_line(monkeypatch, capsys, error, shown):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
+    monkeypatch.setitem(cli.COMMANDS, "build", fail)
+    assert cli.main(["build", "k.npy", "--out", "x"]) == 1
+    assert capsys.readouterr().err == f"retriever-server build: error: {shown}\n"
+
+
+def test_interrupt_exits_130(monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
+    monkeypatch.setitem(cli.COMMANDS, "info", interrupted)
+    assert cli.main(["info", "x"]) == 130
+
+
+def test_help_lists_every_command_on_one_line():
+    listing = run("--help", env={**os.environ, "COLUMNS": "80"}).stdout
+    for name, summary in [("build", "build a sharded datastore from an (N, d) .npy matrix"),
+                          ("serve", "serve one shard, or every shard and a router"),
+                          ("router", "serve the Retriever API in front of shards"),
+                          ("info", "describe a datastore directory or a running server"),
+                          ("search", "search a running server with queries from a .npy file")]:
+        assert re.search(rf"^ +{name} +{re.escape(summary)}$", listing, re.M), listing
+    serve = run("serve", "--help").stdout
+    assert "Serve one shard, or every shard and a router." in serve and "SIGTERM drains" in serve
+
+
+def reparse(*argv: str):
+    return cli._parser().parse_args(list(argv))
+
+
+def test_serve_datastore_passes_its_flags_to_the_children():
+    args = reparse("serve", "--datastore", "ds", "--grace", "2.5", "--drain-delay", "0.25", "--max-k", "64",
+                   "--threads", "3", "--no-verify", "--metrics-port", "9100")
+    shard_args, router_args = cli._child_args(args)
+    shard = reparse("serve", "--datastore", "ds", "--shard", "0", *shard_args)
+    router = reparse("router", "--shards", "127.0.0.1:1", *router_args)
+    for child in (shard, router):
+        assert (child.grace, child.drain_delay, child.max_k) == (2.5, 0.25, 64)
+    assert (shard.threads, shard.no_verify, shard.metrics_port, router.metrics_port) == (3, True, 0, 9100)
+    off = reparse("serve", "--datastore", "ds", "--metrics-port", "-1")
+    assert all(child[child.index("--metrics-port") + 1] == "-1" for child in cli._child_args(off))
 
 
 @pytest.mark.slow

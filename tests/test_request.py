@@ -3,8 +3,8 @@
 import grpc
 import numpy as np
 import pytest
-from retrieval.v1 import retriever_pb2 as pb
 
+from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.client import Exclude, make_request
 from retriever_server.merge import merge_results
 from retriever_server.request import DatastoreView, Limits, RequestError, parse_search
@@ -12,7 +12,7 @@ from retriever_server.result import SearchResult
 from retriever_server.wire import from_tensor, to_tensor
 
 VIEW = DatastoreView(dimension=8, nlist=16, default_nprobe=2, has_keys=True,
-                     payload_names=frozenset({"values"}), version="v1")
+                     payload_row_bytes={"values": 4}, version="v1")
 LIMITS = Limits(max_k=100, max_batch=50, max_excluded=10)
 Q = np.zeros((3, 8), dtype=np.float32)
 
@@ -77,7 +77,7 @@ def test_nan_and_inf_are_refused_with_the_row(value):
 
 
 def test_rerank_without_keys_is_a_failed_precondition():
-    view = DatastoreView(8, 16, 2, False, frozenset(), "v1")
+    view = DatastoreView(8, 16, 2, False, {}, "v1")
     error = refused(make_request(Q, k=5, exact_rerank=True), view)
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "--keep-keys" in error.message
 
@@ -115,3 +115,28 @@ def test_merge_puts_missing_neighbours_last():
     b = SearchResult(np.array([[-1, -1]]), np.array([[np.inf, np.inf]], dtype=np.float32))
     merged = merge_results([b, a], 2, "l2")
     assert merged.ids.tolist() == [[3, -1]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+@pytest.mark.parametrize("offset", [0, 2**40])
+def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
+    """The packed-key sort (ids < 2**32) and the lexsort fallback give the reference order."""
+    from retriever_server.merge import sort_neighbours
+
+    rng = np.random.default_rng(7)
+    distances = rng.choice(np.array([-2.5, -0.0, 0.0, 0.5, 1e-8, 3.0, np.inf], np.float32), (50, 40))
+    ids = rng.permutation(50 * 40).reshape(50, 40).astype(np.int64) + offset
+    ids[rng.random((50, 40)) < 0.1] = -1
+    order = sort_neighbours(ids, distances, metric)
+    for row in range(50):
+        sign = 1 if metric == "l2" else -1
+        key = [(np.inf if i < 0 else sign * float(d) + 0.0, np.inf if i < 0 else i)
+               for d, i in zip(distances[row], ids[row])]
+        expect = sorted(range(40), key=lambda j: key[j])
+        assert ids[row, order[row]].tolist() == ids[row, expect].tolist()
+
+
+def test_overlapping_and_adjacent_ranges_merge():
+    from retriever_server.request import merge_ranges
+
+    assert merge_ranges([(5, 9), (0, 2), (2, 3), (8, 12), (20, 20)]) == ((0, 3), (5, 12))

@@ -144,3 +144,29 @@ def test_info_describes_the_datastore(aio, real, datastores):
     assert {p.name for p in info.payloads} == {"tokens", "doc"}
     assert shard_info.role == "shard" and shard_info.shard == "shard-00001"
     assert shard_info.datastore_version == info.datastore_version and len(info.datastore_checksum) == 64
+
+
+def test_exclusions_with_rerank_through_router_and_fan_out(aio, real, datastores):
+    keys, doc_ids = np.asarray(real.keys), np.asarray(real.doc_ids)
+    rows = np.arange(0, N, 101)
+    per_query = [Exclude(ids=np.flatnonzero(doc_ids == doc_ids[r]).tolist()) for r in rows]
+    with serve(aio, datastores[("inner_product", 3)], 3) as served:
+        with RetrieverClient(served.address) as router, RetrieverClient(served.shard_addresses()) as fan_out:
+            results = [c.search(keys[rows], k=10, nprobe=16, exact_rerank=True, rerank_candidates=40, payloads=["doc"],
+                                exclude_per_query=per_query) for c in (router, fan_out)]
+    for got in results:
+        assert not np.any(got.payloads["doc"] == doc_ids[rows][:, None])
+        assert np.all(np.diff(got.distances, axis=1) <= 0)
+    np.testing.assert_array_equal(results[0].ids, results[1].ids)
+
+
+def test_reranking_in_chunks_equals_reranking_at_once(aio, real, datastores, monkeypatch):
+    from retriever_server import shard as shard_module
+
+    queries = np.asarray(real.queries)[:64]
+    with serve(aio, datastores[("l2", 2)], 2) as served, RetrieverClient(served.address) as client:
+        whole = client.search(queries, k=10, nprobe=8, exact_rerank=True, rerank_candidates=50)
+        monkeypatch.setattr(shard_module, "RERANK_CHUNK_ELEMENTS", 384 * 50 * 3)  # 3 queries a chunk
+        chunked = client.search(queries, k=10, nprobe=8, exact_rerank=True, rerank_candidates=50)
+    np.testing.assert_array_equal(whole.ids, chunked.ids)
+    np.testing.assert_array_equal(whole.distances, chunked.distances)

@@ -10,16 +10,16 @@ import grpc
 import numpy as np
 import pytest
 from conftest import build, serve, synthetic
+
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-
 from retriever_server import shard as shard_module
 from retriever_server.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.grpc_util import SERVICE_NAME, health_status
 from retriever_server.launcher import LocalDeployment
 from retriever_server.request import Limits
 from retriever_server.router import RouterConfig, start_router
-from retriever_server.shard_server import ShardServerConfig, start_shard_server
+from retriever_server.shard_server import ShardServerConfig, ShardService, start_shard_server
 
 pytestmark = [pytest.mark.ray]
 N, D = 4000, 16
@@ -129,12 +129,27 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
             time.sleep(0.05)
         assert health_status(running.address) == "SERVING"
         raw_search(running.address, good_request(keys))
-        drained = asyncio.run_coroutine_threadsafe(running.drain(grace=1, delay=1.5), aio.loop)
+        expected = raw_search(running.address, good_request(keys))
+        in_flight = {}
+
+        def slow_search(self, spec):  # fault injection: a search still running when the drain starts
+            time.sleep(1.0)
+            return original_search(self, spec)
+
+        original_search = shard_module.Shard.search
+        monkeypatch.setattr(shard_module.Shard, "search", slow_search)
+        worker = threading.Thread(target=lambda: in_flight.update(answer=raw_search(running.address,
+                                                                                     good_request(keys))))
+        worker.start()
+        time.sleep(0.3)
+        drained = asyncio.run_coroutine_threadsafe(running.drain(grace=3, delay=1.5), aio.loop)
         time.sleep(0.3)
         assert health_status(running.address) == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as caught:
             raw_search(running.address, good_request(keys))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in caught.value.details()
+        worker.join(10)
+        assert in_flight.get("answer") == expected, "the request in flight when draining began was lost"
         drained.result(10)
         assert health_status(running.address) == "UNAVAILABLE"
     finally:
@@ -159,17 +174,21 @@ def test_reflection_lists_the_service_to_a_generic_client(aio, datastore):
 
 
 def test_caller_deadline_is_honoured_through_the_router(aio, keys, datastore, monkeypatch):
-    original = shard_module.Shard.search
+    """The shards see the caller's deadline (less what has passed), not an open-ended call."""
+    seen = []
+    original = ShardService.handle_search
 
-    def slow_search(self, spec):  # fault injection: a shard that takes 3 s
-        time.sleep(3)
-        return original(self, spec)
+    async def recording(self, request, context):  # fault injection: record, then stall 3 s
+        seen.append(context.time_remaining())
+        await asyncio.sleep(3)
+        return await original(self, request, context)
 
     with serve(aio, datastore, 2) as served, RetrieverClient(served.address) as client:
-        monkeypatch.setattr(shard_module.Shard, "search", slow_search)
+        monkeypatch.setattr(ShardService, "handle_search", recording)
         with pytest.raises(RetrieverError) as caught:
             client.search(keys[:3], k=5, timeout=0.5)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(seen) == 2 and all(r is not None and 0 < r <= 0.5 for r in seen), seen
 
 
 def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
@@ -181,7 +200,7 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
         time.sleep(1.5)
         return original(self, spec)
 
-    with serve(aio, datastore, 1, limits=Limits(max_inflight=1)) as served:
+    with serve(aio, datastore, 2, limits=Limits(max_inflight=1)) as served:
         monkeypatch.setattr(shard_module.Shard, "search", slow_search)
         shard = served.shards[0][0].address
         first = threading.Thread(target=raw_search, args=(shard, good_request(keys)))
@@ -266,3 +285,72 @@ def test_sigterm_drains_and_exits_cleanly(datastore):
     finally:
         deployment.stop()
     assert all(p.popen.returncode == 0 for p in deployment.processes())
+
+
+def test_many_exclusion_ranges_are_served_and_too_many_refused(aio, keys, datastore):
+    """Tens of thousands of ranges (a deep selector) neither crash a shard nor leak excluded rows."""
+    ranges = [pb.IdRange(start=i, end=i + 1) for i in range(0, N, 2)]  # every even id
+    request = good_request(keys)
+    request.exclude.ranges.extend(ranges)
+    request.k = 50
+    with serve(aio, datastore, 2) as served:
+        ids = np.frombuffer(raw_search(served.address, request).ids.data, dtype=np.int64)
+        assert len(ids) and np.all(ids[ids >= 0] % 2 == 1)
+        request.exclude.ranges.extend(pb.IdRange(start=i, end=i + 1) for i in range(100_001))
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(served.address, request)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "id ranges" in caught.value.details()
+        raw_search(served.address, good_request(keys))
+
+
+def test_answer_over_the_size_budget_is_refused(aio, keys, datastore):
+    limits = Limits(max_response_bytes=1 << 20)
+    with serve(aio, datastore, 2, limits=limits) as served:
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(served.address, make_request(keys[:1000], k=100, return_keys=True))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "split the batch" in caught.value.details()
+        raw_search(served.address, make_request(keys[:10], k=100, return_keys=True))
+
+
+def test_an_internal_error_is_a_status_and_is_counted(aio, keys, datastore, monkeypatch):
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=0)))
+    try:
+        def broken(self, spec):  # fault injection: a bug inside the search
+            raise ZeroDivisionError("boom")
+
+        monkeypatch.setattr(shard_module.Shard, "search", broken)
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(running.address, good_request(keys))
+        assert caught.value.code() == grpc.StatusCode.INTERNAL and "ZeroDivisionError: boom" in caught.value.details()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
+        assert 'retriever_requests_total{method="Search",status="INTERNAL"} 1.0' in text
+        monkeypatch.undo()
+        raw_search(running.address, good_request(keys))
+    finally:
+        aio.run(running.drain(grace=0))
+
+
+def _router_error(aio, shards) -> str:
+    router = aio.run(start_router(RouterConfig(shards, metrics_port=None), wait_ready=False))
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            aio.run(asyncio.wait_for(asyncio.shield(router.ready), 30))
+        return str(caught.value)
+    finally:
+        aio.run(router.drain(grace=0))
+
+
+def test_router_refuses_a_shard_set_that_is_not_one_whole_datastore(aio, datastore, other_datastore):
+    servers = [aio.run(start_shard_server(ShardServerConfig(datastore, i, metrics_port=None))) for i in (0, 1)]
+    other = aio.run(start_shard_server(ShardServerConfig(other_datastore, 1, metrics_port=None)))
+    a, b, c = (s.address for s in (*servers, other))
+    try:
+        assert "given more than once" in _router_error(aio, ((a,), (a,)))
+        assert "has 2 shards but 1 were given" in _router_error(aio, ((a,),))
+        assert "different datastores" in _router_error(aio, ((a,), (b, c)))
+        assert "serve different shards" in _router_error(aio, ((a, b),))
+        with pytest.raises(RetrieverError, match="given more than once"):
+            RetrieverClient([a, a]).search(np.zeros((1, D), np.float32), k=1)
+    finally:
+        for server in (*servers, other):
+            aio.run(server.drain(grace=0))

@@ -19,6 +19,9 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_INT16: _ClassVar[DType]
     DTYPE_INT8: _ClassVar[DType]
     DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_UINT32: _ClassVar[DType]
+    DTYPE_UINT64: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -29,6 +32,9 @@ DTYPE_UINT8: DType
 DTYPE_INT16: DType
 DTYPE_INT8: DType
 DTYPE_FLOAT64: DType
+DTYPE_UINT32: DType
+DTYPE_UINT64: DType
+DTYPE_BOOL: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -144,7 +150,7 @@ class ShardInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., id_start: _Optional[int] = ..., id_end: _Optional[int] = ..., ntotal: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("dimension", "metric", "factory", "ntotal", "shard", "replica", "datastore_version", "datastore_checksum", "payloads", "has_keys", "shards", "nlist", "default_nprobe", "max_k", "max_batch", "role", "metadata", "gpu")
+    __slots__ = ("dimension", "metric", "factory", "ntotal", "shard", "replica", "datastore_version", "datastore_checksum", "payloads", "has_keys", "shards", "nlist", "default_nprobe", "max_k", "max_batch", "role", "metadata", "gpu", "num_shards", "datastore_ntotal")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +176,8 @@ class InfoResponse(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    DATASTORE_NTOTAL_FIELD_NUMBER: _ClassVar[int]
     dimension: int
     metric: str
     factory: str
@@ -188,4 +196,6 @@ class InfoResponse(_message.Message):
     role: str
     metadata: _containers.ScalarMap[str, str]
     gpu: bool
-    def __init__(self, dimension: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., ntotal: _Optional[int] = ..., shard: _Optional[str] = ..., replica: _Optional[int] = ..., datastore_version: _Optional[str] = ..., datastore_checksum: _Optional[str] = ..., payloads: _Optional[_Iterable[_Union[PayloadInfo, _Mapping]]] = ..., has_keys: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., role: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[bool] = ...) -> None: ...
+    num_shards: int
+    datastore_ntotal: int
+    def __init__(self, dimension: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., ntotal: _Optional[int] = ..., shard: _Optional[str] = ..., replica: _Optional[int] = ..., datastore_version: _Optional[str] = ..., datastore_checksum: _Optional[str] = ..., payloads: _Optional[_Iterable[_Union[PayloadInfo, _Mapping]]] = ..., has_keys: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., role: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[bool] = ..., num_shards: _Optional[int] = ..., datastore_ntotal: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,143 @@
+"""LocalDeployment and `retriever-server serve --datastore DIR`: every shard and a router as local
+processes; replica failover, stopping when a shard is gone, flags reaching the children, clean-up,
+and SIGTERM draining every child."""
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build, synthetic
+
+from retriever_server.client import RetrieverClient
+from retriever_server.launcher import LaunchError, LocalDeployment
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+N, D = 2000, 16
+
+
+@pytest.fixture(scope="module")
+def keys() -> np.ndarray:
+    return synthetic(N, D, seed=5)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("launcher"), keys, "ds", shards=2, factory="IVF8,PQ4")
+
+
+def search_ids(address: str, keys: np.ndarray) -> np.ndarray:
+    with RetrieverClient(address, timeout=20) as client:
+        result = client.search(keys[:8], k=5, nprobe=8)
+    assert not result.partial
+    return result.ids
+
+
+def test_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, keys, caplog):
+    deployment = LocalDeployment(datastore, replicas=2).start()
+    waited: list[str] = []
+    waiter = threading.Thread(target=lambda: waited.append(deployment.wait(poll_s=0.1)), daemon=True)
+    try:
+        expected = search_ids(deployment.router_address, keys)
+        deployment.kill(shard=0, replica=0)
+        with caplog.at_level(logging.WARNING, logger="retriever_server.launcher"):
+            waiter.start()
+            waiter.join(2.0)
+            assert waiter.is_alive(), f"wait() returned after one replica of two exited: {waited}"
+            np.testing.assert_array_equal(search_ids(deployment.router_address, keys), expected)
+            assert "shard-00000-r0 exited" in caplog.text
+            deployment.kill(shard=0, replica=1)
+            waiter.join(30)
+        assert not waiter.is_alive() and waited == ["every replica of shard 0 exited"]
+        assert all(p.popen.poll() is not None for p in deployment.processes())
+    finally:
+        deployment.stop()
+
+
+def test_wait_stops_everything_when_the_router_exits(datastore):
+    deployment = LocalDeployment(datastore).start()
+    try:
+        deployment.router.popen.kill()
+        assert deployment.wait(poll_s=0.1).startswith("router exited")
+        assert all(p.popen.poll() is not None for p in deployment.processes())
+    finally:
+        deployment.stop()
+
+
+def json_records(log_file: Path) -> list[dict]:
+    """The JSON log records in a child's log (its stdout lines, such as "listening on", are not JSON)."""
+    lines = [line for line in log_file.read_text().splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in lines]
+
+
+def test_children_get_log_options_report_metrics_ports_and_logs_are_removed(datastore):
+    deployment = LocalDeployment(datastore, log_level="info", log_format="json").start()
+    try:
+        log_dir = deployment.log_dir
+        for process in deployment.processes():
+            assert isinstance(process.metrics_port, int) and process.metrics_port > 0, process.name
+            assert any(r["level"] == "INFO" for r in json_records(process.log_file)), process.name
+    finally:
+        deployment.stop()
+    assert not log_dir.exists()
+
+
+def test_metrics_off_in_children(datastore):
+    off = ("--metrics-port", "-1")
+    with LocalDeployment(datastore, extra_args=off, router_args=off) as deployment:
+        assert all(p.metrics_port is None for p in deployment.processes())
+
+
+def test_failed_start_keeps_the_logs_and_names_them(datastore):
+    deployment = LocalDeployment(datastore, extra_args=("--threads", "many"))
+    with pytest.raises(LaunchError, match="invalid int value: 'many'") as caught:
+        deployment.start()
+    assert f"logs in {deployment.log_dir}" in str(caught.value)
+    assert (deployment.log_dir / "shard-00000-r0.log").is_file()
+    assert all(p.popen.poll() is not None for p in deployment.processes())
+    deployment.stop()  # stopping again keeps them too
+    assert deployment.log_dir.is_dir()
+    shutil.rmtree(deployment.log_dir)
+
+
+def processes_naming(text: str) -> list[str]:
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    return [line for line in ps.splitlines() if text in line and "ps -ww" not in line]
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} not written within {timeout}s"
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path):
+    address_file = tmp_path / "router.json"
+    command = [sys.executable, "-m", "retriever_server.cli", "--log-format", "json", "serve", "--datastore",
+               str(datastore), "--replicas", "2", "--address-file", str(address_file), "--grace", "1",
+               "--drain-delay", "0.2"]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        written = wait_for_file(address_file, serve, timeout=120)
+        assert len(written["shards"]) == 2 and all(len(r) == 2 for r in written["shards"])
+        assert len(processes_naming(str(datastore))) == 1 + 4  # this command and the shard replicas
+        search_ids(written["address"], keys)
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=30)
+    finally:
+        if serve.poll() is None:  # the test failed early: stop it the way that also stops its children
+            serve.terminate()
+            serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    assert "router: " in out and out.count("(metrics on port ") == 5
+    assert processes_naming(str(datastore)) == []
