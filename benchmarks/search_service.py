@@ -152,17 +152,17 @@ def reference_index(config: BenchConfig, keys: np.ndarray) -> faiss.Index:
     return index
 
 
-def sharded_reference(config: BenchConfig) -> faiss.Index:
+def sharded_reference(config: BenchConfig) -> tuple[faiss.Index, list[faiss.Index]]:
     """The datastore's own shard files, memory-mapped as the servers map them, behind one
-    `faiss.IndexShards` that searches them in parallel threads and merges their top-k."""
+    `faiss.IndexShards` that searches them in parallel threads and merges their top-k.
+    Returns the IndexShards and its parts (the caller keeps the parts alive)."""
     from retriever_server.index import read_index
 
-    shards = faiss.IndexShards(read_index(config.datastore / "shard-00000" / "index.faiss").d, True, False)
-    shards.own_indices = False
-    shards.parts = [read_index(config.datastore / f"shard-{i:05d}" / "index.faiss") for i in range(SHARDS)]
-    for part in shards.parts:
+    parts = [read_index(config.datastore / f"shard-{i:05d}" / "index.faiss") for i in range(SHARDS)]
+    shards = faiss.IndexShards(parts[0].d, True, False)
+    for part in parts:
         shards.add_shard(part)
-    return shards
+    return shards, parts
 
 
 def reference_search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int):
@@ -324,7 +324,7 @@ def run(config: BenchConfig) -> dict:
     print(f"datastore: {manifest.ntotal} rows, {manifest.factory}, nlist {manifest.nlist}, "
           f"{len(manifest.shards)} shards", flush=True)
     index = reference_index(config, keys)
-    sharded = sharded_reference(config)
+    sharded, _parts = sharded_reference(config)
     deployment = LocalDeployment(config.datastore, replicas=1)
     deployment.start()
     try:

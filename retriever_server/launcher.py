@@ -47,6 +47,12 @@ class _Process:
         return self.popen.poll() is not None
 
 
+def _child_environment() -> dict[str, str]:
+    """The servers' environment: every process here shares this machine's cores, so OpenMP threads
+    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 @dataclass
 class LocalDeployment:
     """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
@@ -83,7 +89,8 @@ class LocalDeployment:
         command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
                    "--log-format", self.log_format, *args, "--address-file", str(address_file)]
         with open(log_file, "w") as out:
-            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=_child_environment())
         return _Process(name, popen, address_file, log_file)
 
     def _last_error(self, process: _Process) -> str:
