@@ -188,7 +188,7 @@ def test_caller_deadline_is_honoured_through_the_router(aio, keys, datastore, mo
         with pytest.raises(RetrieverError) as caught:
             client.search(keys[:3], k=5, timeout=0.5)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert len(seen) == 2 and all(r is not None and 0 < r <= 0.5 for r in seen), seen
+    assert len(seen) == 2 and all(r is not None and 0 < r <= 0.51 for r in seen), seen  # gRPC rounds deadlines
 
 
 def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
