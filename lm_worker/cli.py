@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
-    d.add_argument("--keys", type=int, default=8000, help="stdlib chunks in the datastore")
+    d.add_argument("--keys", type=int, default=12000, help="stdlib chunks in the datastore (>= 9984 for IVFPQ)")
     d.add_argument("--queries", type=int, default=500, help="held-out chunks used as queries")
     return parser
 

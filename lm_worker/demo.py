@@ -21,7 +21,7 @@ class DemoConfig:
     """Sizes of the demo; the defaults run in a few minutes on 2 cores (most of it encoding, once)."""
 
     out: Path = Path("runs/demo")
-    n_keys: int = 8000
+    n_keys: int = 12000
     n_queries: int = 500
     shards: int = 2
     k: int = 10
