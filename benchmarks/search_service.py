@@ -306,6 +306,38 @@ def bars_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_plot(results: dict, path: Path) -> None:
+    """Recall@10 against nprobe, and throughput of the three sides per (nq, k), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = results["recall"]
+    nprobes = [r["nprobe"] for r in rows]
+    left.plot(nprobes, [r["service"] for r in rows], "o-", label="service (= in-process index)")
+    left.plot(nprobes, [r["service_rerank"] for r in rows], "s-", label="service, exact re-rank of 100")
+    left.set(xscale="log", xlabel="nprobe", ylabel=f"recall@{RECALL_K}", ylim=(0, 1.02),
+             title=f"{results['datastore']['factory']}, {results['datastore']['ntotal']} real stdlib vectors")
+    left.set_xticks(nprobes, [str(n) for n in nprobes])
+    left.grid(alpha=0.3)
+    left.legend(loc="lower right")
+    cells = results["speed"]
+    x = np.arange(len(cells))
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), (("reference", "in-process, unsharded"),
+                                                          ("sharded_reference", "in-process, 2 shards"),
+                                                          ("service", "service: router + 2 shards"))):
+        right.bar(x + offset, [c[key]["qps"] for c in cells], width=0.27, label=label)
+    right.set_xticks(x, [f"nq={c['nq']}\nk={c['k']}" for c in cells])
+    right.set(yscale="log", ylabel="queries/s", title=f"throughput, nprobe={results['config']['nprobe']}")
+    right.grid(alpha=0.3, axis="y")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__,
             "cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
@@ -366,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     print(bars_table(results["bars"]))
     path = config.out / "search_service.json"
     path.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {path}")
+    write_plot(results, config.out / "search_service.png")
+    print(f"\nwrote {path} and {config.out / 'search_service.png'}")
     return 0
 
 
