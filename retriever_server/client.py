@@ -23,7 +23,7 @@ from retriever_server.fanout import RETRYABLE, Deadline, ReplicaSet, check_shard
 from retriever_server.grpc_util import CHANNEL_OPTIONS
 from retriever_server.merge import merge_results
 from retriever_server.result import SearchResult
-from retriever_server.wire import to_tensor
+from retriever_server.wire import fill_tensor
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,15 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     queries = np.asarray(queries)
     if queries.dtype == np.float64:
         queries = queries.astype(np.float32)
-    return pb.SearchRequest(
-        queries=to_tensor(queries), k=k, nprobe=nprobe, exact_rerank=exact_rerank,
+    request = pb.SearchRequest(
+        k=k, nprobe=nprobe, exact_rerank=exact_rerank,
         rerank_candidates=rerank_candidates, payloads=list(payloads), return_keys=return_keys,
         exclude=exclude.to_proto() if exclude else None,
         exclude_per_query=[e.to_proto() for e in exclude_per_query or ()],
         allow_partial=allow_partial, expected_datastore_version=expected_version,
     )
+    fill_tensor(request.queries, queries)
+    return request
 
 
 class RetrieverClient:

@@ -11,9 +11,12 @@ _ID_BITS = 32
 
 
 def _ordered_bits(scores: np.ndarray) -> np.ndarray:
-    """float32 -> uint32 whose unsigned order is the float order (-0.0 folded into 0.0)."""
-    bits = (scores.astype(np.float32) + np.float32(0.0)).view(np.uint32)
-    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
+    """float32 scores -> uint32 whose unsigned order is the float order, computed in place:
+    negative floats have every bit flipped, the others only the sign bit."""
+    bits = scores.view(np.uint32)
+    flip = np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    np.bitwise_xor(bits, flip, out=bits)
+    return bits
 
 
 def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
@@ -23,13 +26,17 @@ def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.n
     bits; two-key lexsort otherwise. Keys are unique, so "stable" only picks timsort, which
     merges the already-sorted runs that FAISS and each shard return in linear time.
     """
-    score = distances if metric == "l2" else -distances
-    score = np.where(ids < 0, np.inf, score).astype(np.float32)
+    distances = np.asarray(distances, dtype=np.float32)
+    # smaller is better; adding (or subtracting from) +0.0 also folds -0.0 into 0.0
+    score = distances + np.float32(0.0) if metric == "l2" else np.subtract(np.float32(0.0), distances)
+    missing = ids < 0
+    score[missing] = np.inf
     if ids.size == 0 or ids.max() < 2**_ID_BITS - 1:
-        tie = np.where(ids < 0, 2**_ID_BITS - 1, ids).astype(np.uint64)
-        key = (_ordered_bits(score).astype(np.uint64) << np.uint64(_ID_BITS)) | tie
+        key = _ordered_bits(score).astype(np.uint64)
+        key <<= np.uint64(_ID_BITS)
+        key |= ids.astype(np.int64, copy=False).view(np.uint64) & np.uint64(2**_ID_BITS - 1)  # -1: largest
         return np.argsort(key, axis=-1, kind="stable")
-    tie = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    tie = np.where(missing, np.iinfo(np.int64).max, ids)
     return np.lexsort((tie, score), axis=-1)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.wire import from_tensor, to_tensor
+from retriever_server.wire import fill_tensor, from_tensor
 
 
 @dataclass
@@ -34,16 +34,16 @@ class SearchResult:
 
     def to_proto(self) -> pb.SearchResponse:
         response = pb.SearchResponse(
-            ids=to_tensor(self.ids),
-            distances=to_tensor(self.distances),
             partial=self.partial,
             datastore_version=self.datastore_version,
             failed_shards=[pb.ShardFailure(shard=s, reason=r) for s, r in sorted(self.failed_shards.items())],
         )
+        fill_tensor(response.ids, self.ids)
+        fill_tensor(response.distances, self.distances)
         for name, array in self.payloads.items():
-            response.payloads[name].CopyFrom(to_tensor(array))
+            fill_tensor(response.payloads[name], array)
         if self.keys is not None:
-            response.keys.CopyFrom(to_tensor(self.keys))
+            fill_tensor(response.keys, self.keys)
         return response
 
     @classmethod

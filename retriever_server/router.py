@@ -137,8 +137,7 @@ class RouterService(BaseRetrieverService):
     async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         size = len(request.queries.data) // 4
         spec = await self._off_loop(size, parse_search, request, self.view, self.limits)
-        forwarded = pb.SearchRequest()
-        forwarded.CopyFrom(request)
+        forwarded = request  # checked already: forwarded as it came, but for these two fields
         forwarded.allow_partial = False
         forwarded.expected_datastore_version = self.view.version
         deadline = Deadline(context.time_remaining())
