@@ -167,8 +167,18 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(d_model)
         self.ffn = FeedForward(d_model, d_ff, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the block output (B, T, C) and the feed-forward input (B, T, C) (the kNN-LM key)."""
         x = x + self.attn(self.norm_attn(x), cache, layer)
         ffn_in = self.norm_ffn(x)  # (B, T, C)
         return x + self.ffn(ffn_in), ffn_in
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 style initialisation: normal(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

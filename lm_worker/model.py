@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.layers import Block, KVCache, RMSNorm
+from lm_worker.layers import Block, KVCache, RMSNorm, init_weights
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,14 @@ class LMConfig:
     @classmethod
     def tiny(cls, vocab_size: int = 64, **overrides) -> LMConfig:
         """A few thousand parameters: for unit tests on CPU."""
-        return cls(**{**dict(vocab_size=vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=128), **overrides})
+        base = dict(vocab_size=vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=128)
+        return cls(**{**base, **overrides})
 
     @classmethod
     def small(cls, vocab_size: int, **overrides) -> LMConfig:
         """About 2M parameters plus embeddings: trains on CPU in minutes."""
-        return cls(**{**dict(vocab_size=vocab_size, n_layer=4, n_head=4, d_model=192, d_ff=768, max_len=256), **overrides})
+        base = dict(vocab_size=vocab_size, n_layer=4, n_head=4, d_model=192, d_ff=768, max_len=256)
+        return cls(**{**base, **overrides})
 
     @classmethod
     def gpu(cls, vocab_size: int, **overrides) -> LMConfig:
@@ -65,7 +67,7 @@ class TransformerLM(nn.Module):
         self.norm = RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for incremental decoding; its batch size is set by the first call."""
@@ -108,10 +110,3 @@ class TransformerLM(nn.Module):
         """Number of distinct trainable parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-
-def _init_weights(module: nn.Module) -> None:
-    """GPT-2 style initialisation: normal(0, 0.02) weights, zero biases."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.layers import Block, CrossAttention, FeedForward, KVCache, RMSNorm, SelfAttention
-from lm_worker.model import _init_weights
+from lm_worker.layers import Block, CrossAttention, FeedForward, KVCache, RMSNorm, SelfAttention, init_weights
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,15 @@ class NeighbourEncoder(nn.Module):
 
     def __init__(self, cfg: RetroConfig):
         super().__init__()
-        E = cfg.d_model
+        E, n = cfg.d_model, cfg.enc_n_layer
         self.cross_layers = cfg.encoder_cross_layers
         self.norm_chunk = RMSNorm(E)
-        self.norm_attn = nn.ModuleList(RMSNorm(E) for _ in range(cfg.enc_n_layer))
-        self.attn = nn.ModuleList(SelfAttention(E, cfg.n_head, cfg.dropout, causal=False) for _ in range(cfg.enc_n_layer))
+        self.norm_attn = nn.ModuleList(RMSNorm(E) for _ in range(n))
+        self.attn = nn.ModuleList(SelfAttention(E, cfg.n_head, cfg.dropout, causal=False) for _ in range(n))
         self.norm_cross = nn.ModuleDict({str(i): RMSNorm(E) for i in self.cross_layers})
         self.cross = nn.ModuleDict({str(i): CrossAttention(E, cfg.n_head, cfg.dropout) for i in self.cross_layers})
-        self.norm_ffn = nn.ModuleList(RMSNorm(E) for _ in range(cfg.enc_n_layer))
-        self.ffn = nn.ModuleList(FeedForward(E, cfg.d_ff, cfg.dropout) for _ in range(cfg.enc_n_layer))
+        self.norm_ffn = nn.ModuleList(RMSNorm(E) for _ in range(n))
+        self.ffn = nn.ModuleList(FeedForward(E, cfg.d_ff, cfg.dropout) for _ in range(n))
         self.norm_out = RMSNorm(E)
 
     def forward(self, e: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
@@ -190,7 +189,7 @@ class Retro(nn.Module):
         self.norm = RMSNorm(E)
         self.head = nn.Linear(E, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def new_cache(self) -> RetroCache:
         """An empty cache for incremental decoding; its batch size is set by the first call."""
