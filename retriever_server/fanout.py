@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.manifest import shard_name
 from retriever_server.request import DatastoreView
-from retriever_server.wire import numpy_dtype
+from retriever_server.wire import nbytes, numpy_dtype
 
 # A replica answering with one of these may be down or busy: try the next replica of its shard.
 RETRYABLE = frozenset({
@@ -108,7 +107,6 @@ def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
 
 def view_of(info: pb.InfoResponse) -> DatastoreView:
     """What requests are checked against, from a shard's GetInfo."""
-    row_bytes = {p.name: int(numpy_dtype(p.dtype).itemsize * np.prod(p.row_shape, dtype=np.int64))
-                 for p in info.payloads}
+    row_bytes = {p.name: nbytes(numpy_dtype(p.dtype), p.row_shape) for p in info.payloads}
     return DatastoreView(info.dimension, info.nlist, info.default_nprobe, info.has_keys, row_bytes,
                          info.datastore_version)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 FORMAT_VERSION = 1
@@ -72,13 +73,13 @@ class Manifest:
         body["version"] = self.version
         return body
 
-    @property
+    @cached_property
     def checksum(self) -> str:
         """sha256 of the manifest's canonical JSON, which holds every file's sha256."""
         text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
-    @property
+    @cached_property
     def version(self) -> str:
         """Short identifier of this datastore's contents, shared by all of its shards."""
         return self.checksum[:16]

@@ -19,14 +19,11 @@ from retriever_server.manifest import Manifest, ShardEntry, read_manifest, verif
 from retriever_server.merge import sort_neighbours, take_neighbours
 from retriever_server.request import DatastoreView, ExclusionKey, SearchSpec
 from retriever_server.result import SearchResult
+from retriever_server.wire import nbytes
 
 log = logging.getLogger(__name__)
 RERANK_CHUNK_ELEMENTS = 1 << 24  # float32 elements of stored keys re-ranked at once (64 MiB)
 SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP team costs more than it saves
-
-
-def _row_bytes(payload) -> int:
-    return int(np.dtype(payload.dtype).itemsize * np.prod(payload.row_shape, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ class Shard:
         self.gpu_lock = threading.Lock()
         self.threads = options.threads or faiss.omp_get_max_threads()
         self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
-                                   {p.name: _row_bytes(p) for p in manifest.payloads}, manifest.version)
+                                   {p.name: nbytes(p.dtype, p.row_shape) for p in manifest.payloads}, manifest.version)
         self.keys = np.load(base / "keys.npy", mmap_mode="r") if manifest.has_keys else None
         self.payloads = {p.name: np.load(base / f"payload.{p.name}.npy", mmap_mode="r") for p in manifest.payloads}
 
@@ -145,5 +142,5 @@ class Shard:
         ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
         ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}
         ranked.keys = self._stored_keys(ids) if spec.return_keys else None
-        ranked.datastore_version = self._view.version
+        ranked.datastore_version = self.manifest.version
         return ranked

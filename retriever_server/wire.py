@@ -42,6 +42,11 @@ def numpy_dtype(code: int) -> np.dtype:
     return _TO_NUMPY[code]
 
 
+def nbytes(dtype: np.dtype | str, shape) -> int:
+    """Bytes of an array of `dtype` and `shape`."""
+    return int(np.prod(tuple(shape), dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def fill_tensor(field: pb.Tensor, array: np.ndarray) -> pb.Tensor:
     """Writes a numpy array into a Tensor field of a message in place (little-endian contiguous
     bytes). Much cheaper for large arrays than building a Tensor and copying it into a message."""
@@ -69,7 +74,7 @@ def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = nbytes(dtype, shape)
     if len(tensor.data) != expected:
         raise TensorError(
             f"{name}.data has {len(tensor.data)} bytes but shape {list(shape)} of "
