@@ -1,8 +1,26 @@
-"""`lm-worker`: the LM side of the system. `lm-worker demo` runs the end-to-end demo."""
+"""`lm-worker`: the LM side of the system.
+
+    lm-worker prepare  --out RUN/data [--corpus stdlib|DIR|FILE.jsonl]     # split, tokenizer, tokens
+    lm-worker train    --kind lm|retro --data RUN/data --out RUN/lm        # checkpoints, loss plot
+    lm-worker encode   knnlm|retro --data RUN/data --out RUN/knnlm-source  # datastore sources
+    lm-worker build    RUN/knnlm-source --out RUN/knnlm-datastore          # the Ray build job
+    lm-worker neighbours --source RUN/retro-source --data RUN/data --datastore RUN/retro-datastore
+    lm-worker eval     --data RUN/data --lm CKPT --knnlm-datastore DS [--retro CKPT --retro-datastore DS]
+    lm-worker generate --checkpoint CKPT --data RUN/data --datastore DS --prompt TEXT [--strategy beam]
+    lm-worker attention --retro CKPT --data RUN/data --datastore DS --out attention.png
+    lm-worker pipeline --run RUN                                           # all of the above, resumable
+    lm-worker demo                                                         # the retrieval demo
+
+Where a command retrieves, `--target HOST:PORT` (a router, or shards comma-separated) uses running
+servers, and `--datastore DIR` serves that datastore locally (every shard and a router) for the
+duration of the command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 import textwrap
@@ -16,10 +34,124 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _retrieval_args(p: argparse.ArgumentParser, k: int, what: str) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(f"--{what}target", help="HOST:PORT of a router, or shard addresses comma-separated")
+    where.add_argument(f"--{what}datastore", type=Path, help="serve this datastore locally while the command runs")
+    p.add_argument(f"--{what}k", type=int, default=k, help="neighbours per query")
+    p.add_argument(f"--{what}nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
+    p.add_argument(f"--{what}rerank", type=int, default=0, metavar="N",
+                   help="re-rank N candidates by exact distance from the stored keys (0: off)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="LM workers that retrieve from the datastore over gRPC.")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="split a corpus, train the BPE tokenizer, write token streams")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--corpus", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
+    p.add_argument("--id-field", help="JSONL field naming each document (default: the line number)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--max-train-tokens", type=int, default=0, help="0: every training document")
+    p.add_argument("--max-heldout-tokens", type=int, default=0)
+
+    t = sub.add_parser("train", help="train the base LM or RETRO")
+    t.add_argument("--kind", choices=("lm", "retro"), default="lm")
+    t.add_argument("--data", type=Path, required=True, help="a `prepare` output folder")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
+    t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-train.npy (see `neighbours`)")
+    t.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
+    for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16), ("warmup", 100),
+                          ("eval-every", 200), ("checkpoint-every", 500), ("chunk-len", 0), ("seed", 0)):
+        t.add_argument(f"--{name}", type=int, default=default)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+
+    e = sub.add_parser("encode", help="write a kNN-LM or RETRO datastore source")
+    e.add_argument("kind", choices=("knnlm", "retro"))
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--checkpoint", type=Path, help="kNN-LM: the LM whose keys are stored")
+    e.add_argument("--split", choices=("train", "heldout"), default="train")
+    e.add_argument("--context-len", type=int, default=256)
+    e.add_argument("--stride", type=int, default=128)
+    e.add_argument("--chunk-len", type=int, default=16, help="RETRO: tokens per chunk")
+    e.add_argument("--device", default="cpu")
+
+    b = sub.add_parser("build", help="build the datastore of a source (a Ray job)")
+    b.add_argument("source", type=Path)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--factory", default="auto")
+    b.add_argument("--num-cpus", type=int)
+    b.add_argument("--overwrite", action="store_true")
+
+    n = sub.add_parser("neighbours", help="fetch RETRO neighbours of every train (own document excluded) "
+                                          "and held-out chunk")
+    n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
+    n.add_argument("--data", type=Path, required=True)
+    _retrieval_args(n, 2, "")
+
+    v = sub.add_parser("eval", help="perplexity: base LM, kNN-LM over a sweep of λ, RETRO with/without")
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--out", type=Path, required=True, help="folder for eval.json, table.md and plots")
+    v.add_argument("--lm", type=Path, help="base LM checkpoint (or a Hugging Face model folder)")
+    v.add_argument("--retro", type=Path, help="RETRO checkpoint")
+    v.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    v.add_argument("--tokens", type=int, default=0, help="scored tokens (0: the whole split)")
+    v.add_argument("--context-len", type=int, default=256)
+    v.add_argument("--stride", type=int, default=128)
+    v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
+    v.add_argument("--temperature", type=float, default=1.0)
+    v.add_argument("--exclude-own-document", action="store_true")
+    _retrieval_args(v, 1024, "knnlm-")
+    _retrieval_args(v, 2, "retro-")
+
+    g = sub.add_parser("generate", help="decode with greedy, sampling or beam search while retrieving")
+    g.add_argument("--checkpoint", type=Path, required=True, help="an LM (kNN-LM) or RETRO checkpoint")
+    g.add_argument("--data", type=Path, required=True, help="the `prepare` folder (for the tokenizer)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    g.add_argument("--prompt-file", type=Path, help="prompts, one per line")
+    g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--beams", type=int, default=4)
+    g.add_argument("--length-penalty", type=float, default=0.6)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
+    g.add_argument("--knn-temperature", type=float, default=1.0)
+    g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
+    g.add_argument("--no-overlap", action="store_true", help="RETRO: retrieve prefetched queries serially")
+    g.add_argument("--knn-pipeline", action="store_true",
+                   help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
+                        "model step (pays off with many prompts; on a small CPU model, serial is faster)")
+    g.add_argument("--no-retrieval", action="store_true", help="the model alone")
+    _retrieval_args(g, 0, "")
+
+    a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
+    a.add_argument("--retro", type=Path, required=True)
+    a.add_argument("--data", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True, help="PNG to write")
+    a.add_argument("--text", help="text to run (default: the start of the held-out split)")
+    a.add_argument("--chunk", type=int, default=1)
+    _retrieval_args(a, 0, "")
+
+    pl = sub.add_parser("pipeline", help="prepare, train, encode, build, serve, evaluate: the whole LM side")
+    pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
+    pl.add_argument("--train-tokens", type=int, default=800_000)
+    pl.add_argument("--heldout-tokens", type=int, default=40_000)
+    pl.add_argument("--lm-steps", type=int, default=500)
+    pl.add_argument("--retro-steps", type=int, default=400)
+    pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
+
     d = sub.add_parser("demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
     d.add_argument("--keys", type=int, default=12000, help="stdlib chunks in the datastore (>= 9984 for IVFPQ)")
@@ -27,11 +159,250 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- retrieval
+
+def _retrieval_config(args, what: str, k: int | None = None):
+    from lm_worker.retrieval import RetrievalConfig
+
+    get = lambda name: getattr(args, f"{what}{name}".replace("-", "_"))  # noqa: E731
+    rerank = get("rerank")
+    return RetrievalConfig(k=k or get("k"), nprobe=get("nprobe"), exact_rerank=rerank > 0, rerank_candidates=rerank)
+
+
+@contextlib.contextmanager
+def _retriever(args, what: str = "", k: int | None = None):
+    """A ServiceRetriever for --target, or for --datastore served locally; None when neither is given."""
+    from lm_worker.retrieval import ServiceRetriever
+    from retriever_server.launcher import LocalDeployment
+
+    target = getattr(args, f"{what}target".replace("-", "_"))
+    datastore = getattr(args, f"{what}datastore".replace("-", "_"))
+    config = _retrieval_config(args, what, k)
+    if target:
+        with ServiceRetriever(target.split(",") if "," in target else target, config) as retriever:
+            yield retriever
+    elif datastore:
+        with LocalDeployment(datastore) as deployment, ServiceRetriever(deployment.router_address, config) as r:
+            yield r
+    else:
+        yield None
+
+
+def _need(value, flag: str, why: str):
+    if value is None:
+        raise ValueError(f"{flag} is required {why}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _prepare(args) -> None:
+    from lm_worker.token_store import PrepareConfig, prepare_corpus
+
+    r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
+                                     heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
+                                     max_heldout_tokens=args.max_heldout_tokens, id_field=args.id_field,
+                                     progress=not args.no_progress))
+    print(f"tokenizer {r.tokenizer_fingerprint} ({r.vocab_size} tokens) -> {r.out / 'tokenizer.json'}")
+    print("| split | documents | tokens |\n|---|---:|---:|")
+    for split in r.documents:
+        print(f"| {split} | {r.documents[split]} | {r.tokens[split]} |")
+
+
+def _train(args) -> None:
+    from lm_worker.train import TrainConfig, train
+
+    config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+                         steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
+                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len)
+    r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
+              progress=not args.no_progress)
+    print(f"{r.steps} steps: train loss {r.train_loss:.4f}, held-out loss {r.heldout_loss:.4f}, "
+          f"{r.tokens_per_s:.0f} tokens/s\ncheckpoint {r.checkpoint}\nloss curves {r.plot}")
+
+
+def _encode(args) -> None:
+    from lm_worker.token_store import load_prepared
+
+    tokenizer, train, heldout = load_prepared(args.data)
+    store = train if args.split == "train" else heldout
+    if args.kind == "knnlm":
+        from lm_worker.checkpoint import load_checkpoint
+        from lm_worker.encode import encode_knnlm
+
+        model = load_checkpoint(_need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), args.device).model
+        info = encode_knnlm(model, store, args.out, args.context_len, args.stride, device=args.device,
+                            progress=not args.no_progress)
+    else:
+        from lm_worker.chunk_encoder import ChunkEncoder
+        from lm_worker.encode import encode_retro
+
+        info = encode_retro(store, ChunkEncoder(tokenizer), args.chunk_len, args.out, progress=not args.no_progress)
+    print(f"{info.kind} source {info.directory}: {info.rows} rows of dimension {info.dimension}")
+
+
+def _build(args) -> None:
+    from lm_worker.encode import build_source
+
+    out = build_source(args.source, args.out, shards=args.shards, factory=args.factory, num_cpus=args.num_cpus,
+                       overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"datastore {out}")
+
+
+def _neighbours(args) -> None:
+    import numpy as np
+
+    from lm_worker.encode import chunk_exclusions, embed_chunks, precompute_neighbours, read_source
+    from lm_worker.token_store import load_prepared
+
+    tokenizer, train, heldout = load_prepared(args.data)
+    L = read_source(args.source).chunk_len
+    with _retriever(args) as retriever:
+        _need(retriever, "--target or --datastore", "to fetch neighbours")
+        held_keys = args.source / "heldout-keys.npy"
+        if not held_keys.is_file():
+            from lm_worker.chunk_encoder import ChunkEncoder
+
+            embed_chunks(heldout, ChunkEncoder(tokenizer), L, held_keys, progress=not args.no_progress)
+        for name, keys, exclude in (("train", "keys.npy", chunk_exclusions(train, L)),
+                                    ("heldout", "heldout-keys.npy", None)):
+            out = args.source / f"neighbours-{name}.npy"
+            precompute_neighbours(retriever, np.load(args.source / keys, mmap_mode="r"), exclude, out,
+                                  progress=not args.no_progress)
+            print(f"{name}: neighbours -> {out}")
+
+
+def _eval(args) -> None:
+    from lm_worker.checkpoint import load_checkpoint
+    from lm_worker.eval_report import write_report
+    from lm_worker.evaluate import DEFAULT_LAMBDAS, EvalConfig, evaluate_knnlm, evaluate_retro
+    from lm_worker.token_store import load_prepared
+
+    if not args.lm and not args.retro:
+        raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
+    tokenizer, train, heldout = load_prepared(args.data)
+    store = heldout if args.split == "heldout" else train
+    lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
+    config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
+                        temperature=args.temperature, retrieval=_retrieval_config(args, "knnlm-"),
+                        exclude_own_document=args.exclude_own_document)
+    knn = retro = None
+    progress = not args.no_progress
+    if args.lm:
+        lm = load_checkpoint(args.lm).model
+        with _retriever(args, "knnlm-") as retriever:
+            knn = evaluate_knnlm(lm, store, _need(retriever, "--knnlm-target or --knnlm-datastore", "with --lm"),
+                                 config, progress)
+    if args.retro:
+        from lm_worker.chunk_encoder import ChunkEncoder
+
+        model = load_checkpoint(args.retro).model
+        with _retriever(args, "retro-", k=model.config.n_neighbours) as retriever:
+            retriever = _need(retriever, "--retro-target or --retro-datastore", "with --retro")
+            retro = evaluate_retro(model, store, retriever, ChunkEncoder(tokenizer), config, progress)
+    print(write_report(args.out, knn, retro, {"data": str(args.data), "split": args.split, "lm": str(args.lm),
+                                               "retro": str(args.retro)}))
+    print(f"\nwritten: {args.out / 'eval.json'}, {args.out / 'table.md'}"
+          + (f", {args.out / 'ppl_vs_lambda.png'}" if knn else ""))
+
+
+def _prompts(args, tokenizer):
+    import torch
+
+    texts = list(args.prompt)
+    if args.prompt_file:
+        texts += [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file")
+    ids = [tokenizer.encode(t) for t in texts]
+    if len({len(i) for i in ids}) != 1:  # left-trim to a common length: the models have no padding mask
+        shortest = min(len(i) for i in ids)
+        ids = [i[len(i) - shortest:] for i in ids]
+    return texts, torch.tensor(ids, dtype=torch.long)
+
+
+def _generate(args) -> None:
+    from lm_worker.checkpoint import load_checkpoint
+    from lm_worker.decode import GenerateConfig, generate
+    from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper
+    from lm_worker.token_store import load_prepared
+
+    tokenizer, _, _ = load_prepared(args.data)
+    loaded = load_checkpoint(args.checkpoint)
+    texts, prompt = _prompts(args, tokenizer)
+    config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
+                            length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
+    retro = loaded.kind == "retro"
+    k = loaded.model.config.n_neighbours if retro else (args.k or 1024)
+    with _retriever(args, "", k=k) as retriever:
+        if args.no_retrieval or retriever is None:
+            stepper = LMStepper(loaded.model)
+        elif retro:
+            from lm_worker.chunk_encoder import ChunkEncoder
+
+            stepper = RetroStepper(loaded.model, retriever, ChunkEncoder(tokenizer), prefetch=args.prefetch,
+                                   overlap=not args.no_overlap)
+        else:
+            stepper = KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                                   overlap=args.knn_pipeline)
+        out = generate(stepper, prompt, config)
+    for text, row, n in zip(texts, out.tokens, out.lengths):
+        print(f"--- {text!r}\n{tokenizer.decode(row[: int(n)].tolist())}")
+    s = getattr(stepper, "stats", None)
+    if s is not None and s.retrieval_calls:
+        print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
+              f"model {s.compute_s:.2f} s")
+
+
+def _attention(args) -> None:
+    import numpy as np
+    import torch
+
+    from lm_worker.attention_plot import plot_chunk_attention
+    from lm_worker.checkpoint import load_checkpoint
+    from lm_worker.chunk_encoder import ChunkEncoder
+    from lm_worker.token_store import load_prepared
+
+    tokenizer, _, heldout = load_prepared(args.data)
+    model = load_checkpoint(args.retro).model
+    L = model.config.chunk_len
+    ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
+    C = len(ids) // L
+    if C <= args.chunk:
+        raise ValueError(f"the text has {C} complete chunks of {L} tokens; --chunk {args.chunk} needs more")
+    tokens = torch.tensor(ids[: C * L], dtype=torch.long)
+    with _retriever(args, "", k=model.config.n_neighbours) as retriever:
+        retriever = _need(retriever, "--target or --datastore", "to retrieve neighbours")
+        neighbours = retriever.chunks(ChunkEncoder(tokenizer).embed(tokens.view(C, L).numpy()))  # (C, K, 2L)
+    plot_chunk_attention(model, tokens[None], torch.from_numpy(neighbours)[None], tokenizer, args.chunk, args.out)
+    print(f"attention of chunk {args.chunk}'s readers -> {args.out}")
+
+
+def _pipeline(args) -> None:
+    from dataclasses import replace
+
+    from lm_worker.pipeline import PipelineConfig, run_pipeline
+
+    base = PipelineConfig()
+    config = replace(base, run=args.run, max_train_tokens=args.train_tokens, max_heldout_tokens=args.heldout_tokens,
+                     lm=replace(base.lm, steps=args.lm_steps, preset=args.preset),
+                     retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
+                     progress=not args.no_progress)
+    report = run_pipeline(config)
+    print(report.table)
+    print("\n" + "\n".join(f"written: {p}" for p in [report.eval_json, *report.plots]))
+
+
 def _snippet(text: str, width: int = 96) -> str:
     return textwrap.shorten(" ".join(text.split()), width, placeholder=" ...")
 
 
-def _print_report(report) -> None:
+def _demo(args) -> None:
+    from lm_worker.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
     info = report.info
     print(f"\ndatastore {report.datastore}: {info.ntotal} chunks, {info.factory}, {info.metric}, "
           f"{len(info.shards)} shards, version {info.datastore_version}")
@@ -46,19 +417,25 @@ def _print_report(report) -> None:
             print(f"  {n.distance:7.4f}  {n.document:<40} {_snippet(n.text, 70)}")
 
 
+COMMANDS = {"prepare": _prepare, "train": _train, "encode": _encode, "build": _build, "neighbours": _neighbours,
+            "eval": _eval, "generate": _generate, "attention": _attention, "pipeline": _pipeline, "demo": _demo}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lm-worker`."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    from lm_worker.demo import DemoConfig, run_demo
+    from lm_worker.retrieval import RetrieverError
 
     try:
-        report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
-    except (OSError, ValueError, RuntimeError) as err:
+        COMMANDS[args.command](args)
+    except (OSError, ValueError, RuntimeError, RetrieverError, json.JSONDecodeError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 1
-    _print_report(report)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

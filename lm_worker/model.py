@@ -101,6 +101,18 @@ class TransformerLM(nn.Module):
         logits = self.head(self.norm(x))  # (B, T, V)
         return (logits, keys) if return_keys else logits
 
+    def keys(self, tokens: torch.Tensor) -> torch.Tensor:
+        """kNN-LM keys (B, T, d_model) of `tokens` (B, T) alone: stops before the last feed-forward
+        block and skips the output head, so encoding a datastore costs less than a full forward."""
+        if tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len {self.config.max_len}")
+        x = self.drop(self.tok_emb(tokens))  # (B, T, C)
+        for block in self.blocks[:-1]:
+            x, _ = block(x)  # (B, T, C)
+        last = self.blocks[-1]
+        x = x + last.attn(last.norm_attn(x), None, len(self.blocks) - 1)
+        return last.norm_ffn(x)  # (B, T, C)
+
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of `targets` (B, T) given `tokens` (B, T); `ignore_index` masks targets."""
         logits = self(tokens)  # (B, T, V)

@@ -134,3 +134,23 @@ def assert_same_neighbours(ids, distances, ref_ids, ref_distances, rtol: float =
         kth = ref_distances[row][~missing[row]][-1]
         strict = ~np.isclose(ref_distances[row], kth, rtol=rtol, atol=1e-5) & ~missing[row]
         assert set(ids[row][strict]) == set(ref_ids[row][strict]), f"row {row} differs"
+
+
+class Recorder:
+    """Wraps a decoding stepper; keeps every log-prob tensor it returned, every reorder, and the steps."""
+
+    def __init__(self, inner):
+        self.inner, self.outputs, self.reorders, self.steps = inner, [], [], 0
+
+    def start(self, prompt):
+        self.outputs.append(self.inner.start(prompt))
+        return self.outputs[-1]
+
+    def step(self, tokens):
+        self.steps += 1
+        self.outputs.append(self.inner.step(tokens))
+        return self.outputs[-1]
+
+    def reorder(self, indices):
+        self.reorders.append(indices.clone())
+        self.inner.reorder(indices)

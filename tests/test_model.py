@@ -128,3 +128,9 @@ def test_learns_sequence_reversal():
         losses.append(loss.item())
     assert losses[0] > 2.0
     assert sum(losses[-10:]) / 10 < 0.25 * losses[0]
+
+
+@torch.no_grad()
+def test_keys_only_forward_equals_full_forward(model, tokens):
+    _, keys = model(tokens, return_keys=True)
+    assert torch.allclose(model.keys(tokens), keys, atol=1e-6)

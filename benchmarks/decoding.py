@@ -1,0 +1,359 @@
+"""Decoding benchmark: kNN-LM and RETRO decoding against the retrieval service, with retrieval
+overlapped with model compute against the same retrieval done serially, in the same run.
+
+    python benchmarks/decoding.py --run RUN [--out RUN/bench] [--batch 8] [--beams 4 --beam-prompts 2]
+                                  [--new-tokens 64] [--models knnlm,retro] [--quick]
+
+RUN is a run directory (RUN/data, RUN/lm/checkpoint.pt, RUN/retro/checkpoint.pt, RUN/knnlm-datastore,
+RUN/retro-datastore). Each datastore is served by a `LocalDeployment` (its shards and a router, local
+processes) while its model decodes prompts cut from the held-out split. Per model:
+
+- kNN-LM, greedy over `batch` prompts and beam search (`beams` beams, no EOS) over `beam_prompts`
+  prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one blocking call per
+  step for every row); pipelined (`overlap=True`: the prompts in two groups with a cache each, decoded
+  interleaved so each group's request is in flight while the other group's model step runs; see
+  `lm_worker.pipelined`).
+- RETRO, greedy over `batch` prompts: the model without neighbours (reference); exact RETRO (prefetch
+  0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
+  (sent when formed, in flight during the next s tokens).
+Serial and overlapped runs decode the same tokens (checked).
+
+Reported: tokens/s (prompts x new tokens / wall seconds), the time the serial run spent in retrieval,
+and the fraction of it that overlap hid, (t_serial - t_overlap) / t_retrieval_serial, over the whole
+call (kNN-LM, RETRO) and over the decode steps alone (RETRO: the prompt's retrieval in `start` cannot
+be overlapped); and, from the overlapped run's own counters, 1 - blocked / retrieval seconds. The
+kNN-LM pipeline runs two half-batch forwards and two requests per step: its "model s" against the
+serial run's shows what that costs, and the time it can save is at most the difference between a full
+and a half-batch forward (see `lm_worker.pipelined`); with a few prompts on a small CPU model, where a
+forward's cost hardly depends on its rows, and servers sharing the model's cores, it saves nothing.
+
+torch runs with one thread: the machine's cores are shared by the model, the shard servers and the
+router, and with torch's default of one thread per core the model and the servers fight over them and
+the timings turn to noise. Writes OUT/decoding.json and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm_worker.decode import GenerateConfig, generate
+from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
+from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper, StepperStats
+from retriever_server.launcher import LocalDeployment
+
+REQUIRED = ("data/tokenizer.json", "data/heldout", "lm/checkpoint.pt", "retro/checkpoint.pt",
+            "knnlm-datastore/manifest.json", "retro-datastore/manifest.json")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to decode and how often. prefetch -1 means chunk_len // 2; beams 0 skips kNN-LM beam search."""
+
+    run: Path
+    out: Path
+    batch: int = 8
+    prompt_len: int = 64
+    new_tokens: int = 64
+    beams: int = 4
+    beam_prompts: int = 2
+    models: tuple[str, ...] = ("knnlm", "retro")
+    k: int = 16
+    nprobe: int = 0
+    lam: float = 0.25
+    knn_temperature: float = 1.0
+    prefetch: int = -1
+    repeats: int = 5
+    threads: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def check_run(run: Path) -> None:
+    """Exits with a clear message when RUN lacks something the benchmark needs."""
+    missing = [p for p in REQUIRED if not (run / p).exists()]
+    if missing:
+        sys.exit(f"{run} is not a complete run directory; missing: {', '.join(str(run / p) for p in missing)}\n"
+                 "(see the layout in this script's docstring: python benchmarks/decoding.py --help)")
+
+
+def load_models(run: Path):
+    """(tokenizer, held-out store, LM LoadedModel, RETRO LoadedModel), with fingerprints checked."""
+    from lm_worker.checkpoint import load_checkpoint
+    from lm_worker.token_store import load_prepared
+
+    tokenizer, _train, heldout = load_prepared(run / "data")
+    lm, retro = load_checkpoint(run / "lm" / "checkpoint.pt"), load_checkpoint(run / "retro" / "checkpoint.pt")
+    for name, loaded, kind in (("lm", lm, "lm"), ("retro", retro, "retro")):
+        if loaded.kind != kind:
+            sys.exit(f"{run / name / 'checkpoint.pt'} holds a {loaded.kind!r} model, expected {kind!r}")
+        if loaded.tokenizer_fingerprint != tokenizer.fingerprint:
+            print(f"warning: {name} was trained with tokenizer {loaded.tokenizer_fingerprint}, "
+                  f"the data uses {tokenizer.fingerprint}", flush=True)
+    return tokenizer, heldout, lm, retro
+
+
+def make_prompts(tokens: np.ndarray, batch: int, prompt_len: int) -> torch.Tensor:
+    """`batch` prompts (batch, prompt_len) cut from the held-out stream at evenly spaced offsets."""
+    if len(tokens) < prompt_len + batch:
+        sys.exit(f"the held-out split has {len(tokens)} tokens, too few for {batch} prompts of {prompt_len}")
+    starts = np.linspace(0, len(tokens) - prompt_len, batch).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + prompt_len]) for s in starts]).astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+class TimedStart:
+    """Wraps a stepper to time its `start` and snapshot its stats there, so decode steps can be told apart."""
+
+    def __init__(self, inner):
+        self.inner, self.start_s, self.after_start = inner, 0.0, StepperStats()
+
+    def start(self, prompt):
+        began = time.perf_counter()
+        out = self.inner.start(prompt)
+        self.start_s = time.perf_counter() - began
+        self.after_start = copy.copy(self.inner.stats)
+        return out
+
+    def step(self, tokens):
+        return self.inner.step(tokens)
+
+    def reorder(self, indices):
+        self.inner.reorder(indices)
+
+
+def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateConfig, time_start: bool) -> dict:
+    """One timed `generate` with a fresh stepper: wall seconds, the stepper's stats, the tokens. With
+    `time_start` the stepper is wrapped to time `start` apart (that hides a pipelined stepper's `fork`)."""
+    stepper = make()
+    wrapped = TimedStart(stepper) if time_start else stepper
+    began = time.perf_counter()
+    out = generate(wrapped, prompt, gen)
+    seconds = time.perf_counter() - began
+    if hasattr(stepper, "close"):
+        stepper.close()
+    stats, result = stepper.stats, {}
+    if time_start:
+        result = {"steps_seconds": seconds - wrapped.start_s,
+                  "steps_retrieval_s": stats.retrieval_s - wrapped.after_start.retrieval_s}
+    return {"seconds": seconds, "stats": asdict(stats), **result, "new_tokens": int(out.tokens.shape[1]),
+            "tokens": out.tokens}
+
+
+def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen: GenerateConfig,
+            repeats: int, time_start: bool = False) -> dict[str, dict]:
+    """Each variant once to warm up, then `repeats` rounds, variants interleaved; the median run of each."""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for make in variants.values():
+        decode_once(make, prompt, gen, time_start)
+    for _ in range(repeats):
+        for name, make in variants.items():
+            runs[name].append(decode_once(make, prompt, gen, time_start))
+    result = {}
+    for name, done in runs.items():
+        median = sorted(done, key=lambda r: r["seconds"])[len(done) // 2]
+        tokens = median.pop("tokens")
+        median["tokens_per_s"] = prompt.shape[0] * median["new_tokens"] / median["seconds"]
+        median["all_seconds"] = [r["seconds"] for r in done]
+        median["tokens_digest"] = tokens.tolist()
+        result[name] = median
+    return result
+
+
+def overlap_summary(serial: dict, overlapped: dict) -> dict:
+    """Speed-up and the fraction of the serial run's retrieval time that overlapping hid."""
+    retrieval, st = serial["stats"]["retrieval_s"], overlapped["stats"]
+    summary = {"serial_tokens_per_s": serial["tokens_per_s"], "overlap_tokens_per_s": overlapped["tokens_per_s"],
+               "speedup": overlapped["tokens_per_s"] / serial["tokens_per_s"], "retrieval_s_serial": retrieval,
+               "hidden_fraction": (serial["seconds"] - overlapped["seconds"]) / retrieval if retrieval else 0.0,
+               "counters_hidden_fraction": 1.0 - st["wait_s"] / st["retrieval_s"] if st["retrieval_s"] else 0.0,
+               "same_tokens": serial["tokens_digest"] == overlapped["tokens_digest"]}
+    if "steps_seconds" in serial:
+        steps_retrieval = serial["steps_retrieval_s"]
+        summary["steps_retrieval_s_serial"] = steps_retrieval
+        summary["steps_hidden_fraction"] = ((serial["steps_seconds"] - overlapped["steps_seconds"]) / steps_retrieval
+                                            if steps_retrieval else 0.0)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models
+# ---------------------------------------------------------------------------------------------
+
+def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
+    """Per scenario: LM alone, kNN-LM serial and kNN-LM pipelined, against RUN/knnlm-datastore served locally."""
+    retrieval = RetrievalConfig(k=config.k, nprobe=config.nprobe)
+    results = {}
+    with LocalDeployment(config.run / "knnlm-datastore") as deployment, \
+            ServiceRetriever(deployment.router_address, retrieval) as retriever:
+        if retriever.dimension != lm.config.d_model:
+            sys.exit(f"knnlm-datastore has keys of dimension {retriever.dimension}; the LM's are {lm.config.d_model}")
+        model = lm.model
+        variants = {
+            "lm (no retrieval)": lambda: LMStepper(model),
+            "knn-lm serial": lambda: KnnLMStepper(model, retriever, config.lam, config.knn_temperature, overlap=False),
+            "knn-lm pipelined": lambda: KnnLMStepper(model, retriever, config.lam, config.knn_temperature,
+                                                     overlap=True),
+        }
+        for name, (prompt, gen) in scenarios.items():
+            print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={config.lam} ...", flush=True)
+            rows = measure(variants, prompt, gen, config.repeats)
+            results[name] = {"rows": rows, "summary": overlap_summary(rows["knn-lm serial"], rows["knn-lm pipelined"])}
+    return results
+
+
+def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen: GenerateConfig) -> dict:
+    """RETRO without neighbours, exact, and prefetched serial / overlapped, against RUN/retro-datastore."""
+    from lm_worker.chunk_encoder import ChunkEncoder
+
+    L = retro.config.chunk_len
+    s = L // 2 if config.prefetch < 0 else config.prefetch
+    encoder = ChunkEncoder(tokenizer)
+    retrieval = RetrievalConfig(k=retro.config.n_neighbours, nprobe=config.nprobe)
+    with LocalDeployment(config.run / "retro-datastore") as deployment, \
+            ServiceRetriever(deployment.router_address, retrieval) as retriever:
+        stored = retriever.metadata.get("encoder")
+        if stored and stored != encoder.fingerprint:
+            print(f"warning: retro-datastore keys come from encoder {stored}, queries from {encoder.fingerprint}")
+        model = retro.model
+        variants = {
+            "retro (no retrieval)": lambda: LMStepper(model),
+            "retro exact (prefetch 0)": lambda: RetroStepper(model, retriever, encoder, prefetch=0),
+            f"retro prefetch {s} serial": lambda: RetroStepper(model, retriever, encoder, prefetch=s, overlap=False),
+            f"retro prefetch {s} overlapped": lambda: RetroStepper(model, retriever, encoder, prefetch=s,
+                                                                   overlap=True),
+        }
+        print(f"RETRO: {retriever.ntotal} chunks of {L}, K={retro.config.n_neighbours}, prefetch {s} ...", flush=True)
+        rows = measure(variants, prompt, gen, config.repeats, time_start=True)
+    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
+    return {"greedy": {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def rows_table(results: dict) -> str:
+    lines = ["| scenario | model / retrieval | tokens/s | wall s | model s | encode s | blocked on retrieval s "
+             "| retrieval s | calls |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for section, scenarios in results.items():
+        for scenario, result in scenarios.items():
+            for name, r in result["rows"].items():
+                st = r["stats"]
+                lines.append(f"| {section} {scenario} | {name} | {r['tokens_per_s']:.1f} | {r['seconds']:.3f} | "
+                             f"{st['compute_s']:.3f} | {st['encode_s']:.3f} | {st['wait_s']:.3f} | "
+                             f"{st['retrieval_s']:.3f} | {st['retrieval_calls']} |")
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    lines = ["| model | scenario | serial tokens/s | overlapped tokens/s | speed-up | retrieval s (serial) "
+             "| hidden (whole call) | hidden (decode steps) | hidden (counters) | same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    labels = {"knnlm": "kNN-LM (pipelined groups)", "retro": "RETRO (prefetch {prefetch})"}
+    for section, scenarios in results.items():
+        for scenario, result in scenarios.items():
+            s = result["summary"]
+            steps = f"{s['steps_hidden_fraction']:.0%}" if "steps_hidden_fraction" in s else "-"
+            lines.append(f"| {labels[section].format(**s)} | {scenario} | {s['serial_tokens_per_s']:.1f} | "
+                         f"{s['overlap_tokens_per_s']:.1f} | {s['speedup']:.2f}x | {s['retrieval_s_serial']:.3f} | "
+                         f"{s['hidden_fraction']:.0%} | {steps} | {s['counters_hidden_fraction']:.0%} | "
+                         f"{'yes' if s['same_tokens'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_1m": os.getloadavg()[0]}
+
+
+def run(config: BenchConfig) -> dict:
+    """Loads the run, serves each datastore in turn, measures, returns every number."""
+    check_run(config.run)
+    torch.set_num_threads(config.threads)
+    tokenizer, heldout, lm, retro = load_models(config.run)
+    max_len = getattr(lm.config, "max_len", None)
+    if max_len and config.prompt_len + config.new_tokens > max_len:
+        sys.exit(f"prompt_len + new_tokens = {config.prompt_len + config.new_tokens} exceeds the LM's "
+                 f"max_len {max_len}")
+    prompt = make_prompts(heldout.tokens, config.batch, config.prompt_len)
+    greedy = GenerateConfig(max_new_tokens=config.new_tokens, eos_id=None)
+    results = {}
+    if "knnlm" in config.models:
+        scenarios = {f"greedy x{config.batch}": (prompt, greedy)}
+        if config.beams:
+            beam = GenerateConfig(strategy="beam", num_beams=config.beams, length_penalty=0.0,
+                                  max_new_tokens=config.new_tokens, eos_id=None)
+            beam_prompt = make_prompts(heldout.tokens, config.beam_prompts, config.prompt_len)
+            scenarios[f"beam {config.beams} x{config.beam_prompts}"] = (beam_prompt, beam)
+        results["knnlm"] = bench_knnlm(config, lm, scenarios)
+    if "retro" in config.models:
+        results["retro"] = bench_retro(config, retro, tokenizer, prompt, greedy)
+    for scenarios in results.values():
+        for result in scenarios.values():
+            for r in result["rows"].values():
+                r.pop("tokens_digest")
+    return {"config": {**asdict(config), "run": str(config.run), "out": str(config.out)},
+            "environment": environment(), "models": {"lm": asdict(lm.config), "retro": asdict(retro.config)},
+            "results": results}
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="run directory (see the module doc)")
+    parser.add_argument("--out", type=Path, help="output directory (default RUN/bench)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--beams", type=int, default=4, help="kNN-LM beam search width (0: no beam search)")
+    parser.add_argument("--beam-prompts", type=int, default=2, help="prompts decoded by beam search")
+    parser.add_argument("--models", default="knnlm,retro", help="comma-separated: knnlm, retro")
+    parser.add_argument("--k", type=int, default=16, help="kNN-LM neighbours per step")
+    parser.add_argument("--nprobe", type=int, default=0, help="0: the datastore's default")
+    parser.add_argument("--lam", type=float, default=0.25)
+    parser.add_argument("--prefetch", type=int, default=-1, help="RETRO prefetch s (-1: chunk_len // 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    args = parser.parse_args(argv)
+    return BenchConfig(run=args.run, out=args.out or args.run / "bench", batch=args.batch, prompt_len=args.prompt_len,
+                       new_tokens=args.new_tokens, beams=args.beams, beam_prompts=args.beam_prompts,
+                       models=tuple(m for m in args.models.split(",") if m), k=args.k, nprobe=args.nprobe, lam=args.lam,
+                       prefetch=args.prefetch, repeats=2 if args.quick else args.repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    results = run(config)
+    env = results["environment"]
+    print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs, "
+          f"1-min load average after timing {env['load_average_1m']:.2f}")
+    print(f"prompts of {config.prompt_len} held-out tokens, {config.new_tokens} new tokens; greedy over "
+          f"{config.batch} prompts, beam search over {config.beam_prompts}; median of {config.repeats} runs\n")
+    print(rows_table(results["results"]))
+    print()
+    print(summary_table(results["results"]))
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = config.out / "decoding.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

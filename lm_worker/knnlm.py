@@ -1,0 +1,69 @@
+"""kNN-LM scoring (Khandelwal et al., ICLR 2020), in probability space:
+
+    p(y | x) = λ · p_kNN(y | x) + (1 - λ) · p_LM(y | x),
+    p_kNN(y | x) ∝ Σ_{neighbours i with value y} exp(-d_i / T),
+
+d the squared L2 distance of the context's key to neighbour i's key, over the k neighbours found.
+Neighbours that are missing (value -1, distance inf) weigh nothing; a context with no neighbour at
+all has p_kNN = 0 everywhere, so its interpolated probability is (1 - λ) · p_LM.
+
+Example:
+    >>> knn = knn_target_log_prob(distances, values, targets, temperature=1.0)  # (N,)
+    >>> mixed = interpolate(lm_target_log_prob, knn, lam=0.25)                  # (N,)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _neighbour_log_weights(distances: torch.Tensor, values: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(-d / T) over the valid neighbours (N, k); -inf for missing ones."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    d = distances.to(torch.float32)  # (N, k)
+    valid = (values >= 0) & torch.isfinite(d)  # (N, k)
+    d = d.masked_fill(~valid, math.inf)
+    # Shift by the nearest distance before dividing: d - d_min is exact for close distances, so far
+    # neighbours (d ~ 1e4) keep full float32 precision instead of cancelling two large numbers.
+    nearest = d.min(dim=-1, keepdim=True).values  # (N, 1), inf if no neighbour
+    logits = -(d - nearest.masked_fill(~torch.isfinite(nearest), 0.0)) / temperature  # (N, k), -inf if missing
+    logits = logits.masked_fill(~valid, -math.inf)
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (N, 1), -inf if no neighbour
+    return logits - norm.masked_fill(~torch.isfinite(norm), 0.0)
+
+
+def knn_target_log_prob(distances: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log p_kNN(target) per context: distances (N, k), values (N, k) long, targets (N,) -> (N,).
+
+    -inf where no neighbour carries the target (or there is no neighbour).
+    """
+    w = _neighbour_log_weights(distances, values, temperature)  # (N, k)
+    w = w.masked_fill(values != targets[:, None], -math.inf)
+    return torch.logsumexp(w, dim=-1)  # (N,)
+
+
+def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, vocab_size: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """log p_kNN over the whole vocabulary: distances (N, k), values (N, k) long -> (N, V).
+
+    Used in decoding, where the next token is not known yet.
+    """
+    w = _neighbour_log_weights(distances, values, temperature).exp()  # (N, k), 0 for missing
+    probs = torch.zeros(values.shape[0], vocab_size, dtype=w.dtype, device=w.device)
+    probs.scatter_add_(1, values.clamp(min=0), w)  # (N, V)
+    return probs.log()
+
+
+def interpolate(lm_log_prob: torch.Tensor, knn_log_prob: torch.Tensor, lam: float) -> torch.Tensor:
+    """log(λ · p_kNN + (1 - λ) · p_LM), elementwise; λ = 0 returns `lm_log_prob` itself, exactly."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must lie in [0, 1], got {lam}")
+    if lam == 0.0:
+        return lm_log_prob
+    if lam == 1.0:
+        return knn_log_prob
+    return torch.logaddexp(lm_log_prob + math.log1p(-lam), knn_log_prob + math.log(lam))

@@ -1,0 +1,208 @@
+"""Tokenized corpora on disk: one flat token stream per split, with the document of every token.
+
+`prepare_corpus` reads a corpus, holds documents out by a fixed hash of their names, trains the
+BPE tokenizer on the training split, and writes
+
+    OUT/tokenizer.json
+    OUT/train/   tokens.npy (N,) int32, doc_ids.npy (N,) int32, documents.json
+    OUT/heldout/ the same for the held-out documents
+
+Each document's tokens are followed by EOS. `doc_ids[i]` indexes `documents`, whose entries hold
+the half-open token range [start, end) of the document, so a query's own document can be excluded
+from retrieval by range. Arrays open memory-mapped.
+
+Example:
+    >>> report = prepare_corpus(PrepareConfig(corpus="stdlib", out=Path("run/data")))
+    >>> train = TokenStore.open(Path("run/data/train"))
+    >>> train.tokens[:10], train.documents[train.doc_ids[0]].name
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lm_worker.corpus import Document, is_heldout, read_jsonl, read_stdlib, read_text_folder
+from lm_worker.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class DocumentSpan:
+    """A document's name and its tokens' half-open range [start, end) in the split's stream."""
+
+    name: str
+    start: int
+    end: int
+
+
+class TokenStore:
+    """One split of a tokenized corpus, memory-mapped.
+
+    Attributes:
+        tokens: int32 (N,) token ids, every document followed by EOS.
+        doc_ids: int32 (N,) index into `documents` of each token's document.
+        documents: the documents, in stream order.
+        tokenizer_fingerprint: fingerprint of the tokenizer that made `tokens`.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        meta_path = self.directory / "documents.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a token store (no documents.json)")
+        meta = json.loads(meta_path.read_text())
+        self.tokenizer_fingerprint: str = meta["tokenizer"]
+        self.documents = [DocumentSpan(d["name"], d["start"], d["end"]) for d in meta["documents"]]
+        self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
+        self.doc_ids = np.load(self.directory / "doc_ids.npy", mmap_mode="r")
+
+    @classmethod
+    def open(cls, directory: Path) -> TokenStore:
+        """Opens a split written by `write_token_store` (raises FileNotFoundError if there is none)."""
+        return cls(directory)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def doc_range(self, doc: int) -> tuple[int, int]:
+        """Token range [start, end) of document `doc`."""
+        span = self.documents[doc]
+        return span.start, span.end
+
+
+def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eos_id: int,
+                      tokenizer_fingerprint: str) -> TokenStore:
+    """Writes (name, token ids) documents as one split, each followed by `eos_id`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces, doc_pieces, spans, start = [], [], [], 0
+    for number, (name, ids) in enumerate(docs):
+        ids = np.asarray([*ids, eos_id], dtype=np.int32)
+        pieces.append(ids)
+        doc_pieces.append(np.full(len(ids), number, dtype=np.int32))
+        spans.append({"name": name, "start": start, "end": start + len(ids)})
+        start += len(ids)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    doc_ids = np.concatenate(doc_pieces) if doc_pieces else np.zeros(0, np.int32)
+    np.save(directory / "tokens.npy", tokens)
+    np.save(directory / "doc_ids.npy", doc_ids)
+    meta = {"tokenizer": tokenizer_fingerprint, "documents": spans}
+    (directory / "documents.json").write_text(json.dumps(meta))
+    return TokenStore(directory)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What `prepare_corpus` reads and how much of it it keeps.
+
+    `corpus` is "stdlib", a folder of text files, or a .jsonl file (field `text`, optional `id_field`).
+    Documents are taken in a fixed hashed order until a split's token budget (0: no limit) is spent.
+    """
+
+    out: Path
+    corpus: str = "stdlib"
+    vocab_size: int = 4096
+    heldout_fraction: float = 0.05
+    max_train_tokens: int = 0
+    max_heldout_tokens: int = 0
+    id_field: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """Documents and tokens written per split."""
+
+    out: Path
+    tokenizer_fingerprint: str
+    vocab_size: int
+    documents: dict[str, int]
+    tokens: dict[str, int]
+
+
+def read_corpus(corpus: str, id_field: str | None = None) -> Iterator[Document]:
+    """Documents of the built-in stdlib corpus, a text folder or a JSONL file."""
+    if corpus == "stdlib":
+        return read_stdlib()
+    path = Path(corpus)
+    if path.is_dir():
+        return read_text_folder(path)
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_jsonl(path, id_field=id_field)
+    raise ValueError(f"corpus {corpus!r} is not 'stdlib', a folder or a .jsonl file")
+
+
+def _hashed_order(docs: list[Document]) -> list[Document]:
+    return sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).digest())
+
+
+def _char_sample(docs: list[Document], token_budget: int) -> list[str]:
+    """Texts for tokenizer training: the documents a token budget keeps (about 3 bytes a token)."""
+    texts, chars = [], 0
+    for doc in docs:
+        if token_budget and chars >= 3 * token_budget:
+            break
+        texts.append(doc.text)
+        chars += len(doc.text)
+    return texts
+
+
+def _tokenize_within(docs: list[Document], tokenizer: Tokenizer, budget: int, batch: int = 64
+                     ) -> list[tuple[str, list[int]]]:
+    """(name, ids) of documents in order until `budget` tokens (EOS included; 0: all) are kept."""
+    kept, total = [], 0
+    for start in range(0, len(docs), batch):
+        group = docs[start:start + batch]
+        for doc, ids in zip(group, tokenizer.encode_batch([d.text for d in group])):
+            if budget and total >= budget:
+                return kept
+            kept.append((doc.name, ids))
+            total += len(ids) + 1
+    return kept
+
+
+def prepare_corpus(config: PrepareConfig) -> PrepareReport:
+    """Splits, trains the tokenizer on the training split, and writes both splits (see module doc)."""
+    docs = [d for d in read_corpus(config.corpus, config.id_field) if d.text.strip()]
+    if not docs:
+        raise ValueError(f"corpus {config.corpus!r} has no non-empty documents")
+    split = {s: _hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
+             for s in SPLITS}
+    if not split["train"] or not split["heldout"]:
+        raise ValueError(f"{len(docs)} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
+    budget = {"train": config.max_train_tokens, "heldout": config.max_heldout_tokens}
+    tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size, config.progress)
+    out = Path(config.out)
+    tokenizer.save(out / "tokenizer.json")
+    counts_docs, counts_tokens = {}, {}
+    for name in SPLITS:
+        kept = _tokenize_within(split[name], tokenizer, budget[name])
+        store = write_token_store(out / name, kept, tokenizer.eos_id, tokenizer.fingerprint)
+        counts_docs[name], counts_tokens[name] = len(store.documents), len(store)
+        log.info("%s: %d documents, %d tokens", name, len(store.documents), len(store))
+    return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
+
+
+def load_prepared(out: Path) -> tuple[Tokenizer, TokenStore, TokenStore]:
+    """The tokenizer and both splits written by `prepare_corpus` at `out`.
+
+    Raises:
+        FileNotFoundError: something is missing.
+        ValueError: a split was tokenized by a different tokenizer.
+    """
+    tokenizer = Tokenizer.load(Path(out) / "tokenizer.json")
+    stores = [TokenStore.open(Path(out) / s) for s in SPLITS]
+    for s in stores:
+        if s.tokenizer_fingerprint != tokenizer.fingerprint:
+            raise ValueError(f"{s.directory} was tokenized with {s.tokenizer_fingerprint}, not {tokenizer.fingerprint}")
+    return tokenizer, stores[0], stores[1]

@@ -1,0 +1,444 @@
+"""Perplexity evaluation against float64 references computed window by window: the base LM, kNN-LM per λ
+from brute-force neighbours over the same exactly searched datastore, RETRO with and without neighbours; own-document
+exclusion checked on the ids the retriever returns; the service equals the in-process search; the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import serve
+
+from lm_worker.encode import build_source, encode_knnlm, encode_retro, knn_windows
+from lm_worker.eval_report import write_report
+from lm_worker.evaluate import (
+    EvalConfig,
+    Window,
+    evaluate_knnlm,
+    evaluate_lm,
+    evaluate_retro,
+    iter_windows,
+    scored_positions,
+)
+from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever
+from lm_worker.retro import Retro, RetroConfig
+from lm_worker.token_store import TokenStore, write_token_store
+from lm_worker.tokenizer import train_tokenizer
+
+CONTEXT, STRIDE, L = 32, 16, 4
+LAMBDAS = (0.0, 0.25, 0.5, 0.9, 1.0)
+EXACT = dict(nprobe=4)  # IVF4,Flat datastores probed in every list: exact search, as the references
+KNN = EvalConfig(context_len=CONTEXT, stride=STRIDE, batch_size=4, lambdas=LAMBDAS,
+                 retrieval=RetrievalConfig(k=16, **EXACT))
+RETRO = EvalConfig(context_len=CONTEXT, stride=STRIDE, batch_size=3, retrieval=RetrievalConfig(k=2, **EXACT))
+
+pytestmark = pytest.mark.ray
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tokenizer, random-token stores, tiny models, exact (IVF4,Flat) datastores built by the real jobs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return train_tokenizer([(stdlib / name).read_text() for name in ("bisect.py", "heapq.py")], vocab_size=300)
+
+
+def random_docs(rng: np.random.Generator, lengths: list[int], vocab: int, eos: int) -> list[tuple[str, list[int]]]:
+    docs = []
+    for i, n in enumerate(lengths):
+        ids = rng.integers(0, vocab - 1, n)
+        docs.append((f"doc{i}", [int(t) + (t >= eos) for t in ids]))  # never EOS inside a document
+    return docs
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tokenizer) -> tuple[TokenStore, TokenStore]:
+    tmp = tmp_path_factory.mktemp("stores")
+    rng = np.random.default_rng(0)
+    V, eos, fp = tokenizer.vocab_size, tokenizer.eos_id, tokenizer.fingerprint
+    train = write_token_store(tmp / "train", random_docs(rng, [90, 131, 70, 150, 111], V, eos), eos, fp)
+    heldout = write_token_store(tmp / "heldout", random_docs(rng, [100, 77], V, eos), eos, fp)
+    return train, heldout
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(LMConfig.tiny(vocab_size=tokenizer.vocab_size, max_len=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def knn_datastore(ray_cluster, tmp_path_factory, lm, stores) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The kNN-LM datastore of the train store (IVF4,Flat, 2 shards), its keys and values."""
+    tmp = tmp_path_factory.mktemp("knn")
+    encode_knnlm(lm, stores[0], tmp / "src", context_len=CONTEXT, stride=STRIDE, progress=False)
+    out = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
+    return out, np.load(tmp / "src" / "keys.npy"), np.load(tmp / "src" / "values.npy")
+
+
+class FakeEncoder:
+    """`ChunkEncoder`'s interface without MiniLM: a fixed position-weighted projection of the chunk's tokens,
+    unit norm, computed row by row in float64, so distinct chunks never tie and batching changes nothing."""
+
+    dimension = 24
+    fingerprint = "fake:proj24"
+
+    def __init__(self, vocab_size: int):
+        self.table = np.random.default_rng(7).standard_normal((L, vocab_size, self.dimension))
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        chunks = np.asarray(chunks)
+        out = np.stack([sum(self.table[j, row[j]] for j in range(L)) for row in chunks])  # (n, dim)
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer) -> FakeEncoder:
+    return FakeEncoder(tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def retro_model(tokenizer) -> Retro:
+    torch.manual_seed(1)
+    return Retro(RetroConfig.tiny(vocab_size=tokenizer.vocab_size, chunk_len=L, n_neighbours=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def retro_datastore(ray_cluster, tmp_path_factory, encoder, stores) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The RETRO datastore of the train store (IVF4,Flat, 2 shards), its keys and payloads."""
+    tmp = tmp_path_factory.mktemp("retro")
+    encode_retro(stores[0], encoder, L, tmp / "src", progress=False)
+    out = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
+    return out, np.load(tmp / "src" / "keys.npy"), np.load(tmp / "src" / "tokens.npy")
+
+
+class Recording:
+    """A retriever that records every query's exclusion and the neighbours returned (synchronous futures)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.ids: list[np.ndarray] = []
+        self.excludes: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def knn(self, keys, exclude=None):
+        found = self.inner.knn(keys, exclude)
+        self.ids.append(found.ids)
+        self.excludes.extend(exclude if exclude is not None else [None] * len(keys))
+        return found
+
+    def submit_knn(self, keys, exclude=None) -> Future:
+        future = Future()
+        future.set_result(self.knn(keys, exclude))
+        return future
+
+    def chunks(self, embeddings, exclude=None):
+        self.excludes.extend(exclude if exclude is not None else [None] * len(embeddings))
+        return self.inner.chunks(embeddings, exclude)
+
+    def submit_chunks(self, embeddings, exclude=None) -> Future:
+        future = Future()
+        future.set_result(self.chunks(embeddings, exclude))
+        return future
+
+
+# ---------------------------------------------------------------------------------------------
+# References, written plainly: one window at a time, float64, brute force
+# ---------------------------------------------------------------------------------------------
+
+def windows_of(store: TokenStore, config: EvalConfig, align: int = 1) -> list[Window]:
+    return list(iter_windows(scored_positions(store, config.max_tokens), config.context_len, config.stride, align))
+
+
+def window_tensors(store: TokenStore, w: Window) -> tuple[torch.Tensor, np.ndarray, slice]:
+    tokens = np.asarray(store.tokens[w.start:w.end + 1], dtype=np.int64)
+    return torch.from_numpy(tokens[None, :-1]), tokens[1:], slice(w.score_from - w.start, w.end - w.start)
+
+
+def target_probs(logits: torch.Tensor, targets: np.ndarray, scored: slice) -> np.ndarray:
+    """float64 p(target) at the scored offsets of one window's logits (1, T, V)."""
+    log_probs = F.log_softmax(logits[0, scored].double(), dim=-1)
+    return log_probs[torch.arange(len(targets[scored])), torch.from_numpy(targets[scored])].exp().numpy()
+
+
+@torch.no_grad()
+def reference_lm(model, store: TokenStore, config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """p_LM(target) (n,) and the keys (n, d) of every scored position, float64."""
+    probs, keys = [], []
+    for w in windows_of(store, config):
+        inputs, targets, scored = window_tensors(store, w)
+        logits, k = model(inputs, return_keys=True)
+        probs.append(target_probs(logits, targets, scored))
+        keys.append(k[0, scored].double().numpy())
+    return np.concatenate(probs), np.concatenate(keys)
+
+
+def own_rows(store: TokenStore, position: int) -> tuple[int, int]:
+    """kNN-LM rows of a position's document: the rows whose value is one of its tokens, [start - 1, end)."""
+    doc = store.documents[store.doc_ids[position]]
+    return max(doc.start - 1, 0), min(doc.end, len(store) - 1)
+
+
+def reference_knnlm(model, store: TokenStore, ds_keys: np.ndarray, ds_values: np.ndarray, config: EvalConfig,
+                    exclude: bool) -> tuple[float, dict[float, float]]:
+    """Base perplexity and kNN-LM perplexity per λ from exact top-k neighbours, in float64."""
+    p_lm, keys = reference_lm(model, store, config)
+    targets = np.asarray(store.tokens[1:len(p_lm) + 1], dtype=np.int64)
+    keys64 = ds_keys.astype(np.float64)
+    p_knn = np.zeros(len(p_lm))
+    for i in range(len(p_lm)):
+        d = ((keys64 - keys[i]) ** 2).sum(-1)  # (N,)
+        if exclude:
+            lo, hi = own_rows(store, i)
+            d[lo:hi] = np.inf
+        top = np.argsort(d, kind="stable")[:config.retrieval.k]
+        top = top[np.isfinite(d[top])]
+        logits = -d[top] / config.temperature
+        weights = np.exp(logits - logits.max())
+        p_knn[i] = weights[ds_values[top] == targets[i]].sum() / weights.sum()
+    with np.errstate(divide="ignore"):
+        ppl = {lam: float(np.exp(-np.log(lam * p_knn + (1 - lam) * p_lm).mean())) for lam in config.lambdas}
+    return float(np.exp(-np.log(p_lm).mean())), ppl
+
+
+def assert_perplexities(got: dict[float, float], want: dict[float, float]) -> None:
+    assert got.keys() == want.keys()
+    for lam in want:
+        if math.isinf(want[lam]):
+            assert math.isinf(got[lam]), lam
+        else:
+            assert got[lam] == pytest.approx(want[lam], rel=1e-4), lam
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, context, stride, align", [
+    (1, 8, 4, 1), (8, 8, 4, 1), (9, 8, 4, 1), (100, 8, 3, 1), (100, 8, 8, 1), (101, 32, 16, 4), (103, 12, 4, 4),
+    (7, 16, 8, 4), (0, 8, 4, 1),
+])
+def test_windows_score_every_position_once_with_context(n, context, stride, align):
+    windows = list(iter_windows(n, context, stride, align))
+    scored = np.concatenate([np.arange(w.score_from, w.end) for w in windows]) if windows else np.zeros(0)
+    np.testing.assert_array_equal(scored, np.arange(n))  # each position once, in order
+    for i, w in enumerate(windows):
+        assert 0 <= w.start <= w.score_from < w.end <= n and w.end - w.start <= context
+        assert w.start % align == 0
+        if i > 0:  # every position scored after the first window sees >= context - stride earlier tokens
+            assert w.score_from - w.start >= context - stride
+            assert w.end - w.score_from <= stride
+    if align == 1:  # the same windows as the kNN-LM datastore's keys
+        assert [(w.start, w.score_from, w.end) for w in windows] == knn_windows(n, context, stride)
+
+
+def test_bad_windows_raise():
+    with pytest.raises(ValueError, match="multiples of 4"):
+        list(iter_windows(100, 30, 16, align=4))
+    for bad in (dict(stride=0), dict(stride=40, context_len=32), dict(lambdas=(0.5, 1.2)), dict(lambdas=()),
+                dict(temperature=0.0), dict(batch_size=0), dict(max_tokens=-1)):
+        with pytest.raises(ValueError):
+            EvalConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The base LM and kNN-LM
+# ---------------------------------------------------------------------------------------------
+
+def test_lm_perplexity_matches_window_by_window_reference(lm, stores):
+    heldout = stores[1]
+    ppl, tokens = evaluate_lm(lm, heldout, KNN, progress=False)
+    p_lm, _ = reference_lm(lm, heldout, KNN)
+    assert tokens == len(heldout) - 1 == len(p_lm)
+    assert ppl == pytest.approx(float(np.exp(-np.log(p_lm).mean())), rel=1e-5)
+    capped = EvalConfig(context_len=CONTEXT, stride=STRIDE, max_tokens=50)
+    ppl50, tokens50 = evaluate_lm(lm, heldout, capped, progress=False)
+    assert tokens50 == 50
+    p50, _ = reference_lm(lm, heldout, capped)  # the windows end at position 50: other contexts
+    assert ppl50 == pytest.approx(float(np.exp(-np.log(p50).mean())), rel=1e-5)
+    with pytest.raises(ValueError, match="max_len"):
+        evaluate_lm(lm, heldout, EvalConfig(context_len=128, stride=64), progress=False)
+
+
+@pytest.mark.parametrize("exclude, temperature", [(False, 1.0), (True, 1.0), (True, 3.0)],
+                         ids=["all-rows", "exclude-own-document", "exclude-own-document-T3"])
+def test_knnlm_matches_brute_force_reference(lm, stores, knn_datastore, exclude, temperature):
+    train = stores[0]
+    datastore, ds_keys, ds_values = knn_datastore
+    config = EvalConfig(**{**KNN.__dict__, "exclude_own_document": exclude, "temperature": temperature})
+    with InProcessRetriever(datastore, config.retrieval) as retriever:
+        result = evaluate_knnlm(lm, train, retriever, config, progress=False)
+    base, want = reference_knnlm(lm, train, ds_keys, ds_values, config, exclude)
+    assert result.tokens == len(train) - 1
+    assert result.base_perplexity == pytest.approx(base, rel=1e-5)
+    assert_perplexities(result.perplexity, want)
+    finite = {lam: p for lam, p in result.perplexity.items() if math.isfinite(p)}
+    assert result.best_lambda == min(finite, key=finite.get)
+    assert result.best_perplexity == result.perplexity[result.best_lambda]
+    assert result.relative_reduction == pytest.approx(1 - result.best_perplexity / result.base_perplexity)
+
+
+def test_knnlm_lambda_zero_equals_lm_exactly(lm, stores, knn_datastore):
+    heldout = stores[1]
+    with InProcessRetriever(knn_datastore[0], KNN.retrieval) as retriever:
+        result = evaluate_knnlm(lm, heldout, retriever, KNN, progress=False)
+        in_step = evaluate_knnlm(lm, heldout, retriever, EvalConfig(**{**KNN.__dict__, "overlap": False}),
+                                 progress=False)
+    ppl, tokens = evaluate_lm(lm, heldout, KNN, progress=False)
+    assert result.tokens == tokens
+    assert result.perplexity[0.0] == ppl
+    assert result.base_perplexity == ppl
+    assert in_step.perplexity == result.perplexity  # overlapping retrieval with the model changes nothing
+
+
+def test_knnlm_on_its_own_text_is_far_better(lm, stores, knn_datastore):
+    """Every query finds itself at distance ~0: p_kNN of the true next token is ~1."""
+    train = stores[0]
+    config = EvalConfig(**{**KNN.__dict__, "lambdas": (0.0, 0.5, 0.9)})
+    with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+        own = evaluate_knnlm(lm, train, retriever, config, progress=False)
+        excluded = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "exclude_own_document": True}),
+                                  progress=False)
+    assert own.perplexity[0.9] < own.base_perplexity / 5
+    assert own.best_lambda == 0.9
+    assert excluded.perplexity[0.9] > 3 * own.perplexity[0.9]  # random documents do not predict each other
+
+
+def test_own_document_is_excluded_from_every_query(lm, stores, knn_datastore):
+    train = stores[0]
+    doc_ids = np.asarray(train.doc_ids)
+    own_hits = {}
+    for exclude in (False, True):
+        config = EvalConfig(**{**KNN.__dict__, "exclude_own_document": exclude})
+        with InProcessRetriever(knn_datastore[0], config.retrieval) as inner:
+            recorder = Recording(inner)
+            evaluate_knnlm(lm, train, recorder, config, progress=False)
+        windows = windows_of(train, config)
+        assert len(recorder.ids) == math.ceil(len(windows) / config.batch_size)  # one request per batch
+        ids = np.concatenate(recorder.ids)  # (n, k), query i is position i
+        assert ids.shape == (len(train) - 1, KNN.retrieval.k)
+        found = ids >= 0
+        same = found & (doc_ids[np.where(found, ids, 0)] == doc_ids[:len(ids), None])
+        own_hits[exclude] = int(same.sum())
+        if exclude:
+            assert recorder.excludes == [own_rows(train, i) for i in range(len(ids))]
+    assert own_hits[True] == 0
+    assert own_hits[False] > len(train) // 2  # each position finds at least itself
+
+
+def test_exclusion_needs_the_datastore_of_the_store(lm, stores, knn_datastore):
+    config = EvalConfig(**{**KNN.__dict__, "exclude_own_document": True})
+    with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+        with pytest.raises(ValueError, match="built from this store"):
+            evaluate_knnlm(lm, stores[1], retriever, config, progress=False)
+
+
+def test_service_retriever_matches_in_process(aio, lm, stores, knn_datastore):
+    heldout, datastore = stores[1], knn_datastore[0]
+    with InProcessRetriever(datastore, KNN.retrieval) as retriever:
+        want = evaluate_knnlm(lm, heldout, retriever, KNN, progress=False)
+    with serve(aio, datastore, n_shards=2) as served:
+        for target in (served.address, served.shard_addresses()):  # router, then client fan-out
+            with ServiceRetriever(target, KNN.retrieval) as retriever:
+                got = evaluate_knnlm(lm, heldout, retriever, KNN, progress=False)
+            assert got.tokens == want.tokens
+            assert got.perplexity == pytest.approx(want.perplexity, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# RETRO
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_retro(model: Retro, store: TokenStore, encoder, ds_keys: np.ndarray, ds_tokens: np.ndarray,
+                    config: EvalConfig, exclude: bool) -> tuple[float, float]:
+    """Perplexity with brute-force neighbours of each window's chunks, and with none, window by window."""
+    K = model.config.n_neighbours
+    p_with, p_without = [], []
+    for w in windows_of(store, config, align=L):
+        inputs, targets, scored = window_tensors(store, w)
+        chunks = inputs[0, :(w.end - w.start) // L * L].view(-1, L).numpy()  # (C, L)
+        emb = encoder.embed(chunks).astype(np.float64)  # (C, d)
+        rows = []
+        for c, e in enumerate(emb):
+            d = ((ds_keys.astype(np.float64) - e) ** 2).sum(-1)
+            if exclude:
+                chunk = w.start // L + c  # rows whose chunk or continuation holds a token of its document(s)
+                first = store.documents[store.doc_ids[chunk * L]]
+                last = store.documents[store.doc_ids[chunk * L + L - 1]]
+                d[max(first.start // L - 1, 0):math.ceil(last.end / L)] = np.inf
+            rows.append(ds_tokens[np.argsort(d, kind="stable")[:K]])
+        neighbours = torch.from_numpy(np.stack(rows)[None].astype(np.int64))  # (1, C, K, 2L)
+        p_with.append(target_probs(model(inputs, neighbours), targets, scored))
+        p_without.append(target_probs(model(inputs, None), targets, scored))
+    return (float(np.exp(-np.log(np.concatenate(p_with)).mean())),
+            float(np.exp(-np.log(np.concatenate(p_without)).mean())))
+
+
+@pytest.mark.parametrize("split, exclude", [(1, False), (0, True)], ids=["heldout", "train-exclude-own-document"])
+def test_retro_with_and_without_neighbours_match_reference(retro_model, stores, encoder, retro_datastore,
+                                                           split, exclude):
+    store = stores[split]
+    datastore, ds_keys, ds_tokens = retro_datastore
+    config = EvalConfig(**{**RETRO.__dict__, "exclude_own_document": exclude})
+    with InProcessRetriever(datastore, config.retrieval) as inner:
+        recorder = Recording(inner)
+        result = evaluate_retro(retro_model, store, recorder, encoder, config, progress=False)
+    want_with, want_without = reference_retro(retro_model, store, encoder, ds_keys, ds_tokens, config, exclude)
+    assert result.tokens == len(store) - 1
+    assert result.perplexity_without == pytest.approx(want_without, rel=1e-5)
+    assert result.perplexity == pytest.approx(want_with, rel=1e-4)
+    assert result.perplexity != pytest.approx(result.perplexity_without, rel=1e-3)  # neighbours do matter
+    assert len(recorder.excludes) == scored_positions(store) // L  # each chunk embedded and retrieved once
+    assert all((e is not None) == exclude for e in recorder.excludes)
+
+
+def test_retro_checks_k_and_alignment(retro_model, stores, encoder, retro_datastore):
+    with InProcessRetriever(retro_datastore[0], RetrievalConfig(k=3, **EXACT)) as retriever:
+        with pytest.raises(ValueError, match="k=3"):
+            evaluate_retro(retro_model, stores[1], retriever, encoder, RETRO, progress=False)
+    with InProcessRetriever(retro_datastore[0], RETRO.retrieval) as retriever:
+        with pytest.raises(ValueError, match="multiples of 4"):
+            evaluate_retro(retro_model, stores[1], retriever, encoder, EvalConfig(context_len=30, stride=16),
+                           progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def test_write_report(tmp_path, lm, retro_model, stores, encoder, knn_datastore, retro_datastore):
+    train, heldout = stores
+    with InProcessRetriever(knn_datastore[0], KNN.retrieval) as retriever:
+        knn = evaluate_knnlm(lm, train, retriever, KNN, progress=False)  # its own text: the best λ is not 0
+    assert knn.best_lambda > 0
+    with InProcessRetriever(retro_datastore[0], RETRO.retrieval) as retriever:
+        retro = evaluate_retro(retro_model, heldout, retriever, encoder, RETRO, progress=False)
+    table = write_report(tmp_path / "eval", knn, retro, {"run": "test"})
+    assert (tmp_path / "eval" / "table.md").read_text() == table
+    assert (tmp_path / "eval" / "ppl_vs_lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    body = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert body["meta"] == {"run": "test"}
+    assert body["knnlm"]["base_perplexity"] == knn.base_perplexity
+    assert body["knnlm"]["perplexity"]["0.25"] == knn.perplexity[0.25]
+    assert body["retro"]["perplexity_without"] == retro.perplexity_without
+    lines = table.strip().splitlines()
+    assert lines[0] == "| model | tokens | perplexity | vs base |" and len(lines) == 6
+    assert lines[2] == f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |"
+    change = 100 * (knn.best_perplexity / knn.base_perplexity - 1)
+    assert lines[3].startswith(f"| kNN-LM (λ={knn.best_lambda:g}, k=16, T=1) | {knn.tokens} | "
+                               f"{knn.best_perplexity:.3f} | {change:+.1f}% |")
+    assert lines[4] == f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |"
+    assert lines[5].startswith(f"| RETRO (K=2) | {retro.tokens} | {retro.perplexity:.3f} | ")

@@ -1,0 +1,139 @@
+"""`lm-worker` end to end on a tiny corpus: prepare, train, encode, build, serve, neighbours, eval,
+generate and attention, each through the CLI, with real servers on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lm_worker.checkpoint import load_checkpoint
+from lm_worker.cli import main
+from lm_worker.evaluate import EvalConfig, evaluate_lm
+from lm_worker.token_store import load_prepared
+from retriever_server.launcher import LocalDeployment
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+TEMPLATE = '''def handler_{i}(request, value={i}):
+    """Handle request number {i} and return its value."""
+    if request is None:
+        raise ValueError("request {i} is missing")
+    return request.process(value) + {i}
+
+'''
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_cluster):
+    root = tmp_path_factory.mktemp("run")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for f in range(30):
+        (corpus / f"mod{f}.py").write_text("".join(TEMPLATE.format(i=(f * 7 + j) % 23) for j in range(12)))
+    return root
+
+
+def cli(capsys, *args: str) -> str:
+    code = main(["--no-progress", "--log-level", "WARNING", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_run(run):
+    """Runs the kNN-LM half once for the tests below (module scope: capsys is not available here)."""
+    steps = [
+        ["prepare", "--corpus", str(run / "corpus"), "--out", str(run / "data"), "--vocab-size", "300",
+         "--heldout-fraction", "0.2"],
+        ["train", "--kind", "lm", "--preset", "tiny", "--data", str(run / "data"), "--out", str(run / "lm"),
+         "--steps", "40", "--seq-len", "64", "--batch-size", "8", "--eval-every", "20", "--warmup", "5"],
+        ["encode", "knnlm", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), "--out",
+         str(run / "knnlm-source"), "--context-len", "64", "--stride", "32"],
+        ["build", str(run / "knnlm-source"), "--out", str(run / "knnlm-datastore"), "--factory", "IVF4,Flat"],
+    ]
+    for args in steps:
+        assert main(["--no-progress", "--log-level", "WARNING", *args]) == 0, args
+    return run
+
+
+def test_prepare_train_encode_build_outputs(lm_run):
+    tokenizer, train, heldout = load_prepared(lm_run / "data")
+    assert len(train) > 1000 and len(heldout) > 0
+    assert (lm_run / "lm" / "loss.png").is_file()
+    losses = json.loads((lm_run / "lm" / "losses.json").read_text())
+    assert losses["train"] and losses["heldout"]
+    assert load_checkpoint(lm_run / "lm").tokenizer_fingerprint == tokenizer.fingerprint
+    manifest = json.loads((lm_run / "knnlm-datastore" / "manifest.json").read_text())
+    assert manifest["metadata"]["kind"] == "knnlm" and manifest["metadata"]["tokenizer"] == tokenizer.fingerprint
+
+
+def test_eval_knnlm_over_grpc(lm_run, capsys):
+    out = cli(capsys, "eval", "--data", str(lm_run / "data"), "--lm", str(lm_run / "lm"), "--out",
+              str(lm_run / "eval"), "--knnlm-datastore", str(lm_run / "knnlm-datastore"), "--knnlm-k", "16",
+              "--knnlm-nprobe", "4", "--context-len", "64", "--stride", "32", "--lambdas", "0,0.25,0.5")
+    assert "kNN-LM" in out and (lm_run / "eval" / "ppl_vs_lambda.png").is_file()
+    result = json.loads((lm_run / "eval" / "eval.json").read_text())["knnlm"]
+    _, _, heldout = load_prepared(lm_run / "data")
+    base, _ = evaluate_lm(load_checkpoint(lm_run / "lm").model, heldout, EvalConfig(context_len=64, stride=32),
+                          progress=False)
+    assert result["base_perplexity"] == pytest.approx(base, rel=1e-9)
+    assert result["perplexity"]["0.0"] == pytest.approx(base, rel=1e-9)
+    # The held-out files repeat the training files' functions: the neighbours must help.
+    assert result["perplexity"]["0.5"] < base and math.isfinite(result["best_perplexity"])
+
+
+@pytest.fixture(scope="module")
+def knn_servers(lm_run):
+    with LocalDeployment(lm_run / "knnlm-datastore") as deployment:
+        yield deployment
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
+    shards = ",".join(s[0] for s in knn_servers.shard_addresses)  # the client fans out to the shards itself
+    out = cli(capsys, "generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"),
+              "--target", shards, "--k", "8", "--nprobe", "4", "--strategy", strategy,
+              "--beams", "2", "--top-k", "5", "--prompt", "def handler_3(request", "--prompt", "    return request",
+              "--max-new-tokens", "6", *(["--knn-pipeline"] if strategy == "beam" else []))
+    assert out.count("--- ") == 2 and "retrieval:" in out
+
+
+def test_retro_half(lm_run, capsys):
+    run = lm_run
+    cli(capsys, "encode", "retro", "--data", str(run / "data"), "--out", str(run / "retro-source"),
+        "--chunk-len", "8")
+    cli(capsys, "build", str(run / "retro-source"), "--out", str(run / "retro-datastore"), "--factory", "IVF4,Flat")
+    out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
+              "--datastore", str(run / "retro-datastore"), "--k", "2", "--nprobe", "4")
+    assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
+    cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(run / "data"),
+        "--out", str(run / "retro"), "--neighbours", str(run / "retro-source"), "--steps", "10", "--seq-len", "32",
+        "--batch-size", "4", "--eval-every", "5", "--warmup", "2")
+    out = cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro"), "--out",
+              str(run / "retro-eval"), "--retro-datastore", str(run / "retro-datastore"), "--retro-nprobe", "4",
+              "--context-len", "32", "--stride", "16")
+    result = json.loads((run / "retro-eval" / "eval.json").read_text())["retro"]
+    assert result["perplexity"] > 0 and result["perplexity_without"] > 0 and "RETRO" in out
+    cli(capsys, "attention", "--retro", str(run / "retro"), "--data", str(run / "data"), "--datastore",
+        str(run / "retro-datastore"), "--nprobe", "4", "--out", str(run / "attention.png"))
+    assert (run / "attention.png").stat().st_size > 1000
+    out = cli(capsys, "generate", "--checkpoint", str(run / "retro"), "--data", str(run / "data"), "--datastore",
+              str(run / "retro-datastore"), "--nprobe", "4", "--prefetch", "2", "--prompt", "def handler_5(request",
+              "--max-new-tokens", "12")
+    assert out.count("--- ") == 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "--data", "{run}/data", "--out", "{run}/x"], "give --lm"),
+    (["eval", "--data", "{run}/data", "--out", "{run}/x", "--lm", "{run}/lm"], "--knnlm-target or"),
+    (["encode", "knnlm", "--data", "{run}/data", "--out", "{run}/x"], "--checkpoint is required"),
+    (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data"], "give --prompt"),
+    (["train", "--data", "{run}/nowhere", "--out", "{run}/x"], "nowhere"),
+])
+def test_errors_are_one_line(lm_run, capsys, args, words):
+    code = main(["--no-progress", *[a.format(run=lm_run) for a in args]])
+    _, err = capsys.readouterr()
+    assert code == 1 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

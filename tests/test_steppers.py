@@ -1,0 +1,408 @@
+"""Steppers: kNN-LM and RETRO decoding against cache-free references with the same neighbours,
+overlapped retrieval (kNN-LM: two prompt groups pipelined across steps; RETRO: prefetch) against serial
+retrieval, and real datastores served by the retrieval service."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import Recorder, build, serve
+
+from lm_worker.decode import GenerateConfig, generate
+from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.pipelined import split_groups
+from lm_worker.retrieval import InProcessRetriever, KnnNeighbours, RetrievalConfig, ServiceRetriever
+from lm_worker.retro import Retro, RetroConfig
+from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper
+
+V, L, K, D_ENC = 16, 4, 2, 8
+LAM, TEMP = 0.4, 8.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sharpened(model: torch.nn.Module, factor: float = 3.0) -> torch.nn.Module:
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(factor)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lm() -> TransformerLM:
+    torch.manual_seed(0)
+    return sharpened(TransformerLM(LMConfig.tiny(vocab_size=V)))
+
+
+@pytest.fixture(scope="module")
+def retro() -> Retro:
+    torch.manual_seed(1)
+    return sharpened(Retro(RetroConfig.tiny(vocab_size=V, chunk_len=L, n_neighbours=K)))
+
+
+def random_tokens(shape, seed: int) -> torch.Tensor:
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+class FakeEncoder:
+    """Deterministic query embeddings: the normalised mean of fixed random token vectors."""
+
+    def __init__(self, seed: int = 0):
+        self.table = np.random.default_rng(seed).standard_normal((V, D_ENC))
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        e = self.table[np.asarray(chunks)].mean(axis=1)
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+
+class FakeRetriever:
+    """Brute-force search in numpy over a small datastore, row by row (so a row's answer does not depend
+    on its batch), with an optional delay per call; counts calls and their sizes."""
+
+    def __init__(self, keys: np.ndarray, payload: np.ndarray, k: int, delay_s: float = 0.0):
+        self.keys, self.payload, self.k, self.delay_s = keys.astype(np.float64), payload, k, delay_s
+        self.calls: list[int] = []  # queries per call
+        self.threads: list[str] = []  # the thread of each call
+        self.submitted = 0
+        self._pool = ThreadPoolExecutor(2)
+        self._lock = threading.Lock()
+
+    def _search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            self.calls.append(len(queries))
+            self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        d = ((np.asarray(queries, np.float64)[:, None, :] - self.keys[None]) ** 2).sum(-1)  # (n, M)
+        ids = np.argsort(d, axis=1, kind="stable")[:, :self.k]
+        return np.take_along_axis(d, ids, 1).astype(np.float32), ids
+
+    def knn(self, keys: np.ndarray, exclude=None) -> KnnNeighbours:
+        distances, ids = self._search(keys)
+        return KnnNeighbours(distances, self.payload[ids].astype(np.int64), ids)
+
+    def chunks(self, embeddings: np.ndarray, exclude=None) -> np.ndarray:
+        return self.payload[self._search(embeddings)[1]].astype(np.int64)
+
+    def submit_knn(self, keys, exclude=None):
+        self.submitted += 1
+        return self._pool.submit(self.knn, np.array(keys))
+
+
+
+@torch.no_grad()
+def knn_datastore(lm: TransformerLM, n_seq: int = 4, length: int = 50, seed: int = 3):
+    """Keys of the LM over random token sequences, and the next token of each position as value."""
+    tokens = random_tokens((n_seq, length + 1), seed)
+    _, keys = lm(tokens[:, :-1], return_keys=True)  # (n, length, d)
+    return keys.reshape(-1, keys.shape[-1]).numpy(), tokens[:, 1:].reshape(-1).numpy().astype(np.int32)
+
+
+@pytest.fixture
+def fake_knn(lm) -> FakeRetriever:
+    keys, values = knn_datastore(lm)
+    return FakeRetriever(keys, values, k=6, delay_s=0.005)
+
+
+@pytest.fixture
+def fake_chunks() -> FakeRetriever:
+    payload = random_tokens((40, 2 * L), seed=4).numpy()
+    return FakeRetriever(FakeEncoder().embed(payload[:, :L]), payload, k=3, delay_s=0.005)
+
+
+@torch.no_grad()
+def reference_knn_lm(lm, seq: torch.Tensor, retriever) -> torch.Tensor:
+    """log(λ p_kNN + (1-λ) p_LM) at the last position, cache-free, in float64, p_kNN summed by hand."""
+    logits, keys = lm(seq, return_keys=True)
+    p_lm = torch.softmax(logits[:, -1].double(), -1)  # (B, V)
+    found = retriever.knn(keys[:, -1].numpy())
+    w = torch.softmax(-torch.from_numpy(found.distances).double() / TEMP, -1)  # (B, k)
+    p_knn = torch.zeros_like(p_lm)
+    for b in range(len(seq)):
+        for j, value in enumerate(found.values[b]):
+            p_knn[b, value] += w[b, j]
+    return (LAM * p_knn + (1 - LAM) * p_lm).log()
+
+
+def assert_steps_match(outputs: list[torch.Tensor], references: list[torch.Tensor], atol: float = 1e-5):
+    assert len(outputs) == len(references)
+    for t, (got, ref) in enumerate(zip(outputs, references)):
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=0, msg=lambda m, t=t: f"step {t}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN-LM
+# ---------------------------------------------------------------------------------------------
+
+def test_knn_lm_matches_reference_from_logits_and_neighbours(lm, fake_knn):
+    prompt = random_tokens((3, 5), seed=5)
+    rec = Recorder(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP))
+    out = generate(rec, prompt, GenerateConfig(max_new_tokens=6))
+    refs = [reference_knn_lm(lm, torch.cat([prompt, out.tokens[:, :t]], 1), fake_knn) for t in range(6)]
+    assert_steps_match(rec.outputs, refs)
+    assert fake_knn.calls[:6] == [3] * 6  # one call per step for every row
+    assert rec.inner.stats.retrieval_calls == 6 and rec.inner.stats.queries == 18
+
+
+def test_knn_lm_with_lambda_zero_is_the_lm(lm, fake_knn):
+    prompt = random_tokens((3, 5), seed=6)
+    plain, knn = Recorder(LMStepper(lm)), Recorder(KnnLMStepper(lm, fake_knn, lam=0.0, temperature=TEMP))
+    a = generate(plain, prompt, GenerateConfig(max_new_tokens=5))
+    b = generate(knn, prompt, GenerateConfig(max_new_tokens=5))
+    assert torch.equal(a.tokens, b.tokens)
+    assert all(torch.equal(x, y) for x, y in zip(plain.outputs, knn.outputs))
+
+
+class RecordingKnn(KnnLMStepper):
+    """A KnnLMStepper that records what its forks do: each fork's finished log-probs and reorders; shared by
+    all, the order of submits and finishes, and at each model step how many other forks' requests were still
+    in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name, self.forks, self.events, self.in_flight = "root", [], [], []
+        self.outputs, self.reorders, self.last = [], [], None
+
+    def fork(self):
+        twin = super().fork()
+        twin.name, twin.outputs, twin.reorders, twin.last = len(self.forks), [], [], None
+        self.forks.append(twin)
+        return twin
+
+    def _submit(self, tokens):
+        others = [f.last for f in self.forks if f is not self and f.last is not None]
+        self.in_flight.append(sum(not step.found.future.done() for step in others))
+        self.events.append((self.name, "submit"))
+        self.last = super()._submit(tokens)
+        return self.last
+
+    def finish(self, step):
+        self.events.append((self.name, "finish"))
+        self.last = None
+        self.outputs.append(super().finish(step))
+        return self.outputs[-1]
+
+    def reorder(self, indices):
+        self.reorders.append(indices.clone())
+        super().reorder(indices)
+
+
+def group_rows(output: torch.Tensor, t: int, lo: int, hi: int, beams: int) -> torch.Tensor:
+    """Rows of a whole-batch step's log-probs that belong to prompts [lo, hi): beams per prompt after start."""
+    return output[lo:hi] if t == 0 else output[lo * beams:hi * beams]
+
+
+PIPELINE_CONFIGS = {  # (config, prompt seed): with EOS, seeds where one group finishes steps before the other
+    "greedy": (GenerateConfig(max_new_tokens=7), 7),
+    "sample": (GenerateConfig(strategy="sample", temperature=1.5, top_p=0.95, max_new_tokens=7, eos_id=2, seed=3), 7),
+    "beam": (GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=7, eos_id=0), 11),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_CONFIGS))
+def test_knn_lm_pipelined_groups_equal_serial(lm, fake_knn, name):
+    cfg, seed = PIPELINE_CONFIGS[name]
+    prompt = random_tokens((5, 4), seed=seed)
+    serial = Recorder(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=False))
+    piped = RecordingKnn(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=True)
+    a, b = generate(serial, prompt, cfg), generate(piped, prompt, cfg)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-5, rtol=0)
+    bounds, W = split_groups(5), cfg.num_beams if cfg.strategy == "beam" else 1
+    assert bounds == [(0, 2), (2, 5)] and len(piped.forks) == 2 and piped.cache is None
+    for fork, (lo, hi) in zip(piped.forks, bounds):  # each group's steps are the serial steps of its rows
+        assert 0 < len(fork.outputs) <= len(serial.outputs)
+        expected = [group_rows(o, t, lo, hi, W).double() for t, o in enumerate(serial.outputs)]
+        assert_steps_match(fork.outputs, expected[:len(fork.outputs)])
+        for r in fork.reorders[1:] if W > 1 else []:  # beams stay with their prompt, inside the group
+            assert r.shape == ((hi - lo) * W,) and torch.equal(r // W, torch.arange((hi - lo) * W) // W)
+    if cfg.eos_id is not None:  # the group that finished first was padded to the other's length
+        assert len(piped.forks[0].outputs) < len(piped.forks[1].outputs)
+    steps = sum(len(f.outputs) for f in piped.forks)
+    assert piped.stats.steps == steps and piped.stats.retrieval_calls == fake_knn.submitted == steps
+    assert piped.stats.queries == sum(len(o) for f in piped.forks for o in f.outputs)
+
+
+def test_knn_lm_pipeline_interleaves_the_groups(lm, fake_knn):
+    """Each group's request stays in flight while the other group runs its model step: A sends, B computes
+    and sends, A waits, chooses, computes and sends, B waits, ..."""
+    piped = RecordingKnn(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=True)
+    generate(piped, random_tokens((4, 4), seed=16), GenerateConfig(max_new_tokens=5))
+    round_ = [(0, "finish"), (0, "submit"), (1, "finish"), (1, "submit")]
+    assert piped.events == [(0, "submit"), (1, "submit")] + round_ * 4 + [(0, "finish"), (1, "finish")]
+
+
+class SlowLM(torch.nn.Module):
+    """The LM behind a fixed sleep per forward: model compute of a known, deterministic length."""
+
+    def __init__(self, lm: TransformerLM, seconds: float):
+        super().__init__()
+        self.lm, self.seconds = lm, seconds
+
+    def new_cache(self):
+        return self.lm.new_cache()
+
+    def forward(self, tokens, cache=None, return_keys=False):
+        time.sleep(self.seconds)
+        return self.lm(tokens, cache=cache, return_keys=return_keys)
+
+
+def test_knn_lm_pipeline_hides_a_sleeping_retrieval(lm):
+    """Model steps of 60 ms against requests of 20 ms: the pipeline blocks on almost none of the retrieval
+    (only the last group's last request has no compute behind it); serially it blocks on all of it."""
+    keys, values = knn_datastore(lm)
+    prompt, cfg = random_tokens((4, 4), seed=17), GenerateConfig(max_new_tokens=6)
+    slow = SlowLM(lm, 0.06)
+    serial = KnnLMStepper(slow, FakeRetriever(keys, values, k=6, delay_s=0.02), lam=LAM, temperature=TEMP)
+    piped = RecordingKnn(slow, FakeRetriever(keys, values, k=6, delay_s=0.02), lam=LAM, temperature=TEMP,
+                         overlap=True)
+    assert torch.equal(generate(serial, prompt, cfg).tokens, generate(piped, prompt, cfg).tokens)
+    assert serial.stats.wait_s == serial.stats.retrieval_s >= 6 * 0.02
+    assert piped.stats.retrieval_calls == 12 and piped.stats.retrieval_s >= 12 * 0.02
+    assert piped.stats.wait_s < 0.5 * piped.stats.retrieval_s
+    assert sum(piped.in_flight) >= len(piped.in_flight) // 2  # the other group's request was out as this one computed
+
+
+def test_knn_lm_pipeline_with_a_single_prompt_is_serial(lm, fake_knn):
+    prompt = random_tokens((1, 4), seed=8)
+    a = generate(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP), prompt, GenerateConfig(max_new_tokens=4))
+    piped = RecordingKnn(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=True)
+    b = generate(piped, prompt, GenerateConfig(max_new_tokens=4))
+    assert torch.equal(a.tokens, b.tokens)
+    assert piped.forks == [] and len(piped.outputs) == 4 and piped.stats.retrieval_calls == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# RETRO
+# ---------------------------------------------------------------------------------------------
+
+def query_windows(history: torch.Tensor, chunk: int, prefetch: int) -> np.ndarray:
+    end = chunk * L + L - prefetch  # exclusive end of the window: s tokens before the chunk's end
+    return history[:, max(0, end - L):end].numpy()
+
+
+@torch.no_grad()
+def check_retro_against_cache_free(retro, rec: Recorder, prompt_len: int, encoder, fake, prefetch: int) -> None:
+    """Each step's log-probs equal the cache-free forward over the whole history with the neighbours the
+    stepper used, and those neighbours are what the documented query window retrieves."""
+    stepper = rec.inner
+    history, neighbours = stepper.history, stepper.neighbours
+    assert neighbours.shape[1] == history.shape[1] // L
+    full = torch.log_softmax(retro(history, neighbours).double(), -1)  # (B, S, V)
+    assert_steps_match(rec.outputs, [full[:, prompt_len - 1 + t] for t in range(len(rec.outputs))])
+    for c in range(neighbours.shape[1]):
+        expected = fake.chunks(encoder.embed(query_windows(history, c, prefetch)))[:, :K]
+        assert torch.equal(neighbours[:, c], torch.from_numpy(expected)), f"chunk {c}"
+
+
+def test_retro_exact_matches_cache_free_forward(retro, fake_chunks):
+    prompt, encoder = random_tokens((3, 6), seed=9), FakeEncoder()
+    rec = Recorder(RetroStepper(retro, fake_chunks, encoder, prefetch=0))
+    generate(rec, prompt, GenerateConfig(max_new_tokens=11))  # feeds positions 6..15: chunks 1, 2, 3 complete
+    n_calls = len(fake_chunks.calls)
+    check_retro_against_cache_free(retro, rec, 6, encoder, fake_chunks, prefetch=0)
+    assert fake_chunks.calls[:n_calls] == [3] * 4  # the prompt's chunk, then one call per boundary, all rows
+    assert rec.inner.stats.retrieval_calls == 4 and set(fake_chunks.threads) == {"MainThread"}
+
+
+@pytest.mark.parametrize("cfg", [GenerateConfig(max_new_tokens=13),
+                                 GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=13)],
+                         ids=["greedy", "beam"])
+def test_retro_prefetch_overlapped_equals_serial(retro, fake_chunks, cfg):
+    prompt, encoder, s = random_tokens((2, 7), seed=10), FakeEncoder(), 2
+    serial = Recorder(RetroStepper(retro, fake_chunks, encoder, prefetch=s, overlap=False))
+    a = generate(serial, prompt, cfg)
+    assert set(fake_chunks.threads) == {"MainThread"}
+    fake_chunks.threads.clear()
+    piped = Recorder(RetroStepper(retro, fake_chunks, encoder, prefetch=s, overlap=True))
+    b = generate(piped, prompt, cfg)
+    assert torch.equal(a.tokens, b.tokens)
+    assert all(torch.equal(x, y) for x, y in zip(serial.outputs, piped.outputs))
+    assert torch.equal(serial.inner.neighbours, piped.inner.neighbours)
+    # 7 prompt tokens: chunk 0 in start(); chunk 1's query (position 5) is known there too and is sent early,
+    # like those of chunks 2, 3 and 4 (the last never needed), each embedded and searched in the prefetch thread
+    assert piped.inner.stats.retrieval_calls == 5
+    assert [t.startswith("retro-prefetch") for t in fake_chunks.threads] == [False] + [True] * 4
+    if cfg.strategy == "greedy":  # (beams reorder rows, so their steps do not line up with the final history)
+        check_retro_against_cache_free(retro, piped, 7, encoder, fake_chunks, prefetch=s)
+
+
+def test_retro_rejects_prefetch_of_a_whole_chunk(retro, fake_chunks):
+    with pytest.raises(ValueError, match="prefetch"):
+        RetroStepper(retro, fake_chunks, FakeEncoder(), prefetch=L)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real datastores, built by the build job
+# ---------------------------------------------------------------------------------------------
+
+class Counting:
+    """Delegates to a real retriever and records the number of queries in every call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name in {"knn", "chunks", "submit_knn", "submit_chunks"}:
+            def counted(queries, *args, **kwargs):
+                self.calls.append((name, len(queries), threading.current_thread().name.split("_")[0]))
+                return attr(queries, *args, **kwargs)
+            return counted
+        return attr
+
+
+@pytest.mark.ray
+def test_knn_lm_through_the_service(ray_cluster, aio, tmp_path, lm):
+    keys, values = knn_datastore(lm, n_seq=20, length=50, seed=11)  # 1000 rows
+    datastore = build(tmp_path, keys, "knn", payload_arrays={"values": values}, shards=2, factory="IVF16,Flat")
+    exact = FakeRetriever(keys, values, k=8)  # brute force over the same rows
+    prompt = random_tokens((4, 5), seed=12)
+    with serve(aio, datastore, 2) as served, ServiceRetriever(served.address, RetrievalConfig(k=8, nprobe=16)) as svc:
+        counting = Counting(svc)
+        serial = Recorder(KnnLMStepper(lm, counting, lam=LAM, temperature=TEMP))
+        out = generate(serial, prompt, GenerateConfig(max_new_tokens=5))
+        refs = [reference_knn_lm(lm, torch.cat([prompt, out.tokens[:, :t]], 1), exact) for t in range(5)]
+        assert_steps_match(serial.outputs, refs, atol=1e-4)
+        assert counting.calls == [("knn", 4, "MainThread")] * 5
+
+        counting.calls.clear()
+        piped = RecordingKnn(lm, counting, lam=LAM, temperature=TEMP, overlap=True)
+        assert torch.equal(generate(piped, prompt, GenerateConfig(max_new_tokens=5)).tokens, out.tokens)
+        for fork, (lo, hi) in zip(piped.forks, [(0, 2), (2, 4)]):
+            assert_steps_match(fork.outputs, [ref[lo:hi] for ref in refs], atol=1e-4)
+        assert counting.calls == [("submit_knn", 2, "MainThread")] * 10  # two groups of 2 prompts, 5 steps each
+        assert piped.stats.retrieval_calls == 10 and piped.stats.wait_s <= piped.stats.retrieval_s
+
+
+@pytest.mark.ray
+def test_retro_with_an_in_process_retriever(ray_cluster, tmp_path, retro):
+    stream = random_tokens((801,), seed=13).numpy()
+    chunks = stream[:800].reshape(-1, L)  # 200 chunks
+    payload = np.stack([np.resize(stream[c * L:c * L + 2 * L], 2 * L) for c in range(len(chunks))]).astype(np.int32)
+    encoder = FakeEncoder()
+    datastore = build(tmp_path, encoder.embed(chunks), "retro", payload_arrays={"tokens": payload}, shards=2,
+                      factory="IVF4,Flat")
+    exact = FakeRetriever(encoder.embed(chunks), payload, k=K)
+    prompt = random_tokens((3, 9), seed=14)
+    with InProcessRetriever(datastore, RetrievalConfig(k=K, nprobe=4)) as real:
+        counting = Counting(real)
+        rec = Recorder(RetroStepper(retro, counting, encoder, prefetch=1, overlap=True))
+        generate(rec, prompt, GenerateConfig(max_new_tokens=8))  # feeds positions 9..15
+    check_retro_against_cache_free(retro, rec, 9, encoder, exact, prefetch=1)
+    # start(): chunks 0-1 in one blocking call of 2 chunks x 3 rows; chunks 2 and 3 prefetched, 3 rows each
+    assert counting.calls == [("chunks", 6, "MainThread"), ("chunks", 3, "retro-prefetch"),
+                              ("chunks", 3, "retro-prefetch")]
+    assert not math.isnan(rec.inner.stats.retrieval_s)

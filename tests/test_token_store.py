@@ -1,0 +1,104 @@
+"""The BPE tokenizer and tokenized splits: round trips, fingerprints, held-out split, document ranges."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lm_worker.corpus import is_heldout
+from lm_worker.token_store import PrepareConfig, TokenStore, load_prepared, prepare_corpus, write_token_store
+from lm_worker.tokenizer import Tokenizer, train_tokenizer
+
+CODE = 'def f(x):\n    """Twice x."""\n    return 2 * x\n\n\tclass A:  # tab, unicode: é ✓\n        pass\n'
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return train_tokenizer([CODE * 20, "import os\nprint(os.getcwd())\n" * 20], vocab_size=300)
+
+
+def test_round_trip_keeps_whitespace_and_unicode(tokenizer):
+    ids = tokenizer.encode(CODE)
+    assert tokenizer.decode(ids) == CODE
+    assert len(ids) < len(CODE.encode())  # merges were learnt
+    assert tokenizer.vocab_size == 300 and 0 <= tokenizer.eos_id < 300
+
+
+def test_save_load_keeps_fingerprint(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "tok.json")
+    loaded = Tokenizer.load(tmp_path / "tok.json")
+    assert loaded.fingerprint == tokenizer.fingerprint
+    assert loaded.encode(CODE) == tokenizer.encode(CODE)
+    other = train_tokenizer(["something else entirely " * 50], vocab_size=300)
+    assert other.fingerprint != tokenizer.fingerprint
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a tokenizer"):
+        Tokenizer.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["x"], vocab_size=100)
+
+
+def test_write_token_store_ranges(tmp_path):
+    store = write_token_store(tmp_path / "s", [("a", [5, 6, 7]), ("b", [8])], eos_id=1, tokenizer_fingerprint="t")
+    assert store.tokens.tolist() == [5, 6, 7, 1, 8, 1]
+    assert store.doc_ids.tolist() == [0, 0, 0, 0, 1, 1]
+    assert [(d.name, d.start, d.end) for d in store.documents] == [("a", 0, 4), ("b", 4, 6)]
+    for doc, span in enumerate(store.documents):  # every token's document range holds it
+        assert (store.doc_ids[span.start:span.end] == doc).all()
+    reopened = TokenStore.open(tmp_path / "s")
+    assert reopened.tokenizer_fingerprint == "t" and len(reopened) == 6
+
+
+def test_prepare_folder_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    for i in range(60):
+        (corpus / f"pkg{i % 3}").mkdir(parents=True, exist_ok=True)
+        (corpus / f"pkg{i % 3}" / f"m{i}.py").write_text(f"# module {i}\n" + CODE * (1 + i % 4))
+    report = prepare_corpus(PrepareConfig(out=tmp_path / "data", corpus=str(corpus), vocab_size=300,
+                                          heldout_fraction=0.2, progress=False))
+    tokenizer, train, heldout = load_prepared(tmp_path / "data")
+    assert report.tokenizer_fingerprint == tokenizer.fingerprint
+    assert report.documents == {"train": len(train.documents), "heldout": len(heldout.documents)}
+    assert report.documents["train"] + report.documents["heldout"] == 60
+    assert report.tokens == {"train": len(train), "heldout": len(heldout)}
+    names = {d.name for d in heldout.documents}
+    assert names == {f"pkg{i % 3}/m{i}.py" for i in range(60) if is_heldout(f"pkg{i % 3}/m{i}.py", 0.2)}
+    for store in (train, heldout):  # each document decodes to its file, then EOS
+        span = store.documents[0]
+        ids = store.tokens[span.start:span.end]
+        assert ids[-1] == tokenizer.eos_id
+        assert tokenizer.decode(ids[:-1]) == (corpus / span.name).read_text()
+
+
+def test_prepare_token_budget(tmp_path):
+    lines = [json.dumps({"id": f"d{i}", "text": CODE * 3}) for i in range(40)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    full = prepare_corpus(PrepareConfig(out=tmp_path / "full", corpus=str(tmp_path / "c.jsonl"), vocab_size=300,
+                                        heldout_fraction=0.25, id_field="id", progress=False))
+    cut = prepare_corpus(PrepareConfig(out=tmp_path / "cut", corpus=str(tmp_path / "c.jsonl"), vocab_size=300,
+                                       heldout_fraction=0.25, id_field="id", max_train_tokens=200, progress=False))
+    per_doc = full.tokens["train"] // full.documents["train"]
+    assert cut.tokens["train"] >= 200 and cut.tokens["train"] < 200 + per_doc
+    assert cut.documents["heldout"] == full.documents["heldout"]
+
+
+def test_prepare_errors(tmp_path):
+    with pytest.raises(ValueError, match="not 'stdlib'"):
+        prepare_corpus(PrepareConfig(out=tmp_path / "x", corpus=str(tmp_path / "nowhere")))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("hello")
+    with pytest.raises(ValueError, match="split empty"):
+        prepare_corpus(PrepareConfig(out=tmp_path / "x", corpus=str(tmp_path / "one"), progress=False))
+    write_token_store(tmp_path / "y" / "train", [("a", [1])], 0, "other")
+    write_token_store(tmp_path / "y" / "heldout", [("b", [1])], 0, "other")
+    train_tokenizer(["abc " * 10], 300).save(tmp_path / "y" / "tokenizer.json")
+    with pytest.raises(ValueError, match="tokenized with other"):
+        load_prepared(tmp_path / "y")
+    assert np.asarray(TokenStore.open(tmp_path / "y" / "train").tokens).tolist() == [1, 0]

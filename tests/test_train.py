@@ -1,0 +1,212 @@
+"""Training: the loss falls on a repetitive corpus, a stopped and resumed run equals an uninterrupted
+one, checkpoints round-trip, RETRO trains on precomputed neighbours aligned with its chunks, and bad
+inputs fail with clear messages. Tiny presets, a tiny corpus prepared in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lm_worker.checkpoint import load_checkpoint, save_checkpoint
+from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.retro import Retro, RetroConfig
+from lm_worker.token_store import PrepareConfig, TokenStore, prepare_corpus
+from lm_worker.tokenizer import Tokenizer
+from lm_worker.train import TrainConfig, Windows, evaluate, lr_at, train
+
+BASE = TrainConfig(kind="lm", preset="tiny", seq_len=32, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4, warmup=5,
+                   eval_every=10, eval_batches=2, checkpoint_every=10, device="cpu")
+L = 4  # RetroConfig.tiny's chunk length
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A repetitive corpus of 12 small files, prepared with a 300-token BPE vocabulary."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        lines = [f"def f{j % 5}(x):\n    return x + {j % 3}\n" for j in range(i, i + 60)]
+        (corpus / f"mod{i}.py").write_text("".join(lines))
+    out = tmp_path_factory.mktemp("data")
+    prepare_corpus(PrepareConfig(out=out, corpus=str(corpus), vocab_size=300, heldout_fraction=0.25, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def neighbours_dir(data, tmp_path_factory) -> Path:
+    """Neighbours of every chunk: two chunk + continuation windows taken from elsewhere in the stream."""
+    out = tmp_path_factory.mktemp("retro-source")
+    for split in ("train", "heldout"):
+        tokens = np.asarray(TokenStore.open(data / split).tokens)
+        n = len(tokens) // L
+        starts = (np.arange(n)[:, None] * 7 + np.array([[3, 11]])) % (len(tokens) - 2 * L)  # (n, K)
+        rows = tokens[starts[..., None] + np.arange(2 * L)]  # (n, K, 2L)
+        np.save(out / f"neighbours-{split}.npy", rows.astype(np.int32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm")
+    return out, train(replace(BASE, steps=40), data, out, progress=False)
+
+
+def vocab_size(data: Path) -> int:
+    return Tokenizer.load(data / "tokenizer.json").vocab_size
+
+
+def test_loss_decreases_and_outputs_are_written(lm_run, data):
+    out, report = lm_run
+    losses = json.loads((out / "losses.json").read_text())
+    train_losses = [v for _, v in losses["train"]]
+    assert [s for s, _ in losses["train"]] == list(range(1, 41))
+    assert [s for s, _ in losses["heldout"]] == [10, 20, 30, 40]
+    assert np.mean(train_losses[-5:]) < np.mean(train_losses[:5]) - 1.0
+    assert report.heldout_loss == losses["heldout"][-1][1] < losses["heldout"][0][1]
+    assert report.heldout_loss < math.log(vocab_size(data)) - 1.0
+    assert report.steps == 40 and report.tokens_per_s > 0
+    assert report.plot == out / "loss.png" and report.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.checkpoint == out / "checkpoint.pt"
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
+
+
+def test_checkpoint_holds_the_trained_model(lm_run, data):
+    out, report = lm_run
+    loaded = load_checkpoint(out)  # the folder resolves to its checkpoint.pt
+    assert loaded.kind == "lm" and loaded.step == 40 and not loaded.model.training
+    assert loaded.config == LMConfig.tiny(vocab_size(data), max_len=128)
+    assert loaded.tokenizer_fingerprint == TokenStore.open(data / "train").tokenizer_fingerprint
+    assert loaded.extra["train_config"]["steps"] == 40 and loaded.optimizer_state is not None
+    heldout = Windows(TokenStore.open(data / "heldout"), BASE.seq_len)
+    indices = heldout.fixed(BASE.eval_batches * BASE.batch_size)
+    loss = evaluate(loaded.model, heldout, indices, BASE.batch_size, torch.device("cpu"))
+    assert loss == pytest.approx(report.heldout_loss, rel=1e-6)
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    config = replace(BASE, steps=20, checkpoint_every=4)
+    straight = train(config, data, tmp_path / "straight", progress=False)
+    first = train(config, data, tmp_path / "resumed", progress=False, stop_at=10)
+    assert first.steps == 10 and load_checkpoint(tmp_path / "resumed").step == 10
+    resumed = train(config, data, tmp_path / "resumed", progress=False)
+    assert resumed.steps == 20
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a.step == b.step == 20
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    losses_a = json.loads(straight.losses.read_text())
+    losses_b = json.loads(resumed.losses.read_text())
+    assert np.allclose(np.array(losses_a["train"]), np.array(losses_b["train"]), rtol=1e-6)
+    assert np.allclose(np.array(losses_a["heldout"]), np.array(losses_b["heldout"]), rtol=1e-6)
+    assert resumed.heldout_loss == pytest.approx(straight.heldout_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lm", "retro"])
+def test_checkpoint_round_trip(kind, tmp_path):
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig.tiny(50)) if kind == "lm" else Retro(RetroConfig.tiny(50, n_neighbours=3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    ones = torch.ones(1, 8, dtype=torch.long)
+    (model.loss(ones, ones) if kind == "lm" else model.loss(ones, None, ones)).backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "m" / "checkpoint.pt", kind=kind, model=model, config=model.config, step=7,
+                           tokenizer_fingerprint="bpe:x", extra={"note": [1, 2]}, optimizer=optimizer)
+    loaded = load_checkpoint(path)
+    assert (loaded.kind, loaded.step, loaded.tokenizer_fingerprint) == (kind, 7, "bpe:x")
+    assert loaded.extra == {"note": [1, 2]}
+    assert loaded.config == model.config and type(loaded.config) is type(model.config)
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    neighbours = torch.randint(0, 50, (2, 3, 3, 2 * L), generator=torch.Generator().manual_seed(2))
+    inputs = (tokens,) if kind == "lm" else (tokens, neighbours)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(*inputs), model.eval()(*inputs))
+    fresh = torch.optim.AdamW(loaded.model.parameters())
+    fresh.load_state_dict(loaded.optimizer_state)
+    assert fresh.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert list(path.parent.iterdir()) == [path]  # the temporary file is gone
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="neither checkpoint.pt nor a Hugging Face config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="is not a torch checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="is not an lm_worker checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    model = TransformerLM(LMConfig.tiny(10))
+    with pytest.raises(ValueError, match="cannot save kind 'hf'"):
+        save_checkpoint(tmp_path / "x.pt", kind="hf", model=model, config=model.config, step=0,
+                        tokenizer_fingerprint="", extra={})
+
+
+def test_retro_windows_align_with_neighbour_rows(data):
+    store = TokenStore.open(data / "train")
+    n = len(store) // L
+    neighbours = np.broadcast_to(np.arange(n, dtype=np.int32)[:, None, None], (n, 2, 2 * L))  # row c holds c
+    windows = Windows(store, 16, L, neighbours)
+    tokens, targets, nb = windows.batch(np.array([0, 5, windows.n_windows - 1]), torch.device("cpu"))
+    for row, c in enumerate([0, 5, windows.n_windows - 1]):
+        stream = torch.from_numpy(np.asarray(store.tokens[c * L:c * L + 17], dtype=np.int64))
+        assert torch.equal(tokens[row], stream[:-1]) and torch.equal(targets[row], stream[1:])
+        assert torch.equal(nb[row, :, 0, 0], torch.arange(c, c + 16 // L))
+    first = windows.random(seed=3, step=5, batch_size=4, device=torch.device("cpu"))
+    again = windows.random(seed=3, step=5, batch_size=4, device=torch.device("cpu"))
+    other = windows.random(seed=3, step=6, batch_size=4, device=torch.device("cpu"))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[2], again[2])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_retro_trains(data, neighbours_dir, tmp_path):
+    config = replace(BASE, kind="retro", seq_len=16, steps=20, eval_every=10)
+    report = train(config, data, tmp_path / "retro", neighbours_dir=neighbours_dir, progress=False)
+    losses = json.loads(report.losses.read_text())
+    assert np.mean([v for _, v in losses["train"][-5:]]) < np.mean([v for _, v in losses["train"][:5]])
+    assert math.isfinite(report.heldout_loss) and report.plot.is_file()
+    loaded = load_checkpoint(report.checkpoint)
+    assert loaded.kind == "retro" and loaded.step == 20
+    assert loaded.config == RetroConfig.tiny(vocab_size(data), n_neighbours=2)
+
+
+def test_lr_schedule():
+    config = replace(BASE, steps=100, warmup=10)
+    assert lr_at(config, 0) == pytest.approx(config.lr / 10)
+    assert lr_at(config, 9) == pytest.approx(config.lr)
+    assert lr_at(config, 10) == pytest.approx(config.lr)
+    assert lr_at(config, 55) == pytest.approx((config.lr + config.min_lr) / 2)
+    assert lr_at(config, 100) == pytest.approx(config.min_lr)
+
+
+def test_bad_inputs(data, neighbours_dir, tmp_path):
+    retro = replace(BASE, kind="retro", seq_len=16, steps=2)
+    with pytest.raises(ValueError, match="seq_len 18 must be a multiple of chunk_len 4"):
+        train(replace(retro, seq_len=18), data, tmp_path / "r", neighbours_dir=neighbours_dir, progress=False)
+    with pytest.raises(ValueError, match="needs neighbours_dir"):
+        train(retro, data, tmp_path / "r", progress=False)
+    with pytest.raises(FileNotFoundError, match="neighbours-train.npy"):
+        train(retro, data, tmp_path / "r", neighbours_dir=tmp_path, progress=False)
+    np.save(tmp_path / "neighbours-train.npy", np.zeros((10, 2, 5), np.int32))
+    with pytest.raises(ValueError, match=r"must be \(n_chunks, K, 2 \* chunk_len = 8\)"):
+        train(retro, data, tmp_path / "r", neighbours_dir=tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="no data folder"):
+        train(BASE, tmp_path / "nowhere", tmp_path / "lm", progress=False)
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        train(replace(BASE, seq_len=100_000), data, tmp_path / "lm", progress=False)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        TrainConfig(kind="gpt")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        TrainConfig(preset="huge")
+
+
+def test_resume_refuses_another_model(lm_run, data):
+    out, _ = lm_run
+    with pytest.raises(ValueError, match="resume=False"):
+        train(replace(BASE, preset="small", steps=41), data, out, progress=False)
