@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Sizes of every stage. The defaults fit 2 CPU cores in well under an hour."""
+    """Sizes of every stage. The defaults fit 2 CPU cores in well under an hour. The held-out split is
+    cut into validation documents (`tune_tokens`, where kNN-LM's temperature is chosen) and test
+    documents, where every reported perplexity is measured."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"
@@ -150,8 +152,8 @@ def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tok
     from lm_worker.token_store import TokenStore
 
     L = retro_model.config.chunk_len
-    heldout = TokenStore.open(config.run / "data" / "heldout")
-    tokens = np.asarray(heldout.tokens[: 4 * L]).astype(np.int64)  # 4 chunks
+    test = TokenStore.open(config.run / "data" / "test")
+    tokens = np.asarray(test.tokens[: 4 * L]).astype(np.int64)  # 4 chunks
     neighbours = retriever.chunks(encoder.embed(tokens.reshape(4, L)))  # (4, K, 2L)
     out = config.run / "eval" / "attention.png"
     plot_chunk_attention(retro_model, torch.from_numpy(tokens)[None], torch.from_numpy(neighbours)[None],
@@ -159,18 +161,35 @@ def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tok
     return out
 
 
-def _tune_temperature(config: PipelineConfig, lm, retriever, eval_config) -> tuple[float, dict[float, float]]:
-    """kNN-LM's softmax temperature, chosen on training text with each query's own document excluded
-    (no held-out token is looked at): T -> best perplexity over the λ sweep, and the best T."""
-    from lm_worker.evaluate import evaluate_knnlm
-    from lm_worker.token_store import TokenStore
+def _split_heldout(config: PipelineConfig, heldout):
+    """The held-out documents split in two: "valid" (the last documents, at least `tune_tokens`
+    tokens) to choose kNN-LM's temperature on, and "test" (the others), where perplexity is reported."""
+    from lm_worker.token_store import TokenStore, write_token_store
 
-    train = TokenStore.open(config.run / "data" / "train")
+    data = config.run / "data"
+    if not _done(data / "test" / "documents.json"):
+        docs = [(d.name, np.asarray(heldout.tokens[d.start:d.end - 1])) for d in heldout.documents]  # EOS re-added
+        cut = next((i for i in range(len(docs) - 1, -1, -1)
+                    if sum(len(t) + 1 for _, t in docs[i:]) >= config.tune_tokens), 0)
+        if cut == 0:
+            raise ValueError(f"{len(docs)} held-out documents leave nothing to test on after {config.tune_tokens} "
+                             "validation tokens: lower tune_tokens or hold out more text")
+        eos = int(heldout.tokens[-1])
+        for name, part in (("valid", docs[cut:]), ("test", docs[:cut])):
+            write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint)
+    return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
+
+
+def _tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> tuple[float, dict[float, float]]:
+    """kNN-LM's softmax temperature, chosen on the validation documents: T -> best perplexity over
+    the λ sweep, and the best T."""
+    from lm_worker.evaluate import evaluate_knnlm
+
     best: dict[float, float] = {}
     for T in config.temperatures:
-        tune = replace(eval_config, temperature=T, max_tokens=config.tune_tokens, exclude_own_document=True)
-        best[T] = evaluate_knnlm(lm, train, retriever, tune, progress=False).best_perplexity
-        log.info("temperature %g: best perplexity %.3f on %d training tokens", T, best[T], config.tune_tokens)
+        best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
+                                 ).best_perplexity
+        log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
     return min(best, key=best.get), best
 
 
@@ -188,6 +207,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     config = replace(config, run=run)
     _prepare(config)
     tokenizer, _, heldout = load_prepared(run / "data")
+    valid, test = _split_heldout(config, heldout)
     lm_checkpoint = _train(config, config.lm, "lm")
     _knnlm_source(config, lm_checkpoint)
     _build(config, run / "knnlm-source", run / "knnlm-datastore")
@@ -203,16 +223,18 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         retro = load_checkpoint(retro_checkpoint).model
         eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
                                  retrieval=config.knn)
-        retro_result = evaluate_retro(retro, heldout, retro_retriever, encoder, eval_config, config.progress)
+        retro_result = evaluate_retro(retro, test, retro_retriever, encoder, eval_config, config.progress)
         attention = _attention_plot(config, retro, encoder, retro_retriever, tokenizer)
     lm = load_checkpoint(lm_checkpoint).model
     with LocalDeployment(run / "knnlm-datastore") as knn_ds, \
             ServiceRetriever(knn_ds.router_address, config.knn) as knn_retriever:
-        temperature, tuning = _tune_temperature(config, lm, knn_retriever, eval_config)
-        knn_result = evaluate_knnlm(lm, heldout, knn_retriever, replace(eval_config, temperature=temperature),
+        temperature, tuning = _tune_temperature(config, lm, valid, knn_retriever, eval_config)
+        knn_result = evaluate_knnlm(lm, test, knn_retriever, replace(eval_config, temperature=temperature),
                                     config.progress)
     meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
-            "temperature_tuning": {"split": "train, own document excluded", "tokens": config.tune_tokens,
+            "evaluated_on": {"split": "test (the held-out documents before the validation ones)", "tokens": len(test),
+                             "documents": len(test.documents)},
+            "temperature_tuning": {"split": "valid (the last held-out documents)", "tokens": len(valid),
                                    "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
                                    "chosen": temperature},
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
