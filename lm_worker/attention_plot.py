@@ -120,3 +120,24 @@ def plot_chunk_attention(model: Retro, tokens: torch.Tensor, neighbours: torch.T
     fig.savefig(out_path, dpi=120)
     log.info("wrote the CCA map of chunk %d to %s", chunk, out_path)
     return maps[0] if layer is not None else maps
+
+
+def plot_retrieved_attention(model: Retro, token_ids, retriever, encoder, tokenizer, chunk: int,
+                             out_path: Path) -> np.ndarray:
+    """Retrieves neighbours for the complete chunks of `token_ids` (one sequence) and plots chunk
+    `chunk`'s attention over them with `plot_chunk_attention`; returns its weights.
+
+    Args:
+        retriever: anything with `chunks(embeddings (C, d)) -> (C, K, 2L)`, e.g. a `ServiceRetriever`.
+        encoder: embeds token chunks (C, L), e.g. a `ChunkEncoder`.
+
+    Raises:
+        ValueError: the text has no chunk after `chunk` to read its neighbours.
+    """
+    L = model.config.chunk_len
+    C = len(token_ids) // L
+    if C <= chunk:
+        raise ValueError(f"the text has {C} complete chunks of {L} tokens; chunk {chunk} needs more")
+    tokens = torch.tensor(np.array(token_ids[: C * L]), dtype=torch.long)  # (C*L,), a copy of a memmap slice
+    neighbours = retriever.chunks(encoder.embed(tokens.view(C, L).numpy()))  # (C, K, 2L)
+    return plot_chunk_attention(model, tokens[None], torch.from_numpy(neighbours)[None], tokenizer, chunk, out_path)

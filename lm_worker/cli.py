@@ -358,9 +358,8 @@ def _generate(args) -> None:
 
 def _attention(args) -> None:
     import numpy as np
-    import torch
 
-    from lm_worker.attention_plot import plot_chunk_attention
+    from lm_worker.attention_plot import plot_retrieved_attention
     from lm_worker.checkpoint import load_checkpoint
     from lm_worker.chunk_encoder import ChunkEncoder
     from lm_worker.token_store import load_prepared
@@ -369,14 +368,9 @@ def _attention(args) -> None:
     model = load_checkpoint(args.retro).model
     L = model.config.chunk_len
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
-    C = len(ids) // L
-    if C <= args.chunk:
-        raise ValueError(f"the text has {C} complete chunks of {L} tokens; --chunk {args.chunk} needs more")
-    tokens = torch.tensor(ids[: C * L], dtype=torch.long)
     with _retriever(args, "", k=model.config.n_neighbours) as retriever:
         retriever = _need(retriever, "--target or --datastore", "to retrieve neighbours")
-        neighbours = retriever.chunks(ChunkEncoder(tokenizer).embed(tokens.view(C, L).numpy()))  # (C, K, 2L)
-    plot_chunk_attention(model, tokens[None], torch.from_numpy(neighbours)[None], tokenizer, args.chunk, args.out)
+        plot_retrieved_attention(model, ids, retriever, ChunkEncoder(tokenizer), tokenizer, args.chunk, args.out)
     print(f"attention of chunk {args.chunk}'s readers -> {args.out}")
 
 

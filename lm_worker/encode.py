@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lm_worker.token_store import TokenStore
+from lm_worker.windows import iter_windows
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +135,7 @@ def knn_windows(n: int, context_len: int, stride: int) -> list[tuple[int, int, i
     """
     if not 0 < stride <= context_len:
         raise ValueError(f"stride must be in [1, context_len={context_len}], got {stride}")
-    if n <= 0:
-        return []
-    windows = [(0, 0, min(n, context_len))]
-    lo = windows[0][2]
-    while lo < n:
-        hi = min(lo + stride, n)
-        windows.append((hi - context_len, lo, hi))
-        lo = hi
-    return windows
+    return [(w.start, w.score_from, w.end) for w in iter_windows(n, context_len, stride)]
 
 
 @torch.inference_mode()

@@ -36,6 +36,7 @@ from lm_worker.encode import chunk_exclusions, knn_exclusions
 from lm_worker.knnlm import interpolate, knn_target_log_prob
 from lm_worker.retrieval import KnnNeighbours, RetrievalConfig
 from lm_worker.token_store import TokenStore
+from lm_worker.windows import Window, iter_windows
 
 log = logging.getLogger(__name__)
 
@@ -74,37 +75,10 @@ class EvalConfig:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
-@dataclass(frozen=True)
-class Window:
-    """Input positions [start, end) (targets start + 1 .. end); positions [score_from, end) are scored."""
-
-    start: int
-    end: int
-    score_from: int
-
-
 def scored_positions(store: TokenStore, max_tokens: int = 0) -> int:
     """How many positions (tokens predicted) an evaluation of `store` scores."""
     n = max(len(store) - 1, 0)
     return min(n, max_tokens) if max_tokens else n
-
-
-def iter_windows(n_positions: int, context_len: int, stride: int, align: int = 1) -> Iterator[Window]:
-    """Sliding windows that score each of `n_positions` positions exactly once, in order.
-
-    Every window holds at most `context_len` positions and starts at a multiple of `align`
-    (RETRO's chunk length; `context_len` and `stride` must then be multiples of it).
-    """
-    if align > 1 and (context_len % align or stride % align):
-        raise ValueError(f"context_len {context_len} and stride {stride} must be multiples of {align}")
-    end = min(context_len, n_positions)
-    if end > 0:
-        yield Window(0, end, 0)
-    while end < n_positions:
-        new_end = min(end + stride, n_positions)
-        start = -(-max(0, new_end - context_len) // align) * align  # rounded up to a multiple of align
-        yield Window(start, new_end, end)
-        end = new_end
 
 
 @dataclass

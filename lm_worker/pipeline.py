@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lm_worker.retrieval import RetrievalConfig
 from lm_worker.train import TrainConfig
@@ -136,28 +135,25 @@ def _neighbours(config: PipelineConfig, retriever) -> None:
     from lm_worker.token_store import TokenStore
 
     source, L = config.run / "retro-source", config.retro.chunk_len
-    jobs = [("neighbours-train.npy", "keys.npy", chunk_exclusions(TokenStore.open(config.run / "data" / "train"), L)),
-            ("neighbours-heldout.npy", "heldout-keys.npy", None)]
-    for name, keys, exclude in jobs:
+    own_document = lambda: chunk_exclusions(TokenStore.open(config.run / "data" / "train"), L)  # noqa: E731
+    for name, keys, exclude in (("neighbours-train.npy", "keys.npy", own_document),
+                                ("neighbours-heldout.npy", "heldout-keys.npy", lambda: None)):
         if _done(source / name):
             continue
         tmp = source / f"{name}.tmp.npy"
-        precompute_neighbours(retriever, np.load(source / keys, mmap_mode="r"), exclude, tmp,
+        precompute_neighbours(retriever, np.load(source / keys, mmap_mode="r"), exclude(), tmp,
                               progress=config.progress)
         tmp.rename(source / name)
 
 
 def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tokenizer) -> Path:
-    from lm_worker.attention_plot import plot_chunk_attention
+    from lm_worker.attention_plot import plot_retrieved_attention
     from lm_worker.token_store import TokenStore
 
-    L = retro_model.config.chunk_len
     test = TokenStore.open(config.run / "data" / "test")
-    tokens = np.asarray(test.tokens[: 4 * L]).astype(np.int64)  # 4 chunks
-    neighbours = retriever.chunks(encoder.embed(tokens.reshape(4, L)))  # (4, K, 2L)
     out = config.run / "eval" / "attention.png"
-    plot_chunk_attention(retro_model, torch.from_numpy(tokens)[None], torch.from_numpy(neighbours)[None],
-                         tokenizer, chunk=1, out_path=out)
+    plot_retrieved_attention(retro_model, test.tokens[: 4 * retro_model.config.chunk_len], retriever, encoder,
+                             tokenizer, chunk=1, out_path=out)
     return out
 
 

@@ -154,3 +154,14 @@ class Recorder:
     def reorder(self, indices):
         self.reorders.append(indices.clone())
         self.inner.reorder(indices)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: tiny models run fastest so, and the machine's cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -38,12 +38,8 @@ def tiny_lm(vocab: int, seed: int = 0, sharpen: float = 6.0) -> TransformerLM:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread."""
 
 
 @pytest.fixture(scope="module")

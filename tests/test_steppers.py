@@ -26,12 +26,8 @@ LAM, TEMP = 0.4, 8.0
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread."""
 
 
 def sharpened(model: torch.nn.Module, factor: float = 3.0) -> torch.nn.Module:
