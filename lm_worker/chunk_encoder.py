@@ -26,11 +26,13 @@ class ChunkEncoder:
 
     dimension = MiniLMEncoder.dimension
 
-    def __init__(self, tokenizer: Tokenizer, max_wordpieces: int = 64, batch_size: int = 128, threads: int = 0):
+    def __init__(self, tokenizer: Tokenizer, max_wordpieces: int = 64, batch_size: int = 128, threads: int = 0,
+                 device: str = "cpu"):
         self.tokenizer = tokenizer
+        self.device = device
         self.max_wordpieces = max_wordpieces
         self.batch_size = batch_size
-        self.minilm = MiniLMEncoder(EncoderConfig(batch_size=batch_size, threads=threads))
+        self.minilm = MiniLMEncoder(EncoderConfig(batch_size=batch_size, threads=threads, device=device))
         self.fingerprint = f"{self.minilm.fingerprint}/wp{max_wordpieces}"
 
     def _wordpieces(self, chunks: np.ndarray) -> list[list[int]]:
@@ -55,8 +57,9 @@ class ChunkEncoder:
                 for row, p in enumerate(pieces):
                     ids[row, : len(p)] = torch.tensor(p)
                     mask[row, : len(p)] = 1
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 hidden = self.minilm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, W, 384)
                 m = mask[..., None].to(hidden.dtype)
                 pooled = (hidden * m).sum(1) / m.sum(1)  # (b, 384)
-                out[start:start + len(pieces)] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                out[start:start + len(pieces)] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
         return out

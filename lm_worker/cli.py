@@ -9,7 +9,8 @@
     lm-worker generate --checkpoint CKPT --data RUN/data --datastore DS --prompt TEXT [--strategy beam]
     lm-worker attention --retro CKPT --data RUN/data --datastore DS --out attention.png
     lm-worker pipeline --run RUN                                           # all of the above, resumable
-    lm-worker demo                                                         # the retrieval demo
+    lm-worker demo                                # the pipeline at demo sizes, on a local Ray cluster
+    lm-worker retrieval-demo                      # MiniLM chunks of the stdlib, 2 shards, recall vs brute force
 
 Where a command retrieves, `--target HOST:PORT` (a router, or shards comma-separated) uses running
 servers, and `--datastore DIR` serves that datastore locally (every shard and a router) for the
@@ -82,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--context-len", type=int, default=256)
     e.add_argument("--stride", type=int, default=128)
     e.add_argument("--chunk-len", type=int, default=16, help="RETRO: tokens per chunk")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (each worker actor then takes a GPU)")
+    e.add_argument("--workers", type=int, default=2,
+                   help="Ray Data actors holding the model, writing the source in parts (resumed part by part); "
+                        "0: a plain loop in this process, one .npy per array")
+    e.add_argument("--rows-per-part", type=int, default=0, help="rows per part (0: 65536 kNN-LM, 4096 RETRO)")
+    e.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
+    e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as under `ray job submit`, "
+                                     "else a local cluster)")
 
     b = sub.add_parser("build", help="build the datastore of a source (a Ray job)")
     b.add_argument("source", type=Path)
@@ -103,8 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, required=True, help="folder for eval.json, table.md and plots")
     v.add_argument("--lm", type=Path, help="base LM checkpoint (or a Hugging Face model folder)")
     v.add_argument("--retro", type=Path, help="RETRO checkpoint")
-    v.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    v.add_argument("--split", default="heldout", help="a split folder of --data: heldout, train (or valid, test "
+                                                      "in a pipeline run)")
     v.add_argument("--tokens", type=int, default=0, help="scored tokens (0: the whole split)")
+    v.add_argument("--workers", type=int, default=0,
+                   help="spread the evaluation over this many LM worker actors on the Ray cluster (0: in this "
+                        "process); finished shares are checkpointed in OUT/shares and reused by a rerun")
+    v.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
+    v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
+    v.add_argument("--batches-per-share", type=int, default=4)
+    v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as under `ray job submit`, "
+                                     "else a local cluster)")
     v.add_argument("--context-len", type=int, default=256)
     v.add_argument("--stride", type=int, default=128)
     v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
@@ -151,11 +168,19 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--lm-steps", type=int, default=500)
     pl.add_argument("--retro-steps", type=int, default=400)
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
+    pl.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
+    pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
 
-    d = sub.add_parser("demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
-    d.add_argument("--keys", type=int, default=12000, help="stdlib chunks in the datastore (>= 9984 for IVFPQ)")
-    d.add_argument("--queries", type=int, default=500, help="held-out chunks used as queries")
+    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 15 minutes on "
+                                    "2 cores; a second run reuses what the first built)")
+    d.add_argument("--run", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
+    d.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
+    d.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors")
+
+    rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
+    rd.add_argument("--out", type=Path, default=Path("runs/retrieval-demo"), help="where it keeps what it builds")
+    rd.add_argument("--keys", type=int, default=12000, help="stdlib chunks in the datastore (>= 9984 for IVFPQ)")
+    rd.add_argument("--queries", type=int, default=500, help="held-out chunks used as queries")
     return parser
 
 
@@ -170,22 +195,33 @@ def _retrieval_config(args, what: str, k: int | None = None):
 
 
 @contextlib.contextmanager
-def _retriever(args, what: str = "", k: int | None = None):
-    """A ServiceRetriever for --target, or for --datastore served locally; None when neither is given."""
-    from lm_worker.retrieval import ServiceRetriever
+def _target(args, what: str = ""):
+    """The retrieval target: --target as given, or the router of --datastore served locally meanwhile;
+    None when neither is given."""
     from retriever_server.launcher import LocalDeployment
 
     target = getattr(args, f"{what}target".replace("-", "_"))
     datastore = getattr(args, f"{what}datastore".replace("-", "_"))
-    config = _retrieval_config(args, what, k)
     if target:
-        with ServiceRetriever(target.split(",") if "," in target else target, config) as retriever:
-            yield retriever
+        yield target
     elif datastore:
-        with LocalDeployment(datastore) as deployment, ServiceRetriever(deployment.router_address, config) as r:
-            yield r
+        with LocalDeployment(datastore) as deployment:
+            yield deployment.router_address
     else:
         yield None
+
+
+@contextlib.contextmanager
+def _retriever(args, what: str = "", k: int | None = None):
+    """A ServiceRetriever for --target or --datastore (see `_target`); None when neither is given."""
+    from lm_worker.retrieval import ServiceRetriever, resolve_target
+
+    with _target(args, what) as target:
+        if target is None:
+            yield None
+            return
+        with ServiceRetriever(resolve_target(target), _retrieval_config(args, what, k)) as retriever:
+            yield retriever
 
 
 def _need(value, flag: str, why: str):
@@ -223,6 +259,24 @@ def _train(args) -> None:
 
 
 def _encode(args) -> None:
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.kind == "knnlm":
+        _need(args.checkpoint, "--checkpoint", "for a kNN-LM source")
+    if args.workers:
+        from lm_worker.encode_job import EncodeJobConfig, run_encode_job
+
+        config = EncodeJobConfig(kind=args.kind, data=args.data, split=args.split, checkpoint=args.checkpoint,
+                                 chunk_len=args.chunk_len, context_len=args.context_len, stride=args.stride,
+                                 rows_per_part=args.rows_per_part, workers=args.workers, device=args.device,
+                                 num_cpus=args.worker_cpus, address=args.address, progress=not args.no_progress)
+        info = run_encode_job(config, args.out)
+    else:
+        info = _encode_in_process(args)
+    print(f"{info.kind} source {info.directory}: {info.rows} rows of dimension {info.dimension}")
+
+
+def _encode_in_process(args):
     from lm_worker.token_store import load_prepared
 
     tokenizer, train, heldout = load_prepared(args.data)
@@ -231,15 +285,13 @@ def _encode(args) -> None:
         from lm_worker.checkpoint import load_checkpoint
         from lm_worker.encode import encode_knnlm
 
-        model = load_checkpoint(_need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), args.device).model
-        info = encode_knnlm(model, store, args.out, args.context_len, args.stride, device=args.device,
+        model = load_checkpoint(args.checkpoint, args.device).model
+        return encode_knnlm(model, store, args.out, args.context_len, args.stride, device=args.device,
                             progress=not args.no_progress)
-    else:
-        from lm_worker.chunk_encoder import ChunkEncoder
-        from lm_worker.encode import encode_retro
+    from lm_worker.chunk_encoder import ChunkEncoder
+    from lm_worker.encode import encode_retro
 
-        info = encode_retro(store, ChunkEncoder(tokenizer), args.chunk_len, args.out, progress=not args.no_progress)
-    print(f"{info.kind} source {info.directory}: {info.rows} rows of dimension {info.dimension}")
+    return encode_retro(store, ChunkEncoder(tokenizer), args.chunk_len, args.out, progress=not args.no_progress)
 
 
 def _build(args) -> None:
@@ -257,7 +309,8 @@ def _neighbours(args) -> None:
     from lm_worker.token_store import load_prepared
 
     tokenizer, train, heldout = load_prepared(args.data)
-    L = read_source(args.source).chunk_len
+    source = read_source(args.source)
+    L = source.chunk_len
     with _retriever(args) as retriever:
         _need(retriever, "--target or --datastore", "to fetch neighbours")
         held_keys = args.source / "heldout-keys.npy"
@@ -265,28 +318,17 @@ def _neighbours(args) -> None:
             from lm_worker.chunk_encoder import ChunkEncoder
 
             embed_chunks(heldout, ChunkEncoder(tokenizer), L, held_keys, progress=not args.no_progress)
-        for name, keys, exclude in (("train", "keys.npy", chunk_exclusions(train, L)),
-                                    ("heldout", "heldout-keys.npy", None)):
+        for name, keys, exclude in (("train", source.open_keys(), chunk_exclusions(train, L)),
+                                    ("heldout", np.load(held_keys, mmap_mode="r"), None)):
             out = args.source / f"neighbours-{name}.npy"
-            precompute_neighbours(retriever, np.load(args.source / keys, mmap_mode="r"), exclude, out,
-                                  progress=not args.no_progress)
+            precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
             print(f"{name}: neighbours -> {out}")
 
 
-def _eval(args) -> None:
+def _eval_in_process(args, store, tokenizer, config):
     from lm_worker.checkpoint import load_checkpoint
-    from lm_worker.eval_report import write_report
-    from lm_worker.evaluate import DEFAULT_LAMBDAS, EvalConfig, evaluate_knnlm, evaluate_retro
-    from lm_worker.token_store import load_prepared
+    from lm_worker.evaluate import evaluate_knnlm, evaluate_retro
 
-    if not args.lm and not args.retro:
-        raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
-    tokenizer, train, heldout = load_prepared(args.data)
-    store = heldout if args.split == "heldout" else train
-    lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
-    config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
-                        temperature=args.temperature, retrieval=_retrieval_config(args, "knnlm-"),
-                        exclude_own_document=args.exclude_own_document)
     knn = retro = None
     progress = not args.no_progress
     if args.lm:
@@ -301,8 +343,55 @@ def _eval(args) -> None:
         with _retriever(args, "retro-", k=model.config.n_neighbours) as retriever:
             retriever = _need(retriever, "--retro-target or --retro-datastore", "with --retro")
             retro = evaluate_retro(model, store, retriever, ChunkEncoder(tokenizer), config, progress)
+    return knn, retro
+
+
+def _eval_distributed(args, store, config):
+    from dataclasses import replace
+
+    from lm_worker.distributed_eval import EvalJob, WorkerPoolConfig, evaluate_distributed
+
+    pool = WorkerPoolConfig(workers=args.workers, batches_per_share=args.batches_per_share, num_cpus=args.worker_cpus,
+                            num_gpus=args.worker_gpus, device="cuda" if args.worker_gpus else "cpu",
+                            address=args.address, progress=not args.no_progress)
+    results = {}
+    for kind, checkpoint, what in (("knnlm", args.lm, "knnlm-"), ("retro", args.retro, "retro-")):
+        if not checkpoint:
+            continue
+        job_config = config if kind == "knnlm" else replace(config, retrieval=_retrieval_config(args, what))
+        with _target(args, what) as target:
+            target = _need(target, f"--{what}target or --{what}datastore", f"with --{kind.replace('knnlm', 'lm')}")
+            job = EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=job_config,
+                          tokenizer=args.data / "tokenizer.json")
+            results[kind] = evaluate_distributed(job, replace(pool, checkpoint_dir=args.out / "shares" / kind))
+    return results.get("knnlm"), results.get("retro")
+
+
+def _eval(args) -> None:
+    from lm_worker.eval_report import write_report
+    from lm_worker.evaluate import DEFAULT_LAMBDAS, EvalConfig
+    from lm_worker.token_store import TokenStore
+    from lm_worker.tokenizer import Tokenizer
+
+    if not args.lm and not args.retro:
+        raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    tokenizer = Tokenizer.load(args.data / "tokenizer.json")
+    store = TokenStore.open(args.data / args.split)
+    if store.tokenizer_fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
+                         f"not {tokenizer.fingerprint}")
+    lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
+    config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
+                        temperature=args.temperature, retrieval=_retrieval_config(args, "knnlm-"),
+                        exclude_own_document=args.exclude_own_document)
+    if args.workers:
+        knn, retro = _eval_distributed(args, store, config)
+    else:
+        knn, retro = _eval_in_process(args, store, tokenizer, config)
     print(write_report(args.out, knn, retro, {"data": str(args.data), "split": args.split, "lm": str(args.lm),
-                                               "retro": str(args.retro)}))
+                                               "retro": str(args.retro), "workers": args.workers}))
     print(f"\nwritten: {args.out / 'eval.json'}, {args.out / 'table.md'}"
           + (f", {args.out / 'ppl_vs_lambda.png'}" if knn else ""))
 
@@ -383,10 +472,17 @@ def _pipeline(args) -> None:
     config = replace(base, run=args.run, max_train_tokens=args.train_tokens, max_heldout_tokens=args.heldout_tokens,
                      lm=replace(base.lm, steps=args.lm_steps, preset=args.preset),
                      retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
+                     address=args.address, encode_workers=args.workers, eval_workers=args.workers,
                      progress=not args.no_progress)
-    report = run_pipeline(config)
-    print(report.table)
-    print("\n" + "\n".join(f"written: {p}" for p in [report.eval_json, *report.plots]))
+    _print_report(run_pipeline(config))
+
+
+def _print_report(report) -> None:
+    print("\n" + report.summary)
+    if report.samples is not None:
+        print(report.samples.read_text())
+    written = [report.report / "summary.md", report.eval_json, *report.plots, report.samples]
+    print("\n".join(f"written: {p}" for p in written if p is not None))
 
 
 def _snippet(text: str, width: int = 96) -> str:
@@ -394,7 +490,15 @@ def _snippet(text: str, width: int = 96) -> str:
 
 
 def _demo(args) -> None:
-    from lm_worker.demo import DemoConfig, run_demo
+    from lm_worker.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.demo(args.run, address=args.address, encode_workers=args.workers,
+                                 eval_workers=args.workers, progress=not args.no_progress)
+    _print_report(run_pipeline(config))
+
+
+def _retrieval_demo(args) -> None:
+    from lm_worker.retrieval_demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
     info = report.info
@@ -412,7 +516,8 @@ def _demo(args) -> None:
 
 
 COMMANDS = {"prepare": _prepare, "train": _train, "encode": _encode, "build": _build, "neighbours": _neighbours,
-            "eval": _eval, "generate": _generate, "attention": _attention, "pipeline": _pipeline, "demo": _demo}
+            "eval": _eval, "generate": _generate, "attention": _attention, "pipeline": _pipeline, "demo": _demo,
+            "retrieval-demo": _retrieval_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,12 @@ A source is a directory that `retriever_server build` turns into a datastore (`b
             tokens.npy int32 (C, 2L)   tokens[c*L : c*L + 2L], chunk + continuation, EOS-padded at the end
     both:   source.json                kind, rows, dimension, tokenizer and encoder fingerprints, parameters
 
+A source written in parts by the encode job (`lm_worker.encode_job`) holds the same arrays as
+`parts/NNNNN/keys.npy` and `parts/NNNNN/values.npy` (or `tokens.npy`), indexed in row order by
+`keys.parts.json` and `values.parts.json` (`retriever_server.row_parts`), and says so in
+source.json (`details["layout"] == "parts"`). `SourceInfo.keys_path` and `.payload` name the
+right files for either layout; `open_keys()` and `open_payload()` open them memory-mapped.
+
 Rows are datastore ids: row i of a kNN-LM source is token position i of the train stream, row c of
 a RETRO source is chunk c. `chunk_exclusions` and `knn_exclusions` give, per query, the one row
 range of the query's own document(s), which training-time neighbour precompute excludes.
@@ -18,7 +24,7 @@ Example:
     >>> encode_retro(train, ChunkEncoder(tokenizer), 16, Path("run/retro-source"))
     >>> build_source(Path("run/retro-source"), Path("run/retro-datastore"))
     >>> with InProcessRetriever(Path("run/retro-datastore"), RetrievalConfig(k=2)) as retriever:
-    ...     keys = np.load("run/retro-source/keys.npy", mmap_mode="r")
+    ...     keys = read_source(Path("run/retro-source")).open_keys()
     ...     precompute_neighbours(retriever, keys, chunk_exclusions(train, 16),
     ...                           Path("run/retro-source/neighbours-train.npy"))
 """
@@ -41,12 +47,15 @@ from tqdm.auto import tqdm
 
 from lm_worker.token_store import TokenStore
 from lm_worker.windows import iter_windows
+from retriever_server.row_parts import PARTS_SUFFIX, PartedArray, open_rows
 
 log = logging.getLogger(__name__)
 
 SOURCE_JSON = "source.json"
 KEYS = "keys.npy"
+KEYS_PARTS = "keys" + PARTS_SUFFIX
 PAYLOAD_FILES = {"knnlm": ("values", "values.npy"), "retro": ("tokens", "tokens.npy")}
+PARTS_LAYOUT = "parts"  # details["layout"] of a source written in parts
 
 
 class Encoder(Protocol):
@@ -73,14 +82,28 @@ class SourceInfo:
     details: dict = field(default_factory=dict)
 
     @property
+    def parted(self) -> bool:
+        """Whether the arrays are written in parts, with parts indexes (see the module doc)."""
+        return self.details.get("layout") == PARTS_LAYOUT
+
+    @property
     def keys_path(self) -> Path:
-        return self.directory / KEYS
+        """keys.npy, or keys.parts.json for a source written in parts."""
+        return self.directory / (KEYS_PARTS if self.parted else KEYS)
 
     @property
     def payload(self) -> tuple[str, Path]:
-        """(payload name, path) of the source's payload array."""
+        """(payload name, path) of the source's payload array: NAME.npy or NAME.parts.json."""
         name, file = PAYLOAD_FILES[self.kind]
-        return name, self.directory / file
+        return name, self.directory / (f"{name}{PARTS_SUFFIX}" if self.parted else file)
+
+    def open_keys(self) -> np.ndarray | PartedArray:
+        """The keys (rows, dimension), memory-mapped, whichever the layout."""
+        return open_rows(self.keys_path)
+
+    def open_payload(self) -> np.ndarray | PartedArray:
+        """The payload rows (values or tokens), memory-mapped, whichever the layout."""
+        return open_rows(self.payload[1])
 
     def write(self) -> None:
         body = {k: v for k, v in dataclasses.asdict(self).items() if k != "directory"}
@@ -95,7 +118,7 @@ def read_source(directory: Path) -> SourceInfo:
     return SourceInfo(directory=Path(directory), **json.loads(path.read_text()))
 
 
-def _start_source(out_dir: Path) -> Path:
+def start_source(out_dir: Path) -> Path:
     """Creates `out_dir` and removes an old source.json, so a half-rewritten source never looks finished."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +138,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return "lm:" + h.hexdigest()[:16]
 
 
-def _describe_model(model: torch.nn.Module) -> dict:
+def describe_model(model: torch.nn.Module) -> dict:
+    """The model's class and config as plain JSON data, for a kNN-LM source's details."""
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
@@ -139,7 +163,7 @@ def knn_windows(n: int, context_len: int, stride: int) -> list[tuple[int, int, i
 
 
 @torch.inference_mode()
-def _window_keys(model, tokens: np.ndarray, windows: list[tuple[int, int, int]], device: str) -> np.ndarray:
+def window_keys(model, tokens: np.ndarray, windows: list[tuple[int, int, int]], device: str) -> np.ndarray:
     """float32 keys of the kept positions of equally long windows, concatenated in window order."""
     batch = torch.from_numpy(np.stack([tokens[s:h] for s, _, h in windows]).astype(np.int64)).to(device)  # (b, W)
     keys = model.keys(batch) if hasattr(model, "keys") else model(batch, return_keys=True)[1]  # (b, W, d)
@@ -180,7 +204,7 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
     if isinstance(max_len, int) and context_len > max_len:
         raise ValueError(f"context_len {context_len} exceeds the model's max_len {max_len}")
     windows = knn_windows(n, context_len, stride)
-    out_dir = _start_source(out_dir)
+    out_dir = start_source(out_dir)
     started = time.time()
     model.eval()
     tokens = store.tokens
@@ -191,7 +215,7 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
     keys = None
     for b in tqdm(range(0, len(windows), batch_size), desc="kNN-LM keys", unit="batch", disable=not progress):
         group = windows[b:b + batch_size]
-        rows = _window_keys(model, tokens, group, device)  # (rows, d)
+        rows = window_keys(model, tokens, group, device)  # (rows, d)
         if keys is None:
             keys = np.lib.format.open_memmap(out_dir / KEYS, mode="w+", dtype=np.float32, shape=(n, rows.shape[1]))
         keys[group[0][1]:group[-1][2]] = rows
@@ -200,7 +224,7 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
     del keys
     info = SourceInfo(
         out_dir, "knnlm", n, dimension, store.tokenizer_fingerprint, fingerprint or model_fingerprint(model),
-        details={"context_len": context_len, "stride": stride, "model": _describe_model(model),
+        details={"context_len": context_len, "stride": stride, "model": describe_model(model),
                  "store": str(store.directory), "seconds": round(time.time() - started, 3)})
     info.write()
     log.info("kNN-LM source %s: %d rows of dimension %d", out_dir, n, dimension)
@@ -229,7 +253,7 @@ def _doc_bounds(store: TokenStore) -> tuple[np.ndarray, np.ndarray]:
             np.array([d.end for d in store.documents], dtype=np.int64))
 
 
-def _chunk_payload(tokens: np.ndarray, first: int, last: int, chunk_len: int, eos_id: int) -> np.ndarray:
+def chunk_payload(tokens: np.ndarray, first: int, last: int, chunk_len: int, eos_id: int) -> np.ndarray:
     """int32 (last - first, 2L): tokens[c*L : c*L + 2L] for chunks c in [first, last), EOS past the end."""
     L = chunk_len
     seg = np.full((last - first + 1) * L, eos_id, dtype=np.int32)
@@ -285,7 +309,7 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
     Raises:
         ValueError: the store holds no complete chunk.
     """
-    out_dir = _start_source(out_dir)
+    out_dir = start_source(out_dir)
     started = time.time()
     eos = int(store.tokens[-1]) if eos_id is None and len(store) else eos_id
     keys = embed_chunks(store, encoder, chunk_len, out_dir / KEYS, batch, progress)
@@ -294,7 +318,7 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
     payload = np.lib.format.open_memmap(out_dir / "tokens.npy", mode="w+", dtype=np.int32, shape=(C, 2 * chunk_len))
     for first in range(0, C, batch):
         last = min(C, first + batch)
-        payload[first:last] = _chunk_payload(store.tokens, first, last, chunk_len, eos)
+        payload[first:last] = chunk_payload(store.tokens, first, last, chunk_len, eos)
     payload.flush()
     del payload
     info = SourceInfo(out_dir, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,

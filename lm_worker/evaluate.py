@@ -118,6 +118,20 @@ def _batches(store: TokenStore, config: EvalConfig, align: int = 1) -> list[list
     return groups
 
 
+def count_batches(store: TokenStore, config: EvalConfig, align: int = 1) -> int:
+    """How many batches an evaluation of `store` runs: `batches=range(...)` selects some of them, so
+    evaluations of disjoint ranges add up to the whole (`lm_worker.distributed_eval` splits this way)."""
+    return len(_batches(store, config, align))
+
+
+def _selected(groups: list[list[Window]], batches: range | None) -> list[list[Window]]:
+    if batches is None:
+        return groups
+    if batches.step != 1 or batches.start < 0 or batches.stop > len(groups):
+        raise ValueError(f"batches must be a contiguous range within [0, {len(groups)}), got {batches}")
+    return groups[batches.start:batches.stop]
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -144,7 +158,8 @@ def _lm_step(model: torch.nn.Module, batch: _Batch) -> tuple[torch.Tensor, np.nd
     return _target_log_probs(logits, batch), scored_keys
 
 
-def _perplexity(nll: float, tokens: int) -> float:
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(nll / tokens): the perplexity of a summed negative log-likelihood (inf when it overflows)."""
     mean = nll / max(tokens, 1)
     return math.exp(mean) if mean < 700 else math.inf
 
@@ -176,7 +191,7 @@ def evaluate_lm(model: torch.nn.Module, store: TokenStore, config: EvalConfig = 
         lm, _ = _lm_step(model, _make_batch(store, windows))
         nll += -lm.double().sum().item()
         tokens += len(lm)
-    return _perplexity(nll, tokens), tokens
+    return perplexity(nll, tokens), tokens
 
 
 @dataclass(frozen=True)
@@ -185,7 +200,9 @@ class KnnEvalResult:
 
     `relative_reduction` is 1 - best / base. `retrieval_seconds` sums the retrieval requests' wall
     times (with `overlap`, two can be in flight at once), `retrieval_wait_seconds` is the time the
-    evaluation spent blocked on them, `seconds` the whole evaluation's wall time.
+    evaluation spent blocked on them, `seconds` the whole evaluation's wall time. `base_nll` and `nll`
+    (per λ) are the summed negative log-likelihoods (float64), which results over disjoint batch
+    ranges add up.
     """
 
     tokens: int
@@ -200,6 +217,8 @@ class KnnEvalResult:
     retrieval_seconds: float
     retrieval_wait_seconds: float
     seconds: float
+    base_nll: float = 0.0
+    nll: dict[float, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -208,6 +227,7 @@ class KnnEvalResult:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["perplexity"] = {str(lam): ppl for lam, ppl in self.perplexity.items()}
+        out["nll"] = {str(lam): v for lam, v in self.nll.items()}
         return out
 
 
@@ -247,7 +267,7 @@ def _done(value) -> Future:
 
 
 def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config: EvalConfig = EvalConfig(),
-                   progress: bool = True) -> KnnEvalResult:
+                   progress: bool = True, batches: range | None = None) -> KnnEvalResult:
     """kNN-LM perplexity for every λ in `config.lambdas`, from one retrieval per batch of windows.
 
     Args:
@@ -256,6 +276,7 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         retriever: a `ServiceRetriever` or `InProcessRetriever` over a kNN-LM datastore; its config sets k.
         config: windows, batch size, λs, temperature, own-document exclusion.
         progress: show a progress bar.
+        batches: only these batches (of `count_batches(store, config)`); default all.
 
     Returns:
         A `KnnEvalResult`; its λ = 0 perplexity equals `evaluate_lm`'s exactly.
@@ -283,7 +304,8 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         sums.add(lm, targets, found, config.temperature)
 
     pending = None  # the previous batch, scored once the model has run this one
-    for windows in tqdm(_batches(store, config), desc="kNN-LM eval", unit="batch", disable=not progress):
+    for windows in tqdm(_selected(_batches(store, config), batches), desc="kNN-LM eval", unit="batch",
+                        disable=not progress):
         batch = _make_batch(store, windows)
         with clock.timing("model"):
             lm, keys = _lm_step(model, batch)
@@ -296,15 +318,16 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         pending = current
     if pending is not None:
         score(*pending)
-    base = _perplexity(sums.base, sums.tokens)
-    per_lambda = {lam: _perplexity(nll, sums.tokens) for lam, nll in sums.per_lambda.items()}
+    base = perplexity(sums.base, sums.tokens)
+    per_lambda = {lam: perplexity(nll, sums.tokens) for lam, nll in sums.per_lambda.items()}
     best = min(per_lambda, key=lambda lam: per_lambda[lam])
     reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
-    log.info("kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
-             sums.tokens, base, best, per_lambda[best], 100 * reduction)
+    log.log(logging.INFO if batches is None else logging.DEBUG,
+            "kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
+            sums.tokens, base, best, per_lambda[best], 100 * reduction)
     return KnnEvalResult(sums.tokens, base, per_lambda, best, per_lambda[best], reduction, config.retrieval.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, sums.base, dict(sums.per_lambda))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +336,8 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
 
 @dataclass(frozen=True)
 class RetroEvalResult:
-    """RETRO's perplexity with its retrieved neighbours and with them withheld, over the same tokens."""
+    """RETRO's perplexity with its retrieved neighbours and with them withheld, over the same tokens;
+    `nll` and `nll_without` are the summed negative log-likelihoods (float64)."""
 
     tokens: int
     perplexity: float
@@ -324,6 +348,8 @@ class RetroEvalResult:
     embed_seconds: float
     retrieval_seconds: float
     seconds: float
+    nll: float = 0.0
+    nll_without: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -364,7 +390,7 @@ class _ChunkNeighbours:
 
 
 def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder, config: EvalConfig = EvalConfig(),
-                   progress: bool = True) -> RetroEvalResult:
+                   progress: bool = True, batches: range | None = None) -> RetroEvalResult:
     """RETRO perplexity with retrieved neighbours and with `neighbours=None`, over chunk-aligned windows.
 
     Args:
@@ -374,6 +400,7 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         encoder: the frozen chunk encoder (`ChunkEncoder`: `.embed(chunks (n, L)) -> (n, d)`).
         config: windows (multiples of the chunk length), batch size, own-document exclusion.
         progress: show a progress bar.
+        batches: only these batches (of `count_batches(store, config, align=chunk_len)`); default all.
 
     Returns:
         A `RetroEvalResult`.
@@ -394,7 +421,8 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
     fetch = _ChunkNeighbours(store, retriever, encoder, L, config.exclude_own_document, clock)
     nll_with = nll_without = 0.0
     tokens = 0
-    for windows in tqdm(_batches(store, config, align=L), desc="RETRO eval", unit="batch", disable=not progress):
+    for windows in tqdm(_selected(_batches(store, config, align=L), batches), desc="RETRO eval", unit="batch",
+                        disable=not progress):
         batch = _make_batch(store, windows)
         inputs = batch.inputs.to(device)
         ids, missing, future = fetch.submit(windows)
@@ -406,8 +434,9 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         nll_with += -with_neighbours.double().sum().item()
         nll_without += -without.double().sum().item()
         tokens += len(without)
-    ppl, ppl_without = _perplexity(nll_with, tokens), _perplexity(nll_without, tokens)
+    ppl, ppl_without = perplexity(nll_with, tokens), perplexity(nll_without, tokens)
     reduction = 1.0 - ppl / ppl_without if math.isfinite(ppl_without) else 0.0
-    log.info("RETRO over %d tokens: perplexity %.3f with neighbours, %.3f without", tokens, ppl, ppl_without)
+    log.log(logging.INFO if batches is None else logging.DEBUG,
+            "RETRO over %d tokens: perplexity %.3f with neighbours, %.3f without", tokens, ppl, ppl_without)
     return RetroEvalResult(tokens, ppl, ppl_without, reduction, K, clock["model"], clock["embed"], clock["retrieval"],
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, nll_with, nll_without)

@@ -1,25 +1,35 @@
-"""The whole LM side on one corpus, stage by stage, into one run directory:
+"""The whole LM side on one corpus, stage by stage, into one run directory, on a Ray cluster:
 
-    prepare -> train the LM -> encode kNN-LM keys -> build its datastore
-            -> embed RETRO chunks -> build its datastore -> serve both
+    prepare -> train the LM -> encode kNN-LM keys (Ray Data job) -> build its datastore (Ray job)
+            -> embed RETRO chunks (Ray Data job) -> build its datastore -> serve both (Ray actors)
             -> fetch RETRO neighbours (own document excluded) -> train RETRO
-            -> evaluate (kNN-LM λ sweep, RETRO with and without neighbours) -> attention map
+            -> evaluate on LM worker actors (kNN-LM λ sweep, RETRO with and without neighbours)
+            -> attention map -> generated samples -> RUN/report/
 
 Each stage leaves its output in the layout below and is skipped when that output exists, so an
-interrupted run carries on where it stopped (training resumes from its checkpoint).
+interrupted run carries on where it stopped (training resumes from its checkpoint, encoding from its
+finished parts, evaluation from its finished shares) and a second run reuses everything.
 
     RUN/data/  RUN/lm/  RUN/knnlm-source/  RUN/knnlm-datastore/  RUN/retro-source/
-    RUN/retro-datastore/  RUN/retro/  RUN/eval/
+    RUN/retro-datastore/  RUN/retro/  RUN/report/ (summary.md, table.md, eval.json, samples.md, *.png)
+
+With no `address`, Ray runs as a local cluster on this machine; with one (or RAY_ADDRESS, as under
+`ray job submit`), the same stages run on that cluster, which must share RUN's filesystem.
 
 Example:
     >>> report = run_pipeline(PipelineConfig(run=Path("runs/stdlib")))
-    >>> print(report.table)
+    >>> print(report.summary)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,12 +40,16 @@ from lm_worker.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
+PROMPTS = ("def read_config(path):\n", "class Parser:\n    def __init__(self", "import os\nimport sys\n\n")
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Sizes of every stage. The defaults fit 2 CPU cores in well under an hour. The held-out split is
-    cut into validation documents (`tune_tokens`, where kNN-LM's temperature is chosen) and test
-    documents, where every reported perplexity is measured."""
+    """Sizes of every stage and where it runs. The defaults fit 2 CPU cores in well under an hour;
+    `demo()` in under 20 minutes. The held-out split is cut into validation documents
+    (`tune_tokens`, where kNN-LM's temperature is chosen) and test documents, where every reported
+    perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
+    this process); `serve_on_ray` serves the shards as Ray actors (else local processes)."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"
@@ -54,107 +68,83 @@ class PipelineConfig:
     eval_tokens: int = 0
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     tune_tokens: int = 4096
-    num_cpus: int = 2
+    encode_workers: int = 2
+    eval_workers: int = 2
+    serve_on_ray: bool = True
+    address: str | None = None
+    num_cpus: int = 0  # logical CPUs of a local Ray cluster; 0: max(4, the machine's)
+    samples: int = 3
+    sample_tokens: int = 48
     progress: bool = True
+
+    @classmethod
+    def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
+        """The demo's sizes: every stage at CPU scale, about 15 minutes on 2 cores."""
+        sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000,
+                     lm=TrainConfig(kind="lm", preset="small", steps=300, batch_size=8, warmup=50, eval_every=100,
+                                    checkpoint_every=100),
+                     retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=16, warmup=30,
+                                       eval_every=75, checkpoint_every=75))
+        return cls(**{**sizes, **overrides})
 
 
 @dataclass(frozen=True)
 class PipelineReport:
-    """Where everything went, and the evaluation's table."""
+    """Where everything went: the summary (evaluation table and stage times), the report folder."""
 
     run: Path
     table: str
+    summary: str
+    report: Path
     eval_json: Path
     plots: list[Path]
+    samples: Path | None
+
+
+class _Stages:
+    """Wall time of each stage, and whether it found its output already there."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float, bool]] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, reused: bool) -> Iterator[None]:
+        log.info("%s: %s", name, "reusing what is there" if reused else "running")
+        started = time.perf_counter()
+        yield
+        self.rows.append((name, time.perf_counter() - started, reused))
+
+    def table(self) -> str:
+        lines = ["| stage | seconds | |", "|---|---:|---|"]
+        lines += [f"| {name} | {s:.1f} | {'reused' if reused else ''} |" for name, s, reused in self.rows]
+        lines.append(f"| total | {sum(s for _, s, _ in self.rows):.1f} | |")
+        return "\n".join(lines) + "\n"
 
 
 def _done(path: Path) -> bool:
     return path.exists()
 
 
+def _connect(config: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    local = not (config.address or os.environ.get("RAY_ADDRESS"))
+    ray.init(address=config.address, num_cpus=(config.num_cpus or max(4, os.cpu_count() or 1)) if local else None,
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+
+
+# ---------------------------------------------------------------------------------------------- data, models
+
+
 def _prepare(config: PipelineConfig) -> None:
     from lm_worker.token_store import PrepareConfig, prepare_corpus
 
-    if _done(config.run / "data" / "heldout" / "documents.json"):
-        return
     report = prepare_corpus(PrepareConfig(out=config.run / "data", corpus=config.corpus, vocab_size=config.vocab_size,
                                           max_train_tokens=config.max_train_tokens,
                                           max_heldout_tokens=config.max_heldout_tokens, progress=config.progress))
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
-
-
-def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbours: Path | None = None) -> Path:
-    from lm_worker.train import train
-
-    report = train(train_config, config.run / "data", config.run / name, neighbours_dir=neighbours,
-                   progress=config.progress)
-    log.info("%s: %d steps, train loss %.3f, held-out loss %.3f, %.0f tokens/s", name, report.steps,
-             report.train_loss, report.heldout_loss, report.tokens_per_s)
-    return report.checkpoint
-
-
-def _build(config: PipelineConfig, source: Path, datastore: Path) -> None:
-    from lm_worker.encode import build_source
-
-    if _done(datastore / "manifest.json"):
-        return
-    import ray
-
-    build_source(source, datastore, shards=config.shards, num_cpus=config.num_cpus, progress=config.progress)
-    ray.shutdown()
-
-
-def _knnlm_source(config: PipelineConfig, lm_checkpoint: Path) -> None:
-    from lm_worker.checkpoint import load_checkpoint
-    from lm_worker.encode import encode_knnlm
-    from lm_worker.token_store import TokenStore
-
-    if _done(config.run / "knnlm-source" / "source.json"):
-        return
-    model = load_checkpoint(lm_checkpoint).model
-    encode_knnlm(model, TokenStore.open(config.run / "data" / "train"), config.run / "knnlm-source",
-                 context_len=config.context_len, stride=config.stride, progress=config.progress)
-
-
-def _retro_source(config: PipelineConfig, encoder) -> None:
-    from lm_worker.encode import embed_chunks, encode_retro
-    from lm_worker.token_store import TokenStore
-
-    source = config.run / "retro-source"
-    L = config.retro.chunk_len
-    if not _done(source / "source.json"):
-        encode_retro(TokenStore.open(config.run / "data" / "train"), encoder, L, source, progress=config.progress)
-    if not _done(source / "heldout-keys.npy"):
-        tmp = source / "heldout-keys.tmp.npy"
-        embed_chunks(TokenStore.open(config.run / "data" / "heldout"), encoder, L, tmp, progress=config.progress)
-        tmp.rename(source / "heldout-keys.npy")
-
-
-def _neighbours(config: PipelineConfig, retriever) -> None:
-    from lm_worker.encode import chunk_exclusions, precompute_neighbours
-    from lm_worker.token_store import TokenStore
-
-    source, L = config.run / "retro-source", config.retro.chunk_len
-    own_document = lambda: chunk_exclusions(TokenStore.open(config.run / "data" / "train"), L)  # noqa: E731
-    for name, keys, exclude in (("neighbours-train.npy", "keys.npy", own_document),
-                                ("neighbours-heldout.npy", "heldout-keys.npy", lambda: None)):
-        if _done(source / name):
-            continue
-        tmp = source / f"{name}.tmp.npy"
-        precompute_neighbours(retriever, np.load(source / keys, mmap_mode="r"), exclude(), tmp,
-                              progress=config.progress)
-        tmp.rename(source / name)
-
-
-def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tokenizer) -> Path:
-    from lm_worker.attention_plot import plot_retrieved_attention
-    from lm_worker.token_store import TokenStore
-
-    test = TokenStore.open(config.run / "data" / "test")
-    out = config.run / "eval" / "attention.png"
-    plot_retrieved_attention(retro_model, test.tokens[: 4 * retro_model.config.chunk_len], retriever, encoder,
-                             tokenizer, chunk=1, out_path=out)
-    return out
 
 
 def _split_heldout(config: PipelineConfig, heldout):
@@ -176,57 +166,251 @@ def _split_heldout(config: PipelineConfig, heldout):
     return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
 
 
+def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbours: Path | None = None) -> Path:
+    from lm_worker.train import train
+
+    report = train(train_config, config.run / "data", config.run / name, neighbours_dir=neighbours,
+                   progress=config.progress)
+    log.info("%s: %d steps, train loss %.3f, held-out loss %.3f, %.0f tokens/s", name, report.steps,
+             report.train_loss, report.heldout_loss, report.tokens_per_s)
+    return report.checkpoint
+
+
+def _trained(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
+    from lm_worker.checkpoint import load_checkpoint
+
+    path = config.run / name / "checkpoint.pt"
+    return path.exists() and load_checkpoint(path).step >= train_config.steps
+
+
+# ---------------------------------------------------------------------------------------------- sources, datastores
+
+
+def _encode(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
+    """The train split's kNN-LM or RETRO source, by the Ray Data job (or a plain loop with 0 workers)."""
+    from lm_worker.encode_job import EncodeJobConfig, run_encode_job
+
+    out = config.run / f"{kind}-source"
+    job = EncodeJobConfig(kind=kind, data=config.run / "data", checkpoint=lm_checkpoint,
+                          chunk_len=config.retro.chunk_len, context_len=config.context_len, stride=config.stride,
+                          workers=max(config.encode_workers, 1), address=config.address, progress=config.progress)
+    run_encode_job(job, out)
+
+
+def _heldout_keys(config: PipelineConfig, encoder) -> None:
+    from lm_worker.encode import embed_chunks
+    from lm_worker.token_store import TokenStore
+
+    source = config.run / "retro-source"
+    tmp = source / "heldout-keys.tmp.npy"
+    embed_chunks(TokenStore.open(config.run / "data" / "heldout"), encoder, config.retro.chunk_len, tmp,
+                 progress=config.progress)
+    tmp.rename(source / "heldout-keys.npy")
+
+
+def _build(config: PipelineConfig, source: Path, datastore: Path) -> None:
+    from lm_worker.encode import build_source
+
+    build_source(source, datastore, shards=config.shards, progress=config.progress)
+
+
+@contextlib.contextmanager
+def _serve(config: PipelineConfig, datastore: Path, name: str) -> Iterator[str]:
+    """Serves a datastore for the duration: shards and router as Ray actors, or as local processes.
+    Yields the router's address."""
+    if config.serve_on_ray:
+        from retriever_server.ray_serving import RayDeployment, RayServeConfig
+
+        host = None if (config.address or os.environ.get("RAY_ADDRESS")) else "127.0.0.1"
+        serve = RayServeConfig(datastore, name=f"{config.run.name}-{name}", cpus_per_shard=0.5, host=host,
+                               metrics=False)
+        with RayDeployment(serve) as deployment:
+            yield deployment.router_address
+    else:
+        from retriever_server.launcher import LocalDeployment
+
+        with LocalDeployment(datastore) as deployment:
+            yield deployment.router_address
+
+
+def _neighbours(config: PipelineConfig, retriever) -> None:
+    from lm_worker.encode import chunk_exclusions, precompute_neighbours, read_source
+    from lm_worker.token_store import TokenStore
+
+    source, L = config.run / "retro-source", config.retro.chunk_len
+    keys = {"neighbours-train.npy": lambda: read_source(source).open_keys(),
+            "neighbours-heldout.npy": lambda: np.load(source / "heldout-keys.npy", mmap_mode="r")}
+    exclude = {"neighbours-train.npy": lambda: chunk_exclusions(TokenStore.open(config.run / "data" / "train"), L),
+               "neighbours-heldout.npy": lambda: None}
+    for name in keys:
+        if _done(source / name):
+            continue
+        tmp = source / f"{name}.tmp.npy"
+        precompute_neighbours(retriever, keys[name](), exclude[name](), tmp, progress=config.progress)
+        tmp.rename(source / name)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
 def _tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> tuple[float, dict[float, float]]:
-    """kNN-LM's softmax temperature, chosen on the validation documents: T -> best perplexity over
-    the λ sweep, and the best T."""
+    """kNN-LM's softmax temperature, chosen on the validation documents (in this process, through the
+    service): T -> best perplexity over the λ sweep, and the best T. Kept in RUN/report/temperature.json."""
     from lm_worker.evaluate import evaluate_knnlm
 
+    path = config.run / "report" / "temperature.json"
+    if _done(path):
+        saved = json.loads(path.read_text())
+        return saved["chosen"], {float(t): p for t, p in saved["best_perplexity_by_temperature"].items()}
     best: dict[float, float] = {}
     for T in config.temperatures:
         best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
                                  ).best_perplexity
         log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
-    return min(best, key=best.get), best
+    chosen = min(best, key=best.get)
+    path.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best}, indent=2))
+    return chosen, best
+
+
+def _evaluate(config: PipelineConfig, kind: str, checkpoint: Path, test, target: str, eval_config, model, retriever,
+              encoder):
+    """The test split's figures: on `eval_workers` LM worker actors (finished shares kept in
+    RUN/report/shares/KIND), or in this process with 0 workers."""
+    from lm_worker.distributed_eval import EvalJob, WorkerPoolConfig, evaluate_distributed
+    from lm_worker.evaluate import evaluate_knnlm, evaluate_retro
+
+    if config.eval_workers == 0:
+        if kind == "knnlm":
+            return evaluate_knnlm(model, test, retriever, eval_config, config.progress)
+        return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress)
+    job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
+                  tokenizer=config.run / "data" / "tokenizer.json")
+    pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=config.run / "report" / "shares" / kind,
+                            address=config.address, progress=config.progress)
+    return evaluate_distributed(job, pool)
+
+
+def _samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, retro_retriever, encoder) -> Path:
+    """A few continuations of code prompts by the LM alone, kNN-LM and RETRO, written to samples.md."""
+    import torch
+
+    from lm_worker.decode import GenerateConfig, generate
+    from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper
+
+    prompts = PROMPTS[:config.samples]
+    decode = GenerateConfig(strategy="greedy", max_new_tokens=config.sample_tokens, eos_id=tokenizer.eos_id)
+    steppers = {"LM alone, greedy": (LMStepper(lm), decode),
+                f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g}), greedy":
+                    (KnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature), decode),
+                "RETRO, top-p 0.9 sampling, prefetch 4":
+                    (RetroStepper(retro, retro_retriever, encoder, prefetch=4),
+                     replace(decode, strategy="sample", top_p=0.9, seed=0))}
+    lines = ["# Samples\n"]
+    for prompt in prompts:
+        lines.append(f"## Prompt\n\n```python\n{prompt}```\n")
+        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+        for name, (stepper, decoding) in steppers.items():
+            out = generate(stepper, ids, decoding)
+            text = tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist())
+            lines.append(f"### {name}\n\n```python\n{text}\n```\n")
+    path = config.run / "report" / "samples.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tokenizer, test) -> Path:
+    from lm_worker.attention_plot import plot_retrieved_attention
+
+    out = config.run / "report" / "attention.png"
+    plot_retrieved_attention(retro_model, test.tokens[: 4 * retro_model.config.chunk_len], retriever, encoder,
+                             tokenizer, chunk=1, out_path=out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoint: Path, encoder) -> None:
+    run = config.run
+    for kind in ("knnlm", "retro"):
+        source, datastore = run / f"{kind}-source", run / f"{kind}-datastore"
+        with stages.stage(f"encode {kind} (Ray Data, {config.encode_workers} workers)",
+                          reused=_done(source / "source.json")):
+            if not _done(source / "source.json"):
+                _encode(config, kind, lm_checkpoint if kind == "knnlm" else None)
+        if kind == "retro":
+            with stages.stage("embed held-out chunks", reused=_done(source / "heldout-keys.npy")):
+                if not _done(source / "heldout-keys.npy"):
+                    _heldout_keys(config, encoder)
+        with stages.stage(f"build {kind} datastore ({config.shards} shards)",
+                          reused=_done(datastore / "manifest.json")):
+            if not _done(datastore / "manifest.json"):
+                _build(config, source, datastore)
 
 
 def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
-    """Runs (or finishes) every stage; returns the evaluation table and where the outputs are."""
+    """Runs (or finishes) every stage; returns the summary and where the outputs are.
+
+    Raises:
+        ValueError: the held-out split is too small to leave test documents after the validation ones.
+        RuntimeError, OSError: a stage failed (what it finished stays for the next run).
+    """
     from lm_worker.checkpoint import load_checkpoint
     from lm_worker.chunk_encoder import ChunkEncoder
-    from lm_worker.eval_report import write_report
-    from lm_worker.evaluate import EvalConfig, evaluate_knnlm, evaluate_retro
+    from lm_worker.evaluate import EvalConfig
     from lm_worker.retrieval import ServiceRetriever
     from lm_worker.token_store import load_prepared
-    from retriever_server.launcher import LocalDeployment
 
     run = Path(config.run)
-    config = replace(config, run=run)
-    _prepare(config)
+    config, stages = replace(config, run=run), _Stages()
+    (run / "report").mkdir(parents=True, exist_ok=True)
+    with stages.stage("prepare corpus and tokenizer", reused=_done(run / "data" / "heldout" / "documents.json")):
+        if not _done(run / "data" / "heldout" / "documents.json"):
+            _prepare(config)
     tokenizer, _, heldout = load_prepared(run / "data")
     valid, test = _split_heldout(config, heldout)
-    lm_checkpoint = _train(config, config.lm, "lm")
-    _knnlm_source(config, lm_checkpoint)
-    _build(config, run / "knnlm-source", run / "knnlm-datastore")
+    with stages.stage(f"train LM ({config.lm.steps} steps)", reused=_trained(config, config.lm, "lm")):
+        lm_checkpoint = _train(config, config.lm, "lm")
+    _connect(config)
     encoder = ChunkEncoder(tokenizer)
-    _retro_source(config, encoder)
-    _build(config, run / "retro-source", run / "retro-datastore")
+    _sources_and_datastores(config, stages, lm_checkpoint, encoder)
+    eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
+                             retrieval=config.knn)
     retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,
                                       rerank_candidates=8 * config.n_neighbours)
-    with LocalDeployment(run / "retro-datastore") as retro_ds, \
-            ServiceRetriever(retro_ds.router_address, retro_retrieval) as retro_retriever:
-        _neighbours(config, retro_retriever)
-        retro_checkpoint = _train(config, config.retro, "retro", neighbours=run / "retro-source")
-        retro = load_checkpoint(retro_checkpoint).model
-        eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
-                                 retrieval=config.knn)
-        retro_result = evaluate_retro(retro, test, retro_retriever, encoder, eval_config, config.progress)
-        attention = _attention_plot(config, retro, encoder, retro_retriever, tokenizer)
     lm = load_checkpoint(lm_checkpoint).model
-    with LocalDeployment(run / "knnlm-datastore") as knn_ds, \
-            ServiceRetriever(knn_ds.router_address, config.knn) as knn_retriever:
-        temperature, tuning = _tune_temperature(config, lm, valid, knn_retriever, eval_config)
-        knn_result = evaluate_knnlm(lm, test, knn_retriever, replace(eval_config, temperature=temperature),
-                                    config.progress)
+    with _serve(config, run / "retro-datastore", "retro") as retro_target, \
+            _serve(config, run / "knnlm-datastore", "knnlm") as knn_target, \
+            ServiceRetriever(retro_target, retro_retrieval) as retro_retriever, \
+            ServiceRetriever(knn_target, config.knn) as knn_retriever:
+        with stages.stage("RETRO neighbours of every chunk", reused=_done(run / "retro-source" /
+                                                                          "neighbours-heldout.npy")):
+            _neighbours(config, retro_retriever)
+        with stages.stage(f"train RETRO ({config.retro.steps} steps)", reused=_trained(config, config.retro, "retro")):
+            retro_checkpoint = _train(config, config.retro, "retro", neighbours=run / "retro-source")
+        retro = load_checkpoint(retro_checkpoint).model
+        with stages.stage("choose kNN-LM's temperature on validation docs",
+                          reused=_done(run / "report" / "temperature.json")):
+            temperature, tuning = _tune_temperature(config, lm, valid, knn_retriever, eval_config)
+        with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False):
+            knn_result = _evaluate(config, "knnlm", lm_checkpoint, test, knn_target,
+                                   replace(eval_config, temperature=temperature), lm, knn_retriever, encoder)
+        with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False):
+            retro_result = _evaluate(config, "retro", retro_checkpoint, test, retro_target,
+                                     replace(eval_config, retrieval=retro_retrieval), retro, retro_retriever, encoder)
+        with stages.stage("attention map and samples", reused=False):
+            attention = _attention_plot(config, retro, encoder, retro_retriever, tokenizer, test)
+            samples = _samples(config, tokenizer, lm, knn_retriever, knn_result, retro, retro_retriever, encoder) \
+                if config.samples else None
+    return _report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm, retro, attention,
+                   samples)
+
+
+def _report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm, retro, attention,
+            samples) -> PipelineReport:
+    from lm_worker.eval_report import report_table, write_report
+
+    report = config.run / "report"
     meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
             "evaluated_on": {"split": "test (the held-out documents before the validation ones)", "tokens": len(test),
                              "documents": len(test.documents)},
@@ -234,7 +418,15 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
                                    "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
                                    "chosen": temperature},
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
-            "retro_parameters": sum(p.numel() for p in retro.parameters())}
-    table = write_report(run / "eval", knn_result, retro_result, meta)
-    plots = [run / "lm" / "loss.png", run / "retro" / "loss.png", run / "eval" / "ppl_vs_lambda.png", attention]
-    return PipelineReport(run, table, run / "eval" / "eval.json", plots)
+            "retro_parameters": sum(p.numel() for p in retro.parameters()),
+            "stages": [{"stage": n, "seconds": round(s, 1), "reused": r} for n, s, r in stages.rows]}
+    write_report(report, knn_result, retro_result, meta)
+    plots = [report / "ppl_vs_lambda.png", attention]
+    for name in ("lm", "retro"):
+        if (config.run / name / "loss.png").exists():
+            plots.append(Path(shutil.copy(config.run / name / "loss.png", report / f"loss_{name}.png")))
+    table = report_table(knn_result, retro_result)
+    summary = (f"Perplexity on {len(test)} test tokens ({len(test.documents)} held-out documents); kNN-LM's "
+               f"temperature T={temperature:g} chosen on {len(valid)} validation tokens.\n\n{table}\n{stages.table()}")
+    (report / "summary.md").write_text(summary)
+    return PipelineReport(config.run, table, summary, report, report / "eval.json", plots, samples)

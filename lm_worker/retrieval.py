@@ -123,6 +123,19 @@ class _Retriever:
         self.close()
 
 
+RAY_PREFIX = "ray:"
+
+
+def resolve_target(target: str) -> str | list[str]:
+    """A retrieval target as `ServiceRetriever` takes it: "ray:NAME" becomes the router address of the
+    deployment NAME on the connected Ray cluster, "a:1,b:2" one address per shard, else the address."""
+    if target.startswith(RAY_PREFIX):
+        from retriever_server.ray_serving import lookup
+
+        return lookup(target[len(RAY_PREFIX):])
+    return target.split(",") if "," in target else target
+
+
 class ServiceRetriever(_Retriever):
     """Neighbours from the retrieval service over gRPC.
 

@@ -35,6 +35,7 @@ from retriever_server.manifest import (
     write_manifest,
 )
 from retriever_server.publish import replace_directory
+from retriever_server.row_parts import PartedArray, files_of, open_rows
 
 log = logging.getLogger(__name__)
 TRAINED = "trained.index"
@@ -45,7 +46,7 @@ FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the
 
 def _fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
     """What a resumed build must share with the one it resumes."""
-    files = [config.keys, *config.payloads.values()]
+    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
     stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out")}
     return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
@@ -80,7 +81,7 @@ def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
         return path
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(inputs.n, size=inputs.train_rows, replace=False))
-    sample = np.asarray(np.load(config.keys, mmap_mode="r")[rows], dtype=np.float32)
+    sample = np.asarray(open_rows(config.keys)[rows], dtype=np.float32)
     try:
         with as_build_error(f"training {inputs.factory} on {len(sample)} rows", path):
             index = ix.new_trained_index(inputs.factory, ix.canonical_metric(config.metric), sample, config.seed)
@@ -105,7 +106,7 @@ class _Progress:
         return self.rows
 
 
-def _copy_rows(src: np.ndarray, dst_path: Path, start: int, end: int, block: int, dtype=None) -> None:
+def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int, dtype=None) -> None:
     out = np.lib.format.open_memmap(dst_path, mode="w+", dtype=dtype or src.dtype,
                                     shape=(end - start, *src.shape[1:]))
     for s in range(start, end, block):
@@ -117,7 +118,7 @@ def _copy_rows(src: np.ndarray, dst_path: Path, start: int, end: int, block: int
 
 def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress) -> faiss.Index:
     """A copy of the trained codec holding rows [start, end) under their global ids."""
-    keys = np.load(config.keys, mmap_mode="r")
+    keys = open_rows(config.keys)
     index = faiss.read_index(trained)
     for s in range(start, end, config.add_block):
         e = min(end, s + config.add_block)
@@ -128,7 +129,13 @@ def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress)
 
 @ray.remote
 def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress) -> dict:
-    """Adds rows [start, end) to a copy of the trained codec and writes the shard directory."""
+    """Adds rows [start, end) to a copy of the trained codec and writes the shard directory.
+
+    Its entry records the Ray node it ran on ("node"), for the manifest's build metadata.
+    """
+    kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    if kill_after and int(Path(shard_dir).name.split("-")[-1]) >= kill_after:
+        time.sleep(60)  # the test hook's kill lands while later shards are still unfinished
     faiss.omp_set_num_threads(max(1, config.cpus_per_shard))
     final = Path(shard_dir)
     tmp = final.with_name(final.name + ".tmp")
@@ -137,12 +144,12 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
         tmp.mkdir(parents=True)
         ix.write_index(_add_rows(config, trained, start, end, progress), tmp / "index.faiss")
         if config.keep_keys:
-            keys = np.load(config.keys, mmap_mode="r")
-            _copy_rows(keys, tmp / "keys.npy", start, end, config.add_block, np.float16)
+            _copy_rows(open_rows(config.keys), tmp / "keys.npy", start, end, config.add_block, np.float16)
         for name, path in config.payloads.items():
-            _copy_rows(np.load(path, mmap_mode="r"), tmp / f"payload.{name}.npy", start, end, config.add_block)
+            _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
         files = {k: asdict(v) for k, v in describe_files(tmp).items()}
-        entry = {"name": final.name, "id_start": start, "id_end": end, "files": files}
+        entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
+                 "node": ray.get_runtime_context().get_node_id()}
         (tmp / DONE).write_text(json.dumps(entry))
         os.replace(tmp, final)
     return entry
@@ -205,7 +212,10 @@ def _wait_for(pending: dict, entries: dict[int, dict], counter, bar) -> None:
 
 
 def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, progress: bool) -> list[dict]:
-    """Builds every shard not already finished as a Ray task; returns the shard entries in order."""
+    """Builds every shard not already finished as a Ray task; returns the shard entries in order.
+
+    The tasks are spread over the cluster's nodes (one shard per node while there are more nodes).
+    """
     entries: dict[int, dict] = {}
     pending = {}
     counter = _Progress.remote()
@@ -216,7 +226,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
             entries[i] = entry
             continue
         remaining += end - start
-        task = _build_shard.options(num_cpus=config.cpus_per_shard)
+        task = _build_shard.options(num_cpus=config.cpus_per_shard, scheduling_strategy="SPREAD")
         pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter)] = i
     try:
         with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:
@@ -247,7 +257,8 @@ def _check_output(config: BuildConfig) -> None:
 
 
 def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float) -> Manifest:
-    """The manifest describing the finished shards."""
+    """The manifest describing the finished shards; `build["nodes"]` holds each shard's Ray node id
+    (None for a shard an older version built)."""
     nlist = ix.nlist_of(faiss.read_index(str(trained)))
     shards = tuple(
         ShardEntry(e["name"], e["id_start"], e["id_end"], {k: FileEntry(**v) for k, v in e["files"].items()})
@@ -258,13 +269,17 @@ def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: 
         ntotal=inputs.n, nlist=nlist, default_nprobe=ix.default_nprobe(nlist), has_keys=config.keep_keys,
         payloads=inputs.payloads, shards=shards, metadata=dict(config.metadata),
         build={"seed": config.seed, "train_size": config.train_size, "keys": str(config.keys),
-               "faiss": faiss.__version__, "seconds": round(seconds, 3)},
+               "faiss": faiss.__version__, "seconds": round(seconds, 3), "nodes": [e.get("node") for e in entries]},
     )
 
 
 def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: int | None = None,
                     progress: bool = True) -> Manifest:
-    """Builds a sharded datastore from an (N, d) .npy matrix and publishes it at `config.out`.
+    """Builds a sharded datastore from an (N, d) keys matrix and publishes it at `config.out`.
+
+    Keys and payloads are .npy files or parts indexes (`NAME.parts.json`, see `row_parts`), read
+    memory-mapped. Shard tasks are spread over the Ray cluster's nodes; the manifest's build
+    metadata names the node each shard was built on.
 
     Args:
         config: inputs, index and shard parameters.

@@ -12,6 +12,7 @@ import numpy as np
 
 from retriever_server import index as ix
 from retriever_server.manifest import PayloadSpec
+from retriever_server.row_parts import PartedArray, is_parts_index, open_rows, stored_dtype
 
 PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
                             "uint8", "uint16", "uint32", "uint64", "bool"})  # what the wire format carries
@@ -23,7 +24,8 @@ class BuildError(Exception):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to build. `keys` is an (N, d) .npy matrix; each payload an .npy with N rows."""
+    """What to build. `keys` is an (N, d) float matrix, each payload an array of N rows: each a .npy
+    file or a `.parts.json` index of .npy parts (`retriever_server.row_parts`)."""
 
     keys: Path
     out: Path
@@ -68,30 +70,30 @@ def as_build_error(what: str, path: Path) -> Iterator[None]:
         raise BuildError(f"{what} failed: cannot write {err.filename or path}: {err.strerror or err}") from None
 
 
-def _load_npy(path: Path, what: str) -> np.ndarray:
-    """Memory-maps a .npy file; raises a one-line BuildError naming `what` when it cannot."""
+def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
+    """Opens a .npy (memory-mapped) or a parts index; raises a one-line BuildError naming `what` when it cannot."""
     if not path.is_file():
         raise BuildError(f"{what} file {path} not found")
+    kind = "parts index" if is_parts_index(path) else ".npy array"
     try:
-        return np.load(path, mmap_mode="r")
+        return open_rows(path)
+    except FileNotFoundError as err:  # a part of a parts index
+        raise BuildError(f"{what}: {err}") from None
     except (OSError, ValueError, EOFError) as err:
-        raise BuildError(f"{what} file {path} is not a loadable .npy array: {last_line(err)}") from None
+        raise BuildError(f"{what} file {path} is not a loadable {kind}: {last_line(err)}") from None
 
 
-def _npy_dtype(path: Path) -> np.dtype | None:
-    """The dtype in a .npy header without loading the array (object arrays do not memory-map)."""
+def _stored_dtype(path: Path) -> np.dtype | None:
+    """The dtype in a .npy header or a parts index without loading the array (object arrays do not memory-map)."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return read(f)[2]
-    except (OSError, ValueError, EOFError):
-        return None  # _load_npy says what is wrong
+        return stored_dtype(path)
+    except (OSError, ValueError, EOFError, TypeError):
+        return None  # _open_rows says what is wrong
 
 
 def _check_keys(config: BuildConfig) -> tuple[int, int]:
-    """(N, d) of the keys matrix, which must be a non-empty float .npy."""
-    keys = _load_npy(config.keys, "keys")
+    """(N, d) of the keys matrix, which must be a non-empty float .npy or parts index."""
+    keys = _open_rows(config.keys, "keys")
     if keys.ndim != 2 or keys.dtype.kind != "f" or keys.shape[0] == 0:
         raise BuildError(f"keys file {config.keys} must be a non-empty float (N, d) matrix, "
                          f"got {keys.dtype} {keys.shape}")
@@ -128,11 +130,11 @@ def _check_factory(config: BuildConfig, n: int, d: int) -> tuple[str, int]:
 def _check_payload(name: str, path: Path, n: int) -> PayloadSpec:
     """The spec of a payload with N rows of a dtype the wire format carries."""
     what = f"payload {name!r}"
-    dtype = _npy_dtype(path)
+    dtype = _stored_dtype(path)
     if dtype is not None and dtype.name not in PAYLOAD_DTYPES:
         raise BuildError(f"{what} ({path}) has dtype {dtype}, which cannot be served; "
                          f"supported: {', '.join(sorted(PAYLOAD_DTYPES))}")
-    arr = _load_npy(path, what)
+    arr = _open_rows(path, what)
     if arr.ndim < 1 or arr.shape[0] != n:
         raise BuildError(f"{what} ({path}) has shape {arr.shape}; its first dimension must be {n}")
     return PayloadSpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]))

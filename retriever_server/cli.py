@@ -5,6 +5,9 @@
     retriever-server router --shards HOST:PORT,HOST:PORT  # replicas of a shard joined by '|'
     retriever-server info DIR_OR_ADDRESS
     retriever-server search ADDRESS --queries Q.npy -k 10
+    retriever-server deploy --datastore DIR --name NAME [--replicas R] [--detached]   # on a Ray cluster
+    retriever-server lookup NAME                          # the router address of a deployment
+    retriever-server undeploy --name NAME
 
 Global options go before the command: `retriever-server --log-level DEBUG --log-format json serve ...`.
 """
@@ -65,6 +68,44 @@ def _add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
     p.add_argument("--drain-delay", type=float, default=1.0,
                    help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
     _add_limits(p)
+
+
+def _add_ray_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else the cluster on this machine")
+    p.add_argument("--namespace", default="retrieval-datastore", help="Ray namespace of the deployment's actors")
+
+
+def _add_deploy(command) -> None:
+    d = command("deploy", "serve a datastore on a Ray cluster as named actors",
+                "Every shard replica and a router run as Ray actors named NAME/shard-I/replica-R and NAME/router "
+                "(one shard per node where possible, a shard's replicas on different nodes), and the router's "
+                "address is printed. Without --detached it serves until Ctrl-C or SIGTERM, then stops them; "
+                "with it, the command returns and the actors serve until `undeploy`.")
+    d.add_argument("--datastore", type=Path, required=True, help="datastore directory, at this path on every node")
+    d.add_argument("--name", default="retrieval", help="deployment name (default retrieval)")
+    d.add_argument("--replicas", type=int, default=1, help="replicas per shard, on different nodes")
+    d.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs each shard replica reserves")
+    d.add_argument("--host", help="address each server binds (default: its node's IP)")
+    d.add_argument("--detached", action="store_true",
+                   help="return once serving and leave the actors running (needs a running cluster)")
+    _add_ray_target(d)
+    d.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster started when there is none")
+    d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
+    d.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per replica (0: FAISS default)")
+    d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
+    d.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get when stopping")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds every actor gets to turn SERVING")
+    d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
+    _add_limits(d)
+
+    u = command("undeploy", "drain and stop the actors of a deployment on a Ray cluster")
+    u.add_argument("--name", required=True, help="deployment name")
+    _add_ray_target(u)
+    u.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get")
+
+    lk = command("lookup", "print the router address of a deployment on a Ray cluster")
+    lk.add_argument("name", help="deployment name")
+    _add_ray_target(lk)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--rerank", action="store_true")
     q.add_argument("--payload", action="append", default=[])
     q.add_argument("--out", type=Path, help="write ids and distances to this .npz")
+    _add_deploy(command)
     return parser
 
 
@@ -322,8 +364,60 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_deploy(args) -> int:
+    from retriever_server.manifest import read_manifest
+    from retriever_server.ray_serving import RayDeployment, RayServeConfig, connect, ray_address
+    from retriever_server.shard import ShardOptions
+
+    config = RayServeConfig(
+        datastore=args.datastore.resolve(), name=args.name, namespace=args.namespace, replicas=args.replicas,
+        cpus_per_shard=args.cpus_per_shard, host=args.host, detached=args.detached, metrics=not args.no_metrics,
+        limits=_limits(args), options=ShardOptions(verify=not args.no_verify, threads=args.threads),
+        grace_s=args.grace, startup_timeout_s=args.timeout, log_level=args.log_level)
+    read_manifest(config.datastore)  # fail fast, before joining or starting a cluster
+    connect(args.address, args.num_cpus, existing=args.detached)  # detached actors need a lasting cluster
+    deployment = RayDeployment(config)
+    signal.signal(signal.SIGTERM, _interrupt)
+    deployment.start()  # on an interrupt here, start() stops what it started
+    try:
+        router = deployment.router_address
+        for (shard, replica), node in sorted(deployment.placements.items()):
+            print(f"{args.name}/shard-{shard}/replica-{replica}: node {node}")
+        print(f"{args.name}: router {router} (Ray cluster {ray_address()}, namespace {args.namespace})", flush=True)
+        _write_address(args.address_file, router, None, shards=deployment.shard_addresses, name=args.name,
+                       namespace=args.namespace)
+        if args.detached:
+            print(f"detached; stop it with: {PROG} undeploy --name {args.name}")
+            return 0
+        why = deployment.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
+        return 0
+    finally:
+        if not args.detached:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
+            deployment.stop()
+    raise CliError(f"stopped: {why}")
+
+
+def _cmd_undeploy(args) -> int:
+    from retriever_server.ray_serving import connect, undeploy
+
+    connect(args.address, existing=True)
+    count = undeploy(args.name, namespace=args.namespace, grace_s=args.grace)
+    print(f"stopped {args.name}: {count} actors")
+    return 0
+
+
+def _cmd_lookup(args) -> int:
+    from retriever_server.ray_serving import connect, lookup
+
+    connect(args.address, existing=True)
+    print(lookup(args.name, namespace=args.namespace))
+    return 0
+
+
 COMMANDS = {"build": _cmd_build, "serve": _cmd_serve, "router": _cmd_router, "info": _cmd_info,
-            "search": _cmd_search}
+            "search": _cmd_search, "deploy": _cmd_deploy, "undeploy": _cmd_undeploy, "lookup": _cmd_lookup}
 
 
 def _last_line(err: BaseException) -> str:

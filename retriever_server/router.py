@@ -171,6 +171,26 @@ class RouterService(BaseRetrieverService):
                                             replicas=len(replicas.addresses)))
         return info
 
+    async def replace_replica(self, shard: int, replica: int, address: str, timeout_s: float = 10.0) -> str | None:
+        """Sends replica `replica` of `shard`'s share to `address` once it answers GetInfo as that shard of
+        this datastore version (ValueError if not); returns the old address, None when unchanged. The old
+        channel stays open until close(), for calls already on their way (they fail over as any failed call)."""
+        replicas = self.sets[shard]
+        old = replicas.addresses[replica]
+        if old == address:
+            return None
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.RetrieverStub(channel)
+        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s)
+        expected = self.infos[shard]
+        if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
+            await channel.close()
+            raise ValueError(f"{address} serves {info.shard} of version {info.datastore_version}, "
+                             f"not {expected.shard} of version {expected.datastore_version}")
+        self.channels[address], self.stubs[address] = channel, stub
+        replicas.addresses[replica] = address
+        return old
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels.values()))
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -55,6 +55,31 @@ def ray_cluster():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def simulated_cluster(workers: int = 2, cpus: float = 1) -> Iterator:
+    """A head and `workers` worker nodes of `cpus` CPUs each (`ray.cluster_utils.Cluster`), joined by this
+    process; its address is not left behind for other processes' `ray.init()` to find. Yields the Cluster."""
+    import ray
+    from ray._common.utils import reset_ray_address
+    from ray._private.utils import read_ray_address
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    if read_ray_address() == cluster.address:
+        reset_ray_address()
+    try:
+        for _ in range(workers):
+            cluster.add_node(num_cpus=cpus)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def synthetic(n: int, d: int, seed: int = 0, clusters: int = 50) -> np.ndarray:
     """Clustered float32 vectors (n, d): structure like embeddings, made in milliseconds."""
     rng = np.random.default_rng(seed)

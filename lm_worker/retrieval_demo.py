@@ -1,4 +1,4 @@
-"""The end-to-end demo on the built-in corpus: real embeddings of the CPython stdlib, a 2-shard
+"""The retrieval demo on the built-in corpus: real embeddings of the CPython stdlib, a 2-shard
 datastore built by the Ray job, every shard and a router served locally, and neighbours queried
 over gRPC for held-out chunks.
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     """Sizes of the demo; the defaults run in a few minutes on 2 cores (most of it encoding, once)."""
 
-    out: Path = Path("runs/demo")
+    out: Path = Path("runs/retrieval-demo")
     n_keys: int = 12000
     n_queries: int = 500
     shards: int = 2

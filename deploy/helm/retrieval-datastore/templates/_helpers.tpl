@@ -1,0 +1,181 @@
+{{/* Names, labels and the pieces the shard and router templates share. */}}
+
+{{- define "rd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The name prefix of every resource, at most 40 characters (pod names add -shard-S-R). */}}
+{{- define "rd.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The StatefulSet and headless Service of shard S: (dict "root" $ "shard" S). */}}
+{{- define "rd.shardName" -}}
+{{- printf "%s-shard-%d" (include "rd.fullname" .root) (int .shard) -}}
+{{- end -}}
+
+{{- define "rd.routerName" -}}
+{{- printf "%s-router" (include "rd.fullname" .) -}}
+{{- end -}}
+
+{{- define "rd.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "shard"|"router" ["shard" S]). */}}
+{{- define "rd.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rd.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- if hasKey . "shard" }}
+retrieval-datastore/shard: {{ .shard | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "rd.labels" -}}
+{{ include "rd.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Every replica of every shard by its stable DNS name, as `retriever-server router --shards`
+     takes them: shards joined by ",", the replicas of a shard by "|". */}}
+{{- define "rd.shardAddresses" -}}
+{{- $root := . -}}
+{{- $shards := list -}}
+{{- range $shard := until (int .Values.datastore.shards) -}}
+{{- $name := include "rd.shardName" (dict "root" $root "shard" $shard) -}}
+{{- $replicas := list -}}
+{{- range $replica := until (int $root.Values.shard.replicas) -}}
+{{- $replicas = append $replicas (printf "%s-%d.%s.%s.svc.%s:%d" $name $replica $name $root.Release.Namespace $root.Values.clusterDomain (int $root.Values.shard.port)) -}}
+{{- end -}}
+{{- $shards = append $shards (join "|" $replicas) -}}
+{{- end -}}
+{{- join "," $shards -}}
+{{- end -}}
+
+{{/* The flags of `retriever-server` itself, before the command. */}}
+{{- define "rd.globalArgs" -}}
+- --log-level
+- {{ .Values.logLevel | quote }}
+- --log-format
+- {{ .Values.logFormat | quote }}
+{{- end -}}
+
+{{/* The flags every server takes: drain and limits. (dict "root" $ "server" .Values.shard|router) */}}
+{{- define "rd.serverArgs" -}}
+- --drain-delay
+- {{ .server.drainDelaySeconds | quote }}
+- --grace
+- {{ .server.graceSeconds | quote }}
+- --max-k
+- {{ .root.Values.limits.maxK | quote }}
+- --max-batch
+- {{ .root.Values.limits.maxBatch | quote }}
+- --max-request-mb
+- {{ .root.Values.limits.maxRequestMb | quote }}
+- --max-inflight
+- {{ .root.Values.limits.maxInflight | quote }}
+{{- range .server.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by shards and router: (dict "root" $ "server" ... "selector" dict). */}}
+{{- define "rd.podSpec" -}}
+{{- $server := .server -}}
+terminationGracePeriodSeconds: {{ add $server.preStopSleepSeconds $server.drainDelaySeconds $server.graceSeconds $server.terminationMarginSeconds }}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .root.Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $server.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $server.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $server.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $affinity := deepCopy ($server.affinity | default dict) -}}
+{{- if and (ne $server.antiAffinity "none") (not (hasKey $affinity "podAntiAffinity")) -}}
+{{- $term := dict "labelSelector" (dict "matchLabels" .selector) "topologyKey" $server.antiAffinityTopologyKey -}}
+{{- if eq $server.antiAffinity "hard" -}}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) -}}
+{{- else -}}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) -}}
+{{- end -}}
+{{- end }}
+{{- with $affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Container-level settings shared by shards and router: (dict "root" $ "server" ...). */}}
+{{- define "rd.containerCommon" -}}
+{{- $server := .server -}}
+image: {{ include "rd.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+ports:
+  - name: grpc
+    containerPort: {{ $server.port }}
+    protocol: TCP
+  - name: metrics
+    containerPort: {{ $server.metricsPort }}
+    protocol: TCP
+startupProbe:
+  grpc:
+    port: {{ $server.port }}
+  {{- toYaml $server.probes.startup | nindent 2 }}
+readinessProbe:
+  grpc:
+    port: {{ $server.port }}
+  {{- toYaml $server.probes.readiness | nindent 2 }}
+livenessProbe:
+  grpc:
+    port: {{ $server.port }}
+  {{- toYaml $server.probes.liveness | nindent 2 }}
+{{- if gt (int $server.preStopSleepSeconds) 0 }}
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ $server.preStopSleepSeconds }}
+{{- end }}
+{{- with $server.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .root.Values.securityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "rd.podAnnotations" -}}
+{{- if .root.Values.metricsAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .server.metricsPort | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- with .server.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

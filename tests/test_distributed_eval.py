@@ -1,0 +1,173 @@
+"""Distributed evaluation on a simulated 3-node Ray cluster: 1 and 2 worker actors give the same
+perplexity to the last digit, equal to the in-process evaluation up to summation order; finished
+shares are checkpointed and reused; a node removed mid-evaluation loses a worker, which is replaced,
+and the figures do not change."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import serve, simulated_cluster
+
+from lm_worker.checkpoint import save_checkpoint
+from lm_worker.distributed_eval import EvalJob, WorkerPoolConfig, evaluate_distributed, plan_shares
+from lm_worker.encode import build_source, encode_knnlm, encode_retro
+from lm_worker.evaluate import EvalConfig, count_batches, evaluate_knnlm, evaluate_retro
+from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
+from lm_worker.retro import Retro, RetroConfig
+from lm_worker.token_store import TokenStore, write_token_store
+from lm_worker.tokenizer import train_tokenizer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIG = EvalConfig(context_len=32, stride=16, batch_size=2, lambdas=(0.0, 0.25, 0.5),
+                    retrieval=RetrievalConfig(k=8, nprobe=4))
+L = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two worker nodes, one CPU each: two evaluation workers leave one slot for a replacement."""
+    with simulated_cluster(workers=2, cpus=1) as c:
+        yield c, [n for n in c.list_all_nodes() if n is not c.head_node]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A prepared-data folder: tokenizer.json, a train and a heldout store of stdlib text."""
+    tmp = tmp_path_factory.mktemp("data")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text() for name in ("bisect.py", "heapq.py", "colorsys.py", "keyword.py")]
+    tokenizer = train_tokenizer(texts[:2], vocab_size=300)
+    tokenizer.save(tmp / "tokenizer.json")
+    fp, eos = tokenizer.fingerprint, tokenizer.eos_id
+    write_token_store(tmp / "train", [(f"t{i}", tokenizer.encode(t)[:700]) for i, t in enumerate(texts[:2])], eos, fp)
+    write_token_store(tmp / "heldout", [(f"h{i}", tokenizer.encode(t)[:500]) for i, t in enumerate(texts[2:])], eos, fp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def knn(cluster, data, tmp_path_factory, aio):
+    """A tiny LM checkpoint and its 2-shard kNN-LM datastore, served on loopback; yields (checkpoint, address)."""
+    tmp = tmp_path_factory.mktemp("knn")
+    torch.manual_seed(0)
+    lm = TransformerLM(LMConfig.tiny(vocab_size=300, max_len=64)).eval()
+    checkpoint = save_checkpoint(tmp / "lm" / "model.pt", kind="lm", model=lm, config=lm.config, step=0,
+                                 tokenizer_fingerprint=TokenStore.open(data / "train").tokenizer_fingerprint, extra={})
+    encode_knnlm(lm, TokenStore.open(data / "train"), tmp / "src", context_len=32, stride=16, progress=False)
+    datastore = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
+    with serve(aio, datastore, 2) as served:
+        yield checkpoint, lm, served.address
+
+
+def job(knn, data, config: EvalConfig = CONFIG) -> EvalJob:
+    return EvalJob(kind="knnlm", checkpoint=knn[0], store=data / "heldout", target=knn[2], config=config)
+
+
+def pool(**kwargs) -> WorkerPoolConfig:
+    return WorkerPoolConfig(batches_per_share=3, progress=False, **kwargs)
+
+
+def test_shares_cover_every_batch_once(data):
+    n = count_batches(TokenStore.open(data / "heldout"), CONFIG)
+    shares = plan_shares(n, 3)
+    covered = [b for s in shares for b in range(s.start, s.stop)]
+    assert covered == list(range(n)) and len(shares) == math.ceil(n / 3) >= 6
+
+
+def test_two_workers_equal_one_worker_and_the_in_process_evaluation(knn, data):
+    nodes: list[set[str]] = [set(), set()]
+    one = evaluate_distributed(job(knn, data), pool(workers=1), on_share=lambda b: nodes[0].add(b["node"]))
+    two = evaluate_distributed(job(knn, data), pool(workers=2), on_share=lambda b: nodes[1].add(b["node"]))
+    assert one.tokens == two.tokens == len(TokenStore.open(data / "heldout")) - 1
+    assert one.base_perplexity == two.base_perplexity
+    assert one.perplexity == two.perplexity and one.nll == two.nll  # to the last digit
+    assert len(nodes[1]) == 2  # the two workers ran on different nodes (one CPU each)
+    with ServiceRetriever(knn[2], CONFIG.retrieval) as retriever:
+        reference = evaluate_knnlm(knn[1], TokenStore.open(data / "heldout"), retriever, CONFIG, progress=False)
+    assert reference.tokens == one.tokens
+    for lam in CONFIG.lambdas:  # one process, one running sum: equal up to summation order
+        assert one.perplexity[lam] == pytest.approx(reference.perplexity[lam], rel=1e-9)
+
+
+def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tmp_path):
+    first = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path))
+    saved = sorted(tmp_path.glob("share-*.json"))
+    assert len(saved) == len(plan_shares(count_batches(TokenStore.open(data / "heldout"), CONFIG), 3))
+    ran: list[int] = []
+    again = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path), on_share=ran.append)
+    assert ran == [] and again.perplexity == first.perplexity  # nothing re-run, the same figures
+    saved[1].unlink()  # a run interrupted before that share: only it is redone
+    redo = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path),
+                                on_share=lambda b: ran.append(b["share"]))
+    assert ran == [1] and redo.perplexity == first.perplexity
+    other = job(knn, data, dataclasses.replace(CONFIG, temperature=2.0))
+    with pytest.raises(ValueError, match="different evaluation"):
+        evaluate_distributed(other, pool(workers=1, checkpoint_dir=tmp_path))
+
+
+def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_path, caplog):
+    c, workers = cluster
+    reference = evaluate_distributed(job(knn, data), pool(workers=1))
+    by_id = {w.node_id: w for w in workers}
+    seen: dict[int, str] = {}  # worker pid -> node
+    removed: list[str] = []
+
+    def remove_a_busy_node(body: dict) -> None:
+        seen[body["pid"]] = body["node"]
+        others = [n for pid, n in seen.items() if pid != body["pid"] and n in by_id]
+        if not removed and others:  # the other worker is in the middle of its share right now
+            removed.append(others[0])
+            c.remove_node(by_id[others[0]], allow_graceful=False)
+
+    counted: list[int] = []
+    result = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path),
+                                  on_share=lambda b: (counted.append(b["share"]), remove_a_busy_node(b)))
+    assert removed, "no worker ran on a removable node"
+    assert "an evaluation worker died" in caplog.text and "starting a replacement" in caplog.text
+    assert sorted(counted) == sorted(set(counted))  # no share counted twice
+    assert result.perplexity == reference.perplexity and result.tokens == reference.tokens
+    workers.remove(by_id[removed[0]])
+    workers.append(c.add_node(num_cpus=1))  # back to three nodes for whatever runs next
+    c.wait_for_nodes()
+
+
+@pytest.fixture(scope="module")
+def retro(cluster, data, tmp_path_factory, aio):
+    """A tiny RETRO checkpoint and its MiniLM-keyed 2-shard datastore, served; yields (checkpoint, model, address)."""
+    from lm_worker.chunk_encoder import ChunkEncoder
+    from lm_worker.tokenizer import Tokenizer
+
+    tmp = tmp_path_factory.mktemp("retro")
+    torch.manual_seed(1)
+    model = Retro(RetroConfig.tiny(vocab_size=300, chunk_len=L, n_neighbours=2)).eval()
+    train = TokenStore.open(data / "train")
+    checkpoint = save_checkpoint(tmp / "retro" / "model.pt", kind="retro", model=model, config=model.config, step=0,
+                                 tokenizer_fingerprint=train.tokenizer_fingerprint, extra={})
+    encoder = ChunkEncoder(Tokenizer.load(data / "tokenizer.json"), threads=1)
+    encode_retro(train, encoder, L, tmp / "src", progress=False)
+    datastore = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
+    with serve(aio, datastore, 2) as served:
+        yield checkpoint, model, encoder, served.address
+
+
+def test_retro_two_workers_equal_one_worker(retro, data):
+    config = dataclasses.replace(CONFIG, retrieval=RetrievalConfig(k=2, nprobe=4))
+    retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=retro[3], config=config)
+    one = evaluate_distributed(retro_job, pool(workers=1))
+    two = evaluate_distributed(retro_job, pool(workers=2))
+    assert (one.perplexity, one.perplexity_without, one.tokens) == (two.perplexity, two.perplexity_without, two.tokens)
+    with ServiceRetriever(retro[3], config.retrieval) as retriever:
+        torch.set_num_threads(1)
+        reference = evaluate_retro(retro[1], TokenStore.open(data / "heldout"), retriever, retro[2], config, False)
+    assert one.tokens == reference.tokens
+    assert one.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
+    assert one.perplexity_without == pytest.approx(reference.perplexity_without, rel=1e-9)
+    assert np.isfinite(one.perplexity) and one.perplexity != one.perplexity_without

@@ -1,0 +1,80 @@
+"""The pipeline end to end at tiny sizes on a local Ray cluster, as the demo runs it: Ray Data encoding,
+the build, shards served as Ray actors, evaluation on 2 LM worker actors, samples and the report folder;
+its figures against an in-process evaluation of the same models and datastores; a second run reuses
+every stage and reports the same figures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import ray
+
+from lm_worker.checkpoint import load_checkpoint
+from lm_worker.evaluate import EvalConfig, evaluate_knnlm
+from lm_worker.pipeline import PipelineConfig, run_pipeline
+from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
+from lm_worker.token_store import TokenStore
+from lm_worker.train import TrainConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.real]
+
+
+def tiny(run: Path) -> PipelineConfig:
+    return PipelineConfig(
+        run=run, vocab_size=512, max_train_tokens=40_000, max_heldout_tokens=6_000, tune_tokens=1024,
+        lm=TrainConfig(kind="lm", preset="tiny", steps=30, batch_size=4, seq_len=64, warmup=5, eval_every=30,
+                       checkpoint_every=30),
+        retro=TrainConfig(kind="retro", preset="tiny", steps=20, batch_size=4, seq_len=64, chunk_len=16, warmup=5,
+                          eval_every=20, checkpoint_every=20),
+        context_len=64, stride=32, knn=RetrievalConfig(k=32, nprobe=8), retro_nprobe=8, temperatures=(1.0, 10.0),
+        num_cpus=4, samples=2, sample_tokens=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    ray.shutdown()
+    config = tiny(tmp_path_factory.mktemp("pipeline") / "run")
+    report = run_pipeline(config)
+    yield config, report
+    ray.shutdown()
+
+
+def test_the_report_folder_holds_every_output(first_run):
+    config, report = first_run
+    for name in ("summary.md", "table.md", "eval.json", "samples.md", "ppl_vs_lambda.png", "attention.png",
+                 "loss_lm.png", "loss_retro.png"):
+        assert (report.report / name).stat().st_size > 0, name
+    body = json.loads(report.eval_json.read_text())
+    for model, key in (("knnlm", "best_perplexity"), ("retro", "perplexity"), ("retro", "perplexity_without")):
+        assert body[model]["tokens"] > 0 and 1 < body[model][key] < config.vocab_size * 4, (model, key)
+    assert "kNN-LM" in report.summary and "RETRO" in report.summary and "total" in report.summary
+    assert (config.run / "knnlm-source" / "keys.parts.json").exists()  # written in parts by the Ray Data job
+    assert report.samples.read_text().count("### ") == 3 * config.samples
+
+
+def test_distributed_figures_equal_an_in_process_evaluation(first_run):
+    config, report = first_run
+    body = json.loads(report.eval_json.read_text())
+    chosen = body["meta"]["temperature_tuning"]["chosen"]
+    test = TokenStore.open(config.run / "data" / "test")
+    lm = load_checkpoint(config.run / "lm").model
+    eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, retrieval=config.knn,
+                             temperature=chosen)
+    with InProcessRetriever(config.run / "knnlm-datastore", config.knn) as retriever:
+        reference = evaluate_knnlm(lm, test, retriever, eval_config, progress=False)
+    assert body["knnlm"]["tokens"] == reference.tokens == len(test) - 1
+    assert body["knnlm"]["base_perplexity"] == pytest.approx(reference.base_perplexity, rel=1e-6)
+    assert body["knnlm"]["best_perplexity"] == pytest.approx(reference.best_perplexity, rel=1e-5)
+
+
+def test_a_second_run_reuses_every_stage(first_run):
+    config, report = first_run
+    again = run_pipeline(replace(config))
+    stages = {row["stage"]: row["reused"] for row in json.loads(again.eval_json.read_text())["meta"]["stages"]}
+    built = [name for name, reused in stages.items() if name.split()[0] in ("prepare", "train", "encode", "build",
+                                                                           "embed", "RETRO", "choose")]
+    assert built and all(stages[name] for name in built), stages
+    assert again.table == report.table  # evaluation shares reused: the same figures

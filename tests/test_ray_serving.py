@@ -1,0 +1,236 @@
+"""Shards and a router as named Ray actors on a simulated 3-node cluster: the placement plan, search
+through the router equal to one in-process index, lookup by name, the command line with a detached
+deployment, and a removed node's replica restarted elsewhere and found again by the router."""
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_same_neighbours, build, simulated_cluster, synthetic, unsharded_reference
+
+from retriever_server import cli
+from retriever_server import index as ix
+from retriever_server.client import RetrieverClient
+from retriever_server.manifest import shard_name
+from retriever_server.ray_placement import NodeSlot, PlacementError, plan_placement
+
+N, D = 2000, 16
+NODES = [NodeSlot("w1", 4.0), NodeSlot("w2", 4.0), NodeSlot("w3", 4.0), NodeSlot("head", 4.0, head=True)]
+
+
+def nodes_of(plan: dict, shard: int) -> list[str]:
+    return [node for (s, _), node in sorted(plan.items()) if s == shard]
+
+
+def test_plan_puts_shards_on_different_nodes_and_the_head_last():
+    plan = plan_placement(NODES, shards=3, replicas=1, cpus_per_shard=1)
+    assert sorted(plan.values()) == ["w1", "w2", "w3"]
+
+
+def test_plan_puts_replicas_of_a_shard_on_different_nodes_and_balances():
+    plan = plan_placement(NODES, shards=3, replicas=4, cpus_per_shard=1)
+    for shard in range(3):
+        assert sorted(nodes_of(plan, shard)) == ["head", "w1", "w2", "w3"]
+    assert sorted(list(plan.values()).count(n.node_id) for n in NODES) == [3, 3, 3, 3]
+
+
+def test_plan_shares_nodes_with_a_warning_when_replicas_outnumber_nodes(caplog):
+    with caplog.at_level(logging.WARNING, logger="retriever_server.ray_placement"):
+        plan = plan_placement(NODES[:2], shards=1, replicas=3, cpus_per_shard=1)
+    assert sorted(plan.values()) == ["w1", "w1", "w2"]
+    assert "shard-00000 replica 2 shares node w1" in caplog.text
+
+
+def test_plan_respects_cpus_and_refuses_what_does_not_fit():
+    small = [NodeSlot("w1", 1.0), NodeSlot("w2", 1.0), NodeSlot("head", 0.0, head=True)]
+    plan = plan_placement(small, shards=2, replicas=2, cpus_per_shard=0.5)
+    assert sorted(plan.values()) == ["w1", "w1", "w2", "w2"]
+    with pytest.raises(PlacementError, match=r"2 shards x 2 replicas of 1 CPUs each \(4 CPUs\).*3 live nodes have 2"):
+        plan_placement(small, shards=2, replicas=2, cpus_per_shard=1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two workers of 1 CPU each, this module's alone."""
+    with simulated_cluster(workers=2, cpus=1) as simulated:
+        yield simulated
+
+
+@pytest.fixture(scope="module")
+def keys() -> np.ndarray:
+    return synthetic(N, D, seed=21)
+
+
+@pytest.fixture(scope="module")
+def datastore(cluster, keys, tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("ray-serving"), keys, "ds", shards=2, factory="IVF8,PQ4",
+                 payload_arrays={"values": np.arange(N, dtype=np.int32) * 3})
+
+
+@pytest.fixture(scope="module")
+def reference(datastore, keys):
+    return unsharded_reference(datastore, keys)
+
+
+def config(datastore: Path, name: str, replicas: int):
+    from retriever_server.ray_serving import RayServeConfig
+
+    return RayServeConfig(datastore, name=name, replicas=replicas, cpus_per_shard=0.5, host="127.0.0.1",
+                          metrics=False, grace_s=0.5, startup_timeout_s=120)
+
+
+def assert_answers_like_one_index(address: str, keys: np.ndarray, reference) -> None:
+    queries = keys[:40]
+    with RetrieverClient(address, timeout=30) as client:
+        for k, nprobe in ((1, 1), (10, 4), (25, 8)):
+            got = client.search(queries, k=k, nprobe=nprobe, payloads=["values"])
+            ref_d, ref_i = ix.search(reference, queries, k, nprobe)
+            assert not got.partial
+            assert_same_neighbours(got.ids, got.distances, ref_i, ref_d)
+            np.testing.assert_array_equal(got.payloads["values"], got.ids * 3)
+
+
+def actors_named(prefix: str, timeout_s: float = 10.0) -> list[str]:
+    """Named actors of the test namespace starting with `prefix`, after waiting for them to go."""
+    import ray
+
+    from retriever_server.ray_serving import DEFAULT_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == DEFAULT_NAMESPACE and a["name"].startswith(prefix)]
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(cluster, datastore, keys, reference):
+    import ray
+
+    from retriever_server.ray_serving import DeploymentError, RayDeployment, lookup
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    with RayDeployment(config(datastore, "two", replicas=1)) as deployment:
+        placements = deployment.placements
+        assert placements == deployment.plan
+        assert placements[0, 0] != placements[1, 0] and set(placements.values()) <= alive
+        assert lookup("two") == deployment.router_address
+        for shard, (address,) in enumerate(deployment.shard_addresses):
+            with RetrieverClient(address) as client:
+                assert client.info().shard == shard_name(shard)
+        assert_answers_like_one_index(lookup("two"), keys, reference)
+        with pytest.raises(DeploymentError, match="'two' already runs"):
+            RayDeployment(config(datastore, "two", replicas=1)).start()
+        with pytest.raises(DeploymentError, match="no deployment named 'nope'.*running there: two"):
+            lookup("nope")
+    assert actors_named("two/") == []
+    with pytest.raises(DeploymentError, match="no deployment named 'two'"):
+        lookup("two")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_that_cannot_load_its_shard_is_named_and_nothing_is_left_running(cluster, datastore, tmp_path):
+    from retriever_server.ray_serving import DeploymentError, RayDeployment
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(datastore, damaged)
+    payload = damaged / "shard-00001" / "payload.values.npy"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    payload.write_bytes(bytes(data))
+    with pytest.raises(DeploymentError, match=r"bad/shard-1/replica-0 did not start: .*shard-00001/payload.values.npy "
+                                              r"checksum does not match"):
+        RayDeployment(config(damaged, "bad", replicas=1)).start()
+    assert actors_named("bad/") == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_deploys_detached_then_looks_up_and_undeploys(cluster, datastore, keys, reference, capsys):
+    deployed = subprocess.run(
+        [sys.executable, "-m", "retriever_server.cli", "--log-level", "warning", "deploy", "--datastore",
+         str(datastore), "--name", "cli", "--address", cluster.address, "--detached", "--host", "127.0.0.1",
+         "--cpus-per-shard", "0.25", "--no-metrics"], capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stderr
+    router = next(line.split()[2] for line in deployed.stdout.splitlines() if line.startswith("cli: router "))
+    assert cli.main(["lookup", "cli", "--address", cluster.address]) == 0  # its driver is gone; the actors serve
+    assert capsys.readouterr().out.strip() == router
+    assert_answers_like_one_index(router, keys, reference)
+    assert cli.main(["undeploy", "--name", "cli"]) == 0
+    assert "stopped cli: 3 actors" in capsys.readouterr().out
+    assert actors_named("cli/") == []
+    assert cli.main(["lookup", "cli"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["retriever-server lookup: error: no deployment named 'cli' in namespace 'retrieval-datastore'; "
+                   "none is running there"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_deploy_serves_until_sigterm_then_stops_its_actors(cluster, datastore, tmp_path):
+    from retriever_server.ray_serving import lookup
+
+    address_file = tmp_path / "router.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "retriever_server.cli", "--log-level", "warning", "deploy", "--datastore",
+         str(datastore), "--name", "fg", "--address", cluster.address, "--host", "127.0.0.1", "--cpus-per-shard",
+         "0.25", "--no-metrics", "--address-file", str(address_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.is_file():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        assert json.loads(address_file.read_text())["address"] == lookup("fg")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert actors_named("fg/") == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_replicas_on_different_nodes_and_a_removed_node_is_survived_then_replaced(cluster, datastore, keys,
+                                                                                   reference):
+    import ray
+
+    from retriever_server.ray_serving import RayDeployment
+
+    with RayDeployment(config(datastore, "pairs", replicas=2)) as deployment:
+        placements = deployment.placements
+        for shard in range(2):
+            assert len(set(nodes_of(placements, shard))) == 2, placements
+        assert_answers_like_one_index(deployment.router_address, keys, reference)
+        before = deployment.shard_addresses
+        workers = {node.node_id: node for node in cluster.worker_nodes}
+        held = {w: [key for key, node in placements.items() if node == w] for w in workers}
+        victim = min((w for w in held if held[w]), key=lambda w: len(held[w]))
+        cluster.remove_node(workers[victim])
+        assert_answers_like_one_index(deployment.router_address, keys, reference)  # the other replicas answer
+
+        moved = held[victim]
+        deadline = time.monotonic() + 60
+        while any(deployment.shard_addresses[s][r] == before[s][r] for s, r in moved):
+            assert time.monotonic() < deadline, f"the router did not learn the new addresses of {moved}"
+            time.sleep(0.2)
+        now = deployment.placements
+        assert all(now[key] != victim for key in moved)
+        for s, r in moved:  # the restarted replicas alone serve their shards now
+            for other in set(range(2)) - {r}:
+                ray.kill(deployment.shards[s][other], no_restart=True)
+        assert_answers_like_one_index(deployment.router_address, keys, reference)
+    assert actors_named("pairs/") == []
