@@ -46,9 +46,9 @@ PROMPTS = ("def read_config(path):\n", "class Parser:\n    def __init__(self", "
 @dataclass(frozen=True)
 class PipelineConfig:
     """Sizes of every stage and where it runs. The defaults fit 2 CPU cores in well under an hour;
-    `demo()` in under 20 minutes. The held-out split is cut into validation documents
-    (`tune_tokens`, where kNN-LM's temperature is chosen) and test documents, where every reported
-    perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
+    `demo()` in under 20 minutes. The held-out split is cut into validation text (its last
+    `tune_tokens` tokens, where kNN-LM's temperature is chosen) and test documents (the rest),
+    where every reported perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
     this process); `serve_on_ray` serves the shards as Ray actors (else local processes)."""
 
     run: Path = Path("runs/stdlib")
@@ -147,21 +147,37 @@ def _prepare(config: PipelineConfig) -> None:
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
 
 
+def _cut_validation(docs: list, tune_tokens: int) -> tuple[list, list]:
+    """(test, valid): valid is the last `tune_tokens` tokens of the held-out documents, the document
+    where it starts cut in two (its head stays a test document), test the rest."""
+    test, valid, need = list(docs), [], tune_tokens
+    while need > 1 and test:  # (a document's tokens, then its EOS)
+        name, tokens = test.pop()
+        if len(tokens) + 1 > need:  # longer than what is still needed: only its tail validates
+            cut = len(tokens) - (need - 1)
+            test.append((f"{name}[:{cut}]", tokens[:cut]))
+            valid.insert(0, (f"{name}[{cut}:]", tokens[cut:]))
+            need = 0
+        else:
+            valid.insert(0, (name, tokens))
+            need -= len(tokens) + 1
+    if not test:
+        raise ValueError(f"{len(docs)} held-out documents leave nothing to test on after {tune_tokens} "
+                         "validation tokens: lower tune_tokens or hold out more text")
+    return test, valid
+
+
 def _split_heldout(config: PipelineConfig, heldout):
-    """The held-out documents split in two: "valid" (the last documents, at least `tune_tokens`
-    tokens) to choose kNN-LM's temperature on, and "test" (the others), where perplexity is reported."""
+    """The held-out documents split in two: "valid" (their last `tune_tokens` tokens) to choose
+    kNN-LM's temperature on, and "test" (the rest), where every perplexity is reported."""
     from lm_worker.token_store import TokenStore, write_token_store
 
     data = config.run / "data"
     if not _done(data / "test" / "documents.json"):
         docs = [(d.name, np.asarray(heldout.tokens[d.start:d.end - 1])) for d in heldout.documents]  # EOS re-added
-        cut = next((i for i in range(len(docs) - 1, -1, -1)
-                    if sum(len(t) + 1 for _, t in docs[i:]) >= config.tune_tokens), 0)
-        if cut == 0:
-            raise ValueError(f"{len(docs)} held-out documents leave nothing to test on after {config.tune_tokens} "
-                             "validation tokens: lower tune_tokens or hold out more text")
+        test, valid = _cut_validation(docs, config.tune_tokens)
         eos = int(heldout.tokens[-1])
-        for name, part in (("valid", docs[cut:]), ("test", docs[:cut])):
+        for name, part in (("valid", valid), ("test", test)):
             write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint)
     return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
 
@@ -302,9 +318,8 @@ def _samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, r
     steppers = {"LM alone, greedy": (LMStepper(lm), decode),
                 f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g}), greedy":
                     (KnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature), decode),
-                "RETRO, top-p 0.9 sampling, prefetch 4":
-                    (RetroStepper(retro, retro_retriever, encoder, prefetch=4),
-                     replace(decode, strategy="sample", top_p=0.9, seed=0))}
+                "RETRO, greedy, queries sent 4 tokens early":
+                    (RetroStepper(retro, retro_retriever, encoder, prefetch=4), decode)}
     lines = ["# Samples\n"]
     for prompt in prompts:
         lines.append(f"## Prompt\n\n```python\n{prompt}```\n")
@@ -389,7 +404,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         with stages.stage(f"train RETRO ({config.retro.steps} steps)", reused=_trained(config, config.retro, "retro")):
             retro_checkpoint = _train(config, config.retro, "retro", neighbours=run / "retro-source")
         retro = load_checkpoint(retro_checkpoint).model
-        with stages.stage("choose kNN-LM's temperature on validation docs",
+        with stages.stage("choose kNN-LM's temperature on validation text",
                           reused=_done(run / "report" / "temperature.json")):
             temperature, tuning = _tune_temperature(config, lm, valid, knn_retriever, eval_config)
         with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False):
@@ -412,9 +427,10 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
 
     report = config.run / "report"
     meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
-            "evaluated_on": {"split": "test (the held-out documents before the validation ones)", "tokens": len(test),
+            "evaluated_on": {"split": "test (the held-out documents but their last tune_tokens tokens)",
+                             "tokens": len(test),
                              "documents": len(test.documents)},
-            "temperature_tuning": {"split": "valid (the last held-out documents)", "tokens": len(valid),
+            "temperature_tuning": {"split": "valid (the last tune_tokens held-out tokens)", "tokens": len(valid),
                                    "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
                                    "chosen": temperature},
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
@@ -427,6 +443,7 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
             plots.append(Path(shutil.copy(config.run / name / "loss.png", report / f"loss_{name}.png")))
     table = report_table(knn_result, retro_result)
     summary = (f"Perplexity on {len(test)} test tokens ({len(test.documents)} held-out documents); kNN-LM's "
-               f"temperature T={temperature:g} chosen on {len(valid)} validation tokens.\n\n{table}\n{stages.table()}")
+               f"temperature T={temperature:g} chosen on the {len(valid)} held-out tokens after them.\n\n{table}\n"
+               f"{stages.table()}")
     (report / "summary.md").write_text(summary)
     return PipelineReport(config.run, table, summary, report, report / "eval.json", plots, samples)

@@ -78,3 +78,15 @@ def test_a_second_run_reuses_every_stage(first_run):
                                                                            "embed", "RETRO", "choose")]
     assert built and all(stages[name] for name in built), stages
     assert again.table == report.table  # evaluation shares reused: the same figures
+
+
+def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut():
+    from lm_worker.pipeline import _cut_validation
+
+    docs = [("a", list(range(100))), ("b", list(range(5000))), ("c", list(range(30)))]
+    test, valid = _cut_validation(docs, 1000)
+    assert [name for name, _ in valid] == ["b[4032:]", "c"] and [name for name, _ in test] == ["a", "b[:4032]"]
+    assert sum(len(t) + 1 for _, t in valid) == 1000  # with each document's EOS
+    assert test[1][1] + valid[0][1] == docs[1][1]  # nothing lost, nothing twice
+    with pytest.raises(ValueError, match="nothing to test on"):
+        _cut_validation(docs[2:], 1000)
