@@ -375,6 +375,7 @@ def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], don
                     continue
                 _save_share(config.checkpoint_dir, body)
                 done[body["share"]] = body
+                body = {**body, "replaced": pool.replaced}  # what the caller sees: workers replaced so far
                 bar.update(1)
                 if on_share is not None:
                     on_share(body)

@@ -56,9 +56,10 @@ def ray_cluster():
 
 
 @contextlib.contextmanager
-def simulated_cluster(workers: int = 2, cpus: float = 1) -> Iterator:
-    """A head and `workers` worker nodes of `cpus` CPUs each (`ray.cluster_utils.Cluster`), joined by this
-    process; its address is not left behind for other processes' `ray.init()` to find. Yields the Cluster."""
+def simulated_cluster(workers: int = 2, cpus: float = 1, head_cpus: float | None = None) -> Iterator:
+    """A head (`head_cpus`, default `cpus`) and `workers` worker nodes of `cpus` CPUs each
+    (`ray.cluster_utils.Cluster`), joined by this process; its address is not left behind for other
+    processes' `ray.init()` to find. Yields the Cluster."""
     import ray
     from ray._common.utils import reset_ray_address
     from ray._private.utils import read_ray_address
@@ -66,7 +67,8 @@ def simulated_cluster(workers: int = 2, cpus: float = 1) -> Iterator:
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    head = cpus if head_cpus is None else head_cpus
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head, "include_dashboard": False})
     if read_ray_address() == cluster.address:
         reset_ray_address()
     try:

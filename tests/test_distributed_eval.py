@@ -6,6 +6,7 @@ and the figures do not change."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sysconfig
 from pathlib import Path
@@ -34,8 +35,9 @@ L = 4
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and two worker nodes, one CPU each: two evaluation workers leave one slot for a replacement."""
-    with simulated_cluster(workers=2, cpus=1) as c:
+    """A head without CPUs and two worker nodes with one each: every evaluation worker runs on a node
+    that can be removed."""
+    with simulated_cluster(workers=2, cpus=1, head_cpus=0) as c:
         yield c, [n for n in c.list_all_nodes() if n is not c.head_node]
 
 
@@ -113,32 +115,6 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
         evaluate_distributed(other, pool(workers=1, checkpoint_dir=tmp_path))
 
 
-def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_path, caplog):
-    c, workers = cluster
-    reference = evaluate_distributed(job(knn, data), pool(workers=1))
-    by_id = {w.node_id: w for w in workers}
-    seen: dict[int, str] = {}  # worker pid -> node
-    removed: list[str] = []
-
-    def remove_a_busy_node(body: dict) -> None:
-        seen[body["pid"]] = body["node"]
-        others = [n for pid, n in seen.items() if pid != body["pid"] and n in by_id]
-        if not removed and others:  # the other worker is in the middle of its share right now
-            removed.append(others[0])
-            c.remove_node(by_id[others[0]], allow_graceful=False)
-
-    counted: list[int] = []
-    result = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path),
-                                  on_share=lambda b: (counted.append(b["share"]), remove_a_busy_node(b)))
-    assert removed, "no worker ran on a removable node"
-    assert "an evaluation worker died" in caplog.text and "starting a replacement" in caplog.text
-    assert sorted(counted) == sorted(set(counted))  # no share counted twice
-    assert result.perplexity == reference.perplexity and result.tokens == reference.tokens
-    workers.remove(by_id[removed[0]])
-    workers.append(c.add_node(num_cpus=1))  # back to three nodes for whatever runs next
-    c.wait_for_nodes()
-
-
 @pytest.fixture(scope="module")
 def retro(cluster, data, tmp_path_factory, aio):
     """A tiny RETRO checkpoint and its MiniLM-keyed 2-shard datastore, served; yields (checkpoint, model, address)."""
@@ -171,3 +147,35 @@ def test_retro_two_workers_equal_one_worker(retro, data):
     assert one.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
     assert one.perplexity_without == pytest.approx(reference.perplexity_without, rel=1e-9)
     assert np.isfinite(one.perplexity) and one.perplexity != one.perplexity_without
+
+
+def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_path, caplog):
+    c, workers = cluster
+    one_batch_shares = dict(batches_per_share=1, progress=False)
+    reference = evaluate_distributed(job(knn, data), WorkerPoolConfig(workers=1, **one_batch_shares))
+    total = len(plan_shares(count_batches(TokenStore.open(data / "heldout"), CONFIG), 1))
+    by_id = {w.node_id: w for w in workers}
+    seen: dict[int, str] = {}  # worker pid -> node
+    removed: list[str] = []
+    counted: list[int] = []
+    counted_replaced: list[int] = []
+
+    def remove_a_worker_node(body: dict) -> None:
+        counted.append(body["share"])
+        counted_replaced.append(body["replaced"])
+        seen[body["pid"]] = body["node"]
+        if removed:
+            return
+        busy = [n for pid, n in seen.items() if pid != body["pid"]]  # the other worker, in the middle of a share
+        if busy or len(counted) == 4:  # else this worker's node, just before it is handed its next share
+            removed.append(busy[0] if busy else body["node"])
+            c.remove_node(by_id[removed[0]], allow_graceful=False)
+
+    with caplog.at_level(logging.WARNING, logger="lm_worker.distributed_eval"):
+        result = evaluate_distributed(job(knn, data), WorkerPoolConfig(workers=2, checkpoint_dir=tmp_path,
+                                                                        **one_batch_shares),
+                                      on_share=remove_a_worker_node)
+    assert removed
+    assert counted_replaced[-1] >= 1, caplog.text  # the lost worker was noticed and replaced
+    assert sorted(counted) == list(range(total))  # every share counted once
+    assert result.perplexity == reference.perplexity and result.tokens == reference.tokens
