@@ -5,9 +5,12 @@ and the figures do not change."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sysconfig
 from pathlib import Path
 
@@ -170,6 +173,9 @@ def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_p
         if busy or len(counted) == 4:  # else this worker's node, just before it is handed its next share
             removed.append(busy[0] if busy else body["node"])
             c.remove_node(by_id[removed[0]], allow_graceful=False)
+            for pid in [p for p, n in seen.items() if n == removed[0]]:  # a lost machine takes its processes
+                with contextlib.suppress(ProcessLookupError):  # (an orphaned worker may not notice for a while)
+                    os.kill(pid, signal.SIGKILL)
 
     with caplog.at_level(logging.WARNING, logger="lm_worker.distributed_eval"):
         result = evaluate_distributed(job(knn, data), WorkerPoolConfig(workers=2, checkpoint_dir=tmp_path,
