@@ -36,6 +36,7 @@ import ray
 from tqdm.auto import tqdm
 
 from lm_worker.evaluate import EvalConfig, KnnEvalResult, RetroEvalResult, perplexity
+from retriever_server.ray_connect import connect
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +313,6 @@ class _Pool:
             ray.kill(actor, no_restart=True)
 
 
-def _init_ray(config: WorkerPoolConfig) -> None:
-    if not ray.is_initialized():
-        ray.init(address=config.address, num_cpus=None if (config.address or os.environ.get("RAY_ADDRESS"))
-                 else config.num_cpus_local, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
-
-
 def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConfig(),
                          on_share: Callable[[dict], None] | None = None) -> KnnEvalResult | RetroEvalResult:
     """Evaluates `job` over `config.workers` LM worker actors and combines their shares.
@@ -354,7 +348,7 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
              len(done), config.workers)
     if queue:
-        _init_ray(config)
+        connect(config.address, config.num_cpus_local, log_to_driver=False)
         _run_shares(job, config, queue, done, on_share, len(shares))
     result = _combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
     log.info("%s over %d tokens from %d shares", job.kind, result.tokens, len(shares))

@@ -51,6 +51,7 @@ from lm_worker.encode import (
     window_keys,
 )
 from lm_worker.token_store import TokenStore
+from retriever_server.ray_connect import connect
 from retriever_server.row_parts import PARTS_SUFFIX, write_parts_index
 
 log = logging.getLogger(__name__)
@@ -399,8 +400,7 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
     import ray.data
     from tqdm.auto import tqdm
 
-    if not ray.is_initialized():
-        ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
+    connect(config.address)
     actor_args = {"config": config, "out_dir": str(out_dir.absolute()), "eos_id": eos_id,
                   "encoder_factory": encoder_factory}
     with _quiet_ray_data():

@@ -126,13 +126,9 @@ def _done(path: Path) -> bool:
 
 
 def _connect(config: PipelineConfig) -> None:
-    import ray
+    from retriever_server.ray_connect import connect
 
-    if ray.is_initialized():
-        return
-    local = not (config.address or os.environ.get("RAY_ADDRESS"))
-    ray.init(address=config.address, num_cpus=(config.num_cpus or max(4, os.cpu_count() or 1)) if local else None,
-             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    connect(config.address, config.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=False)
 
 
 # ---------------------------------------------------------------------------------------------- data, models

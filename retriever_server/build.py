@@ -35,6 +35,7 @@ from retriever_server.manifest import (
     write_manifest,
 )
 from retriever_server.publish import replace_directory
+from retriever_server.ray_connect import connect
 from retriever_server.row_parts import PartedArray, files_of, open_rows
 
 log = logging.getLogger(__name__)
@@ -299,9 +300,7 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     """
     _check_output(config)
     inputs = check_inputs(config)
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+    connect(address, num_cpus)
     started = time.time()
     work = config.out.parent / f".{config.out.name}.partial"
     with as_build_error(f"preparing {work}", work):

@@ -366,7 +366,8 @@ def _cmd_search(args) -> int:
 
 def _cmd_deploy(args) -> int:
     from retriever_server.manifest import read_manifest
-    from retriever_server.ray_serving import RayDeployment, RayServeConfig, connect, ray_address
+    from retriever_server.ray_connect import connect
+    from retriever_server.ray_serving import RayDeployment, RayServeConfig, ray_address
     from retriever_server.shard import ShardOptions
 
     config = RayServeConfig(
@@ -400,7 +401,8 @@ def _cmd_deploy(args) -> int:
 
 
 def _cmd_undeploy(args) -> int:
-    from retriever_server.ray_serving import connect, undeploy
+    from retriever_server.ray_connect import connect
+    from retriever_server.ray_serving import undeploy
 
     connect(args.address, existing=True)
     count = undeploy(args.name, namespace=args.namespace, grace_s=args.grace)
@@ -409,7 +411,8 @@ def _cmd_undeploy(args) -> int:
 
 
 def _cmd_lookup(args) -> int:
-    from retriever_server.ray_serving import connect, lookup
+    from retriever_server.ray_connect import connect
+    from retriever_server.ray_serving import lookup
 
     connect(args.address, existing=True)
     print(lookup(args.name, namespace=args.namespace))

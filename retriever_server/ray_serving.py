@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from retriever_server.manifest import read_manifest
 from retriever_server.ray_actors import RouterActor, ShardReplica
+from retriever_server.ray_connect import connect
 from retriever_server.ray_placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
 from retriever_server.request import Limits
 from retriever_server.router import RouterConfig
@@ -92,16 +93,6 @@ def _failure(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else type(cause).__name__
-
-
-def connect(address: str | None = None, num_cpus: int | None = None, existing: bool = False) -> None:
-    """Connects this process to Ray unless it is already: `address`, else RAY_ADDRESS or the cluster
-    started on this machine, else a new local cluster (or ConnectionError when `existing`)."""
-    if ray.is_initialized():
-        return
-    target = address or ("auto" if existing else None)
-    ray.init(address=target, num_cpus=None if target else num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING)
 
 
 def ray_address() -> str:
