@@ -220,17 +220,14 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
 
 def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen: GenerateConfig) -> dict:
     """RETRO without neighbours, exact, and prefetched serial / overlapped, against RUN/retro-datastore."""
-    from lm_worker.chunk_encoder import ChunkEncoder
+    from lm_worker.retro_encoders import chunk_encoder_for
 
     L = retro.config.chunk_len
     s = L // 2 if config.prefetch < 0 else config.prefetch
-    encoder = ChunkEncoder(tokenizer)
     retrieval = RetrievalConfig(k=retro.config.n_neighbours, nprobe=config.nprobe)
     with LocalDeployment(config.run / "retro-datastore") as deployment, \
             ServiceRetriever(deployment.router_address, retrieval) as retriever:
-        stored = retriever.metadata.get("encoder")
-        if stored and stored != encoder.fingerprint:
-            print(f"warning: retro-datastore keys come from encoder {stored}, queries from {encoder.fingerprint}")
+        encoder = chunk_encoder_for(retriever.metadata, tokenizer)  # the encoder of the datastore's keys
         model = retro.model
         variants = {
             "retro (no retrieval)": lambda: LMStepper(model),

@@ -78,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("kind", choices=("knnlm", "retro"))
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--checkpoint", type=Path, help="kNN-LM: the LM whose keys are stored")
+    e.add_argument("--checkpoint", type=Path,
+                   help="the base LM: kNN-LM, whose keys are stored; RETRO with --encoder lm, whose keys embed chunks")
+    e.add_argument("--encoder", choices=("minilm", "lm"), default="minilm",
+                   help="RETRO: the frozen chunk encoder (MiniLM, or the base LM's key at the chunk's last token)")
     e.add_argument("--split", choices=("train", "heldout"), default="train")
     e.add_argument("--context-len", type=int, default=256)
     e.add_argument("--stride", type=int, default=128)
@@ -170,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     pl.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
+    pl.add_argument("--retro-encoder", choices=("minilm", "lm"), default="minilm",
+                    help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
     d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 15 minutes on "
                                     "2 cores; a second run reuses what the first built)")
@@ -263,10 +268,13 @@ def _encode(args) -> None:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.kind == "knnlm":
         _need(args.checkpoint, "--checkpoint", "for a kNN-LM source")
+    elif args.encoder == "lm":
+        _need(args.checkpoint, "--checkpoint", "for --encoder lm")
     if args.workers:
         from lm_worker.encode_job import EncodeJobConfig, run_encode_job
 
         config = EncodeJobConfig(kind=args.kind, data=args.data, split=args.split, checkpoint=args.checkpoint,
+                                 encoder=args.encoder,
                                  chunk_len=args.chunk_len, context_len=args.context_len, stride=args.stride,
                                  rows_per_part=args.rows_per_part, workers=args.workers, device=args.device,
                                  num_cpus=args.worker_cpus, address=args.address, progress=not args.no_progress)
@@ -288,10 +296,11 @@ def _encode_in_process(args):
         model = load_checkpoint(args.checkpoint, args.device).model
         return encode_knnlm(model, store, args.out, args.context_len, args.stride, device=args.device,
                             progress=not args.no_progress)
-    from lm_worker.chunk_encoder import ChunkEncoder
     from lm_worker.encode import encode_retro
+    from lm_worker.retro_encoders import make_chunk_encoder
 
-    return encode_retro(store, ChunkEncoder(tokenizer), args.chunk_len, args.out, progress=not args.no_progress)
+    encoder = make_chunk_encoder(args.encoder, tokenizer, args.checkpoint, device=args.device)
+    return encode_retro(store, encoder, args.chunk_len, args.out, progress=not args.no_progress)
 
 
 def _build(args) -> None:
@@ -315,9 +324,10 @@ def _neighbours(args) -> None:
         _need(retriever, "--target or --datastore", "to fetch neighbours")
         held_keys = args.source / "heldout-keys.npy"
         if not held_keys.is_file():
-            from lm_worker.chunk_encoder import ChunkEncoder
+            from lm_worker.retro_encoders import chunk_encoder_for, source_metadata
 
-            embed_chunks(heldout, ChunkEncoder(tokenizer), L, held_keys, progress=not args.no_progress)
+            embed_chunks(heldout, chunk_encoder_for(source_metadata(source), tokenizer), L, held_keys,
+                         progress=not args.no_progress)
         for name, keys, exclude in (("train", source.open_keys(), chunk_exclusions(train, L)),
                                     ("heldout", np.load(held_keys, mmap_mode="r"), None)):
             out = args.source / f"neighbours-{name}.npy"
@@ -337,12 +347,13 @@ def _eval_in_process(args, store, tokenizer, config):
             knn = evaluate_knnlm(lm, store, _need(retriever, "--knnlm-target or --knnlm-datastore", "with --lm"),
                                  config, progress)
     if args.retro:
-        from lm_worker.chunk_encoder import ChunkEncoder
+        from lm_worker.retro_encoders import chunk_encoder_for
 
         model = load_checkpoint(args.retro).model
         with _retriever(args, "retro-", k=model.config.n_neighbours) as retriever:
             retriever = _need(retriever, "--retro-target or --retro-datastore", "with --retro")
-            retro = evaluate_retro(model, store, retriever, ChunkEncoder(tokenizer), config, progress)
+            encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+            retro = evaluate_retro(model, store, retriever, encoder, config, progress)
     return knn, retro
 
 
@@ -429,9 +440,10 @@ def _generate(args) -> None:
         if args.no_retrieval or retriever is None:
             stepper = LMStepper(loaded.model)
         elif retro:
-            from lm_worker.chunk_encoder import ChunkEncoder
+            from lm_worker.retro_encoders import chunk_encoder_for
 
-            stepper = RetroStepper(loaded.model, retriever, ChunkEncoder(tokenizer), prefetch=args.prefetch,
+            encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+            stepper = RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch,
                                    overlap=not args.no_overlap)
         else:
             stepper = KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
@@ -450,7 +462,7 @@ def _attention(args) -> None:
 
     from lm_worker.attention_plot import plot_retrieved_attention
     from lm_worker.checkpoint import load_checkpoint
-    from lm_worker.chunk_encoder import ChunkEncoder
+    from lm_worker.retro_encoders import chunk_encoder_for
     from lm_worker.token_store import load_prepared
 
     tokenizer, _, heldout = load_prepared(args.data)
@@ -459,7 +471,8 @@ def _attention(args) -> None:
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     with _retriever(args, "", k=model.config.n_neighbours) as retriever:
         retriever = _need(retriever, "--target or --datastore", "to retrieve neighbours")
-        plot_retrieved_attention(model, ids, retriever, ChunkEncoder(tokenizer), tokenizer, args.chunk, args.out)
+        encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+        plot_retrieved_attention(model, ids, retriever, encoder, tokenizer, args.chunk, args.out)
     print(f"attention of chunk {args.chunk}'s readers -> {args.out}")
 
 
@@ -473,7 +486,7 @@ def _pipeline(args) -> None:
                      lm=replace(base.lm, steps=args.lm_steps, preset=args.preset),
                      retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
                      address=args.address, encode_workers=args.workers, eval_workers=args.workers,
-                     progress=not args.no_progress)
+                     retro_encoder=args.retro_encoder, progress=not args.no_progress)
     _print_report(run_pipeline(config))
 
 

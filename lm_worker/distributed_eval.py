@@ -138,15 +138,17 @@ class EvalWorker:
         retrieval = job.config.retrieval
         if job.kind == "retro":
             retrieval = dataclasses.replace(retrieval, k=self.model.config.n_neighbours)
-            self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
         self.retriever = ServiceRetriever(resolve_target(job.target), retrieval)
+        if job.kind == "retro":
+            self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
 
     def _chunk_encoder(self):
-        from lm_worker.chunk_encoder import ChunkEncoder
+        """The encoder that made the RETRO datastore's keys (named by its metadata)."""
+        from lm_worker.retro_encoders import chunk_encoder_for
         from lm_worker.tokenizer import Tokenizer
 
         path = self.job.tokenizer or Path(self.job.store).parent / "tokenizer.json"
-        return ChunkEncoder(Tokenizer.load(path), threads=1)
+        return chunk_encoder_for(self.retriever.metadata, Tokenizer.load(path), threads=1)
 
     def ready(self) -> str:
         """The node this worker runs on."""

@@ -323,10 +323,16 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
     del payload
     info = SourceInfo(out_dir, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,
                       chunk_len, details={"eos_id": eos, "store": str(store.directory),
-                                          "seconds": round(time.time() - started, 3)})
+                                          "seconds": round(time.time() - started, 3), **_encoder_checkpoint(encoder)})
     info.write()
     log.info("RETRO source %s: %d chunks of %d tokens", out_dir, C, chunk_len)
     return info
+
+
+def _encoder_checkpoint(encoder) -> dict[str, str]:
+    """{"encoder_checkpoint": path} for an encoder that loads from a checkpoint (the LM encoder)."""
+    checkpoint = getattr(encoder, "checkpoint", None)
+    return {"encoder_checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {}
 
 
 def chunk_exclusions(store: TokenStore, chunk_len: int) -> list[tuple[int, int]]:
@@ -440,6 +446,8 @@ def build_source(source_dir: Path, out: Path, shards: int = 2, factory: str = "a
     metadata = {"kind": info.kind, "tokenizer": info.tokenizer_fingerprint, "encoder": info.encoder_fingerprint}
     if info.kind == "retro":
         metadata["chunk_len"] = str(info.chunk_len)
+        if info.details.get("encoder_checkpoint"):
+            metadata["encoder_checkpoint"] = str(info.details["encoder_checkpoint"])
     else:
         metadata["context_len"] = str(info.details.get("context_len", ""))
     config = BuildConfig(keys=info.keys_path, out=Path(out), payloads={name: path}, factory=factory, shards=shards,

@@ -75,7 +75,9 @@ class EncodeJobConfig:
         kind: "knnlm" (keys of an LM at every position) or "retro" (chunk embeddings).
         data: a prepared corpus (`lm-worker prepare`): tokenizer.json and one folder per split.
         split: the split to encode.
-        checkpoint: kNN-LM: the LM (a checkpoint file or folder, or a Hugging Face folder).
+        checkpoint: the base LM (a checkpoint file or folder; kNN-LM: or a Hugging Face folder); for
+            RETRO only with encoder "lm".
+        encoder: RETRO: the frozen chunk encoder, "minilm" or "lm" (see `lm_worker.retro_encoders`).
         chunk_len: RETRO: tokens per chunk.
         context_len, stride: kNN-LM: the sliding windows (see `knn_windows`).
         rows_per_part: rows per part (kNN-LM parts hold whole windows, so about this many);
@@ -95,6 +97,7 @@ class EncodeJobConfig:
     data: Path
     split: str = "train"
     checkpoint: Path | None = None
+    encoder: str = "minilm"
     chunk_len: int = 16
     context_len: int = 256
     stride: int = 128
@@ -148,9 +151,12 @@ def check_config(config: EncodeJobConfig) -> None:
         raise ValueError(f"num_cpus must be > 0 and num_gpus >= 0, got {config.num_cpus} and {config.gpus}")
     if config.device.startswith("cuda") and config.gpus == 0:
         raise ValueError(f"device {config.device!r} needs num_gpus > 0 per worker")
-    if config.kind == "knnlm":
+    if config.encoder not in ("minilm", "lm"):
+        raise ValueError(f"encoder must be 'minilm' or 'lm', got {config.encoder!r}")
+    if config.kind == "knnlm" or config.encoder == "lm":
         if config.checkpoint is None:
-            raise ValueError("checkpoint is required for a kNN-LM source")
+            what = "a kNN-LM source" if config.kind == "knnlm" else "a RETRO source with encoder 'lm'"
+            raise ValueError(f"checkpoint is required for {what}")
         if not Path(config.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint {config.checkpoint} not found")
     if config.kind == "retro" and not (Path(config.data) / "tokenizer.json").is_file():
@@ -214,15 +220,16 @@ class _RetroRows:
 
         tokenizer = Tokenizer.load(Path(config.data) / "tokenizer.json")
         if encoder_factory is None:
-            from lm_worker.chunk_encoder import ChunkEncoder
+            from lm_worker.retro_encoders import make_chunk_encoder
 
-            device = {} if config.device == "cpu" else {"device": config.device}
-            self.encoder = ChunkEncoder(tokenizer, threads=config.torch_threads, **device)
+            self.encoder = make_chunk_encoder(config.encoder, tokenizer, config.checkpoint,
+                                              threads=config.torch_threads, device=config.device)
         else:
             self.encoder = encoder_factory(tokenizer)
         self.config, self.tokens, self.eos_id = config, store.tokens, eos_id
         self.fingerprint = self.encoder.fingerprint
-        self.details = {}
+        checkpoint = getattr(self.encoder, "checkpoint", None)
+        self.details = {"encoder_checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {}
 
     def rows(self, part: PartSpec) -> tuple[np.ndarray, np.ndarray]:
         L, b = self.config.chunk_len, self.config.batch
@@ -328,7 +335,7 @@ def finished_part(out_dir: Path, part: PartSpec) -> dict | None:
 def _job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], eos_id: int,
                encoder_factory) -> dict:
     """What finished parts must share with this run to be kept."""
-    if config.kind == "knnlm":
+    if config.kind == "knnlm" or (config.encoder == "lm" and encoder_factory is None):
         path = Path(config.checkpoint).resolve()
         files = [path / n for n in sorted(os.listdir(path))] if path.is_dir() else [path]
         model = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}

@@ -49,7 +49,8 @@ class PipelineConfig:
     `demo()` in under 20 minutes. The held-out split is cut into validation text (its last
     `tune_tokens` tokens, where kNN-LM's temperature is chosen) and test documents (the rest),
     where every reported perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
-    this process); `serve_on_ray` serves the shards as Ray actors (else local processes)."""
+    this process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
+    RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token)."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"
@@ -65,6 +66,7 @@ class PipelineConfig:
     shards: int = 2
     knn: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(k=1024, nprobe=32))
     retro_nprobe: int = 32
+    retro_encoder: str = "minilm"
     eval_tokens: int = 0
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     tune_tokens: int = 4096
@@ -203,7 +205,7 @@ def _encode(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None
     from lm_worker.encode_job import EncodeJobConfig, run_encode_job
 
     out = config.run / f"{kind}-source"
-    job = EncodeJobConfig(kind=kind, data=config.run / "data", checkpoint=lm_checkpoint,
+    job = EncodeJobConfig(kind=kind, data=config.run / "data", checkpoint=lm_checkpoint, encoder=config.retro_encoder,
                           chunk_len=config.retro.chunk_len, context_len=config.context_len, stride=config.stride,
                           workers=max(config.encode_workers, 1), address=config.address, progress=config.progress)
     run_encode_job(job, out)
@@ -341,15 +343,20 @@ def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tok
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoint: Path, encoder) -> None:
-    run = config.run
+def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoint: Path, tokenizer):
+    """Encodes and builds both datastores; returns the encoder of the RETRO source's keys."""
+    from lm_worker.encode import read_source
+    from lm_worker.retro_encoders import chunk_encoder_for, source_metadata
+
+    run, encoder = config.run, None
     for kind in ("knnlm", "retro"):
         source, datastore = run / f"{kind}-source", run / f"{kind}-datastore"
         with stages.stage(f"encode {kind} (Ray Data, {config.encode_workers} workers)",
                           reused=_done(source / "source.json")):
             if not _done(source / "source.json"):
-                _encode(config, kind, lm_checkpoint if kind == "knnlm" else None)
+                _encode(config, kind, lm_checkpoint)
         if kind == "retro":
+            encoder = chunk_encoder_for(source_metadata(read_source(source)), tokenizer)
             with stages.stage("embed held-out chunks", reused=_done(source / "heldout-keys.npy")):
                 if not _done(source / "heldout-keys.npy"):
                     _heldout_keys(config, encoder)
@@ -357,6 +364,7 @@ def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoi
                           reused=_done(datastore / "manifest.json")):
             if not _done(datastore / "manifest.json"):
                 _build(config, source, datastore)
+    return encoder
 
 
 def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
@@ -367,7 +375,6 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         RuntimeError, OSError: a stage failed (what it finished stays for the next run).
     """
     from lm_worker.checkpoint import load_checkpoint
-    from lm_worker.chunk_encoder import ChunkEncoder
     from lm_worker.evaluate import EvalConfig
     from lm_worker.retrieval import ServiceRetriever
     from lm_worker.token_store import load_prepared
@@ -383,8 +390,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     with stages.stage(f"train LM ({config.lm.steps} steps)", reused=_trained(config, config.lm, "lm")):
         lm_checkpoint = _train(config, config.lm, "lm")
     _connect(config)
-    encoder = ChunkEncoder(tokenizer)
-    _sources_and_datastores(config, stages, lm_checkpoint, encoder)
+    encoder = _sources_and_datastores(config, stages, lm_checkpoint, tokenizer)
     eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
                              retrieval=config.knn)
     retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,

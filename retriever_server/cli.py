@@ -151,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", action="store_true", help="hold the index on the GPU (faiss GPU build)")
     s.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
-    s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS default)")
+    s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per shard (0: FAISS default; "
+                   "with --datastore alone, the machine's cores shared among the shard processes)")
     _add_server(s)
 
     r = command("router", "serve the Retriever API in front of shards")

@@ -58,8 +58,11 @@ class LocalDeployment:
     """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
 
     `extra_args` go to every shard server, `router_args` to the router; `log_level` and `log_format`
-    to all of them. Their logs and address files live in `log_dir` until `stop()` removes it; it is
-    kept when a process fails to start, and the LaunchError names it.
+    to all of them. Unless `extra_args` set `--threads` (to other than 0), each shard process gets an
+    equal share of this machine's cores as FAISS threads: S x R processes searching at once with
+    FAISS's default (every core each) would oversubscribe the cores. Their logs and address files
+    live in `log_dir` until `stop()` removes it; it is kept when a process fails to start, and the
+    LaunchError names it.
     """
 
     datastore: Path
@@ -113,10 +116,18 @@ class LocalDeployment:
             time.sleep(0.1)
         raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
 
-    def _spawn_shard(self, shard: int, replica: int) -> _Process:
+    def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> _Process:
         return self._spawn(f"shard-{shard:05d}-r{replica}", [
             "serve", "--datastore", str(self.datastore), "--shard", str(shard), "--replica", str(replica),
-            "--host", self.host, "--port", "0", *self.extra_args])
+            "--host", self.host, "--port", "0", *self.extra_args, *threads])
+
+    def _threads(self, processes: int) -> list[str]:
+        """`--threads N`: the cores' share of each of `processes` shard processes, unless set by the caller."""
+        args = list(self.extra_args)
+        given = args[args.index("--threads") + 1:][:1] if "--threads" in args else []
+        if given and given[0] != "0":
+            return []
+        return ["--threads", str(max(1, (os.cpu_count() or 1) // processes))]
 
     def start(self) -> LocalDeployment:
         """Starts every process and returns once the router is SERVING.
@@ -127,8 +138,9 @@ class LocalDeployment:
         manifest = read_manifest(self.datastore)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
+            threads = self._threads(len(manifest.shards) * self.replicas)
             for i in range(len(manifest.shards)):
-                self.shards.append([self._spawn_shard(i, r) for r in range(self.replicas)])
+                self.shards.append([self._spawn_shard(i, r, threads) for r in range(self.replicas)])
             for process in self.processes():
                 self._wait_serving(process, deadline)
             spec = ",".join("|".join(p.address for p in replicas) for replicas in self.shards)

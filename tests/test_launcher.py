@@ -4,6 +4,7 @@ and SIGTERM draining every child."""
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,20 @@ def test_metrics_off_in_children(datastore):
     off = ("--metrics-port", "-1")
     with LocalDeployment(datastore, extra_args=off, router_args=off) as deployment:
         assert all(p.metrics_port is None for p in deployment.processes())
+
+
+def threads_flag(process) -> str:
+    args = list(process.popen.args)
+    return args[len(args) - 1 - args[::-1].index("--threads") + 1]  # the last --threads wins in argparse
+
+
+def test_shards_share_the_cores_unless_threads_are_given(datastore):
+    with LocalDeployment(datastore, extra_args=("--threads", "0")) as deployment:  # 0: the default, a share
+        shards = [p for replicas in deployment.shards for p in replicas]
+        assert len(shards) == 2
+        assert {threads_flag(p) for p in shards} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    with LocalDeployment(datastore, extra_args=("--threads", "3")) as deployment:
+        assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"3"}
 
 
 def test_failed_start_keeps_the_logs_and_names_them(datastore):

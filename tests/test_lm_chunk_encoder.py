@@ -1,0 +1,94 @@
+"""The LM as RETRO's chunk encoder: its keys against the LM's full forward pass, and the encoder
+found again from a built datastore's metadata (and refused when the checkpoint changed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lm_worker.checkpoint import save_checkpoint
+from lm_worker.chunk_encoder import ChunkEncoder
+from lm_worker.encode import build_source, encode_retro, read_source
+from lm_worker.encode_job import EncodeJobConfig, check_config
+from lm_worker.lm_chunk_encoder import PREFIX, LMChunkEncoder
+from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
+from lm_worker.retro_encoders import chunk_encoder_for, make_chunk_encoder, source_metadata
+from lm_worker.token_store import write_token_store
+
+L, VOCAB = 4, 64
+
+
+def tiny_lm(seed: int) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(LMConfig.tiny(vocab_size=VOCAB, max_len=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "checkpoint.pt"
+    model = tiny_lm(0)
+    return save_checkpoint(path, kind="lm", model=model, config=model.config, step=1,
+                           tokenizer_fingerprint="test:tokenizer", extra={})
+
+
+def test_keys_are_the_lm_state_at_each_chunks_last_token(checkpoint):
+    encoder = LMChunkEncoder.load(checkpoint, batch_size=3)  # several batches
+    chunks = np.random.default_rng(0).integers(1, VOCAB, (7, L))
+    got = encoder.embed(chunks)
+    model = tiny_lm(0)
+    with torch.inference_mode():
+        _, keys = model(torch.as_tensor(chunks), return_keys=True)  # the full forward, not keys()
+    assert got.shape == (7, model.config.d_model) and got.dtype == np.float32
+    np.testing.assert_allclose(got, keys[:, -1].numpy(), rtol=1e-5, atol=1e-6)
+    # a chunk's key depends on its own tokens alone: the same chunk in another batch gives the same key
+    np.testing.assert_allclose(encoder.embed(chunks[4:5]), got[4:5], rtol=1e-5, atol=1e-6)
+    assert encoder.fingerprint.startswith(PREFIX) and encoder.dimension == model.config.d_model
+    assert LMChunkEncoder(tiny_lm(1)).fingerprint != encoder.fingerprint
+
+
+def test_bad_inputs(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="needs the base LM's checkpoint"):
+        make_chunk_encoder("lm", tokenizer=None)
+    with pytest.raises(ValueError, match="unknown chunk encoder"):
+        make_chunk_encoder("bert", tokenizer=None)
+    with pytest.raises(ValueError, match="chunks must be"):
+        LMChunkEncoder.load(checkpoint).embed(np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="checkpoint is required for a RETRO source with encoder 'lm'"):
+        check_config(EncodeJobConfig(kind="retro", data=tmp_path, encoder="lm"))
+    with pytest.raises(ValueError, match="encoder must be"):
+        check_config(EncodeJobConfig(kind="retro", data=tmp_path, encoder="bert"))
+
+
+@pytest.mark.ray
+def test_datastore_names_its_encoder(ray_cluster, checkpoint, tmp_path):
+    rng = np.random.default_rng(2)
+    docs = [(f"doc{i}", rng.integers(1, VOCAB, n).tolist()) for i, n in enumerate([30, 45, 21])]
+    store = write_token_store(tmp_path / "store", docs, 0, "test:tokenizer")
+    encoder = LMChunkEncoder.load(checkpoint)
+    info = encode_retro(store, encoder, L, tmp_path / "src", progress=False)
+    assert info.encoder_fingerprint == encoder.fingerprint
+    assert source_metadata(read_source(tmp_path / "src"))["encoder_checkpoint"] == str(checkpoint.resolve())
+    ds = build_source(tmp_path / "src", tmp_path / "ds", shards=2, factory="IVF1,Flat", progress=False)
+    with InProcessRetriever(ds, RetrievalConfig(k=2)) as retriever:
+        found = chunk_encoder_for(retriever.metadata, tokenizer=None)
+        assert isinstance(found, LMChunkEncoder) and found.fingerprint == encoder.fingerprint
+        chunks = np.asarray(store.tokens[: info.rows * L]).reshape(info.rows, L)
+        keys = np.load(tmp_path / "src" / "keys.npy")
+        np.testing.assert_array_equal(found.embed(chunks), keys)  # queries embedded exactly as the stored keys
+        # each chunk's own row is its nearest neighbour: payload = the chunk and its continuation
+        neighbours = retriever.submit_chunks(found.embed(chunks), None).result()  # (C, 2, 2L)
+        np.testing.assert_array_equal(neighbours[:, 0, :L], chunks)
+        other = tmp_path / "other.pt"
+        model = tiny_lm(1)
+        save_checkpoint(other, kind="lm", model=model, config=model.config, step=1,
+                        tokenizer_fingerprint="test:tokenizer", extra={})
+        with pytest.raises(ValueError, match="pass the base LM that encoded the RETRO source"):
+            chunk_encoder_for(retriever.metadata, tokenizer=None, lm_checkpoint=other)
+        with pytest.raises(ValueError, match="names no checkpoint"):
+            chunk_encoder_for({"encoder": encoder.fingerprint}, tokenizer=None)
+
+
+def test_other_fingerprints_get_minilm():
+    assert isinstance(chunk_encoder_for({"encoder": "minilm-l6-v2:abc/wp64"}, tokenizer=None), ChunkEncoder)
