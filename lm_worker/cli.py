@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     pl.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
-    pl.add_argument("--retro-encoder", choices=("minilm", "lm"), default="minilm",
+    pl.add_argument("--retro-encoder", choices=("minilm", "lm"), default="lm",
                     help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
     d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 15 minutes on "
@@ -181,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--run", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
     d.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     d.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors")
+    d.add_argument("--retro-encoder", choices=("minilm", "lm"), default="lm",
+                   help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
     rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     rd.add_argument("--out", type=Path, default=Path("runs/retrieval-demo"), help="where it keeps what it builds")
@@ -506,7 +508,8 @@ def _demo(args) -> None:
     from lm_worker.pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig.demo(args.run, address=args.address, encode_workers=args.workers,
-                                 eval_workers=args.workers, progress=not args.no_progress)
+                                 eval_workers=args.workers, retro_encoder=args.retro_encoder,
+                                 progress=not args.no_progress)
     _print_report(run_pipeline(config))
 
 

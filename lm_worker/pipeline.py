@@ -66,7 +66,7 @@ class PipelineConfig:
     shards: int = 2
     knn: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(k=1024, nprobe=32))
     retro_nprobe: int = 32
-    retro_encoder: str = "minilm"
+    retro_encoder: str = "lm"
     eval_tokens: int = 0
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     tune_tokens: int = 4096

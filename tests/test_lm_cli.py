@@ -126,7 +126,40 @@ def test_retro_half(lm_run, capsys):
     assert out.count("--- ") == 1
 
 
+def test_retro_with_the_lm_encoder(lm_run, capsys):
+    """The LM encodes the RETRO source; neighbours, eval and generate find that encoder in the datastore."""
+    import numpy as np
+
+    from lm_worker.lm_chunk_encoder import LMChunkEncoder
+
+    run, L = lm_run, 8
+    cli(capsys, "encode", "retro", "--encoder", "lm", "--checkpoint", str(run / "lm"), "--data", str(run / "data"),
+        "--out", str(run / "retro-lm-source"), "--chunk-len", str(L), "--workers", "0")
+    cli(capsys, "build", str(run / "retro-lm-source"), "--out", str(run / "retro-lm-datastore"), "--factory",
+        "IVF4,Flat")
+    cli(capsys, "neighbours", "--source", str(run / "retro-lm-source"), "--data", str(run / "data"),
+        "--datastore", str(run / "retro-lm-datastore"), "--k", "2", "--nprobe", "4")
+    _, _, heldout = load_prepared(run / "data")
+    C = len(heldout) // L
+    chunks = np.asarray(heldout.tokens[: C * L]).reshape(C, L)
+    held_keys = np.load(run / "retro-lm-source" / "heldout-keys.npy")
+    np.testing.assert_array_equal(held_keys, LMChunkEncoder.load(run / "lm").embed(chunks))  # the LM's keys
+    cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", str(L), "--data", str(run / "data"),
+        "--out", str(run / "retro-lm"), "--neighbours", str(run / "retro-lm-source"), "--steps", "4",
+        "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--warmup", "2")
+    cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro-lm"), "--out",
+        str(run / "retro-lm-eval"), "--retro-datastore", str(run / "retro-lm-datastore"), "--retro-nprobe", "4",
+        "--context-len", "32", "--stride", "16")
+    result = json.loads((run / "retro-lm-eval" / "eval.json").read_text())["retro"]
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] != result["perplexity_without"]
+    out = cli(capsys, "generate", "--checkpoint", str(run / "retro-lm"), "--data", str(run / "data"),
+              "--datastore", str(run / "retro-lm-datastore"), "--nprobe", "4", "--prompt", "def handler_5(request",
+              "--max-new-tokens", "10")
+    assert out.count("--- ") == 1
+
+
 @pytest.mark.parametrize("args, words", [
+    (["encode", "retro", "--encoder", "lm", "--data", "{run}/data", "--out", "{run}/x"], "--checkpoint is required"),
     (["eval", "--data", "{run}/data", "--out", "{run}/x"], "give --lm"),
     (["eval", "--data", "{run}/data", "--out", "{run}/x", "--lm", "{run}/lm"], "--knnlm-target or"),
     (["encode", "knnlm", "--data", "{run}/data", "--out", "{run}/x"], "--checkpoint is required"),

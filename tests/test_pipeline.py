@@ -13,11 +13,13 @@ import pytest
 import ray
 
 from lm_worker.checkpoint import load_checkpoint
+from lm_worker.encode import model_fingerprint
 from lm_worker.evaluate import EvalConfig, evaluate_knnlm
 from lm_worker.pipeline import PipelineConfig, run_pipeline
 from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
 from lm_worker.token_store import TokenStore
 from lm_worker.train import TrainConfig
+from retriever_server.manifest import read_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.real]
 
@@ -52,6 +54,8 @@ def test_the_report_folder_holds_every_output(first_run):
         assert body[model]["tokens"] > 0 and 1 < body[model][key] < config.vocab_size * 4, (model, key)
     assert "kNN-LM" in report.summary and "RETRO" in report.summary and "total" in report.summary
     assert (config.run / "knnlm-source" / "keys.parts.json").exists()  # written in parts by the Ray Data job
+    encoder = read_manifest(config.run / "retro-datastore").metadata["encoder"]
+    assert encoder == "lm-last:" + model_fingerprint(load_checkpoint(config.run / "lm").model).removeprefix("lm:")
     assert report.samples.read_text().count("### ") == 3 * config.samples
 
 
