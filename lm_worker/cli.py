@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
     n.add_argument("--data", type=Path, required=True)
     _retrieval_args(n, 2, "")
+    n.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
     v = sub.add_parser("eval", help="perplexity: base LM, kNN-LM over a sweep of λ, RETRO with/without")
     v.add_argument("--data", type=Path, required=True)
@@ -132,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--exclude-own-document", action="store_true")
     _retrieval_args(v, 1024, "knnlm-")
     _retrieval_args(v, 2, "retro-")
+    v.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
     g = sub.add_parser("generate", help="decode with greedy, sampling or beam search while retrieving")
     g.add_argument("--checkpoint", type=Path, required=True, help="an LM (kNN-LM) or RETRO checkpoint")
@@ -155,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
                         "model step (pays off with many prompts; on a small CPU model, serial is faster)")
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
     _retrieval_args(g, 0, "")
+    g.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
     a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
     a.add_argument("--retro", type=Path, required=True)
@@ -163,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--text", help="text to run (default: the start of the held-out split)")
     a.add_argument("--chunk", type=int, default=1)
     _retrieval_args(a, 0, "")
+    a.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
     pl = sub.add_parser("pipeline", help="prepare, train, encode, build, serve, evaluate: the whole LM side")
     pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
@@ -328,7 +336,7 @@ def _neighbours(args) -> None:
         if not held_keys.is_file():
             from lm_worker.retro_encoders import chunk_encoder_for, source_metadata
 
-            embed_chunks(heldout, chunk_encoder_for(source_metadata(source), tokenizer), L, held_keys,
+            embed_chunks(heldout, chunk_encoder_for(source_metadata(source), tokenizer, args.encoder_lm), L, held_keys,
                          progress=not args.no_progress)
         for name, keys, exclude in (("train", source.open_keys(), chunk_exclusions(train, L)),
                                     ("heldout", np.load(held_keys, mmap_mode="r"), None)):
@@ -354,7 +362,7 @@ def _eval_in_process(args, store, tokenizer, config):
         model = load_checkpoint(args.retro).model
         with _retriever(args, "retro-", k=model.config.n_neighbours) as retriever:
             retriever = _need(retriever, "--retro-target or --retro-datastore", "with --retro")
-            encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+            encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
     return knn, retro
 
@@ -375,7 +383,7 @@ def _eval_distributed(args, store, config):
         with _target(args, what) as target:
             target = _need(target, f"--{what}target or --{what}datastore", f"with --{kind.replace('knnlm', 'lm')}")
             job = EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=job_config,
-                          tokenizer=args.data / "tokenizer.json")
+                          tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm)
             results[kind] = evaluate_distributed(job, replace(pool, checkpoint_dir=args.out / "shares" / kind))
     return results.get("knnlm"), results.get("retro")
 
@@ -444,7 +452,7 @@ def _generate(args) -> None:
         elif retro:
             from lm_worker.retro_encoders import chunk_encoder_for
 
-            encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+            encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             stepper = RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch,
                                    overlap=not args.no_overlap)
         else:
@@ -473,7 +481,7 @@ def _attention(args) -> None:
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     with _retriever(args, "", k=model.config.n_neighbours) as retriever:
         retriever = _need(retriever, "--target or --datastore", "to retrieve neighbours")
-        encoder = chunk_encoder_for(retriever.metadata, tokenizer)
+        encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
         plot_retrieved_attention(model, ids, retriever, encoder, tokenizer, args.chunk, args.out)
     print(f"attention of chunk {args.chunk}'s readers -> {args.out}")
 

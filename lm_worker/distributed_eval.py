@@ -50,7 +50,8 @@ class EvalJob:
     token store directory, the retrieval service's `target` (a router address, comma-separated shard
     addresses, or "ray:NAME" for a deployment on the Ray cluster), and the evaluation config.
     `tokenizer` (RETRO) is the tokenizer.json the chunk encoder decodes with; default the store's
-    parent folder's. `encoder_factory`, when given, builds the chunk encoder in each worker instead."""
+    parent folder's. `encoder_lm` is the LM checkpoint of an LM-encoded RETRO datastore when it is not
+    where the datastore says. `encoder_factory`, when given, builds the chunk encoder in each worker instead."""
 
     kind: str
     checkpoint: Path
@@ -58,6 +59,7 @@ class EvalJob:
     target: str
     config: EvalConfig = field(default_factory=EvalConfig)
     tokenizer: Path | None = None
+    encoder_lm: Path | None = None
     encoder_factory: Callable | None = None
 
     def __post_init__(self):
@@ -68,6 +70,8 @@ class EvalJob:
         """What identifies the job's figures: a checkpoint folder holding another job's shares is refused."""
         body = dataclasses.asdict(self)
         body.pop("encoder_factory")
+        if body["encoder_lm"] is None:
+            body.pop("encoder_lm")  # so shares checkpointed before the field existed still match
         body["target"] = None  # the same shards may be served at another address
         return json.loads(json.dumps(body, default=str))
 
@@ -148,7 +152,7 @@ class EvalWorker:
         from lm_worker.tokenizer import Tokenizer
 
         path = self.job.tokenizer or Path(self.job.store).parent / "tokenizer.json"
-        return chunk_encoder_for(self.retriever.metadata, Tokenizer.load(path), threads=1)
+        return chunk_encoder_for(self.retriever.metadata, Tokenizer.load(path), self.job.encoder_lm, threads=1)
 
     def ready(self) -> str:
         """The node this worker runs on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -152,6 +153,17 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
         "--context-len", "32", "--stride", "16")
     result = json.loads((run / "retro-lm-eval" / "eval.json").read_text())["retro"]
     assert math.isfinite(result["perplexity"]) and result["perplexity"] != result["perplexity_without"]
+    shutil.copytree(run / "lm", run / "lm-moved")  # a run moved elsewhere: --encoder-lm names the LM
+    cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro-lm"), "--out",
+        str(run / "retro-lm-eval-2"), "--retro-datastore", str(run / "retro-lm-datastore"), "--retro-nprobe", "4",
+        "--context-len", "32", "--stride", "16", "--encoder-lm", str(run / "lm-moved"))
+    again = json.loads((run / "retro-lm-eval-2" / "eval.json").read_text())["retro"]
+    assert again["perplexity"] == result["perplexity"]
+    code = main(["--no-progress", "eval", "--data", str(run / "data"), "--retro", str(run / "retro-lm"), "--out",
+                 str(run / "x"), "--retro-datastore", str(run / "retro-lm-datastore"), "--encoder-lm",
+                 str(run / "nowhere")])
+    _, err = capsys.readouterr()
+    assert code == 1 and "nowhere" in err and "Traceback" not in err
     out = cli(capsys, "generate", "--checkpoint", str(run / "retro-lm"), "--data", str(run / "data"),
               "--datastore", str(run / "retro-lm-datastore"), "--nprobe", "4", "--prompt", "def handler_5(request",
               "--max-new-tokens", "10")
