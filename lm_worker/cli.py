@@ -27,12 +27,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+from lm_worker.retro_encoders import ENCODERS
+
 PROG = "lm-worker"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _encoder_lm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
 
 def _retrieval_args(p: argparse.ArgumentParser, k: int, what: str) -> None:
@@ -80,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path,
                    help="the base LM: kNN-LM, whose keys are stored; RETRO with --encoder lm, whose keys embed chunks")
-    e.add_argument("--encoder", choices=("minilm", "lm"), default="minilm",
+    e.add_argument("--encoder", choices=ENCODERS, default="minilm",
                    help="RETRO: the frozen chunk encoder (MiniLM, or the base LM's key at the chunk's last token)")
     e.add_argument("--split", choices=("train", "heldout"), default="train")
     e.add_argument("--context-len", type=int, default=256)
@@ -108,8 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
     n.add_argument("--data", type=Path, required=True)
     _retrieval_args(n, 2, "")
-    n.add_argument("--encoder-lm", type=Path,
-                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
+    _encoder_lm_arg(n)
 
     v = sub.add_parser("eval", help="perplexity: base LM, kNN-LM over a sweep of λ, RETRO with/without")
     v.add_argument("--data", type=Path, required=True)
@@ -134,8 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--exclude-own-document", action="store_true")
     _retrieval_args(v, 1024, "knnlm-")
     _retrieval_args(v, 2, "retro-")
-    v.add_argument("--encoder-lm", type=Path,
-                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
+    _encoder_lm_arg(v)
 
     g = sub.add_parser("generate", help="decode with greedy, sampling or beam search while retrieving")
     g.add_argument("--checkpoint", type=Path, required=True, help="an LM (kNN-LM) or RETRO checkpoint")
@@ -159,8 +164,7 @@ def _parser() -> argparse.ArgumentParser:
                         "model step (pays off with many prompts; on a small CPU model, serial is faster)")
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
     _retrieval_args(g, 0, "")
-    g.add_argument("--encoder-lm", type=Path,
-                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
+    _encoder_lm_arg(g)
 
     a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
     a.add_argument("--retro", type=Path, required=True)
@@ -169,8 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--text", help="text to run (default: the start of the held-out split)")
     a.add_argument("--chunk", type=int, default=1)
     _retrieval_args(a, 0, "")
-    a.add_argument("--encoder-lm", type=Path,
-                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
+    _encoder_lm_arg(a)
 
     pl = sub.add_parser("pipeline", help="prepare, train, encode, build, serve, evaluate: the whole LM side")
     pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
@@ -181,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     pl.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
-    pl.add_argument("--retro-encoder", choices=("minilm", "lm"), default="lm",
+    pl.add_argument("--retro-encoder", choices=ENCODERS, default="lm",
                     help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
     d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 15 minutes on "
@@ -189,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--run", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
     d.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     d.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors")
-    d.add_argument("--retro-encoder", choices=("minilm", "lm"), default="lm",
+    d.add_argument("--retro-encoder", choices=ENCODERS, default="lm",
                    help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
     rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
@@ -334,10 +337,10 @@ def _neighbours(args) -> None:
         _need(retriever, "--target or --datastore", "to fetch neighbours")
         held_keys = args.source / "heldout-keys.npy"
         if not held_keys.is_file():
-            from lm_worker.retro_encoders import chunk_encoder_for, source_metadata
+            from lm_worker.retro_encoders import chunk_encoder_for
 
-            embed_chunks(heldout, chunk_encoder_for(source_metadata(source), tokenizer, args.encoder_lm), L, held_keys,
-                         progress=not args.no_progress)
+            embed_chunks(heldout, chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm), L,
+                         held_keys, progress=not args.no_progress)
         for name, keys, exclude in (("train", source.open_keys(), chunk_exclusions(train, L)),
                                     ("heldout", np.load(held_keys, mmap_mode="r"), None)):
             out = args.source / f"neighbours-{name}.npy"

@@ -87,6 +87,15 @@ class SourceInfo:
         return self.details.get("layout") == PARTS_LAYOUT
 
     @property
+    def encoder_metadata(self) -> dict[str, str]:
+        """The encoder fields a datastore's metadata takes from its source: "encoder" (the
+        fingerprint) and, for an LM-encoded RETRO source, "encoder_checkpoint"."""
+        meta = {"encoder": self.encoder_fingerprint}
+        if self.details.get("encoder_checkpoint"):
+            meta["encoder_checkpoint"] = str(self.details["encoder_checkpoint"])
+        return meta
+
+    @property
     def keys_path(self) -> Path:
         """keys.npy, or keys.parts.json for a source written in parts."""
         return self.directory / (KEYS_PARTS if self.parted else KEYS)
@@ -323,14 +332,15 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
     del payload
     info = SourceInfo(out_dir, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,
                       chunk_len, details={"eos_id": eos, "store": str(store.directory),
-                                          "seconds": round(time.time() - started, 3), **_encoder_checkpoint(encoder)})
+                                          "seconds": round(time.time() - started, 3), **encoder_details(encoder)})
     info.write()
     log.info("RETRO source %s: %d chunks of %d tokens", out_dir, C, chunk_len)
     return info
 
 
-def _encoder_checkpoint(encoder) -> dict[str, str]:
-    """{"encoder_checkpoint": path} for an encoder that loads from a checkpoint (the LM encoder)."""
+def encoder_details(encoder) -> dict[str, str]:
+    """A RETRO source's details about its encoder: {"encoder_checkpoint": path} for one that loads
+    from a checkpoint (the LM encoder), else nothing."""
     checkpoint = getattr(encoder, "checkpoint", None)
     return {"encoder_checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {}
 
@@ -443,11 +453,9 @@ def build_source(source_dir: Path, out: Path, shards: int = 2, factory: str = "a
 
     info = read_source(source_dir)
     name, path = info.payload
-    metadata = {"kind": info.kind, "tokenizer": info.tokenizer_fingerprint, "encoder": info.encoder_fingerprint}
+    metadata = {"kind": info.kind, "tokenizer": info.tokenizer_fingerprint, **info.encoder_metadata}
     if info.kind == "retro":
         metadata["chunk_len"] = str(info.chunk_len)
-        if info.details.get("encoder_checkpoint"):
-            metadata["encoder_checkpoint"] = str(info.details["encoder_checkpoint"])
     else:
         metadata["context_len"] = str(info.details.get("context_len", ""))
     config = BuildConfig(keys=info.keys_path, out=Path(out), payloads={name: path}, factory=factory, shards=shards,

@@ -46,10 +46,12 @@ from lm_worker.encode import (
     Encoder,
     SourceInfo,
     chunk_payload,
+    encoder_details,
     knn_windows,
     start_source,
     window_keys,
 )
+from lm_worker.retro_encoders import ENCODERS
 from lm_worker.token_store import TokenStore
 from retriever_server.ray_connect import connect
 from retriever_server.row_parts import PARTS_SUFFIX, write_parts_index
@@ -151,8 +153,8 @@ def check_config(config: EncodeJobConfig) -> None:
         raise ValueError(f"num_cpus must be > 0 and num_gpus >= 0, got {config.num_cpus} and {config.gpus}")
     if config.device.startswith("cuda") and config.gpus == 0:
         raise ValueError(f"device {config.device!r} needs num_gpus > 0 per worker")
-    if config.encoder not in ("minilm", "lm"):
-        raise ValueError(f"encoder must be 'minilm' or 'lm', got {config.encoder!r}")
+    if config.encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {config.encoder!r}")
     if config.kind == "knnlm" or config.encoder == "lm":
         if config.checkpoint is None:
             what = "a kNN-LM source" if config.kind == "knnlm" else "a RETRO source with encoder 'lm'"
@@ -228,8 +230,7 @@ class _RetroRows:
             self.encoder = encoder_factory(tokenizer)
         self.config, self.tokens, self.eos_id = config, store.tokens, eos_id
         self.fingerprint = self.encoder.fingerprint
-        checkpoint = getattr(self.encoder, "checkpoint", None)
-        self.details = {"encoder_checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {}
+        self.details = encoder_details(self.encoder)
 
     def rows(self, part: PartSpec) -> tuple[np.ndarray, np.ndarray]:
         L, b = self.config.chunk_len, self.config.batch

@@ -346,7 +346,7 @@ def _attention_plot(config: PipelineConfig, retro_model, encoder, retriever, tok
 def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoint: Path, tokenizer):
     """Encodes and builds both datastores; returns the encoder of the RETRO source's keys."""
     from lm_worker.encode import read_source
-    from lm_worker.retro_encoders import chunk_encoder_for, source_metadata
+    from lm_worker.retro_encoders import chunk_encoder_for
 
     run, encoder = config.run, None
     for kind in ("knnlm", "retro"):
@@ -356,7 +356,7 @@ def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoi
             if not _done(source / "source.json"):
                 _encode(config, kind, lm_checkpoint)
         if kind == "retro":
-            encoder = chunk_encoder_for(source_metadata(read_source(source)), tokenizer)
+            encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer)
             with stages.stage("embed held-out chunks", reused=_done(source / "heldout-keys.npy")):
                 if not _done(source / "heldout-keys.npy"):
                     _heldout_keys(config, encoder)

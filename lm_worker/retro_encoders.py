@@ -15,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from lm_worker.lm_chunk_encoder import PREFIX, LMChunkEncoder
-
-ENCODERS = ("minilm", "lm")
+ENCODERS = ("minilm", "lm")  # the encoders are imported when made: reading this needs no torch
 
 
 def make_chunk_encoder(name: str, tokenizer, lm_checkpoint: Path | None = None, threads: int = 0,
@@ -28,18 +26,12 @@ def make_chunk_encoder(name: str, tokenizer, lm_checkpoint: Path | None = None, 
 
         return ChunkEncoder(tokenizer, threads=threads, device=device)
     if name == "lm":
+        from lm_worker.lm_chunk_encoder import LMChunkEncoder
+
         if lm_checkpoint is None:
             raise ValueError("the 'lm' chunk encoder needs the base LM's checkpoint")
         return LMChunkEncoder.load(Path(lm_checkpoint), device=device)
     raise ValueError(f"unknown chunk encoder {name!r}: expected one of {ENCODERS}")
-
-
-def source_metadata(info) -> dict[str, str]:
-    """A RETRO source's (`SourceInfo`) encoder fields, as `chunk_encoder_for` takes them."""
-    meta = {"encoder": info.encoder_fingerprint}
-    if info.details.get("encoder_checkpoint"):
-        meta["encoder_checkpoint"] = str(info.details["encoder_checkpoint"])
-    return meta
 
 
 def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Path | None = None, threads: int = 0,
@@ -47,8 +39,9 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
     """The encoder that made the keys of a RETRO datastore (or source), from its metadata.
 
     Args:
-        metadata: the manifest's metadata (`retriever.metadata`) or a source's; "encoder" is the
-            fingerprint, "encoder_checkpoint" the LM checkpoint of an LM encoder.
+        metadata: the manifest's metadata (`retriever.metadata`) or a source's
+            (`SourceInfo.encoder_metadata`); "encoder" is the fingerprint, "encoder_checkpoint" the
+            LM checkpoint of an LM encoder.
         tokenizer: the corpus tokenizer (the MiniLM encoder decodes chunks to text).
         lm_checkpoint: overrides "encoder_checkpoint" (a run moved elsewhere).
 
@@ -56,6 +49,8 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
         ValueError: an LM encoder without a checkpoint, or one whose weights differ from those
             that made the keys.
     """
+    from lm_worker.lm_chunk_encoder import PREFIX, LMChunkEncoder
+
     fingerprint = metadata.get("encoder", "")
     if not fingerprint.startswith(PREFIX):
         return make_chunk_encoder("minilm", tokenizer, threads=threads, device=device)

@@ -14,7 +14,7 @@ from lm_worker.encode_job import EncodeJobConfig, check_config
 from lm_worker.lm_chunk_encoder import PREFIX, LMChunkEncoder
 from lm_worker.model import LMConfig, TransformerLM
 from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
-from lm_worker.retro_encoders import chunk_encoder_for, make_chunk_encoder, source_metadata
+from lm_worker.retro_encoders import chunk_encoder_for, make_chunk_encoder
 from lm_worker.token_store import write_token_store
 
 L, VOCAB = 4, 64
@@ -69,7 +69,7 @@ def test_datastore_names_its_encoder(ray_cluster, checkpoint, tmp_path):
     encoder = LMChunkEncoder.load(checkpoint)
     info = encode_retro(store, encoder, L, tmp_path / "src", progress=False)
     assert info.encoder_fingerprint == encoder.fingerprint
-    assert source_metadata(read_source(tmp_path / "src"))["encoder_checkpoint"] == str(checkpoint.resolve())
+    assert read_source(tmp_path / "src").encoder_metadata["encoder_checkpoint"] == str(checkpoint.resolve())
     ds = build_source(tmp_path / "src", tmp_path / "ds", shards=2, factory="IVF1,Flat", progress=False)
     with InProcessRetriever(ds, RetrievalConfig(k=2)) as retriever:
         found = chunk_encoder_for(retriever.metadata, tokenizer=None)
