@@ -30,15 +30,20 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
+# The shard servers started here search on this machine's cores while the model computes: the
+# model's OpenMP threads sleep between operations instead of spinning for those cores, as
+# `lm-worker eval` does beside local servers. Set before torch loads; your own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lm_worker.checkpoint import load_checkpoint
-from lm_worker.evaluate import EvalConfig, KnnEvalResult, evaluate_knnlm, evaluate_lm
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever
-from lm_worker.token_store import TokenStore
-from retriever_server.launcher import LocalDeployment
-from retriever_server.manifest import read_manifest
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lm_worker.checkpoint import load_checkpoint  # noqa: E402
+from lm_worker.evaluate import EvalConfig, KnnEvalResult, evaluate_knnlm, evaluate_lm  # noqa: E402
+from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever  # noqa: E402
+from lm_worker.token_store import TokenStore  # noqa: E402
+from retriever_server.launcher import LocalDeployment  # noqa: E402
+from retriever_server.manifest import read_manifest  # noqa: E402
 
 PPL_RTOL = 1e-6  # (b), (c), (d) search the same shards: their perplexities must agree to rounding
 
@@ -190,7 +195,7 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_1m": os.getloadavg()[0]}
+            "load_average_1m": os.getloadavg()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def speed_table(results: dict) -> str:
@@ -244,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(config)
     env = results["environment"]
     print(f"\ntorch {env['torch']}, faiss {env['faiss']}, {env['cpus']} CPUs, GPU {env['cuda']}, "
+          f"OMP_WAIT_POLICY={env['omp_wait_policy'] or '(unset)'}, "
           f"1-min load average after timing {env['load_average_1m']:.2f}\n")
     print(speed_table(results))
     print()

@@ -23,6 +23,8 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -30,6 +32,8 @@ from pathlib import Path
 from lm_worker.retro_encoders import ENCODERS
 
 PROG = "lm-worker"
+log = logging.getLogger(__name__)
+_LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -547,11 +551,34 @@ COMMANDS = {"prepare": _prepare, "train": _train, "encode": _encode, "build": _b
             "retrieval-demo": _retrieval_demo}
 
 
+def _servers_on_this_machine(args) -> bool:
+    """Whether the command retrieves from servers on this machine: a datastore it serves itself
+    (--datastore) or a loopback --target."""
+    for what in ("", "knnlm_", "retro_"):
+        if getattr(args, f"{what}datastore", None) is not None:
+            return True
+        addresses = [a.strip() for a in re.split("[,|]", getattr(args, f"{what}target", None) or "") if a.strip()]
+        if addresses and all(a.startswith(_LOOPBACK) for a in addresses):
+            return True
+    return False
+
+
+def _share_cores_with_servers(args) -> None:
+    """While eval or generate compute, the servers they query on this machine search on the same
+    cores: the model's OpenMP threads then sleep between operations instead of spinning for the
+    cores the servers need (OMP_WAIT_POLICY=PASSIVE, set before torch loads; a user's own setting
+    wins). With remote servers the default spin-then-sleep is faster and stays."""
+    if args.command in ("eval", "generate") and "OMP_WAIT_POLICY" not in os.environ and _servers_on_this_machine(args):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        log.info("servers share this machine's cores: OMP_WAIT_POLICY=PASSIVE for the model's threads")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lm-worker`."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    _share_cores_with_servers(args)
     from lm_worker.retrieval import RetrieverError
 
     try:

@@ -1,5 +1,10 @@
 """Ordering neighbours and the exact top-k merge of per-shard results: smallest L2 or largest
-inner product first, ties by id, missing neighbours (-1) last."""
+inner product first, ties by id, missing neighbours (-1) last.
+
+Input from FAISS is almost in order (all but ties by id): `rank_neighbours` only checks the rows
+that are and sorts the others. The merge sorts a packed key with timsort, which merges the shards'
+already-sorted runs in linear time.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,20 @@ def _ordered_bits(scores: np.ndarray) -> np.ndarray:
     return bits
 
 
+def _score(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
+    """A new float32 array, smaller is better, missing neighbours +inf; adding (or subtracting
+    from) +0.0 also folds -0.0 into 0.0."""
+    distances = np.asarray(distances, dtype=np.float32)
+    score = distances + np.float32(0.0) if metric == "l2" else np.subtract(np.float32(0.0), distances)
+    score[ids < 0] = np.inf
+    return score
+
+
+def _tie(ids: np.ndarray) -> np.ndarray:
+    """Ids as the tie-break, missing neighbours last."""
+    return np.where(ids < 0, np.iinfo(np.int64).max, ids)
+
+
 def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
     """Row-wise order of (nq, m) candidates: best distance first, ties by id, missing (-1) last.
 
@@ -26,25 +45,49 @@ def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.n
     bits; two-key lexsort otherwise. Keys are unique, so "stable" only picks timsort, which
     merges the already-sorted runs that FAISS and each shard return in linear time.
     """
-    distances = np.asarray(distances, dtype=np.float32)
-    # smaller is better; adding (or subtracting from) +0.0 also folds -0.0 into 0.0
-    score = distances + np.float32(0.0) if metric == "l2" else np.subtract(np.float32(0.0), distances)
-    missing = ids < 0
-    score[missing] = np.inf
+    score = _score(ids, distances, metric)
     if ids.size == 0 or ids.max() < 2**_ID_BITS - 1:
         key = _ordered_bits(score).astype(np.uint64)
         key <<= np.uint64(_ID_BITS)
         key |= ids.astype(np.int64, copy=False).view(np.uint64) & np.uint64(2**_ID_BITS - 1)  # -1: largest
         return np.argsort(key, axis=-1, kind="stable")
-    tie = np.where(missing, np.iinfo(np.int64).max, ids)
-    return np.lexsort((tie, score), axis=-1)
+    return np.lexsort((_tie(ids), score), axis=-1)
+
+
+def _unordered(score: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    worse = score[:, 1:] < score[:, :-1]
+    worse |= (score[:, 1:] == score[:, :-1]) & (tie[:, 1:] < tie[:, :-1])
+    return worse.any(axis=1)
+
+
+def rows_out_of_order(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
+    """(nq,) bool: the rows of (nq, m) candidates that are not best first, ties by id, missing last."""
+    if ids.shape[1] < 2:
+        return np.zeros(len(ids), dtype=bool)
+    return _unordered(_score(ids, distances, metric), _tie(ids))
+
+
+def rank_neighbours(result: SearchResult, k: int, metric: str) -> SearchResult:
+    """The best `k` of each row of `result`, in order; rows already in order (as FAISS returns
+    them, but for ties) are only checked, the others sorted."""
+    bad = rows_out_of_order(result.ids, result.distances, metric)
+    if not bad.any():
+        if result.ids.shape[1] == k:
+            return result
+        order = np.broadcast_to(np.arange(k), (len(result.ids), k))
+    else:
+        order = np.tile(np.arange(k), (len(result.ids), 1))
+        order[bad] = sort_neighbours(result.ids[bad], result.distances[bad], metric)[:, :k]
+    return take_neighbours(result, order)
 
 
 def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
     """Reorders (and trims) a result's columns by `order` (nq, k); payloads and keys follow."""
+    nq, m = result.ids.shape
+    flat = (order + (np.arange(nq, dtype=np.int64) * m)[:, None]).ravel()  # (nq*k,) into the flattened rows
+
     def take(array: np.ndarray) -> np.ndarray:
-        index = order.reshape(*order.shape, *([1] * (array.ndim - 2)))
-        return np.take_along_axis(array, index, axis=1)
+        return np.take(array.reshape(nq * m, *array.shape[2:]), flat, axis=0).reshape(*order.shape, *array.shape[2:])
 
     return SearchResult(
         ids=take(result.ids), distances=take(result.distances),

@@ -16,7 +16,7 @@ import numpy as np
 
 from retriever_server import index as ix
 from retriever_server.manifest import Manifest, ShardEntry, read_manifest, verify_shard
-from retriever_server.merge import sort_neighbours, take_neighbours
+from retriever_server.merge import rank_neighbours
 from retriever_server.request import DatastoreView, ExclusionKey, SearchSpec
 from retriever_server.result import SearchResult
 from retriever_server.wire import nbytes
@@ -136,8 +136,7 @@ class Shard:
         distances, ids = self._search_candidates(spec)
         if spec.exact_rerank:
             distances = self._rerank(spec, ids)
-        order = sort_neighbours(ids, distances, self.manifest.metric)[:, : spec.k]
-        ranked = take_neighbours(SearchResult(ids, distances), order)
+        ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)
         ids = ranked.ids
         ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
         ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -182,3 +183,21 @@ def test_errors_are_one_line(lm_run, capsys, args, words):
     code = main(["--no-progress", *[a.format(run=lm_run) for a in args]])
     _, err = capsys.readouterr()
     assert code == 1 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, passive", [
+    (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-datastore", "ds"], True),
+    (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "127.0.0.1:1,localhost:2"], True),
+    (["generate", "--checkpoint", "c", "--data", "d", "--target", "127.0.0.1:1|127.0.0.1:3", "--prompt", "p"], True),
+    (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "10.1.2.3:1,127.0.0.1:2"], False),
+    (["train", "--kind", "lm", "--data", "d", "--out", "o"], False),
+])
+def test_model_threads_wait_passively_only_beside_local_servers(monkeypatch, args, passive):
+    from lm_worker import cli as lm_cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    lm_cli._share_cores_with_servers(lm_cli._parser().parse_args(args))
+    assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if passive else None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own setting wins
+    lm_cli._share_cores_with_servers(lm_cli._parser().parse_args(args))
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -110,6 +110,34 @@ def test_merge_equals_brute_force_top_k(metric):
     assert np.array_equal(merged.payloads["values"], merged.ids * 10)
 
 
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+@pytest.mark.parametrize("k", [7, 10])
+def test_ranking_rows_mostly_in_order_equals_a_full_sort(metric, k):
+    """`rank_neighbours` skips the rows already in order (as FAISS returns them): rows in order, rows
+    out of order only by ties or a missing neighbour, and shuffled rows all come out as the
+    reference order, row by row, payloads following."""
+    from retriever_server.merge import rank_neighbours
+
+    rng = np.random.default_rng(5)
+    nq, m = 60, 10
+    distances = rng.choice(np.array([-1.0, 0.0, 0.5, 2.0], np.float32), (nq, m))
+    ids = rng.permutation(nq * m).reshape(nq, m).astype(np.int64)
+    ids[rng.random((nq, m)) < 0.1] = -1
+    sign = 1 if metric == "l2" else -1
+
+    def reference(row: int) -> list[int]:
+        key = [(np.inf, np.inf) if i < 0 else (sign * float(d), i) for d, i in zip(distances[row], ids[row])]
+        return sorted(range(m), key=lambda j: key[j])
+
+    for row in range(0, nq, 2):  # every other row in order already
+        order = reference(row)
+        ids[row], distances[row] = ids[row, order], distances[row, order]
+    ranked = rank_neighbours(SearchResult(ids, distances, {"values": ids * 10}), k, metric)
+    for row in range(nq):
+        assert ranked.ids[row].tolist() == ids[row, reference(row)[:k]].tolist()
+    assert np.array_equal(ranked.payloads["values"], ranked.ids * 10)
+
+
 def test_merge_puts_missing_neighbours_last():
     a = SearchResult(np.array([[3, -1]]), np.array([[1.0, np.inf]], dtype=np.float32))
     b = SearchResult(np.array([[-1, -1]]), np.array([[np.inf, np.inf]], dtype=np.float32))
