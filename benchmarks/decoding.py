@@ -8,11 +8,14 @@ RUN is a run directory (RUN/data, RUN/lm/checkpoint.pt, RUN/retro/checkpoint.pt,
 RUN/retro-datastore). Each datastore is served by a `LocalDeployment` (its shards and a router, local
 processes) while its model decodes prompts cut from the held-out split. Per model:
 
-- kNN-LM, greedy over `batch` prompts and beam search (`beams` beams, no EOS) over `beam_prompts`
-  prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one blocking call per
-  step for every row); pipelined (`overlap=True`: the prompts in two groups with a cache each, decoded
-  interleaved so each group's request is in flight while the other group's model step runs; see
-  `lm_worker.pipelined`).
+- kNN-LM, greedy over one prompt and over `batch` prompts, and beam search (`beams` beams, no EOS) over
+  `beam_prompts` prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one
+  blocking call per step for every row); pipelined (`overlap=True`: the prompts in two groups with a
+  cache each, decoded interleaved so each group's request is in flight while the other group's model
+  step runs; see `lm_worker.pipelined`); and, for greedy, speculative (`SpeculativeKnnLMStepper`: the
+  next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
+  that pays; see `lm_worker.speculative`). Greedy scenarios are summarised by the speculative run, beam
+  search by the pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over `batch` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
   (sent when formed, in flight during the next s tokens).
@@ -50,6 +53,7 @@ import torch
 
 from lm_worker.decode import GenerateConfig, generate
 from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
+from lm_worker.speculative import SpeculativeKnnLMStepper
 from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper, StepperStats
 from retriever_server.launcher import LocalDeployment
 
@@ -204,17 +208,26 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             ServiceRetriever(deployment.router_address, retrieval) as retriever:
         if retriever.dimension != lm.config.d_model:
             sys.exit(f"knnlm-datastore has keys of dimension {retriever.dimension}; the LM's are {lm.config.d_model}")
-        model = lm.model
-        variants = {
-            "lm (no retrieval)": lambda: LMStepper(model),
-            "knn-lm serial": lambda: KnnLMStepper(model, retriever, config.lam, config.knn_temperature, overlap=False),
-            "knn-lm pipelined": lambda: KnnLMStepper(model, retriever, config.lam, config.knn_temperature,
-                                                     overlap=True),
-        }
+        model, lam, temperature = lm.model, config.lam, config.knn_temperature
         for name, (prompt, gen) in scenarios.items():
-            print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={config.lam} ...", flush=True)
+            variants = {
+                "lm (no retrieval)": lambda: LMStepper(model),
+                "knn-lm serial": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=False),
+                "knn-lm pipelined": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=True),
+            }
+            if gen.strategy != "beam":  # beam search reorders rows every step, which drops every guess
+                variants["knn-lm speculative"] = lambda gen=gen: SpeculativeKnnLMStepper(
+                    model, retriever, lam, temperature, eos_id=gen.eos_id)
+            print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
+                  flush=True)
             rows = measure(variants, prompt, gen, config.repeats)
-            results[name] = {"rows": rows, "summary": overlap_summary(rows["knn-lm serial"], rows["knn-lm pipelined"])}
+            overlap = "speculative" if "knn-lm speculative" in rows else "pipelined"
+            summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
+            if overlap == "speculative":
+                stats = rows["knn-lm speculative"]["stats"]
+                summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
+                summary["rows_guessed"] = stats["guessed"]
+            results[name] = {"rows": rows, "summary": {**summary, "overlap": overlap}}
     return results
 
 
@@ -263,7 +276,7 @@ def summary_table(results: dict) -> str:
     lines = ["| model | scenario | serial tokens/s | overlapped tokens/s | speed-up | retrieval s (serial) "
              "| hidden (whole call) | hidden (decode steps) | hidden (counters) | same tokens |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    labels = {"knnlm": "kNN-LM (pipelined groups)", "retro": "RETRO (prefetch {prefetch})"}
+    labels = {"knnlm": "kNN-LM ({overlap})", "retro": "RETRO (prefetch {prefetch})"}
     for section, scenarios in results.items():
         for scenario, result in scenarios.items():
             s = result["summary"]
@@ -293,7 +306,8 @@ def run(config: BenchConfig) -> dict:
     greedy = GenerateConfig(max_new_tokens=config.new_tokens, eos_id=None)
     results = {}
     if "knnlm" in config.models:
-        scenarios = {f"greedy x{config.batch}": (prompt, greedy)}
+        scenarios = {"greedy x1": (prompt[:1], greedy)}  # one prompt, as `lm-worker generate --prompt` decodes
+        scenarios[f"greedy x{config.batch}"] = (prompt, greedy)
         if config.beams:
             beam = GenerateConfig(strategy="beam", num_beams=config.beams, length_penalty=0.0,
                                   max_new_tokens=config.new_tokens, eos_id=None)
@@ -324,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--k", type=int, default=16, help="kNN-LM neighbours per step")
     parser.add_argument("--nprobe", type=int, default=0, help="0: the datastore's default")
     parser.add_argument("--lam", type=float, default=0.25)
+    parser.add_argument("--knn-temperature", type=float, default=0.0,
+                        help="kNN-LM softmax temperature (0: the run's choice, RUN/report/temperature.json, else 1)")
     parser.add_argument("--prefetch", type=int, default=-1, help="RETRO prefetch s (-1: chunk_len // 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--quick", action="store_true", help="2 repeats")
@@ -331,7 +347,14 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     return BenchConfig(run=args.run, out=args.out or args.run / "bench", batch=args.batch, prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, beams=args.beams, beam_prompts=args.beam_prompts,
                        models=tuple(m for m in args.models.split(",") if m), k=args.k, nprobe=args.nprobe, lam=args.lam,
+                       knn_temperature=args.knn_temperature or run_temperature(args.run),
                        prefetch=args.prefetch, repeats=2 if args.quick else args.repeats)
+
+
+def run_temperature(run: Path) -> float:
+    """The kNN-LM temperature `lm-worker pipeline` chose for this run, 1.0 if it chose none."""
+    path = run / "report" / "temperature.json"
+    return float(json.loads(path.read_text())["chosen"]) if path.exists() else 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     print(rows_table(results["results"]))
     print()
     print(summary_table(results["results"]))
+    for scenario, result in results["results"].get("knnlm", {}).items():
+        if "guesses_held" in result["summary"]:
+            s = result["summary"]
+            print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
+                  f"token chosen for {s['guesses_held']:.0%} of them")
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "decoding.json"
     path.write_text(json.dumps(results, indent=2))

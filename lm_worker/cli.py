@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
     g.add_argument("--knn-temperature", type=float, default=1.0)
     g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
-    g.add_argument("--no-overlap", action="store_true", help="RETRO: retrieve prefetched queries serially")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="retrieve serially: RETRO's prefetched queries when needed, kNN-LM without computing "
+                        "the next step on the LM's guess while the neighbours are in flight")
     g.add_argument("--knn-pipeline", action="store_true",
                    help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
                         "model step (pays off with many prompts; on a small CPU model, serial is faster)")
@@ -462,16 +464,22 @@ def _generate(args) -> None:
             encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             stepper = RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch,
                                    overlap=not args.no_overlap)
-        else:
+        elif args.knn_pipeline or args.no_overlap or config.strategy == "beam":
             stepper = KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
                                    overlap=args.knn_pipeline)
+        else:
+            from lm_worker.speculative import SpeculativeKnnLMStepper
+
+            stepper = SpeculativeKnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                                              eos_id=config.eos_id)
         out = generate(stepper, prompt, config)
     for text, row, n in zip(texts, out.tokens, out.lengths):
         print(f"--- {text!r}\n{tokenizer.decode(row[: int(n)].tolist())}")
     s = getattr(stepper, "stats", None)
     if s is not None and s.retrieval_calls:
+        guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
-              f"model {s.compute_s:.2f} s")
+              f"model {s.compute_s:.2f} s{guesses}")
 
 
 def _attention(args) -> None:

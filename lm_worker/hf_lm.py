@@ -41,7 +41,7 @@ class HFLMConfig:
 
 
 class HFCache:
-    """Wraps Hugging Face `past_key_values` with the `KVCache` interface: `offset` and `reorder`."""
+    """Wraps Hugging Face `past_key_values` with the `KVCache` interface: `offset`, `reorder`, `rewind`."""
 
     def __init__(self):
         self.past: Any = None  # a transformers Cache (or legacy tuples), set by the first forward
@@ -55,6 +55,17 @@ class HFCache:
             self.past.reorder_cache(indices)
         else:  # legacy tuple of (key, value) per layer
             self.past = tuple(tuple(t.index_select(0, indices.to(t.device)) for t in layer) for layer in self.past)
+
+    def rewind(self, n: int = 1) -> None:
+        """Forget the last `n` positions, as if they had never been fed (a rejected speculative step)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot rewind {n} of {self.offset} cached positions")
+        keep = self.offset - n
+        if n > 0 and hasattr(self.past, "crop"):
+            self.past.crop(-n)  # a negative length removes that many positions (transformers 4 and 5)
+        elif n > 0 and self.past is not None:  # legacy tuple of (key, value) per layer, each (B, H, S, D)
+            self.past = tuple(tuple(t[:, :, :keep] for t in layer) for layer in self.past)
+        self.offset = keep
 
 
 def find_last_ffn(model: nn.Module, n_layer: int) -> nn.Module:

@@ -52,7 +52,8 @@ class KVCache:
     """Per-layer keys and values of past positions, for incremental decoding.
 
     `offset` is the number of positions already processed; the model advances it after each
-    forward pass. `reorder(indices)` selects batch rows (beam search).
+    forward pass. `reorder(indices)` selects batch rows (beam search); `rewind(n)` forgets the last
+    n positions (speculative decoding).
 
     Example:
         >>> cache = model.new_cache()
@@ -77,6 +78,15 @@ class KVCache:
         """Keep batch rows `indices` (1-D long tensor), in that order, e.g. the surviving beams."""
         self.keys = [None if k is None else k.index_select(0, indices) for k in self.keys]
         self.values = [None if v is None else v.index_select(0, indices) for v in self.values]
+
+    def rewind(self, n: int = 1) -> None:
+        """Forget the last `n` positions, as if they had never been fed (a rejected speculative step)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot rewind {n} of {self.offset} cached positions")
+        keep = self.offset - n
+        self.keys = [None if k is None else k[:, :, :keep] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :keep] for v in self.values]
+        self.offset = keep
 
 
 class SelfAttention(nn.Module):

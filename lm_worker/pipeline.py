@@ -309,13 +309,15 @@ def _samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, r
     import torch
 
     from lm_worker.decode import GenerateConfig, generate
-    from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper
+    from lm_worker.speculative import SpeculativeKnnLMStepper
+    from lm_worker.steppers import LMStepper, RetroStepper
 
     prompts = PROMPTS[:config.samples]
     decode = GenerateConfig(strategy="greedy", max_new_tokens=config.sample_tokens, eos_id=tokenizer.eos_id)
     steppers = {"LM alone, greedy": (LMStepper(lm), decode),
                 f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g}), greedy":
-                    (KnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature), decode),
+                    (SpeculativeKnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature,
+                                             eos_id=tokenizer.eos_id), decode),
                 "RETRO, greedy, queries sent 4 tokens early":
                     (RetroStepper(retro, retro_retriever, encoder, prefetch=4), decode)}
     lines = ["# Samples\n"]

@@ -6,6 +6,8 @@
   step and request sent; `finish`: wait and mix), and `fork` makes a copy with its own cache, so with
   `overlap=True` `generate` pipelines two prompt groups across steps (`lm_worker.pipelined`): one group's
   request is in flight while the other group's model step runs. Same tokens, less time blocked.
+- `SpeculativeKnnLMStepper` (in `lm_worker.speculative`): kNN-LM that computes the next step on the
+  LM's own argmax while this step's neighbours are in flight.
 - `RetroStepper`: RETRO, neighbours per chunk. Chunk c's neighbours are first needed when its last
   token (position c*L + L - 1) is fed. With `prefetch` s > 0 (PipeRAG-style) the query for chunk c is the
   window of the L most recent tokens when position c*L + L - 1 - s is fed; with `overlap` it is embedded
@@ -45,6 +47,8 @@ class StepperStats:
     submit-to-done time); for RETRO it includes embedding the queries, of which encode_s is the part.
     retrieval_s - wait_s is the retrieval time hidden behind compute. steps: model steps (start included);
     a pipelined generate counts each group's, and its forks share one `StepperStats`, so all of it is summed.
+    guessed, guessed_right: rows whose guessed next token a speculative stepper checked against the token
+    the decoder chose, and how many of those it had right (`lm_worker.speculative`).
     """
 
     compute_s: float = 0.0
@@ -54,6 +58,8 @@ class StepperStats:
     retrieval_calls: int = 0
     queries: int = 0
     steps: int = 0
+    guessed: int = 0
+    guessed_right: int = 0
 
     @property
     def hidden_s(self) -> float:
@@ -221,17 +227,28 @@ class KnnLMStepper:
         """Selects batch rows (B',) of the cache; call it between a `finish` and the next submit."""
         self.cache.reorder(indices)
 
-    def _submit(self, tokens: torch.Tensor) -> KnnStep:
+    def _submit(self, tokens: torch.Tensor, in_flight: bool | None = None) -> KnnStep:
+        """Model step on `tokens` (B, T) and the request for the last position's neighbours: sent as a
+        future when `in_flight` (default: `overlap`), else answered at once."""
+        lm_log_probs, keys = self._model_step(tokens)
+        return KnnStep(lm_log_probs, self._request(keys, self.overlap if in_flight is None else in_flight))
+
+    def _model_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The LM's log-probs (B, V) and kNN-LM keys (B, d) at the last of `tokens` (B, T), cache advanced."""
         started = time.perf_counter()
         logits, keys = self.model(tokens, cache=self.cache, return_keys=True)  # (B, T, V), (B, T, d)
         lm_log_probs = _last_log_probs(logits)  # (B, V)
         keys = np.ascontiguousarray(keys[:, -1].float().cpu().numpy())  # (B, d)
         self.stats.compute_s += time.perf_counter() - started
+        return lm_log_probs, keys
+
+    def _request(self, keys: np.ndarray, in_flight: bool):
+        """The neighbours of `keys` (n, d): a `_Pending` future, or found now (blocking)."""
         self.stats.queries += len(keys)
-        if self.overlap:
+        if in_flight:
             self.stats.retrieval_calls += 1
-            return KnnStep(lm_log_probs, _Pending(self.retriever.submit_knn(keys)))
-        return KnnStep(lm_log_probs, _blocking(lambda: self.retriever.knn(keys), self.stats))
+            return _Pending(self.retriever.submit_knn(keys))
+        return _blocking(lambda: self.retriever.knn(keys), self.stats)
 
     def _mix(self, lm_log_probs: torch.Tensor, found) -> torch.Tensor:
         """log(λ p_kNN + (1-λ) p_LM) (B, V) from the LM's log-probs and the neighbours found."""

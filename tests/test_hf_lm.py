@@ -101,6 +101,16 @@ def test_cache_reorder_matches_reordered_batch(lm, tokens):
 
 
 @torch.no_grad()
+def test_cache_rewind_forgets_the_last_positions(lm, tokens):
+    cache = lm.new_cache()
+    lm(tokens[:, :6], cache=cache)
+    lm((tokens[:, 6:8] + 1) % V, cache=cache)
+    cache.rewind(2)
+    assert cache.offset == 6
+    torch.testing.assert_close(lm(tokens[:, 6:], cache=cache), lm(tokens)[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_too_long_is_refused(lm):
     cache = lm.new_cache()
     lm(torch.zeros(1, 30, dtype=torch.long), cache=cache)

@@ -96,11 +96,15 @@ def knn_servers(lm_run):
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
 def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
     shards = ",".join(s[0] for s in knn_servers.shard_addresses)  # the client fans out to the shards itself
-    out = cli(capsys, "generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"),
-              "--target", shards, "--k", "8", "--nprobe", "4", "--strategy", strategy,
-              "--beams", "2", "--top-k", "5", "--prompt", "def handler_3(request", "--prompt", "    return request",
-              "--max-new-tokens", "6", *(["--knn-pipeline"] if strategy == "beam" else []))
+    args = ["generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"), "--target", shards,
+            "--k", "8", "--nprobe", "4", "--strategy", strategy, "--beams", "2", "--top-k", "5",
+            "--prompt", "def handler_3(request", "--prompt", "    return request", "--max-new-tokens", "6"]
+    out = cli(capsys, *args, *(["--knn-pipeline"] if strategy == "beam" else []))
     assert out.count("--- ") == 2 and "retrieval:" in out
+    if strategy != "beam":  # speculative by default: the text serial decoding gives
+        assert "next token guessed right for" in out
+        serial = cli(capsys, *args, "--no-overlap")
+        assert out.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
 
 
 def test_retro_half(lm_run, capsys):

@@ -63,6 +63,22 @@ def test_cache_reorder_matches_reordered_batch(model, tokens):
 
 
 @torch.no_grad()
+def test_cache_rewind_forgets_the_last_positions(model, tokens):
+    """A rejected speculative step: feed a wrong token, rewind it, feed the right one: as if never fed."""
+    cache = model.new_cache()
+    model(tokens[:, :7], cache=cache)
+    model((tokens[:, 7:8] + 1) % V, cache=cache)
+    cache.rewind(1)
+    assert cache.offset == 7
+    got, got_keys = model(tokens[:, 7:], cache=cache, return_keys=True)
+    want, want_keys = model(tokens, return_keys=True)
+    torch.testing.assert_close(got, want[:, 7:])
+    torch.testing.assert_close(got_keys, want_keys[:, 7:])
+    with pytest.raises(ValueError, match="cannot rewind 14 of 13"):
+        cache.rewind(14)
+
+
+@torch.no_grad()
 def test_causal(model, tokens):
     before = model(tokens)
     changed = tokens.clone()

@@ -1,0 +1,132 @@
+"""Speculative kNN-LM decoding: the same tokens, scores and per-step log-probs as serial decoding for
+every strategy (guesses right and wrong, rows finished with EOS, beams reordered), and the retrieval
+hidden behind the speculative forward when the guesses hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_steppers import LAM, TEMP, FakeRetriever, SlowLM, knn_datastore, random_tokens
+
+from lm_worker.decode import GenerateConfig, generate
+from lm_worker.speculative import SpeculativeKnnLMStepper
+from lm_worker.steppers import KnnLMStepper
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread."""
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from test_steppers import V, sharpened
+
+    from lm_worker.model import LMConfig, TransformerLM
+
+    torch.manual_seed(0)
+    return sharpened(TransformerLM(LMConfig.tiny(vocab_size=V)))
+
+
+@pytest.fixture
+def fake_knn(lm) -> FakeRetriever:
+    keys, values = knn_datastore(lm)
+    return FakeRetriever(keys, values, k=6, delay_s=0.002)
+
+
+class Recording(SpeculativeKnnLMStepper):
+    """Keeps every step's finished log-probs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outputs: list[torch.Tensor] = []
+
+    def finish(self, step):
+        self.outputs.append(super().finish(step))
+        return self.outputs[-1]
+
+
+CONFIGS = {
+    "greedy": GenerateConfig(max_new_tokens=12),
+    "greedy-eos": GenerateConfig(max_new_tokens=12, eos_id=3),
+    "sample": GenerateConfig(strategy="sample", temperature=1.5, top_p=0.95, max_new_tokens=10, eos_id=2, seed=3),
+    "beam": GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=8, eos_id=0),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("lam", [LAM, 0.9])
+def test_speculative_decoding_equals_serial(lm, fake_knn, name, lam):
+    cfg = CONFIGS[name]
+    prompt = random_tokens((5, 4), seed=21)
+    serial = KnnLMStepper(lm, fake_knn, lam=lam, temperature=TEMP)
+    serial_outputs = []
+    serial_finish = serial.finish
+    serial.finish = lambda step: serial_outputs.append(serial_finish(step)) or serial_outputs[-1]
+    spec = Recording(lm, fake_knn, lam=lam, temperature=TEMP, eos_id=cfg.eos_id, adaptive=False)
+    a, b = generate(serial, prompt, cfg), generate(spec, prompt, cfg)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-6, rtol=0)
+    assert len(spec.outputs) == len(serial_outputs)
+    for got, want in zip(spec.outputs, serial_outputs):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    stats = spec.stats
+    assert stats.guessed >= stats.guessed_right
+    if name.startswith("greedy"):  # one guess per row and step, checked at the next step
+        assert stats.guessed == 5 * (len(spec.outputs) - 1)
+        assert 0 < stats.guessed_right < stats.guessed  # both paths ran: kept, and computed again
+    if name == "beam":  # every step reorders the beams, which drops the speculation
+        assert stats.guessed_right == 0
+
+
+@pytest.mark.parametrize("lam, rows, guesses", [(0.0, 5, "every step"), (1.0, 5, "few steps"), (0.9, 1, "equal")])
+def test_adaptive_guessing_stops_where_guesses_fail(lm, fake_knn, lam, rows, guesses):
+    """λ = 0: every guess holds and every step is guessed. λ = 1 over 5 rows: some row's neighbours
+    nearly always move its argmax, and the stepper soon stops guessing. Either way, serial's tokens."""
+    prompt, cfg = random_tokens((rows, 4), seed=22), GenerateConfig(max_new_tokens=12)
+    serial = generate(KnnLMStepper(lm, fake_knn, lam=lam, temperature=TEMP), prompt, cfg)
+    spec = SpeculativeKnnLMStepper(lm, fake_knn, lam=lam, temperature=TEMP)
+    assert torch.equal(generate(spec, prompt, cfg).tokens, serial.tokens)
+    steps = spec.stats.steps
+    if guesses == "every step":
+        assert spec.stats.guessed == spec.stats.guessed_right == rows * (steps - 1) and spec.hold_rate == 1.0
+    elif guesses == "few steps":
+        assert spec.stats.guessed <= rows * steps // 2 and spec.hold_rate < 0.5
+
+
+def test_finished_rows_are_guessed_to_repeat_eos(lm, fake_knn):
+    """With EOS early, the finished rows' forced EOS is guessed right: no step is computed twice for them."""
+    prompt = random_tokens((5, 4), seed=21)
+    cfg = CONFIGS["greedy-eos"]
+    with_eos = SpeculativeKnnLMStepper(lm, fake_knn, lam=0.0, temperature=TEMP, eos_id=cfg.eos_id)
+    out = generate(with_eos, prompt, cfg)
+    assert (out.lengths < cfg.max_new_tokens).any()  # some row finished early
+    assert with_eos.stats.guessed_right == with_eos.stats.guessed > 0
+
+
+def test_speculation_hides_a_sleeping_retrieval(lm):
+    """Model steps of 40 ms against requests of 40 ms, λ = 0 (every guess holds): each request is in
+    flight while the next step's forward runs, so decoding blocks on little of the retrieval; serially it
+    blocks on all of it."""
+    keys, values = knn_datastore(lm)
+    prompt, cfg = random_tokens((4, 4), seed=17), GenerateConfig(max_new_tokens=6)
+    slow = SlowLM(lm, 0.04)
+    serial = KnnLMStepper(slow, FakeRetriever(keys, values, k=6, delay_s=0.04), lam=0.0, temperature=TEMP)
+    spec = SpeculativeKnnLMStepper(slow, FakeRetriever(keys, values, k=6, delay_s=0.04), lam=0.0,
+                                   temperature=TEMP)
+    assert torch.equal(generate(serial, prompt, cfg).tokens, generate(spec, prompt, cfg).tokens)
+    assert serial.stats.wait_s == serial.stats.retrieval_s >= 6 * 0.04
+    assert spec.stats.guessed_right == spec.stats.guessed == 4 * 5
+    assert spec.stats.retrieval_s >= 6 * 0.04
+    assert spec.stats.wait_s < 0.5 * spec.stats.retrieval_s
+
+
+def test_no_speculation_past_the_models_length(lm, fake_knn):
+    """The last step fills the model's max_len: there is no room for a guess, and none is made."""
+    T = lm.config.max_len - 5
+    prompt, cfg = random_tokens((2, T), seed=23), GenerateConfig(max_new_tokens=6)
+    serial = generate(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP), prompt, cfg)
+    spec = SpeculativeKnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP)
+    assert torch.equal(generate(spec, prompt, cfg).tokens, serial.tokens)
+    assert spec.cache.offset == lm.config.max_len and spec.stats.guessed == 2 * 5
