@@ -55,6 +55,7 @@ from lm_worker.decode import GenerateConfig, generate
 from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
 from lm_worker.speculative import SpeculativeKnnLMStepper
 from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper, StepperStats
+from retriever_server.cpus import format_cpus, parse_cpus, pin
 from retriever_server.launcher import LocalDeployment
 
 REQUIRED = ("data/tokenizer.json", "data/heldout", "lm/checkpoint.pt", "retro/checkpoint.pt",
@@ -80,6 +81,8 @@ class BenchConfig:
     prefetch: int = -1
     repeats: int = 5
     threads: int = 1
+    via: str = "router"  # how the client reaches the shards: "router", or "fan-out" to the shards itself
+    server_cpus: tuple[int, ...] = ()  # cores of the servers, the model on the others (default: all share all)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +203,17 @@ def overlap_summary(serial: dict, overlapped: dict) -> dict:
 # The two models
 # ---------------------------------------------------------------------------------------------
 
+def target_of(deployment: LocalDeployment, via: str) -> str | list[list[str]]:
+    """The router's address, or (fan-out) every shard's replica addresses for the client to fan out to."""
+    return deployment.router_address if via == "router" else deployment.shard_addresses
+
+
 def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
     """Per scenario: LM alone, kNN-LM serial and kNN-LM pipelined, against RUN/knnlm-datastore served locally."""
     retrieval = RetrievalConfig(k=config.k, nprobe=config.nprobe)
     results = {}
-    with LocalDeployment(config.run / "knnlm-datastore") as deployment, \
-            ServiceRetriever(deployment.router_address, retrieval) as retriever:
+    with LocalDeployment(config.run / "knnlm-datastore", cpus=config.server_cpus) as deployment, \
+            ServiceRetriever(target_of(deployment, config.via), retrieval) as retriever:
         if retriever.dimension != lm.config.d_model:
             sys.exit(f"knnlm-datastore has keys of dimension {retriever.dimension}; the LM's are {lm.config.d_model}")
         model, lam, temperature = lm.model, config.lam, config.knn_temperature
@@ -238,8 +246,8 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen
     L = retro.config.chunk_len
     s = L // 2 if config.prefetch < 0 else config.prefetch
     retrieval = RetrievalConfig(k=retro.config.n_neighbours, nprobe=config.nprobe)
-    with LocalDeployment(config.run / "retro-datastore") as deployment, \
-            ServiceRetriever(deployment.router_address, retrieval) as retriever:
+    with LocalDeployment(config.run / "retro-datastore", cpus=config.server_cpus) as deployment, \
+            ServiceRetriever(target_of(deployment, config.via), retrieval) as retriever:
         encoder = chunk_encoder_for(retriever.metadata, tokenizer)  # the encoder of the datastore's keys
         model = retro.model
         variants = {
@@ -290,12 +298,18 @@ def summary_table(results: dict) -> str:
 
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "model_cpus": sorted(os.sched_getaffinity(0)),
             "cpus": os.cpu_count(), "machine": platform.machine(), "load_average_1m": os.getloadavg()[0]}
 
 
 def run(config: BenchConfig) -> dict:
     """Loads the run, serves each datastore in turn, measures, returns every number."""
     check_run(config.run)
+    if config.server_cpus:  # the model on the cores the servers leave, as if they ran on other machines
+        model_cpus = tuple(sorted(os.sched_getaffinity(0) - set(config.server_cpus)))
+        if not model_cpus:
+            sys.exit(f"--server-cpus {format_cpus(config.server_cpus)} leaves no core for the model")
+        pin(model_cpus)
     torch.set_num_threads(config.threads)
     tokenizer, heldout, lm, retro = load_models(config.run)
     max_len = getattr(lm.config, "max_len", None)
@@ -342,13 +356,26 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="kNN-LM softmax temperature (0: the run's choice, RUN/report/temperature.json, else 1)")
     parser.add_argument("--prefetch", type=int, default=-1, help="RETRO prefetch s (-1: chunk_len // 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--via", choices=("router", "fan-out"), default="router",
+                        help="the client searches through the router, or fans out to the shards itself")
+    parser.add_argument("--server-cpus", default="",
+                        help="cores for the servers, e.g. 1; the model runs on the others (default: all share all)")
     parser.add_argument("--quick", action="store_true", help="2 repeats")
     args = parser.parse_args(argv)
     return BenchConfig(run=args.run, out=args.out or args.run / "bench", batch=args.batch, prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, beams=args.beams, beam_prompts=args.beam_prompts,
                        models=tuple(m for m in args.models.split(",") if m), k=args.k, nprobe=args.nprobe, lam=args.lam,
                        knn_temperature=args.knn_temperature or run_temperature(args.run),
-                       prefetch=args.prefetch, repeats=2 if args.quick else args.repeats)
+                       prefetch=args.prefetch, repeats=2 if args.quick else args.repeats, via=args.via,
+                       server_cpus=server_cpus(parser, args.server_cpus))
+
+
+def server_cpus(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    """--server-cpus as a tuple of cores; () when not given."""
+    try:
+        return parse_cpus(text) if text else ()
+    except ValueError as err:
+        parser.error(f"--server-cpus: {err}")
 
 
 def run_temperature(run: Path) -> float:
@@ -361,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     results = run(config)
     env = results["environment"]
-    print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs, "
-          f"1-min load average after timing {env['load_average_1m']:.2f}")
+    cores = (f"model on cores {format_cpus(tuple(env['model_cpus']))}, servers on "
+             f"{format_cpus(config.server_cpus)}" if config.server_cpus else "model and servers sharing every core")
+    print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs ({cores}), "
+          f"retrieval via {config.via}, 1-min load average after timing {env['load_average_1m']:.2f}")
     print(f"prompts of {config.prompt_len} held-out tokens, {config.new_tokens} new tokens; greedy over "
           f"{config.batch} prompts, beam search over {config.beam_prompts}; median of {config.repeats} runs\n")
     print(rows_table(results["results"]))

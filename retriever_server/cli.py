@@ -42,6 +42,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _cpus(text: str) -> tuple[int, ...]:
+    from retriever_server.cpus import parse_cpus
+
+    try:
+        return parse_cpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _key_value(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -64,6 +73,9 @@ def _add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
         p.add_argument("--metrics-port", type=int, default=0,
                        help="Prometheus /metrics port; 0 picks a free one, -1 turns metrics off")
     p.add_argument("--address-file", type=Path, help="write the bound address here as JSON once listening")
+    p.add_argument("--cpus", type=_cpus, default=(),
+                   help="run on these cores only, e.g. 2,3 or 2-5 (default: any); with --datastore alone, "
+                        "every shard and the router")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--drain-delay", type=float, default=1.0,
                    help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
@@ -238,6 +250,7 @@ def _cmd_serve(args) -> int:
         raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
     if args.shard is None:
         return _serve_local(args)
+    _pin(args)
     from retriever_server.shard import ShardOptions
     from retriever_server.shard_server import ShardServerConfig, start_shard_server
 
@@ -290,7 +303,7 @@ def _serve_local(args) -> int:
     shard_args, router_args = _child_args(args)
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
-                                 log_format=args.log_format)
+                                 log_format=args.log_format, cpus=args.cpus)
     signal.signal(signal.SIGTERM, _interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
     try:
@@ -302,10 +315,19 @@ def _serve_local(args) -> int:
     raise CliError(f"stopped: {why}")
 
 
+def _pin(args) -> None:
+    """Runs this server on the cores of --cpus, if given."""
+    if args.cpus:
+        from retriever_server.cpus import pin
+
+        pin(args.cpus)
+
+
 def _cmd_router(args) -> int:
     from retriever_server.fanout import parse_shards
     from retriever_server.router import RouterConfig, start_router
 
+    _pin(args)
     try:
         shards = tuple(tuple(s) for s in parse_shards(args.shards))
     except ValueError as err:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retriever_server.cpus import format_cpus
 from retriever_server.grpc_util import health_status
 from retriever_server.manifest import read_manifest
 
@@ -58,9 +59,11 @@ class LocalDeployment:
     """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
 
     `extra_args` go to every shard server, `router_args` to the router; `log_level` and `log_format`
-    to all of them. Unless `extra_args` set `--threads` (to other than 0), each shard process gets an
-    equal share of this machine's cores as FAISS threads: S x R processes searching at once with
-    FAISS's default (every core each) would oversubscribe the cores. Their logs and address files
+    to all of them. `cpus` (default: any core) confines every process to those cores, e.g. to keep
+    them off the cores an LM worker on the same machine computes on. Unless `extra_args` set
+    `--threads` (to other than 0), each shard process gets an equal share of those cores (all of this
+    machine's by default) as FAISS threads: S x R processes searching at once with FAISS's default
+    (every core each) would oversubscribe the cores. Their logs and address files
     live in `log_dir` until `stop()` removes it; it is kept when a process fails to start, and the
     LaunchError names it.
     """
@@ -74,6 +77,7 @@ class LocalDeployment:
     startup_timeout_s: float = 300.0
     log_level: str = "WARNING"
     log_format: str = "text"
+    cpus: tuple[int, ...] = ()
     shards: list[list[_Process]] = field(default_factory=list)
     router: _Process | None = None
 
@@ -91,6 +95,7 @@ class LocalDeployment:
         log_file = self._dir / f"{name}.log"
         command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
                    "--log-format", self.log_format, *args, "--address-file", str(address_file)]
+        command += ["--cpus", format_cpus(self.cpus)] if self.cpus else []
         with open(log_file, "w") as out:
             popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=_child_environment())
@@ -127,7 +132,8 @@ class LocalDeployment:
         given = args[args.index("--threads") + 1:][:1] if "--threads" in args else []
         if given and given[0] != "0":
             return []
-        return ["--threads", str(max(1, (os.cpu_count() or 1) // processes))]
+        cores = len(self.cpus) or os.cpu_count() or 1
+        return ["--threads", str(max(1, cores // processes))]
 
     def start(self) -> LocalDeployment:
         """Starts every process and returns once the router is SERVING.

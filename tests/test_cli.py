@@ -38,6 +38,8 @@ def one_line_error(result, words):
         (["serve", "--datastore", "nowhere", "--shard", "0"], "nowhere/manifest.json not found"),
         (["serve", "--datastore", "nowhere"], "nowhere/manifest.json not found"),
         (["router", "--shards", ","], "no shard addresses"),
+        (["router", "--shards", "a:1", "--cpus", "1-x"], "argument --cpus: '1-x' is not a list of cores"),
+        (["serve", "--datastore", ".", "--cpus", "4096"], "argument --cpus: cores '4096': this machine has cores"),
         (["serve", "--datastore", ".", "--shard", "0"], "manifest.json not found: not a datastore"),
         (["info", "nowhere"], "UNAVAILABLE"),
         (["search", "127.0.0.1:1", "--queries", "missing.npy"], "queries file missing.npy not found"),

@@ -110,6 +110,15 @@ def test_shards_share_the_cores_unless_threads_are_given(datastore):
         assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"3"}
 
 
+def test_cpus_confine_every_process_and_set_the_threads(datastore, keys):
+    with LocalDeployment(datastore, cpus=(0,)) as deployment:
+        assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"1"}
+        for process in deployment.processes():  # every thread of every server
+            tasks = Path(f"/proc/{process.popen.pid}/task").iterdir()
+            assert {frozenset(os.sched_getaffinity(int(t.name))) for t in tasks} == {frozenset({0})}
+        assert search_ids(deployment.router_address, keys).shape == (8, 5)
+
+
 def test_failed_start_keeps_the_logs_and_names_them(datastore):
     deployment = LocalDeployment(datastore, extra_args=("--threads", "many"))
     with pytest.raises(LaunchError, match="invalid int value: 'many'") as caught:

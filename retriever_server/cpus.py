@@ -1,0 +1,44 @@
+"""Cores a process runs on: `--cpus 2,3` or `--cpus 0-3` for servers that should not share the cores
+an LM worker (or another server) computes on, as they would not on separate machines. Linux only.
+
+Example:
+    >>> pin(parse_cpus("1"))          # this process, every thread of it, on core 1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3); raises ValueError naming the text when it is not a list of this machine's cores."""
+    cores: set[int] = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        cores = set()
+    if not cores:
+        raise ValueError(f"{text!r} is not a list of cores such as 0,2-3")
+    available = set(range(os.cpu_count() or 1))
+    if not cores <= available:
+        raise ValueError(f"cores {text!r}: this machine has cores {sorted(available)}")
+    return tuple(sorted(cores))
+
+
+def format_cpus(cpus: tuple[int, ...]) -> str:
+    """(0, 2, 3) -> '0,2,3', as `parse_cpus` reads it."""
+    return ",".join(str(c) for c in cpus)
+
+
+def pin(cpus: tuple[int, ...], pid: int = 0) -> None:
+    """Runs every thread of process `pid` (0: this one) on `cpus` only; threads started later inherit it."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    threads = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [pid]
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except ProcessLookupError:  # a thread that has ended meanwhile
+            pass
