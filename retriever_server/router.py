@@ -33,6 +33,7 @@ from retriever_server.grpc_util import CHANNEL_OPTIONS
 from retriever_server.merge import merge_results
 from retriever_server.metrics import ServerMetrics
 from retriever_server.request import DatastoreView, Limits, RequestError, parse_search
+from retriever_server.response_wire import encode_search_response
 from retriever_server.result import SearchResult
 from retriever_server.service import BaseRetrieverService, RunningServer, start_server
 
@@ -134,7 +135,7 @@ class RouterService(BaseRetrieverService):
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
         size = len(request.queries.data) // 4
         spec = await self._off_loop(size, parse_search, request, self.view, self.limits)
         forwarded = request  # checked already: forwarded as it came, but for these two fields
@@ -152,12 +153,12 @@ class RouterService(BaseRetrieverService):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
         return await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
 
-    def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> pb.SearchResponse:
+    def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> bytes:
         parts = [SearchResult.from_proto(a) for a in answers]
         merged = merge_results(parts, k, self.infos[0].metric)
         merged.partial = bool(failures)
         merged.failed_shards = failures
-        return merged.to_proto()
+        return encode_search_response(merged)
 
     async def handle_info(self) -> pb.InfoResponse:
         info = pb.InfoResponse()

@@ -19,6 +19,7 @@ from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.grpc_util import add_health_and_reflection, server_options, set_serving
 from retriever_server.metrics import ServerMetrics
 from retriever_server.request import Limits, RequestError
+from retriever_server.response_wire import add_retriever_servicer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         """Why the service cannot answer yet (loading, failed), or None when it can."""
         raise NotImplementedError
 
-    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def handle_search(self, request: pb.SearchRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SearchResponse | bytes:
+        """The answer: a SearchResponse, or its wire bytes (`encode_search_response`)."""
         raise NotImplementedError
 
     async def handle_info(self) -> pb.InfoResponse:
@@ -59,7 +62,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
                 f"{self.role} has {self.inflight} requests in flight, its limit; retry later",
             )
 
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse | bytes:
         started = time.perf_counter()
         status = "OK"
         counted = False
@@ -140,7 +143,7 @@ async def start_server(service: BaseRetrieverService, host: str, port: int,
                        metrics_port: int | None) -> RunningServer:
     """Binds `host:port` (0 for an ephemeral port), starts serving NOT_SERVING, returns the handle."""
     server = grpc.aio.server(options=server_options(service.limits.max_request_bytes))
-    pb_grpc.add_RetrieverServicer_to_server(service, server)
+    add_retriever_servicer(service, server)
     health = add_health_and_reflection(server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -20,6 +20,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.manifest import DatastoreError
 from retriever_server.metrics import ServerMetrics
 from retriever_server.request import Limits, RequestError, parse_search
+from retriever_server.response_wire import encode_search_response
 from retriever_server.service import BaseRetrieverService, RunningServer, start_server
 from retriever_server.shard import Shard, ShardOptions
 from retriever_server.wire import dtype_code
@@ -70,11 +71,11 @@ class ShardService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "shard is loading; retry when health is SERVING")
         return None
 
-    def _search(self, request: pb.SearchRequest) -> pb.SearchResponse:
+    def _search(self, request: pb.SearchRequest) -> bytes:
         spec = parse_search(request, self.shard.view(), self.limits)
-        return self.shard.search(spec).to_proto()
+        return encode_search_response(self.shard.search(spec))
 
-    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the search started")
