@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--retro-encoder", choices=ENCODERS, default="lm",
                     help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
 
-    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 15 minutes on "
+    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 10 minutes on "
                                     "2 cores; a second run reuses what the first built)")
     d.add_argument("--run", type=Path, default=Path("runs/demo"), help="where the demo keeps what it builds")
     d.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")

@@ -81,7 +81,7 @@ class PipelineConfig:
 
     @classmethod
     def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
-        """The demo's sizes: every stage at CPU scale, about 15 minutes on 2 cores."""
+        """The demo's sizes: every stage at CPU scale, about 10 minutes on 2 cores."""
         sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000,
                      lm=TrainConfig(kind="lm", preset="small", steps=300, batch_size=8, warmup=50, eval_every=100,
                                     checkpoint_every=100),
