@@ -73,17 +73,16 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             self.metrics.inflight.inc()
             return await self.handle_search(request, context)
         except RequestError as err:
-            status = err.code.name
+            status, failure = err.code.name, err
             log.info("search refused: %s", err.message, extra={"status": status, "role": self.role})
-            await context.abort(err.code, err.message)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
         except Exception as err:  # noqa: BLE001 - a bug must still answer with a status, not a reset
             status = "INTERNAL"
+            failure = RequestError(grpc.StatusCode.INTERNAL, f"{self.role} internal error: {type(err).__name__}: {err}")
             log.exception("search failed inside the %s", self.role)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{self.role} internal error: {type(err).__name__}: {err}")
-        finally:
+        finally:  # accounted before the caller can see the answer or the error
             if counted:
                 self.inflight -= 1
                 self.metrics.inflight.dec()
@@ -91,6 +90,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             seconds = time.perf_counter() - started
             self.metrics.observe("Search", status, seconds, nq if status == "OK" else 0)
             log.debug("search", extra={"status": status, "nq": nq, "k": request.k, "ms": round(seconds * 1e3, 3)})
+        await context.abort(failure.code, failure.message)
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         started = time.perf_counter()
