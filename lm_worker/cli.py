@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -562,11 +561,13 @@ COMMANDS = {"prepare": _prepare, "train": _train, "encode": _encode, "build": _b
 def _servers_on_this_machine(args) -> bool:
     """Whether the command retrieves from servers on this machine: a datastore it serves itself
     (--datastore) or a loopback --target."""
+    from retriever_server.fanout import parse_shards
+
     for what in ("", "knnlm_", "retro_"):
         if getattr(args, f"{what}datastore", None) is not None:
             return True
-        addresses = [a.strip() for a in re.split("[,|]", getattr(args, f"{what}target", None) or "") if a.strip()]
-        if addresses and all(a.startswith(_LOOPBACK) for a in addresses):
+        target = getattr(args, f"{what}target", None)
+        if target and all(a.startswith(_LOOPBACK) for shard in parse_shards(target) for a in shard):
             return True
     return False
 

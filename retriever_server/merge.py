@@ -54,17 +54,12 @@ def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.n
     return np.lexsort((_tie(ids), score), axis=-1)
 
 
-def _unordered(score: np.ndarray, tie: np.ndarray) -> np.ndarray:
-    worse = score[:, 1:] < score[:, :-1]
-    worse |= (score[:, 1:] == score[:, :-1]) & (tie[:, 1:] < tie[:, :-1])
-    return worse.any(axis=1)
-
-
 def rows_out_of_order(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
     """(nq,) bool: the rows of (nq, m) candidates that are not best first, ties by id, missing last."""
-    if ids.shape[1] < 2:
-        return np.zeros(len(ids), dtype=bool)
-    return _unordered(_score(ids, distances, metric), _tie(ids))
+    score, tie = _score(ids, distances, metric), _tie(ids)
+    worse = score[:, 1:] < score[:, :-1]  # (nq, m-1)
+    worse |= (score[:, 1:] == score[:, :-1]) & (tie[:, 1:] < tie[:, :-1])
+    return worse.any(axis=1)
 
 
 def rank_neighbours(result: SearchResult, k: int, metric: str) -> SearchResult:
