@@ -30,6 +30,10 @@ from pathlib import Path
 
 from lm_worker.retro_encoders import ENCODERS
 
+RETRO_INITS = ("lm", "scratch")
+RETRO_INIT_HELP = ("lm: retro-fit RETRO onto the trained base LM (frozen; only CCA and the neighbour encoder "
+                   "train); scratch: train RETRO's own decoder from random weights")
+
 PROG = "lm-worker"
 log = logging.getLogger(__name__)
 _LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
@@ -83,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--init-from", type=Path, help="RETRO: retro-fit this base LM checkpoint (its decoder shape and "
+                                                  "weights; new CCA layers start as a no-op)")
+    t.add_argument("--train-base", action="store_true", help="with --init-from: train the LM's weights too "
+                                                             "(default: frozen, only RETRO's new layers train)")
 
     e = sub.add_parser("encode", help="write a kNN-LM or RETRO datastore source")
     e.add_argument("kind", choices=("knnlm", "retro"))
@@ -191,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
     pl.add_argument("--retro-encoder", choices=ENCODERS, default="lm",
                     help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
+    pl.add_argument("--retro-init", choices=RETRO_INITS, default="lm", help=RETRO_INIT_HELP)
 
     d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 10 minutes on "
                                     "2 cores; a second run reuses what the first built)")
@@ -199,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors")
     d.add_argument("--retro-encoder", choices=ENCODERS, default="lm",
                    help="RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token")
+    d.add_argument("--retro-init", choices=RETRO_INITS, default="lm", help=RETRO_INIT_HELP)
 
     rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     rd.add_argument("--out", type=Path, default=Path("runs/retrieval-demo"), help="where it keeps what it builds")
@@ -274,7 +284,8 @@ def _train(args) -> None:
     config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
                          steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len)
+                         device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
+                         init_from=str(args.init_from or ""), freeze_base=not args.train_base)
     r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
               progress=not args.no_progress)
     print(f"{r.steps} steps: train loss {r.train_loss:.4f}, held-out loss {r.heldout_loss:.4f}, "
@@ -510,7 +521,7 @@ def _pipeline(args) -> None:
                      lm=replace(base.lm, steps=args.lm_steps, preset=args.preset),
                      retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
                      address=args.address, encode_workers=args.workers, eval_workers=args.workers,
-                     retro_encoder=args.retro_encoder, progress=not args.no_progress)
+                     retro_encoder=args.retro_encoder, retro_init=args.retro_init, progress=not args.no_progress)
     _print_report(run_pipeline(config))
 
 
@@ -531,6 +542,7 @@ def _demo(args) -> None:
 
     config = PipelineConfig.demo(args.run, address=args.address, encode_workers=args.workers,
                                  eval_workers=args.workers, retro_encoder=args.retro_encoder,
+                                 retro_init=args.retro_init,
                                  progress=not args.no_progress)
     _print_report(run_pipeline(config))
 

@@ -50,7 +50,9 @@ class PipelineConfig:
     `tune_tokens` tokens, where kNN-LM's temperature is chosen) and test documents (the rest),
     where every reported perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
     this process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
-    RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token)."""
+    RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token). `retro_init`: "lm"
+    retro-fits RETRO onto the trained base LM (its decoder frozen, only CCA and the neighbour encoder train),
+    "scratch" trains RETRO's own decoder (`retro.preset`) from random weights."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"
@@ -67,6 +69,7 @@ class PipelineConfig:
     knn: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(k=1024, nprobe=32))
     retro_nprobe: int = 32
     retro_encoder: str = "lm"
+    retro_init: str = "lm"
     eval_tokens: int = 0
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
     tune_tokens: int = 4096
@@ -78,6 +81,10 @@ class PipelineConfig:
     samples: int = 3
     sample_tokens: int = 48
     progress: bool = True
+
+    def __post_init__(self):
+        if self.retro_init not in ("lm", "scratch"):
+            raise ValueError(f"retro_init must be 'lm' or 'scratch', got {self.retro_init!r}")
 
     @classmethod
     def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
@@ -183,8 +190,12 @@ def _split_heldout(config: PipelineConfig, heldout):
 def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbours: Path | None = None) -> Path:
     from lm_worker.train import train
 
+    resume = _same_init(config, train_config, name)
+    if not resume:
+        log.warning("%s holds a model trained from another start (init_from); training %s afresh",
+                    config.run / name, name)
     report = train(train_config, config.run / "data", config.run / name, neighbours_dir=neighbours,
-                   progress=config.progress)
+                   resume=resume, progress=config.progress)
     log.info("%s: %d steps, train loss %.3f, held-out loss %.3f, %.0f tokens/s", name, report.steps,
              report.train_loss, report.heldout_loss, report.tokens_per_s)
     return report.checkpoint
@@ -194,7 +205,32 @@ def _trained(config: PipelineConfig, train_config: TrainConfig, name: str) -> bo
     from lm_worker.checkpoint import load_checkpoint
 
     path = config.run / name / "checkpoint.pt"
-    return path.exists() and load_checkpoint(path).step >= train_config.steps
+    return path.exists() and load_checkpoint(path).step >= train_config.steps and _same_init(config, train_config, name)
+
+
+def _same_init(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
+    """False when RUN/name holds a checkpoint started from another `init_from` (a run before `retro_init` changed)."""
+    from lm_worker.checkpoint import load_checkpoint
+
+    path = config.run / name / "checkpoint.pt"
+    if not path.exists():
+        return True
+    return load_checkpoint(path).extra.get("train_config", {}).get("init_from", "") == train_config.init_from
+
+
+def _trained_parameters(config: PipelineConfig, retro) -> int:
+    """RETRO's parameters that training changed: the new layers only when retro-fitted with a frozen base."""
+    from lm_worker.retrofit import is_base_parameter
+
+    frozen = config.retro_init == "lm" and config.retro.freeze_base
+    return sum(p.numel() for n, p in retro.named_parameters() if not (frozen and is_base_parameter(n)))
+
+
+def _retro_train_config(config: PipelineConfig) -> TrainConfig:
+    """RETRO's training settings: retro-fitted onto RUN/lm, or from scratch (`retro_init`)."""
+    if config.retro_init == "lm":
+        return replace(config.retro, init_from=str(config.run / "lm" / "checkpoint.pt"))
+    return replace(config.retro, init_from="")
 
 
 # ---------------------------------------------------------------------------------------------- sources, datastores
@@ -405,8 +441,11 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         with stages.stage("RETRO neighbours of every chunk", reused=_done(run / "retro-source" /
                                                                           "neighbours-heldout.npy")):
             _neighbours(config, retro_retriever)
-        with stages.stage(f"train RETRO ({config.retro.steps} steps)", reused=_trained(config, config.retro, "retro")):
-            retro_checkpoint = _train(config, config.retro, "retro", neighbours=run / "retro-source")
+        retro_training = _retro_train_config(config)
+        fitted = " retro-fitted onto the LM" if retro_training.init_from else ""
+        with stages.stage(f"train RETRO ({config.retro.steps} steps{fitted})",
+                          reused=_trained(config, retro_training, "retro")):
+            retro_checkpoint = _train(config, retro_training, "retro", neighbours=run / "retro-source")
         retro = load_checkpoint(retro_checkpoint).model
         with stages.stage("choose kNN-LM's temperature on validation text",
                           reused=_done(run / "report" / "temperature.json")):
@@ -439,6 +478,7 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
                                    "chosen": temperature},
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
             "retro_parameters": sum(p.numel() for p in retro.parameters()),
+            "retro_trained_parameters": _trained_parameters(config, retro),
             "stages": [{"stage": n, "seconds": round(s, 1), "reused": r} for n, s, r in stages.rows]}
     write_report(report, knn_result, retro_result, meta)
     plots = [report / "ppl_vs_lambda.png", attention]

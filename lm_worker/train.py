@@ -45,7 +45,9 @@ PRESETS = ("tiny", "small", "gpu")
 class TrainConfig:
     """How to train. `preset` picks `LMConfig`/`RetroConfig` tiny, small or gpu; for RETRO, `seq_len` must
     be a multiple of the chunk length (the preset's unless `chunk_len` is set) and K comes from the
-    neighbours file. `vocab_size` 0 takes the tokenizer's (DATA/tokenizer.json)."""
+    neighbours file. `vocab_size` 0 takes the tokenizer's (DATA/tokenizer.json). `init_from` (RETRO only) is a
+    base LM checkpoint to retro-fit (`lm_worker.retrofit`): the decoder takes the LM's shape and weights, and with
+    `freeze_base` only the new layers train."""
 
     kind: str = "lm"
     preset: str = "small"
@@ -66,6 +68,8 @@ class TrainConfig:
     threads: int = 0
     chunk_len: int = 0
     vocab_size: int = 0
+    init_from: str = ""
+    freeze_base: bool = True
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -77,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
+        if self.init_from and self.kind != "retro":
+            raise ValueError(f"init_from retro-fits a base LM into RETRO: it needs kind 'retro', not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model = KINDS[config.kind][1](mcfg).to(device)
+    model, mcfg = _new_model(config, mcfg, fingerprint)
+    model = model.to(device)
     optimizer = make_optimizer(model, config)
     step, losses = 0, {"train": [], "heldout": []}
     if resume and (out_dir / CHECKPOINT_NAME).is_file():
@@ -370,6 +377,23 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     return TrainReport(steps=step, train_loss=float(np.mean(recent)) if recent else float("nan"),
                        heldout_loss=heldout_loss, tokens_per_s=tokens_done / train_time if train_time else 0.0,
                        checkpoint=path, losses=out_dir / "losses.json", plot=plot)
+
+
+def _new_model(config: TrainConfig, mcfg: LMConfig | RetroConfig, fingerprint: str
+               ) -> tuple[nn.Module, LMConfig | RetroConfig]:
+    """A freshly initialised model, or RETRO retro-fitted onto `config.init_from`; and its config."""
+    if not config.init_from:
+        return KINDS[config.kind][1](mcfg), mcfg
+    from lm_worker.retrofit import retrofit, retrofit_config
+
+    base = load_checkpoint(Path(config.init_from))
+    if base.kind != "lm":
+        raise ValueError(f"init_from {config.init_from} holds a {base.kind} model; retro-fitting needs a base LM")
+    if base.tokenizer_fingerprint != fingerprint:
+        raise ValueError(f"init_from {config.init_from} was trained with tokenizer {base.tokenizer_fingerprint}, "
+                         f"the data uses {fingerprint}")
+    fitted = retrofit_config(base.config, mcfg.chunk_len, mcfg.n_neighbours, mcfg.enc_n_layer)
+    return retrofit(base.model, fitted, freeze=config.freeze_base), fitted
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, windows: Windows, config: TrainConfig,

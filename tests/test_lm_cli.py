@@ -133,8 +133,10 @@ def test_retro_half(lm_run, capsys):
 
 
 def test_retro_with_the_lm_encoder(lm_run, capsys):
-    """The LM encodes the RETRO source; neighbours, eval and generate find that encoder in the datastore."""
+    """The LM encodes the RETRO source; neighbours, eval and generate find that encoder in the datastore;
+    RETRO is retro-fitted onto that LM."""
     import numpy as np
+    import torch
 
     from lm_worker.lm_chunk_encoder import LMChunkEncoder
 
@@ -152,7 +154,10 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
     np.testing.assert_array_equal(held_keys, LMChunkEncoder.load(run / "lm").embed(chunks))  # the LM's keys
     cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", str(L), "--data", str(run / "data"),
         "--out", str(run / "retro-lm"), "--neighbours", str(run / "retro-lm-source"), "--steps", "4",
-        "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--warmup", "2")
+        "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--warmup", "2", "--init-from", str(run / "lm"))
+    lm, fitted = load_checkpoint(run / "lm").model, load_checkpoint(run / "retro-lm").model  # retro-fitted
+    assert fitted.config.n_layer == lm.config.n_layer
+    assert torch.equal(fitted.tok_emb.weight, lm.tok_emb.weight)
     cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro-lm"), "--out",
         str(run / "retro-lm-eval"), "--retro-datastore", str(run / "retro-lm-datastore"), "--retro-nprobe", "4",
         "--context-len", "32", "--stride", "16")

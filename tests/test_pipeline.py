@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from lm_worker.checkpoint import load_checkpoint
 from lm_worker.encode import model_fingerprint
@@ -57,6 +58,17 @@ def test_the_report_folder_holds_every_output(first_run):
     encoder = read_manifest(config.run / "retro-datastore").metadata["encoder"]
     assert encoder == "lm-last:" + model_fingerprint(load_checkpoint(config.run / "lm").model).removeprefix("lm:")
     assert report.samples.read_text().count("### ") == 3 * config.samples
+
+
+def test_retro_is_retro_fitted_onto_the_lm(first_run):
+    """By default RETRO's decoder is the trained LM, frozen: with its neighbours withheld it scores as the LM."""
+    config, report = first_run
+    body = json.loads(report.eval_json.read_text())
+    lm, retro = load_checkpoint(config.run / "lm").model, load_checkpoint(config.run / "retro").model
+    assert retro.config.n_layer == lm.config.n_layer and torch.equal(retro.tok_emb.weight, lm.tok_emb.weight)
+    assert body["retro"]["tokens"] == body["knnlm"]["tokens"]
+    assert body["retro"]["perplexity_without"] == pytest.approx(body["knnlm"]["base_perplexity"], rel=1e-5)
+    assert 0 < body["meta"]["retro_trained_parameters"] < body["meta"]["retro_parameters"]
 
 
 def test_distributed_figures_equal_an_in_process_evaluation(first_run):

@@ -210,3 +210,77 @@ def test_resume_refuses_another_model(lm_run, data):
     out, _ = lm_run
     with pytest.raises(ValueError, match="resume=False"):
         train(replace(BASE, preset="small", steps=41), data, out, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# RETRO retro-fitted onto a trained LM
+# ---------------------------------------------------------------------------------------------
+
+def _retro_batch(data: Path, neighbours_dir: Path, seq_len: int = 16):
+    nb = np.load(neighbours_dir / "neighbours-heldout.npy")
+    windows = Windows(TokenStore.open(data / "heldout"), seq_len, L, nb)
+    return windows.batch(np.arange(4), torch.device("cpu"))  # tokens (4, T), targets, neighbours (4, C, K, 2L)
+
+
+def test_retrofitted_model_starts_as_the_lm(lm_run, data, neighbours_dir):
+    from lm_worker.retrofit import retrofit, retrofit_config
+
+    lm = load_checkpoint(lm_run[0]).model
+    retro = retrofit(lm, retrofit_config(lm.config, chunk_len=L, n_neighbours=2)).eval()
+    tokens, _, neighbours = _retro_batch(data, neighbours_dir)
+    with torch.no_grad():
+        expected = lm(tokens)  # (4, T, V)
+        torch.testing.assert_close(retro(tokens), expected, rtol=0, atol=0)
+        torch.testing.assert_close(retro(tokens, neighbours), expected, rtol=0, atol=0)
+    assert retro.config.decoder_cca_layers == (1,) and retro.config.n_layer == lm.config.n_layer == 2
+
+
+def test_retrofit_trains_only_the_new_layers_and_keeps_the_lm_without_neighbours(lm_run, data, neighbours_dir,
+                                                                                 tmp_path):
+    from lm_worker.retrofit import is_base_parameter
+
+    lm = load_checkpoint(lm_run[0]).model
+    config = replace(BASE, kind="retro", seq_len=16, steps=12, eval_every=6, init_from=str(lm_run[1].checkpoint))
+    report = train(config, data, tmp_path / "fit", neighbours_dir=neighbours_dir, progress=False)
+    fitted = load_checkpoint(report.checkpoint)
+    assert fitted.kind == "retro" and fitted.step == 12 and fitted.config.n_layer == lm.config.n_layer
+    before, after = lm.state_dict(), fitted.model.state_dict()
+    changed = {name for name, tensor in after.items() if name not in before or not torch.equal(before[name], tensor)}
+    assert changed and not any(is_base_parameter(name) for name in changed)
+    assert any(n.startswith("cca.") and "proj" in n for n in changed)  # CCA left its zero start
+    tokens, _, neighbours = _retro_batch(data, neighbours_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted.model(tokens), lm(tokens), rtol=0, atol=0)  # neighbours withheld: the LM
+        assert not torch.allclose(fitted.model(tokens, neighbours), lm(tokens))
+
+
+def test_retrofit_resume_equals_uninterrupted_and_can_train_the_base(lm_run, data, neighbours_dir, tmp_path):
+    config = replace(BASE, kind="retro", seq_len=16, steps=8, checkpoint_every=2, init_from=str(lm_run[1].checkpoint),
+                     freeze_base=False)
+    straight = train(config, data, tmp_path / "straight", neighbours_dir=neighbours_dir, progress=False)
+    train(config, data, tmp_path / "resumed", neighbours_dir=neighbours_dir, progress=False, stop_at=4)
+    resumed = train(config, data, tmp_path / "resumed", neighbours_dir=neighbours_dir, progress=False)
+    a = load_checkpoint(straight.checkpoint).model.state_dict()
+    b = load_checkpoint(resumed.checkpoint).model.state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    lm = load_checkpoint(lm_run[0]).model.state_dict()
+    assert not torch.equal(a["blocks.0.ffn.fc.weight"], lm["blocks.0.ffn.fc.weight"])  # --train-base trained it
+
+
+def test_retrofit_bad_inputs(lm_run, data, neighbours_dir, tmp_path):
+    from lm_worker.retrofit import retrofit
+
+    with pytest.raises(ValueError, match="needs kind 'retro'"):
+        TrainConfig(kind="lm", init_from="x.pt")
+    retro = replace(BASE, kind="retro", seq_len=16, steps=2)
+    with pytest.raises(FileNotFoundError):
+        train(replace(retro, init_from=str(tmp_path / "none.pt")), data, tmp_path / "r", neighbours_dir=neighbours_dir,
+              progress=False)
+    scratch = train(retro, data, tmp_path / "scratch", neighbours_dir=neighbours_dir, progress=False)
+    with pytest.raises(ValueError, match="holds a retro model"):
+        train(replace(retro, init_from=str(scratch.checkpoint)), data, tmp_path / "r2", neighbours_dir=neighbours_dir,
+              progress=False)
+    lm = load_checkpoint(lm_run[0]).model
+    with pytest.raises(ValueError, match="does not match the LM"):
+        retrofit(lm, RetroConfig.tiny(vocab_size(data), n_layer=3))
