@@ -2,6 +2,7 @@
 
     lm-worker prepare  --out RUN/data [--corpus stdlib|DIR|FILE.jsonl]     # split, tokenizer, tokens
     lm-worker train    --kind lm|retro --data RUN/data --out RUN/lm        # checkpoints, loss plot
+                       [--init-from RUN/lm]                                # RETRO retro-fitted onto the LM
     lm-worker encode   knnlm|retro --data RUN/data --out RUN/knnlm-source  # datastore sources
     lm-worker build    RUN/knnlm-source --out RUN/knnlm-datastore          # the Ray build job
     lm-worker neighbours --source RUN/retro-source --data RUN/data --datastore RUN/retro-datastore
