@@ -209,13 +209,15 @@ def _trained(config: PipelineConfig, train_config: TrainConfig, name: str) -> bo
 
 
 def _same_init(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
-    """False when RUN/name holds a checkpoint started from another `init_from` (a run before `retro_init` changed)."""
+    """False when RUN/name holds a checkpoint that started otherwise: from scratch where RUN/lm is to be
+    retro-fitted, or the other way round (a run made before `retro_init` changed). A moved run still matches."""
     from lm_worker.checkpoint import load_checkpoint
 
     path = config.run / name / "checkpoint.pt"
     if not path.exists():
         return True
-    return load_checkpoint(path).extra.get("train_config", {}).get("init_from", "") == train_config.init_from
+    saved = load_checkpoint(path).extra.get("train_config", {}).get("init_from", "")
+    return bool(saved) == bool(train_config.init_from)
 
 
 def _trained_parameters(config: PipelineConfig, retro) -> int:

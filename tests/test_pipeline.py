@@ -18,6 +18,7 @@ from lm_worker.encode import model_fingerprint
 from lm_worker.evaluate import EvalConfig, evaluate_knnlm
 from lm_worker.pipeline import PipelineConfig, run_pipeline
 from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
+from lm_worker.retro import RetroConfig
 from lm_worker.token_store import TokenStore
 from lm_worker.train import TrainConfig
 from retriever_server.manifest import read_manifest
@@ -106,3 +107,18 @@ def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut()
     assert test[1][1] + valid[0][1] == docs[1][1]  # nothing lost, nothing twice
     with pytest.raises(ValueError, match="nothing to test on"):
         _cut_validation(docs[2:], 1000)
+
+
+def test_switching_retro_init_retrains_retro_alone(first_run):
+    """Last in this file: it replaces the run's RETRO. A run that retro-fitted, rerun with retro_init="scratch",
+    trains RETRO's own decoder afresh and reuses every stage before it."""
+    config, _ = first_run
+    again = run_pipeline(replace(config, retro_init="scratch"))
+    stages = {row["stage"]: row["reused"] for row in json.loads(again.eval_json.read_text())["meta"]["stages"]}
+    assert stages[f"train RETRO ({config.retro.steps} steps)"] is False
+    assert all(reused for name, reused in stages.items() if name.split()[0] in ("prepare", "encode", "build")
+               or name.startswith("train LM"))
+    retro = load_checkpoint(config.run / "retro")
+    assert retro.extra["train_config"]["init_from"] == "" and retro.step == config.retro.steps
+    lm_layers = load_checkpoint(config.run / "lm").config.n_layer
+    assert retro.config.n_layer == RetroConfig.tiny(config.vocab_size).n_layer != lm_layers
