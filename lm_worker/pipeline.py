@@ -190,7 +190,7 @@ def _split_heldout(config: PipelineConfig, heldout):
 def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbours: Path | None = None) -> Path:
     from lm_worker.train import train
 
-    resume = _same_init(config, train_config, name)
+    resume = _same_start(config, train_config, name)
     if not resume:
         log.warning("%s holds a model trained from another start (init_from); training %s afresh",
                     config.run / name, name)
@@ -202,22 +202,26 @@ def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbo
 
 
 def _trained(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
-    from lm_worker.checkpoint import load_checkpoint
-
-    path = config.run / name / "checkpoint.pt"
-    return path.exists() and load_checkpoint(path).step >= train_config.steps and _same_init(config, train_config, name)
+    saved = _saved(config, name)
+    return saved is not None and saved[0] >= train_config.steps and saved[1] == bool(train_config.init_from)
 
 
-def _same_init(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
-    """False when RUN/name holds a checkpoint that started otherwise: from scratch where RUN/lm is to be
-    retro-fitted, or the other way round (a run made before `retro_init` changed). A moved run still matches."""
+def _saved(config: PipelineConfig, name: str) -> tuple[int, bool] | None:
+    """RUN/name's checkpoint: its step and whether it was retro-fitted (had an init_from); None if there is none."""
     from lm_worker.checkpoint import load_checkpoint
 
     path = config.run / name / "checkpoint.pt"
     if not path.exists():
-        return True
-    saved = load_checkpoint(path).extra.get("train_config", {}).get("init_from", "")
-    return bool(saved) == bool(train_config.init_from)
+        return None
+    loaded = load_checkpoint(path)
+    return loaded.step, bool(loaded.extra.get("train_config", {}).get("init_from", ""))
+
+
+def _same_start(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
+    """False when RUN/name holds a checkpoint that started otherwise: from scratch where RUN/lm is to be
+    retro-fitted, or the other way round (a run made before `retro_init` changed). A moved run still matches."""
+    saved = _saved(config, name)
+    return saved is None or saved[1] == bool(train_config.init_from)
 
 
 def _trained_parameters(config: PipelineConfig, retro) -> int:
