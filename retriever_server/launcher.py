@@ -140,7 +140,11 @@ class LocalDeployment:
 
         Raises:
             LaunchError: a process exited or did not turn SERVING in time; every process is stopped.
+            RuntimeError: started before (`with LocalDeployment(...)` starts it: no `.start()` there).
         """
+        if self.shards:
+            raise RuntimeError(f"this deployment of {self.datastore} was started already (router at "
+                               f"{self.router_address or 'none'}): start a new LocalDeployment for another")
         manifest = read_manifest(self.datastore)
         deadline = time.monotonic() + self.startup_timeout_s
         try:

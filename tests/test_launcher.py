@@ -165,3 +165,16 @@ def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path
     assert serve.returncode == 0, err
     assert "router: " in out and out.count("(metrics on port ") == 5
     assert processes_naming(str(datastore)) == []
+
+
+def test_starting_twice_is_refused_and_starts_nothing_more(datastore):
+    deployment = LocalDeployment(datastore).start()
+    try:
+        before = [p.popen.pid for p in deployment.processes()]
+        with pytest.raises(RuntimeError, match="started already"):
+            with deployment:  # `with` starts it again
+                pass
+        assert [p.popen.pid for p in deployment.processes()] == before
+        assert all(not p.exited() for p in deployment.processes())
+    finally:
+        deployment.stop()
