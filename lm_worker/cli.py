@@ -1,8 +1,9 @@
 """`lm-worker`: the LM side of the system.
 
     lm-worker prepare  --out RUN/data [--corpus stdlib|DIR|FILE.jsonl]     # split, tokenizer, tokens
+                       [--max-retro-tokens N]                              # + text the LM never sees
     lm-worker train    --kind lm|retro --data RUN/data --out RUN/lm        # checkpoints, loss plot
-                       [--init-from RUN/lm]                                # RETRO retro-fitted onto the LM
+                       [--init-from RUN/lm --split retro]                  # RETRO retro-fitted onto the LM
     lm-worker encode   knnlm|retro --data RUN/data --out RUN/knnlm-source  # datastore sources
     lm-worker build    RUN/knnlm-source --out RUN/knnlm-datastore          # the Ray build job
     lm-worker neighbours --source RUN/retro-source --data RUN/data --datastore RUN/retro-datastore
@@ -74,12 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=0.05)
     p.add_argument("--max-train-tokens", type=int, default=0, help="0: every training document")
     p.add_argument("--max-heldout-tokens", type=int, default=0)
+    p.add_argument("--max-retro-tokens", type=int, default=0,
+                   help="also write the 'retro' split: this many tokens of training-side documents the train split "
+                        "left out, for retro-fitting RETRO onto the LM (0: no such split)")
 
     t = sub.add_parser("train", help="train the base LM or RETRO")
     t.add_argument("--kind", choices=("lm", "retro"), default="lm")
     t.add_argument("--data", type=Path, required=True, help="a `prepare` output folder")
     t.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
-    t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-train.npy (see `neighbours`)")
+    t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-SPLIT.npy (see `neighbours`)")
     t.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16), ("warmup", 100),
                           ("eval-every", 200), ("checkpoint-every", 500), ("chunk-len", 0), ("seed", 0)):
@@ -92,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "weights; new CCA layers start as a no-op)")
     t.add_argument("--train-base", action="store_true", help="with --init-from: train the LM's weights too "
                                                              "(default: frozen, only RETRO's new layers train)")
+    t.add_argument("--split", default="train", help="the split of --data to train on: train, or retro (prepare "
+                                                    "--max-retro-tokens) to retro-fit RETRO on text the LM never saw")
 
     e = sub.add_parser("encode", help="write a kNN-LM or RETRO datastore source")
     e.add_argument("kind", choices=("knnlm", "retro"))
@@ -122,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-cpus", type=int)
     b.add_argument("--overwrite", action="store_true")
 
-    n = sub.add_parser("neighbours", help="fetch RETRO neighbours of every train (own document excluded) "
-                                          "and held-out chunk")
+    n = sub.add_parser("neighbours", help="fetch RETRO neighbours of every train (own document excluded), "
+                                          "held-out and retro-split chunk")
     n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
     n.add_argument("--data", type=Path, required=True)
     _retrieval_args(n, 2, "")
@@ -193,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
     pl.add_argument("--train-tokens", type=int, default=800_000)
     pl.add_argument("--heldout-tokens", type=int, default=40_000)
+    pl.add_argument("--retro-tokens", type=int, default=800_000,
+                    help="tokens of documents the LM never sees, which retro-fitted RETRO trains on (0: the LM's own)")
     pl.add_argument("--lm-steps", type=int, default=500)
     pl.add_argument("--retro-steps", type=int, default=400)
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
@@ -271,7 +279,8 @@ def _prepare(args) -> None:
 
     r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
                                      heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
-                                     max_heldout_tokens=args.max_heldout_tokens, id_field=args.id_field,
+                                     max_heldout_tokens=args.max_heldout_tokens,
+                                     max_retro_tokens=args.max_retro_tokens, id_field=args.id_field,
                                      progress=not args.no_progress))
     print(f"tokenizer {r.tokenizer_fingerprint} ({r.vocab_size} tokens) -> {r.out / 'tokenizer.json'}")
     print("| split | documents | tokens |\n|---|---:|---:|")
@@ -286,7 +295,7 @@ def _train(args) -> None:
                          steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
-                         init_from=str(args.init_from or ""), freeze_base=not args.train_base)
+                         init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
     r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
               progress=not args.no_progress)
     print(f"{r.steps} steps: train loss {r.train_loss:.4f}, held-out loss {r.heldout_loss:.4f}, "
@@ -345,21 +354,26 @@ def _neighbours(args) -> None:
     import numpy as np
 
     from lm_worker.encode import chunk_exclusions, embed_chunks, precompute_neighbours, read_source
-    from lm_worker.token_store import load_prepared
+    from lm_worker.token_store import RETRO_SPLIT, TokenStore, load_prepared
 
     tokenizer, train, heldout = load_prepared(args.data)
     source = read_source(args.source)
     L = source.chunk_len
+    splits = {"heldout": heldout}
+    if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
+        splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
     with _retriever(args) as retriever:
         _need(retriever, "--target or --datastore", "to fetch neighbours")
-        held_keys = args.source / "heldout-keys.npy"
-        if not held_keys.is_file():
-            from lm_worker.retro_encoders import chunk_encoder_for
+        jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
+        for name, store in splits.items():
+            keys = args.source / f"{name}-keys.npy"
+            if not keys.is_file():
+                from lm_worker.retro_encoders import chunk_encoder_for
 
-            embed_chunks(heldout, chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm), L,
-                         held_keys, progress=not args.no_progress)
-        for name, keys, exclude in (("train", source.open_keys(), chunk_exclusions(train, L)),
-                                    ("heldout", np.load(held_keys, mmap_mode="r"), None)):
+                embed_chunks(store, chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm), L,
+                             keys, progress=not args.no_progress)
+            jobs.append((name, np.load(keys, mmap_mode="r"), None))
+        for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"
             precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
             print(f"{name}: neighbours -> {out}")
@@ -519,6 +533,7 @@ def _pipeline(args) -> None:
 
     base = PipelineConfig()
     config = replace(base, run=args.run, max_train_tokens=args.train_tokens, max_heldout_tokens=args.heldout_tokens,
+                     max_retro_tokens=args.retro_tokens,
                      lm=replace(base.lm, steps=args.lm_steps, preset=args.preset),
                      retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
                      address=args.address, encode_workers=args.workers, eval_workers=args.workers,

@@ -2,7 +2,8 @@
 
     prepare -> train the LM -> encode kNN-LM keys (Ray Data job) -> build its datastore (Ray job)
             -> embed RETRO chunks (Ray Data job) -> build its datastore -> serve both (Ray actors)
-            -> fetch RETRO neighbours (own document excluded) -> train RETRO
+            -> fetch RETRO neighbours (own document excluded) -> train RETRO (retro-fitted onto the LM,
+               on the "retro" split: text the LM never saw)
             -> evaluate on LM worker actors (kNN-LM λ sweep, RETRO with and without neighbours)
             -> attention map -> generated samples -> RUN/report/
 
@@ -52,13 +53,16 @@ class PipelineConfig:
     this process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
     RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token). `retro_init`: "lm"
     retro-fits RETRO onto the trained base LM (its decoder frozen, only CCA and the neighbour encoder train),
-    "scratch" trains RETRO's own decoder (`retro.preset`) from random weights."""
+    "scratch" trains RETRO's own decoder (`retro.preset`) from random weights. A retro-fitted RETRO trains on
+    `max_retro_tokens` tokens of training-side documents the LM never saw (the "retro" split; 0: on the LM's
+    own training text, where the frozen LM predicts so well from memory that the neighbours add little)."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"
     vocab_size: int = 4096
     max_train_tokens: int = 800_000
     max_heldout_tokens: int = 40_000
+    max_retro_tokens: int = 800_000
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(kind="lm", preset="small", steps=500, eval_every=50))
     retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=400,
                                                                    batch_size=8, chunk_len=16, eval_every=50))
@@ -85,11 +89,18 @@ class PipelineConfig:
     def __post_init__(self):
         if self.retro_init not in ("lm", "scratch"):
             raise ValueError(f"retro_init must be 'lm' or 'scratch', got {self.retro_init!r}")
+        if self.max_retro_tokens < 0:
+            raise ValueError(f"max_retro_tokens must be >= 0, got {self.max_retro_tokens}")
+
+    @property
+    def retro_split(self) -> str:
+        """The split RETRO trains on: "retro" (text the LM never saw) when retro-fitted with one, else "train"."""
+        return "retro" if self.retro_init == "lm" and self.max_retro_tokens else "train"
 
     @classmethod
     def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
         """The demo's sizes: every stage at CPU scale, about 10 minutes on 2 cores."""
-        sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000,
+        sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000, max_retro_tokens=300_000,
                      lm=TrainConfig(kind="lm", preset="small", steps=300, batch_size=8, warmup=50, eval_every=100,
                                     checkpoint_every=100),
                      retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=16, warmup=30,
@@ -143,13 +154,27 @@ def _connect(config: PipelineConfig) -> None:
 # ---------------------------------------------------------------------------------------------- data, models
 
 
-def _prepare(config: PipelineConfig) -> None:
-    from lm_worker.token_store import PrepareConfig, prepare_corpus
+def _prepare_config(config: PipelineConfig):
+    from lm_worker.token_store import PrepareConfig
 
-    report = prepare_corpus(PrepareConfig(out=config.run / "data", corpus=config.corpus, vocab_size=config.vocab_size,
-                                          max_train_tokens=config.max_train_tokens,
-                                          max_heldout_tokens=config.max_heldout_tokens, progress=config.progress))
+    return PrepareConfig(out=config.run / "data", corpus=config.corpus, vocab_size=config.vocab_size,
+                         max_train_tokens=config.max_train_tokens, max_heldout_tokens=config.max_heldout_tokens,
+                         max_retro_tokens=config.max_retro_tokens, progress=config.progress)
+
+
+def _prepare(config: PipelineConfig) -> None:
+    from lm_worker.token_store import prepare_corpus
+
+    report = prepare_corpus(replace(_prepare_config(config), max_retro_tokens=0))
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
+
+
+def _prepare_retro_split(config: PipelineConfig) -> None:
+    """RUN/data/retro, the text RETRO's new layers train on; also added to a run prepared without one."""
+    from lm_worker.token_store import prepare_retro_split
+
+    store = prepare_retro_split(_prepare_config(config))
+    log.info("retro split: %d documents, %d tokens", len(store.documents), len(store))
 
 
 def _cut_validation(docs: list, tune_tokens: int) -> tuple[list, list]:
@@ -203,25 +228,40 @@ def _train(config: PipelineConfig, train_config: TrainConfig, name: str, neighbo
 
 def _trained(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
     saved = _saved(config, name)
-    return saved is not None and saved[0] >= train_config.steps and saved[1] == bool(train_config.init_from)
+    return saved is not None and saved[0] >= train_config.steps and saved[1:] == _start(train_config)
 
 
-def _saved(config: PipelineConfig, name: str) -> tuple[int, bool] | None:
-    """RUN/name's checkpoint: its step and whether it was retro-fitted (had an init_from); None if there is none."""
+def _start(train_config: TrainConfig) -> tuple[bool, str]:
+    """How a model's training starts: retro-fitted (has an init_from) or not, and the split it trains on."""
+    return bool(train_config.init_from), train_config.split
+
+
+def _saved(config: PipelineConfig, name: str) -> tuple[int, bool, str] | None:
+    """RUN/name's checkpoint: its step, whether it was retro-fitted and its training split; None if there is none."""
     from lm_worker.checkpoint import load_checkpoint
 
     path = config.run / name / "checkpoint.pt"
     if not path.exists():
         return None
     loaded = load_checkpoint(path)
-    return loaded.step, bool(loaded.extra.get("train_config", {}).get("init_from", ""))
+    saved = loaded.extra.get("train_config", {})
+    return loaded.step, bool(saved.get("init_from", "")), saved.get("split", "train")
 
 
 def _same_start(config: PipelineConfig, train_config: TrainConfig, name: str) -> bool:
     """False when RUN/name holds a checkpoint that started otherwise: from scratch where RUN/lm is to be
-    retro-fitted, or the other way round (a run made before `retro_init` changed). A moved run still matches."""
+    retro-fitted or the other way round, or on another split (a run made before `retro_init` or
+    `max_retro_tokens` changed). A moved run still matches."""
     saved = _saved(config, name)
-    return saved is None or saved[1] == bool(train_config.init_from)
+    return saved is None or saved[1:] == _start(train_config)
+
+
+def _split_size(config: PipelineConfig, split: str) -> dict:
+    """{"split", "documents", "tokens"} of RUN/data/SPLIT."""
+    from lm_worker.token_store import TokenStore
+
+    store = TokenStore.open(config.run / "data" / split)
+    return {"split": split, "documents": len(store.documents), "tokens": len(store)}
 
 
 def _trained_parameters(config: PipelineConfig, retro) -> int:
@@ -235,8 +275,8 @@ def _trained_parameters(config: PipelineConfig, retro) -> int:
 def _retro_train_config(config: PipelineConfig) -> TrainConfig:
     """RETRO's training settings: retro-fitted onto RUN/lm, or from scratch (`retro_init`)."""
     if config.retro_init == "lm":
-        return replace(config.retro, init_from=str(config.run / "lm" / "checkpoint.pt"))
-    return replace(config.retro, init_from="")
+        return replace(config.retro, init_from=str(config.run / "lm" / "checkpoint.pt"), split=config.retro_split)
+    return replace(config.retro, init_from="", split=config.retro_split)
 
 
 # ---------------------------------------------------------------------------------------------- sources, datastores
@@ -253,15 +293,26 @@ def _encode(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None
     run_encode_job(job, out)
 
 
-def _heldout_keys(config: PipelineConfig, encoder) -> None:
+def _neighbour_splits(config: PipelineConfig) -> tuple[str, ...]:
+    """The splits whose chunks need RETRO neighbours: the one RETRO trains on, and the held-out one."""
+    return config.retro_split, "heldout"
+
+
+def _query_splits(config: PipelineConfig) -> tuple[str, ...]:
+    """The splits whose chunks query the RETRO datastore but are not in it (so they need their own keys)."""
+    return tuple(split for split in _neighbour_splits(config) if split != "train")
+
+
+def _split_keys(config: PipelineConfig, encoder, split: str) -> None:
+    """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
     from lm_worker.encode import embed_chunks
     from lm_worker.token_store import TokenStore
 
     source = config.run / "retro-source"
-    tmp = source / "heldout-keys.tmp.npy"
-    embed_chunks(TokenStore.open(config.run / "data" / "heldout"), encoder, config.retro.chunk_len, tmp,
+    tmp = source / f"{split}-keys.tmp.npy"
+    embed_chunks(TokenStore.open(config.run / "data" / split), encoder, config.retro.chunk_len, tmp,
                  progress=config.progress)
-    tmp.rename(source / "heldout-keys.npy")
+    tmp.rename(source / f"{split}-keys.npy")
 
 
 def _build(config: PipelineConfig, source: Path, datastore: Path) -> None:
@@ -294,15 +345,17 @@ def _neighbours(config: PipelineConfig, retriever) -> None:
     from lm_worker.token_store import TokenStore
 
     source, L = config.run / "retro-source", config.retro.chunk_len
-    keys = {"neighbours-train.npy": lambda: read_source(source).open_keys(),
-            "neighbours-heldout.npy": lambda: np.load(source / "heldout-keys.npy", mmap_mode="r")}
-    exclude = {"neighbours-train.npy": lambda: chunk_exclusions(TokenStore.open(config.run / "data" / "train"), L),
-               "neighbours-heldout.npy": lambda: None}
-    for name in keys:
+    for split in _neighbour_splits(config):
+        name = f"neighbours-{split}.npy"
         if _done(source / name):
             continue
+        if split == "train":  # the datastore's own chunks: each leaves out its own document
+            train = TokenStore.open(config.run / "data" / "train")
+            keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L)
+        else:  # no document of these is in the datastore: nothing to leave out
+            keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
         tmp = source / f"{name}.tmp.npy"
-        precompute_neighbours(retriever, keys[name](), exclude[name](), tmp, progress=config.progress)
+        precompute_neighbours(retriever, keys, exclude, tmp, progress=config.progress)
         tmp.rename(source / name)
 
 
@@ -401,9 +454,10 @@ def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoi
                 _encode(config, kind, lm_checkpoint)
         if kind == "retro":
             encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer)
-            with stages.stage("embed held-out chunks", reused=_done(source / "heldout-keys.npy")):
-                if not _done(source / "heldout-keys.npy"):
-                    _heldout_keys(config, encoder)
+            for split in _query_splits(config):
+                with stages.stage(f"embed {split} chunks", reused=_done(source / f"{split}-keys.npy")):
+                    if not _done(source / f"{split}-keys.npy"):
+                        _split_keys(config, encoder, split)
         with stages.stage(f"build {kind} datastore ({config.shards} shards)",
                           reused=_done(datastore / "manifest.json")):
             if not _done(datastore / "manifest.json"):
@@ -429,6 +483,11 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     with stages.stage("prepare corpus and tokenizer", reused=_done(run / "data" / "heldout" / "documents.json")):
         if not _done(run / "data" / "heldout" / "documents.json"):
             _prepare(config)
+    if config.retro_split == "retro":
+        with stages.stage(f"prepare the retro split ({config.max_retro_tokens} tokens the LM never sees)",
+                          reused=_done(run / "data" / "retro" / "documents.json")):
+            if not _done(run / "data" / "retro" / "documents.json"):
+                _prepare_retro_split(config)
     tokenizer, _, heldout = load_prepared(run / "data")
     valid, test = _split_heldout(config, heldout)
     with stages.stage(f"train LM ({config.lm.steps} steps)", reused=_trained(config, config.lm, "lm")):
@@ -444,11 +503,11 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
             _serve(config, run / "knnlm-datastore", "knnlm") as knn_target, \
             ServiceRetriever(retro_target, retro_retrieval) as retro_retriever, \
             ServiceRetriever(knn_target, config.knn) as knn_retriever:
-        with stages.stage("RETRO neighbours of every chunk", reused=_done(run / "retro-source" /
-                                                                          "neighbours-heldout.npy")):
+        with stages.stage("RETRO neighbours of every chunk", reused=all(
+                _done(run / "retro-source" / f"neighbours-{s}.npy") for s in _neighbour_splits(config))):
             _neighbours(config, retro_retriever)
         retro_training = _retro_train_config(config)
-        fitted = " retro-fitted onto the LM" if retro_training.init_from else ""
+        fitted = f" retro-fitted onto the LM, on the {retro_training.split} split" if retro_training.init_from else ""
         with stages.stage(f"train RETRO ({config.retro.steps} steps{fitted})",
                           reused=_trained(config, retro_training, "retro")):
             retro_checkpoint = _train(config, retro_training, "retro", neighbours=run / "retro-source")
@@ -485,6 +544,7 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
             "retro_parameters": sum(p.numel() for p in retro.parameters()),
             "retro_trained_parameters": _trained_parameters(config, retro),
+            "retro_trained_on": _split_size(config, config.retro_split),
             "stages": [{"stage": n, "seconds": round(s, 1), "reused": r} for n, s, r in stages.rows]}
     write_report(report, knn_result, retro_result, meta)
     plots = [report / "ppl_vs_lambda.png", attention]

@@ -6,6 +6,9 @@ BPE tokenizer on the training split, and writes
     OUT/tokenizer.json
     OUT/train/   tokens.npy (N,) int32, doc_ids.npy (N,) int32, documents.json
     OUT/heldout/ the same for the held-out documents
+    OUT/retro/   with `max_retro_tokens`: training-side documents the train split left out, the next
+                 ones in the same hashed order: text the base LM never trains on, which RETRO's new
+                 layers train on when RETRO is retro-fitted onto that LM (`prepare_retro_split`)
 
 Each document's tokens are followed by EOS. `doc_ids[i]` indexes `documents`, whose entries hold
 the half-open token range [start, end) of the document, so a query's own document can be excluded
@@ -34,6 +37,7 @@ from lm_worker.tokenizer import Tokenizer, train_tokenizer
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout")
+RETRO_SPLIT = "retro"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class PrepareConfig:
 
     `corpus` is "stdlib", a folder of text files, or a .jsonl file (field `text`, optional `id_field`).
     Documents are taken in a fixed hashed order until a split's token budget (0: no limit) is spent.
+    `max_retro_tokens` > 0 also writes the "retro" split (`prepare_retro_split`); 0 writes none.
     """
 
     out: Path
@@ -115,6 +120,7 @@ class PrepareConfig:
     heldout_fraction: float = 0.05
     max_train_tokens: int = 0
     max_heldout_tokens: int = 0
+    max_retro_tokens: int = 0
     id_field: str | None = None
     progress: bool = True
 
@@ -171,15 +177,21 @@ def _tokenize_within(docs: list[Document], tokenizer: Tokenizer, budget: int, ba
     return kept
 
 
-def prepare_corpus(config: PrepareConfig) -> PrepareReport:
-    """Splits, trains the tokenizer on the training split, and writes both splits (see module doc)."""
+def _split_documents(config: PrepareConfig) -> dict[str, list[Document]]:
+    """The corpus's non-empty documents by side, "train" and "heldout", each in the fixed hashed order."""
     docs = [d for d in read_corpus(config.corpus, config.id_field) if d.text.strip()]
     if not docs:
         raise ValueError(f"corpus {config.corpus!r} has no non-empty documents")
-    split = {s: _hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
-             for s in SPLITS}
+    return {s: _hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
+            for s in SPLITS}
+
+
+def prepare_corpus(config: PrepareConfig) -> PrepareReport:
+    """Splits, trains the tokenizer on the training split, and writes the splits (see module doc)."""
+    split = _split_documents(config)
     if not split["train"] or not split["heldout"]:
-        raise ValueError(f"{len(docs)} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
+        count = len(split["train"]) + len(split["heldout"])
+        raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
     budget = {"train": config.max_train_tokens, "heldout": config.max_heldout_tokens}
     tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size, config.progress)
     out = Path(config.out)
@@ -190,7 +202,44 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
         store = write_token_store(out / name, kept, tokenizer.eos_id, tokenizer.fingerprint)
         counts_docs[name], counts_tokens[name] = len(store.documents), len(store)
         log.info("%s: %d documents, %d tokens", name, len(store.documents), len(store))
+    if config.max_retro_tokens:
+        store = prepare_retro_split(config, split["train"])
+        counts_docs[RETRO_SPLIT], counts_tokens[RETRO_SPLIT] = len(store.documents), len(store)
     return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
+
+
+def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None = None) -> TokenStore:
+    """Writes OUT/retro: up to `config.max_retro_tokens` tokens of training-side documents that OUT/train
+    does not hold, the next ones in hashed order, tokenized with OUT/tokenizer.json. Also for a folder
+    prepared before (it needs the same corpus and heldout_fraction).
+
+    A frozen base LM has memorised much of its own training text, so on that text the neighbours
+    have little left to add and RETRO's new layers learn to ignore them; on this text they have not.
+
+    Args:
+        config: the `prepare_corpus` settings of OUT (`config.out`), with `max_retro_tokens` > 0.
+        train_side: the training-side documents in hashed order, when the caller has them already.
+
+    Raises:
+        ValueError: max_retro_tokens < 1, or OUT/train holds every training-side document.
+        FileNotFoundError: OUT has no tokenizer or train split.
+    """
+    if config.max_retro_tokens < 1:
+        raise ValueError(f"max_retro_tokens must be at least 1 to write a {RETRO_SPLIT!r} split, "
+                         f"got {config.max_retro_tokens}")
+    out = Path(config.out)
+    tokenizer = Tokenizer.load(out / "tokenizer.json")
+    in_train = {d.name for d in TokenStore.open(out / "train").documents}
+    side = _split_documents(config)["train"] if train_side is None else train_side
+    left = [d for d in side if d.name not in in_train]
+    if not left:
+        raise ValueError(f"{out / 'train'} holds all {len(side)} training-side documents of {config.corpus!r}: "
+                         f"none are left for the {RETRO_SPLIT!r} split (lower max_train_tokens)")
+    kept = _tokenize_within(left, tokenizer, config.max_retro_tokens)
+    store = write_token_store(out / RETRO_SPLIT, kept, tokenizer.eos_id, tokenizer.fingerprint)
+    log.info("%s: %d documents, %d tokens (of %d training-side documents not in train)", RETRO_SPLIT,
+             len(store.documents), len(store), len(left))
+    return store
 
 
 def load_prepared(out: Path) -> tuple[Tokenizer, TokenStore, TokenStore]:

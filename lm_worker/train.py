@@ -1,10 +1,11 @@
 """Training of the baseline LM and of RETRO on a prepared corpus (`prepare_corpus` output).
 
-Batches are random windows of seq_len + 1 tokens of the train stream, drawn from a generator seeded
-by (seed, step), so a resumed run sees exactly the batches an uninterrupted one would. RETRO windows
+Batches are random windows of seq_len + 1 tokens of the training split's stream (`split`: "train",
+or "retro" to retro-fit RETRO on text its base LM never saw), drawn from a generator seeded by
+(seed, step), so a resumed run sees exactly the batches an uninterrupted one would. RETRO windows
 start at chunk boundaries and come with the precomputed neighbours of their chunks
-(`neighbours-train.npy`, int32 (n_chunks, K, 2L), row c for tokens[c*L:(c+1)*L], written by the
-encode step). AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
+(`neighbours-SPLIT.npy`, int32 (n_chunks, K, 2L), row c for tokens[c*L:(c+1)*L], written by the
+neighbours step). AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
 
 The output folder receives `checkpoint.pt` (every `checkpoint_every` steps and at the end),
 `losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint.
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from lm_worker.checkpoint import CHECKPOINT_NAME, MODELS, load_checkpoint, save_checkpoint
 from lm_worker.model import LMConfig
 from lm_worker.retro import Retro, RetroConfig
-from lm_worker.token_store import TokenStore
+from lm_worker.token_store import RETRO_SPLIT, TokenStore
 from lm_worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class TrainConfig:
     be a multiple of the chunk length (the preset's unless `chunk_len` is set) and K comes from the
     neighbours file. `vocab_size` 0 takes the tokenizer's (DATA/tokenizer.json). `init_from` (RETRO only) is a
     base LM checkpoint to retro-fit (`lm_worker.retrofit`): the decoder takes the LM's shape and weights, and with
-    `freeze_base` only the new layers train."""
+    `freeze_base` only the new layers train. `split` is the folder of the data the model trains on: "train",
+    or "retro" (`prepare_retro_split`), text the LM never trained on, for retro-fitting RETRO onto it."""
 
     kind: str = "lm"
     preset: str = "small"
@@ -70,6 +72,7 @@ class TrainConfig:
     vocab_size: int = 0
     init_from: str = ""
     freeze_base: bool = True
+    split: str = "train"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -81,6 +84,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
+        if not self.split or self.split != Path(self.split).name or self.split in (".", "..", "heldout"):
+            raise ValueError(f"split must name a split folder of the data other than heldout (train, retro), "
+                             f"got {self.split!r}")
         if self.init_from and self.kind != "retro":
             raise ValueError(f"init_from retro-fits a base LM into RETRO: it needs kind 'retro', not {self.kind!r}")
 
@@ -204,9 +210,12 @@ def _open_data(config: TrainConfig, data_dir: Path, neighbours_dir: Path | None
     if not data_dir.is_dir():
         raise FileNotFoundError(f"no data folder at {data_dir} (run prepare first)")
     vocab_size = _vocab_size(config, data_dir)
-    train_store, heldout_store = TokenStore.open(data_dir / "train"), TokenStore.open(data_dir / "heldout")
+    if not (data_dir / config.split).is_dir():
+        hint = " (prepare with max_retro_tokens)" if config.split == RETRO_SPLIT else ""
+        raise FileNotFoundError(f"no {config.split!r} split at {data_dir / config.split}{hint}")
+    train_store, heldout_store = TokenStore.open(data_dir / config.split), TokenStore.open(data_dir / "heldout")
     if len(train_store) and int(train_store.tokens.max()) >= vocab_size:
-        raise ValueError(f"{data_dir / 'train'} holds token ids >= vocab_size {vocab_size}")
+        raise ValueError(f"{data_dir / config.split} holds token ids >= vocab_size {vocab_size}")
     if config.kind == "lm":
         mcfg = model_config(config, vocab_size)
         return (Windows(train_store, config.seq_len), Windows(heldout_store, config.seq_len), mcfg,
@@ -215,9 +224,9 @@ def _open_data(config: TrainConfig, data_dir: Path, neighbours_dir: Path | None
     if config.seq_len % L:
         raise ValueError(f"RETRO seq_len {config.seq_len} must be a multiple of chunk_len {L}")
     if neighbours_dir is None:
-        raise ValueError("RETRO training needs neighbours_dir (the folder with neighbours-train.npy)")
+        raise ValueError(f"RETRO training needs neighbours_dir (the folder with neighbours-{config.split}.npy)")
     neighbours_dir = Path(neighbours_dir)
-    train_nb = load_neighbours(neighbours_dir / "neighbours-train.npy", L, vocab_size)
+    train_nb = load_neighbours(neighbours_dir / f"neighbours-{config.split}.npy", L, vocab_size)
     heldout_path = neighbours_dir / "neighbours-heldout.npy"
     heldout_nb = load_neighbours(heldout_path, L, vocab_size) if heldout_path.is_file() else None
     if heldout_nb is None:
@@ -311,7 +320,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
         config: what to train and how.
         data_dir: a `prepare_corpus` output folder (tokenizer.json, train/, heldout/).
         out_dir: the run's model folder, e.g. RUN/lm or RUN/retro.
-        neighbours_dir: for RETRO, the folder with neighbours-train.npy (and neighbours-heldout.npy).
+        neighbours_dir: for RETRO, the folder with neighbours-SPLIT.npy (and neighbours-heldout.npy).
         resume: continue from `out_dir/checkpoint.pt` when there is one (else start afresh, overwriting it).
         progress: show a tqdm progress bar.
         stop_at: stop after this step, checkpointing, as if interrupted (the schedule still ends at

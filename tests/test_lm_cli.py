@@ -210,3 +210,34 @@ def test_model_threads_wait_passively_only_beside_local_servers(monkeypatch, arg
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own setting wins
     lm_cli._share_cores_with_servers(lm_cli._parser().parse_args(args))
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_retro_fits_on_the_retro_split(run, capsys):
+    """`prepare --max-retro-tokens` keeps documents out of the LM's train split; `neighbours` fetches the
+    neighbours of their chunks; `train --split retro --init-from` retro-fits RETRO on them."""
+    import numpy as np
+
+    from lm_worker.token_store import TokenStore
+
+    data, L = run / "data-r", 8
+    out = cli(capsys, "prepare", "--corpus", str(run / "corpus"), "--out", str(data), "--vocab-size", "300",
+              "--heldout-fraction", "0.2", "--max-train-tokens", "6000", "--max-retro-tokens", "1500")
+    assert "| retro |" in out
+    retro_split = TokenStore.open(data / "retro")
+    assert not {d.name for d in retro_split.documents} & {d.name for d in TokenStore.open(data / "train").documents}
+    cli(capsys, "train", "--kind", "lm", "--preset", "tiny", "--data", str(data), "--out", str(run / "lm-r"),
+        "--steps", "4", "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--warmup", "2")
+    cli(capsys, "encode", "retro", "--encoder", "lm", "--checkpoint", str(run / "lm-r"), "--data", str(data),
+        "--out", str(run / "retro-r-source"), "--chunk-len", str(L), "--workers", "0")
+    cli(capsys, "build", str(run / "retro-r-source"), "--out", str(run / "retro-r-datastore"), "--factory",
+        "IVF4,Flat")
+    out = cli(capsys, "neighbours", "--source", str(run / "retro-r-source"), "--data", str(data),
+              "--datastore", str(run / "retro-r-datastore"), "--k", "2", "--nprobe", "4")
+    assert "retro: neighbours" in out
+    neighbours = np.load(run / "retro-r-source" / "neighbours-retro.npy")
+    assert neighbours.shape == (len(retro_split) // L, 2, 2 * L)
+    cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", str(L), "--data", str(data),
+        "--out", str(run / "retro-r"), "--neighbours", str(run / "retro-r-source"), "--steps", "2", "--seq-len", "32",
+        "--batch-size", "4", "--eval-every", "2", "--warmup", "1", "--init-from", str(run / "lm-r"),
+        "--split", "retro")
+    assert load_checkpoint(run / "retro-r").extra["train_config"]["split"] == "retro"

@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -28,7 +29,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.real]
 
 def tiny(run: Path) -> PipelineConfig:
     return PipelineConfig(
-        run=run, vocab_size=512, max_train_tokens=40_000, max_heldout_tokens=6_000, tune_tokens=1024,
+        run=run, vocab_size=512, max_train_tokens=40_000, max_heldout_tokens=6_000, max_retro_tokens=20_000,
+        tune_tokens=1024,
         lm=TrainConfig(kind="lm", preset="tiny", steps=30, batch_size=4, seq_len=64, warmup=5, eval_every=30,
                        checkpoint_every=30),
         retro=TrainConfig(kind="retro", preset="tiny", steps=20, batch_size=4, seq_len=64, chunk_len=16, warmup=5,
@@ -70,6 +72,27 @@ def test_retro_is_retro_fitted_onto_the_lm(first_run):
     assert body["retro"]["tokens"] == body["knnlm"]["tokens"]
     assert body["retro"]["perplexity_without"] == pytest.approx(body["knnlm"]["base_perplexity"], rel=1e-5)
     assert 0 < body["meta"]["retro_trained_parameters"] < body["meta"]["retro_parameters"]
+
+
+def test_retro_trains_on_text_the_lm_never_saw_with_its_datastore_neighbours(first_run):
+    """The retro split: training-side documents outside the LM's train split (and the datastore), whose
+    neighbours are what the RETRO datastore returns for them, nothing excluded."""
+    config, report = first_run
+    data, source = config.run / "data", config.run / "retro-source"
+    retro_split, train = TokenStore.open(data / "retro"), TokenStore.open(data / "train")
+    assert not {d.name for d in retro_split.documents} & {d.name for d in train.documents}
+    assert config.max_retro_tokens <= len(retro_split) < config.max_retro_tokens + 20_000
+    meta = json.loads(report.eval_json.read_text())["meta"]
+    assert meta["retro_trained_on"] == {"split": "retro", "documents": len(retro_split.documents),
+                                        "tokens": len(retro_split)}
+    assert load_checkpoint(config.run / "retro").extra["train_config"]["split"] == "retro"
+    L, K = config.retro.chunk_len, config.n_neighbours
+    neighbours = np.load(source / "neighbours-retro.npy")
+    assert neighbours.shape == (len(retro_split) // L, K, 2 * L)
+    retrieval = RetrievalConfig(k=K, nprobe=config.retro_nprobe, exact_rerank=True, rerank_candidates=8 * K)
+    with InProcessRetriever(config.run / "retro-datastore", retrieval) as retriever:
+        expected = retriever.chunks(np.load(source / "retro-keys.npy")[:64], None)  # (64, K, 2L)
+    assert np.array_equal(neighbours[:64], expected)
 
 
 def test_distributed_figures_equal_an_in_process_evaluation(first_run):
@@ -120,5 +143,6 @@ def test_switching_retro_init_retrains_retro_alone(first_run):
                or name.startswith("train LM"))
     retro = load_checkpoint(config.run / "retro")
     assert retro.extra["train_config"]["init_from"] == "" and retro.step == config.retro.steps
+    assert retro.extra["train_config"]["split"] == "train"  # from scratch: on the LM's training text
     lm_layers = load_checkpoint(config.run / "lm").config.n_layer
     assert retro.config.n_layer == RetroConfig.tiny(config.vocab_size).n_layer != lm_layers

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from lm_worker.corpus import is_heldout
-from lm_worker.token_store import PrepareConfig, TokenStore, load_prepared, prepare_corpus, write_token_store
+from lm_worker.token_store import (
+    PrepareConfig,
+    TokenStore,
+    _hashed_order,
+    load_prepared,
+    prepare_corpus,
+    prepare_retro_split,
+    read_corpus,
+    write_token_store,
+)
 from lm_worker.tokenizer import Tokenizer, train_tokenizer
 
 CODE = 'def f(x):\n    """Twice x."""\n    return 2 * x\n\n\tclass A:  # tab, unicode: é ✓\n        pass\n'
@@ -102,3 +112,39 @@ def test_prepare_errors(tmp_path):
     with pytest.raises(ValueError, match="tokenized with other"):
         load_prepared(tmp_path / "y")
     assert np.asarray(TokenStore.open(tmp_path / "y" / "train").tokens).tolist() == [1, 0]
+
+
+def test_retro_split_is_the_next_training_side_documents_the_train_split_left_out(tmp_path):
+    lines = [json.dumps({"id": f"d{i}", "text": f"# {i}\n" + CODE * (1 + i % 3)}) for i in range(60)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    config = PrepareConfig(out=tmp_path / "data", corpus=str(tmp_path / "c.jsonl"), vocab_size=300,
+                           heldout_fraction=0.2, id_field="id", max_train_tokens=300, max_retro_tokens=400,
+                           progress=False)
+    report = prepare_corpus(config)
+    _, train, heldout = load_prepared(config.out)
+    retro = TokenStore.open(config.out / "retro")
+    assert report.documents["retro"] == len(retro.documents) and report.tokens["retro"] == len(retro)
+    names = {s: [d.name for d in store.documents] for s, store in (("train", train), ("heldout", heldout),
+                                                                    ("retro", retro))}
+    assert not set(names["retro"]) & (set(names["train"]) | set(names["heldout"]))
+    side = [d.name for d in _hashed_order([d for d in read_corpus(config.corpus, "id") if not is_heldout(d.name, 0.2)])]
+    assert side[:len(names["train"]) + len(names["retro"])] == names["train"] + names["retro"]  # the next ones
+    per_doc = len(retro) // len(retro.documents)
+    assert 400 <= len(retro) < 400 + 3 * per_doc
+    again = prepare_retro_split(config)  # e.g. a folder prepared before the retro split existed: the same
+    assert [d.name for d in again.documents] == names["retro"]
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(retro.tokens))
+
+
+def test_retro_split_errors(tmp_path):
+    lines = [json.dumps({"id": f"d{i}", "text": CODE}) for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    config = PrepareConfig(out=tmp_path / "data", corpus=str(tmp_path / "c.jsonl"), vocab_size=300,
+                           heldout_fraction=0.2, id_field="id", progress=False)
+    prepare_corpus(config)  # every training-side document in train
+    assert not (config.out / "retro").exists()
+    with pytest.raises(ValueError, match="none are left"):
+        prepare_retro_split(replace(config, max_retro_tokens=100))
+    with pytest.raises(ValueError, match="max_retro_tokens must be at least 1"):
+        prepare_retro_split(config)
+    assert not (config.out / "retro").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from lm_worker.checkpoint import load_checkpoint, save_checkpoint
 from lm_worker.model import LMConfig, TransformerLM
 from lm_worker.retro import Retro, RetroConfig
-from lm_worker.token_store import PrepareConfig, TokenStore, prepare_corpus
+from lm_worker.token_store import PrepareConfig, TokenStore, prepare_corpus, write_token_store
 from lm_worker.tokenizer import Tokenizer
 from lm_worker.train import TrainConfig, Windows, evaluate, lr_at, train
 
@@ -284,3 +285,47 @@ def test_retrofit_bad_inputs(lm_run, data, neighbours_dir, tmp_path):
     lm = load_checkpoint(lm_run[0]).model
     with pytest.raises(ValueError, match="does not match the LM"):
         retrofit(lm, RetroConfig.tiny(vocab_size(data), n_layer=3))
+
+
+@pytest.fixture(scope="module")
+def retro_split(data, neighbours_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """`data` plus a "retro" split (the train documents in reverse order: another stream) and its neighbours."""
+    out = tmp_path_factory.mktemp("data-retro")
+    shutil.copytree(data, out, dirs_exist_ok=True)
+    train_store = TokenStore.open(data / "train")
+    docs = [(f"r-{d.name}", np.asarray(train_store.tokens[d.start:d.end - 1])) for d in reversed(train_store.documents)]
+    store = write_token_store(out / "retro", docs, int(train_store.tokens[-1]), train_store.tokenizer_fingerprint)
+    nb_dir = tmp_path_factory.mktemp("retro-nb")
+    shutil.copytree(neighbours_dir, nb_dir, dirs_exist_ok=True)
+    n = len(store) // L
+    rows = np.asarray(store.tokens)[(np.arange(n)[:, None, None] * L + np.arange(2 * L)) % len(store)]  # (n, 1, 2L)
+    np.save(nb_dir / "neighbours-retro.npy", np.repeat(rows, 2, axis=1).astype(np.int32))  # (n, 2, 2L)
+    return out, nb_dir
+
+
+def test_retrofit_trains_on_the_split_it_names(lm_run, retro_split, tmp_path):
+    from lm_worker.train import _open_data
+
+    data, nb_dir = retro_split
+    config = replace(BASE, kind="retro", seq_len=16, steps=4, eval_every=4, init_from=str(lm_run[1].checkpoint),
+                     split="retro")
+    windows, heldout, _, _ = _open_data(config, data, nb_dir)
+    assert np.array_equal(windows.tokens, TokenStore.open(data / "retro").tokens)
+    assert np.array_equal(windows.neighbours, np.load(nb_dir / "neighbours-retro.npy"))
+    assert np.array_equal(heldout.tokens, TokenStore.open(data / "heldout").tokens)  # held-out loss as before
+    report = train(config, data, tmp_path / "fit", neighbours_dir=nb_dir, progress=False)
+    assert load_checkpoint(report.checkpoint).extra["train_config"]["split"] == "retro"
+
+
+def test_split_bad_inputs(data, neighbours_dir, tmp_path):
+    for bad in ("", "heldout", "../train", "a/b", "."):
+        with pytest.raises(ValueError, match="split must name a split folder"):
+            TrainConfig(split=bad)
+    retro = replace(BASE, kind="retro", seq_len=16, steps=2, split="retro")
+    with pytest.raises(FileNotFoundError, match=r"no 'retro' split .* \(prepare with max_retro_tokens\)"):
+        train(retro, data, tmp_path / "r", neighbours_dir=neighbours_dir, progress=False)
+    (tmp_path / "data").mkdir()
+    shutil.copytree(data, tmp_path / "data", dirs_exist_ok=True)
+    shutil.copytree(tmp_path / "data" / "train", tmp_path / "data" / "retro")
+    with pytest.raises(FileNotFoundError, match="neighbours-retro.npy"):
+        train(retro, tmp_path / "data", tmp_path / "r", neighbours_dir=neighbours_dir, progress=False)
