@@ -65,7 +65,7 @@ class PipelineConfig:
     max_retro_tokens: int = 800_000
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(kind="lm", preset="small", steps=500, eval_every=50))
     retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=400,
-                                                                   batch_size=8, chunk_len=16, eval_every=50))
+                                                                   batch_size=8, chunk_len=8, eval_every=50))
     n_neighbours: int = 2
     context_len: int = 256
     stride: int = 128
@@ -103,7 +103,7 @@ class PipelineConfig:
         sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000, max_retro_tokens=300_000,
                      lm=TrainConfig(kind="lm", preset="small", steps=300, batch_size=8, warmup=50, eval_every=100,
                                     checkpoint_every=100),
-                     retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=16, warmup=30,
+                     retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=8, warmup=30,
                                        eval_every=75, checkpoint_every=75))
         return cls(**{**sizes, **overrides})
 
@@ -408,14 +408,17 @@ def _samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, r
     from lm_worker.steppers import LMStepper, RetroStepper
 
     prompts = PROMPTS[:config.samples]
-    decode = GenerateConfig(strategy="greedy", max_new_tokens=config.sample_tokens, eos_id=tokenizer.eos_id)
-    steppers = {"LM alone, greedy": (LMStepper(lm), decode),
-                f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g}), greedy":
+    # Nucleus sampling with one seed for all three: greedy decoding of models this small repeats itself.
+    decode = GenerateConfig(strategy="sample", temperature=0.8, top_p=0.9, seed=0, max_new_tokens=config.sample_tokens,
+                            eos_id=tokenizer.eos_id)
+    steppers = {"LM alone": (LMStepper(lm), decode),
+                f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g})":
                     (SpeculativeKnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature,
                                              eos_id=tokenizer.eos_id), decode),
-                "RETRO, greedy, queries sent 4 tokens early":
+                "RETRO, queries sent 4 tokens early":
                     (RetroStepper(retro, retro_retriever, encoder, prefetch=4), decode)}
-    lines = ["# Samples\n"]
+    lines = ["# Samples\n", "Each model continues each prompt by nucleus sampling (top-p 0.9, temperature 0.8, "
+             "seed 0).\n"]
     for prompt in prompts:
         lines.append(f"## Prompt\n\n```python\n{prompt}```\n")
         ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
@@ -453,7 +456,12 @@ def _sources_and_datastores(config: PipelineConfig, stages: _Stages, lm_checkpoi
             if not _done(source / "source.json"):
                 _encode(config, kind, lm_checkpoint)
         if kind == "retro":
-            encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer)
+            info = read_source(source)
+            if info.chunk_len != config.retro.chunk_len:
+                raise ValueError(f"{source} holds chunks of {info.chunk_len} tokens, RETRO's chunk_len is "
+                                 f"{config.retro.chunk_len}: remove {source}, {run / 'retro-datastore'} and "
+                                 f"{run / 'retro'} to rebuild them, or use another run folder")
+            encoder = chunk_encoder_for(info.encoder_metadata, tokenizer)
             for split in _query_splits(config):
                 with stages.stage(f"embed {split} chunks", reused=_done(source / f"{split}-keys.npy")):
                     if not _done(source / f"{split}-keys.npy"):

@@ -132,6 +132,14 @@ def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut()
         _cut_validation(docs[2:], 1000)
 
 
+def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
+    config, _ = first_run
+    before = (config.run / "retro-source" / "source.json").read_text()
+    with pytest.raises(ValueError, match=r"holds chunks of 16 tokens, RETRO's chunk_len is 8: remove .*retro-source"):
+        run_pipeline(replace(config, retro=replace(config.retro, chunk_len=8)))
+    assert (config.run / "retro-source" / "source.json").read_text() == before
+
+
 def test_switching_retro_init_retrains_retro_alone(first_run):
     """Last in this file: it replaces the run's RETRO. A run that retro-fitted, rerun with retro_init="scratch",
     trains RETRO's own decoder afresh and reuses every stage before it."""
