@@ -62,9 +62,9 @@ class PipelineConfig:
     vocab_size: int = 4096
     max_train_tokens: int = 800_000
     max_heldout_tokens: int = 40_000
-    max_retro_tokens: int = 800_000
+    max_retro_tokens: int = 1_600_000
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(kind="lm", preset="small", steps=500, eval_every=50))
-    retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=400,
+    retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=800,
                                                                    batch_size=8, chunk_len=8, eval_every=50))
     n_neighbours: int = 2
     context_len: int = 256
@@ -303,6 +303,16 @@ def _query_splits(config: PipelineConfig) -> tuple[str, ...]:
     return tuple(split for split in _neighbour_splits(config) if split != "train")
 
 
+def _check_neighbour_files(config: PipelineConfig) -> None:
+    """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's."""
+    source = config.run / "retro-source"
+    for split in _neighbour_splits(config):
+        path = source / f"neighbours-{split}.npy"
+        if _done(path) and (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
+            raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
+                             f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
+
+
 def _split_keys(config: PipelineConfig, encoder, split: str) -> None:
     """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
     from lm_worker.encode import embed_chunks
@@ -502,6 +512,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         lm_checkpoint = _train(config, config.lm, "lm")
     _connect(config)
     encoder = _sources_and_datastores(config, stages, lm_checkpoint, tokenizer)
+    _check_neighbour_files(config)
     eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
                              retrieval=config.knn)
     retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,

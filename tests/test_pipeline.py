@@ -140,6 +140,14 @@ def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
     assert (config.run / "retro-source" / "source.json").read_text() == before
 
 
+def test_another_n_neighbours_is_refused_and_names_what_to_remove(first_run):
+    config, _ = first_run
+    with pytest.raises(ValueError, match=r"neighbours-retro.npy holds 2 neighbours per chunk, n_neighbours is 3: "
+                                         r"remove .*neighbours-\*.npy and .*retro to fetch and train again"):
+        run_pipeline(replace(config, n_neighbours=3))
+    assert load_checkpoint(config.run / "retro").config.n_neighbours == 2
+
+
 def test_switching_retro_init_retrains_retro_alone(first_run):
     """Last in this file: it replaces the run's RETRO. A run that retro-fitted, rerun with retro_init="scratch",
     trains RETRO's own decoder afresh and reuses every stage before it."""
