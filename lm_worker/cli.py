@@ -354,6 +354,7 @@ def _neighbours(args) -> None:
     import numpy as np
 
     from lm_worker.encode import chunk_exclusions, embed_chunks, precompute_neighbours, read_source
+    from lm_worker.retro_encoders import chunk_encoder_for
     from lm_worker.token_store import RETRO_SPLIT, TokenStore, load_prepared
 
     tokenizer, train, heldout = load_prepared(args.data)
@@ -362,16 +363,15 @@ def _neighbours(args) -> None:
     splits = {"heldout": heldout}
     if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
         splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
+    encoder = None  # loaded once, and only when some split's chunks still need embedding
     with _retriever(args) as retriever:
         _need(retriever, "--target or --datastore", "to fetch neighbours")
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
         for name, store in splits.items():
             keys = args.source / f"{name}-keys.npy"
             if not keys.is_file():
-                from lm_worker.retro_encoders import chunk_encoder_for
-
-                embed_chunks(store, chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm), L,
-                             keys, progress=not args.no_progress)
+                encoder = encoder or chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm)
+                embed_chunks(store, encoder, L, keys, progress=not args.no_progress)
             jobs.append((name, np.load(keys, mmap_mode="r"), None))
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"

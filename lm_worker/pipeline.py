@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lm_worker.retrieval import RetrievalConfig
+from lm_worker.token_store import RETRO_SPLIT
 from lm_worker.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class PipelineConfig:
     @property
     def retro_split(self) -> str:
         """The split RETRO trains on: "retro" (text the LM never saw) when retro-fitted with one, else "train"."""
-        return "retro" if self.retro_init == "lm" and self.max_retro_tokens else "train"
+        return RETRO_SPLIT if self.retro_init == "lm" and self.max_retro_tokens else "train"
 
     @classmethod
     def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
@@ -274,9 +275,8 @@ def _trained_parameters(config: PipelineConfig, retro) -> int:
 
 def _retro_train_config(config: PipelineConfig) -> TrainConfig:
     """RETRO's training settings: retro-fitted onto RUN/lm, or from scratch (`retro_init`)."""
-    if config.retro_init == "lm":
-        return replace(config.retro, init_from=str(config.run / "lm" / "checkpoint.pt"), split=config.retro_split)
-    return replace(config.retro, init_from="", split=config.retro_split)
+    init_from = str(config.run / "lm" / "checkpoint.pt") if config.retro_init == "lm" else ""
+    return replace(config.retro, init_from=init_from, split=config.retro_split)
 
 
 # ---------------------------------------------------------------------------------------------- sources, datastores
@@ -501,10 +501,11 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     with stages.stage("prepare corpus and tokenizer", reused=_done(run / "data" / "heldout" / "documents.json")):
         if not _done(run / "data" / "heldout" / "documents.json"):
             _prepare(config)
-    if config.retro_split == "retro":
+    if config.retro_split == RETRO_SPLIT:
+        retro_documents = run / "data" / RETRO_SPLIT / "documents.json"
         with stages.stage(f"prepare the retro split ({config.max_retro_tokens} tokens the LM never sees)",
-                          reused=_done(run / "data" / "retro" / "documents.json")):
-            if not _done(run / "data" / "retro" / "documents.json"):
+                          reused=_done(retro_documents)):
+            if not _done(retro_documents):
                 _prepare_retro_split(config)
     tokenizer, _, heldout = load_prepared(run / "data")
     valid, test = _split_heldout(config, heldout)
