@@ -199,10 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
     pl.add_argument("--train-tokens", type=int, default=800_000)
     pl.add_argument("--heldout-tokens", type=int, default=40_000)
-    pl.add_argument("--retro-tokens", type=int, default=1_600_000,
+    pl.add_argument("--retro-tokens", type=int, default=3_200_000,
                     help="tokens of documents the LM never sees, which retro-fitted RETRO trains on (0: the LM's own)")
     pl.add_argument("--lm-steps", type=int, default=500)
-    pl.add_argument("--retro-steps", type=int, default=800)
+    pl.add_argument("--retro-steps", type=int, default=1600)
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     pl.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else a local cluster)")
     pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")

@@ -63,9 +63,9 @@ class PipelineConfig:
     vocab_size: int = 4096
     max_train_tokens: int = 800_000
     max_heldout_tokens: int = 40_000
-    max_retro_tokens: int = 1_600_000
+    max_retro_tokens: int = 3_200_000
     lm: TrainConfig = field(default_factory=lambda: TrainConfig(kind="lm", preset="small", steps=500, eval_every=50))
-    retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=800,
+    retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=1600,
                                                                    batch_size=8, chunk_len=8, eval_every=50))
     n_neighbours: int = 2
     context_len: int = 256
@@ -303,6 +303,24 @@ def _query_splits(config: PipelineConfig) -> tuple[str, ...]:
     return tuple(split for split in _neighbour_splits(config) if split != "train")
 
 
+def _check_retro_split(config: PipelineConfig) -> None:
+    """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
+    (a run made before the budget changed), naming what to remove so the split and what follows from
+    it are made again. A split written before budgets were recorded is taken as it is."""
+    from lm_worker.token_store import split_budget
+
+    split = config.run / "data" / RETRO_SPLIT
+    if config.retro_split != RETRO_SPLIT or not _done(split / "documents.json"):
+        return
+    budget = split_budget(split)
+    if budget is not None and budget != config.max_retro_tokens:
+        source = config.run / "retro-source"
+        raise ValueError(f"{split} holds the retro split of a {budget}-token budget, max_retro_tokens is "
+                         f"{config.max_retro_tokens}: remove {split}, {source / 'retro-keys.npy'}, "
+                         f"{source / 'neighbours-retro.npy'} and {config.run / 'retro'} to make it again, or "
+                         f"use another run folder")
+
+
 def _check_neighbour_files(config: PipelineConfig) -> None:
     """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's."""
     source = config.run / "retro-source"
@@ -487,7 +505,9 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     """Runs (or finishes) every stage; returns the summary and where the outputs are.
 
     Raises:
-        ValueError: the held-out split is too small to leave test documents after the validation ones.
+        ValueError: the held-out split is too small to leave test documents after the validation ones, or
+            the run holds a retro split, RETRO source or neighbours made with other settings (the message
+            names what to remove).
         RuntimeError, OSError: a stage failed (what it finished stays for the next run).
     """
     from lm_worker.checkpoint import load_checkpoint
@@ -501,6 +521,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     with stages.stage("prepare corpus and tokenizer", reused=_done(run / "data" / "heldout" / "documents.json")):
         if not _done(run / "data" / "heldout" / "documents.json"):
             _prepare(config)
+    _check_retro_split(config)
     if config.retro_split == RETRO_SPLIT:
         retro_documents = run / "data" / RETRO_SPLIT / "documents.json"
         with stages.stage(f"prepare the retro split ({config.max_retro_tokens} tokens the LM never sees)",

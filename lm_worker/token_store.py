@@ -85,8 +85,9 @@ class TokenStore:
 
 
 def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eos_id: int,
-                      tokenizer_fingerprint: str) -> TokenStore:
-    """Writes (name, token ids) documents as one split, each followed by `eos_id`."""
+                      tokenizer_fingerprint: str, max_tokens: int = 0) -> TokenStore:
+    """Writes (name, token ids) documents as one split, each followed by `eos_id`; `max_tokens`, the
+    token budget the documents were chosen within (0: none), is recorded (`split_budget`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pieces, doc_pieces, spans, start = [], [], [], 0
@@ -100,9 +101,14 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
     doc_ids = np.concatenate(doc_pieces) if doc_pieces else np.zeros(0, np.int32)
     np.save(directory / "tokens.npy", tokens)
     np.save(directory / "doc_ids.npy", doc_ids)
-    meta = {"tokenizer": tokenizer_fingerprint, "documents": spans}
+    meta = {"tokenizer": tokenizer_fingerprint, "max_tokens": max_tokens, "documents": spans}
     (directory / "documents.json").write_text(json.dumps(meta))
     return TokenStore(directory)
+
+
+def split_budget(directory: Path) -> int | None:
+    """The token budget a split was written within (0: none); None for a split written before it was recorded."""
+    return json.loads((Path(directory) / "documents.json").read_text()).get("max_tokens")
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
     counts_docs, counts_tokens = {}, {}
     for name in SPLITS:
         kept = _tokenize_within(split[name], tokenizer, budget[name])
-        store = write_token_store(out / name, kept, tokenizer.eos_id, tokenizer.fingerprint)
+        store = write_token_store(out / name, kept, tokenizer.eos_id, tokenizer.fingerprint, budget[name])
         counts_docs[name], counts_tokens[name] = len(store.documents), len(store)
         log.info("%s: %d documents, %d tokens", name, len(store.documents), len(store))
     if config.max_retro_tokens:
@@ -236,7 +242,8 @@ def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None
         raise ValueError(f"{out / 'train'} holds all {len(side)} training-side documents of {config.corpus!r}: "
                          f"none are left for the {RETRO_SPLIT!r} split (lower max_train_tokens)")
     kept = _tokenize_within(left, tokenizer, config.max_retro_tokens)
-    store = write_token_store(out / RETRO_SPLIT, kept, tokenizer.eos_id, tokenizer.fingerprint)
+    store = write_token_store(out / RETRO_SPLIT, kept, tokenizer.eos_id, tokenizer.fingerprint,
+                              config.max_retro_tokens)
     log.info("%s: %d documents, %d tokens (of %d training-side documents not in train)", RETRO_SPLIT,
              len(store.documents), len(store), len(left))
     return store

@@ -148,6 +148,17 @@ def test_another_n_neighbours_is_refused_and_names_what_to_remove(first_run):
     assert load_checkpoint(config.run / "retro").config.n_neighbours == 2
 
 
+def test_another_retro_token_budget_is_refused_and_names_what_to_remove(first_run):
+    config, _ = first_run
+    split = config.run / "data" / "retro"
+    before = (split / "documents.json").read_text()
+    with pytest.raises(ValueError, match=rf"retro split of a {config.max_retro_tokens}-token budget, max_retro_tokens "
+                                         rf"is {2 * config.max_retro_tokens}: remove .*retro-keys.npy, "
+                                         r".*neighbours-retro.npy and .*retro to make it again"):
+        run_pipeline(replace(config, max_retro_tokens=2 * config.max_retro_tokens))
+    assert (split / "documents.json").read_text() == before
+
+
 def test_switching_retro_init_retrains_retro_alone(first_run):
     """Last in this file: it replaces the run's RETRO. A run that retro-fitted, rerun with retro_init="scratch",
     trains RETRO's own decoder afresh and reuses every stage before it."""
