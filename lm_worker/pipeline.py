@@ -307,12 +307,12 @@ def _check_retro_split(config: PipelineConfig) -> None:
     """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
     (a run made before the budget changed), naming what to remove so the split and what follows from
     it are made again. A split written before budgets were recorded is taken as it is."""
-    from lm_worker.token_store import split_budget
+    from lm_worker.token_store import TokenStore
 
     split = config.run / "data" / RETRO_SPLIT
     if config.retro_split != RETRO_SPLIT or not _done(split / "documents.json"):
         return
-    budget = split_budget(split)
+    budget = TokenStore.open(split).max_tokens
     if budget is not None and budget != config.max_retro_tokens:
         source = config.run / "retro-source"
         raise ValueError(f"{split} holds the retro split of a {budget}-token budget, max_retro_tokens is "

@@ -57,6 +57,8 @@ class TokenStore:
         doc_ids: int32 (N,) index into `documents` of each token's document.
         documents: the documents, in stream order.
         tokenizer_fingerprint: fingerprint of the tokenizer that made `tokens`.
+        max_tokens: the token budget the documents were chosen within (0: none); None for a split
+            written before budgets were recorded.
     """
 
     def __init__(self, directory: Path):
@@ -66,6 +68,7 @@ class TokenStore:
             raise FileNotFoundError(f"{self.directory} is not a token store (no documents.json)")
         meta = json.loads(meta_path.read_text())
         self.tokenizer_fingerprint: str = meta["tokenizer"]
+        self.max_tokens: int | None = meta.get("max_tokens")
         self.documents = [DocumentSpan(d["name"], d["start"], d["end"]) for d in meta["documents"]]
         self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
         self.doc_ids = np.load(self.directory / "doc_ids.npy", mmap_mode="r")
@@ -87,7 +90,7 @@ class TokenStore:
 def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eos_id: int,
                       tokenizer_fingerprint: str, max_tokens: int = 0) -> TokenStore:
     """Writes (name, token ids) documents as one split, each followed by `eos_id`; `max_tokens`, the
-    token budget the documents were chosen within (0: none), is recorded (`split_budget`)."""
+    token budget the documents were chosen within (0: none), is recorded (`TokenStore.max_tokens`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pieces, doc_pieces, spans, start = [], [], [], 0
@@ -104,11 +107,6 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
     meta = {"tokenizer": tokenizer_fingerprint, "max_tokens": max_tokens, "documents": spans}
     (directory / "documents.json").write_text(json.dumps(meta))
     return TokenStore(directory)
-
-
-def split_budget(directory: Path) -> int | None:
-    """The token budget a split was written within (0: none); None for a split written before it was recorded."""
-    return json.loads((Path(directory) / "documents.json").read_text()).get("max_tokens")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from lm_worker.token_store import (
     prepare_corpus,
     prepare_retro_split,
     read_corpus,
-    split_budget,
     write_token_store,
 )
 from lm_worker.tokenizer import Tokenizer, train_tokenizer
@@ -132,7 +131,7 @@ def test_retro_split_is_the_next_training_side_documents_the_train_split_left_ou
     assert side[:len(names["train"]) + len(names["retro"])] == names["train"] + names["retro"]  # the next ones
     per_doc = len(retro) // len(retro.documents)
     assert 400 <= len(retro) < 400 + 3 * per_doc
-    assert [split_budget(config.out / s) for s in ("train", "heldout", "retro")] == [300, 0, 400]
+    assert [TokenStore.open(config.out / s).max_tokens for s in ("train", "heldout", "retro")] == [300, 0, 400]
     again = prepare_retro_split(config)  # e.g. a folder prepared before the retro split existed: the same
     assert [d.name for d in again.documents] == names["retro"]
     assert np.array_equal(np.asarray(again.tokens), np.asarray(retro.tokens))
