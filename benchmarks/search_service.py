@@ -7,6 +7,9 @@ IVFPQ codec, in the same run, against two in-process references:
 - "sharded": the same two shard index files, searched in process by `faiss.IndexShards` (threads,
   merged top-k): the same work as the service minus gRPC, the router and serialization.
 
+Beside them it times the transport floor (`grpc_floor.py`): the service's processes and bytes on the
+wire with no work in them, what Python gRPC alone costs this machine per call through a router.
+
 The recall of the references and the service (without re-ranking) must be equal.
 
     python benchmarks/search_service.py [--out bench_out] [--quick] [--nprobe 16]
@@ -28,10 +31,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from grpc_floor import FloorDeployment, request_bytes
 
-from retriever_server.client import RetrieverClient
+from retriever_server.client import RetrieverClient, make_request
 from retriever_server.launcher import LocalDeployment
 from retriever_server.manifest import read_manifest
+from retriever_server.response_wire import encode_search_response
+from retriever_server.result import SearchResult
 
 N_KEYS = 20000
 N_QUERIES = 1000
@@ -199,9 +205,30 @@ def time_calls(call: Callable[[np.ndarray], object], batches: list[np.ndarray],
                   nq * len(latencies) / elapsed)
 
 
+def floor_request(queries: np.ndarray, k: int, nprobe: int, version: str) -> bytes:
+    """The floor's request for this batch: the real Search request's size, asking for answers the
+    size of the real ones (each shard and the router answer nq x k neighbours)."""
+    nq = len(queries)
+    answer = encode_search_response(SearchResult(np.zeros((nq, k), np.int64), np.zeros((nq, k), np.float32),
+                                                 datastore_version=version))
+    return request_bytes(make_request(queries, k, nprobe).ByteSize(), len(answer), len(answer))
+
+
+def _seconds_per_call(timing: Timing, nq: int) -> float:
+    return nq / timing.qps
+
+
+def ceilings(nq: int, ref: Timing, sref: Timing, floor: Timing) -> dict:
+    """An estimate of the best any service could do here: the sharded search's time per call plus
+    the floor's, as a throughput ratio to each reference."""
+    best = _seconds_per_call(sref, nq) + _seconds_per_call(floor, nq)
+    return {"ceiling_ratio": _seconds_per_call(ref, nq) / best,
+            "ceiling_ratio_sharded": _seconds_per_call(sref, nq) / best}
+
+
 def speed_cells(config: BenchConfig, index: faiss.Index, sharded: faiss.Index, client: RetrieverClient,
-                queries: np.ndarray) -> list[dict]:
-    """Reference, sharded-reference and service timings for every (nq, k), measured back to back."""
+                floor: FloorDeployment, queries: np.ndarray, version: str) -> list[dict]:
+    """Reference, sharded-reference, service and floor timings for every (nq, k), back to back."""
     cells = []
     for nq in config.nqs:
         batches = query_batches(queries, nq)
@@ -209,12 +236,16 @@ def speed_cells(config: BenchConfig, index: faiss.Index, sharded: faiss.Index, c
             ref = time_calls(lambda q, k=k: reference_search(index, q, k, config.nprobe), batches, config)
             sref = time_calls(lambda q, k=k: reference_search(sharded, q, k, config.nprobe), batches, config)
             svc = time_calls(lambda q, k=k: client.search(q, k=k, nprobe=config.nprobe), batches, config)
+            request = floor_request(batches[0], k, config.nprobe, version)
+            flo = time_calls(lambda q, r=request: floor.call(r), batches, config)
             cell = {"nq": nq, "k": k, "reference": asdict(ref), "sharded_reference": asdict(sref),
-                    "service": asdict(svc), "ratio": svc.qps / ref.qps, "ratio_sharded": svc.qps / sref.qps,
-                    "added_p50_ms": svc.p50_ms - ref.p50_ms, "added_p50_ms_sharded": svc.p50_ms - sref.p50_ms}
+                    "service": asdict(svc), "floor": asdict(flo), "ratio": svc.qps / ref.qps,
+                    "ratio_sharded": svc.qps / sref.qps, "added_p50_ms": svc.p50_ms - ref.p50_ms,
+                    "added_p50_ms_sharded": svc.p50_ms - sref.p50_ms,
+                    "floor_added_p50_ms": flo.p50_ms - ref.p50_ms, **ceilings(nq, ref, sref, flo)}
             print(f"  nq={nq:5d} k={k:5d}: unsharded {ref.qps:9.0f} q/s, sharded {sref.qps:9.0f} q/s, "
-                  f"service {svc.qps:9.0f} q/s, ratios {cell['ratio']:.2f} / {cell['ratio_sharded']:.2f}",
-                  flush=True)
+                  f"service {svc.qps:9.0f} q/s, ratios {cell['ratio']:.2f} / {cell['ratio_sharded']:.2f}; "
+                  f"floor p50 {flo.p50_ms:.2f} ms", flush=True)
             cells.append(cell)
     return cells
 
@@ -258,7 +289,8 @@ def recall_rows(config: BenchConfig, index: faiss.Index, client: RetrieverClient
 # ---------------------------------------------------------------------------------------------
 
 def bars(cells: list[dict]) -> list[dict]:
-    """Each bar, against each reference, with its measured value and PASS/MISS."""
+    """Each bar, against each reference, with its measured value, PASS/MISS, and what the floor
+    leaves possible (the floor's own added p50; the estimated ceiling of the ratio)."""
     out = []
     for cell in cells:
         nq, k = cell["nq"], cell["k"]
@@ -266,11 +298,14 @@ def bars(cells: list[dict]) -> list[dict]:
             if nq >= 64 and k in MIN_RATIO:
                 ratio = cell["ratio" + suffix]
                 out.append({"bar": f"nq={nq} k={k}: service >= {MIN_RATIO[k]}x {name} in-process throughput",
-                            "value": f"{ratio:.2f}x", "pass": ratio >= MIN_RATIO[k]})
+                            "value": f"{ratio:.2f}x", "pass": ratio >= MIN_RATIO[k],
+                            "floor": f"ceiling {cell['ceiling_ratio' + suffix]:.2f}x"})
             if nq == 1:
                 added = cell["added_p50_ms" + suffix]
+                floor_added = cell["floor"]["p50_ms"] - cell[("reference", "sharded_reference")[bool(suffix)]]["p50_ms"]
                 out.append({"bar": f"nq=1 k={k}: service adds < {MAX_ADDED_P50_MS:g} ms at p50 over {name}",
-                            "value": f"{added:+.2f} ms", "pass": added < MAX_ADDED_P50_MS})
+                            "value": f"{added:+.2f} ms", "pass": added < MAX_ADDED_P50_MS,
+                            "floor": f"floor adds {floor_added:+.2f} ms"})
     return out
 
 
@@ -278,14 +313,14 @@ def speed_table(cells: list[dict], nprobe: int) -> str:
     lines = [f"Speed (nprobe={nprobe}; p50/p99 latency per call in ms; throughput in queries/s). "
              "Ratio = service q/s over the in-process reference's.", "",
              "| nq | k | unsharded p50/p99 | unsharded q/s | sharded p50/p99 | sharded q/s "
-             "| service p50/p99 | service q/s | ratio vs unsharded | ratio vs sharded |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| service p50/p99 | service q/s | ratio vs unsharded | ratio vs sharded | floor p50/p99 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
-        r, h, s = c["reference"], c["sharded_reference"], c["service"]
+        r, h, s, f = c["reference"], c["sharded_reference"], c["service"], c["floor"]
         lines.append(f"| {c['nq']} | {c['k']} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['qps']:.0f} | "
                      f"{h['p50_ms']:.2f} / {h['p99_ms']:.2f} | {h['qps']:.0f} | "
                      f"{s['p50_ms']:.2f} / {s['p99_ms']:.2f} | {s['qps']:.0f} | {c['ratio']:.2f} | "
-                     f"{c['ratio_sharded']:.2f} |")
+                     f"{c['ratio_sharded']:.2f} | {f['p50_ms']:.2f} / {f['p99_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -301,8 +336,10 @@ def recall_table(rows: list[dict], rerank_candidates: int) -> str:
 
 
 def bars_table(results: list[dict]) -> str:
-    lines = ["Bars (informational)", "", "| bar | measured | result |", "|---|---:|---|"]
-    lines += [f"| {b['bar']} | {b['value']} | {'PASS' if b['pass'] else 'MISS'} |" for b in results]
+    lines = ["Bars (informational). Floor: the transport floor's own added p50, or the estimated ceiling "
+             "of the ratio (sharded search time + floor time per call).", "",
+             "| bar | measured | result | floor |", "|---|---:|---|---:|"]
+    lines += [f"| {b['bar']} | {b['value']} | {'PASS' if b['pass'] else 'MISS'} | {b['floor']} |" for b in results]
     return "\n".join(lines)
 
 
@@ -360,9 +397,9 @@ def run(config: BenchConfig) -> dict:
     deployment = LocalDeployment(config.datastore, replicas=1)
     deployment.start()
     try:
-        with RetrieverClient(deployment.router_address, timeout=300) as client:
-            print("timing (reference, then service, per cell) ...", flush=True)
-            cells = speed_cells(config, index, sharded, client, queries)
+        with RetrieverClient(deployment.router_address, timeout=300) as client, FloorDeployment() as floor:
+            print("timing (references, service, then the transport floor, per cell) ...", flush=True)
+            cells = speed_cells(config, index, sharded, client, floor, queries, manifest.version)
             print("recall ...", flush=True)
             recall = recall_rows(config, index, client, keys, queries, manifest.nlist)
     finally:

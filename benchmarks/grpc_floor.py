@@ -1,0 +1,166 @@
+"""The transport floor: the service's topology with no work in it.
+
+A client sends a request, through a relay, to two shard processes, as `RetrieverClient` does
+through a router: a blocking Python channel into a `grpc.aio` relay process, which calls two
+`grpc.aio` shard processes in parallel and answers once both have. Nothing is parsed, searched,
+merged or copied: each shard answers with a ready-made block of zero bytes, the relay with
+another. The request names the sizes (two little-endian uint64s at its start) and is padded to
+the size of the real request, so the bytes on the wire are the service's.
+
+Its latency is what Python gRPC alone costs this machine for one Search through the router; any
+implementation of the service pays at least this, on top of its search.
+
+    python benchmarks/grpc_floor.py    # a quick look: p50 of the floor for a 1.5 KB request
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+METHOD = "/floor.v1.Floor/Call"
+HEADER = struct.Struct("<QQ")  # bytes each shard answers with, bytes the relay answers with
+START_TIMEOUT_S = 60.0
+
+
+def request_bytes(request_size: int, shard_answer: int, relay_answer: int) -> bytes:
+    """A request of `request_size` bytes (at least the header) asking for answers of these sizes."""
+    header = HEADER.pack(shard_answer, relay_answer)
+    return header + bytes(max(0, request_size - len(header)))
+
+
+class _Blocks:
+    """Zero-byte answers, one per size, made once (the floor copies nothing per call)."""
+
+    def __init__(self):
+        self._blocks: dict[int, bytes] = {}
+
+    def get(self, size: int) -> bytes:
+        block = self._blocks.get(size)
+        if block is None:
+            block = self._blocks[size] = bytes(size)
+        return block
+
+
+async def _serve(handler, port_file: Path) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
+                                      ("grpc.max_send_message_length", -1)])
+    method = grpc.unary_unary_rpc_method_handler(handler)
+    service, name = METHOD.rsplit("/", 1)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.strip("/"), {name: method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(str(port))
+    await server.wait_for_termination()
+
+
+async def _shard(port_file: Path) -> None:
+    blocks = _Blocks()
+
+    async def answer(request: bytes, context) -> bytes:
+        return blocks.get(HEADER.unpack_from(request)[0])
+
+    await _serve(answer, port_file)
+
+
+async def _relay(port_file: Path, shards: list[str]) -> None:
+    blocks = _Blocks()
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    calls = [grpc.aio.insecure_channel(a, options=options).unary_unary(METHOD) for a in shards]
+
+    async def answer(request: bytes, context) -> bytes:
+        await asyncio.gather(*(call(request) for call in calls))
+        return blocks.get(HEADER.unpack_from(request)[1])
+
+    await _serve(answer, port_file)
+
+
+class FloorDeployment:
+    """Two shard processes and a relay on 127.0.0.1; `call(request)` goes through the relay.
+
+    Example:
+        >>> with FloorDeployment() as floor:
+        ...     floor.call(request_bytes(1600, 200, 200))
+    """
+
+    def __init__(self):
+        self._dir = Path(tempfile.mkdtemp(prefix="grpc-floor-"))
+        self._processes: list[subprocess.Popen] = []
+        self._channel: grpc.Channel | None = None
+        self.call = None
+
+    def _spawn(self, role: str, *args: str) -> str:
+        port_file = self._dir / f"{role}-{len(self._processes)}.port"
+        self._processes.append(subprocess.Popen([sys.executable, __file__, role, str(port_file), *args]))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_file.is_file() or not port_file.read_text():
+            if self._processes[-1].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor's {role} process did not start")
+            time.sleep(0.05)
+        return f"127.0.0.1:{port_file.read_text()}"
+
+    def __enter__(self) -> FloorDeployment:
+        try:
+            shards = [self._spawn("shard") for _ in range(2)]
+            relay = self._spawn("relay", *shards)
+        except BaseException:
+            self.__exit__()
+            raise
+        self._channel = grpc.insecure_channel(relay, options=[("grpc.max_receive_message_length", -1),
+                                                              ("grpc.max_send_message_length", -1)])
+        self.call = self._channel.unary_unary(METHOD)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        for process in self._processes:
+            process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for path in self._dir.iterdir():
+            path.unlink()
+        self._dir.rmdir()
+
+
+def _quick_look() -> None:
+    with FloorDeployment() as floor:
+        request = request_bytes(1600, 200, 200)
+        for _ in range(200):
+            floor.call(request)
+        latencies = []
+        for _ in range(2000):
+            started = time.perf_counter()
+            floor.call(request)
+            latencies.append(time.perf_counter() - started)
+    latencies.sort()
+    print(f"floor p50 {latencies[len(latencies) // 2] * 1e3:.3f} ms over {len(latencies)} calls")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", nargs="?", choices=("shard", "relay"), help="(internal) run one process")
+    parser.add_argument("port_file", nargs="?", type=Path)
+    parser.add_argument("shards", nargs="*")
+    args = parser.parse_args(argv)
+    if args.role == "shard":
+        asyncio.run(_shard(args.port_file))
+    elif args.role == "relay":
+        asyncio.run(_relay(args.port_file, args.shards))
+    else:
+        _quick_look()
+
+
+if __name__ == "__main__":
+    main()

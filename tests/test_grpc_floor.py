@@ -1,0 +1,34 @@
+"""The search benchmark's transport floor: the service's processes and bytes, with no work in them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from grpc_floor import HEADER, FloorDeployment, request_bytes  # noqa: E402
+
+from retriever_server.client import make_request  # noqa: E402
+
+
+def test_a_floor_request_has_the_real_requests_size_and_names_the_answer_sizes():
+    real = make_request(np.zeros((64, 384), np.float32), k=1024, nprobe=16).ByteSize()
+    request = request_bytes(real, 786_500, 786_600)
+    assert len(request) == real
+    assert HEADER.unpack_from(request) == (786_500, 786_600)
+    assert len(request_bytes(3, 1, 2)) == HEADER.size  # never shorter than its header
+
+
+def test_the_floor_answers_through_its_relay_with_the_size_asked_and_stops_its_processes():
+    with FloorDeployment() as floor:
+        processes = list(floor._processes)
+        assert len(processes) == 3  # two shards and the relay
+        for relay_answer in (0, 130, 786_600):
+            answer = floor.call(request_bytes(1600, 4_000, relay_answer), timeout=10)
+            assert answer == bytes(relay_answer)
+        directory = floor._dir
+    assert all(p.poll() is not None for p in processes)
+    assert not directory.exists()
