@@ -578,6 +578,7 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
     meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
             "evaluated_on": {"split": "test (the held-out documents but their last tune_tokens tokens)",
                              "tokens": len(test),
+                             "predicted_tokens": knn_result.tokens,
                              "documents": len(test.documents)},
             "temperature_tuning": {"split": "valid (the last tune_tokens held-out tokens)", "tokens": len(valid),
                                    "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
@@ -593,8 +594,8 @@ def _report(config, stages, knn_result, retro_result, test, valid, temperature, 
         if (config.run / name / "loss.png").exists():
             plots.append(Path(shutil.copy(config.run / name / "loss.png", report / f"loss_{name}.png")))
     table = report_table(knn_result, retro_result)
-    summary = (f"Perplexity on {len(test)} test tokens ({len(test.documents)} held-out documents); kNN-LM's "
-               f"temperature T={temperature:g} chosen on the {len(valid)} held-out tokens after them.\n\n{table}\n"
-               f"{stages.table()}")
+    summary = (f"Perplexity over the {knn_result.tokens} tokens predicted in the {len(test)}-token test split "
+               f"({len(test.documents)} held-out documents); kNN-LM's temperature T={temperature:g} chosen on the "
+               f"{len(valid)} held-out tokens after them.\n\n{table}\n{stages.table()}")
     (report / "summary.md").write_text(summary)
     return PipelineReport(config.run, table, summary, report, report / "eval.json", plots, samples)

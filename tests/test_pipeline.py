@@ -57,6 +57,9 @@ def test_the_report_folder_holds_every_output(first_run):
     for model, key in (("knnlm", "best_perplexity"), ("retro", "perplexity"), ("retro", "perplexity_without")):
         assert body[model]["tokens"] > 0 and 1 < body[model][key] < config.vocab_size * 4, (model, key)
     assert "kNN-LM" in report.summary and "RETRO" in report.summary and "total" in report.summary
+    evaluated = body["meta"]["evaluated_on"]  # every test token is predicted but the first
+    assert evaluated["predicted_tokens"] == body["knnlm"]["tokens"] == evaluated["tokens"] - 1
+    assert f"over the {body['knnlm']['tokens']} tokens predicted in the {evaluated['tokens']}-token" in report.summary
     assert (config.run / "knnlm-source" / "keys.parts.json").exists()  # written in parts by the Ray Data job
     encoder = read_manifest(config.run / "retro-datastore").metadata["encoder"]
     assert encoder == "lm-last:" + model_fingerprint(load_checkpoint(config.run / "lm").model).removeprefix("lm:")
