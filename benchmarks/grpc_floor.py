@@ -58,7 +58,9 @@ async def _serve(handler, port_file: Path) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.strip("/"), {name: method}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    port_file.write_text(str(port))
+    written = port_file.with_suffix(".tmp")
+    written.write_text(str(port))
+    written.replace(port_file)  # whole, never half-written, when the parent reads it
     await server.wait_for_termination()
 
 
@@ -101,7 +103,7 @@ class FloorDeployment:
         port_file = self._dir / f"{role}-{len(self._processes)}.port"
         self._processes.append(subprocess.Popen([sys.executable, __file__, role, str(port_file), *args]))
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_file.is_file() or not port_file.read_text():
+        while not port_file.is_file():
             if self._processes[-1].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the floor's {role} process did not start")
             time.sleep(0.05)
