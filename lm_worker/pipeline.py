@@ -37,7 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from lm_worker.retrieval import RetrievalConfig
-from lm_worker.token_store import RETRO_SPLIT
+from lm_worker.token_store import (
+    RETRO_SPLIT,
+    PrepareConfig,
+    TokenStore,
+    load_prepared,
+    prepare_corpus,
+    prepare_retro_split,
+    write_token_store,
+)
 from lm_worker.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -156,24 +164,18 @@ def _connect(config: PipelineConfig) -> None:
 
 
 def _prepare_config(config: PipelineConfig):
-    from lm_worker.token_store import PrepareConfig
-
     return PrepareConfig(out=config.run / "data", corpus=config.corpus, vocab_size=config.vocab_size,
                          max_train_tokens=config.max_train_tokens, max_heldout_tokens=config.max_heldout_tokens,
                          max_retro_tokens=config.max_retro_tokens, progress=config.progress)
 
 
 def _prepare(config: PipelineConfig) -> None:
-    from lm_worker.token_store import prepare_corpus
-
     report = prepare_corpus(replace(_prepare_config(config), max_retro_tokens=0))
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
 
 
 def _prepare_retro_split(config: PipelineConfig) -> None:
     """RUN/data/retro, the text RETRO's new layers train on; also added to a run prepared without one."""
-    from lm_worker.token_store import prepare_retro_split
-
     store = prepare_retro_split(_prepare_config(config))
     log.info("retro split: %d documents, %d tokens", len(store.documents), len(store))
 
@@ -201,8 +203,6 @@ def _cut_validation(docs: list, tune_tokens: int) -> tuple[list, list]:
 def _split_heldout(config: PipelineConfig, heldout):
     """The held-out documents split in two: "valid" (their last `tune_tokens` tokens) to choose
     kNN-LM's temperature on, and "test" (the rest), where every perplexity is reported."""
-    from lm_worker.token_store import TokenStore, write_token_store
-
     data = config.run / "data"
     if not _done(data / "test" / "documents.json"):
         docs = [(d.name, np.asarray(heldout.tokens[d.start:d.end - 1])) for d in heldout.documents]  # EOS re-added
@@ -259,8 +259,6 @@ def _same_start(config: PipelineConfig, train_config: TrainConfig, name: str) ->
 
 def _split_size(config: PipelineConfig, split: str) -> dict:
     """{"split", "documents", "tokens"} of RUN/data/SPLIT."""
-    from lm_worker.token_store import TokenStore
-
     store = TokenStore.open(config.run / "data" / split)
     return {"split": split, "documents": len(store.documents), "tokens": len(store)}
 
@@ -307,8 +305,6 @@ def _check_retro_split(config: PipelineConfig) -> None:
     """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
     (a run made before the budget changed), naming what to remove so the split and what follows from
     it are made again. A split written before budgets were recorded is taken as it is."""
-    from lm_worker.token_store import TokenStore
-
     split = config.run / "data" / RETRO_SPLIT
     if config.retro_split != RETRO_SPLIT or not _done(split / "documents.json"):
         return
@@ -334,7 +330,6 @@ def _check_neighbour_files(config: PipelineConfig) -> None:
 def _split_keys(config: PipelineConfig, encoder, split: str) -> None:
     """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
     from lm_worker.encode import embed_chunks
-    from lm_worker.token_store import TokenStore
 
     source = config.run / "retro-source"
     tmp = source / f"{split}-keys.tmp.npy"
@@ -370,7 +365,6 @@ def _serve(config: PipelineConfig, datastore: Path, name: str) -> Iterator[str]:
 
 def _neighbours(config: PipelineConfig, retriever) -> None:
     from lm_worker.encode import chunk_exclusions, precompute_neighbours, read_source
-    from lm_worker.token_store import TokenStore
 
     source, L = config.run / "retro-source", config.retro.chunk_len
     for split in _neighbour_splits(config):
@@ -513,7 +507,6 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     from lm_worker.checkpoint import load_checkpoint
     from lm_worker.evaluate import EvalConfig
     from lm_worker.retrieval import ServiceRetriever
-    from lm_worker.token_store import load_prepared
 
     run = Path(config.run)
     config, stages = replace(config, run=run), _Stages()
