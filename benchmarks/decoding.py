@@ -18,13 +18,25 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   search by the pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over `batch` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
-  (sent when formed, in flight during the next s tokens).
+  (sent when formed, in flight during the next s tokens). Its retrieval is a small share of its
+  decoding time (one request per chunk), so run-to-run noise in the model's time moves the share
+  hidden by tens of points: RETRO runs `RETRO_REPEATS` times as often as kNN-LM.
 Serial and overlapped runs decode the same tokens (checked).
 
 Reported: tokens/s (prompts x new tokens / wall seconds), the time the serial run spent in retrieval,
 and the fraction of it that overlap hid, (t_serial - t_overlap) / t_retrieval_serial, over the whole
 call (kNN-LM, RETRO) and over the decode steps alone (RETRO: the prompt's retrieval in `start` cannot
-be overlapped); and, from the overlapped run's own counters, 1 - blocked / retrieval seconds. The
+be overlapped); and, from the overlapped run's own counters, 1 - blocked / retrieval seconds.
+
+Every run also records the CPU seconds this process (model, mixing, client) and the servers used
+(/proc, Linux), and from them a ceiling: the share of the serial run's retrieval a run would hide if it
+took no longer than its own CPU work needs on its cores (with `--server-cpus`, the servers' seconds on
+their cores and this process's on the rest; else all of it on all cores). "CPU ceiling" is that of the
+overlapped run, "serial-work ceiling" that of the serial run's work, the most an overlap that adds no
+work could hide. A design whose ceiling is below the bar cannot reach it on these cores, however it is
+scheduled. (Clock ticks of 10 ms and run-to-run noise make both estimates, not bounds to the percent.)
+
+The
 kNN-LM pipeline runs two half-batch forwards and two requests per step: its "model s" against the
 serial run's shows what that costs, and the time it can save is at most the difference between a full
 and a half-batch forward (see `lm_worker.pipelined`); with a few prompts on a small CPU model, where a
@@ -58,6 +70,7 @@ from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper, StepperSta
 from retriever_server.cpus import format_cpus, parse_cpus, pin
 from retriever_server.launcher import LocalDeployment
 
+RETRO_REPEATS = 3  # RETRO's runs per kNN-LM run (see the module doc)
 REQUIRED = ("data/tokenizer.json", "data/heldout", "lm/checkpoint.pt", "retro/checkpoint.pt",
             "knnlm-datastore/manifest.json", "retro-datastore/manifest.json")
 
@@ -145,33 +158,67 @@ class TimedStart:
         self.inner.reorder(indices)
 
 
-def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateConfig, time_start: bool) -> dict:
-    """One timed `generate` with a fresh stepper: wall seconds, the stepper's stats, the tokens. With
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process `pid` has used, from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def servers_cpu_s(deployment: LocalDeployment) -> float:
+    """CPU seconds used so far by every process of the deployment (shards and router)."""
+    return sum(process_cpu_s(p.popen.pid) for p in deployment.processes())
+
+
+@dataclass(frozen=True)
+class Cores:
+    """How many cores the model's process and the servers have, and whether they share them."""
+
+    model: int
+    servers: int
+    shared: bool
+
+    def floor_s(self, run: dict) -> float:
+        """The least wall time a run's CPU work fits in on these cores: the servers' work on theirs and
+        the model process's on its own, or, shared, all of it on all of them."""
+        if self.shared:
+            return (run["server_cpu_s"] + run["worker_cpu_s"]) / self.model
+        return max(run["server_cpu_s"] / self.servers, run["worker_cpu_s"] / self.model)
+
+
+def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateConfig, time_start: bool,
+                servers_cpu: Callable[[], float]) -> dict:
+    """One timed `generate` with a fresh stepper: wall seconds, the stepper's stats, the tokens, and the
+    CPU seconds this process and the servers (`servers_cpu()`, a running total) used meanwhile. With
     `time_start` the stepper is wrapped to time `start` apart (that hides a pipelined stepper's `fork`)."""
     stepper = make()
     wrapped = TimedStart(stepper) if time_start else stepper
+    servers_before, worker_before = servers_cpu(), time.process_time()
     began = time.perf_counter()
     out = generate(wrapped, prompt, gen)
     seconds = time.perf_counter() - began
+    cpu = {"worker_cpu_s": time.process_time() - worker_before, "server_cpu_s": servers_cpu() - servers_before}
     if hasattr(stepper, "close"):
         stepper.close()
     stats, result = stepper.stats, {}
     if time_start:
         result = {"steps_seconds": seconds - wrapped.start_s,
                   "steps_retrieval_s": stats.retrieval_s - wrapped.after_start.retrieval_s}
-    return {"seconds": seconds, "stats": asdict(stats), **result, "new_tokens": int(out.tokens.shape[1]),
+    return {"seconds": seconds, "stats": asdict(stats), **result, **cpu, "new_tokens": int(out.tokens.shape[1]),
             "tokens": out.tokens}
 
 
 def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen: GenerateConfig,
-            repeats: int, time_start: bool = False) -> dict[str, dict]:
+            repeats: int, servers_cpu: Callable[[], float], time_start: bool = False) -> dict[str, dict]:
     """Each variant once to warm up, then `repeats` rounds, variants interleaved; the median run of each."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for make in variants.values():
-        decode_once(make, prompt, gen, time_start)
+        decode_once(make, prompt, gen, time_start, servers_cpu)
     for _ in range(repeats):
         for name, make in variants.items():
-            runs[name].append(decode_once(make, prompt, gen, time_start))
+            runs[name].append(decode_once(make, prompt, gen, time_start, servers_cpu))
     result = {}
     for name, done in runs.items():
         median = sorted(done, key=lambda r: r["seconds"])[len(done) // 2]
@@ -183,12 +230,31 @@ def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen
     return result
 
 
-def overlap_summary(serial: dict, overlapped: dict) -> dict:
-    """Speed-up and the fraction of the serial run's retrieval time that overlapping hid."""
+def hidden(serial: dict, seconds: float) -> float:
+    """The share of the serial run's retrieval seconds that a run of `seconds` hides."""
+    retrieval = serial["stats"]["retrieval_s"]
+    return (serial["seconds"] - seconds) / retrieval if retrieval else 0.0
+
+
+def annotate(rows: dict[str, dict], serial: str, cores: Cores) -> None:
+    """Gives every run with retrieval its share of `serial`'s retrieval seconds hidden, and the CPU ceiling of
+    that share (`Cores.floor_s`)."""
+    for row in rows.values():
+        if row["stats"]["retrieval_calls"]:
+            row["hidden_fraction"] = hidden(rows[serial], row["seconds"])
+            row["ceiling"] = hidden(rows[serial], cores.floor_s(row))
+
+
+def overlap_summary(serial: dict, overlapped: dict, cores: Cores) -> dict:
+    """Speed-up, the fraction of the serial run's retrieval time that overlapping hid, and the most that
+    the CPU work of each run could let it hide on these cores (`Cores.floor_s`): "ceiling" for the
+    overlapped run's own work, "serial work ceiling" for the serial run's (no overlap does less work)."""
     retrieval, st = serial["stats"]["retrieval_s"], overlapped["stats"]
     summary = {"serial_tokens_per_s": serial["tokens_per_s"], "overlap_tokens_per_s": overlapped["tokens_per_s"],
                "speedup": overlapped["tokens_per_s"] / serial["tokens_per_s"], "retrieval_s_serial": retrieval,
-               "hidden_fraction": (serial["seconds"] - overlapped["seconds"]) / retrieval if retrieval else 0.0,
+               "hidden_fraction": hidden(serial, overlapped["seconds"]),
+               "ceiling": hidden(serial, cores.floor_s(overlapped)),
+               "serial_work_ceiling": hidden(serial, cores.floor_s(serial)),
                "counters_hidden_fraction": 1.0 - st["wait_s"] / st["retrieval_s"] if st["retrieval_s"] else 0.0,
                "same_tokens": serial["tokens_digest"] == overlapped["tokens_digest"]}
     if "steps_seconds" in serial:
@@ -202,6 +268,12 @@ def overlap_summary(serial: dict, overlapped: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The two models
 # ---------------------------------------------------------------------------------------------
+
+def cores_of(config: BenchConfig) -> Cores:
+    """The model's cores (this process's, pinned by `run`) and the servers' (`--server-cpus`, else the same)."""
+    model = len(os.sched_getaffinity(0))
+    return Cores(model, len(config.server_cpus) or model, shared=not config.server_cpus)
+
 
 def target_of(deployment: LocalDeployment, via: str) -> str | list[list[str]]:
     """The router's address, or (fan-out) every shard's replica addresses for the client to fan out to."""
@@ -228,13 +300,15 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
                     model, retriever, lam, temperature, eos_id=gen.eos_id)
             print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
                   flush=True)
-            rows = measure(variants, prompt, gen, config.repeats)
+            rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
             overlap = "speculative" if "knn-lm speculative" in rows else "pipelined"
-            summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
+            annotate(rows, "knn-lm serial", cores_of(config))
+            summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"], cores_of(config))
             if overlap == "speculative":
                 stats = rows["knn-lm speculative"]["stats"]
                 summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
                 summary["rows_guessed"] = stats["guessed"]
+                summary["steps_all_held"] = stats["steps_held"] / max(1, stats["steps_checked"])
             results[name] = {"rows": rows, "summary": {**summary, "overlap": overlap}}
     return results
 
@@ -258,8 +332,11 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen
                                                                    overlap=True),
         }
         print(f"RETRO: {retriever.ntotal} chunks of {L}, K={retro.config.n_neighbours}, prefetch {s} ...", flush=True)
-        rows = measure(variants, prompt, gen, config.repeats, time_start=True)
-    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
+        rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, lambda: servers_cpu_s(deployment),
+                       time_start=True)
+    annotate(rows, f"retro prefetch {s} serial", cores_of(config))
+    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"],
+                              cores_of(config))
     return {"greedy": {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}}
 
 
@@ -267,23 +344,30 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen
 # Report
 # ---------------------------------------------------------------------------------------------
 
+def share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
 def rows_table(results: dict) -> str:
     lines = ["| scenario | model / retrieval | tokens/s | wall s | model s | encode s | blocked on retrieval s "
-             "| retrieval s | calls |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| retrieval s | calls | worker CPU s | servers CPU s | hidden | CPU ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for section, scenarios in results.items():
         for scenario, result in scenarios.items():
             for name, r in result["rows"].items():
                 st = r["stats"]
                 lines.append(f"| {section} {scenario} | {name} | {r['tokens_per_s']:.1f} | {r['seconds']:.3f} | "
                              f"{st['compute_s']:.3f} | {st['encode_s']:.3f} | {st['wait_s']:.3f} | "
-                             f"{st['retrieval_s']:.3f} | {st['retrieval_calls']} |")
+                             f"{st['retrieval_s']:.3f} | {st['retrieval_calls']} | {r['worker_cpu_s']:.2f} | "
+                             f"{r['server_cpu_s']:.2f} | {share(r.get('hidden_fraction'))} | "
+                             f"{share(r.get('ceiling'))} |")
     return "\n".join(lines)
 
 
 def summary_table(results: dict) -> str:
     lines = ["| model | scenario | serial tokens/s | overlapped tokens/s | speed-up | retrieval s (serial) "
-             "| hidden (whole call) | hidden (decode steps) | hidden (counters) | same tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| hidden (whole call) | hidden (decode steps) | hidden (counters) | CPU ceiling | serial-work ceiling "
+             "| same tokens |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     labels = {"knnlm": "kNN-LM ({overlap})", "retro": "RETRO (prefetch {prefetch})"}
     for section, scenarios in results.items():
         for scenario, result in scenarios.items():
@@ -292,6 +376,7 @@ def summary_table(results: dict) -> str:
             lines.append(f"| {labels[section].format(**s)} | {scenario} | {s['serial_tokens_per_s']:.1f} | "
                          f"{s['overlap_tokens_per_s']:.1f} | {s['speedup']:.2f}x | {s['retrieval_s_serial']:.3f} | "
                          f"{s['hidden_fraction']:.0%} | {steps} | {s['counters_hidden_fraction']:.0%} | "
+                         f"{s['ceiling']:.0%} | {s['serial_work_ceiling']:.0%} | "
                          f"{'yes' if s['same_tokens'] else 'NO'} |")
     return "\n".join(lines)
 
@@ -393,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs ({cores}), "
           f"retrieval via {config.via}, 1-min load average after timing {env['load_average_1m']:.2f}")
     print(f"prompts of {config.prompt_len} held-out tokens, {config.new_tokens} new tokens; greedy over "
-          f"{config.batch} prompts, beam search over {config.beam_prompts}; median of {config.repeats} runs\n")
+          f"{config.batch} prompts, beam search over {config.beam_prompts}; median of {config.repeats} runs "
+          f"(RETRO: {config.repeats * RETRO_REPEATS})\n")
     print(rows_table(results["results"]))
     print()
     print(summary_table(results["results"]))
@@ -401,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         if "guesses_held" in result["summary"]:
             s = result["summary"]
             print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
-                  f"token chosen for {s['guesses_held']:.0%} of them")
+                  f"token chosen for {s['guesses_held']:.0%} of them; it was for every row on "
+                  f"{s['steps_all_held']:.0%} of the steps")
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "decoding.json"
     path.write_text(json.dumps(results, indent=2))

@@ -117,7 +117,10 @@ class SpeculativeKnnLMStepper(KnnLMStepper):
         self._guess, self._candidate, self._last = None, None, tokens
         right = tokens == candidate if candidate is not None else None  # (B,)
         if right is not None:
-            self.hold_rate = _average(self.hold_rate, float(right.all()))
+            held = bool(right.all())
+            self.hold_rate = _average(self.hold_rate, float(held))
+            self.stats.steps_checked += 1
+            self.stats.steps_held += held
         if guess is None:
             return self._submit(tokens[:, None], in_flight=True)
         self.stats.guessed += len(right)

@@ -48,7 +48,8 @@ class StepperStats:
     retrieval_s - wait_s is the retrieval time hidden behind compute. steps: model steps (start included);
     a pipelined generate counts each group's, and its forks share one `StepperStats`, so all of it is summed.
     guessed, guessed_right: rows whose guessed next token a speculative stepper checked against the token
-    the decoder chose, and how many of those it had right (`lm_worker.speculative`).
+    the decoder chose, and how many of those it had right (`lm_worker.speculative`). steps_checked,
+    steps_held: steps whose guess (made or only computed) it checked, and those where every row's held.
     """
 
     compute_s: float = 0.0
@@ -60,6 +61,8 @@ class StepperStats:
     steps: int = 0
     guessed: int = 0
     guessed_right: int = 0
+    steps_checked: int = 0
+    steps_held: int = 0
 
     @property
     def hidden_s(self) -> float:

@@ -76,6 +76,9 @@ def test_speculative_decoding_equals_serial(lm, fake_knn, name, lam):
     if name.startswith("greedy"):  # one guess per row and step, checked at the next step
         assert stats.guessed == 5 * (len(spec.outputs) - 1)
         assert 0 < stats.guessed_right < stats.guessed  # both paths ran: kept, and computed again
+        assert stats.steps_checked == len(spec.outputs) - 1  # every step after the first checks a guess
+        assert 0 <= stats.steps_held < stats.steps_checked  # some step had a row that guessed wrong
+        assert stats.steps_held * 5 <= stats.guessed_right  # a step held only if all 5 of its rows did
     if name == "beam":  # every step reorders the beams, which drops the speculation
         assert stats.guessed_right == 0
 
@@ -91,6 +94,7 @@ def test_adaptive_guessing_stops_where_guesses_fail(lm, fake_knn, lam, rows, gue
     steps = spec.stats.steps
     if guesses == "every step":
         assert spec.stats.guessed == spec.stats.guessed_right == rows * (steps - 1) and spec.hold_rate == 1.0
+        assert spec.stats.steps_held == spec.stats.steps_checked == steps - 1
     elif guesses == "few steps":
         assert spec.stats.guessed <= rows * steps // 2 and spec.hold_rate < 0.5
 

@@ -1,0 +1,57 @@
+"""The decoding benchmark's CPU accounting: a process's CPU seconds from /proc, and the ceiling a run's
+CPU work puts on the retrieval time an overlap can hide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from decoding import Cores, annotate, hidden, process_cpu_s  # noqa: E402
+
+BUSY = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end:\n    pass\ntime.sleep(30)\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_process_cpu_seconds_count_a_childs_busy_loop_and_not_its_sleep():
+    child = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        deadline = time.monotonic() + 20
+        while process_cpu_s(child.pid) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        busy = process_cpu_s(child.pid)
+        time.sleep(0.5)  # the child sleeps now: its CPU seconds stay put
+        assert 0.6 <= busy <= process_cpu_s(child.pid) < busy + 0.2
+    finally:
+        child.kill()
+        child.wait()
+    assert process_cpu_s(child.pid) == 0.0  # gone
+
+
+def run(seconds: float, retrieval_s: float, worker: float, servers: float) -> dict:
+    return {"seconds": seconds, "worker_cpu_s": worker, "server_cpu_s": servers,
+            "stats": {"retrieval_s": retrieval_s, "retrieval_calls": 64 if retrieval_s else 0}}
+
+
+def test_the_ceiling_is_the_share_hidden_by_a_run_as_short_as_its_cpu_work_on_its_cores():
+    serial = run(seconds=2.0, retrieval_s=1.0, worker=0.8, servers=1.2)
+    overlapped = run(seconds=1.8, retrieval_s=2.0, worker=1.5, servers=1.6)
+    assert hidden(serial, 1.8) == pytest.approx(0.2)
+    pinned = Cores(model=1, servers=1, shared=False)  # the model's process and the servers on a core each
+    assert pinned.floor_s(overlapped) == pytest.approx(1.6)  # the servers' core is the busier
+    assert hidden(serial, pinned.floor_s(overlapped)) == pytest.approx(0.4)
+    assert Cores(model=1, servers=2, shared=False).floor_s(overlapped) == pytest.approx(1.5)
+    assert Cores(model=2, servers=2, shared=True).floor_s(overlapped) == pytest.approx((1.5 + 1.6) / 2)
+
+    rows = {"lm": run(0.5, 0.0, 0.5, 0.0), "serial": serial, "overlapped": overlapped}
+    annotate(rows, "serial", pinned)
+    assert "hidden_fraction" not in rows["lm"]  # no retrieval, nothing to hide
+    assert rows["serial"]["hidden_fraction"] == 0.0
+    assert rows["serial"]["ceiling"] == pytest.approx(0.8)  # (2.0 - 1.2) / 1.0
+    assert rows["overlapped"]["hidden_fraction"] == pytest.approx(0.2)
+    assert rows["overlapped"]["ceiling"] == pytest.approx(0.4)
