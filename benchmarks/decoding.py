@@ -36,8 +36,7 @@ overlapped run, "serial-work ceiling" that of the serial run's work, the most an
 work could hide. A design whose ceiling is below the bar cannot reach it on these cores, however it is
 scheduled. (Clock ticks of 10 ms and run-to-run noise make both estimates, not bounds to the percent.)
 
-The
-kNN-LM pipeline runs two half-batch forwards and two requests per step: its "model s" against the
+The kNN-LM pipeline runs two half-batch forwards and two requests per step: its "model s" against the
 serial run's shows what that costs, and the time it can save is at most the difference between a full
 and a half-batch forward (see `lm_worker.pipelined`); with a few prompts on a small CPU model, where a
 forward's cost hardly depends on its rows, and servers sharing the model's cores, it saves nothing.
