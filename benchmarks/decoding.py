@@ -244,16 +244,15 @@ def annotate(rows: dict[str, dict], serial: str, cores: Cores) -> None:
             row["ceiling"] = hidden(rows[serial], cores.floor_s(row))
 
 
-def overlap_summary(serial: dict, overlapped: dict, cores: Cores) -> dict:
+def overlap_summary(serial: dict, overlapped: dict) -> dict:
     """Speed-up, the fraction of the serial run's retrieval time that overlapping hid, and the most that
-    the CPU work of each run could let it hide on these cores (`Cores.floor_s`): "ceiling" for the
-    overlapped run's own work, "serial work ceiling" for the serial run's (no overlap does less work)."""
+    the CPU work of each run could let it hide (both runs `annotate`d): "ceiling" for the overlapped
+    run's own work, "serial work ceiling" for the serial run's (no overlap does less work)."""
     retrieval, st = serial["stats"]["retrieval_s"], overlapped["stats"]
     summary = {"serial_tokens_per_s": serial["tokens_per_s"], "overlap_tokens_per_s": overlapped["tokens_per_s"],
                "speedup": overlapped["tokens_per_s"] / serial["tokens_per_s"], "retrieval_s_serial": retrieval,
-               "hidden_fraction": hidden(serial, overlapped["seconds"]),
-               "ceiling": hidden(serial, cores.floor_s(overlapped)),
-               "serial_work_ceiling": hidden(serial, cores.floor_s(serial)),
+               "hidden_fraction": overlapped["hidden_fraction"], "ceiling": overlapped["ceiling"],
+               "serial_work_ceiling": serial["ceiling"],
                "counters_hidden_fraction": 1.0 - st["wait_s"] / st["retrieval_s"] if st["retrieval_s"] else 0.0,
                "same_tokens": serial["tokens_digest"] == overlapped["tokens_digest"]}
     if "steps_seconds" in serial:
@@ -281,7 +280,7 @@ def target_of(deployment: LocalDeployment, via: str) -> str | list[list[str]]:
 
 def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
     """Per scenario: LM alone, kNN-LM serial and kNN-LM pipelined, against RUN/knnlm-datastore served locally."""
-    retrieval = RetrievalConfig(k=config.k, nprobe=config.nprobe)
+    retrieval, cores = RetrievalConfig(k=config.k, nprobe=config.nprobe), cores_of(config)
     results = {}
     with LocalDeployment(config.run / "knnlm-datastore", cpus=config.server_cpus) as deployment, \
             ServiceRetriever(target_of(deployment, config.via), retrieval) as retriever:
@@ -301,8 +300,8 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
                   flush=True)
             rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
             overlap = "speculative" if "knn-lm speculative" in rows else "pipelined"
-            annotate(rows, "knn-lm serial", cores_of(config))
-            summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"], cores_of(config))
+            annotate(rows, "knn-lm serial", cores)
+            summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
             if overlap == "speculative":
                 stats = rows["knn-lm speculative"]["stats"]
                 summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
@@ -334,8 +333,7 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen
         rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, lambda: servers_cpu_s(deployment),
                        time_start=True)
     annotate(rows, f"retro prefetch {s} serial", cores_of(config))
-    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"],
-                              cores_of(config))
+    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
     return {"greedy": {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}}
 
 
