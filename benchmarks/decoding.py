@@ -12,9 +12,9 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   `beam_prompts` prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one
   blocking call per step for every row); pipelined (`overlap=True`: the prompts in two groups with a
   cache each, decoded interleaved so each group's request is in flight while the other group's model
-  step runs; see `lm_worker.pipelined`); and, for greedy, speculative (`SpeculativeKnnLMStepper`: the
+  step runs; see `lm_worker.decoding.pipelined`); and, for greedy, speculative (`SpeculativeKnnLMStepper`: the
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
-  that pays; see `lm_worker.speculative`). Greedy scenarios are summarised by the speculative run, beam
+  that pays; see `lm_worker.decoding.speculative`). Greedy scenarios are summarised by the speculative run, beam
   search by the pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over `batch` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
@@ -38,7 +38,7 @@ scheduled. (Clock ticks of 10 ms and run-to-run noise make both estimates, not b
 
 The kNN-LM pipeline runs two half-batch forwards and two requests per step: its "model s" against the
 serial run's shows what that costs, and the time it can save is at most the difference between a full
-and a half-batch forward (see `lm_worker.pipelined`); with a few prompts on a small CPU model, where a
+and a half-batch forward (see `lm_worker.decoding.pipelined`); with a few prompts on a small CPU model, where a
 forward's cost hardly depends on its rows, and servers sharing the model's cores, it saves nothing.
 
 torch runs with one thread: the machine's cores are shared by the model, the shard servers and the
@@ -62,12 +62,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_worker.decode import GenerateConfig, generate
-from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
-from lm_worker.speculative import SpeculativeKnnLMStepper
-from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper, StepperStats
-from retriever_server.cpus import format_cpus, parse_cpus, pin
-from retriever_server.launcher import LocalDeployment
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import generate
+from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.lm_stepper import LMStepper
+from lm_worker.decoding.retro_stepper import RetroStepper
+from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
+from lm_worker.decoding.stepper_stats import StepperStats
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.service import ServiceRetriever
+from retriever_server.cluster.cpus import format_cpus, parse_cpus, pin
+from retriever_server.cluster.launcher import LocalDeployment
 
 RETRO_REPEATS = 3  # RETRO's runs per kNN-LM run (see the module doc)
 REQUIRED = ("data/tokenizer.json", "data/heldout", "lm/checkpoint.pt", "retro/checkpoint.pt",
@@ -111,8 +116,8 @@ def check_run(run: Path) -> None:
 
 def load_models(run: Path):
     """(tokenizer, held-out store, LM LoadedModel, RETRO LoadedModel), with fingerprints checked."""
-    from lm_worker.checkpoint import load_checkpoint
-    from lm_worker.token_store import load_prepared
+    from lm_worker.data.prepare import load_prepared
+    from lm_worker.models.checkpoint import load_checkpoint
 
     tokenizer, _train, heldout = load_prepared(run / "data")
     lm, retro = load_checkpoint(run / "lm" / "checkpoint.pt"), load_checkpoint(run / "retro" / "checkpoint.pt")
@@ -313,7 +318,7 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
 
 def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen: GenerateConfig) -> dict:
     """RETRO without neighbours, exact, and prefetched serial / overlapped, against RUN/retro-datastore."""
-    from lm_worker.retro_encoders import chunk_encoder_for
+    from lm_worker.encoders.registry import chunk_encoder_for
 
     L = retro.config.chunk_len
     s = L // 2 if config.prefetch < 0 else config.prefetch

@@ -37,9 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm_worker.encode import embed_chunks, encode_knnlm, read_source
-from lm_worker.encode_job import EncodeJobConfig, run_encode_job
-from lm_worker.token_store import TokenStore
+from lm_worker.data.token_store import TokenStore
+from lm_worker.jobs.encode_job import run_encode_job
+from lm_worker.jobs.encode_plan import EncodeJobConfig
+from lm_worker.sources.knnlm import encode_knnlm
+from lm_worker.sources.retro import embed_chunks
+from lm_worker.sources.source import read_source
 
 KEYS_ATOL = 1e-4  # the job and the plain loop compute the same keys up to float rounding
 
@@ -90,8 +93,8 @@ def timed(call) -> tuple[float, object]:
 
 def plain_retro(config: BenchConfig, store: TokenStore, chunk_len: int, out: Path) -> tuple[float, None, np.ndarray]:
     """(seconds, None, keys) of `embed_chunks` with a fresh ChunkEncoder, its loading counted."""
-    from lm_worker.chunk_encoder import ChunkEncoder
-    from lm_worker.tokenizer import Tokenizer
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
 
     def encode():
         encoder = ChunkEncoder(Tokenizer.load(config.data / "tokenizer.json"))
@@ -104,7 +107,7 @@ def plain_retro(config: BenchConfig, store: TokenStore, chunk_len: int, out: Pat
 def plain_knnlm(config: BenchConfig, store: TokenStore, context_len: int, stride: int,
                 out: Path) -> tuple[float, None, np.ndarray]:
     """(seconds, None, keys) of `encode_knnlm` with the run's LM, its loading counted."""
-    from lm_worker.checkpoint import load_checkpoint
+    from lm_worker.models.checkpoint import load_checkpoint
 
     def encode():
         model = load_checkpoint(config.run / "lm").model

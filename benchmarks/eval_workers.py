@@ -28,12 +28,14 @@ from pathlib import Path
 import ray
 import torch
 
-from lm_worker.checkpoint import load_checkpoint
-from lm_worker.distributed_eval import EvalJob, WorkerPoolConfig, evaluate_distributed
-from lm_worker.evaluate import EvalConfig, evaluate_knnlm
-from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
-from lm_worker.token_store import TokenStore
-from retriever_server.launcher import LocalDeployment
+from lm_worker.data.token_store import TokenStore
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
+from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+from lm_worker.models.checkpoint import load_checkpoint
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.service import ServiceRetriever
+from retriever_server.cluster.launcher import LocalDeployment
 
 
 def _split(run: Path) -> Path:

@@ -1,7 +1,7 @@
 """kNN-LM evaluation benchmark: held-out tokens/s through the retrieval service against in-process FAISS.
 
 On the first N held-out tokens of a run directory, in one process and one run, it times the same
-sliding-window perplexity evaluation (`lm_worker.evaluate`) four ways:
+sliding-window perplexity evaluation (`lm_worker.evaluation`) four ways:
 
 - (a) "lm": the base LM alone (no retrieval): the ceiling;
 - (b) "in-process": kNN-LM with `InProcessRetriever` over RUN/knnlm-datastore (the shard files
@@ -38,12 +38,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lm_worker.checkpoint import load_checkpoint  # noqa: E402
-from lm_worker.evaluate import EvalConfig, KnnEvalResult, evaluate_knnlm, evaluate_lm  # noqa: E402
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever  # noqa: E402
-from lm_worker.token_store import TokenStore  # noqa: E402
-from retriever_server.launcher import LocalDeployment  # noqa: E402
-from retriever_server.manifest import read_manifest  # noqa: E402
+from lm_worker.data.token_store import TokenStore
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.knnlm_eval import KnnEvalResult, evaluate_knnlm, evaluate_lm
+from lm_worker.models.checkpoint import load_checkpoint  # noqa: E402
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.retrieval.service import ServiceRetriever
+from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
+from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 
 PPL_RTOL = 1e-6  # (b), (c), (d) search the same shards: their perplexities must agree to rounding
 

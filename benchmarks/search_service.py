@@ -33,11 +33,11 @@ import faiss
 import numpy as np
 from grpc_floor import FloorDeployment, request_bytes
 
-from retriever_server.client import RetrieverClient, make_request
-from retriever_server.launcher import LocalDeployment
-from retriever_server.manifest import read_manifest
-from retriever_server.response_wire import encode_search_response
-from retriever_server.result import SearchResult
+from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.serving.client import RetrieverClient, make_request
+from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.result import SearchResult
 
 N_KEYS = 20000
 N_QUERIES = 1000
@@ -95,9 +95,9 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray]:
     Waits for the cache directory when another process is still encoding it, so that this run
     does not start a second (slow) encode.
     """
-    from lm_worker.stdlib_vectors import _stem, cache_root, stdlib_vectors
+    from lm_worker.encoders.stdlib_vectors import cache_stem, cache_root, stdlib_vectors
 
-    directory = cache_root() / f"{_stem(64, 16)}-n{N_KEYS}-q{N_QUERIES}"
+    directory = cache_root() / f"{cache_stem(64, 16)}-n{N_KEYS}-q{N_QUERIES}"
     deadline = time.monotonic() + CACHE_WAIT_S
     while not directory.is_dir() and time.monotonic() < deadline:
         print(f"waiting for the vector cache {directory} ...", flush=True)
@@ -123,7 +123,7 @@ def datastore_matches(directory: Path, n: int) -> bool:
     if not (directory / "manifest.json").is_file():
         return False
     manifest = read_manifest(directory)
-    from retriever_server.index import resolve_factory
+    from retriever_server.datastore.index import resolve_factory
 
     return (manifest.ntotal == n and len(manifest.shards) == SHARDS and manifest.has_keys
             and manifest.metric == "l2" and manifest.build.get("seed") == SEED
@@ -139,7 +139,7 @@ def ensure_datastore(config: BenchConfig, keys: np.ndarray) -> None:
         return
     import ray
 
-    from retriever_server.build import BuildConfig, build_datastore
+    from retriever_server.datastore.build import BuildConfig, build_datastore
 
     print(f"building a {SHARDS}-shard datastore at {config.datastore} ...", flush=True)
     build = BuildConfig(keys=config.keys_path, out=config.datastore, shards=SHARDS, keep_keys=True,
@@ -162,7 +162,7 @@ def sharded_reference(config: BenchConfig) -> tuple[faiss.Index, list[faiss.Inde
     """The datastore's own shard files, memory-mapped as the servers map them, behind one
     `faiss.IndexShards` that searches them in parallel threads and merges their top-k.
     Returns the IndexShards and its parts (the caller keeps the parts alive)."""
-    from retriever_server.index import read_index
+    from retriever_server.datastore.index import read_index
 
     parts = [read_index(config.datastore / f"shard-{i:05d}" / "index.faiss") for i in range(SHARDS)]
     shards = faiss.IndexShards(parts[0].d, True, False)

@@ -1,15 +1,21 @@
 """Sharded FAISS IVFPQ retrieval datastore served over gRPC.
 
-The pieces, one per module:
+Rooms, each a package with its own docstring:
 
-- on disk: `manifest` (the datastore's layout and checksums), `index` (FAISS factory, train, load,
-  search), `build_inputs` (what to build, checked first), `build` (the Ray build job), `publish`
-  (atomic replacement);
-- on the wire: `wire` (arrays as bytes), `request` (checking a Search), `result` (`SearchResult`);
-- serving: `shard` (search over one loaded shard), `service` (what every server shares),
-  `shard_server`, `merge` (exact top-k merge), `fanout` (replicas, deadlines, shard-set checks),
-  `router`, `client` (`RetrieverClient`), `metrics`, `grpc_util`, `logs`;
-- running: `launcher` (every shard and a router as local processes), `cli` (`retriever-server`).
+- `datastore`: the datastore on disk and its build: manifest, FAISS index, build inputs, row
+  parts, the Ray build job, atomic publish;
+- `wire`: the API's messages as arrays: tensor bytes, request checks, `SearchResult`, response bytes;
+- `serving`: the gRPC servers and their clients: shard, shard server, router, what servers share,
+  merge, replica failover, fan-out, `RetrieverClient`, metrics;
+- `cluster`: where servers run: local processes (`launcher`), Ray actors and their placement,
+  joining a Ray cluster, CPU pinning;
+- `cli`: the `retriever-server` command, one module per group of commands.
+
+Beside them: `client` (the public import path of `RetrieverClient`) and `logs` (log formats).
+
+Nothing here imports `lm_worker` or `torch`: a shard container needs FAISS, gRPC and numpy only.
+
+Imports: retrieval, retriever_server.serving, retriever_server.wire
 """
 
 __version__ = "0.1.0"

@@ -14,12 +14,12 @@ import faiss
 import numpy as np
 import pytest
 
-from retriever_server.build import BuildConfig, build_datastore
-from retriever_server.request import Limits
-from retriever_server.router import RouterConfig, start_router
-from retriever_server.service import RunningServer
-from retriever_server.shard import ShardOptions
-from retriever_server.shard_server import ShardServerConfig, start_shard_server
+from retriever_server.datastore.build import BuildConfig, build_datastore
+from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.serving.service import RunningServer
+from retriever_server.serving.shard import ShardOptions
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+from retriever_server.wire.request import Limits
 
 
 class LoopThread:

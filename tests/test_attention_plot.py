@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.attention_plot import chunk_query_positions, plot_chunk_attention
-from lm_worker.retro import Retro, RetroConfig
-from lm_worker.tokenizer import train_tokenizer
+from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.evaluation.attention_plot import chunk_query_positions, plot_chunk_attention
+from lm_worker.models.retro import Retro, RetroConfig
 
 T = 14  # three complete chunks of 4, and two tokens of a fourth
 

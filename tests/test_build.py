@@ -18,12 +18,12 @@ import ray
 from conftest import build, synthetic
 from faiss.contrib.inspect_tools import get_invlist
 
-from retriever_server import build as build_module
-from retriever_server import publish
-from retriever_server.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
-from retriever_server.build_inputs import check_inputs
-from retriever_server.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
-from retriever_server.shard import Shard
+from retriever_server.datastore import build as build_module
+from retriever_server.datastore import publish
+from retriever_server.datastore.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
+from retriever_server.datastore.build_inputs import check_inputs
+from retriever_server.datastore.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
+from retriever_server.serving.shard import Shard
 
 pytestmark = [pytest.mark.ray]
 N, D = 6000, 32
@@ -180,7 +180,7 @@ def test_replacing_without_renameat2_falls_back_to_two_renames(ray_cluster, keys
     config = _saved_config(tmp_path, keys[:2000], shards=2)
     build_datastore(config, progress=False)
     monkeypatch.setattr(publish, "exchange", lambda a, b: False)
-    with caplog.at_level(logging.WARNING, logger="retriever_server.build"):
+    with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
         manifest = build_datastore(dataclasses.replace(config, overwrite=True, seed=1), progress=False)
     assert "renameat2" in caplog.text
     assert read_manifest(config.out).version == manifest.version
@@ -228,7 +228,7 @@ def test_resume_rebuilds_a_damaged_shard(ray_cluster, keys, tmp_path, monkeypatc
         f.truncate(100)
     (partial / "shard-00002" / "payload.values.npy").unlink()
     stamp = (partial / "shard-00000" / "index.faiss").stat().st_mtime_ns
-    with caplog.at_level(logging.WARNING, logger="retriever_server.build"):
+    with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
         manifest = build_datastore(config, progress=False)
     assert "shard-00001 from the earlier run is unfinished or damaged" in caplog.text
     assert "shard-00002 from the earlier run is unfinished or damaged" in caplog.text

@@ -11,6 +11,7 @@ import pytest
 from conftest import synthetic
 
 from retriever_server import cli
+from retriever_server.cli import serve
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # a server's log record, not the CLI's message
 
@@ -41,7 +42,8 @@ def one_line_error(result, words):
         (["router", "--shards", "a:1", "--cpus", "1-x"], "argument --cpus: '1-x' is not a list of cores"),
         (["serve", "--datastore", ".", "--cpus", "4096"], "argument --cpus: cores '4096': this machine has cores"),
         (["serve", "--datastore", ".", "--shard", "0"], "manifest.json not found: not a datastore"),
-        (["info", "nowhere"], "UNAVAILABLE"),
+        (["info", "nowhere"], "'nowhere' is neither a datastore directory nor a server's HOST:PORT"),
+        (["info", "127.0.0.1:1"], "UNAVAILABLE"),
         (["search", "127.0.0.1:1", "--queries", "missing.npy"], "queries file missing.npy not found"),
         (["frobnicate"], "invalid choice"),
         (["--log-level", "bogus", "info", "."], "argument --log-level: invalid choice: 'BOGUS'"),
@@ -54,7 +56,7 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
 
 
 def test_log_level_is_any_case():
-    assert cli._parser().parse_args(["--log-level", "debug", "info", "x"]).log_level == "DEBUG"
+    assert cli.build_parser().parse_args(["--log-level", "debug", "info", "x"]).log_level == "DEBUG"
 
 
 @pytest.mark.parametrize(
@@ -98,20 +100,20 @@ def test_help_lists_every_command_on_one_line():
 
 
 def reparse(*argv: str):
-    return cli._parser().parse_args(list(argv))
+    return cli.build_parser().parse_args(list(argv))
 
 
 def test_serve_datastore_passes_its_flags_to_the_children():
     args = reparse("serve", "--datastore", "ds", "--grace", "2.5", "--drain-delay", "0.25", "--max-k", "64",
                    "--threads", "3", "--no-verify", "--metrics-port", "9100")
-    shard_args, router_args = cli._child_args(args)
+    shard_args, router_args = serve.child_args(args)
     shard = reparse("serve", "--datastore", "ds", "--shard", "0", *shard_args)
     router = reparse("router", "--shards", "127.0.0.1:1", *router_args)
     for child in (shard, router):
         assert (child.grace, child.drain_delay, child.max_k) == (2.5, 0.25, 64)
     assert (shard.threads, shard.no_verify, shard.metrics_port, router.metrics_port) == (3, True, 0, 9100)
     off = reparse("serve", "--datastore", "ds", "--metrics-port", "-1")
-    assert all(child[child.index("--metrics-port") + 1] == "-1" for child in cli._child_args(off))
+    assert all(child[child.index("--metrics-port") + 1] == "-1" for child in serve.child_args(off))
 
 
 @pytest.mark.slow

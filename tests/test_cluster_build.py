@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import simulated_cluster, synthetic
 
-from retriever_server.build import BuildConfig, build_datastore
+from retriever_server.datastore.build import BuildConfig, build_datastore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -11,19 +11,13 @@ import pytest
 import torch
 from conftest import Recorder
 
-from lm_worker.decode import (
-    GenerateConfig,
-    apply_temperature,
-    decode_loop,
-    drive,
-    generate,
-    length_normaliser,
-    top_k_filter,
-    top_p_filter,
-)
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.pipelined import generate_pipelined, split_groups
-from lm_worker.steppers import LMStepper
+from lm_worker.decoding.beam import length_normaliser
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import decode_loop, drive, generate
+from lm_worker.decoding.lm_stepper import LMStepper
+from lm_worker.decoding.pipelined import generate_pipelined, split_groups
+from lm_worker.decoding.sampling import apply_temperature, top_k_filter, top_p_filter
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 
 V, B, T = 16, 3, 5
 

@@ -146,7 +146,7 @@ def by_name(docs: list[dict], kind: str) -> dict[str, dict]:
 
 def parse_cli(module: str, argv: list[str], capsys):
     """argv parsed by `module`'s own argparse parser, as `python -m module ARGV` would."""
-    parser = importlib.import_module(module)._parser()
+    parser = importlib.import_module(module).build_parser()
     try:
         return parser.parse_args(argv)
     except SystemExit:
@@ -260,7 +260,7 @@ def test_drain_fits_the_termination_grace_period(docs_3x2, capsys):
 
 
 def test_router_is_given_every_replica_by_dns_name(docs_3x2, capsys):
-    from retriever_server.fanout import parse_shards
+    from retriever_server.serving.fanout import parse_shards
 
     (router,) = of_kind(docs_3x2, "Deployment")
     args = server_args(router["spec"]["template"]["spec"]["containers"][0], capsys)
@@ -543,5 +543,7 @@ def test_files_the_images_copy_build_the_package(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert {"retriever_server/cli.py", "lm_worker/cli.py", "retrieval/v1/retriever_pb2.py"} <= names
+    packages = [ROOT / "retriever_server", ROOT / "lm_worker"]
+    modules = {str(p.relative_to(ROOT)) for package in packages for p in package.rglob("*.py")}
+    assert modules | {"retrieval/v1/retriever_pb2.py"} <= names, "modules left out of the wheel"
     assert "retriever-server = retriever_server.cli:main" in entry_points

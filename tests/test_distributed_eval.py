@@ -19,15 +19,21 @@ import pytest
 import torch
 from conftest import serve, simulated_cluster
 
-from lm_worker.checkpoint import save_checkpoint
-from lm_worker.distributed_eval import EvalJob, WorkerPoolConfig, evaluate_distributed, plan_shares
-from lm_worker.encode import build_source, encode_knnlm, encode_retro
-from lm_worker.evaluate import EvalConfig, count_batches, evaluate_knnlm, evaluate_retro
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import RetrievalConfig, ServiceRetriever
-from lm_worker.retro import Retro, RetroConfig
-from lm_worker.token_store import TokenStore, write_token_store
-from lm_worker.tokenizer import train_tokenizer
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.evaluation.batches import count_batches
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed, plan_shares
+from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+from lm_worker.evaluation.retro_eval import evaluate_retro
+from lm_worker.models.checkpoint import save_checkpoint
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.service import ServiceRetriever
+from lm_worker.sources.build import build_source
+from lm_worker.sources.knnlm import encode_knnlm
+from lm_worker.sources.retro import encode_retro
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -121,8 +127,8 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
 @pytest.fixture(scope="module")
 def retro(cluster, data, tmp_path_factory, aio):
     """A tiny RETRO checkpoint and its MiniLM-keyed 2-shard datastore, served; yields (checkpoint, model, address)."""
-    from lm_worker.chunk_encoder import ChunkEncoder
-    from lm_worker.tokenizer import Tokenizer
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
 
     tmp = tmp_path_factory.mktemp("retro")
     torch.manual_seed(1)
@@ -177,7 +183,7 @@ def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_p
                 with contextlib.suppress(ProcessLookupError):  # (an orphaned worker may not notice for a while)
                     os.kill(pid, signal.SIGKILL)
 
-    with caplog.at_level(logging.WARNING, logger="lm_worker.distributed_eval"):
+    with caplog.at_level(logging.WARNING, logger="lm_worker.evaluation.distributed"):
         result = evaluate_distributed(job(knn, data), WorkerPoolConfig(workers=2, checkpoint_dir=tmp_path,
                                                                         **one_batch_shares),
                                       on_share=remove_a_worker_node)

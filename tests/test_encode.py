@@ -11,22 +11,19 @@ import pytest
 import torch
 from conftest import serve
 
-from lm_worker.encode import (
-    build_source,
-    chunk_exclusions,
-    embed_chunks,
-    encode_knnlm,
-    encode_retro,
-    knn_exclusions,
-    knn_windows,
-    model_fingerprint,
-    precompute_neighbours,
-    read_source,
-)
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever
-from lm_worker.token_store import write_token_store
-from retriever_server.manifest import read_manifest
+from lm_worker.data.token_store import write_token_store
+from lm_worker.models.fingerprint import model_fingerprint
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.retrieval.service import ServiceRetriever
+from lm_worker.sources.build import build_source
+from lm_worker.sources.exclusions import chunk_exclusions, knn_exclusions
+from lm_worker.sources.knnlm import encode_knnlm, knn_windows
+from lm_worker.sources.neighbours import precompute_neighbours
+from lm_worker.sources.retro import embed_chunks, encode_retro
+from lm_worker.sources.source import read_source
+from retriever_server.datastore.manifest import read_manifest
 
 EOS, L, K = 0, 4, 4
 DOC_VOCAB = 20  # document d uses tokens 1 + 20 d ... 20 + 20 d only
@@ -171,8 +168,8 @@ def test_retro_payload_is_chunk_and_continuation(retro_store, tmp_path):
 
 
 def test_retro_keys_with_the_real_chunk_encoder(tmp_path):
-    from lm_worker.chunk_encoder import ChunkEncoder
-    from lm_worker.tokenizer import train_tokenizer
+    from lm_worker.data.tokenizer import train_tokenizer
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
 
     text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n"
     tokenizer = train_tokenizer([text * 30], vocab_size=300)

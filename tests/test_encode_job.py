@@ -15,16 +15,21 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.checkpoint import load_checkpoint, save_checkpoint
-from lm_worker.encode import build_source, encode_knnlm, encode_retro, read_source
-from lm_worker.encode_job import EncodeError, EncodeJobConfig, part_dir, run_encode_job
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
-from lm_worker.token_store import TokenStore, write_token_store
-from lm_worker.tokenizer import train_tokenizer
-from retriever_server.build_inputs import BuildConfig, BuildError, check_inputs
-from retriever_server.manifest import read_manifest
-from retriever_server.row_parts import PartedArray, files_of, open_rows, write_parts_index
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.jobs.encode_job import run_encode_job
+from lm_worker.jobs.encode_plan import EncodeError, EncodeJobConfig, part_dir
+from lm_worker.models.checkpoint import load_checkpoint, save_checkpoint
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.sources.build import build_source
+from lm_worker.sources.knnlm import encode_knnlm
+from lm_worker.sources.retro import encode_retro
+from lm_worker.sources.source import read_source
+from retriever_server.datastore.build_inputs import BuildConfig, BuildError, check_inputs
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows, write_parts_index
 
 W, S, L = 32, 16, 16  # kNN-LM windows; RETRO chunk length
 
@@ -273,8 +278,8 @@ def test_bad_knnlm_jobs_fail_with_one_line(data, checkpoint, tmp_path, ray_clust
 @pytest.mark.ray
 @pytest.mark.slow
 def test_retro_job_with_minilm_equals_the_plain_loop(data, tmp_path, ray_cluster, monkeypatch):
-    from lm_worker.chunk_encoder import ChunkEncoder
-    from lm_worker.tokenizer import Tokenizer
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
 
     store = TokenStore.open(data / "heldout")
     ref = encode_retro(store, ChunkEncoder(Tokenizer.load(data / "tokenizer.json")), L, tmp_path / "plain",

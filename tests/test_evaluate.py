@@ -16,22 +16,21 @@ import torch
 import torch.nn.functional as F
 from conftest import serve
 
-from lm_worker.encode import build_source, encode_knnlm, encode_retro, knn_windows
-from lm_worker.eval_report import write_report
-from lm_worker.evaluate import (
-    EvalConfig,
-    Window,
-    evaluate_knnlm,
-    evaluate_lm,
-    evaluate_retro,
-    iter_windows,
-    scored_positions,
-)
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig, ServiceRetriever
-from lm_worker.retro import Retro, RetroConfig
-from lm_worker.token_store import TokenStore, write_token_store
-from lm_worker.tokenizer import train_tokenizer
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.data.windows import Window, iter_windows
+from lm_worker.evaluation.config import EvalConfig, scored_positions
+from lm_worker.evaluation.knnlm_eval import evaluate_knnlm, evaluate_lm
+from lm_worker.evaluation.report import write_report
+from lm_worker.evaluation.retro_eval import evaluate_retro
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.retrieval.service import ServiceRetriever
+from lm_worker.sources.build import build_source
+from lm_worker.sources.knnlm import encode_knnlm, knn_windows
+from lm_worker.sources.retro import encode_retro
 
 CONTEXT, STRIDE, L = 32, 16, 4
 LAMBDAS = (0.0, 0.25, 0.5, 0.9, 1.0)

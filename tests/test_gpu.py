@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import build, serve, synthetic, unsharded_reference
 
-from retriever_server import index as ix
-from retriever_server.client import RetrieverClient
-from retriever_server.shard import ShardOptions
+from retriever_server.datastore import index as ix
+from retriever_server.serving.client import RetrieverClient
+from retriever_server.serving.shard import ShardOptions
 
 HAS_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 

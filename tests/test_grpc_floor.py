@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from grpc_floor import HEADER, FloorDeployment, request_bytes  # noqa: E402
 
-from retriever_server.client import make_request  # noqa: E402
+from retriever_server.serving.client import make_request  # noqa: E402
 
 
 def test_a_floor_request_has_the_real_requests_size_and_names_the_answer_sizes():

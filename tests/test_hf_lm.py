@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_worker.checkpoint import load_checkpoint
-from lm_worker.hf_lm import HFCausalLM, find_last_ffn
+from lm_worker.models.checkpoint import load_checkpoint
+from lm_worker.models.hf_causal_lm import HFCausalLM, find_last_ffn
 
 V, B, T = 50, 3, 11
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.knnlm import interpolate, knn_log_probs, knn_target_log_prob
+from lm_worker.evaluation.knnlm import interpolate, knn_log_probs, knn_target_log_prob
 
 V = 11
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import build, synthetic
 
-from retriever_server.client import RetrieverClient
-from retriever_server.launcher import LaunchError, LocalDeployment
+from retriever_server.cluster.launcher import LaunchError, LocalDeployment
+from retriever_server.serving.client import RetrieverClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N, D = 2000, 16
@@ -48,7 +48,7 @@ def test_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, ke
     try:
         expected = search_ids(deployment.router_address, keys)
         deployment.kill(shard=0, replica=0)
-        with caplog.at_level(logging.WARNING, logger="retriever_server.launcher"):
+        with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.launcher"):
             waiter.start()
             waiter.join(2.0)
             assert waiter.is_alive(), f"wait() returned after one replica of two exited: {waited}"

@@ -7,15 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.checkpoint import save_checkpoint
-from lm_worker.chunk_encoder import ChunkEncoder
-from lm_worker.encode import build_source, encode_retro, read_source
-from lm_worker.encode_job import EncodeJobConfig, check_config
-from lm_worker.lm_chunk_encoder import PREFIX, LMChunkEncoder
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
-from lm_worker.retro_encoders import chunk_encoder_for, make_chunk_encoder
-from lm_worker.token_store import write_token_store
+from lm_worker.data.token_store import write_token_store
+from lm_worker.encoders.lm_chunks import PREFIX, LMChunkEncoder
+from lm_worker.encoders.minilm_chunks import ChunkEncoder
+from lm_worker.encoders.registry import chunk_encoder_for, make_chunk_encoder
+from lm_worker.jobs.encode_plan import EncodeJobConfig, check_config
+from lm_worker.models.checkpoint import save_checkpoint
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.sources.build import build_source
+from lm_worker.sources.retro import encode_retro
+from lm_worker.sources.source import read_source
 
 L, VOCAB = 4, 64
 

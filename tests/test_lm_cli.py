@@ -10,11 +10,12 @@ import shutil
 
 import pytest
 
-from lm_worker.checkpoint import load_checkpoint
 from lm_worker.cli import main
-from lm_worker.evaluate import EvalConfig, evaluate_lm
-from lm_worker.token_store import load_prepared
-from retriever_server.launcher import LocalDeployment
+from lm_worker.data.prepare import load_prepared
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.knnlm_eval import evaluate_lm
+from lm_worker.models.checkpoint import load_checkpoint
+from retriever_server.cluster.launcher import LocalDeployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -138,7 +139,7 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
     import numpy as np
     import torch
 
-    from lm_worker.lm_chunk_encoder import LMChunkEncoder
+    from lm_worker.encoders.lm_chunks import LMChunkEncoder
 
     run, L = lm_run, 8
     cli(capsys, "encode", "retro", "--encoder", "lm", "--checkpoint", str(run / "lm"), "--data", str(run / "data"),
@@ -205,10 +206,10 @@ def test_model_threads_wait_passively_only_beside_local_servers(monkeypatch, arg
     from lm_worker import cli as lm_cli
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    lm_cli._share_cores_with_servers(lm_cli._parser().parse_args(args))
+    lm_cli.share_cores_with_servers(lm_cli.build_parser().parse_args(args))
     assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if passive else None)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own setting wins
-    lm_cli._share_cores_with_servers(lm_cli._parser().parse_args(args))
+    lm_cli.share_cores_with_servers(lm_cli.build_parser().parse_args(args))
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
@@ -217,7 +218,7 @@ def test_retro_fits_on_the_retro_split(run, capsys):
     neighbours of their chunks; `train --split retro --init-from` retro-fits RETRO on them."""
     import numpy as np
 
-    from lm_worker.token_store import TokenStore
+    from lm_worker.data.token_store import TokenStore
 
     data, L = run / "data-r", 8
     out = cli(capsys, "prepare", "--corpus", str(run / "corpus"), "--out", str(data), "--vocab-size", "300",

@@ -7,10 +7,11 @@ from retriever_server.logs import JsonFormatter
 
 
 def test_json_records_carry_their_extra_fields():
-    record = logging.LogRecord("retriever_server.service", logging.INFO, __file__, 1, "search %s", ("done",), None)
+    name = "retriever_server.serving.service"
+    record = logging.LogRecord(name, logging.INFO, __file__, 1, "search %s", ("done",), None)
     record.status, record.nq, record.ms = "OK", 64, 1.25
     body = json.loads(JsonFormatter().format(record))
-    assert body["msg"] == "search done" and body["level"] == "INFO" and body["logger"] == "retriever_server.service"
+    assert body["msg"] == "search done" and body["level"] == "INFO" and body["logger"] == name
     assert (body["status"], body["nq"], body["ms"]) == ("OK", 64, 1.25)
     assert body["ts"].endswith("Z")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_worker.model import LMConfig, TransformerLM
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 
 V, B, T = 64, 3, 13
 

@@ -14,15 +14,18 @@ import pytest
 import ray
 import torch
 
-from lm_worker.checkpoint import load_checkpoint
-from lm_worker.encode import model_fingerprint
-from lm_worker.evaluate import EvalConfig, evaluate_knnlm
-from lm_worker.pipeline import PipelineConfig, run_pipeline
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
-from lm_worker.retro import RetroConfig
-from lm_worker.token_store import TokenStore
-from lm_worker.train import TrainConfig
-from retriever_server.manifest import read_manifest
+from lm_worker.data.token_store import TokenStore
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+from lm_worker.models.checkpoint import load_checkpoint
+from lm_worker.models.fingerprint import model_fingerprint
+from lm_worker.models.retro import RetroConfig
+from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.run import run_pipeline
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.training.config import TrainConfig
+from retriever_server.datastore.manifest import read_manifest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.real]
 
@@ -124,15 +127,15 @@ def test_a_second_run_reuses_every_stage(first_run):
 
 
 def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut():
-    from lm_worker.pipeline import _cut_validation
+    from lm_worker.pipeline.data_stage import cut_validation
 
     docs = [("a", list(range(100))), ("b", list(range(5000))), ("c", list(range(30)))]
-    test, valid = _cut_validation(docs, 1000)
+    test, valid = cut_validation(docs, 1000)
     assert [name for name, _ in valid] == ["b[4032:]", "c"] and [name for name, _ in test] == ["a", "b[:4032]"]
     assert sum(len(t) + 1 for _, t in valid) == 1000  # with each document's EOS
     assert test[1][1] + valid[0][1] == docs[1][1]  # nothing lost, nothing twice
     with pytest.raises(ValueError, match="nothing to test on"):
-        _cut_validation(docs[2:], 1000)
+        cut_validation(docs[2:], 1000)
 
 
 def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):

@@ -16,13 +16,15 @@ import pytest
 import torch
 from conftest import simulated_cluster
 
-from lm_worker.checkpoint import save_checkpoint
-from lm_worker.encode import encode_knnlm
-from lm_worker.evaluate import EvalConfig, evaluate_knnlm
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retrieval import InProcessRetriever, RetrievalConfig
-from lm_worker.token_store import TokenStore, write_token_store
-from lm_worker.tokenizer import train_tokenizer
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+from lm_worker.models.checkpoint import save_checkpoint
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.sources.knnlm import encode_knnlm
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

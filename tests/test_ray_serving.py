@@ -16,10 +16,10 @@ import pytest
 from conftest import assert_same_neighbours, build, simulated_cluster, synthetic, unsharded_reference
 
 from retriever_server import cli
-from retriever_server import index as ix
-from retriever_server.client import RetrieverClient
-from retriever_server.manifest import shard_name
-from retriever_server.ray_placement import NodeSlot, PlacementError, plan_placement
+from retriever_server.cluster.placement import NodeSlot, PlacementError, plan_placement
+from retriever_server.datastore import index as ix
+from retriever_server.datastore.manifest import shard_name
+from retriever_server.serving.client import RetrieverClient
 
 N, D = 2000, 16
 NODES = [NodeSlot("w1", 4.0), NodeSlot("w2", 4.0), NodeSlot("w3", 4.0), NodeSlot("head", 4.0, head=True)]
@@ -42,7 +42,7 @@ def test_plan_puts_replicas_of_a_shard_on_different_nodes_and_balances():
 
 
 def test_plan_shares_nodes_with_a_warning_when_replicas_outnumber_nodes(caplog):
-    with caplog.at_level(logging.WARNING, logger="retriever_server.ray_placement"):
+    with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.placement"):
         plan = plan_placement(NODES[:2], shards=1, replicas=3, cpus_per_shard=1)
     assert sorted(plan.values()) == ["w1", "w1", "w2"]
     assert "shard-00000 replica 2 shares node w1" in caplog.text
@@ -80,7 +80,7 @@ def reference(datastore, keys):
 
 
 def config(datastore: Path, name: str, replicas: int):
-    from retriever_server.ray_serving import RayServeConfig
+    from retriever_server.cluster.ray_serving import RayServeConfig
 
     return RayServeConfig(datastore, name=name, replicas=replicas, cpus_per_shard=0.5, host="127.0.0.1",
                           metrics=False, grace_s=0.5, startup_timeout_s=120)
@@ -101,7 +101,7 @@ def actors_named(prefix: str, timeout_s: float = 10.0) -> list[str]:
     """Named actors of the test namespace starting with `prefix`, after waiting for them to go."""
     import ray
 
-    from retriever_server.ray_serving import DEFAULT_NAMESPACE
+    from retriever_server.cluster.ray_serving import DEFAULT_NAMESPACE
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -117,7 +117,7 @@ def actors_named(prefix: str, timeout_s: float = 10.0) -> list[str]:
 def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(cluster, datastore, keys, reference):
     import ray
 
-    from retriever_server.ray_serving import DeploymentError, RayDeployment, lookup
+    from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment, lookup
 
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     with RayDeployment(config(datastore, "two", replicas=1)) as deployment:
@@ -141,7 +141,7 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_replica_that_cannot_load_its_shard_is_named_and_nothing_is_left_running(cluster, datastore, tmp_path):
-    from retriever_server.ray_serving import DeploymentError, RayDeployment
+    from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment
 
     damaged = tmp_path / "damaged"
     shutil.copytree(datastore, damaged)
@@ -179,7 +179,7 @@ def test_cli_deploys_detached_then_looks_up_and_undeploys(cluster, datastore, ke
 @pytest.mark.ray
 @pytest.mark.slow
 def test_cli_deploy_serves_until_sigterm_then_stops_its_actors(cluster, datastore, tmp_path):
-    from retriever_server.ray_serving import lookup
+    from retriever_server.cluster.ray_serving import lookup
 
     address_file = tmp_path / "router.json"
     process = subprocess.Popen(
@@ -208,7 +208,7 @@ def test_replicas_on_different_nodes_and_a_removed_node_is_survived_then_replace
                                                                                    reference):
     import ray
 
-    from retriever_server.ray_serving import RayDeployment
+    from retriever_server.cluster.ray_serving import RayDeployment
 
     with RayDeployment(config(datastore, "pairs", replicas=2)) as deployment:
         placements = deployment.placements

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.client import Exclude, make_request
-from retriever_server.merge import merge_results
-from retriever_server.request import DatastoreView, Limits, RequestError, parse_search
-from retriever_server.result import SearchResult
-from retriever_server.wire import from_tensor, to_tensor
+from retriever_server.serving.client import Exclude, make_request
+from retriever_server.serving.merge import merge_results
+from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
+from retriever_server.wire.result import SearchResult
+from retriever_server.wire.tensors import from_tensor, to_tensor
 
 VIEW = DatastoreView(dimension=8, nlist=16, default_nprobe=2, has_keys=True,
                      payload_row_bytes={"values": 4}, version="v1")
@@ -116,7 +116,7 @@ def test_ranking_rows_mostly_in_order_equals_a_full_sort(metric, k):
     """`rank_neighbours` skips the rows already in order (as FAISS returns them): rows in order, rows
     out of order only by ties or a missing neighbour, and shuffled rows all come out as the
     reference order, row by row, payloads following."""
-    from retriever_server.merge import rank_neighbours
+    from retriever_server.serving.merge import rank_neighbours
 
     rng = np.random.default_rng(5)
     nq, m = 60, 10
@@ -149,7 +149,7 @@ def test_merge_puts_missing_neighbours_last():
 @pytest.mark.parametrize("offset", [0, 2**40])
 def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
     """The packed-key sort (ids < 2**32) and the lexsort fallback give the reference order."""
-    from retriever_server.merge import sort_neighbours
+    from retriever_server.serving.merge import sort_neighbours
 
     rng = np.random.default_rng(7)
     distances = rng.choice(np.array([-2.5, -0.0, 0.0, 0.5, 1e-8, 3.0, np.inf], np.float32), (50, 40))
@@ -165,6 +165,6 @@ def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
 
 
 def test_overlapping_and_adjacent_ranges_merge():
-    from retriever_server.request import merge_ranges
+    from retriever_server.wire.request import merge_ranges
 
     assert merge_ranges([(5, 9), (0, 2), (2, 3), (8, 12), (20, 20)]) == ((0, 3), (5, 12))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.response_wire import encode_search_response
-from retriever_server.result import SearchResult
+from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.result import SearchResult
 
 
 def result(nq: int, k: int, seed: int = 0, **more) -> SearchResult:

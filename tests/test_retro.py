@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lm_worker.retro import Retro, RetroConfig
+from lm_worker.models.retro import Retro, RetroConfig
 
 V, B, T, L, K = 64, 3, 13, 4, 2
 C = T // L  # complete chunks

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import assert_same_neighbours, build, recall_at, serve, unsharded_reference
 
-from retriever_server import index as ix
-from retriever_server.client import Exclude, RetrieverClient
+from retriever_server.datastore import index as ix
+from retriever_server.serving.client import Exclude, RetrieverClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.real]
 N, Q = 3000, 200
@@ -16,7 +16,7 @@ FACTORY = "IVF64,PQ32"
 
 @pytest.fixture(scope="module")
 def real():
-    from lm_worker.stdlib_vectors import stdlib_vectors
+    from lm_worker.encoders.stdlib_vectors import stdlib_vectors
 
     return stdlib_vectors(N, Q)
 
@@ -161,7 +161,7 @@ def test_exclusions_with_rerank_through_router_and_fan_out(aio, real, datastores
 
 
 def test_reranking_in_chunks_equals_reranking_at_once(aio, real, datastores, monkeypatch):
-    from retriever_server import shard as shard_module
+    from retriever_server.serving import shard as shard_module
 
     queries = np.asarray(real.queries)[:64]
     with serve(aio, datastores[("l2", 2)], 2) as served, RetrieverClient(served.address) as client:

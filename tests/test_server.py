@@ -13,13 +13,13 @@ from conftest import build, serve, synthetic
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server import shard as shard_module
-from retriever_server.client import RetrieverClient, RetrieverError, make_request
-from retriever_server.grpc_util import SERVICE_NAME, health_status
-from retriever_server.launcher import LocalDeployment
-from retriever_server.request import Limits
-from retriever_server.router import RouterConfig, start_router
-from retriever_server.shard_server import ShardServerConfig, ShardService, start_shard_server
+from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.serving import shard as shard_module
+from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
+from retriever_server.serving.grpc_setup import SERVICE_NAME, health_status
+from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.serving.shard_server import ShardServerConfig, ShardService, start_shard_server
+from retriever_server.wire.request import Limits
 
 pytestmark = [pytest.mark.ray]
 N, D = 4000, 16

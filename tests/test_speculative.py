@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_steppers import LAM, TEMP, FakeRetriever, SlowLM, knn_datastore, random_tokens
 
-from lm_worker.decode import GenerateConfig, generate
-from lm_worker.speculative import SpeculativeKnnLMStepper
-from lm_worker.steppers import KnnLMStepper
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import generate
+from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +23,7 @@ def _one_thread(one_torch_thread):
 def lm():
     from test_steppers import V, sharpened
 
-    from lm_worker.model import LMConfig, TransformerLM
+    from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 
     torch.manual_seed(0)
     return sharpened(TransformerLM(LMConfig.tiny(vocab_size=V)))

@@ -14,12 +14,17 @@ import pytest
 import torch
 from conftest import Recorder, build, serve
 
-from lm_worker.decode import GenerateConfig, generate
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.pipelined import split_groups
-from lm_worker.retrieval import InProcessRetriever, KnnNeighbours, RetrievalConfig, ServiceRetriever
-from lm_worker.retro import Retro, RetroConfig
-from lm_worker.steppers import KnnLMStepper, LMStepper, RetroStepper
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import generate
+from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.lm_stepper import LMStepper
+from lm_worker.decoding.pipelined import split_groups
+from lm_worker.decoding.retro_stepper import RetroStepper
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import KnnNeighbours, RetrievalConfig
+from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.retrieval.service import ServiceRetriever
 
 V, L, K, D_ENC = 16, 4, 2, 8
 LAM, TEMP = 0.4, 8.0

@@ -8,18 +8,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lm_worker.corpus import is_heldout
-from lm_worker.token_store import (
+from lm_worker.data.corpus import is_heldout
+from lm_worker.data.prepare import (
     PrepareConfig,
-    TokenStore,
-    _hashed_order,
+    hashed_order,
     load_prepared,
     prepare_corpus,
     prepare_retro_split,
     read_corpus,
-    write_token_store,
 )
-from lm_worker.tokenizer import Tokenizer, train_tokenizer
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
 
 CODE = 'def f(x):\n    """Twice x."""\n    return 2 * x\n\n\tclass A:  # tab, unicode: é ✓\n        pass\n'
 
@@ -127,7 +126,7 @@ def test_retro_split_is_the_next_training_side_documents_the_train_split_left_ou
     names = {s: [d.name for d in store.documents] for s, store in (("train", train), ("heldout", heldout),
                                                                     ("retro", retro))}
     assert not set(names["retro"]) & (set(names["train"]) | set(names["heldout"]))
-    side = [d.name for d in _hashed_order([d for d in read_corpus(config.corpus, "id") if not is_heldout(d.name, 0.2)])]
+    side = [d.name for d in hashed_order([d for d in read_corpus(config.corpus, "id") if not is_heldout(d.name, 0.2)])]
     assert side[:len(names["train"]) + len(names["retro"])] == names["train"] + names["retro"]  # the next ones
     per_doc = len(retro) // len(retro.documents)
     assert 400 <= len(retro) < 400 + 3 * per_doc

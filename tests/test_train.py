@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.checkpoint import load_checkpoint, save_checkpoint
-from lm_worker.model import LMConfig, TransformerLM
-from lm_worker.retro import Retro, RetroConfig
-from lm_worker.token_store import PrepareConfig, TokenStore, prepare_corpus, write_token_store
-from lm_worker.tokenizer import Tokenizer
-from lm_worker.train import TrainConfig, Windows, evaluate, lr_at, train
+from lm_worker.data.prepare import PrepareConfig, prepare_corpus
+from lm_worker.data.token_store import TokenStore, write_token_store
+from lm_worker.data.tokenizer import Tokenizer
+from lm_worker.models.checkpoint import load_checkpoint, save_checkpoint
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.training.batches import Windows
+from lm_worker.training.config import TrainConfig, lr_at
+from lm_worker.training.train import evaluate, train
 
 BASE = TrainConfig(kind="lm", preset="tiny", seq_len=32, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4, warmup=5,
                    eval_every=10, eval_batches=2, checkpoint_every=10, device="cpu")
@@ -224,7 +227,7 @@ def _retro_batch(data: Path, neighbours_dir: Path, seq_len: int = 16):
 
 
 def test_retrofitted_model_starts_as_the_lm(lm_run, data, neighbours_dir):
-    from lm_worker.retrofit import retrofit, retrofit_config
+    from lm_worker.training.retrofit import retrofit, retrofit_config
 
     lm = load_checkpoint(lm_run[0]).model
     retro = retrofit(lm, retrofit_config(lm.config, chunk_len=L, n_neighbours=2)).eval()
@@ -238,7 +241,7 @@ def test_retrofitted_model_starts_as_the_lm(lm_run, data, neighbours_dir):
 
 def test_retrofit_trains_only_the_new_layers_and_keeps_the_lm_without_neighbours(lm_run, data, neighbours_dir,
                                                                                  tmp_path):
-    from lm_worker.retrofit import is_base_parameter
+    from lm_worker.training.retrofit import is_base_parameter
 
     lm = load_checkpoint(lm_run[0]).model
     config = replace(BASE, kind="retro", seq_len=16, steps=12, eval_every=6, init_from=str(lm_run[1].checkpoint))
@@ -270,7 +273,7 @@ def test_retrofit_resume_equals_uninterrupted_and_can_train_the_base(lm_run, dat
 
 
 def test_retrofit_bad_inputs(lm_run, data, neighbours_dir, tmp_path):
-    from lm_worker.retrofit import retrofit
+    from lm_worker.training.retrofit import retrofit
 
     with pytest.raises(ValueError, match="needs kind 'retro'"):
         TrainConfig(kind="lm", init_from="x.pt")
@@ -304,12 +307,12 @@ def retro_split(data, neighbours_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_retrofit_trains_on_the_split_it_names(lm_run, retro_split, tmp_path):
-    from lm_worker.train import _open_data
+    from lm_worker.training.batches import open_data
 
     data, nb_dir = retro_split
     config = replace(BASE, kind="retro", seq_len=16, steps=4, eval_every=4, init_from=str(lm_run[1].checkpoint),
                      split="retro")
-    windows, heldout, _, _ = _open_data(config, data, nb_dir)
+    windows, heldout, _, _ = open_data(config, data, nb_dir)
     assert np.array_equal(windows.tokens, TokenStore.open(data / "retro").tokens)
     assert np.array_equal(windows.neighbours, np.load(nb_dir / "neighbours-retro.npy"))
     assert np.array_equal(heldout.tokens, TokenStore.open(data / "heldout").tokens)  # held-out loss as before

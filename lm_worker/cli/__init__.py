@@ -1,0 +1,103 @@
+"""`lm-worker`: the LM side of the system.
+
+    lm-worker prepare  --out RUN/data [--corpus stdlib|DIR|FILE.jsonl]     # split, tokenizer, tokens
+                       [--max-retro-tokens N]                              # + text the LM never sees
+    lm-worker train    --kind lm|retro --data RUN/data --out RUN/lm        # checkpoints, loss plot
+                       [--init-from RUN/lm --split retro]                  # RETRO retro-fitted onto the LM
+    lm-worker encode   knnlm|retro --data RUN/data --out RUN/knnlm-source  # datastore sources
+    lm-worker build    RUN/knnlm-source --out RUN/knnlm-datastore          # the Ray build job
+    lm-worker neighbours --source RUN/retro-source --data RUN/data --datastore RUN/retro-datastore
+    lm-worker eval     --data RUN/data --lm CKPT --knnlm-datastore DS [--retro CKPT --retro-datastore DS]
+    lm-worker generate --checkpoint CKPT --data RUN/data --datastore DS --prompt TEXT [--strategy beam]
+    lm-worker attention --retro CKPT --data RUN/data --datastore DS --out attention.png
+    lm-worker pipeline --run RUN                                           # all of the above, resumable
+    lm-worker demo [--quick]                      # the pipeline at demo sizes, on a local Ray cluster
+    lm-worker retrieval-demo                      # MiniLM chunks of the stdlib, 2 shards, recall vs brute force
+
+Where a command retrieves, `--target HOST:PORT` (a router, or shards comma-separated) uses running
+servers, and `--datastore DIR` serves that datastore locally (every shard and a router) for the
+duration of the command. Each command's parser and code live in one module of this package:
+`prepare` (prepare, train), `sources` (encode, build, neighbours), `evaluate` (eval), `generate`
+(generate, attention) and `pipeline` (pipeline, demo, retrieval-demo); `common` holds what they share.
+
+Imports: lm_worker, retriever_server.cluster.launcher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from lm_worker.cli import evaluate, generate, pipeline, prepare, sources
+from lm_worker.cli.common import PROG, Parser, retrieval_flags
+
+log = logging.getLogger(__name__)
+FAMILIES = {"eval": ("knnlm-", "retro-"), "generate": ("",)}  # commands whose servers may share this machine
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command."""
+    parser = Parser(prog=PROG, description="LM workers that retrieve from the datastore over gRPC.")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    prepare.add_parsers(sub)
+    sources.add_parsers(sub)
+    evaluate.add_parser(sub)
+    generate.add_parsers(sub)
+    pipeline.add_parsers(sub)
+    return parser
+
+
+def servers_on_this_machine(args: argparse.Namespace) -> bool:
+    """Whether the command retrieves from servers on this machine: a datastore it serves itself
+    (--datastore) or a loopback --target."""
+    from lm_worker.retrieval.service import is_loopback
+
+    for family in FAMILIES.get(args.command, ()):
+        flags = retrieval_flags(args, family)
+        if flags.datastore is not None or (flags.target and is_loopback(flags.target)):
+            return True
+    return False
+
+
+def share_cores_with_servers(args: argparse.Namespace) -> None:
+    """While eval or generate compute, the servers they query on this machine search on the same
+    cores: the model's OpenMP threads then sleep between operations instead of spinning for the
+    cores the servers need (OMP_WAIT_POLICY=PASSIVE, set before torch loads; a user's own setting
+    wins). With remote servers the default spin-then-sleep is faster and stays."""
+    if args.command in FAMILIES and "OMP_WAIT_POLICY" not in os.environ and servers_on_this_machine(args):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        log.info("servers share this machine's cores: OMP_WAIT_POLICY=PASSIVE for the model's threads")
+
+
+def quiet_broken_pipe() -> int:
+    """Ends quietly when the reader of stdout has gone (`... | head`)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `lm-worker`: runs one command; user errors print one line and return 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    share_cores_with_servers(args)
+    from lm_worker.retrieval.service import RetrieverError
+
+    try:
+        args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except (OSError, ValueError, RuntimeError, RetrieverError, json.JSONDecodeError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

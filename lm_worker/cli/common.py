@@ -1,0 +1,118 @@
+"""What every `lm-worker` command shares: one-line errors, the retrieval option families, and the
+retriever a command opens from them.
+
+A command that retrieves takes one family of options per datastore it reads: `--target` or
+`--datastore`, `-k`-like `--k`, `--nprobe` and `--rerank`, with a prefix (`--knnlm-`, `--retro-`)
+where `eval` reads two. `retrieval_flags(args, family)` gathers a family into `RetrievalFlags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PROG = "lm-worker"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with no usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass(frozen=True)
+class RetrievalFlags:
+    """One family of retrieval options as given: where the neighbours come from and what to ask for."""
+
+    family: str  # "" or a prefix such as "knnlm-"
+    target: str | None
+    datastore: Path | None
+    k: int
+    nprobe: int
+    rerank: int
+
+    def flag(self, name: str) -> str:
+        """The option's name on the command line, e.g. --knnlm-target."""
+        return f"--{self.family}{name}"
+
+
+def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "") -> None:
+    """Adds a family of retrieval options (--target/--datastore, --k, --nprobe, --rerank) with `family` as prefix."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(f"--{family}target", help="HOST:PORT of a router, or shard addresses comma-separated "
+                                                 "(ray:NAME: a deployment on the connected Ray cluster)")
+    where.add_argument(f"--{family}datastore", type=Path, help="serve this datastore locally while the command runs")
+    p.add_argument(f"--{family}k", type=int, default=k, help="neighbours per query")
+    p.add_argument(f"--{family}nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
+    p.add_argument(f"--{family}rerank", type=int, default=0, metavar="N",
+                   help="re-rank N candidates by exact distance from the stored keys (0: off)")
+
+
+def add_encoder_lm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder-lm", type=Path,
+                   help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
+
+
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as under `ray job submit`, "
+                                     "else a new local cluster)")
+
+
+def retrieval_flags(args: argparse.Namespace, family: str = "") -> RetrievalFlags:
+    """The options of one family, as parsed."""
+    values = vars(args)
+    dest = family.replace("-", "_")
+    return RetrievalFlags(family, values[f"{dest}target"], values[f"{dest}datastore"], values[f"{dest}k"],
+                          values[f"{dest}nprobe"], values[f"{dest}rerank"])
+
+
+def retrieval_config(flags: RetrievalFlags, k: int | None = None):
+    """The `RetrievalConfig` of a family (k overridden where the model fixes it)."""
+    from lm_worker.retrieval.config import RetrievalConfig
+
+    return RetrievalConfig(k=k or flags.k, nprobe=flags.nprobe, exact_rerank=flags.rerank > 0,
+                           rerank_candidates=flags.rerank)
+
+
+@contextlib.contextmanager
+def open_target(flags: RetrievalFlags) -> Iterator[str | None]:
+    """The retrieval target: the --target as given, or the router of --datastore served locally
+    meanwhile (every shard and a router as local processes); None when neither is given."""
+    if flags.target:
+        yield flags.target
+    elif flags.datastore:
+        from retriever_server.cluster.launcher import LocalDeployment
+
+        with LocalDeployment(flags.datastore) as deployment:
+            yield deployment.router_address
+    else:
+        yield None
+
+
+@contextlib.contextmanager
+def open_retriever(flags: RetrievalFlags, k: int | None = None) -> Iterator:
+    """A `ServiceRetriever` for the family's target (see `open_target`); None when none is given."""
+    from lm_worker.retrieval.service import ServiceRetriever, resolve_target
+
+    with open_target(flags) as target:
+        if target is None:
+            yield None
+            return
+        with ServiceRetriever(resolve_target(target), retrieval_config(flags, k)) as retriever:
+            yield retriever
+
+
+def need(value, flag: str, why: str):
+    """`value`, or a ValueError saying that `flag` is required `why`."""
+    if value is None:
+        raise ValueError(f"{flag} is required {why}")
+    return value
+
+
+def need_retriever(retriever, flags: RetrievalFlags, why: str):
+    """The retriever, or a ValueError naming the family's two options."""
+    return need(retriever, f"{flags.flag('target')} or {flags.flag('datastore')}", why)

@@ -1,0 +1,122 @@
+"""`lm-worker eval`: perplexity of the base LM, kNN-LM over a sweep of λ, RETRO with and without neighbours."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from lm_worker.cli.common import (
+    add_encoder_lm_arg,
+    add_ray_address,
+    add_retrieval_args,
+    need,
+    need_retriever,
+    open_retriever,
+    open_target,
+    retrieval_config,
+    retrieval_flags,
+)
+
+MODELS = {"knnlm": "lm", "retro": "retro"}  # the family of retrieval options -> the flag naming its model
+
+
+def add_parser(sub) -> None:
+    """Adds `eval`."""
+    v = sub.add_parser("eval", help="perplexity: base LM, kNN-LM over a sweep of λ, RETRO with/without")
+    v.add_argument("--data", type=Path, required=True)
+    v.add_argument("--out", type=Path, required=True, help="folder for eval.json, table.md and plots")
+    v.add_argument("--lm", type=Path, help="base LM checkpoint (or a Hugging Face model folder)")
+    v.add_argument("--retro", type=Path, help="RETRO checkpoint")
+    v.add_argument("--split", default="heldout", help="a split folder of --data: heldout, train (or valid, test "
+                                                      "in a pipeline run)")
+    v.add_argument("--tokens", type=int, default=0, help="scored tokens (0: the whole split)")
+    v.add_argument("--workers", type=int, default=0,
+                   help="spread the evaluation over this many LM worker actors on the Ray cluster (0: in this "
+                        "process); finished shares are checkpointed in OUT/shares and reused by a rerun")
+    v.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
+    v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
+    v.add_argument("--batches-per-share", type=int, default=4)
+    add_ray_address(v)
+    v.add_argument("--context-len", type=int, default=256)
+    v.add_argument("--stride", type=int, default=128)
+    v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
+    v.add_argument("--temperature", type=float, default=1.0)
+    v.add_argument("--exclude-own-document", action="store_true")
+    add_retrieval_args(v, 1024, "knnlm-")
+    add_retrieval_args(v, 2, "retro-")
+    add_encoder_lm_arg(v)
+    v.set_defaults(handler=run_eval)
+
+
+def _in_process(args: argparse.Namespace, store, tokenizer, config):
+    from lm_worker.encoders.registry import chunk_encoder_for
+    from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+    from lm_worker.evaluation.retro_eval import evaluate_retro
+    from lm_worker.models.checkpoint import load_checkpoint
+
+    knn = retro = None
+    progress = not args.no_progress
+    if args.lm:
+        lm = load_checkpoint(args.lm).model
+        flags = retrieval_flags(args, "knnlm-")
+        with open_retriever(flags) as retriever:
+            knn = evaluate_knnlm(lm, store, need_retriever(retriever, flags, "with --lm"), config, progress)
+    if args.retro:
+        model = load_checkpoint(args.retro).model
+        flags = retrieval_flags(args, "retro-")
+        with open_retriever(flags, k=model.config.n_neighbours) as retriever:
+            retriever = need_retriever(retriever, flags, "with --retro")
+            encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
+            retro = evaluate_retro(model, store, retriever, encoder, config, progress)
+    return knn, retro
+
+
+def _distributed(args: argparse.Namespace, store, config):
+    from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
+
+    pool = WorkerPoolConfig(workers=args.workers, batches_per_share=args.batches_per_share, num_cpus=args.worker_cpus,
+                            num_gpus=args.worker_gpus, device="cuda" if args.worker_gpus else "cpu",
+                            address=args.address, progress=not args.no_progress)
+    results = {}
+    for kind, model_flag in MODELS.items():
+        checkpoint = getattr(args, model_flag)
+        if not checkpoint:
+            continue
+        flags = retrieval_flags(args, f"{kind}-")
+        job_config = config if kind == "knnlm" else replace(config, retrieval=retrieval_config(flags))
+        with open_target(flags) as target:
+            target = need(target, f"{flags.flag('target')} or {flags.flag('datastore')}", f"with --{model_flag}")
+            job = EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=job_config,
+                          tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm)
+            results[kind] = evaluate_distributed(job, replace(pool, checkpoint_dir=args.out / "shares" / kind))
+    return results.get("knnlm"), results.get("retro")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from lm_worker.data.token_store import TokenStore
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.evaluation.config import DEFAULT_LAMBDAS, EvalConfig
+    from lm_worker.evaluation.report import write_report
+
+    if not args.lm and not args.retro:
+        raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    tokenizer = Tokenizer.load(args.data / "tokenizer.json")
+    store = TokenStore.open(args.data / args.split)
+    if store.tokenizer_fingerprint != tokenizer.fingerprint:
+        raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
+                         f"not {tokenizer.fingerprint}")
+    lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
+    config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
+                        temperature=args.temperature, retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
+                        exclude_own_document=args.exclude_own_document)
+    if args.workers:
+        knn, retro = _distributed(args, store, config)
+    else:
+        knn, retro = _in_process(args, store, tokenizer, config)
+    print(write_report(args.out, knn, retro, {"data": str(args.data), "split": args.split, "lm": str(args.lm),
+                                               "retro": str(args.retro), "workers": args.workers}))
+    print(f"\nwritten: {args.out / 'eval.json'}, {args.out / 'table.md'}"
+          + (f", {args.out / 'ppl_vs_lambda.png'}" if knn else ""))

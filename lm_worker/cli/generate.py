@@ -1,0 +1,135 @@
+"""`lm-worker generate` and `attention`: decoding while retrieving, and RETRO's attention to its neighbours."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lm_worker.cli.common import (
+    add_encoder_lm_arg,
+    add_retrieval_args,
+    need_retriever,
+    open_retriever,
+    retrieval_flags,
+)
+
+
+def add_parsers(sub) -> None:
+    """Adds `generate` and `attention`."""
+    g = sub.add_parser("generate", help="decode with greedy, sampling or beam search while retrieving")
+    g.add_argument("--checkpoint", type=Path, required=True, help="an LM (kNN-LM) or RETRO checkpoint")
+    g.add_argument("--data", type=Path, required=True, help="the `prepare` folder (for the tokenizer)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    g.add_argument("--prompt-file", type=Path, help="prompts, one per line")
+    g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--beams", type=int, default=4)
+    g.add_argument("--length-penalty", type=float, default=0.6)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
+    g.add_argument("--knn-temperature", type=float, default=1.0)
+    g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
+    g.add_argument("--no-overlap", action="store_true",
+                   help="retrieve serially: RETRO's prefetched queries when needed, kNN-LM without computing "
+                        "the next step on the LM's guess while the neighbours are in flight")
+    g.add_argument("--knn-pipeline", action="store_true",
+                   help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
+                        "model step (pays off with many prompts; on a small CPU model, serial is faster)")
+    g.add_argument("--no-retrieval", action="store_true", help="the model alone")
+    add_retrieval_args(g, 0)
+    add_encoder_lm_arg(g)
+    g.set_defaults(handler=run_generate)
+
+    a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
+    a.add_argument("--retro", type=Path, required=True)
+    a.add_argument("--data", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True, help="PNG to write")
+    a.add_argument("--text", help="text to run (default: the start of the held-out split)")
+    a.add_argument("--chunk", type=int, default=1)
+    add_retrieval_args(a, 0)
+    add_encoder_lm_arg(a)
+    a.set_defaults(handler=run_attention)
+
+
+def _prompts(args: argparse.Namespace, tokenizer):
+    import torch
+
+    texts = list(args.prompt)
+    if args.prompt_file:
+        texts += [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompt-file")
+    ids = [tokenizer.encode(t) for t in texts]
+    if len({len(i) for i in ids}) != 1:  # left-trim to a common length: the models have no padding mask
+        shortest = min(len(i) for i in ids)
+        ids = [i[len(i) - shortest:] for i in ids]
+    return texts, torch.tensor(ids, dtype=torch.long)
+
+
+def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
+    from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+    from lm_worker.decoding.lm_stepper import LMStepper
+
+    if args.no_retrieval or retriever is None:
+        return LMStepper(loaded.model)
+    if loaded.kind == "retro":
+        from lm_worker.decoding.retro_stepper import RetroStepper
+        from lm_worker.encoders.registry import chunk_encoder_for
+
+        encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
+        return RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch, overlap=not args.no_overlap)
+    if args.knn_pipeline or args.no_overlap or config.strategy == "beam":
+        return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                            overlap=args.knn_pipeline)
+    from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
+
+    return SpeculativeKnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                                   eos_id=config.eos_id)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from lm_worker.data.prepare import load_prepared
+    from lm_worker.decoding.config import GenerateConfig
+    from lm_worker.decoding.generate import generate
+    from lm_worker.models.checkpoint import load_checkpoint
+
+    tokenizer, _, _ = load_prepared(args.data)
+    loaded = load_checkpoint(args.checkpoint)
+    texts, prompt = _prompts(args, tokenizer)
+    config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
+                            length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
+    k = loaded.model.config.n_neighbours if loaded.kind == "retro" else (args.k or 1024)
+    with open_retriever(retrieval_flags(args), k=k) as retriever:
+        stepper = _stepper(args, loaded, retriever, tokenizer, config)
+        out = generate(stepper, prompt, config)
+    for text, row, n in zip(texts, out.tokens, out.lengths):
+        print(f"--- {text!r}\n{tokenizer.decode(row[: int(n)].tolist())}")
+    s = getattr(stepper, "stats", None)
+    if s is not None and s.retrieval_calls:
+        guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
+        print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
+              f"model {s.compute_s:.2f} s{guesses}")
+
+
+def run_attention(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lm_worker.data.prepare import load_prepared
+    from lm_worker.encoders.registry import chunk_encoder_for
+    from lm_worker.evaluation.attention_plot import plot_retrieved_attention
+    from lm_worker.models.checkpoint import load_checkpoint
+
+    tokenizer, _, heldout = load_prepared(args.data)
+    model = load_checkpoint(args.retro).model
+    L = model.config.chunk_len
+    ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
+    flags = retrieval_flags(args)
+    with open_retriever(flags, k=model.config.n_neighbours) as retriever:
+        retriever = need_retriever(retriever, flags, "to retrieve neighbours")
+        encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
+        plot_retrieved_attention(model, ids, retriever, encoder, tokenizer, args.chunk, args.out)
+    print(f"attention of chunk {args.chunk}'s readers -> {args.out}")

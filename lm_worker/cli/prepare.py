@@ -1,0 +1,73 @@
+"""`lm-worker prepare` and `train`: the corpus split and tokenized, the base LM or RETRO trained."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    """Adds `prepare` and `train`."""
+    p = sub.add_parser("prepare", help="split a corpus, train the BPE tokenizer, write token streams")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--corpus", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
+    p.add_argument("--id-field", help="JSONL field naming each document (default: the line number)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--max-train-tokens", type=int, default=0, help="0: every training document")
+    p.add_argument("--max-heldout-tokens", type=int, default=0)
+    p.add_argument("--max-retro-tokens", type=int, default=0,
+                   help="also write the 'retro' split: this many tokens of training-side documents the train split "
+                        "left out, for retro-fitting RETRO onto the LM (0: no such split)")
+    p.set_defaults(handler=run_prepare)
+
+    t = sub.add_parser("train", help="train the base LM or RETRO")
+    t.add_argument("--kind", choices=("lm", "retro"), default="lm")
+    t.add_argument("--data", type=Path, required=True, help="a `prepare` output folder")
+    t.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
+    t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-SPLIT.npy (see `neighbours`)")
+    t.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
+    for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16), ("warmup", 100),
+                          ("eval-every", 200), ("checkpoint-every", 500), ("chunk-len", 0), ("seed", 0)):
+        t.add_argument(f"--{name}", type=int, default=default)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--init-from", type=Path, help="RETRO: retro-fit this base LM checkpoint (its decoder shape and "
+                                                  "weights; new CCA layers start as a no-op)")
+    t.add_argument("--train-base", action="store_true", help="with --init-from: train the LM's weights too "
+                                                             "(default: frozen, only RETRO's new layers train)")
+    t.add_argument("--split", default="train", help="the split of --data to train on: train, or retro (prepare "
+                                                    "--max-retro-tokens) to retro-fit RETRO on text the LM never saw")
+    t.set_defaults(handler=run_train)
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    from lm_worker.data.prepare import PrepareConfig, prepare_corpus
+
+    r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
+                                     heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
+                                     max_heldout_tokens=args.max_heldout_tokens,
+                                     max_retro_tokens=args.max_retro_tokens, id_field=args.id_field,
+                                     progress=not args.no_progress))
+    print(f"tokenizer {r.tokenizer_fingerprint} ({r.vocab_size} tokens) -> {r.out / 'tokenizer.json'}")
+    print("| split | documents | tokens |\n|---|---:|---:|")
+    for split in r.documents:
+        print(f"| {split} | {r.documents[split]} | {r.tokens[split]} |")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from lm_worker.training.config import TrainConfig
+    from lm_worker.training.train import train
+
+    config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+                         steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
+                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
+                         init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
+    r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
+              progress=not args.no_progress)
+    speed = f", {r.tokens_per_s:.0f} tokens/s" if r.tokens_per_s else " (already trained: no step run)"
+    print(f"{r.steps} steps: train loss {r.train_loss:.4f}, held-out loss {r.heldout_loss:.4f}{speed}\n"
+          f"checkpoint {r.checkpoint}\nloss curves {r.plot}")

@@ -1,0 +1,141 @@
+"""`lm-worker encode`, `build` and `neighbours`: datastore sources, their datastores, RETRO's neighbours."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lm_worker.cli.common import (
+    add_encoder_lm_arg,
+    add_ray_address,
+    add_retrieval_args,
+    need,
+    need_retriever,
+    open_retriever,
+    retrieval_flags,
+)
+from lm_worker.encoders.registry import ENCODERS
+
+
+def add_parsers(sub) -> None:
+    """Adds `encode`, `build` and `neighbours`."""
+    e = sub.add_parser("encode", help="write a kNN-LM or RETRO datastore source")
+    e.add_argument("kind", choices=("knnlm", "retro"))
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--checkpoint", type=Path,
+                   help="the base LM: kNN-LM, whose keys are stored; RETRO with --encoder lm, whose keys embed chunks")
+    e.add_argument("--encoder", choices=ENCODERS, default="minilm",
+                   help="RETRO: the frozen chunk encoder (MiniLM, or the base LM's key at the chunk's last token)")
+    e.add_argument("--split", choices=("train", "heldout"), default="train")
+    e.add_argument("--context-len", type=int, default=256)
+    e.add_argument("--stride", type=int, default=128)
+    e.add_argument("--chunk-len", type=int, default=16, help="RETRO: tokens per chunk")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (each worker actor then takes a GPU)")
+    e.add_argument("--workers", type=int, default=2,
+                   help="Ray Data actors holding the model, writing the source in parts (resumed part by part); "
+                        "0: a plain loop in this process, one .npy per array")
+    e.add_argument("--rows-per-part", type=int, default=0, help="rows per part (0: 65536 kNN-LM, 4096 RETRO)")
+    e.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
+    add_ray_address(e)
+    e.set_defaults(handler=run_encode)
+
+    b = sub.add_parser("build", help="build the datastore of a source (a Ray job)")
+    b.add_argument("source", type=Path)
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--factory", default="auto")
+    b.add_argument("--num-cpus", type=int)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(handler=run_build)
+
+    n = sub.add_parser("neighbours", help="fetch RETRO neighbours of every train (own document excluded), "
+                                          "held-out and retro-split chunk")
+    n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
+    n.add_argument("--data", type=Path, required=True)
+    add_retrieval_args(n, 2)
+    add_encoder_lm_arg(n)
+    n.set_defaults(handler=run_neighbours)
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.kind == "knnlm":
+        need(args.checkpoint, "--checkpoint", "for a kNN-LM source")
+    elif args.encoder == "lm":
+        need(args.checkpoint, "--checkpoint", "for --encoder lm")
+    if args.workers:
+        from lm_worker.jobs.encode_job import run_encode_job
+        from lm_worker.jobs.encode_plan import EncodeJobConfig
+
+        config = EncodeJobConfig(kind=args.kind, data=args.data, split=args.split, checkpoint=args.checkpoint,
+                                 encoder=args.encoder, chunk_len=args.chunk_len, context_len=args.context_len,
+                                 stride=args.stride, rows_per_part=args.rows_per_part, workers=args.workers,
+                                 device=args.device, num_cpus=args.worker_cpus, address=args.address,
+                                 progress=not args.no_progress)
+        info = run_encode_job(config, args.out)
+    else:
+        info = _encode_in_process(args)
+    print(f"{info.kind} source {info.directory}: {info.rows} rows of dimension {info.dimension}")
+
+
+def _encode_in_process(args: argparse.Namespace):
+    from lm_worker.data.prepare import load_prepared
+
+    tokenizer, train, heldout = load_prepared(args.data)
+    store = train if args.split == "train" else heldout
+    if args.kind == "knnlm":
+        from lm_worker.models.checkpoint import load_checkpoint
+        from lm_worker.sources.knnlm import encode_knnlm
+
+        model = load_checkpoint(args.checkpoint, args.device).model
+        return encode_knnlm(model, store, args.out, args.context_len, args.stride, device=args.device,
+                            progress=not args.no_progress)
+    from lm_worker.encoders.registry import make_chunk_encoder
+    from lm_worker.sources.retro import encode_retro
+
+    encoder = make_chunk_encoder(args.encoder, tokenizer, args.checkpoint, device=args.device)
+    return encode_retro(store, encoder, args.chunk_len, args.out, progress=not args.no_progress)
+
+
+def run_build(args: argparse.Namespace) -> None:
+    from lm_worker.sources.build import build_source
+
+    out = build_source(args.source, args.out, shards=args.shards, factory=args.factory, num_cpus=args.num_cpus,
+                       overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"datastore {out}")
+
+
+def run_neighbours(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lm_worker.data.prepare import load_prepared
+    from lm_worker.data.token_store import RETRO_SPLIT, TokenStore
+    from lm_worker.encoders.registry import chunk_encoder_for
+    from lm_worker.sources.exclusions import chunk_exclusions
+    from lm_worker.sources.neighbours import precompute_neighbours
+    from lm_worker.sources.retro import embed_chunks
+    from lm_worker.sources.source import read_source
+
+    tokenizer, train, heldout = load_prepared(args.data)
+    source = read_source(args.source)
+    L = source.chunk_len
+    splits = {"heldout": heldout}
+    if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
+        splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
+    encoder = None  # loaded once, and only when some split's chunks still need embedding
+    flags = retrieval_flags(args)
+    with open_retriever(flags) as retriever:
+        need_retriever(retriever, flags, "to fetch neighbours")
+        jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
+        for name, store in splits.items():
+            keys = args.source / f"{name}-keys.npy"
+            if not keys.is_file():
+                encoder = encoder or chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm)
+                embed_chunks(store, encoder, L, keys, progress=not args.no_progress)
+            jobs.append((name, np.load(keys, mmap_mode="r"), None))
+        for name, keys, exclude in jobs:
+            out = args.source / f"neighbours-{name}.npy"
+            precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
+            print(f"{name}: neighbours -> {out}")

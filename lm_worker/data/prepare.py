@@ -1,0 +1,184 @@
+"""Preparing a corpus: split it, train the tokenizer, write the token streams.
+
+`prepare_corpus` reads a corpus, holds documents out by a fixed hash of their names, trains the
+BPE tokenizer on the training split, and writes
+
+    OUT/tokenizer.json
+    OUT/train/   the training split (`lm_worker.data.token_store`)
+    OUT/heldout/ the same for the held-out documents
+    OUT/retro/   with `max_retro_tokens`: training-side documents the train split left out, the next
+                 ones in the same hashed order: text the base LM never trains on, which RETRO's new
+                 layers train on when RETRO is retro-fitted onto that LM (`prepare_retro_split`)
+
+Example:
+    >>> report = prepare_corpus(PrepareConfig(corpus="stdlib", out=Path("run/data")))
+    >>> tokenizer, train, heldout = load_prepared(Path("run/data"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_worker.data.corpus import Document, is_heldout, read_jsonl, read_stdlib, read_text_folder
+from lm_worker.data.token_store import RETRO_SPLIT, SPLITS, TokenStore, write_token_store
+from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What `prepare_corpus` reads and how much of it it keeps.
+
+    `corpus` is "stdlib", a folder of text files, or a .jsonl file (field `text`, optional `id_field`).
+    Documents are taken in a fixed hashed order until a split's token budget (0: no limit) is spent.
+    `max_retro_tokens` > 0 also writes the "retro" split (`prepare_retro_split`); 0 writes none.
+    """
+
+    out: Path
+    corpus: str = "stdlib"
+    vocab_size: int = 4096
+    heldout_fraction: float = 0.05
+    max_train_tokens: int = 0
+    max_heldout_tokens: int = 0
+    max_retro_tokens: int = 0
+    id_field: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """Documents and tokens written per split."""
+
+    out: Path
+    tokenizer_fingerprint: str
+    vocab_size: int
+    documents: dict[str, int]
+    tokens: dict[str, int]
+
+
+def read_corpus(corpus: str, id_field: str | None = None) -> Iterator[Document]:
+    """Documents of the built-in stdlib corpus, a text folder or a JSONL file."""
+    if corpus == "stdlib":
+        return read_stdlib()
+    path = Path(corpus)
+    if path.is_dir():
+        return read_text_folder(path)
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_jsonl(path, id_field=id_field)
+    raise ValueError(f"corpus {corpus!r} is not 'stdlib', a folder or a .jsonl file")
+
+
+def hashed_order(docs: list[Document]) -> list[Document]:
+    return sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).digest())
+
+
+def _char_sample(docs: list[Document], token_budget: int) -> list[str]:
+    """Texts for tokenizer training: the documents a token budget keeps (about 3 bytes a token)."""
+    texts, chars = [], 0
+    for doc in docs:
+        if token_budget and chars >= 3 * token_budget:
+            break
+        texts.append(doc.text)
+        chars += len(doc.text)
+    return texts
+
+
+def _tokenize_within(docs: list[Document], tokenizer: Tokenizer, budget: int, batch: int = 64
+                     ) -> list[tuple[str, list[int]]]:
+    """(name, ids) of documents in order until `budget` tokens (EOS included; 0: all) are kept."""
+    kept, total = [], 0
+    for start in range(0, len(docs), batch):
+        group = docs[start:start + batch]
+        for doc, ids in zip(group, tokenizer.encode_batch([d.text for d in group])):
+            if budget and total >= budget:
+                return kept
+            kept.append((doc.name, ids))
+            total += len(ids) + 1
+    return kept
+
+
+def _split_documents(config: PrepareConfig) -> dict[str, list[Document]]:
+    """The corpus's non-empty documents by side, "train" and "heldout", each in the fixed hashed order."""
+    docs = [d for d in read_corpus(config.corpus, config.id_field) if d.text.strip()]
+    if not docs:
+        raise ValueError(f"corpus {config.corpus!r} has no non-empty documents")
+    return {s: hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
+            for s in SPLITS}
+
+
+def prepare_corpus(config: PrepareConfig) -> PrepareReport:
+    """Splits, trains the tokenizer on the training split, and writes the splits (see module doc)."""
+    split = _split_documents(config)
+    if not split["train"] or not split["heldout"]:
+        count = len(split["train"]) + len(split["heldout"])
+        raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
+    budget = {"train": config.max_train_tokens, "heldout": config.max_heldout_tokens}
+    tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size, config.progress)
+    out = Path(config.out)
+    tokenizer.save(out / "tokenizer.json")
+    counts_docs, counts_tokens = {}, {}
+    for name in SPLITS:
+        kept = _tokenize_within(split[name], tokenizer, budget[name])
+        store = write_token_store(out / name, kept, tokenizer.eos_id, tokenizer.fingerprint, budget[name])
+        counts_docs[name], counts_tokens[name] = len(store.documents), len(store)
+        log.info("%s: %d documents, %d tokens", name, len(store.documents), len(store))
+    if config.max_retro_tokens:
+        store = prepare_retro_split(config, split["train"])
+        counts_docs[RETRO_SPLIT], counts_tokens[RETRO_SPLIT] = len(store.documents), len(store)
+    return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
+
+
+def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None = None) -> TokenStore:
+    """Writes OUT/retro: up to `config.max_retro_tokens` tokens of training-side documents that OUT/train
+    does not hold, the next ones in hashed order, tokenized with OUT/tokenizer.json. Also for a folder
+    prepared before (it needs the same corpus and heldout_fraction).
+
+    A frozen base LM has memorised much of its own training text, so on that text the neighbours
+    have little left to add and RETRO's new layers learn to ignore them; on this text they have not.
+
+    Args:
+        config: the `prepare_corpus` settings of OUT (`config.out`), with `max_retro_tokens` > 0.
+        train_side: the training-side documents in hashed order, when the caller has them already.
+
+    Raises:
+        ValueError: max_retro_tokens < 1, or OUT/train holds every training-side document.
+        FileNotFoundError: OUT has no tokenizer or train split.
+    """
+    if config.max_retro_tokens < 1:
+        raise ValueError(f"max_retro_tokens must be at least 1 to write a {RETRO_SPLIT!r} split, "
+                         f"got {config.max_retro_tokens}")
+    out = Path(config.out)
+    tokenizer = Tokenizer.load(out / "tokenizer.json")
+    in_train = {d.name for d in TokenStore.open(out / "train").documents}
+    side = _split_documents(config)["train"] if train_side is None else train_side
+    left = [d for d in side if d.name not in in_train]
+    if not left:
+        raise ValueError(f"{out / 'train'} holds all {len(side)} training-side documents of {config.corpus!r}: "
+                         f"none are left for the {RETRO_SPLIT!r} split (lower max_train_tokens)")
+    kept = _tokenize_within(left, tokenizer, config.max_retro_tokens)
+    store = write_token_store(out / RETRO_SPLIT, kept, tokenizer.eos_id, tokenizer.fingerprint,
+                              config.max_retro_tokens)
+    log.info("%s: %d documents, %d tokens (of %d training-side documents not in train)", RETRO_SPLIT,
+             len(store.documents), len(store), len(left))
+    return store
+
+
+def load_prepared(out: Path) -> tuple[Tokenizer, TokenStore, TokenStore]:
+    """The tokenizer and both splits written by `prepare_corpus` at `out`.
+
+    Raises:
+        FileNotFoundError: something is missing.
+        ValueError: a split was tokenized by a different tokenizer.
+    """
+    tokenizer = Tokenizer.load(Path(out) / "tokenizer.json")
+    stores = [TokenStore.open(Path(out) / s) for s in SPLITS]
+    for s in stores:
+        if s.tokenizer_fingerprint != tokenizer.fingerprint:
+            raise ValueError(f"{s.directory} was tokenized with {s.tokenizer_fingerprint}, not {tokenizer.fingerprint}")
+    return tokenizer, stores[0], stores[1]
+

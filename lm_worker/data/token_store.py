@@ -1,0 +1,96 @@
+"""A tokenized split on disk: one flat token stream with the document of every token.
+
+    SPLIT/tokens.npy (N,) int32, SPLIT/doc_ids.npy (N,) int32, SPLIT/documents.json
+
+Each document's tokens are followed by EOS. `doc_ids[i]` indexes `documents`, whose entries hold
+the half-open token range [start, end) of the document, so a query's own document can be excluded
+from retrieval by range. Arrays open memory-mapped.
+
+Example:
+    >>> train = TokenStore.open(Path("run/data/train"))
+    >>> train.tokens[:10], train.documents[train.doc_ids[0]].name
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "heldout")
+
+
+RETRO_SPLIT = "retro"
+
+
+@dataclass(frozen=True)
+class DocumentSpan:
+    """A document's name and its tokens' half-open range [start, end) in the split's stream."""
+
+    name: str
+    start: int
+    end: int
+
+
+class TokenStore:
+    """One split of a tokenized corpus, memory-mapped.
+
+    Attributes:
+        tokens: int32 (N,) token ids, every document followed by EOS.
+        doc_ids: int32 (N,) index into `documents` of each token's document.
+        documents: the documents, in stream order.
+        tokenizer_fingerprint: fingerprint of the tokenizer that made `tokens`.
+        max_tokens: the token budget the documents were chosen within (0: none); None for a split
+            written before budgets were recorded.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        meta_path = self.directory / "documents.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a token store (no documents.json)")
+        meta = json.loads(meta_path.read_text())
+        self.tokenizer_fingerprint: str = meta["tokenizer"]
+        self.max_tokens: int | None = meta.get("max_tokens")
+        self.documents = [DocumentSpan(d["name"], d["start"], d["end"]) for d in meta["documents"]]
+        self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
+        self.doc_ids = np.load(self.directory / "doc_ids.npy", mmap_mode="r")
+
+    @classmethod
+    def open(cls, directory: Path) -> TokenStore:
+        """Opens a split written by `write_token_store` (raises FileNotFoundError if there is none)."""
+        return cls(directory)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def doc_range(self, doc: int) -> tuple[int, int]:
+        """Token range [start, end) of document `doc`."""
+        span = self.documents[doc]
+        return span.start, span.end
+
+
+def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eos_id: int,
+                      tokenizer_fingerprint: str, max_tokens: int = 0) -> TokenStore:
+    """Writes (name, token ids) documents as one split, each followed by `eos_id`; `max_tokens`, the
+    token budget the documents were chosen within (0: none), is recorded (`TokenStore.max_tokens`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces, doc_pieces, spans, start = [], [], [], 0
+    for number, (name, ids) in enumerate(docs):
+        ids = np.asarray([*ids, eos_id], dtype=np.int32)
+        pieces.append(ids)
+        doc_pieces.append(np.full(len(ids), number, dtype=np.int32))
+        spans.append({"name": name, "start": start, "end": start + len(ids)})
+        start += len(ids)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    doc_ids = np.concatenate(doc_pieces) if doc_pieces else np.zeros(0, np.int32)
+    np.save(directory / "tokens.npy", tokens)
+    np.save(directory / "doc_ids.npy", doc_ids)
+    meta = {"tokenizer": tokenizer_fingerprint, "max_tokens": max_tokens, "documents": spans}
+    (directory / "documents.json").write_text(json.dumps(meta))
+    return TokenStore(directory)
+

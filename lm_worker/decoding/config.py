@@ -1,0 +1,66 @@
+"""How to decode (`GenerateConfig`) and what decoding returns (`GenerateOutput`)."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+LENGTH_NORMS = ("gnmt", "power", "none")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How to decode.
+
+    strategy: "greedy" (argmax), "sample" (temperature, then top-k, then top-p) or "beam".
+    top_k: keep the k most likely tokens when sampling (0: all). top_p: keep the smallest set of most
+    likely tokens whose probability reaches p (1.0: all). length_penalty is alpha of `length_norm`
+    (`lm_worker.decoding.beam`). eos_id: rows stop after emitting it (None: no EOS). seed: of the samplers,
+    one per row (`row_generators`).
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 0.6
+    length_norm: str = "gnmt"
+    eos_id: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.length_norm not in LENGTH_NORMS:
+            raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0:
+            raise ValueError("max_new_tokens and num_beams must be >= 1 and top_k >= 0")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate` returns, one row per prompt.
+
+    tokens: (B, T_new) long generated tokens, rows that finished early padded with eos_id.
+    log_probs: (B,) summed log-prob of each row's tokens under the stepper (through its EOS; sampling
+        filters do not change it). lengths: (B,) tokens generated per row, EOS included.
+    scores: (B,) beam search: the best hypothesis's length-normalised score; otherwise `log_probs`.
+    """
+
+    tokens: torch.Tensor
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+
+
+DecodeLoop = Generator[None, None, GenerateOutput]  # yields while a step is in flight, returns the output
+

@@ -1,0 +1,96 @@
+"""Greedy decoding and sampling with temperature, top-k and top-p.
+
+The filters (`apply_temperature`, `top_k_filter`, `top_p_filter`) are pure functions on log-prob
+tensors (B, V), applied in that order when sampling. Each row samples from its own generator, seeded
+with (seed, row index) (`row_generators`), so a row's tokens do not depend on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lm_worker.decoding.config import DecodeLoop, GenerateConfig, GenerateOutput
+from lm_worker.decoding.stepper import SplitStepper, await_step
+
+
+def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Renormalised log softmax(log p / T): T < 1 sharpens, T > 1 flattens; -inf stays -inf."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return log_probs if temperature == 1.0 else torch.log_softmax(log_probs / temperature, dim=-1)
+
+
+def top_k_filter(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Keeps exactly the k most likely tokens per row (ties broken by `topk`), renormalised; k = 0 keeps all."""
+    if k <= 0 or k >= log_probs.shape[-1]:
+        return log_probs
+    kept = log_probs.topk(k, dim=-1).indices  # (B, k)
+    mask = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, kept, False)  # True: drop
+    return torch.log_softmax(log_probs.masked_fill(mask, -math.inf), dim=-1)
+
+
+def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keeps the smallest set of most likely tokens whose probability sums to >= p, renormalised.
+
+    A token is kept when the mass of the tokens ranked before it is still below p, so the most likely
+    token is always kept; p = 1 keeps all.
+    """
+    if p >= 1.0:
+        return log_probs
+    sorted_lp, order = log_probs.sort(dim=-1, descending=True)  # (B, V)
+    mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()  # (B, V), exclusive cumulative sum
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
+    return torch.log_softmax(log_probs.masked_fill(drop, -math.inf), dim=-1)
+
+
+def filter_log_probs(log_probs: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p: the distribution `sample` draws from."""
+    filtered = apply_temperature(log_probs.float(), config.temperature)
+    return top_p_filter(top_k_filter(filtered, config.top_k), config.top_p)
+
+
+def row_generators(seed: int, first_row: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """Samplers for rows first_row .. first_row + n - 1 of a batch: row r's is seeded from (seed, r) through
+    numpy's `SeedSequence`, so a row draws the same tokens whether it is decoded alone or in any batch."""
+    def row_seed(row: int) -> int:
+        return int(np.random.SeedSequence((seed % 2 ** 64, row)).generate_state(1)[0])
+
+    return [torch.Generator(device=device).manual_seed(row_seed(first_row + r)) for r in range(n)]
+
+
+def choose_tokens(log_probs: torch.Tensor, config: GenerateConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row (B,): argmax, or one draw per row from its filtered distribution and generator."""
+    if config.strategy == "greedy":
+        return log_probs.argmax(dim=-1)
+    probs = filter_log_probs(log_probs, config).exp()  # (B, V)
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+
+
+def sample_or_greedy(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateConfig,
+                      first_row: int) -> DecodeLoop:
+    B, device = prompt.shape[0], prompt.device
+    generators = row_generators(config.seed, first_row, B, device) if config.strategy == "sample" else []
+    log_probs = yield from await_step(stepper, stepper.submit_start(prompt))  # (B, V)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    total = torch.zeros(B, dtype=torch.float32, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    out = []
+    for t in range(config.max_new_tokens):
+        token = choose_tokens(log_probs, config, generators)  # (B,)
+        if config.eos_id is not None:
+            token = token.masked_fill(finished, config.eos_id)
+        live = ~finished
+        total += torch.where(live, log_probs.float().gather(1, token[:, None]).squeeze(1), 0.0)
+        lengths += live.long()
+        out.append(token)
+        if config.eos_id is not None:
+            finished |= token == config.eos_id
+        if bool(finished.all()) or t == config.max_new_tokens - 1:
+            break
+        log_probs = yield from await_step(stepper, stepper.submit_step(token))
+    return GenerateOutput(torch.stack(out, dim=1), total, lengths, total.clone())
+

@@ -1,0 +1,71 @@
+"""The stepper protocol: a model with its key/value cache (and its retrieval, for kNN-LM and RETRO)
+advanced one token per row at a time.
+
+    start(prompt (B, T) long) -> (B, V)    step(tokens (B,) long) -> (B, V)    reorder(indices (B',) long)
+
+`reorder` keeps (and duplicates) batch rows, as beam search needs. A `SplitStepper` also offers each
+step in two phases, `submit_start` / `submit_step` (the model runs and the retrieval is sent; a handle
+comes back) and `finish(handle)` (wait for the neighbours, mix). The steppers themselves:
+`lm_stepper`, `knnlm_stepper`, `speculative`, `retro_stepper`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Protocol
+
+import torch
+
+
+class Stepper(Protocol):
+    """An LM advanced one token per row at a time (see the module doc)."""
+
+    def start(self, prompt: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def reorder(self, indices: torch.Tensor) -> None: ...
+
+
+class SplitStepper(Protocol):
+    """A stepper whose steps come in two phases: `submit_*` runs the model and sends the retrieval,
+    `finish` waits for it and returns the log-probs (b, V). `reorder` only between a finish and the next submit."""
+
+    def submit_start(self, prompt: torch.Tensor) -> Any: ...
+
+    def submit_step(self, tokens: torch.Tensor) -> Any: ...
+
+    def finish(self, handle: Any) -> torch.Tensor: ...
+
+    def reorder(self, indices: torch.Tensor) -> None: ...
+
+
+class WholeSteps:
+    """A plain `Stepper` as a `SplitStepper`: submitting runs the whole step, its log-probs are the handle."""
+
+    def __init__(self, stepper: Stepper):
+        self.stepper = stepper
+
+    def submit_start(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.stepper.start(prompt)
+
+    def submit_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.stepper.step(tokens)
+
+    def finish(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        self.stepper.reorder(indices)
+
+
+def split_phase(stepper: Stepper | SplitStepper) -> SplitStepper:
+    """The stepper itself if it has the two-phase API, else an adapter that runs whole steps."""
+    return stepper if hasattr(stepper, "submit_step") else WholeSteps(stepper)
+
+
+def await_step(stepper: SplitStepper, handle: Any) -> Generator[None, None, torch.Tensor]:
+    """Yields once while the step `handle` is in flight (other loops compute meanwhile), then finishes it."""
+    yield
+    return stepper.finish(handle)
+

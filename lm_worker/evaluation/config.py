@@ -1,0 +1,60 @@
+"""How an evaluation runs (`EvalConfig`) and the perplexity of a summed negative log-likelihood."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from lm_worker.data.token_store import TokenStore
+from lm_worker.retrieval.config import RetrievalConfig
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_LAMBDAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate.
+
+    `stride` positions are scored per window after the first; `max_tokens` caps the scored positions
+    (0: the whole store); `lambdas` and `temperature` are kNN-LM's; `exclude_own_document` makes each
+    query skip the datastore rows of its own document (for a datastore built from this very store).
+    `overlap` sends a batch's kNN-LM retrieval while the model runs the next batch.
+    """
+
+    context_len: int = 256
+    stride: int = 128
+    batch_size: int = 8
+    max_tokens: int = 0
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    temperature: float = 1.0
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    exclude_own_document: bool = False
+    overlap: bool = True
+
+    def __post_init__(self):
+        if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
+            raise ValueError(f"need 1 <= stride <= context_len, got stride {self.stride}, "
+                             f"context_len {self.context_len}")
+        if self.batch_size < 1 or self.max_tokens < 0:
+            raise ValueError(f"batch_size must be >= 1 and max_tokens >= 0, got {self.batch_size}, {self.max_tokens}")
+        if not self.lambdas or not all(0.0 <= lam <= 1.0 for lam in self.lambdas):
+            raise ValueError(f"lambdas must be a non-empty list of values in [0, 1], got {self.lambdas}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+def scored_positions(store: TokenStore, max_tokens: int = 0) -> int:
+    """How many positions (tokens predicted) an evaluation of `store` scores."""
+    n = max(len(store) - 1, 0)
+    return min(n, max_tokens) if max_tokens else n
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(nll / tokens): the perplexity of a summed negative log-likelihood (inf when it overflows)."""
+    mean = nll / max(tokens, 1)
+    return math.exp(mean) if mean < 700 else math.inf
+

@@ -1,0 +1,393 @@
+"""Perplexity evaluation spread over N LM worker actors on a Ray cluster, all querying the same shards.
+
+The evaluation's batches of windows (see `evaluate.count_batches`) are cut into shares of
+`batches_per_share` consecutive batches, fixed by the data and the config alone, never by the number
+of workers. Each worker actor loads the model once and evaluates whole shares; the driver hands shares
+to idle workers and keeps each share's summed negative log-likelihoods and token count, keyed by its
+index. The figures are the shares' sums added in share order, so 1 worker and N workers give the same
+perplexity to the last digit (every worker runs the same number of torch threads).
+
+Each finished share is checkpointed (`CHECKPOINT/share-00012.json`, written atomically) before it
+counts; a rerun with the same job skips them. A worker that dies (its node lost, its process killed)
+is replaced by a new actor and its unfinished share goes back to the queue: a share is counted once,
+when its result first arrives.
+
+Example:
+    >>> job = EvalJob(kind="knnlm", checkpoint=Path("run/lm"), store=Path("run/data/test"),
+    ...               target="127.0.0.1:7100", config=EvalConfig(retrieval=RetrievalConfig(k=1024)))
+    >>> result = evaluate_distributed(job, WorkerPoolConfig(workers=2, checkpoint_dir=Path("run/eval/shares")))
+    >>> result.best_perplexity
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from lm_worker.evaluation.config import EvalConfig, perplexity
+from lm_worker.evaluation.knnlm_eval import KnnEvalResult
+from lm_worker.evaluation.retro_eval import RetroEvalResult
+from retriever_server.cluster.connect import connect
+
+log = logging.getLogger(__name__)
+
+KINDS = ("knnlm", "retro")
+JOB_JSON = "job.json"
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What to evaluate: a checkpoint of `kind` ("knnlm": an LM with a kNN-LM datastore, "retro"), a
+    token store directory, the retrieval service's `target` (a router address, comma-separated shard
+    addresses, or "ray:NAME" for a deployment on the Ray cluster), and the evaluation config.
+    `tokenizer` (RETRO) is the tokenizer.json the chunk encoder decodes with; default the store's
+    parent folder's. `encoder_lm` is the LM checkpoint of an LM-encoded RETRO datastore when it is not
+    where the datastore says. `encoder_factory`, when given, builds the chunk encoder in each worker instead."""
+
+    kind: str
+    checkpoint: Path
+    store: Path
+    target: str
+    config: EvalConfig = field(default_factory=EvalConfig)
+    tokenizer: Path | None = None
+    encoder_lm: Path | None = None
+    encoder_factory: Callable | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    def describe(self) -> dict:
+        """What identifies the job's figures: a checkpoint folder holding another job's shares is refused."""
+        body = dataclasses.asdict(self)
+        body.pop("encoder_factory")
+        if body["encoder_lm"] is None:
+            body.pop("encoder_lm")  # so shares checkpointed before the field existed still match
+        body["target"] = None  # the same shards may be served at another address
+        return json.loads(json.dumps(body, default=str))
+
+
+@dataclass(frozen=True)
+class WorkerPoolConfig:
+    """How to spread an evaluation.
+
+    `workers` actors, each with `num_cpus`/`num_gpus` (1 GPU each on a GPU cluster) and extra custom
+    `resources`, running `torch_threads` threads; `batches_per_share` batches per unit of work;
+    `checkpoint_dir` keeps finished shares (None: nothing kept); `address` is the Ray cluster
+    (None: RAY_ADDRESS, as under `ray job submit`, else a local cluster with `num_cpus_local`);
+    `max_replacements` bounds how many dead workers are replaced; `stall_timeout_s` how long the pool
+    may have no worker alive before giving up."""
+
+    workers: int = 2
+    batches_per_share: int = 4
+    checkpoint_dir: Path | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 1
+    device: str = "cpu"
+    address: str | None = None
+    num_cpus_local: int | None = None
+    max_replacements: int = 16
+    stall_timeout_s: float = 300.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.workers < 1 or self.batches_per_share < 1 or self.torch_threads < 1:
+            raise ValueError(f"workers, batches_per_share and torch_threads must be >= 1, got {self.workers}, "
+                             f"{self.batches_per_share}, {self.torch_threads}")
+
+
+@dataclass(frozen=True)
+class Share:
+    """One unit of work: batches [start, stop) of the evaluation."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def plan_shares(n_batches: int, batches_per_share: int) -> list[Share]:
+    """Consecutive shares of `batches_per_share` batches covering [0, n_batches)."""
+    return [Share(i, s, min(s + batches_per_share, n_batches))
+            for i, s in enumerate(range(0, n_batches, batches_per_share))]
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+class EvalWorker:
+    """An LM worker: loads the model, the store and a retriever once, then evaluates shares."""
+
+    def __init__(self, job: EvalJob, torch_threads: int, device: str):
+        import torch
+
+        from lm_worker.data.token_store import TokenStore
+        from lm_worker.models.checkpoint import load_checkpoint
+        from lm_worker.retrieval.service import ServiceRetriever, resolve_target
+
+        torch.set_num_threads(torch_threads)
+        self.job = job
+        self.model = load_checkpoint(job.checkpoint, device).model
+        self.store = TokenStore.open(job.store)
+        retrieval = job.config.retrieval
+        if job.kind == "retro":
+            retrieval = dataclasses.replace(retrieval, k=self.model.config.n_neighbours)
+        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval)
+        if job.kind == "retro":
+            self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
+
+    def _chunk_encoder(self):
+        """The encoder that made the RETRO datastore's keys (named by its metadata)."""
+        from lm_worker.data.tokenizer import Tokenizer
+        from lm_worker.encoders.registry import chunk_encoder_for
+
+        path = self.job.tokenizer or Path(self.job.store).parent / "tokenizer.json"
+        return chunk_encoder_for(self.retriever.metadata, Tokenizer.load(path), self.job.encoder_lm, threads=1)
+
+    def ready(self) -> str:
+        """The node this worker runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, share: Share) -> dict:
+        """The share's summed negative log-likelihoods and token count, and where it ran."""
+        from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+        from lm_worker.evaluation.retro_eval import evaluate_retro
+
+        batches = range(share.start, share.stop)
+        if self.job.kind == "knnlm":
+            result = evaluate_knnlm(self.model, self.store, self.retriever, self.job.config, False, batches)
+        else:
+            result = evaluate_retro(self.model, self.store, self.retriever, self.encoder, self.job.config, False,
+                                    batches)
+        return {"share": share.index, "node": self.ready(), "pid": os.getpid(), "result": result.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _open_checkpoints(job: EvalJob, directory: Path | None) -> dict[int, dict]:
+    """Finished shares from an earlier run of the same job; ValueError if the folder holds another job's."""
+    if directory is None:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / JOB_JSON
+    if marker.exists():
+        if json.loads(marker.read_text()) != job.describe():
+            raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
+                             "remove it or choose another checkpoint folder")
+    else:
+        marker.write_text(json.dumps(job.describe(), indent=2))
+    done = {}
+    for path in sorted(directory.glob("share-*.json")):
+        body = json.loads(path.read_text())
+        done[int(body["share"])] = body
+    return done
+
+
+def _save_share(directory: Path | None, body: dict) -> None:
+    if directory is None:
+        return
+    path = directory / f"share-{body['share']:05d}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- combining
+
+
+def _knn_result(body: dict) -> KnnEvalResult:
+    body = dict(body)
+    body["perplexity"] = {float(k): v for k, v in body["perplexity"].items()}
+    body["nll"] = {float(k): v for k, v in body["nll"].items()}
+    return KnnEvalResult(**body)
+
+
+def combine_knn(parts: list[KnnEvalResult], seconds: float) -> KnnEvalResult:
+    """One result from results over disjoint batch ranges, summed in the order given (the same parts in
+    the same order give the same figures to the last digit); `seconds` is the whole run's wall time."""
+    if not parts:
+        raise ValueError("no results to combine")
+    tokens = sum(p.tokens for p in parts)
+    base_nll = math.fsum(p.base_nll for p in parts)
+    nll = {lam: math.fsum(p.nll[lam] for p in parts) for lam in parts[0].nll}
+    base = perplexity(base_nll, tokens)
+    per_lambda = {lam: perplexity(v, tokens) for lam, v in nll.items()}
+    best = min(per_lambda, key=lambda lam: per_lambda[lam])
+    reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
+    return KnnEvalResult(tokens, base, per_lambda, best, per_lambda[best], reduction, parts[0].k, parts[0].temperature,
+                         sum(p.model_seconds for p in parts), sum(p.retrieval_seconds for p in parts),
+                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll)
+
+
+def combine_retro(parts: list[RetroEvalResult], seconds: float) -> RetroEvalResult:
+    """One RETRO result from results over disjoint batch ranges; `seconds` is the whole run's wall time."""
+    if not parts:
+        raise ValueError("no results to combine")
+    tokens = sum(p.tokens for p in parts)
+    nll, nll_without = math.fsum(p.nll for p in parts), math.fsum(p.nll_without for p in parts)
+    ppl, ppl_without = perplexity(nll, tokens), perplexity(nll_without, tokens)
+    reduction = 1.0 - ppl / ppl_without if math.isfinite(ppl_without) else 0.0
+    return RetroEvalResult(tokens, ppl, ppl_without, reduction, parts[0].n_neighbours,
+                           sum(p.model_seconds for p in parts), sum(p.embed_seconds for p in parts),
+                           sum(p.retrieval_seconds for p in parts), seconds, nll, nll_without)
+
+
+def _combine(kind: str, bodies: list[dict], seconds: float) -> KnnEvalResult | RetroEvalResult:
+    if kind == "knnlm":
+        return combine_knn([_knn_result(b["result"]) for b in bodies], seconds)
+    return combine_retro([RetroEvalResult(**b["result"]) for b in bodies], seconds)
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+
+
+class _Pool:
+    """Worker actors handed shares one at a time; a dead worker's share is queued again and the worker
+    replaced (up to `max_replacements` times)."""
+
+    def __init__(self, job: EvalJob, config: WorkerPoolConfig):
+        self.job, self.config = job, config
+        self.actor_class = ray.remote(EvalWorker)
+        self.starting: dict = {}  # ready() ref -> actor
+        self.running: dict = {}  # run() ref -> (actor, share)
+        self.idle: list = []
+        self.replaced = 0
+        self.nodes: set[str] = set()
+        for _ in range(config.workers):
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        c = self.config
+        actor = self.actor_class.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=c.resources or None,
+                                         max_restarts=0).remote(self.job, c.torch_threads, c.device)
+        self.starting[actor.ready.remote()] = actor
+
+    def _lost(self, actor, why: BaseException) -> None:
+        """A worker died: kill what is left of it and start another in its place."""
+        ray.kill(actor, no_restart=True)
+        if self.replaced >= self.config.max_replacements:
+            raise RuntimeError(f"{self.replaced} evaluation workers were replaced and another died: "
+                               f"{type(why).__name__}: {why}")
+        self.replaced += 1
+        log.warning("an evaluation worker died (%s); starting a replacement", type(why).__name__)
+        self._start_worker()
+
+    def dispatch(self, queue: deque[Share]) -> None:
+        while queue and self.idle:
+            actor, share = self.idle.pop(), queue.popleft()
+            self.running[actor.run.remote(share)] = (actor, share)
+
+    def wait(self, queue: deque[Share], timeout_s: float = 1.0) -> list[dict]:
+        """Results that arrived within `timeout_s`; a dead worker's share goes back to the front of `queue`."""
+        refs = [*self.starting, *self.running]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        results = []
+        for ref in ready:
+            if ref in self.starting:
+                actor = self.starting.pop(ref)
+                try:
+                    self.nodes.add(ray.get(ref))
+                    self.idle.append(actor)
+                except ray.exceptions.RayActorError as err:
+                    self._lost(actor, err)
+                continue
+            actor, share = self.running.pop(ref)
+            try:
+                results.append(ray.get(ref))
+                self.idle.append(actor)
+            except ray.exceptions.RayActorError as err:
+                queue.appendleft(share)
+                self._lost(actor, err)
+        return results
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.idle or self.running)
+
+    def shutdown(self) -> None:
+        for actor in [*self.idle, *self.starting.values(), *(a for a, _ in self.running.values())]:
+            ray.kill(actor, no_restart=True)
+
+
+def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConfig(),
+                         on_share: Callable[[dict], None] | None = None) -> KnnEvalResult | RetroEvalResult:
+    """Evaluates `job` over `config.workers` LM worker actors and combines their shares.
+
+    Args:
+        job: the model, token store, retrieval target and evaluation config.
+        config: workers, their resources, share size, checkpoint folder, Ray address.
+        on_share: called with each finished share's record (share index, node, result) as it arrives.
+
+    Returns:
+        A `KnnEvalResult` (kind "knnlm") or `RetroEvalResult` (kind "retro") whose figures do not
+        depend on the number of workers.
+
+    Raises:
+        ValueError: the checkpoint folder holds another evaluation's shares, or the config is invalid.
+        RuntimeError: more than `max_replacements` workers died, or none could run for `stall_timeout_s`.
+
+    Example:
+        >>> evaluate_distributed(job, WorkerPoolConfig(workers=4, num_gpus=1, address="ray://head:10001"))
+    """
+    from lm_worker.data.token_store import TokenStore
+    from lm_worker.evaluation.batches import count_batches
+
+    started = time.perf_counter()
+    align = 1
+    if job.kind == "retro":
+        from lm_worker.models.checkpoint import load_checkpoint
+
+        align = load_checkpoint(job.checkpoint).model.config.chunk_len
+    shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)
+    done = _open_checkpoints(job, config.checkpoint_dir)
+    queue = deque(s for s in shares if s.index not in done)
+    log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
+             len(done), config.workers)
+    if queue:
+        connect(config.address, config.num_cpus_local, log_to_driver=False)
+        _run_shares(job, config, queue, done, on_share, len(shares))
+    result = _combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
+    log.info("%s over %d tokens from %d shares", job.kind, result.tokens, len(shares))
+    return result
+
+
+def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
+                on_share: Callable[[dict], None] | None, total: int) -> None:
+    pool = _Pool(job, config)
+    bar = tqdm(total=total, initial=len(done), desc=f"{job.kind} eval ({config.workers} workers)", unit="share",
+               disable=not config.progress)
+    last_alive = time.monotonic()
+    try:
+        while queue or pool.running:
+            pool.dispatch(queue)
+            for body in pool.wait(queue):
+                if body["share"] in done:  # never counted twice
+                    continue
+                _save_share(config.checkpoint_dir, body)
+                done[body["share"]] = body
+                body = {**body, "replaced": pool.replaced}  # what the caller sees: workers replaced so far
+                bar.update(1)
+                if on_share is not None:
+                    on_share(body)
+            if pool.alive:
+                last_alive = time.monotonic()
+            elif time.monotonic() - last_alive > config.stall_timeout_s:
+                raise RuntimeError(f"no evaluation worker could start for {config.stall_timeout_s:.0f} s: "
+                                   f"does the cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
+        log.info("evaluation workers ran on %d nodes; %d replaced", len(pool.nodes), pool.replaced)
+    finally:
+        bar.close()
+        pool.shutdown()

@@ -1,0 +1,191 @@
+"""Perplexity evaluation over a token store: the base LM, kNN-LM over a sweep of λ, and RETRO with
+and without its retrieved neighbours, all over the same sliding windows and the same scored tokens.
+
+Position i of the store's stream predicts token i + 1 (its kNN-LM key is the LM's key at i, as in
+the datastore). Windows of `context_len` input positions slide by `stride`: the first window scores
+every position, each later one only its last `stride`, so every scored position after the first
+window sees at least `context_len - stride` earlier tokens (fairseq's `--context-window`).
+
+kNN-LM retrieves once per batch of windows (every scored position in one request, submitted while
+the model runs the next batch) and scores every λ from the same neighbours, as Khandelwal et al.
+do. Evaluating on the store the datastore was built from needs `exclude_own_document=True`.
+
+Example:
+    >>> config = EvalConfig(context_len=256, stride=128, retrieval=RetrievalConfig(k=1024))
+    >>> result = evaluate_knnlm(model, heldout, InProcessRetriever(Path("run/knnlm-datastore"), config.retrieval),
+    ...                         config)
+    >>> result.base_perplexity, result.best_lambda, result.best_perplexity
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lm_worker.data.token_store import TokenStore
+from lm_worker.evaluation.batches import (
+    Clock,
+    check_window,
+    completed,
+    lm_step,
+    make_batch,
+    plan_batches,
+    select_batches,
+)
+from lm_worker.evaluation.config import EvalConfig, perplexity
+from lm_worker.evaluation.knnlm import interpolate, knn_target_log_prob
+from lm_worker.retrieval.config import KnnNeighbours
+from lm_worker.sources.exclusions import knn_exclusions
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_lm(model: torch.nn.Module, store: TokenStore, config: EvalConfig = EvalConfig(),
+                progress: bool = True) -> tuple[float, int]:
+    """Perplexity of an LM over the store's sliding windows.
+
+    Args:
+        model: a `TransformerLM`, or any module with `forward(tokens, return_keys=True)`; put in eval mode.
+        store: the token stream to score.
+        config: windows, batch size and token cap.
+        progress: show a progress bar.
+
+    Returns:
+        (perplexity, tokens scored).
+
+    Raises:
+        ValueError: the window is longer than the model's `max_len`.
+    """
+    check_window(model, config)
+    model.eval()
+    nll, tokens = 0.0, 0
+    for windows in tqdm(plan_batches(store, config), desc="lm eval", unit="batch", disable=not progress):
+        lm, _ = lm_step(model, make_batch(store, windows))
+        nll += -lm.double().sum().item()
+        tokens += len(lm)
+    return perplexity(nll, tokens), tokens
+
+
+@dataclass(frozen=True)
+class KnnEvalResult:
+    """kNN-LM perplexity per λ over `tokens` scored positions, against the base LM's (λ = 0).
+
+    `relative_reduction` is 1 - best / base. `retrieval_seconds` sums the retrieval requests' wall
+    times (with `overlap`, two can be in flight at once), `retrieval_wait_seconds` is the time the
+    evaluation spent blocked on them, `seconds` the whole evaluation's wall time. `base_nll` and `nll`
+    (per λ) are the summed negative log-likelihoods (float64), which results over disjoint batch
+    ranges add up.
+    """
+
+    tokens: int
+    base_perplexity: float
+    perplexity: dict[float, float]
+    best_lambda: float
+    best_perplexity: float
+    relative_reduction: float
+    k: int
+    temperature: float
+    model_seconds: float
+    retrieval_seconds: float
+    retrieval_wait_seconds: float
+    seconds: float
+    base_nll: float = 0.0
+    nll: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else math.inf
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["perplexity"] = {str(lam): ppl for lam, ppl in self.perplexity.items()}
+        out["nll"] = {str(lam): v for lam, v in self.nll.items()}
+        return out
+
+
+class _Sums:
+    """Summed negative log-likelihoods: the base LM's and each λ's."""
+
+    def __init__(self, lambdas: tuple[float, ...]):
+        self.tokens, self.base = 0, 0.0
+        self.per_lambda = dict.fromkeys(lambdas, 0.0)
+
+    def add(self, lm: torch.Tensor, targets: torch.Tensor, found: KnnNeighbours, temperature: float) -> None:
+        distances, values = torch.as_tensor(np.array(found.distances)), torch.as_tensor(np.array(found.values))
+        knn = knn_target_log_prob(distances, values, targets, temperature)  # (n,)
+        self.tokens += len(lm)
+        self.base += -lm.double().sum().item()
+        for lam in self.per_lambda:
+            self.per_lambda[lam] += -interpolate(lm, knn, lam).double().sum().item()
+
+
+def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config: EvalConfig = EvalConfig(),
+                   progress: bool = True, batches: range | None = None) -> KnnEvalResult:
+    """kNN-LM perplexity for every λ in `config.lambdas`, from one retrieval per batch of windows.
+
+    Args:
+        model: the LM whose keys built the datastore (`forward(tokens, return_keys=True)`).
+        store: the token stream to score.
+        retriever: a `ServiceRetriever` or `InProcessRetriever` over a kNN-LM datastore; its config sets k.
+        config: windows, batch size, λs, temperature, own-document exclusion.
+        progress: show a progress bar.
+        batches: only these batches (of `count_batches(store, config)`); default all.
+
+    Returns:
+        A `KnnEvalResult`; its λ = 0 perplexity equals `evaluate_lm`'s exactly.
+
+    Raises:
+        ValueError: the window exceeds the model's `max_len`, the keys' dimension is not the datastore's,
+            or `exclude_own_document` is set for a datastore not built from `store`.
+    """
+    check_window(model, config)
+    if config.exclude_own_document and retriever.ntotal != len(store) - 1:
+        raise ValueError(f"exclude_own_document needs the datastore built from this store: it has "
+                         f"{retriever.ntotal} rows, the store {len(store) - 1} positions")
+    model.eval()
+    sums, clock, started = _Sums(config.lambdas), Clock(model=0.0, retrieval=0.0, wait=0.0), time.perf_counter()
+
+    def retrieve(keys: np.ndarray, exclude) -> Future:
+        sent = time.perf_counter()
+        future = retriever.submit_knn(keys, exclude) if config.overlap else completed(retriever.knn(keys, exclude))
+        future.add_done_callback(lambda _: clock.add("retrieval", time.perf_counter() - sent))
+        return future
+
+    def score(lm: torch.Tensor, targets: torch.Tensor, future: Future) -> None:
+        with clock.timing("wait"):
+            found = future.result()
+        sums.add(lm, targets, found, config.temperature)
+
+    pending = None  # the previous batch, scored once the model has run this one
+    for windows in tqdm(select_batches(plan_batches(store, config), batches), desc="kNN-LM eval", unit="batch",
+                        disable=not progress):
+        batch = make_batch(store, windows)
+        with clock.timing("model"):
+            lm, keys = lm_step(model, batch)
+        if keys.shape[1] != retriever.dimension:
+            raise ValueError(f"the model's keys have dimension {keys.shape[1]}, the datastore {retriever.dimension}")
+        exclude = knn_exclusions(store, batch.positions) if config.exclude_own_document else None
+        current = (lm, batch.scored_targets, retrieve(keys, exclude))
+        if pending is not None:
+            score(*pending)
+        pending = current
+    if pending is not None:
+        score(*pending)
+    base = perplexity(sums.base, sums.tokens)
+    per_lambda = {lam: perplexity(nll, sums.tokens) for lam, nll in sums.per_lambda.items()}
+    best = min(per_lambda, key=lambda lam: per_lambda[lam])
+    reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
+    log.log(logging.INFO if batches is None else logging.DEBUG,
+            "kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
+            sums.tokens, base, best, per_lambda[best], 100 * reduction)
+    return KnnEvalResult(sums.tokens, base, per_lambda, best, per_lambda[best], reduction, config.retrieval.k,
+                         config.temperature, clock["model"], clock["retrieval"], clock["wait"],
+                         time.perf_counter() - started, sums.base, dict(sums.per_lambda))
+

@@ -1,0 +1,82 @@
+"""The evaluation's report: a markdown table, eval.json, and the plot of perplexity against λ.
+
+Example:
+    >>> print(write_report(Path("run/eval"), knn_result, retro_result, meta={"data": "run/data"}))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from lm_worker.evaluation.knnlm_eval import KnnEvalResult
+from lm_worker.evaluation.retro_eval import RetroEvalResult
+
+log = logging.getLogger(__name__)
+
+
+def _change(ppl: float, base: float) -> str:
+    return f"{100 * (ppl / base - 1):+.1f}%" if math.isfinite(ppl) and math.isfinite(base) and base else "n/a"
+
+
+def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None) -> str:
+    """The markdown table: each model's perplexity and its change against its own base
+    (the LM for kNN-LM; RETRO with its neighbours withheld for RETRO)."""
+    lines = ["| model | tokens | perplexity | vs base |", "|---|---:|---:|---:|"]
+    if knn is not None:
+        lines.append(f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |")
+        lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}) | {knn.tokens} | "
+                     f"{knn.best_perplexity:.3f} | {_change(knn.best_perplexity, knn.base_perplexity)} |")
+    if retro is not None:
+        lines.append(f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |")
+        lines.append(f"| RETRO (K={retro.n_neighbours}) | {retro.tokens} | {retro.perplexity:.3f} | "
+                     f"{_change(retro.perplexity, retro.perplexity_without)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lambdas = sorted(knn.perplexity)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(lambdas, [knn.perplexity[lam] for lam in lambdas], "o-", label=f"kNN-LM (k={knn.k})")
+    ax.axhline(knn.base_perplexity, color="grey", linestyle="--", label=f"base LM ({knn.base_perplexity:.2f})")
+    ax.plot([knn.best_lambda], [knn.best_perplexity], "r*", markersize=14,
+            label=f"best λ={knn.best_lambda:g} ({knn.best_perplexity:.2f})")
+    ax.set(xlabel="λ (weight of p_kNN)", ylabel="perplexity", title=f"kNN-LM perplexity, {knn.tokens} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_safe(value):
+    """Non-finite floats as None (JSON has no inf/nan)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(out_dir: Path, knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta: dict) -> str:
+    """Writes OUT/eval.json (every number; non-finite as null), OUT/table.md and, with a kNN-LM result,
+    OUT/ppl_vs_lambda.png. Returns the table's text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    body = {"meta": meta, "knnlm": knn.to_dict() if knn else None, "retro": retro.to_dict() if retro else None}
+    (out / "eval.json").write_text(json.dumps(_json_safe(body), indent=2, default=str))
+    table = report_table(knn, retro)
+    (out / "table.md").write_text(table)
+    if knn is not None:
+        _plot_lambdas(knn, out / "ppl_vs_lambda.png")
+    log.info("wrote the evaluation report to %s", out)
+    return table

@@ -1,0 +1,244 @@
+"""The encode job: a kNN-LM or RETRO datastore source written in parts by Ray Data actors.
+
+The driver splits the rows into parts (kNN-LM: runs of whole sliding windows, RETRO: runs of
+chunks), and Ray Data maps the parts over a pool of actors that each load the model once (one GPU
+each where there are GPUs). An actor computes its part's rows with the same code as the in-process
+loop (`encode_knnlm`, `encode_retro`), writes them to a temporary folder and renames it to
+`parts/NNNNN/` with `part.json` inside, so a part on disk is whole or absent. When every part is
+there the driver writes the parts indexes and, last, source.json:
+
+    OUT/parts/job.json                 what the parts were planned from (a change discards them)
+    OUT/parts/00000/keys.npy           float32 (rows, d), rows [row_start, row_end) of the source
+    OUT/parts/00000/values.npy         int32 (rows,), or tokens.npy int32 (rows, 2L) for RETRO
+    OUT/parts/00000/part.json          its rows, encoder fingerprint, node and seconds; written last
+    OUT/keys.parts.json, OUT/values.parts.json (or tokens.parts.json), OUT/source.json
+
+Run again after a failure or a kill, the job keeps every finished part and encodes the rest. The
+folder must be reachable at the same path from every node (a shared file system on a cluster).
+`retriever-server build` and `build_source` read the parts indexes as they read .npy files.
+
+Example:
+    >>> config = EncodeJobConfig(kind="retro", data=Path("run/data"), chunk_len=16, workers=2)
+    >>> info = run_encode_job(config, Path("run/retro-source"))
+    >>> build_source(info.directory, Path("run/retro-datastore"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from lm_worker.data.token_store import TokenStore
+from lm_worker.jobs.encode_plan import (
+    JOB_JSON,
+    PART_JSON,
+    PARTS,
+    EncodeError,
+    EncodeJobConfig,
+    PartSpec,
+    check_config,
+    part_dir,
+    plan_parts,
+)
+from lm_worker.jobs.encode_worker import PartEncoder
+from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, Encoder, SourceInfo, start_source
+from retriever_server.cluster.connect import connect
+from retriever_server.datastore.row_parts import PARTS_SUFFIX, write_parts_index
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_part(out_dir: Path, part: PartSpec) -> dict | None:
+    """The part.json of part `part` when it is on disk, whole and of this plan; else None."""
+    folder = part_dir(out_dir, part.index)
+    record = _read_json(folder / PART_JSON)
+    try:
+        files = record["files"].items()
+        whole = {k: record[k] for k in asdict(part)} == asdict(part) and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files)
+    except (KeyError, TypeError, AttributeError):
+        whole = False
+    return record if whole else None
+
+
+def _job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], eos_id: int,
+               encoder_factory) -> dict:
+    """What finished parts must share with this run to be kept."""
+    if config.kind == "knnlm" or (config.encoder == "lm" and encoder_factory is None):
+        path = Path(config.checkpoint).resolve()
+        files = [path / n for n in sorted(os.listdir(path))] if path.is_dir() else [path]
+        model = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
+    else:
+        from lm_worker.encoders.minilm_chunks import ChunkEncoder
+
+        factory = encoder_factory or ChunkEncoder  # its name only: parts record the fingerprint of what ran
+        model = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+    stamp = {"kind": config.kind, "store": str(store.directory.resolve()), "tokens": len(store),
+             "tokenizer": store.tokenizer_fingerprint, "model": model, "eos_id": eos_id,
+             "windows": [config.context_len, config.stride] if config.kind == "knnlm" else None,
+             "chunk_len": config.chunk_len if config.kind == "retro" else None,
+             "plan": [[p.first, p.last, p.row_start, p.row_end] for p in plan]}
+    return json.loads(json.dumps(stamp))
+
+
+def _absolute(config: EncodeJobConfig) -> EncodeJobConfig:
+    """The config with absolute paths, as the actors see them whatever their working directory."""
+    checkpoint = None if config.checkpoint is None else Path(config.checkpoint).absolute()
+    return replace(config, data=Path(config.data).absolute(), checkpoint=checkpoint)
+
+
+def _keep_finished(out_dir: Path, plan: list[PartSpec], stamp: dict) -> dict[int, dict]:
+    """Keeps the finished parts of an earlier run of this same job; clears everything else in parts/."""
+    parts = out_dir / PARTS
+    if parts.exists() and _read_json(parts / JOB_JSON) != stamp:
+        if any(parts.iterdir()):
+            log.warning("discarding %s: parts of a different job (inputs, model or plan changed)", parts)
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / JOB_JSON).write_text(json.dumps(stamp))
+    for leftover in parts.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    done = {}
+    for part in plan:
+        record = finished_part(out_dir, part)
+        if record is not None:
+            done[part.index] = record
+        elif part_dir(out_dir, part.index).exists():
+            log.warning("part %d from an earlier run is unfinished or damaged; encoding it again", part.index)
+            shutil.rmtree(part_dir(out_dir, part.index))
+    if done:
+        log.info("keeping %d of %d parts from an earlier run", len(done), len(plan))
+    return done
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data without its own progress bars and start-up chatter (the job shows one bar over parts)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
+        logger.setLevel(level)
+
+
+def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], total: int, eos_id: int,
+                  encoder_factory) -> None:
+    """Maps the parts in `todo` over the actor pool; raises EncodeError on the first part that fails."""
+    import ray
+    import ray.data
+    from tqdm.auto import tqdm
+
+    connect(config.address)
+    actor_args = {"config": config, "out_dir": str(out_dir.absolute()), "eos_id": eos_id,
+                  "encoder_factory": encoder_factory}
+    with _quiet_ray_data():
+        ds = ray.data.from_items([asdict(p) for p in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(PartEncoder, batch_size=1, fn_constructor_kwargs=actor_args,
+                            compute=ray.data.ActorPoolStrategy(size=min(config.workers, len(todo))),
+                            num_cpus=config.num_cpus, num_gpus=config.gpus)
+        desc = f"encoding {config.kind} parts ({config.workers} worker{'s' if config.workers > 1 else ''})"
+        with tqdm(total=total, initial=total - len(todo), unit="part", desc=desc, disable=not config.progress) as bar:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    raise EncodeError(f"part {row['index']} failed: {row['error']}")
+                bar.update(1)
+
+
+def _publish(config: EncodeJobConfig, out_dir: Path, plan: list[PartSpec], records: dict[int, dict],
+             store: TokenStore, eos_id: int, seconds: float) -> SourceInfo:
+    """Writes the parts indexes and then source.json; removes plain arrays a plain-loop run left there."""
+    encoders = {records[p.index]["encoder"] for p in plan}
+    if len(encoders) != 1:
+        raise EncodeError(f"the parts in {out_dir / PARTS} were encoded by different models {sorted(encoders)}; "
+                          f"remove that folder and run again")
+    name, plain = PAYLOAD_FILES[config.kind]
+    write_parts_index(out_dir / KEYS_PARTS, [part_dir(out_dir, p.index) / KEYS for p in plan])
+    write_parts_index(out_dir / f"{name}{PARTS_SUFFIX}", [part_dir(out_dir, p.index) / plain for p in plan])
+    for stale in (KEYS, plain):
+        (out_dir / stale).unlink(missing_ok=True)
+    first = records[plan[0].index]
+    details = {**first["details"], "store": str(store.directory), "seconds": round(seconds, 3), "layout": PARTS_LAYOUT,
+               "parts": len(plan), "rows_per_part": config.part_rows, "workers": config.workers,
+               "part_seconds": round(sum(records[p.index]["seconds"] for p in plan), 3)}
+    if config.kind == "knnlm":
+        details.update(context_len=config.context_len, stride=config.stride)
+    else:
+        details.update(eos_id=eos_id)
+    info = SourceInfo(out_dir, config.kind, plan[-1].row_end, int(first["dimension"]), store.tokenizer_fingerprint,
+                      encoders.pop(), config.chunk_len if config.kind == "retro" else 0, details=details)
+    info.write()
+    log.info("%s source %s: %d rows of dimension %d in %d parts", config.kind, out_dir, info.rows, info.dimension,
+             len(plan))
+    return info
+
+
+def run_encode_job(config: EncodeJobConfig, out_dir: Path,
+                   encoder_factory: Callable[..., Encoder] | None = None) -> SourceInfo:
+    """Encodes a datastore source in parts on a pool of Ray Data actors (see the module doc).
+
+    Keys equal those of `encode_knnlm` / `encode_retro` with the same parameters up to float
+    rounding, payloads exactly; parts an earlier run of the same job finished are kept.
+
+    Args:
+        config: what to encode and with how many workers.
+        out_dir: the source directory (created; finished parts of the same job are reused).
+        encoder_factory: RETRO: `factory(tokenizer) -> encoder` called once in each actor, for an
+            encoder other than the MiniLM `ChunkEncoder` (it must pickle).
+
+    Returns:
+        The source's `SourceInfo` (`parted` is true).
+
+    Raises:
+        ValueError, FileNotFoundError: a bad config or missing inputs (before any work starts).
+        EncodeError: a part failed (finished parts stay on disk for the next run).
+
+    Example:
+        >>> run_encode_job(EncodeJobConfig(kind="knnlm", data=Path("run/data"), checkpoint=Path("run/lm"),
+        ...                                workers=2), Path("run/knnlm-source"))
+    """
+    check_config(config)
+    started = time.time()
+    config = _absolute(config)
+    store = TokenStore.open(Path(config.data) / config.split)
+    if config.kind == "retro":
+        from lm_worker.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(Path(config.data) / "tokenizer.json")
+        if tokenizer.fingerprint != store.tokenizer_fingerprint:
+            raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
+                             f"not {tokenizer.fingerprint}")
+    plan = plan_parts(config, len(store))
+    eos_id = int(store.tokens[-1])
+    out_dir = start_source(out_dir)
+    records = _keep_finished(out_dir, plan, _job_stamp(config, store, plan, eos_id, encoder_factory))
+    todo = [p for p in plan if p.index not in records]
+    if todo:
+        _encode_parts(config, out_dir, todo, len(plan), eos_id, encoder_factory)
+        records.update({p.index: finished_part(out_dir, p) for p in todo})
+    missing = [i for i, r in records.items() if r is None]
+    if missing:
+        raise EncodeError(f"parts {missing} were reported done but are not whole in {out_dir / PARTS}")
+    return _publish(config, out_dir, plan, records, store, eos_id, time.time() - started)
+

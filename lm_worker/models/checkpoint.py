@@ -1,0 +1,182 @@
+"""Model checkpoints: one torch file holding the weights, the model config as a plain dict, the
+optimizer state, the training step, the tokenizer's fingerprint and free-form `extra` data.
+
+Writes are atomic (a temporary file in the same folder, then `os.replace`), so a reader never sees
+half a checkpoint, even when training is killed mid-save. A directory holding a Hugging Face
+`config.json` loads as a causal LM through `lm_worker.models.hf_causal_lm` (kind "hf").
+
+Example:
+    >>> save_checkpoint(Path("run/lm/checkpoint.pt"), kind="lm", model=model, config=model.config,
+    ...                 step=1000, tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    >>> loaded = load_checkpoint(Path("run/lm/checkpoint.pt"))
+    >>> logits = loaded.model(tokens)  # (B, T, V)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lm_worker.models.checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {"lm": (LMConfig, TransformerLM), "retro": (RetroConfig, Retro)}
+
+
+@dataclass
+class LoadedModel:
+    """A model read back from a checkpoint (or a Hugging Face directory).
+
+    Attributes:
+        kind: "lm" (TransformerLM), "retro" (Retro) or "hf" (HFCausalLM).
+        model: the model, in eval mode, on the requested device.
+        config: LMConfig, RetroConfig or HFLMConfig.
+        step: training steps done (0 for a Hugging Face model).
+        tokenizer_fingerprint: fingerprint of the tokenizer the model was trained with.
+        optimizer_state: the optimizer's state_dict, or None.
+        extra: free-form data saved with the checkpoint (e.g. the training config and losses).
+    """
+
+    kind: str
+    model: nn.Module
+    config: Any
+    step: int
+    tokenizer_fingerprint: str
+    optimizer_state: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, step: int, tokenizer_fingerprint: str,
+                    extra: dict, optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Writes a checkpoint atomically.
+
+    Args:
+        path: the file to write (its folder is created).
+        kind: "lm" or "retro".
+        model: the model whose state_dict is saved.
+        config: the model's frozen config dataclass (stored as a plain dict).
+        step: training steps done.
+        tokenizer_fingerprint: the fingerprint of the tokenizer of the training data.
+        extra: plain data (dicts, lists, numbers, strings) stored alongside.
+        optimizer: its state is saved too when given, so training can resume.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: unknown kind, or a config that is not a dataclass.
+    """
+    if kind not in MODELS:
+        raise ValueError(f"cannot save kind {kind!r}: checkpoints hold {sorted(MODELS)} models")
+    if not dataclasses.is_dataclass(config):
+        raise ValueError(f"config must be a dataclass, got {type(config).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "config": dataclasses.asdict(config),
+        "model": model.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "step": int(step),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "extra": extra,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("saved %s checkpoint at step %d to %s", kind, step, path)
+    return path
+
+
+def build_config(kind: str, values: dict) -> LMConfig | RetroConfig:
+    """Rebuilds a model config from its stored dict (lists become tuples again).
+
+    Raises:
+        ValueError: unknown kind or fields that the config does not have.
+    """
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODELS)}")
+    config_cls = MODELS[kind][0]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no fields {sorted(unknown)}")
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Reads a checkpoint written by `save_checkpoint`, or a Hugging Face causal LM directory.
+
+    Args:
+        path: a checkpoint file; a folder holding `checkpoint.pt`; or a Hugging Face model folder
+            (with `config.json`), loaded offline as kind "hf".
+        device: where the model's weights go.
+
+    Returns:
+        The model (in eval mode) with its config, step, tokenizer fingerprint and saved extras.
+
+    Raises:
+        FileNotFoundError: nothing loadable at `path`.
+        ValueError: the file is not an lm_worker checkpoint, or is of an unknown kind or version.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _load_hf(path, device)
+        if (path / CHECKPOINT_NAME).is_file():
+            path = path / CHECKPOINT_NAME
+        else:
+            raise FileNotFoundError(f"{path} holds neither {CHECKPOINT_NAME} nor a Hugging Face config.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = _read(path, device)
+    kind = payload["kind"]
+    if kind not in MODELS:
+        raise ValueError(f"{path} holds a model of unknown kind {kind!r}")
+    config = build_config(kind, payload["config"])
+    model = MODELS[kind][1](config)
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    return LoadedModel(kind=kind, model=model, config=config, step=int(payload["step"]),
+                       tokenizer_fingerprint=payload["tokenizer_fingerprint"], optimizer_state=payload["optimizer"],
+                       extra=payload.get("extra") or {})
+
+
+def _read(path: Path, device: str | torch.device) -> dict:
+    """The checked payload dict of a checkpoint file."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is not a torch checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an lm_worker checkpoint (no format {FORMAT!r})")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads {VERSION}")
+    return payload
+
+
+def _load_hf(path: Path, device: str | torch.device) -> LoadedModel:
+    """A Hugging Face causal LM folder as a LoadedModel of kind "hf"."""
+    from lm_worker.models.hf_causal_lm import HFCausalLM, tokenizer_fingerprint
+
+    model = HFCausalLM.from_pretrained(path).to(device).eval()
+    return LoadedModel(kind="hf", model=model, config=model.config, step=0,
+                       tokenizer_fingerprint=tokenizer_fingerprint(path), extra={"path": str(path)})

@@ -1,0 +1,200 @@
+"""Transformer building blocks shared by the LM and RETRO: RMSNorm, rotary embeddings,
+self-attention with a key/value cache, cross-attention, feed-forward and a pre-norm block.
+
+Shapes: B batch, T new positions, S positions attended to (past + new), C channels (d_model),
+H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), as in RETRO and LLaMA."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return x * rms * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings (Su et al.): rotate pairs of query/key features by position."""
+
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (D/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate x (B, H, T, D) whose first position is absolute position `offset`."""
+        T = x.shape[-2]
+        pos = torch.arange(offset, offset + T, device=x.device, dtype=self.inv_freq.dtype)  # (T,)
+        angles = torch.outer(pos, self.inv_freq)  # (T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
+        return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
+
+
+class KVCache:
+    """Per-layer keys and values of past positions, for incremental decoding.
+
+    `offset` is the number of positions already processed; the model advances it after each
+    forward pass. `reorder(indices)` selects batch rows (beam search); `rewind(n)` forgets the last
+    n positions (speculative decoding).
+
+    Example:
+        >>> cache = model.new_cache()
+        >>> logits = model(prompt, cache=cache)             # (B, T, V)
+        >>> logits = model(next_token[:, None], cache=cache)  # (B, 1, V), reuses the prompt's keys
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, S, D)
+        self.values: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, S, D)
+        self.offset = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values (B, H, T, D) of one layer; return all of them (B, H, S, D)."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Keep batch rows `indices` (1-D long tensor), in that order, e.g. the surviving beams."""
+        self.keys = [None if k is None else k.index_select(0, indices) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, indices) for v in self.values]
+
+    def rewind(self, n: int = 1) -> None:
+        """Forget the last `n` positions, as if they had never been fed (a rejected speculative step)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot rewind {n} of {self.offset} cached positions")
+        keep = self.offset - n
+        self.keys = [None if k is None else k[:, :, :keep] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :keep] for v in self.values]
+        self.offset = keep
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary embeddings, causal or bidirectional, optionally cached."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
+        self.n_head, self.causal, self.dropout = n_head, causal, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = RotaryEmbedding(d_model // n_head)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); with a cache, attends to the cached positions too."""
+        B, T, C = x.shape
+        offset = cache.offset if cache is not None else 0
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self._mask(T, k.shape[2], x.device),
+            is_causal=self.causal and k.shape[2] == T, dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+    def _mask(self, T: int, S: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, S) mask for new queries after S - T cached positions; None when not needed."""
+        if not self.causal or S == T:
+            return None
+        q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+        return q_pos >= torch.arange(S, device=device)[None, :]  # (T, S)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries x (N, Tq, C) to a memory m (N, Tk, C), no positions."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the output (N, Tq, C) and the attention weights (N, H, Tq, Tk)."""
+        N, Tq, C = x.shape
+        D = C // self.n_head
+        q = self.q(x).view(N, Tq, self.n_head, D).transpose(1, 2)  # (N, H, Tq, D)
+        k, v = self.kv(m).split(C, dim=-1)
+        k = k.view(N, -1, self.n_head, D).transpose(1, 2)  # (N, H, Tk, D)
+        v = v.view(N, -1, self.n_head, D).transpose(1, 2)  # (N, H, Tk, D)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D), dim=-1)  # (N, H, Tq, Tk)
+        y = self.attn_drop(weights) @ v  # (N, H, Tq, D)
+        y = y.transpose(1, 2).reshape(N, Tq, C)
+        return self.resid_drop(self.proj(y)), weights
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> GELU -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.norm_attn = RMSNorm(d_model)
+        self.attn = SelfAttention(d_model, n_head, dropout, causal)
+        self.norm_ffn = RMSNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the block output (B, T, C) and the feed-forward input (B, T, C) (the kNN-LM key)."""
+        x = x + self.attn(self.norm_attn(x), cache, layer)
+        ffn_in = self.norm_ffn(x)  # (B, T, C)
+        return x + self.ffn(ffn_in), ffn_in
+
+
+def check_length(offset: int, length: int, max_len: int) -> None:
+    """ValueError when `length` more positions after `offset` cached ones would pass `max_len`."""
+    if offset + length > max_len:
+        raise ValueError(f"sequence length {offset + length} exceeds max_len {max_len}")
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 style initialisation: normal(0, 0.02) weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,90 @@
+"""What the pipeline runs (`PipelineConfig`, with the demo's sizes) and where it put the results (`PipelineReport`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm_worker.data.token_store import RETRO_SPLIT
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.training.config import TrainConfig
+
+PROMPTS = ("def read_config(path):\n", "class Parser:\n    def __init__(self", "import os\nimport sys\n\n")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Sizes of every stage and where it runs. The defaults fit 2 CPU cores in well under an hour;
+    `demo()` in under 20 minutes. The held-out split is cut into validation text (its last
+    `tune_tokens` tokens, where kNN-LM's temperature is chosen) and test documents (the rest),
+    where every reported perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
+    this process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
+    RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token). `retro_init`: "lm"
+    retro-fits RETRO onto the trained base LM (its decoder frozen, only CCA and the neighbour encoder train),
+    "scratch" trains RETRO's own decoder (`retro.preset`) from random weights. A retro-fitted RETRO trains on
+    `max_retro_tokens` tokens of training-side documents the LM never saw (the "retro" split; 0: on the LM's
+    own training text, where the frozen LM predicts so well from memory that the neighbours add little)."""
+
+    run: Path = Path("runs/stdlib")
+    corpus: str = "stdlib"
+    vocab_size: int = 4096
+    max_train_tokens: int = 800_000
+    max_heldout_tokens: int = 40_000
+    max_retro_tokens: int = 3_200_000
+    lm: TrainConfig = field(default_factory=lambda: TrainConfig(kind="lm", preset="small", steps=500, eval_every=50))
+    retro: TrainConfig = field(default_factory=lambda: TrainConfig(kind="retro", preset="small", steps=1600,
+                                                                   batch_size=8, chunk_len=8, eval_every=50))
+    n_neighbours: int = 2
+    context_len: int = 256
+    stride: int = 128
+    shards: int = 2
+    knn: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(k=1024, nprobe=32))
+    retro_nprobe: int = 32
+    retro_encoder: str = "lm"
+    retro_init: str = "lm"
+    eval_tokens: int = 0
+    temperatures: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+    tune_tokens: int = 4096
+    encode_workers: int = 2
+    eval_workers: int = 2
+    serve_on_ray: bool = True
+    address: str | None = None
+    num_cpus: int = 0  # logical CPUs of a local Ray cluster; 0: max(4, the machine's)
+    samples: int = 3
+    sample_tokens: int = 48
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.retro_init not in ("lm", "scratch"):
+            raise ValueError(f"retro_init must be 'lm' or 'scratch', got {self.retro_init!r}")
+        if self.max_retro_tokens < 0:
+            raise ValueError(f"max_retro_tokens must be >= 0, got {self.max_retro_tokens}")
+
+    @property
+    def retro_split(self) -> str:
+        """The split RETRO trains on: "retro" (text the LM never saw) when retro-fitted with one, else "train"."""
+        return RETRO_SPLIT if self.retro_init == "lm" and self.max_retro_tokens else "train"
+
+    @classmethod
+    def demo(cls, run: Path = Path("runs/demo"), **overrides) -> PipelineConfig:
+        """The demo's sizes: every stage at CPU scale, about 10 minutes on 2 cores."""
+        sizes = dict(run=run, max_train_tokens=300_000, max_heldout_tokens=16_000, max_retro_tokens=300_000,
+                     lm=TrainConfig(kind="lm", preset="small", steps=300, batch_size=8, warmup=50, eval_every=100,
+                                    checkpoint_every=100),
+                     retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=8, warmup=30,
+                                       eval_every=75, checkpoint_every=75))
+        return cls(**{**sizes, **overrides})
+
+
+@dataclass(frozen=True)
+class PipelineReport:
+    """Where everything went: the summary (evaluation table and stage times), the report folder."""
+
+    run: Path
+    table: str
+    summary: str
+    report: Path
+    eval_json: Path
+    plots: list[Path]
+    samples: Path | None
+

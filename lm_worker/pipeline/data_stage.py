@@ -1,0 +1,89 @@
+"""The pipeline's data: the prepared corpus, the retro split, and the held-out text cut into a
+validation part (where kNN-LM's temperature is chosen) and a test part (where perplexity is reported)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+
+from lm_worker.data.prepare import PrepareConfig, prepare_corpus, prepare_retro_split
+from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, write_token_store
+from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.stages import done
+
+log = logging.getLogger(__name__)
+
+
+def prepare_config(config: PipelineConfig):
+    return PrepareConfig(out=config.run / "data", corpus=config.corpus, vocab_size=config.vocab_size,
+                         max_train_tokens=config.max_train_tokens, max_heldout_tokens=config.max_heldout_tokens,
+                         max_retro_tokens=config.max_retro_tokens, progress=config.progress)
+
+
+def prepare_data(config: PipelineConfig) -> None:
+    report = prepare_corpus(replace(prepare_config(config), max_retro_tokens=0))
+    log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
+
+
+def prepare_retro(config: PipelineConfig) -> None:
+    """RUN/data/retro, the text RETRO's new layers train on; also added to a run prepared without one."""
+    store = prepare_retro_split(prepare_config(config))
+    log.info("retro split: %d documents, %d tokens", len(store.documents), len(store))
+
+
+def cut_validation(docs: list, tune_tokens: int) -> tuple[list, list]:
+    """(test, valid): valid is the last `tune_tokens` tokens of the held-out documents, the document
+    where it starts cut in two (its head stays a test document), test the rest."""
+    test, valid, need = list(docs), [], tune_tokens
+    while need > 1 and test:  # (a document's tokens, then its EOS)
+        name, tokens = test.pop()
+        if len(tokens) + 1 > need:  # longer than what is still needed: only its tail validates
+            cut = len(tokens) - (need - 1)
+            test.append((f"{name}[:{cut}]", tokens[:cut]))
+            valid.insert(0, (f"{name}[{cut}:]", tokens[cut:]))
+            need = 0
+        else:
+            valid.insert(0, (name, tokens))
+            need -= len(tokens) + 1
+    if not test:
+        raise ValueError(f"{len(docs)} held-out documents leave nothing to test on after {tune_tokens} "
+                         "validation tokens: lower tune_tokens or hold out more text")
+    return test, valid
+
+
+def split_heldout(config: PipelineConfig, heldout):
+    """The held-out documents split in two: "valid" (their last `tune_tokens` tokens) to choose
+    kNN-LM's temperature on, and "test" (the rest), where every perplexity is reported."""
+    data = config.run / "data"
+    if not done(data / "test" / "documents.json"):
+        docs = [(d.name, np.asarray(heldout.tokens[d.start:d.end - 1])) for d in heldout.documents]  # EOS re-added
+        test, valid = cut_validation(docs, config.tune_tokens)
+        eos = int(heldout.tokens[-1])
+        for name, part in (("valid", valid), ("test", test)):
+            write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint)
+    return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
+
+
+def split_size(config: PipelineConfig, split: str) -> dict:
+    """{"split", "documents", "tokens"} of RUN/data/SPLIT."""
+    store = TokenStore.open(config.run / "data" / split)
+    return {"split": split, "documents": len(store.documents), "tokens": len(store)}
+
+
+def check_retro_split(config: PipelineConfig) -> None:
+    """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
+    (a run made before the budget changed), naming what to remove so the split and what follows from
+    it are made again. A split written before budgets were recorded is taken as it is."""
+    split = config.run / "data" / RETRO_SPLIT
+    if config.retro_split != RETRO_SPLIT or not done(split / "documents.json"):
+        return
+    budget = TokenStore.open(split).max_tokens
+    if budget is not None and budget != config.max_retro_tokens:
+        source = config.run / "retro-source"
+        raise ValueError(f"{split} holds the retro split of a {budget}-token budget, max_retro_tokens is "
+                         f"{config.max_retro_tokens}: remove {split}, {source / 'retro-keys.npy'}, "
+                         f"{source / 'neighbours-retro.npy'} and {config.run / 'retro'} to make it again, or "
+                         f"use another run folder")
+

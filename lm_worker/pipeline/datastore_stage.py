@@ -1,0 +1,134 @@
+"""The pipeline's datastores: both sources encoded (Ray Data), built (the Ray build job), served for the
+run, and RETRO's neighbours fetched for every chunk of the splits that need them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lm_worker.data.token_store import TokenStore
+from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.stages import Stages, done
+
+
+def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
+    """The train split's kNN-LM or RETRO source, by the Ray Data job (or a plain loop with 0 workers)."""
+    from lm_worker.jobs.encode_job import run_encode_job
+    from lm_worker.jobs.encode_plan import EncodeJobConfig
+
+    out = config.run / f"{kind}-source"
+    job = EncodeJobConfig(kind=kind, data=config.run / "data", checkpoint=lm_checkpoint, encoder=config.retro_encoder,
+                          chunk_len=config.retro.chunk_len, context_len=config.context_len, stride=config.stride,
+                          workers=max(config.encode_workers, 1), address=config.address, progress=config.progress)
+    run_encode_job(job, out)
+
+
+def neighbour_splits(config: PipelineConfig) -> tuple[str, ...]:
+    """The splits whose chunks need RETRO neighbours: the one RETRO trains on, and the held-out one."""
+    return config.retro_split, "heldout"
+
+
+def query_splits(config: PipelineConfig) -> tuple[str, ...]:
+    """The splits whose chunks query the RETRO datastore but are not in it (so they need their own keys)."""
+    return tuple(split for split in neighbour_splits(config) if split != "train")
+
+
+def check_neighbour_files(config: PipelineConfig) -> None:
+    """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's."""
+    source = config.run / "retro-source"
+    for split in neighbour_splits(config):
+        path = source / f"neighbours-{split}.npy"
+        if done(path) and (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
+            raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
+                             f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
+
+
+def embed_split(config: PipelineConfig, encoder, split: str) -> None:
+    """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
+    from lm_worker.sources.retro import embed_chunks
+
+    source = config.run / "retro-source"
+    tmp = source / f"{split}-keys.tmp.npy"
+    embed_chunks(TokenStore.open(config.run / "data" / split), encoder, config.retro.chunk_len, tmp,
+                 progress=config.progress)
+    tmp.rename(source / f"{split}-keys.npy")
+
+
+def build_datastore_of(config: PipelineConfig, source: Path, datastore: Path) -> None:
+    from lm_worker.sources.build import build_source
+
+    build_source(source, datastore, shards=config.shards, progress=config.progress)
+
+
+@contextlib.contextmanager
+def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Iterator[str]:
+    """Serves a datastore for the duration: shards and router as Ray actors, or as local processes.
+    Yields the router's address."""
+    if config.serve_on_ray:
+        from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig
+
+        host = None if (config.address or os.environ.get("RAY_ADDRESS")) else "127.0.0.1"
+        serve = RayServeConfig(datastore, name=f"{config.run.name}-{name}", cpus_per_shard=0.5, host=host,
+                               metrics=False)
+        with RayDeployment(serve) as deployment:
+            yield deployment.router_address
+    else:
+        from retriever_server.cluster.launcher import LocalDeployment
+
+        with LocalDeployment(datastore) as deployment:
+            yield deployment.router_address
+
+
+def fetch_neighbours(config: PipelineConfig, retriever) -> None:
+    from lm_worker.sources.exclusions import chunk_exclusions
+    from lm_worker.sources.neighbours import precompute_neighbours
+    from lm_worker.sources.source import read_source
+
+    source, L = config.run / "retro-source", config.retro.chunk_len
+    for split in neighbour_splits(config):
+        name = f"neighbours-{split}.npy"
+        if done(source / name):
+            continue
+        if split == "train":  # the datastore's own chunks: each leaves out its own document
+            train = TokenStore.open(config.run / "data" / "train")
+            keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L)
+        else:  # no document of these is in the datastore: nothing to leave out
+            keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
+        tmp = source / f"{name}.tmp.npy"
+        precompute_neighbours(retriever, keys, exclude, tmp, progress=config.progress)
+        tmp.rename(source / name)
+
+
+def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint: Path, tokenizer):
+    """Encodes and builds both datastores; returns the encoder of the RETRO source's keys."""
+    from lm_worker.encoders.registry import chunk_encoder_for
+    from lm_worker.sources.source import read_source
+
+    run, encoder = config.run, None
+    for kind in ("knnlm", "retro"):
+        source, datastore = run / f"{kind}-source", run / f"{kind}-datastore"
+        with stages.stage(f"encode {kind} (Ray Data, {config.encode_workers} workers)",
+                          reused=done(source / "source.json")):
+            if not done(source / "source.json"):
+                encode_source(config, kind, lm_checkpoint)
+        if kind == "retro":
+            info = read_source(source)
+            if info.chunk_len != config.retro.chunk_len:
+                raise ValueError(f"{source} holds chunks of {info.chunk_len} tokens, RETRO's chunk_len is "
+                                 f"{config.retro.chunk_len}: remove {source}, {run / 'retro-datastore'} and "
+                                 f"{run / 'retro'} to rebuild them, or use another run folder")
+            encoder = chunk_encoder_for(info.encoder_metadata, tokenizer)
+            for split in query_splits(config):
+                with stages.stage(f"embed {split} chunks", reused=done(source / f"{split}-keys.npy")):
+                    if not done(source / f"{split}-keys.npy"):
+                        embed_split(config, encoder, split)
+        with stages.stage(f"build {kind} datastore ({config.shards} shards)",
+                          reused=done(datastore / "manifest.json")):
+            if not done(datastore / "manifest.json"):
+                build_datastore_of(config, source, datastore)
+    return encoder
+

@@ -1,0 +1,96 @@
+"""The pipeline's evaluation: kNN-LM's temperature chosen on validation text, the test split's
+perplexities on LM worker actors, an attention map and generated samples."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from lm_worker.pipeline.config import PROMPTS, PipelineConfig
+from lm_worker.pipeline.stages import done
+
+log = logging.getLogger(__name__)
+
+
+def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> tuple[float, dict[float, float]]:
+    """kNN-LM's softmax temperature, chosen on the validation documents (in this process, through the
+    service): T -> best perplexity over the λ sweep, and the best T. Kept in RUN/report/temperature.json."""
+    from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+
+    path = config.run / "report" / "temperature.json"
+    if done(path):
+        saved = json.loads(path.read_text())
+        return saved["chosen"], {float(t): p for t, p in saved["best_perplexity_by_temperature"].items()}
+    best: dict[float, float] = {}
+    for T in config.temperatures:
+        best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
+                                 ).best_perplexity
+        log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
+    chosen = min(best, key=best.get)
+    path.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best}, indent=2))
+    return chosen, best
+
+
+def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, target: str, eval_config, model, retriever,
+              encoder):
+    """The test split's figures: on `eval_workers` LM worker actors (finished shares kept in
+    RUN/report/shares/KIND), or in this process with 0 workers."""
+    from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
+    from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+    from lm_worker.evaluation.retro_eval import evaluate_retro
+
+    if config.eval_workers == 0:
+        if kind == "knnlm":
+            return evaluate_knnlm(model, test, retriever, eval_config, config.progress)
+        return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress)
+    job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
+                  tokenizer=config.run / "data" / "tokenizer.json")
+    pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=config.run / "report" / "shares" / kind,
+                            address=config.address, progress=config.progress)
+    return evaluate_distributed(job, pool)
+
+
+def write_samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, retro_retriever, encoder) -> Path:
+    """A few continuations of code prompts by the LM alone, kNN-LM and RETRO, written to samples.md."""
+    import torch
+
+    from lm_worker.decoding.config import GenerateConfig
+    from lm_worker.decoding.generate import generate
+    from lm_worker.decoding.lm_stepper import LMStepper
+    from lm_worker.decoding.retro_stepper import RetroStepper
+    from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
+
+    prompts = PROMPTS[:config.samples]
+    # Nucleus sampling with one seed for all three: greedy decoding of models this small repeats itself.
+    decode = GenerateConfig(strategy="sample", temperature=0.8, top_p=0.9, seed=0, max_new_tokens=config.sample_tokens,
+                            eos_id=tokenizer.eos_id)
+    steppers = {"LM alone": (LMStepper(lm), decode),
+                f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g})":
+                    (SpeculativeKnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature,
+                                             eos_id=tokenizer.eos_id), decode),
+                "RETRO, queries sent 4 tokens early":
+                    (RetroStepper(retro, retro_retriever, encoder, prefetch=4), decode)}
+    lines = ["# Samples\n", "Each model continues each prompt by nucleus sampling (top-p 0.9, temperature 0.8, "
+             "seed 0).\n"]
+    for prompt in prompts:
+        lines.append(f"## Prompt\n\n```python\n{prompt}```\n")
+        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+        for name, (stepper, decoding) in steppers.items():
+            out = generate(stepper, ids, decoding)
+            text = tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist())
+            lines.append(f"### {name}\n\n```python\n{text}\n```\n")
+    path = config.run / "report" / "samples.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def attention_map(config: PipelineConfig, retro_model, encoder, retriever, tokenizer, test) -> Path:
+    from lm_worker.evaluation.attention_plot import plot_retrieved_attention
+
+    out = config.run / "report" / "attention.png"
+    plot_retrieved_attention(retro_model, test.tokens[: 4 * retro_model.config.chunk_len], retriever, encoder,
+                             tokenizer, chunk=1, out_path=out)
+    return out
+

@@ -1,0 +1,146 @@
+"""The whole LM side on one corpus, stage by stage, into one run directory, on a Ray cluster:
+
+    prepare -> train the LM -> encode kNN-LM keys (Ray Data job) -> build its datastore (Ray job)
+            -> embed RETRO chunks (Ray Data job) -> build its datastore -> serve both (Ray actors)
+            -> fetch RETRO neighbours (own document excluded) -> train RETRO (retro-fitted onto the LM,
+               on the "retro" split: text the LM never saw)
+            -> evaluate on LM worker actors (kNN-LM λ sweep, RETRO with and without neighbours)
+            -> attention map -> generated samples -> RUN/report/
+
+Each stage leaves its output in the layout below and is skipped when that output exists, so an
+interrupted run carries on where it stopped (training resumes from its checkpoint, encoding from its
+finished parts, evaluation from its finished shares) and a second run reuses everything.
+
+    RUN/data/  RUN/lm/  RUN/knnlm-source/  RUN/knnlm-datastore/  RUN/retro-source/
+    RUN/retro-datastore/  RUN/retro/  RUN/report/ (summary.md, table.md, eval.json, samples.md, *.png)
+
+With no `address`, Ray runs as a local cluster on this machine; with one (or RAY_ADDRESS, as under
+`ray job submit`), the same stages run on that cluster, which must share RUN's filesystem.
+
+Example:
+    >>> report = run_pipeline(PipelineConfig(run=Path("runs/stdlib")))
+    >>> print(report.summary)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from lm_worker.data.prepare import load_prepared
+from lm_worker.data.token_store import RETRO_SPLIT
+from lm_worker.pipeline.config import PipelineConfig, PipelineReport
+from lm_worker.pipeline.data_stage import check_retro_split, prepare_data, prepare_retro, split_heldout, split_size
+from lm_worker.pipeline.datastore_stage import (
+    check_neighbour_files,
+    fetch_neighbours,
+    neighbour_splits,
+    serve_datastore,
+    sources_and_datastores,
+)
+from lm_worker.pipeline.eval_stage import attention_map, evaluate_test, tune_temperature, write_samples
+from lm_worker.pipeline.model_stage import is_trained, retro_train_config, train_model, trained_parameters
+from lm_worker.pipeline.stages import Stages, connect_ray, done
+from lm_worker.retrieval.config import RetrievalConfig
+
+
+def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
+    """Runs (or finishes) every stage; returns the summary and where the outputs are.
+
+    Raises:
+        ValueError: the held-out split is too small to leave test documents after the validation ones, or
+            the run holds a retro split, RETRO source or neighbours made with other settings (the message
+            names what to remove).
+        RuntimeError, OSError: a stage failed (what it finished stays for the next run).
+    """
+    from lm_worker.evaluation.config import EvalConfig
+    from lm_worker.models.checkpoint import load_checkpoint
+    from lm_worker.retrieval.service import ServiceRetriever
+
+    run = Path(config.run)
+    config, stages = replace(config, run=run), Stages()
+    (run / "report").mkdir(parents=True, exist_ok=True)
+    with stages.stage("prepare corpus and tokenizer", reused=done(run / "data" / "heldout" / "documents.json")):
+        if not done(run / "data" / "heldout" / "documents.json"):
+            prepare_data(config)
+    check_retro_split(config)
+    if config.retro_split == RETRO_SPLIT:
+        retro_documents = run / "data" / RETRO_SPLIT / "documents.json"
+        with stages.stage(f"prepare the retro split ({config.max_retro_tokens} tokens the LM never sees)",
+                          reused=done(retro_documents)):
+            if not done(retro_documents):
+                prepare_retro(config)
+    tokenizer, _, heldout = load_prepared(run / "data")
+    valid, test = split_heldout(config, heldout)
+    with stages.stage(f"train LM ({config.lm.steps} steps)", reused=is_trained(config, config.lm, "lm")):
+        lm_checkpoint = train_model(config, config.lm, "lm")
+    connect_ray(config)
+    encoder = sources_and_datastores(config, stages, lm_checkpoint, tokenizer)
+    check_neighbour_files(config)
+    eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
+                             retrieval=config.knn)
+    retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,
+                                      rerank_candidates=8 * config.n_neighbours)
+    lm = load_checkpoint(lm_checkpoint).model
+    with serve_datastore(config, run / "retro-datastore", "retro") as retro_target, \
+            serve_datastore(config, run / "knnlm-datastore", "knnlm") as knn_target, \
+            ServiceRetriever(retro_target, retro_retrieval) as retro_retriever, \
+            ServiceRetriever(knn_target, config.knn) as knn_retriever:
+        with stages.stage("RETRO neighbours of every chunk", reused=all(
+                done(run / "retro-source" / f"neighbours-{s}.npy") for s in neighbour_splits(config))):
+            fetch_neighbours(config, retro_retriever)
+        retro_training = retro_train_config(config)
+        fitted = f" retro-fitted onto the LM, on the {retro_training.split} split" if retro_training.init_from else ""
+        with stages.stage(f"train RETRO ({config.retro.steps} steps{fitted})",
+                          reused=is_trained(config, retro_training, "retro")):
+            retro_checkpoint = train_model(config, retro_training, "retro", neighbours=run / "retro-source")
+        retro = load_checkpoint(retro_checkpoint).model
+        with stages.stage("choose kNN-LM's temperature on validation text",
+                          reused=done(run / "report" / "temperature.json")):
+            temperature, tuning = tune_temperature(config, lm, valid, knn_retriever, eval_config)
+        with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False):
+            knn_result = evaluate_test(config, "knnlm", lm_checkpoint, test, knn_target,
+                                   replace(eval_config, temperature=temperature), lm, knn_retriever, encoder)
+        with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False):
+            retro_result = evaluate_test(config, "retro", retro_checkpoint, test, retro_target,
+                                     replace(eval_config, retrieval=retro_retrieval), retro, retro_retriever, encoder)
+        with stages.stage("attention map and samples", reused=False):
+            attention = attention_map(config, retro, encoder, retro_retriever, tokenizer, test)
+            samples = write_samples(config, tokenizer, lm, knn_retriever, knn_result, retro, retro_retriever, encoder) \
+                if config.samples else None
+    return write_pipeline_report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm,
+                                 retro, attention, samples)
+
+
+def write_pipeline_report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm, retro,
+                          attention, samples) -> PipelineReport:
+    from lm_worker.evaluation.report import report_table, write_report
+
+    report = config.run / "report"
+    meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
+            "evaluated_on": {"split": "test (the held-out documents but their last tune_tokens tokens)",
+                             "tokens": len(test),
+                             "predicted_tokens": knn_result.tokens,
+                             "documents": len(test.documents)},
+            "temperature_tuning": {"split": "valid (the last tune_tokens held-out tokens)", "tokens": len(valid),
+                                   "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
+                                   "chosen": temperature},
+            "lm_parameters": sum(p.numel() for p in lm.parameters()),
+            "retro_parameters": sum(p.numel() for p in retro.parameters()),
+            "retro_trained_parameters": trained_parameters(config, retro),
+            "retro_trained_on": split_size(config, config.retro_split),
+            "stages": [{"stage": n, "seconds": round(s, 1), "reused": r} for n, s, r in stages.rows]}
+    write_report(report, knn_result, retro_result, meta)
+    plots = [report / "ppl_vs_lambda.png", attention]
+    for name in ("lm", "retro"):
+        if (config.run / name / "loss.png").exists():
+            plots.append(Path(shutil.copy(config.run / name / "loss.png", report / f"loss_{name}.png")))
+    table = report_table(knn_result, retro_result)
+    summary = (f"Perplexity over the {knn_result.tokens} tokens predicted in the {len(test)}-token test split "
+               f"({len(test.documents)} held-out documents); kNN-LM's temperature T={temperature:g} chosen on the "
+               f"{len(valid)} held-out tokens after them.\n\n{table}\n{stages.table()}")
+    (report / "summary.md").write_text(summary)
+    return PipelineReport(config.run, table, summary, report, report / "eval.json", plots, samples)
+

@@ -1,0 +1,45 @@
+"""The pipeline's stage clock: each stage's wall time, and whether it found its output already there."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lm_worker.pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+class Stages:
+    """Wall time of each stage, and whether it found its output already there."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, float, bool]] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, reused: bool) -> Iterator[None]:
+        log.info("%s: %s", name, "reusing what is there" if reused else "running")
+        started = time.perf_counter()
+        yield
+        self.rows.append((name, time.perf_counter() - started, reused))
+
+    def table(self) -> str:
+        lines = ["| stage | seconds | |", "|---|---:|---|"]
+        lines += [f"| {name} | {s:.1f} | {'reused' if reused else ''} |" for name, s, reused in self.rows]
+        lines.append(f"| total | {sum(s for _, s, _ in self.rows):.1f} | |")
+        return "\n".join(lines) + "\n"
+
+
+def done(path: Path) -> bool:
+    return path.exists()
+
+
+def connect_ray(config: PipelineConfig) -> None:
+    from retriever_server.cluster.connect import connect
+
+    connect(config.address, config.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=False)
+

@@ -1,0 +1,32 @@
+"""What a retrieval asks for, and the kNN-LM neighbours it gets back as arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Ranges = Sequence[tuple[int, int] | None] | None  # per query: one [start, end) row range to exclude, or None
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Per-request knobs: neighbours per query, inverted lists probed (0: the datastore's default),
+    exact re-ranking of `rerank_candidates` candidates from the stored keys, and the deadline."""
+
+    k: int = 64
+    nprobe: int = 0
+    exact_rerank: bool = False
+    rerank_candidates: int = 0
+    timeout_s: float = 300.0
+
+
+@dataclass
+class KnnNeighbours:
+    """kNN-LM neighbours: distances float32 (n, k) squared L2 (inf where there is no neighbour),
+    values int64 (n, k) next-token ids (-1 where there is no neighbour), ids int64 (n, k) rows."""
+
+    distances: np.ndarray
+    values: np.ndarray
+    ids: np.ndarray

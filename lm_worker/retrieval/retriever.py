@@ -1,0 +1,79 @@
+"""What both retrievers share: kNN-LM and RETRO look-ups of a batch of queries, blocking or as
+futures, from a `SearchResult` turned into plain arrays."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from lm_worker.retrieval.config import KnnNeighbours, Ranges, RetrievalConfig
+from retriever_server.client import Exclude, SearchResult
+
+
+def exclude_ranges(ranges: Ranges) -> list[Exclude] | None:
+    """One `Exclude` per query from optional [start, end) ranges."""
+    if ranges is None:
+        return None
+    return [Exclude(ranges=[r]) if r is not None else Exclude() for r in ranges]
+
+
+def knn_neighbours(result: SearchResult) -> KnnNeighbours:
+    """A kNN-LM datastore's answer as distances, next-token values (-1: no neighbour) and ids."""
+    if "values" not in result.payloads:
+        raise ValueError("the datastore has no 'values' payload: is it a kNN-LM datastore?")
+    values = result.payloads["values"].astype(np.int64).reshape(result.ids.shape)
+    values[result.ids < 0] = -1
+    return KnnNeighbours(result.distances, values, result.ids)
+
+
+def chunk_neighbours(result: SearchResult) -> np.ndarray:
+    """A RETRO datastore's answer as int64 (n, k, 2L) token ids: each neighbour chunk and its continuation."""
+    if "tokens" not in result.payloads:
+        raise ValueError("the datastore has no 'tokens' payload: is it a RETRO datastore?")
+    return result.payloads["tokens"].astype(np.int64)  # (n, k, 2L)
+
+
+class Retriever:
+    """kNN-LM and RETRO look-ups; a subclass implements `search` over its datastore.
+
+    Attributes a subclass sets: `dimension`, `ntotal` and `metadata` (the datastore's manifest metadata).
+    """
+
+    config: RetrievalConfig
+    dimension: int
+    ntotal: int
+    metadata: dict[str, str]
+
+    def __init__(self, config: RetrievalConfig):
+        self.config = config
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="retrieval")
+
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges) -> SearchResult:
+        """The `config.k` neighbours of float32 queries (n, d) with one payload."""
+        raise NotImplementedError
+
+    def knn(self, keys: np.ndarray, exclude: Ranges = None) -> KnnNeighbours:
+        """kNN-LM neighbours of float32 keys (n, d), each query optionally excluding one row range."""
+        return knn_neighbours(self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude))
+
+    def chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> np.ndarray:
+        """RETRO neighbours of chunk embeddings (n, d): int64 (n, k, 2 * chunk_len) token ids."""
+        return chunk_neighbours(self.search(np.ascontiguousarray(embeddings, dtype=np.float32), "tokens", exclude))
+
+    def submit_knn(self, keys: np.ndarray, exclude: Ranges = None) -> Future:
+        """`knn` in a background thread; the future's result is a `KnnNeighbours`."""
+        return self.pool.submit(self.knn, np.array(keys, dtype=np.float32), exclude)
+
+    def submit_chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> Future:
+        """`chunks` in a background thread; the future's result is the (n, k, 2L) token array."""
+        return self.pool.submit(self.chunks, np.array(embeddings, dtype=np.float32), exclude)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

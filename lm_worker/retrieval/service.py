@@ -1,0 +1,71 @@
+"""Neighbours from the retrieval service over gRPC: a router, or shards the client fans out to.
+
+Example:
+    >>> with ServiceRetriever(resolve_target("127.0.0.1:50051"), RetrievalConfig(k=64)) as retriever:
+    ...     found = retriever.knn(keys)                # keys (n, d) float32
+    >>> found.distances.shape, found.values.shape      # (n, 64), (n, 64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lm_worker.retrieval.config import Ranges, RetrievalConfig
+from lm_worker.retrieval.retriever import Retriever, exclude_ranges
+from retriever_server.client import RetrieverClient, RetrieverError, SearchResult
+from retriever_server.serving.fanout import parse_shards
+
+__all__ = ["ServiceRetriever", "RetrieverError", "resolve_target", "is_loopback"]
+
+RAY_PREFIX = "ray:"
+LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
+
+
+def resolve_target(target: str) -> str | list[str]:
+    """A retrieval target as `ServiceRetriever` takes it: "ray:NAME" becomes the router address of the
+    deployment NAME on the connected Ray cluster, "a:1,b:2" one address per shard, else the address."""
+    if target.startswith(RAY_PREFIX):
+        from retriever_server.cluster.ray_serving import lookup  # Ray: only for ray: targets
+
+        return lookup(target[len(RAY_PREFIX):])
+    return target.split(",") if "," in target else target
+
+
+def is_loopback(target: str) -> bool:
+    """Whether every address of a target ("HOST:PORT", shards comma-separated, replicas '|') is on this machine."""
+    if target.startswith(RAY_PREFIX):
+        return False
+    return all(address.startswith(LOOPBACK) for shard in parse_shards(target) for address in shard)
+
+
+class ServiceRetriever(Retriever):
+    """Neighbours from the retrieval service over gRPC.
+
+    Args:
+        target: "host:port" of a router or shard, or one address (or replica list) per shard.
+        config: per-request knobs.
+
+    Raises:
+        RetrieverError: the service did not answer GetInfo.
+    """
+
+    def __init__(self, target: str | Sequence[str | Sequence[str]], config: RetrievalConfig = RetrievalConfig()):
+        super().__init__(config)
+        self.client = RetrieverClient(target, timeout=config.timeout_s)
+        info = self.client.info()
+        self.dimension: int = info.dimension
+        self.ntotal: int = info.ntotal
+        self.metadata: dict[str, str] = dict(info.metadata)
+        self.version: str = info.datastore_version
+
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges) -> SearchResult:
+        c = self.config
+        return self.client.search(queries, k=c.k, nprobe=c.nprobe, exact_rerank=c.exact_rerank,
+                                  rerank_candidates=c.rerank_candidates, payloads=[payload],
+                                  exclude_per_query=exclude_ranges(exclude), expected_version=self.version)
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()

@@ -1,0 +1,50 @@
+"""The datastore rows of a query's own document, which retrieval leaves out.
+
+`knn_exclusions` and `chunk_exclusions` give, per query, the one row range [start, end) of a kNN-LM
+or RETRO source (built from this same store) that holds any token of the query's own document(s).
+Training-time neighbour precompute and evaluation on the datastore's own text exclude them alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lm_worker.data.token_store import TokenStore
+
+
+def knn_exclusions(store: TokenStore, positions: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Per stream position, the kNN-LM rows [start, end) of its own document.
+
+    Row j holds tokens[j] and its value tokens[j + 1], so document [ds, de) owns rows [ds - 1, de)
+    (row ds - 1 has the document's first token as its value), clipped to the N - 1 rows.
+    """
+    positions = np.arange(len(store) - 1) if positions is None else np.asarray(positions)
+    starts, ends = document_bounds(store)
+    docs = np.asarray(store.doc_ids[positions])
+    lo = np.maximum(starts[docs] - 1, 0)
+    hi = np.minimum(ends[docs], len(store) - 1)
+    return list(zip(lo.tolist(), hi.tolist()))
+
+
+def document_bounds(store: TokenStore) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([d.start for d in store.documents], dtype=np.int64),
+            np.array([d.end for d in store.documents], dtype=np.int64))
+
+
+def chunk_exclusions(store: TokenStore, chunk_len: int) -> list[tuple[int, int]]:
+    """Per chunk c of the store, the RETRO rows [start, end) that hold any token of c's own document(s).
+
+    Row r's payload is tokens[r*L : r*L + 2L], so a document [ds, de) reaches rows ds // L - 1 (whose
+    continuation holds the document's first tokens) to ceil(de / L) - 1. A chunk that spans several
+    documents (it starts in one and ends in a later one) excludes the rows of all of them: they are
+    adjacent, so the union is one range. Rows are those of a RETRO source made from this same store
+    with this chunk_len; excluding them means a chunk never retrieves any text of its own document.
+    """
+    L, C = chunk_len, len(store) // chunk_len
+    starts, ends = document_bounds(store)
+    first_doc = np.asarray(store.doc_ids[0:C * L:L])  # (C,) the document of each chunk's first token
+    last_doc = np.asarray(store.doc_ids[L - 1:C * L:L])  # (C,) ... and of its last token
+    lo = np.maximum(starts[first_doc] // L - 1, 0)
+    hi = np.minimum(-(-ends[last_doc] // L), C)
+    return list(zip(lo.tolist(), hi.tolist()))
+

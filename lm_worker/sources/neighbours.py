@@ -1,0 +1,80 @@
+"""RETRO's neighbours of every chunk of a split, fetched once and written for training and evaluation.
+
+Example:
+    >>> with InProcessRetriever(Path("run/retro-datastore"), RetrievalConfig(k=2)) as retriever:
+    ...     keys = read_source(Path("run/retro-source")).open_keys()
+    ...     precompute_neighbours(retriever, keys, chunk_exclusions(train, 16),
+    ...                           Path("run/retro-source/neighbours-train.npy"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def check_queries(retriever, queries: np.ndarray, exclude) -> None:
+    """ValueError unless every query has the datastore's dimension and keeps >= k rows after its exclusion."""
+    C, K, ntotal = len(queries), retriever.config.k, retriever.ntotal
+    if C == 0 or queries.ndim != 2 or queries.shape[1] != retriever.dimension:
+        raise ValueError(f"queries must be (C > 0, {retriever.dimension}), got {queries.shape}")
+    if exclude is not None and len(exclude) != C:
+        raise ValueError(f"{len(exclude)} exclusions for {C} queries")
+    left = np.array([ntotal - (0 if r is None else r[1] - r[0]) for r in ([None] if exclude is None else exclude)])
+    if (left < K).any():
+        q = int(np.argmin(left))
+        raise ValueError(f"query {q} keeps {left[q]} of {ntotal} rows after excluding "
+                         f"{'nothing' if exclude is None else tuple(exclude[q])}: fewer than k={K}")
+
+
+def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tuple[int, int] | None] | None,
+                          out_path: Path, batch: int = 1024, progress: bool = True) -> Path:
+    """Writes the RETRO neighbours of every query chunk, int32 (C, K, 2L), as a memory-mapped .npy.
+
+    Args:
+        retriever: a `ServiceRetriever` or `InProcessRetriever` over a RETRO datastore; K = its `config.k`.
+        queries: float32 (C, dim) chunk embeddings (a source's keys.npy, or `embed_chunks` of held-out chunks).
+        exclude: per query one row range [start, end) to leave out (`chunk_exclusions` for the datastore's
+            own chunks), or None for none.
+        out_path: the .npy file to write.
+        batch: queries per request; the next request is in flight while a batch is written.
+        progress: show a progress bar.
+
+    Returns:
+        `out_path`.
+
+    Raises:
+        ValueError: no queries, a dimension or exclusion count mismatch, or fewer than K rows left to
+            some query after its exclusion.
+    """
+    C = len(queries)
+    check_queries(retriever, queries, exclude)
+
+    def submit(first: int):
+        last = min(C, first + batch)
+        part = None if exclude is None else list(exclude[first:last])
+        return retriever.submit_chunks(np.asarray(queries[first:last], dtype=np.float32), part)
+
+    out, empty = None, 0
+    pending = submit(0)
+    for first in tqdm(range(0, C, batch), desc="RETRO neighbours", unit="batch", disable=not progress):
+        found = pending.result()  # (b, K, 2L)
+        if first + batch < C:
+            pending = submit(first + batch)
+        if out is None:
+            out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int32, shape=(C, *found.shape[1:]))
+        out[first:first + len(found)] = found
+        empty += int((found == 0).all(axis=2).sum())
+    out.flush()
+    del out
+    if empty:
+        log.warning("%d of %d neighbours came back empty (all-zero tokens): raise nprobe or lower k", empty,
+                    C * retriever.config.k)
+    return Path(out_path)
+

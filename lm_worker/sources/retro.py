@@ -1,0 +1,105 @@
+"""A RETRO source: one row per chunk of the train stream, its frozen-encoder embedding as key and the
+chunk with its continuation as payload.
+
+Example:
+    >>> train = TokenStore.open(Path("run/data/train"))
+    >>> encode_retro(train, ChunkEncoder(tokenizer), 16, Path("run/retro-source"))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lm_worker.data.token_store import TokenStore
+from lm_worker.sources.source import KEYS, Encoder, SourceInfo, start_source
+
+log = logging.getLogger(__name__)
+
+
+def chunk_payload(tokens: np.ndarray, first: int, last: int, chunk_len: int, eos_id: int) -> np.ndarray:
+    """int32 (last - first, 2L): tokens[c*L : c*L + 2L] for chunks c in [first, last), EOS past the end."""
+    L = chunk_len
+    seg = np.full((last - first + 1) * L, eos_id, dtype=np.int32)
+    part = np.asarray(tokens[first * L:min((last + 1) * L, len(tokens))])
+    seg[:len(part)] = part
+    return np.lib.stride_tricks.sliding_window_view(seg, 2 * L)[::L][:last - first].copy()
+
+
+def embed_chunks(store: TokenStore, encoder: Encoder, chunk_len: int, out_path: Path | None = None,
+                 batch: int = 1024, progress: bool = True) -> np.ndarray:
+    """float32 (C, dim) encoder embeddings of the store's C = len(store) // chunk_len chunks.
+
+    With `out_path`, they are written there as a memory-mapped .npy (and the memmap is returned):
+    the RETRO queries of a split that is not a datastore, e.g. the held-out chunks.
+
+    Raises:
+        ValueError: the store holds no complete chunk.
+    """
+    C = len(store) // chunk_len
+    if chunk_len < 1 or C == 0:
+        raise ValueError(f"{store.directory} has {len(store)} tokens: no complete chunk of {chunk_len}")
+    shape = (C, encoder.dimension)
+    if out_path is None:
+        keys = np.empty(shape, dtype=np.float32)
+    else:
+        keys = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+    for first in tqdm(range(0, C, batch), desc="embedding chunks", unit="batch", disable=not progress):
+        last = min(C, first + batch)
+        chunks = np.asarray(store.tokens[first * chunk_len:last * chunk_len]).reshape(last - first, chunk_len)
+        keys[first:last] = encoder.embed(chunks)
+    if out_path is not None:
+        keys.flush()
+    return keys
+
+
+def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: Path, progress: bool = True,
+                 batch: int = 1024, eos_id: int | None = None) -> SourceInfo:
+    """Writes a RETRO source: row c = chunk c of the stream, key = its embedding, payload = chunk + continuation.
+
+    Args:
+        store: the train split; its last len(store) % chunk_len tokens only appear as a continuation.
+        encoder: `ChunkEncoder`, or anything with `.embed(chunks (n, L)) -> (n, dim)`, `.dimension`, `.fingerprint`.
+        chunk_len: tokens per chunk (the RETRO model's chunk_len).
+        out_dir: the source directory (created; an existing source there is overwritten).
+        progress: show progress bars.
+        batch: chunks embedded and written per step.
+        eos_id: pads continuations past the end of the stream; default the stream's last token, which
+            is EOS since every document is followed by one.
+
+    Returns:
+        The source's `SourceInfo` (kind "retro").
+
+    Raises:
+        ValueError: the store holds no complete chunk.
+    """
+    out_dir = start_source(out_dir)
+    started = time.time()
+    eos = int(store.tokens[-1]) if eos_id is None and len(store) else eos_id
+    keys = embed_chunks(store, encoder, chunk_len, out_dir / KEYS, batch, progress)
+    C = len(keys)
+    del keys
+    payload = np.lib.format.open_memmap(out_dir / "tokens.npy", mode="w+", dtype=np.int32, shape=(C, 2 * chunk_len))
+    for first in range(0, C, batch):
+        last = min(C, first + batch)
+        payload[first:last] = chunk_payload(store.tokens, first, last, chunk_len, eos)
+    payload.flush()
+    del payload
+    info = SourceInfo(out_dir, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,
+                      chunk_len, details={"eos_id": eos, "store": str(store.directory),
+                                          "seconds": round(time.time() - started, 3), **encoder_details(encoder)})
+    info.write()
+    log.info("RETRO source %s: %d chunks of %d tokens", out_dir, C, chunk_len)
+    return info
+
+
+def encoder_details(encoder) -> dict[str, str]:
+    """A RETRO source's details about its encoder: {"encoder_checkpoint": path} for one that loads
+    from a checkpoint (the LM encoder), else nothing."""
+    checkpoint = getattr(encoder, "checkpoint", None)
+    return {"encoder_checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {}
+

@@ -1,0 +1,220 @@
+"""Training of the baseline LM and of RETRO on a prepared corpus (`prepare_corpus` output).
+
+Batches are random windows of seq_len + 1 tokens of the training split's stream (`split`: "train",
+or "retro" to retro-fit RETRO on text its base LM never saw), drawn from a generator seeded by
+(seed, step), so a resumed run sees exactly the batches an uninterrupted one would. RETRO windows
+start at chunk boundaries and come with the precomputed neighbours of their chunks
+(`neighbours-SPLIT.npy`, int32 (n_chunks, K, 2L), row c for tokens[c*L:(c+1)*L], written by the
+neighbours step). AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
+
+The output folder receives `checkpoint.pt` (every `checkpoint_every` steps and at the end),
+`losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint.
+
+Example:
+    >>> report = train(TrainConfig(kind="lm", preset="small", steps=2000), Path("run/data"), Path("run/lm"))
+    >>> report.heldout_loss, report.tokens_per_s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lm_worker.models.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig
+from lm_worker.training.batches import Windows, open_data
+from lm_worker.training.config import KINDS, TrainConfig, TrainReport, lr_at, pick_device
+
+log = logging.getLogger(__name__)
+
+
+def _loss(model: nn.Module, batch, device: torch.device, amp: bool) -> torch.Tensor:
+    tokens, targets, neighbours = batch
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        if isinstance(model, Retro):
+            return model.loss(tokens, neighbours, targets)
+        return model.loss(tokens, targets)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: Windows, indices: np.ndarray, batch_size: int, device: torch.device,
+             amp: bool = False) -> float:
+    """Mean next-token cross-entropy (nats) over the windows `indices`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(indices), batch_size):
+        part = indices[start:start + batch_size]
+        total += _loss(model, windows.batch(part, device), device, amp).item() * len(part)
+    model.train(was_training)
+    return total / len(indices)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+            mcfg, fingerprint: str, device: torch.device) -> tuple[int, dict]:
+    """Loads the checkpoint in `out_dir` into model and optimizer; returns its step and losses."""
+    loaded = load_checkpoint(out_dir / CHECKPOINT_NAME, device=device)
+    if loaded.kind != config.kind or loaded.config != mcfg:
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME} holds a {loaded.kind} model {loaded.config}, not {mcfg}; "
+                         "use another output folder or resume=False")
+    if loaded.tokenizer_fingerprint != fingerprint:
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME} was trained with tokenizer {loaded.tokenizer_fingerprint}, "
+                         f"the data uses {fingerprint}")
+    if loaded.optimizer_state is None:
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME} has no optimizer state to resume from")
+    previous = loaded.extra.get("train_config", {})
+    changed = {k for k, v in dataclasses.asdict(config).items() if previous.get(k) != v}
+    if changed:
+        log.warning("resuming with changed training settings: %s", sorted(changed))
+    model.load_state_dict(loaded.model.state_dict())
+    optimizer.load_state_dict(loaded.optimizer_state)
+    log.info("resuming from step %d of %s", loaded.step, out_dir / CHECKPOINT_NAME)
+    return loaded.step, loaded.extra.get("losses", {"train": [], "heldout": []})
+
+
+def plot_losses(losses: dict, path: Path, title: str) -> Path:
+    """Train (per step) and held-out (per evaluation) loss against step, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if losses["train"]:
+        steps, values = zip(*losses["train"])
+        ax.plot(steps, values, lw=0.8, alpha=0.6, label="train")
+    if losses["heldout"]:
+        steps, values = zip(*losses["heldout"])
+        ax.plot(steps, values, "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Path | None = None,
+          resume: bool = True, progress: bool = True, stop_at: int | None = None) -> TrainReport:
+    """Trains an LM or RETRO model and writes `checkpoint.pt`, `losses.json` and `loss.png` to `out_dir`.
+
+    Args:
+        config: what to train and how.
+        data_dir: a `prepare_corpus` output folder (tokenizer.json, train/, heldout/).
+        out_dir: the run's model folder, e.g. RUN/lm or RUN/retro.
+        neighbours_dir: for RETRO, the folder with neighbours-SPLIT.npy (and neighbours-heldout.npy).
+        resume: continue from `out_dir/checkpoint.pt` when there is one (else start afresh, overwriting it).
+        progress: show a tqdm progress bar.
+        stop_at: stop after this step, checkpointing, as if interrupted (the schedule still ends at
+            `config.steps`); a later call with `resume=True` carries on.
+
+    Returns:
+        A `TrainReport`.
+
+    Raises:
+        FileNotFoundError: missing data folder, tokenizer, split or neighbours file.
+        ValueError: inconsistent inputs (seq_len vs chunk_len, neighbours shape, a checkpoint of another model).
+    """
+    windows, heldout, mcfg, fingerprint = open_data(config, data_dir, neighbours_dir)
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model, mcfg = _new_model(config, mcfg, fingerprint)
+    model = model.to(device)
+    optimizer = make_optimizer(model, config)
+    step, losses = 0, {"train": [], "heldout": []}
+    if resume and (out_dir / CHECKPOINT_NAME).is_file():
+        step, losses = _resume(out_dir, model, optimizer, config, mcfg, fingerprint, device)
+    end = config.steps if stop_at is None else min(config.steps, stop_at)
+    eval_indices = heldout.fixed(config.eval_batches * config.batch_size)
+    log.info("training %s (%s, %.2fM parameters) on %s for steps %d..%d", config.kind, config.preset,
+             sum(p.numel() for p in model.parameters()) / 1e6, device, step, end)
+
+    def checkpoint(done: int) -> Path:
+        extra = {"train_config": dataclasses.asdict(config), "losses": losses}
+        (out_dir / "losses.json").write_text(json.dumps(losses))
+        return save_checkpoint(out_dir / CHECKPOINT_NAME, kind=config.kind, model=model, config=mcfg, step=done,
+                               tokenizer_fingerprint=fingerprint, extra=extra, optimizer=optimizer)
+
+    model.train()
+    train_time, start_step = 0.0, step
+    bar = tqdm(total=end, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
+    while step < end:
+        tick = time.perf_counter()
+        loss = _train_step(model, optimizer, windows, config, step, device)
+        train_time += time.perf_counter() - tick
+        step += 1
+        losses["train"].append([step, loss])
+        tokens_per_s = (step - start_step) * config.batch_size * config.seq_len / max(train_time, 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.update()
+        if step % config.eval_every == 0 or step == config.steps:
+            losses["heldout"].append([step, evaluate(model, heldout, eval_indices, config.batch_size, device,
+                                                     config.amp)])
+            log.info("step %d: train %.4f, held-out %.4f", step, loss, losses["heldout"][-1][1])
+        if step % config.checkpoint_every == 0 and step != end:
+            checkpoint(step)
+    bar.close()
+    path = checkpoint(step)
+    plot = plot_losses(losses, out_dir / "loss.png", f"{config.kind} ({config.preset}, seq_len {config.seq_len})")
+    at_end = losses["heldout"] and losses["heldout"][-1][0] == step
+    heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices, config.batch_size,
+                                                                    device, config.amp)
+    recent = [v for _, v in losses["train"][-10:]]
+    tokens_done = (step - start_step) * config.batch_size * config.seq_len
+    return TrainReport(steps=step, train_loss=float(np.mean(recent)) if recent else float("nan"),
+                       heldout_loss=heldout_loss, tokens_per_s=tokens_done / train_time if train_time else 0.0,
+                       checkpoint=path, losses=out_dir / "losses.json", plot=plot)
+
+
+def _new_model(config: TrainConfig, mcfg: LMConfig | RetroConfig, fingerprint: str
+               ) -> tuple[nn.Module, LMConfig | RetroConfig]:
+    """A freshly initialised model, or RETRO retro-fitted onto `config.init_from`; and its config."""
+    if not config.init_from:
+        return KINDS[config.kind][1](mcfg), mcfg
+    from lm_worker.training.retrofit import retrofit, retrofit_config
+
+    base = load_checkpoint(Path(config.init_from))
+    if base.kind != "lm":
+        raise ValueError(f"init_from {config.init_from} holds a {base.kind} model; retro-fitting needs a base LM")
+    if base.tokenizer_fingerprint != fingerprint:
+        raise ValueError(f"init_from {config.init_from} was trained with tokenizer {base.tokenizer_fingerprint}, "
+                         f"the data uses {fingerprint}")
+    fitted = retrofit_config(base.config, mcfg.chunk_len, mcfg.n_neighbours, mcfg.enc_n_layer)
+    return retrofit(base.model, fitted, freeze=config.freeze_base), fitted
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, windows: Windows, config: TrainConfig,
+                step: int, device: torch.device) -> float:
+    """One optimizer step on the batch of `step`; returns its loss."""
+    torch.manual_seed(config.seed * 1_000_003 + step)  # dropout masks depend on the step alone
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(config, step)
+    loss = _loss(model, windows.random(config.seed, step, config.batch_size, device), device, config.amp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.item()
+

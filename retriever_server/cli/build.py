@@ -1,0 +1,50 @@
+"""`retriever-server build`: a sharded datastore from an (N, d) matrix, as a Ray job."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from retriever_server.cli.common import CliError, key_value
+
+
+def add_parser(command) -> None:
+    """Adds `build` to the command parsers."""
+    b = command("build", "build a sharded datastore from an (N, d) .npy matrix",
+                "Runs as a Ray job: on --address, or on a local cluster started for it.")
+    b.add_argument("keys", type=Path, help="(N, d) float .npy matrix (or a .parts.json index); memory-mapped")
+    b.add_argument("--out", type=Path, required=True, help="datastore directory to create")
+    b.add_argument("--payload", type=key_value, action="append", default=[], metavar="NAME=FILE.npy",
+                   help="per-row payload array (first dimension N); repeatable")
+    b.add_argument("--factory", default="auto",
+                   help='FAISS factory string (default "auto": IVF-PQ sized for N, IVF-Flat below ~10k rows)')
+    b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")
+    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--train-size", type=int, default=0, help="codec training sample; 0 sizes it for the index")
+    b.add_argument("--keep-keys", action="store_true", help="store float16 keys for exact re-ranking")
+    b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata recorded in the manifest (tokenizer, encoder, chunk length)")
+    b.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else a new local cluster")
+    b.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
+    b.add_argument("--cpus-per-shard", type=int, default=1)
+    b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
+    b.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Builds the datastore and prints what was built."""
+    from retriever_server.datastore.build import BuildConfig, BuildError, build_datastore  # imports Ray: only here
+
+    config = BuildConfig(keys=args.keys, out=args.out, payloads={k: Path(v) for k, v in args.payload},
+                         factory=args.factory, metric=args.metric, shards=args.shards, seed=args.seed,
+                         train_size=args.train_size, keep_keys=args.keep_keys, overwrite=args.overwrite,
+                         cpus_per_shard=args.cpus_per_shard, metadata=dict(args.meta))
+    try:
+        manifest = build_datastore(config, address=args.address, num_cpus=args.num_cpus,
+                                   progress=not args.no_progress)
+    except BuildError as err:
+        raise CliError(str(err)) from None
+    print(f"built {args.out}: {manifest.ntotal} rows, {len(manifest.shards)} shards, {manifest.factory}, "
+          f"{manifest.metric}, version {manifest.version}")
+    return 0

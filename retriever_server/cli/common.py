@@ -1,0 +1,126 @@
+"""What every `retriever-server` command shares: one-line errors, option groups, address files."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+from retriever_server.cluster.cpus import parse_cpus, pin
+from retriever_server.wire.request import Limits
+
+PROG = "retriever-server"
+
+
+class CliError(Exception):
+    """A problem to report in one line, without a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with no usage dump."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cpus_arg(text: str) -> tuple[int, ...]:
+    """argparse type for `--cpus 2,3` / `--cpus 0-3`."""
+    try:
+        return parse_cpus(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type for NAME=VALUE."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def add_limits(p: argparse.ArgumentParser) -> None:
+    """--max-k, --max-batch, --max-request-mb and --max-inflight, with the server defaults."""
+    d = Limits()
+    p.add_argument("--max-k", type=int, default=d.max_k, help="largest k a request may ask for")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most queries in one request")
+    p.add_argument("--max-request-mb", type=int, default=d.max_request_bytes >> 20, help="largest request, MiB")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="requests served at once")
+
+
+def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
+    """Where a server listens, how it stops, and its limits."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    if metrics:
+        p.add_argument("--metrics-port", type=int, default=0,
+                       help="Prometheus /metrics port; 0 picks a free one, -1 turns metrics off")
+    p.add_argument("--address-file", type=Path, help="write the bound address here as JSON once listening")
+    p.add_argument("--cpus", type=cpus_arg, default=(),
+                   help="run on these cores only, e.g. 2,3 or 2-5 (default: any); with --datastore alone, "
+                        "every shard and the router")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain-delay", type=float, default=1.0,
+                   help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
+    add_limits(p)
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The `Limits` of the --max-* flags."""
+    return Limits(max_k=args.max_k, max_batch=args.max_batch, max_request_bytes=args.max_request_mb << 20,
+                  max_inflight=args.max_inflight)
+
+
+def metrics_port_of(args: argparse.Namespace) -> int | None:
+    """--metrics-port as servers take it: None for -1 (off)."""
+    return None if args.metrics_port < 0 else args.metrics_port
+
+
+def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
+    """Writes the address JSON atomically, so a reader never sees half of it."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(), **more}))
+    os.replace(tmp, path)
+
+
+def with_metrics(address: str, metrics_port: int | None) -> str:
+    """'ADDRESS (metrics on port N)', or the address alone."""
+    return address + (f" (metrics on port {metrics_port})" if metrics_port else "")
+
+
+def pin_to_cpus(args: argparse.Namespace) -> None:
+    """Runs this server on the cores of --cpus, if given."""
+    if args.cpus:
+        pin(args.cpus)
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: unwinds like Ctrl-C, so a deployment stops and every child drains."""
+    raise KeyboardInterrupt
+
+
+async def run_until_signal(running, args: argparse.Namespace) -> None:
+    """Announces a started server, serves until SIGTERM or SIGINT, then drains it.
+
+    Raises:
+        CliError: the server failed to become ready (a shard that cannot load, shards that are not
+            one datastore).
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    write_address(args.address_file, running.address, running.metrics_port)
+    print(f"listening on {with_metrics(running.address, running.metrics_port)}", flush=True)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)
+    if running.ready in done and running.ready.exception() is not None:
+        await running.drain(0)
+        raise CliError(str(running.ready.exception()))
+    await stopper
+    await running.drain(args.grace, args.drain_delay)

@@ -1,0 +1,119 @@
+"""`retriever-server info` and `search`: describe a datastore or a server, search a server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.cli.common import CliError
+from retriever_server.datastore.manifest import Manifest, read_manifest
+from retriever_server.serving.client import RetrieverClient
+from retriever_server.wire.tensors import numpy_dtype
+
+# HOST:PORT, [IPv6]:PORT or unix:PATH: what `info` and `search` take as a server's address.
+ADDRESS = re.compile(r"unix:.+|\[[0-9A-Fa-f:.]+\]:\d+|[\w.-]+:\d+")
+SHOWN_ROWS = 5  # `search` prints the neighbours of this many queries
+
+
+def add_parsers(command) -> None:
+    """Adds `info` and `search` to the command parsers."""
+    i = command("info", "describe a datastore directory or a running server",
+                "Shows the same fields for both: role, dimension, metric, factory, rows, lists, default "
+                "nprobe, stored keys, version, checksum, shards, payloads and metadata.")
+    i.add_argument("target", help="datastore directory or HOST:PORT")
+    i.add_argument("--json", action="store_true", help="the same fields as one JSON object")
+
+    q = command("search", "search a running server with queries from a .npy file")
+    q.add_argument("target", help="HOST:PORT of a router or shard")
+    q.add_argument("--queries", type=Path, required=True,
+                   help="(nq, d) float32 or float16 .npy (float64 is converted to float32, with a note)")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
+    q.add_argument("--rerank", action="store_true", help="re-rank by exact distance from the stored keys")
+    q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
+    q.add_argument("--out", type=Path, help="write ids, distances and payloads to this .npz")
+
+
+def describe_manifest(directory: Path, manifest: Manifest) -> dict:
+    """`info`'s fields for a datastore directory."""
+    return {
+        "role": "datastore", "target": str(directory), "dimension": manifest.dimension, "metric": manifest.metric,
+        "factory": manifest.factory, "ntotal": manifest.ntotal, "datastore_ntotal": manifest.ntotal,
+        "nlist": manifest.nlist, "default_nprobe": manifest.default_nprobe, "has_keys": manifest.has_keys,
+        "datastore_version": manifest.version, "datastore_checksum": manifest.checksum,
+        "shards": [{"name": s.name, "id_start": s.id_start, "id_end": s.id_end} for s in manifest.shards],
+        "payloads": [{"name": p.name, "dtype": p.dtype, "row_shape": list(p.row_shape)} for p in manifest.payloads],
+        "metadata": dict(manifest.metadata),
+    }
+
+
+def describe_server(address: str, info: pb.InfoResponse) -> dict:
+    """`info`'s fields for a running server (`ntotal` is the rows this server answers for)."""
+    return {
+        "role": info.role, "target": address, "dimension": info.dimension, "metric": info.metric,
+        "factory": info.factory, "ntotal": info.ntotal, "datastore_ntotal": info.datastore_ntotal or info.ntotal,
+        "nlist": info.nlist, "default_nprobe": info.default_nprobe, "has_keys": info.has_keys,
+        "datastore_version": info.datastore_version, "datastore_checksum": info.datastore_checksum,
+        "shards": [{"name": s.name, "id_start": s.id_start, "id_end": s.id_end} for s in info.shards],
+        "payloads": [{"name": p.name, "dtype": str(numpy_dtype(p.dtype)), "row_shape": list(p.row_shape)}
+                     for p in info.payloads],
+        "metadata": dict(info.metadata),
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Prints the description of a datastore directory or a server."""
+    if Path(args.target).is_dir():
+        body = describe_manifest(Path(args.target), read_manifest(Path(args.target)))
+    elif ADDRESS.fullmatch(args.target):
+        with RetrieverClient(args.target, timeout=10) as client:
+            body = describe_server(args.target, client.info())
+    else:
+        raise CliError(f"{args.target!r} is neither a datastore directory nor a server's HOST:PORT")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    for key, value in body.items():
+        if key not in ("shards", "payloads", "metadata"):
+            print(f"{key:>18}: {value}")
+    for shard in body["shards"]:
+        print(f"{'shard':>18}: {shard['name']} ids [{shard['id_start']}, {shard['id_end']})")
+    for payload in body["payloads"]:
+        print(f"{'payload':>18}: {payload['name']} {payload['dtype']} {tuple(payload['row_shape'])}")
+    for key, value in sorted(body["metadata"].items()):
+        print(f"{'metadata':>18}: {key}={value}")
+    return 0
+
+
+def _load_queries(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise CliError(f"queries file {path} not found")
+    queries = np.load(path, allow_pickle=False)
+    if queries.dtype == np.float64:
+        print(f"note: {path} holds float64 queries; they are sent as float32", file=sys.stderr)
+        queries = queries.astype(np.float32)
+    return queries
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Searches a server and prints the first queries' neighbours (and payloads)."""
+    queries = _load_queries(args.queries)
+    with RetrieverClient(args.target) as client:
+        result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank,
+                               payloads=args.payload)
+    if args.out:
+        np.savez(args.out, ids=result.ids, distances=result.distances, **result.payloads)
+    for row in range(min(len(queries), SHOWN_ROWS)):
+        print(f"query {row}: ids {result.ids[row, :10].tolist()}")
+        print(f"{'':>9}distances {np.round(result.distances[row, :10], 4).tolist()}")
+        for name, values in result.payloads.items():
+            print(f"{'':>9}{name} {values[row, :10].tolist()}")
+    if len(queries) > SHOWN_ROWS:
+        print(f"({len(queries) - SHOWN_ROWS} more queries{'; all in ' + str(args.out) if args.out else ''})")
+    return 0

@@ -1,0 +1,106 @@
+"""`retriever-server deploy`, `undeploy` and `lookup`: a datastore served on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from retriever_server.cli.common import PROG, CliError, add_limits, interrupt, limits_of, write_address
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.serving.shard import ShardOptions
+
+
+def _add_ray_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else the cluster on this machine")
+    p.add_argument("--namespace", default="retrieval-datastore", help="Ray namespace of the deployment's actors")
+
+
+def add_parsers(command) -> None:
+    """Adds `deploy`, `undeploy` and `lookup` to the command parsers."""
+    d = command("deploy", "serve a datastore on a Ray cluster as named actors",
+                "Every shard replica and a router run as Ray actors named NAME/shard-I/replica-R and NAME/router "
+                "(one shard per node where possible, a shard's replicas on different nodes), and the router's "
+                "address is printed. Without --detached it serves until Ctrl-C or SIGTERM, then stops them; "
+                "with it, the command returns and the actors serve until `undeploy`.")
+    d.add_argument("--datastore", type=Path, required=True, help="datastore directory, at this path on every node")
+    d.add_argument("--name", default="retrieval", help="deployment name (default retrieval)")
+    d.add_argument("--replicas", type=int, default=1, help="replicas per shard, on different nodes")
+    d.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs each shard replica reserves")
+    d.add_argument("--host", help="address each server binds (default: its node's IP)")
+    d.add_argument("--detached", action="store_true",
+                   help="return once serving and leave the actors running (needs a running cluster)")
+    _add_ray_target(d)
+    d.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster started when there is none")
+    d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
+    d.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per replica (0: FAISS default)")
+    d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
+    d.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get when stopping")
+    d.add_argument("--timeout", type=float, default=300.0, help="seconds every actor gets to turn SERVING")
+    d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
+    add_limits(d)
+
+    u = command("undeploy", "drain and stop the actors of a deployment on a Ray cluster")
+    u.add_argument("--name", required=True, help="deployment name")
+    _add_ray_target(u)
+    u.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get")
+
+    lk = command("lookup", "print the router address of a deployment on a Ray cluster")
+    lk.add_argument("name", help="deployment name")
+    _add_ray_target(lk)
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    """Deploys the datastore; serves until interrupted, or returns at once with --detached."""
+    from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
+    from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, ray_address
+
+    config = RayServeConfig(
+        datastore=args.datastore.resolve(), name=args.name, namespace=args.namespace, replicas=args.replicas,
+        cpus_per_shard=args.cpus_per_shard, host=args.host, detached=args.detached, metrics=not args.no_metrics,
+        limits=limits_of(args), options=ShardOptions(verify=not args.no_verify, threads=args.threads),
+        grace_s=args.grace, startup_timeout_s=args.timeout, log_level=args.log_level)
+    read_manifest(config.datastore)  # fail fast, before joining or starting a cluster
+    connect(args.address, args.num_cpus, existing=args.detached)  # detached actors need a lasting cluster
+    deployment = RayDeployment(config)
+    signal.signal(signal.SIGTERM, interrupt)
+    deployment.start()  # on an interrupt here, start() stops what it started
+    try:
+        router = deployment.router_address
+        for (shard, replica), node in sorted(deployment.placements.items()):
+            print(f"{args.name}/shard-{shard}/replica-{replica}: node {node}")
+        print(f"{args.name}: router {router} (Ray cluster {ray_address()}, namespace {args.namespace})", flush=True)
+        write_address(args.address_file, router, None, shards=deployment.shard_addresses, name=args.name,
+                      namespace=args.namespace)
+        if args.detached:
+            print(f"detached; stop it with: {PROG} undeploy --name {args.name}")
+            return 0
+        why = deployment.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
+        return 0
+    finally:
+        if not args.detached:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
+            deployment.stop()
+    raise CliError(f"stopped: {why}")
+
+
+def run_undeploy(args: argparse.Namespace) -> int:
+    """Drains and stops a deployment's actors."""
+    from retriever_server.cluster.connect import connect
+    from retriever_server.cluster.ray_serving import undeploy
+
+    connect(args.address, existing=True)
+    count = undeploy(args.name, namespace=args.namespace, grace_s=args.grace)
+    print(f"stopped {args.name}: {count} actors")
+    return 0
+
+
+def run_lookup(args: argparse.Namespace) -> int:
+    """Prints a deployment's router address."""
+    from retriever_server.cluster.connect import connect
+    from retriever_server.cluster.ray_serving import lookup
+
+    connect(args.address, existing=True)
+    print(lookup(args.name, namespace=args.namespace))
+    return 0

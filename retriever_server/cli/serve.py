@@ -1,0 +1,130 @@
+"""`retriever-server serve` and `router`: one shard, a router, or a whole datastore on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from retriever_server.cli.common import (
+    CliError,
+    add_server,
+    interrupt,
+    limits_of,
+    metrics_port_of,
+    pin_to_cpus,
+    run_until_signal,
+    with_metrics,
+    write_address,
+)
+from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.serving.fanout import parse_shards
+from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.serving.shard import ShardOptions
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+
+
+def add_parsers(command) -> None:
+    """Adds `serve` and `router` to the command parsers."""
+    s = command("serve", "serve one shard, or every shard and a router",
+                "With --shard, serves that shard. Without it, runs every shard (x --replicas) and a router "
+                "over them as local processes; --port, --metrics-port and --address-file then apply to "
+                "the router, and SIGTERM drains them all.")
+    s.add_argument("--datastore", type=Path, required=True, help="datastore directory (holds manifest.json)")
+    s.add_argument("--shard", type=int, help="shard number; omit to serve the whole datastore locally")
+    s.add_argument("--replica", type=int, default=0, help="replica number reported by GetInfo")
+    s.add_argument("--replicas", type=int, default=1, help="without --shard: replicas per shard")
+    s.add_argument("--gpu", action="store_true", help="hold the index on the GPU (faiss GPU build)")
+    s.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
+    s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
+    s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per shard (0: FAISS default; "
+                   "with --datastore alone, the machine's cores shared among the shard processes)")
+    add_server(s)
+
+    r = command("router", "serve the Retriever API in front of shards")
+    r.add_argument("--shards", required=True, help="HOST:PORT per shard, comma-separated; replicas joined by |")
+    add_server(r)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serves --shard, or (without it) the whole datastore as local processes."""
+    shards = len(read_manifest(args.datastore).shards)  # fail fast, before binding anything
+    if args.shard is not None and not 0 <= args.shard < shards:
+        raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
+    if args.shard is None:
+        return _serve_local(args)
+    pin_to_cpus(args)
+    config = ShardServerConfig(
+        datastore=args.datastore, shard=args.shard, host=args.host, port=args.port,
+        metrics_port=metrics_port_of(args), replica=args.replica, limits=limits_of(args),
+        options=ShardOptions(mmap=not args.no_mmap, verify=not args.no_verify, gpu=args.gpu, threads=args.threads),
+    )
+
+    async def main() -> None:
+        running = await start_shard_server(config, wait_loaded=False)
+        await run_until_signal(running, args)
+
+    asyncio.run(main())
+    return 0
+
+
+def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The flags `serve` without --shard passes on: (to each shard server, to the router).
+
+    The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1.
+    """
+    common = ["--grace", str(args.grace), "--drain-delay", str(args.drain_delay), "--max-k", str(args.max_k),
+              "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
+              "--max-request-mb", str(args.max_request_mb)]
+    shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads)]
+    shard += ["--gpu"] if args.gpu else []
+    shard += ["--no-mmap"] if args.no_mmap else []
+    shard += ["--no-verify"] if args.no_verify else []
+    return tuple(shard), (*common, "--metrics-port", str(args.metrics_port))
+
+
+def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
+    """Prints every process's address (and metrics port) and writes the router's address file."""
+    for process in deployment.processes():
+        print(f"{process.name}: {with_metrics(process.address, process.metrics_port)}")
+    print(f"logs in {deployment.log_dir}", flush=True)
+    router = deployment.router
+    print(f"router: {router.address} (use this address: `retriever-server search {router.address} ...`)",
+          flush=True)
+    write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses)
+
+
+def _serve_local(args: argparse.Namespace) -> int:
+    shard_args, router_args = child_args(args)
+    deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
+                                 extra_args=shard_args, router_args=router_args, log_level=args.log_level,
+                                 log_format=args.log_format, cpus=args.cpus)
+    signal.signal(signal.SIGTERM, interrupt)
+    deployment.start()  # on an interrupt here, start() stops what it started
+    try:
+        _announce(deployment, args.address_file)
+        why = deployment.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
+        deployment.stop()
+        return 0
+    raise CliError(f"stopped: {why}")
+
+
+def run_router(args: argparse.Namespace) -> int:
+    """Serves a router in front of the --shards addresses."""
+    pin_to_cpus(args)
+    try:
+        shards = tuple(tuple(s) for s in parse_shards(args.shards))
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    config = RouterConfig(shards=shards, host=args.host, port=args.port, metrics_port=metrics_port_of(args),
+                          limits=limits_of(args))
+
+    async def main() -> None:
+        running = await start_router(config, wait_ready=False)
+        await run_until_signal(running, args)
+
+    asyncio.run(main())
+    return 0

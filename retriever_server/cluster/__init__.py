@@ -1,0 +1,12 @@
+"""Where the servers run: local processes, or Ray actors on a cluster.
+
+- `launcher`: every shard (x replicas) and a router as local processes (`LocalDeployment`);
+- `ray_serving`: the same as named Ray actors on a cluster (`RayDeployment`, `lookup`, `undeploy`);
+- `ray_actors`: the shard replica and router actors;
+- `placement`: which node each replica goes to;
+- `connect`: joining a Ray cluster the same way for every job;
+- `cpus`: pinning a process to cores.
+
+Imports: retriever_server.cluster, retriever_server.serving, retriever_server.datastore.manifest,
+    retriever_server.wire.request, retriever_server.logs
+"""

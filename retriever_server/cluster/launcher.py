@@ -1,0 +1,237 @@
+"""A whole datastore on one machine: every shard (x replicas) and a router, as local processes.
+
+`retriever-server serve --datastore DIR` (no `--shard`) runs this. Each server writes its bound
+address to a file once listening; the launcher waits for every shard to turn SERVING, then starts
+the router over them. Stopping sends SIGTERM, so every server drains.
+
+Example:
+    >>> with LocalDeployment(Path("ds"), replicas=2) as deployment:
+    ...     client = RetrieverClient(deployment.router_address)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retriever_server.cluster.cpus import format_cpus
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.serving.grpc_setup import health_status
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """A server process did not come up; the message names it, quotes its last error line and
+    gives the directory that keeps its log."""
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen
+    address_file: Path
+    log_file: Path
+    address: str = ""
+    metrics_port: int | None = None
+
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
+
+
+def _child_environment() -> dict[str, str]:
+    """The servers' environment: every process here shares this machine's cores, so OpenMP threads
+    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+@dataclass
+class LocalDeployment:
+    """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
+
+    `extra_args` go to every shard server, `router_args` to the router; `log_level` and `log_format`
+    to all of them. `cpus` (default: any core) confines every process to those cores, e.g. to keep
+    them off the cores an LM worker on the same machine computes on. Unless `extra_args` set
+    `--threads` (to other than 0), each shard process gets an equal share of those cores (all of this
+    machine's by default) as FAISS threads: S x R processes searching at once with FAISS's default
+    (every core each) would oversubscribe the cores. Their logs and address files
+    live in `log_dir` until `stop()` removes it; it is kept when a process fails to start, and the
+    LaunchError names it.
+    """
+
+    datastore: Path
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    router_port: int = 0
+    extra_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 300.0
+    log_level: str = "WARNING"
+    log_format: str = "text"
+    cpus: tuple[int, ...] = ()
+    shards: list[list[_Process]] = field(default_factory=list)
+    router: _Process | None = None
+
+    def __post_init__(self):
+        self._dir = Path(tempfile.mkdtemp(prefix="retriever-local-"))
+        self._keep_dir = False
+
+    @property
+    def log_dir(self) -> Path:
+        """The directory holding each process's log (NAME.log) and address file (NAME.json)."""
+        return self._dir
+
+    def _spawn(self, name: str, args: list[str]) -> _Process:
+        address_file = self._dir / f"{name}.json"
+        log_file = self._dir / f"{name}.log"
+        command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
+                   "--log-format", self.log_format, *args, "--address-file", str(address_file)]
+        command += ["--cpus", format_cpus(self.cpus)] if self.cpus else []
+        with open(log_file, "w") as out:
+            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=_child_environment())
+        return _Process(name, popen, address_file, log_file)
+
+    def _last_error(self, process: _Process) -> str:
+        lines = [line for line in process.log_file.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {process.popen.returncode}"
+
+    def _failed(self, process: _Process, why: str) -> LaunchError:
+        self._keep_dir = True
+        return LaunchError(f"{process.name} {why} (logs in {self._dir})")
+
+    def _wait_serving(self, process: _Process, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if process.exited():
+                raise self._failed(process, f"exited: {self._last_error(process)}")
+            if not process.address and process.address_file.is_file():
+                written = json.loads(process.address_file.read_text())
+                process.address, process.metrics_port = written["address"], written.get("metrics_port")
+            if process.address and health_status(process.address, timeout=1.0) == "SERVING":
+                return
+            time.sleep(0.1)
+        raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
+
+    def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> _Process:
+        return self._spawn(f"shard-{shard:05d}-r{replica}", [
+            "serve", "--datastore", str(self.datastore), "--shard", str(shard), "--replica", str(replica),
+            "--host", self.host, "--port", "0", *self.extra_args, *threads])
+
+    def _threads(self, processes: int) -> list[str]:
+        """`--threads N`: the cores' share of each of `processes` shard processes, unless set by the caller."""
+        args = list(self.extra_args)
+        given = args[args.index("--threads") + 1:][:1] if "--threads" in args else []
+        if given and given[0] != "0":
+            return []
+        cores = len(self.cpus) or os.cpu_count() or 1
+        return ["--threads", str(max(1, cores // processes))]
+
+    def start(self) -> LocalDeployment:
+        """Starts every process and returns once the router is SERVING.
+
+        Raises:
+            LaunchError: a process exited or did not turn SERVING in time; every process is stopped.
+            RuntimeError: started before (`with LocalDeployment(...)` starts it: no `.start()` there).
+        """
+        if self.shards:
+            raise RuntimeError(f"this deployment of {self.datastore} was started already (router at "
+                               f"{self.router_address or 'none'}): start a new LocalDeployment for another")
+        manifest = read_manifest(self.datastore)
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            threads = self._threads(len(manifest.shards) * self.replicas)
+            for i in range(len(manifest.shards)):
+                self.shards.append([self._spawn_shard(i, r, threads) for r in range(self.replicas)])
+            for process in self.processes():
+                self._wait_serving(process, deadline)
+            spec = ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
+            self.router = self._spawn("router", ["router", "--shards", spec, "--host", self.host,
+                                                 "--port", str(self.router_port), *self.router_args])
+            self._wait_serving(self.router, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("datastore %s served by %d shards x %d replicas behind %s", self.datastore,
+                 len(self.shards), self.replicas, self.router_address)
+        return self
+
+    def processes(self) -> list[_Process]:
+        """Every shard replica, then the router once started."""
+        return [p for replicas in self.shards for p in replicas] + ([self.router] if self.router else [])
+
+    @property
+    def router_address(self) -> str:
+        return self.router.address if self.router else ""
+
+    @property
+    def shard_addresses(self) -> list[list[str]]:
+        return [[p.address for p in replicas] for replicas in self.shards]
+
+    def kill(self, shard: int, replica: int = 0, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` to one shard replica (fault injection in tests and drills)."""
+        process = self.shards[shard][replica]
+        os.kill(process.popen.pid, sig)
+        process.popen.wait(timeout=30)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every process (router first, so it stops sending), then waits; SIGKILL stragglers.
+        Removes `log_dir` unless a process failed to start."""
+        for process in reversed(self.processes()):
+            if not process.exited():
+                process.popen.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes()):
+            try:
+                process.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        if not self._keep_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _why_stop(self, reported: set[str]) -> str:
+        """Why the deployment must stop ("" while it can serve); warns once per replica that exits."""
+        if self.router and self.router.exited():
+            return f"router exited with code {self.router.popen.returncode}"
+        for i, replicas in enumerate(self.shards):
+            if all(p.exited() for p in replicas):
+                return f"every replica of shard {i} exited"
+            for process in replicas:
+                if process.exited() and process.name not in reported:
+                    reported.add(process.name)
+                    log.warning("%s exited with code %s; %d other replicas of shard %d still serve", process.name,
+                                process.popen.returncode, sum(not p.exited() for p in replicas), i)
+        return ""
+
+    def wait(self, poll_s: float = 0.5) -> str:
+        """Blocks while the deployment can serve, then stops every process.
+
+        A replica that exits is logged while other replicas of its shard remain; the deployment stops
+        when the router exits, when every replica of some shard has exited, or on an exception here
+        (KeyboardInterrupt from SIGINT, or SIGTERM turned into one by the caller).
+
+        Returns:
+            Why it stopped, e.g. "every replica of shard 0 exited".
+        """
+        reported: set[str] = set()
+        try:
+            while not (why := self._why_stop(reported)):
+                time.sleep(poll_s)
+            log.error("%s; stopping the deployment", why)
+            return why
+        finally:
+            self.stop()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,123 @@
+"""The Ray actors that serve a datastore: a shard replica and the router, each a gRPC server.
+
+An actor runs the shard server or the router (`grpc.aio`) on an asyncio loop in a thread of its
+own process, on an ephemeral port of `host` (its node's IP when None). The router finds the
+replicas by their actor names. A replica that Ray restarts (its node died) gives the router, found
+by name too, its new address; the router sends to it once it answers as the same shard.
+`ray_serving.RayDeployment` creates, places and names these actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+
+import ray
+
+from retriever_server.datastore.manifest import shard_name
+from retriever_server.logs import configure_logging
+from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.serving.service import RunningServer
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+
+log = logging.getLogger(__name__)
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, where an actor's gRPC server lives."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class _ServerActor:
+    """What both actors share: the loop, the running server, its address, describe and drain."""
+
+    running: RunningServer
+
+    def __init__(self, host: str | None, log_level: str):
+        configure_logging(log_level)
+        self.host = host or ray.util.get_node_ip_address()
+        self.loop = _LoopThread()
+
+    def address(self) -> str:
+        return self.running.address
+
+    @ray.method(max_task_retries=0)
+    def started(self) -> str:
+        """The address, once the constructor returned; fails at once if it raised (never retried)."""
+        return self.running.address
+
+    def ready(self) -> bool:
+        """True while SERVING: from the end of the constructor until `stop()`."""
+        return not self.running.service.draining
+
+    def describe(self) -> dict:
+        return {"address": self.running.address, "metrics_port": self.running.metrics_port,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def stop(self, grace_s: float) -> None:
+        """Drains: NOT_SERVING, new requests refused, in-flight ones get `grace_s` seconds."""
+        if not self.running.service.draining:
+            self.loop.run(self.running.drain(grace=grace_s))
+
+
+@ray.remote
+class ShardReplica(_ServerActor):
+    """One replica of one shard; `server.host` is replaced by `host` (None: the node's IP)."""
+
+    def __init__(self, server: ShardServerConfig, host: str | None, router: str, namespace: str, log_level: str):
+        super().__init__(host, log_level)
+        self.server = dataclasses.replace(server, host=self.host)
+        try:
+            self.running = self.loop.run(start_shard_server(self.server))
+        except BaseException:
+            self.loop.close()
+            raise
+        self._tell_router(router, namespace)
+
+    def _tell_router(self, name: str, namespace: str) -> None:
+        """Gives the router this replica's address when it runs already: this replica was restarted."""
+        try:
+            router = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return  # a first start: the router asks every replica its address when it starts
+        shard, replica = self.server.shard, self.server.replica
+        log.warning("%s replica %d restarted on node %s at %s", shard_name(shard), replica,
+                    ray.get_runtime_context().get_node_id(), self.running.address)
+        router.replace_replica.remote(shard, replica, self.running.address)
+
+
+@ray.remote
+class RouterActor(_ServerActor):
+    """The router over the replicas named `replicas[shard][replica]`; `router.shards` and
+    `router.host` are replaced by their addresses and `host` (None: the node's IP)."""
+
+    def __init__(self, router: RouterConfig, replicas: list[list[str]], namespace: str, host: str | None,
+                 log_level: str):
+        super().__init__(host, log_level)
+        handles = [[ray.get_actor(name, namespace=namespace) for name in names] for names in replicas]
+        addresses = [ray.get([h.address.remote() for h in shard]) for shard in handles]
+        config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host)
+        self.running = self.loop.run(start_router(config))
+
+    def replicas(self) -> list[list[str]]:
+        """The replica addresses the router sends to now, per shard."""
+        return [list(s.addresses) for s in self.running.service.sets]
+
+    def replace_replica(self, shard: int, replica: int, address: str, timeout_s: float = 10.0) -> None:
+        """Sends to `address` for that replica from now on, once it answers GetInfo as that shard."""
+        old = self.loop.run(self.running.service.replace_replica(shard, replica, address, timeout_s))
+        if old is not None:
+            log.warning("router: %s replica %d moved from %s to %s", shard_name(shard), replica, old, address)

@@ -1,0 +1,313 @@
+"""A datastore served on a Ray cluster: shard replicas and a router as named Ray actors.
+
+Each shard replica is an actor that opens its shard and serves it with the shard server (`grpc.aio`
+on an event loop in a thread of the actor) on `host`, the node's IP by default, on an ephemeral
+port; the router actor fans out over the replicas. The actors are named `NAME/shard-I/replica-R`
+and `NAME/router` in one namespace, so any driver connected to the cluster finds the router with
+`lookup(NAME)`. Shards go one per node where the cluster has the nodes, and a shard's replicas go
+to different nodes; each actor is pinned with a soft node affinity. When a node dies, Ray restarts
+its replicas elsewhere and each restarted replica gives the router its new address; meanwhile the
+router fails over to the other replicas. The datastore must be at the same path on every node.
+
+Example:
+    >>> with RayDeployment(RayServeConfig(Path("ds"), name="wiki", replicas=2)) as deployment:
+    ...     client = RetrieverClient(deployment.router_address)
+    >>> lookup("wiki")  # from any driver on the cluster, while it is deployed
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from retriever_server.cluster.connect import connect
+from retriever_server.cluster.placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
+from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
+from retriever_server.datastore.manifest import read_manifest
+from retriever_server.serving.router import RouterConfig
+from retriever_server.serving.shard import ShardOptions
+from retriever_server.serving.shard_server import ShardServerConfig
+from retriever_server.wire.request import Limits
+
+log = logging.getLogger(__name__)
+DEFAULT_NAMESPACE = "retrieval-datastore"
+
+
+class DeploymentError(RuntimeError):
+    """A deployment could not start, be found or be stopped; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """What to serve on the cluster and how.
+
+    `name` and `namespace` name the actors; `cpus_per_shard` is what each replica reserves (the
+    placement packs nodes by it), `router_cpus` what the router does. `host` None binds each server
+    to its node's IP. `detached` actors outlive the driver that started them (until `undeploy`).
+    `max_restarts` -1 lets Ray restart a replica whose node dies as often as it happens. `metrics`
+    gives each server a Prometheus port; `limits` and `options` go to every shard server (the
+    router takes `limits` too); `grace_s` is what in-flight requests get when stopping.
+    """
+
+    datastore: Path
+    name: str = "retrieval"
+    namespace: str = DEFAULT_NAMESPACE
+    replicas: int = 1
+    cpus_per_shard: float = 1.0
+    router_cpus: float = 0.0
+    host: str | None = None
+    detached: bool = False
+    max_restarts: int = -1
+    metrics: bool = True
+    limits: Limits = field(default_factory=Limits)
+    options: ShardOptions = field(default_factory=ShardOptions)
+    grace_s: float = 5.0
+    startup_timeout_s: float = 300.0
+    log_level: str = "WARNING"
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be non-empty and without '/', got {self.name!r}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.cpus_per_shard < 0 or self.router_cpus < 0:
+            raise ValueError("cpus_per_shard and router_cpus must be >= 0")
+
+
+def router_actor_name(name: str) -> str:
+    return f"{name}/router"
+
+
+def replica_actor_name(name: str, shard: int, replica: int) -> str:
+    return f"{name}/shard-{shard}/replica-{replica}"
+
+
+def _failure(err: BaseException) -> str:
+    """One line on why an actor failed: the last line of the cause Ray reports, less its class name."""
+    cause = getattr(err, "cause", None) or err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1]) if lines else type(cause).__name__
+
+
+def ray_address() -> str:
+    """The address of the connected cluster, for `--address` or RAY_ADDRESS elsewhere."""
+    return ray.get_runtime_context().gcs_address
+
+
+def running_deployments(namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+    """The names of the deployments with a router actor in `namespace`."""
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"][:-len("/router")] for a in actors
+                  if a["namespace"] == namespace and a["name"].endswith("/router"))
+
+
+def _actor_names(name: str, namespace: str) -> list[str]:
+    """The names of deployment `name`'s actors alive in `namespace`, the router first."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith(f"{name}/")]
+    return sorted(names, key=lambda n: (n != router_actor_name(name), n))
+
+
+def _not_found(name: str, namespace: str) -> DeploymentError:
+    others = running_deployments(namespace)
+    running = f"; running there: {', '.join(others)}" if others else "; none is running there"
+    return DeploymentError(f"no deployment named {name!r} in namespace {namespace!r}{running}")
+
+
+def lookup(name: str, namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.0) -> str:
+    """The router address of a running deployment, found by its actor's name.
+
+    Args:
+        name: the deployment's name.
+        namespace: the Ray namespace it was deployed in.
+        timeout_s: how long to wait for the router to answer (it may be restarting).
+
+    Returns:
+        HOST:PORT of the router.
+
+    Raises:
+        DeploymentError: no such deployment, or its router did not answer.
+
+    Example:
+        >>> RetrieverClient(lookup("wiki")).search(queries, k=10)
+    """
+    connect(existing=True)
+    try:
+        router = ray.get_actor(router_actor_name(name), namespace=namespace)
+    except ValueError:
+        raise _not_found(name, namespace) from None
+    try:
+        return ray.get(router.address.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        raise DeploymentError(f"the router of {name!r} did not answer: {_failure(err)}") from None
+
+
+def _stop_actors(handles: list, grace_s: float) -> None:
+    """Drains the servers (the first handle, the router, before the others), then kills the actors."""
+    for group in (handles[:1], handles[1:]):
+        refs = [h.stop.remote(grace_s) for h in group]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+
+
+def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0) -> int:
+    """Drains and kills every actor of deployment `name`; returns how many there were.
+
+    Raises:
+        DeploymentError: no actor of that deployment is running in `namespace`.
+    """
+    connect(existing=True)
+    names = _actor_names(name, namespace)
+    if not names:
+        raise _not_found(name, namespace)
+    handles = []
+    for actor in names:
+        try:
+            handles.append(ray.get_actor(actor, namespace=namespace))
+        except ValueError:
+            pass  # gone meanwhile
+    _stop_actors(handles, grace_s)
+    log.info("undeployed %s: %d actors", name, len(handles))
+    return len(handles)
+
+
+class RayDeployment:
+    """S shards x R replicas and a router as named actors on the connected Ray cluster.
+
+    Example:
+        >>> deployment = RayDeployment(RayServeConfig(Path("ds"), replicas=2)).start()
+        >>> deployment.placements  # {(shard, replica): node_id}
+        >>> deployment.stop()
+    """
+
+    def __init__(self, config: RayServeConfig):
+        self.config = config
+        self.shards: list[list] = []
+        self.router = None
+        self.plan: dict[tuple[int, int], str] = {}
+
+    def _options(self, name: str, cpus: float, node_id: str) -> dict:
+        c = self.config
+        return {"name": name, "namespace": c.namespace, "lifetime": "detached" if c.detached else None,
+                "num_cpus": cpus, "max_restarts": c.max_restarts,
+                "max_task_retries": -1 if c.max_restarts else 0,  # calls wait for a restart to finish
+                # no max_concurrency: Ray 2.60 aborts a threaded actor whose constructor raises
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
+
+    def _await(self, refs: list, what: list[str]) -> list:
+        """Waits for actors to come up; on a failure or the timeout raises DeploymentError naming one."""
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.config.startup_timeout_s)
+        for ref, name in zip(refs, what):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise DeploymentError(f"{name} did not start: {_failure(err)}") from None
+        if pending:
+            late = [name for ref, name in zip(refs, what) if ref in pending]
+            raise DeploymentError(f"{', '.join(late)} not up within {self.config.startup_timeout_s:.0f}s "
+                                  "(does the cluster have the CPUs free?)")
+        return ray.get(refs)
+
+    def start(self) -> RayDeployment:
+        """Places and starts every replica, then the router; returns once the router is SERVING.
+        Connects to Ray first (`connect()`) unless this process is connected already.
+
+        Raises:
+            DeploymentError: the name is taken, the cluster has no node for a shard, or an actor
+                failed or timed out (every actor started is then stopped).
+        """
+        c = self.config
+        connect()
+        num_shards = len(read_manifest(c.datastore).shards)
+        if _actor_names(c.name, c.namespace):
+            raise DeploymentError(f"a deployment named {c.name!r} already runs in namespace {c.namespace!r}; "
+                                  "undeploy it first")
+        nodes = cluster_nodes()
+        try:
+            self.plan = plan_placement(nodes, num_shards, c.replicas, c.cpus_per_shard)
+        except PlacementError as err:
+            raise DeploymentError(str(err)) from None
+        try:
+            self._start_actors(num_shards, nodes)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("%s serves %s (%d shards x %d replicas) at %s", c.name, c.datastore, num_shards, c.replicas,
+                 self.router_address)
+        return self
+
+    def _start_replica(self, shard: int, replica: int):
+        c = self.config
+        server = ShardServerConfig(datastore=c.datastore, shard=shard, replica=replica, port=0,
+                                   metrics_port=0 if c.metrics else None, limits=c.limits, options=c.options)
+        options = self._options(replica_actor_name(c.name, shard, replica), c.cpus_per_shard, self.plan[shard, replica])
+        gpus = 1 if c.options.gpu else 0  # a node without one is infeasible: the soft affinity moves on
+        return ShardReplica.options(**options, num_gpus=gpus).remote(server, c.host, router_actor_name(c.name),
+                                                                     c.namespace, c.log_level)
+
+    def _start_actors(self, num_shards: int, nodes: list[NodeSlot]) -> None:
+        """The replicas first; the router, on the head node, once they all serve."""
+        c = self.config
+        names = [[replica_actor_name(c.name, s, r) for r in range(c.replicas)] for s in range(num_shards)]
+        self.shards = [[self._start_replica(s, r) for r in range(c.replicas)] for s in range(num_shards)]
+        self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []))
+        heads = [n.node_id for n in nodes if n.head]
+        router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
+        router = RouterConfig(shards=(), port=0, metrics_port=0 if c.metrics else None, limits=c.limits)
+        options = self._options(router_actor_name(c.name), c.router_cpus, router_node)
+        self.router = RouterActor.options(**options).remote(router, names, c.namespace, c.host, c.log_level)
+        self._await([self.router.started.remote()], [router_actor_name(c.name)])
+        for (s, r), node in sorted(self.placements.items()):
+            log.info("%s on node %s", names[s][r], node)
+
+    @property
+    def router_address(self) -> str:
+        """HOST:PORT of the router (asked of its actor, so current after a restart)."""
+        return ray.get(self.router.address.remote(), timeout=self.config.startup_timeout_s)
+
+    @property
+    def shard_addresses(self) -> list[list[str]]:
+        """Per shard, the addresses of its replicas that the router sends to now."""
+        return ray.get(self.router.replicas.remote(), timeout=self.config.startup_timeout_s)
+
+    @property
+    def placements(self) -> dict[tuple[int, int], str]:
+        """{(shard, replica): node_id} where each replica runs now."""
+        handles = {(s, r): h for s, replicas in enumerate(self.shards) for r, h in enumerate(replicas)}
+        found = ray.get([h.describe.remote() for h in handles.values()], timeout=self.config.startup_timeout_s)
+        return {key: d["node_id"] for key, d in zip(handles, found)}
+
+    def wait(self, poll_s: float = 2.0) -> str:
+        """Blocks while the router actor lives (waiting out its restarts); returns why it is gone,
+        e.g. when `undeploy` stopped it from another driver."""
+        while True:
+            try:
+                ray.get(self.router.ready.remote(), timeout=self.config.startup_timeout_s)
+            except ray.exceptions.RayActorError as err:
+                return f"the router actor is gone: {_failure(err)}"
+            except ray.exceptions.GetTimeoutError:
+                log.warning("the router of %s has not answered for %.0fs", self.config.name,
+                            self.config.startup_timeout_s)
+            time.sleep(poll_s)
+
+    def stop(self) -> None:
+        """Drains the router, then the replicas, and kills every actor of this deployment."""
+        handles = ([self.router] if self.router else []) + [h for replicas in self.shards for h in replicas]
+        if handles:
+            _stop_actors(handles, self.config.grace_s)
+        self.shards, self.router = [], None
+
+    def __enter__(self) -> RayDeployment:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,11 @@
+"""The datastore on disk and the job that builds it.
+
+- `manifest`: `manifest.json`, shard entries, checksums, `read_manifest`, `DatastoreError`;
+- `index`: everything FAISS: factory strings, seeded training, adding with global ids, load, search;
+- `row_parts`: one (N, ...) array stored as several .npy files (`NAME.parts.json`);
+- `build_inputs`: what a build is asked to do, checked before any work starts;
+- `build`: the Ray build job (train the codec once, fill shards in parallel, resume, publish);
+- `publish`: replacing a directory atomically.
+
+Imports: retriever_server.datastore, retriever_server.cluster.connect
+"""

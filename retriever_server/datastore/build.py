@@ -1,0 +1,322 @@
+"""The build job: train the codec once, fill S shards in parallel as Ray tasks, publish atomically.
+
+The build works in `.<name>.partial` beside the output directory. Each finished step leaves a marker
+there (the trained codec, then each shard, renamed into place when whole), so a build that dies can
+be run again and picks up where it stopped. The datastore appears under its own name only once the
+manifest is written, by one atomic rename (or exchange, when it replaces an older datastore): a
+server never sees half a datastore, nor no datastore at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+import numpy as np
+import ray
+from tqdm.auto import tqdm
+
+from retriever_server.cluster.connect import connect
+from retriever_server.datastore import index as ix
+from retriever_server.datastore.build_inputs import (
+    BuildConfig,
+    BuildError,
+    BuildInputs,
+    as_build_error,
+    check_inputs,
+    last_line,
+)
+from retriever_server.datastore.manifest import (
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    describe_files,
+    fsync_directory,
+    shard_name,
+    write_manifest,
+)
+from retriever_server.datastore.publish import replace_directory
+from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows
+
+log = logging.getLogger(__name__)
+TRAINED = "trained.index"
+MARKER = "build.json"
+DONE = ".done.json"
+FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the build after N shards
+
+
+def _fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
+    """What a resumed build must share with the one it resumes."""
+    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out")}
+    return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
+
+
+def _read_json(path: Path):
+    """A JSON file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> None:
+    """Creates the work directory, or keeps an unfinished one made with the same inputs and parameters."""
+    fingerprint = _fingerprint(config, inputs)
+    marker = work / MARKER
+    if work.exists() and _read_json(marker) != fingerprint:
+        log.warning("discarding %s: not an unfinished build of these inputs and parameters", work)
+        shutil.rmtree(work)
+    if work.exists():
+        log.info("resuming the unfinished build at %s", work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(fingerprint, indent=2))
+
+
+def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
+    """Trains the codec on a seeded sample of the keys (once) and returns where it is saved."""
+    path = work / TRAINED
+    if path.is_file():
+        log.info("reusing the trained codec at %s", path)
+        return path
+    rng = np.random.default_rng(config.seed)
+    rows = np.sort(rng.choice(inputs.n, size=inputs.train_rows, replace=False))
+    sample = np.asarray(open_rows(config.keys)[rows], dtype=np.float32)
+    try:
+        with as_build_error(f"training {inputs.factory} on {len(sample)} rows", path):
+            index = ix.new_trained_index(inputs.factory, ix.canonical_metric(config.metric), sample, config.seed)
+            ix.write_index(index, path)
+    except BuildError:
+        shutil.rmtree(work, ignore_errors=True)  # it holds nothing worth resuming yet
+        raise
+    return path
+
+
+@ray.remote
+class _Progress:
+    """Rows added so far, summed over the shard tasks."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, n: int) -> None:
+        self.rows += n
+
+    def total(self) -> int:
+        return self.rows
+
+
+def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int, dtype=None) -> None:
+    out = np.lib.format.open_memmap(dst_path, mode="w+", dtype=dtype or src.dtype,
+                                    shape=(end - start, *src.shape[1:]))
+    for s in range(start, end, block):
+        e = min(end, s + block)
+        out[s - start:e - start] = src[s:e]
+    out.flush()
+    del out
+
+
+def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress) -> faiss.Index:
+    """A copy of the trained codec holding rows [start, end) under their global ids."""
+    keys = open_rows(config.keys)
+    index = faiss.read_index(trained)
+    for s in range(start, end, config.add_block):
+        e = min(end, s + config.add_block)
+        index.add_with_ids(np.ascontiguousarray(keys[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
+        progress.add.remote(e - s)
+    return index
+
+
+@ray.remote
+def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress) -> dict:
+    """Adds rows [start, end) to a copy of the trained codec and writes the shard directory.
+
+    Its entry records the Ray node it ran on ("node"), for the manifest's build metadata.
+    """
+    kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    if kill_after and int(Path(shard_dir).name.split("-")[-1]) >= kill_after:
+        time.sleep(60)  # the test hook's kill lands while later shards are still unfinished
+    faiss.omp_set_num_threads(max(1, config.cpus_per_shard))
+    final = Path(shard_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ix.write_index(_add_rows(config, trained, start, end, progress), tmp / "index.faiss")
+        if config.keep_keys:
+            _copy_rows(open_rows(config.keys), tmp / "keys.npy", start, end, config.add_block, np.float16)
+        for name, path in config.payloads.items():
+            _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
+        files = {k: asdict(v) for k, v in describe_files(tmp).items()}
+        entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
+                 "node": ray.get_runtime_context().get_node_id()}
+        (tmp / DONE).write_text(json.dumps(entry))
+        os.replace(tmp, final)
+    return entry
+
+
+def _shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _intact(shard_dir: Path, entry, start: int, end: int) -> bool:
+    """Whether a finished shard covers [start, end) and its files have the sizes it recorded."""
+    try:
+        return (entry["id_start"], entry["id_end"]) == (start, end) and all(
+            (shard_dir / name).is_file() and (shard_dir / name).stat().st_size == f["bytes"]
+            for name, f in entry["files"].items()
+        )
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _reusable_shard(shard_dir: Path, start: int, end: int) -> dict | None:
+    """The entry of a shard an earlier run finished, or None (after clearing what is left of it)."""
+    if not shard_dir.exists():
+        return None
+    entry = _read_json(shard_dir / DONE)
+    if _intact(shard_dir, entry, start, end):
+        log.info("reusing %s from the earlier run", shard_dir.name)
+        return entry
+    log.warning("%s from the earlier run is unfinished or damaged; building it again", shard_dir.name)
+    shutil.rmtree(shard_dir)
+    return None
+
+
+def _task_failure(err: ray.exceptions.RayError) -> str:
+    """One line on why a shard task failed: its own BuildError, or the last line of what Ray reports."""
+    cause = getattr(err, "cause", None)
+    return str(cause) if isinstance(cause, BuildError) else last_line(cause or err)
+
+
+def _wait_for(pending: dict, entries: dict[int, dict], counter, bar) -> None:
+    """Collects finished shard tasks into `entries`; on a failure cancels the rest and raises BuildError."""
+    kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    while pending:
+        ready, _ = ray.wait(list(pending), timeout=0.5)
+        for ref in ready:
+            i = pending.pop(ref)
+            try:
+                entries[i] = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                log.warning("%s failed; cancelling the %d other shard tasks still running", shard_name(i),
+                            len(pending))
+                for other in pending:
+                    ray.cancel(other)
+                raise BuildError(f"{shard_name(i)} failed: {_task_failure(err)}") from None
+            log.info("%s written (%d rows)", shard_name(i), entries[i]["id_end"] - entries[i]["id_start"])
+            if kill_after and len(entries) >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.update(ray.get(counter.total.remote()) - bar.n)
+
+
+def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, progress: bool) -> list[dict]:
+    """Builds every shard not already finished as a Ray task; returns the shard entries in order.
+
+    The tasks are spread over the cluster's nodes (one shard per node while there are more nodes).
+    """
+    entries: dict[int, dict] = {}
+    pending = {}
+    counter = _Progress.remote()
+    remaining = 0
+    for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
+        entry = _reusable_shard(work / shard_name(i), start, end)
+        if entry is not None:
+            entries[i] = entry
+            continue
+        remaining += end - start
+        task = _build_shard.options(num_cpus=config.cpus_per_shard, scheduling_strategy="SPREAD")
+        pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter)] = i
+    try:
+        with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:
+            _wait_for(pending, entries, counter, bar)
+    finally:
+        ray.kill(counter)
+    return [entries[i] for i in range(config.shards)]
+
+
+def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
+    """Writes the manifest into the finished work directory, moves it to `config.out`, then tidies up."""
+    with as_build_error(f"publishing {config.out}", config.out):
+        write_manifest(work, manifest)
+        old = replace_directory(work, config.out)
+        fsync_directory(config.out.parent)
+        for leftover in (MARKER, TRAINED):  # not in the manifest, so readers ignore them meanwhile
+            (config.out / leftover).unlink(missing_ok=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_output(config: BuildConfig) -> None:
+    """Refuses to replace an existing path unless asked to, and never one that is not a datastore."""
+    if config.out.exists() and not config.overwrite:
+        raise BuildError(f"{config.out} already exists; pass --overwrite to replace it")
+    if config.out.exists() and not (config.out / "manifest.json").is_file():
+        raise BuildError(f"{config.out} exists and is not a datastore; refusing to replace it")
+
+
+def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float) -> Manifest:
+    """The manifest describing the finished shards; `build["nodes"]` holds each shard's Ray node id
+    (None for a shard an older version built)."""
+    nlist = ix.nlist_of(faiss.read_index(str(trained)))
+    shards = tuple(
+        ShardEntry(e["name"], e["id_start"], e["id_end"], {k: FileEntry(**v) for k, v in e["files"].items()})
+        for e in entries
+    )
+    return Manifest(
+        dimension=inputs.d, metric=ix.canonical_metric(config.metric), factory=inputs.factory,
+        ntotal=inputs.n, nlist=nlist, default_nprobe=ix.default_nprobe(nlist), has_keys=config.keep_keys,
+        payloads=inputs.payloads, shards=shards, metadata=dict(config.metadata),
+        build={"seed": config.seed, "train_size": config.train_size, "keys": str(config.keys),
+               "faiss": faiss.__version__, "seconds": round(seconds, 3), "nodes": [e.get("node") for e in entries]},
+    )
+
+
+def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: int | None = None,
+                    progress: bool = True) -> Manifest:
+    """Builds a sharded datastore from an (N, d) keys matrix and publishes it at `config.out`.
+
+    Keys and payloads are .npy files or parts indexes (`NAME.parts.json`, see `row_parts`), read
+    memory-mapped. Shard tasks are spread over the Ray cluster's nodes; the manifest's build
+    metadata names the node each shard was built on.
+
+    Args:
+        config: inputs, index and shard parameters.
+        address: a Ray cluster to run on; None starts (or reuses) a local one.
+        num_cpus: CPUs of the local Ray cluster when one is started.
+        progress: show progress bars.
+
+    Returns:
+        The manifest of the published datastore.
+
+    Raises:
+        BuildError: bad inputs (checked before any work), an existing output without `overwrite`,
+            a FAISS error while training or adding, a failed shard, or an OSError (naming the path).
+
+    Example:
+        >>> build_datastore(BuildConfig(keys=Path("keys.npy"), out=Path("ds"), shards=2))
+    """
+    _check_output(config)
+    inputs = check_inputs(config)
+    connect(address, num_cpus)
+    started = time.time()
+    work = config.out.parent / f".{config.out.name}.partial"
+    with as_build_error(f"preparing {work}", work):
+        _prepare_workdir(config, inputs, work)
+    trained = _train(config, inputs, work)
+    with as_build_error(f"writing shards in {work}", work):
+        entries = _fill_shards(config, inputs, work, trained, progress)
+    manifest = _manifest(config, inputs, trained, entries, time.time() - started)
+    _publish(config, work, manifest)
+    log.info("published datastore %s (version %s, %d rows, %d shards)", config.out, manifest.version,
+             inputs.n, config.shards)
+    return manifest

@@ -1,0 +1,150 @@
+"""What a build is asked to do, and the checks on its inputs that run before any work starts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retriever_server.datastore import index as ix
+from retriever_server.datastore.manifest import PayloadSpec
+from retriever_server.datastore.row_parts import PartedArray, is_parts_index, open_rows, stored_dtype
+
+PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                            "uint8", "uint16", "uint32", "uint64", "bool"})  # what the wire format carries
+
+
+class BuildError(Exception):
+    """The build cannot run with these inputs or failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build. `keys` is an (N, d) float matrix, each payload an array of N rows: each a .npy
+    file or a `.parts.json` index of .npy parts (`retriever_server.datastore.row_parts`)."""
+
+    keys: Path
+    out: Path
+    payloads: dict[str, Path] = field(default_factory=dict)
+    factory: str = "auto"
+    metric: str = "l2"
+    shards: int = 2
+    seed: int = 0
+    train_size: int = 0  # 0: as many as the factory needs
+    keep_keys: bool = False
+    add_block: int = 32768
+    cpus_per_shard: int = 1
+    overwrite: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """The checked inputs: rows, dimension, the concrete factory, training rows, payload specs."""
+
+    n: int
+    d: int
+    factory: str
+    train_rows: int
+    payloads: tuple[PayloadSpec, ...]
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error's message: FAISS puts its reason there."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@contextlib.contextmanager
+def as_build_error(what: str, path: Path) -> Iterator[None]:
+    """Turns a FAISS RuntimeError or an OSError (permissions, disk full) in `what` into a one-line BuildError."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise BuildError(f"{what} failed: {last_line(err)}") from None
+    except OSError as err:
+        raise BuildError(f"{what} failed: cannot write {err.filename or path}: {err.strerror or err}") from None
+
+
+def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
+    """Opens a .npy (memory-mapped) or a parts index; raises a one-line BuildError naming `what` when it cannot."""
+    if not path.is_file():
+        raise BuildError(f"{what} file {path} not found")
+    kind = "parts index" if is_parts_index(path) else ".npy array"
+    try:
+        return open_rows(path)
+    except FileNotFoundError as err:  # a part of a parts index
+        raise BuildError(f"{what}: {err}") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise BuildError(f"{what} file {path} is not a loadable {kind}: {last_line(err)}") from None
+
+
+def _stored_dtype(path: Path) -> np.dtype | None:
+    """The dtype in a .npy header or a parts index without loading the array (object arrays do not memory-map)."""
+    try:
+        return stored_dtype(path)
+    except (OSError, ValueError, EOFError, TypeError):
+        return None  # _open_rows says what is wrong
+
+
+def _check_keys(config: BuildConfig) -> tuple[int, int]:
+    """(N, d) of the keys matrix, which must be a non-empty float .npy or parts index."""
+    keys = _open_rows(config.keys, "keys")
+    if keys.ndim != 2 or keys.dtype.kind != "f" or keys.shape[0] == 0:
+        raise BuildError(f"keys file {config.keys} must be a non-empty float (N, d) matrix, "
+                         f"got {keys.dtype} {keys.shape}")
+    return keys.shape
+
+
+def _training_minimum(factory: str, d: int, metric: str) -> int:
+    """Fewest training rows the factory's k-means steps accept: nlist for IVF, ksub (2**nbits) for PQ."""
+    index = faiss.index_factory(d, factory, ix.METRICS[metric])
+    ivf = faiss.try_extract_index_ivf(index)
+    core = faiss.downcast_index(ivf if ivf is not None else index)
+    if isinstance(core, faiss.IndexPreTransform):
+        core = faiss.downcast_index(core.index)
+    pq = getattr(core, "pq", None)
+    return max(int(ivf.nlist) if ivf is not None else 1, int(pq.ksub) if pq is not None else 1)
+
+
+def _check_factory(config: BuildConfig, n: int, d: int) -> tuple[str, int]:
+    """The concrete factory string and how many rows train it; BuildError when FAISS cannot."""
+    try:
+        metric = ix.canonical_metric(config.metric)
+        factory = ix.resolve_factory(config.factory, n, d)
+        ix.check_factory(factory, d, metric)
+    except ValueError as err:
+        raise BuildError(str(err)) from None
+    rows = min(config.train_size or ix.train_size_for(factory, d, metric), n)
+    need = _training_minimum(factory, d, metric)
+    if rows < need:
+        have = f"train_size is {config.train_size}" if rows < n else f"the keys have {n}"
+        raise BuildError(f"factory {factory} needs at least {need} training rows; {have}")
+    return factory, rows
+
+
+def _check_payload(name: str, path: Path, n: int) -> PayloadSpec:
+    """The spec of a payload with N rows of a dtype the wire format carries."""
+    what = f"payload {name!r}"
+    dtype = _stored_dtype(path)
+    if dtype is not None and dtype.name not in PAYLOAD_DTYPES:
+        raise BuildError(f"{what} ({path}) has dtype {dtype}, which cannot be served; "
+                         f"supported: {', '.join(sorted(PAYLOAD_DTYPES))}")
+    arr = _open_rows(path, what)
+    if arr.ndim < 1 or arr.shape[0] != n:
+        raise BuildError(f"{what} ({path}) has shape {arr.shape}; its first dimension must be {n}")
+    return PayloadSpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]))
+
+
+def check_inputs(config: BuildConfig) -> BuildInputs:
+    """Checks everything about the inputs that can be checked before any work starts."""
+    n, d = _check_keys(config)
+    if not 1 <= config.shards <= n:
+        raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
+    factory, train_rows = _check_factory(config, n, d)
+    specs = tuple(_check_payload(name, path, n) for name, path in sorted(config.payloads.items()))
+    return BuildInputs(n, d, factory, train_rows, specs)

@@ -1,0 +1,16 @@
+"""The gRPC servers and their clients.
+
+- `shard`: one loaded shard and search over it (no gRPC);
+- `service`: what every server shares: admission, accounting, errors, start and drain;
+- `shard_server`: a shard behind the Retriever service;
+- `router`: the Retriever service in front of S shards x R replicas;
+- `merge`: ordering neighbours and the exact top-k merge of per-shard results;
+- `failover`: which replica to try next, deadlines, and the router's and the client's retry loops;
+- `fanout`: the `--shards` syntax, replica sets, the one-whole-datastore check;
+- `client`: `RetrieverClient` (import it from `retriever_server.client`);
+- `grpc_setup`: message-size options, health and reflection;
+- `metrics`: Prometheus metrics of one server.
+
+Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.datastore.index,
+    retriever_server.datastore.manifest
+"""

@@ -1,0 +1,222 @@
+"""`RetrieverClient`: neighbours over gRPC as numpy arrays, from a router or straight from shards.
+
+Example:
+    >>> client = RetrieverClient("127.0.0.1:50051")                # a router (or a single shard)
+    >>> client = RetrieverClient(["127.0.0.1:7001", "127.0.0.1:7002"])  # shards: fan out here
+    >>> result = client.search(queries, k=10, nprobe=16)           # queries: (nq, d) float32
+    >>> result.ids.shape, result.distances.shape                   # (nq, 10), (nq, 10)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from retrieval.v1 import retriever_pb2 as pb
+from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+from retriever_server.serving.failover import (
+    RETRYABLE,
+    CallFailed,
+    Deadline,
+    ReplicaSet,
+    call_replicas,
+    failure_message,
+)
+from retriever_server.serving.fanout import check_shards, replica_sets
+from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
+from retriever_server.serving.merge import merge_results
+from retriever_server.wire.result import SearchResult
+from retriever_server.wire.tensors import fill_tensor
+
+log = logging.getLogger(__name__)
+
+
+class RetrieverError(Exception):
+    """A Search or GetInfo the service refused or could not answer.
+
+    Attributes:
+        code: the gRPC status code (INVALID_ARGUMENT, UNAVAILABLE, ...).
+        message: the server's explanation, naming the field or shard at fault.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Exclude:
+    """Rows a query must not retrieve: single ids and half-open [start, end) ranges."""
+
+    ids: Sequence[int] = ()
+    ranges: Sequence[tuple[int, int]] = ()
+
+    def to_proto(self) -> pb.Exclusion:
+        return pb.Exclusion(ids=[int(i) for i in self.ids],
+                            ranges=[pb.IdRange(start=int(s), end=int(e)) for s, e in self.ranges])
+
+
+def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,
+                 rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
+                 exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
+                 allow_partial: bool = False, expected_version: str = "") -> pb.SearchRequest:
+    """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32)."""
+    queries = np.asarray(queries)
+    if queries.dtype == np.float64:
+        queries = queries.astype(np.float32)
+    request = pb.SearchRequest(
+        k=k, nprobe=nprobe, exact_rerank=exact_rerank,
+        rerank_candidates=rerank_candidates, payloads=list(payloads), return_keys=return_keys,
+        exclude=exclude.to_proto() if exclude else None,
+        exclude_per_query=[e.to_proto() for e in exclude_per_query or ()],
+        allow_partial=allow_partial, expected_datastore_version=expected_version,
+    )
+    fill_tensor(request.queries, queries)
+    return request
+
+
+class RetrieverClient:
+    """A blocking client for a router, one shard, or a list of shards it fans out to itself.
+
+    Args:
+        target: "host:port" of a router or shard; or a list with one entry per shard, each an
+            address or a list of replica addresses (the client fails over between them).
+        timeout: default deadline in seconds for each call (None: no deadline).
+    """
+
+    def __init__(self, target: str | Sequence[str | Sequence[str]], timeout: float | None = 30.0):
+        if isinstance(target, str):
+            shards = [[target]]
+            self.fan_out = False
+        else:
+            shards = [[t] if isinstance(t, str) else list(t) for t in target]
+            self.fan_out = True
+        if not shards or not all(shards):
+            raise ValueError("RetrieverClient needs at least one address")
+        self.timeout = timeout
+        self.sets = replica_sets(shards)
+        self.channels = {a: grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for s in shards for a in s}
+        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self._pool = ThreadPoolExecutor(max(1, len(shards))) if self.fan_out else None
+        self._infos: list[pb.InfoResponse] | None = None
+
+    def __enter__(self) -> RetrieverClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channels."""
+        for channel in self.channels.values():
+            channel.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        try:
+            return call_replicas(replicas, self.stubs, method, request, deadline, fail_over=self.fan_out)
+        except CallFailed as err:
+            raise RetrieverError(err.code, err.message) from None
+
+    def info(self, timeout: float | None = None) -> pb.InfoResponse:
+        """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""
+        deadline = Deadline(timeout or self.timeout)
+        infos = [self._call(s, "GetInfo", pb.GetInfoRequest(), deadline) for s in self.sets]
+        if len(infos) == 1:
+            return infos[0]
+        combined = pb.InfoResponse()
+        combined.CopyFrom(infos[0])
+        combined.role, combined.shard, combined.ntotal = "client-fanout", "", sum(i.ntotal for i in infos)
+        del combined.shards[:]
+        for replicas, info in zip(self.sets, infos):
+            shard = pb.ShardInfo()
+            shard.CopyFrom(info.shards[0])
+            shard.replicas = len(replicas.addresses)
+            combined.shards.append(shard)
+        return combined
+
+    def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
+        """GetInfo of the shards that answer. Once all have, checks they are all the shards of one
+        datastore, once each, and remembers them."""
+        if self._infos is not None:
+            return self._infos
+        infos, down = [], {}
+        for replicas in self.sets:
+            try:
+                infos.append(self._call(replicas, "GetInfo", pb.GetInfoRequest(), deadline))
+            except RetrieverError as err:
+                if err.code not in RETRYABLE:
+                    raise
+                down[replicas.name] = err.message
+        if not infos:
+            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
+        if down:
+            return infos
+        problem = check_shards([[i] for i in infos])
+        if problem is not None:
+            raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        for replicas, info in zip(self.sets, infos):
+            replicas.name = info.shard
+        self._infos = infos
+        return infos
+
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
+               rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
+               exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
+               allow_partial: bool = False, expected_version: str = "",
+               timeout: float | None = None) -> SearchResult:
+        """k nearest neighbours of each row of `queries`.
+
+        Args:
+            queries: (nq, d) float32 or float16 array.
+            k: neighbours per query.
+            nprobe: inverted lists to probe (0: the datastore's default).
+            exact_rerank: re-rank `rerank_candidates` (default k) candidates by exact distance.
+            payloads: payload arrays to return per neighbour ("values", "tokens", ...).
+            return_keys: also return the neighbours' stored keys.
+            exclude: rows excluded for every query; exclude_per_query: one Exclude per query.
+            allow_partial: accept an answer from the shards that responded, flagged partial.
+            expected_version: refuse (FAILED_PRECONDITION) unless the datastore has this version.
+            timeout: deadline in seconds for the whole call.
+
+        Returns:
+            SearchResult with ids int64 (nq, k), distances float32 (nq, k), payloads, keys.
+
+        Raises:
+            RetrieverError: the request was refused (bad argument, datastore mismatch) or no
+                replica of a needed shard answered.
+        """
+        request = make_request(queries, k, nprobe, exact_rerank, rerank_candidates, payloads, return_keys,
+                               exclude, exclude_per_query, allow_partial, expected_version)
+        deadline = Deadline(timeout or self.timeout)
+        if not self.fan_out:
+            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, deadline))
+        return self._fan_out(request, k, deadline)
+
+    def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
+        infos = self._shard_infos(deadline)
+        allow_partial = request.allow_partial
+        request.allow_partial = False
+        if not request.expected_datastore_version:
+            request.expected_datastore_version = infos[0].datastore_version
+        futures = [self._pool.submit(self._call, s, "Search", request, deadline) for s in self.sets]
+        answers, failures = [], {}
+        for replicas, future in zip(self.sets, futures):
+            try:
+                answers.append(SearchResult.from_proto(future.result()))
+            except RetrieverError as err:
+                if err.code not in RETRYABLE:
+                    raise
+                failures[replicas.name] = err.message
+        if failures and (not allow_partial or not answers):
+            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
+        merged = merge_results(answers, k, infos[0].metric)
+        merged.partial, merged.failed_shards = bool(failures), failures
+        return merged

@@ -1,0 +1,56 @@
+"""S shards x R replicas as the router and the fan-out client see them: the `--shards` syntax, the
+replica sets, and the check that the shards are one whole datastore (failover itself: `failover`)."""
+
+from __future__ import annotations
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.datastore.manifest import shard_name
+from retriever_server.serving.failover import ReplicaSet
+from retriever_server.wire.request import DatastoreView
+from retriever_server.wire.tensors import nbytes, numpy_dtype
+
+
+def parse_shards(spec: str) -> list[list[str]]:
+    """'a:1|a:2,b:1' -> [['a:1', 'a:2'], ['b:1']]: shards by comma, replicas of a shard by '|'."""
+    shards = [[r.strip() for r in part.split("|") if r.strip()] for part in spec.split(",") if part.strip()]
+    if not shards:
+        raise ValueError(f"no shard addresses in {spec!r}")
+    return shards
+
+
+def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
+    """Names shards in the datastore's order: shard-00000, shard-00001, ..."""
+    return [ReplicaSet(shard_name(i), list(addresses)) for i, addresses in enumerate(shards)]
+
+
+def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
+    """Why shards (each the infos of its answering replicas) are not one whole datastore, or None.
+
+    Every replica must serve the same datastore version, the shards must be all of the datastore's
+    shards, each once, and their id ranges must tile [0, ntotal).
+    """
+    everyone = [info for replicas in infos for info in replicas]
+    versions = sorted({info.datastore_version for info in everyone})
+    if len(versions) > 1:
+        return f"the shards serve different datastores (versions {versions})"
+    for replicas in infos:
+        if len({info.shard for info in replicas}) > 1:
+            return f"replicas given as one shard serve different shards {sorted({i.shard for i in replicas})}"
+    names = [replicas[0].shard for replicas in infos]
+    if len(set(names)) != len(names):
+        return f"shards given more than once: {sorted({n for n in names if names.count(n) > 1})}"
+    expected = everyone[0].num_shards
+    if expected and expected != len(infos):
+        return f"the datastore has {expected} shards but {len(infos)} were given ({', '.join(names)})"
+    ranges = sorted((r[0].shards[0].id_start, r[0].shards[0].id_end) for r in infos)
+    ends = [0] + [end for _, end in ranges]
+    if any(start != end for (start, _), end in zip(ranges, ends)) or ends[-1] != everyone[0].datastore_ntotal:
+        return f"the shards' id ranges {ranges} do not cover [0, {everyone[0].datastore_ntotal}) once"
+    return None
+
+
+def view_of(info: pb.InfoResponse) -> DatastoreView:
+    """What requests are checked against, from a shard's GetInfo."""
+    row_bytes = {p.name: nbytes(numpy_dtype(p.dtype), p.row_shape) for p in info.payloads}
+    return DatastoreView(info.dimension, info.nlist, info.default_nprobe, info.has_keys, row_bytes,
+                         info.datastore_version)

@@ -1,0 +1,112 @@
+"""Ordering neighbours and the exact top-k merge of per-shard results: smallest L2 or largest
+inner product first, ties by id, missing neighbours (-1) last.
+
+Input from FAISS is almost in order (all but ties by id): `rank_neighbours` only checks the rows
+that are and sorts the others. The merge sorts a packed key with timsort, which merges the shards'
+already-sorted runs in linear time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retriever_server.wire.result import SearchResult
+
+_ID_BITS = 32
+
+
+def _ordered_bits(scores: np.ndarray) -> np.ndarray:
+    """float32 scores -> uint32 whose unsigned order is the float order, computed in place:
+    negative floats have every bit flipped, the others only the sign bit."""
+    bits = scores.view(np.uint32)
+    flip = np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    np.bitwise_xor(bits, flip, out=bits)
+    return bits
+
+
+def _score(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
+    """A new float32 array, smaller is better, missing neighbours +inf; adding (or subtracting
+    from) +0.0 also folds -0.0 into 0.0."""
+    distances = np.asarray(distances, dtype=np.float32)
+    score = distances + np.float32(0.0) if metric == "l2" else np.subtract(np.float32(0.0), distances)
+    score[ids < 0] = np.inf
+    return score
+
+
+def _tie(ids: np.ndarray) -> np.ndarray:
+    """Ids as the tie-break, missing neighbours last."""
+    return np.where(ids < 0, np.iinfo(np.int64).max, ids)
+
+
+def sort_neighbours(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
+    """Row-wise order of (nq, m) candidates: best distance first, ties by id, missing (-1) last.
+
+    One sort on a packed uint64 key (ordered float bits, then the id) when every id fits in 32
+    bits; two-key lexsort otherwise. Keys are unique, so "stable" only picks timsort, which
+    merges the already-sorted runs that FAISS and each shard return in linear time.
+    """
+    score = _score(ids, distances, metric)
+    if ids.size == 0 or ids.max() < 2**_ID_BITS - 1:
+        key = _ordered_bits(score).astype(np.uint64)
+        key <<= np.uint64(_ID_BITS)
+        key |= ids.astype(np.int64, copy=False).view(np.uint64) & np.uint64(2**_ID_BITS - 1)  # -1: largest
+        return np.argsort(key, axis=-1, kind="stable")
+    return np.lexsort((_tie(ids), score), axis=-1)
+
+
+def rows_out_of_order(ids: np.ndarray, distances: np.ndarray, metric: str) -> np.ndarray:
+    """(nq,) bool: the rows of (nq, m) candidates that are not best first, ties by id, missing last."""
+    score, tie = _score(ids, distances, metric), _tie(ids)
+    worse = score[:, 1:] < score[:, :-1]  # (nq, m-1)
+    worse |= (score[:, 1:] == score[:, :-1]) & (tie[:, 1:] < tie[:, :-1])
+    return worse.any(axis=1)
+
+
+def rank_neighbours(result: SearchResult, k: int, metric: str) -> SearchResult:
+    """The best `k` of each row of `result`, in order; rows already in order (as FAISS returns
+    them, but for ties) are only checked, the others sorted."""
+    bad = rows_out_of_order(result.ids, result.distances, metric)
+    if not bad.any():
+        if result.ids.shape[1] == k:
+            return result
+        order = np.broadcast_to(np.arange(k), (len(result.ids), k))
+    else:
+        order = np.tile(np.arange(k), (len(result.ids), 1))
+        order[bad] = sort_neighbours(result.ids[bad], result.distances[bad], metric)[:, :k]
+    return take_neighbours(result, order)
+
+
+def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
+    """Reorders (and trims) a result's columns by `order` (nq, k); payloads and keys follow."""
+    nq, m = result.ids.shape
+    flat = (order + (np.arange(nq, dtype=np.int64) * m)[:, None]).ravel()  # (nq*k,) into the flattened rows
+
+    def take(array: np.ndarray) -> np.ndarray:
+        return np.take(array.reshape(nq * m, *array.shape[2:]), flat, axis=0).reshape(*order.shape, *array.shape[2:])
+
+    return SearchResult(
+        ids=take(result.ids), distances=take(result.distances),
+        payloads={name: take(array) for name, array in result.payloads.items()},
+        keys=take(result.keys) if result.keys is not None else None,
+        datastore_version=result.datastore_version,
+    )
+
+
+def merge_results(parts: list[SearchResult], k: int, metric: str) -> SearchResult:
+    """Merges shard results (each (nq, k_i)) into the global top-k.
+
+    Each shard returns its own top-k over disjoint rows, so the top-k of their union is the top-k
+    over the whole datastore: the merge is exact. Payloads and keys follow their neighbours.
+    """
+    if not parts:
+        raise ValueError("merge_results needs at least one shard result")
+    if len(parts) == 1 and parts[0].ids.shape[1] == k:
+        return parts[0]
+    joined = SearchResult(
+        ids=np.concatenate([p.ids for p in parts], axis=1),  # (nq, S*k)
+        distances=np.concatenate([p.distances for p in parts], axis=1),  # (nq, S*k)
+        payloads={name: np.concatenate([p.payloads[name] for p in parts], axis=1) for name in parts[0].payloads},
+        keys=np.concatenate([p.keys for p in parts], axis=1) if parts[0].keys is not None else None,
+        datastore_version=parts[0].datastore_version,
+    )
+    return take_neighbours(joined, sort_neighbours(joined.ids, joined.distances, metric)[:, :k])

@@ -1,0 +1,195 @@
+"""The router: the Retriever service in front of S shards x R replicas.
+
+It checks each request once, sends it to one replica of every shard in parallel (the next replica
+when one fails, within the caller's deadline), and merges the per-shard top-k exactly. When a shard
+has no replica left, the request fails with UNAVAILABLE naming the shard, unless the caller set
+`allow_partial`: then the other shards' merged answer comes back flagged partial. Before serving,
+it checks that its shards are all the shards of one datastore, once each.
+
+Run it with `retriever-server router --shards HOST:PORT,HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from retrieval.v1 import retriever_pb2 as pb
+from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+from retriever_server.serving.failover import Deadline, ReplicaSet, ShardFailed, failure_message, search_replicas
+from retriever_server.serving.fanout import check_shards, replica_sets, view_of
+from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
+from retriever_server.serving.merge import merge_results
+from retriever_server.serving.metrics import ServerMetrics
+from retriever_server.serving.service import BaseRetrieverService, RunningServer, start_server
+from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
+from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.result import SearchResult
+
+log = logging.getLogger(__name__)
+INLINE_ELEMENTS = 1 << 16  # requests and answers this small are checked and merged on the event loop
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The shards (each a list of replica addresses) and where the router listens."""
+
+    shards: tuple[tuple[str, ...], ...]
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    limits: Limits = field(default_factory=Limits)
+    info_timeout_s: float = 2.0
+
+
+class RouterService(BaseRetrieverService):
+    """Fans Search out over the shards and merges; GetInfo describes the whole datastore."""
+
+    role = "router"
+
+    def __init__(self, config: RouterConfig):
+        super().__init__(config.limits, ServerMetrics("router"))
+        self.config = config
+        self.sets = replica_sets([list(s) for s in config.shards])
+        self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for s in config.shards for a in s}
+        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.infos: list[pb.InfoResponse] | None = None
+        self.view: DatastoreView | None = None
+        self.config_error: str | None = None
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
+
+    def not_ready_error(self) -> RequestError | None:
+        if self.config_error is not None:
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, self.config_error)
+        if self.view is None:
+            return RequestError(grpc.StatusCode.UNAVAILABLE, "router is waiting for its shards to load")
+        return None
+
+    async def _replica_infos(self, replicas: ReplicaSet) -> list[pb.InfoResponse]:
+        async def one(address: str) -> pb.InfoResponse | None:
+            try:
+                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s)
+            except grpc.aio.AioRpcError:
+                return None
+
+        infos = await asyncio.gather(*(one(a) for a in replicas.addresses))
+        return [i for i in infos if i is not None]
+
+    async def discover(self, poll_s: float = 0.2) -> None:
+        """Waits until every shard has a replica answering GetInfo, checks they form one whole
+        datastore, then is ready; raises RuntimeError (and refuses requests) when they do not."""
+        while True:
+            infos = await asyncio.gather(*(self._replica_infos(s) for s in self.sets))
+            if all(infos):
+                break
+            await asyncio.sleep(poll_s)
+        problem = check_shards(infos)
+        if problem is not None:
+            self.config_error = problem
+            log.error("router refuses its shards: %s", problem)
+            raise RuntimeError(problem)
+        for replicas, shard_infos in zip(self.sets, infos):
+            replicas.name = shard_infos[0].shard
+            if len(shard_infos) < len(replicas.addresses):
+                log.warning("%s: %d of %d replicas answered at start", replicas.name, len(shard_infos),
+                            len(replicas.addresses))
+        self.infos = [shard_infos[0] for shard_infos in infos]
+        self.view = view_of(self.infos[0])
+
+    async def _off_loop(self, elements: int, function, *args):
+        if elements <= INLINE_ELEMENTS:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
+    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
+        size = len(request.queries.data) // 4
+        spec = await self._off_loop(size, parse_search, request, self.view, self.limits)
+        forwarded = request  # checked already: forwarded as it came, but for these two fields
+        forwarded.allow_partial = False
+        forwarded.expected_datastore_version = self.view.version
+        deadline = Deadline(context.time_remaining())
+        outcomes = await asyncio.gather(*(search_replicas(s, self.stubs, forwarded, deadline) for s in self.sets),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
+                raise outcome
+        failures = {s.name: str(o) for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
+        answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
+        if failures and (not spec.allow_partial or not answers):
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
+        return await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
+
+    def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> bytes:
+        parts = [SearchResult.from_proto(a) for a in answers]
+        merged = merge_results(parts, k, self.infos[0].metric)
+        merged.partial = bool(failures)
+        merged.failed_shards = failures
+        return encode_search_response(merged)
+
+    async def handle_info(self) -> pb.InfoResponse:
+        info = pb.InfoResponse()
+        info.CopyFrom(self.infos[0])
+        info.role, info.shard, info.replica = "router", "", 0
+        info.ntotal = sum(i.ntotal for i in self.infos)
+        del info.shards[:]
+        for replicas, shard in zip(self.sets, self.infos):
+            info.shards.append(pb.ShardInfo(name=shard.shard, id_start=shard.shards[0].id_start,
+                                            id_end=shard.shards[0].id_end, ntotal=shard.ntotal,
+                                            replicas=len(replicas.addresses)))
+        return info
+
+    async def replace_replica(self, shard: int, replica: int, address: str, timeout_s: float = 10.0) -> str | None:
+        """Sends replica `replica` of `shard`'s share to `address` once it answers GetInfo as that shard of
+        this datastore version (ValueError if not); returns the old address, None when unchanged. The old
+        channel stays open until close(), for calls already on their way (they fail over as any failed call)."""
+        replicas = self.sets[shard]
+        old = replicas.addresses[replica]
+        if old == address:
+            return None
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.RetrieverStub(channel)
+        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s)
+        expected = self.infos[shard]
+        if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
+            await channel.close()
+            raise ValueError(f"{address} serves {info.shard} of version {info.datastore_version}, "
+                             f"not {expected.shard} of version {expected.datastore_version}")
+        self.channels[address], self.stubs[address] = channel, stub
+        replicas.addresses[replica] = address
+        return old
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels.values()))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_router(config: RouterConfig, wait_ready: bool = True) -> RunningServer:
+    """Starts a router; it turns SERVING once every shard answers and they form one datastore.
+
+    Args:
+        config: shard replica addresses, listen address and limits.
+        wait_ready: return only when the router is SERVING (raising RuntimeError if its shards
+            are not one whole datastore).
+
+    Returns:
+        The running router; `await running.drain()` stops it.
+    """
+    service = RouterService(config)
+    running = await start_server(service, config.host, config.port, config.metrics_port)
+
+    async def become_ready() -> None:
+        await service.discover()
+        await running.mark_ready()
+        log.info("router SERVING on %s over %d shards", running.address, len(config.shards))
+
+    task = asyncio.ensure_future(become_ready())
+    running.ready = task
+    if wait_ready:
+        await task
+    else:
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    return running

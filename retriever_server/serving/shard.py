@@ -1,0 +1,145 @@
+"""One loaded shard: its FAISS index, stored keys and payloads, and search over them.
+
+No gRPC here: `shard_server` wraps a `Shard` in a service, the benchmarks call it in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retriever_server.datastore import index as ix
+from retriever_server.datastore.manifest import Manifest, ShardEntry, read_manifest, verify_shard
+from retriever_server.serving.merge import rank_neighbours
+from retriever_server.wire.request import DatastoreView, ExclusionKey, SearchSpec
+from retriever_server.wire.result import SearchResult
+from retriever_server.wire.tensors import nbytes
+
+log = logging.getLogger(__name__)
+RERANK_CHUNK_ELEMENTS = 1 << 24  # float32 elements of stored keys re-ranked at once (64 MiB)
+SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP team costs more than it saves
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How a shard is opened."""
+
+    mmap: bool = True
+    verify: bool = True
+    gpu: bool = False
+    threads: int = 0  # FAISS threads; 0 keeps FAISS's default
+
+
+class Shard:
+    """A datastore shard opened for search.
+
+    Example:
+        >>> shard = Shard.open(Path("ds"), 0)
+        >>> result = shard.search(spec)
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, entry: ShardEntry, options: ShardOptions):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.entry = entry
+        self.options = options
+        base = self.directory / entry.name
+        self.index = ix.read_index(base / "index.faiss", mmap=options.mmap)
+        # GPU indexes are not thread-safe and take no id selectors: searches with exclusions use
+        # the memory-mapped CPU index, the others take turns on the GPU.
+        self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
+        self.gpu_lock = threading.Lock()
+        self.threads = options.threads or faiss.omp_get_max_threads()
+        self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
+                                   {p.name: nbytes(p.dtype, p.row_shape) for p in manifest.payloads}, manifest.version)
+        self.keys = np.load(base / "keys.npy", mmap_mode="r") if manifest.has_keys else None
+        self.payloads = {p.name: np.load(base / f"payload.{p.name}.npy", mmap_mode="r") for p in manifest.payloads}
+
+    @classmethod
+    def open(cls, directory: Path, shard: int, options: ShardOptions = ShardOptions()) -> Shard:
+        """Reads the manifest, checks the shard's files, and loads it; raises DatastoreError."""
+        manifest = read_manifest(directory)
+        if not 0 <= shard < len(manifest.shards):
+            raise ValueError(f"shard {shard} out of range: the datastore has {len(manifest.shards)} shards")
+        entry = manifest.shards[shard]
+        verify_shard(directory, entry, full=options.verify)
+        log.info("loading %s of %s (%d rows)", entry.name, directory, entry.ntotal)
+        return cls(directory, manifest, entry, options)
+
+    def view(self) -> DatastoreView:
+        """What requests to this shard are checked against."""
+        return self._view
+
+    def _search_index(self, queries: np.ndarray, m: int, nprobe: int, selector):
+        # OpenMP's thread count belongs to the calling thread: this sets it for this search only.
+        faiss.omp_set_num_threads(1 if len(queries) <= SMALL_BATCH else self.threads)
+        if self.gpu_index is not None and selector is None:
+            with self.gpu_lock:
+                return ix.search(self.gpu_index, queries, m, nprobe)
+        return ix.search(self.index, queries, m, nprobe, selector)
+
+    def _search_candidates(self, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
+        groups: dict[ExclusionKey, list[int]] = defaultdict(list)
+        for row, key in enumerate(spec.exclusions):
+            groups[key].append(row)
+        m = spec.candidates
+        distances = np.empty((spec.nq, m), dtype=np.float32)
+        ids = np.empty((spec.nq, m), dtype=np.int64)
+        for key, rows in groups.items():
+            selector = ix.id_selector(*key)
+            queries = spec.queries if len(rows) == spec.nq else spec.queries[rows]
+            d, i = self._search_index(queries, m, spec.nprobe, selector)
+            distances[rows], ids[rows] = d, i
+        return distances, ids
+
+    def _local_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        valid = ids >= 0
+        rows = np.where(valid, ids - self.entry.id_start, 0)
+        return rows, valid
+
+    def _stored_keys(self, ids: np.ndarray) -> np.ndarray:
+        rows, valid = self._local_rows(ids)
+        keys = np.asarray(self.keys[rows.ravel()], dtype=np.float32).reshape(*ids.shape, -1)  # (nq, m, d)
+        keys[~valid] = 0
+        return keys
+
+    def _rerank(self, spec: SearchSpec, ids: np.ndarray) -> np.ndarray:
+        """Exact distances (nq, m) to the stored keys, a chunk of queries at a time (bounded memory)."""
+        out = np.empty(ids.shape, dtype=np.float32)
+        step = max(1, RERANK_CHUNK_ELEMENTS // max(1, ids.shape[1] * self.manifest.dimension))
+        for start in range(0, len(ids), step):
+            rows = slice(start, start + step)
+            keys = self._stored_keys(ids[rows])  # (c, m, d)
+            queries = spec.queries[rows]  # (c, d)
+            if self.manifest.metric == "l2":
+                diff = keys - queries[:, None, :]  # (c, m, d)
+                out[rows] = np.einsum("cmd,cmd->cm", diff, diff)
+            else:
+                out[rows] = np.einsum("cmd,cd->cm", keys, queries)
+        return out
+
+    def _payload(self, name: str, ids: np.ndarray) -> np.ndarray:
+        rows, valid = self._local_rows(ids)
+        array = self.payloads[name]
+        out = np.asarray(array[rows.ravel()]).reshape(*ids.shape, *array.shape[1:])
+        out[~valid] = 0
+        return out
+
+    def search(self, spec: SearchSpec) -> SearchResult:
+        """Top-k neighbours of the checked request, exactly re-ranked when asked."""
+        distances, ids = self._search_candidates(spec)
+        if spec.exact_rerank:
+            distances = self._rerank(spec, ids)
+        ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)
+        ids = ranked.ids
+        ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
+        ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}
+        ranked.keys = self._stored_keys(ids) if spec.return_keys else None
+        ranked.datastore_version = self.manifest.version
+        return ranked

@@ -1,0 +1,139 @@
+"""The shard server: one datastore shard behind the Retriever gRPC service.
+
+The port is bound at once and health says NOT_SERVING while the shard loads (checksums verified,
+index memory-mapped); then SERVING. FAISS runs in a thread pool, off the event loop. SIGTERM drains.
+
+Run it with `retriever-server serve --datastore DIR --shard I`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.datastore.manifest import DatastoreError
+from retriever_server.serving.metrics import ServerMetrics
+from retriever_server.serving.service import BaseRetrieverService, RunningServer, start_server
+from retriever_server.serving.shard import Shard, ShardOptions
+from retriever_server.wire.request import Limits, RequestError, parse_search
+from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.tensors import dtype_code
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardServerConfig:
+    """Where the shard is and how it is served."""
+
+    datastore: Path
+    shard: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = 0
+    replica: int = 0
+    limits: Limits = field(default_factory=Limits)
+    options: ShardOptions = field(default_factory=ShardOptions)
+    search_threads: int = 4
+
+
+class ShardService(BaseRetrieverService):
+    """Answers Search and GetInfo from one loaded `Shard`."""
+
+    role = "shard"
+
+    def __init__(self, config: ShardServerConfig):
+        super().__init__(config.limits, ServerMetrics("shard"))
+        self.config = config
+        self.shard: Shard | None = None
+        self.load_error: str | None = None
+        self.pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="faiss")
+
+    def load(self) -> Shard:
+        """Opens the shard (blocking); records the error so requests can report it."""
+        try:
+            self.shard = Shard.open(self.config.datastore, self.config.shard, self.config.options)
+        except (DatastoreError, ValueError, OSError, RuntimeError) as err:
+            self.load_error = str(err)
+            raise
+        return self.shard
+
+    def not_ready_error(self) -> RequestError | None:
+        if self.load_error is not None:
+            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"shard failed to load: {self.load_error}")
+        if self.shard is None:
+            return RequestError(grpc.StatusCode.UNAVAILABLE, "shard is loading; retry when health is SERVING")
+        return None
+
+    def _search(self, request: pb.SearchRequest) -> bytes:
+        spec = parse_search(request, self.shard.view(), self.limits)
+        return encode_search_response(self.shard.search(spec))
+
+    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the search started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, self._search, request)
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def handle_info(self) -> pb.InfoResponse:
+        m, entry = self.shard.manifest, self.shard.entry
+        return pb.InfoResponse(
+            role="shard", dimension=m.dimension, metric=m.metric, factory=m.factory, ntotal=entry.ntotal,
+            shard=entry.name, replica=self.config.replica, datastore_version=m.version,
+            datastore_checksum=m.checksum, has_keys=m.has_keys, nlist=m.nlist, default_nprobe=m.default_nprobe,
+            max_k=self.limits.max_k, max_batch=self.limits.max_batch, metadata=m.metadata,
+            gpu=self.config.options.gpu, num_shards=len(m.shards), datastore_ntotal=m.ntotal,
+            payloads=[pb.PayloadInfo(name=p.name, dtype=dtype_code(p.dtype), row_shape=p.row_shape)
+                      for p in m.payloads],
+            shards=[pb.ShardInfo(name=entry.name, id_start=entry.id_start, id_end=entry.id_end,
+                                 ntotal=entry.ntotal, replicas=1)],
+        )
+
+
+async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True) -> RunningServer:
+    """Starts a shard server; it binds first, loads the shard off the loop, then turns SERVING.
+
+    Args:
+        config: the datastore, shard number, address and limits.
+        wait_loaded: return only once the shard is loaded (raising its load error), else at once.
+
+    Returns:
+        The running server; `await running.drain()` stops it.
+
+    Raises:
+        DatastoreError: the shard's files do not match its manifest (when wait_loaded).
+    """
+    service = ShardService(config)
+    running = await start_server(service, config.host, config.port, config.metrics_port)
+
+    async def load() -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(service.pool, service.load)
+        except Exception as err:  # noqa: BLE001 - every load failure is reported the same way
+            log.error("shard %d of %s refused: %s", config.shard, config.datastore, err)
+            raise
+        await running.mark_ready()
+        log.info("shard %d of %s SERVING on %s", config.shard, config.datastore, running.address)
+
+    task = asyncio.ensure_future(load())
+    running.ready = task
+    if wait_loaded:
+        try:
+            await task
+        except Exception:
+            await running.drain(grace=0)
+            raise
+    else:
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+    return running

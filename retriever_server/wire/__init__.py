@@ -1,0 +1,9 @@
+"""The API's messages as numpy arrays, shared by servers and clients.
+
+- `tensors`: arrays <-> `retrieval.v1.Tensor` (raw bytes, dtype, shape);
+- `request`: a Search request checked field by field (`parse_search`, `Limits`, `RequestError`);
+- `result`: `SearchResult`, neighbours as arrays, to and from a `SearchResponse`;
+- `response`: a `SearchResponse` written straight to wire bytes.
+
+Imports: retrieval, retriever_server.wire
+"""

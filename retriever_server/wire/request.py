@@ -1,0 +1,228 @@
+"""A Search request, checked: every bad field becomes a `RequestError` naming that field.
+
+The shard server and the router check requests the same way, so a client gets the same status and
+message whether it talks to one shard or to the router in front of many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.wire.tensors import TensorError, from_tensor
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a server enforces on each request and on the work it holds at once."""
+
+    max_k: int = 2048
+    max_batch: int = 16384
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_inflight: int = 64
+    max_excluded: int = 1_000_000  # excluded ids in one request
+    max_excluded_ranges: int = 100_000  # excluded id ranges in one request
+    max_response_bytes: int = 768 * 1024 * 1024  # ids, distances, payloads and keys of one answer
+
+
+@dataclass(frozen=True)
+class DatastoreView:
+    """What a request is checked against: the served datastore's shape and contents."""
+
+    dimension: int
+    nlist: int
+    default_nprobe: int
+    has_keys: bool
+    payload_row_bytes: dict[str, int]  # bytes of one row of each payload, by name
+    version: str
+
+    @property
+    def payload_names(self) -> frozenset[str]:
+        return frozenset(self.payload_row_bytes)
+
+
+# One query's exclusions, hashable so that queries excluding the same rows are searched together.
+ExclusionKey = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
+NO_EXCLUSION: ExclusionKey = ((), ())
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A checked Search request; `queries` is float32 (nq, d)."""
+
+    queries: np.ndarray
+    k: int
+    nprobe: int
+    exact_rerank: bool
+    rerank_candidates: int
+    payloads: tuple[str, ...]
+    return_keys: bool
+    exclusions: tuple[ExclusionKey, ...]  # one per query
+    allow_partial: bool
+
+    @property
+    def nq(self) -> int:
+        return int(self.queries.shape[0])
+
+    @property
+    def candidates(self) -> int:
+        """How many neighbours to fetch before exact re-ranking trims them to k."""
+        return max(self.k, self.rerank_candidates) if self.exact_rerank else self.k
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the gRPC status code to refuse it with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def parse_queries(tensor: pb.Tensor, view: DatastoreView, limits: Limits, present: bool) -> np.ndarray:
+    """Checks the queries tensor and returns it as float32 (nq, d)."""
+    if not present:
+        raise _invalid("queries is required")
+    if tensor.dtype not in (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16):
+        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else str(tensor.dtype)
+        raise _invalid(f"queries.dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16, got {name}")
+    if len(tensor.shape) != 2:
+        raise _invalid(f"queries.shape must be (nq, d), got {list(tensor.shape)}")
+    nq, d = int(tensor.shape[0]), int(tensor.shape[1])
+    if nq == 0:
+        raise _invalid("queries is an empty batch (nq = 0)")
+    if nq > limits.max_batch:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"queries has {nq} rows, over the batch limit of {limits.max_batch}",
+        )
+    if d != view.dimension:
+        raise _invalid(f"queries has dimension {d} but the datastore has dimension {view.dimension}")
+    try:
+        array = from_tensor(tensor, "queries")
+    except TensorError as err:
+        raise _invalid(str(err)) from None
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise _invalid(f"queries contains NaN or Inf (first in row {row})")
+    return array
+
+
+def _check_ints(k: int, nprobe: int, rerank: bool, candidates: int, view: DatastoreView, limits: Limits):
+    if k <= 0 or k > limits.max_k:
+        raise _invalid(f"k must be in [1, {limits.max_k}], got {k}")
+    if nprobe < 0 or nprobe > max(view.nlist, 1):
+        raise _invalid(f"nprobe must be in [1, {max(view.nlist, 1)}] (or 0 for the default), got {nprobe}")
+    if candidates < 0 or candidates > limits.max_k or (candidates and candidates < k):
+        raise _invalid(f"rerank_candidates must be 0 or in [k={k}, {limits.max_k}], got {candidates}")
+    if rerank and not view.has_keys:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "exact_rerank needs stored keys, and this datastore was built without them (--keep-keys)",
+        )
+
+
+def _exclusion_key(message: pb.Exclusion, field: str) -> ExclusionKey:
+    for i, r in enumerate(message.ranges):
+        if r.start < 0 or r.end < r.start:
+            raise _invalid(f"{field}.ranges[{i}] must satisfy 0 <= start <= end, got [{r.start}, {r.end})")
+    if any(i < 0 for i in message.ids):
+        raise _invalid(f"{field}.ids must be non-negative row ids")
+    return tuple(sorted(set(int(i) for i in message.ids))), merge_ranges((r.start, r.end) for r in message.ranges)
+
+
+def merge_ranges(ranges) -> tuple[tuple[int, int], ...]:
+    """Sorted, non-empty, non-overlapping ranges covering the same ids (adjacent ones joined)."""
+    merged: list[list[int]] = []
+    for start, end in sorted((int(s), int(e)) for s, e in ranges if e > s):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple((s, e) for s, e in merged)
+
+
+def _merge_keys(a: ExclusionKey, b: ExclusionKey) -> ExclusionKey:
+    if a == NO_EXCLUSION:
+        return b
+    if b == NO_EXCLUSION:
+        return a
+    return tuple(sorted(set(a[0]) | set(b[0]))), merge_ranges(a[1] + b[1])
+
+
+def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits) -> tuple[ExclusionKey, ...]:
+    """One exclusion key per query: the request-wide exclusion merged with the per-query one."""
+    per_query = request.exclude_per_query
+    if len(per_query) not in (0, nq):
+        raise _invalid(f"exclude_per_query has {len(per_query)} entries but there are {nq} queries")
+    total = len(request.exclude.ids) + sum(len(e.ids) for e in per_query)
+    if total > limits.max_excluded:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request excludes {total} ids, over the limit of {limits.max_excluded}",
+        )
+    ranges = len(request.exclude.ranges) + sum(len(e.ranges) for e in per_query)
+    if ranges > limits.max_excluded_ranges:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request excludes {ranges} id ranges, over the limit of {limits.max_excluded_ranges}",
+        )
+    common = _exclusion_key(request.exclude, "exclude")
+    if not per_query:
+        return (common,) * nq
+    keys = [_merge_keys(common, _exclusion_key(e, f"exclude_per_query[{i}]")) for i, e in enumerate(per_query)]
+    return tuple(keys)
+
+
+def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
+    per_neighbour = 12 + sum(view.payload_row_bytes[name] for name in set(request.payloads))
+    per_neighbour += 4 * view.dimension if request.return_keys else 0
+    size = nq * request.k * per_neighbour
+    if size > limits.max_response_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the answer would take {size >> 20} MiB (nq={nq}, k={request.k}, payloads and keys), over the "
+            f"limit of {limits.max_response_bytes >> 20} MiB; split the batch",
+        )
+
+
+def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> SearchSpec:
+    """Checks a SearchRequest against the datastore and the limits; raises RequestError."""
+    if request.expected_datastore_version and request.expected_datastore_version != view.version:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"expected_datastore_version is {request.expected_datastore_version} "
+            f"but this datastore is version {view.version}",
+        )
+    queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
+    _check_ints(request.k, request.nprobe, request.exact_rerank, request.rerank_candidates, view, limits)
+    unknown = [name for name in request.payloads if name not in view.payload_names]
+    if unknown:
+        known = sorted(view.payload_names)
+        raise _invalid(f"payloads names unknown payload {unknown[0]!r}; this datastore has {known}")
+    if request.return_keys and not view.has_keys:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "return_keys needs stored keys, and this datastore was built without them (--keep-keys)",
+        )
+    _check_response_size(request, queries.shape[0], view, limits)
+    return SearchSpec(
+        queries=queries,
+        k=int(request.k),
+        nprobe=int(request.nprobe) or view.default_nprobe,
+        exact_rerank=bool(request.exact_rerank),
+        rerank_candidates=int(request.rerank_candidates),
+        payloads=tuple(dict.fromkeys(request.payloads)),
+        return_keys=bool(request.return_keys),
+        exclusions=parse_exclusions(request, queries.shape[0], limits),
+        allow_partial=bool(request.allow_partial),
+    )
