@@ -95,7 +95,7 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray]:
     Waits for the cache directory when another process is still encoding it, so that this run
     does not start a second (slow) encode.
     """
-    from lm_worker.encoders.stdlib_vectors import cache_stem, cache_root, stdlib_vectors
+    from lm_worker.encoders.stdlib_vectors import cache_root, cache_stem, stdlib_vectors
 
     directory = cache_root() / f"{cache_stem(64, 16)}-n{N_KEYS}-q{N_QUERIES}"
     deadline = time.monotonic() + CACHE_WAIT_S

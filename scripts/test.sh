@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "cpu,lm,dev"
-.venv/bin/ruff check .
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest "$@"

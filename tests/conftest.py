@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,30 +48,30 @@ def aio() -> Iterator[LoopThread]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray cluster per module, as users get from `ray.init()`."""
+    """One new local Ray cluster per module, as the project's commands start one (`address="local"`:
+    never a cluster that another test or `ray start` left on this machine)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+RAY_ADDRESS_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` records its head
 
 
 @contextlib.contextmanager
 def simulated_cluster(workers: int = 2, cpus: float = 1, head_cpus: float | None = None) -> Iterator:
     """A head (`head_cpus`, default `cpus`) and `workers` worker nodes of `cpus` CPUs each
-    (`ray.cluster_utils.Cluster`), joined by this process; its address is not left behind for other
-    processes' `ray.init()` to find. Yields the Cluster."""
+    (`ray.cluster_utils.Cluster`), joined by this process. Yields the Cluster. The cluster records its
+    address where `ray start` would (so `--address auto` finds it); the record goes with the cluster."""
     import ray
-    from ray._common.utils import reset_ray_address
-    from ray._private.utils import read_ray_address
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     head = cpus if head_cpus is None else head_cpus
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head, "include_dashboard": False})
-    if read_ray_address() == cluster.address:
-        reset_ray_address()
     try:
         for _ in range(workers):
             cluster.add_node(num_cpus=cpus)
@@ -80,6 +81,8 @@ def simulated_cluster(workers: int = 2, cpus: float = 1, head_cpus: float | None
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if RAY_ADDRESS_FILE.is_file() and RAY_ADDRESS_FILE.read_text().strip() == cluster.address:
+            RAY_ADDRESS_FILE.unlink()
 
 
 def synthetic(n: int, d: int, seed: int = 0, clusters: int = 50) -> np.ndarray:

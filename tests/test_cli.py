@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +117,43 @@ def test_serve_datastore_passes_its_flags_to_the_children():
     assert all(child[child.index("--metrics-port") + 1] == "-1" for child in serve.child_args(off))
 
 
+def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> None:
+    """`serve` the datastore, then: `info` of the server has the fields of `info` of the directory;
+    `search --payload` prints the payload; float64 queries are sent as float32 with a note; `info`
+    into a pipe whose reader has gone ends quietly."""
+    address_file = datastore.parent / "serve.json"
+    server = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
+                               "--address-file", str(address_file), "--metrics-port", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.is_file():
+            assert server.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)  # polling, with a deadline
+        address = json.loads(address_file.read_text())["address"]
+        served = json.loads(run("info", address, "--json").stdout)
+        assert served.keys() == directory_info.keys()
+        same = ("dimension", "metric", "factory", "ntotal", "nlist", "default_nprobe", "has_keys",
+                "datastore_version", "datastore_checksum", "shards", "payloads", "metadata")
+        assert {k: served[k] for k in same} == {k: directory_info[k] for k in same}
+        assert (served["role"], directory_info["role"]) == ("router", "datastore")
+        np.save(datastore.parent / "q64.npy", synthetic(2, 8).astype(np.float64))
+        found = run("search", address, "--queries", str(datastore.parent / "q64.npy"), "-k", "3", "--payload",
+                    "values")
+        assert found.returncode == 0, found.stderr
+        assert "float64 queries; they are sent as float32" in found.stderr
+        ids = [line.split()[3:] for line in found.stdout.splitlines() if line.startswith("query ")]
+        values = [line.split()[1:] for line in found.stdout.splitlines() if line.strip().startswith("values ")]
+        assert len(ids) == 2 and values == ids  # payload "values" holds each row's own id
+        closed = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "info", str(datastore)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        closed.stdout.close()
+        assert closed.wait(60) == 0 and closed.stderr.read() == b""
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 @pytest.mark.slow
 def test_build_info_and_refused_tampered_shard(tmp_path):
     np.save(tmp_path / "k.npy", synthetic(3000, 8))
@@ -128,8 +166,19 @@ def test_build_info_and_refused_tampered_shard(tmp_path):
     info = run("info", str(tmp_path / "ds"), "--json")
     body = json.loads(info.stdout)
     assert body["metadata"] == {"encoder": "test"} and body["ntotal"] == 3000
+    served_info_search_and_a_closed_pipe(tmp_path / "ds", body)
     index = tmp_path / "ds" / "shard-00001" / "index.faiss"
     index.write_bytes(index.read_bytes()[:-10] + b"0123456789")
     one_line_error(run("serve", "--datastore", str(tmp_path / "ds"), "--shard", "1", "--metrics-port", "-1"),
                    "shard-00001/index.faiss checksum does not match")
     one_line_error(run("serve", "--datastore", str(tmp_path / "ds")), "shard-00001/index.faiss checksum")
+
+
+@pytest.mark.parametrize("module", ["retriever_server.cli", "lm_worker.cli"])
+def test_output_cut_short_by_its_reader_ends_quietly(module):
+    """`... --help | head -1`: the reader goes away before the command writes; no BrokenPipeError."""
+    process = subprocess.Popen([sys.executable, "-m", module, "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the child has imported anything, let alone written
+    err = process.stderr.read().decode()
+    assert process.wait(30) == 0 and err == "", err

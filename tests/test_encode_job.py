@@ -217,6 +217,7 @@ def knn_sources(ray_cluster, data, checkpoint, tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_knnlm_job_equals_the_plain_loop(knn_sources, ray_cluster):
     import ray
 
@@ -231,6 +232,7 @@ def test_knnlm_job_equals_the_plain_loop(knn_sources, ray_cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_build_reads_parts_as_it_reads_npy(knn_sources, tmp_path, ray_cluster):
     import ray
 
@@ -257,6 +259,7 @@ def test_build_reads_parts_as_it_reads_npy(knn_sources, tmp_path, ray_cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_bad_knnlm_jobs_fail_with_one_line(data, checkpoint, tmp_path, ray_cluster):
     config = EncodeJobConfig(kind="knnlm", data=data, checkpoint=checkpoint, context_len=W, stride=S, progress=False)
     too_long = r"^part \d+ failed: ValueError: context_len 65 exceeds the model's max_len 64$"
@@ -293,6 +296,7 @@ def test_retro_job_with_minilm_equals_the_plain_loop(data, tmp_path, ray_cluster
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_failed_and_damaged_parts_are_redone_alone(data, tmp_path, ray_cluster, by_value):
     store = TokenStore.open(data / "train")
     ref = encode_retro(store, TableEncoder(), L, tmp_path / "plain", progress=False)

@@ -97,8 +97,10 @@ def test_metrics_off_in_children(datastore):
 
 
 def threads_flag(process) -> str:
+    """The one --threads value of a shard process's command line (a second one would be a defect)."""
     args = list(process.popen.args)
-    return args[len(args) - 1 - args[::-1].index("--threads") + 1]  # the last --threads wins in argparse
+    assert args.count("--threads") == 1, args
+    return args[args.index("--threads") + 1]
 
 
 def test_shards_share_the_cores_unless_threads_are_given(datastore):

@@ -125,7 +125,8 @@ def test_dropout_is_off_in_eval():
 
 
 def test_learns_sequence_reversal():
-    """Seed 002's sanity check: given digits, a separator, predict the digits reversed."""
+    """A sanity check of the whole model: given digits and a separator, it learns to predict the digits
+    reversed, which needs attention to earlier positions."""
     torch.manual_seed(0)
     n, sep = 6, 10
     model = TransformerLM(LMConfig.tiny(vocab_size=12, d_model=64, d_ff=128, n_head=4))

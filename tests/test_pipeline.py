@@ -6,6 +6,8 @@ every stage and reports the same figures."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,14 +118,42 @@ def test_distributed_figures_equal_an_in_process_evaluation(first_run):
     assert body["knnlm"]["best_perplexity"] == pytest.approx(reference.best_perplexity, rel=1e-5)
 
 
-def test_a_second_run_reuses_every_stage(first_run):
+def test_a_second_run_reuses_every_stage(first_run, caplog):
     config, report = first_run
-    again = run_pipeline(replace(config))
+    with caplog.at_level(logging.INFO, logger="lm_worker"):
+        again = run_pipeline(replace(config))
     stages = {row["stage"]: row["reused"] for row in json.loads(again.eval_json.read_text())["meta"]["stages"]}
     built = [name for name, reused in stages.items() if name.split()[0] in ("prepare", "train", "encode", "build",
-                                                                           "embed", "RETRO", "choose")]
-    assert built and all(stages[name] for name in built), stages
+                                                                           "embed", "RETRO", "choose", "evaluate")]
+    assert built and all(stages[name] for name in built), stages  # the evaluations read their finished shares
+    assert not stages["attention map and samples"]  # made again each run
     assert again.table == report.table  # evaluation shares reused: the same figures
+    assert "already trained, no step run" in caplog.text and not re.search(r"\b0 tokens/s", caplog.text)
+
+
+def test_the_report_records_the_config_as_it_ran_and_each_splits_budget(first_run):
+    """eval.json's config shows RETRO's training as it ran (retro-fitted from RUN/lm, on the retro
+    split), and each split's token budget beside the tokens it holds (documents are kept whole)."""
+    config, report = first_run
+    meta = json.loads(report.eval_json.read_text())["meta"]
+    retro = meta["config"]["retro"]
+    assert retro["init_from"] == str(config.run / "lm" / "checkpoint.pt") and retro["split"] == "retro"
+    splits = meta["splits"]
+    assert splits["heldout"]["budget_tokens"] == config.max_heldout_tokens
+    assert splits["heldout"]["tokens"] == len(TokenStore.open(config.run / "data" / "heldout"))
+    assert splits["test"]["tokens"] + splits["valid"]["tokens"] == splits["heldout"]["tokens"]
+
+
+def test_samples_close_every_code_block(first_run):
+    """A prompt without a final newline still gets its closing fence on a line of its own."""
+    from lm_worker.pipeline.eval_stage import fenced
+
+    _, report = first_run
+    text = report.samples.read_text()
+    fences = [line for line in text.splitlines() if line.startswith("```")]
+    assert len(fences) % 2 == 0 and all(closing == "```" for closing in fences[1::2]), fences
+    assert fenced("class Parser:\n    def __init__(self") == "```python\nclass Parser:\n    def __init__(self\n```\n"
+    assert fenced("a ``` b").startswith("````python\n") and fenced("a ``` b").endswith("\n````\n")
 
 
 def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut():

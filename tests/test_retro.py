@@ -147,6 +147,7 @@ def _copy_task(batch: int, vocab: int, length: int = 4 * L):
     return seq[:, :length], neighbours, targets
 
 
+@pytest.mark.slow
 def test_learns_to_copy_from_neighbours():
     """After brief training, true neighbours predict the continuation far better than shuffled ones."""
     torch.manual_seed(0)

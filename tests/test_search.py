@@ -9,7 +9,7 @@ from conftest import assert_same_neighbours, build, recall_at, serve, unsharded_
 from retriever_server.datastore import index as ix
 from retriever_server.serving.client import Exclude, RetrieverClient
 
-pytestmark = [pytest.mark.ray, pytest.mark.real]
+pytestmark = [pytest.mark.ray, pytest.mark.real, pytest.mark.slow]  # real MiniLM keys: encoded once, ~80 s cold
 N, Q = 3000, 200
 FACTORY = "IVF64,PQ32"
 

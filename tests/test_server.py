@@ -109,7 +109,7 @@ def test_request_over_the_size_limit_is_refused(aio, keys, datastore):
 
 def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(aio, keys, datastore,
                                                                                 monkeypatch):
-    release = threading.Event()
+    release, searching, finish = threading.Event(), threading.Event(), threading.Event()
     original = shard_module.Shard.open
 
     def slow_open(*args, **kwargs):  # fault injection: hold the load until the test has looked
@@ -132,28 +132,33 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
         expected = raw_search(running.address, good_request(keys))
         in_flight = {}
 
-        def slow_search(self, spec):  # fault injection: a search still running when the drain starts
-            time.sleep(1.0)
+        def held_search(self, spec):  # fault injection: a search still running when the drain starts
+            searching.set()
+            finish.wait(10)
             return original_search(self, spec)
 
         original_search = shard_module.Shard.search
-        monkeypatch.setattr(shard_module.Shard, "search", slow_search)
+        monkeypatch.setattr(shard_module.Shard, "search", held_search)
         worker = threading.Thread(target=lambda: in_flight.update(answer=raw_search(running.address,
                                                                                      good_request(keys))))
         worker.start()
-        time.sleep(0.3)
-        drained = asyncio.run_coroutine_threadsafe(running.drain(grace=3, delay=1.5), aio.loop)
-        time.sleep(0.3)
+        assert searching.wait(10), "the request never reached the shard"
+        drained = asyncio.run_coroutine_threadsafe(running.drain(grace=5, delay=3), aio.loop)
+        deadline = time.monotonic() + 2
+        while health_status(running.address) != "NOT_SERVING" and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling, with a deadline
         assert health_status(running.address) == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as caught:
             raw_search(running.address, good_request(keys))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in caught.value.details()
+        finish.set()
         worker.join(10)
         assert in_flight.get("answer") == expected, "the request in flight when draining began was lost"
         drained.result(10)
         assert health_status(running.address) == "UNAVAILABLE"
     finally:
         release.set()
+        finish.set()
         if not running.service.draining:
             aio.run(running.drain(grace=0))
 
@@ -193,11 +198,11 @@ def test_caller_deadline_is_honoured_through_the_router(aio, keys, datastore, mo
 
 def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
     original = shard_module.Shard.search
-    entered = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
-    def slow_search(self, spec):  # fault injection: hold the first request inside the shard
+    def slow_search(self, spec):  # fault injection: hold the first request inside the shard until released
         entered.set()
-        time.sleep(1.5)
+        release.wait(10)
         return original(self, spec)
 
     with serve(aio, datastore, 2, limits=Limits(max_inflight=1)) as served:
@@ -205,9 +210,12 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
         shard = served.shards[0][0].address
         first = threading.Thread(target=raw_search, args=(shard, good_request(keys)))
         first.start()
-        entered.wait(10)
-        with pytest.raises(grpc.RpcError) as caught:
-            raw_search(shard, good_request(keys))
+        assert entered.wait(10)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                raw_search(shard, good_request(keys))
+        finally:
+            release.set()
         first.join()
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "in flight" in caught.value.details()

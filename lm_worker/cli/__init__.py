@@ -82,8 +82,16 @@ def quiet_broken_pipe() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lm-worker`: runs one command; user errors print one line and return 1."""
-    args = build_parser().parse_args(argv)
+    """Entry point of `lm-worker`: runs one command; user errors print one line and return 1, and
+    output cut short by its reader (`lm-worker --help | head`) ends quietly."""
+    try:
+        return run_command(build_parser().parse_args(argv))
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command line."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     share_cores_with_servers(args)
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
     except BrokenPipeError:
-        return quiet_broken_pipe()
+        raise
     except (OSError, ValueError, RuntimeError, RetrieverError, json.JSONDecodeError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 1

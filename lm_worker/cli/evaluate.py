@@ -18,8 +18,6 @@ from lm_worker.cli.common import (
     retrieval_flags,
 )
 
-MODELS = {"knnlm": "lm", "retro": "retro"}  # the family of retrieval options -> the flag naming its model
-
 
 def add_parser(sub) -> None:
     """Adds `eval`."""
@@ -79,8 +77,7 @@ def _distributed(args: argparse.Namespace, store, config):
                             num_gpus=args.worker_gpus, device="cuda" if args.worker_gpus else "cpu",
                             address=args.address, progress=not args.no_progress)
     results = {}
-    for kind, model_flag in MODELS.items():
-        checkpoint = getattr(args, model_flag)
+    for kind, model_flag, checkpoint in (("knnlm", "lm", args.lm), ("retro", "retro", args.retro)):
         if not checkpoint:
             continue
         flags = retrieval_flags(args, f"{kind}-")

@@ -33,8 +33,8 @@ def add_parsers(sub) -> None:
     pl.add_argument("--retro-init", choices=RETRO_INITS, default="lm", help=RETRO_INIT_HELP)
     pl.set_defaults(handler=run_pipeline_command)
 
-    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 10 minutes on "
-                                    "2 cores, --quick about 4; a second run reuses what the first built)")
+    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 13 minutes on "
+                                    "2 cores, --quick about 2; a second run reuses what the first built)")
     d.add_argument("--run", type=Path, help="where the demo keeps what it builds (default runs/demo, "
                                             "runs/demo-quick with --quick)")
     d.add_argument("--quick", action="store_true",

@@ -3,8 +3,8 @@
 CCA is shifted by chunk_len - 1 (see `lm_worker.models.retro`): the neighbours retrieved for chunk c are
 read by positions c*L + L - 1 ... c*L + 2L - 2 (the last token of chunk c and the first L - 1 tokens
 of chunk c + 1). `plot_chunk_attention` draws those positions' weights over the K x 2L neighbour
-tokens, averaged over heads, one panel per CCA layer, as a PNG (as seed 002 plots attention maps
-per layer and head). It draws on a bare `Figure` (the Agg canvas), so pyplot's global state is untouched.
+tokens, averaged over heads, one panel per CCA layer, as a PNG. It draws on a bare `Figure` (the Agg
+canvas), so pyplot's global state is untouched.
 
 Example:
     >>> weights = plot_chunk_attention(model, tokens, neighbours, tokenizer, chunk=3, out_path=Path("cca.png"))
@@ -73,7 +73,8 @@ def _draw(ax, weights: np.ndarray, row_labels: list[str], col_labels: list[str],
     top.set_xticks([k * N + part * N // 2 + N / 4 - 0.5 for k in range(K) for part in (0, 1)])
     top.set_xticklabels([f"neighbour {k} {part}" for k in range(K) for part in ("chunk", "continuation")], fontsize=7)
     ax.set_title(title, fontsize=9)
-    ax.set_ylabel("position: token", fontsize=7)
+    ax.set_ylabel("reading position: its token", fontsize=7)
+    ax.set_xlabel("retrieved token (each neighbour: its chunk, then the chunk's continuation)", fontsize=7)
     return image
 
 
@@ -114,10 +115,11 @@ def plot_chunk_attention(model: Retro, tokens: torch.Tensor, neighbours: torch.T
     axes = fig.subplots(len(layers), 1, squeeze=False)
     for ax, i, weights in zip(axes[:, 0], layers, maps):
         image = _draw(ax, weights, row_labels, col_labels, K, N, f"CCA layer {i}, chunk {chunk}, mean over heads")
-        fig.colorbar(image, ax=ax, fraction=0.02)
+        bar = fig.colorbar(image, ax=ax, fraction=0.02)
+        bar.set_label("attention weight (mean over heads; a row sums to 1)", fontsize=7)
     fig.tight_layout()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")  # long token labels are not cut off
     log.info("wrote the CCA map of chunk %d to %s", chunk, out_path)
     return maps[0] if layer is not None else maps
 

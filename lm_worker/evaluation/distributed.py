@@ -1,6 +1,6 @@
 """Perplexity evaluation spread over N LM worker actors on a Ray cluster, all querying the same shards.
 
-The evaluation's batches of windows (see `evaluate.count_batches`) are cut into shares of
+The evaluation's batches of windows (see `lm_worker.evaluation.batches.count_batches`) are cut into shares of
 `batches_per_share` consecutive batches, fixed by the data and the config alone, never by the number
 of workers. Each worker actor loads the model once and evaluates whole shares; the driver hands shares
 to idle workers and keeps each share's summed negative log-likelihoods and token count, keyed by its

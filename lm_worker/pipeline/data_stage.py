@@ -72,6 +72,19 @@ def split_size(config: PipelineConfig, split: str) -> dict:
     return {"split": split, "documents": len(store.documents), "tokens": len(store)}
 
 
+def split_sizes(config: PipelineConfig) -> dict:
+    """Every split of RUN/data: its token budget (0: none), the documents and tokens it holds. Documents
+    are kept whole, in a fixed order, while the budget is not spent, so the last one taken can carry a
+    split past its budget (one long module does in the held-out split)."""
+    sizes = {}
+    for split in ("train", "heldout", RETRO_SPLIT, "valid", "test"):
+        if done(config.run / "data" / split / "documents.json"):
+            store = TokenStore.open(config.run / "data" / split)
+            sizes[split] = {"budget_tokens": store.max_tokens, "documents": len(store.documents),
+                            "tokens": len(store)}
+    return sizes
+
+
 def check_retro_split(config: PipelineConfig) -> None:
     """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
     (a run made before the budget changed), naming what to remove so the split and what follows from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,22 +35,33 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
 
 
 def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, target: str, eval_config, model, retriever,
-              encoder):
+                  encoder) -> tuple:
     """The test split's figures: on `eval_workers` LM worker actors (finished shares kept in
-    RUN/report/shares/KIND), or in this process with 0 workers."""
+    RUN/report/shares/KIND), or in this process with 0 workers; and whether they were all read from
+    the shares an earlier run finished (nothing evaluated now)."""
     from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.evaluation.retro_eval import evaluate_retro
 
     if config.eval_workers == 0:
         if kind == "knnlm":
-            return evaluate_knnlm(model, test, retriever, eval_config, config.progress)
-        return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress)
+            return evaluate_knnlm(model, test, retriever, eval_config, config.progress), False
+        return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress), False
     job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
                   tokenizer=config.run / "data" / "tokenizer.json")
     pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=config.run / "report" / "shares" / kind,
                             address=config.address, progress=config.progress)
-    return evaluate_distributed(job, pool)
+    evaluated = []
+    result = evaluate_distributed(job, pool, on_share=evaluated.append)
+    return result, not evaluated
+
+
+def fenced(text: str, language: str = "python") -> str:
+    """`text` as a markdown code block that holds whatever it contains: the fence is longer than any
+    run of backticks in it, and closes on a line of its own even when the text ends mid-line."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text.rstrip(chr(10))}\n{fence}\n"
 
 
 def write_samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, retro, retro_retriever, encoder) -> Path:
@@ -75,12 +87,12 @@ def write_samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, ret
     lines = ["# Samples\n", "Each model continues each prompt by nucleus sampling (top-p 0.9, temperature 0.8, "
              "seed 0).\n"]
     for prompt in prompts:
-        lines.append(f"## Prompt\n\n```python\n{prompt}```\n")
+        lines.append(f"## Prompt\n\n{fenced(prompt)}\n")
         ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
         for name, (stepper, decoding) in steppers.items():
             out = generate(stepper, ids, decoding)
             text = tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist())
-            lines.append(f"### {name}\n\n```python\n{text}\n```\n")
+            lines.append(f"### {name}\n\n{fenced(text)}\n")
     path = config.run / "report" / "samples.md"
     path.write_text("\n".join(lines))
     return path

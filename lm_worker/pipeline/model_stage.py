@@ -22,8 +22,9 @@ def train_model(config: PipelineConfig, train_config: TrainConfig, name: str, ne
                     config.run / name, name)
     report = train(train_config, config.run / "data", config.run / name, neighbours_dir=neighbours,
                    resume=resume, progress=config.progress)
-    log.info("%s: %d steps, train loss %.3f, held-out loss %.3f, %.0f tokens/s", name, report.steps,
-             report.train_loss, report.heldout_loss, report.tokens_per_s)
+    speed = f"{report.tokens_per_s:.0f} tokens/s" if report.tokens_per_s else "already trained, no step run"
+    log.info("%s: %d steps, train loss %.3f, held-out loss %.3f, %s", name, report.steps, report.train_loss,
+             report.heldout_loss, speed)
     return report.checkpoint
 
 

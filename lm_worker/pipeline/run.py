@@ -32,7 +32,14 @@ from pathlib import Path
 from lm_worker.data.prepare import load_prepared
 from lm_worker.data.token_store import RETRO_SPLIT
 from lm_worker.pipeline.config import PipelineConfig, PipelineReport
-from lm_worker.pipeline.data_stage import check_retro_split, prepare_data, prepare_retro, split_heldout, split_size
+from lm_worker.pipeline.data_stage import (
+    check_retro_split,
+    prepare_data,
+    prepare_retro,
+    split_heldout,
+    split_size,
+    split_sizes,
+)
 from lm_worker.pipeline.datastore_stage import (
     check_neighbour_files,
     fetch_neighbours,
@@ -100,12 +107,14 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         with stages.stage("choose kNN-LM's temperature on validation text",
                           reused=done(run / "report" / "temperature.json")):
             temperature, tuning = tune_temperature(config, lm, valid, knn_retriever, eval_config)
-        with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False):
-            knn_result = evaluate_test(config, "knnlm", lm_checkpoint, test, knn_target,
-                                   replace(eval_config, temperature=temperature), lm, knn_retriever, encoder)
-        with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False):
-            retro_result = evaluate_test(config, "retro", retro_checkpoint, test, retro_target,
-                                     replace(eval_config, retrieval=retro_retrieval), retro, retro_retriever, encoder)
+        with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False) as stage:
+            knn_result, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, knn_target,
+                                                     replace(eval_config, temperature=temperature), lm,
+                                                     knn_retriever, encoder)
+        with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False) as stage:
+            retro_result, stage.reused = evaluate_test(config, "retro", retro_checkpoint, test, retro_target,
+                                                       replace(eval_config, retrieval=retro_retrieval), retro,
+                                                       retro_retriever, encoder)
         with stages.stage("attention map and samples", reused=False):
             attention = attention_map(config, retro, encoder, retro_retriever, tokenizer, test)
             samples = write_samples(config, tokenizer, lm, knn_retriever, knn_result, retro, retro_retriever, encoder) \
@@ -119,7 +128,11 @@ def write_pipeline_report(config, stages, knn_result, retro_result, test, valid,
     from lm_worker.evaluation.report import report_table, write_report
 
     report = config.run / "report"
-    meta = {"config": json.loads(json.dumps(asdict(config), default=str)),
+    # The config as it ran: RETRO's training settings as `retro_train_config` made them (retro-fitted
+    # from RUN/lm, on the retro split), and each split's token budget beside the tokens it holds.
+    ran = replace(config, retro=retro_train_config(config))
+    meta = {"config": json.loads(json.dumps(asdict(ran), default=str)),
+            "splits": split_sizes(config),
             "evaluated_on": {"split": "test (the held-out documents but their last tune_tokens tokens)",
                              "tokens": len(test),
                              "predicted_tokens": knn_result.tokens,

@@ -7,11 +7,21 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lm_worker.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One stage as it runs: `reused` may be set by the stage itself once it knows (an evaluation whose
+    every share was checkpointed by an earlier run)."""
+
+    name: str
+    reused: bool
 
 
 class Stages:
@@ -21,11 +31,12 @@ class Stages:
         self.rows: list[tuple[str, float, bool]] = []
 
     @contextlib.contextmanager
-    def stage(self, name: str, reused: bool) -> Iterator[None]:
+    def stage(self, name: str, reused: bool) -> Iterator[Stage]:
         log.info("%s: %s", name, "reusing what is there" if reused else "running")
         started = time.perf_counter()
-        yield
-        self.rows.append((name, time.perf_counter() - started, reused))
+        record = Stage(name, reused)
+        yield record
+        self.rows.append((name, time.perf_counter() - started, record.reused))
 
     def table(self) -> str:
         lines = ["| stage | seconds | |", "|---|---:|---|"]

@@ -33,6 +33,7 @@ from lm_worker.models.retro import Retro, RetroConfig
 from lm_worker.models.transformer_lm import LMConfig
 from lm_worker.training.batches import Windows, open_data
 from lm_worker.training.config import KINDS, TrainConfig, TrainReport, lr_at, pick_device
+from lm_worker.training.loss_plot import loss_plot_title, plot_losses
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +88,6 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
     optimizer.load_state_dict(loaded.optimizer_state)
     log.info("resuming from step %d of %s", loaded.step, out_dir / CHECKPOINT_NAME)
     return loaded.step, loaded.extra.get("losses", {"train": [], "heldout": []})
-
-
-def plot_losses(losses: dict, path: Path, title: str) -> Path:
-    """Train (per step) and held-out (per evaluation) loss against step, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if losses["train"]:
-        steps, values = zip(*losses["train"])
-        ax.plot(steps, values, lw=0.8, alpha=0.6, label="train")
-    if losses["heldout"]:
-        steps, values = zip(*losses["heldout"])
-        ax.plot(steps, values, "o-", label="held-out")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Path | None = None,
@@ -176,7 +155,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
             checkpoint(step)
     bar.close()
     path = checkpoint(step)
-    plot = plot_losses(losses, out_dir / "loss.png", f"{config.kind} ({config.preset}, seq_len {config.seq_len})")
+    plot = plot_losses(losses, out_dir / "loss.png", loss_plot_title(config))
     at_end = losses["heldout"] and losses["heldout"][-1][0] == step
     heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices, config.batch_size,
                                                                     device, config.amp)

@@ -73,16 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `retriever-server`: runs one command; user errors print one line and return 1.
 
     Errors caught here (bad input, a missing or damaged datastore, a server that did not start, an
-    unreachable Ray cluster or server, a file that cannot be written) never show a traceback.
+    unreachable Ray cluster or server, a file that cannot be written) never show a traceback, and
+    output cut short by its reader (`retriever-server info DIR | head`) ends quietly.
     """
-    args = build_parser().parse_args(argv)
+    try:
+        return run_command(build_parser().parse_args(argv))
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command line."""
     configure_logging(args.log_level, args.log_format)
     try:
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         return code
     except BrokenPipeError:
-        return quiet_broken_pipe()
+        raise
     except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError) as err:
         print(f"{PROG} {args.command}: error: {last_line(err)}", file=sys.stderr)
         return 1

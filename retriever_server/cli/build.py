@@ -15,7 +15,7 @@ def add_parser(command) -> None:
     b.add_argument("keys", type=Path, help="(N, d) float .npy matrix (or a .parts.json index); memory-mapped")
     b.add_argument("--out", type=Path, required=True, help="datastore directory to create")
     b.add_argument("--payload", type=key_value, action="append", default=[], metavar="NAME=FILE.npy",
-                   help="per-row payload array (first dimension N); repeatable")
+                   help="per-row payload array (first dimension N; .npy or .parts.json); repeatable")
     b.add_argument("--factory", default="auto",
                    help='FAISS factory string (default "auto": IVF-PQ sized for N, IVF-Flat below ~10k rows)')
     b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")

@@ -101,6 +101,13 @@ def _load_queries(path: Path) -> np.ndarray:
     return queries
 
 
+def _payload_lines(name: str, rows: np.ndarray) -> list[str]:
+    """One line of a scalar payload's values per query, or one line per neighbour of a row payload."""
+    if rows.ndim == 1:
+        return [f"{name} {' '.join(str(v) for v in rows.tolist())}"]
+    return [f"{name}[{n}] {' '.join(str(v) for v in row.reshape(-1).tolist())}" for n, row in enumerate(rows)]
+
+
 def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
@@ -110,10 +117,11 @@ def run_search(args: argparse.Namespace) -> int:
     if args.out:
         np.savez(args.out, ids=result.ids, distances=result.distances, **result.payloads)
     for row in range(min(len(queries), SHOWN_ROWS)):
-        print(f"query {row}: ids {result.ids[row, :10].tolist()}")
-        print(f"{'':>9}distances {np.round(result.distances[row, :10], 4).tolist()}")
+        print(f"query {row}: ids {' '.join(str(i) for i in result.ids[row, :10])}")
+        print(f"{'':>9}distances {' '.join(f'{d:.4f}' for d in result.distances[row, :10])}")
         for name, values in result.payloads.items():
-            print(f"{'':>9}{name} {values[row, :10].tolist()}")
+            for line in _payload_lines(name, values[row, :10]):
+                print(f"{'':>9}{line}")
     if len(queries) > SHOWN_ROWS:
         print(f"({len(queries) - SHOWN_ROWS} more queries{'; all in ' + str(args.out) if args.out else ''})")
     return 0

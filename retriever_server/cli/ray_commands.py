@@ -12,7 +12,9 @@ from retriever_server.serving.shard import ShardOptions
 
 
 def _add_ray_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else the cluster on this machine")
+    p.add_argument("--address", help="Ray cluster address, or auto for the cluster `ray start` made on this machine; "
+                                     "default: RAY_ADDRESS, else (deploy: a new local cluster; deploy --detached, "
+                                     "undeploy and lookup: the cluster on this machine)")
     p.add_argument("--namespace", default="retrieval-datastore", help="Ray namespace of the deployment's actors")
 
 

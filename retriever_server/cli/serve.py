@@ -89,10 +89,9 @@ def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
     """Prints every process's address (and metrics port) and writes the router's address file."""
     for process in deployment.processes():
         print(f"{process.name}: {with_metrics(process.address, process.metrics_port)}")
-    print(f"logs in {deployment.log_dir}", flush=True)
+    print(f"logs in {deployment.log_dir}")
     router = deployment.router
-    print(f"router: {router.address} (use this address: `retriever-server search {router.address} ...`)",
-          flush=True)
+    print(f"serving at {router.address} (the router; Ctrl-C or SIGTERM stops every process)", flush=True)
     write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses)
 
 

@@ -48,6 +48,19 @@ class _Process:
         return self.popen.poll() is not None
 
 
+def without_option(args: tuple[str, ...] | list[str], option: str) -> list[str]:
+    """`args` without `option` and the value after it, wherever it appears."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def _child_environment() -> dict[str, str]:
     """The servers' environment: every process here shares this machine's cores, so OpenMP threads
     sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
@@ -122,9 +135,10 @@ class LocalDeployment:
         raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
 
     def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> _Process:
+        extra = without_option(self.extra_args, "--threads") if threads else list(self.extra_args)
         return self._spawn(f"shard-{shard:05d}-r{replica}", [
             "serve", "--datastore", str(self.datastore), "--shard", str(shard), "--replica", str(replica),
-            "--host", self.host, "--port", "0", *self.extra_args, *threads])
+            "--host", self.host, "--port", "0", *extra, *threads])
 
     def _threads(self, processes: int) -> list[str]:
         """`--threads N`: the cores' share of each of `processes` shard processes, unless set by the caller."""

@@ -175,7 +175,7 @@ class RetrieverClient:
         """k nearest neighbours of each row of `queries`.
 
         Args:
-            queries: (nq, d) float32 or float16 array.
+            queries: (nq, d) float32 or float16 array (float64 is sent as float32).
             k: neighbours per query.
             nprobe: inverted lists to probe (0: the datastore's default).
             exact_rerank: re-rank `rerank_candidates` (default k) candidates by exact distance.
