@@ -47,13 +47,24 @@ def aio() -> Iterator[LoopThread]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One new local Ray cluster per module, as the project's commands start one (`address="local"`:
-    never a cluster that another test or `ray start` left on this machine)."""
+def ray_cluster(ray_session):
+    """A local Ray cluster of 2 CPUs, as the project's commands start one (`address="local"`: never a
+    cluster that another test or `ray start` left on this machine). Modules share it: it is started
+    when none is connected (a module that simulated a cluster of its own shut that one down) and
+    stopped at the end of the session."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Shuts down whatever Ray cluster this process is connected to when the session ends."""
+    yield
+    import ray
+
     ray.shutdown()
 
 

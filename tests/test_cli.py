@@ -163,6 +163,7 @@ def test_build_info_and_refused_tampered_shard(tmp_path):
                 "--no-progress", timeout=300)
     assert built.returncode == 0, built.stderr
     assert "built" in built.stdout and "3000 rows, 2 shards" in built.stdout
+    assert "Token authentication" not in built.stderr  # the local cluster it started did not announce it
     info = run("info", str(tmp_path / "ds"), "--json")
     body = json.loads(info.stdout)
     assert body["metadata"] == {"encoder": "test"} and body["ntotal"] == 3000

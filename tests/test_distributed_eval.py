@@ -125,10 +125,11 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
 
 
 @pytest.fixture(scope="module")
-def retro(cluster, data, tmp_path_factory, aio):
-    """A tiny RETRO checkpoint and its MiniLM-keyed 2-shard datastore, served; yields (checkpoint, model, address)."""
-    from lm_worker.data.tokenizer import Tokenizer
-    from lm_worker.encoders.minilm_chunks import ChunkEncoder
+def retro(cluster, knn, data, tmp_path_factory, aio):
+    """A tiny RETRO checkpoint and its 2-shard datastore keyed by the LM's chunk encoder (which each
+    worker finds from the datastore's metadata, as it would MiniLM), served; yields (checkpoint, model,
+    encoder, address)."""
+    from lm_worker.encoders.lm_chunks import LMChunkEncoder
 
     tmp = tmp_path_factory.mktemp("retro")
     torch.manual_seed(1)
@@ -136,7 +137,7 @@ def retro(cluster, data, tmp_path_factory, aio):
     train = TokenStore.open(data / "train")
     checkpoint = save_checkpoint(tmp / "retro" / "model.pt", kind="retro", model=model, config=model.config, step=0,
                                  tokenizer_fingerprint=train.tokenizer_fingerprint, extra={})
-    encoder = ChunkEncoder(Tokenizer.load(data / "tokenizer.json"), threads=1)
+    encoder = LMChunkEncoder.load(knn[0])
     encode_retro(train, encoder, L, tmp / "src", progress=False)
     datastore = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
     with serve(aio, datastore, 2) as served:

@@ -109,28 +109,34 @@ def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
 
 
 def test_retro_half(lm_run, capsys):
+    """The RETRO half with MiniLM chunks; the commands that retrieve share one deployment (`--target`;
+    `--datastore`, which serves for the command's duration, is the other tests' way)."""
+    from retriever_server.cluster.launcher import LocalDeployment
+
     run = lm_run
     cli(capsys, "encode", "retro", "--data", str(run / "data"), "--out", str(run / "retro-source"),
-        "--chunk-len", "8")
+        "--chunk-len", "8", "--workers", "0")  # the Ray Data job with MiniLM: test_encode_job
     cli(capsys, "build", str(run / "retro-source"), "--out", str(run / "retro-datastore"), "--factory", "IVF4,Flat")
-    out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
-              "--datastore", str(run / "retro-datastore"), "--k", "2", "--nprobe", "4")
-    assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
-    cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(run / "data"),
-        "--out", str(run / "retro"), "--neighbours", str(run / "retro-source"), "--steps", "10", "--seq-len", "32",
-        "--batch-size", "4", "--eval-every", "5", "--warmup", "2")
-    out = cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro"), "--out",
-              str(run / "retro-eval"), "--retro-datastore", str(run / "retro-datastore"), "--retro-nprobe", "4",
-              "--context-len", "32", "--stride", "16")
-    result = json.loads((run / "retro-eval" / "eval.json").read_text())["retro"]
-    assert result["perplexity"] > 0 and result["perplexity_without"] > 0 and "RETRO" in out
-    cli(capsys, "attention", "--retro", str(run / "retro"), "--data", str(run / "data"), "--datastore",
-        str(run / "retro-datastore"), "--nprobe", "4", "--out", str(run / "attention.png"))
-    assert (run / "attention.png").stat().st_size > 1000
-    out = cli(capsys, "generate", "--checkpoint", str(run / "retro"), "--data", str(run / "data"), "--datastore",
-              str(run / "retro-datastore"), "--nprobe", "4", "--prefetch", "2", "--prompt", "def handler_5(request",
-              "--max-new-tokens", "12")
-    assert out.count("--- ") == 1
+    with LocalDeployment(run / "retro-datastore") as deployment:
+        target = deployment.router_address
+        out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
+                  "--target", target, "--k", "2", "--nprobe", "4")
+        assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
+        cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(run / "data"),
+            "--out", str(run / "retro"), "--neighbours", str(run / "retro-source"), "--steps", "10", "--seq-len",
+            "32", "--batch-size", "4", "--eval-every", "5", "--warmup", "2")
+        out = cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro"), "--out",
+                  str(run / "retro-eval"), "--retro-target", target, "--retro-nprobe", "4", "--context-len", "32",
+                  "--stride", "16")
+        result = json.loads((run / "retro-eval" / "eval.json").read_text())["retro"]
+        assert result["perplexity"] > 0 and result["perplexity_without"] > 0 and "RETRO" in out
+        cli(capsys, "attention", "--retro", str(run / "retro"), "--data", str(run / "data"), "--target", target,
+            "--nprobe", "4", "--out", str(run / "attention.png"))
+        assert (run / "attention.png").stat().st_size > 1000
+        out = cli(capsys, "generate", "--checkpoint", str(run / "retro"), "--data", str(run / "data"), "--target",
+                  target, "--nprobe", "4", "--prefetch", "2", "--prompt", "def handler_5(request",
+                  "--max-new-tokens", "12")
+        assert out.count("--- ") == 1
 
 
 def test_retro_with_the_lm_encoder(lm_run, capsys):

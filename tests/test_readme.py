@@ -78,7 +78,6 @@ def test_the_blocks_are_found_and_the_quick_start_is_two_commands():
     assert [shlex.split(line, comments=True) for line in quick_start] == [["bash", "scripts/demo.sh"],
                                                                         ["bash", "scripts/test.sh"]]
     assert len((ROOT / "README.md").read_text().splitlines()) <= 150
-    assert any("lm-worker demo --quick" in code for _, code in blocks)
     script = as_script(blocks)
     assert "bash scripts/demo.sh --quick" in script and "bash scripts/test.sh --collect-only -q" in script
 

@@ -48,7 +48,8 @@ def describe_manifest(directory: Path, manifest: Manifest) -> dict:
         "nlist": manifest.nlist, "default_nprobe": manifest.default_nprobe, "has_keys": manifest.has_keys,
         "datastore_version": manifest.version, "datastore_checksum": manifest.checksum,
         "shards": [{"name": s.name, "id_start": s.id_start, "id_end": s.id_end} for s in manifest.shards],
-        "payloads": [{"name": p.name, "dtype": p.dtype, "row_shape": list(p.row_shape)} for p in manifest.payloads],
+        "payloads": [{"name": p.name, "dtype": np.dtype(p.dtype).name, "row_shape": list(p.row_shape)}
+                     for p in manifest.payloads],
         "metadata": dict(manifest.metadata),
     }
 
@@ -61,7 +62,7 @@ def describe_server(address: str, info: pb.InfoResponse) -> dict:
         "nlist": info.nlist, "default_nprobe": info.default_nprobe, "has_keys": info.has_keys,
         "datastore_version": info.datastore_version, "datastore_checksum": info.datastore_checksum,
         "shards": [{"name": s.name, "id_start": s.id_start, "id_end": s.id_end} for s in info.shards],
-        "payloads": [{"name": p.name, "dtype": str(numpy_dtype(p.dtype)), "row_shape": list(p.row_shape)}
+        "payloads": [{"name": p.name, "dtype": numpy_dtype(p.dtype).name, "row_shape": list(p.row_shape)}
                      for p in info.payloads],
         "metadata": dict(info.metadata),
     }
