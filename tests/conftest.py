@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from retriever_server.datastore.build import BuildConfig, build_datastore
+from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.service import RunningServer
 from retriever_server.serving.shard import ShardOptions
@@ -139,19 +140,22 @@ class Served:
 
 @contextlib.contextmanager
 def serve(aio: LoopThread, datastore: Path, n_shards: int, replicas: int = 1, limits: Limits = Limits(),
-          options: ShardOptions = ShardOptions()) -> Iterator[Served]:
-    """Every shard (x replicas) and a router, in process on ephemeral 127.0.0.1 ports; always stopped."""
+          options: ShardOptions = ShardOptions(), security: ServerSecurity = ServerSecurity(),
+          shard_client: ClientSecurity = ClientSecurity()) -> Iterator[Served]:
+    """Every shard (x replicas) and a router, in process on ephemeral 127.0.0.1 ports; always stopped.
+    `security` applies to every server's port, `shard_client` to the router's calls to its shards."""
     shards: list[list[RunningServer]] = []
     router = None
     try:
         for i in range(n_shards):
             shards.append([
                 aio.run(start_shard_server(ShardServerConfig(datastore, i, replica=r, metrics_port=None,
-                                                             limits=limits, options=options)))
+                                                             limits=limits, options=options, security=security)))
                 for r in range(replicas)
             ])
         spec = tuple(tuple(s.address for s in replicas) for replicas in shards)
-        router = aio.run(start_router(RouterConfig(spec, metrics_port=None, limits=limits)))
+        router = aio.run(start_router(RouterConfig(spec, metrics_port=None, limits=limits, security=security,
+                                                   shard_security=shard_client)))
         yield Served(router, shards)
     finally:
         for server in ([router] if router else []) + [s for replicas in shards for s in replicas]:

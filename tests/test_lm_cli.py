@@ -180,7 +180,7 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
                  str(run / "x"), "--retro-datastore", str(run / "retro-lm-datastore"), "--encoder-lm",
                  str(run / "nowhere")])
     _, err = capsys.readouterr()
-    assert code == 1 and "nowhere" in err and "Traceback" not in err
+    assert code == 1 and "nowhere" in err and "Traceback" not in err, err
     out = cli(capsys, "generate", "--checkpoint", str(run / "retro-lm"), "--data", str(run / "data"),
               "--datastore", str(run / "retro-lm-datastore"), "--nprobe", "4", "--prompt", "def handler_5(request",
               "--max-new-tokens", "10")

@@ -14,6 +14,7 @@ from conftest import build, serve, synthetic
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.security.config import ServerSecurity
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.serving.grpc_setup import SERVICE_NAME, health_status
@@ -163,11 +164,22 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
             aio.run(running.drain(grace=0))
 
 
+def test_reflection_is_off_unless_asked_for(aio, datastore):
+    """Without --reflection a generic client built from reflection alone finds nothing to call."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with serve(aio, datastore, 2) as served:
+        for address in (served.address, served.shards[1][0].address):
+            with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_reflection_lists_the_service_to_a_generic_client(aio, datastore):
     from google.protobuf.descriptor_pool import DescriptorPool
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    with serve(aio, datastore, 2) as served:
+    with serve(aio, datastore, 2, security=ServerSecurity(reflection=True)) as served:
         for address in (served.address, served.shards[1][0].address):
             with grpc.insecure_channel(address) as channel:
                 database = ProtoReflectionDescriptorDatabase(channel)

@@ -52,6 +52,25 @@ def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "") -> 
                    help="re-rank N candidates by exact distance from the stored keys (0: off)")
 
 
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """TLS and the bearer token of the calls to the retrieval service (every --target of the command)."""
+    g = p.add_argument_group("security of the calls to the retrieval service (every --*target)")
+    g.add_argument("--tls-ca", type=Path, help="verify the servers with this CA (PEM): TLS on")
+    g.add_argument("--tls-cert", type=Path, help="this client's certificate, for servers that require one (PEM)")
+    g.add_argument("--tls-key", type=Path, help="the private key of that certificate (PEM)")
+    g.add_argument("--tls-server-name", help="the name the servers' certificates carry, when not the host dialled")
+    g.add_argument("--auth-token-file", type=Path,
+                   help="the bearer token to send (the file's first line); default: RETRIEVER_AUTH_TOKEN")
+
+
+def security_of(args: argparse.Namespace):
+    """The `ClientSecurity` of a command's security flags."""
+    from lm_worker.retrieval.service import ClientSecurity
+
+    return ClientSecurity(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          server_name=args.tls_server_name, token_file=args.auth_token_file)
+
+
 def add_encoder_lm_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-lm", type=Path,
                    help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
@@ -94,15 +113,17 @@ def open_target(flags: RetrievalFlags) -> Iterator[str | None]:
 
 
 @contextlib.contextmanager
-def open_retriever(flags: RetrievalFlags, k: int | None = None) -> Iterator:
-    """A `ServiceRetriever` for the family's target (see `open_target`); None when none is given."""
-    from lm_worker.retrieval.service import ServiceRetriever, resolve_target
+def open_retriever(flags: RetrievalFlags, k: int | None = None, security=None) -> Iterator:
+    """A `ServiceRetriever` for the family's target (see `open_target`); None when none is given.
+    `security` applies to a --target; a datastore served for the command is on loopback, in plaintext."""
+    from lm_worker.retrieval.service import ClientSecurity, ServiceRetriever, resolve_target
 
     with open_target(flags) as target:
         if target is None:
             yield None
             return
-        with ServiceRetriever(resolve_target(target), retrieval_config(flags, k)) as retriever:
+        secure = security if flags.target and security is not None else ClientSecurity()
+        with ServiceRetriever(resolve_target(target), retrieval_config(flags, k), secure) as retriever:
             yield retriever
 
 

@@ -10,12 +10,14 @@ from lm_worker.cli.common import (
     add_encoder_lm_arg,
     add_ray_address,
     add_retrieval_args,
+    add_security_args,
     need,
     need_retriever,
     open_retriever,
     open_target,
     retrieval_config,
     retrieval_flags,
+    security_of,
 )
 
 
@@ -44,6 +46,7 @@ def add_parser(sub) -> None:
     add_retrieval_args(v, 1024, "knnlm-")
     add_retrieval_args(v, 2, "retro-")
     add_encoder_lm_arg(v)
+    add_security_args(v)
     v.set_defaults(handler=run_eval)
 
 
@@ -58,12 +61,12 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
     if args.lm:
         lm = load_checkpoint(args.lm).model
         flags = retrieval_flags(args, "knnlm-")
-        with open_retriever(flags) as retriever:
+        with open_retriever(flags, security=security_of(args)) as retriever:
             knn = evaluate_knnlm(lm, store, need_retriever(retriever, flags, "with --lm"), config, progress)
     if args.retro:
         model = load_checkpoint(args.retro).model
         flags = retrieval_flags(args, "retro-")
-        with open_retriever(flags, k=model.config.n_neighbours) as retriever:
+        with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
             encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
@@ -84,8 +87,9 @@ def _distributed(args: argparse.Namespace, store, config):
         job_config = config if kind == "knnlm" else replace(config, retrieval=retrieval_config(flags))
         with open_target(flags) as target:
             target = need(target, f"{flags.flag('target')} or {flags.flag('datastore')}", f"with --{model_flag}")
+            security = security_of(args) if flags.target else None  # a --datastore is served on loopback
             job = EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=job_config,
-                          tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm)
+                          tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm, security=security)
             results[kind] = evaluate_distributed(job, replace(pool, checkpoint_dir=args.out / "shares" / kind))
     return results.get("knnlm"), results.get("retro")
 

@@ -8,9 +8,11 @@ from pathlib import Path
 from lm_worker.cli.common import (
     add_encoder_lm_arg,
     add_retrieval_args,
+    add_security_args,
     need_retriever,
     open_retriever,
     retrieval_flags,
+    security_of,
 )
 
 
@@ -41,6 +43,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
     add_retrieval_args(g, 0)
     add_encoder_lm_arg(g)
+    add_security_args(g)
     g.set_defaults(handler=run_generate)
 
     a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
@@ -51,6 +54,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--chunk", type=int, default=1)
     add_retrieval_args(a, 0)
     add_encoder_lm_arg(a)
+    add_security_args(a)
     a.set_defaults(handler=run_attention)
 
 
@@ -103,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> None:
                             top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
                             length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
     k = loaded.model.config.n_neighbours if loaded.kind == "retro" else (args.k or 1024)
-    with open_retriever(retrieval_flags(args), k=k) as retriever:
+    with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
         stepper = _stepper(args, loaded, retriever, tokenizer, config)
         out = generate(stepper, prompt, config)
     for text, row, n in zip(texts, out.tokens, out.lengths):
@@ -128,7 +132,7 @@ def run_attention(args: argparse.Namespace) -> None:
     L = model.config.chunk_len
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     flags = retrieval_flags(args)
-    with open_retriever(flags, k=model.config.n_neighbours) as retriever:
+    with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
         retriever = need_retriever(retriever, flags, "to retrieve neighbours")
         encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
         plot_retrieved_attention(model, ids, retriever, encoder, tokenizer, args.chunk, args.out)

@@ -9,10 +9,12 @@ from lm_worker.cli.common import (
     add_encoder_lm_arg,
     add_ray_address,
     add_retrieval_args,
+    add_security_args,
     need,
     need_retriever,
     open_retriever,
     retrieval_flags,
+    security_of,
 )
 from lm_worker.encoders.registry import ENCODERS
 
@@ -55,6 +57,7 @@ def add_parsers(sub) -> None:
     n.add_argument("--data", type=Path, required=True)
     add_retrieval_args(n, 2)
     add_encoder_lm_arg(n)
+    add_security_args(n)
     n.set_defaults(handler=run_neighbours)
 
 
@@ -126,7 +129,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
         splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
     encoder = None  # loaded once, and only when some split's chunks still need embedding
     flags = retrieval_flags(args)
-    with open_retriever(flags) as retriever:
+    with open_retriever(flags, security=security_of(args)) as retriever:
         need_retriever(retriever, flags, "to fetch neighbours")
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
         for name, store in splits.items():

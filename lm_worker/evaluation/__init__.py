@@ -6,6 +6,7 @@
 - `knnlm_eval`: the LM alone and kNN-LM over a sweep of λ (`evaluate_knnlm`);
 - `retro_eval`: RETRO with and without its neighbours (`evaluate_retro`);
 - `distributed`: the same evaluations cut into shares over LM worker actors on Ray;
+- `combine`: the shares' results added up into one;
 - `report`: table.md, eval.json and the perplexity-against-λ plot;
 - `attention_plot`: which neighbour tokens a RETRO chunk attends to.
 

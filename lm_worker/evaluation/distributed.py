@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -35,9 +34,11 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
-from lm_worker.evaluation.config import EvalConfig, perplexity
+from lm_worker.evaluation.combine import combine
+from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
+from lm_worker.retrieval.service import TOKEN_ENV, ClientSecurity
 from retriever_server.cluster.connect import connect
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class EvalJob:
     addresses, or "ray:NAME" for a deployment on the Ray cluster), and the evaluation config.
     `tokenizer` (RETRO) is the tokenizer.json the chunk encoder decodes with; default the store's
     parent folder's. `encoder_lm` is the LM checkpoint of an LM-encoded RETRO datastore when it is not
-    where the datastore says. `encoder_factory`, when given, builds the chunk encoder in each worker instead."""
+    where the datastore says. `encoder_factory`, when given, builds the chunk encoder in each worker instead.
+    `security` is the TLS and token files of the calls to the service (None: plaintext; a token from the
+    driver's RETRIEVER_AUTH_TOKEN travels to the workers in their environment, never in the job)."""
 
     kind: str
     checkpoint: Path
@@ -63,6 +66,7 @@ class EvalJob:
     tokenizer: Path | None = None
     encoder_lm: Path | None = None
     encoder_factory: Callable | None = None
+    security: ClientSecurity | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -72,6 +76,7 @@ class EvalJob:
         """What identifies the job's figures: a checkpoint folder holding another job's shares is refused."""
         body = dataclasses.asdict(self)
         body.pop("encoder_factory")
+        body.pop("security")  # how the service is reached, not what is evaluated (and never a secret on disk)
         if body["encoder_lm"] is None:
             body.pop("encoder_lm")  # so shares checkpointed before the field existed still match
         body["target"] = None  # the same shards may be served at another address
@@ -144,7 +149,7 @@ class EvalWorker:
         retrieval = job.config.retrieval
         if job.kind == "retro":
             retrieval = dataclasses.replace(retrieval, k=self.model.config.n_neighbours)
-        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval)
+        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, job.security or ClientSecurity())
         if job.kind == "retro":
             self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
 
@@ -205,52 +210,6 @@ def _save_share(directory: Path | None, body: dict) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------------------------- combining
-
-
-def _knn_result(body: dict) -> KnnEvalResult:
-    body = dict(body)
-    body["perplexity"] = {float(k): v for k, v in body["perplexity"].items()}
-    body["nll"] = {float(k): v for k, v in body["nll"].items()}
-    return KnnEvalResult(**body)
-
-
-def combine_knn(parts: list[KnnEvalResult], seconds: float) -> KnnEvalResult:
-    """One result from results over disjoint batch ranges, summed in the order given (the same parts in
-    the same order give the same figures to the last digit); `seconds` is the whole run's wall time."""
-    if not parts:
-        raise ValueError("no results to combine")
-    tokens = sum(p.tokens for p in parts)
-    base_nll = math.fsum(p.base_nll for p in parts)
-    nll = {lam: math.fsum(p.nll[lam] for p in parts) for lam in parts[0].nll}
-    base = perplexity(base_nll, tokens)
-    per_lambda = {lam: perplexity(v, tokens) for lam, v in nll.items()}
-    best = min(per_lambda, key=lambda lam: per_lambda[lam])
-    reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
-    return KnnEvalResult(tokens, base, per_lambda, best, per_lambda[best], reduction, parts[0].k, parts[0].temperature,
-                         sum(p.model_seconds for p in parts), sum(p.retrieval_seconds for p in parts),
-                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll)
-
-
-def combine_retro(parts: list[RetroEvalResult], seconds: float) -> RetroEvalResult:
-    """One RETRO result from results over disjoint batch ranges; `seconds` is the whole run's wall time."""
-    if not parts:
-        raise ValueError("no results to combine")
-    tokens = sum(p.tokens for p in parts)
-    nll, nll_without = math.fsum(p.nll for p in parts), math.fsum(p.nll_without for p in parts)
-    ppl, ppl_without = perplexity(nll, tokens), perplexity(nll_without, tokens)
-    reduction = 1.0 - ppl / ppl_without if math.isfinite(ppl_without) else 0.0
-    return RetroEvalResult(tokens, ppl, ppl_without, reduction, parts[0].n_neighbours,
-                           sum(p.model_seconds for p in parts), sum(p.embed_seconds for p in parts),
-                           sum(p.retrieval_seconds for p in parts), seconds, nll, nll_without)
-
-
-def _combine(kind: str, bodies: list[dict], seconds: float) -> KnnEvalResult | RetroEvalResult:
-    if kind == "knnlm":
-        return combine_knn([_knn_result(b["result"]) for b in bodies], seconds)
-    return combine_retro([RetroEvalResult(**b["result"]) for b in bodies], seconds)
-
-
 # ---------------------------------------------------------------------------------------------- the pool
 
 
@@ -271,8 +230,11 @@ class _Pool:
 
     def _start_worker(self) -> None:
         c = self.config
+        token = os.environ.get(TOKEN_ENV)  # the driver's token, for workers on any node (not in the job)
+        runtime_env = {"env_vars": {TOKEN_ENV: token}} if token else None
         actor = self.actor_class.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=c.resources or None,
-                                         max_restarts=0).remote(self.job, c.torch_threads, c.device)
+                                         max_restarts=0, runtime_env=runtime_env).remote(self.job, c.torch_threads,
+                                                                                         c.device)
         self.starting[actor.ready.remote()] = actor
 
     def _lost(self, actor, why: BaseException) -> None:
@@ -359,7 +321,7 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     if queue:
         connect(config.address, config.num_cpus_local, log_to_driver=False)
         _run_shares(job, config, queue, done, on_share, len(shares))
-    result = _combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
+    result = combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
     log.info("%s over %d tokens from %d shares", job.kind, result.tokens, len(shares))
     return result
 

@@ -17,5 +17,5 @@ Outside this room, the LM side may use only these service APIs, for building and
   (joining a Ray cluster the way every job does).
 
 Imports: lm_worker.retrieval, lm_worker.encoders, retriever_server.client, retriever_server.serving,
-    retriever_server.wire, retriever_server.datastore, retriever_server.cluster
+    retriever_server.wire, retriever_server.security, retriever_server.datastore, retriever_server.cluster
 """

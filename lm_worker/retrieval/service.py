@@ -15,9 +15,11 @@ import numpy as np
 from lm_worker.retrieval.config import Ranges, RetrievalConfig
 from lm_worker.retrieval.retriever import Retriever, exclude_ranges
 from retriever_server.client import RetrieverClient, RetrieverError, SearchResult
+from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError
 from retriever_server.serving.fanout import parse_shards
 
-__all__ = ["ServiceRetriever", "RetrieverError", "resolve_target", "is_loopback"]
+__all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "resolve_target",
+           "is_loopback"]
 
 RAY_PREFIX = "ray:"
 LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
@@ -46,14 +48,18 @@ class ServiceRetriever(Retriever):
     Args:
         target: "host:port" of a router or shard, or one address (or replica list) per shard.
         config: per-request knobs.
+        security: TLS and the bearer token of the calls (default: plaintext, and RETRIEVER_AUTH_TOKEN's
+            token when that variable is set).
 
     Raises:
-        RetrieverError: the service did not answer GetInfo.
+        RetrieverError: the service did not answer GetInfo (UNAUTHENTICATED without an accepted token).
+        SecurityError: a TLS or token file is missing.
     """
 
-    def __init__(self, target: str | Sequence[str | Sequence[str]], config: RetrievalConfig = RetrievalConfig()):
+    def __init__(self, target: str | Sequence[str | Sequence[str]], config: RetrievalConfig = RetrievalConfig(),
+                 security: ClientSecurity = ClientSecurity()):
         super().__init__(config)
-        self.client = RetrieverClient(target, timeout=config.timeout_s)
+        self.client = RetrieverClient(target, timeout=config.timeout_s, security=security)
         info = self.client.info()
         self.dimension: int = info.dimension
         self.ntotal: int = info.ntotal

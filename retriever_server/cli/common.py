@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 from retriever_server.cluster.cpus import parse_cpus, pin
+from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.wire.request import Limits
 
 PROG = "retriever-server"
@@ -51,13 +52,58 @@ def add_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="requests served at once")
 
 
+def add_server_security(p: argparse.ArgumentParser) -> None:
+    """--tls-cert, --tls-key, --tls-ca, --auth-token-file, --insecure and --reflection of a server."""
+    g = p.add_argument_group("security (a non-loopback --host needs TLS and a token, or --insecure)")
+    g.add_argument("--tls-cert", type=Path, help="the server's certificate chain (PEM): TLS on the port")
+    g.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    g.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA (mutual TLS)")
+    g.add_argument("--auth-token-file", type=Path,
+                   help="accepted bearer tokens, one per line; calls must carry one (health excepted). Re-read "
+                        "when it changes or on SIGHUP, as are the TLS files")
+    g.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback address without TLS or without a token anyway")
+    g.add_argument("--reflection", action="store_true", help="offer gRPC server reflection (off by default)")
+
+
+def server_security_of(args: argparse.Namespace) -> ServerSecurity:
+    """The `ServerSecurity` of a server command's flags."""
+    return ServerSecurity(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+                          token_file=args.auth_token_file, insecure=args.insecure, reflection=args.reflection)
+
+
+def add_client_security(p: argparse.ArgumentParser, prefix: str = "", what: str = "the server") -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name and --auth-token-file of a client (with `prefix`)."""
+    g = p.add_argument_group(f"security of the calls to {what}")
+    g.add_argument(f"--{prefix}tls-ca", type=Path, help=f"verify {what} with this CA (PEM): TLS on")
+    g.add_argument(f"--{prefix}tls-cert", type=Path, help="this client's certificate, for mutual TLS (PEM)")
+    g.add_argument(f"--{prefix}tls-key", type=Path, help="the private key of that certificate (PEM)")
+    g.add_argument(f"--{prefix}tls-server-name",
+                   help="the name the server's certificate carries, when it is not the host dialled")
+    g.add_argument(f"--{prefix}auth-token-file", type=Path,
+                   help="the bearer token to send (the file's first line); default: RETRIEVER_AUTH_TOKEN")
+
+
+def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecurity:
+    """The `ClientSecurity` of a command's client flags (with `prefix`)."""
+    values, dest = vars(args), prefix.replace("-", "_")
+    return ClientSecurity(tls_ca=values[f"{dest}tls_ca"], tls_cert=values[f"{dest}tls_cert"],
+                          tls_key=values[f"{dest}tls_key"], server_name=values[f"{dest}tls_server_name"],
+                          token_file=values[f"{dest}auth_token_file"])
+
+
 def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
-    """Where a server listens, how it stops, and its limits."""
+    """Where a server listens, how it is secured, how it stops, and its limits."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
     if metrics:
         p.add_argument("--metrics-port", type=int, default=0,
                        help="Prometheus /metrics port; 0 picks a free one, -1 turns metrics off")
+        p.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address the metrics port binds (default 127.0.0.1: off other machines)")
+    p.add_argument("--health-port", type=int, default=-1,
+                   help="also answer health checks, and nothing else, in plaintext on this port (for probes that "
+                        "cannot do TLS); 0 picks a free one, -1 (default) none")
     p.add_argument("--address-file", type=Path, help="write the bound address here as JSON once listening")
     p.add_argument("--cpus", type=cpus_arg, default=(),
                    help="run on these cores only, e.g. 2,3 or 2-5 (default: any); with --datastore alone, "
@@ -66,6 +112,12 @@ def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
     p.add_argument("--drain-delay", type=float, default=1.0,
                    help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
     add_limits(p)
+    add_server_security(p)
+
+
+def health_port_of(args: argparse.Namespace) -> int | None:
+    """--health-port as servers take it: None for -1 (none)."""
+    return None if args.health_port < 0 else args.health_port
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -115,7 +167,8 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    write_address(args.address_file, running.address, running.metrics_port)
+    loop.add_signal_handler(signal.SIGHUP, running.reload_security)
+    write_address(args.address_file, running.address, running.metrics_port, health_port=running.health_port)
     print(f"listening on {with_metrics(running.address, running.metrics_port)}", flush=True)
     stopper = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.cli.common import CliError
+from retriever_server.cli.common import CliError, add_client_security, client_security_of
 from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.wire.tensors import numpy_dtype
@@ -28,6 +28,7 @@ def add_parsers(command) -> None:
                 "nprobe, stored keys, version, checksum, shards, payloads and metadata.")
     i.add_argument("target", help="datastore directory or HOST:PORT")
     i.add_argument("--json", action="store_true", help="the same fields as one JSON object")
+    add_client_security(i)
 
     q = command("search", "search a running server with queries from a .npy file")
     q.add_argument("target", help="HOST:PORT of a router or shard")
@@ -38,6 +39,7 @@ def add_parsers(command) -> None:
     q.add_argument("--rerank", action="store_true", help="re-rank by exact distance from the stored keys")
     q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
     q.add_argument("--out", type=Path, help="write ids, distances and payloads to this .npz")
+    add_client_security(q)
 
 
 def describe_manifest(directory: Path, manifest: Manifest) -> dict:
@@ -73,7 +75,7 @@ def run_info(args: argparse.Namespace) -> int:
     if Path(args.target).is_dir():
         body = describe_manifest(Path(args.target), read_manifest(Path(args.target)))
     elif ADDRESS.fullmatch(args.target):
-        with RetrieverClient(args.target, timeout=10) as client:
+        with RetrieverClient(args.target, timeout=10, security=client_security_of(args)) as client:
             body = describe_server(args.target, client.info())
     else:
         raise CliError(f"{args.target!r} is neither a datastore directory nor a server's HOST:PORT")
@@ -112,7 +114,7 @@ def _payload_lines(name: str, rows: np.ndarray) -> list[str]:
 def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
-    with RetrieverClient(args.target) as client:
+    with RetrieverClient(args.target, security=client_security_of(args)) as client:
         result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank,
                                payloads=args.payload)
     if args.out:

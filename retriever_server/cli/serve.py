@@ -9,17 +9,22 @@ from pathlib import Path
 
 from retriever_server.cli.common import (
     CliError,
+    add_client_security,
     add_server,
+    client_security_of,
+    health_port_of,
     interrupt,
     limits_of,
     metrics_port_of,
     pin_to_cpus,
     run_until_signal,
+    server_security_of,
     with_metrics,
     write_address,
 )
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.datastore.manifest import read_manifest
+from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.fanout import parse_shards
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard import ShardOptions
@@ -46,6 +51,7 @@ def add_parsers(command) -> None:
     r = command("router", "serve the Retriever API in front of shards")
     r.add_argument("--shards", required=True, help="HOST:PORT per shard, comma-separated; replicas joined by |")
     add_server(r)
+    add_client_security(r, "shard-", "the shards")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -53,13 +59,16 @@ def run_serve(args: argparse.Namespace) -> int:
     shards = len(read_manifest(args.datastore).shards)  # fail fast, before binding anything
     if args.shard is not None and not 0 <= args.shard < shards:
         raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
+    security = server_security_of(args)
+    security.check(args.host)  # before loading anything
     if args.shard is None:
-        return _serve_local(args)
+        return _serve_local(args, security)
     pin_to_cpus(args)
     config = ShardServerConfig(
         datastore=args.datastore, shard=args.shard, host=args.host, port=args.port,
         metrics_port=metrics_port_of(args), replica=args.replica, limits=limits_of(args),
         options=ShardOptions(mmap=not args.no_mmap, verify=not args.no_verify, gpu=args.gpu, threads=args.threads),
+        security=security, metrics_host=args.metrics_host, health_port=health_port_of(args),
     )
 
     async def main() -> None:
@@ -77,7 +86,7 @@ def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ..
     """
     common = ["--grace", str(args.grace), "--drain-delay", str(args.drain_delay), "--max-k", str(args.max_k),
               "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
-              "--max-request-mb", str(args.max_request_mb)]
+              "--max-request-mb", str(args.max_request_mb), "--metrics-host", args.metrics_host]
     shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads)]
     shard += ["--gpu"] if args.gpu else []
     shard += ["--no-mmap"] if args.no_mmap else []
@@ -95,11 +104,11 @@ def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
     write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses)
 
 
-def _serve_local(args: argparse.Namespace) -> int:
+def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     shard_args, router_args = child_args(args)
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
-                                 log_format=args.log_format, cpus=args.cpus)
+                                 log_format=args.log_format, cpus=args.cpus, security=security)
     signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
     try:
@@ -119,7 +128,11 @@ def run_router(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     config = RouterConfig(shards=shards, host=args.host, port=args.port, metrics_port=metrics_port_of(args),
-                          limits=limits_of(args))
+                          limits=limits_of(args), security=server_security_of(args),
+                          shard_security=client_security_of(args, "shard-"), metrics_host=args.metrics_host,
+                          health_port=health_port_of(args))
+    config.security.check(args.host)
+    config.shard_security.check()
 
     async def main() -> None:
         running = await start_router(config, wait_ready=False)

@@ -5,8 +5,9 @@
 - `ray_actors`: the shard replica and router actors;
 - `placement`: which node each replica goes to;
 - `connect`: joining a Ray cluster the same way for every job;
-- `cpus`: pinning a process to cores.
+- `cpus`: pinning a process to cores;
+- `hop_credentials`: the CA, certificates and token a deployment makes for its own hops.
 
-Imports: retriever_server.cluster, retriever_server.serving, retriever_server.datastore.manifest,
-    retriever_server.wire.request, retriever_server.logs
+Imports: retriever_server.cluster, retriever_server.serving, retriever_server.security,
+    retriever_server.datastore.manifest, retriever_server.wire.request, retriever_server.logs
 """

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retriever_server.cluster.cpus import format_cpus
+from retriever_server.cluster.hop_credentials import HopCredentials, make_hop_credentials
 from retriever_server.datastore.manifest import read_manifest
+from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.grpc_setup import health_status
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class _Process:
     log_file: Path
     address: str = ""
     metrics_port: int | None = None
+    health_port: int | None = None
 
     def exited(self) -> bool:
         return self.popen.poll() is not None
@@ -69,8 +72,12 @@ def _child_environment() -> dict[str, str]:
 
 @dataclass
 class LocalDeployment:
-    """Starts S shards x R replicas and a router on `host`, ephemeral ports unless `router_port` is set.
+    """Starts S shards x R replicas on 127.0.0.1 and a router on `host`, ephemeral ports unless
+    `router_port` is set.
 
+    `security` protects the router's port, the public endpoint. When it has TLS or a token, the
+    deployment makes its own CA, certificates and token for the hops between the router and the shards
+    (`hop_credentials`), so those hops are mutual TLS with a token whatever the public certificate is.
     `extra_args` go to every shard server, `router_args` to the router; `log_level` and `log_format`
     to all of them. `cpus` (default: any core) confines every process to those cores, e.g. to keep
     them off the cores an LM worker on the same machine computes on. Unless `extra_args` set
@@ -91,12 +98,14 @@ class LocalDeployment:
     log_level: str = "WARNING"
     log_format: str = "text"
     cpus: tuple[int, ...] = ()
+    security: ServerSecurity = field(default_factory=ServerSecurity)
     shards: list[list[_Process]] = field(default_factory=list)
     router: _Process | None = None
 
     def __post_init__(self):
         self._dir = Path(tempfile.mkdtemp(prefix="retriever-local-"))
         self._keep_dir = False
+        self.hops: HopCredentials | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -107,7 +116,8 @@ class LocalDeployment:
         address_file = self._dir / f"{name}.json"
         log_file = self._dir / f"{name}.log"
         command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
-                   "--log-format", self.log_format, *args, "--address-file", str(address_file)]
+                   "--log-format", self.log_format, *args, "--address-file", str(address_file),
+                   "--health-port", "0"]
         command += ["--cpus", format_cpus(self.cpus)] if self.cpus else []
         with open(log_file, "w") as out:
             popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
@@ -129,16 +139,28 @@ class LocalDeployment:
             if not process.address and process.address_file.is_file():
                 written = json.loads(process.address_file.read_text())
                 process.address, process.metrics_port = written["address"], written.get("metrics_port")
-            if process.address and health_status(process.address, timeout=1.0) == "SERVING":
+                process.health_port = written.get("health_port")
+            if process.address and health_status(f"127.0.0.1:{process.health_port}", timeout=1.0) == "SERVING":
                 return
             time.sleep(0.1)
         raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
 
     def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> _Process:
         extra = without_option(self.extra_args, "--threads") if threads else list(self.extra_args)
+        hops = self.hops.shard_args() if self.hops else []
         return self._spawn(f"shard-{shard:05d}-r{replica}", [
             "serve", "--datastore", str(self.datastore), "--shard", str(shard), "--replica", str(replica),
-            "--host", self.host, "--port", "0", *extra, *threads])
+            "--host", "127.0.0.1", "--port", "0", *extra, *threads, *hops])
+
+    def _router_security_args(self) -> list[str]:
+        """The router's flags for its public port, and for its calls to the shards."""
+        s = self.security
+        args = [flag for flag, path in (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key), ("--tls-ca", s.tls_ca),
+                                        ("--auth-token-file", s.token_file)) if path is not None
+                for flag in (flag, str(Path(path).resolve()))]
+        args += ["--insecure"] if s.insecure else []
+        args += ["--reflection"] if s.reflection else []
+        return args + (self.hops.router_args() if self.hops else [])
 
     def _threads(self, processes: int) -> list[str]:
         """`--threads N`: the cores' share of each of `processes` shard processes, unless set by the caller."""
@@ -160,8 +182,11 @@ class LocalDeployment:
             raise RuntimeError(f"this deployment of {self.datastore} was started already (router at "
                                f"{self.router_address or 'none'}): start a new LocalDeployment for another")
         manifest = read_manifest(self.datastore)
+        self.security.check(self.host)  # before any process starts
         deadline = time.monotonic() + self.startup_timeout_s
         try:
+            if self.security.tls or self.security.token_file is not None:
+                self.hops = make_hop_credentials(self._dir / "hops")
             threads = self._threads(len(manifest.shards) * self.replicas)
             for i in range(len(manifest.shards)):
                 self.shards.append([self._spawn_shard(i, r, threads) for r in range(self.replicas)])
@@ -169,7 +194,8 @@ class LocalDeployment:
                 self._wait_serving(process, deadline)
             spec = ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
             self.router = self._spawn("router", ["router", "--shards", spec, "--host", self.host,
-                                                 "--port", str(self.router_port), *self.router_args])
+                                                 "--port", str(self.router_port), *self.router_args,
+                                                 *self._router_security_args()])
             self._wait_serving(self.router, deadline)
         except BaseException:
             self.stop()

@@ -11,6 +11,6 @@
 - `grpc_setup`: message-size options, health and reflection;
 - `metrics`: Prometheus metrics of one server.
 
-Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.datastore.index,
-    retriever_server.datastore.manifest
+Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.security,
+    retriever_server.logs, retriever_server.datastore.index, retriever_server.datastore.manifest
 """

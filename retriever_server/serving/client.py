@@ -19,6 +19,9 @@ import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+from retriever_server.security.auth import bearer_metadata
+from retriever_server.security.config import ClientSecurity
+from retriever_server.security.tls import open_channel
 from retriever_server.serving.failover import (
     RETRYABLE,
     CallFailed,
@@ -88,9 +91,15 @@ class RetrieverClient:
         target: "host:port" of a router or shard; or a list with one entry per shard, each an
             address or a list of replica addresses (the client fails over between them).
         timeout: default deadline in seconds for each call (None: no deadline).
+        security: TLS and the bearer token (default: plaintext, and the RETRIEVER_AUTH_TOKEN
+            environment variable's token when it is set).
+
+    Raises:
+        SecurityError: a TLS file is missing, or a certificate was given without its key.
     """
 
-    def __init__(self, target: str | Sequence[str | Sequence[str]], timeout: float | None = 30.0):
+    def __init__(self, target: str | Sequence[str | Sequence[str]], timeout: float | None = 30.0,
+                 security: ClientSecurity = ClientSecurity()):
         if isinstance(target, str):
             shards = [[target]]
             self.fan_out = False
@@ -101,7 +110,9 @@ class RetrieverClient:
             raise ValueError("RetrieverClient needs at least one address")
         self.timeout = timeout
         self.sets = replica_sets(shards)
-        self.channels = {a: grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for s in shards for a in s}
+        security.check()
+        self.metadata = bearer_metadata(security.bearer_token())
+        self.channels = {a: open_channel(a, security, CHANNEL_OPTIONS) for s in shards for a in s}
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
         self._pool = ThreadPoolExecutor(max(1, len(shards))) if self.fan_out else None
         self._infos: list[pb.InfoResponse] | None = None
@@ -121,7 +132,8 @@ class RetrieverClient:
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         try:
-            return call_replicas(replicas, self.stubs, method, request, deadline, fail_over=self.fan_out)
+            return call_replicas(replicas, self.stubs, method, request, deadline, fail_over=self.fan_out,
+                                 metadata=self.metadata)
         except CallFailed as err:
             raise RetrieverError(err.code, err.message) from None
 

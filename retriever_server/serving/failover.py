@@ -89,7 +89,7 @@ class CallFailed(Exception):
 # ---------------------------------------------------------------------------------------------- the router
 
 
-async def search_replicas(replicas: ReplicaSet, stubs: dict, request, deadline: Deadline):
+async def search_replicas(replicas: ReplicaSet, stubs: dict, request, deadline: Deadline, metadata=()):
     """The router's loop: Search on one replica of the shard after another until one answers.
 
     Raises:
@@ -101,7 +101,7 @@ async def search_replicas(replicas: ReplicaSet, stubs: dict, request, deadline: 
         if deadline.expired():
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
         try:
-            response = await stubs[address].Search(request, timeout=deadline.remaining())
+            response = await stubs[address].Search(request, timeout=deadline.remaining(), metadata=metadata)
             replicas.succeeded(address)
             return response
         except grpc.aio.AioRpcError as err:
@@ -118,7 +118,8 @@ async def search_replicas(replicas: ReplicaSet, stubs: dict, request, deadline: 
 # ---------------------------------------------------------------------------------------------- the client
 
 
-def call_replicas(replicas: ReplicaSet, stubs: dict, method: str, request, deadline: Deadline, fail_over: bool):
+def call_replicas(replicas: ReplicaSet, stubs: dict, method: str, request, deadline: Deadline, fail_over: bool,
+                  metadata=()):
     """The fan-out client's loop: `method` on one replica after another until one answers.
 
     Args:
@@ -132,7 +133,7 @@ def call_replicas(replicas: ReplicaSet, stubs: dict, method: str, request, deadl
         if deadline.expired():
             raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
         try:
-            reply = getattr(stubs[address], method)(request, timeout=deadline.remaining())
+            reply = getattr(stubs[address], method)(request, timeout=deadline.remaining(), metadata=metadata)
             replicas.succeeded(address)
             return reply
         except grpc.RpcError as err:

@@ -1,4 +1,4 @@
-"""What every server and channel here shares: message-size options, health, reflection."""
+"""What every server and channel here shares: message-size options, health, reflection (opt-in)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.security.config import ClientSecurity
+from retriever_server.security.tls import open_channel
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 MAX_MESSAGE = 1024 * 1024 * 1024 - 1
@@ -28,12 +30,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
-    """Adds grpc.health.v1 (every service NOT_SERVING until told) and server reflection."""
+def add_health_and_reflection(server: grpc.aio.Server, reflect: bool = False) -> health.aio.HealthServicer:
+    """Adds grpc.health.v1 (every service NOT_SERVING until told) and, when `reflect`, server reflection."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    if reflect:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
     return servicer
 
 
@@ -44,9 +47,9 @@ async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> Non
         await servicer.set(name, status)
 
 
-def health_status(target: str, timeout: float = 2.0) -> str:
+def health_status(target: str, timeout: float = 2.0, security: ClientSecurity = ClientSecurity()) -> str:
     """SERVING, NOT_SERVING or UNAVAILABLE (no answer) for the Retriever service at `target`."""
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, security, []) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)

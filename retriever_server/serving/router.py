@@ -20,6 +20,9 @@ import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+from retriever_server.security.auth import bearer_metadata
+from retriever_server.security.config import ClientSecurity, ServerSecurity
+from retriever_server.security.tls import open_aio_channel
 from retriever_server.serving.failover import Deadline, ReplicaSet, ShardFailed, failure_message, search_replicas
 from retriever_server.serving.fanout import check_shards, replica_sets, view_of
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
@@ -44,6 +47,10 @@ class RouterConfig:
     metrics_port: int | None = 0
     limits: Limits = field(default_factory=Limits)
     info_timeout_s: float = 2.0
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # the router's own port
+    shard_security: ClientSecurity = field(default_factory=ClientSecurity)  # its calls to the shards
+    metrics_host: str = "127.0.0.1"
+    health_port: int | None = None  # a plaintext port for health checks alone (0: ephemeral)
 
 
 class RouterService(BaseRetrieverService):
@@ -55,7 +62,9 @@ class RouterService(BaseRetrieverService):
         super().__init__(config.limits, ServerMetrics("router"))
         self.config = config
         self.sets = replica_sets([list(s) for s in config.shards])
-        self.channels = {a: grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for s in config.shards for a in s}
+        self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
+                         for s in config.shards for a in s}
+        self.metadata = bearer_metadata(config.shard_security.bearer_token())
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
@@ -72,7 +81,8 @@ class RouterService(BaseRetrieverService):
     async def _replica_infos(self, replicas: ReplicaSet) -> list[pb.InfoResponse]:
         async def one(address: str) -> pb.InfoResponse | None:
             try:
-                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s)
+                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s,
+                                                         metadata=self.metadata)
             except grpc.aio.AioRpcError:
                 return None
 
@@ -112,8 +122,9 @@ class RouterService(BaseRetrieverService):
         forwarded.allow_partial = False
         forwarded.expected_datastore_version = self.view.version
         deadline = Deadline(context.time_remaining())
-        outcomes = await asyncio.gather(*(search_replicas(s, self.stubs, forwarded, deadline) for s in self.sets),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(search_replicas(s, self.stubs, forwarded, deadline, self.metadata) for s in self.sets),
+            return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
                 raise outcome
@@ -150,9 +161,9 @@ class RouterService(BaseRetrieverService):
         old = replicas.addresses[replica]
         if old == address:
             return None
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
         stub = pb_grpc.RetrieverStub(channel)
-        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s)
+        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
         expected = self.infos[shard]
         if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
             await channel.close()
@@ -179,7 +190,8 @@ async def start_router(config: RouterConfig, wait_ready: bool = True) -> Running
         The running router; `await running.drain()` stops it.
     """
     service = RouterService(config)
-    running = await start_server(service, config.host, config.port, config.metrics_port)
+    running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
+                                 config.metrics_host, config.health_port)
 
     async def become_ready() -> None:
         await service.discover()

@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+from retriever_server.logs import EventCounter
+from retriever_server.security.auth import AuthInterceptor, TokenSet
+from retriever_server.security.config import ServerSecurity
+from retriever_server.security.tls import ServerCertificates
 from retriever_server.serving.grpc_setup import add_health_and_reflection, server_options, set_serving
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.wire.request import Limits, RequestError
@@ -34,6 +39,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         self.metrics = metrics
         self.draining = False
         self.inflight = 0
+        self.refusals = EventCounter(log)  # refused searches, logged as counts per interval
 
     def not_ready_error(self) -> RequestError | None:
         """Why the service cannot answer yet (loading, failed), or None when it can."""
@@ -74,7 +80,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             return await self.handle_search(request, context)
         except RequestError as err:
             status, failure = err.code.name, err
-            log.info("search refused: %s", err.message, extra={"status": status, "role": self.role})
+            self.refusals.record(f"{self.role} refused a search with {status}", err.message)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -105,7 +111,8 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
 
 @dataclass
 class RunningServer:
-    """A started server: its bound port, health servicer and metrics port; `drain()` stops it."""
+    """A started server: its bound port, health servicer and metrics port; `drain()` stops it,
+    `reload_security()` reads its certificates and tokens again (SIGHUP)."""
 
     server: grpc.aio.Server
     service: BaseRetrieverService
@@ -114,6 +121,12 @@ class RunningServer:
     port: int
     metrics_port: int | None
     ready: asyncio.Future | None = None
+    certificates: ServerCertificates | None = None
+    tokens: TokenSet | None = None
+    counters: list[EventCounter] = field(default_factory=list)
+    flusher: asyncio.Task | None = None
+    health_server: grpc.aio.Server | None = None  # plaintext health alone, for probes that cannot do TLS
+    health_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -121,6 +134,20 @@ class RunningServer:
 
     async def mark_ready(self) -> None:
         await set_serving(self.health, True)
+
+    def reload_security(self) -> None:
+        """Reads the TLS files and the token file again, changed or not."""
+        if self.certificates is not None:
+            self.certificates.reload()
+        if self.tokens is not None:
+            self.tokens.reload()
+
+    async def flush_counts(self, every_s: float = 10.0) -> None:
+        """Logs the counts of repeated refusals as their intervals end, until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            for counter in self.counters:
+                counter.flush()
 
     async def drain(self, grace: float = 5.0, delay: float = 0.0) -> None:
         """Drains: health NOT_SERVING and new searches refused (UNAVAILABLE) for `delay` seconds,
@@ -132,24 +159,63 @@ class RunningServer:
         if delay > 0:
             await asyncio.sleep(delay)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.service.close()
         self.service.metrics.stop()
+        if self.flusher is not None:
+            self.flusher.cancel()
+        for counter in self.counters:
+            counter.flush()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
 
-async def start_server(service: BaseRetrieverService, host: str, port: int,
-                       metrics_port: int | None) -> RunningServer:
-    """Binds `host:port` (0 for an ephemeral port), starts serving NOT_SERVING, returns the handle."""
-    server = grpc.aio.server(options=server_options(service.limits.max_request_bytes))
-    add_retriever_servicer(service, server)
-    health = add_health_and_reflection(server)
+async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server answering grpc.health.v1 alone, with the main server's health states."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+        raise OSError(f"could not bind the health port {host}:{port}")
+    await server.start()
+    return server, bound
+
+
+async def start_server(service: BaseRetrieverService, host: str, port: int, metrics_port: int | None,
+                       security: ServerSecurity = ServerSecurity(), metrics_host: str = "127.0.0.1",
+                       health_port: int | None = None, health_host: str = "127.0.0.1") -> RunningServer:
+    """Binds `host:port` (0 for an ephemeral port), starts serving NOT_SERVING, returns the handle.
+
+    `health_port` (0: ephemeral; None: none) adds a plaintext port answering health checks only, for
+    probes that cannot speak TLS or carry a token; it tells nothing but SERVING or NOT_SERVING.
+
+    Raises:
+        SecurityError: the security settings cannot work, or would leave a non-loopback port unprotected.
+        OSError: an address cannot be bound.
+    """
+    security.check(host)
+    tokens = TokenSet(security.token_file) if security.token_file is not None else None
+    unauthenticated = EventCounter(log)
+    interceptors = [AuthInterceptor(tokens, unauthenticated)] if tokens is not None else []
+    server = grpc.aio.server(options=server_options(service.limits.max_request_bytes), interceptors=interceptors)
+    add_retriever_servicer(service, server)
+    health = add_health_and_reflection(server, reflect=security.reflection)
+    certificates = ServerCertificates(security) if security.tls else None
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, certificates.credentials()) if certificates else \
+        server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
     await server.start()
     await set_serving(health, False)
-    mport = service.metrics.serve(host, metrics_port) if metrics_port is not None else None
-    log.info("%s listening on %s:%d", service.role, host, bound)
-    return RunningServer(server, service, health, host, bound, mport)
+    health_server, hport = (await _health_only_server(health, health_host, health_port)) if health_port is not None \
+        else (None, None)
+    mport = service.metrics.serve(metrics_host, metrics_port) if metrics_port is not None else None
+    log.info("%s listening on %s:%d (%s)", service.role, host, bound, security.describe())
+    running = RunningServer(server, service, health, host, bound, mport, certificates=certificates, tokens=tokens,
+                            counters=[service.refusals, unauthenticated], health_server=health_server,
+                            health_port=hport)
+    running.flusher = asyncio.ensure_future(running.flush_counts())
+    return running

@@ -18,6 +18,7 @@ import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import DatastoreError
+from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, start_server
 from retriever_server.serving.shard import Shard, ShardOptions
@@ -41,6 +42,9 @@ class ShardServerConfig:
     limits: Limits = field(default_factory=Limits)
     options: ShardOptions = field(default_factory=ShardOptions)
     search_threads: int = 4
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    metrics_host: str = "127.0.0.1"
+    health_port: int | None = None  # a plaintext port for health checks alone (0: ephemeral)
 
 
 class ShardService(BaseRetrieverService):
@@ -114,7 +118,8 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
         DatastoreError: the shard's files do not match its manifest (when wait_loaded).
     """
     service = ShardService(config)
-    running = await start_server(service, config.host, config.port, config.metrics_port)
+    running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
+                                 config.metrics_host, config.health_port)
 
     async def load() -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,121 @@
+"""Bearer tokens: the `authorization: Bearer <token>` metadata every call but health carries when a
+server has a token file, checked in constant time against each accepted token. The file is read
+again when it changes (checked at most once a second) or on `reload()` (SIGHUP), so tokens rotate
+without a restart: add the new token as a line, move the clients over, remove the old one.
+
+A refused call gets UNAUTHENTICATED, whose message never repeats what the caller sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from retriever_server.logs import EventCounter
+from retriever_server.security.config import SecurityError, read_tokens
+
+log = logging.getLogger(__name__)
+
+HEADER = "authorization"
+SCHEME = "bearer "
+OPEN_METHODS = ("/grpc.health.v1.Health/",)  # health stays open: probes and load balancers have no token
+CHECK_EVERY_S = 1.0
+REFUSED = ("UNAUTHENTICATED: this server needs `authorization: Bearer <token>` metadata with an accepted token "
+           "(clients: --auth-token-file or RETRIEVER_AUTH_TOKEN)")
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (none without one)."""
+    return ((HEADER, f"Bearer {token}"),) if token else ()
+
+
+class TokenSet:
+    """The accepted tokens of a token file, read again when the file changes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock = threading.Lock()
+        self.tokens = [t.encode() for t in read_tokens(self.path)]
+        self.seen = self._stamp()
+        self.checked = time.monotonic()
+
+    def _stamp(self):
+        try:
+            st = self.path.stat()
+            return st.st_mtime_ns, st.st_size, st.st_ino
+        except OSError:
+            return None
+
+    def reload(self) -> None:
+        """Reads the file now (SIGHUP); a file that cannot be read or is empty keeps the current tokens."""
+        try:
+            tokens = [t.encode() for t in read_tokens(self.path)]
+        except SecurityError as err:
+            log.warning("%s; keeping the %d tokens read before", err, len(self.tokens))
+            return
+        with self.lock:
+            self.tokens = tokens
+        log.info("read %d accepted tokens from %s", len(tokens), self.path)
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.checked < CHECK_EVERY_S:
+            return
+        self.checked = now
+        stamp = self._stamp()
+        if stamp != self.seen:
+            self.seen = stamp
+            self.reload()
+
+    def accepts(self, header: str) -> bool:
+        """Whether an `authorization` value carries an accepted token (every token compared, in constant time)."""
+        self._refresh()
+        if not header[:len(SCHEME)].lower() == SCHEME:
+            return False
+        given = header[len(SCHEME):].strip().encode()
+        with self.lock:
+            tokens = list(self.tokens)
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(given, token)
+        return matched
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that refuses with UNAUTHENTICATED, reading the request as raw bytes."""
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
+
+    if handler is None or handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through when its metadata carries an accepted token (health always); refusals are
+    counted and logged as a count per interval."""
+
+    def __init__(self, tokens: TokenSet, refusals: EventCounter):
+        self.tokens = tokens
+        self.refusals = refusals
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        header = next((v for k, v in details.invocation_metadata or () if k == HEADER), "")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
+        if self.tokens.accepts(header):
+            return await continuation(details)
+        self.refusals.record("unauthenticated call", "no token" if not header else "a token not accepted")
+        return _refusal(await continuation(details))

@@ -1,0 +1,146 @@
+"""Who may talk to a server, and how: TLS (mutual TLS as an option), bearer tokens, and the safe
+default that refuses to serve a non-loopback address in plaintext or without a token.
+
+Servers take `ServerSecurity` (`--tls-cert`, `--tls-key`, `--tls-ca`, `--auth-token-file`,
+`--insecure`, `--reflection`); clients take `ClientSecurity` (`--tls-ca`, `--tls-cert`, `--tls-key`,
+`--tls-server-name`, `--auth-token-file` or `RETRIEVER_AUTH_TOKEN`). A token file holds one token per
+line (surrounding whitespace ignored, blank lines skipped; several lines let tokens rotate). Tokens
+are never taken from argv and never logged. On loopback, with no TLS and no token, servers and
+clients speak plaintext, as on a developer's machine.
+
+Example:
+    >>> ServerSecurity(tls_cert=Path("server.pem"), tls_key=Path("server.key"),
+    ...                token_file=Path("tokens.txt")).check("0.0.0.0")     # passes
+    >>> ServerSecurity().check("0.0.0.0")                                   # SecurityError
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKEN_ENV = "RETRIEVER_AUTH_TOKEN"  # where clients find their token when no file is given
+LOOPBACK_NAMES = ("localhost", "ip6-localhost", "::1", "[::1]")
+
+
+class SecurityError(ValueError):
+    """A security setting that cannot work, or that would expose the service; the message says which."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (as a server binds it or a client dials it) is this machine's loopback only."""
+    host = host.strip()
+    return host in LOOPBACK_NAMES or host.startswith(("127.", "unix:", "unix-abstract:"))
+
+
+def read_tokens(path: Path) -> list[str]:
+    """The tokens of a token file: one per line, whitespace around them ignored, blank lines skipped.
+
+    Raises:
+        SecurityError: the file cannot be read or holds no token (the message names the file only).
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
+    tokens = [line.strip() for line in text.splitlines() if line.strip()]
+    if not tokens:
+        raise SecurityError(f"the token file {path} holds no token")
+    return tokens
+
+
+def _check_files(flags: dict[str, Path | None]) -> None:
+    for flag, path in flags.items():
+        if path is not None and not Path(path).is_file():
+            raise SecurityError(f"{flag} {path}: no such file")
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """How a server secures its port.
+
+    Attributes:
+        tls_cert, tls_key: the server's certificate chain and private key (PEM): TLS on the port.
+        tls_ca: with TLS, require client certificates signed by this CA (mutual TLS).
+        token_file: accepted bearer tokens, one per line; every call but health needs one.
+        insecure: serve a non-loopback address without TLS or without a token anyway.
+        reflection: offer gRPC server reflection (off by default: it tells anyone the API).
+    """
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    token_file: Path | None = None
+    insecure: bool = False
+    reflection: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def check(self, host: str) -> None:
+        """Raises SecurityError for settings that cannot work, or that would expose `host` unprotected."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SecurityError("--tls-cert and --tls-key go together")
+        if self.tls_ca is not None and not self.tls:
+            raise SecurityError("--tls-ca (client certificates required) needs --tls-cert and --tls-key")
+        _check_files({"--tls-cert": self.tls_cert, "--tls-key": self.tls_key, "--tls-ca": self.tls_ca})
+        if self.token_file is not None:
+            read_tokens(self.token_file)
+        if not is_loopback_host(host) and not (self.tls and self.token_file) and not self.insecure:
+            missing = " and ".join(what for what, given in (("TLS (--tls-cert, --tls-key)", self.tls),
+                                                              ("a token (--auth-token-file)", self.token_file))
+                                   if not given)
+            raise SecurityError(f"refusing to serve {host} without {missing}: anyone who can reach the port could "
+                                "use it. Give them, bind 127.0.0.1, or pass --insecure to serve it unprotected")
+
+    def describe(self) -> str:
+        """What protects the port, for logs: e.g. "TLS with client certificates, bearer tokens"."""
+        parts = ["mutual TLS" if self.tls_ca else "TLS"] if self.tls else ["plaintext"]
+        parts.append("bearer tokens" if self.token_file else "no token")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client reaches servers.
+
+    Attributes:
+        tls_ca: verify servers with this CA (PEM); TLS on.
+        tls_cert, tls_key: the client's certificate and key, for servers that require them (mutual TLS).
+        server_name: the name to check the server's certificate against, when it is not the host dialled.
+        use_tls: TLS with the system's trusted roots, when no `tls_ca` is given.
+        token_file: the bearer token (the file's first); else the RETRIEVER_AUTH_TOKEN environment variable.
+        token: the bearer token itself, for callers that hold it in memory (never printed).
+    """
+
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    server_name: str | None = None
+    use_tls: bool = False
+    token_file: Path | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:  # never the token
+        shown = {k: v for k, v in vars(self).items() if k != "token" and v not in (None, False)}
+        return f"ClientSecurity({', '.join(f'{k}={v}' for k, v in shown.items())}{', token=***' * bool(self.token)})"
+
+    @property
+    def tls(self) -> bool:
+        return self.use_tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def check(self) -> None:
+        """Raises SecurityError for settings that cannot work (missing files, a certificate without its key)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SecurityError("--tls-cert and --tls-key go together")
+        _check_files({"--tls-ca": self.tls_ca, "--tls-cert": self.tls_cert, "--tls-key": self.tls_key})
+
+    def bearer_token(self) -> str | None:
+        """The token to send: the token given, else the token file's first, else RETRIEVER_AUTH_TOKEN."""
+        if self.token:
+            return self.token
+        if self.token_file is not None:
+            return read_tokens(self.token_file)[0]
+        return os.environ.get(TOKEN_ENV, "").strip() or None

@@ -1,0 +1,110 @@
+"""TLS credentials for servers and channels, read from PEM files.
+
+A server's certificate, key and client CA are read again when any of the files changes (checked
+when a client connects) or when `reload()` is called (on SIGHUP), so a rotated certificate takes
+effect for new connections without a restart; connections already open keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+
+from retriever_server.security.config import ClientSecurity, SecurityError, ServerSecurity
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise SecurityError(f"cannot read {flag} {path}: {err.strerror or err}") from None
+
+
+def _stamp(paths: list[Path]) -> tuple:
+    """What changes when any of the files is rewritten or replaced."""
+    out = []
+    for path in paths:
+        try:
+            st = Path(path).stat()
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class ServerCertificates:
+    """A server's certificate configuration, reloaded when its files change."""
+
+    def __init__(self, security: ServerSecurity):
+        self.security = security
+        self.paths = [p for p in (security.tls_cert, security.tls_key, security.tls_ca) if p is not None]
+        self.lock = threading.Lock()
+        self.forced = False
+        self.seen = _stamp(self.paths)
+        self.initial = self._config()
+
+    def _config(self) -> grpc.ServerCertificateConfiguration:
+        s = self.security
+        pair = (_read(s.tls_key, "--tls-key"), _read(s.tls_cert, "--tls-cert"))
+        ca = _read(s.tls_ca, "--tls-ca") if s.tls_ca is not None else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+
+    def reload(self) -> None:
+        """Reads the files again at the next connection, changed or not (SIGHUP)."""
+        with self.lock:
+            self.forced = True
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's callback before each handshake: a new configuration when the files changed, else None."""
+        with self.lock:
+            stamp = _stamp(self.paths)
+            if stamp == self.seen and not self.forced:
+                return None
+            self.seen, self.forced = stamp, False
+        try:
+            config = self._config()
+        except (SecurityError, ValueError) as err:  # a half-written file: keep serving with the old pair
+            log.warning("TLS files changed but could not be read (%s); keeping the current certificate", err)
+            return None
+        log.info("TLS certificate reloaded from %s", self.security.tls_cert)
+        return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch,
+                                                   require_client_authentication=self.security.tls_ca is not None)
+
+
+def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials:
+    """TLS credentials of a channel: the CA to verify servers with (None: the system's roots) and,
+    for mutual TLS, the client's certificate and key."""
+    ca = _read(security.tls_ca, "--tls-ca") if security.tls_ca is not None else None
+    key = _read(security.tls_key, "--tls-key") if security.tls_key is not None else None
+    cert = _read(security.tls_cert, "--tls-cert") if security.tls_cert is not None else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def channel_options(security: ClientSecurity, options: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """`options`, plus the name a server's certificate must carry when it is not the host dialled."""
+    if security.tls and security.server_name:
+        return [*options, ("grpc.ssl_target_name_override", security.server_name)]
+    return list(options)
+
+
+def open_channel(address: str, security: ClientSecurity, options: list[tuple[str, object]]) -> grpc.Channel:
+    """A blocking channel to `address`: TLS when the security says so, else plaintext."""
+    if security.tls:
+        return grpc.secure_channel(address, channel_credentials(security), channel_options(security, options))
+    return grpc.insecure_channel(address, options=options)
+
+
+def open_aio_channel(address: str, security: ClientSecurity,
+                     options: list[tuple[str, object]]) -> grpc.aio.Channel:
+    """An asyncio channel to `address`: TLS when the security says so, else plaintext."""
+    if security.tls:
+        return grpc.aio.secure_channel(address, channel_credentials(security), channel_options(security, options))
+    return grpc.aio.insecure_channel(address, options=options)

@@ -1,0 +1,180 @@
+"""TLS, mutual TLS and bearer tokens on real servers on loopback: accepted with the right credentials,
+refused with UNAUTHENTICATED or at the handshake otherwise; health open; tokens and certificates
+rotated without a restart; a non-loopback port refused without TLS and a token."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import build, serve, synthetic
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retriever_server.client import RetrieverClient, RetrieverError
+from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.security.certs import make_ca, make_leaf, write_private
+from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError, ServerSecurity
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+
+pytestmark = pytest.mark.ray
+N, D = 2000, 8
+HOSTS = ["127.0.0.1", "localhost"]
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return synthetic(N, D, seed=5)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("secure"), keys, "ds", shards=2, factory="IVF8,Flat")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA with a server and a client certificate, and a second CA with its own client certificate."""
+    tmp = tmp_path_factory.mktemp("pki")
+    ca, other = make_ca("test CA"), make_ca("another CA")
+    files = {}
+    for name, pair in (("ca", ca), ("other-ca", other), ("server", make_leaf(ca, "server", HOSTS)),
+                       ("client", make_leaf(ca, "client", [])), ("stranger", make_leaf(other, "stranger", []))):
+        files[f"{name}.pem"] = write_private(tmp / f"{name}.pem", pair.cert_pem)
+        files[f"{name}.key"] = write_private(tmp / f"{name}.key", pair.key_pem)
+    files["tokens"] = write_private(tmp / "tokens", b"  first-secret-token \n\nsecond-token\n")
+    return files
+
+
+def code_of(call) -> grpc.StatusCode | None:
+    try:
+        call()
+    except RetrieverError as err:
+        return err.code
+    return None
+
+
+def health(address: str, security: ClientSecurity = ClientSecurity()) -> str:
+    from retriever_server.security.tls import open_channel
+
+    with open_channel(address, security, []) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_tokens_accepted_refused_and_health_open(aio, datastore, keys, pki, monkeypatch):
+    security = ServerSecurity(token_file=pki["tokens"])
+    hop = ClientSecurity(token_file=pki["tokens"])
+    with serve(aio, datastore, 2, security=security, shard_client=hop) as served:
+        for token in ("first-secret-token", "second-token"):  # either line of the file, whitespace ignored
+            with RetrieverClient(served.address, security=ClientSecurity(token=token)) as client:
+                assert client.search(keys[:3], k=4).ids.shape == (3, 4)
+        for token in (None, "wrong", "first-secret-token-and-more", "first-secret"):
+            with RetrieverClient(served.address, security=ClientSecurity(token=token)) as client:
+                with pytest.raises(RetrieverError) as caught:
+                    client.search(keys[:3], k=4)
+                assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED, token
+                assert "Bearer" in caught.value.message and "first-secret" not in caught.value.message
+                assert code_of(client.info) == grpc.StatusCode.UNAUTHENTICATED
+        monkeypatch.setenv(TOKEN_ENV, "second-token")  # a client's default: the environment's token
+        with RetrieverClient(served.address) as client:
+            assert client.info().ntotal == N
+        assert health(served.address) == "SERVING"  # probes carry no token
+
+
+def test_tls_and_mutual_tls(aio, datastore, keys, pki):
+    tls = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"])
+    mutual = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_ca=pki["ca.pem"])
+    trusting = ClientSecurity(tls_ca=pki["ca.pem"])
+    with_cert = ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=pki["client.pem"], tls_key=pki["client.key"])
+    stranger = ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=pki["stranger.pem"], tls_key=pki["stranger.key"])
+    wrong_ca = ClientSecurity(tls_ca=pki["other-ca.pem"])
+    with serve(aio, datastore, 2, security=tls, shard_client=trusting) as served:
+        with RetrieverClient(served.address, security=trusting, timeout=5) as client:
+            assert client.search(keys[:2], k=3).ids.shape == (2, 3)
+        for refused in (ClientSecurity(), wrong_ca):  # plaintext, or a server certificate it cannot verify
+            with RetrieverClient(served.address, security=refused, timeout=5) as client:
+                assert code_of(lambda c=client: c.search(keys[:2], k=3)) == grpc.StatusCode.UNAVAILABLE
+    with serve(aio, datastore, 2, security=mutual, shard_client=with_cert) as served:
+        with RetrieverClient(served.address, security=with_cert, timeout=5) as client:
+            assert client.search(keys[:2], k=3).ids.shape == (2, 3)
+        for refused in (trusting, stranger):  # no client certificate, or one of another CA
+            with RetrieverClient(served.address, security=refused, timeout=5) as client:
+                assert code_of(lambda c=client: c.search(keys[:2], k=3)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tokens_and_certificates_rotate_without_a_restart(aio, datastore, keys, pki, tmp_path):
+    tokens = write_private(tmp_path / "tokens", b"old-token\n")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(pki["server.pem"].read_bytes())
+    key.write_bytes(pki["server.key"].read_bytes())
+    security = ServerSecurity(tls_cert=cert, tls_key=key, token_file=tokens)
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, security=security)))
+    try:
+        old = ClientSecurity(tls_ca=pki["ca.pem"], token="old-token")
+        new = ClientSecurity(tls_ca=pki["ca.pem"], token="new-token")
+        with RetrieverClient(running.address, security=old, timeout=5) as client:
+            assert client.info().ntotal == N // 2
+        tokens.write_text("old-token\nnew-token\n")  # both accepted while clients move over
+        running.reload_security()  # SIGHUP
+        with RetrieverClient(running.address, security=new, timeout=5) as client:
+            assert client.info().ntotal == N // 2
+        tokens.write_text("new-token\n")  # noticed by itself, within a second
+        deadline = time.monotonic() + 5
+        with RetrieverClient(running.address, security=old, timeout=5) as client:
+            while code_of(client.info) is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling, with a deadline
+            assert code_of(client.info) == grpc.StatusCode.UNAUTHENTICATED
+        ca2 = make_ca("the next CA")
+        pair = make_leaf(ca2, "server", HOSTS)
+        key.write_bytes(pair.key_pem)
+        cert.write_bytes(pair.cert_pem)  # the new certificate serves new connections, no restart
+        (tmp_path / "ca2.pem").write_bytes(ca2.cert_pem)
+        with RetrieverClient(running.address, security=ClientSecurity(tls_ca=tmp_path / "ca2.pem", token="new-token"),
+                             timeout=5) as client:
+            assert client.info().ntotal == N // 2
+    finally:
+        aio.run(running.drain(grace=0))
+
+
+def test_a_non_loopback_port_needs_tls_and_a_token(pki):
+    with pytest.raises(SecurityError, match="without TLS .* and a token"):
+        ServerSecurity().check("0.0.0.0")
+    with pytest.raises(SecurityError, match="without a token"):
+        ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"]).check("10.1.2.3")
+    ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=pki["tokens"]).check("0.0.0.0")
+    ServerSecurity(insecure=True).check("0.0.0.0")
+    ServerSecurity().check("127.0.0.1")
+    with pytest.raises(SecurityError, match="go together"):
+        ServerSecurity(tls_cert=pki["server.pem"]).check("127.0.0.1")
+    assert "s3cret" not in repr(ClientSecurity(token="s3cret")) and "token=***" in repr(ClientSecurity(token="s3cret"))
+
+
+def test_serve_secures_its_own_hops(datastore, keys, pki, tmp_path):
+    """`serve --tls-cert --tls-key --auth-token-file` alone: the router presents the user's certificate,
+    the shards only answer the router's certificate from the deployment's own CA, with its own token."""
+    security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=pki["tokens"])
+    with LocalDeployment(datastore, security=security) as deployment:
+        user = ClientSecurity(tls_ca=pki["ca.pem"], token="second-token")
+        with RetrieverClient(deployment.router_address, security=user, timeout=10) as client:
+            result = client.search(keys[:5], k=3)
+        assert (result.ids >= 0).all() and not result.partial
+        shard = deployment.shard_addresses[0][0]
+        assert deployment.hops is not None and oct(deployment.hops.token.stat().st_mode)[-3:] == "600"
+        for outsider in (ClientSecurity(), user, ClientSecurity(tls_ca=deployment.hops.ca, token="second-token",
+                                                                server_name="retriever-shard.internal")):
+            with RetrieverClient(shard, security=outsider, timeout=5) as client:
+                assert code_of(client.info) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+        with RetrieverClient(shard, security=deployment.hops.client(), timeout=5) as client:
+            assert client.info().ntotal == N // 2
+
+
+def test_cli_refuses_a_public_port_in_one_line(datastore):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
+                           "--shard", "0", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "refusing to serve 0.0.0.0 without TLS (--tls-cert, --tls-key) and a token" in done.stderr
