@@ -237,14 +237,40 @@ def test_one_statefulset_and_headless_service_per_shard(docs_3x2, capsys):
         assert service_ports["grpc"]["port"] == args.port == port_of(container, "grpc")
 
 
-def test_grpc_probes_check_the_serving_port(docs_3x2, capsys):
+def test_grpc_probes_check_the_plaintext_health_port(docs_3x2, capsys):
+    """The kubelet's gRPC probes can neither do TLS nor carry a token: they check the health-only port."""
     servers = [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]
     assert len(servers) == 4
     for doc in servers:
         (container,) = doc["spec"]["template"]["spec"]["containers"]
-        port = server_args(container, capsys).port
+        args = server_args(container, capsys)
+        assert (args.health_host, args.health_port) == ("0.0.0.0", port_of(container, "health"))
+        assert args.health_port != args.port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, f"{_name(doc)} {probe}"
+            assert container[probe]["grpc"] == {"port": args.health_port}, f"{_name(doc)} {probe}"
+
+
+def test_every_server_needs_tls_and_a_token_from_the_secrets(docs_3x2, capsys):
+    for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
+        pod = doc["spec"]["template"]["spec"]
+        args = server_args(pod["containers"][0], capsys)
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert secrets == {"tls": "retrieval-datastore-tls", "tokens": "retrieval-datastore-tokens"}
+        assert str(args.tls_cert).startswith(mounts["tls"]) and str(args.tls_key).startswith(mounts["tls"])
+        assert str(args.auth_token_file).startswith(mounts["tokens"])
+        assert not args.insecure and not args.reflection and args.metrics_host == "127.0.0.1"
+        if args.command == "router":
+            assert str(args.shard_tls_ca).startswith(mounts["tls"]) and args.shard_auth_token_file == \
+                args.auth_token_file
+    mutual = render({"security": {"mutualTLS": True}})
+    (router,) = of_kind(mutual, "Deployment")
+    args = server_args(router["spec"]["template"]["spec"]["containers"][0], capsys)
+    assert args.tls_ca and args.shard_tls_cert == args.tls_cert
+    (sts, *_) = of_kind(render({"security": {"insecure": True}}), "StatefulSet")
+    args = server_args(sts["spec"]["template"]["spec"]["containers"][0], capsys)
+    assert args.insecure and args.tls_cert is None and not any("secret" in v for v in
+                                                               sts["spec"]["template"]["spec"]["volumes"])
 
 
 def test_drain_fits_the_termination_grace_period(docs_3x2, capsys):
@@ -275,6 +301,11 @@ def test_router_is_given_every_replica_by_dns_name(docs_3x2, capsys):
 
 
 def test_replicas_spread_over_nodes_and_metrics_are_announced(docs_3x2, capsys):
+    for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:  # metrics off the network
+        assert "annotations" not in doc["spec"]["template"]["metadata"]
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        assert "metrics" not in {p["name"] for p in container["ports"]}
+    docs_3x2 = render({**THREE_BY_TWO, "metrics": {"expose": True}})
     for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
         pod = doc["spec"]["template"]
         (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
@@ -283,7 +314,7 @@ def test_replicas_spread_over_nodes_and_metrics_are_announced(docs_3x2, capsys):
         assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
         container = pod["spec"]["containers"][0]
         metrics = server_args(container, capsys).metrics_port
-        assert metrics == port_of(container, "metrics")
+        assert metrics == port_of(container, "metrics") and server_args(container, capsys).metrics_host == "0.0.0.0"
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics)
     hard = render({"shard": {"antiAffinity": "hard"}})
     affinity = by_name(hard, "StatefulSet")[f"{RELEASE}-shard-1"]["spec"]["template"]["spec"]["affinity"]

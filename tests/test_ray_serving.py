@@ -19,7 +19,7 @@ from retriever_server import cli
 from retriever_server.cluster.placement import NodeSlot, PlacementError, plan_placement
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import shard_name
-from retriever_server.serving.client import RetrieverClient
+from retriever_server.serving.client import RetrieverClient, RetrieverError
 
 N, D = 2000, 16
 NODES = [NodeSlot("w1", 4.0), NodeSlot("w2", 4.0), NodeSlot("w3", 4.0), NodeSlot("head", 4.0, head=True)]
@@ -86,9 +86,11 @@ def config(datastore: Path, name: str, replicas: int):
                           metrics=False, grace_s=0.5, startup_timeout_s=120)
 
 
-def assert_answers_like_one_index(address: str, keys: np.ndarray, reference) -> None:
+def assert_answers_like_one_index(address: str, keys: np.ndarray, reference, security=None) -> None:
+    from retriever_server.security.config import ClientSecurity
+
     queries = keys[:40]
-    with RetrieverClient(address, timeout=30) as client:
+    with RetrieverClient(address, timeout=30, security=security or ClientSecurity()) as client:
         for k, nprobe in ((1, 1), (10, 4), (25, 8)):
             got = client.search(queries, k=k, nprobe=nprobe, payloads=["values"])
             ref_d, ref_i = ix.search(reference, queries, k, nprobe)
@@ -234,3 +236,40 @@ def test_replicas_on_different_nodes_and_a_removed_node_is_survived_then_replace
                 ray.kill(deployment.shards[s][other], no_restart=True)
         assert_answers_like_one_index(deployment.router_address, keys, reference)
     assert actors_named("pairs/") == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, reference, tmp_path):
+    """With the user's certificate and tokens the router's port needs them; the shards need the
+    deployment's own certificate and token, which reach each actor in its runtime environment. With
+    `secrets_dir` instead, the deployment secures the router itself and says how to reach it; a node's
+    IP with neither is refused before anything starts."""
+    from dataclasses import replace
+
+    from retriever_server.cluster.ray_serving import RayDeployment
+    from retriever_server.security.certs import make_ca, make_leaf, write_private
+    from retriever_server.security.config import ClientSecurity, SecurityError, ServerSecurity
+
+    ca = make_ca()
+    server = make_leaf(ca, "router", ["127.0.0.1", "localhost"])
+    files = {name: write_private(tmp_path / name, data) for name, data in
+             (("ca.pem", ca.cert_pem), ("router.pem", server.cert_pem), ("router.key", server.key_pem),
+              ("tokens", b"user-token\n"))}
+    users = ServerSecurity(tls_cert=files["router.pem"], tls_key=files["router.key"], token_file=files["tokens"])
+    with RayDeployment(replace(config(datastore, "secured", replicas=1), security=users)) as deployment:
+        user = ClientSecurity(tls_ca=files["ca.pem"], token="user-token")
+        with RetrieverClient(deployment.router_address, security=user, timeout=30) as client:
+            assert client.info().ntotal == N
+        for outsider in (ClientSecurity(), ClientSecurity(tls_ca=files["ca.pem"])):
+            with RetrieverClient(deployment.router_address, security=outsider, timeout=10) as client:
+                with pytest.raises(RetrieverError):
+                    client.info()
+        for (address,) in deployment.shard_addresses:  # the shards answer the router's certificate alone
+            with RetrieverClient(address, security=user, timeout=10) as client, pytest.raises(RetrieverError):
+                client.info()
+    with RayDeployment(replace(config(datastore, "itself", replicas=1), secrets_dir=tmp_path / "own")) as deployment:
+        assert_answers_like_one_index(deployment.router_address, keys, reference, deployment.client_security)
+        assert oct((tmp_path / "own").stat().st_mode)[-3:] == "700"
+    with pytest.raises(SecurityError, match="refusing to serve a node's IP"):
+        RayDeployment(replace(config(datastore, "open", replicas=1), host=None)).start()

@@ -65,22 +65,26 @@ def build_datastore_of(config: PipelineConfig, source: Path, datastore: Path) ->
 
 
 @contextlib.contextmanager
-def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Iterator[str]:
+def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Iterator[tuple[str, object]]:
     """Serves a datastore for the duration: shards and router as Ray actors, or as local processes.
-    Yields the router's address."""
+    Yields the router's address and the `ClientSecurity` its clients use. On a cluster's node IPs the
+    deployment secures its ports itself, with a CA and token it writes to RUN/secrets (0700)."""
+    from lm_worker.retrieval.service import ClientSecurity
+
     if config.serve_on_ray:
         from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig
 
-        host = None if (config.address or os.environ.get("RAY_ADDRESS")) else "127.0.0.1"
-        serve = RayServeConfig(datastore, name=f"{config.run.name}-{name}", cpus_per_shard=0.5, host=host,
-                               metrics=False)
+        on_cluster = bool(config.address or os.environ.get("RAY_ADDRESS"))
+        serve = RayServeConfig(datastore, name=f"{config.run.name}-{name}", cpus_per_shard=0.5,
+                               host=None if on_cluster else "127.0.0.1", metrics=False,
+                               secrets_dir=config.run / "secrets" / name if on_cluster else None)
         with RayDeployment(serve) as deployment:
-            yield deployment.router_address
+            yield deployment.router_address, deployment.client_security or ClientSecurity()
     else:
         from retriever_server.cluster.launcher import LocalDeployment
 
         with LocalDeployment(datastore) as deployment:
-            yield deployment.router_address
+            yield deployment.router_address, ClientSecurity()
 
 
 def fetch_neighbours(config: PipelineConfig, retriever) -> None:

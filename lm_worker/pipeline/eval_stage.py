@@ -34,8 +34,8 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
     return chosen, best
 
 
-def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, target: str, eval_config, model, retriever,
-                  encoder) -> tuple:
+def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, served: tuple, eval_config, model,
+                  retriever, encoder) -> tuple:
     """The test split's figures: on `eval_workers` LM worker actors (finished shares kept in
     RUN/report/shares/KIND), or in this process with 0 workers; and whether they were all read from
     the shares an earlier run finished (nothing evaluated now)."""
@@ -47,8 +47,9 @@ def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, tar
         if kind == "knnlm":
             return evaluate_knnlm(model, test, retriever, eval_config, config.progress), False
         return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress), False
+    target, security = served  # the router's address, and how its clients reach it
     job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
-                  tokenizer=config.run / "data" / "tokenizer.json")
+                  tokenizer=config.run / "data" / "tokenizer.json", security=security)
     pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=config.run / "report" / "shares" / kind,
                             address=config.address, progress=config.progress)
     evaluated = []

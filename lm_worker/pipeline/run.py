@@ -91,10 +91,10 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,
                                       rerank_candidates=8 * config.n_neighbours)
     lm = load_checkpoint(lm_checkpoint).model
-    with serve_datastore(config, run / "retro-datastore", "retro") as retro_target, \
-            serve_datastore(config, run / "knnlm-datastore", "knnlm") as knn_target, \
-            ServiceRetriever(retro_target, retro_retrieval) as retro_retriever, \
-            ServiceRetriever(knn_target, config.knn) as knn_retriever:
+    with serve_datastore(config, run / "retro-datastore", "retro") as (retro_target, retro_security), \
+            serve_datastore(config, run / "knnlm-datastore", "knnlm") as (knn_target, knn_security), \
+            ServiceRetriever(retro_target, retro_retrieval, retro_security) as retro_retriever, \
+            ServiceRetriever(knn_target, config.knn, knn_security) as knn_retriever:
         with stages.stage("RETRO neighbours of every chunk", reused=all(
                 done(run / "retro-source" / f"neighbours-{s}.npy") for s in neighbour_splits(config))):
             fetch_neighbours(config, retro_retriever)
@@ -108,11 +108,12 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
                           reused=done(run / "report" / "temperature.json")):
             temperature, tuning = tune_temperature(config, lm, valid, knn_retriever, eval_config)
         with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False) as stage:
-            knn_result, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, knn_target,
+            knn_result, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, (knn_target, knn_security),
                                                      replace(eval_config, temperature=temperature), lm,
                                                      knn_retriever, encoder)
         with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False) as stage:
-            retro_result, stage.reused = evaluate_test(config, "retro", retro_checkpoint, test, retro_target,
+            retro_result, stage.reused = evaluate_test(config, "retro", retro_checkpoint, test,
+                                                       (retro_target, retro_security),
                                                        replace(eval_config, retrieval=retro_retrieval), retro,
                                                        retro_retriever, encoder)
         with stages.stage("attention map and samples", reused=False):

@@ -104,6 +104,8 @@ def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
     p.add_argument("--health-port", type=int, default=-1,
                    help="also answer health checks, and nothing else, in plaintext on this port (for probes that "
                         "cannot do TLS); 0 picks a free one, -1 (default) none")
+    p.add_argument("--health-host", default="127.0.0.1",
+                   help="address the health port binds (default 127.0.0.1; 0.0.0.0 for the kubelet's probes)")
     p.add_argument("--address-file", type=Path, help="write the bound address here as JSON once listening")
     p.add_argument("--cpus", type=cpus_arg, default=(),
                    help="run on these cores only, e.g. 2,3 or 2-5 (default: any); with --datastore alone, "

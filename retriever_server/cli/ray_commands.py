@@ -6,7 +6,16 @@ import argparse
 import signal
 from pathlib import Path
 
-from retriever_server.cli.common import PROG, CliError, add_limits, interrupt, limits_of, write_address
+from retriever_server.cli.common import (
+    PROG,
+    CliError,
+    add_limits,
+    add_server_security,
+    interrupt,
+    limits_of,
+    server_security_of,
+    write_address,
+)
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.serving.shard import ShardOptions
 
@@ -41,6 +50,7 @@ def add_parsers(command) -> None:
     d.add_argument("--timeout", type=float, default=300.0, help="seconds every actor gets to turn SERVING")
     d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
     add_limits(d)
+    add_server_security(d)
 
     u = command("undeploy", "drain and stop the actors of a deployment on a Ray cluster")
     u.add_argument("--name", required=True, help="deployment name")
@@ -61,7 +71,8 @@ def run_deploy(args: argparse.Namespace) -> int:
         datastore=args.datastore.resolve(), name=args.name, namespace=args.namespace, replicas=args.replicas,
         cpus_per_shard=args.cpus_per_shard, host=args.host, detached=args.detached, metrics=not args.no_metrics,
         limits=limits_of(args), options=ShardOptions(verify=not args.no_verify, threads=args.threads),
-        grace_s=args.grace, startup_timeout_s=args.timeout, log_level=args.log_level)
+        grace_s=args.grace, startup_timeout_s=args.timeout, log_level=args.log_level,
+        security=server_security_of(args))
     read_manifest(config.datastore)  # fail fast, before joining or starting a cluster
     connect(args.address, args.num_cpus, existing=args.detached)  # detached actors need a lasting cluster
     deployment = RayDeployment(config)

@@ -69,6 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics_port=metrics_port_of(args), replica=args.replica, limits=limits_of(args),
         options=ShardOptions(mmap=not args.no_mmap, verify=not args.no_verify, gpu=args.gpu, threads=args.threads),
         security=security, metrics_host=args.metrics_host, health_port=health_port_of(args),
+        health_host=args.health_host,
     )
 
     async def main() -> None:
@@ -130,7 +131,7 @@ def run_router(args: argparse.Namespace) -> int:
     config = RouterConfig(shards=shards, host=args.host, port=args.port, metrics_port=metrics_port_of(args),
                           limits=limits_of(args), security=server_security_of(args),
                           shard_security=client_security_of(args, "shard-"), metrics_host=args.metrics_host,
-                          health_port=health_port_of(args))
+                          health_port=health_port_of(args), health_host=args.health_host)
     config.security.check(args.host)
     config.shard_security.check()
 

@@ -6,7 +6,9 @@
 - `placement`: which node each replica goes to;
 - `connect`: joining a Ray cluster the same way for every job;
 - `cpus`: pinning a process to cores;
-- `hop_credentials`: the CA, certificates and token a deployment makes for its own hops.
+- `hop_credentials`: the CA, certificates and token a deployment makes for its own hops;
+- `ray_security`, `ray_secrets`: how a Ray deployment secures its ports, and its actors' secrets carried
+  in their runtime environment.
 
 Imports: retriever_server.cluster, retriever_server.serving, retriever_server.security,
     retriever_server.datastore.manifest, retriever_server.wire.request, retriever_server.logs

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retriever_server.security.certs import make_ca, make_leaf, new_token, write_private
-from retriever_server.security.config import ClientSecurity
+from retriever_server.security.config import ClientSecurity, ServerSecurity
 
 SHARD_NAME = "retriever-shard.internal"  # every shard's certificate carries it, whatever its address
+ROUTER_NAME = "retriever-router.internal"  # and the router's, for a deployment that secures its own port
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,19 @@ class HopCredentials:
         return ClientSecurity(tls_ca=self.ca, tls_cert=self.router_cert, tls_key=self.router_key,
                               server_name=SHARD_NAME, token_file=self.token)
 
+    def shard_server(self) -> ServerSecurity:
+        """A shard's port: mutual TLS with this CA, and the hop token."""
+        return ServerSecurity(tls_cert=self.shard_cert, tls_key=self.shard_key, tls_ca=self.ca, token_file=self.token)
+
+    def router_server(self) -> ServerSecurity:
+        """The router's own port secured by the deployment itself: its certificate from this CA
+        (carrying `ROUTER_NAME`) and the hop token; clients use `router_client()`."""
+        return ServerSecurity(tls_cert=self.router_cert, tls_key=self.router_key, token_file=self.token)
+
+    def router_client(self) -> ClientSecurity:
+        """What a client of a router secured by `router_server()` uses."""
+        return ClientSecurity(tls_ca=self.ca, server_name=ROUTER_NAME, token_file=self.token)
+
 
 def make_hop_credentials(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> HopCredentials:
     """Makes a CA, the shard and router certificates (for `hosts` and `SHARD_NAME`) and a token in
@@ -56,7 +70,7 @@ def make_hop_credentials(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",
     os.chmod(directory, 0o700)
     ca = make_ca()
     shard = make_leaf(ca, "retriever shard", [*hosts, SHARD_NAME])
-    router = make_leaf(ca, "retriever router", [*hosts])
+    router = make_leaf(ca, "retriever router", [*hosts, ROUTER_NAME])
     paths = HopCredentials(ca=directory / "ca.pem", shard_cert=directory / "shard.pem",
                            shard_key=directory / "shard.key", router_cert=directory / "router.pem",
                            router_key=directory / "router.key", token=directory / "hop-token")

@@ -16,6 +16,7 @@ import threading
 
 import ray
 
+from retriever_server.cluster.ray_secrets import materialize, relocated
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.logs import configure_logging
 from retriever_server.serving.router import RouterConfig, start_router
@@ -79,7 +80,8 @@ class ShardReplica(_ServerActor):
 
     def __init__(self, server: ShardServerConfig, host: str | None, router: str, namespace: str, log_level: str):
         super().__init__(host, log_level)
-        self.server = dataclasses.replace(server, host=self.host)
+        secrets = materialize()  # this actor's copies of its certificates and token, if it has any
+        self.server = dataclasses.replace(server, host=self.host, security=relocated(server.security, secrets))
         try:
             self.running = self.loop.run(start_shard_server(self.server))
         except BaseException:
@@ -109,7 +111,10 @@ class RouterActor(_ServerActor):
         super().__init__(host, log_level)
         handles = [[ray.get_actor(name, namespace=namespace) for name in names] for names in replicas]
         addresses = [ray.get([h.address.remote() for h in shard]) for shard in handles]
-        config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host)
+        secrets = materialize()
+        config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host,
+                                     security=relocated(router.security, secrets),
+                                     shard_security=relocated(router.shard_security, secrets))
         self.running = self.loop.run(start_router(config))
 
     def replicas(self) -> list[list[str]]:

@@ -29,7 +29,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from retriever_server.cluster.connect import connect
 from retriever_server.cluster.placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
 from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
+from retriever_server.cluster.ray_security import DeploymentSecurity, plan_security
 from retriever_server.datastore.manifest import read_manifest
+from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.serving.router import RouterConfig
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig
@@ -53,6 +55,14 @@ class RayServeConfig:
     `max_restarts` -1 lets Ray restart a replica whose node dies as often as it happens. `metrics`
     gives each server a Prometheus port; `limits` and `options` go to every shard server (the
     router takes `limits` too); `grace_s` is what in-flight requests get when stopping.
+
+    Security: `security` protects the router's port with the user's certificate and tokens (files the
+    driver reads; the actors get them in their runtime environment, so no node needs them on disk).
+    Servers bound to a node's IP need TLS and a token there, or `security.insecure`; with
+    `secrets_dir` instead, the deployment secures its router's port itself with its own CA and token,
+    written there for its clients (`client_security`). Whenever the router's port is secured, the hops
+    from the router to the shards are mutual TLS with a token of the deployment's own
+    (`hop_credentials`).
     """
 
     datastore: Path
@@ -70,6 +80,8 @@ class RayServeConfig:
     grace_s: float = 5.0
     startup_timeout_s: float = 300.0
     log_level: str = "WARNING"
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    secrets_dir: Path | None = None
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -193,6 +205,14 @@ class RayDeployment:
         self.shards: list[list] = []
         self.router = None
         self.plan: dict[tuple[int, int], str] = {}
+        self.security: DeploymentSecurity | None = None
+
+    @property
+    def client_security(self) -> ClientSecurity | None:
+        """How clients reach the router: the deployment's own CA and token when it secured its port
+        itself (`secrets_dir`), plaintext when nothing secures it; None when the user's own
+        certificate and tokens do."""
+        return self.security.client if self.security else None
 
     def _options(self, name: str, cpus: float, node_id: str) -> dict:
         c = self.config
@@ -226,6 +246,7 @@ class RayDeployment:
                 failed or timed out (every actor started is then stopped).
         """
         c = self.config
+        self.security = plan_security(c.host, c.security, c.secrets_dir)  # before joining or starting a cluster
         connect()
         num_shards = len(read_manifest(c.datastore).shards)
         if _actor_names(c.name, c.namespace):
@@ -248,11 +269,12 @@ class RayDeployment:
     def _start_replica(self, shard: int, replica: int):
         c = self.config
         server = ShardServerConfig(datastore=c.datastore, shard=shard, replica=replica, port=0,
-                                   metrics_port=0 if c.metrics else None, limits=c.limits, options=c.options)
+                                   metrics_port=0 if c.metrics else None, limits=c.limits, options=c.options,
+                                   security=self.security.shard)
         options = self._options(replica_actor_name(c.name, shard, replica), c.cpus_per_shard, self.plan[shard, replica])
         gpus = 1 if c.options.gpu else 0  # a node without one is infeasible: the soft affinity moves on
-        return ShardReplica.options(**options, num_gpus=gpus).remote(server, c.host, router_actor_name(c.name),
-                                                                     c.namespace, c.log_level)
+        return ShardReplica.options(**options, num_gpus=gpus, runtime_env=self.security.shard_env).remote(
+            server, c.host, router_actor_name(c.name), c.namespace, c.log_level)
 
     def _start_actors(self, num_shards: int, nodes: list[NodeSlot]) -> None:
         """The replicas first; the router, on the head node, once they all serve."""
@@ -262,9 +284,12 @@ class RayDeployment:
         self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []))
         heads = [n.node_id for n in nodes if n.head]
         router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
-        router = RouterConfig(shards=(), port=0, metrics_port=0 if c.metrics else None, limits=c.limits)
+        s = self.security
+        router = RouterConfig(shards=(), port=0, metrics_port=0 if c.metrics else None, limits=c.limits,
+                              security=s.router, shard_security=s.router_to_shards)
         options = self._options(router_actor_name(c.name), c.router_cpus, router_node)
-        self.router = RouterActor.options(**options).remote(router, names, c.namespace, c.host, c.log_level)
+        self.router = RouterActor.options(**options, runtime_env=s.router_env).remote(router, names, c.namespace,
+                                                                                     c.host, c.log_level)
         self._await([self.router.started.remote()], [router_actor_name(c.name)])
         for (s, r), node in sorted(self.placements.items()):
             log.info("%s on node %s", names[s][r], node)

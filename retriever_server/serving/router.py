@@ -51,6 +51,7 @@ class RouterConfig:
     shard_security: ClientSecurity = field(default_factory=ClientSecurity)  # its calls to the shards
     metrics_host: str = "127.0.0.1"
     health_port: int | None = None  # a plaintext port for health checks alone (0: ephemeral)
+    health_host: str = "127.0.0.1"
 
 
 class RouterService(BaseRetrieverService):
@@ -191,7 +192,7 @@ async def start_router(config: RouterConfig, wait_ready: bool = True) -> Running
     """
     service = RouterService(config)
     running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
-                                 config.metrics_host, config.health_port)
+                                 config.metrics_host, config.health_port, config.health_host)
 
     async def become_ready() -> None:
         await service.discover()

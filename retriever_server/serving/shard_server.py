@@ -45,6 +45,7 @@ class ShardServerConfig:
     security: ServerSecurity = field(default_factory=ServerSecurity)
     metrics_host: str = "127.0.0.1"
     health_port: int | None = None  # a plaintext port for health checks alone (0: ephemeral)
+    health_host: str = "127.0.0.1"
 
 
 class ShardService(BaseRetrieverService):
@@ -119,7 +120,7 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
     """
     service = ShardService(config)
     running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
-                                 config.metrics_host, config.health_port)
+                                 config.metrics_host, config.health_port, config.health_host)
 
     async def load() -> None:
         loop = asyncio.get_running_loop()

@@ -72,8 +72,87 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 - {{ .Values.logFormat | quote }}
 {{- end -}}
 
-{{/* The flags every server takes: drain and limits. (dict "root" $ "server" .Values.shard|router) */}}
+{{/* Where the Secrets are mounted in every server. */}}
+{{- define "rd.tlsDir" -}}/etc/retrieval/tls{{- end -}}
+{{- define "rd.tokenDir" -}}/etc/retrieval/tokens{{- end -}}
+
+{{/* The flags that secure a server's own port: TLS and tokens from the Secrets, or --insecure. */}}
+{{- define "rd.securityArgs" -}}
+{{- $s := .Values.security -}}
+{{- if $s.insecure }}
+- --insecure
+{{- else }}
+- --tls-cert
+- {{ include "rd.tlsDir" . }}/tls.crt
+- --tls-key
+- {{ include "rd.tlsDir" . }}/tls.key
+{{- if $s.mutualTLS }}
+- --tls-ca
+- {{ include "rd.tlsDir" . }}/ca.crt
+{{- end }}
+- --auth-token-file
+- {{ include "rd.tokenDir" . }}/tokens
+{{- end }}
+{{- if $s.reflection }}
+- --reflection
+{{- end }}
+{{- end -}}
+
+{{/* The router's flags for its calls to the shards: the same CA and token (and certificate for mutual TLS). */}}
+{{- define "rd.shardClientArgs" -}}
+{{- $s := .Values.security -}}
+{{- if not $s.insecure }}
+- --shard-tls-ca
+- {{ include "rd.tlsDir" . }}/ca.crt
+{{- if $s.mutualTLS }}
+- --shard-tls-cert
+- {{ include "rd.tlsDir" . }}/tls.crt
+- --shard-tls-key
+- {{ include "rd.tlsDir" . }}/tls.key
+{{- end }}
+{{- with $s.shardServerName }}
+- --shard-tls-server-name
+- {{ . | quote }}
+{{- end }}
+- --shard-auth-token-file
+- {{ include "rd.tokenDir" . }}/tokens
+{{- end }}
+{{- end -}}
+
+{{/* The Secrets' volumes and mounts (none when insecure). */}}
+{{- define "rd.secretVolumes" -}}
+{{- if not .Values.security.insecure }}
+- name: tls
+  secret:
+    secretName: {{ .Values.security.tlsSecret }}
+    defaultMode: 0440
+- name: tokens
+  secret:
+    secretName: {{ .Values.security.tokenSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "rd.secretMounts" -}}
+{{- if not .Values.security.insecure }}
+- name: tls
+  mountPath: {{ include "rd.tlsDir" . }}
+  readOnly: true
+- name: tokens
+  mountPath: {{ include "rd.tokenDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The flags every server takes: drain, limits, security, health and metrics. (dict "root" $ "server" ...) */}}
 {{- define "rd.serverArgs" -}}
+{{- include "rd.securityArgs" .root }}
+- --health-port
+- {{ .root.Values.healthPort | quote }}
+- --health-host
+- 0.0.0.0
+- --metrics-host
+- {{ ternary "0.0.0.0" "127.0.0.1" .root.Values.metrics.expose | quote }}
 - --drain-delay
 - {{ .server.drainDelaySeconds | quote }}
 - --grace
@@ -138,20 +217,25 @@ ports:
   - name: grpc
     containerPort: {{ $server.port }}
     protocol: TCP
+  - name: health
+    containerPort: {{ .root.Values.healthPort }}
+    protocol: TCP
+  {{- if .root.Values.metrics.expose }}
   - name: metrics
     containerPort: {{ $server.metricsPort }}
     protocol: TCP
+  {{- end }}
 startupProbe:
   grpc:
-    port: {{ $server.port }}
+    port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.startup | nindent 2 }}
 readinessProbe:
   grpc:
-    port: {{ $server.port }}
+    port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.readiness | nindent 2 }}
 livenessProbe:
   grpc:
-    port: {{ $server.port }}
+    port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.liveness | nindent 2 }}
 {{- if gt (int $server.preStopSleepSeconds) 0 }}
 lifecycle:
@@ -170,7 +254,7 @@ securityContext:
 {{- end -}}
 
 {{- define "rd.podAnnotations" -}}
-{{- if .root.Values.metricsAnnotations }}
+{{- if and .root.Values.metricsAnnotations .root.Values.metrics.expose }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .server.metricsPort | quote }}
 prometheus.io/path: /metrics
