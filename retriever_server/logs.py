@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 
-from retriever_server.wire.untrusted import safe_text
+from retriever_server.wire.untrusted import one_line
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -54,7 +54,7 @@ class EventCounter:
         self.totals: dict[str, int] = {}
 
     def record(self, kind: str, detail: str = "") -> None:
-        """One event; `detail` is untrusted text, shown truncated and escaped."""
+        """One event; `detail` is logged on one line, escaped and cut short."""
         now = time.monotonic()
         with self.lock:
             self.totals[kind] = self.totals.get(kind, 0) + 1
@@ -66,7 +66,7 @@ class EventCounter:
             self.started[kind] = now
         if pending:
             self._log_count(kind, pending)
-        self.logger.log(self.level, "%s%s", kind, f": {safe_text(detail)}" if detail else "")
+        self.logger.log(self.level, "%s%s", kind, f": {one_line(detail)}" if detail else "")
 
     def flush(self) -> None:
         """Logs the counts of intervals that have ended."""

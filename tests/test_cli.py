@@ -113,6 +113,7 @@ def test_serve_datastore_passes_its_flags_to_the_children():
     for child in (shard, router):
         assert (child.grace, child.drain_delay, child.max_k) == (2.5, 0.25, 64)
     assert (shard.threads, shard.no_verify, shard.metrics_port, router.metrics_port) == (3, True, 0, 9100)
+    assert shard.max_request_mb == router.max_request_mb + 1  # nothing the router accepts is too big for a shard
     off = reparse("serve", "--datastore", "ds", "--metrics-port", "-1")
     assert all(child[child.index("--metrics-port") + 1] == "-1" for child in serve.child_args(off))
 

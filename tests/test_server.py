@@ -133,10 +133,10 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
         expected = raw_search(running.address, good_request(keys))
         in_flight = {}
 
-        def held_search(self, spec):  # fault injection: a search still running when the drain starts
+        def held_search(self, spec, stop=None):  # fault injection: a search still running when the drain starts
             searching.set()
             finish.wait(10)
-            return original_search(self, spec)
+            return original_search(self, spec, stop)
 
         original_search = shard_module.Shard.search
         monkeypatch.setattr(shard_module.Shard, "search", held_search)
@@ -212,10 +212,10 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
     original = shard_module.Shard.search
     entered, release = threading.Event(), threading.Event()
 
-    def slow_search(self, spec):  # fault injection: hold the first request inside the shard until released
+    def slow_search(self, spec, stop=None):  # fault injection: hold the first request inside the shard until released
         entered.set()
         release.wait(10)
-        return original(self, spec)
+        return original(self, spec, stop)
 
     with serve(aio, datastore, 2, limits=Limits(max_inflight=1)) as served:
         monkeypatch.setattr(shard_module.Shard, "search", slow_search)
@@ -307,19 +307,32 @@ def test_sigterm_drains_and_exits_cleanly(datastore):
     assert all(p.popen.returncode == 0 for p in deployment.processes())
 
 
-def test_many_exclusion_ranges_are_served_and_too_many_refused(aio, keys, datastore):
-    """Tens of thousands of ranges (a deep selector) neither crash a shard nor leak excluded rows."""
-    ranges = [pb.IdRange(start=i, end=i + 1) for i in range(0, N, 2)]  # every even id
-    request = good_request(keys)
-    request.exclude.ranges.extend(ranges)
-    request.k = 50
-    with serve(aio, datastore, 2) as served:
+def test_exclusions_up_to_the_limits_are_served_and_past_them_refused(aio, keys, datastore):
+    """Every even id excluded (as ranges, then as ids) leaks no excluded row; one range or id past a
+    per-query or per-request limit is refused with RESOURCE_EXHAUSTED naming it, before any search."""
+    limits = Limits(max_excluded_ranges_per_query=N // 2, max_excluded_per_query=N // 2, max_excluded_ranges=N,
+                    max_excluded=N)
+    with serve(aio, datastore, 2, limits=limits) as served:
+        request = good_request(keys)
+        request.k = 50
+        request.exclude.ranges.extend(pb.IdRange(start=i, end=i + 1) for i in range(0, N, 2))  # every even id
         ids = np.frombuffer(raw_search(served.address, request).ids.data, dtype=np.int64)
         assert len(ids) and np.all(ids[ids >= 0] % 2 == 1)
-        request.exclude.ranges.extend(pb.IdRange(start=i, end=i + 1) for i in range(100_001))
-        with pytest.raises(grpc.RpcError) as caught:
-            raw_search(served.address, request)
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "id ranges" in caught.value.details()
+        by_ids = good_request(keys)
+        by_ids.k = 50
+        by_ids.exclude.ids.extend(range(0, N, 2))
+        ids = np.frombuffer(raw_search(served.address, by_ids).ids.data, dtype=np.int64)
+        assert len(ids) and np.all(ids[ids >= 0] % 2 == 1)
+        one_more_range, one_more_id = pb.SearchRequest(), pb.SearchRequest()
+        one_more_range.CopyFrom(request)
+        one_more_range.exclude.ranges.add(start=1, end=2)
+        one_more_id.CopyFrom(by_ids)
+        one_more_id.exclude.ids.append(1)
+        for too_many, words in ((one_more_range, "a query excludes 2001 id ranges, over the limit of 2000 per query"),
+                                (one_more_id, "a query excludes 2001 ids, over the limit of 2000 per query")):
+            with pytest.raises(grpc.RpcError) as caught:
+                raw_search(served.address, too_many)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and words in caught.value.details()
         raw_search(served.address, good_request(keys))
 
 
@@ -335,7 +348,7 @@ def test_answer_over_the_size_budget_is_refused(aio, keys, datastore):
 def test_an_internal_error_is_a_status_and_is_counted(aio, keys, datastore, monkeypatch):
     running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=0)))
     try:
-        def broken(self, spec):  # fault injection: a bug inside the search
+        def broken(self, spec, stop=None):  # fault injection: a bug inside the search
             raise ZeroDivisionError("boom")
 
         monkeypatch.setattr(shard_module.Shard, "search", broken)

@@ -83,16 +83,19 @@ def run_serve(args: argparse.Namespace) -> int:
 def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The flags `serve` without --shard passes on: (to each shard server, to the router).
 
-    The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1.
+    The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1, and
+    a request limit 1 MiB above the router's, so that nothing the router accepts is refused by a shard.
     """
     common = ["--grace", str(args.grace), "--drain-delay", str(args.drain_delay), "--max-k", str(args.max_k),
               "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
-              "--max-request-mb", str(args.max_request_mb), "--metrics-host", args.metrics_host]
-    shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads)]
+              "--metrics-host", args.metrics_host]
+    shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads),
+             "--max-request-mb", str(args.max_request_mb + 1)]
     shard += ["--gpu"] if args.gpu else []
     shard += ["--no-mmap"] if args.no_mmap else []
     shard += ["--no-verify"] if args.no_verify else []
-    return tuple(shard), (*common, "--metrics-port", str(args.metrics_port))
+    return tuple(shard), (*common, "--metrics-port", str(args.metrics_port), "--max-request-mb",
+                          str(args.max_request_mb))
 
 
 def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:

@@ -132,27 +132,49 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     return gpu_index
 
 
-def _either(parts: list, keep: list):
-    """A balanced tree of IDSelectorOr over `parts` (depth log2(n), so many ranges cannot
-    overflow the stack as a chain would)."""
-    while len(parts) > 1:
-        paired = [faiss.IDSelectorOr(a, b) for a, b in zip(parts[::2], parts[1::2])]
-        keep.extend(paired)
-        parts = paired + ([parts[-1]] if len(parts) % 2 else [])
-    return parts[0]
+MANY_RANGES = 32  # more ranges than this are laid into the bitmap by one pass over their span
+
+
+def _mark_ranges(bitmap: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> None:
+    """Sets the bits of non-overlapping [start, end) id ranges."""
+    if len(ranges) > MANY_RANGES:
+        starts, ends = np.array(ranges, dtype=np.int64).T
+        base = int(starts.min()) & ~7
+        edges = np.zeros(int(ends.max()) - base + 1, dtype=np.int32)
+        np.add.at(edges, starts - base, 1)
+        np.add.at(edges, ends - base, -1)
+        covered = np.packbits(np.cumsum(edges[:-1]) > 0, bitorder="little")
+        bitmap[base // 8:base // 8 + len(covered)] |= covered
+        return
+    for start, end in ranges:
+        full_from, full_to = -(-start // 8), end // 8
+        if full_from < full_to:
+            bitmap[full_from:full_to] = 0xFF
+            loose = np.r_[start:min(end, full_from * 8), max(start, full_to * 8):end]
+        else:
+            loose = np.arange(start, end)
+        np.bitwise_or.at(bitmap, loose >> 3, (1 << (loose & 7)).astype(np.uint8))
 
 
 def id_selector(excluded_ids: tuple[int, ...], ranges: tuple[tuple[int, int], ...]):
-    """A FAISS selector accepting every id except the given ids and [start, end) ranges; None if none."""
-    parts = []
-    if excluded_ids:
-        parts.append(faiss.IDSelectorBatch(np.asarray(excluded_ids, dtype=np.int64)))
-    parts.extend(faiss.IDSelectorRange(start, end) for start, end in ranges)
-    if not parts:
+    """A FAISS selector accepting every id except the given ids and non-overlapping [start, end) ranges;
+    None if there are none.
+
+    The excluded ids are bits of one bitmap (`IDSelectorBitmap`), so whatever their number a candidate
+    is checked in constant time; the bitmap spans ids up to the largest excluded one (ids past it are
+    accepted without a look), and its untouched pages cost no memory.
+    """
+    ids = np.asarray(excluded_ids, dtype=np.int64)
+    end = max([int(ids.max()) + 1 if len(ids) else 0] + [e for _, e in ranges])
+    if end == 0:
         return None
-    keep = list(parts)
-    selector = faiss.IDSelectorNot(_either(parts, keep))
-    selector.referenced_objects = keep  # SWIG does not keep the children alive
+    bitmap = np.zeros((end + 7) // 8, dtype=np.uint8)
+    if len(ids):
+        np.bitwise_or.at(bitmap, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
+    _mark_ranges(bitmap, ranges)
+    excluded = faiss.IDSelectorBitmap(bitmap)
+    selector = faiss.IDSelectorNot(excluded)
+    selector.referenced_objects = (excluded, bitmap)  # SWIG does not keep the children alive
     return selector
 
 

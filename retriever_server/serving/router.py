@@ -28,13 +28,14 @@ from retriever_server.serving.fanout import check_shards, replica_sets, view_of
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.serving.metrics import ServerMetrics
-from retriever_server.serving.service import BaseRetrieverService, RunningServer, start_server
+from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.result import SearchResult
 
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 16  # requests and answers this small are checked and merged on the event loop
+FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its datastore version), at most
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class RouterService(BaseRetrieverService):
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
         self.config_error: str | None = None
+        self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
 
     def not_ready_error(self) -> RequestError | None:
@@ -109,6 +111,12 @@ class RouterService(BaseRetrieverService):
                 log.warning("%s: %d of %d replicas answered at start", replicas.name, len(shard_infos),
                             len(replicas.addresses))
         self.infos = [shard_infos[0] for shard_infos in infos]
+        self.shard_request_bytes = min(i.max_request_bytes or self.limits.max_request_bytes
+                                       for shard_infos in infos for i in shard_infos)
+        if self.shard_request_bytes < self.limits.max_request_bytes + FORWARD_SLACK:
+            log.warning("shards accept requests up to %d bytes, under this router's %d (+%d): give them a larger "
+                        "--max-request-mb, or larger requests are refused here", self.shard_request_bytes,
+                        self.limits.max_request_bytes, FORWARD_SLACK)
         self.view = view_of(self.infos[0])
 
     async def _off_loop(self, elements: int, function, *args):
@@ -116,12 +124,23 @@ class RouterService(BaseRetrieverService):
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
-        size = len(request.queries.data) // 4
-        spec = await self._off_loop(size, parse_search, request, self.view, self.limits)
-        forwarded = request  # checked already: forwarded as it came, but for these two fields
-        forwarded.allow_partial = False
-        forwarded.expected_datastore_version = self.view.version
+    def _checked(self, raw: bytes) -> tuple[pb.SearchRequest, object]:
+        """The request parsed and checked, and what is forwarded: its known fields alone (unknown fields
+        are dropped, not carried to the shards), the answer whole, this datastore's version required."""
+        request = decode_search(raw)
+        spec = parse_search(request, self.view, self.limits)
+        request.DiscardUnknownFields()
+        request.allow_partial = False
+        request.expected_datastore_version = self.view.version
+        size = request.ByteSize()
+        if size > self.shard_request_bytes:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the request is {size} bytes as sent to the shards, over their limit of "
+                               f"{self.shard_request_bytes} bytes")
+        return request, spec
+
+    async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
+        forwarded, spec = await self._off_loop(len(raw) // 4, self._checked, raw)
         deadline = Deadline(context.time_remaining())
         outcomes = await asyncio.gather(
             *(search_replicas(s, self.stubs, forwarded, deadline, self.metadata) for s in self.sets),
@@ -133,7 +152,8 @@ class RouterService(BaseRetrieverService):
         answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
         if failures and (not spec.allow_partial or not answers):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
-        return await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
+        answer = await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
+        return answer, spec.nq
 
     def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> bytes:
         parts = [SearchResult.from_proto(a) for a in answers]
@@ -146,6 +166,8 @@ class RouterService(BaseRetrieverService):
         info = pb.InfoResponse()
         info.CopyFrom(self.infos[0])
         info.role, info.shard, info.replica = "router", "", 0
+        info.max_k, info.max_batch = self.limits.max_k, self.limits.max_batch
+        info.max_request_bytes = self.limits.max_request_bytes
         info.ntotal = sum(i.ntotal for i in self.infos)
         del info.shards[:]
         for replicas, shard in zip(self.sets, self.infos):

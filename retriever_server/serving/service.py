@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2_grpc
 
 from retrieval.v1 import retriever_pb2 as pb
@@ -25,6 +26,7 @@ from retriever_server.serving.grpc_setup import add_health_and_reflection, serve
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.wire.request import Limits, RequestError
 from retriever_server.wire.response import add_retriever_servicer
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,9 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         """Why the service cannot answer yet (loading, failed), or None when it can."""
         raise NotImplementedError
 
-    async def handle_search(self, request: pb.SearchRequest,
-                            context: grpc.aio.ServicerContext) -> pb.SearchResponse | bytes:
-        """The answer: a SearchResponse, or its wire bytes (`encode_search_response`)."""
+    async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
+        """The answer's wire bytes (`encode_search_response`) and the number of queries, from the
+        request's wire bytes (`decode_search` turns bad bytes into INVALID_ARGUMENT)."""
         raise NotImplementedError
 
     async def handle_info(self) -> pb.InfoResponse:
@@ -68,16 +70,17 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
                 f"{self.role} has {self.inflight} requests in flight, its limit; retry later",
             )
 
-    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse | bytes:
+    async def Search(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
-        status = "OK"
+        status, nq = "OK", 0
         counted = False
         try:
             self._admit()
             self.inflight += 1
             counted = True
             self.metrics.inflight.inc()
-            return await self.handle_search(request, context)
+            answer, nq = await self.handle_search(raw, context)
+            return answer
         except RequestError as err:
             status, failure = err.code.name, err
             self.refusals.record(f"{self.role} refused a search with {status}", err.message)
@@ -86,27 +89,42 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             raise
         except Exception as err:  # noqa: BLE001 - a bug must still answer with a status, not a reset
             status = "INTERNAL"
-            failure = RequestError(grpc.StatusCode.INTERNAL, f"{self.role} internal error: {type(err).__name__}: {err}")
+            failure = RequestError(grpc.StatusCode.INTERNAL,
+                                   f"{self.role} internal error: {type(err).__name__}: {one_line(str(err), 200)}")
             log.exception("search failed inside the %s", self.role)
         finally:  # accounted before the caller can see the answer or the error
             if counted:
                 self.inflight -= 1
                 self.metrics.inflight.dec()
-            nq = int(request.queries.shape[0]) if len(request.queries.shape) else 0
             seconds = time.perf_counter() - started
             self.metrics.observe("Search", status, seconds, nq if status == "OK" else 0)
-            log.debug("search", extra={"status": status, "nq": nq, "k": request.k, "ms": round(seconds * 1e3, 3)})
+            log.debug("search", extra={"status": status, "nq": nq, "bytes": len(raw), "ms": round(seconds * 1e3, 3)})
         await context.abort(failure.code, failure.message)
 
-    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+    async def GetInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         started = time.perf_counter()
         error = self.not_ready_error()
+        try:
+            pb.GetInfoRequest.FromString(raw)
+        except DecodeError:
+            error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a GetInfoRequest "
+                                                                   f"({len(raw)} bytes that do not parse)")
         if error is not None:
             self.metrics.observe("GetInfo", error.code.name, time.perf_counter() - started)
+            self.refusals.record(f"{self.role} refused GetInfo with {error.code.name}", error.message)
             await context.abort(error.code, error.message)
         info = await self.handle_info()
         self.metrics.observe("GetInfo", "OK", time.perf_counter() - started)
         return info
+
+
+def decode_search(raw: bytes) -> pb.SearchRequest:
+    """A SearchRequest from its wire bytes; bytes that do not parse are INVALID_ARGUMENT."""
+    try:
+        return pb.SearchRequest.FromString(raw)
+    except DecodeError:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request is not a SearchRequest ({len(raw)} bytes that do not parse)") from None
 
 
 @dataclass

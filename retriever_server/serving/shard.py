@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +19,21 @@ import numpy as np
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import Manifest, ShardEntry, read_manifest, verify_shard
 from retriever_server.serving.merge import rank_neighbours
-from retriever_server.wire.request import DatastoreView, ExclusionKey, SearchSpec
+from retriever_server.wire.request import NO_EXCLUSION, DatastoreView, ExclusionKey, SearchSpec
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import nbytes
 
 log = logging.getLogger(__name__)
 RERANK_CHUNK_ELEMENTS = 1 << 24  # float32 elements of stored keys re-ranked at once (64 MiB)
 SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP team costs more than it saves
+FIRST_CHUNK = 64  # queries of a search's first chunk; later chunks are sized by the time it took...
+CHUNK_SECONDS = 0.02  # ...to about this, so a stop is noticed within about this long
+MAX_CHUNK = 16384
+StopCheck = Callable[[], bool] | None
+
+
+class SearchStopped(Exception):
+    """A search given up between chunks: its deadline passed or its caller went away."""
 
 
 @dataclass(frozen=True)
@@ -84,18 +94,40 @@ class Shard:
                 return ix.search(self.gpu_index, queries, m, nprobe)
         return ix.search(self.index, queries, m, nprobe, selector)
 
-    def _search_candidates(self, spec: SearchSpec) -> tuple[np.ndarray, np.ndarray]:
+    def _within(self, key: ExclusionKey) -> ExclusionKey:
+        """The part of an exclusion that falls in this shard's ids (the rest cannot be found here)."""
+        lo, hi = self.entry.id_start, self.entry.id_end
+        ids = tuple(i for i in key[0] if lo <= i < hi)
+        ranges = tuple((max(s, lo), min(e, hi)) for s, e in key[1] if s < hi and e > lo)
+        return ids, ranges
+
+    def _search_rows(self, queries: np.ndarray, m: int, nprobe: int, selector, stop: StopCheck):
+        """Searches in chunks sized to take about CHUNK_SECONDS each, checking `stop` before each one."""
+        distances = np.empty((len(queries), m), dtype=np.float32)
+        ids = np.empty((len(queries), m), dtype=np.int64)
+        start, size = 0, FIRST_CHUNK
+        while start < len(queries):
+            if stop is not None and stop():
+                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            end = min(len(queries), start + size)
+            began = time.perf_counter()
+            distances[start:end], ids[start:end] = self._search_index(queries[start:end], m, nprobe, selector)
+            per_query = (time.perf_counter() - began) / (end - start)
+            size = int(min(MAX_CHUNK, max(1, CHUNK_SECONDS / max(per_query, 1e-7))))
+            start = end
+        return distances, ids
+
+    def _search_candidates(self, spec: SearchSpec, stop: StopCheck) -> tuple[np.ndarray, np.ndarray]:
         groups: dict[ExclusionKey, list[int]] = defaultdict(list)
         for row, key in enumerate(spec.exclusions):
-            groups[key].append(row)
+            groups[self._within(key) if key != NO_EXCLUSION else key].append(row)
         m = spec.candidates
         distances = np.empty((spec.nq, m), dtype=np.float32)
         ids = np.empty((spec.nq, m), dtype=np.int64)
         for key, rows in groups.items():
             selector = ix.id_selector(*key)
             queries = spec.queries if len(rows) == spec.nq else spec.queries[rows]
-            d, i = self._search_index(queries, m, spec.nprobe, selector)
-            distances[rows], ids[rows] = d, i
+            distances[rows], ids[rows] = self._search_rows(queries, m, spec.nprobe, selector, stop)
         return distances, ids
 
     def _local_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,9 +163,16 @@ class Shard:
         out[~valid] = 0
         return out
 
-    def search(self, spec: SearchSpec) -> SearchResult:
-        """Top-k neighbours of the checked request, exactly re-ranked when asked."""
-        distances, ids = self._search_candidates(spec)
+    def search(self, spec: SearchSpec, stop: StopCheck = None) -> SearchResult:
+        """Top-k neighbours of the checked request, exactly re-ranked when asked.
+
+        Args:
+            spec: the checked request.
+            stop: called between chunks of the search; when it returns True the search ends with
+                `SearchStopped` (a passed deadline, a cancelled call), so no work outlives its caller
+                by more than about a chunk (CHUNK_SECONDS).
+        """
+        distances, ids = self._search_candidates(spec, stop)
         if spec.exact_rerank:
             distances = self._rerank(spec, ids)
         ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,8 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import DatastoreError
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.metrics import ServerMetrics
-from retriever_server.serving.service import BaseRetrieverService, RunningServer, start_server
-from retriever_server.serving.shard import Shard, ShardOptions
+from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
+from retriever_server.serving.shard import SearchStopped, Shard, ShardOptions
 from retriever_server.wire.request import Limits, RequestError, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.tensors import dtype_code
@@ -76,16 +78,28 @@ class ShardService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "shard is loading; retry when health is SERVING")
         return None
 
-    def _search(self, request: pb.SearchRequest) -> bytes:
-        spec = parse_search(request, self.shard.view(), self.limits)
-        return encode_search_response(self.shard.search(spec))
+    def _search(self, raw: bytes, stop) -> tuple[bytes, int]:
+        """Parses, checks and searches, in a worker thread: the answer's bytes and the number of queries."""
+        spec = parse_search(decode_search(raw), self.shard.view(), self.limits)
+        try:
+            return encode_search_response(self.shard.search(spec, stop)), spec.nq
+        except SearchStopped:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed (or the caller went away) "
+                                                                  "during the search; it was stopped") from None
 
-    async def handle_search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the search started")
+        deadline = None if remaining is None else time.monotonic() + remaining
+        gone = threading.Event()
+        context.add_done_callback(lambda _: gone.set())  # the call ended: cancelled, or its deadline hit
+
+        def stop() -> bool:
+            return gone.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._search, request)
+        return await loop.run_in_executor(self.pool, self._search, raw, stop)
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -96,7 +110,8 @@ class ShardService(BaseRetrieverService):
             role="shard", dimension=m.dimension, metric=m.metric, factory=m.factory, ntotal=entry.ntotal,
             shard=entry.name, replica=self.config.replica, datastore_version=m.version,
             datastore_checksum=m.checksum, has_keys=m.has_keys, nlist=m.nlist, default_nprobe=m.default_nprobe,
-            max_k=self.limits.max_k, max_batch=self.limits.max_batch, metadata=m.metadata,
+            max_k=self.limits.max_k, max_batch=self.limits.max_batch, max_request_bytes=self.limits.max_request_bytes,
+            metadata=m.metadata,
             gpu=self.config.options.gpu, num_shards=len(m.shards), datastore_ntotal=m.ntotal,
             payloads=[pb.PayloadInfo(name=p.name, dtype=dtype_code(p.dtype), row_shape=p.row_shape)
                       for p in m.payloads],

@@ -13,19 +13,40 @@ import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.tensors import TensorError, from_tensor
+from retriever_server.wire.untrusted import safe_text
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds a server enforces on each request and on the work it holds at once."""
+    """Bounds a server enforces on each request, checked before any search, and on the work it holds
+    at once. A request past one is refused with RESOURCE_EXHAUSTED naming the limit.
+
+    Attributes:
+        max_k: neighbours per query (and re-rank candidates per query).
+        max_batch: queries in one request.
+        max_neighbours: nq x k, and nq x rerank_candidates, of one request.
+        max_request_bytes: the size of one request on the wire.
+        max_inflight: requests served at once.
+        max_excluded, max_excluded_ranges: excluded ids, and id ranges, in one request.
+        max_excluded_per_query, max_excluded_ranges_per_query: what one query excludes (its own
+            exclusion and the request-wide one together).
+        max_payloads: payload names in one request.
+        max_string: characters of a payload name or of expected_datastore_version.
+        max_response_bytes: ids, distances, payloads and keys of one answer.
+    """
 
     max_k: int = 2048
     max_batch: int = 16384
+    max_neighbours: int = 4 * 1024 * 1024
     max_request_bytes: int = 256 * 1024 * 1024
     max_inflight: int = 64
-    max_excluded: int = 1_000_000  # excluded ids in one request
-    max_excluded_ranges: int = 100_000  # excluded id ranges in one request
-    max_response_bytes: int = 768 * 1024 * 1024  # ids, distances, payloads and keys of one answer
+    max_excluded: int = 1_000_000
+    max_excluded_ranges: int = 100_000
+    max_excluded_per_query: int = 4096
+    max_excluded_ranges_per_query: int = 256
+    max_payloads: int = 16
+    max_string: int = 256
+    max_response_bytes: int = 768 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,10 @@ def parse_queries(tensor: pb.Tensor, view: DatastoreView, limits: Limits, presen
     return array
 
 
+def _exhausted(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 def _check_ints(k: int, nprobe: int, rerank: bool, candidates: int, view: DatastoreView, limits: Limits):
     if k <= 0 or k > limits.max_k:
         raise _invalid(f"k must be in [1, {limits.max_k}], got {k}")
@@ -159,23 +184,31 @@ def _merge_keys(a: ExclusionKey, b: ExclusionKey) -> ExclusionKey:
     return tuple(sorted(set(a[0]) | set(b[0]))), merge_ranges(a[1] + b[1])
 
 
+def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
+    """The exclusion limits, by counting alone (before any exclusion is read)."""
+    per_query, common = request.exclude_per_query, request.exclude
+    total = len(common.ids) + sum(len(e.ids) for e in per_query)
+    if total > limits.max_excluded:
+        raise _exhausted(f"the request excludes {total} ids, over the limit of {limits.max_excluded}")
+    ranges = len(common.ranges) + sum(len(e.ranges) for e in per_query)
+    if ranges > limits.max_excluded_ranges:
+        raise _exhausted(f"the request excludes {ranges} id ranges, over the limit of {limits.max_excluded_ranges}")
+    most_ids = len(common.ids) + max((len(e.ids) for e in per_query), default=0)
+    if most_ids > limits.max_excluded_per_query:
+        raise _exhausted(f"a query excludes {most_ids} ids, over the limit of {limits.max_excluded_per_query} "
+                         "per query")
+    most_ranges = len(common.ranges) + max((len(e.ranges) for e in per_query), default=0)
+    if most_ranges > limits.max_excluded_ranges_per_query:
+        raise _exhausted(f"a query excludes {most_ranges} id ranges, over the limit of "
+                         f"{limits.max_excluded_ranges_per_query} per query")
+
+
 def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits) -> tuple[ExclusionKey, ...]:
     """One exclusion key per query: the request-wide exclusion merged with the per-query one."""
     per_query = request.exclude_per_query
     if len(per_query) not in (0, nq):
         raise _invalid(f"exclude_per_query has {len(per_query)} entries but there are {nq} queries")
-    total = len(request.exclude.ids) + sum(len(e.ids) for e in per_query)
-    if total > limits.max_excluded:
-        raise RequestError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the request excludes {total} ids, over the limit of {limits.max_excluded}",
-        )
-    ranges = len(request.exclude.ranges) + sum(len(e.ranges) for e in per_query)
-    if ranges > limits.max_excluded_ranges:
-        raise RequestError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the request excludes {ranges} id ranges, over the limit of {limits.max_excluded_ranges}",
-        )
+    _check_exclusion_counts(request, limits)
     common = _exclusion_key(request.exclude, "exclude")
     if not per_query:
         return (common,) * nq
@@ -195,20 +228,43 @@ def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView
         )
 
 
-def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> SearchSpec:
-    """Checks a SearchRequest against the datastore and the limits; raises RequestError."""
-    if request.expected_datastore_version and request.expected_datastore_version != view.version:
+def _check_strings(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> None:
+    """The string fields: their number and length, then what they name (untrusted: shown shortened)."""
+    version = request.expected_datastore_version
+    if len(version) > limits.max_string:
+        raise _invalid(f"expected_datastore_version has {len(version)} characters, over {limits.max_string}")
+    if version and version != view.version:
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"expected_datastore_version is {request.expected_datastore_version} "
-            f"but this datastore is version {view.version}",
+            f"expected_datastore_version is {safe_text(version)} but this datastore is version {view.version}",
         )
-    queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
+    if len(request.payloads) > limits.max_payloads:
+        raise _exhausted(f"payloads names {len(request.payloads)} payloads, over the limit of {limits.max_payloads}")
+    for name in request.payloads:
+        if len(name) > limits.max_string:
+            raise _invalid(f"payloads names a payload of {len(name)} characters, over {limits.max_string}")
+        if name not in view.payload_names:
+            raise _invalid(f"payloads names unknown payload {safe_text(name)}; this datastore has "
+                           f"{sorted(view.payload_names)}")
+
+
+def _check_work(nq: int, request: pb.SearchRequest, limits: Limits) -> None:
+    """nq x k and nq x rerank candidates, the number of neighbours a search scores and ranks."""
+    most = nq * max(request.k, request.rerank_candidates if request.exact_rerank else 0)
+    if most > limits.max_neighbours:
+        raise _exhausted(f"the request asks for {most} neighbours (nq={nq} x k or rerank_candidates), over the "
+                         f"limit of {limits.max_neighbours}; split the batch")
+
+
+def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> SearchSpec:
+    """Checks a SearchRequest against the datastore and the limits, every limit before any query is
+    read; raises RequestError."""
+    _check_strings(request, view, limits)
+    nq = int(request.queries.shape[0]) if len(request.queries.shape) == 2 else 0
     _check_ints(request.k, request.nprobe, request.exact_rerank, request.rerank_candidates, view, limits)
-    unknown = [name for name in request.payloads if name not in view.payload_names]
-    if unknown:
-        known = sorted(view.payload_names)
-        raise _invalid(f"payloads names unknown payload {unknown[0]!r}; this datastore has {known}")
+    _check_work(nq, request, limits)
+    _check_exclusion_counts(request, limits)
+    queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
     if request.return_keys and not view.has_keys:
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,

@@ -75,12 +75,12 @@ def _serialize_search(response: pb.SearchResponse | bytes) -> bytes:
 
 
 def add_retriever_servicer(servicer, server: grpc.aio.Server) -> None:
-    """`add_RetrieverServicer_to_server`, with a Search that may answer with `encode_search_response` bytes."""
+    """`add_RetrieverServicer_to_server`, taking each request as its wire bytes (the servicer parses
+    them, so bytes that do not parse get INVALID_ARGUMENT rather than gRPC's UNKNOWN), with a Search
+    that may answer with `encode_search_response` bytes."""
     handlers = {
-        "Search": grpc.unary_unary_rpc_method_handler(servicer.Search, request_deserializer=pb.SearchRequest.FromString,
-                                                      response_serializer=_serialize_search),
+        "Search": grpc.unary_unary_rpc_method_handler(servicer.Search, response_serializer=_serialize_search),
         "GetInfo": grpc.unary_unary_rpc_method_handler(servicer.GetInfo,
-                                                       request_deserializer=pb.GetInfoRequest.FromString,
                                                        response_serializer=pb.InfoResponse.SerializeToString),
     }
     name = pb.DESCRIPTOR.services_by_name["Retriever"].full_name

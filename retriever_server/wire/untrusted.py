@@ -17,3 +17,10 @@ def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     shown = repr(text[:limit])
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A message for a log line: control characters (newlines above all) escaped, cut at `limit`
+    characters. For the server's own messages, whose untrusted parts `safe_text` has made safe."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return escaped + ("..." if len(text) > limit else "")

@@ -150,7 +150,7 @@ class ShardInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., id_start: _Optional[int] = ..., id_end: _Optional[int] = ..., ntotal: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("dimension", "metric", "factory", "ntotal", "shard", "replica", "datastore_version", "datastore_checksum", "payloads", "has_keys", "shards", "nlist", "default_nprobe", "max_k", "max_batch", "role", "metadata", "gpu", "num_shards", "datastore_ntotal")
+    __slots__ = ("dimension", "metric", "factory", "ntotal", "shard", "replica", "datastore_version", "datastore_checksum", "payloads", "has_keys", "shards", "nlist", "default_nprobe", "max_k", "max_batch", "role", "metadata", "gpu", "num_shards", "datastore_ntotal", "max_request_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class InfoResponse(_message.Message):
     GPU_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_NTOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     dimension: int
     metric: str
     factory: str
@@ -198,4 +199,5 @@ class InfoResponse(_message.Message):
     gpu: bool
     num_shards: int
     datastore_ntotal: int
-    def __init__(self, dimension: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., ntotal: _Optional[int] = ..., shard: _Optional[str] = ..., replica: _Optional[int] = ..., datastore_version: _Optional[str] = ..., datastore_checksum: _Optional[str] = ..., payloads: _Optional[_Iterable[_Union[PayloadInfo, _Mapping]]] = ..., has_keys: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., role: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[bool] = ..., num_shards: _Optional[int] = ..., datastore_ntotal: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, dimension: _Optional[int] = ..., metric: _Optional[str] = ..., factory: _Optional[str] = ..., ntotal: _Optional[int] = ..., shard: _Optional[str] = ..., replica: _Optional[int] = ..., datastore_version: _Optional[str] = ..., datastore_checksum: _Optional[str] = ..., payloads: _Optional[_Iterable[_Union[PayloadInfo, _Mapping]]] = ..., has_keys: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., nlist: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., role: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[bool] = ..., num_shards: _Optional[int] = ..., datastore_ntotal: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,234 @@
+"""Requests from a hostile or broken caller, on real servers on loopback: bytes that do not parse,
+fuzzed requests, unknown fields, untrusted strings, floods of refusals and long searches. Servers
+answer each with a status naming what is wrong (never UNKNOWN or INTERNAL), log it in one line,
+keep serving, and give the same answers afterwards."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build, serve, synthetic
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.datastore import index as ix
+from retriever_server.serving import shard as shard_module
+from retriever_server.serving.client import make_request
+from retriever_server.serving.grpc_setup import health_status
+from retriever_server.wire.request import Limits
+
+pytestmark = pytest.mark.ray
+N, D = 3000, 8
+SEARCH = "/retrieval.v1.Retriever/Search"
+EXPECTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.FAILED_PRECONDITION}
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return synthetic(N, D, seed=3)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("bounds"), keys, "ds", shards=2, factory="IVF8,Flat", keep_keys=True,
+                 payload_arrays={"values": np.arange(N, dtype=np.int32)})
+
+
+def call(channel: grpc.Channel, body: bytes, timeout: float = 10) -> tuple[grpc.StatusCode, str]:
+    """Sends raw bytes as a Search; the status and its message."""
+    try:
+        channel.unary_unary(SEARCH)(body, timeout=timeout)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        return err.code(), err.details() or ""
+
+
+def valid(keys) -> pb.SearchRequest:
+    return make_request(keys[:3], k=5, nprobe=4, payloads=["values"])
+
+
+def fuzzed(rng: np.random.Generator, base: bytes) -> bytes:
+    """A malformed request: random bytes, a truncated or bit-flipped valid one, or a valid one with
+    wild field values and unknown fields."""
+    kind = rng.integers(5)
+    if kind == 0:
+        return rng.bytes(int(rng.integers(1, 300)))
+    if kind == 1:
+        return base[:int(rng.integers(0, len(base)))]
+    if kind == 2:
+        body = bytearray(base)
+        for i in rng.integers(0, len(body), int(rng.integers(1, 8))):
+            body[i] ^= 1 << int(rng.integers(8))
+        return bytes(body)
+    request = pb.SearchRequest.FromString(base)
+    choice = rng.integers(6)
+    if choice == 0:
+        request.k = int(rng.integers(-5, 1 << 30))
+    elif choice == 1:
+        del request.queries.shape[:]
+        request.queries.shape.extend(int(s) for s in rng.integers(-3, 1 << 20, int(rng.integers(0, 4))))
+    elif choice == 2:
+        request.queries.dtype = int(rng.integers(0, 40))
+    elif choice == 3:
+        request.payloads.append(rng.bytes(40).hex() + "\n" + "x" * int(rng.integers(0, 5000)))
+    elif choice == 4:
+        request.exclude.ranges.add(start=int(rng.integers(-10, 10)), end=int(rng.integers(-10, 10)))
+    else:
+        request.expected_datastore_version = "v" * int(rng.integers(0, 2000))
+    body = request.SerializeToString()
+    return body + (bytes([0xFA, 0x07]) + bytes([3]) + b"abc" if kind == 4 else b"")  # unknown field 127
+
+
+@pytest.mark.slow
+def test_a_fuzz_of_malformed_requests_leaves_the_servers_serving_and_unchanged(aio, keys, datastore, caplog):
+    rng = np.random.default_rng(0)
+    base = valid(keys).SerializeToString()
+    with serve(aio, datastore, 2) as served:
+        targets = [served.address, served.shards[0][0].address]
+        channels = [grpc.insecure_channel(a) for a in targets]
+        try:
+            before = [call(c, base) for c in channels]
+            with caplog.at_level(logging.INFO):
+                seen: dict[grpc.StatusCode, int] = {}
+                for i in range(2400):
+                    code, message = call(channels[i % 2], fuzzed(rng, base))
+                    assert code in EXPECTED, (code, message)
+                    assert "\n" not in message and len(message) < 600, message
+                    seen[code] = seen.get(code, 0) + 1
+            assert seen[grpc.StatusCode.INVALID_ARGUMENT] > 500, seen
+            assert "Traceback" not in caplog.text and "\nFAKE" not in caplog.text
+            assert len(caplog.records) < 100  # refusals are counted, not logged one by one
+            for target in targets:
+                assert health_status(target) == "SERVING"
+            original = channels[0].unary_unary(SEARCH)(base, timeout=10)
+            assert [call(c, base) for c in channels] == before and original == \
+                channels[0].unary_unary(SEARCH)(base, timeout=10)
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument_in_one_line(aio, datastore, caplog):
+    with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as router, \
+            grpc.insecure_channel(served.shards[1][0].address) as shard:
+        with caplog.at_level(logging.INFO):
+            for channel in (router, shard):
+                code, message = call(channel, b"\xff\xff\xff\xff not a protobuf")
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a SearchRequest" in message
+                with pytest.raises(grpc.RpcError) as caught:
+                    channel.unary_unary("/retrieval.v1.Retriever/GetInfo")(b"\xff\xff", timeout=5)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Traceback" not in caplog.text
+
+
+def test_untrusted_strings_are_cut_and_escaped_in_statuses_and_logs(aio, keys, datastore, caplog):
+    request = valid(keys)
+    request.payloads[:] = ["values\nFAKE LOG LINE " + "x" * 10_000]
+    with serve(aio, datastore, 2, limits=Limits(max_string=100_000)) as served, \
+            grpc.insecure_channel(served.address) as channel, caplog.at_level(logging.INFO):
+        code, message = call(channel, request.SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown payload 'values\\nFAKE LOG LINE xx" in message
+        assert "\n" not in message and len(message) < 300 and "(10021 characters)" in message
+        version = valid(keys)
+        version.expected_datastore_version = "v1\r\nFAKE" * 20
+        code, message = call(channel, version.SerializeToString())
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "\\r\\nFAKE" in message and len(message) < 300
+    assert not any("\n" in r.getMessage() for r in caplog.records)
+
+
+def test_the_router_forwards_known_fields_alone(aio, keys, datastore, monkeypatch):
+    """An unknown field of a valid request is dropped by the router: the shards never see it."""
+    seen = []
+    original = shard_module.Shard.search
+
+    def spying(self, spec, stop=None):  # records what reaches the shard, then searches
+        seen.append(spec)
+        return original(self, spec, stop)
+
+    monkeypatch.setattr(shard_module.Shard, "search", spying)
+    from retriever_server.serving.shard_server import ShardService
+
+    received = []
+    decode = ShardService._search
+
+    def recording(self, raw, stop):
+        received.append(raw)
+        return decode(self, raw, stop)
+
+    monkeypatch.setattr(ShardService, "_search", recording)
+    body = valid(keys).SerializeToString() + bytes([0xFA, 0x07, 0x06]) + b"secret"  # field 127, unknown
+    with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as channel:
+        assert call(channel, body)[0] == grpc.StatusCode.OK
+    assert len(received) == 2 and all(b"secret" not in raw for raw in received)
+    assert len(seen) == 2  # both shards searched the request the router re-encoded
+
+
+def test_a_request_the_router_accepts_is_never_too_big_for_its_shards(aio, keys, datastore):
+    """A request just under the router's limit grows by the version the router adds; with shards at the
+    same limit (a standalone router's mistake), the router refuses it itself, naming the shards' limit."""
+    request = make_request(np.repeat(keys[:1], 500, axis=0), k=5, nprobe=4)
+    size = request.ByteSize()
+    with serve(aio, datastore, 2, limits=Limits(max_request_bytes=size + 4)) as served, \
+            grpc.insecure_channel(served.address) as channel:
+        code, message = call(channel, request.SerializeToString())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "as sent to the shards" in message, message
+        smaller = make_request(np.repeat(keys[:1], 400, axis=0), k=5, nprobe=4)
+        assert call(channel, smaller.SerializeToString())[0] == grpc.StatusCode.OK
+
+
+def test_a_flood_of_refusals_is_logged_as_counts(aio, keys, datastore, caplog):
+    with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as channel, \
+            caplog.at_level(logging.INFO):
+        bad = valid(keys)
+        bad.k = 0
+        for _ in range(300):
+            assert call(channel, bad.SerializeToString())[0] == grpc.StatusCode.INVALID_ARGUMENT
+        served.router.counters[0].flush()  # as the server does every 10 s
+    refused = [r.getMessage() for r in caplog.records if "refused a search" in r.getMessage()]
+    assert 1 <= len(refused) <= 3, refused  # the first one, then a count
+    assert any("more in the last" in m for m in refused) or len(refused) == 1
+
+
+def test_a_search_stops_at_its_deadline(aio, keys, datastore, monkeypatch):
+    """A search of many chunks, each slowed to 30 ms (fault injection): with a 0.3 s deadline the
+    shard stops within a chunk of it, rather than searching on for the caller that has gone."""
+    chunks: list[float] = []
+    original = shard_module.Shard._search_index
+
+    def slow(self, queries, m, nprobe, selector):
+        chunks.append(time.monotonic())
+        time.sleep(0.03)
+        return original(self, queries, m, nprobe, selector)
+
+    monkeypatch.setattr(shard_module.Shard, "_search_index", slow)
+    monkeypatch.setattr(shard_module, "FIRST_CHUNK", 1)
+    monkeypatch.setattr(shard_module, "MAX_CHUNK", 1)
+    request = make_request(np.repeat(keys[:1], 200, axis=0), k=5, nprobe=2)
+    with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.shards[0][0].address) as channel:
+        started = time.monotonic()
+        code, _ = call(channel, request.SerializeToString(), timeout=0.3)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.5)  # what the shard does after the caller's deadline, if anything
+    late = [t for t in chunks if t > started + 0.3]
+    assert len(chunks) < 40 and all(t < started + 0.3 + 0.1 for t in late), (len(chunks), late)
+
+
+def test_an_exclusion_bitmap_excludes_exactly_what_it_is_given():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(1, 5000))
+        cuts = np.sort(rng.choice(n + 1, size=min(2 * int(rng.integers(0, 80)), n + 1) // 2 * 2, replace=False))
+        ranges = tuple((int(a), int(b)) for a, b in zip(cuts[::2], cuts[1::2]) if b > a)
+        ids = tuple(int(i) for i in rng.integers(0, n, int(rng.integers(0, 30))))
+        want = np.zeros(n + 16, bool)
+        for a, b in ranges:
+            want[a:b] = True
+        want[list(ids)] = True
+        selector = ix.id_selector(ids, ranges)
+        got = np.zeros(n + 16, bool) if selector is None else \
+            np.array([not selector.is_member(i) for i in range(n + 16)])
+        assert np.array_equal(got, want)
