@@ -106,13 +106,14 @@ def reparse(*argv: str):
 
 def test_serve_datastore_passes_its_flags_to_the_children():
     args = reparse("serve", "--datastore", "ds", "--grace", "2.5", "--drain-delay", "0.25", "--max-k", "64",
-                   "--threads", "3", "--no-verify", "--metrics-port", "9100")
+                   "--threads", "3", "--no-verify", "--metrics-port", "9100", "--hedge-delay-ms", "30")
     shard_args, router_args = serve.child_args(args)
     shard = reparse("serve", "--datastore", "ds", "--shard", "0", *shard_args)
     router = reparse("router", "--shards", "127.0.0.1:1", *router_args)
     for child in (shard, router):
         assert (child.grace, child.drain_delay, child.max_k) == (2.5, 0.25, 64)
     assert (shard.threads, shard.no_verify, shard.metrics_port, router.metrics_port) == (3, True, 0, 9100)
+    assert (router.hedge_delay_ms, router.no_hedge) == (30.0, False)
     assert shard.max_request_mb == router.max_request_mb + 1  # nothing the router accepts is too big for a shard
     off = reparse("serve", "--datastore", "ds", "--metrics-port", "-1")
     assert all(child[child.index("--metrics-port") + 1] == "-1" for child in serve.child_args(off))

@@ -41,8 +41,8 @@ def search_ids(address: str, keys: np.ndarray) -> np.ndarray:
     return result.ids
 
 
-def test_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, keys, caplog):
-    deployment = LocalDeployment(datastore, replicas=2).start()
+def test_without_restarts_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, keys, caplog):
+    deployment = LocalDeployment(datastore, replicas=2, restart=False).start()
     waited: list[str] = []
     waiter = threading.Thread(target=lambda: waited.append(deployment.wait(poll_s=0.1)), daemon=True)
     try:
@@ -62,8 +62,8 @@ def test_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, ke
         deployment.stop()
 
 
-def test_wait_stops_everything_when_the_router_exits(datastore):
-    deployment = LocalDeployment(datastore).start()
+def test_without_restarts_wait_stops_everything_when_the_router_exits(datastore):
+    deployment = LocalDeployment(datastore, restart=False).start()
     try:
         deployment.router.popen.kill()
         assert deployment.wait(poll_s=0.1).startswith("router exited")

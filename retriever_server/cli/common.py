@@ -11,6 +11,7 @@ from pathlib import Path
 
 from retriever_server.cluster.cpus import parse_cpus, pin
 from retriever_server.security.config import ClientSecurity, ServerSecurity
+from retriever_server.serving.failover import FailoverPolicy
 from retriever_server.wire.request import Limits
 
 PROG = "retriever-server"
@@ -115,6 +116,28 @@ def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
                    help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
     add_limits(p)
     add_server_security(p)
+
+
+def add_failover(p: argparse.ArgumentParser) -> None:
+    """--hedge-delay-ms and --no-hedge: how the router moves between a shard's replicas."""
+    g = p.add_argument_group("failover between a shard's replicas")
+    g.add_argument("--hedge-delay-ms", type=float,
+                   help="send a second attempt to the next replica when the first has not answered in this "
+                        "long (default: the p95 of the shard's recent answers, within 20 ms to 1 s)")
+    g.add_argument("--no-hedge", action="store_true", help="no second attempts: fail over on errors and "
+                   "attempt timeouts alone")
+
+
+def failover_of(args: argparse.Namespace) -> FailoverPolicy:
+    """The `FailoverPolicy` of --hedge-delay-ms and --no-hedge."""
+    delay = None if args.hedge_delay_ms is None else args.hedge_delay_ms / 1000
+    return FailoverPolicy(hedge=not args.no_hedge, hedge_delay_s=delay)
+
+
+def failover_args(args: argparse.Namespace) -> list[str]:
+    """--hedge-delay-ms and --no-hedge as given, to pass on to a router process."""
+    given = [] if args.hedge_delay_ms is None else ["--hedge-delay-ms", str(args.hedge_delay_ms)]
+    return given + (["--no-hedge"] if args.no_hedge else [])
 
 
 def health_port_of(args: argparse.Namespace) -> int | None:

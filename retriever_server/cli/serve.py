@@ -10,8 +10,11 @@ from pathlib import Path
 from retriever_server.cli.common import (
     CliError,
     add_client_security,
+    add_failover,
     add_server,
     client_security_of,
+    failover_args,
+    failover_of,
     health_port_of,
     interrupt,
     limits_of,
@@ -35,8 +38,9 @@ def add_parsers(command) -> None:
     """Adds `serve` and `router` to the command parsers."""
     s = command("serve", "serve one shard, or every shard and a router",
                 "With --shard, serves that shard. Without it, runs every shard (x --replicas) and a router "
-                "over them as local processes; --port, --metrics-port and --address-file then apply to "
-                "the router, and SIGTERM drains them all.")
+                "over them as local processes, restarting any that exits (with backoff, on its port); "
+                "--port, --metrics-port and --address-file then apply to the router, and SIGTERM drains "
+                "them all.")
     s.add_argument("--datastore", type=Path, required=True, help="datastore directory (holds manifest.json)")
     s.add_argument("--shard", type=int, help="shard number; omit to serve the whole datastore locally")
     s.add_argument("--replica", type=int, default=0, help="replica number reported by GetInfo")
@@ -44,13 +48,17 @@ def add_parsers(command) -> None:
     s.add_argument("--gpu", action="store_true", help="hold the index on the GPU (faiss GPU build)")
     s.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
+    s.add_argument("--no-restart", action="store_true", help="without --shard: do not restart a process that "
+                   "exits; stop when the router or every replica of a shard has exited")
     s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per shard (0: FAISS default; "
                    "with --datastore alone, the machine's cores shared among the shard processes)")
     add_server(s)
+    add_failover(s)
 
     r = command("router", "serve the Retriever API in front of shards")
     r.add_argument("--shards", required=True, help="HOST:PORT per shard, comma-separated; replicas joined by |")
     add_server(r)
+    add_failover(r)
     add_client_security(r, "shard-", "the shards")
 
 
@@ -95,7 +103,7 @@ def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ..
     shard += ["--no-mmap"] if args.no_mmap else []
     shard += ["--no-verify"] if args.no_verify else []
     return tuple(shard), (*common, "--metrics-port", str(args.metrics_port), "--max-request-mb",
-                          str(args.max_request_mb))
+                          str(args.max_request_mb), *failover_args(args))
 
 
 def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
@@ -112,7 +120,8 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     shard_args, router_args = child_args(args)
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
-                                 log_format=args.log_format, cpus=args.cpus, security=security)
+                                 log_format=args.log_format, cpus=args.cpus, security=security,
+                                 restart=not args.no_restart)
     signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
     try:
@@ -134,7 +143,8 @@ def run_router(args: argparse.Namespace) -> int:
     config = RouterConfig(shards=shards, host=args.host, port=args.port, metrics_port=metrics_port_of(args),
                           limits=limits_of(args), security=server_security_of(args),
                           shard_security=client_security_of(args, "shard-"), metrics_host=args.metrics_host,
-                          health_port=health_port_of(args), health_host=args.health_host)
+                          health_port=health_port_of(args), health_host=args.health_host,
+                          failover=failover_of(args))
     config.security.check(args.host)
     config.shard_security.check()
 

@@ -1,6 +1,7 @@
 """Where the servers run: local processes, or Ray actors on a cluster.
 
 - `launcher`: every shard (x replicas) and a router as local processes (`LocalDeployment`);
+- `supervisor`: those processes restarted with backoff, on their ports, when they exit;
 - `ray_serving`: the same as named Ray actors on a cluster (`RayDeployment`, `lookup`, `undeploy`);
 - `ray_actors`: the shard replica and router actors;
 - `placement`: which node each replica goes to;

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,15 +18,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retriever_server.cluster.cpus import format_cpus
 from retriever_server.cluster.hop_credentials import HopCredentials, make_hop_credentials
+from retriever_server.cluster.supervisor import Child, RestartPolicy, Supervisor, without_option
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
-from retriever_server.serving.grpc_setup import health_status
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +35,6 @@ log = logging.getLogger(__name__)
 class LaunchError(RuntimeError):
     """A server process did not come up; the message names it, quotes its last error line and
     gives the directory that keeps its log."""
-
-
-@dataclass
-class _Process:
-    name: str
-    popen: subprocess.Popen
-    address_file: Path
-    log_file: Path
-    address: str = ""
-    metrics_port: int | None = None
-    health_port: int | None = None
-
-    def exited(self) -> bool:
-        return self.popen.poll() is not None
-
-
-def without_option(args: tuple[str, ...] | list[str], option: str) -> list[str]:
-    """`args` without `option` and the value after it, wherever it appears."""
-    out, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == option:
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
-def _child_environment() -> dict[str, str]:
-    """The servers' environment: every process here shares this machine's cores, so OpenMP threads
-    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 @dataclass
@@ -86,6 +53,11 @@ class LocalDeployment:
     (every core each) would oversubscribe the cores. Their logs and address files
     live in `log_dir` until `stop()` removes it; it is kept when a process fails to start, and the
     LaunchError names it.
+
+    Once started, the deployment supervises its processes (unless `restart` is off): one that exits
+    (a shard replica or the router) is started again by `restart_policy`, with backoff, under the same
+    name and on the same port. While every replica of a shard is down the router stays up, answering
+    UNAVAILABLE naming the shard, or a partial answer to a request that allows one.
     """
 
     datastore: Path
@@ -99,53 +71,46 @@ class LocalDeployment:
     log_format: str = "text"
     cpus: tuple[int, ...] = ()
     security: ServerSecurity = field(default_factory=ServerSecurity)
-    shards: list[list[_Process]] = field(default_factory=list)
-    router: _Process | None = None
+    restart: bool = True
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    shards: list[list[Child]] = field(default_factory=list)
+    router: Child | None = None
 
     def __post_init__(self):
         self._dir = Path(tempfile.mkdtemp(prefix="retriever-local-"))
         self._keep_dir = False
         self.hops: HopCredentials | None = None
+        self._supervisor: Supervisor | None = None
+        self._stopped = threading.Event()
 
     @property
     def log_dir(self) -> Path:
         """The directory holding each process's log (NAME.log) and address file (NAME.json)."""
         return self._dir
 
-    def _spawn(self, name: str, args: list[str]) -> _Process:
-        address_file = self._dir / f"{name}.json"
-        log_file = self._dir / f"{name}.log"
+    def _spawn(self, name: str, args: list[str]) -> Child:
         command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
-                   "--log-format", self.log_format, *args, "--address-file", str(address_file),
+                   "--log-format", self.log_format, *args, "--address-file", str(self._dir / f"{name}.json"),
                    "--health-port", "0"]
         command += ["--cpus", format_cpus(self.cpus)] if self.cpus else []
-        with open(log_file, "w") as out:
-            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=_child_environment())
-        return _Process(name, popen, address_file, log_file)
+        child = Child(name, command, self._dir / f"{name}.log", self._dir / f"{name}.json")
+        child.spawn()
+        return child
 
-    def _last_error(self, process: _Process) -> str:
-        lines = [line for line in process.log_file.read_text(errors="replace").splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {process.popen.returncode}"
-
-    def _failed(self, process: _Process, why: str) -> LaunchError:
+    def _failed(self, process: Child, why: str) -> LaunchError:
         self._keep_dir = True
         return LaunchError(f"{process.name} {why} (logs in {self._dir})")
 
-    def _wait_serving(self, process: _Process, deadline: float) -> None:
+    def _wait_serving(self, process: Child, deadline: float) -> None:
         while time.monotonic() < deadline:
             if process.exited():
-                raise self._failed(process, f"exited: {self._last_error(process)}")
-            if not process.address and process.address_file.is_file():
-                written = json.loads(process.address_file.read_text())
-                process.address, process.metrics_port = written["address"], written.get("metrics_port")
-                process.health_port = written.get("health_port")
-            if process.address and health_status(f"127.0.0.1:{process.health_port}", timeout=1.0) == "SERVING":
+                raise self._failed(process, f"exited: {process.last_error()}")
+            if process.check_serving():
                 return
             time.sleep(0.1)
         raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
 
-    def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> _Process:
+    def _spawn_shard(self, shard: int, replica: int, threads: list[str]) -> Child:
         extra = without_option(self.extra_args, "--threads") if threads else list(self.extra_args)
         hops = self.hops.shard_args() if self.hops else []
         return self._spawn(f"shard-{shard:05d}-r{replica}", [
@@ -200,11 +165,13 @@ class LocalDeployment:
         except BaseException:
             self.stop()
             raise
+        if self.restart:
+            self._supervisor = Supervisor(self.processes, self.restart_policy).start()
         log.info("datastore %s served by %d shards x %d replicas behind %s", self.datastore,
                  len(self.shards), self.replicas, self.router_address)
         return self
 
-    def processes(self) -> list[_Process]:
+    def processes(self) -> list[Child]:
         """Every shard replica, then the router once started."""
         return [p for replicas in self.shards for p in replicas] + ([self.router] if self.router else [])
 
@@ -217,20 +184,25 @@ class LocalDeployment:
         return [[p.address for p in replicas] for replicas in self.shards]
 
     def kill(self, shard: int, replica: int = 0, sig: int = signal.SIGKILL) -> None:
-        """Sends `sig` to one shard replica (fault injection in tests and drills)."""
+        """Sends `sig` to one shard replica and waits for it to exit (fault injection in tests and
+        drills); the supervisor then restarts it."""
         process = self.shards[shard][replica]
         os.kill(process.popen.pid, sig)
         process.popen.wait(timeout=30)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to every process (router first, so it stops sending), then waits; SIGKILL stragglers.
-        Removes `log_dir` unless a process failed to start."""
+        """Stops supervising, then SIGTERM to every process (router first, so it stops sending), then
+        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start."""
+        if self._supervisor is not None:
+            self._supervisor.stop()
+        self._stopped.set()
         for process in reversed(self.processes()):
-            if not process.exited():
+            if process.popen is not None and not process.exited():
                 process.popen.send_signal(signal.SIGTERM)
         for process in reversed(self.processes()):
             try:
-                process.popen.wait(timeout=grace_s)
+                if process.popen is not None:
+                    process.popen.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
@@ -238,7 +210,8 @@ class LocalDeployment:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def _why_stop(self, reported: set[str]) -> str:
-        """Why the deployment must stop ("" while it can serve); warns once per replica that exits."""
+        """Without restarts: why the deployment must stop ("" while it can serve); warns once per
+        replica that exits."""
         if self.router and self.router.exited():
             return f"router exited with code {self.router.popen.returncode}"
         for i, replicas in enumerate(self.shards):
@@ -252,21 +225,23 @@ class LocalDeployment:
         return ""
 
     def wait(self, poll_s: float = 0.5) -> str:
-        """Blocks while the deployment can serve, then stops every process.
+        """Blocks while the deployment serves, then stops every process.
 
-        A replica that exits is logged while other replicas of its shard remain; the deployment stops
-        when the router exits, when every replica of some shard has exited, or on an exception here
-        (KeyboardInterrupt from SIGINT, or SIGTERM turned into one by the caller).
+        With restarts (the default) it serves until `stop()` (from another thread) or an exception here
+        (KeyboardInterrupt from SIGINT, or SIGTERM turned into one by the caller). Without, it also stops
+        when the router exits or every replica of some shard has exited (a replica that exits while
+        others of its shard remain is logged).
 
         Returns:
-            Why it stopped, e.g. "every replica of shard 0 exited".
+            Why it stopped, e.g. "every replica of shard 0 exited" or "stopped".
         """
         reported: set[str] = set()
         try:
-            while not (why := self._why_stop(reported)):
-                time.sleep(poll_s)
-            log.error("%s; stopping the deployment", why)
-            return why
+            while not self._stopped.wait(poll_s):
+                if not self.restart and (why := self._why_stop(reported)):
+                    log.error("%s; stopping the deployment", why)
+                    return why
+            return "stopped"
         finally:
             self.stop()
 

@@ -24,10 +24,12 @@ from retriever_server.security.config import ClientSecurity
 from retriever_server.security.tls import open_channel
 from retriever_server.serving.failover import (
     RETRYABLE,
+    Attempts,
     CallFailed,
     Deadline,
+    FailoverPolicy,
     ReplicaSet,
-    call_replicas,
+    call_blocking,
     failure_message,
 )
 from retriever_server.serving.fanout import check_shards, replica_sets
@@ -93,13 +95,15 @@ class RetrieverClient:
         timeout: default deadline in seconds for each call (None: no deadline).
         security: TLS and the bearer token (default: plaintext, and the RETRIEVER_AUTH_TOKEN
             environment variable's token when it is set).
+        failover: how calls move between the replicas of a shard when the client fans out
+            (hedging, attempt timeouts), as the router does.
 
     Raises:
         SecurityError: a TLS file is missing, or a certificate was given without its key.
     """
 
     def __init__(self, target: str | Sequence[str | Sequence[str]], timeout: float | None = 30.0,
-                 security: ClientSecurity = ClientSecurity()):
+                 security: ClientSecurity = ClientSecurity(), failover: FailoverPolicy = FailoverPolicy()):
         if isinstance(target, str):
             shards = [[target]]
             self.fan_out = False
@@ -109,6 +113,7 @@ class RetrieverClient:
         if not shards or not all(shards):
             raise ValueError("RetrieverClient needs at least one address")
         self.timeout = timeout
+        self.failover = failover
         self.sets = replica_sets(shards)
         security.check()
         self.metadata = bearer_metadata(security.bearer_token())
@@ -131,9 +136,11 @@ class RetrieverClient:
             self._pool.shutdown(wait=False)
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        def attempt(address: str, timeout: float | None) -> grpc.Future:
+            return getattr(self.stubs[address], method).future(request, timeout=timeout, metadata=self.metadata)
+
         try:
-            return call_replicas(replicas, self.stubs, method, request, deadline, fail_over=self.fan_out,
-                                 metadata=self.metadata)
+            return call_blocking(Attempts(replicas, self.failover, deadline, fail_over=self.fan_out), attempt)
         except CallFailed as err:
             raise RetrieverError(err.code, err.message) from None
 

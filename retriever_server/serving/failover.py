@@ -1,22 +1,29 @@
-"""Failover between the replicas of a shard: which replica to try next, the caller's deadline, and
-the two retry loops that use them, side by side: the router's (asyncio) and the fan-out client's
-(blocking).
+"""Failover between the replicas of a shard: one policy for the router and the fan-out client.
 
-The two loops differ today: the router also moves on to the next replica when an attempt ends in
-DEADLINE_EXCEEDED before the caller's deadline, the client does not; the client fails over only when
-it fans out itself (a single target's error is the caller's to see).
+A call tries the replicas of one shard in turn (round-robin, recently failed or slow ones last).
+Each attempt has a timeout taken from the caller's deadline. When an attempt has not answered after
+the hedge delay (by default the p95 of the shard's recent answers), a second attempt goes to the next
+replica, and the first answer wins; the other attempt is cancelled, and its replica tried last for a
+while. An attempt that fails with a status a healthy replica could answer (RETRYABLE, or its own
+timeout) moves the call on to the next replica; any other status is the answer.
+
+`Attempts` holds that policy for one call. Two small drivers run it: `call_async` for the router's
+asyncio stubs and `call_blocking` for the client's blocking stubs (their futures).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import queue
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
-
-from retriever_server.wire.request import RequestError
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +38,36 @@ RETRYABLE = frozenset({
 })
 
 
+@dataclass(frozen=True)
+class FailoverPolicy:
+    """How a call moves between the replicas of a shard.
+
+    Attributes:
+        hedge: send a second attempt to the next replica when the first is slow.
+        hedge_delay_s: how slow; None: the p95 of the shard's recent answers, within
+            [hedge_min_s, hedge_max_s] (`hedge_initial_s` until 20 answers are known).
+        attempt_timeout_s: one attempt's timeout when the caller sets no deadline.
+    """
+
+    hedge: bool = True
+    hedge_delay_s: float | None = None
+    hedge_min_s: float = 0.02
+    hedge_max_s: float = 1.0
+    hedge_initial_s: float = 0.1
+    attempt_timeout_s: float = 120.0
+
+
 @dataclass
 class ReplicaSet:
-    """The replicas of one shard, tried round-robin, recently failed ones last."""
+    """The replicas of one shard, tried round-robin, recently failed ones last; and how long the
+    shard's recent answers took (for the hedge delay)."""
 
     name: str
     addresses: list[str]
     cooldown_s: float = 2.0
     _turn: itertools.count = field(default_factory=itertools.count)
     _failed_at: dict[str, float] = field(default_factory=dict)
+    _latencies: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def order(self) -> list[str]:
         """The replicas in the order to try them for the next call."""
@@ -50,10 +78,21 @@ class ReplicaSet:
         return fresh + [a for a in rotated if a not in fresh]
 
     def failed(self, address: str) -> None:
+        """Tries `address` last for the cooldown (it failed, or a hedge beat it)."""
         self._failed_at[address] = time.monotonic()
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, address: str, seconds: float) -> None:
         self._failed_at.pop(address, None)
+        self._latencies.append(seconds)
+
+    def hedge_delay(self, policy: FailoverPolicy) -> float:
+        """Seconds to wait for an attempt before hedging, by the policy."""
+        if policy.hedge_delay_s is not None:
+            return policy.hedge_delay_s
+        if len(self._latencies) < 20:
+            return policy.hedge_initial_s
+        p95 = float(np.percentile(np.fromiter(self._latencies, float), 95))
+        return min(policy.hedge_max_s, max(policy.hedge_min_s, p95))
 
 
 class Deadline:
@@ -74,72 +113,155 @@ def failure_message(failures: dict[str, str]) -> str:
     return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
 
 
-class ShardFailed(Exception):
-    """Every replica of a shard failed with a retryable status; the message is the last reason."""
-
-
 class CallFailed(Exception):
-    """A blocking call the caller sees as a status: `code` and `message` (the client wraps it)."""
+    """A call's final status: `code` and `message` (the router and the client turn it into theirs)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(f"{code.name}: {message}")
         self.code, self.message = code, message
 
 
-# ---------------------------------------------------------------------------------------------- the router
+class ShardFailed(CallFailed):
+    """Every replica of the shard failed with a retryable status; `code` is the last one's."""
 
 
-async def search_replicas(replicas: ReplicaSet, stubs: dict, request, deadline: Deadline, metadata=()):
-    """The router's loop: Search on one replica of the shard after another until one answers.
-
-    Raises:
-        RequestError: the deadline passed, or a replica refused the request (not retryable).
-        ShardFailed: every replica failed with a retryable status (or its own attempt timed out).
-    """
-    reason = "no replica answered"
-    for address in replicas.order():
-        if deadline.expired():
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
-        try:
-            response = await stubs[address].Search(request, timeout=deadline.remaining(), metadata=metadata)
-            replicas.succeeded(address)
-            return response
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.expired():
-                raise RequestError(err.code(), f"deadline passed waiting for {replicas.name}") from None
-            if err.code() not in RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
-                raise RequestError(err.code(), f"{replicas.name}: {err.details()}") from None
-            replicas.failed(address)
-            reason = f"{address}: {err.code().name} {err.details()}"
-            log.warning("%s replica %s failed: %s", replicas.name, address, reason)
-    raise ShardFailed(reason)
-
-
-# ---------------------------------------------------------------------------------------------- the client
-
-
-def call_replicas(replicas: ReplicaSet, stubs: dict, method: str, request, deadline: Deadline, fail_over: bool,
-                  metadata=()):
-    """The fan-out client's loop: `method` on one replica after another until one answers.
+@dataclass
+class Attempts:
+    """One call's attempts on the replicas of one shard, by the policy.
 
     Args:
-        fail_over: try the next replica on a retryable status (else the first error is final).
+        fail_over: move on to another replica (else the first attempt's outcome is final).
+    """
+
+    replicas: ReplicaSet
+    policy: FailoverPolicy
+    deadline: Deadline
+    fail_over: bool = True
+    _order: list[str] = field(init=False)
+    _started: dict[str, float] = field(default_factory=dict)
+    _last: tuple[grpc.StatusCode, str] | None = None
+
+    def __post_init__(self) -> None:
+        order = self.replicas.order()
+        self._order = order if self.fail_over else order[:1]
+
+    def start(self) -> tuple[str, float | None] | None:
+        """The next replica to try and its attempt's timeout; None when none is left or time is up."""
+        untried = [a for a in self._order if a not in self._started]
+        if not untried or self.deadline.expired():
+            return None
+        remaining = self.deadline.remaining()
+        if remaining is None:
+            timeout = self.policy.attempt_timeout_s
+        elif self.policy.hedge or not self.fail_over:
+            timeout = remaining  # a slow attempt is overtaken by the hedge, not cut short
+        else:
+            timeout = remaining / len(untried)  # leave the replicas after this one their share
+        self._started[untried[0]] = time.monotonic()
+        return untried[0], timeout
+
+    def hedge_after(self) -> float | None:
+        """Seconds to wait for the attempts in flight before starting another; None: until one ends."""
+        if not (self.policy.hedge and self.fail_over) or len(self._started) == len(self._order) \
+                or self.deadline.expired():
+            return None
+        since = time.monotonic() - max(self._started.values())
+        return max(0.0, self.replicas.hedge_delay(self.policy) - since)
+
+    def succeeded(self, address: str, in_flight: list[str]) -> None:
+        """`address` answered; the attempts still `in_flight` lost to it (their replicas go last)."""
+        self.replicas.succeeded(address, time.monotonic() - self._started[address])
+        for slower in in_flight:
+            self.replicas.failed(slower)
+
+    def failed(self, address: str, code: grpc.StatusCode, details: str | None) -> None:
+        """Takes an attempt's error; raises CallFailed when it is the call's answer."""
+        name = self.replicas.name
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline.expired():
+            raise CallFailed(code, f"deadline passed waiting for {name}")
+        retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED  # its own timeout
+        if not (retryable and self.fail_over):
+            raise CallFailed(code, details or code.name)
+        self.replicas.failed(address)
+        self._last = (code, f"{address}: {code.name} {details or ''}".rstrip())
+        log.warning("%s replica %s failed: %s", name, address, code.name)
+
+    def exhausted(self) -> CallFailed:
+        """Why the call ends with no attempt left: its deadline, or every replica failed."""
+        if self.deadline.expired() or self._last is None:
+            return CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {self.replicas.name}")
+        return ShardFailed(*self._last)
+
+
+async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awaitable]):
+    """Runs `attempts` with `call(address, timeout)`, an asyncio stub call; the first answer.
 
     Raises:
-        CallFailed: the deadline passed, a replica refused the request, or every replica failed.
+        CallFailed: the call's final status (ShardFailed when every replica failed).
     """
-    last: grpc.RpcError | None = None
-    for address in replicas.order():
-        if deadline.expired():
-            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed waiting for {replicas.name}")
-        try:
-            reply = getattr(stubs[address], method)(request, timeout=deadline.remaining(), metadata=metadata)
-            replicas.succeeded(address)
+    tasks: dict[asyncio.Future, str] = {}
+
+    def launch() -> bool:
+        chosen = attempts.start()
+        if chosen is not None:
+            tasks[asyncio.ensure_future(call(*chosen))] = chosen[0]
+        return chosen is not None
+
+    try:
+        while True:
+            if not tasks and not launch():
+                raise attempts.exhausted()
+            done, _ = await asyncio.wait(tasks, timeout=attempts.hedge_after(), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                launch()  # the hedge
+            for task in done:
+                address = tasks.pop(task)
+                try:
+                    reply = task.result()
+                except grpc.aio.AioRpcError as err:
+                    attempts.failed(address, err.code(), err.details())
+                    continue
+                attempts.succeeded(address, list(tasks.values()))
+                return reply
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def call_blocking(attempts: Attempts, call: Callable[[str, float | None], grpc.Future]):
+    """Runs `attempts` with `call(address, timeout)`, a blocking stub's `.future(...)`; the first answer.
+
+    Raises:
+        CallFailed: the call's final status (ShardFailed when every replica failed).
+    """
+    futures: dict[grpc.Future, str] = {}
+    ended: queue.SimpleQueue = queue.SimpleQueue()
+
+    def launch() -> bool:
+        chosen = attempts.start()
+        if chosen is not None:
+            future = call(*chosen)
+            futures[future] = chosen[0]
+            future.add_done_callback(ended.put)
+        return chosen is not None
+
+    try:
+        while True:
+            if not futures and not launch():
+                raise attempts.exhausted()
+            try:
+                future = ended.get(timeout=attempts.hedge_after())
+            except queue.Empty:
+                launch()  # the hedge
+                continue
+            address = futures.pop(future)
+            try:
+                reply = future.result()
+            except grpc.RpcError as err:
+                attempts.failed(address, err.code(), err.details())
+                continue
+            attempts.succeeded(address, list(futures.values()))
             return reply
-        except grpc.RpcError as err:
-            if err.code() not in RETRYABLE or not fail_over:
-                raise CallFailed(err.code(), err.details() or str(err)) from None
-            replicas.failed(address)
-            last = err
-            log.warning("%s replica %s failed: %s", replicas.name, address, err.code().name)
-    raise CallFailed(last.code(), f"{last.code().name} {last.details()}")
+    finally:
+        for future in futures:
+            future.cancel()

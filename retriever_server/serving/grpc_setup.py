@@ -23,10 +23,15 @@ def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# Failover is ours (serving.failover), so gRPC's own retries are off; a refused connection is retried
+# after 0.1 s, backing off to at most 1 s, so a restarted replica is back within about a second.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

@@ -23,7 +23,16 @@ from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.auth import bearer_metadata
 from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.security.tls import open_aio_channel
-from retriever_server.serving.failover import Deadline, ReplicaSet, ShardFailed, failure_message, search_replicas
+from retriever_server.serving.failover import (
+    Attempts,
+    CallFailed,
+    Deadline,
+    FailoverPolicy,
+    ReplicaSet,
+    ShardFailed,
+    call_async,
+    failure_message,
+)
 from retriever_server.serving.fanout import check_shards, replica_sets, view_of
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
@@ -53,6 +62,7 @@ class RouterConfig:
     metrics_host: str = "127.0.0.1"
     health_port: int | None = None  # a plaintext port for health checks alone (0: ephemeral)
     health_host: str = "127.0.0.1"
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)  # between the replicas of a shard
 
 
 class RouterService(BaseRetrieverService):
@@ -139,16 +149,29 @@ class RouterService(BaseRetrieverService):
                                f"{self.shard_request_bytes} bytes")
         return request, spec
 
+    async def _search_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, deadline: Deadline):
+        """One shard's answer, by the failover policy; RequestError when the call must fail whole."""
+        def attempt(address: str, timeout: float | None):
+            return self.stubs[address].Search(request, timeout=timeout, metadata=self.metadata)
+
+        try:
+            return await call_async(Attempts(replicas, self.config.failover, deadline), attempt)
+        except ShardFailed:
+            raise
+        except CallFailed as err:
+            message = err.message if err.code == grpc.StatusCode.DEADLINE_EXCEEDED else \
+                f"{replicas.name}: {err.message}"
+            raise RequestError(err.code, message) from None
+
     async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
         forwarded, spec = await self._off_loop(len(raw) // 4, self._checked, raw)
         deadline = Deadline(context.time_remaining())
-        outcomes = await asyncio.gather(
-            *(search_replicas(s, self.stubs, forwarded, deadline, self.metadata) for s in self.sets),
-            return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._search_shard(s, forwarded, deadline) for s in self.sets),
+                                        return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
                 raise outcome
-        failures = {s.name: str(o) for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
+        failures = {s.name: o.message for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
         answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
         if failures and (not spec.allow_partial or not answers):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))

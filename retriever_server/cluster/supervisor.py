@@ -1,0 +1,153 @@
+"""Child server processes kept running: each is restarted with backoff when it exits, on the port it
+had, so that whoever calls it (the router, a client) finds it at the same address again.
+
+A child writes its bound address to a JSON file once listening (`--address-file`) and answers health
+checks on a plaintext port (`--health-port 0`); `Child` reads both. `Supervisor` is a thread that
+watches the children, restarts the ones that exit, and logs each exit and each return to SERVING.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retriever_server.serving.grpc_setup import health_status
+
+log = logging.getLogger(__name__)
+
+
+def without_option(args: tuple[str, ...] | list[str], option: str) -> list[str]:
+    """`args` without `option` and the value after it, wherever it appears."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def child_environment() -> dict[str, str]:
+    """The servers' environment: every process here shares this machine's cores, so OpenMP threads
+    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When an exited child starts again: `first_delay_s` after its exit, doubling with each exit
+    that follows a short run, up to `max_delay_s`; a child that served `healthy_after_s` starts over."""
+
+    first_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    healthy_after_s: float = 30.0
+
+    def delay(self, quick_exits: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2 ** max(0, quick_exits - 1))
+
+
+@dataclass
+class Child:
+    """One server process: its command (argv names what it serves), log and address file."""
+
+    name: str
+    command: list[str]
+    log_file: Path
+    address_file: Path
+    popen: subprocess.Popen | None = None
+    address: str = ""
+    metrics_port: int | None = None
+    health_port: int | None = None
+    serving: bool = False
+    restarts: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    quick_exits: int = 0
+
+    def spawn(self) -> None:
+        """Starts the process (its log appended to on a restart), in a session of its own."""
+        self.address_file.unlink(missing_ok=True)
+        self.serving, self.health_port = False, None
+        with open(self.log_file, "a" if self.popen else "w") as out:
+            self.popen = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True, env=child_environment())
+        self.started_at = time.monotonic()
+
+    def exited(self) -> bool:
+        return self.popen is not None and self.popen.poll() is not None
+
+    def last_error(self) -> str:
+        lines = [line for line in self.log_file.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else f"exit code {self.popen.returncode}"
+
+    def check_serving(self) -> bool:
+        """Reads the address file once written, then asks the health port; True once SERVING. From then
+        on the command binds the same port, so a restart comes back at the same address."""
+        if not self.address_file.is_file():
+            return False
+        written = json.loads(self.address_file.read_text())
+        self.address, self.metrics_port = written["address"], written.get("metrics_port")
+        self.health_port = written.get("health_port")
+        if health_status(f"127.0.0.1:{self.health_port}", timeout=1.0) != "SERVING":
+            return False
+        self.serving = True
+        port = self.address.rsplit(":", 1)[1]
+        self.command = [*without_option(self.command, "--port"), "--port", port]
+        return True
+
+
+@dataclass
+class Supervisor:
+    """Restarts the children that exit, by `policy`, until `stop()`. `children` returns them (the
+    list may grow while it runs)."""
+
+    children: Callable[[], list[Child]]
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    poll_s: float = 0.2
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Supervisor:
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops restarting; returns once the thread has (children are the caller's to stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            for child in self.children():
+                try:
+                    self.tend(child)
+                except Exception:  # a health check or an address file that failed: try again next poll
+                    log.exception("supervising %s", child.name)
+
+    def tend(self, child: Child) -> None:
+        """One look at `child`: schedule the restart of an exit, restart when due, note a return."""
+        now = time.monotonic()
+        if child.restart_at is None and child.exited():
+            ran = now - child.started_at
+            child.quick_exits = 1 if ran >= self.policy.healthy_after_s else child.quick_exits + 1
+            delay = self.policy.delay(child.quick_exits)
+            child.restart_at = now + delay
+            log.warning("%s exited with code %s after %.1fs; restarting it in %.1fs", child.name,
+                        child.popen.returncode, ran, delay)
+        elif child.restart_at is not None and now >= child.restart_at:
+            child.restart_at = None
+            child.restarts += 1
+            child.spawn()
+        elif child.restarts and not child.serving and not child.exited() and child.check_serving():
+            log.warning("%s SERVING again at %s (restart %d)", child.name, child.address, child.restarts)

@@ -1,0 +1,133 @@
+"""Replicas that hang, die and come back, under `retriever-server serve` (LocalDeployment: real
+processes on loopback): a SIGSTOPped replica costs no request, to the router or to the client's own
+fan-out; a killed replica is restarted on its port and back in rotation; a shard with no replica left
+gives UNAVAILABLE naming it, or a partial answer when allowed, while the router stays up; a killed
+router comes back at its address."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build, synthetic
+
+from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.cluster.supervisor import Child, RestartPolicy
+from retriever_server.serving.client import RetrieverClient, RetrieverError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+N, D = 3000, 16
+QUERIES = 6
+
+
+@pytest.fixture(scope="module")
+def keys() -> np.ndarray:
+    return synthetic(N, D, seed=11)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("failover"), keys, "ds", shards=2, factory="IVF8,Flat")
+
+
+@pytest.fixture(scope="module")
+def deployment(datastore):
+    with LocalDeployment(datastore, replicas=2, restart_policy=RestartPolicy(first_delay_s=0.2)) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def expected(deployment, keys) -> np.ndarray:
+    with RetrieverClient(deployment.router_address) as client:
+        return client.search(keys[:QUERIES], k=5, nprobe=8).ids
+
+
+def wait_until(condition, seconds: float, poll_s: float = 0.05) -> bool:
+    """Polls `condition` until it holds or `seconds` pass; whether it held."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return condition()
+
+
+def back_serving(child: Child, pid: int) -> bool:
+    return child.popen.pid != pid and child.serving and not child.exited()
+
+
+def searches_served(child: Child) -> float:
+    """Searches the process answered OK since it started, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    lines = [line for line in text.splitlines()
+             if line.startswith("retriever_requests_total{") and 'method="Search"' in line and 'status="OK"' in line]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_a_hung_replica_costs_no_request(deployment, keys, expected):
+    """SIGSTOP one replica of shard 0: with a 1 s deadline, every one of 200 searches through the router,
+    and 200 through the client's own fan-out over the replicas, answers, with the same neighbours."""
+    hung = deployment.shards[0][0].popen.pid
+    os.kill(hung, signal.SIGSTOP)
+    failed = []
+    try:
+        with RetrieverClient(deployment.router_address, timeout=1.0) as router, \
+                RetrieverClient(deployment.shard_addresses, timeout=1.0) as fan_out:
+            for client in (router, fan_out):
+                for _ in range(200):
+                    try:
+                        ids = client.search(keys[:QUERIES], k=5, nprobe=8).ids
+                        if not np.array_equal(ids, expected):
+                            failed.append("different neighbours")
+                    except RetrieverError as err:
+                        failed.append(err.code.name)
+    finally:
+        os.kill(hung, signal.SIGCONT)
+    assert failed == []
+
+
+def test_a_killed_replica_is_restarted_on_its_port_and_back_in_rotation(deployment, keys, expected):
+    child = deployment.shards[1][0]
+    pid, address = child.popen.pid, child.address
+    deployment.kill(shard=1, replica=0)
+    with RetrieverClient(deployment.router_address, timeout=5) as client:
+        np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)  # the other one
+        assert wait_until(lambda: back_serving(child, pid), 60)
+        assert child.address == address and child.restarts >= 1
+        # The router's channel reconnects within its 1 s backoff and the replica's 2 s cooldown ends.
+        assert wait_until(lambda: client.search(keys[:QUERIES], k=5, nprobe=8) and searches_served(child) > 0, 5.0)
+
+
+def test_a_shard_without_replicas_leaves_the_router_up(deployment, keys, expected):
+    children = deployment.shards[1]
+    pids = [c.popen.pid for c in children]
+    for replica in range(2):
+        deployment.kill(shard=1, replica=replica)
+    with RetrieverClient(deployment.router_address, timeout=5) as client:
+        with pytest.raises(RetrieverError) as refused:
+            client.search(keys[:QUERIES], k=5, nprobe=8)
+        partial = client.search(keys[:QUERIES], k=5, nprobe=8, allow_partial=True)
+        assert wait_until(lambda: all(back_serving(c, p) for c, p in zip(children, pids)), 60)
+        assert wait_until(lambda: not client.search(keys[:QUERIES], k=5, nprobe=8, allow_partial=True).partial, 10)
+        np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "shard-00001" in refused.value.message
+    assert partial.partial and set(partial.failed_shards) == {"shard-00001"}
+    shard0 = partial.ids[partial.ids >= 0]
+    assert shard0.size and (shard0 < N // 2).all()  # shard 0's rows alone
+
+
+def test_a_killed_router_comes_back_at_its_address(deployment, keys, expected):
+    router = deployment.router
+    pid, address = router.popen.pid, router.address
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: back_serving(router, pid), 60)
+    assert router.address == address
+    with RetrieverClient(address, timeout=5) as client:
+        np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)
