@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -115,6 +116,16 @@ def build(tmp: Path, keys: np.ndarray, name: str, **kwargs) -> Path:
     out = tmp / name
     build_datastore(BuildConfig(keys=keys_path, out=out, payloads=payloads, **kwargs), progress=False)
     return out
+
+
+def damaged_copy(datastore: Path, to: Path, file: str, mask: int = 0xFF) -> Path:
+    """A copy of a datastore with one byte in the middle of `file` (relative to it) flipped by `mask`."""
+    shutil.copytree(datastore, to)
+    path = to / file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= mask
+    path.write_bytes(bytes(data))
+    return to
 
 
 def unsharded_reference(datastore: Path, keys: np.ndarray) -> faiss.Index:

@@ -11,13 +11,15 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import build, serve, synthetic
+from conftest import build, damaged_copy, serve, synthetic
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore import index as ix
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import make_request
 from retriever_server.serving.grpc_setup import health_status
+from retriever_server.serving.shard import ShardOptions
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 from retriever_server.wire.request import Limits
 
 pytestmark = pytest.mark.ray
@@ -215,6 +217,25 @@ def test_a_search_stops_at_its_deadline(aio, keys, datastore, monkeypatch):
         time.sleep(0.5)  # what the shard does after the caller's deadline, if anything
     late = [t for t in chunks if t > started + 0.3]
     assert len(chunks) < 40 and all(t < started + 0.3 + 0.1 for t in late), (len(chunks), late)
+
+
+def test_without_verification_a_corrupt_index_is_found_and_never_answers_again(aio, keys, datastore, tmp_path):
+    """--no-verify: a bit flipped among the vectors passes the size and header checks, so the shard
+    starts; the sha256 check that follows finds it, and from then on the shard is NOT_SERVING and
+    answers UNAVAILABLE (a router or client moves to another replica)."""
+    copy = damaged_copy(datastore, tmp_path / "copy", "shard-00000/index.faiss", mask=0x40)
+    config = ShardServerConfig(copy, 0, metrics_port=None, options=ShardOptions(verify=False))
+    running = aio.run(start_shard_server(config))
+    try:
+        deadline = time.monotonic() + 30
+        while health_status(running.address) == "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health_status(running.address) == "NOT_SERVING"
+        with grpc.insecure_channel(running.address) as channel:
+            code, message = call(channel, valid(keys).SerializeToString())
+        assert code == grpc.StatusCode.UNAVAILABLE and "index.faiss checksum does not match" in message, message
+    finally:
+        aio.run(running.drain(grace=0))
 
 
 def test_an_exclusion_bitmap_excludes_exactly_what_it_is_given():

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 import pytest
 import ray
-from conftest import build, synthetic
+from conftest import build, damaged_copy, synthetic
 from faiss.contrib.inspect_tools import get_invlist
 
 from retriever_server.datastore import build as build_module
@@ -23,7 +23,7 @@ from retriever_server.datastore import publish
 from retriever_server.datastore.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
 from retriever_server.datastore.build_inputs import check_inputs
 from retriever_server.datastore.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
-from retriever_server.serving.shard import Shard
+from retriever_server.serving.shard import Shard, ShardOptions
 
 pytestmark = [pytest.mark.ray]
 N, D = 6000, 32
@@ -79,19 +79,45 @@ def test_shards_share_one_trained_codec(datastore):
         np.testing.assert_array_equal(codebook, codebooks[0])
 
 
-def _corrupt(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_tampered_shard_file_is_refused_naming_it(datastore, tmp_path):
-    copy = tmp_path / "copy"
-    subprocess.run(["cp", "-r", str(datastore), str(copy)], check=True)
-    _corrupt(copy / "shard-00001" / "payload.values.npy")
+    copy = damaged_copy(datastore, tmp_path / "copy", "shard-00001/payload.values.npy")
     Shard.open(copy, 0)  # other shards still load
     with pytest.raises(DatastoreError, match=r"shard-00001/payload.values.npy checksum does not match"):
         Shard.open(copy, 1)
+
+
+def test_two_builds_of_identical_inputs_have_one_checksum(datastore, keys, tmp_path):
+    """Another build of the same inputs, from another directory and at another time, on whatever Ray
+    nodes: the same files, checksum and version; only the build record (outside the hash) differs."""
+    values = np.arange(N, dtype=np.int32) * 7
+    tokens = np.arange(N * 4, dtype=np.int32).reshape(N, 4)
+    again = build(tmp_path, keys, "again", shards=3, keep_keys=True, factory="IVF32,PQ8", seed=5,
+                  payload_arrays={"values": values, "tokens": tokens})
+    first, second = read_manifest(datastore), read_manifest(again)
+    assert [s.files for s in first.shards] == [s.files for s in second.shards]
+    assert (second.checksum, second.version) == (first.checksum, first.version)
+    assert first.build["keys"] != second.build["keys"]  # recorded, not hashed
+    body = json.loads((again / "manifest.json").read_text())
+    assert body["checksum"] == first.checksum and body["version"] == first.version
+
+
+def test_headers_are_checked_without_full_verification(datastore, tmp_path):
+    """With verify off, sizes and headers still are: a FAISS header or a .npy header that disagrees
+    with the manifest is refused, naming the file and the field."""
+    entry = read_manifest(datastore).shards[0]
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(datastore), str(copy)], check=True)
+    index_path = copy / "shard-00000" / "index.faiss"
+    data = bytearray(index_path.read_bytes())
+    data[8:16] = np.int64(entry.ntotal + 1).tobytes()  # ntotal, after the fourcc and d
+    index_path.write_bytes(bytes(data))
+    with pytest.raises(DatastoreError, match=r"shard-00000/index.faiss header has ntotal 2001; the manifest says 2000"):
+        Shard.open(copy, 0, ShardOptions(verify=False))
+    keys_path = copy / "shard-00001" / "keys.npy"
+    np.save(keys_path, np.load(keys_path).T.copy())  # same bytes, shape (d, n)
+    with pytest.raises(DatastoreError, match=r"shard-00001/keys.npy header says float16 \(32, 2000\)"):
+        Shard.open(copy, 1, ShardOptions(verify=False))
+    Shard.open(copy, 2, ShardOptions(verify=False))
 
 
 def test_edited_manifest_and_wrong_format_are_refused(datastore, tmp_path):

@@ -4,7 +4,6 @@ deployment, and a removed node's replica restarted elsewhere and found again by 
 
 import json
 import logging
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same_neighbours, build, simulated_cluster, synthetic, unsharded_reference
+from conftest import assert_same_neighbours, build, damaged_copy, simulated_cluster, synthetic, unsharded_reference
 
 from retriever_server import cli
 from retriever_server.cluster.placement import NodeSlot, PlacementError, plan_placement
@@ -145,12 +144,7 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
 def test_a_replica_that_cannot_load_its_shard_is_named_and_nothing_is_left_running(cluster, datastore, tmp_path):
     from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment
 
-    damaged = tmp_path / "damaged"
-    shutil.copytree(datastore, damaged)
-    payload = damaged / "shard-00001" / "payload.values.npy"
-    data = bytearray(payload.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    payload.write_bytes(bytes(data))
+    damaged = damaged_copy(datastore, tmp_path / "damaged", "shard-00001/payload.values.npy")
     with pytest.raises(DeploymentError, match=r"bad/shard-1/replica-0 did not start: .*shard-00001/payload.values.npy "
                                               r"checksum does not match"):
         RayDeployment(config(damaged, "bad", replicas=1)).start()

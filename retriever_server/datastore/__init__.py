@@ -1,6 +1,7 @@
 """The datastore on disk and the job that builds it.
 
 - `manifest`: `manifest.json`, shard entries, checksums, `read_manifest`, `DatastoreError`;
+- `headers`: the cheap checks a shard makes on every open (index header and list sizes, array shapes);
 - `index`: everything FAISS: factory strings, seeded training, adding with global ids, load, search;
 - `row_parts`: one (N, ...) array stored as several .npy files (`NAME.parts.json`);
 - `build_inputs`: what a build is asked to do, checked before any work starts;

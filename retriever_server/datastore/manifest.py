@@ -19,6 +19,8 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Metadata that says where something was on the machine that built the datastore, not what it holds.
+LOCATION_METADATA = frozenset({"encoder_checkpoint"})
 
 
 class DatastoreError(Exception):
@@ -52,7 +54,12 @@ class PayloadSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything a server needs to know about a datastore before it opens a shard."""
+    """Everything a server needs to know about a datastore before it opens a shard.
+
+    `checksum` and `version` depend on the contents alone (every file's sha256, the index and payload
+    descriptions, the metadata): two builds of identical inputs have the same. `build` (seed, timing,
+    Ray nodes, input paths) and the location entries of `metadata` are recorded outside the hash.
+    """
 
     dimension: int
     metric: str
@@ -75,9 +82,17 @@ class Manifest:
 
     @cached_property
     def checksum(self) -> str:
-        """sha256 of the manifest's canonical JSON, which holds every file's sha256."""
-        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        """sha256 of the canonical JSON of the contents: every file's sha256 and the descriptions,
+        without `build` or the location metadata."""
+        body = asdict(self)
+        del body["build"]
+        body["metadata"] = {k: v for k, v in self.metadata.items() if k not in LOCATION_METADATA}
+        return _sha256_json(body)
+
+    @cached_property
+    def whole_checksum(self) -> str:
+        """The checksum of manifests written before it left out `build`: the sha256 of everything."""
+        return _sha256_json(asdict(self))
 
     @cached_property
     def version(self) -> str:
@@ -86,6 +101,10 @@ class Manifest:
 
     def payload(self, name: str) -> PayloadSpec:
         return next(p for p in self.payloads if p.name == name)
+
+
+def _sha256_json(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _from_json(body: dict) -> Manifest:
@@ -117,10 +136,10 @@ def read_manifest(directory: Path) -> Manifest:
         )
     try:
         manifest = _from_json(body)
-        checksum = manifest.checksum
+        checksums = (manifest.checksum, manifest.whole_checksum)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise DatastoreError(f"{path} is missing or has a malformed field: {type(err).__name__}: {err}") from None
-    if body.get("checksum") != checksum:
+    if body.get("checksum") not in checksums:
         raise DatastoreError(f"{path} checksum does not match its contents (edited or corrupted)")
     return manifest
 

@@ -12,5 +12,6 @@
 - `metrics`: Prometheus metrics of one server.
 
 Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.security,
-    retriever_server.logs, retriever_server.datastore.index, retriever_server.datastore.manifest
+    retriever_server.logs, retriever_server.datastore.index, retriever_server.datastore.manifest,
+    retriever_server.datastore.headers
 """

@@ -150,8 +150,9 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def mark_ready(self) -> None:
-        await set_serving(self.health, True)
+    async def mark_ready(self, serving: bool = True) -> None:
+        """Health SERVING (or, with serving=False, NOT_SERVING again: the service cannot answer)."""
+        await set_serving(self.health, serving)
 
     def reload_security(self) -> None:
         """Reads the TLS files and the token file again, changed or not."""

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore import index as ix
+from retriever_server.datastore.headers import load_checked_array, read_checked_index
 from retriever_server.datastore.manifest import Manifest, ShardEntry, read_manifest, verify_shard
 from retriever_server.serving.merge import rank_neighbours
 from retriever_server.wire.request import NO_EXCLUSION, DatastoreView, ExclusionKey, SearchSpec
@@ -60,7 +61,7 @@ class Shard:
         self.entry = entry
         self.options = options
         base = self.directory / entry.name
-        self.index = ix.read_index(base / "index.faiss", mmap=options.mmap)
+        self.index = read_checked_index(base / "index.faiss", manifest, entry, mmap=options.mmap)
         # GPU indexes are not thread-safe and take no id selectors: searches with exclusions use
         # the memory-mapped CPU index, the others take turns on the GPU.
         self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
@@ -68,12 +69,16 @@ class Shard:
         self.threads = options.threads or faiss.omp_get_max_threads()
         self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
                                    {p.name: nbytes(p.dtype, p.row_shape) for p in manifest.payloads}, manifest.version)
-        self.keys = np.load(base / "keys.npy", mmap_mode="r") if manifest.has_keys else None
-        self.payloads = {p.name: np.load(base / f"payload.{p.name}.npy", mmap_mode="r") for p in manifest.payloads}
+        n = entry.ntotal
+        self.keys = load_checked_array(base / "keys.npy", "float16", (n, manifest.dimension)) \
+            if manifest.has_keys else None
+        self.payloads = {p.name: load_checked_array(base / f"payload.{p.name}.npy", p.dtype, (n, *p.row_shape))
+                         for p in manifest.payloads}
 
     @classmethod
     def open(cls, directory: Path, shard: int, options: ShardOptions = ShardOptions()) -> Shard:
-        """Reads the manifest, checks the shard's files, and loads it; raises DatastoreError."""
+        """Reads the manifest, checks the shard's files (sizes, and sha256 unless `options.verify` is
+        off) and their headers, and loads it; raises DatastoreError naming the file at fault."""
         manifest = read_manifest(directory)
         if not 0 <= shard < len(manifest.shards):
             raise ValueError(f"shard {shard} out of range: the datastore has {len(manifest.shards)} shards")

@@ -1,7 +1,10 @@
 """The shard server: one datastore shard behind the Retriever gRPC service.
 
 The port is bound at once and health says NOT_SERVING while the shard loads (checksums verified,
-index memory-mapped); then SERVING. FAISS runs in a thread pool, off the event loop. SIGTERM drains.
+headers checked, index memory-mapped); then SERVING. With verification off (`--no-verify`) the sha256
+check runs after SERVING, in the background; files that fail it turn the shard NOT_SERVING for good,
+answering UNAVAILABLE, so routers and clients move to another replica. FAISS runs in a thread pool, off
+the event loop. SIGTERM drains.
 
 Run it with `retriever-server serve --datastore DIR --shard I`.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.datastore.manifest import DatastoreError
+from retriever_server.datastore.manifest import DatastoreError, verify_shard
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
@@ -60,6 +63,7 @@ class ShardService(BaseRetrieverService):
         self.config = config
         self.shard: Shard | None = None
         self.load_error: str | None = None
+        self.broken: str | None = None  # why the files failed the sha256 check run after SERVING
         self.pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="faiss")
 
     def load(self) -> Shard:
@@ -74,6 +78,8 @@ class ShardService(BaseRetrieverService):
     def not_ready_error(self) -> RequestError | None:
         if self.load_error is not None:
             return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"shard failed to load: {self.load_error}")
+        if self.broken is not None:
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"shard files failed verification: {self.broken}")
         if self.shard is None:
             return RequestError(grpc.StatusCode.UNAVAILABLE, "shard is loading; retry when health is SERVING")
         return None
@@ -148,6 +154,8 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
         log.info("shard %d of %s SERVING on %s", config.shard, config.datastore, running.address)
 
     task = asyncio.ensure_future(load())
+    if not config.options.verify:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() or _verify_in_background(service, running))
     running.ready = task
     if wait_loaded:
         try:
@@ -158,3 +166,27 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
     else:
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
     return running
+
+
+def _verify_in_background(service: ShardService, running: RunningServer) -> None:
+    """Checks the loaded shard's sha256 in a daemon thread; on a mismatch marks it broken: health
+    NOT_SERVING and every request UNAVAILABLE, for good (its files are not what the manifest says)."""
+    loop = asyncio.get_running_loop()
+    shard = service.shard
+
+    def verify() -> None:
+        try:
+            verify_shard(shard.directory, shard.entry, full=True)
+        except (DatastoreError, OSError) as err:
+            why = str(err)
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_broken(service, running, why)))
+            return
+        log.info("%s verified (sha256) while serving", shard.entry.name)
+
+    threading.Thread(target=verify, name="verify", daemon=True).start()
+
+
+async def _broken(service: ShardService, running: RunningServer, why: str) -> None:
+    service.broken = why
+    log.error("%s answers nothing from now on: %s", service.shard.entry.name, why)
+    await running.mark_ready(serving=False)
