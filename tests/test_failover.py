@@ -101,6 +101,10 @@ def test_a_killed_replica_is_restarted_on_its_port_and_back_in_rotation(deployme
         np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)  # the other one
         assert wait_until(lambda: back_serving(child, pid), 60)
         assert child.address == address and child.restarts >= 1
+        argv = Path(f"/proc/{child.popen.pid}/cmdline").read_bytes().split(b"\0")
+        ppid = int(Path(f"/proc/{child.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert ppid == os.getpid() and b"--shard" in argv and argv[argv.index(b"--shard") + 1] == b"1" \
+            and argv[argv.index(b"--replica") + 1] == b"0"  # still this process's child, named by its argv
         # The router's channel reconnects within its 1 s backoff and the replica's 2 s cooldown ends.
         assert wait_until(lambda: client.search(keys[:QUERIES], k=5, nprobe=8) and searches_served(child) > 0, 5.0)
 

@@ -132,45 +132,68 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     return gpu_index
 
 
-MANY_RANGES = 32  # more ranges than this are laid into the bitmap by one pass over their span
-
-
-def _mark_ranges(bitmap: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> None:
-    """Sets the bits of non-overlapping [start, end) id ranges."""
-    if len(ranges) > MANY_RANGES:
-        starts, ends = np.array(ranges, dtype=np.int64).T
-        base = int(starts.min()) & ~7
-        edges = np.zeros(int(ends.max()) - base + 1, dtype=np.int32)
-        np.add.at(edges, starts - base, 1)
-        np.add.at(edges, ends - base, -1)
-        covered = np.packbits(np.cumsum(edges[:-1]) > 0, bitorder="little")
-        bitmap[base // 8:base // 8 + len(covered)] |= covered
+def _mark_ids(bitmap: np.ndarray, ids: np.ndarray) -> None:
+    """Sets the bits of sorted, unique ids (bits that share a byte are summed into it at once)."""
+    if not len(ids):
         return
-    for start, end in ranges:
-        full_from, full_to = -(-start // 8), end // 8
-        if full_from < full_to:
-            bitmap[full_from:full_to] = 0xFF
-            loose = np.r_[start:min(end, full_from * 8), max(start, full_to * 8):end]
-        else:
-            loose = np.arange(start, end)
-        np.bitwise_or.at(bitmap, loose >> 3, (1 << (loose & 7)).astype(np.uint8))
+    byte = ids >> 3
+    first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+    bitmap[byte[first]] |= np.add.reduceat((1 << (ids & 7)).astype(np.uint8), first)
 
 
-def id_selector(excluded_ids: tuple[int, ...], ranges: tuple[tuple[int, int], ...]):
-    """A FAISS selector accepting every id except the given ids and non-overlapping [start, end) ranges;
-    None if there are none.
+WHOLE_BYTES_AT_ONCE = 1 << 20  # ranges covering fewer whole bytes than this are set by one indexed write
 
-    The excluded ids are bits of one bitmap (`IDSelectorBitmap`), so whatever their number a candidate
+
+def _mark_ranges(bitmap: np.ndarray, ranges: np.ndarray) -> None:
+    """Sets the bits of disjoint [start, end) id ranges (m, 2): the whole bytes inside each range, then
+    the loose bits at either end of it (at most 15 per range)."""
+    if not len(ranges):
+        return
+    starts, ends = ranges[:, 0], ranges[:, 1]
+    full_from, full_to = -(-starts // 8), ends // 8
+    whole = full_from < full_to
+    lengths = (full_to - full_from)[whole]
+    if lengths.sum() <= WHOLE_BYTES_AT_ONCE:
+        offsets = np.repeat(full_from[whole] - np.cumsum(lengths) + lengths, lengths)
+        bitmap[offsets + np.arange(lengths.sum())] = 0xFF
+    else:
+        for a, b in zip(full_from[whole].tolist(), full_to[whole].tolist()):
+            bitmap[a:b] = 0xFF
+    steps = np.arange(16)
+    head = starts[:, None] + steps  # (m, 16)
+    head = head[head < np.where(whole, full_from * 8, ends)[:, None]]
+    tail = (full_to * 8)[:, None] + steps
+    tail = tail[whole[:, None] & (tail < ends[:, None])]
+    _mark_ids(bitmap, np.sort(np.concatenate([head, tail])))  # disjoint ranges: no bit twice
+
+
+def range_selector(start: int, end: int):
+    """A FAISS selector accepting every id outside [start, end)."""
+    excluded = faiss.IDSelectorRange(start, end)
+    selector = faiss.IDSelectorNot(excluded)
+    selector.referenced_objects = (excluded,)  # SWIG does not keep the child alive
+    return selector
+
+
+def id_selector(excluded_ids, ranges):
+    """A FAISS selector accepting every id except the given ids and disjoint [start, end) ranges
+    (sequences or arrays: (n,) ids, (m, 2) ranges); None if there are none.
+
+    The excluded rows are bits of one bitmap (`IDSelectorBitmap`), so whatever their number a candidate
     is checked in constant time; the bitmap spans ids up to the largest excluded one (ids past it are
     accepted without a look), and its untouched pages cost no memory.
     """
     ids = np.asarray(excluded_ids, dtype=np.int64)
-    end = max([int(ids.max()) + 1 if len(ids) else 0] + [e for _, e in ranges])
+    if not (ids[1:] > ids[:-1]).all():
+        ids = np.unique(ids)
+    ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    if not len(ids) and len(ranges) == 1:  # one range (a query's own document): no bitmap to fill
+        return range_selector(int(ranges[0, 0]), int(ranges[0, 1]))
+    end = max(int(ids[-1]) + 1 if len(ids) else 0, int(ranges[:, 1].max()) if len(ranges) else 0)
     if end == 0:
         return None
     bitmap = np.zeros((end + 7) // 8, dtype=np.uint8)
-    if len(ids):
-        np.bitwise_or.at(bitmap, ids >> 3, (1 << (ids & 7)).astype(np.uint8))
+    _mark_ids(bitmap, ids)
     _mark_ranges(bitmap, ranges)
     excluded = faiss.IDSelectorBitmap(bitmap)
     selector = faiss.IDSelectorNot(excluded)
@@ -187,3 +210,42 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selecto
     if isinstance(index, faiss.IndexPreTransform) and params is not None:
         params = faiss.SearchParametersPreTransform(index_params=params)
     return index.search(queries, k, params=params)
+
+
+def bitmap_selectors(count: int, width: int, ids: np.ndarray, ranges: np.ndarray) -> list:
+    """`count` selectors, selector i excluding the ids and ranges among [i * width, (i + 1) * width)
+    (shifted down by i * width), from one bitmap marked in one pass for all of them. `ids` sorted
+    and unique, `ranges` (m, 2) sorted and disjoint, as `Exclusions.side_by_side` gives them."""
+    row_bytes = (width + 7) // 8
+    bitmap = np.zeros(count * row_bytes, dtype=np.uint8)  # untouched pages cost no memory
+    _mark_ids(bitmap, ids + ids // width * (row_bytes * 8 - width))  # rows start on whole bytes
+    place = ranges[:, :1] // width  # a range ends at its row's end at most
+    _mark_ranges(bitmap, ranges + place * (row_bytes * 8 - width))
+    selectors = []
+    for i in range(count):
+        row = bitmap[i * row_bytes:(i + 1) * row_bytes]
+        excluded = faiss.IDSelectorBitmap(row)
+        selector = faiss.IDSelectorNot(excluded)
+        selector.referenced_objects = (excluded, bitmap)  # SWIG does not keep the children alive
+        selectors.append(selector)
+    return selectors
+
+
+def search_each(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selectors: list):
+    """Searches each query with its own selector (None: none); the same as `search` on each query
+    alone. For a plain IVF index the coarse quantizer runs once for the whole batch and each query then
+    scans its lists alone; other indexes search query by query. Returns distances (nq, k) float32 and
+    ids (nq, k) int64."""
+    if not isinstance(index, faiss.IndexIVF):
+        found = [search(index, queries[i:i + 1], k, nprobe, selector) for i, selector in enumerate(selectors)]
+        return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    coarse_distances, coarse_ids = index.quantizer.search(queries, nprobe)  # (nq, nprobe) each
+    distances = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for i, selector in enumerate(selectors):
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+        index.search_preassigned_c(1, faiss.swig_ptr(queries[i]), k, faiss.swig_ptr(coarse_ids[i]),
+                                   faiss.swig_ptr(coarse_distances[i]), faiss.swig_ptr(distances[i]),
+                                   faiss.swig_ptr(ids[i]), False, params)
+    return distances, ids

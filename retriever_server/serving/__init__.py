@@ -5,6 +5,7 @@
 - `shard_server`: a shard behind the Retriever service;
 - `router`: the Retriever service in front of S shards x R replicas;
 - `merge`: ordering neighbours and the exact top-k merge of per-shard results;
+- `overfetch`: per-query exclusions in one batched search (fetch more, drop the excluded);
 - `failover`: which replica to try next, deadlines, and the router's and the client's retry loops;
 - `fanout`: the `--shards` syntax, replica sets, the one-whole-datastore check;
 - `client`: `RetrieverClient` (import it from `retriever_server.client`);

@@ -63,8 +63,9 @@ class Exclude:
     ranges: Sequence[tuple[int, int]] = ()
 
     def to_proto(self) -> pb.Exclusion:
-        return pb.Exclusion(ids=[int(i) for i in self.ids],
-                            ranges=[pb.IdRange(start=int(s), end=int(e)) for s, e in self.ranges])
+        ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else self.ids
+        ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else self.ranges
+        return pb.Exclusion(ids=ids, ranges=[pb.IdRange(start=s, end=e) for s, e in ranges])
 
 
 def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,

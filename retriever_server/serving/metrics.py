@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -23,6 +24,13 @@ class ServerMetrics:
         self.inflight = Gauge("retriever_inflight_requests", "Requests being served", registry=self.registry)
         self.role = role
         self._http = None
+
+    def watch_hedge_delays(self, delays: dict[str, Callable[[], float]]) -> None:
+        """Exports each shard's current hedge delay (seconds; NaN with hedging off), read when scraped."""
+        gauge = Gauge("retriever_hedge_delay_seconds", "How long an attempt on a shard waits before a hedged "
+                      "second one to another replica", ["shard"], registry=self.registry)
+        for shard, delay in delays.items():
+            gauge.labels(shard).set_function(delay)
 
     def observe(self, method: str, status: str, seconds: float, nq: int = 0) -> None:
         self.latency.labels(method).observe(seconds)

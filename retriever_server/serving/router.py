@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -74,6 +75,7 @@ class RouterService(BaseRetrieverService):
         super().__init__(config.limits, ServerMetrics("router"))
         self.config = config
         self.sets = replica_sets([list(s) for s in config.shards])
+        self.metrics.watch_hedge_delays({s.name: self._hedge_delay_of(s) for s in self.sets})
         self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
                          for s in config.shards for a in s}
         self.metadata = bearer_metadata(config.shard_security.bearer_token())
@@ -83,6 +85,10 @@ class RouterService(BaseRetrieverService):
         self.config_error: str | None = None
         self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
+
+    def _hedge_delay_of(self, replicas: ReplicaSet) -> Callable[[], float]:
+        policy = self.config.failover
+        return lambda: replicas.hedge_delay(policy) if policy.hedge else float("nan")
 
     def not_ready_error(self) -> RequestError | None:
         if self.config_error is not None:
@@ -138,7 +144,7 @@ class RouterService(BaseRetrieverService):
         """The request parsed and checked, and what is forwarded: its known fields alone (unknown fields
         are dropped, not carried to the shards), the answer whole, this datastore's version required."""
         request = decode_search(raw)
-        spec = parse_search(request, self.view, self.limits)
+        spec = parse_search(request, self.view, self.limits, read_exclusions=False)
         request.DiscardUnknownFields()
         request.allow_partial = False
         request.expected_datastore_version = self.view.version

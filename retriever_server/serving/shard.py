@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,9 @@ from retriever_server.datastore import index as ix
 from retriever_server.datastore.headers import load_checked_array, read_checked_index
 from retriever_server.datastore.manifest import Manifest, ShardEntry, read_manifest, verify_shard
 from retriever_server.serving.merge import rank_neighbours
-from retriever_server.wire.request import NO_EXCLUSION, DatastoreView, ExclusionKey, SearchSpec
+from retriever_server.serving.overfetch import OVERFETCH_BUCKETS, drop_excluded, overfetch
+from retriever_server.wire.exclusions import Exclusions
+from retriever_server.wire.request import DatastoreView, SearchSpec
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import nbytes
 
@@ -30,6 +31,8 @@ SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP tea
 FIRST_CHUNK = 64  # queries of a search's first chunk; later chunks are sized by the time it took...
 CHUNK_SECONDS = 0.02  # ...to about this, so a stop is noticed within about this long
 MAX_CHUNK = 16384
+EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
+GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
 StopCheck = Callable[[], bool] | None
 
 
@@ -66,6 +69,7 @@ class Shard:
         # the memory-mapped CPU index, the others take turns on the GPU.
         self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
         self.gpu_lock = threading.Lock()
+        self._missing = np.float32(np.inf if manifest.metric == "l2" else -np.inf)  # a neighbour not found
         self.threads = options.threads or faiss.omp_get_max_threads()
         self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
                                    {p.name: nbytes(p.dtype, p.row_shape) for p in manifest.payloads}, manifest.version)
@@ -99,13 +103,6 @@ class Shard:
                 return ix.search(self.gpu_index, queries, m, nprobe)
         return ix.search(self.index, queries, m, nprobe, selector)
 
-    def _within(self, key: ExclusionKey) -> ExclusionKey:
-        """The part of an exclusion that falls in this shard's ids (the rest cannot be found here)."""
-        lo, hi = self.entry.id_start, self.entry.id_end
-        ids = tuple(i for i in key[0] if lo <= i < hi)
-        ranges = tuple((max(s, lo), min(e, hi)) for s, e in key[1] if s < hi and e > lo)
-        return ids, ranges
-
     def _search_rows(self, queries: np.ndarray, m: int, nprobe: int, selector, stop: StopCheck):
         """Searches in chunks sized to take about CHUNK_SECONDS each, checking `stop` before each one."""
         distances = np.empty((len(queries), m), dtype=np.float32)
@@ -122,17 +119,56 @@ class Shard:
             start = end
         return distances, ids
 
+    def _selectors(self, exclusions: Exclusions, rows: np.ndarray) -> list:
+        """One selector per query of `rows`: a range selector for a query excluding one range, else
+        a bitmap over the shard's ids (all of them marked in one pass)."""
+        lone = exclusions.lone_ranges(rows)
+        selectors = [ix.range_selector(start, end) if start >= 0 else None for start, end in lone.tolist()]
+        others = np.flatnonzero(lone[:, 0] < 0)
+        if len(others):
+            width = self.entry.id_end  # FAISS asks a bitmap about global ids
+            marked = ix.bitmap_selectors(len(others), width, *exclusions.side_by_side(rows[others], width))
+            for i, selector in zip(others.tolist(), marked):
+                selectors[i] = selector
+        return selectors
+
+    def _search_each(self, spec: SearchSpec, exclusions: Exclusions, rows: np.ndarray, stop: StopCheck):
+        """Queries `rows`, each with a selector of its own exclusion, EACH_CHUNK at a time (checking
+        `stop` between chunks), on one thread: one query's lists are too little work to share."""
+        found = []
+        for start in range(0, len(rows), EACH_CHUNK):
+            if stop is not None and stop():
+                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            chunk = rows[start:start + EACH_CHUNK]
+            selectors = self._selectors(exclusions, chunk)
+            faiss.omp_set_num_threads(1)
+            found.append(ix.search_each(self.index, spec.queries[chunk], spec.candidates, spec.nprobe, selectors))
+        return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
+
     def _search_candidates(self, spec: SearchSpec, stop: StopCheck) -> tuple[np.ndarray, np.ndarray]:
-        groups: dict[ExclusionKey, list[int]] = defaultdict(list)
-        for row, key in enumerate(spec.exclusions):
-            groups[self._within(key) if key != NO_EXCLUSION else key].append(row)
+        """Candidates (nq, m): queries with exclusions in batches that fetch more neighbours
+        (`overfetch`); those left with too few, each again alone with its own selector."""
         m = spec.candidates
         distances = np.empty((spec.nq, m), dtype=np.float32)
         ids = np.empty((spec.nq, m), dtype=np.int64)
-        for key, rows in groups.items():
-            selector = ix.id_selector(*key)
-            queries = spec.queries if len(rows) == spec.nq else spec.queries[rows]
-            distances[rows], ids[rows] = self._search_rows(queries, m, spec.nprobe, selector, stop)
+        exclusions = spec.exclusions.within(self.entry.id_start, self.entry.id_end)
+        if not exclusions:
+            distances[:], ids[:] = self._search_rows(spec.queries, m, spec.nprobe, None, stop)
+            return distances, ids
+        sizes = exclusions.rows()
+        extra = overfetch(sizes, self.entry.ntotal, OVERFETCH_BUCKETS[-1] if self.gpu_index is None else GPU_MAX_K - m)
+        again = []
+        for bound in np.unique(extra).tolist():
+            batched = np.flatnonzero(extra == bound)
+            found = self._search_rows(spec.queries[batched], m + bound, spec.nprobe, None, stop)
+            if not sizes[batched].any():
+                distances[batched], ids[batched] = found
+                continue
+            distances[batched], ids[batched], short = drop_excluded(*found, exclusions, batched, m, self._missing)
+            again.append(batched[short])
+        alone = np.concatenate(again) if again else np.zeros(0, dtype=np.int64)
+        if len(alone):
+            distances[alone], ids[alone] = self._search_each(spec, exclusions, alone, stop)
         return distances, ids
 
     def _local_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.wire.exclusions import ExclusionError, Exclusions
 from retriever_server.wire.tensors import TensorError, from_tensor
 from retriever_server.wire.untrusted import safe_text
 
@@ -40,10 +41,10 @@ class Limits:
     max_neighbours: int = 4 * 1024 * 1024
     max_request_bytes: int = 256 * 1024 * 1024
     max_inflight: int = 64
-    max_excluded: int = 1_000_000
-    max_excluded_ranges: int = 100_000
-    max_excluded_per_query: int = 4096
-    max_excluded_ranges_per_query: int = 256
+    max_excluded: int = 16384
+    max_excluded_ranges: int = 16384
+    max_excluded_per_query: int = 32
+    max_excluded_ranges_per_query: int = 4
     max_payloads: int = 16
     max_string: int = 256
     max_response_bytes: int = 768 * 1024 * 1024
@@ -65,11 +66,6 @@ class DatastoreView:
         return frozenset(self.payload_row_bytes)
 
 
-# One query's exclusions, hashable so that queries excluding the same rows are searched together.
-ExclusionKey = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
-NO_EXCLUSION: ExclusionKey = ((), ())
-
-
 @dataclass(frozen=True)
 class SearchSpec:
     """A checked Search request; `queries` is float32 (nq, d)."""
@@ -81,7 +77,7 @@ class SearchSpec:
     rerank_candidates: int
     payloads: tuple[str, ...]
     return_keys: bool
-    exclusions: tuple[ExclusionKey, ...]  # one per query
+    exclusions: Exclusions | None  # None: checked, not kept (a router's)
     allow_partial: bool
 
     @property
@@ -156,34 +152,6 @@ def _check_ints(k: int, nprobe: int, rerank: bool, candidates: int, view: Datast
         )
 
 
-def _exclusion_key(message: pb.Exclusion, field: str) -> ExclusionKey:
-    for i, r in enumerate(message.ranges):
-        if r.start < 0 or r.end < r.start:
-            raise _invalid(f"{field}.ranges[{i}] must satisfy 0 <= start <= end, got [{r.start}, {r.end})")
-    if any(i < 0 for i in message.ids):
-        raise _invalid(f"{field}.ids must be non-negative row ids")
-    return tuple(sorted(set(int(i) for i in message.ids))), merge_ranges((r.start, r.end) for r in message.ranges)
-
-
-def merge_ranges(ranges) -> tuple[tuple[int, int], ...]:
-    """Sorted, non-empty, non-overlapping ranges covering the same ids (adjacent ones joined)."""
-    merged: list[list[int]] = []
-    for start, end in sorted((int(s), int(e)) for s, e in ranges if e > s):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return tuple((s, e) for s, e in merged)
-
-
-def _merge_keys(a: ExclusionKey, b: ExclusionKey) -> ExclusionKey:
-    if a == NO_EXCLUSION:
-        return b
-    if b == NO_EXCLUSION:
-        return a
-    return tuple(sorted(set(a[0]) | set(b[0]))), merge_ranges(a[1] + b[1])
-
-
 def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
     """The exclusion limits, by counting alone (before any exclusion is read)."""
     per_query, common = request.exclude_per_query, request.exclude
@@ -203,17 +171,15 @@ def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
                          f"{limits.max_excluded_ranges_per_query} per query")
 
 
-def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits) -> tuple[ExclusionKey, ...]:
-    """One exclusion key per query: the request-wide exclusion merged with the per-query one."""
-    per_query = request.exclude_per_query
-    if len(per_query) not in (0, nq):
-        raise _invalid(f"exclude_per_query has {len(per_query)} entries but there are {nq} queries")
+def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_only: bool = False) -> Exclusions | None:
+    """Every query's exclusions: the request-wide one and each query's own (None: only checked)."""
+    if len(request.exclude_per_query) not in (0, nq):
+        raise _invalid(f"exclude_per_query has {len(request.exclude_per_query)} entries but there are {nq} queries")
     _check_exclusion_counts(request, limits)
-    common = _exclusion_key(request.exclude, "exclude")
-    if not per_query:
-        return (common,) * nq
-    keys = [_merge_keys(common, _exclusion_key(e, f"exclude_per_query[{i}]")) for i, e in enumerate(per_query)]
-    return tuple(keys)
+    try:
+        return Exclusions.parse(request, nq, check_only)
+    except ExclusionError as err:
+        raise _invalid(str(err)) from None
 
 
 def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
@@ -256,9 +222,11 @@ def _check_work(nq: int, request: pb.SearchRequest, limits: Limits) -> None:
                          f"limit of {limits.max_neighbours}; split the batch")
 
 
-def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits) -> SearchSpec:
+def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits,
+                 read_exclusions: bool = True) -> SearchSpec:
     """Checks a SearchRequest against the datastore and the limits, every limit before any query is
-    read; raises RequestError."""
+    read; raises RequestError. Without `read_exclusions` (a router, which forwards them to its shards)
+    exclusions are checked but not kept: `exclusions` is None."""
     _check_strings(request, view, limits)
     nq = int(request.queries.shape[0]) if len(request.queries.shape) == 2 else 0
     _check_ints(request.k, request.nprobe, request.exact_rerank, request.rerank_candidates, view, limits)
@@ -279,6 +247,6 @@ def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits)
         rerank_candidates=int(request.rerank_candidates),
         payloads=tuple(dict.fromkeys(request.payloads)),
         return_keys=bool(request.return_keys),
-        exclusions=parse_exclusions(request, queries.shape[0], limits),
+        exclusions=parse_exclusions(request, queries.shape[0], limits, check_only=not read_exclusions),
         allow_partial=bool(request.allow_partial),
     )
