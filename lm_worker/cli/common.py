@@ -77,8 +77,10 @@ def add_encoder_lm_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_ray_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, as under `ray job submit`, "
-                                     "else a new local cluster)")
+    p.add_argument("--address", help="Ray cluster to run on: this address (auto: the one `ray start` made on this "
+                                     "machine), else RAY_ADDRESS (as under `ray job submit`), else a new local "
+                                     "cluster that ends with the command; a cluster that does not answer fails "
+                                     "within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
 
 
 def retrieval_flags(args: argparse.Namespace, family: str = "") -> RetrievalFlags:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retriever_server.cli.common import CliError, key_value
+from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value
 
 
 def add_parser(command) -> None:
@@ -25,7 +25,7 @@ def add_parser(command) -> None:
     b.add_argument("--keep-keys", action="store_true", help="store float16 keys for exact re-ranking")
     b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="metadata recorded in the manifest (tokenizer, encoder, chunk length)")
-    b.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else a new local cluster")
+    b.add_argument("--address", help=RAY_ADDRESS_HELP)
     b.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
     b.add_argument("--cpus-per-shard", type=int, default=1)
     b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 from pathlib import Path
 
 from retriever_server.cluster.cpus import parse_cpus, pin
+from retriever_server.cluster.supervisor import orphaned
 from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.serving.failover import FailoverPolicy
 from retriever_server.wire.request import Limits
 
 PROG = "retriever-server"
+log = logging.getLogger(__name__)
+RAY_ADDRESS_HELP = ("Ray cluster to run on: this address (auto: the one `ray start` made on this machine), else "
+                    "RAY_ADDRESS (as under `ray job submit`), else a new local cluster that ends with the command; "
+                    "a cluster that does not answer fails within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
 
 
 class CliError(Exception):
@@ -196,9 +202,25 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
     write_address(args.address_file, running.address, running.metrics_port, health_port=running.health_port)
     print(f"listening on {with_metrics(running.address, running.metrics_port)}", flush=True)
     stopper = asyncio.ensure_future(stop.wait())
+    watcher = asyncio.ensure_future(stop_when_orphaned(stop))
     done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)
     if running.ready in done and running.ready.exception() is not None:
         await running.drain(0)
         raise CliError(str(running.ready.exception()))
     await stopper
+    if watcher.done():  # the parent is gone: nothing routes here any more, so no grace either
+        await running.drain(0, 0)
+        return
+    watcher.cancel()
     await running.drain(args.grace, args.drain_delay)
+
+
+async def stop_when_orphaned(stop: asyncio.Event, poll_s: float = 0.5) -> None:
+    """Sets `stop` once the process that started this one as a supervised child (`serve`, a
+    LocalDeployment) has died, however it died: its children never outlive it."""
+    while not stop.is_set():
+        if orphaned():
+            log.warning("the process that started this server is gone: stopping")
+            stop.set()
+            return
+        await asyncio.sleep(poll_s)

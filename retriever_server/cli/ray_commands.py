@@ -23,7 +23,8 @@ from retriever_server.serving.shard import ShardOptions
 def _add_ray_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address, or auto for the cluster `ray start` made on this machine; "
                                      "default: RAY_ADDRESS, else (deploy: a new local cluster; deploy --detached, "
-                                     "undeploy and lookup: the cluster on this machine)")
+                                     "undeploy and lookup: the cluster on this machine); a cluster that does not "
+                                     "answer fails within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
     p.add_argument("--namespace", default="retrieval-datastore", help="Ray namespace of the deployment's actors")
 
 

@@ -1,11 +1,13 @@
 """Where the servers run: local processes, or Ray actors on a cluster.
 
 - `launcher`: every shard (x replicas) and a router as local processes (`LocalDeployment`);
-- `supervisor`: those processes restarted with backoff, on their ports, when they exit;
+- `supervisor`: those processes restarted with backoff, on their ports, when they exit, and ended
+  when their parent dies;
 - `ray_serving`: the same as named Ray actors on a cluster (`RayDeployment`, `lookup`, `undeploy`);
 - `ray_actors`: the shard replica and router actors;
 - `placement`: which node each replica goes to;
-- `connect`: joining a Ray cluster the same way for every job;
+- `connect`: joining a Ray cluster the same way for every job, failing fast when it is not there;
+- `reaper`: a local Ray cluster a command started, ended when the command dies, however it dies;
 - `cpus`: pinning a process to cores;
 - `hop_credentials`: the CA, certificates and token a deployment makes for its own hops;
 - `ray_security`, `ray_secrets`: how a Ray deployment secures its ports, and its actors' secrets carried

@@ -1,44 +1,184 @@
-"""Joining a Ray cluster, the same way for every job: the cluster at `address`, else RAY_ADDRESS (which
-`ray job submit` sets for a job's entry point), else a new local cluster on this machine. A command
-never joins by surprise a cluster that `ray start` left on the machine; `address="auto"` joins that one
-on purpose."""
+"""Joining a Ray cluster, the same way for every job.
+
+Which cluster a command joins: `--address` when given, else RAY_ADDRESS (which `ray job submit` sets
+for a job's entry point), else a new local cluster on this machine, started for the command and
+ended with it, even when the command is killed (`reaper`). A command never joins by surprise a
+cluster that `ray start` made (or once made) on the machine; `--address auto` joins that one on
+purpose.
+
+Joining a cluster that is not there fails fast with `ClusterUnreachable`, naming the address and
+what to do: the head's port is probed first (a refused connection fails within REFUSED_S), and
+joining as a whole is given `timeout_s` (RETRIEVER_RAY_CONNECT_TIMEOUT, default 30 s), instead of
+Ray's wait on a head that never answers.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
 
 import ray
 
+from retriever_server.cluster.reaper import start_reaper
+
+log = logging.getLogger(__name__)
 LOCAL = "local"  # ray.init's name for "start a new local cluster", whatever clusters this machine has
+TIMEOUT_ENV = "RETRIEVER_RAY_CONNECT_TIMEOUT"
+DEFAULT_TIMEOUT_S = 30.0
+REFUSED_S = 3.0  # how long a head that refuses connections gets (it may be starting)
 # Ray announces at WARNING, from this logger, that a new local cluster uses token authentication (its
 # default in the Ray this project pins: the token is made once in ~/.ray/auth_token). That is the setting the project
 # wants, so a cluster a command starts for itself does not repeat it; RAY_AUTH_MODE still decides.
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+class ClusterUnreachable(ConnectionError):
+    """No Ray cluster answered at the address a command was told to join."""
+
+
+def connect_timeout_s() -> float:
+    """Seconds a command waits to join a cluster: RETRIEVER_RAY_CONNECT_TIMEOUT, else 30."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+
+
+def _advice(target: str) -> str:
+    if target == "auto":
+        return ("start it again (ray start --head), or drop --address auto to run on a new local cluster "
+                "(Ray's record of the last `ray start` cluster on this machine is stale)")
+    where = "RAY_ADDRESS" if target == os.environ.get("RAY_ADDRESS") else "--address"
+    return f"start that cluster, correct {where}, or unset it to run on a new local cluster"
+
+
+def _recorded_head() -> str:
+    """The address Ray recorded for the last cluster `ray start` made on this machine (in its temp
+    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none."""
+    from ray._common.utils import get_ray_address_file
+
+    record = Path(get_ray_address_file(None))
+    address = record.read_text().strip() if record.is_file() else ""
+    if not address:
+        raise ClusterUnreachable(f"--address auto: no cluster made by `ray start` is recorded on this machine "
+                                 f"({record} is missing): start one with ray start --head, or drop --address auto "
+                                 f"to run on a new local cluster")
+    return address
+
+
+def _head(target: str) -> tuple[str, int]:
+    """The host and port of the cluster's head (GCS) that `target` names ("auto": already resolved)."""
+    address = target.removeprefix("ray://")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Ray address {target!r} is not host:port (or auto, or ray://host:port)")
+    return host.strip("[]"), int(port)
+
+
+def _probe(target: str, host: str, port: int, timeout_s: float) -> None:
+    """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses for
+    REFUSED_S or does not answer within `timeout_s`."""
+    started = time.monotonic()
+    while True:
+        elapsed = time.monotonic() - started
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, timeout_s - elapsed))):
+                return
+        except OSError as err:
+            refused = isinstance(err, ConnectionRefusedError)
+            if elapsed >= (min(REFUSED_S, timeout_s) if refused else timeout_s):
+                why = "connection refused" if refused else (str(err) or type(err).__name__)
+                named = "the cluster `ray start` last made on this machine" if target == "auto" else target
+                raise ClusterUnreachable(f"no Ray cluster answers at {named} ({host}:{port}: {why}, for "
+                                         f"{elapsed:.0f} s): {_advice(target)}") from None
+        time.sleep(0.25)
+
+
+class _NotMainThread(logging.Filter):
+    """Drops Ray's warning that a driver joining from another thread has no SIGTERM handler: the
+    join below runs in a thread, and the caller's thread installs the handler once it has joined."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _init_within(target: str, timeout_s: float, **kwargs) -> None:
+    """ray.init, given `timeout_s` (in a thread, so that a head that never answers cannot hold the
+    caller); ClusterUnreachable when it has not joined by then."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            ray.init(address=target, **kwargs)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    quiet = _NotMainThread()
+    ray_worker_log = logging.getLogger("ray._private.worker")
+    ray_worker_log.addFilter(quiet)
+    try:
+        thread = threading.Thread(target=run, name="ray-connect", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+    finally:
+        ray_worker_log.removeFilter(quiet)
+    if not outcome:
+        raise ClusterUnreachable(f"the Ray cluster at {target} accepted a connection but did not let this process "
+                                 f"join within {timeout_s:.0f} s ({TIMEOUT_ENV} sets the wait): check that it runs "
+                                 f"Ray {ray.__version__}, as here, and its token authentication (RAY_AUTH_MODE, "
+                                 f"~/.ray/auth_token)")
+    if outcome[0] is not None:
+        raise outcome[0]
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # as ray.init does from the main thread
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, existing: bool = False,
-            log_to_driver: bool = True) -> None:
+            log_to_driver: bool = True, timeout_s: float | None = None) -> None:
     """Connects this process to Ray unless it is already.
 
     Args:
         address: a cluster address, or "auto" for the cluster `ray start` made on this machine; None:
             RAY_ADDRESS when set, else a new local cluster.
         num_cpus: CPUs of a new local cluster (ignored when joining one).
-        existing: with no address and no RAY_ADDRESS, join the cluster started on this machine ("auto":
-            ConnectionError if there is none) instead of starting one.
+        existing: with no address and no RAY_ADDRESS, join the cluster started on this machine ("auto")
+            instead of starting one.
         log_to_driver: show the workers' output here.
+        timeout_s: how long joining a cluster may take (default: `connect_timeout_s()`).
+
+    Raises:
+        ClusterUnreachable: no cluster answered at the address, named in the message with what to do.
     """
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or ("auto" if existing else LOCAL)
     starting = target == LOCAL
-    notice = logging.getLogger(AUTH_NOTICE_LOGGER)
-    level = notice.level
+    kwargs = {"num_cpus": num_cpus if starting else None, "include_dashboard": False,
+              "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if starting:
+        notice = logging.getLogger(AUTH_NOTICE_LOGGER)
+        level = notice.level
         notice.setLevel(logging.ERROR)
-    try:
-        ray.init(address=target, num_cpus=num_cpus if starting else None, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=log_to_driver)
-    finally:
-        notice.setLevel(level)
+        try:
+            ray.init(address=LOCAL, **kwargs)
+        finally:
+            notice.setLevel(level)
+        start_reaper(ray._private.worker.global_worker.node.get_session_dir_path())  # ends it if we are killed
+        return
+    timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
+    named = target
+    if target == "auto":  # that cluster alone, never another one Ray's own "auto" would find running here
+        target, named = _recorded_head(), "auto"
+    host, port = _head(target)
+    _probe(named, host, port, timeout_s)
+    log.info("joining the Ray cluster at %s", target)
+    _init_within(target, timeout_s, **kwargs)

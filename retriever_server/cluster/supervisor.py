@@ -36,10 +36,22 @@ def without_option(args: tuple[str, ...] | list[str], option: str) -> list[str]:
     return out
 
 
+PARENT_ENV = "RETRIEVER_PARENT_PID"  # set in a child's environment: the process whose death ends it
+
+
 def child_environment() -> dict[str, str]:
     """The servers' environment: every process here shares this machine's cores, so OpenMP threads
-    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins)."""
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins); and this process's
+    pid, so that a child whose parent dies, however it dies, stops too (`orphaned`)."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            PARENT_ENV: str(os.getpid())}
+
+
+def orphaned() -> bool:
+    """Whether this process was started as a supervised child and its parent has died since (it was
+    handed to another parent, as Linux does to a process whose parent exits)."""
+    parent = os.environ.get(PARENT_ENV, "")
+    return parent.isdigit() and os.getppid() != int(parent)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,262 @@
+"""Ray as users run it, on this machine and loopback: a command told to join a cluster that is not
+there fails fast in one line; the processes a command starts end when it dies, however it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build, synthetic
+from test_cli import one_line_error, run
+
+pytestmark = pytest.mark.ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.npy"
+    np.save(path, synthetic(2000, 8))
+    return path
+
+
+def test_a_cluster_that_is_not_there_fails_fast_in_one_line(keys_file, tmp_path):
+    port = free_port()  # nothing listens here
+    for args, env in (([f"--address=127.0.0.1:{port}"], None),
+                      ([], {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})):
+        started = time.monotonic()
+        result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), *args, env=env, timeout=60)
+        assert time.monotonic() - started < 30
+        one_line_error(result, f"no Ray cluster answers at 127.0.0.1:{port}")
+        assert not (tmp_path / "ds").exists()
+
+
+def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
+    """A port that accepts connections and says nothing (a hung head): the join is given
+    RETRIEVER_RAY_CONNECT_TIMEOUT seconds, then the command says so in one line and exits."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), f"--address=127.0.0.1:{port}",
+                     env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": "4"}, timeout=60)
+    assert time.monotonic() - started < 25
+    one_line_error(result, "did not let this process join within")
+
+
+@pytest.mark.slow
+def test_killing_serve_leaves_none_of_its_processes(ray_cluster, tmp_path):
+    datastore = build(tmp_path, synthetic(2000, 8, seed=2), "ds", shards=2, factory="IVF8,Flat")
+    address_file = tmp_path / "serve.json"
+    serve = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
+                              "--replicas", "2", "--address-file", str(address_file)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.is_file() and time.monotonic() < deadline and serve.poll() is None:
+            time.sleep(0.2)
+        assert address_file.is_file(), "serve did not start"
+        children = children_of(serve.pid)
+        assert len(children) == 5  # 2 shards x 2 replicas and the router
+        os.kill(serve.pid, signal.SIGKILL)
+        serve.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        for pid in children + [serve.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_a_killed_command_leaves_no_process_of_its_local_ray_cluster():
+    """A driver that started a local cluster, killed with SIGKILL: within 10 s no process holds a file
+    of that cluster's session any more (Ray ends most; the reaper ends the agents it leaves)."""
+    from retriever_server.cluster.reaper import holding
+
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, ray\nfrom retriever_server.cluster.connect import connect\n"
+         "connect(num_cpus=1)\nprint(ray._private.worker.global_worker.node.get_session_dir_path(), flush=True)\n"
+         "time.sleep(120)\n"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        session = driver.stdout.readline().strip() + "/"
+        assert session.startswith("/") and holding(session), "no local cluster started"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 10
+        while holding(session) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert holding(session) == []
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+
+
+def tiny_knnlm_run(tmp: Path) -> Path:
+    """RUN/data (tokenizer, train and heldout stores of stdlib text), RUN/lm/checkpoint.pt (an untrained
+    tiny LM) and RUN/knnlm-datastore: enough for `lm-worker eval` in seconds."""
+    import sysconfig
+
+    import torch
+
+    from lm_worker.data.token_store import TokenStore, write_token_store
+    from lm_worker.data.tokenizer import train_tokenizer
+    from lm_worker.models.checkpoint import save_checkpoint
+    from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+    from lm_worker.sources.build import build_source
+    from lm_worker.sources.knnlm import encode_knnlm
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = {name: (stdlib / f"{name}.py").read_text() for name in ("bisect", "heapq", "colorsys", "keyword")}
+    tokenizer = train_tokenizer(list(texts.values())[:2], vocab_size=300)
+    data = tmp / "data"
+    data.mkdir(parents=True)
+    tokenizer.save(data / "tokenizer.json")
+    split = {"train": ("bisect", "heapq"), "heldout": ("colorsys", "keyword")}
+    for name, docs in split.items():
+        write_token_store(data / name, [(d, tokenizer.encode(texts[d])[:600]) for d in docs], tokenizer.eos_id,
+                          tokenizer.fingerprint)
+    torch.manual_seed(0)
+    lm = TransformerLM(LMConfig.tiny(vocab_size=300, max_len=64)).eval()
+    save_checkpoint(tmp / "lm" / "checkpoint.pt", kind="lm", model=lm, config=lm.config, step=0,
+                    tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    encode_knnlm(lm, TokenStore.open(data / "train"), tmp / "knnlm-source", context_len=32, stride=16, progress=False)
+    build_source(tmp / "knnlm-source", tmp / "knnlm-datastore", shards=2, factory="IVF4,Flat", progress=False)
+    return tmp
+
+
+class RayHead:
+    """`ray start --head` on loopback with ports, temp dir and address record of its own (RAY_TMPDIR),
+    token authentication on; `kill()` ends every process of it with SIGKILL."""
+
+    def __init__(self, tmp: Path):
+        self.env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.temp_dir = tmp / "ray"
+        self.gcs, self.dashboard = free_port(), free_port()
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "2",
+                   "--node-ip-address", "127.0.0.1", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1",
+                   "--dashboard-port", str(self.dashboard), "--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
+        for option in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                       "--runtime-env-agent-port", "--metrics-export-port"):  # none shared with another cluster
+            command += [option, str(free_port())]
+        subprocess.run(command, env=self.env, check=True, capture_output=True, timeout=120)
+        self.session = str(next(self.temp_dir.glob("session_2*"))) + "/"
+
+    def submit(self, entrypoint: str, timeout_s: float = 120) -> str:
+        """Runs a job to its end with Ray's JobSubmissionClient; its logs (AssertionError if it failed)."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{self.dashboard}")
+        deadline = time.monotonic() + timeout_s
+        while True:  # a head just started has no job agent for a few seconds
+            try:
+                job = client.submit_job(entrypoint=entrypoint)
+                break
+            except RuntimeError as err:
+                assert "No available agent" in str(err) and time.monotonic() < deadline, err
+                time.sleep(1)
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.monotonic() < deadline, f"job {job} still running"
+            time.sleep(0.5)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs
+        return logs
+
+    def kill(self) -> None:
+        from retriever_server.cluster.reaper import holding
+
+        for pid in holding(self.session):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_cluster, keys_file, tmp_path,
+                                                                       monkeypatch):
+    """`ray start --head`, then `ray job submit` (by Ray's JobSubmissionClient, with token authentication
+    as Ray ships it) of a datastore build and a distributed kNN-LM evaluation: both equal the same
+    commands run here. Then the head is killed with SIGKILL and its address record left behind: a
+    build with no address runs on a new local cluster, and one with --address auto fails in one line
+    within 30 s. Nothing of the head is left running."""
+    from retriever_server.cluster.reaper import holding
+    from retriever_server.datastore.manifest import read_manifest
+
+    run_dir = tiny_knnlm_run(tmp_path / "run")
+    short = Path(tempfile.mkdtemp(prefix="rh-"))  # Ray's socket paths must stay short
+    head = RayHead(short)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # what the submitting shell needs (~/.ray/auth_token)
+    try:
+        python = f"{sys.executable} -m"
+        head.submit(f"{python} retriever_server.cli build {keys_file} --out {tmp_path / 'job-ds'} --shards 2 "
+                    f"--factory IVF8,Flat --no-progress")
+        evaluate = (f"lm_worker.cli --no-progress eval --data {run_dir / 'data'} --split heldout "
+                    f"--lm {run_dir / 'lm/checkpoint.pt'} --knnlm-datastore {run_dir / 'knnlm-datastore'} "
+                    f"--context-len 32 --stride 16 --knnlm-k 8 --knnlm-nprobe 4 --lambdas 0,0.25,0.5")
+        head.submit(f"{python} {evaluate} --out {tmp_path / 'job-eval'} --workers 2")
+    finally:
+        head.kill()
+    started = time.monotonic()  # the dead head's address record is still there: a new local cluster
+    local = run("build", str(keys_file), "--out", str(tmp_path / "local-ds"), "--shards", "2", "--factory",
+                "IVF8,Flat", "--no-progress", env=head.env, timeout=120)
+    assert local.returncode == 0, local.stderr
+    assert time.monotonic() - started < 30
+    assert read_manifest(tmp_path / "job-ds").checksum == read_manifest(tmp_path / "local-ds").checksum
+    here = subprocess.run([sys.executable, "-m", *evaluate.split(), "--out", str(tmp_path / "local-eval"),
+                           "--workers", "2"], env=head.env, capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stderr
+    job_eval, local_eval = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("job-eval", "local-eval"))
+    assert job_eval["knnlm"]["perplexity"] == local_eval["knnlm"]["perplexity"]  # to the last digit
+    assert len(local_eval["knnlm"]["perplexity"]) == 3
+    started = time.monotonic()
+    auto = run("build", str(keys_file), "--out", str(tmp_path / "auto-ds"), "--address", "auto", env=head.env,
+               timeout=60)
+    assert time.monotonic() - started < 30
+    one_line_error(auto, "no Ray cluster answers at the cluster `ray start` last made on this machine")
+    assert holding(head.session) == []
+    shutil.rmtree(short, ignore_errors=True)
