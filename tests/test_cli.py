@@ -14,7 +14,8 @@ from conftest import synthetic
 from retriever_server import cli
 from retriever_server.cli import serve
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # a server's log record, not the CLI's message
+# a log record (the project's, or one from Ray's core: "[2026-... W pid tid] ..."), not the CLI's message
+LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+ |[A-Z] \d+ \d+\] )")
 
 
 def run(*args, timeout=120, env=None):

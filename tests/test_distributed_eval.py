@@ -108,6 +108,13 @@ def test_two_workers_equal_one_worker_and_the_in_process_evaluation(knn, data):
         assert one.perplexity[lam] == pytest.approx(reference.perplexity[lam], rel=1e-9)
 
 
+def test_a_window_past_the_model_is_refused_before_any_worker_starts(knn, data, tmp_path):
+    too_long = dataclasses.replace(CONFIG, context_len=128, stride=64)  # the tiny LM's max_len is 64
+    with pytest.raises(ValueError, match="context_len 128 exceeds the model's max_len 64"):
+        evaluate_distributed(job(knn, data, too_long), pool(workers=2, checkpoint_dir=tmp_path / "shares"))
+    assert not (tmp_path / "shares").exists()
+
+
 def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tmp_path):
     first = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path))
     saved = sorted(tmp_path.glob("share-*.json"))

@@ -305,14 +305,14 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
         >>> evaluate_distributed(job, WorkerPoolConfig(workers=4, num_gpus=1, address="ray://head:10001"))
     """
     from lm_worker.data.token_store import TokenStore
-    from lm_worker.evaluation.batches import count_batches
+    from lm_worker.evaluation.batches import check_window, count_batches
+    from lm_worker.models.checkpoint import load_checkpoint
 
     started = time.perf_counter()
-    align = 1
-    if job.kind == "retro":
-        from lm_worker.models.checkpoint import load_checkpoint
-
-        align = load_checkpoint(job.checkpoint).model.config.chunk_len
+    model = load_checkpoint(job.checkpoint).model  # checked here, in one line, before any worker starts
+    check_window(model, job.config)
+    align = model.config.chunk_len if job.kind == "retro" else 1
+    del model
     shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)
     done = _open_checkpoints(job, config.checkpoint_dir)
     queue = deque(s for s in shares if s.index not in done)
