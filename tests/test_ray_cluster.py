@@ -19,6 +19,8 @@ import pytest
 from conftest import build, synthetic
 from test_cli import one_line_error, run
 
+from retriever_server.cluster.reaper import alive
+
 pytestmark = pytest.mark.ray
 
 
@@ -40,14 +42,6 @@ def children_of(pid: int) -> list[int]:
             if ppid == pid:
                 found.append(int(entry.name))
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture(scope="module")
