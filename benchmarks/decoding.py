@@ -1,14 +1,14 @@
 """Decoding benchmark: kNN-LM and RETRO decoding against the retrieval service, with retrieval
 overlapped with model compute against the same retrieval done serially, in the same run.
 
-    python benchmarks/decoding.py --run RUN [--out RUN/bench] [--batch 8] [--beams 4 --beam-prompts 2]
-                                  [--new-tokens 64] [--models knnlm,retro] [--quick]
+    python benchmarks/decoding.py --run RUN [--out RUN/bench] [--batches 1,8,32] [--beams 4 --beam-prompts 2]
+                                  [--new-tokens 64] [--models knnlm,retro] [--via fan-out] [--quick]
 
 RUN is a run directory (RUN/data, RUN/lm/checkpoint.pt, RUN/retro/checkpoint.pt, RUN/knnlm-datastore,
 RUN/retro-datastore). Each datastore is served by a `LocalDeployment` (its shards and a router, local
 processes) while its model decodes prompts cut from the held-out split. Per model:
 
-- kNN-LM, greedy over one prompt and over `batch` prompts, and beam search (`beams` beams, no EOS) over
+- kNN-LM, greedy over each of `batches` prompts (1, 8 and 32 by default), and beam search (`beams` beams, no EOS) over
   `beam_prompts` prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one
   blocking call per step for every row); pipelined (`overlap=True`: the prompts in two groups with a
   cache each, decoded interleaved so each group's request is in flight while the other group's model
@@ -16,14 +16,15 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
   that pays; see `lm_worker.decoding.speculative`). Greedy scenarios are summarised by the speculative run, beam
   search by the pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
-- RETRO, greedy over `batch` prompts: the model without neighbours (reference); exact RETRO (prefetch
+- RETRO, greedy over each of `batches` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
   (sent when formed, in flight during the next s tokens). Its retrieval is a small share of its
   decoding time (one request per chunk), so run-to-run noise in the model's time moves the share
   hidden by tens of points: RETRO runs `RETRO_REPEATS` times as often as kNN-LM.
 Serial and overlapped runs decode the same tokens (checked).
 
-Reported: tokens/s (prompts x new tokens / wall seconds), the time the serial run spent in retrieval,
+Reported: tokens/s (prompts x new tokens / wall seconds), retrieval calls and CPU milliseconds (this
+process and the servers) per generated token, the time the serial run spent in retrieval,
 and the fraction of it that overlap hid, (t_serial - t_overlap) / t_retrieval_serial, over the whole
 call (kNN-LM, RETRO) and over the decode steps alone (RETRO: the prompt's retrieval in `start` cannot
 be overlapped); and, from the overlapped run's own counters, 1 - blocked / retrieval seconds.
@@ -85,7 +86,7 @@ class BenchConfig:
 
     run: Path
     out: Path
-    batch: int = 8
+    batches: tuple[int, ...] = (1, 8, 32)
     prompt_len: int = 64
     new_tokens: int = 64
     beams: int = 4
@@ -98,7 +99,7 @@ class BenchConfig:
     prefetch: int = -1
     repeats: int = 5
     threads: int = 1
-    via: str = "router"  # how the client reaches the shards: "router", or "fan-out" to the shards itself
+    via: str = "fan-out"  # how the client reaches the shards: "fan-out" to them itself (as lm-worker does), or "router"
     server_cpus: tuple[int, ...] = ()  # cores of the servers, the model on the others (default: all share all)
 
 
@@ -227,7 +228,10 @@ def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen
     for name, done in runs.items():
         median = sorted(done, key=lambda r: r["seconds"])[len(done) // 2]
         tokens = median.pop("tokens")
-        median["tokens_per_s"] = prompt.shape[0] * median["new_tokens"] / median["seconds"]
+        generated = prompt.shape[0] * median["new_tokens"]
+        median["tokens_per_s"] = generated / median["seconds"]
+        median["calls_per_token"] = median["stats"]["retrieval_calls"] / generated
+        median["cpu_ms_per_token"] = 1e3 * (median["worker_cpu_s"] + median["server_cpu_s"]) / generated
         median["all_seconds"] = [r["seconds"] for r in done]
         median["tokens_digest"] = tokens.tolist()
         result[name] = median
@@ -316,8 +320,9 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
     return results
 
 
-def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen: GenerateConfig) -> dict:
-    """RETRO without neighbours, exact, and prefetched serial / overlapped, against RUN/retro-datastore."""
+def bench_retro(config: BenchConfig, retro, tokenizer, prompts: dict[int, torch.Tensor], gen: GenerateConfig) -> dict:
+    """RETRO without neighbours, exact, and prefetched serial / overlapped, against RUN/retro-datastore, for
+    each batch of prompts."""
     from lm_worker.encoders.registry import chunk_encoder_for
 
     L = retro.config.chunk_len
@@ -334,12 +339,16 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompt: torch.Tensor, gen
             f"retro prefetch {s} overlapped": lambda: RetroStepper(model, retriever, encoder, prefetch=s,
                                                                    overlap=True),
         }
-        print(f"RETRO: {retriever.ntotal} chunks of {L}, K={retro.config.n_neighbours}, prefetch {s} ...", flush=True)
-        rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, lambda: servers_cpu_s(deployment),
-                       time_start=True)
-    annotate(rows, f"retro prefetch {s} serial", cores_of(config))
-    summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
-    return {"greedy": {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}}
+        results = {}
+        for batch, prompt in prompts.items():
+            print(f"RETRO greedy x{batch}: {retriever.ntotal} chunks of {L}, K={retro.config.n_neighbours}, "
+                  f"prefetch {s} ...", flush=True)
+            rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, lambda: servers_cpu_s(deployment),
+                           time_start=True)
+            annotate(rows, f"retro prefetch {s} serial", cores_of(config))
+            summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
+            results[f"greedy x{batch}"] = {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,16 +361,18 @@ def share(fraction: float | None) -> str:
 
 def rows_table(results: dict) -> str:
     lines = ["| scenario | model / retrieval | tokens/s | wall s | model s | encode s | blocked on retrieval s "
-             "| retrieval s | calls | worker CPU s | servers CPU s | hidden | CPU ceiling |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| retrieval s | calls | calls/token | worker CPU s | servers CPU s | CPU ms/token | hidden "
+             "| CPU ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for section, scenarios in results.items():
         for scenario, result in scenarios.items():
             for name, r in result["rows"].items():
                 st = r["stats"]
                 lines.append(f"| {section} {scenario} | {name} | {r['tokens_per_s']:.1f} | {r['seconds']:.3f} | "
                              f"{st['compute_s']:.3f} | {st['encode_s']:.3f} | {st['wait_s']:.3f} | "
-                             f"{st['retrieval_s']:.3f} | {st['retrieval_calls']} | {r['worker_cpu_s']:.2f} | "
-                             f"{r['server_cpu_s']:.2f} | {share(r.get('hidden_fraction'))} | "
+                             f"{st['retrieval_s']:.3f} | {st['retrieval_calls']} | {r['calls_per_token']:.3f} | "
+                             f"{r['worker_cpu_s']:.2f} | {r['server_cpu_s']:.2f} | {r['cpu_ms_per_token']:.2f} | "
+                             f"{share(r.get('hidden_fraction'))} | "
                              f"{share(r.get('ceiling'))} |")
     return "\n".join(lines)
 
@@ -403,12 +414,11 @@ def run(config: BenchConfig) -> dict:
     if max_len and config.prompt_len + config.new_tokens > max_len:
         sys.exit(f"prompt_len + new_tokens = {config.prompt_len + config.new_tokens} exceeds the LM's "
                  f"max_len {max_len}")
-    prompt = make_prompts(heldout.tokens, config.batch, config.prompt_len)
+    prompts = {b: make_prompts(heldout.tokens, b, config.prompt_len) for b in config.batches}
     greedy = GenerateConfig(max_new_tokens=config.new_tokens, eos_id=None)
     results = {}
     if "knnlm" in config.models:
-        scenarios = {"greedy x1": (prompt[:1], greedy)}  # one prompt, as `lm-worker generate --prompt` decodes
-        scenarios[f"greedy x{config.batch}"] = (prompt, greedy)
+        scenarios = {f"greedy x{b}": (prompt, greedy) for b, prompt in prompts.items()}
         if config.beams:
             beam = GenerateConfig(strategy="beam", num_beams=config.beams, length_penalty=0.0,
                                   max_new_tokens=config.new_tokens, eos_id=None)
@@ -416,7 +426,7 @@ def run(config: BenchConfig) -> dict:
             scenarios[f"beam {config.beams} x{config.beam_prompts}"] = (beam_prompt, beam)
         results["knnlm"] = bench_knnlm(config, lm, scenarios)
     if "retro" in config.models:
-        results["retro"] = bench_retro(config, retro, tokenizer, prompt, greedy)
+        results["retro"] = bench_retro(config, retro, tokenizer, prompts, greedy)
     for scenarios in results.values():
         for result in scenarios.values():
             for r in result["rows"].values():
@@ -430,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="run directory (see the module doc)")
     parser.add_argument("--out", type=Path, help="output directory (default RUN/bench)")
-    parser.add_argument("--batch", type=int, default=8, help="prompts decoded together")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated: the numbers of prompts decoded together")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--beams", type=int, default=4, help="kNN-LM beam search width (0: no beam search)")
@@ -443,13 +453,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                         help="kNN-LM softmax temperature (0: the run's choice, RUN/report/temperature.json, else 1)")
     parser.add_argument("--prefetch", type=int, default=-1, help="RETRO prefetch s (-1: chunk_len // 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
-    parser.add_argument("--via", choices=("router", "fan-out"), default="router",
-                        help="the client searches through the router, or fans out to the shards itself")
+    parser.add_argument("--via", choices=("router", "fan-out"), default="fan-out",
+                        help="the client fans out to the shards itself (as lm-worker does), or goes through the router")
     parser.add_argument("--server-cpus", default="",
                         help="cores for the servers, e.g. 1; the model runs on the others (default: all share all)")
     parser.add_argument("--quick", action="store_true", help="2 repeats")
     args = parser.parse_args(argv)
-    return BenchConfig(run=args.run, out=args.out or args.run / "bench", batch=args.batch, prompt_len=args.prompt_len,
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches must list positive numbers, got {args.batches!r}")
+    return BenchConfig(run=args.run, out=args.out or args.run / "bench", batches=batches, prompt_len=args.prompt_len,
                        new_tokens=args.new_tokens, beams=args.beams, beam_prompts=args.beam_prompts,
                        models=tuple(m for m in args.models.split(",") if m), k=args.k, nprobe=args.nprobe, lam=args.lam,
                        knn_temperature=args.knn_temperature or run_temperature(args.run),
@@ -480,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs ({cores}), "
           f"retrieval via {config.via}, 1-min load average after timing {env['load_average_1m']:.2f}")
     print(f"prompts of {config.prompt_len} held-out tokens, {config.new_tokens} new tokens; greedy over "
-          f"{config.batch} prompts, beam search over {config.beam_prompts}; median of {config.repeats} runs "
+          f"{', '.join(map(str, config.batches))} prompts, beam search over {config.beam_prompts}; median of "
+          f"{config.repeats} runs "
           f"(RETRO: {config.repeats * RETRO_REPEATS})\n")
     print(rows_table(results["results"]))
     print()

@@ -86,18 +86,32 @@ async def _relay(port_file: Path, shards: list[str]) -> None:
 
 
 class FloorDeployment:
-    """Two shard processes and a relay on 127.0.0.1; `call(request)` goes through the relay.
+    """Two shard processes and a relay on 127.0.0.1; `call(request)` goes through the relay,
+    `fan_out(request)` calls both shards at once from this process (the client's direct fan-out).
 
     Example:
         >>> with FloorDeployment() as floor:
         ...     floor.call(request_bytes(1600, 200, 200))
+        ...     floor.fan_out(request_bytes(1600, 200, 0))
     """
 
     def __init__(self):
         self._dir = Path(tempfile.mkdtemp(prefix="grpc-floor-"))
         self._processes: list[subprocess.Popen] = []
-        self._channel: grpc.Channel | None = None
+        self._channels: list[grpc.Channel] = []
+        self._shard_calls: list = []
         self.call = None
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The floor's processes by role: "shard 0", "shard 1" and "relay"."""
+        names = ["shard 0", "shard 1", "relay"]
+        return {name: process.pid for name, process in zip(names, self._processes)}
+
+    def fan_out(self, request: bytes) -> list[bytes]:
+        """Calls every shard at once (futures, as the client's fan-out does) and waits for all."""
+        futures = [call.future(request) for call in self._shard_calls]
+        return [future.result() for future in futures]
 
     def _spawn(self, role: str, *args: str) -> str:
         port_file = self._dir / f"{role}-{len(self._processes)}.port"
@@ -116,14 +130,15 @@ class FloorDeployment:
         except BaseException:
             self.__exit__()
             raise
-        self._channel = grpc.insecure_channel(relay, options=[("grpc.max_receive_message_length", -1),
-                                                              ("grpc.max_send_message_length", -1)])
-        self.call = self._channel.unary_unary(METHOD)
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in [relay, *shards]]
+        self.call = self._channels[0].unary_unary(METHOD)
+        self._shard_calls = [channel.unary_unary(METHOD) for channel in self._channels[1:]]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        for channel in self._channels:
+            channel.close()
         for process in self._processes:
             process.terminate()
         for process in self._processes:

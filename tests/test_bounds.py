@@ -117,13 +117,13 @@ def test_the_router_forwards_known_fields_alone(aio, keys, datastore, monkeypatc
     from retriever_server.serving.shard_server import ShardService
 
     received = []
-    decode = ShardService._search
+    decode = ShardService._parse
 
-    def recording(self, raw, stop):
+    def recording(self, raw):
         received.append(raw)
-        return decode(self, raw, stop)
+        return decode(self, raw)
 
-    monkeypatch.setattr(ShardService, "_search", recording)
+    monkeypatch.setattr(ShardService, "_parse", recording)
     body = valid(keys).SerializeToString() + bytes([0xFA, 0x07, 0x06]) + b"secret"  # field 127, unknown
     with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as channel:
         assert call(channel, body)[0] == grpc.StatusCode.OK

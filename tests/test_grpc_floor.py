@@ -29,6 +29,8 @@ def test_the_floor_answers_through_its_relay_with_the_size_asked_and_stops_its_p
         for relay_answer in (0, 130, 786_600):
             answer = floor.call(request_bytes(1600, 4_000, relay_answer), timeout=10)
             assert answer == bytes(relay_answer)
+        assert floor.fan_out(request_bytes(1600, 4_000, 0)) == [bytes(4_000)] * 2  # each shard, called directly
+        assert sorted(floor.pids) == ["relay", "shard 0", "shard 1"] and len(set(floor.pids.values())) == 3
         directory = floor._dir
     assert all(p.poll() is not None for p in processes)
     assert not directory.exists()

@@ -163,3 +163,34 @@ def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
                for d, i in zip(distances[row], ids[row])]
         expect = sorted(range(40), key=lambda j: key[j])
         assert ids[row, order[row]].tolist() == ids[row, expect].tolist()
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+@pytest.mark.parametrize("ranked", [False, True])
+def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
+    """Shard answers (each ranked, over its own id range, many ties, some rows short of neighbours,
+    parts in any order) merge by FAISS's heap merge to the reference top-k; payloads and keys follow."""
+    from retriever_server.serving.merge import rank_neighbours
+
+    rng = np.random.default_rng(11)
+    nq, m, k, shards = 70, 12, 9, 3
+    parts = []
+    for s in range(shards):
+        ids = (s * 1000 + rng.permutation(1000)[:nq * m]).reshape(nq, m).astype(np.int64)
+        ids[rng.random((nq, m)) < 0.03] = -1
+        distances = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 2.0], np.float32), (nq, m))
+        raw = SearchResult(ids, distances, {"values": ids.astype(np.int32) * 10},
+                           keys=np.repeat(ids[:, :, None].astype(np.float32), 2, axis=2))
+        parts.append(rank_neighbours(raw, m, metric))
+    parts = [parts[2], parts[0], parts[1]]
+    merged = merge_results(parts, k, metric, ranked=ranked)
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    distances = np.concatenate([p.distances for p in parts], axis=1)
+    sign = 1 if metric == "l2" else -1
+    for row in range(nq):
+        key = [(np.inf, np.inf) if i < 0 else (sign * float(d) + 0.0, i) for d, i in zip(distances[row], ids[row])]
+        expect = sorted(range(shards * m), key=lambda j: key[j])[:k]
+        assert merged.ids[row].tolist() == ids[row, expect].tolist()
+        assert merged.distances[row].tolist() == distances[row, expect].tolist()
+    assert np.array_equal(merged.payloads["values"], np.where(merged.ids < 0, 0, merged.ids * 10))
+    assert np.array_equal(merged.keys[..., 0], merged.ids.astype(np.float32))

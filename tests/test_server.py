@@ -53,6 +53,11 @@ def good_request(keys) -> pb.SearchRequest:
     return make_request(keys[:4], k=5, nprobe=4)
 
 
+def batch_request(keys) -> pb.SearchRequest:
+    """Enough queries that the shard searches them in its thread pool (a small search runs on its loop)."""
+    return make_request(keys[:16], k=5, nprobe=4)
+
+
 def bad_requests(keys):
     """(request, expected code, words in the message) for each way a request can be wrong."""
     def req(**kw):
@@ -130,7 +135,7 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
             time.sleep(0.05)
         assert health_status(running.address) == "SERVING"
         raw_search(running.address, good_request(keys))
-        expected = raw_search(running.address, good_request(keys))
+        expected = raw_search(running.address, batch_request(keys))
         in_flight = {}
 
         def held_search(self, spec, stop=None):  # fault injection: a search still running when the drain starts
@@ -141,7 +146,7 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
         original_search = shard_module.Shard.search
         monkeypatch.setattr(shard_module.Shard, "search", held_search)
         worker = threading.Thread(target=lambda: in_flight.update(answer=raw_search(running.address,
-                                                                                     good_request(keys))))
+                                                                                     batch_request(keys))))
         worker.start()
         assert searching.wait(10), "the request never reached the shard"
         drained = asyncio.run_coroutine_threadsafe(running.drain(grace=5, delay=3), aio.loop)
@@ -220,7 +225,7 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
     with serve(aio, datastore, 2, limits=Limits(max_inflight=1)) as served:
         monkeypatch.setattr(shard_module.Shard, "search", slow_search)
         shard = served.shards[0][0].address
-        first = threading.Thread(target=raw_search, args=(shard, good_request(keys)))
+        first = threading.Thread(target=raw_search, args=(shard, batch_request(keys)))
         first.start()
         assert entered.wait(10)
         try:
@@ -387,3 +392,24 @@ def test_router_refuses_a_shard_set_that_is_not_one_whole_datastore(aio, datasto
     finally:
         for server in (*servers, other):
             aio.run(server.drain(grace=0))
+
+
+def test_a_small_search_answered_on_the_loop_equals_the_same_queries_in_a_batch(aio, keys, datastore, monkeypatch):
+    """A search of a few queries runs on the shard's event loop, a batch in its thread pool: the same
+    neighbours for the same queries, and the pool is used for the batch alone."""
+    handed = []
+    original = ShardService._answer
+
+    def recording(self, spec, stop):
+        handed.append((spec.nq, threading.current_thread().name.startswith("faiss")))
+        return original(self, spec, stop)
+
+    monkeypatch.setattr(ShardService, "_answer", recording)
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
+    try:
+        small = raw_search(running.address, make_request(keys[:3], k=5, nprobe=4))
+        batch = raw_search(running.address, make_request(keys[:16], k=5, nprobe=4))
+    finally:
+        aio.run(running.drain(grace=0))
+    assert small.ids.data == batch.ids.data[:3 * 5 * 8] and small.distances.data == batch.distances.data[:3 * 5 * 4]
+    assert handed == [(3, False), (16, True)]  # (queries, in the FAISS pool)

@@ -43,9 +43,13 @@ class RetrievalFlags:
 def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "") -> None:
     """Adds a family of retrieval options (--target/--datastore, --k, --nprobe, --rerank) with `family` as prefix."""
     where = p.add_mutually_exclusive_group()
-    where.add_argument(f"--{family}target", help="HOST:PORT of a router, or shard addresses comma-separated "
-                                                 "(ray:NAME: a deployment on the connected Ray cluster)")
-    where.add_argument(f"--{family}datastore", type=Path, help="serve this datastore locally while the command runs")
+    where.add_argument(f"--{family}target", help="HOST:PORT of a router, or the shards' addresses comma-separated "
+                                                 "(replicas of a shard '|'-separated): the command then fans out to "
+                                                 "them itself, which costs less CPU per request than a router's hop "
+                                                 "(benchmarks/cpu_cost.py); ray:NAME: a deployment on the connected "
+                                                 "Ray cluster, through its router")
+    where.add_argument(f"--{family}datastore", type=Path, help="serve this datastore locally while the command runs; "
+                                                             "the command fans out to its shards itself")
     p.add_argument(f"--{family}k", type=int, default=k, help="neighbours per query")
     p.add_argument(f"--{family}nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
     p.add_argument(f"--{family}rerank", type=int, default=0, metavar="N",
@@ -101,15 +105,16 @@ def retrieval_config(flags: RetrievalFlags, k: int | None = None):
 
 @contextlib.contextmanager
 def open_target(flags: RetrievalFlags) -> Iterator[str | None]:
-    """The retrieval target: the --target as given, or the router of --datastore served locally
-    meanwhile (every shard and a router as local processes); None when neither is given."""
+    """The retrieval target: the --target as given, or the shards of --datastore served locally
+    meanwhile (every shard and a router as local processes), which the client fans out to itself;
+    None when neither is given."""
     if flags.target:
         yield flags.target
     elif flags.datastore:
         from retriever_server.cluster.launcher import LocalDeployment
 
         with LocalDeployment(flags.datastore) as deployment:
-            yield deployment.router_address
+            yield deployment.shards_target
     else:
         yield None
 

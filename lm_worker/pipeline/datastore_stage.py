@@ -67,7 +67,8 @@ def build_datastore_of(config: PipelineConfig, source: Path, datastore: Path) ->
 @contextlib.contextmanager
 def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Iterator[tuple[str, object]]:
     """Serves a datastore for the duration: shards and router as Ray actors, or as local processes.
-    Yields the router's address and the `ClientSecurity` its clients use. On a cluster's node IPs the
+    Yields the address to retrieve from (on Ray the router's; locally the shards', which the client
+    fans out to itself) and the `ClientSecurity` its clients use. On a cluster's node IPs the
     deployment secures its ports itself, with a CA and token it writes to RUN/secrets (0700)."""
     from lm_worker.retrieval.service import ClientSecurity
 
@@ -84,7 +85,7 @@ def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Itera
         from retriever_server.cluster.launcher import LocalDeployment
 
         with LocalDeployment(datastore) as deployment:
-            yield deployment.router_address, ClientSecurity()
+            yield deployment.shards_target, ClientSecurity()  # the client fans out: no router hop
 
 
 def fetch_neighbours(config: PipelineConfig, retriever) -> None:

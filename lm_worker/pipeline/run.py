@@ -64,7 +64,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     """
     from lm_worker.evaluation.config import EvalConfig
     from lm_worker.models.checkpoint import load_checkpoint
-    from lm_worker.retrieval.service import ServiceRetriever
+    from lm_worker.retrieval.service import ServiceRetriever, resolve_target
 
     run = Path(config.run)
     config, stages = replace(config, run=run), Stages()
@@ -93,8 +93,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     lm = load_checkpoint(lm_checkpoint).model
     with serve_datastore(config, run / "retro-datastore", "retro") as (retro_target, retro_security), \
             serve_datastore(config, run / "knnlm-datastore", "knnlm") as (knn_target, knn_security), \
-            ServiceRetriever(retro_target, retro_retrieval, retro_security) as retro_retriever, \
-            ServiceRetriever(knn_target, config.knn, knn_security) as knn_retriever:
+            ServiceRetriever(resolve_target(retro_target), retro_retrieval, retro_security) as retro_retriever, \
+            ServiceRetriever(resolve_target(knn_target), config.knn, knn_security) as knn_retriever:
         with stages.stage("RETRO neighbours of every chunk", reused=all(
                 done(run / "retro-source" / f"neighbours-{s}.npy") for s in neighbour_splits(config))):
             fetch_neighbours(config, retro_retriever)

@@ -27,12 +27,13 @@ LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
 
 def resolve_target(target: str) -> str | list[str]:
     """A retrieval target as `ServiceRetriever` takes it: "ray:NAME" becomes the router address of the
-    deployment NAME on the connected Ray cluster, "a:1,b:2" one address per shard, else the address."""
+    deployment NAME on the connected Ray cluster, "a:1|a:2,b:1" the replicas of each shard (the client
+    fans out to them itself), else the address."""
     if target.startswith(RAY_PREFIX):
         from retriever_server.cluster.ray_serving import lookup  # Ray: only for ray: targets
 
         return lookup(target[len(RAY_PREFIX):])
-    return target.split(",") if "," in target else target
+    return parse_shards(target) if "," in target or "|" in target else target
 
 
 def is_loopback(target: str) -> bool:

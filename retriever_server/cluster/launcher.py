@@ -157,8 +157,7 @@ class LocalDeployment:
                 self.shards.append([self._spawn_shard(i, r, threads) for r in range(self.replicas)])
             for process in self.processes():
                 self._wait_serving(process, deadline)
-            spec = ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
-            self.router = self._spawn("router", ["router", "--shards", spec, "--host", self.host,
+            self.router = self._spawn("router", ["router", "--shards", self.shards_target, "--host", self.host,
                                                  "--port", str(self.router_port), *self.router_args,
                                                  *self._router_security_args()])
             self._wait_serving(self.router, deadline)
@@ -182,6 +181,12 @@ class LocalDeployment:
     @property
     def shard_addresses(self) -> list[list[str]]:
         return [[p.address for p in replicas] for replicas in self.shards]
+
+    @property
+    def shards_target(self) -> str:
+        """The shards as one target, "a:1|a:2,b:1" (shards by comma, replicas by '|'): what `--shards`
+        takes, and what a client fans out to by itself, without the router's hop."""
+        return ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
 
     def kill(self, shard: int, replica: int = 0, sig: int = signal.SIGKILL) -> None:
         """Sends `sig` to one shard replica and waits for it to exit (fault injection in tests and

@@ -9,7 +9,8 @@
 - `failover`: which replica to try next, deadlines, and the router's and the client's retry loops;
 - `fanout`: the `--shards` syntax, replica sets, the one-whole-datastore check;
 - `client`: `RetrieverClient` (import it from `retriever_server.client`);
-- `grpc_setup`: message-size options, health and reflection;
+- `event_loop`: an asyncio loop in a thread of its own, on which the blocking client's calls run;
+- `grpc_setup`: message-size options, health and reflection, a server's heap settings;
 - `metrics`: Prometheus metrics of one server.
 
 Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.security,

@@ -9,9 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -21,7 +21,8 @@ from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.auth import bearer_metadata
 from retriever_server.security.config import ClientSecurity
-from retriever_server.security.tls import open_channel
+from retriever_server.security.tls import open_aio_channel
+from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.failover import (
     RETRYABLE,
     Attempts,
@@ -29,7 +30,7 @@ from retriever_server.serving.failover import (
     Deadline,
     FailoverPolicy,
     ReplicaSet,
-    call_blocking,
+    call_async,
     failure_message,
 )
 from retriever_server.serving.fanout import check_shards, replica_sets
@@ -87,8 +88,19 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     return request
 
 
+async def _open_channels(addresses: list[str], security: ClientSecurity) -> dict[str, grpc.aio.Channel]:
+    return {a: open_aio_channel(a, security, CHANNEL_OPTIONS) for a in addresses}
+
+
+async def _close_channels(channels: list[grpc.aio.Channel]) -> None:
+    await asyncio.gather(*(c.close() for c in channels))
+
+
 class RetrieverClient:
     """A blocking client for a router, one shard, or a list of shards it fans out to itself.
+
+    Its calls run on an asyncio event loop in a thread of the client's (`event_loop.LoopThread`), the
+    failover policy as the router runs it; any thread may call it. `close()` ends the thread.
 
     Args:
         target: "host:port" of a router or shard; or a list with one entry per shard, each an
@@ -118,9 +130,14 @@ class RetrieverClient:
         self.sets = replica_sets(shards)
         security.check()
         self.metadata = bearer_metadata(security.bearer_token())
-        self.channels = {a: open_channel(a, security, CHANNEL_OPTIONS) for s in shards for a in s}
+        self._loop = LoopThread("retriever-client")
+        addresses = [a for s in shards for a in s]
+        try:
+            self.channels = self._loop.run(_open_channels(addresses, security))
+        except BaseException:
+            self._loop.close()
+            raise
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
-        self._pool = ThreadPoolExecutor(max(1, len(shards))) if self.fan_out else None
         self._infos: list[pb.InfoResponse] | None = None
 
     def __enter__(self) -> RetrieverClient:
@@ -130,20 +147,33 @@ class RetrieverClient:
         self.close()
 
     def close(self) -> None:
-        """Closes the channels."""
-        for channel in self.channels.values():
-            channel.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        """Closes the channels and stops the client's event loop."""
+        if self._loop.loop.is_closed():
+            return
+        self._loop.run(_close_channels(list(self.channels.values())))
+        self._loop.close()
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
-        def attempt(address: str, timeout: float | None) -> grpc.Future:
-            return getattr(self.stubs[address], method).future(request, timeout=timeout, metadata=self.metadata)
+        return self._outcome(self._loop.run(self._attempts(replicas, method, request, deadline)))
+
+    async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""
+        def attempt(address: str, timeout: float | None):
+            return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata)
 
         try:
-            return call_blocking(Attempts(replicas, self.failover, deadline, fail_over=self.fan_out), attempt)
+            return await call_async(Attempts(replicas, self.failover, deadline, fail_over=self.fan_out), attempt)
         except CallFailed as err:
-            raise RetrieverError(err.code, err.message) from None
+            return err
+
+    async def _every_shard(self, method: str, request, deadline: Deadline) -> list:
+        return await asyncio.gather(*(self._attempts(s, method, request, deadline) for s in self.sets))
+
+    @staticmethod
+    def _outcome(outcome):
+        if isinstance(outcome, CallFailed):
+            raise RetrieverError(outcome.code, outcome.message)
+        return outcome
 
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""
@@ -226,17 +256,17 @@ class RetrieverClient:
         request.allow_partial = False
         if not request.expected_datastore_version:
             request.expected_datastore_version = infos[0].datastore_version
-        futures = [self._pool.submit(self._call, s, "Search", request, deadline) for s in self.sets]
+        outcomes = self._loop.run(self._every_shard("Search", request, deadline))
         answers, failures = [], {}
-        for replicas, future in zip(self.sets, futures):
-            try:
-                answers.append(SearchResult.from_proto(future.result()))
-            except RetrieverError as err:
-                if err.code not in RETRYABLE:
-                    raise
-                failures[replicas.name] = err.message
+        for replicas, outcome in zip(self.sets, outcomes):
+            if not isinstance(outcome, CallFailed):
+                answers.append(SearchResult.from_proto(outcome))
+            elif outcome.code in RETRYABLE:
+                failures[replicas.name] = outcome.message
+            else:
+                raise RetrieverError(outcome.code, outcome.message)
         if failures and (not allow_partial or not answers):
             raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
-        merged = merge_results(answers, k, infos[0].metric)
+        merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

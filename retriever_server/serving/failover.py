@@ -7,8 +7,8 @@ replica, and the first answer wins; the other attempt is cancelled, and its repl
 while. An attempt that fails with a status a healthy replica could answer (RETRYABLE, or its own
 timeout) moves the call on to the next replica; any other status is the answer.
 
-`Attempts` holds that policy for one call. Two small drivers run it: `call_async` for the router's
-asyncio stubs and `call_blocking` for the client's blocking stubs (their futures).
+`Attempts` holds that policy for one call; `call_async` runs it on asyncio stubs, for the router and
+for the client (whose calls run on an event loop of its own).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -145,6 +144,10 @@ class Attempts:
         order = self.replicas.order()
         self._order = order if self.fail_over else order[:1]
 
+    def single(self) -> bool:
+        """Whether the call has one replica to try, and so nothing to hedge or fail over to."""
+        return len(self._order) == 1
+
     def start(self) -> tuple[str, float | None] | None:
         """The next replica to try and its attempt's timeout; None when none is left or time is up."""
         untried = [a for a in self._order if a not in self._started]
@@ -193,12 +196,28 @@ class Attempts:
         return ShardFailed(*self._last)
 
 
+async def _only_attempt(attempts: Attempts, call: Callable[[str, float | None], Awaitable]):
+    """A call with one replica to try: nothing to hedge or fail over to, so no task or timer."""
+    chosen = attempts.start()
+    if chosen is None:
+        raise attempts.exhausted()
+    try:
+        reply = await call(*chosen)
+    except grpc.aio.AioRpcError as err:
+        attempts.failed(chosen[0], err.code(), err.details())  # raises when the status is the answer
+        raise attempts.exhausted() from None
+    attempts.succeeded(chosen[0], [])
+    return reply
+
+
 async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awaitable]):
     """Runs `attempts` with `call(address, timeout)`, an asyncio stub call; the first answer.
 
     Raises:
         CallFailed: the call's final status (ShardFailed when every replica failed).
     """
+    if attempts.single():
+        return await _only_attempt(attempts, call)
     tasks: dict[asyncio.Future, str] = {}
 
     def launch() -> bool:
@@ -226,42 +245,3 @@ async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awa
     finally:
         for task in tasks:
             task.cancel()
-
-
-def call_blocking(attempts: Attempts, call: Callable[[str, float | None], grpc.Future]):
-    """Runs `attempts` with `call(address, timeout)`, a blocking stub's `.future(...)`; the first answer.
-
-    Raises:
-        CallFailed: the call's final status (ShardFailed when every replica failed).
-    """
-    futures: dict[grpc.Future, str] = {}
-    ended: queue.SimpleQueue = queue.SimpleQueue()
-
-    def launch() -> bool:
-        chosen = attempts.start()
-        if chosen is not None:
-            future = call(*chosen)
-            futures[future] = chosen[0]
-            future.add_done_callback(ended.put)
-        return chosen is not None
-
-    try:
-        while True:
-            if not futures and not launch():
-                raise attempts.exhausted()
-            try:
-                future = ended.get(timeout=attempts.hedge_after())
-            except queue.Empty:
-                launch()  # the hedge
-                continue
-            address = futures.pop(future)
-            try:
-                reply = future.result()
-            except grpc.RpcError as err:
-                attempts.failed(address, err.code(), err.details())
-                continue
-            attempts.succeeded(address, list(futures.values()))
-            return reply
-    finally:
-        for future in futures:
-            future.cancel()

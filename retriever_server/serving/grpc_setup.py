@@ -1,6 +1,19 @@
-"""What every server and channel here shares: message-size options, health, reflection (opt-in)."""
+"""What every server and channel here shares: message-size options, health, reflection (opt-in),
+and a server process's heap settings.
+
+A server's heap keeps freed memory for the next request instead of giving it back. glibc gives each
+allocation over 128 KiB-32 MiB its own mapping and unmaps it when freed, and trims the heap's free top
+past 128 KiB; a server answering megabyte requests then faulted every page of its buffers in afresh
+on each request (about 1,500 page faults per request of 64 queries x 1024 neighbours through the
+router: a third of its CPU). `keep_freed_memory` raises both thresholds, so buffers come from the heap
+and their pages stay mapped: memory grows to the peak a request needs, and stays there.
+"""
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -10,6 +23,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.security.config import ClientSecurity
 from retriever_server.security.tls import open_channel
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 MAX_MESSAGE = 1024 * 1024 * 1024 - 1
 
@@ -61,3 +75,21 @@ def health_status(target: str, timeout: float = 2.0, security: ClientSecurity = 
         except grpc.RpcError:
             return "UNAVAILABLE"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # allocations up to this come from the heap (glibc's largest on 64-bit)
+TRIM_THRESHOLD = 512 << 20  # the heap's free top is given back past this
+
+
+def keep_freed_memory() -> bool:
+    """Sets this process's malloc thresholds (glibc); False where there is no glibc `mallopt`."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        log.debug("no glibc mallopt here: the heap keeps its default thresholds")
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

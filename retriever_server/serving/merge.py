@@ -2,17 +2,21 @@
 inner product first, ties by id, missing neighbours (-1) last.
 
 Input from FAISS is almost in order (all but ties by id): `rank_neighbours` only checks the rows
-that are and sorts the others. The merge sorts a packed key with timsort, which merges the shards'
-already-sorted runs in linear time.
+that are and sorts the others. Shard answers come ranked so, over disjoint id ranges: the merge then
+runs FAISS's k-way heap merge (`faiss.merge_knn_results`, in C++) on the stacked raw arrays, labelled
+with each neighbour's position, and gathers ids, distances and payloads by position. Other input
+(unranked parts, overlapping id ranges) is sorted whole on a packed key.
 """
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 from retriever_server.wire.result import SearchResult
 
 _ID_BITS = 32
+_SERIAL_MERGE = 100_000  # FAISS merges more neighbours than this at once with OpenMP threads
 
 
 def _ordered_bits(scores: np.ndarray) -> np.ndarray:
@@ -92,16 +96,78 @@ def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
     )
 
 
-def merge_results(parts: list[SearchResult], k: int, metric: str) -> SearchResult:
+def _in_id_order(parts: list[SearchResult], metric: str, ranked: bool) -> list[SearchResult] | None:
+    """The parts ordered by their ids when each is ranked (checked unless `ranked`) and their id ranges
+    do not overlap (as shards answer), else None."""
+    if len({p.ids.shape for p in parts}) != 1:
+        return None
+    spans = []
+    for part in parts:
+        valid = part.ids[part.ids >= 0]
+        if valid.size and not ranked and rows_out_of_order(part.ids, part.distances, metric).any():
+            return None
+        spans.append((int(valid.min()), int(valid.max())) if valid.size else None)
+    order = sorted((i for i, span in enumerate(spans) if span is not None), key=lambda i: spans[i][0])
+    if any(spans[a][1] >= spans[b][0] for a, b in zip(order, order[1:])):
+        return None
+    return [parts[i] for i in order] + [p for p, span in zip(parts, spans) if span is None]
+
+
+def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult | None:
+    """The k-way merge of ranked parts over ordered, disjoint id ranges; None when some row has
+    fewer than k neighbours (those keep the sort, whose missing neighbours keep their distances).
+
+    Rows go in pieces small enough that FAISS merges them on the calling thread (no OpenMP team)."""
+    first = parts[0]
+    nq, m = first.ids.shape
+    out = SearchResult(
+        ids=np.empty((nq, k), dtype=np.int64), distances=np.empty((nq, k), dtype=np.float32),
+        payloads={name: np.empty((nq, k, *a.shape[2:]), dtype=a.dtype) for name, a in first.payloads.items()},
+        keys=np.empty((nq, k, first.keys.shape[2]), dtype=np.float32) if first.keys is not None else None,
+        datastore_version=first.datastore_version,
+    )
+    step = max(1, _SERIAL_MERGE // (len(parts) * m))
+    for start in range(0, nq, step):
+        rows = slice(start, start + step)
+        ids = np.stack([p.ids[rows] for p in parts])  # (S, r, m)
+        scores = np.stack([p.distances[rows] for p in parts]).astype(np.float32, copy=False)  # (S, r, m)
+        if metric != "l2":
+            np.negative(scores, out=scores)  # largest inner product first; ties by part order, as for L2
+        labels = np.arange(ids.size, dtype=np.int64).reshape(ids.shape)  # each neighbour's flat position
+        labels[ids < 0] = -1
+        chosen = faiss.merge_knn_results(scores, labels, keep_max=False)[1][:, :k]  # (r, k) positions
+        if chosen.min(initial=0) < 0:
+            return None
+
+        def take(arrays: list[np.ndarray]) -> np.ndarray:
+            stacked = np.stack([a[rows] for a in arrays])  # noqa: B023 - used within the iteration
+            return np.take(stacked.reshape(ids.size, *stacked.shape[3:]), chosen, axis=0)  # noqa: B023
+
+        out.ids[rows] = np.take(ids.reshape(-1), chosen)
+        out.distances[rows] = take([p.distances for p in parts])
+        for name, array in out.payloads.items():
+            array[rows] = take([p.payloads[name] for p in parts])
+        if out.keys is not None:
+            out.keys[rows] = take([p.keys for p in parts])
+    return out
+
+
+def merge_results(parts: list[SearchResult], k: int, metric: str, ranked: bool = False) -> SearchResult:
     """Merges shard results (each (nq, k_i)) into the global top-k.
 
     Each shard returns its own top-k over disjoint rows, so the top-k of their union is the top-k
     over the whole datastore: the merge is exact. Payloads and keys follow their neighbours.
+    `ranked` says every part's rows are already best first, ties by id, missing last (as shard
+    servers answer), which is then not checked again.
     """
     if not parts:
         raise ValueError("merge_results needs at least one shard result")
     if len(parts) == 1 and parts[0].ids.shape[1] == k:
         return parts[0]
+    ordered = _in_id_order(parts, metric, ranked) if len(parts) > 1 and parts[0].ids.shape[1] >= k else None
+    merged = _heap_merge(ordered, k, metric) if ordered is not None else None
+    if merged is not None:
+        return merged
     joined = SearchResult(
         ids=np.concatenate([p.ids for p in parts], axis=1),  # (nq, S*k)
         distances=np.concatenate([p.distances for p in parts], axis=1),  # (nq, S*k)

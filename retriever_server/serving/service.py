@@ -22,7 +22,12 @@ from retriever_server.logs import EventCounter
 from retriever_server.security.auth import AuthInterceptor, TokenSet
 from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import ServerCertificates
-from retriever_server.serving.grpc_setup import add_health_and_reflection, server_options, set_serving
+from retriever_server.serving.grpc_setup import (
+    add_health_and_reflection,
+    keep_freed_memory,
+    server_options,
+    set_serving,
+)
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.wire.request import Limits, RequestError
 from retriever_server.wire.response import add_retriever_servicer
@@ -206,6 +211,7 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
                        security: ServerSecurity = ServerSecurity(), metrics_host: str = "127.0.0.1",
                        health_port: int | None = None, health_host: str = "127.0.0.1") -> RunningServer:
     """Binds `host:port` (0 for an ephemeral port), starts serving NOT_SERVING, returns the handle.
+    The process's heap keeps freed memory from then on (`grpc_setup.keep_freed_memory`).
 
     `health_port` (0: ephemeral; None: none) adds a plaintext port answering health checks only, for
     probes that cannot speak TLS or carry a token; it tells nothing but SERVING or NOT_SERVING.
@@ -215,6 +221,7 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
         OSError: an address cannot be bound.
     """
     security.check(host)
+    keep_freed_memory()
     tokens = TokenSet(security.token_file) if security.token_file is not None else None
     unauthenticated = EventCounter(log)
     interceptors = [AuthInterceptor(tokens, unauthenticated)] if tokens is not None else []

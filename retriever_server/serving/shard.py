@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 RERANK_CHUNK_ELEMENTS = 1 << 24  # float32 elements of stored keys re-ranked at once (64 MiB)
 SMALL_BATCH = 4  # batches this small search on one thread: waking an OpenMP team costs more than it saves
 FIRST_CHUNK = 64  # queries of a search's first chunk; later chunks are sized by the time it took...
-CHUNK_SECONDS = 0.02  # ...to about this, so a stop is noticed within about this long
+CHUNK_SECONDS = 0.05  # ...to about this, so a stop is noticed within about this long
 MAX_CHUNK = 16384
+SMALL_SEARCH_CODES = 1 << 16  # codes a search may scan and still count as small (well under 1 ms)
+SMALL_RERANK = 1 << 12  # candidates a small search may re-rank (queries x candidates)
 EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
 GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
 StopCheck = Callable[[], bool] | None
@@ -94,6 +96,14 @@ class Shard:
     def view(self) -> DatastoreView:
         """What requests to this shard are checked against."""
         return self._view
+
+    def is_small(self, spec: SearchSpec) -> bool:
+        """Whether the search is a few queries over a few lists, with no exclusions and no GPU: so little
+        work that the caller had better run it where it is than hand it to another thread."""
+        per_list = self.entry.ntotal / max(1, self.manifest.nlist)
+        rerank = spec.nq * spec.candidates if spec.exact_rerank else 0
+        return (self.gpu_index is None and not spec.exclusions and spec.nq <= SMALL_BATCH
+                and spec.nq * spec.nprobe * per_list <= SMALL_SEARCH_CODES and rerank <= SMALL_RERANK)
 
     def _search_index(self, queries: np.ndarray, m: int, nprobe: int, selector):
         # OpenMP's thread count belongs to the calling thread: this sets it for this search only.

@@ -27,11 +27,12 @@ from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.serving.shard import SearchStopped, Shard, ShardOptions
-from retriever_server.wire.request import Limits, RequestError, parse_search
+from retriever_server.wire.request import Limits, RequestError, SearchSpec, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.tensors import dtype_code
 
 log = logging.getLogger(__name__)
+INLINE_REQUEST_BYTES = 1 << 14  # requests this small are parsed on the event loop (nq <= 10 at d=384)
 
 
 @dataclass(frozen=True)
@@ -84,19 +85,32 @@ class ShardService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "shard is loading; retry when health is SERVING")
         return None
 
-    def _search(self, raw: bytes, stop) -> tuple[bytes, int]:
-        """Parses, checks and searches, in a worker thread: the answer's bytes and the number of queries."""
-        spec = parse_search(decode_search(raw), self.shard.view(), self.limits)
+    def _parse(self, raw: bytes) -> SearchSpec:
+        return parse_search(decode_search(raw), self.shard.view(), self.limits)
+
+    def _answer(self, spec: SearchSpec, stop) -> bytes:
+        """The answer's bytes to a checked request."""
         try:
-            return encode_search_response(self.shard.search(spec, stop)), spec.nq
+            return encode_search_response(self.shard.search(spec, stop))
         except SearchStopped:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed (or the caller went away) "
                                                                   "during the search; it was stopped") from None
 
+    def _search(self, raw: bytes, stop) -> tuple[bytes, int]:
+        """Parses, checks and searches, in a worker thread: the answer's bytes and the number of queries."""
+        spec = self._parse(raw)
+        return self._answer(spec, stop), spec.nq
+
     async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
+        """A small request is parsed on the event loop, and a search of little work (`Shard.is_small`,
+        well under a millisecond) answered there too: handing it to a thread would cost more CPU than
+        it takes. Anything larger runs in the FAISS thread pool, checking the deadline between chunks."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the search started")
+        spec = self._parse(raw) if len(raw) <= INLINE_REQUEST_BYTES else None
+        if spec is not None and self.shard.is_small(spec):
+            return self._answer(spec, None), spec.nq
         deadline = None if remaining is None else time.monotonic() + remaining
         gone = threading.Event()
         context.add_done_callback(lambda _: gone.set())  # the call ended: cancelled, or its deadline hit
@@ -105,7 +119,9 @@ class ShardService(BaseRetrieverService):
             return gone.is_set() or (deadline is not None and time.monotonic() >= deadline)
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._search, raw, stop)
+        if spec is None:
+            return await loop.run_in_executor(self.pool, self._search, raw, stop)
+        return await loop.run_in_executor(self.pool, self._answer, spec, stop), spec.nq
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

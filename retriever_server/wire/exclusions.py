@@ -159,6 +159,8 @@ class Exclusions:
 
     def within(self, lo: int, hi: int) -> Exclusions:
         """The parts among ids [lo, hi) (a shard's rows)."""
+        if not self:
+            return self
         local = self.ids % SPAN
         base = self.ranges[:, 0] // SPAN * SPAN
         return Exclusions(self.nq, self.common.within(lo, hi), self.ids[(local >= lo) & (local < hi)],

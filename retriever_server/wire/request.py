@@ -154,6 +154,8 @@ def _check_ints(k: int, nprobe: int, rerank: bool, candidates: int, view: Datast
 
 def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
     """The exclusion limits, by counting alone (before any exclusion is read)."""
+    if not request.exclude_per_query and not request.HasField("exclude"):
+        return
     per_query, common = request.exclude_per_query, request.exclude
     total = len(common.ids) + sum(len(e.ids) for e in per_query)
     if total > limits.max_excluded:
@@ -175,6 +177,8 @@ def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_o
     """Every query's exclusions: the request-wide one and each query's own (None: only checked)."""
     if len(request.exclude_per_query) not in (0, nq):
         raise _invalid(f"exclude_per_query has {len(request.exclude_per_query)} entries but there are {nq} queries")
+    if not request.exclude_per_query and not request.HasField("exclude"):
+        return None if check_only else Exclusions(nq)  # nothing to read
     _check_exclusion_counts(request, limits)
     try:
         return Exclusions.parse(request, nq, check_only)

@@ -1,0 +1,43 @@
+"""The CPU-cost benchmark's arithmetic: CPU read per process and call, and its bars."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from cpu_cost import CostConfig, bars, cpu_per_call  # noqa: E402
+
+
+def test_cpu_per_call_counts_this_process_and_others_per_call():
+    """A call that burns about 20 ms of this process's CPU is counted at about 20 ms per call; a process
+    that only sleeps, at about 0."""
+    def burn(_):
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+
+    config = CostConfig(seconds_per_cell=0.3, min_calls=10, warmup_calls=1)
+    cost = cpu_per_call(burn, [np.zeros((1, 4), np.float32)], {"idle": os.getppid()}, config)
+    assert cost["calls"] >= 10
+    assert 19 <= cost["client"] <= 30 and cost["idle"] < 5
+    assert cost["total"] == cost["client"] + cost["idle"]
+
+
+def cell(nq: int, k: int, router_total: float, in_process: float, fan_out: float, floor: float, router: float) -> dict:
+    return {"nq": nq, "k": k, "router": {"total": router_total, "router": router}, "fan_out": {"total": fan_out},
+            "in_process_sharded": {"total": in_process}, "floor_fan_out": {"total": floor},
+            "router_efficiency": in_process / router_total}
+
+
+def test_bars_judge_efficiency_the_fan_out_floor_and_the_router():
+    rows = [cell(64, 10, 10.0, 8.5, 9.0, 1.0, 1.0), cell(1, 10, 4.0, 0.5, 2.0, 1.2, 1.0),
+            cell(64, 1024, 40.0, 20.0, 30.0, 2.0, 3.5)]
+    got = {b["bar"].split(":")[0].split(" >=")[0].split(" <=")[0]: b["pass"] for b in bars(rows)}
+    assert got == {"router efficiency at nq=64, k=10": True, "router efficiency at nq=64, k=1024": False,
+                   "fan-out at nq=1, k=10": True, "router CPU at nq=64, k=1024": False}

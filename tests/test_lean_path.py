@@ -1,0 +1,70 @@
+"""The service's lean path: a server's heap keeps freed buffers, and a shard list fans out."""
+
+from __future__ import annotations
+
+from lm_worker.retrieval.service import resolve_target
+from retriever_server.serving.grpc_setup import keep_freed_memory
+from retriever_server.serving.metrics import ServerMetrics
+from retriever_server.serving.service import BaseRetrieverService
+from retriever_server.wire.request import Limits
+
+
+def test_servers_keep_freed_memory(aio, monkeypatch, tmp_path):
+    """glibc takes both thresholds, and every server sets them as it starts."""
+    from retriever_server.serving import service
+
+    assert keep_freed_memory()
+    calls = []
+    monkeypatch.setattr(service, "keep_freed_memory", lambda: calls.append(True))
+    running = aio.run(service.start_server(Idle(), "127.0.0.1", 0, None))
+    aio.run(running.drain(grace=0))
+    assert calls == [True]
+
+
+class Idle(BaseRetrieverService):
+    role = "idle"
+
+    def __init__(self):
+        super().__init__(Limits(), ServerMetrics("idle"))
+
+    def not_ready_error(self):
+        return None
+
+
+def test_a_shard_list_is_fanned_out_to():
+    assert resolve_target("127.0.0.1:1") == "127.0.0.1:1"
+    assert resolve_target("a:1|a:2,b:1") == [["a:1", "a:2"], ["b:1"]]
+    assert resolve_target("a:1|a:2") == [["a:1", "a:2"]]
+
+
+def test_a_loop_thread_runs_coroutines_for_other_threads_and_stops():
+    import asyncio
+    import threading
+
+    from retriever_server.serving.event_loop import LoopThread
+
+    loop = LoopThread("test-loop")
+    try:
+        assert loop.run(asyncio.sleep(0, "done")) == "done"
+        seen = loop.run(_thread_name())
+        assert seen == "test-loop" != threading.current_thread().name
+
+        async def nested():
+            return loop.run(asyncio.sleep(0))  # from its own loop: refused, never a deadlock
+
+        try:
+            loop.run(nested())
+        except RuntimeError as err:
+            assert "its own loop" in str(err)
+        else:
+            raise AssertionError("LoopThread.run from its own loop did not refuse")
+    finally:
+        loop.close()
+    assert loop.loop.is_closed()
+    loop.close()  # a second close does nothing
+
+
+async def _thread_name() -> str:
+    import threading
+
+    return threading.current_thread().name
