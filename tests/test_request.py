@@ -101,8 +101,10 @@ def test_merge_equals_brute_force_top_k(metric):
     parts = []
     for s in range(3):
         cols = slice(10 * s, 10 * s + 10)
-        parts.append(SearchResult(ids[:, cols], distances[:, cols], {"values": values[:, cols]}))
+        parts.append(SearchResult(ids[:, cols], distances[:, cols], {"values": values[:, cols]},
+                                  successor_ids=ids[:, cols, None] + np.arange(1, 3)))
     merged = merge_results(parts, 7, metric)
+    assert np.array_equal(merged.successor_ids, merged.ids[:, :, None] + np.arange(1, 3))
     for row in range(4):
         key = distances[row] if metric == "l2" else -distances[row]
         expect = sorted(range(30), key=lambda j: (key[j], ids[row, j]))[:7]
@@ -180,7 +182,9 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
         ids[rng.random((nq, m)) < 0.03] = -1
         distances = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 2.0], np.float32), (nq, m))
         raw = SearchResult(ids, distances, {"values": ids.astype(np.int32) * 10},
-                           keys=np.repeat(ids[:, :, None].astype(np.float32), 2, axis=2))
+                           keys=np.repeat(ids[:, :, None].astype(np.float32), 2, axis=2),
+                           successor_ids=ids[:, :, None] * 10 + np.arange(1, 4),
+                           successor_payloads={"values": (ids[:, :, None] * 100 + np.arange(3)).astype(np.int32)})
         parts.append(rank_neighbours(raw, m, metric))
     parts = [parts[2], parts[0], parts[1]]
     merged = merge_results(parts, k, metric, ranked=ranked)
@@ -194,3 +198,5 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
         assert merged.distances[row].tolist() == distances[row, expect].tolist()
     assert np.array_equal(merged.payloads["values"], np.where(merged.ids < 0, 0, merged.ids * 10))
     assert np.array_equal(merged.keys[..., 0], merged.ids.astype(np.float32))
+    assert np.array_equal(merged.successor_ids, merged.ids[:, :, None] * 10 + np.arange(1, 4))
+    assert np.array_equal(merged.successor_payloads["values"], merged.ids[:, :, None] * 100 + np.arange(3))

@@ -27,6 +27,11 @@ CASES = {
     "partial, failures, unicode": result(1, 2, partial=True, failed_shards={"shard-00001": "down: connexion refusée",
                                                                             "shard-00000": ""}),
     "no version": SearchResult(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32)),
+    "successors": result(2, 3, payloads={"values": np.arange(6, dtype=np.int32).reshape(2, 3)},
+                         keys=np.ones((2, 3, 4), np.float32),
+                         successor_ids=np.arange(12, dtype=np.int64).reshape(2, 3, 2),
+                         successor_payloads={"values": np.arange(12, dtype=np.int32).reshape(2, 3, 2)},
+                         successor_keys=np.full((2, 3, 2, 4), 0.5, np.float32)),
 }
 
 

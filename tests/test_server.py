@@ -89,6 +89,8 @@ def bad_requests(keys):
         (bad_range, "INVALID_ARGUMENT", "exclude.ranges[0]"),
         (per_query, "INVALID_ARGUMENT", "exclude_per_query has 1 entries but there are 4 queries"),
         (req(expected_datastore_version="0123"), "FAILED_PRECONDITION", "expected_datastore_version"),
+        (req(successors=17), "INVALID_ARGUMENT", "successors must be in [0, 16]"),
+        (req(successors=-1), "INVALID_ARGUMENT", "successors must be in [0, 16]"),
     ]
 
 
@@ -413,3 +415,28 @@ def test_a_small_search_answered_on_the_loop_equals_the_same_queries_in_a_batch(
         aio.run(running.drain(grace=0))
     assert small.ids.data == batch.ids.data[:3 * 5 * 8] and small.distances.data == batch.distances.data[:3 * 5 * 4]
     assert handed == [(3, False), (16, True)]  # (queries, in the FAISS pool)
+
+
+def test_successors_are_the_rows_after_each_neighbour_within_its_shard(aio, keys, datastore):
+    """Through the router and through the client's fan-out: each neighbour's next rows, their values
+    and stored keys, -1 (and zeros) past the end of the neighbour's shard and for missing neighbours."""
+    stored = keys.astype(np.float16).astype(np.float32)
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address) as router, \
+            RetrieverClient([s[0].address for s in served.shards]) as fan_out:
+        ends = [shard.id_end for shard in router.info().shards]
+        # the last rows of each shard, so that some successors fall past its end
+        queries = np.concatenate([keys[end - 3:end] for end in ends])
+        for client in (router, fan_out):
+            found = client.search(queries, k=6, nprobe=16, payloads=["values"], return_keys=True, successors=4)
+            plain = client.search(queries, k=6, nprobe=16, payloads=["values"], return_keys=True)
+            assert np.array_equal(found.ids, plain.ids) and np.array_equal(found.payloads["values"],
+                                                                          plain.payloads["values"])
+            end_of = np.select([found.ids < e for e in ends], ends, 0)[..., None]  # (nq, k, 1) its shard's end
+            expect = found.ids[..., None] + np.arange(1, 5)
+            expect[(found.ids[..., None] < 0) | (expect >= end_of)] = -1
+            assert found.successor_ids.shape == (len(queries), 6, 4) and (found.successor_ids < 0).any()
+            assert np.array_equal(found.successor_ids, expect)
+            valid = expect >= 0
+            assert np.array_equal(found.successor_payloads["values"], np.where(valid, expect, 0))
+            assert np.array_equal(found.successor_keys, np.where(valid[..., None], stored[np.maximum(expect, 0)], 0))
+            assert plain.successor_ids is None and plain.successor_payloads == {}

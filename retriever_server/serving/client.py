@@ -72,7 +72,7 @@ class Exclude:
 def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,
                  rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
                  exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
-                 allow_partial: bool = False, expected_version: str = "") -> pb.SearchRequest:
+                 allow_partial: bool = False, expected_version: str = "", successors: int = 0) -> pb.SearchRequest:
     """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32)."""
     queries = np.asarray(queries)
     if queries.dtype == np.float64:
@@ -82,7 +82,7 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
         rerank_candidates=rerank_candidates, payloads=list(payloads), return_keys=return_keys,
         exclude=exclude.to_proto() if exclude else None,
         exclude_per_query=[e.to_proto() for e in exclude_per_query or ()],
-        allow_partial=allow_partial, expected_datastore_version=expected_version,
+        allow_partial=allow_partial, expected_datastore_version=expected_version, successors=successors,
     )
     fill_tensor(request.queries, queries)
     return request
@@ -220,7 +220,7 @@ class RetrieverClient:
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
                exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
-               allow_partial: bool = False, expected_version: str = "",
+               allow_partial: bool = False, expected_version: str = "", successors: int = 0,
                timeout: float | None = None) -> SearchResult:
         """k nearest neighbours of each row of `queries`.
 
@@ -234,6 +234,9 @@ class RetrieverClient:
             exclude: rows excluded for every query; exclude_per_query: one Exclude per query.
             allow_partial: accept an answer from the shards that responded, flagged partial.
             expected_version: refuse (FAILED_PRECONDITION) unless the datastore has this version.
+            successors: also return the n rows after each neighbour in the datastore (within its
+                shard), with the same payloads and keys: `successor_ids`, `successor_payloads`,
+                `successor_keys` (in a kNN-LM datastore, row i+1 continues row i).
             timeout: deadline in seconds for the whole call.
 
         Returns:
@@ -244,7 +247,7 @@ class RetrieverClient:
                 replica of a needed shard answered.
         """
         request = make_request(queries, k, nprobe, exact_rerank, rerank_candidates, payloads, return_keys,
-                               exclude, exclude_per_query, allow_partial, expected_version)
+                               exclude, exclude_per_query, allow_partial, expected_version, successors)
         deadline = Deadline(timeout or self.timeout)
         if not self.fan_out:
             return SearchResult.from_proto(self._call(self.sets[0], "Search", request, deadline))

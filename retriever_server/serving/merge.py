@@ -93,6 +93,9 @@ def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
         payloads={name: take(array) for name, array in result.payloads.items()},
         keys=take(result.keys) if result.keys is not None else None,
         datastore_version=result.datastore_version,
+        successor_ids=take(result.successor_ids) if result.successor_ids is not None else None,
+        successor_payloads={name: take(array) for name, array in result.successor_payloads.items()},
+        successor_keys=take(result.successor_keys) if result.successor_keys is not None else None,
     )
 
 
@@ -120,11 +123,16 @@ def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult 
     Rows go in pieces small enough that FAISS merges them on the calling thread (no OpenMP team)."""
     first = parts[0]
     nq, m = first.ids.shape
+
+    def like(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else np.empty((nq, k, *array.shape[2:]), dtype=array.dtype)
+
     out = SearchResult(
         ids=np.empty((nq, k), dtype=np.int64), distances=np.empty((nq, k), dtype=np.float32),
-        payloads={name: np.empty((nq, k, *a.shape[2:]), dtype=a.dtype) for name, a in first.payloads.items()},
-        keys=np.empty((nq, k, first.keys.shape[2]), dtype=np.float32) if first.keys is not None else None,
-        datastore_version=first.datastore_version,
+        payloads={name: like(a) for name, a in first.payloads.items()}, keys=like(first.keys),
+        datastore_version=first.datastore_version, successor_ids=like(first.successor_ids),
+        successor_payloads={name: like(a) for name, a in first.successor_payloads.items()},
+        successor_keys=like(first.successor_keys),
     )
     step = max(1, _SERIAL_MERGE // (len(parts) * m))
     for start in range(0, nq, step):
@@ -147,8 +155,11 @@ def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult 
         out.distances[rows] = take([p.distances for p in parts])
         for name, array in out.payloads.items():
             array[rows] = take([p.payloads[name] for p in parts])
-        if out.keys is not None:
-            out.keys[rows] = take([p.keys for p in parts])
+        for name, array in out.successor_payloads.items():
+            array[rows] = take([p.successor_payloads[name] for p in parts])
+        for name in ("keys", "successor_ids", "successor_keys"):
+            if getattr(out, name) is not None:
+                getattr(out, name)[rows] = take([getattr(p, name) for p in parts])
     return out
 
 
@@ -168,11 +179,18 @@ def merge_results(parts: list[SearchResult], k: int, metric: str, ranked: bool =
     merged = _heap_merge(ordered, k, metric) if ordered is not None else None
     if merged is not None:
         return merged
+    def joined_of(name: str) -> np.ndarray | None:
+        return np.concatenate([getattr(p, name) for p in parts], axis=1) if getattr(parts[0], name) is not None \
+            else None
+
     joined = SearchResult(
         ids=np.concatenate([p.ids for p in parts], axis=1),  # (nq, S*k)
         distances=np.concatenate([p.distances for p in parts], axis=1),  # (nq, S*k)
         payloads={name: np.concatenate([p.payloads[name] for p in parts], axis=1) for name in parts[0].payloads},
-        keys=np.concatenate([p.keys for p in parts], axis=1) if parts[0].keys is not None else None,
-        datastore_version=parts[0].datastore_version,
+        keys=joined_of("keys"), datastore_version=parts[0].datastore_version,
+        successor_ids=joined_of("successor_ids"),
+        successor_payloads={name: np.concatenate([p.successor_payloads[name] for p in parts], axis=1)
+                            for name in parts[0].successor_payloads},
+        successor_keys=joined_of("successor_keys"),
     )
     return take_neighbours(joined, sort_neighbours(joined.ids, joined.distances, metric)[:, :k])

@@ -33,7 +33,8 @@ class Limits:
             exclusion and the request-wide one together).
         max_payloads: payload names in one request.
         max_string: characters of a payload name or of expected_datastore_version.
-        max_response_bytes: ids, distances, payloads and keys of one answer.
+        max_response_bytes: ids, distances, payloads and keys of one answer (successors' included).
+        max_successors: rows after each neighbour returned with it (`successors`).
     """
 
     max_k: int = 2048
@@ -48,6 +49,7 @@ class Limits:
     max_payloads: int = 16
     max_string: int = 256
     max_response_bytes: int = 768 * 1024 * 1024
+    max_successors: int = 16
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class SearchSpec:
     return_keys: bool
     exclusions: Exclusions | None  # None: checked, not kept (a router's)
     allow_partial: bool
+    successors: int = 0  # rows after each neighbour returned with it
 
     @property
     def nq(self) -> int:
@@ -187,8 +190,9 @@ def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_o
 
 
 def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
-    per_neighbour = 12 + sum(view.payload_row_bytes[name] for name in set(request.payloads))
-    per_neighbour += 4 * view.dimension if request.return_keys else 0
+    per_row = sum(view.payload_row_bytes[name] for name in set(request.payloads))
+    per_row += 4 * view.dimension if request.return_keys else 0
+    per_neighbour = 12 + per_row + max(0, request.successors) * (8 + per_row)
     size = nq * request.k * per_neighbour
     if size > limits.max_response_bytes:
         raise RequestError(
@@ -234,6 +238,8 @@ def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits,
     _check_strings(request, view, limits)
     nq = int(request.queries.shape[0]) if len(request.queries.shape) == 2 else 0
     _check_ints(request.k, request.nprobe, request.exact_rerank, request.rerank_candidates, view, limits)
+    if not 0 <= request.successors <= limits.max_successors:
+        raise _invalid(f"successors must be in [0, {limits.max_successors}], got {request.successors}")
     _check_work(nq, request, limits)
     _check_exclusion_counts(request, limits)
     queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
@@ -253,4 +259,5 @@ def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits,
         return_keys=bool(request.return_keys),
         exclusions=parse_exclusions(request, queries.shape[0], limits, check_only=not read_exclusions),
         allow_partial=bool(request.allow_partial),
+        successors=int(request.successors),
     )

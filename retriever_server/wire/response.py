@@ -67,6 +67,12 @@ def encode_search_response(result: SearchResult) -> bytes:
     for shard, reason in sorted(result.failed_shards.items()):
         parts += _field(6, [*_text(1, shard), *_text(2, reason)])
     parts += _text(7, result.datastore_version)
+    if result.successor_ids is not None:
+        parts += _tensor(8, result.successor_ids)
+    for name, array in result.successor_payloads.items():
+        parts += _field(9, [*_text(1, name), *_tensor(2, array)])
+    if result.successor_keys is not None:
+        parts += _tensor(10, result.successor_keys)
     return b"".join(parts)
 
 

@@ -22,6 +22,9 @@ class SearchResult:
         partial: some shards did not answer (only with allow_partial).
         failed_shards: shard name -> reason, for the shards that did not answer.
         datastore_version: version of the datastore that answered.
+        successor_ids: int64 (nq, k, n) ids of the n rows after each neighbour (-1: none), when asked for.
+        successor_payloads: name -> (nq, k, n, *row_shape) payloads of those rows.
+        successor_keys: float32 (nq, k, n, d) their stored keys, when keys were asked for too.
     """
 
     ids: np.ndarray
@@ -31,6 +34,9 @@ class SearchResult:
     partial: bool = False
     failed_shards: dict[str, str] = field(default_factory=dict)
     datastore_version: str = ""
+    successor_ids: np.ndarray | None = None
+    successor_payloads: dict[str, np.ndarray] = field(default_factory=dict)
+    successor_keys: np.ndarray | None = None
 
     def to_proto(self) -> pb.SearchResponse:
         response = pb.SearchResponse(
@@ -44,6 +50,12 @@ class SearchResult:
             fill_tensor(response.payloads[name], array)
         if self.keys is not None:
             fill_tensor(response.keys, self.keys)
+        if self.successor_ids is not None:
+            fill_tensor(response.successor_ids, self.successor_ids)
+        for name, array in self.successor_payloads.items():
+            fill_tensor(response.successor_payloads[name], array)
+        if self.successor_keys is not None:
+            fill_tensor(response.successor_keys, self.successor_keys)
         return response
 
     @classmethod
@@ -56,4 +68,10 @@ class SearchResult:
             partial=response.partial,
             failed_shards={f.shard: f.reason for f in response.failed_shards},
             datastore_version=response.datastore_version,
+            successor_ids=from_tensor(response.successor_ids, "successor_ids")
+            if response.HasField("successor_ids") else None,
+            successor_payloads={name: from_tensor(t, f"successor_payloads[{name}]")
+                                for name, t in response.successor_payloads.items()},
+            successor_keys=from_tensor(response.successor_keys, "successor_keys").astype(np.float32)
+            if response.HasField("successor_keys") else None,
         )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retriever.proto\x12\x0cretrieval.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.retrieval.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x07IdRange\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x03\"?\n\tExclusion\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12%\n\x06ranges\x18\x02 \x03(\x0b\x32\x15.retrieval.v1.IdRange\"\xc2\x02\n\rSearchRequest\x12%\n\x07queries\x18\x01 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06nprobe\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xact_rerank\x18\x04 \x01(\x08\x12\x19\n\x11rerank_candidates\x18\x05 \x01(\x05\x12\x10\n\x08payloads\x18\x06 \x03(\t\x12\x13\n\x0breturn_keys\x18\x07 \x01(\x08\x12(\n\x07\x65xclude\x18\x08 \x01(\x0b\x32\x17.retrieval.v1.Exclusion\x12\x32\n\x11\x65xclude_per_query\x18\t \x03(\x0b\x32\x17.retrieval.v1.Exclusion\x12\x15\n\rallow_partial\x18\n \x01(\x08\x12\"\n\x1a\x65xpected_datastore_version\x18\x0b \x01(\t\"\xe4\x02\n\x0eSearchResponse\x12!\n\x03ids\x18\x01 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\'\n\tdistances\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12<\n\x08payloads\x18\x03 \x03(\x0b\x32*.retrieval.v1.SearchResponse.PayloadsEntry\x12\"\n\x04keys\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\x31\n\rfailed_shards\x18\x06 \x03(\x0b\x32\x1a.retrieval.v1.ShardFailure\x12\x19\n\x11\x64\x61tastore_version\x18\x07 \x01(\t\x1a\x45\n\rPayloadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Tensor:\x02\x38\x01\"-\n\x0cShardFailure\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"R\n\x0bPayloadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.retrieval.v1.DType\x12\x11\n\trow_shape\x18\x03 \x03(\x03\"]\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08id_start\x18\x02 \x01(\x03\x12\x0e\n\x06id_end\x18\x03 \x01(\x03\x12\x0e\n\x06ntotal\x18\x04 \x01(\x03\x12\x10\n\x08replicas\x18\x05 \x01(\x05\"\xab\x04\n\x0cInfoResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x03 \x01(\t\x12\x0e\n\x06ntotal\x18\x04 \x01(\x03\x12\r\n\x05shard\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x61tastore_version\x18\x07 \x01(\t\x12\x1a\n\x12\x64\x61tastore_checksum\x18\x08 \x01(\t\x12+\n\x08payloads\x18\t \x03(\x0b\x32\x19.retrieval.v1.PayloadInfo\x12\x10\n\x08has_keys\x18\n \x01(\x08\x12\'\n\x06shards\x18\x0b \x03(\x0b\x32\x17.retrieval.v1.ShardInfo\x12\r\n\x05nlist\x18\x0c \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\r \x01(\x05\x12\r\n\x05max_k\x18\x0e \x01(\x05\x12\x11\n\tmax_batch\x18\x0f \x01(\x05\x12\x0c\n\x04role\x18\x10 \x01(\t\x12:\n\x08metadata\x18\x11 \x03(\x0b\x32(.retrieval.v1.InfoResponse.MetadataEntry\x12\x0b\n\x03gpu\x18\x12 \x01(\x08\x12\x12\n\nnum_shards\x18\x13 \x01(\x05\x12\x18\n\x10\x64\x61tastore_ntotal\x18\x14 \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x15 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf1\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x10\n\x0c\x44TYPE_UINT16\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x11\n\rDTYPE_FLOAT64\x10\t\x12\x10\n\x0c\x44TYPE_UINT32\x10\n\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0b\x12\x0e\n\nDTYPE_BOOL\x10\x0c\x32\x95\x01\n\tRetriever\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12\x43\n\x07GetInfo\x12\x1c.retrieval.v1.GetInfoRequest\x1a\x1a.retrieval.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cretrieval/v1/retriever.proto\x12\x0cretrieval.v1\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.retrieval.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"%\n\x07IdRange\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x03\"?\n\tExclusion\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12%\n\x06ranges\x18\x02 \x03(\x0b\x32\x15.retrieval.v1.IdRange\"\xd6\x02\n\rSearchRequest\x12%\n\x07queries\x18\x01 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06nprobe\x18\x03 \x01(\x05\x12\x14\n\x0c\x65xact_rerank\x18\x04 \x01(\x08\x12\x19\n\x11rerank_candidates\x18\x05 \x01(\x05\x12\x10\n\x08payloads\x18\x06 \x03(\t\x12\x13\n\x0breturn_keys\x18\x07 \x01(\x08\x12(\n\x07\x65xclude\x18\x08 \x01(\x0b\x32\x17.retrieval.v1.Exclusion\x12\x32\n\x11\x65xclude_per_query\x18\t \x03(\x0b\x32\x17.retrieval.v1.Exclusion\x12\x15\n\rallow_partial\x18\n \x01(\x08\x12\"\n\x1a\x65xpected_datastore_version\x18\x0b \x01(\t\x12\x12\n\nsuccessors\x18\x0c \x01(\x05\"\xe0\x04\n\x0eSearchResponse\x12!\n\x03ids\x18\x01 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\'\n\tdistances\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12<\n\x08payloads\x18\x03 \x03(\x0b\x32*.retrieval.v1.SearchResponse.PayloadsEntry\x12\"\n\x04keys\x18\x04 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12\x0f\n\x07partial\x18\x05 \x01(\x08\x12\x31\n\rfailed_shards\x18\x06 \x03(\x0b\x32\x1a.retrieval.v1.ShardFailure\x12\x19\n\x11\x64\x61tastore_version\x18\x07 \x01(\t\x12+\n\rsuccessor_ids\x18\x08 \x01(\x0b\x32\x14.retrieval.v1.Tensor\x12O\n\x12successor_payloads\x18\t \x03(\x0b\x32\x33.retrieval.v1.SearchResponse.SuccessorPayloadsEntry\x12,\n\x0esuccessor_keys\x18\n \x01(\x0b\x32\x14.retrieval.v1.Tensor\x1a\x45\n\rPayloadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Tensor:\x02\x38\x01\x1aN\n\x16SuccessorPayloadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.retrieval.v1.Tensor:\x02\x38\x01\"-\n\x0cShardFailure\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"R\n\x0bPayloadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.retrieval.v1.DType\x12\x11\n\trow_shape\x18\x03 \x03(\x03\"]\n\tShardInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08id_start\x18\x02 \x01(\x03\x12\x0e\n\x06id_end\x18\x03 \x01(\x03\x12\x0e\n\x06ntotal\x18\x04 \x01(\x03\x12\x10\n\x08replicas\x18\x05 \x01(\x05\"\xab\x04\n\x0cInfoResponse\x12\x11\n\tdimension\x18\x01 \x01(\x05\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x03 \x01(\t\x12\x0e\n\x06ntotal\x18\x04 \x01(\x03\x12\r\n\x05shard\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x61tastore_version\x18\x07 \x01(\t\x12\x1a\n\x12\x64\x61tastore_checksum\x18\x08 \x01(\t\x12+\n\x08payloads\x18\t \x03(\x0b\x32\x19.retrieval.v1.PayloadInfo\x12\x10\n\x08has_keys\x18\n \x01(\x08\x12\'\n\x06shards\x18\x0b \x03(\x0b\x32\x17.retrieval.v1.ShardInfo\x12\r\n\x05nlist\x18\x0c \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\r \x01(\x05\x12\r\n\x05max_k\x18\x0e \x01(\x05\x12\x11\n\tmax_batch\x18\x0f \x01(\x05\x12\x0c\n\x04role\x18\x10 \x01(\t\x12:\n\x08metadata\x18\x11 \x03(\x0b\x32(.retrieval.v1.InfoResponse.MetadataEntry\x12\x0b\n\x03gpu\x18\x12 \x01(\x08\x12\x12\n\nnum_shards\x18\x13 \x01(\x05\x12\x18\n\x10\x64\x61tastore_ntotal\x18\x14 \x01(\x03\x12\x19\n\x11max_request_bytes\x18\x15 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf1\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x10\n\x0c\x44TYPE_UINT16\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x11\n\rDTYPE_FLOAT64\x10\t\x12\x10\n\x0c\x44TYPE_UINT32\x10\n\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0b\x12\x0e\n\nDTYPE_BOOL\x10\x0c\x32\x95\x01\n\tRetriever\x12\x43\n\x06Search\x12\x1b.retrieval.v1.SearchRequest\x1a\x1c.retrieval.v1.SearchResponse\x12\x43\n\x07GetInfo\x12\x1c.retrieval.v1.GetInfoRequest\x1a\x1a.retrieval.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._loaded_options = None
   _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._serialized_options = b'8\001'
+  _globals['_SEARCHRESPONSE_SUCCESSORPAYLOADSENTRY']._loaded_options = None
+  _globals['_SEARCHRESPONSE_SUCCESSORPAYLOADSENTRY']._serialized_options = b'8\001'
   _globals['_INFORESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_INFORESPONSE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1712
-  _globals['_DTYPE']._serialized_end=1953
+  _globals['_DTYPE']._serialized_start=1984
+  _globals['_DTYPE']._serialized_end=2225
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=119
   _globals['_IDRANGE']._serialized_start=121
@@ -44,23 +46,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXCLUSION']._serialized_start=160
   _globals['_EXCLUSION']._serialized_end=223
   _globals['_SEARCHREQUEST']._serialized_start=226
-  _globals['_SEARCHREQUEST']._serialized_end=548
-  _globals['_SEARCHRESPONSE']._serialized_start=551
-  _globals['_SEARCHRESPONSE']._serialized_end=907
-  _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._serialized_start=838
-  _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._serialized_end=907
-  _globals['_SHARDFAILURE']._serialized_start=909
-  _globals['_SHARDFAILURE']._serialized_end=954
-  _globals['_GETINFOREQUEST']._serialized_start=956
-  _globals['_GETINFOREQUEST']._serialized_end=972
-  _globals['_PAYLOADINFO']._serialized_start=974
-  _globals['_PAYLOADINFO']._serialized_end=1056
-  _globals['_SHARDINFO']._serialized_start=1058
-  _globals['_SHARDINFO']._serialized_end=1151
-  _globals['_INFORESPONSE']._serialized_start=1154
-  _globals['_INFORESPONSE']._serialized_end=1709
-  _globals['_INFORESPONSE_METADATAENTRY']._serialized_start=1662
-  _globals['_INFORESPONSE_METADATAENTRY']._serialized_end=1709
-  _globals['_RETRIEVER']._serialized_start=1956
-  _globals['_RETRIEVER']._serialized_end=2105
+  _globals['_SEARCHREQUEST']._serialized_end=568
+  _globals['_SEARCHRESPONSE']._serialized_start=571
+  _globals['_SEARCHRESPONSE']._serialized_end=1179
+  _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._serialized_start=1030
+  _globals['_SEARCHRESPONSE_PAYLOADSENTRY']._serialized_end=1099
+  _globals['_SEARCHRESPONSE_SUCCESSORPAYLOADSENTRY']._serialized_start=1101
+  _globals['_SEARCHRESPONSE_SUCCESSORPAYLOADSENTRY']._serialized_end=1179
+  _globals['_SHARDFAILURE']._serialized_start=1181
+  _globals['_SHARDFAILURE']._serialized_end=1226
+  _globals['_GETINFOREQUEST']._serialized_start=1228
+  _globals['_GETINFOREQUEST']._serialized_end=1244
+  _globals['_PAYLOADINFO']._serialized_start=1246
+  _globals['_PAYLOADINFO']._serialized_end=1328
+  _globals['_SHARDINFO']._serialized_start=1330
+  _globals['_SHARDINFO']._serialized_end=1423
+  _globals['_INFORESPONSE']._serialized_start=1426
+  _globals['_INFORESPONSE']._serialized_end=1981
+  _globals['_INFORESPONSE_METADATAENTRY']._serialized_start=1934
+  _globals['_INFORESPONSE_METADATAENTRY']._serialized_end=1981
+  _globals['_RETRIEVER']._serialized_start=2228
+  _globals['_RETRIEVER']._serialized_end=2377
 # @@protoc_insertion_point(module_scope)

@@ -63,7 +63,7 @@ class Exclusion(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., ranges: _Optional[_Iterable[_Union[IdRange, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "nprobe", "exact_rerank", "rerank_candidates", "payloads", "return_keys", "exclude", "exclude_per_query", "allow_partial", "expected_datastore_version")
+    __slots__ = ("queries", "k", "nprobe", "exact_rerank", "rerank_candidates", "payloads", "return_keys", "exclude", "exclude_per_query", "allow_partial", "expected_datastore_version", "successors")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class SearchRequest(_message.Message):
     EXCLUDE_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_DATASTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSORS_FIELD_NUMBER: _ClassVar[int]
     queries: Tensor
     k: int
     nprobe: int
@@ -86,11 +87,19 @@ class SearchRequest(_message.Message):
     exclude_per_query: _containers.RepeatedCompositeFieldContainer[Exclusion]
     allow_partial: bool
     expected_datastore_version: str
-    def __init__(self, queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., exact_rerank: _Optional[bool] = ..., rerank_candidates: _Optional[int] = ..., payloads: _Optional[_Iterable[str]] = ..., return_keys: _Optional[bool] = ..., exclude: _Optional[_Union[Exclusion, _Mapping]] = ..., exclude_per_query: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., allow_partial: _Optional[bool] = ..., expected_datastore_version: _Optional[str] = ...) -> None: ...
+    successors: int
+    def __init__(self, queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., exact_rerank: _Optional[bool] = ..., rerank_candidates: _Optional[int] = ..., payloads: _Optional[_Iterable[str]] = ..., return_keys: _Optional[bool] = ..., exclude: _Optional[_Union[Exclusion, _Mapping]] = ..., exclude_per_query: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., allow_partial: _Optional[bool] = ..., expected_datastore_version: _Optional[str] = ..., successors: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "distances", "payloads", "keys", "partial", "failed_shards", "datastore_version")
+    __slots__ = ("ids", "distances", "payloads", "keys", "partial", "failed_shards", "datastore_version", "successor_ids", "successor_payloads", "successor_keys")
     class PayloadsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class SuccessorPayloadsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +113,9 @@ class SearchResponse(_message.Message):
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     FAILED_SHARDS_FIELD_NUMBER: _ClassVar[int]
     DATASTORE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSOR_IDS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSOR_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESSOR_KEYS_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     distances: Tensor
     payloads: _containers.MessageMap[str, Tensor]
@@ -111,7 +123,10 @@ class SearchResponse(_message.Message):
     partial: bool
     failed_shards: _containers.RepeatedCompositeFieldContainer[ShardFailure]
     datastore_version: str
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., payloads: _Optional[_Mapping[str, Tensor]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., partial: _Optional[bool] = ..., failed_shards: _Optional[_Iterable[_Union[ShardFailure, _Mapping]]] = ..., datastore_version: _Optional[str] = ...) -> None: ...
+    successor_ids: Tensor
+    successor_payloads: _containers.MessageMap[str, Tensor]
+    successor_keys: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., payloads: _Optional[_Mapping[str, Tensor]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., partial: _Optional[bool] = ..., failed_shards: _Optional[_Iterable[_Union[ShardFailure, _Mapping]]] = ..., datastore_version: _Optional[str] = ..., successor_ids: _Optional[_Union[Tensor, _Mapping]] = ..., successor_payloads: _Optional[_Mapping[str, Tensor]] = ..., successor_keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ShardFailure(_message.Message):
     __slots__ = ("shard", "reason")
