@@ -441,3 +441,24 @@ def test_write_report(tmp_path, lm, retro_model, stores, encoder, knn_datastore,
                                f"{knn.best_perplexity:.3f} | {change:+.1f}% |")
     assert lines[4] == f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |"
     assert lines[5].startswith(f"| RETRO (K=2) | {retro.tokens} | {retro.perplexity:.3f} | ")
+
+
+def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chain_holds(lm, stores, knn_datastore):
+    """On the datastore's own text every neighbour chain continues the text, so most positions follow
+    pointers instead of searching, and p_kNN of the true token stays near 1. With more pointers required
+    than there are neighbours no chain ever holds: every position is searched, and the perplexities are
+    full retrieval's."""
+    train = stores[0]
+    config = EvalConfig(**{**KNN.__dict__, "lambdas": (0.0, 0.5, 0.9)})
+    with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+        full = evaluate_knnlm(lm, train, retriever, config, progress=False)
+        followed = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8}),
+                                  progress=False)
+        never = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
+                                                                   "min_pointers": 17}), progress=False)
+    assert full.searched == full.tokens == followed.tokens
+    assert followed.searched < full.tokens / 3
+    assert followed.perplexity[0.9] < full.base_perplexity / 5
+    assert never.searched == never.tokens
+    for lam in config.lambdas:
+        assert never.perplexity[lam] == pytest.approx(full.perplexity[lam], rel=1e-6)

@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--exclude-own-document", action="store_true")
+    v.add_argument("--pointer-steps", type=int, default=0, metavar="N",
+                   help="approximate kNN-LM retrieval (RetoMaton): after a search, the next positions take the "
+                        "successors of the neighbours whose value came true, for up to N positions, instead of a "
+                        "search (0: search every position; at most 16)")
+    v.add_argument("--min-pointers", type=int, default=1, metavar="M",
+                   help="with --pointer-steps: search again once fewer than M neighbours still point at the text")
     add_retrieval_args(v, 1024, "knnlm-")
     add_retrieval_args(v, 2, "retro-")
     add_encoder_lm_arg(v)
@@ -112,7 +118,8 @@ def run_eval(args: argparse.Namespace) -> None:
     lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
     config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
                         temperature=args.temperature, retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
-                        exclude_own_document=args.exclude_own_document)
+                        exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
+                        min_pointers=args.min_pointers)
     if args.workers:
         knn, retro = _distributed(args, store, config)
     else:

@@ -4,6 +4,7 @@
 - `config`: `EvalConfig` and perplexity;
 - `batches`: the sliding windows an evaluation scores, in batches;
 - `knnlm_eval`: the LM alone and kNN-LM over a sweep of λ (`evaluate_knnlm`);
+- `pointers`: approximate kNN-LM retrieval that follows the previous position's neighbours (RetoMaton);
 - `retro_eval`: RETRO with and without its neighbours (`evaluate_retro`);
 - `distributed`: the same evaluations cut into shares over LM worker actors on Ray;
 - `combine`: the shares' results added up into one;

@@ -32,7 +32,8 @@ def combine_knn(parts: list[KnnEvalResult], seconds: float) -> KnnEvalResult:
     reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
     return KnnEvalResult(tokens, base, per_lambda, best, per_lambda[best], reduction, parts[0].k, parts[0].temperature,
                          sum(p.model_seconds for p in parts), sum(p.retrieval_seconds for p in parts),
-                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll)
+                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll,
+                         sum(p.searched for p in parts))
 
 
 def combine_retro(parts: list[RetroEvalResult], seconds: float) -> RetroEvalResult:

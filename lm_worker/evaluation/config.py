@@ -22,7 +22,10 @@ class EvalConfig:
     `stride` positions are scored per window after the first; `max_tokens` caps the scored positions
     (0: the whole store); `lambdas` and `temperature` are kNN-LM's; `exclude_own_document` makes each
     query skip the datastore rows of its own document (for a datastore built from this very store).
-    `overlap` sends a batch's kNN-LM retrieval while the model runs the next batch.
+    `overlap` sends a batch's kNN-LM retrieval while the model runs the next batch. `pointer_steps` > 0
+    retrieves approximately: a position whose previous position's neighbours still point at the text
+    (at least `min_pointers` of them) takes their successors instead of a search, for up to
+    `pointer_steps` positions after each search (`lm_worker.evaluation.pointers`).
     """
 
     context_len: int = 256
@@ -34,6 +37,8 @@ class EvalConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     exclude_own_document: bool = False
     overlap: bool = True
+    pointer_steps: int = 0
+    min_pointers: int = 1
 
     def __post_init__(self):
         if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
@@ -45,6 +50,12 @@ class EvalConfig:
             raise ValueError(f"lambdas must be a non-empty list of values in [0, 1], got {self.lambdas}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 <= self.pointer_steps <= 16 or self.min_pointers < 1:
+            raise ValueError(f"pointer_steps must be in [0, 16] and min_pointers >= 1, got {self.pointer_steps}, "
+                             f"{self.min_pointers}")
+        if self.pointer_steps and self.exclude_own_document:
+            raise ValueError("pointer_steps cannot follow pointers with exclude_own_document: a chain could walk "
+                             "into the excluded document")
 
 
 def scored_positions(store: TokenStore, max_tokens: int = 0) -> int:

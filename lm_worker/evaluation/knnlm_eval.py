@@ -41,6 +41,7 @@ from lm_worker.evaluation.batches import (
 )
 from lm_worker.evaluation.config import EvalConfig, perplexity
 from lm_worker.evaluation.knnlm import interpolate, knn_target_log_prob
+from lm_worker.evaluation.pointers import follow_pointers
 from lm_worker.retrieval.config import KnnNeighbours
 from lm_worker.sources.exclusions import knn_exclusions
 
@@ -98,6 +99,7 @@ class KnnEvalResult:
     seconds: float
     base_nll: float = 0.0
     nll: dict[float, float] = field(default_factory=dict)
+    searched: int = 0  # positions searched: `tokens`, or fewer where pointers were followed (pointer_steps)
 
     @property
     def tokens_per_second(self) -> float:
@@ -151,12 +153,25 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
                          f"{retriever.ntotal} rows, the store {len(store) - 1} positions")
     model.eval()
     sums, clock, started = _Sums(config.lambdas), Clock(model=0.0, retrieval=0.0, wait=0.0), time.perf_counter()
+    searched = [0]
 
-    def retrieve(keys: np.ndarray, exclude) -> Future:
+    def retrieve(keys: np.ndarray, exclude, batch) -> Future:
+        if config.pointer_steps:
+            return follow(keys, batch)
+        searched[0] += len(keys)
         sent = time.perf_counter()
         future = retriever.submit_knn(keys, exclude) if config.overlap else completed(retriever.knn(keys, exclude))
         future.add_done_callback(lambda _: clock.add("retrieval", time.perf_counter() - sent))
         return future
+
+    def follow(keys: np.ndarray, batch) -> Future:
+        """Neighbours from one search per run of positions and the pointers after it, blocking."""
+        with clock.timing("retrieval"), clock.timing("wait"):
+            found, count = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
+                                           lambda rows, steps: retriever.knn(keys[rows], None, steps),
+                                           config.pointer_steps, config.min_pointers)
+        searched[0] += count
+        return completed(found)
 
     def score(lm: torch.Tensor, targets: torch.Tensor, future: Future) -> None:
         with clock.timing("wait"):
@@ -172,7 +187,7 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         if keys.shape[1] != retriever.dimension:
             raise ValueError(f"the model's keys have dimension {keys.shape[1]}, the datastore {retriever.dimension}")
         exclude = knn_exclusions(store, batch.positions) if config.exclude_own_document else None
-        current = (lm, batch.scored_targets, retrieve(keys, exclude))
+        current = (lm, batch.scored_targets, retrieve(keys, exclude, batch))
         if pending is not None:
             score(*pending)
         pending = current
@@ -187,5 +202,5 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
             sums.tokens, base, best, per_lambda[best], 100 * reduction)
     return KnnEvalResult(sums.tokens, base, per_lambda, best, per_lambda[best], reduction, config.retrieval.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
-                         time.perf_counter() - started, sums.base, dict(sums.per_lambda))
+                         time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched[0])
 

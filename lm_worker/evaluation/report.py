@@ -27,7 +27,8 @@ def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None) -> st
     lines = ["| model | tokens | perplexity | vs base |", "|---|---:|---:|---:|"]
     if knn is not None:
         lines.append(f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |")
-        lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}) | {knn.tokens} | "
+        pointers = f", {knn.searched} positions searched" if 0 < knn.searched < knn.tokens else ""
+        lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}{pointers}) | {knn.tokens} | "
                      f"{knn.best_perplexity:.3f} | {_change(knn.best_perplexity, knn.base_perplexity)} |")
     if retro is not None:
         lines.append(f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |")

@@ -25,8 +25,11 @@ class RetrievalConfig:
 @dataclass
 class KnnNeighbours:
     """kNN-LM neighbours: distances float32 (n, k) squared L2 (inf where there is no neighbour),
-    values int64 (n, k) next-token ids (-1 where there is no neighbour), ids int64 (n, k) rows."""
+    values int64 (n, k) next-token ids (-1 where there is no neighbour), ids int64 (n, k) rows; with
+    successors asked for, next_values int64 (n, k, s): the values of the s rows after each neighbour
+    (-1 where there is none: past its shard's end, or no neighbour)."""
 
     distances: np.ndarray
     values: np.ndarray
     ids: np.ndarray
+    next_values: np.ndarray | None = None

@@ -24,7 +24,11 @@ def knn_neighbours(result: SearchResult) -> KnnNeighbours:
         raise ValueError("the datastore has no 'values' payload: is it a kNN-LM datastore?")
     values = result.payloads["values"].astype(np.int64).reshape(result.ids.shape)
     values[result.ids < 0] = -1
-    return KnnNeighbours(result.distances, values, result.ids)
+    following = None
+    if result.successor_ids is not None:
+        following = result.successor_payloads["values"].astype(np.int64).reshape(result.successor_ids.shape)
+        following[result.successor_ids < 0] = -1
+    return KnnNeighbours(result.distances, values, result.ids, following)
 
 
 def chunk_neighbours(result: SearchResult) -> np.ndarray:
@@ -49,13 +53,16 @@ class Retriever:
         self.config = config
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="retrieval")
 
-    def search(self, queries: np.ndarray, payload: str, exclude: Ranges) -> SearchResult:
-        """The `config.k` neighbours of float32 queries (n, d) with one payload."""
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0) -> SearchResult:
+        """The `config.k` neighbours of float32 queries (n, d) with one payload (and, with `successors`,
+        that payload of the rows after each neighbour)."""
         raise NotImplementedError
 
-    def knn(self, keys: np.ndarray, exclude: Ranges = None) -> KnnNeighbours:
-        """kNN-LM neighbours of float32 keys (n, d), each query optionally excluding one row range."""
-        return knn_neighbours(self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude))
+    def knn(self, keys: np.ndarray, exclude: Ranges = None, successors: int = 0) -> KnnNeighbours:
+        """kNN-LM neighbours of float32 keys (n, d), each query optionally excluding one row range; with
+        `successors` = s also the values of the s rows after each neighbour (`next_values`)."""
+        found = self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude, successors)
+        return knn_neighbours(found)
 
     def chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> np.ndarray:
         """RETRO neighbours of chunk embeddings (n, d): int64 (n, k, 2 * chunk_len) token ids."""

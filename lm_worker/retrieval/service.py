@@ -67,11 +67,12 @@ class ServiceRetriever(Retriever):
         self.metadata: dict[str, str] = dict(info.metadata)
         self.version: str = info.datastore_version
 
-    def search(self, queries: np.ndarray, payload: str, exclude: Ranges) -> SearchResult:
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0) -> SearchResult:
         c = self.config
         return self.client.search(queries, k=c.k, nprobe=c.nprobe, exact_rerank=c.exact_rerank,
                                   rerank_candidates=c.rerank_candidates, payloads=[payload],
-                                  exclude_per_query=exclude_ranges(exclude), expected_version=self.version)
+                                  exclude_per_query=exclude_ranges(exclude), expected_version=self.version,
+                                  successors=successors)
 
     def close(self) -> None:
         super().close()

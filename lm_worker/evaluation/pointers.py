@@ -1,0 +1,94 @@
+"""Approximate kNN-LM retrieval by following pointers (RetoMaton, Alon et al., ICML 2022): a search is
+skipped wherever the previous position's neighbours still point at the text.
+
+In a kNN-LM datastore row i+1 continues row i. When position p's neighbour i has the value that really
+comes next (x_{p+1}), its successor i+1 is a likely neighbour of position p+1: it continues the same
+context the same way. So after one search at p, position p+1 takes as neighbours the successors of
+p's neighbours whose value was the token that came, each keeping the distance its chain started with;
+p+2 the successors of those that held again; and so on, for as long as at least `min_pointers` chains
+hold and the search returned their rows (`steps` successors per neighbour). Where the chains run out,
+the position is searched again.
+
+Within a batch of scored positions this runs in rounds: one request searches every position that
+needs a search (at first, the first position of each run of consecutive positions), and the chains
+from each of them fill the positions after it until they break; the positions where they broke are
+the next round's request.
+
+Example:
+    >>> found, searched = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=4)
+    >>> searched / len(positions)   # the share of positions searched; the others followed pointers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lm_worker.retrieval.config import KnnNeighbours
+
+Search = Callable[[np.ndarray, int], KnnNeighbours]  # (row indices into the batch, successors) -> neighbours
+
+
+def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray, search: Search, steps: int,
+                    min_pointers: int) -> tuple[KnnNeighbours, int]:
+    """Neighbours for every scored position of a batch, searching only where pointers run out.
+
+    Args:
+        keys: (n, d) the positions' kNN-LM keys, in `positions` order.
+        targets: (n,) the token that follows each position (x_{p+1}).
+        positions: (n,) stream positions; consecutive ones form the chains.
+        search: `search(rows, steps)` searches keys[rows] and returns their neighbours with `steps`
+            successors' values (`KnnNeighbours.next_values`).
+        steps: successors per neighbour, the longest a chain runs without a search (1..16).
+        min_pointers: a chain holds while at least this many of its neighbours do.
+
+    Returns:
+        (neighbours (n, k) for every position, the number of positions searched). A followed position's
+        neighbours are the surviving chains' rows; the others are missing (-1, inf).
+    """
+    n = len(positions)
+    following = np.full(n, -1, dtype=np.int64)  # the next scored position after each, when consecutive
+    consecutive = np.flatnonzero(positions[1:] == positions[:-1] + 1)
+    following[consecutive] = consecutive + 1
+    todo = np.setdiff1d(np.arange(n), following[following >= 0])  # the first position of each run
+    out: KnnNeighbours | None = None
+    searched = 0
+    while len(todo):
+        found = search(todo, steps)
+        if out is None:
+            k = found.values.shape[1]
+            out = KnnNeighbours(np.full((n, k), np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64),
+                                np.full((n, k), -1, dtype=np.int64))
+        searched += len(todo)
+        out.distances[todo], out.values[todo], out.ids[todo] = found.distances, found.values, found.ids
+        todo = _chains(found, todo, targets, following, out, min_pointers)
+    if out is None:
+        out = KnnNeighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64))
+    return out, searched
+
+
+def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, following: np.ndarray,
+            out: KnnNeighbours, min_pointers: int) -> np.ndarray:
+    """Fills `out` at the positions after each searched row of `rows` from its surviving chains;
+    returns the positions where the chains ran out, to be searched."""
+    alive = found.values == targets[rows][:, None]  # (m, k) neighbours that predicted what came
+    distances, ids, after = found.distances, found.ids, found.next_values  # (m, k), (m, k), (m, k, s)
+    here, again = rows, []
+    for step in range(after.shape[2]):
+        there = following[here]
+        holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
+        again.append(there[(there >= 0) & ~holding])
+        if not holding.any():
+            break
+        alive, here = alive[holding], there[holding]
+        distances, ids, after = distances[holding], ids[holding], after[holding]
+        now = np.where(alive, after[:, :, step], -1)  # (m', k) the successors' values
+        out.distances[here] = np.where(alive, distances, np.inf)
+        out.values[here] = now
+        out.ids[here] = np.where(alive, ids + step + 1, -1)
+        alive &= now == targets[here][:, None]
+    else:
+        there = following[here]
+        again.append(there[there >= 0])
+    return np.unique(np.concatenate(again)) if again else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,64 @@
+"""Approximate kNN-LM retrieval by following pointers: which positions are searched, and the
+neighbours the others take from the searched ones' successors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lm_worker.evaluation.pointers import follow_pointers
+from lm_worker.retrieval.config import KnnNeighbours
+
+TABLE = np.array([5, 1, 2, 3, 4, 0, 1, 2, 3, 9, 9, 9, 7, 7, 7, 7, 7, 7, 7, 7])  # the value of each datastore row
+
+
+def fake_search(found_ids: dict[int, list[int]], calls: list):
+    """Searches that return fixed rows per position, their values and their successors' values."""
+    def search(rows: np.ndarray, steps: int) -> KnnNeighbours:
+        calls.append(rows.tolist())
+        ids = np.array([found_ids[r] for r in rows])  # (m, k)
+        after = ids[:, :, None] + np.arange(1, steps + 1)  # (m, k, s)
+        distances = np.arange(ids.size, dtype=np.float32).reshape(ids.shape)
+        return KnnNeighbours(distances, TABLE[ids], ids, np.where(after < len(TABLE), TABLE[np.minimum(after, 19)], -1))
+    return search
+
+
+def test_chains_fill_the_next_positions_until_too_few_hold():
+    """Position 0 finds rows 1 and 6 (values 1, 1) and row 12 (value 7); the text goes 1, 2, 3, 9, 7. The
+    chains from rows 1 and 6 hold at positions 0, 1 and 2 (rows 2, 7 then 3, 8 have values 2 then 3),
+    so positions 1, 2 and 3 follow them; at 3 only row 9's value (9) came true: too few, so position
+    4 is searched."""
+    positions = np.arange(100, 105)
+    targets = np.array([1, 2, 3, 9, 7])
+    found = {0: [1, 6, 12], 4: [15, 16, 17]}
+    calls = []
+    out, searched = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+                                    steps=4, min_pointers=2)
+    assert calls == [[0], [4]] and searched == 2
+    assert out.ids[1].tolist() == [2, 7, -1] and out.values[1].tolist() == [2, 2, -1]  # row 12's chain died at 0
+    assert out.distances[1].tolist() == [0.0, 1.0, np.inf]  # each chain keeps its distance
+    assert out.ids[2].tolist() == [3, 8, -1] and out.values[2].tolist() == [3, 3, -1]
+    assert out.ids[3].tolist() == [4, 9, -1] and out.values[3].tolist() == [4, 9, -1]
+    assert out.ids[4].tolist() == [15, 16, 17] and out.values[4].tolist() == [7, 7, 7]  # searched
+
+
+def test_runs_of_positions_start_with_a_search_and_steps_bound_a_chain():
+    """Two runs (positions 0-2 and 10-11): each run's first position is searched; a chain that always holds
+    is cut after `steps` positions."""
+    positions = np.array([0, 1, 2, 10, 11])
+    targets = np.array([7, 7, 7, 7, 7])
+    found = {i: [12, 13, 14] for i in range(5)}
+    calls = []
+    _, searched = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+                                  steps=1, min_pointers=1)
+    assert calls == [[0, 3], [2]] and searched == 3
+
+
+def test_pointer_settings_are_checked():
+    import pytest
+
+    from lm_worker.evaluation.config import EvalConfig
+
+    with pytest.raises(ValueError, match="pointer_steps must be in"):
+        EvalConfig(pointer_steps=17)
+    with pytest.raises(ValueError, match="exclude_own_document"):
+        EvalConfig(pointer_steps=2, exclude_own_document=True)
