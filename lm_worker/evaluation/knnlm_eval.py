@@ -153,12 +153,13 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
                          f"{retriever.ntotal} rows, the store {len(store) - 1} positions")
     model.eval()
     sums, clock, started = _Sums(config.lambdas), Clock(model=0.0, retrieval=0.0, wait=0.0), time.perf_counter()
-    searched = [0]
+    searched = 0  # positions searched
 
     def retrieve(keys: np.ndarray, exclude, batch) -> Future:
+        nonlocal searched
         if config.pointer_steps:
             return follow(keys, batch)
-        searched[0] += len(keys)
+        searched += len(keys)
         sent = time.perf_counter()
         future = retriever.submit_knn(keys, exclude) if config.overlap else completed(retriever.knn(keys, exclude))
         future.add_done_callback(lambda _: clock.add("retrieval", time.perf_counter() - sent))
@@ -166,11 +167,12 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
 
     def follow(keys: np.ndarray, batch) -> Future:
         """Neighbours from one search per run of positions and the pointers after it, blocking."""
+        nonlocal searched
         with clock.timing("retrieval"), clock.timing("wait"):
             found, count = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
                                            lambda rows, steps: retriever.knn(keys[rows], None, steps),
                                            config.pointer_steps, config.min_pointers)
-        searched[0] += count
+        searched += count
         return completed(found)
 
     def score(lm: torch.Tensor, targets: torch.Tensor, future: Future) -> None:
@@ -202,5 +204,5 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
             sums.tokens, base, best, per_lambda[best], 100 * reduction)
     return KnnEvalResult(sums.tokens, base, per_lambda, best, per_lambda[best], reduction, config.retrieval.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
-                         time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched[0])
+                         time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched)
 

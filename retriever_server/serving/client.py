@@ -154,7 +154,10 @@ class RetrieverClient:
         self._loop.close()
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
-        return self._outcome(self._loop.run(self._attempts(replicas, method, request, deadline)))
+        outcome = self._loop.run(self._attempts(replicas, method, request, deadline))
+        if isinstance(outcome, CallFailed):
+            raise RetrieverError(outcome.code, outcome.message)
+        return outcome
 
     async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""
@@ -168,12 +171,6 @@ class RetrieverClient:
 
     async def _every_shard(self, method: str, request, deadline: Deadline) -> list:
         return await asyncio.gather(*(self._attempts(s, method, request, deadline) for s in self.sets))
-
-    @staticmethod
-    def _outcome(outcome):
-        if isinstance(outcome, CallFailed):
-            raise RetrieverError(outcome.code, outcome.message)
-        return outcome
 
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""

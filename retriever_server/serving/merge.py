@@ -17,6 +17,8 @@ from retriever_server.wire.result import SearchResult
 
 _ID_BITS = 32
 _SERIAL_MERGE = 100_000  # FAISS merges more neighbours than this at once with OpenMP threads
+_OPTIONAL = ("keys", "successor_ids", "successor_keys")  # per-neighbour arrays a result may lack
+_NAMED = ("payloads", "successor_payloads")  # per-neighbour arrays by name
 
 
 def _ordered_bits(scores: np.ndarray) -> np.ndarray:
@@ -80,6 +82,26 @@ def rank_neighbours(result: SearchResult, k: int, metric: str) -> SearchResult:
     return take_neighbours(result, order)
 
 
+def _neighbour_arrays(result: SearchResult) -> dict[tuple[str, str | None], np.ndarray]:
+    """Every array of `result` with one entry per neighbour besides ids and distances (payloads, keys
+    and the successors'), by (field, payload name or None); each (nq, k, ...)."""
+    arrays = {(f, name): a for f in _NAMED for name, a in getattr(result, f).items()}
+    arrays.update({(f, None): getattr(result, f) for f in _OPTIONAL if getattr(result, f) is not None})
+    return arrays
+
+
+def _result(ids: np.ndarray, distances: np.ndarray, arrays: dict[tuple[str, str | None], np.ndarray],
+            version: str) -> SearchResult:
+    """A SearchResult of ids, distances and the `_neighbour_arrays` that go with them."""
+    result = SearchResult(ids, distances, datastore_version=version)
+    for (f, name), array in arrays.items():
+        if name is None:
+            setattr(result, f, array)
+        else:
+            getattr(result, f)[name] = array
+    return result
+
+
 def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
     """Reorders (and trims) a result's columns by `order` (nq, k); payloads and keys follow."""
     nq, m = result.ids.shape
@@ -88,15 +110,8 @@ def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
     def take(array: np.ndarray) -> np.ndarray:
         return np.take(array.reshape(nq * m, *array.shape[2:]), flat, axis=0).reshape(*order.shape, *array.shape[2:])
 
-    return SearchResult(
-        ids=take(result.ids), distances=take(result.distances),
-        payloads={name: take(array) for name, array in result.payloads.items()},
-        keys=take(result.keys) if result.keys is not None else None,
-        datastore_version=result.datastore_version,
-        successor_ids=take(result.successor_ids) if result.successor_ids is not None else None,
-        successor_payloads={name: take(array) for name, array in result.successor_payloads.items()},
-        successor_keys=take(result.successor_keys) if result.successor_keys is not None else None,
-    )
+    arrays = {key: take(array) for key, array in _neighbour_arrays(result).items()}
+    return _result(take(result.ids), take(result.distances), arrays, result.datastore_version)
 
 
 def _in_id_order(parts: list[SearchResult], metric: str, ranked: bool) -> list[SearchResult] | None:
@@ -121,19 +136,12 @@ def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult 
     fewer than k neighbours (those keep the sort, whose missing neighbours keep their distances).
 
     Rows go in pieces small enough that FAISS merges them on the calling thread (no OpenMP team)."""
-    first = parts[0]
-    nq, m = first.ids.shape
-
-    def like(array: np.ndarray | None) -> np.ndarray | None:
-        return None if array is None else np.empty((nq, k, *array.shape[2:]), dtype=array.dtype)
-
-    out = SearchResult(
-        ids=np.empty((nq, k), dtype=np.int64), distances=np.empty((nq, k), dtype=np.float32),
-        payloads={name: like(a) for name, a in first.payloads.items()}, keys=like(first.keys),
-        datastore_version=first.datastore_version, successor_ids=like(first.successor_ids),
-        successor_payloads={name: like(a) for name, a in first.successor_payloads.items()},
-        successor_keys=like(first.successor_keys),
-    )
+    nq, m = parts[0].ids.shape
+    arrays = [_neighbour_arrays(p) for p in parts]
+    out = _result(np.empty((nq, k), dtype=np.int64), np.empty((nq, k), dtype=np.float32),
+                  {key: np.empty((nq, k, *a.shape[2:]), dtype=a.dtype) for key, a in arrays[0].items()},
+                  parts[0].datastore_version)
+    out_arrays = _neighbour_arrays(out)
     step = max(1, _SERIAL_MERGE // (len(parts) * m))
     for start in range(0, nq, step):
         rows = slice(start, start + step)
@@ -146,21 +154,17 @@ def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult 
         chosen = faiss.merge_knn_results(scores, labels, keep_max=False)[1][:, :k]  # (r, k) positions
         if chosen.min(initial=0) < 0:
             return None
-
-        def take(arrays: list[np.ndarray]) -> np.ndarray:
-            stacked = np.stack([a[rows] for a in arrays])  # noqa: B023 - used within the iteration
-            return np.take(stacked.reshape(ids.size, *stacked.shape[3:]), chosen, axis=0)  # noqa: B023
-
         out.ids[rows] = np.take(ids.reshape(-1), chosen)
-        out.distances[rows] = take([p.distances for p in parts])
-        for name, array in out.payloads.items():
-            array[rows] = take([p.payloads[name] for p in parts])
-        for name, array in out.successor_payloads.items():
-            array[rows] = take([p.successor_payloads[name] for p in parts])
-        for name in ("keys", "successor_ids", "successor_keys"):
-            if getattr(out, name) is not None:
-                getattr(out, name)[rows] = take([getattr(p, name) for p in parts])
+        out.distances[rows] = _take_stacked([p.distances for p in parts], rows, chosen)
+        for key, array in out_arrays.items():
+            array[rows] = _take_stacked([a[key] for a in arrays], rows, chosen)
     return out
+
+
+def _take_stacked(arrays: list[np.ndarray], rows: slice, chosen: np.ndarray) -> np.ndarray:
+    """The entries at flat positions `chosen` (r, k) of the parts' `rows`, stacked (S, r, m, ...)."""
+    stacked = np.stack([a[rows] for a in arrays])
+    return np.take(stacked.reshape(-1, *stacked.shape[3:]), chosen, axis=0)
 
 
 def merge_results(parts: list[SearchResult], k: int, metric: str, ranked: bool = False) -> SearchResult:
@@ -179,18 +183,9 @@ def merge_results(parts: list[SearchResult], k: int, metric: str, ranked: bool =
     merged = _heap_merge(ordered, k, metric) if ordered is not None else None
     if merged is not None:
         return merged
-    def joined_of(name: str) -> np.ndarray | None:
-        return np.concatenate([getattr(p, name) for p in parts], axis=1) if getattr(parts[0], name) is not None \
-            else None
-
-    joined = SearchResult(
-        ids=np.concatenate([p.ids for p in parts], axis=1),  # (nq, S*k)
-        distances=np.concatenate([p.distances for p in parts], axis=1),  # (nq, S*k)
-        payloads={name: np.concatenate([p.payloads[name] for p in parts], axis=1) for name in parts[0].payloads},
-        keys=joined_of("keys"), datastore_version=parts[0].datastore_version,
-        successor_ids=joined_of("successor_ids"),
-        successor_payloads={name: np.concatenate([p.successor_payloads[name] for p in parts], axis=1)
-                            for name in parts[0].successor_payloads},
-        successor_keys=joined_of("successor_keys"),
-    )
+    arrays = [_neighbour_arrays(p) for p in parts]
+    joined = _result(np.concatenate([p.ids for p in parts], axis=1),  # (nq, S*k)
+                     np.concatenate([p.distances for p in parts], axis=1),  # (nq, S*k)
+                     {key: np.concatenate([a[key] for a in arrays], axis=1) for key in arrays[0]},
+                     parts[0].datastore_version)
     return take_neighbours(joined, sort_neighbours(joined.ids, joined.distances, metric)[:, :k])
