@@ -14,8 +14,12 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   cache each, decoded interleaved so each group's request is in flight while the other group's model
   step runs; see `lm_worker.decoding.pipelined`); and, for greedy, speculative (`SpeculativeKnnLMStepper`: the
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
-  that pays; see `lm_worker.decoding.speculative`). Greedy scenarios are summarised by the speculative run, beam
-  search by the pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
+  that pays; see `lm_worker.decoding.speculative`) and RaLMSpec (`RaLMSpecKnnLM`: each prompt guesses its
+  neighbours from a local cache of the rows it retrieved and their successors, verified in one request
+  every s steps, rows rolled back alone; adaptive, and at a fixed stride of 2 to show what guessing costs
+  where it does not pay; see `lm_worker.decoding.ralmspec`). Greedy scenarios are summarised by the adaptive
+  RaLMSpec run (with its hit rate: the share of guessed steps whose token held), beam search by the
+  pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over each of `batches` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
   (sent when formed, in flight during the next s tokens). Its retrieval is a small share of its
@@ -67,6 +71,8 @@ from lm_worker.decoding.config import GenerateConfig
 from lm_worker.decoding.generate import generate
 from lm_worker.decoding.knnlm_stepper import KnnLMStepper
 from lm_worker.decoding.lm_stepper import LMStepper
+from lm_worker.decoding.ralmspec.config import SpeculationConfig
+from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
 from lm_worker.decoding.retro_stepper import RetroStepper
 from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
 from lm_worker.decoding.stepper_stats import StepperStats
@@ -305,13 +311,27 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             if gen.strategy != "beam":  # beam search reorders rows every step, which drops every guess
                 variants["knn-lm speculative"] = lambda gen=gen: SpeculativeKnnLMStepper(
                     model, retriever, lam, temperature, eos_id=gen.eos_id)
+                variants["knn-lm ralmspec"] = lambda: RaLMSpecKnnLM(model, retriever, lam, temperature)
+                variants["knn-lm ralmspec stride 2"] = lambda: RaLMSpecKnnLM(
+                    model, retriever, lam, temperature, speculation=SpeculationConfig(stride=2))
             print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
                   flush=True)
             rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
-            overlap = "speculative" if "knn-lm speculative" in rows else "pipelined"
+            overlap = "ralmspec" if "knn-lm ralmspec" in rows else "pipelined"
             annotate(rows, "knn-lm serial", cores)
             summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
-            if overlap == "speculative":
+            if overlap == "ralmspec":
+                stats, serial = rows["knn-lm ralmspec"]["stats"], rows["knn-lm serial"]
+                summary["hit_rate"] = stats["accepted"] / max(1, stats["verified"])
+                forced = rows["knn-lm ralmspec stride 2"]
+                summary["stride_2_hit_rate"] = forced["stats"]["accepted"] / max(1, forced["stats"]["verified"])
+                summary["stride_2_speedup"] = forced["tokens_per_s"] / serial["tokens_per_s"]
+                summary["stride_2_same_tokens"] = serial["tokens_digest"] == forced["tokens_digest"]
+                summary["serial_windows"] = sum(1 for s in stats["strides"] if s == 0) / max(1, len(stats["strides"]))
+                summary["strides"] = stats["strides"]
+                summary["cpu_per_token_vs_serial"] = (rows["knn-lm ralmspec"]["cpu_ms_per_token"]
+                                                      / serial["cpu_ms_per_token"])
+                summary["ralmspec_same_tokens"] = serial["tokens_digest"] == rows["knn-lm ralmspec"]["tokens_digest"]
                 stats = rows["knn-lm speculative"]["stats"]
                 summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
                 summary["rows_guessed"] = stats["guessed"]
@@ -391,6 +411,27 @@ def summary_table(results: dict) -> str:
                          f"{s['hidden_fraction']:.0%} | {steps} | {s['counters_hidden_fraction']:.0%} | "
                          f"{s['ceiling']:.0%} | {s['serial_work_ceiling']:.0%} | "
                          f"{'yes' if s['same_tokens'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def ralmspec_table(results: dict) -> str:
+    """Speculative retrieval against serial retrieval, one line per greedy scenario."""
+    lines = ["| kNN-LM | serial tokens/s | RaLMSpec tokens/s (adaptive) | stride 2 | guessed steps held, adaptive / "
+             "stride 2 | serial windows (adaptive) | calls/token, serial / adaptive / stride 2 | CPU ms/token, "
+             "serial / adaptive / stride 2 | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for scenario, result in results.get("knnlm", {}).items():
+        s, rows = result["summary"], result["rows"]
+        if "hit_rate" not in s:
+            continue
+        serial, adaptive, forced = rows["knn-lm serial"], rows["knn-lm ralmspec"], rows["knn-lm ralmspec stride 2"]
+        same = s["ralmspec_same_tokens"] and s["stride_2_same_tokens"]
+        lines.append(
+            f"| {scenario} | {serial['tokens_per_s']:.1f} | {adaptive['tokens_per_s']:.1f} ({s['speedup']:.2f}x) | "
+            f"{forced['tokens_per_s']:.1f} ({s['stride_2_speedup']:.2f}x) | {s['hit_rate']:.0%} / "
+            f"{s['stride_2_hit_rate']:.0%} | {s['serial_windows']:.0%} | {serial['calls_per_token']:.3f} / "
+            f"{adaptive['calls_per_token']:.3f} / {forced['calls_per_token']:.3f} | "
+            f"{serial['cpu_ms_per_token']:.2f} / {adaptive['cpu_ms_per_token']:.2f} / "
+            f"{forced['cpu_ms_per_token']:.2f} | {'yes' if same else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -499,9 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     print(rows_table(results["results"]))
     print()
     print(summary_table(results["results"]))
+    print()
+    print(ralmspec_table(results["results"]))
     for scenario, result in results["results"].get("knnlm", {}).items():
         if "guesses_held" in result["summary"]:
             s = result["summary"]
+            print(f"kNN-LM {scenario}, ralmspec: {s['hit_rate']:.0%} of the guessed steps held; "
+                  f"{s['speedup']:.2f}x serial's tokens/s at {s['cpu_per_token_vs_serial']:.2f}x its CPU per token, "
+                  f"same tokens: {'yes' if s['ralmspec_same_tokens'] else 'NO'}; {s['serial_windows']:.0%} of its "
+                  f"windows were serial steps. At stride 2: {s['stride_2_hit_rate']:.0%} held, "
+                  f"{s['stride_2_speedup']:.2f}x serial's tokens/s, same tokens: "
+                  f"{'yes' if s['stride_2_same_tokens'] else 'NO'}")
             print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
                   f"token chosen for {s['guesses_held']:.0%} of them; it was for every row on "
                   f"{s['steps_all_held']:.0%} of the steps")

@@ -106,6 +106,9 @@ def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
         assert "next token guessed right for" in out
         serial = cli(capsys, *args, "--no-overlap")
         assert out.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
+        ralmspec = cli(capsys, *args, "--ralmspec", "--stride", "2")  # guesses verified every 2 steps
+        assert ralmspec.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
+        assert "guessed steps held" in ralmspec
 
 
 def test_retro_half(lm_run, capsys):

@@ -40,6 +40,14 @@ def add_parsers(sub) -> None:
     g.add_argument("--knn-pipeline", action="store_true",
                    help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
                         "model step (pays off with many prompts; on a small CPU model, serial is faster)")
+    g.add_argument("--ralmspec", action="store_true",
+                   help="kNN-LM: guess each step's neighbours from each prompt's local cache of the rows it "
+                        "retrieved and their successors, verified for all prompts in one request every s steps; a "
+                        "prompt whose guess failed rolls back alone (RaLMSpec). The tokens of serial retrieval; "
+                        "needs a datastore that keeps its keys (lm-worker build does; retriever-server build "
+                        "--keep-keys) and a TransformerLM checkpoint")
+    g.add_argument("--stride", type=int, default=0,
+                   help="with --ralmspec: steps between verifications (0: chosen from the measured hit rate and costs)")
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
     add_retrieval_args(g, 0)
     add_encoder_lm_arg(g)
@@ -85,6 +93,12 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
 
         encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
         return RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch, overlap=not args.no_overlap)
+    if args.ralmspec:
+        from lm_worker.decoding.ralmspec.config import SpeculationConfig
+        from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
+
+        return RaLMSpecKnnLM(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                             speculation=SpeculationConfig(stride=args.stride))
     if args.knn_pipeline or args.no_overlap or config.strategy == "beam":
         return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
                             overlap=args.knn_pipeline)
@@ -115,6 +129,8 @@ def run_generate(args: argparse.Namespace) -> None:
     s = getattr(stepper, "stats", None)
     if s is not None and s.retrieval_calls:
         guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
+        if getattr(s, "verified", 0):
+            guesses = f"; {s.accepted} of {s.verified} guessed steps held, {s.rollbacks} rows rolled back"
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
               f"model {s.compute_s:.2f} s{guesses}")
 

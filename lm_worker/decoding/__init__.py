@@ -6,6 +6,8 @@
 - `stepper_stats`: where a stepper's time goes, retrievals in flight;
 - `lm_stepper`, `knnlm_stepper`, `retro_stepper`: the plain LM, kNN-LM (every token), RETRO (every chunk);
 - `speculative`: kNN-LM computing the next step on a guess while neighbours are in flight;
+- `ralmspec` (a package): kNN-LM guessing neighbours from each sequence's local cache, verified in
+  batches, rolled back row by row (RaLMSpec);
 - `pipelined`: prompt groups interleaved so one group's retrieval overlaps another's compute.
 
 Steppers take a retriever object and see neighbours as arrays.

@@ -73,6 +73,8 @@ def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, T) tensor, got shape {tuple(prompt.shape)}")
     prompt = prompt.long()
+    if getattr(stepper, "decodes_itself", False):  # e.g. `RaLMSpecKnnLM`: rows of different lengths
+        return stepper.decode(prompt, config)
     if getattr(stepper, "pipelined", False) and prompt.shape[0] > 1:
         from lm_worker.decoding.pipelined import generate_pipelined  # imports this module: resolved at call time
 

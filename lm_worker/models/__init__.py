@@ -1,6 +1,7 @@
 """Models: the base LM, RETRO, a Hugging Face causal LM behind the same interface, and their checkpoints.
 
 - `layers`: RMSNorm, rotary embeddings, attention with a key/value cache, cross-attention, blocks;
+- `ragged_cache`: a key/value cache whose rows hold different lengths, each rewound on its own;
 - `transformer_lm`: the decoder-only base LM, which also returns kNN-LM keys (`TransformerLM`);
 - `retro`: RETRO, with chunked cross-attention to encoded neighbours (`Retro`);
 - `hf_causal_lm`: a local Hugging Face causal LM as a kNN-LM base (`HFCausalLM`);

@@ -37,12 +37,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))  # (D/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate x (B, H, T, D) whose first position is absolute position `offset`."""
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Rotate x (B, H, T, D) whose first position is absolute position `offset`: an int, or one
+        per row (B,) long (a `RaggedKVCache`'s rows)."""
         T = x.shape[-2]
-        pos = torch.arange(offset, offset + T, device=x.device, dtype=self.inv_freq.dtype)  # (T,)
-        angles = torch.outer(pos, self.inv_freq)  # (T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        steps = torch.arange(T, device=x.device, dtype=self.inv_freq.dtype)  # (T,)
+        if isinstance(offset, torch.Tensor):
+            pos = offset.to(x.device, self.inv_freq.dtype)[:, None] + steps  # (B, T)
+            angles = (pos[..., None] * self.inv_freq)[:, None]  # (B, 1, T, D/2)
+        else:
+            angles = torch.outer(steps + offset, self.inv_freq)  # (T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D) or (B, 1, T, D)
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
         return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
@@ -111,9 +116,11 @@ class SelfAttention(nn.Module):
         q, k = self.rotary(q, offset), self.rotary(k, offset)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D)
+        mask = self._mask(T, k.shape[2], x.device) if not isinstance(offset, torch.Tensor) else \
+            ragged_mask(offset, T, k.shape[2])
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self._mask(T, k.shape[2], x.device),
-            is_causal=self.causal and k.shape[2] == T, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and k.shape[2] == T,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
@@ -124,6 +131,13 @@ class SelfAttention(nn.Module):
             return None
         q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
         return q_pos >= torch.arange(S, device=device)[None, :]  # (T, S)
+
+
+def ragged_mask(lengths: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) causal mask for T new positions per row after `lengths` (B,) cached ones,
+    each row's in a buffer of S slots: slot s is seen by new position t of row b iff s <= lengths[b] + t."""
+    last = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
+    return (torch.arange(S, device=lengths.device) <= last[..., None])[:, None]  # (B, 1, T, S)
 
 
 class CrossAttention(nn.Module):
@@ -186,10 +200,12 @@ class Block(nn.Module):
         return x + self.ffn(ffn_in), ffn_in
 
 
-def check_length(offset: int, length: int, max_len: int) -> None:
-    """ValueError when `length` more positions after `offset` cached ones would pass `max_len`."""
-    if offset + length > max_len:
-        raise ValueError(f"sequence length {offset + length} exceeds max_len {max_len}")
+def check_length(offset: int | torch.Tensor, length: int, max_len: int) -> None:
+    """ValueError when `length` more positions after `offset` cached ones (per row: the longest row's)
+    would pass `max_len`."""
+    longest = int(offset.max()) if isinstance(offset, torch.Tensor) else offset
+    if longest + length > max_len:
+        raise ValueError(f"sequence length {longest + length} exceeds max_len {max_len}")
 
 
 def init_weights(module: nn.Module) -> None:

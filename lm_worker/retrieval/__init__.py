@@ -4,6 +4,8 @@
 - `retriever`: what both retrievers share: kNN-LM and RETRO look-ups, blocking or as futures;
 - `service`: `ServiceRetriever` over gRPC (a router, or shards it fans out to), `resolve_target`;
 - `in_process`: `InProcessRetriever`, the same shard files searched in this process (the reference);
+- `local_cache`: each sequence's cache of the rows it retrieved and their successors (`LocalCaches`),
+  searched exactly in process to guess neighbours (speculative retrieval);
 - `demo`: the retrieval service alone on the built-in corpus (`lm-worker retrieval-demo`).
 
 Only this room imports the service's serving and wire modules (its client, shards, merge, request

@@ -27,9 +27,14 @@ class KnnNeighbours:
     """kNN-LM neighbours: distances float32 (n, k) squared L2 (inf where there is no neighbour),
     values int64 (n, k) next-token ids (-1 where there is no neighbour), ids int64 (n, k) rows; with
     successors asked for, next_values int64 (n, k, s): the values of the s rows after each neighbour
-    (-1 where there is none: past its shard's end, or no neighbour)."""
+    (-1 where there is none: past its shard's end, or no neighbour), and next_ids int64 (n, k, s) their
+    rows; with keys asked for, keys float32 (n, k, d) the neighbours' stored keys and next_keys float32
+    (n, k, s, d) their successors'."""
 
     distances: np.ndarray
     values: np.ndarray
     ids: np.ndarray
     next_values: np.ndarray | None = None
+    next_ids: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    next_keys: np.ndarray | None = None

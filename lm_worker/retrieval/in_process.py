@@ -36,9 +36,10 @@ class InProcessRetriever(Retriever):
         self.metadata = dict(manifest.metadata)
         self.limits = Limits(max_batch=1 << 30, max_request_bytes=1 << 40, max_response_bytes=1 << 40)
 
-    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0) -> SearchResult:
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
+               return_keys: bool = False) -> SearchResult:
         c = self.config
         request = make_request(queries, c.k, c.nprobe, c.exact_rerank, c.rerank_candidates, [payload],
-                               exclude_per_query=exclude_ranges(exclude), successors=successors)
+                               return_keys, exclude_per_query=exclude_ranges(exclude), successors=successors)
         parts = [shard.search(parse_search(request, shard.view(), self.limits)) for shard in self.shards]
         return merge_results(parts, c.k, self.metric)

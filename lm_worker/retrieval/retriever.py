@@ -28,7 +28,8 @@ def knn_neighbours(result: SearchResult) -> KnnNeighbours:
     if result.successor_ids is not None:
         following = result.successor_payloads["values"].astype(np.int64).reshape(result.successor_ids.shape)
         following[result.successor_ids < 0] = -1
-    return KnnNeighbours(result.distances, values, result.ids, following)
+    return KnnNeighbours(result.distances, values, result.ids, following, result.successor_ids,
+                         result.keys, result.successor_keys)
 
 
 def chunk_neighbours(result: SearchResult) -> np.ndarray:
@@ -53,15 +54,19 @@ class Retriever:
         self.config = config
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="retrieval")
 
-    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0) -> SearchResult:
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
+               return_keys: bool = False) -> SearchResult:
         """The `config.k` neighbours of float32 queries (n, d) with one payload (and, with `successors`,
-        that payload of the rows after each neighbour)."""
+        that payload of the rows after each neighbour; with `return_keys`, their stored keys)."""
         raise NotImplementedError
 
-    def knn(self, keys: np.ndarray, exclude: Ranges = None, successors: int = 0) -> KnnNeighbours:
+    def knn(self, keys: np.ndarray, exclude: Ranges = None, successors: int = 0,
+            return_keys: bool = False) -> KnnNeighbours:
         """kNN-LM neighbours of float32 keys (n, d), each query optionally excluding one row range; with
-        `successors` = s also the values of the s rows after each neighbour (`next_values`)."""
-        found = self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude, successors)
+        `successors` = s also the s rows after each neighbour (`next_values`, `next_ids`); with
+        `return_keys` the stored keys of all of them (`keys`, `next_keys`: the datastore must keep keys)."""
+        found = self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude, successors,
+                            return_keys)
         return knn_neighbours(found)
 
     def chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> np.ndarray:

@@ -67,10 +67,11 @@ class ServiceRetriever(Retriever):
         self.metadata: dict[str, str] = dict(info.metadata)
         self.version: str = info.datastore_version
 
-    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0) -> SearchResult:
+    def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
+               return_keys: bool = False) -> SearchResult:
         c = self.config
         return self.client.search(queries, k=c.k, nprobe=c.nprobe, exact_rerank=c.exact_rerank,
-                                  rerank_candidates=c.rerank_candidates, payloads=[payload],
+                                  rerank_candidates=c.rerank_candidates, payloads=[payload], return_keys=return_keys,
                                   exclude_per_query=exclude_ranges(exclude), expected_version=self.version,
                                   successors=successors)
 

@@ -1,0 +1,10 @@
+"""Speculative retrieval for batched kNN-LM decoding (RaLMSpec): each sequence guesses its neighbours
+from a local cache of the rows it retrieved and their successors, verified in batched requests.
+
+- `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
+- `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
+- `config`: `SpeculationConfig` and `SpeculationStats`.
+
+Imports: lm_worker.decoding, lm_worker.evaluation.knnlm, lm_worker.models.ragged_cache, lm_worker.models.transformer_lm,
+    lm_worker.retrieval.local_cache
+"""

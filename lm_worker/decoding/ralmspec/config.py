@@ -1,0 +1,55 @@
+"""How `RaLMSpecKnnLM` speculates (`SpeculationConfig`) and what it counts (`SpeculationStats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lm_worker.decoding.stepper_stats import StepperStats
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """How `RaLMSpecKnnLM` speculates.
+
+    stride: steps between verifications; 0 chooses it adaptively (see the module doc) up to `max_stride`.
+    asynchronous: speculate the next steps while a verification is in flight.
+    successors: rows after each retrieved neighbour that also enter the local cache (0..16).
+    cache_rows: rows each sequence's local cache keeps.
+    """
+
+    stride: int = 0
+    max_stride: int = 8
+    asynchronous: bool = False
+    successors: int = 8
+    cache_rows: int = 2048
+
+    def __post_init__(self):
+        if self.stride < 0 or self.max_stride < 1 or not 0 <= self.successors <= 16 or self.cache_rows < 1:
+            raise ValueError("stride >= 0, max_stride >= 1, successors in 0..16 and cache_rows >= 1 required")
+
+
+@dataclass
+class SpeculationStats(StepperStats):
+    """`StepperStats` plus speculation's own counts.
+
+    speculated: row-steps whose neighbours came from a local cache; verified: those settled against the
+    service; accepted: those whose token held; rollbacks: rows rolled back; wasted: row-steps dropped
+    unverified by a rollback; verifications: batched verification requests; ticks: batched model steps;
+    strides: the stride of each verification window (0: a serial step); windows: per verification, the
+    rows it verified and how many of them rolled back.
+    """
+
+    speculated: int = 0
+    verified: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    wasted: int = 0
+    verifications: int = 0
+    ticks: int = 0
+    strides: list[int] = field(default_factory=list)
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        """The share of verified speculative steps whose token held."""
+        return self.accepted / self.verified if self.verified else 0.0

@@ -1,0 +1,352 @@
+"""Speculative retrieval for batched kNN-LM decoding (RaLMSpec, Zhang et al., ICML 2024): each sequence
+guesses its neighbours from a local cache of the rows it has retrieved and their successors, and one
+batched request verifies the guesses of every row every s steps. The tokens are those of serial retrieval.
+
+Serial kNN-LM decoding sends one request per step (B queries) and waits for it. Here each step runs the
+model and takes the step's neighbours from the sequence's local cache (`LocalCaches`: an exact search
+over a few thousand rows in process), so the token is chosen at once; the step's query and LM log-probs
+are kept. After s steps the kept steps of every row go out in one request; with `asynchronous`, the
+next s steps are speculated while it is in flight:
+
+    steps 1..s (cache) ─ send 1..s ─ steps s+1..2s (cache) ─ settle 1..s ─ send s+1..2s ─ ...
+
+Settling recomputes every sent step with the service's neighbours and chooses its token again, as serial
+decoding would (greedy: argmax; sampling: the row's generator restored to its state before that step's
+draw). A row keeps its steps up to the first whose token differs; there it takes the verified token and
+rolls back alone: its key/value cache is truncated (`RaggedKVCache`) and its later steps are dropped,
+while the other rows of the batch go on from where they are. Every answer, with each neighbour's
+successors and their keys, goes into the sequence's local cache.
+
+The stride s comes from `StrideScheduler`: RaLMSpec's optimal stride for the measured acceptance rate
+and costs, or a serial step (no guess) where no stride beats serial retrieval.
+
+Beam search reorders its rows every step, so it decodes with serial retrieval here (the same tokens, no
+speculation). The model must be a `TransformerLM` (its layers take per-row positions); the datastore
+must keep its keys (`retriever-server build --keep-keys`): the local caches search them.
+
+Example:
+    >>> decoder = RaLMSpecKnnLM(lm, ServiceRetriever(address, RetrievalConfig(k=16)), lam=0.25)
+    >>> out = generate(decoder, prompt, GenerateConfig(max_new_tokens=64))  # serial retrieval's tokens
+    >>> decoder.stats.hit_rate, decoder.stats.verifications
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lm_worker.decoding.config import GenerateConfig, GenerateOutput
+from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationStats
+from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
+from lm_worker.decoding.sampling import choose_tokens, row_generators
+from lm_worker.decoding.stepper_stats import Pending, last_log_probs, wait_for
+from lm_worker.evaluation.knnlm import interpolate, knn_log_probs
+from lm_worker.models.ragged_cache import RaggedKVCache
+from lm_worker.models.transformer_lm import TransformerLM
+from lm_worker.retrieval.local_cache import LocalCaches
+
+
+@dataclass
+class _Step:
+    """A speculated step of one row: the LM's log-probs (V,), the query (d,), the token chosen from the
+    cache's neighbours, and the row generator's state before its draw (sampling)."""
+
+    lm_log_probs: torch.Tensor
+    query: np.ndarray
+    token: int
+    state: torch.Tensor | None
+
+
+@dataclass
+class _InFlight:
+    """A verification request: its `Pending` future, how many of each row's first steps it carries, the
+    window's stride (0: serial) and this process's seconds on its steps."""
+
+    pending: Pending
+    sent: list[int]
+    window: int
+    work_s: float  # this process's seconds on the window's steps
+
+
+class _Rows:
+    """What decoding has committed per row: tokens, summed log-probs, finished rows."""
+
+    def __init__(self, B: int, config: GenerateConfig):
+        self.config = config
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.total = torch.zeros(B, dtype=torch.float32)
+        self.finished = [False] * B
+
+    def commit(self, row: int, token: int, log_prob: float) -> None:
+        self.tokens[row].append(token)
+        self.total[row] += log_prob
+        if self.config.eos_id is not None and token == self.config.eos_id:
+            self.finished[row] = True
+
+    def done(self, row: int) -> bool:
+        return self.finished[row] or len(self.tokens[row]) >= self.config.max_new_tokens
+
+    def output(self) -> GenerateOutput:
+        width = max(len(t) for t in self.tokens)
+        pad = self.config.eos_id if self.config.eos_id is not None else 0
+        tokens = torch.tensor([t + [pad] * (width - len(t)) for t in self.tokens], dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
+        return GenerateOutput(tokens, self.total.clone(), lengths, self.total.clone())
+
+
+class RaLMSpecKnnLM:
+    """kNN-LM decoding with speculative retrieval verified in batches (see the module doc).
+
+    `generate(decoder, prompt, config)` calls `decode`. Greedy and sampling (temperature, top-k, top-p)
+    speculate; beam search retrieves serially.
+
+    Args:
+        model: a `TransformerLM`.
+        retriever: a `ServiceRetriever` or `InProcessRetriever` over a kNN-LM datastore that keeps keys.
+        lam: λ, the weight of p_kNN.
+        temperature: of the neighbour softmax over -distance.
+        speculation: stride, asynchrony, successors and local cache size.
+    """
+
+    decodes_itself = True  # `generate` hands it the whole prompt batch
+
+    def __init__(self, model: torch.nn.Module, retriever, lam: float = 0.25, temperature: float = 1.0,
+                 speculation: SpeculationConfig = SpeculationConfig()):
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must lie in [0, 1], got {lam}")
+        if not isinstance(model, TransformerLM):
+            raise ValueError("speculative retrieval needs a TransformerLM (per-row positions), "
+                             f"got {type(model).__name__}")
+        self.model, self.retriever = model, retriever
+        self.lam, self.temperature, self.speculation = lam, temperature, speculation
+        self.k = retriever.config.k
+        self.stats = SpeculationStats()
+        self.scheduler = StrideScheduler(speculation)
+
+    @torch.no_grad()
+    def decode(self, prompt: torch.Tensor, config: GenerateConfig) -> GenerateOutput:
+        """Continues every prompt row (B, T) as `generate` does with `KnnLMStepper`: the same tokens."""
+        if config.strategy == "beam":
+            from lm_worker.decoding.generate import generate  # imports this module: resolved at call time
+
+            serial = KnnLMStepper(self.model, self.retriever, self.lam, self.temperature)
+            serial.stats = self.stats
+            return generate(serial, prompt, config)
+        max_len = self.model.config.max_len
+        if prompt.shape[1] + config.max_new_tokens > max_len:
+            raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
+                             f"the model's max_len {max_len} (speculation feeds finished rows one position more)")
+        return _Decode(self, prompt, config).run()
+
+    def send(self, queries: np.ndarray, for_cache: bool = True) -> Pending:
+        """Asks the service for the neighbours of queries (n, d); `for_cache`: with their successors and
+        keys, for the local caches. Asynchronous: a future in flight; else answered before it returns."""
+        self.stats.queries += len(queries)
+        self.stats.retrieval_calls += 1
+        successors = self.speculation.successors if for_cache else 0
+        if self.speculation.asynchronous:
+            return Pending(self.retriever.pool.submit(self.retriever.knn, queries, None, successors, for_cache))
+        future: Future = Future()
+        pending = Pending(future)  # sent now
+        future.set_result(self.retriever.knn(queries, None, successors, for_cache))
+        self.stats.wait_s += time.perf_counter() - pending.sent  # blocked all along
+        return pending
+
+    def mix(self, lm_log_probs: torch.Tensor, distances: np.ndarray, values: np.ndarray) -> torch.Tensor:
+        """log(λ p_kNN + (1-λ) p_LM) (n, V) from the LM's log-probs (n, V) and neighbours (n, k)."""
+        knn = knn_log_probs(torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)),
+                            torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+                            lm_log_probs.shape[-1], self.temperature)  # (n, V)
+        return interpolate(lm_log_probs, knn, self.lam)
+
+    def model_step(self, cache: RaggedKVCache, tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The LM's log-probs (B, V) and kNN-LM keys (B, d) at the last of `tokens` (B, T), cache advanced."""
+        logits, keys = self.model(tokens, cache=cache, return_keys=True)  # (B, T, V), (B, T, d)
+        return last_log_probs(logits), np.ascontiguousarray(keys[:, -1].float().numpy())
+
+
+class _Decode:
+    """One `RaLMSpecKnnLM.decode` call: the per-row state and the speculate / send / settle loop."""
+
+    def __init__(self, owner: RaLMSpecKnnLM, prompt: torch.Tensor, config: GenerateConfig):
+        self.owner, self.config, self.stats = owner, config, owner.stats
+        self.prompt, self.prompt_len = prompt, prompt.shape[1]
+        B = prompt.shape[0]
+        self.rows = _Rows(B, config)
+        self.cache = RaggedKVCache(len(owner.model.blocks))
+        self.local = LocalCaches(B, owner.speculation.cache_rows, owner.model.config.d_model)
+        self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled
+        self.sent = [0] * B  # of each row's pending steps, how many the request in flight carries
+        self.in_flight: _InFlight | None = None
+        self.generators = row_generators(config.seed, 0, B) if config.strategy == "sample" else None
+        self.next_input = torch.zeros(B, dtype=torch.long)
+        self.window_s = 0.0  # this process's seconds on the window being speculated
+
+    def run(self) -> GenerateOutput:
+        self._first_step()
+        scheduler = self.owner.scheduler
+        stride = scheduler.plan()
+        while not all(self.rows.done(r) for r in range(len(self.pending))):
+            if self.in_flight is not None and (self.in_flight.pending.future.done() or not self._can_speculate(stride)):
+                self._settle()
+                stride = scheduler.plan()
+            elif self.in_flight is None and self._unsent() and (self._window_full(stride) or not self._open_rows()):
+                self._send(stride)
+                if not self.owner.speculation.asynchronous:
+                    self._settle()
+                    stride = scheduler.plan()
+            else:
+                self._speculate(self._open_rows(), guess=stride > 0)
+        return self.rows.output()
+
+    def _open_rows(self) -> list[int]:
+        """Rows that can take another speculative step: not done, and not at max_new_tokens already."""
+        limit = self.config.max_new_tokens
+        return [r for r, p in enumerate(self.pending)
+                if not self.rows.done(r) and len(self.rows.tokens[r]) + len(p) < limit and not (p and p[-1].token < 0)]
+
+    def _unsent(self) -> bool:
+        return any(len(p) > n for p, n in zip(self.pending, self.sent))
+
+    def _window_full(self, stride: int) -> bool:
+        return max(len(p) - n for p, n in zip(self.pending, self.sent)) >= stride
+
+    def _can_speculate(self, stride: int) -> bool:
+        return bool(self._open_rows()) and not self._window_full(stride)
+
+    def _choose(self, row: int, log_probs: torch.Tensor) -> int:
+        """The row's token from its log-probs (V,), drawing from its generator when sampling."""
+        generators = [self.generators[row]] if self.generators is not None else []
+        return int(choose_tokens(log_probs[None], self.config, generators)[0])
+
+    def _first_step(self) -> None:
+        """The prompt's forward and one real retrieval for every row: no cache to guess from yet."""
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
+        found = wait_for(self.owner.send(queries), self.stats)
+        log_probs = self.owner.mix(lm_log_probs, found.distances, found.values)  # (B, V)
+        for r in range(len(self.pending)):
+            self.local.add_neighbours(r, found, r)
+            token = self._choose(r, log_probs[r])
+            self.rows.commit(r, token, float(log_probs[r, token]))
+            self.next_input[r] = token
+        self.stats.steps += 1
+
+    def _speculate(self, open_rows: list[int], guess: bool) -> None:
+        """One batched model step; with `guess`, each open row chooses its token from its local cache's
+        neighbours, else its step waits for the service's (a serial step). The other rows' new position
+        is dropped again."""
+        started = time.perf_counter()
+        before = self.cache.lengths.clone()
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
+        idle = [r for r in range(len(self.pending)) if r not in set(open_rows)]
+        if idle:
+            self.cache.truncate(torch.tensor(idle), before[idle])
+        if guess:
+            distances, values = self.local.search(queries, self.owner.k)  # (B, k), (B, k)
+            log_probs = self.owner.mix(lm_log_probs[open_rows], distances[open_rows], values[open_rows])  # (b, V)
+            greedy = log_probs.argmax(dim=-1).tolist() if self.generators is None else None
+        for i, r in enumerate(open_rows):
+            state = self.generators[r].get_state() if self.generators is not None else None
+            token = -1
+            if guess:
+                token = greedy[i] if greedy is not None else self._choose(r, log_probs[i])
+                self.next_input[r] = token
+            self.pending[r].append(_Step(lm_log_probs[r], queries[r], token, state))
+        self.stats.ticks += 1
+        self.stats.speculated += len(open_rows) if guess else 0
+        elapsed = time.perf_counter() - started
+        self.stats.compute_s += elapsed
+        self.window_s += elapsed
+
+    def _send(self, stride: int) -> None:
+        """Sends every row's unsent steps in one request."""
+        queries = [s.query for p, n in zip(self.pending, self.sent) for s in p[n:]]
+        sent = [len(p) for p in self.pending]
+        for_cache = stride > 0 or self.owner.scheduler.primes
+        self.in_flight = _InFlight(self.owner.send(np.stack(queries), for_cache), sent, stride, self.window_s)
+        self.window_s = 0.0
+        self.sent = sent
+        self.stats.strides.append(stride)
+
+    def _settle(self) -> None:
+        """Waits for the request in flight; each row keeps its sent steps up to the first wrong token,
+        takes the verified token there and rolls back alone."""
+        flight, self.in_flight = self.in_flight, None
+        found = wait_for(flight.pending, self.stats)
+        steps = [(r, s) for r, p in enumerate(self.pending) for s in p[:flight.sent[r]]]
+        started = time.perf_counter()
+        log_probs = self.owner.mix(torch.stack([s.lm_log_probs for _, s in steps]), found.distances,
+                                   found.values)  # (n, V)
+        greedy = log_probs.argmax(dim=-1) if self.generators is None else None  # (n,)
+        first, accepted, rolled_back = 0, 0, self.stats.rollbacks
+        for r, count in enumerate(flight.sent):
+            if count:
+                if found.keys is not None:
+                    self.local.add_neighbours(r, found, slice(first, first + count))
+                window = slice(first, first + count)
+                accepted += self._settle_row(r, count, log_probs[window], None if greedy is None else greedy[window])
+                first += count
+        self.sent = [0] * len(self.pending)
+        settle_s = time.perf_counter() - started
+        self.stats.compute_s += settle_s
+        self.stats.verifications += 1
+        self.stats.windows.append((sum(1 for n in flight.sent if n), self.stats.rollbacks - rolled_back))
+        guessed = sum(s.token >= 0 for _, s in steps)
+        self.stats.verified += guessed
+        self.stats.accepted += accepted
+        self.stats.steps += 1
+        latency = (flight.pending.finished or time.perf_counter()) - flight.pending.sent
+        self.owner.scheduler.observe(flight.window, flight.work_s + settle_s, latency, accepted, guessed)
+
+    def _settle_row(self, row: int, count: int, log_probs: torch.Tensor, greedy: torch.Tensor | None) -> int:
+        """Commits the row's first `count` steps as verified (log_probs (count, V) with the service's
+        neighbours; greedy: their argmax (count,), None when sampling); rolls the row back at the first
+        step whose token differs. Returns the guesses that held."""
+        steps = self.pending[row]
+        latest = self.generators[row].get_state() if self.generators is not None else None
+        if greedy is not None:
+            chosen = greedy.tolist()
+            chosen_log_probs = log_probs.gather(1, greedy[:, None])[:, 0].tolist()
+        for j in range(count):
+            if greedy is not None:
+                token, log_prob = chosen[j], chosen_log_probs[j]
+            else:
+                self.generators[row].set_state(steps[j].state)
+                token = self._choose(row, log_probs[j])
+                log_prob = float(log_probs[j, token])
+            self.rows.commit(row, token, log_prob)
+            if steps[j].token < 0:  # a serial step: nothing was guessed, nothing comes after it
+                self.next_input[row] = token
+                self.pending[row] = []
+                return 0
+            if token != steps[j].token or not self._same_draws(row, steps, j):
+                self._roll_back(row, token, dropped=len(steps) - j - 1)
+                return j
+            if self.rows.done(row):
+                self.pending[row] = []
+                return j + 1
+        self.pending[row] = steps[count:]
+        if latest is not None and self.pending[row]:  # the steps speculated since go on from there
+            self.generators[row].set_state(latest)
+        return count
+
+    def _same_draws(self, row: int, steps: list[_Step], j: int) -> bool:
+        """Whether the row's generator, after the verified draw of step j, is where step j + 1 began."""
+        if self.generators is None or j + 1 >= len(steps):
+            return True
+        return torch.equal(self.generators[row].get_state(), steps[j + 1].state)
+
+    def _roll_back(self, row: int, token: int, dropped: int) -> None:
+        """Forgets the row's later steps: its cache keeps the positions of its committed tokens but the
+        last, which is fed next."""
+        self.stats.rollbacks += 1
+        self.stats.wasted += dropped
+        self.pending[row] = []
+        keep = self.prompt_len + len(self.rows.tokens[row]) - 1
+        self.cache.truncate(torch.tensor([row]), torch.tensor([keep]))
+        self.next_input[row] = token

@@ -1,0 +1,81 @@
+"""A key/value cache whose rows hold different numbers of positions, so each row of a batch can be
+rewound on its own (speculative retrieval rolls back only the rows whose guess failed).
+
+Each layer's keys and values live in a buffer (B, H, capacity, D); row b's first `lengths[b]` slots
+are its past. A forward of T new positions writes row b's at slots lengths[b] .. lengths[b] + T - 1,
+rotates them from position lengths[b] and masks every slot past each row's own end
+(`layers.ragged_mask`), so a row's outputs do not depend on how far the other rows have gone.
+
+Example:
+    >>> cache = RaggedKVCache(model.config.n_layer)
+    >>> logits = model(prompt, cache=cache)               # (B, T, V), every row at length T
+    >>> logits = model(tokens[:, None], cache=cache)      # (B, 1, V), each row one further
+    >>> cache.truncate(torch.tensor([2]), torch.tensor([T]))  # row 2 forgets its last position
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RaggedKVCache:
+    """Per-layer keys and values with one length per row (see the module doc).
+
+    `offset` is the lengths (B,) long, which the layers read as per-row positions; the model advances
+    it by T after each forward. `reorder(indices)` selects rows; `truncate(rows, lengths)` shortens rows.
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
+        self.values: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
+        self.lengths: torch.Tensor | None = None  # (B,) long, set by the first update
+
+    @property
+    def offset(self) -> torch.Tensor | int:
+        """Positions cached per row (B,), or 0 before the first forward."""
+        return 0 if self.lengths is None else self.lengths
+
+    @offset.setter
+    def offset(self, value: torch.Tensor | int) -> None:
+        self.lengths = value if isinstance(value, torch.Tensor) else torch.full_like(self.lengths, value)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values (B, H, T, D) of one layer after each row's past; return the buffers
+        (B, H, S, D) up to the longest row's new end S."""
+        B, H, T, D = k.shape
+        if self.lengths is None:
+            self.lengths = torch.zeros(B, dtype=torch.long, device=k.device)
+        end = int(self.lengths.max()) + T
+        self._reserve(layer, k, end)
+        rows = torch.arange(B, device=k.device)
+        for t in range(T):
+            slot = self.lengths + t  # (B,)
+            self.keys[layer][rows, :, slot] = k[:, :, t]
+            self.values[layer][rows, :, slot] = v[:, :, t]
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:
+        """Grows layer's buffers (doubling) to at least `end` slots."""
+        buffer = self.keys[layer]
+        if buffer is not None and buffer.shape[2] >= end:
+            return
+        B, H, _, D = like.shape
+        capacity = max(end, 2 * (buffer.shape[2] if buffer is not None else 16))
+        grown_k, grown_v = (like.new_zeros(B, H, capacity, D) for _ in range(2))
+        if buffer is not None:
+            grown_k[:, :, :buffer.shape[2]] = buffer
+            grown_v[:, :, :buffer.shape[2]] = self.values[layer]
+        self.keys[layer], self.values[layer] = grown_k, grown_v
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Keep batch rows `indices` (1-D long tensor), in that order."""
+        self.keys = [None if k is None else k.index_select(0, indices) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, indices) for v in self.values]
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, indices)
+
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""
+        if bool((lengths > self.lengths[rows]).any()) or bool((lengths < 0).any()):
+            raise ValueError("truncate can only shorten rows")
+        self.lengths[rows] = lengths

@@ -1,0 +1,213 @@
+"""Speculative retrieval (RaLMSpec) for batched kNN-LM decoding, against a real datastore served by real
+shard servers: the same tokens and log-probs as serial retrieval for greedy, top-k and top-p sampling
+and beam search; guesses that hold and guesses that fail, rolled back row by row; and its parts: the
+per-row key/value cache against a cache-free forward, the local caches against brute force, the stride
+scheduler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build, serve
+from test_steppers import V, knn_datastore, random_tokens, sharpened
+
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import generate
+from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.ralmspec.config import SpeculationConfig
+from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
+from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
+from lm_worker.models.ragged_cache import RaggedKVCache
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.retrieval.config import KnnNeighbours, RetrievalConfig
+from lm_worker.retrieval.local_cache import LocalCaches
+from lm_worker.retrieval.service import ServiceRetriever
+from retriever_server.client import RetrieverError
+
+LAM, TEMP = 0.5, 4.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread."""
+
+
+@pytest.fixture(scope="module")
+def lm() -> TransformerLM:
+    torch.manual_seed(0)
+    return sharpened(TransformerLM(LMConfig.tiny(vocab_size=V)))
+
+
+@pytest.fixture(scope="module")
+def datastore(lm, tmp_path_factory):
+    """The LM's keys over random text, the next token as value, in 2 shards that keep their keys."""
+    with torch.no_grad():
+        keys, values = knn_datastore(lm, n_seq=6, length=60)
+    return build(tmp_path_factory.mktemp("ralmspec"), keys, "ds", shards=2, factory="IVF8,Flat", keep_keys=True,
+                 payload_arrays={"values": values})
+
+
+@pytest.fixture(scope="module")
+def retriever(aio, datastore):
+    with serve(aio, datastore, 2) as served, \
+            ServiceRetriever(served.shard_addresses(), RetrievalConfig(k=6, nprobe=8)) as service:
+        yield service
+
+
+CONFIGS = {
+    "greedy": GenerateConfig(max_new_tokens=16),
+    "greedy-eos": GenerateConfig(max_new_tokens=16, eos_id=3),
+    "top-k": GenerateConfig(strategy="sample", top_k=4, max_new_tokens=14, seed=5),
+    "top-p": GenerateConfig(strategy="sample", temperature=1.3, top_p=0.9, max_new_tokens=14, eos_id=2, seed=3),
+}
+SPECS = {
+    "stride-3": SpeculationConfig(stride=3, successors=4),
+    "adaptive": SpeculationConfig(),
+    "async-stride-2": SpeculationConfig(stride=2, asynchronous=True, successors=2, cache_rows=64),
+}
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_speculative_retrieval_decodes_the_tokens_of_serial_retrieval(lm, retriever, name, spec):
+    cfg = CONFIGS[name]
+    prompt = random_tokens((6, 5), seed=11)
+    serial = KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SPECS[spec])
+    want, got = generate(serial, prompt, cfg), generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    stats = decoder.stats
+    assert stats.speculated > 0 and stats.verified > 0
+    if spec != "adaptive":  # a fixed stride guesses on every window: both paths run
+        assert 0 < stats.accepted < stats.verified and stats.rollbacks > 0
+        assert stats.retrieval_calls < serial.stats.retrieval_calls  # one request verifies several steps
+
+
+def test_beam_search_retrieves_serially_with_the_same_result(lm, retriever):
+    cfg = GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=8, eos_id=0)
+    prompt = random_tokens((2, 5), seed=4)
+    want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-6, rtol=0)
+    assert decoder.stats.speculated == 0 and decoder.stats.retrieval_calls == want.tokens.shape[1]
+
+
+def test_only_the_rows_whose_guess_failed_roll_back(lm, retriever, monkeypatch):
+    """In some verification some rows keep all their steps while others roll back, each alone (its own
+    cache row truncated), and the tokens are still serial retrieval's."""
+    truncated: list[list[int]] = []
+    real_truncate = RaggedKVCache.truncate
+
+    def truncate(self, rows, lengths):
+        truncated.append(rows.tolist())
+        real_truncate(self, rows, lengths)
+
+    monkeypatch.setattr(RaggedKVCache, "truncate", truncate)
+    prompt = random_tokens((6, 5), seed=11)
+    cfg = CONFIGS["greedy"]
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(stride=4))
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg).tokens)
+    windows = decoder.stats.windows
+    assert len(windows) == decoder.stats.verifications
+    assert any(0 < rolled < rows for rows, rolled in windows)
+    assert sum(rolled for _, rolled in windows) == decoder.stats.rollbacks > 0
+    assert sum(len(rows) == 1 for rows in truncated) >= decoder.stats.rollbacks  # each rollback: one row
+
+
+def test_ragged_cache_rows_match_a_cache_free_forward(lm):
+    """Rows advanced and rewound to different lengths give each row's logits of a forward over its own
+    prefix without any cache."""
+    tokens = random_tokens((3, 14), seed=2)
+    with torch.no_grad():
+        full = lm(tokens)  # (3, 14, V)
+        cache = RaggedKVCache(len(lm.blocks))
+        lm(tokens[:, :4], cache=cache)
+        for t in range(4, 9):
+            lm(tokens[:, t:t + 1], cache=cache)
+        cache.truncate(torch.tensor([0, 2]), torch.tensor([6, 5]))  # rows at 6, 9, 5 positions
+        lengths = cache.lengths.clone()
+        step = lm(tokens[torch.arange(3), lengths][:, None], cache=cache)  # (3, 1, V)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(step[row, 0], full[row, n], atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [n + 1 for n in lengths.tolist()]
+    with pytest.raises(ValueError, match="only shorten"):
+        cache.truncate(torch.tensor([1]), torch.tensor([20]))
+
+
+def test_local_caches_search_their_own_rows_exactly():
+    """Each sequence's top-k equals brute force (float64) over the rows it holds: duplicates kept once,
+    the oldest rows overwritten past capacity, missing ids skipped, and nothing from another sequence."""
+    rng = np.random.default_rng(0)
+    d, capacity = 8, 20
+    table = rng.standard_normal((100, d)).astype(np.float32)
+    caches = LocalCaches(rows=2, capacity=capacity, dimension=d)
+    added: list[list[int]] = [[], []]
+    for _ in range(4):
+        for row in range(2):
+            ids = rng.integers(-1, 100, 9)
+            ids[0] = ids[1]  # a duplicate within the batch
+            caches.add(row, ids, table[np.maximum(ids, 0)], ids * 10)
+            for i in ids.tolist():
+                if i >= 0 and i not in added[row]:
+                    added[row].append(i)
+            added[row] = added[row][-capacity:]
+    queries = rng.standard_normal((2, d)).astype(np.float32)
+    distances, values = caches.search(queries, k=5)
+    for row in range(2):
+        assert caches.size(row) == len(added[row])
+        held = np.array(added[row])
+        exact = ((table[held].astype(np.float64) - queries[row]) ** 2).sum(axis=1)
+        order = np.argsort(exact, kind="stable")[:5]
+        np.testing.assert_allclose(distances[row], exact[order], rtol=1e-4, atol=1e-5)
+        assert values[row].tolist() == (held[order] * 10).tolist()
+    empty = LocalCaches(rows=1, capacity=4, dimension=d)
+    distances, values = empty.search(queries[:1], k=3)
+    assert np.isinf(distances).all() and (values == -1).all()
+
+
+def test_local_caches_take_neighbours_with_their_successors():
+    found = KnnNeighbours(distances=np.zeros((1, 2), np.float32), values=np.array([[7, 8]]), ids=np.array([[3, 9]]),
+                          next_values=np.array([[[1], [2]]]), next_ids=np.array([[[4], [-1]]]),
+                          keys=np.ones((1, 2, 4), np.float32), next_keys=np.zeros((1, 2, 1, 4), np.float32))
+    caches = LocalCaches(rows=1, capacity=8, dimension=4)
+    caches.add_neighbours(0, found, 0)
+    assert sorted(caches.held[0]) == [3, 4, 9]  # row 9 has no successor (past its shard)
+    with pytest.raises(ValueError, match="return_keys"):
+        caches.add_neighbours(0, KnnNeighbours(found.distances, found.values, found.ids), 0)
+
+
+def test_the_stride_follows_the_acceptance_rate_and_costs():
+    scheduler = StrideScheduler(SpeculationConfig(max_stride=8))
+    assert scheduler.plan() == 2  # nothing measured yet: a first guess
+    scheduler.observe(0, work_s=0.004, verify_s=0.010)  # serial: 4 ms of model, 10 ms of retrieval
+    scheduler.observe(2, work_s=0.008, verify_s=0.012, accepted=19, verified=20)  # guesses hold
+    assert scheduler.plan() > 2  # retrieval dominates and guesses hold: verify rarely
+    bad = StrideScheduler(SpeculationConfig(max_stride=8))
+    bad.observe(0, work_s=0.004, verify_s=0.010)
+    bad.observe(2, work_s=0.010, verify_s=0.016, accepted=2, verified=20)
+    plans, primes = [], []
+    for _ in range(16):
+        plans.append(bad.plan())
+        primes.append(bad.primes)
+    assert plans.count(0) == 14 and plans[7] == plans[15] == 2  # serial, probing every 8th window
+    assert [i for i, p in enumerate(primes) if p] == [4, 5, 6, 12, 13, 14]  # the windows before a probe fill the caches
+    assert StrideScheduler(SpeculationConfig(stride=5)).plan() == 5
+
+
+def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):
+    with pytest.raises(ValueError, match="successors"):
+        SpeculationConfig(successors=17)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
+    with pytest.raises(ValueError, match="max_len"):
+        generate(decoder, random_tokens((2, 100), seed=1), GenerateConfig(max_new_tokens=29))
+    with torch.no_grad():
+        keys, values = knn_datastore(lm, n_seq=2, length=20)
+    plain = build(tmp_path, keys, "plain", shards=1, factory="IVF4,Flat", payload_arrays={"values": values})
+    with serve(aio, plain, 1) as served, ServiceRetriever(served.address, RetrievalConfig(k=4)) as no_keys:
+        with pytest.raises(RetrieverError, match="keep-keys"):
+            generate(RaLMSpecKnnLM(lm, no_keys), random_tokens((2, 5), seed=1), GenerateConfig(max_new_tokens=4))
