@@ -24,7 +24,10 @@ by `LocalDeployment` (what `retriever-server serve` runs: supervised shard proce
 thread each and a router, hedging and limits at their defaults), plaintext on loopback, nprobe 32.
 It also reports the cost of TLS with a bearer token on the router path.
 
-    python benchmarks/cpu_cost.py [--out bench_out] [--quick]
+    python benchmarks/cpu_cost.py [--out bench_out] [--quick] [--pin]
+
+With `--pin` (8 cores or more: the GPU machine, `benchmarks/device_speed.sh`), the client, the router and
+each shard run on 2 cores of their own, and a second table gives wall-clock ratios (`pinning.py`).
 
 Prints the table and the bars, and writes OUT/cpu_cost.json.
 """
@@ -48,6 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoding import process_cpu_s  # noqa: E402
 from grpc_floor import FloorDeployment, request_bytes  # noqa: E402
+from pinning import core_plan, pin_process, wall_table  # noqa: E402
 from search_service import load_vectors, query_batches, save_keys  # noqa: E402
 
 from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
@@ -83,6 +87,7 @@ class CostConfig:
     warmup_calls: int = 3
     rounds: int = 3  # the sides take turns this many times in each cell
     secure_nqs: tuple[int, ...] = (1, 64)
+    pin: bool = False  # each process on cores of its own (`pinning.core_plan`); wall-clock ratios too
 
     @property
     def datastore(self) -> Path:
@@ -283,8 +288,10 @@ def cell(config: CostConfig, refs: InProcess, router: RetrieverClient, fan_out: 
     return row
 
 
-def secure_costs(config: CostConfig, queries: np.ndarray, version: str) -> list[dict]:
-    """Router-path CPU per request, plaintext and TLS + bearer token, at k=10."""
+def secure_costs(config: CostConfig, queries: np.ndarray, version: str,
+                 plan: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    """Router-path CPU per request, plaintext and TLS + bearer token, at k=10 (with `plan`, each
+    process on its cores)."""
     from chaos import private_pki
 
     server, client_side = private_pki(config.out / "cpu-cost-pki")
@@ -293,6 +300,9 @@ def secure_costs(config: CostConfig, queries: np.ndarray, version: str) -> list[
                                         "TLS + token": (server, client_side)}.items():
         with LocalDeployment(config.datastore, security=server_side) as deployment, \
                 RetrieverClient(deployment.router_address, security=client) as router:
+            if plan:
+                for role, pid in deployment_pids(deployment).items():
+                    pin_process(pid, plan[role])
             for nq in config.secure_nqs:
                 batches = query_batches(queries, nq, count=8)
                 cost = cpu_per_call(lambda q: router.search(q, k=10, nprobe=config.nprobe), batches,
@@ -361,7 +371,19 @@ def bars_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pin_all(plan: dict[str, tuple[int, ...]], deployment: LocalDeployment, floor: FloorDeployment) -> None:
+    """The service's router and shards, and the floor's relay and shards, on the plan's cores (the
+    client, this process, was pinned before it started them)."""
+    for name, pid in deployment_pids(deployment).items():
+        pin_process(pid, plan[name])
+    for name, pid in floor.pids.items():
+        pin_process(pid, plan["router" if name == "relay" else name])
+
+
 def run(config: CostConfig) -> dict:
+    plan = core_plan(sorted(os.sched_getaffinity(0)), SHARDS) if config.pin else None
+    if plan:
+        pin_process(os.getpid(), plan["client"])
     keys, queries = load_vectors()
     ensure_datastore(config, keys)
     refs = in_process(config, keys)
@@ -370,13 +392,16 @@ def run(config: CostConfig) -> dict:
     with LocalDeployment(config.datastore) as deployment, FloorDeployment() as floor, \
             RetrieverClient(deployment.router_address) as router, \
             RetrieverClient(deployment.shard_addresses) as fan_out:
+        if plan:
+            pin_all(plan, deployment, floor)
         for nq in config.nqs:
             for k in config.ks:
                 rows.append(cell(config, refs, router, fan_out, deployment, floor, queries, nq, k, version))
-    secure = secure_costs(config, queries, version)
+    secure = secure_costs(config, queries, version, plan)
     return {"config": {**asdict(config), "out": str(config.out), "factory": FACTORY, "shards": SHARDS,
                        "keys": len(keys)},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__,
+                        "pinned": plan},
             "rows": rows, "secure": secure, "bars": bars(rows)}
 
 
@@ -385,16 +410,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=CostConfig.out)
     parser.add_argument("--quick", action="store_true", help="about 0.5 s per side and cell instead of 3 s")
     parser.add_argument("--nprobe", type=int, default=CostConfig.nprobe)
+    parser.add_argument("--pin", action="store_true",
+                        help="client, router and each shard on 2 cores of their own (8 cores), and wall-clock ratios")
     args = parser.parse_args(argv)
-    config = CostConfig(out=args.out, nprobe=args.nprobe)
+    config = CostConfig(out=args.out, nprobe=args.nprobe, pin=args.pin)
     if args.quick:
         config = replace(config, seconds_per_cell=0.5, min_calls=5)
-    results = run(config)
+    try:
+        results = run(config)
+    except ValueError as err:  # too few cores for --pin
+        sys.exit(f"cpu_cost.py: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_cost.json").write_text(json.dumps(results, indent=2))
     print()
     print(cost_table(results["rows"]))
     print()
+    if config.pin:
+        print(wall_table(results["rows"]))
+        print()
     print("TLS and bearer-token cost, through the router (CPU ms per request):")
     print()
     print(secure_table(results["secure"]))

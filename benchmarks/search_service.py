@@ -93,10 +93,15 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray]:
     """The cached real keys (N_KEYS, 384) and held-out queries (N_QUERIES, 384), float32.
 
     Waits for the cache directory when another process is still encoding it, so that this run
-    does not start a second (slow) encode.
+    does not start a second (slow) encode. $BENCH_VECTORS names a cache folder to read instead (one
+    carried to a machine that cannot encode, as `device_speed.sh` does).
     """
-    from lm_worker.encoders.stdlib_vectors import cache_root, cache_stem, stdlib_vectors
+    from lm_worker.encoders.stdlib_vectors import cache_root, cache_stem, load_cached, stdlib_vectors
 
+    if os.environ.get("BENCH_VECTORS"):
+        vectors = load_cached(Path(os.environ["BENCH_VECTORS"]), N_KEYS, N_QUERIES)
+        return (np.ascontiguousarray(vectors.keys, dtype=np.float32),
+                np.ascontiguousarray(vectors.queries, dtype=np.float32))
     directory = cache_root() / f"{cache_stem(64, 16)}-n{N_KEYS}-q{N_QUERIES}"
     deadline = time.monotonic() + CACHE_WAIT_S
     while not directory.is_dir() and time.monotonic() < deadline:

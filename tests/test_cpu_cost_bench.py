@@ -41,3 +41,30 @@ def test_bars_judge_efficiency_the_fan_out_floor_and_the_router():
     got = {b["bar"].split(":")[0].split(" >=")[0].split(" <=")[0]: b["pass"] for b in bars(rows)}
     assert got == {"router efficiency at nq=64, k=10": True, "router efficiency at nq=64, k=1024": False,
                    "fan-out at nq=1, k=10": True, "router CPU at nq=64, k=1024": False}
+
+
+THREADS = ("import threading, time\nfor _ in range(3):\n"
+           "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\ntime.sleep(30)\n")
+
+
+def test_each_process_gets_cores_of_its_own_and_every_thread_is_pinned():
+    import subprocess
+
+    import pytest
+    from pinning import core_plan, pin_process, threads_on
+
+    plan = core_plan(list(range(16)), shards=2)
+    assert plan == {"client": (0, 1), "router": (2, 3), "shard 0": (4, 5), "shard 1": (6, 7)}
+    with pytest.raises(ValueError, match="needs 8 cores"):
+        core_plan([0, 1], shards=2)
+    child = subprocess.Popen([sys.executable, "-c", THREADS])
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(Path(f"/proc/{child.pid}/task").iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        mine = sorted(os.sched_getaffinity(0))
+        pin_process(child.pid, (mine[-1],))
+        assert threads_on(child.pid) == {(mine[-1],)}  # the main thread and the three it started
+    finally:
+        child.kill()
+        child.wait()

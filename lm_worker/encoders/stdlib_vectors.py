@@ -76,6 +76,14 @@ def _find_cached(root: Path, stem: str, n_keys: int, n_queries: int) -> Path | N
     return None
 
 
+def load_cached(path: Path, n_keys: int, n_queries: int) -> RealVectors:
+    """The first n_keys keys and n_queries queries of one cache folder (memory-mapped), wherever it lies:
+    e.g. one carried to another machine."""
+    if not (path / "docs.json").is_file():
+        raise FileNotFoundError(f"{path} is not a vector cache folder (no docs.json)")
+    return _load(path, n_keys, n_queries)
+
+
 def _load(path: Path, n_keys: int, n_queries: int) -> RealVectors:
     def arr(name: str, n: int) -> np.ndarray:
         return np.load(path / f"{name}.npy", mmap_mode="r")[:n]

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Wall-clock speed of the search service on a machine with enough cores (the GPU machine: 16 cores,
+# CUDA torch, Python 3.12, no package registry), each process on 2 cores of its own:
+# `benchmarks/cpu_cost.py --pin`, which prints the CPU table and the wall-clock ratios.
+#
+# Here, with the registry, once (needs the 20000-key MiniLM cache and bench_out/ds-cpu-cost, which
+# `python benchmarks/cpu_cost.py --quick` makes):
+#
+#     bash benchmarks/device_speed.sh --fetch
+#
+# puts into .device/ (ignored by git, about 50 MiB): the wheels that machine lacks for its Python
+# (faiss-cpu, grpcio and its health and reflection services, protobuf, cryptography), the datastore,
+# and the MiniLM vectors as float16 (their token arrays, which the benchmark does not read, as
+# placeholders). There, with `.device` carried:
+#
+#     bash benchmarks/device_speed.sh [--quick]
+#
+# installs the wheels into a venv over the machine's own packages, restores the vectors and runs the
+# benchmark into $OUT (or .device/out). --quick: about 0.5 s per side and cell, under 10 minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=${DEVICE:-.device}
+PY_VERSION=${DEVICE_PYTHON:-3.12}  # the GPU machine's python3
+N_KEYS=20000
+N_QUERIES=1000
+WHEELS=(faiss-cpu grpcio grpcio-health-checking grpcio-reflection protobuf cryptography cffi)  # at this venv's versions
+
+fetch() {
+    local python=${PYTHON:-.venv/bin/python} pinned=() name
+    for name in "${WHEELS[@]}"; do
+        pinned+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+    done
+    rm -rf "$DEVICE/wheels" && mkdir -p "$DEVICE/wheels"
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+        --implementation cp --abi "cp${PY_VERSION/./}" --abi abi3 --abi none \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform any -d "$DEVICE/wheels" "${pinned[@]}"
+    [ -f bench_out/ds-cpu-cost/manifest.json ] || { echo "no bench_out/ds-cpu-cost: run python benchmarks/cpu_cost.py --quick first" >&2; exit 1; }
+    rm -rf "$DEVICE/ds-cpu-cost" && cp -r bench_out/ds-cpu-cost "$DEVICE/ds-cpu-cost"
+    "$python" - "$DEVICE/vectors" "$N_KEYS" "$N_QUERIES" <<'EOF'
+import json, sys
+from pathlib import Path
+
+import numpy as np
+
+from lm_worker.encoders.stdlib_vectors import cache_stem, stdlib_vectors
+
+out, n_keys, n_queries = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+vectors = stdlib_vectors(n_keys, n_queries)  # the cache, or encoded now
+out.mkdir(parents=True, exist_ok=True)
+np.save(out / "keys.npy", np.asarray(vectors.keys, dtype=np.float16))
+np.save(out / "queries.npy", np.asarray(vectors.queries, dtype=np.float16))
+np.save(out / "doc_ids.npy", np.asarray(vectors.doc_ids))
+np.save(out / "tokens.npy", np.zeros((n_keys, 1), np.int32))  # placeholders: the benchmark reads no tokens
+np.save(out / "query_tokens.npy", np.zeros((n_queries, 1), np.int32))
+(out / "docs.json").write_text(json.dumps(vectors.documents))
+print(f"{out}: {n_keys} keys and {n_queries} queries of {cache_stem(64, 16)} as float16")
+EOF
+    du -sh "$DEVICE"
+}
+
+run_there() {
+    local out=${OUT:-$DEVICE/out} quick=()
+    [ "${1:-}" = "--quick" ] && quick=(--quick)
+    [ -d "$DEVICE/wheels" ] || { echo "no $DEVICE/wheels: run this script with --fetch where there is a registry, and carry $DEVICE" >&2; exit 1; }
+    echo "machine: $(nproc) cores; $(python3 --version)"
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "no nvidia-smi"
+    python3 -m venv --system-site-packages /tmp/device-venv
+    /tmp/device-venv/bin/python -m pip install --quiet --no-index --no-deps --find-links "$DEVICE/wheels" "${WHEELS[@]}"
+    mkdir -p "$out"
+    /tmp/device-venv/bin/python - "$DEVICE/vectors" "$out/vectors" <<'EOF'
+import shutil, sys
+from pathlib import Path
+
+import numpy as np
+
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir(parents=True, exist_ok=True)
+for path in src.iterdir():
+    if path.name in ("keys.npy", "queries.npy"):
+        np.save(dst / path.name, np.load(path).astype(np.float32))
+    else:
+        shutil.copy(path, dst / path.name)
+EOF
+    rm -rf "$out/ds-cpu-cost" && cp -r "$DEVICE/ds-cpu-cost" "$out/ds-cpu-cost"
+    PYTHONPATH="$PWD" BENCH_VECTORS="$out/vectors" PYTHONUNBUFFERED=1 \
+        /tmp/device-venv/bin/python benchmarks/cpu_cost.py --pin --out "$out" "${quick[@]}"
+}
+
+case "${1:-}" in
+    --fetch) fetch ;;
+    ""|--quick) run_there "${1:-}" ;;
+    *) echo "usage: $0 [--fetch | --quick]" >&2; exit 2 ;;
+esac
