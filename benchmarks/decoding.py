@@ -16,10 +16,11 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
   that pays; see `lm_worker.decoding.speculative`) and RaLMSpec (`RaLMSpecKnnLM`: each prompt guesses its
   neighbours from a local cache of the rows it retrieved and their successors, verified in one request
-  every s steps, rows rolled back alone; adaptive, and at a fixed stride of 2 to show what guessing costs
-  where it does not pay; see `lm_worker.decoding.ralmspec`). Greedy scenarios are summarised by the adaptive
-  RaLMSpec run (with its hit rate: the share of guessed steps whose token held), beam search by the
-  pipelined one. kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
+  every s steps, rows (beam search: prompts) rolled back alone; adaptive, and at a fixed stride of 2 to
+  show what guessing costs where it does not pay; see `lm_worker.decoding.ralmspec`). Greedy scenarios are
+  summarised by the adaptive RaLMSpec run (with its hit rate: the share of guessed steps that held), beam
+  search by the pipelined one; a table of its own compares RaLMSpec with serial retrieval in every scenario.
+  kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over each of `batches` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
   (sent when formed, in flight during the next s tokens). Its retrieval is a small share of its
@@ -293,6 +294,21 @@ def target_of(deployment: LocalDeployment, via: str) -> str | list[list[str]]:
     return deployment.router_address if via == "router" else deployment.shard_addresses
 
 
+def ralmspec_summary(rows: dict[str, dict]) -> dict:
+    """RaLMSpec's runs (adaptive and stride 2) against the serial run: hit rates, speed-ups, same tokens."""
+    serial, adaptive, forced = rows["knn-lm serial"], rows["knn-lm ralmspec"], rows["knn-lm ralmspec stride 2"]
+    stats = adaptive["stats"]
+    return {"hit_rate": stats["accepted"] / max(1, stats["verified"]),
+            "ralmspec_speedup": adaptive["tokens_per_s"] / serial["tokens_per_s"],
+            "ralmspec_same_tokens": serial["tokens_digest"] == adaptive["tokens_digest"],
+            "cpu_per_token_vs_serial": adaptive["cpu_ms_per_token"] / serial["cpu_ms_per_token"],
+            "serial_windows": sum(1 for s in stats["strides"] if s == 0) / max(1, len(stats["strides"])),
+            "strides": stats["strides"],
+            "stride_2_hit_rate": forced["stats"]["accepted"] / max(1, forced["stats"]["verified"]),
+            "stride_2_speedup": forced["tokens_per_s"] / serial["tokens_per_s"],
+            "stride_2_same_tokens": serial["tokens_digest"] == forced["tokens_digest"]}
+
+
 def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
     """Per scenario: LM alone, kNN-LM serial and kNN-LM pipelined, against RUN/knnlm-datastore served locally."""
     retrieval, cores = RetrievalConfig(k=config.k, nprobe=config.nprobe), cores_of(config)
@@ -311,27 +327,17 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             if gen.strategy != "beam":  # beam search reorders rows every step, which drops every guess
                 variants["knn-lm speculative"] = lambda gen=gen: SpeculativeKnnLMStepper(
                     model, retriever, lam, temperature, eos_id=gen.eos_id)
-                variants["knn-lm ralmspec"] = lambda: RaLMSpecKnnLM(model, retriever, lam, temperature)
-                variants["knn-lm ralmspec stride 2"] = lambda: RaLMSpecKnnLM(
-                    model, retriever, lam, temperature, speculation=SpeculationConfig(stride=2))
+            variants["knn-lm ralmspec"] = lambda: RaLMSpecKnnLM(model, retriever, lam, temperature)
+            variants["knn-lm ralmspec stride 2"] = lambda: RaLMSpecKnnLM(
+                model, retriever, lam, temperature, speculation=SpeculationConfig(stride=2))
             print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
                   flush=True)
             rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
-            overlap = "ralmspec" if "knn-lm ralmspec" in rows else "pipelined"
+            overlap = "ralmspec" if gen.strategy != "beam" else "pipelined"
             annotate(rows, "knn-lm serial", cores)
             summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
-            if overlap == "ralmspec":
-                stats, serial = rows["knn-lm ralmspec"]["stats"], rows["knn-lm serial"]
-                summary["hit_rate"] = stats["accepted"] / max(1, stats["verified"])
-                forced = rows["knn-lm ralmspec stride 2"]
-                summary["stride_2_hit_rate"] = forced["stats"]["accepted"] / max(1, forced["stats"]["verified"])
-                summary["stride_2_speedup"] = forced["tokens_per_s"] / serial["tokens_per_s"]
-                summary["stride_2_same_tokens"] = serial["tokens_digest"] == forced["tokens_digest"]
-                summary["serial_windows"] = sum(1 for s in stats["strides"] if s == 0) / max(1, len(stats["strides"]))
-                summary["strides"] = stats["strides"]
-                summary["cpu_per_token_vs_serial"] = (rows["knn-lm ralmspec"]["cpu_ms_per_token"]
-                                                      / serial["cpu_ms_per_token"])
-                summary["ralmspec_same_tokens"] = serial["tokens_digest"] == rows["knn-lm ralmspec"]["tokens_digest"]
+            summary.update(ralmspec_summary(rows))
+            if "knn-lm speculative" in rows:
                 stats = rows["knn-lm speculative"]["stats"]
                 summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
                 summary["rows_guessed"] = stats["guessed"]
@@ -421,12 +427,11 @@ def ralmspec_table(results: dict) -> str:
              "serial / adaptive / stride 2 | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for scenario, result in results.get("knnlm", {}).items():
         s, rows = result["summary"], result["rows"]
-        if "hit_rate" not in s:
-            continue
         serial, adaptive, forced = rows["knn-lm serial"], rows["knn-lm ralmspec"], rows["knn-lm ralmspec stride 2"]
         same = s["ralmspec_same_tokens"] and s["stride_2_same_tokens"]
         lines.append(
-            f"| {scenario} | {serial['tokens_per_s']:.1f} | {adaptive['tokens_per_s']:.1f} ({s['speedup']:.2f}x) | "
+            f"| {scenario} | {serial['tokens_per_s']:.1f} | {adaptive['tokens_per_s']:.1f} "
+            f"({s['ralmspec_speedup']:.2f}x) | "
             f"{forced['tokens_per_s']:.1f} ({s['stride_2_speedup']:.2f}x) | {s['hit_rate']:.0%} / "
             f"{s['stride_2_hit_rate']:.0%} | {s['serial_windows']:.0%} | {serial['calls_per_token']:.3f} / "
             f"{adaptive['calls_per_token']:.3f} / {forced['calls_per_token']:.3f} | "
@@ -543,14 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(ralmspec_table(results["results"]))
     for scenario, result in results["results"].get("knnlm", {}).items():
-        if "guesses_held" in result["summary"]:
-            s = result["summary"]
-            print(f"kNN-LM {scenario}, ralmspec: {s['hit_rate']:.0%} of the guessed steps held; "
-                  f"{s['speedup']:.2f}x serial's tokens/s at {s['cpu_per_token_vs_serial']:.2f}x its CPU per token, "
-                  f"same tokens: {'yes' if s['ralmspec_same_tokens'] else 'NO'}; {s['serial_windows']:.0%} of its "
-                  f"windows were serial steps. At stride 2: {s['stride_2_hit_rate']:.0%} held, "
-                  f"{s['stride_2_speedup']:.2f}x serial's tokens/s, same tokens: "
-                  f"{'yes' if s['stride_2_same_tokens'] else 'NO'}")
+        s = result["summary"]
+        print(f"kNN-LM {scenario}, ralmspec: {s['hit_rate']:.0%} of the guessed steps held; "
+              f"{s['ralmspec_speedup']:.2f}x serial's tokens/s at {s['cpu_per_token_vs_serial']:.2f}x its CPU per "
+              f"token, same tokens: {'yes' if s['ralmspec_same_tokens'] else 'NO'}; {s['serial_windows']:.0%} of "
+              f"its windows were serial steps. At stride 2: {s['stride_2_hit_rate']:.0%} held, "
+              f"{s['stride_2_speedup']:.2f}x serial's tokens/s, same tokens: "
+              f"{'yes' if s['stride_2_same_tokens'] else 'NO'}")
+        if "guesses_held" in s:
             print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
                   f"token chosen for {s['guesses_held']:.0%} of them; it was for every row on "
                   f"{s['steps_all_held']:.0%} of the steps")

@@ -85,15 +85,28 @@ def test_speculative_retrieval_decodes_the_tokens_of_serial_retrieval(lm, retrie
         assert stats.retrieval_calls < serial.stats.retrieval_calls  # one request verifies several steps
 
 
-def test_beam_search_retrieves_serially_with_the_same_result(lm, retriever):
-    cfg = GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=8, eos_id=0)
-    prompt = random_tokens((2, 5), seed=4)
+BEAMS = {
+    "beam": GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=10, eos_id=0),
+    "beam-no-eos": GenerateConfig(strategy="beam", num_beams=2, max_new_tokens=12, length_penalty=0.0),
+}
+
+
+@pytest.mark.parametrize("spec", ["stride-3", "adaptive"])
+@pytest.mark.parametrize("name", list(BEAMS))
+def test_speculative_beam_search_gives_the_result_of_serial_retrieval(lm, retriever, name, spec):
+    cfg = BEAMS[name]
+    prompt = random_tokens((3, 5), seed=4)
     want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg)
-    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SPECS[spec])
     got = generate(decoder, prompt, cfg)
-    assert torch.equal(got.tokens, want.tokens)
-    torch.testing.assert_close(got.scores, want.scores, atol=1e-6, rtol=0)
-    assert decoder.stats.speculated == 0 and decoder.stats.retrieval_calls == want.tokens.shape[1]
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    stats = decoder.stats
+    assert stats.speculated > 0 and stats.verified > 0
+    if spec == "stride-3":  # guessed on every window: selections held and prompts rolled back
+        assert 0 < stats.accepted < stats.verified and stats.rollbacks > 0
+        assert stats.retrieval_calls < want.tokens.shape[1]
 
 
 def test_only_the_rows_whose_guess_failed_roll_back(lm, retriever, monkeypatch):

@@ -10,6 +10,7 @@ in either form.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -55,16 +56,61 @@ class Hypotheses:
         self.done = best_live == -math.inf or bound <= self.items[-1][0]
 
 
+@dataclass
+class BeamChoice:
+    """One step's selection for B prompts of W beams: the ranked candidates (B, 2W) as beam * V + token,
+    the rows (B*W,) the new beams continue and their tokens (B*W,), the new beams' scores (B, W) and
+    histories (B*W, t + 1)."""
+
+    top_index: torch.Tensor
+    source: torch.Tensor
+    token: torch.Tensor
+    scores: torch.Tensor
+    history: torch.Tensor
+
+
+def select_beams(log_probs: torch.Tensor, scores: torch.Tensor, history: torch.Tensor, hyps: list[Hypotheses],
+                 t: int, config: GenerateConfig) -> BeamChoice:
+    """Step t of beam search: from the beams' log-probs (B*W, V) and scores (B, W), the 2W best (beam,
+    token) candidates per prompt; those ending in EOS within the top W become finished hypotheses (added
+    to `hyps`, which also settle), the W best others the new beams."""
+    B, W, eos, device = scores.shape[0], config.num_beams, config.eos_id, scores.device
+    V = log_probs.shape[-1]
+    candidates = (scores[..., None] + log_probs.view(B, W, V)).view(B, W * V)
+    top_scores, top_index = candidates.topk(min(2 * W, W * V), dim=1)  # (B, 2W), sorted
+    top_beam, top_token = top_index // V, top_index % V
+    is_eos = top_token == eos if eos is not None else torch.zeros_like(top_token, dtype=torch.bool)
+    _collect_finished(hyps, history, top_scores, top_beam, is_eos, W, eos)
+    live_scores, pick = top_scores.masked_fill(is_eos, -math.inf).topk(W, dim=1)  # (B, W)
+    source = (torch.arange(B, device=device)[:, None] * W + top_beam.gather(1, pick)).view(-1)  # (B*W,)
+    token = top_token.gather(1, pick).view(-1)  # (B*W,)
+    history = torch.cat([history.index_select(0, source), token[:, None]], dim=1)
+    for b, h in enumerate(hyps):
+        if not h.done:
+            h.settle(float(live_scores[b, 0]), t + 1)
+    return BeamChoice(top_index, source, token, live_scores, history)
+
+
+def finish_beams(hyps: list[Hypotheses], scores: torch.Tensor, history: torch.Tensor, W: int, eos: int | None,
+                 device: torch.device) -> GenerateOutput:
+    """The live beams of the prompts not done finish as they are; each prompt's best hypothesis."""
+    for b, h in enumerate(hyps):
+        if not h.done:
+            for w in range(W):
+                h.add(history[b * W + w].tolist(), float(scores[b, w]))
+    return _best(hyps, eos, device)
+
+
 def beam_search(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateConfig) -> DecodeLoop:
     """Every prompt's `num_beams` beams as one batch of B * W rows, reordered through the stepper.
 
-    Each step takes the 2W best (beam, token) candidates per prompt: those ending in EOS within the top
-    W become finished hypotheses, the W best others the new beams. A prompt is done when no live beam
-    can beat its W finished ones (`Hypotheses.settle`); at max_new_tokens the live beams finish as they are.
+    Each step takes the 2W best (beam, token) candidates per prompt (`select_beams`): those ending in EOS
+    within the top W become finished hypotheses, the W best others the new beams. A prompt is done when
+    no live beam can beat its W finished ones (`Hypotheses.settle`); at max_new_tokens the live beams
+    finish as they are.
     """
-    B, W, eos, device = prompt.shape[0], config.num_beams, config.eos_id, prompt.device
+    B, W, device = prompt.shape[0], config.num_beams, prompt.device
     log_probs = yield from await_step(stepper, stepper.submit_start(prompt))  # (B, V)
-    V = log_probs.shape[-1]
     rows = torch.arange(B, device=device).repeat_interleave(W)  # (B*W,)
     stepper.reorder(rows)
     log_probs = log_probs.float().index_select(0, rows)  # (B*W, V)
@@ -73,28 +119,13 @@ def beam_search(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateCon
     history = torch.zeros(B * W, 0, dtype=torch.long, device=device)  # (B*W, t)
     hyps = [Hypotheses(W, config) for _ in range(B)]
     for t in range(config.max_new_tokens):
-        candidates = (beam_scores[..., None] + log_probs.view(B, W, V)).view(B, W * V)
-        top_scores, top_index = candidates.topk(min(2 * W, W * V), dim=1)  # (B, 2W), sorted
-        top_beam, top_token = top_index // V, top_index % V
-        is_eos = top_token == eos if eos is not None else torch.zeros_like(top_token, dtype=torch.bool)
-        _collect_finished(hyps, history, top_scores, top_beam, is_eos, W, eos)
-        live_scores, pick = top_scores.masked_fill(is_eos, -math.inf).topk(W, dim=1)  # (B, W)
-        source = (torch.arange(B, device=device)[:, None] * W + top_beam.gather(1, pick)).view(-1)  # (B*W,)
-        token = top_token.gather(1, pick).view(-1)  # (B*W,)
-        history = torch.cat([history.index_select(0, source), token[:, None]], dim=1)
-        beam_scores = live_scores
-        for b, h in enumerate(hyps):
-            if not h.done:
-                h.settle(float(beam_scores[b, 0]), t + 1)
+        choice = select_beams(log_probs, beam_scores, history, hyps, t, config)
+        beam_scores, history = choice.scores, choice.history
         if all(h.done for h in hyps) or t == config.max_new_tokens - 1:
             break
-        stepper.reorder(source)
-        log_probs = (yield from await_step(stepper, stepper.submit_step(token))).float()
-    for b, h in enumerate(hyps):
-        if not h.done:
-            for w in range(W):
-                h.add(history[b * W + w].tolist(), float(beam_scores[b, w]))
-    return _best(hyps, eos, device)
+        stepper.reorder(choice.source)
+        log_probs = (yield from await_step(stepper, stepper.submit_step(choice.token))).float()
+    return finish_beams(hyps, beam_scores, history, W, config.eos_id, device)
 
 
 def _collect_finished(hyps: list[Hypotheses], history: torch.Tensor, scores: torch.Tensor, beams: torch.Tensor,

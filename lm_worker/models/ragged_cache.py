@@ -15,14 +15,26 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """A `RaggedKVCache` as it was: its buffers (shared, not copied) and its lengths."""
+
+    keys: tuple[torch.Tensor | None, ...]
+    values: tuple[torch.Tensor | None, ...]
+    lengths: torch.Tensor
 
 
 class RaggedKVCache:
     """Per-layer keys and values with one length per row (see the module doc).
 
     `offset` is the lengths (B,) long, which the layers read as per-row positions; the model advances
-    it by T after each forward. `reorder(indices)` selects rows; `truncate(rows, lengths)` shortens rows.
+    it by T after each forward. `reorder(indices)` selects rows; `truncate(rows, lengths)` shortens rows;
+    `snapshot()` and `restore_rows` take rows back to an earlier state (beam search rolled back).
     """
 
     def __init__(self, n_layer: int):
@@ -73,6 +85,22 @@ class RaggedKVCache:
         self.values = [None if v is None else v.index_select(0, indices) for v in self.values]
         if self.lengths is not None:
             self.lengths = self.lengths.index_select(0, indices)
+
+    def snapshot(self) -> CacheSnapshot:
+        """The cache as it is now, without copying: later forwards write only past each row's length,
+        and `reorder` and growing make new buffers, so a row's snapshot stays valid for `restore_rows`
+        until the row itself is restored or truncated and then written again."""
+        return CacheSnapshot(tuple(self.keys), tuple(self.values), self.lengths.clone())
+
+    def restore_rows(self, snapshot: CacheSnapshot, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Row rows[i] becomes the snapshot's row sources[i] (its keys, values and length)."""
+        for layer, (keys, values) in enumerate(zip(snapshot.keys, snapshot.values)):
+            if keys is None:
+                continue
+            width = keys.shape[2]
+            self.keys[layer][rows, :, :width] = keys[sources]
+            self.values[layer][rows, :, :width] = values[sources]
+        self.lengths[rows] = snapshot.lengths[sources]
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""

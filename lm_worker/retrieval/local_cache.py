@@ -88,16 +88,20 @@ class LocalCaches:
                  np.concatenate([k.reshape(-1, d) for k in keys]), np.concatenate([v.reshape(-1) for v in values]))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each sequence's k rows nearest its query (B, d) by squared L2: distances (B, k) float32
-        ascending, values (B, k) int64; inf and -1 past the rows a sequence holds."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)  # (B, d)
-        dots = (self.keys @ q[:, :, None])[:, :, 0]  # (B, C)
-        d2 = self.norms - 2 * dots + np.einsum("bd,bd->b", q, q)[:, None]  # (B, C), inf on empty slots
+        """Each sequence's k rows nearest its query (B, d), or each of its m queries (B, m, d), by squared
+        L2: distances (B, k) or (B, m, k) float32 ascending, values likewise int64; inf and -1 past the
+        rows a sequence holds."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        grouped = q if q.ndim == 3 else q[:, None]  # (B, m, d)
+        dots = self.keys @ grouped.transpose(0, 2, 1)  # (B, C, m)
+        norms = np.einsum("bmd,bmd->bm", grouped, grouped)[..., None]  # (B, m, 1)
+        d2 = self.norms[:, None, :] - 2 * dots.transpose(0, 2, 1) + norms  # (B, m, C), inf on empty slots
         m = min(k, self.capacity)
-        nearest, slots = torch.topk(torch.from_numpy(d2), m, dim=-1, largest=False, sorted=True)  # (B, m)
+        nearest, slots = torch.topk(torch.from_numpy(d2), m, dim=-1, largest=False, sorted=True)  # (B, m, k')
         nearest, slots = nearest.numpy(), slots.numpy()
-        distances = np.full((len(q), k), np.inf, dtype=np.float32)
-        found = np.full((len(q), k), -1, dtype=np.int64)
-        distances[:, :m] = np.maximum(nearest, 0)
-        found[:, :m] = np.where(np.isinf(nearest), -1, np.take_along_axis(self.values, slots, axis=1))
-        return distances, found
+        distances = np.full(d2.shape[:2] + (k,), np.inf, dtype=np.float32)
+        found = np.full(d2.shape[:2] + (k,), -1, dtype=np.int64)
+        values = np.take_along_axis(self.values[:, None, :], slots, axis=2)
+        distances[..., :m] = np.maximum(nearest, 0)
+        found[..., :m] = np.where(np.isinf(nearest), -1, values)
+        return (distances, found) if q.ndim == 3 else (distances[:, 0], found[:, 0])

@@ -2,6 +2,7 @@
 from a local cache of the rows it retrieved and their successors, verified in batched requests.
 
 - `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
+- `beam`: the same for beam search, a prompt's beams rolled back together;
 - `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
 - `config`: `SpeculationConfig` and `SpeculationStats`.
 

@@ -20,9 +20,11 @@ successors and their keys, goes into the sequence's local cache.
 The stride s comes from `StrideScheduler`: RaLMSpec's optimal stride for the measured acceptance rate
 and costs, or a serial step (no guess) where no stride beats serial retrieval.
 
-Beam search reorders its rows every step, so it decodes with serial retrieval here (the same tokens, no
-speculation). The model must be a `TransformerLM` (its layers take per-row positions); the datastore
-must keep its keys (`retriever-server build --keep-keys`): the local caches search them.
+Beam search speculates per prompt (`lm_worker.decoding.ralmspec.beam`): a prompt's beams are coupled,
+so a prompt rolls back as a whole. Asynchronous verification applies to greedy decoding and sampling;
+beam search verifies synchronously. The model must be a `TransformerLM` (its layers take per-row
+positions); the datastore must keep its keys (`retriever-server build --keep-keys`): the local caches
+search them.
 
 Example:
     >>> decoder = RaLMSpecKnnLM(lm, ServiceRetriever(address, RetrievalConfig(k=16)), lam=0.25)
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.config import GenerateConfig, GenerateOutput
-from lm_worker.decoding.knnlm_stepper import KnnLMStepper
+from lm_worker.decoding.ralmspec.beam import BeamDecode
 from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationStats
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
 from lm_worker.decoding.sampling import choose_tokens, row_generators
@@ -102,8 +104,8 @@ class _Rows:
 class RaLMSpecKnnLM:
     """kNN-LM decoding with speculative retrieval verified in batches (see the module doc).
 
-    `generate(decoder, prompt, config)` calls `decode`. Greedy and sampling (temperature, top-k, top-p)
-    speculate; beam search retrieves serially.
+    `generate(decoder, prompt, config)` calls `decode`: greedy, sampling (temperature, top-k, top-p) and
+    beam search, each with the results of serial retrieval.
 
     Args:
         model: a `TransformerLM`.
@@ -131,16 +133,12 @@ class RaLMSpecKnnLM:
     @torch.no_grad()
     def decode(self, prompt: torch.Tensor, config: GenerateConfig) -> GenerateOutput:
         """Continues every prompt row (B, T) as `generate` does with `KnnLMStepper`: the same tokens."""
-        if config.strategy == "beam":
-            from lm_worker.decoding.generate import generate  # imports this module: resolved at call time
-
-            serial = KnnLMStepper(self.model, self.retriever, self.lam, self.temperature)
-            serial.stats = self.stats
-            return generate(serial, prompt, config)
         max_len = self.model.config.max_len
         if prompt.shape[1] + config.max_new_tokens > max_len:
             raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
                              f"the model's max_len {max_len} (speculation feeds finished rows one position more)")
+        if config.strategy == "beam":
+            return BeamDecode(self, prompt, config).run()
         return _Decode(self, prompt, config).run()
 
     def send(self, queries: np.ndarray, for_cache: bool = True) -> Pending:

@@ -1,0 +1,223 @@
+"""Speculative retrieval for beam search: each prompt's W beams guess their neighbours from the prompt's
+local cache, one request every s steps verifies the guessed steps of every prompt, and a prompt whose
+selection comes out otherwise rolls back alone. The results are those of serial retrieval.
+
+A beam step selects a prompt's W new beams from its beams' log-probs (`select_beams`); with guessed
+neighbours the selection is a guess too. Settling replays each prompt's guessed steps from its last
+verified state with the service's neighbours: while a replayed selection continues the same rows with
+the same tokens (and ends the prompt, or not, alike), the step holds and its verified scores and
+finished hypotheses replace the guessed ones. At the first step that differs the prompt takes the
+replayed selection and rolls back: its rows of the key/value cache return to their state before that
+step (`RaggedKVCache.snapshot`, `restore_rows`), reordered by the replayed selection, and its later
+steps are dropped; the other prompts go on from where they are.
+
+Example (through `RaLMSpecKnnLM`, which runs this for `strategy="beam"`):
+    >>> out = generate(RaLMSpecKnnLM(lm, retriever), prompt, GenerateConfig(strategy="beam", num_beams=4))
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lm_worker.decoding.beam import Hypotheses, finish_beams, select_beams
+from lm_worker.decoding.config import GenerateConfig, GenerateOutput
+from lm_worker.decoding.stepper_stats import wait_for
+from lm_worker.models.ragged_cache import CacheSnapshot, RaggedKVCache
+from lm_worker.retrieval.local_cache import LocalCaches
+
+
+@dataclass
+class _Beams:
+    """One prompt's beam search after t selections: scores (1, W), histories (W, t), its hypotheses,
+    and whether it has ended (no live beam can win, or max_new_tokens)."""
+
+    scores: torch.Tensor
+    history: torch.Tensor
+    hyps: Hypotheses
+    t: int
+    ended: bool
+
+    def clone(self) -> _Beams:
+        hyps = copy.copy(self.hyps)
+        hyps.items = list(self.hyps.items)
+        return _Beams(self.scores, self.history, hyps, self.t, self.ended)
+
+
+@dataclass
+class _BeamStep:
+    """A prompt's step awaiting verification: its state before the selection, the LM's log-probs (W, V)
+    and queries (W, d) of its beams, the guessed selection (rows (W,) within the prompt and tokens
+    (W,); None: a serial step, not guessed) and the cache before the selection reordered it."""
+
+    before: _Beams
+    lm_log_probs: torch.Tensor
+    queries: np.ndarray
+    source: torch.Tensor | None
+    token: torch.Tensor | None
+    ended: bool
+    snapshot: CacheSnapshot
+
+
+class BeamDecode:
+    """One beam search with speculative retrieval, for `RaLMSpecKnnLM.decode` (see the module doc)."""
+
+    def __init__(self, owner, prompt: torch.Tensor, config: GenerateConfig):
+        self.owner, self.config, self.stats = owner, config, owner.stats
+        self.prompt, self.B, self.W = prompt, prompt.shape[0], config.num_beams
+        self.cache = RaggedKVCache(len(owner.model.blocks))
+        self.local = LocalCaches(self.B, owner.speculation.cache_rows, owner.model.config.d_model)
+        self.beams: list[_Beams] = []
+        self.pending: list[list[_BeamStep]] = [[] for _ in range(self.B)]
+        self.next_input = torch.zeros(self.B * self.W, dtype=torch.long)
+        self.window_s = 0.0  # this process's seconds on the steps since the last verification
+
+    def run(self) -> GenerateOutput:
+        self._first_step()
+        scheduler = self.owner.scheduler
+        stride = scheduler.plan()
+        while not all(b.ended for b in self.beams) or any(self.pending):
+            open_prompts = self._open(stride)
+            if open_prompts:
+                self._step(open_prompts, guess=stride > 0)
+            if any(self.pending) and (not self._open(stride) or max(map(len, self.pending)) >= max(stride, 1)):
+                self._verify(stride)
+                stride = scheduler.plan()
+        return self._output()
+
+    def _rows(self, b: int) -> torch.Tensor:
+        return torch.arange(b * self.W, (b + 1) * self.W)
+
+    def _open(self, stride: int) -> list[int]:
+        """Prompts that take another step now: not ended, window not full, no serial step waiting."""
+        return [b for b, beams in enumerate(self.beams)
+                if not beams.ended and len(self.pending[b]) < max(stride, 1)
+                and not (self.pending[b] and self.pending[b][-1].source is None)]
+
+    def _first_step(self) -> None:
+        """The prompts' forward and one real retrieval; the first selection of every prompt."""
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
+        found = wait_for(self.owner.send(queries), self.stats)
+        log_probs = self.owner.mix(lm_log_probs, found.distances, found.values).float()  # (B, V)
+        for b in range(self.B):
+            self.local.add_neighbours(b, found, b)
+        source = torch.zeros(self.B * self.W, dtype=torch.long)
+        for b in range(self.B):
+            scores = torch.full((1, self.W), -torch.inf)
+            scores[0, 0] = 0.0  # the W copies are identical: start from one
+            start = _Beams(scores, torch.zeros(self.W, 0, dtype=torch.long), Hypotheses(self.W, self.config), 0, False)
+            after, _, token = self._select(start, log_probs[b:b + 1].repeat(self.W, 1))
+            self.beams.append(after)
+            source[self._rows(b)] = b  # every beam continues the prompt's one row
+            self.next_input[self._rows(b)] = token
+        self.cache.reorder(source)
+        self.stats.steps += 1
+
+    def _select(self, beams: _Beams, log_probs: torch.Tensor) -> tuple[_Beams, torch.Tensor, torch.Tensor]:
+        """One selection of a prompt from its beams' log-probs (W, V): the state after it, the rows
+        (W,) within the prompt the new beams continue and their tokens (W,). `beams` is left as it was."""
+        state = beams.clone()
+        choice = select_beams(log_probs, state.scores, state.history, [state.hyps], state.t, self.config)
+        ended = state.hyps.done or state.t == self.config.max_new_tokens - 1
+        return _Beams(choice.scores, choice.history, state.hyps, state.t + 1, ended), choice.source, choice.token
+
+    def _step(self, open_prompts: list[int], guess: bool) -> None:
+        """One batched model step; each open prompt selects its beams from its local cache's neighbours
+        (a guess), or keeps the step for the service's (a serial step). Other rows' position is dropped."""
+        started = time.perf_counter()
+        before = self.cache.lengths.clone()
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B*W, V), (B*W, d)
+        rows_open = torch.cat([self._rows(b) for b in open_prompts])
+        idle = torch.tensor(sorted(set(range(self.B * self.W)) - set(rows_open.tolist())), dtype=torch.long)
+        if len(idle):
+            self.cache.truncate(idle, before[idle])
+        snapshot = self.cache.snapshot()
+        source = torch.arange(self.B * self.W)
+        if guess:
+            distances, values = self.local.search(queries.reshape(self.B, self.W, -1), self.owner.k)  # (B, W, k)
+        for b in open_prompts:
+            rows = self._rows(b)
+            step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.numpy()], None, None, False, snapshot)
+            if guess:
+                log_probs = self.owner.mix(lm_log_probs[rows], distances[b], values[b]).float()  # (W, V)
+                self.beams[b], step.source, step.token = self._select(self.beams[b], log_probs)
+                step.ended = self.beams[b].ended
+                source[rows] = rows[step.source]
+                self.next_input[rows] = step.token
+            self.pending[b].append(step)
+        if guess:
+            self.cache.reorder(source)
+        self.stats.ticks += 1
+        self.stats.speculated += len(open_prompts) if guess else 0
+        elapsed = time.perf_counter() - started
+        self.stats.compute_s += elapsed
+        self.window_s += elapsed
+
+    def _verify(self, stride: int) -> None:
+        """One request for every pending step; each prompt replays its steps with the service's
+        neighbours and rolls back alone at the first whose selection differs."""
+        prompts = [b for b in range(self.B) if self.pending[b]]
+        steps = [s for b in prompts for s in self.pending[b]]
+        for_cache = stride > 0 or self.owner.scheduler.primes
+        pending = self.owner.send(np.concatenate([s.queries for s in steps]), for_cache)
+        found = wait_for(pending, self.stats)
+        latency = (pending.finished or time.perf_counter()) - pending.sent
+        started = time.perf_counter()
+        log_probs = self.owner.mix(torch.cat([s.lm_log_probs for s in steps]), found.distances,
+                                   found.values).float()  # (n * W, V)
+        first, accepted, guessed, rolled_back = 0, 0, 0, 0
+        for b in prompts:
+            count = len(self.pending[b])
+            if found.keys is not None:
+                self.local.add_neighbours(b, found, slice(first, first + count * self.W))
+            held, was_guessed = self._replay(b, log_probs[first:first + count * self.W].view(count, self.W, -1))
+            accepted, guessed = accepted + held, guessed + was_guessed
+            rolled_back += int(held < was_guessed)
+            first += count * self.W
+        self.stats.verifications += 1
+        self.stats.strides.append(stride)
+        self.stats.windows.append((len(prompts), rolled_back))
+        self.stats.rollbacks += rolled_back
+        self.stats.verified += guessed
+        self.stats.accepted += accepted
+        self.stats.steps += 1
+        settle_s = time.perf_counter() - started
+        self.stats.compute_s += settle_s
+        self.owner.scheduler.observe(stride, self.window_s + settle_s, latency, accepted, guessed)
+        self.window_s = 0.0
+
+    def _replay(self, b: int, log_probs: torch.Tensor) -> tuple[int, int]:
+        """Replays prompt b's pending steps with verified log-probs (n, W, V); returns the guessed steps
+        that held and the guessed steps."""
+        steps, self.pending[b] = self.pending[b], []
+        state = steps[0].before
+        guessed = sum(s.source is not None for s in steps)
+        for j, step in enumerate(steps):
+            after, source, token = self._select(state, log_probs[j])
+            if step.source is not None and torch.equal(source, step.source) and torch.equal(token, step.token) \
+                    and after.ended == step.ended:
+                state = after
+                continue
+            rows = self._rows(b)
+            self.cache.restore_rows(step.snapshot, rows, rows[source])
+            self.next_input[rows] = token
+            self.beams[b] = after
+            return j, guessed
+        self.beams[b] = state  # the same selections, with the verified scores and hypotheses
+        return len(steps), guessed
+
+    def _output(self) -> GenerateOutput:
+        outs = [finish_beams([b.hyps], b.scores, b.history, self.W, self.config.eos_id, torch.device("cpu"))
+                for b in self.beams]
+        width = max(o.tokens.shape[1] for o in outs)
+        pad = self.config.eos_id if self.config.eos_id is not None else 0
+        tokens = torch.full((len(outs), width), pad, dtype=torch.long)
+        for i, o in enumerate(outs):
+            tokens[i, :o.tokens.shape[1]] = o.tokens[0]
+        return GenerateOutput(tokens, torch.cat([o.log_probs for o in outs]), torch.cat([o.lengths for o in outs]),
+                              torch.cat([o.scores for o in outs]))
+
