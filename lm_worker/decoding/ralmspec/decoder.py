@@ -90,6 +90,13 @@ class _Rows:
         if self.config.eos_id is not None and token == self.config.eos_id:
             self.finished[row] = True
 
+    def commit_many(self, rows: list[int], tokens: list[int], log_probs: list[float]) -> None:
+        for row, token in zip(rows, tokens):
+            self.tokens[row].append(token)
+            if self.config.eos_id is not None and token == self.config.eos_id:
+                self.finished[row] = True
+        self.total[rows] += torch.tensor(log_probs, dtype=self.total.dtype)
+
     def done(self, row: int) -> bool:
         return self.finished[row] or len(self.tokens[row]) >= self.config.max_new_tokens
 
@@ -241,7 +248,8 @@ class _Decode:
         started = time.perf_counter()
         before = self.cache.lengths.clone()
         lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
-        idle = [r for r in range(len(self.pending)) if r not in set(open_rows)]
+        opened = set(open_rows)
+        idle = [r for r in range(len(self.pending)) if r not in opened]
         if idle:
             self.cache.truncate(torch.tensor(idle), before[idle])
         if guess:
@@ -282,13 +290,21 @@ class _Decode:
                                    found.values)  # (n, V)
         greedy = log_probs.argmax(dim=-1) if self.generators is None else None  # (n,)
         first, accepted, rolled_back = 0, 0, self.stats.rollbacks
-        for r, count in enumerate(flight.sent):
-            if count:
-                if found.keys is not None:
+        if found.keys is not None:
+            for r, count in enumerate(flight.sent):
+                if count:
                     self.local.add_neighbours(r, found, slice(first, first + count))
-                window = slice(first, first + count)
-                accepted += self._settle_row(r, count, log_probs[window], None if greedy is None else greedy[window])
                 first += count
+        if flight.window == 0:  # a serial step per row: nothing guessed, nothing to roll back
+            self._settle_serial([r for r, n in enumerate(flight.sent) if n], log_probs, greedy)
+        else:
+            first = 0
+            for r, count in enumerate(flight.sent):
+                if count:
+                    window = slice(first, first + count)
+                    accepted += self._settle_row(r, count, log_probs[window],
+                                                 None if greedy is None else greedy[window])
+                    first += count
         self.sent = [0] * len(self.pending)
         settle_s = time.perf_counter() - started
         self.stats.compute_s += settle_s
@@ -300,6 +316,19 @@ class _Decode:
         self.stats.steps += 1
         latency = (flight.pending.finished or time.perf_counter()) - flight.pending.sent
         self.owner.scheduler.observe(flight.window, flight.work_s + settle_s, latency, accepted, guessed)
+
+    def _settle_serial(self, rows: list[int], log_probs: torch.Tensor, greedy: torch.Tensor | None) -> None:
+        """Commits one serial step per row (log_probs (n, V) with the service's neighbours, greedy: their
+        argmax (n,)), all rows at once where decoding is greedy."""
+        if greedy is not None:
+            tokens, chosen = greedy.tolist(), log_probs.gather(1, greedy[:, None])[:, 0].tolist()
+        else:
+            tokens = [self._choose(r, log_probs[i]) for i, r in enumerate(rows)]
+            chosen = [float(log_probs[i, t]) for i, t in enumerate(tokens)]
+        self.rows.commit_many(rows, tokens, chosen)
+        self.next_input[rows] = torch.tensor(tokens, dtype=torch.long)
+        for r in rows:
+            self.pending[r] = []
 
     def _settle_row(self, row: int, count: int, log_probs: torch.Tensor, greedy: torch.Tensor | None) -> int:
         """Commits the row's first `count` steps as verified (log_probs (count, V) with the service's

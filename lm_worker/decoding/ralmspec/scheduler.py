@@ -19,7 +19,7 @@ from lm_worker.decoding.ralmspec.config import SpeculationConfig
 
 _RATE = 0.3  # weight of the newest measurement in the running estimates
 _PROBE = 8  # a window that would be serial guesses anyway once in this many
-_PRIME = 3  # serial windows before a probe that fill the local caches
+_PRIME = 2  # serial windows before a probe that fill the local caches
 
 
 class StrideScheduler:
