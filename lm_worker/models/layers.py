@@ -116,8 +116,8 @@ class SelfAttention(nn.Module):
         q, k = self.rotary(q, offset), self.rotary(k, offset)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D)
-        mask = self._mask(T, k.shape[2], x.device) if not isinstance(offset, torch.Tensor) else \
-            ragged_mask(offset, T, k.shape[2])
+        ragged = isinstance(offset, torch.Tensor)  # a `RaggedKVCache`: its rows' own ends, for every layer
+        mask = cache.mask if ragged else self._mask(T, k.shape[2], x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and k.shape[2] == T,
             dropout_p=self.dropout if self.training else 0.0,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lm_worker.models.layers import ragged_mask
+
 
 @dataclass(frozen=True)
 class CacheSnapshot:
@@ -41,6 +43,7 @@ class RaggedKVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
         self.values: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
         self.lengths: torch.Tensor | None = None  # (B,) long, set by the first update
+        self.mask: torch.Tensor | None = None  # (B, 1, T, S) the current forward's, made by its first layer
 
     @property
     def offset(self) -> torch.Tensor | int:
@@ -59,11 +62,12 @@ class RaggedKVCache:
             self.lengths = torch.zeros(B, dtype=torch.long, device=k.device)
         end = int(self.lengths.max()) + T
         self._reserve(layer, k, end)
-        rows = torch.arange(B, device=k.device)
-        for t in range(T):
-            slot = self.lengths + t  # (B,)
-            self.keys[layer][rows, :, slot] = k[:, :, t]
-            self.values[layer][rows, :, slot] = v[:, :, t]
+        if layer == 0:  # every layer of this forward masks alike
+            self.mask = ragged_mask(self.lengths, T, end)
+        slots = (self.lengths[:, None] + torch.arange(T, device=k.device))  # (B, T)
+        index = slots[:, None, :, None].expand(B, H, T, D)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def _reserve(self, layer: int, like: torch.Tensor, end: int) -> None:

@@ -20,7 +20,7 @@ class SpeculationConfig:
     stride: int = 0
     max_stride: int = 8
     asynchronous: bool = False
-    successors: int = 8
+    successors: int = 4
     cache_rows: int = 2048
 
     def __post_init__(self):
