@@ -1,0 +1,426 @@
+"""Scale benchmark: how build time, memory, disk, query cost and recall grow with the datastore, at the
+datastore's default settings (`auto`), from 10^5 to 10^7 keys.
+
+Keys: the cached real MiniLM vectors of CPython stdlib chunks (`lm_worker.encoders.stdlib_vectors`, R real
+keys) and, past R rows, keys drawn around them: row i is real key i mod R plus seeded Gaussian noise of
+`NOISE` per dimension, renormalised (unit norm, inner product, as MiniLM's). Every table says so. The
+queries are held-out real MiniLM queries. Recall is always against exact search over the same rows.
+
+Per size N, in one run:
+
+- **build**: `build_datastore` (2 shards, `--keep-keys`, metric ip, `auto`) through Ray, its wall seconds
+  and rows/s per core, beside plain single-process FAISS: the same factory trained on the same sample,
+  `add` timed on a slice of at most 10^6 rows; the peak anonymous memory of the driver and every Ray
+  process together, sampled every 0.2 s from /proc, and the keys' file-backed pages apart;
+- **disk**: bytes per row of the published datastore;
+- **serve**: `LocalDeployment` start-up seconds, each shard's RssAnon and RssFile, an idle shard's
+  measured the same way;
+- **queries**: q/s, p50 latency and CPU ms per request over every process (client, router, shards,
+  from /proc) at nq=1 and nq=64, k=10 and k=1024, through the router at the default nprobe; and the
+  latency of the first request after the index and key files' pages are dropped
+  (`posix_fadvise(DONTNEED)`), beside the warm one;
+- **recall@10** at the default settings with exact re-rank of 100 candidates, and without re-rank.
+
+    python benchmarks/scale.py [--sizes 100000,1000000,10000000] [--quick] [--out bench_out/scale]
+
+`--quick` runs 10^5 and 10^6. Writes OUT/scale.json and OUT/scale.png (log-log: build seconds, peak
+memory, disk, query CPU and recall against rows) and prints the table. Datastores are kept in OUT and
+reused when their rows match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoding import process_cpu_s  # noqa: E402
+
+from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
+from retriever_server.datastore.manifest import read_manifest  # noqa: E402
+from retriever_server.datastore.row_parts import write_parts_index  # noqa: E402
+from retriever_server.serving.client import RetrieverClient  # noqa: E402
+
+NOISE = 0.02  # per-dimension Gaussian noise added to a real key for the rows past the real ones
+REAL_KEYS = 20_000  # the real MiniLM keys drawn from (the benchmarks' shared cache)
+QUERIES = 256
+PART_ROWS = 1 << 20  # rows per .npy part of generated keys
+SHARDS = 2
+RERANK = 100
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """What to measure."""
+
+    sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
+    out: Path = Path("bench_out/scale")
+    seconds_per_cell: float = 2.0
+    reference_rows: int = 1_000_000  # plain FAISS add is timed on at most this many rows
+    real_keys: int = REAL_KEYS
+    seed: int = 0
+
+
+@dataclass
+class SizeResult:
+    """Every figure of one size (see the module doc)."""
+
+    rows: int
+    real_rows: int
+    factory: str = ""
+    default_nprobe: int = 0
+    build_s: float = 0.0
+    build_rows_per_s_per_core: float = 0.0
+    faiss_add_rows_per_s: float = 0.0
+    peak_build_anon_gib: float = 0.0
+    peak_build_file_gib: float = 0.0
+    disk_bytes_per_row: float = 0.0
+    serve_ready_s: float = 0.0
+    shard_anon_mib: list[float] = field(default_factory=list)
+    shard_file_mib: list[float] = field(default_factory=list)
+    idle_shard_anon_mib: float = 0.0
+    index_file_mib: list[float] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)
+    cold_ms: float = 0.0
+    warm_ms: float = 0.0
+    recall_rerank: float = 0.0
+    recall_plain: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and exact neighbours
+# ---------------------------------------------------------------------------------------------
+
+def real_vectors(n_keys: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm real MiniLM keys (n_keys, 384) and held-out queries (n_queries, 384)."""
+    from search_service import load_vectors
+
+    keys, queries = load_vectors()
+    keys, queries = keys[:n_keys], queries[:n_queries]
+    return normalise(keys), normalise(queries)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def key_rows(real: np.ndarray, start: int, stop: int, seed: int) -> np.ndarray:
+    """Rows start..stop-1 of the datastore: real keys first, then real keys plus seeded noise."""
+    idx = np.arange(start, stop)
+    rows = real[idx % len(real)].copy()
+    drawn = idx >= len(real)
+    if drawn.any():
+        rng = np.random.default_rng([seed, start])
+        rows[drawn] += rng.normal(0.0, NOISE, size=(int(drawn.sum()), real.shape[1])).astype(np.float32)
+        rows[drawn] = normalise(rows[drawn])
+    return rows
+
+
+def write_keys(real: np.ndarray, n: int, folder: Path, seed: int) -> Path:
+    """The N keys as a parts index of .npy parts (reused when already written)."""
+    index = folder / "keys.parts.json"
+    if index.is_file() and json.loads(index.read_text())["shape"][0] == n:
+        return index
+    parts = []
+    for p, start in enumerate(range(0, n, PART_ROWS)):
+        path = folder / "parts" / f"{p:05d}" / "keys.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, key_rows(real, start, min(n, start + PART_ROWS), seed))
+        parts.append(path)
+    return write_parts_index(index, parts)
+
+
+def exact_top_k(real: np.ndarray, n: int, queries: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Exact inner-product top-k ids (nq, k) over the N rows, a part at a time."""
+    best_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, n, PART_ROWS):
+        rows = key_rows(real, start, min(n, start + PART_ROWS), seed)
+        d, i = faiss.knn(queries, rows, k, metric=faiss.METRIC_INNER_PRODUCT)
+        d, i = np.concatenate([best_d, d], axis=1), np.concatenate([best_i, i + start], axis=1)
+        order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return best_i
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: memory and CPU from /proc
+# ---------------------------------------------------------------------------------------------
+
+def status_kib(pid: int, field_name: str) -> int:
+    """A `/proc/PID/status` field in KiB (0 if the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+class PeakMemory:
+    """Samples the summed RssAnon (and RssFile) of this process and its descendants until stopped."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.anon_kib, self.file_kib = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = descendants(os.getpid())
+            self.anon_kib = max(self.anon_kib, sum(status_kib(p, "RssAnon") for p in pids))
+            self.file_kib = max(self.file_kib, sum(status_kib(p, "RssFile") for p in pids))
+            self._stop.wait(self.every_s)
+
+
+def drop_pages(paths: list[Path]) -> None:
+    """Asks the kernel to drop these files' cached pages (`posix_fadvise(DONTNEED)`)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+# ---------------------------------------------------------------------------------------------
+# One size
+# ---------------------------------------------------------------------------------------------
+
+def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> None:
+    """Builds (or reuses) the datastore of `result.rows` rows and records its build figures."""
+    import ray
+
+    from retriever_server.datastore.build import BuildConfig, build_datastore
+
+    figures = out.parent / "build.json"  # the build's figures, kept beside the datastore for reuse
+    if (out / "manifest.json").is_file() and read_manifest(out).ntotal == result.rows and figures.is_file():
+        print(f"  reusing {out} (build figures from the run that built it)", flush=True)
+        for name, value in json.loads(figures.read_text()).items():
+            setattr(result, name, value)
+        return
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        build_datastore(BuildConfig(keys=keys, out=out, shards=SHARDS, metric="ip", keep_keys=True,
+                                    overwrite=out.exists(), seed=config.seed), num_cpus=2, progress=False)
+    ray.shutdown()
+    result.build_s = time.perf_counter() - started
+    result.build_rows_per_s_per_core = result.rows / result.build_s / 2
+    result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
+    result.peak_build_file_gib = memory.file_kib / 2 ** 20
+    names = ("build_s", "build_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
+    figures.write_text(json.dumps({name: getattr(result, name) for name in names}))
+
+
+def faiss_reference(config: ScaleConfig, real: np.ndarray, manifest, result: SizeResult) -> None:
+    """Plain FAISS in this process: the manifest's factory trained on a sample, `add` timed on a slice."""
+    from retriever_server.datastore.index import new_trained_index, train_size_for
+
+    n = min(result.rows, config.reference_rows)
+    train_rows = train_size_for(manifest.factory, manifest.dimension, manifest.metric)
+    sample = key_rows(real, 0, min(result.rows, train_rows), config.seed)
+    index = new_trained_index(manifest.factory, manifest.metric, sample, config.seed)
+    rows = key_rows(real, 0, n, config.seed)
+    faiss.omp_set_num_threads(1)
+    started = time.perf_counter()
+    index.add(rows)
+    result.faiss_add_rows_per_s = n / (time.perf_counter() - started)
+    faiss.omp_set_num_threads(0)
+
+
+def query_cells(client: RetrieverClient, deployment: LocalDeployment, queries: np.ndarray,
+                seconds: float) -> list[dict]:
+    """q/s, p50 ms and CPU ms per request over every process at nq in {1, 64}, k in {10, 1024}."""
+    pids = {"router": deployment.router.popen.pid,
+            **{f"shard {s}": r[0].popen.pid for s, r in enumerate(deployment.shards)}}
+    cells = []
+    for nq in (1, 64):
+        for k in (10, 1024):
+            batches = [queries[(i * nq) % len(queries):][:nq] for i in range(8)]
+            batches = [b if len(b) == nq else queries[:nq] for b in batches]
+            client.search(batches[0], k=k)  # warm
+            before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+            mine, started, latencies = time.process_time(), time.perf_counter(), []
+            while time.perf_counter() - started < seconds or len(latencies) < 5:
+                t = time.perf_counter()
+                client.search(batches[len(latencies) % len(batches)], k=k)
+                latencies.append(time.perf_counter() - t)
+            wall = time.perf_counter() - started
+            cpu = time.process_time() - mine + sum(process_cpu_s(pid) - before[name] for name, pid in pids.items())
+            cells.append({"nq": nq, "k": k, "qps": nq * len(latencies) / wall,
+                          "p50_ms": 1e3 * float(np.median(latencies)), "cpu_ms": 1e3 * cpu / len(latencies)})
+    return cells
+
+
+def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: np.ndarray,
+                    result: SizeResult) -> None:
+    """Serves the datastore, reads its processes' memory, times queries cold and warm, measures recall."""
+    manifest = read_manifest(out)
+    files = [out / shard.name / name for shard in manifest.shards for name in shard.files]
+    drop_pages(files)
+    started = time.perf_counter()
+    with LocalDeployment(out) as deployment, RetrieverClient(deployment.router_address) as client:
+        result.serve_ready_s = time.perf_counter() - started
+        shard_pids = [r[0].popen.pid for r in deployment.shards]
+        result.idle_shard_anon_mib = status_kib(shard_pids[0], "RssAnon") / 1024  # before any search
+        drop_pages(files)
+        t = time.perf_counter()
+        client.search(queries[:1], k=10)
+        result.cold_ms = 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        client.search(queries[1:2], k=10)
+        result.warm_ms = 1e3 * (time.perf_counter() - t)
+        found = client.search(queries, k=10, exact_rerank=True, rerank_candidates=RERANK).ids
+        result.recall_rerank = recall_at_k(found, truth, 10)
+        result.recall_plain = recall_at_k(client.search(queries, k=10).ids, truth, 10)
+        result.queries = query_cells(client, deployment, queries, config.seconds_per_cell)
+        result.shard_anon_mib = [status_kib(p, "RssAnon") / 1024 for p in shard_pids]
+        result.shard_file_mib = [status_kib(p, "RssFile") / 1024 for p in shard_pids]
+    result.index_file_mib = [(out / s.name / "index.faiss").stat().st_size / 2 ** 20 for s in manifest.shards]
+    result.disk_bytes_per_row = sum(f.stat().st_size for f in files) / result.rows
+
+
+def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: int) -> SizeResult:
+    result = SizeResult(rows=n, real_rows=min(n, len(real)))
+    folder = config.out / f"n{n}"
+    print(f"{n} rows ({result.real_rows} real, the rest real + noise {NOISE}):", flush=True)
+    keys = write_keys(real, n, folder / "keys", config.seed)
+    truth = exact_top_k(real, n, queries, 10, config.seed)
+    build(config, keys, folder / "ds", result)
+    manifest = read_manifest(folder / "ds")
+    result.factory, result.default_nprobe = manifest.factory, manifest.default_nprobe
+    faiss_reference(config, real, manifest, result)
+    serve_and_query(config, folder / "ds", queries, truth, result)
+    print(f"  {manifest.factory} nprobe {manifest.default_nprobe}: build {result.build_s:.1f} s, recall@10 "
+          f"{result.recall_rerank:.3f} (re-rank {RERANK}) / {result.recall_plain:.3f}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def _joined(values: list[float]) -> str:
+    return "/".join(f"{v:.0f}" for v in values)
+
+
+def table(results: list[SizeResult]) -> str:
+    lines = ["| rows (real) | factory, nprobe | build s | rows/s/core (FAISS add, 1 thread) | peak build anon GiB "
+             "| disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB | cold / warm ms "
+             "| recall@10 re-rank 100 / plain |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.rows} ({r.real_rows}) | {r.factory}, {r.default_nprobe} | {r.build_s:.1f} | "
+                     f"{r.build_rows_per_s_per_core:.0f} ({r.faiss_add_rows_per_s:.0f}) | "
+                     f"{r.peak_build_anon_gib:.2f} | {r.disk_bytes_per_row:.0f} | {r.serve_ready_s:.2f} | "
+                     f"{_joined(r.shard_anon_mib)} / {_joined(r.shard_file_mib)} ({r.idle_shard_anon_mib:.0f}) | "
+                     f"{_joined(r.index_file_mib)} | {r.cold_ms:.1f} / {r.warm_ms:.1f} | "
+                     f"{r.recall_rerank:.3f} / {r.recall_plain:.3f} |")
+    lines += ["", "| rows | nq | k | q/s | p50 ms | CPU ms per request (all processes) |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines += [f"| {r.rows} | {c['nq']} | {c['k']} | {c['qps']:.0f} | {c['p50_ms']:.2f} | {c['cpu_ms']:.2f} |"
+                  for c in r.queries]
+    return "\n".join(lines)
+
+
+def cpu_at(result: SizeResult, nq: int, k: int) -> float:
+    return next(c["cpu_ms"] for c in result.queries if c["nq"] == nq and c["k"] == k)
+
+
+def plot(results: list[SizeResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r.rows for r in results]
+    series = {"build s": [r.build_s for r in results],
+              "peak build anon GiB": [r.peak_build_anon_gib for r in results],
+              "disk bytes/row": [r.disk_bytes_per_row for r in results],
+              "CPU ms per request (nq=64, k=10)": [cpu_at(r, 64, 10) for r in results]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, values in series.items():
+        axes[0].loglog(n, values, marker="o", label=label)
+    axes[0].set_xlabel("rows")
+    axes[0].set_title("cost against size (log-log)")
+    axes[0].legend(fontsize=8)
+    axes[1].semilogx(n, [r.recall_rerank for r in results], marker="o", label=f"re-rank {RERANK}")
+    axes[1].semilogx(n, [r.recall_plain for r in results], marker="o", label="no re-rank")
+    axes[1].axhline(0.9, color="grey", linestyle=":")
+    axes[1].set_xlabel("rows")
+    axes[1].set_title("recall@10 at the default settings")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: ScaleConfig) -> list[SizeResult]:
+    real, queries = real_vectors(config.real_keys, QUERIES)
+    config.out.mkdir(parents=True, exist_ok=True)
+    results = [measure_size(config, real, queries, n) for n in config.sizes]
+    (config.out / "scale.json").write_text(json.dumps(
+        {"config": {**asdict(config), "out": str(config.out)}, "noise": NOISE, "results": [asdict(r) for r in results]},
+        indent=2))
+    plot(results, config.out / "scale.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="", help="comma-separated row counts (default 10^5, 10^6, 10^7)")
+    parser.add_argument("--quick", action="store_true", help="10^5 and 10^6 rows")
+    parser.add_argument("--out", type=Path, default=ScaleConfig.out)
+    args = parser.parse_args(argv)
+    sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((100_000, 1_000_000) if args.quick else
+                                                               ScaleConfig.sizes)
+    config = ScaleConfig(sizes=sizes, out=args.out)
+    results = run(config)
+    print()
+    print(f"keys: {config.real_keys} real MiniLM keys, the rest real + Gaussian noise {NOISE} per dimension; "
+          f"{QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")
+    print(table(results))
+    print(f"\nwrote {config.out / 'scale.json'} and {config.out / 'scale.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
