@@ -12,6 +12,8 @@ from lm_worker.encoders.registry import ENCODERS
 RETRO_INITS = ("lm", "scratch")
 RETRO_INIT_HELP = ("lm: retro-fit RETRO onto the trained base LM (frozen; only CCA and the neighbour encoder "
                    "train); scratch: train RETRO's own decoder from random weights")
+BUDGET_HELP = ("a split's token budget: whole documents are taken until it is spent, so the last one can "
+               "carry the split past it (eval.json records both)")
 ENCODER_HELP = "RETRO's frozen chunk encoder: MiniLM, or the base LM's key at each chunk's last token"
 
 
@@ -20,8 +22,8 @@ def add_parsers(sub) -> None:
     pl = sub.add_parser("pipeline", help="prepare, train, encode, build, serve, evaluate: the whole LM side "
                                          "(about 50 minutes on 2 cores)")
     pl.add_argument("--run", type=Path, default=Path("runs/stdlib"))
-    pl.add_argument("--train-tokens", type=int, default=800_000)
-    pl.add_argument("--heldout-tokens", type=int, default=40_000)
+    pl.add_argument("--train-tokens", type=int, default=800_000, help=BUDGET_HELP)
+    pl.add_argument("--heldout-tokens", type=int, default=40_000, help=BUDGET_HELP)
     pl.add_argument("--retro-tokens", type=int, default=3_200_000,
                     help="tokens of documents the LM never sees, which retro-fitted RETRO trains on (0: the LM's own)")
     pl.add_argument("--lm-steps", type=int, default=500)
