@@ -8,10 +8,11 @@ queries are held-out real MiniLM queries. Recall is always against exact search 
 
 Per size N, in one run:
 
-- **build**: `build_datastore` (2 shards, `--keep-keys`, metric ip, `auto`) through Ray, its wall seconds
-  and rows/s per core, beside plain single-process FAISS: the same factory trained on the same sample,
-  `add` timed on a slice of at most 10^6 rows; the peak anonymous memory of the driver and every Ray
-  process together, sampled every 0.2 s from /proc, and the keys' file-backed pages apart;
+- **build**: `build_datastore` (2 shards, `--keep-keys`, metric ip, `auto`) through Ray: its wall seconds,
+  split into training and adding (the manifest's `build` record), and the add phase's rows/s per core
+  beside plain single-process FAISS `add` into the same trained codec (shard 0's index, emptied), timed on
+  a slice of at most 10^6 rows; the peak anonymous memory of the driver and every Ray process together,
+  sampled every 0.2 s from /proc, and the keys' file-backed pages apart;
 - **disk**: bytes per row of the published datastore;
 - **serve**: `LocalDeployment` start-up seconds, each shard's RssAnon and RssFile, an idle shard's
   measured the same way;
@@ -79,7 +80,9 @@ class SizeResult:
     factory: str = ""
     default_nprobe: int = 0
     build_s: float = 0.0
-    build_rows_per_s_per_core: float = 0.0
+    train_s: float = 0.0
+    add_s: float = 0.0
+    add_rows_per_s_per_core: float = 0.0
     faiss_add_rows_per_s: float = 0.0
     peak_build_anon_gib: float = 0.0
     peak_build_file_gib: float = 0.0
@@ -236,33 +239,35 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
         for name, value in json.loads(figures.read_text()).items():
             setattr(result, name, value)
         return
+    ours = not ray.is_initialized()  # a Ray cluster this function starts, it stops
     started = time.perf_counter()
     with PeakMemory() as memory:
-        build_datastore(BuildConfig(keys=keys, out=out, shards=SHARDS, metric="ip", keep_keys=True,
-                                    overwrite=out.exists(), seed=config.seed), num_cpus=2, progress=False)
-    ray.shutdown()
+        manifest = build_datastore(BuildConfig(keys=keys, out=out, shards=SHARDS, metric="ip", keep_keys=True,
+                                               overwrite=out.exists(), seed=config.seed), num_cpus=2, progress=False)
+    if ours:
+        ray.shutdown()
     result.build_s = time.perf_counter() - started
-    result.build_rows_per_s_per_core = result.rows / result.build_s / 2
+    result.train_s, result.add_s = manifest.build["train_seconds"], manifest.build["add_seconds"]
+    result.add_rows_per_s_per_core = result.rows / result.add_s / SHARDS  # one core per shard task
     result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
     result.peak_build_file_gib = memory.file_kib / 2 ** 20
-    names = ("build_s", "build_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
+    names = ("build_s", "train_s", "add_s", "add_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
     figures.write_text(json.dumps({name: getattr(result, name) for name in names}))
 
 
-def faiss_reference(config: ScaleConfig, real: np.ndarray, manifest, result: SizeResult) -> None:
-    """Plain FAISS in this process: the manifest's factory trained on a sample, `add` timed on a slice."""
-    from retriever_server.datastore.index import new_trained_index, train_size_for
-
+def faiss_reference(config: ScaleConfig, real: np.ndarray, out: Path, result: SizeResult) -> None:
+    """Plain FAISS in this process, one thread: `add` into the build's trained codec (shard 0's index,
+    emptied), timed on a slice of the rows."""
+    manifest = read_manifest(out)
     n = min(result.rows, config.reference_rows)
-    train_rows = train_size_for(manifest.factory, manifest.dimension, manifest.metric)
-    sample = key_rows(real, 0, min(result.rows, train_rows), config.seed)
-    index = new_trained_index(manifest.factory, manifest.metric, sample, config.seed)
+    index = faiss.read_index(str(out / manifest.shards[0].name / "index.faiss"))
+    index.reset()
     rows = key_rows(real, 0, n, config.seed)
     faiss.omp_set_num_threads(1)
     started = time.perf_counter()
     index.add(rows)
     result.faiss_add_rows_per_s = n / (time.perf_counter() - started)
-    faiss.omp_set_num_threads(0)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
 
 
 def query_cells(client: RetrieverClient, deployment: LocalDeployment, queries: np.ndarray,
@@ -326,7 +331,7 @@ def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: 
     build(config, keys, folder / "ds", result)
     manifest = read_manifest(folder / "ds")
     result.factory, result.default_nprobe = manifest.factory, manifest.default_nprobe
-    faiss_reference(config, real, manifest, result)
+    faiss_reference(config, real, folder / "ds", result)
     serve_and_query(config, folder / "ds", queries, truth, result)
     print(f"  {manifest.factory} nprobe {manifest.default_nprobe}: build {result.build_s:.1f} s, recall@10 "
           f"{result.recall_rerank:.3f} (re-rank {RERANK}) / {result.recall_plain:.3f}", flush=True)
@@ -342,13 +347,14 @@ def _joined(values: list[float]) -> str:
 
 
 def table(results: list[SizeResult]) -> str:
-    lines = ["| rows (real) | factory, nprobe | build s | rows/s/core (FAISS add, 1 thread) | peak build anon GiB "
-             "| disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB | cold / warm ms "
-             "| recall@10 re-rank 100 / plain |",
+    lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add, 1 thread) "
+             "| peak build anon GiB | disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB "
+             "| cold / warm ms | recall@10 re-rank 100 / plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r.rows} ({r.real_rows}) | {r.factory}, {r.default_nprobe} | {r.build_s:.1f} | "
-                     f"{r.build_rows_per_s_per_core:.0f} ({r.faiss_add_rows_per_s:.0f}) | "
+        lines.append(f"| {r.rows} ({r.real_rows}) | {r.factory}, {r.default_nprobe} | "
+                     f"{r.build_s:.1f} ({r.train_s:.1f} + {r.add_s:.1f}) | "
+                     f"{r.add_rows_per_s_per_core:.0f} ({r.faiss_add_rows_per_s:.0f}) | "
                      f"{r.peak_build_anon_gib:.2f} | {r.disk_bytes_per_row:.0f} | {r.serve_ready_s:.2f} | "
                      f"{_joined(r.shard_anon_mib)} / {_joined(r.shard_file_mib)} ({r.idle_shard_anon_mib:.0f}) | "
                      f"{_joined(r.index_file_mib)} | {r.cold_ms:.1f} / {r.warm_ms:.1f} | "
@@ -393,8 +399,10 @@ def plot(results: list[SizeResult], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: ScaleConfig) -> list[SizeResult]:
-    real, queries = real_vectors(config.real_keys, QUERIES)
+def run(config: ScaleConfig, vectors: tuple[np.ndarray, np.ndarray] | None = None) -> list[SizeResult]:
+    """Measures every size; `vectors` (real keys, queries) replaces the benchmarks' cached MiniLM vectors."""
+    real, queries = vectors if vectors is not None else real_vectors(config.real_keys, QUERIES)
+    real, queries = normalise(real), normalise(queries)
     config.out.mkdir(parents=True, exist_ok=True)
     results = [measure_size(config, real, queries, n) for n in config.sizes]
     (config.out / "scale.json").write_text(json.dumps(

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import types
 
 import faiss
 import numpy as np
@@ -19,7 +20,7 @@ from conftest import build, damaged_copy, synthetic
 from faiss.contrib.inspect_tools import get_invlist
 
 from retriever_server.datastore import build as build_module
-from retriever_server.datastore import publish
+from retriever_server.datastore import build_inputs, publish
 from retriever_server.datastore.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
 from retriever_server.datastore.build_inputs import check_inputs
 from retriever_server.datastore.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
@@ -382,3 +383,18 @@ def test_build_killed_then_run_again_finishes(keys, tmp_path):
     assert manifest.ntotal == N and not partial.exists()
     for i in range(3):
         Shard.open(tmp_path / "ds", i)  # every checksum verifies
+
+
+def test_a_disk_too_small_is_refused_before_any_work_naming_what_is_needed(datastore, keys, tmp_path, monkeypatch):
+    """The free space is checked first: the error names the GiB needed and free, the existing datastore
+    is left as it was, and nothing else is written."""
+    np.save(tmp_path / "keys.npy", keys)
+    before = read_manifest(datastore).checksum
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=datastore, keep_keys=True, overwrite=True)
+    need = build_inputs.disk_needed(config, check_inputs(config))
+    assert need >= N * (2 * D + 8)  # every row's float16 key and id at least
+    monkeypatch.setattr(build_inputs.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=need // 2))
+    with pytest.raises(BuildError, match=r"needs about .* GiB of disk at .*; .* GiB is free"):
+        build_datastore(config)
+    assert read_manifest(datastore).checksum == before
+    assert not (datastore.parent / f".{datastore.name}.partial").exists()

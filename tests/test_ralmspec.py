@@ -82,9 +82,8 @@ def test_speculative_retrieval_decodes_the_tokens_of_serial_retrieval(lm, retrie
     assert stats.speculated > 0 and stats.verified > 0
     if spec != "adaptive":  # a fixed stride guesses on every window: both paths run
         assert 0 < stats.accepted < stats.verified and stats.rollbacks > 0
-        if SPECS[spec].asynchronous:  # a window settles early when its answer is back: how many it covers varies
-            assert stats.retrieval_calls <= serial.stats.retrieval_calls
-        else:
+        if not SPECS[spec].asynchronous:  # an asynchronous window settles as soon as its answer is back, so
+            # how many steps it covers, and so the count of requests, depends on timing
             assert stats.retrieval_calls < serial.stats.retrieval_calls  # one request verifies several steps
 
 

@@ -30,9 +30,11 @@ from retriever_server.datastore.build_inputs import (
     BuildError,
     BuildInputs,
     as_build_error,
+    check_disk,
     check_inputs,
     last_line,
 )
+from retriever_server.datastore.coarse import graph_assignment
 from retriever_server.datastore.manifest import (
     FileEntry,
     Manifest,
@@ -128,10 +130,11 @@ def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress)
     """A copy of the trained codec holding rows [start, end) under their global ids."""
     keys = open_rows(config.keys)
     index = faiss.read_index(trained)
-    for s in range(start, end, config.add_block):
-        e = min(end, s + config.add_block)
-        index.add_with_ids(np.ascontiguousarray(keys[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
-        progress.add.remote(e - s)
+    with graph_assignment(index):  # large indexes: rows find their list through a graph over the centroids
+        for s in range(start, end, config.add_block):
+            e = min(end, s + config.add_block)
+            index.add_with_ids(np.ascontiguousarray(keys[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
+            progress.add.remote(e - s)
     return index
 
 
@@ -264,9 +267,11 @@ def _check_output(config: BuildConfig) -> None:
         raise BuildError(f"{config.out} exists and is not a datastore; refusing to replace it")
 
 
-def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float) -> Manifest:
+def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float,
+              phases: dict[str, float]) -> Manifest:
     """The manifest describing the finished shards; `build["nodes"]` holds each shard's Ray node id
-    (None for a shard an older version built)."""
+    (None for a shard an older version built), `phases` the seconds of training and of filling the
+    shards (this run's: a resumed build's earlier work is not in them)."""
     nlist = ix.nlist_of(faiss.read_index(str(trained)))
     shards = tuple(
         ShardEntry(e["name"], e["id_start"], e["id_end"], {k: FileEntry(**v) for k, v in e["files"].items()})
@@ -277,7 +282,8 @@ def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: 
         ntotal=inputs.n, nlist=nlist, default_nprobe=ix.default_nprobe(nlist), has_keys=config.keep_keys,
         payloads=inputs.payloads, shards=shards, metadata=dict(config.metadata),
         build={"seed": config.seed, "train_size": config.train_size, "keys": str(config.keys),
-               "faiss": faiss.__version__, "seconds": round(seconds, 3), "nodes": [e.get("node") for e in entries]},
+               "faiss": faiss.__version__, "seconds": round(seconds, 3), **phases,
+               "nodes": [e.get("node") for e in entries]},
     )
 
 
@@ -307,15 +313,19 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     """
     _check_output(config)
     inputs = check_inputs(config)
+    work = config.out.parent / f".{config.out.name}.partial"
+    need = check_disk(config, inputs, work)
+    log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
     connect(address, num_cpus)
     started = time.time()
-    work = config.out.parent / f".{config.out.name}.partial"
     with as_build_error(f"preparing {work}", work):
         _prepare_workdir(config, inputs, work)
     trained = _train(config, inputs, work)
+    trained_at = time.time()
     with as_build_error(f"writing shards in {work}", work):
         entries = _fill_shards(config, inputs, work, trained, progress)
-    manifest = _manifest(config, inputs, trained, entries, time.time() - started)
+    phases = {"train_seconds": round(trained_at - started, 3), "add_seconds": round(time.time() - trained_at, 3)}
+    manifest = _manifest(config, inputs, trained, entries, time.time() - started, phases)
     _publish(config, work, manifest)
     log.info("published datastore %s (version %s, %d rows, %d shards)", config.out, manifest.version,
              inputs.n, config.shards)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,37 @@ def _check_payload(name: str, path: Path, n: int) -> PayloadSpec:
     if arr.ndim < 1 or arr.shape[0] != n:
         raise BuildError(f"{what} ({path}) has shape {arr.shape}; its first dimension must be {n}")
     return PayloadSpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]))
+
+
+def bytes_per_row(inputs: BuildInputs, keep_keys: bool) -> int:
+    """Disk bytes a built row takes: its code and id in the index, its float16 key when kept, its payloads."""
+    index = faiss.index_factory(inputs.d, inputs.factory, ix.METRICS["l2"])
+    ivf = faiss.try_extract_index_ivf(index)
+    code = int(ivf.code_size) + 8 if ivf is not None else int(index.sa_code_size())
+    payloads = sum(int(np.dtype(p.dtype).itemsize * np.prod(p.row_shape, dtype=np.int64)) for p in inputs.payloads)
+    return code + (2 * inputs.d if keep_keys else 0) + payloads
+
+
+def disk_needed(config: BuildConfig, inputs: BuildInputs, done_bytes: int = 0) -> int:
+    """Bytes the build still writes: every row (`bytes_per_row`), the trained codec, 10% to spare, less
+    what an unfinished build already wrote (`done_bytes`)."""
+    trained = inputs.train_rows and 4 * inputs.d * 65_536  # centroids and codebooks: a bound
+    return max(0, int(1.1 * (inputs.n * bytes_per_row(inputs, config.keep_keys) + trained)) - done_bytes)
+
+
+def check_disk(config: BuildConfig, inputs: BuildInputs, work: Path) -> int:
+    """Raises BuildError when the file system of `config.out` has less free space than the build still
+    needs; returns the bytes needed."""
+    done = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
+    need = disk_needed(config, inputs, done)
+    parent = config.out.resolve().parent
+    while not parent.exists():  # the output's folder may not be made yet
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise BuildError(f"the build needs about {need / 2**30:.1f} GiB of disk at {parent} "
+                         f"({bytes_per_row(inputs, config.keep_keys)} bytes per row); {free / 2**30:.1f} GiB is free")
+    return need
 
 
 def check_inputs(config: BuildConfig) -> BuildInputs:

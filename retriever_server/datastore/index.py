@@ -14,6 +14,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retriever_server.datastore import coarse
+
 log = logging.getLogger(__name__)
 
 METRICS = {"l2": faiss.METRIC_L2, "inner_product": faiss.METRIC_INNER_PRODUCT}
@@ -27,30 +29,29 @@ def canonical_metric(metric: str) -> str:
     return METRIC_ALIASES[metric.lower()]
 
 
-PQ_MIN_ROWS = 39 * 256  # FAISS trains 256-centroid sub-quantizers on at least this many rows
-
-
-def _pq_subquantizers(d: int) -> int | None:
-    """Sub-quantizers of 8 (else 4) dimensions: FAISS's fast paths; other widths run several
-    times slower (6-d sub-vectors made a 384-d PQ64 search 5x slower than PQ48)."""
-    for width in (8, 4):
-        if d % width == 0:
-            return d // width
-    return None
+PQ_MIN_ROWS = 39 * 256  # below this many rows `auto` keeps the vectors whole (IVF-Flat)
 
 
 def resolve_factory(factory: str, n: int, d: int) -> str:
-    """Turns "auto" into a concrete factory string sized for n rows of dimension d: IVF with
-    about 4*sqrt(n) lists and 8-dimensional PQ sub-quantizers, or IVF-Flat when n is too small
-    to train a PQ codec (or d has no 8- or 4-wide split)."""
+    """Turns "auto" into a concrete factory string sized for n rows of dimension d: IVF with about
+    4*sqrt(n) lists and an 8-bit scalar quantizer of each list's residuals (d bytes a row), or
+    IVF-Flat when n is under PQ_MIN_ROWS or d is odd. From `coarse.LARGE_NLIST` lists on, an HNSW
+    graph over the centroids finds a query's lists (and a row's, when it is added).
+
+    The codec was chosen by `benchmarks/recall_sweep.py` (docs/scaling.md): on 384-d keys drawn around
+    real MiniLM keys, with exact re-rank of 100 candidates per shard, the 8-bit `PQ48` and the
+    FastScan `PQ192x4fs` stop below 0.9 recall@10 at 10^7 rows whatever the nprobe; the FastScan
+    `PQ384x4fs` holds it at half SQ8's CPU, but FAISS reads FastScan lists into memory where SQ8's
+    stay memory-mapped, and serving mapped is what lets a shard outgrow its RAM.
+    """
     if factory != "auto":
         return factory
     nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     nlist = int(max(1, min(nlist, 65536, n // 39 or 1)))
-    m = _pq_subquantizers(d)
-    if m is None or n < PQ_MIN_ROWS:
+    if d % 2 or n < PQ_MIN_ROWS:
         return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ{m}"
+    lists = f"IVF{nlist}_HNSW32" if nlist >= coarse.LARGE_NLIST else f"IVF{nlist}"  # see `coarse`
+    return f"{lists},SQ8"
 
 
 def check_factory(factory: str, d: int, metric: str) -> None:
@@ -86,7 +87,10 @@ def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int) 
             # training (simulated annealing) would dominate the build.
             ivf.do_polysemous_training = False
     log.info("training %s (%s) on %d vectors of dimension %d", factory, metric, len(sample), d)
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if coarse.is_large(index):
+        coarse.train_two_level(index, sample, seed)  # the lists; `train` below trains the codec alone
+    index.train(sample)
     return index
 
 
@@ -97,8 +101,10 @@ def nlist_of(index: faiss.Index) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """A default nprobe: about 1/16 of the lists, at least 1 and at most 128."""
-    return int(min(128, max(1, nlist // 16))) if nlist else 1
+    """A default nprobe: 32 lists (all of them when there are fewer), and nlist/512 past 16,384 lists,
+    at most 128. With `auto`'s codec and exact re-rank of 100 candidates per shard, 32 lists keep
+    recall@10 at 0.93 or more from 10^5 to 10^7 rows (docs/scaling.md)."""
+    return int(min(nlist, max(32, min(128, nlist // 512)))) if nlist else 1
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
@@ -124,6 +130,9 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     """Moves the index onto a GPU; raises RuntimeError when this FAISS build sees no GPU."""
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         raise RuntimeError("--gpu needs the faiss GPU build and a visible GPU; none was found")
+    if isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVFFastScan):
+        raise RuntimeError("FAISS on GPU cannot search a FastScan codec (x4fs, what --factory auto builds); "
+                           "build the datastore with an 8-bit codec for a GPU shard, e.g. --factory IVF4096,PQ48")
     resources = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
     options.useFloat16 = True
@@ -201,10 +210,21 @@ def id_selector(excluded_ids, ranges):
     return selector
 
 
+def ivf_params(index: faiss.Index, nprobe: int, selector=None) -> faiss.SearchParametersIVF:
+    """Search parameters of an IVF index: nprobe lists, the selector, and, when a graph finds the
+    lists (`coarse`), a search breadth that finds all nprobe of them."""
+    params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+    graph = coarse.graph_params(faiss.extract_index_ivf(index), nprobe)
+    if graph is not None:
+        params.quantizer_params = graph
+        params.referenced_objects = (graph,)  # SWIG does not keep it alive
+    return params
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selector=None):
     """Searches (nq, d) float32 queries; returns distances float32 (nq, k) and ids int64 (nq, k)."""
     if faiss.try_extract_index_ivf(index) is not None:
-        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
+        params = ivf_params(index, nprobe, selector)
     else:
         params = faiss.SearchParameters(sel=selector) if selector is not None else None
     if isinstance(index, faiss.IndexPreTransform) and params is not None:
@@ -240,8 +260,8 @@ def search_each(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, se
         found = [search(index, queries[i:i + 1], k, nprobe, selector) for i, selector in enumerate(selectors)]
         return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    coarse_distances, coarse_ids = index.quantizer.search(queries, nprobe)  # (nq, nprobe) each
-    distances = np.empty((len(queries), k), dtype=np.float32)
+    coarse_distances, coarse_ids = index.quantizer.search(queries, nprobe, params=coarse.graph_params(index, nprobe))
+    distances = np.empty((len(queries), k), dtype=np.float32)  # coarse_*: (nq, nprobe) each
     ids = np.empty((len(queries), k), dtype=np.int64)
     for i, selector in enumerate(selectors):
         params = faiss.SearchParametersIVF(nprobe=nprobe, sel=selector)
