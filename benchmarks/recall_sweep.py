@@ -6,8 +6,9 @@ The keys are `scale.py`'s: the cached real MiniLM keys and, past those, real key
 trained the way the build trains it (`resolve_factory`'s nlist, the build's training sample), and
 every codec shares it, so the codecs differ only in how they encode the residuals:
 
-- `PQm`: m sub-quantizers of 8 bits, scanned with look-up tables (the current default, PQ48 at 384-d);
-- `PQmx4fs`: m sub-quantizers of 4 bits in FAISS's FastScan layout, scanned with SIMD registers.
+- `PQm`: m sub-quantizers of 8 bits, scanned with look-up tables (`auto`'s former codec, PQ48 at 384-d);
+- `PQmx4fs`: m sub-quantizers of 4 bits in FAISS's FastScan layout, scanned with SIMD registers;
+- `SQ4`, `SQ6`, `SQ8`: a scalar quantizer of that many bits per dimension (`auto`'s codec is SQ8).
 
 The rows are split into `--shards` id ranges as the build splits them, one index per range sharing
 the trained codec (large indexes assign their rows through `coarse.graph_assignment`, as the build
@@ -69,7 +70,7 @@ class SweepConfig:
 
 
 def codec_index(codec: str, quantizer: faiss.Index, d: int, nlist: int, seed: int) -> faiss.Index:
-    """An IVF index over the trained `quantizer` with the residual codec `codec` (PQm or PQmx4fs)."""
+    """An IVF index over the trained `quantizer` with the residual codec `codec` (PQm, PQmx4fs, SQ4/6/8)."""
     if codec in SCALAR:
         return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, SCALAR[codec], faiss.METRIC_INNER_PRODUCT)
     match = re.fullmatch(r"PQ(\d+)(x4fs)?", codec)

@@ -38,7 +38,7 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     # recall at the datastore's defaults, against exact search over the same rows
     assert result.recall_rerank >= 0.9 and result.recall_plain <= result.recall_rerank
     # the build's phases and the reference
-    assert 0 < result.train_s < result.build_s and 0 < result.add_s < result.build_s
+    assert result.train_s > 0 and result.add_s > 0 and result.train_s + result.add_s <= result.build_s  # phases
     assert result.add_rows_per_s_per_core > 0 and result.faiss_add_rows_per_s > 0
     assert result.peak_build_anon_gib > 0
     # disk: what the build's free-space check expects per row, within the files' headers
