@@ -92,9 +92,9 @@ class Timing:
 def load_vectors() -> tuple[np.ndarray, np.ndarray]:
     """The cached real keys (N_KEYS, 384) and held-out queries (N_QUERIES, 384), float32.
 
-    Waits for the cache directory when another process is still encoding it, so that this run
-    does not start a second (slow) encode. $BENCH_VECTORS names a cache folder to read instead (one
-    carried to a machine that cannot encode, as `device_speed.sh` does).
+    Waits for the cache directory while another process is still encoding it (its `.tmpPID` folder is
+    there), so that this run does not start a second (slow) encode. $BENCH_VECTORS names a cache
+    folder to read instead (one carried to a machine that cannot encode, as `device_speed.sh` does).
     """
     from lm_worker.encoders.stdlib_vectors import cache_root, cache_stem, load_cached, stdlib_vectors
 
@@ -104,7 +104,11 @@ def load_vectors() -> tuple[np.ndarray, np.ndarray]:
                 np.ascontiguousarray(vectors.queries, dtype=np.float32))
     directory = cache_root() / f"{cache_stem(64, 16)}-n{N_KEYS}-q{N_QUERIES}"
     deadline = time.monotonic() + CACHE_WAIT_S
-    while not directory.is_dir() and time.monotonic() < deadline:
+
+    def encoding_elsewhere() -> bool:  # another process's unfinished encode sits beside the cache
+        return not directory.is_dir() and any(directory.parent.glob(directory.name + ".tmp*"))
+
+    while encoding_elsewhere() and time.monotonic() < deadline:
         print(f"waiting for the vector cache {directory} ...", flush=True)
         time.sleep(15)
     vectors = stdlib_vectors(N_KEYS, N_QUERIES)

@@ -89,11 +89,12 @@ def test_tampered_shard_file_is_refused_naming_it(datastore, tmp_path):
 
 def test_two_builds_of_identical_inputs_have_one_checksum(datastore, keys, tmp_path):
     """Another build of the same inputs, from another directory and at another time, on whatever Ray
-    nodes: the same files, checksum and version; only the build record (outside the hash) differs."""
+    nodes, spilling its lists to disk every 500 rows instead of once: the same files, checksum and
+    version; only the build record (outside the hash) differs."""
     values = np.arange(N, dtype=np.int32) * 7
     tokens = np.arange(N * 4, dtype=np.int32).reshape(N, 4)
     again = build(tmp_path, keys, "again", shards=3, keep_keys=True, factory="IVF32,PQ8", seed=5,
-                  payload_arrays={"values": values, "tokens": tokens})
+                  payload_arrays={"values": values, "tokens": tokens}, add_block=256, spill_rows=500)
     first, second = read_manifest(datastore), read_manifest(again)
     assert [s.files for s in first.shards] == [s.files for s in second.shards]
     assert (second.checksum, second.version) == (first.checksum, first.version)

@@ -46,6 +46,7 @@ from retriever_server.datastore.manifest import (
 )
 from retriever_server.datastore.publish import replace_directory
 from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows
+from retriever_server.datastore.spill import ListSpill, spillable
 
 log = logging.getLogger(__name__)
 TRAINED = "trained.index"
@@ -58,7 +59,7 @@ def _fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
     """What a resumed build must share with the one it resumes."""
     files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
     stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-    body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out")}
+    body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out", "spill_rows")}
     return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
 
 
@@ -116,8 +117,8 @@ class _Progress:
         return self.rows
 
 
-def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int, dtype=None) -> None:
-    out = np.lib.format.open_memmap(dst_path, mode="w+", dtype=dtype or src.dtype,
+def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int) -> None:
+    out = np.lib.format.open_memmap(dst_path, mode="w+", dtype=src.dtype,
                                     shape=(end - start, *src.shape[1:]))
     for s in range(start, end, block):
         e = min(end, s + block)
@@ -126,16 +127,38 @@ def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: i
     del out
 
 
-def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress) -> faiss.Index:
-    """A copy of the trained codec holding rows [start, end) under their global ids."""
+def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress, folder: Path) -> None:
+    """Adds rows [start, end) under their global ids to a copy of the trained codec and writes it to
+    `folder/index.faiss`; with `keep_keys`, writes their float16 copy to `folder/keys.npy` in the same
+    pass over the keys. An IVF index spills its lists every `spill_rows` rows (`spill`), so memory
+    holds at most that many rows' codes."""
     keys = open_rows(config.keys)
     index = faiss.read_index(trained)
+    spill = ListSpill(index, folder / "spill") if spillable(index) else None
+    kept = (np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16,
+                                      shape=(end - start, keys.shape[1])) if config.keep_keys else None)
+    held = 0
     with graph_assignment(index):  # large indexes: rows find their list through a graph over the centroids
         for s in range(start, end, config.add_block):
             e = min(end, s + config.add_block)
-            index.add_with_ids(np.ascontiguousarray(keys[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64))
+            block = np.ascontiguousarray(keys[s:e], dtype=np.float32)
+            index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
+            if kept is not None:
+                kept[s - start:e - start] = block
+            held += e - s
+            if spill is not None and held >= config.spill_rows:
+                spill.spill()
+                held = 0
             progress.add.remote(e - s)
-    return index
+    if kept is not None:
+        kept.flush()
+        del kept
+    if spill is None:
+        ix.write_index(index, folder / "index.faiss")
+        return
+    spill.spill()
+    spill.write_index(folder / "index.faiss")
+    (folder / "spill").rmdir()
 
 
 @ray.remote
@@ -153,9 +176,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        ix.write_index(_add_rows(config, trained, start, end, progress), tmp / "index.faiss")
-        if config.keep_keys:
-            _copy_rows(open_rows(config.keys), tmp / "keys.npy", start, end, config.add_block, np.float16)
+        _add_rows(config, trained, start, end, progress, tmp)
         for name, path in config.payloads.items():
             _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
         files = {k: asdict(v) for k, v in describe_files(tmp).items()}

@@ -38,6 +38,7 @@ class BuildConfig:
     train_size: int = 0  # 0: as many as the factory needs
     keep_keys: bool = False
     add_block: int = 32768
+    spill_rows: int = 1 << 18  # an IVF shard task holds at most about this many rows' codes in memory
     cpus_per_shard: int = 1
     overwrite: bool = False
     metadata: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,72 @@
+"""An IVF index filled through `ListSpill` (lists spilled to disk a chunk at a time) is written byte for
+byte as FAISS writes the same index filled in one go."""
+
+import functools
+
+import faiss
+import numpy as np
+import pytest
+from conftest import synthetic
+
+from retriever_server.datastore.spill import ListSpill, sizes_block, spillable
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return synthetic(4000, D, seed=11)
+
+
+@functools.cache
+def _trained(factory: str) -> bytes:
+    """The factory's index, trained once on the module's rows, serialised."""
+    index = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(synthetic(4000, D, seed=11))
+    return faiss.serialize_index(index).tobytes()
+
+
+def _load(body: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("factory", ["IVF64,SQ8", "IVF64,PQ8", "IVF64,Flat", "IVF64_HNSW8,SQ8", "OPQ8,IVF64,PQ8"])
+@pytest.mark.parametrize(("n", "chunk"), [(4000, 700), (4000, 10_000), (20, 7), (0, 100)])
+def test_spilled_index_file_equals_faiss_write_index(tmp_path, rows, factory, n, chunk):
+    """Full and sparse list-size layouts, several chunks, one, and none, each against write_index."""
+    trained = _trained(factory)
+    ids = np.arange(n, dtype=np.int64) * 3 + 5
+    reference = _load(trained)
+    reference.add_with_ids(rows[:n], ids)
+
+    index = _load(trained)
+    assert spillable(index)
+    spill = ListSpill(index, tmp_path / "spill")
+    for s in range(0, n, chunk):
+        index.add_with_ids(rows[s:min(n, s + chunk)], ids[s:s + chunk])
+        spill.spill()
+        assert index.ntotal == 0
+    assert spill.rows == n
+    spill.write_index(tmp_path / "index.faiss")
+
+    assert (tmp_path / "index.faiss").read_bytes() == faiss.serialize_index(reference).tobytes()
+    assert not list((tmp_path / "spill").iterdir()), "the spills were not removed"
+    searched = faiss.read_index(str(tmp_path / "index.faiss"))
+    if n:
+        np.testing.assert_array_equal(searched.search(rows[:5], 3)[1], reference.search(rows[:5], 3)[1])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF64,PQ8x4fs", "PQ8"])
+def test_indexes_without_array_lists_are_not_spilled(rows, factory):
+    assert not spillable(_load(_trained(factory)))
+
+
+def test_a_filled_index_is_not_spillable(rows):
+    index = _load(_trained("IVF64,SQ8"))
+    index.add(rows[:10])
+    assert not spillable(index)
+
+
+def test_sizes_block_switches_layout_past_half_the_lists():
+    assert sizes_block(np.array([0, 3, 0, 0])).startswith(b"sprs")
+    assert sizes_block(np.array([1, 3, 0, 2])).startswith(b"full")
