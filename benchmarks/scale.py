@@ -8,11 +8,13 @@ queries are held-out real MiniLM queries. Recall is always against exact search 
 
 Per size N, in one run:
 
-- **build**: `build_datastore` (2 shards, `--keep-keys`, metric ip, `auto`) through Ray: its wall seconds,
-  split into training and adding (the manifest's `build` record), and the add phase's rows/s per core
-  beside plain single-process FAISS `add` into the same trained codec (shard 0's index, emptied), timed on
-  a slice of at most 10^6 rows; the peak anonymous memory of the driver and every Ray process together,
-  sampled every 0.2 s from /proc, and the keys' file-backed pages apart;
+- **build**: `retriever-server build` in a child process (2 shards, `--keep-keys`, metric ip, `auto`,
+  its own local Ray cluster of 2 CPUs): its wall seconds, split into training and adding (the
+  manifest's `build` record), and the add phase's rows/s per core beside plain single-process FAISS
+  `add` into the same trained codec (shard 0's index, emptied), timed on a slice of at most 10^6 rows
+  with as many threads as the build has cores (per core) and with one; the peak anonymous memory of
+  the build's process and every Ray process below it together, sampled every 0.2 s from /proc, and
+  their file-backed pages apart;
 - **disk**: bytes per row of the published datastore;
 - **serve**: `LocalDeployment` start-up seconds, each shard's RssAnon and RssFile, an idle shard's
   measured the same way;
@@ -20,12 +22,16 @@ Per size N, in one run:
   from /proc) at nq=1 and nq=64, k=10 and k=1024, through the router at the default nprobe; and the
   latency of the first request after the index and key files' pages are dropped
   (`posix_fadvise(DONTNEED)`), beside the warm one;
+- **in-process FAISS** on the same shards, in the same run: their index files opened as the shards open
+  them and searched one after another in this process, one thread, at the same nprobe: q/s and CPU ms
+  per request (the sharded reference);
 - **recall@10** at the default settings with exact re-rank of 100 candidates, and without re-rank.
 
-    python benchmarks/scale.py [--sizes 100000,1000000,10000000] [--quick] [--out bench_out/scale]
+    python benchmarks/scale.py [--sizes 100000,1000000,3000000,10000000] [--quick] [--out bench_out/scale]
 
-`--quick` runs 10^5 and 10^6. Writes OUT/scale.json and OUT/scale.png (log-log: build seconds, peak
-memory, disk, query CPU and recall against rows) and prints the table. Datastores are kept in OUT and
+Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
+OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
+the table. Datastores are kept in OUT and
 reused when their rows match.
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -47,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoding import process_cpu_s  # noqa: E402
 
 from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
+from retriever_server.datastore import index as ix  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 from retriever_server.datastore.row_parts import write_parts_index  # noqa: E402
 from retriever_server.serving.client import RetrieverClient  # noqa: E402
@@ -56,6 +64,7 @@ REAL_KEYS = 20_000  # the real MiniLM keys drawn from (the benchmarks' shared ca
 QUERIES = 256
 PART_ROWS = 1 << 20  # rows per .npy part of generated keys
 SHARDS = 2
+BUILD_CPUS = 2  # the build's local Ray cluster: one core per shard task
 RERANK = 100
 
 
@@ -63,7 +72,7 @@ RERANK = 100
 class ScaleConfig:
     """What to measure."""
 
-    sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
+    sizes: tuple[int, ...] = (100_000, 1_000_000, 3_000_000, 10_000_000)
     out: Path = Path("bench_out/scale")
     seconds_per_cell: float = 2.0
     reference_rows: int = 1_000_000  # plain FAISS add is timed on at most this many rows
@@ -83,7 +92,8 @@ class SizeResult:
     train_s: float = 0.0
     add_s: float = 0.0
     add_rows_per_s_per_core: float = 0.0
-    faiss_add_rows_per_s: float = 0.0
+    faiss_add_rows_per_s: float = 0.0  # one thread
+    faiss_add_rows_per_s_per_core: float = 0.0  # BUILD_CPUS threads, per core
     peak_build_anon_gib: float = 0.0
     peak_build_file_gib: float = 0.0
     disk_bytes_per_row: float = 0.0
@@ -93,6 +103,7 @@ class SizeResult:
     idle_shard_anon_mib: float = 0.0
     index_file_mib: list[float] = field(default_factory=list)
     queries: list[dict] = field(default_factory=list)
+    in_process: list[dict] = field(default_factory=list)
     cold_ms: float = 0.0
     warm_ms: float = 0.0
     recall_rerank: float = 0.0
@@ -155,6 +166,19 @@ def exact_top_k(real: np.ndarray, n: int, queries: np.ndarray, k: int, seed: int
     return best_i
 
 
+def cached_truth(path: Path, real: np.ndarray, n: int, queries: np.ndarray, seed: int) -> np.ndarray:
+    """`exact_top_k` at k=10, kept in `path` and reused while the keys and queries are the same."""
+    stamp = np.array([n, len(real), seed, NOISE * 1e6, float(np.sum(real, dtype=np.float64)),
+                      float(np.sum(queries, dtype=np.float64))])
+    if path.is_file():
+        saved = np.load(path)
+        if np.array_equal(saved["stamp"], stamp):
+            return saved["ids"]
+    ids = exact_top_k(real, n, queries, 10, seed)
+    np.savez(path, ids=ids, stamp=stamp)
+    return ids
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
 
@@ -193,10 +217,10 @@ def descendants(pid: int) -> list[int]:
 
 
 class PeakMemory:
-    """Samples the summed RssAnon (and RssFile) of this process and its descendants until stopped."""
+    """Samples the summed RssAnon (and RssFile) of process `pid` and its descendants until stopped."""
 
-    def __init__(self, every_s: float = 0.2):
-        self.every_s, self.anon_kib, self.file_kib = every_s, 0, 0
+    def __init__(self, pid: int, every_s: float = 0.2):
+        self.pid, self.every_s, self.anon_kib, self.file_kib = pid, every_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -210,7 +234,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = descendants(os.getpid())
+            pids = descendants(self.pid)
             self.anon_kib = max(self.anon_kib, sum(status_kib(p, "RssAnon") for p in pids))
             self.file_kib = max(self.file_kib, sum(status_kib(p, "RssFile") for p in pids))
             self._stop.wait(self.every_s)
@@ -228,25 +252,27 @@ def drop_pages(paths: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> None:
-    """Builds (or reuses) the datastore of `result.rows` rows and records its build figures."""
-    import ray
-
-    from retriever_server.datastore.build import BuildConfig, build_datastore
-
+    """Builds (or reuses) the datastore of `result.rows` rows with `retriever-server build` in a child
+    process (its own local Ray cluster, 2 CPUs), and records its build figures: peak memory is summed
+    over that process and every process below it (the Ray cluster it starts), as a user's build runs."""
     figures = out.parent / "build.json"  # the build's figures, kept beside the datastore for reuse
     if (out / "manifest.json").is_file() and read_manifest(out).ntotal == result.rows and figures.is_file():
         print(f"  reusing {out} (build figures from the run that built it)", flush=True)
         for name, value in json.loads(figures.read_text()).items():
             setattr(result, name, value)
         return
-    ours = not ray.is_initialized()  # a Ray cluster this function starts, it stops
+    command = [sys.executable, "-m", "retriever_server.cli", "build", str(keys), "--out", str(out),
+               "--shards", str(SHARDS), "--metric", "ip", "--keep-keys", "--seed", str(config.seed),
+               "--num-cpus", str(BUILD_CPUS), "--no-progress", *(["--overwrite"] if out.exists() else [])]
     started = time.perf_counter()
-    with PeakMemory() as memory:
-        manifest = build_datastore(BuildConfig(keys=keys, out=out, shards=SHARDS, metric="ip", keep_keys=True,
-                                               overwrite=out.exists(), seed=config.seed), num_cpus=2, progress=False)
-    if ours:
-        ray.shutdown()
+    alone = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own, below it
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=alone)
+    with PeakMemory(child.pid) as memory:
+        output, _ = child.communicate()
+    if child.returncode:
+        raise RuntimeError(f"the build failed ({child.returncode}):\n{output}")
     result.build_s = time.perf_counter() - started
+    manifest = read_manifest(out)
     result.train_s, result.add_s = manifest.build["train_seconds"], manifest.build["add_seconds"]
     result.add_rows_per_s_per_core = result.rows / result.add_s / SHARDS  # one core per shard task
     result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
@@ -256,18 +282,36 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
 
 
 def faiss_reference(config: ScaleConfig, real: np.ndarray, out: Path, result: SizeResult) -> None:
-    """Plain FAISS in this process, one thread: `add` into the build's trained codec (shard 0's index,
-    emptied), timed on a slice of the rows."""
+    """Plain FAISS in this process: `add` into the build's trained codec (shard 0's index, emptied),
+    timed on a slice of the rows with one thread, and with as many threads as the build has cores
+    (rows/s per core, on the same cores as the build's shard tasks)."""
     manifest = read_manifest(out)
     n = min(result.rows, config.reference_rows)
     index = faiss.read_index(str(out / manifest.shards[0].name / "index.faiss"))
     index.reset()
+    body = faiss.serialize_index(index)
     rows = key_rows(real, 0, n, config.seed)
-    faiss.omp_set_num_threads(1)
-    started = time.perf_counter()
-    index.add(rows)
-    result.faiss_add_rows_per_s = n / (time.perf_counter() - started)
+    for threads in (1, BUILD_CPUS):
+        index = faiss.deserialize_index(body)
+        faiss.omp_set_num_threads(threads)
+        started = time.perf_counter()
+        index.add(rows)
+        per_core = n / (time.perf_counter() - started) / threads
+        if threads == 1:
+            result.faiss_add_rows_per_s = per_core
+        else:
+            result.faiss_add_rows_per_s_per_core = per_core
     faiss.omp_set_num_threads(os.cpu_count() or 1)
+
+
+def cells() -> list[tuple[int, int]]:
+    return [(nq, k) for nq in (1, 64) for k in (10, 1024)]
+
+
+def batches_of(queries: np.ndarray, nq: int) -> list[np.ndarray]:
+    """Eight batches of nq queries, taken in turn from the query set."""
+    batches = [queries[(i * nq) % len(queries):][:nq] for i in range(8)]
+    return [b if len(b) == nq else queries[:nq] for b in batches]
 
 
 def query_cells(client: RetrieverClient, deployment: LocalDeployment, queries: np.ndarray,
@@ -275,23 +319,45 @@ def query_cells(client: RetrieverClient, deployment: LocalDeployment, queries: n
     """q/s, p50 ms and CPU ms per request over every process at nq in {1, 64}, k in {10, 1024}."""
     pids = {"router": deployment.router.popen.pid,
             **{f"shard {s}": r[0].popen.pid for s, r in enumerate(deployment.shards)}}
-    cells = []
-    for nq in (1, 64):
-        for k in (10, 1024):
-            batches = [queries[(i * nq) % len(queries):][:nq] for i in range(8)]
-            batches = [b if len(b) == nq else queries[:nq] for b in batches]
-            client.search(batches[0], k=k)  # warm
-            before = {name: process_cpu_s(pid) for name, pid in pids.items()}
-            mine, started, latencies = time.process_time(), time.perf_counter(), []
-            while time.perf_counter() - started < seconds or len(latencies) < 5:
-                t = time.perf_counter()
-                client.search(batches[len(latencies) % len(batches)], k=k)
-                latencies.append(time.perf_counter() - t)
-            wall = time.perf_counter() - started
-            cpu = time.process_time() - mine + sum(process_cpu_s(pid) - before[name] for name, pid in pids.items())
-            cells.append({"nq": nq, "k": k, "qps": nq * len(latencies) / wall,
-                          "p50_ms": 1e3 * float(np.median(latencies)), "cpu_ms": 1e3 * cpu / len(latencies)})
-    return cells
+    found = []
+    for nq, k in cells():
+        batches = batches_of(queries, nq)
+        client.search(batches[0], k=k)  # warm
+        before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+        mine, started, latencies = time.process_time(), time.perf_counter(), []
+        while time.perf_counter() - started < seconds or len(latencies) < 5:
+            t = time.perf_counter()
+            client.search(batches[len(latencies) % len(batches)], k=k)
+            latencies.append(time.perf_counter() - t)
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - mine + sum(process_cpu_s(pid) - before[name] for name, pid in pids.items())
+        found.append({"nq": nq, "k": k, "qps": nq * len(latencies) / wall,
+                      "p50_ms": 1e3 * float(np.median(latencies)), "cpu_ms": 1e3 * cpu / len(latencies)})
+    return found
+
+
+def in_process_cells(out: Path, queries: np.ndarray, seconds: float) -> list[dict]:
+    """The sharded reference: the shards' index files opened as a shard opens them (mapped) and searched
+    one after another in this process, one thread, at the datastore's default nprobe; q/s and CPU ms
+    per request (both shards) at each cell of `query_cells`."""
+    manifest = read_manifest(out)
+    indexes = [ix.read_index(out / shard.name / "index.faiss") for shard in manifest.shards]
+    faiss.omp_set_num_threads(1)
+    found = []
+    for nq, k in cells():
+        batches = batches_of(queries, nq)
+        for index in indexes:
+            ix.search(index, batches[0], k, manifest.default_nprobe)  # warm
+        cpu, started, count = time.process_time(), time.perf_counter(), 0
+        while time.perf_counter() - started < seconds or count < 5:
+            for index in indexes:
+                ix.search(index, batches[count % len(batches)], k, manifest.default_nprobe)
+            count += 1
+        wall = time.perf_counter() - started
+        found.append({"nq": nq, "k": k, "qps": nq * count / wall,
+                      "cpu_ms": 1e3 * (time.process_time() - cpu) / count})
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return found
 
 
 def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: np.ndarray,
@@ -318,6 +384,7 @@ def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: 
         result.queries = query_cells(client, deployment, queries, config.seconds_per_cell)
         result.shard_anon_mib = [status_kib(p, "RssAnon") / 1024 for p in shard_pids]
         result.shard_file_mib = [status_kib(p, "RssFile") / 1024 for p in shard_pids]
+    result.in_process = in_process_cells(out, queries, config.seconds_per_cell)
     result.index_file_mib = [(out / s.name / "index.faiss").stat().st_size / 2 ** 20 for s in manifest.shards]
     result.disk_bytes_per_row = sum(f.stat().st_size for f in files) / result.rows
 
@@ -327,7 +394,7 @@ def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: 
     folder = config.out / f"n{n}"
     print(f"{n} rows ({result.real_rows} real, the rest real + noise {NOISE}):", flush=True)
     keys = write_keys(real, n, folder / "keys", config.seed)
-    truth = exact_top_k(real, n, queries, 10, config.seed)
+    truth = cached_truth(folder / "truth.npz", real, n, queries, config.seed)
     build(config, keys, folder / "ds", result)
     manifest = read_manifest(folder / "ds")
     result.factory, result.default_nprobe = manifest.factory, manifest.default_nprobe
@@ -347,23 +414,27 @@ def _joined(values: list[float]) -> str:
 
 
 def table(results: list[SizeResult]) -> str:
-    lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add, 1 thread) "
+    lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add per core: "
+             f"{BUILD_CPUS} threads / 1 thread) "
              "| peak build anon GiB | disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB "
              "| cold / warm ms | recall@10 re-rank 100 / plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.rows} ({r.real_rows}) | {r.factory}, {r.default_nprobe} | "
                      f"{r.build_s:.1f} ({r.train_s:.1f} + {r.add_s:.1f}) | "
-                     f"{r.add_rows_per_s_per_core:.0f} ({r.faiss_add_rows_per_s:.0f}) | "
+                     f"{r.add_rows_per_s_per_core:.0f} ({r.faiss_add_rows_per_s_per_core:.0f} / "
+                     f"{r.faiss_add_rows_per_s:.0f}) | "
                      f"{r.peak_build_anon_gib:.2f} | {r.disk_bytes_per_row:.0f} | {r.serve_ready_s:.2f} | "
                      f"{_joined(r.shard_anon_mib)} / {_joined(r.shard_file_mib)} ({r.idle_shard_anon_mib:.0f}) | "
                      f"{_joined(r.index_file_mib)} | {r.cold_ms:.1f} / {r.warm_ms:.1f} | "
                      f"{r.recall_rerank:.3f} / {r.recall_plain:.3f} |")
-    lines += ["", "| rows | nq | k | q/s | p50 ms | CPU ms per request (all processes) |",
-              "|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| rows | nq | k | service q/s | p50 ms | service CPU ms per request (all processes) "
+              "| in-process q/s | in-process CPU ms | efficiency |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines += [f"| {r.rows} | {c['nq']} | {c['k']} | {c['qps']:.0f} | {c['p50_ms']:.2f} | {c['cpu_ms']:.2f} |"
-                  for c in r.queries]
+        for c, f in zip(r.queries, r.in_process):
+            lines.append(f"| {r.rows} | {c['nq']} | {c['k']} | {c['qps']:.0f} | {c['p50_ms']:.2f} | {c['cpu_ms']:.2f} "
+                         f"| {f['qps']:.0f} | {f['cpu_ms']:.2f} | {f['cpu_ms'] / c['cpu_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -386,12 +457,14 @@ def plot(results: list[SizeResult], path: Path) -> None:
     for label, values in series.items():
         axes[0].loglog(n, values, marker="o", label=label)
     axes[0].set_xlabel("rows")
+    axes[0].set_ylabel("value, in the unit its label names")
     axes[0].set_title("cost against size (log-log)")
     axes[0].legend(fontsize=8)
     axes[1].semilogx(n, [r.recall_rerank for r in results], marker="o", label=f"re-rank {RERANK}")
     axes[1].semilogx(n, [r.recall_plain for r in results], marker="o", label="no re-rank")
     axes[1].axhline(0.9, color="grey", linestyle=":")
     axes[1].set_xlabel("rows")
+    axes[1].set_ylabel("recall@10 against exact search")
     axes[1].set_title("recall@10 at the default settings")
     axes[1].legend(fontsize=8)
     fig.tight_layout()

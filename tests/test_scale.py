@@ -40,6 +40,7 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     # the build's phases and the reference
     assert result.train_s > 0 and result.add_s > 0 and result.train_s + result.add_s <= result.build_s  # phases
     assert result.add_rows_per_s_per_core > 0 and result.faiss_add_rows_per_s > 0
+    assert result.faiss_add_rows_per_s_per_core > 0
     assert result.peak_build_anon_gib > 0
     # disk: what the build's free-space check expects per row, within the files' headers
     config_used = BuildConfig(keys=tmp_path / f"n{ROWS}" / "keys" / "keys.parts.json", out=tmp_path / "x",
@@ -51,6 +52,9 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     assert result.serve_ready_s > 0 and result.cold_ms > 0 and result.warm_ms > 0
     assert {(c["nq"], c["k"]) for c in result.queries} == {(1, 10), (1, 1024), (64, 10), (64, 1024)}
     assert all(c["qps"] > 0 and c["cpu_ms"] > 0 for c in result.queries)
+    # the in-process reference on the same shards, cell for cell: FAISS alone costs less than the service
+    assert [(c["nq"], c["k"]) for c in result.in_process] == [(c["nq"], c["k"]) for c in result.queries]
+    assert all(0 < f["cpu_ms"] < c["cpu_ms"] for f, c in zip(result.in_process, result.queries))
     # the report
     saved = json.loads((tmp_path / "scale.json").read_text())
     assert saved["results"][0]["recall_rerank"] == result.recall_rerank
