@@ -32,7 +32,7 @@ Per size N, in one run:
 Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
 OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
 the table. Datastores are kept in OUT and
-reused when their rows match.
+reused when their rows and real keys match (OUT/nN-realR).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ from retriever_server.serving.client import RetrieverClient  # noqa: E402
 
 NOISE = 0.02  # per-dimension Gaussian noise added to a real key for the rows past the real ones
 REAL_KEYS = 20_000  # the real MiniLM keys drawn from (the benchmarks' shared cache)
+ALL_REAL_KEYS = 140_370  # every 64-token chunk of the stdlib's non-held-out files (--real-keys all)
+ALL_CHUNKS = 1 << 20  # chunks a file may give: all of them
 QUERIES = 256
 PART_ROWS = 1 << 20  # rows per .npy part of generated keys
 SHARDS = 2
@@ -115,12 +117,17 @@ class SizeResult:
 # ---------------------------------------------------------------------------------------------
 
 def real_vectors(n_keys: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-norm real MiniLM keys (n_keys, 384) and held-out queries (n_queries, 384)."""
+    """Unit-norm real MiniLM keys (n_keys, 384) and held-out queries (n_queries, 384). Past the
+    benchmarks' cached 20,000 keys (at most 16 chunks a file), the keys are every chunk of the stdlib's
+    files in turn (`ALL_CHUNKS`), encoded once and cached; the queries stay the cached held-out ones."""
     from search_service import load_vectors
 
     keys, queries = load_vectors()
-    keys, queries = keys[:n_keys], queries[:n_queries]
-    return normalise(keys), normalise(queries)
+    if n_keys > len(keys):
+        from lm_worker.encoders.stdlib_vectors import stdlib_vectors
+
+        keys = stdlib_vectors(n_keys, 1, max_per_doc=ALL_CHUNKS, progress=True).keys
+    return normalise(keys[:n_keys]), normalise(queries[:n_queries])
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -389,9 +396,14 @@ def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: 
     result.disk_bytes_per_row = sum(f.stat().st_size for f in files) / result.rows
 
 
+def size_folder(out: Path, n: int, real_keys: int) -> Path:
+    """Where the keys, exact neighbours and datastore of N rows drawn around `real_keys` real keys live."""
+    return out / f"n{n}-real{real_keys}"
+
+
 def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: int) -> SizeResult:
     result = SizeResult(rows=n, real_rows=min(n, len(real)))
-    folder = config.out / f"n{n}"
+    folder = size_folder(config.out, n, len(real))
     print(f"{n} rows ({result.real_rows} real, the rest real + noise {NOISE}):", flush=True)
     keys = write_keys(real, n, folder / "keys", config.seed)
     truth = cached_truth(folder / "truth.npz", real, n, queries, config.seed)
@@ -487,17 +499,21 @@ def run(config: ScaleConfig, vectors: tuple[np.ndarray, np.ndarray] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="", help="comma-separated row counts (default 10^5, 10^6, 10^7)")
+    parser.add_argument("--sizes", default="", help="comma-separated row counts (default 10^5, 10^6, 3·10^6, 10^7)")
     parser.add_argument("--quick", action="store_true", help="10^5 and 10^6 rows")
     parser.add_argument("--out", type=Path, default=ScaleConfig.out)
+    parser.add_argument("--real-keys", default=str(REAL_KEYS),
+                        help=f"real MiniLM keys the rows are drawn around: a count, or 'all' ({ALL_REAL_KEYS}, every "
+                             f"chunk of the stdlib, encoded once: about 25 minutes on 2 cores); default {REAL_KEYS}")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((100_000, 1_000_000) if args.quick else
                                                                ScaleConfig.sizes)
-    config = ScaleConfig(sizes=sizes, out=args.out)
+    real_keys = ALL_REAL_KEYS if args.real_keys == "all" else int(args.real_keys)
+    config = ScaleConfig(sizes=sizes, out=args.out, real_keys=real_keys)
     results = run(config)
     print()
-    print(f"keys: {config.real_keys} real MiniLM keys, the rest real + Gaussian noise {NOISE} per dimension; "
-          f"{QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")
+    print(f"keys: {min(config.real_keys, max(config.sizes))} real MiniLM keys, the rest real + Gaussian noise "
+          f"{NOISE} per dimension; {QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")
     print(table(results))
     print(f"\nwrote {config.out / 'scale.json'} and {config.out / 'scale.png'}")
     return 0

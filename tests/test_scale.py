@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from scale import ScaleConfig, run  # noqa: E402
+from scale import ScaleConfig, run, size_folder  # noqa: E402
 
 from retriever_server.datastore.build_inputs import BuildConfig, bytes_per_row, check_inputs  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
@@ -33,7 +33,8 @@ def real():
 def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, real, tmp_path):
     config = ScaleConfig(sizes=(ROWS,), out=tmp_path, seconds_per_cell=0.3, reference_rows=ROWS)
     (result,) = run(config, vectors=real)
-    manifest = read_manifest(tmp_path / f"n{ROWS}" / "ds")
+    folder = size_folder(tmp_path, ROWS, len(real[0]))
+    manifest = read_manifest(folder / "ds")
     assert manifest.ntotal == ROWS and len(manifest.shards) == 2 and result.factory == manifest.factory
     # recall at the datastore's defaults, against exact search over the same rows
     assert result.recall_rerank >= 0.9 and result.recall_plain <= result.recall_rerank
@@ -43,7 +44,7 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     assert result.faiss_add_rows_per_s_per_core > 0
     assert result.peak_build_anon_gib > 0
     # disk: what the build's free-space check expects per row, within the files' headers
-    config_used = BuildConfig(keys=tmp_path / f"n{ROWS}" / "keys" / "keys.parts.json", out=tmp_path / "x",
+    config_used = BuildConfig(keys=folder / "keys" / "keys.parts.json", out=tmp_path / "x",
                               factory=manifest.factory, keep_keys=True)
     expected = bytes_per_row(check_inputs(config_used), keep_keys=True)
     assert expected <= result.disk_bytes_per_row <= 1.1 * expected
