@@ -31,8 +31,7 @@ Per size N, in one run:
 
 Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
 OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
-the table. Datastores are kept in OUT and
-reused when their rows and real keys match (OUT/nN-realR).
+the table. Datastores are kept in OUT and reused when their rows and real keys match (OUT/nN-realR).
 """
 
 from __future__ import annotations

@@ -142,20 +142,28 @@ def _check_payload(name: str, path: Path, n: int) -> PayloadSpec:
     return PayloadSpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]))
 
 
-def bytes_per_row(inputs: BuildInputs, keep_keys: bool) -> int:
-    """Disk bytes a built row takes: its code and id in the index, its float16 key when kept, its payloads."""
+def _index_bytes_per_row(inputs: BuildInputs) -> tuple[int, bool]:
+    """Bytes a row takes in the index (its code, and its id in an IVF list), and whether it is IVF."""
     index = faiss.index_factory(inputs.d, inputs.factory, ix.METRICS["l2"])
     ivf = faiss.try_extract_index_ivf(index)
-    code = int(ivf.code_size) + 8 if ivf is not None else int(index.sa_code_size())
+    return (int(ivf.code_size) + 8, True) if ivf is not None else (int(index.sa_code_size()), False)
+
+
+def bytes_per_row(inputs: BuildInputs, keep_keys: bool) -> int:
+    """Disk bytes a built row takes: its code and id in the index, its float16 key when kept, its payloads."""
     payloads = sum(int(np.dtype(p.dtype).itemsize * np.prod(p.row_shape, dtype=np.int64)) for p in inputs.payloads)
-    return code + (2 * inputs.d if keep_keys else 0) + payloads
+    return _index_bytes_per_row(inputs)[0] + (2 * inputs.d if keep_keys else 0) + payloads
 
 
 def disk_needed(config: BuildConfig, inputs: BuildInputs, done_bytes: int = 0) -> int:
-    """Bytes the build still writes: every row (`bytes_per_row`), the trained codec, 10% to spare, less
-    what an unfinished build already wrote (`done_bytes`)."""
+    """Bytes the build still writes: every row (`bytes_per_row`), an IVF index's spilled lists (which
+    stand beside the index files while those are written, `spill`), the trained codec, 10% to spare,
+    less what an unfinished build already wrote (`done_bytes`)."""
+    index_bytes, ivf = _index_bytes_per_row(inputs)
+    spills = inputs.n * index_bytes if ivf else 0
     trained = inputs.train_rows and 4 * inputs.d * 65_536  # centroids and codebooks: a bound
-    return max(0, int(1.1 * (inputs.n * bytes_per_row(inputs, config.keep_keys) + trained)) - done_bytes)
+    rows = inputs.n * bytes_per_row(inputs, config.keep_keys)
+    return max(0, int(1.1 * (rows + spills + trained)) - done_bytes)
 
 
 def check_disk(config: BuildConfig, inputs: BuildInputs, work: Path) -> int:
