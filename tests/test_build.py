@@ -23,7 +23,14 @@ from retriever_server.datastore import build as build_module
 from retriever_server.datastore import build_inputs, publish
 from retriever_server.datastore.build import FAULT_ENV, BuildConfig, BuildError, build_datastore
 from retriever_server.datastore.build_inputs import check_inputs
-from retriever_server.datastore.manifest import DatastoreError, read_manifest, verify_shard, write_manifest
+from retriever_server.datastore.manifest import (
+    DatastoreError,
+    describe_files,
+    file_sha256,
+    read_manifest,
+    verify_shard,
+    write_manifest,
+)
 from retriever_server.serving.shard import Shard, ShardOptions
 
 pytestmark = [pytest.mark.ray]
@@ -90,7 +97,8 @@ def test_tampered_shard_file_is_refused_naming_it(datastore, tmp_path):
 def test_two_builds_of_identical_inputs_have_one_checksum(datastore, keys, tmp_path):
     """Another build of the same inputs, from another directory and at another time, on whatever Ray
     nodes, spilling its lists to disk every 500 rows instead of once: the same files, checksum and
-    version; only the build record (outside the hash) differs."""
+    version; only the build record (outside the hash) differs. The sha256 the build took while writing
+    index.faiss and keys.npy equals a fresh read of each file."""
     values = np.arange(N, dtype=np.int32) * 7
     tokens = np.arange(N * 4, dtype=np.int32).reshape(N, 4)
     again = build(tmp_path, keys, "again", shards=3, keep_keys=True, factory="IVF32,PQ8", seed=5,
@@ -101,6 +109,12 @@ def test_two_builds_of_identical_inputs_have_one_checksum(datastore, keys, tmp_p
     assert first.build["keys"] != second.build["keys"]  # recorded, not hashed
     body = json.loads((again / "manifest.json").read_text())
     assert body["checksum"] == first.checksum and body["version"] == first.version
+    for entry in second.shards:
+        assert {"index.faiss", "keys.npy"} <= set(entry.files)
+        for name, described in describe_files(again / entry.name).items():
+            assert entry.files[name].sha256 == described.sha256 == file_sha256(again / entry.name / name)
+        assert np.array_equal(np.load(again / entry.name / "keys.npy"),
+                              keys[entry.id_start:entry.id_end].astype(np.float16))
 
 
 def test_headers_are_checked_without_full_verification(datastore, tmp_path):

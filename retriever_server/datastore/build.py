@@ -37,6 +37,7 @@ from retriever_server.datastore.build_inputs import (
 from retriever_server.datastore.coarse import graph_assignment
 from retriever_server.datastore.manifest import (
     FileEntry,
+    HashingWriter,
     Manifest,
     ShardEntry,
     describe_files,
@@ -127,38 +128,45 @@ def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: i
     del out
 
 
-def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress, folder: Path) -> None:
+def _keys_writer(path: Path, shape: tuple[int, int]) -> HashingWriter:
+    """`keys.npy` (float16) opened for writing front to back: its header is written here."""
+    out = HashingWriter(path)
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                               "fortran_order": False, "shape": shape})
+    return out
+
+
+def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress, folder: Path) -> dict[str, str]:
     """Adds rows [start, end) under their global ids to a copy of the trained codec and writes it to
     `folder/index.faiss`; with `keep_keys`, writes their float16 copy to `folder/keys.npy` in the same
     pass over the keys. An IVF index spills its lists every `spill_rows` rows (`spill`), so memory
-    holds at most that many rows' codes."""
+    holds at most that many rows' codes. Returns the sha256 of the files it hashed while writing."""
     keys = open_rows(config.keys)
     index = faiss.read_index(trained)
     spill = ListSpill(index, folder / "spill") if spillable(index) else None
-    kept = (np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16,
-                                      shape=(end - start, keys.shape[1])) if config.keep_keys else None)
-    held = 0
+    kept = _keys_writer(folder / "keys.npy", (end - start, keys.shape[1])) if config.keep_keys else None
+    hashed, held = {}, 0
     with graph_assignment(index):  # large indexes: rows find their list through a graph over the centroids
         for s in range(start, end, config.add_block):
             e = min(end, s + config.add_block)
             block = np.ascontiguousarray(keys[s:e], dtype=np.float32)
             index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
             if kept is not None:
-                kept[s - start:e - start] = block
+                kept.write(block.astype(np.float16).tobytes())
             held += e - s
             if spill is not None and held >= config.spill_rows:
                 spill.spill()
                 held = 0
             progress.add.remote(e - s)
     if kept is not None:
-        kept.flush()
-        del kept
+        hashed["keys.npy"] = kept.close()
     if spill is None:
         ix.write_index(index, folder / "index.faiss")
-        return
+        return hashed
     spill.spill()
-    spill.write_index(folder / "index.faiss")
+    hashed["index.faiss"] = spill.write_index(folder / "index.faiss")
     (folder / "spill").rmdir()
+    return hashed
 
 
 @ray.remote
@@ -176,10 +184,10 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _add_rows(config, trained, start, end, progress, tmp)
+        hashed = _add_rows(config, trained, start, end, progress, tmp)
         for name, path in config.payloads.items():
             _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
-        files = {k: asdict(v) for k, v in describe_files(tmp).items()}
+        files = {k: asdict(v) for k, v in describe_files(tmp, hashed).items()}
         entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
                  "node": ray.get_runtime_context().get_node_id()}
         (tmp / DONE).write_text(json.dumps(entry))

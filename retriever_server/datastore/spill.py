@@ -20,6 +20,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retriever_server.datastore.manifest import HashingWriter
+
 log = logging.getLogger(__name__)
 EMPTY_LISTS_TAIL = b"sprs" + struct.pack("<Q", 0)  # how write_index ends an index whose lists are all empty
 
@@ -106,15 +108,16 @@ class ListSpill:
         self.index.ntotal = self.ivf.ntotal = 0
         log.debug("spilled chunk %d (%d rows) to %s", c, int(sizes.sum()), self.folder)
 
-    def write_index(self, path: Path) -> None:
-        """Writes the index holding every spilled row to `path` (through a temporary name), then
-        removes the spills."""
+    def write_index(self, path: Path) -> str:
+        """Writes the index holding every spilled row to `path` (through a temporary name), removes the
+        spills and returns the file's sha256."""
         total = np.sum(self.sizes, axis=0) if self.sizes else np.zeros(self.nlist, dtype=np.int64)
         starts = [np.concatenate([[0], np.cumsum(s)]) for s in self.sizes]  # (nlist + 1,) per chunk
         codes = [self._map(f"codes-{c}.bin", np.uint8) for c in range(len(self.sizes))]
         ids = [self._map(f"ids-{c}.bin", np.int64) for c in range(len(self.sizes))]
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as out:
+        out = HashingWriter(tmp)
+        try:
             out.write(_empty_header(self.index, int(total.sum())))
             out.write(sizes_block(total))
             for i in np.flatnonzero(total):
@@ -122,9 +125,12 @@ class ListSpill:
                     out.write(codes[c][s[i] * self.code_size:s[i + 1] * self.code_size])
                 for c, s in enumerate(starts):
                     out.write(ids[c][s[i]:s[i + 1]].tobytes())
+        finally:
+            sha256 = out.close()
         tmp.replace(path)
         for f in self.folder.glob("*.bin"):
             f.unlink()
+        return sha256
 
     def _map(self, name: str, dtype) -> np.ndarray:
         path = self.folder / name
