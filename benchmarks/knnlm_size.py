@@ -37,12 +37,14 @@ prints a markdown table. Sources, datastores and the retro split's keys are kept
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -242,24 +244,29 @@ def first_rows(files: list[tuple[Path, int]], n: int, tail: Path) -> list[Path]:
     return out
 
 
+KEPT_DETAILS = ("context_len", "stride", "encoder_checkpoint", "eos_id")  # what a joined source's rows share
+
+
 def joined_source(sources: list[SourceInfo], rows: int, out_dir: Path) -> SourceInfo:
-    """A kNN-LM source of the first `rows` rows of `sources` one after another (row ids in that order),
-    written as parts indexes over their key and value files; reused when it is already there."""
+    """A source (kNN-LM or RETRO) of the first `rows` rows of `sources` one after another (row ids in
+    that order), written as parts indexes over their key and payload files; reused when it is already
+    there."""
     first = sources[0]
     if (out_dir / "source.json").is_file():
         old = read_source(out_dir)
         if old.rows == rows and old.encoder_fingerprint == first.encoder_fingerprint:
             return old
     out_dir = start_source(out_dir)
-    info = SourceInfo(out_dir, "knnlm", rows, first.dimension, first.tokenizer_fingerprint,
-                      first.encoder_fingerprint,
-                      details={"context_len": first.details["context_len"], "stride": first.details["stride"],
-                               "layout": PARTS_LAYOUT, "joined": [str(s.directory) for s in sources],
+    details = {name: first.details[name] for name in KEPT_DETAILS if name in first.details}
+    info = SourceInfo(out_dir, first.kind, rows, first.dimension, first.tokenizer_fingerprint,
+                      first.encoder_fingerprint, chunk_len=first.chunk_len,
+                      details={**details, "layout": PARTS_LAYOUT, "joined": [str(s.directory) for s in sources],
                                "rows_of": [s.rows for s in sources]})
+    name = info.payload[0]
     keys = first_rows([f for s in sources for f in row_files(s.keys_path)], rows, out_dir / "keys-tail.npy")
-    values = first_rows([f for s in sources for f in row_files(s.payload[1])], rows, out_dir / "values-tail.npy")
+    payload = first_rows([f for s in sources for f in row_files(s.payload[1])], rows, out_dir / f"{name}-tail.npy")
     write_parts_index(info.keys_path, keys)
-    write_parts_index(info.payload[1], values)
+    write_parts_index(info.payload[1], payload)
     info.write()
     return info
 
@@ -300,18 +307,32 @@ def built(datastore: Path, source: SourceInfo, shards: int) -> bool:
             and manifest.metadata.get("encoder") == source.encoder_fingerprint)
 
 
-def ensure_datastore(spec: SizeSpec, source: SourceInfo, settings: Settings, config: SizeBenchConfig) -> float:
-    """Builds the spec's datastore as the pipeline builds its own, unless it is there; the seconds it took."""
-    if built(spec.datastore, source, settings.shards):
-        log.info("%s: reusing %s", spec.name, spec.datastore)
+def ensure_datastore(source: SourceInfo, datastore: Path, shards: int, factory: str, progress: bool) -> float:
+    """Builds the source's datastore as the pipeline builds its own, unless it is there; the seconds it took."""
+    if built(datastore, source, shards):
+        log.info("reusing %s", datastore)
         return 0.0
     started = time.perf_counter()
-    spec.datastore.parent.mkdir(parents=True, exist_ok=True)
-    build_source(source.directory, spec.datastore, shards=settings.shards, factory=config.factory,
-                 overwrite=spec.datastore.exists(), progress=config.progress)
+    datastore.parent.mkdir(parents=True, exist_ok=True)
+    build_source(source.directory, datastore, shards=shards, factory=factory, overwrite=datastore.exists(),
+                 progress=progress)
     seconds = time.perf_counter() - started
-    log.info("%s: built %d rows in %.1f s", spec.name, source.rows, seconds)
+    log.info("built %s: %d rows in %.1f s", datastore, source.rows, seconds)
     return seconds
+
+
+@contextlib.contextmanager
+def ray_for(run_dir: Path) -> Iterator[None]:
+    """The pipeline's Ray connection for the block; a local cluster it starts is stopped afterwards."""
+    import ray
+
+    ours = not ray.is_initialized()
+    connect_ray(PipelineConfig(run=run_dir))
+    try:
+        yield
+    finally:
+        if ours:
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +447,6 @@ def prepare_sources(config: SizeBenchConfig, settings: Settings, train: SourceIn
 
 def run(config: SizeBenchConfig) -> dict:
     """Encodes, builds and evaluates every size; writes OUT/knnlm_size.json and .png; returns the results."""
-    import ray
 
     check_run(config)
     started = time.perf_counter()
@@ -437,14 +457,10 @@ def run(config: SizeBenchConfig) -> dict:
     check_model(lm, train)
     valid, test = TokenStore.open(config.data / "valid"), TokenStore.open(config.data / "test")
     window = (int(train.details["context_len"]), int(train.details["stride"]))
-    ours = not ray.is_initialized()  # a Ray cluster this run starts, it stops
-    connect_ray(PipelineConfig(run=config.run))
-    try:
+    with ray_for(config.run):
         pairs = prepare_sources(config, settings, train)
-        built_s = {spec.name: ensure_datastore(spec, source, settings, config) for spec, source in pairs}
-    finally:
-        if ours:
-            ray.shutdown()
+        built_s = {spec.name: ensure_datastore(source, spec.datastore, settings.shards, config.factory,
+                                               config.progress) for spec, source in pairs}
     rows = []
     for spec, _ in tqdm(pairs, desc="datastore sizes", unit="size", disable=not config.progress):
         rows.append(evaluate_size(config, settings, spec, lm, valid, test, window))

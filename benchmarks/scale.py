@@ -9,7 +9,7 @@ queries are held-out real MiniLM queries. Recall is always against exact search 
 Per size N, in one run:
 
 - **build**: `retriever-server build` in a child process (2 shards, `--keep-keys`, metric ip, `auto`,
-  its own local Ray cluster of 2 CPUs): its wall seconds, split into training and adding (the
+  its own local Ray cluster of 2 CPUs, or `--build-cpus`): its wall seconds, split into training and adding (the
   manifest's `build` record), and the add phase's rows/s per core beside plain single-process FAISS
   `add` into the same trained codec (shard 0's index, emptied), timed on a slice of at most 10^6 rows
   with as many threads as the build has cores (per core) and with one; the peak anonymous memory of
@@ -28,6 +28,10 @@ Per size N, in one run:
 - **recall@10** at the default settings with exact re-rank of 100 candidates, and without re-rank.
 
     python benchmarks/scale.py [--sizes 100000,1000000,3000000,10000000] [--quick] [--out bench_out/scale]
+                               [--real-keys N|all] [--build-cpus C] [--gpu]
+
+`--gpu` (faiss GPU build) builds with `retriever-server build --gpu` and serves with `serve --gpu`;
+`benchmarks/gpu_scale.sh` runs it with the kNN-LM evaluation on CUDA.
 
 Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
 OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
@@ -79,6 +83,8 @@ class ScaleConfig:
     reference_rows: int = 1_000_000  # plain FAISS add is timed on at most this many rows
     real_keys: int = REAL_KEYS
     seed: int = 0
+    build_cpus: int = BUILD_CPUS  # the build's local Ray cluster; each of the SHARDS tasks gets an equal share
+    gpu: bool = False  # build with `--gpu` (k-means and list assignment) and serve with `--gpu`
 
 
 @dataclass
@@ -269,7 +275,8 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
         return
     command = [sys.executable, "-m", "retriever_server.cli", "build", str(keys), "--out", str(out),
                "--shards", str(SHARDS), "--metric", "ip", "--keep-keys", "--seed", str(config.seed),
-               "--num-cpus", str(BUILD_CPUS), "--no-progress", *(["--overwrite"] if out.exists() else [])]
+               "--num-cpus", str(config.build_cpus), "--cpus-per-shard", str(max(1, config.build_cpus // SHARDS)),
+               "--no-progress", *(["--overwrite"] if out.exists() else []), *(["--gpu"] if config.gpu else [])]
     started = time.perf_counter()
     alone = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own, below it
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=alone)
@@ -280,7 +287,7 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
     result.build_s = time.perf_counter() - started
     manifest = read_manifest(out)
     result.train_s, result.add_s = manifest.build["train_seconds"], manifest.build["add_seconds"]
-    result.add_rows_per_s_per_core = result.rows / result.add_s / SHARDS  # one core per shard task
+    result.add_rows_per_s_per_core = result.rows / result.add_s / max(SHARDS, config.build_cpus)
     result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
     result.peak_build_file_gib = memory.file_kib / 2 ** 20
     names = ("build_s", "train_s", "add_s", "add_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
@@ -297,7 +304,7 @@ def faiss_reference(config: ScaleConfig, real: np.ndarray, out: Path, result: Si
     index.reset()
     body = faiss.serialize_index(index)
     rows = key_rows(real, 0, n, config.seed)
-    for threads in (1, BUILD_CPUS):
+    for threads in (1, config.build_cpus):
         index = faiss.deserialize_index(body)
         faiss.omp_set_num_threads(threads)
         started = time.perf_counter()
@@ -373,7 +380,8 @@ def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: 
     files = [out / shard.name / name for shard in manifest.shards for name in shard.files]
     drop_pages(files)
     started = time.perf_counter()
-    with LocalDeployment(out) as deployment, RetrieverClient(deployment.router_address) as client:
+    on_gpu = ["--gpu"] if config.gpu else []
+    with LocalDeployment(out, extra_args=on_gpu) as deployment, RetrieverClient(deployment.router_address) as client:
         result.serve_ready_s = time.perf_counter() - started
         shard_pids = [r[0].popen.pid for r in deployment.shards]
         result.idle_shard_anon_mib = status_kib(shard_pids[0], "RssAnon") / 1024  # before any search
@@ -424,9 +432,9 @@ def _joined(values: list[float]) -> str:
     return "/".join(f"{v:.0f}" for v in values)
 
 
-def table(results: list[SizeResult]) -> str:
+def table(results: list[SizeResult], build_cpus: int = BUILD_CPUS) -> str:
     lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add per core: "
-             f"{BUILD_CPUS} threads / 1 thread) "
+             f"{build_cpus} threads / 1 thread) "
              "| peak build anon GiB | disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB "
              "| cold / warm ms | recall@10 re-rank 100 / plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -501,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="", help="comma-separated row counts (default 10^5, 10^6, 3·10^6, 10^7)")
     parser.add_argument("--quick", action="store_true", help="10^5 and 10^6 rows")
     parser.add_argument("--out", type=Path, default=ScaleConfig.out)
+    parser.add_argument("--build-cpus", type=int, default=BUILD_CPUS,
+                        help=f"CPUs of the build's Ray cluster, shared by its {SHARDS} shard tasks "
+                             f"(default {BUILD_CPUS})")
+    parser.add_argument("--gpu", action="store_true",
+                        help="build with --gpu (k-means, list assignment) and serve the shards' indexes on the GPU")
     parser.add_argument("--real-keys", default=str(REAL_KEYS),
                         help=f"real MiniLM keys the rows are drawn around: a count, or 'all' ({ALL_REAL_KEYS}, every "
                              f"chunk of the stdlib, encoded once: about 25 minutes on 2 cores); default {REAL_KEYS}")
@@ -508,12 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((100_000, 1_000_000) if args.quick else
                                                                ScaleConfig.sizes)
     real_keys = ALL_REAL_KEYS if args.real_keys == "all" else int(args.real_keys)
-    config = ScaleConfig(sizes=sizes, out=args.out, real_keys=real_keys)
+    config = ScaleConfig(sizes=sizes, out=args.out, real_keys=real_keys, build_cpus=args.build_cpus, gpu=args.gpu)
     results = run(config)
     print()
     print(f"keys: {min(config.real_keys, max(config.sizes))} real MiniLM keys, the rest real + Gaussian noise "
           f"{NOISE} per dimension; {QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")
-    print(table(results))
+    print(table(results, config.build_cpus))
+    if config.gpu:
+        print("on the GPU: the build's k-means and each row's list assignment, and the shards' searches; on CPU: "
+              "the build's codes, the router, exact re-rank, the in-process reference and exact neighbours")
     print(f"\nwrote {config.out / 'scale.json'} and {config.out / 'scale.png'}")
     return 0
 

@@ -4,7 +4,7 @@ Reads `scale.json` (its two largest sizes) and prints, for kNN-LM per-token retr
 per-chunk retrieval, the nodes, RAM and disk per node, build hours, q/s per node and network bytes
 per query at each target size. The model, every step of it stated in the output:
 
-- **disk per row**: the index's code (d/4 bytes with `auto`'s FastScan codec, measured at 384-d and
+- **disk per row**: the index's code (d bytes with `auto`'s SQ8 codec, measured at 384-d and
   scaled with d) and id (8 bytes), the float16 key an exact re-rank reads (2·d bytes), the payload;
 - **RAM per node**: the index files of its rows (kept in the page cache: a search touches its lists
   at random) plus the measured anonymous memory of each shard process; keys stay on disk, read at
@@ -12,7 +12,9 @@ per query at each target size. The model, every step of it stated in the output:
 - **build**: the measured add rows/s per core, and the measured training seconds grown as two-level
   k-means grows (training rows ∝ nlist, distances per row ∝ √nlist);
 - **query CPU**: the measured CPU per query at nq=64, k=10 (every process), grown from the largest
-  size with the exponent measured between the two largest sizes, and scaled with d;
+  size with the exponent measured between the two largest sizes, scaled with d, and with the
+  default nprobe where `auto` raises it past 16,384 lists (as if every CPU second were list scanning:
+  an upper bound);
 - **nodes**: as many as the tighter of disk and RAM requires, each `--node-cores` cores, `--node-ram`
   GiB and `--node-disk` TB, one shard each; every query visits every shard, so the cluster's q/s is
   all its cores over the CPU seconds of one query;
@@ -29,6 +31,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from retriever_server.datastore.index import default_nprobe
 
 MEASURED_DIM = 384  # scale.py's keys
 
@@ -80,7 +84,8 @@ def plan(small: dict, large: dict, w: Workload, n: float, node: Node) -> dict:
     index_b = (index_b - 8) * scale_d + 8
     row_b = index_b + 2 * w.dim + w.payload_bytes
     exponent = math.log(cpu_ms_per_query(large) / cpu_ms_per_query(small)) / math.log(large["rows"] / small["rows"])
-    cpu_ms = cpu_ms_per_query(large) * (n / large["rows"]) ** exponent * scale_d
+    probes = default_nprobe(nlist_for(n)) / large["default_nprobe"]
+    cpu_ms = cpu_ms_per_query(large) * (n / large["rows"]) ** exponent * scale_d * probes
     anon_gib = max(large["shard_anon_mib"]) / 1024
     nodes_disk = n * row_b / (node.disk_tb * 1e12)
     nodes_ram = n * index_b / ((node.ram_gib - 4) * 2 ** 30)  # 4 GiB left to the system and the shard processes
@@ -88,6 +93,7 @@ def plan(small: dict, large: dict, w: Workload, n: float, node: Node) -> dict:
     train_growth = (nlist_for(n) / nlist_for(large["rows"])) ** 1.5
     build_h = (large["train_s"] * train_growth + n / large["add_rows_per_s_per_core"] / (nodes * node.cores)) / 3600
     return {"workload": w.name, "rows": n, "nodes": nodes, "nlist": nlist_for(n),
+            "nprobe": default_nprobe(nlist_for(n)),
             "disk_tb_per_node": n * row_b / nodes / 1e12, "ram_gib_per_node": n * index_b / nodes / 2 ** 30 + anon_gib,
             "build_hours": build_h, "cpu_ms_per_query": cpu_ms,
             "qps": nodes * node.cores * 1000 / cpu_ms, "cpu_exponent": exponent,
@@ -105,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     node = Node(args.node_cores, args.node_ram, args.node_disk)
     print(f"from {args.scale}: {small['rows']} and {large['rows']} rows measured; nodes of {node.cores} cores, "
           f"{node.ram_gib:.0f} GiB RAM, {node.disk_tb:.0f} TB disk; one shard per node")
-    print("| workload | rows | nlist | bytes/row | nodes | disk TB/node | RAM GiB/node | build hours "
+    print("| workload | rows | nlist, nprobe | bytes/row | nodes | disk TB/node | RAM GiB/node | build hours "
           "| CPU ms/query | q/s (cluster) | network bytes/query |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in WORKLOADS:
         for n in (1e8, 1e9):
             p = plan(small, large, w, n, node)
-            print(f"| {p['workload']} | {n:.0e} | {p['nlist']} | {p['row_bytes']:.0f} | {p['nodes']} | "
+            print(f"| {p['workload']} | {n:.0e} | {p['nlist']}, {p['nprobe']} | {p['row_bytes']:.0f} | {p['nodes']} | "
                   f"{p['disk_tb_per_node']:.2f} | {p['ram_gib_per_node']:.1f} | {p['build_hours']:.1f} | "
                   f"{p['cpu_ms_per_query']:.2f} | {p['qps']:.0f} | {p['net_bytes_per_query']:.0f} |")
     print(f"\nquery CPU grows as N^{p['cpu_exponent']:.2f} between the measured sizes (nq=64, k=10, every process)")

@@ -221,3 +221,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_SPLITS = {"train": ("argparse.py", "difflib.py"), "retro": ("functools.py",),
+               "heldout": ("fractions.py", "calendar.py")}
+
+
+def tiny_pipeline_run(run_dir: Path, lm_steps: int, seq_len: int = 64, doc_tokens: int = 2500) -> Path:
+    """RUN laid out as the pipeline lays it out, at test size: RUN/data from real stdlib files cut to
+    `doc_tokens` tokens each (`TINY_SPLITS`; heldout cut into valid and test) with a 300-token BPE,
+    and a tiny LM trained `lm_steps` steps on windows of `seq_len` in RUN/lm."""
+    import sysconfig
+
+    from lm_worker.data.token_store import TokenStore, write_token_store
+    from lm_worker.data.tokenizer import train_tokenizer
+    from lm_worker.pipeline.config import PipelineConfig
+    from lm_worker.pipeline.data_stage import split_heldout
+    from lm_worker.training.config import TrainConfig
+    from lm_worker.training.train import train
+
+    data = run_dir / "data"
+    data.mkdir(parents=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = {name: (stdlib / name).read_text() for names in TINY_SPLITS.values() for name in names}
+    tokenizer = train_tokenizer(list(texts.values()), vocab_size=300)
+    tokenizer.save(data / "tokenizer.json")
+    for split, names in TINY_SPLITS.items():
+        docs = [(name, tokenizer.encode(texts[name])[:doc_tokens]) for name in names]
+        write_token_store(data / split, docs, tokenizer.eos_id, tokenizer.fingerprint)
+    split_heldout(PipelineConfig(run=run_dir, tune_tokens=800), TokenStore.open(data / "heldout"))
+    config = TrainConfig(kind="lm", preset="tiny", seq_len=seq_len, batch_size=8, steps=lm_steps,
+                         warmup=min(5, lm_steps // 4), eval_every=lm_steps, eval_batches=2, checkpoint_every=lm_steps,
+                         device="cpu", threads=2)
+    train(config, data, run_dir / "lm", progress=False)
+    return run_dir

@@ -9,38 +9,30 @@ from __future__ import annotations
 import json
 import math
 import sys
-import sysconfig
 from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_pipeline_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from knnlm_size import TRAIN, TRAIN_PREFIX, TRAIN_RETRO, SizeBenchConfig, run  # noqa: E402
 
-from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, write_token_store  # noqa: E402
-from lm_worker.data.tokenizer import train_tokenizer  # noqa: E402
+from lm_worker.data.token_store import RETRO_SPLIT, TokenStore  # noqa: E402
 from lm_worker.evaluation.config import EvalConfig  # noqa: E402
 from lm_worker.evaluation.knnlm_eval import evaluate_knnlm, evaluate_lm  # noqa: E402
 from lm_worker.models.checkpoint import load_checkpoint  # noqa: E402
-from lm_worker.pipeline.config import PipelineConfig  # noqa: E402
-from lm_worker.pipeline.data_stage import split_heldout  # noqa: E402
 from lm_worker.retrieval.config import KnnNeighbours, RetrievalConfig  # noqa: E402
 from lm_worker.sources.build import build_source  # noqa: E402
 from lm_worker.sources.knnlm import encode_knnlm  # noqa: E402
 from lm_worker.sources.source import read_source  # noqa: E402
-from lm_worker.training.config import TrainConfig  # noqa: E402
-from lm_worker.training.train import train  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # about 15 s on 2 cores (40 s beside other work)
 
 WINDOW, STRIDE, K, TOKENS = 64, 32, 16, 1024
-DOC_TOKENS = 2500  # every split's documents are cut to this many tokens: sizes known in advance
-SPLITS = {"train": ("argparse.py", "difflib.py"), RETRO_SPLIT: ("functools.py",),
-          "heldout": ("fractions.py", "calendar.py")}
 PREFIXES = (1000, 3000)
 
 
@@ -48,20 +40,8 @@ PREFIXES = (1000, 3000)
 def tiny_run(ray_cluster, tmp_path_factory) -> Path:
     """RUN as the pipeline lays it out: data (train, retro, heldout cut into valid and test), a tiny LM
     trained 40 steps, the train split's kNN-LM source and its 2-shard datastore."""
-    run_dir = tmp_path_factory.mktemp("knnlm-size") / "run"
+    run_dir = tiny_pipeline_run(tmp_path_factory.mktemp("knnlm-size") / "run", lm_steps=40, seq_len=WINDOW)
     data = run_dir / "data"
-    data.mkdir(parents=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = {name: (stdlib / name).read_text() for names in SPLITS.values() for name in names}
-    tokenizer = train_tokenizer(list(texts.values()), vocab_size=300)
-    tokenizer.save(data / "tokenizer.json")
-    for split, names in SPLITS.items():
-        docs = [(name, tokenizer.encode(texts[name])[:DOC_TOKENS]) for name in names]
-        write_token_store(data / split, docs, tokenizer.eos_id, tokenizer.fingerprint)
-    split_heldout(PipelineConfig(run=run_dir, tune_tokens=800), TokenStore.open(data / "heldout"))
-    config = TrainConfig(kind="lm", preset="tiny", seq_len=WINDOW, batch_size=8, steps=40, warmup=5, eval_every=40,
-                         eval_batches=2, checkpoint_every=40, device="cpu", threads=2)
-    train(config, data, run_dir / "lm", progress=False)
     lm = load_checkpoint(run_dir / "lm" / "checkpoint.pt").model
     encode_knnlm(lm, TokenStore.open(data / "train"), run_dir / "knnlm-source", WINDOW, STRIDE, progress=False)
     build_source(run_dir / "knnlm-source", run_dir / "knnlm-datastore", shards=2, progress=False)

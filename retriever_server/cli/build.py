@@ -29,6 +29,8 @@ def add_parser(command) -> None:
     b.add_argument("--address", help=RAY_ADDRESS_HELP)
     b.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
     b.add_argument("--cpus-per-shard", type=int, default=1)
+    b.add_argument("--gpu", action="store_true",
+                   help="k-means and each row's list on the GPU (faiss GPU build); codes are still made on CPU")
     b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
     b.add_argument("--no-progress", action="store_true")
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(keys=args.keys, out=args.out, payloads={k: Path(v) for k, v in args.payload},
                          factory=args.factory, metric=args.metric, shards=args.shards, seed=args.seed,
                          train_size=args.train_size, keep_keys=args.keep_keys, overwrite=args.overwrite,
-                         cpus_per_shard=args.cpus_per_shard, metadata=dict(args.meta))
+                         cpus_per_shard=args.cpus_per_shard, gpu=args.gpu, metadata=dict(args.meta))
     try:
         manifest = build_datastore(config, address=args.address, num_cpus=args.num_cpus,
                                    progress=not args.no_progress)

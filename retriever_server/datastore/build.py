@@ -54,6 +54,7 @@ TRAINED = "trained.index"
 MARKER = "build.json"
 DONE = ".done.json"
 FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the build after N shards
+GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
 
 
 def _fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
@@ -96,7 +97,8 @@ def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
     sample = np.asarray(open_rows(config.keys)[rows], dtype=np.float32)
     try:
         with as_build_error(f"training {inputs.factory} on {len(sample)} rows", path):
-            index = ix.new_trained_index(inputs.factory, ix.canonical_metric(config.metric), sample, config.seed)
+            index = ix.new_trained_index(inputs.factory, ix.canonical_metric(config.metric), sample, config.seed,
+                                         gpu=config.gpu)
             ix.write_index(index, path)
     except BuildError:
         shutil.rmtree(work, ignore_errors=True)  # it holds nothing worth resuming yet
@@ -146,7 +148,8 @@ def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress,
     spill = ListSpill(index, folder / "spill") if spillable(index) else None
     kept = _keys_writer(folder / "keys.npy", (end - start, keys.shape[1])) if config.keep_keys else None
     hashed, held = {}, 0
-    with graph_assignment(index):  # large indexes: rows find their list through a graph over the centroids
+    # Rows find their list on the GPU with `gpu`, else through a graph over the centroids (large indexes).
+    with ix.gpu_assignment(index) if config.gpu else graph_assignment(index):
         for s in range(start, end, config.add_block):
             e = min(end, s + config.add_block)
             block = np.ascontiguousarray(keys[s:e], dtype=np.float32)
@@ -266,7 +269,8 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
             entries[i] = entry
             continue
         remaining += end - start
-        task = _build_shard.options(num_cpus=config.cpus_per_shard, scheduling_strategy="SPREAD")
+        task = _build_shard.options(num_cpus=config.cpus_per_shard, num_gpus=GPU_SHARE if config.gpu else 0,
+                                    scheduling_strategy="SPREAD")
         pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter)] = i
     try:
         with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:

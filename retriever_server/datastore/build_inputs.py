@@ -40,6 +40,7 @@ class BuildConfig:
     add_block: int = 32768
     spill_rows: int = 1 << 18  # an IVF shard task holds at most about this many rows' codes in memory
     cpus_per_shard: int = 1
+    gpu: bool = False  # k-means and the rows' list assignment on the GPU (faiss GPU build); codes on CPU
     overwrite: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -187,5 +188,10 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
     if not 1 <= config.shards <= n:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
     factory, train_rows = _check_factory(config, n, d)
+    if config.gpu:
+        try:
+            ix.require_gpu()
+        except RuntimeError as err:
+            raise BuildError(str(err)) from None
     specs = tuple(_check_payload(name, path, n) for name, path in sorted(config.payloads.items()))
     return BuildInputs(n, d, factory, train_rows, specs)

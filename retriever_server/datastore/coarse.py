@@ -56,27 +56,29 @@ def proportional_shares(sizes: np.ndarray, total: int) -> np.ndarray:
     return shares
 
 
-def _kmeans(x: np.ndarray, k: int, spherical: bool, seed: int) -> np.ndarray:
-    """k centroids (k, d) of x (n, d) by FAISS k-means."""
+def _kmeans(x: np.ndarray, k: int, spherical: bool, seed: int, gpu: bool = False) -> np.ndarray:
+    """k centroids (k, d) of x (n, d) by FAISS k-means (its assignment step on the GPUs with `gpu`)."""
     if k == 1:
         c = x.mean(axis=0, keepdims=True)
         return c / np.linalg.norm(c) if spherical else c
     km = faiss.Kmeans(x.shape[1], k, niter=NITER, seed=seed, spherical=spherical, min_points_per_centroid=1,
-                      max_points_per_centroid=256)
+                      max_points_per_centroid=256, gpu=gpu)
     km.train(x)
     return km.centroids
 
 
-def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool, seed: int) -> np.ndarray:
+def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool, seed: int, gpu: bool = False) -> np.ndarray:
     """`nlist` centroids (nlist, d) of `sample` (n, d) float32: √nlist clusters, each split again in
-    proportion to its rows. `spherical` keeps centroids at unit norm (inner-product data)."""
+    proportion to its rows. `spherical` keeps centroids at unit norm (inner-product data); `gpu` runs
+    the k-means assignment steps on the GPUs."""
     top = max(2, round(math.sqrt(nlist)))
-    first = _kmeans(sample, top, spherical, seed)
+    first = _kmeans(sample, top, spherical, seed, gpu)
     metric = faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2
     _, assign = faiss.knn(sample, first, 1, metric=metric)
     assign = assign.ravel()
     shares = proportional_shares(np.bincount(assign, minlength=top), nlist)
-    parts = [_kmeans(sample[assign == c], int(shares[c]), spherical, seed + 1 + c) for c in range(top) if shares[c]]
+    parts = [_kmeans(sample[assign == c], int(shares[c]), spherical, seed + 1 + c, gpu)
+             for c in range(top) if shares[c]]
     centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     for _ in range(REFINE_PASSES):
         centroids = _lloyd_pass(sample, centroids, first, spherical)
@@ -111,12 +113,12 @@ def _lloyd_pass(sample: np.ndarray, centroids: np.ndarray, first: np.ndarray, sp
     return np.ascontiguousarray(moved, dtype=np.float32)
 
 
-def train_two_level(index: faiss.IndexIVF, sample: np.ndarray, seed: int) -> None:
+def train_two_level(index: faiss.IndexIVF, sample: np.ndarray, seed: int, gpu: bool = False) -> None:
     """Fills the (untrained) flat quantizer of `index` with two-level centroids of `sample`; the
     index's own `train` then trains only its codec."""
     spherical = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    log.info("two-level k-means: %d lists from %d rows", index.nlist, len(sample))
-    index.quantizer.add(two_level_centroids(sample, index.nlist, spherical, seed))
+    log.info("two-level k-means: %d lists from %d rows%s", index.nlist, len(sample), " on the GPU" if gpu else "")
+    index.quantizer.add(two_level_centroids(sample, index.nlist, spherical, seed, gpu))
 
 
 def graph_params(index: faiss.IndexIVF, nprobe: int) -> faiss.SearchParametersHNSW | None:
@@ -129,21 +131,29 @@ def graph_params(index: faiss.IndexIVF, nprobe: int) -> faiss.SearchParametersHN
 
 
 @contextlib.contextmanager
+def quantizer_stand_in(index: faiss.IndexIVF, stand_in: faiss.Index):
+    """Within the block, rows added to `index` find their list through `stand_in` (another index over
+    the same centroids, in the same order); the index's own quantizer is back in place afterwards."""
+    own = index.quantizer
+    owned = index.own_fields
+    index.own_fields = False  # while the stand-in is in place, nothing may free the own quantizer
+    index.quantizer = stand_in
+    try:
+        yield
+    finally:
+        index.quantizer = own
+        index.own_fields = owned
+
+
+@contextlib.contextmanager
 def graph_assignment(index: faiss.Index):
     """Within the block, rows added to a large IVF index find their list through an HNSW graph over
     its centroids; the flat quantizer is back in place afterwards. A no-op for other indexes."""
     if not is_large(index) or not isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat):
         yield  # small, or its quantizer is a graph already
         return
-    flat = index.quantizer
     graph = faiss.IndexHNSWFlat(index.d, GRAPH_M, index.metric_type)
     graph.hnsw.efSearch = GRAPH_EF
-    graph.add(flat.reconstruct_n(0, index.nlist))
-    owned = index.own_fields
-    index.own_fields = False  # while the graph stands in, nothing may free the flat quantizer
-    index.quantizer = graph
-    try:
+    graph.add(index.quantizer.reconstruct_n(0, index.nlist))
+    with quantizer_stand_in(index, graph):
         yield
-    finally:
-        index.quantizer = flat
-        index.own_fields = owned

@@ -6,6 +6,7 @@ training, loading and searching an index.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,12 +72,17 @@ def train_size_for(factory: str, d: int, metric: str) -> int:
     return max(39 * nlist, 39 * 256, 1000)
 
 
-def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int) -> faiss.Index:
-    """Builds the index from `factory` and trains it on `sample` (float32 (n, d)) with a fixed seed."""
+def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, gpu: bool = False) -> faiss.Index:
+    """Builds the index from `factory` and trains it on `sample` (float32 (n, d)) with a fixed seed;
+    with `gpu`, the k-means of its inverted lists assigns rows on the GPUs (the result is saved on CPU)."""
     d = sample.shape[1]
     index = faiss.index_factory(d, factory, METRICS[metric])
     ivf = faiss.try_extract_index_ivf(index)
+    if gpu:
+        require_gpu()
     if ivf is not None:
+        if gpu:  # FAISS's own way: a GPU flat index does the k-means assignment steps
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, METRICS[metric]))
         ivf.cp.seed = seed
         ivf = faiss.downcast_index(ivf)
         pq = getattr(ivf, "pq", None)
@@ -89,7 +95,7 @@ def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int) 
     log.info("training %s (%s) on %d vectors of dimension %d", factory, metric, len(sample), d)
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if coarse.is_large(index):
-        coarse.train_two_level(index, sample, seed)  # the lists; `train` below trains the codec alone
+        coarse.train_two_level(index, sample, seed, gpu)  # the lists; `train` below trains the codec alone
     index.train(sample)
     return index
 
@@ -127,10 +133,38 @@ def read_index(path: Path, mmap: bool = True) -> faiss.Index:
         return faiss.read_index(str(path))
 
 
-def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
-    """Moves the index onto a GPU; raises RuntimeError when this FAISS build sees no GPU."""
+def require_gpu() -> None:
+    """Raises RuntimeError unless this FAISS build sees a GPU."""
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         raise RuntimeError("--gpu needs the faiss GPU build and a visible GPU; none was found")
+
+
+GPU_ASSIGN_TEMP_BYTES = 256 << 20  # scratch memory of one shard task's GPU quantizer
+
+
+@contextlib.contextmanager
+def gpu_assignment(index: faiss.Index):
+    """Within the block, rows added to an IVF index find their list through a flat index over its
+    centroids on the GPU (the codes are still computed on CPU, into CPU lists that can spill). A no-op
+    for an index that is not IVF."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        yield
+        return
+    require_gpu()
+    ivf = faiss.downcast_index(ivf)
+    flat = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    resources = faiss.StandardGpuResources()
+    resources.setTempMemory(GPU_ASSIGN_TEMP_BYTES)
+    on_gpu = faiss.index_cpu_to_gpu(resources, 0, flat)
+    with coarse.quantizer_stand_in(ivf, on_gpu):
+        yield
+
+
+def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
+    """Moves the index onto a GPU; raises RuntimeError when this FAISS build sees no GPU."""
+    require_gpu()
     if isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVFFastScan):
         raise RuntimeError("FAISS on GPU cannot search a FastScan codec (x4fs, what --factory auto builds); "
                            "build the datastore with an 8-bit codec for a GPU shard, e.g. --factory IVF4096,PQ48")
