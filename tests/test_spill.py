@@ -70,3 +70,25 @@ def test_a_filled_index_is_not_spillable(rows):
 def test_sizes_block_switches_layout_past_half_the_lists():
     assert sizes_block(np.array([0, 3, 0, 0])).startswith(b"sprs")
     assert sizes_block(np.array([1, 3, 0, 2])).startswith(b"full")
+
+
+def test_one_shard_tasks_work_alone_equals_faiss_add_and_hashes_what_it_wrote(rows, tmp_path):
+    """`add_rows`, a shard task's work called outside Ray (as benchmarks/add_loop.py calls it): rows
+    [500, 3500) spilled every 700 rows give FAISS's own file of those rows added at once, the float16
+    keys, and the sha256 of both as a fresh read gives them."""
+    from retriever_server.datastore.build import BuildConfig, add_rows
+    from retriever_server.datastore.manifest import file_sha256
+
+    np.save(tmp_path / "keys.npy", rows)
+    (tmp_path / "trained.index").write_bytes(_trained("IVF64,SQ8"))
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "unused", keep_keys=True, add_block=256,
+                         spill_rows=700)
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    hashed = add_rows(config, str(tmp_path / "trained.index"), 500, 3500, shard)
+    reference = _load(_trained("IVF64,SQ8"))
+    reference.add_with_ids(rows[500:3500], np.arange(500, 3500, dtype=np.int64))
+    faiss.write_index(reference, str(tmp_path / "reference.faiss"))
+    assert (shard / "index.faiss").read_bytes() == (tmp_path / "reference.faiss").read_bytes()
+    np.testing.assert_array_equal(np.load(shard / "keys.npy"), rows[500:3500].astype(np.float16))
+    assert hashed == {name: file_sha256(shard / name) for name in ("index.faiss", "keys.npy")}

@@ -138,11 +138,12 @@ def _keys_writer(path: Path, shape: tuple[int, int]) -> HashingWriter:
     return out
 
 
-def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress, folder: Path) -> dict[str, str]:
-    """Adds rows [start, end) under their global ids to a copy of the trained codec and writes it to
-    `folder/index.faiss`; with `keep_keys`, writes their float16 copy to `folder/keys.npy` in the same
-    pass over the keys. An IVF index spills its lists every `spill_rows` rows (`spill`), so memory
-    holds at most that many rows' codes. Returns the sha256 of the files it hashed while writing."""
+def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None) -> dict[str, str]:
+    """One shard task's work: adds rows [start, end) under their global ids to a copy of the trained
+    codec (saved at `trained`) and writes it to `folder/index.faiss`; with `keep_keys`, writes their
+    float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists every `spill_rows` rows (`spill`), so memory
+    holds at most that many rows' codes. `progress` (a `_Progress` actor) is told of every block
+    added. Returns the sha256 of the files it hashed while writing."""
     keys = open_rows(config.keys)
     index = faiss.read_index(trained)
     spill = ListSpill(index, folder / "spill") if spillable(index) else None
@@ -155,12 +156,13 @@ def _add_rows(config: BuildConfig, trained: str, start: int, end: int, progress,
             block = np.ascontiguousarray(keys[s:e], dtype=np.float32)
             index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
             if kept is not None:
-                kept.write(block.astype(np.float16).tobytes())
+                kept.write(block.astype(np.float16))
             held += e - s
             if spill is not None and held >= config.spill_rows:
                 spill.spill()
                 held = 0
-            progress.add.remote(e - s)
+            if progress is not None:
+                progress.add.remote(e - s)
     if kept is not None:
         hashed["keys.npy"] = kept.close()
     if spill is None:
@@ -187,7 +189,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        hashed = _add_rows(config, trained, start, end, progress, tmp)
+        hashed = add_rows(config, trained, start, end, tmp, progress)
         for name, path in config.payloads.items():
             _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
         files = {k: asdict(v) for k, v in describe_files(tmp, hashed).items()}

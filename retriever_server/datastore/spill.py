@@ -99,8 +99,8 @@ class ListSpill:
         with open(self.folder / f"codes-{c}.bin", "wb") as codes, open(self.folder / f"ids-{c}.bin", "wb") as ids:
             for i in np.flatnonzero(sizes):
                 n = int(sizes[i])
-                codes.write(faiss.rev_swig_ptr(lists.get_codes(int(i)), n * self.code_size).tobytes())
-                ids.write(faiss.rev_swig_ptr(lists.get_ids(int(i)), n).tobytes())
+                codes.write(faiss.rev_swig_ptr(lists.get_codes(int(i)), n * self.code_size))
+                ids.write(faiss.rev_swig_ptr(lists.get_ids(int(i)), n))
         self.sizes.append(sizes)
         fresh = faiss.ArrayInvertedLists(self.nlist, self.code_size)
         fresh.this.disown()  # the index owns (and frees) it
@@ -124,7 +124,7 @@ class ListSpill:
                 for c, s in enumerate(starts):
                     out.write(codes[c][s[i] * self.code_size:s[i + 1] * self.code_size])
                 for c, s in enumerate(starts):
-                    out.write(ids[c][s[i]:s[i + 1]].tobytes())
+                    out.write(ids[c][s[i]:s[i + 1]])
         finally:
             sha256 = out.close()
         tmp.replace(path)
