@@ -141,9 +141,10 @@ def _keys_writer(path: Path, shape: tuple[int, int]) -> HashingWriter:
 def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None) -> dict[str, str]:
     """One shard task's work: adds rows [start, end) under their global ids to a copy of the trained
     codec (saved at `trained`) and writes it to `folder/index.faiss`; with `keep_keys`, writes their
-    float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists every `spill_rows` rows (`spill`), so memory
-    holds at most that many rows' codes. `progress` (a `_Progress` actor) is told of every block
-    added. Returns the sha256 of the files it hashed while writing."""
+    float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists
+    every `spill_rows` rows (`spill`), so memory holds at most that many rows' codes. `progress` (a
+    `_Progress` actor) is told of every block added. Returns the sha256 of the files it hashed while
+    writing."""
     keys = open_rows(config.keys)
     index = faiss.read_index(trained)
     spill = ListSpill(index, folder / "spill") if spillable(index) else None
