@@ -77,6 +77,7 @@ from retriever_server.datastore.row_parts import PartedArray, open_rows, write_p
 log = logging.getLogger("knnlm_size")
 
 TRAIN_PREFIX, TRAIN, TRAIN_RETRO = "train prefix", "train", "train+retro"
+RETRO_ALONE = "retro alone"  # the retro split's keys without the train split's: content against size
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class SizeBenchConfig:
     valid_tokens: int = 0  # validation tokens the temperature and λ are chosen on (0: all, as the pipeline)
     prefixes: tuple[int, ...] = (10_000, 30_000, 100_000)
     retro: bool = True  # add the train+retro datastore
+    retro_alone: bool = False  # and the retro split's keys alone
     temperature: str = "tune"  # "tune" per size on validation text, "pipeline" (its choice), or a number
     k: int = 0
     nprobe: int = 0
@@ -126,7 +128,7 @@ class SizeSpec:
     """One datastore to measure: its rows, what they are, and the source and datastore folders."""
 
     name: str
-    kind: str  # TRAIN_PREFIX, TRAIN or TRAIN_RETRO
+    kind: str  # TRAIN_PREFIX, TRAIN, RETRO_ALONE or TRAIN_RETRO
     keys: int
     source: Path
     datastore: Path
@@ -288,6 +290,9 @@ def size_specs(config: SizeBenchConfig, shards: int, train: SourceInfo, retro: S
     reuse = config.factory == "auto" and built(pipeline_store, train, shards)
     specs.append(SizeSpec(TRAIN, TRAIN, train.rows, train.directory,
                           pipeline_store if reuse else stores / TRAIN / "datastore"))
+    if retro is not None and config.retro_alone:
+        specs.append(SizeSpec("retro-alone", RETRO_ALONE, retro.rows, retro.directory,
+                              stores / "retro-alone" / "datastore"))
     if retro is not None:
         specs.append(SizeSpec(TRAIN_RETRO, TRAIN_RETRO, train.rows + retro.rows, stores / TRAIN_RETRO / "source",
                               stores / TRAIN_RETRO / "datastore"))
@@ -435,8 +440,8 @@ def prepare_sources(config: SizeBenchConfig, settings: Settings, train: SourceIn
     pairs = []
     streams = [TokenStore.open(config.data / "train")] + ([TokenStore.open(config.data / RETRO_SPLIT)] if retro else [])
     for spec in size_specs(config, settings.shards, train, retro):
-        if spec.kind == TRAIN:
-            pairs.append((spec, train))
+        if spec.kind in (TRAIN, RETRO_ALONE):
+            pairs.append((spec, train if spec.kind == TRAIN else retro))
             continue
         joined = 1 if spec.kind == TRAIN_PREFIX else 2
         source = joined_source([train, retro][:joined], spec.keys, spec.source)
@@ -515,8 +520,13 @@ def plot(rows: list[SizeRow], path: Path, test_tokens: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    alone = [r for r in rows if r.source == RETRO_ALONE]  # a point beside the curve, not on it
+    rows = [r for r in rows if r.source != RETRO_ALONE]
     keys = [r.keys for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in alone:
+        ax.semilogx([r.keys], [r.knn_perplexity], marker="D", linestyle="none", color="tab:red",
+                    label="kNN-LM, the retro split's keys alone")
     ax.semilogx(keys, [r.knn_perplexity for r in rows], marker="o", label="kNN-LM, best λ on the test tokens")
     ax.semilogx(keys, [r.test_perplexity_at_valid_lambda for r in rows], marker="s", linestyle="--",
                 label="kNN-LM, λ chosen on validation text")
@@ -542,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> SizeBenchConfig:
     parser.add_argument("--prefixes", default=",".join(map(str, SizeBenchConfig.prefixes)),
                         help="comma-separated train-split prefix sizes (those below the train split's size are kept)")
     parser.add_argument("--no-retro", action="store_true", help="leave out the train+retro datastore")
+    parser.add_argument("--retro-alone", action="store_true",
+                        help="add a store of the retro split's keys alone (content against size)")
     parser.add_argument("--temperature", default="tune",
                         help="'tune' (per size, on validation text, as the pipeline), 'pipeline' (its choice) or T")
     parser.add_argument("--k", type=int, default=0, help="neighbours per token (0: the pipeline's)")
@@ -561,6 +573,7 @@ def parse_args(argv: list[str] | None = None) -> SizeBenchConfig:
             parser.error(f"--temperature must be 'tune', 'pipeline' or a positive number, got {args.temperature!r}")
     return SizeBenchConfig(run=args.run, out=args.out, tokens=args.tokens, valid_tokens=args.valid_tokens,
                            prefixes=tuple(int(p) for p in args.prefixes.split(",") if p), retro=not args.no_retro,
+                           retro_alone=args.retro_alone,
                            temperature=args.temperature, k=args.k, nprobe=args.nprobe, shards=args.shards,
                            factory=args.factory, encode_workers=args.encode_workers, batch_size=args.batch_size,
                            device=args.device, progress=not args.no_progress)

@@ -276,7 +276,10 @@ def plot(rows: list[RetroRow], chunk_len: int, knnlm: dict | None, path: Path) -
         ax.annotate(r.source, (r.chunks * chunk_len, r.change_pct), textcoords="offset points", xytext=(0, 8),
                     ha="center", fontsize=8)
     if knnlm is not None:
-        k_rows = knnlm["rows"]
+        for r in (r for r in knnlm["rows"] if r["source"] == "retro alone"):  # beside the curve, not on it
+            ax.semilogx([r["keys"]], [r["change_pct"]], marker="D", linestyle="none", color="tab:red",
+                        label="kNN-LM, the retro split's keys alone")
+        k_rows = [r for r in knnlm["rows"] if r["source"] != "retro alone"]
         ax.semilogx([r["keys"] for r in k_rows], [r["change_pct"] for r in k_rows], marker="s",
                     label="kNN-LM, best λ (a row: one token)")
         for r in k_rows:

@@ -18,7 +18,7 @@ from conftest import tiny_pipeline_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from knnlm_size import TRAIN, TRAIN_PREFIX, TRAIN_RETRO, SizeBenchConfig, run  # noqa: E402
+from knnlm_size import RETRO_ALONE, TRAIN, TRAIN_PREFIX, TRAIN_RETRO, SizeBenchConfig, run  # noqa: E402
 
 from lm_worker.data.token_store import RETRO_SPLIT, TokenStore  # noqa: E402
 from lm_worker.evaluation.config import EvalConfig  # noqa: E402
@@ -52,7 +52,7 @@ def tiny_run(ray_cluster, tmp_path_factory) -> Path:
 def measured(tiny_run, tmp_path_factory) -> tuple[SizeBenchConfig, dict]:
     out = tmp_path_factory.mktemp("knnlm-size-out")
     config = SizeBenchConfig(run=tiny_run, out=out, tokens=TOKENS, prefixes=PREFIXES, k=K, nprobe=10 ** 6,
-                             encode_workers=1, progress=False)
+                             encode_workers=1, retro_alone=True, progress=False)
     return config, run(config)
 
 
@@ -83,18 +83,22 @@ def test_sizes_grow_to_train_plus_retro_and_every_perplexity_is_finite(measured)
     config, results = measured
     rows = results["rows"]
     train, retro = streams(config.run)
-    assert [r["source"] for r in rows] == [TRAIN_PREFIX, TRAIN_PREFIX, TRAIN, TRAIN_RETRO]
+    assert [r["source"] for r in rows] == [TRAIN_PREFIX, TRAIN_PREFIX, TRAIN, RETRO_ALONE, TRAIN_RETRO]
+    alone, rows = rows[3], rows[:3] + rows[4:]
     keys = [r["keys"] for r in rows]
     assert keys == sorted(set(keys)) and keys[:2] == list(PREFIXES)
     assert keys[2] == len(train) - 1 and keys[3] == (len(train) - 1) + (len(retro) - 1)
     assert read_manifest(config.out / "stores" / TRAIN_RETRO / "datastore").ntotal == keys[3]
+    assert alone["keys"] == len(retro) - 1  # the retro split's source, as encoded, built on its own
+    assert read_manifest(config.out / "stores" / "retro-alone" / "datastore").ntotal == alone["keys"]
+    assert math.isfinite(alone["knn_perplexity"]) and alone["base_perplexity"] == rows[0]["base_perplexity"]
     for r in rows:
         for name in ("knn_perplexity", "base_perplexity", "test_perplexity_at_valid_lambda", "valid_perplexity"):
             assert math.isfinite(r[name]) and r[name] > 1, (r["name"], name)
         assert r["test_tokens"] == TOKENS and r["nprobe"] == r["nlist"]  # every list probed: exact search
     assert rows[2]["built_seconds"] == 0  # the run's own datastore of the train split, reused
     saved = json.loads((config.out / "knnlm_size.json").read_text())
-    assert saved["rows"] == rows
+    assert saved["rows"] == results["rows"]
     assert (config.out / "knnlm_size.png").stat().st_size > 10_000
 
 
