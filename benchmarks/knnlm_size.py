@@ -452,7 +452,6 @@ def prepare_sources(config: SizeBenchConfig, settings: Settings, train: SourceIn
 
 def run(config: SizeBenchConfig) -> dict:
     """Encodes, builds and evaluates every size; writes OUT/knnlm_size.json and .png; returns the results."""
-
     check_run(config)
     started = time.perf_counter()
     config.out.mkdir(parents=True, exist_ok=True)

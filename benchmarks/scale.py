@@ -100,7 +100,7 @@ class SizeResult:
     add_s: float = 0.0
     add_rows_per_s_per_core: float = 0.0
     faiss_add_rows_per_s: float = 0.0  # one thread
-    faiss_add_rows_per_s_per_core: float = 0.0  # BUILD_CPUS threads, per core
+    faiss_add_rows_per_s_per_core: float = 0.0  # as many threads as the build's CPUs, per core
     peak_build_anon_gib: float = 0.0
     peak_build_file_gib: float = 0.0
     disk_bytes_per_row: float = 0.0

@@ -166,7 +166,7 @@ def to_gpu(index: faiss.Index, device: int = 0) -> faiss.Index:
     """Moves the index onto a GPU; raises RuntimeError when this FAISS build sees no GPU."""
     require_gpu()
     if isinstance(faiss.try_extract_index_ivf(index), faiss.IndexIVFFastScan):
-        raise RuntimeError("FAISS on GPU cannot search a FastScan codec (x4fs, what --factory auto builds); "
+        raise RuntimeError("FAISS on GPU cannot search a FastScan codec (x4fs); "
                            "build the datastore with an 8-bit codec for a GPU shard, e.g. --factory IVF4096,PQ48")
     resources = faiss.StandardGpuResources()
     options = faiss.GpuClonerOptions()
