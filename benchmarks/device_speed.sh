@@ -21,21 +21,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=${DEVICE:-.device}
-PY_VERSION=${DEVICE_PYTHON:-3.12}  # the GPU machine's python3
 N_KEYS=20000
 N_QUERIES=1000
-WHEELS=(faiss-cpu grpcio grpcio-health-checking grpcio-reflection protobuf cryptography cffi)  # at this venv's versions
+source benchmarks/device_wheels.sh
 
 fetch() {
-    local python=${PYTHON:-.venv/bin/python} pinned=() name
-    for name in "${WHEELS[@]}"; do
-        pinned+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
-    done
-    rm -rf "$DEVICE/wheels" && mkdir -p "$DEVICE/wheels"
-    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
-        --implementation cp --abi "cp${PY_VERSION/./}" --abi abi3 --abi none \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform any -d "$DEVICE/wheels" "${pinned[@]}"
+    local python=${PYTHON:-.venv/bin/python}
+    fetch_device_wheels "$DEVICE/wheels"
     [ -f bench_out/ds-cpu-cost/manifest.json ] || { echo "no bench_out/ds-cpu-cost: run python benchmarks/cpu_cost.py --quick first" >&2; exit 1; }
     rm -rf "$DEVICE/ds-cpu-cost" && cp -r bench_out/ds-cpu-cost "$DEVICE/ds-cpu-cost"
     "$python" - "$DEVICE/vectors" "$N_KEYS" "$N_QUERIES" <<'EOF'
@@ -63,11 +55,9 @@ EOF
 run_there() {
     local out=${OUT:-$DEVICE/out} quick=()
     [ "${1:-}" = "--quick" ] && quick=(--quick)
-    [ -d "$DEVICE/wheels" ] || { echo "no $DEVICE/wheels: run this script with --fetch where there is a registry, and carry $DEVICE" >&2; exit 1; }
     echo "machine: $(nproc) cores; $(python3 --version)"
     command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "no nvidia-smi"
-    python3 -m venv --system-site-packages /tmp/device-venv
-    /tmp/device-venv/bin/python -m pip install --quiet --no-index --no-deps --find-links "$DEVICE/wheels" "${WHEELS[@]}"
+    install_device_wheels "$DEVICE/wheels" /tmp/device-venv
     mkdir -p "$out"
     /tmp/device-venv/bin/python - "$DEVICE/vectors" "$out/vectors" <<'EOF'
 import shutil, sys

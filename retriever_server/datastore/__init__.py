@@ -5,6 +5,7 @@
 - `index`: everything FAISS: factory strings, seeded training, adding with global ids, load, search;
 - `coarse`: the coarse quantizer of a large IVF index (two-level k-means, graph-assisted assignment);
 - `spill`: one shard's IVF index filled in bounded memory (lists spilled to disk, written list by list);
+- `stream_io`: a build's reads ahead and writes behind, on a thread, with O_DIRECT (off the page cache);
 - `row_parts`: one (N, ...) array stored as several .npy files (`NAME.parts.json`);
 - `build_inputs`: what a build is asked to do, checked before any work starts;
 - `build`: the Ray build job (train the codec once, fill shards in parallel, resume, publish);

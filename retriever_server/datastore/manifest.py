@@ -174,26 +174,9 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class HashingWriter:
-    """A binary file written front to back whose sha256 is taken as it is written, so a build need not
-    read a file it has just written (on a cold page cache, reading costs as much CPU as hashing)."""
-
-    def __init__(self, path: Path):
-        self.file, self.digest = open(path, "wb"), hashlib.sha256()
-
-    def write(self, data) -> None:
-        self.digest.update(data)
-        self.file.write(data)
-
-    def close(self) -> str:
-        """Closes the file and returns its sha256."""
-        self.file.close()
-        return self.digest.hexdigest()
-
-
 def describe_files(shard_dir: Path, known: dict[str, str] | None = None) -> dict[str, FileEntry]:
     """Size and sha256 of every file in a shard directory, by name; `known` gives the sha256 of files
-    hashed as they were written (a `HashingWriter`), which are not read again."""
+    hashed as they were written (`stream_io.StreamWriter`), which are not read again."""
     known = known or {}
     return {
         p.name: FileEntry(p.stat().st_size, known.get(p.name) or file_sha256(p))

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import mmap
 import numbers
 import os
 from collections import OrderedDict
@@ -125,14 +126,26 @@ class PartedArray:
         if step != 1:
             return self._take(np.arange(start, stop, step, dtype=np.int64))
         out = np.empty((max(0, stop - start), *self.row_shape), dtype=self.dtype)
+        self.read_into(out, start)
+        return out
+
+    def locate(self, start: int, end: int) -> tuple[np.ndarray, int] | None:
+        """(the part's mapping, the row within it) where rows [start, end) lie in one part, else None."""
+        p = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        if p < 0 or end > self.offsets[p + 1]:
+            return None
+        return self._part(p), start - int(self.offsets[p])
+
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Fills `out` with rows [start, start + len(out)), read from the part files (see `read_rows`)."""
+        stop = start + len(out)
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         for p in range(max(first, 0), len(self.paths)):
             lo, hi = max(start, self.offsets[p]), min(stop, self.offsets[p + 1])
             if lo >= stop:
                 break
             if lo < hi:
-                out[lo - start:hi - start] = self._part(p)[lo - self.offsets[p]:hi - self.offsets[p]]
-        return out
+                read_rows(self._part(p), lo - self.offsets[p], out[lo - start:hi - start])
 
     def _take(self, index: np.ndarray) -> np.ndarray:
         if index.dtype.kind not in "iu":
@@ -149,6 +162,40 @@ class PartedArray:
             mask = part_of == p
             out[mask] = self._part(int(p))[flat[mask] - self.offsets[p]]
         return out.reshape(*index.shape, *self.row_shape)
+
+
+def read_rows(rows: np.ndarray | PartedArray, start: int, out: np.ndarray) -> None:
+    """Fills `out` with rows [start, start + len(out)) of `rows` (an `open_rows` result).
+
+    A C-ordered .npy mapping of `out`'s dtype is read with `readinto` from its file rather than copied
+    through the mapping: the same bytes for about a third of the CPU on a cold page cache (no page
+    faults), which a build's add loop spends once per row.
+
+    Raises:
+        IndexError: the rows run past the end.
+    """
+    if start < 0 or start + len(out) > len(rows):
+        raise IndexError(f"rows [{start}, {start + len(out)}) are out of bounds for {len(rows)} rows")
+    if isinstance(rows, PartedArray):
+        rows.read_into(out, start)
+    elif _file_backed(rows, out):
+        with open(rows.filename, "rb", buffering=0) as f:
+            f.seek(rows.offset + start * rows.strides[0])
+            view, got = memoryview(out).cast("B"), 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise IndexError(f"{rows.filename} ended before row {start + len(out)}")
+                got += n
+    else:
+        out[...] = rows[start:start + len(out)]
+
+
+def _file_backed(rows: np.ndarray, out: np.ndarray) -> bool:
+    """Whether `rows` is a whole C-ordered .npy mapping whose bytes can be read straight into `out`."""
+    return (isinstance(rows, np.memmap) and rows.filename is not None and rows.base is not None
+            and isinstance(rows.base, mmap.mmap) and rows.flags.c_contiguous
+            and rows.dtype == out.dtype and out.flags.c_contiguous and rows.shape[1:] == out.shape[1:])
 
 
 def _read_index(index_path: Path) -> dict:

@@ -14,13 +14,14 @@ lists) are filled in memory as before.
 from __future__ import annotations
 
 import logging
+import mmap
 import struct
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from retriever_server.datastore.manifest import HashingWriter
+from retriever_server.datastore.stream_io import StreamWriter
 
 log = logging.getLogger(__name__)
 EMPTY_LISTS_TAIL = b"sprs" + struct.pack("<Q", 0)  # how write_index ends an index whose lists are all empty
@@ -96,11 +97,14 @@ class ListSpill:
         lists = self.ivf.invlists
         sizes = np.array([lists.list_size(i) for i in range(self.nlist)], dtype=np.int64)
         c = len(self.sizes)
-        with open(self.folder / f"codes-{c}.bin", "wb") as codes, open(self.folder / f"ids-{c}.bin", "wb") as ids:
+        with (StreamWriter(self.folder / f"codes-{c}.bin", checksum=False) as codes,
+              StreamWriter(self.folder / f"ids-{c}.bin", checksum=False) as ids):
             for i in np.flatnonzero(sizes):
                 n = int(sizes[i])
                 codes.write(faiss.rev_swig_ptr(lists.get_codes(int(i)), n * self.code_size))
                 ids.write(faiss.rev_swig_ptr(lists.get_ids(int(i)), n))
+            codes.close()
+            ids.close()
         self.sizes.append(sizes)
         fresh = faiss.ArrayInvertedLists(self.nlist, self.code_size)
         fresh.this.disown()  # the index owns (and frees) it
@@ -112,26 +116,34 @@ class ListSpill:
         """Writes the index holding every spilled row to `path` (through a temporary name), removes the
         spills and returns the file's sha256."""
         total = np.sum(self.sizes, axis=0) if self.sizes else np.zeros(self.nlist, dtype=np.int64)
-        starts = [np.concatenate([[0], np.cumsum(s)]) for s in self.sizes]  # (nlist + 1,) per chunk
-        codes = [self._map(f"codes-{c}.bin", np.uint8) for c in range(len(self.sizes))]
-        ids = [self._map(f"ids-{c}.bin", np.int64) for c in range(len(self.sizes))]
-        tmp = path.with_name(path.name + ".tmp")
-        out = HashingWriter(tmp)
-        try:
+        # per chunk, where each list's rows begin, and its files' bytes
+        starts = [np.concatenate([[0], np.cumsum(s)]).tolist() for s in self.sizes]  # nlist + 1 each
+        codes = [self._bytes(f"codes-{c}.bin") for c in range(len(self.sizes))]
+        ids = [self._bytes(f"ids-{c}.bin") for c in range(len(self.sizes))]
+        tmp, cs = path.with_name(path.name + ".tmp"), self.code_size
+        with StreamWriter(tmp) as out:
             out.write(_empty_header(self.index, int(total.sum())))
             out.write(sizes_block(total))
-            for i in np.flatnonzero(total):
+            for i in np.flatnonzero(total).tolist():
                 for c, s in enumerate(starts):
-                    out.write(codes[c][s[i] * self.code_size:s[i + 1] * self.code_size])
+                    out.write(codes[c][s[i] * cs:s[i + 1] * cs])
                 for c, s in enumerate(starts):
-                    out.write(ids[c][s[i]:s[i + 1]])
-        finally:
+                    out.write(ids[c][s[i] * 8:s[i + 1] * 8])
             sha256 = out.close()
+        for view in codes + ids:
+            view.release()
         tmp.replace(path)
         for f in self.folder.glob("*.bin"):
             f.unlink()
         return sha256
 
-    def _map(self, name: str, dtype) -> np.ndarray:
+    def _bytes(self, name: str) -> memoryview:
+        """A spill file's bytes, mapped and read ahead (written with O_DIRECT, they are not in the page cache)."""
         path = self.folder / name
-        return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+        if not path.stat().st_size:
+            return memoryview(b"")
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_SEQUENTIAL"):
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+        return memoryview(mapped)

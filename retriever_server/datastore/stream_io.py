@@ -1,0 +1,242 @@
+"""A build's streaming file I/O: rows read ahead and files written behind, on a thread, off the page cache.
+
+A shard task reads every key once and writes every byte of its shard once. Through the page cache,
+each of those bytes costs the task's core a kernel copy and a page allocation, and a 10^7-row build
+pushes several times the machine's memory through the cache, evicting what serving shards hold.
+Here the bytes move by DMA instead (`O_DIRECT`), on a thread, while the task adds rows to its index:
+
+- `StreamWriter` copies what it is given into page-aligned buffers; its thread hashes each buffer
+  (sha256, for the manifest) and writes it.
+- `RowBlocks` reads the next block of rows while the task adds the current one.
+
+Where a filesystem refuses `O_DIRECT` (tmpfs, some network filesystems), both use ordinary buffered
+I/O, still on their thread. The bytes written and the rows read are the same either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from retriever_server.datastore.row_parts import PartedArray, read_rows
+
+log = logging.getLogger(__name__)
+ALIGN = 4096  # O_DIRECT's alignment of buffer addresses, file offsets and lengths (a page covers every device)
+DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _without_direct(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT)
+
+
+def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+    """An fd for `path` opened with O_DIRECT where the filesystem allows it, and whether it was."""
+    if DIRECT:
+        try:
+            return os.open(path, flags | DIRECT, 0o644), True
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+class StreamWriter:
+    """A file written front to back on a thread, with O_DIRECT where allowed, and its sha256.
+
+    `write` returns once the bytes are copied into one of `buffers` page-aligned buffers of
+    `buffer_bytes` (it waits only when all of them are still being written). Use it as a context
+    manager, or call `close`, which waits for the last write and returns the sha256 ("" without
+    `checksum`); a write error on the thread is raised by the next `write` or by `close`.
+    """
+
+    def __init__(self, path: Path, buffer_bytes: int = 4 << 20, buffers: int = 3, checksum: bool = True):
+        if buffer_bytes % ALIGN:
+            raise ValueError(f"buffer_bytes must be a multiple of {ALIGN}, got {buffer_bytes}")
+        self.path = Path(path)
+        self.fd, self.direct = _open_direct(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(mmap.mmap(-1, buffer_bytes))
+        self._full: queue.Queue = queue.Queue()
+        self._digest, self._error = (hashlib.sha256() if checksum else None), None
+        self._buffer, self._filled = self._free.get(), 0
+        self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def write(self, data) -> None:
+        """Appends `data` (a C-contiguous buffer: bytes, a numpy array)."""
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        end = self._filled + len(view)
+        if end < len(self._buffer):  # most writes: it fits in the buffer being filled
+            self._buffer[self._filled:end] = view
+            self._filled = end
+            return
+        while view:
+            n = min(len(view), len(self._buffer) - self._filled)
+            self._buffer[self._filled:self._filled + n] = view[:n]
+            self._filled, view = self._filled + n, view[n:]
+            if self._filled == len(self._buffer):
+                self._hand_over()
+                self._buffer, self._filled = self._free.get(), 0
+
+    def close(self) -> str:
+        """Writes what is left, closes the file and returns its sha256 (again, once closed).
+
+        Raises:
+            OSError: a write on the thread failed.
+        """
+        if self._filled:
+            self._hand_over()
+            self._filled = 0
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest() if self._digest is not None else ""
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._stop()  # the caller's error wins; the file is left as far as it got
+
+    def _hand_over(self) -> None:
+        if self._error is not None:
+            self._stop()
+            raise self._error
+        self._full.put((self._buffer, self._filled))
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+            os.close(self.fd)
+
+    def _drain(self) -> None:
+        while (item := self._full.get()) is not None:
+            buffer, n = item
+            try:
+                if self._error is None:
+                    view = memoryview(buffer)[:n]
+                    if self._digest is not None:
+                        self._digest.update(view)
+                    self._write_out(view)
+            except OSError as err:
+                self._error = err
+            finally:
+                self._free.put(buffer)
+
+    def _write_out(self, view: memoryview) -> None:
+        """Writes one buffer; only the last may be shorter than a buffer, and its unaligned tail is
+        written without O_DIRECT."""
+        if self.direct:
+            aligned = len(view) - len(view) % ALIGN
+            try:
+                _write_all(self.fd, view[:aligned])
+            except OSError as err:
+                if err.errno != errno.EINVAL or os.lseek(self.fd, 0, os.SEEK_CUR) % ALIGN:
+                    raise
+                log.debug("%s: O_DIRECT writes refused; writing through the page cache", self.path)
+                aligned = 0
+            if aligned < len(view):
+                _without_direct(self.fd)
+                self.direct = False
+            view = view[aligned:]
+        _write_all(self.fd, view)
+
+
+def _file_span(rows: np.ndarray | PartedArray, start: int, end: int) -> tuple[str, int] | None:
+    """(path, byte offset) of rows [start, end) where they lie in one C-ordered .npy file, else None."""
+    if isinstance(rows, PartedArray):
+        located = rows.locate(start, end)
+        if located is None:
+            return None  # the block crosses into the next part
+        rows, start = located
+    if not (isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and rows.flags.c_contiguous):
+        return None
+    return rows.filename, rows.offset + start * rows.strides[0]
+
+
+class RowBlocks:
+    """Blocks of rows [start, end), `block` rows each, each read on a thread while the one before is in use.
+
+    Iterating yields (s, e, rows[s:e]); the array is valid until the next block after it is asked for
+    (two buffers take turns). A block that lies in one .npy file is read with O_DIRECT where allowed.
+    """
+
+    def __init__(self, rows: np.ndarray | PartedArray, start: int, end: int, block: int):
+        self.rows, self.start, self.end, self.block = rows, start, end, block
+        self.row_bytes = int(np.prod(rows.shape[1:])) * rows.dtype.itemsize
+        self._size = min(block, max(end - start, 0)) * self.row_bytes + 2 * ALIGN
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        bounds = [(s, min(self.end, s + self.block)) for s in range(self.start, self.end, self.block)]
+        if not bounds:
+            return
+        buffers = [mmap.mmap(-1, self._size), mmap.mmap(-1, self._size)]
+        with ThreadPoolExecutor(1, thread_name_prefix="read rows") as pool:
+            pending = pool.submit(self._read, *bounds[0], buffers[0])
+            for i, (s, e) in enumerate(bounds):
+                rows = pending.result()
+                if i + 1 < len(bounds):
+                    pending = pool.submit(self._read, *bounds[i + 1], buffers[(i + 1) % 2])
+                yield s, e, rows
+
+    def _read(self, s: int, e: int, buffer: mmap.mmap) -> np.ndarray:
+        span, shape = _file_span(self.rows, s, e), (e - s, *self.rows.shape[1:])
+        if span is None:
+            out = np.frombuffer(buffer, dtype=self.rows.dtype, count=int(np.prod(shape))).reshape(shape)
+            read_rows(self.rows, s, out)
+            return out
+        path, offset = span
+        first = offset - offset % ALIGN
+        length = -(-(offset + (e - s) * self.row_bytes - first) // ALIGN) * ALIGN
+        fd, direct = _open_direct(Path(path), os.O_RDONLY)
+        try:
+            got = _read_at(fd, memoryview(buffer)[:length], first, direct)
+        finally:
+            os.close(fd)
+        if got < offset - first + (e - s) * self.row_bytes:
+            raise EOFError(f"{path} ended before row {e}")
+        return np.frombuffer(buffer, dtype=self.rows.dtype, count=int(np.prod(shape)),
+                             offset=offset - first).reshape(shape)
+
+
+def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> int:
+    """Reads into `view` from `offset` until it is full or the file ends; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        try:
+            n = os.preadv(fd, [view[got:]], offset + got)
+        except OSError as err:
+            if not (direct and err.errno == errno.EINVAL):
+                raise
+            _without_direct(fd)  # the filesystem took the flag but refuses the reads
+            direct = False
+            continue
+        if not n:
+            break
+        got += n
+        if direct and got % ALIGN:
+            break  # a short direct read ends at the end of the file
+    return got
