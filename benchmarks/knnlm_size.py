@@ -172,19 +172,31 @@ def check_run(config: SizeBenchConfig) -> None:
               config.data / "test" / "documents.json": "the test split"}
     if config.retro:
         needed[config.data / RETRO_SPLIT / "documents.json"] = "the retro split (or pass --no-retro)"
+    exit_if_missing(config.run, needed)
+
+
+def exit_if_missing(run_dir: Path, needed: dict[Path, str]) -> None:
+    """Exits with a message naming every file of `needed` (path: what it is) that RUN lacks."""
     missing = [f"  {path}: {what}" for path, what in needed.items() if not path.is_file()]
     if missing:
-        raise SystemExit(f"error: {config.run} is not a complete pipeline run; missing:\n" + "\n".join(missing))
+        raise SystemExit(f"error: {run_dir} is not a complete pipeline run; missing:\n" + "\n".join(missing))
+
+
+def pipeline_config(run_dir: Path, what: str) -> dict:
+    """The config the pipeline ran RUN with (its report's), or {} with a warning that `what` falls back
+    to `PipelineConfig`'s defaults."""
+    report = run_dir / "report" / "eval.json"
+    ran = json.loads(report.read_text())["meta"]["config"] if report.is_file() else {}
+    if not ran:
+        log.warning("%s not found: using PipelineConfig's defaults for %s", report, what)
+    return ran
 
 
 def pipeline_settings(config: SizeBenchConfig) -> Settings:
     """k, nprobe, temperatures, shards and encode workers as the pipeline ran on RUN (its report's
     config), else `PipelineConfig`'s defaults; the config's non-zero fields win."""
-    report = config.run / "report" / "eval.json"
     defaults = PipelineConfig()
-    ran = json.loads(report.read_text())["meta"]["config"] if report.is_file() else {}
-    if not ran:
-        log.warning("%s not found: using PipelineConfig's defaults for k, nprobe and the temperatures", report)
+    ran = pipeline_config(config.run, "k, nprobe and the temperatures")
     knn = ran.get("knn", asdict(defaults.knn))
     chosen = config.run / "report" / "temperature.json"
     return Settings(k=config.k or int(knn["k"]), nprobe=config.nprobe or int(knn["nprobe"]),

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from knnlm_size import built, ensure_datastore, joined_source, ray_for
+from knnlm_size import built, ensure_datastore, exit_if_missing, joined_source, pipeline_config, ray_for
 from tqdm.auto import tqdm
 
 from lm_worker.data.token_store import RETRO_SPLIT, TokenStore
@@ -124,17 +124,12 @@ def check_run(config: RetroSizeConfig) -> None:
               config.run / "data" / "test" / "documents.json": "the test split"}
     if config.retro:
         needed[config.run / "data" / RETRO_SPLIT / "documents.json"] = "the retro split (or pass --no-retro)"
-    missing = [f"  {path}: {what}" for path, what in needed.items() if not path.is_file()]
-    if missing:
-        raise SystemExit(f"error: {config.run} is not a complete pipeline run; missing:\n" + "\n".join(missing))
+    exit_if_missing(config.run, needed)
 
 
 def pipeline_settings(config: RetroSizeConfig) -> Settings:
     """The run's RETRO retrieval and windows (its report's config, else `PipelineConfig`'s defaults)."""
-    report = config.run / "report" / "eval.json"
-    ran = json.loads(report.read_text())["meta"]["config"] if report.is_file() else {}
-    if not ran:
-        log.warning("%s not found: using PipelineConfig's defaults", report)
+    ran = pipeline_config(config.run, "RETRO's retrieval and windows")
     defaults = asdict(PipelineConfig())
 
     def setting(name: str):

@@ -178,24 +178,34 @@ def read_rows(rows: np.ndarray | PartedArray, start: int, out: np.ndarray) -> No
         raise IndexError(f"rows [{start}, {start + len(out)}) are out of bounds for {len(rows)} rows")
     if isinstance(rows, PartedArray):
         rows.read_into(out, start)
-    elif _file_backed(rows, out):
-        with open(rows.filename, "rb", buffering=0) as f:
-            f.seek(rows.offset + start * rows.strides[0])
-            view, got = memoryview(out).cast("B"), 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise IndexError(f"{rows.filename} ended before row {start + len(out)}")
-                got += n
-    else:
+        return
+    span = file_span(rows, start, start + len(out))
+    if span is None or rows.dtype != out.dtype or not out.flags.c_contiguous or rows.shape[1:] != out.shape[1:]:
         out[...] = rows[start:start + len(out)]
+        return
+    path, offset = span
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        view, got = memoryview(out).cast("B"), 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise IndexError(f"{path} ended before row {start + len(out)}")
+            got += n
 
 
-def _file_backed(rows: np.ndarray, out: np.ndarray) -> bool:
-    """Whether `rows` is a whole C-ordered .npy mapping whose bytes can be read straight into `out`."""
-    return (isinstance(rows, np.memmap) and rows.filename is not None and rows.base is not None
-            and isinstance(rows.base, mmap.mmap) and rows.flags.c_contiguous
-            and rows.dtype == out.dtype and out.flags.c_contiguous and rows.shape[1:] == out.shape[1:])
+def file_span(rows: np.ndarray | PartedArray, start: int, end: int) -> tuple[str, int] | None:
+    """(path, byte offset) of rows [start, end) of an `open_rows` result where they lie in one C-ordered
+    .npy file (a whole mapping, or one part), else None."""
+    if isinstance(rows, PartedArray):
+        located = rows.locate(start, end)
+        if located is None:
+            return None  # the rows cross into the next part
+        rows, start = located
+    if not (isinstance(rows, np.memmap) and rows.filename is not None and isinstance(rows.base, mmap.mmap)
+            and rows.flags.c_contiguous):
+        return None
+    return rows.filename, rows.offset + start * rows.strides[0]
 
 
 def _read_index(index_path: Path) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever_server.datastore.row_parts import PartedArray, read_rows
+from retriever_server.datastore.row_parts import PartedArray, file_span, read_rows
 
 log = logging.getLogger(__name__)
 ALIGN = 4096  # O_DIRECT's alignment of buffer addresses, file offsets and lengths (a page covers every device)
@@ -165,18 +165,6 @@ class StreamWriter:
         _write_all(self.fd, view)
 
 
-def _file_span(rows: np.ndarray | PartedArray, start: int, end: int) -> tuple[str, int] | None:
-    """(path, byte offset) of rows [start, end) where they lie in one C-ordered .npy file, else None."""
-    if isinstance(rows, PartedArray):
-        located = rows.locate(start, end)
-        if located is None:
-            return None  # the block crosses into the next part
-        rows, start = located
-    if not (isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and rows.flags.c_contiguous):
-        return None
-    return rows.filename, rows.offset + start * rows.strides[0]
-
-
 class RowBlocks:
     """Blocks of rows [start, end), `block` rows each, each read on a thread while the one before is in use.
 
@@ -203,7 +191,7 @@ class RowBlocks:
                 yield s, e, rows
 
     def _read(self, s: int, e: int, buffer: mmap.mmap) -> np.ndarray:
-        span, shape = _file_span(self.rows, s, e), (e - s, *self.rows.shape[1:])
+        span, shape = file_span(self.rows, s, e), (e - s, *self.rows.shape[1:])
         if span is None:
             out = np.frombuffer(buffer, dtype=self.rows.dtype, count=int(np.prod(shape))).reshape(shape)
             read_rows(self.rows, s, out)
