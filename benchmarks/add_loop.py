@@ -4,7 +4,7 @@ On the keys and the trained codec of a datastore `scale.py` built (its first sha
 one thread, rows [0, N):
 
 - **FAISS add**: the rows read into memory first (not timed), then one `add_with_ids` call;
-- **build add loop**: `retriever_server.datastore.build.add_rows`, what each shard task of a build
+- **build add loop**: `retriever_server.datastore.shard_fill.add_rows`, what each shard task of a build
   runs: read a block of keys from the parts (their pages dropped first, as a build finds them), add
   it, write its float16 copy, spill the lists, write the index file, hashing both files as written.
 
@@ -34,9 +34,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from retriever_server.datastore.build import BuildConfig, add_rows
+from retriever_server.datastore.build_inputs import BuildConfig
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.datastore.row_parts import files_of, open_rows
+from retriever_server.datastore.shard_fill import add_rows
 
 
 @dataclass(frozen=True)

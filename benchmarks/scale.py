@@ -11,10 +11,12 @@ Per size N, in one run:
 - **build**: `retriever-server build` in a child process (2 shards, `--keep-keys`, metric ip, `auto`,
   its own local Ray cluster of 2 CPUs, or `--build-cpus`): its wall seconds, split into training and adding (the
   manifest's `build` record), and the add phase's rows/s per core beside plain single-process FAISS
-  `add` into the same trained codec (shard 0's index, emptied), timed on a slice of at most 10^6 rows
-  with as many threads as the build has cores (per core) and with one; the peak anonymous memory of
+  `add` into the same trained codec (shard 0's index, emptied): with as many threads as the build has
+  cores over every row (per core: the same rows, cores and sustained load), and with one thread on a
+  slice of at most 10^6 rows; the peak anonymous memory of
   the build's process and every Ray process below it together, sampled every 0.2 s from /proc, and
-  their file-backed pages apart;
+  their file-backed pages apart; and each shard task's seconds by phase (the manifest's
+  `shard_phases`: FAISS's add, the keys' float16 copy, spills, the index file, waiting for keys);
 - **disk**: bytes per row of the published datastore;
 - **serve**: `LocalDeployment` start-up seconds, each shard's RssAnon and RssFile, an idle shard's
   measured the same way;
@@ -28,7 +30,7 @@ Per size N, in one run:
 - **recall@10** at the default settings with exact re-rank of 100 candidates, and without re-rank.
 
     python benchmarks/scale.py [--sizes 100000,1000000,3000000,10000000] [--quick] [--out bench_out/scale]
-                               [--real-keys N|all] [--build-cpus C] [--gpu]
+                               [--real-keys N|all] [--build-cpus C] [--gpu] [--keep-others]
 
 `--gpu` (faiss GPU build) builds with `retriever-server build --gpu` and serves with `serve --gpu`;
 `benchmarks/gpu_scale.sh` runs it with the kNN-LM evaluation on CUDA.
@@ -36,6 +38,8 @@ Per size N, in one run:
 Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
 OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
 the table. Datastores are kept in OUT and reused when their rows and real keys match (OUT/nN-realR).
+`--keep-others` re-measures only `--sizes` and keeps the other sizes an earlier run wrote to
+OUT/scale.json in the JSON, table and plot.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from decoding import process_cpu_s  # noqa: E402
 from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
 from retriever_server.datastore import index as ix  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
-from retriever_server.datastore.row_parts import write_parts_index  # noqa: E402
+from retriever_server.datastore.row_parts import open_rows, write_parts_index  # noqa: E402
 from retriever_server.serving.client import RetrieverClient  # noqa: E402
 
 NOISE = 0.02  # per-dimension Gaussian noise added to a real key for the rows past the real ones
@@ -70,6 +74,7 @@ QUERIES = 256
 PART_ROWS = 1 << 20  # rows per .npy part of generated keys
 SHARDS = 2
 BUILD_CPUS = 2  # the build's local Ray cluster: one core per shard task
+REFERENCE_BLOCK = 1_000_000  # rows read (untimed) per FAISS add of the reference over every row
 RERANK = 100
 
 
@@ -80,7 +85,7 @@ class ScaleConfig:
     sizes: tuple[int, ...] = (100_000, 1_000_000, 3_000_000, 10_000_000)
     out: Path = Path("bench_out/scale")
     seconds_per_cell: float = 2.0
-    reference_rows: int = 1_000_000  # plain FAISS add is timed on at most this many rows
+    reference_rows: int = 1_000_000  # plain FAISS add on one thread is timed on at most this many rows
     real_keys: int = REAL_KEYS
     seed: int = 0
     build_cpus: int = BUILD_CPUS  # the build's local Ray cluster; each of the SHARDS tasks gets an equal share
@@ -99,8 +104,8 @@ class SizeResult:
     train_s: float = 0.0
     add_s: float = 0.0
     add_rows_per_s_per_core: float = 0.0
-    faiss_add_rows_per_s: float = 0.0  # one thread
-    faiss_add_rows_per_s_per_core: float = 0.0  # as many threads as the build's CPUs, per core
+    faiss_add_rows_per_s: float = 0.0  # one thread, on at most reference_rows rows
+    faiss_add_rows_per_s_per_core: float = 0.0  # as many threads as the build's CPUs, every row, per core
     peak_build_anon_gib: float = 0.0
     peak_build_file_gib: float = 0.0
     disk_bytes_per_row: float = 0.0
@@ -115,6 +120,7 @@ class SizeResult:
     warm_ms: float = 0.0
     recall_rerank: float = 0.0
     recall_plain: float = 0.0
+    shard_phases: list[dict] = field(default_factory=list)  # each shard task's seconds by phase (manifest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,24 +302,30 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
 
 def faiss_reference(config: ScaleConfig, real: np.ndarray, out: Path, result: SizeResult) -> None:
     """Plain FAISS in this process: `add` into the build's trained codec (shard 0's index, emptied),
-    timed on a slice of the rows with one thread, and with as many threads as the build has cores
-    (rows/s per core, on the same cores as the build's shard tasks)."""
+    with as many threads as the build has cores, over every row the build added (read from its keys a
+    block at a time, untimed; rows/s per core: the same rows, cores and sustained load as the build's
+    add phase), and with one thread on a slice of at most `reference_rows` rows."""
     manifest = read_manifest(out)
-    n = min(result.rows, config.reference_rows)
     index = faiss.read_index(str(out / manifest.shards[0].name / "index.faiss"))
     index.reset()
     body = faiss.serialize_index(index)
+    keys = open_rows(Path(manifest.build["keys"]))
+    faiss.omp_set_num_threads(config.build_cpus)
+    index, seconds = faiss.deserialize_index(body), 0.0
+    for start in range(0, result.rows, REFERENCE_BLOCK):
+        rows = np.ascontiguousarray(keys[start:start + REFERENCE_BLOCK], dtype=np.float32)
+        began = time.perf_counter()
+        index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
+        seconds += time.perf_counter() - began
+    del index
+    result.faiss_add_rows_per_s_per_core = result.rows / seconds / config.build_cpus
+    n = min(result.rows, config.reference_rows)
     rows = key_rows(real, 0, n, config.seed)
-    for threads in (1, config.build_cpus):
-        index = faiss.deserialize_index(body)
-        faiss.omp_set_num_threads(threads)
-        started = time.perf_counter()
-        index.add(rows)
-        per_core = n / (time.perf_counter() - started) / threads
-        if threads == 1:
-            result.faiss_add_rows_per_s = per_core
-        else:
-            result.faiss_add_rows_per_s_per_core = per_core
+    index = faiss.deserialize_index(body)
+    faiss.omp_set_num_threads(1)
+    began = time.perf_counter()
+    index.add(rows)
+    result.faiss_add_rows_per_s = n / (time.perf_counter() - began)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
 
 
@@ -419,6 +431,7 @@ def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: 
     build(config, keys, folder / "ds", result)
     manifest = read_manifest(folder / "ds")
     result.factory, result.default_nprobe = manifest.factory, manifest.default_nprobe
+    result.shard_phases = [p for p in manifest.build.get("shard_phases") or [] if p]
     faiss_reference(config, real, folder / "ds", result)
     serve_and_query(config, folder / "ds", queries, truth, result)
     print(f"  {manifest.factory} nprobe {manifest.default_nprobe}: build {result.build_s:.1f} s, recall@10 "
@@ -436,7 +449,7 @@ def _joined(values: list[float]) -> str:
 
 def table(results: list[SizeResult], build_cpus: int = BUILD_CPUS) -> str:
     lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add per core: "
-             f"{build_cpus} threads / 1 thread) "
+             f"{build_cpus} threads, every row / 1 thread, first 10^6) "
              "| peak build anon GiB | disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB "
              "| cold / warm ms | recall@10 re-rank 100 / plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -493,17 +506,43 @@ def plot(results: list[SizeResult], path: Path) -> None:
     plt.close(fig)
 
 
-def run(config: ScaleConfig, vectors: tuple[np.ndarray, np.ndarray] | None = None) -> list[SizeResult]:
-    """Measures every size; `vectors` (real keys, queries) replaces the benchmarks' cached MiniLM vectors."""
+def earlier_results(out: Path, sizes: tuple[int, ...]) -> list[SizeResult]:
+    """The results in `out/scale.json` (an earlier run's) of sizes other than `sizes`."""
+    path = out / "scale.json"
+    if not path.is_file():
+        return []
+    kept = [r for r in json.loads(path.read_text())["results"] if r["rows"] not in sizes]
+    return [SizeResult(**r) for r in kept]
+
+
+def run(config: ScaleConfig, vectors: tuple[np.ndarray, np.ndarray] | None = None,
+        keep_others: bool = False) -> list[SizeResult]:
+    """Measures every size; `vectors` (real keys, queries) replaces the benchmarks' cached MiniLM vectors.
+    With `keep_others`, the sizes an earlier run measured in the same folder and this one does not are
+    kept in its JSON and plot."""
     real, queries = vectors if vectors is not None else real_vectors(config.real_keys, QUERIES)
     real, queries = normalise(real), normalise(queries)
     config.out.mkdir(parents=True, exist_ok=True)
-    results = [measure_size(config, real, queries, n) for n in config.sizes]
+    others = earlier_results(config.out, config.sizes) if keep_others else []
+    results = sorted(others + [measure_size(config, real, queries, n) for n in config.sizes], key=lambda r: r.rows)
     (config.out / "scale.json").write_text(json.dumps(
         {"config": {**asdict(config), "out": str(config.out)}, "noise": NOISE, "results": [asdict(r) for r in results]},
         indent=2))
     plot(results, config.out / "scale.png")
     return results
+
+
+def phase_table(results: list[SizeResult]) -> str:
+    """Each shard task's add phase by phase (from the manifest): where the build's seconds went."""
+    names = ("add", "keys", "spill", "index", "read")
+    lines = ["| rows | shard | task s | " + " | ".join(f"{n} s" for n in names) + " | FAISS share |",
+             "|---:|---:|---:|" + "---:|" * len(names) + "---:|"]
+    for r in results:
+        for i, phases in enumerate(r.shard_phases):
+            total = sum(phases.values())
+            lines.append(f"| {r.rows} | {i} | {total:.1f} | " + " | ".join(f"{phases.get(n, 0.0):.1f}" for n in names)
+                         + f" | {phases.get('add', 0.0) / total:.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-cpus", type=int, default=BUILD_CPUS,
                         help=f"CPUs of the build's Ray cluster, shared by its {SHARDS} shard tasks "
                              f"(default {BUILD_CPUS})")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="keep the results of sizes an earlier run measured in --out and this one does not "
+                             "(each row stays its own run's)")
     parser.add_argument("--gpu", action="store_true",
                         help="build with --gpu (k-means, list assignment) and serve the shards' indexes on the GPU")
     parser.add_argument("--real-keys", default=str(REAL_KEYS),
@@ -524,11 +566,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                ScaleConfig.sizes)
     real_keys = ALL_REAL_KEYS if args.real_keys == "all" else int(args.real_keys)
     config = ScaleConfig(sizes=sizes, out=args.out, real_keys=real_keys, build_cpus=args.build_cpus, gpu=args.gpu)
-    results = run(config)
+    results = run(config, keep_others=args.keep_others)
     print()
     print(f"keys: {min(config.real_keys, max(config.sizes))} real MiniLM keys, the rest real + Gaussian noise "
           f"{NOISE} per dimension; {QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")
     print(table(results, config.build_cpus))
+    print("\nadd phase by shard task (FAISS share: the task's seconds in FAISS's add)")
+    print(phase_table(results))
     if config.gpu:
         print("on the GPU: the build's k-means and each row's list assignment, and the shards' searches; on CPU: "
               "the build's codes, the router, exact re-rank, the in-process reference and exact neighbours")

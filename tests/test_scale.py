@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from scale import ScaleConfig, run, size_folder  # noqa: E402
+from scale import ScaleConfig, earlier_results, phase_table, run, size_folder  # noqa: E402
 
 from retriever_server.datastore.build_inputs import BuildConfig, bytes_per_row, check_inputs  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
@@ -43,6 +43,10 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     assert result.add_rows_per_s_per_core > 0 and result.faiss_add_rows_per_s > 0
     assert result.faiss_add_rows_per_s_per_core > 0
     assert result.peak_build_anon_gib > 0
+    # each shard task's seconds by phase, FAISS's add among them, within the add phase
+    assert len(result.shard_phases) == 2 and all(p["add"] > 0 for p in result.shard_phases)
+    assert all(sum(p.values()) <= result.add_s + 0.01 for p in result.shard_phases)
+    assert len(phase_table([result]).splitlines()) == 2 + 2
     # disk: what the build's free-space check expects per row, within the files' headers
     config_used = BuildConfig(keys=folder / "keys" / "keys.parts.json", out=tmp_path / "x",
                               factory=manifest.factory, keep_keys=True)
@@ -60,3 +64,5 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     saved = json.loads((tmp_path / "scale.json").read_text())
     assert saved["results"][0]["recall_rerank"] == result.recall_rerank
     assert (tmp_path / "scale.png").stat().st_size > 10_000
+    # --keep-others: an earlier run's sizes other than this run's are kept, as they were measured
+    assert earlier_results(tmp_path, (ROWS,)) == [] and earlier_results(tmp_path, (1,)) == [result]

@@ -75,9 +75,10 @@ def test_sizes_block_switches_layout_past_half_the_lists():
 def test_one_shard_tasks_work_alone_equals_faiss_add_and_hashes_what_it_wrote(rows, tmp_path):
     """`add_rows`, a shard task's work called outside Ray (as benchmarks/add_loop.py calls it): rows
     [500, 3500) spilled every 700 rows give FAISS's own file of those rows added at once, the float16
-    keys, and the sha256 of both as a fresh read gives them."""
-    from retriever_server.datastore.build import BuildConfig, add_rows
+    keys, the sha256 of both as a fresh read gives them, and the seconds of every phase."""
+    from retriever_server.datastore.build_inputs import BuildConfig
     from retriever_server.datastore.manifest import file_sha256
+    from retriever_server.datastore.shard_fill import add_rows
 
     np.save(tmp_path / "keys.npy", rows)
     (tmp_path / "trained.index").write_bytes(_trained("IVF64,SQ8"))
@@ -85,10 +86,26 @@ def test_one_shard_tasks_work_alone_equals_faiss_add_and_hashes_what_it_wrote(ro
                          spill_rows=700)
     shard = tmp_path / "shard"
     shard.mkdir()
-    hashed = add_rows(config, str(tmp_path / "trained.index"), 500, 3500, shard)
+    filled = add_rows(config, str(tmp_path / "trained.index"), 500, 3500, shard)
     reference = _load(_trained("IVF64,SQ8"))
     reference.add_with_ids(rows[500:3500], np.arange(500, 3500, dtype=np.int64))
     faiss.write_index(reference, str(tmp_path / "reference.faiss"))
     assert (shard / "index.faiss").read_bytes() == (tmp_path / "reference.faiss").read_bytes()
     np.testing.assert_array_equal(np.load(shard / "keys.npy"), rows[500:3500].astype(np.float16))
-    assert hashed == {name: file_sha256(shard / name) for name in ("index.faiss", "keys.npy")}
+    assert filled.hashed == {name: file_sha256(shard / name) for name in ("index.faiss", "keys.npy")}
+    assert set(filled.seconds) == {"read", "add", "keys", "spill", "index"}
+    assert not list(shard.glob("spill*"))  # the spills are gone
+
+
+def test_a_short_spill_file_is_an_error_and_the_lists_stay(tmp_path, rows, monkeypatch):
+    """FAISS cannot report a write that fails when its file closes (a full disk): a spill file shorter
+    than its lists is an OSError, and the index keeps its rows."""
+    index = _load(_trained("IVF64,SQ8"))
+    spill = ListSpill(index, tmp_path / "spill")
+    index.add_with_ids(rows[:300], np.arange(300, dtype=np.int64))
+
+    monkeypatch.setattr("retriever_server.datastore.spill.faiss.write_InvertedLists",
+                        lambda lists, writer: None)  # a disk that took none of it
+    with pytest.raises(OSError, match="holds .* bytes, not"):
+        spill.spill()
+    assert index.ntotal == 300 and spill.rows == 0

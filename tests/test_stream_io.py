@@ -10,7 +10,7 @@ import pytest
 
 from retriever_server.datastore import stream_io
 from retriever_server.datastore.row_parts import open_rows, write_parts_index
-from retriever_server.datastore.stream_io import ALIGN, RowBlocks, StreamWriter
+from retriever_server.datastore.stream_io import ALIGN, RowBlocks, SequentialReader, StreamWriter
 
 
 @pytest.fixture(params=["direct", "buffered"])
@@ -123,3 +123,38 @@ def test_without_checksum_the_bytes_are_the_same_and_no_sha256_is_taken(tmp_path
         out.write(b"q" * (2 * ALIGN + 9))
         assert out.close() == ""
     assert (tmp_path / "plain.bin").read_bytes() == b"q" * (2 * ALIGN + 9)
+
+
+@pytest.mark.parametrize("start", [0, 5, ALIGN + 3])
+def test_sequential_reader_gives_the_bytes_in_order(tmp_path, mode, start):
+    """Takes of every size, within a window, across windows and larger than one, from any start."""
+    body = np.random.default_rng(4).integers(0, 256, size=7 * ALIGN + 123, dtype=np.uint8).tobytes()
+    (tmp_path / "f.bin").write_bytes(body)
+    sizes = [0, 1, 7, ALIGN - 1, 3 * ALIGN + 5, 2, ALIGN, 11]
+    at = start
+    with SequentialReader(tmp_path / "f.bin", start=start, window=2 * ALIGN) as reader:
+        for n in sizes:
+            n = min(n, len(body) - at)
+            assert bytes(reader.take(n)) == body[at:at + n]
+            at += n
+        assert bytes(reader.take(len(body) - at)) == body[at:]
+        with pytest.raises(EOFError, match="ends at byte"):
+            reader.take(1)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 128])
+def test_write_as_converts_into_the_buffers_as_astype_does(tmp_path, mode, offset):
+    """Float32 rows written as float16 after `offset` bytes (an odd one makes a value straddle two
+    buffers): the same bytes as numpy's astype, and their sha256."""
+    rows = np.random.default_rng(5).standard_normal((301, 37)).astype(np.float32) * 1e3
+    rows[0, :4] = [np.inf, -np.inf, 1e-8, 7e4]  # overflow, underflow and the edges convert as astype
+    head = b"h" * offset
+    with np.errstate(over="ignore"), StreamWriter(tmp_path / "rows.bin", buffer_bytes=ALIGN, buffers=2) as out:
+        out.write(head)
+        out.write_as(rows, np.float16)
+        out.write_as(rows[:0], np.float16)
+        sha256 = out.close()
+    with np.errstate(over="ignore"):
+        body = head + rows.astype(np.float16).tobytes()
+    assert (tmp_path / "rows.bin").read_bytes() == body
+    assert sha256 == hashlib.sha256(body).hexdigest()

@@ -4,6 +4,7 @@
 - `headers`: the cheap checks a shard makes on every open (index header and list sizes, array shapes);
 - `index`: everything FAISS: factory strings, seeded training, adding with global ids, load, search;
 - `coarse`: the coarse quantizer of a large IVF index (two-level k-means, graph-assisted assignment);
+- `shard_fill`: one shard task's add loop (`add_rows`), timed by phase;
 - `spill`: one shard's IVF index filled in bounded memory (lists spilled to disk, written list by list);
 - `stream_io`: a build's reads ahead and writes behind, on a thread, with O_DIRECT (off the page cache);
 - `row_parts`: one (N, ...) array stored as several .npy files (`NAME.parts.json`);

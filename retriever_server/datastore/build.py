@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from retriever_server.datastore.build_inputs import (
     check_inputs,
     last_line,
 )
-from retriever_server.datastore.coarse import graph_assignment
 from retriever_server.datastore.manifest import (
     FileEntry,
     Manifest,
@@ -47,8 +45,7 @@ from retriever_server.datastore.manifest import (
 )
 from retriever_server.datastore.publish import replace_directory
 from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows
-from retriever_server.datastore.spill import ListSpill, spillable
-from retriever_server.datastore.stream_io import RowBlocks, StreamWriter
+from retriever_server.datastore.shard_fill import add_rows
 
 log = logging.getLogger(__name__)
 TRAINED = "trained.index"
@@ -131,50 +128,6 @@ def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: i
     del out
 
 
-def _keys_writer(path: Path, shape: tuple[int, int]) -> StreamWriter:
-    """`keys.npy` (float16) opened for writing front to back: its header is written here."""
-    out = StreamWriter(path, buffers=8)  # 32 MiB: a block of 32,768 rows of 384 dimensions waits for no write
-    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                               "fortran_order": False, "shape": shape})
-    return out
-
-
-def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None) -> dict[str, str]:
-    """One shard task's work: adds rows [start, end) under their global ids to a copy of the trained
-    codec (saved at `trained`) and writes it to `folder/index.faiss`; with `keep_keys`, writes their
-    float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists
-    every `spill_rows` rows (`spill`), so memory holds at most that many rows' codes. Keys are read
-    ahead and files written behind on threads (`stream_io`). `progress` (a `_Progress` actor) is told
-    of every block added. Returns the sha256 of the files it hashed while writing."""
-    index = faiss.read_index(trained)
-    spill = ListSpill(index, folder / "spill") if spillable(index) else None
-    blocks = RowBlocks(open_rows(config.keys), start, end, config.add_block)
-    kept = _keys_writer(folder / "keys.npy", (end - start, blocks.rows.shape[1])) if config.keep_keys else None
-    hashed, held = {}, 0
-    # Rows find their list on the GPU with `gpu`, else through a graph over the centroids (large indexes).
-    with ix.gpu_assignment(index) if config.gpu else graph_assignment(index), kept or nullcontext():
-        for s, e, rows in blocks:
-            block = np.ascontiguousarray(rows, dtype=np.float32)  # (e - s, d)
-            index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
-            if kept is not None:
-                kept.write(block.astype(np.float16))
-            held += e - s
-            if spill is not None and held >= config.spill_rows:
-                spill.spill()
-                held = 0
-            if progress is not None:
-                progress.add.remote(e - s)
-        if kept is not None:
-            hashed["keys.npy"] = kept.close()
-    if spill is None:
-        ix.write_index(index, folder / "index.faiss")
-        return hashed
-    spill.spill()
-    hashed["index.faiss"] = spill.write_index(folder / "index.faiss")
-    (folder / "spill").rmdir()
-    return hashed
-
-
 @ray.remote
 def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress) -> dict:
     """Adds rows [start, end) to a copy of the trained codec and writes the shard directory.
@@ -191,13 +144,14 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         began = time.perf_counter()
-        hashed = add_rows(config, trained, start, end, tmp, progress)
+        filled = add_rows(config, trained, start, end, tmp, progress)
         seconds = time.perf_counter() - began
         for name, path in config.payloads.items():
             _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
-        files = {k: asdict(v) for k, v in describe_files(tmp, hashed).items()}
+        files = {k: asdict(v) for k, v in describe_files(tmp, filled.hashed).items()}
         entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
-                 "node": ray.get_runtime_context().get_node_id(), "seconds": round(seconds, 3)}
+                 "node": ray.get_runtime_context().get_node_id(), "seconds": round(seconds, 3),
+                 "phases": filled.seconds}
         (tmp / DONE).write_text(json.dumps(entry))
         os.replace(tmp, final)
     return entry
@@ -307,10 +261,10 @@ def _check_output(config: BuildConfig) -> None:
 
 def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float,
               phases: dict[str, float]) -> Manifest:
-    """The manifest describing the finished shards; `build["nodes"]` holds each shard's Ray node id
-    and `build["shard_seconds"]` the seconds its task spent adding rows and writing files (None for a
-    shard an older version built), `phases` the seconds of training and of filling the shards (this
-    run's: a resumed build's earlier work is not in them)."""
+    """The manifest describing the finished shards. Its build metadata holds each shard's Ray node id
+    ("nodes"), its task's seconds ("shard_seconds") and their phases ("shard_phases", `FilledShard`;
+    None for a shard an older version built), and `phases`: this run's seconds of training and of
+    filling the shards (a resumed build's earlier work is not in them)."""
     nlist = ix.nlist_of(faiss.read_index(str(trained)))
     shards = tuple(
         ShardEntry(e["name"], e["id_start"], e["id_end"], {k: FileEntry(**v) for k, v in e["files"].items()})
@@ -322,7 +276,8 @@ def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: 
         payloads=inputs.payloads, shards=shards, metadata=dict(config.metadata),
         build={"seed": config.seed, "train_size": config.train_size, "keys": str(config.keys),
                "faiss": faiss.__version__, "seconds": round(seconds, 3), **phases,
-               "nodes": [e.get("node") for e in entries], "shard_seconds": [e.get("seconds") for e in entries]},
+               "nodes": [e.get("node") for e in entries], "shard_seconds": [e.get("seconds") for e in entries],
+               "shard_phases": [e.get("phases") for e in entries]},
     )
 
 

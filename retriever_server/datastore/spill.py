@@ -2,10 +2,14 @@
 
 FAISS holds an IVF index's inverted lists in memory until `write_index`: at 10^7 rows of 392-byte
 codes that is 2 GiB a shard, and every shard task of a build holds its own at once. Here rows are added
-a chunk at a time; after each chunk the lists are spilled to two files (codes and ids, list by list) and
-the index is given fresh, empty lists. At the end the index file is written from the spills, list by
-list, in the layout `faiss.write_index` uses for array inverted lists ("ilar"), so the file is the same,
-byte for byte, as FAISS's own of the index filled in one go (the tests compare them).
+a chunk at a time; after each chunk FAISS writes the lists to a spill file (as it serialises array
+inverted lists, "ilar": the list sizes, then each list's codes and ids) and the index is given fresh,
+empty lists. At the end the index file is written from the spills, list by list, in the layout
+`faiss.write_index` uses, so the file is the same, byte for byte, as FAISS's own of the index filled in
+one go (the tests compare them).
+
+Spills are written and read back with O_DIRECT (`stream_io`): through the page cache each of their
+bytes would cost the task's core a kernel copy and a page allocation, twice.
 
 Only IVF indexes whose lists are plain arrays spill (`spillable`); others (flat, HNSW, FastScan's block
 lists) are filled in memory as before.
@@ -13,18 +17,19 @@ lists) are filled in memory as before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import mmap
 import struct
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from retriever_server.datastore.stream_io import StreamWriter
+from retriever_server.datastore.stream_io import SequentialReader, StreamWriter
 
 log = logging.getLogger(__name__)
 EMPTY_LISTS_TAIL = b"sprs" + struct.pack("<Q", 0)  # how write_index ends an index whose lists are all empty
+CALLBACK_BYTES = 4 << 20  # the most FAISS hands a spill's writer at once
 
 
 def _ivf(index: faiss.Index):
@@ -78,8 +83,8 @@ def sizes_block(sizes: np.ndarray) -> bytes:
 class ListSpill:
     """The spilled chunks of one index's inverted lists, in `folder`.
 
-    Chunk c is `codes-c.bin` (every list's codes, list 0 first) and `ids-c.bin` (int64, the same order);
-    its list sizes stay in memory (nlist int64 a chunk).
+    Chunk c is `lists-c.bin`, the lists as `faiss.write_InvertedLists` writes them; its list sizes
+    stay in memory (nlist int64 a chunk).
     """
 
     def __init__(self, index: faiss.Index, folder: Path):
@@ -93,57 +98,53 @@ class ListSpill:
         return int(sum(s.sum() for s in self.sizes))
 
     def spill(self) -> None:
-        """Writes the index's lists as the next chunk and gives the index fresh, empty lists."""
+        """Writes the index's lists as the next chunk and gives the index fresh, empty lists.
+
+        Raises:
+            OSError: the spill file could not be written whole (a full disk).
+        """
         lists = self.ivf.invlists
         sizes = np.array([lists.list_size(i) for i in range(self.nlist)], dtype=np.int64)
-        c = len(self.sizes)
-        with (StreamWriter(self.folder / f"codes-{c}.bin", checksum=False) as codes,
-              StreamWriter(self.folder / f"ids-{c}.bin", checksum=False) as ids):
-            for i in np.flatnonzero(sizes):
-                n = int(sizes[i])
-                codes.write(faiss.rev_swig_ptr(lists.get_codes(int(i)), n * self.code_size))
-                ids.write(faiss.rev_swig_ptr(lists.get_ids(int(i)), n))
-            codes.close()
-            ids.close()
+        path = self._chunk(len(self.sizes))
+        with StreamWriter(path, checksum=False) as out:
+            writer = faiss.PyCallbackIOWriter(lambda data: (out.write(data), len(data))[1], CALLBACK_BYTES)
+            faiss.write_InvertedLists(lists, writer)
+            del writer
+            out.close()
+        expected = self._body_start(sizes) + int(sizes.sum()) * (self.code_size + 8)
+        if path.stat().st_size != expected:  # the lists serialised as `write_index` lays them out
+            raise OSError(f"spill file {path} holds {path.stat().st_size} bytes, not {expected}")
         self.sizes.append(sizes)
         fresh = faiss.ArrayInvertedLists(self.nlist, self.code_size)
         fresh.this.disown()  # the index owns (and frees) it
         self.ivf.replace_invlists(fresh, True)  # frees the filled lists
         self.index.ntotal = self.ivf.ntotal = 0
-        log.debug("spilled chunk %d (%d rows) to %s", c, int(sizes.sum()), self.folder)
+        log.debug("spilled chunk %d (%d rows) to %s", len(self.sizes) - 1, int(sizes.sum()), path)
 
     def write_index(self, path: Path) -> str:
         """Writes the index holding every spilled row to `path` (through a temporary name), removes the
         spills and returns the file's sha256."""
         total = np.sum(self.sizes, axis=0) if self.sizes else np.zeros(self.nlist, dtype=np.int64)
-        # per chunk, where each list's rows begin, and its files' bytes
-        starts = [np.concatenate([[0], np.cumsum(s)]).tolist() for s in self.sizes]  # nlist + 1 each
-        codes = [self._bytes(f"codes-{c}.bin") for c in range(len(self.sizes))]
-        ids = [self._bytes(f"ids-{c}.bin") for c in range(len(self.sizes))]
-        tmp, cs = path.with_name(path.name + ".tmp"), self.code_size
-        with StreamWriter(tmp) as out:
+        row_bytes, cs = self.code_size + 8, self.code_size
+        tmp = path.with_name(path.name + ".tmp")
+        with StreamWriter(tmp) as out, contextlib.ExitStack() as stack:
+            chunks = [(stack.enter_context(SequentialReader(self._chunk(c), self._body_start(s))), s.tolist())
+                      for c, s in enumerate(self.sizes)]  # each read front to back, list by list
             out.write(_empty_header(self.index, int(total.sum())))
             out.write(sizes_block(total))
             for i in np.flatnonzero(total).tolist():
-                for c, s in enumerate(starts):
-                    out.write(codes[c][s[i] * cs:s[i + 1] * cs])
-                for c, s in enumerate(starts):
-                    out.write(ids[c][s[i] * 8:s[i + 1] * 8])
+                spans = [(reader.take(sizes[i] * row_bytes), sizes[i] * cs) for reader, sizes in chunks if sizes[i]]
+                out.write(b"".join([span[:n] for span, n in spans]))  # every chunk's codes of list i,
+                out.write(b"".join([span[n:] for span, n in spans]))  # then their ids
             sha256 = out.close()
-        for view in codes + ids:
-            view.release()
         tmp.replace(path)
-        for f in self.folder.glob("*.bin"):
+        for f in self.folder.glob("lists-*.bin"):
             f.unlink()
         return sha256
 
-    def _bytes(self, name: str) -> memoryview:
-        """A spill file's bytes, mapped and read ahead (written with O_DIRECT, they are not in the page cache)."""
-        path = self.folder / name
-        if not path.stat().st_size:
-            return memoryview(b"")
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if hasattr(mmap, "MADV_SEQUENTIAL"):
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-        return memoryview(mapped)
+    def _chunk(self, c: int) -> Path:
+        return self.folder / f"lists-{c}.bin"
+
+    def _body_start(self, sizes: np.ndarray) -> int:
+        """Where a chunk file's first list begins: after its "ilar" header and list sizes."""
+        return len(_lists_prefix(self.ivf)) + len(sizes_block(sizes))

@@ -7,7 +7,9 @@ Here the bytes move by DMA instead (`O_DIRECT`), on a thread, while the task add
 
 - `StreamWriter` copies what it is given into page-aligned buffers; its thread hashes each buffer
   (sha256, for the manifest) and writes it.
-- `RowBlocks` reads the next block of rows while the task adds the current one.
+- `RowBlocks` reads the next block of rows while the task adds the current one;
+- `SequentialReader` reads a file front to back, a window at a time (the build's spills, when it
+  writes the index file from them).
 
 Where a filesystem refuses `O_DIRECT` (tmpfs, some network filesystems), both use ordinary buffered
 I/O, still on their thread. The bytes written and the rows read are the same either way.
@@ -93,6 +95,26 @@ class StreamWriter:
             n = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled:self._filled + n] = view[:n]
             self._filled, view = self._filled + n, view[n:]
+            if self._filled == len(self._buffer):
+                self._hand_over()
+                self._buffer, self._filled = self._free.get(), 0
+
+    def write_as(self, array: np.ndarray, dtype: np.dtype | type) -> None:
+        """Appends `array` (in C order) converted to `dtype`, converting straight into the buffers (no
+        converted copy of the whole array is made)."""
+        flat, dtype = np.ascontiguousarray(array).reshape(-1), np.dtype(dtype)
+        i = 0
+        while i < len(flat):
+            n = min((len(self._buffer) - self._filled) // dtype.itemsize, len(flat) - i)
+            if n == 0:  # less than one value's room left: that value straddles two buffers
+                self.write(flat[i:i + 1].astype(dtype))
+                i += 1
+                continue
+            into = np.frombuffer(self._buffer, dtype=dtype, count=n, offset=self._filled)
+            np.copyto(into, flat[i:i + n], casting="same_kind")
+            del into  # no view of the buffer may outlive its hand-over
+            self._filled += n * dtype.itemsize
+            i += n
             if self._filled == len(self._buffer):
                 self._hand_over()
                 self._buffer, self._filled = self._free.get(), 0
@@ -228,3 +250,52 @@ def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> int:
         if direct and got % ALIGN:
             break  # a short direct read ends at the end of the file
     return got
+
+
+class SequentialReader:
+    """A file read front to back, `window` bytes at a time, with O_DIRECT where allowed.
+
+    `take(n)` returns the next n bytes as a view into the reader's buffer, valid until the next `take`.
+    Use it as a context manager, or call `close`.
+    """
+
+    def __init__(self, path: Path, start: int = 0, window: int = 2 << 20):
+        self.path, self.window = Path(path), window
+        self.fd, self.direct = _open_direct(self.path, os.O_RDONLY)
+        self._buffer = mmap.mmap(-1, window)
+        self._base, self._have, self._at = 0, 0, start  # the buffer's file offset, its bytes, the next byte
+
+    def take(self, n: int) -> memoryview:
+        """The next `n` bytes of the file.
+
+        Raises:
+            EOFError: the file ends before them.
+        """
+        if self._at + n > self._base + self._have or self._at < self._base:
+            self._fill(n)
+        first = self._at - self._base
+        self._at += n
+        return memoryview(self._buffer)[first:first + n]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SequentialReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fill(self, n: int) -> None:
+        """Reads from the page that holds the next byte: a window, or as much as `n` bytes need."""
+        base = self._at - self._at % ALIGN
+        need = self._at + n - base
+        size = max(self.window, -(-need // ALIGN) * ALIGN)
+        if size > len(self._buffer):
+            self._buffer = mmap.mmap(-1, size)
+        got = _read_at(self.fd, memoryview(self._buffer)[:size], base, self.direct)
+        if got < need:
+            raise EOFError(f"{self.path} ends at byte {base + got}, before byte {self._at + n}")
+        self._base, self._have = base, got

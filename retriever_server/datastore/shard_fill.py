@@ -1,0 +1,100 @@
+"""One shard task's work: a block of rows added to a copy of the trained codec, its files written.
+
+`add_rows` is the loop every shard task of a build runs (and `benchmarks/add_loop.py` times alone): read
+a block of keys (ahead, on a thread), add it to the index, write its float16 copy (behind, on a
+thread), spill the index's lists when they hold `spill_rows` rows, and finally write the index file. It
+times each of those phases, so a build's manifest says where its shard tasks' seconds went.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retriever_server.datastore import index as ix
+from retriever_server.datastore.build_inputs import BuildConfig
+from retriever_server.datastore.coarse import graph_assignment
+from retriever_server.datastore.row_parts import open_rows
+from retriever_server.datastore.spill import ListSpill, spillable
+from retriever_server.datastore.stream_io import RowBlocks, StreamWriter
+
+
+def _keys_writer(path: Path, shape: tuple[int, int]) -> StreamWriter:
+    """`keys.npy` (float16) opened for writing front to back: its header is written here."""
+    out = StreamWriter(path, buffers=8)  # 32 MiB: a block of 32,768 rows of 384 dimensions waits for no write
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                               "fortran_order": False, "shape": shape})
+    return out
+
+
+@dataclass(frozen=True)
+class FilledShard:
+    """What `add_rows` did: the sha256 of the files it hashed while writing them, and its seconds by
+    phase ("read": waiting for keys; "add": FAISS; "keys": their float16 copy; "spill"; "index": the
+    index file written and every file closed)."""
+
+    hashed: dict[str, str]
+    seconds: dict[str, float]
+
+
+class _Clock:
+    """Seconds spent in each named phase, summed."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._phase, self._began = "", 0.0
+
+    def __call__(self, phase: str) -> None:
+        """Ends the current phase (if any) and starts `phase` ("" for none)."""
+        now = time.perf_counter()
+        if self._phase:
+            self.seconds[self._phase] = self.seconds.get(self._phase, 0.0) + now - self._began
+        self._phase, self._began = phase, now
+
+
+def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None) -> FilledShard:
+    """One shard task's work: adds rows [start, end) under their global ids to a copy of the trained
+    codec (saved at `trained`) and writes it to `folder/index.faiss`; with `keep_keys`, writes their
+    float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists
+    every `spill_rows` rows (`spill`), so memory holds at most that many rows' codes. Keys are read
+    ahead and files written behind on threads (`stream_io`). `progress` (a `_Progress` actor) is told
+    of every block added."""
+    index = faiss.read_index(trained)
+    spill = ListSpill(index, folder / "spill") if spillable(index) else None
+    blocks = RowBlocks(open_rows(config.keys), start, end, config.add_block)
+    kept = _keys_writer(folder / "keys.npy", (end - start, blocks.rows.shape[1])) if config.keep_keys else None
+    hashed, held, clock = {}, 0, _Clock()
+    # Rows find their list on the GPU with `gpu`, else through a graph over the centroids (large indexes).
+    with ix.gpu_assignment(index) if config.gpu else graph_assignment(index), kept or nullcontext():
+        clock("read")
+        for s, e, rows in blocks:
+            clock("add")
+            block = np.ascontiguousarray(rows, dtype=np.float32)  # (e - s, d)
+            index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
+            if kept is not None:
+                clock("keys")
+                kept.write_as(block, np.float16)  # converted into the writer's buffers
+            held += e - s
+            if spill is not None and held >= config.spill_rows:
+                clock("spill")
+                spill.spill()
+                held = 0
+            if progress is not None:
+                progress.add.remote(e - s)
+            clock("read")
+        clock("index")
+        if kept is not None:
+            hashed["keys.npy"] = kept.close()
+    if spill is None:
+        ix.write_index(index, folder / "index.faiss")
+    else:
+        spill.spill()
+        hashed["index.faiss"] = spill.write_index(folder / "index.faiss")
+        (folder / "spill").rmdir()
+    clock("")
+    return FilledShard(hashed, {k: round(v, 3) for k, v in clock.seconds.items()})
