@@ -120,7 +120,7 @@ class SizeResult:
     warm_ms: float = 0.0
     recall_rerank: float = 0.0
     recall_plain: float = 0.0
-    shard_phases: list[dict] = field(default_factory=list)  # each shard task's seconds by phase (manifest)
+    shard_phases: list[dict | None] = field(default_factory=list)  # each shard task's seconds by phase
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,16 +300,17 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
     figures.write_text(json.dumps({name: getattr(result, name) for name in names}))
 
 
-def faiss_reference(config: ScaleConfig, real: np.ndarray, out: Path, result: SizeResult) -> None:
+def faiss_reference(config: ScaleConfig, real: np.ndarray, keys_path: Path, out: Path, result: SizeResult) -> None:
     """Plain FAISS in this process: `add` into the build's trained codec (shard 0's index, emptied),
     with as many threads as the build has cores, over every row the build added (read from its keys a
     block at a time, untimed; rows/s per core: the same rows, cores and sustained load as the build's
-    add phase), and with one thread on a slice of at most `reference_rows` rows."""
+    add phase; every row's codes are held in memory meanwhile: 3.9 GB at 10^7), and with one thread on
+    a slice of at most `reference_rows` rows."""
     manifest = read_manifest(out)
     index = faiss.read_index(str(out / manifest.shards[0].name / "index.faiss"))
     index.reset()
     body = faiss.serialize_index(index)
-    keys = open_rows(Path(manifest.build["keys"]))
+    keys = open_rows(keys_path)
     faiss.omp_set_num_threads(config.build_cpus)
     index, seconds = faiss.deserialize_index(body), 0.0
     for start in range(0, result.rows, REFERENCE_BLOCK):
@@ -431,8 +432,8 @@ def measure_size(config: ScaleConfig, real: np.ndarray, queries: np.ndarray, n: 
     build(config, keys, folder / "ds", result)
     manifest = read_manifest(folder / "ds")
     result.factory, result.default_nprobe = manifest.factory, manifest.default_nprobe
-    result.shard_phases = [p for p in manifest.build.get("shard_phases") or [] if p]
-    faiss_reference(config, real, folder / "ds", result)
+    result.shard_phases = manifest.build.get("shard_phases") or []  # None for a shard an older version built
+    faiss_reference(config, real, keys, folder / "ds", result)
     serve_and_query(config, folder / "ds", queries, truth, result)
     print(f"  {manifest.factory} nprobe {manifest.default_nprobe}: build {result.build_s:.1f} s, recall@10 "
           f"{result.recall_rerank:.3f} (re-rank {RERANK}) / {result.recall_plain:.3f}", flush=True)
@@ -539,7 +540,9 @@ def phase_table(results: list[SizeResult]) -> str:
              "|---:|---:|---:|" + "---:|" * len(names) + "---:|"]
     for r in results:
         for i, phases in enumerate(r.shard_phases):
-            total = sum(phases.values())
+            if not phases:
+                continue
+            total = max(sum(phases.values()), 1e-9)
             lines.append(f"| {r.rows} | {i} | {total:.1f} | " + " | ".join(f"{phases.get(n, 0.0):.1f}" for n in names)
                          + f" | {phases.get('add', 0.0) / total:.3f} |")
     return "\n".join(lines)

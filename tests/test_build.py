@@ -109,6 +109,7 @@ def test_two_builds_of_identical_inputs_have_one_checksum(datastore, keys, tmp_p
     assert first.build["keys"] != second.build["keys"]  # recorded, not hashed
     seconds = second.build["shard_seconds"]  # each shard task's own, within the add phase
     assert len(seconds) == 3 and all(0 < s <= second.build["add_seconds"] + 0.01 for s in seconds)
+    assert len(second.build["shard_phases"]) == 3
     for phases, total in zip(second.build["shard_phases"], seconds):  # the task's seconds, phase by phase
         assert {"read", "add", "index"} <= set(phases) and sum(phases.values()) <= total + 0.01
     body = json.loads((again / "manifest.json").read_text())

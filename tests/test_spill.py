@@ -1,6 +1,7 @@
 """An IVF index filled through `ListSpill` (lists spilled to disk a chunk at a time) is written byte for
 byte as FAISS writes the same index filled in one go."""
 
+import errno
 import functools
 
 import faiss
@@ -98,8 +99,8 @@ def test_one_shard_tasks_work_alone_equals_faiss_add_and_hashes_what_it_wrote(ro
 
 
 def test_a_short_spill_file_is_an_error_and_the_lists_stay(tmp_path, rows, monkeypatch):
-    """FAISS cannot report a write that fails when its file closes (a full disk): a spill file shorter
-    than its lists is an OSError, and the index keeps its rows."""
+    """A spill file that does not hold its lists' bytes (FAISS wrote another layout, or nothing) is an
+    OSError, and the index keeps its rows."""
     index = _load(_trained("IVF64,SQ8"))
     spill = ListSpill(index, tmp_path / "spill")
     index.add_with_ids(rows[:300], np.arange(300, dtype=np.int64))
@@ -109,3 +110,47 @@ def test_a_short_spill_file_is_an_error_and_the_lists_stay(tmp_path, rows, monke
     with pytest.raises(OSError, match="holds .* bytes, not"):
         spill.spill()
     assert index.ntotal == 300 and spill.rows == 0
+
+
+def test_spills_read_back_through_small_windows_give_the_same_file(tmp_path, rows, monkeypatch):
+    """The merge reads each spill a window at a time: with one-page windows every list's piece crosses
+    window boundaries, and the file is still FAISS's."""
+    from retriever_server.datastore import spill as spill_module
+    from retriever_server.datastore.stream_io import ALIGN, SequentialReader
+
+    monkeypatch.setattr(spill_module, "SequentialReader",
+                        lambda path, start: SequentialReader(path, start, window=ALIGN))
+    ids = np.arange(4000, dtype=np.int64)
+    reference = _load(_trained("IVF64,SQ8"))
+    reference.add_with_ids(rows, ids)
+    index = _load(_trained("IVF64,SQ8"))
+    spill = ListSpill(index, tmp_path / "spill")
+    for s in range(0, 4000, 900):
+        index.add_with_ids(rows[s:s + 900], ids[s:s + 900])
+        spill.spill()
+    spill.write_index(tmp_path / "index.faiss")
+    assert (tmp_path / "index.faiss").read_bytes() == faiss.serialize_index(reference).tobytes()
+
+
+def test_a_write_error_in_a_spill_is_raised_and_a_later_spill_starts_clean(tmp_path, rows, monkeypatch):
+    """A disk that fails under FAISS's serialiser: the OSError reaches the caller, the index keeps its
+    rows, and spilling again (the disk back) gives FAISS's own file."""
+    from retriever_server.datastore import stream_io
+
+    index = _load(_trained("IVF64,SQ8"))
+    spill = ListSpill(index, tmp_path / "spill")
+    index.add_with_ids(rows[:500], np.arange(500, dtype=np.int64))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stream_io.os, "write", full)
+        with pytest.raises(OSError, match="No space left"):
+            spill.spill()
+    assert index.ntotal == 500 and spill.rows == 0
+    spill.spill()
+    spill.write_index(tmp_path / "index.faiss")
+    reference = _load(_trained("IVF64,SQ8"))
+    reference.add_with_ids(rows[:500], np.arange(500, dtype=np.int64))
+    assert (tmp_path / "index.faiss").read_bytes() == faiss.serialize_index(reference).tobytes()

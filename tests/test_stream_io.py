@@ -158,3 +158,9 @@ def test_write_as_converts_into_the_buffers_as_astype_does(tmp_path, mode, offse
         body = head + rows.astype(np.float16).tobytes()
     assert (tmp_path / "rows.bin").read_bytes() == body
     assert sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_sequential_reader_windows_are_whole_pages(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x" * 10)
+    with pytest.raises(ValueError, match="multiple of"):
+        SequentialReader(tmp_path / "f.bin", window=ALIGN + 1)

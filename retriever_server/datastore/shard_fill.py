@@ -93,7 +93,8 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
     if spill is None:
         ix.write_index(index, folder / "index.faiss")
     else:
-        spill.spill()
+        if held:  # the rows since the last spill
+            spill.spill()
         hashed["index.faiss"] = spill.write_index(folder / "index.faiss")
         (folder / "spill").rmdir()
     clock("")

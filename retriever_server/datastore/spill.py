@@ -101,7 +101,8 @@ class ListSpill:
         """Writes the index's lists as the next chunk and gives the index fresh, empty lists.
 
         Raises:
-            OSError: the spill file could not be written whole (a full disk).
+            OSError: the spill file could not be written (a full disk), or FAISS wrote other than the
+                lists' sizes say (a layout `write_index` does not use); the index keeps its rows.
         """
         lists = self.ivf.invlists
         sizes = np.array([lists.list_size(i) for i in range(self.nlist)], dtype=np.int64)
@@ -112,7 +113,7 @@ class ListSpill:
             del writer
             out.close()
         expected = self._body_start(sizes) + int(sizes.sum()) * (self.code_size + 8)
-        if path.stat().st_size != expected:  # the lists serialised as `write_index` lays them out
+        if path.stat().st_size != expected:  # FAISS's layout is what the merge reads: check it held
             raise OSError(f"spill file {path} holds {path.stat().st_size} bytes, not {expected}")
         self.sizes.append(sizes)
         fresh = faiss.ArrayInvertedLists(self.nlist, self.code_size)

@@ -100,8 +100,8 @@ class StreamWriter:
                 self._buffer, self._filled = self._free.get(), 0
 
     def write_as(self, array: np.ndarray, dtype: np.dtype | type) -> None:
-        """Appends `array` (in C order) converted to `dtype`, converting straight into the buffers (no
-        converted copy of the whole array is made)."""
+        """Appends `array` (in C order) converted to `dtype` (a "same_kind" cast, such as float32 to
+        float16), converting straight into the buffers (no converted copy of the whole array is made)."""
         flat, dtype = np.ascontiguousarray(array).reshape(-1), np.dtype(dtype)
         i = 0
         while i < len(flat):
@@ -260,9 +260,11 @@ class SequentialReader:
     """
 
     def __init__(self, path: Path, start: int = 0, window: int = 2 << 20):
+        if window <= 0 or window % ALIGN:
+            raise ValueError(f"window must be a positive multiple of {ALIGN}, got {window}")
         self.path, self.window = Path(path), window
-        self.fd, self.direct = _open_direct(self.path, os.O_RDONLY)
         self._buffer = mmap.mmap(-1, window)
+        self.fd, self.direct = _open_direct(self.path, os.O_RDONLY)
         self._base, self._have, self._at = 0, 0, start  # the buffer's file offset, its bytes, the next byte
 
     def take(self, n: int) -> memoryview:
@@ -295,7 +297,10 @@ class SequentialReader:
         size = max(self.window, -(-need // ALIGN) * ALIGN)
         if size > len(self._buffer):
             self._buffer = mmap.mmap(-1, size)
+        self._have = 0  # the buffer is being overwritten
         got = _read_at(self.fd, memoryview(self._buffer)[:size], base, self.direct)
+        if self.direct:  # the filesystem may have refused O_DIRECT reads (the flag is then off)
+            self.direct = bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & DIRECT)
         if got < need:
             raise EOFError(f"{self.path} ends at byte {base + got}, before byte {self._at + n}")
         self._base, self._have = base, got
