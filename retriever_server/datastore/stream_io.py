@@ -11,8 +11,8 @@ Here the bytes move by DMA instead (`O_DIRECT`), on a thread, while the task add
 - `SequentialReader` reads a file front to back, a window at a time (the build's spills, when it
   writes the index file from them).
 
-Where a filesystem refuses `O_DIRECT` (tmpfs, some network filesystems), both use ordinary buffered
-I/O, still on their thread. The bytes written and the rows read are the same either way.
+Where a filesystem refuses `O_DIRECT` (tmpfs, some network filesystems), they use ordinary buffered
+I/O instead. The bytes written and the rows read are the same either way.
 """
 
 from __future__ import annotations
@@ -94,10 +94,8 @@ class StreamWriter:
         while view:
             n = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled:self._filled + n] = view[:n]
-            self._filled, view = self._filled + n, view[n:]
-            if self._filled == len(self._buffer):
-                self._hand_over()
-                self._buffer, self._filled = self._free.get(), 0
+            view = view[n:]
+            self._advance(n)
 
     def write_as(self, array: np.ndarray, dtype: np.dtype | type) -> None:
         """Appends `array` (in C order) converted to `dtype` (a "same_kind" cast, such as float32 to
@@ -113,11 +111,8 @@ class StreamWriter:
             into = np.frombuffer(self._buffer, dtype=dtype, count=n, offset=self._filled)
             np.copyto(into, flat[i:i + n], casting="same_kind")
             del into  # no view of the buffer may outlive its hand-over
-            self._filled += n * dtype.itemsize
+            self._advance(n * dtype.itemsize)
             i += n
-            if self._filled == len(self._buffer):
-                self._hand_over()
-                self._buffer, self._filled = self._free.get(), 0
 
     def close(self) -> str:
         """Writes what is left, closes the file and returns its sha256 (again, once closed).
@@ -141,6 +136,13 @@ class StreamWriter:
             self.close()
         else:
             self._stop()  # the caller's error wins; the file is left as far as it got
+
+    def _advance(self, n: int) -> None:
+        """Counts `n` more bytes filled; a full buffer goes to the thread and the next free one is taken."""
+        self._filled += n
+        if self._filled == len(self._buffer):
+            self._hand_over()
+            self._buffer, self._filled = self._free.get(), 0
 
     def _hand_over(self) -> None:
         if self._error is not None:
@@ -223,7 +225,7 @@ class RowBlocks:
         length = -(-(offset + (e - s) * self.row_bytes - first) // ALIGN) * ALIGN
         fd, direct = _open_direct(Path(path), os.O_RDONLY)
         try:
-            got = _read_at(fd, memoryview(buffer)[:length], first, direct)
+            got, _ = _read_at(fd, memoryview(buffer)[:length], first, direct)
         finally:
             os.close(fd)
         if got < offset - first + (e - s) * self.row_bytes:
@@ -232,8 +234,9 @@ class RowBlocks:
                              offset=offset - first).reshape(shape)
 
 
-def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> int:
-    """Reads into `view` from `offset` until it is full or the file ends; returns the bytes read."""
+def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> tuple[int, bool]:
+    """Reads into `view` from `offset` until it is full or the file ends; returns the bytes read and
+    whether the fd still reads with O_DIRECT (a filesystem may take the flag but refuse the reads)."""
     got = 0
     while got < len(view):
         try:
@@ -249,7 +252,7 @@ def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> int:
         got += n
         if direct and got % ALIGN:
             break  # a short direct read ends at the end of the file
-    return got
+    return got, direct
 
 
 class SequentialReader:
@@ -298,9 +301,7 @@ class SequentialReader:
         if size > len(self._buffer):
             self._buffer = mmap.mmap(-1, size)
         self._have = 0  # the buffer is being overwritten
-        got = _read_at(self.fd, memoryview(self._buffer)[:size], base, self.direct)
-        if self.direct:  # the filesystem may have refused O_DIRECT reads (the flag is then off)
-            self.direct = bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & DIRECT)
+        got, self.direct = _read_at(self.fd, memoryview(self._buffer)[:size], base, self.direct)
         if got < need:
             raise EOFError(f"{self.path} ends at byte {base + got}, before byte {self._at + n}")
         self._base, self._have = base, got
