@@ -21,6 +21,7 @@ from lm_worker.data.tokenizer import train_tokenizer
 from lm_worker.data.windows import Window, iter_windows
 from lm_worker.evaluation.config import EvalConfig, scored_positions
 from lm_worker.evaluation.knnlm_eval import evaluate_knnlm, evaluate_lm
+from lm_worker.evaluation.pointers import follow_pointers
 from lm_worker.evaluation.report import write_report
 from lm_worker.evaluation.retro_eval import evaluate_retro
 from lm_worker.models.retro import Retro, RetroConfig
@@ -462,3 +463,73 @@ def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chai
     assert never.searched == never.tokens
     for lam in config.lambdas:
         assert never.perplexity[lam] == pytest.approx(full.perplexity[lam], rel=1e-6)
+
+
+def test_followed_positions_take_their_own_lambda_and_temperature(lm, stores, knn_datastore, monkeypatch):
+    """With pointers, the followed positions score at `pointer_temperature_scale` x T and the best λ pair
+    (one for searched positions, one for followed ones) gives `best_perplexity`: recomputed here in
+    float64 from the LM's reference probabilities and the neighbours each position was given."""
+    import lm_worker.evaluation.knnlm_eval as knnlm_eval
+
+    train = stores[0]
+    given = []  # per batch: positions, targets, neighbours, followed
+
+    def recording(keys, targets, positions, search, steps, min_pointers):
+        found, followed = follow_pointers(keys, targets, positions, search, steps, min_pointers)
+        given.append((positions.copy(), targets.copy(), found, followed.copy()))
+        return found, followed
+
+    monkeypatch.setattr(knnlm_eval, "follow_pointers", recording)
+    config = EvalConfig(**{**KNN.__dict__, "lambdas": (0.0, 0.1, 0.5, 0.9), "temperature": 2.0,
+                           "pointer_steps": 4, "pointer_temperature_scale": 3.0})
+    with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+        result = evaluate_knnlm(lm, train, retriever, config, progress=False)
+    p_lm, _ = reference_lm(lm, train, config)
+    positions = np.concatenate([g[0] for g in given])
+    followed = np.concatenate([g[3] for g in given])
+    p_knn = np.concatenate([knn_probs(g[2], g[1], np.where(g[3], 6.0, 2.0)) for g in given])
+    lm_probs = p_lm[positions]
+    assert 0 < followed.sum() < len(followed) and result.searched == (~followed).sum()
+    nll = {lam: -np.log(lam * p_knn + (1 - lam) * lm_probs) for lam in config.lambdas}  # (n,) each
+    for lam in config.lambdas:
+        assert result.perplexity[lam] == pytest.approx(np.exp(nll[lam].mean()), rel=1e-4)
+        assert result.followed_nll[lam] == pytest.approx(nll[lam][followed].sum(), rel=1e-4)
+    lam_s = min(config.lambdas, key=lambda lam: nll[lam][~followed].sum())
+    lam_f = min(config.lambdas, key=lambda lam: nll[lam][followed].sum())
+    assert (result.best_lambda, result.followed_lambda, result.followed_temperature) == (lam_s, lam_f, 6.0)
+    pair = (nll[lam_s][~followed].sum() + nll[lam_f][followed].sum()) / len(followed)
+    assert result.best_perplexity == pytest.approx(np.exp(pair), rel=1e-4)
+    assert result.best_perplexity <= min(result.perplexity.values()) * (1 + 1e-9)
+
+
+def knn_probs(found, targets: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """float64 p_kNN(target) per position from its neighbours (missing ones weigh nothing), at a
+    temperature per position."""
+    d = np.asarray(found.distances, dtype=np.float64)  # (n, k)
+    valid = (found.values >= 0) & np.isfinite(d)
+    nearest = np.where(valid, d, np.inf).min(axis=1, keepdims=True)  # (n, 1), inf where none is valid
+    weights = np.where(valid, np.exp(-(d - np.where(np.isfinite(nearest), nearest, 0.0)) / temperature[:, None]), 0.0)
+    hit = weights * (found.values == targets[:, None])
+    total = weights.sum(axis=1)
+    return np.where(total > 0, hit.sum(axis=1) / np.where(total > 0, total, 1.0), 0.0)
+
+
+def test_results_over_batch_ranges_combine_into_the_whole_with_pointers(lm, stores, knn_datastore):
+    """Two halves of an evaluation with pointers, combined (as a distributed evaluation's shares are),
+    give the whole evaluation's λ pair, followed share and positions searched."""
+    from lm_worker.evaluation.batches import count_batches
+    from lm_worker.evaluation.combine import combine_knn, knn_result
+
+    train = stores[0]
+    config = EvalConfig(**{**KNN.__dict__, "lambdas": (0.0, 0.1, 0.5, 0.9), "pointer_steps": 4})
+    n = count_batches(train, config)
+    with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+        whole = evaluate_knnlm(lm, train, retriever, config, progress=False)
+        halves = [evaluate_knnlm(lm, train, retriever, config, progress=False, batches=r)
+                  for r in (range(0, n // 2), range(n // 2, n))]
+    combined = combine_knn([knn_result(json.loads(json.dumps(h.to_dict()))) for h in halves], seconds=1.0)
+    assert 0 < combined.searched == whole.searched < whole.tokens == combined.tokens
+    assert (combined.best_lambda, combined.followed_lambda) == (whole.best_lambda, whole.followed_lambda)
+    assert combined.best_perplexity == pytest.approx(whole.best_perplexity, rel=1e-9)
+    for lam in config.lambdas:
+        assert combined.followed_nll[lam] == pytest.approx(whole.followed_nll[lam], rel=1e-9)

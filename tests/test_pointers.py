@@ -31,9 +31,9 @@ def test_chains_fill_the_next_positions_until_too_few_hold():
     targets = np.array([1, 2, 3, 9, 7])
     found = {0: [1, 6, 12], 4: [15, 16, 17]}
     calls = []
-    out, searched = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+    out, followed = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
                                     steps=4, min_pointers=2)
-    assert calls == [[0], [4]] and searched == 2
+    assert calls == [[0], [4]] and followed.tolist() == [False, True, True, True, False]
     assert out.ids[1].tolist() == [2, 7, -1] and out.values[1].tolist() == [2, 2, -1]  # row 12's chain died at 0
     assert out.distances[1].tolist() == [0.0, 1.0, np.inf]  # each chain keeps its distance
     assert out.ids[2].tolist() == [3, 8, -1] and out.values[2].tolist() == [3, 3, -1]
@@ -48,9 +48,9 @@ def test_runs_of_positions_start_with_a_search_and_steps_bound_a_chain():
     targets = np.array([7, 7, 7, 7, 7])
     found = {i: [12, 13, 14] for i in range(5)}
     calls = []
-    _, searched = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+    _, followed = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
                                   steps=1, min_pointers=1)
-    assert calls == [[0, 3], [2]] and searched == 3
+    assert calls == [[0, 3], [2]] and followed.tolist() == [False, True, False, False, True]
 
 
 def test_pointer_settings_are_checked():

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "search (0: search every position; at most 16)")
     v.add_argument("--min-pointers", type=int, default=1, metavar="M",
                    help="with --pointer-steps: search again once fewer than M neighbours still point at the text")
+    v.add_argument("--pointer-temperature-scale", type=float, default=2.0, metavar="F",
+                   help="with --pointer-steps: followed positions take F x --temperature, and λs of their own "
+                        "(swept apart from the searched positions')")
     add_retrieval_args(v, 1024, "knnlm-")
     add_retrieval_args(v, 2, "retro-")
     add_encoder_lm_arg(v)
@@ -119,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> None:
     config = EvalConfig(context_len=args.context_len, stride=args.stride, max_tokens=args.tokens, lambdas=lambdas,
                         temperature=args.temperature, retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
                         exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
-                        min_pointers=args.min_pointers)
+                        min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale)
     if args.workers:
         knn, retro = _distributed(args, store, config)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from lm_worker.evaluation.config import perplexity
-from lm_worker.evaluation.knnlm_eval import KnnEvalResult
+from lm_worker.evaluation.knnlm_eval import KnnEvalResult, best_lambdas
 from lm_worker.evaluation.retro_eval import RetroEvalResult
 
 
@@ -15,6 +15,7 @@ def knn_result(body: dict) -> KnnEvalResult:
     body = dict(body)
     body["perplexity"] = {float(k): v for k, v in body["perplexity"].items()}
     body["nll"] = {float(k): v for k, v in body["nll"].items()}
+    body["followed_nll"] = {float(k): v for k, v in body.get("followed_nll", {}).items()}
     return KnnEvalResult(**body)
 
 
@@ -26,14 +27,16 @@ def combine_knn(parts: list[KnnEvalResult], seconds: float) -> KnnEvalResult:
     tokens = sum(p.tokens for p in parts)
     base_nll = math.fsum(p.base_nll for p in parts)
     nll = {lam: math.fsum(p.nll[lam] for p in parts) for lam in parts[0].nll}
+    followed_nll = {lam: math.fsum(p.followed_nll.get(lam, 0.0) for p in parts) for lam in parts[0].nll}
+    searched = sum(p.searched for p in parts)
     base = perplexity(base_nll, tokens)
     per_lambda = {lam: perplexity(v, tokens) for lam, v in nll.items()}
-    best = min(per_lambda, key=lambda lam: per_lambda[lam])
-    reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
-    return KnnEvalResult(tokens, base, per_lambda, best, per_lambda[best], reduction, parts[0].k, parts[0].temperature,
+    best, best_followed, best_ppl = best_lambdas(nll, followed_nll, tokens, tokens - searched)
+    reduction = 1.0 - best_ppl / base if math.isfinite(base) else 0.0
+    return KnnEvalResult(tokens, base, per_lambda, best, best_ppl, reduction, parts[0].k, parts[0].temperature,
                          sum(p.model_seconds for p in parts), sum(p.retrieval_seconds for p in parts),
-                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll,
-                         sum(p.searched for p in parts))
+                         sum(p.retrieval_wait_seconds for p in parts), seconds, base_nll, nll, searched,
+                         best_followed, parts[0].followed_temperature, followed_nll)
 
 
 def combine_retro(parts: list[RetroEvalResult], seconds: float) -> RetroEvalResult:

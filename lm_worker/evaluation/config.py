@@ -25,7 +25,9 @@ class EvalConfig:
     `overlap` sends a batch's kNN-LM retrieval while the model runs the next batch. `pointer_steps` > 0
     retrieves approximately: a position whose previous position's neighbours still point at the text
     (at least `min_pointers` of them) takes their successors instead of a search, for up to
-    `pointer_steps` positions after each search (`lm_worker.evaluation.pointers`).
+    `pointer_steps` positions after each search (`lm_worker.evaluation.pointers`). Followed positions
+    mix with λs of their own (swept over `lambdas` apart from the searched positions') and a temperature
+    of `pointer_temperature_scale` × `temperature`: their few neighbours all agree with the text so far.
     """
 
     context_len: int = 256
@@ -39,6 +41,7 @@ class EvalConfig:
     overlap: bool = True
     pointer_steps: int = 0
     min_pointers: int = 1
+    pointer_temperature_scale: float = 2.0
 
     def __post_init__(self):
         if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
@@ -53,6 +56,8 @@ class EvalConfig:
         if not 0 <= self.pointer_steps <= 16 or self.min_pointers < 1:
             raise ValueError(f"pointer_steps must be in [0, 16] and min_pointers >= 1, got {self.pointer_steps}, "
                              f"{self.min_pointers}")
+        if not self.pointer_temperature_scale > 0:
+            raise ValueError(f"pointer_temperature_scale must be positive, got {self.pointer_temperature_scale}")
         if self.pointer_steps and self.exclude_own_document:
             raise ValueError("pointer_steps cannot follow pointers with exclude_own_document: a chain could walk "
                              "into the excluded document")

@@ -83,6 +83,11 @@ class KnnEvalResult:
     evaluation spent blocked on them, `seconds` the whole evaluation's wall time. `base_nll` and `nll`
     (per λ) are the summed negative log-likelihoods (float64), which results over disjoint batch
     ranges add up.
+
+    With pointers (`EvalConfig.pointer_steps`), the `tokens - searched` followed positions score
+    with temperature `followed_temperature`; `perplexity` takes one λ everywhere, while `best_lambda`
+    (searched positions) and `followed_lambda` (followed ones) are the best pair, which gives
+    `best_perplexity`. `followed_nll` (per λ) is the followed positions' share of `nll`.
     """
 
     tokens: int
@@ -100,6 +105,9 @@ class KnnEvalResult:
     base_nll: float = 0.0
     nll: dict[float, float] = field(default_factory=dict)
     searched: int = 0  # positions searched: `tokens`, or fewer where pointers were followed (pointer_steps)
+    followed_lambda: float = 0.0
+    followed_temperature: float = 0.0
+    followed_nll: dict[float, float] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -109,23 +117,48 @@ class KnnEvalResult:
         out = asdict(self)
         out["perplexity"] = {str(lam): ppl for lam, ppl in self.perplexity.items()}
         out["nll"] = {str(lam): v for lam, v in self.nll.items()}
+        out["followed_nll"] = {str(lam): v for lam, v in self.followed_nll.items()}
         return out
 
 
+def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], tokens: int,
+                 followed: int) -> tuple[float, float, float]:
+    """(λ at searched positions, λ at followed ones, perplexity): the best pair, from the summed negative
+    log-likelihoods per λ over every position (`nll`) and over the `followed` positions alone."""
+    if not followed:
+        best = min(nll, key=lambda lam: nll[lam])
+        return best, best, perplexity(nll[best], tokens)
+    searched = {lam: nll[lam] - followed_nll[lam] for lam in nll}
+    lam_s = min(searched, key=lambda lam: searched[lam])
+    lam_f = min(followed_nll, key=lambda lam: followed_nll[lam])
+    return lam_s, lam_f, perplexity(searched[lam_s] + followed_nll[lam_f], tokens)
+
+
 class _Sums:
-    """Summed negative log-likelihoods: the base LM's and each λ's."""
+    """Summed negative log-likelihoods: the base LM's, and each λ's over every position and over the
+    followed ones."""
 
     def __init__(self, lambdas: tuple[float, ...]):
-        self.tokens, self.base = 0, 0.0
+        self.tokens, self.followed_tokens, self.base = 0, 0, 0.0
         self.per_lambda = dict.fromkeys(lambdas, 0.0)
+        self.followed = dict.fromkeys(lambdas, 0.0)
 
-    def add(self, lm: torch.Tensor, targets: torch.Tensor, found: KnnNeighbours, temperature: float) -> None:
+    def add(self, lm: torch.Tensor, targets: torch.Tensor, found: KnnNeighbours, temperature: float,
+            followed: np.ndarray | None = None, followed_temperature: float = 1.0) -> None:
+        """Scores one batch: lm (n,) the LM's log-prob of each target; `followed` (n,) bool marks the
+        positions whose neighbours came from pointers, scored at `followed_temperature`."""
         distances, values = torch.as_tensor(np.array(found.distances)), torch.as_tensor(np.array(found.values))
         knn = knn_target_log_prob(distances, values, targets, temperature)  # (n,)
+        mask = torch.as_tensor(followed) if followed is not None else torch.zeros(len(lm), dtype=torch.bool)
+        if mask.any():
+            knn[mask] = knn_target_log_prob(distances[mask], values[mask], targets[mask], followed_temperature)
         self.tokens += len(lm)
+        self.followed_tokens += int(mask.sum())
         self.base += -lm.double().sum().item()
         for lam in self.per_lambda:
-            self.per_lambda[lam] += -interpolate(lm, knn, lam).double().sum().item()
+            mixed = interpolate(lm, knn, lam).double()  # (n,)
+            self.per_lambda[lam] += -mixed.sum().item()
+            self.followed[lam] += -mixed[mask].sum().item()
 
 
 def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config: EvalConfig = EvalConfig(),
@@ -154,6 +187,7 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
     model.eval()
     sums, clock, started = _Sums(config.lambdas), Clock(model=0.0, retrieval=0.0, wait=0.0), time.perf_counter()
     searched = 0  # positions searched
+    followed_temperature = config.temperature * config.pointer_temperature_scale
 
     def retrieve(keys: np.ndarray, exclude, batch) -> Future:
         nonlocal searched
@@ -169,16 +203,17 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         """Neighbours from one search per run of positions and the pointers after it, blocking."""
         nonlocal searched
         with clock.timing("retrieval"), clock.timing("wait"):
-            found, count = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
-                                           lambda rows, steps: retriever.knn(keys[rows], None, steps),
-                                           config.pointer_steps, config.min_pointers)
-        searched += count
-        return completed(found)
+            found, followed = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
+                                              lambda rows, steps: retriever.knn(keys[rows], None, steps),
+                                              config.pointer_steps, config.min_pointers)
+        searched += int((~followed).sum())
+        return completed((found, followed))
 
     def score(lm: torch.Tensor, targets: torch.Tensor, future: Future) -> None:
         with clock.timing("wait"):
             found = future.result()
-        sums.add(lm, targets, found, config.temperature)
+        found, followed = found if isinstance(found, tuple) else (found, None)
+        sums.add(lm, targets, found, config.temperature, followed, followed_temperature)
 
     pending = None  # the previous batch, scored once the model has run this one
     for windows in tqdm(select_batches(plan_batches(store, config), batches), desc="kNN-LM eval", unit="batch",
@@ -197,12 +232,12 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         score(*pending)
     base = perplexity(sums.base, sums.tokens)
     per_lambda = {lam: perplexity(nll, sums.tokens) for lam, nll in sums.per_lambda.items()}
-    best = min(per_lambda, key=lambda lam: per_lambda[lam])
-    reduction = 1.0 - per_lambda[best] / base if math.isfinite(base) else 0.0
+    best, best_followed, best_ppl = best_lambdas(sums.per_lambda, sums.followed, sums.tokens, sums.followed_tokens)
+    reduction = 1.0 - best_ppl / base if math.isfinite(base) else 0.0
     log.log(logging.INFO if batches is None else logging.DEBUG,
             "kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
-            sums.tokens, base, best, per_lambda[best], 100 * reduction)
-    return KnnEvalResult(sums.tokens, base, per_lambda, best, per_lambda[best], reduction, config.retrieval.k,
+            sums.tokens, base, best, best_ppl, 100 * reduction)
+    return KnnEvalResult(sums.tokens, base, per_lambda, best, best_ppl, reduction, config.retrieval.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
-                         time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched)
-
+                         time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched, best_followed,
+                         followed_temperature, dict(sums.followed))

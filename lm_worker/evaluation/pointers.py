@@ -14,9 +14,13 @@ needs a search (at first, the first position of each run of consecutive position
 from each of them fill the positions after it until they break; the positions where they broke are
 the next round's request.
 
+A followed position's neighbours are fewer than a search's, and all of them agree with the text so
+far, so the evaluation weighs them apart: its own λ (swept like the searched positions' λ) and a
+flatter temperature (`EvalConfig.pointer_temperature_scale`).
+
 Example:
-    >>> found, searched = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=4)
-    >>> searched / len(positions)   # the share of positions searched; the others followed pointers
+    >>> found, followed = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=4)
+    >>> 1 - followed.mean()   # the share of positions searched; the others followed pointers
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ Search = Callable[[np.ndarray, int], KnnNeighbours]  # (row indices into the bat
 
 
 def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray, search: Search, steps: int,
-                    min_pointers: int) -> tuple[KnnNeighbours, int]:
+                    min_pointers: int) -> tuple[KnnNeighbours, np.ndarray]:
     """Neighbours for every scored position of a batch, searching only where pointers run out.
 
     Args:
@@ -44,8 +48,8 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
         min_pointers: a chain holds while at least this many of its neighbours do.
 
     Returns:
-        (neighbours (n, k) for every position, the number of positions searched). A followed position's
-        neighbours are the surviving chains' rows; the others are missing (-1, inf).
+        (neighbours (n, k) for every position, followed (n,) bool: the positions that were not searched).
+        A followed position's neighbours are the surviving chains' rows; the others are missing (-1, inf).
     """
     n = len(positions)
     following = np.full(n, -1, dtype=np.int64)  # the next scored position after each, when consecutive
@@ -53,19 +57,19 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
     following[consecutive] = consecutive + 1
     todo = np.setdiff1d(np.arange(n), following[following >= 0])  # the first position of each run
     out: KnnNeighbours | None = None
-    searched = 0
+    followed = np.ones(n, dtype=bool)
     while len(todo):
         found = search(todo, steps)
         if out is None:
             k = found.values.shape[1]
             out = KnnNeighbours(np.full((n, k), np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64),
                                 np.full((n, k), -1, dtype=np.int64))
-        searched += len(todo)
+        followed[todo] = False
         out.distances[todo], out.values[todo], out.ids[todo] = found.distances, found.values, found.ids
         todo = _chains(found, todo, targets, following, out, min_pointers)
     if out is None:
         out = KnnNeighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64))
-    return out, searched
+    return out, followed
 
 
 def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, following: np.ndarray,

@@ -11,6 +11,7 @@ import logging
 import math
 from pathlib import Path
 
+from lm_worker.evaluation.config import perplexity
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
 
@@ -27,7 +28,8 @@ def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None) -> st
     lines = ["| model | tokens | perplexity | vs base |", "|---|---:|---:|---:|"]
     if knn is not None:
         lines.append(f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |")
-        pointers = f", {knn.searched} positions searched" if 0 < knn.searched < knn.tokens else ""
+        pointers = (f", {knn.searched} positions searched; followed: λ={knn.followed_lambda:g}, "
+                    f"T={knn.followed_temperature:g}") if 0 < knn.searched < knn.tokens else ""
         lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}{pointers}) | {knn.tokens} | "
                      f"{knn.best_perplexity:.3f} | {_change(knn.best_perplexity, knn.base_perplexity)} |")
     if retro is not None:
@@ -46,10 +48,17 @@ def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
     fig = Figure(figsize=(6.8, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(lambdas, [knn.perplexity[lam] for lam in lambdas], "o-", label="kNN-LM")
+    pointers = 0 < knn.searched < knn.tokens
+    ax.plot(lambdas, [knn.perplexity[lam] for lam in lambdas], "o-",
+            label="kNN-LM, one λ at every position" if pointers else "kNN-LM")
+    if pointers:  # the followed positions' λ swept, the searched ones' at their best
+        searched = knn.nll[knn.best_lambda] - knn.followed_nll[knn.best_lambda]
+        ax.plot(lambdas, [perplexity(searched + knn.followed_nll[lam], knn.tokens) for lam in lambdas], "s--",
+                label=f"λ at followed positions (T={knn.followed_temperature:g}); searched at λ={knn.best_lambda:g}")
     ax.axhline(knn.base_perplexity, color="grey", linestyle="--", label=f"base LM alone ({knn.base_perplexity:.2f})")
-    ax.plot([knn.best_lambda], [knn.best_perplexity], "r*", markersize=14,
-            label=f"best: λ={knn.best_lambda:g}, {knn.best_perplexity:.2f} "
+    followed = f", followed λ={knn.followed_lambda:g}" if pointers else ""
+    ax.plot([knn.followed_lambda if pointers else knn.best_lambda], [knn.best_perplexity], "r*", markersize=14,
+            label=f"best: λ={knn.best_lambda:g}{followed}, {knn.best_perplexity:.2f} "
                   f"({-100 * knn.relative_reduction:+.1f}%)")
     ax.set_xlabel("λ: p = λ·p_kNN + (1 − λ)·p_LM")
     ax.set_ylabel("perplexity (lower is better)")
