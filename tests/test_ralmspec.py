@@ -6,6 +6,8 @@ scheduler."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,32 @@ def test_speculative_retrieval_decodes_the_tokens_of_serial_retrieval(lm, retrie
         if not SPECS[spec].asynchronous:  # an asynchronous window settles as soon as its answer is back, so
             # how many steps it covers, and so the count of requests, depends on timing
             assert stats.retrieval_calls < serial.stats.retrieval_calls  # one request verifies several steps
+
+
+def test_guesses_made_while_a_window_was_in_flight_are_verified_when_the_plan_turns_serial(lm, retriever,
+                                                                                           monkeypatch):
+    """Asynchronous: while a guessing window is verified, the rows guess on (the service answers slowly
+    here); if the stride planned next is a serial step, those guesses are still verified as a window,
+    and the tokens are serial retrieval's."""
+    cfg = CONFIGS["greedy"]
+    prompt = random_tokens((6, 5), seed=11)
+    want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP,
+                            speculation=SpeculationConfig(asynchronous=True, successors=2))
+    plans = iter([2, 0] * 64)
+    monkeypatch.setattr(decoder.scheduler, "plan", lambda: next(plans))
+    knn = retriever.knn
+
+    def slow_knn(*args, **kwargs):
+        time.sleep(0.05)  # longer than the steps the rows guess meanwhile
+        return knn(*args, **kwargs)
+
+    monkeypatch.setattr(retriever, "knn", slow_knn)
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    strides = decoder.stats.strides  # the plans alternate 2, 0: without the guesses in flight, half would be 0
+    assert decoder.stats.verified > 0 and set(strides) <= {0, 1, 2} and strides.count(0) < len(strides) / 2
 
 
 BEAMS = {

@@ -270,14 +270,18 @@ class _Decode:
         self.window_s += elapsed
 
     def _send(self, stride: int) -> None:
-        """Sends every row's unsent steps in one request."""
-        queries = [s.query for p, n in zip(self.pending, self.sent) for s in p[n:]]
+        """Sends every row's unsent steps in one request. Steps guessed while the previous request was in
+        flight (asynchronous) are verified as a window even where the plan is now a serial step."""
+        unsent = [p[n:] for p, n in zip(self.pending, self.sent)]
+        queries = [s.query for steps in unsent for s in steps]
+        guessed = max(sum(s.token >= 0 for s in steps) for steps in unsent)
+        window = stride if stride > 0 or not guessed else guessed
         sent = [len(p) for p in self.pending]
-        for_cache = stride > 0 or self.owner.scheduler.primes
-        self.in_flight = _InFlight(self.owner.send(np.stack(queries), for_cache), sent, stride, self.window_s)
+        for_cache = window > 0 or self.owner.scheduler.primes
+        self.in_flight = _InFlight(self.owner.send(np.stack(queries), for_cache), sent, window, self.window_s)
         self.window_s = 0.0
         self.sent = sent
-        self.stats.strides.append(stride)
+        self.stats.strides.append(window)
 
     def _settle(self) -> None:
         """Waits for the request in flight; each row keeps its sent steps up to the first wrong token,
