@@ -23,7 +23,10 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
 - RETRO, greedy over each of `batches` prompts: the model without neighbours (reference); exact RETRO (prefetch
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
-  (sent when formed, in flight during the next s tokens). Its retrieval is a small share of its
+  (sent when formed, in flight during the next s tokens); and RaLMSpec per chunk (`RaLMSpecRetro`: exact
+  queries, each chunk's neighbours guessed from the rows' local caches, decoded on while the service
+  searches, the batch rolled back where a guess failed), adaptive and on every guess, against exact
+  RETRO in a table of its own. Its retrieval is a small share of its
   decoding time (one request per chunk), so run-to-run noise in the model's time moves the share
   hidden by tens of points: RETRO runs `RETRO_REPEATS` times as often as kNN-LM.
 Serial and overlapped runs decode the same tokens (checked).
@@ -74,6 +77,7 @@ from lm_worker.decoding.knnlm_stepper import KnnLMStepper
 from lm_worker.decoding.lm_stepper import LMStepper
 from lm_worker.decoding.ralmspec.config import SpeculationConfig
 from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
+from lm_worker.decoding.ralmspec.retro import RaLMSpecRetro
 from lm_worker.decoding.retro_stepper import RetroStepper
 from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
 from lm_worker.decoding.stepper_stats import StepperStats
@@ -206,6 +210,7 @@ def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateC
     CPU seconds this process and the servers (`servers_cpu()`, a running total) used meanwhile. With
     `time_start` the stepper is wrapped to time `start` apart (that hides a pipelined stepper's `fork`)."""
     stepper = make()
+    time_start = time_start and not getattr(stepper, "decodes_itself", False)  # one that runs its own loop
     wrapped = TimedStart(stepper) if time_start else stepper
     servers_before, worker_before = servers_cpu(), time.process_time()
     began = time.perf_counter()
@@ -364,6 +369,8 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompts: dict[int, torch.
             f"retro prefetch {s} serial": lambda: RetroStepper(model, retriever, encoder, prefetch=s, overlap=False),
             f"retro prefetch {s} overlapped": lambda: RetroStepper(model, retriever, encoder, prefetch=s,
                                                                    overlap=True),
+            "retro ralmspec": lambda: RaLMSpecRetro(model, retriever, encoder),
+            "retro ralmspec, every guess": lambda: RaLMSpecRetro(model, retriever, encoder, adaptive=False),
         }
         results = {}
         for batch, prompt in prompts.items():
@@ -373,8 +380,24 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompts: dict[int, torch.
                            time_start=True)
             annotate(rows, f"retro prefetch {s} serial", cores_of(config))
             summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
+            summary["ralmspec"] = retro_ralmspec_summary(rows)
             results[f"greedy x{batch}"] = {"rows": rows, "summary": {**summary, "prefetch": s, "chunk_len": L}}
     return results
+
+
+def retro_ralmspec_summary(rows: dict[str, dict]) -> dict:
+    """RETRO's speculative runs (adaptive, and decoding on every guess) against exact serial retrieval."""
+    exact = rows["retro exact (prefetch 0)"]
+    out = {}
+    for name in ("retro ralmspec", "retro ralmspec, every guess"):
+        r, st = rows[name], rows[name]["stats"]
+        out[name] = {"tokens_per_s": r["tokens_per_s"], "speedup": r["tokens_per_s"] / exact["tokens_per_s"],
+                     "cpu_per_token_vs_exact": r["cpu_ms_per_token"] / exact["cpu_ms_per_token"],
+                     "guessed": st["verified"], "held": st["accepted"], "rollbacks": st["rollbacks"],
+                     "rows_failed": sum(failed for _, failed in st["windows"]),
+                     "rows_checked": sum(rows_ for rows_, _ in st["windows"]),
+                     "same_tokens": r["tokens_digest"] == exact["tokens_digest"]}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +460,21 @@ def ralmspec_table(results: dict) -> str:
             f"{adaptive['calls_per_token']:.3f} / {forced['calls_per_token']:.3f} | "
             f"{serial['cpu_ms_per_token']:.2f} / {adaptive['cpu_ms_per_token']:.2f} / "
             f"{forced['cpu_ms_per_token']:.2f} | {'yes' if same else 'NO'} |")
+    return "\n".join(lines)
+
+
+def retro_ralmspec_table(results: dict) -> str:
+    """RETRO's speculative retrieval per chunk against exact serial retrieval, one line per batch size."""
+    lines = ["| RETRO | exact serial tokens/s | RaLMSpec (adaptive) tokens/s | every guess tokens/s | chunks decoded "
+             "on a guess, held / guessed (adaptive; every guess) | rows whose guess failed (every guess) | "
+             "same tokens |", "|---|---:|---:|---:|---:|---:|---|"]
+    for scenario, result in results.get("retro", {}).items():
+        exact = result["rows"]["retro exact (prefetch 0)"]
+        a, e = (result["summary"]["ralmspec"][n] for n in ("retro ralmspec", "retro ralmspec, every guess"))
+        lines.append(f"| {scenario} | {exact['tokens_per_s']:.1f} | {a['tokens_per_s']:.1f} ({a['speedup']:.2f}x) | "
+                     f"{e['tokens_per_s']:.1f} ({e['speedup']:.2f}x) | {a['held']} / {a['guessed']}; "
+                     f"{e['held']} / {e['guessed']} | {e['rows_failed']} of {e['rows_checked']} | "
+                     f"{'yes' if a['same_tokens'] and e['same_tokens'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -547,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(results["results"]))
     print()
     print(ralmspec_table(results["results"]))
+    print()
+    print(retro_ralmspec_table(results["results"]))
     for scenario, result in results["results"].get("knnlm", {}).items():
         s = result["summary"]
         print(f"kNN-LM {scenario}, ralmspec: {s['hit_rate']:.0%} of the guessed steps held; "

@@ -140,6 +140,12 @@ def test_retro_half(lm_run, capsys):
                   target, "--nprobe", "4", "--prefetch", "2", "--prompt", "def handler_5(request",
                   "--max-new-tokens", "12")
         assert out.count("--- ") == 1
+        args = ["generate", "--checkpoint", str(run / "retro"), "--data", str(run / "data"), "--target", target,
+                "--nprobe", "4", "--prompt", "def handler_5(request", "--prompt", "    return request",
+                "--max-new-tokens", "20"]
+        exact = cli(capsys, *args)  # prefetch 0: exact RETRO
+        speculative = cli(capsys, *args, "--ralmspec")  # chunk neighbours guessed where guesses hold
+        assert speculative.split("\nretrieval:")[0] == exact.split("\nretrieval:")[0] and "retrieval:" in speculative
 
 
 def test_retro_with_the_lm_encoder(lm_run, capsys):

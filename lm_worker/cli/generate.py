@@ -43,9 +43,11 @@ def add_parsers(sub) -> None:
     g.add_argument("--ralmspec", action="store_true",
                    help="kNN-LM: guess each step's neighbours from each prompt's local cache of the rows it "
                         "retrieved and their successors, verified for all prompts in one request every s steps; a "
-                        "prompt whose guess failed rolls back alone (RaLMSpec). The tokens of serial retrieval; "
-                        "needs a datastore that keeps its keys (lm-worker build does; retriever-server build "
-                        "--keep-keys) and a TransformerLM checkpoint")
+                        "prompt whose guess failed rolls back alone (RaLMSpec). RETRO: guess each chunk's "
+                        "neighbours likewise and decode on while the service searches, where guesses have been "
+                        "holding; a failed guess rolls the batch back (greedy and sampling). The tokens of serial "
+                        "retrieval; needs a datastore that keeps its keys (lm-worker build does; retriever-server "
+                        "build --keep-keys)")
     g.add_argument("--stride", type=int, default=0,
                    help="with --ralmspec: steps between verifications (0: chosen from the measured hit rate and costs)")
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
@@ -92,6 +94,12 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
         from lm_worker.encoders.registry import chunk_encoder_for
 
         encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
+        if args.ralmspec:
+            from lm_worker.decoding.ralmspec.retro import RaLMSpecRetro
+
+            if args.prefetch:
+                raise ValueError("--ralmspec speculates RETRO's exact queries: it takes no --prefetch")
+            return RaLMSpecRetro(loaded.model, retriever, encoder)
         return RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch, overlap=not args.no_overlap)
     if args.ralmspec:
         from lm_worker.decoding.ralmspec.config import SpeculationConfig
@@ -130,7 +138,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if s is not None and s.retrieval_calls:
         guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
         if getattr(s, "verified", 0):
-            guesses = f"; {s.accepted} of {s.verified} guessed steps held, {s.rollbacks} rows rolled back"
+            unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
+            guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
               f"model {s.compute_s:.2f} s{guesses}")
 

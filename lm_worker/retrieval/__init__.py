@@ -1,6 +1,6 @@
 """Retrieval: the one gateway through which the LM side talks to the retrieval service.
 
-- `config`: what a retrieval asks for (`RetrievalConfig`) and kNN-LM neighbours as arrays;
+- `config`: what a retrieval asks for (`RetrievalConfig`), kNN-LM and RETRO neighbours as arrays;
 - `retriever`: what both retrievers share: kNN-LM and RETRO look-ups, blocking or as futures;
 - `service`: `ServiceRetriever` over gRPC (a router, or shards it fans out to), `resolve_target`;
 - `in_process`: `InProcessRetriever`, the same shard files searched in this process (the reference);

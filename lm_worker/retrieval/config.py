@@ -1,4 +1,4 @@
-"""What a retrieval asks for, and the kNN-LM neighbours it gets back as arrays."""
+"""What a retrieval asks for, and the kNN-LM and RETRO neighbours it gets back as arrays."""
 
 from __future__ import annotations
 
@@ -36,5 +36,20 @@ class KnnNeighbours:
     ids: np.ndarray
     next_values: np.ndarray | None = None
     next_ids: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    next_keys: np.ndarray | None = None
+
+
+@dataclass
+class ChunkNeighbours:
+    """RETRO neighbours with their datastore rows: tokens int64 (n, k, 2L) (each neighbour chunk and its
+    continuation), ids int64 (n, k) (-1 where there is no neighbour); with successors asked for, next_ids
+    int64 (n, k, s) and next_tokens int64 (n, k, s, 2L): the s chunks after each neighbour; with keys asked
+    for, keys float32 (n, k, d) and next_keys float32 (n, k, s, d)."""
+
+    tokens: np.ndarray
+    ids: np.ndarray
+    next_ids: np.ndarray | None = None
+    next_tokens: np.ndarray | None = None
     keys: np.ndarray | None = None
     next_keys: np.ndarray | None = None

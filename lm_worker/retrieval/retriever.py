@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from lm_worker.retrieval.config import KnnNeighbours, Ranges, RetrievalConfig
+from lm_worker.retrieval.config import ChunkNeighbours, KnnNeighbours, Ranges, RetrievalConfig
 from retriever_server.client import Exclude, SearchResult
 
 
@@ -72,6 +72,17 @@ class Retriever:
     def chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> np.ndarray:
         """RETRO neighbours of chunk embeddings (n, d): int64 (n, k, 2 * chunk_len) token ids."""
         return chunk_neighbours(self.search(np.ascontiguousarray(embeddings, dtype=np.float32), "tokens", exclude))
+
+    def chunk_rows(self, embeddings: np.ndarray, successors: int = 0, return_keys: bool = False) -> ChunkNeighbours:
+        """RETRO neighbours of chunk embeddings (n, d) with their ids; with `successors` = s also the s
+        chunks after each neighbour, with `return_keys` the stored keys of all of them."""
+        found = self.search(np.ascontiguousarray(embeddings, dtype=np.float32), "tokens", None, successors,
+                            return_keys)
+        next_tokens = None
+        if found.successor_ids is not None:
+            next_tokens = found.successor_payloads["tokens"].astype(np.int64)
+        return ChunkNeighbours(chunk_neighbours(found), found.ids, found.successor_ids, next_tokens, found.keys,
+                               found.successor_keys)
 
     def submit_knn(self, keys: np.ndarray, exclude: Ranges = None) -> Future:
         """`knn` in a background thread; the future's result is a `KnnNeighbours`."""

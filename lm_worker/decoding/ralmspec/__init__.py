@@ -1,11 +1,13 @@
 """Speculative retrieval for batched kNN-LM decoding (RaLMSpec): each sequence guesses its neighbours
-from a local cache of the rows it retrieved and their successors, verified in batched requests.
+from a local cache of the rows it retrieved and their successors, verified in batched requests; and
+its RETRO form, per chunk.
 
 - `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
 - `beam`: the same for beam search, a prompt's beams rolled back together;
 - `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
-- `config`: `SpeculationConfig` and `SpeculationStats`.
+- `config`: `SpeculationConfig` and `SpeculationStats`;
+- `retro`: `RaLMSpecRetro`, RETRO decoding on guessed chunk neighbours, the batch rolled back together.
 
 Imports: lm_worker.decoding, lm_worker.evaluation.knnlm, lm_worker.models.ragged_cache, lm_worker.models.transformer_lm,
-    lm_worker.retrieval.local_cache
+    lm_worker.retrieval
 """

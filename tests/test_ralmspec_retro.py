@@ -1,0 +1,127 @@
+"""Speculative retrieval for RETRO, per chunk, against a real datastore served by real shard servers: the
+tokens and log-probs of serial retrieval (`RetroStepper`, prefetch 0) for greedy decoding and top-k and
+top-p sampling, with guesses that hold and guesses that fail and roll the batch back; the adaptive rule;
+clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build, serve
+from test_steppers import FakeEncoder, K, L, V, random_tokens, sharpened
+
+from lm_worker.decoding.config import GenerateConfig
+from lm_worker.decoding.generate import generate
+from lm_worker.decoding.ralmspec.retro import RaLMSpecRetro
+from lm_worker.decoding.retro_stepper import RetroStepper
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.retrieval.service import ServiceRetriever
+from retriever_server.client import RetrieverError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs torch on one thread."""
+
+
+@pytest.fixture(scope="module")
+def retro() -> Retro:
+    """test_steppers' tiny RETRO."""
+    torch.manual_seed(1)
+    return sharpened(Retro(RetroConfig.tiny(vocab_size=V, chunk_len=L, n_neighbours=K)))
+
+
+def chunk_store(seed: int, n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """A token stream cut into chunks: each chunk's tokens, and its payload (the chunk and the next, 2L)."""
+    stream = random_tokens((n_chunks * L + L,), seed=seed).numpy()
+    chunks = stream[:n_chunks * L].reshape(-1, L)
+    payload = np.stack([stream[c * L:c * L + 2 * L] for c in range(n_chunks)]).astype(np.int32)
+    return chunks, payload
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory):
+    """48 chunks of random text embedded by `FakeEncoder`, in 2 shards that keep their keys."""
+    chunks, payload = chunk_store(seed=21, n_chunks=48)
+    return build(tmp_path_factory.mktemp("retro-spec"), FakeEncoder().embed(chunks), "ds", shards=2,
+                 factory="IVF4,Flat", keep_keys=True, payload_arrays={"tokens": payload})
+
+
+@pytest.fixture(scope="module")
+def retriever(aio, datastore):
+    with serve(aio, datastore, 2) as served, \
+            ServiceRetriever(served.shard_addresses(), RetrievalConfig(k=K, nprobe=4)) as service:
+        yield service
+
+
+CONFIGS = {
+    "greedy": GenerateConfig(max_new_tokens=30),
+    "greedy-eos": GenerateConfig(max_new_tokens=30, eos_id=3),
+    "top-k": GenerateConfig(strategy="sample", top_k=4, max_new_tokens=26, seed=5),
+    "top-p": GenerateConfig(strategy="sample", temperature=1.3, top_p=0.9, max_new_tokens=26, eos_id=2, seed=3),
+}
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["every-guess", "adaptive"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriever, name, adaptive):
+    cfg = CONFIGS[name]
+    prompt = random_tokens((3, 6), seed=8)
+    serial = RetroStepper(retro, retriever, FakeEncoder())
+    want = generate(serial, prompt, cfg)
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), adaptive=adaptive)
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    stats = decoder.stats
+    assert stats.retrieval_calls == serial.stats.retrieval_calls  # one per chunk: a rollback asks nothing again
+    if not adaptive:  # every chunk the local caches can fill is decoded on its guess
+        assert stats.verified > 0 and stats.speculated == 3 * stats.verified
+
+
+def test_guesses_hold_and_fail_and_a_failure_rolls_the_batch_back(retro, retriever):
+    """A prompt cut from the datastore's own text: the caches hold the next chunks' neighbours, so some
+    guesses hold; others fail, and the batch goes back to the step that first used them."""
+    chunks, _ = chunk_store(seed=21, n_chunks=48)
+    prompt = torch.from_numpy(np.stack([chunks[0:3].reshape(-1), chunks[10:13].reshape(-1)])).long()  # (2, 12)
+    cfg = GenerateConfig(max_new_tokens=40)
+    want = generate(RetroStepper(retro, retriever, FakeEncoder()), prompt, cfg)
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), successors=4, adaptive=False)
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    s = decoder.stats
+    assert 0 < s.accepted < s.verified and s.rollbacks == s.verified - s.accepted
+    assert s.wasted >= s.rollbacks  # each rollback dropped at least the step it was found on
+    assert [failed > 0 for _, failed in s.windows].count(True) == s.rollbacks
+
+
+def test_the_adaptive_rule_guesses_only_where_holding_pays(retro, retriever):
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder())
+    assert not decoder.worth_guessing()  # nothing measured yet
+    decoder.wait_s.add(0.004)
+    decoder.step_s.add(0.001)
+    for _ in range(8):
+        decoder.held.add(1.0)
+    assert decoder.worth_guessing()  # guesses hold: decode on them
+    for _ in range(8):
+        decoder.held.add(0.0)
+    assert not decoder.worth_guessing()  # they fail: wait for the service
+
+
+def test_beam_search_and_datastores_without_keys_are_refused(retro, retriever, aio, tmp_path):
+    prompt = random_tokens((2, 6), seed=1)
+    with pytest.raises(ValueError, match="beam search"):
+        generate(RaLMSpecRetro(retro, retriever, FakeEncoder()), prompt,
+                 GenerateConfig(strategy="beam", num_beams=2, max_new_tokens=4))
+    with pytest.raises(ValueError, match="successors must lie in 1..16"):
+        RaLMSpecRetro(retro, retriever, FakeEncoder(), successors=0)
+    chunks, payload = chunk_store(seed=2, n_chunks=12)
+    keyless = build(tmp_path, FakeEncoder().embed(chunks), "keyless", shards=1, factory="IVF2,Flat",
+                    payload_arrays={"tokens": payload})
+    with serve(aio, keyless, 1) as served, \
+            ServiceRetriever(served.shard_addresses(), RetrievalConfig(k=K)) as service:
+        with pytest.raises(RetrieverError, match="keep-keys"):
+            generate(RaLMSpecRetro(retro, service, FakeEncoder()), prompt, GenerateConfig(max_new_tokens=4))
