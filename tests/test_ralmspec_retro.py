@@ -58,7 +58,7 @@ def retriever(aio, datastore):
 
 CONFIGS = {
     "greedy": GenerateConfig(max_new_tokens=30),
-    "greedy-eos": GenerateConfig(max_new_tokens=30, eos_id=3),
+    "greedy-eos": GenerateConfig(max_new_tokens=30),  # EOS: a token greedy decoding emits (see the test)
     "top-k": GenerateConfig(strategy="sample", top_k=4, max_new_tokens=26, seed=5),
     "top-p": GenerateConfig(strategy="sample", temperature=1.3, top_p=0.9, max_new_tokens=26, eos_id=2, seed=3),
 }
@@ -69,16 +69,20 @@ CONFIGS = {
 def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriever, name, adaptive):
     cfg = CONFIGS[name]
     prompt = random_tokens((3, 6), seed=8)
+    if name == "greedy-eos":  # a token row 1 emits mid-way, so that rows end at different steps
+        eos = int(generate(RetroStepper(retro, retriever, FakeEncoder()), prompt, cfg).tokens[1, 9])
+        cfg = GenerateConfig(max_new_tokens=30, eos_id=eos)
     serial = RetroStepper(retro, retriever, FakeEncoder())
     want = generate(serial, prompt, cfg)
     decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), adaptive=adaptive)
     got = generate(decoder, prompt, cfg)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
-    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
-    stats = decoder.stats
-    assert stats.retrieval_calls == serial.stats.retrieval_calls  # one per chunk: a rollback asks nothing again
-    if not adaptive:  # every chunk the local caches can fill is decoded on its guess
-        assert stats.verified > 0 and stats.speculated == 3 * stats.verified
+    assert torch.equal(got.log_probs, want.log_probs)  # the same forwards on the same inputs: bit for bit
+    if name == "greedy-eos":
+        assert (want.lengths < cfg.max_new_tokens).any()
+    assert decoder.stats.retrieval_calls == serial.stats.retrieval_calls  # a rollback asks nothing again
+    if not adaptive:  # chunks the local caches can fill are decoded on their guess
+        assert decoder.stats.verified > 0
 
 
 def test_guesses_hold_and_fail_and_a_failure_rolls_the_batch_back(retro, retriever):
@@ -90,12 +94,23 @@ def test_guesses_hold_and_fail_and_a_failure_rolls_the_batch_back(retro, retriev
     want = generate(RetroStepper(retro, retriever, FakeEncoder()), prompt, cfg)
     decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), successors=4, adaptive=False)
     got = generate(decoder, prompt, cfg)
-    assert torch.equal(got.tokens, want.tokens)
-    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.log_probs, want.log_probs)
     s = decoder.stats
-    assert 0 < s.accepted < s.verified and s.rollbacks == s.verified - s.accepted
-    assert s.wasted >= s.rollbacks  # each rollback dropped at least the step it was found on
-    assert [failed > 0 for _, failed in s.windows].count(True) == s.rollbacks
+    assert 0 < s.accepted < s.verified and s.rollbacks > 0  # guesses held and guesses failed
+
+
+def test_the_adaptive_decoder_guesses_while_guesses_hold_and_rolls_back_exactly(retro, retriever):
+    """Estimates that say guessing pays (as after a run of held guesses): the adaptive decoder decodes on
+    its guesses, rolls back where they fail, and its hit rate falls; the tokens are serial retrieval's."""
+    chunks, _ = chunk_store(seed=21, n_chunks=48)
+    prompt = torch.from_numpy(np.stack([chunks[0:3].reshape(-1), chunks[10:13].reshape(-1)])).long()  # (2, 12)
+    cfg = GenerateConfig(strategy="sample", top_k=3, max_new_tokens=40, seed=2)
+    want = generate(RetroStepper(retro, retriever, FakeEncoder()), prompt, cfg)
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), successors=4)
+    decoder.held.value, decoder.wait_s.value, decoder.step_s.value = 1.0, 0.004, 0.001
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.log_probs, want.log_probs)
+    assert decoder.stats.verified > 0 and decoder.stats.rollbacks > 0 and decoder.held.value < 1.0
 
 
 def test_the_adaptive_rule_guesses_only_where_holding_pays(retro, retriever):

@@ -14,12 +14,15 @@ the answer is back:
   history, its samplers' states) and decodes on with the service's neighbours.
 
 RETRO's cache holds one length for the whole batch, so a rollback is the batch's, and a guess pays
-only when it holds for every row. A failed guess costs the steps decoded on it again, a held one saves
-the wait for the service, so by default (`adaptive`) a chunk is decoded on its guess only while
-p · wait > (1 - p) · replay, from running estimates of p (how often the whole batch's guess held), the
-wait and a step's seconds. A guess is checked as soon as its answer is back, so a failed one costs
-about the wait again (the steps decoded meanwhile). Where it does not guess, the guess is still made
-and checked, so p stays current. The tokens are serial retrieval's whatever the guesses.
+only when it holds for every row that has not finished. A held guess saves the wait for the service.
+A failed one costs little more than serial retrieval: it is checked as soon as the answer is back,
+the steps decoded meanwhile ran while serial decoding would have been waiting, and the step being
+decoded when the answer came is the most that is lost. So by default (`adaptive`) a chunk is decoded on
+its guess only while p · wait > (1 - p) · step, from running estimates of p (how often the batch's
+guess held), the wait and a step's seconds. Where it does not guess, the guess is still made and
+checked, so p stays current. The local caches rank by L2 distance whatever the datastore's metric: a
+guess ranked otherwise fails its check, which costs speed, never exactness. The tokens are serial
+retrieval's whatever the guesses.
 
 Example:
     >>> decoder = RaLMSpecRetro(retro, retriever, encoder)
@@ -89,6 +92,12 @@ class RaLMSpecRetro:
         successors: datastore chunks after each retrieved one that also enter the local caches (1..16).
         cache_rows: chunks each sequence's local cache keeps.
         adaptive: decode on a guess only where the estimates say it pays (else on every full guess).
+
+    `stats` (a `SpeculationStats`) counts, for RETRO: `speculated` row-chunks decoded on a guess,
+    `verified` and `accepted` chunks decoded on a guess and those whose guess held for the batch,
+    `verifications` guesses checked (used or not), `windows` per check (rows, rows whose guess
+    differed), `rollbacks` batch rollbacks and `wasted` batch steps they discarded; `steps` counts
+    every forward, replays included.
     """
 
     decodes_itself = True  # `generate` hands it the whole prompt batch
@@ -112,8 +121,7 @@ class RaLMSpecRetro:
         if self.wait_s.value is None or self.step_s.value is None:
             return False  # nothing measured yet: a serial chunk measures the wait
         p = self.held.value
-        replay = self.wait_s.value + self.step_s.value  # the steps decoded on a guess until its answer is back
-        return p * self.wait_s.value > (1 - p) * replay
+        return p * self.wait_s.value > (1 - p) * self.step_s.value
 
     @torch.no_grad()
     def decode(self, prompt: torch.Tensor, config: GenerateConfig) -> GenerateOutput:
@@ -141,18 +149,18 @@ class _Decode:
 
     def __init__(self, owner: RaLMSpecRetro, prompt: torch.Tensor, config: GenerateConfig):
         self.owner, self.config, self.stats = owner, config, owner.stats
-        B = prompt.shape[0]
+        B, self.device = prompt.shape[0], prompt.device
         self.L, self.K = owner.chunk_len, owner.n_neighbours
         self.cache = owner.model.new_cache()
         self.history = prompt.long().clone()  # (B, S)
-        self.neighbours = torch.zeros(B, 0, self.K, 2 * self.L, dtype=torch.long)  # (B, C, K, 2L)
+        self.neighbours = torch.zeros(B, 0, self.K, 2 * self.L, dtype=torch.long, device=self.device)  # (B, C, K, 2L)
         self.local: LocalCaches | None = None  # made with the first answer (its key dimension)
         self.chunk_tokens: dict[int, np.ndarray] = {}  # datastore chunk id -> its (2L,) tokens
-        self.generators = row_generators(config.seed, 0, B) if config.strategy == "sample" else []
+        self.generators = row_generators(config.seed, 0, B, self.device) if config.strategy == "sample" else []
         self.out: list[torch.Tensor] = []
-        self.total = torch.zeros(B, dtype=torch.float32)
-        self.lengths = torch.zeros(B, dtype=torch.long)
-        self.finished = torch.zeros(B, dtype=torch.bool)
+        self.total = torch.zeros(B, dtype=torch.float32, device=self.device)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         self.guess: _Guess | None = None
 
     def run(self) -> GenerateOutput:
@@ -214,7 +222,7 @@ class _Decode:
             self._remember(found)
             true = self._rows(found, 1)  # (B, 1, K, 2L)
             if guessed is not None:  # the guess, checked though unused
-                self.owner.held.add(float(torch.equal(true[:, 0], guessed)))
+                self._check(true[:, 0], guessed, self.finished)
             self.neighbours = torch.cat([self.neighbours, true], dim=1)
             return
         snapshot = _Snapshot(chunk, token, t, self._cache_state(), self.history.shape[1] - 1, len(self.out),
@@ -231,7 +239,8 @@ class _Decode:
         _, ids = self.local.search(queries, self.K)  # (B, K) datastore ids, -1 where too few
         if (ids < 0).any():
             return None
-        return torch.from_numpy(np.stack([[self.chunk_tokens[i] for i in row] for row in ids.tolist()]))
+        guessed = np.stack([[self.chunk_tokens[i] for i in row] for row in ids.tolist()])  # (B, K, 2L)
+        return torch.from_numpy(guessed).to(self.device)
 
     def _guess_held(self) -> bool:
         """Waits for the guess in flight: True if the service's neighbours are the guessed ones for every row
@@ -239,17 +248,23 @@ class _Decode:
         found = wait_for(self.guess.pending, self.stats)
         self._remember(found)
         true = self._rows(found, 1)[:, 0]  # (B, K, 2L)
-        self.stats.verifications += 1
         self.stats.verified += 1
         self.guess.true = true
-        failed = int((true != self.guess.guessed).flatten(1).any(dim=1).sum())  # rows whose guess differs
-        self.stats.windows.append((len(true), failed))
-        self.owner.held.add(float(failed == 0))
-        if not failed:
+        if self._check(true, self.guess.guessed, self.guess.snapshot.finished):
             self.stats.accepted += 1
             self.guess = None
             return True
         return False
+
+    def _check(self, true: torch.Tensor, guessed: torch.Tensor, finished: torch.Tensor) -> bool:
+        """Whether the guess (B, K, 2L) equals the service's neighbours for every row not `finished` (B,)
+        when it was first used: a finished row's tokens are EOS whatever its neighbours. Counted."""
+        differs = (true != guessed).flatten(1).any(dim=1) & ~finished  # (B,)
+        failed = int(differs.sum())
+        self.stats.verifications += 1
+        self.stats.windows.append((len(true), failed))
+        self.owner.held.add(float(failed == 0))
+        return failed == 0
 
     def _roll_back(self) -> tuple[torch.Tensor, int]:
         """Back to the step that first used the failed guess; that step is fed again with the service's
@@ -261,7 +276,7 @@ class _Decode:
         self._restore_cache(s.cache)
         self.history = torch.cat([self.history[:, :s.history_len], s.token[:, None]], dim=1)
         del self.out[s.out_len:]
-        self.total, self.lengths, self.finished = s.total.clone(), s.lengths.clone(), s.finished.clone()
+        self.total, self.lengths, self.finished = s.total, s.lengths, s.finished  # not used again
         for g, state in zip(self.generators, s.generators):
             g.set_state(state)
         self.neighbours = torch.cat([self.neighbours[:, :s.chunk], guess.true[:, None]], dim=1)
@@ -281,7 +296,7 @@ class _Decode:
 
     def _window(self, chunk: int) -> np.ndarray:
         """Chunk `chunk`'s tokens for every row (B, L): its query, as `RetroStepper` forms it at prefetch 0."""
-        return self.history[:, chunk * self.L:(chunk + 1) * self.L].numpy().copy()
+        return self.history[:, chunk * self.L:(chunk + 1) * self.L].cpu().numpy().copy()
 
     def _blocking(self, queries: np.ndarray) -> ChunkNeighbours:
         self.stats.retrieval_calls += 1
@@ -296,15 +311,16 @@ class _Decode:
         tokens = found.tokens
         if tokens.shape[1] < self.K:
             raise ValueError(f"the retriever returned {tokens.shape[1]} neighbours; the model needs {self.K}")
-        rows = torch.from_numpy(np.ascontiguousarray(tokens[:, :self.K], dtype=np.int64))
+        rows = torch.from_numpy(np.ascontiguousarray(tokens[:, :self.K], dtype=np.int64)).to(self.device)
         return rows.view(chunks, -1, *rows.shape[1:]).transpose(0, 1)
 
     def _remember(self, found: ChunkNeighbours) -> None:
         """Puts an answer's chunks and their successors (ids, keys, tokens) into the rows' local caches;
         an answer for several chunks (the prompt's) is chunk-major."""
-        if found.keys is None:
-            raise ValueError("the RETRO datastore keeps no keys: speculative retrieval ranks its local cache by "
-                             "them (build it with --keep-keys)")
+        if found.keys is None or found.next_ids is None or found.next_keys is None:
+            raise ValueError("the retriever returned no keys or successors: speculative retrieval ranks its "
+                             "local caches by the stored keys of the chunks found and the chunks after them "
+                             "(a datastore built with --keep-keys)")
         B = self.history.shape[0]
         if self.local is None:
             self.local = LocalCaches(B, self.owner.cache_rows, found.keys.shape[-1])
