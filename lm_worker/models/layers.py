@@ -84,6 +84,15 @@ class KVCache:
         self.keys = [None if k is None else k.index_select(0, indices) for k in self.keys]
         self.values = [None if v is None else v.index_select(0, indices) for v in self.values]
 
+    def state(self) -> tuple:
+        """The cache as it is now, for `restore`: references suffice, as every forward appends new tensors."""
+        return list(self.keys), list(self.values), self.offset
+
+    def restore(self, state: tuple) -> None:
+        """Back to a `state()` taken earlier on this cache (a rejected speculative chunk)."""
+        keys, values, self.offset = state
+        self.keys, self.values = list(keys), list(values)
+
     def rewind(self, n: int = 1) -> None:
         """Forget the last `n` positions, as if they had never been fed (a rejected speculative step)."""
         if not 0 <= n <= self.offset:

@@ -94,6 +94,13 @@ class RetroCache(KVCache):
         self.hidden: torch.Tensor | None = None  # (B, S, E)
         self.encoded: torch.Tensor | None = None  # (B, C, K, N, E)
 
+    def state(self) -> tuple:
+        return super().state(), self.hidden, self.encoded
+
+    def restore(self, state: tuple) -> None:
+        kv, self.hidden, self.encoded = state
+        super().restore(kv)
+
     def reorder(self, indices: torch.Tensor) -> None:
         super().reorder(indices)
         self.hidden = None if self.hidden is None else self.hidden.index_select(0, indices)

@@ -211,9 +211,7 @@ class _Decode:
         """Sends chunk `chunk`'s query and takes each row's guess from its local cache; with no full guess
         for some row, waits for the service instead."""
         queries = self.owner.embed([self._window(chunk)])  # (B, d)
-        pending = Pending(self.owner.retriever.pool.submit(self.owner.search, queries))
-        self.stats.retrieval_calls += 1
-        self.stats.queries += len(queries)
+        pending = self._send(queries)
         guessed = self._local_guess(queries)
         if guessed is None or not self.owner.worth_guessing():
             started = time.perf_counter()
@@ -225,7 +223,7 @@ class _Decode:
                 self._check(true[:, 0], guessed, self.finished)
             self.neighbours = torch.cat([self.neighbours, true], dim=1)
             return
-        snapshot = _Snapshot(chunk, token, t, self._cache_state(), self.history.shape[1] - 1, len(self.out),
+        snapshot = _Snapshot(chunk, token, t, self.cache.state(), self.history.shape[1] - 1, len(self.out),
                              self.total.clone(), self.lengths.clone(), self.finished.clone(),
                              [g.get_state() for g in self.generators])
         self.guess = _Guess(snapshot, guessed, pending)
@@ -273,7 +271,7 @@ class _Decode:
         s = guess.snapshot
         self.stats.rollbacks += 1
         self.stats.wasted += len(self.out) - s.out_len
-        self._restore_cache(s.cache)
+        self.cache.restore(s.cache)
         self.history = torch.cat([self.history[:, :s.history_len], s.token[:, None]], dim=1)
         del self.out[s.out_len:]
         self.total, self.lengths, self.finished = s.total, s.lengths, s.finished  # not used again
@@ -298,11 +296,14 @@ class _Decode:
         """Chunk `chunk`'s tokens for every row (B, L): its query, as `RetroStepper` forms it at prefetch 0."""
         return self.history[:, chunk * self.L:(chunk + 1) * self.L].cpu().numpy().copy()
 
-    def _blocking(self, queries: np.ndarray) -> ChunkNeighbours:
+    def _send(self, queries: np.ndarray) -> Pending:
+        """The service's search of query embeddings (n, d), in flight on the retriever's pool."""
         self.stats.retrieval_calls += 1
         self.stats.queries += len(queries)
-        pending = Pending(self.owner.retriever.pool.submit(self.owner.search, queries))
-        found = wait_for(pending, self.stats)
+        return Pending(self.owner.retriever.pool.submit(self.owner.search, queries))
+
+    def _blocking(self, queries: np.ndarray) -> ChunkNeighbours:
+        found = wait_for(self._send(queries), self.stats)
         self._remember(found)
         return found
 
@@ -334,14 +335,3 @@ class _Decode:
         for q in range(len(ids)):  # query q belongs to row q % B
             row = q % B
             self.local.add(row, ids[q].reshape(-1), keys[q].reshape(-1, d), ids[q].reshape(-1))
-
-    def _cache_state(self) -> tuple:
-        """The cache's tensors as they are now; every forward appends new tensors, so references suffice."""
-        c = self.cache
-        return list(c.keys), list(c.values), c.offset, c.hidden, c.encoded
-
-    def _restore_cache(self, state: tuple) -> None:
-        c = self.cache
-        keys, values, c.offset, c.hidden, c.encoded = state
-        c.keys, c.values = list(keys), list(values)
-
