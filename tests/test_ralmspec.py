@@ -234,12 +234,29 @@ def test_the_stride_follows_the_acceptance_rate_and_costs():
     bad.observe(0, work_s=0.004, verify_s=0.010)
     bad.observe(2, work_s=0.010, verify_s=0.016, accepted=2, verified=20)
     plans, primes = [], []
-    for _ in range(16):
+    for _ in range(40):
         plans.append(bad.plan())
         primes.append(bad.primes)
-    assert plans.count(0) == 14 and plans[7] == plans[15] == 2  # serial, probing every 8th window
-    assert [i for i, p in enumerate(primes) if p] == [5, 6, 13, 14]  # the windows before a probe fill the caches
+    # serial, probing after 4 windows, then after 8 and 16: probes that leave the plan serial grow rarer
+    assert [i for i, p in enumerate(plans) if p] == [3, 11, 27] and set(plans) == {0, 2}
+    assert [i for i, p in enumerate(primes) if p] == [1, 2, 9, 10, 25, 26]  # the windows before a probe fill the caches
+    bad.observe(2, work_s=0.008, verify_s=0.012, accepted=200, verified=200)  # a probe whose guesses held
+    assert bad.plan() > 2
+    bad.observe(2, work_s=0.010, verify_s=0.016, accepted=0, verified=400)  # and then failed: probes start afresh
+    assert [bad.plan() for _ in range(4)] == [0, 0, 0, 2]
     assert StrideScheduler(SpeculationConfig(stride=5)).plan() == 5
+
+
+def test_the_acceptance_rate_counts_guesses_and_the_extra_verification_waits_for_a_plain_one():
+    scheduler = StrideScheduler(SpeculationConfig())
+    assert scheduler.gamma is None
+    scheduler.observe(2, work_s=0.004, verify_s=0.012, accepted=2, verified=2)  # before any serial window
+    assert scheduler.gamma == pytest.approx(3 / 4)  # two held guesses, with one held and one failed assumed
+    assert scheduler.verify_per_step_s is None  # no plain verification to compare with yet
+    scheduler.observe(0, work_s=0.002, verify_s=0.010)
+    assert scheduler.verify_per_step_s == pytest.approx((0.012 - 0.010) / 2)
+    scheduler.observe(2, work_s=0.004, verify_s=0.010, accepted=0, verified=8)
+    assert scheduler.gamma == pytest.approx((0.7 * 2 + 1) / (0.7 * 2 + 8 + 2))  # older windows weigh 0.7
 
 
 def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):

@@ -7,8 +7,13 @@ b(s) = b0 + s·β seconds (a plain request, plus what a guessed window's success
 The stride is the s in 1..max_stride that maximises E_s / (s·a + b(s)), or, asynchronously (a window is
 guessed while the last one is verified, and a row whose window failed loses the window guessed
 meanwhile), E_s / ((2 - γ^s) · max(s·a, b(s))). Where no s ≥ 2 beats a serial step, 1 / (a0 + b0), the
-window is a serial step (no guess), with a probe at stride 2 every `_PROBE` windows to keep γ current.
-All of a, a0, b0, β and γ are running averages of the windows settled so far.
+window is a serial step (no guess), with a probe at stride 2 now and then to keep γ current: after
+`_PROBE_FIRST` serial windows, then, each time a probe leaves the plan serial, after twice as many (up
+to `_PROBE_LAST`), so that where serial retrieval keeps winning the probes and the successors and keys
+they need cost less and less. A probe that turns the plan to guessing starts the count afresh.
+All of a, a0, b0 and β are running averages of the windows settled so far. γ counts guesses, not
+windows: the guesses held over the guesses verified, each window's counts weighing like a running
+average's, plus one of each (so a first window of two guesses moves it only part of the way).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import numpy as np
 from lm_worker.decoding.ralmspec.config import SpeculationConfig
 
 _RATE = 0.3  # weight of the newest measurement in the running estimates
-_PROBE = 8  # a window that would be serial guesses anyway once in this many
+_PROBE_FIRST = 4  # serial windows before the first probe
+_PROBE_LAST = 64  # the most serial windows between two probes
 _PRIME = 2  # serial windows before a probe that fill the local caches
 
 
@@ -30,42 +36,61 @@ class StrideScheduler:
 
     def __init__(self, spec: SpeculationConfig):
         self.spec = spec
-        self.gamma: float | None = None
+        self.held = 0.0  # guesses that held, older windows weighing less
+        self.checked = 0.0  # guesses verified, weighed alike
+        self.early_verify: tuple[float, int] | None = None  # a guessed window's (verify_s, stride) before b0
         self.step_s: float | None = None  # a
         self.serial_step_s: float | None = None  # a0
         self.plain_verify_s: float | None = None  # b0
         self.verify_per_step_s: float | None = None  # β
         self.serial_windows = 0
+        self.probe_every = _PROBE_FIRST  # serial windows from one probe to the next
+        self.until_probe = _PROBE_FIRST  # serial windows left before the next probe
+        self.probed = False  # the window planned last was a probe
         self.primes = False  # the serial window planned last fills the local caches for the probe after it
+
+    @property
+    def gamma(self) -> float | None:
+        """The estimated rate at which a guess holds; None before any guess was verified."""
+        return None if self.checked == 0 else (self.held + 1) / (self.checked + 2)
 
     def rates(self) -> tuple[float, np.ndarray]:
         """Expected tokens per second of a row: serial, and guessing at strides 1..max_stride."""
         spec, gamma = self.spec, min(self.gamma, 0.999)
-        b0 = self.plain_verify_s or 0.0
+        b0, beta = self.plain_verify_s or 0.0, self.verify_per_step_s or 0.0
         serial = 1.0 / ((self.serial_step_s or self.step_s) + b0)
         s = np.arange(1, spec.max_stride + 1)
         tokens = (1 - gamma ** s) / (1 - gamma)  # expected tokens a row commits per window
-        work, verify = s * self.step_s, b0 + s * self.verify_per_step_s  # seconds per window
+        work, verify = s * self.step_s, b0 + s * beta  # seconds per window
         if spec.asynchronous:
             return serial, tokens / ((2 - gamma ** s) * np.maximum(work, verify))
         return serial, tokens / (work + verify)
 
     def plan(self) -> int:
         """The next window's stride, or 0 for a serial step (no guess) where no stride beats serial
-        retrieval. Every `_PROBE`-th serial window guesses at stride 2 anyway, to keep γ current. Serial
-        windows ask for no successors or keys and leave the local caches as they are, but the `_PRIME`
-        windows before a probe, which fill them so that the probe measures γ on a current cache."""
+        retrieval. Now and then a window that would be serial guesses at stride 2 anyway (a probe), to
+        keep γ current; the probes grow rarer while they leave the plan serial (see the module doc).
+        Serial windows ask for no successors or keys and leave the local caches as they are, but the
+        `_PRIME` windows before a probe, which fill them so that the probe measures γ on a current cache."""
         self.primes = False
         if self.spec.stride:
             return self.spec.stride
         if self.gamma is None or self.step_s is None:
             return min(2, self.spec.max_stride)
         serial, guessing = self.rates()
+        probed, self.probed = self.probed, False
         if guessing.max() > serial and int(np.argmax(guessing)) > 0:
+            self.probe_every = self.until_probe = _PROBE_FIRST
             return int(np.argmax(guessing)) + 1
+        if probed:  # the probe left the plan serial: wait longer for the next
+            self.probe_every = self.until_probe = min(2 * self.probe_every, _PROBE_LAST)
         self.serial_windows += 1
-        self.primes = self.serial_windows % _PROBE >= _PROBE - _PRIME
-        return min(2, self.spec.max_stride) if self.serial_windows % _PROBE == 0 else 0
+        self.until_probe -= 1
+        if self.until_probe <= 0:
+            self.probed = True
+            return min(2, self.spec.max_stride)
+        self.primes = self.until_probe <= _PRIME
+        return 0
 
     def observe(self, stride: int, work_s: float, verify_s: float, accepted: int = 0, verified: int = 0) -> None:
         """Folds one settled window into the estimates: its stride (0: serial), this process's seconds
@@ -73,12 +98,21 @@ class StrideScheduler:
         def fold(mean: float | None, value: float) -> float:
             return value if mean is None else (1 - _RATE) * mean + _RATE * value
 
+        def fold_extra(verify_s: float, stride: int) -> None:  # over a plain verification's, per step
+            extra = max(0.0, verify_s - self.plain_verify_s)
+            self.verify_per_step_s = fold(self.verify_per_step_s, extra / stride)
+
         if stride == 0:
             self.serial_step_s = fold(self.serial_step_s, work_s)
             self.plain_verify_s = fold(self.plain_verify_s, verify_s)
+            if self.early_verify is not None:  # b0 is known now: the first guessed windows' β too
+                fold_extra(*self.early_verify)
+                self.early_verify = None
             return
         self.step_s = fold(self.step_s, work_s / stride)
-        extra = max(0.0, verify_s - (self.plain_verify_s or 0.0))  # over a plain verification's
-        self.verify_per_step_s = fold(self.verify_per_step_s, extra / stride)
-        if verified:
-            self.gamma = fold(self.gamma, accepted / verified)
+        if self.plain_verify_s is None:
+            self.early_verify = (verify_s, stride)
+        else:
+            fold_extra(verify_s, stride)
+        self.held = (1 - _RATE) * self.held + accepted
+        self.checked = (1 - _RATE) * self.checked + verified
