@@ -89,6 +89,25 @@ def test_speculative_retrieval_decodes_the_tokens_of_serial_retrieval(lm, retrie
             assert stats.retrieval_calls < serial.stats.retrieval_calls  # one request verifies several steps
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_serial_steps_between_guessing_windows_decode_the_tokens_of_serial_retrieval(lm, retriever, name,
+                                                                                     monkeypatch):
+    """Serial steps (the plan's 0) taken between windows of guesses, with rows rolled back, finished or
+    at max_new_tokens: the tokens and log-probs of serial retrieval, one request per serial step."""
+    cfg = CONFIGS[name]
+    prompt = random_tokens((6, 5), seed=11)
+    want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(successors=2))
+    plans = iter([0, 3, 0, 0, 2] * 64)
+    monkeypatch.setattr(decoder.scheduler, "plan", lambda: next(plans))
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    strides = decoder.stats.strides
+    assert strides.count(0) >= 2 * strides.count(3) - 1 and decoder.stats.rollbacks > 0
+    assert decoder.stats.retrieval_calls == 1 + len(strides)  # the first step's, then one per window
+
+
 def test_guesses_made_while_a_window_was_in_flight_are_verified_when_the_plan_turns_serial(lm, retriever,
                                                                                            monkeypatch):
     """Asynchronous: while a guessing window is verified, the rows guess on (the service answers slowly
@@ -213,20 +232,49 @@ def test_local_caches_search_their_own_rows_exactly():
     assert np.isinf(distances).all() and (values == -1).all()
 
 
+def test_local_caches_add_many_sequences_at_once_as_one_by_one():
+    """`add_many` over interleaved sequences equals a list model of each sequence's cache: ids in the
+    order given, repeats and held ids skipped, the oldest overwritten, more new ids than slots keeping
+    the last; keys, values and norms go with their ids."""
+    rng = np.random.default_rng(3)
+    d, capacity, B = 4, 6, 3
+    table = rng.standard_normal((40, d)).astype(np.float32)
+    caches = LocalCaches(rows=B, capacity=capacity, dimension=d)
+    model: list[list[int]] = [[] for _ in range(B)]
+    for n in (5, 9, 2, 20, 7, 0, 11):
+        rows, ids = rng.integers(0, B, n), rng.integers(-1, 40, n)
+        caches.add_many(rows, ids, table[np.maximum(ids, 0)], ids + 100)
+        for row in range(B):
+            fresh: list[int] = []
+            for i in ids[rows == row].tolist():
+                if i >= 0 and i not in model[row] and i not in fresh:
+                    fresh.append(i)
+            for i in fresh[-capacity:]:
+                model[row] = (model[row] + [i])[-capacity:]
+        for row in range(B):
+            assert caches.held(row).tolist() == model[row]
+            slots = np.flatnonzero(caches.ids[row] >= 0)
+            ids_here = caches.ids[row, slots]
+            np.testing.assert_array_equal(caches.keys[row, slots], table[ids_here])
+            np.testing.assert_array_equal(caches.values[row, slots], ids_here + 100)
+            np.testing.assert_allclose(caches.norms[row, slots], (table[ids_here] ** 2).sum(axis=1), rtol=1e-6)
+
+
 def test_local_caches_take_neighbours_with_their_successors():
     found = KnnNeighbours(distances=np.zeros((1, 2), np.float32), values=np.array([[7, 8]]), ids=np.array([[3, 9]]),
                           next_values=np.array([[[1], [2]]]), next_ids=np.array([[[4], [-1]]]),
                           keys=np.ones((1, 2, 4), np.float32), next_keys=np.zeros((1, 2, 1, 4), np.float32))
     caches = LocalCaches(rows=1, capacity=8, dimension=4)
     caches.add_neighbours(0, found, 0)
-    assert sorted(caches.held[0]) == [3, 4, 9]  # row 9 has no successor (past its shard)
+    assert sorted(caches.held(0).tolist()) == [3, 4, 9]  # row 9 has no successor (past its shard)
     with pytest.raises(ValueError, match="return_keys"):
         caches.add_neighbours(0, KnnNeighbours(found.distances, found.values, found.ids), 0)
 
 
 def test_the_stride_follows_the_acceptance_rate_and_costs():
     scheduler = StrideScheduler(SpeculationConfig(max_stride=8))
-    assert scheduler.plan() == 2  # nothing measured yet: a first guess
+    assert [scheduler.plan() for _ in range(4)] == [0, 0, 0, 1]  # nothing measured: serial steps, a first probe
+    assert scheduler.primes is False and scheduler.probed
     scheduler.observe(0, work_s=0.004, verify_s=0.010)  # serial: 4 ms of model, 10 ms of retrieval
     scheduler.observe(2, work_s=0.008, verify_s=0.012, accepted=19, verified=20)  # guesses hold
     assert scheduler.plan() > 2  # retrieval dominates and guesses hold: verify rarely
@@ -238,13 +286,26 @@ def test_the_stride_follows_the_acceptance_rate_and_costs():
         plans.append(bad.plan())
         primes.append(bad.primes)
     # serial, probing after 4 windows, then after 8 and 16: probes that leave the plan serial grow rarer
-    assert [i for i, p in enumerate(plans) if p] == [3, 11, 27] and set(plans) == {0, 2}
-    assert [i for i, p in enumerate(primes) if p] == [1, 2, 9, 10, 25, 26]  # the windows before a probe fill the caches
+    assert [i for i, p in enumerate(plans) if p] == [3, 11, 27] and set(plans) == {0, 1}
+    assert [i for i, p in enumerate(primes) if p] == [2, 10, 26]  # the window before a probe fills the caches
     bad.observe(2, work_s=0.008, verify_s=0.012, accepted=200, verified=200)  # a probe whose guesses held
     assert bad.plan() > 2
     bad.observe(2, work_s=0.010, verify_s=0.016, accepted=0, verified=400)  # and then failed: probes start afresh
-    assert [bad.plan() for _ in range(4)] == [0, 0, 0, 2]
+    assert [bad.plan() for _ in range(4)] == [0, 0, 0, 1]
     assert StrideScheduler(SpeculationConfig(stride=5)).plan() == 5
+
+
+def test_a_close_call_keeps_probing_and_a_clear_one_probes_less_and_less(monkeypatch):
+    def probes(rates: tuple[float, np.ndarray]) -> list[int]:
+        scheduler = StrideScheduler(SpeculationConfig(max_stride=3))
+        scheduler.observe(0, work_s=0.004, verify_s=0.010)
+        scheduler.observe(1, work_s=0.004, verify_s=0.011, accepted=1, verified=2, settle_s=0.001)
+        monkeypatch.setattr(scheduler, "rates", lambda: rates)
+        return [i for i in range(40) if scheduler.plan()]
+
+    assert probes((1.0, np.array([0.5, 0.97, 0.9]))) == [3, 7, 11, 15, 19, 23, 27, 31, 35, 39]  # within 5%
+    assert probes((1.0, np.array([0.5, 0.8, 0.7]))) == [3, 11, 27]
+    assert probes((1.0, np.array([0.5, 1.2, 0.9])))[:3] == [0, 1, 2]  # guessing wins: every window guesses
 
 
 def test_the_acceptance_rate_counts_guesses_and_the_extra_verification_waits_for_a_plain_one():
@@ -256,7 +317,8 @@ def test_the_acceptance_rate_counts_guesses_and_the_extra_verification_waits_for
     scheduler.observe(0, work_s=0.002, verify_s=0.010)
     assert scheduler.verify_per_step_s == pytest.approx((0.012 - 0.010) / 2)
     scheduler.observe(2, work_s=0.004, verify_s=0.010, accepted=0, verified=8)
-    assert scheduler.gamma == pytest.approx((0.7 * 2 + 1) / (0.7 * 2 + 8 + 2))  # older windows weigh 0.7
+    older = (1 - 1 / 32) ** 8  # each guess weighs 1 - 1/32 less with every guess verified after it
+    assert scheduler.gamma == pytest.approx((older * 2 + 1) / (older * 2 + 8 + 2))
 
 
 def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):

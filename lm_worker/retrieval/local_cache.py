@@ -23,6 +23,8 @@ import torch
 
 from lm_worker.retrieval.config import KnnNeighbours
 
+_ROW_SHIFT = 1 << 40  # a (sequence, datastore id) pair as one int64: sequence * _ROW_SHIFT + id
+
 
 class LocalCaches:
     """Datastore rows (id, key, value) kept per sequence, at most `capacity` each.
@@ -36,56 +38,87 @@ class LocalCaches:
     def __init__(self, rows: int, capacity: int, dimension: int):
         if rows < 1 or capacity < 1:
             raise ValueError(f"rows and capacity must be >= 1, got {rows}, {capacity}")
+        if rows >= (1 << 62) // _ROW_SHIFT:
+            raise ValueError(f"at most {(1 << 62) // _ROW_SHIFT - 1} sequences, got {rows}")
         self.capacity = capacity
         self.keys = np.zeros((rows, capacity, dimension), dtype=np.float32)  # (B, C, d)
         self.norms = np.full((rows, capacity), np.inf, dtype=np.float32)  # (B, C) squared norms; inf: empty
         self.values = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C)
-        self.ids = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C) datastore id per slot
-        self.held: list[dict[int, int]] = [{} for _ in range(rows)]  # per sequence: datastore id -> slot
-        self.written = [0] * rows  # rows ever written per sequence: the next slot is written % capacity
+        self.ids = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C) datastore id per slot, -1: empty
+        self.written = np.zeros(rows, dtype=np.int64)  # rows ever written per sequence: next slot % capacity
+        self._codes: set[int] = set()  # sequence * _ROW_SHIFT + id of every row held
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def size(self, row: int) -> int:
         """Datastore rows sequence `row` holds."""
-        return len(self.held[row])
+        return int((self.ids[row] >= 0).sum())
+
+    def held(self, row: int) -> np.ndarray:
+        """The datastore ids sequence `row` holds, oldest first."""
+        order = np.argsort(self._slot_age(row), kind="stable")
+        ids = self.ids[row, order]
+        return ids[ids >= 0]
+
+    def _slot_age(self, row: int) -> np.ndarray:
+        """Each slot's position in writing order (the next slot to be overwritten first)."""
+        return (np.arange(self.capacity) - self.written[row]) % self.capacity
 
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore rows ids (n,), keys (n, d), values (n,) to sequence `row`'s cache; ids < 0 and
         rows it already holds are skipped."""
-        ids, values = ids.reshape(-1), values.reshape(-1)
-        keys = keys.reshape(len(ids), -1)
-        held, fresh = self.held[row], {}
-        for i, row_id in enumerate(ids.tolist()):
-            if row_id >= 0 and row_id not in held and row_id not in fresh:
-                fresh[row_id] = i
-        if not fresh:
-            return
-        take = np.fromiter(fresh.values(), dtype=np.int64, count=len(fresh))[-self.capacity:]
-        slots = (self.written[row] + np.arange(len(take))) % self.capacity
-        self.written[row] += len(take)
-        for old in self.ids[row, slots].tolist():
-            held.pop(old, None)
-        held.update(zip(ids[take].tolist(), slots.tolist()))
-        self.ids[row, slots] = ids[take]
-        self.keys[row, slots] = keys[take]
-        self.norms[row, slots] = np.einsum("nd,nd->n", self.keys[row, slots], self.keys[row, slots])
-        self.values[row, slots] = values[take]
+        ids = ids.reshape(-1)
+        self.add_many(np.full(len(ids), row, dtype=np.int64), ids, keys.reshape(len(ids), -1), values.reshape(-1))
 
-    def add_neighbours(self, row: int, found: KnnNeighbours, queries: slice | int) -> None:
-        """Adds to sequence `row` the neighbours of `found`'s queries `queries` and their successors,
-        which must have been asked for with keys (`Retriever.knn(..., successors=s, return_keys=True)`)."""
+    def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        """Adds datastore row ids[i] (key keys[i], value values[i]) to sequence rows[i]'s cache, for every
+        i of (n,), (n,), (n, d), (n,) at once: per sequence in the given order, ids < 0, repeats and rows
+        it already holds skipped, its oldest rows overwritten past capacity."""
+        order = np.argsort(rows, kind="stable")  # each sequence's rows together, in their order
+        order = order[ids[order] >= 0]
+        if not len(order):
+            return
+        codes = rows[order] * _ROW_SHIFT + ids[order]
+        _, first = np.unique(codes, return_index=True)
+        keep = np.sort(first)  # first time each (sequence, id) comes
+        held = self._codes
+        keep = keep[np.fromiter((c not in held for c in codes[keep].tolist()), dtype=bool, count=len(keep))]
+        take, seq = order[keep], rows[order][keep]  # grouped by sequence, ascending
+        if not len(take):
+            return
+        start = np.searchsorted(seq, seq, side="left")
+        rank = np.arange(len(seq)) - start  # place of each within its sequence's new rows
+        count = np.bincount(seq, minlength=len(self.ids))  # new rows per sequence
+        past = rank < count[seq] - self.capacity  # more new rows than slots: the earliest give way
+        take, seq, rank = take[~past], seq[~past], rank[~past] - np.maximum(count[seq[~past]] - self.capacity, 0)
+        slots = (self.written[seq] + rank) % self.capacity
+        self.written += np.minimum(count, self.capacity)
+        gone = self.ids[seq, slots]  # the rows overwritten
+        held.difference_update((seq[gone >= 0] * _ROW_SHIFT + gone[gone >= 0]).tolist())
+        held.update((seq * _ROW_SHIFT + ids[take]).tolist())
+        self.ids[seq, slots] = ids[take]
+        self.keys[seq, slots] = keys[take]
+        self.norms[seq, slots] = np.einsum("nd,nd->n", keys[take], keys[take])
+        self.values[seq, slots] = values[take]
+
+    def add_neighbours(self, row: int | np.ndarray, found: KnnNeighbours, queries: slice | int | np.ndarray) -> None:
+        """Adds the neighbours of `found`'s queries `queries` and their successors, which must have been
+        asked for with keys (`Retriever.knn(..., successors=s, return_keys=True)`), to sequence `row`, or
+        with `row` an array, query queries[i]'s to sequence row[i]."""
         if found.keys is None:
             raise ValueError("the neighbours carry no keys: ask with return_keys=True")
         d = found.keys.shape[-1]
-        ids, keys, values = [found.ids[queries]], [found.keys[queries]], [found.values[queries]]
+        ids, keys, values = found.ids[queries], found.keys[queries], found.values[queries]  # (m, k), (m, k, d), (m, k)
         if found.next_ids is not None and found.next_keys is not None:
-            ids.append(found.next_ids[queries])
-            keys.append(found.next_keys[queries])
-            values.append(found.next_values[queries])
-        self.add(row, np.concatenate([i.reshape(-1) for i in ids]),
-                 np.concatenate([k.reshape(-1, d) for k in keys]), np.concatenate([v.reshape(-1) for v in values]))
+            ids = np.concatenate([ids[..., None], found.next_ids[queries]], axis=-1)  # (m, k, 1 + s)
+            keys = np.concatenate([keys[..., None, :], found.next_keys[queries]], axis=-2)  # (m, k, 1 + s, d)
+            values = np.concatenate([values[..., None], found.next_values[queries]], axis=-1)  # (m, k, 1 + s)
+        if np.ndim(row):  # one sequence per query
+            owners = np.repeat(np.asarray(row, dtype=np.int64), ids.size // len(row))
+        else:
+            owners = np.full(ids.size, row, dtype=np.int64)
+        self.add_many(owners, ids.reshape(-1), keys.reshape(-1, d), values.reshape(-1))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's k rows nearest its query (B, d), or each of its m queries (B, m, d), by squared
@@ -93,15 +126,17 @@ class LocalCaches:
         rows a sequence holds."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         grouped = q if q.ndim == 3 else q[:, None]  # (B, m, d)
-        dots = self.keys @ grouped.transpose(0, 2, 1)  # (B, C, m)
-        norms = np.einsum("bmd,bmd->bm", grouped, grouped)[..., None]  # (B, m, 1)
-        d2 = self.norms[:, None, :] - 2 * dots.transpose(0, 2, 1) + norms  # (B, m, C), inf on empty slots
-        m = min(k, self.capacity)
-        nearest, slots = torch.topk(torch.from_numpy(d2), m, dim=-1, largest=False, sorted=True)  # (B, m, k')
-        nearest, slots = nearest.numpy(), slots.numpy()
-        distances = np.full(d2.shape[:2] + (k,), np.inf, dtype=np.float32)
-        found = np.full(d2.shape[:2] + (k,), -1, dtype=np.int64)
-        values = np.take_along_axis(self.values[:, None, :], slots, axis=2)
-        distances[..., :m] = np.maximum(nearest, 0)
-        found[..., :m] = np.where(np.isinf(nearest), -1, values)
+        used = int(min(self.capacity, self.written.max()))  # slots past this are empty in every sequence
+        distances = np.full(grouped.shape[:2] + (k,), np.inf, dtype=np.float32)
+        found = np.full(grouped.shape[:2] + (k,), -1, dtype=np.int64)
+        if used:
+            dots = self.keys[:, :used] @ grouped.transpose(0, 2, 1)  # (B, C', m)
+            norms = np.einsum("bmd,bmd->bm", grouped, grouped)[..., None]  # (B, m, 1)
+            d2 = self.norms[:, None, :used] - 2 * dots.transpose(0, 2, 1) + norms  # (B, m, C'), inf on empty slots
+            m = min(k, used)
+            nearest, slots = torch.topk(torch.from_numpy(d2), m, dim=-1, largest=False, sorted=True)  # (B, m, k')
+            nearest, slots = nearest.numpy(), slots.numpy()
+            values = np.take_along_axis(self.values[:, None, :used], slots, axis=2)
+            distances[..., :m] = np.maximum(nearest, 0)
+            found[..., :m] = np.where(np.isinf(nearest), -1, values)
         return (distances, found) if q.ndim == 3 else (distances[:, 0], found[:, 0])

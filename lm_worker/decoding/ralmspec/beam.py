@@ -103,8 +103,7 @@ class BeamDecode:
         lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
         found = wait_for(self.owner.send(queries), self.stats)
         log_probs = self.owner.mix(lm_log_probs, found.distances, found.values).float()  # (B, V)
-        for b in range(self.B):
-            self.local.add_neighbours(b, found, b)
+        self.local.add_neighbours(np.arange(self.B), found, slice(None))
         source = torch.zeros(self.B * self.W, dtype=torch.long)
         for b in range(self.B):
             scores = torch.full((1, self.W), -torch.inf)
@@ -170,10 +169,11 @@ class BeamDecode:
         log_probs = self.owner.mix(torch.cat([s.lm_log_probs for s in steps]), found.distances,
                                    found.values).float()  # (n * W, V)
         first, accepted, guessed, rolled_back = 0, 0, 0, 0
+        if found.keys is not None:  # prompt b's steps, W beams each, one after another
+            owners = np.repeat(np.asarray(prompts), [len(self.pending[b]) * self.W for b in prompts])
+            self.local.add_neighbours(owners, found, slice(None))
         for b in prompts:
             count = len(self.pending[b])
-            if found.keys is not None:
-                self.local.add_neighbours(b, found, slice(first, first + count * self.W))
             held, was_guessed = self._replay(b, log_probs[first:first + count * self.W].view(count, self.W, -1))
             accepted, guessed = accepted + held, guessed + was_guessed
             rolled_back += int(held < was_guessed)
@@ -187,7 +187,7 @@ class BeamDecode:
         self.stats.steps += 1
         settle_s = time.perf_counter() - started
         self.stats.compute_s += settle_s
-        self.owner.scheduler.observe(stride, self.window_s + settle_s, latency, accepted, guessed)
+        self.owner.scheduler.observe(stride, self.window_s, latency, accepted, guessed, settle_s)
         self.window_s = 0.0
 
     def _replay(self, b: int, log_probs: torch.Tensor) -> tuple[int, int]:

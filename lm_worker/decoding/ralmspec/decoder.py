@@ -200,6 +200,9 @@ class _Decode:
             if self.in_flight is not None and (self.in_flight.pending.future.done() or not self._can_speculate(stride)):
                 self._settle()
                 stride = scheduler.plan()
+            elif stride == 0 and self.in_flight is None and not any(self.pending):
+                self._serial_step(self._open_rows())
+                stride = scheduler.plan()
             elif self.in_flight is None and self._unsent() and (self._window_full(stride) or not self._open_rows()):
                 self._send(stride)
                 if not self.owner.speculation.asynchronous:
@@ -234,8 +237,8 @@ class _Decode:
         lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
         found = wait_for(self.owner.send(queries), self.stats)
         log_probs = self.owner.mix(lm_log_probs, found.distances, found.values)  # (B, V)
+        self.local.add_neighbours(np.arange(len(self.pending)), found, slice(None))
         for r in range(len(self.pending)):
-            self.local.add_neighbours(r, found, r)
             token = self._choose(r, log_probs[r])
             self.rows.commit(r, token, float(log_probs[r, token]))
             self.next_input[r] = token
@@ -269,6 +272,36 @@ class _Decode:
         self.stats.compute_s += elapsed
         self.window_s += elapsed
 
+    def _serial_step(self, rows: list[int]) -> None:
+        """A serial step with nothing pending (the plan's usual step where guessing does not pay): one
+        model step, the service's neighbours for the open `rows`, their tokens committed. What a serial
+        window of `_speculate`, `_send` and `_settle` does, without keeping the step per row."""
+        started = time.perf_counter()
+        before = self.cache.lengths.clone()
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
+        if len(rows) < len(self.pending):  # the other rows' new position is dropped again
+            opened = set(rows)
+            idle = [r for r in range(len(self.pending)) if r not in opened]
+            self.cache.truncate(torch.tensor(idle), before[idle])
+            lm_log_probs, queries = lm_log_probs[rows], queries[rows]  # (n, V), (n, d)
+        work_s = time.perf_counter() - started
+        pending = self.owner.send(queries, for_cache=self.owner.scheduler.primes)
+        found = wait_for(pending, self.stats)
+        started = time.perf_counter()
+        log_probs = self.owner.mix(lm_log_probs, found.distances, found.values)  # (n, V)
+        if found.keys is not None:
+            self.local.add_neighbours(np.asarray(rows), found, slice(None))
+        self._settle_serial(rows, log_probs, log_probs.argmax(dim=-1) if self.generators is None else None)
+        settle_s = time.perf_counter() - started
+        self.stats.compute_s += work_s + settle_s
+        self.stats.ticks += 1
+        self.stats.steps += 1
+        self.stats.verifications += 1
+        self.stats.strides.append(0)
+        self.stats.windows.append((len(rows), 0))
+        latency = (pending.finished or time.perf_counter()) - pending.sent
+        self.owner.scheduler.observe(0, work_s, latency, settle_s=settle_s)
+
     def _send(self, stride: int) -> None:
         """Sends every row's unsent steps in one request. Steps guessed while the previous request was in
         flight (asynchronous) are verified as a window even where the plan is now a serial step."""
@@ -294,11 +327,9 @@ class _Decode:
                                    found.values)  # (n, V)
         greedy = log_probs.argmax(dim=-1) if self.generators is None else None  # (n,)
         first, accepted, rolled_back = 0, 0, self.stats.rollbacks
-        if found.keys is not None:
-            for r, count in enumerate(flight.sent):
-                if count:
-                    self.local.add_neighbours(r, found, slice(first, first + count))
-                first += count
+        if found.keys is not None:  # query i is a step of row owners[i]
+            owners = np.repeat(np.arange(len(flight.sent)), flight.sent)
+            self.local.add_neighbours(owners, found, slice(None))
         if flight.window == 0:  # a serial step per row: nothing guessed, nothing to roll back
             self._settle_serial([r for r, n in enumerate(flight.sent) if n], log_probs, greedy)
         else:
@@ -319,7 +350,7 @@ class _Decode:
         self.stats.accepted += accepted
         self.stats.steps += 1
         latency = (flight.pending.finished or time.perf_counter()) - flight.pending.sent
-        self.owner.scheduler.observe(flight.window, flight.work_s + settle_s, latency, accepted, guessed)
+        self.owner.scheduler.observe(flight.window, flight.work_s, latency, accepted, guessed, settle_s)
 
     def _settle_serial(self, rows: list[int], log_probs: torch.Tensor, greedy: torch.Tensor | None) -> None:
         """Commits one serial step per row (log_probs (n, V) with the service's neighbours, greedy: their

@@ -332,6 +332,5 @@ class _Decode:
         for i, row_id in zip(tokens.reshape(-1, tokens.shape[-1]), ids.reshape(-1).tolist()):
             if row_id >= 0:
                 self.chunk_tokens.setdefault(row_id, i.astype(np.int64))
-        for q in range(len(ids)):  # query q belongs to row q % B
-            row = q % B
-            self.local.add(row, ids[q].reshape(-1), keys[q].reshape(-1, d), ids[q].reshape(-1))
+        owners = np.repeat(np.arange(len(ids)) % B, ids[0].size)  # query q belongs to row q % B
+        self.local.add_many(owners, ids.reshape(-1), keys.reshape(-1, d), ids.reshape(-1))
