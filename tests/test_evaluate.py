@@ -457,8 +457,11 @@ def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chai
                                   progress=False)
         never = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
                                                                    "min_pointers": 17}), progress=False)
+        agreeing = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
+                                                                      "pointer_agreement": 1.0}), progress=False)
     assert full.searched == full.tokens == followed.tokens
     assert followed.searched < full.tokens / 3
+    assert followed.searched <= agreeing.searched < full.tokens  # unanimous chains still follow the own text
     assert followed.perplexity[0.9] < full.base_perplexity / 5
     assert never.searched == never.tokens
     for lam in config.lambdas:
@@ -474,8 +477,8 @@ def test_followed_positions_take_their_own_lambda_and_temperature(lm, stores, kn
     train = stores[0]
     given = []  # per batch: positions, targets, neighbours, followed
 
-    def recording(keys, targets, positions, search, steps, min_pointers):
-        found, followed = follow_pointers(keys, targets, positions, search, steps, min_pointers)
+    def recording(keys, targets, positions, search, steps, min_pointers, **options):
+        found, followed = follow_pointers(keys, targets, positions, search, steps, min_pointers, **options)
         given.append((positions.copy(), targets.copy(), found, followed.copy()))
         return found, followed
 

@@ -4,8 +4,9 @@ neighbours the others take from the searched ones' successors."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from lm_worker.evaluation.pointers import follow_pointers
+from lm_worker.evaluation.pointers import agreement_share, follow_pointers
 from lm_worker.retrieval.config import KnnNeighbours
 
 TABLE = np.array([5, 1, 2, 3, 4, 0, 1, 2, 3, 9, 9, 9, 7, 7, 7, 7, 7, 7, 7, 7])  # the value of each datastore row
@@ -53,12 +54,48 @@ def test_runs_of_positions_start_with_a_search_and_steps_bound_a_chain():
     assert calls == [[0, 3], [2]] and followed.tolist() == [False, True, False, False, True]
 
 
-def test_pointer_settings_are_checked():
-    import pytest
+def test_agreement_holds_a_chain_only_where_the_chains_agree_on_what_comes_next():
+    """As in the first test, position 2's chains (rows 3 and 8, distances 0 and 1) go on to rows 4 and 9,
+    values 4 and 9: token 4 has weight 1 / (1 + e^-1) = 0.73 of theirs. θ = 0.7 follows them to
+    position 3; θ = 0.8 searches position 3 instead."""
+    positions, targets = np.arange(100, 105), np.array([1, 2, 3, 9, 7])
+    found = {0: [1, 6, 12], 3: [12, 13, 14], 4: [15, 16, 17]}
+    calls = []
+    _, followed = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+                                  steps=4, min_pointers=2, agreement=0.7)
+    assert calls == [[0], [4]] and followed.tolist() == [False, True, True, True, False]
+    calls.clear()
+    out, followed = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+                                    steps=4, min_pointers=2, agreement=0.8)
+    assert calls == [[0], [3], [4]] and followed.tolist() == [False, True, True, False, False]
+    assert out.ids[3].tolist() == [12, 13, 14]  # searched
 
+
+def test_agreement_share_is_the_largest_weight_one_token_gets():
+    """Against a float64 sum per row and token: softmax(-d / T) over the chains with a value."""
+    rng = np.random.default_rng(4)
+    values = rng.integers(-1, 5, (30, 12))
+    values[0] = -1  # a row with no chain: share 0
+    distances = rng.uniform(0, 20, (30, 12)).astype(np.float32)
+    for temperature in (1.0, 4.0):
+        share = agreement_share(values, distances, temperature)
+        for row in range(30):
+            known = values[row] >= 0
+            if not known.any():
+                assert share[row] == 0.0
+                continue
+            d = distances[row][known].astype(np.float64)
+            w = np.exp(-(d - d.min()) / temperature)
+            by_token = {t: w[values[row][known] == t].sum() for t in set(values[row][known].tolist())}
+            assert share[row] == pytest.approx(max(by_token.values()) / w.sum(), rel=1e-12)
+
+
+def test_pointer_settings_are_checked():
     from lm_worker.evaluation.config import EvalConfig
 
     with pytest.raises(ValueError, match="pointer_steps must be in"):
         EvalConfig(pointer_steps=17)
     with pytest.raises(ValueError, match="exclude_own_document"):
         EvalConfig(pointer_steps=2, exclude_own_document=True)
+    with pytest.raises(ValueError, match="pointer_agreement must be in"):
+        EvalConfig(pointer_steps=2, pointer_agreement=1.5)

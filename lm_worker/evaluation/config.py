@@ -28,6 +28,7 @@ class EvalConfig:
     `pointer_steps` positions after each search (`lm_worker.evaluation.pointers`). Followed positions
     mix with λs of their own (swept over `lambdas` apart from the searched positions') and a temperature
     of `pointer_temperature_scale` × `temperature`: their few neighbours all agree with the text so far.
+    `pointer_agreement` θ > 0 follows only where the chains give θ of their weight to one next token.
     """
 
     context_len: int = 256
@@ -42,6 +43,7 @@ class EvalConfig:
     pointer_steps: int = 0
     min_pointers: int = 1
     pointer_temperature_scale: float = 2.0
+    pointer_agreement: float = 0.0
 
     def __post_init__(self):
         if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
@@ -58,6 +60,8 @@ class EvalConfig:
                              f"{self.min_pointers}")
         if not self.pointer_temperature_scale > 0:
             raise ValueError(f"pointer_temperature_scale must be positive, got {self.pointer_temperature_scale}")
+        if not 0.0 <= self.pointer_agreement <= 1.0:
+            raise ValueError(f"pointer_agreement must be in [0, 1], got {self.pointer_agreement}")
         if self.pointer_steps and self.exclude_own_document:
             raise ValueError("pointer_steps cannot follow pointers with exclude_own_document: a chain could walk "
                              "into the excluded document")

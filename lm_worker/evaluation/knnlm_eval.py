@@ -205,7 +205,8 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         with clock.timing("retrieval"), clock.timing("wait"):
             found, followed = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
                                               lambda rows, steps: retriever.knn(keys[rows], None, steps),
-                                              config.pointer_steps, config.min_pointers)
+                                              config.pointer_steps, config.min_pointers,
+                                              agreement=config.pointer_agreement, temperature=config.temperature)
         searched += int((~followed).sum())
         return completed((found, followed))
 

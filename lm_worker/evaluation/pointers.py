@@ -14,12 +14,18 @@ needs a search (at first, the first position of each run of consecutive position
 from each of them fill the positions after it until they break; the positions where they broke are
 the next round's request.
 
+With `agreement` θ > 0, the chains must also agree on what comes next: a position is followed only
+where the surviving chains give at least θ of their weight (softmax of -distance / temperature, over
+the chains whose successor is known) to one next token. Where they split, the text is at a branch of
+the stored documents, and the position is searched instead.
+
 A followed position's neighbours are fewer than a search's, and all of them agree with the text so
 far, so the evaluation weighs them apart: its own λ (swept like the searched positions' λ) and a
 flatter temperature (`EvalConfig.pointer_temperature_scale`).
 
 Example:
-    >>> found, followed = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=4)
+    >>> found, followed = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=1,
+    ...                                   agreement=0.6)
     >>> 1 - followed.mean()   # the share of positions searched; the others followed pointers
 """
 
@@ -35,7 +41,8 @@ Search = Callable[[np.ndarray, int], KnnNeighbours]  # (row indices into the bat
 
 
 def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray, search: Search, steps: int,
-                    min_pointers: int) -> tuple[KnnNeighbours, np.ndarray]:
+                    min_pointers: int, agreement: float = 0.0, temperature: float = 1.0
+                    ) -> tuple[KnnNeighbours, np.ndarray]:
     """Neighbours for every scored position of a batch, searching only where pointers run out.
 
     Args:
@@ -46,6 +53,8 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
             successors' values (`KnnNeighbours.next_values`).
         steps: successors per neighbour, the longest a chain runs without a search (1..16).
         min_pointers: a chain holds while at least this many of its neighbours do.
+        agreement: θ in [0, 1]; > 0: follow only where the chains give θ of their weight to one next token.
+        temperature: of the chains' weights, softmax(-distance / temperature).
 
     Returns:
         (neighbours (n, k) for every position, followed (n,) bool: the positions that were not searched).
@@ -66,14 +75,14 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
                                 np.full((n, k), -1, dtype=np.int64))
         followed[todo] = False
         out.distances[todo], out.values[todo], out.ids[todo] = found.distances, found.values, found.ids
-        todo = _chains(found, todo, targets, following, out, min_pointers)
+        todo = _chains(found, todo, targets, following, out, min_pointers, agreement, temperature)
     if out is None:
         out = KnnNeighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64))
     return out, followed
 
 
 def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, following: np.ndarray,
-            out: KnnNeighbours, min_pointers: int) -> np.ndarray:
+            out: KnnNeighbours, min_pointers: int, agreement: float, temperature: float) -> np.ndarray:
     """Fills `out` at the positions after each searched row of `rows` from its surviving chains;
     returns the positions where the chains ran out, to be searched."""
     alive = found.values == targets[rows][:, None]  # (m, k) neighbours that predicted what came
@@ -82,6 +91,9 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
     for step in range(after.shape[2]):
         there = following[here]
         holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
+        if agreement > 0 and holding.any():
+            share = agreement_share(np.where(alive, after[:, :, step], -1), distances, temperature)  # (m,)
+            holding &= share >= agreement
         again.append(there[(there >= 0) & ~holding])
         if not holding.any():
             break
@@ -96,3 +108,23 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
         there = following[here]
         again.append(there[there >= 0])
     return np.unique(np.concatenate(again)) if again else np.zeros(0, dtype=np.int64)
+
+
+def agreement_share(values: np.ndarray, distances: np.ndarray, temperature: float) -> np.ndarray:
+    """The largest share of weight that one next token gets, per row: values (m, k) the chains' next
+    tokens (-1: no chain or no successor, weighing nothing), distances (m, k) their chains', weights
+    softmax(-distance / temperature) over the rows' chains with a value. 0 where a row has none."""
+    known = values >= 0
+    d = np.where(known, distances.astype(np.float64), np.inf)
+    nearest = d.min(axis=1, keepdims=True)  # (m, 1)
+    w = np.where(known, np.exp(-(d - np.where(np.isfinite(nearest), nearest, 0.0)) / temperature), 0.0)  # (m, k)
+    order = np.argsort(values, axis=1, kind="stable")
+    v, w = np.take_along_axis(values, order, axis=1), np.take_along_axis(w, order, axis=1)  # runs of one value
+    total = np.cumsum(w, axis=1)  # (m, k)
+    last = np.ones(v.shape, dtype=bool)
+    last[:, :-1] = v[:, 1:] != v[:, :-1]  # the last of each run
+    ends = np.maximum.accumulate(np.where(last, total, 0.0), axis=1)  # the sum up to the latest run's end
+    before = np.concatenate([np.zeros((len(v), 1)), ends[:, :-1]], axis=1)  # ... strictly before each place
+    runs = np.where(last, total - before, 0.0)  # each run's weight, at its last place
+    whole = total[:, -1] if v.shape[1] else np.zeros(len(v))
+    return np.where(whole > 0, runs.max(axis=1, initial=0.0) / np.where(whole > 0, whole, 1.0), 0.0)
