@@ -3,6 +3,7 @@ from a local cache of the rows it retrieved and their successors, verified in ba
 its RETRO form, per chunk.
 
 - `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
+- `rows`: `CommittedRows`, the tokens and log-probs each row has committed;
 - `beam`: the same for beam search, a prompt's beams rolled back together;
 - `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
 - `config`: `SpeculationConfig` and `SpeculationStats`;

@@ -44,6 +44,7 @@ import torch
 from lm_worker.decoding.config import GenerateConfig, GenerateOutput
 from lm_worker.decoding.ralmspec.beam import BeamDecode
 from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationStats
+from lm_worker.decoding.ralmspec.rows import CommittedRows
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
 from lm_worker.decoding.sampling import choose_tokens, row_generators
 from lm_worker.decoding.stepper_stats import Pending, last_log_probs, wait_for
@@ -73,39 +74,6 @@ class _InFlight:
     sent: list[int]
     window: int
     work_s: float  # this process's seconds on the window's steps
-
-
-class _Rows:
-    """What decoding has committed per row: tokens, summed log-probs, finished rows."""
-
-    def __init__(self, B: int, config: GenerateConfig):
-        self.config = config
-        self.tokens: list[list[int]] = [[] for _ in range(B)]
-        self.total = torch.zeros(B, dtype=torch.float32)
-        self.finished = [False] * B
-
-    def commit(self, row: int, token: int, log_prob: float) -> None:
-        self.tokens[row].append(token)
-        self.total[row] += log_prob
-        if self.config.eos_id is not None and token == self.config.eos_id:
-            self.finished[row] = True
-
-    def commit_many(self, rows: list[int], tokens: list[int], log_probs: list[float]) -> None:
-        for row, token in zip(rows, tokens):
-            self.tokens[row].append(token)
-            if self.config.eos_id is not None and token == self.config.eos_id:
-                self.finished[row] = True
-        self.total[rows] += torch.tensor(log_probs, dtype=self.total.dtype)
-
-    def done(self, row: int) -> bool:
-        return self.finished[row] or len(self.tokens[row]) >= self.config.max_new_tokens
-
-    def output(self) -> GenerateOutput:
-        width = max(len(t) for t in self.tokens)
-        pad = self.config.eos_id if self.config.eos_id is not None else 0
-        tokens = torch.tensor([t + [pad] * (width - len(t)) for t in self.tokens], dtype=torch.long)
-        lengths = torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
-        return GenerateOutput(tokens, self.total.clone(), lengths, self.total.clone())
 
 
 class RaLMSpecKnnLM:
@@ -182,7 +150,7 @@ class _Decode:
         self.owner, self.config, self.stats = owner, config, owner.stats
         self.prompt, self.prompt_len = prompt, prompt.shape[1]
         B = prompt.shape[0]
-        self.rows = _Rows(B, config)
+        self.rows = CommittedRows(B, config)
         self.cache = RaggedKVCache(len(owner.model.blocks))
         self.local = LocalCaches(B, owner.speculation.cache_rows, owner.model.config.d_model)
         self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled

@@ -32,7 +32,7 @@ _MEMORY = 32  # guesses that γ mostly remembers
 _PROBE_FIRST = 4  # serial windows before the first probe
 _PROBE_LAST = 64  # the most serial windows between two probes
 _CLEAR = 0.95  # a plan is clearly serial where guessing's best rate is below this share of serial's
-_PRIME = 2  # serial windows before a probe that fill the local caches
+_PRIME = 1  # serial windows before a probe that fill the local caches
 
 
 class StrideScheduler:
