@@ -308,6 +308,20 @@ def test_a_close_call_keeps_probing_and_a_clear_one_probes_less_and_less(monkeyp
     assert probes((1.0, np.array([0.5, 1.2, 0.9])))[:3] == [0, 1, 2]  # guessing wins: every window guesses
 
 
+def test_a_probe_of_a_small_batch_lasts_until_it_has_made_enough_guesses(monkeypatch):
+    scheduler = StrideScheduler(SpeculationConfig(max_stride=3))
+    scheduler.rows = 1  # one row: a probe of four one-step windows
+    scheduler.observe(0, work_s=0.004, verify_s=0.010)
+    scheduler.observe(1, work_s=0.004, verify_s=0.011, accepted=1, verified=2, settle_s=0.001)
+    monkeypatch.setattr(scheduler, "rates", lambda: (1.0, np.array([0.5, 0.8, 0.7])))  # clearly serial
+    plans = [scheduler.plan() for _ in range(40)]
+    assert [i for i, p in enumerate(plans) if p] == [3, 4, 5, 6, 14, 15, 16, 17, 33, 34, 35, 36]
+    assert set(plans) == {0, 1}
+    scheduler = StrideScheduler(SpeculationConfig(max_stride=3))
+    scheduler.rows = 2  # two rows: two windows
+    assert [i for i in range(12) if scheduler.plan()] == [3, 4, 8, 9]  # nothing measured: no backoff
+
+
 def test_the_acceptance_rate_counts_guesses_and_the_extra_verification_waits_for_a_plain_one():
     scheduler = StrideScheduler(SpeculationConfig())
     assert scheduler.gamma is None

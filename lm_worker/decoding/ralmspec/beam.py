@@ -79,6 +79,7 @@ class BeamDecode:
     def run(self) -> GenerateOutput:
         self._first_step()
         scheduler = self.owner.scheduler
+        scheduler.rows = self.B * self.W  # guesses per step: every beam of every prompt
         stride = scheduler.plan()
         while not all(b.ended for b in self.beams) or any(self.pending):
             open_prompts = self._open(stride)

@@ -163,6 +163,7 @@ class _Decode:
     def run(self) -> GenerateOutput:
         self._first_step()
         scheduler = self.owner.scheduler
+        scheduler.rows = len(self.pending)
         stride = scheduler.plan()
         while not all(self.rows.done(r) for r in range(len(self.pending))):
             if self.in_flight is not None and (self.in_flight.pending.future.done() or not self._can_speculate(stride)):

@@ -9,7 +9,9 @@ E_s / (w(s) + b(s)), or, asynchronously (a window is guessed while the last one 
 whose window failed loses the window guessed meanwhile), E_s / ((2 - γ^s) · max(w(s), b(s))). Where no
 s ≥ 2 beats a serial step, 1 / (a0 + b0) (a0 its model, mixing and committing), the window is a
 serial step (no guess), with a probe now and then to keep γ current: a window of one guessed step,
-which costs a serial step plus the guess (a rollback there drops no step). Decoding starts serial, and
+which costs a serial step plus the guess (a rollback there drops no step); in a batch of fewer than
+`_PROBE_GUESSES` rows, as many such windows in a row as make that many guesses (each window's answer
+fills the caches for the next). Decoding starts serial, and
 the first probe comes after
 `_PROBE_FIRST` serial windows, then, each time a probe leaves the plan clearly serial (guessing's best
 rate under `_CLEAR` of serial's), after twice as many (up to `_PROBE_LAST`), so that where serial
@@ -32,6 +34,7 @@ _MEMORY = 32  # guesses that γ mostly remembers
 _PROBE_FIRST = 4  # serial windows before the first probe
 _PROBE_LAST = 64  # the most serial windows between two probes
 _CLEAR = 0.95  # a plan is clearly serial where guessing's best rate is below this share of serial's
+_PROBE_GUESSES = 4  # guesses a probe makes at least, over the rows of the batch
 _PRIME = 1  # serial windows before a probe that fill the local caches
 
 
@@ -55,6 +58,8 @@ class StrideScheduler:
         self.probe_every = _PROBE_FIRST  # serial windows from one probe to the next
         self.until_probe = _PROBE_FIRST  # serial windows left before the next probe
         self.probed = False  # the window planned last was a probe
+        self.rows = _PROBE_GUESSES  # rows of the batch being decoded (the decoder sets it)
+        self.burst = 0  # windows left of the probe under way
         self.primes = False  # the serial window planned last fills the local caches for the probe after it
 
     @property
@@ -88,15 +93,21 @@ class StrideScheduler:
             serial, guessing = self.rates()
             if guessing.max() > serial and int(np.argmax(guessing)) > 0:
                 self.probe_every = self.until_probe = _PROBE_FIRST
+                self.burst = 0
                 return int(np.argmax(guessing)) + 1
-            if probed and guessing.max() < _CLEAR * serial:  # the probe left the plan clearly serial:
-                self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # probe less often
+            if probed and not self.burst and guessing.max() < _CLEAR * serial:  # the probe left the plan
+                self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # clearly serial: probe less often
+        if self.burst:  # the probe goes on
+            self.burst -= 1
+            self.probed = True
+            return 1
         if probed:
             self.until_probe = self.probe_every
         self.serial_windows += 1  # until the estimates exist: serial windows, then a first probe
         self.until_probe -= 1
         if self.until_probe <= 0:
             self.probed = True
+            self.burst = -(-_PROBE_GUESSES // max(1, self.rows)) - 1  # its windows after this one
             return 1
         self.primes = self.until_probe <= _PRIME
         return 0
