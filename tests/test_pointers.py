@@ -77,6 +77,8 @@ def test_agreement_share_is_the_largest_weight_one_token_gets():
     values = rng.integers(-1, 5, (30, 12))
     values[0] = -1  # a row with no chain: share 0
     distances = rng.uniform(0, 20, (30, 12)).astype(np.float32)
+    empty = agreement_share(np.zeros((2, 0), np.int64), np.zeros((2, 0), np.float32), 1.0)  # no chain at all
+    assert empty.tolist() == [0.0, 0.0]
     for temperature in (1.0, 4.0):
         share = agreement_share(values, distances, temperature)
         for row in range(30):
@@ -99,3 +101,5 @@ def test_pointer_settings_are_checked():
         EvalConfig(pointer_steps=2, exclude_own_document=True)
     with pytest.raises(ValueError, match="pointer_agreement must be in"):
         EvalConfig(pointer_steps=2, pointer_agreement=1.5)
+    with pytest.raises(ValueError, match="give pointer_steps too"):
+        EvalConfig(pointer_agreement=0.6)

@@ -308,6 +308,19 @@ def test_a_close_call_keeps_probing_and_a_clear_one_probes_less_and_less(monkeyp
     assert probes((1.0, np.array([0.5, 1.2, 0.9])))[:3] == [0, 1, 2]  # guessing wins: every window guesses
 
 
+def test_a_close_call_is_judged_on_the_strides_a_plan_can_choose():
+    """Every guess failed. A one-step window costs what a serial step does (5 ms of model, 1 ms of
+    retrieval, nothing to settle), so its rate equals serial's; but the plan only chooses strides of 2
+    and more, and those lose clearly (0.6 of serial's rate), so probes back off."""
+    scheduler = StrideScheduler(SpeculationConfig(max_stride=8))
+    scheduler.rows = 8
+    scheduler.observe(0, work_s=0.005, verify_s=0.001)
+    scheduler.observe(1, work_s=0.005, verify_s=0.001, accepted=0, verified=8, settle_s=0.0)
+    serial, guessing = scheduler.rates()
+    assert guessing[0] == pytest.approx(serial) and guessing[1:].max() < 0.7 * serial
+    assert [i for i in range(40) if scheduler.plan()] == [3, 11, 27]
+
+
 def test_a_probe_of_a_small_batch_lasts_until_it_has_made_enough_guesses(monkeypatch):
     scheduler = StrideScheduler(SpeculationConfig(max_stride=3))
     scheduler.rows = 1  # one row: a probe of four one-step windows

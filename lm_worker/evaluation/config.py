@@ -62,6 +62,8 @@ class EvalConfig:
             raise ValueError(f"pointer_temperature_scale must be positive, got {self.pointer_temperature_scale}")
         if not 0.0 <= self.pointer_agreement <= 1.0:
             raise ValueError(f"pointer_agreement must be in [0, 1], got {self.pointer_agreement}")
+        if self.pointer_agreement and not self.pointer_steps:
+            raise ValueError("pointer_agreement applies to followed pointers: give pointer_steps too")
         if self.pointer_steps and self.exclude_own_document:
             raise ValueError("pointer_steps cannot follow pointers with exclude_own_document: a chain could walk "
                              "into the excluded document")

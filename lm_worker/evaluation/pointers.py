@@ -116,7 +116,7 @@ def agreement_share(values: np.ndarray, distances: np.ndarray, temperature: floa
     softmax(-distance / temperature) over the rows' chains with a value. 0 where a row has none."""
     known = values >= 0
     d = np.where(known, distances.astype(np.float64), np.inf)
-    nearest = d.min(axis=1, keepdims=True)  # (m, 1)
+    nearest = d.min(axis=1, keepdims=True, initial=np.inf)  # (m, 1)
     w = np.where(known, np.exp(-(d - np.where(np.isfinite(nearest), nearest, 0.0)) / temperature), 0.0)  # (m, k)
     order = np.argsort(values, axis=1, kind="stable")
     v, w = np.take_along_axis(values, order, axis=1), np.take_along_axis(w, order, axis=1)  # runs of one value

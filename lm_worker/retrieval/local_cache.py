@@ -12,7 +12,7 @@ distance computation searches every sequence's own rows. A full cache overwrites
 
 Example:
     >>> caches = LocalCaches(rows=8, capacity=2048, dimension=32)
-    >>> caches.add_neighbours(0, found)                     # a `KnnNeighbours` asked with successors and keys
+    >>> caches.add_neighbours(0, found, 0)                 # query 0 of a `KnnNeighbours` with successors, keys
     >>> distances, values = caches.search(queries, k=16)   # (8, 16) squared L2 ascending, (8, 16) next tokens
 """
 
@@ -74,7 +74,9 @@ class LocalCaches:
     def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore row ids[i] (key keys[i], value values[i]) to sequence rows[i]'s cache, for every
         i of (n,), (n,), (n, d), (n,) at once: per sequence in the given order, ids < 0, repeats and rows
-        it already holds skipped, its oldest rows overwritten past capacity."""
+        it already holds when the call begins skipped, its oldest rows overwritten past capacity (a row
+        that the call itself overwrites is not added again; add in several calls where that matters)."""
+        rows, ids = np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64)
         order = np.argsort(rows, kind="stable")  # each sequence's rows together, in their order
         order = order[ids[order] >= 0]
         if not len(order):

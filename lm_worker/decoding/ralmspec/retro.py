@@ -332,5 +332,6 @@ class _Decode:
         for i, row_id in zip(tokens.reshape(-1, tokens.shape[-1]), ids.reshape(-1).tolist()):
             if row_id >= 0:
                 self.chunk_tokens.setdefault(row_id, i.astype(np.int64))
-        owners = np.repeat(np.arange(len(ids)) % B, ids[0].size)  # query q belongs to row q % B
-        self.local.add_many(owners, ids.reshape(-1), keys.reshape(-1, d), ids.reshape(-1))
+        for q in range(len(ids)):  # query q belongs to row q % B; one call each, so that a chunk the
+            # prompt's earlier chunks pushed out and a later one found again is kept
+            self.local.add(q % B, ids[q].reshape(-1), keys[q].reshape(-1, d), ids[q].reshape(-1))

@@ -95,8 +95,9 @@ class StrideScheduler:
                 self.probe_every = self.until_probe = _PROBE_FIRST
                 self.burst = 0
                 return int(np.argmax(guessing)) + 1
-            if probed and not self.burst and guessing.max() < _CLEAR * serial:  # the probe left the plan
-                self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # clearly serial: probe less often
+            best = guessing[1:].max(initial=0.0)  # the strides a plan can choose (a probe's 1 is not one)
+            if probed and not self.burst and best < _CLEAR * serial:  # the probe left the plan clearly
+                self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # serial: probe less often
         if self.burst:  # the probe goes on
             self.burst -= 1
             self.probed = True
