@@ -260,6 +260,19 @@ def test_local_caches_add_many_sequences_at_once_as_one_by_one():
             np.testing.assert_allclose(caches.norms[row, slots], (table[ids_here] ** 2).sum(axis=1), rtol=1e-6)
 
 
+def test_a_row_pushed_out_and_found_again_is_kept_when_added_call_by_call():
+    """add_many skips the rows held when it begins; one call per answer (as RETRO's prompt, chunk by
+    chunk) keeps a row that an earlier answer pushed out and a later one found."""
+    keys = np.eye(8, dtype=np.float32)
+    one, two = LocalCaches(rows=1, capacity=4, dimension=8), LocalCaches(rows=1, capacity=4, dimension=8)
+    for caches in (one, two):
+        caches.add(0, np.arange(1, 5), keys[1:5], np.arange(1, 5))
+    one.add_many(np.zeros(2, np.int64), np.array([5, 1]), keys[[5, 1]], np.array([5, 1]))
+    two.add(0, np.array([5]), keys[[5]], np.array([5]))
+    two.add(0, np.array([1]), keys[[1]], np.array([1]))
+    assert one.held(0).tolist() == [2, 3, 4, 5] and two.held(0).tolist() == [3, 4, 5, 1]
+
+
 def test_local_caches_take_neighbours_with_their_successors():
     found = KnnNeighbours(distances=np.zeros((1, 2), np.float32), values=np.array([[7, 8]]), ids=np.array([[3, 9]]),
                           next_values=np.array([[[1], [2]]]), next_ids=np.array([[[4], [-1]]]),
