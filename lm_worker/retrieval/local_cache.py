@@ -57,13 +57,9 @@ class LocalCaches:
 
     def held(self, row: int) -> np.ndarray:
         """The datastore ids sequence `row` holds, oldest first."""
-        order = np.argsort(self._slot_age(row), kind="stable")
-        ids = self.ids[row, order]
+        age = (np.arange(self.capacity) - self.written[row]) % self.capacity  # the next slot written is oldest
+        ids = self.ids[row, np.argsort(age, kind="stable")]
         return ids[ids >= 0]
-
-    def _slot_age(self, row: int) -> np.ndarray:
-        """Each slot's position in writing order (the next slot to be overwritten first)."""
-        return (np.arange(self.capacity) - self.written[row]) % self.capacity
 
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore rows ids (n,), keys (n, d), values (n,) to sequence `row`'s cache; ids < 0 and

@@ -213,17 +213,23 @@ class _Decode:
             self.next_input[r] = token
         self.stats.steps += 1
 
+    def _step(self, rows: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """One batched model step on `next_input`: the LM's log-probs (B, V) and keys (B, d). Only `rows`
+        keep their new position; the other rows' is dropped again."""
+        before = self.cache.lengths.clone()
+        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
+        if len(rows) < len(self.pending):
+            opened = set(rows)
+            idle = [r for r in range(len(self.pending)) if r not in opened]
+            self.cache.truncate(torch.tensor(idle), before[idle])
+        return lm_log_probs, queries
+
     def _speculate(self, open_rows: list[int], guess: bool) -> None:
         """One batched model step; with `guess`, each open row chooses its token from its local cache's
         neighbours, else its step waits for the service's (a serial step). The other rows' new position
         is dropped again."""
         started = time.perf_counter()
-        before = self.cache.lengths.clone()
-        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
-        opened = set(open_rows)
-        idle = [r for r in range(len(self.pending)) if r not in opened]
-        if idle:
-            self.cache.truncate(torch.tensor(idle), before[idle])
+        lm_log_probs, queries = self._step(open_rows)  # (B, V), (B, d)
         if guess:
             distances, values = self.local.search(queries, self.owner.k)  # (B, k), (B, k)
             log_probs = self.owner.mix(lm_log_probs[open_rows], distances[open_rows], values[open_rows])  # (b, V)
@@ -246,12 +252,8 @@ class _Decode:
         model step, the service's neighbours for the open `rows`, their tokens committed. What a serial
         window of `_speculate`, `_send` and `_settle` does, without keeping the step per row."""
         started = time.perf_counter()
-        before = self.cache.lengths.clone()
-        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B, V), (B, d)
-        if len(rows) < len(self.pending):  # the other rows' new position is dropped again
-            opened = set(rows)
-            idle = [r for r in range(len(self.pending)) if r not in opened]
-            self.cache.truncate(torch.tensor(idle), before[idle])
+        lm_log_probs, queries = self._step(rows)  # (B, V), (B, d)
+        if len(rows) < len(self.pending):
             lm_log_probs, queries = lm_log_probs[rows], queries[rows]  # (n, V), (n, d)
         work_s = time.perf_counter() - started
         pending = self.owner.send(queries, for_cache=self.owner.scheduler.primes)

@@ -54,7 +54,6 @@ class StrideScheduler:
         self.serial_step_s: float | None = None  # a0
         self.plain_verify_s: float | None = None  # b0
         self.verify_per_step_s: float | None = None  # β
-        self.serial_windows = 0
         self.probe_every = _PROBE_FIRST  # serial windows from one probe to the next
         self.until_probe = _PROBE_FIRST  # serial windows left before the next probe
         self.probed = False  # the window planned last was a probe
@@ -104,8 +103,7 @@ class StrideScheduler:
             return 1
         if probed:
             self.until_probe = self.probe_every
-        self.serial_windows += 1  # until the estimates exist: serial windows, then a first probe
-        self.until_probe -= 1
+        self.until_probe -= 1  # until the estimates exist: serial windows, then a first probe
         if self.until_probe <= 0:
             self.probed = True
             self.burst = -(-_PROBE_GUESSES // max(1, self.rows)) - 1  # its windows after this one
