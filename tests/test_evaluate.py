@@ -459,9 +459,13 @@ def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chai
                                                                    "min_pointers": 17}), progress=False)
         agreeing = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
                                                                       "pointer_agreement": 1.0}), progress=False)
+        crowded = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
+                                                                     "pointer_agreement": 1.0, "pointer_crowd": 3}),
+                                 progress=False)
     assert full.searched == full.tokens == followed.tokens
     assert followed.searched < full.tokens / 3
     assert followed.searched <= agreeing.searched < full.tokens  # unanimous chains still follow the own text
+    assert followed.searched <= crowded.searched <= agreeing.searched  # a crowd skips the agreement check
     assert followed.perplexity[0.9] < full.base_perplexity / 5
     assert never.searched == never.tokens
     for lam in config.lambdas:
@@ -515,6 +519,27 @@ def knn_probs(found, targets: np.ndarray, temperature: np.ndarray) -> np.ndarray
     hit = weights * (found.values == targets[:, None])
     total = weights.sum(axis=1)
     return np.where(total > 0, hit.sum(axis=1) / np.where(total > 0, total, 1.0), 0.0)
+
+
+def test_with_pointers_the_batch_size_changes_the_requests_not_the_result(lm, stores, knn_datastore):
+    """Each window's positions are a run of their own, so batching 1 or 8 windows searches the same
+    positions and scores the same perplexities; a larger batch only sends fewer, larger requests."""
+    train = stores[0]
+    results, requests = {}, {}
+    for batch_size in (1, 8):
+        config = EvalConfig(**{**KNN.__dict__, "lambdas": (0.0, 0.5), "pointer_steps": 4, "batch_size": batch_size,
+                               "pointer_agreement": 0.9, "pointer_crowd": 3})
+        with InProcessRetriever(knn_datastore[0], config.retrieval) as retriever:
+            calls = []
+            retriever.knn = lambda keys, *rest, calls=calls, search=retriever.knn: (calls.append(len(keys))
+                                                                                    or search(keys, *rest))
+            results[batch_size] = evaluate_knnlm(lm, train, retriever, config, progress=False)
+            requests[batch_size] = calls
+    one, eight = results[1], results[8]
+    assert 0 < one.searched == eight.searched == sum(requests[1]) == sum(requests[8]) < one.tokens
+    assert len(requests[8]) < len(requests[1]) / 2
+    assert one.followed_nll == pytest.approx(eight.followed_nll, rel=1e-9)
+    assert one.perplexity == pytest.approx(eight.perplexity, rel=1e-9)
 
 
 def test_results_over_batch_ranges_combine_into_the_whole_with_pointers(lm, stores, knn_datastore):

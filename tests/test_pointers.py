@@ -54,6 +54,21 @@ def test_runs_of_positions_start_with_a_search_and_steps_bound_a_chain():
     assert calls == [[0, 3], [2]] and followed.tolist() == [False, True, False, False, True]
 
 
+def test_a_chain_never_crosses_into_another_run():
+    """Positions 0-3 are consecutive, but 2-3 are a run of their own: position 2 is searched in the first
+    round with position 0, although the chain from 0 would have held there (steps 4)."""
+    positions, targets = np.arange(100, 104), np.array([7, 7, 7, 7])
+    found = {i: [12, 13, 14] for i in range(4)}
+    calls = []
+    _, followed = follow_pointers(np.zeros((4, 2), np.float32), targets, positions, fake_search(found, calls),
+                                  steps=4, min_pointers=1, runs=np.array([0, 0, 1, 1]))
+    assert calls == [[0, 2]] and followed.tolist() == [False, True, False, True]
+    calls.clear()
+    _, followed = follow_pointers(np.zeros((4, 2), np.float32), targets, positions, fake_search(found, calls),
+                                  steps=4, min_pointers=1)
+    assert calls == [[0]] and followed.tolist() == [False, True, True, True]
+
+
 def test_agreement_holds_a_chain_only_where_the_chains_agree_on_what_comes_next():
     """As in the first test, position 2's chains (rows 3 and 8, distances 0 and 1) go on to rows 4 and 9,
     values 4 and 9: token 4 has weight 1 / (1 + e^-1) = 0.73 of theirs. θ = 0.7 follows them to
@@ -69,6 +84,19 @@ def test_agreement_holds_a_chain_only_where_the_chains_agree_on_what_comes_next(
                                     steps=4, min_pointers=2, agreement=0.8)
     assert calls == [[0], [3], [4]] and followed.tolist() == [False, True, True, False, False]
     assert out.ids[3].tolist() == [12, 13, 14]  # searched
+
+
+def test_a_crowd_of_chains_is_followed_whatever_it_agrees_on():
+    """The same two split chains at position 2 with θ = 0.8: a crowd of 2 follows them to position 3 as
+    θ = 0.7 did, a crowd of 3 leaves them to the agreement check, which searches position 3."""
+    positions, targets = np.arange(100, 105), np.array([1, 2, 3, 9, 7])
+    found = {0: [1, 6, 12], 3: [12, 13, 14], 4: [15, 16, 17]}
+    for crowd, searches, at_3 in ((2, [[0], [4]], True), (3, [[0], [3], [4]], False)):
+        calls = []
+        out, followed = follow_pointers(np.zeros((5, 2), np.float32), targets, positions, fake_search(found, calls),
+                                        steps=4, min_pointers=2, agreement=0.8, crowd=crowd)
+        assert calls == searches and followed.tolist() == [False, True, True, at_3, False]
+        assert out.ids[3].tolist() == ([4, 9, -1] if at_3 else [12, 13, 14])
 
 
 def test_agreement_share_is_the_largest_weight_one_token_gets():
@@ -103,3 +131,7 @@ def test_pointer_settings_are_checked():
         EvalConfig(pointer_steps=2, pointer_agreement=1.5)
     with pytest.raises(ValueError, match="give pointer_steps too"):
         EvalConfig(pointer_agreement=0.6)
+    with pytest.raises(ValueError, match="pointer_crowd must be"):
+        EvalConfig(pointer_steps=2, pointer_agreement=0.6, pointer_crowd=-1)
+    with pytest.raises(ValueError, match="give pointer_agreement too"):
+        EvalConfig(pointer_steps=2, pointer_crowd=3)

@@ -28,7 +28,10 @@ class EvalConfig:
     `pointer_steps` positions after each search (`lm_worker.evaluation.pointers`). Followed positions
     mix with λs of their own (swept over `lambdas` apart from the searched positions') and a temperature
     of `pointer_temperature_scale` × `temperature`: their few neighbours all agree with the text so far.
-    `pointer_agreement` θ > 0 follows only where the chains give θ of their weight to one next token.
+    `pointer_agreement` θ > 0 follows only where the chains give θ of their weight to one next token;
+    with `pointer_crowd` M > 0, only where fewer than M chains hold (M or more are followed as they split).
+    Each window's scored positions are a run of chains of their own, so the `batch_size` windows of a
+    batch share each round's request and the batch size does not change which positions are searched.
     """
 
     context_len: int = 256
@@ -44,6 +47,7 @@ class EvalConfig:
     min_pointers: int = 1
     pointer_temperature_scale: float = 2.0
     pointer_agreement: float = 0.0
+    pointer_crowd: int = 0
 
     def __post_init__(self):
         if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
@@ -64,6 +68,10 @@ class EvalConfig:
             raise ValueError(f"pointer_agreement must be in [0, 1], got {self.pointer_agreement}")
         if self.pointer_agreement and not self.pointer_steps:
             raise ValueError("pointer_agreement applies to followed pointers: give pointer_steps too")
+        if self.pointer_crowd < 0:
+            raise ValueError(f"pointer_crowd must be >= 0, got {self.pointer_crowd}")
+        if self.pointer_crowd and not self.pointer_agreement:
+            raise ValueError("pointer_crowd lifts the agreement check for many chains: give pointer_agreement too")
         if self.pointer_steps and self.exclude_own_document:
             raise ValueError("pointer_steps cannot follow pointers with exclude_own_document: a chain could walk "
                              "into the excluded document")

@@ -200,13 +200,15 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         return future
 
     def follow(keys: np.ndarray, batch) -> Future:
-        """Neighbours from one search per run of positions and the pointers after it, blocking."""
+        """Neighbours from one search per run of positions and the pointers after it, blocking. Each
+        window's scored positions are a run of their own, so a round's request searches for all windows."""
         nonlocal searched
         with clock.timing("retrieval"), clock.timing("wait"):
             found, followed = follow_pointers(keys, batch.scored_targets.numpy(), batch.positions,
                                               lambda rows, steps: retriever.knn(keys[rows], None, steps),
                                               config.pointer_steps, config.min_pointers,
-                                              agreement=config.pointer_agreement, temperature=config.temperature)
+                                              agreement=config.pointer_agreement, temperature=config.temperature,
+                                              crowd=config.pointer_crowd, runs=batch.rows.numpy())
         searched += int((~followed).sum())
         return completed((found, followed))
 

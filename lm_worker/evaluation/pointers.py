@@ -17,7 +17,10 @@ the next round's request.
 With `agreement` θ > 0, the chains must also agree on what comes next: a position is followed only
 where the surviving chains give at least θ of their weight (softmax of -distance / temperature, over
 the chains whose successor is known) to one next token. Where they split, the text is at a branch of
-the stored documents, and the position is searched instead.
+the stored documents, and the position is searched instead. With `crowd` M > 0 that check applies
+only to positions with fewer than M chains: M or more are followed whatever they agree on, their split
+weight being the neighbour distribution a search would give. On the demo run the chains that split and
+lose are nearly all pairs (two chains, two next tokens; docs/results.md).
 
 A followed position's neighbours are fewer than a search's, and all of them agree with the text so
 far, so the evaluation weighs them apart: its own λ (swept like the searched positions' λ) and a
@@ -25,7 +28,7 @@ flatter temperature (`EvalConfig.pointer_temperature_scale`).
 
 Example:
     >>> found, followed = follow_pointers(keys, targets, positions, search, steps=8, min_pointers=1,
-    ...                                   agreement=0.6)
+    ...                                   agreement=0.9, crowd=3)
     >>> 1 - followed.mean()   # the share of positions searched; the others followed pointers
 """
 
@@ -41,8 +44,8 @@ Search = Callable[[np.ndarray, int], KnnNeighbours]  # (row indices into the bat
 
 
 def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray, search: Search, steps: int,
-                    min_pointers: int, agreement: float = 0.0, temperature: float = 1.0
-                    ) -> tuple[KnnNeighbours, np.ndarray]:
+                    min_pointers: int, agreement: float = 0.0, temperature: float = 1.0, crowd: int = 0,
+                    runs: np.ndarray | None = None) -> tuple[KnnNeighbours, np.ndarray]:
     """Neighbours for every scored position of a batch, searching only where pointers run out.
 
     Args:
@@ -55,6 +58,10 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
         min_pointers: a chain holds while at least this many of its neighbours do.
         agreement: θ in [0, 1]; > 0: follow only where the chains give θ of their weight to one next token.
         temperature: of the chains' weights, softmax(-distance / temperature).
+        crowd: > 0: positions with at least this many chains (whose successor is known) skip the
+            agreement check.
+        runs: (n,) which run each position belongs to (default: one); a chain never crosses into another
+            run, so each run starts with a search and the runs' searches share the rounds' requests.
 
     Returns:
         (neighbours (n, k) for every position, followed (n,) bool: the positions that were not searched).
@@ -62,7 +69,8 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
     """
     n = len(positions)
     following = np.full(n, -1, dtype=np.int64)  # the next scored position after each, when consecutive
-    consecutive = np.flatnonzero(positions[1:] == positions[:-1] + 1)
+    same_run = np.ones(max(n - 1, 0), dtype=bool) if runs is None else runs[1:] == runs[:-1]
+    consecutive = np.flatnonzero((positions[1:] == positions[:-1] + 1) & same_run)
     following[consecutive] = consecutive + 1
     todo = np.setdiff1d(np.arange(n), following[following >= 0])  # the first position of each run
     out: KnnNeighbours | None = None
@@ -75,14 +83,15 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
                                 np.full((n, k), -1, dtype=np.int64))
         followed[todo] = False
         out.distances[todo], out.values[todo], out.ids[todo] = found.distances, found.values, found.ids
-        todo = _chains(found, todo, targets, following, out, min_pointers, agreement, temperature)
+        todo = _chains(found, todo, targets, following, out, min_pointers, agreement, temperature, crowd)
     if out is None:
         out = KnnNeighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64))
     return out, followed
 
 
 def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, following: np.ndarray,
-            out: KnnNeighbours, min_pointers: int, agreement: float, temperature: float) -> np.ndarray:
+            out: KnnNeighbours, min_pointers: int, agreement: float, temperature: float, crowd: int
+            ) -> np.ndarray:
     """Fills `out` at the positions after each searched row of `rows` from its surviving chains;
     returns the positions where the chains ran out, to be searched."""
     alive = found.values == targets[rows][:, None]  # (m, k) neighbours that predicted what came
@@ -92,8 +101,11 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
         there = following[here]
         holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
         if agreement > 0 and holding.any():
-            share = agreement_share(np.where(alive, after[:, :, step], -1), distances, temperature)  # (m,)
-            holding &= share >= agreement
+            coming = np.where(alive, after[:, :, step], -1)  # (m, k) the chains' next tokens
+            agreeing = agreement_share(coming, distances, temperature) >= agreement  # (m,)
+            if crowd:
+                agreeing |= (coming >= 0).sum(axis=1) >= crowd  # a crowd of chains is followed as it splits
+            holding &= agreeing
         again.append(there[(there >= 0) & ~holding])
         if not holding.any():
             break
