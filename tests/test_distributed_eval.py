@@ -199,3 +199,16 @@ def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_p
     assert counted_replaced[-1] >= 1, caplog.text  # the lost worker was noticed and replaced
     assert sorted(counted) == list(range(total))  # every share counted once
     assert result.perplexity == reference.perplexity and result.tokens == reference.tokens
+
+
+def test_a_job_without_pointers_is_described_as_before_the_pointer_fields_existed():
+    """Checkpointed shares of a job without pointers still match after `pointer_agreement` and
+    `pointer_crowd` were added; a job with pointers is marked with how its chains run (each window a
+    run of its own), so shares from when a batch was one run are refused."""
+    plain = EvalJob(kind="knnlm", checkpoint=Path("lm.pt"), store=Path("heldout"), target="127.0.0.1:1")
+    assert not {"pointer_agreement", "pointer_crowd", "pointer_runs"} & set(plain.describe()["config"])
+    assert plain.describe()["config"]["pointer_steps"] == 0
+    pointers = dataclasses.replace(plain, config=EvalConfig(pointer_steps=4, pointer_agreement=0.9, pointer_crowd=3))
+    described = pointers.describe()["config"]
+    assert (described["pointer_runs"], described["pointer_crowd"], described["pointer_agreement"]) == ("window", 3, 0.9)
+    assert pointers.describe() != plain.describe()

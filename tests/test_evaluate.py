@@ -460,12 +460,12 @@ def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chai
         agreeing = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
                                                                       "pointer_agreement": 1.0}), progress=False)
         crowded = evaluate_knnlm(lm, train, retriever, EvalConfig(**{**config.__dict__, "pointer_steps": 8,
-                                                                     "pointer_agreement": 1.0, "pointer_crowd": 3}),
+                                                                     "pointer_agreement": 1.0, "pointer_crowd": 2}),
                                  progress=False)
     assert full.searched == full.tokens == followed.tokens
     assert followed.searched < full.tokens / 3
     assert followed.searched <= agreeing.searched < full.tokens  # unanimous chains still follow the own text
-    assert followed.searched <= crowded.searched <= agreeing.searched  # a crowd skips the agreement check
+    assert followed.searched <= crowded.searched < agreeing.searched  # a pair of chains skips the agreement check
     assert followed.perplexity[0.9] < full.base_perplexity / 5
     assert never.searched == never.tokens
     for lam in config.lambdas:

@@ -99,6 +99,29 @@ def test_a_crowd_of_chains_is_followed_whatever_it_agrees_on():
         assert out.ids[3].tolist() == ([4, 9, -1] if at_3 else [12, 13, 14])
 
 
+def test_a_crowd_counts_only_the_chains_whose_successor_is_known():
+    """Three chains hold at position 0 (value 3); their successors are tokens 4, 9 and unknown (past the
+    datastore's end): two known chains that split. A crowd of 2 follows them, a crowd of 3 does not
+    count the third and leaves them to the agreement check (θ = 0.9), which searches position 1."""
+    def search(rows: np.ndarray, steps: int) -> KnnNeighbours:
+        calls.append(rows.tolist())
+        m = len(rows)
+        return KnnNeighbours(np.tile(np.float32([0, 1, 2]), (m, 1)), np.full((m, 3), 3), np.tile([3, 8, 40], (m, 1)),
+                             np.tile(np.array([[4], [9], [-1]]), (m, 1, 1)))
+
+    for crowd, searches in ((2, [[0]]), (3, [[0], [1]])):
+        calls = []
+        _, followed = follow_pointers(np.zeros((2, 2), np.float32), np.array([3, 4]), np.arange(2), search,
+                                      steps=1, min_pointers=1, agreement=0.9, crowd=crowd)
+        assert calls == searches and followed.tolist() == [False, len(searches) == 1]
+
+
+def test_runs_must_match_the_positions():
+    with pytest.raises(ValueError, match="one run per position"):
+        follow_pointers(np.zeros((3, 2), np.float32), np.zeros(3, np.int64), np.arange(3),
+                        fake_search({}, []), steps=1, min_pointers=1, runs=np.array([0, 1]))
+
+
 def test_agreement_share_is_the_largest_weight_one_token_gets():
     """Against a float64 sum per row and token: softmax(-d / T) over the chains with a value."""
     rng = np.random.default_rng(4)

@@ -41,9 +41,10 @@ def add_parser(sub) -> None:
     v.add_argument("--context-len", type=int, default=256)
     v.add_argument("--stride", type=int, default=128)
     v.add_argument("--batch-size", type=int, default=8, metavar="B",
-                   help="windows per model batch and per kNN-LM request; with --pointer-steps each window is a "
-                        "run of its own, so a larger B packs more windows' searches into each round's request "
-                        "without changing which positions are searched")
+                   help="windows per model batch, kNN-LM and RETRO (one kNN-LM request per batch; with "
+                        "--pointer-steps one per round of searches, each window a run of chains of its own, so "
+                        "a larger B packs more windows into each round without changing which positions are "
+                        "searched)")
     v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--exclude-own-document", action="store_true")

@@ -79,6 +79,12 @@ class EvalJob:
         body.pop("security")  # how the service is reached, not what is evaluated (and never a secret on disk)
         if body["encoder_lm"] is None:
             body.pop("encoder_lm")  # so shares checkpointed before the field existed still match
+        config = body["config"]
+        if not config["pointer_steps"]:  # so shares checkpointed before the pointer fields existed still match
+            config.pop("pointer_agreement")
+            config.pop("pointer_crowd")
+        else:  # each window a run of chains of its own: shares from when a batch was one run differ
+            config["pointer_runs"] = "window"
         body["target"] = None  # the same shards may be served at another address
         return json.loads(json.dumps(body, default=str))
 

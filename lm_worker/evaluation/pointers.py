@@ -58,16 +58,22 @@ def follow_pointers(keys: np.ndarray, targets: np.ndarray, positions: np.ndarray
         min_pointers: a chain holds while at least this many of its neighbours do.
         agreement: θ in [0, 1]; > 0: follow only where the chains give θ of their weight to one next token.
         temperature: of the chains' weights, softmax(-distance / temperature).
-        crowd: > 0: positions with at least this many chains (whose successor is known) skip the
-            agreement check.
+        crowd: > 0: positions with at least this many chains whose successor is known (a chain past the
+            datastore's end does not count) skip the agreement check; 0: none skips it.
         runs: (n,) which run each position belongs to (default: one); a chain never crosses into another
             run, so each run starts with a search and the runs' searches share the rounds' requests.
 
     Returns:
         (neighbours (n, k) for every position, followed (n,) bool: the positions that were not searched).
         A followed position's neighbours are the surviving chains' rows; the others are missing (-1, inf).
+
+    Raises:
+        ValueError: `runs` is not one run per position.
     """
     n = len(positions)
+    if runs is not None and np.shape(runs) != np.shape(positions):
+        raise ValueError(f"runs must give one run per position: shape {np.shape(runs)}, positions "
+                         f"{np.shape(positions)}")
     following = np.full(n, -1, dtype=np.int64)  # the next scored position after each, when consecutive
     same_run = np.ones(max(n - 1, 0), dtype=bool) if runs is None else runs[1:] == runs[:-1]
     consecutive = np.flatnonzero((positions[1:] == positions[:-1] + 1) & same_run)
@@ -103,7 +109,7 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
         if agreement > 0 and holding.any():
             coming = np.where(alive, after[:, :, step], -1)  # (m, k) the chains' next tokens
             agreeing = agreement_share(coming, distances, temperature) >= agreement  # (m,)
-            if crowd:
+            if crowd > 0:
                 agreeing |= (coming >= 0).sum(axis=1) >= crowd  # a crowd of chains is followed as it splits
             holding &= agreeing
         again.append(there[(there >= 0) & ~holding])
