@@ -106,8 +106,8 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
     for step in range(after.shape[2]):
         there = following[here]
         holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
+        coming = np.where(alive, after[:, :, step], -1)  # (m, k) the chains' next tokens (their successors' values)
         if agreement > 0 and holding.any():
-            coming = np.where(alive, after[:, :, step], -1)  # (m, k) the chains' next tokens
             agreeing = agreement_share(coming, distances, temperature) >= agreement  # (m,)
             if crowd > 0:
                 agreeing |= (coming >= 0).sum(axis=1) >= crowd  # a crowd of chains is followed as it splits
@@ -116,8 +116,7 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
         if not holding.any():
             break
         alive, here = alive[holding], there[holding]
-        distances, ids, after = distances[holding], ids[holding], after[holding]
-        now = np.where(alive, after[:, :, step], -1)  # (m', k) the successors' values
+        distances, ids, after, now = distances[holding], ids[holding], after[holding], coming[holding]  # (m', k)
         out.distances[here] = np.where(alive, distances, np.inf)
         out.values[here] = now
         out.ids[here] = np.where(alive, ids + step + 1, -1)

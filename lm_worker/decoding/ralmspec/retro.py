@@ -332,9 +332,9 @@ class _Decode:
         for i, row_id in zip(tokens.reshape(-1, tokens.shape[-1]), ids.reshape(-1).tolist()):
             if row_id >= 0:
                 self.chunk_tokens.setdefault(row_id, i.astype(np.int64))
-        per_query = ids[0].size
+        owners = np.repeat(np.arange(B), ids[0].size)  # a chunk's queries: row 0's rows, then row 1's, ...
         for first in range(0, len(ids), B):  # chunk by chunk (query q belongs to row q % B): a chunk that
             # the prompt's earlier chunks pushed out of a row's cache and a later one found is kept
             part = slice(first, first + B)
-            owners = np.repeat(np.arange(B), per_query)[:ids[part].size]
-            self.local.add_many(owners, ids[part].reshape(-1), keys[part].reshape(-1, d), ids[part].reshape(-1))
+            self.local.add_many(owners[:ids[part].size], ids[part].reshape(-1), keys[part].reshape(-1, d),
+                                ids[part].reshape(-1))

@@ -11,8 +11,7 @@ s ≥ 2 beats a serial step, 1 / (a0 + b0) (a0 its model, mixing and committing)
 serial step (no guess), with a probe now and then to keep γ current: a window of one guessed step,
 which costs a serial step plus the guess (a rollback there drops no step); in a batch of fewer than
 `_PROBE_GUESSES` rows, as many such windows in a row as make that many guesses (each window's answer
-fills the caches for the next). Decoding starts serial, and
-the first probe comes after
+fills the caches for the next). Decoding starts serial, and the first probe comes after
 `_PROBE_FIRST` serial windows, then, each time a probe leaves the plan clearly serial (guessing's best
 rate under `_CLEAR` of serial's), after twice as many (up to `_PROBE_LAST`), so that where serial
 retrieval keeps winning the probes and the successors and keys they need cost less and less, while a
