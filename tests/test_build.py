@@ -10,7 +10,9 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -284,7 +286,9 @@ def test_resume_rebuilds_a_damaged_shard(ray_cluster, keys, tmp_path, monkeypatc
         verify_shard(config.out, entry, full=True)
 
 
-def test_failed_shard_cancels_the_others_and_says_why(ray_cluster, keys, tmp_path, monkeypatch):
+def test_shards_failing_together_are_one_error_and_nothing_is_cancelled(ray_cluster, keys, tmp_path, monkeypatch):
+    """Every shard fails at once: one line names the first, and no task is cancelled with `ray.cancel`
+    (cancelling a task as it finishes can abort the driver inside Ray)."""
     config = _saved_config(tmp_path, keys[:2000], shards=4)
 
     def untrained(config, inputs, work):
@@ -293,18 +297,40 @@ def test_failed_shard_cancels_the_others_and_says_why(ray_cluster, keys, tmp_pat
         return path
 
     cancelled = []
-    real_cancel = ray.cancel
-
-    def spy(ref, **kwargs):
-        cancelled.append(ref)
-        real_cancel(ref, **kwargs)
-
     monkeypatch.setattr(build_module, "_train", untrained)
-    monkeypatch.setattr(ray, "cancel", spy)
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kwargs: cancelled.append(ref))
     with pytest.raises(BuildError, match=r"shard-0000\d failed: .*'is_trained' failed") as failure:
         build_datastore(config, progress=False)
     assert "\n" not in str(failure.value) and "Traceback" not in str(failure.value)
-    assert len(cancelled) == 3, "the three other shard tasks are cancelled"
+    assert cancelled == []
+
+
+def test_a_failed_shard_stops_the_others_and_says_why(ray_cluster, keys, tmp_path, monkeypatch, caplog):
+    """Shard 0 fails while shard 1 is still adding rows 10 at a time: shard 1 ends before it is
+    finished, the error names shard 0's cause, and a rerun builds both shards."""
+    config = _saved_config(tmp_path, np.tile(keys, (4, 1)), shards=2, add_block=10)
+    real = build_module._build_shard._function  # the task's Python function, run by the stand-in below
+
+    def failing_first(config, trained, shard_dir, start, end, progress):
+        if shard_dir.endswith("shard-00000"):
+            deadline = time.monotonic() + 60
+            while not Path(shard_dir).with_name("shard-00001.tmp").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # until shard 1 has started adding
+            raise BuildError("disk on fire")
+        return real(config, trained, shard_dir, start, end, progress)
+
+    monkeypatch.setattr(build_module, "_build_shard", ray.remote(failing_first))
+    with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
+        with pytest.raises(BuildError, match=r"^shard-00000 failed: disk on fire$"):
+            build_datastore(config, progress=False)
+    assert "stopping the 1 other shard tasks still running" in caplog.text
+    assert "still running after" not in caplog.text, "shard 1 ended at its next block"
+    partial = tmp_path / ".ds.partial"
+    assert not (partial / "shard-00001").exists(), "shard 1 was stopped before it finished"
+    monkeypatch.undo()
+    manifest = build_datastore(config, progress=False)
+    assert [entry.id_end - entry.id_start for entry in manifest.shards] == [len(keys) * 2] * 2
+    assert not (config.out / "stop").exists()
 
 
 def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):

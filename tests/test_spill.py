@@ -98,6 +98,26 @@ def test_one_shard_tasks_work_alone_equals_faiss_add_and_hashes_what_it_wrote(ro
     assert not list(shard.glob("spill*"))  # the spills are gone
 
 
+def test_a_shard_task_asked_to_stop_ends_before_its_next_block(rows, tmp_path):
+    """`stopped` is asked before every block: once it says yes, `add_rows` raises a BuildError that
+    names the first row not added, and writes no index."""
+    from retriever_server.datastore.build_inputs import BuildConfig, BuildError
+    from retriever_server.datastore.shard_fill import add_rows
+
+    np.save(tmp_path / "keys.npy", rows)
+    (tmp_path / "trained.index").write_bytes(_trained("IVF64,SQ8"))
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "unused", add_block=256)
+    asked = []
+
+    def stopped() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    with pytest.raises(BuildError, match=r"^stopped at row 1268: another shard failed$"):
+        add_rows(config, str(tmp_path / "trained.index"), 500, 3500, tmp_path, stopped=stopped)
+    assert len(asked) == 4 and not (tmp_path / "index.faiss").exists()
+
+
 def test_a_short_spill_file_is_an_error_and_the_lists_stay(tmp_path, rows, monkeypatch):
     """A spill file that does not hold its lists' bytes (FAISS wrote another layout, or nothing) is an
     OSError, and the index keeps its rows."""

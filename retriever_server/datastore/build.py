@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 TRAINED = "trained.index"
 MARKER = "build.json"
 DONE = ".done.json"
+STOP = "stop"  # left in the work directory when a shard fails: the other shard tasks end at their next block
+STOP_WAIT_S = 120.0  # how long a failed build waits for the other shard tasks to end before it reports
 FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the build after N shards
 GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
 
@@ -132,7 +134,8 @@ def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: i
 def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress) -> dict:
     """Adds rows [start, end) to a copy of the trained codec and writes the shard directory.
 
-    Its entry records the Ray node it ran on ("node"), for the manifest's build metadata.
+    Its entry records the Ray node it ran on ("node"), for the manifest's build metadata. It ends with a
+    BuildError before its next block once the build leaves a `STOP` file in its work directory.
     """
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     if kill_after and int(Path(shard_dir).name.split("-")[-1]) >= kill_after:
@@ -140,11 +143,14 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     faiss.omp_set_num_threads(max(1, config.cpus_per_shard))
     final = Path(shard_dir)
     tmp = final.with_name(final.name + ".tmp")
+    stop = final.parent / STOP
+    if stop.exists():
+        raise BuildError(f"{final.name} not started: another shard failed")
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         began = time.perf_counter()
-        filled = add_rows(config, trained, start, end, tmp, progress)
+        filled = add_rows(config, trained, start, end, tmp, progress, stopped=stop.exists)
         seconds = time.perf_counter() - began
         for name, path in config.payloads.items():
             _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
@@ -192,8 +198,8 @@ def _task_failure(err: ray.exceptions.RayError) -> str:
     return str(cause) if isinstance(cause, BuildError) else last_line(cause or err)
 
 
-def _wait_for(pending: dict, entries: dict[int, dict], counter, bar) -> None:
-    """Collects finished shard tasks into `entries`; on a failure cancels the rest and raises BuildError."""
+def _wait_for(pending: dict, entries: dict[int, dict], counter, bar, stop: Path) -> None:
+    """Collects finished shard tasks into `entries`; on a failure stops the rest and raises BuildError."""
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     while pending:
         ready, _ = ray.wait(list(pending), timeout=0.5)
@@ -202,15 +208,27 @@ def _wait_for(pending: dict, entries: dict[int, dict], counter, bar) -> None:
             try:
                 entries[i] = ray.get(ref)
             except ray.exceptions.RayError as err:
-                log.warning("%s failed; cancelling the %d other shard tasks still running", shard_name(i),
-                            len(pending))
-                for other in pending:
-                    ray.cancel(other)
+                _stop_others(pending, stop)
                 raise BuildError(f"{shard_name(i)} failed: {_task_failure(err)}") from None
             log.info("%s written (%d rows)", shard_name(i), entries[i]["id_end"] - entries[i]["id_start"])
             if kill_after and len(entries) >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.update(ray.get(counter.total.remote()) - bar.n)
+
+
+def _stop_others(pending: dict, stop: Path) -> None:
+    """Asks the shard tasks still running to end (the `STOP` file) and waits for them, `STOP_WAIT_S` at most.
+
+    Not `ray.cancel`: cancelling a task as it finishes can abort the driver inside Ray's task manager.
+    """
+    if not pending:
+        return
+    log.warning("a shard failed; stopping the %d other shard tasks still running", len(pending))
+    stop.touch()
+    _, running = ray.wait(list(pending), num_returns=len(pending), timeout=STOP_WAIT_S)
+    if running:
+        log.warning("%d shard tasks still running after %.0f s; they end at their next block", len(running),
+                    STOP_WAIT_S)
 
 
 def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, progress: bool) -> list[dict]:
@@ -220,6 +238,8 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     """
     entries: dict[int, dict] = {}
     pending = {}
+    stop = work / STOP
+    stop.unlink(missing_ok=True)  # left by an earlier run that failed
     counter = _Progress.remote()
     remaining = 0
     for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
@@ -233,7 +253,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
         pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter)] = i
     try:
         with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:
-            _wait_for(pending, entries, counter, bar)
+            _wait_for(pending, entries, counter, bar, stop)
     finally:
         ray.kill(counter)
     return [entries[i] for i in range(config.shards)]

@@ -9,6 +9,7 @@ times each of those phases, so a build's manifest says where its shard tasks' se
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore import index as ix
-from retriever_server.datastore.build_inputs import BuildConfig
+from retriever_server.datastore.build_inputs import BuildConfig, BuildError
 from retriever_server.datastore.coarse import graph_assignment
 from retriever_server.datastore.row_parts import open_rows
 from retriever_server.datastore.spill import ListSpill, spillable
@@ -57,13 +58,14 @@ class _Clock:
         self._phase, self._began = phase, now
 
 
-def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None) -> FilledShard:
+def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Path, progress=None,
+             stopped: Callable[[], bool] = lambda: False) -> FilledShard:
     """One shard task's work: adds rows [start, end) under their global ids to a copy of the trained
     codec (saved at `trained`) and writes it to `folder/index.faiss`; with `keep_keys`, writes their
     float16 copy to `folder/keys.npy` in the same pass over the keys. An IVF index spills its lists
     every `spill_rows` rows (`spill`), so memory holds at most that many rows' codes. Keys are read
     ahead and files written behind on threads (`stream_io`). `progress` (a `_Progress` actor) is told
-    of every block added."""
+    of every block added. Raises BuildError before a block when `stopped()` says the build is ending."""
     index = faiss.read_index(trained)
     spill = ListSpill(index, folder / "spill") if spillable(index) else None
     blocks = RowBlocks(open_rows(config.keys), start, end, config.add_block)
@@ -73,6 +75,8 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
     with ix.gpu_assignment(index) if config.gpu else graph_assignment(index), kept or nullcontext():
         clock("read")
         for s, e, rows in blocks:
+            if stopped():
+                raise BuildError(f"stopped at row {s}: another shard failed")
             clock("add")
             block = np.ascontiguousarray(rows, dtype=np.float32)  # (e - s, d)
             index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
