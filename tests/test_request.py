@@ -200,3 +200,52 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
     assert np.array_equal(merged.keys[..., 0], merged.ids.astype(np.float32))
     assert np.array_equal(merged.successor_ids, merged.ids[:, :, None] * 10 + np.arange(1, 4))
     assert np.array_equal(merged.successor_payloads["values"], merged.ids[:, :, None] * 100 + np.arange(3))
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_a_merge_of_few_neighbours_equals_brute_force_and_the_large_merge(metric):
+    """A few neighbours without payloads (merged in Python) come out as the reference order and as
+    the same parts merged with payloads attached (merged in numpy): ties, -0.0 and missing included."""
+    rng = np.random.default_rng(13)
+    sign = 1 if metric == "l2" else -1
+    for trial in range(40):
+        nq, k, widths = int(rng.integers(1, 4)), int(rng.integers(1, 12)), rng.integers(3, 11, 2).tolist()
+        parts = []
+        for s, m in enumerate(widths):
+            ids = (s * 1000 + rng.permutation(1000)[:nq * m]).reshape(nq, m).astype(np.int64)
+            ids[rng.random((nq, m)) < 0.15] = -1
+            distances = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 2.0], np.float32), (nq, m))
+            parts.append(SearchResult(ids, distances, datastore_version="v"))
+        merged = merge_results(parts, k, metric)
+        with_payloads = merge_results([SearchResult(p.ids, p.distances, {"values": p.ids * 10}) for p in parts],
+                                      k, metric)
+        ids = np.concatenate([p.ids for p in parts], axis=1)
+        distances = np.concatenate([p.distances for p in parts], axis=1)
+        for row in range(nq):
+            key = [(np.inf, np.inf) if i < 0 else (sign * float(d) + 0.0, i) for d, i in zip(distances[row], ids[row])]
+            expect = sorted(range(sum(widths)), key=lambda j: key[j])[:k]
+            assert merged.ids[row].tolist() == ids[row, expect].tolist(), trial
+            assert merged.distances[row].tolist() == distances[row, expect].tolist(), trial
+        assert np.array_equal(merged.ids, with_payloads.ids) and merged.datastore_version == "v"
+        assert merged.distances.dtype == np.float32 and merged.ids.dtype == np.int64
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_rows_in_strict_order_are_told_apart_from_the_others(metric):
+    """`rows_out_of_order` answers as the full check does for rows strictly in order (its quick
+    path), rows with a tie, a -0.0 next to 0.0, a NaN (no pair compares worse), a missing neighbour,
+    and rows out of order."""
+    from retriever_server.serving.merge import rows_out_of_order
+
+    sign = 1.0 if metric == "l2" else -1.0
+    rows = [[0.1, 0.2, 0.3], [0.1, 0.1, 0.3], [-0.0, 0.0, 0.3], [0.1, np.nan, 0.3], [0.1, 0.2, 0.3],
+            [0.3, 0.2, 0.1], [0.0, -0.0, 0.3]]
+    ids = np.array([[1, 2, 3], [2, 1, 3], [2, 1, 3], [1, 2, 3], [1, 2, -1], [1, 2, 3], [1, 2, 3]])
+    distances = (sign * np.array(rows)).astype(np.float32)
+
+    def reference(row: int) -> bool:
+        key = [(np.inf, np.inf) if i < 0 else (sign * float(d) + 0.0, i) for d, i in zip(distances[row], ids[row])]
+        return any(b[0] < a[0] or (b[0] == a[0] and b[1] < a[1]) for a, b in zip(key, key[1:]))
+
+    assert rows_out_of_order(ids[:1], distances[:1], metric).tolist() == [False]  # every row strict: quick
+    assert rows_out_of_order(ids, distances, metric).tolist() == [reference(r) for r in range(len(ids))]

@@ -230,7 +230,9 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
         first = threading.Thread(target=raw_search, args=(shard, batch_request(keys)))
         first.start()
         assert entered.wait(10)
+        metrics = served.shards[0][0].service.metrics.registry
         try:
+            assert metrics.get_sample_value("retriever_inflight_requests") == 1.0
             with pytest.raises(grpc.RpcError) as caught:
                 raw_search(shard, good_request(keys))
         finally:
@@ -238,6 +240,7 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
         first.join()
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "in flight" in caught.value.details()
+        assert metrics.get_sample_value("retriever_inflight_requests") == 0.0
 
 
 def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore):

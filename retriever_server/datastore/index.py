@@ -256,15 +256,24 @@ def ivf_params(index: faiss.Index, nprobe: int, selector=None) -> faiss.SearchPa
     return params
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selector=None):
-    """Searches (nq, d) float32 queries; returns distances float32 (nq, k) and ids int64 (nq, k)."""
+def search_params(index: faiss.Index, nprobe: int, selector=None) -> faiss.SearchParameters | None:
+    """What `search` passes FAISS: nprobe and the selector, for an index of any kind. Reusable by
+    searches that share them (FAISS only reads them), which saves building them each time."""
     if faiss.try_extract_index_ivf(index) is not None:
         params = ivf_params(index, nprobe, selector)
     else:
         params = faiss.SearchParameters(sel=selector) if selector is not None else None
     if isinstance(index, faiss.IndexPreTransform) and params is not None:
-        params = faiss.SearchParametersPreTransform(index_params=params)
-    return index.search(queries, k, params=params)
+        inner = params
+        params = faiss.SearchParametersPreTransform(index_params=inner)
+        params.referenced_objects = (inner,)  # SWIG does not keep it alive
+    return params
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selector=None, params=None):
+    """Searches (nq, d) float32 queries; returns distances float32 (nq, k) and ids int64 (nq, k).
+    `params`, when given, are `search_params(index, nprobe, selector)` made earlier."""
+    return index.search(queries, k, params=search_params(index, nprobe, selector) if params is None else params)
 
 
 def bitmap_selectors(count: int, width: int, ids: np.ndarray, ranges: np.ndarray) -> list:

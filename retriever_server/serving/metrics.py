@@ -24,6 +24,12 @@ class ServerMetrics:
         self.inflight = Gauge("retriever_inflight_requests", "Requests being served", registry=self.registry)
         self.role = role
         self._http = None
+        self._latency_of: dict[str, object] = {}  # the labelled children, looked up once each
+        self._count_of: dict[tuple[str, str], object] = {}
+
+    def count_inflight(self, inflight: Callable[[], int]) -> None:
+        """Exports the requests being served as `inflight()` says when scraped (nothing per request)."""
+        self.inflight.set_function(inflight)
 
     def watch_hedge_delays(self, delays: dict[str, Callable[[], float]]) -> None:
         """Exports each shard's current hedge delay (seconds; NaN with hedging off), read when scraped."""
@@ -33,8 +39,14 @@ class ServerMetrics:
             gauge.labels(shard).set_function(delay)
 
     def observe(self, method: str, status: str, seconds: float, nq: int = 0) -> None:
-        self.latency.labels(method).observe(seconds)
-        self.requests.labels(method, status).inc()
+        latency = self._latency_of.get(method)
+        if latency is None:
+            latency = self._latency_of[method] = self.latency.labels(method)
+        count = self._count_of.get((method, status))
+        if count is None:
+            count = self._count_of[method, status] = self.requests.labels(method, status)
+        latency.observe(seconds)
+        count.inc()
         if nq:
             self.queries.inc(nq)
 

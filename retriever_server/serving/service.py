@@ -47,6 +47,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         self.draining = False
         self.inflight = 0
         self.refusals = EventCounter(log)  # refused searches, logged as counts per interval
+        metrics.count_inflight(lambda: self.inflight)
 
     def not_ready_error(self) -> RequestError | None:
         """Why the service cannot answer yet (loading, failed), or None when it can."""
@@ -83,7 +84,6 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             self._admit()
             self.inflight += 1
             counted = True
-            self.metrics.inflight.inc()
             answer, nq = await self.handle_search(raw, context)
             return answer
         except RequestError as err:
@@ -100,10 +100,11 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         finally:  # accounted before the caller can see the answer or the error
             if counted:
                 self.inflight -= 1
-                self.metrics.inflight.dec()
             seconds = time.perf_counter() - started
             self.metrics.observe("Search", status, seconds, nq if status == "OK" else 0)
-            log.debug("search", extra={"status": status, "nq": nq, "bytes": len(raw), "ms": round(seconds * 1e3, 3)})
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("search", extra={"status": status, "nq": nq, "bytes": len(raw),
+                                           "ms": round(seconds * 1e3, 3)})
         await context.abort(failure.code, failure.message)
 
     async def GetInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:

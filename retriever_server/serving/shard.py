@@ -72,6 +72,7 @@ class Shard:
         self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
         self.gpu_lock = threading.Lock()
         self._missing = np.float32(np.inf if manifest.metric == "l2" else -np.inf)  # a neighbour not found
+        self._made_params: dict[tuple[int, int], object] = {}  # by (id(index), nprobe); FAISS only reads them
         self.threads = options.threads or faiss.omp_get_max_threads()
         self._view = DatastoreView(manifest.dimension, manifest.nlist, manifest.default_nprobe, manifest.has_keys,
                                    {p.name: nbytes(p.dtype, p.row_shape) for p in manifest.payloads}, manifest.version)
@@ -105,16 +106,28 @@ class Shard:
         return (self.gpu_index is None and not spec.exclusions and spec.nq <= SMALL_BATCH
                 and spec.nq * spec.nprobe * per_list <= SMALL_SEARCH_CODES and rerank <= SMALL_RERANK)
 
-    def _search_index(self, queries: np.ndarray, m: int, nprobe: int, selector):
+    def _params(self, index: faiss.Index, nprobe: int):
+        """The search parameters for `nprobe` (no selector), made once per index and nprobe."""
+        key = (id(index), nprobe)
+        params = self._made_params.get(key)
+        if params is None:
+            params = self._made_params[key] = ix.search_params(index, nprobe)
+        return params
+
+    def _search_index(self, queries: np.ndarray, m: int, nprobe: int):
         # OpenMP's thread count belongs to the calling thread: this sets it for this search only.
         faiss.omp_set_num_threads(1 if len(queries) <= SMALL_BATCH else self.threads)
-        if self.gpu_index is not None and selector is None:
+        if self.gpu_index is not None:
             with self.gpu_lock:
-                return ix.search(self.gpu_index, queries, m, nprobe)
-        return ix.search(self.index, queries, m, nprobe, selector)
+                return ix.search(self.gpu_index, queries, m, nprobe, params=self._params(self.gpu_index, nprobe))
+        return ix.search(self.index, queries, m, nprobe, params=self._params(self.index, nprobe))
 
-    def _search_rows(self, queries: np.ndarray, m: int, nprobe: int, selector, stop: StopCheck):
+    def _search_rows(self, queries: np.ndarray, m: int, nprobe: int, stop: StopCheck):
         """Searches in chunks sized to take about CHUNK_SECONDS each, checking `stop` before each one."""
+        if len(queries) <= FIRST_CHUNK:  # one chunk
+            if stop is not None and stop():
+                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            return self._search_index(queries, m, nprobe)
         distances = np.empty((len(queries), m), dtype=np.float32)
         ids = np.empty((len(queries), m), dtype=np.int64)
         start, size = 0, FIRST_CHUNK
@@ -123,7 +136,7 @@ class Shard:
                 raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
             end = min(len(queries), start + size)
             began = time.perf_counter()
-            distances[start:end], ids[start:end] = self._search_index(queries[start:end], m, nprobe, selector)
+            distances[start:end], ids[start:end] = self._search_index(queries[start:end], m, nprobe)
             per_query = (time.perf_counter() - began) / (end - start)
             size = int(min(MAX_CHUNK, max(1, CHUNK_SECONDS / max(per_query, 1e-7))))
             start = end
@@ -159,18 +172,17 @@ class Shard:
         """Candidates (nq, m): queries with exclusions in batches that fetch more neighbours
         (`overfetch`); those left with too few, each again alone with its own selector."""
         m = spec.candidates
-        distances = np.empty((spec.nq, m), dtype=np.float32)
-        ids = np.empty((spec.nq, m), dtype=np.int64)
         exclusions = spec.exclusions.within(self.entry.id_start, self.entry.id_end)
         if not exclusions:
-            distances[:], ids[:] = self._search_rows(spec.queries, m, spec.nprobe, None, stop)
-            return distances, ids
+            return self._search_rows(spec.queries, m, spec.nprobe, stop)
+        distances = np.empty((spec.nq, m), dtype=np.float32)
+        ids = np.empty((spec.nq, m), dtype=np.int64)
         sizes = exclusions.rows()
         extra = overfetch(sizes, self.entry.ntotal, OVERFETCH_BUCKETS[-1] if self.gpu_index is None else GPU_MAX_K - m)
         again = []
         for bound in np.unique(extra).tolist():
             batched = np.flatnonzero(extra == bound)
-            found = self._search_rows(spec.queries[batched], m + bound, spec.nprobe, None, stop)
+            found = self._search_rows(spec.queries[batched], m + bound, spec.nprobe, stop)
             if not sizes[batched].any():
                 distances[batched], ids[batched] = found
                 continue

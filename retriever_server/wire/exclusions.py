@@ -93,6 +93,10 @@ class ExclusionKey:
 
 
 NO_EXCLUSION = ExclusionKey()
+_NO_IDS = np.zeros(0, dtype=np.int64)  # shared by every Exclusions that excludes nothing: never written
+_NO_IDS.flags.writeable = False
+_NO_RANGES = np.zeros((0, 2), dtype=np.int64)
+_NO_RANGES.flags.writeable = False
 
 
 def _exclusion_key(message: pb.Exclusion, field: str) -> ExclusionKey:
@@ -121,8 +125,8 @@ class Exclusions:
 
     nq: int
     common: ExclusionKey = NO_EXCLUSION
-    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    ranges: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    ids: np.ndarray = field(default_factory=lambda: _NO_IDS)
+    ranges: np.ndarray = field(default_factory=lambda: _NO_RANGES)
 
     @classmethod
     def parse(cls, request: pb.SearchRequest, nq: int, check_only: bool = False) -> Exclusions | None:

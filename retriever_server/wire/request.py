@@ -130,9 +130,8 @@ def parse_queries(tensor: pb.Tensor, view: DatastoreView, limits: Limits, presen
     except TensorError as err:
         raise _invalid(str(err)) from None
     array = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
+    if not np.isfinite(array).all():
+        row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
         raise _invalid(f"queries contains NaN or Inf (first in row {row})")
     return array
 

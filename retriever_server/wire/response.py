@@ -17,9 +17,13 @@ from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import dtype_code, numpy_dtype
 
 _LENGTH, _VARINT = 2, 0  # wire types
+_ONE_BYTE = tuple(bytes((v,)) for v in range(128))  # the varints of 0..127: field keys, small sizes and shapes
+_DTYPE_KEY, _SHAPE_KEY, _DATA_KEY = b"\x08", b"\x12", b"\x1a"  # a Tensor's fields 1 (varint), 2 and 3 (bytes)
 
 
 def _varint(value: int) -> bytes:
+    if value < 128:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -45,14 +49,18 @@ def _text(field: int, text: str) -> list:
 
 
 def _tensor(field: int, array: np.ndarray) -> list:
-    """Tensor {dtype = 1; repeated int64 shape = 2 (packed); bytes data = 3} as field `field`."""
+    """Tensor {dtype = 1; repeated int64 shape = 2 (packed); bytes data = 3} as field `field`: its
+    header bytes, then the array's own buffer (not copied here)."""
     code = dtype_code(array.dtype)
     data = np.ascontiguousarray(array, dtype=numpy_dtype(code))  # little-endian, C order
-    shape = b"".join(_varint(int(s)) for s in array.shape)
-    body = [_key(1, _VARINT), _varint(code)]
-    body += _field(2, [shape]) if shape else []
-    body += _field(3, [memoryview(data).cast("B")]) if data.nbytes else []
-    return _field(field, body)
+    shape = b"".join([_varint(int(s)) for s in array.shape])
+    head = _DTYPE_KEY + _varint(code)
+    if shape:
+        head += _SHAPE_KEY + _varint(len(shape)) + shape
+    if not data.nbytes:
+        return [_key(field, _LENGTH), _varint(len(head)), head]
+    head += _DATA_KEY + _varint(data.nbytes)
+    return [_key(field, _LENGTH), _varint(len(head) + data.nbytes), head, memoryview(data).cast("B")]
 
 
 def encode_search_response(result: SearchResult) -> bytes:

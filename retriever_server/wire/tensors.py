@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
@@ -21,6 +23,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_BOOL: np.dtype("?"),
 }
 _FROM_NUMPY: dict[str, int] = {dt.newbyteorder("=").str.lstrip("<>=|"): code for code, dt in _TO_NUMPY.items()}
+_CODE_OF: dict[object, int] = {}  # dtype_code's answers by the dtype (or name, or type) it was asked about
 
 
 class TensorError(ValueError):
@@ -29,10 +32,13 @@ class TensorError(ValueError):
 
 def dtype_code(dtype: np.dtype | str | type) -> int:
     """The `DType` enum value for a numpy dtype; raises TensorError for unsupported ones."""
-    key = np.dtype(dtype).newbyteorder("=").str.lstrip("<>=|")
-    if key not in _FROM_NUMPY:
-        raise TensorError(f"dtype {np.dtype(dtype)} cannot travel as a Tensor")
-    return _FROM_NUMPY[key]
+    code = _CODE_OF.get(dtype)
+    if code is None:
+        key = np.dtype(dtype).newbyteorder("=").str.lstrip("<>=|")
+        if key not in _FROM_NUMPY:
+            raise TensorError(f"dtype {np.dtype(dtype)} cannot travel as a Tensor")
+        code = _CODE_OF[dtype] = _FROM_NUMPY[key]
+    return code
 
 
 def numpy_dtype(code: int) -> np.dtype:
@@ -44,7 +50,7 @@ def numpy_dtype(code: int) -> np.dtype:
 
 def nbytes(dtype: np.dtype | str, shape) -> int:
     """Bytes of an array of `dtype` and `shape`."""
-    return int(np.prod(tuple(shape), dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
 
 
 def fill_tensor(field: pb.Tensor, array: np.ndarray) -> pb.Tensor:
