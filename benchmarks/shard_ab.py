@@ -1,0 +1,153 @@
+"""One shard server's CPU per Search, for two versions of the code taking turns on the same requests.
+
+A change to the shard's request path saves tens of microseconds per request, under the few percent a
+whole `cpu_cost.py` run drifts by. This starts the same shard of the same datastore twice, once from
+each source tree (`retriever-server serve --shard`, with that tree first on `PYTHONPATH`), sends
+both the same one-at-a-time requests from a blocking gRPC channel, in rounds that alternate between
+them, and reads each server's CPU seconds from /proc:
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/shard_ab.py --datastore bench_out/ds-cpu-cost --queries bench_out/keys.npy \
+        --before /tmp/before
+    # before 0.909 ms server CPU per call over 17,344 calls
+    # after  0.829 ms server CPU per call over 18,866 calls (0.91x)
+
+`--after` defaults to this checkout. Both trees must use the same proto package (`retrieval.v1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "proto"))
+
+from retrieval.v1 import retriever_pb2 as pb  # noqa: E402
+from retriever_server.wire.tensors import to_tensor  # noqa: E402
+
+START_TIMEOUT_S = 60.0
+SEARCH = "/retrieval.v1.Retriever/Search"
+
+
+@dataclass(frozen=True)
+class AbConfig:
+    """What to compare and for how long."""
+
+    datastore: Path
+    before: Path
+    after: Path = ROOT
+    queries: Path | None = None  # an (n, d) .npy whose rows are the queries; None: the shard's stored keys
+    shard: int = 0
+    nq: int = 1
+    k: int = 10
+    nprobe: int = 32
+    rounds: int = 6
+    seconds_per_round: float = 3.0  # per side; /proc counts in 10 ms ticks
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of process `pid`, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_shard(tree: Path, config: AbConfig, address_file: Path) -> tuple[subprocess.Popen, str]:
+    """`retriever-server serve --shard` run from `tree`; returns the process and its address."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "proto")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(config.datastore.resolve()),
+         "--shard", str(config.shard), "--port", "0", "--metrics-port", "-1", "--address-file", str(address_file)],
+        cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (address_file.is_file() and address_file.read_text().strip()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the shard server from {tree} did not start")
+        time.sleep(0.1)
+    return process, json.loads(address_file.read_text())["address"]
+
+
+def requests(config: AbConfig, count: int = 8) -> list[bytes]:
+    """`count` Search requests of nq consecutive rows of `config.queries` (else of the shard's stored
+    keys, else random ones)."""
+    stored = config.datastore / f"shard-{config.shard:05d}" / "keys.npy"
+    source = config.queries or (stored if stored.is_file() else None)
+    rng = np.random.default_rng(0)
+    if source is None:
+        d = json.loads((config.datastore / "manifest.json").read_text())["dimension"]
+        rows = [rng.standard_normal((config.nq, d), dtype=np.float32) for _ in range(count)]
+    else:
+        keys = np.load(source, mmap_mode="r")
+        starts = rng.integers(0, max(1, len(keys) - config.nq), count)
+        rows = [np.asarray(keys[s:s + config.nq], np.float32) for s in starts]
+    return [pb.SearchRequest(queries=to_tensor(q), k=config.k, nprobe=config.nprobe).SerializeToString() for q in rows]
+
+
+def compare(config: AbConfig) -> dict[str, dict[str, float]]:
+    """CPU ms per call and calls, for "before" and "after"."""
+    batch = requests(config)
+    sides, processes = {}, []
+    with tempfile.TemporaryDirectory(prefix="shard-ab-") as scratch:
+        try:
+            for name, tree in (("before", config.before), ("after", config.after)):
+                process, address = start_shard(Path(tree).resolve(), config, Path(scratch) / f"{name}.json")
+                processes.append(process)
+                channel = grpc.insecure_channel(address)
+                grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
+                call = channel.unary_unary(SEARCH)
+                for request in batch:  # warm up
+                    call(request, timeout=30)
+                sides[name] = (process.pid, call)
+            used = {name: 0.0 for name in sides}
+            calls = {name: 0 for name in sides}
+            for _ in range(config.rounds):
+                for name, (pid, call) in sides.items():
+                    before, started, n = process_cpu_s(pid), time.perf_counter(), 0
+                    while time.perf_counter() - started < config.seconds_per_round:
+                        call(batch[n % len(batch)], timeout=30)
+                        n += 1
+                    used[name] += process_cpu_s(pid) - before
+                    calls[name] += n
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(10)
+    return {name: {"ms": 1e3 * used[name] / calls[name], "calls": calls[name]} for name in sides}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datastore", type=Path, required=True)
+    parser.add_argument("--before", type=Path, required=True, help="source tree of the code to compare against")
+    parser.add_argument("--after", type=Path, default=ROOT, help="source tree of the new code (this checkout)")
+    parser.add_argument("--queries", type=Path, help="an (n, d) .npy of query rows (default: the shard's keys)")
+    parser.add_argument("--shard", type=int, default=0)
+    parser.add_argument("--nq", type=int, default=1)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per side and round")
+    args = parser.parse_args(argv)
+    config = AbConfig(args.datastore, args.before, args.after, args.queries, args.shard, args.nq, args.k,
+                      args.nprobe, args.rounds, args.seconds)
+    result = compare(config)
+    base = result["before"]["ms"]
+    for name, row in result.items():
+        ratio = "" if name == "before" else f" ({row['ms'] / base:.2f}x)"
+        print(f"{name:6s} {row['ms']:.3f} ms server CPU per call over {row['calls']:,} calls{ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The A/B shard benchmark: two shard servers from two source trees, taking turns on the same requests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build, synthetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from shard_ab import ROOT, AbConfig, compare, requests  # noqa: E402
+
+from retrieval.v1 import retriever_pb2 as pb  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_both_sides_answer_requests_of_the_shards_own_keys(ray_cluster, tmp_path):
+    keys = synthetic(2000, 16, seed=5)
+    datastore = build(tmp_path, keys, "ds", shards=2, factory="IVF16,Flat", keep_keys=True)
+    config = AbConfig(datastore, before=ROOT, shard=1, nq=3, k=4, nprobe=2, rounds=2, seconds_per_round=0.3)
+    batch = [pb.SearchRequest.FromString(raw) for raw in requests(config)]
+    stored = np.load(datastore / "shard-00001" / "keys.npy").astype(np.float32)
+    for request in batch:  # rows of the shard's own keys, nq at a time
+        queries = np.frombuffer(request.queries.data, np.float32).reshape(3, 16)
+        assert request.k == 4 and request.nprobe == 2
+        assert any(np.array_equal(queries, stored[s:s + 3]) for s in range(len(stored) - 2))
+    result = compare(config)
+    assert set(result) == {"before", "after"}
+    for side in result.values():
+        assert side["calls"] > 0 and side["ms"] > 0
