@@ -6,6 +6,7 @@ message whether it talks to one shard or to the router in front of many.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import grpc
@@ -175,12 +176,18 @@ def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
                          f"{limits.max_excluded_ranges_per_query} per query")
 
 
+@functools.lru_cache(maxsize=64)
+def _no_exclusions(nq: int) -> Exclusions:
+    """The Exclusions of nq queries that exclude nothing (immutable: shared by the requests of that size)."""
+    return Exclusions(nq)
+
+
 def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_only: bool = False) -> Exclusions | None:
     """Every query's exclusions: the request-wide one and each query's own (None: only checked)."""
     if len(request.exclude_per_query) not in (0, nq):
         raise _invalid(f"exclude_per_query has {len(request.exclude_per_query)} entries but there are {nq} queries")
     if not request.exclude_per_query and not request.HasField("exclude"):
-        return None if check_only else Exclusions(nq)  # nothing to read
+        return None if check_only else _no_exclusions(nq)  # nothing to read
     _check_exclusion_counts(request, limits)
     try:
         return Exclusions.parse(request, nq, check_only)
@@ -189,6 +196,9 @@ def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_o
 
 
 def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
+    if nq * request.k * 12 * (1 + request.successors) <= limits.max_response_bytes and not request.payloads \
+            and not request.return_keys:
+        return  # ids and distances alone, well within the limit (the usual request: no more to count)
     per_row = sum(view.payload_row_bytes[name] for name in set(request.payloads))
     per_row += 4 * view.dimension if request.return_keys else 0
     per_neighbour = 12 + per_row + max(0, request.successors) * (8 + per_row)

@@ -77,13 +77,14 @@ def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
         dtype = numpy_dtype(tensor.dtype)
     except TensorError as err:
         raise TensorError(f"{name}.dtype: {err}") from None
-    shape = tuple(int(s) for s in tensor.shape)
+    shape = tuple(tensor.shape)  # Python ints
     if any(s < 0 for s in shape):
         raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
-    expected = nbytes(dtype, shape)
-    if len(tensor.data) != expected:
+    expected = math.prod(shape) * dtype.itemsize
+    data = tensor.data
+    if len(data) != expected:
         raise TensorError(
-            f"{name}.data has {len(tensor.data)} bytes but shape {list(shape)} of "
+            f"{name}.data has {len(data)} bytes but shape {list(shape)} of "
             f"{dtype.name} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
