@@ -22,7 +22,7 @@ from lm_worker.data.windows import Window, iter_windows
 from lm_worker.evaluation.config import EvalConfig, scored_positions
 from lm_worker.evaluation.knnlm_eval import evaluate_knnlm, evaluate_lm
 from lm_worker.evaluation.pointers import follow_pointers
-from lm_worker.evaluation.report import write_report
+from lm_worker.evaluation.report import report_table, write_report
 from lm_worker.evaluation.retro_eval import evaluate_retro
 from lm_worker.models.retro import Retro, RetroConfig
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
@@ -507,6 +507,9 @@ def test_followed_positions_take_their_own_lambda_and_temperature(lm, stores, kn
     pair = (nll[lam_s][~followed].sum() + nll[lam_f][followed].sum()) / len(followed)
     assert result.best_perplexity == pytest.approx(np.exp(pair), rel=1e-4)
     assert result.best_perplexity <= min(result.perplexity.values()) * (1 + 1e-9)
+    row = report_table(result, None, {"pointer_steps": 4, "pointer_agreement": 0.0, "pointer_crowd": 0}).splitlines()[3]
+    assert f"{result.searched} positions searched; pointers N=4 followed {100 * followed.mean():.1f}%: " in row
+    assert f"λ={lam_f:g}, T=6" in row and "θ" not in row  # no agreement check: no θ named
 
 
 def knn_probs(found, targets: np.ndarray, temperature: np.ndarray) -> np.ndarray:

@@ -142,7 +142,11 @@ def run_eval(args: argparse.Namespace) -> None:
         knn, retro = _distributed(args, store, config)
     else:
         knn, retro = _in_process(args, store, tokenizer, config)
-    print(write_report(args.out, knn, retro, {"data": str(args.data), "split": args.split, "lm": str(args.lm),
-                                               "retro": str(args.retro), "workers": args.workers}))
+    meta = {"data": str(args.data), "split": args.split, "lm": str(args.lm), "retro": str(args.retro),
+            "workers": args.workers}
+    if config.pointer_steps:
+        meta.update(pointer_steps=config.pointer_steps, pointer_agreement=config.pointer_agreement,
+                    pointer_crowd=config.pointer_crowd)
+    print(write_report(args.out, knn, retro, meta))
     print(f"\nwritten: {args.out / 'eval.json'}, {args.out / 'table.md'}"
           + (f", {args.out / 'ppl_vs_lambda.png'}" if knn else ""))

@@ -22,14 +22,24 @@ def _change(ppl: float, base: float) -> str:
     return f"{100 * (ppl / base - 1):+.1f}%" if math.isfinite(ppl) and math.isfinite(base) and base else "n/a"
 
 
-def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None) -> str:
+def _pointer_settings(meta: dict) -> str:
+    """"N=8, θ=0.9, M=3 " from an evaluation's meta (`pointer_steps`, `pointer_agreement`, `pointer_crowd`)."""
+    parts = [f"{name}={meta[key]:g}" for name, key in (("N", "pointer_steps"), ("θ", "pointer_agreement"),
+                                                       ("M", "pointer_crowd")) if meta.get(key)]
+    return ", ".join(parts) + " " if parts else ""
+
+
+def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta: dict | None = None) -> str:
     """The markdown table: each model's perplexity and its change against its own base
-    (the LM for kNN-LM; RETRO with its neighbours withheld for RETRO)."""
+    (the LM for kNN-LM; RETRO with its neighbours withheld for RETRO). With pointers, the kNN-LM row
+    names their settings (from `meta`) and the share of positions followed instead of searched."""
     lines = ["| model | tokens | perplexity | vs base |", "|---|---:|---:|---:|"]
     if knn is not None:
         lines.append(f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |")
-        pointers = (f", {knn.searched} positions searched; followed: λ={knn.followed_lambda:g}, "
-                    f"T={knn.followed_temperature:g}") if 0 < knn.searched < knn.tokens else ""
+        followed = 1 - knn.searched / knn.tokens if knn.tokens else 0.0
+        pointers = (f", {knn.searched} positions searched; pointers {_pointer_settings(meta or {})}followed "
+                    f"{100 * followed:.1f}%: λ={knn.followed_lambda:g}, T={knn.followed_temperature:g}") \
+            if 0 < knn.searched < knn.tokens else ""
         lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}{pointers}) | {knn.tokens} | "
                      f"{knn.best_perplexity:.3f} | {_change(knn.best_perplexity, knn.base_perplexity)} |")
     if retro is not None:
@@ -87,7 +97,7 @@ def write_report(out_dir: Path, knn: KnnEvalResult | None, retro: RetroEvalResul
     out.mkdir(parents=True, exist_ok=True)
     body = {"meta": meta, "knnlm": knn.to_dict() if knn else None, "retro": retro.to_dict() if retro else None}
     (out / "eval.json").write_text(json.dumps(_json_safe(body), indent=2, default=str))
-    table = report_table(knn, retro)
+    table = report_table(knn, retro, meta)
     (out / "table.md").write_text(table)
     if knn is not None:
         _plot_lambdas(knn, out / "ppl_vs_lambda.png")
