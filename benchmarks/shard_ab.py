@@ -55,6 +55,7 @@ class AbConfig:
     nprobe: int = 32
     rounds: int = 6
     seconds_per_round: float = 3.0  # per side; /proc counts in 10 ms ticks
+    threads: int = 1  # FAISS threads of each server (as `serve --datastore` gives 2 shards on 2 cores)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -68,7 +69,8 @@ def start_shard(tree: Path, config: AbConfig, address_file: Path) -> tuple[subpr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "proto")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(config.datastore.resolve()),
-         "--shard", str(config.shard), "--port", "0", "--metrics-port", "-1", "--address-file", str(address_file)],
+         "--shard", str(config.shard), "--port", "0", "--metrics-port", "-1", "--address-file", str(address_file),
+         "--threads", str(config.threads)],
         cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not (address_file.is_file() and address_file.read_text().strip()):
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="per side and round")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS threads of each server")
     args = parser.parse_args(argv)
     config = AbConfig(args.datastore, args.before, args.after, args.queries, args.shard, args.nq, args.k,
-                      args.nprobe, args.rounds, args.seconds)
+                      args.nprobe, args.rounds, args.seconds, args.threads)
     result = compare(config)
     base = result["before"]["ms"]
     for name, row in result.items():
