@@ -163,10 +163,10 @@ def test_a_search_stops_at_its_deadline(aio, keys, datastore, monkeypatch):
     chunks: list[float] = []
     original = shard_module.Shard._search_index
 
-    def slow(self, queries, m, nprobe, selector):
+    def slow(self, queries, m, nprobe):
         chunks.append(time.monotonic())
         time.sleep(0.03)
-        return original(self, queries, m, nprobe, selector)
+        return original(self, queries, m, nprobe)
 
     monkeypatch.setattr(shard_module.Shard, "_search_index", slow)
     monkeypatch.setattr(shard_module, "FIRST_CHUNK", 1)
