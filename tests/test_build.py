@@ -311,13 +311,13 @@ def test_a_failed_shard_stops_the_others_and_says_why(ray_cluster, keys, tmp_pat
     config = _saved_config(tmp_path, np.tile(keys, (4, 1)), shards=2, add_block=10)
     real = build_module._build_shard._function  # the task's Python function, run by the stand-in below
 
-    def failing_first(config, trained, shard_dir, start, end, progress):
+    def failing_first(config, trained, shard_dir, start, end, progress, stop_file):
         if shard_dir.endswith("shard-00000"):
             deadline = time.monotonic() + 60
             while not Path(shard_dir).with_name("shard-00001.tmp").exists() and time.monotonic() < deadline:
                 time.sleep(0.01)  # until shard 1 has started adding
             raise BuildError("disk on fire")
-        return real(config, trained, shard_dir, start, end, progress)
+        return real(config, trained, shard_dir, start, end, progress, stop_file)
 
     monkeypatch.setattr(build_module, "_build_shard", ray.remote(failing_first))
     with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
@@ -327,10 +327,11 @@ def test_a_failed_shard_stops_the_others_and_says_why(ray_cluster, keys, tmp_pat
     assert "still running after" not in caplog.text, "shard 1 ended at its next block"
     partial = tmp_path / ".ds.partial"
     assert not (partial / "shard-00001").exists(), "shard 1 was stopped before it finished"
+    assert len(list(partial.glob("stop-*"))) == 1  # the failed run's, still telling its tasks to stop
     monkeypatch.undo()
     manifest = build_datastore(config, progress=False)
     assert [entry.id_end - entry.id_start for entry in manifest.shards] == [len(keys) * 2] * 2
-    assert not (config.out / "stop").exists()
+    assert not list(config.out.glob("stop-*")), "stop files are not published"
 
 
 def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):

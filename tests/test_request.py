@@ -249,3 +249,9 @@ def test_rows_in_strict_order_are_told_apart_from_the_others(metric):
 
     assert rows_out_of_order(ids[:1], distances[:1], metric).tolist() == [False]  # every row strict: quick
     assert rows_out_of_order(ids, distances, metric).tolist() == [reference(r) for r in range(len(ids))]
+
+
+def test_a_merge_of_no_queries_is_empty():
+    parts = [SearchResult(np.zeros((0, 5), np.int64), np.zeros((0, 5), np.float32)) for _ in range(2)]
+    merged = merge_results(parts, 5, "l2")
+    assert merged.ids.shape == (0, 5) and merged.distances.shape == (0, 5)

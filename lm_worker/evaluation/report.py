@@ -23,7 +23,8 @@ def _change(ppl: float, base: float) -> str:
 
 
 def _pointer_settings(meta: dict) -> str:
-    """"N=8, θ=0.9, M=3 " from an evaluation's meta (`pointer_steps`, `pointer_agreement`, `pointer_crowd`)."""
+    """The pointer settings in an evaluation's meta (`pointer_steps`, `pointer_agreement`,
+    `pointer_crowd`) as "N=8, θ=0.9, M=3 "; "" when it names none."""
     parts = [f"{name}={meta[key]:g}" for name, key in (("N", "pointer_steps"), ("θ", "pointer_agreement"),
                                                        ("M", "pointer_crowd")) if meta.get(key)]
     return ", ".join(parts) + " " if parts else ""

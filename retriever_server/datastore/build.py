@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +53,8 @@ log = logging.getLogger(__name__)
 TRAINED = "trained.index"
 MARKER = "build.json"
 DONE = ".done.json"
-STOP = "stop"  # left in the work directory when a shard fails: the other shard tasks end at their next block
+STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
+# run's other shard tasks end at their next block (a later run has a token of its own)
 STOP_WAIT_S = 120.0  # how long a failed build waits for the other shard tasks to end before it reports
 FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the build after N shards
 GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
@@ -120,10 +123,13 @@ class _Progress:
         return self.rows
 
 
-def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int) -> None:
+def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: int, block: int,
+               stopped: Callable[[], bool]) -> None:
     out = np.lib.format.open_memmap(dst_path, mode="w+", dtype=src.dtype,
                                     shape=(end - start, *src.shape[1:]))
     for s in range(start, end, block):
+        if stopped():
+            raise BuildError(f"stopped copying {dst_path.name} at row {s}: another shard failed")
         e = min(end, s + block)
         out[s - start:e - start] = src[s:e]
     out.flush()
@@ -131,11 +137,12 @@ def _copy_rows(src: np.ndarray | PartedArray, dst_path: Path, start: int, end: i
 
 
 @ray.remote
-def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress) -> dict:
+def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, end: int, progress,
+                 stop_file: str) -> dict:
     """Adds rows [start, end) to a copy of the trained codec and writes the shard directory.
 
     Its entry records the Ray node it ran on ("node"), for the manifest's build metadata. It ends with a
-    BuildError before its next block once the build leaves a `STOP` file in its work directory.
+    BuildError before its next block of rows (added or copied) once its run leaves `stop_file`.
     """
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
     if kill_after and int(Path(shard_dir).name.split("-")[-1]) >= kill_after:
@@ -143,7 +150,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     faiss.omp_set_num_threads(max(1, config.cpus_per_shard))
     final = Path(shard_dir)
     tmp = final.with_name(final.name + ".tmp")
-    stop = final.parent / STOP
+    stop = Path(stop_file)
     if stop.exists():
         raise BuildError(f"{final.name} not started: another shard failed")
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
@@ -153,7 +160,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
         filled = add_rows(config, trained, start, end, tmp, progress, stopped=stop.exists)
         seconds = time.perf_counter() - began
         for name, path in config.payloads.items():
-            _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block)
+            _copy_rows(open_rows(path), tmp / f"payload.{name}.npy", start, end, config.add_block, stop.exists)
         files = {k: asdict(v) for k, v in describe_files(tmp, filled.hashed).items()}
         entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
                  "node": ray.get_runtime_context().get_node_id(), "seconds": round(seconds, 3),
@@ -217,7 +224,8 @@ def _wait_for(pending: dict, entries: dict[int, dict], counter, bar, stop: Path)
 
 
 def _stop_others(pending: dict, stop: Path) -> None:
-    """Asks the shard tasks still running to end (the `STOP` file) and waits for them, `STOP_WAIT_S` at most.
+    """Asks the shard tasks still running to end (the run's stop file) and waits for them, `STOP_WAIT_S` at
+    most.
 
     Not `ray.cancel`: cancelling a task as it finishes can abort the driver inside Ray's task manager.
     """
@@ -227,8 +235,8 @@ def _stop_others(pending: dict, stop: Path) -> None:
     stop.touch()
     _, running = ray.wait(list(pending), num_returns=len(pending), timeout=STOP_WAIT_S)
     if running:
-        log.warning("%d shard tasks still running after %.0f s; they end at their next block", len(running),
-                    STOP_WAIT_S)
+        log.warning("%d shard tasks still running after %.0f s; they end at their next block of rows",
+                    len(running), STOP_WAIT_S)
 
 
 def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, progress: bool) -> list[dict]:
@@ -238,8 +246,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     """
     entries: dict[int, dict] = {}
     pending = {}
-    stop = work / STOP
-    stop.unlink(missing_ok=True)  # left by an earlier run that failed
+    stop = work / f"{STOP}{uuid.uuid4().hex[:12]}"  # this run's: an earlier run's tasks keep seeing theirs
     counter = _Progress.remote()
     remaining = 0
     for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
@@ -250,7 +257,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
         remaining += end - start
         task = _build_shard.options(num_cpus=config.cpus_per_shard, num_gpus=GPU_SHARE if config.gpu else 0,
                                     scheduling_strategy="SPREAD")
-        pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter)] = i
+        pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter, str(stop))] = i
     try:
         with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:
             _wait_for(pending, entries, counter, bar, stop)
@@ -265,8 +272,8 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
         write_manifest(work, manifest)
         old = replace_directory(work, config.out)
         fsync_directory(config.out.parent)
-        for leftover in (MARKER, TRAINED):  # not in the manifest, so readers ignore them meanwhile
-            (config.out / leftover).unlink(missing_ok=True)
+        for leftover in (MARKER, TRAINED, *(p.name for p in config.out.glob(f"{STOP}*"))):
+            (config.out / leftover).unlink(missing_ok=True)  # not in the manifest: readers ignore them meanwhile
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -266,7 +266,7 @@ def search_params(index: faiss.Index, nprobe: int, selector=None) -> faiss.Searc
     if isinstance(index, faiss.IndexPreTransform) and params is not None:
         inner = params
         params = faiss.SearchParametersPreTransform(index_params=inner)
-        params.referenced_objects = (inner,)  # SWIG does not keep it alive
+        params.referenced_objects = (inner,)  # kept alive as long as the cached outer parameters
     return params
 
 

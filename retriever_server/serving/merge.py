@@ -187,7 +187,7 @@ def _small_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult
     row by row in Python: for the single queries of decoding, fewer steps than numpy's dozen calls.
     None when it does not apply (too many neighbours, arrays per neighbour, a NaN distance)."""
     nq = len(parts[0].ids)
-    if nq * sum(p.ids.shape[1] for p in parts) > _SMALL_MERGE or any(_neighbour_arrays(p) for p in parts):
+    if not nq or nq * sum(p.ids.shape[1] for p in parts) > _SMALL_MERGE or any(_neighbour_arrays(p) for p in parts):
         return None
     sign, last = (1.0 if metric == "l2" else -1.0), (math.inf, math.inf)
     ids, distances = [], []

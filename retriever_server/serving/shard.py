@@ -106,7 +106,7 @@ class Shard:
         return (self.gpu_index is None and not spec.exclusions and spec.nq <= SMALL_BATCH
                 and spec.nq * spec.nprobe * per_list <= SMALL_SEARCH_CODES and rerank <= SMALL_RERANK)
 
-    def _params(self, index: faiss.Index, nprobe: int):
+    def _params(self, index: faiss.Index, nprobe: int) -> faiss.SearchParameters | None:
         """The search parameters for `nprobe` (no selector), made once per index and nprobe."""
         key = (id(index), nprobe)
         params = self._made_params.get(key)

@@ -198,7 +198,7 @@ def parse_exclusions(request: pb.SearchRequest, nq: int, limits: Limits, check_o
 def _check_response_size(request: pb.SearchRequest, nq: int, view: DatastoreView, limits: Limits) -> None:
     if nq * request.k * 12 * (1 + request.successors) <= limits.max_response_bytes and not request.payloads \
             and not request.return_keys:
-        return  # ids and distances alone, well within the limit (the usual request: no more to count)
+        return  # ids and distances alone, and a bound on their bytes within the limit: no more to count
     per_row = sum(view.payload_row_bytes[name] for name in set(request.payloads))
     per_row += 4 * view.dimension if request.return_keys else 0
     per_neighbour = 12 + per_row + max(0, request.successors) * (8 + per_row)

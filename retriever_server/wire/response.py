@@ -22,7 +22,7 @@ _DTYPE_KEY, _SHAPE_KEY, _DATA_KEY = b"\x08", b"\x12", b"\x1a"  # a Tensor's fiel
 
 
 def _varint(value: int) -> bytes:
-    if value < 128:
+    if 0 <= value < 128:
         return _ONE_BYTE[value]
     out = bytearray()
     while True:
