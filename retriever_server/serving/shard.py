@@ -42,6 +42,12 @@ class SearchStopped(Exception):
     """A search given up between chunks: its deadline passed or its caller went away."""
 
 
+def _check(stop: StopCheck) -> None:
+    """Raises SearchStopped when `stop` says the search should end."""
+    if stop is not None and stop():
+        raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     """How a shard is opened."""
@@ -125,15 +131,13 @@ class Shard:
     def _search_rows(self, queries: np.ndarray, m: int, nprobe: int, stop: StopCheck):
         """Searches in chunks sized to take about CHUNK_SECONDS each, checking `stop` before each one."""
         if len(queries) <= FIRST_CHUNK:  # one chunk
-            if stop is not None and stop():
-                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            _check(stop)
             return self._search_index(queries, m, nprobe)
         distances = np.empty((len(queries), m), dtype=np.float32)
         ids = np.empty((len(queries), m), dtype=np.int64)
         start, size = 0, FIRST_CHUNK
         while start < len(queries):
-            if stop is not None and stop():
-                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            _check(stop)
             end = min(len(queries), start + size)
             began = time.perf_counter()
             distances[start:end], ids[start:end] = self._search_index(queries[start:end], m, nprobe)
@@ -160,8 +164,7 @@ class Shard:
         `stop` between chunks), on one thread: one query's lists are too little work to share."""
         found = []
         for start in range(0, len(rows), EACH_CHUNK):
-            if stop is not None and stop():
-                raise SearchStopped("the search was stopped: its deadline passed or its caller went away")
+            _check(stop)
             chunk = rows[start:start + EACH_CHUNK]
             selectors = self._selectors(exclusions, chunk)
             faiss.omp_set_num_threads(1)

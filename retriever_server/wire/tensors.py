@@ -80,7 +80,7 @@ def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     shape = tuple(tensor.shape)  # Python ints
     if any(s < 0 for s in shape):
         raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
-    expected = math.prod(shape) * dtype.itemsize
+    expected = nbytes(dtype, shape)
     data = tensor.data
     if len(data) != expected:
         raise TensorError(
