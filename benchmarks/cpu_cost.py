@@ -14,14 +14,16 @@ how they share the cores more than what the service costs. This benchmark counts
   once, one thread each, as the shard processes search ("parallel": two searches at once on two
   cores cost more CPU each than one alone, as they share caches and memory bandwidth);
 - **floor**: the bare Python gRPC topology with the same bytes on the wire and no work in it
-  (`grpc_floor.py`): a relay in front of two shard processes, or the client calling both.
+  (`grpc_floor.py`): a relay in front of two shard processes, or the client calling both; its shard
+  processes run on the cores the service's shards run on (each its own core, on 2 cores).
 
 From them: efficiency = in-process (sharded) CPU / service CPU, and overhead over floor =
 (service - in-process) / floor: 1.0 means the service adds exactly what bare gRPC costs.
 
 The datastore: 20000 real MiniLM vectors of CPython stdlib chunks, `IVF256,PQ32`, 2 shards, served
 by `LocalDeployment` (what `retriever-server serve` runs: supervised shard processes with one FAISS
-thread each and a router, hedging and limits at their defaults), plaintext on loopback, nprobe 32.
+thread each, on a core each, and a router, hedging and limits at their defaults), plaintext on
+loopback, nprobe 32.
 It also reports the cost of TLS with a bearer token on the router path.
 
     python benchmarks/cpu_cost.py [--out bench_out] [--quick] [--pin]
@@ -380,6 +382,17 @@ def pin_all(plan: dict[str, tuple[int, ...]], deployment: LocalDeployment, floor
         pin_process(pid, plan["router" if name == "relay" else name])
 
 
+def place_floor_as_service(deployment: LocalDeployment, floor: FloorDeployment) -> dict[str, list[int]]:
+    """The floor's shard processes on the cores of the service's shards (`LocalDeployment` gives each
+    shard process cores of its own when there are enough), the relay, like the router, on any: the
+    same topology on the same cores. Returns each floor process's cores."""
+    service = deployment_pids(deployment)
+    for name, pid in floor.pids.items():
+        if name != "relay":
+            pin_process(pid, tuple(sorted(os.sched_getaffinity(service[name]))))
+    return {name: sorted(os.sched_getaffinity(pid)) for name, pid in floor.pids.items()}
+
+
 def run(config: CostConfig) -> dict:
     plan = core_plan(sorted(os.sched_getaffinity(0)), SHARDS) if config.pin else None
     if plan:
@@ -394,6 +407,8 @@ def run(config: CostConfig) -> dict:
             RetrieverClient(deployment.shard_addresses) as fan_out:
         if plan:
             pin_all(plan, deployment, floor)
+        placement = {name: sorted(os.sched_getaffinity(pid)) for name, pid in deployment_pids(deployment).items()}
+        floor_placement = place_floor_as_service(deployment, floor)
         for nq in config.nqs:
             for k in config.ks:
                 rows.append(cell(config, refs, router, fan_out, deployment, floor, queries, nq, k, version))
@@ -401,7 +416,7 @@ def run(config: CostConfig) -> dict:
     return {"config": {**asdict(config), "out": str(config.out), "factory": FACTORY, "shards": SHARDS,
                        "keys": len(keys)},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__,
-                        "pinned": plan},
+                        "pinned": plan, "placement": placement, "floor_placement": floor_placement},
             "rows": rows, "secure": secure, "bars": bars(rows)}
 
 

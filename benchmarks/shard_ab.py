@@ -13,6 +13,11 @@ them, and reads each server's CPU seconds from /proc:
     # after  0.829 ms server CPU per call over 18,866 calls (0.91x)
 
 `--after` defaults to this checkout. Both trees must use the same proto package (`retrieval.v1`).
+`--before-cpus` and `--after-cpus` run a side on those cores alone (`serve --cpus`): with the same
+tree on both sides, what a core of its own does to a shard's CPU per request:
+
+    python benchmarks/shard_ab.py --datastore bench_out/ds-cpu-cost --queries bench_out/keys.npy \
+        --before . --after-cpus 1
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class AbConfig:
     rounds: int = 6
     seconds_per_round: float = 3.0  # per side; /proc counts in 10 ms ticks
     threads: int = 1  # FAISS threads of each server (as `serve --datastore` gives 2 shards on 2 cores)
+    before_cpus: str = ""  # `serve --cpus` of each side ("": any core)
+    after_cpus: str = ""
 
 
 def process_cpu_s(pid: int) -> float:
@@ -64,13 +71,14 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_shard(tree: Path, config: AbConfig, address_file: Path) -> tuple[subprocess.Popen, str]:
-    """`retriever-server serve --shard` run from `tree`; returns the process and its address."""
+def start_shard(tree: Path, config: AbConfig, address_file: Path, cpus: str = "") -> tuple[subprocess.Popen, str]:
+    """`retriever-server serve --shard` run from `tree` (on `cpus`, when given); returns the process and
+    its address."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "proto")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(config.datastore.resolve()),
          "--shard", str(config.shard), "--port", "0", "--metrics-port", "-1", "--address-file", str(address_file),
-         "--threads", str(config.threads)],
+         "--threads", str(config.threads), *(["--cpus", cpus] if cpus else [])],
         cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not (address_file.is_file() and address_file.read_text().strip()):
@@ -98,13 +106,14 @@ def requests(config: AbConfig, count: int = 8) -> list[bytes]:
 
 
 def compare(config: AbConfig) -> dict[str, dict[str, float]]:
-    """CPU ms per call and calls, for "before" and "after"."""
+    """CPU ms per call, calls and the server's cores, for "before" and "after"."""
     batch = requests(config)
-    sides, processes = {}, []
+    sides, processes, cores = {}, [], {}
     with tempfile.TemporaryDirectory(prefix="shard-ab-") as scratch:
         try:
-            for name, tree in (("before", config.before), ("after", config.after)):
-                process, address = start_shard(Path(tree).resolve(), config, Path(scratch) / f"{name}.json")
+            for name, tree, cpus in (("before", config.before, config.before_cpus),
+                                     ("after", config.after, config.after_cpus)):
+                process, address = start_shard(Path(tree).resolve(), config, Path(scratch) / f"{name}.json", cpus)
                 processes.append(process)
                 channel = grpc.insecure_channel(address)
                 grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
@@ -112,6 +121,7 @@ def compare(config: AbConfig) -> dict[str, dict[str, float]]:
                 for request in batch:  # warm up
                     call(request, timeout=30)
                 sides[name] = (process.pid, call)
+                cores[name] = sorted(os.sched_getaffinity(process.pid))
             used = {name: 0.0 for name in sides}
             calls = {name: 0 for name in sides}
             for _ in range(config.rounds):
@@ -126,7 +136,8 @@ def compare(config: AbConfig) -> dict[str, dict[str, float]]:
             for process in processes:
                 process.terminate()
                 process.wait(10)
-    return {name: {"ms": 1e3 * used[name] / calls[name], "calls": calls[name]} for name in sides}
+    return {name: {"ms": 1e3 * used[name] / calls[name], "calls": calls[name], "cores": cores[name]}
+            for name in sides}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,14 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0, help="per side and round")
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads of each server")
+    parser.add_argument("--before-cpus", default="", help="cores of the before side's server, e.g. 1 (default: any)")
+    parser.add_argument("--after-cpus", default="", help="cores of the after side's server (default: any)")
     args = parser.parse_args(argv)
     config = AbConfig(args.datastore, args.before, args.after, args.queries, args.shard, args.nq, args.k,
-                      args.nprobe, args.rounds, args.seconds, args.threads)
+                      args.nprobe, args.rounds, args.seconds, args.threads, args.before_cpus, args.after_cpus)
     result = compare(config)
     base = result["before"]["ms"]
     for name, row in result.items():
         ratio = "" if name == "before" else f" ({row['ms'] / base:.2f}x)"
-        print(f"{name:6s} {row['ms']:.3f} ms server CPU per call over {row['calls']:,} calls{ratio}")
+        print(f"{name:6s} {row['ms']:.3f} ms server CPU per call over {row['calls']:,} calls{ratio}, "
+              f"on cores {row['cores']}")
 
 
 if __name__ == "__main__":

@@ -103,21 +103,55 @@ def threads_flag(process) -> str:
     return args[args.index("--threads") + 1]
 
 
+def affinities(pid: int) -> set[frozenset[int]]:
+    """The cores each thread of process `pid` may run on."""
+    return {frozenset(os.sched_getaffinity(int(t.name))) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def test_shards_share_the_cores_unless_threads_are_given(datastore):
     with LocalDeployment(datastore, extra_args=("--threads", "0")) as deployment:  # 0: the default, a share
         shards = [p for replicas in deployment.shards for p in replicas]
         assert len(shards) == 2
-        assert {threads_flag(p) for p in shards} == {str(max(1, (os.cpu_count() or 1) // 2))}
+        assert {threads_flag(p) for p in shards} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
     with LocalDeployment(datastore, extra_args=("--threads", "3")) as deployment:
         assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"3"}
+
+
+def test_placement_gives_each_shard_process_its_own_share_of_the_cores(datastore):
+    deployment = LocalDeployment(datastore, cpus=(0, 1, 2, 3, 4))
+    try:
+        threads = ["--threads", "2"]  # chosen by the deployment
+        assert deployment.placement(2, threads) == [(0, 1), (2, 3)]  # the fifth core is left to the router
+        assert deployment.placement(5, threads) == [(0,), (1,), (2,), (3,), (4,)]
+        assert deployment.placement(6, threads) == [(0, 1, 2, 3, 4)] * 6  # more processes than cores
+        assert deployment.placement(2, []) == [(0, 1, 2, 3, 4)] * 2  # the caller set --threads
+        deployment.pin_shards = False
+        assert deployment.placement(2, threads) == [(0, 1, 2, 3, 4)] * 2
+    finally:
+        deployment.stop()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give 2 shards one each")
+def test_shard_processes_run_on_cores_of_their_own_and_the_router_on_any(datastore, keys):
+    pool = frozenset(os.sched_getaffinity(0))
+    with LocalDeployment(datastore) as deployment:
+        shards = [p for replicas in deployment.shards for p in replicas]
+        cores = [affinities(p.popen.pid) for p in shards]
+        assert all(len(c) == 1 for c in cores), cores  # every thread of a shard on the same cores
+        (first,), (second,) = cores
+        assert first and second and not first & second and first | second <= pool
+        assert affinities(deployment.router.popen.pid) == {pool}
+        expected = search_ids(deployment.router_address, keys)
+    with LocalDeployment(datastore, pin_shards=False) as deployment:
+        assert {frozenset(a) for p in deployment.processes() for a in affinities(p.popen.pid)} == {pool}
+        np.testing.assert_array_equal(search_ids(deployment.router_address, keys), expected)
 
 
 def test_cpus_confine_every_process_and_set_the_threads(datastore, keys):
     with LocalDeployment(datastore, cpus=(0,)) as deployment:
         assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"1"}
         for process in deployment.processes():  # every thread of every server
-            tasks = Path(f"/proc/{process.popen.pid}/task").iterdir()
-            assert {frozenset(os.sched_getaffinity(int(t.name))) for t in tasks} == {frozenset({0})}
+            assert affinities(process.popen.pid) == {frozenset({0})}
         assert search_ids(deployment.router_address, keys).shape == (8, 5)
 
 
@@ -180,3 +214,28 @@ def test_starting_twice_is_refused_and_starts_nothing_more(datastore):
         assert all(not p.exited() for p in deployment.processes())
     finally:
         deployment.stop()
+
+
+def shard_cores_under_serve(datastore: Path, tmp_path: Path, *flags: str) -> list[set[frozenset[int]]]:
+    """The cores of each shard process that `serve --datastore` (with `flags`) starts."""
+    address_file = tmp_path / f"router{len(flags)}.json"
+    command = [sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
+               "--address-file", str(address_file), "--grace", "1", "--drain-delay", "0", *flags]
+    serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_file(address_file, serve, timeout=120)
+        shards = [line for line in processes_naming(str(datastore)) if "--shard " in line]
+        return [affinities(int(line.split()[0])) for line in shards]
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=30)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give 2 shards one each")
+def test_serve_pins_each_shard_to_its_own_cores_unless_told_not_to(datastore, tmp_path):
+    pool = frozenset(os.sched_getaffinity(0))
+    pinned = shard_cores_under_serve(datastore, tmp_path)
+    assert len(pinned) == 2 and all(len(c) == 1 for c in pinned)
+    (first,), (second,) = pinned
+    assert not first & second and first | second <= pool
+    assert shard_cores_under_serve(datastore, tmp_path, "--no-pin-shards") == [{pool}, {pool}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_both_sides_answer_requests_of_the_shards_own_keys(ray_cluster, tmp_path):
     keys = synthetic(2000, 16, seed=5)
     datastore = build(tmp_path, keys, "ds", shards=2, factory="IVF16,Flat", keep_keys=True)
-    config = AbConfig(datastore, before=ROOT, shard=1, nq=3, k=4, nprobe=2, rounds=2, seconds_per_round=0.3)
+    config = AbConfig(datastore, before=ROOT, shard=1, nq=3, k=4, nprobe=2, rounds=2, seconds_per_round=0.3,
+                      after_cpus="0")
     batch = [pb.SearchRequest.FromString(raw) for raw in requests(config)]
     stored = np.load(datastore / "shard-00001" / "keys.npy").astype(np.float32)
     for request in batch:  # rows of the shard's own keys, nq at a time
@@ -32,3 +34,5 @@ def test_both_sides_answer_requests_of_the_shards_own_keys(ray_cluster, tmp_path
     assert set(result) == {"before", "after"}
     for side in result.values():
         assert side["calls"] > 0 and side["ms"] > 0
+    assert result["after"]["cores"] == [0]  # --after-cpus 0: that side's server on core 0 alone
+    assert result["before"]["cores"] == sorted(os.sched_getaffinity(0))

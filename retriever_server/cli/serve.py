@@ -52,6 +52,10 @@ def add_parsers(command) -> None:
                    "exits; stop when the router or every replica of a shard has exited")
     s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per shard (0: FAISS default; "
                    "with --datastore alone, the machine's cores shared among the shard processes)")
+    s.add_argument("--no-pin-shards", action="store_true",
+                   help="without --shard: let each shard process run on any of the cores (default: with no more "
+                        "shard processes than cores, each runs on its own share of them, which keeps its caches "
+                        "warm)")
     add_server(s)
     add_failover(s)
 
@@ -121,7 +125,7 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
                                  log_format=args.log_format, cpus=args.cpus, security=security,
-                                 restart=not args.no_restart)
+                                 restart=not args.no_restart, pin_shards=not args.no_pin_shards)
     signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
     try:
