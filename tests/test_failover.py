@@ -20,6 +20,7 @@ from conftest import build, synthetic
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.cluster.supervisor import Child, RestartPolicy
 from retriever_server.serving.client import RetrieverClient, RetrieverError
+from retriever_server.serving.failover import Attempts, Deadline, FailoverPolicy, ReplicaSet, call_once
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N, D = 3000, 16
@@ -135,3 +136,11 @@ def test_a_killed_router_comes_back_at_its_address(deployment, keys, expected):
     assert router.address == address
     with RetrieverClient(address, timeout=5) as client:
         np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)
+
+
+def test_a_blocking_call_takes_one_replica_alone():
+    two = Attempts(ReplicaSet("shard-00000", ["a:1", "a:2"]), FailoverPolicy(), Deadline(1.0))
+    with pytest.raises(ValueError, match="one replica"):
+        call_once(two, lambda address, timeout: None)
+    one = Attempts(ReplicaSet("shard-00000", ["a:1", "a:2"]), FailoverPolicy(), Deadline(1.0), fail_over=False)
+    assert call_once(one, lambda address, timeout: (address, timeout is not None and timeout <= 1.0)) == ("a:1", True)

@@ -443,3 +443,26 @@ def test_successors_are_the_rows_after_each_neighbour_within_its_shard(aio, keys
             assert np.array_equal(found.successor_payloads["values"], np.where(valid, expect, 0))
             assert np.array_equal(found.successor_keys, np.where(valid[..., None], stored[np.maximum(expect, 0)], 0))
             assert plain.successor_ids is None and plain.successor_payloads == {}
+
+
+def test_a_client_of_one_address_calls_from_the_callers_thread_and_gives_the_fan_out_answer(aio, keys, datastore):
+    """No event loop thread for one address (a hop that cost a call ~0.3 ms of CPU); a shard list gets one.
+    Both give the same neighbours, and a refusal keeps its status and message."""
+    def started_since(before: set[threading.Thread]) -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in before]
+
+    with serve(aio, datastore, 2) as served:
+        shards = [[s.address for s in replicas] for replicas in served.shards]
+        before = set(threading.enumerate())
+        with RetrieverClient(served.address) as one:
+            via_router = one.search(keys[:6], k=7, nprobe=8)
+            assert "retriever-client" not in started_since(before)
+            with pytest.raises(RetrieverError) as caught:
+                one.search(keys[:2], k=0)
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "k must be in" in caught.value.message
+        with RetrieverClient(shards) as fan_out:
+            direct = fan_out.search(keys[:6], k=7, nprobe=8)
+            assert "retriever-client" in started_since(before)
+    np.testing.assert_array_equal(via_router.ids, direct.ids)
+    np.testing.assert_array_equal(via_router.distances, direct.distances)
+    assert "retriever-client" not in started_since(before)  # closed: its thread ended

@@ -21,7 +21,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.auth import bearer_metadata
 from retriever_server.security.config import ClientSecurity
-from retriever_server.security.tls import open_aio_channel
+from retriever_server.security.tls import open_aio_channel, open_channel
 from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.failover import (
     RETRYABLE,
@@ -31,6 +31,7 @@ from retriever_server.serving.failover import (
     FailoverPolicy,
     ReplicaSet,
     call_async,
+    call_once,
     failure_message,
 )
 from retriever_server.serving.fanout import check_shards, replica_sets
@@ -99,8 +100,10 @@ async def _close_channels(channels: list[grpc.aio.Channel]) -> None:
 class RetrieverClient:
     """A blocking client for a router, one shard, or a list of shards it fans out to itself.
 
-    Its calls run on an asyncio event loop in a thread of the client's (`event_loop.LoopThread`), the
-    failover policy as the router runs it; any thread may call it. `close()` ends the thread.
+    A client of one address calls it from the caller's thread on a blocking channel. Over a list of
+    shards its calls run on an asyncio event loop in a thread of the client's (`event_loop.LoopThread`),
+    the failover policy as the router runs it. Any thread may call it; `close()` closes the channels
+    (and ends the thread).
 
     Args:
         target: "host:port" of a router or shard; or a list with one entry per shard, each an
@@ -130,13 +133,18 @@ class RetrieverClient:
         self.sets = replica_sets(shards)
         security.check()
         self.metadata = bearer_metadata(security.bearer_token())
-        self._loop = LoopThread("retriever-client")
+        self._loop: LoopThread | None = None
+        self._closed = False
         addresses = [a for s in shards for a in s]
-        try:
-            self.channels = self._loop.run(_open_channels(addresses, security))
-        except BaseException:
-            self._loop.close()
-            raise
+        if not self.fan_out:  # one address: no failover, so no event loop (a loop hop costs a call CPU)
+            self.channels = {a: open_channel(a, security, CHANNEL_OPTIONS) for a in addresses}
+        else:
+            self._loop = LoopThread("retriever-client")
+            try:
+                self.channels = self._loop.run(_open_channels(addresses, security))
+            except BaseException:
+                self._loop.close()
+                raise
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
         self._infos: list[pb.InfoResponse] | None = None
 
@@ -148,16 +156,34 @@ class RetrieverClient:
 
     def close(self) -> None:
         """Closes the channels and stops the client's event loop."""
-        if self._loop.loop.is_closed():
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is None:
+            for channel in self.channels.values():
+                channel.close()
             return
         self._loop.run(_close_channels(list(self.channels.values())))
         self._loop.close()
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
-        outcome = self._loop.run(self._attempts(replicas, method, request, deadline))
+        if self._loop is None:
+            outcome = self._blocking_attempt(replicas, method, request, deadline)
+        else:
+            outcome = self._loop.run(self._attempts(replicas, method, request, deadline))
         if isinstance(outcome, CallFailed):
             raise RetrieverError(outcome.code, outcome.message)
         return outcome
+
+    def _blocking_attempt(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        """The answer of the client's one address, or the CallFailed that ended the call."""
+        def attempt(address: str, timeout: float | None):
+            return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata)
+
+        try:
+            return call_once(Attempts(replicas, self.failover, deadline, fail_over=False), attempt)
+        except CallFailed as err:
+            return err
 
     async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""

@@ -8,7 +8,8 @@ while. An attempt that fails with a status a healthy replica could answer (RETRY
 timeout) moves the call on to the next replica; any other status is the answer.
 
 `Attempts` holds that policy for one call; `call_async` runs it on asyncio stubs, for the router and
-for the client (whose calls run on an event loop of its own).
+for the fan-out client (whose calls run on an event loop of its own); `call_once` runs a call with
+one replica to try on a blocking stub, for a client of one address.
 """
 
 from __future__ import annotations
@@ -204,6 +205,27 @@ async def _only_attempt(attempts: Attempts, call: Callable[[str, float | None], 
     try:
         reply = await call(*chosen)
     except grpc.aio.AioRpcError as err:
+        attempts.failed(chosen[0], err.code(), err.details())  # raises when the status is the answer
+        raise attempts.exhausted() from None
+    attempts.succeeded(chosen[0], [])
+    return reply
+
+
+def call_once(attempts: Attempts, call: Callable[[str, float | None], object]):
+    """A blocking call with one replica to try, `call(address, timeout)` a blocking stub call: what
+    `_only_attempt` does, on the caller's thread (a client of one address needs no event loop).
+
+    Raises:
+        CallFailed: the call's final status.
+    """
+    if not attempts.single():
+        raise ValueError("call_once takes a call with one replica to try; call_async fails over between several")
+    chosen = attempts.start()
+    if chosen is None:
+        raise attempts.exhausted()
+    try:
+        reply = call(*chosen)
+    except grpc.RpcError as err:
         attempts.failed(chosen[0], err.code(), err.details())  # raises when the status is the answer
         raise attempts.exhausted() from None
     attempts.succeeded(chosen[0], [])
