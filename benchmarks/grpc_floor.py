@@ -8,7 +8,10 @@ another. The request names the sizes (two little-endian uint64s at its start) an
 the size of the real request, so the bytes on the wire are the service's.
 
 Its latency is what Python gRPC alone costs this machine for one Search through the router; any
-implementation of the service pays at least this, on top of its search.
+implementation of the service pays at least this, on top of its search. The floor's servers set the
+heap thresholds the service's servers set (`grpc_setup.keep_freed_memory`): without them a relay
+of large answers spends much of its CPU faulting in fresh pages for every call, a cost of the heap,
+not of gRPC.
 
     python benchmarks/grpc_floor.py    # a quick look: p50 of the floor for a 1.5 KB request
 """
@@ -25,6 +28,9 @@ import time
 from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retriever_server.serving.grpc_setup import keep_freed_memory  # noqa: E402
 
 METHOD = "/floor.v1.Floor/Call"
 HEADER = struct.Struct("<QQ")  # bytes each shard answers with, bytes the relay answers with
@@ -51,6 +57,7 @@ class _Blocks:
 
 
 async def _serve(handler, port_file: Path) -> None:
+    keep_freed_memory()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
     method = grpc.unary_unary_rpc_method_handler(handler)
