@@ -53,7 +53,7 @@ class LocalDeployment:
     (every core each) would oversubscribe the cores. With `pin_shards` (the default) and no more shard
     processes than cores, each shard process also runs on its share alone, cores of its own
     (`placement`): a process that stays on its cores finds its index and its code still in their
-    caches, which cut a one-query search's CPU by about a fifth on a 2-core machine. The router runs on
+    caches, which cut a one-query search's CPU by about a sixth on a 2-core machine. The router runs on
     any of them. Their logs and address files live in `log_dir` until `stop()` removes it; it is kept
     when a process fails to start, and the LaunchError names it.
 
