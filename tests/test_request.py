@@ -169,9 +169,11 @@ def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
 
 @pytest.mark.parametrize("metric", ["l2", "inner_product"])
 @pytest.mark.parametrize("ranked", [False, True])
-def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
+@pytest.mark.parametrize("attached", [True, False])
+def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked, attached):
     """Shard answers (each ranked, over its own id range, many ties, some rows short of neighbours,
-    parts in any order) merge by FAISS's heap merge to the reference top-k; payloads and keys follow."""
+    parts in any order) merge by FAISS's heap merge to the reference top-k; payloads and keys follow
+    (`attached`: merged by position; else ids and distances alone, the ids as FAISS's labels)."""
     from retriever_server.serving.merge import rank_neighbours
 
     rng = np.random.default_rng(11)
@@ -186,6 +188,8 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
                            successor_ids=ids[:, :, None] * 10 + np.arange(1, 4),
                            successor_payloads={"values": (ids[:, :, None] * 100 + np.arange(3)).astype(np.int32)})
         parts.append(rank_neighbours(raw, m, metric))
+    if not attached:
+        parts = [SearchResult(p.ids, p.distances) for p in parts]
     parts = [parts[2], parts[0], parts[1]]
     merged = merge_results(parts, k, metric, ranked=ranked)
     ids = np.concatenate([p.ids for p in parts], axis=1)
@@ -196,6 +200,10 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked):
         expect = sorted(range(shards * m), key=lambda j: key[j])[:k]
         assert merged.ids[row].tolist() == ids[row, expect].tolist()
         assert merged.distances[row].tolist() == distances[row, expect].tolist()
+        assert np.signbit(merged.distances[row]).tolist() == np.signbit(distances[row, expect]).tolist()  # -0.0 kept
+    if not attached:
+        assert not merged.payloads and merged.keys is None and merged.successor_ids is None
+        return
     assert np.array_equal(merged.payloads["values"], np.where(merged.ids < 0, 0, merged.ids * 10))
     assert np.array_equal(merged.keys[..., 0], merged.ids.astype(np.float32))
     assert np.array_equal(merged.successor_ids, merged.ids[:, :, None] * 10 + np.arange(1, 4))

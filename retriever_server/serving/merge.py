@@ -149,6 +149,8 @@ def _in_id_order(parts: list[SearchResult], metric: str, ranked: bool) -> list[S
 def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult | None:
     """The k-way merge of ranked parts over ordered, disjoint id ranges; None when some row has
     fewer than k neighbours (those keep the sort, whose missing neighbours keep their distances).
+    Parts with payloads or keys are merged by position, which then gathers every array; parts of ids
+    and distances alone are merged with the ids as FAISS's labels, nothing left to gather.
 
     Rows go in pieces small enough that FAISS merges them on the calling thread (no OpenMP team)."""
     nq, m = parts[0].ids.shape
@@ -164,6 +166,13 @@ def _heap_merge(parts: list[SearchResult], k: int, metric: str) -> SearchResult 
         scores = np.stack([p.distances[rows] for p in parts]).astype(np.float32, copy=False)  # (S, r, m)
         if metric != "l2":
             np.negative(scores, out=scores)  # largest inner product first; ties by part order, as for L2
+        if not out_arrays:  # ids and distances alone: the ids are the labels, and FAISS's output the answer
+            best, found = faiss.merge_knn_results(scores, ids, keep_max=False)  # (r, m) each
+            if found[:, :k].min(initial=0) < 0:
+                return None
+            out.ids[rows] = found[:, :k]
+            out.distances[rows] = best[:, :k] if metric == "l2" else np.negative(best[:, :k])
+            continue
         labels = np.arange(ids.size, dtype=np.int64).reshape(ids.shape)  # each neighbour's flat position
         labels[ids < 0] = -1
         chosen = faiss.merge_knn_results(scores, labels, keep_max=False)[1][:, :k]  # (r, k) positions
