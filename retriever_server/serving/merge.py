@@ -129,6 +129,18 @@ def take_neighbours(result: SearchResult, order: np.ndarray) -> SearchResult:
     return _result(take(result.ids), take(result.distances), arrays, result.datastore_version)
 
 
+def _id_span(ids: np.ndarray) -> tuple[int, int] | None:
+    """The smallest and largest id of `ids` that is not missing (-1), or None when all are; without
+    a copy of the valid ones when none is missing (a shard's usual answer)."""
+    if not ids.size:
+        return None
+    low = int(ids.min())
+    if low >= 0:
+        return low, int(ids.max())
+    valid = ids[ids >= 0]
+    return (int(valid.min()), int(valid.max())) if valid.size else None
+
+
 def _in_id_order(parts: list[SearchResult], metric: str, ranked: bool) -> list[SearchResult] | None:
     """The parts ordered by their ids when each is ranked (checked unless `ranked`) and their id ranges
     do not overlap (as shards answer), else None."""
@@ -136,10 +148,10 @@ def _in_id_order(parts: list[SearchResult], metric: str, ranked: bool) -> list[S
         return None
     spans = []
     for part in parts:
-        valid = part.ids[part.ids >= 0]
-        if valid.size and not ranked and rows_out_of_order(part.ids, part.distances, metric).any():
+        span = _id_span(part.ids)
+        if span is not None and not ranked and rows_out_of_order(part.ids, part.distances, metric).any():
             return None
-        spans.append((int(valid.min()), int(valid.max())) if valid.size else None)
+        spans.append(span)
     order = sorted((i for i, span in enumerate(spans) if span is not None), key=lambda i: spans[i][0])
     if any(spans[a][1] >= spans[b][0] for a, b in zip(order, order[1:])):
         return None
