@@ -170,10 +170,12 @@ def test_fast_neighbour_order_equals_two_key_sort(metric, offset):
 @pytest.mark.parametrize("metric", ["l2", "inner_product"])
 @pytest.mark.parametrize("ranked", [False, True])
 @pytest.mark.parametrize("attached", [True, False])
-def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked, attached):
+@pytest.mark.parametrize("missing", [0.03, 0.0])
+def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked, attached, missing):
     """Shard answers (each ranked, over its own id range, many ties, some rows short of neighbours,
     parts in any order) merge by FAISS's heap merge to the reference top-k; payloads and keys follow
-    (`attached`: merged by position; else ids and distances alone, the ids as FAISS's labels)."""
+    (`attached`: merged by position; else ids and distances alone, the ids as FAISS's labels); with
+    and without missing neighbours."""
     from retriever_server.serving.merge import rank_neighbours
 
     rng = np.random.default_rng(11)
@@ -181,7 +183,7 @@ def test_merge_of_shard_answers_equals_brute_force_top_k(metric, ranked, attache
     parts = []
     for s in range(shards):
         ids = (s * 1000 + rng.permutation(1000)[:nq * m]).reshape(nq, m).astype(np.int64)
-        ids[rng.random((nq, m)) < 0.03] = -1
+        ids[rng.random((nq, m)) < missing] = -1
         distances = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 2.0], np.float32), (nq, m))
         raw = SearchResult(ids, distances, {"values": ids.astype(np.int32) * 10},
                            keys=np.repeat(ids[:, :, None].astype(np.float32), 2, axis=2),
