@@ -382,15 +382,19 @@ def pin_all(plan: dict[str, tuple[int, ...]], deployment: LocalDeployment, floor
         pin_process(pid, plan["router" if name == "relay" else name])
 
 
-def place_floor_as_service(deployment: LocalDeployment, floor: FloorDeployment) -> dict[str, list[int]]:
-    """The floor's shard processes on the cores of the service's shards (`LocalDeployment` gives each
-    shard process cores of its own when there are enough), the relay, like the router, on any: the
-    same topology on the same cores. Returns each floor process's cores."""
-    service = deployment_pids(deployment)
+def process_cores(pids: dict[str, int]) -> dict[str, list[int]]:
+    """The cores each named process may run on."""
+    return {name: sorted(os.sched_getaffinity(pid)) for name, pid in pids.items()}
+
+
+def place_floor_as_service(placement: dict[str, list[int]], floor: FloorDeployment) -> dict[str, list[int]]:
+    """The floor's shard processes on the cores of the service's shards (`placement`: `LocalDeployment`
+    gives each shard process cores of its own when there are enough), the relay, like the router, on
+    any: the same topology on the same cores. Returns each floor process's cores."""
     for name, pid in floor.pids.items():
         if name != "relay":
-            pin_process(pid, tuple(sorted(os.sched_getaffinity(service[name]))))
-    return {name: sorted(os.sched_getaffinity(pid)) for name, pid in floor.pids.items()}
+            pin_process(pid, tuple(placement[name]))
+    return process_cores(floor.pids)
 
 
 def run(config: CostConfig) -> dict:
@@ -407,8 +411,8 @@ def run(config: CostConfig) -> dict:
             RetrieverClient(deployment.shard_addresses) as fan_out:
         if plan:
             pin_all(plan, deployment, floor)
-        placement = {name: sorted(os.sched_getaffinity(pid)) for name, pid in deployment_pids(deployment).items()}
-        floor_placement = place_floor_as_service(deployment, floor)
+        placement = process_cores(deployment_pids(deployment))
+        floor_placement = place_floor_as_service(placement, floor)
         for nq in config.nqs:
             for k in config.ks:
                 rows.append(cell(config, refs, router, fan_out, deployment, floor, queries, nq, k, version))

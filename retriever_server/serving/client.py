@@ -175,23 +175,26 @@ class RetrieverClient:
             raise RetrieverError(outcome.code, outcome.message)
         return outcome
 
-    def _blocking_attempt(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
-        """The answer of the client's one address, or the CallFailed that ended the call."""
+    def _attempt(self, method: str, request):
+        """`attempt(address, timeout)`: one call of `method` to one address, as the failover policy makes it."""
         def attempt(address: str, timeout: float | None):
             return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata)
 
+        return attempt
+
+    def _blocking_attempt(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        """The answer of the client's one address, or the CallFailed that ended the call."""
+        attempts = Attempts(replicas, self.failover, deadline, fail_over=False)
         try:
-            return call_once(Attempts(replicas, self.failover, deadline, fail_over=False), attempt)
+            return call_once(attempts, self._attempt(method, request))
         except CallFailed as err:
             return err
 
     async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""
-        def attempt(address: str, timeout: float | None):
-            return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata)
-
+        attempts = Attempts(replicas, self.failover, deadline, fail_over=self.fan_out)
         try:
-            return await call_async(Attempts(replicas, self.failover, deadline, fail_over=self.fan_out), attempt)
+            return await call_async(attempts, self._attempt(method, request))
         except CallFailed as err:
             return err
 
