@@ -311,7 +311,20 @@ def ralmspec_summary(rows: dict[str, dict]) -> dict:
             "strides": stats["strides"],
             "stride_2_hit_rate": forced["stats"]["accepted"] / max(1, forced["stats"]["verified"]),
             "stride_2_speedup": forced["tokens_per_s"] / serial["tokens_per_s"],
-            "stride_2_same_tokens": serial["tokens_digest"] == forced["tokens_digest"]}
+            "stride_2_same_tokens": serial["tokens_digest"] == forced["tokens_digest"],
+            **lm_guess_summary(rows)}
+
+
+def lm_guess_summary(rows: dict[str, dict]) -> dict:
+    """RaLMSpec guessing the LM's own token (asynchronous, adaptive) against the serial run, where it ran."""
+    serial, lm_guess = rows["knn-lm serial"], rows.get("knn-lm ralmspec lm guess")
+    if lm_guess is None:
+        return {}
+    stats = lm_guess["stats"]
+    return {"lm_guess_speedup": lm_guess["tokens_per_s"] / serial["tokens_per_s"],
+            "lm_guess_hit_rate": stats["accepted"] / max(1, stats["verified"]),
+            "lm_guess_same_tokens": serial["tokens_digest"] == lm_guess["tokens_digest"],
+            "lm_guess_serial_windows": sum(1 for s in stats["strides"] if s == 0) / max(1, len(stats["strides"]))}
 
 
 def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
@@ -335,6 +348,9 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             variants["knn-lm ralmspec"] = lambda: RaLMSpecKnnLM(model, retriever, lam, temperature)
             variants["knn-lm ralmspec stride 2"] = lambda: RaLMSpecKnnLM(
                 model, retriever, lam, temperature, speculation=SpeculationConfig(stride=2))
+            if gen.strategy != "beam":  # the LM's own token as the guess, verified while the next step runs
+                variants["knn-lm ralmspec lm guess"] = lambda: RaLMSpecKnnLM(
+                    model, retriever, lam, temperature, speculation=SpeculationConfig(asynchronous=True, guess="lm"))
             print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
                   flush=True)
             rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
@@ -446,17 +462,22 @@ def summary_table(results: dict) -> str:
 def ralmspec_table(results: dict) -> str:
     """Speculative retrieval against serial retrieval, one line per greedy scenario."""
     lines = ["| kNN-LM | serial tokens/s | RaLMSpec tokens/s (adaptive) | stride 2 | guessed steps held, adaptive / "
-             "stride 2 | serial windows (adaptive) | calls/token, serial / adaptive / stride 2 | CPU ms/token, "
-             "serial / adaptive / stride 2 | same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "stride 2 | serial windows (adaptive) | LM's guess, asynchronous (adaptive): tokens/s, held, serial "
+             "windows | calls/token, serial / adaptive / stride 2 | CPU ms/token, serial / adaptive / stride 2 | "
+             "same tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for scenario, result in results.get("knnlm", {}).items():
         s, rows = result["summary"], result["rows"]
         serial, adaptive, forced = rows["knn-lm serial"], rows["knn-lm ralmspec"], rows["knn-lm ralmspec stride 2"]
-        same = s["ralmspec_same_tokens"] and s["stride_2_same_tokens"]
+        same = s["ralmspec_same_tokens"] and s["stride_2_same_tokens"] and s.get("lm_guess_same_tokens", True)
+        lm_guess = "-" if "lm_guess_speedup" not in s else (
+            f"{rows['knn-lm ralmspec lm guess']['tokens_per_s']:.1f} ({s['lm_guess_speedup']:.2f}x), "
+            f"{s['lm_guess_hit_rate']:.0%}, {s['lm_guess_serial_windows']:.0%}")
         lines.append(
             f"| {scenario} | {serial['tokens_per_s']:.1f} | {adaptive['tokens_per_s']:.1f} "
             f"({s['ralmspec_speedup']:.2f}x) | "
             f"{forced['tokens_per_s']:.1f} ({s['stride_2_speedup']:.2f}x) | {s['hit_rate']:.0%} / "
-            f"{s['stride_2_hit_rate']:.0%} | {s['serial_windows']:.0%} | {serial['calls_per_token']:.3f} / "
+            f"{s['stride_2_hit_rate']:.0%} | {s['serial_windows']:.0%} | {lm_guess} | "
+            f"{serial['calls_per_token']:.3f} / "
             f"{adaptive['calls_per_token']:.3f} / {forced['calls_per_token']:.3f} | "
             f"{serial['cpu_ms_per_token']:.2f} / {adaptive['cpu_ms_per_token']:.2f} / "
             f"{forced['cpu_ms_per_token']:.2f} | {'yes' if same else 'NO'} |")
@@ -595,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
               f"its windows were serial steps. At stride 2: {s['stride_2_hit_rate']:.0%} held, "
               f"{s['stride_2_speedup']:.2f}x serial's tokens/s, same tokens: "
               f"{'yes' if s['stride_2_same_tokens'] else 'NO'}")
+        if "lm_guess_speedup" in s:
+            print(f"kNN-LM {scenario}, ralmspec guessing the LM's token (asynchronous): {s['lm_guess_hit_rate']:.0%} "
+                  f"of the guessed steps held; {s['lm_guess_speedup']:.2f}x serial's tokens/s, same tokens: "
+                  f"{'yes' if s['lm_guess_same_tokens'] else 'NO'}; {s['lm_guess_serial_windows']:.0%} of its "
+                  f"windows were serial steps")
         if "guesses_held" in s:
             print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
                   f"token chosen for {s['guesses_held']:.0%} of them; it was for every row on "

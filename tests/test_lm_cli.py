@@ -109,6 +109,9 @@ def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
         ralmspec = cli(capsys, *args, "--ralmspec", "--stride", "2")  # guesses verified every 2 steps
         assert ralmspec.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
         assert "guessed steps held" in ralmspec
+        lm_guess = cli(capsys, *args, "--ralmspec", "--guess", "lm", "--stride", "1")  # the LM's own token, async
+        assert lm_guess.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
+        assert "guessed steps held" in lm_guess
 
 
 def test_retro_half(lm_run, capsys):
@@ -202,6 +205,8 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
     (["eval", "--data", "{run}/data", "--out", "{run}/x", "--lm", "{run}/lm"], "--knnlm-target or"),
     (["encode", "knnlm", "--data", "{run}/data", "--out", "{run}/x"], "--checkpoint is required"),
     (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data"], "give --prompt"),
+    (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--guess", "lm"],
+     "takes --ralmspec"),
     (["train", "--data", "{run}/nowhere", "--out", "{run}/x"], "nowhere"),
 ])
 def test_errors_are_one_line(lm_run, capsys, args, words):

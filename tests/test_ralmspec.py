@@ -67,6 +67,8 @@ SPECS = {
     "stride-3": SpeculationConfig(stride=3, successors=4),
     "adaptive": SpeculationConfig(),
     "async-stride-2": SpeculationConfig(stride=2, asynchronous=True, successors=2, cache_rows=64),
+    "lm-guess-async-stride-1": SpeculationConfig(stride=1, asynchronous=True, guess="lm"),
+    "lm-guess-stride-3": SpeculationConfig(stride=3, guess="lm"),
 }
 
 
@@ -364,12 +366,50 @@ def test_the_acceptance_rate_counts_guesses_and_the_extra_verification_waits_for
 def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):
     with pytest.raises(ValueError, match="successors"):
         SpeculationConfig(successors=17)
+    with pytest.raises(ValueError, match="guess must be one of cache, lm"):
+        SpeculationConfig(guess="model")
     decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
     with pytest.raises(ValueError, match="max_len"):
         generate(decoder, random_tokens((2, 100), seed=1), GenerateConfig(max_new_tokens=29))
+    lm_guess = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(guess="lm"))
+    with pytest.raises(ValueError, match="beam search guesses from the local caches"):
+        generate(lm_guess, random_tokens((2, 5), seed=1), BEAMS["beam"])
     with torch.no_grad():
         keys, values = knn_datastore(lm, n_seq=2, length=20)
     plain = build(tmp_path, keys, "plain", shards=1, factory="IVF4,Flat", payload_arrays={"values": values})
     with serve(aio, plain, 1) as served, ServiceRetriever(served.address, RetrievalConfig(k=4)) as no_keys:
         with pytest.raises(RetrieverError, match="keep-keys"):
             generate(RaLMSpecKnnLM(lm, no_keys), random_tokens((2, 5), seed=1), GenerateConfig(max_new_tokens=4))
+
+
+def test_guessing_the_lms_token_needs_no_keys_and_asks_for_none(lm, aio, tmp_path, monkeypatch):
+    """guess="lm": every request is a plain one (no successors, no keys), so a datastore without keys
+    serves it, and the tokens are serial retrieval's."""
+    with torch.no_grad():
+        keys, values = knn_datastore(lm, n_seq=2, length=20)
+    plain = build(tmp_path, keys, "plain", shards=1, factory="IVF4,Flat", payload_arrays={"values": values})
+    cfg, prompt = CONFIGS["top-p"], random_tokens((4, 5), seed=2)
+    with serve(aio, plain, 1) as served, ServiceRetriever(served.address, RetrievalConfig(k=4)) as no_keys:
+        want = generate(KnnLMStepper(lm, no_keys, lam=LAM, temperature=TEMP), prompt, cfg)
+        asked = []
+        knn = no_keys.knn
+        monkeypatch.setattr(no_keys, "knn", lambda *args: asked.append(args[2:]) or knn(*args))
+        decoder = RaLMSpecKnnLM(lm, no_keys, lam=LAM, temperature=TEMP,
+                                speculation=SpeculationConfig(stride=1, asynchronous=True, guess="lm"))
+        got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    assert decoder.stats.verified > 0 and set(asked) == {(0, False)}  # (successors, return_keys) of every call
+
+
+def test_asynchronously_a_stride_of_one_is_a_plan():
+    """A one-step window overlaps the last one's verification only asynchronously: where guessing one
+    step at a time wins there, the plan is 1; verified synchronously, the same estimates plan serial
+    steps (with a probe now and then)."""
+    plans = {}
+    for asynchronous in (False, True):
+        scheduler = StrideScheduler(SpeculationConfig(max_stride=4, asynchronous=asynchronous))
+        scheduler.observe(0, work_s=0.006, verify_s=0.007)  # a serial step: 6 ms of model, 7 of waiting
+        scheduler.observe(1, work_s=0.007, verify_s=0.007, accepted=20, verified=40)  # half the guesses held
+        plans[asynchronous] = [scheduler.plan() for _ in range(3)]
+    assert plans == {False: [0, 0, 0], True: [1, 1, 1]}

@@ -50,6 +50,11 @@ def add_parsers(sub) -> None:
                         "build --keep-keys)")
     g.add_argument("--stride", type=int, default=0,
                    help="with --ralmspec: steps between verifications (0: chosen from the measured hit rate and costs)")
+    g.add_argument("--guess", choices=("cache", "lm"), default="cache",
+                   help="with --ralmspec, kNN-LM greedy or sampling: cache guesses each step's neighbours from the "
+                        "local caches; lm guesses each step's token as the LM's own, verified while the next step "
+                        "is computed on it (no local caches or stored keys needed; pays where the LM alone mostly "
+                        "picks kNN-LM's token)")
     g.add_argument("--no-retrieval", action="store_true", help="the model alone")
     add_retrieval_args(g, 0)
     add_encoder_lm_arg(g)
@@ -87,6 +92,8 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
     from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.decoding.lm_stepper import LMStepper
 
+    if args.guess != "cache" and (not args.ralmspec or loaded.kind == "retro"):
+        raise ValueError("--guess lm speculates kNN-LM decoding: it takes --ralmspec and an LM checkpoint")
     if args.no_retrieval or retriever is None:
         return LMStepper(loaded.model)
     if loaded.kind == "retro":
@@ -105,8 +112,9 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
         from lm_worker.decoding.ralmspec.config import SpeculationConfig
         from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
 
+        speculation = SpeculationConfig(stride=args.stride, guess=args.guess, asynchronous=args.guess == "lm")
         return RaLMSpecKnnLM(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
-                             speculation=SpeculationConfig(stride=args.stride))
+                             speculation=speculation)
     if args.knn_pipeline or args.no_overlap or config.strategy == "beam":
         return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
                             overlap=args.knn_pipeline)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from lm_worker.decoding.stepper_stats import StepperStats
 
+GUESSES = ("cache", "lm")  # where a row's guessed token comes from (`SpeculationConfig.guess`)
+
 
 @dataclass(frozen=True)
 class SpeculationConfig:
@@ -15,6 +17,12 @@ class SpeculationConfig:
     asynchronous: speculate the next steps while a verification is in flight.
     successors: rows after each retrieved neighbour that also enter the local cache (0..16).
     cache_rows: rows each sequence's local cache keeps.
+    guess: where a row's guessed token comes from. "cache": kNN-LM with the neighbours its local cache
+        holds (RaLMSpec). "lm": the LM alone (its argmax; sampling: a draw from its distribution), which
+        needs no local cache, no stored keys and no successors or keys in the verification requests; it
+        pays where the LM alone mostly picks kNN-LM's token and, with `asynchronous`, a model step costs
+        about what a request waits (a stride of 1 then computes each step while the last is verified).
+        Greedy decoding and sampling; beam search takes "cache" alone.
     """
 
     stride: int = 0
@@ -22,10 +30,13 @@ class SpeculationConfig:
     asynchronous: bool = False
     successors: int = 4
     cache_rows: int = 2048
+    guess: str = "cache"
 
     def __post_init__(self):
         if self.stride < 0 or self.max_stride < 1 or not 0 <= self.successors <= 16 or self.cache_rows < 1:
             raise ValueError("stride >= 0, max_stride >= 1, successors in 0..16 and cache_rows >= 1 required")
+        if self.guess not in GUESSES:
+            raise ValueError(f"guess must be one of {', '.join(GUESSES)}, got {self.guess!r}")
 
 
 @dataclass

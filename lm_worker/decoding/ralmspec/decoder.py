@@ -17,14 +17,18 @@ rolls back alone: its key/value cache is truncated (`RaggedKVCache`) and its lat
 while the other rows of the batch go on from where they are. Every answer, with each neighbour's
 successors and their keys, goes into the sequence's local cache.
 
+With `SpeculationConfig(guess="lm")` a row guesses the LM's own token instead (no local cache, plain
+requests, no stored keys needed); asynchronously at a stride of 1, each step is computed on the last
+step's guess while the last step is verified.
+
 The stride s comes from `StrideScheduler`: RaLMSpec's optimal stride for the measured acceptance rate
 and costs, or a serial step (no guess) where no stride beats serial retrieval.
 
 Beam search speculates per prompt (`lm_worker.decoding.ralmspec.beam`): a prompt's beams are coupled,
 so a prompt rolls back as a whole. Asynchronous verification applies to greedy decoding and sampling;
 beam search verifies synchronously. The model must be a `TransformerLM` (its layers take per-row
-positions); the datastore must keep its keys (`retriever-server build --keep-keys`): the local caches
-search them.
+positions); guessing from the cache, the datastore must keep its keys (`retriever-server build
+--keep-keys`): the local caches search them.
 
 Example:
     >>> decoder = RaLMSpecKnnLM(lm, ServiceRetriever(address, RetrievalConfig(k=16)), lam=0.25)
@@ -84,10 +88,11 @@ class RaLMSpecKnnLM:
 
     Args:
         model: a `TransformerLM`.
-        retriever: a `ServiceRetriever` or `InProcessRetriever` over a kNN-LM datastore that keeps keys.
+        retriever: a `ServiceRetriever` or `InProcessRetriever` over a kNN-LM datastore (keeping keys to guess
+            from the local caches).
         lam: λ, the weight of p_kNN.
         temperature: of the neighbour softmax over -distance.
-        speculation: stride, asynchrony, successors and local cache size.
+        speculation: stride, asynchrony, successors, local cache size and where guesses come from.
     """
 
     decodes_itself = True  # `generate` hands it the whole prompt batch
@@ -113,14 +118,18 @@ class RaLMSpecKnnLM:
             raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
                              f"the model's max_len {max_len} (speculation feeds finished rows one position more)")
         if config.strategy == "beam":
+            if self.speculation.guess != "cache":
+                raise ValueError("beam search guesses from the local caches: it takes guess='cache'")
             return BeamDecode(self, prompt, config).run()
         return _Decode(self, prompt, config).run()
 
     def send(self, queries: np.ndarray, for_cache: bool = True) -> Pending:
         """Asks the service for the neighbours of queries (n, d); `for_cache`: with their successors and
-        keys, for the local caches. Asynchronous: a future in flight; else answered before it returns."""
+        keys, for the local caches (never when guessing from the LM). Asynchronous: a future in flight;
+        else answered before it returns."""
         self.stats.queries += len(queries)
         self.stats.retrieval_calls += 1
+        for_cache = for_cache and self.speculation.guess == "cache"
         successors = self.speculation.successors if for_cache else 0
         if self.speculation.asynchronous:
             return Pending(self.retriever.pool.submit(self.retriever.knn, queries, None, successors, for_cache))
@@ -132,8 +141,8 @@ class RaLMSpecKnnLM:
 
     def mix(self, lm_log_probs: torch.Tensor, distances: np.ndarray, values: np.ndarray) -> torch.Tensor:
         """log(λ p_kNN + (1-λ) p_LM) (n, V) from the LM's log-probs (n, V) and neighbours (n, k)."""
-        knn = knn_log_probs(torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32)),
-                            torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+        knn = knn_log_probs(torch.tensor(distances, dtype=torch.float32),  # copies: an answer's arrays are read-only
+                            torch.tensor(values, dtype=torch.int64),
                             lm_log_probs.shape[-1], self.temperature)  # (n, V)
         return interpolate(lm_log_probs, knn, self.lam)
 
@@ -152,7 +161,8 @@ class _Decode:
         B = prompt.shape[0]
         self.rows = CommittedRows(B, config)
         self.cache = RaggedKVCache(len(owner.model.blocks))
-        self.local = LocalCaches(B, owner.speculation.cache_rows, owner.model.config.d_model)
+        self.local = LocalCaches(B, owner.speculation.cache_rows, owner.model.config.d_model) \
+            if owner.speculation.guess == "cache" else None
         self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled
         self.sent = [0] * B  # of each row's pending steps, how many the request in flight carries
         self.in_flight: _InFlight | None = None
@@ -206,7 +216,8 @@ class _Decode:
         lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
         found = wait_for(self.owner.send(queries), self.stats)
         log_probs = self.owner.mix(lm_log_probs, found.distances, found.values)  # (B, V)
-        self.local.add_neighbours(np.arange(len(self.pending)), found, slice(None))
+        if found.keys is not None:
+            self.local.add_neighbours(np.arange(len(self.pending)), found, slice(None))
         for r in range(len(self.pending)):
             token = self._choose(r, log_probs[r])
             self.rows.commit(r, token, float(log_probs[r, token]))
@@ -226,13 +237,15 @@ class _Decode:
 
     def _speculate(self, open_rows: list[int], guess: bool) -> None:
         """One batched model step; with `guess`, each open row chooses its token from its local cache's
-        neighbours, else its step waits for the service's (a serial step). The other rows' new position
-        is dropped again."""
+        neighbours (or the LM alone), else its step waits for the service's (a serial step). The other
+        rows' new position is dropped again."""
         started = time.perf_counter()
         lm_log_probs, queries = self._step(open_rows)  # (B, V), (B, d)
         if guess:
-            distances, values = self.local.search(queries, self.owner.k)  # (B, k), (B, k)
-            log_probs = self.owner.mix(lm_log_probs[open_rows], distances[open_rows], values[open_rows])  # (b, V)
+            log_probs = lm_log_probs[open_rows]  # (b, V)
+            if self.local is not None:
+                distances, values = self.local.search(queries, self.owner.k)  # (B, k), (B, k)
+                log_probs = self.owner.mix(log_probs, distances[open_rows], values[open_rows])  # (b, V)
             greedy = log_probs.argmax(dim=-1).tolist() if self.generators is None else None
         for i, r in enumerate(open_rows):
             state = self.generators[r].get_state() if self.generators is not None else None

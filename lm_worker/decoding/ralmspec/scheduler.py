@@ -8,7 +8,8 @@ successors and keys add per step). The stride is the s in 1..max_stride that max
 E_s / (w(s) + b(s)), or, asynchronously (a window is guessed while the last one is verified, and a row
 whose window failed loses the window guessed meanwhile), E_s / ((2 - γ^s) · max(w(s), b(s))). Where no
 s ≥ 2 beats a serial step, 1 / (a0 + b0) (a0 its model, mixing and committing), the window is a
-serial step (no guess), with a probe now and then to keep γ current: a window of one guessed step,
+serial step (no guess); asynchronously s = 1 is a plan too, as its step overlaps the last one's
+verification; with a probe now and then to keep γ current: a window of one guessed step,
 which costs a serial step plus the guess (a rollback there drops no step); in a batch of fewer than
 `_PROBE_GUESSES` rows, as many such windows in a row as make that many guesses (each window's answer
 fills the caches for the next). Decoding starts serial, and the first probe comes after
@@ -89,11 +90,12 @@ class StrideScheduler:
         probed, self.probed = self.probed, False
         if self.gamma is not None and self.step_s is not None and self.plain_verify_s is not None:
             serial, guessing = self.rates()
-            if guessing.max() > serial and int(np.argmax(guessing)) > 0:
+            least = 0 if self.spec.asynchronous else 1  # a stride of 1 overlaps only asynchronously
+            if guessing.max() > serial and int(np.argmax(guessing)) >= least:
                 self.probe_every = self.until_probe = _PROBE_FIRST
                 self.burst = 0
                 return int(np.argmax(guessing)) + 1
-            best = guessing[1:].max(initial=0.0)  # the strides a plan can choose (a probe's 1 is not one)
+            best = guessing[least:].max(initial=0.0)  # the strides a plan can choose
             if probed and not self.burst and best < _CLEAR * serial:  # the probe left the plan clearly
                 self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # serial: probe less often
         if self.burst:  # the probe goes on
