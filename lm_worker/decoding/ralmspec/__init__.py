@@ -1,6 +1,6 @@
 """Speculative retrieval for batched kNN-LM decoding (RaLMSpec): each sequence guesses its neighbours
-from a local cache of the rows it retrieved and their successors, verified in batched requests; and
-its RETRO form, per chunk.
+from a local cache of the rows it retrieved and their successors (or its token from the LM alone),
+verified in batched requests; and its RETRO form, per chunk.
 
 - `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
 - `rows`: `CommittedRows`, the tokens and log-probs each row has committed;
