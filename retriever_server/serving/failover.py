@@ -197,16 +197,27 @@ class Attempts:
         return ShardFailed(*self._last)
 
 
-async def _only_attempt(attempts: Attempts, call: Callable[[str, float | None], Awaitable]):
-    """A call with one replica to try: nothing to hedge or fail over to, so no task or timer."""
+def _only_start(attempts: Attempts) -> tuple[str, float | None]:
+    """The one replica to try and its timeout; CallFailed when the deadline has passed already."""
     chosen = attempts.start()
     if chosen is None:
         raise attempts.exhausted()
+    return chosen
+
+
+def _only_failed(attempts: Attempts, address: str, err: grpc.RpcError) -> CallFailed:
+    """Why a call with one replica ends when its attempt failed (raised at once when the status is the answer)."""
+    attempts.failed(address, err.code(), err.details())
+    return attempts.exhausted()
+
+
+async def _only_attempt(attempts: Attempts, call: Callable[[str, float | None], Awaitable]):
+    """A call with one replica to try: nothing to hedge or fail over to, so no task or timer."""
+    chosen = _only_start(attempts)
     try:
         reply = await call(*chosen)
     except grpc.aio.AioRpcError as err:
-        attempts.failed(chosen[0], err.code(), err.details())  # raises when the status is the answer
-        raise attempts.exhausted() from None
+        raise _only_failed(attempts, chosen[0], err) from None
     attempts.succeeded(chosen[0], [])
     return reply
 
@@ -220,14 +231,11 @@ def call_once(attempts: Attempts, call: Callable[[str, float | None], object]):
     """
     if not attempts.single():
         raise ValueError("call_once takes a call with one replica to try; call_async fails over between several")
-    chosen = attempts.start()
-    if chosen is None:
-        raise attempts.exhausted()
+    chosen = _only_start(attempts)
     try:
         reply = call(*chosen)
     except grpc.RpcError as err:
-        attempts.failed(chosen[0], err.code(), err.details())  # raises when the status is the answer
-        raise attempts.exhausted() from None
+        raise _only_failed(attempts, chosen[0], err) from None
     attempts.succeeded(chosen[0], [])
     return reply
 
