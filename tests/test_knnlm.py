@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lm_worker.evaluation.knnlm import interpolate, knn_log_probs, knn_target_log_prob
+from lm_worker.evaluation.knnlm import interpolate, knn_log_probs, knn_target_log_prob, mix_log_probs
 
 V = 11
 
@@ -156,10 +156,37 @@ def test_interpolate_ends():
     assert torch.isneginf(both_missing).all()
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.01, 0.25, 0.9, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mix_log_probs_is_the_dense_mixture_bit_for_bit(lam, seed):
+    """Decoding mixes only where p_kNN > 0; every other entry, and every row, must be the dense mixture's
+    to the bit (decoders compare tokens), and close to the float64 reference."""
+    rng = np.random.default_rng(seed)
+    vocab, n, k = 4096, 9, 16
+    lm = torch.log_softmax(torch.from_numpy(rng.normal(0, 3, (n, vocab)).astype(np.float32)), -1)  # (n, V)
+    lm[1, :7] = -math.inf  # tokens the LM rules out, some of them neighbours' values
+    distances = np.sort(rng.uniform(0, 40, (n, k)), axis=1).astype(np.float32)
+    values = rng.integers(0, 24, (n, k))  # duplicate tokens in most rows; token 0 among them
+    values[0, 10:] = -1  # missing neighbours
+    distances[0, 10:] = np.inf
+    values[2] = -1  # no neighbour at all: token 0 (where missing ones point) gets nothing
+    distances[2] = np.inf
+    values[3, :] = 0  # every neighbour on token 0
+    got = mix_log_probs(lm, *as_torch(distances, values), lam, temperature=7.0)  # (n, V)
+    dense = interpolate(lm, knn_log_probs(*as_torch(distances, values), vocab, 7.0), lam)
+    assert got.shape == (n, vocab) and got.dtype == dense.dtype
+    assert torch.equal(got, dense)
+    want = reference_interpolate(lm.numpy(), log_or_minus_inf(reference_knn_probs(distances, values, vocab, 7.0)), lam)
+    np.testing.assert_allclose(got.numpy(), want.astype(np.float32), rtol=2e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
 def test_bad_lambda_raises(lam):
     with pytest.raises(ValueError, match="lambda"):
         interpolate(torch.zeros(3), torch.zeros(3), lam)
+    distances, values = neighbours()
+    with pytest.raises(ValueError, match="lambda"):
+        mix_log_probs(torch.zeros(len(values), V), *as_torch(distances, values), lam)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])

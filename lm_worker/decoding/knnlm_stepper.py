@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.stepper_stats import Pending, StepperStats, blocking, last_log_probs, wait_for
-from lm_worker.evaluation.knnlm import interpolate, knn_log_probs
+from lm_worker.evaluation.knnlm import mix_log_probs
 
 
 @dataclass
@@ -138,10 +138,9 @@ class KnnLMStepper:
         """log(λ p_kNN + (1-λ) p_LM) (B, V) from the LM's log-probs and the neighbours found."""
         started = time.perf_counter()
         device = lm_log_probs.device
-        knn = knn_log_probs(torch.tensor(found.distances, device=device),
+        out = mix_log_probs(lm_log_probs, torch.tensor(found.distances, device=device),
                             torch.tensor(found.values, dtype=torch.long, device=device),
-                            lm_log_probs.shape[-1], self.temperature)  # (B, V)
-        out = interpolate(lm_log_probs, knn, self.lam)
+                            self.lam, self.temperature)  # (B, V)
         self.stats.compute_s += time.perf_counter() - started
         return out
 

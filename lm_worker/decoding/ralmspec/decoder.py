@@ -52,7 +52,7 @@ from lm_worker.decoding.ralmspec.rows import CommittedRows
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
 from lm_worker.decoding.sampling import choose_tokens, row_generators
 from lm_worker.decoding.stepper_stats import Pending, last_log_probs, wait_for
-from lm_worker.evaluation.knnlm import interpolate, knn_log_probs
+from lm_worker.evaluation.knnlm import mix_log_probs
 from lm_worker.models.ragged_cache import RaggedKVCache
 from lm_worker.models.transformer_lm import TransformerLM
 from lm_worker.retrieval.local_cache import LocalCaches
@@ -140,11 +140,10 @@ class RaLMSpecKnnLM:
         return pending
 
     def mix(self, lm_log_probs: torch.Tensor, distances: np.ndarray, values: np.ndarray) -> torch.Tensor:
-        """log(λ p_kNN + (1-λ) p_LM) (n, V) from the LM's log-probs (n, V) and neighbours (n, k)."""
-        knn = knn_log_probs(torch.tensor(distances, dtype=torch.float32),  # copies: an answer's arrays are read-only
-                            torch.tensor(values, dtype=torch.int64),
-                            lm_log_probs.shape[-1], self.temperature)  # (n, V)
-        return interpolate(lm_log_probs, knn, self.lam)
+        """log(λ p_kNN + (1-λ) p_LM) (n, V) from the LM's log-probs (n, V) and neighbours (n, k) (copied:
+        an answer's arrays are read-only)."""
+        d, v = torch.tensor(distances, dtype=torch.float32), torch.tensor(values, dtype=torch.int64)  # copies
+        return mix_log_probs(lm_log_probs, d, v, self.lam, self.temperature)  # (n, V)
 
     def model_step(self, cache: RaggedKVCache, tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """The LM's log-probs (B, V) and kNN-LM keys (B, d) at the last of `tokens` (B, T), cache advanced."""
