@@ -114,6 +114,25 @@ def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
         assert "guessed steps held" in lm_guess
 
 
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample"])
+def test_generate_pipelines_many_prompts_by_default(lm_run, knn_servers, capsys, strategy):
+    """From PIPELINE_PROMPTS prompts on, generate decodes two prompt groups in turn: serial's text."""
+    from lm_worker.cli.generate import PIPELINE_PROMPTS
+
+    shards = ",".join(s[0] for s in knn_servers.shard_addresses)
+    texts = ["def handler_3(request", "    return request", "import os", "class Node:"]
+    prompts = [a for i in range(PIPELINE_PROMPTS) for a in ("--prompt", f"{texts[i % 4]} {i}")]
+    args = ["generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"), "--target", shards,
+            "--k", "8", "--nprobe", "4", "--strategy", strategy, "--top-k", "5", "--max-new-tokens", "4"]
+    many = cli(capsys, *args, *prompts)
+    assert many.count("--- ") == PIPELINE_PROMPTS and "two prompt groups pipelined" in many
+    serial = cli(capsys, *args, *prompts, "--no-overlap")
+    assert "pipelined" not in serial
+    assert many.split("\nretrieval:")[0] == serial.split("\nretrieval:")[0]
+    fewer = cli(capsys, *args, *prompts[:2 * (PIPELINE_PROMPTS - 1)])  # one prompt fewer: the LM's guess
+    assert "pipelined" not in fewer and "next token guessed right for" in fewer
+
 def test_retro_half(lm_run, capsys):
     """The RETRO half with MiniLM chunks; the commands that retrieve share one deployment (`--target`;
     `--datastore`, which serves for the command's duration, is the other tests' way)."""

@@ -15,6 +15,12 @@ from lm_worker.cli.common import (
     security_of,
 )
 
+# From this many prompts on, kNN-LM greedy and sampling decode two prompt groups in turn by default: in
+# benchmarks/decoding.py (model and servers on a core each) the pipeline read 1.09-1.23x serial's tokens/s
+# at 16 prompts and 1.05-1.38x at 32, the whole-batch guess 0.89-1.01x there; at 8 prompts the two were
+# level (1.04-1.10x against 1.01-1.11x), at 1 the pipeline is slower (docs/results.md).
+PIPELINE_PROMPTS = 16
+
 
 def add_parsers(sub) -> None:
     """Adds `generate` and `attention`."""
@@ -39,7 +45,9 @@ def add_parsers(sub) -> None:
                         "the next step on the LM's guess while the neighbours are in flight")
     g.add_argument("--knn-pipeline", action="store_true",
                    help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
-                        "model step (pays off with many prompts; on a small CPU model, serial is faster)")
+                        f"model step; the default for greedy and sampling from {PIPELINE_PROMPTS} prompts on "
+                        "(below, the next step is computed on the LM's guess while the neighbours are in flight); "
+                        "with beam search, on request only")
     g.add_argument("--ralmspec", action="store_true",
                    help="kNN-LM: guess each step's neighbours from each prompt's local cache of the rows it "
                         "retrieved and their successors, verified for all prompts in one request every s steps; a "
@@ -88,7 +96,7 @@ def _prompts(args: argparse.Namespace, tokenizer):
     return texts, torch.tensor(ids, dtype=torch.long)
 
 
-def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
+def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, prompts: int):
     from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.decoding.lm_stepper import LMStepper
 
@@ -115,9 +123,10 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config):
         speculation = SpeculationConfig(stride=args.stride, guess=args.guess, asynchronous=args.guess == "lm")
         return RaLMSpecKnnLM(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
                              speculation=speculation)
-    if args.knn_pipeline or args.no_overlap or config.strategy == "beam":
+    pipeline = args.knn_pipeline or (prompts >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap)
+    if pipeline or args.no_overlap or config.strategy == "beam":
         return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
-                            overlap=args.knn_pipeline)
+                            overlap=pipeline)
     from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
 
     return SpeculativeKnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
@@ -138,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> None:
                             length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
     k = loaded.model.config.n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
-        stepper = _stepper(args, loaded, retriever, tokenizer, config)
+        stepper = _stepper(args, loaded, retriever, tokenizer, config, len(texts))
         out = generate(stepper, prompt, config)
     for text, row, n in zip(texts, out.tokens, out.lengths):
         print(f"--- {text!r}\n{tokenizer.decode(row[: int(n)].tolist())}")
@@ -148,8 +157,9 @@ def run_generate(args: argparse.Namespace) -> None:
         if getattr(s, "verified", 0):
             unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
+        groups = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and len(texts) > 1 else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
-              f"model {s.compute_s:.2f} s{guesses}")
+              f"model {s.compute_s:.2f} s{guesses}{groups}")
 
 
 def run_attention(args: argparse.Namespace) -> None:
