@@ -51,7 +51,8 @@ def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, vocab_size: int
                   temperature: float = 1.0) -> torch.Tensor:
     """log p_kNN over the whole vocabulary: distances (N, k), values (N, k) long -> (N, V).
 
-    Used in decoding, where the next token is not known yet.
+    Decoding, where the next token is not known yet, mixes with `mix_log_probs` instead: the same
+    mixture without building this (N, V) array; this is its dense reference.
     """
     w = _neighbour_log_weights(distances, values, temperature).exp()  # (N, k), 0 for missing
     probs = torch.zeros(values.shape[0], vocab_size, dtype=w.dtype, device=w.device)
