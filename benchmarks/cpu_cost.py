@@ -31,7 +31,8 @@ It also reports the cost of TLS with a bearer token on the router path.
 With `--pin` (8 cores or more: the GPU machine, `benchmarks/device_speed.sh`), the client, the router and
 each shard run on 2 cores of their own, and a second table gives wall-clock ratios (`pinning.py`).
 
-Prints the table and the bars, and writes OUT/cpu_cost.json.
+Prints the table and the bars, and writes OUT/cpu_cost.json and its figure, OUT/cpu_cost.png
+(`cpu_cost_plot.py`: per (nq, k), each path's CPU by process beside the in-process search and its floor).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_cost_plot import plot_costs  # noqa: E402
 from decoding import process_cpu_s  # noqa: E402
 from grpc_floor import FloorDeployment, request_bytes  # noqa: E402
 from pinning import core_plan, pin_process, wall_table  # noqa: E402
@@ -452,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     print(secure_table(results["secure"]))
     print()
     print(bars_table(results["bars"]))
-    print(f"\nwrote {args.out / 'cpu_cost.json'}")
+    plot_costs(results["rows"], args.out / "cpu_cost.png")
+    print(f"\nwrote {args.out / 'cpu_cost.json'} and {args.out / 'cpu_cost.png'}")
 
 
 if __name__ == "__main__":

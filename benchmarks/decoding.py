@@ -52,7 +52,8 @@ forward's cost hardly depends on its rows, and servers sharing the model's cores
 
 torch runs with one thread: the machine's cores are shared by the model, the shard servers and the
 router, and with torch's default of one thread per core the model and the servers fight over them and
-the timings turn to noise. Writes OUT/decoding.json and prints markdown tables.
+the timings turn to noise. Writes OUT/decoding.json and its figure, OUT/decoding.png (`decoding_plot.py`),
+and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from decoding_plot import plot_decoding  # this file's neighbour: benchmarks/ is on sys.path when it runs
 
 from lm_worker.decoding.config import GenerateConfig
 from lm_worker.decoding.generate import generate
@@ -628,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "decoding.json"
     path.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {path}")
+    plot_decoding(results["results"], path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
     return 0
 
 

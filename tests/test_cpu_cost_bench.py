@@ -68,3 +68,39 @@ def test_each_process_gets_cores_of_its_own_and_every_thread_is_pinned():
     finally:
         child.kill()
         child.wait()
+
+
+def cost_row(nq: int, k: int) -> dict:
+    """A cpu_cost.json row of made-up figures (CPU ms per request)."""
+    router = {"client": 0.5, "router": 1.5, "shard 0": 6.0, "shard 1": 7.0}
+    fan_out = {"client": 1.0, "shard 0": 6.5, "shard 1": 6.5}
+    return {"nq": nq, "k": k, "in_process_sharded": {"total": 11.0},
+            "router": {**router, "total": sum(router.values())}, "fan_out": {**fan_out, "total": sum(fan_out.values())},
+            "floor_router": {"total": 1.7}, "floor_fan_out": {"total": 1.5},
+            "router_efficiency": 11.0 / 15.0, "fan_out_efficiency": 11.0 / 14.0}
+
+
+def test_the_figure_stacks_each_path_by_process_to_its_total_and_marks_its_floor(tmp_path):
+    import json
+
+    import pytest
+    from cpu_cost_plot import ceilings, main, stacks
+
+    row = cost_row(64, 10)
+    bars = stacks(row)
+    assert list(bars) == ["in-process", "router", "fan-out"]
+    assert bars["in-process"] == {"in-process": 11.0}
+    assert bars["router"] == {"shards": 13.0, "router": 1.5, "client": 0.5}
+    assert bars["fan-out"] == {"shards": 13.0, "router": 0.0, "client": 1.0}
+    for key, label in (("router", "router"), ("fan_out", "fan-out")):
+        assert sum(bars[label].values()) == pytest.approx(row[key]["total"])
+    assert ceilings(row) == pytest.approx({"router": 12.7, "fan-out": 12.5})
+
+    results = tmp_path / "cpu_cost.json"  # two cells of a 2 x 2 grid: the missing ones are left blank
+    results.write_text(json.dumps({"rows": [cost_row(1, 10), cost_row(64, 1024)]}))
+    main([str(results)])
+    png = (tmp_path / "cpu_cost.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(SystemExit, match="cannot read the rows of"):
+        main([str(tmp_path / "broken.json")])

@@ -55,3 +55,32 @@ def test_the_ceiling_is_the_share_hidden_by_a_run_as_short_as_its_cpu_work_on_it
     assert rows["serial"]["ceiling"] == pytest.approx(0.8)  # (2.0 - 1.2) / 1.0
     assert rows["overlapped"]["hidden_fraction"] == pytest.approx(0.2)
     assert rows["overlapped"]["ceiling"] == pytest.approx(0.4)
+
+
+def scenario(tokens_per_s: dict[str, float]) -> dict:
+    return {"rows": {name: {"tokens_per_s": v} for name, v in tokens_per_s.items()}}
+
+
+def test_the_figure_gives_each_decoder_its_tokens_per_second_over_serial_retrieval(tmp_path):
+    import json
+
+    from decoding_plot import main, speedups
+
+    knnlm = {"greedy x1": scenario({"lm (no retrieval)": 300.0, "knn-lm serial": 100.0, "knn-lm pipelined": 95.0}),
+             "greedy x8": scenario({"lm (no retrieval)": 1600.0, "knn-lm serial": 640.0,
+                                    "knn-lm ralmspec lm guess": 768.0})}
+    got = speedups(knnlm, "knnlm")
+    assert got == {"greedy x1": {"lm (no retrieval)": 3.0, "knn-lm serial": 1.0, "knn-lm pipelined": 0.95},
+                   "greedy x8": {"lm (no retrieval)": 2.5, "knn-lm serial": 1.0, "knn-lm ralmspec lm guess": 1.2}}
+    retro = {"greedy x8": scenario({"retro (no retrieval)": 5000.0, "retro exact (prefetch 0)": 4000.0,
+                                    "retro ralmspec": 4400.0})}
+    assert speedups(retro, "retro")["greedy x8"]["retro ralmspec"] == pytest.approx(1.1)
+
+    results = tmp_path / "decoding.json"
+    results.write_text(json.dumps({"results": {"knnlm": knnlm, "retro": retro}}))
+    main([str(results)])
+    png = (tmp_path / "decoding.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    (tmp_path / "broken.json").write_text("[]")
+    with pytest.raises(SystemExit, match="cannot read the results of"):
+        main([str(tmp_path / "broken.json")])
