@@ -43,18 +43,20 @@ def plot_decoding(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sections = [s for s in REFERENCES if results.get(s)]
+    if not sections:
+        raise ValueError("no kNN-LM or RETRO results to draw")
     fig, axes = plt.subplots(1, len(sections), figsize=(7.5 * len(sections), 5.4), squeeze=False)
     for ax, section in zip(axes[0], sections):
         ratios = speedups(results[section], section)
+        per_scenario = list(ratios.values())
         skip = {REFERENCES[section], WITHOUT_RETRIEVAL[section]}
-        decoders = sorted({name for row in ratios.values() for name in row} - skip,
-                          key=lambda n: next(list(r).index(n) for r in ratios.values() if n in r))
+        decoders = list(dict.fromkeys(name for r in per_scenario for name in r if name not in skip))  # first seen first
         width = 0.8 / max(1, len(decoders))
         for i, name in enumerate(decoders):
-            xs = [x for x, r in enumerate(ratios.values()) if name in r]
-            ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [list(ratios.values())[x][name] for x in xs],
+            xs = [x for x, r in enumerate(per_scenario) if name in r]
+            ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [per_scenario[x][name] for x in xs],
                    width=width, label=name)
-        alone = [(x, r[WITHOUT_RETRIEVAL[section]]) for x, r in enumerate(ratios.values())
+        alone = [(x, r[WITHOUT_RETRIEVAL[section]]) for x, r in enumerate(per_scenario)
                  if WITHOUT_RETRIEVAL[section] in r]
         if alone:
             ax.plot(*zip(*alone), "kD", label="no retrieval (the ceiling)")

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,22 +123,29 @@ def compare(config: AbConfig) -> dict[str, dict[str, float]]:
                     call(request, timeout=30)
                 sides[name] = (process.pid, call)
                 cores[name] = sorted(os.sched_getaffinity(process.pid))
-            used = {name: 0.0 for name in sides}
-            calls = {name: 0 for name in sides}
-            for _ in range(config.rounds):
-                for name, (pid, call) in sides.items():
-                    before, started, n = process_cpu_s(pid), time.perf_counter(), 0
-                    while time.perf_counter() - started < config.seconds_per_round:
-                        call(batch[n % len(batch)], timeout=30)
-                        n += 1
-                    used[name] += process_cpu_s(pid) - before
-                    calls[name] += n
+            result = take_turns(sides, batch, config.rounds, config.seconds_per_round)
         finally:
             for process in processes:
                 process.terminate()
                 process.wait(10)
-    return {name: {"ms": 1e3 * used[name] / calls[name], "calls": calls[name], "cores": cores[name]}
-            for name in sides}
+    return {name: {**row, "cores": cores[name]} for name, row in result.items()}
+
+
+def take_turns(sides: dict[str, tuple[int, Callable[..., bytes]]], batch: list[bytes], rounds: int,
+               seconds_per_round: float) -> dict[str, dict[str, float]]:
+    """Each side (name -> (the server's pid, a blocking call)) sends `batch`'s requests one at a time for
+    `seconds_per_round`, the sides taking turns for `rounds` rounds; the server's CPU ms per call and the
+    calls, by side."""
+    used, calls = {name: 0.0 for name in sides}, {name: 0 for name in sides}
+    for _ in range(rounds):
+        for name, (pid, call) in sides.items():
+            before, started, n = process_cpu_s(pid), time.perf_counter(), 0
+            while time.perf_counter() - started < seconds_per_round:
+                call(batch[n % len(batch)], timeout=30)
+                n += 1
+            used[name] += process_cpu_s(pid) - before
+            calls[name] += n
+    return {name: {"ms": 1e3 * used[name] / calls[name], "calls": calls[name]} for name in sides}
 
 
 def main(argv: list[str] | None = None) -> None:

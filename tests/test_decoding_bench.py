@@ -84,3 +84,6 @@ def test_the_figure_gives_each_decoder_its_tokens_per_second_over_serial_retriev
     (tmp_path / "broken.json").write_text("[]")
     with pytest.raises(SystemExit, match="cannot read the results of"):
         main([str(tmp_path / "broken.json")])
+    (tmp_path / "empty.json").write_text('{"results": {}}')
+    with pytest.raises(SystemExit, match="does not hold what the figure needs.*no kNN-LM or RETRO results"):
+        main([str(tmp_path / "empty.json")])

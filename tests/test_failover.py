@@ -20,7 +20,7 @@ from conftest import build, synthetic
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.cluster.supervisor import Child, RestartPolicy
 from retriever_server.serving.client import RetrieverClient, RetrieverError
-from retriever_server.serving.failover import Attempts, Deadline, FailoverPolicy, ReplicaSet, call_once
+from retriever_server.serving.failover import P95_EVERY, Attempts, Deadline, FailoverPolicy, ReplicaSet, call_once
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N, D = 3000, 16
@@ -144,3 +144,22 @@ def test_a_blocking_call_takes_one_replica_alone():
         call_once(two, lambda address, timeout: None)
     one = Attempts(ReplicaSet("shard-00000", ["a:1", "a:2"]), FailoverPolicy(), Deadline(1.0), fail_over=False)
     assert call_once(one, lambda address, timeout: (address, timeout is not None and timeout <= 1.0)) == ("a:1", True)
+
+
+def test_the_hedge_delay_is_the_p95_of_recent_answers_computed_again_every_few_answers():
+    policy = FailoverPolicy()
+    replicas = ReplicaSet("shard-00000", ["a:1", "a:2"])
+    for _ in range(19):
+        replicas.succeeded("a:1", 0.05)
+    assert replicas.hedge_delay(policy) == policy.hedge_initial_s  # fewer than 20 answers known
+    replicas.succeeded("a:1", 0.05)
+    assert replicas.hedge_delay(policy) == pytest.approx(0.05)
+    for _ in range(P95_EVERY - 1):  # the shard slows down: 15 of 35 answers now take 0.5 s
+        replicas.succeeded("a:2", 0.5)
+    assert replicas.hedge_delay(policy) == pytest.approx(0.05)  # the p95 computed 15 answers ago
+    replicas.succeeded("a:2", 0.5)
+    assert replicas.hedge_delay(policy) == pytest.approx(0.5)  # computed again: the p95 of all 36
+    for _ in range(2 * P95_EVERY):
+        replicas.succeeded("a:2", 5.0)
+    assert replicas.hedge_delay(policy) == policy.hedge_max_s
+    assert replicas.hedge_delay(FailoverPolicy(hedge_delay_s=0.3)) == 0.3

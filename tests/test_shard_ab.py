@@ -36,3 +36,16 @@ def test_both_sides_answer_requests_of_the_shards_own_keys(ray_cluster, tmp_path
         assert side["calls"] > 0 and side["ms"] > 0
     assert result["after"]["cores"] == [0]  # --after-cpus 0: that side's server on core 0 alone
     assert result["before"]["cores"] == sorted(os.sched_getaffinity(0))
+
+
+def test_the_router_benchmark_compares_two_whole_deployments(ray_cluster, tmp_path):
+    from router_ab import RouterAbConfig
+    from router_ab import compare as compare_routers
+
+    keys = synthetic(2000, 16, seed=6)
+    datastore = build(tmp_path, keys, "ds", shards=2, factory="IVF16,Flat", keep_keys=True)
+    config = RouterAbConfig(datastore, before=ROOT, replicas=2, nq=2, k=5, nprobe=2, rounds=2, seconds_per_round=0.3)
+    result = compare_routers(config)
+    assert set(result) == {"before", "after"}
+    for side in result.values():
+        assert side["calls"] > 0 and side["ms"] > 0
