@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=2.0, help="per side and round")
     args = parser.parse_args(argv)
+    for tree in (args.before, args.after):  # else PYTHONPATH would miss it, and the installed code run silently
+        if not (tree / "retriever_server").is_dir():
+            sys.exit(f"router_ab.py: {tree} is not a source tree of this project (no retriever_server/ in it)")
     config = RouterAbConfig(args.datastore, args.before, args.after, args.queries, args.replicas, args.nq, args.k,
                             args.nprobe, args.rounds, args.seconds)
     result = compare(config)

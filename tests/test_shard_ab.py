@@ -49,3 +49,10 @@ def test_the_router_benchmark_compares_two_whole_deployments(ray_cluster, tmp_pa
     assert set(result) == {"before", "after"}
     for side in result.values():
         assert side["calls"] > 0 and side["ms"] > 0
+
+
+def test_the_router_benchmark_refuses_a_tree_that_is_not_a_source_tree(tmp_path):
+    from router_ab import main as router_ab
+
+    with pytest.raises(SystemExit, match="is not a source tree of this project"):
+        router_ab(["--datastore", str(tmp_path), "--before", str(tmp_path / "nowhere")])
