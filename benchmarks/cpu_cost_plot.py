@@ -13,6 +13,7 @@ tick at in-process + its floor: where a service adding exactly the bare gRPC cos
 from __future__ import annotations
 
 import sys
+from itertools import product
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +50,7 @@ def plot_costs(rows: list[dict], path: Path) -> None:
     ks, nqs = sorted({r["k"] for r in rows}), sorted({r["nq"] for r in rows})
     fig, axes = plt.subplots(len(ks), len(nqs), figsize=(3.2 * len(nqs), 3.3 * len(ks)), squeeze=False)
     by_cell = {(r["nq"], r["k"]): r for r in rows}
-    for (i, k), (j, nq) in ((a, b) for a in enumerate(ks) for b in enumerate(nqs)):
+    for (i, k), (j, nq) in product(enumerate(ks), enumerate(nqs)):  # row per k, column per nq
         ax, row = axes[i][j], by_cell.get((nq, k))
         if row is None:
             ax.set_axis_off()
