@@ -10,8 +10,11 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
 
 - kNN-LM, greedy over each of `batches` prompts (1, 8 and 32 by default), and beam search (`beams` beams, no EOS) over
   `beam_prompts` prompts: the LM alone (the reference without retrieval); `KnnLMStepper` serial (one
-  blocking call per step for every row); pipelined (`overlap=True`: the prompts in two groups with a
-  cache each, decoded interleaved so each group's request is in flight while the other group's model
+  blocking call per step for every row, sent after the forward: `early=False`); early request (the same
+  stepper's default: each step's request sent from within the forward once the keys exist, so the service
+  searches while the last feed-forward block and the output head run; the same work and requests);
+  pipelined (`overlap=True`: the prompts in two groups with a cache each, decoded interleaved so each
+  group's request is in flight while the other group's model
   step runs; see `lm_worker.decoding.pipelined`); and, for greedy, speculative (`SpeculativeKnnLMStepper`: the
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
   that pays; see `lm_worker.decoding.speculative`) and RaLMSpec (`RaLMSpecKnnLM`: each prompt guesses its
@@ -329,6 +332,14 @@ def lm_guess_summary(rows: dict[str, dict]) -> dict:
             "lm_guess_serial_windows": sum(1 for s in stats["strides"] if s == 0) / max(1, len(stats["strides"]))}
 
 
+def early_summary(rows: dict[str, dict]) -> dict:
+    """The request sent from within the forward (`KnnLMStepper(early=True)`) against serial retrieval."""
+    serial, early = rows["knn-lm serial"], rows["knn-lm early request"]
+    return {"early_speedup": early["tokens_per_s"] / serial["tokens_per_s"],
+            "early_cpu_per_token_vs_serial": early["cpu_ms_per_token"] / serial["cpu_ms_per_token"],
+            "early_same_tokens": serial["tokens_digest"] == early["tokens_digest"]}
+
+
 def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor, GenerateConfig]]) -> dict:
     """Per scenario: LM alone, kNN-LM serial and kNN-LM pipelined, against RUN/knnlm-datastore served locally."""
     retrieval, cores = RetrievalConfig(k=config.k, nprobe=config.nprobe), cores_of(config)
@@ -341,7 +352,8 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
         for name, (prompt, gen) in scenarios.items():
             variants = {
                 "lm (no retrieval)": lambda: LMStepper(model),
-                "knn-lm serial": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=False),
+                "knn-lm serial": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=False, early=False),
+                "knn-lm early request": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=False),
                 "knn-lm pipelined": lambda: KnnLMStepper(model, retriever, lam, temperature, overlap=True),
             }
             if gen.strategy != "beam":  # beam search reorders rows every step, which drops every guess
@@ -360,6 +372,7 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             annotate(rows, "knn-lm serial", cores)
             summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
             summary.update(ralmspec_summary(rows))
+            summary.update(early_summary(rows))
             if "knn-lm speculative" in rows:
                 stats = rows["knn-lm speculative"]["stats"]
                 summary["guesses_held"] = stats["guessed_right"] / stats["guessed"] if stats["guessed"] else 0.0
@@ -486,6 +499,21 @@ def ralmspec_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def early_table(results: dict) -> str:
+    """Each step's request sent once the keys exist (before the last feed-forward block and the head)
+    against serial retrieval (sent after the forward): the same work and requests, one line per scenario."""
+    lines = ["| kNN-LM | serial tokens/s | early request tokens/s | speed-up | CPU ms/token, serial / early | "
+             "same tokens |", "|---|---:|---:|---:|---:|---|"]
+    for scenario, result in results.get("knnlm", {}).items():
+        s, rows = result["summary"], result["rows"]
+        serial, early = rows["knn-lm serial"], rows["knn-lm early request"]
+        lines.append(f"| {scenario} | {serial['tokens_per_s']:.1f} | {early['tokens_per_s']:.1f} | "
+                     f"{s['early_speedup']:.2f}x | {serial['cpu_ms_per_token']:.2f} / "
+                     f"{early['cpu_ms_per_token']:.2f} | "
+                     f"{'yes' if s['early_same_tokens'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def retro_ralmspec_table(results: dict) -> str:
     """RETRO's speculative retrieval per chunk against exact serial retrieval, one line per batch size."""
     lines = ["| RETRO | exact serial tokens/s | RaLMSpec (adaptive) tokens/s | every guess tokens/s | chunks decoded "
@@ -608,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(results["results"]))
     print()
     print(ralmspec_table(results["results"]))
+    print()
+    print(early_table(results["results"]))
     print()
     print(retro_ralmspec_table(results["results"]))
     for scenario, result in results["results"].get("knnlm", {}).items():

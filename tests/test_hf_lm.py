@@ -68,6 +68,22 @@ def test_keys_are_the_input_of_the_last_mlp(lm, tokens):
 
 
 @torch.no_grad()
+def test_on_keys_sees_the_keys_before_the_last_mlp(lm, tokens):
+    """As `TransformerLM`'s: called once with the returned keys (B, T, d) before the last MLP runs; the
+    same outputs as without it."""
+    events, seen = [], []
+    hook = lm.hf.transformer.h[-1].mlp.c_fc.register_forward_pre_hook(lambda *_: events.append("last mlp"))
+    try:
+        logits, keys = lm(tokens, return_keys=True, on_keys=lambda k: (events.append("keys"), seen.append(k)))
+    finally:
+        hook.remove()
+    assert events == ["keys", "last mlp"] and len(seen) == 1 and seen[0].shape == (B, T, 16)
+    plain_logits, plain_keys = lm(tokens, return_keys=True)
+    assert torch.equal(seen[0], keys) and torch.equal(keys, plain_keys) and torch.equal(logits, plain_logits)
+    assert torch.equal(lm(tokens, on_keys=seen.append), plain_logits) and torch.equal(seen[1], keys)
+
+
+@torch.no_grad()
 def test_logits_equal_hf(lm, tokens):
     torch.testing.assert_close(lm(tokens), lm.hf(input_ids=tokens).logits)
     targets = torch.roll(tokens, -1, dims=1)

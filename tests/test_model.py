@@ -100,6 +100,25 @@ def test_knn_keys_are_last_ffn_input(model, tokens):
     torch.testing.assert_close(keys, seen[0], rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_on_keys_sees_the_keys_before_the_last_ffn_and_the_head(model, tokens):
+    """`on_keys` is called once, with the keys the forward returns, before the last feed-forward block
+    and the output head run (a caller sends their retrieval then); the outputs are those of a forward
+    without it, bit for bit."""
+    events, seen = [], []
+    hooks = [model.blocks[-1].ffn.register_forward_pre_hook(lambda *_: events.append("last ffn")),
+             model.head.register_forward_pre_hook(lambda *_: events.append("head"))]
+    try:
+        logits, keys = model(tokens, cache=model.new_cache(), return_keys=True,
+                             on_keys=lambda k: (events.append("keys"), seen.append(k.clone())))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert events == ["keys", "last ffn", "head"]
+    plain_logits, plain_keys = model(tokens, cache=model.new_cache(), return_keys=True)
+    assert torch.equal(seen[0], keys) and torch.equal(keys, plain_keys) and torch.equal(logits, plain_logits)
+
+
 def test_max_len_is_enforced(model):
     with pytest.raises(ValueError, match="max_len"):
         model(torch.zeros(1, model.config.max_len + 1, dtype=torch.long))

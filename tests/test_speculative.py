@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_steppers import LAM, TEMP, FakeRetriever, SlowLM, forwards_overlapping_a_search, knn_datastore, random_tokens
+from test_steppers import LAM, TEMP, FakeRetriever, SlowLM, during_a_search, knn_datastore, random_tokens
 
 from lm_worker.decoding.config import GenerateConfig
 from lm_worker.decoding.generate import generate
@@ -126,9 +126,9 @@ def test_speculation_overlaps_each_request_with_the_next_forward(lm):
                                    lam=0.0, temperature=TEMP, adaptive=False)
     assert torch.equal(generate(serial, prompt, cfg).tokens, generate(spec, prompt, cfg).tokens)
     assert spec.stats.guessed_right == spec.stats.guessed == 4 * 5
-    assert forwards_overlapping_a_search(serial_events) == 0
+    assert during_a_search(serial_events) == 0
     forwards = spec_events.count("forward-start")  # the serial 6, and the guess after the last token
-    assert forwards == 7 and forwards_overlapping_a_search(spec_events) == forwards - 1
+    assert forwards == 7 and during_a_search(spec_events) == forwards - 1
 
 
 def test_no_speculation_past_the_models_length(lm, fake_knn):

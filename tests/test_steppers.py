@@ -228,7 +228,7 @@ PIPELINE_CONFIGS = {  # (config, prompt seed): with EOS, seeds where one group f
 def test_knn_lm_pipelined_groups_equal_serial(lm, fake_knn, name):
     cfg, seed = PIPELINE_CONFIGS[name]
     prompt = random_tokens((5, 4), seed=seed)
-    serial = Recorder(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=False))
+    serial = Recorder(KnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=False, early=False))
     piped = RecordingKnn(lm, fake_knn, lam=LAM, temperature=TEMP, overlap=True)
     a, b = generate(serial, prompt, cfg), generate(piped, prompt, cfg)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
@@ -276,12 +276,13 @@ class SlowLM(torch.nn.Module):
         return self.lm(tokens, cache=cache, return_keys=return_keys)
 
 
-def forwards_overlapping_a_search(events: list[str]) -> int:
-    """How many model forwards started while some retrieval request was in flight."""
+def during_a_search(events: list[str], kind: str = "forward-start") -> int:
+    """How many events of `kind` (model forwards started, by default) came while some retrieval request
+    was in flight."""
     in_flight = overlapping = 0
     for event in events:
         in_flight += {"search-start": 1, "search-end": -1}.get(event, 0)
-        overlapping += event == "forward-start" and in_flight > 0
+        overlapping += event == kind and in_flight > 0
     return overlapping
 
 
@@ -301,10 +302,53 @@ def test_knn_lm_pipeline_overlaps_retrieval_with_the_other_groups_forward(lm):
                          lam=LAM, temperature=TEMP, overlap=True)
     assert torch.equal(generate(serial, prompt, cfg).tokens, generate(piped, prompt, cfg).tokens)
     assert serial.stats.wait_s == serial.stats.retrieval_s
-    assert forwards_overlapping_a_search(serial_events) == 0
+    assert during_a_search(serial_events) == 0
     assert piped.stats.retrieval_calls == 12 and piped_events.count("forward-start") == 12
-    assert forwards_overlapping_a_search(piped_events) == 11  # all but the very first
+    assert during_a_search(piped_events) == 11  # all but the very first
     assert sum(piped.in_flight) >= len(piped.in_flight) // 2  # the other group's request was out as this one computed
+
+
+class HeadGatedRetriever(FakeRetriever):
+    """A `FakeRetriever` whose searches end only once the LM's output head has started since the last
+    one ended (`head_started`, set by a hook on the head): a request sent before the head is in flight
+    while it runs, whatever the threads' timing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_started = threading.Event()
+
+    def _search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.head_started.wait(timeout=10), "the output head never ran"
+        self.head_started.clear()
+        return super()._search(queries)
+
+
+def test_knn_lm_sends_each_request_before_the_forward_finishes(lm):
+    """By default (`early`) each step's request leaves as soon as the keys exist, so the service searches
+    while the last feed-forward block and the output head run; `early=False` sends it after the forward,
+    one blocking call. The same requests and the same log-probs, bit for bit."""
+    keys, values = knn_datastore(lm)
+    prompt, cfg = random_tokens((4, 4), seed=18), GenerateConfig(max_new_tokens=5)
+    runs = {}
+    for early in (True, False):
+        events: list[str] = []
+        retriever = HeadGatedRetriever(keys, values, k=6, events=events)
+
+        def head_started(*_, events=events, retriever=retriever):
+            events.append("head")
+            retriever.head_started.set()
+
+        hook = lm.head.register_forward_pre_hook(head_started)
+        try:
+            stepper = Recorder(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP, early=early))
+            runs[early] = (generate(stepper, prompt, cfg), stepper.outputs, events, retriever)
+        finally:
+            hook.remove()
+    (out, outputs, events, retriever), (want, want_outputs, serial_events, serial) = runs[True], runs[False]
+    assert torch.equal(out.tokens, want.tokens) and len(outputs) == len(want_outputs) == 5
+    assert all(torch.equal(a, b) for a, b in zip(outputs, want_outputs))
+    assert retriever.submitted == 5 and retriever.calls == serial.calls == [4] * 5 and serial.submitted == 0
+    assert during_a_search(events, "head") == 5 and during_a_search(serial_events, "head") == 0
 
 
 def test_knn_lm_pipeline_with_a_single_prompt_is_serial(lm, fake_knn):
@@ -408,6 +452,11 @@ def test_knn_lm_through_the_service(ray_cluster, aio, tmp_path, lm):
         out = generate(serial, prompt, GenerateConfig(max_new_tokens=5))
         refs = [reference_knn_lm(lm, torch.cat([prompt, out.tokens[:, :t]], 1), exact) for t in range(5)]
         assert_steps_match(serial.outputs, refs, atol=1e-4)
+        assert counting.calls == [("submit_knn", 4, "MainThread")] * 5  # sent from within the forward
+
+        counting.calls.clear()
+        blocking = KnnLMStepper(lm, counting, lam=LAM, temperature=TEMP, early=False)
+        assert torch.equal(generate(blocking, prompt, GenerateConfig(max_new_tokens=5)).tokens, out.tokens)
         assert counting.calls == [("knn", 4, "MainThread")] * 5
 
         counting.calls.clear()

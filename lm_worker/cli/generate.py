@@ -17,8 +17,8 @@ from lm_worker.cli.common import (
 
 # From this many prompts on, kNN-LM greedy and sampling decode two prompt groups in turn by default: in
 # benchmarks/decoding.py (model and servers on a core each) the pipeline read 1.09-1.23x serial's tokens/s
-# at 16 prompts and 1.05-1.38x at 32, the whole-batch guess 0.89-1.01x there; at 8 prompts the two were
-# level (1.04-1.10x against 1.01-1.11x), at 1 the pipeline is slower (docs/results.md).
+# at 16 prompts and 1.05-1.38x at 32; in one later run, with both sending each request from within the
+# forward, 1.18x against 1.12x at 32 prompts and 1.08x against 1.10x at 8 (docs/results.md).
 PIPELINE_PROMPTS = 16
 
 
@@ -41,13 +41,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--knn-temperature", type=float, default=1.0)
     g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
     g.add_argument("--no-overlap", action="store_true",
-                   help="retrieve serially: RETRO's prefetched queries when needed, kNN-LM without computing "
-                        "the next step on the LM's guess while the neighbours are in flight")
+                   help="retrieve serially: RETRO's prefetched queries when needed, kNN-LM each step's request "
+                        "sent once the forward is done (by default it leaves as soon as the model has the keys, "
+                        "and the output head runs while the service searches), and no prompt-group pipeline")
     g.add_argument("--knn-pipeline", action="store_true",
                    help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
                         f"model step; the default for greedy and sampling from {PIPELINE_PROMPTS} prompts on "
-                        "(below, the next step is computed on the LM's guess while the neighbours are in flight); "
-                        "with beam search, on request only")
+                        "(below, and with beam search, each step's request leaves as soon as the model has its "
+                        "keys, and the output head runs while the service searches); with beam search, on "
+                        "request only")
     g.add_argument("--ralmspec", action="store_true",
                    help="kNN-LM: guess each step's neighbours from each prompt's local cache of the rows it "
                         "retrieved and their successors, verified for all prompts in one request every s steps; a "
@@ -124,13 +126,8 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
         return RaLMSpecKnnLM(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
                              speculation=speculation)
     pipeline = args.knn_pipeline or (prompts >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap)
-    if pipeline or args.no_overlap or config.strategy == "beam":
-        return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
-                            overlap=pipeline)
-    from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
-
-    return SpeculativeKnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
-                                   eos_id=config.eos_id)
+    return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+                        overlap=pipeline, early=not args.no_overlap)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -158,8 +155,9 @@ def run_generate(args: argparse.Namespace) -> None:
             unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
         groups = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and len(texts) > 1 else ""
+        early = "; each request sent once the keys were out" if getattr(stepper, "early", False) else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
-              f"model {s.compute_s:.2f} s{guesses}{groups}")
+              f"model {s.compute_s:.2f} s{guesses}{groups}{early}")
 
 
 def run_attention(args: argparse.Namespace) -> None:

@@ -1,5 +1,8 @@
 """kNN-LM decoding: log(λ p_kNN + (1-λ) p_LM), with the neighbours of the newest position's key
-retrieved for every row in one call per step.
+retrieved for every row in one call per step. The call leaves as soon as the model has the keys (the
+input of its last feed-forward block), so the service searches while the forward finishes: the last
+feed-forward block, the output head over the vocabulary and the log-softmax (`early`, the default; the
+same work and requests as sending after the forward).
 
 Its steps also come in two phases (`submit_step`: model step and request sent; `finish`: wait and mix),
 and `fork` makes a copy with its own cache, so with `overlap=True` `generate` pipelines two prompt
@@ -17,7 +20,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,20 +55,27 @@ class KnnLMStepper:
         lam: λ, the weight of p_kNN.
         temperature: of the neighbour softmax over -distance.
         overlap: send each request as a future (`submit_knn`) and let `generate` pipeline two prompt groups
-            (`pipelined` is then true; see `lm_worker.decoding.pipelined`); False retrieves with one blocking call
-            per step. Either way each row gets the same neighbours and the same tokens. The pipeline runs two
-            half-batch forwards and two requests per step, so it pays only where a half-batch forward costs
+            (`pipelined` is then true; see `lm_worker.decoding.pipelined`); False retrieves one step at a time
+            (with `early`, sent from within the forward and waited for in `finish`; else one blocking call).
+            Either way each row gets the same neighbours and the same tokens. The pipeline runs two half-batch
+            forwards and two requests per step, so it pays only where a half-batch forward costs
             clearly less than a full one (large batches) and the requests' latency does not compete with the
             model for the same cores; at small batches, where a forward's cost hardly depends on its rows,
             it is slower than serial (see `benchmarks/decoding.py`).
+        early: send each step's request as soon as the model has its keys (`on_keys` of its forward), so the
+            service searches while the forward finishes (the last feed-forward block, the output head and
+            the log-softmax), and wait for it in `finish`; False sends it once the forward is done (with
+            `overlap` False, one blocking call: serial retrieval). The same work, requests and tokens
+            either way. A model whose forward takes no `on_keys` sends after the forward.
     """
 
     def __init__(self, model: torch.nn.Module, retriever, lam: float = 0.25, temperature: float = 1.0,
-                 overlap: bool = False):
+                 overlap: bool = False, early: bool = True):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must lie in [0, 1], got {lam}")
         self.model, self.retriever = model, retriever
         self.lam, self.temperature, self.overlap = lam, temperature, overlap
+        self.early = early and "on_keys" in inspect.signature(model.forward).parameters
         self.stats = StepperStats()
         self.cache = None
 
@@ -113,18 +125,27 @@ class KnnLMStepper:
 
     def _submit(self, tokens: torch.Tensor, in_flight: bool | None = None) -> KnnStep:
         """Model step on `tokens` (B, T) and the request for the last position's neighbours: sent as a
-        future when `in_flight` (default: `overlap`), else answered at once."""
-        lm_log_probs, keys = self._model_step(tokens)
-        return KnnStep(lm_log_probs, self._request(keys, self.overlap if in_flight is None else in_flight))
+        future when `in_flight` (default: `overlap` or `early`), from within the forward when `early`,
+        else answered at once."""
+        in_flight = self.overlap or self.early if in_flight is None else in_flight
+        sent: list[Pending] = []
 
-    def _model_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """The LM's log-probs (B, V) and kNN-LM keys (B, d) at the last of `tokens` (B, T), cache advanced."""
+        def send(keys: torch.Tensor) -> None:  # (B, T, d)
+            sent.append(self._request(_last_keys(keys), in_flight=True))
+
+        lm_log_probs, keys = self._model_step(tokens, send if in_flight and self.early else None)
+        return KnnStep(lm_log_probs, sent[0] if sent else self._request(keys, in_flight))
+
+    def _model_step(self, tokens: torch.Tensor, on_keys: Callable[[torch.Tensor], None] | None = None
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The LM's log-probs (B, V) and kNN-LM keys (B, d) at the last of `tokens` (B, T), cache advanced;
+        `on_keys` goes to the model's forward (called with the keys (B, T, d) before it finishes)."""
         started = time.perf_counter()
-        logits, keys = self.model(tokens, cache=self.cache, return_keys=True)  # (B, T, V), (B, T, d)
+        hook = {} if on_keys is None else {"on_keys": on_keys}
+        logits, keys = self.model(tokens, cache=self.cache, return_keys=True, **hook)  # (B, T, V), (B, T, d)
         lm_log_probs = last_log_probs(logits)  # (B, V)
-        keys = np.ascontiguousarray(keys[:, -1].float().cpu().numpy())  # (B, d)
         self.stats.compute_s += time.perf_counter() - started
-        return lm_log_probs, keys
+        return lm_log_probs, _last_keys(keys)
 
     def _request(self, keys: np.ndarray, in_flight: bool):
         """The neighbours of `keys` (n, d): a `Pending` future, or found now (blocking)."""
@@ -144,3 +165,7 @@ class KnnLMStepper:
         self.stats.compute_s += time.perf_counter() - started
         return out
 
+
+def _last_keys(keys: torch.Tensor) -> np.ndarray:
+    """The last position's keys (B, d) of keys (B, T, d), as a float32 array of their own."""
+    return np.ascontiguousarray(keys[:, -1].float().cpu().numpy())

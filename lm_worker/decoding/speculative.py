@@ -175,9 +175,9 @@ class SpeculativeKnnLMStepper(KnnLMStepper):
             return None
         return _Guess(tokens, self._submit(tokens[:, None], in_flight=True))
 
-    def _model_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def _model_step(self, tokens: torch.Tensor, on_keys=None) -> tuple[torch.Tensor, np.ndarray]:
         started = time.perf_counter()
-        out = super()._model_step(tokens)
+        out = super()._model_step(tokens, on_keys)
         self._forward_s = _average(self._forward_s, time.perf_counter() - started)
         return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,17 @@ class HFCausalLM(nn.Module):
         """An empty cache for incremental decoding; its batch size is set by the first call."""
         return HFCache()
 
-    def forward(self, tokens: torch.Tensor, cache: HFCache | None = None, return_keys: bool = False
+    def forward(self, tokens: torch.Tensor, cache: HFCache | None = None, return_keys: bool = False,
+                on_keys: Callable[[torch.Tensor], None] | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (B, T, V) for every position, and with `return_keys` the kNN-LM keys
-        (B, T, d_model), exactly as `TransformerLM.forward`; `cache` is an `HFCache` from `new_cache()`."""
+        (B, T, d_model), exactly as `TransformerLM.forward` (`on_keys` too: called with the keys before the
+        last feed-forward block runs); `cache` is an `HFCache` from `new_cache()`."""
         T = tokens.shape[1]
         check_length(cache.offset if cache is not None else 0, T, self.config.max_len)
         captured: list[torch.Tensor] = []
-        handle = self._ffn.register_forward_pre_hook(_capture_into(captured), with_kwargs=True) if return_keys else None
+        hook = _capture_into(captured, tokens.shape, on_keys)
+        handle = self._ffn.register_forward_pre_hook(hook, with_kwargs=True) if return_keys or on_keys else None
         try:
             past = {self._cache_arg: None if cache is None else cache.past}
             out = self.hf(input_ids=tokens, use_cache=cache is not None, **past)
@@ -160,7 +164,7 @@ class HFCausalLM(nn.Module):
             return logits
         if len(captured) != 1:
             raise RuntimeError(f"the last feed-forward block ran {len(captured)} times in one forward pass")
-        return logits, captured[0].reshape(*tokens.shape, -1)  # (B, T, V), (B, T, d_model); OPT flattens B*T
+        return logits, captured[0]  # (B, T, V), (B, T, d_model)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of `targets` (B, T) given `tokens` (B, T); `ignore_index` masks targets."""
@@ -172,14 +176,18 @@ class HFCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _capture_into(captured: list[torch.Tensor]):
-    """A forward pre-hook that appends the block's input hidden states (B, T, d) to `captured`."""
+def _capture_into(captured: list[torch.Tensor], shape: torch.Size,
+                  on_keys: Callable[[torch.Tensor], None] | None = None):
+    """A forward pre-hook that appends the block's input hidden states, as (*shape, d) (OPT flattens
+    B*T), to `captured`, and passes them to `on_keys` when given."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
         if not isinstance(x, torch.Tensor):
             raise RuntimeError(f"cannot find the input hidden states of {type(module).__name__}")
-        captured.append(x)
+        captured.append(x.reshape(*shape, -1))
+        if on_keys is not None:
+            on_keys(captured[-1])
 
     return hook
 

@@ -8,6 +8,7 @@ H heads, D head size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -201,11 +202,15 @@ class Block(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        on_ffn_input: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the block output (B, T, C) and the feed-forward input (B, T, C) (the kNN-LM key)."""
+        """Return the block output (B, T, C) and the feed-forward input (B, T, C) (the kNN-LM key);
+        `on_ffn_input` is called with the latter before the feed-forward runs."""
         x = x + self.attn(self.norm_attn(x), cache, layer)
         ffn_in = self.norm_ffn(x)  # (B, T, C)
+        if on_ffn_input is not None:
+            on_ffn_input(ffn_in)
         return x + self.ffn(ffn_in), ffn_in
 
 

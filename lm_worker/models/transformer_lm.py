@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,8 @@ class TransformerLM(nn.Module):
         return KVCache(self.config.n_layer)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, return_keys: bool = False
+        self, tokens: torch.Tensor, cache: KVCache | None = None, return_keys: bool = False,
+        on_keys: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits for every position.
 
@@ -82,6 +84,8 @@ class TransformerLM(nn.Module):
             tokens: (B, T) token ids; with a cache, the positions after those already cached.
             cache: a `KVCache` from `new_cache()`, updated in place (keys/values appended, offset advanced).
             return_keys: also return the kNN-LM keys, the input of the last feed-forward block.
+            on_keys: called with those keys (B, T, d_model) as soon as they exist, before the last
+                feed-forward block and the output head run: a caller can send their retrieval meanwhile.
 
         Returns:
             logits (B, T, V), or (logits, keys (B, T, d_model)) when `return_keys`.
@@ -92,8 +96,9 @@ class TransformerLM(nn.Module):
         T = tokens.shape[1]
         check_length(cache.offset if cache is not None else 0, T, self.config.max_len)
         x = self.drop(self.tok_emb(tokens))  # (B, T, C)
+        last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
-            x, keys = block(x, cache, layer)  # (B, T, C), (B, T, C)
+            x, keys = block(x, cache, layer, on_keys if layer == last else None)  # (B, T, C), (B, T, C)
         if cache is not None:
             cache.offset += T
         logits = self.head(self.norm(x))  # (B, T, V)

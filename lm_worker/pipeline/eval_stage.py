@@ -71,9 +71,9 @@ def write_samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, ret
 
     from lm_worker.decoding.config import GenerateConfig
     from lm_worker.decoding.generate import generate
+    from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.decoding.lm_stepper import LMStepper
     from lm_worker.decoding.retro_stepper import RetroStepper
-    from lm_worker.decoding.speculative import SpeculativeKnnLMStepper
 
     prompts = PROMPTS[:config.samples]
     # Nucleus sampling with one seed for all three: greedy decoding of models this small repeats itself.
@@ -81,8 +81,7 @@ def write_samples(config: PipelineConfig, tokenizer, lm, knn_retriever, knn, ret
                             eos_id=tokenizer.eos_id)
     steppers = {"LM alone": (LMStepper(lm), decode),
                 f"kNN-LM (λ={knn.best_lambda:g}, T={knn.temperature:g})":
-                    (SpeculativeKnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature,
-                                             eos_id=tokenizer.eos_id), decode),
+                    (KnnLMStepper(lm, knn_retriever, lam=knn.best_lambda, temperature=knn.temperature), decode),
                 "RETRO, queries sent 4 tokens early":
                     (RetroStepper(retro, retro_retriever, encoder, prefetch=4), decode)}
     lines = ["# Samples\n", "Each model continues each prompt by nucleus sampling (top-p 0.9, temperature 0.8, "
