@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm_worker.decoding.stepper_stats import Pending, StepperStats, blocking, last_log_probs, wait_for
+from lm_worker.decoding.stepper_stats import Pending, StepperStats, blocking, last_keys, last_log_probs, wait_for
 from lm_worker.evaluation.knnlm import mix_log_probs
 
 
@@ -131,7 +131,7 @@ class KnnLMStepper:
         sent: list[Pending] = []
 
         def send(keys: torch.Tensor) -> None:  # (B, T, d)
-            sent.append(self._request(_last_keys(keys), in_flight=True))
+            sent.append(self._request(last_keys(keys), in_flight=True))
 
         lm_log_probs, keys = self._model_step(tokens, send if in_flight and self.early else None)
         return KnnStep(lm_log_probs, sent[0] if sent else self._request(keys, in_flight))
@@ -145,7 +145,7 @@ class KnnLMStepper:
         logits, keys = self.model(tokens, cache=self.cache, return_keys=True, **hook)  # (B, T, V), (B, T, d)
         lm_log_probs = last_log_probs(logits)  # (B, V)
         self.stats.compute_s += time.perf_counter() - started
-        return lm_log_probs, _last_keys(keys)
+        return lm_log_probs, last_keys(keys)
 
     def _request(self, keys: np.ndarray, in_flight: bool):
         """The neighbours of `keys` (n, d): a `Pending` future, or found now (blocking)."""
@@ -164,8 +164,3 @@ class KnnLMStepper:
                             self.lam, self.temperature)  # (B, V)
         self.stats.compute_s += time.perf_counter() - started
         return out
-
-
-def _last_keys(keys: torch.Tensor) -> np.ndarray:
-    """The last position's keys (B, d) of keys (B, T, d), as a float32 array of their own."""
-    return np.ascontiguousarray(keys[:, -1].float().cpu().numpy())

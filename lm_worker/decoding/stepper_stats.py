@@ -11,6 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -82,6 +83,11 @@ def blocking(call, stats: StepperStats) -> Any:
     stats.retrieval_s += elapsed
     stats.retrieval_calls += 1
     return result
+
+
+def last_keys(keys: torch.Tensor) -> np.ndarray:
+    """The last position's kNN-LM keys (B, d) of keys (B, T, d), as a float32 array of their own."""
+    return np.ascontiguousarray(keys[:, -1].float().cpu().numpy())
 
 
 def last_log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 from a local cache of the rows it retrieved and their successors (or its token from the LM alone),
 verified in batched requests; and its RETRO form, per chunk.
 
-- `decoder`: `RaLMSpecKnnLM`, the decode loop: guess, verify, roll back row by row;
+- `decoder`: `RaLMSpecKnnLM`, the decoder: its requests, mixing and model steps;
+- `row_decode`: `RowDecode`, its loop for greedy decoding and sampling: guess, verify, roll back row by row;
 - `rows`: `CommittedRows`, the tokens and log-probs each row has committed;
 - `beam`: the same for beam search, a prompt's beams rolled back together;
 - `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
