@@ -110,11 +110,13 @@ def test_serial_steps_between_guessing_windows_decode_the_tokens_of_serial_retri
     assert decoder.stats.retrieval_calls == 1 + len(strides)  # the first step's, then one per window
 
 
-SENDING = {  # (speculation, the plan's strides): serial steps only; guessing windows between serial steps;
-    # windows of two of the LM's guesses
-    "serial steps": (SpeculationConfig(successors=2), [0]),
-    "windows": (SpeculationConfig(successors=2), [0, 3, 0, 0, 2]),
-    "lm-guess": (SpeculationConfig(stride=2, guess="lm"), [2]),
+SENDING = {  # (speculation, the plan's strides, decoding): serial steps only; guessing windows between serial
+    # steps; windows of two of the LM's guesses; beam search's serial steps and windows
+    "serial steps": (SpeculationConfig(successors=2), [0], CONFIGS["greedy"]),
+    "windows": (SpeculationConfig(successors=2), [0, 3, 0, 0, 2], CONFIGS["greedy"]),
+    "lm-guess": (SpeculationConfig(stride=2, guess="lm"), [2], CONFIGS["greedy"]),
+    "beam": (SpeculationConfig(successors=2), [0, 2, 0, 3], GenerateConfig(strategy="beam", num_beams=3,
+                                                                            max_new_tokens=12)),
 }
 
 
@@ -125,15 +127,15 @@ def test_each_request_leaves_from_within_the_model_step_that_completes_it(lm, re
     the output head. Only a window cut short by the end of decoding leaves after a forward. The tokens
     are serial retrieval's. (Asynchronous, a window is completed while the last one is in flight, and
     leaves once that one is settled.)"""
-    speculation, plan = SENDING[name]
-    cfg, prompt = CONFIGS["greedy"], random_tokens((6, 5), seed=11)
+    speculation, plan, cfg = SENDING[name]
+    prompt = random_tokens((6, 5), seed=11)
     want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP, early=False), prompt, cfg)
     decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=speculation)
     plans = iter(plan * 64)
     monkeypatch.setattr(decoder.scheduler, "plan", lambda: next(plans))
     events: list[str] = []
-    submit = retriever.pool.submit
-    monkeypatch.setattr(retriever.pool, "submit", lambda *a, **kw: (events.append("sent"), submit(*a, **kw))[1])
+    send = decoder.send
+    monkeypatch.setattr(decoder, "send", lambda *a, **kw: (events.append("sent"), send(*a, **kw))[1])
     hooks = [lm.blocks[-1].attn.register_forward_hook(lambda *_: events.append("attention")),
              lm.blocks[-1].ffn.register_forward_pre_hook(lambda *_: events.append("ffn"))]
     try:
@@ -142,6 +144,7 @@ def test_each_request_leaves_from_within_the_model_step_that_completes_it(lm, re
         for hook in hooks:
             hook.remove()
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=0)
     sent = [i for i, event in enumerate(events) if event == "sent"]
     early = [i for i in sent if events[i - 1] == "attention" and events[i + 1] == "ffn"]
     assert len(sent) == decoder.stats.retrieval_calls > 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 
 from lm_worker.decoding.beam import Hypotheses, finish_beams, select_beams
 from lm_worker.decoding.config import GenerateConfig, GenerateOutput
-from lm_worker.decoding.stepper_stats import wait_for
+from lm_worker.decoding.stepper_stats import Pending, last_keys, wait_for
 from lm_worker.models.ragged_cache import CacheSnapshot, RaggedKVCache
 from lm_worker.retrieval.local_cache import LocalCaches
 
@@ -83,10 +84,9 @@ class BeamDecode:
         stride = scheduler.plan()
         while not all(b.ended for b in self.beams) or any(self.pending):
             open_prompts = self._open(stride)
-            if open_prompts:
-                self._step(open_prompts, guess=stride > 0)
+            sent = self._step(open_prompts, stride) if open_prompts else None
             if any(self.pending) and (not self._open(stride) or max(map(len, self.pending)) >= max(stride, 1)):
-                self._verify(stride)
+                self._verify(stride, sent)
                 stride = scheduler.plan()
         return self._output()
 
@@ -101,8 +101,10 @@ class BeamDecode:
 
     def _first_step(self) -> None:
         """The prompts' forward and one real retrieval; the first selection of every prompt."""
-        lm_log_probs, queries = self.owner.model_step(self.cache, self.prompt)  # (B, V), (B, d)
-        found = wait_for(self.owner.send(queries), self.stats)
+        early: list[Pending] = []
+        lm_log_probs, _ = self.owner.model_step(  # (B, V); the request sent once the keys exist
+            self.cache, self.prompt, lambda keys: early.append(self.owner.send(last_keys(keys), in_flight=True)))
+        found = wait_for(early[0], self.stats)
         log_probs = self.owner.mix(lm_log_probs, found.distances, found.values).float()  # (B, V)
         self.local.add_neighbours(np.arange(self.B), found, slice(None))
         source = torch.zeros(self.B * self.W, dtype=torch.long)
@@ -125,12 +127,16 @@ class BeamDecode:
         ended = state.hyps.done or state.t == self.config.max_new_tokens - 1
         return _Beams(choice.scores, choice.history, state.hyps, state.t + 1, ended), choice.source, choice.token
 
-    def _step(self, open_prompts: list[int], guess: bool) -> None:
-        """One batched model step; each open prompt selects its beams from its local cache's neighbours
-        (a guess), or keeps the step for the service's (a serial step). Other rows' position is dropped."""
-        started = time.perf_counter()
+    def _step(self, open_prompts: list[int], stride: int) -> Pending | None:
+        """One batched model step; at a stride above 0 each open prompt selects its beams from its local
+        cache's neighbours (a guess), else keeps the step for the service's (a serial step). Other rows'
+        position is dropped. Where this step fills the window, its verification request leaves from within
+        the step once the keys exist, and is returned."""
+        started, guess, early = time.perf_counter(), stride > 0, []
+        fills = max(len(p) + (b in open_prompts) for b, p in enumerate(self.pending)) >= max(stride, 1)
         before = self.cache.lengths.clone()
-        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None])  # (B*W, V), (B*W, d)
+        lm_log_probs, queries = self.owner.model_step(  # (B*W, V), (B*W, d)
+            self.cache, self.next_input[:, None], self._window_sender(open_prompts, stride, early) if fills else None)
         rows_open = torch.cat([self._rows(b) for b in open_prompts])
         idle = torch.tensor(sorted(set(range(self.B * self.W)) - set(rows_open.tolist())), dtype=torch.long)
         if len(idle):
@@ -156,14 +162,30 @@ class BeamDecode:
         elapsed = time.perf_counter() - started
         self.stats.compute_s += elapsed
         self.window_s += elapsed
+        return early[0] if early else None
 
-    def _verify(self, stride: int) -> None:
-        """One request for every pending step; each prompt replays its steps with the service's
-        neighbours and rolls back alone at the first whose selection differs."""
+    def _window_sender(self, open_prompts: list[int], stride: int, out: list[Pending]
+                       ) -> Callable[[torch.Tensor], None]:
+        """An `on_keys` that sends what `_verify` would once this step is kept: every prompt's pending steps'
+        queries and, for each open prompt, this step's (keys (B*W, 1, d)), prompt by prompt."""
+        def send(keys: torch.Tensor) -> None:
+            new, opened = last_keys(keys), set(open_prompts)  # (B*W, d)
+            queries = [q for b, p in enumerate(self.pending)
+                       for q in [*(s.queries for s in p), *([new[self._rows(b).numpy()]] if b in opened else [])]]
+            out.append(self.owner.send(np.concatenate(queries), stride > 0 or self.owner.scheduler.primes,
+                                       in_flight=True))
+
+        return send
+
+    def _verify(self, stride: int, pending: Pending | None = None) -> None:
+        """One request for every pending step (`pending`: already sent, from within the last model step);
+        each prompt replays its steps with the service's neighbours and rolls back alone at the first whose
+        selection differs."""
         prompts = [b for b in range(self.B) if self.pending[b]]
         steps = [s for b in prompts for s in self.pending[b]]
-        for_cache = stride > 0 or self.owner.scheduler.primes
-        pending = self.owner.send(np.concatenate([s.queries for s in steps]), for_cache)
+        if pending is None:
+            for_cache = stride > 0 or self.owner.scheduler.primes
+            pending = self.owner.send(np.concatenate([s.queries for s in steps]), for_cache)
         found = wait_for(pending, self.stats)
         latency = (pending.finished or time.perf_counter()) - pending.sent
         started = time.perf_counter()
