@@ -85,10 +85,14 @@ class BeamDecode:
         while not all(b.ended for b in self.beams) or any(self.pending):
             open_prompts = self._open(stride)
             sent = self._step(open_prompts, stride) if open_prompts else None
-            if any(self.pending) and (not self._open(stride) or max(map(len, self.pending)) >= max(stride, 1)):
+            if any(self.pending) and (not self._open(stride) or self._window_full(stride)):
                 self._verify(stride, sent)
                 stride = scheduler.plan()
         return self._output()
+
+    def _window_full(self, stride: int, stepping: list[int] = ()) -> bool:
+        """Whether some prompt has max(stride, 1) pending steps, counting one more for each of `stepping`."""
+        return max(len(p) + (b in stepping) for b, p in enumerate(self.pending)) >= max(stride, 1)
 
     def _rows(self, b: int) -> torch.Tensor:
         return torch.arange(b * self.W, (b + 1) * self.W)
@@ -133,7 +137,7 @@ class BeamDecode:
         position is dropped. Where this step fills the window, its verification request leaves from within
         the step once the keys exist, and is returned."""
         started, guess, early = time.perf_counter(), stride > 0, []
-        fills = max(len(p) + (b in open_prompts) for b, p in enumerate(self.pending)) >= max(stride, 1)
+        fills = self._window_full(stride, open_prompts)
         before = self.cache.lengths.clone()
         lm_log_probs, queries = self.owner.model_step(  # (B*W, V), (B*W, d)
             self.cache, self.next_input[:, None], self._window_sender(open_prompts, stride, early) if fills else None)

@@ -90,8 +90,9 @@ class RowDecode:
     def _unsent(self) -> bool:
         return any(len(p) > n for p, n in zip(self.pending, self.sent))
 
-    def _window_full(self, stride: int) -> bool:
-        return max(len(p) - n for p, n in zip(self.pending, self.sent)) >= stride
+    def _window_full(self, stride: int, stepping: list[int] = ()) -> bool:
+        """Whether some row has `stride` unsent steps, counting one more for each row of `stepping`."""
+        return max(len(p) - n + (r in stepping) for r, (p, n) in enumerate(zip(self.pending, self.sent))) >= stride
 
     def _can_speculate(self, stride: int) -> bool:
         return bool(self._open_rows()) and not self._window_full(stride)
@@ -135,8 +136,7 @@ class RowDecode:
         other rows' new position is dropped again. Where this step fills the window and no request is in
         flight, the window's request leaves from within the step, once the keys exist; returns whether it did."""
         started, guess, early = time.perf_counter(), stride > 0, []
-        fills = self.in_flight is None and max(
-            len(p) - n + (r in open_rows) for r, (p, n) in enumerate(zip(self.pending, self.sent))) >= stride
+        fills = self.in_flight is None and self._window_full(stride, open_rows)
         lm_log_probs, queries = self._step(open_rows, self._window_sender(open_rows, stride, early) if fills else None)
         if guess:
             log_probs = lm_log_probs[open_rows]  # (b, V)
