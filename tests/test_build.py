@@ -342,6 +342,29 @@ def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):
     assert not config.out.exists() and not (tmp_path / ".ds.partial").exists()
 
 
+@pytest.mark.parametrize(
+    "bad, keep_keys, train_size, message",
+    [
+        (np.nan, False, 64, r"^shard-00001 failed: keys row 250 holds NaN or Inf; every key must be finite$"),
+        (np.inf, False, 300, r"^keys row 250 holds NaN or Inf; every key must be finite$"),  # in the training sample
+        (1e5, True, 64, r"^shard-00001 failed: keys row 250 holds a value over 65504 in absolute value, which "
+                        r"--keep-keys cannot store as float16"),
+    ],
+    ids=["nan-added", "inf-trained-on", "past-float16"],
+)
+def test_keys_an_index_cannot_hold_are_refused_naming_the_row(ray_cluster, tmp_path, bad, keep_keys, train_size,
+                                                              message):
+    """FAISS leaves a NaN key out of every list (the datastore would then disagree with its manifest) and
+    float16 turns a key past 65504 into Inf: the build refuses both, naming the key's row."""
+    keys = synthetic(300, 16)
+    keys[250, 3] = bad
+    config = _saved_config(tmp_path, keys, shards=2, factory="IVF4,Flat", train_size=train_size, keep_keys=keep_keys,
+                           seed=1)
+    with pytest.raises(BuildError, match=message):
+        build_datastore(config, progress=False)
+    assert not config.out.exists()
+
+
 def _save_payload_files(tmp_path) -> None:
     arrays = {
         "short": np.zeros(99, np.int32), "objects": np.array([{"a": 1}] * 100, dtype=object),
@@ -380,11 +403,15 @@ def _save_payload_files(tmp_path) -> None:
         (dict(payloads={"p": "longdouble.npy"}), "payload 'p' .* has dtype float128, which cannot be served"),
         (dict(payloads={"p": "garbage.npy"}), "payload 'p' file .*garbage.npy is not a loadable .npy array"),
         (dict(payloads={"p": "truncated.npy"}), "payload 'p' file .*truncated.npy is not a loadable .npy array"),
+        (dict(payloads={"a/b": "short.npy"}), "payload 'a/b': a payload name is 1 to 64 letters"),
+        (dict(payloads={"": "short.npy"}), "payload '': a payload name is 1 to 64 letters"),
+        (dict(keys="no_columns.npy"), r"must be a non-empty float \(N, d\) matrix with d >= 1, got float32 \(100, 0\)"),
     ],
 )
 def test_bad_build_inputs_are_refused_before_any_work(tmp_path, change, message):
     np.save(tmp_path / "keys.npy", synthetic(100, 16))
     np.save(tmp_path / "ints.npy", np.zeros((100, 16), np.int64))
+    np.save(tmp_path / "no_columns.npy", np.zeros((100, 0), np.float32))
     _save_payload_files(tmp_path)
     fields = dict(keys="keys.npy", out=tmp_path / "out")
     fields.update(change)

@@ -49,11 +49,17 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "missing.npy"], "queries file missing.npy not found"),
         (["frobnicate"], "invalid choice"),
         (["--log-level", "bogus", "info", "."], "argument --log-level: invalid choice: 'BOGUS'"),
+        (["serve", "--datastore", ".", "--port", "99999"], "argument --port: a port must be in [0, 65535], got 99999"),
+        (["router", "--shards", "a:1", "--metrics-port", "-2"], "argument --metrics-port: a port (-1: off) must be"),
+        (["serve", "--datastore", ".", "--replicas", "0"], "argument --replicas: the count must be in [1, "),
+        (["build", "k.npy", "--out", "x", "--seed", "-1"], "argument --seed: the number must be in [0, "),
+        (["search", "127.0.0.1:1", "--queries", "empty.npy"], "queries file empty.npy is not a loadable .npy array"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "k.npy", synthetic(50, 8))
+    (tmp_path / "empty.npy").write_bytes(b"")
     one_line_error(run(*args), words)
 
 
@@ -155,6 +161,7 @@ def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> Non
     finally:
         server.terminate()
         server.wait(60)
+    assert not address_file.exists()  # a stopped server's address is nobody's
 
 
 @pytest.mark.slow

@@ -172,9 +172,18 @@ def processes_naming(text: str) -> list[str]:
     return [line for line in ps.splitlines() if text in line and "ps -ww" not in line]
 
 
-def wait_for_file(path: Path, process: subprocess.Popen, timeout: float) -> dict:
+def written_by(path: Path) -> int | None:
+    """The pid an address file names; None when it is gone (replaced or removed meanwhile)."""
+    try:
+        return json.loads(path.read_text()).get("pid")
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float, pid: int | None = None) -> dict:
+    """The address file's JSON once it is there (and, with `pid`, written by that process)."""
     deadline = time.monotonic() + timeout
-    while not path.is_file():
+    while not path.is_file() or (pid is not None and written_by(path) != pid):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path} not written within {timeout}s"
         time.sleep(0.2)
@@ -186,9 +195,10 @@ def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path
     command = [sys.executable, "-m", "retriever_server.cli", "--log-format", "json", "serve", "--datastore",
                str(datastore), "--replicas", "2", "--address-file", str(address_file), "--grace", "1",
                "--drain-delay", "0.2"]
+    address_file.write_text(json.dumps({"address": "127.0.0.1:1", "pid": 1}))  # a stopped server's
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        written = wait_for_file(address_file, serve, timeout=120)
+        written = wait_for_file(address_file, serve, timeout=120, pid=serve.pid)
         assert len(written["shards"]) == 2 and all(len(r) == 2 for r in written["shards"])
         assert len(processes_naming(str(datastore))) == 1 + 4  # this command and the shard replicas
         search_ids(written["address"], keys)
@@ -201,6 +211,7 @@ def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path
     assert serve.returncode == 0, err
     assert "router: " in out and out.count("(metrics on port ") == 5
     assert processes_naming(str(datastore)) == []
+    assert not address_file.exists()  # a stopped deployment's address is nobody's
 
 
 def test_starting_twice_is_refused_and_starts_nothing_more(datastore):

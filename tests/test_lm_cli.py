@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from lm_worker.cli import main
+from lm_worker.cli import build_parser, main
 from lm_worker.data.prepare import load_prepared
 from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.knnlm_eval import evaluate_lm
@@ -233,6 +233,16 @@ def test_errors_are_one_line(lm_run, capsys, args, words):
     code = main(["--no-progress", *[a.format(run=lm_run) for a in args]])
     _, err = capsys.readouterr()
     assert code == 1 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_bad_log_level_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-level", "chatty", "prepare"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "argument --log-level: invalid choice: 'CHATTY'" in err
+    parsed = build_parser().parse_args(["--log-level", "debug", "train", "--data", "d", "--out", "o"])
+    assert parsed.log_level == "DEBUG"
 
 
 @pytest.mark.parametrize("args, passive", [

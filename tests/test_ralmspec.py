@@ -199,6 +199,7 @@ def test_speculative_beam_search_gives_the_result_of_serial_retrieval(lm, retrie
     if spec == "stride-3":  # guessed on every window: selections held and prompts rolled back
         assert 0 < stats.accepted < stats.verified and stats.rollbacks > 0
         assert stats.retrieval_calls < want.tokens.shape[1]
+    assert stats.verified == stats.accepted + stats.rollbacks  # checked up to a prompt's first failed guess
 
 
 def test_only_the_rows_whose_guess_failed_roll_back(lm, retriever, monkeypatch):
@@ -222,6 +223,22 @@ def test_only_the_rows_whose_guess_failed_roll_back(lm, retriever, monkeypatch):
     assert any(0 < rolled < rows for rows, rolled in windows)
     assert sum(rolled for _, rolled in windows) == decoder.stats.rollbacks > 0
     assert sum(len(rows) == 1 for rows in truncated) >= decoder.stats.rollbacks  # each rollback: one row
+    stats = decoder.stats  # a row's guesses are checked up to its first wrong one, the later ones dropped
+    assert stats.verified == stats.accepted + stats.rollbacks and stats.wasted > 0
+
+
+@pytest.mark.parametrize("spec", ["lm-guess-stride-3", "lm-guess-async-stride-1"])
+def test_guesses_dropped_unchecked_past_a_rows_end_are_not_counted_as_verified(lm, retriever, spec):
+    """λ = 0: kNN-LM is the LM, so every guess of the LM's token holds. A row speculates past its EOS
+    before the EOS is verified; those steps are dropped unchecked, and the hit rate stays 1."""
+    cfg = CONFIGS["top-p"]  # sampled, so rows end at EOS at different steps
+    prompt = random_tokens((6, 5), seed=11)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=0.0, temperature=TEMP, speculation=SPECS[spec])
+    got = generate(decoder, prompt, cfg)
+    want = generate(KnnLMStepper(lm, retriever, lam=0.0, temperature=TEMP), prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and (got.lengths < cfg.max_new_tokens).any()
+    stats = decoder.stats
+    assert stats.verified == stats.accepted > 0 and stats.hit_rate == 1.0 and stats.rollbacks == 0
 
 
 def test_ragged_cache_rows_match_a_cache_free_forward(lm):

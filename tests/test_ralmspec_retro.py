@@ -5,6 +5,8 @@ clear errors."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,27 @@ def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriev
     assert decoder.stats.retrieval_calls == serial.stats.retrieval_calls  # a rollback asks nothing again
     if not adaptive:  # chunks the local caches can fill are decoded on their guess
         assert decoder.stats.verified > 0
+
+
+class SlowEncoder(FakeEncoder):
+    """`FakeEncoder` taking 20 ms a call."""
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)
+        return super().embed(chunks)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["every-guess", "adaptive"])
+def test_embedding_the_queries_counts_as_retrieval_and_as_waiting_as_serial_counts_it(retro, retriever, adaptive):
+    """`StepperStats`: RETRO's retrieval time includes embedding its queries (encode_s), which decoding
+    waits for; the speculative decoder counts it as serial retrieval (`RetroStepper`) does."""
+    prompt, cfg = random_tokens((2, 6), seed=8), GenerateConfig(max_new_tokens=12)
+    for decoder in (RetroStepper(retro, retriever, SlowEncoder()),
+                    RaLMSpecRetro(retro, retriever, SlowEncoder(), adaptive=adaptive)):
+        generate(decoder, prompt, cfg)
+        s = decoder.stats
+        assert s.encode_s >= 0.02 * s.retrieval_calls > 0
+        assert s.retrieval_s >= s.encode_s and s.wait_s >= s.encode_s
 
 
 def test_guesses_hold_and_fail_and_a_failure_rolls_the_batch_back(retro, retriever):

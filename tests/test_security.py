@@ -149,6 +149,19 @@ def test_a_non_loopback_port_needs_tls_and_a_token(pki):
     with pytest.raises(SecurityError, match="go together"):
         ServerSecurity(tls_cert=pki["server.pem"]).check("127.0.0.1")
     assert "s3cret" not in repr(ClientSecurity(token="s3cret")) and "token=***" in repr(ClientSecurity(token="s3cret"))
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"):
+        ServerSecurity().check(host)
+    for name in ("127.attacker.example", "127.0.0.1.nip.io"):  # names that may resolve anywhere
+        with pytest.raises(SecurityError, match="without TLS .* and a token"):
+            ServerSecurity().check(name)
+
+
+def test_private_files_are_made_private_even_when_they_existed(tmp_path):
+    path = tmp_path / "server.key"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_private(path, b"-----BEGIN PRIVATE KEY-----")
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_bytes() == b"-----BEGIN PRIVATE KEY-----"
 
 
 def test_serve_secures_its_own_hops(datastore, keys, pki, tmp_path):

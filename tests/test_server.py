@@ -2,6 +2,7 @@
 limits, metrics, version mismatch, and failures of replicas and shards in real processes."""
 
 import asyncio
+import socket
 import threading
 import time
 import urllib.request
@@ -15,6 +16,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.security.config import ServerSecurity
+from retriever_server.serving import router as router_module
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.serving.grpc_setup import SERVICE_NAME, health_status
@@ -58,6 +60,9 @@ def batch_request(keys) -> pb.SearchRequest:
     return make_request(keys[:16], k=5, nprobe=4)
 
 
+OVER_RANGE = "queries contains NaN, Inf or a component over 1e+15 in absolute value"
+
+
 def bad_requests(keys):
     """(request, expected code, words in the message) for each way a request can be wrong."""
     def req(**kw):
@@ -76,11 +81,14 @@ def bad_requests(keys):
     per_query.exclude_per_query.append(pb.Exclusion(ids=[1]))
     nan = keys[:2].copy()
     nan[1, 0] = np.nan
+    huge = keys[:3].copy()  # finite, but its squared distances overflow float32
+    huge[2, 1] = 1e20
     return [
         (make_request(keys[:2, :8], k=5), "INVALID_ARGUMENT", "dimension 8"),
         (short, "INVALID_ARGUMENT", "bytes but shape"),
         (unknown, "INVALID_ARGUMENT", "queries.dtype"),
-        (make_request(nan, k=5), "INVALID_ARGUMENT", "NaN or Inf"),
+        (make_request(nan, k=5), "INVALID_ARGUMENT", f"{OVER_RANGE} (first in row 1)"),
+        (make_request(huge, k=5), "INVALID_ARGUMENT", f"{OVER_RANGE} (first in row 2)"),
         (req(k=0), "INVALID_ARGUMENT", "k must be"),
         (req(k=5000), "INVALID_ARGUMENT", "k must be"),
         (req(nprobe=17), "INVALID_ARGUMENT", "nprobe must be in [1, 16]"),
@@ -270,6 +278,63 @@ def test_router_refuses_shards_of_different_datastores(aio, keys, datastore, oth
     finally:
         for server in (router, a, b):
             aio.run(server.drain(grace=0))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_a_router_that_cannot_serve_its_shards_leaves_nothing_listening(aio, datastore, other_datastore):
+    a = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
+    b = aio.run(start_shard_server(ShardServerConfig(other_datastore, 1, metrics_port=None)))
+    port = free_port()
+    try:
+        with pytest.raises(RuntimeError, match="different datastores"):
+            aio.run(start_router(RouterConfig(((a.address,), (b.address,)), port=port, metrics_port=None)))
+        assert port_is_free(port)
+    finally:
+        for server in (a, b):
+            aio.run(server.drain(grace=0))
+
+
+def test_a_health_port_already_taken_is_refused_and_nothing_is_left_listening(aio, datastore):
+    first = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
+    port = free_port()
+    try:
+        with pytest.raises(OSError, match=f"could not bind the health port 127.0.0.1:{first.health_port}"):
+            aio.run(start_shard_server(ShardServerConfig(datastore, 0, port=port, metrics_port=None,
+                                                         health_port=first.health_port)))
+        assert port_is_free(port)
+    finally:
+        aio.run(first.drain(grace=0))
+
+
+def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, keys, datastore, monkeypatch):
+    opened = []
+    real_open = router_module.open_aio_channel
+
+    def recording(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(router_module, "open_aio_channel", recording)
+    with serve(aio, datastore, 2) as served:
+        service = served.router.service
+        with pytest.raises(grpc.aio.AioRpcError):
+            aio.run(service.replace_replica(0, 0, f"127.0.0.1:{free_port()}", timeout_s=0.5))
+        assert opened[-1].get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        raw_search(served.address, good_request(keys))  # the old replica still serves
 
 
 @pytest.mark.slow

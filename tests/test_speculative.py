@@ -46,6 +46,10 @@ class Recording(SpeculativeKnnLMStepper):
         self.outputs.append(super().finish(step))
         return self.outputs[-1]
 
+    def finish_last(self, step):
+        self.outputs.append(super().finish_last(step))
+        return self.outputs[-1]
+
 
 CONFIGS = {
     "greedy": GenerateConfig(max_new_tokens=12),
@@ -127,8 +131,30 @@ def test_speculation_overlaps_each_request_with_the_next_forward(lm):
     assert torch.equal(generate(serial, prompt, cfg).tokens, generate(spec, prompt, cfg).tokens)
     assert spec.stats.guessed_right == spec.stats.guessed == 4 * 5
     assert during_a_search(serial_events) == 0
-    forwards = spec_events.count("forward-start")  # the serial 6, and the guess after the last token
-    assert forwards == 7 and during_a_search(spec_events) == forwards - 1
+    forwards = spec_events.count("forward-start")  # the serial 6: no guess follows the last token
+    assert forwards == 6 and during_a_search(spec_events) == forwards - 1
+
+
+@pytest.mark.parametrize("ending", ["max_new_tokens", "eos"])
+def test_nothing_is_speculated_past_the_last_step(lm, ending):
+    """A decode loop that ends leaves no guessed step behind. At max_new_tokens none is made: serial
+    retrieval's requests, one per token. On EOS the guess made before the token was chosen is dropped
+    again. Either way the cache holds the positions fed, no more. λ = 0: every guess holds, and one is
+    made at every step it may be."""
+    keys, values = knn_datastore(lm)
+    prompt = random_tokens((1, 4), seed=5)
+    cfg = GenerateConfig(max_new_tokens=6)
+    if ending == "eos":  # the token serial decoding emits first, as EOS: the loop ends after one token
+        serial = generate(KnnLMStepper(lm, FakeRetriever(keys, values, k=6), lam=0.0, temperature=TEMP), prompt, cfg)
+        cfg = GenerateConfig(max_new_tokens=12, eos_id=int(serial.tokens[0, 0]))
+    fake = FakeRetriever(keys, values, k=6)
+    spec = SpeculativeKnnLMStepper(lm, fake, lam=0.0, temperature=TEMP, eos_id=cfg.eos_id, adaptive=False)
+    out = generate(spec, prompt, cfg)
+    emitted = int(out.lengths[0])
+    assert emitted == (1 if ending == "eos" else cfg.max_new_tokens)
+    guessed_past_the_end = 1 if ending == "eos" else 0
+    assert len(fake.calls) == spec.stats.retrieval_calls == emitted + guessed_past_the_end
+    assert spec.cache.offset == prompt.shape[1] + emitted - 1  # the last token is never fed
 
 
 def test_no_speculation_past_the_models_length(lm, fake_knn):

@@ -41,7 +41,8 @@ FAMILIES = {"eval": ("knnlm-", "retro-"), "generate": ("",)}  # commands whose s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command."""
     parser = Parser(prog=PROG, description="LM workers that retrieve from the datastore over gRPC.")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
+                        metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     prepare.add_parsers(sub)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Runs a parsed command line."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     share_cores_with_servers(args)
     from lm_worker.retrieval.service import RetrieverError

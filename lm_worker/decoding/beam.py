@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_worker.decoding.config import DecodeLoop, GenerateConfig, GenerateOutput
-from lm_worker.decoding.stepper import SplitStepper, await_step
+from lm_worker.decoding.stepper import SplitStepper, await_step, end_decoding
 
 
 def length_normaliser(length: int | torch.Tensor, alpha: float, kind: str = "gnmt") -> float | torch.Tensor:
@@ -110,7 +110,7 @@ def beam_search(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateCon
     finish as they are.
     """
     B, W, device = prompt.shape[0], config.num_beams, prompt.device
-    log_probs = yield from await_step(stepper, stepper.submit_start(prompt))  # (B, V)
+    log_probs = yield from await_step(stepper, stepper.submit_start(prompt), last=config.max_new_tokens <= 1)  # (B, V)
     rows = torch.arange(B, device=device).repeat_interleave(W)  # (B*W,)
     stepper.reorder(rows)
     log_probs = log_probs.float().index_select(0, rows)  # (B*W, V)
@@ -124,7 +124,9 @@ def beam_search(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateCon
         if all(h.done for h in hyps) or t == config.max_new_tokens - 1:
             break
         stepper.reorder(choice.source)
-        log_probs = (yield from await_step(stepper, stepper.submit_step(choice.token))).float()
+        last = t + 2 >= config.max_new_tokens
+        log_probs = (yield from await_step(stepper, stepper.submit_step(choice.token), last)).float()
+    end_decoding(stepper)
     return finish_beams(hyps, beam_scores, history, W, config.eos_id, device)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.config import DecodeLoop, GenerateConfig, GenerateOutput
-from lm_worker.decoding.stepper import SplitStepper, await_step
+from lm_worker.decoding.stepper import SplitStepper, await_step, end_decoding
 
 
 def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -74,7 +74,7 @@ def sample_or_greedy(stepper: SplitStepper, prompt: torch.Tensor, config: Genera
                       first_row: int) -> DecodeLoop:
     B, device = prompt.shape[0], prompt.device
     generators = row_generators(config.seed, first_row, B, device) if config.strategy == "sample" else []
-    log_probs = yield from await_step(stepper, stepper.submit_start(prompt))  # (B, V)
+    log_probs = yield from await_step(stepper, stepper.submit_start(prompt), last=config.max_new_tokens <= 1)  # (B, V)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     total = torch.zeros(B, dtype=torch.float32, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -91,6 +91,7 @@ def sample_or_greedy(stepper: SplitStepper, prompt: torch.Tensor, config: Genera
             finished |= token == config.eos_id
         if bool(finished.all()) or t == config.max_new_tokens - 1:
             break
-        log_probs = yield from await_step(stepper, stepper.submit_step(token))
+        log_probs = yield from await_step(stepper, stepper.submit_step(token), last=t + 2 >= config.max_new_tokens)
+    end_decoding(stepper)
     return GenerateOutput(torch.stack(out, dim=1), total, lengths, total.clone())
 

@@ -146,6 +146,22 @@ class SpeculativeKnnLMStepper(KnnLMStepper):
         return self._mix(step.lm_log_probs, found)
 
     @torch.no_grad()
+    def finish_last(self, step: KnnStep) -> torch.Tensor:
+        """`finish` for the decode loop's last step: no step follows, so none is speculated."""
+        found = self._collect(step.found)
+        self.stats.steps += 1
+        return self._mix(step.lm_log_probs, found)
+
+    def end_decoding(self) -> None:
+        """Drops a speculative step made for a step that will not come (the loop ended early, on EOS or a
+        finished beam search): its cache position, and its request where it has not started."""
+        if self._guess is not None:
+            self.cache.rewind(1)
+            if isinstance(self._guess.step.found, Pending):
+                self._guess.step.found.future.cancel()
+        self._guess, self._candidate = None, None
+
+    @torch.no_grad()
     def reorder(self, indices: torch.Tensor) -> None:
         """Selects batch rows (B',); drops a speculative step first (its position is forgotten)."""
         if self._guess is not None:

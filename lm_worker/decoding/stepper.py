@@ -64,8 +64,18 @@ def split_phase(stepper: Stepper | SplitStepper) -> SplitStepper:
     return stepper if hasattr(stepper, "submit_step") else WholeSteps(stepper)
 
 
-def await_step(stepper: SplitStepper, handle: Any) -> Generator[None, None, torch.Tensor]:
-    """Yields once while the step `handle` is in flight (other loops compute meanwhile), then finishes it."""
+def await_step(stepper: SplitStepper, handle: Any, last: bool = False) -> Generator[None, None, torch.Tensor]:
+    """Yields once while the step `handle` is in flight (other loops compute meanwhile), then finishes it.
+    `last`: no step follows it, so a stepper with `finish_last` prepares none (e.g. no speculative step)."""
     yield
-    return stepper.finish(handle)
+    finish = getattr(stepper, "finish_last", None) if last else None
+    return (finish or stepper.finish)(handle)
+
+
+def end_decoding(stepper: SplitStepper) -> None:
+    """Tells the stepper its decode loop is over (its `end_decoding`, where it has one), so that work begun
+    for a step that will not come (a loop ended early, by EOS) is dropped."""
+    end = getattr(stepper, "end_decoding", None)
+    if end is not None:
+        end()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value
+from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value, non_negative_int
 
 
 def add_parser(command) -> None:
@@ -21,7 +21,7 @@ def add_parser(command) -> None:
                         'SQ8; a graph over the lists from 8,192 lists; IVF-Flat below ~10k rows)')
     b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")
     b.add_argument("--shards", type=int, default=2)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the training sample and k-means")
     b.add_argument("--train-size", type=int, default=0, help="codec training sample; 0 sizes it for the index")
     b.add_argument("--keep-keys", action="store_true", help="store float16 keys for exact re-ranking")
     b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",

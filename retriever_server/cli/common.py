@@ -42,6 +42,36 @@ def cpus_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _int_in(text: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def port_arg(text: str) -> int:
+    """argparse type for a port to bind: 0 (a free one) to 65535."""
+    return _int_in(text, 0, 65535, "a port")
+
+
+def optional_port_arg(text: str) -> int:
+    """argparse type for a port that may be off: -1 (off), 0 (a free one) to 65535."""
+    return _int_in(text, -1, 65535, "a port (-1: off)")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for a number of 0 or more (a seed)."""
+    return _int_in(text, 0, (1 << 32) - 1, "the number")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count of at least 1."""
+    return _int_in(text, 1, 1 << 31, "the count")
+
+
 def key_value(text: str) -> tuple[str, str]:
     """argparse type for NAME=VALUE."""
     if "=" not in text:
@@ -102,13 +132,13 @@ def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecu
 def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
     """Where a server listens, how it is secured, how it stops, and its limits."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one")
+    p.add_argument("--port", type=port_arg, default=0, help="port to bind; 0 picks a free one")
     if metrics:
-        p.add_argument("--metrics-port", type=int, default=0,
+        p.add_argument("--metrics-port", type=optional_port_arg, default=0,
                        help="Prometheus /metrics port; 0 picks a free one, -1 turns metrics off")
         p.add_argument("--metrics-host", default="127.0.0.1",
                        help="address the metrics port binds (default 127.0.0.1: off other machines)")
-    p.add_argument("--health-port", type=int, default=-1,
+    p.add_argument("--health-port", type=optional_port_arg, default=-1,
                    help="also answer health checks, and nothing else, in plaintext on this port (for probes that "
                         "cannot do TLS); 0 picks a free one, -1 (default) none")
     p.add_argument("--health-host", default="127.0.0.1",
@@ -162,6 +192,19 @@ def metrics_port_of(args: argparse.Namespace) -> int | None:
     return None if args.metrics_port < 0 else args.metrics_port
 
 
+def remove_address(path: Path | None, stale: bool = False) -> None:
+    """Removes the address file: one this process wrote, when it stops, or with `stale` whatever is there
+    (a server starting), so that whoever waits for the file never reads a stopped server's address."""
+    if path is None:
+        return
+    try:
+        if not stale and json.loads(path.read_text()).get("pid") != os.getpid():
+            return  # another process's now
+        path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass  # gone already, or not an address file of ours: left as it is
+
+
 def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
     """Writes the address JSON atomically, so a reader never sees half of it."""
     if path is None:
@@ -210,9 +253,11 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
     await stopper
     if watcher.done():  # the parent is gone: nothing routes here any more, so no grace either
         await running.drain(0, 0)
+        remove_address(args.address_file)
         return
     watcher.cancel()
     await running.drain(args.grace, args.drain_delay)
+    remove_address(args.address_file)
 
 
 async def stop_when_orphaned(stop: asyncio.Event, poll_s: float = 0.5) -> None:

@@ -97,7 +97,10 @@ def run_info(args: argparse.Namespace) -> int:
 def _load_queries(path: Path) -> np.ndarray:
     if not path.is_file():
         raise CliError(f"queries file {path} not found")
-    queries = np.load(path, allow_pickle=False)
+    try:
+        queries = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise CliError(f"queries file {path} is not a loadable .npy array: {err}") from None
     if queries.dtype == np.float64:
         print(f"note: {path} holds float64 queries; they are sent as float32", file=sys.stderr)
         queries = queries.astype(np.float32)

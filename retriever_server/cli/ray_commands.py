@@ -13,6 +13,7 @@ from retriever_server.cli.common import (
     add_server_security,
     interrupt,
     limits_of,
+    positive_int,
     server_security_of,
     write_address,
 )
@@ -37,7 +38,7 @@ def add_parsers(command) -> None:
                 "with it, the command returns and the actors serve until `undeploy`.")
     d.add_argument("--datastore", type=Path, required=True, help="datastore directory, at this path on every node")
     d.add_argument("--name", default="retrieval", help="deployment name (default retrieval)")
-    d.add_argument("--replicas", type=int, default=1, help="replicas per shard, on different nodes")
+    d.add_argument("--replicas", type=positive_int, default=1, help="replicas per shard, on different nodes")
     d.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs each shard replica reserves")
     d.add_argument("--host", help="address each server binds (default: its node's IP)")
     d.add_argument("--detached", action="store_true",

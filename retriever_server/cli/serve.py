@@ -20,6 +20,8 @@ from retriever_server.cli.common import (
     limits_of,
     metrics_port_of,
     pin_to_cpus,
+    positive_int,
+    remove_address,
     run_until_signal,
     server_security_of,
     with_metrics,
@@ -44,7 +46,7 @@ def add_parsers(command) -> None:
     s.add_argument("--datastore", type=Path, required=True, help="datastore directory (holds manifest.json)")
     s.add_argument("--shard", type=int, help="shard number; omit to serve the whole datastore locally")
     s.add_argument("--replica", type=int, default=0, help="replica number reported by GetInfo")
-    s.add_argument("--replicas", type=int, default=1, help="without --shard: replicas per shard")
+    s.add_argument("--replicas", type=positive_int, default=1, help="without --shard: replicas per shard")
     s.add_argument("--gpu", action="store_true", help="hold the index on the GPU (faiss GPU build)")
     s.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
@@ -73,6 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
     security = server_security_of(args)
     security.check(args.host)  # before loading anything
+    remove_address(args.address_file, stale=True)  # a waiter must not take a stopped server's for ours
     if args.shard is None:
         return _serve_local(args, security)
     pin_to_cpus(args)
@@ -134,6 +137,8 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
         deployment.stop()
         return 0
+    finally:
+        remove_address(args.address_file)
     raise CliError(f"stopped: {why}")
 
 
@@ -151,6 +156,7 @@ def run_router(args: argparse.Namespace) -> int:
                           failover=failover_of(args))
     config.security.check(args.host)
     config.shard_security.check()
+    remove_address(args.address_file, stale=True)
 
     async def main() -> None:
         running = await start_router(config, wait_ready=False)

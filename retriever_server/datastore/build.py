@@ -34,6 +34,7 @@ from retriever_server.datastore.build_inputs import (
     as_build_error,
     check_disk,
     check_inputs,
+    check_key_rows,
     last_line,
 )
 from retriever_server.datastore.manifest import (
@@ -99,6 +100,7 @@ def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
     rows = np.sort(rng.choice(inputs.n, size=inputs.train_rows, replace=False))
     sample = np.asarray(open_rows(config.keys)[rows], dtype=np.float32)
     try:
+        check_key_rows(sample, rows, keep_keys=False)  # a key out of float16's range: named when added
         with as_build_error(f"training {inputs.factory} on {len(sample)} rows", path):
             index = ix.new_trained_index(inputs.factory, ix.canonical_metric(config.metric), sample, config.seed,
                                          gpu=config.gpu)

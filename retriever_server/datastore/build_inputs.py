@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,10 +98,29 @@ def _stored_dtype(path: Path) -> np.dtype | None:
 def _check_keys(config: BuildConfig) -> tuple[int, int]:
     """(N, d) of the keys matrix, which must be a non-empty float .npy or parts index."""
     keys = _open_rows(config.keys, "keys")
-    if keys.ndim != 2 or keys.dtype.kind != "f" or keys.shape[0] == 0:
-        raise BuildError(f"keys file {config.keys} must be a non-empty float (N, d) matrix, "
+    if keys.ndim != 2 or keys.dtype.kind != "f" or keys.shape[0] == 0 or keys.shape[1] == 0:
+        raise BuildError(f"keys file {config.keys} must be a non-empty float (N, d) matrix with d >= 1, "
                          f"got {keys.dtype} {keys.shape}")
     return keys.shape
+
+
+PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # becomes part of a file name: payload.NAME.npy
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # the largest key `--keep-keys` stores as it is
+
+
+def check_key_rows(block: np.ndarray, rows: np.ndarray, keep_keys: bool) -> None:
+    """Raises BuildError naming the first key of `block` (n, d), the keys' rows `rows` (n,), that holds NaN
+    or Inf (FAISS would train on it, or leave it out of every list) or, with `keep_keys`, a value past
+    float16's range."""
+    limit = FLOAT16_MAX if keep_keys else float(np.finfo(np.float32).max)
+    if np.abs(block).max(initial=0.0) <= limit:  # a NaN makes the max NaN, which fails this
+        return
+    bad = np.isnan(block).any(axis=1) | ~(np.abs(block) <= limit).all(axis=1)
+    row = int(rows[np.flatnonzero(bad)[0]])
+    if not np.isfinite(block).all():
+        raise BuildError(f"keys row {row} holds NaN or Inf; every key must be finite")
+    raise BuildError(f"keys row {row} holds a value over {FLOAT16_MAX:.0f} in absolute value, which "
+                     "--keep-keys cannot store as float16: scale the keys, or build without --keep-keys")
 
 
 def _training_minimum(factory: str, d: int, metric: str) -> int:
@@ -133,6 +153,8 @@ def _check_factory(config: BuildConfig, n: int, d: int) -> tuple[str, int]:
 def _check_payload(name: str, path: Path, n: int) -> PayloadSpec:
     """The spec of a payload with N rows of a dtype the wire format carries."""
     what = f"payload {name!r}"
+    if not PAYLOAD_NAME.fullmatch(name):
+        raise BuildError(f"{what}: a payload name is 1 to 64 letters, digits, '_', '-' or '.' (it names a file)")
     dtype = _stored_dtype(path)
     if dtype is not None and dtype.name not in PAYLOAD_DTYPES:
         raise BuildError(f"{what} ({path}) has dtype {dtype}, which cannot be served; "

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore import index as ix
-from retriever_server.datastore.build_inputs import BuildConfig, BuildError
+from retriever_server.datastore.build_inputs import BuildConfig, BuildError, check_key_rows
 from retriever_server.datastore.coarse import graph_assignment
 from retriever_server.datastore.row_parts import open_rows
 from retriever_server.datastore.spill import ListSpill, spillable
@@ -79,7 +79,9 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
                 raise BuildError(f"stopped at row {s}: another shard failed")
             clock("add")
             block = np.ascontiguousarray(rows, dtype=np.float32)  # (e - s, d)
-            index.add_with_ids(block, np.arange(s, e, dtype=np.int64))
+            ids = np.arange(s, e, dtype=np.int64)
+            check_key_rows(block, ids, config.keep_keys)
+            index.add_with_ids(block, ids)
             if kept is not None:
                 clock("keys")
                 kept.write_as(block, np.float16)  # converted into the writer's buffers

@@ -89,9 +89,10 @@ def make_leaf(ca: KeyPair, common_name: str, hosts: list[str], days: int = DAYS)
 
 
 def write_private(path: Path, data: bytes) -> Path:
-    """Writes `data` readable by this user alone (keys, tokens)."""
+    """Writes `data` readable by this user alone (keys, tokens), an existing file's mode narrowed too."""
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a file this call creates
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,12 @@ class SecurityError(ValueError):
 def is_loopback_host(host: str) -> bool:
     """Whether `host` (as a server binds it or a client dials it) is this machine's loopback only."""
     host = host.strip()
-    return host in LOOPBACK_NAMES or host.startswith(("127.", "unix:", "unix-abstract:"))
+    if host in LOOPBACK_NAMES or host.startswith(("unix:", "unix-abstract:")):
+        return True
+    try:  # an address, not a name: "127.example.com" may resolve anywhere
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_tokens(path: Path) -> list[str]:

@@ -215,12 +215,15 @@ class RouterService(BaseRetrieverService):
             return None
         channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
         stub = pb_grpc.RetrieverStub(channel)
-        info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
-        expected = self.infos[shard]
-        if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
-            await channel.close()
-            raise ValueError(f"{address} serves {info.shard} of version {info.datastore_version}, "
-                             f"not {expected.shard} of version {expected.datastore_version}")
+        try:
+            info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
+            expected = self.infos[shard]
+            if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
+                raise ValueError(f"{address} serves {info.shard} of version {info.datastore_version}, "
+                                 f"not {expected.shard} of version {expected.datastore_version}")
+        except BaseException:
+            await channel.close()  # kept nowhere: closed here or never
+            raise
         self.channels[address], self.stubs[address] = channel, stub
         replicas.addresses[replica] = address
         return old
@@ -253,7 +256,11 @@ async def start_router(config: RouterConfig, wait_ready: bool = True) -> Running
     task = asyncio.ensure_future(become_ready())
     running.ready = task
     if wait_ready:
-        await task
+        try:
+            await task
+        except Exception:
+            await running.drain(grace=0)  # no port, channel or task left behind a router that never served
+            raise
     else:
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
     return running

@@ -199,11 +199,14 @@ class RunningServer:
 
 async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A plaintext server answering grpc.health.v1 alone, with the main server's health states."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port taken is refused, not shared
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # gRPC's word for a port it cannot bind
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind the health port {host}:{port}")
+        raise OSError(f"could not bind the health port {host}:{port} (in use?)")
     await server.start()
     return server, bound
 
@@ -231,15 +234,25 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
     health = add_health_and_reflection(server, reflect=security.reflection)
     certificates = ServerCertificates(security) if security.tls else None
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, certificates.credentials()) if certificates else \
-        server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, certificates.credentials()) if certificates else \
+            server.add_insecure_port(address)
+    except RuntimeError:  # gRPC's word for a port it cannot bind
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address} (in use?)")
     await server.start()
     await set_serving(health, False)
-    health_server, hport = (await _health_only_server(health, health_host, health_port)) if health_port is not None \
-        else (None, None)
-    mport = service.metrics.serve(metrics_host, metrics_port) if metrics_port is not None else None
+    health_server, hport = None, None
+    try:
+        if health_port is not None:
+            health_server, hport = await _health_only_server(health, health_host, health_port)
+        mport = service.metrics.serve(metrics_host, metrics_port) if metrics_port is not None else None
+    except Exception:  # a port taken: nothing of this server is left listening
+        await server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
+        raise
     log.info("%s listening on %s:%d (%s)", service.role, host, bound, security.describe())
     running = RunningServer(server, service, health, host, bound, mport, certificates=certificates, tokens=tokens,
                             counters=[service.refusals, unauthenticated], health_server=health_server,

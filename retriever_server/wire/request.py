@@ -17,6 +17,8 @@ from retriever_server.wire.exclusions import ExclusionError, Exclusions
 from retriever_server.wire.tensors import TensorError, from_tensor
 from retriever_server.wire.untrusted import safe_text
 
+MAX_QUERY_ABS = 1e15  # a query component's largest magnitude: d * (1e15)^2 stays far inside float32 for any d
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -131,9 +133,11 @@ def parse_queries(tensor: pb.Tensor, view: DatastoreView, limits: Limits, presen
     except TensorError as err:
         raise _invalid(str(err)) from None
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
-        raise _invalid(f"queries contains NaN or Inf (first in row {row})")
+    if not (array.min() >= -MAX_QUERY_ABS and array.max() <= MAX_QUERY_ABS):  # NaN fails it too; no copy made
+        bad = ~(np.abs(array) <= MAX_QUERY_ABS).all(axis=1)
+        row = int(np.flatnonzero(bad)[0])
+        raise _invalid(f"queries contains NaN, Inf or a component over {MAX_QUERY_ABS:.0e} in absolute value "
+                       f"(first in row {row}): its distances would overflow float32")
     return array
 
 

@@ -201,9 +201,9 @@ class BeamDecode:
             self.local.add_neighbours(owners, found, slice(None))
         for b in prompts:
             count = len(self.pending[b])
-            held, was_guessed = self._replay(b, log_probs[first:first + count * self.W].view(count, self.W, -1))
-            accepted, guessed = accepted + held, guessed + was_guessed
-            rolled_back += int(held < was_guessed)
+            held, checked = self._replay(b, log_probs[first:first + count * self.W].view(count, self.W, -1))
+            accepted, guessed = accepted + held, guessed + checked
+            rolled_back += int(held < checked)
             first += count * self.W
         self.stats.verifications += 1
         self.stats.strides.append(stride)
@@ -219,10 +219,11 @@ class BeamDecode:
 
     def _replay(self, b: int, log_probs: torch.Tensor) -> tuple[int, int]:
         """Replays prompt b's pending steps with verified log-probs (n, W, V); returns the guessed steps
-        that held and the guessed steps."""
+        that held and the guessed steps checked (up to the first that failed; the later ones are dropped
+        unchecked)."""
         steps, self.pending[b] = self.pending[b], []
         state = steps[0].before
-        guessed = sum(s.source is not None for s in steps)
+        guessed = [s.source is not None for s in steps]
         for j, step in enumerate(steps):
             after, source, token = self._select(state, log_probs[j])
             if step.source is not None and torch.equal(source, step.source) and torch.equal(token, step.token) \
@@ -233,9 +234,9 @@ class BeamDecode:
             self.cache.restore_rows(step.snapshot, rows, rows[source])
             self.next_input[rows] = token
             self.beams[b] = after
-            return j, guessed
+            return sum(guessed[:j]), sum(guessed[:j + 1])
         self.beams[b] = state  # the same selections, with the verified scores and hypotheses
-        return len(steps), guessed
+        return sum(guessed), sum(guessed)
 
     def _output(self) -> GenerateOutput:
         outs = [finish_beams([b.hyps], b.scores, b.history, self.W, self.config.eos_id, torch.device("cpu"))

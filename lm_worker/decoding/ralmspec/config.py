@@ -43,11 +43,11 @@ class SpeculationConfig:
 class SpeculationStats(StepperStats):
     """`StepperStats` plus speculation's own counts.
 
-    speculated: row-steps whose neighbours came from a local cache; verified: those settled against the
-    service; accepted: those whose token held; rollbacks: rows rolled back; wasted: row-steps dropped
-    unverified by a rollback; verifications: batched verification requests; ticks: batched model steps;
-    strides: the stride of each verification window (0: a serial step); windows: per verification, the
-    rows it verified and how many of them rolled back.
+    speculated: row-steps whose neighbours came from a local cache; verified: those checked against the
+    service (a row's up to its first wrong guess or its end); accepted: those whose token held; rollbacks:
+    rows rolled back; wasted: row-steps dropped unverified by a rollback; verifications: batched verification
+    requests; ticks: batched model steps; strides: the stride of each verification window (0: a serial
+    step); windows: per verification, the rows it verified and how many of them rolled back.
     """
 
     speculated: int = 0

@@ -136,7 +136,10 @@ class RaLMSpecRetro:
         does, so that the service is asked exactly what serial retrieval asks."""
         started = time.perf_counter()
         queries = np.concatenate([self.encoder.embed(w) for w in windows]).astype(np.float32, copy=False)
-        self.stats.encode_s += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats.encode_s += elapsed
+        self.stats.retrieval_s += elapsed  # embedding is part of RETRO's retrieval (`StepperStats`), and
+        self.stats.wait_s += elapsed  # decoding waits for it, as `RetroStepper` counts it
         return np.ascontiguousarray(queries)
 
     def search(self, queries: np.ndarray) -> ChunkNeighbours:

@@ -230,7 +230,7 @@ class RowDecode:
         log_probs = self.owner.mix(torch.stack([s.lm_log_probs for _, s in steps]), found.distances,
                                    found.values)  # (n, V)
         greedy = log_probs.argmax(dim=-1) if self.generators is None else None  # (n,)
-        first, accepted, rolled_back = 0, 0, self.stats.rollbacks
+        first, accepted, checked, rolled_back = 0, 0, 0, self.stats.rollbacks
         if found.keys is not None:  # query i is a step of row owners[i]
             owners = np.repeat(np.arange(len(flight.sent)), flight.sent)
             self.local.add_neighbours(owners, found, slice(None))
@@ -241,20 +241,20 @@ class RowDecode:
             for r, count in enumerate(flight.sent):
                 if count:
                     window = slice(first, first + count)
-                    accepted += self._settle_row(r, count, log_probs[window],
-                                                 None if greedy is None else greedy[window])
+                    held, seen = self._settle_row(r, count, log_probs[window],
+                                                  None if greedy is None else greedy[window])
+                    accepted, checked = accepted + held, checked + seen
                     first += count
         self.sent = [0] * len(self.pending)
         settle_s = time.perf_counter() - started
         self.stats.compute_s += settle_s
         self.stats.verifications += 1
         self.stats.windows.append((sum(1 for n in flight.sent if n), self.stats.rollbacks - rolled_back))
-        guessed = sum(s.token >= 0 for _, s in steps)
-        self.stats.verified += guessed
+        self.stats.verified += checked
         self.stats.accepted += accepted
         self.stats.steps += 1
         latency = (flight.pending.finished or time.perf_counter()) - flight.pending.sent
-        self.owner.scheduler.observe(flight.window, flight.work_s, latency, accepted, guessed, settle_s)
+        self.owner.scheduler.observe(flight.window, flight.work_s, latency, accepted, checked, settle_s)
 
     def _settle_serial(self, rows: list[int], log_probs: torch.Tensor, greedy: torch.Tensor | None) -> None:
         """Commits one serial step per row (log_probs (n, V) with the service's neighbours, greedy: their
@@ -269,10 +269,12 @@ class RowDecode:
         for r in rows:
             self.pending[r] = []
 
-    def _settle_row(self, row: int, count: int, log_probs: torch.Tensor, greedy: torch.Tensor | None) -> int:
+    def _settle_row(self, row: int, count: int, log_probs: torch.Tensor, greedy: torch.Tensor | None
+                    ) -> tuple[int, int]:
         """Commits the row's first `count` steps as verified (log_probs (count, V) with the service's
         neighbours; greedy: their argmax (count,), None when sampling); rolls the row back at the first
-        step whose token differs. Returns the guesses that held."""
+        step whose token differs. Returns the guesses that held and the guesses checked: those up to the
+        first wrong one, or up to the row's end; the steps after either are dropped unchecked."""
         steps = self.pending[row]
         latest = self.generators[row].get_state() if self.generators is not None else None
         if greedy is not None:
@@ -289,17 +291,17 @@ class RowDecode:
             if steps[j].token < 0:  # a serial step: nothing was guessed, nothing comes after it
                 self.next_input[row] = token
                 self.pending[row] = []
-                return 0
+                return j, j
             if token != steps[j].token or not self._same_draws(row, steps, j):
                 self._roll_back(row, token, dropped=len(steps) - j - 1)
-                return j
+                return j, j + 1
             if self.rows.done(row):
                 self.pending[row] = []
-                return j + 1
+                return j + 1, j + 1
         self.pending[row] = steps[count:]
         if latest is not None and self.pending[row]:  # the steps speculated since go on from there
             self.generators[row].set_state(latest)
-        return count
+        return count, count
 
     def _same_draws(self, row: int, steps: list[_Step], j: int) -> bool:
         """Whether the row's generator, after the verified draw of step j, is where step j + 1 began."""
