@@ -193,8 +193,13 @@ def test_manifest_and_its_directory_are_fsynced(datastore, tmp_path, monkeypatch
 
 
 def test_existing_output_needs_overwrite_and_is_replaced_whole(ray_cluster, datastore, keys, tmp_path):
-    with pytest.raises(BuildError, match="already exists"):
+    with pytest.raises(BuildError, match="already exists; pass --overwrite"):
         build_datastore(BuildConfig(keys=tmp_path / "x.npy", out=datastore), progress=False)
+    (tmp_path / "notes").mkdir()  # not a datastore: --overwrite would not help, and the error says so first
+    for overwrite in (False, True):
+        with pytest.raises(BuildError, match="notes exists and is not a datastore; .* choose another output"):
+            build_datastore(BuildConfig(keys=tmp_path / "x.npy", out=tmp_path / "notes", overwrite=overwrite),
+                            progress=False)
     out = build(tmp_path, keys[:3000], "small", shards=2, factory="IVF16,Flat")
     before = read_manifest(out).version
     build(tmp_path, keys[:4000], "small", shards=2, factory="IVF16,Flat", overwrite=True)

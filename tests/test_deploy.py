@@ -273,6 +273,35 @@ def test_every_server_needs_tls_and_a_token_from_the_secrets(docs_3x2, capsys):
                                                                sts["spec"]["template"]["spec"]["volumes"])
 
 
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod template of a workload, RayCluster or RayJob."""
+    spec = doc["spec"]
+    if "template" in spec:
+        return [spec["template"]["spec"]]
+    cluster = spec.get("rayClusterSpec", spec)
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [group["template"]["spec"] for group in groups]
+
+
+def test_the_servers_user_can_read_the_mounted_secrets(docs_3x2):
+    """Without an fsGroup a Secret's files belong to root: the uid the pod runs as reads them only
+    when their mode lets everyone read (the mount is read-only and the pod's own)."""
+    workloads = [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment"),
+                 *[d for d in load_manifests(RAY_MANIFESTS) if d["kind"] in ("RayJob", "RayCluster")]]
+    checked = 0
+    for doc in workloads:
+        for pod in pod_specs(doc):
+            context = pod.get("securityContext", {})
+            for volume in pod.get("volumes", []):
+                if "secret" not in volume or context.get("runAsUser") == 0:
+                    continue
+                mode = volume["secret"].get("defaultMode", 0o644)
+                readable = mode & 0o004 or ("fsGroup" in context and mode & 0o040)
+                assert readable, f"{_name(doc)} volume {volume['name']} mode {oct(mode)}"
+                checked += 1
+    assert checked >= 4
+
+
 def test_drain_fits_the_termination_grace_period(docs_3x2, capsys):
     for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
         pod = doc["spec"]["template"]["spec"]

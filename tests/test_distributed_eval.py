@@ -126,9 +126,22 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
     redo = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path),
                                 on_share=lambda b: ran.append(b["share"]))
     assert ran == [1] and redo.perplexity == first.perplexity
+    ran.clear()  # another share size: the saved shares cover other batches, and are computed again
+    halves = WorkerPoolConfig(batches_per_share=2, workers=2, progress=False, checkpoint_dir=tmp_path)
+    resized = evaluate_distributed(job(knn, data), halves, on_share=lambda b: ran.append(b["share"]))
+    assert resized.tokens == first.tokens and resized.perplexity == pytest.approx(first.perplexity, rel=1e-12)
+    assert sorted(ran) == list(range(len(plan_shares(count_batches(TokenStore.open(data / "heldout"), CONFIG), 2))))
     other = job(knn, data, dataclasses.replace(CONFIG, temperature=2.0))
     with pytest.raises(ValueError, match="different evaluation"):
         evaluate_distributed(other, pool(workers=1, checkpoint_dir=tmp_path))
+
+
+def test_a_store_with_nothing_to_evaluate_is_refused_clearly(knn, data, tmp_path):
+    heldout = TokenStore.open(data / "heldout")
+    write_token_store(tmp_path / "tiny", [("one", [])], eos_id=0, tokenizer_fingerprint=heldout.tokenizer_fingerprint)
+    tiny = dataclasses.replace(job(knn, data), store=tmp_path / "tiny")
+    with pytest.raises(ValueError, match="tiny has nothing to evaluate: too few tokens for one window"):
+        evaluate_distributed(tiny, pool(workers=1))
 
 
 @pytest.fixture(scope="module")

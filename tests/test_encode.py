@@ -189,10 +189,10 @@ def test_chunk_exclusions_equal_brute_force(retro_store):
     C, doc = len(retro_store) // L, np.asarray(retro_store.doc_ids)
     ranges = chunk_exclusions(retro_store, L)
     assert len(ranges) == C
-    spans = [set(doc[c * L:(c + 1) * L]) for c in range(C)]
-    assert max(len(s) for s in spans) == 3  # a chunk spans three documents
+    assert max(len(set(doc[c * L:(c + 1) * L])) for c in range(C)) == 3  # a chunk spans three documents
+    spans = [set(doc[c * L:(c + 2) * L]) for c in range(C)]  # chunk c, and chunk c + 1 its neighbours predict
     for c, (lo, hi) in enumerate(ranges):
-        # row r is excluded when its payload (chunk + continuation) holds a token of a document chunk c touches
+        # row r is excluded when its payload (chunk + continuation) holds a token of a document of those
         expect = {r for r in range(C) if spans[c] & set(doc[r * L:r * L + 2 * L])}
         assert set(range(lo, hi)) == expect, f"chunk {c}"
 

@@ -377,7 +377,7 @@ def reference_retro(model: Retro, store: TokenStore, encoder, ds_keys: np.ndarra
             if exclude:
                 chunk = w.start // L + c  # rows whose chunk or continuation holds a token of its document(s)
                 first = store.documents[store.doc_ids[chunk * L]]
-                last = store.documents[store.doc_ids[chunk * L + L - 1]]
+                last = store.documents[store.doc_ids[min(chunk * L + 2 * L - 1, len(store) - 1)]]  # chunk + 1's
                 d[max(first.start // L - 1, 0):math.ceil(last.end / L)] = np.inf
             rows.append(ds_tokens[np.argsort(d, kind="stable")[:K]])
         neighbours = torch.from_numpy(np.stack(rows)[None].astype(np.int64))  # (1, C, K, 2L)

@@ -138,6 +138,12 @@ def test_a_killed_router_comes_back_at_its_address(deployment, keys, expected):
         np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)
 
 
+def test_restarts_back_off_to_the_cap_however_often_a_child_fails():
+    policy = RestartPolicy(first_delay_s=0.5, max_delay_s=30.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 7, 8)] == [0.5, 1.0, 2.0, 30.0, 30.0]
+    assert policy.delay(1025) == policy.delay(10 ** 6) == 30.0  # a child failing for hours, no overflow
+
+
 def test_a_blocking_call_takes_one_replica_alone():
     two = Attempts(ReplicaSet("shard-00000", ["a:1", "a:2"]), FailoverPolicy(), Deadline(1.0))
     with pytest.raises(ValueError, match="one replica"):

@@ -2,6 +2,8 @@
 through the router equal to one in-process index, lookup by name, the command line with a detached
 deployment, and a removed node's replica restarted elsewhere and found again by the router."""
 
+import base64
+import itertools
 import json
 import logging
 import signal
@@ -45,6 +47,30 @@ def test_plan_shares_nodes_with_a_warning_when_replicas_outnumber_nodes(caplog):
         plan = plan_placement(NODES[:2], shards=1, replicas=3, cpus_per_shard=1)
     assert sorted(plan.values()) == ["w1", "w1", "w2"]
     assert "shard-00000 replica 2 shares node w1" in caplog.text
+
+
+def test_plan_shares_a_node_only_where_no_spread_exists():
+    """One shard's choice must not take the only node another shard's replica could use: nodes of 1, 3
+    and 1 CPUs hold 2 shards x 2 replicas apart. Over random small clusters, a plan that puts two
+    replicas of a shard on one node is one where no placement (brute force) keeps them apart."""
+    plan = plan_placement([NodeSlot("a", 1.0), NodeSlot("b", 3.0), NodeSlot("c", 1.0)], shards=2, replicas=2,
+                          cpus_per_shard=1)
+    assert all(len(set(nodes_of(plan, shard))) == 2 for shard in range(2))
+    rng, shared = np.random.default_rng(0), 0
+    while shared < 10:
+        cpus = rng.integers(1, 4, size=rng.integers(1, 5)).tolist()
+        shards, replicas = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        if shards * replicas > 6 or shards * replicas > sum(cpus):
+            continue
+        plan = plan_placement([NodeSlot(f"n{i}", float(c)) for i, c in enumerate(cpus)], shards, replicas, 1)
+        if all(len(set(nodes_of(plan, shard))) == replicas for shard in range(shards)):
+            continue
+        shared += 1
+        spread_exists = any(
+            all(combo.count(i) <= c for i, c in enumerate(cpus))
+            and all(len(set(combo[s * replicas:(s + 1) * replicas])) == replicas for s in range(shards))
+            for combo in itertools.product(range(len(cpus)), repeat=shards * replicas))
+        assert not spread_exists, (cpus, shards, replicas, plan)
 
 
 def test_plan_respects_cpus_and_refuses_what_does_not_fit():
@@ -236,7 +262,8 @@ def test_replicas_on_different_nodes_and_a_removed_node_is_survived_then_replace
 @pytest.mark.slow
 def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, reference, tmp_path):
     """With the user's certificate and tokens the router's port needs them; the shards need the
-    deployment's own certificate and token, which reach each actor in its runtime environment. With
+    deployment's own certificate and token, which reach each actor as a constructor argument, so that
+    none of them is in Ray's logs (its runtime-env agent logs every environment it makes). With
     `secrets_dir` instead, the deployment secures the router itself and says how to reach it; a node's
     IP with neither is refused before anything starts."""
     from dataclasses import replace
@@ -262,6 +289,11 @@ def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, refere
         for (address,) in deployment.shard_addresses:  # the shards answer the router's certificate alone
             with RetrieverClient(address, security=user, timeout=10) as client, pytest.raises(RetrieverError):
                 client.info()
+    secrets = [b"user-token", base64.b64encode(b"user-token\n"), b"BEGIN PRIVATE KEY",
+               base64.b64encode(b"-----BEGIN PRIVATE KEY-----")[:24]]  # any key's PEM, as base64 packs it
+    logs = Path(cluster.head_node.get_logs_dir_path())
+    leaked = [(f.name, s) for f in logs.rglob("*") if f.is_file() for s in secrets if s in f.read_bytes()]
+    assert logs.is_dir() and leaked == []
     with RayDeployment(replace(config(datastore, "itself", replicas=1), secrets_dir=tmp_path / "own")) as deployment:
         assert_answers_like_one_index(deployment.router_address, keys, reference, deployment.client_security)
         assert oct((tmp_path / "own").stat().st_mode)[-3:] == "700"

@@ -70,6 +70,18 @@ def test_cache_ignores_rows_for_incomplete_chunks(model, tokens, neighbours):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fed, back", [(2 * L + 2, 4), (2 * L, 1), (2 * L + 1, 1), (3 * L, 2 * L)])
+def test_cache_rewind_matches_a_cache_that_never_saw_the_positions(model, tokens, neighbours, fed, back):
+    """A rewind across a chunk's end forgets that chunk's encoding and the hidden states it was made of."""
+    cache = model.new_cache()
+    model(tokens[:, :fed], neighbours, cache=cache)
+    cache.rewind(back)
+    kept = fed - back
+    got = model(tokens[:, kept:], neighbours, cache=cache)
+    torch.testing.assert_close(got, model(tokens, neighbours)[:, kept:])
+
+
+@torch.no_grad()
 def test_cache_reorder_matches_reordered_batch(model, tokens, neighbours):
     cut = 7  # mid-chunk: the cache holds one encoded chunk and a partial one
     cache = model.new_cache()

@@ -156,6 +156,30 @@ def test_a_non_loopback_port_needs_tls_and_a_token(pki):
             ServerSecurity().check(name)
 
 
+def test_actor_secrets_arrive_as_private_files():
+    from retriever_server.cluster.ray_secrets import materialize, pack
+
+    folder = materialize(pack({"shard.key": b"-----BEGIN PRIVATE KEY-----", "../hop-token": b"t0k3n"}))
+    assert oct(folder.stat().st_mode)[-3:] == "700"
+    assert {f.name: (f.read_bytes(), oct(f.stat().st_mode)[-3:]) for f in folder.iterdir()} == {
+        "shard.key": (b"-----BEGIN PRIVATE KEY-----", "600"), "hop-token": (b"t0k3n", "600")}
+    assert materialize(pack({})) is None and materialize(None) is None
+
+
+def test_a_deployments_own_hop_credentials_leave_no_folder_behind(pki, tmp_path, monkeypatch):
+    """The hops' CA, certificates and token are made in a folder, read into the actors' secrets, and the
+    folder removed: only the actors' private copies remain while they run."""
+    import tempfile
+
+    from retriever_server.cluster.ray_security import plan_security
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    users = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=pki["tokens"])
+    plan = plan_security("127.0.0.1", users, None)
+    assert {"hop-token", "shard.key"} <= set(plan.shard_secrets) and "public-tls_key" in plan.router_secrets
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_private_files_are_made_private_even_when_they_existed(tmp_path):
     path = tmp_path / "server.key"
     path.write_text("old")

@@ -150,6 +150,11 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot save kind 'hf'"):
         save_checkpoint(tmp_path / "x.pt", kind="hf", model=model, config=model.config, step=0,
                         tokenizer_fingerprint="", extra={})
+    other = LMConfig.tiny(10, n_head=4 if model.config.n_head != 4 else 2)  # same tensors, another model
+    with pytest.raises(ValueError, match="config does not describe the model"):
+        save_checkpoint(tmp_path / "y.pt", kind="lm", model=model, config=other, step=0, tokenizer_fingerprint="",
+                        extra={})
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_retro_windows_align_with_neighbour_rows(data):

@@ -141,7 +141,9 @@ def plan_shares(n_batches: int, batches_per_share: int) -> list[Share]:
 class EvalWorker:
     """An LM worker: loads the model, the store and a retriever once, then evaluates shares."""
 
-    def __init__(self, job: EvalJob, torch_threads: int, device: str):
+    def __init__(self, job: EvalJob, torch_threads: int, device: str, token: str | None = None):
+        """`token`: the driver's RETRIEVER_AUTH_TOKEN, for a job whose security names no token of its own
+        (an argument, not an environment variable: Ray logs the environments it makes for actors)."""
         import torch
 
         from lm_worker.data.token_store import TokenStore
@@ -155,7 +157,10 @@ class EvalWorker:
         retrieval = job.config.retrieval
         if job.kind == "retro":
             retrieval = dataclasses.replace(retrieval, k=self.model.config.n_neighbours)
-        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, job.security or ClientSecurity())
+        security = job.security or ClientSecurity()
+        if token and not security.token and security.token_file is None:
+            security = dataclasses.replace(security, token=token)
+        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, security)
         if job.kind == "retro":
             self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
 
@@ -182,7 +187,8 @@ class EvalWorker:
         else:
             result = evaluate_retro(self.model, self.store, self.retriever, self.encoder, self.job.config, False,
                                     batches)
-        return {"share": share.index, "node": self.ready(), "pid": os.getpid(), "result": result.to_dict()}
+        return {"share": share.index, "start": share.start, "stop": share.stop, "node": self.ready(),
+                "pid": os.getpid(), "result": result.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -205,6 +211,17 @@ def _open_checkpoints(job: EvalJob, directory: Path | None) -> dict[int, dict]:
         body = json.loads(path.read_text())
         done[int(body["share"])] = body
     return done
+
+
+def _planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
+    """The finished shares that cover the batches the plan gives them: a share saved with another share
+    size (or before shares recorded their batches) is computed again, not added in for other batches."""
+    kept = {i: body for i, body in done.items()
+            if i < len(shares) and (body.get("start"), body.get("stop")) == (shares[i].start, shares[i].stop)}
+    if len(kept) < len(done):
+        log.warning("%d saved shares cover other batches than this run's shares (another share size): computing "
+                    "them again", len(done) - len(kept))
+    return kept
 
 
 def _save_share(directory: Path | None, body: dict) -> None:
@@ -236,11 +253,9 @@ class _Pool:
 
     def _start_worker(self) -> None:
         c = self.config
-        token = os.environ.get(TOKEN_ENV)  # the driver's token, for workers on any node (not in the job)
-        runtime_env = {"env_vars": {TOKEN_ENV: token}} if token else None
+        token = os.environ.get(TOKEN_ENV, "").strip() or None  # the driver's, for workers on any node
         actor = self.actor_class.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=c.resources or None,
-                                         max_restarts=0, runtime_env=runtime_env).remote(self.job, c.torch_threads,
-                                                                                         c.device)
+                                         max_restarts=0).remote(self.job, c.torch_threads, c.device, token)
         self.starting[actor.ready.remote()] = actor
 
     def _lost(self, actor, why: BaseException) -> None:
@@ -320,7 +335,10 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     align = model.config.chunk_len if job.kind == "retro" else 1
     del model
     shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)
-    done = _open_checkpoints(job, config.checkpoint_dir)
+    if not shares:
+        raise ValueError(f"{job.store} has nothing to evaluate: too few tokens for one window of context_len "
+                         f"{job.config.context_len}")
+    done = _planned(_open_checkpoints(job, config.checkpoint_dir), shares)
     queue = deque(s for s in shares if s.index not in done)
     log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
              len(done), config.workers)

@@ -76,10 +76,13 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
     """log(λ · p_kNN + (1 - λ) · p_LM) over the whole vocabulary: the LM's log-probs (N, V), the
     neighbours' distances (N, k) and values (N, k) long -> (N, V).
 
-    The same numbers as `interpolate(lm_log_probs, knn_log_probs(...), lam)`, bit for bit, computed
-    where p_kNN is not zero only: elsewhere the mixture is log(1 - λ) + log p_LM, and logaddexp with
-    -inf returns its other operand exactly. A decoding step so costs one pass over (N, V) instead of
-    six (the log over the vocabulary and the logaddexp were most of a step's mixing).
+    The numbers of `interpolate(lm_log_probs, knn_log_probs(...), lam)`, computed where p_kNN is not
+    zero only: elsewhere the mixture is log(1 - λ) + log p_LM, and logaddexp with -inf returns its other
+    operand exactly, so those entries are the dense mixture's bit for bit. Where p_kNN > 0 they may
+    differ from it in the last bit (torch's logaddexp rounds differently over a few entries than over a
+    whole row). Every decoder mixes with this function, so decoders agree with each other bit for bit.
+    A decoding step so costs one pass over (N, V) instead of six (the log over the vocabulary and the
+    logaddexp were most of a step's mixing).
     """
     if lam == 0.0 or lam == 1.0:
         return interpolate(lm_log_probs, knn_log_probs(distances, values, lm_log_probs.shape[-1], temperature), lam)

@@ -77,12 +77,14 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
         The path written.
 
     Raises:
-        ValueError: unknown kind, or a config that is not a dataclass.
+        ValueError: unknown kind, a config that is not a dataclass, or not the model's own.
     """
     if kind not in MODELS:
         raise ValueError(f"cannot save kind {kind!r}: checkpoints hold {sorted(MODELS)} models")
     if not dataclasses.is_dataclass(config):
         raise ValueError(f"config must be a dataclass, got {type(config).__name__}")
+    if getattr(model, "config", config) != config:  # loading builds the model from the config saved
+        raise ValueError(f"config does not describe the model: {config} against the model's {model.config}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {

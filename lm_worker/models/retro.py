@@ -89,10 +89,20 @@ class RetroCache(KVCache):
     """`KVCache` plus what CCA needs across calls: the decoder's hidden states at the first CCA layer
     (the encoder's view of the input chunks) and the neighbours encoded so far."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, chunk_len: int):
         super().__init__(n_layer)
+        self.chunk_len = chunk_len
         self.hidden: torch.Tensor | None = None  # (B, S, E)
         self.encoded: torch.Tensor | None = None  # (B, C, K, N, E)
+
+    def rewind(self, n: int = 1) -> None:
+        """Forgets the last `n` positions: their keys and values, their hidden states, and the encoding
+        of every chunk they completed (encoded again once complete again)."""
+        super().rewind(n)
+        if self.hidden is not None:
+            self.hidden = self.hidden[:, :self.offset]
+        if self.encoded is not None:
+            self.encoded = self.encoded[:, :self.offset // self.chunk_len]
 
     def state(self) -> tuple:
         return super().state(), self.hidden, self.encoded
@@ -200,7 +210,7 @@ class Retro(nn.Module):
 
     def new_cache(self) -> RetroCache:
         """An empty cache for incremental decoding; its batch size is set by the first call."""
-        return RetroCache(self.config.n_layer)
+        return RetroCache(self.config.n_layer, self.config.chunk_len)
 
     def forward(self, tokens: torch.Tensor, neighbours: torch.Tensor | None = None, cache: RetroCache | None = None,
                 return_attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:

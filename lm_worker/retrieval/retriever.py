@@ -33,9 +33,19 @@ def knn_neighbours(result: SearchResult) -> KnnNeighbours:
 
 
 def chunk_neighbours(result: SearchResult) -> np.ndarray:
-    """A RETRO datastore's answer as int64 (n, k, 2L) token ids: each neighbour chunk and its continuation."""
+    """A RETRO datastore's answer as int64 (n, k, 2L) token ids: each neighbour chunk and its continuation.
+
+    Raises:
+        ValueError: some query found fewer than k neighbours. RETRO attends to k chunks; a missing one has
+            no tokens (its payload reads as token 0), and nothing in the model tells it apart.
+    """
     if "tokens" not in result.payloads:
         raise ValueError("the datastore has no 'tokens' payload: is it a RETRO datastore?")
+    short = np.flatnonzero((result.ids < 0).any(axis=1))
+    if len(short):
+        raise ValueError(f"{len(short)} of {len(result.ids)} chunk queries found fewer than k={result.ids.shape[1]} "
+                         f"neighbours (first: query {int(short[0])}): search more lists (nprobe), exclude fewer "
+                         "rows, or ask for fewer neighbours than the datastore holds")
     return result.payloads["tokens"].astype(np.int64)  # (n, k, 2L)
 
 

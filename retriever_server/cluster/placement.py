@@ -1,10 +1,11 @@
 """Where a deployment's shard replicas go on a Ray cluster: a deterministic plan over its nodes.
 
-Replica 0 of every shard is placed first, then replica 1, and so on; each goes to the node that
-does not hold its shard yet, then has the fewest replicas, then comes first (worker nodes before
-the head node, which also runs the cluster's own services), among the nodes with CPUs left for it.
-So shards spread one per node while there are nodes, a shard's replicas land on different nodes,
-and replicas share a node, with a warning, only when there are fewer nodes than replicas.
+Replica 0 of every shard is placed first, then replica 1, and so on. In each round the shards get
+nodes that do not hold them yet (a maximum matching over the nodes' free CPUs, so that one shard's
+choice does not take the only node another could use), preferring the node with the fewest replicas,
+then the first (worker nodes before the head node, which also runs the cluster's own services). So
+shards spread one per node while there are nodes, a shard's replicas land on different nodes, and a
+replica shares a node with its shard's, with a warning, only when its round has no such node left.
 
 Example:
     >>> plan_placement(cluster_nodes(), shards=2, replicas=2, cpus_per_shard=1)
@@ -74,11 +75,12 @@ def plan_placement(nodes: list[NodeSlot], shards: int, replicas: int,
     rank = {n.node_id: i for i, n in enumerate(nodes)}
     plan: dict[tuple[int, int], str] = {}
     for r in range(replicas):
-        for s in range(shards):
+        spread = _spread(shards, room, load, held, rank, cpus_per_shard)
+        for s in sorted(range(shards), key=lambda s: s not in spread):  # the spread ones first: their room is kept
             fits = [node for node in rank if room[node] >= cpus_per_shard - 1e-9]
             if not fits:
                 raise _no_room(nodes, shards, replicas, cpus_per_shard)
-            best = min(fits, key=lambda node: (s in held[node], load[node], rank[node]))
+            best = spread[s] if s in spread else min(fits, key=lambda node: (s in held[node], load[node], rank[node]))
             if s in held[best]:
                 log.warning("%s replica %d shares node %s with another replica of its shard: %d nodes with room "
                             "for %d replicas", shard_name(s), r, best, len(fits), replicas)
@@ -87,3 +89,34 @@ def plan_placement(nodes: list[NodeSlot], shards: int, replicas: int,
             load[best] += 1
             held[best].add(s)
     return plan
+
+
+def _spread(shards: int, room: dict[str, float], load: dict[str, int], held: dict[str, set[int]],
+            rank: dict[str, int], cpus: float) -> dict[int, str]:
+    """One replica of as many shards as can have one on a node not holding that shard yet: a maximum
+    matching of shards to the nodes' free slots (augmenting paths), each shard trying the nodes with the
+    fewest replicas first. A greedy pass alone can fill the one node a later shard could use."""
+    slots = {node: int((room[node] + 1e-9) // cpus) for node in rank}
+    taken: dict[str, list[int]] = {node: [] for node in rank}
+    chosen: dict[int, str] = {}
+
+    def place(s: int, seen: set[str]) -> bool:
+        free = [node for node in rank if s not in held[node] and node not in seen and slots[node]]
+        for node in sorted(free, key=lambda node: (load[node] + len(taken[node]), rank[node])):
+            seen.add(node)
+            if len(taken[node]) < slots[node] or any(place(other, seen) and _move(taken, other, node)
+                                                     for other in list(taken[node])):
+                taken[node].append(s)
+                chosen[s] = node
+                return True
+        return False
+
+    for s in range(shards):
+        place(s, set())
+    return chosen
+
+
+def _move(taken: dict[str, list[int]], shard: int, away_from: str) -> bool:
+    """Takes `shard` off `away_from`, after `place` found it another node; True."""
+    taken[away_from].remove(shard)
+    return True

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import threading
 
 import ray
 
-from retriever_server.cluster.ray_secrets import materialize, relocated
+from retriever_server.cluster.ray_secrets import Secrets, materialize, relocated
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.logs import configure_logging
 from retriever_server.serving.router import RouterConfig, start_router
@@ -47,10 +48,11 @@ class _ServerActor:
 
     running: RunningServer
 
-    def __init__(self, host: str | None, log_level: str):
+    def __init__(self, host: str | None, log_level: str, secrets: Secrets | None):
         configure_logging(log_level)
         self.host = host or ray.util.get_node_ip_address()
         self.loop = _LoopThread()
+        self.secrets_dir = materialize(secrets)  # this actor's copies of its certificates and token, if any
 
     def address(self) -> str:
         return self.running.address
@@ -69,19 +71,23 @@ class _ServerActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def stop(self, grace_s: float) -> None:
-        """Drains: NOT_SERVING, new requests refused, in-flight ones get `grace_s` seconds."""
+        """Drains: NOT_SERVING, new requests refused, in-flight ones get `grace_s` seconds; then removes
+        the actor's copies of its secrets."""
         if not self.running.service.draining:
             self.loop.run(self.running.drain(grace=grace_s))
+        if self.secrets_dir is not None:
+            shutil.rmtree(self.secrets_dir, ignore_errors=True)
+            self.secrets_dir = None
 
 
 @ray.remote
 class ShardReplica(_ServerActor):
     """One replica of one shard; `server.host` is replaced by `host` (None: the node's IP)."""
 
-    def __init__(self, server: ShardServerConfig, host: str | None, router: str, namespace: str, log_level: str):
-        super().__init__(host, log_level)
-        secrets = materialize()  # this actor's copies of its certificates and token, if it has any
-        self.server = dataclasses.replace(server, host=self.host, security=relocated(server.security, secrets))
+    def __init__(self, server: ShardServerConfig, host: str | None, router: str, namespace: str, log_level: str,
+                 secrets: Secrets | None = None):
+        super().__init__(host, log_level, secrets)
+        self.server = dataclasses.replace(server, host=self.host, security=relocated(server.security, self.secrets_dir))
         try:
             self.running = self.loop.run(start_shard_server(self.server))
         except BaseException:
@@ -107,14 +113,13 @@ class RouterActor(_ServerActor):
     `router.host` are replaced by their addresses and `host` (None: the node's IP)."""
 
     def __init__(self, router: RouterConfig, replicas: list[list[str]], namespace: str, host: str | None,
-                 log_level: str):
-        super().__init__(host, log_level)
+                 log_level: str, secrets: Secrets | None = None):
+        super().__init__(host, log_level, secrets)
         handles = [[ray.get_actor(name, namespace=namespace) for name in names] for names in replicas]
         addresses = [ray.get([h.address.remote() for h in shard]) for shard in handles]
-        secrets = materialize()
         config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host,
-                                     security=relocated(router.security, secrets),
-                                     shard_security=relocated(router.shard_security, secrets))
+                                     security=relocated(router.security, self.secrets_dir),
+                                     shard_security=relocated(router.shard_security, self.secrets_dir))
         self.running = self.loop.run(start_router(config))
 
     def replicas(self) -> list[list[str]]:

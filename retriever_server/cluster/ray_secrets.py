@@ -1,16 +1,19 @@
-"""Secrets for a deployment's Ray actors, carried in the actors' runtime environment rather than in
-files every node must see: the driver reads the certificates, keys and tokens, each actor writes
-them into a folder of its own (0700, files 0600) when it starts, and its servers read them there.
+"""Secrets for a deployment's Ray actors, carried as an argument of each actor's constructor rather
+than in files every node must see: the driver reads the certificates, keys and tokens, each actor
+writes them into a folder of its own (0700, files 0600) when it starts, and its servers read them there.
+
+Not in the actors' runtime environment: Ray's runtime-env agent logs every environment it creates,
+variables included, in the session's logs, which every user of the node (and the dashboard) can read.
+A constructor's arguments stay in Ray's object store; a restarted actor gets them again.
 
 Example:
-    >>> env = runtime_env({"shard.pem": pem, "hop-token": b"..."})   # .options(runtime_env=env)
-    >>> folder = materialize()                                        # in the actor: its own copies
+    >>> secrets = pack({"shard.pem": pem, "hop-token": b"..."})   # ShardReplica.remote(..., secrets)
+    >>> folder = materialize(secrets)                               # in the actor: its own copies
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import tempfile
 from dataclasses import fields, replace
@@ -18,26 +21,22 @@ from pathlib import Path
 
 from retriever_server.security.certs import write_private
 
-ENV = "RETRIEVER_ACTOR_SECRETS"
+Secrets = dict[str, str]  # file name -> its content, base64
 
 
-def runtime_env(files: dict[str, bytes]) -> dict | None:
-    """A Ray runtime environment that carries `files` (name -> content) to an actor; None for none."""
-    if not files:
-        return None
-    packed = {name: base64.b64encode(data).decode() for name, data in files.items()}
-    return {"env_vars": {ENV: json.dumps(packed)}}
+def pack(files: dict[str, bytes]) -> Secrets | None:
+    """`files` (name -> content) as an actor's constructor carries them; None for none."""
+    return {name: base64.b64encode(data).decode() for name, data in files.items()} if files else None
 
 
-def materialize() -> Path | None:
-    """In an actor: writes the files its runtime environment carries into a new private folder and
-    returns it; None when it carries none."""
-    packed = os.environ.get(ENV)
-    if not packed:
+def materialize(secrets: Secrets | None) -> Path | None:
+    """In an actor: writes the files `secrets` carries into a new private folder and returns it; None
+    when it carries none."""
+    if not secrets:
         return None
     folder = Path(tempfile.mkdtemp(prefix="retriever-secrets-"))
     os.chmod(folder, 0o700)
-    for name, data in json.loads(packed).items():
+    for name, data in secrets.items():
         write_private(folder / Path(name).name, base64.b64decode(data))
     return folder
 

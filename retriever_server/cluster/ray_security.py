@@ -1,18 +1,19 @@
 """How a Ray deployment secures its ports (see `RayServeConfig`): the router's port with the user's
 certificate and tokens, or with the deployment's own CA and token (`secrets_dir`), or not at all on
 loopback; and, whenever the router's port is secured, the hops from the router to the shards with
-mutual TLS and a token of the deployment's own. The actors get their files in their runtime
-environment (`ray_secrets`), under names of their own.
+mutual TLS and a token of the deployment's own. The actors get their files as a constructor argument
+(`ray_secrets`), under names of their own.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from retriever_server.cluster.hop_credentials import make_hop_credentials
-from retriever_server.cluster.ray_secrets import read_files, runtime_env
+from retriever_server.cluster.ray_secrets import Secrets, pack, read_files
 from retriever_server.security.config import ClientSecurity, ServerSecurity, is_loopback_host
 
 
@@ -21,10 +22,10 @@ class DeploymentSecurity:
     """What each actor runs with, and what clients of the router use (None: the user's own)."""
 
     shard: ServerSecurity
-    shard_env: dict | None
+    shard_secrets: Secrets | None
     router: ServerSecurity
     router_to_shards: ClientSecurity
-    router_env: dict | None
+    router_secrets: Secrets | None
     client: ClientSecurity | None
 
 
@@ -55,6 +56,9 @@ def plan_security(host: str | None, public: ServerSecurity, secrets_dir: Path | 
     files = {f"public-{name}": path for name, path in _paths(source).items()}
     files.update({path.name: path for path in _paths(to_shards).values()})
     shard_files = {path.name: path for path in _paths(shard).values()}
-    return DeploymentSecurity(shard=shard, shard_env=runtime_env(read_files(shard_files)), router=router,
-                              router_to_shards=to_shards, router_env=runtime_env(read_files(files)),
+    shard_secrets, router_secrets = pack(read_files(shard_files)), pack(read_files(files))
+    if not by_itself:  # a folder of its own, read now: the actors carry their copies (and their names alone)
+        shutil.rmtree(folder, ignore_errors=True)
+    return DeploymentSecurity(shard=shard, shard_secrets=shard_secrets, router=router,
+                              router_to_shards=to_shards, router_secrets=router_secrets,
                               client=hops.router_client() if by_itself else None)

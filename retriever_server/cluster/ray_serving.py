@@ -273,14 +273,18 @@ class RayDeployment:
                                    security=self.security.shard)
         options = self._options(replica_actor_name(c.name, shard, replica), c.cpus_per_shard, self.plan[shard, replica])
         gpus = 1 if c.options.gpu else 0  # a node without one is infeasible: the soft affinity moves on
-        return ShardReplica.options(**options, num_gpus=gpus, runtime_env=self.security.shard_env).remote(
-            server, c.host, router_actor_name(c.name), c.namespace, c.log_level)
+        return ShardReplica.options(**options, num_gpus=gpus).remote(
+            server, c.host, router_actor_name(c.name), c.namespace, c.log_level, self.security.shard_secrets)
 
     def _start_actors(self, num_shards: int, nodes: list[NodeSlot]) -> None:
         """The replicas first; the router, on the head node, once they all serve."""
         c = self.config
         names = [[replica_actor_name(c.name, s, r) for r in range(c.replicas)] for s in range(num_shards)]
-        self.shards = [[self._start_replica(s, r) for r in range(c.replicas)] for s in range(num_shards)]
+        self.shards = []
+        for s in range(num_shards):  # kept as each starts: a failure (an interrupt) stops those already made
+            self.shards.append([])
+            for r in range(c.replicas):
+                self.shards[-1].append(self._start_replica(s, r))
         self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []))
         heads = [n.node_id for n in nodes if n.head]
         router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
@@ -288,8 +292,8 @@ class RayDeployment:
         router = RouterConfig(shards=(), port=0, metrics_port=0 if c.metrics else None, limits=c.limits,
                               security=s.router, shard_security=s.router_to_shards)
         options = self._options(router_actor_name(c.name), c.router_cpus, router_node)
-        self.router = RouterActor.options(**options, runtime_env=s.router_env).remote(router, names, c.namespace,
-                                                                                     c.host, c.log_level)
+        self.router = RouterActor.options(**options).remote(router, names, c.namespace, c.host, c.log_level,
+                                                            s.router_secrets)
         self._await([self.router.started.remote()], [router_actor_name(c.name)])
         for (s, r), node in sorted(self.placements.items()):
             log.info("%s on node %s", names[s][r], node)

@@ -64,7 +64,7 @@ class RestartPolicy:
     healthy_after_s: float = 30.0
 
     def delay(self, quick_exits: int) -> float:
-        return min(self.max_delay_s, self.first_delay_s * 2 ** max(0, quick_exits - 1))
+        return min(self.max_delay_s, self.first_delay_s * 2.0 ** min(max(0, quick_exits - 1), 64))  # no overflow
 
 
 @dataclass

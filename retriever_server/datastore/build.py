@@ -282,10 +282,11 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
 
 def _check_output(config: BuildConfig) -> None:
     """Refuses to replace an existing path unless asked to, and never one that is not a datastore."""
+    if config.out.exists() and not (config.out / "manifest.json").is_file():
+        raise BuildError(f"{config.out} exists and is not a datastore; refusing to replace it: choose another "
+                         "output path")
     if config.out.exists() and not config.overwrite:
         raise BuildError(f"{config.out} already exists; pass --overwrite to replace it")
-    if config.out.exists() and not (config.out / "manifest.json").is_file():
-        raise BuildError(f"{config.out} exists and is not a datastore; refusing to replace it")
 
 
 def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float,

@@ -119,17 +119,18 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end }}
 {{- end -}}
 
-{{/* The Secrets' volumes and mounts (none when insecure). */}}
+{{/* The Secrets' volumes and mounts (none when insecure). Mode 0444: without an fsGroup the files
+     are root's, and the servers run as uid 1000; the mount is read-only and seen by this pod alone. */}}
 {{- define "rd.secretVolumes" -}}
 {{- if not .Values.security.insecure }}
 - name: tls
   secret:
     secretName: {{ .Values.security.tlsSecret }}
-    defaultMode: 0440
+    defaultMode: 0444
 - name: tokens
   secret:
     secretName: {{ .Values.security.tokenSecret }}
-    defaultMode: 0440
+    defaultMode: 0444
 {{- end }}
 {{- end -}}
 
