@@ -63,6 +63,14 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     one_line_error(run(*args), words)
 
 
+def test_search_rerank_takes_an_optional_candidate_count():
+    parse = cli.build_parser().parse_args
+    base = ["search", "127.0.0.1:1", "--queries", "q.npy"]
+    assert parse(base).rerank is None  # no re-rank
+    assert parse([*base, "--rerank"]).rerank == 0  # k candidates
+    assert parse([*base, "--rerank", "100", "-k", "5"]).rerank == 100
+
+
 def test_log_level_is_any_case():
     assert cli.build_parser().parse_args(["--log-level", "debug", "info", "x"]).log_level == "DEBUG"
 

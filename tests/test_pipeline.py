@@ -10,6 +10,7 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -176,6 +177,44 @@ def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
     with pytest.raises(ValueError, match=r"holds chunks of 16 tokens, RETRO's chunk_len is 8: remove .*retro-source"):
         run_pipeline(replace(config, retro=replace(config.retro, chunk_len=8)))
     assert (config.run / "retro-source" / "source.json").read_text() == before
+
+
+def test_another_stride_is_refused_and_names_what_to_remove(first_run):
+    config, _ = first_run
+    with pytest.raises(ValueError, match=r"knnlm-source was encoded with other context_len and stride than this "
+                                         r"run's .*: remove .*knnlm-source, .*knnlm-datastore and .*report"):
+        run_pipeline(replace(config, stride=16))
+
+
+def test_another_validation_size_is_refused_and_names_what_to_remove(first_run):
+    config, _ = first_run
+    with pytest.raises(ValueError, match=rf"valid holds the last {config.tune_tokens} held-out tokens, tune_tokens is "
+                                         rf"{2 * config.tune_tokens}: remove .*valid, .*test and .*report"):
+        run_pipeline(replace(config, tune_tokens=2 * config.tune_tokens))
+
+
+def test_the_temperature_is_chosen_again_when_what_it_was_chosen_on_changes(tmp_path, monkeypatch):
+    from lm_worker.evaluation import knnlm_eval
+    from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+    from lm_worker.pipeline.eval_stage import tune_temperature
+
+    tried: list[float] = []
+
+    def fake_evaluate(lm, valid, retriever, config, progress):  # perplexity 10 + |T - 4|
+        tried.append(config.temperature)
+        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0))
+
+    monkeypatch.setattr(knnlm_eval, "evaluate_knnlm", fake_evaluate)
+    (tmp_path / "report").mkdir()
+    lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
+    config = replace(tiny(tmp_path), temperatures=(1.0, 5.0))
+    assert tune_temperature(config, lm, valid, None, EvalConfig())[::2] == (5.0, False)
+    assert tune_temperature(config, lm, valid, None, EvalConfig())[::2] == (5.0, True) and tried == [1.0, 5.0]
+    wider = replace(config, temperatures=(1.0, 4.0, 5.0))  # more temperatures: chosen again, among them
+    assert tune_temperature(wider, lm, valid, None, EvalConfig())[::2] == (4.0, False)
+    torch.manual_seed(1)
+    retrained = TransformerLM(LMConfig.tiny(vocab_size=50))  # another LM: chosen again
+    assert tune_temperature(wider, retrained, valid, None, EvalConfig())[2] is False
 
 
 def test_another_n_neighbours_is_refused_and_names_what_to_remove(first_run):

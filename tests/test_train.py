@@ -108,6 +108,9 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert np.allclose(np.array(losses_a["train"]), np.array(losses_b["train"]), rtol=1e-6)
     assert np.allclose(np.array(losses_a["heldout"]), np.array(losses_b["heldout"]), rtol=1e-6)
     assert resumed.heldout_loss == pytest.approx(straight.heldout_loss, rel=1e-6)
+    written = resumed.checkpoint.stat().st_mtime_ns  # a finished run resumed trains nothing and rewrites nothing
+    again = train(config, data, tmp_path / "resumed", progress=False)  # (encode jobs stamp the file it keeps)
+    assert again.steps == 20 and again.checkpoint.stat().st_mtime_ns == written
 
 
 @pytest.mark.parametrize("kind", ["lm", "retro"])

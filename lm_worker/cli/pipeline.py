@@ -30,7 +30,8 @@ def add_parsers(sub) -> None:
     pl.add_argument("--retro-steps", type=int, default=1600)
     pl.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
     add_ray_address(pl)
-    pl.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors (0: none)")
+    pl.add_argument("--workers", type=int, default=2,
+                    help="Ray Data encode actors (at least one) and LM worker actors (0: evaluate in this process)")
     pl.add_argument("--retro-encoder", choices=ENCODERS, default="lm", help=ENCODER_HELP)
     pl.add_argument("--retro-init", choices=RETRO_INITS, default="lm", help=RETRO_INIT_HELP)
     pl.set_defaults(handler=run_pipeline_command)

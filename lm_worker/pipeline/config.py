@@ -14,16 +14,16 @@ PROMPTS = ("def read_config(path):\n", "class Parser:\n    def __init__(self", "
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Sizes of every stage and where it runs. The defaults fit 2 CPU cores in well under an hour;
-    `demo()` in under 20 minutes. The held-out split is cut into validation text (its last
-    `tune_tokens` tokens, where kNN-LM's temperature is chosen) and test documents (the rest),
-    where every reported perplexity is measured. `encode_workers` / `eval_workers` are Ray actors (0: a plain loop in
-    this process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
+    """Sizes of every stage and where it runs. The defaults fit 2 CPU cores in well under an hour; `demo()` in
+    under 20 minutes. The held-out split is cut into validation text (its last `tune_tokens` tokens, where
+    kNN-LM's temperature is chosen) and test documents (the rest), where every reported perplexity is measured.
+    `encode_workers` are Ray Data actors (at least one); `eval_workers` LM worker actors (0: evaluation in this
+    process); `serve_on_ray` serves the shards as Ray actors (else local processes). `retro_encoder` embeds
     RETRO's chunks: "minilm", or "lm" (the trained base LM's key at each chunk's last token). `retro_init`: "lm"
     retro-fits RETRO onto the trained base LM (its decoder frozen, only CCA and the neighbour encoder train),
     "scratch" trains RETRO's own decoder (`retro.preset`) from random weights. A retro-fitted RETRO trains on
-    `max_retro_tokens` tokens of training-side documents the LM never saw (the "retro" split; 0: on the LM's
-    own training text, where the frozen LM predicts so well from memory that the neighbours add little)."""
+    `max_retro_tokens` tokens of training-side documents the LM never saw (the "retro" split; 0: on the LM's own
+    training text, where the frozen LM predicts so well from memory that the neighbours add little)."""
 
     run: Path = Path("runs/stdlib")
     corpus: str = "stdlib"

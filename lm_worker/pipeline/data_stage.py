@@ -61,8 +61,13 @@ def split_heldout(config: PipelineConfig, heldout):
         docs = [(d.name, np.asarray(heldout.tokens[d.start:d.end - 1])) for d in heldout.documents]  # EOS re-added
         test, valid = cut_validation(docs, config.tune_tokens)
         eos = int(heldout.tokens[-1])
-        for name, part in (("valid", valid), ("test", test)):
-            write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint)
+        for name, part, budget in (("valid", valid, config.tune_tokens), ("test", test, 0)):
+            write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint, max_tokens=budget)
+    recorded = TokenStore.open(data / "valid").max_tokens  # 0: a split made before it was recorded
+    if recorded and recorded != config.tune_tokens:
+        raise ValueError(f"{data / 'valid'} holds the last {recorded} held-out tokens, tune_tokens is "
+                         f"{config.tune_tokens}: remove {data / 'valid'}, {data / 'test'} and {config.run / 'report'} "
+                         "to split and evaluate again")
     return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
 
 

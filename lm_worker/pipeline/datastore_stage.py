@@ -16,7 +16,7 @@ from lm_worker.pipeline.stages import Stages, done
 
 
 def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
-    """The train split's kNN-LM or RETRO source, by the Ray Data job (or a plain loop with 0 workers)."""
+    """The train split's kNN-LM or RETRO source, by the Ray Data job (`encode_workers` actors, at least one)."""
     from lm_worker.jobs.encode_job import run_encode_job
     from lm_worker.jobs.encode_plan import EncodeJobConfig
 
@@ -25,6 +25,22 @@ def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None 
                           chunk_len=config.retro.chunk_len, context_len=config.context_len, stride=config.stride,
                           workers=max(config.encode_workers, 1), address=config.address, progress=config.progress)
     run_encode_job(job, out)
+
+
+def check_knnlm_source(config: PipelineConfig, info, lm_checkpoint: Path) -> None:
+    """ValueError when RUN/knnlm-source holds keys of another LM (trained on since) or windows of another
+    context_len or stride than the config's: reused, its datastore would answer for a model it was not
+    made from."""
+    from lm_worker.models.checkpoint import load_checkpoint
+    from lm_worker.models.fingerprint import model_fingerprint
+
+    made = (info.encoder_fingerprint, info.details.get("context_len"), info.details.get("stride"))
+    wanted = (model_fingerprint(load_checkpoint(lm_checkpoint).model), config.context_len, config.stride)
+    if made != wanted:
+        what = "the LM's weights" if made[0] != wanted[0] else "context_len and stride"
+        raise ValueError(f"{info.directory} was encoded with other {what} than this run's ({made} against {wanted}): "
+                         f"remove {info.directory}, {config.run / 'knnlm-datastore'} and {config.run / 'report'} to "
+                         "encode, build and evaluate again, or use another run folder")
 
 
 def neighbour_splits(config: PipelineConfig) -> tuple[str, ...]:
@@ -116,10 +132,12 @@ def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint
     run, encoder = config.run, None
     for kind in ("knnlm", "retro"):
         source, datastore = run / f"{kind}-source", run / f"{kind}-datastore"
-        with stages.stage(f"encode {kind} (Ray Data, {config.encode_workers} workers)",
+        with stages.stage(f"encode {kind} (Ray Data, {max(config.encode_workers, 1)} workers)",
                           reused=done(source / "source.json")):
             if not done(source / "source.json"):
                 encode_source(config, kind, lm_checkpoint)
+        if kind == "knnlm":
+            check_knnlm_source(config, read_source(source), lm_checkpoint)
         if kind == "retro":
             info = read_source(source)
             if info.chunk_len != config.retro.chunk_len:

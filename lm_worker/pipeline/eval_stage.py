@@ -15,23 +15,30 @@ from lm_worker.pipeline.stages import done
 log = logging.getLogger(__name__)
 
 
-def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> tuple[float, dict[float, float]]:
+def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config
+                     ) -> tuple[float, dict[float, float], bool]:
     """kNN-LM's softmax temperature, chosen on the validation documents (in this process, through the
-    service): T -> best perplexity over the λ sweep, and the best T. Kept in RUN/report/temperature.json."""
+    service): the best T, T -> best perplexity over the λ sweep, and whether they were read from
+    RUN/report/temperature.json (kept there with the temperatures tried, the LM and the text's length,
+    and chosen again when any of them changed)."""
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
+    from lm_worker.models.fingerprint import model_fingerprint
 
     path = config.run / "report" / "temperature.json"
+    asked = {"temperatures": list(config.temperatures), "lm": model_fingerprint(lm), "valid_tokens": len(valid)}
     if done(path):
         saved = json.loads(path.read_text())
-        return saved["chosen"], {float(t): p for t, p in saved["best_perplexity_by_temperature"].items()}
+        if {key: saved.get(key) for key in asked} == asked:  # chosen among the same temperatures, same LM and text
+            return saved["chosen"], {float(t): p for t, p in saved["best_perplexity_by_temperature"].items()}, True
+        log.info("choosing kNN-LM's temperature again: %s changed", path)
     best: dict[float, float] = {}
     for T in config.temperatures:
         best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
                                  ).best_perplexity
         log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
     chosen = min(best, key=best.get)
-    path.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best}, indent=2))
-    return chosen, best
+    path.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked}, indent=2))
+    return chosen, best, False
 
 
 def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, served: tuple, eval_config, model,

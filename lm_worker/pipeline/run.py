@@ -105,8 +105,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
             retro_checkpoint = train_model(config, retro_training, "retro", neighbours=run / "retro-source")
         retro = load_checkpoint(retro_checkpoint).model
         with stages.stage("choose kNN-LM's temperature on validation text",
-                          reused=done(run / "report" / "temperature.json")):
-            temperature, tuning = tune_temperature(config, lm, valid, knn_retriever, eval_config)
+                          reused=done(run / "report" / "temperature.json")) as stage:
+            temperature, tuning, stage.reused = tune_temperature(config, lm, valid, knn_retriever, eval_config)
         with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False) as stage:
             knn_result, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, (knn_target, knn_security),
                                                      replace(eval_config, temperature=temperature), lm,

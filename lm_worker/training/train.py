@@ -154,7 +154,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
         if step % config.checkpoint_every == 0 and step != end:
             checkpoint(step)
     bar.close()
-    path = checkpoint(step)
+    unchanged = step == start_step and (out_dir / CHECKPOINT_NAME).is_file()  # a finished run resumed: kept as is,
+    path = out_dir / CHECKPOINT_NAME if unchanged else checkpoint(step)  # so what its file stamps stays valid
     plot = plot_losses(losses, out_dir / "loss.png", loss_plot_title(config))
     at_end = losses["heldout"] and losses["heldout"][-1][0] == step
     heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices, config.batch_size,

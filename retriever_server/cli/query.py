@@ -36,7 +36,9 @@ def add_parsers(command) -> None:
                    help="(nq, d) float32 or float16 .npy (float64 is converted to float32, with a note)")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
-    q.add_argument("--rerank", action="store_true", help="re-rank by exact distance from the stored keys")
+    q.add_argument("--rerank", type=int, nargs="?", const=0, metavar="N",
+                   help="re-rank N candidates (alone: k) by exact distance to the stored keys (a datastore built "
+                        "with --keep-keys)")
     q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
     q.add_argument("--out", type=Path, help="write ids, distances and payloads to this .npz")
     add_client_security(q)
@@ -118,8 +120,8 @@ def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
     with RetrieverClient(args.target, security=client_security_of(args)) as client:
-        result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank,
-                               payloads=args.payload)
+        result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank is not None,
+                               rerank_candidates=args.rerank or 0, payloads=args.payload)
     if args.out:
         np.savez(args.out, ids=result.ids, distances=result.distances, **result.payloads)
     for row in range(min(len(queries), SHOWN_ROWS)):
