@@ -186,6 +186,13 @@ def test_another_stride_is_refused_and_names_what_to_remove(first_run):
         run_pipeline(replace(config, stride=16))
 
 
+def test_another_train_budget_is_refused_and_says_to_start_again(first_run):
+    config, _ = first_run
+    with pytest.raises(ValueError, match=rf"train holds a split of a {config.max_train_tokens}-token budget, "
+                                         rf"max_train_tokens is {config.max_train_tokens + 1}: .*remove "):
+        run_pipeline(replace(config, max_train_tokens=config.max_train_tokens + 1))
+
+
 def test_another_validation_size_is_refused_and_names_what_to_remove(first_run):
     config, _ = first_run
     with pytest.raises(ValueError, match=rf"valid holds the last {config.tune_tokens} held-out tokens, tune_tokens is "

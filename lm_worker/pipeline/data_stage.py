@@ -90,6 +90,19 @@ def split_sizes(config: PipelineConfig) -> dict:
     return sizes
 
 
+def check_prepared_splits(config: PipelineConfig) -> None:
+    """ValueError when RUN/data's train or held-out split was written within another token budget than
+    the config's: everything after them (tokenizer aside) was made from them, so the message says to
+    start the run again. A split written before budgets were recorded is taken as it is."""
+    for split, budget in (("train", config.max_train_tokens), ("heldout", config.max_heldout_tokens)):
+        path = config.run / "data" / split
+        recorded = TokenStore.open(path).max_tokens if done(path / "documents.json") else None
+        if recorded is not None and recorded != budget:
+            raise ValueError(f"{path} holds a split of a {recorded}-token budget, max_{split}_tokens is {budget}: "
+                             f"every stage after it was made from it, so remove {config.run} to run again with "
+                             "this budget, or use another run folder")
+
+
 def check_retro_split(config: PipelineConfig) -> None:
     """ValueError when RUN/data/retro was written within another token budget than `max_retro_tokens`
     (a run made before the budget changed), naming what to remove so the split and what follows from

@@ -33,6 +33,7 @@ from lm_worker.data.prepare import load_prepared
 from lm_worker.data.token_store import RETRO_SPLIT
 from lm_worker.pipeline.config import PipelineConfig, PipelineReport
 from lm_worker.pipeline.data_stage import (
+    check_prepared_splits,
     check_retro_split,
     prepare_data,
     prepare_retro,
@@ -72,6 +73,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     with stages.stage("prepare corpus and tokenizer", reused=done(run / "data" / "heldout" / "documents.json")):
         if not done(run / "data" / "heldout" / "documents.json"):
             prepare_data(config)
+    check_prepared_splits(config)
     check_retro_split(config)
     if config.retro_split == RETRO_SPLIT:
         retro_documents = run / "data" / RETRO_SPLIT / "documents.json"
