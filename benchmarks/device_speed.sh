@@ -15,8 +15,10 @@
 #
 #     bash benchmarks/device_speed.sh [--quick]
 #
-# installs the wheels into a venv over the machine's own packages, restores the vectors and runs the
-# benchmark into $OUT (or .device/out). --quick: about 0.5 s per side and cell, under 10 minutes.
+# installs the wheels into a folder over the machine's own packages, restores the vectors, runs the
+# benchmark under /tmp and copies its table and figure (cpu_cost.json, cpu_cost.png) into $OUT (or
+# .device/out): the vectors and datastore stay behind, too big and too many to come back.
+# --quick: about 0.5 s per side and cell, under 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,13 +55,15 @@ EOF
 }
 
 run_there() {
-    local out=${OUT:-$DEVICE/out} quick=()
+    local out=${OUT:-$DEVICE/out} work=/tmp/device-speed quick=()
     [ "${1:-}" = "--quick" ] && quick=(--quick)
     echo "machine: $(nproc) cores; $(python3 --version)"
     command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "no nvidia-smi"
-    install_device_wheels "$DEVICE/wheels" /tmp/device-venv
-    mkdir -p "$out"
-    /tmp/device-venv/bin/python - "$DEVICE/vectors" "$out/vectors" <<'EOF'
+    install_device_wheels "$DEVICE/wheels" /tmp/device-site
+    export PYTHONPATH
+    PYTHONPATH=$(device_pythonpath /tmp/device-site)
+    mkdir -p "$out" "$work"
+    python3 - "$DEVICE/vectors" "$work/vectors" <<'EOF'
 import shutil, sys
 from pathlib import Path
 
@@ -73,9 +77,9 @@ for path in src.iterdir():
     else:
         shutil.copy(path, dst / path.name)
 EOF
-    rm -rf "$out/ds-cpu-cost" && cp -r "$DEVICE/ds-cpu-cost" "$out/ds-cpu-cost"
-    PYTHONPATH="$PWD" BENCH_VECTORS="$out/vectors" PYTHONUNBUFFERED=1 \
-        /tmp/device-venv/bin/python benchmarks/cpu_cost.py --pin --out "$out" "${quick[@]}"
+    rm -rf "$work/ds-cpu-cost" && cp -r "$DEVICE/ds-cpu-cost" "$work/ds-cpu-cost"
+    BENCH_VECTORS="$work/vectors" PYTHONUNBUFFERED=1 python3 benchmarks/cpu_cost.py --pin --out "$work" "${quick[@]}"
+    cp "$work/cpu_cost.json" "$work/cpu_cost.png" "$out/"
 }
 
 case "${1:-}" in

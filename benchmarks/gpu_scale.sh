@@ -42,8 +42,9 @@ if [ "${1:-}" = "--fetch" ]; then
 fi
 if [ "${1:-}" = "--carried" ]; then
     shift
-    install_device_wheels "$CARRIED/wheels" /tmp/gpu-venv
-    export PATH="/tmp/gpu-venv/bin:$PATH" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+    install_device_wheels "$CARRIED/wheels" /tmp/gpu-site
+    export PYTHONPATH PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
+    PYTHONPATH=$(device_pythonpath /tmp/gpu-site)
     set -- "${1:-${OUT:-$CARRIED/out}}"
     SIZES=${SIZES:-none}
     RUN=${RUN:-$CARRIED/run}
@@ -79,7 +80,7 @@ fi
 
 run=${RUN:-$out/demo}
 if [ -z "${RUN:-}" ]; then
-    lm-worker demo --quick --run "$run" --workers 4 > "$out/demo.log" 2>&1 \
+    "$python" -m lm_worker.cli demo --quick --run "$run" --workers 4 > "$out/demo.log" 2>&1 \
         || { echo "lm-worker demo --quick failed; see $out/demo.log" | tee -a "$report"; exit 1; }
 fi
 devices=("$device")

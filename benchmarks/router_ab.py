@@ -51,12 +51,16 @@ class RouterAbConfig:
 
 
 def deployment_from(tree: Path, config: RouterAbConfig) -> LocalDeployment:
-    """A started `LocalDeployment` whose processes run the code of `tree`."""
-    previous = os.environ.get("PYTHONPATH")
+    """A started `LocalDeployment` whose processes run the code of `tree`: started from `tree` (`python -m`
+    puts the working directory ahead of PYTHONPATH), with `tree` and its proto/ package on PYTHONPATH."""
+    previous, cwd = os.environ.get("PYTHONPATH"), Path.cwd()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "proto")])  # the children inherit it
+    datastore = Path(config.datastore).resolve()
+    os.chdir(tree)
     try:
-        return LocalDeployment(config.datastore, replicas=config.replicas).__enter__()
+        return LocalDeployment(datastore, replicas=config.replicas).__enter__()
     finally:
+        os.chdir(cwd)
         if previous is None:
             os.environ.pop("PYTHONPATH")
         else:

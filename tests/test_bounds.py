@@ -181,6 +181,30 @@ def test_a_search_stops_at_its_deadline(aio, keys, datastore, monkeypatch):
     assert len(chunks) < 40 and all(t < started + 0.3 + 0.1 for t in late), (len(chunks), late)
 
 
+@pytest.mark.parametrize("rerank", [True, False], ids=["re-rank", "gathers"])
+def test_the_stop_check_covers_the_re_rank_and_the_gathers_after_the_search(keys, datastore, rerank):
+    """A caller gone once the candidate search is done: the shard stops before re-ranking (or before
+    gathering payloads and keys) instead of doing that work for nobody."""
+    from retriever_server.serving.shard import SearchStopped, Shard
+    from retriever_server.wire.request import parse_search
+
+    shard = Shard.open(datastore, 0)
+    request = make_request(keys[:40], k=5, nprobe=4, exact_rerank=rerank, rerank_candidates=50 if rerank else 0,
+                           payloads=["values"])
+    spec = parse_search(request, shard.view(), Limits())
+    checks: list[int] = []
+
+    def gone_after_the_search() -> bool:
+        checks.append(1)
+        return len(checks) > 1  # the search's one chunk checks first; everything after finds the caller gone
+
+    with pytest.raises(SearchStopped):
+        shard.search(spec, gone_after_the_search)
+    assert len(checks) == 2
+    full = shard.search(spec, lambda: False)  # a caller that stays gets the whole answer
+    assert full.ids.shape == (40, 5) and set(full.payloads) == {"values"}
+
+
 def test_without_verification_a_corrupt_index_is_found_and_never_answers_again(aio, keys, datastore, tmp_path):
     """--no-verify: a bit flipped among the vectors passes the size and header checks, so the shard
     starts; the sha256 check that follows finds it, and from then on the shard is NOT_SERVING and

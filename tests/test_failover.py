@@ -6,8 +6,10 @@ router comes back at its address."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +22,18 @@ from conftest import build, synthetic
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.cluster.supervisor import Child, RestartPolicy
 from retriever_server.serving.client import RetrieverClient, RetrieverError
-from retriever_server.serving.failover import P95_EVERY, Attempts, Deadline, FailoverPolicy, ReplicaSet, call_once
+from retriever_server.serving.event_loop import LoopThread
+from retriever_server.serving.failover import (
+    BUSY,
+    P95_EVERY,
+    Attempts,
+    CallFailed,
+    Deadline,
+    FailoverPolicy,
+    ReplicaSet,
+    call_async,
+    call_once,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 N, D = 3000, 16
@@ -142,6 +155,81 @@ def test_restarts_back_off_to_the_cap_however_often_a_child_fails():
     policy = RestartPolicy(first_delay_s=0.5, max_delay_s=30.0)
     assert [policy.delay(n) for n in (1, 2, 3, 7, 8)] == [0.5, 1.0, 2.0, 30.0, 30.0]
     assert policy.delay(1025) == policy.delay(10 ** 6) == 30.0  # a child failing for hours, no overflow
+
+
+def run_policy(replicas: list[str], answer, policy=FailoverPolicy(hedge_delay_s=0.02), timeout=2.0):
+    """`call_async` over `replicas` with `answer(address)` (async: a reply, or raise); the reply (or the
+    CallFailed) and the addresses tried, in order."""
+    tried: list[str] = []
+
+    async def call(address: str, _timeout: float | None):
+        tried.append(address)
+        return await answer(address)
+
+    attempts = Attempts(ReplicaSet("shard-00000", replicas), policy, Deadline(timeout))
+    try:
+        return asyncio.run(call_async(attempts, call)), tried
+    except CallFailed as failed:
+        return failed, tried
+
+
+def test_one_hedge_at_a_time_whatever_the_replicas():
+    """Three slow replicas: the first attempt and one hedge, not an attempt on every replica."""
+    async def slow(address):
+        await asyncio.sleep(0.3)
+        return address
+
+    reply, tried = run_policy(["a:1", "a:2", "a:3"], slow)
+    assert reply == "a:1" and tried == ["a:1", "a:2"]
+
+    async def second_fails(address):  # the hedge fails: the third replica becomes the next hedge
+        if address == "a:2":
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        await asyncio.sleep(0.3 if address == "a:1" else 0.01)
+        return address
+
+    reply, tried = run_policy(["a:1", "a:2", "a:3"], second_fails)
+    assert reply == "a:3" and tried == ["a:1", "a:2", "a:3"]
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "over-a-limit"])
+def test_resource_exhausted_moves_on_only_when_the_replica_is_busy(busy):
+    """RESOURCE_EXHAUSTED for the requests in flight (marked BUSY) tries the next replica; for a request
+    over a limit it is the answer, from the first replica: every other would refuse it alike."""
+    metadata = grpc.aio.Metadata(BUSY) if busy else grpc.aio.Metadata()
+
+    async def first_refuses(address):
+        if address == "a:1":
+            raise grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), metadata, "refused")
+        return address
+
+    reply, tried = run_policy(["a:1", "a:2"], first_refuses, FailoverPolicy(hedge=False))
+    if busy:
+        assert reply == "a:2" and tried == ["a:1", "a:2"]
+    else:
+        assert isinstance(reply, CallFailed) and reply.code == grpc.StatusCode.RESOURCE_EXHAUSTED and tried == ["a:1"]
+
+
+def test_a_caller_that_stops_waiting_cancels_its_calls():
+    """Ctrl-C in a thread blocked on the client's loop cancels the coroutine it waits for."""
+    loop, cancelled = LoopThread("test"), threading.Event()
+
+    async def long_call():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(long_call())
+        assert cancelled.wait(5)
+    finally:
+        interrupt.cancel()
+        loop.close()
 
 
 def test_a_blocking_call_takes_one_replica_alone():

@@ -19,6 +19,7 @@ from retriever_server.security.config import ServerSecurity
 from retriever_server.serving import router as router_module
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
+from retriever_server.serving.failover import is_busy
 from retriever_server.serving.grpc_setup import SERVICE_NAME, health_status
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard_server import ShardServerConfig, ShardService, start_shard_server
@@ -110,7 +111,7 @@ def test_bad_input_gets_a_named_status_and_the_servers_keep_serving(aio, keys, d
                 with pytest.raises(grpc.RpcError) as caught:
                     raw_search(address, request)
                 assert caught.value.code() == getattr(grpc.StatusCode, code), (words, caught.value.details())
-                assert words in caught.value.details()
+                assert words in caught.value.details() and not is_busy(caught.value)  # the request's fault
         assert raw_search(served.address, good_request(keys)) == expected
 
 
@@ -247,7 +248,7 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
             release.set()
         first.join()
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "in flight" in caught.value.details()
+        assert "in flight" in caught.value.details() and is_busy(caught.value)  # another replica may take it
         assert metrics.get_sample_value("retriever_inflight_requests") == 0.0
 
 
@@ -293,6 +294,36 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def test_a_request_over_a_shards_limit_is_refused_by_one_replica_not_retried_on_all(aio, keys, datastore,
+                                                                                    monkeypatch):
+    """Shards with a smaller batch limit than their router's: the first replica's RESOURCE_EXHAUSTED is
+    the answer, naming the limit; the other replica is not asked, and both stay in rotation."""
+    asked: list[str] = []
+    original = ShardService.handle_search
+
+    async def counting(self, raw, context):
+        asked.append(f"{self.config.shard}/{self.config.replica}")
+        return await original(self, raw, context)
+
+    monkeypatch.setattr(ShardService, "handle_search", counting)
+    shards = [[aio.run(start_shard_server(ShardServerConfig(datastore, s, replica=r, metrics_port=None,
+                                                            limits=Limits(max_batch=8)))) for r in range(2)]
+              for s in range(2)]
+    router = aio.run(start_router(RouterConfig(tuple(tuple(x.address for x in s) for s in shards), metrics_port=None)))
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(router.address, make_request(keys[:16], k=5))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "batch limit of 8" in caught.value.details()
+        assert sorted(a.split("/")[0] for a in asked) == ["0", "1"]  # one replica of each shard, once
+        asked.clear()
+        raw_search(router.address, make_request(keys[:4], k=5))
+        assert len(asked) == 2
+    finally:
+        for server in [router, *(x for s in shards for x in s)]:
+            aio.run(server.drain(grace=0))
 
 
 def test_a_router_that_cannot_serve_its_shards_leaves_nothing_listening(aio, datastore, other_datastore):

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from conftest import build, synthetic
@@ -49,6 +50,34 @@ def test_the_router_benchmark_compares_two_whole_deployments(ray_cluster, tmp_pa
     assert set(result) == {"before", "after"}
     for side in result.values():
         assert side["calls"] > 0 and side["ms"] > 0
+
+
+def test_each_side_of_the_router_benchmark_runs_its_own_tree(ray_cluster, tmp_path, monkeypatch):
+    """A copy of this checkout whose router calls itself another role: started from the checkout's root
+    (as the docs run it), the copy's deployment runs the copy's code and this one's runs this code."""
+    from router_ab import RouterAbConfig, deployment_from
+    from test_readme import copy_of_repository
+
+    from retrieval.v1 import retriever_pb2_grpc as pb_grpc
+
+    other = copy_of_repository(tmp_path / "other")
+    router = other / "retriever_server" / "serving" / "router.py"
+    changed = router.read_text().replace('info.role, info.shard, info.replica = "router",',
+                                         'info.role, info.shard, info.replica = "router-of-the-copy",', 1)
+    assert "router-of-the-copy" in changed
+    router.write_text(changed)
+    datastore = build(tmp_path, synthetic(1000, 8, seed=7), "ds", shards=2, factory="IVF4,Flat")
+    monkeypatch.chdir(ROOT)
+    config = RouterAbConfig(datastore, before=other, replicas=1)
+    roles = {}
+    for name, tree in (("before", other), ("after", ROOT)):
+        deployment = deployment_from(tree, config)
+        try:
+            with grpc.insecure_channel(deployment.router_address) as channel:
+                roles[name] = pb_grpc.RetrieverStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30).role
+        finally:
+            deployment.stop()
+    assert roles == {"before": "router-of-the-copy", "after": "router"}
 
 
 def test_the_router_benchmark_refuses_a_tree_that_is_not_a_source_tree(tmp_path):

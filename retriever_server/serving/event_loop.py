@@ -31,11 +31,17 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coroutine: Coroutine) -> Any:
-        """The coroutine's result (or its exception), run on the loop; callable from any other thread."""
+        """The coroutine's result (or its exception), run on the loop; callable from any other thread. A
+        caller that stops waiting (Ctrl-C) cancels the coroutine, and with it the calls it made."""
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("LoopThread.run was called from its own loop: await the coroutine instead")
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # done already: nothing; else the task is cancelled on the loop
+            raise
 
     def close(self) -> None:
         """Stops the loop and waits for its thread (at most 5 s)."""

@@ -3,9 +3,10 @@
 A call tries the replicas of one shard in turn (round-robin, recently failed or slow ones last).
 Each attempt has a timeout taken from the caller's deadline. When an attempt has not answered after
 the hedge delay (by default the p95 of the shard's recent answers), a second attempt goes to the next
-replica, and the first answer wins; the other attempt is cancelled, and its replica tried last for a
-while. An attempt that fails with a status a healthy replica could answer (RETRYABLE, or its own
-timeout) moves the call on to the next replica; any other status is the answer.
+replica (one hedge at a time), and the first answer wins; the other attempt is cancelled, and its
+replica tried last for a while. An attempt that fails with a status a healthy replica could answer
+(RETRYABLE, its own timeout, or a replica too busy: RESOURCE_EXHAUSTED marked `BUSY`) moves the call
+on to the next replica; any other status, a request over a limit among them, is the answer.
 
 `Attempts` holds that policy for one call; `call_async` runs it on asyncio stubs, for the router and
 for the fan-out client (whose calls run on an event loop of its own); `call_once` runs a call with
@@ -27,15 +28,25 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# A replica answering with one of these may be down or busy: try the next replica of its shard.
+# A replica answering with one of these may be down: try the next replica of its shard.
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.ABORTED,
 })
+# RESOURCE_EXHAUSTED is retried only with this trailing metadata: a server with all its requests in
+# flight (busy now, another replica may not be). A request over a limit is refused alike by every replica.
+BUSY = ("retriever-busy", "1")
+
+
+def is_busy(err: grpc.RpcError) -> bool:
+    """Whether a failed call's server refused it only for being busy (`BUSY` in its trailing metadata)."""
+    try:
+        return BUSY in tuple(err.trailing_metadata() or ())
+    except Exception:  # noqa: BLE001 - a call that failed before any metadata came back
+        return False
 
 
 @dataclass(frozen=True)
@@ -173,9 +184,10 @@ class Attempts:
         self._started[untried[0]] = time.monotonic()
         return untried[0], timeout
 
-    def hedge_after(self) -> float | None:
-        """Seconds to wait for the attempts in flight before starting another; None: until one ends."""
-        if not (self.policy.hedge and self.fail_over) or len(self._started) == len(self._order) \
+    def hedge_after(self, in_flight: int) -> float | None:
+        """Seconds to wait for the `in_flight` attempts before starting another; None: until one ends. One
+        hedge at a time: with two attempts in flight, a third replica is tried only once one has failed."""
+        if not (self.policy.hedge and self.fail_over) or in_flight >= 2 or len(self._started) == len(self._order) \
                 or self.deadline.expired():
             return None
         since = time.monotonic() - max(self._started.values())
@@ -187,12 +199,14 @@ class Attempts:
         for slower in in_flight:
             self.replicas.failed(slower)
 
-    def failed(self, address: str, code: grpc.StatusCode, details: str | None) -> None:
-        """Takes an attempt's error; raises CallFailed when it is the call's answer."""
+    def failed(self, address: str, code: grpc.StatusCode, details: str | None, busy: bool = False) -> None:
+        """Takes an attempt's error (`busy`: a RESOURCE_EXHAUSTED for requests in flight, not for the
+        request); raises CallFailed when it is the call's answer."""
         name = self.replicas.name
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline.expired():
             raise CallFailed(code, f"deadline passed waiting for {name}")
-        retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED  # its own timeout
+        retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED \
+            or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy)  # its own timeout; a busy replica
         if not (retryable and self.fail_over):
             raise CallFailed(code, details or code.name)
         self.replicas.failed(address)
@@ -216,7 +230,7 @@ def _only_start(attempts: Attempts) -> tuple[str, float | None]:
 
 def _only_failed(attempts: Attempts, address: str, err: grpc.RpcError) -> CallFailed:
     """Why a call with one replica ends when its attempt failed (raised at once when the status is the answer)."""
-    attempts.failed(address, err.code(), err.details())
+    attempts.failed(address, err.code(), err.details(), is_busy(err))
     return attempts.exhausted()
 
 
@@ -269,7 +283,8 @@ async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awa
         while True:
             if not tasks and not launch():
                 raise attempts.exhausted()
-            done, _ = await asyncio.wait(tasks, timeout=attempts.hedge_after(), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, timeout=attempts.hedge_after(len(tasks)),
+                                         return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 launch()  # the hedge
             for task in done:
@@ -277,7 +292,7 @@ async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awa
                 try:
                     reply = task.result()
                 except grpc.aio.AioRpcError as err:
-                    attempts.failed(address, err.code(), err.details())
+                    attempts.failed(address, err.code(), err.details(), is_busy(err))
                     continue
                 attempts.succeeded(address, list(tasks.values()))
                 return reply

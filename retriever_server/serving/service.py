@@ -22,6 +22,7 @@ from retriever_server.logs import EventCounter
 from retriever_server.security.auth import AuthInterceptor, TokenSet
 from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import ServerCertificates
+from retriever_server.serving.failover import BUSY
 from retriever_server.serving.grpc_setup import (
     add_health_and_reflection,
     keep_freed_memory,
@@ -74,6 +75,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{self.role} has {self.inflight} requests in flight, its limit; retry later",
+                busy=True,
             )
 
     async def Search(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -105,7 +107,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("search", extra={"status": status, "nq": nq, "bytes": len(raw),
                                            "ms": round(seconds * 1e3, 3)})
-        await context.abort(failure.code, failure.message)
+        await context.abort(failure.code, failure.message, trailing_metadata=(BUSY,) if failure.busy else ())
 
     async def GetInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         started = time.perf_counter()

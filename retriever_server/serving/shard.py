@@ -207,11 +207,13 @@ class Shard:
         keys[~valid] = 0
         return keys
 
-    def _rerank(self, spec: SearchSpec, ids: np.ndarray) -> np.ndarray:
-        """Exact distances (nq, m) to the stored keys, a chunk of queries at a time (bounded memory)."""
+    def _rerank(self, spec: SearchSpec, ids: np.ndarray, stop: StopCheck) -> np.ndarray:
+        """Exact distances (nq, m) to the stored keys, a chunk of queries at a time (bounded memory),
+        checking `stop` before each chunk."""
         out = np.empty(ids.shape, dtype=np.float32)
         step = max(1, RERANK_CHUNK_ELEMENTS // max(1, ids.shape[1] * self.manifest.dimension))
         for start in range(0, len(ids), step):
+            _check(stop)
             rows = slice(start, start + step)
             keys = self._stored_keys(ids[rows])  # (c, m, d)
             queries = spec.queries[rows]  # (c, d)
@@ -240,10 +242,11 @@ class Shard:
         """
         distances, ids = self._search_candidates(spec, stop)
         if spec.exact_rerank:
-            distances = self._rerank(spec, ids)
+            distances = self._rerank(spec, ids, stop)
         ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)
         ids = ranked.ids
         ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
+        _check(stop)  # before the gathers of payloads and keys (up to max_response_bytes)
         ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}
         ranked.keys = self._stored_keys(ids) if spec.return_keys else None
         ranked.datastore_version = self.manifest.version

@@ -99,10 +99,11 @@ class SearchSpec:
 class RequestError(Exception):
     """A request the server refuses, with the gRPC status code to refuse it with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, busy: bool = False):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.busy = busy  # refused for the work in flight, not for the request: another replica may take it
 
 
 def _invalid(message: str) -> RequestError:
