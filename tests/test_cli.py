@@ -54,6 +54,8 @@ def one_line_error(result, words):
         (["serve", "--datastore", ".", "--replicas", "0"], "argument --replicas: the count must be in [1, "),
         (["build", "k.npy", "--out", "x", "--seed", "-1"], "argument --seed: the number must be in [0, "),
         (["search", "127.0.0.1:1", "--queries", "empty.npy"], "queries file empty.npy is not a loadable .npy array"),
+        (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
+         "--address-file nowhere/a.json: cannot write there (No such file or directory)"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):

@@ -281,6 +281,19 @@ def test_router_refuses_shards_of_different_datastores(aio, keys, datastore, oth
             aio.run(server.drain(grace=0))
 
 
+def test_a_closed_client_says_so(aio, keys, datastore):
+    with serve(aio, datastore, 2) as served:
+        for target in (served.address, served.shard_addresses()):  # one address; the fan-out over the shards
+            client = RetrieverClient(target)
+            assert client.search(keys[:2], k=3).ids.shape == (2, 3)
+            client.close()
+            client.close()  # twice: nothing more to do
+            for call in (client.info, lambda c=client: c.search(keys[:2], k=3)):
+                with pytest.raises(RetrieverError, match="the client is closed") as refused:
+                    call()
+                assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

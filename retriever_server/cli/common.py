@@ -192,6 +192,20 @@ def metrics_port_of(args: argparse.Namespace) -> int | None:
     return None if args.metrics_port < 0 else args.metrics_port
 
 
+def prepare_address_file(path: Path | None) -> None:
+    """Before a server starts: removes a stale address file (a waiter must not take a stopped server's
+    address for its own), and checks one can be written there (CliError if not, before anything binds)."""
+    if path is None:
+        return
+    remove_address(path, stale=True)
+    probe = path.with_name(path.name + ".tmp")
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
+
+
 def remove_address(path: Path | None, stale: bool = False) -> None:
     """Removes the address file: one this process wrote, when it stops, or with `stale` whatever is there
     (a server starting), so that whoever waits for the file never reads a stopped server's address."""

@@ -21,6 +21,7 @@ from retriever_server.cli.common import (
     metrics_port_of,
     pin_to_cpus,
     positive_int,
+    prepare_address_file,
     remove_address,
     run_until_signal,
     server_security_of,
@@ -75,7 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
     security = server_security_of(args)
     security.check(args.host)  # before loading anything
-    remove_address(args.address_file, stale=True)  # a waiter must not take a stopped server's for ours
+    prepare_address_file(args.address_file)
     if args.shard is None:
         return _serve_local(args, security)
     pin_to_cpus(args)
@@ -156,7 +157,7 @@ def run_router(args: argparse.Namespace) -> int:
                           failover=failover_of(args))
     config.security.check(args.host)
     config.shard_security.check()
-    remove_address(args.address_file, stale=True)
+    prepare_address_file(args.address_file)
 
     async def main() -> None:
         running = await start_router(config, wait_ready=False)

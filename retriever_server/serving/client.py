@@ -154,6 +154,10 @@ class RetrieverClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed: make a new one")
+
     def close(self) -> None:
         """Closes the channels and stops the client's event loop."""
         if self._closed:
@@ -167,6 +171,7 @@ class RetrieverClient:
         self._loop.close()
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+        self._check_open()
         if self._loop is None:
             outcome = self._blocking_attempt(replicas, method, request, deadline)
         else:
@@ -280,6 +285,7 @@ class RetrieverClient:
         return self._fan_out(request, k, deadline)
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
+        self._check_open()
         infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
         request.allow_partial = False
