@@ -141,13 +141,15 @@ class SpeculativeKnnLMStepper(KnnLMStepper):
         self._candidate = self._guess_tokens(step.lm_log_probs)
         if self._worth_guessing():
             self._guess = self._speculate(self._candidate)
-        found = self._collect(step.found)
-        self.stats.steps += 1
-        return self._mix(step.lm_log_probs, found)
+        return self._settle(step)
 
     @torch.no_grad()
     def finish_last(self, step: KnnStep) -> torch.Tensor:
         """`finish` for the decode loop's last step: no step follows, so none is speculated."""
+        return self._settle(step)
+
+    def _settle(self, step: KnnStep) -> torch.Tensor:
+        """Waits for the step's neighbours and mixes: the log-probs (B, V)."""
         found = self._collect(step.found)
         self.stats.steps += 1
         return self._mix(step.lm_log_probs, found)

@@ -63,12 +63,12 @@ def split_heldout(config: PipelineConfig, heldout):
         eos = int(heldout.tokens[-1])
         for name, part, budget in (("valid", valid, config.tune_tokens), ("test", test, 0)):
             write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint, max_tokens=budget)
-    recorded = TokenStore.open(data / "valid").max_tokens  # 0: a split made before it was recorded
-    if recorded and recorded != config.tune_tokens:
-        raise ValueError(f"{data / 'valid'} holds the last {recorded} held-out tokens, tune_tokens is "
+    valid = TokenStore.open(data / "valid")
+    if valid.max_tokens and valid.max_tokens != config.tune_tokens:  # 0: a split made before it was recorded
+        raise ValueError(f"{data / 'valid'} holds the last {valid.max_tokens} held-out tokens, tune_tokens is "
                          f"{config.tune_tokens}: remove {data / 'valid'}, {data / 'test'} and {config.run / 'report'} "
                          "to split and evaluate again")
-    return TokenStore.open(data / "valid"), TokenStore.open(data / "test")
+    return valid, TokenStore.open(data / "test")
 
 
 def split_size(config: PipelineConfig, split: str) -> dict:

@@ -101,22 +101,20 @@ def _spread(shards: int, room: dict[str, float], load: dict[str, int], held: dic
     chosen: dict[int, str] = {}
 
     def place(s: int, seen: set[str]) -> bool:
+        """Puts shard s on a node, moving a shard placed earlier to another node if that makes room."""
         free = [node for node in rank if s not in held[node] and node not in seen and slots[node]]
         for node in sorted(free, key=lambda node: (load[node] + len(taken[node]), rank[node])):
             seen.add(node)
-            if len(taken[node]) < slots[node] or any(place(other, seen) and _move(taken, other, node)
-                                                     for other in list(taken[node])):
-                taken[node].append(s)
-                chosen[s] = node
-                return True
+            if len(taken[node]) >= slots[node]:
+                moved = next((other for other in list(taken[node]) if place(other, seen)), None)
+                if moved is None:
+                    continue
+                taken[node].remove(moved)  # `place` put it on another node
+            taken[node].append(s)
+            chosen[s] = node
+            return True
         return False
 
     for s in range(shards):
         place(s, set())
     return chosen
-
-
-def _move(taken: dict[str, list[int]], shard: int, away_from: str) -> bool:
-    """Takes `shard` off `away_from`, after `place` found it another node; True."""
-    taken[away_from].remove(shard)
-    return True
