@@ -54,6 +54,9 @@ def one_line_error(result, words):
         (["serve", "--datastore", ".", "--replicas", "0"], "argument --replicas: the count must be in [1, "),
         (["build", "k.npy", "--out", "x", "--seed", "-1"], "argument --seed: the number must be in [0, "),
         (["search", "127.0.0.1:1", "--queries", "empty.npy"], "queries file empty.npy is not a loadable .npy array"),
+        (["search", "127.0.0.1:1", "--queries", "k.npy", "--out", "."], "--out . is a directory: give the name of a"),
+        (["search", "127.0.0.1:1", "--queries", "k.npy", "--out", "nowhere/found"],
+         "--out nowhere/found: folder nowhere does not exist"),
         (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
          "--address-file nowhere/a.json: cannot write there (No such file or directory)"),
     ],
@@ -158,8 +161,10 @@ def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> Non
         assert (served["role"], directory_info["role"]) == ("router", "datastore")
         np.save(datastore.parent / "q64.npy", synthetic(2, 8).astype(np.float64))
         found = run("search", address, "--queries", str(datastore.parent / "q64.npy"), "-k", "3", "--payload",
-                    "values")
+                    "values", "--out", str(datastore.parent / "found"))
         assert found.returncode == 0, found.stderr
+        with np.load(datastore.parent / "found.npz") as saved:  # NumPy's suffix added, as the help says
+            assert saved["ids"].shape == saved["values"].shape == (2, 3)
         assert "float64 queries; they are sent as float32" in found.stderr
         ids = [line.split()[3:] for line in found.stdout.splitlines() if line.startswith("query ")]
         values = [line.split()[1:] for line in found.stdout.splitlines() if line.strip().startswith("values ")]

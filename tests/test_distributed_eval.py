@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -23,9 +24,10 @@ from lm_worker.data.token_store import TokenStore, write_token_store
 from lm_worker.data.tokenizer import train_tokenizer
 from lm_worker.evaluation.batches import count_batches
 from lm_worker.evaluation.config import EvalConfig
-from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed, plan_shares
+from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
 from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
 from lm_worker.evaluation.retro_eval import evaluate_retro
+from lm_worker.evaluation.shares import plan_shares
 from lm_worker.models.checkpoint import save_checkpoint
 from lm_worker.models.retro import Retro, RetroConfig
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
@@ -66,7 +68,8 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def knn(cluster, data, tmp_path_factory, aio):
-    """A tiny LM checkpoint and its 2-shard kNN-LM datastore, served on loopback; yields (checkpoint, address)."""
+    """A tiny LM checkpoint and its 2-shard kNN-LM datastore, served on loopback; yields (checkpoint, model,
+    address, the folder holding the datastore's source)."""
     tmp = tmp_path_factory.mktemp("knn")
     torch.manual_seed(0)
     lm = TransformerLM(LMConfig.tiny(vocab_size=300, max_len=64)).eval()
@@ -75,7 +78,7 @@ def knn(cluster, data, tmp_path_factory, aio):
     encode_knnlm(lm, TokenStore.open(data / "train"), tmp / "src", context_len=32, stride=16, progress=False)
     datastore = build_source(tmp / "src", tmp / "ds", shards=2, factory="IVF4,Flat", progress=False)
     with serve(aio, datastore, 2) as served:
-        yield checkpoint, lm, served.address
+        yield checkpoint, lm, served.address, tmp
 
 
 def job(knn, data, config: EvalConfig = CONFIG) -> EvalJob:
@@ -134,6 +137,29 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
     other = job(knn, data, dataclasses.replace(CONFIG, temperature=2.0))
     with pytest.raises(ValueError, match="different evaluation"):
         evaluate_distributed(other, pool(workers=1, checkpoint_dir=tmp_path))
+
+
+def test_saved_shares_of_other_weights_or_another_datastore_are_computed_again(knn, data, tmp_path, aio):
+    """The job is the same by its paths and config, but a share is reused only when the model, the
+    datastore's version and the token store are the ones it was computed with."""
+    first = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path))
+    saved = sorted(tmp_path.glob("share-*.json"))
+    body = json.loads(saved[2].read_text())
+    assert set(body["identity"]) == {"model", "datastore_version", "store"}
+    body["identity"]["model"] = "lm:0000000000000000"  # as if a retrained model had been saved over it
+    saved[2].write_text(json.dumps(body))
+    ran: list[int] = []
+    again = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path),
+                                 on_share=lambda b: ran.append(b["share"]))
+    assert ran == [2] and again.perplexity == first.perplexity
+    ran.clear()  # the same source built again with another index: another datastore version, every share again
+    rebuilt = build_source(knn[3] / "src", tmp_path / "rebuilt", shards=2, factory="IVF4,SQ8", progress=False)
+    with serve(aio, rebuilt, 2) as served:
+        moved = dataclasses.replace(job(knn, data), target=served.address)
+        evaluate_distributed(moved, pool(workers=1, checkpoint_dir=tmp_path), on_share=lambda b: ran.append(b["share"]))
+    assert sorted(ran) == list(range(len(saved)))
+    versions = {json.loads(path.read_text())["identity"]["datastore_version"] for path in saved}
+    assert len(versions) == 1 and body["identity"]["datastore_version"] not in versions  # all saved again
 
 
 def test_a_store_with_nothing_to_evaluate_is_refused_clearly(knn, data, tmp_path):

@@ -68,3 +68,37 @@ async def _thread_name() -> str:
     import threading
 
     return threading.current_thread().name
+
+
+def test_a_caller_still_waiting_when_its_loop_thread_closes_is_cancelled_not_stranded():
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from retriever_server.serving.event_loop import LoopThread
+
+    loop = LoopThread("test-loop")
+    started, outcome = threading.Event(), []
+
+    async def forever():
+        started.set()
+        await asyncio.Event().wait()
+
+    def caller():
+        try:
+            loop.run(forever())
+        except concurrent.futures.CancelledError:
+            outcome.append("cancelled")
+
+    waiting = threading.Thread(target=caller, daemon=True)
+    waiting.start()
+    assert started.wait(5)
+    loop.close()  # from another thread, while the caller waits
+    waiting.join(5)
+    assert outcome == ["cancelled"] and not waiting.is_alive()
+    try:
+        loop.run(asyncio.sleep(0))  # a closed loop runs nothing, and says so at once
+    except concurrent.futures.CancelledError:
+        pass
+    else:
+        raise AssertionError("a closed LoopThread ran a coroutine")

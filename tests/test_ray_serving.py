@@ -21,6 +21,8 @@ from retriever_server.cluster.placement import NodeSlot, PlacementError, plan_pl
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.serving.client import RetrieverClient, RetrieverError
+from retriever_server.serving.router import FORWARD_SLACK
+from retriever_server.wire.request import Limits
 
 N, D = 2000, 16
 NODES = [NodeSlot("w1", 4.0), NodeSlot("w2", 4.0), NodeSlot("w3", 4.0), NodeSlot("head", 4.0, head=True)]
@@ -155,6 +157,8 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
         for shard, (address,) in enumerate(deployment.shard_addresses):
             with RetrieverClient(address) as client:
                 assert client.info().shard == shard_name(shard)
+                # the shards take every request the router forwards (it may add FORWARD_SLACK bytes)
+                assert client.info().max_request_bytes == Limits().max_request_bytes + FORWARD_SLACK
         assert_answers_like_one_index(lookup("two"), keys, reference)
         with pytest.raises(DeploymentError, match="'two' already runs"):
             RayDeployment(config(datastore, "two", replicas=1)).start()

@@ -294,6 +294,45 @@ def test_a_closed_client_says_so(aio, keys, datastore):
                 assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+
+def test_a_fan_out_client_closed_during_a_call_fails_it_as_cancelled():
+    """A shard that takes the call and never answers holds it; close() from another thread ends it
+    with a RetrieverError (CANCELLED), not a bare CancelledError or a caller left waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+
+    def never_answers(request: bytes, context) -> bytes:
+        release.wait(30)
+        return b""
+
+    hung = grpc.server(ThreadPoolExecutor(4))
+    hung.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE_NAME, {"GetInfo": grpc.unary_unary_rpc_method_handler(never_answers)})])
+    address = f"127.0.0.1:{hung.add_insecure_port('127.0.0.1:0')}"
+    hung.start()
+    try:
+        client = RetrieverClient([address, address], timeout=60)
+        outcome: list[BaseException] = []
+
+        def search() -> None:
+            try:
+                client.search(np.zeros((1, 8), np.float32), k=1)
+            except BaseException as err:  # noqa: BLE001 - the test looks at what it was
+                outcome.append(err)
+
+        caller = threading.Thread(target=search, daemon=True)
+        caller.start()
+        time.sleep(0.5)  # the call is in flight: the shard never answers
+        client.close()
+        caller.join(10)
+    finally:
+        release.set()
+        hung.stop(0)
+    assert not caller.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], RetrieverError), outcome
+    assert outcome[0].code == grpc.StatusCode.CANCELLED and "closed during the call" in str(outcome[0])
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

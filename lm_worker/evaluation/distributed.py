@@ -8,7 +8,8 @@ index. The figures are the shares' sums added in share order, so 1 worker and N 
 perplexity to the last digit (every worker runs the same number of torch threads).
 
 Each finished share is checkpointed (`CHECKPOINT/share-00012.json`, written atomically) before it
-counts; a rerun with the same job skips them. A worker that dies (its node lost, its process killed)
+counts; a rerun with the same job skips those computed with the same model weights, datastore version
+and token store (`lm_worker.evaluation.shares`). A worker that dies (its node lost, its process killed)
 is replaced by a new actor and its unfinished share goes back to the queue: a share is counted once,
 when its result first arrives.
 
@@ -38,13 +39,13 @@ from lm_worker.evaluation.combine import combine
 from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
+from lm_worker.evaluation.shares import Share, current, open_saved, plan_shares, planned, save_share, store_fingerprint
 from lm_worker.retrieval.service import TOKEN_ENV, ClientSecurity
 from retriever_server.cluster.connect import connect
 
 log = logging.getLogger(__name__)
 
 KINDS = ("knnlm", "retro")
-JOB_JSON = "job.json"
 
 
 @dataclass(frozen=True)
@@ -120,21 +121,6 @@ class WorkerPoolConfig:
                              f"{self.batches_per_share}, {self.torch_threads}")
 
 
-@dataclass(frozen=True)
-class Share:
-    """One unit of work: batches [start, stop) of the evaluation."""
-
-    index: int
-    start: int
-    stop: int
-
-
-def plan_shares(n_batches: int, batches_per_share: int) -> list[Share]:
-    """Consecutive shares of `batches_per_share` batches covering [0, n_batches)."""
-    return [Share(i, s, min(s + batches_per_share, n_batches))
-            for i, s in enumerate(range(0, n_batches, batches_per_share))]
-
-
 # ---------------------------------------------------------------------------------------------- the worker
 
 
@@ -148,6 +134,7 @@ class EvalWorker:
 
         from lm_worker.data.token_store import TokenStore
         from lm_worker.models.checkpoint import load_checkpoint
+        from lm_worker.models.fingerprint import model_fingerprint
         from lm_worker.retrieval.service import ServiceRetriever, resolve_target
 
         torch.set_num_threads(torch_threads)
@@ -161,6 +148,8 @@ class EvalWorker:
         if token and not security.token and security.token_file is None:
             security = dataclasses.replace(security, token=token)
         self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, security)
+        self._identity = {"model": model_fingerprint(self.model), "datastore_version": self.retriever.version,
+                          "store": store_fingerprint(job.store)}
         if job.kind == "retro":
             self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
 
@@ -176,6 +165,11 @@ class EvalWorker:
         """The node this worker runs on."""
         return ray.get_runtime_context().get_node_id()
 
+    def started(self) -> tuple[str, dict[str, str]]:
+        """The node this worker runs on, and what its shares are computed with: the model's fingerprint,
+        the datastore's version and the token store's fingerprint."""
+        return self.ready(), self._identity
+
     def run(self, share: Share) -> dict:
         """The share's summed negative log-likelihoods and token count, and where it ran."""
         from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
@@ -188,49 +182,8 @@ class EvalWorker:
             result = evaluate_retro(self.model, self.store, self.retriever, self.encoder, self.job.config, False,
                                     batches)
         return {"share": share.index, "start": share.start, "stop": share.stop, "node": self.ready(),
-                "pid": os.getpid(), "result": result.to_dict()}
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _open_checkpoints(job: EvalJob, directory: Path | None) -> dict[int, dict]:
-    """Finished shares from an earlier run of the same job; ValueError if the folder holds another job's."""
-    if directory is None:
-        return {}
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / JOB_JSON
-    if marker.exists():
-        if json.loads(marker.read_text()) != job.describe():
-            raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
-                             "remove it or choose another checkpoint folder")
-    else:
-        marker.write_text(json.dumps(job.describe(), indent=2))
-    done = {}
-    for path in sorted(directory.glob("share-*.json")):
-        body = json.loads(path.read_text())
-        done[int(body["share"])] = body
-    return done
-
-
-def _planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
-    """The finished shares that cover the batches the plan gives them: a share saved with another share
-    size (or before shares recorded their batches) is computed again, not added in for other batches."""
-    kept = {i: body for i, body in done.items()
-            if i < len(shares) and (body.get("start"), body.get("stop")) == (shares[i].start, shares[i].stop)}
-    if len(kept) < len(done):
-        log.warning("%d saved shares cover other batches than this run's shares (another share size): computing "
-                    "them again", len(done) - len(kept))
-    return kept
-
-
-def _save_share(directory: Path | None, body: dict) -> None:
-    if directory is None:
-        return
-    path = directory / f"share-{body['share']:05d}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
+                "pid": os.getpid(), "identity": self._identity,
+                "result": result.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------- the pool
@@ -243,11 +196,12 @@ class _Pool:
     def __init__(self, job: EvalJob, config: WorkerPoolConfig):
         self.job, self.config = job, config
         self.actor_class = ray.remote(EvalWorker)
-        self.starting: dict = {}  # ready() ref -> actor
+        self.starting: dict = {}  # started() ref -> actor
         self.running: dict = {}  # run() ref -> (actor, share)
         self.idle: list = []
         self.replaced = 0
         self.nodes: set[str] = set()
+        self.identity: dict[str, str] | None = None  # what the first worker to start computes with
         for _ in range(config.workers):
             self._start_worker()
 
@@ -256,7 +210,7 @@ class _Pool:
         token = os.environ.get(TOKEN_ENV, "").strip() or None  # the driver's, for workers on any node
         actor = self.actor_class.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus, resources=c.resources or None,
                                          max_restarts=0).remote(self.job, c.torch_threads, c.device, token)
-        self.starting[actor.ready.remote()] = actor
+        self.starting[actor.started.remote()] = actor
 
     def _lost(self, actor, why: BaseException) -> None:
         """A worker died: kill what is left of it and start another in its place."""
@@ -282,10 +236,13 @@ class _Pool:
             if ref in self.starting:
                 actor = self.starting.pop(ref)
                 try:
-                    self.nodes.add(ray.get(ref))
-                    self.idle.append(actor)
+                    node, identity = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     self._lost(actor, err)
+                    continue
+                self._same(identity)
+                self.nodes.add(node)
+                self.idle.append(actor)
                 continue
             actor, share = self.running.pop(ref)
             try:
@@ -295,6 +252,15 @@ class _Pool:
                 queue.appendleft(share)
                 self._lost(actor, err)
         return results
+
+    def _same(self, identity: dict[str, str]) -> None:
+        """Every worker must compute with what the first one did: RuntimeError if the model, the datastore
+        or the token store changed while the evaluation ran."""
+        if self.identity is None:
+            self.identity = identity
+        elif identity != self.identity:
+            raise RuntimeError(f"an evaluation worker computes with {identity}, the first one with {self.identity}: "
+                               "the model, the datastore or the token store changed during the evaluation")
 
     @property
     def alive(self) -> bool:
@@ -312,7 +278,8 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     Args:
         job: the model, token store, retrieval target and evaluation config.
         config: workers, their resources, share size, checkpoint folder, Ray address.
-        on_share: called with each finished share's record (share index, node, result) as it arrives.
+        on_share: called with each finished share's record (share index, node, identity, result) as it
+            arrives.
 
     Returns:
         A `KnnEvalResult` (kind "knnlm") or `RetroEvalResult` (kind "retro") whose figures do not
@@ -320,7 +287,8 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
 
     Raises:
         ValueError: the checkpoint folder holds another evaluation's shares, or the config is invalid.
-        RuntimeError: more than `max_replacements` workers died, or none could run for `stall_timeout_s`.
+        RuntimeError: more than `max_replacements` workers died, none could run for `stall_timeout_s`,
+            or the model, datastore or token store changed while the evaluation ran.
 
     Example:
         >>> evaluate_distributed(job, WorkerPoolConfig(workers=4, num_gpus=1, address="ray://head:10001"))
@@ -338,42 +306,66 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     if not shares:
         raise ValueError(f"{job.store} has nothing to evaluate: too few tokens for one window of context_len "
                          f"{job.config.context_len}")
-    done = _planned(_open_checkpoints(job, config.checkpoint_dir), shares)
-    queue = deque(s for s in shares if s.index not in done)
-    log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
-             len(done), config.workers)
-    if queue:
-        connect(config.address, config.num_cpus_local, log_to_driver=False)
-        _run_shares(job, config, queue, done, on_share, len(shares))
+    saved = planned(open_saved(job.describe(), config.checkpoint_dir), shares)
+    connect(config.address, config.num_cpus_local, log_to_driver=False)
+    done = _run_shares(job, config, shares, saved, on_share)
     result = combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
     log.info("%s over %d tokens from %d shares", job.kind, result.tokens, len(shares))
     return result
 
 
-def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
-                on_share: Callable[[dict], None] | None, total: int) -> None:
+def _stalled(config: WorkerPoolConfig) -> RuntimeError:
+    return RuntimeError(f"no evaluation worker could start for {config.stall_timeout_s:.0f} s: "
+                        f"does the cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
+
+
+def _first_identity(pool: _Pool, config: WorkerPoolConfig) -> dict[str, str]:
+    """What the first worker to start computes with (waiting up to `stall_timeout_s` for one)."""
+    deadline = time.monotonic() + config.stall_timeout_s
+    while pool.identity is None:
+        pool.wait(deque())
+        if pool.identity is None and time.monotonic() > deadline:
+            raise _stalled(config)
+    return pool.identity
+
+
+def _run_shares(job: EvalJob, config: WorkerPoolConfig, shares: list[Share], saved: dict[int, dict],
+                on_share: Callable[[dict], None] | None) -> dict[int, dict]:
+    """Every share's record: the saved ones computed with what the workers compute with, the others
+    computed by the workers."""
     pool = _Pool(job, config)
-    bar = tqdm(total=total, initial=len(done), desc=f"{job.kind} eval ({config.workers} workers)", unit="share",
-               disable=not config.progress)
-    last_alive = time.monotonic()
     try:
-        while queue or pool.running:
-            pool.dispatch(queue)
-            for body in pool.wait(queue):
-                if body["share"] in done:  # never counted twice
-                    continue
-                _save_share(config.checkpoint_dir, body)
-                done[body["share"]] = body
-                body = {**body, "replaced": pool.replaced}  # what the caller sees: workers replaced so far
+        done = current(saved, _first_identity(pool, config))
+        queue = deque(s for s in shares if s.index not in done)
+        log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
+                 len(done), config.workers)
+        with tqdm(total=len(shares), initial=len(done), desc=f"{job.kind} eval ({config.workers} workers)",
+                  unit="share", disable=not config.progress) as bar:
+            def finished(body: dict) -> None:
                 bar.update(1)
                 if on_share is not None:
                     on_share(body)
-            if pool.alive:
-                last_alive = time.monotonic()
-            elif time.monotonic() - last_alive > config.stall_timeout_s:
-                raise RuntimeError(f"no evaluation worker could start for {config.stall_timeout_s:.0f} s: "
-                                   f"does the cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
+
+            _compute(pool, config, queue, done, finished)
         log.info("evaluation workers ran on %d nodes; %d replaced", len(pool.nodes), pool.replaced)
     finally:
-        bar.close()
         pool.shutdown()
+    return done
+
+
+def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
+             on_share: Callable[[dict], object]) -> None:
+    """Hands the queued shares to the pool's workers until all are done; each is saved before it counts."""
+    last_alive = time.monotonic()
+    while queue or pool.running:
+        pool.dispatch(queue)
+        for body in pool.wait(queue):
+            if body["share"] in done:  # never counted twice
+                continue
+            save_share(config.checkpoint_dir, body)
+            done[body["share"]] = body
+            on_share({**body, "replaced": pool.replaced})  # what the caller sees: workers replaced so far
+        if pool.alive:
+            last_alive = time.monotonic()
+        elif time.monotonic() - last_alive > config.stall_timeout_s:
+            raise _stalled(config)

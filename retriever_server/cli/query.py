@@ -40,7 +40,8 @@ def add_parsers(command) -> None:
                    help="re-rank N candidates (alone: k) by exact distance to the stored keys (a datastore built "
                         "with --keep-keys)")
     q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
-    q.add_argument("--out", type=Path, help="write ids, distances and payloads to this .npz")
+    q.add_argument("--out", type=Path,
+                   help="write ids, distances and payloads to this .npz file (.npz added if missing)")
     add_client_security(q)
 
 
@@ -116,14 +117,30 @@ def _payload_lines(name: str, rows: np.ndarray) -> list[str]:
     return [f"{name}[{n}] {' '.join(str(v) for v in row.reshape(-1).tolist())}" for n, row in enumerate(rows)]
 
 
+def _out_path(out: Path | None) -> Path | None:
+    """Where `--out` writes (with `.npz` added, as NumPy does), checked before any search is made."""
+    if out is None:
+        return None
+    if out.is_dir() or out.name in ("", ".", ".."):
+        raise CliError(f"--out {out} is a directory: give the name of a .npz file")
+    path = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    if not path.parent.is_dir():
+        raise CliError(f"--out {out}: folder {path.parent} does not exist")
+    return path
+
+
 def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
+    out = _out_path(args.out)
     with RetrieverClient(args.target, security=client_security_of(args)) as client:
         result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank is not None,
                                rerank_candidates=args.rerank or 0, payloads=args.payload)
-    if args.out:
-        np.savez(args.out, ids=result.ids, distances=result.distances, **result.payloads)
+    if out is not None:
+        try:
+            np.savez(out, ids=result.ids, distances=result.distances, **result.payloads)
+        except OSError as err:
+            raise CliError(f"--out {out}: cannot write there ({err.strerror})") from None
     for row in range(min(len(queries), SHOWN_ROWS)):
         print(f"query {row}: ids {' '.join(str(i) for i in result.ids[row, :10])}")
         print(f"{'':>9}distances {' '.join(f'{d:.4f}' for d in result.distances[row, :10])}")
@@ -131,5 +148,5 @@ def run_search(args: argparse.Namespace) -> int:
             for line in _payload_lines(name, values[row, :10]):
                 print(f"{'':>9}{line}")
     if len(queries) > SHOWN_ROWS:
-        print(f"({len(queries) - SHOWN_ROWS} more queries{'; all in ' + str(args.out) if args.out else ''})")
+        print(f"({len(queries) - SHOWN_ROWS} more queries{'; all in ' + str(out) if out else ''})")
     return 0

@@ -11,7 +11,7 @@
 - `cpus`: pinning a process to cores;
 - `hop_credentials`: the CA, certificates and token a deployment makes for its own hops;
 - `ray_security`, `ray_secrets`: how a Ray deployment secures its ports, and its actors' secrets carried
-  in their runtime environment.
+  as constructor arguments (never in a runtime environment, which Ray logs).
 
 Imports: retriever_server.cluster, retriever_server.serving, retriever_server.security,
     retriever_server.datastore.manifest, retriever_server.wire.request, retriever_server.logs

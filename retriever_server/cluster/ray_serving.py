@@ -32,7 +32,7 @@ from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
 from retriever_server.cluster.ray_security import DeploymentSecurity, plan_security
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ClientSecurity, ServerSecurity
-from retriever_server.serving.router import RouterConfig
+from retriever_server.serving.router import RouterConfig, shard_limits
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig
 from retriever_server.wire.request import Limits
@@ -54,10 +54,11 @@ class RayServeConfig:
     to its node's IP. `detached` actors outlive the driver that started them (until `undeploy`).
     `max_restarts` -1 lets Ray restart a replica whose node dies as often as it happens. `metrics`
     gives each server a Prometheus port; `limits` and `options` go to every shard server (the
-    router takes `limits` too); `grace_s` is what in-flight requests get when stopping.
+    router takes `limits` too, and its shards accept what it forwards: `shard_limits`); `grace_s` is
+    what in-flight requests get when stopping.
 
     Security: `security` protects the router's port with the user's certificate and tokens (files the
-    driver reads; the actors get them in their runtime environment, so no node needs them on disk).
+    driver reads; the actors get them as constructor arguments, so no node needs them on disk).
     Servers bound to a node's IP need TLS and a token there, or `security.insecure`; with
     `secrets_dir` instead, the deployment secures its router's port itself with its own CA and token,
     written there for its clients (`client_security`). Whenever the router's port is secured, the hops
@@ -269,8 +270,8 @@ class RayDeployment:
     def _start_replica(self, shard: int, replica: int):
         c = self.config
         server = ShardServerConfig(datastore=c.datastore, shard=shard, replica=replica, port=0,
-                                   metrics_port=0 if c.metrics else None, limits=c.limits, options=c.options,
-                                   security=self.security.shard)
+                                   metrics_port=0 if c.metrics else None, limits=shard_limits(c.limits),
+                                   options=c.options, security=self.security.shard)
         options = self._options(replica_actor_name(c.name, shard, replica), c.cpus_per_shard, self.plan[shard, replica])
         gpus = 1 if c.options.gpu else 0  # a node without one is infeasible: the soft affinity moves on
         return ShardReplica.options(**options, num_gpus=gpus).remote(

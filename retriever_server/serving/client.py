@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -175,10 +176,26 @@ class RetrieverClient:
         if self._loop is None:
             outcome = self._blocking_attempt(replicas, method, request, deadline)
         else:
-            outcome = self._loop.run(self._attempts(replicas, method, request, deadline))
+            outcome = self._on_loop(self._attempts(replicas, method, request, deadline))
         if isinstance(outcome, CallFailed):
+            self._check_not_closed_since()
             raise RetrieverError(outcome.code, outcome.message)
         return outcome
+
+    def _on_loop(self, coroutine):
+        """The coroutine's result, run on the client's loop; a call cut short by `close()` from another
+        thread is a RetrieverError (CANCELLED), as any other failed call."""
+        try:
+            return self._loop.run(coroutine)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            self._check_not_closed_since()
+            raise
+
+    def _check_not_closed_since(self) -> None:
+        """A call that failed because `close()` ran meanwhile (its channels closed under it) fails as
+        CANCELLED, whatever gRPC made of it."""
+        if self._closed:
+            raise RetrieverError(grpc.StatusCode.CANCELLED, "the client was closed during the call") from None
 
     def _attempt(self, method: str, request):
         """`attempt(address, timeout)`: one call of `method` to one address, as the failover policy makes it."""
@@ -233,7 +250,7 @@ class RetrieverClient:
             try:
                 infos.append(self._call(replicas, "GetInfo", pb.GetInfoRequest(), deadline))
             except RetrieverError as err:
-                if err.code not in RETRYABLE:
+                if err.code not in RETRYABLE or self._closed:
                     raise
                 down[replicas.name] = err.message
         if not infos:
@@ -291,7 +308,9 @@ class RetrieverClient:
         request.allow_partial = False
         if not request.expected_datastore_version:
             request.expected_datastore_version = infos[0].datastore_version
-        outcomes = self._loop.run(self._every_shard("Search", request, deadline))
+        outcomes = self._on_loop(self._every_shard("Search", request, deadline))
+        if any(isinstance(outcome, CallFailed) for outcome in outcomes):
+            self._check_not_closed_since()
         answers, failures = [], {}
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):

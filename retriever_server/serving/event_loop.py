@@ -10,6 +10,7 @@ does) on such a loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -28,6 +29,9 @@ class LoopThread:
     def __init__(self, name: str):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future] = set()  # what callers of run() wait for
+        self._closing = False
         self._thread.start()
 
     def run(self, coroutine: Coroutine) -> Any:
@@ -36,18 +40,33 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("LoopThread.run was called from its own loop: await the coroutine instead")
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        with self._lock:
+            if self._closing:
+                coroutine.close()
+                raise concurrent.futures.CancelledError("the loop is closed")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+            self._pending.add(future)
         try:
             return future.result()
         except BaseException:
             future.cancel()  # done already: nothing; else the task is cancelled on the loop
             raise
+        finally:
+            with self._lock:
+                self._pending.discard(future)
 
     def close(self) -> None:
-        """Stops the loop and waits for its thread (at most 5 s)."""
+        """Stops the loop and waits for its thread (at most 5 s). A caller of `run` still waiting, from
+        another thread, gets CancelledError: the stopped loop will never finish its coroutine."""
+        with self._lock:
+            self._closing = True
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        with self._lock:
+            stranded = list(self._pending)
+        for future in stranded:
+            future.cancel()
         if not self._thread.is_alive():
             self.loop.close()

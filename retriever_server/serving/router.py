@@ -12,6 +12,7 @@ Run it with `retriever-server router --shards HOST:PORT,HOST:PORT`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,12 @@ from retriever_server.wire.result import SearchResult
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
 FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its datastore version), at most
+
+
+def shard_limits(router: Limits) -> Limits:
+    """The limits a router's shards need for every request the router accepts under `router`: a request
+    it forwards may be FORWARD_SLACK bytes larger than the one it received."""
+    return dataclasses.replace(router, max_request_bytes=router.max_request_bytes + FORWARD_SLACK)
 
 
 @dataclass(frozen=True)

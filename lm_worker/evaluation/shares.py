@@ -1,0 +1,100 @@
+"""The shares of a distributed evaluation, and the folder that keeps the finished ones.
+
+A share is `batches_per_share` consecutive batches of the evaluation, fixed by the data and the config
+alone. Each finished share is written to `CHECKPOINT/share-00012.json` (atomically) with the batches it
+covers and what it was computed with: the model's fingerprint, the datastore's version and the token
+store's fingerprint (`identity`). A rerun reuses a saved share only when all of these are still the
+same, so a retrained model or a rebuilt datastore at the same paths is evaluated again, not mixed in.
+
+Example:
+    >>> saved = open_saved(job_description, Path("run/eval/shares"))
+    >>> done = current(planned(saved, plan_shares(n_batches, 4)), identity)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+JOB_JSON = "job.json"
+
+
+@dataclass(frozen=True)
+class Share:
+    """One unit of work: batches [start, stop) of the evaluation."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def plan_shares(n_batches: int, batches_per_share: int) -> list[Share]:
+    """Consecutive shares of `batches_per_share` batches covering [0, n_batches)."""
+    return [Share(i, s, min(s + batches_per_share, n_batches))
+            for i, s in enumerate(range(0, n_batches, batches_per_share))]
+
+
+def store_fingerprint(directory: Path) -> str:
+    """A hash of a token store's document list and its token count: which text a share scored."""
+    h = hashlib.sha256((Path(directory) / "documents.json").read_bytes())
+    for name in ("tokens.npy", "doc_ids.npy"):
+        h.update(str((Path(directory) / name).stat().st_size).encode())
+    return "store:" + h.hexdigest()[:16]
+
+
+def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
+    """Finished shares from an earlier run of the job `description` (its `EvalJob.describe()`);
+    ValueError if the folder holds another job's."""
+    if directory is None:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / JOB_JSON
+    if marker.exists():
+        if json.loads(marker.read_text()) != description:
+            raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
+                             "remove it or choose another checkpoint folder")
+    else:
+        marker.write_text(json.dumps(description, indent=2))
+    done = {}
+    for path in sorted(directory.glob("share-*.json")):
+        body = json.loads(path.read_text())
+        done[int(body["share"])] = body
+    return done
+
+
+def planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
+    """The finished shares that cover the batches the plan gives them: a share saved with another share
+    size (or before shares recorded their batches) is computed again, not added in for other batches."""
+    kept = {i: body for i, body in done.items()
+            if i < len(shares) and (body.get("start"), body.get("stop")) == (shares[i].start, shares[i].stop)}
+    if len(kept) < len(done):
+        log.warning("%d saved shares cover other batches than this run's shares (another share size): computing "
+                    "them again", len(done) - len(kept))
+    return kept
+
+
+def current(done: dict[int, dict], identity: dict[str, str]) -> dict[int, dict]:
+    """The finished shares computed with `identity` (model, datastore version, token store): a share
+    from other weights or another datastore at the same paths is computed again."""
+    kept = {i: body for i, body in done.items() if body.get("identity") == identity}
+    if len(kept) < len(done):
+        now = ", ".join(f"{name} {value}" for name, value in identity.items())
+        log.warning("%d saved shares were computed with another model, datastore or token store than this run's "
+                    "(%s): computing them again", len(done) - len(kept), now)
+    return kept
+
+
+def save_share(directory: Path | None, body: dict) -> None:
+    """Writes a finished share's record into `directory` (atomically; None: nowhere)."""
+    if directory is None:
+        return
+    path = directory / f"share-{body['share']:05d}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
