@@ -123,7 +123,9 @@ def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tm
     saved = sorted(tmp_path.glob("share-*.json"))
     assert len(saved) == len(plan_shares(count_batches(TokenStore.open(data / "heldout"), CONFIG), 3))
     ran: list[int] = []
-    again = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path), on_share=ran.append)
+    unschedulable = WorkerPoolConfig(workers=2, num_cpus=64, stall_timeout_s=2, progress=False, batches_per_share=3,
+                                     checkpoint_dir=tmp_path)  # a worker would never start: none is asked for
+    again = evaluate_distributed(job(knn, data), unschedulable, on_share=ran.append)
     assert ran == [] and again.perplexity == first.perplexity  # nothing re-run, the same figures
     saved[1].unlink()  # a run interrupted before that share: only it is redone
     redo = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path),

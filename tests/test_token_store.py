@@ -148,3 +148,14 @@ def test_retro_split_errors(tmp_path):
     with pytest.raises(ValueError, match="max_retro_tokens must be at least 1"):
         prepare_retro_split(config)
     assert not (config.out / "retro").exists()
+
+
+def test_a_store_fingerprint_changes_with_any_token_and_only_then(tmp_path):
+    """What a saved evaluation share is checked against: same names and lengths, other tokens, another
+    fingerprint; the same text written again, the same one."""
+    from lm_worker.evaluation.shares import store_fingerprint
+
+    a = store_fingerprint(write_token_store(tmp_path / "a", [("doc", [5, 6, 7, 8])], 0, "fp").directory)
+    again = store_fingerprint(write_token_store(tmp_path / "again", [("doc", [5, 6, 7, 8])], 0, "fp").directory)
+    other = store_fingerprint(write_token_store(tmp_path / "b", [("doc", [5, 6, 7, 9])], 0, "fp").directory)
+    assert a == again != other

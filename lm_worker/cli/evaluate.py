@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     v.add_argument("--tokens", type=int, default=0, help="scored tokens (0: the whole split)")
     v.add_argument("--workers", type=int, default=0,
                    help="spread the evaluation over this many LM worker actors on the Ray cluster (0: in this "
-                        "process); finished shares are checkpointed in OUT/shares and reused by a rerun")
+                        "process); finished shares are checkpointed in OUT/shares and reused by a rerun with "
+                        "the same model, datastore version and token store")
     v.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
     v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
     v.add_argument("--batches-per-share", type=int, default=4)

@@ -39,8 +39,8 @@ from lm_worker.evaluation.combine import combine
 from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
-from lm_worker.evaluation.shares import Share, current, open_saved, plan_shares, planned, save_share, store_fingerprint
-from lm_worker.retrieval.service import TOKEN_ENV, ClientSecurity
+from lm_worker.evaluation.shares import Share, current, identity_of, open_saved, plan_shares, planned, save_share
+from lm_worker.retrieval.service import RAY_PREFIX, TOKEN_ENV, ClientSecurity
 from retriever_server.cluster.connect import connect
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ class EvalWorker:
 
         from lm_worker.data.token_store import TokenStore
         from lm_worker.models.checkpoint import load_checkpoint
-        from lm_worker.models.fingerprint import model_fingerprint
         from lm_worker.retrieval.service import ServiceRetriever, resolve_target
 
         torch.set_num_threads(torch_threads)
@@ -148,8 +147,7 @@ class EvalWorker:
         if token and not security.token and security.token_file is None:
             security = dataclasses.replace(security, token=token)
         self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, security)
-        self._identity = {"model": model_fingerprint(self.model), "datastore_version": self.retriever.version,
-                          "store": store_fingerprint(job.store)}
+        self._identity = identity_of(self.model, self.retriever.version, job.store)
         if job.kind == "retro":
             self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
 
@@ -193,7 +191,7 @@ class _Pool:
     """Worker actors handed shares one at a time; a dead worker's share is queued again and the worker
     replaced (up to `max_replacements` times)."""
 
-    def __init__(self, job: EvalJob, config: WorkerPoolConfig):
+    def __init__(self, job: EvalJob, config: WorkerPoolConfig, identity: dict[str, str] | None = None):
         self.job, self.config = job, config
         self.actor_class = ray.remote(EvalWorker)
         self.starting: dict = {}  # started() ref -> actor
@@ -201,7 +199,7 @@ class _Pool:
         self.idle: list = []
         self.replaced = 0
         self.nodes: set[str] = set()
-        self.identity: dict[str, str] | None = None  # what the first worker to start computes with
+        self.identity = identity  # what every worker must compute with (None: what the first one does)
         for _ in range(config.workers):
             self._start_worker()
 
@@ -254,12 +252,12 @@ class _Pool:
         return results
 
     def _same(self, identity: dict[str, str]) -> None:
-        """Every worker must compute with what the first one did: RuntimeError if the model, the datastore
-        or the token store changed while the evaluation ran."""
+        """Every worker must compute with what the driver (or the first worker) found: RuntimeError if the
+        model, the datastore or the token store changed while the evaluation ran."""
         if self.identity is None:
             self.identity = identity
         elif identity != self.identity:
-            raise RuntimeError(f"an evaluation worker computes with {identity}, the first one with {self.identity}: "
+            raise RuntimeError(f"an evaluation worker computes with {identity}, the evaluation with {self.identity}: "
                                "the model, the datastore or the token store changed during the evaluation")
 
     @property
@@ -301,17 +299,36 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     model = load_checkpoint(job.checkpoint).model  # checked here, in one line, before any worker starts
     check_window(model, job.config)
     align = model.config.chunk_len if job.kind == "retro" else 1
-    del model
     shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)
     if not shares:
         raise ValueError(f"{job.store} has nothing to evaluate: too few tokens for one window of context_len "
                          f"{job.config.context_len}")
     saved = planned(open_saved(job.describe(), config.checkpoint_dir), shares)
-    connect(config.address, config.num_cpus_local, log_to_driver=False)
-    done = _run_shares(job, config, shares, saved, on_share)
+    identity = None
+    if saved:  # are they still valid? the model and the store are here; the datastore says its version
+        if job.target.startswith(RAY_PREFIX):
+            connect(config.address, config.num_cpus_local, log_to_driver=False)
+        identity = identity_of(model, _datastore_version(job), job.store)
+    del model
+    done = current(saved, identity) if saved else {}
+    queue = deque(s for s in shares if s.index not in done)
+    log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
+             len(done), config.workers)
+    if queue:
+        connect(config.address, config.num_cpus_local, log_to_driver=False)
+        _run_shares(job, config, queue, done, identity, on_share, len(shares))
     result = combine(job.kind, [done[s.index] for s in shares], time.perf_counter() - started)
     log.info("%s over %d tokens from %d shares", job.kind, result.tokens, len(shares))
     return result
+
+
+def _datastore_version(job: EvalJob) -> str:
+    """The version of the datastore the job's target serves (one GetInfo)."""
+    from lm_worker.retrieval.service import ServiceRetriever, resolve_target
+
+    security = job.security or ClientSecurity()
+    with ServiceRetriever(resolve_target(job.target), job.config.retrieval, security) as retriever:
+        return retriever.version
 
 
 def _stalled(config: WorkerPoolConfig) -> RuntimeError:
@@ -319,27 +336,13 @@ def _stalled(config: WorkerPoolConfig) -> RuntimeError:
                         f"does the cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
 
 
-def _first_identity(pool: _Pool, config: WorkerPoolConfig) -> dict[str, str]:
-    """What the first worker to start computes with (waiting up to `stall_timeout_s` for one)."""
-    deadline = time.monotonic() + config.stall_timeout_s
-    while pool.identity is None:
-        pool.wait(deque())
-        if pool.identity is None and time.monotonic() > deadline:
-            raise _stalled(config)
-    return pool.identity
-
-
-def _run_shares(job: EvalJob, config: WorkerPoolConfig, shares: list[Share], saved: dict[int, dict],
-                on_share: Callable[[dict], None] | None) -> dict[int, dict]:
-    """Every share's record: the saved ones computed with what the workers compute with, the others
-    computed by the workers."""
-    pool = _Pool(job, config)
+def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
+                identity: dict[str, str] | None, on_share: Callable[[dict], None] | None, total: int) -> None:
+    """Computes the queued shares on a pool of workers (each computing with `identity`, when given),
+    adding each to `done` once saved."""
+    pool = _Pool(job, config, identity)
     try:
-        done = current(saved, _first_identity(pool, config))
-        queue = deque(s for s in shares if s.index not in done)
-        log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
-                 len(done), config.workers)
-        with tqdm(total=len(shares), initial=len(done), desc=f"{job.kind} eval ({config.workers} workers)",
+        with tqdm(total=total, initial=len(done), desc=f"{job.kind} eval ({config.workers} workers)",
                   unit="share", disable=not config.progress) as bar:
             def finished(body: dict) -> None:
                 bar.update(1)
@@ -350,7 +353,6 @@ def _run_shares(job: EvalJob, config: WorkerPoolConfig, shares: list[Share], sav
         log.info("evaluation workers ran on %d nodes; %d replaced", len(pool.nodes), pool.replaced)
     finally:
         pool.shutdown()
-    return done
 
 
 def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],

@@ -6,9 +6,12 @@ covers and what it was computed with: the model's fingerprint, the datastore's v
 store's fingerprint (`identity`). A rerun reuses a saved share only when all of these are still the
 same, so a retrained model or a rebuilt datastore at the same paths is evaluated again, not mixed in.
 
+Checking saved shares needs the datastore's version, so a rerun asks the service for it (one GetInfo),
+even when every share is saved already; it starts workers only for the shares left to compute.
+
 Example:
-    >>> saved = open_saved(job_description, Path("run/eval/shares"))
-    >>> done = current(planned(saved, plan_shares(n_batches, 4)), identity)
+    >>> saved = open_saved(job.describe(), Path("run/eval/shares"))
+    >>> done = current(planned(saved, plan_shares(n_batches, 4)), identity_of(model, version, store))
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from lm_worker.models.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +48,18 @@ def plan_shares(n_batches: int, batches_per_share: int) -> list[Share]:
 
 
 def store_fingerprint(directory: Path) -> str:
-    """A hash of a token store's document list and its token count: which text a share scored."""
-    h = hashlib.sha256((Path(directory) / "documents.json").read_bytes())
-    for name in ("tokens.npy", "doc_ids.npy"):
-        h.update(str((Path(directory) / name).stat().st_size).encode())
+    """A hash of a token store's document list and its tokens: which text a share scored."""
+    h = hashlib.sha256()
+    for name in ("documents.json", "tokens.npy"):  # doc_ids.npy follows from the documents' spans
+        with open(Path(directory) / name, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return "store:" + h.hexdigest()[:16]
+
+
+def identity_of(model: torch.nn.Module, datastore_version: str, store: Path) -> dict[str, str]:
+    """What a share is computed with: the model's weights, the datastore's version, the token store."""
+    return {"model": model_fingerprint(model), "datastore_version": datastore_version,
+            "store": store_fingerprint(store)}
 
 
 def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
@@ -83,10 +97,14 @@ def current(done: dict[int, dict], identity: dict[str, str]) -> dict[int, dict]:
     """The finished shares computed with `identity` (model, datastore version, token store): a share
     from other weights or another datastore at the same paths is computed again."""
     kept = {i: body for i, body in done.items() if body.get("identity") == identity}
-    if len(kept) < len(done):
+    unrecorded = sum("identity" not in body for body in done.values())
+    if unrecorded:
+        log.warning("%d saved shares were saved before shares recorded their model, datastore and token store: "
+                    "computing them again", unrecorded)
+    if len(kept) + unrecorded < len(done):
         now = ", ".join(f"{name} {value}" for name, value in identity.items())
         log.warning("%d saved shares were computed with another model, datastore or token store than this run's "
-                    "(%s): computing them again", len(done) - len(kept), now)
+                    "(%s): computing them again", len(done) - len(kept) - unrecorded, now)
     return kept
 
 

@@ -18,8 +18,8 @@ from retriever_server.client import RetrieverClient, RetrieverError, SearchResul
 from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError
 from retriever_server.serving.fanout import parse_shards
 
-__all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "resolve_target",
-           "is_loopback"]
+__all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "RAY_PREFIX",
+           "resolve_target", "is_loopback"]
 
 RAY_PREFIX = "ray:"
 LOOPBACK = ("127.", "localhost", "[::1]", "unix:")

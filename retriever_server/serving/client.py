@@ -187,7 +187,7 @@ class RetrieverClient:
         thread is a RetrieverError (CANCELLED), as any other failed call."""
         try:
             return self._loop.run(coroutine)
-        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+        except (Exception, asyncio.CancelledError, concurrent.futures.CancelledError):  # e.g. a closed channel's
             self._check_not_closed_since()
             raise
 
