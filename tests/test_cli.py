@@ -57,6 +57,9 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--out", "."], "--out . is a directory: give the name of a"),
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--out", "nowhere/found"],
          "--out nowhere/found: folder nowhere does not exist"),
+        (["search", "127.0.0.1:72636", "--queries", "k.npy"], "'127.0.0.1:72636': the port must be a number in [1,"),
+        (["info", "127.0.0.1:99999"], "address '127.0.0.1:99999': the port must be a number in [1, 65535]"),
+        (["router", "--shards", "127.0.0.1:7000,garbage"], "address 'garbage' names no port: give HOST:PORT"),
         (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
          "--address-file nowhere/a.json: cannot write there (No such file or directory)"),
     ],
@@ -184,14 +187,17 @@ def test_build_info_and_refused_tampered_shard(tmp_path):
     np.save(tmp_path / "k.npy", synthetic(3000, 8))
     np.save(tmp_path / "v.npy", np.arange(3000, dtype=np.int64))
     built = run("build", str(tmp_path / "k.npy"), "--out", str(tmp_path / "ds"), "--shards", "2", "--factory",
-                "IVF8,PQ4", "--payload", f"values={tmp_path / 'v.npy'}", "--meta", "encoder=test", "--num-cpus", "1",
-                "--no-progress", timeout=300)
+                "IVF8,PQ4", "--payload", f"values={tmp_path / 'v.npy'}", "--meta", "encoder=test", "--meta",
+                "note=hi\nforged: line\x1b[31mRED", "--num-cpus", "1", "--no-progress", timeout=300)
     assert built.returncode == 0, built.stderr
     assert "built" in built.stdout and "3000 rows, 2 shards" in built.stdout
     assert "Token authentication" not in built.stderr  # the local cluster it started did not announce it
     info = run("info", str(tmp_path / "ds"), "--json")
     body = json.loads(info.stdout)
-    assert body["metadata"] == {"encoder": "test"} and body["ntotal"] == 3000
+    assert body["metadata"] == {"encoder": "test", "note": "hi\nforged: line\x1b[31mRED"} and body["ntotal"] == 3000
+    shown = run("info", str(tmp_path / "ds")).stdout  # the text form: one line per value, no terminal escape
+    assert "note=hi\\nforged: line\\x1b[31mRED" in shown and "\x1b" not in shown
+    assert not any(line.startswith("forged") for line in shown.splitlines())
     served_info_search_and_a_closed_pipe(tmp_path / "ds", body)
     index = tmp_path / "ds" / "shard-00001" / "index.faiss"
     index.write_bytes(index.read_bytes()[:-10] + b"0123456789")
@@ -208,3 +214,12 @@ def test_output_cut_short_by_its_reader_ends_quietly(module):
     process.stdout.close()  # before the child has imported anything, let alone written
     err = process.stderr.read().decode()
     assert process.wait(30) == 0 and err == "", err
+
+
+def test_a_command_needing_a_running_cluster_says_so_when_none_runs(tmp_path):
+    """`lookup` with no --address and no RAY_ADDRESS, on a machine where `ray start` recorded no cluster:
+    one line that says what to give, not advice about an --address auto the user never gave."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path)}
+    looked = run("lookup", "wiki", env=env, timeout=120)
+    one_line_error(looked, "no Ray cluster runs on this machine")
+    assert "--address auto" not in looked.stderr and "give its --address (or set RAY_ADDRESS)" in looked.stderr

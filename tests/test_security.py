@@ -76,6 +76,7 @@ def test_tokens_accepted_refused_and_health_open(aio, datastore, keys, pki, monk
                     client.search(keys[:3], k=4)
                 assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED, token
                 assert "Bearer" in caught.value.message and "first-secret" not in caught.value.message
+                assert str(caught.value).startswith("UNAUTHENTICATED: this server needs")  # the code said once
                 assert code_of(client.info) == grpc.StatusCode.UNAUTHENTICATED
         monkeypatch.setenv(TOKEN_ENV, "second-token")  # a client's default: the environment's token
         with RetrieverClient(served.address) as client:
@@ -102,6 +103,25 @@ def test_tls_and_mutual_tls(aio, datastore, keys, pki):
         for refused in (trusting, stranger):  # no client certificate, or one of another CA
             with RetrieverClient(served.address, security=refused, timeout=5) as client:
                 assert code_of(lambda c=client: c.search(keys[:2], k=3)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_failed_handshake_is_one_line_of_the_cli(aio, datastore, pki, monkeypatch):
+    """`info` with a CA that did not sign the server's certificate: the command's one error line, without
+    gRPC's own log line about the handshake."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"])
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, security=security)))
+    try:
+        done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "info", running.address, "--tls-ca",
+                               str(pki["other-ca.pem"])], capture_output=True, text=True, timeout=60)
+    finally:
+        aio.run(running.drain(grace=0))
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("retriever-server info: error: UNAVAILABLE") and "handshake" in lines[0].lower()
 
 
 def test_tokens_and_certificates_rotate_without_a_restart(aio, datastore, keys, pki, tmp_path):
@@ -136,6 +156,27 @@ def test_tokens_and_certificates_rotate_without_a_restart(aio, datastore, keys, 
             assert client.info().ntotal == N // 2
     finally:
         aio.run(running.drain(grace=0))
+
+
+def test_bad_tls_files_are_named_before_anything_binds(aio, datastore, pki):
+    """A certificate and key swapped, or a key of another certificate, or a CA file without a
+    certificate: a SecurityError naming the files, not gRPC's failed bind or failed handshakes."""
+    import subprocess
+    import sys
+
+    swapped = ServerSecurity(tls_cert=pki["server.key"], tls_key=pki["server.pem"])
+    mismatched = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["client.key"])
+    for security in (swapped, mismatched):
+        with pytest.raises(SecurityError, match="are not a PEM certificate and its unencrypted private key"):
+            aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, security=security)))
+    for target in ("127.0.0.1:1", ["127.0.0.1:1", "127.0.0.1:2"]):  # one channel; the fan-out's loop
+        with pytest.raises(SecurityError, match=r"--tls-ca .*ca.key holds no PEM certificate"):
+            RetrieverClient(target, security=ClientSecurity(tls_ca=pki["ca.key"]))
+    done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "router", "--shards", "127.0.0.1:1",
+                           "--tls-cert", str(pki["server.key"]), "--tls-key", str(pki["server.pem"])],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "could not bind" not in done.stderr
+    assert f"--tls-cert {pki['server.key']} and --tls-key {pki['server.pem']} are not a PEM" in done.stderr
 
 
 def test_a_non_loopback_port_needs_tls_and_a_token(pki):
@@ -205,6 +246,29 @@ def test_serve_secures_its_own_hops(datastore, keys, pki, tmp_path):
                 assert code_of(client.info) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
         with RetrieverClient(shard, security=deployment.hops.client(), timeout=5) as client:
             assert client.info().ntotal == N // 2
+
+
+def test_a_deployment_that_fails_to_start_keeps_its_logs_but_not_its_hop_keys(datastore, pki):
+    """The router cannot bind a taken port: the deployment stops, its logs stay for the user to read,
+    and the CA, keys and token of its hops are gone."""
+    import shutil
+    import socket
+
+    from retriever_server.cluster.launcher import LaunchError
+
+    security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=pki["tokens"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        deployment = LocalDeployment(datastore, security=security, router_port=taken.getsockname()[1],
+                                     restart=False, startup_timeout_s=60)
+        with pytest.raises(LaunchError, match="router exited"):
+            deployment.start()
+    assert deployment.log_dir.is_dir() and (deployment.log_dir / "router.log").is_file()
+    assert deployment.hops is not None and not deployment.hops.token.parent.exists()
+    left = sorted(p.name for p in deployment.log_dir.rglob("*"))
+    assert not any(name.endswith(".key") or name == "hop-token" for name in left), left
+    shutil.rmtree(deployment.log_dir)
 
 
 def test_cli_refuses_a_public_port_in_one_line(datastore):

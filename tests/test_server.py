@@ -266,6 +266,24 @@ def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore):
         aio.run(running.drain(grace=0))
 
 
+def test_a_router_waiting_for_a_shard_says_which_and_why(aio, datastore, monkeypatch, caplog):
+    """A shard address where nothing listens: the router keeps waiting (the shard may come up later),
+    and says every DISCOVERY_REPORT_S seconds which shard has not answered, at which address, and why."""
+    monkeypatch.setattr(router_module, "DISCOVERY_REPORT_S", 0.5)
+    a = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
+    nobody = f"127.0.0.1:{free_port()}"
+    router = aio.run(start_router(RouterConfig(((a.address,), (nobody,)), metrics_port=None), wait_ready=False))
+    try:
+        deadline = time.monotonic() + 20
+        while "still waits" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling, with a deadline
+        assert not router.ready.done()
+    finally:
+        for server in (router, a):
+            aio.run(server.drain(grace=0))
+    assert f"router still waits for 1 of 2 shards to answer: shard-00001 ({nobody}: UNAVAILABLE" in caplog.text
+
+
 def test_router_refuses_shards_of_different_datastores(aio, keys, datastore, other_datastore):
     a = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
     b = aio.run(start_shard_server(ShardServerConfig(other_datastore, 1, metrics_port=None)))

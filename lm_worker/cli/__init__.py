@@ -31,8 +31,12 @@ import logging
 import os
 import sys
 
-from lm_worker.cli import evaluate, generate, pipeline, prepare, sources
-from lm_worker.cli.common import PROG, Parser, retrieval_flags
+# gRPC's C core prints its own INFO lines (a failed TLS handshake, say) unless told its documented default,
+# ERROR; set before gRPC loads, so that a failed call is the command's one error line (a user's setting wins)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from lm_worker.cli import evaluate, generate, pipeline, prepare, sources  # noqa: E402
+from lm_worker.cli.common import PROG, Parser, retrieval_flags  # noqa: E402
 
 log = logging.getLogger(__name__)
 FAMILIES = {"eval": ("knnlm-", "retro-"), "generate": ("",)}  # commands whose servers may share this machine
@@ -75,6 +79,21 @@ def share_cores_with_servers(args: argparse.Namespace) -> None:
         log.info("servers share this machine's cores: OMP_WAIT_POLICY=PASSIVE for the model's threads")
 
 
+def hide_library_progress_bars() -> None:
+    """--no-progress for the bars Hugging Face libraries draw too (transformers' "Loading weights" as the
+    MiniLM encoder loads): HF_HUB_DISABLE_PROGRESS_BARS, which they read on import, here and in the
+    processes this command starts, and their switches where they are imported already."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:  # it read the variable on import, and transformers reads its state
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def quiet_broken_pipe() -> int:
     """Ends quietly when the reader of stdout has gone (`... | head`)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -96,14 +115,16 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     share_cores_with_servers(args)
-    from lm_worker.retrieval.service import RetrieverError
+    if args.no_progress:
+        hide_library_progress_bars()
+    from lm_worker.retrieval.errors import SERVICE_ERRORS
 
     try:
         args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
     except BrokenPipeError:
         raise
-    except (OSError, ValueError, RuntimeError, RetrieverError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError, *SERVICE_ERRORS) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROG = "lm-worker"
+LM_KINDS = ("lm",)  # the checkpoint kinds a flag takes: the base LM (the LM chunk encoder)
+KNNLM_KINDS = ("lm", "hf")  # models with kNN-LM keys: the base LM or a Hugging Face causal LM
+RETRO_KINDS = ("retro",)
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,6 +135,21 @@ def open_retriever(flags: RetrievalFlags, k: int | None = None, security=None) -
         secure = security if flags.target and security is not None else ClientSecurity()
         with ServiceRetriever(resolve_target(target), retrieval_config(flags, k), secure) as retriever:
             yield retriever
+
+
+def check_checkpoints(*checks: tuple[str, Path | None, tuple[str, ...]]) -> None:
+    """Checks each (flag, checkpoint, kinds) given, before any work starts: a ValueError naming the flag,
+    the path, the kind found and the kinds it takes when the checkpoint holds another model. A flag not
+    given (None) is skipped.
+
+    Example:
+        >>> check_checkpoints(("--retro", args.retro, RETRO_KINDS), ("--encoder-lm", args.encoder_lm, LM_KINDS))
+    """
+    from lm_worker.models.checkpoint import require_kind
+
+    for flag, path, kinds in checks:
+        if path is not None:
+            require_kind(path, kinds, flag)
 
 
 def need(value, flag: str, why: str):

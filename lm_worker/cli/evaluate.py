@@ -7,10 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from lm_worker.cli.common import (
+    KNNLM_KINDS,
+    LM_KINDS,
+    RETRO_KINDS,
     add_encoder_lm_arg,
     add_ray_address,
     add_retrieval_args,
     add_security_args,
+    check_checkpoints,
     need,
     need_retriever,
     open_retriever,
@@ -82,12 +86,12 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
     knn = retro = None
     progress = not args.no_progress
     if args.lm:
-        lm = load_checkpoint(args.lm).model
+        lm = load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model
         flags = retrieval_flags(args, "knnlm-")
         with open_retriever(flags, security=security_of(args)) as retriever:
             knn = evaluate_knnlm(lm, store, need_retriever(retriever, flags, "with --lm"), config, progress)
     if args.retro:
-        model = load_checkpoint(args.retro).model
+        model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
         flags = retrieval_flags(args, "retro-")
         with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
@@ -127,6 +131,8 @@ def run_eval(args: argparse.Namespace) -> None:
         raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
+                      ("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer = Tokenizer.load(args.data / "tokenizer.json")
     store = TokenStore.open(args.data / args.split)
     if store.tokenizer_fingerprint != tokenizer.fingerprint:

@@ -6,9 +6,12 @@ import argparse
 from pathlib import Path
 
 from lm_worker.cli.common import (
+    LM_KINDS,
+    RETRO_KINDS,
     add_encoder_lm_arg,
     add_retrieval_args,
     add_security_args,
+    check_checkpoints,
     need_retriever,
     open_retriever,
     retrieval_flags,
@@ -136,8 +139,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from lm_worker.decoding.generate import generate
     from lm_worker.models.checkpoint import load_checkpoint
 
+    check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, _ = load_prepared(args.data)
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = load_checkpoint(args.checkpoint)  # any kind: kNN-LM decodes an LM, RETRO its own
     texts, prompt = _prompts(args, tokenizer)
     config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
@@ -168,8 +172,9 @@ def run_attention(args: argparse.Namespace) -> None:
     from lm_worker.evaluation.attention_plot import plot_retrieved_attention
     from lm_worker.models.checkpoint import load_checkpoint
 
+    check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, heldout = load_prepared(args.data)
-    model = load_checkpoint(args.retro).model
+    model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
     L = model.config.chunk_len
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     flags = retrieval_flags(args)

@@ -6,10 +6,13 @@ import argparse
 from pathlib import Path
 
 from lm_worker.cli.common import (
+    KNNLM_KINDS,
+    LM_KINDS,
     add_encoder_lm_arg,
     add_ray_address,
     add_retrieval_args,
     add_security_args,
+    check_checkpoints,
     need,
     need_retriever,
     open_retriever,
@@ -65,9 +68,9 @@ def run_encode(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.kind == "knnlm":
-        need(args.checkpoint, "--checkpoint", "for a kNN-LM source")
+        check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
     elif args.encoder == "lm":
-        need(args.checkpoint, "--checkpoint", "for --encoder lm")
+        check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for --encoder lm"), LM_KINDS))
     if args.workers:
         from lm_worker.jobs.encode_job import run_encode_job
         from lm_worker.jobs.encode_plan import EncodeJobConfig
@@ -121,6 +124,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.sources.retro import embed_chunks
     from lm_worker.sources.source import read_source
 
+    check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, train, heldout = load_prepared(args.data)
     source = read_source(args.source)
     L = source.chunk_len

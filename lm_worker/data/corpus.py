@@ -56,13 +56,29 @@ def read_text_folder(folder: Path, suffixes: tuple[str, ...] = (".txt", ".md", "
 
 
 def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None) -> Iterator[Document]:
-    """One document per JSON line; named by `id_field` when given, else by line number."""
+    """One document per JSON line; named by `id_field` when given, else by line number.
+
+    Raises:
+        ValueError: a line that is not a JSON object, or lacks a field, named as PATH:LINE.
+    """
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise ValueError(f"{path}:{number + 1} has no field {text_field!r}")
+            record = _record(path, number + 1, line)
+            for needed in (text_field, id_field) if id_field else (text_field,):
+                if needed not in record:
+                    raise ValueError(f"{path}:{number + 1} has no field {needed!r}")
             name = str(record[id_field]) if id_field else f"{Path(path).name}:{number}"
             yield Document(name, str(record[text_field]))
+
+
+def _record(path: Path, line_number: int, line: str) -> dict:
+    """The JSON object on line `line_number` of `path`; a ValueError naming the file and line otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{line_number} is not valid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_number} holds a JSON {type(record).__name__}, not an object")
+    return record

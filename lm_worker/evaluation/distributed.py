@@ -46,6 +46,7 @@ from retriever_server.cluster.connect import connect
 log = logging.getLogger(__name__)
 
 KINDS = ("knnlm", "retro")
+MODEL_KINDS = {"knnlm": ("lm", "hf"), "retro": ("retro",)}  # the checkpoint kinds each evaluation takes
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     from lm_worker.models.checkpoint import load_checkpoint
 
     started = time.perf_counter()
-    model = load_checkpoint(job.checkpoint).model  # checked here, in one line, before any worker starts
+    model = load_checkpoint(job.checkpoint, kinds=MODEL_KINDS[job.kind],  # checked here, in one line,
+                            flag=f"a {job.kind} evaluation").model  # before any worker starts
     check_window(model, job.config)
     align = model.config.chunk_len if job.kind == "retro" else 1
     shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,35 +125,38 @@ def build_config(kind: str, values: dict) -> LMConfig | RetroConfig:
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple[str, ...] = (),
+                    flag: str = "this use") -> LoadedModel:
     """Reads a checkpoint written by `save_checkpoint`, or a Hugging Face causal LM directory.
 
     Args:
         path: a checkpoint file; a folder holding `checkpoint.pt`; or a Hugging Face model folder
             (with `config.json`), loaded offline as kind "hf".
         device: where the model's weights go.
+        kinds: the kinds the caller can use ("lm", "retro", "hf"); () takes any.
+        flag: what names `path` in the error on another kind, e.g. "--retro".
 
     Returns:
         The model (in eval mode) with its config, step, tokenizer fingerprint and saved extras.
 
     Raises:
         FileNotFoundError: nothing loadable at `path`.
-        ValueError: the file is not an lm_worker checkpoint, or is of an unknown kind or version.
+        ValueError: the file is not a readable lm_worker checkpoint, or is of an unknown kind or
+            version, or of none of `kinds`.
+
+    Example:
+        >>> retro = load_checkpoint(Path("run/retro"), kinds=("retro",), flag="--retro").model
     """
     path = Path(path)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return _load_hf(path, device)
-        if (path / CHECKPOINT_NAME).is_file():
-            path = path / CHECKPOINT_NAME
-        else:
-            raise FileNotFoundError(f"{path} holds neither {CHECKPOINT_NAME} nor a Hugging Face config.json")
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = _read(path, device)
+    file = checkpoint_file(path)
+    if file is None:
+        check_kind("hf", path, kinds, flag)
+        return _load_hf(path, device)
+    payload = _read(file, device)
     kind = payload["kind"]
     if kind not in MODELS:
-        raise ValueError(f"{path} holds a model of unknown kind {kind!r}")
+        raise ValueError(f"{file} holds a model of unknown kind {kind!r}")
+    check_kind(kind, path, kinds, flag)
     config = build_config(kind, payload["config"])
     model = MODELS[kind][1](config)
     model.load_state_dict(payload["model"])
@@ -162,17 +166,75 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> LoadedMod
                        extra=payload.get("extra") or {})
 
 
-def _read(path: Path, device: str | torch.device) -> dict:
+def checkpoint_file(path: Path) -> Path | None:
+    """The checkpoint file that `path` names (itself, or its folder's checkpoint.pt); None for a
+    Hugging Face model folder.
+
+    Raises:
+        FileNotFoundError: nothing loadable at `path`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"{path} holds neither {CHECKPOINT_NAME} nor a Hugging Face config.json")
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
+
+
+def checkpoint_kind(path: Path) -> str:
+    """The kind of model at `path` ("lm", "retro" or "hf"), read without building the model (the
+    file's tensors are memory-mapped, not read). Raises as `load_checkpoint` does."""
+    file = checkpoint_file(path)
+    if file is None:
+        return "hf"
+    return str(_read(file, "cpu", mmap=zipfile.is_zipfile(file))["kind"])  # torch maps only its zip format
+
+
+def check_kind(kind: str, path: Path, kinds: tuple[str, ...], flag: str = "this use") -> None:
+    """Raises a ValueError naming `flag`, `path` and both kinds when `kind` is none of `kinds` (() takes any)."""
+    if kinds and kind not in kinds:
+        needed = " or ".join(repr(k) for k in kinds)
+        raise ValueError(f"{flag} needs a checkpoint of kind {needed}, but {path} holds one of kind {kind!r}")
+
+
+def require_kind(path: Path, kinds: tuple[str, ...], flag: str = "this use") -> None:
+    """Checks, cheaply (see `checkpoint_kind`), that the checkpoint at `path` holds one of `kinds`;
+    a ValueError naming `flag`, the path and the kind found otherwise."""
+    check_kind(checkpoint_kind(path), path, kinds, flag)
+
+
+def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
     """The checked payload dict of a checkpoint file."""
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"{path} is not a torch checkpoint: {str(err).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # the unpickler's warnings about a damaged file's bytes
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except OSError:
+        raise
+    except Exception as err:  # unpickling damaged bytes raises anything: KeyError, IndexError, UnpicklingError...
+        raise ValueError(f"{path} is not a readable checkpoint: it is not a torch checkpoint file "
+                         f"({_reason(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an lm_worker checkpoint (no format {FORMAT!r})")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads {VERSION}")
     return payload
+
+
+def _reason(err: Exception) -> str:
+    """One line on why torch could not read a file: the weights-only unpickler's own error where it
+    gives one, else the exception's type and first line."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        if rest:
+            return rest[0]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 def _load_hf(path: Path, device: str | torch.device) -> LoadedModel:

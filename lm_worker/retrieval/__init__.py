@@ -6,6 +6,8 @@
 - `in_process`: `InProcessRetriever`, the same shard files searched in this process (the reference);
 - `local_cache`: each sequence's cache of the rows it retrieved and their successors (`LocalCaches`),
   searched exactly in process to guess neighbours (speculative retrieval);
+- `errors`: the service's exceptions a command reports in one line (`SERVICE_ERRORS`: a call, a
+  datastore folder or a build that failed);
 - `demo`: the retrieval service alone on the built-in corpus (`lm-worker retrieval-demo`).
 
 Only this room imports the service's serving and wire modules (its client, shards, merge, request

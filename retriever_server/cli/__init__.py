@@ -22,11 +22,15 @@ import argparse
 import os
 import sys
 
-from retriever_server.cli import build, query, ray_commands, serve
-from retriever_server.cli.common import PROG, CliError, Parser
-from retriever_server.datastore.manifest import DatastoreError
-from retriever_server.logs import configure_logging
-from retriever_server.serving.client import RetrieverError
+# gRPC's C core prints its own INFO lines (a failed TLS handshake, say) unless told its documented default,
+# ERROR; set before gRPC loads, so that a failed call is the command's one error line (a user's setting wins)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from retriever_server.cli import build, query, ray_commands, serve  # noqa: E402
+from retriever_server.cli.common import PROG, CliError, Parser  # noqa: E402
+from retriever_server.datastore.manifest import DatastoreError  # noqa: E402
+from retriever_server.logs import configure_logging  # noqa: E402
+from retriever_server.serving.client import RetrieverError  # noqa: E402
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -15,7 +15,9 @@ from retriever_server.cli.common import CliError, add_client_security, client_se
 from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.wire.tensors import numpy_dtype
+from retriever_server.wire.untrusted import one_line
 
+MAX_SHOWN_CHARS = 4096  # of one value `info` prints
 # HOST:PORT, [IPv6]:PORT or unix:PATH: what `info` and `search` take as a server's address.
 ADDRESS = re.compile(r"unix:.+|\[[0-9A-Fa-f:.]+\]:\d+|[\w.-]+:\d+")
 SHOWN_ROWS = 5  # `search` prints the neighbours of this many queries
@@ -87,14 +89,20 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     for key, value in body.items():
         if key not in ("shards", "payloads", "metadata"):
-            print(f"{key:>18}: {value}")
+            print(f"{key:>18}: {_shown(value)}")
     for shard in body["shards"]:
-        print(f"{'shard':>18}: {shard['name']} ids [{shard['id_start']}, {shard['id_end']})")
+        print(f"{'shard':>18}: {_shown(shard['name'])} ids [{shard['id_start']}, {shard['id_end']})")
     for payload in body["payloads"]:
-        print(f"{'payload':>18}: {payload['name']} {payload['dtype']} {tuple(payload['row_shape'])}")
+        print(f"{'payload':>18}: {_shown(payload['name'])} {payload['dtype']} {tuple(payload['row_shape'])}")
     for key, value in sorted(body["metadata"].items()):
-        print(f"{'metadata':>18}: {key}={value}")
+        print(f"{'metadata':>18}: {_shown(key)}={_shown(value)}")
     return 0
+
+
+def _shown(value: object) -> str:
+    """A server's (or a datastore's) text as one line of the terminal: newlines and control characters
+    (terminal escapes) escaped, so that it cannot forge other lines or restyle the screen."""
+    return one_line(str(value), MAX_SHOWN_CHARS)
 
 
 def _load_queries(path: Path) -> np.ndarray:

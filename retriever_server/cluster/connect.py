@@ -59,18 +59,23 @@ def _advice(target: str) -> str:
     return f"start that cluster, correct {where}, or unset it to run on a new local cluster"
 
 
-def _recorded_head() -> str:
+def _recorded_head(asked: bool) -> str:
     """The address Ray recorded for the last cluster `ray start` made on this machine (in its temp
-    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none."""
+    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none. `asked`: the user gave
+    --address auto (else the command needs a running cluster and no address was given)."""
     from ray._common.utils import get_ray_address_file
 
     record = Path(get_ray_address_file(None))
     address = record.read_text().strip() if record.is_file() else ""
-    if not address:
+    if address:
+        return address
+    if asked:
         raise ClusterUnreachable(f"--address auto: no cluster made by `ray start` is recorded on this machine "
                                  f"({record} is missing): start one with ray start --head, or drop --address auto "
                                  f"to run on a new local cluster")
-    return address
+    raise ClusterUnreachable(f"no Ray cluster runs on this machine ({record} is missing), and this command needs the "
+                             "one that runs the deployment: give its --address (or set RAY_ADDRESS), or start one "
+                             "with ray start --head and deploy there")
 
 
 def _head(target: str) -> tuple[str, int]:
@@ -177,7 +182,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
     timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
     named = target
     if target == "auto":  # that cluster alone, never another one Ray's own "auto" would find running here
-        target, named = _recorded_head(), "auto"
+        target, named = _recorded_head(asked=(address or os.environ.get("RAY_ADDRESS")) == "auto"), "auto"
     host, port = _head(target)
     _probe(named, host, port, timeout_s)
     log.info("joining the Ray cluster at %s", target)

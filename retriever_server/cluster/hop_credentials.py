@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,13 @@ class HopCredentials:
     router_cert: Path
     router_key: Path
     token: Path
+
+    def remove(self) -> None:
+        """Deletes the files and their folder (when nothing else is in it)."""
+        for path in (self.ca, self.shard_cert, self.shard_key, self.router_cert, self.router_key, self.token):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.ca.parent.rmdir()
 
     def shard_args(self) -> list[str]:
         """The flags that make a shard require the router's certificate and the hop token."""

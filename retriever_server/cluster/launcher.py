@@ -216,7 +216,8 @@ class LocalDeployment:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops supervising, then SIGTERM to every process (router first, so it stops sending), then
-        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start."""
+        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start (the hops'
+        credentials in it are removed either way)."""
         if self._supervisor is not None:
             self._supervisor.stop()
         self._stopped.set()
@@ -230,6 +231,8 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
+        if self.hops is not None:  # the hops' keys and token go even where the logs are kept
+            self.hops.remove()
         if not self._keep_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -25,7 +25,7 @@ HEADER = "authorization"
 SCHEME = "bearer "
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # health stays open: probes and load balancers have no token
 CHECK_EVERY_S = 1.0
-REFUSED = ("UNAUTHENTICATED: this server needs `authorization: Bearer <token>` metadata with an accepted token "
+REFUSED = ("this server needs `authorization: Bearer <token>` metadata with an accepted token "
            "(clients: --auth-token-file or RETRIEVER_AUTH_TOKEN)")
 
 

@@ -8,6 +8,7 @@ effect for new connections without a restart; connections already open keep thei
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from pathlib import Path
 
@@ -23,6 +24,29 @@ def _read(path: Path, flag: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as err:
         raise SecurityError(f"cannot read {flag} {path}: {err.strerror or err}") from None
+
+
+def check_pem(cert: Path | None, key: Path | None, ca: Path | None, side: str = "") -> None:
+    """SecurityError unless `cert` and `key` are a PEM certificate (chain) and its unencrypted private
+    key, and `ca` holds PEM certificates: checked here, with a clear message, because gRPC answers a bad
+    file with a failed bind or a failed handshake and C-level log lines. `side` prefixes the flags."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key, password=b"")  # an encrypted key fails, never prompts
+        except ssl.SSLError as err:
+            raise SecurityError(f"--{side}tls-cert {cert} and --{side}tls-key {key} are not a PEM certificate and "
+                                f"its unencrypted private key ({err.reason or err})") from None
+        except OSError as err:
+            raise SecurityError(f"cannot read --{side}tls-cert {cert} or --{side}tls-key {key}: "
+                                f"{err.strerror or err}") from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as err:
+            raise SecurityError(f"--{side}tls-ca {ca} holds no PEM certificate ({err.reason or err})") from None
+        except OSError as err:
+            raise SecurityError(f"cannot read --{side}tls-ca {ca}: {err.strerror or err}") from None
 
 
 def _stamp(paths: list[Path]) -> tuple:
@@ -50,6 +74,7 @@ class ServerCertificates:
 
     def _config(self) -> grpc.ServerCertificateConfiguration:
         s = self.security
+        check_pem(s.tls_cert, s.tls_key, s.tls_ca)
         pair = (_read(s.tls_key, "--tls-key"), _read(s.tls_cert, "--tls-cert"))
         ca = _read(s.tls_ca, "--tls-ca") if s.tls_ca is not None else None
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
@@ -82,6 +107,7 @@ class ServerCertificates:
 def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials:
     """TLS credentials of a channel: the CA to verify servers with (None: the system's roots) and,
     for mutual TLS, the client's certificate and key."""
+    check_pem(security.tls_cert, security.tls_key, security.tls_ca)
     ca = _read(security.tls_ca, "--tls-ca") if security.tls_ca is not None else None
     key = _read(security.tls_key, "--tls-key") if security.tls_key is not None else None
     cert = _read(security.tls_cert, "--tls-cert") if security.tls_cert is not None else None

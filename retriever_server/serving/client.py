@@ -35,7 +35,7 @@ from retriever_server.serving.failover import (
     call_once,
     failure_message,
 )
-from retriever_server.serving.fanout import check_shards, replica_sets
+from retriever_server.serving.fanout import check_address, check_shards, replica_sets
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.wire.result import SearchResult
@@ -117,6 +117,7 @@ class RetrieverClient:
 
     Raises:
         SecurityError: a TLS file is missing, or a certificate was given without its key.
+        ValueError: an address names no port, or one outside [1, 65535].
     """
 
     def __init__(self, target: str | Sequence[str | Sequence[str]], timeout: float | None = 30.0,
@@ -129,6 +130,8 @@ class RetrieverClient:
             self.fan_out = True
         if not shards or not all(shards):
             raise ValueError("RetrieverClient needs at least one address")
+        for address in (a for replicas in shards for a in replicas):
+            check_address(address)
         self.timeout = timeout
         self.failover = failover
         self.sets = replica_sets(shards)

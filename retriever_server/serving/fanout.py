@@ -10,9 +10,25 @@ from retriever_server.wire.request import DatastoreView
 from retriever_server.wire.tensors import nbytes, numpy_dtype
 
 
+def check_address(address: str) -> str:
+    """`address` if it names a port gRPC can dial: "HOST:PORT" (or "[V6]:PORT") with a port in
+    [1, 65535], "unix:PATH", or a gRPC target with a scheme ("dns:///h:p"); else ValueError (gRPC
+    itself would dial a port past 65535 modulo 65536: another port)."""
+    if address.startswith("unix:") or "://" in address:
+        return address
+    host, colon, port = address.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"address {address!r} names no port: give HOST:PORT")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"address {address!r}: the port must be a number in [1, 65535]")
+    return address
+
+
 def parse_shards(spec: str) -> list[list[str]]:
-    """'a:1|a:2,b:1' -> [['a:1', 'a:2'], ['b:1']]: shards by comma, replicas of a shard by '|'."""
-    shards = [[r.strip() for r in part.split("|") if r.strip()] for part in spec.split(",") if part.strip()]
+    """'a:1|a:2,b:1' -> [['a:1', 'a:2'], ['b:1']]: shards by comma, replicas of a shard by '|'
+    (ValueError for an address without a valid port)."""
+    shards = [[check_address(r.strip()) for r in part.split("|") if r.strip()] for part in spec.split(",")
+              if part.strip()]
     if not shards:
         raise ValueError(f"no shard addresses in {spec!r}")
     return shards

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,10 +44,12 @@ from retriever_server.serving.service import BaseRetrieverService, RunningServer
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.result import SearchResult
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
 FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its datastore version), at most
+DISCOVERY_REPORT_S = 10.0  # how often a router waiting for its shards says which have not answered
 
 
 def shard_limits(router: Limits) -> Limits:
@@ -104,12 +107,14 @@ class RouterService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "router is waiting for its shards to load")
         return None
 
-    async def _replica_infos(self, replicas: ReplicaSet) -> list[pb.InfoResponse]:
+    async def _replica_infos(self, replicas: ReplicaSet, silent: dict[str, str]) -> list[pb.InfoResponse]:
+        """The GetInfo answers of the shard's replicas; why each silent one did not answer goes to `silent`."""
         async def one(address: str) -> pb.InfoResponse | None:
             try:
                 return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s,
                                                          metadata=self.metadata)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as err:
+                silent[address] = f"{err.code().name} {err.details()}"
                 return None
 
         infos = await asyncio.gather(*(one(a) for a in replicas.addresses))
@@ -117,11 +122,20 @@ class RouterService(BaseRetrieverService):
 
     async def discover(self, poll_s: float = 0.2) -> None:
         """Waits until every shard has a replica answering GetInfo, checks they form one whole
-        datastore, then is ready; raises RuntimeError (and refuses requests) when they do not."""
+        datastore, then is ready; raises RuntimeError (and refuses requests) when they do not. While it
+        waits, it says every DISCOVERY_REPORT_S seconds which shards have not answered, and why."""
+        report_at = time.monotonic() + DISCOVERY_REPORT_S
         while True:
-            infos = await asyncio.gather(*(self._replica_infos(s) for s in self.sets))
+            silent: dict[str, str] = {}
+            infos = await asyncio.gather(*(self._replica_infos(s, silent) for s in self.sets))
             if all(infos):
                 break
+            if time.monotonic() >= report_at:
+                waiting = [f"{r.name} ({', '.join(f'{a}: {silent.get(a)}' for a in r.addresses)})"
+                           for r, found in zip(self.sets, infos) if not found]
+                log.warning("router still waits for %d of %d shards to answer: %s", len(waiting), len(self.sets),
+                            one_line("; ".join(waiting), 1000))
+                report_at = time.monotonic() + DISCOVERY_REPORT_S
             await asyncio.sleep(poll_s)
         problem = check_shards(infos)
         if problem is not None:
@@ -136,10 +150,13 @@ class RouterService(BaseRetrieverService):
         self.infos = [shard_infos[0] for shard_infos in infos]
         self.shard_request_bytes = min(i.max_request_bytes or self.limits.max_request_bytes
                                        for shard_infos in infos for i in shard_infos)
-        if self.shard_request_bytes < self.limits.max_request_bytes + FORWARD_SLACK:
+        if self.shard_request_bytes < self.limits.max_request_bytes:
             log.warning("shards accept requests up to %d bytes, under this router's %d (+%d): give them a larger "
                         "--max-request-mb, or larger requests are refused here", self.shard_request_bytes,
                         self.limits.max_request_bytes, FORWARD_SLACK)
+        elif self.shard_request_bytes < self.limits.max_request_bytes + FORWARD_SLACK:  # the same limit: the default
+            log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
+                     "refused here, as forwarding may add that much", self.shard_request_bytes, FORWARD_SLACK)
         self.view = view_of(self.infos[0])
 
     async def _off_loop(self, elements: int, function, *args):

@@ -1,0 +1,25 @@
+"""The retrieval service's exceptions that reach the LM side's commands, re-exported for their one-line errors.
+
+- `RetrieverError`: a call to the service failed;
+- `DatastoreError`: a datastore folder is missing or damaged (e.g. a `--datastore` given);
+- `BuildError`: a datastore build cannot run with its inputs (an existing output, bad `--shards` or
+  `--factory`), or failed;
+- `SecurityError`: a TLS or token file is missing (a ValueError).
+
+Example:
+    >>> try:
+    ...     run(args)
+    ... except SERVICE_ERRORS as err:
+    ...     print(f"error: {err}", file=sys.stderr)
+"""
+
+from __future__ import annotations
+
+from retriever_server.client import RetrieverError
+from retriever_server.datastore.build_inputs import BuildError
+from retriever_server.datastore.manifest import DatastoreError
+from retriever_server.security.config import SecurityError
+
+__all__ = ["RetrieverError", "DatastoreError", "BuildError", "SecurityError", "SERVICE_ERRORS"]
+
+SERVICE_ERRORS: tuple[type[Exception], ...] = (RetrieverError, DatastoreError, BuildError, SecurityError)

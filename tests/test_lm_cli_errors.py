@@ -1,0 +1,157 @@
+"""`lm-worker`'s user errors are one line, without a traceback: a missing datastore, a refused build, a
+checkpoint of the wrong kind or with damaged bytes, a bad JSONL corpus line; and `--no-progress` hides
+the bars that the libraries it loads draw too. Tiny artefacts made here: no servers, no Ray."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lm_worker.cli import main
+from lm_worker.data.corpus import read_jsonl
+from lm_worker.data.tokenizer import Tokenizer
+from lm_worker.models.checkpoint import checkpoint_kind, load_checkpoint, require_kind, save_checkpoint
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+
+ROOT = Path(__file__).resolve().parents[1]
+# Seeds of 256 random bytes on which torch's weights-only unpickler fails with each kind of exception.
+DAMAGED = {"UnpicklingError": 0, "IndexError": 2, "KeyError": 20}
+
+
+def one_line_error(capsys, *args: str) -> str:
+    """Runs `lm-worker ARGS`; asserts it failed with exit code 1 and one stderr line; returns that line."""
+    code = main(["--no-progress", "--log-level", "WARNING", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def write_corpus(path: Path, docs: int = 12) -> Path:
+    lines = [json.dumps({"id": f"doc{i}", "text": f"def handler_{i}(request):\n    return request.process({i})\n" * 4})
+             for i in range(docs)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """RUN/data (a 300-token BPE over a tiny corpus), RUN/lm and RUN/retro (untrained tiny models) and
+    RUN/knnlm-source (the LM's kNN-LM keys)."""
+    root = tmp_path_factory.mktemp("errors")
+    assert main(["--no-progress", "--log-level", "WARNING", "prepare", "--corpus",
+                 str(write_corpus(root / "corpus.jsonl")), "--out", str(root / "data"), "--vocab-size", "300",
+                 "--heldout-fraction", "0.2"]) == 0
+    tokenizer = Tokenizer.load(root / "data" / "tokenizer.json")
+    for kind, model in (("lm", TransformerLM(LMConfig.tiny(tokenizer.vocab_size))),
+                        ("retro", Retro(RetroConfig.tiny(tokenizer.vocab_size)))):
+        save_checkpoint(root / kind / "checkpoint.pt", kind=kind, model=model, config=model.config, step=0,
+                        tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    assert main(["--no-progress", "--log-level", "WARNING", "encode", "knnlm", "--checkpoint", str(root / "lm"),
+                 "--data", str(root / "data"), "--out", str(root / "knnlm-source"), "--context-len", "16",
+                 "--stride", "8", "--workers", "0"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--datastore", "{run}/nosuch", "--prompt", "a"],
+    ["eval", "--data", "{run}/data", "--out", "{run}/eval", "--lm", "{run}/lm", "--knnlm-datastore", "{run}/nosuch"],
+    ["attention", "--retro", "{run}/retro", "--data", "{run}/data", "--datastore", "{run}/nosuch", "--out",
+     "{run}/a.png"],
+])
+def test_a_missing_datastore_is_one_line(run, capsys, args):
+    err = one_line_error(capsys, *[a.format(run=run) for a in args])
+    assert f"{run}/nosuch/manifest.json not found: not a datastore directory" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "{run}/built"], "{run}/built already exists; pass --overwrite to replace it"),
+    (["--out", "{run}/plain"], "{run}/plain exists and is not a datastore"),
+    (["--out", "{run}/ds0", "--shards", "0"], "--shards must be in [1, "),
+    (["--out", "{run}/dsg", "--factory", "garbage"], "FAISS cannot build factory string 'garbage'"),
+])
+def test_a_refused_build_is_one_line(run, capsys, args, words):
+    (run / "built").mkdir(exist_ok=True)
+    (run / "built" / "manifest.json").write_text("{}")  # what the build takes for an earlier datastore
+    (run / "plain").mkdir(exist_ok=True)
+    err = one_line_error(capsys, "build", str(run / "knnlm-source"), *[a.format(run=run) for a in args])
+    assert err.startswith("lm-worker build: error: ") and words.format(run=run) in err
+    assert not (run / "ds0").exists() and not (run / "dsg").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "--data", "{run}/data", "--out", "{run}/eval", "--retro", "{run}/lm", "--retro-datastore", "{run}/x"],
+     "--retro needs a checkpoint of kind 'retro', but {run}/lm holds one of kind 'lm'"),
+    (["eval", "--data", "{run}/data", "--out", "{run}/eval", "--lm", "{run}/retro", "--knnlm-datastore", "{run}/x"],
+     "--lm needs a checkpoint of kind 'lm' or 'hf', but {run}/retro holds one of kind 'retro'"),
+    (["eval", "--data", "{run}/data", "--out", "{run}/eval", "--lm", "{run}/lm", "--knnlm-datastore", "{run}/x",
+      "--retro", "{run}/lm", "--retro-datastore", "{run}/x", "--workers", "2"],
+     "--retro needs a checkpoint of kind 'retro', but {run}/lm holds one of kind 'lm'"),
+    (["attention", "--retro", "{run}/lm", "--data", "{run}/data", "--datastore", "{run}/x", "--out", "{run}/a.png"],
+     "--retro needs a checkpoint of kind 'retro', but {run}/lm holds one of kind 'lm'"),
+    (["generate", "--checkpoint", "{run}/retro", "--data", "{run}/data", "--datastore", "{run}/x", "--prompt", "a",
+      "--encoder-lm", "{run}/retro"],
+     "--encoder-lm needs a checkpoint of kind 'lm', but {run}/retro holds one of kind 'retro'"),
+    (["encode", "knnlm", "--checkpoint", "{run}/retro", "--data", "{run}/data", "--out", "{run}/src", "--workers",
+      "0"], "--checkpoint needs a checkpoint of kind 'lm' or 'hf', but {run}/retro holds one of kind 'retro'"),
+    (["encode", "retro", "--encoder", "lm", "--checkpoint", "{run}/retro", "--data", "{run}/data", "--out",
+      "{run}/src", "--workers", "0"],
+     "--checkpoint needs a checkpoint of kind 'lm', but {run}/retro holds one of kind 'retro'"),
+])
+def test_a_checkpoint_of_another_kind_is_one_line(run, capsys, args, words):
+    err = one_line_error(capsys, *[a.format(run=run) for a in args])
+    assert words.format(run=run) in err
+    assert not (run / "eval").exists() and not (run / "src").exists()
+
+
+def test_checkpoint_kinds_are_read_without_building_the_model(run):
+    assert checkpoint_kind(run / "lm") == "lm" and checkpoint_kind(run / "retro" / "checkpoint.pt") == "retro"
+    require_kind(run / "lm", ("lm", "hf"))
+    with pytest.raises(ValueError, match="a retro evaluation needs a checkpoint of kind 'retro'"):
+        require_kind(run / "lm", ("retro",), "a retro evaluation")
+    assert load_checkpoint(run / "retro", kinds=("retro",)).kind == "retro"
+
+
+@pytest.mark.parametrize("error", sorted(DAMAGED))
+def test_a_damaged_checkpoint_is_one_line(run, tmp_path, capsys, error):
+    damaged = tmp_path / "checkpoint.pt"
+    damaged.write_bytes(random.Random(DAMAGED[error]).randbytes(256))
+    for read in (load_checkpoint, checkpoint_kind):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{damaged} is not a readable checkpoint: ")):
+            read(tmp_path)
+    err = one_line_error(capsys, "generate", "--checkpoint", str(tmp_path), "--data", str(run / "data"),
+                         "--no-retrieval", "--prompt", "a")
+    assert f"error: {damaged} is not a readable checkpoint: " in err
+
+
+@pytest.mark.parametrize("line, words", [
+    ("not json", ":2 is not valid JSON: Expecting value (column 1)"),
+    ("[1, 2]", ":2 holds a JSON list, not an object"),
+    ('{"id": "x", "body": "y"}', ":2 has no field 'text'"),
+    ('{"text": "y"}', ":2 has no field 'id'"),
+])
+def test_a_bad_jsonl_line_names_the_file_and_the_line(tmp_path, capsys, line, words):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "first"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{corpus}{words}")):
+        list(read_jsonl(corpus, id_field="id"))
+    err = one_line_error(capsys, "prepare", "--corpus", str(corpus), "--id-field", "id", "--out", str(tmp_path / "d"))
+    assert err == f"lm-worker prepare: error: {corpus}{words}"
+
+
+@pytest.mark.slow  # loads MiniLM in a fresh interpreter: ~5 s alone, more beside other work
+def test_no_progress_hides_the_bar_of_loading_minilm(run, tmp_path):
+    """transformers draws a "Loading weights" bar as the MiniLM chunk encoder loads: --no-progress hides it."""
+    args = [sys.executable, "-m", "lm_worker.cli", "--no-progress", "--log-level", "WARNING", "encode", "retro",
+            "--encoder", "minilm", "--workers", "0", "--data", str(run / "data"), "--out", str(tmp_path / "src"),
+            "--chunk-len", "8"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "retro source" in done.stdout
+    assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr, done.stderr
