@@ -223,3 +223,16 @@ def test_a_command_needing_a_running_cluster_says_so_when_none_runs(tmp_path):
     looked = run("lookup", "wiki", env=env, timeout=120)
     one_line_error(looked, "no Ray cluster runs on this machine")
     assert "--address auto" not in looked.stderr and "give its --address (or set RAY_ADDRESS)" in looked.stderr
+
+
+def test_addresses_take_gRPC_targets_and_refuse_ports_that_would_wrap():
+    from retriever_server.serving.fanout import check_address
+
+    for address in ("127.0.0.1:7100", "localhost:1", "[::1]:50051", "svc.ns.svc.cluster.local:7100", "unix:/tmp/s",
+                    "unix-abstract:shard0", "dns:///h:7100", "ipv4:127.0.0.1:7100", "ipv6:[::1]:7100", "vsock:3:50"):
+        assert check_address(address) == address
+    for address, words in (("garbage", "names no port"), ("[::1]", "names no port"), ("h:", "names no port"),
+                           ("h:0", "must be a number in [1, 65535]"), ("h:65536", "must be a number in [1, 65535]"),
+                           ("h:7x", "must be a number")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            check_address(address)

@@ -155,3 +155,13 @@ def test_no_progress_hides_the_bar_of_loading_minilm(run, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "retro source" in done.stdout
     assert "Loading weights" not in done.stderr and "it/s]" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flag, target", [("--target", "127.0.0.1:99999"), ("--target", "nohost")])
+def test_a_bad_target_is_one_line(run, capsys, monkeypatch, flag, target):
+    """The target is read first to decide how the model's threads wait (servers on this machine?):
+    an address without a valid port is the command's error line there too."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    line = one_line_error(capsys, "generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), flag,
+                          target, "--prompt", "a")
+    assert f"address {target!r}" in line

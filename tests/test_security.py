@@ -177,6 +177,40 @@ def test_bad_tls_files_are_named_before_anything_binds(aio, datastore, pki):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "could not bind" not in done.stderr
     assert f"--tls-cert {pki['server.key']} and --tls-key {pki['server.pem']} are not a PEM" in done.stderr
+    hop = subprocess.run([sys.executable, "-m", "retriever_server.cli", "router", "--shards", "127.0.0.1:1",
+                          "--shard-tls-ca", str(pki["ca.key"])], capture_output=True, text=True, timeout=60)
+    assert hop.returncode == 1 and f"--shard-tls-ca {pki['ca.key']} holds no PEM certificate" in hop.stderr
+
+
+def test_tls_files_are_checked_for_their_form_not_this_machines_key_size_policy(tmp_path):
+    """A 1024-bit RSA pair, which gRPC serves, passes the check (this OpenSSL's default security
+    level would refuse its size); a key of another certificate still does not."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    from retriever_server.security.tls import check_pem
+
+    def pair(name: str) -> tuple[Path, Path]:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .sign(key, hashes.SHA256()))
+        key_file, cert_file = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert_file, key_file
+
+    (cert, key), (_, other_key) = pair("small"), pair("other")
+    check_pem(cert, key, cert)
+    with pytest.raises(SecurityError, match="are not a PEM certificate and its unencrypted private key"):
+        check_pem(cert, other_key, None)
 
 
 def test_a_non_loopback_port_needs_tls_and_a_token(pki):

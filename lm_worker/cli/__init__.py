@@ -114,12 +114,12 @@ def run_command(args: argparse.Namespace) -> int:
     """Runs a parsed command line."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    share_cores_with_servers(args)
     if args.no_progress:
         hide_library_progress_bars()
     from lm_worker.retrieval.errors import SERVICE_ERRORS
 
     try:
+        share_cores_with_servers(args)  # reads the targets: a bad one is the command's error line
         args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
     except BrokenPipeError:

@@ -126,7 +126,7 @@ def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecu
     values, dest = vars(args), prefix.replace("-", "_")
     return ClientSecurity(tls_ca=values[f"{dest}tls_ca"], tls_cert=values[f"{dest}tls_cert"],
                           tls_key=values[f"{dest}tls_key"], server_name=values[f"{dest}tls_server_name"],
-                          token_file=values[f"{dest}auth_token_file"])
+                          token_file=values[f"{dest}auth_token_file"], flags=prefix)
 
 
 def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:

@@ -119,6 +119,8 @@ class ClientSecurity:
         use_tls: TLS with the system's trusted roots, when no `tls_ca` is given.
         token_file: the bearer token (the file's first); else the RETRIEVER_AUTH_TOKEN environment variable.
         token: the bearer token itself, for callers that hold it in memory (never printed).
+        flags: the prefix of the command-line flags these came from ("shard-" for a router's
+            --shard-tls-ca ...), so that an error names the flag the user gave.
     """
 
     tls_ca: Path | None = None
@@ -128,9 +130,10 @@ class ClientSecurity:
     use_tls: bool = False
     token_file: Path | None = None
     token: str | None = None
+    flags: str = ""
 
     def __repr__(self) -> str:  # never the token
-        shown = {k: v for k, v in vars(self).items() if k != "token" and v not in (None, False)}
+        shown = {k: v for k, v in vars(self).items() if k != "token" and v not in (None, False, "")}
         return f"ClientSecurity({', '.join(f'{k}={v}' for k, v in shown.items())}{', token=***' * bool(self.token)})"
 
     @property
@@ -139,9 +142,10 @@ class ClientSecurity:
 
     def check(self) -> None:
         """Raises SecurityError for settings that cannot work (missing files, a certificate without its key)."""
+        f = self.flags
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise SecurityError("--tls-cert and --tls-key go together")
-        _check_files({"--tls-ca": self.tls_ca, "--tls-cert": self.tls_cert, "--tls-key": self.tls_key})
+            raise SecurityError(f"--{f}tls-cert and --{f}tls-key go together")
+        _check_files({f"--{f}tls-ca": self.tls_ca, f"--{f}tls-cert": self.tls_cert, f"--{f}tls-key": self.tls_key})
 
     def bearer_token(self) -> str | None:
         """The token to send: the token given, else the token file's first, else RETRIEVER_AUTH_TOKEN."""

@@ -29,8 +29,10 @@ def _read(path: Path, flag: str) -> bytes:
 def check_pem(cert: Path | None, key: Path | None, ca: Path | None, side: str = "") -> None:
     """SecurityError unless `cert` and `key` are a PEM certificate (chain) and its unencrypted private
     key, and `ca` holds PEM certificates: checked here, with a clear message, because gRPC answers a bad
-    file with a failed bind or a failed handshake and C-level log lines. `side` prefixes the flags."""
+    file with a failed bind or a failed handshake and C-level log lines. `side` prefixes the flags
+    ("shard-": --shard-tls-ca ...)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # the files' form and match, not this OpenSSL's policy on key sizes
     if cert is not None and key is not None:
         try:
             context.load_cert_chain(cert, key, password=b"")  # an encrypted key fails, never prompts
@@ -107,10 +109,11 @@ class ServerCertificates:
 def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials:
     """TLS credentials of a channel: the CA to verify servers with (None: the system's roots) and,
     for mutual TLS, the client's certificate and key."""
-    check_pem(security.tls_cert, security.tls_key, security.tls_ca)
-    ca = _read(security.tls_ca, "--tls-ca") if security.tls_ca is not None else None
-    key = _read(security.tls_key, "--tls-key") if security.tls_key is not None else None
-    cert = _read(security.tls_cert, "--tls-cert") if security.tls_cert is not None else None
+    f = security.flags
+    check_pem(security.tls_cert, security.tls_key, security.tls_ca, side=f)
+    ca = _read(security.tls_ca, f"--{f}tls-ca") if security.tls_ca is not None else None
+    key = _read(security.tls_key, f"--{f}tls-key") if security.tls_key is not None else None
+    cert = _read(security.tls_cert, f"--{f}tls-cert") if security.tls_cert is not None else None
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 

@@ -9,15 +9,18 @@ from retriever_server.serving.failover import ReplicaSet
 from retriever_server.wire.request import DatastoreView
 from retriever_server.wire.tensors import nbytes, numpy_dtype
 
+SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")  # gRPC targets, left to gRPC
+
 
 def check_address(address: str) -> str:
     """`address` if it names a port gRPC can dial: "HOST:PORT" (or "[V6]:PORT") with a port in
-    [1, 65535], "unix:PATH", or a gRPC target with a scheme ("dns:///h:p"); else ValueError (gRPC
-    itself would dial a port past 65535 modulo 65536: another port)."""
-    if address.startswith("unix:") or "://" in address:
+    [1, 65535], or a gRPC target with a scheme ("unix:PATH", "unix-abstract:NAME", "dns:///h:p",
+    "ipv4:a:p", ...); else ValueError (gRPC itself would dial a port past 65535 modulo 65536: another
+    port)."""
+    if address.startswith(SCHEMES) or "://" in address:
         return address
     host, colon, port = address.rpartition(":")
-    if not colon or not host:
+    if not colon or not host or not port or host.startswith("[") != host.endswith("]"):
         raise ValueError(f"address {address!r} names no port: give HOST:PORT")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"address {address!r}: the port must be a number in [1, 65535]")
