@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sysconfig
 from pathlib import Path
@@ -162,6 +163,19 @@ def test_saved_shares_of_other_weights_or_another_datastore_are_computed_again(k
     assert sorted(ran) == list(range(len(saved)))
     versions = {json.loads(path.read_text())["identity"]["datastore_version"] for path in saved}
     assert len(versions) == 1 and body["identity"]["datastore_version"] not in versions  # all saved again
+
+
+def test_saved_shares_follow_their_files_not_the_paths_that_named_them(knn, data, tmp_path):
+    """The same model and token store under other paths (a run folder moved, a path spelled otherwise):
+    the saved shares are theirs, and nothing is computed again."""
+    first = evaluate_distributed(job(knn, data), pool(workers=1, checkpoint_dir=tmp_path / "shares"))
+    moved = tmp_path / "moved"
+    shutil.copytree(data / "heldout", moved / "heldout")
+    shutil.copy(knn[0], moved / "model.pt")
+    elsewhere = dataclasses.replace(job(knn, data), checkpoint=moved / "model.pt", store=moved / "heldout")
+    ran: list[int] = []
+    again = evaluate_distributed(elsewhere, pool(workers=1, checkpoint_dir=tmp_path / "shares"), on_share=ran.append)
+    assert ran == [] and again.perplexity == first.perplexity
 
 
 def test_a_store_with_nothing_to_evaluate_is_refused_clearly(knn, data, tmp_path):

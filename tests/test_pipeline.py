@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -181,7 +182,7 @@ def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
 
 def test_another_stride_is_refused_and_names_what_to_remove(first_run):
     config, _ = first_run
-    with pytest.raises(ValueError, match=r"knnlm-source was encoded with other context_len and stride than this "
+    with pytest.raises(ValueError, match=r"knnlm-source was encoded with another context_len and stride than this "
                                          r"run's .*: remove .*knnlm-source, .*knnlm-datastore and .*report"):
         run_pipeline(replace(config, stride=16))
 
@@ -241,6 +242,62 @@ def test_another_retro_token_budget_is_refused_and_names_what_to_remove(first_ru
                                          r".*neighbours-retro.npy and .*retro to make it again"):
         run_pipeline(replace(config, max_retro_tokens=2 * config.max_retro_tokens))
     assert (split / "documents.json").read_text() == before
+
+
+def copy_of(first_run, tmp_path) -> PipelineConfig:
+    """The first run's config on a copy of its folder, for a test that changes what the run holds."""
+    config, _ = first_run
+    shutil.copytree(config.run, tmp_path / "run")
+    return replace(config, run=tmp_path / "run")
+
+
+def to_remove(refused: pytest.ExceptionInfo, config: PipelineConfig) -> set[str]:
+    """The run's folders a refusal says to remove (by name), after checking it names nothing twice."""
+    named = str(refused.value).split(": remove ")[-1].split(" to make ")[0]
+    paths = re.split(r", | and ", named)
+    assert len(paths) == len(set(paths)) and all(Path(p).parent == config.run for p in paths), named
+    return {Path(p).name for p in paths}
+
+
+def retrained_lm(config: PipelineConfig) -> PipelineConfig:
+    return replace(config, lm=replace(config.lm, steps=config.lm.steps + 5))
+
+
+def test_a_retrained_lm_is_refused_naming_everything_it_made_before_encoding(first_run, tmp_path):
+    """The LM trained on: its kNN-LM source, the RETRO source it encoded, their datastores and the RETRO
+    retro-fitted onto it are all stale, and one message names them all before anything is encoded."""
+    config = retrained_lm(copy_of(first_run, tmp_path))
+    with pytest.raises(ValueError, match=r"knnlm-source was encoded by another LM \(lm:\w+\) than .*checkpoint.pt "
+                                         r"\(lm:\w+\)") as refused:
+        run_pipeline(config)
+    assert "with other the" not in str(refused.value)
+    assert to_remove(refused, config) == {"knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore",
+                                          "retro", "report"}
+
+
+def test_a_retro_fitted_onto_another_lm_is_refused_then_retrained(first_run, tmp_path):
+    """Sources and datastores removed after the LM trained on, but not RETRO: it was retro-fitted onto the
+    old LM, so it is refused (not reused); removed as told, it is fitted onto the new LM."""
+    config = retrained_lm(copy_of(first_run, tmp_path))
+    for name in ("knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore", "report"):
+        shutil.rmtree(config.run / name)
+    with pytest.raises(ValueError, match=r"retro was retro-fitted onto another LM") as refused:
+        run_pipeline(config)
+    assert to_remove(refused, config) == {"retro"}
+    shutil.rmtree(config.run / "retro")
+    again = run_pipeline(config)
+    stages = {row["stage"]: row["reused"] for row in json.loads(again.eval_json.read_text())["meta"]["stages"]}
+    assert not any(reused for name, reused in stages.items() if name.startswith("train RETRO")), stages
+    lm, retro = load_checkpoint(config.run / "lm"), load_checkpoint(config.run / "retro")
+    assert lm.step == config.lm.steps and retro.extra["base_fingerprint"] == model_fingerprint(lm.model)
+
+
+def test_another_retro_encoder_is_refused_and_names_what_to_remove(first_run, tmp_path):
+    config = copy_of(first_run, tmp_path)
+    with pytest.raises(ValueError, match=r"retro-source was encoded by lm-last:\w+, retro_encoder is 'minilm'") \
+            as refused:
+        run_pipeline(replace(config, retro_encoder="minilm"))
+    assert to_remove(refused, config) == {"retro-source", "retro-datastore", "retro", "report"}
 
 
 def test_switching_retro_init_retrains_retro_alone(first_run):

@@ -39,7 +39,16 @@ from lm_worker.evaluation.combine import combine
 from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
-from lm_worker.evaluation.shares import Share, current, identity_of, open_saved, plan_shares, planned, save_share
+from lm_worker.evaluation.shares import (
+    PATH_FIELDS,
+    Share,
+    current,
+    identity_of,
+    open_saved,
+    plan_shares,
+    planned,
+    save_share,
+)
 from lm_worker.retrieval.service import RAY_PREFIX, TOKEN_ENV, ClientSecurity
 from retriever_server.cluster.connect import connect
 
@@ -75,12 +84,15 @@ class EvalJob:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
     def describe(self) -> dict:
-        """What identifies the job's figures: a checkpoint folder holding another job's shares is refused."""
+        """What identifies the job apart from its files: its kind and config. A checkpoint folder holding
+        another job's shares is refused; the files (model, token store, datastore) are identified by
+        their contents in each share (`shares.identity_of`), so a path spelled otherwise, or a moved
+        run folder, still matches."""
         body = dataclasses.asdict(self)
         body.pop("encoder_factory")
         body.pop("security")  # how the service is reached, not what is evaluated (and never a secret on disk)
-        if body["encoder_lm"] is None:
-            body.pop("encoder_lm")  # so shares checkpointed before the field existed still match
+        for name in PATH_FIELDS:
+            body.pop(name)
         config = body["config"]
         if not config["pointer_steps"]:  # so shares checkpointed before the pointer fields existed still match
             config.pop("pointer_agreement")

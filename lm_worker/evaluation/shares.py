@@ -30,6 +30,7 @@ from lm_worker.models.fingerprint import model_fingerprint
 log = logging.getLogger(__name__)
 
 JOB_JSON = "job.json"
+PATH_FIELDS = ("checkpoint", "store", "tokenizer", "encoder_lm")  # files a job names; shares identify their contents
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / JOB_JSON
     if marker.exists():
-        if json.loads(marker.read_text()) != description:
+        saved = {k: v for k, v in json.loads(marker.read_text()).items() if k not in PATH_FIELDS}  # older markers
+        if saved != description:
             raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
                              "remove it or choose another checkpoint folder")
     else:

@@ -27,22 +27,6 @@ def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None 
     run_encode_job(job, out)
 
 
-def check_knnlm_source(config: PipelineConfig, info, lm_checkpoint: Path) -> None:
-    """ValueError when RUN/knnlm-source holds keys of another LM (trained on since) or windows of another
-    context_len or stride than the config's: reused, its datastore would answer for a model it was not
-    made from."""
-    from lm_worker.models.checkpoint import load_checkpoint
-    from lm_worker.models.fingerprint import model_fingerprint
-
-    made = (info.encoder_fingerprint, info.details.get("context_len"), info.details.get("stride"))
-    wanted = (model_fingerprint(load_checkpoint(lm_checkpoint).model), config.context_len, config.stride)
-    if made != wanted:
-        what = "the LM's weights" if made[0] != wanted[0] else "context_len and stride"
-        raise ValueError(f"{info.directory} was encoded with other {what} than this run's ({made} against {wanted}): "
-                         f"remove {info.directory}, {config.run / 'knnlm-datastore'} and {config.run / 'report'} to "
-                         "encode, build and evaluate again, or use another run folder")
-
-
 def neighbour_splits(config: PipelineConfig) -> tuple[str, ...]:
     """The splits whose chunks need RETRO neighbours: the one RETRO trains on, and the held-out one."""
     return config.retro_split, "heldout"
@@ -125,7 +109,8 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
 
 
 def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint: Path, tokenizer):
-    """Encodes and builds both datastores; returns the encoder of the RETRO source's keys."""
+    """Encodes and builds both datastores (what is there checked by `check_made_from` first); returns the
+    encoder of the RETRO source's keys."""
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.sources.source import read_source
 
@@ -136,15 +121,8 @@ def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint
                           reused=done(source / "source.json")):
             if not done(source / "source.json"):
                 encode_source(config, kind, lm_checkpoint)
-        if kind == "knnlm":
-            check_knnlm_source(config, read_source(source), lm_checkpoint)
-        if kind == "retro":
-            info = read_source(source)
-            if info.chunk_len != config.retro.chunk_len:
-                raise ValueError(f"{source} holds chunks of {info.chunk_len} tokens, RETRO's chunk_len is "
-                                 f"{config.retro.chunk_len}: remove {source}, {run / 'retro-datastore'} and "
-                                 f"{run / 'retro'} to rebuild them, or use another run folder")
-            encoder = chunk_encoder_for(info.encoder_metadata, tokenizer)
+        if kind == "retro":  # what was there before was checked by `check_made_from`
+            encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer)
             for split in query_splits(config):
                 with stages.stage(f"embed {split} chunks", reused=done(source / f"{split}-keys.npy")):
                     if not done(source / f"{split}-keys.npy"):

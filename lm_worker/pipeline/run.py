@@ -51,6 +51,7 @@ from lm_worker.pipeline.datastore_stage import (
 from lm_worker.pipeline.eval_stage import attention_map, evaluate_test, tune_temperature, write_samples
 from lm_worker.pipeline.model_stage import is_trained, retro_train_config, train_model, trained_parameters
 from lm_worker.pipeline.stages import Stages, connect_ray, done
+from lm_worker.pipeline.staleness import check_made_from
 from lm_worker.retrieval.config import RetrievalConfig
 
 
@@ -59,8 +60,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
 
     Raises:
         ValueError: the held-out split is too small to leave test documents after the validation ones, or
-            the run holds a retro split, RETRO source or neighbours made with other settings (the message
-            names what to remove).
+            the run holds a retro split, sources, datastores, neighbours or a RETRO made with other settings
+            or from another LM or encoder than this run's (the message names everything to remove).
         RuntimeError, OSError: a stage failed (what it finished stays for the next run).
     """
     from lm_worker.evaluation.config import EvalConfig
@@ -85,6 +86,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     valid, test = split_heldout(config, heldout)
     with stages.stage(f"train LM ({config.lm.steps} steps)", reused=is_trained(config, config.lm, "lm")):
         lm_checkpoint = train_model(config, config.lm, "lm")
+    check_made_from(config, lm_checkpoint)
     connect_ray(config)
     encoder = sources_and_datastores(config, stages, lm_checkpoint, tokenizer)
     check_neighbour_files(config)

@@ -35,6 +35,8 @@ from lm_worker.training.batches import Windows, open_data
 from lm_worker.training.config import KINDS, TrainConfig, TrainReport, lr_at, pick_device
 from lm_worker.training.loss_plot import loss_plot_title, plot_losses
 
+BASE_FINGERPRINT = "base_fingerprint"  # checkpoint extra of a retro-fitted RETRO: its base LM's model_fingerprint
+
 log = logging.getLogger(__name__)
 
 
@@ -69,9 +71,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-            mcfg, fingerprint: str, device: torch.device) -> tuple[int, dict]:
+            mcfg, fingerprint: str, base: str | None, device: torch.device) -> tuple[int, dict]:
     """Loads the checkpoint in `out_dir` into model and optimizer; returns its step and losses."""
     loaded = load_checkpoint(out_dir / CHECKPOINT_NAME, device=device)
+    fitted_onto = loaded.extra.get(BASE_FINGERPRINT)
+    if base and fitted_onto and fitted_onto != base:
+        raise ValueError(f"{out_dir / CHECKPOINT_NAME} was retro-fitted onto another LM ({fitted_onto}) than "
+                         f"init_from {config.init_from} ({base}); use another output folder or resume=False")
     if loaded.kind != config.kind or loaded.config != mcfg:
         raise ValueError(f"{out_dir / CHECKPOINT_NAME} holds a {loaded.kind} model {loaded.config}, not {mcfg}; "
                          "use another output folder or resume=False")
@@ -109,7 +115,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
 
     Raises:
         FileNotFoundError: missing data folder, tokenizer, split or neighbours file.
-        ValueError: inconsistent inputs (seq_len vs chunk_len, neighbours shape, a checkpoint of another model).
+        ValueError: inconsistent inputs (seq_len vs chunk_len, neighbours shape, a checkpoint of another model,
+            or of a RETRO retro-fitted onto another LM than `init_from`'s).
     """
     windows, heldout, mcfg, fingerprint = open_data(config, data_dir, neighbours_dir)
     device = pick_device(config.device)
@@ -118,12 +125,12 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model, mcfg = _new_model(config, mcfg, fingerprint)
+    model, mcfg, base = _new_model(config, mcfg, fingerprint)
     model = model.to(device)
     optimizer = make_optimizer(model, config)
     step, losses = 0, {"train": [], "heldout": []}
     if resume and (out_dir / CHECKPOINT_NAME).is_file():
-        step, losses = _resume(out_dir, model, optimizer, config, mcfg, fingerprint, device)
+        step, losses = _resume(out_dir, model, optimizer, config, mcfg, fingerprint, base, device)
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     eval_indices = heldout.fixed(config.eval_batches * config.batch_size)
     log.info("training %s (%s, %.2fM parameters) on %s for steps %d..%d", config.kind, config.preset,
@@ -131,6 +138,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
 
     def checkpoint(done: int) -> Path:
         extra = {"train_config": dataclasses.asdict(config), "losses": losses}
+        if base:  # the LM it was retro-fitted onto (`_resume` refuses one that recorded another)
+            extra[BASE_FINGERPRINT] = base
         (out_dir / "losses.json").write_text(json.dumps(losses))
         return save_checkpoint(out_dir / CHECKPOINT_NAME, kind=config.kind, model=model, config=mcfg, step=done,
                                tokenizer_fingerprint=fingerprint, extra=extra, optimizer=optimizer)
@@ -168,10 +177,12 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
 
 
 def _new_model(config: TrainConfig, mcfg: LMConfig | RetroConfig, fingerprint: str
-               ) -> tuple[nn.Module, LMConfig | RetroConfig]:
-    """A freshly initialised model, or RETRO retro-fitted onto `config.init_from`; and its config."""
+               ) -> tuple[nn.Module, LMConfig | RetroConfig, str | None]:
+    """A freshly initialised model, or RETRO retro-fitted onto `config.init_from`; its config; and the
+    base LM's `model_fingerprint` (None when not retro-fitted)."""
     if not config.init_from:
-        return KINDS[config.kind][1](mcfg), mcfg
+        return KINDS[config.kind][1](mcfg), mcfg, None
+    from lm_worker.models.fingerprint import model_fingerprint
     from lm_worker.training.retrofit import retrofit, retrofit_config
 
     base = load_checkpoint(Path(config.init_from))
@@ -181,7 +192,7 @@ def _new_model(config: TrainConfig, mcfg: LMConfig | RetroConfig, fingerprint: s
         raise ValueError(f"init_from {config.init_from} was trained with tokenizer {base.tokenizer_fingerprint}, "
                          f"the data uses {fingerprint}")
     fitted = retrofit_config(base.config, mcfg.chunk_len, mcfg.n_neighbours, mcfg.enc_n_layer)
-    return retrofit(base.model, fitted, freeze=config.freeze_base), fitted
+    return retrofit(base.model, fitted, freeze=config.freeze_base), fitted, model_fingerprint(base.model)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, windows: Windows, config: TrainConfig,

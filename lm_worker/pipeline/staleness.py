@@ -1,0 +1,152 @@
+"""What a run folder holds that was made from other inputs than this run's: sources encoded by another
+LM, encoder or window, datastores built from a source since removed, and a RETRO retro-fitted onto
+another LM. Reused, each would answer for a model it was not made from, so the run is refused up
+front, before anything is encoded, with one message that names every folder to remove."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.stages import done
+
+# Each output and what is made from it, in pipeline order: removing an output means remaking these too.
+MADE_FROM = {"knnlm-source": ("knnlm-source", "knnlm-datastore", "report"),
+             "knnlm-datastore": ("knnlm-datastore", "report"),
+             "retro-source": ("retro-source", "retro-datastore", "retro", "report"),
+             "retro-datastore": ("retro-datastore", "retro-source/neighbours-*.npy", "retro", "report"),
+             "retro": ("retro", "report")}
+ORDER = ("knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore", "retro-source/neighbours-*.npy",
+         "retro", "report")
+
+
+@dataclass(frozen=True)
+class Made:
+    """What this run's outputs must be made from: the LM checkpoint, its `model_fingerprint` and model."""
+
+    checkpoint: Path
+    fingerprint: str
+    model: object
+
+
+def check_made_from(config: PipelineConfig, lm_checkpoint: Path) -> None:
+    """Refuses a run folder holding outputs made from another LM, encoder, window or chunk length.
+
+    Raises:
+        ValueError: one message with every reason and every folder to remove (what was made from a
+            stale output included), e.g. all of the LM's sources, datastores and RETRO after it trained on.
+    """
+    from lm_worker.models.checkpoint import load_checkpoint
+    from lm_worker.models.fingerprint import model_fingerprint
+
+    lm = load_checkpoint(lm_checkpoint).model
+    made = Made(Path(lm_checkpoint), model_fingerprint(lm), lm)
+    stale = {**stale_knnlm(config, made), **stale_retro_keys(config, made), **stale_retro(config, made)}
+    if stale:
+        raise ValueError(f"{'; '.join(stale.values())}: remove {removal(config, stale)} to make them again, "
+                         "or use another run folder")
+
+
+def removal(config: PipelineConfig, stale: dict[str, str]) -> str:
+    """The paths to remove, in pipeline order, each once (a file under a folder already named left out)."""
+    names = {name for output in stale for name in MADE_FROM[output]}
+    names -= {name for name in names if "/" in name and name.split("/")[0] in names}
+    paths = [str(config.run / name) for name in ORDER if name in names and present(config.run / name)]
+    return paths[0] if len(paths) == 1 else f"{', '.join(paths[:-1])} and {paths[-1]}"
+
+
+def present(path: Path) -> bool:
+    """Whether there is anything at `path` to remove (a glob: any match; a folder: anything in it)."""
+    if "*" in path.name:
+        return any(path.parent.glob(path.name))
+    return path.is_dir() and any(path.iterdir())
+
+
+def encoded_by(config: PipelineConfig, kind: str, fingerprint: str, made: Made) -> str | None:
+    """Why keys of `kind` encoded by `fingerprint` do not fit this run's LM and `retro_encoder`; None if they do."""
+    from lm_worker.encoders.lm_chunks import PREFIX
+
+    by_lm = kind == "knnlm" or config.retro_encoder == "lm"
+    wanted = made.fingerprint if kind == "knnlm" else PREFIX + made.fingerprint.removeprefix("lm:")
+    if kind == "retro" and by_lm != fingerprint.startswith(PREFIX):  # MiniLM for the LM, or the other way
+        return f"by {fingerprint}, retro_encoder is {config.retro_encoder!r}"
+    if not by_lm or fingerprint == wanted:
+        return None
+    return f"by another LM ({fingerprint}) than {made.checkpoint} ({wanted})"
+
+
+def orphaned(config: PipelineConfig, kind: str) -> dict[str, str]:
+    """RUN/KIND-datastore when its source is gone: the source is encoded again, and the datastore,
+    built from the one removed, may hold keys of another LM or encoder than the new one."""
+    source, datastore = config.run / f"{kind}-source", config.run / f"{kind}-datastore"
+    if done(datastore / "manifest.json") and not done(source / "source.json"):
+        return {f"{kind}-datastore": f"{datastore} was built from a {kind} source no longer in {config.run}"}
+    return {}
+
+
+def stale_knnlm(config: PipelineConfig, made: Made) -> dict[str, str]:
+    """RUN/knnlm-source when encoded by another LM or with other windows than this run's; its datastore
+    when the source is gone."""
+    from lm_worker.sources.source import read_source
+
+    stale, source = {}, config.run / "knnlm-source"
+    if done(source / "source.json"):
+        info = read_source(source)
+        windows = (info.details.get("context_len"), info.details.get("stride"))
+        if why := encoded_by(config, "knnlm", info.encoder_fingerprint, made):
+            stale["knnlm-source"] = f"{source} was encoded {why}"
+        elif windows != (config.context_len, config.stride):
+            stale["knnlm-source"] = (f"{source} was encoded with another context_len and stride than this run's "
+                                     f"({windows} against {(config.context_len, config.stride)})")
+    return {**stale, **orphaned(config, "knnlm")}
+
+
+def stale_retro_keys(config: PipelineConfig, made: Made) -> dict[str, str]:
+    """RUN/retro-source when encoded by another encoder (or LM) or of other chunks than this run's; its
+    datastore when the source is gone."""
+    from lm_worker.sources.source import read_source
+
+    stale, source, chunk_len = {}, config.run / "retro-source", config.retro.chunk_len
+    if done(source / "source.json"):
+        info = read_source(source)
+        if info.chunk_len != chunk_len:
+            stale["retro-source"] = (f"{source} holds chunks of {info.chunk_len} tokens, RETRO's chunk_len is "
+                                     f"{chunk_len}")
+        elif why := encoded_by(config, "retro", info.encoder_fingerprint, made):
+            stale["retro-source"] = f"{source} was encoded {why}"
+    return {**stale, **orphaned(config, "retro")}
+
+
+def stale_retro(config: PipelineConfig, made: Made) -> dict[str, str]:
+    """RUN/retro, when it is to be retro-fitted onto the LM but was retro-fitted onto another one."""
+    from lm_worker.models.checkpoint import load_checkpoint
+
+    path = config.run / "retro" / "checkpoint.pt"
+    if config.retro_init != "lm" or not path.is_file():
+        return {}
+    saved = load_checkpoint(path)
+    if not saved.extra.get("train_config", {}).get("init_from"):
+        return {}  # trained from scratch: `same_start` retrains it retro-fitted
+    base = fitted_onto(saved, made)
+    if base in (None, made.fingerprint):
+        return {}
+    return {"retro": f"{path.parent} was retro-fitted onto another LM ({base}) than {made.checkpoint} "
+                     f"({made.fingerprint})"}
+
+
+def fitted_onto(saved, made: Made) -> str | None:
+    """The fingerprint of the LM a retro-fitted checkpoint was fitted onto, as training recorded it. One
+    saved before that was recorded, with a frozen base, was fitted onto this LM if it holds its weights
+    ("unknown" if not); with a base that trained on, None: it cannot tell."""
+    import torch
+
+    from lm_worker.training.train import BASE_FINGERPRINT
+
+    if BASE_FINGERPRINT in saved.extra:
+        return saved.extra[BASE_FINGERPRINT]
+    if not saved.extra.get("train_config", {}).get("freeze_base", True):
+        return None
+    retro = saved.model.state_dict()
+    same = all(name in retro and torch.equal(retro[name], weights) for name, weights in made.model.state_dict().items())
+    return made.fingerprint if same else "unknown"
