@@ -318,9 +318,10 @@ def test_a_fan_out_client_closed_during_a_call_fails_it_as_cancelled():
     with a RetrieverError (CANCELLED), not a bare CancelledError or a caller left waiting."""
     from concurrent.futures import ThreadPoolExecutor
 
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def never_answers(request: bytes, context) -> bytes:
+        entered.set()
         release.wait(30)
         return b""
 
@@ -341,7 +342,7 @@ def test_a_fan_out_client_closed_during_a_call_fails_it_as_cancelled():
 
         caller = threading.Thread(target=search, daemon=True)
         caller.start()
-        time.sleep(0.5)  # the call is in flight: the shard never answers
+        assert entered.wait(30)  # the call is in flight: the shard took it and never answers
         client.close()
         caller.join(10)
     finally:
