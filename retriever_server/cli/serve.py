@@ -32,7 +32,7 @@ from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.fanout import parse_shards
-from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.serving.router import FORWARD_SLACK, RouterConfig, start_router
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 
@@ -100,13 +100,14 @@ def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ..
     """The flags `serve` without --shard passes on: (to each shard server, to the router).
 
     The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1, and
-    a request limit 1 MiB above the router's, so that nothing the router accepts is refused by a shard.
+    a request limit FORWARD_SLACK (1 MiB) above the router's, so that nothing the router accepts is refused
+    by a shard.
     """
     common = ["--grace", str(args.grace), "--drain-delay", str(args.drain_delay), "--max-k", str(args.max_k),
               "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
               "--metrics-host", args.metrics_host]
     shard = [*common, "--metrics-port", "-1" if args.metrics_port < 0 else "0", "--threads", str(args.threads),
-             "--max-request-mb", str(args.max_request_mb + 1)]
+             "--max-request-mb", str(args.max_request_mb + (FORWARD_SLACK >> 20))]  # as `shard_limits` does
     shard += ["--gpu"] if args.gpu else []
     shard += ["--no-mmap"] if args.no_mmap else []
     shard += ["--no-verify"] if args.no_verify else []
