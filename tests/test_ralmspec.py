@@ -6,6 +6,7 @@ scheduler."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -108,6 +109,21 @@ def test_serial_steps_between_guessing_windows_decode_the_tokens_of_serial_retri
     strides = decoder.stats.strides
     assert strides.count(0) >= 2 * strides.count(3) - 1 and decoder.stats.rollbacks > 0
     assert decoder.stats.retrieval_calls == 1 + len(strides)  # the first step's, then one per window
+
+
+@pytest.mark.parametrize("name", ["greedy-eos", "top-p", "beam"])
+def test_decoding_up_to_the_models_max_len_takes_what_serial_retrieval_takes(lm, retriever, name):
+    """prompt + max_new_tokens = max_len + 1: the last token is chosen, never fed, as in serial decoding;
+    rows that hold all their tokens while others step are not fed past max_len."""
+    cfg = {**CONFIGS, "beam": GenerateConfig(strategy="beam", num_beams=3)}[name]
+    prompt = random_tokens((6, 100), seed=11)
+    cfg = dataclasses.replace(cfg, max_new_tokens=lm.config.max_len + 1 - prompt.shape[1])
+    want = generate(KnnLMStepper(lm, retriever, lam=LAM, temperature=TEMP), prompt, cfg)
+    decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(stride=3))
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-5, rtol=0)
+    assert decoder.stats.rollbacks > 0
 
 
 SENDING = {  # (speculation, the plan's strides, decoding): serial steps only; guessing windows between serial
@@ -427,8 +443,8 @@ def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):
     with pytest.raises(ValueError, match="guess must be one of cache, lm"):
         SpeculationConfig(guess="model")
     decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
-    with pytest.raises(ValueError, match="max_len"):
-        generate(decoder, random_tokens((2, 100), seed=1), GenerateConfig(max_new_tokens=29))
+    with pytest.raises(ValueError, match="prompt length 100 \\+ max_new_tokens 30 - 1 exceeds the model's max_len 128"):
+        generate(decoder, random_tokens((2, 100), seed=1), GenerateConfig(max_new_tokens=30))
     lm_guess = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(guess="lm"))
     with pytest.raises(ValueError, match="beam search guesses from the local caches"):
         generate(lm_guess, random_tokens((2, 5), seed=1), BEAMS["beam"])

@@ -296,6 +296,12 @@ def test_retrofit_bad_inputs(lm_run, data, neighbours_dir, tmp_path):
     lm = load_checkpoint(lm_run[0]).model
     with pytest.raises(ValueError, match="does not match the LM"):
         retrofit(lm, RetroConfig.tiny(vocab_size(data), n_layer=3))
+    other_lm = train(replace(BASE, steps=2, seed=7), data, tmp_path / "other-lm", progress=False)
+    fit = replace(retro, init_from=str(lm_run[1].checkpoint))
+    train(fit, data, tmp_path / "fit", neighbours_dir=neighbours_dir, progress=False, stop_at=1)
+    with pytest.raises(ValueError, match=r"was retro-fitted onto another LM \(lm:\w+\) than init_from .*other-lm"):
+        train(replace(fit, init_from=str(other_lm.checkpoint)), data, tmp_path / "fit", neighbours_dir=neighbours_dir,
+              progress=False)  # resuming it onto another LM is refused
 
 
 @pytest.fixture(scope="module")

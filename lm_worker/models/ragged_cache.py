@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +107,20 @@ class RaggedKVCache:
             self.keys[layer][rows, :, :width] = keys[sources]
             self.values[layer][rows, :, :width] = values[sources]
         self.lengths[rows] = snapshot.lengths[sources]
+
+    @contextmanager
+    def holding(self, rows: list[int], max_len: int) -> Iterator[None]:
+        """Within the block, a forward of the whole batch keeps its new positions only for the rows not
+        in `rows`: the held rows go back to their lengths after it. A held row already `max_len` long
+        has that dropped position written over its last slot instead of past `max_len`, so it must be a
+        row whose last slot is never read again (a row that holds all its tokens, its last never fed)."""
+        before = self.lengths.clone()
+        full = [r for r in rows if int(before[r]) >= max_len]
+        if full:
+            self.truncate(torch.tensor(full), before[full] - 1)
+        yield
+        if rows:
+            self.truncate(torch.tensor(rows), before[rows])
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""

@@ -138,13 +138,13 @@ class BeamDecode:
         the step once the keys exist, and is returned."""
         started, guess, early = time.perf_counter(), stride > 0, []
         fills = self._window_full(stride, open_prompts)
-        before = self.cache.lengths.clone()
-        lm_log_probs, queries = self.owner.model_step(  # (B*W, V), (B*W, d)
-            self.cache, self.next_input[:, None], self._window_sender(open_prompts, stride, early) if fills else None)
         rows_open = torch.cat([self._rows(b) for b in open_prompts])
-        idle = torch.tensor(sorted(set(range(self.B * self.W)) - set(rows_open.tolist())), dtype=torch.long)
-        if len(idle):
-            self.cache.truncate(idle, before[idle])
+        idle = sorted(set(range(self.B * self.W)) - set(rows_open.tolist()))
+        with self.cache.holding(idle, self.owner.model.config.max_len):  # an idle row at max_len is an ended
+            # prompt's, or one whose last selection is a guess: replayed from the step's log-probs, never fed
+            lm_log_probs, queries = self.owner.model_step(  # (B*W, V), (B*W, d)
+                self.cache, self.next_input[:, None],
+                self._window_sender(open_prompts, stride, early) if fills else None)
         snapshot = self.cache.snapshot()
         source = torch.arange(self.B * self.W)
         if guess:

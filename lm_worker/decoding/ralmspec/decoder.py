@@ -94,9 +94,9 @@ class RaLMSpecKnnLM:
     def decode(self, prompt: torch.Tensor, config: GenerateConfig) -> GenerateOutput:
         """Continues every prompt row (B, T) as `generate` does with `KnnLMStepper`: the same tokens."""
         max_len = self.model.config.max_len
-        if prompt.shape[1] + config.max_new_tokens > max_len:
-            raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} exceeds "
-                             f"the model's max_len {max_len} (speculation feeds finished rows one position more)")
+        if prompt.shape[1] + config.max_new_tokens - 1 > max_len:  # the last token is chosen, never fed
+            raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} - 1 "
+                             f"exceeds the model's max_len {max_len}")
         if config.strategy == "beam":
             if self.speculation.guess != "cache":
                 raise ValueError("beam search guesses from the local caches: it takes guess='cache'")

@@ -122,13 +122,11 @@ class RowDecode:
         """One batched model step on `next_input`: the LM's log-probs (B, V) and keys (B, d). Only `rows`
         keep their new position; the other rows' is dropped again. `on_keys` gets the keys (B, 1, d)
         before the forward ends (a request sent then is in flight while the output head runs)."""
-        before = self.cache.lengths.clone()
-        lm_log_probs, queries = self.owner.model_step(self.cache, self.next_input[:, None], on_keys)  # (B, V), (B, d)
-        if len(rows) < len(self.pending):
-            opened = set(rows)
-            idle = [r for r in range(len(self.pending)) if r not in opened]
-            self.cache.truncate(torch.tensor(idle), before[idle])
-        return lm_log_probs, queries
+        opened = set(rows)
+        idle = [r for r in range(len(self.pending)) if r not in opened]
+        with self.cache.holding(idle, self.owner.model.config.max_len):  # an idle row at max_len holds all
+            # its tokens: it is never fed again
+            return self.owner.model_step(self.cache, self.next_input[:, None], on_keys)  # (B, V), (B, d)
 
     def _speculate(self, open_rows: list[int], stride: int) -> bool:
         """One batched model step; at a stride above 0 each open row guesses its token from its local
