@@ -211,6 +211,10 @@ class Recorder:
         self.reorders.append(indices.clone())
         self.inner.reorder(indices)
 
+    def expect_positions(self, positions):
+        if hasattr(self.inner, "expect_positions"):
+            self.inner.expect_positions(positions)
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

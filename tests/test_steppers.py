@@ -407,12 +407,28 @@ def test_retro_prefetch_overlapped_equals_serial(retro, fake_chunks, cfg):
     assert torch.equal(a.tokens, b.tokens)
     assert all(torch.equal(x, y) for x, y in zip(serial.outputs, piped.outputs))
     assert torch.equal(serial.inner.neighbours, piped.inner.neighbours)
-    # 7 prompt tokens: chunk 0 in start(); chunk 1's query (position 5) is known there too and is sent early,
-    # like those of chunks 2, 3 and 4 (the last never needed), each embedded and searched in the prefetch thread
-    assert piped.inner.stats.retrieval_calls == 5
-    assert [t.startswith("retro-prefetch") for t in fake_chunks.threads] == [False] + [True] * 4
+    # 7 prompt tokens, 12 more fed (positions 7..18): chunk 0 in start(); chunk 1's query (position 5) is
+    # known there too and is sent early, like those of chunks 2 and 3, each embedded and searched in the
+    # prefetch thread; chunk 4 (positions 16..19) never completes, so its query (position 17) is not sent
+    assert piped.inner.stats.retrieval_calls == 4
+    assert [t.startswith("retro-prefetch") for t in fake_chunks.threads] == [False] + [True] * 3
     if cfg.strategy == "greedy":  # (beams reorder rows, so their steps do not line up with the final history)
         check_retro_against_cache_free(retro, piped, 7, encoder, fake_chunks, prefetch=s)
+
+
+def test_retro_stepped_by_hand_prefetches_every_query_it_knows(retro, fake_chunks):
+    """Without `generate` to say where decoding ends, the stepper prefetches the query of every chunk it
+    knows, as a whole chunk after the last fed position may still come; what generate said holds for one
+    decoding only."""
+    prompt, stepper = random_tokens((2, 7), seed=10), RetroStepper(retro, fake_chunks, FakeEncoder(), prefetch=2,
+                                                                   overlap=True)
+    generate(stepper, prompt, GenerateConfig(max_new_tokens=13))
+    assert stepper.stats.retrieval_calls == 4  # as above: chunk 4 never completes
+    log_probs = stepper.start(prompt)
+    for _ in range(12):  # the same positions as generate fed
+        log_probs = stepper.step(log_probs.argmax(dim=-1))
+    assert stepper.stats.retrieval_calls == 4 + 5  # chunk 4's query (position 17) too
+    stepper.close()
 
 
 def test_retro_rejects_prefetch_of_a_whole_chunk(retro, fake_chunks):

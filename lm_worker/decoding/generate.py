@@ -19,7 +19,7 @@ import torch
 from lm_worker.decoding.beam import beam_search
 from lm_worker.decoding.config import DecodeLoop, GenerateConfig, GenerateOutput
 from lm_worker.decoding.sampling import sample_or_greedy
-from lm_worker.decoding.stepper import SplitStepper, Stepper, split_phase
+from lm_worker.decoding.stepper import SplitStepper, Stepper, expect_positions, split_phase
 
 
 def decode_loop(stepper: Stepper | SplitStepper, prompt: torch.Tensor, config: GenerateConfig,
@@ -28,6 +28,7 @@ def decode_loop(stepper: Stepper | SplitStepper, prompt: torch.Tensor, config: G
 
     first_row: the index of the prompt's first row in the whole batch, which seeds its rows' samplers.
     """
+    expect_positions(stepper, prompt.shape[1] + config.max_new_tokens - 1)
     stepper = split_phase(stepper)
     if config.strategy == "beam":
         return beam_search(stepper, prompt, config)

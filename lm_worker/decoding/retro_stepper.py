@@ -53,6 +53,8 @@ class RetroStepper:
         self._pending: dict[int, Pending] = {}
         self._queried = 0  # chunks before this one have been sent or retrieved
         self._pool: ThreadPoolExecutor | None = None
+        self._expected: int | None = None  # positions the next decode loop feeds at most (`expect_positions`)
+        self._positions: int | None = None  # the same for this one (None: unknown), set by `start`
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,13 @@ class RetroStepper:
         self.neighbours = torch.zeros(len(prompt), 0, self.n_neighbours, 2 * self.chunk_len, dtype=torch.long,
                                       device=prompt.device)
         self._pending, self._queried = {}, 0
+        self._positions, self._expected = self._expected, None
         return self._advance(self.history)
+
+    def expect_positions(self, positions: int) -> None:
+        """The most positions the next decoding (from `start`) feeds: no chunk is prefetched that they
+        do not complete. `generate` tells it; without it every chunk whose query is known is prefetched."""
+        self._expected = positions
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,7 @@ class RetroStepper:
             pending.reorder(indices)
 
     def close(self) -> None:
-        """Stops the prefetch thread (a prefetch never needed, e.g. past the last token, is dropped)."""
+        """Stops the prefetch thread (a prefetch never needed, e.g. past an early EOS, is dropped)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -123,7 +131,7 @@ class RetroStepper:
     def _send_prefetches(self, known: int, due: int) -> None:
         """With overlap: sends the queries of chunks not yet due whose query position is known."""
         chunk = max(self._queried, due)
-        while self.overlap and self.prefetch and self._query_position(chunk) < known:
+        while self.overlap and self.prefetch and self._query_position(chunk) < known and self._completes(chunk):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="retro-prefetch")
             self._pending[chunk] = Pending(self._pool.submit(self._query, [self._window(chunk)]))
@@ -131,6 +139,10 @@ class RetroStepper:
             self.stats.queries += len(self.history)
             chunk += 1
         self._queried = max(self._queried, chunk)
+
+    def _completes(self, chunk: int) -> bool:
+        """Whether decoding feeds the chunk's last position (unknown: assumed so)."""
+        return self._positions is None or (chunk + 1) * self.chunk_len <= self._positions
 
     def _gather(self, due: int) -> None:
         """Appends the neighbours of chunks have .. due-1: collected if in flight, else retrieved in one call."""

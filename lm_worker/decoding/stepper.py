@@ -5,7 +5,9 @@ advanced one token per row at a time.
 
 `reorder` keeps (and duplicates) batch rows, as beam search needs. A `SplitStepper` also offers each
 step in two phases, `submit_start` / `submit_step` (the model runs and the retrieval is sent; a handle
-comes back) and `finish(handle)` (wait for the neighbours, mix). The steppers themselves:
+comes back) and `finish(handle)` (wait for the neighbours, mix). Optional hooks tell a stepper where
+its decode loop ends (`expect_positions`, before it starts; `finish_last`; `end_decoding`), so that it
+begins no work for steps that will not come. The steppers themselves:
 `lm_stepper`, `knnlm_stepper`, `speculative`, `retro_stepper`.
 """
 
@@ -70,6 +72,15 @@ def await_step(stepper: SplitStepper, handle: Any, last: bool = False) -> Genera
     yield
     finish = getattr(stepper, "finish_last", None) if last else None
     return (finish or stepper.finish)(handle)
+
+
+def expect_positions(stepper: Stepper | SplitStepper, positions: int) -> None:
+    """Tells the stepper, before its decode loop starts, the most positions the loop will feed (the prompt's
+    and max_new_tokens - 1: the last token is never fed), through its `expect_positions` where it has one,
+    so that no work begins for positions past them (a RETRO prefetch for a chunk that never completes)."""
+    expect = getattr(stepper, "expect_positions", None)
+    if expect is not None:
+        expect(positions)
 
 
 def end_decoding(stepper: SplitStepper) -> None:
