@@ -123,7 +123,13 @@ def test_generate_pipelines_many_prompts_by_default(lm_run, knn_servers, capsys,
 
     shards = ",".join(s[0] for s in knn_servers.shard_addresses)
     texts = ["def handler_3(request", "    return request", "import os", "class Node:"]
-    prompts = [a for i in range(PIPELINE_PROMPTS) for a in ("--prompt", f"{texts[i % 4]} {i}")]
+    tokenizer = load_prepared(lm_run / "data")[0]
+    by_length: dict[int, list[str]] = {}  # one batch decodes prompts of one token count
+    for text in (f"{texts[i % 4]} {i}" for i in range(256)):
+        by_length.setdefault(len(tokenizer.encode(text)), []).append(text)
+    same = max(by_length.values(), key=len)[:PIPELINE_PROMPTS]
+    assert len(same) == PIPELINE_PROMPTS and len({t.split()[0] for t in same}) > 1
+    prompts = [a for text in same for a in ("--prompt", text)]
     args = ["generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"), "--target", shards,
             "--k", "8", "--nprobe", "4", "--strategy", strategy, "--top-k", "5", "--max-new-tokens", "4"]
     many = cli(capsys, *args, *prompts)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lm_worker.cli import main
 from lm_worker.data.corpus import read_jsonl
@@ -165,3 +166,59 @@ def test_a_bad_target_is_one_line(run, capsys, monkeypatch, flag, target):
     line = one_line_error(capsys, "generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), flag,
                           target, "--prompt", "a")
     assert f"address {target!r}" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--checkpoint", "{run}/lm", "--prompt", "a"],
+     "--target or --datastore is required to retrieve while decoding (--no-retrieval: the model alone)"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--target", "127.0.0.1:1"],
+     "--no-retrieval decodes with the model alone: it takes no --target or --datastore"),
+    (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--k", "5000"],
+     "--k sets kNN-LM's neighbours per query: RETRO retrieves its model's 2 per chunk"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--prefetch", "-1"], "--prefetch is RETRO's"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--stride", "3"],
+     "--stride sets --ralmspec's steps between verifications: it takes --ralmspec"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--knn-pipeline", "--no-overlap"],
+     "--knn-pipeline overlaps kNN-LM's retrieval with compute"),
+    (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--knn-pipeline"],
+     "--knn-pipeline overlaps kNN-LM's retrieval with compute: it takes an LM checkpoint"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--max-new-tokens", "200"],
+     "+ max_new_tokens 200 - 1 exceeds the model's max_len 128"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--strategy", "sample", "--temperature", "nan"],
+     "temperature must be > 0 and finite"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--strategy", "beam", "--length-penalty", "nan"],
+     "length_penalty must be a finite number, got nan"),
+    (["--checkpoint", "{run}/lm", "--prompt", "", "--no-retrieval"],
+     "--prompt '' is empty: a prompt needs at least one token"),
+    (["--checkpoint", "{run}/lm", "--prompt-file", "{run}/blank.txt", "--no-retrieval"],
+     "--prompt-file {run}/blank.txt holds no prompt (one per line)"),
+])
+def test_generate_refuses_options_that_do_not_apply_before_any_work(run, capsys, args, words):
+    """Options for another model or mode, a decoding longer than the model takes, NaN settings and empty
+    prompts are refused in one line before the model decodes (or any datastore is served: {run}/x is none)."""
+    (run / "blank.txt").write_text("\n  \n")
+    err = one_line_error(capsys, "generate", "--data", str(run / "data"), *[a.format(run=run) for a in args])
+    assert words.format(run=run) in err
+
+
+def test_generate_decodes_prompts_of_different_lengths_in_full(run, tmp_path, capsys):
+    """Each prompt of a batch is decoded whole, as it is alone (the models take no padding: a batch per length)."""
+    tokenizer = Tokenizer.load(run / "data" / "tokenizer.json")
+    torch.manual_seed(0)
+    lm = TransformerLM(LMConfig.tiny(tokenizer.vocab_size))
+    with torch.no_grad():  # an untrained LM whose tokens depend on more of its context than the last token
+        for name, weight in lm.named_parameters():
+            if weight.dim() >= 2 and name != "tok_emb.weight":
+                weight.mul_(5.0)
+    save_checkpoint(tmp_path / "checkpoint.pt", kind="lm", model=lm, config=lm.config, step=0,
+                    tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    base = ["--no-progress", "--log-level", "WARNING", "generate", "--checkpoint", str(tmp_path), "--data",
+            str(run / "data"), "--no-retrieval", "--max-new-tokens", "6"]
+    long, short = "def handler_3(request):", "x"
+    outputs = {}
+    for prompts in ((long,), (short,), (long, short, long)):
+        assert main([*base, *[a for p in prompts for a in ("--prompt", p)]]) == 0
+        outputs[prompts] = capsys.readouterr().out.split("--- ")[1:]  # "'PROMPT'\nTEXT\n" each
+    alone = outputs[(long,)] + outputs[(short,)]
+    assert len(alone) == 2 and alone[0].startswith(repr(long)) and alone[0] != alone[1]
+    assert outputs[(long, short, long)] == [alone[0], alone[1], alone[0]]

@@ -503,3 +503,26 @@ def test_retro_with_an_in_process_retriever(ray_cluster, tmp_path, retro):
     assert counting.calls == [("chunks", 6, "MainThread"), ("chunks", 3, "retro-prefetch"),
                               ("chunks", 3, "retro-prefetch")]
     assert not math.isnan(rec.inner.stats.retrieval_s)
+
+
+def test_settings_that_cannot_decode_are_refused_before_any_step(lm):
+    """NaN or infinite mixing and sampling settings, and a decoding longer than the model's max_len, fail
+    at once with the setting's name, not inside torch or after the steps that fit."""
+    for lam, temperature, words in ((math.nan, 1.0, "lambda must lie in"), (0.25, math.nan, "temperature must be > 0"),
+                                    (0.25, 0.0, "temperature must be > 0"), (0.25, math.inf, "and finite")):
+        with pytest.raises(ValueError, match=words):
+            KnnLMStepper(lm, None, lam=lam, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+        GenerateConfig(strategy="sample", temperature=math.nan)
+    with pytest.raises(ValueError, match="length_penalty must be a finite number"):
+        GenerateConfig(strategy="beam", length_penalty=math.inf)
+    stepper = LMStepper(lm)
+    steps = []
+    stepper.step = lambda tokens: steps.append(tokens)  # no step may run
+    prompt = random_tokens((2, lm.config.max_len - 9), seed=1)
+    with pytest.raises(ValueError, match=f"prompt length {lm.config.max_len - 9} \\+ max_new_tokens 11 - 1 exceeds "
+                                         f"the model's max_len {lm.config.max_len}"):
+        generate(stepper, prompt, GenerateConfig(max_new_tokens=11))
+    assert steps == [] and stepper.cache is None
+    fits = generate(LMStepper(lm), prompt, GenerateConfig(max_new_tokens=10))  # the last token is never fed
+    assert fits.tokens.shape == (2, 10)

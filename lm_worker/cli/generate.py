@@ -30,7 +30,9 @@ def add_parsers(sub) -> None:
     g = sub.add_parser("generate", help="decode with greedy, sampling or beam search while retrieving")
     g.add_argument("--checkpoint", type=Path, required=True, help="an LM (kNN-LM) or RETRO checkpoint")
     g.add_argument("--data", type=Path, required=True, help="the `prepare` folder (for the tokenizer)")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    g.add_argument("--prompt", action="append", default=[],
+                   help="a prompt; repeat for a batch (prompts of different token counts are decoded in "
+                        "batches of one length each, in full: the models take no padding)")
     g.add_argument("--prompt-file", type=Path, help="prompts, one per line")
     g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -68,7 +70,8 @@ def add_parsers(sub) -> None:
                         "local caches; lm guesses each step's token as the LM's own, verified while the next step "
                         "is computed on it (no local caches or stored keys needed; pays where the LM alone mostly "
                         "picks kNN-LM's token)")
-    g.add_argument("--no-retrieval", action="store_true", help="the model alone")
+    g.add_argument("--no-retrieval", action="store_true",
+                   help="the model alone (else --target or --datastore is required)")
     add_retrieval_args(g, 0)
     add_encoder_lm_arg(g)
     add_security_args(g)
@@ -86,28 +89,50 @@ def add_parsers(sub) -> None:
     a.set_defaults(handler=run_attention)
 
 
-def _prompts(args: argparse.Namespace, tokenizer):
-    import torch
-
+def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """The prompts' texts and token ids, --prompt's first, then --prompt-file's non-blank lines."""
     texts = list(args.prompt)
     if args.prompt_file:
-        texts += [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        lines = [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if not lines and not texts:
+            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one per line)")
+        texts += lines
     if not texts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompt-file")
     ids = [tokenizer.encode(t) for t in texts]
-    if len({len(i) for i in ids}) != 1:  # left-trim to a common length: the models have no padding mask
-        shortest = min(len(i) for i in ids)
-        ids = [i[len(i) - shortest:] for i in ids]
-    return texts, torch.tensor(ids, dtype=torch.long)
+    for text, row in zip(texts, ids):
+        if not row:
+            raise ValueError(f"--prompt {text!r} is empty: a prompt needs at least one token")
+    return texts, ids
+
+
+def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None) -> None:
+    """Refuses options that do not apply to this checkpoint or to each other, before any work."""
+    retro = kind == "retro"
+    if args.no_retrieval and (args.target or args.datastore):
+        raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
+    if retro and args.k:
+        raise ValueError(f"--k sets kNN-LM's neighbours per query: RETRO retrieves its model's {n_neighbours} "
+                         "per chunk")
+    if not retro and args.prefetch:
+        raise ValueError("--prefetch is RETRO's: a kNN-LM step's query exists only once its forward has run")
+    if args.stride and not args.ralmspec:
+        raise ValueError("--stride sets --ralmspec's steps between verifications: it takes --ralmspec")
+    if args.guess != "cache" and (not args.ralmspec or retro):
+        raise ValueError("--guess lm speculates kNN-LM decoding: it takes --ralmspec and an LM checkpoint")
+    if args.knn_pipeline and (retro or args.no_overlap or args.ralmspec):
+        raise ValueError("--knn-pipeline overlaps kNN-LM's retrieval with compute: it takes an LM checkpoint, and "
+                         "no --no-overlap or --ralmspec")
+    if not args.no_retrieval and not (args.target or args.datastore):
+        raise ValueError("--target or --datastore is required to retrieve while decoding (--no-retrieval: the "
+                         "model alone)")
 
 
 def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, prompts: int):
     from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.decoding.lm_stepper import LMStepper
 
-    if args.guess != "cache" and (not args.ralmspec or loaded.kind == "retro"):
-        raise ValueError("--guess lm speculates kNN-LM decoding: it takes --ralmspec and an LM checkpoint")
-    if args.no_retrieval or retriever is None:
+    if retriever is None:
         return LMStepper(loaded.model)
     if loaded.kind == "retro":
         from lm_worker.decoding.retro_stepper import RetroStepper
@@ -133,35 +158,53 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
                         overlap=pipeline, early=not args.no_overlap)
 
 
+def _length_groups(ids: list[list[int]]) -> list[list[int]]:
+    """The prompts' indices grouped by token count, each group in order, the groups as their lengths first come."""
+    groups: dict[int, list[int]] = {}
+    for r, row in enumerate(ids):
+        groups.setdefault(len(row), []).append(r)
+    return list(groups.values())
+
+
 def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
     from lm_worker.data.prepare import load_prepared
     from lm_worker.decoding.config import GenerateConfig
-    from lm_worker.decoding.generate import generate
+    from lm_worker.decoding.generate import check_room, generate
     from lm_worker.models.checkpoint import load_checkpoint
 
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, _ = load_prepared(args.data)
     loaded = load_checkpoint(args.checkpoint)  # any kind: kNN-LM decodes an LM, RETRO its own
-    texts, prompt = _prompts(args, tokenizer)
+    texts, ids = _prompts(args, tokenizer)
+    n_neighbours = getattr(loaded.model.config, "n_neighbours", None)
+    _check_options(args, loaded.kind, n_neighbours)
     config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
                             length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
-    k = loaded.model.config.n_neighbours if loaded.kind == "retro" else (args.k or 1024)
+    check_room(loaded, max(len(row) for row in ids), config.max_new_tokens)  # before any server starts
+    groups = _length_groups(ids)
+    k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
-        stepper = _stepper(args, loaded, retriever, tokenizer, config, len(texts))
-        out = generate(stepper, prompt, config)
-    for text, row, n in zip(texts, out.tokens, out.lengths):
-        print(f"--- {text!r}\n{tokenizer.decode(row[: int(n)].tolist())}")
+        stepper = _stepper(args, loaded, retriever, tokenizer, config, max(len(rows) for rows in groups))
+        decoded = {}
+        for rows in groups:  # a batch per prompt length, in the order the lengths first come
+            out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long), config)
+            decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
+    for r, text in enumerate(texts):
+        print(f"--- {text!r}\n{tokenizer.decode(decoded[r])}")
     s = getattr(stepper, "stats", None)
     if s is not None and s.retrieval_calls:
         guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
         if getattr(s, "verified", 0):
             unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
-        groups = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and len(texts) > 1 else ""
+        pipelined = getattr(stepper, "pipelined", False) and max(len(rows) for rows in groups) > 1
+        pipeline = "; two prompt groups pipelined" if pipelined else ""
         early = "; each request sent once the keys were out" if getattr(stepper, "early", False) else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
-              f"model {s.compute_s:.2f} s{guesses}{groups}{early}")
+              f"model {s.compute_s:.2f} s{guesses}{pipeline}{early}")
 
 
 def run_attention(args: argparse.Namespace) -> None:

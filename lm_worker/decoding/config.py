@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -42,8 +43,11 @@ class GenerateConfig:
             raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0:
             raise ValueError("max_new_tokens and num_beams must be >= 1 and top_k >= 0")
-        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if not (0 < self.temperature < math.inf) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature must be > 0 and finite and top_p in (0, 1], got {self.temperature}, "
+                             f"{self.top_p}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 
 
 @dataclass

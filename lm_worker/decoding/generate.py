@@ -49,6 +49,16 @@ def drive(loops: list[DecodeLoop]) -> list[GenerateOutput]:
     return [results[i] for i in range(len(loops))]
 
 
+def check_room(stepper, prompt_len: int, max_new_tokens: int) -> None:
+    """ValueError when decoding would feed the `model` of `stepper` (a stepper, or anything with the model
+    as `model`), where it has a `max_len`, more positions than it takes: the prompt's and
+    max_new_tokens - 1 (the last token is never fed)."""
+    max_len = getattr(getattr(getattr(stepper, "model", None), "config", None), "max_len", None)
+    if max_len is not None and prompt_len + max_new_tokens - 1 > max_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} - 1 exceeds the model's "
+                         f"max_len {max_len}")
+
+
 @torch.no_grad()
 def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
              config: GenerateConfig = GenerateConfig()) -> GenerateOutput:
@@ -66,7 +76,8 @@ def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
         once no live beam can beat any prompt's finished hypotheses.
 
     Raises:
-        ValueError: an empty or non-2-D prompt.
+        ValueError: an empty or non-2-D prompt, or one too long for the model's `max_len` with
+            `max_new_tokens` more (checked before any step).
 
     Example:
         >>> generate(LMStepper(model), prompt, GenerateConfig(strategy="sample", top_p=0.9, seed=1))
@@ -74,6 +85,7 @@ def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, T) tensor, got shape {tuple(prompt.shape)}")
     prompt = prompt.long()
+    check_room(stepper, prompt.shape[1], config.max_new_tokens)
     if getattr(stepper, "decodes_itself", False):  # e.g. `RaLMSpecKnnLM`: rows of different lengths
         return stepper.decode(prompt, config)
     if getattr(stepper, "pipelined", False) and prompt.shape[0] > 1:

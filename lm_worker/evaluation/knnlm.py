@@ -60,6 +60,14 @@ def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, vocab_size: int
     return probs.log()
 
 
+def check_mixing(lam: float, temperature: float) -> None:
+    """ValueError unless λ lies in [0, 1] and the neighbours' temperature is positive and finite."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must lie in [0, 1], got {lam}")
+    if not 0.0 < temperature < math.inf:
+        raise ValueError(f"the neighbours' temperature must be > 0 and finite, got {temperature}")
+
+
 def interpolate(lm_log_prob: torch.Tensor, knn_log_prob: torch.Tensor, lam: float) -> torch.Tensor:
     """log(λ · p_kNN + (1 - λ) · p_LM), elementwise; λ = 0 returns `lm_log_prob` itself, exactly."""
     if not 0.0 <= lam <= 1.0:

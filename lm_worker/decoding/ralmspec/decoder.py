@@ -55,7 +55,7 @@ from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationSta
 from lm_worker.decoding.ralmspec.row_decode import RowDecode
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
 from lm_worker.decoding.stepper_stats import Pending, last_keys, last_log_probs
-from lm_worker.evaluation.knnlm import mix_log_probs
+from lm_worker.evaluation.knnlm import check_mixing, mix_log_probs
 from lm_worker.models.ragged_cache import RaggedKVCache
 from lm_worker.models.transformer_lm import TransformerLM
 
@@ -79,8 +79,7 @@ class RaLMSpecKnnLM:
 
     def __init__(self, model: torch.nn.Module, retriever, lam: float = 0.25, temperature: float = 1.0,
                  speculation: SpeculationConfig = SpeculationConfig()):
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lambda must lie in [0, 1], got {lam}")
+        check_mixing(lam, temperature)
         if not isinstance(model, TransformerLM):
             raise ValueError("speculative retrieval needs a TransformerLM (per-row positions), "
                              f"got {type(model).__name__}")
