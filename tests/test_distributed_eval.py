@@ -119,6 +119,26 @@ def test_a_window_past_the_model_is_refused_before_any_worker_starts(knn, data, 
     assert not (tmp_path / "shares").exists()
 
 
+def test_workers_that_cannot_start_are_reported_while_the_pool_waits(knn, data, caplog, monkeypatch):
+    """Workers asking for more CPUs than any node has: the pool says, while it waits, for how long and what
+    the cluster has free, then gives up in one error."""
+    import logging
+
+    import ray
+
+    from lm_worker.evaluation import distributed
+
+    monkeypatch.setattr(distributed, "STALL_REPORT_S", 1.0)
+    stuck = WorkerPoolConfig(workers=2, num_cpus=64, stall_timeout_s=3, progress=False, batches_per_share=3)
+    with caplog.at_level(logging.WARNING, logger="lm_worker.evaluation.distributed"):
+        with pytest.raises(RuntimeError, match="no evaluation worker could start for 3 s: does the cluster have 64 "
+                                               "CPUs / 0.0 GPUs free"):
+            evaluate_distributed(job(knn, data), stuck)
+    waiting = [r.getMessage() for r in caplog.records if "no evaluation worker has started" in r.getMessage()]
+    total = ray.cluster_resources()["CPU"]
+    assert len(waiting) >= 2 and f"of {total:.1f} CPUs" in waiting[0] and "each worker takes 64 CPUs" in waiting[0]
+
+
 def test_checkpointed_shares_are_reused_and_another_job_is_refused(knn, data, tmp_path):
     first = evaluate_distributed(job(knn, data), pool(workers=2, checkpoint_dir=tmp_path))
     saved = sorted(tmp_path.glob("share-*.json"))

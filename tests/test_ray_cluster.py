@@ -233,6 +233,18 @@ def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_clust
                     f"--lm {run_dir / 'lm/checkpoint.pt'} --knnlm-datastore {run_dir / 'knnlm-datastore'} "
                     f"--context-len 32 --stride 16 --knnlm-k 8 --knnlm-nprobe 4 --lambdas 0,0.25,0.5")
         head.submit(f"{python} {evaluate} --out {tmp_path / 'job-eval'} --workers 2")
+        no_token = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
+        for env, words in ((no_token, "takes token authentication, and this shell does not use it: set "
+                                      "RAY_AUTH_MODE=token"),
+                           ({**head.env, "RAY_AUTH_TOKEN": "not-its-token"}, "refuses this process's token "
+                                                                             "(RAY_AUTH_TOKEN)")):
+            started = time.monotonic()  # Ray's own join would retry for about 20 s, warning every second
+            refused = run("build", str(keys_file), "--out", str(tmp_path / "no-ds"), "--address", "auto", env=env,
+                          timeout=60)
+            assert time.monotonic() - started < 10
+            one_line_error(refused, f":{head.gcs}) {words}")
+            assert "the Ray cluster that `ray start` last made on this machine (" in refused.stderr
+            assert not (tmp_path / "no-ds").exists()
     finally:
         head.kill()
     started = time.monotonic()  # the dead head's address record is still there: a new local cluster
@@ -252,5 +264,9 @@ def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_clust
                timeout=60)
     assert time.monotonic() - started < 30
     one_line_error(auto, "no Ray cluster answers at the cluster `ray start` last made on this machine")
+    assert "drop --address auto" in auto.stderr
+    lookup = run("lookup", "demo", env=head.env, timeout=60)  # joins that cluster by default: no --address given
+    one_line_error(lookup, "no Ray cluster answers at the cluster `ray start` last made on this machine")
+    assert "start it again (ray start --head) and deploy there" in lookup.stderr and "drop" not in lookup.stderr
     assert holding(head.session) == []
     shutil.rmtree(short, ignore_errors=True)

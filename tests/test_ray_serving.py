@@ -303,3 +303,41 @@ def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, refere
         assert oct((tmp_path / "own").stat().st_mode)[-3:] == "700"
     with pytest.raises(SecurityError, match="refusing to serve a node's IP"):
         RayDeployment(replace(config(datastore, "open", replicas=1), host=None)).start()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_deployment_the_cluster_has_no_room_for_says_so_while_it_waits(cluster, datastore, caplog, monkeypatch):
+    """Every CPU held by other actors: the deployment logs, while it waits, which replicas are not up and
+    what the cluster has free, then gives up naming them, and leaves nothing running."""
+    import dataclasses
+    import logging
+
+    import ray
+
+    from retriever_server.cluster import ray_serving
+
+    monkeypatch.setattr(ray_serving, "WAIT_REPORT_S", 1.0)
+
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    total = ray.cluster_resources()["CPU"]
+    holders = [Holder.remote() for _ in range(int(total / 0.5))]
+    try:
+        assert ray.get([h.ping.remote() for h in holders], timeout=60) == [1] * len(holders)
+        full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3.5)
+        with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.ray_serving"):
+            with pytest.raises(ray_serving.DeploymentError,
+                               match=rf"^full/shard-0/replica-0, full/shard-1/replica-0 not up within 4s \(the "
+                                     rf"cluster has 0.0 of {total:.1f} CPUs, 0.0 of 0.0 GPUs free; each replica "
+                                     rf"takes 0.5 CPUs\)$"):
+                ray_serving.RayDeployment(full).start()
+        waiting = [r.getMessage() for r in caplog.records if "not up after" in r.getMessage()]
+        assert len(waiting) >= 2 and "full/shard-0/replica-0, full/shard-1/replica-0 not up after 1 s" in waiting[0]
+        assert actors_named("full/") == []
+    finally:
+        for holder in holders:
+            ray.kill(holder)

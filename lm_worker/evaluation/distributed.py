@@ -50,11 +50,12 @@ from lm_worker.evaluation.shares import (
     save_share,
 )
 from lm_worker.retrieval.service import RAY_PREFIX, TOKEN_ENV, ClientSecurity
-from retriever_server.cluster.connect import connect
+from retriever_server.cluster.connect import connect, free_resources
 
 log = logging.getLogger(__name__)
 
 KINDS = ("knnlm", "retro")
+STALL_REPORT_S = 30.0  # how often a pool whose workers cannot start says so
 MODEL_KINDS = {"knnlm": ("lm", "hf"), "retro": ("retro",)}  # the checkpoint kinds each evaluation takes
 
 
@@ -372,7 +373,7 @@ def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], don
 def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
              on_share: Callable[[dict], object]) -> None:
     """Hands the queued shares to the pool's workers until all are done; each is saved before it counts."""
-    last_alive = time.monotonic()
+    last_alive = reported = time.monotonic()
     while queue or pool.running:
         pool.dispatch(queue)
         for body in pool.wait(queue):
@@ -381,7 +382,13 @@ def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: d
             save_share(config.checkpoint_dir, body)
             done[body["share"]] = body
             on_share({**body, "replaced": pool.replaced})  # what the caller sees: workers replaced so far
+        now = time.monotonic()
         if pool.alive:
-            last_alive = time.monotonic()
-        elif time.monotonic() - last_alive > config.stall_timeout_s:
+            last_alive = now
+        elif now - last_alive > config.stall_timeout_s:
             raise _stalled(config)
+        elif now - reported > STALL_REPORT_S:  # say why nothing moves, long before giving up
+            reported = now
+            log.warning("no evaluation worker has started for %.0f s (gives up after %.0f s): the cluster has %s; "
+                        "each worker takes %s CPUs, %s GPUs", now - last_alive, config.stall_timeout_s,
+                        free_resources(), config.num_cpus, config.num_gpus)

@@ -36,6 +36,9 @@ REFUSED_S = 3.0  # how long a head that refuses connections gets (it may be star
 # default in the Ray this project pins: the token is made once in ~/.ray/auth_token). That is the setting the project
 # wants, so a cluster a command starts for itself does not repeat it; RAY_AUTH_MODE still decides.
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication ("token")
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # the head's first answer to a joining process
+AUTH_PROBE_S = 3.0
 
 
 class ClusterUnreachable(ConnectionError):
@@ -51,12 +54,18 @@ def connect_timeout_s() -> float:
         raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
 
 
-def _advice(target: str) -> str:
+def _advice(target: str, source: str | None) -> str:
+    """What to do about a cluster that is not there; `source`: where its address came from ("--address",
+    "RAY_ADDRESS"), None for the `ray start` cluster that deploy, lookup and undeploy join by default."""
+    if source is None:
+        return ("start it again (ray start --head) and deploy there, or give the --address (or RAY_ADDRESS) of the "
+                "cluster that runs the deployment (Ray's record of the last `ray start` cluster on this machine "
+                "is stale)")
     if target == "auto":
-        return ("start it again (ray start --head), or drop --address auto to run on a new local cluster "
-                "(Ray's record of the last `ray start` cluster on this machine is stale)")
-    where = "RAY_ADDRESS" if target == os.environ.get("RAY_ADDRESS") else "--address"
-    return f"start that cluster, correct {where}, or unset it to run on a new local cluster"
+        drop = "drop --address auto" if source == "--address" else "unset RAY_ADDRESS=auto"
+        return (f"start it again (ray start --head), or {drop} to run on a new local cluster (Ray's record of "
+                "the last `ray start` cluster on this machine is stale)")
+    return f"start that cluster, correct {source}, or unset it to run on a new local cluster"
 
 
 def _recorded_head(asked: bool) -> str:
@@ -74,8 +83,8 @@ def _recorded_head(asked: bool) -> str:
                                  f"({record} is missing): start one with ray start --head, or drop --address auto "
                                  f"to run on a new local cluster")
     raise ClusterUnreachable(f"no Ray cluster runs on this machine ({record} is missing), and this command needs the "
-                             "one that runs the deployment: give its --address (or set RAY_ADDRESS), or start one "
-                             "with ray start --head and deploy there")
+                             "one that runs the deployment: give its address (--address, where the command takes "
+                             "one, or RAY_ADDRESS), or start one with ray start --head and deploy there")
 
 
 def _head(target: str) -> tuple[str, int]:
@@ -87,9 +96,9 @@ def _head(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _probe(target: str, host: str, port: int, timeout_s: float) -> None:
+def _probe(target: str, source: str | None, host: str, port: int, timeout_s: float) -> None:
     """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses for
-    REFUSED_S or does not answer within `timeout_s`."""
+    REFUSED_S or does not answer within `timeout_s` (`source`: as for `_advice`)."""
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
@@ -102,8 +111,36 @@ def _probe(target: str, host: str, port: int, timeout_s: float) -> None:
                 why = "connection refused" if refused else (str(err) or type(err).__name__)
                 named = "the cluster `ray start` last made on this machine" if target == "auto" else target
                 raise ClusterUnreachable(f"no Ray cluster answers at {named} ({host}:{port}: {why}, for "
-                                         f"{elapsed:.0f} s): {_advice(target)}") from None
+                                         f"{elapsed:.0f} s): {_advice(target, source)}") from None
         time.sleep(0.25)
+
+
+def _check_token(named: str, host: str, port: int) -> None:  # named: "at ADDRESS", or which cluster
+    """ClusterUnreachable at once when the head takes token authentication and this process would not
+    present a token it takes (Ray's own join would retry for about 20 s, logging a warning a second).
+    One call to the head's GCS, with the token Ray would send; any other answer is left to ray.init."""
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+
+    token_mode = os.environ.get(AUTH_MODE_ENV, "").lower() == "token"
+    token = AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True) if token_mode else ""
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            channel.unary_unary(GCS_PROBE_METHOD)(b"", timeout=AUTH_PROBE_S, metadata=metadata)
+            return
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return
+    where = f"the Ray cluster {named} ({host}:{port})"
+    if not token_mode:
+        raise ClusterUnreachable(f"{where} takes token authentication, and this shell does not use it: set "
+                                 f"{AUTH_MODE_ENV}=token (the token is then read from RAY_AUTH_TOKEN, else "
+                                 "~/.ray/auth_token; `ray get-auth-token` on the head prints it)")
+    held = "RAY_AUTH_TOKEN" if "RAY_AUTH_TOKEN" in os.environ else "~/.ray/auth_token"
+    raise ClusterUnreachable(f"{where} refuses this process's token ({held}{'' if token else ': none found'}): "
+                             "give it the cluster's token (`ray get-auth-token` on the head prints it) in "
+                             "RAY_AUTH_TOKEN")
 
 
 class _NotMainThread(logging.Filter):
@@ -140,6 +177,10 @@ def _init_within(target: str, timeout_s: float, **kwargs) -> None:
                                  f"join within {timeout_s:.0f} s ({TIMEOUT_ENV} sets the wait): check that it runs "
                                  f"Ray {ray.__version__}, as here, and its token authentication (RAY_AUTH_MODE, "
                                  f"~/.ray/auth_token)")
+    if isinstance(outcome[0], ConnectionError) and not isinstance(outcome[0], ClusterUnreachable):
+        raise ClusterUnreachable(f"could not join the Ray cluster at {target}: {outcome[0]}: check that it runs Ray "
+                                 f"{ray.__version__}, as here, and its token authentication ({AUTH_MODE_ENV}, "
+                                 "RAY_AUTH_TOKEN, ~/.ray/auth_token)") from None
     if outcome[0] is not None:
         raise outcome[0]
     in_main = threading.current_thread() is threading.main_thread()
@@ -181,9 +222,17 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
         return
     timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
     named = target
+    source = "--address" if address else ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else None)
     if target == "auto":  # that cluster alone, never another one Ray's own "auto" would find running here
-        target, named = _recorded_head(asked=(address or os.environ.get("RAY_ADDRESS")) == "auto"), "auto"
+        target, named = _recorded_head(asked=source is not None), "auto"
     host, port = _head(target)
-    _probe(named, host, port, timeout_s)
+    _probe(named, source, host, port, timeout_s)
+    _check_token("that `ray start` last made on this machine" if named == "auto" else f"at {named}", host, port)
     log.info("joining the Ray cluster at %s", target)
     _init_within(target, timeout_s, **kwargs)
+
+
+def free_resources() -> str:
+    """What the connected cluster has free of what it has, e.g. "0.0 of 2.0 CPUs, 0.0 of 0.0 GPUs free"."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{free.get(r, 0.0):.1f} of {total.get(r, 0.0):.1f} {r}s" for r in ("CPU", "GPU")) + " free"

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from retriever_server.cluster.connect import connect
+from retriever_server.cluster.connect import connect, free_resources
 from retriever_server.cluster.placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
 from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
 from retriever_server.cluster.ray_security import DeploymentSecurity, plan_security
@@ -39,6 +39,7 @@ from retriever_server.wire.request import Limits
 
 log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "retrieval-datastore"
+WAIT_REPORT_S = 30.0  # how often a deployment whose actors are not up yet says so
 
 
 class DeploymentError(RuntimeError):
@@ -224,19 +225,29 @@ class RayDeployment:
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
 
     def _await(self, refs: list, what: list[str]) -> list:
-        """Waits for actors to come up; on a failure or the timeout raises DeploymentError naming one."""
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.config.startup_timeout_s)
-        for ref, name in zip(refs, what):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    raise DeploymentError(f"{name} did not start: {_failure(err)}") from None
-        if pending:
-            late = [name for ref, name in zip(refs, what) if ref in pending]
-            raise DeploymentError(f"{', '.join(late)} not up within {self.config.startup_timeout_s:.0f}s "
-                                  "(does the cluster have the CPUs free?)")
-        return ray.get(refs)
+        """Waits for actors to come up, saying every WAIT_REPORT_S which are not and what the cluster has
+        free; on a failure (at once) or the timeout raises DeploymentError naming one."""
+        started, timeout_s = time.monotonic(), self.config.startup_timeout_s
+        checked: set = set()
+        while True:
+            left = timeout_s - (time.monotonic() - started)
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(WAIT_REPORT_S, left)))
+            for ref, name in zip(refs, what):
+                if ref in ready and ref not in checked:
+                    checked.add(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as err:
+                        raise DeploymentError(f"{name} did not start: {_failure(err)}") from None
+            if not pending:
+                return ray.get(refs)
+            late = ", ".join(name for ref, name in zip(refs, what) if ref in pending)
+            if left <= WAIT_REPORT_S:
+                raise DeploymentError(f"{late} not up within {timeout_s:.0f}s (the cluster has {free_resources()}; "
+                                      f"each replica takes {self.config.cpus_per_shard} CPUs)")
+            log.warning("%s not up after %.0f s (gives up after %.0f s): the cluster has %s; each replica takes %s "
+                        "CPUs", late, time.monotonic() - started, timeout_s, free_resources(),
+                        self.config.cpus_per_shard)
 
     def start(self) -> RayDeployment:
         """Places and starts every replica, then the router; returns once the router is SERVING.
