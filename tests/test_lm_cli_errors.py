@@ -222,3 +222,21 @@ def test_generate_decodes_prompts_of_different_lengths_in_full(run, tmp_path, ca
     alone = outputs[(long,)] + outputs[(short,)]
     assert len(alone) == 2 and alone[0].startswith(repr(long)) and alone[0] != alone[1]
     assert outputs[(long, short, long)] == [alone[0], alone[1], alone[0]]
+
+
+def test_eval_windows_fit_the_lm_unless_set_and_bad_lambdas_name_the_flag(run, capsys):
+    """eval's window defaults to 256 tokens cut to the LM's max_len (the tiny LM's 128), its stride to half
+    the window; what the user sets stands. A λ that is no number names --lambdas."""
+    from lm_worker.cli import build_parser
+    from lm_worker.cli.evaluate import eval_window
+
+    def window(*flags: str) -> tuple[int, int]:
+        return eval_window(build_parser().parse_args(["eval", "--data", str(run / "data"), "--out", "o", *flags]))
+
+    assert window("--lm", str(run / "lm")) == (128, 64)
+    assert window("--lm", str(run / "lm"), "--context-len", "32") == (32, 16)
+    assert window("--lm", str(run / "lm"), "--context-len", "32", "--stride", "8") == (32, 8)
+    assert window("--retro", str(run / "retro")) == (256, 128)  # RETRO has no max_len
+    err = one_line_error(capsys, "eval", "--data", str(run / "data"), "--out", str(run / "eval"), "--lm",
+                         str(run / "lm"), "--knnlm-datastore", str(run / "x"), "--lambdas", "0.1,abc")
+    assert "--lambdas takes comma-separated numbers in [0, 1], got 'abc'" in err and not (run / "eval").exists()

@@ -24,6 +24,7 @@ from lm_worker.cli.common import (
     security_of,
 )
 
+DEFAULT_CONTEXT = 256  # tokens per evaluation window unless the LM takes fewer
 
 def add_parser(sub) -> None:
     """Adds `eval`."""
@@ -43,8 +44,10 @@ def add_parser(sub) -> None:
     v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
     v.add_argument("--batches-per-share", type=int, default=4)
     add_ray_address(v)
-    v.add_argument("--context-len", type=int, default=256)
-    v.add_argument("--stride", type=int, default=128)
+    v.add_argument("--context-len", type=int, help=f"tokens per window (default: {DEFAULT_CONTEXT}, or the LM's "
+                                                    "max_len where that is shorter)")
+    v.add_argument("--stride", type=int, help="positions each window scores after the first window (default: half "
+                                              "the context)")
     v.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="windows per model batch, kNN-LM and RETRO (one kNN-LM request per batch; with "
                         "--pointer-steps one per round of searches, each window a run of chains of its own, so "
@@ -121,6 +124,33 @@ def _distributed(args: argparse.Namespace, store, config):
     return results.get("knnlm"), results.get("retro")
 
 
+def eval_window(args: argparse.Namespace) -> tuple[int, int]:
+    """--context-len and --stride, or their defaults: DEFAULT_CONTEXT cut to the LM's max_len, and half of it."""
+    from lm_worker.models.checkpoint import load_checkpoint
+
+    context = args.context_len
+    if context is None:
+        context = DEFAULT_CONTEXT
+        max_len = getattr(load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model.config, "max_len", None) \
+            if args.lm else None
+        if max_len is not None and max_len < context:
+            context = max_len  # the LM takes no longer window
+    return context, args.stride if args.stride is not None else max(1, context // 2)
+
+
+def _lambdas(text: str) -> tuple[float, ...] | None:
+    """--lambdas as numbers (None: not given); a ValueError naming the flag and the bad entry."""
+    if not text:
+        return None
+    values = []
+    for entry in text.split(","):
+        try:
+            values.append(float(entry))
+        except ValueError:
+            raise ValueError(f"--lambdas takes comma-separated numbers in [0, 1], got {entry.strip()!r}") from None
+    return tuple(values)
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from lm_worker.data.token_store import TokenStore
     from lm_worker.data.tokenizer import Tokenizer
@@ -138,8 +168,9 @@ def run_eval(args: argparse.Namespace) -> None:
     if store.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
                          f"not {tokenizer.fingerprint}")
-    lambdas = tuple(float(x) for x in args.lambdas.split(",")) if args.lambdas else DEFAULT_LAMBDAS
-    config = EvalConfig(context_len=args.context_len, stride=args.stride, batch_size=args.batch_size,
+    lambdas = _lambdas(args.lambdas) or DEFAULT_LAMBDAS
+    context_len, stride = eval_window(args)
+    config = EvalConfig(context_len=context_len, stride=stride, batch_size=args.batch_size,
                         max_tokens=args.tokens, lambdas=lambdas,
                         temperature=args.temperature, retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
                         exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
