@@ -176,6 +176,8 @@ def test_a_bad_target_is_one_line(run, capsys, monkeypatch, flag, target):
     (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--k", "5000"],
      "--k sets kNN-LM's neighbours per query: RETRO retrieves its model's 2 per chunk"),
     (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--prefetch", "-1"], "--prefetch is RETRO's"),
+    (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--ralmspec", "--prefetch", "2"],
+     "--ralmspec speculates RETRO's exact queries: it takes no --prefetch"),
     (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--stride", "3"],
      "--stride sets --ralmspec's steps between verifications: it takes --ralmspec"),
     (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--knn-pipeline", "--no-overlap"],
@@ -222,6 +224,15 @@ def test_generate_decodes_prompts_of_different_lengths_in_full(run, tmp_path, ca
     alone = outputs[(long,)] + outputs[(short,)]
     assert len(alone) == 2 and alone[0].startswith(repr(long)) and alone[0] != alone[1]
     assert outputs[(long, short, long)] == [alone[0], alone[1], alone[0]]
+    with torch.no_grad():  # every token equally likely: what a row samples is its sampler's alone
+        for weight in lm.parameters():
+            weight.zero_()
+    save_checkpoint(tmp_path / "checkpoint.pt", kind="lm", model=lm, config=lm.config, step=0,
+                    tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    assert main([*base, "--strategy", "sample", "--seed", "4", *[a for p in (long, short, long, short)
+                                                                 for a in ("--prompt", p)]]) == 0
+    sampled = [text.split("\n", 1)[1] for text in capsys.readouterr().out.split("--- ")[1:]]
+    assert len(set(sampled)) == 4  # each row its own sampler, though the prompts come in two batches
 
 
 def test_eval_windows_fit_the_lm_unless_set_and_bad_lambdas_name_the_flag(run, capsys):

@@ -174,8 +174,10 @@ class RayHead:
         command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "2",
                    "--node-ip-address", "127.0.0.1", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1",
                    "--dashboard-port", str(self.dashboard), "--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
-        for option in ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                       "--runtime-env-agent-port", "--metrics-export-port"):  # none shared with another cluster
+        self.client = free_port()  # its Ray Client server (ray://)
+        command += ["--ray-client-server-port", str(self.client)]
+        for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                       "--metrics-export-port"):  # none shared with another cluster
             command += [option, str(free_port())]
         subprocess.run(command, env=self.env, check=True, capture_output=True, timeout=120)
         self.session = str(next(self.temp_dir.glob("session_2*"))) + "/"
@@ -245,6 +247,13 @@ def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_clust
             one_line_error(refused, f":{head.gcs}) {words}")
             assert "the Ray cluster that `ray start` last made on this machine (" in refused.stderr
             assert not (tmp_path / "no-ds").exists()
+        started = time.monotonic()  # through its Ray Client server: the same at once
+        client = f"ray://127.0.0.1:{head.client}"
+        refused = run("build", str(keys_file), "--out", str(tmp_path / "no-ds"), "--address", client, env=no_token,
+                      timeout=60)
+        assert time.monotonic() - started < 10
+        one_line_error(refused, f"the Ray cluster at {client} takes token authentication, and this shell does not "
+                                "use it: set RAY_AUTH_MODE=token")
     finally:
         head.kill()
     started = time.monotonic()  # the dead head's address record is still there: a new local cluster

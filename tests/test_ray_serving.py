@@ -3,6 +3,7 @@ through the router equal to one in-process index, lookup by name, the command li
 deployment, and a removed node's replica restarted elsewhere and found again by the router."""
 
 import base64
+import dataclasses
 import itertools
 import json
 import logging
@@ -310,9 +311,6 @@ def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, refere
 def test_a_deployment_the_cluster_has_no_room_for_says_so_while_it_waits(cluster, datastore, caplog, monkeypatch):
     """Every CPU held by other actors: the deployment logs, while it waits, which replicas are not up and
     what the cluster has free, then gives up naming them, and leaves nothing running."""
-    import dataclasses
-    import logging
-
     import ray
 
     from retriever_server.cluster import ray_serving
@@ -328,16 +326,48 @@ def test_a_deployment_the_cluster_has_no_room_for_says_so_while_it_waits(cluster
     holders = [Holder.remote() for _ in range(int(total / 0.5))]
     try:
         assert ray.get([h.ping.remote() for h in holders], timeout=60) == [1] * len(holders)
-        full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3.5)
+        full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3)
         with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.ray_serving"):
             with pytest.raises(ray_serving.DeploymentError,
-                               match=rf"^full/shard-0/replica-0, full/shard-1/replica-0 not up within 4s \(the "
-                                     rf"cluster has 0.0 of {total:.1f} CPUs, 0.0 of 0.0 GPUs free; each replica "
-                                     rf"takes 0.5 CPUs\)$"):
+                               match=rf"^full/shard-0/replica-0, full/shard-1/replica-0 not up within 3s \(the "
+                                     rf"cluster has 0.0 of {total:.1f} CPUs, 0.0 of 0.0 GPUs free; each takes 0.5 "
+                                     rf"CPUs\)$"):
                 ray_serving.RayDeployment(full).start()
         waiting = [r.getMessage() for r in caplog.records if "not up after" in r.getMessage()]
         assert len(waiting) >= 2 and "full/shard-0/replica-0, full/shard-1/replica-0 not up after 1 s" in waiting[0]
         assert actors_named("full/") == []
+    finally:
+        for holder in holders:
+            ray.kill(holder)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_replica_that_fails_ends_the_wait_while_another_cannot_be_placed(cluster, datastore, tmp_path):
+    """Shard 0's files damaged and shard 1's node full: the deployment fails at once naming shard 0, not
+    when the other replica's wait runs out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from retriever_server.cluster.placement import cluster_nodes, plan_placement
+    from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment
+
+    @ray.remote(num_cpus=0.5)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    damaged = damaged_copy(datastore, tmp_path / "damaged", "shard-00000/payload.values.npy")
+    busy = plan_placement(cluster_nodes(), shards=2, replicas=1, cpus_per_shard=0.5)[(1, 0)]  # as start() plans
+    pinned = NodeAffinitySchedulingStrategy(busy, soft=False)
+    holders = [Holder.options(scheduling_strategy=pinned).remote() for _ in range(2)]
+    try:
+        assert ray.get([h.ping.remote() for h in holders], timeout=60) == [1, 1]
+        started = time.monotonic()
+        with pytest.raises(DeploymentError, match=r"^late/shard-0/replica-0 did not start: .*shard-00000/payload"):
+            RayDeployment(dataclasses.replace(config(damaged, "late", replicas=1), startup_timeout_s=120)).start()
+        assert time.monotonic() - started < 20
+        assert actors_named("late/") == []
     finally:
         for holder in holders:
             ray.kill(holder)

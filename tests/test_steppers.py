@@ -4,6 +4,7 @@ retrieval, and real datastores served by the retrieval service."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -526,3 +527,15 @@ def test_settings_that_cannot_decode_are_refused_before_any_step(lm):
     assert steps == [] and stepper.cache is None
     fits = generate(LMStepper(lm), prompt, GenerateConfig(max_new_tokens=10))  # the last token is never fed
     assert fits.tokens.shape == (2, 10)
+
+
+def test_rows_decoded_in_parts_sample_as_in_the_whole_batch(lm):
+    """`first_row` places a part of a batch in the whole: its rows sample with the whole batch's samplers."""
+    prompt = random_tokens((4, 6), seed=2)
+    cfg = GenerateConfig(strategy="sample", temperature=1.5, max_new_tokens=8, seed=9)
+    whole = generate(LMStepper(lm), prompt, cfg)
+    part = generate(LMStepper(lm), prompt[2:], dataclasses.replace(cfg, first_row=2))
+    assert torch.equal(part.tokens, whole.tokens[2:])
+    assert not torch.equal(generate(LMStepper(lm), prompt[2:], cfg).tokens, whole.tokens[2:])
+    with pytest.raises(ValueError, match="first_row >= 0"):
+        dataclasses.replace(cfg, first_row=-1)

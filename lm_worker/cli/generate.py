@@ -116,6 +116,8 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
                          "per chunk")
     if not retro and args.prefetch:
         raise ValueError("--prefetch is RETRO's: a kNN-LM step's query exists only once its forward has run")
+    if retro and args.ralmspec and args.prefetch:
+        raise ValueError("--ralmspec speculates RETRO's exact queries: it takes no --prefetch")
     if args.stride and not args.ralmspec:
         raise ValueError("--stride sets --ralmspec's steps between verifications: it takes --ralmspec")
     if args.guess != "cache" and (not args.ralmspec or retro):
@@ -142,8 +144,6 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
         if args.ralmspec:
             from lm_worker.decoding.ralmspec.retro import RaLMSpecRetro
 
-            if args.prefetch:
-                raise ValueError("--ralmspec speculates RETRO's exact queries: it takes no --prefetch")
             return RaLMSpecRetro(loaded.model, retriever, encoder)
         return RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch, overlap=not args.no_overlap)
     if args.ralmspec:
@@ -167,6 +167,8 @@ def _length_groups(ids: list[list[int]]) -> list[list[int]]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import torch
 
     from lm_worker.data.prepare import load_prepared
@@ -188,10 +190,13 @@ def run_generate(args: argparse.Namespace) -> None:
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
         stepper = _stepper(args, loaded, retriever, tokenizer, config, max(len(rows) for rows in groups))
-        decoded = {}
-        for rows in groups:  # a batch per prompt length, in the order the lengths first come
-            out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long), config)
+        decoded, first = {}, 0
+        for rows in groups:  # a batch per prompt length, in the order the lengths first come; the groups one
+            # after another make the whole batch whose row indices seed the samplers
+            out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long),
+                           dataclasses.replace(config, first_row=first))
             decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
+            first += len(rows)
     for r, text in enumerate(texts):
         print(f"--- {text!r}\n{tokenizer.decode(decoded[r])}")
     s = getattr(stepper, "stats", None)

@@ -22,7 +22,8 @@ class GenerateConfig:
     top_k: keep the k most likely tokens when sampling (0: all). top_p: keep the smallest set of most
     likely tokens whose probability reaches p (1.0: all). length_penalty is alpha of `length_norm`
     (`lm_worker.decoding.beam`). eos_id: rows stop after emitting it (None: no EOS). seed: of the samplers,
-    one per row (`row_generators`).
+    one per row (`row_generators`). first_row: the index of the prompt batch's first row in a larger batch
+    decoded in parts: row r samples with the generator of row first_row + r, as it would in the whole batch.
     """
 
     strategy: str = "greedy"
@@ -35,14 +36,15 @@ class GenerateConfig:
     length_norm: str = "gnmt"
     eos_id: int | None = None
     seed: int = 0
+    first_row: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.length_norm not in LENGTH_NORMS:
             raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0:
-            raise ValueError("max_new_tokens and num_beams must be >= 1 and top_k >= 0")
+        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0 or self.first_row < 0:
+            raise ValueError("max_new_tokens and num_beams must be >= 1, top_k and first_row >= 0")
         if not (0 < self.temperature < math.inf) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"temperature must be > 0 and finite and top_p in (0, 1], got {self.temperature}, "
                              f"{self.top_p}")

@@ -73,7 +73,8 @@ def choose_tokens(log_probs: torch.Tensor, config: GenerateConfig, generators: l
 def sample_or_greedy(stepper: SplitStepper, prompt: torch.Tensor, config: GenerateConfig,
                       first_row: int) -> DecodeLoop:
     B, device = prompt.shape[0], prompt.device
-    generators = row_generators(config.seed, first_row, B, device) if config.strategy == "sample" else []
+    sampled = config.strategy == "sample"
+    generators = row_generators(config.seed, config.first_row + first_row, B, device) if sampled else []
     log_probs = yield from await_step(stepper, stepper.submit_start(prompt), last=config.max_new_tokens <= 1)  # (B, V)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     total = torch.zeros(B, dtype=torch.float32, device=device)

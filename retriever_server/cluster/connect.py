@@ -38,6 +38,7 @@ REFUSED_S = 3.0  # how long a head that refuses connections gets (it may be star
 AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication ("token")
 GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # the head's first answer to a joining process
+CLIENT_PROBE_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"  # the same from a Ray Client server (ray://)
 AUTH_PROBE_S = 3.0
 
 
@@ -115,10 +116,11 @@ def _probe(target: str, source: str | None, host: str, port: int, timeout_s: flo
         time.sleep(0.25)
 
 
-def _check_token(named: str, host: str, port: int) -> None:  # named: "at ADDRESS", or which cluster
+def _check_token(named: str, host: str, port: int, client: bool) -> None:
     """ClusterUnreachable at once when the head takes token authentication and this process would not
     present a token it takes (Ray's own join would retry for about 20 s, logging a warning a second).
-    One call to the head's GCS, with the token Ray would send; any other answer is left to ray.init."""
+    One call to the head's GCS (`client`: to its Ray Client server, a ray:// address), with the token Ray
+    would send; any other answer is left to ray.init. `named`: "at ADDRESS", or which cluster."""
     import grpc
     from ray._raylet import AuthenticationTokenLoader
 
@@ -127,17 +129,20 @@ def _check_token(named: str, host: str, port: int) -> None:  # named: "at ADDRES
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
-            channel.unary_unary(GCS_PROBE_METHOD)(b"", timeout=AUTH_PROBE_S, metadata=metadata)
+            channel.unary_unary(CLIENT_PROBE_METHOD if client else GCS_PROBE_METHOD)(b"", timeout=AUTH_PROBE_S,
+                                                                                      metadata=metadata)
             return
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                 return
-    where = f"the Ray cluster {named} ({host}:{port})"
+    where = f"the Ray cluster {named}" + ("" if named.endswith(f"{host}:{port}") else f" ({host}:{port})")
     if not token_mode:
         raise ClusterUnreachable(f"{where} takes token authentication, and this shell does not use it: set "
-                                 f"{AUTH_MODE_ENV}=token (the token is then read from RAY_AUTH_TOKEN, else "
-                                 "~/.ray/auth_token; `ray get-auth-token` on the head prints it)")
-    held = "RAY_AUTH_TOKEN" if "RAY_AUTH_TOKEN" in os.environ else "~/.ray/auth_token"
+                                 f"{AUTH_MODE_ENV}=token (the token is then read from RAY_AUTH_TOKEN, else the file "
+                                 "RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token; `ray get-auth-token` on the head "
+                                 "prints it)")
+    held = next((f"{name}{'' if name == 'RAY_AUTH_TOKEN' else ' ' + os.environ[name]}"
+                 for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if os.environ.get(name)), "~/.ray/auth_token")
     raise ClusterUnreachable(f"{where} refuses this process's token ({held}{'' if token else ': none found'}): "
                              "give it the cluster's token (`ray get-auth-token` on the head prints it) in "
                              "RAY_AUTH_TOKEN")
@@ -227,7 +232,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
         target, named = _recorded_head(asked=source is not None), "auto"
     host, port = _head(target)
     _probe(named, source, host, port, timeout_s)
-    _check_token("that `ray start` last made on this machine" if named == "auto" else f"at {named}", host, port)
+    _check_token("that `ray start` last made on this machine" if named == "auto" else f"at {named}", host, port,
+                 client=target.startswith("ray://"))
     log.info("joining the Ray cluster at %s", target)
     _init_within(target, timeout_s, **kwargs)
 

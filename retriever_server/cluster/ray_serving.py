@@ -224,30 +224,32 @@ class RayDeployment:
                 # no max_concurrency: Ray 2.60 aborts a threaded actor whose constructor raises
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
 
-    def _await(self, refs: list, what: list[str]) -> list:
-        """Waits for actors to come up, saying every WAIT_REPORT_S which are not and what the cluster has
-        free; on a failure (at once) or the timeout raises DeploymentError naming one."""
-        started, timeout_s = time.monotonic(), self.config.startup_timeout_s
-        checked: set = set()
-        while True:
-            left = timeout_s - (time.monotonic() - started)
-            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(WAIT_REPORT_S, left)))
-            for ref, name in zip(refs, what):
-                if ref in ready and ref not in checked:
-                    checked.add(ref)
-                    try:
-                        ray.get(ref)
-                    except ray.exceptions.RayError as err:
-                        raise DeploymentError(f"{name} did not start: {_failure(err)}") from None
-            if not pending:
-                return ray.get(refs)
-            late = ", ".join(name for ref, name in zip(refs, what) if ref in pending)
-            if left <= WAIT_REPORT_S:
-                raise DeploymentError(f"{late} not up within {timeout_s:.0f}s (the cluster has {free_resources()}; "
-                                      f"each replica takes {self.config.cpus_per_shard} CPUs)")
-            log.warning("%s not up after %.0f s (gives up after %.0f s): the cluster has %s; each replica takes %s "
-                        "CPUs", late, time.monotonic() - started, timeout_s, free_resources(),
-                        self.config.cpus_per_shard)
+    def _await(self, refs: list, what: list[str], cpus: float) -> list:
+        """Waits for actors (each asking for `cpus` CPUs) to come up, saying every WAIT_REPORT_S which are
+        not and what the cluster has free; raises DeploymentError naming one as soon as it fails, or the
+        late ones at the timeout."""
+        timeout_s = self.config.startup_timeout_s
+        started = reported = time.monotonic()
+        names = dict(zip(refs, what))
+        pending = list(refs)
+        while pending:
+            now = time.monotonic()
+            left = timeout_s - (now - started)
+            if left <= 0:
+                raise DeploymentError(f"{', '.join(names[r] for r in pending)} not up within {timeout_s:.0f}s (the "
+                                      f"cluster has {free_resources()}; each takes {cpus} CPUs)")
+            if now - reported >= WAIT_REPORT_S:
+                reported = now
+                log.warning("%s not up after %.0f s (gives up after %.0f s): the cluster has %s; each takes %s CPUs",
+                            ", ".join(names[r] for r in pending), now - started, timeout_s, free_resources(), cpus)
+            wait_s = min(left, reported + WAIT_REPORT_S - now)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, wait_s))
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as err:
+                    raise DeploymentError(f"{names[ref]} did not start: {_failure(err)}") from None
+        return ray.get(refs)
 
     def start(self) -> RayDeployment:
         """Places and starts every replica, then the router; returns once the router is SERVING.
@@ -297,7 +299,8 @@ class RayDeployment:
             self.shards.append([])
             for r in range(c.replicas):
                 self.shards[-1].append(self._start_replica(s, r))
-        self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []))
+        self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []),
+                    c.cpus_per_shard)
         heads = [n.node_id for n in nodes if n.head]
         router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
         s = self.security
@@ -306,7 +309,7 @@ class RayDeployment:
         options = self._options(router_actor_name(c.name), c.router_cpus, router_node)
         self.router = RouterActor.options(**options).remote(router, names, c.namespace, c.host, c.log_level,
                                                             s.router_secrets)
-        self._await([self.router.started.remote()], [router_actor_name(c.name)])
+        self._await([self.router.started.remote()], [router_actor_name(c.name)], c.router_cpus)
         for (s, r), node in sorted(self.placements.items()):
             log.info("%s on node %s", names[s][r], node)
 

@@ -159,7 +159,8 @@ class _Decode:
         self.neighbours = torch.zeros(B, 0, self.K, 2 * self.L, dtype=torch.long, device=self.device)  # (B, C, K, 2L)
         self.local: LocalCaches | None = None  # made with the first answer (its key dimension)
         self.chunk_tokens: dict[int, np.ndarray] = {}  # datastore chunk id -> its (2L,) tokens
-        self.generators = row_generators(config.seed, 0, B, self.device) if config.strategy == "sample" else []
+        sampled = config.strategy == "sample"
+        self.generators = row_generators(config.seed, config.first_row, B, self.device) if sampled else []
         self.out: list[torch.Tensor] = []
         self.total = torch.zeros(B, dtype=torch.float32, device=self.device)
         self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)
