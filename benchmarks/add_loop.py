@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore.build_inputs import BuildConfig
-from retriever_server.datastore.manifest import read_manifest
+from retriever_server.datastore.manifest import DatastoreError, read_manifest
 from retriever_server.datastore.row_parts import files_of, open_rows
 from retriever_server.datastore.shard_fill import add_rows
 
@@ -108,11 +108,14 @@ def profile_of(trained: Path, keys: Path, rows: int, folder: Path, top: int = 12
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datastore", type=Path, required=True, help="a datastore scale.py built (keys recorded)")
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args(argv)
-    keys = Path(read_manifest(args.datastore).build["keys"])
+    try:
+        keys = Path(read_manifest(args.datastore).build["keys"])
+    except (DatastoreError, OSError, ValueError, KeyError) as err:  # no datastore there, or no recorded keys
+        raise SystemExit(f"--datastore {args.datastore}: {err}") from None
     faiss.omp_set_num_threads(1)
     with tempfile.TemporaryDirectory(dir=args.datastore.parent) as tmp:
         folder = Path(tmp)

@@ -50,7 +50,7 @@ def measure(real: np.ndarray, nlist: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nlists", default="4096,16384")
     args = parser.parse_args(argv)
     real, _ = real_vectors(REAL_KEYS, 1)

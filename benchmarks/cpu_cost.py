@@ -427,7 +427,7 @@ def run(config: CostConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=CostConfig.out)
     parser.add_argument("--quick", action="store_true", help="about 0.5 s per side and cell instead of 3 s")
     parser.add_argument("--nprobe", type=int, default=CostConfig.nprobe)

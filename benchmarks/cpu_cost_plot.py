@@ -79,7 +79,7 @@ def plot_costs(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    replot(argv, "cpu_cost_plot.py", __doc__.splitlines()[0], "rows", plot_costs)
+    replot(argv, "cpu_cost_plot.py", __doc__.split("\n\n")[0], "rows", plot_costs)
 
 
 if __name__ == "__main__":

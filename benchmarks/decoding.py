@@ -128,7 +128,8 @@ def check_run(run: Path) -> None:
     missing = [p for p in REQUIRED if not (run / p).exists()]
     if missing:
         sys.exit(f"{run} is not a complete run directory; missing: {', '.join(str(run / p) for p in missing)}\n"
-                 "(see the layout in this script's docstring: python benchmarks/decoding.py --help)")
+                 "(a run folder as `lm-worker demo` or `lm-worker pipeline` makes it: RUN/data, "
+                 "RUN/lm/checkpoint.pt, RUN/retro/checkpoint.pt, RUN/knnlm-datastore, RUN/retro-datastore)")
 
 
 def load_models(run: Path):
@@ -572,8 +573,10 @@ def run(config: BenchConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="run directory (see the module doc)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True,
+                        help="a run folder as `lm-worker demo` or `pipeline` makes it (RUN/data, RUN/lm, RUN/retro, "
+                             "RUN/knnlm-datastore, RUN/retro-datastore)")
     parser.add_argument("--out", type=Path, help="output directory (default RUN/bench)")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated: the numbers of prompts decoded together")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -627,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{format_cpus(config.server_cpus)}" if config.server_cpus else "model and servers sharing every core")
     print(f"\ntorch {env['torch']} on {env['torch_threads']} thread(s), {env['cpus']} CPUs ({cores}), "
           f"retrieval via {config.via}, 1-min load average after timing {env['load_average_1m']:.2f}")
+    beam = f", beam search over {config.beam_prompts}" if config.beams else ", no beam search"
     print(f"prompts of {config.prompt_len} held-out tokens, {config.new_tokens} new tokens; greedy over "
-          f"{', '.join(map(str, config.batches))} prompts, beam search over {config.beam_prompts}; median of "
+          f"{', '.join(map(str, config.batches))} prompts{beam}; median of "
           f"{config.repeats} runs "
           f"(RETRO: {config.repeats * RETRO_REPEATS})\n")
     print(rows_table(results["results"]))

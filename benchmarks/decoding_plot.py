@@ -71,7 +71,7 @@ def plot_decoding(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    replot(argv, "decoding_plot.py", __doc__.splitlines()[0], "results", plot_decoding)
+    replot(argv, "decoding_plot.py", __doc__.split("\n\n")[0], "results", plot_decoding)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/stdlib"), help="run directory (RUN/data, RUN/lm, "
                         "RUN/knnlm-source, RUN/retro-source)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory")

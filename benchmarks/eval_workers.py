@@ -50,7 +50,7 @@ def _row(name: str, tokens: int, seconds: float, reference: float, perplexity: f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/stdlib"))
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--k", type=int, default=1024)
@@ -61,7 +61,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
 
-    store = TokenStore.open(_split(args.run))
+    try:
+        store = TokenStore.open(_split(args.run))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--run {args.run} is not a run folder with a held-out split ({err}); make one with "
+                         "lm-worker demo or lm-worker pipeline") from None
     checkpoint = args.run / "lm"
     config = EvalConfig(max_tokens=args.tokens, temperature=args.temperature,
                         retrieval=RetrievalConfig(k=args.k, nprobe=args.nprobe))

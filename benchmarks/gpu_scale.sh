@@ -36,6 +36,11 @@ fetch() {
     du -sh "$CARRIED"
 }
 
+case "${1:-}" in
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --fetch|--carried) ;;
+    -*) echo "gpu_scale.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+esac
 if [ "${1:-}" = "--fetch" ]; then
     fetch
     exit 0

@@ -173,7 +173,7 @@ def _quick_look() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("role", nargs="?", choices=("shard", "relay"), help="(internal) run one process")
     parser.add_argument("port_file", nargs="?", type=Path)
     parser.add_argument("shards", nargs="*")

@@ -226,7 +226,7 @@ def ratio_table(results: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="run directory (RUN/data, RUN/lm, RUN/knnlm-datastore)")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored")

@@ -556,7 +556,7 @@ def plot(rows: list[SizeRow], path: Path, test_tokens: int) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> SizeBenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="pipeline run directory (RUN/data, RUN/lm, ...)")
     parser.add_argument("--out", type=Path, default=SizeBenchConfig.out, help="output directory")
     parser.add_argument("--tokens", type=int, default=SizeBenchConfig.tokens, help="test tokens scored (0: all)")

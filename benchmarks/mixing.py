@@ -72,7 +72,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size (the quick start's LM: 4096)")
     parser.add_argument("--k", type=int, default=16, help="neighbours per row")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")

@@ -218,7 +218,7 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=SweepConfig.rows)
     parser.add_argument("--codecs", default=",".join(SweepConfig.codecs))
     parser.add_argument("--nprobes", default=",".join(map(str, SweepConfig.nprobes)))

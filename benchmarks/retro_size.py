@@ -291,7 +291,7 @@ def plot(rows: list[RetroRow], chunk_len: int, knnlm: dict | None, path: Path) -
 
 
 def parse_args(argv: list[str] | None = None) -> RetroSizeConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="pipeline run directory (RUN/data, RUN/retro, ...)")
     parser.add_argument("--out", type=Path, default=RetroSizeConfig.out, help="output directory")
     parser.add_argument("--tokens", type=int, default=0, help="test tokens scored (0: the pipeline's)")

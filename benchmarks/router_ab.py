@@ -91,7 +91,7 @@ def compare(config: RouterAbConfig) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datastore", type=Path, required=True)
     parser.add_argument("--before", type=Path, required=True, help="source tree of the code to compare against")
     parser.add_argument("--after", type=Path, default=ROOT, help="source tree of the new code (this checkout)")

@@ -549,7 +549,7 @@ def phase_table(results: list[SizeResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="", help="comma-separated row counts (default 10^5, 10^6, 3·10^6, 10^7)")
     parser.add_argument("--quick", action="store_true", help="10^5 and 10^6 rows")
     parser.add_argument("--out", type=Path, default=ScaleConfig.out)
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="build with --gpu (k-means, list assignment) and serve the shards' indexes on the GPU")
     parser.add_argument("--real-keys", default=str(REAL_KEYS),
                         help=f"real MiniLM keys the rows are drawn around: a count, or 'all' ({ALL_REAL_KEYS}, every "
-                             f"chunk of the stdlib, encoded once: about 25 minutes on 2 cores); default {REAL_KEYS}")
+                             f"chunk of the stdlib, encoded once: about 16 minutes on 2 cores); default {REAL_KEYS}")
     args = parser.parse_args(argv)
     sizes = tuple(int(s) for s in args.sizes.split(",") if s) or ((100_000, 1_000_000) if args.quick else
                                                                ScaleConfig.sizes)

@@ -68,6 +68,9 @@ def nlist_for(n: float) -> int:
 
 def measured(path: Path) -> tuple[dict, dict]:
     """The two largest sizes of a scale.py run."""
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run python benchmarks/scale.py --quick (or a full run) first, or give "
+                         "--scale")
     results = sorted(json.loads(path.read_text())["results"], key=lambda r: r["rows"])
     if len(results) < 2:
         raise SystemExit(f"{path} holds {len(results)} size(s); the plan needs two (run scale.py --quick at least)")
@@ -101,7 +104,7 @@ def plan(small: dict, large: dict, w: Workload, n: float, node: Node) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=Path, default=Path("bench_out/scale/scale.json"))
     parser.add_argument("--node-cores", type=int, default=Node.cores)
     parser.add_argument("--node-ram", type=float, default=Node.ram_gib, help="GiB")

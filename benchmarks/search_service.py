@@ -423,7 +423,7 @@ def run(config: BenchConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory")
     parser.add_argument("--nprobe", type=int, default=16, help="nprobe for the speed table")
     parser.add_argument("--quick", action="store_true", help="about 0.5 s per cell instead of 2.5 s")

@@ -149,7 +149,7 @@ def take_turns(sides: dict[str, tuple[int, Callable[..., bytes]]], batch: list[b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datastore", type=Path, required=True)
     parser.add_argument("--before", type=Path, required=True, help="source tree of the code to compare against")
     parser.add_argument("--after", type=Path, default=ROOT, help="source tree of the new code (this checkout)")
