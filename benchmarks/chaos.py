@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -95,6 +95,9 @@ class ChaosConfig:
     fuzz: int = 2400  # malformed requests, half to the router and half to a shard
     build_kills: int = 5  # builds killed, each then run again to the end
     seed: int = 0
+
+
+QUICK = ChaosConfig(tokens=512, kill_every_s=1.0, kills=2, requests=200, fuzz=400, build_kills=1)  # --quick
 
 
 @dataclass
@@ -664,19 +667,20 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     p.add_argument("--run", type=Path, default=ChaosConfig.run, help="run directory (made by lm-worker demo --quick "
                                                                      "when missing)")
     p.add_argument("--out", type=Path, default=ChaosConfig.out)
-    p.add_argument("--tokens", type=int, default=ChaosConfig.tokens, help="held-out tokens of the kNN-LM evaluation")
-    p.add_argument("--kill-every", type=float, default=ChaosConfig.kill_every_s, help="seconds between kills")
-    p.add_argument("--kills", type=int, default=ChaosConfig.kills, help="kills during the kNN-LM evaluation")
-    p.add_argument("--requests", type=int, default=ChaosConfig.requests)
-    p.add_argument("--fuzz", type=int, default=ChaosConfig.fuzz)
-    p.add_argument("--build-kills", type=int, default=ChaosConfig.build_kills)
-    p.add_argument("--quick", action="store_true", help="fewer tokens, requests and kills (a smoke run)")
+    p.add_argument("--tokens", type=int,
+                   help=f"held-out tokens of the kNN-LM evaluation (default {ChaosConfig.tokens})")
+    p.add_argument("--kill-every", type=float, help=f"seconds between kills (default {ChaosConfig.kill_every_s})")
+    p.add_argument("--kills", type=int, help=f"kills during the kNN-LM evaluation (default {ChaosConfig.kills})")
+    p.add_argument("--requests", type=int, help=f"default {ChaosConfig.requests}")
+    p.add_argument("--fuzz", type=int, help=f"default {ChaosConfig.fuzz}")
+    p.add_argument("--build-kills", type=int, help=f"default {ChaosConfig.build_kills}")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer tokens, requests and kills (a smoke run); the options given still apply")
     args = p.parse_args(argv)
-    if args.quick:
-        return ChaosConfig(args.run, args.out, tokens=512, kill_every_s=1.0, kills=2, requests=200, fuzz=400,
-                           build_kills=1)
-    return ChaosConfig(args.run, args.out, args.tokens, args.kill_every, args.kills, args.requests, fuzz=args.fuzz,
-                       build_kills=args.build_kills)
+    base = QUICK if args.quick else ChaosConfig(args.run, args.out)
+    given = {"tokens": args.tokens, "kill_every_s": args.kill_every, "kills": args.kills, "requests": args.requests,
+             "fuzz": args.fuzz, "build_kills": args.build_kills}
+    return replace(base, run=args.run, out=args.out, **{k: v for k, v in given.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -590,12 +590,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     parser.add_argument("--knn-temperature", type=float, default=0.0,
                         help="kNN-LM softmax temperature (0: the run's choice, RUN/report/temperature.json, else 1)")
     parser.add_argument("--prefetch", type=int, default=-1, help="RETRO prefetch s (-1: chunk_len // 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--repeats", type=int, help="timed runs per variant, median reported (default 5; --quick: 2)")
     parser.add_argument("--via", choices=("router", "fan-out"), default="fan-out",
                         help="the client fans out to the shards itself (as lm-worker does), or goes through the router")
     parser.add_argument("--server-cpus", default="",
                         help="cores for the servers, e.g. 1; the model runs on the others (default: all share all)")
-    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--quick", action="store_true", help="2 repeats, unless --repeats says otherwise")
     args = parser.parse_args(argv)
     batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
     if not batches or min(batches) < 1:
@@ -604,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
                        new_tokens=args.new_tokens, beams=args.beams, beam_prompts=args.beam_prompts,
                        models=tuple(m for m in args.models.split(",") if m), k=args.k, nprobe=args.nprobe, lam=args.lam,
                        knn_temperature=args.knn_temperature or run_temperature(args.run),
-                       prefetch=args.prefetch, repeats=2 if args.quick else args.repeats, via=args.via,
+                       prefetch=args.prefetch, repeats=args.repeats or (2 if args.quick else 5), via=args.via,
                        server_cpus=server_cpus(parser, args.server_cpus))
 
 

@@ -3,6 +3,7 @@ exit status alone did not), and a missing input is one line, not a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,19 @@ def test_gpu_scale_takes_help_and_refuses_unknown_options():
     refused = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_scale.sh"), "--out"], capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 2 and "unknown option --out" in refused.stderr
+
+
+def test_chaos_quick_keeps_the_options_given():
+    from chaos import QUICK, ChaosConfig, parse_args
+
+    assert parse_args(["--quick"]) == QUICK
+    assert parse_args(["--quick", "--kills", "5", "--out", "o"]) == dataclasses.replace(QUICK, kills=5, out=Path("o"))
+    assert parse_args(["--tokens", "100"]) == ChaosConfig(tokens=100)
+
+
+def test_decoding_quick_keeps_the_repeats_given(tmp_path):
+    from decoding import parse_args
+
+    run = ["--run", str(tmp_path), "--knn-temperature", "1.0"]
+    assert parse_args([*run]).repeats == 5 and parse_args([*run, "--quick"]).repeats == 2
+    assert parse_args([*run, "--quick", "--repeats", "3"]).repeats == 3
