@@ -51,6 +51,18 @@ def gpt2_attention(attn, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def test_max_len_is_read_from_the_config_alone(gpt2_dir, tmp_path):
+    from lm_worker.models.checkpoint import checkpoint_max_len, save_checkpoint
+    from lm_worker.models.retro import Retro, RetroConfig
+    from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+
+    assert checkpoint_max_len(gpt2_dir) == 32
+    for name, model in (("lm", TransformerLM(LMConfig.tiny(64, max_len=48))), ("retro", Retro(RetroConfig.tiny(64)))):
+        save_checkpoint(tmp_path / name / "checkpoint.pt", kind=name, model=model, config=model.config, step=0,
+                        tokenizer_fingerprint="t", extra={})
+    assert checkpoint_max_len(tmp_path / "lm") == 48 and checkpoint_max_len(tmp_path / "retro") is None
+
+
 def test_config(lm):
     assert lm.config.vocab_size == V and lm.config.d_model == 16 and lm.config.max_len == 32
     assert lm.config.model_type == "gpt2"

@@ -126,13 +126,12 @@ def _distributed(args: argparse.Namespace, store, config):
 
 def eval_window(args: argparse.Namespace) -> tuple[int, int]:
     """--context-len and --stride, or their defaults: DEFAULT_CONTEXT cut to the LM's max_len, and half of it."""
-    from lm_worker.models.checkpoint import load_checkpoint
+    from lm_worker.models.checkpoint import checkpoint_max_len
 
     context = args.context_len
     if context is None:
         context = DEFAULT_CONTEXT
-        max_len = getattr(load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model.config, "max_len", None) \
-            if args.lm else None
+        max_len = checkpoint_max_len(args.lm) if args.lm else None  # from its config: the model is not built
         if max_len is not None and max_len < context:
             context = max_len  # the LM takes no longer window
     return context, args.stride if args.stride is not None else max(1, context // 2)

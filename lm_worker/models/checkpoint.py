@@ -185,6 +185,17 @@ def checkpoint_file(path: Path) -> Path | None:
     return path
 
 
+def checkpoint_max_len(path: Path) -> int | None:
+    """The longest sequence the model at `path` takes (None: no limit, as RETRO's), read without building
+    the model. Raises as `load_checkpoint` does."""
+    file = checkpoint_file(path)
+    if file is None:
+        from lm_worker.models.hf_causal_lm import folder_max_len
+
+        return folder_max_len(path)
+    return _read(file, "cpu", mmap=zipfile.is_zipfile(file))["config"].get("max_len")
+
+
 def checkpoint_kind(path: Path) -> str:
     """The kind of model at `path` ("lm", "retro" or "hf"), read without building the model (the
     file's tensors are memory-mapped, not read). Raises as `load_checkpoint` does."""

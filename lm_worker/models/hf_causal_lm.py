@@ -91,6 +91,13 @@ def find_last_ffn(model: nn.Module, n_layer: int) -> nn.Module:
                      f"expected one named {FFN_NAMES}")
 
 
+def folder_max_len(path: Path) -> int:
+    """The longest sequence the Hugging Face model in folder `path` takes, read from its config alone."""
+    from transformers import AutoConfig
+
+    return _max_len(AutoConfig.from_pretrained(str(path), local_files_only=True))
+
+
 def _max_len(cfg) -> int:
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
         value = getattr(cfg, name, None)
