@@ -308,66 +308,43 @@ def test_a_secured_deployment_secures_every_hop(cluster, datastore, keys, refere
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_deployment_the_cluster_has_no_room_for_says_so_while_it_waits(cluster, datastore, caplog, monkeypatch):
-    """Every CPU held by other actors: the deployment logs, while it waits, which replicas are not up and
-    what the cluster has free, then gives up naming them, and leaves nothing running."""
-    import ray
-
-    from retriever_server.cluster import ray_serving
-
-    monkeypatch.setattr(ray_serving, "WAIT_REPORT_S", 1.0)
-
-    @ray.remote(num_cpus=0.5)
-    class Holder:
-        def ping(self) -> int:
-            return 1
-
-    total = ray.cluster_resources()["CPU"]
-    holders = [Holder.remote() for _ in range(int(total / 0.5))]
-    try:
-        assert ray.get([h.ping.remote() for h in holders], timeout=60) == [1] * len(holders)
-        full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3)
-        with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.ray_serving"):
-            with pytest.raises(ray_serving.DeploymentError,
-                               match=rf"^full/shard-0/replica-0, full/shard-1/replica-0 not up within 3s \(the "
-                                     rf"cluster has 0.0 of {total:.1f} CPUs, 0.0 of 0.0 GPUs free; each takes 0.5 "
-                                     rf"CPUs\)$"):
-                ray_serving.RayDeployment(full).start()
-        waiting = [r.getMessage() for r in caplog.records if "not up after" in r.getMessage()]
-        assert len(waiting) >= 2 and "full/shard-0/replica-0, full/shard-1/replica-0 not up after 1 s" in waiting[0]
-        assert actors_named("full/") == []
-    finally:
-        for holder in holders:
-            ray.kill(holder)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_replica_that_fails_ends_the_wait_while_another_cannot_be_placed(cluster, datastore, tmp_path):
-    """Shard 0's files damaged and shard 1's node full: the deployment fails at once naming shard 0, not
-    when the other replica's wait runs out."""
+def test_a_deployment_waiting_for_cpus_says_so_and_a_failed_replica_ends_the_wait(cluster, datastore, tmp_path,
+                                                                                   caplog, monkeypatch):
+    """Shard 1's node held by another actor. A deployment logs while it waits which replicas are not up
+    and what the cluster has free, then gives up naming them; with shard 0's files damaged it fails at
+    once naming shard 0, not when shard 1's wait runs out. Nothing is left running."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from retriever_server.cluster import ray_serving
     from retriever_server.cluster.placement import cluster_nodes, plan_placement
-    from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment
 
-    @ray.remote(num_cpus=0.5)
+    monkeypatch.setattr(ray_serving, "WAIT_REPORT_S", 1.0)
+
+    @ray.remote(num_cpus=1)
     class Holder:
         def ping(self) -> int:
             return 1
 
     damaged = damaged_copy(datastore, tmp_path / "damaged", "shard-00000/payload.values.npy")
     busy = plan_placement(cluster_nodes(), shards=2, replicas=1, cpus_per_shard=0.5)[(1, 0)]  # as start() plans
-    pinned = NodeAffinitySchedulingStrategy(busy, soft=False)
-    holders = [Holder.options(scheduling_strategy=pinned).remote() for _ in range(2)]
+    holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(busy, soft=False)).remote()
     try:
-        assert ray.get([h.ping.remote() for h in holders], timeout=60) == [1, 1]
+        assert ray.get(holder.ping.remote(), timeout=60) == 1
         started = time.monotonic()
-        with pytest.raises(DeploymentError, match=r"^late/shard-0/replica-0 did not start: .*shard-00000/payload"):
-            RayDeployment(dataclasses.replace(config(damaged, "late", replicas=1), startup_timeout_s=120)).start()
+        with pytest.raises(ray_serving.DeploymentError,
+                           match=r"^late/shard-0/replica-0 did not start: .*shard-00000/payload"):
+            ray_serving.RayDeployment(dataclasses.replace(config(damaged, "late", replicas=1),
+                                                          startup_timeout_s=120)).start()
         assert time.monotonic() - started < 20
-        assert actors_named("late/") == []
+        full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3)
+        with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.ray_serving"):
+            with pytest.raises(ray_serving.DeploymentError,
+                               match=r"^full/shard-1/replica-0 not up within 3s \(the cluster has [\d.]+ of "
+                                     r"[\d.]+ CPUs, 0.0 of 0.0 GPUs free; each takes 0.5 CPUs\)$"):
+                ray_serving.RayDeployment(full).start()
+        waiting = [r.getMessage() for r in caplog.records if "not up after" in r.getMessage()]
+        assert len(waiting) >= 2 and "full/shard-1/replica-0 not up after 1 s (gives up after 3 s)" in waiting[0]
+        assert actors_named("late/") == [] and actors_named("full/") == []
     finally:
-        for holder in holders:
-            ray.kill(holder)
+        ray.kill(holder)
