@@ -187,9 +187,10 @@ def run_generate(args: argparse.Namespace) -> None:
                             length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
     check_room(loaded, max(len(row) for row in ids), config.max_new_tokens)  # before any server starts
     groups = _length_groups(ids)
+    largest = max(len(rows) for rows in groups)
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
-        stepper = _stepper(args, loaded, retriever, tokenizer, config, max(len(rows) for rows in groups))
+        stepper = _stepper(args, loaded, retriever, tokenizer, config, largest)
         decoded, first = {}, 0
         for rows in groups:  # a batch per prompt length, in the order the lengths first come; the groups one
             # after another make the whole batch whose row indices seed the samplers
@@ -205,8 +206,7 @@ def run_generate(args: argparse.Namespace) -> None:
         if getattr(s, "verified", 0):
             unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
-        pipelined = getattr(stepper, "pipelined", False) and max(len(rows) for rows in groups) > 1
-        pipeline = "; two prompt groups pipelined" if pipelined else ""
+        pipeline = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and largest > 1 else ""
         early = "; each request sent once the keys were out" if getattr(stepper, "early", False) else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
               f"model {s.compute_s:.2f} s{guesses}{pipeline}{early}")

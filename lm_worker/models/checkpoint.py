@@ -193,7 +193,7 @@ def checkpoint_max_len(path: Path) -> int | None:
         from lm_worker.models.hf_causal_lm import folder_max_len
 
         return folder_max_len(path)
-    return _read(file, "cpu", mmap=zipfile.is_zipfile(file))["config"].get("max_len")
+    return _read_mapped(file)["config"].get("max_len")
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -202,7 +202,7 @@ def checkpoint_kind(path: Path) -> str:
     file = checkpoint_file(path)
     if file is None:
         return "hf"
-    return str(_read(file, "cpu", mmap=zipfile.is_zipfile(file))["kind"])  # torch maps only its zip format
+    return str(_read_mapped(file)["kind"])
 
 
 def check_kind(kind: str, path: Path, kinds: tuple[str, ...], flag: str = "this use") -> None:
@@ -234,6 +234,12 @@ def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads {VERSION}")
     return payload
+
+
+def _read_mapped(file: Path) -> dict:
+    """The payload of a checkpoint file with its tensors memory-mapped, not read (torch maps only its zip
+    format)."""
+    return _read(file, "cpu", mmap=zipfile.is_zipfile(file))
 
 
 def _reason(err: Exception) -> str:

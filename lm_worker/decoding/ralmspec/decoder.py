@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.config import GenerateConfig, GenerateOutput
+from lm_worker.decoding.generate import check_room
 from lm_worker.decoding.ralmspec.beam import BeamDecode
 from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationStats
 from lm_worker.decoding.ralmspec.row_decode import RowDecode
@@ -92,10 +93,7 @@ class RaLMSpecKnnLM:
     @torch.no_grad()
     def decode(self, prompt: torch.Tensor, config: GenerateConfig) -> GenerateOutput:
         """Continues every prompt row (B, T) as `generate` does with `KnnLMStepper`: the same tokens."""
-        max_len = self.model.config.max_len
-        if prompt.shape[1] + config.max_new_tokens - 1 > max_len:  # the last token is chosen, never fed
-            raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {config.max_new_tokens} - 1 "
-                             f"exceeds the model's max_len {max_len}")
+        check_room(self, prompt.shape[1], config.max_new_tokens)  # as `generate` checks, for direct callers
         if config.strategy == "beam":
             if self.speculation.guess != "cache":
                 raise ValueError("beam search guesses from the local caches: it takes guess='cache'")
