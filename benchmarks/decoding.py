@@ -92,6 +92,8 @@ from retriever_server.cluster.cpus import format_cpus, parse_cpus, pin
 from retriever_server.cluster.launcher import LocalDeployment
 
 RETRO_REPEATS = 3  # RETRO's runs per kNN-LM run (see the module doc)
+BAR_SCENARIO = "greedy x8"  # the speed bar: kNN-LM greedy over 8 prompts, an exact decoder against serial retrieval...
+BAR_SPEEDUP = 1.5  # ...at this many times its tokens/s, the same tokens, and no more CPU per token
 REQUIRED = ("data/tokenizer.json", "data/heldout", "lm/checkpoint.pt", "retro/checkpoint.pt",
             "knnlm-datastore/manifest.json", "retro-datastore/manifest.json")
 
@@ -530,6 +532,39 @@ def retro_ralmspec_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bars(results: dict) -> list[dict]:
+    """The speed bar, per exact decoder of kNN-LM greedy over 8 prompts: tokens/s at least BAR_SPEEDUP x
+    serial retrieval's, the same tokens, and CPU per token (this process and the servers) no more than
+    serial's. Each with its measured value and PASS/MISS; empty when the scenario did not run."""
+    rows = results.get("knnlm", {}).get(BAR_SCENARIO, {}).get("rows")
+    if rows is None:
+        return []
+    serial = rows["knn-lm serial"]
+    out = []
+    for name, r in rows.items():
+        if name in ("lm (no retrieval)", "knn-lm serial"):
+            continue
+        speedup = r["tokens_per_s"] / serial["tokens_per_s"]
+        cpu, same = r["cpu_ms_per_token"] / serial["cpu_ms_per_token"], r["same_tokens_as_serial"]
+        out.append({"bar": f"kNN-LM {BAR_SCENARIO}, {name}: tokens/s >= {BAR_SPEEDUP}x serial's, same tokens, "
+                           "CPU/token <= serial's",
+                    "value": f"{speedup:.2f}x, CPU {cpu:.2f}x, same tokens {'yes' if same else 'NO'}",
+                    "pass": speedup >= BAR_SPEEDUP and cpu <= 1.0 and same})
+    return out
+
+
+def bars_table(found: list[dict]) -> str:
+    """The bar's table, and a last line: met by which decoders, or missed by every one."""
+    if not found:
+        return f"(no bar: kNN-LM {BAR_SCENARIO} did not run; it needs --models knnlm and 8 in --batches)"
+    lines = ["| bar | measured | |", "|---|---|---|"]
+    lines += [f"| {b['bar']} | {b['value']} | {'PASS' if b['pass'] else 'MISS'} |" for b in found]
+    met = [b["bar"].split(", ")[1].split(":")[0] for b in found if b["pass"]]
+    lines.append("")
+    lines.append(f"bar met by: {', '.join(met)}" if met else "bar missed by every exact decoder")
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "model_cpus": sorted(os.sched_getaffinity(0)),
@@ -563,13 +598,15 @@ def run(config: BenchConfig) -> dict:
         results["knnlm"] = bench_knnlm(config, lm, scenarios)
     if "retro" in config.models:
         results["retro"] = bench_retro(config, retro, tokenizer, prompts, greedy)
-    for scenarios in results.values():
+    for section, scenarios in results.items():
+        serial = "knn-lm serial" if section == "knnlm" else "retro exact (prefetch 0)"
         for result in scenarios.values():
+            digest = result["rows"][serial]["tokens_digest"]
             for r in result["rows"].values():
-                r.pop("tokens_digest")
+                r["same_tokens_as_serial"] = r.pop("tokens_digest") == digest
     return {"config": {**asdict(config), "run": str(config.run), "out": str(config.out)},
             "environment": environment(), "models": {"lm": asdict(lm.config), "retro": asdict(retro.config)},
-            "results": results}
+            "results": results, "bars": bars(results)}
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
@@ -661,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kNN-LM {scenario}, speculative: {s['rows_guessed']} rows guessed, the LM's argmax was the "
                   f"token chosen for {s['guesses_held']:.0%} of them; it was for every row on "
                   f"{s['steps_all_held']:.0%} of the steps")
+    print()
+    print(bars_table(results["bars"]))
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "decoding.json"
     path.write_text(json.dumps(results, indent=2))

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from decoding import Cores, annotate, hidden, process_cpu_s  # noqa: E402
+from decoding import Cores, annotate, bars, bars_table, hidden, process_cpu_s  # noqa: E402
 
 BUSY = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end:\n    pass\ntime.sleep(30)\n"
 
@@ -87,3 +87,26 @@ def test_the_figure_gives_each_decoder_its_tokens_per_second_over_serial_retriev
     (tmp_path / "empty.json").write_text('{"results": {}}')
     with pytest.raises(SystemExit, match="does not hold what the figure needs.*no kNN-LM or RETRO results"):
         main([str(tmp_path / "empty.json")])
+
+
+def decoded(tokens_per_s: float, cpu_ms_per_token: float, same: bool = True) -> dict:
+    return {"tokens_per_s": tokens_per_s, "cpu_ms_per_token": cpu_ms_per_token, "same_tokens_as_serial": same}
+
+
+def test_the_speed_bar_needs_one_exact_decoder_faster_by_half_with_the_same_tokens_and_no_more_cpu():
+    rows = {"lm (no retrieval)": decoded(1600.0, 0.6, same=False), "knn-lm serial": decoded(600.0, 1.7),
+            "knn-lm early request": decoded(660.0, 1.8),  # faster, but too little and dearer
+            "knn-lm pipelined": decoded(950.0, 1.6, same=False),  # fast enough, cheap enough, other tokens
+            "knn-lm ralmspec lm guess": decoded(900.0, 1.7)}  # exactly 1.5x, exactly serial's CPU
+    found = bars({"knnlm": {"greedy x1": {"rows": {}}, "greedy x8": {"rows": rows}}})
+    assert [b["pass"] for b in found] == [False, False, True]
+    assert found[0]["value"] == "1.10x, CPU 1.06x, same tokens yes"
+    assert found[1]["value"] == "1.58x, CPU 0.94x, same tokens NO"
+    assert bars_table(found).endswith("bar met by: knn-lm ralmspec lm guess")
+
+    rows["knn-lm ralmspec lm guess"] = decoded(900.0, 1.71)  # a hair more CPU per token than serial's
+    found = bars({"knnlm": {"greedy x8": {"rows": rows}}})
+    assert not any(b["pass"] for b in found)
+    assert bars_table(found).endswith("bar missed by every exact decoder")
+    assert bars({"retro": {"greedy x8": {"rows": rows}}}) == []
+    assert "did not run" in bars_table([])
