@@ -250,6 +250,18 @@ def test_grpc_probes_check_the_plaintext_health_port(docs_3x2, capsys):
             assert container[probe]["grpc"] == {"port": args.health_port}, f"{_name(doc)} {probe}"
 
 
+def test_the_shards_take_every_request_the_router_forwards(docs_3x2, capsys):
+    """A request the router accepts grows by what it adds before forwarding: the shards' limit is that
+    much larger, as `serve` sets it, or the router refuses requests near its own limit."""
+    from retriever_server.serving.router import FORWARD_SLACK
+
+    (router,) = of_kind(docs_3x2, "Deployment")
+    limit = server_args(router["spec"]["template"]["spec"]["containers"][0], capsys).max_request_mb
+    shards = [server_args(s["spec"]["template"]["spec"]["containers"][0], capsys).max_request_mb
+              for s in of_kind(docs_3x2, "StatefulSet")]
+    assert limit == 256 and shards == [limit + (FORWARD_SLACK >> 20)] * 3
+
+
 def test_every_server_needs_tls_and_a_token_from_the_secrets(docs_3x2, capsys):
     for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
         pod = doc["spec"]["template"]["spec"]

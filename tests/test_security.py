@@ -4,6 +4,7 @@ rotated without a restart; a non-loopback port refused without TLS and a token."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -156,6 +157,80 @@ def test_tokens_and_certificates_rotate_without_a_restart(aio, datastore, keys, 
             assert client.info().ntotal == N // 2
     finally:
         aio.run(running.drain(grace=0))
+
+
+def wait_until(check, seconds: float = 5.0) -> bool:
+    """Polls `check` every 0.2 s until it holds or `seconds` pass; whether it held."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_router_takes_up_a_rotated_token_and_a_renewed_client_certificate(aio, datastore, keys, pki, tmp_path):
+    """The router reads the token file it shares with its shards again, and opens new channels when its
+    client certificate is renewed: a rotation the shards took up does not cut the router off from them."""
+    tokens = write_private(tmp_path / "tokens", b"old-token\n")
+    client_ca, cert, key = tmp_path / "client-ca.pem", tmp_path / "router.pem", tmp_path / "router.key"
+    client_ca.write_bytes(pki["ca.pem"].read_bytes())
+    cert.write_bytes(pki["client.pem"].read_bytes())
+    key.write_bytes(pki["client.key"].read_bytes())
+    shards = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_ca=client_ca,
+                            token_file=tokens)
+    hops = ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=cert, tls_key=key, token_file=tokens)
+    public = ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=pki["client.pem"], tls_key=pki["client.key"])
+    with serve(aio, datastore, 2, security=shards, shard_client=hops) as served:
+        def search_with(token: str) -> grpc.StatusCode | None:
+            with RetrieverClient(served.address, security=dataclasses.replace(public, token=token),
+                                 timeout=5) as client:
+                return code_of(lambda: client.search(keys[:3], k=4))
+        assert search_with("old-token") is None
+        tokens.write_text("old-token\nnew-token\n")  # every server accepts both
+        tokens.write_text("new-token\nold-token\n")  # the router sends the first: it moves over
+        tokens.write_text("new-token\n")  # the old one is gone from every server
+        assert wait_until(lambda: search_with("old-token") == grpc.StatusCode.UNAUTHENTICATED)
+        assert wait_until(lambda: search_with("new-token") is None)  # the router sends the new one
+
+        ca2 = make_ca("the next client CA")  # the shards trust client certificates of a new CA alone...
+        renewed = make_leaf(ca2, "router", [])
+        key.write_bytes(renewed.key_pem)
+        cert.write_bytes(renewed.cert_pem)  # ...and the router's certificate is renewed by it
+        client_ca.write_bytes(ca2.cert_pem)
+        public = ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=cert, tls_key=key)
+        shard = served.shards[0][0]
+        port = shard.port
+        aio.run(shard.drain(grace=0))  # a shard restarts: the router connects to it again
+        served.shards[0][0] = aio.run(start_shard_server(ShardServerConfig(datastore, 0, port=port, metrics_port=None,
+                                                                           security=shards)))
+        assert wait_until(lambda: search_with("new-token") is None, seconds=10)
+
+
+def test_watched_client_files_keep_what_works_until_the_change_is_whole(pki, tmp_path):
+    from retriever_server.security.client_files import WatchedClientSecurity
+
+    tokens = write_private(tmp_path / "tokens", b"first\nsecond\n")
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    cert.write_bytes(pki["client.pem"].read_bytes())
+    key.write_bytes(pki["client.key"].read_bytes())
+    watched = WatchedClientSecurity(ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=cert, tls_key=key,
+                                                   token_file=tokens), check_every_s=0.0)
+    assert watched.metadata == (("authorization", "Bearer first"),)
+    assert watched.refresh() is False  # nothing changed
+    tokens.write_text("")  # emptied while being rewritten: the token read before stays
+    assert watched.refresh() is False and watched.metadata == (("authorization", "Bearer first"),)
+    tokens.write_text("second\n")
+    assert watched.refresh() is False and watched.metadata == (("authorization", "Bearer second"),)
+    renewed = make_leaf(make_ca("next"), "client", [])
+    cert.write_bytes(renewed.cert_pem)  # the key is not written yet: a pair that does not match
+    assert watched.refresh() is False
+    key.write_bytes(renewed.key_pem)
+    assert watched.refresh() is True  # whole now: new channels
+    assert watched.refresh() is False  # once
+    slow = WatchedClientSecurity(ClientSecurity(token_file=tokens))  # checks at most once a second
+    tokens.write_text("third\n")
+    assert slow.refresh() is False and slow.metadata == (("authorization", "Bearer second"),)
 
 
 def test_bad_tls_files_are_named_before_anything_binds(aio, datastore, pki):

@@ -18,6 +18,7 @@ import grpc
 
 from retriever_server.logs import EventCounter
 from retriever_server.security.config import SecurityError, read_tokens
+from retriever_server.security.tls import file_stamps
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,8 @@ class TokenSet:
         self.path = Path(path)
         self.lock = threading.Lock()
         self.tokens = [t.encode() for t in read_tokens(self.path)]
-        self.seen = self._stamp()
+        self.seen = file_stamps([self.path])
         self.checked = time.monotonic()
-
-    def _stamp(self):
-        try:
-            st = self.path.stat()
-            return st.st_mtime_ns, st.st_size, st.st_ino
-        except OSError:
-            return None
 
     def reload(self) -> None:
         """Reads the file now (SIGHUP); a file that cannot be read or is empty keeps the current tokens."""
@@ -67,7 +61,7 @@ class TokenSet:
         if now - self.checked < CHECK_EVERY_S:
             return
         self.checked = now
-        stamp = self._stamp()
+        stamp = file_stamps([self.path])
         if stamp != self.seen:
             self.seen = stamp
             self.reload()

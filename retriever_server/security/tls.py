@@ -51,7 +51,7 @@ def check_pem(cert: Path | None, key: Path | None, ca: Path | None, side: str = 
             raise SecurityError(f"cannot read --{side}tls-ca {ca}: {err.strerror or err}") from None
 
 
-def _stamp(paths: list[Path]) -> tuple:
+def file_stamps(paths: list[Path]) -> tuple:
     """What changes when any of the files is rewritten or replaced."""
     out = []
     for path in paths:
@@ -71,7 +71,7 @@ class ServerCertificates:
         self.paths = [p for p in (security.tls_cert, security.tls_key, security.tls_ca) if p is not None]
         self.lock = threading.Lock()
         self.forced = False
-        self.seen = _stamp(self.paths)
+        self.seen = file_stamps(self.paths)
         self.initial = self._config()
 
     def _config(self) -> grpc.ServerCertificateConfiguration:
@@ -89,7 +89,7 @@ class ServerCertificates:
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's callback before each handshake: a new configuration when the files changed, else None."""
         with self.lock:
-            stamp = _stamp(self.paths)
+            stamp = file_stamps(self.paths)
             if stamp == self.seen and not self.forced:
                 return None
             self.seen, self.forced = stamp, False

@@ -23,7 +23,7 @@ import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server.security.auth import bearer_metadata
+from retriever_server.security.client_files import WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.security.tls import open_aio_channel
 from retriever_server.serving.failover import (
@@ -86,10 +86,12 @@ class RouterService(BaseRetrieverService):
         self.config = config
         self.sets = replica_sets([list(s) for s in config.shards])
         self.metrics.watch_hedge_delays({s.name: self._hedge_delay_of(s) for s in self.sets})
+        self.credentials = WatchedClientSecurity(config.shard_security)  # its token and TLS files, watched
         self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
                          for s in config.shards for a in s}
-        self.metadata = bearer_metadata(config.shard_security.bearer_token())
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.retired: list[grpc.aio.Channel] = []  # channels of TLS files since changed, closed at the next change
+        self.closing: set[asyncio.Future] = set()
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
         self.config_error: str | None = None
@@ -99,6 +101,25 @@ class RouterService(BaseRetrieverService):
     def _hedge_delay_of(self, replicas: ReplicaSet) -> Callable[[], float]:
         policy = self.config.failover
         return lambda: replicas.hedge_delay(policy) if policy.hedge else float("nan")
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of every call to a shard: the current bearer token."""
+        return self.credentials.metadata
+
+    def _refresh_credentials(self) -> None:
+        """Takes up a rotated token at once, and changed TLS files on new channels to every replica (the
+        channels before them stay open for the calls on their way, until the next change or close())."""
+        if not self.credentials.refresh():
+            return
+        for old in self.retired:
+            closing = asyncio.ensure_future(old.close())
+            self.closing.add(closing)  # held until done: the loop keeps only weak references to tasks
+            closing.add_done_callback(self.closing.discard)
+        self.retired = list(self.channels.values())
+        self.channels = {a: open_aio_channel(a, self.config.shard_security, CHANNEL_OPTIONS)
+                         for s in self.sets for a in s.addresses}
+        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
 
     def not_ready_error(self) -> RequestError | None:
         if self.config_error is not None:
@@ -126,6 +147,7 @@ class RouterService(BaseRetrieverService):
         waits, it says every DISCOVERY_REPORT_S seconds which shards have not answered, and why."""
         report_at = time.monotonic() + DISCOVERY_REPORT_S
         while True:
+            self._refresh_credentials()
             silent: dict[str, str] = {}
             infos = await asyncio.gather(*(self._replica_infos(s, silent) for s in self.sets))
             if all(infos):
@@ -195,6 +217,7 @@ class RouterService(BaseRetrieverService):
 
     async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
         forwarded, spec = await self._off_loop(len(raw) // 4, self._checked, raw)
+        self._refresh_credentials()
         deadline = Deadline(context.time_remaining())
         outcomes = await asyncio.gather(*(self._search_shard(s, forwarded, deadline) for s in self.sets),
                                         return_exceptions=True)
@@ -253,7 +276,7 @@ class RouterService(BaseRetrieverService):
         return old
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.channels.values()))
+        await asyncio.gather(*(c.close() for c in [*self.channels.values(), *self.retired]))
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

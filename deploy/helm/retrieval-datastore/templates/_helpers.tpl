@@ -145,7 +145,8 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end }}
 {{- end -}}
 
-{{/* The flags every server takes: drain, limits, security, health and metrics. (dict "root" $ "server" ...) */}}
+{{/* The flags every server takes: drain, limits, security, health and metrics. (dict "root" $ "server" ...
+     "shard" true|false) */}}
 {{- define "rd.serverArgs" -}}
 {{- include "rd.securityArgs" .root }}
 - --health-port
@@ -163,7 +164,8 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 - --max-batch
 - {{ .root.Values.limits.maxBatch | quote }}
 - --max-request-mb
-- {{ .root.Values.limits.maxRequestMb | quote }}
+{{- /* a shard takes 1 MiB more: what the router adds to a request it forwards (its datastore version) */}}
+- {{ add .root.Values.limits.maxRequestMb (ternary 1 0 (default false .shard)) | quote }}
 - --max-inflight
 - {{ .root.Values.limits.maxInflight | quote }}
 {{- range .server.extraArgs }}
