@@ -100,9 +100,12 @@ def test_the_speed_bar_needs_one_exact_decoder_faster_by_half_with_the_same_toke
             "knn-lm ralmspec lm guess": decoded(900.0, 1.7)}  # exactly 1.5x, exactly serial's CPU
     found = bars({"knnlm": {"greedy x1": {"rows": {}}, "greedy x8": {"rows": rows}}})
     assert [b["pass"] for b in found] == [False, False, True]
-    assert found[0]["value"] == "1.10x, CPU 1.06x, same tokens yes"
-    assert found[1]["value"] == "1.58x, CPU 0.94x, same tokens NO"
-    assert bars_table(found).endswith("bar met by: knn-lm ralmspec lm guess")
+    assert found[0]["speedup"] == pytest.approx(1.1) and found[0]["cpu_per_token_vs_serial"] == pytest.approx(1.8 / 1.7)
+    assert found[1]["same_tokens"] is False
+    table = bars_table(found)
+    assert "| knn-lm pipelined | 1.58x | 0.94x | NO | MISS |" in table
+    assert "| knn-lm ralmspec lm guess | 1.50x | 1.00x | yes | PASS |" in table
+    assert table.endswith("bar met by: knn-lm ralmspec lm guess")
 
     rows["knn-lm ralmspec lm guess"] = decoded(900.0, 1.71)  # a hair more CPU per token than serial's
     found = bars({"knnlm": {"greedy x8": {"rows": rows}}})
