@@ -561,6 +561,15 @@ def test_router_refuses_a_shard_set_that_is_not_one_whole_datastore(aio, datasto
         assert "serve different shards" in _router_error(aio, ((a, b),))
         with pytest.raises(RetrieverError, match="given more than once"):
             RetrieverClient([a, a]).search(np.zeros((1, D), np.float32), k=1)
+        router = aio.run(start_router(RouterConfig(((a,), (b,)), metrics_port=None)))
+        try:  # a router given as a shard: its answers hold every shard's ids, merged again they come twice
+            not_a_shard = "the address given as shard 0 answers as a router, not a shard server"
+            assert not_a_shard in _router_error(aio, ((router.address,), (b,)))
+            assert "given as shard 1 answers as a router" in _router_error(aio, ((a,), (b, router.address)))
+            with pytest.raises(RetrieverError, match=not_a_shard):
+                RetrieverClient([router.address, b]).search(np.zeros((1, D), np.float32), k=1)
+        finally:
+            aio.run(router.drain(grace=0))
     finally:
         for server in (*servers, other):
             aio.run(server.drain(grace=0))

@@ -45,9 +45,14 @@ def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
 def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
     """Why shards (each the infos of its answering replicas) are not one whole datastore, or None.
 
-    Every replica must serve the same datastore version, the shards must be all of the datastore's
-    shards, each once, and their id ranges must tile [0, ntotal).
+    Every replica must be a shard server (not a router) of the same datastore version, the shards must
+    be all of the datastore's shards, each once, and their id ranges must tile [0, ntotal).
     """
+    for position, replicas in enumerate(infos):
+        for info in replicas:
+            if info.role != "shard":  # a router's answers hold every shard's ids: merged again, each twice
+                return (f"the address given as shard {position} answers as a {info.role or 'server'}, not a shard "
+                        "server: give the shard servers' own addresses")
     everyone = [info for replicas in infos for info in replicas]
     versions = sorted({info.datastore_version for info in everyone})
     if len(versions) > 1:
