@@ -107,14 +107,41 @@ def test_a_hung_replica_costs_no_request(deployment, keys, expected):
     assert failed == []
 
 
+def test_a_hung_shard_leaves_a_partial_answer_in_time_when_one_is_allowed(deployment, keys, expected):
+    """SIGSTOP every replica of shard 1: with allow_partial, the router and the client's own fan-out
+    answer within the deadline with shard 0's neighbours, shard 1 named as failed; without it the call
+    runs out of time, named by the address the client dialled."""
+    hung = [c.popen.pid for c in deployment.shards[1]]
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with RetrieverClient(deployment.router_address, timeout=2.0) as router, \
+                RetrieverClient(deployment.shard_addresses, timeout=2.0) as fan_out:
+            for client in (router, fan_out):
+                began = time.monotonic()
+                partial = client.search(keys[:QUERIES], k=5, nprobe=8, allow_partial=True)
+                assert time.monotonic() - began < 2.0
+                assert partial.partial and set(partial.failed_shards) == {"shard-00001"}
+                found = partial.ids[partial.ids >= 0]
+                assert found.size and (found < N // 2).all()  # shard 0's rows alone
+            with pytest.raises(RetrieverError) as late:
+                router.search(keys[:QUERIES], k=5, nprobe=8, timeout=0.5)
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert late.value.message == f"deadline passed waiting for {deployment.router_address}"
+
+
 def test_a_killed_replica_is_restarted_on_its_port_and_back_in_rotation(deployment, keys, expected):
     child = deployment.shards[1][0]
-    pid, address = child.popen.pid, child.address
+    pid, address, ports = child.popen.pid, child.address, (child.metrics_port, child.health_port)
     deployment.kill(shard=1, replica=0)
     with RetrieverClient(deployment.router_address, timeout=5) as client:
         np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)  # the other one
         assert wait_until(lambda: back_serving(child, pid), 60)
         assert child.address == address and child.restarts >= 1
+        assert (child.metrics_port, child.health_port) == ports and None not in ports  # what was printed holds
         argv = Path(f"/proc/{child.popen.pid}/cmdline").read_bytes().split(b"\0")
         ppid = int(Path(f"/proc/{child.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         assert ppid == os.getpid() and b"--shard" in argv and argv[argv.index(b"--shard") + 1] == b"1" \
@@ -143,10 +170,10 @@ def test_a_shard_without_replicas_leaves_the_router_up(deployment, keys, expecte
 
 def test_a_killed_router_comes_back_at_its_address(deployment, keys, expected):
     router = deployment.router
-    pid, address = router.popen.pid, router.address
+    pid, address, metrics_port = router.popen.pid, router.address, router.metrics_port
     os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: back_serving(router, pid), 60)
-    assert router.address == address
+    assert router.address == address and router.metrics_port == metrics_port is not None
     with RetrieverClient(address, timeout=5) as client:
         np.testing.assert_array_equal(client.search(keys[:QUERIES], k=5, nprobe=8).ids, expected)
 
@@ -155,6 +182,25 @@ def test_restarts_back_off_to_the_cap_however_often_a_child_fails():
     policy = RestartPolicy(first_delay_s=0.5, max_delay_s=30.0)
     assert [policy.delay(n) for n in (1, 2, 3, 7, 8)] == [0.5, 1.0, 2.0, 30.0, 30.0]
     assert policy.delay(1025) == policy.delay(10 ** 6) == 30.0  # a child failing for hours, no overflow
+
+
+def test_a_restart_is_logged_with_why_the_child_ended(tmp_path):
+    import sys
+
+    from retriever_server.cluster.supervisor import exit_reason
+
+    failing = Child("shard-00000-r0", [sys.executable, "-c", "print('loading'); print('error: index.faiss: checksum "
+                                       "does not match\\x1b[2J'); raise SystemExit(1)"],
+                    tmp_path / "a.log", tmp_path / "a.json")
+    killed = Child("shard-00001-r0", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "b.log",
+                   tmp_path / "b.json")
+    for child in (failing, killed):
+        child.spawn()
+    killed.popen.kill()
+    for child in (failing, killed):
+        child.popen.wait(timeout=30)
+    assert exit_reason(failing) == "exited with code 1: error: index.faiss: checksum does not match\\x1b[2J"
+    assert exit_reason(killed) == "was killed by SIGKILL"
 
 
 def run_policy(replicas: list[str], answer, policy=FailoverPolicy(hedge_delay_s=0.02), timeout=2.0):

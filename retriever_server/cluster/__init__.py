@@ -14,5 +14,6 @@
   as constructor arguments (never in a runtime environment, which Ray logs).
 
 Imports: retriever_server.cluster, retriever_server.serving, retriever_server.security,
-    retriever_server.datastore.manifest, retriever_server.wire.request, retriever_server.logs
+    retriever_server.datastore.manifest, retriever_server.wire.request, retriever_server.wire.untrusted,
+    retriever_server.logs
 """

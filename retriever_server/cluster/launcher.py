@@ -216,8 +216,8 @@ class LocalDeployment:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stops supervising, then SIGTERM to every process (router first, so it stops sending), then
-        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start (the hops'
-        credentials in it are removed either way)."""
+        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start or was restarted
+        (the hops' credentials in it are removed either way)."""
         if self._supervisor is not None:
             self._supervisor.stop()
         self._stopped.set()
@@ -233,8 +233,10 @@ class LocalDeployment:
                 process.popen.wait()
         if self.hops is not None:  # the hops' keys and token go even where the logs are kept
             self.hops.remove()
-        if not self._keep_dir:
+        if not self._keep_dir and not any(p.restarts for p in self.processes()):  # a crash's logs stay
             shutil.rmtree(self._dir, ignore_errors=True)
+        elif self._dir.is_dir():
+            log.warning("the servers' logs stay in %s", self._dir)
 
     def _why_stop(self, reported: set[str]) -> str:
         """Without restarts: why the deployment must stop ("" while it can serve); warns once per

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retriever_server.serving.grpc_setup import health_status
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,8 @@ class Child:
 
     def check_serving(self) -> bool:
         """Reads the address file once written, then asks the health port; True once SERVING. From then
-        on the command binds the same port, so a restart comes back at the same address."""
+        on the command binds the same ports (gRPC, metrics, health), so a restart comes back at the same
+        addresses, those the address file and the logs gave."""
         if not self.address_file.is_file():
             return False
         written = json.loads(self.address_file.read_text())
@@ -112,9 +115,24 @@ class Child:
         if health_status(f"127.0.0.1:{self.health_port}", timeout=1.0) != "SERVING":
             return False
         self.serving = True
-        port = self.address.rsplit(":", 1)[1]
-        self.command = [*without_option(self.command, "--port"), "--port", port]
+        pinned = {"--port": self.address.rsplit(":", 1)[1], "--metrics-port": self.metrics_port,
+                  "--health-port": self.health_port}
+        for option, port in pinned.items():
+            if port is not None:
+                self.command = [*without_option(self.command, option), option, str(port)]
         return True
+
+
+def exit_reason(child: Child) -> str:
+    """How a child ended: the signal that killed it, or its exit code and its log's last line (a server's
+    error line: "checksum does not match", a port in use), cut to one line of at most 300 characters."""
+    code = child.popen.returncode
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}: {one_line(child.last_error(), 300)}"
 
 
 @dataclass
@@ -155,8 +173,8 @@ class Supervisor:
             child.quick_exits = 1 if ran >= self.policy.healthy_after_s else child.quick_exits + 1
             delay = self.policy.delay(child.quick_exits)
             child.restart_at = now + delay
-            log.warning("%s exited with code %s after %.1fs; restarting it in %.1fs", child.name,
-                        child.popen.returncode, ran, delay)
+            log.warning("%s %s after %.1fs; restarting it in %.1fs (log: %s)", child.name, exit_reason(child),
+                        ran, delay, child.log_file)
         elif child.restart_at is not None and now >= child.restart_at:
             child.restart_at = None
             child.restarts += 1

@@ -33,7 +33,9 @@ from retriever_server.serving.failover import (
     ReplicaSet,
     call_async,
     call_once,
+    failure_code,
     failure_message,
+    shard_deadline,
 )
 from retriever_server.serving.fanout import check_address, check_shards, replica_sets
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
@@ -135,6 +137,8 @@ class RetrieverClient:
         self.timeout = timeout
         self.failover = failover
         self.sets = replica_sets(shards)
+        if not self.fan_out:  # a router or a shard: its errors name the address dialled
+            self.sets[0].name = target
         security.check()
         self.metadata = bearer_metadata(security.bearer_token())
         self._loop: LoopThread | None = None
@@ -299,10 +303,10 @@ class RetrieverClient:
         """
         request = make_request(queries, k, nprobe, exact_rerank, rerank_candidates, payloads, return_keys,
                                exclude, exclude_per_query, allow_partial, expected_version, successors)
-        deadline = Deadline(timeout or self.timeout)
+        timeout = timeout or self.timeout
         if not self.fan_out:
-            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, deadline))
-        return self._fan_out(request, k, deadline)
+            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, Deadline(timeout)))
+        return self._fan_out(request, k, shard_deadline(timeout, allow_partial))
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
         self._check_open()
@@ -314,16 +318,17 @@ class RetrieverClient:
         outcomes = self._on_loop(self._every_shard("Search", request, deadline))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
-        answers, failures = [], {}
+        answers, failed = [], {}
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):
                 answers.append(SearchResult.from_proto(outcome))
-            elif outcome.code in RETRYABLE:
-                failures[replicas.name] = outcome.message
+            elif outcome.code in RETRYABLE or (allow_partial and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED):
+                failed[replicas.name] = outcome  # a shard down, or (partial) one that did not answer in time
             else:
                 raise RetrieverError(outcome.code, outcome.message)
+        failures = {name: outcome.message for name, outcome in failed.items()}
         if failures and (not allow_partial or not answers):
-            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
+            raise RetrieverError(failure_code(failed), failure_message(failures))
         merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

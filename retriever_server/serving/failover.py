@@ -115,6 +115,26 @@ class ReplicaSet:
         return min(policy.hedge_max_s, max(policy.hedge_min_s, self._p95))
 
 
+PARTIAL_RESERVE = 0.2  # with allow_partial, the share of the caller's time kept back (at most...
+PARTIAL_RESERVE_MAX_S = 1.0  # ...this long) to answer with the shards that answered in time
+
+
+def shard_deadline(timeout: float | None, allow_partial: bool) -> Deadline:
+    """The deadline of a call's attempts on the shards: the caller's own; with `allow_partial`, a share
+    of it earlier, so that a shard that does not answer in time (a hung one) leaves the time to answer
+    with the others, flagged partial, instead of the whole call running out of time."""
+    if timeout is None or not allow_partial:
+        return Deadline(timeout)
+    return Deadline(timeout - min(PARTIAL_RESERVE * timeout, PARTIAL_RESERVE_MAX_S))
+
+
+def failure_code(failures: dict[str, CallFailed]) -> grpc.StatusCode:
+    """A call without an answer from every shard: DEADLINE_EXCEEDED when every failed shard ran out of
+    time, else UNAVAILABLE."""
+    timed_out = all(f.code == grpc.StatusCode.DEADLINE_EXCEEDED for f in failures.values())
+    return grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.UNAVAILABLE
+
+
 class Deadline:
     """The caller's deadline, shared by every attempt of one call (None: no deadline)."""
 

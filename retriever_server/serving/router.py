@@ -34,7 +34,9 @@ from retriever_server.serving.failover import (
     ReplicaSet,
     ShardFailed,
     call_async,
+    failure_code,
     failure_message,
+    shard_deadline,
 )
 from retriever_server.serving.fanout import check_shards, replica_sets, view_of
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
@@ -201,8 +203,10 @@ class RouterService(BaseRetrieverService):
                                f"{self.shard_request_bytes} bytes")
         return request, spec
 
-    async def _search_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, deadline: Deadline):
-        """One shard's answer, by the failover policy; RequestError when the call must fail whole."""
+    async def _search_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, deadline: Deadline,
+                            partial: bool):
+        """One shard's answer, by the failover policy; ShardFailed when the others may answer without it
+        (every replica failed, or, with `partial`, its time ran out); RequestError when the call must fail whole."""
         def attempt(address: str, timeout: float | None):
             return self.stubs[address].Search(request, timeout=timeout, metadata=self.metadata)
 
@@ -211,6 +215,8 @@ class RouterService(BaseRetrieverService):
         except ShardFailed:
             raise
         except CallFailed as err:
+            if partial and err.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a hung shard: answer without it
+                raise ShardFailed(err.code, err.message) from None
             message = err.message if err.code == grpc.StatusCode.DEADLINE_EXCEEDED else \
                 f"{replicas.name}: {err.message}"
             raise RequestError(err.code, message) from None
@@ -218,16 +224,17 @@ class RouterService(BaseRetrieverService):
     async def handle_search(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[bytes, int]:
         forwarded, spec = await self._off_loop(len(raw) // 4, self._checked, raw)
         self._refresh_credentials()
-        deadline = Deadline(context.time_remaining())
-        outcomes = await asyncio.gather(*(self._search_shard(s, forwarded, deadline) for s in self.sets),
-                                        return_exceptions=True)
+        deadline = shard_deadline(context.time_remaining(), spec.allow_partial)
+        outcomes = await asyncio.gather(*(self._search_shard(s, forwarded, deadline, spec.allow_partial)
+                                          for s in self.sets), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
                 raise outcome
-        failures = {s.name: o.message for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
+        failed = {s.name: o for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
+        failures = {name: o.message for name, o in failed.items()}
         answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
         if failures and (not spec.allow_partial or not answers):
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, failure_message(failures))
+            raise RequestError(failure_code(failed), failure_message(failures))
         answer = await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
         return answer, spec.nq
 
