@@ -76,6 +76,18 @@ def test_nan_and_inf_are_refused_with_the_row(value):
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "row 2" in error.message
 
 
+@pytest.mark.parametrize("argument, value, error, words", [
+    ("k", 2.5, TypeError, "k must be an integer, got 2.5"),
+    ("nprobe", True, TypeError, "nprobe must be an integer, got True"),
+    ("k", 2 ** 40, ValueError, "k must fit in 32 bits, got 1099511627776"),
+    ("successors", -2 ** 31 - 1, ValueError, "successors must fit in 32 bits"),
+])
+def test_a_count_the_request_cannot_carry_is_named(argument, value, error, words):
+    with pytest.raises(error, match=words):
+        make_request(np.zeros((1, 4), np.float32), **{argument: value})
+    assert make_request(np.zeros((1, 4), np.float32), k=np.int64(7), rerank_candidates=np.int32(9)).k == 7
+
+
 def test_rerank_without_keys_is_a_failed_precondition():
     view = DatastoreView(8, 16, 2, False, {}, "v1")
     error = refused(make_request(Q, k=5, exact_rerank=True), view)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,7 +78,9 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
                  rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
                  exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
                  allow_partial: bool = False, expected_version: str = "", successors: int = 0) -> pb.SearchRequest:
-    """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32)."""
+    """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32); TypeError or
+    ValueError naming the argument for a count that is not an integer the request can carry."""
+    _check_counts(k=k, nprobe=nprobe, rerank_candidates=rerank_candidates, successors=successors)
     queries = np.asarray(queries)
     if queries.dtype == np.float64:
         queries = queries.astype(np.float32)
@@ -90,6 +93,16 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     )
     fill_tensor(request.queries, queries)
     return request
+
+
+def _check_counts(**counts: object) -> None:
+    """TypeError unless every count is an integer, ValueError unless it fits the request's int32 fields
+    (the server checks the ranges that make sense: k within its max_k, ...)."""
+    for name, value in counts.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not -2 ** 31 <= value < 2 ** 31:
+            raise ValueError(f"{name} must fit in 32 bits, got {value}")
 
 
 async def _open_channels(addresses: list[str], security: ClientSecurity) -> dict[str, grpc.aio.Channel]:
