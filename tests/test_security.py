@@ -207,6 +207,21 @@ def test_a_router_takes_up_a_rotated_token_and_a_renewed_client_certificate(aio,
         assert wait_until(lambda: search_with("new-token") is None, seconds=10)
 
 
+def test_a_client_sends_the_token_its_file_holds_now(aio, datastore, pki, tmp_path):
+    accepted = write_private(tmp_path / "accepted", b"old-token\nnew-token\n")
+    mine = write_private(tmp_path / "mine", b"old-token\n")
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None,
+                                                           security=ServerSecurity(token_file=accepted))))
+    try:
+        with RetrieverClient(running.address, security=ClientSecurity(token_file=mine), timeout=5) as client:
+            assert client.info().ntotal == N // 2
+            mine.write_text("new-token\n")  # the client moves over, without a restart
+            accepted.write_text("new-token\n")
+            assert wait_until(lambda: code_of(client.info) is None and client.metadata[0][1] == "Bearer new-token")
+    finally:
+        aio.run(running.drain(grace=0))
+
+
 def test_watched_client_files_keep_what_works_until_the_change_is_whole(pki, tmp_path):
     from retriever_server.security.client_files import WatchedClientSecurity
 

@@ -1,12 +1,13 @@
-"""A long-lived client's credentials read again when their files change: what a router presents to
-its shards. The shards re-read their token file and certificates without a restart (`auth`, `tls`);
-without this, a router kept sending the token it read at start, and opening connections with the
-certificate it read at start, so a rotation that the shards took up cut the router off from them.
+"""A long-lived client's credentials, read again when their files change: the token and certificate a
+router presents to its shards, and the token a `RetrieverClient` sends. Servers re-read their token
+file and certificates without a restart (`auth`, `tls`); their clients do too, so that a rotation the
+servers took up does not cut them off.
 
 The files are checked at most once a second, when a call is about to go out. A token file that
-changed is read again (its first token is sent from then on); TLS files that changed make the
-caller open new channels (connections already open keep their TLS session). Files that cannot be
-read, or do not hold a certificate and its key, keep the current credentials, as the servers do.
+changed is read again (its first token is sent from then on); TLS files that changed are reported,
+for the caller to open new channels (a router does; connections already open keep their TLS session).
+Files that cannot be read, or do not hold a certificate and its key, keep the current credentials, as
+the servers do.
 
 Example:
     >>> watched = WatchedClientSecurity(ClientSecurity(token_file=Path("tokens")))
@@ -73,8 +74,7 @@ class WatchedClientSecurity:
                         err)
             return False
         self._tls_seen = stamp
-        log.info("TLS files of the calls out changed (%s): opening new channels",
-                 ", ".join(str(p) for p in self._tls_files))
+        log.info("TLS files of the calls out changed: %s", ", ".join(str(p) for p in self._tls_files))
         return True
 
     def _read_token(self, path: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server.security.auth import bearer_metadata
+from retriever_server.security.client_files import WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity
 from retriever_server.security.tls import open_aio_channel, open_channel
 from retriever_server.serving.event_loop import LoopThread
@@ -153,7 +153,7 @@ class RetrieverClient:
         if not self.fan_out:  # a router or a shard: its errors name the address dialled
             self.sets[0].name = target
         security.check()
-        self.metadata = bearer_metadata(security.bearer_token())
+        self.credentials = WatchedClientSecurity(security)  # its token file, read again when it changes
         self._loop: LoopThread | None = None
         self._closed = False
         addresses = [a for s in shards for a in s]
@@ -191,8 +191,15 @@ class RetrieverClient:
         self._loop.run(_close_channels(list(self.channels.values())))
         self._loop.close()
 
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of every call: the current bearer token (the token file's first, read again
+        when the file changes; TLS files are read when the client is made)."""
+        return self.credentials.metadata
+
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         self._check_open()
+        self.credentials.refresh()
         if self._loop is None:
             outcome = self._blocking_attempt(replicas, method, request, deadline)
         else:
@@ -323,6 +330,7 @@ class RetrieverClient:
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
         self._check_open()
+        self.credentials.refresh()
         infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
         request.allow_partial = False

@@ -114,6 +114,7 @@ class RouterService(BaseRetrieverService):
         channels before them stay open for the calls on their way, until the next change or close())."""
         if not self.credentials.refresh():
             return
+        log.info("new channels to the shards, with the changed TLS files")
         for old in self.retired:
             closing = asyncio.ensure_future(old.close())
             self.closing.add(closing)  # held until done: the loop keeps only weak references to tasks
