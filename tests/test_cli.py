@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from conftest import synthetic
 
 from retriever_server import cli
 from retriever_server.cli import serve
+from retriever_server.serving.grpc_setup import health_status
 
 # a log record (the project's, or one from Ray's core: "[2026-... W pid tid] ..."), not the CLI's message
 LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+ |[A-Z] \d+ \d+\] )")
@@ -140,6 +142,10 @@ def test_serve_datastore_passes_its_flags_to_the_children():
     assert shard.max_request_mb == router.max_request_mb + 1  # nothing the router accepts is too big for a shard
     off = reparse("serve", "--datastore", "ds", "--metrics-port", "-1")
     assert all(child[child.index("--metrics-port") + 1] == "-1" for child in serve.child_args(off))
+    assert "--health-port" not in router_args  # the router picks one on 127.0.0.1, as the shards do...
+    fixed = serve.child_args(reparse("serve", "--datastore", "ds", "--health-port", "7904", "--health-host", "0.0.0.0"))
+    router = reparse("router", "--shards", "127.0.0.1:1", *fixed[1])
+    assert (router.health_port, router.health_host) == (7904, "0.0.0.0") and "--health-port" not in fixed[0]  # ...or
 
 
 def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> None:
@@ -147,15 +153,20 @@ def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> Non
     `search --payload` prints the payload; float64 queries are sent as float32 with a note; `info`
     into a pipe whose reader has gone ends quietly."""
     address_file = datastore.parent / "serve.json"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
-                               "--address-file", str(address_file), "--metrics-port", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--address-file", str(address_file), "--metrics-port", "-1", "--health-port",
+                               str(health_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not address_file.is_file():
             assert server.poll() is None and time.monotonic() < deadline, "serve did not start"
             time.sleep(0.2)  # polling, with a deadline
         address = json.loads(address_file.read_text())["address"]
+        assert json.loads(address_file.read_text())["health_port"] == health_port
+        assert health_status(f"127.0.0.1:{health_port}", timeout=5) == "SERVING"  # the router's, as given
         served = json.loads(run("info", address, "--json").stdout)
         assert served.keys() == directory_info.keys()
         same = ("dimension", "metric", "factory", "ntotal", "nlist", "default_nprobe", "has_keys",

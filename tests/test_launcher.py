@@ -157,7 +157,7 @@ def test_cpus_confine_every_process_and_set_the_threads(datastore, keys):
 
 def test_failed_start_keeps_the_logs_and_names_them(datastore):
     deployment = LocalDeployment(datastore, extra_args=("--threads", "many"))
-    with pytest.raises(LaunchError, match="invalid int value: 'many'") as caught:
+    with pytest.raises(LaunchError, match="argument --threads: expected an integer, got 'many'") as caught:
         deployment.start()
     assert f"logs in {deployment.log_dir}" in str(caught.value)
     assert (deployment.log_dir / "shard-00000-r0.log").is_file()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from retriever_server.cluster.cpus import parse_cpus, pin
@@ -17,6 +20,9 @@ from retriever_server.serving.failover import FailoverPolicy
 from retriever_server.wire.request import Limits
 
 PROG = "retriever-server"
+INT32_MAX = (1 << 31) - 1  # what the wire's int32 fields (max_k, replica) and gRPC's int options hold
+MAX_REQUEST_MB = 2047  # gRPC's receive limit is an int32 of bytes (2 GiB less 1 byte at most)
+MAX_THREADS = 4096
 log = logging.getLogger(__name__)
 RAY_ADDRESS_HELP = ("Ray cluster to run on: this address (auto: the one `ray start` made on this machine), else "
                     "RAY_ADDRESS (as under `ray job submit`), else a new local cluster that ends with the command; "
@@ -72,6 +78,26 @@ def positive_int(text: str) -> int:
     return _int_in(text, 1, 1 << 31, "the count")
 
 
+def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high]; its error names `what` and the value given."""
+
+    def parse(text: str) -> int:
+        return _int_in(text, low, high, what)
+
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for seconds or milliseconds: a finite number of 0 or more (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
+    return value
+
+
 def key_value(text: str) -> tuple[str, str]:
     """argparse type for NAME=VALUE."""
     if "=" not in text:
@@ -82,11 +108,30 @@ def key_value(text: str) -> tuple[str, str]:
 
 def add_limits(p: argparse.ArgumentParser) -> None:
     """--max-k, --max-batch, --max-request-mb and --max-inflight, with the server defaults."""
-    d = Limits()
-    p.add_argument("--max-k", type=int, default=d.max_k, help="largest k a request may ask for")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="most queries in one request")
-    p.add_argument("--max-request-mb", type=int, default=d.max_request_bytes >> 20, help="largest request, MiB")
-    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="requests served at once")
+    d, count = Limits(), int_in(1, INT32_MAX, "the count")
+    p.add_argument("--max-k", type=count, default=d.max_k, help="largest k a request may ask for")
+    p.add_argument("--max-batch", type=count, default=d.max_batch, help="most queries in one request")
+    p.add_argument("--max-request-mb", type=int_in(1, MAX_REQUEST_MB, "MiB"), default=d.max_request_bytes >> 20,
+                   help=f"largest request, MiB: 1 to {MAX_REQUEST_MB} ({MAX_REQUEST_MB - 1} "
+                        "where shards take 1 MiB more than their router)")
+    p.add_argument("--max-inflight", type=count, default=d.max_inflight, help="requests served at once")
+
+
+def check_room_for_shards(args: argparse.Namespace) -> None:
+    """CliError for a --max-request-mb that leaves the shards behind a router no room for the 1 MiB more
+    they take (what the router adds to a request it forwards) under gRPC's limit."""
+    from retriever_server.serving.router import FORWARD_SLACK
+
+    slack = FORWARD_SLACK >> 20
+    if args.max_request_mb > MAX_REQUEST_MB - slack:
+        raise CliError(f"--max-request-mb {args.max_request_mb}: with shards behind a router at most "
+                       f"{MAX_REQUEST_MB - slack} (each shard takes {slack} MiB more than the router)")
+
+
+def add_threads(p: argparse.ArgumentParser, help_text: str) -> None:
+    """--threads: FAISS OpenMP threads, 0 (FAISS's default) to MAX_THREADS."""
+    count = int_in(0, MAX_THREADS, "a thread count (0: FAISS's default)")
+    p.add_argument("--threads", type=count, default=0, help=help_text)
 
 
 def add_server_security(p: argparse.ArgumentParser) -> None:
@@ -129,8 +174,9 @@ def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecu
                           token_file=values[f"{dest}auth_token_file"], flags=prefix)
 
 
-def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
-    """Where a server listens, how it is secured, how it stops, and its limits."""
+def add_server(p: argparse.ArgumentParser, metrics: bool = True, health_note: str = "") -> None:
+    """Where a server listens, how it is secured, how it stops, and its limits; `health_note` ends the
+    help of --health-port."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port_arg, default=0, help="port to bind; 0 picks a free one")
     if metrics:
@@ -140,15 +186,15 @@ def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
                        help="address the metrics port binds (default 127.0.0.1: off other machines)")
     p.add_argument("--health-port", type=optional_port_arg, default=-1,
                    help="also answer health checks, and nothing else, in plaintext on this port (for probes that "
-                        "cannot do TLS); 0 picks a free one, -1 (default) none")
+                        "cannot do TLS); 0 picks a free one, -1 (default) none" + health_note)
     p.add_argument("--health-host", default="127.0.0.1",
                    help="address the health port binds (default 127.0.0.1; 0.0.0.0 for the kubelet's probes)")
     p.add_argument("--address-file", type=Path, help="write the bound address here as JSON once listening")
     p.add_argument("--cpus", type=cpus_arg, default=(),
                    help="run on these cores only, e.g. 2,3 or 2-5 (default: any); with --datastore alone, "
                         "every shard and the router")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--drain-delay", type=float, default=1.0,
+    p.add_argument("--grace", type=non_negative_float, default=5.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain-delay", type=non_negative_float, default=1.0,
                    help="seconds between health turning NOT_SERVING on SIGTERM and the port closing")
     add_limits(p)
     add_server_security(p)
@@ -157,7 +203,7 @@ def add_server(p: argparse.ArgumentParser, metrics: bool = True) -> None:
 def add_failover(p: argparse.ArgumentParser) -> None:
     """--hedge-delay-ms and --no-hedge: how the router moves between a shard's replicas."""
     g = p.add_argument_group("failover between a shard's replicas")
-    g.add_argument("--hedge-delay-ms", type=float,
+    g.add_argument("--hedge-delay-ms", type=non_negative_float,
                    help="send a second attempt to the next replica when the first has not answered in this "
                         "long (default: the p95 of the shard's recent answers, within 20 ms to 1 s)")
     g.add_argument("--no-hedge", action="store_true", help="no second attempts: fail over on errors and "
@@ -197,6 +243,8 @@ def prepare_address_file(path: Path | None) -> None:
     address for its own), and checks one can be written there (CliError if not, before anything binds)."""
     if path is None:
         return
+    if path.is_dir():
+        raise CliError(f"--address-file {path} is a directory: give the name of a file to write")
     remove_address(path, stale=True)
     probe = path.with_name(path.name + ".tmp")
     try:
@@ -217,6 +265,19 @@ def remove_address(path: Path | None, stale: bool = False) -> None:
         path.unlink()
     except (OSError, ValueError, AttributeError):
         pass  # gone already, or not an address file of ours: left as it is
+
+
+@contextlib.contextmanager
+def metrics_port_named(args: argparse.Namespace) -> Iterator[None]:
+    """Rewords a failed bind of the metrics port (an OSError from the socket, with an errno and no file
+    name) as a CliError naming --metrics-port, as the gRPC and health ports' messages name theirs."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None or err.filename is not None or args.metrics_port < 0:
+            raise
+        raise CliError(f"--metrics-port {args.metrics_port}: could not bind the metrics port {args.metrics_host}:"
+                       f"{args.metrics_port} ({err.strerror or err})") from None
 
 
 def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:

@@ -11,8 +11,11 @@ from retriever_server.cli.common import (
     CliError,
     add_limits,
     add_server_security,
+    add_threads,
+    check_room_for_shards,
     interrupt,
     limits_of,
+    non_negative_float,
     positive_int,
     server_security_of,
     write_address,
@@ -46,9 +49,10 @@ def add_parsers(command) -> None:
     _add_ray_target(d)
     d.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster started when there is none")
     d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
-    d.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per replica (0: FAISS default)")
+    add_threads(d, "FAISS OpenMP threads per replica (0: FAISS default)")
     d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
-    d.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get when stopping")
+    d.add_argument("--grace", type=non_negative_float, default=5.0,
+                   help="seconds in-flight requests get when stopping")
     d.add_argument("--timeout", type=float, default=300.0, help="seconds every actor gets to turn SERVING")
     d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
     add_limits(d)
@@ -69,6 +73,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, ray_address
 
+    check_room_for_shards(args)
     config = RayServeConfig(
         datastore=args.datastore.resolve(), name=args.name, namespace=args.namespace, replicas=args.replicas,
         cpus_per_shard=args.cpus_per_shard, host=args.host, detached=args.detached, metrics=not args.no_metrics,

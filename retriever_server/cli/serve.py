@@ -8,16 +8,21 @@ import signal
 from pathlib import Path
 
 from retriever_server.cli.common import (
+    INT32_MAX,
     CliError,
     add_client_security,
     add_failover,
     add_server,
+    add_threads,
+    check_room_for_shards,
     client_security_of,
     failover_args,
     failover_of,
     health_port_of,
+    int_in,
     interrupt,
     limits_of,
+    metrics_port_named,
     metrics_port_of,
     pin_to_cpus,
     positive_int,
@@ -30,11 +35,14 @@ from retriever_server.cli.common import (
 )
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.datastore.manifest import read_manifest
-from retriever_server.security.config import ServerSecurity
+from retriever_server.security.config import ServerSecurity, is_loopback_host
+from retriever_server.security.tls import check_pem
 from retriever_server.serving.fanout import parse_shards
 from retriever_server.serving.router import FORWARD_SLACK, RouterConfig, start_router
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+
+WILDCARDS = ("0.0.0.0", "::")  # every address of the machine, 127.0.0.1 among them
 
 
 def add_parsers(command) -> None:
@@ -46,20 +54,22 @@ def add_parsers(command) -> None:
                 "them all.")
     s.add_argument("--datastore", type=Path, required=True, help="datastore directory (holds manifest.json)")
     s.add_argument("--shard", type=int, help="shard number; omit to serve the whole datastore locally")
-    s.add_argument("--replica", type=int, default=0, help="replica number reported by GetInfo")
+    s.add_argument("--replica", type=int_in(0, INT32_MAX, "a replica number"), default=0,
+                   help="replica number reported by GetInfo")
     s.add_argument("--replicas", type=positive_int, default=1, help="without --shard: replicas per shard")
     s.add_argument("--gpu", action="store_true", help="hold the index on the GPU (faiss GPU build)")
     s.add_argument("--no-mmap", action="store_true", help="read the index into memory instead of mapping it")
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     s.add_argument("--no-restart", action="store_true", help="without --shard: do not restart a process that "
                    "exits; stop when the router or every replica of a shard has exited")
-    s.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads per shard (0: FAISS default; "
-                   "with --datastore alone, the machine's cores shared among the shard processes)")
+    add_threads(s, "FAISS OpenMP threads per shard (0: FAISS default; with --datastore alone, the machine's "
+                   "cores shared among the shard processes)")
     s.add_argument("--no-pin-shards", action="store_true",
                    help="without --shard: let each shard process run on any of the cores (default: with no more "
                         "shard processes than cores, each runs on its own share of them, which keeps its caches "
                         "warm)")
-    add_server(s)
+    add_server(s, health_note=". With --datastore alone, the router's (the shards' are ports they pick, on "
+                              "127.0.0.1); the router's port is in --address-file as health_port")
     add_failover(s)
 
     r = command("router", "serve the Retriever API in front of shards")
@@ -76,6 +86,9 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--shard {args.shard} out of range: {args.datastore} has {shards} shards")
     security = server_security_of(args)
     security.check(args.host)  # before loading anything
+    check_pem(security.tls_cert, security.tls_key, security.tls_ca)  # a mismatch found before any process starts
+    if args.shard is None:
+        check_local(args)
     prepare_address_file(args.address_file)
     if args.shard is None:
         return _serve_local(args, security)
@@ -89,17 +102,30 @@ def run_serve(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        running = await start_shard_server(config, wait_loaded=False)
+        with metrics_port_named(args):
+            running = await start_shard_server(config, wait_loaded=False)
         await run_until_signal(running, args)
 
     asyncio.run(main())
     return 0
 
 
+def check_local(args: argparse.Namespace) -> None:
+    """Without --shard, before anything starts: CliError for a --max-request-mb that leaves no room for a
+    shard's 1 MiB more, or a --health-host the launcher cannot probe the router's health port on (it asks
+    127.0.0.1: a loopback or wildcard address)."""
+    check_room_for_shards(args)
+    if not is_loopback_host(args.health_host) and args.health_host.strip("[]") not in WILDCARDS:
+        raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must answer on "
+                       "127.0.0.1 too, where serve checks it: give 127.0.0.1 or 0.0.0.0, or run each shard and a "
+                       "`router`")
+
+
 def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The flags `serve` without --shard passes on: (to each shard server, to the router).
 
-    The router takes --metrics-port as given; shards get an ephemeral metrics port, or none with -1, and
+    The router takes --metrics-port and a fixed --health-port as given; shards get an ephemeral metrics
+    port, or none with -1, and
     a request limit FORWARD_SLACK (1 MiB) above the router's, so that nothing the router accepts is refused
     by a shard.
     """
@@ -111,8 +137,10 @@ def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ..
     shard += ["--gpu"] if args.gpu else []
     shard += ["--no-mmap"] if args.no_mmap else []
     shard += ["--no-verify"] if args.no_verify else []
+    health = ["--health-port", str(args.health_port), "--health-host", args.health_host] if args.health_port > 0 \
+        else []  # else one the router picks on 127.0.0.1, as the shards do
     return tuple(shard), (*common, "--metrics-port", str(args.metrics_port), "--max-request-mb",
-                          str(args.max_request_mb), *failover_args(args))
+                          str(args.max_request_mb), *health, *failover_args(args))
 
 
 def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
@@ -122,7 +150,8 @@ def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
     print(f"logs in {deployment.log_dir}")
     router = deployment.router
     print(f"serving at {router.address} (the router; Ctrl-C or SIGTERM stops every process)", flush=True)
-    write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses)
+    write_address(address_file, router.address, router.metrics_port, shards=deployment.shard_addresses,
+                  health_port=router.health_port)
 
 
 def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
@@ -161,7 +190,8 @@ def run_router(args: argparse.Namespace) -> int:
     prepare_address_file(args.address_file)
 
     async def main() -> None:
-        running = await start_router(config, wait_ready=False)
+        with metrics_port_named(args):
+            running = await start_router(config, wait_ready=False)
         await run_until_signal(running, args)
 
     asyncio.run(main())

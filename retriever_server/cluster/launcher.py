@@ -93,9 +93,10 @@ class LocalDeployment:
         return self._dir
 
     def _spawn(self, name: str, args: list[str], cpus: tuple[int, ...] | None = None) -> Child:
+        health = [] if "--health-port" in args else ["--health-port", "0"]  # probed on 127.0.0.1 (supervisor)
         command = [sys.executable, "-m", "retriever_server.cli", "--log-level", self.log_level,
                    "--log-format", self.log_format, *args, "--address-file", str(self._dir / f"{name}.json"),
-                   "--health-port", "0"]
+                   *health]
         cpus = self.cpus if cpus is None else cpus
         command += ["--cpus", format_cpus(cpus)] if cpus else []
         child = Child(name, command, self._dir / f"{name}.log", self._dir / f"{name}.json")

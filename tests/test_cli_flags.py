@@ -1,0 +1,139 @@
+"""`retriever-server serve` and `router` refuse impossible flags up front, in one line naming the flag and
+the value: numbers no server can work with, a health host the whole-datastore launcher cannot probe, an
+address file that is a directory, TLS files that do not match, a metrics port already taken."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retriever_server import cli
+from retriever_server.datastore.manifest import Manifest, ShardEntry, write_manifest
+from retriever_server.security.certs import make_ca, make_leaf, write_private
+
+# a log record ("2026-01-01 10:00:00,123 INFO ..."), not the command's message
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")
+
+
+@pytest.fixture
+def datastore(tmp_path: Path) -> Path:
+    """A datastore of two shards whose manifest is valid but whose shard files are missing: anything that
+    gets as far as loading a shard fails there, so an error about a flag proves it was refused first."""
+    out = tmp_path / "ds"
+    out.mkdir()
+    shards = (ShardEntry("shard-00000", 0, 10, {}), ShardEntry("shard-00001", 10, 20, {}))
+    write_manifest(out, Manifest(dimension=8, metric="l2", factory="Flat", ntotal=20, nlist=1, default_nprobe=1,
+                                 has_keys=False, payloads=(), shards=shards))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def keep_logging(monkeypatch) -> None:
+    """The commands run in this process leave the test session's logging as it is."""
+    monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
+
+
+def error_of(capsys, *argv: str) -> str:
+    """Runs the command in this process; returns its one error line (failing if it printed more)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as stop:  # argparse's exit, for a refused flag
+        code = stop.code
+    assert code != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "retriever_server.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--max-k", "-3", "the count must be in [1, 2147483647], got -3"),
+    ("--max-inflight", "0", "the count must be in [1, 2147483647], got 0"),
+    ("--max-batch", "0", "the count must be in [1, 2147483647], got 0"),
+    ("--max-request-mb", "0", "MiB must be in [1, 2047], got 0"),
+    ("--max-request-mb", "4096", "MiB must be in [1, 2047], got 4096"),  # past gRPC's int32 of bytes
+    ("--grace", "-1", "must be a finite number of 0 or more, got -1"),
+    ("--grace", "nan", "must be a finite number of 0 or more, got nan"),
+    ("--grace", "soon", "expected a number, got 'soon'"),
+    ("--drain-delay", "-5", "must be a finite number of 0 or more, got -5"),
+    ("--hedge-delay-ms", "-1", "must be a finite number of 0 or more, got -1"),
+    ("--hedge-delay-ms", "inf", "must be a finite number of 0 or more, got inf"),
+])
+@pytest.mark.parametrize("command", [["serve", "--datastore", "ds", "--shard", "0"], ["router", "--shards", "a:1"]])
+def test_impossible_numbers_are_refused_naming_the_flag_and_value(capsys, command, flag, value, words):
+    line = error_of(capsys, *command, flag, value)
+    assert line == f"retriever-server {command[0]}: error: argument {flag}: {words} (see --help)"
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--threads", "-2", "a thread count (0: FAISS's default) must be in [0, 4096], got -2"),
+    ("--replica", "-1", "a replica number must be in [0, 2147483647], got -1"),
+])
+def test_impossible_shard_numbers_are_refused(capsys, flag, value, words):
+    line = error_of(capsys, "serve", "--datastore", "ds", "--shard", "0", flag, value)
+    assert line == f"retriever-server serve: error: argument {flag}: {words} (see --help)"
+
+
+def test_the_special_values_keep_their_meaning():
+    parse = cli.build_parser().parse_args
+    args = parse(["serve", "--datastore", "ds", "--threads", "0", "--grace", "0", "--drain-delay", "0",
+                  "--hedge-delay-ms", "0", "--metrics-port", "-1", "--health-port", "0", "--max-request-mb", "2047"])
+    assert (args.threads, args.grace, args.drain_delay, args.hedge_delay_ms) == (0, 0.0, 0.0, 0.0)
+    assert (args.metrics_port, args.health_port, args.max_request_mb) == (-1, 0, 2047)
+    assert parse(["router", "--shards", "a:1", "--hedge-delay-ms", "12.5"]).hedge_delay_ms == 12.5
+
+
+@pytest.mark.parametrize("command", [["serve"], ["deploy", "--address", "127.0.0.1:1"]])
+def test_a_whole_datastore_leaves_its_shards_room_under_grpcs_request_limit(capsys, datastore, command):
+    line = error_of(capsys, *command, "--datastore", str(datastore), "--max-request-mb", "2047")
+    assert line.endswith("error: --max-request-mb 2047: with shards behind a router at most 2046 (each shard takes "
+                         "1 MiB more than the router)")
+
+
+def test_a_whole_datastore_refuses_a_health_host_it_cannot_probe_before_starting(capsys, datastore):
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--health-port", "7904", "--health-host",
+                    "192.0.2.7")
+    assert line.startswith("retriever-server serve: error: --health-host 192.0.2.7: without --shard the router's "
+                           "health port must answer on 127.0.0.1 too"), line
+
+
+def test_an_address_file_that_is_a_directory_is_refused_before_starting(capsys, datastore, tmp_path):
+    folder = tmp_path / "somedir"
+    folder.mkdir()
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--address-file", str(folder))
+    assert line == f"retriever-server serve: error: --address-file {folder} is a directory: give the name of a file " \
+                   "to write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "somedir"]  # no somedir.tmp left behind
+
+
+def test_a_tls_certificate_and_key_that_do_not_match_are_refused_before_starting(capsys, datastore, tmp_path):
+    ca = make_ca("test CA")
+    cert = write_private(tmp_path / "a.pem", make_leaf(ca, "a", ["127.0.0.1"]).cert_pem)
+    key = write_private(tmp_path / "b.key", make_leaf(ca, "b", ["127.0.0.1"]).key_pem)
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--tls-cert", str(cert), "--tls-key", str(key))
+    assert line.startswith(f"retriever-server serve: error: --tls-cert {cert} and --tls-key {key} are not a PEM "
+                           "certificate and its unencrypted private key"), line
+
+
+@pytest.mark.parametrize("command", [["serve", "--shard", "0"], ["router", "--shards", "127.0.0.1:1"]])
+def test_a_metrics_port_in_use_is_named(datastore, command):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [*command, "--datastore", str(datastore)] if command[0] == "serve" else command
+        result = run(*argv, "--metrics-port", str(port))
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines == [f"retriever-server {command[0]}: error: --metrics-port {port}: could not bind the metrics port "
+                     f"127.0.0.1:{port} (Address already in use)"]
