@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -107,7 +109,7 @@ def test_a_hung_replica_costs_no_request(deployment, keys, expected):
     assert failed == []
 
 
-def test_a_hung_shard_leaves_a_partial_answer_in_time_when_one_is_allowed(deployment, keys, expected):
+def test_a_hung_shard_leaves_a_partial_answer_in_time_when_one_is_allowed(deployment, keys, expected, tmp_path):
     """SIGSTOP every replica of shard 1: with allow_partial, the router and the client's own fan-out
     answer within the deadline with shard 0's neighbours, shard 1 named as failed; without it the call
     runs out of time, named by the address the client dialled."""
@@ -126,11 +128,17 @@ def test_a_hung_shard_leaves_a_partial_answer_in_time_when_one_is_allowed(deploy
                 assert found.size and (found < N // 2).all()  # shard 0's rows alone
             with pytest.raises(RetrieverError) as late:
                 router.search(keys[:QUERIES], k=5, nprobe=8, timeout=0.5)
+        np.save(tmp_path / "q.npy", keys[:2])
+        command = [sys.executable, "-m", "retriever_server.cli", "search", deployment.router_address, "--queries",
+                   str(tmp_path / "q.npy"), "-k", "3", "--timeout", "2", "--allow-partial"]
+        shown = subprocess.run(command, capture_output=True, text=True, timeout=60)
     finally:
         for pid in hung:
             os.kill(pid, signal.SIGCONT)
     assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert late.value.message == f"deadline passed waiting for {deployment.router_address}"
+    assert shown.returncode == 0 and shown.stdout.startswith("query 0: ids "), shown.stderr
+    assert "partial answer: no neighbours from shard-00001 (" in shown.stderr
 
 
 def test_a_killed_replica_is_restarted_on_its_port_and_back_in_rotation(deployment, keys, expected):
@@ -185,8 +193,6 @@ def test_restarts_back_off_to_the_cap_however_often_a_child_fails():
 
 
 def test_a_restart_is_logged_with_why_the_child_ended(tmp_path):
-    import sys
-
     from retriever_server.cluster.supervisor import exit_reason
 
     failing = Child("shard-00000-r0", [sys.executable, "-c", "print('loading'); print('error: index.faiss: checksum "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def add_parsers(command) -> None:
                 "nprobe, stored keys, version, checksum, shards, payloads and metadata.")
     i.add_argument("target", help="datastore directory or HOST:PORT")
     i.add_argument("--json", action="store_true", help="the same fields as one JSON object")
+    i.add_argument("--timeout", type=seconds_arg, default=10.0, help="seconds to wait for a server (default 10)")
     add_client_security(i)
 
     q = command("search", "search a running server with queries from a .npy file")
@@ -44,7 +46,22 @@ def add_parsers(command) -> None:
     q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
     q.add_argument("--out", type=Path,
                    help="write ids, distances and payloads to this .npz file (.npz added if missing)")
+    q.add_argument("--timeout", type=seconds_arg, default=30.0, help="seconds the search may take (default 30)")
+    q.add_argument("--allow-partial", action="store_true",
+                   help="when shards do not answer (down, or not within the timeout), print the others' neighbours "
+                        "and name the missing shards, instead of failing")
     add_client_security(q)
+
+
+def seconds_arg(text: str) -> float:
+    """argparse type for a timeout: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
 
 
 def describe_manifest(directory: Path, manifest: Manifest) -> dict:
@@ -80,7 +97,7 @@ def run_info(args: argparse.Namespace) -> int:
     if Path(args.target).is_dir():
         body = describe_manifest(Path(args.target), read_manifest(Path(args.target)))
     elif ADDRESS.fullmatch(args.target):
-        with RetrieverClient(args.target, timeout=10, security=client_security_of(args)) as client:
+        with RetrieverClient(args.target, timeout=args.timeout, security=client_security_of(args)) as client:
             body = describe_server(args.target, client.info())
     else:
         raise CliError(f"{args.target!r} is neither a datastore directory nor a server's HOST:PORT")
@@ -141,9 +158,13 @@ def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
     out = _out_path(args.out)
-    with RetrieverClient(args.target, security=client_security_of(args)) as client:
+    with RetrieverClient(args.target, timeout=args.timeout, security=client_security_of(args)) as client:
         result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank is not None,
-                               rerank_candidates=args.rerank or 0, payloads=args.payload)
+                               rerank_candidates=args.rerank or 0, payloads=args.payload,
+                               allow_partial=args.allow_partial)
+    if result.partial:
+        missing = "; ".join(f"{name} ({one_line(why, 200)})" for name, why in sorted(result.failed_shards.items()))
+        print(f"partial answer: no neighbours from {missing}", file=sys.stderr)
     if out is not None:
         try:
             np.savez(out, ids=result.ids, distances=result.distances, **result.payloads)
