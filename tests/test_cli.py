@@ -64,12 +64,17 @@ def one_line_error(result, words):
         (["router", "--shards", "127.0.0.1:7000,garbage"], "address 'garbage' names no port: give HOST:PORT"),
         (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
          "--address-file nowhere/a.json: cannot write there (No such file or directory)"),
+        (["router", "--shards", "a:1|b:2,a:1"], "address a:1 is given twice in 'a:1|b:2,a:1': each replica of each"),
+        (["search", "127.0.0.1:1", "--queries", "words.npy"], "queries file words.npy holds <U5 values: give float32"),
+        (["build", "k.npy", "--out", "x", "--payload", "v=k.npy", "--payload", "v=k.npy"],
+         "--payload v given twice: give each payload name once"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
     np.save(tmp_path / "k.npy", synthetic(50, 8))
     (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "words.npy", np.array(["hello", "world"]))
     one_line_error(run(*args), words)
 
 

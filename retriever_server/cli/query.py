@@ -129,6 +129,9 @@ def _load_queries(path: Path) -> np.ndarray:
         queries = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
         raise CliError(f"queries file {path} is not a loadable .npy array: {err}") from None
+    if queries.dtype.kind != "f":
+        raise CliError(f"queries file {path} holds {queries.dtype} values: give float32 rows (float16 and float64 "
+                       "are taken too)")
     if queries.dtype == np.float64:
         print(f"note: {path} holds float64 queries; they are sent as float32", file=sys.stderr)
         queries = queries.astype(np.float32)

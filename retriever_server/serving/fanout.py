@@ -34,6 +34,9 @@ def parse_shards(spec: str) -> list[list[str]]:
               if part.strip()]
     if not shards:
         raise ValueError(f"no shard addresses in {spec!r}")
+    addresses = [a for replicas in shards for a in replicas]
+    for twice in sorted({a for a in addresses if addresses.count(a) > 1}):
+        raise ValueError(f"address {twice} is given twice in {spec!r}: each replica of each shard once")
     return shards
 
 
