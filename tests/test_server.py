@@ -566,8 +566,9 @@ def test_router_refuses_a_shard_set_that_is_not_one_whole_datastore(aio, datasto
             not_a_shard = "the address given as shard 0 answers as a router, not a shard server"
             assert not_a_shard in _router_error(aio, ((router.address,), (b,)))
             assert "given as shard 1 answers as a router" in _router_error(aio, ((a,), (b, router.address)))
-            with pytest.raises(RetrieverError, match=not_a_shard):
-                RetrieverClient([router.address, b]).search(np.zeros((1, D), np.float32), k=1)
+            for shards in ([router.address, b], [[a, router.address], b]):  # a shard, or a shard's replica
+                with pytest.raises(RetrieverError, match=not_a_shard):
+                    RetrieverClient(shards).search(np.zeros((1, D), np.float32), k=1)
         finally:
             aio.run(router.drain(grace=0))
     finally:

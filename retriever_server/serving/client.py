@@ -45,6 +45,7 @@ from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import fill_tensor
 
 log = logging.getLogger(__name__)
+REPLICA_INFO_S = 5.0  # how long a fan-out client's first search waits for each replica's GetInfo, at most
 
 
 class RetrieverError(Exception):
@@ -284,13 +285,30 @@ class RetrieverClient:
             raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
         if down:
             return infos
-        problem = check_shards([[i] for i in infos])
+        every = self._on_loop(self._replica_infos(deadline))
+        problem = check_shards([[info, *replicas] for info, replicas in zip(infos, every)])
         if problem is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         for replicas, info in zip(self.sets, infos):
             replicas.name = info.shard
         self._infos = infos
         return infos
+
+    async def _replica_infos(self, deadline: Deadline) -> list[list[pb.InfoResponse]]:
+        """GetInfo of every replica of each shard that answers within REPLICA_INFO_S (or the deadline), so
+        that a replica that is not what the others are (another shard, a router) is found before it answers
+        a search."""
+        remaining = deadline.remaining()
+        timeout = REPLICA_INFO_S if remaining is None else min(REPLICA_INFO_S, remaining)
+
+        async def one(address: str) -> pb.InfoResponse | None:
+            try:
+                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=self.metadata)
+            except grpc.aio.AioRpcError:
+                return None  # down now: not checked (failover copes with a replica that fails)
+
+        found = await asyncio.gather(*(asyncio.gather(*(one(a) for a in s.addresses)) for s in self.sets))
+        return [[info for info in infos if info is not None] for infos in found]
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
