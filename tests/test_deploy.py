@@ -260,6 +260,8 @@ def test_the_shards_take_every_request_the_router_forwards(docs_3x2, capsys):
     shards = [server_args(s["spec"]["template"]["spec"]["containers"][0], capsys).max_request_mb
               for s in of_kind(docs_3x2, "StatefulSet")]
     assert limit == 256 and shards == [limit + (FORWARD_SLACK >> 20)] * 3
+    with pytest.raises(Exception, match="maxRequestMb': maximum: got 2,047, want 2,046"):
+        render({"limits": {"maxRequestMb": 2047}})  # its shards' 2048 is over gRPC's limit: the schema says so
 
 
 def test_every_server_needs_tls_and_a_token_from_the_secrets(docs_3x2, capsys):

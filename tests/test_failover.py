@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def datastore(ray_cluster, keys, tmp_path_factory) -> Path:
 def deployment(datastore):
     with LocalDeployment(datastore, replicas=2, restart_policy=RestartPolicy(first_delay_s=0.2)) as d:
         yield d
+    assert d.log_dir.is_dir()  # kept: these tests restart processes on purpose...
+    shutil.rmtree(d.log_dir)  # ...and leave nothing behind
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +208,10 @@ def test_a_restart_is_logged_with_why_the_child_ended(tmp_path):
         child.popen.wait(timeout=30)
     assert exit_reason(failing) == "exited with code 1: error: index.faiss: checksum does not match\\x1b[2J"
     assert exit_reason(killed) == "was killed by SIGKILL"
+    failing.command = [sys.executable, "-c", "import os; os._exit(3)"]  # restarted, it says nothing this time
+    failing.spawn()
+    failing.popen.wait(timeout=30)
+    assert exit_reason(failing) == "exited with code 3"  # not the last run's line
 
 
 def run_policy(replicas: list[str], answer, policy=FailoverPolicy(hedge_delay_s=0.02), timeout=2.0):

@@ -115,7 +115,8 @@ def check_local(args: argparse.Namespace) -> None:
     shard's 1 MiB more, or a --health-host the launcher cannot probe the router's health port on (it asks
     127.0.0.1: a loopback or wildcard address)."""
     check_room_for_shards(args)
-    if not is_loopback_host(args.health_host) and args.health_host.strip("[]") not in WILDCARDS:
+    if args.health_port >= 0 and not is_loopback_host(args.health_host) \
+            and args.health_host.strip("[]") not in WILDCARDS:
         raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must answer on "
                        "127.0.0.1 too, where serve checks it: give 127.0.0.1 or 0.0.0.0, or run each shard and a "
                        "`router`")
@@ -137,7 +138,7 @@ def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ..
     shard += ["--gpu"] if args.gpu else []
     shard += ["--no-mmap"] if args.no_mmap else []
     shard += ["--no-verify"] if args.no_verify else []
-    health = ["--health-port", str(args.health_port), "--health-host", args.health_host] if args.health_port > 0 \
+    health = ["--health-port", str(args.health_port), "--health-host", args.health_host] if args.health_port >= 0 \
         else []  # else one the router picks on 127.0.0.1, as the shards do
     return tuple(shard), (*common, "--metrics-port", str(args.metrics_port), "--max-request-mb",
                           str(args.max_request_mb), *health, *failover_args(args))

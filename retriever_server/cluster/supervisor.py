@@ -69,6 +69,9 @@ class RestartPolicy:
         return min(self.max_delay_s, self.first_delay_s * 2.0 ** min(max(0, quick_exits - 1), 64))  # no overflow
 
 
+LOG_TAIL_BYTES = 1 << 16  # how much of a log's end is read for the last line a process wrote
+
+
 @dataclass
 class Child:
     """One server process: its command (argv names what it serves), log and address file."""
@@ -86,11 +89,13 @@ class Child:
     started_at: float = 0.0
     restart_at: float | None = None
     quick_exits: int = 0
+    log_start: int = 0  # where this run's lines begin in the log (the log is appended to on a restart)
 
     def spawn(self) -> None:
         """Starts the process (its log appended to on a restart), in a session of its own."""
         self.address_file.unlink(missing_ok=True)
         self.serving, self.health_port = False, None
+        self.log_start = self.log_file.stat().st_size if self.popen and self.log_file.is_file() else 0
         with open(self.log_file, "a" if self.popen else "w") as out:
             self.popen = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True, env=child_environment())
@@ -99,9 +104,19 @@ class Child:
     def exited(self) -> bool:
         return self.popen is not None and self.popen.poll() is not None
 
+    def last_line(self) -> str:
+        """The last line this run of the process wrote to its log (its error line, as a rule), read from
+        the log's last LOG_TAIL_BYTES; "" where it wrote none."""
+        with open(self.log_file, "rb") as log_file:
+            start = max(self.log_start, log_file.seek(0, os.SEEK_END) - LOG_TAIL_BYTES)
+            log_file.seek(start)
+            text = log_file.read().decode(errors="replace")
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
     def last_error(self) -> str:
-        lines = [line for line in self.log_file.read_text(errors="replace").splitlines() if line.strip()]
-        return lines[-1] if lines else f"exit code {self.popen.returncode}"
+        """`last_line`, or the exit code where the process wrote nothing."""
+        return self.last_line() or f"exit code {self.popen.returncode}"
 
     def check_serving(self) -> bool:
         """Reads the address file once written, then asks the health port; True once SERVING. From then
@@ -132,7 +147,8 @@ def exit_reason(child: Child) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
-    return f"exited with code {code}: {one_line(child.last_error(), 300)}"
+    line = child.last_line()
+    return f"exited with code {code}" + (f": {one_line(line, 300)}" if line else "")
 
 
 @dataclass

@@ -367,7 +367,7 @@ class RetrieverClient:
                 raise RetrieverError(outcome.code, outcome.message)
         failures = {name: outcome.message for name, outcome in failed.items()}
         if failures and (not allow_partial or not answers):
-            raise RetrieverError(failure_code(failed), failure_message(failures))
+            raise RetrieverError(failure_code(failed, allow_partial), failure_message(failures))
         merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

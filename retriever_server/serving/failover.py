@@ -128,10 +128,11 @@ def shard_deadline(timeout: float | None, allow_partial: bool) -> Deadline:
     return Deadline(timeout - min(PARTIAL_RESERVE * timeout, PARTIAL_RESERVE_MAX_S))
 
 
-def failure_code(failures: dict[str, CallFailed]) -> grpc.StatusCode:
-    """A call without an answer from every shard: DEADLINE_EXCEEDED when every failed shard ran out of
-    time, else UNAVAILABLE."""
-    timed_out = all(f.code == grpc.StatusCode.DEADLINE_EXCEEDED for f in failures.values())
+def failure_code(failures: dict[str, CallFailed], allow_partial: bool) -> grpc.StatusCode:
+    """The status of a call that lacks some shards' answers: UNAVAILABLE, or, where a partial answer was
+    allowed (so a shard's lost time counts as its failure) and every failed shard ran out of time,
+    DEADLINE_EXCEEDED."""
+    timed_out = allow_partial and all(f.code == grpc.StatusCode.DEADLINE_EXCEEDED for f in failures.values())
     return grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.UNAVAILABLE
 
 

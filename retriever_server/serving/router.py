@@ -51,6 +51,7 @@ from retriever_server.wire.untrusted import one_line
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
 FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its datastore version), at most
+RETIRED_CLOSE_S = 600.0  # how long channels replaced after a TLS change stay open for the calls on them
 DISCOVERY_REPORT_S = 10.0  # how often a router waiting for its shards says which have not answered
 
 
@@ -92,8 +93,9 @@ class RouterService(BaseRetrieverService):
         self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
                          for s in config.shards for a in s}
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
-        self.retired: list[grpc.aio.Channel] = []  # channels of TLS files since changed, closed at the next change
+        self.retired: list[tuple[float, grpc.aio.Channel]] = []  # (when, channel) of TLS files since changed
         self.closing: set[asyncio.Future] = set()
+        self.tls_generation = 0  # how many times the TLS files changed: channels made before are retired
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
         self.config_error: str | None = None
@@ -110,19 +112,26 @@ class RouterService(BaseRetrieverService):
         return self.credentials.metadata
 
     def _refresh_credentials(self) -> None:
-        """Takes up a rotated token at once, and changed TLS files on new channels to every replica (the
-        channels before them stay open for the calls on their way, until the next change or close())."""
+        """Takes up a rotated token at once, and changed TLS files on new channels to every replica. The
+        channels before them stay open RETIRED_CLOSE_S for the calls on their way (longer than an attempt
+        may take), then close at a later change, or at close()."""
         if not self.credentials.refresh():
             return
         log.info("new channels to the shards, with the changed TLS files")
-        for old in self.retired:
-            closing = asyncio.ensure_future(old.close())
-            self.closing.add(closing)  # held until done: the loop keeps only weak references to tasks
-            closing.add_done_callback(self.closing.discard)
-        self.retired = list(self.channels.values())
+        now = time.monotonic()
+        for _, old in [r for r in self.retired if now - r[0] > RETIRED_CLOSE_S]:
+            self._close_later(old)
+        self.retired = [r for r in self.retired if now - r[0] <= RETIRED_CLOSE_S]
+        self.retired += [(now, c) for c in self.channels.values()]
+        self.tls_generation += 1
         self.channels = {a: open_aio_channel(a, self.config.shard_security, CHANNEL_OPTIONS)
                          for s in self.sets for a in s.addresses}
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        closing = asyncio.ensure_future(channel.close())
+        self.closing.add(closing)  # held until done: the loop keeps only weak references to tasks
+        closing.add_done_callback(self.closing.discard)
 
     def not_ready_error(self) -> RequestError | None:
         if self.config_error is not None:
@@ -235,7 +244,7 @@ class RouterService(BaseRetrieverService):
         failures = {name: o.message for name, o in failed.items()}
         answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
         if failures and (not spec.allow_partial or not answers):
-            raise RequestError(failure_code(failed), failure_message(failures))
+            raise RequestError(failure_code(failed, spec.allow_partial), failure_message(failures))
         answer = await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
         return answer, spec.nq
 
@@ -268,6 +277,7 @@ class RouterService(BaseRetrieverService):
         old = replicas.addresses[replica]
         if old == address:
             return None
+        generation = self.tls_generation
         channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
         stub = pb_grpc.RetrieverStub(channel)
         try:
@@ -279,12 +289,16 @@ class RouterService(BaseRetrieverService):
         except BaseException:
             await channel.close()  # kept nowhere: closed here or never
             raise
+        if generation != self.tls_generation:  # the TLS files changed meanwhile: a channel with the new ones
+            self.retired.append((time.monotonic(), channel))
+            channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
+            stub = pb_grpc.RetrieverStub(channel)
         self.channels[address], self.stubs[address] = channel, stub
         replicas.addresses[replica] = address
         return old
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in [*self.channels.values(), *self.retired]))
+        await asyncio.gather(*(c.close() for c in [*self.channels.values(), *(c for _, c in self.retired)]))
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
