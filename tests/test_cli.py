@@ -65,6 +65,8 @@ def one_line_error(result, words):
         (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
          "--address-file nowhere/a.json: cannot write there (No such file or directory)"),
         (["router", "--shards", "a:1|b:2,a:1"], "address a:1 is given twice in 'a:1|b:2,a:1': each replica of each"),
+        (["router", "--shards", "a:1,,b:2"], "an empty entry in 'a:1,,b:2': give each shard's addresses between"),
+        (["search", "a:1,,b:2", "--queries", "k.npy"], "an empty entry in 'a:1,,b:2'"),
         (["search", "127.0.0.1:1", "--queries", "words.npy"], "queries file words.npy holds <U5 values: give float32"),
         (["build", "k.npy", "--out", "x", "--payload", "v=k.npy", "--payload", "v=k.npy"],
          "--payload v given twice: give each payload name once"),
@@ -188,6 +190,9 @@ def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> Non
         ids = [line.split()[3:] for line in found.stdout.splitlines() if line.startswith("query ")]
         values = [line.split()[1:] for line in found.stdout.splitlines() if line.strip().startswith("values ")]
         assert len(ids) == 2 and values == ids  # payload "values" holds each row's own id
+        shards = ",".join("|".join(replicas) for replicas in json.loads(address_file.read_text())["shards"])
+        fanned = run("search", shards, "--queries", str(datastore.parent / "q64.npy"), "-k", "3", "--payload", "values")
+        assert fanned.returncode == 0 and fanned.stdout == found.stdout, fanned.stderr  # as through the router
         closed = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "info", str(datastore)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         closed.stdout.close()

@@ -137,3 +137,15 @@ def test_a_metrics_port_in_use_is_named(datastore, command):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines == [f"retriever-server {command[0]}: error: --metrics-port {port}: could not bind the metrics port "
                      f"127.0.0.1:{port} (Address already in use)"]
+
+
+@pytest.mark.parametrize("flag, what", [("--port", ""), ("--health-port", "the health port ")])
+def test_a_port_in_use_is_one_line_without_grpcs_own(flag, what):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("router", "--shards", "127.0.0.1:1", "--metrics-port", "-1", flag, str(port))
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert result.returncode == 1 and lines == [f"retriever-server router: error: could not bind {what}127.0.0.1:"
+                                                f"{port} (Address already in use)"], result.stderr

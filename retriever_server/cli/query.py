@@ -15,6 +15,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.cli.common import CliError, add_client_security, client_security_of
 from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.serving.client import RetrieverClient
+from retriever_server.serving.fanout import parse_shards
 from retriever_server.wire.tensors import numpy_dtype
 from retriever_server.wire.untrusted import one_line
 
@@ -35,7 +36,8 @@ def add_parsers(command) -> None:
     add_client_security(i)
 
     q = command("search", "search a running server with queries from a .npy file")
-    q.add_argument("target", help="HOST:PORT of a router or shard")
+    q.add_argument("target", help="HOST:PORT of a router or shard, or a shard list to fan out to itself "
+                                  "(HOST:PORT,HOST:PORT; a shard's replicas joined by |)")
     q.add_argument("--queries", type=Path, required=True,
                    help="(nq, d) float32 or float16 .npy (float64 is converted to float32, with a note)")
     q.add_argument("-k", type=int, default=10)
@@ -157,11 +159,22 @@ def _out_path(out: Path | None) -> Path | None:
     return path
 
 
+def _search_target(target: str) -> str | list[list[str]]:
+    """One address, or a shard list (commas between shards, | between a shard's replicas)."""
+    if "," not in target and "|" not in target:
+        return target
+    try:
+        return parse_shards(target)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def run_search(args: argparse.Namespace) -> int:
     """Searches a server and prints the first queries' neighbours (and payloads)."""
     queries = _load_queries(args.queries)
     out = _out_path(args.out)
-    with RetrieverClient(args.target, timeout=args.timeout, security=client_security_of(args)) as client:
+    with RetrieverClient(_search_target(args.target), timeout=args.timeout, security=client_security_of(args)) \
+            as client:
         result = client.search(queries, k=args.k, nprobe=args.nprobe, exact_rerank=args.rerank is not None,
                                rerank_candidates=args.rerank or 0, payloads=args.payload,
                                allow_partial=args.allow_partial)

@@ -30,8 +30,10 @@ def check_address(address: str) -> str:
 def parse_shards(spec: str) -> list[list[str]]:
     """'a:1|a:2,b:1' -> [['a:1', 'a:2'], ['b:1']]: shards by comma, replicas of a shard by '|'
     (ValueError for an address without a valid port)."""
-    shards = [[check_address(r.strip()) for r in part.split("|") if r.strip()] for part in spec.split(",")
-              if part.strip()]
+    parts = spec.split(",")
+    if any(not part.strip() for part in parts) and any(part.strip() for part in parts):
+        raise ValueError(f"an empty entry in {spec!r}: give each shard's addresses between commas")
+    shards = [[check_address(r.strip()) for r in part.split("|") if r.strip()] for part in parts if part.strip()]
     if not shards:
         raise ValueError(f"no shard addresses in {spec!r}")
     addresses = [a for replicas in shards for a in replicas]

@@ -8,7 +8,9 @@ records metrics, and keeps health NOT_SERVING until the subclass is ready.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -199,8 +201,29 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+def check_free(host: str, port: int, what: str = "") -> None:
+    """OSError naming `host:port` and the reason when it cannot be bound (taken by a listening socket),
+    found before gRPC tries: gRPC's own failure adds a C-level log line to the caller's one-line error.
+    Port 0 (any free one) passes."""
+    if port == 0:
+        return
+    try:
+        families = {info[0] for info in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)}
+    except OSError:
+        return  # a name gRPC resolves its own way: left to it
+    for family in families:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: past TIME_WAIT, not a listener
+            try:
+                probe.bind((host.strip("[]"), port))
+            except OSError as err:
+                if err.errno in (errno.EADDRINUSE, errno.EACCES):  # else (no IPv6 here, ...): left to gRPC
+                    raise OSError(f"could not bind {what}{host}:{port} ({err.strerror})") from None
+
+
 async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A plaintext server answering grpc.health.v1 alone, with the main server's health states."""
+    check_free(host, port, "the health port ")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port taken is refused, not shared
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
@@ -227,6 +250,7 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
         OSError: an address cannot be bound.
     """
     security.check(host)
+    check_free(host, port)
     keep_freed_memory()
     tokens = TokenSet(security.token_file) if security.token_file is not None else None
     unauthenticated = EventCounter(log)
