@@ -391,8 +391,24 @@ def test_config_rejects_bad_values():
                 dict(length_norm="hf"), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):
             GenerateConfig(**bad)
+    for bad, words in ((dict(top_k=-3), "top_k must be >= 0, got -3"), (dict(max_new_tokens=0), "max_new_tokens must"
+                       " be >= 1, got 0"), (dict(temperature=0.0), "temperature must be > 0 and finite, got 0.0"),
+                       (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5")):
+        with pytest.raises(ValueError, match=words):  # the value at fault, by its name
+            GenerateConfig(**bad)
     with pytest.raises(ValueError):
         generate(TableStepper(short_or_long), torch.zeros(0, 3, dtype=torch.long))
+
+
+def test_a_prompt_of_other_than_the_models_token_ids_is_refused_before_any_step(model):
+    stepper = LMStepper(model)
+    for prompt, words in ((torch.tensor([[5, V]]), rf"token id {V}, outside the model's vocabulary \[0, {V}\)"),
+                          (torch.tensor([[-1, 5]]), "token id -1"),
+                          (torch.tensor([[5.9, 3.0]]), "integer token ids, got dtype torch.float32")):
+        with pytest.raises(ValueError, match=words):
+            generate(stepper, prompt, GenerateConfig(max_new_tokens=2))
+    edge = torch.tensor([[5, V - 1]], dtype=torch.int32)  # the last id of the vocabulary, any integer dtype
+    assert generate(stepper, edge, GenerateConfig(max_new_tokens=2)).tokens.shape == (1, 2)
 
 
 def test_a_row_samples_the_same_tokens_alone_or_in_a_batch():

@@ -499,11 +499,38 @@ def test_retro_with_an_in_process_retriever(ray_cluster, tmp_path, retro):
         counting = Counting(real)
         rec = Recorder(RetroStepper(retro, counting, encoder, prefetch=1, overlap=True))
         generate(rec, prompt, GenerateConfig(max_new_tokens=8))  # feeds positions 9..15
+    for use in (lambda: real.chunks(encoder.embed(chunks[:2])), lambda: real.submit_chunks(encoder.embed(chunks[:2])),
+                lambda: generate(RetroStepper(retro, real, encoder), prompt, GenerateConfig(max_new_tokens=2))):
+        with pytest.raises(RuntimeError, match="the InProcessRetriever is closed: make a new one"):
+            use()  # closed: it says so, and answers nothing
     check_retro_against_cache_free(retro, rec, 9, encoder, exact, prefetch=1)
     # start(): chunks 0-1 in one blocking call of 2 chunks x 3 rows; chunks 2 and 3 prefetched, 3 rows each
     assert counting.calls == [("chunks", 6, "MainThread"), ("chunks", 3, "retro-prefetch"),
                               ("chunks", 3, "retro-prefetch")]
     assert not math.isnan(rec.inner.stats.retrieval_s)
+
+
+def test_a_model_and_a_datastore_that_do_not_belong_together_are_refused(lm, retro, fake_knn, fake_chunks):
+    """What the manifest says (its kind, the fingerprint of the model that made its keys) is checked
+    against the model: a mismatch scores plausible and wrong, or fails deep in a step."""
+    from lm_worker.models.fingerprint import model_fingerprint
+
+    fake_knn.metadata = {"kind": "knnlm", "encoder": model_fingerprint(lm)}
+    KnnLMStepper(lm, fake_knn)  # the model that made the keys
+    torch.manual_seed(99)
+    other = TransformerLM(lm.config).eval()  # the same shapes, other weights
+    with pytest.raises(ValueError, match=f"keys were made by the model {model_fingerprint(lm)}, not by this one"):
+        KnnLMStepper(other, fake_knn)
+    with pytest.raises(ValueError, match="got a Retro model: decode it with RetroStepper"):
+        KnnLMStepper(retro, fake_knn)
+    fake_knn.metadata = {"kind": "retro"}
+    with pytest.raises(ValueError, match="the datastore is a 'retro' datastore .* not a kNN-LM one"):
+        KnnLMStepper(lm, fake_knn)
+    with pytest.raises(ValueError, match="RETRO takes a Retro model, got TransformerLM"):
+        RetroStepper(lm, fake_chunks, FakeEncoder())
+    fake_chunks.metadata = {"kind": "knnlm"}
+    with pytest.raises(ValueError, match="the datastore is a 'knnlm' datastore .* not a RETRO one"):
+        RetroStepper(retro, fake_chunks, FakeEncoder())
 
 
 def test_settings_that_cannot_decode_are_refused_before_any_step(lm):
@@ -537,5 +564,5 @@ def test_rows_decoded_in_parts_sample_as_in_the_whole_batch(lm):
     part = generate(LMStepper(lm), prompt[2:], dataclasses.replace(cfg, first_row=2))
     assert torch.equal(part.tokens, whole.tokens[2:])
     assert not torch.equal(generate(LMStepper(lm), prompt[2:], cfg).tokens, whole.tokens[2:])
-    with pytest.raises(ValueError, match="first_row >= 0"):
+    with pytest.raises(ValueError, match="first_row must be >= 0, got -1"):
         dataclasses.replace(cfg, first_row=-1)

@@ -43,11 +43,13 @@ class GenerateConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.length_norm not in LENGTH_NORMS:
             raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.top_k < 0 or self.first_row < 0:
-            raise ValueError("max_new_tokens and num_beams must be >= 1, top_k and first_row >= 0")
-        if not (0 < self.temperature < math.inf) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"temperature must be > 0 and finite and top_p in (0, 1], got {self.temperature}, "
-                             f"{self.top_p}")
+        for name, least in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0), ("first_row", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 

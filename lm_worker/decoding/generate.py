@@ -59,6 +59,20 @@ def check_room(stepper, prompt_len: int, max_new_tokens: int) -> None:
                          f"max_len {max_len}")
 
 
+def check_token_ids(stepper, prompt: torch.Tensor) -> None:
+    """ValueError unless `prompt` holds integer token ids, each in [0, vocab_size) of the stepper's model
+    where it has one (a float prompt would be cut to integers, an id past the vocabulary fail in the
+    embedding, deep in the first step)."""
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    vocab = getattr(getattr(getattr(stepper, "model", None), "config", None), "vocab_size", None)
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        raise ValueError(f"prompt holds token id {bad}, outside the model's vocabulary [0, "
+                         f"{vocab if vocab is not None else 'vocab_size'})")
+
+
 @torch.no_grad()
 def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
              config: GenerateConfig = GenerateConfig()) -> GenerateOutput:
@@ -76,14 +90,16 @@ def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
         once no live beam can beat any prompt's finished hypotheses.
 
     Raises:
-        ValueError: an empty or non-2-D prompt, or one too long for the model's `max_len` with
-            `max_new_tokens` more (checked before any step).
+        ValueError: an empty or non-2-D prompt, one of other than integer token ids in the model's
+            vocabulary, or one too long for the model's `max_len` with `max_new_tokens` more (checked
+            before any step).
 
     Example:
         >>> generate(LMStepper(model), prompt, GenerateConfig(strategy="sample", top_p=0.9, seed=1))
     """
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, T) tensor, got shape {tuple(prompt.shape)}")
+    check_token_ids(stepper, prompt)
     prompt = prompt.long()
     check_room(stepper, prompt.shape[1], config.max_new_tokens)
     if getattr(stepper, "decodes_itself", False):  # e.g. `RaLMSpecKnnLM`: rows of different lengths

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.stepper_stats import Pending, StepperStats, blocking, last_keys, last_log_probs, wait_for
-from lm_worker.evaluation.knnlm import check_mixing, mix_log_probs
+from lm_worker.evaluation.knnlm import check_knnlm_inputs, check_mixing, mix_log_probs
 
 
 @dataclass
@@ -72,6 +72,7 @@ class KnnLMStepper:
     def __init__(self, model: torch.nn.Module, retriever, lam: float = 0.25, temperature: float = 1.0,
                  overlap: bool = False, early: bool = True):
         check_mixing(lam, temperature)
+        check_knnlm_inputs(model, retriever)
         self.model, self.retriever = model, retriever
         self.lam, self.temperature, self.overlap = lam, temperature, overlap
         self.early = early and "on_keys" in inspect.signature(model.forward).parameters

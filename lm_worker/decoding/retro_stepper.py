@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lm_worker.decoding.stepper_stats import Pending, StepperStats, blocking, last_log_probs, wait_for
+from lm_worker.retrieval.config import check_retro_inputs
 
 
 class RetroStepper:
@@ -40,6 +41,7 @@ class RetroStepper:
     """
 
     def __init__(self, model: torch.nn.Module, retriever, encoder, prefetch: int = 0, overlap: bool = False):
+        check_retro_inputs(model, retriever)
         L = model.config.chunk_len
         if not 0 <= prefetch < L:
             raise ValueError(f"prefetch must lie in [0, chunk_len={L}), got {prefetch}")

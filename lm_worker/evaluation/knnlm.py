@@ -68,6 +68,28 @@ def check_mixing(lam: float, temperature: float) -> None:
         raise ValueError(f"the neighbours' temperature must be > 0 and finite, got {temperature}")
 
 
+def check_knnlm_inputs(model: torch.nn.Module, retriever) -> None:
+    """ValueError when `model` cannot query `retriever`'s datastore as a kNN-LM: a RETRO model (it makes
+    no kNN-LM keys), a datastore whose manifest says it is another kind, or one whose keys another model
+    made (the manifest's `encoder`, a model fingerprint, is not this model's: its queries would live in
+    another space, and the scores come out plausible and wrong). A datastore whose manifest says
+    neither (keys of your own) passes."""
+    from lm_worker.models.fingerprint import model_fingerprint
+    from lm_worker.models.retro import Retro
+
+    if isinstance(model, Retro):
+        raise ValueError("kNN-LM takes a language model (a TransformerLM or a Hugging Face causal LM), got a "
+                         "Retro model: decode it with RetroStepper, evaluate it with evaluate_retro")
+    metadata = getattr(retriever, "metadata", None) or {}
+    kind = metadata.get("kind")
+    if kind not in (None, "knnlm"):
+        raise ValueError(f"the datastore is a {kind!r} datastore (its manifest's kind), not a kNN-LM one")
+    made_by = metadata.get("encoder", "")
+    if made_by.startswith("lm:") and made_by != (mine := model_fingerprint(model)):
+        raise ValueError(f"the datastore's keys were made by the model {made_by}, not by this one ({mine}): "
+                         "query it with the model that built it, or build one with this model")
+
+
 def interpolate(lm_log_prob: torch.Tensor, knn_log_prob: torch.Tensor, lam: float) -> torch.Tensor:
     """log(λ · p_kNN + (1 - λ) · p_LM), elementwise; λ = 0 returns `lm_log_prob` itself, exactly."""
     if not 0.0 <= lam <= 1.0:

@@ -40,7 +40,7 @@ from lm_worker.evaluation.batches import (
     select_batches,
 )
 from lm_worker.evaluation.config import EvalConfig, perplexity
-from lm_worker.evaluation.knnlm import interpolate, knn_target_log_prob
+from lm_worker.evaluation.knnlm import check_knnlm_inputs, interpolate, knn_target_log_prob
 from lm_worker.evaluation.pointers import follow_pointers
 from lm_worker.retrieval.config import KnnNeighbours
 from lm_worker.sources.exclusions import knn_exclusions
@@ -181,6 +181,7 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
             or `exclude_own_document` is set for a datastore not built from `store`.
     """
     check_window(model, config)
+    check_knnlm_inputs(model, retriever)
     if config.exclude_own_document and retriever.ntotal != len(store) - 1:
         raise ValueError(f"exclude_own_document needs the datastore built from this store: it has "
                          f"{retriever.ntotal} rows, the store {len(store) - 1} positions")

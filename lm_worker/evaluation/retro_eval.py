@@ -32,6 +32,7 @@ from lm_worker.evaluation.batches import (
     target_log_probs,
 )
 from lm_worker.evaluation.config import EvalConfig, perplexity
+from lm_worker.retrieval.config import check_retro_inputs
 from lm_worker.sources.exclusions import chunk_exclusions
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         ValueError: k differs from the model's n_neighbours, the window is not chunk-aligned, or the
             datastore's neighbours do not fit the model.
     """
+    check_retro_inputs(model, retriever)
     check_window(model, config)
     L, K = model.config.chunk_len, model.config.n_neighbours
     if retriever.config.k != K:

@@ -53,3 +53,14 @@ class ChunkNeighbours:
     next_tokens: np.ndarray | None = None
     keys: np.ndarray | None = None
     next_keys: np.ndarray | None = None
+
+
+def check_retro_inputs(model, retriever) -> None:
+    """ValueError when `model` is not a RETRO model (one whose config has a chunk_len), or `retriever`'s
+    datastore says (its manifest's kind) it is not a RETRO datastore."""
+    if not hasattr(getattr(model, "config", None), "chunk_len"):
+        raise ValueError(f"RETRO takes a Retro model, got {type(model).__name__}: decode a language model with "
+                         "LMStepper or KnnLMStepper, evaluate it with evaluate_lm or evaluate_knnlm")
+    kind = (getattr(retriever, "metadata", None) or {}).get("kind")
+    if kind not in (None, "retro"):
+        raise ValueError(f"the datastore is a {kind!r} datastore (its manifest's kind), not a RETRO one")

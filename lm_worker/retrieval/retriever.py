@@ -63,6 +63,12 @@ class Retriever:
     def __init__(self, config: RetrievalConfig):
         self.config = config
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="retrieval")
+        self.closed = False
+
+    def check_open(self) -> None:
+        """RuntimeError once `close()` has run: a closed retriever answers nothing."""
+        if self.closed:
+            raise RuntimeError(f"the {type(self).__name__} is closed: make a new one")
 
     def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
                return_keys: bool = False) -> SearchResult:
@@ -75,17 +81,20 @@ class Retriever:
         """kNN-LM neighbours of float32 keys (n, d), each query optionally excluding one row range; with
         `successors` = s also the s rows after each neighbour (`next_values`, `next_ids`); with
         `return_keys` the stored keys of all of them (`keys`, `next_keys`: the datastore must keep keys)."""
+        self.check_open()
         found = self.search(np.ascontiguousarray(keys, dtype=np.float32), "values", exclude, successors,
                             return_keys)
         return knn_neighbours(found)
 
     def chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> np.ndarray:
         """RETRO neighbours of chunk embeddings (n, d): int64 (n, k, 2 * chunk_len) token ids."""
+        self.check_open()
         return chunk_neighbours(self.search(np.ascontiguousarray(embeddings, dtype=np.float32), "tokens", exclude))
 
     def chunk_rows(self, embeddings: np.ndarray, successors: int = 0, return_keys: bool = False) -> ChunkNeighbours:
         """RETRO neighbours of chunk embeddings (n, d) with their ids; with `successors` = s also the s
         chunks after each neighbour, with `return_keys` the stored keys of all of them."""
+        self.check_open()
         found = self.search(np.ascontiguousarray(embeddings, dtype=np.float32), "tokens", None, successors,
                             return_keys)
         next_tokens = None
@@ -96,14 +105,18 @@ class Retriever:
 
     def submit_knn(self, keys: np.ndarray, exclude: Ranges = None) -> Future:
         """`knn` in a background thread; the future's result is a `KnnNeighbours`."""
+        self.check_open()
         return self.pool.submit(self.knn, np.array(keys, dtype=np.float32), exclude)
 
     def submit_chunks(self, embeddings: np.ndarray, exclude: Ranges = None) -> Future:
         """`chunks` in a background thread; the future's result is the (n, k, 2L) token array."""
+        self.check_open()
         return self.pool.submit(self.chunks, np.array(embeddings, dtype=np.float32), exclude)
 
     def close(self) -> None:
+        """Waits for the look-ups under way, then refuses any more (`check_open`)."""
         self.pool.shutdown(wait=True)
+        self.closed = True
 
     def __enter__(self):
         return self

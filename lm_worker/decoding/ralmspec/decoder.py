@@ -56,7 +56,7 @@ from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationSta
 from lm_worker.decoding.ralmspec.row_decode import RowDecode
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
 from lm_worker.decoding.stepper_stats import Pending, last_keys, last_log_probs
-from lm_worker.evaluation.knnlm import check_mixing, mix_log_probs
+from lm_worker.evaluation.knnlm import check_knnlm_inputs, check_mixing, mix_log_probs
 from lm_worker.models.ragged_cache import RaggedKVCache
 from lm_worker.models.transformer_lm import TransformerLM
 
@@ -84,6 +84,7 @@ class RaLMSpecKnnLM:
         if not isinstance(model, TransformerLM):
             raise ValueError("speculative retrieval needs a TransformerLM (per-row positions), "
                              f"got {type(model).__name__}")
+        check_knnlm_inputs(model, retriever)
         self.model, self.retriever = model, retriever
         self.lam, self.temperature, self.speculation = lam, temperature, speculation
         self.k = retriever.config.k
@@ -104,6 +105,7 @@ class RaLMSpecKnnLM:
         """Asks the service for the neighbours of queries (n, d); `for_cache`: with their successors and
         keys, for the local caches (never when guessing from the LM). `in_flight` (default: `asynchronous`):
         a future in flight; else answered before it returns."""
+        getattr(self.retriever, "check_open", lambda: None)()  # a closed retriever says so, not its pool
         self.stats.queries += len(queries)
         self.stats.retrieval_calls += 1
         for_cache = for_cache and self.speculation.guess == "cache"

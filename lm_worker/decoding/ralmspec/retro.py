@@ -304,6 +304,7 @@ class _Decode:
         """The service's search of query embeddings (n, d), in flight on the retriever's pool."""
         self.stats.retrieval_calls += 1
         self.stats.queries += len(queries)
+        getattr(self.owner.retriever, "check_open", lambda: None)()  # a closed retriever says so, not its pool
         return Pending(self.owner.retriever.pool.submit(self.owner.search, queries))
 
     def _blocking(self, queries: np.ndarray) -> ChunkNeighbours:
