@@ -406,9 +406,14 @@ def test_retro_with_and_without_neighbours_match_reference(retro_model, stores, 
 
 
 def test_retro_checks_k_and_alignment(retro_model, stores, encoder, retro_datastore):
-    with InProcessRetriever(retro_datastore[0], RetrievalConfig(k=3, **EXACT)) as retriever:
-        with pytest.raises(ValueError, match="k=3"):
+    with InProcessRetriever(retro_datastore[0], RetrievalConfig(k=1, **EXACT)) as retriever:
+        with pytest.raises(ValueError, match="k=1 neighbours, the model takes 2"):
             evaluate_retro(retro_model, stores[1], retriever, encoder, RETRO, progress=False)
+    results = []
+    for k in (2, 3):  # more than the model takes: the nearest 2 are used, as RetroStepper does
+        with InProcessRetriever(retro_datastore[0], RetrievalConfig(k=k, **EXACT)) as retriever:
+            results.append(evaluate_retro(retro_model, stores[1], retriever, encoder, RETRO, progress=False))
+    assert results[0].perplexity == results[1].perplexity
     with InProcessRetriever(retro_datastore[0], RETRO.retrieval) as retriever:
         with pytest.raises(ValueError, match="multiples of 4"):
             evaluate_retro(retro_model, stores[1], retriever, encoder, EvalConfig(context_len=30, stride=16),

@@ -84,7 +84,9 @@ class _ChunkNeighbours:
 
     def collect(self, ids: np.ndarray, missing: np.ndarray, future: Future, K: int) -> torch.Tensor:
         """Neighbours (B, C, K, 2L) of the chunk ids, once the fetch has arrived."""
-        found = future.result()  # (m, K, 2L) or None
+        found = future.result()  # (m, k, 2L) or None, k >= K: the nearest K are the model's
+        if found is not None and found.shape[1] >= K:
+            found = found[:, :K]
         if found is not None and found.shape[1:] != (K, 2 * self.L):
             raise ValueError(f"the datastore returned neighbours of shape {found.shape[1:]}, the model needs "
                              f"({K}, {2 * self.L}): is it a RETRO datastore with chunk_len {self.L}?")
@@ -100,7 +102,8 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
     Args:
         model: a `Retro` model.
         store: the token stream to score.
-        retriever: a retriever over a RETRO datastore; `retriever.config.k` must equal the model's n_neighbours.
+        retriever: a retriever over a RETRO datastore; `retriever.config.k` at least the model's n_neighbours
+            (the nearest n_neighbours are used).
         encoder: the frozen chunk encoder (`ChunkEncoder`: `.embed(chunks (n, L)) -> (n, d)`).
         config: windows (multiples of the chunk length), batch size, own-document exclusion.
         progress: show a progress bar.
@@ -110,14 +113,15 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         A `RetroEvalResult`.
 
     Raises:
-        ValueError: k differs from the model's n_neighbours, the window is not chunk-aligned, or the
+        ValueError: k is below the model's n_neighbours, the window is not chunk-aligned, or the
             datastore's neighbours do not fit the model.
     """
     check_retro_inputs(model, retriever)
     check_window(model, config)
     L, K = model.config.chunk_len, model.config.n_neighbours
-    if retriever.config.k != K:
-        raise ValueError(f"the retriever asks for k={retriever.config.k} neighbours, the model takes {K}")
+    if retriever.config.k < K:
+        raise ValueError(f"the retriever asks for k={retriever.config.k} neighbours, the model takes {K}: ask for "
+                         f"{K} or more (the nearest {K} are used, as RetroStepper does)")
     if config.exclude_own_document and retriever.ntotal != len(store) // L:
         raise ValueError(f"exclude_own_document needs the datastore built from this store: it has "
                          f"{retriever.ntotal} rows, the store {len(store)} tokens in chunks of {L}")
