@@ -279,3 +279,17 @@ def test_precompute_neighbours_exclude_own_document(retro_datastore, retro_store
             with pytest.raises(ValueError, match="fewer than k"):
                 precompute_neighbours(retriever, queries, [(0, len(queries) - 2)] * len(queries),
                                       tmp_path / "x.npy", progress=False)
+
+
+def test_a_models_fingerprint_is_remembered_until_its_weights_change():
+    torch.manual_seed(0)
+    model = TransformerLM(LMConfig.tiny(vocab_size=64))
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # in place, as an optimizer step
+    changed = model_fingerprint(model)
+    assert changed != first
+    torch.manual_seed(0)
+    model.load_state_dict(TransformerLM(LMConfig.tiny(vocab_size=64)).state_dict())  # the first weights again
+    assert model_fingerprint(model) == first

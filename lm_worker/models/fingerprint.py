@@ -5,12 +5,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 
 import torch
 
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its tensors' versions, fingerprint)
+
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys."""
+    """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys.
+    Remembered per model until one of its tensors changes in place (an optimizer step, a load): a large
+    model is hashed once, however many evaluations and decoders check it."""
+    versions = tuple(t._version for t in model.state_dict().values())  # torch counts each in-place change
+    known = _MEMO.get(model)
+    if known is not None and known[0] == versions:
+        return known[1]
+    fingerprint = _hash(model)
+    _MEMO[model] = (versions, fingerprint)
+    return fingerprint
+
+
+def _hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256(type(model).__name__.encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
