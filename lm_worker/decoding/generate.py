@@ -49,11 +49,16 @@ def drive(loops: list[DecodeLoop]) -> list[GenerateOutput]:
     return [results[i] for i in range(len(loops))]
 
 
+def _model_setting(stepper, name: str):
+    """The stepper's model's config value `name` (`max_len`, `vocab_size`), None where it has none."""
+    return getattr(getattr(getattr(stepper, "model", None), "config", None), name, None)
+
+
 def check_room(stepper, prompt_len: int, max_new_tokens: int) -> None:
     """ValueError when decoding would feed the `model` of `stepper` (a stepper, or anything with the model
     as `model`), where it has a `max_len`, more positions than it takes: the prompt's and
     max_new_tokens - 1 (the last token is never fed)."""
-    max_len = getattr(getattr(getattr(stepper, "model", None), "config", None), "max_len", None)
+    max_len = _model_setting(stepper, "max_len")
     if max_len is not None and prompt_len + max_new_tokens - 1 > max_len:
         raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} - 1 exceeds the model's "
                          f"max_len {max_len}")
@@ -65,7 +70,7 @@ def check_token_ids(stepper, prompt: torch.Tensor) -> None:
     embedding, deep in the first step)."""
     if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
         raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
-    vocab = getattr(getattr(getattr(stepper, "model", None), "config", None), "vocab_size", None)
+    vocab = _model_setting(stepper, "vocab_size")
     low, high = int(prompt.min()), int(prompt.max())
     if low < 0 or (vocab is not None and high >= vocab):
         bad = low if low < 0 else high

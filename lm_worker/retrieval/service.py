@@ -16,7 +16,7 @@ from lm_worker.retrieval.config import Ranges, RetrievalConfig
 from lm_worker.retrieval.retriever import Retriever, exclude_ranges
 from retriever_server.client import RetrieverClient, RetrieverError, SearchResult
 from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError
-from retriever_server.serving.fanout import parse_shards
+from retriever_server.serving.fanout import parse_shards, parse_target
 
 __all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "RAY_PREFIX",
            "resolve_target", "is_loopback"]
@@ -33,7 +33,7 @@ def resolve_target(target: str) -> str | list[str]:
         from retriever_server.cluster.ray_serving import lookup  # Ray: only for ray: targets
 
         return lookup(target[len(RAY_PREFIX):])
-    return parse_shards(target) if "," in target or "|" in target else target
+    return parse_target(target)
 
 
 def is_loopback(target: str) -> bool:

@@ -15,7 +15,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.cli.common import CliError, add_client_security, client_security_of
 from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.serving.client import RetrieverClient
-from retriever_server.serving.fanout import parse_shards
+from retriever_server.serving.fanout import parse_target
 from retriever_server.wire.tensors import numpy_dtype
 from retriever_server.wire.untrusted import one_line
 
@@ -161,10 +161,8 @@ def _out_path(out: Path | None) -> Path | None:
 
 def _search_target(target: str) -> str | list[list[str]]:
     """One address, or a shard list (commas between shards, | between a shard's replicas)."""
-    if "," not in target and "|" not in target:
-        return target
     try:
-        return parse_shards(target)
+        return parse_target(target)
     except ValueError as err:
         raise CliError(str(err)) from None
 

@@ -42,6 +42,11 @@ def parse_shards(spec: str) -> list[list[str]]:
     return shards
 
 
+def parse_target(target: str) -> str | list[list[str]]:
+    """One server's address as given, or a shard list ("a:1|a:2,b:1", as `parse_shards` reads it)."""
+    return parse_shards(target) if "," in target or "|" in target else target
+
+
 def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
     """Names shards in the datastore's order: shard-00000, shard-00001, ..."""
     return [ReplicaSet(shard_name(i), list(addresses)) for i, addresses in enumerate(shards)]
