@@ -207,6 +207,38 @@ def test_a_router_takes_up_a_rotated_token_and_a_renewed_client_certificate(aio,
         assert wait_until(lambda: search_with("new-token") is None, seconds=10)
 
 
+@pytest.mark.parametrize("fan_out", [False, True], ids=["one-address", "fan-out"])
+def test_a_client_takes_up_a_renewed_certificate_on_new_channels(aio, datastore, keys, pki, tmp_path, fan_out):
+    """A long-lived client (an evaluation job) whose certificate is renewed by a new CA, which the shards
+    trust alone once they restart: the client connects again with the renewed certificate, not the one
+    it read when it was made."""
+    client_ca, cert, key = tmp_path / "client-ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
+    client_ca.write_bytes(pki["ca.pem"].read_bytes())
+    cert.write_bytes(pki["client.pem"].read_bytes())
+    key.write_bytes(pki["client.key"].read_bytes())
+    security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_ca=client_ca)
+    shards = [aio.run(start_shard_server(ShardServerConfig(datastore, s, metrics_port=None, security=security)))
+              for s in (0, 1)]
+    target = [r.address for r in shards] if fan_out else shards[0].address
+    try:
+        with RetrieverClient(target, security=ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=cert, tls_key=key),
+                             timeout=5) as client:
+            assert client.search(keys[:3], k=4).ids.shape == (3, 4)
+            ca2 = make_ca("the next client CA")
+            renewed = make_leaf(ca2, "client", [])
+            key.write_bytes(renewed.key_pem)
+            cert.write_bytes(renewed.cert_pem)
+            client_ca.write_bytes(ca2.cert_pem)
+            for s, running in enumerate(shards):  # the shards restart: the client connects again
+                aio.run(running.drain(grace=0))
+                shards[s] = aio.run(start_shard_server(ShardServerConfig(datastore, s, port=running.port,
+                                                                         metrics_port=None, security=security)))
+            assert wait_until(lambda: code_of(lambda: client.search(keys[:3], k=4)) is None, seconds=10)
+    finally:
+        for running in shards:
+            aio.run(running.drain(grace=0))
+
+
 def test_a_client_sends_the_token_its_file_holds_now(aio, datastore, pki, tmp_path):
     accepted = write_private(tmp_path / "accepted", b"old-token\nnew-token\n")
     mine = write_private(tmp_path / "mine", b"old-token\n")

@@ -5,7 +5,8 @@ servers took up does not cut them off.
 
 The files are checked at most once a second, when a call is about to go out. A token file that
 changed is read again (its first token is sent from then on); TLS files that changed are reported,
-for the caller to open new channels (a router does; connections already open keep their TLS session).
+for the caller to open new channels (the router and `RetrieverClient` do, and keep the channels they
+replace open RETIRED_CLOSE_S for the calls on them; connections already open keep their TLS session).
 Files that cannot be read, or do not hold a certificate and its key, keep the current credentials, as
 the servers do.
 
@@ -28,6 +29,7 @@ from retriever_server.security.tls import check_pem, file_stamps
 
 log = logging.getLogger(__name__)
 CHECK_EVERY_S = 1.0
+RETIRED_CLOSE_S = 600.0  # how long channels replaced after a TLS change stay open for the calls on them
 
 
 class WatchedClientSecurity:

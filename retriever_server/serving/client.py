@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import numbers
+import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server.security.client_files import WatchedClientSecurity
+from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity
 from retriever_server.security.tls import open_aio_channel, open_channel
 from retriever_server.serving.event_loop import LoopThread
@@ -42,7 +42,9 @@ from retriever_server.serving.fanout import check_address, check_shards, replica
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.wire.result import SearchResult
-from retriever_server.wire.tensors import fill_tensor
+from retriever_server.wire.search_args import Exclude, make_request
+
+__all__ = ["Exclude", "RetrieverClient", "RetrieverError", "make_request"]
 
 log = logging.getLogger(__name__)
 REPLICA_INFO_S = 5.0  # how long a fan-out client's first search waits for each replica's GetInfo, at most
@@ -60,50 +62,6 @@ class RetrieverError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class Exclude:
-    """Rows a query must not retrieve: single ids and half-open [start, end) ranges."""
-
-    ids: Sequence[int] = ()
-    ranges: Sequence[tuple[int, int]] = ()
-
-    def to_proto(self) -> pb.Exclusion:
-        ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else self.ids
-        ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else self.ranges
-        return pb.Exclusion(ids=ids, ranges=[pb.IdRange(start=s, end=e) for s, e in ranges])
-
-
-def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,
-                 rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
-                 exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
-                 allow_partial: bool = False, expected_version: str = "", successors: int = 0) -> pb.SearchRequest:
-    """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32); TypeError or
-    ValueError naming the argument for a count that is not an integer the request can carry."""
-    _check_counts(k=k, nprobe=nprobe, rerank_candidates=rerank_candidates, successors=successors)
-    queries = np.asarray(queries)
-    if queries.dtype == np.float64:
-        queries = queries.astype(np.float32)
-    request = pb.SearchRequest(
-        k=k, nprobe=nprobe, exact_rerank=exact_rerank,
-        rerank_candidates=rerank_candidates, payloads=list(payloads), return_keys=return_keys,
-        exclude=exclude.to_proto() if exclude else None,
-        exclude_per_query=[e.to_proto() for e in exclude_per_query or ()],
-        allow_partial=allow_partial, expected_datastore_version=expected_version, successors=successors,
-    )
-    fill_tensor(request.queries, queries)
-    return request
-
-
-def _check_counts(**counts: object) -> None:
-    """TypeError unless every count is an integer, ValueError unless it fits the request's int32 fields
-    (the server checks the ranges that make sense: k within its max_k, ...)."""
-    for name, value in counts.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        if not -2 ** 31 <= value < 2 ** 31:
-            raise ValueError(f"{name} must fit in 32 bits, got {value}")
 
 
 async def _open_channels(addresses: list[str], security: ClientSecurity) -> dict[str, grpc.aio.Channel]:
@@ -154,21 +112,51 @@ class RetrieverClient:
         if not self.fan_out:  # a router or a shard: its errors name the address dialled
             self.sets[0].name = target
         security.check()
-        self.credentials = WatchedClientSecurity(security)  # its token file, read again when it changes
+        self.credentials = WatchedClientSecurity(security)  # its token and TLS files, read again on a change
         self._loop: LoopThread | None = None
         self._closed = False
-        addresses = [a for s in shards for a in s]
-        if not self.fan_out:  # one address: no failover, so no event loop (a loop hop costs a call CPU)
+        self._refreshing = threading.Lock()
+        self._retired: list[tuple[float, object]] = []  # (when, channel) of TLS files since changed
+        if self.fan_out:  # one address: no failover, so no event loop (a loop hop costs a call CPU)
+            self._loop = LoopThread("retriever-client")
+        try:
+            self._open([a for s in shards for a in s])
+        except BaseException:
+            if self._loop is not None:
+                self._loop.close()
+            raise
+        self._infos: list[pb.InfoResponse] | None = None
+
+    def _open(self, addresses: list[str]) -> None:
+        """Channels and stubs to `addresses`, with the TLS files as they are now."""
+        security = self.credentials.security
+        if self._loop is None:
             self.channels = {a: open_channel(a, security, CHANNEL_OPTIONS) for a in addresses}
         else:
-            self._loop = LoopThread("retriever-client")
-            try:
-                self.channels = self._loop.run(_open_channels(addresses, security))
-            except BaseException:
-                self._loop.close()
-                raise
+            self.channels = self._loop.run(_open_channels(addresses, security))
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
-        self._infos: list[pb.InfoResponse] | None = None
+
+    def _close(self, channels: list) -> None:
+        if self._loop is None:
+            for channel in channels:
+                channel.close()
+        elif channels:
+            self._loop.run(_close_channels(channels))
+
+    def _refresh_credentials(self) -> None:
+        """Takes up a rotated token at once, and changed TLS files on new channels to every address (a
+        renewed client certificate, a new CA). The channels before them stay open RETIRED_CLOSE_S for the
+        calls on their way, then close at a later change or at close()."""
+        with self._refreshing:
+            if self._closed or not self.credentials.refresh():
+                return
+            log.info("new channels to the service, with the changed TLS files")
+            now = time.monotonic()
+            expired = [c for when, c in self._retired if now - when > RETIRED_CLOSE_S]
+            self._retired = [(when, c) for when, c in self._retired if now - when <= RETIRED_CLOSE_S]
+            self._retired += [(now, c) for c in self.channels.values()]
+            self._open(list(self.channels))
+            self._close(expired)
 
     def __enter__(self) -> RetrieverClient:
         return self
@@ -185,22 +173,20 @@ class RetrieverClient:
         if self._closed:
             return
         self._closed = True
-        if self._loop is None:
-            for channel in self.channels.values():
-                channel.close()
-            return
-        self._loop.run(_close_channels(list(self.channels.values())))
-        self._loop.close()
+        with self._refreshing:
+            self._close([*self.channels.values(), *(c for _, c in self._retired)])
+        if self._loop is not None:
+            self._loop.close()
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata of every call: the current bearer token (the token file's first, read again
-        when the file changes; TLS files are read when the client is made)."""
+        when the file changes, as the TLS files are: see `_refresh_credentials`)."""
         return self.credentials.metadata
 
     def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
         self._check_open()
-        self.credentials.refresh()
+        self._refresh_credentials()
         if self._loop is None:
             outcome = self._blocking_attempt(replicas, method, request, deadline)
         else:
@@ -348,7 +334,7 @@ class RetrieverClient:
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
         self._check_open()
-        self.credentials.refresh()
+        self._refresh_credentials()
         infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
         request.allow_partial = False

@@ -23,7 +23,7 @@ import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server.security.client_files import WatchedClientSecurity
+from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.security.tls import open_aio_channel
 from retriever_server.serving.failover import (
@@ -51,7 +51,6 @@ from retriever_server.wire.untrusted import one_line
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
 FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its datastore version), at most
-RETIRED_CLOSE_S = 600.0  # how long channels replaced after a TLS change stay open for the calls on them
 DISCOVERY_REPORT_S = 10.0  # how often a router waiting for its shards says which have not answered
 
 

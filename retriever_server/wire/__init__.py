@@ -2,6 +2,7 @@
 
 - `tensors`: arrays <-> `retrieval.v1.Tensor` (raw bytes, dtype, shape);
 - `request`: a Search request checked field by field (`parse_search`, `Limits`, `RequestError`);
+- `search_args`: a Search request built from a client's numpy arguments (`make_request`, `Exclude`);
 - `exclusions`: every query's excluded rows, read into flat arrays (`Exclusions`, `ExclusionKey`);
 - `untrusted`: strings from a caller, cut and escaped before they reach a status or a log;
 - `result`: `SearchResult`, neighbours as arrays, to and from a `SearchResponse`;

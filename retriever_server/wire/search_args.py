@@ -1,0 +1,63 @@
+"""A Search request built from a client's numpy arguments: `make_request` and the `Exclude` rows it takes.
+
+The client checks only what the request's fields can carry (integers, 32 bits); the servers check
+the ranges that make sense (`request.parse_search`).
+
+Example:
+    >>> request = make_request(queries, k=10, exclude=Exclude(ids=[3], ranges=[(100, 200)]))
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.wire.tensors import fill_tensor
+
+
+@dataclass(frozen=True)
+class Exclude:
+    """Rows a query must not retrieve: single ids and half-open [start, end) ranges."""
+
+    ids: Sequence[int] = ()
+    ranges: Sequence[tuple[int, int]] = ()
+
+    def to_proto(self) -> pb.Exclusion:
+        ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else self.ids
+        ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else self.ranges
+        return pb.Exclusion(ids=ids, ranges=[pb.IdRange(start=s, end=e) for s, e in ranges])
+
+
+def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,
+                 rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
+                 exclude: Exclude | None = None, exclude_per_query: Sequence[Exclude] | None = None,
+                 allow_partial: bool = False, expected_version: str = "", successors: int = 0) -> pb.SearchRequest:
+    """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32); TypeError or
+    ValueError naming the argument for a count that is not an integer the request can carry."""
+    _check_counts(k=k, nprobe=nprobe, rerank_candidates=rerank_candidates, successors=successors)
+    queries = np.asarray(queries)
+    if queries.dtype == np.float64:
+        queries = queries.astype(np.float32)
+    request = pb.SearchRequest(
+        k=k, nprobe=nprobe, exact_rerank=exact_rerank,
+        rerank_candidates=rerank_candidates, payloads=list(payloads), return_keys=return_keys,
+        exclude=exclude.to_proto() if exclude else None,
+        exclude_per_query=[e.to_proto() for e in exclude_per_query or ()],
+        allow_partial=allow_partial, expected_datastore_version=expected_version, successors=successors,
+    )
+    fill_tensor(request.queries, queries)
+    return request
+
+
+def _check_counts(**counts: object) -> None:
+    """TypeError unless every count is an integer, ValueError unless it fits the request's int32 fields
+    (the server checks the ranges that make sense: k within its max_k, ...)."""
+    for name, value in counts.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not -2 ** 31 <= value < 2 ** 31:
+            raise ValueError(f"{name} must fit in 32 bits, got {value}")
