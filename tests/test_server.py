@@ -643,3 +643,17 @@ def test_a_client_of_one_address_calls_from_the_callers_thread_and_gives_the_fan
     np.testing.assert_array_equal(via_router.ids, direct.ids)
     np.testing.assert_array_equal(via_router.distances, direct.distances)
     assert "retriever-client" not in started_since(before)  # closed: its thread ended
+
+
+def test_an_exact_idmap_flat_datastore_answers_the_brute_force_neighbours(aio, keys, tmp_path):
+    """"IDMap,Flat", the exact index the build suggests for "Flat": through the router, with excluded
+    rows, the top-k of a float64 brute-force search."""
+    from retriever_server.client import Exclude
+
+    datastore = build(tmp_path, keys[:1000], "exact", shards=2, factory="IDMap,Flat")
+    queries = keys[:6] + np.float32(0.01)
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address, timeout=10) as client:
+        found = client.search(queries, k=5, exclude=Exclude(ids=[0, 1], ranges=[(500, 520)]))
+    distances = ((queries[:, None, :].astype(np.float64) - keys[None, :1000]) ** 2).sum(-1)  # (6, 1000)
+    distances[:, [0, 1, *range(500, 520)]] = np.inf
+    assert np.array_equal(found.ids, np.argsort(distances, axis=1, kind="stable")[:, :5])

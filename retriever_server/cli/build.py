@@ -18,7 +18,8 @@ def add_parser(command) -> None:
                    help="per-row payload array (first dimension N; .npy or .parts.json); repeatable")
     b.add_argument("--factory", default="auto",
                    help='FAISS factory string (default "auto": IVF lists sized for N with 8-bit scalar codes, '
-                        'SQ8; a graph over the lists from 8,192 lists; IVF-Flat below ~10k rows)')
+                        'SQ8; a graph over the lists from 8,192 lists; IVF-Flat below ~10k rows). An IVF index, or '
+                        '"IDMap,Flat" for exact search')
     b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the training sample and k-means")

@@ -128,7 +128,7 @@ def _training_minimum(factory: str, d: int, metric: str) -> int:
     index = faiss.index_factory(d, factory, ix.METRICS[metric])
     ivf = faiss.try_extract_index_ivf(index)
     core = faiss.downcast_index(ivf if ivf is not None else index)
-    if isinstance(core, faiss.IndexPreTransform):
+    if isinstance(core, faiss.IndexPreTransform | faiss.IndexIDMap | faiss.IndexIDMap2):
         core = faiss.downcast_index(core.index)
     pq = getattr(core, "pq", None)
     return max(int(ivf.nlist) if ivf is not None else 1, int(pq.ksub) if pq is not None else 1)

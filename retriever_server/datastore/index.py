@@ -56,12 +56,25 @@ def resolve_factory(factory: str, n: int, d: int) -> str:
 
 
 def check_factory(factory: str, d: int, metric: str) -> None:
-    """Raises ValueError when FAISS cannot build `factory` for dimension d."""
+    """Raises ValueError when FAISS cannot build `factory` for dimension d, or builds an index that
+    cannot hold a datastore: one that keeps no row ids (a bare "Flat" or "HNSW32"), or whose rows
+    have no fixed code size (a graph), which the build plans its shards and spills by."""
     try:
-        faiss.index_factory(d, factory, METRICS[metric])
+        index = faiss.index_factory(d, factory, METRICS[metric])
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
         raise ValueError(f"FAISS cannot build factory string {factory!r} for dimension {d}: {first}") from None
+    if faiss.try_extract_index_ivf(index) is not None:
+        return
+    if not isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        raise ValueError(f"factory string {factory!r} makes an index that keeps no row ids: use an IVF index "
+                         f"(\"auto\", or e.g. \"IVF256,Flat\"), or, for exact search, \"IDMap,Flat\"")
+    try:
+        index.sa_code_size()
+    except RuntimeError:
+        raise ValueError(f"factory string {factory!r} makes an index without a fixed code size per row (a "
+                         f"graph), which a datastore cannot hold: use an IVF index (\"auto\", or e.g. "
+                         f"\"IVF256,Flat\"), or, for exact search, \"IDMap,Flat\"") from None
 
 
 def train_size_for(factory: str, d: int, metric: str) -> int:
