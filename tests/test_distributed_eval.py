@@ -287,3 +287,36 @@ def test_a_job_without_pointers_is_described_as_before_the_pointer_fields_existe
     described = pointers.describe()["config"]
     assert (described["pointer_runs"], described["pointer_crowd"], described["pointer_agreement"]) == ("window", 3, 0.9)
     assert pointers.describe() != plain.describe()
+
+
+def test_a_service_down_or_of_another_kind_is_refused_before_any_worker_starts(knn, retro, data, tmp_path):
+    """The driver asks the service first, as an evaluation in one process does: its error in one line
+    (a RetrieverError, a ValueError naming the kind), not a worker's traceback from Ray."""
+    from retriever_server.client import RetrieverError
+
+    shares = pool(workers=1, checkpoint_dir=tmp_path / "shares")
+    with pytest.raises(RetrieverError, match="UNAVAILABLE"):
+        evaluate_distributed(dataclasses.replace(job(knn, data), target="127.0.0.1:1"), shares)
+    with pytest.raises(ValueError, match="a 'retro' datastore .*, not a kNN-LM one"):
+        evaluate_distributed(dataclasses.replace(job(knn, data), target=retro[3]), shares)
+    retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=knn[2], config=CONFIG)
+    with pytest.raises(ValueError, match="a 'knnlm' datastore .*, not a RETRO one"):
+        evaluate_distributed(retro_job, shares)
+    assert not (tmp_path / "shares").exists()  # nothing written
+
+
+def test_a_share_that_fails_in_a_worker_raises_the_workers_own_error(retro, data):
+    """An error raised while a worker evaluates a share reaches the caller as that error (its type and
+    message), not wrapped in Ray's task error with the remote traceback."""
+    def failing_encoder():
+        class Failing:
+            def embed(self, windows):
+                raise ValueError("the chunk encoder failed on purpose")
+
+        return Failing()
+
+    config = dataclasses.replace(CONFIG, retrieval=RetrievalConfig(k=2, nprobe=4))
+    retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=retro[3], config=config,
+                        encoder_factory=failing_encoder)
+    with pytest.raises(ValueError, match="^the chunk encoder failed on purpose$"):
+        evaluate_distributed(retro_job, pool(workers=1))

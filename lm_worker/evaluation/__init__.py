@@ -7,6 +7,7 @@
 - `pointers`: approximate kNN-LM retrieval that follows the previous position's neighbours (RetoMaton);
 - `retro_eval`: RETRO with and without its neighbours (`evaluate_retro`);
 - `distributed`: the same evaluations cut into shares over LM worker actors on Ray;
+- `eval_worker`: one of those actors (`EvalWorker`);
 - `shares`: those shares, and the folder that keeps the finished ones for a rerun;
 - `combine`: the shares' results added up into one;
 - `report`: table.md, eval.json and the perplexity-against-λ plot;

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from lm_worker.evaluation.combine import combine
 from lm_worker.evaluation.config import EvalConfig
+from lm_worker.evaluation.eval_worker import EvalWorker
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
 from lm_worker.evaluation.shares import (
@@ -135,72 +136,6 @@ class WorkerPoolConfig:
                              f"{self.batches_per_share}, {self.torch_threads}")
 
 
-# ---------------------------------------------------------------------------------------------- the worker
-
-
-class EvalWorker:
-    """An LM worker: loads the model, the store and a retriever once, then evaluates shares."""
-
-    def __init__(self, job: EvalJob, torch_threads: int, device: str, token: str | None = None):
-        """`token`: the driver's RETRIEVER_AUTH_TOKEN, for a job whose security names no token of its own
-        (an argument, not an environment variable: Ray logs the environments it makes for actors)."""
-        import torch
-
-        from lm_worker.data.token_store import TokenStore
-        from lm_worker.models.checkpoint import load_checkpoint
-        from lm_worker.retrieval.service import ServiceRetriever, resolve_target
-
-        torch.set_num_threads(torch_threads)
-        self.job = job
-        self.model = load_checkpoint(job.checkpoint, device).model
-        self.store = TokenStore.open(job.store)
-        retrieval = job.config.retrieval
-        if job.kind == "retro":
-            retrieval = dataclasses.replace(retrieval, k=self.model.config.n_neighbours)
-        security = job.security or ClientSecurity()
-        if token and not security.token and security.token_file is None:
-            security = dataclasses.replace(security, token=token)
-        self.retriever = ServiceRetriever(resolve_target(job.target), retrieval, security)
-        self._identity = identity_of(self.model, self.retriever.version, job.store)
-        if job.kind == "retro":
-            self.encoder = job.encoder_factory() if job.encoder_factory else self._chunk_encoder()
-
-    def _chunk_encoder(self):
-        """The encoder that made the RETRO datastore's keys (named by its metadata)."""
-        from lm_worker.data.tokenizer import Tokenizer
-        from lm_worker.encoders.registry import chunk_encoder_for
-
-        path = self.job.tokenizer or Path(self.job.store).parent / "tokenizer.json"
-        return chunk_encoder_for(self.retriever.metadata, Tokenizer.load(path), self.job.encoder_lm, threads=1)
-
-    def ready(self) -> str:
-        """The node this worker runs on."""
-        return ray.get_runtime_context().get_node_id()
-
-    def started(self) -> tuple[str, dict[str, str]]:
-        """The node this worker runs on, and what its shares are computed with: the model's fingerprint,
-        the datastore's version and the token store's fingerprint."""
-        return self.ready(), self._identity
-
-    def run(self, share: Share) -> dict:
-        """The share's summed negative log-likelihoods and token count, and where it ran."""
-        from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
-        from lm_worker.evaluation.retro_eval import evaluate_retro
-
-        batches = range(share.start, share.stop)
-        if self.job.kind == "knnlm":
-            result = evaluate_knnlm(self.model, self.store, self.retriever, self.job.config, False, batches)
-        else:
-            result = evaluate_retro(self.model, self.store, self.retriever, self.encoder, self.job.config, False,
-                                    batches)
-        return {"share": share.index, "start": share.start, "stop": share.stop, "node": self.ready(),
-                "pid": os.getpid(), "identity": self._identity,
-                "result": result.to_dict()}
-
-
-# ---------------------------------------------------------------------------------------------- the pool
-
-
 class _Pool:
     """Worker actors handed shares one at a time; a dead worker's share is queued again and the worker
     replaced (up to `max_replacements` times)."""
@@ -250,6 +185,8 @@ class _Pool:
                 try:
                     node, identity = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
+                    if getattr(err, "actor_init_failed", False):  # the next one would fail the same way
+                        raise RuntimeError(f"an evaluation worker could not start: {_last_line(err)}") from None
                     self._lost(actor, err)
                     continue
                 self._same(identity)
@@ -263,6 +200,8 @@ class _Pool:
             except ray.exceptions.RayActorError as err:
                 queue.appendleft(share)
                 self._lost(actor, err)
+            except ray.exceptions.RayTaskError as err:  # the share failed in the worker: its error, not Ray's
+                raise _worker_error(err) from None
         return results
 
     def _same(self, identity: dict[str, str]) -> None:
@@ -298,7 +237,10 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
         depend on the number of workers.
 
     Raises:
-        ValueError: the checkpoint folder holds another evaluation's shares, or the config is invalid.
+        ValueError: the checkpoint folder holds another evaluation's shares, the config is invalid, or
+            the datastore is of another kind or (kNN-LM) its keys were made by another model; found
+            before any worker starts, as is a service that does not answer (its `RetrieverError`).
+            An error a worker raises while it evaluates a share is raised as it was raised there.
         RuntimeError: more than `max_replacements` workers died, none could run for `stall_timeout_s`,
             or the model, datastore or token store changed while the evaluation ran.
 
@@ -318,13 +260,13 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     if not shares:
         raise ValueError(f"{job.store} has nothing to evaluate: too few tokens for one window of context_len "
                          f"{job.config.context_len}")
-    saved = planned(open_saved(job.describe(), config.checkpoint_dir), shares)
-    identity = None
-    if saved:  # are they still valid? the model and the store are here; the datastore says its version
-        if job.target.startswith(RAY_PREFIX):
-            connect(config.address, config.num_cpus_local, log_to_driver=False)
-        identity = identity_of(model, _datastore_version(job), job.store)
+    if job.target.startswith(RAY_PREFIX):
+        connect(config.address, config.num_cpus_local, log_to_driver=False)
+    # the datastore answers and suits the model, checked here in one line before anything is written or
+    # any worker starts; the saved shares and every worker are held to what the driver finds
+    identity = identity_of(model, _checked_datastore_version(job, model), job.store)
     del model
+    saved = planned(open_saved(job.describe(), config.checkpoint_dir), shares)
     done = current(saved, identity) if saved else {}
     queue = deque(s for s in shares if s.index not in done)
     log.info("%d shares of %d batches; %d already done; %d workers", len(shares), config.batches_per_share,
@@ -337,13 +279,31 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     return result
 
 
-def _datastore_version(job: EvalJob) -> str:
-    """The version of the datastore the job's target serves (one GetInfo)."""
+def _checked_datastore_version(job: EvalJob, model) -> str:
+    """The version of the datastore the job's target serves (one GetInfo), once the same checks as an
+    evaluation in one process passed: the service answers (else its RetrieverError), and the datastore
+    is of the job's kind and, for kNN-LM, made by this model (else ValueError)."""
+    from lm_worker.evaluation.knnlm import check_knnlm_inputs
+    from lm_worker.retrieval.config import check_retro_inputs
     from lm_worker.retrieval.service import ServiceRetriever, resolve_target
 
     security = job.security or ClientSecurity()
     with ServiceRetriever(resolve_target(job.target), job.config.retrieval, security) as retriever:
+        (check_knnlm_inputs if job.kind == "knnlm" else check_retro_inputs)(model, retriever)
         return retriever.version
+
+
+def _worker_error(err: ray.exceptions.RayTaskError) -> Exception:
+    """What a worker raised (a RetrieverError, a ValueError, ...), as raised there; Ray's wrapper with
+    its traceback when the cause did not travel."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else RuntimeError(f"an evaluation worker failed: {_last_line(err)}")
+
+
+def _last_line(err: Exception) -> str:
+    """The last line of a Ray error's text: the exception that ended the remote traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _stalled(config: WorkerPoolConfig) -> RuntimeError:

@@ -63,6 +63,9 @@ class RetrieverError(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):  # pickled whole (e.g. raised in a Ray worker): code and message, not one string
+        return type(self), (self.code, self.message)
+
 
 async def _open_channels(addresses: list[str], security: ClientSecurity) -> dict[str, grpc.aio.Channel]:
     return {a: open_aio_channel(a, security, CHANNEL_OPTIONS) for a in addresses}
