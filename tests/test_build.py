@@ -390,6 +390,7 @@ def _save_payload_files(tmp_path) -> None:
         (dict(keys="missing.npy"), "not found"),
         (dict(shards=0), "--shards must be in"),
         (dict(factory="IVF16,PQ7"), "FAISS cannot build factory string"),
+        (dict(cpus_per_shard=0), "--cpus-per-shard must be >= 1, got 0"),
         (dict(factory="Flat"), "'Flat' makes an index that keeps no row ids: .* \"IDMap,Flat\""),
         (dict(factory="HNSW32"), "'HNSW32' makes an index that keeps no row ids"),
         (dict(factory="IDMap,HNSW32"), "'IDMap,HNSW32' makes an index without a fixed code size per row"),
@@ -428,6 +429,16 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path, change, message)
     with pytest.raises(BuildError, match=message) as refused:
         build_datastore(BuildConfig(**fields), progress=False)
     assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_shard_tasks_larger_than_every_node_are_refused_instead_of_waiting_for_ever(ray_cluster, tmp_path):
+    """Ray would hold a task that no node can take until a node that can joins: the build says so at once."""
+    np.save(tmp_path / "keys.npy", synthetic(100, 16))
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "out", factory="IVF4,Flat", cpus_per_shard=64)
+    with pytest.raises(BuildError, match="each shard task takes 64 CPUs .--cpus-per-shard., but the largest node of "
+                                         "the cluster has [0-9.]+: ask for fewer"):
+        build_datastore(config, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 

@@ -111,13 +111,14 @@ def test_runtime_and_os_errors_are_one_line(monkeypatch, capsys, error, shown):
     assert capsys.readouterr().err == f"retriever-server build: error: {shown}\n"
 
 
-def test_interrupt_exits_130(monkeypatch):
+def test_interrupt_exits_130_and_says_so(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "configure_logging", lambda *a: None)
     monkeypatch.setitem(cli.COMMANDS, "info", interrupted)
     assert cli.main(["info", "x"]) == 130
+    assert capsys.readouterr().err == "retriever-server info: interrupted\n"
 
 
 def test_help_lists_every_command_on_one_line():

@@ -250,3 +250,12 @@ def test_serve_pins_each_shard_to_its_own_cores_unless_told_not_to(datastore, tm
     (first,), (second,) = pinned
     assert not first & second and first | second <= pool
     assert shard_cores_under_serve(datastore, tmp_path, "--no-pin-shards") == [{pool}, {pool}]
+
+
+def test_a_folder_that_is_not_a_datastore_is_refused_and_leaves_no_log_folder(tmp_path):
+    from retriever_server.datastore.manifest import DatastoreError
+
+    deployment = LocalDeployment(tmp_path / "nothing-here")
+    with pytest.raises(DatastoreError):
+        deployment.start()
+    assert not deployment.log_dir.exists()

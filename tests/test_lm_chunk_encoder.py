@@ -91,6 +91,11 @@ def test_datastore_names_its_encoder(ray_cluster, checkpoint, tmp_path):
             chunk_encoder_for(retriever.metadata, tokenizer=None, lm_checkpoint=other)
         with pytest.raises(ValueError, match="names no checkpoint"):
             chunk_encoder_for({"encoder": encoder.fingerprint}, tokenizer=None)
+        forged = encoder.fingerprint + "\n2026-01-01 ERROR a forged line\x1b[31m"
+        for metadata, checkpoint in (({"encoder": forged}, None), ({"encoder": forged}, other)):
+            with pytest.raises(ValueError) as refused:  # the datastore's words escaped: one line, no codes
+                chunk_encoder_for(metadata, tokenizer=None, lm_checkpoint=checkpoint)
+            assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
 
 
 def test_other_fingerprints_get_minilm():

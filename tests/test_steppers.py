@@ -519,8 +519,14 @@ def test_a_model_and_a_datastore_that_do_not_belong_together_are_refused(lm, ret
     KnnLMStepper(lm, fake_knn)  # the model that made the keys
     torch.manual_seed(99)
     other = TransformerLM(lm.config).eval()  # the same shapes, other weights
-    with pytest.raises(ValueError, match=f"keys were made by the model {model_fingerprint(lm)}, not by this one"):
+    with pytest.raises(ValueError, match=f"keys were made by the model '{model_fingerprint(lm)}', not by this one"):
         KnnLMStepper(other, fake_knn)
+    fake_knn.metadata = {"encoder": "lm:forged\n2026-01-01 ERROR a forged line\x1b[31m" + "x" * 200}
+    with pytest.raises(ValueError) as refused:  # the datastore's words, escaped: one line, no terminal codes
+        KnnLMStepper(lm, fake_knn)
+    message = str(refused.value)
+    assert "\n" not in message and "\x1b" not in message and "x" * 100 not in message
+    assert "'lm:forged\\n2026-01-01 ERROR a forged line\\x1b[31m" in message
     with pytest.raises(ValueError, match="got a Retro model: decode it with RetroStepper"):
         KnnLMStepper(retro, fake_knn)
     fake_knn.metadata = {"kind": "retro"}

@@ -56,10 +56,10 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
         return make_chunk_encoder("minilm", tokenizer, threads=threads, device=device)
     path = lm_checkpoint or metadata.get("encoder_checkpoint")
     if not path:
-        raise ValueError(f"the datastore's keys were made by the LM {fingerprint} but it names no checkpoint: "
-                         "pass the base LM's checkpoint")
+        raise ValueError(f"the datastore's keys were made by the LM {fingerprint[:80]!r} but it names no "
+                         "checkpoint: pass the base LM's checkpoint")
     encoder = LMChunkEncoder.load(Path(path), device=device)
-    if encoder.fingerprint != fingerprint:
-        raise ValueError(f"the datastore's keys were made by {fingerprint}, but {path} is {encoder.fingerprint}: "
-                         "pass the base LM that encoded the RETRO source")
+    if encoder.fingerprint != fingerprint:  # the metadata's values, from the datastore, escaped as repr
+        raise ValueError(f"the datastore's keys were made by {fingerprint[:80]!r}, but {str(path)[:200]!r} is "
+                         f"{encoder.fingerprint!r}: pass the base LM that encoded the RETRO source")
     return encoder

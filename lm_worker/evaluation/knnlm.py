@@ -83,11 +83,17 @@ def check_knnlm_inputs(model: torch.nn.Module, retriever) -> None:
     metadata = getattr(retriever, "metadata", None) or {}
     kind = metadata.get("kind")
     if kind not in (None, "knnlm"):
-        raise ValueError(f"the datastore is a {kind!r} datastore (its manifest's kind), not a kNN-LM one")
+        raise ValueError(f"the datastore is a {shown(kind)} datastore (its manifest's kind), not a kNN-LM one")
     made_by = metadata.get("encoder", "")
     if made_by.startswith("lm:") and made_by != (mine := model_fingerprint(model)):
-        raise ValueError(f"the datastore's keys were made by the model {made_by}, not by this one ({mine}): "
-                         "query it with the model that built it, or build one with this model")
+        raise ValueError(f"the datastore's keys were made by the model {shown(made_by)}, not by this one "
+                         f"({mine!r}): query it with the model that built it, or build one with this model")
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A datastore's metadata value (the datastore may come from anyone) for a message: `repr` of its first
+    `limit` characters, so that no newline or control character it holds reaches a terminal or a log."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 def interpolate(lm_log_prob: torch.Tensor, knn_log_prob: torch.Tensor, lam: float) -> torch.Tensor:

@@ -99,4 +99,5 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"{PROG} {args.command}: error: {last_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130

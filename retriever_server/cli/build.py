@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value, non_negative_int
+from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value, non_negative_int, positive_int
 
 
 def add_parser(command) -> None:
@@ -28,8 +28,8 @@ def add_parser(command) -> None:
     b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="metadata recorded in the manifest (tokenizer, encoder, chunk length)")
     b.add_argument("--address", help=RAY_ADDRESS_HELP)
-    b.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster")
-    b.add_argument("--cpus-per-shard", type=int, default=1)
+    b.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray cluster")
+    b.add_argument("--cpus-per-shard", type=positive_int, default=1, help="CPUs each shard task takes")
     b.add_argument("--gpu", action="store_true",
                    help="k-means and each row's list on the GPU (faiss GPU build); codes are still made on CPU")
     b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")

@@ -165,10 +165,10 @@ class LocalDeployment:
         if self.shards:
             raise RuntimeError(f"this deployment of {self.datastore} was started already (router at "
                                f"{self.router_address or 'none'}): start a new LocalDeployment for another")
-        manifest = read_manifest(self.datastore)
-        self.security.check(self.host)  # before any process starts
         deadline = time.monotonic() + self.startup_timeout_s
-        try:
+        try:  # stop() removes the log folder made for this deployment, whatever fails
+            manifest = read_manifest(self.datastore)
+            self.security.check(self.host)  # before any process starts
             if self.security.tls or self.security.token_file is not None:
                 self.hops = make_hop_credentials(self._dir / "hops")
             threads = self._threads(len(manifest.shards) * self.replicas)

@@ -268,6 +268,18 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     return [entries[i] for i in range(config.shards)]
 
 
+def _check_room(config: BuildConfig) -> None:
+    """BuildError when no live node of the cluster has the CPUs (and the GPU share) that one shard task
+    asks for: Ray would hold the tasks for ever, waiting for such a node."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    if cpus < config.cpus_per_shard:
+        raise BuildError(f"each shard task takes {config.cpus_per_shard} CPUs (--cpus-per-shard), but the largest "
+                         f"node of the cluster has {cpus:g}: ask for fewer, or build on a larger cluster")
+    if config.gpu and max((r.get("GPU", 0.0) for r in nodes), default=0.0) < GPU_SHARE:
+        raise BuildError("--gpu: no node of the cluster has a GPU")
+
+
 def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
     """Writes the manifest into the finished work directory, moves it to `config.out`, then tidies up."""
     with as_build_error(f"publishing {config.out}", config.out):
@@ -341,6 +353,7 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
     connect(address, num_cpus)
+    _check_room(config)
     started = time.time()
     with as_build_error(f"preparing {work}", work):
         _prepare_workdir(config, inputs, work)

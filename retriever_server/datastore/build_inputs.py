@@ -209,6 +209,8 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
     n, d = _check_keys(config)
     if not 1 <= config.shards <= n:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
+    if config.cpus_per_shard < 1:
+        raise BuildError(f"--cpus-per-shard must be >= 1, got {config.cpus_per_shard}")
     factory, train_rows = _check_factory(config, n, d)
     if config.gpu:
         try:
