@@ -84,6 +84,25 @@ def test_impossible_shard_numbers_are_refused(capsys, flag, value, words):
     assert line == f"retriever-server serve: error: argument {flag}: {words} (see --help)"
 
 
+@pytest.mark.parametrize("command, flag, value, words", [
+    (["deploy", "--datastore", "ds"], "--cpus-per-shard", "0", "must be a finite number above 0, got 0"),
+    (["deploy", "--datastore", "ds"], "--cpus-per-shard", "nan", "must be a finite number of 0 or more, got nan"),
+    (["deploy", "--datastore", "ds"], "--timeout", "inf", "must be a finite number of 0 or more, got inf"),
+    (["deploy", "--datastore", "ds"], "--timeout", "-1", "must be a finite number of 0 or more, got -1"),
+    (["deploy", "--datastore", "ds"], "--num-cpus", "-1", "the count must be in [1, 2147483648], got -1"),
+    (["deploy", "--datastore", "ds"], "--namespace", "", "a Ray namespace cannot be empty"),
+    (["undeploy", "--name", "x"], "--grace", "nan", "must be a finite number of 0 or more, got nan"),
+    (["undeploy", "--name", "x"], "--grace", "-1", "must be a finite number of 0 or more, got -1"),
+    (["build", "k.npy", "--out", "x"], "--cpus-per-shard", "0", "the count must be in [1, 2147483648], got 0"),
+    (["build", "k.npy", "--out", "x"], "--num-cpus", "0", "the count must be in [1, 2147483648], got 0"),
+])
+def test_impossible_ray_numbers_are_refused_naming_the_flag_and_value(capsys, command, flag, value, words):
+    """Before any cluster is joined: a value Ray would refuse in its own words, wait on for ever, or
+    half-apply (an undeploy that drained the router, then failed on nan)."""
+    line = error_of(capsys, *command, f"{flag}={value}")
+    assert line == f"retriever-server {command[0]}: error: argument {flag}: {words} (see --help)"
+
+
 def test_the_special_values_keep_their_meaning():
     parse = cli.build_parser().parse_args
     args = parse(["serve", "--datastore", "ds", "--threads", "0", "--grace", "0", "--drain-delay", "0",
@@ -114,6 +133,20 @@ def test_an_address_file_that_is_a_directory_is_refused_before_starting(capsys, 
     assert line == f"retriever-server serve: error: --address-file {folder} is a directory: give the name of a file " \
                    "to write"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "somedir"]  # no somedir.tmp left behind
+
+
+def test_deploys_address_file_that_is_a_directory_is_refused_before_joining_a_cluster(capsys, datastore, tmp_path):
+    folder = tmp_path / "somedir"
+    folder.mkdir()
+    line = error_of(capsys, "deploy", "--datastore", str(datastore), "--host", "127.0.0.1", "--address", "127.0.0.1:1",
+                    "--address-file", str(folder))  # a cluster that does not answer: refused before trying it
+    assert line == f"retriever-server deploy: error: --address-file {folder} is a directory: give the name of a " \
+                   "file to write"
+
+
+def test_deploy_on_node_ips_without_tls_is_refused_before_joining_a_cluster(capsys, datastore):
+    line = error_of(capsys, "deploy", "--datastore", str(datastore), "--address", "127.0.0.1:1")
+    assert line.startswith("retriever-server deploy: error: refusing to serve a node's IP without TLS"), line
 
 
 def test_a_tls_certificate_and_key_that_do_not_match_are_refused_before_starting(capsys, datastore, tmp_path):

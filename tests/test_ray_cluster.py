@@ -62,6 +62,19 @@ def test_a_cluster_that_is_not_there_fails_fast_in_one_line(keys_file, tmp_path)
         assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.parametrize("address, words", [
+    ("http://127.0.0.1:8265", "Ray address 'http://127.0.0.1:8265' is a dashboard URL (what `ray job submit` takes)"),
+    ("127.0.0.1:99999", "Ray address '127.0.0.1:99999' is not host:port with a port in [1, 65535]"),
+])
+def test_an_address_that_names_no_cluster_is_refused_at_once(address, words):
+    """The dashboard's URL (the one `ray job submit` takes) or a port past 65535: refused in one line,
+    not tried for the connect timeout."""
+    started = time.monotonic()
+    result = run("lookup", "any", f"--address={address}", timeout=60)
+    assert time.monotonic() - started < 20
+    one_line_error(result, words)
+
+
 def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     """A port that accepts connections and says nothing (a hung head): the join is given
     RETRIEVER_RAY_CONNECT_TIMEOUT seconds, then the command says so in one line and exits."""

@@ -76,6 +76,30 @@ def test_plan_shares_a_node_only_where_no_spread_exists():
         assert not spread_exists, (cpus, shards, replicas, plan)
 
 
+@pytest.mark.parametrize("settings", [dict(cpus_per_shard=0), dict(cpus_per_shard=float("nan")),
+                                      dict(cpus_per_shard=float("inf")), dict(router_cpus=-1),
+                                      dict(startup_timeout_s=float("inf")), dict(startup_timeout_s=-5),
+                                      dict(grace_s=float("nan"))])
+def test_impossible_deployment_settings_are_refused_naming_them(settings):
+    from retriever_server.cluster.ray_serving import RayServeConfig
+
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        RayServeConfig(Path("ds"), **settings)
+
+
+def test_a_lookup_or_undeploy_with_impossible_seconds_and_a_stopped_deployment_say_so():
+    """Refused before any cluster is joined (an infinite timeout was an OverflowError in Ray, a nan grace
+    drained the router and then failed); a deployment not running has no router address to give."""
+    from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment, RayServeConfig, lookup, undeploy
+
+    with pytest.raises(ValueError, match="timeout_s must be a finite number of seconds > 0, got inf"):
+        lookup("x", timeout_s=float("inf"))
+    with pytest.raises(ValueError, match="grace_s must be a finite number of seconds >= 0, got nan"):
+        undeploy("x", grace_s=float("nan"))
+    with pytest.raises(DeploymentError, match="the deployment 'retrieval' is not running"):
+        _ = RayDeployment(RayServeConfig(Path("ds"))).router_address
+
+
 def test_plan_respects_cpus_and_refuses_what_does_not_fit():
     small = [NodeSlot("w1", 1.0), NodeSlot("w2", 1.0), NodeSlot("head", 0.0, head=True)]
     plan = plan_placement(small, shards=2, replicas=2, cpus_per_shard=0.5)

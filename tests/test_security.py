@@ -377,6 +377,18 @@ def test_a_deployments_own_hop_credentials_leave_no_folder_behind(pki, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_insecure_ray_deployment_serves_its_shards_on_node_ips_too():
+    """`deploy --insecure` (a network you trust): every server, shards included, may bind a node's IP
+    without TLS or a token; without it, none may."""
+    from retriever_server.cluster.ray_security import plan_security
+
+    plan = plan_security(None, ServerSecurity(insecure=True), None)
+    for server in (plan.shard, plan.router):
+        server.check("192.0.2.7")  # does not raise
+    with pytest.raises(SecurityError, match="without TLS"):
+        plan_security(None, ServerSecurity(), None)
+
+
 def test_private_files_are_made_private_even_when_they_existed(tmp_path):
     path = tmp_path / "server.key"
     path.write_text("old")

@@ -95,7 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
         return code
     except BrokenPipeError:
         raise
-    except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError) as err:
+    except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError, OverflowError) as err:
         print(f"{PROG} {args.command}: error: {last_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -98,6 +98,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type for CPUs or seconds that must be more than 0: finite (not nan or inf)."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def key_value(text: str) -> tuple[str, str]:
     """argparse type for NAME=VALUE."""
     if "=" not in text:

@@ -16,7 +16,10 @@ from retriever_server.cli.common import (
     interrupt,
     limits_of,
     non_negative_float,
+    positive_float,
     positive_int,
+    prepare_address_file,
+    remove_address,
     server_security_of,
     write_address,
 )
@@ -29,7 +32,14 @@ def _add_ray_target(p: argparse.ArgumentParser) -> None:
                                      "default: RAY_ADDRESS, else (deploy: a new local cluster; deploy --detached, "
                                      "undeploy and lookup: the cluster on this machine); a cluster that does not "
                                      "answer fails within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
-    p.add_argument("--namespace", default="retrieval-datastore", help="Ray namespace of the deployment's actors")
+    p.add_argument("--namespace", type=_namespace, default="retrieval-datastore",
+                   help="Ray namespace of the deployment's actors")
+
+
+def _namespace(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a Ray namespace cannot be empty")
+    return text
 
 
 def add_parsers(command) -> None:
@@ -42,18 +52,18 @@ def add_parsers(command) -> None:
     d.add_argument("--datastore", type=Path, required=True, help="datastore directory, at this path on every node")
     d.add_argument("--name", default="retrieval", help="deployment name (default retrieval)")
     d.add_argument("--replicas", type=positive_int, default=1, help="replicas per shard, on different nodes")
-    d.add_argument("--cpus-per-shard", type=float, default=1.0, help="CPUs each shard replica reserves")
+    d.add_argument("--cpus-per-shard", type=positive_float, default=1.0, help="CPUs each shard replica reserves")
     d.add_argument("--host", help="address each server binds (default: its node's IP)")
     d.add_argument("--detached", action="store_true",
                    help="return once serving and leave the actors running (needs a running cluster)")
     _add_ray_target(d)
-    d.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster started when there is none")
+    d.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray cluster started when there is none")
     d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     add_threads(d, "FAISS OpenMP threads per replica (0: FAISS default)")
     d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
     d.add_argument("--grace", type=non_negative_float, default=5.0,
                    help="seconds in-flight requests get when stopping")
-    d.add_argument("--timeout", type=float, default=300.0, help="seconds every actor gets to turn SERVING")
+    d.add_argument("--timeout", type=positive_float, default=300.0, help="seconds every actor gets to turn SERVING")
     d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
     add_limits(d)
     add_server_security(d)
@@ -61,7 +71,7 @@ def add_parsers(command) -> None:
     u = command("undeploy", "drain and stop the actors of a deployment on a Ray cluster")
     u.add_argument("--name", required=True, help="deployment name")
     _add_ray_target(u)
-    u.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get")
+    u.add_argument("--grace", type=non_negative_float, default=5.0, help="seconds in-flight requests get")
 
     lk = command("lookup", "print the router address of a deployment on a Ray cluster")
     lk.add_argument("name", help="deployment name")
@@ -71,6 +81,7 @@ def add_parsers(command) -> None:
 def run_deploy(args: argparse.Namespace) -> int:
     """Deploys the datastore; serves until interrupted, or returns at once with --detached."""
     from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
+    from retriever_server.cluster.ray_security import check_exposure
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, ray_address
 
     check_room_for_shards(args)
@@ -81,7 +92,10 @@ def run_deploy(args: argparse.Namespace) -> int:
         grace_s=args.grace, startup_timeout_s=args.timeout, log_level=args.log_level,
         security=server_security_of(args))
     read_manifest(config.datastore)  # fail fast, before joining or starting a cluster
-    connect(args.address, args.num_cpus, existing=args.detached)  # detached actors need a lasting cluster
+    check_exposure(config.host, config.security, config.secrets_dir)
+    prepare_address_file(args.address_file)
+    # detached actors need a lasting cluster; the actors' own logs stay in Ray's (their errors come back here)
+    connect(args.address, args.num_cpus, existing=args.detached, log_to_driver=False)
     deployment = RayDeployment(config)
     signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
@@ -102,6 +116,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         if not args.detached:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
             deployment.stop()
+            remove_address(args.address_file)
     raise CliError(f"stopped: {why}")
 
 

@@ -90,10 +90,14 @@ def _recorded_head(asked: bool) -> str:
 
 def _head(target: str) -> tuple[str, int]:
     """The host and port of the cluster's head (GCS) that `target` names ("auto": already resolved)."""
+    if target.startswith(("http://", "https://")):
+        raise ValueError(f"Ray address {target!r} is a dashboard URL (what `ray job submit` takes): give the "
+                         "cluster's address, host:port of its head (6379 by default), or auto")
     address = target.removeprefix("ray://")
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"Ray address {target!r} is not host:port (or auto, or ray://host:port)")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"Ray address {target!r} is not host:port with a port in [1, 65535] (or auto, or "
+                         "ray://host:port)")
     return host.strip("[]"), int(port)
 
 

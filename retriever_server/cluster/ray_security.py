@@ -34,6 +34,15 @@ def _paths(settings) -> dict[str, Path]:
     return {f.name: getattr(settings, f.name) for f in fields(settings) if isinstance(getattr(settings, f.name), Path)}
 
 
+def check_exposure(host: str | None, public: ServerSecurity, secrets_dir: Path | None) -> None:
+    """SecurityError when servers binding `host` (None: each node's IP) would serve a node's IP with
+    neither the user's TLS and token, nor `secrets_dir`, nor `public.insecure` (no side effects: a
+    command checks it before it joins or starts a cluster)."""
+    exposed = host is None or not is_loopback_host(host)
+    if exposed and not (public.tls and public.token_file) and not public.insecure and secrets_dir is None:
+        public.check("a node's IP")  # raises, saying what is missing
+
+
 def plan_security(host: str | None, public: ServerSecurity, secrets_dir: Path | None) -> DeploymentSecurity:
     """The security of a deployment whose servers bind `host` (None: each node's IP).
 
@@ -41,12 +50,11 @@ def plan_security(host: str | None, public: ServerSecurity, secrets_dir: Path | 
         SecurityError: the servers would bind a node's IP with neither the user's TLS and token, nor
             `secrets_dir`, nor `public.insecure`.
     """
-    exposed = host is None or not is_loopback_host(host)
-    if exposed and not (public.tls and public.token_file) and not public.insecure and secrets_dir is None:
-        public.check("a node's IP")  # raises, saying what is missing
+    check_exposure(host, public, secrets_dir)
     by_itself = not (public.tls or public.token_file) and secrets_dir is not None and not public.insecure
     if not (public.tls or public.token_file or by_itself):
-        return DeploymentSecurity(ServerSecurity(), None, public, ClientSecurity(), None, ClientSecurity())
+        shard = ServerSecurity(insecure=public.insecure)  # --insecure: the shards on the node IPs too
+        return DeploymentSecurity(shard, None, public, ClientSecurity(), None, ClientSecurity())
     folder = secrets_dir if by_itself else Path(tempfile.mkdtemp(prefix="retriever-hops-"))
     hops = make_hop_credentials(Path(folder), ("127.0.0.1", "localhost") + ((host,) if host else ()))
     shard = hops.shard_server()

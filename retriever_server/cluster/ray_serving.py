@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -90,8 +91,18 @@ class RayServeConfig:
             raise ValueError(f"name must be non-empty and without '/', got {self.name!r}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
-        if self.cpus_per_shard < 0 or self.router_cpus < 0:
-            raise ValueError("cpus_per_shard and router_cpus must be >= 0")
+        if not 0 < self.cpus_per_shard < math.inf or not 0 <= self.router_cpus < math.inf:
+            raise ValueError(f"cpus_per_shard must be finite and > 0, router_cpus finite and >= 0, got "
+                             f"{self.cpus_per_shard}, {self.router_cpus}")
+        _check_seconds(startup_timeout_s=self.startup_timeout_s)
+        _check_seconds(grace_s=self.grace_s, zero=True)
+
+
+def _check_seconds(zero: bool = False, **seconds: float) -> None:
+    """ValueError naming the argument unless each is a finite number of seconds above 0 (or 0 with `zero`)."""
+    for name, value in seconds.items():
+        if not (0 <= value if zero else 0 < value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number of seconds {'>= 0' if zero else '> 0'}, got {value}")
 
 
 def router_actor_name(name: str) -> str:
@@ -151,6 +162,7 @@ def lookup(name: str, namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.
     Example:
         >>> RetrieverClient(lookup("wiki")).search(queries, k=10)
     """
+    _check_seconds(timeout_s=timeout_s)
     connect(existing=True)
     try:
         router = ray.get_actor(router_actor_name(name), namespace=namespace)
@@ -178,6 +190,7 @@ def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0
     Raises:
         DeploymentError: no actor of that deployment is running in `namespace`.
     """
+    _check_seconds(grace_s=grace_s, zero=True)
     connect(existing=True)
     names = _actor_names(name, namespace)
     if not names:
@@ -316,12 +329,17 @@ class RayDeployment:
     @property
     def router_address(self) -> str:
         """HOST:PORT of the router (asked of its actor, so current after a restart)."""
-        return ray.get(self.router.address.remote(), timeout=self.config.startup_timeout_s)
+        return ray.get(self._running_router().address.remote(), timeout=self.config.startup_timeout_s)
 
     @property
     def shard_addresses(self) -> list[list[str]]:
         """Per shard, the addresses of its replicas that the router sends to now."""
-        return ray.get(self.router.replicas.remote(), timeout=self.config.startup_timeout_s)
+        return ray.get(self._running_router().replicas.remote(), timeout=self.config.startup_timeout_s)
+
+    def _running_router(self):
+        if self.router is None:
+            raise DeploymentError(f"the deployment {self.config.name!r} is not running (not started, or stopped)")
+        return self.router
 
     @property
     def placements(self) -> dict[tuple[int, int], str]:
