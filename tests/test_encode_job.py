@@ -194,11 +194,11 @@ def test_bad_parts_indexes_are_named(tmp_path):
         with pytest.raises(error, match=message):
             open_rows(path)
     with pytest.raises(BuildError, match=r"^keys: part .*00009/keys.npy listed in .*gone.parts.json not found$"):
-        check_inputs(BuildConfig(keys=tmp_path / "gone.parts.json", out=tmp_path / "ds", factory="Flat"))
+        check_inputs(BuildConfig(keys=tmp_path / "gone.parts.json", out=tmp_path / "ds", factory="IDMap,Flat"))
     with pytest.raises(BuildError, match=r"keys file .*short.parts.json is not a loadable parts index: .* 12 rows"):
-        check_inputs(BuildConfig(keys=tmp_path / "short.parts.json", out=tmp_path / "ds", factory="Flat"))
+        check_inputs(BuildConfig(keys=tmp_path / "short.parts.json", out=tmp_path / "ds", factory="IDMap,Flat"))
     with pytest.raises(BuildError, match=r"payload 'v' .* has shape \(10, 3\); its first dimension must be 3"):
-        check_inputs(BuildConfig(keys=tmp_path / "wide.npy", out=tmp_path / "ds", factory="Flat",
+        check_inputs(BuildConfig(keys=tmp_path / "wide.npy", out=tmp_path / "ds", factory="IDMap,Flat",
                                  payloads={"v": index}))
 
 

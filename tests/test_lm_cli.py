@@ -98,7 +98,8 @@ def knn_servers(lm_run):
 def test_generate_knnlm(lm_run, knn_servers, capsys, strategy):
     shards = ",".join(s[0] for s in knn_servers.shard_addresses)  # the client fans out to the shards itself
     args = ["generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"), "--target", shards,
-            "--k", "8", "--nprobe", "4", "--strategy", strategy, "--beams", "2", "--top-k", "5",
+            "--k", "8", "--nprobe", "4", "--strategy", strategy,
+            *{"beam": ["--beams", "2"], "sample": ["--top-k", "5"]}.get(strategy, []),  # each strategy's own
             "--prompt", "def handler_3(request", "--prompt", "    return request", "--max-new-tokens", "6"]
     out = cli(capsys, *args, *(["--knn-pipeline"] if strategy == "beam" else []))
     assert out.count("--- ") == 2 and "retrieval:" in out
@@ -131,7 +132,8 @@ def test_generate_pipelines_many_prompts_by_default(lm_run, knn_servers, capsys,
     assert len(same) == PIPELINE_PROMPTS and len({t.split()[0] for t in same}) > 1
     prompts = [a for text in same for a in ("--prompt", text)]
     args = ["generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"), "--target", shards,
-            "--k", "8", "--nprobe", "4", "--strategy", strategy, "--top-k", "5", "--max-new-tokens", "4"]
+            "--k", "8", "--nprobe", "4", "--strategy", strategy, *(["--top-k", "5"] if strategy == "sample" else []),
+            "--max-new-tokens", "4"]
     many = cli(capsys, *args, *prompts)
     assert many.count("--- ") == PIPELINE_PROMPTS and "two prompt groups pipelined" in many
     serial = cli(capsys, *args, *prompts, "--no-overlap")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,8 @@ class RetrievalFlags:
         return f"--{self.family}{name}"
 
 
-def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "") -> None:
+def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "", k_help: str = "neighbours per query"
+                       ) -> None:
     """Adds a family of retrieval options (--target/--datastore, --k, --nprobe, --rerank) with `family` as prefix."""
     where = p.add_mutually_exclusive_group()
     where.add_argument(f"--{family}target", help="HOST:PORT of a router, or the shards' addresses comma-separated "
@@ -53,7 +56,7 @@ def add_retrieval_args(p: argparse.ArgumentParser, k: int, family: str = "") -> 
                                                  "Ray cluster, through its router")
     where.add_argument(f"--{family}datastore", type=Path, help="serve this datastore locally while the command runs; "
                                                              "the command fans out to its shards itself")
-    p.add_argument(f"--{family}k", type=int, default=k, help="neighbours per query")
+    p.add_argument(f"--{family}k", type=int, default=k, help=k_help)
     p.add_argument(f"--{family}nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
     p.add_argument(f"--{family}rerank", type=int, default=0, metavar="N",
                    help="re-rank N candidates by exact distance from the stored keys (0: off)")
@@ -162,3 +165,46 @@ def need(value, flag: str, why: str):
 def need_retriever(retriever, flags: RetrievalFlags, why: str):
     """The retriever, or a ValueError naming the family's two options."""
     return need(retriever, f"{flags.flag('target')} or {flags.flag('datastore')}", why)
+
+
+def check_flags(*checks: tuple[str, object, bool, str]) -> None:
+    """Refuses the first (flag, value, ok, what) that is not ok: a ValueError `FLAG must be WHAT, got VALUE`.
+    Checks a command's numbers before any work, and before a config would name its own field instead.
+
+    Example:
+        >>> check_flags(("--tokens", args.tokens, args.tokens >= 0, ">= 0"))
+    """
+    for flag, value, ok, what in checks:
+        if not ok:
+            raise ValueError(f"{flag} must be {what}, got {value}")
+
+
+def positive_finite(value: float) -> bool:
+    """Whether a number is > 0 and finite (not inf or NaN): what a temperature must be."""
+    return 0 < value < math.inf
+
+
+@contextlib.contextmanager
+def fields_as_flags(flags: dict[str, str]) -> Iterator[None]:
+    """Within it, a ValueError from a config names the command's flags instead of the config's fields
+    ({field: flag}), e.g. "top_p must be in (0, 1]" becomes "--top-p must be in (0, 1]"."""
+    try:
+        yield
+    except ValueError as err:
+        text = str(err)
+        for field, flag in flags.items():
+            text = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag, text)
+        raise ValueError(text) from None
+
+
+def check_folder(path: Path | None, flag: str) -> None:
+    """Refuses a folder to write that cannot be one: `path`, or the nearest of its parents that exists, is
+    a file. A ValueError naming `flag` and the path; None (not given) passes."""
+    if path is None:
+        return
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "exists and is not a folder" if place == path else f"lies under {place}, which is a file"
+                raise ValueError(f"{flag} {path} {where}")
+            return

@@ -15,16 +15,30 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_flags,
+    check_folder,
+    fields_as_flags,
     need,
     need_retriever,
     open_retriever,
     open_target,
+    positive_finite,
     retrieval_config,
     retrieval_flags,
     security_of,
 )
 
 DEFAULT_CONTEXT = 256  # tokens per evaluation window unless the LM takes fewer
+KNNLM_K = 1024  # --knnlm-k's default
+# kNN-LM's own options: (flag, dest, default); given without --lm they would do nothing
+KNNLM_OPTIONS = (("--lambdas", "lambdas", ""), ("--temperature", "temperature", 1.0),
+                 ("--pointer-steps", "pointer_steps", 0), ("--min-pointers", "min_pointers", 1),
+                 ("--pointer-temperature-scale", "pointer_temperature_scale", 2.0),
+                 ("--pointer-agreement", "pointer_agreement", 0.0), ("--pointer-crowd", "pointer_crowd", 0))
+# EvalConfig's fields as eval's flags, for the config's own errors
+EVAL_FIELDS = {"context_len": "--context-len", "batch_size": "--batch-size", "max_tokens": "--tokens",
+               **{dest: flag for flag, dest, _ in KNNLM_OPTIONS}, "exclude_own_document": "--exclude-own-document"}
+
 
 def add_parser(sub) -> None:
     """Adds `eval`."""
@@ -73,8 +87,9 @@ def add_parser(sub) -> None:
                    help="with --pointer-agreement: positions with at least M chains are followed whatever they "
                         "agree on; only fewer must agree (0: all must; N=4, θ=0.9, M=3 searched 48%% as often as full "
                         "retrieval, at a 2.2%% lower perplexity on the demo, docs/results.md)")
-    add_retrieval_args(v, 1024, "knnlm-")
-    add_retrieval_args(v, 2, "retro-")
+    add_retrieval_args(v, KNNLM_K, "knnlm-")
+    add_retrieval_args(v, 0, "retro-", k_help="neighbours per chunk: the RETRO model's (0, the default; it takes no "
+                                              "other)")
     add_encoder_lm_arg(v)
     add_security_args(v)
     v.set_defaults(handler=run_eval)
@@ -114,7 +129,13 @@ def _distributed(args: argparse.Namespace, store, config):
         if not checkpoint:
             continue
         flags = retrieval_flags(args, f"{kind}-")
-        job_config = config if kind == "knnlm" else replace(config, retrieval=retrieval_config(flags))
+        if kind == "knnlm":
+            job_config = config
+        else:  # RETRO asks for its model's K
+            from lm_worker.models.checkpoint import checkpoint_config
+
+            k = checkpoint_config(checkpoint).n_neighbours
+            job_config = replace(config, retrieval=retrieval_config(flags, k=k))
         with open_target(flags) as target:
             target = need(target, f"{flags.flag('target')} or {flags.flag('datastore')}", f"with --{model_flag}")
             security = security_of(args) if flags.target else None  # a --datastore is served on loopback
@@ -135,6 +156,50 @@ def eval_window(args: argparse.Namespace) -> tuple[int, int]:
         if max_len is not None and max_len < context:
             context = max_len  # the LM takes no longer window
     return context, args.stride if args.stride is not None else max(1, context // 2)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuses numbers no evaluation takes, naming the flag, before any work."""
+    check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
+                ("--tokens", args.tokens, args.tokens >= 0, ">= 0 (0: the whole split)"),
+                ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+                ("--context-len", args.context_len, args.context_len is None or args.context_len >= 1, ">= 1"),
+                ("--temperature", args.temperature, positive_finite(args.temperature), "> 0 and finite"),
+                ("--pointer-steps", args.pointer_steps, 0 <= args.pointer_steps <= 16, "in [0, 16]"),
+                ("--min-pointers", args.min_pointers, args.min_pointers >= 1, ">= 1"),
+                ("--pointer-temperature-scale", args.pointer_temperature_scale,
+                 positive_finite(args.pointer_temperature_scale), "> 0 and finite"),
+                ("--pointer-agreement", args.pointer_agreement, 0 <= args.pointer_agreement <= 1, "in [0, 1]"),
+                ("--pointer-crowd", args.pointer_crowd, args.pointer_crowd >= 0, ">= 0"),
+                ("--batches-per-share", args.batches_per_share, args.batches_per_share >= 1, ">= 1"),
+                ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"),
+                ("--worker-gpus", args.worker_gpus, args.worker_gpus >= 0, ">= 0"),
+                ("--knnlm-k", args.knnlm_k, args.knnlm_k >= 1, ">= 1"),
+                ("--retro-k", args.retro_k, args.retro_k >= 0, ">= 0"),
+                *((f"--{family}{name}", value, value >= 0, ">= 0") for family in ("knnlm-", "retro-")
+                  for name, value in (("nprobe", vars(args)[f"{family[:-1]}_nprobe"]),
+                                      ("rerank", vars(args)[f"{family[:-1]}_rerank"]))))
+
+
+def _check_applies(args: argparse.Namespace) -> None:
+    """Refuses options for a model that is not evaluated: a family of retrieval options without its model,
+    kNN-LM's λs, temperature and pointers without --lm."""
+    for model_flag, checkpoint, family, k in (("--lm", args.lm, "knnlm-", KNNLM_K),
+                                              ("--retro", args.retro, "retro-", 0)):
+        if checkpoint:
+            continue
+        flags = retrieval_flags(args, family)
+        given = [flags.flag(name) for name, value, default in (
+            ("target", flags.target, None), ("datastore", flags.datastore, None), ("k", flags.k, k),
+            ("nprobe", flags.nprobe, 0), ("rerank", flags.rerank, 0)) if value != default]
+        if model_flag == "--lm":
+            given += [flag for flag, dest, default in KNNLM_OPTIONS if getattr(args, dest) != default]
+        if given:
+            what = "kNN-LM" if model_flag == "--lm" else "RETRO"
+            one = len(given) == 1
+            names = given[0] if one else f"{', '.join(given[:-1])} and {given[-1]}"
+            raise ValueError(f"{names} {'applies' if one else 'apply'} to the {what} evaluation only: "
+                             f"give {model_flag}, or leave {'it' if one else 'them'} out")
 
 
 def _lambdas(text: str) -> tuple[float, ...] | None:
@@ -158,10 +223,18 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if not args.lm and not args.retro:
         raise ValueError("give --lm (with a kNN-LM datastore) and/or --retro (with a RETRO datastore)")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    _check_numbers(args)
+    _check_applies(args)
+    check_folder(args.out, "--out")
     check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
                       ("--encoder-lm", args.encoder_lm, LM_KINDS))
+    if args.retro and args.retro_k:
+        from lm_worker.models.checkpoint import checkpoint_config
+
+        K = checkpoint_config(args.retro).n_neighbours
+        if args.retro_k != K:
+            raise ValueError(f"--retro-k {args.retro_k}: RETRO retrieves its model's {K} neighbours per chunk "
+                             f"({args.retro} takes no other number; leave --retro-k out)")
     tokenizer = Tokenizer.load(args.data / "tokenizer.json")
     store = TokenStore.open(args.data / args.split)
     if store.tokenizer_fingerprint != tokenizer.fingerprint:
@@ -169,12 +242,14 @@ def run_eval(args: argparse.Namespace) -> None:
                          f"not {tokenizer.fingerprint}")
     lambdas = _lambdas(args.lambdas) or DEFAULT_LAMBDAS
     context_len, stride = eval_window(args)
-    config = EvalConfig(context_len=context_len, stride=stride, batch_size=args.batch_size,
-                        max_tokens=args.tokens, lambdas=lambdas,
-                        temperature=args.temperature, retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
-                        exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
-                        min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
-                        pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
+    check_flags(("--stride", stride, 1 <= stride <= context_len, f"in [1, the context {context_len}]"))
+    with fields_as_flags(EVAL_FIELDS):
+        config = EvalConfig(context_len=context_len, stride=stride, batch_size=args.batch_size,
+                            max_tokens=args.tokens, lambdas=lambdas, temperature=args.temperature,
+                            retrieval=retrieval_config(retrieval_flags(args, "knnlm-")),
+                            exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
+                            min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
+                            pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
     if args.workers:
         knn, retro = _distributed(args, store, config)
     else:

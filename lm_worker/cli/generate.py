@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from lm_worker.cli.common import (
@@ -12,8 +13,11 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_flags,
+    fields_as_flags,
     need_retriever,
     open_retriever,
+    positive_finite,
     retrieval_flags,
     security_of,
 )
@@ -23,6 +27,15 @@ from lm_worker.cli.common import (
 # at 16 prompts and 1.05-1.38x at 32; in one later run, with both sending each request from within the
 # forward, 1.18x against 1.12x at 32 prompts and 1.08x against 1.10x at 8 (docs/results.md).
 PIPELINE_PROMPTS = 16
+# Each strategy's own options: (flag, dest, GenerateConfig field); another strategy refuses them when given
+STRATEGY_OPTIONS = {"greedy": (), "sample": (("--temperature", "temperature", "temperature"),
+                                             ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"),
+                                             ("--seed", "seed", "seed")),
+                    "beam": (("--beams", "beams", "num_beams"), ("--length-penalty", "length_penalty",
+                                                                 "length_penalty"))}
+# GenerateConfig's fields (and check_room's words) as generate's flags, for their own errors
+GENERATE_FIELDS = {"max_new_tokens": "--max-new-tokens", **{field: flag for options in STRATEGY_OPTIONS.values()
+                                                            for flag, _, field in options}}
 
 
 def add_parsers(sub) -> None:
@@ -34,14 +47,16 @@ def add_parsers(sub) -> None:
                    help="a prompt; repeat for a batch (prompts of different token counts are decoded in "
                         "batches of one length each, in full: the models take no padding)")
     g.add_argument("--prompt-file", type=Path, help="prompts, one per line")
-    g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+    g.add_argument("--strategy", choices=tuple(STRATEGY_OPTIONS), default="greedy",
+                   help="greedy (the default), sample or beam; each refuses the options of the others")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--beams", type=int, default=4)
-    g.add_argument("--length-penalty", type=float, default=0.6)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, help="sample: softmax temperature (default 1)")
+    g.add_argument("--top-k", type=int, help="sample: keep the k most likely tokens (default 0: all)")
+    g.add_argument("--top-p", type=float, help="sample: keep the most likely tokens up to probability p "
+                                               "(default 1: all)")
+    g.add_argument("--seed", type=int, help="sample: seed of the samplers (default 0)")
+    g.add_argument("--beams", type=int, help="beam: beams per prompt (default 4)")
+    g.add_argument("--length-penalty", type=float, help="beam: alpha of the length normalisation (default 0.6)")
     g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
     g.add_argument("--knn-temperature", type=float, default=1.0)
     g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
@@ -80,9 +95,10 @@ def add_parsers(sub) -> None:
     a = sub.add_parser("attention", help="plot which neighbour tokens a RETRO chunk attends to")
     a.add_argument("--retro", type=Path, required=True)
     a.add_argument("--data", type=Path, required=True)
-    a.add_argument("--out", type=Path, required=True, help="PNG to write")
+    a.add_argument("--out", type=Path, required=True, help="the PNG to write (a name ending in .png)")
     a.add_argument("--text", help="text to run (default: the start of the held-out split)")
-    a.add_argument("--chunk", type=int, default=1)
+    a.add_argument("--chunk", type=int, default=1, help="the chunk whose neighbours are shown (from 0; its text "
+                                                         "must hold it whole)")
     add_retrieval_args(a, 0)
     add_encoder_lm_arg(a)
     add_security_args(a)
@@ -93,7 +109,14 @@ def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[
     """The prompts' texts and token ids, --prompt's first, then --prompt-file's non-blank lines."""
     texts = list(args.prompt)
     if args.prompt_file:
-        lines = [line.rstrip("\n") for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
+                             f"{err.reason})") from None
+        except OSError as err:
+            raise ValueError(f"--prompt-file {args.prompt_file} cannot be read: {err.strerror or err}") from None
+        lines = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
         if not lines and not texts:
             raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one per line)")
         texts += lines
@@ -106,9 +129,35 @@ def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[
     return texts, ids
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuses numbers no decoding takes, naming the flag, before any work (options not given pass)."""
+    def given(value, ok) -> bool:
+        return value is None or ok(value)
+
+    check_flags(("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                ("--temperature", args.temperature, given(args.temperature, positive_finite), "> 0 and finite"),
+                ("--top-k", args.top_k, given(args.top_k, lambda v: v >= 0), ">= 0 (0: all tokens)"),
+                ("--top-p", args.top_p, given(args.top_p, lambda v: 0 < v <= 1), "in (0, 1]"),
+                ("--beams", args.beams, given(args.beams, lambda v: v >= 1), ">= 1"),
+                ("--length-penalty", args.length_penalty, given(args.length_penalty, math.isfinite), "finite"),
+                ("--lam", args.lam, 0 <= args.lam <= 1, "in [0, 1]"),
+                ("--knn-temperature", args.knn_temperature, positive_finite(args.knn_temperature), "> 0 and finite"),
+                ("--stride", args.stride, args.stride >= 0, ">= 0 (0: chosen as it decodes)"),
+                *((f"--{name}", getattr(args, name), getattr(args, name) >= 0, ">= 0")
+                  for name in ("k", "nprobe", "rerank")))
+
+
 def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None) -> None:
-    """Refuses options that do not apply to this checkpoint or to each other, before any work."""
+    """Refuses options that do not apply to this checkpoint, to the strategy or to each other, before any work."""
     retro = kind == "retro"
+    foreign = [flag for strategy, options in STRATEGY_OPTIONS.items() if strategy != args.strategy
+               for flag, dest, _ in options if getattr(args, dest) is not None]
+    if foreign:
+        owner = {flag: strategy for strategy, options in STRATEGY_OPTIONS.items() for flag, _, _ in options}
+        one = len(foreign) == 1
+        names = foreign[0] if one else f"{', '.join(foreign[:-1])} and {foreign[-1]}"
+        owners = " and ".join(f"--strategy {s}" for s in STRATEGY_OPTIONS if s in {owner[f] for f in foreign})
+        raise ValueError(f"{names} {'applies' if one else 'apply'} to {owners} only, not to --strategy {args.strategy}")
     if args.no_retrieval and (args.target or args.datastore):
         raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
     if retro and args.k:
@@ -116,6 +165,7 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
                          "per chunk")
     if not retro and args.prefetch:
         raise ValueError("--prefetch is RETRO's: a kNN-LM step's query exists only once its forward has run")
+    check_flags(("--prefetch", args.prefetch, args.prefetch >= 0, ">= 0"))
     if retro and args.ralmspec and args.prefetch:
         raise ValueError("--ralmspec speculates RETRO's exact queries: it takes no --prefetch")
     if args.stride and not args.ralmspec:
@@ -176,16 +226,19 @@ def run_generate(args: argparse.Namespace) -> None:
     from lm_worker.decoding.generate import check_room, generate
     from lm_worker.models.checkpoint import load_checkpoint
 
+    _check_numbers(args)
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, _ = load_prepared(args.data)
     loaded = load_checkpoint(args.checkpoint)  # any kind: kNN-LM decodes an LM, RETRO its own
     texts, ids = _prompts(args, tokenizer)
     n_neighbours = getattr(loaded.model.config, "n_neighbours", None)
     _check_options(args, loaded.kind, n_neighbours)
-    config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, num_beams=args.beams,
-                            length_penalty=args.length_penalty, eos_id=tokenizer.eos_id, seed=args.seed)
-    check_room(loaded, max(len(row) for row in ids), config.max_new_tokens)  # before any server starts
+    chosen = {field: getattr(args, dest) for _, dest, field in STRATEGY_OPTIONS[args.strategy]
+              if getattr(args, dest) is not None}  # the rest: GenerateConfig's defaults
+    with fields_as_flags(GENERATE_FIELDS):
+        config = GenerateConfig(strategy=args.strategy, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                                **chosen)
+        check_room(loaded, max(len(row) for row in ids), config.max_new_tokens)  # before any server starts
     groups = _length_groups(ids)
     largest = max(len(rows) for rows in groups)
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
@@ -220,11 +273,18 @@ def run_attention(args: argparse.Namespace) -> None:
     from lm_worker.evaluation.attention_plot import plot_retrieved_attention
     from lm_worker.models.checkpoint import load_checkpoint
 
+    check_flags(("--chunk", args.chunk, args.chunk >= 0, ">= 0"),
+                ("--out", args.out, args.out.suffix.lower() == ".png", "a file name ending in .png"))
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, heldout = load_prepared(args.data)
     model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
     L = model.config.chunk_len
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
+    chunks, text = len(ids) // L, "--text" if args.text else f"the held-out split of {args.data}"
+    if args.chunk >= chunks:  # before any server starts
+        pick = f"pick --chunk in [0, {chunks})" if chunks else "give a longer text"
+        raise ValueError(f"--chunk {args.chunk} is past the last whole chunk: {text} holds {chunks} complete "
+                         f"chunk{'s' * (chunks != 1)} of {L} tokens ({len(ids)} tokens); {pick}")
     flags = retrieval_flags(args)
     with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
         retriever = need_retriever(retriever, flags, "to retrieve neighbours")

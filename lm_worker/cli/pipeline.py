@@ -6,7 +6,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from lm_worker.cli.common import add_ray_address
+from lm_worker.cli.common import add_ray_address, check_flags, check_folder
 from lm_worker.encoders.registry import ENCODERS
 
 RETRO_INITS = ("lm", "scratch")
@@ -74,6 +74,12 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from lm_worker.pipeline.config import PipelineConfig
     from lm_worker.pipeline.run import run_pipeline
 
+    check_flags(*((flag, value, value >= 0, ">= 0") for flag, value in (
+                    ("--train-tokens", args.train_tokens), ("--heldout-tokens", args.heldout_tokens),
+                    ("--retro-tokens", args.retro_tokens), ("--workers", args.workers))),
+                ("--lm-steps", args.lm_steps, args.lm_steps >= 1, ">= 1"),
+                ("--retro-steps", args.retro_steps, args.retro_steps >= 1, ">= 1"))
+    check_folder(args.run, "--run")
     base = PipelineConfig()
     config = replace(base, run=args.run, max_train_tokens=args.train_tokens, max_heldout_tokens=args.heldout_tokens,
                      max_retro_tokens=args.retro_tokens,
@@ -89,8 +95,10 @@ def run_demo(args: argparse.Namespace) -> None:
     from lm_worker.pipeline.config import PipelineConfig
     from lm_worker.pipeline.run import run_pipeline
 
+    check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"))
     sizes = PipelineConfig.quick if args.quick else PipelineConfig.demo
     run = args.run or Path("runs/demo-quick" if args.quick else "runs/demo")
+    check_folder(run, "--run")
     config = sizes(run, address=args.address, encode_workers=args.workers, eval_workers=args.workers,
                    retro_encoder=args.retro_encoder, retro_init=args.retro_init, progress=not args.no_progress)
     _announce(config, f"{'quick ' if args.quick else ''}demo into {config.run}")
@@ -104,6 +112,8 @@ def _snippet(text: str, width: int = 96) -> str:
 def run_retrieval_demo(args: argparse.Namespace) -> None:
     from lm_worker.retrieval.demo import DemoConfig, run_demo
 
+    check_flags(("--keys", args.keys, args.keys >= 1, ">= 1"), ("--queries", args.queries, args.queries >= 1, ">= 1"))
+    check_folder(args.out, "--out")
     report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
     info = report.info
     print(f"\ndatastore {report.datastore}: {info.ntotal} chunks, {info.factory}, {info.metric}, "

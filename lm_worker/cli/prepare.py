@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lm_worker.cli.common import check_flags, check_folder
+
 
 def add_parsers(sub) -> None:
     """Adds `prepare` and `train`."""
@@ -46,6 +48,12 @@ def add_parsers(sub) -> None:
 def run_prepare(args: argparse.Namespace) -> None:
     from lm_worker.data.prepare import PrepareConfig, prepare_corpus
 
+    check_flags(*((flag, value, value >= 0, ">= 0") for flag, value in (
+                    ("--max-train-tokens", args.max_train_tokens), ("--max-heldout-tokens", args.max_heldout_tokens),
+                    ("--max-retro-tokens", args.max_retro_tokens))),
+                ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"),
+                ("--vocab-size", args.vocab_size, args.vocab_size > 256, "> 256 (the byte tokens)"))
+    check_folder(args.out, "--out")
     r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
                                      heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
                                      max_heldout_tokens=args.max_heldout_tokens,
@@ -61,6 +69,7 @@ def run_train(args: argparse.Namespace) -> None:
     from lm_worker.training.config import TrainConfig
     from lm_worker.training.train import train
 
+    check_folder(args.out, "--out")
     config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
                          steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,

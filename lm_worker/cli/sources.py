@@ -13,6 +13,8 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_flags,
+    check_folder,
     need,
     need_retriever,
     open_retriever,
@@ -20,6 +22,8 @@ from lm_worker.cli.common import (
     security_of,
 )
 from lm_worker.encoders.registry import ENCODERS
+
+DEFAULT_CONTEXT = 256  # kNN-LM: tokens per window unless the LM takes fewer
 
 
 def add_parsers(sub) -> None:
@@ -33,8 +37,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--encoder", choices=ENCODERS, default="minilm",
                    help="RETRO: the frozen chunk encoder (MiniLM, or the base LM's key at the chunk's last token)")
     e.add_argument("--split", choices=("train", "heldout"), default="train")
-    e.add_argument("--context-len", type=int, default=256)
-    e.add_argument("--stride", type=int, default=128)
+    e.add_argument("--context-len", type=int,
+                   help=f"kNN-LM: tokens per window (default: {DEFAULT_CONTEXT}, or the LM's max_len where that is "
+                        "shorter)")
+    e.add_argument("--stride", type=int, help="kNN-LM: positions each window keys after the first window "
+                                              "(default: half the context)")
     e.add_argument("--chunk-len", type=int, default=16, help="RETRO: tokens per chunk")
     e.add_argument("--device", default="cpu", help="cpu or cuda (each worker actor then takes a GPU)")
     e.add_argument("--workers", type=int, default=2,
@@ -64,13 +71,34 @@ def add_parsers(sub) -> None:
     n.set_defaults(handler=run_neighbours)
 
 
+def encode_window(args: argparse.Namespace) -> tuple[int, int]:
+    """kNN-LM's --context-len and --stride, or their defaults: DEFAULT_CONTEXT cut to the LM's max_len, and
+    half of it. An explicit --context-len past the LM's max_len is refused, naming the flag."""
+    from lm_worker.models.checkpoint import checkpoint_max_len
+
+    max_len = checkpoint_max_len(args.checkpoint) if args.kind == "knnlm" and args.checkpoint else None
+    context = args.context_len
+    if context is None:
+        context = min(DEFAULT_CONTEXT, max_len) if max_len is not None else DEFAULT_CONTEXT
+    elif max_len is not None and context > max_len:
+        raise ValueError(f"--context-len {context} exceeds the max_len {max_len} of the LM at {args.checkpoint}")
+    return context, args.stride if args.stride is not None else max(1, context // 2)
+
+
 def run_encode(args: argparse.Namespace) -> None:
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
+                ("--chunk-len", args.chunk_len, args.chunk_len >= 1, ">= 1"),
+                ("--context-len", args.context_len, args.context_len is None or args.context_len >= 1, ">= 1"),
+                ("--rows-per-part", args.rows_per_part, args.rows_per_part >= 0, ">= 0"),
+                ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"))
+    check_folder(args.out, "--out")
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
     elif args.encoder == "lm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for --encoder lm"), LM_KINDS))
+    args.context_len, args.stride = encode_window(args)
+    check_flags(("--stride", args.stride, 1 <= args.stride <= args.context_len,
+                 f"in [1, --context-len {args.context_len}]"))
     if args.workers:
         from lm_worker.jobs.encode_job import run_encode_job
         from lm_worker.jobs.encode_plan import EncodeJobConfig
@@ -125,8 +153,8 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.sources.source import read_source
 
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
+    source = read_source(args.source, kinds=("retro",), flag="--source")  # neighbours are RETRO's
     tokenizer, train, heldout = load_prepared(args.data)
-    source = read_source(args.source)
     L = source.chunk_len
     splits = {"heldout": heldout}
     if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore

@@ -49,6 +49,15 @@ class PrepareConfig:
     id_field: str | None = None
     progress: bool = True
 
+    def __post_init__(self):
+        for name in ("max_train_tokens", "max_heldout_tokens", "max_retro_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.vocab_size < 257:
+            raise ValueError(f"vocab_size {self.vocab_size} must exceed the 256 byte tokens")
+
 
 @dataclass(frozen=True)
 class PrepareReport:

@@ -52,7 +52,7 @@ class TokenStore:
         meta_path = self.directory / "documents.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.directory} is not a token store (no documents.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_documents_json(meta_path)
         self.tokenizer_fingerprint: str = meta["tokenizer"]
         self.max_tokens: int | None = meta.get("max_tokens")
         self.documents = [DocumentSpan(d["name"], d["start"], d["end"]) for d in meta["documents"]]
@@ -71,6 +71,32 @@ class TokenStore:
         """Token range [start, end) of document `doc`."""
         span = self.documents[doc]
         return span.start, span.end
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; ValueError naming the file when it is not JSON or not an object."""
+    try:
+        body = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{path} holds a JSON {type(body).__name__}, not an object")
+    return body
+
+
+def read_documents_json(path: Path) -> dict:
+    """A split's documents.json, checked: a ValueError naming the file when it is not JSON, not an object,
+    or lacks "tokenizer" or "documents", or a document lacks its "name", "start" or "end"."""
+    meta = read_json_object(path)
+    missing = [key for key in ("tokenizer", "documents") if key not in meta]
+    if missing:
+        raise ValueError(f"{path} has no field {' or '.join(map(repr, missing))}: not a token store's documents.json")
+    if not isinstance(meta["documents"], list):
+        raise ValueError(f"{path}: 'documents' is a JSON {type(meta['documents']).__name__}, not a list")
+    for number, doc in enumerate(meta["documents"]):
+        if not isinstance(doc, dict) or not {"name", "start", "end"} <= set(doc):
+            raise ValueError(f"{path}: document {number} is not an object with 'name', 'start' and 'end'")
+    return meta
 
 
 def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eos_id: int,

@@ -41,8 +41,8 @@ def _check(model: Retro, tokens: torch.Tensor, neighbours: torch.Tensor | None, 
     L, T, C = model.config.chunk_len, tokens.shape[1], neighbours.shape[1]
     complete = T // L
     if not 0 <= chunk < min(C, complete):
-        raise ValueError(f"chunk {chunk} has no neighbours attended to: neighbours hold {C} chunks and the "
-                         f"{T} tokens {complete} complete chunks of {L}; pick a chunk in [0, {min(C, complete)})")
+        raise ValueError(f"chunk {chunk} has no neighbours attended to: the neighbours hold {C} chunks and the {T} "
+                         f"tokens hold {complete} complete chunks of {L}; pick a chunk in [0, {min(C, complete)})")
     if layer is not None and layer not in model.cca_layers:
         raise ValueError(f"layer {layer} has no CCA; CCA layers are {model.cca_layers}")
 
@@ -138,8 +138,9 @@ def plot_retrieved_attention(model: Retro, token_ids, retriever, encoder, tokeni
     """
     L = model.config.chunk_len
     C = len(token_ids) // L
-    if C <= chunk:
-        raise ValueError(f"the text has {C} complete chunks of {L} tokens; chunk {chunk} needs more")
+    if not 0 <= chunk < C:
+        raise ValueError(f"chunk {chunk} is not a whole chunk of the text: it has {C} complete chunk"
+                         f"{'s' * (C != 1)} of {L} tokens; pick a chunk in [0, {C})")
     tokens = torch.tensor(np.array(token_ids[: C * L]), dtype=torch.long)  # (C*L,), a copy of a memmap slice
     neighbours = retriever.chunks(encoder.embed(tokens.view(C, L).numpy()))  # (C, K, 2L)
     return plot_chunk_attention(model, tokens[None], torch.from_numpy(neighbours)[None], tokenizer, chunk, out_path)

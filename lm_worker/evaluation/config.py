@@ -57,13 +57,13 @@ class EvalConfig:
             raise ValueError(f"batch_size must be >= 1 and max_tokens >= 0, got {self.batch_size}, {self.max_tokens}")
         if not self.lambdas or not all(0.0 <= lam <= 1.0 for lam in self.lambdas):
             raise ValueError(f"lambdas must be a non-empty list of values in [0, 1], got {self.lambdas}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if not 0 <= self.pointer_steps <= 16 or self.min_pointers < 1:
             raise ValueError(f"pointer_steps must be in [0, 16] and min_pointers >= 1, got {self.pointer_steps}, "
                              f"{self.min_pointers}")
-        if not self.pointer_temperature_scale > 0:
-            raise ValueError(f"pointer_temperature_scale must be positive, got {self.pointer_temperature_scale}")
+        if not 0 < self.pointer_temperature_scale < math.inf:
+            raise ValueError(f"pointer_temperature_scale must be > 0 and finite, got {self.pointer_temperature_scale}")
         if not 0.0 <= self.pointer_agreement <= 1.0:
             raise ValueError(f"pointer_agreement must be in [0, 1], got {self.pointer_agreement}")
         if self.pointer_agreement and not self.pointer_steps:

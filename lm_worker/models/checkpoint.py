@@ -196,6 +196,16 @@ def checkpoint_max_len(path: Path) -> int | None:
     return _read_mapped(file)["config"].get("max_len")
 
 
+def checkpoint_config(path: Path) -> LMConfig | RetroConfig | None:
+    """The model config of the checkpoint at `path` (None for a Hugging Face folder), read without building
+    the model. Raises as `load_checkpoint` does."""
+    file = checkpoint_file(path)
+    if file is None:
+        return None
+    payload = _read_mapped(file)
+    return build_config(payload["kind"], payload["config"])
+
+
 def checkpoint_kind(path: Path) -> str:
     """The kind of model at `path` ("lm", "retro" or "hf"), read without building the model (the
     file's tensors are memory-mapped, not read). Raises as `load_checkpoint` does."""
@@ -224,8 +234,11 @@ def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
         with warnings.catch_warnings():  # the unpickler's warnings about a damaged file's bytes
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except OSError:
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the file is not there to read: the OSError says which
+    except OSError as err:  # torch reading a cut-short zip fails with EINVAL, naming nothing
+        raise ValueError(f"{path} is not a readable checkpoint: it is truncated or damaged "
+                         f"({_reason(err)})") from None
     except Exception as err:  # unpickling damaged bytes raises anything: KeyError, IndexError, UnpicklingError...
         raise ValueError(f"{path} is not a readable checkpoint: it is not a torch checkpoint file "
                          f"({_reason(err)})") from None

@@ -38,10 +38,12 @@ def embed_chunks(store: TokenStore, encoder: Encoder, chunk_len: int, out_path: 
     the RETRO queries of a split that is not a datastore, e.g. the held-out chunks.
 
     Raises:
-        ValueError: the store holds no complete chunk.
+        ValueError: chunk_len < 1, or the store holds no complete chunk.
     """
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     C = len(store) // chunk_len
-    if chunk_len < 1 or C == 0:
+    if C == 0:
         raise ValueError(f"{store.directory} has {len(store)} tokens: no complete chunk of {chunk_len}")
     shape = (C, encoder.dimension)
     if out_path is None:
@@ -75,8 +77,10 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
         The source's `SourceInfo` (kind "retro").
 
     Raises:
-        ValueError: the store holds no complete chunk.
+        ValueError: chunk_len < 1, or the store holds no complete chunk.
     """
+    if chunk_len < 1:  # before an old source there is set aside
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     out_dir = start_source(out_dir)
     started = time.time()
     eos = int(store.tokens[-1]) if eos_id is None and len(store) else eos_id

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lm_worker.data.token_store import read_json_object
 from retriever_server.datastore.row_parts import PARTS_SUFFIX, PartedArray, open_rows
 
 SOURCE_JSON = "source.json"
@@ -43,6 +44,9 @@ PAYLOAD_FILES = {"knnlm": ("values", "values.npy"), "retro": ("tokens", "tokens.
 
 
 PARTS_LAYOUT = "parts"  # details["layout"] of a source written in parts
+
+
+KIND_NAMES = {"knnlm": "a kNN-LM", "retro": "a RETRO"}
 
 
 class Encoder(Protocol):
@@ -106,12 +110,40 @@ class SourceInfo:
         (self.directory / SOURCE_JSON).write_text(json.dumps(body, indent=2))
 
 
-def read_source(directory: Path) -> SourceInfo:
-    """The SourceInfo of a finished source (FileNotFoundError if there is no source.json)."""
+def read_source(directory: Path, kinds: tuple[str, ...] = (), flag: str = "") -> SourceInfo:
+    """The SourceInfo of a finished source.
+
+    Args:
+        directory: the source folder.
+        kinds: the kinds of source the caller takes ("knnlm", "retro"); () takes either.
+        flag: the option that named `directory`, for the message about its kind (e.g. "--source").
+
+    Raises:
+        FileNotFoundError: there is no source.json.
+        ValueError: source.json is not JSON, not an object, lacks a field or has one SourceInfo does not
+            know, names an unknown kind, or the source is of a kind not in `kinds` (each names the file).
+    """
     path = Path(directory) / SOURCE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a finished datastore source (no {SOURCE_JSON})")
-    return SourceInfo(directory=Path(directory), **json.loads(path.read_text()))
+    body = read_json_object(path)
+    known = [f.name for f in dataclasses.fields(SourceInfo) if f.name != "directory"]
+    required = [f.name for f in dataclasses.fields(SourceInfo)
+                if f.name != "directory" and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in body]
+    unknown = sorted(set(body) - set(known))
+    if missing or unknown:
+        what = [f"lacks {', '.join(map(repr, missing))}"] if missing else []
+        what += [f"has unknown {', '.join(map(repr, unknown))}"] if unknown else []
+        raise ValueError(f"{path} is not a datastore source's record: it {' and '.join(what)} "
+                         f"(fields: {', '.join(known)})")
+    if body["kind"] not in PAYLOAD_FILES:
+        raise ValueError(f"{path} records kind {body['kind']!r}, not one of {', '.join(map(repr, PAYLOAD_FILES))}")
+    if kinds and body["kind"] not in kinds:
+        raise ValueError(f"{flag + ' ' if flag else ''}{directory} is {KIND_NAMES[body['kind']]} source, not "
+                         f"{' or '.join(KIND_NAMES[k] for k in kinds)} one")
+    return SourceInfo(directory=Path(directory), **body)
 
 
 def start_source(out_dir: Path) -> Path:
