@@ -432,14 +432,21 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path, change, message)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
-def test_shard_tasks_larger_than_every_node_are_refused_instead_of_waiting_for_ever(ray_cluster, tmp_path):
-    """Ray would hold a task that no node can take until a node that can joins: the build says so at once."""
+def test_shard_tasks_larger_than_every_node_are_reported_then_given_up_on(ray_cluster, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Ray holds a task that no node can take until a node that can joins (an autoscaler may add one): the
+    build says so while it waits, gives up after STALL_S in one line, and publishes nothing."""
+    monkeypatch.setattr(build_module, "STALL_S", 4.0)
+    monkeypatch.setattr(build_module, "STALL_REPORT_S", 1.0)
     np.save(tmp_path / "keys.npy", synthetic(100, 16))
     config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "out", factory="IVF4,Flat", cpus_per_shard=64)
-    with pytest.raises(BuildError, match="each shard task takes 64 CPUs .--cpus-per-shard., but the largest node of "
-                                         "the cluster has [0-9.]+: ask for fewer"):
+    with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"), \
+            pytest.raises(BuildError, match="no node of the cluster had room for a shard task of 64 CPUs "
+                                            r"\(--cpus-per-shard\) for 4 s \(the cluster has .* CPUs"):
         build_datastore(config, progress=False)
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert "no node of the cluster has room for a shard task of 64 CPUs" in caplog.text
+    assert not (tmp_path / "out").exists()
+    ray.get(ray.remote(lambda: 1).remote(), timeout=30)  # the cancelled tasks hold nothing: the cluster works
 
 
 def test_every_servable_payload_dtype_is_accepted(tmp_path):
@@ -491,3 +498,10 @@ def test_a_disk_too_small_is_refused_before_any_work_naming_what_is_needed(datas
         build_datastore(config)
     assert read_manifest(datastore).checksum == before
     assert not (datastore.parent / f".{datastore.name}.partial").exists()
+
+
+@pytest.mark.parametrize("factory", ["IDMap,Flat", "IDMap2,Flat", "PCA8,IDMap,Flat", "IVF4,Flat", "OPQ4,IVF4,PQ4"])
+def test_factories_whose_index_keeps_row_ids_are_accepted(factory):
+    from retriever_server.datastore.index import check_factory
+
+    check_factory(factory, 16, "l2")  # does not raise

@@ -86,9 +86,9 @@ def test_impossible_shard_numbers_are_refused(capsys, flag, value, words):
 
 @pytest.mark.parametrize("command, flag, value, words", [
     (["deploy", "--datastore", "ds"], "--cpus-per-shard", "0", "must be a finite number above 0, got 0"),
-    (["deploy", "--datastore", "ds"], "--cpus-per-shard", "nan", "must be a finite number of 0 or more, got nan"),
-    (["deploy", "--datastore", "ds"], "--timeout", "inf", "must be a finite number of 0 or more, got inf"),
-    (["deploy", "--datastore", "ds"], "--timeout", "-1", "must be a finite number of 0 or more, got -1"),
+    (["deploy", "--datastore", "ds"], "--cpus-per-shard", "nan", "must be a finite number above 0, got nan"),
+    (["deploy", "--datastore", "ds"], "--timeout", "inf", "must be a finite number above 0, got inf"),
+    (["deploy", "--datastore", "ds"], "--timeout", "-1", "must be a finite number above 0, got -1"),
     (["deploy", "--datastore", "ds"], "--num-cpus", "-1", "the count must be in [1, 2147483648], got -1"),
     (["deploy", "--datastore", "ds"], "--namespace", "", "a Ray namespace cannot be empty"),
     (["undeploy", "--name", "x"], "--grace", "nan", "must be a finite number of 0 or more, got nan"),

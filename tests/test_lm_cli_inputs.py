@@ -177,7 +177,7 @@ GENERATE = ["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--p
      "--temperature, --top-k and --top-p apply to --strategy sample only, not to --strategy beam"),
     (["--top-p", "0.5"], "--top-p applies to --strategy sample only, not to --strategy greedy"),
     (["--seed", "3", "--beams", "2"],
-     "--seed and --beams apply to --strategy sample and --strategy beam only, not to --strategy greedy"),
+     "--seed applies to --strategy sample and --beams to --strategy beam only, not to --strategy greedy"),
     (["--strategy", "sample", "--length-penalty", "1"],
      "--length-penalty applies to --strategy beam only, not to --strategy sample"),
     (["--strategy", "sample", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),

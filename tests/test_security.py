@@ -239,6 +239,41 @@ def test_a_client_takes_up_a_renewed_certificate_on_new_channels(aio, datastore,
             aio.run(running.drain(grace=0))
 
 
+def test_a_client_keeps_its_connections_when_the_changed_tls_files_cannot_be_opened(aio, datastore, keys, pki,
+                                                                                     tmp_path, monkeypatch, caplog):
+    """TLS files rewritten again between the check and the opening of new channels: the client's calls go
+    on over the channels it has, and it says why, instead of failing the call."""
+    import logging
+
+    from retriever_server.serving import client as client_module
+
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    cert.write_bytes(pki["client.pem"].read_bytes())
+    key.write_bytes(pki["client.key"].read_bytes())
+    security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], tls_ca=pki["ca.pem"])
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, security=security)))
+    try:
+        with RetrieverClient(running.address, security=ClientSecurity(tls_ca=pki["ca.pem"], tls_cert=cert,
+                                                                      tls_key=key), timeout=5) as client:
+            assert client.search(keys[:3], k=4).ids.shape == (3, 4)
+            renewed = make_leaf(make_ca("another CA"), "client", [])
+            key.write_bytes(renewed.key_pem)
+            cert.write_bytes(renewed.cert_pem)
+
+            def half_written(*args, **kwargs):
+                raise OSError("the certificate is being written")
+
+            monkeypatch.setattr(client_module, "open_channel", half_written)
+            def searched() -> bool:  # a search answers (it checks the files first, at most once a second)
+                assert client.search(keys[:3], k=4).ids.shape == (3, 4)
+                return "keeping the current connections" in caplog.text
+
+            with caplog.at_level(logging.WARNING, logger="retriever_server.serving.client"):
+                assert wait_until(searched)
+    finally:
+        aio.run(running.drain(grace=0))
+
+
 def test_a_client_sends_the_token_its_file_holds_now(aio, datastore, pki, tmp_path):
     accepted = write_private(tmp_path / "accepted", b"old-token\nnew-token\n")
     mine = write_private(tmp_path / "mine", b"old-token\n")

@@ -147,17 +147,23 @@ def _check_numbers(args: argparse.Namespace) -> None:
                   for name in ("k", "nprobe", "rerank")))
 
 
+def _names(flags: list[str]) -> str:
+    """["--a"] -> "--a"; ["--a", "--b", "--c"] -> "--a, --b and --c"."""
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
 def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None) -> None:
     """Refuses options that do not apply to this checkpoint, to the strategy or to each other, before any work."""
     retro = kind == "retro"
     foreign = [flag for strategy, options in STRATEGY_OPTIONS.items() if strategy != args.strategy
                for flag, dest, _ in options if getattr(args, dest) is not None]
-    if foreign:
-        owner = {flag: strategy for strategy, options in STRATEGY_OPTIONS.items() for flag, _, _ in options}
-        one = len(foreign) == 1
-        names = foreign[0] if one else f"{', '.join(foreign[:-1])} and {foreign[-1]}"
-        owners = " and ".join(f"--strategy {s}" for s in STRATEGY_OPTIONS if s in {owner[f] for f in foreign})
-        raise ValueError(f"{names} {'applies' if one else 'apply'} to {owners} only, not to --strategy {args.strategy}")
+    if foreign:  # e.g. "--seed applies to --strategy sample and --beams to --strategy beam only, not to ..."
+        groups = [(flags, strategy) for strategy, options in STRATEGY_OPTIONS.items()
+                  if (flags := [flag for flag, _, _ in options if flag in foreign])]
+        verb = " applies" if len(groups[0][0]) == 1 else " apply"
+        said = " and ".join(f"{_names(flags)}{verb if i == 0 else ''} to --strategy {strategy}"
+                            for i, (flags, strategy) in enumerate(groups))
+        raise ValueError(f"{said} only, not to --strategy {args.strategy}")
     if args.no_retrieval and (args.target or args.datastore):
         raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
     if retro and args.k:

@@ -164,7 +164,7 @@ class _Pool:
         ray.kill(actor, no_restart=True)
         if self.replaced >= self.config.max_replacements:
             raise RuntimeError(f"{self.replaced} evaluation workers were replaced and another died: "
-                               f"{type(why).__name__}: {why}")
+                               f"{type(why).__name__}: {_last_line(why)}")
         self.replaced += 1
         log.warning("an evaluation worker died (%s); starting a replacement", type(why).__name__)
         self._start_worker()
@@ -184,9 +184,7 @@ class _Pool:
                 actor = self.starting.pop(ref)
                 try:
                     node, identity = ray.get(ref)
-                except ray.exceptions.RayActorError as err:
-                    if getattr(err, "actor_init_failed", False):  # the next one would fail the same way
-                        raise RuntimeError(f"an evaluation worker could not start: {_last_line(err)}") from None
+                except ray.exceptions.RayActorError as err:  # its node lost, or its start failed there
                     self._lost(actor, err)
                     continue
                 self._same(identity)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import warnings
@@ -237,6 +238,8 @@ def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise  # the file is not there to read: the OSError says which
     except OSError as err:  # torch reading a cut-short zip fails with EINVAL, naming nothing
+        if err.errno != errno.EINVAL:
+            raise ValueError(f"{path} could not be read ({_reason(err)})") from None
         raise ValueError(f"{path} is not a readable checkpoint: it is truncated or damaged "
                          f"({_reason(err)})") from None
     except Exception as err:  # unpickling damaged bytes raises anything: KeyError, IndexError, UnpicklingError...

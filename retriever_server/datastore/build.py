@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
-from retriever_server.cluster.connect import connect
+from retriever_server.cluster.connect import connect, free_resources
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.build_inputs import (
     BuildConfig,
@@ -56,6 +56,8 @@ MARKER = "build.json"
 DONE = ".done.json"
 STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
 # run's other shard tasks end at their next block (a later run has a token of its own)
+STALL_S = 300.0  # how long shard tasks may wait for a node with room for one before the build gives up
+STALL_REPORT_S = 30.0  # how often the build says that it waits for such a node
 STOP_WAIT_S = 120.0  # how long a failed build waits for the other shard tasks to end before it reports
 FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the build after N shards
 GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
@@ -207,10 +209,47 @@ def _task_failure(err: ray.exceptions.RayError) -> str:
     return str(cause) if isinstance(cause, BuildError) else last_line(cause or err)
 
 
-def _wait_for(pending: dict, entries: dict[int, dict], counter, bar, stop: Path) -> None:
+def _room_for_a_task(config: BuildConfig) -> bool:
+    """Whether a live node of the cluster has, in all, the CPUs (and GPU share) one shard task asks for."""
+    return any(r.get("CPU", 0.0) >= config.cpus_per_shard and (not config.gpu or r.get("GPU", 0.0) >= GPU_SHARE)
+               for r in (n["Resources"] for n in ray.nodes() if n.get("Alive")))
+
+
+class _RoomWatch:
+    """Ray holds a task no node can take until one joins (an autoscaler may add it): while no node has
+    room for a shard task, the build says so every STALL_REPORT_S, and gives up after STALL_S."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.fit = self.reported = self.checked = time.monotonic()
+
+    def check(self, pending: dict) -> None:
+        now = time.monotonic()
+        if now - self.checked < 2.0:
+            return
+        self.checked = now
+        if _room_for_a_task(self.config):
+            self.fit = now
+            return
+        c = self.config
+        need = f"{c.cpus_per_shard} CPUs{' and a GPU' if c.gpu else ''} (--cpus-per-shard{', --gpu' if c.gpu else ''})"
+        if now - self.fit > STALL_S:
+            for ref in pending:  # none can be running: no node has room for one
+                ray.cancel(ref)
+            raise BuildError(f"no node of the cluster had room for a shard task of {need} for {STALL_S:.0f} s "
+                             f"(the cluster has {free_resources()}): ask for less, or add a node that has it")
+        if now - self.reported >= STALL_REPORT_S:
+            self.reported = now
+            log.warning("no node of the cluster has room for a shard task of %s; waiting for one to join (gives "
+                        "up after %.0f s; the cluster has %s)", need, STALL_S, free_resources())
+
+
+def _wait_for(pending: dict, entries: dict[int, dict], counter, bar, stop: Path, config: BuildConfig) -> None:
     """Collects finished shard tasks into `entries`; on a failure stops the rest and raises BuildError."""
     kill_after = int(os.environ.get(FAULT_ENV, "0"))
+    room = _RoomWatch(config)
     while pending:
+        room.check(pending)
         ready, _ = ray.wait(list(pending), timeout=0.5)
         for ref in ready:
             i = pending.pop(ref)
@@ -262,22 +301,10 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
         pending[task.remote(config, str(trained), str(work / shard_name(i)), start, end, counter, str(stop))] = i
     try:
         with tqdm(total=remaining, unit="rows", desc="adding to shards", disable=not progress) as bar:
-            _wait_for(pending, entries, counter, bar, stop)
+            _wait_for(pending, entries, counter, bar, stop, config)
     finally:
         ray.kill(counter)
     return [entries[i] for i in range(config.shards)]
-
-
-def _check_room(config: BuildConfig) -> None:
-    """BuildError when no live node of the cluster has the CPUs (and the GPU share) that one shard task
-    asks for: Ray would hold the tasks for ever, waiting for such a node."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
-    if cpus < config.cpus_per_shard:
-        raise BuildError(f"each shard task takes {config.cpus_per_shard} CPUs (--cpus-per-shard), but the largest "
-                         f"node of the cluster has {cpus:g}: ask for fewer, or build on a larger cluster")
-    if config.gpu and max((r.get("GPU", 0.0) for r in nodes), default=0.0) < GPU_SHARE:
-        raise BuildError("--gpu: no node of the cluster has a GPU")
 
 
 def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
@@ -353,7 +380,6 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
     connect(address, num_cpus)
-    _check_room(config)
     started = time.time()
     with as_build_error(f"preparing {work}", work):
         _prepare_workdir(config, inputs, work)

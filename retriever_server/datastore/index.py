@@ -66,7 +66,10 @@ def check_factory(factory: str, d: int, metric: str) -> None:
         raise ValueError(f"FAISS cannot build factory string {factory!r} for dimension {d}: {first}") from None
     if faiss.try_extract_index_ivf(index) is not None:
         return
-    if not isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+    core = index
+    while isinstance(core, faiss.IndexPreTransform):  # e.g. "PCA32,IDMap,Flat": the ids are kept inside
+        core = faiss.downcast_index(core.index)
+    if not isinstance(core, faiss.IndexIDMap | faiss.IndexIDMap2):
         raise ValueError(f"factory string {factory!r} makes an index that keeps no row ids: use an IVF index "
                          f"(\"auto\", or e.g. \"IVF256,Flat\"), or, for exact search, \"IDMap,Flat\"")
     try:

@@ -22,7 +22,7 @@ import numpy as np
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
-from retriever_server.security.config import ClientSecurity
+from retriever_server.security.config import ClientSecurity, SecurityError
 from retriever_server.security.tls import open_aio_channel, open_channel
 from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.failover import (
@@ -153,12 +153,19 @@ class RetrieverClient:
         with self._refreshing:
             if self._closed or not self.credentials.refresh():
                 return
+            current, stubs = self.channels, self.stubs
+            try:
+                self._open(list(current))
+            except (SecurityError, OSError) as err:  # rewritten again since checked: keep what works
+                self.channels, self.stubs = current, stubs
+                log.warning("TLS files of the calls out changed but cannot be read yet (%s); keeping the current "
+                            "connections", err)
+                return
             log.info("new channels to the service, with the changed TLS files")
             now = time.monotonic()
             expired = [c for when, c in self._retired if now - when > RETIRED_CLOSE_S]
             self._retired = [(when, c) for when, c in self._retired if now - when <= RETIRED_CLOSE_S]
-            self._retired += [(now, c) for c in self.channels.values()]
-            self._open(list(self.channels))
+            self._retired += [(now, c) for c in current.values()]
             self._close(expired)
 
     def __enter__(self) -> RetrieverClient:

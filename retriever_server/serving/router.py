@@ -24,7 +24,7 @@ import grpc
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
-from retriever_server.security.config import ClientSecurity, ServerSecurity
+from retriever_server.security.config import ClientSecurity, SecurityError, ServerSecurity
 from retriever_server.security.tls import open_aio_channel
 from retriever_server.serving.failover import (
     Attempts,
@@ -116,6 +116,13 @@ class RouterService(BaseRetrieverService):
         may take), then close at a later change, or at close()."""
         if not self.credentials.refresh():
             return
+        try:
+            channels = {a: open_aio_channel(a, self.config.shard_security, CHANNEL_OPTIONS)
+                        for s in self.sets for a in s.addresses}
+        except (SecurityError, OSError) as err:  # rewritten again since checked: keep what works
+            log.warning("TLS files of the calls to the shards changed but cannot be read yet (%s); keeping the "
+                        "current connections", err)
+            return
         log.info("new channels to the shards, with the changed TLS files")
         now = time.monotonic()
         for _, old in [r for r in self.retired if now - r[0] > RETIRED_CLOSE_S]:
@@ -123,8 +130,7 @@ class RouterService(BaseRetrieverService):
         self.retired = [r for r in self.retired if now - r[0] <= RETIRED_CLOSE_S]
         self.retired += [(now, c) for c in self.channels.values()]
         self.tls_generation += 1
-        self.channels = {a: open_aio_channel(a, self.config.shard_security, CHANNEL_OPTIONS)
-                         for s in self.sets for a in s.addresses}
+        self.channels = channels
         self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
