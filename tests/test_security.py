@@ -424,6 +424,23 @@ def test_an_insecure_ray_deployment_serves_its_shards_on_node_ips_too():
         plan_security(None, ServerSecurity(), None)
 
 
+def test_a_deployment_that_secures_its_router_gives_clients_a_token_the_shards_refuse(tmp_path):
+    """`secrets_dir`: the clients' token (what `client_security` names, and the router's port takes) is not
+    the hops' token (what the shards take), so a client of the router cannot call a shard."""
+    import base64
+
+    from retriever_server.cluster.ray_security import plan_security
+
+    plan = plan_security("127.0.0.1", ServerSecurity(), tmp_path / "own")
+    clients = plan.client.token_file.read_bytes()
+    hops = (tmp_path / "own" / "hop-token").read_bytes()
+    assert clients.strip() and hops.strip() and clients != hops
+    assert base64.b64decode(plan.router_secrets["public-token_file"]) == clients  # the router's port takes it
+    assert base64.b64decode(plan.router_secrets["hop-token"]) == hops  # and sends the hops' to the shards
+    assert plan.shard_secrets["hop-token"] == plan.router_secrets["hop-token"]
+    assert plan.client.tls_cert is None  # no certificate: the shards' mutual TLS refuses it too
+
+
 def test_private_files_are_made_private_even_when_they_existed(tmp_path):
     path = tmp_path / "server.key"
     path.write_text("old")

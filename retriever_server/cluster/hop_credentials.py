@@ -1,7 +1,9 @@
 """The credentials a deployment makes for the hops between its own processes: a private CA, a
 certificate for the shards and one for the router, and a random token, written 0600 into a folder
 only this user can read. The shards require both (mutual TLS and the token); the router presents
-them. The public endpoint (the router's port) keeps the certificate and tokens the user gave.
+them. The public endpoint (the router's port) keeps the certificate and tokens the user gave; a
+deployment that secures its router's port itself gives its clients a token of their own
+(`client-token`), which the shards refuse, and the CA (`ca.pem`) to check the router with.
 
 Example:
     >>> hops = make_hop_credentials(Path(tempfile.mkdtemp()))
@@ -32,10 +34,12 @@ class HopCredentials:
     router_cert: Path
     router_key: Path
     token: Path
+    client_token: Path
 
     def remove(self) -> None:
         """Deletes the files and their folder (when nothing else is in it)."""
-        for path in (self.ca, self.shard_cert, self.shard_key, self.router_cert, self.router_key, self.token):
+        for path in (self.ca, self.shard_cert, self.shard_key, self.router_cert, self.router_key, self.token,
+                     self.client_token):
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.ca.parent.rmdir()
@@ -62,12 +66,13 @@ class HopCredentials:
 
     def router_server(self) -> ServerSecurity:
         """The router's own port secured by the deployment itself: its certificate from this CA
-        (carrying `ROUTER_NAME`) and the hop token; clients use `router_client()`."""
-        return ServerSecurity(tls_cert=self.router_cert, tls_key=self.router_key, token_file=self.token)
+        (carrying `ROUTER_NAME`) and the clients' token, not the hops'; clients use `router_client()`."""
+        return ServerSecurity(tls_cert=self.router_cert, tls_key=self.router_key, token_file=self.client_token)
 
     def router_client(self) -> ClientSecurity:
-        """What a client of a router secured by `router_server()` uses."""
-        return ClientSecurity(tls_ca=self.ca, server_name=ROUTER_NAME, token_file=self.token)
+        """What a client of a router secured by `router_server()` uses: the CA and the clients' token (the
+        shards refuse it, and ask for a certificate a client does not have)."""
+        return ClientSecurity(tls_ca=self.ca, server_name=ROUTER_NAME, token_file=self.client_token)
 
 
 def make_hop_credentials(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> HopCredentials:
@@ -81,9 +86,11 @@ def make_hop_credentials(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",
     router = make_leaf(ca, "retriever router", [*hosts, ROUTER_NAME])
     paths = HopCredentials(ca=directory / "ca.pem", shard_cert=directory / "shard.pem",
                            shard_key=directory / "shard.key", router_cert=directory / "router.pem",
-                           router_key=directory / "router.key", token=directory / "hop-token")
+                           router_key=directory / "router.key", token=directory / "hop-token",
+                           client_token=directory / "client-token")
     for path, data in ((paths.ca, ca.cert_pem), (paths.shard_cert, shard.cert_pem), (paths.shard_key, shard.key_pem),
                        (paths.router_cert, router.cert_pem), (paths.router_key, router.key_pem),
-                       (paths.token, (new_token() + "\n").encode())):
+                       (paths.token, (new_token() + "\n").encode()),
+                       (paths.client_token, (new_token() + "\n").encode())):
         write_private(path, data)
     return paths
