@@ -105,7 +105,7 @@ def run_deploy(args: argparse.Namespace) -> int:
             print(f"{args.name}/shard-{shard}/replica-{replica}: node {node}")
         print(f"{args.name}: router {router} (Ray cluster {ray_address()}, namespace {args.namespace})", flush=True)
         write_address(args.address_file, router, None, shards=deployment.shard_addresses, name=args.name,
-                      namespace=args.namespace)
+                      namespace=args.namespace, **({"pid": None} if args.detached else {}))  # detached: no process
         if args.detached:
             print(f"detached; stop it with: {PROG} undeploy --name {args.name}")
             return 0
