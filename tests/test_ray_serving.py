@@ -362,11 +362,13 @@ def test_a_deployment_waiting_for_cpus_says_so_and_a_failed_replica_ends_the_wai
                                                           startup_timeout_s=120)).start()
         assert time.monotonic() - started < 20
         full = dataclasses.replace(config(datastore, "full", replicas=1), startup_timeout_s=3)
+        started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="retriever_server.cluster.ray_serving"):
             with pytest.raises(ray_serving.DeploymentError,
                                match=r"^full/shard-1/replica-0 not up within 3s \(the cluster has [\d.]+ of "
                                      r"[\d.]+ CPUs, 0.0 of 0.0 GPUs free; each takes 0.5 CPUs\)$"):
                 ray_serving.RayDeployment(full).start()
+        assert time.monotonic() - started < 3 + 6  # the replica that never started is not waited for again
         waiting = [r.getMessage() for r in caplog.records if "not up after" in r.getMessage()]
         assert len(waiting) >= 2 and "full/shard-1/replica-0 not up after 1 s (gives up after 3 s)" in waiting[0]
         assert actors_named("late/") == [] and actors_named("full/") == []

@@ -221,6 +221,7 @@ class RayDeployment:
         self.router = None
         self.plan: dict[tuple[int, int], str] = {}
         self.security: DeploymentSecurity | None = None
+        self._up: list = []  # the actors that came up: the others are killed without a drain on stop()
 
     @property
     def client_security(self) -> ClientSecurity | None:
@@ -237,13 +238,14 @@ class RayDeployment:
                 # no max_concurrency: Ray 2.60 aborts a threaded actor whose constructor raises
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}
 
-    def _await(self, refs: list, what: list[str], cpus: float) -> list:
-        """Waits for actors (each asking for `cpus` CPUs) to come up, saying every WAIT_REPORT_S which are
-        not and what the cluster has free; raises DeploymentError naming one as soon as it fails, or the
-        late ones at the timeout."""
+    def _await(self, handles: list, what: list[str], cpus: float) -> list:
+        """Waits for the actors `handles` (each asking for `cpus` CPUs) to come up, saying every WAIT_REPORT_S
+        which are not and what the cluster has free; raises DeploymentError naming one as soon as it fails,
+        or the late ones at the timeout. Those that came up are remembered (`stop()` drains them alone)."""
         timeout_s = self.config.startup_timeout_s
         started = reported = time.monotonic()
-        names = dict(zip(refs, what))
+        refs = [h.started.remote() for h in handles]
+        names, actors = dict(zip(refs, what)), dict(zip(refs, handles))
         pending = list(refs)
         while pending:
             now = time.monotonic()
@@ -262,6 +264,7 @@ class RayDeployment:
                     ray.get(ref)
                 except ray.exceptions.RayError as err:
                     raise DeploymentError(f"{names[ref]} did not start: {_failure(err)}") from None
+                self._up.append(actors[ref])
         return ray.get(refs)
 
     def start(self) -> RayDeployment:
@@ -312,7 +315,7 @@ class RayDeployment:
             self.shards.append([])
             for r in range(c.replicas):
                 self.shards[-1].append(self._start_replica(s, r))
-        self._await([h.started.remote() for replicas in self.shards for h in replicas], sum(names, []),
+        self._await([h for replicas in self.shards for h in replicas], sum(names, []),
                     c.cpus_per_shard)
         heads = [n.node_id for n in nodes if n.head]
         router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
@@ -322,7 +325,7 @@ class RayDeployment:
         options = self._options(router_actor_name(c.name), c.router_cpus, router_node)
         self.router = RouterActor.options(**options).remote(router, names, c.namespace, c.host, c.log_level,
                                                             s.router_secrets)
-        self._await([self.router.started.remote()], [router_actor_name(c.name)], c.router_cpus)
+        self._await([self.router], [router_actor_name(c.name)], c.router_cpus)
         for (s, r), node in sorted(self.placements.items()):
             log.info("%s on node %s", names[s][r], node)
 
@@ -364,9 +367,13 @@ class RayDeployment:
     def stop(self) -> None:
         """Drains the router, then the replicas, and kills every actor of this deployment."""
         handles = ([self.router] if self.router else []) + [h for replicas in self.shards for h in replicas]
-        if handles:
-            _stop_actors(handles, self.config.grace_s)
-        self.shards, self.router = [], None
+        up = [h for h in handles if any(h is u for u in self._up)]  # a drain call to the others would wait
+        if up:  # for them to start
+            _stop_actors(up, self.config.grace_s)
+        for handle in handles:
+            if not any(handle is u for u in up):
+                ray.kill(handle, no_restart=True)
+        self.shards, self.router, self._up = [], None, []
 
     def __enter__(self) -> RayDeployment:
         return self.start()
