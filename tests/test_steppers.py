@@ -114,6 +114,11 @@ class FakeRetriever:
         self._sent()  # in flight from now, whenever the pool's thread starts on it
         return self._pool.submit(self._found, np.array(keys))
 
+    def drain(self) -> None:
+        """Waits for every submitted search to have run (a dropped one too), so `calls` counts them all."""
+        self._pool.shutdown(wait=True)
+        self._pool = ThreadPoolExecutor(2)
+
 
 
 @torch.no_grad()
