@@ -87,24 +87,23 @@ def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type for seconds or milliseconds: a finite number of 0 or more (not nan or inf)."""
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for seconds or milliseconds: a finite number of 0 or more (not nan or inf)."""
+    if not 0 <= (value := _float(text)) < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
     """argparse type for CPUs or seconds that must be more than 0: finite (not nan or inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < math.inf:
+    if not 0 < (value := _float(text)) < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
 

@@ -153,11 +153,10 @@ class RetrieverClient:
         with self._refreshing:
             if self._closed or not self.credentials.refresh():
                 return
-            current, stubs = self.channels, self.stubs
+            current = self.channels
             try:
-                self._open(list(current))
+                self._open(list(current))  # sets the channels and stubs once all are open
             except (SecurityError, OSError) as err:  # rewritten again since checked: keep what works
-                self.channels, self.stubs = current, stubs
                 log.warning("TLS files of the calls out changed but cannot be read yet (%s); keeping the current "
                             "connections", err)
                 return
