@@ -76,7 +76,8 @@ def compare(config: RouterAbConfig) -> dict[str, dict[str, float]]:
         for name, tree in (("before", config.before), ("after", config.after)):
             deployment = deployment_from(Path(tree).resolve(), config)
             deployments.append(deployment)
-            channel = grpc.insecure_channel(deployment.router_address)
+            channel = grpc.insecure_channel(deployment.router_address,
+                                            options=[("grpc.max_receive_message_length", -1)])  # k=1024 answers
             channels.append(channel)
             call = channel.unary_unary(SEARCH)
             for i in range(4 * len(batch)):  # warm up (and give hedging its 20 answers)

@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity, SecurityError
 from retriever_server.security.tls import open_aio_channel, open_channel
@@ -41,6 +40,7 @@ from retriever_server.serving.failover import (
 from retriever_server.serving.fanout import check_address, check_shards, replica_sets
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
+from retriever_server.wire.response import retriever_stub
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.search_args import Exclude, make_request
 
@@ -137,7 +137,7 @@ class RetrieverClient:
             self.channels = {a: open_channel(a, security, CHANNEL_OPTIONS) for a in addresses}
         else:
             self.channels = self._loop.run(_open_channels(addresses, security))
-        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.stubs = {a: retriever_stub(c) for a, c in self.channels.items()}
 
     def _close(self, channels: list) -> None:
         if self._loop is None:
@@ -338,7 +338,7 @@ class RetrieverClient:
                                exclude, exclude_per_query, allow_partial, expected_version, successors)
         timeout = timeout or self.timeout
         if not self.fan_out:
-            return SearchResult.from_proto(self._call(self.sets[0], "Search", request, Deadline(timeout)))
+            return self._call(self.sets[0], "Search", request, Deadline(timeout))
         return self._fan_out(request, k, shard_deadline(timeout, allow_partial))
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
@@ -355,7 +355,7 @@ class RetrieverClient:
         answers, failed = [], {}
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):
-                answers.append(SearchResult.from_proto(outcome))
+                answers.append(outcome)
             elif outcome.code in RETRYABLE or (allow_partial and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED):
                 failed[replicas.name] = outcome  # a shard down, or (partial) one that did not answer in time
             else:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
-from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.security.client_files import RETIRED_CLOSE_S, WatchedClientSecurity
 from retriever_server.security.config import ClientSecurity, SecurityError, ServerSecurity
 from retriever_server.security.tls import open_aio_channel
@@ -44,7 +43,7 @@ from retriever_server.serving.merge import merge_results
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
-from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.response import encode_search_response, retriever_stub
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.untrusted import one_line
 
@@ -91,7 +90,7 @@ class RouterService(BaseRetrieverService):
         self.credentials = WatchedClientSecurity(config.shard_security)  # its token and TLS files, watched
         self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
                          for s in config.shards for a in s}
-        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.stubs = {a: retriever_stub(c, aligned=False) for a, c in self.channels.items()}
         self.retired: list[tuple[float, grpc.aio.Channel]] = []  # (when, channel) of TLS files since changed
         self.closing: set[asyncio.Future] = set()
         self.tls_generation = 0  # how many times the TLS files changed: channels made before are retired
@@ -131,7 +130,7 @@ class RouterService(BaseRetrieverService):
         self.retired += [(now, c) for c in self.channels.values()]
         self.tls_generation += 1
         self.channels = channels
-        self.stubs = {a: pb_grpc.RetrieverStub(c) for a, c in self.channels.items()}
+        self.stubs = {a: retriever_stub(c, aligned=False) for a, c in self.channels.items()}
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         closing = asyncio.ensure_future(channel.close())
@@ -247,15 +246,14 @@ class RouterService(BaseRetrieverService):
                 raise outcome
         failed = {s.name: o for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
         failures = {name: o.message for name, o in failed.items()}
-        answers = [o for o in outcomes if isinstance(o, pb.SearchResponse)]
+        answers = [o for o in outcomes if isinstance(o, SearchResult)]
         if failures and (not spec.allow_partial or not answers):
             raise RequestError(failure_code(failed, spec.allow_partial), failure_message(failures))
         answer = await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
         return answer, spec.nq
 
-    def _merge(self, answers: list[pb.SearchResponse], k: int, failures: dict[str, str]) -> bytes:
-        parts = [SearchResult.from_proto(a) for a in answers]
-        merged = merge_results(parts, k, self.infos[0].metric, ranked=True)
+    def _merge(self, answers: list[SearchResult], k: int, failures: dict[str, str]) -> bytes:
+        merged = merge_results(answers, k, self.infos[0].metric, ranked=True)
         merged.partial = bool(failures)
         merged.failed_shards = failures
         return encode_search_response(merged)
@@ -284,7 +282,7 @@ class RouterService(BaseRetrieverService):
             return None
         generation = self.tls_generation
         channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
-        stub = pb_grpc.RetrieverStub(channel)
+        stub = retriever_stub(channel, aligned=False)
         try:
             info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
             expected = self.infos[shard]
@@ -297,7 +295,7 @@ class RouterService(BaseRetrieverService):
         if generation != self.tls_generation:  # the TLS files changed meanwhile: a channel with the new ones
             self.retired.append((time.monotonic(), channel))
             channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
-            stub = pb_grpc.RetrieverStub(channel)
+            stub = retriever_stub(channel, aligned=False)
         self.channels[address], self.stubs[address] = channel, stub
         replicas.addresses[replica] = address
         return old

@@ -6,7 +6,7 @@
 - `exclusions`: every query's excluded rows, read into flat arrays (`Exclusions`, `ExclusionKey`);
 - `untrusted`: strings from a caller, cut and escaped before they reach a status or a log;
 - `result`: `SearchResult`, neighbours as arrays, to and from a `SearchResponse`;
-- `response`: a `SearchResponse` written straight to wire bytes.
+- `response`: a `SearchResponse` written straight to wire bytes, and read straight from them.
 
 Imports: retrieval, retriever_server.wire
 """
