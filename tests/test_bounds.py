@@ -104,7 +104,23 @@ def test_untrusted_strings_are_cut_and_escaped_in_statuses_and_logs(aio, keys, d
     assert not any("\n" in r.getMessage() for r in caplog.records)
 
 
-def test_the_router_forwards_known_fields_alone(aio, keys, datastore, monkeypatch):
+@pytest.fixture
+def received(monkeypatch) -> list[bytes]:
+    """The raw requests that reach the shard servers, in order (recorded, then parsed as before)."""
+    from retriever_server.serving.shard_server import ShardService
+
+    seen = []
+    decode = ShardService._parse
+
+    def recording(self, raw):
+        seen.append(raw)
+        return decode(self, raw)
+
+    monkeypatch.setattr(ShardService, "_parse", recording)
+    return seen
+
+
+def test_the_router_forwards_known_fields_alone(aio, keys, datastore, monkeypatch, received):
     """An unknown field of a valid request is dropped by the router: the shards never see it."""
     seen = []
     original = shard_module.Shard.search
@@ -114,21 +130,29 @@ def test_the_router_forwards_known_fields_alone(aio, keys, datastore, monkeypatc
         return original(self, spec, stop)
 
     monkeypatch.setattr(shard_module.Shard, "search", spying)
-    from retriever_server.serving.shard_server import ShardService
-
-    received = []
-    decode = ShardService._parse
-
-    def recording(self, raw):
-        received.append(raw)
-        return decode(self, raw)
-
-    monkeypatch.setattr(ShardService, "_parse", recording)
     body = valid(keys).SerializeToString() + bytes([0xFA, 0x07, 0x06]) + b"secret"  # field 127, unknown
     with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as channel:
         assert call(channel, body)[0] == grpc.StatusCode.OK
     assert len(received) == 2 and all(b"secret" not in raw for raw in received)
     assert len(seen) == 2  # both shards searched the request the router re-encoded
+
+
+def test_the_router_passes_a_request_on_as_it_came_with_its_own_fields_after_it(aio, keys, datastore, received):
+    """A request of known fields is forwarded as its own bytes (the queries not converted), followed by
+    allow_partial false and the datastore's version, which the shards read: the caller's allow_partial
+    and a version left out do not reach them."""
+    request = valid(keys)
+    request.allow_partial = True
+    body = request.SerializeToString()
+    with serve(aio, datastore, 2) as served, grpc.insecure_channel(served.address) as channel:
+        assert call(channel, body)[0] == grpc.StatusCode.OK
+        info = channel.unary_unary("/retrieval.v1.Retriever/GetInfo")(b"")
+    version = pb.InfoResponse.FromString(info).datastore_version
+    assert len(received) == 2 and all(raw.startswith(body) and len(raw) > len(body) for raw in received)
+    forwarded = pb.SearchRequest.FromString(received[0])
+    assert not forwarded.allow_partial and forwarded.expected_datastore_version == version
+    request.allow_partial, request.expected_datastore_version = False, version
+    assert forwarded == request
 
 
 def test_a_request_the_router_accepts_is_never_too_big_for_its_shards(aio, keys, datastore):

@@ -349,7 +349,8 @@ class RetrieverClient:
         request.allow_partial = False
         if not request.expected_datastore_version:
             request.expected_datastore_version = infos[0].datastore_version
-        outcomes = self._on_loop(self._every_shard("Search", request, deadline))
+        body = request.SerializeToString()  # once, for every shard
+        outcomes = self._on_loop(self._every_shard("Search", body, deadline))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
         answers, failed = [], {}

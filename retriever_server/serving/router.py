@@ -59,6 +59,14 @@ def shard_limits(router: Limits) -> Limits:
     return dataclasses.replace(router, max_request_bytes=router.max_request_bytes + FORWARD_SLACK)
 
 
+def forwarded_overrides(version: str) -> bytes:
+    """SearchRequest fields written after a request forwarded as it came, where the last value read
+    wins: allow_partial false (written out, though protobuf leaves a false bool unwritten) and the
+    datastore's `version`."""
+    allow_partial = pb.SearchRequest.DESCRIPTOR.fields_by_name["allow_partial"].number
+    return bytes([allow_partial << 3, 0]) + pb.SearchRequest(expected_datastore_version=version).SerializeToString()
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """The shards (each a list of replica addresses) and where the router listens."""
@@ -97,6 +105,7 @@ class RouterService(BaseRetrieverService):
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
         self.config_error: str | None = None
+        self.overrides = b""  # written after each request forwarded as it came (`forwarded_overrides`)
         self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
 
@@ -196,28 +205,36 @@ class RouterService(BaseRetrieverService):
             log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
                      "refused here, as forwarding may add that much", self.shard_request_bytes, FORWARD_SLACK)
         self.view = view_of(self.infos[0])
+        self.overrides = forwarded_overrides(self.view.version)
 
     async def _off_loop(self, elements: int, function, *args):
         if elements <= INLINE_ELEMENTS:
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    def _checked(self, raw: bytes) -> tuple[pb.SearchRequest, object]:
-        """The request parsed and checked, and what is forwarded: its known fields alone (unknown fields
-        are dropped, not carried to the shards), the answer whole, this datastore's version required."""
+    def _checked(self, raw: bytes) -> tuple[bytes, object]:
+        """The request parsed and checked, and the bytes forwarded: its known fields alone (unknown fields
+        are dropped, not carried to the shards), the answer whole, this datastore's version required.
+        A request of known fields each sent once (as protobuf writes it: the parsed message is as long)
+        goes on as it came, those two fields written again after it (the last value read wins); others
+        are written anew."""
         request = decode_search(raw)
         spec = parse_search(request, self.view, self.limits, read_exclusions=False)
         request.DiscardUnknownFields()
-        request.allow_partial = False
-        request.expected_datastore_version = self.view.version
-        size = request.ByteSize()
+        if request.ByteSize() == len(raw):
+            forwarded = raw + self.overrides
+        else:
+            request.allow_partial = False
+            request.expected_datastore_version = self.view.version
+            forwarded = request.SerializeToString()
+        size = len(forwarded)
         if size > self.shard_request_bytes:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the request is {size} bytes as sent to the shards, over their limit of "
                                f"{self.shard_request_bytes} bytes")
-        return request, spec
+        return forwarded, spec
 
-    async def _search_shard(self, replicas: ReplicaSet, request: pb.SearchRequest, deadline: Deadline,
+    async def _search_shard(self, replicas: ReplicaSet, request: bytes, deadline: Deadline,
                             partial: bool):
         """One shard's answer, by the failover policy; ShardFailed when the others may answer without it
         (every replica failed, or, with `partial`, its time ran out); RequestError when the call must fail whole."""

@@ -97,6 +97,10 @@ def encode_search_response(result: SearchResult) -> bytes:
     return b"".join(parts)
 
 
+def _serialize_request(request: pb.SearchRequest | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
 def _serialize_search(response: pb.SearchResponse | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
@@ -272,13 +276,13 @@ def decode_search_response(raw: bytes, aligned: bool = True) -> SearchResult:
 
 
 def retriever_stub(channel, aligned: bool = True) -> pb_grpc.RetrieverStub:
-    """A Retriever stub on `channel` (blocking or asyncio) whose Search answers with a SearchResult
-    read by `decode_search_response(raw, aligned)`, not a SearchResponse: bytes that do not parse
-    fail the call as any stub's do (INTERNAL)."""
+    """A Retriever stub on `channel` (blocking or asyncio) whose Search takes a SearchRequest or its
+    wire bytes (a router's, forwarded) and answers with a SearchResult read by
+    `decode_search_response(raw, aligned)`, not a SearchResponse: bytes that do not parse fail the
+    call as any stub's do (INTERNAL)."""
     stub = pb_grpc.RetrieverStub(channel)
     read = decode_search_response if aligned else functools.partial(decode_search_response, aligned=False)
-    stub.Search = channel.unary_unary("/retrieval.v1.Retriever/Search",
-                                      request_serializer=pb.SearchRequest.SerializeToString,
+    stub.Search = channel.unary_unary("/retrieval.v1.Retriever/Search", request_serializer=_serialize_request,
                                       response_deserializer=read, _registered_method=True)
     return stub
 
