@@ -40,9 +40,9 @@ from retriever_server.serving.failover import (
 from retriever_server.serving.fanout import check_address, check_shards, replica_sets
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
-from retriever_server.wire.response import retriever_stub
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.search_args import Exclude, make_request
+from retriever_server.wire.stub import retriever_stub
 
 __all__ = ["Exclude", "RetrieverClient", "RetrieverError", "make_request"]
 

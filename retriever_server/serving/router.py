@@ -43,8 +43,9 @@ from retriever_server.serving.merge import merge_results
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
-from retriever_server.wire.response import encode_search_response, retriever_stub
+from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.result import SearchResult
+from retriever_server.wire.stub import retriever_stub
 from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
@@ -215,13 +216,14 @@ class RouterService(BaseRetrieverService):
     def _checked(self, raw: bytes) -> tuple[bytes, object]:
         """The request parsed and checked, and the bytes forwarded: its known fields alone (unknown fields
         are dropped, not carried to the shards), the answer whole, this datastore's version required.
-        A request of known fields each sent once (as protobuf writes it: the parsed message is as long)
-        goes on as it came, those two fields written again after it (the last value read wins); others
-        are written anew."""
+        A request of known fields alone goes on as it came (the shards parse the same bytes the router
+        parsed and checked), those two fields written again after it (the last value read wins); one
+        with unknown fields is written anew."""
         request = decode_search(raw)
         spec = parse_search(request, self.view, self.limits, read_exclusions=False)
+        size = request.ByteSize()
         request.DiscardUnknownFields()
-        if request.ByteSize() == len(raw):
+        if request.ByteSize() == size:  # no unknown field, at any depth: the shards parse what was checked
             forwarded = raw + self.overrides
         else:
             request.allow_partial = False

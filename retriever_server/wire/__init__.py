@@ -6,7 +6,9 @@
 - `exclusions`: every query's excluded rows, read into flat arrays (`Exclusions`, `ExclusionKey`);
 - `untrusted`: strings from a caller, cut and escaped before they reach a status or a log;
 - `result`: `SearchResult`, neighbours as arrays, to and from a `SearchResponse`;
-- `response`: a `SearchResponse` written straight to wire bytes, and read straight from them.
+- `response`: a `SearchResponse` written straight to wire bytes;
+- `response_reader`: a large `SearchResponse` read straight from them, its arrays views of the bytes;
+- `stub`: the Retriever stub the router and the client call through (an answer that does not read: INTERNAL).
 
 Imports: retrieval, retriever_server.wire
 """

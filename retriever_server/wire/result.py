@@ -64,7 +64,8 @@ class SearchResult:
             ids=from_tensor(response.ids, "ids"),
             distances=from_tensor(response.distances, "distances"),
             payloads={name: from_tensor(t, f"payloads[{name}]") for name, t in response.payloads.items()},
-            keys=from_tensor(response.keys, "keys").astype(np.float32) if response.HasField("keys") else None,
+            keys=from_tensor(response.keys, "keys").astype(np.float32, copy=False)
+            if response.HasField("keys") else None,
             partial=response.partial,
             failed_shards={f.shard: f.reason for f in response.failed_shards},
             datastore_version=response.datastore_version,
@@ -72,6 +73,6 @@ class SearchResult:
             if response.HasField("successor_ids") else None,
             successor_payloads={name: from_tensor(t, f"successor_payloads[{name}]")
                                 for name, t in response.successor_payloads.items()},
-            successor_keys=from_tensor(response.successor_keys, "successor_keys").astype(np.float32)
+            successor_keys=from_tensor(response.successor_keys, "successor_keys").astype(np.float32, copy=False)
             if response.HasField("successor_keys") else None,
         )

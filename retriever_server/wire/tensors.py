@@ -69,22 +69,26 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return fill_tensor(pb.Tensor(), array)
 
 
-def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
-    """Reads a Tensor as a read-only numpy array without copying; `name` appears in errors."""
-    if tensor.dtype == pb.DTYPE_UNSPECIFIED:
+def checked_dtype(code: int, shape: tuple[int, ...] | list[int], size: int, name: str) -> np.dtype:
+    """The dtype of a Tensor of dtype `code`, `shape` and `size` bytes of data; TensorError, naming
+    the field `name`, unless they make an array."""
+    if code == pb.DTYPE_UNSPECIFIED:
         raise TensorError(f"{name}.dtype is unset")
     try:
-        dtype = numpy_dtype(tensor.dtype)
+        dtype = numpy_dtype(code)
     except TensorError as err:
         raise TensorError(f"{name}.dtype: {err}") from None
-    shape = tuple(tensor.shape)  # Python ints
     if any(s < 0 for s in shape):
         raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
     expected = nbytes(dtype, shape)
+    if size != expected:
+        raise TensorError(f"{name}.data has {size} bytes but shape {list(shape)} of {dtype.name} needs {expected}")
+    return dtype
+
+
+def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
+    """Reads a Tensor as a read-only numpy array without copying; `name` appears in errors."""
+    shape = tuple(tensor.shape)  # Python ints
     data = tensor.data
-    if len(data) != expected:
-        raise TensorError(
-            f"{name}.data has {len(data)} bytes but shape {list(shape)} of "
-            f"{dtype.name} needs {expected}"
-        )
+    dtype = checked_dtype(tensor.dtype, shape, len(data), name)
     return np.frombuffer(data, dtype=dtype).reshape(shape)

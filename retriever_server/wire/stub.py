@@ -1,0 +1,81 @@
+"""The Retriever stub that the router and the client call through.
+
+Its Search takes a SearchRequest or its wire bytes (a router forwards the bytes it received) and
+answers with a `SearchResult` read by `decode_search_response`, large answers in place; its GetInfo
+answers with an InfoResponse. An answer that does not read fails the call with INTERNAL, as a failed
+call fails: a `grpc.aio.AioRpcError` (a `grpc.RpcError`), which the failover policy takes like any
+other, moving on to the next replica. gRPC's own response deserializer cannot do that on an asyncio
+channel, where an exception in it is logged and the call answers None with status OK; so these
+stubs take the answer's bytes and read them once the call is done.
+
+Example:
+    >>> stub = retriever_stub(channel)                   # a blocking or an asyncio channel
+    >>> result = stub.Search(request, timeout=5.0)       # await it on an asyncio channel
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import grpc
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.wire.response_reader import decode_search_response
+from retriever_server.wire.untrusted import one_line
+
+SERVICE = "/retrieval.v1.Retriever"
+
+
+def _serialize(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def unreadable(method: str, err: Exception) -> grpc.aio.AioRpcError:
+    """The error of a call whose answer does not read: INTERNAL, saying why."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=f"the {method} answer does not read: {type(err).__name__}: "
+                                        f"{one_line(str(err), 200)}")
+
+
+class _ReadingCall:
+    """A unary method whose answer's bytes are read by `read` once the call is done (blocking, or
+    awaited on an asyncio channel)."""
+
+    def __init__(self, channel, method: str, read: Callable[[bytes], object]):
+        self._call = channel.unary_unary(f"{SERVICE}/{method}", request_serializer=_serialize,
+                                         response_deserializer=None, _registered_method=True)
+        self._method, self._read = method, read
+        self._asyncio = isinstance(channel, grpc.aio.Channel)
+
+    def __call__(self, request, **kwargs):
+        if self._asyncio:
+            return self._read_when_done(self._call(request, **kwargs))
+        return self._answer(self._call(request, **kwargs))
+
+    async def _read_when_done(self, call) -> object:
+        return self._answer(await call)
+
+    def _answer(self, raw: bytes) -> object:
+        try:
+            return self._read(raw)
+        except Exception as err:  # noqa: BLE001 - any answer that does not read fails the call alike
+            raise unreadable(self._method, err) from None
+
+
+@functools.lru_cache(maxsize=2)
+def _search_reader(aligned: bool) -> Callable[[bytes], object]:
+    return functools.partial(decode_search_response, aligned=aligned)
+
+
+class _Stub:
+    def __init__(self, channel, aligned: bool):
+        self.Search = _ReadingCall(channel, "Search", _search_reader(aligned))
+        self.GetInfo = _ReadingCall(channel, "GetInfo", pb.InfoResponse.FromString)
+
+
+def retriever_stub(channel, aligned: bool = True):
+    """The stub of the Retriever service on `channel` (blocking or asyncio): `.Search(request, ...)`
+    and `.GetInfo(request, ...)`, with the keyword arguments of any gRPC call. `aligned=False` leaves
+    misaligned arrays as views (a router, whose merge copies them anyway)."""
+    return _Stub(channel, aligned)

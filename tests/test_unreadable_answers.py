@@ -1,0 +1,137 @@
+"""A shard whose Search answer does not read (a tensor shorter than its shape, bytes cut short) fails
+that attempt with INTERNAL, on blocking and on asyncio channels alike: the router moves on to the next
+replica, or names the shard; the fan-out client raises RetrieverError. Never an answer silently short
+of a shard's neighbours. Fake shard servers (the fault), a real router and a real client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from retrieval.v1 import retriever_pb2 as pb
+from retriever_server.serving.client import RetrieverClient, RetrieverError
+from retriever_server.serving.router import RouterConfig, start_router
+from retriever_server.wire.response import encode_search_response
+from retriever_server.wire.response_reader import IN_PLACE_BYTES
+from retriever_server.wire.result import SearchResult
+
+ROWS, DIM, NQ, K = 1000, 8, 64, 64  # an answer of 64 x 64 neighbours: read in place
+
+
+def info(shard: int) -> pb.InfoResponse:
+    name = f"shard-{shard:05d}"
+    half = ROWS // 2
+    return pb.InfoResponse(dimension=DIM, metric="l2", ntotal=half, shard=name, datastore_version="v1", role="shard",
+                           num_shards=2, datastore_ntotal=ROWS, nlist=8, default_nprobe=4, max_k=2048,
+                           max_batch=16384, max_request_bytes=(256 << 20) + (1 << 20),
+                           shards=[pb.ShardInfo(name=name, id_start=shard * half, id_end=(shard + 1) * half)])
+
+
+def good_answer(shard: int, nq: int, k: int) -> bytes:
+    ids = shard * (ROWS // 2) + np.tile(np.arange(k, dtype=np.int64), (nq, 1))  # (nq, k)
+    distances = np.tile(np.arange(k, dtype=np.float32), (nq, 1)) + 0.5 * shard  # (nq, k), ranked
+    return encode_search_response(SearchResult(ids, distances, datastore_version="v1"))
+
+
+def bad_answer(fault: str, nq: int, k: int) -> bytes:
+    if fault == "short tensor":
+        return pb.SearchResponse(ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[nq, k], data=bytes(8 * nq * k - 8)),
+                                 distances=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[nq, k], data=bytes(4 * nq * k)),
+                                 datastore_version="v1").SerializeToString()
+    return good_answer(1, nq, k)[:-3]  # bytes that do not parse
+
+
+@contextlib.contextmanager
+def fake_shard(aio, shard: int, fault: str | None) -> Iterator[tuple[str, list[int]]]:
+    """A shard server answering GetInfo as shard `shard` and Search well, or with `fault`; yields its
+    address and the list its Search calls are counted in."""
+    calls: list[int] = []
+
+    async def search(raw: bytes, context) -> bytes:
+        request = pb.SearchRequest.FromString(raw)
+        calls.append(request.k)
+        nq = request.queries.shape[0]
+        return bad_answer(fault, nq, request.k) if fault else good_answer(shard, nq, request.k)
+
+    async def get_info(raw: bytes, context) -> bytes:
+        return info(shard).SerializeToString()
+
+    async def start():
+        server = grpc.aio.server()
+        handlers = {"Search": grpc.unary_unary_rpc_method_handler(search),
+                    "GetInfo": grpc.unary_unary_rpc_method_handler(get_info)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("retrieval.v1.Retriever", handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = aio.run(start())
+    try:
+        yield f"127.0.0.1:{port}", calls
+    finally:
+        aio.run(server.stop(0))
+
+
+@contextlib.contextmanager
+def router(aio, shards: tuple[tuple[str, ...], ...]) -> Iterator[str]:
+    running = aio.run(start_router(RouterConfig(shards=shards, metrics_port=None)))
+    try:
+        yield running.address
+    finally:
+        aio.run(running.drain(grace=0))
+
+
+def queries() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((NQ, DIM)).astype(np.float32)  # (NQ, DIM)
+
+
+def test_the_answers_are_read_in_place():
+    assert len(bad_answer("short tensor", NQ, K)) >= IN_PLACE_BYTES and len(good_answer(0, NQ, K)) >= IN_PLACE_BYTES
+
+
+@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+def test_the_router_moves_on_from_a_replica_whose_answer_does_not_read(aio, fault):
+    with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, bad_calls), \
+            fake_shard(aio, 1, None) as (good, _), router(aio, ((zero,), (bad, good))) as address, \
+            RetrieverClient(address, timeout=10) as client:
+        for _ in range(4):
+            result = client.search(queries(), k=K)
+            assert not result.partial and set(np.unique(result.ids // (ROWS // 2))) == {0, 1}  # both shards
+            expected = np.sort(np.concatenate([np.arange(K), np.arange(K) + 0.5]))[:K]
+            assert np.array_equal(result.distances, np.tile(expected.astype(np.float32), (NQ, 1)))
+    assert bad_calls, "the replica with the unreadable answer was never tried"
+
+
+@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+def test_the_router_names_a_shard_whose_only_answer_does_not_read(aio, fault):
+    with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, _), \
+            router(aio, ((zero,), (bad,))) as address, RetrieverClient(address, timeout=10) as client:
+        with pytest.raises(RetrieverError) as caught:
+            client.search(queries(), k=K)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "shard-00001" in caught.value.message and "does not read" in caught.value.message
+        result = client.search(queries(), k=K, allow_partial=True)
+        assert result.partial and list(result.failed_shards) == ["shard-00001"]
+        assert set(np.unique(result.ids // (ROWS // 2))) == {0}
+
+
+@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+def test_the_fan_out_client_fails_on_a_shard_whose_answer_does_not_read(aio, fault):
+    with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, bad_calls), \
+            RetrieverClient([zero, bad], timeout=10) as client:
+        with pytest.raises(RetrieverError) as caught:
+            client.search(queries(), k=K)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "does not read" in caught.value.message
+        assert bad_calls
+
+
+@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+def test_a_client_of_one_address_gets_internal(aio, fault):
+    with fake_shard(aio, 1, fault) as (bad, _), RetrieverClient(bad, timeout=10) as client:
+        with pytest.raises(RetrieverError) as caught:
+            client.search(queries(), k=K)
+        assert caught.value.code == grpc.StatusCode.INTERNAL and "does not read" in caught.value.message
