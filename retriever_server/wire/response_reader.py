@@ -214,7 +214,8 @@ def _read(raw: memoryview, aligned: bool) -> SearchResult:
 def decode_search_response(raw: bytes, aligned: bool = True) -> SearchResult:
     """The SearchResult of a SearchResponse's wire bytes, as `SearchResult.from_proto` of the parsed
     message gives it; its arrays read-only, views of `raw` where it is read in place (copied where
-    misaligned, unless `aligned` is False: for a router, whose merge copies them anyway).
+    misaligned, unless `aligned` is False: for a router, whose merge copies them anyway). A view keeps
+    the whole answer's bytes alive: copy an array to keep it alone.
 
     Raises:
         DecodeError: bytes that do not parse (protobuf's own error).
