@@ -111,6 +111,8 @@ ODD = {
     "an entry with a fixed64 of its own": lambda r: encode_search_response(r) + b"\x1a\x0e\x0a\x01v\x12\x00\x19"
     + bytes(8),
     "keys, float32": lambda r: encode_search_response(CASES["keys"]),
+    "a shape of 100 dimensions": lambda r: encode_search_response(r) + pb.SearchResponse(
+        payloads={"v": pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[1] * 100, data=b"x")}).SerializeToString(),
 }
 
 
@@ -274,3 +276,26 @@ def test_generated_messages_read_as_protobuf_reads_them(in_place):
     kinds = Counter(outcome(parsed, raw)[1] if outcome(parsed, raw)[0] == "error" else "read" for raw in messages)
     assert min(kinds["read"], kinds["DecodeError"], kinds["TensorError"]) > 200, kinds  # each path well tried
     assert not disagree, f"{len(disagree)} of {len(messages)} read differently, e.g. {disagree[0].hex()}"
+
+
+def test_an_answer_of_too_many_fields_is_left_to_the_parser(in_place):
+    """Fields are counted over the whole answer, at every depth: past the limit the reader stops and
+    protobuf's parser (in C) reads it, so a hostile answer of a million tiny fields costs what parsing
+    costs. The answer read by the parser is no view of the received bytes."""
+    tensor = pb.Tensor(dtype=pb.DTYPE_INT32, shape=[1], data=bytes(4)).SerializeToString() + b"\x58\x01" * 4000
+    entry = [b"\x0a\x02p" + bytes([48 + i]) + b"\x12" + varint_bytes(len(tensor)) + tensor for i in range(20)]
+    entries = b"".join(b"\x1a" + varint_bytes(len(e)) + e for e in entry)  # payloads p0 ... p19
+    raw = encode_search_response(result(64, 64)) + entries  # about 80,000 fields
+    back = decode_search_response(raw, aligned=False)
+    assert not np.shares_memory(back.ids, np.frombuffer(raw, np.uint8)) and len(back.payloads) == 20
+    assert outcome(decode_search_response, raw) == outcome(parsed, raw)
+    few = encode_search_response(result(64, 64)) + entries[:len(entries) // 10]  # 2 entries: read in place
+    assert np.shares_memory(decode_search_response(few, aligned=False).ids, np.frombuffer(few, np.uint8))
+
+
+def varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out) + bytes([value])

@@ -23,7 +23,7 @@ from retriever_server.wire.tensors import checked_dtype
 
 IN_PLACE_BYTES = 1 << 15  # answers this large are read in place
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5  # wire types
-_MAX_FIELDS = 4096  # fields of one message read here at most (a shard's answer has a few dozen)
+_MAX_FIELDS = 1 << 16  # fields of one answer read here at most, all depths (a shard's answer has a few dozen)
 _MAX_DIMS = 64  # dimensions of one tensor's shape read here at most
 _TENSORS = {1: "ids", 2: "distances", 4: "keys", 8: "successor_ids", 10: "successor_keys"}
 _MAPS = {3: "payloads", 9: "successor_payloads"}
@@ -53,16 +53,17 @@ def _varint(raw: memoryview, at: int, most: int = 10) -> tuple[int, int]:
     raise _Unusual
 
 
-def _fields(raw: memoryview, start: int, end: int):
+def _fields(raw: memoryview, start: int, end: int, budget: list[int]):
     """(field number, wire type, value) of each field of the message in raw[start:end]: a varint's
     value, the (start, end) of a length-delimited field, None for a fixed-size one. Keys and lengths
-    take at most 5 bytes, field numbers under 2^29, as protobuf's parser requires."""
-    at, count = start, 0
+    take at most 5 bytes, field numbers under 2^29, as protobuf's parser requires. `budget` holds how
+    many more fields the whole answer may have (past it, the parser reads it, quicker in C)."""
+    at = start
     while at < end:
         key, at = _varint(raw, at, 5)
         number, wire = key >> 3, key & 7
-        count += 1
-        if number == 0 or number >= 1 << 29 or count > _MAX_FIELDS:
+        budget[0] -= 1
+        if number == 0 or number >= 1 << 29 or budget[0] < 0:
             raise _Unusual
         value = None
         if wire == _VARINT:
@@ -92,11 +93,13 @@ def _text(raw: memoryview, span: tuple[int, int]) -> str:
         raise _Unusual from None
 
 
-def _tensor(raw: memoryview, span: tuple[int, int]) -> _Tensor:
+def _tensor(raw: memoryview, span: tuple[int, int], budget: list[int]) -> _Tensor:
     """Where the Tensor message in raw[span] keeps its fields (first pass: the structure alone)."""
     tensor, seen = _Tensor(), set()
-    for number, wire, value in _fields(raw, *span):
+    for number, wire, value in _fields(raw, *span, budget):
         if number == 2 and wire == _LENGTH:  # the shape, packed
+            if value[1] - value[0] > 10 * _MAX_DIMS:
+                raise _Unusual
             at = value[0]
             while at < value[1]:
                 dim, at = _varint(raw, at)
@@ -122,11 +125,11 @@ def _tensor(raw: memoryview, span: tuple[int, int]) -> _Tensor:
     return tensor
 
 
-def _pair(raw: memoryview, span: tuple[int, int], entry: bool) -> tuple[str, tuple[int, int] | None]:
+def _pair(raw: memoryview, span: tuple[int, int], entry: bool, budget: list[int]) -> tuple[str, tuple[int, int] | None]:
     """A map entry (`entry`) or a ShardFailure: field 1's text and field 2's span (None when absent).
     An entry with any other field is the parser's to settle."""
     first, second, seen = "", None, set()
-    for number, wire, value in _fields(raw, *span):
+    for number, wire, value in _fields(raw, *span, budget):
         if number not in (1, 2):
             if entry:
                 raise _Unusual
@@ -154,8 +157,8 @@ class _Layout:
 
 def _layout(raw: memoryview) -> _Layout:
     """The first pass over a whole SearchResponse: _Unusual unless every field reads plainly."""
-    layout = _Layout()
-    for number, wire, value in _fields(raw, 0, len(raw)):
+    layout, budget = _Layout(), [_MAX_FIELDS]
+    for number, wire, value in _fields(raw, 0, len(raw), budget):
         if number > 10:
             continue  # unknown: skipped, as the parser skips it
         if wire != (_VARINT if number == 5 else _LENGTH):
@@ -163,16 +166,16 @@ def _layout(raw: memoryview) -> _Layout:
         if number in _TENSORS:
             if number in layout.tensors:
                 raise _Unusual  # a message sent twice is merged: the parser does that
-            layout.tensors[number] = _tensor(raw, value)
+            layout.tensors[number] = _tensor(raw, value, budget)
         elif number in _MAPS:
-            key, span = _pair(raw, value, entry=True)
+            key, span = _pair(raw, value, True, budget)
             if key in layout.maps[number]:
                 raise _Unusual  # the later entry replaces the earlier: the parser's to settle
-            layout.maps[number][key] = _tensor(raw, span) if span is not None else _Tensor()
+            layout.maps[number][key] = _tensor(raw, span, budget) if span is not None else _Tensor()
         elif number == 5:
             layout.partial = value != 0
         elif number == 6:
-            shard, span = _pair(raw, value, entry=False)
+            shard, span = _pair(raw, value, False, budget)
             layout.failures.append((shard, _text(raw, span) if span is not None else ""))
         elif number == 7:
             layout.version = _text(raw, value)
