@@ -31,7 +31,7 @@ def _serialize(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def unreadable(method: str, err: Exception) -> grpc.aio.AioRpcError:
+def _unreadable(method: str, err: Exception) -> grpc.aio.AioRpcError:
     """The error of a call whose answer does not read: INTERNAL, saying why."""
     return grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                 details=f"the {method} answer does not read: {type(err).__name__}: "
@@ -60,17 +60,12 @@ class _ReadingCall:
         try:
             return self._read(raw)
         except Exception as err:  # noqa: BLE001 - any answer that does not read fails the call alike
-            raise unreadable(self._method, err) from None
-
-
-@functools.lru_cache(maxsize=2)
-def _search_reader(aligned: bool) -> Callable[[bytes], object]:
-    return functools.partial(decode_search_response, aligned=aligned)
+            raise _unreadable(self._method, err) from None
 
 
 class _Stub:
     def __init__(self, channel, aligned: bool):
-        self.Search = _ReadingCall(channel, "Search", _search_reader(aligned))
+        self.Search = _ReadingCall(channel, "Search", functools.partial(decode_search_response, aligned=aligned))
         self.GetInfo = _ReadingCall(channel, "GetInfo", pb.InfoResponse.FromString)
 
 
