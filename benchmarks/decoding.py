@@ -28,7 +28,8 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   0, serial by nature); prefetch s (query formed s tokens before the chunk end) serial, and overlapped
   (sent when formed, in flight during the next s tokens); and RaLMSpec per chunk (`RaLMSpecRetro`: exact
   queries, each chunk's neighbours guessed from the rows' local caches, decoded on while the service
-  searches, the batch rolled back where a guess failed), adaptive and on every guess, against exact
+  searches, the batch rolled back where a guess failed), adaptive and on every guess, and on every guess
+  with only the failed rows rolled back (`rollback="row"`), against exact
   RETRO in a table of its own. Its retrieval is a small share of its
   decoding time (one request per chunk), so run-to-run noise in the model's time moves the share
   hidden by tens of points: RETRO runs `RETRO_REPEATS` times as often as kNN-LM.
@@ -405,6 +406,8 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompts: dict[int, torch.
                                                                    overlap=True),
             "retro ralmspec": lambda: RaLMSpecRetro(model, retriever, encoder),
             "retro ralmspec, every guess": lambda: RaLMSpecRetro(model, retriever, encoder, adaptive=False),
+            "retro ralmspec, row rollback, every guess": lambda: RaLMSpecRetro(model, retriever, encoder,
+                                                                               adaptive=False, rollback="row"),
         }
         results = {}
         for batch, prompt in prompts.items():
@@ -423,11 +426,12 @@ def retro_ralmspec_summary(rows: dict[str, dict]) -> dict:
     """RETRO's speculative runs (adaptive, and decoding on every guess) against exact serial retrieval."""
     exact = rows["retro exact (prefetch 0)"]
     out = {}
-    for name in ("retro ralmspec", "retro ralmspec, every guess"):
+    for name in ("retro ralmspec", "retro ralmspec, every guess", "retro ralmspec, row rollback, every guess"):
         r, st = rows[name], rows[name]["stats"]
         out[name] = {"tokens_per_s": r["tokens_per_s"], "speedup": r["tokens_per_s"] / exact["tokens_per_s"],
                      "cpu_per_token_vs_exact": r["cpu_ms_per_token"] / exact["cpu_ms_per_token"],
                      "guessed": st["verified"], "held": st["accepted"], "rollbacks": st["rollbacks"],
+                     "wasted": st["wasted"],
                      "rows_failed": sum(failed for _, failed in st["windows"]),
                      "rows_checked": sum(rows_ for rows_, _ in st["windows"]),
                      "same_tokens": r["tokens_digest"] == exact["tokens_digest"]}
@@ -519,16 +523,20 @@ def early_table(results: dict) -> str:
 
 def retro_ralmspec_table(results: dict) -> str:
     """RETRO's speculative retrieval per chunk against exact serial retrieval, one line per batch size."""
-    lines = ["| RETRO | exact serial tokens/s | RaLMSpec (adaptive) tokens/s | every guess tokens/s | chunks decoded "
-             "on a guess, held / guessed (adaptive; every guess) | rows whose guess failed (every guess) | "
-             "same tokens |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| RETRO | exact serial tokens/s | RaLMSpec (adaptive) tokens/s | every guess tokens/s | every guess, "
+             "row rollback tokens/s | chunks decoded on a guess, held / guessed (adaptive; every guess) | rows whose "
+             "guess failed (every guess) | row rollbacks, row-steps replayed (row rollback) | same tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for scenario, result in results.get("retro", {}).items():
         exact = result["rows"]["retro exact (prefetch 0)"]
-        a, e = (result["summary"]["ralmspec"][n] for n in ("retro ralmspec", "retro ralmspec, every guess"))
+        a, e, r = (result["summary"]["ralmspec"][n] for n in
+                   ("retro ralmspec", "retro ralmspec, every guess", "retro ralmspec, row rollback, every guess"))
+        same = a["same_tokens"] and e["same_tokens"] and r["same_tokens"]
         lines.append(f"| {scenario} | {exact['tokens_per_s']:.1f} | {a['tokens_per_s']:.1f} ({a['speedup']:.2f}x) | "
-                     f"{e['tokens_per_s']:.1f} ({e['speedup']:.2f}x) | {a['held']} / {a['guessed']}; "
-                     f"{e['held']} / {e['guessed']} | {e['rows_failed']} of {e['rows_checked']} | "
-                     f"{'yes' if a['same_tokens'] and e['same_tokens'] else 'NO'} |")
+                     f"{e['tokens_per_s']:.1f} ({e['speedup']:.2f}x) | {r['tokens_per_s']:.1f} ({r['speedup']:.2f}x) | "
+                     f"{a['held']} / {a['guessed']}; {e['held']} / {e['guessed']} | "
+                     f"{e['rows_failed']} of {e['rows_checked']} | {r['rollbacks']}, {r['wasted']} | "
+                     f"{'yes' if same else 'NO'} |")
     return "\n".join(lines)
 
 

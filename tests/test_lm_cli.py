@@ -177,6 +177,8 @@ def test_retro_half(lm_run, capsys):
         exact = cli(capsys, *args)  # prefetch 0: exact RETRO
         speculative = cli(capsys, *args, "--ralmspec")  # chunk neighbours guessed where guesses hold
         assert speculative.split("\nretrieval:")[0] == exact.split("\nretrieval:")[0] and "retrieval:" in speculative
+        by_row = cli(capsys, *args, "--ralmspec", "--rollback", "row")  # a failed guess rolls back its prompt alone
+        assert by_row.split("\nretrieval:")[0] == exact.split("\nretrieval:")[0] and "retrieval:" in by_row
 
 
 def test_retro_with_the_lm_encoder(lm_run, capsys):
@@ -235,6 +237,10 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
     (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data"], "give --prompt"),
     (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--guess", "lm"],
      "takes --ralmspec"),
+    (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--ralmspec", "--rollback",
+      "row"], "a RETRO checkpoint"),
+    (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--ralmspec", "--rollback",
+      "batch"], "a RETRO checkpoint"),
     (["train", "--data", "{run}/nowhere", "--out", "{run}/x"], "nowhere"),
 ])
 def test_errors_are_one_line(lm_run, capsys, args, words):

@@ -1,7 +1,7 @@
 """Speculative retrieval for RETRO, per chunk, against a real datastore served by real shard servers: the
 tokens and log-probs of serial retrieval (`RetroStepper`, prefetch 0) for greedy decoding and top-k and
-top-p sampling, with guesses that hold and guesses that fail and roll the batch back; the adaptive rule;
-clear errors."""
+top-p sampling, with guesses that hold and guesses that fail and roll their row back alone; the adaptive
+rule; clear errors."""
 
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("rollback", ["batch", "row"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["every-guess", "adaptive"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriever, name, adaptive):
+def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriever, name, adaptive, rollback):
     cfg = CONFIGS[name]
     prompt = random_tokens((3, 6), seed=8)
     if name == "greedy-eos":  # a token row 1 emits mid-way, so that rows end at different steps
@@ -76,15 +77,65 @@ def test_speculative_retro_decodes_the_tokens_of_serial_retrieval(retro, retriev
         cfg = GenerateConfig(max_new_tokens=30, eos_id=eos)
     serial = RetroStepper(retro, retriever, FakeEncoder())
     want = generate(serial, prompt, cfg)
-    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), adaptive=adaptive)
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), adaptive=adaptive, rollback=rollback)
     got = generate(decoder, prompt, cfg)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
     assert torch.equal(got.log_probs, want.log_probs)  # the same forwards on the same inputs: bit for bit
     if name == "greedy-eos":
         assert (want.lengths < cfg.max_new_tokens).any()
-    assert decoder.stats.retrieval_calls == serial.stats.retrieval_calls  # a rollback asks nothing again
+    # each row's chunk is asked for once (a rollback asks nothing again); a finished row asks nothing more
+    assert decoder.stats.queries <= serial.stats.queries
+    if cfg.eos_id is None:
+        assert decoder.stats.queries == serial.stats.queries
+    if rollback == "batch":  # the batch asks for each chunk of every row in one request
+        assert decoder.stats.retrieval_calls == serial.stats.retrieval_calls
     if not adaptive:  # chunks the local caches can fill are decoded on their guess
         assert decoder.stats.verified > 0
+
+
+class BatchEncoder(FakeEncoder):
+    """Query embeddings that depend on the whole batch, as MiniLM's do (it pads a batch to its longest
+    text): each row's `FakeEncoder` embedding plus the vector of the batch's most frequent token."""
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        chunks = np.asarray(chunks)
+        e = self.table[chunks].mean(axis=1) + self.table[np.bincount(chunks.ravel()).argmax()]
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+
+class SlowAnswers:
+    """A retriever whose `chunk_rows` answers `delay_s` late, so guesses stay unchecked for several steps."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def chunk_rows(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return self.inner.chunk_rows(*args, **kwargs)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.03], ids=["prompt", "late"])
+@pytest.mark.parametrize("rollback", ["batch", "row"])
+def test_rows_that_finished_early_leave_the_query_batch_as_serial_retrieval_forms_it(retro, retriever, rollback,
+                                                                                     delay_s):
+    """With an encoder whose queries depend on the batch, each chunk's queries are embedded in serial
+    retrieval's batch: a finished row's window as serial decoding holds it (EOS after its last token),
+    every guess still unchecked at a chunk's end checked first (answers that come late leave them so),
+    so the neighbours, tokens and log-probs are serial's."""
+    chunks, _ = chunk_store(seed=21, n_chunks=48)
+    prompt = torch.from_numpy(np.stack([chunks[5 * r:5 * r + 3].reshape(-1) for r in range(6)])).long()  # (6, 12)
+    probe = generate(RetroStepper(retro, retriever, BatchEncoder()), prompt, GenerateConfig(max_new_tokens=40))
+    cfg = GenerateConfig(max_new_tokens=40, eos_id=int(probe.tokens[1, 6]))  # row 1 (at least) ends early
+    want = generate(RetroStepper(retro, retriever, BatchEncoder()), prompt, cfg)
+    decoder = RaLMSpecRetro(retro, SlowAnswers(retriever, delay_s), BatchEncoder(), successors=4, adaptive=False,
+                            rollback=rollback)
+    got = generate(decoder, prompt, cfg)
+    assert (want.lengths < cfg.max_new_tokens - 2 * L).any() and (want.lengths == cfg.max_new_tokens).any()
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.equal(got.log_probs, want.log_probs) and decoder.stats.verified > 0
 
 
 class SlowEncoder(FakeEncoder):
@@ -120,6 +171,25 @@ def test_guesses_hold_and_fail_and_a_failure_rolls_the_batch_back(retro, retriev
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.log_probs, want.log_probs)
     s = decoder.stats
     assert 0 < s.accepted < s.verified and s.rollbacks > 0  # guesses held and guesses failed
+    assert s.ticks == cfg.max_new_tokens + s.wasted  # every discarded step is decoded again, by the batch
+
+
+def test_guesses_hold_and_fail_and_a_failure_rolls_its_row_back_alone(retro, retriever):
+    """Prompts cut from the datastore's own text: the caches hold the next chunks' neighbours, so most
+    guesses hold; others fail, and only the row whose guess failed goes back to the step that first used
+    it, while the other rows decode on. Each discarded row-step is replayed beside the other rows' steps,
+    so the batch needs fewer forwards than serial decoding's plus one per discarded step (a batch rolled
+    back together needs exactly that many)."""
+    chunks, _ = chunk_store(seed=21, n_chunks=48)
+    prompt = torch.from_numpy(np.stack([chunks[5 * r:5 * r + 3].reshape(-1) for r in range(8)])).long()  # (8, 12)
+    cfg = GenerateConfig(max_new_tokens=40)
+    want = generate(RetroStepper(retro, retriever, FakeEncoder()), prompt, cfg)
+    decoder = RaLMSpecRetro(retro, retriever, FakeEncoder(), successors=4, adaptive=False, rollback="row")
+    got = generate(decoder, prompt, cfg)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.log_probs, want.log_probs)
+    s = decoder.stats
+    assert 0 < s.accepted < s.verified and s.rollbacks == s.verified - s.accepted >= 2  # held, and failed
+    assert s.ticks < cfg.max_new_tokens + s.wasted
 
 
 def test_the_adaptive_decoder_guesses_while_guesses_hold_and_rolls_back_exactly(retro, retriever):

@@ -75,9 +75,14 @@ def add_parsers(sub) -> None:
                         "retrieved and their successors, verified for all prompts in one request every s steps; a "
                         "prompt whose guess failed rolls back alone (RaLMSpec). RETRO: guess each chunk's "
                         "neighbours likewise and decode on while the service searches, where guesses have been "
-                        "holding; a failed guess rolls the batch back (greedy and sampling). The tokens of serial "
-                        "retrieval; needs a datastore that keeps its keys (lm-worker build does; retriever-server "
-                        "build --keep-keys)")
+                        "holding; a failed guess rolls the batch back, or only its prompt with --rollback row "
+                        "(greedy and sampling). The tokens of serial retrieval; needs a datastore that keeps its keys "
+                        "(lm-worker build does; retriever-server build --keep-keys)")
+    g.add_argument("--rollback", choices=("batch", "row"),
+                   help="with --ralmspec, RETRO: where a prompt's guessed neighbours were wrong, batch (the default) "
+                        "decodes the whole batch again from that step, row only that prompt (the prompts keep their "
+                        "own lengths and meet at each chunk's end, where the batch's query and neighbour encoding "
+                        "are shared; slower than batch on a small CPU model, see docs/results.md)")
     g.add_argument("--stride", type=int, default=0,
                    help="with --ralmspec: steps between verifications (0: chosen from the measured hit rate and costs)")
     g.add_argument("--guess", choices=("cache", "lm"), default="cache",
@@ -178,6 +183,9 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError("--stride sets --ralmspec's steps between verifications: it takes --ralmspec")
     if args.guess != "cache" and (not args.ralmspec or retro):
         raise ValueError("--guess lm speculates kNN-LM decoding: it takes --ralmspec and an LM checkpoint")
+    if args.rollback and (not args.ralmspec or not retro or args.no_retrieval):
+        raise ValueError("--rollback chooses how RETRO's speculated chunks roll back: it takes --ralmspec, "
+                         "retrieval and a RETRO checkpoint (kNN-LM's --ralmspec always rolls back per prompt)")
     if args.knn_pipeline and (retro or args.no_overlap or args.ralmspec):
         raise ValueError("--knn-pipeline overlaps kNN-LM's retrieval with compute: it takes an LM checkpoint, and "
                          "no --no-overlap or --ralmspec")
@@ -200,7 +208,7 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
         if args.ralmspec:
             from lm_worker.decoding.ralmspec.retro import RaLMSpecRetro
 
-            return RaLMSpecRetro(loaded.model, retriever, encoder)
+            return RaLMSpecRetro(loaded.model, retriever, encoder, rollback=args.rollback or "batch")
         return RetroStepper(loaded.model, retriever, encoder, prefetch=args.prefetch, overlap=not args.no_overlap)
     if args.ralmspec:
         from lm_worker.decoding.ralmspec.config import SpeculationConfig
@@ -263,7 +271,8 @@ def run_generate(args: argparse.Namespace) -> None:
     if s is not None and s.retrieval_calls:
         guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""
         if getattr(s, "verified", 0):
-            unit, rolled = ("chunks", "batch rollbacks") if loaded.kind == "retro" else ("steps", "rows rolled back")
+            unit = "chunks" if loaded.kind == "retro" else "steps"
+            rolled = "batch rollbacks" if getattr(stepper, "rollback", "row") == "batch" else "rows rolled back"
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
         pipeline = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and largest > 1 else ""
         early = "; each request sent once the keys were out" if getattr(stepper, "early", False) else ""

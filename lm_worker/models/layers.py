@@ -127,11 +127,14 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D)
         ragged = isinstance(offset, torch.Tensor)  # a `RaggedKVCache`: its rows' own ends, for every layer
-        mask = cache.mask if ragged else self._mask(T, k.shape[2], x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and k.shape[2] == T,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if ragged and cache.groups is not None:
+            y = attend_by_length(q, k, v, cache.groups, dropout)  # (B, H, 1, D)
+        else:
+            mask = cache.mask if ragged else self._mask(T, k.shape[2], x.device)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and k.shape[2] == T, dropout_p=dropout,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -141,6 +144,39 @@ class SelfAttention(nn.Module):
             return None
         q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
         return q_pos >= torch.arange(S, device=device)[None, :]  # (T, S)
+
+
+def length_groups(lengths: torch.Tensor, idle: list[int] = ()) -> list[tuple[torch.Tensor | None, int]]:
+    """Rows (B,) grouped by cached length, for one new position each: (rows, S) with S = length + 1 the
+    positions the group attends to; rows None when every row has the one length. `idle` rows, whose
+    outputs are dropped, join the first group whatever their length."""
+    counted = lengths
+    if len(idle):
+        counted = lengths.clone()
+        counted[list(idle)] = -1
+    values = [v for v in counted.unique().tolist() if v >= 0] or [int(lengths.min())]
+    if len(values) == 1:
+        return [(None, values[0] + 1)]
+    groups = [((counted == length).nonzero()[:, 0], length + 1) for length in values]
+    if len(idle):
+        groups[0] = (torch.cat([groups[0][0], torch.tensor(list(idle), device=lengths.device)]), groups[0][1])
+    return groups
+
+
+def attend_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[tuple[torch.Tensor | None, int]],
+                     dropout: float = 0.0) -> torch.Tensor:
+    """One new position per row, q (B, H, 1, D), attending to each row's own S positions of k, v (B, H, S', D),
+    group by group (`length_groups`): each group sees exactly its positions, under the all-seeing mask a
+    cache without padding uses, so a row's output has the bits it has when every row is that long (a masked
+    tail of padding slots would change the softmax's sums in the last bits). Returns (B, H, 1, D)."""
+    y = q.new_empty(q.shape)
+    for rows, S in groups:
+        mask = torch.ones(1, S, dtype=torch.bool, device=q.device)  # as `SelfAttention._mask(1, S)`
+        if rows is None:
+            return F.scaled_dot_product_attention(q, k[:, :, :S], v[:, :, :S], attn_mask=mask, dropout_p=dropout)
+        y[rows] = F.scaled_dot_product_attention(q[rows], k[rows, :, :S], v[rows, :, :S], attn_mask=mask,
+                                                 dropout_p=dropout)
+    return y
 
 
 def ragged_mask(lengths: torch.Tensor, T: int, S: int) -> torch.Tensor:

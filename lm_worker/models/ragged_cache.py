@@ -4,7 +4,12 @@ rewound on its own (speculative retrieval rolls back only the rows whose guess f
 Each layer's keys and values live in a buffer (B, H, capacity, D); row b's first `lengths[b]` slots
 are its past. A forward of T new positions writes row b's at slots lengths[b] .. lengths[b] + T - 1,
 rotates them from position lengths[b] and masks every slot past each row's own end
-(`layers.ragged_mask`), so a row's outputs do not depend on how far the other rows have gone.
+(`layers.ragged_mask`), so a row's outputs do not depend on how far the other rows have gone; the
+masked slots change the attention's last bits (about 1e-7). With `by_length`, a forward of one
+position per row attends group by group of rows of one length, each over exactly its positions
+(`layers.attend_by_length`): a row then gets the bits it gets from a cache without padding, for a
+call per length (kNN-LM's speculative decoder, whose rows spread over many lengths, measured it
+slower: it keeps the mask).
 
 Example:
     >>> cache = RaggedKVCache(model.config.n_layer)
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lm_worker.models.layers import ragged_mask
+from lm_worker.models.layers import length_groups, ragged_mask
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,18 @@ class RaggedKVCache:
     `offset` is the lengths (B,) long, which the layers read as per-row positions; the model advances
     it by T after each forward. `reorder(indices)` selects rows; `truncate(rows, lengths)` shortens rows;
     `snapshot()` and `restore_rows` take rows back to an earlier state (beam search rolled back).
+    `by_length`: one-token forwards attend per group of rows of one length, for exact bits (module doc).
     """
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, by_length: bool = False):
+        self.by_length = by_length
         self.keys: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
         self.values: list[torch.Tensor | None] = [None] * n_layer  # each (B, H, capacity, D)
         self.lengths: torch.Tensor | None = None  # (B,) long, set by the first update
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) the current forward's, made by its first layer
+        self.end = 0  # the current forward's longest row's new end S
+        self.groups: list | None = None  # one-token forwards: the rows by length (`layers.length_groups`)
+        self.idle: list[int] = []  # within `holding`: the rows whose new position is dropped again
 
     @property
     def offset(self) -> torch.Tensor | int:
@@ -62,10 +72,12 @@ class RaggedKVCache:
         B, H, T, D = k.shape
         if self.lengths is None:
             self.lengths = torch.zeros(B, dtype=torch.long, device=k.device)
-        end = int(self.lengths.max()) + T
-        self._reserve(layer, k, end)
         if layer == 0:  # every layer of this forward masks alike
-            self.mask = ragged_mask(self.lengths, T, end)
+            self.end = int(self.lengths.max()) + T
+            self.groups = length_groups(self.lengths, self.idle) if T == 1 and self.by_length else None
+            self.mask = None if self.groups is not None else ragged_mask(self.lengths, T, self.end)
+        end = self.end
+        self._reserve(layer, k, end)
         slots = (self.lengths[:, None] + torch.arange(T, device=k.device))  # (B, T)
         index = slots[:, None, :, None].expand(B, H, T, D)
         self.keys[layer].scatter_(2, index, k)
@@ -114,13 +126,19 @@ class RaggedKVCache:
         in `rows`: the held rows go back to their lengths after it. A held row already `max_len` long
         has that dropped position written over its last slot instead of past `max_len`, so it must be a
         row whose last slot is never read again (a row that holds all its tokens, its last never fed)."""
+        if not rows:
+            yield
+            return
         before = self.lengths.clone()
         full = [r for r in rows if int(before[r]) >= max_len]
         if full:
             self.truncate(torch.tensor(full), before[full] - 1)
-        yield
-        if rows:
-            self.truncate(torch.tensor(rows), before[rows])
+        self.idle = list(rows)
+        try:
+            yield
+        finally:
+            self.idle = []
+        self.truncate(torch.tensor(rows), before[rows])
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_worker.models.layers import Block, CrossAttention, FeedForward, KVCache, RMSNorm, SelfAttention, init_weights
+from lm_worker.models.ragged_retro import RaggedRetroCache, cca_ragged, encode_ragged
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,11 @@ class Retro(nn.Module):
         self.head.weight = self.tok_emb.weight
         self.apply(init_weights)
 
-    def new_cache(self) -> RetroCache:
-        """An empty cache for incremental decoding; its batch size is set by the first call."""
+    def new_cache(self, ragged: bool = False) -> RetroCache | RaggedRetroCache:
+        """An empty cache for incremental decoding; its batch size is set by the first call. `ragged`: a
+        `RaggedRetroCache`, whose rows each hold their own length (one-token forwards after the prompt)."""
+        if ragged:
+            return RaggedRetroCache(self.config.n_layer, self.config.chunk_len)
         return RetroCache(self.config.n_layer, self.config.chunk_len)
 
     def forward(self, tokens: torch.Tensor, neighbours: torch.Tensor | None = None, cache: RetroCache | None = None,
@@ -221,8 +225,11 @@ class Retro(nn.Module):
             neighbours: (B, C, K, 2 * chunk_len) token ids, row c retrieved for chunk c of the whole sequence
                 (with a cache: counted from position 0, not from this call). Chunks without a row, and
                 chunks not yet complete, are attended to by nobody. None: no retrieval.
-            cache: a `RetroCache` from `new_cache()`, updated in place.
-            return_attention: also return the CCA weights, one (B, H, T, K, 2 * chunk_len) per CCA layer.
+            cache: a `RetroCache` from `new_cache()`, updated in place; or a `RaggedRetroCache`
+                (`new_cache(ragged=True)`), whose rows take one token each at their own positions once
+                the prompt (every row at one length) is in.
+            return_attention: also return the CCA weights, one (B, H, T, K, 2 * chunk_len) per CCA layer
+                (not with a `RaggedRetroCache`).
 
         Returns:
             logits (B, T, V), or (logits, weights) when `return_attention`.
@@ -231,12 +238,19 @@ class Retro(nn.Module):
             ValueError: if `neighbours` has the wrong rank, batch size or neighbour length.
         """
         self._check_neighbours(tokens, neighbours)
+        ragged = isinstance(cache, RaggedRetroCache)
+        if ragged and return_attention:
+            raise ValueError("return_attention is not available with a RaggedRetroCache")
         offset = cache.offset if cache is not None else 0
         x = self.drop(self.tok_emb(tokens))  # (B, T, E)
         encoded, weights = None, []
         for i, block in enumerate(self.blocks):
             x = x + block.attn(block.norm_attn(x), cache, i)  # (B, T, E)
-            if str(i) in self.cca:
+            if str(i) in self.cca and ragged:
+                if i == self.cca_layers[0]:
+                    encode_ragged(self, x, neighbours, cache)
+                x = x + cca_ragged(self.cca[str(i)], self.norm_cca[str(i)](x), cache)
+            elif str(i) in self.cca:
                 if i == self.cca_layers[0]:
                     encoded = self._encode(x, neighbours, cache)  # (B, C, K, N, E) or None
                 y, w = self.cca[str(i)](self.norm_cca[str(i)](x), encoded, offset, return_attention)

@@ -8,7 +8,10 @@ verified in batched requests; and its RETRO form, per chunk.
 - `beam`: the same for beam search, a prompt's beams rolled back together;
 - `scheduler`: `StrideScheduler`, RaLMSpec's optimal stride (or a serial step where guessing cannot pay);
 - `config`: `SpeculationConfig` and `SpeculationStats`;
-- `retro`: `RaLMSpecRetro`, RETRO decoding on guessed chunk neighbours, the batch rolled back together.
+- `retro`: `RaLMSpecRetro`, RETRO decoding on guessed chunk neighbours;
+- `retro_batch`: `RetroBatchDecode`, its loop with the batch rolled back together (the default);
+- `retro_rows`: `RetroRowDecode`, its loop with rows at their own positions, each rolled back alone;
+- `chunk_caches`: `ChunkCaches`, each sequence's cache of the RETRO chunks it found, and the guesses from it.
 
 Imports: lm_worker.decoding, lm_worker.evaluation.knnlm, lm_worker.models.ragged_cache, lm_worker.models.transformer_lm,
     lm_worker.retrieval

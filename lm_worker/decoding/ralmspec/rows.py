@@ -1,4 +1,4 @@
-"""What speculative kNN-LM decoding has committed per row: verified tokens, summed log-probs, the rows
+"""What speculative decoding (kNN-LM, RETRO) has committed per row: tokens, summed log-probs, the rows
 that have finished (EOS) or reached `max_new_tokens`."""
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ class CommittedRows:
             if self.config.eos_id is not None and token == self.config.eos_id:
                 self.finished[row] = True
         self.total[rows] += torch.tensor(log_probs, dtype=self.total.dtype)
+
+    def roll_back(self, row: int, length: int, total: torch.Tensor) -> None:
+        """The row keeps its first `length` tokens, whose summed log-prob was `total` (a 0-d tensor)."""
+        del self.tokens[row][length:]
+        self.total[row] = total
+        self.finished[row] = self.config.eos_id is not None and self.config.eos_id in self.tokens[row]
 
     def done(self, row: int) -> bool:
         return self.finished[row] or len(self.tokens[row]) >= self.config.max_new_tokens
