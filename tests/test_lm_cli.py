@@ -241,6 +241,8 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
       "row"], "a RETRO checkpoint"),
     (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--ralmspec", "--rollback",
       "batch"], "a RETRO checkpoint"),
+    (["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--prompt", "x", "--ralmspec",
+      "--no-retrieval"], "--no-retrieval decodes with the model alone"),
     (["train", "--data", "{run}/nowhere", "--out", "{run}/x"], "nowhere"),
 ])
 def test_errors_are_one_line(lm_run, capsys, args, words):

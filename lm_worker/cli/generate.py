@@ -171,6 +171,8 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError(f"{said} only, not to --strategy {args.strategy}")
     if args.no_retrieval and (args.target or args.datastore):
         raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
+    if args.no_retrieval and args.ralmspec:
+        raise ValueError("--ralmspec speculates retrieval: --no-retrieval decodes with the model alone")
     if retro and args.k:
         raise ValueError(f"--k sets kNN-LM's neighbours per query: RETRO retrieves its model's {n_neighbours} "
                          "per chunk")
