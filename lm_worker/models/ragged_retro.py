@@ -53,11 +53,16 @@ class RaggedRetroCache(RaggedKVCache):
         """Not kept for RETRO: a row goes back with `truncate`, which keeps its earlier positions."""
         raise NotImplementedError("RaggedRetroCache rows go back with truncate")
 
+    def counts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cached positions and encoded chunks, (B,) long each, zeros before any (B of `like`)."""
+        zeros = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+        return (zeros if self.lengths is None else self.lengths), (zeros if self.n_encoded is None else self.n_encoded)
+
     def write_hidden(self, x: torch.Tensor) -> None:
         """Stores hidden states x (B, T, E) after each row's cached positions (the lengths before this
         forward advances them); T > 1 needs every row at the same length."""
         B, T, E = x.shape
-        lengths = self.lengths if self.lengths is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+        lengths, _ = self.counts(x)
         end = int(lengths.max()) + T
         if self.hidden is None or self.hidden.shape[1] < end:
             grown = x.new_zeros(B, max(end, 2 * (0 if self.hidden is None else self.hidden.shape[1])), E)
@@ -101,11 +106,10 @@ def encode_ragged(model: nn.Module, x: torch.Tensor, neighbours: torch.Tensor | 
     next chunk, in one batch of every row (B, 1, K, N, E), keeping it for the rows it completes."""
     B, T, _ = x.shape
     L = cache.chunk_len
-    lengths = cache.lengths if cache.lengths is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+    lengths, done = cache.counts(x)
     cache.write_hidden(x)
     if neighbours is None or neighbours.shape[1] == 0:
         return
-    done = cache.n_encoded if cache.n_encoded is not None else torch.zeros(B, dtype=torch.long, device=x.device)
     ready = torch.clamp((lengths + T) // L, max=neighbours.shape[1])  # (B,) chunks complete and covered
     if T > 1:
         n_done, n_ready = same_length(done), same_length(ready)
@@ -137,8 +141,7 @@ def cca_ragged(cca: nn.Module, x: torch.Tensor, cache: RaggedRetroCache) -> torc
     lays out a single position, and gets zeros where its chunk is not encoded."""
     B, T, E = x.shape
     L = cache.chunk_len
-    lengths = cache.lengths if cache.lengths is not None else torch.zeros(B, dtype=torch.long, device=x.device)
-    n_encoded = cache.n_encoded if cache.n_encoded is not None else torch.zeros(B, dtype=torch.long, device=x.device)
+    lengths, n_encoded = cache.counts(x)
     if T > 1:
         n = same_length(n_encoded)
         encoded = None if n == 0 else cache.encoded[:, :n]

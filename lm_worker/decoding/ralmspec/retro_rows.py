@@ -175,10 +175,9 @@ class RetroRowDecode:
             return
         chunks = [(self._position(r) + 1) // self.L - 1 for r in due]
         queries = self.owner.embed([self._windows(due, chunks)])  # (B, d): every row, as serial retrieval asks
-        request = self._send(queries[due], due)
+        request = self._send(queries[due], due)  # in flight while the local caches guess
         guessed = self.caches.guess(queries, self.K, due)
-        request.guessed = None if guessed is None else guessed.to(self.prompt.device)  # (n, K, 2L)
-        guessed = request.guessed
+        request.guessed = guessed = None if guessed is None else guessed.to(self.prompt.device)  # (n, K, 2L)
         if guessed is None or not self.owner.worth_guessing():
             started = time.perf_counter()
             true = self._read(request)  # (n, K, 2L)
