@@ -259,3 +259,25 @@ def test_addresses_take_gRPC_targets_and_refuse_ports_that_would_wrap():
                            ("h:7x", "must be a number")):
         with pytest.raises(ValueError, match=re.escape(words)):
             check_address(address)
+
+
+def test_search_out_keeps_payloads_named_as_its_own_arrays_or_numpys_arguments(aio, ray_cluster, tmp_path):
+    """`search --out` holds ids, distances and every payload asked for, whatever its name: one named ids
+    is saved as payload.ids; file and allow_pickle, names np.savez takes as its own arguments, as named."""
+    from conftest import build, serve
+
+    keys = synthetic(300, 8, seed=5)
+    rows = np.arange(300, dtype=np.int32)
+    datastore = build(tmp_path, keys, "named", shards=1, factory="IDMap,Flat",
+                      payload_arrays={"ids": rows + 1000, "file": rows + 2000, "allow_pickle": rows + 3000})
+    np.save(tmp_path / "q.npy", keys[:2])
+    with serve(aio, datastore, 1) as served:
+        found = run("search", served.address, "--queries", str(tmp_path / "q.npy"), "-k", "3", "--payload", "ids",
+                    "--payload", "file", "--payload", "allow_pickle", "--out", str(tmp_path / "found.npz"))
+    assert found.returncode == 0, found.stderr
+    with np.load(tmp_path / "found.npz") as saved:
+        assert sorted(saved.files) == ["allow_pickle", "distances", "file", "ids", "payload.ids"]
+        assert saved["ids"][:, 0].tolist() == [0, 1]  # each query is its own nearest row
+        for name, offset in (("payload.ids", 1000), ("file", 2000), ("allow_pickle", 3000)):
+            np.testing.assert_array_equal(saved[name], saved["ids"] + offset)
+    assert not list(tmp_path.glob("*.tmp"))

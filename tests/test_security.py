@@ -388,6 +388,37 @@ def test_a_non_loopback_port_needs_tls_and_a_token(pki):
             ServerSecurity().check(name)
 
 
+def test_a_client_sends_no_token_in_plaintext_off_loopback_unless_told_to(aio, datastore, pki, monkeypatch):
+    """A token over plaintext to an address that is not loopback is refused where a channel would open:
+    a client, a fan-out client, a router's calls to its shards, the CLI (one line). TLS, loopback, no
+    token, or `plaintext_token` pass; no connection is made to the documentation address dialled."""
+    from retriever_server.serving.router import RouterConfig, start_router
+
+    far = "192.0.2.77:7000"  # TEST-NET-1: never routed
+    token = ClientSecurity(token="s3cret")
+    for target in (far, [[far]], [["127.0.0.1:7000"], [f"ipv4:{far}"]], f"dns:///{far}"):
+        with pytest.raises(SecurityError, match="refusing to send the bearer token .*without TLS") as refused:
+            RetrieverClient(target, security=token)
+        assert "s3cret" not in str(refused.value)
+    RetrieverClient(far, security=dataclasses.replace(token, plaintext_token=True)).close()
+    RetrieverClient(far, security=ClientSecurity(tls_ca=pki["ca.pem"], token="s3cret")).close()
+    RetrieverClient(far).close()  # no token to send
+    RetrieverClient("127.0.0.1:7000", security=token).close()
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    with pytest.raises(SecurityError, match=TOKEN_ENV):
+        RetrieverClient([[far]])
+    with pytest.raises(SecurityError, match="--shard-auth-token-file"):
+        aio.run(start_router(RouterConfig(((far,),), metrics_port=None, shard_security=ClientSecurity(
+            token_file=pki["tokens"], flags="shard-"))))
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "info", far], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "s3cret" not in done.stderr
+    assert "--allow-plaintext-token on a network you trust" in done.stderr
+
+
 def test_actor_secrets_arrive_as_private_files():
     from retriever_server.cluster.ray_secrets import materialize, pack
 

@@ -84,9 +84,12 @@ def bad_requests(keys):
     nan[1, 0] = np.nan
     huge = keys[:3].copy()  # finite, but its squared distances overflow float32
     huge[2, 1] = 1e20
+    many_dims = good_request(keys)  # 20,000 dimensions: shown whole, the status would outgrow gRPC's limit
+    many_dims.queries.shape.extend([7] * 19998)
     return [
         (make_request(keys[:2, :8], k=5), "INVALID_ARGUMENT", "dimension 8"),
         (short, "INVALID_ARGUMENT", "bytes but shape"),
+        (many_dims, "INVALID_ARGUMENT", "got [4, 16, 7, 7, 7, 7, 7, 7, ...] (20000 dimensions)"),
         (unknown, "INVALID_ARGUMENT", "queries.dtype"),
         (make_request(nan, k=5), "INVALID_ARGUMENT", f"{OVER_RANGE} (first in row 1)"),
         (make_request(huge, k=5), "INVALID_ARGUMENT", f"{OVER_RANGE} (first in row 2)"),
@@ -657,3 +660,31 @@ def test_an_exact_idmap_flat_datastore_answers_the_brute_force_neighbours(aio, k
     distances = ((queries[:, None, :].astype(np.float64) - keys[None, :1000]) ** 2).sum(-1)  # (6, 1000)
     distances[:, [0, 1, *range(500, 520)]] = np.inf
     assert np.array_equal(found.ids, np.argsort(distances, axis=1, kind="stable")[:, :5])
+
+
+def test_inner_product_ties_at_the_kth_place_keep_the_smallest_ids(aio, tmp_path):
+    """Rows stored three times each, inner product, three shards: at every k, with and without
+    exclusions, through the router and the fan-out client, the neighbours are a float64 brute-force
+    search's with ties by id, though FAISS's inner-product heap keeps a straddling tie's largest ids."""
+    from retriever_server.client import Exclude
+
+    keys = np.repeat(synthetic(20, D, seed=3), 3, axis=0)  # rows 3i, 3i + 1, 3i + 2 are equal
+    datastore = build(tmp_path, keys, "tied", shards=3, factory="IDMap,Flat", metric="ip")
+    queries = keys[[5, 17, 40, 58]]
+    scores = -(queries.astype(np.float64) @ keys.T.astype(np.float64))  # (4, 60): smaller is better
+    cases = [(None, None), (Exclude(ids=[0, 31], ranges=[(45, 47)]), None),
+             (None, [Exclude(ids=[int(q)], ranges=[(3 * i, 3 * i + 1)]) for i, q in enumerate((3, 50, 41, 1))])]
+    with serve(aio, datastore, 3) as served, RetrieverClient(served.address, timeout=10) as router, \
+            RetrieverClient(served.shard_addresses(), timeout=10) as fan_out:
+        for common, per_query in cases:
+            masked = scores.copy()
+            for i in range(len(queries)):
+                for ex in [e for e in (common, per_query[i] if per_query else None) if e is not None]:
+                    masked[i, list(ex.ids)] = np.inf
+                    for start, end in ex.ranges:
+                        masked[i, start:end] = np.inf
+            truth = np.argsort(masked, axis=1, kind="stable")  # ties by id
+            for k in (1, 2, 4, 5, 7):
+                for client in (router, fan_out):
+                    found = client.search(queries, k=k, exclude=common, exclude_per_query=per_query)
+                    np.testing.assert_array_equal(found.ids, truth[:, :k], err_msg=f"k={k}")

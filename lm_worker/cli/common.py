@@ -71,6 +71,9 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-server-name", help="the name the servers' certificates carry, when not the host dialled")
     g.add_argument("--auth-token-file", type=Path,
                    help="the bearer token to send (the file's first line); default: RETRIEVER_AUTH_TOKEN")
+    g.add_argument("--allow-plaintext-token", action="store_true",
+                   help="send the token without TLS to an address that is not loopback (refused otherwise: "
+                        "anyone on the way could read it)")
 
 
 def security_of(args: argparse.Namespace):
@@ -78,7 +81,8 @@ def security_of(args: argparse.Namespace):
     from lm_worker.retrieval.service import ClientSecurity
 
     return ClientSecurity(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                          server_name=args.tls_server_name, token_file=args.auth_token_file)
+                          server_name=args.tls_server_name, token_file=args.auth_token_file,
+                          plaintext_token=args.allow_plaintext_token)
 
 
 def add_encoder_lm_arg(p: argparse.ArgumentParser) -> None:

@@ -174,6 +174,9 @@ def add_client_security(p: argparse.ArgumentParser, prefix: str = "", what: str 
                    help="the name the server's certificate carries, when it is not the host dialled")
     g.add_argument(f"--{prefix}auth-token-file", type=Path,
                    help="the bearer token to send (the file's first line); default: RETRIEVER_AUTH_TOKEN")
+    g.add_argument(f"--{prefix}allow-plaintext-token", action="store_true",
+                   help="send the token without TLS to an address that is not loopback (refused otherwise: "
+                        "anyone on the way could read it)")
 
 
 def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecurity:
@@ -181,7 +184,8 @@ def client_security_of(args: argparse.Namespace, prefix: str = "") -> ClientSecu
     values, dest = vars(args), prefix.replace("-", "_")
     return ClientSecurity(tls_ca=values[f"{dest}tls_ca"], tls_cert=values[f"{dest}tls_cert"],
                           tls_key=values[f"{dest}tls_key"], server_name=values[f"{dest}tls_server_name"],
-                          token_file=values[f"{dest}auth_token_file"], flags=prefix)
+                          token_file=values[f"{dest}auth_token_file"],
+                          plaintext_token=values[f"{dest}allow_plaintext_token"], flags=prefix)
 
 
 def add_server(p: argparse.ArgumentParser, metrics: bool = True, health_note: str = "") -> None:

@@ -159,6 +159,31 @@ def _out_path(out: Path | None) -> Path | None:
     return path
 
 
+def _saved_arrays(result) -> dict[str, np.ndarray]:
+    """What `--out` holds: ids, distances and each payload by its name (one named ids or distances as
+    payload.NAME)."""
+    arrays = {"ids": result.ids, "distances": result.distances}
+    for name, values in result.payloads.items():
+        arrays[f"payload.{name}" if name in arrays else name] = values
+    return arrays
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` of `arrays`, whatever their names (savez takes some as its own arguments: file,
+    allow_pickle), written whole to a temporary file first."""
+    import zipfile
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _search_target(target: str) -> str | list[list[str]]:
     """One address, or a shard list (commas between shards, | between a shard's replicas)."""
     try:
@@ -181,7 +206,7 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"partial answer: no neighbours from {missing}", file=sys.stderr)
     if out is not None:
         try:
-            np.savez(out, ids=result.ids, distances=result.distances, **result.payloads)
+            _write_npz(out, _saved_arrays(result))
         except OSError as err:
             raise CliError(f"--out {out}: cannot write there ({err.strerror})") from None
     for row in range(min(len(queries), SHOWN_ROWS)):

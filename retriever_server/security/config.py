@@ -40,6 +40,21 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def dialled_hosts(address: str) -> list[str]:
+    """The hosts a gRPC target dials: "HOST:PORT", "[V6]:PORT", "ipv4:a:p,b:p", "ipv6:[a]:p",
+    "dns:[//authority/]HOST:PORT"; "localhost" for a unix socket; [address] for another scheme."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return ["localhost"]
+    if address.startswith(("ipv4:", "ipv6:")):
+        return [h for part in address.split(":", 1)[1].split(",") for h in dialled_hosts(part)]
+    if address.startswith("dns:"):
+        address = address[4:].rsplit("/", 1)[-1]
+    elif "://" in address:
+        return [address]
+    host = address.rpartition(":")[0] if address.count(":") == 1 or address.startswith("[") else address
+    return [host.strip("[]") or address]
+
+
 def read_tokens(path: Path) -> list[str]:
     """The tokens of a token file: one per line, whitespace around them ignored, blank lines skipped.
 
@@ -119,6 +134,9 @@ class ClientSecurity:
         use_tls: TLS with the system's trusted roots, when no `tls_ca` is given.
         token_file: the bearer token (the file's first); else the RETRIEVER_AUTH_TOKEN environment variable.
         token: the bearer token itself, for callers that hold it in memory (never printed).
+        plaintext_token: send the bearer token unencrypted to an address off this machine's loopback
+            (a network that is trusted); without it, a channel to one without TLS is refused where
+            there is a token to send (`check_channel`).
         flags: the prefix of the command-line flags these came from ("shard-" for a router's
             --shard-tls-ca ...), so that an error names the flag the user gave.
     """
@@ -130,6 +148,7 @@ class ClientSecurity:
     use_tls: bool = False
     token_file: Path | None = None
     token: str | None = None
+    plaintext_token: bool = False
     flags: str = ""
 
     def __repr__(self) -> str:  # never the token
@@ -146,6 +165,19 @@ class ClientSecurity:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SecurityError(f"--{f}tls-cert and --{f}tls-key go together")
         _check_files({f"--{f}tls-ca": self.tls_ca, f"--{f}tls-cert": self.tls_cert, f"--{f}tls-key": self.tls_key})
+
+    def check_channel(self, address: str) -> None:
+        """Raises SecurityError where a channel to `address` would carry the bearer token unencrypted
+        off this machine: no TLS, a token to send, a host that is not loopback, no `plaintext_token`."""
+        if self.tls or self.plaintext_token or self.bearer_token() is None:
+            return
+        if all(is_loopback_host(host) for host in dialled_hosts(address)):
+            return
+        f = self.flags
+        where = f"--{f}auth-token-file" if self.token_file else ("the token given" if self.token else TOKEN_ENV)
+        raise SecurityError(f"refusing to send the bearer token ({where}) to {address[:200]!r} without TLS: anyone "
+                            f"on the way could read it and use it. Give --{f}tls-ca (TLS), or pass "
+                            f"--{f}allow-plaintext-token on a network you trust")
 
     def bearer_token(self) -> str | None:
         """The token to send: the token given, else the token file's first, else RETRIEVER_AUTH_TOKEN."""

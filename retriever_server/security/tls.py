@@ -125,7 +125,9 @@ def channel_options(security: ClientSecurity, options: list[tuple[str, object]])
 
 
 def open_channel(address: str, security: ClientSecurity, options: list[tuple[str, object]]) -> grpc.Channel:
-    """A blocking channel to `address`: TLS when the security says so, else plaintext."""
+    """A blocking channel to `address`: TLS when the security says so, else plaintext (SecurityError
+    where that would carry a token off this machine: `ClientSecurity.check_channel`)."""
+    security.check_channel(address)
     if security.tls:
         return grpc.secure_channel(address, channel_credentials(security), channel_options(security, options))
     return grpc.insecure_channel(address, options=options)
@@ -133,7 +135,9 @@ def open_channel(address: str, security: ClientSecurity, options: list[tuple[str
 
 def open_aio_channel(address: str, security: ClientSecurity,
                      options: list[tuple[str, object]]) -> grpc.aio.Channel:
-    """An asyncio channel to `address`: TLS when the security says so, else plaintext."""
+    """An asyncio channel to `address`: TLS when the security says so, else plaintext (SecurityError
+    where that would carry a token off this machine: `ClientSecurity.check_channel`)."""
+    security.check_channel(address)
     if security.tls:
         return grpc.aio.secure_channel(address, channel_credentials(security), channel_options(security, options))
     return grpc.aio.insecure_channel(address, options=options)

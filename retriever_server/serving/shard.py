@@ -18,7 +18,7 @@ import numpy as np
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.headers import load_checked_array, read_checked_index
 from retriever_server.datastore.manifest import Manifest, ShardEntry, read_manifest, verify_shard
-from retriever_server.serving.merge import rank_neighbours
+from retriever_server.serving.merge import rank_neighbours, sort_neighbours
 from retriever_server.serving.overfetch import OVERFETCH_BUCKETS, drop_excluded, overfetch
 from retriever_server.wire.exclusions import Exclusions
 from retriever_server.wire.request import DatastoreView, SearchSpec
@@ -40,6 +40,17 @@ StopCheck = Callable[[], bool] | None
 
 class SearchStopped(Exception):
     """A search given up between chunks: its deadline passed or its caller went away."""
+
+
+def _by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product candidates (n, m), best first, ties by id (FAISS gives a tie's largest id first):
+    only the rows holding a tie are sorted."""
+    tied = np.flatnonzero((distances[:, 1:] == distances[:, :-1]).any(axis=1))
+    if len(tied):
+        order = sort_neighbours(ids[tied], distances[tied], "ip")
+        distances[tied] = np.take_along_axis(distances[tied], order, axis=1)
+        ids[tied] = np.take_along_axis(ids[tied], order, axis=1)
+    return distances, ids
 
 
 def _check(stop: StopCheck) -> None:
@@ -146,6 +157,37 @@ class Shard:
             start = end
         return distances, ids
 
+    def _search_tied(self, queries: np.ndarray, m: int, nprobe: int, stop: StopCheck):
+        """`_search_rows`, ties at the m-th place kept by smallest id (see `_widen_ties`)."""
+        return self._widen_ties(lambda rows, wide: self._search_rows(queries[rows], wide, nprobe, stop),
+                                len(queries), m)
+
+    def _widen_ties(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], n: int, m: int):
+        """The top m candidates (n, m) of `search(rows, width)` (the candidates of those of the n queries),
+        with the smallest ids kept where tied candidates straddle the m-th place. FAISS's inner-product
+        heap keeps the largest ids of such a tie (its L2 heap the smallest, as promised): so for an
+        inner-product index one more candidate is fetched, and rows whose m-th and (m+1)-th candidates tie
+        are searched again, wider, until the tie ends inside what was fetched; every row comes back in
+        order, ties by id (as `drop_excluded` needs them)."""
+        most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
+        every = np.arange(n)
+        if self.manifest.metric == "l2":
+            return search(every, m)
+        if m >= most:  # every candidate there is
+            return _by_id(*search(every, m))
+        distances, ids = _by_id(*search(every, m + 1))
+        tied = np.flatnonzero((ids[:, m] >= 0) & (distances[:, m] == distances[:, m - 1]))
+        distances, ids = distances[:, :m], ids[:, :m]
+        wide = m + 1
+        while len(tied):
+            wide = min(most, 2 * wide)
+            d, i = _by_id(*search(tied, wide))
+            distances[tied], ids[tied] = d[:, :m], i[:, :m]
+            if wide >= most:
+                break
+            tied = tied[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]  # the tie goes on past the last fetched
+        return distances, ids
+
     def _selectors(self, exclusions: Exclusions, rows: np.ndarray) -> list:
         """One selector per query of `rows`: a range selector for a query excluding one range, else
         a bitmap over the shard's ids (all of them marked in one pass)."""
@@ -166,10 +208,15 @@ class Shard:
         for start in range(0, len(rows), EACH_CHUNK):
             _check(stop)
             chunk = rows[start:start + EACH_CHUNK]
-            selectors = self._selectors(exclusions, chunk)
             faiss.omp_set_num_threads(1)
-            found.append(ix.search_each(self.index, spec.queries[chunk], spec.candidates, spec.nprobe, selectors))
+            found.append(self._widen_ties(self._each_search(spec, chunk, self._selectors(exclusions, chunk)),
+                                          len(chunk), spec.candidates))
         return np.concatenate([d for d, _ in found]), np.concatenate([i for _, i in found])
+
+    def _each_search(self, spec: SearchSpec, chunk: np.ndarray, selectors: list):
+        """search(rows, width) over the queries `chunk[rows]`, each with its own selector."""
+        return lambda rows, wide: ix.search_each(self.index, spec.queries[chunk[rows]], wide, spec.nprobe,
+                                                 [selectors[r] for r in rows.tolist()])
 
     def _search_candidates(self, spec: SearchSpec, stop: StopCheck) -> tuple[np.ndarray, np.ndarray]:
         """Candidates (nq, m): queries with exclusions in batches that fetch more neighbours
@@ -177,7 +224,7 @@ class Shard:
         m = spec.candidates
         exclusions = spec.exclusions.within(self.entry.id_start, self.entry.id_end)
         if not exclusions:
-            return self._search_rows(spec.queries, m, spec.nprobe, stop)
+            return self._search_tied(spec.queries, m, spec.nprobe, stop)
         distances = np.empty((spec.nq, m), dtype=np.float32)
         ids = np.empty((spec.nq, m), dtype=np.int64)
         sizes = exclusions.rows()
@@ -185,7 +232,7 @@ class Shard:
         again = []
         for bound in np.unique(extra).tolist():
             batched = np.flatnonzero(extra == bound)
-            found = self._search_rows(spec.queries[batched], m + bound, spec.nprobe, stop)
+            found = self._search_tied(spec.queries[batched], m + bound, spec.nprobe, stop)
             if not sizes[batched].any():
                 distances[batched], ids[batched] = found
                 continue

@@ -14,7 +14,7 @@ import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.exclusions import ExclusionError, Exclusions
-from retriever_server.wire.tensors import TensorError, from_tensor
+from retriever_server.wire.tensors import TensorError, from_tensor, shown_shape
 from retriever_server.wire.untrusted import safe_text
 
 MAX_QUERY_ABS = 1e15  # a query component's largest magnitude: d * (1e15)^2 stays far inside float32 for any d
@@ -118,7 +118,7 @@ def parse_queries(tensor: pb.Tensor, view: DatastoreView, limits: Limits, presen
         name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else str(tensor.dtype)
         raise _invalid(f"queries.dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT16, got {name}")
     if len(tensor.shape) != 2:
-        raise _invalid(f"queries.shape must be (nq, d), got {list(tensor.shape)}")
+        raise _invalid(f"queries.shape must be (nq, d), got {shown_shape(tensor.shape)}")
     nq, d = int(tensor.shape[0]), int(tensor.shape[1])
     if nq == 0:
         raise _invalid("queries is an empty batch (nq = 0)")

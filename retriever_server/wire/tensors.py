@@ -69,6 +69,13 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return fill_tensor(pb.Tensor(), array)
 
 
+def shown_shape(shape: tuple[int, ...] | list[int], most: int = 8) -> str:
+    """A shape for a message: its first `most` dimensions and, past them, how many there are (a
+    request's shape is the caller's: it is shown bounded)."""
+    dims = [int(s) for s in shape[:most]]
+    return str(dims) if len(shape) <= most else f"{str(dims)[:-1]}, ...] ({len(shape)} dimensions)"
+
+
 def checked_dtype(code: int, shape: tuple[int, ...] | list[int], size: int, name: str) -> np.dtype:
     """The dtype of a Tensor of dtype `code`, `shape` and `size` bytes of data; TensorError, naming
     the field `name`, unless they make an array."""
@@ -79,10 +86,11 @@ def checked_dtype(code: int, shape: tuple[int, ...] | list[int], size: int, name
     except TensorError as err:
         raise TensorError(f"{name}.dtype: {err}") from None
     if any(s < 0 for s in shape):
-        raise TensorError(f"{name}.shape {list(shape)} has a negative dimension")
+        raise TensorError(f"{name}.shape {shown_shape(shape)} has a negative dimension")
     expected = nbytes(dtype, shape)
     if size != expected:
-        raise TensorError(f"{name}.data has {size} bytes but shape {list(shape)} of {dtype.name} needs {expected}")
+        raise TensorError(f"{name}.data has {size} bytes but shape {shown_shape(shape)} of {dtype.name} needs "
+                          f"{expected}")
     return dtype
 
 
