@@ -256,9 +256,10 @@ def test_addresses_take_gRPC_targets_and_refuse_ports_that_would_wrap():
         assert check_address(address) == address
     for address, words in (("garbage", "names no port"), ("[::1]", "names no port"), ("h:", "names no port"),
                            ("h:0", "must be a number in [1, 65535]"), ("h:65536", "must be a number in [1, 65535]"),
-                           ("h:7x", "must be a number")):
+                           ("h:7x", "must be a number"), ("h1:1,h2:2", "holds a comma: give one HOST:PORT")):
         with pytest.raises(ValueError, match=re.escape(words)):
             check_address(address)
+    assert check_address("ipv4:127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"  # gRPC's own list
 
 
 def test_search_out_keeps_payloads_named_as_its_own_arrays_or_numpys_arguments(aio, ray_cluster, tmp_path):

@@ -202,6 +202,16 @@ def test_top_p_stops_as_soon_as_the_mass_reaches_p_exactly(p, kept):
     assert torch.isfinite(top_p_filter(lp, p))[0].nonzero().flatten().tolist() == kept
 
 
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+def test_top_p_of_equal_tokens_keeps_the_count_that_reaches_p(p):
+    """Ten tokens of 0.1 (not exact in binary, and float32): p = 0.3 keeps three, as the sum of three
+    reaches it; a float32 sum, or log-probs rounded below 0.1, kept a fourth. A tiny p keeps the best."""
+    for lp in (torch.full((2, 10), 0.1).log(), torch.full((2, 10), 0.1, dtype=torch.float64).log(),
+               torch.log_softmax(torch.zeros(2, 10), -1)):
+        assert torch.isfinite(top_p_filter(lp, p)).sum(-1).tolist() == [round(p * 10)] * 2
+    assert torch.isfinite(top_p_filter(torch.log_softmax(torch.arange(5.0), -1), 1e-9)).nonzero().tolist() == [[4]]
+
+
 def test_temperature_matches_reference():
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     for temp in (0.1, 0.5, 1.0, 2.0, 7.0):

@@ -21,7 +21,7 @@ from lm_worker.sources.build import build_source
 from lm_worker.sources.exclusions import chunk_exclusions, knn_exclusions
 from lm_worker.sources.knnlm import encode_knnlm, knn_windows
 from lm_worker.sources.neighbours import precompute_neighbours
-from lm_worker.sources.retro import embed_chunks, encode_retro
+from lm_worker.sources.retro import embed_chunks, encode_retro, keys_made_from, keys_record
 from lm_worker.sources.source import read_source
 from retriever_server.datastore.manifest import read_manifest
 
@@ -167,6 +167,42 @@ def test_retro_payload_is_chunk_and_continuation(retro_store, tmp_path):
     assert (info.kind, info.chunk_len, info.encoder_fingerprint) == ("retro", L, "fake:proj16")
 
 
+class Interrupted(FakeEncoder):
+    """FakeEncoder that is stopped (Ctrl-C) after `batches` batches."""
+
+    def __init__(self, batches: int):
+        super().__init__()
+        self.left = batches
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().embed(chunks)
+
+
+def test_split_keys_are_written_whole_or_not_at_all_and_say_what_made_them(retro_store, tmp_path):
+    """An interrupted embedding leaves no keys file (a rerun would take a zero-filled one as done); a
+    whole one carries the record of its chunks and encoder, which other data or another encoder fails."""
+    out, record = tmp_path / "heldout-keys.npy", keys_record(retro_store, L, FakeEncoder.fingerprint)
+    with pytest.raises(KeyboardInterrupt):
+        embed_chunks(retro_store, Interrupted(batches=2), L, out, batch=3, progress=False, record=record)
+    assert not out.exists() and list(tmp_path.iterdir()) == [] and not keys_made_from(out, record)
+    keys = embed_chunks(retro_store, FakeEncoder(), L, out, batch=3, progress=False, record=record)
+    C = len(retro_store) // L
+    np.testing.assert_array_equal(keys, FakeEncoder().embed(np.asarray(retro_store.tokens[:C * L]).reshape(C, L)))
+    assert keys_made_from(out, record)
+    assert not keys_made_from(out, keys_record(retro_store, L, "another:encoder"))
+    assert not keys_made_from(out, keys_record(retro_store, 2 * L, FakeEncoder.fingerprint))
+    other = random_store(tmp_path / "other", [len(retro_store)], seed=3)  # as many tokens, other ones
+    assert not keys_made_from(out, keys_record(other, L, FakeEncoder.fingerprint))
+    with pytest.raises(KeyboardInterrupt):  # a second run stopped: the first one's file and record stay
+        embed_chunks(retro_store, Interrupted(batches=1), L, out, batch=3, progress=False, record=record)
+    np.testing.assert_array_equal(np.load(out), keys)
+    assert keys_made_from(out, record) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "heldout-keys.json", "heldout-keys.npy", "other"]
+
+
 def test_retro_keys_with_the_real_chunk_encoder(tmp_path):
     from lm_worker.data.tokenizer import train_tokenizer
     from lm_worker.encoders.minilm_chunks import ChunkEncoder
@@ -279,6 +315,19 @@ def test_precompute_neighbours_exclude_own_document(retro_datastore, retro_store
             with pytest.raises(ValueError, match="fewer than k"):
                 precompute_neighbours(retriever, queries, [(0, len(queries) - 2)] * len(queries),
                                       tmp_path / "x.npy", progress=False)
+            fetch, calls = retriever.submit_chunks, []
+
+            def stopped(*args):  # the second batch's request never answers: Ctrl-C
+                calls.append(1)
+                if len(calls) == 2:
+                    raise KeyboardInterrupt
+                return fetch(*args)
+
+            retriever.submit_chunks = stopped
+            with pytest.raises(KeyboardInterrupt):
+                precompute_neighbours(retriever, queries, None, tmp_path / "free.npy", batch=5, progress=False)
+            np.testing.assert_array_equal(np.load(tmp_path / "free.npy"), free)  # what was there, whole
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["free.npy", "n.npy"]
 
 
 def test_a_models_fingerprint_is_remembered_until_its_weights_change():

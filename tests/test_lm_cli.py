@@ -201,12 +201,25 @@ def test_retro_with_the_lm_encoder(lm_run, capsys):
     chunks = np.asarray(heldout.tokens[: C * L]).reshape(C, L)
     held_keys = np.load(run / "retro-lm-source" / "heldout-keys.npy")
     np.testing.assert_array_equal(held_keys, LMChunkEncoder.load(run / "lm").embed(chunks))  # the LM's keys
+    np.save(run / "retro-lm-source" / "heldout-keys.npy", np.zeros_like(held_keys))  # as an interrupted run,
+    (run / "retro-lm-source" / "heldout-keys.json").unlink()  # or another run's, would leave it: embedded again
+    again = cli(capsys, "neighbours", "--source", str(run / "retro-lm-source"), "--data", str(run / "data"),
+                "--datastore", str(run / "retro-lm-datastore"), "--k", "2", "--nprobe", "4")
+    assert "heldout-keys.npy was made from other data, or by another encoder: embedding again" in again
+    np.testing.assert_array_equal(np.load(run / "retro-lm-source" / "heldout-keys.npy"), held_keys)
     cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", str(L), "--data", str(run / "data"),
         "--out", str(run / "retro-lm"), "--neighbours", str(run / "retro-lm-source"), "--steps", "4",
         "--seq-len", "32", "--batch-size", "4", "--eval-every", "4", "--warmup", "2", "--init-from", str(run / "lm"))
     lm, fitted = load_checkpoint(run / "lm").model, load_checkpoint(run / "retro-lm").model  # retro-fitted
     assert fitted.config.n_layer == lm.config.n_layer
     assert torch.equal(fitted.tok_emb.weight, lm.tok_emb.weight)
+    code = main(["--no-progress", "eval", "--data", str(run / "data"), "--lm", str(run / "lm"), "--retro",
+                 str(run / "retro-lm"), "--out", str(run / "misaligned"), "--knnlm-datastore",
+                 str(run / "knnlm-datastore"), "--retro-datastore", str(run / "retro-lm-datastore"),
+                 "--context-len", "60", "--stride", "30"])  # refused before the kNN-LM half runs
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err and not (run / "misaligned").exists() and "kNN-LM" not in out + err
+    assert "--context-len 60 and --stride 30 must be multiples of --retro's chunk length 8" in err
     cli(capsys, "eval", "--data", str(run / "data"), "--retro", str(run / "retro-lm"), "--out",
         str(run / "retro-lm-eval"), "--retro-datastore", str(run / "retro-lm-datastore"), "--retro-nprobe", "4",
         "--context-len", "32", "--stride", "16")
@@ -308,3 +321,60 @@ def test_retro_fits_on_the_retro_split(run, capsys):
         "--batch-size", "4", "--eval-every", "2", "--warmup", "1", "--init-from", str(run / "lm-r"),
         "--split", "retro")
     assert load_checkpoint(run / "retro-r").extra["train_config"]["split"] == "retro"
+
+
+def test_a_prompts_sampled_text_does_not_depend_on_the_other_prompts_lengths(lm_run, capsys):
+    """Prompts decode in batches of one token count; each prompt's sampler is seeded by its place among
+    the prompts, so prompt 2 of [X, C, Y] (X, Y of one length, C of another) draws what prompt 2 of
+    [X, C, Z] (Z of C's length) draws."""
+    tokenizer = load_prepared(lm_run / "data")[0]
+    by_length: dict[int, list[str]] = {}
+    for i in range(40):
+        for text in (f"def handler_{i}(request", f"    return request.process({i})", f"x = {i}"):
+            by_length.setdefault(len(tokenizer.encode(text)), []).append(text)
+    (x, y), (c, z) = [texts[:2] for texts in by_length.values() if len(texts) >= 2][:2]
+
+    def sampled(*texts: str) -> dict[str, str]:
+        out = cli(capsys, "generate", "--checkpoint", str(lm_run / "lm"), "--data", str(lm_run / "data"),
+                  "--no-retrieval", "--strategy", "sample", "--seed", "7", "--max-new-tokens", "12",
+                  *[a for text in texts for a in ("--prompt", text)])
+        blocks = out.split("--- ")[1:]
+        return {block.split("\n", 1)[0]: block.split("\n", 1)[1] for block in blocks}
+
+    first, second = sampled(x, c, y), sampled(x, c, z)
+    assert first[repr(c)] == second[repr(c)]
+    assert first[repr(x)] == second[repr(x)]
+
+
+def test_a_model_or_datastore_of_another_tokenizer_is_refused_before_any_work(lm_run, capsys):
+    """--data tokenized by another tokenizer than the checkpoint's, or a datastore whose payloads are
+    another tokenizer's ids: eval and generate refuse in one line, naming what differs."""
+    import dataclasses
+
+    from retriever_server.datastore.manifest import read_manifest, write_manifest
+
+    run = lm_run
+    assert main(["--no-progress", "--log-level", "WARNING", "prepare", "--corpus", str(run / "corpus"), "--out",
+                 str(run / "data-280"), "--vocab-size", "280", "--heldout-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    theirs = load_prepared(run / "data-280")[0].fingerprint
+    ours = load_prepared(run / "data")[0].fingerprint
+    assert theirs != ours
+    foreign = run / "knnlm-datastore-foreign"
+    shutil.copytree(run / "knnlm-datastore", foreign)
+    manifest = read_manifest(foreign)
+    write_manifest(foreign, dataclasses.replace(manifest, metadata={**manifest.metadata, "tokenizer": theirs}))
+    for args, words in [
+        (["generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"), "--no-retrieval",
+          "--prompt", "x"], f"was trained with tokenizer {ours}, but --data's is {theirs}"),
+        (["eval", "--data", str(run / "data-280"), "--lm", str(run / "lm"), "--out", str(run / "x"),
+          "--knnlm-datastore", str(run / "knnlm-datastore")], f"--lm {run / 'lm'} was trained with tokenizer"),
+        (["generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), "--datastore", str(foreign),
+          "--prompt", "x"], f"holds tokens of tokenizer {theirs!r}, but --data's is {ours}"),
+        (["eval", "--data", str(run / "data"), "--lm", str(run / "lm"), "--out", str(run / "x"),
+          "--knnlm-datastore", str(foreign)], "the datastore of --knnlm-target / --knnlm-datastore holds tokens"),
+    ]:
+        code = main(["--no-progress", "--log-level", "WARNING", *args])
+        out, err = capsys.readouterr()
+        assert code == 1 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "---" not in out and not (run / "x").exists()

@@ -553,8 +553,9 @@ def test_settings_that_cannot_decode_are_refused_before_any_step(lm):
             KnnLMStepper(lm, None, lam=lam, temperature=temperature)
     with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
         GenerateConfig(strategy="sample", temperature=math.nan)
-    with pytest.raises(ValueError, match="length_penalty must be a finite number"):
-        GenerateConfig(strategy="beam", length_penalty=math.inf)
+    for alpha in (math.inf, math.nan, 10.5, -300.0):  # 11.5 ** 300 overflows a float; 11.5 ** -1000 is 0.0
+        with pytest.raises(ValueError, match=r"length_penalty must be in \[-10, 10\]"):
+            GenerateConfig(strategy="beam", length_penalty=alpha)
     stepper = LMStepper(lm)
     steps = []
     stepper.step = lambda tokens: steps.append(tokens)  # no step may run
@@ -577,3 +578,9 @@ def test_rows_decoded_in_parts_sample_as_in_the_whole_batch(lm):
     assert not torch.equal(generate(LMStepper(lm), prompt[2:], cfg).tokens, whole.tokens[2:])
     with pytest.raises(ValueError, match="first_row must be >= 0, got -1"):
         dataclasses.replace(cfg, first_row=-1)
+    scattered = generate(LMStepper(lm), prompt[[3, 0]], dataclasses.replace(cfg, rows=(3, 0)))  # rows anywhere
+    assert torch.equal(scattered.tokens, whole.tokens[[3, 0]])
+    with pytest.raises(ValueError, match="config.rows names 1 rows but the prompt has 2"):
+        generate(LMStepper(lm), prompt[:2], dataclasses.replace(cfg, rows=(1,)))
+    with pytest.raises(ValueError, match="rows must be distinct row indices >= 0"):
+        dataclasses.replace(cfg, rows=(1, 1))

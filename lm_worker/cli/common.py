@@ -159,6 +159,27 @@ def check_checkpoints(*checks: tuple[str, Path | None, tuple[str, ...]]) -> None
             require_kind(path, kinds, flag)
 
 
+def check_tokenizers(tokenizer, *checkpoints: tuple[str, Path | None]) -> None:
+    """Checks each (flag, checkpoint) given, before any work: a ValueError naming the flag when the model
+    was trained with another tokenizer than `tokenizer` (--data's), whose token ids mean other text."""
+    from lm_worker.models.checkpoint import checkpoint_tokenizer
+
+    for flag, path in checkpoints:
+        made = checkpoint_tokenizer(path) if path is not None else ""
+        if made and made != tokenizer.fingerprint:
+            raise ValueError(f"{flag} {path} was trained with tokenizer {made}, but --data's is "
+                             f"{tokenizer.fingerprint}: give the --data it was trained on")
+
+
+def check_datastore_tokenizer(retriever, tokenizer, flags: RetrievalFlags) -> None:
+    """A ValueError naming the family's flags when the datastore records another tokenizer than --data's
+    (its payloads are token ids of that tokenizer)."""
+    made = str((getattr(retriever, "metadata", None) or {}).get("tokenizer", ""))
+    if made and made != tokenizer.fingerprint:
+        raise ValueError(f"the datastore of {flags.flag('target')} / {flags.flag('datastore')} holds tokens of "
+                         f"tokenizer {made[:80]!r}, but --data's is {tokenizer.fingerprint}")
+
+
 def need(value, flag: str, why: str):
     """`value`, or a ValueError saying that `flag` is required `why`."""
     if value is None:

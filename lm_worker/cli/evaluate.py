@@ -15,8 +15,10 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_datastore_tokenizer,
     check_flags,
     check_folder,
+    check_tokenizers,
     fields_as_flags,
     need,
     need_retriever,
@@ -107,12 +109,14 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
         lm = load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model
         flags = retrieval_flags(args, "knnlm-")
         with open_retriever(flags, security=security_of(args)) as retriever:
-            knn = evaluate_knnlm(lm, store, need_retriever(retriever, flags, "with --lm"), config, progress)
+            check_datastore_tokenizer(need_retriever(retriever, flags, "with --lm"), tokenizer, flags)
+            knn = evaluate_knnlm(lm, store, retriever, config, progress)
     if args.retro:
         model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
         flags = retrieval_flags(args, "retro-")
         with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
+            check_datastore_tokenizer(retriever, tokenizer, flags)
             encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
     return knn, retro
@@ -156,6 +160,17 @@ def eval_window(args: argparse.Namespace) -> tuple[int, int]:
         if max_len is not None and max_len < context:
             context = max_len  # the LM takes no longer window
     return context, args.stride if args.stride is not None else max(1, context // 2)
+
+
+def _check_chunks(args: argparse.Namespace, context_len: int, stride: int) -> None:
+    """With --retro, before any evaluation: RETRO's windows start at chunk boundaries, so the context and
+    the stride must be multiples of its chunk length."""
+    from lm_worker.models.checkpoint import checkpoint_config
+
+    L = getattr(checkpoint_config(args.retro), "chunk_len", None) if args.retro else None
+    if L and (context_len % L or stride % L):
+        raise ValueError(f"--context-len {context_len} and --stride {stride} must be multiples of --retro's chunk "
+                         f"length {L} (RETRO reads its neighbours chunk by chunk)")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -240,9 +255,11 @@ def run_eval(args: argparse.Namespace) -> None:
     if store.tokenizer_fingerprint != tokenizer.fingerprint:
         raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
                          f"not {tokenizer.fingerprint}")
+    check_tokenizers(tokenizer, ("--lm", args.lm), ("--retro", args.retro))
     lambdas = _lambdas(args.lambdas) or DEFAULT_LAMBDAS
     context_len, stride = eval_window(args)
     check_flags(("--stride", stride, 1 <= stride <= context_len, f"in [1, the context {context_len}]"))
+    _check_chunks(args, context_len, stride)
     with fields_as_flags(EVAL_FIELDS):
         config = EvalConfig(context_len=context_len, stride=stride, batch_size=args.batch_size,
                             max_tokens=args.tokens, lambdas=lambdas, temperature=args.temperature,

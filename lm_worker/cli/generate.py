@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from lm_worker.cli.common import (
@@ -13,7 +12,9 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_datastore_tokenizer,
     check_flags,
+    check_tokenizers,
     fields_as_flags,
     need_retriever,
     open_retriever,
@@ -56,7 +57,8 @@ def add_parsers(sub) -> None:
                                                "(default 1: all)")
     g.add_argument("--seed", type=int, help="sample: seed of the samplers (default 0)")
     g.add_argument("--beams", type=int, help="beam: beams per prompt (default 4)")
-    g.add_argument("--length-penalty", type=float, help="beam: alpha of the length normalisation (default 0.6)")
+    g.add_argument("--length-penalty", type=float,
+                   help="beam: alpha of the length normalisation, in [-10, 10] (default 0.6)")
     g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
     g.add_argument("--knn-temperature", type=float, default=1.0)
     g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
@@ -136,6 +138,8 @@ def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Refuses numbers no decoding takes, naming the flag, before any work (options not given pass)."""
+    from lm_worker.decoding.config import MAX_LENGTH_PENALTY
+
     def given(value, ok) -> bool:
         return value is None or ok(value)
 
@@ -144,7 +148,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 ("--top-k", args.top_k, given(args.top_k, lambda v: v >= 0), ">= 0 (0: all tokens)"),
                 ("--top-p", args.top_p, given(args.top_p, lambda v: 0 < v <= 1), "in (0, 1]"),
                 ("--beams", args.beams, given(args.beams, lambda v: v >= 1), ">= 1"),
-                ("--length-penalty", args.length_penalty, given(args.length_penalty, math.isfinite), "finite"),
+                ("--length-penalty", args.length_penalty,
+                 given(args.length_penalty, lambda a: -MAX_LENGTH_PENALTY <= a <= MAX_LENGTH_PENALTY),
+                 f"in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]"),
                 ("--lam", args.lam, 0 <= args.lam <= 1, "in [0, 1]"),
                 ("--knn-temperature", args.knn_temperature, positive_finite(args.knn_temperature), "> 0 and finite"),
                 ("--stride", args.stride, args.stride >= 0, ">= 0 (0: chosen as it decodes)"),
@@ -185,6 +191,10 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError("--stride sets --ralmspec's steps between verifications: it takes --ralmspec")
     if args.guess != "cache" and (not args.ralmspec or retro):
         raise ValueError("--guess lm speculates kNN-LM decoding: it takes --ralmspec and an LM checkpoint")
+    if args.ralmspec and args.strategy == "beam" and (retro or args.guess != "cache"):
+        raise ValueError("--ralmspec with --strategy beam guesses kNN-LM's neighbours from the local caches: "
+                         "it takes an LM checkpoint and no --guess lm (RETRO's speculation decodes greedily or "
+                         "samples)")
     if args.rollback and (not args.ralmspec or not retro or args.no_retrieval):
         raise ValueError("--rollback chooses how RETRO's speculated chunks roll back: it takes --ralmspec, "
                          "retrieval and a RETRO checkpoint (kNN-LM's --ralmspec always rolls back per prompt)")
@@ -245,6 +255,7 @@ def run_generate(args: argparse.Namespace) -> None:
     _check_numbers(args)
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, _ = load_prepared(args.data)
+    check_tokenizers(tokenizer, ("--checkpoint", args.checkpoint))
     loaded = load_checkpoint(args.checkpoint)  # any kind: kNN-LM decodes an LM, RETRO its own
     texts, ids = _prompts(args, tokenizer)
     n_neighbours = getattr(loaded.model.config, "n_neighbours", None)
@@ -259,14 +270,15 @@ def run_generate(args: argparse.Namespace) -> None:
     largest = max(len(rows) for rows in groups)
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
+        if retriever is not None:
+            check_datastore_tokenizer(retriever, tokenizer, retrieval_flags(args))
         stepper = _stepper(args, loaded, retriever, tokenizer, config, largest)
-        decoded, first = {}, 0
-        for rows in groups:  # a batch per prompt length, in the order the lengths first come; the groups one
-            # after another make the whole batch whose row indices seed the samplers
+        decoded = {}
+        for rows in groups:  # a batch per prompt length, in the order the lengths first come; each prompt's
+            # place among the prompts seeds its sampler, whichever prompts share its length
             out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long),
-                           dataclasses.replace(config, first_row=first))
+                           dataclasses.replace(config, rows=tuple(rows)))
             decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
-            first += len(rows)
     for r, text in enumerate(texts):
         print(f"--- {text!r}\n{tokenizer.decode(decoded[r])}")
     s = getattr(stepper, "stats", None)

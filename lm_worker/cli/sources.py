@@ -149,7 +149,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.sources.exclusions import chunk_exclusions
     from lm_worker.sources.neighbours import precompute_neighbours
-    from lm_worker.sources.retro import embed_chunks
+    from lm_worker.sources.retro import embed_chunks, keys_made_from, keys_record
     from lm_worker.sources.source import read_source
 
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
@@ -165,10 +165,12 @@ def run_neighbours(args: argparse.Namespace) -> None:
         need_retriever(retriever, flags, "to fetch neighbours")
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
         for name, store in splits.items():
-            keys = args.source / f"{name}-keys.npy"
-            if not keys.is_file():
+            keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)
+            if not keys_made_from(keys, record):  # not there, or made from other chunks or by another encoder
+                if keys.is_file():
+                    print(f"{name}: {keys} was made from other data, or by another encoder: embedding again")
                 encoder = encoder or chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm)
-                embed_chunks(store, encoder, L, keys, progress=not args.no_progress)
+                embed_chunks(store, encoder, L, keys, progress=not args.no_progress, record=record)
             jobs.append((name, np.load(keys, mmap_mode="r"), None))
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"

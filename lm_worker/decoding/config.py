@@ -12,6 +12,7 @@ STRATEGIES = ("greedy", "sample", "beam")
 
 
 LENGTH_NORMS = ("gnmt", "power", "none")
+MAX_LENGTH_PENALTY = 10.0  # |alpha| of the length normalisation: lp(n) = n ** alpha stays finite and non-zero
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class GenerateConfig:
     (`lm_worker.decoding.beam`). eos_id: rows stop after emitting it (None: no EOS). seed: of the samplers,
     one per row (`row_generators`). first_row: the index of the prompt batch's first row in a larger batch
     decoded in parts: row r samples with the generator of row first_row + r, as it would in the whole batch.
+    rows: instead, each row's index in the whole batch, one per prompt row (a part whose rows are not
+    consecutive there, e.g. the prompts of one length); () for first_row + r.
     """
 
     strategy: str = "greedy"
@@ -37,6 +40,7 @@ class GenerateConfig:
     eos_id: int | None = None
     seed: int = 0
     first_row: int = 0
+    rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -46,12 +50,23 @@ class GenerateConfig:
         for name, least in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0), ("first_row", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
+        if any(r < 0 for r in self.rows) or len(set(self.rows)) != len(self.rows):
+            raise ValueError(f"rows must be distinct row indices >= 0, got {self.rows[:8]}")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:  # NaN too
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
+                             f"{self.length_penalty} (a length's power past it overflows)")
+
+    def row_indices(self, n: int, offset: int = 0) -> list[int]:
+        """The whole-batch indices of rows offset .. offset + n - 1 of the prompt, which seed their samplers."""
+        if not self.rows:
+            return list(range(self.first_row + offset, self.first_row + offset + n))
+        if offset + n > len(self.rows):
+            raise ValueError(f"rows names {len(self.rows)} rows; the prompt has at least {offset + n}")
+        return list(self.rows[offset:offset + n])
 
 
 @dataclass

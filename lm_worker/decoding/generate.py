@@ -104,6 +104,8 @@ def generate(stepper: Stepper | SplitStepper, prompt: torch.Tensor,
     """
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be a non-empty (B, T) tensor, got shape {tuple(prompt.shape)}")
+    if config.rows and len(config.rows) != prompt.shape[0]:
+        raise ValueError(f"config.rows names {len(config.rows)} rows but the prompt has {prompt.shape[0]}")
     check_token_ids(stepper, prompt)
     prompt = prompt.long()
     check_room(stepper, prompt.shape[1], config.max_new_tokens)

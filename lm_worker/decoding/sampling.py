@@ -32,17 +32,23 @@ def top_k_filter(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.log_softmax(log_probs.masked_fill(mask, -math.inf), dim=-1)
 
 
+TOP_P_SLACK = 1e-6  # how far below p a float32 distribution's summed mass still counts as reaching p
+
+
 def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
     """Keeps the smallest set of most likely tokens whose probability sums to >= p, renormalised.
 
     A token is kept when the mass of the tokens ranked before it is still below p, so the most likely
-    token is always kept; p = 1 keeps all.
+    token is always kept; p = 1 keeps all. Masses are summed in float64, and a mass within TOP_P_SLACK of
+    p has reached it: float32 log-probs do not tell them apart (ten tokens of 0.1 reach p = 0.3 at three).
     """
     if p >= 1.0:
         return log_probs
     sorted_lp, order = log_probs.sort(dim=-1, descending=True)  # (B, V)
-    mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()  # (B, V), exclusive cumulative sum
-    drop_sorted = mass_before >= p
+    cumulative = sorted_lp.double().exp().cumsum(dim=-1)  # (B, V)
+    mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)  # (B, V), exclusive
+    drop_sorted = mass_before >= p - TOP_P_SLACK
+    drop_sorted[..., 0] = False  # the most likely token, whatever p
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
     return torch.log_softmax(log_probs.masked_fill(drop, -math.inf), dim=-1)
 
@@ -53,13 +59,13 @@ def filter_log_probs(log_probs: torch.Tensor, config: GenerateConfig) -> torch.T
     return top_p_filter(top_k_filter(filtered, config.top_k), config.top_p)
 
 
-def row_generators(seed: int, first_row: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """Samplers for rows first_row .. first_row + n - 1 of a batch: row r's is seeded from (seed, r) through
-    numpy's `SeedSequence`, so a row draws the same tokens whether it is decoded alone or in any batch."""
+def row_generators(seed: int, rows: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """Samplers for `rows` of a batch (`GenerateConfig.row_indices`): row r's is seeded from (seed, r)
+    through numpy's `SeedSequence`, so a row draws the same tokens whether it is decoded alone or in any batch."""
     def row_seed(row: int) -> int:
         return int(np.random.SeedSequence((seed % 2 ** 64, row)).generate_state(1)[0])
 
-    return [torch.Generator(device=device).manual_seed(row_seed(first_row + r)) for r in range(n)]
+    return [torch.Generator(device=device).manual_seed(row_seed(r)) for r in rows]
 
 
 def choose_tokens(log_probs: torch.Tensor, config: GenerateConfig, generators: list[torch.Generator]) -> torch.Tensor:
@@ -74,7 +80,7 @@ def sample_or_greedy(stepper: SplitStepper, prompt: torch.Tensor, config: Genera
                       first_row: int) -> DecodeLoop:
     B, device = prompt.shape[0], prompt.device
     sampled = config.strategy == "sample"
-    generators = row_generators(config.seed, config.first_row + first_row, B, device) if sampled else []
+    generators = row_generators(config.seed, config.row_indices(B, first_row), device) if sampled else []
     log_probs = yield from await_step(stepper, stepper.submit_start(prompt), last=config.max_new_tokens <= 1)  # (B, V)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     total = torch.zeros(B, dtype=torch.float32, device=device)

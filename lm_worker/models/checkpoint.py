@@ -207,6 +207,17 @@ def checkpoint_config(path: Path) -> LMConfig | RetroConfig | None:
     return build_config(payload["kind"], payload["config"])
 
 
+def checkpoint_tokenizer(path: Path) -> str:
+    """The fingerprint of the tokenizer the model at `path` was trained with ("" where none is recorded),
+    read without building the model. Raises as `load_checkpoint` does."""
+    file = checkpoint_file(path)
+    if file is None:
+        from lm_worker.models.hf_causal_lm import tokenizer_fingerprint
+
+        return tokenizer_fingerprint(path)
+    return str(_read_mapped(file).get("tokenizer_fingerprint") or "")
+
+
 def checkpoint_kind(path: Path) -> str:
     """The kind of model at `path` ("lm", "retro" or "hf"), read without building the model (the
     file's tensors are memory-mapped, not read). Raises as `load_checkpoint` does."""

@@ -51,11 +51,8 @@ def embed_split(config: PipelineConfig, encoder, split: str) -> None:
     """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
     from lm_worker.sources.retro import embed_chunks
 
-    source = config.run / "retro-source"
-    tmp = source / f"{split}-keys.tmp.npy"
-    embed_chunks(TokenStore.open(config.run / "data" / split), encoder, config.retro.chunk_len, tmp,
-                 progress=config.progress)
-    tmp.rename(source / f"{split}-keys.npy")
+    embed_chunks(TokenStore.open(config.run / "data" / split), encoder, config.retro.chunk_len,
+                 config.run / "retro-source" / f"{split}-keys.npy", progress=config.progress)  # whole or none
 
 
 def build_datastore_of(config: PipelineConfig, source: Path, datastore: Path) -> None:
@@ -103,9 +100,7 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
             keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L)
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
-        tmp = source / f"{name}.tmp.npy"
-        precompute_neighbours(retriever, keys, exclude, tmp, progress=config.progress)
-        tmp.rename(source / name)
+        precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none
 
 
 def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint: Path, tokenizer):

@@ -42,7 +42,8 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
         queries: float32 (C, dim) chunk embeddings (a source's keys.npy, or `embed_chunks` of held-out chunks).
         exclude: per query one row range [start, end) to leave out (`chunk_exclusions` for the datastore's
             own chunks), or None for none.
-        out_path: the .npy file to write.
+        out_path: the .npy file to write (under another name first, renamed once whole: an interrupted
+            run leaves what was there before).
         batch: queries per request; the next request is in flight while a batch is written.
         progress: show a progress bar.
 
@@ -62,17 +63,22 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
         return retriever.submit_chunks(np.asarray(queries[first:last], dtype=np.float32), part)
 
     out, empty = None, 0
-    pending = submit(0)
-    for first in tqdm(range(0, C, batch), desc="RETRO neighbours", unit="batch", disable=not progress):
-        found = pending.result()  # (b, K, 2L)
-        if first + batch < C:
-            pending = submit(first + batch)
-        if out is None:
-            out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int32, shape=(C, *found.shape[1:]))
-        out[first:first + len(found)] = found
-        empty += int((found == 0).all(axis=2).sum())
-    out.flush()
-    del out
+    partial = Path(out_path).with_name(Path(out_path).name + ".partial")  # renamed once whole
+    try:
+        pending = submit(0)
+        for first in tqdm(range(0, C, batch), desc="RETRO neighbours", unit="batch", disable=not progress):
+            found = pending.result()  # (b, K, 2L)
+            if first + batch < C:
+                pending = submit(first + batch)
+            if out is None:
+                out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.int32, shape=(C, *found.shape[1:]))
+            out[first:first + len(found)] = found
+            empty += int((found == 0).all(axis=2).sum())
+        out.flush()
+        del out
+        partial.replace(out_path)
+    finally:
+        partial.unlink(missing_ok=True)
     if empty:
         log.warning("%d of %d neighbours came back empty (all-zero tokens): raise nprobe or lower k", empty,
                     C * retriever.config.k)

@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -31,11 +33,13 @@ def chunk_payload(tokens: np.ndarray, first: int, last: int, chunk_len: int, eos
 
 
 def embed_chunks(store: TokenStore, encoder: Encoder, chunk_len: int, out_path: Path | None = None,
-                 batch: int = 1024, progress: bool = True) -> np.ndarray:
+                 batch: int = 1024, progress: bool = True, record: dict | None = None) -> np.ndarray:
     """float32 (C, dim) encoder embeddings of the store's C = len(store) // chunk_len chunks.
 
-    With `out_path`, they are written there as a memory-mapped .npy (and the memmap is returned):
-    the RETRO queries of a split that is not a datastore, e.g. the held-out chunks.
+    With `out_path`, they are written there as a .npy (and returned memory-mapped): the RETRO queries of
+    a split that is not a datastore, e.g. the held-out chunks. The file is written under another name
+    and renamed when whole, so an interrupted run leaves what was there before; `record` (`keys_record`)
+    is then written beside it, for `keys_made_from` to tell whether the file holds these chunks' keys.
 
     Raises:
         ValueError: chunk_len < 1, or the store holds no complete chunk.
@@ -47,16 +51,50 @@ def embed_chunks(store: TokenStore, encoder: Encoder, chunk_len: int, out_path: 
         raise ValueError(f"{store.directory} has {len(store)} tokens: no complete chunk of {chunk_len}")
     shape = (C, encoder.dimension)
     if out_path is None:
-        keys = np.empty(shape, dtype=np.float32)
-    else:
-        keys = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=shape)
+        return _embed_into(np.empty(shape, dtype=np.float32), store, encoder, chunk_len, batch, progress)
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.name + ".partial")
+    try:
+        keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+        _embed_into(keys, store, encoder, chunk_len, batch, progress).flush()
+        del keys
+        out_path.with_suffix(".json").unlink(missing_ok=True)  # the record of the file replaced
+        partial.replace(out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    if record is not None:
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(out_path.with_suffix(".json"))
+    return np.load(out_path, mmap_mode="r")
+
+
+def _embed_into(keys: np.ndarray, store: TokenStore, encoder: Encoder, chunk_len: int, batch: int,
+                progress: bool) -> np.ndarray:
+    C = len(keys)
     for first in tqdm(range(0, C, batch), desc="embedding chunks", unit="batch", disable=not progress):
         last = min(C, first + batch)
         chunks = np.asarray(store.tokens[first * chunk_len:last * chunk_len]).reshape(last - first, chunk_len)
         keys[first:last] = encoder.embed(chunks)
-    if out_path is not None:
-        keys.flush()
     return keys
+
+
+def keys_record(store: TokenStore, chunk_len: int, encoder_fingerprint: str) -> dict:
+    """What a split's keys file was made from: the encoder, the chunk length, and the store's tokens (their
+    count, tokenizer and a digest of the chunked ones)."""
+    digest, end = hashlib.sha256(), len(store) // chunk_len * chunk_len
+    for first in range(0, end, 1 << 22):  # a block at a time: a split may not fit in memory twice
+        digest.update(np.ascontiguousarray(store.tokens[first:min(end, first + (1 << 22))]).tobytes())
+    return {"encoder": encoder_fingerprint, "chunk_len": chunk_len, "tokens": len(store),
+            "tokenizer": store.tokenizer_fingerprint, "digest": digest.hexdigest()}
+
+
+def keys_made_from(path: Path, record: dict) -> bool:
+    """Whether the keys file `path` is there, whole, with the `record` written beside it by `embed_chunks`."""
+    try:
+        return path.is_file() and json.loads(path.with_suffix(".json").read_text()) == record
+    except (OSError, ValueError):
+        return False
 
 
 def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: Path, progress: bool = True,

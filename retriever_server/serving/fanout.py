@@ -19,6 +19,9 @@ def check_address(address: str) -> str:
     port)."""
     if address.startswith(SCHEMES) or "://" in address:
         return address
+    if "," in address:
+        raise ValueError(f"address {address!r} holds a comma: give one HOST:PORT, or a list with one entry "
+                         "per shard to fan out to")
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port or host.startswith("[") != host.endswith("]"):
         raise ValueError(f"address {address!r} names no port: give HOST:PORT")

@@ -61,7 +61,7 @@ class RetroBatchDecode:
         self.neighbours = torch.zeros(B, 0, self.K, 2 * self.L, dtype=torch.long, device=self.device)  # (B, C, K, 2L)
         self.caches = ChunkCaches(B, owner.cache_rows)
         sampled = config.strategy == "sample"
-        self.generators = row_generators(config.seed, config.first_row, B, self.device) if sampled else []
+        self.generators = row_generators(config.seed, config.row_indices(B), self.device) if sampled else []
         self.out: list[torch.Tensor] = []
         self.total = torch.zeros(B, dtype=torch.float32, device=self.device)
         self.lengths = torch.zeros(B, dtype=torch.long, device=self.device)

@@ -67,7 +67,7 @@ class RetroRowDecode:
                                       device=prompt.device)  # (B, C, K, 2L): row b's chunk c, guessed or true
         self.known = [0] * self.B  # chunks of each row whose neighbours are in `neighbours`
         self.rows = CommittedRows(self.B, config)
-        self.generators = row_generators(config.seed, config.first_row, self.B, prompt.device) \
+        self.generators = row_generators(config.seed, config.row_indices(self.B), prompt.device) \
             if config.strategy == "sample" else None
         self.guesses: list[_RowGuess | None] = [None] * self.B
         self.log_probs: torch.Tensor | None = None  # (B, V) each row's last forward's

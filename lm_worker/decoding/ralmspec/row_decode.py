@@ -55,7 +55,7 @@ class RowDecode:
         self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled
         self.sent = [0] * B  # of each row's pending steps, how many the request in flight carries
         self.in_flight: _InFlight | None = None
-        self.generators = row_generators(config.seed, config.first_row, B) if config.strategy == "sample" else None
+        self.generators = row_generators(config.seed, config.row_indices(B)) if config.strategy == "sample" else None
         self.next_input = torch.zeros(B, dtype=torch.long)
         self.window_s = 0.0  # this process's seconds on the window being speculated
 
