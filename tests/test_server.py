@@ -594,10 +594,13 @@ def test_a_small_search_answered_on_the_loop_equals_the_same_queries_in_a_batch(
     try:
         small = raw_search(running.address, make_request(keys[:3], k=5, nprobe=4))
         batch = raw_search(running.address, make_request(keys[:16], k=5, nprobe=4))
+        wide = raw_search(running.address, make_request(keys[:3], k=2000, nprobe=4, return_keys=True,
+                                                        successors=4))  # 30,000 neighbours with their keys
     finally:
         aio.run(running.drain(grace=0))
     assert small.ids.data == batch.ids.data[:3 * 5 * 8] and small.distances.data == batch.distances.data[:3 * 5 * 4]
-    assert handed == [(3, False), (16, True)]  # (queries, in the FAISS pool)
+    assert wide.ids.data[:5 * 8] == small.ids.data[:5 * 8]
+    assert handed == [(3, False), (16, True), (3, True)]  # (queries, in the FAISS pool): a large answer is work
 
 
 def test_successors_are_the_rows_after_each_neighbour_within_its_shard(aio, keys, datastore):

@@ -33,6 +33,7 @@ CHUNK_SECONDS = 0.05  # ...to about this, so a stop is noticed within about this
 MAX_CHUNK = 16384
 SMALL_SEARCH_CODES = 1 << 16  # codes a search may scan and still count as small (well under 1 ms)
 SMALL_RERANK = 1 << 12  # candidates a small search may re-rank (queries x candidates)
+SMALL_ANSWER = 1 << 16  # values a small search's answer may hold (neighbours with their successors, x keys' width)
 EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
 GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
 StopCheck = Callable[[], bool] | None
@@ -116,12 +117,17 @@ class Shard:
         return self._view
 
     def is_small(self, spec: SearchSpec) -> bool:
-        """Whether the search is a few queries over a few lists, with no exclusions and no GPU: so little
-        work that the caller had better run it where it is than hand it to another thread."""
+        """Whether the search is a few queries over a few lists, with no exclusions and no GPU, and a small
+        answer to gather and encode: so little work that the caller had better run it where it is than
+        hand it to another thread (a large answer, keys and successors above all, would hold up the
+        event loop's other calls and health answers)."""
         per_list = self.entry.ntotal / max(1, self.manifest.nlist)
         rerank = spec.nq * spec.candidates if spec.exact_rerank else 0
+        answer = spec.nq * spec.k * (1 + spec.successors) * (1 + len(spec.payloads)
+                                                             + (self.manifest.dimension if spec.return_keys else 0))
         return (self.gpu_index is None and not spec.exclusions and spec.nq <= SMALL_BATCH
-                and spec.nq * spec.nprobe * per_list <= SMALL_SEARCH_CODES and rerank <= SMALL_RERANK)
+                and spec.nq * spec.nprobe * per_list <= SMALL_SEARCH_CODES and rerank <= SMALL_RERANK
+                and answer <= SMALL_ANSWER)
 
     def _params(self, index: faiss.Index, nprobe: int) -> faiss.SearchParameters | None:
         """The search parameters for `nprobe` (no selector), made once per index and nprobe."""
