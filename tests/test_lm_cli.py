@@ -373,6 +373,10 @@ def test_a_model_or_datastore_of_another_tokenizer_is_refused_before_any_work(lm
           "--prompt", "x"], f"holds tokens of tokenizer {theirs!r}, but --data's is {ours}"),
         (["eval", "--data", str(run / "data"), "--lm", str(run / "lm"), "--out", str(run / "x"),
           "--knnlm-datastore", str(foreign)], "the datastore of --knnlm-target / --knnlm-datastore holds tokens"),
+        (["encode", "knnlm", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"), "--out",
+          str(run / "x")], f"--checkpoint {run / 'lm'} was trained with tokenizer {ours}"),
+        (["encode", "retro", "--encoder", "lm", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"),
+          "--out", str(run / "x"), "--chunk-len", "8", "--workers", "0"], "was trained with tokenizer"),
     ]:
         code = main(["--no-progress", "--log-level", "WARNING", *args])
         out, err = capsys.readouterr()

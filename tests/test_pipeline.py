@@ -225,6 +225,29 @@ def test_the_temperature_is_chosen_again_when_what_it_was_chosen_on_changes(tmp_
     assert tune_temperature(wider, retrained, valid, None, EvalConfig())[2] is False
 
 
+def test_the_test_split_is_evaluated_again_when_the_chosen_temperature_changes(tmp_path, monkeypatch):
+    """The run's own shares folder holds the evaluation of the temperature chosen before: once another is
+    chosen, the shares are computed again instead of refused as another job's."""
+    from lm_worker.evaluation import distributed
+    from lm_worker.evaluation.shares import open_saved
+    from lm_worker.pipeline.eval_stage import evaluate_test
+
+    opened = []
+
+    def fake_distributed(job, pool, on_share):  # what evaluate_distributed does first, then no work
+        opened.append(open_saved(job.describe(), pool.checkpoint_dir))
+        return "figures"
+
+    monkeypatch.setattr(distributed, "evaluate_distributed", fake_distributed)
+    config = replace(tiny(tmp_path), eval_workers=1)
+    test = SimpleNamespace(directory=tmp_path / "data" / "test")
+    for temperature in (1.0, 10.0, 10.0):
+        assert evaluate_test(config, "knnlm", tmp_path / "lm", test, ("127.0.0.1:1", None),
+                             EvalConfig(temperature=temperature), None, None, None) == ("figures", True)
+        (tmp_path / "report" / "shares" / "knnlm" / "share-00000.json").write_text('{"share": 0}')  # one done
+    assert opened == [{}, {}, {0: {"share": 0}}]  # the shares of T = 1 went; those of T = 10 were kept
+
+
 def test_another_n_neighbours_is_refused_and_names_what_to_remove(first_run):
     config, _ = first_run
     with pytest.raises(ValueError, match=r"neighbours-retro.npy holds 2 neighbours per chunk, n_neighbours is 3: "

@@ -346,3 +346,47 @@ def test_split_bad_inputs(data, neighbours_dir, tmp_path):
     shutil.copytree(tmp_path / "data" / "train", tmp_path / "data" / "retro")
     with pytest.raises(FileNotFoundError, match="neighbours-retro.npy"):
         train(retro, tmp_path / "data", tmp_path / "r", neighbours_dir=neighbours_dir, progress=False)
+
+
+def test_training_refuses_stale_or_damaged_inputs_before_writing(data, neighbours_dir, tmp_path):
+    """Neighbours made for another version of the split, an unreadable neighbours file, a split left by a
+    prepare with another tokenizer, a CUDA device this machine lacks, a negative seed: each is a ValueError
+    naming what is wrong, and nothing is written."""
+    retro = replace(BASE, kind="retro", seq_len=16, steps=2)
+    nb = tmp_path / "nb"
+    shutil.copytree(neighbours_dir, nb)
+    full = np.load(neighbours_dir / "neighbours-train.npy")
+    np.save(nb / "neighbours-train.npy", full[:-3])  # the split has changed since they were fetched
+    with pytest.raises(ValueError, match=rf"has {len(full) - 3} rows, but .*train has {len(full)} chunks of 4"):
+        train(retro, data, tmp_path / "out", neighbours_dir=nb, progress=False)
+    for damaged in (b"", b"\x93NUMPY garbage", np.lib.format.magic(1, 0) + b"\x00" * 10):
+        (nb / "neighbours-train.npy").write_bytes(damaged)
+        with pytest.raises(ValueError, match="neighbours-train.npy is not a readable .npy file"):
+            train(retro, data, tmp_path / "out", neighbours_dir=nb, progress=False)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data, mixed)
+    store = TokenStore.open(data / "train")
+    write_token_store(mixed / "retro", [("d", np.asarray(store.tokens[:400]))], 0, "bpe:an-earlier-tokenizer")
+    with pytest.raises(ValueError, match="retro was tokenized with bpe:an-earlier-tokenizer, but .*tokenizer.json"):
+        train(replace(BASE, split="retro"), mixed, tmp_path / "out", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:1': this machine has 0 CUDA devices"):
+            train(replace(BASE, device="cuda:1"), data, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="device 'gpu7' is not a torch device"):
+        train(replace(BASE, device="gpu7"), data, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        replace(BASE, seed=-1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_again_without_a_retro_split_removes_the_one_an_earlier_prepare_left(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"mod{i}.py").write_text("".join(f"def g{j}(y):\n    return y * {j}\n" for j in range(i, i + 40)))
+    config = PrepareConfig(out=tmp_path / "data", corpus=str(corpus), vocab_size=300, heldout_fraction=0.25,
+                           max_train_tokens=2000, max_retro_tokens=500, progress=False)
+    prepare_corpus(config)
+    assert (tmp_path / "data" / "retro").is_dir()
+    prepare_corpus(replace(config, vocab_size=280, max_retro_tokens=0))  # another tokenizer
+    assert not (tmp_path / "data" / "retro").exists()

@@ -15,6 +15,7 @@ from lm_worker.cli.common import (
     check_checkpoints,
     check_flags,
     check_folder,
+    check_tokenizers,
     need,
     need_retriever,
     open_retriever,
@@ -96,6 +97,10 @@ def run_encode(args: argparse.Namespace) -> None:
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
     elif args.encoder == "lm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for --encoder lm"), LM_KINDS))
+    if args.kind == "knnlm" or args.encoder == "lm":  # the LM reads the split's token ids
+        from lm_worker.data.tokenizer import Tokenizer
+
+        check_tokenizers(Tokenizer.load(args.data / "tokenizer.json"), ("--checkpoint", args.checkpoint))
     args.context_len, args.stride = encode_window(args)
     check_flags(("--stride", args.stride, 1 <= args.stride <= args.context_len,
                  f"in [1, --context-len {args.context_len}]"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,9 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
     if config.max_retro_tokens:
         store = prepare_retro_split(config, split["train"])
         counts_docs[RETRO_SPLIT], counts_tokens[RETRO_SPLIT] = len(store.documents), len(store)
+    elif (out / RETRO_SPLIT).is_dir():  # made with an earlier tokenizer and train split: its ids mean other text
+        log.warning("removing %s, left by an earlier prepare (max_retro_tokens writes it again)", out / RETRO_SPLIT)
+        shutil.rmtree(out / RETRO_SPLIT)
     return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
 
 

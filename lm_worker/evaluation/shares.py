@@ -63,6 +63,15 @@ def identity_of(model: torch.nn.Module, datastore_version: str, store: Path) -> 
             "store": store_fingerprint(store)}
 
 
+def holds_another_job(description: dict, directory: Path) -> bool:
+    """Whether `directory` holds the shares of another job than `description` (`EvalJob.describe()`)."""
+    marker = directory / JOB_JSON
+    if not marker.exists():
+        return False
+    saved = {k: v for k, v in json.loads(marker.read_text()).items() if k not in PATH_FIELDS}  # older markers
+    return saved != description
+
+
 def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
     """Finished shares from an earlier run of the job `description` (its `EvalJob.describe()`);
     ValueError if the folder holds another job's."""
@@ -71,8 +80,7 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / JOB_JSON
     if marker.exists():
-        saved = {k: v for k, v in json.loads(marker.read_text()).items() if k not in PATH_FIELDS}  # older markers
-        if saved != description:
+        if holds_another_job(description, directory):
             raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
                              "remove it or choose another checkpoint folder")
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, ser
     from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.evaluation.retro_eval import evaluate_retro
+    from lm_worker.evaluation.shares import holds_another_job
 
     if config.eval_workers == 0:
         if kind == "knnlm":
@@ -57,8 +59,12 @@ def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, ser
     target, security = served  # the router's address, and how its clients reach it
     job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
                   tokenizer=config.run / "data" / "tokenizer.json", security=security)
-    pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=config.run / "report" / "shares" / kind,
-                            address=config.address, progress=config.progress)
+    shares = config.run / "report" / "shares" / kind
+    if shares.is_dir() and holds_another_job(job.describe(), shares):  # e.g. another temperature chosen: the
+        log.info("evaluating the test split again: %s holds another evaluation's shares", shares)  # run's own
+        shutil.rmtree(shares)
+    pool = WorkerPoolConfig(workers=config.eval_workers, checkpoint_dir=shares, address=config.address,
+                            progress=config.progress)
     evaluated = []
     result = evaluate_distributed(job, pool, on_share=evaluated.append)
     return result, not evaluated

@@ -69,20 +69,42 @@ class Windows:
         return np.unique(np.linspace(0, self.n_windows - 1, num=min(n, self.n_windows)).astype(np.int64))
 
 
-def load_neighbours(path: Path, chunk_len: int, vocab_size: int) -> np.ndarray:
-    """Memory-maps a neighbours file and checks its shape and token ids.
+def load_neighbours(path: Path, chunk_len: int, vocab_size: int, store: TokenStore | None = None) -> np.ndarray:
+    """Memory-maps a neighbours file and checks its shape, its rows (one per chunk of `store`, when given)
+    and token ids.
 
     Raises:
-        FileNotFoundError: no file. ValueError: not (n, K, 2 * chunk_len) or ids outside the vocabulary.
+        FileNotFoundError: no file. ValueError: not a readable .npy, not (n, K, 2 * chunk_len), another
+            number of rows than the store's chunks (made for another version of the split), or ids outside
+            the vocabulary.
     """
     if not path.is_file():
         raise FileNotFoundError(f"RETRO training needs precomputed neighbours at {path} (run the encode step)")
-    neighbours = np.load(path, mmap_mode="r")
+    try:
+        neighbours = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (EOFError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable .npy file ({err}): run lm-worker neighbours again") from None
     if neighbours.ndim != 3 or neighbours.shape[2] != 2 * chunk_len:
         raise ValueError(f"{path} must be (n_chunks, K, 2 * chunk_len = {2 * chunk_len}), got {neighbours.shape}")
+    if store is not None and len(neighbours) != len(store) // chunk_len:
+        raise ValueError(f"{path} has {len(neighbours)} rows, but {store.directory} has {len(store) // chunk_len} "
+                         f"chunks of {chunk_len}: it was made for another version of the split (run lm-worker "
+                         "neighbours again)")
     if len(neighbours) and (neighbours.min() < 0 or neighbours.max() >= vocab_size):
         raise ValueError(f"{path} holds token ids outside [0, {vocab_size})")
     return neighbours
+
+
+def check_tokenized_alike(data_dir: Path, *stores: TokenStore) -> None:
+    """ValueError unless the stores were tokenized by one tokenizer, DATA/tokenizer.json's where there is one
+    (a split left by an earlier `prepare` with another tokenizer holds ids that mean other text)."""
+    file = data_dir / "tokenizer.json"
+    expected = Tokenizer.load(file).fingerprint if file.is_file() else stores[0].tokenizer_fingerprint
+    for store in stores:
+        if store.tokenizer_fingerprint != expected:
+            raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, but "
+                             f"{file if file.is_file() else stores[0].directory} with {expected}: prepare the "
+                             "data again into a fresh folder")
 
 
 def vocab_size_of(config: TrainConfig, data_dir: Path) -> int:
@@ -102,6 +124,7 @@ def open_data(config: TrainConfig, data_dir: Path, neighbours_dir: Path | None
         hint = " (prepare with max_retro_tokens)" if config.split == RETRO_SPLIT else ""
         raise FileNotFoundError(f"no {config.split!r} split at {data_dir / config.split}{hint}")
     train_store, heldout_store = TokenStore.open(data_dir / config.split), TokenStore.open(data_dir / "heldout")
+    check_tokenized_alike(data_dir, train_store, heldout_store)
     if len(train_store) and int(train_store.tokens.max()) >= vocab_size:
         raise ValueError(f"{data_dir / config.split} holds token ids >= vocab_size {vocab_size}")
     if config.kind == "lm":
@@ -114,9 +137,9 @@ def open_data(config: TrainConfig, data_dir: Path, neighbours_dir: Path | None
     if neighbours_dir is None:
         raise ValueError(f"RETRO training needs neighbours_dir (the folder with neighbours-{config.split}.npy)")
     neighbours_dir = Path(neighbours_dir)
-    train_nb = load_neighbours(neighbours_dir / f"neighbours-{config.split}.npy", L, vocab_size)
+    train_nb = load_neighbours(neighbours_dir / f"neighbours-{config.split}.npy", L, vocab_size, train_store)
     heldout_path = neighbours_dir / "neighbours-heldout.npy"
-    heldout_nb = load_neighbours(heldout_path, L, vocab_size) if heldout_path.is_file() else None
+    heldout_nb = load_neighbours(heldout_path, L, vocab_size, heldout_store) if heldout_path.is_file() else None
     if heldout_nb is None:
         log.warning("no %s: held-out loss is measured without retrieval", heldout_path)
     elif heldout_nb.shape[1] != train_nb.shape[1]:

@@ -60,6 +60,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
         if not self.split or self.split != Path(self.split).name or self.split in (".", "..", "heldout"):
@@ -107,8 +109,17 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 
 def pick_device(name: str) -> torch.device:
-    """"auto" is cuda when available, else cpu."""
+    """"auto" is cuda when available, else cpu. ValueError for a CUDA device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a torch device: {str(err).splitlines()[0]}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                             f"(torch {torch.__version__}); give cpu or auto")
+    return device
 

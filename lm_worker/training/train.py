@@ -118,8 +118,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
         ValueError: inconsistent inputs (seq_len vs chunk_len, neighbours shape, a checkpoint of another model,
             or of a RETRO retro-fitted onto another LM than `init_from`'s).
     """
+    device = pick_device(config.device)  # before the data is opened or anything written
     windows, heldout, mcfg, fingerprint = open_data(config, data_dir, neighbours_dir)
-    device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
