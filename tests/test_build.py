@@ -241,6 +241,51 @@ def test_replacing_without_renameat2_falls_back_to_two_renames(ray_cluster, keys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "keys.npy"]
 
 
+def test_a_folder_that_appears_at_the_output_during_the_build_is_never_replaced(ray_cluster, keys, tmp_path,
+                                                                                   monkeypatch):
+    """The output is checked again when the build publishes: a folder made there meanwhile stays as it is,
+    with or without --overwrite (it is not a datastore), and the finished build waits in its .partial."""
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+    real_manifest = build_module._manifest
+
+    def meanwhile(*args, **kwargs):  # someone writes their thesis where the build will publish
+        config.out.mkdir()
+        (config.out / "thesis.tex").write_text("years of work")
+        return real_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_manifest", meanwhile)
+    with pytest.raises(BuildError, match="ds exists and is not a datastore; refusing to replace it"):
+        build_datastore(config, progress=False)
+    assert (config.out / "thesis.tex").read_text() == "years of work"
+    assert (tmp_path / ".ds.partial" / "trained.index").is_file()  # the build's work, resumable
+    (config.out / "thesis.tex").unlink()
+    config.out.rmdir()
+    monkeypatch.setattr(publish, "check_output", lambda out, overwrite: None)  # as if it came after the check
+    monkeypatch.setattr(build_module, "check_output", lambda out, overwrite: None)
+    with pytest.raises(BuildError, match="appeared while the build ran; refusing to replace it"):
+        build_datastore(config, progress=False)
+    assert (config.out / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_replaces_a_datastore_only_and_one_build_at_a_time_writes_an_output(ray_cluster, keys, tmp_path):
+    """A folder holding a manifest.json that is not a datastore's is not replaced by --overwrite; a second
+    build of an output another build is writing is refused, and the first one's lock goes with it."""
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+    config.out.mkdir()
+    (config.out / "manifest.json").write_text('{"name": "a browser extension"}')
+    (config.out / "background.js").write_text("chrome.runtime")
+    with pytest.raises(BuildError, match="ds exists and is not a datastore; refusing to replace it"):
+        build_datastore(dataclasses.replace(config, overwrite=True), progress=False)
+    assert sorted(p.name for p in config.out.iterdir()) == ["background.js", "manifest.json"]
+    other = dataclasses.replace(config, out=tmp_path / "fresh")
+    with publish.output_held(other.out, overwrite=False):  # another build holds it
+        with pytest.raises(BuildError, match="another build is writing .*fresh: wait for it to end"):
+            build_datastore(other, progress=False)
+        assert not (tmp_path / ".fresh.partial").exists()
+    build_datastore(other, progress=False)
+    assert read_manifest(other.out).ntotal == 2000 and not (tmp_path / ".fresh.lock").exists()
+
+
 def test_exchange_swaps_two_directories(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -505,3 +550,23 @@ def test_factories_whose_index_keeps_row_ids_are_accepted(factory):
     from retriever_server.datastore.index import check_factory
 
     check_factory(factory, 16, "l2")  # does not raise
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_build_as_ctrl_c_does_in_one_line(tmp_path):
+    """`ray job stop` and Kubernetes send SIGTERM: the build ends as on Ctrl-C (exit 130, "interrupted"),
+    not with Ray's crash report, and leaves its resumable work and nothing published."""
+    np.save(tmp_path / "keys.npy", synthetic(200_000, 64, seed=4))  # k-means of 4096 lists: seconds of work
+    command = [sys.executable, "-m", "retriever_server.cli", "build", str(tmp_path / "keys.npy"), "--out",
+               str(tmp_path / "ds"), "--shards", "2", "--factory", "IVF4096,PQ16", "--num-cpus", "1", "--no-progress"]
+    build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".ds.partial" / "build.json").exists():  # on Ray, the handler in place: training
+        assert build.poll() is None and time.monotonic() < deadline, build.communicate()
+        time.sleep(0.2)  # polling, with a deadline
+    build.send_signal(signal.SIGTERM)
+    out, err = build.communicate(timeout=120)
+    assert build.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "retriever-server build: interrupted" and "SIGTERM received" not in err
+    assert not (tmp_path / "ds").exists() and (tmp_path / ".ds.partial").is_dir()

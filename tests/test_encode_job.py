@@ -184,6 +184,9 @@ def test_bad_parts_indexes_are_named(tmp_path):
         (edited("rows.parts.json", parts=[{**body["parts"][0], "rows": 5}, body["parts"][1]], shape=[11, 3]),
          ValueError, r"00000/keys.npy is float32 \(4, 3\); parts index .* says float32 \(5, 3\)"),
         (edited("old.parts.json", format=7), ValueError, "is not format 1"),
+        (edited("dtype.parts.json", dtype="xyz"), ValueError,
+         r"dtype.parts.json: its dtype 'xyz' and shape '\[10, 3\]' do not make an array"),
+        (edited("dims.parts.json", shape=[10, "three"]), ValueError, r"dims.parts.json: its dtype '<f4' and shape"),
         (edited("cut.parts.json", parts=[body["parts"][0], {"path": "cut.npy", "rows": 6}]), ValueError,
          r"cut.npy is truncated: \d+ bytes, its header needs \d+"),
     ]
@@ -195,6 +198,10 @@ def test_bad_parts_indexes_are_named(tmp_path):
             open_rows(path)
     with pytest.raises(BuildError, match=r"^keys: part .*00009/keys.npy listed in .*gone.parts.json not found$"):
         check_inputs(BuildConfig(keys=tmp_path / "gone.parts.json", out=tmp_path / "ds", factory="IDMap,Flat"))
+    with pytest.raises(BuildError, match=r"keys file .*dtype.parts.json is not a loadable parts index: .*'xyz'"):
+        check_inputs(BuildConfig(keys=tmp_path / "dtype.parts.json", out=tmp_path / "ds", factory="IDMap,Flat"))
+    with pytest.raises(BuildError, match=r"--seed must be in \[0, 2147483646\], got 2147483647"):
+        check_inputs(BuildConfig(keys=index, out=tmp_path / "ds", factory="IDMap,Flat", seed=2**31 - 1))
     with pytest.raises(BuildError, match=r"keys file .*short.parts.json is not a loadable parts index: .* 12 rows"):
         check_inputs(BuildConfig(keys=tmp_path / "short.parts.json", out=tmp_path / "ds", factory="IDMap,Flat"))
     with pytest.raises(BuildError, match=r"payload 'v' .* has shape \(10, 3\); its first dimension must be 3"):

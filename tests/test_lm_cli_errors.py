@@ -72,14 +72,14 @@ def test_a_missing_datastore_is_one_line(run, capsys, args):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--out", "{run}/built"], "{run}/built already exists; pass --overwrite to replace it"),
+    (["--out", "{run}/built"], "{run}/built exists and is not a datastore"),  # a manifest.json is not enough
     (["--out", "{run}/plain"], "{run}/plain exists and is not a datastore"),
     (["--out", "{run}/ds0", "--shards", "0"], "--shards must be in [1, "),
     (["--out", "{run}/dsg", "--factory", "garbage"], "FAISS cannot build factory string 'garbage'"),
 ])
 def test_a_refused_build_is_one_line(run, capsys, args, words):
     (run / "built").mkdir(exist_ok=True)
-    (run / "built" / "manifest.json").write_text("{}")  # what the build takes for an earlier datastore
+    (run / "built" / "manifest.json").write_text("{}")  # no datastore's: neither replaced nor taken for one
     (run / "plain").mkdir(exist_ok=True)
     err = one_line_error(capsys, "build", str(run / "knnlm-source"), *[a.format(run=run) for a in args])
     assert err.startswith("lm-worker build: error: ") and words.format(run=run) in err

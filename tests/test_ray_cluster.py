@@ -89,6 +89,13 @@ def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     one_line_error(result, "did not let this process join within")
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
+def test_a_connect_timeout_that_is_no_time_is_refused_in_one_line(keys_file, tmp_path, value):
+    result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), "--address=127.0.0.1:1",
+                 env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": value}, timeout=60)
+    one_line_error(result, f"RETRIEVER_RAY_CONNECT_TIMEOUT must be a number of seconds above 0, got {value!r}")
+
+
 @pytest.mark.slow
 def test_killing_serve_leaves_none_of_its_processes(ray_cluster, tmp_path):
     datastore = build(tmp_path, synthetic(2000, 8, seed=2), "ds", shards=2, factory="IVF8,Flat")

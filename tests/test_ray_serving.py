@@ -197,13 +197,18 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_replica_that_cannot_load_its_shard_is_named_and_nothing_is_left_running(cluster, datastore, tmp_path):
+    import tempfile
+    from dataclasses import replace
+
     from retriever_server.cluster.ray_serving import DeploymentError, RayDeployment
 
     damaged = damaged_copy(datastore, tmp_path / "damaged", "shard-00001/payload.values.npy")
+    copies = set(Path(tempfile.gettempdir()).glob("retriever-secrets-*"))  # actors' copies of their secrets
     with pytest.raises(DeploymentError, match=r"bad/shard-1/replica-0 did not start: .*shard-00001/payload.values.npy "
                                               r"checksum does not match"):
-        RayDeployment(config(damaged, "bad", replicas=1)).start()
+        RayDeployment(replace(config(damaged, "bad", replicas=1), secrets_dir=tmp_path / "own")).start()
     assert actors_named("bad/") == []
+    assert set(Path(tempfile.gettempdir()).glob("retriever-secrets-*")) == copies  # the failed one's went too
 
 
 @pytest.mark.ray

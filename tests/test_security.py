@@ -420,13 +420,18 @@ def test_a_client_sends_no_token_in_plaintext_off_loopback_unless_told_to(aio, d
 
 
 def test_actor_secrets_arrive_as_private_files():
+    import shutil
+
     from retriever_server.cluster.ray_secrets import materialize, pack
 
     folder = materialize(pack({"shard.key": b"-----BEGIN PRIVATE KEY-----", "../hop-token": b"t0k3n"}))
-    assert oct(folder.stat().st_mode)[-3:] == "700"
-    assert {f.name: (f.read_bytes(), oct(f.stat().st_mode)[-3:]) for f in folder.iterdir()} == {
-        "shard.key": (b"-----BEGIN PRIVATE KEY-----", "600"), "hop-token": (b"t0k3n", "600")}
-    assert materialize(pack({})) is None and materialize(None) is None
+    try:
+        assert oct(folder.stat().st_mode)[-3:] == "700"
+        assert {f.name: (f.read_bytes(), oct(f.stat().st_mode)[-3:]) for f in folder.iterdir()} == {
+            "shard.key": (b"-----BEGIN PRIVATE KEY-----", "600"), "hop-token": (b"t0k3n", "600")}
+        assert materialize(pack({})) is None and materialize(None) is None
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_deployments_own_hop_credentials_leave_no_folder_behind(pki, tmp_path, monkeypatch):
@@ -441,6 +446,32 @@ def test_a_deployments_own_hop_credentials_leave_no_folder_behind(pki, tmp_path,
     plan = plan_security("127.0.0.1", users, None)
     assert {"hop-token", "shard.key"} <= set(plan.shard_secrets) and "public-tls_key" in plan.router_secrets
     assert list(tmp_path.iterdir()) == []
+    from retriever_server.cluster import ray_security
+
+    def unreadable(files):  # a file gone between the check and the read
+        raise OSError(2, "No such file or directory", "router.key")
+
+    monkeypatch.setattr(ray_security, "read_files", unreadable)
+    with pytest.raises(OSError):
+        plan_security("127.0.0.1", users, None)
+    assert list(tmp_path.iterdir()) == []  # no CA, keys or tokens left behind
+    with pytest.raises(SecurityError, match="--tls-cert"):  # the user's files checked before anything is made
+        plan_security("127.0.0.1", dataclasses.replace(users, tls_cert=tmp_path / "nothere.pem"), None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deploy_names_a_missing_tls_file_before_it_starts_anything(datastore, pki, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "deploy", "--datastore", str(datastore),
+                           "--tls-cert", str(tmp_path / "nothere.pem"), "--tls-key", str(pki["server.key"]),
+                           "--auth-token-file", str(pki["tokens"])], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(tmp_path), "RAY_ADDRESS": ""})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "--tls-cert" in done.stderr and "nothere.pem" in done.stderr
+    assert not list(tmp_path.glob("retriever-hops-*")) and not list(tmp_path.glob("ray*"))  # nor a Ray cluster
 
 
 def test_an_insecure_ray_deployment_serves_its_shards_on_node_ips_too():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
-from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, key_value, non_negative_int, positive_int
+from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, int_in, interrupt, key_value, positive_int
 
 
 def add_parser(command) -> None:
@@ -22,7 +23,8 @@ def add_parser(command) -> None:
                         '"IDMap,Flat" for exact search')
     b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")
     b.add_argument("--shards", type=int, default=2)
-    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the training sample and k-means")
+    b.add_argument("--seed", type=int_in(0, 2**31 - 2, "a seed"), default=0,
+                   help="seed of the training sample and k-means, in [0, 2147483646]")
     b.add_argument("--train-size", type=int, default=0, help="codec training sample; 0 sizes it for the index")
     b.add_argument("--keep-keys", action="store_true", help="store float16 keys for exact re-ranking")
     b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                          cpus_per_shard=args.cpus_per_shard, gpu=args.gpu, metadata=dict(args.meta))
     try:
         manifest = build_datastore(config, address=args.address, num_cpus=args.num_cpus,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress,
+                                   on_ray=lambda: signal.signal(signal.SIGTERM, interrupt))  # as Ctrl-C: one line
     except BuildError as err:
         raise CliError(str(err)) from None
     print(f"built {args.out}: {manifest.ntotal} rows, {len(manifest.shards)} shards, {manifest.factory}, "

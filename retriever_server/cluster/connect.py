@@ -15,6 +15,7 @@ Ray's wait on a head that never answers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -50,9 +51,12 @@ def connect_timeout_s() -> float:
     """Seconds a command waits to join a cluster: RETRIEVER_RAY_CONNECT_TIMEOUT, else 30."""
     value = os.environ.get(TIMEOUT_ENV, "")
     try:
-        return float(value) if value else DEFAULT_TIMEOUT_S
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds above 0, got {value[:40]!r}")
+    return seconds
 
 
 def _advice(target: str, source: str | None) -> str:

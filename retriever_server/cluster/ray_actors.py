@@ -75,9 +75,17 @@ class _ServerActor:
         the actor's copies of its secrets."""
         if not self.running.service.draining:
             self.loop.run(self.running.drain(grace=grace_s))
+        self._forget_secrets()
+
+    def _forget_secrets(self) -> None:
         if self.secrets_dir is not None:
             shutil.rmtree(self.secrets_dir, ignore_errors=True)
             self.secrets_dir = None
+
+    def _failed_to_start(self) -> None:
+        """A constructor that raised: no `stop()` will come, so its loop and its copies of the secrets go now."""
+        self.loop.close()
+        self._forget_secrets()
 
 
 @ray.remote
@@ -91,7 +99,7 @@ class ShardReplica(_ServerActor):
         try:
             self.running = self.loop.run(start_shard_server(self.server))
         except BaseException:
-            self.loop.close()
+            self._failed_to_start()
             raise
         self._tell_router(router, namespace)
 
@@ -115,12 +123,16 @@ class RouterActor(_ServerActor):
     def __init__(self, router: RouterConfig, replicas: list[list[str]], namespace: str, host: str | None,
                  log_level: str, secrets: Secrets | None = None):
         super().__init__(host, log_level, secrets)
-        handles = [[ray.get_actor(name, namespace=namespace) for name in names] for names in replicas]
-        addresses = [ray.get([h.address.remote() for h in shard]) for shard in handles]
-        config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host,
-                                     security=relocated(router.security, self.secrets_dir),
-                                     shard_security=relocated(router.shard_security, self.secrets_dir))
-        self.running = self.loop.run(start_router(config))
+        try:
+            handles = [[ray.get_actor(name, namespace=namespace) for name in names] for names in replicas]
+            addresses = [ray.get([h.address.remote() for h in shard]) for shard in handles]
+            config = dataclasses.replace(router, shards=tuple(tuple(a) for a in addresses), host=self.host,
+                                         security=relocated(router.security, self.secrets_dir),
+                                         shard_security=relocated(router.shard_security, self.secrets_dir))
+            self.running = self.loop.run(start_router(config))
+        except BaseException:
+            self._failed_to_start()
+            raise
 
     def replicas(self) -> list[list[str]]:
         """The replica addresses the router sends to now, per shard."""

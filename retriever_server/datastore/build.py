@@ -46,7 +46,7 @@ from retriever_server.datastore.manifest import (
     shard_name,
     write_manifest,
 )
-from retriever_server.datastore.publish import replace_directory
+from retriever_server.datastore.publish import check_output, output_held, replace_directory
 from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows
 from retriever_server.datastore.shard_fill import add_rows
 
@@ -308,24 +308,21 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
 
 
 def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
-    """Writes the manifest into the finished work directory, moves it to `config.out`, then tidies up."""
+    """Writes the manifest into the finished work directory, moves it to `config.out` (checked again: a
+    path may have appeared there meanwhile), then tidies up."""
+    check_output(config.out, config.overwrite)
     with as_build_error(f"publishing {config.out}", config.out):
         write_manifest(work, manifest)
-        old = replace_directory(work, config.out)
+        try:
+            old = replace_directory(work, config.out, overwrite=config.overwrite)
+        except FileExistsError:
+            raise BuildError(f"{config.out} appeared while the build ran; refusing to replace it (the build is "
+                             f"kept in {work}: run again with --overwrite, or choose another output)") from None
         fsync_directory(config.out.parent)
         for leftover in (MARKER, TRAINED, *(p.name for p in config.out.glob(f"{STOP}*"))):
             (config.out / leftover).unlink(missing_ok=True)  # not in the manifest: readers ignore them meanwhile
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_output(config: BuildConfig) -> None:
-    """Refuses to replace an existing path unless asked to, and never one that is not a datastore."""
-    if config.out.exists() and not (config.out / "manifest.json").is_file():
-        raise BuildError(f"{config.out} exists and is not a datastore; refusing to replace it: choose another "
-                         "output path")
-    if config.out.exists() and not config.overwrite:
-        raise BuildError(f"{config.out} already exists; pass --overwrite to replace it")
 
 
 def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float,
@@ -351,7 +348,7 @@ def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: 
 
 
 def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: int | None = None,
-                    progress: bool = True) -> Manifest:
+                    progress: bool = True, on_ray: Callable[[], None] | None = None) -> Manifest:
     """Builds a sharded datastore from an (N, d) keys matrix and publishes it at `config.out`.
 
     Keys and payloads are .npy files or parts indexes (`NAME.parts.json`, see `row_parts`), read
@@ -363,6 +360,7 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
         address: a Ray cluster to run on; None starts (or reuses) a local one.
         num_cpus: CPUs of the local Ray cluster when one is started.
         progress: show progress bars.
+        on_ray: called once this process is on Ray (a CLI's SIGTERM handler goes there, over Ray's).
 
     Returns:
         The manifest of the published datastore.
@@ -374,12 +372,17 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     Example:
         >>> build_datastore(BuildConfig(keys=Path("keys.npy"), out=Path("ds"), shards=2))
     """
-    _check_output(config)
+    with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
+        return _build(config, address, num_cpus, progress, on_ray or (lambda: None))
+
+
+def _build(config: BuildConfig, address: str | None, num_cpus: int | None, progress: bool, on_ray) -> Manifest:
     inputs = check_inputs(config)
     work = config.out.parent / f".{config.out.name}.partial"
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
     connect(address, num_cpus)
+    on_ray()
     started = time.time()
     with as_build_error(f"preparing {work}", work):
         _prepare_workdir(config, inputs, work)

@@ -20,6 +20,9 @@ PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "i
                             "uint8", "uint16", "uint32", "uint64", "bool"})  # what the wire format carries
 
 
+MAX_SEED = 2**31 - 2  # FAISS takes a seed as a C int, and the PQ codebooks seed + 1
+
+
 class BuildError(Exception):
     """The build cannot run with these inputs or failed; the message says which and why."""
 
@@ -211,6 +214,8 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
     if config.cpus_per_shard < 1:
         raise BuildError(f"--cpus-per-shard must be >= 1, got {config.cpus_per_shard}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise BuildError(f"--seed must be in [0, {MAX_SEED}], got {config.seed} (FAISS seeds are C ints)")
     factory, train_rows = _check_factory(config, n, d)
     if config.gpu:
         try:

@@ -1,26 +1,35 @@
 """Publishing a directory atomically: whoever reads `out` sees the old whole or the new whole.
 
 Linux's renameat2(RENAME_EXCHANGE) swaps two directories in one step; elsewhere (or on a
-filesystem without it) two renames leave `out` briefly absent, and that is logged.
+filesystem without it) two renames leave `out` briefly absent, and that is logged. A new `out` is
+moved in with RENAME_NOREPLACE, so a path that appeared there meanwhile is never replaced; and one
+build at a time writes an output (`build_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+from retriever_server.datastore.build_inputs import BuildError
+from retriever_server.datastore.manifest import DatastoreError, read_manifest
 
 log = logging.getLogger(__name__)
 AT_FDCWD = -100
-RENAME_EXCHANGE = 2
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
-def exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2(a, b, flags); False where that is unavailable (another system, an old kernel, a
+    filesystem without the flag), OSError where it refused."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -29,21 +38,73 @@ def exchange(a: Path, b: Path) -> bool:
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     renameat2.restype = ctypes.c_int
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False  # an old kernel, or a filesystem without RENAME_EXCHANGE
+        return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def replace_directory(work: Path, out: Path) -> Path | None:
-    """Moves `work` to `out`, which always names a whole datastore, the old one or the new one.
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    return _renameat2(a, b, RENAME_EXCHANGE)
+
+
+def move_new(work: Path, out: Path) -> None:
+    """Moves `work` to `out` where nothing is: FileExistsError if something is there, even if it
+    appeared a moment ago (renameat2 RENAME_NOREPLACE where there is one)."""
+    if _renameat2(work, out, RENAME_NOREPLACE):
+        return
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(errno.EEXIST, "exists", str(out))
+    os.rename(work, out)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """BuildError for an existing `out` unless `overwrite`, and for one that is not a readable datastore
+    (a folder that merely holds a manifest.json is not): it is never replaced."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    try:
+        read_manifest(out)
+    except (DatastoreError, OSError, ValueError) as err:
+        raise BuildError(f"{out} exists and is not a datastore; refusing to replace it: choose another output "
+                         f"path ({err})") from None
+    if not overwrite:
+        raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def output_held(out: Path, overwrite: bool) -> Iterator[None]:
+    """`check_output`, then holds the lock of the builds of `out` (flock on OUT_PARENT/.NAME.lock) for the
+    duration: BuildError where another build holds it. The kernel releases a killed build's lock."""
+    check_output(out, overwrite)
+    path = out.parent / f".{out.name}.lock"
+    try:
+        f = open(path, "a")
+    except OSError as err:
+        raise BuildError(f"cannot write in {out.parent}: {err.strerror or err}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another build is writing {out}: wait for it to end, or choose another output "
+                             "path") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def replace_directory(work: Path, out: Path, overwrite: bool = True) -> Path | None:
+    """Moves `work` to `out`, which always names a whole datastore, the old one or the new one; without
+    `overwrite` only where nothing is at `out` (FileExistsError otherwise).
 
     Returns where the replaced datastore now is, for the caller to remove, or None.
     """
-    if not out.exists():
-        os.replace(work, out)
+    if not overwrite or not out.exists():
+        move_new(work, out)
         return None
     if exchange(work, out):
         return work

@@ -267,7 +267,11 @@ def open_parts(index_path: Path) -> PartedArray:
     """
     index_path = Path(index_path)
     body = _read_index(index_path)
-    dtype, shape = np.dtype(body["dtype"]), tuple(int(s) for s in body["shape"])
+    try:
+        dtype, shape = np.dtype(body["dtype"]), tuple(int(s) for s in body["shape"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"parts index {index_path}: its dtype {str(body['dtype'])[:40]!r} and shape "
+                         f"{str(body['shape'])[:80]!r} do not make an array ({err})") from None
     if not shape:
         raise ValueError(f"parts index {index_path}: shape must have at least one dimension")
     paths = [_check_part(index_path, e, dtype, shape[1:]) for e in body["parts"]]
