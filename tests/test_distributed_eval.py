@@ -302,6 +302,10 @@ def test_a_service_down_or_of_another_kind_is_refused_before_any_worker_starts(k
     retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=knn[2], config=CONFIG)
     with pytest.raises(ValueError, match="a 'knnlm' datastore .*, not a RETRO one"):
         evaluate_distributed(retro_job, shares)
+    foreign = write_token_store(tmp_path / "foreign", [("f", list(range(1, 200)))], 0, "bpe:another-tokenizer")
+    with pytest.raises(ValueError, match=r"foreign was tokenized with bpe:another-tokenizer, but the datastore at "
+                                         r".* holds tokens of tokenizer 'bpe:"):
+        evaluate_distributed(dataclasses.replace(job(knn, data), store=foreign.directory), shares)
     assert not (tmp_path / "shares").exists()  # nothing written
 
 

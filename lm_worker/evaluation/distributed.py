@@ -280,7 +280,9 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
 def _checked_datastore_version(job: EvalJob, model) -> str:
     """The version of the datastore the job's target serves (one GetInfo), once the same checks as an
     evaluation in one process passed: the service answers (else its RetrieverError), and the datastore
-    is of the job's kind and, for kNN-LM, made by this model (else ValueError)."""
+    is of the job's kind, of the token store's tokenizer and, for kNN-LM, made by this model (else
+    ValueError)."""
+    from lm_worker.data.token_store import TokenStore
     from lm_worker.evaluation.knnlm import check_knnlm_inputs
     from lm_worker.retrieval.config import check_retro_inputs
     from lm_worker.retrieval.service import ServiceRetriever, resolve_target
@@ -288,6 +290,10 @@ def _checked_datastore_version(job: EvalJob, model) -> str:
     security = job.security or ClientSecurity()
     with ServiceRetriever(resolve_target(job.target), job.config.retrieval, security) as retriever:
         (check_knnlm_inputs if job.kind == "knnlm" else check_retro_inputs)(model, retriever)
+        made, ours = str(retriever.metadata.get("tokenizer", "")), TokenStore.open(job.store).tokenizer_fingerprint
+        if made and made != ours:
+            raise ValueError(f"{job.store} was tokenized with {ours}, but the datastore at {job.target} holds "
+                             f"tokens of tokenizer {made[:80]!r}")
         return retriever.version
 
 
