@@ -439,6 +439,8 @@ def _save_payload_files(tmp_path) -> None:
         (dict(factory="Flat"), "'Flat' makes an index that keeps no row ids: .* \"IDMap,Flat\""),
         (dict(factory="HNSW32"), "'HNSW32' makes an index that keeps no row ids"),
         (dict(factory="IDMap,HNSW32"), "'IDMap,HNSW32' makes an index without a fixed code size per row"),
+        (dict(factory="IVF16,Flat,RFlat"), "'IVF16,Flat,RFlat' makes a refine index, which .* cannot fill"),
+        (dict(factory="IVF16,PQ4,Refine(Flat)"), "makes a refine index, .* search with exact re-ranking"),
         (dict(metric="cosine"), "metric must be one of"),
         (dict(payloads={"values": "short.npy"}), "first dimension must be 100"),
         (dict(keys="ints.npy"), "must be a non-empty float"),

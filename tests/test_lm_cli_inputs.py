@@ -184,6 +184,9 @@ GENERATE = ["generate", "--checkpoint", "{run}/lm", "--data", "{run}/data", "--p
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--max-new-tokens", "200"], "+ --max-new-tokens 200 - 1 exceeds the model's max_len 128"),
     (["--knn-temperature", "inf"], "--knn-temperature must be > 0 and finite, got inf"),
+    (["--lam", "0.5"], "--lam sets kNN-LM's mixing with the neighbours: it takes an LM checkpoint and retrieval"),
+    (["--lam", "0.5", "--knn-temperature", "3"], "--lam and --knn-temperature set kNN-LM's mixing with the "
+                                                  "neighbours: they take an LM checkpoint and retrieval"),
     (["--prompt-file", "{run}/binary.txt"], "--prompt-file {run}/binary.txt is not UTF-8 text (byte 0: "),
     (["--prompt-file", "{run}/nosuch.txt"], "--prompt-file {run}/nosuch.txt cannot be read: No such file"),
 ])

@@ -28,6 +28,7 @@ from lm_worker.cli.common import (
 # at 16 prompts and 1.05-1.38x at 32; in one later run, with both sending each request from within the
 # forward, 1.18x against 1.12x at 32 prompts and 1.08x against 1.10x at 8 (docs/results.md).
 PIPELINE_PROMPTS = 16
+DEFAULT_LAM, DEFAULT_KNN_TEMPERATURE = 0.25, 1.0  # kNN-LM mixing unless --lam, --knn-temperature
 # Each strategy's own options: (flag, dest, GenerateConfig field); another strategy refuses them when given
 STRATEGY_OPTIONS = {"greedy": (), "sample": (("--temperature", "temperature", "temperature"),
                                              ("--top-k", "top_k", "top_k"), ("--top-p", "top_p", "top_p"),
@@ -59,8 +60,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--beams", type=int, help="beam: beams per prompt (default 4)")
     g.add_argument("--length-penalty", type=float,
                    help="beam: alpha of the length normalisation, in [-10, 10] (default 0.6)")
-    g.add_argument("--lam", type=float, default=0.25, help="kNN-LM λ")
-    g.add_argument("--knn-temperature", type=float, default=1.0)
+    g.add_argument("--lam", type=float, help=f"kNN-LM: λ, the neighbours' weight (default {DEFAULT_LAM})")
+    g.add_argument("--knn-temperature", type=float,
+                   help=f"kNN-LM: the temperature of the neighbours' distances (default {DEFAULT_KNN_TEMPERATURE})")
     g.add_argument("--prefetch", type=int, default=0, help="RETRO: send a chunk's query this many tokens early")
     g.add_argument("--no-overlap", action="store_true",
                    help="retrieve serially: RETRO's prefetched queries when needed, kNN-LM each step's request "
@@ -151,8 +153,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 ("--length-penalty", args.length_penalty,
                  given(args.length_penalty, lambda a: -MAX_LENGTH_PENALTY <= a <= MAX_LENGTH_PENALTY),
                  f"in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]"),
-                ("--lam", args.lam, 0 <= args.lam <= 1, "in [0, 1]"),
-                ("--knn-temperature", args.knn_temperature, positive_finite(args.knn_temperature), "> 0 and finite"),
+                ("--lam", args.lam, given(args.lam, lambda v: 0 <= v <= 1), "in [0, 1]"),
+                ("--knn-temperature", args.knn_temperature, given(args.knn_temperature, positive_finite),
+                 "> 0 and finite"),
                 ("--stride", args.stride, args.stride >= 0, ">= 0 (0: chosen as it decodes)"),
                 *((f"--{name}", getattr(args, name), getattr(args, name) >= 0, ">= 0")
                   for name in ("k", "nprobe", "rerank")))
@@ -201,6 +204,11 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
     if args.knn_pipeline and (retro or args.no_overlap or args.ralmspec):
         raise ValueError("--knn-pipeline overlaps kNN-LM's retrieval with compute: it takes an LM checkpoint, and "
                          "no --no-overlap or --ralmspec")
+    mixing = [flag for flag, value in (("--lam", args.lam), ("--knn-temperature", args.knn_temperature))
+              if value is not None]
+    if mixing and (retro or args.no_retrieval):
+        raise ValueError(f"{_names(mixing)} set{'s' * (len(mixing) == 1)} kNN-LM's mixing with the neighbours: "
+                         f"{'it takes' if len(mixing) == 1 else 'they take'} an LM checkpoint and retrieval")
     if not args.no_retrieval and not (args.target or args.datastore):
         raise ValueError("--target or --datastore is required to retrieve while decoding (--no-retrieval: the "
                          "model alone)")
@@ -227,11 +235,19 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
         from lm_worker.decoding.ralmspec.decoder import RaLMSpecKnnLM
 
         speculation = SpeculationConfig(stride=args.stride, guess=args.guess, asynchronous=args.guess == "lm")
-        return RaLMSpecKnnLM(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+        return RaLMSpecKnnLM(loaded.model, retriever, lam=_lam(args), temperature=_knn_temperature(args),
                              speculation=speculation)
     pipeline = args.knn_pipeline or (prompts >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap)
-    return KnnLMStepper(loaded.model, retriever, lam=args.lam, temperature=args.knn_temperature,
+    return KnnLMStepper(loaded.model, retriever, lam=_lam(args), temperature=_knn_temperature(args),
                         overlap=pipeline, early=not args.no_overlap)
+
+
+def _lam(args: argparse.Namespace) -> float:
+    return DEFAULT_LAM if args.lam is None else args.lam
+
+
+def _knn_temperature(args: argparse.Namespace) -> float:
+    return DEFAULT_KNN_TEMPERATURE if args.knn_temperature is None else args.knn_temperature
 
 
 def _length_groups(ids: list[list[int]]) -> list[list[int]]:

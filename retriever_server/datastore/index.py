@@ -64,6 +64,10 @@ def check_factory(factory: str, d: int, metric: str) -> None:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
         raise ValueError(f"FAISS cannot build factory string {factory!r} for dimension {d}: {first}") from None
+    if isinstance(index, faiss.IndexRefine):  # its rows are added to its base and refine index at once
+        raise ValueError(f"factory string {factory!r} makes a refine index, which a datastore's shards cannot "
+                         "fill: build without RFlat / Refine(...), with --keep-keys, and search with exact "
+                         "re-ranking instead")
     if faiss.try_extract_index_ivf(index) is not None:
         return
     core = index
