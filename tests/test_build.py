@@ -323,8 +323,11 @@ def test_resume_rebuilds_a_damaged_shard(ray_cluster, keys, tmp_path, monkeypatc
         build_datastore(config, progress=False)
     monkeypatch.undo()
     partial = tmp_path / ".ds.partial"
-    with open(partial / "shard-00001" / "index.faiss", "r+b") as f:
-        f.truncate(100)
+    with open(partial / "shard-00001" / "index.faiss", "r+b") as f:  # damaged, its size unchanged
+        f.seek(f.seek(0, os.SEEK_END) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
     (partial / "shard-00002" / "payload.values.npy").unlink()
     stamp = (partial / "shard-00000" / "index.faiss").stat().st_mtime_ns
     with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):

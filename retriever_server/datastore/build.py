@@ -42,6 +42,7 @@ from retriever_server.datastore.manifest import (
     Manifest,
     ShardEntry,
     describe_files,
+    file_sha256,
     fsync_directory,
     shard_name,
     write_manifest,
@@ -180,11 +181,11 @@ def _shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 def _intact(shard_dir: Path, entry, start: int, end: int) -> bool:
-    """Whether a finished shard covers [start, end) and its files have the sizes it recorded."""
+    """Whether a finished shard covers [start, end) and its files have the sizes and sha256 it recorded."""
     try:
         return (entry["id_start"], entry["id_end"]) == (start, end) and all(
             (shard_dir / name).is_file() and (shard_dir / name).stat().st_size == f["bytes"]
-            for name, f in entry["files"].items()
+            and file_sha256(shard_dir / name) == f["sha256"] for name, f in entry["files"].items()
         )
     except (KeyError, TypeError, AttributeError):
         return False
