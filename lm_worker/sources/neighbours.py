@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lm_worker.sources.source import written_whole
+
 log = logging.getLogger(__name__)
 
 
@@ -63,8 +65,7 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
         return retriever.submit_chunks(np.asarray(queries[first:last], dtype=np.float32), part)
 
     out, empty = None, 0
-    partial = Path(out_path).with_name(Path(out_path).name + ".partial")  # renamed once whole
-    try:
+    with written_whole(Path(out_path)) as partial:
         pending = submit(0)
         for first in tqdm(range(0, C, batch), desc="RETRO neighbours", unit="batch", disable=not progress):
             found = pending.result()  # (b, K, 2L)
@@ -76,9 +77,6 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
             empty += int((found == 0).all(axis=2).sum())
         out.flush()
         del out
-        partial.replace(out_path)
-    finally:
-        partial.unlink(missing_ok=True)
     if empty:
         log.warning("%d of %d neighbours came back empty (all-zero tokens): raise nprobe or lower k", empty,
                     C * retriever.config.k)

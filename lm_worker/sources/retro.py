@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm_worker.data.token_store import TokenStore
-from lm_worker.sources.source import KEYS, Encoder, SourceInfo, start_source
+from lm_worker.sources.source import KEYS, Encoder, SourceInfo, start_source, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,11 @@ def embed_chunks(store: TokenStore, encoder: Encoder, chunk_len: int, out_path: 
     if out_path is None:
         return _embed_into(np.empty(shape, dtype=np.float32), store, encoder, chunk_len, batch, progress)
     out_path = Path(out_path)
-    partial = out_path.with_name(out_path.name + ".partial")
-    try:
+    with written_whole(out_path) as partial:
         keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
         _embed_into(keys, store, encoder, chunk_len, batch, progress).flush()
         del keys
-        out_path.with_suffix(".json").unlink(missing_ok=True)  # the record of the file replaced
-        partial.replace(out_path)
-    finally:
-        partial.unlink(missing_ok=True)
+        out_path.with_suffix(".json").unlink(missing_ok=True)  # the record of the file about to be replaced
     if record is not None:
         tmp = out_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record))

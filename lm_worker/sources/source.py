@@ -20,8 +20,10 @@ a RETRO source is chunk c.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -153,3 +155,15 @@ def start_source(out_dir: Path) -> Path:
     (out_dir / SOURCE_JSON).unlink(missing_ok=True)
     return out_dir
 
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """Yields the name to write `path` under (PATH.partial); renamed to `path` once the block ends, removed
+    if it raises: an interrupted writer leaves what was at `path` before."""
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)

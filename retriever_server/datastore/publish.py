@@ -3,7 +3,7 @@
 Linux's renameat2(RENAME_EXCHANGE) swaps two directories in one step; elsewhere (or on a
 filesystem without it) two renames leave `out` briefly absent, and that is logged. A new `out` is
 moved in with RENAME_NOREPLACE, so a path that appeared there meanwhile is never replaced; and one
-build at a time writes an output (`build_lock`).
+build at a time writes an output (`output_held`).
 """
 
 from __future__ import annotations
