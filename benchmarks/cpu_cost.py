@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_cost_plot import plot_costs  # noqa: E402
-from decoding import process_cpu_s  # noqa: E402
+from decoding import ProcessGone, process_cpu_s  # noqa: E402
 from grpc_floor import FloorDeployment, request_bytes  # noqa: E402
 from pinning import core_plan, pin_process, wall_table  # noqa: E402
 from search_service import load_vectors, query_batches, save_keys  # noqa: E402
@@ -66,6 +66,8 @@ from retriever_server.serving.client import RetrieverClient, make_request  # noq
 from retriever_server.serving.merge import merge_results  # noqa: E402
 from retriever_server.wire.response import encode_search_response  # noqa: E402
 from retriever_server.wire.result import SearchResult  # noqa: E402
+
+ONE_THREAD = ("--threads", "1")  # each shard searches on one FAISS thread, as the in-process reference does
 
 FACTORY = "IVF256,PQ32"
 SHARDS = 2
@@ -302,7 +304,7 @@ def secure_costs(config: CostConfig, queries: np.ndarray, version: str,
     rows = []
     for name, (server_side, client) in {"plaintext": (ServerSecurity(), ClientSecurity()),
                                         "TLS + token": (server, client_side)}.items():
-        with LocalDeployment(config.datastore, security=server_side) as deployment, \
+        with LocalDeployment(config.datastore, security=server_side, extra_args=ONE_THREAD) as deployment, \
                 RetrieverClient(deployment.router_address, security=client) as router:
             if plan:
                 for role, pid in deployment_pids(deployment).items():
@@ -408,7 +410,7 @@ def run(config: CostConfig) -> dict:
     refs = in_process(config, keys)
     version = read_manifest(config.datastore).version
     rows = []
-    with LocalDeployment(config.datastore) as deployment, FloorDeployment() as floor, \
+    with LocalDeployment(config.datastore, extra_args=ONE_THREAD) as deployment, FloorDeployment() as floor, \
             RetrieverClient(deployment.router_address) as router, \
             RetrieverClient(deployment.shard_addresses) as fan_out:
         if plan:
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         config = replace(config, seconds_per_cell=0.5, min_calls=5)
     try:
         results = run(config)
-    except ValueError as err:  # too few cores for --pin
+    except (ValueError, ProcessGone) as err:  # too few cores for --pin; a server gone mid-measurement
         sys.exit(f"cpu_cost.py: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_cost.json").write_text(json.dumps(results, indent=2))

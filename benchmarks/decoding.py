@@ -19,8 +19,10 @@ processes) while its model decodes prompts cut from the held-out split. Per mode
   next step computed on the LM's argmax while this step's neighbours are in flight, guessing only while
   that pays; see `lm_worker.decoding.speculative`) and RaLMSpec (`RaLMSpecKnnLM`: each prompt guesses its
   neighbours from a local cache of the rows it retrieved and their successors, verified in one request
-  every s steps, rows (beam search: prompts) rolled back alone; adaptive, and at a fixed stride of 2 to
-  show what guessing costs where it does not pay; see `lm_worker.decoding.ralmspec`). Greedy scenarios are
+  every s steps, rows (beam search: prompts) rolled back alone; adaptive, at a fixed stride of 2 to
+  show what guessing costs where it does not pay, and, for greedy, asynchronous (the next window guessed
+  while the last one is verified) from the caches and from the LM's own token; see
+  `lm_worker.decoding.ralmspec`). Greedy scenarios are
   summarised by the adaptive RaLMSpec run (with its hit rate: the share of guessed steps that held), beam
   search by the pipelined one; a table of its own compares RaLMSpec with serial retrieval in every scenario.
   kNN-LM's temperature is the one the run chose (RUN/report/temperature.json).
@@ -183,18 +185,29 @@ class TimedStart:
         self.inner.reorder(indices)
 
 
+class ProcessGone(RuntimeError):
+    """A process whose CPU seconds a benchmark reads has exited, or was restarted under another pid: what
+    it used is lost, and a figure over it would be wrong (negative, or too small)."""
+
+
 def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) process `pid` has used, from /proc; 0 once it is gone."""
+    """CPU seconds (user + system, every thread) process `pid` has used, from /proc; raises `ProcessGone`
+    once it has exited."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        state = "X"
+    if state in ("Z", "X"):
+        raise ProcessGone(f"process {pid} exited during the measurement (a server crashed or was restarted): "
+                          "its CPU seconds are lost; run the benchmark again")
+    return (int(fields[10]) + int(fields[11])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def servers_cpu_s(deployment: LocalDeployment) -> float:
-    """CPU seconds used so far by every process of the deployment (shards and router)."""
-    return sum(process_cpu_s(p.popen.pid) for p in deployment.processes())
+def server_cpu_reader(deployment: LocalDeployment) -> Callable[[], float]:
+    """A running total of the CPU seconds used by the deployment's processes as they are now (shards and
+    router): reading it raises `ProcessGone` once one of them has exited, even if it was restarted since."""
+    pids = [p.popen.pid for p in deployment.processes()]
+    return lambda: sum(process_cpu_s(pid) for pid in pids)
 
 
 @dataclass(frozen=True)
@@ -238,23 +251,27 @@ def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateC
 
 def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen: GenerateConfig,
             repeats: int, servers_cpu: Callable[[], float], time_start: bool = False) -> dict[str, dict]:
-    """Each variant once to warm up, then `repeats` rounds, variants interleaved; the median run of each."""
+    """Each variant once to warm up, then `repeats` rounds, variants interleaved; the median run of each
+    (of an even count, the faster of the middle two). Its `tokens_digest` holds every distinct output of
+    all the variant's runs, the warm-up's included: two variants decode the same tokens only where each
+    decoded one output every time, the same one."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for make in variants.values():
-        decode_once(make, prompt, gen, time_start, servers_cpu)
+    outputs: dict[str, list[list]] = {name: [] for name in variants}
+    for name, make in variants.items():
+        outputs[name].append(decode_once(make, prompt, gen, time_start, servers_cpu)["tokens"].tolist())
     for _ in range(repeats):
         for name, make in variants.items():
             runs[name].append(decode_once(make, prompt, gen, time_start, servers_cpu))
+            outputs[name].append(runs[name][-1].pop("tokens").tolist())
     result = {}
     for name, done in runs.items():
-        median = sorted(done, key=lambda r: r["seconds"])[len(done) // 2]
-        tokens = median.pop("tokens")
+        median = sorted(done, key=lambda r: r["seconds"])[(len(done) - 1) // 2]
         generated = prompt.shape[0] * median["new_tokens"]
         median["tokens_per_s"] = generated / median["seconds"]
         median["calls_per_token"] = median["stats"]["retrieval_calls"] / generated
         median["cpu_ms_per_token"] = 1e3 * (median["worker_cpu_s"] + median["server_cpu_s"]) / generated
         median["all_seconds"] = [r["seconds"] for r in done]
-        median["tokens_digest"] = tokens.tolist()
+        median["tokens_digest"] = [t for i, t in enumerate(outputs[name]) if t not in outputs[name][:i]]
         result[name] = median
     return result
 
@@ -369,9 +386,12 @@ def bench_knnlm(config: BenchConfig, lm, scenarios: dict[str, tuple[torch.Tensor
             if gen.strategy != "beam":  # the LM's own token as the guess, verified while the next step runs
                 variants["knn-lm ralmspec lm guess"] = lambda: RaLMSpecKnnLM(
                     model, retriever, lam, temperature, speculation=SpeculationConfig(asynchronous=True, guess="lm"))
+                # guesses from the local caches, each window guessed while the last one is verified
+                variants["knn-lm ralmspec async"] = lambda: RaLMSpecKnnLM(
+                    model, retriever, lam, temperature, speculation=SpeculationConfig(asynchronous=True))
             print(f"kNN-LM {name}: {retriever.ntotal} rows, k={config.k}, lambda={lam}, T={temperature} ...",
                   flush=True)
-            rows = measure(variants, prompt, gen, config.repeats, lambda: servers_cpu_s(deployment))
+            rows = measure(variants, prompt, gen, config.repeats, server_cpu_reader(deployment))
             overlap = "ralmspec" if gen.strategy != "beam" else "pipelined"
             annotate(rows, "knn-lm serial", cores)
             summary = overlap_summary(rows["knn-lm serial"], rows[f"knn-lm {overlap}"])
@@ -413,7 +433,7 @@ def bench_retro(config: BenchConfig, retro, tokenizer, prompts: dict[int, torch.
         for batch, prompt in prompts.items():
             print(f"RETRO greedy x{batch}: {retriever.ntotal} chunks of {L}, K={retro.config.n_neighbours}, "
                   f"prefetch {s} ...", flush=True)
-            rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, lambda: servers_cpu_s(deployment),
+            rows = measure(variants, prompt, gen, config.repeats * RETRO_REPEATS, server_cpu_reader(deployment),
                            time_start=True)
             annotate(rows, f"retro prefetch {s} serial", cores_of(config))
             summary = overlap_summary(rows[f"retro prefetch {s} serial"], rows[f"retro prefetch {s} overlapped"])
@@ -670,7 +690,10 @@ def run_temperature(run: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    results = run(config)
+    try:
+        results = run(config)
+    except ProcessGone as err:
+        sys.exit(f"decoding.py: {err}")
     env = results["environment"]
     cores = (f"model on cores {format_cpus(tuple(env['model_cpus']))}, servers on "
              f"{format_cpus(config.server_cpus)}" if config.server_cpus else "model and servers sharing every core")

@@ -58,7 +58,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import process_cpu_s  # noqa: E402
+from decoding import ProcessGone, process_cpu_s  # noqa: E402
 
 from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
 from retriever_server.datastore import index as ix  # noqa: E402
@@ -76,6 +76,12 @@ SHARDS = 2
 BUILD_CPUS = 2  # the build's local Ray cluster: one core per shard task
 REFERENCE_BLOCK = 1_000_000  # rows read (untimed) per FAISS add of the reference over every row
 RERANK = 100
+
+
+def build_cores(build_cpus: int) -> int:
+    """The cores a build on `build_cpus` CPUs keeps busy: its SHARDS tasks take max(1, build_cpus // SHARDS)
+    CPUs (and FAISS threads) each, so as many run at once as fit (one core: one after the other)."""
+    return min(build_cpus, SHARDS * max(1, build_cpus // SHARDS))
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,7 @@ class SizeResult:
     add_s: float = 0.0
     add_rows_per_s_per_core: float = 0.0
     faiss_add_rows_per_s: float = 0.0  # one thread, on at most reference_rows rows
-    faiss_add_rows_per_s_per_core: float = 0.0  # as many threads as the build's CPUs, every row, per core
+    faiss_add_rows_per_s_per_core: float = 0.0  # as many threads as the build's busy cores, every row, per core
     peak_build_anon_gib: float = 0.0
     peak_build_file_gib: float = 0.0
     disk_bytes_per_row: float = 0.0
@@ -293,7 +299,7 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
     result.build_s = time.perf_counter() - started
     manifest = read_manifest(out)
     result.train_s, result.add_s = manifest.build["train_seconds"], manifest.build["add_seconds"]
-    result.add_rows_per_s_per_core = result.rows / result.add_s / max(SHARDS, config.build_cpus)
+    result.add_rows_per_s_per_core = result.rows / result.add_s / build_cores(config.build_cpus)
     result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
     result.peak_build_file_gib = memory.file_kib / 2 ** 20
     names = ("build_s", "train_s", "add_s", "add_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
@@ -302,16 +308,16 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
 
 def faiss_reference(config: ScaleConfig, real: np.ndarray, keys_path: Path, out: Path, result: SizeResult) -> None:
     """Plain FAISS in this process: `add` into the build's trained codec (shard 0's index, emptied),
-    with as many threads as the build has cores, over every row the build added (read from its keys a
-    block at a time, untimed; rows/s per core: the same rows, cores and sustained load as the build's
-    add phase; every row's codes are held in memory meanwhile: 3.9 GB at 10^7), and with one thread on
-    a slice of at most `reference_rows` rows."""
+    with as many threads as the build keeps cores busy (`build_cores`), over every row the build added
+    (read from its keys a block at a time, untimed; rows/s per core: the same rows, cores and sustained
+    load as the build's add phase; every row's codes are held in memory meanwhile: 3.9 GB at 10^7), and
+    with one thread on a slice of at most `reference_rows` rows."""
     manifest = read_manifest(out)
     index = faiss.read_index(str(out / manifest.shards[0].name / "index.faiss"))
     index.reset()
     body = faiss.serialize_index(index)
     keys = open_rows(keys_path)
-    faiss.omp_set_num_threads(config.build_cpus)
+    faiss.omp_set_num_threads(build_cores(config.build_cpus))
     index, seconds = faiss.deserialize_index(body), 0.0
     for start in range(0, result.rows, REFERENCE_BLOCK):
         rows = np.ascontiguousarray(keys[start:start + REFERENCE_BLOCK], dtype=np.float32)
@@ -319,7 +325,7 @@ def faiss_reference(config: ScaleConfig, real: np.ndarray, keys_path: Path, out:
         index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
         seconds += time.perf_counter() - began
     del index
-    result.faiss_add_rows_per_s_per_core = result.rows / seconds / config.build_cpus
+    result.faiss_add_rows_per_s_per_core = result.rows / seconds / build_cores(config.build_cpus)
     n = min(result.rows, config.reference_rows)
     rows = key_rows(real, 0, n, config.seed)
     index = faiss.deserialize_index(body)
@@ -450,7 +456,7 @@ def _joined(values: list[float]) -> str:
 
 def table(results: list[SizeResult], build_cpus: int = BUILD_CPUS) -> str:
     lines = ["| rows (real) | factory, nprobe | build s (train + add) | add rows/s/core (FAISS add per core: "
-             f"{build_cpus} threads, every row / 1 thread, first 10^6) "
+             f"{build_cores(build_cpus)} threads, every row / 1 thread, first 10^6) "
              "| peak build anon GiB | disk B/row | serve ready s | shard anon / file MiB (idle anon) | index MiB "
              "| cold / warm ms | recall@10 re-rank 100 / plain |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -569,7 +575,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                ScaleConfig.sizes)
     real_keys = ALL_REAL_KEYS if args.real_keys == "all" else int(args.real_keys)
     config = ScaleConfig(sizes=sizes, out=args.out, real_keys=real_keys, build_cpus=args.build_cpus, gpu=args.gpu)
-    results = run(config, keep_others=args.keep_others)
+    try:
+        results = run(config, keep_others=args.keep_others)
+    except ProcessGone as err:
+        sys.exit(f"scale.py: {err}")
     print()
     print(f"keys: {min(config.real_keys, max(config.sizes))} real MiniLM keys, the rest real + Gaussian noise "
           f"{NOISE} per dimension; {QUERIES} held-out real queries; 2 shards, metric ip, defaults of `auto`")

@@ -72,3 +72,13 @@ def test_decoding_quick_keeps_the_repeats_given(tmp_path):
     run = ["--run", str(tmp_path), "--knn-temperature", "1.0"]
     assert parse_args([*run]).repeats == 5 and parse_args([*run, "--quick"]).repeats == 2
     assert parse_args([*run, "--quick", "--repeats", "3"]).repeats == 3
+
+
+def test_the_search_service_bars_hold_the_services_recall_to_both_references():
+    from search_service import bars
+
+    rows = [{"nprobe": 8, "reference": 0.78, "sharded_reference": 0.78, "service": 0.78},
+            {"nprobe": 16, "reference": 0.87, "sharded_reference": 0.87, "service": 0.86}]
+    found = bars([], rows)
+    assert [b["pass"] for b in found] == [True, False]
+    assert found[1]["value"] == "0.8600 vs 0.8700 / 0.8700" and "nprobe=16" in found[1]["bar"]

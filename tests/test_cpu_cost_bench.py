@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from cpu_cost import CostConfig, bars, cpu_per_call  # noqa: E402
+from decoding import ProcessGone  # noqa: E402
 
 
 def test_cpu_per_call_counts_this_process_and_others_per_call():
@@ -27,6 +30,20 @@ def test_cpu_per_call_counts_this_process_and_others_per_call():
     assert cost["calls"] >= 10
     assert 19 <= cost["client"] <= 30 and cost["idle"] < 5
     assert cost["total"] == cost["client"] + cost["idle"]
+
+
+def test_a_server_that_exits_mid_measurement_stops_it_rather_than_count_negative_cpu():
+    """A process gone during a tally (a crash, or a restart under another pid) lost its CPU seconds:
+    the tally refuses to go on, where it used to count that process's earlier CPU as negative."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+                              "while time.process_time() < end:\n    pass\ntime.sleep(0.5)"])
+    try:
+        config = CostConfig(seconds_per_cell=3.0, min_calls=1, warmup_calls=0, rounds=1)
+        with pytest.raises(ProcessGone, match=f"process {child.pid} exited during the measurement"):
+            cpu_per_call(lambda _: time.sleep(0.05), [np.zeros((1, 4), np.float32)], {"shard 0": child.pid}, config)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def cell(nq: int, k: int, router_total: float, in_process: float, fan_out: float, floor: float, router: float) -> dict:

@@ -3,16 +3,21 @@ CPU work puts on the retrieval time an overlap can hide."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from decoding import Cores, annotate, bars, bars_table, hidden, process_cpu_s  # noqa: E402
+from decoding import Cores, ProcessGone, annotate, bars, bars_table, hidden, measure, process_cpu_s  # noqa: E402
+
+from lm_worker.decoding.config import GenerateConfig  # noqa: E402
+from lm_worker.decoding.stepper_stats import StepperStats  # noqa: E402
 
 BUSY = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end:\n    pass\ntime.sleep(30)\n"
 
@@ -30,7 +35,35 @@ def test_process_cpu_seconds_count_a_childs_busy_loop_and_not_its_sleep():
     finally:
         child.kill()
         child.wait()
-    assert process_cpu_s(child.pid) == 0.0  # gone
+    with pytest.raises(ProcessGone, match=f"process {child.pid} exited"):  # its CPU seconds are lost
+        process_cpu_s(child.pid)
+
+
+class Steady:
+    """A stepper whose every row always prefers token `token` of 4."""
+
+    def __init__(self, token: int):
+        self.token, self.stats = token, StepperStats()
+
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.step(prompt[:, -1])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.full((len(tokens), 4), -10.0)
+        log_probs[:, self.token] = 0.0
+        return log_probs  # (B, 4)
+
+
+def test_same_tokens_needs_every_run_of_a_variant_to_decode_serials_tokens():
+    """Three of a variant's five runs (the warm-up's and two timed) decode serial's tokens, two others: whichever
+    run is the median, its tokens are not called serial's, where only the median's used to be compared."""
+    flips = itertools.cycle([0, 1, 0, 1, 0])
+    variants = {"serial": lambda: Steady(0), "steady": lambda: Steady(0), "flaky": lambda: Steady(next(flips))}
+    rows = measure(variants, torch.zeros((2, 3), dtype=torch.long), GenerateConfig(max_new_tokens=3), repeats=4,
+                   servers_cpu=lambda: 0.0)
+    assert rows["steady"]["tokens_digest"] == rows["serial"]["tokens_digest"] == [[[0, 0, 0], [0, 0, 0]]]
+    assert rows["flaky"]["tokens_digest"] == [[[0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1]]]
+    assert all(len(r["all_seconds"]) == 4 and "tokens" not in r for r in rows.values())
 
 
 def run(seconds: float, retrieval_s: float, worker: float, servers: float) -> dict:

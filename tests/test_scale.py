@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from scale import ScaleConfig, earlier_results, phase_table, run, size_folder  # noqa: E402
+from scale import ScaleConfig, build_cores, earlier_results, phase_table, run, size_folder  # noqa: E402
 
 from retriever_server.datastore.build_inputs import BuildConfig, bytes_per_row, check_inputs  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
@@ -66,3 +66,9 @@ def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, rea
     assert (tmp_path / "scale.png").stat().st_size > 10_000
     # --keep-others: an earlier run's sizes other than this run's are kept, as they were measured
     assert earlier_results(tmp_path, (ROWS,)) == [] and earlier_results(tmp_path, (1,)) == [result]
+
+
+def test_add_rates_per_core_count_the_cores_a_build_keeps_busy():
+    """Two shard tasks of max(1, cpus // 2) CPUs each: on one CPU they run one after the other, on three
+    they use two."""
+    assert [build_cores(cpus) for cpus in (1, 2, 3, 4, 16)] == [1, 2, 2, 4, 16]
