@@ -50,7 +50,8 @@ def add_parsers(sub) -> None:
 
     rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     rd.add_argument("--out", type=Path, default=Path("runs/retrieval-demo"), help="where it keeps what it builds")
-    rd.add_argument("--keys", type=int, default=12000, help="stdlib chunks in the datastore (>= 9984 for IVFPQ)")
+    rd.add_argument("--keys", type=int, default=12000,
+                    help="stdlib chunks in the datastore (>= 9984 for SQ8 codes; below, IVF-Flat)")
     rd.add_argument("--queries", type=int, default=500, help="held-out chunks used as queries")
     rd.set_defaults(handler=run_retrieval_demo)
 

@@ -68,8 +68,10 @@ def add_parsers(command) -> None:
                    help="without --shard: let each shard process run on any of the cores (default: with no more "
                         "shard processes than cores, each runs on its own share of them, which keeps its caches "
                         "warm)")
-    add_server(s, health_note=". With --datastore alone, the router's (the shards' are ports they pick, on "
-                              "127.0.0.1); the router's port is in --address-file as health_port")
+    add_server(s, health_note=". With --datastore alone, this is the router's, and even with -1 the router "
+                              "answers health checks on a port it picks on 127.0.0.1, which serve watches (the "
+                              "shards pick theirs there too); the router's port is in --address-file as "
+                              "health_port")
     add_failover(s)
 
     r = command("router", "serve the Retriever API in front of shards")

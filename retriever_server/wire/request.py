@@ -23,7 +23,9 @@ MAX_QUERY_ABS = 1e15  # a query component's largest magnitude: d * (1e15)^2 stay
 @dataclass(frozen=True)
 class Limits:
     """Bounds a server enforces on each request, checked before any search, and on the work it holds
-    at once. A request past one is refused with RESOURCE_EXHAUSTED naming the limit.
+    at once. A request past one is refused naming the limit: with INVALID_ARGUMENT where a value itself is
+    out of range (k, rerank candidates, successors, a string's length), else with RESOURCE_EXHAUSTED (queries,
+    bytes, exclusions, payloads, work in flight).
 
     Attributes:
         max_k: neighbours per query (and re-rank candidates per query).
