@@ -25,12 +25,12 @@ from retriever_server.security.config import ClientSecurity, SecurityError
 from retriever_server.security.tls import open_aio_channel, open_channel
 from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.failover import (
-    RETRYABLE,
     Attempts,
     CallFailed,
     Deadline,
     FailoverPolicy,
     ReplicaSet,
+    ShardFailed,
     call_async,
     call_once,
     failure_code,
@@ -43,11 +43,13 @@ from retriever_server.serving.merge import merge_results
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.search_args import Exclude, make_request
 from retriever_server.wire.stub import retriever_stub
+from retriever_server.wire.untrusted import safe_text
 
 __all__ = ["Exclude", "RetrieverClient", "RetrieverError", "make_request"]
 
 log = logging.getLogger(__name__)
-REPLICA_INFO_S = 5.0  # how long a fan-out client's first search waits for each replica's GetInfo, at most
+REPLICA_INFO_S = 1.0  # how long a fan-out client's first search waits for its shards' and replicas' GetInfo...
+PROBE_SHARE = 0.25  # ...at most, and at most this share of the search's time (a hung replica costs no more)
 
 
 class RetrieverError(Exception):
@@ -264,19 +266,24 @@ class RetrieverClient:
         return combined
 
     def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
-        """GetInfo of the shards that answer. Once all have, checks they are all the shards of one
-        datastore, once each, and remembers them."""
+        """GetInfo of the shards that answer within `_probe_timeout`, all asked at once (a shard whose
+        replicas all fail or do not answer in that time is down for now: the search itself finds it down
+        or answers without it). Once all have answered, checks they are all the shards of one datastore,
+        once each, and remembers them."""
         if self._infos is not None:
             return self._infos
+        outcomes = self._on_loop(self._every_shard("GetInfo", pb.GetInfoRequest(), self._probe_deadline(deadline)))
         infos, down = [], {}
-        for replicas in self.sets:
-            try:
-                infos.append(self._call(replicas, "GetInfo", pb.GetInfoRequest(), deadline))
-            except RetrieverError as err:
-                if err.code not in RETRYABLE or self._closed:
-                    raise
-                down[replicas.name] = err.message
+        for replicas, outcome in zip(self.sets, outcomes):
+            if not isinstance(outcome, CallFailed):
+                infos.append(outcome)
+            elif isinstance(outcome, ShardFailed) or outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                down[replicas.name] = outcome.message
+            else:
+                self._check_not_closed_since()
+                raise RetrieverError(outcome.code, outcome.message)
         if not infos:
+            self._check_not_closed_since()
             raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
         if down:
             return infos
@@ -289,12 +296,20 @@ class RetrieverClient:
         self._infos = infos
         return infos
 
-    async def _replica_infos(self, deadline: Deadline) -> list[list[pb.InfoResponse]]:
-        """GetInfo of every replica of each shard that answers within REPLICA_INFO_S (or the deadline), so
-        that a replica that is not what the others are (another shard, a router) is found before it answers
-        a search."""
+    @staticmethod
+    def _probe_timeout(deadline: Deadline) -> float:
+        """How long the first search's GetInfo calls may take: REPLICA_INFO_S, and at most PROBE_SHARE of
+        the search's time, so that one hung replica or shard leaves the search the rest."""
         remaining = deadline.remaining()
-        timeout = REPLICA_INFO_S if remaining is None else min(REPLICA_INFO_S, remaining)
+        return REPLICA_INFO_S if remaining is None else min(REPLICA_INFO_S, PROBE_SHARE * remaining)
+
+    def _probe_deadline(self, deadline: Deadline) -> Deadline:
+        return Deadline(self._probe_timeout(deadline))
+
+    async def _replica_infos(self, deadline: Deadline) -> list[list[pb.InfoResponse]]:
+        """GetInfo of every replica of each shard that answers within `_probe_timeout`, so that a replica
+        that is not what the others are (another shard, a router) is found before it answers a search."""
+        timeout = self._probe_timeout(deadline)
 
         async def one(address: str) -> pb.InfoResponse | None:
             try:
@@ -347,18 +362,23 @@ class RetrieverClient:
         infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
         request.allow_partial = False
-        if not request.expected_datastore_version:
-            request.expected_datastore_version = infos[0].datastore_version
+        version = infos[0].datastore_version
+        if request.expected_datastore_version and request.expected_datastore_version != version:
+            raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION,  # as a shard would: its replicas all agree
+                                 f"expected_datastore_version is {safe_text(request.expected_datastore_version)} "
+                                 f"but this datastore is version {version}")
+        request.expected_datastore_version = version  # a replica of another version fails over (`STALE`)
         body = request.SerializeToString()  # once, for every shard
         outcomes = self._on_loop(self._every_shard("Search", body, deadline))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
         answers, failed = [], {}
+        late = grpc.StatusCode.DEADLINE_EXCEEDED if allow_partial else None  # a shard not answering in time
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):
                 answers.append(outcome)
-            elif outcome.code in RETRYABLE or (allow_partial and outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED):
-                failed[replicas.name] = outcome  # a shard down, or (partial) one that did not answer in time
+            elif isinstance(outcome, ShardFailed) or outcome.code == late:  # every replica failed (busy too)
+                failed[replicas.name] = outcome
             else:
                 raise RetrieverError(outcome.code, outcome.message)
         failures = {name: outcome.message for name, outcome in failed.items()}

@@ -5,8 +5,9 @@ Each attempt has a timeout taken from the caller's deadline. When an attempt has
 the hedge delay (by default the p95 of the shard's recent answers), a second attempt goes to the next
 replica (one hedge at a time), and the first answer wins; the other attempt is cancelled, and its
 replica tried last for a while. An attempt that fails with a status a healthy replica could answer
-(RETRYABLE, its own timeout, or a replica too busy: RESOURCE_EXHAUSTED marked `BUSY`) moves the call
-on to the next replica; any other status, a request over a limit among them, is the answer.
+(RETRYABLE, its own timeout, a replica too busy: RESOURCE_EXHAUSTED marked `BUSY`, or a replica serving
+another version of the datastore than the one asked for: FAILED_PRECONDITION marked `STALE`) moves the
+call on to the next replica; any other status, a request over a limit among them, is the answer.
 
 `Attempts` holds that policy for one call; `call_async` runs it on asyncio stubs, for the router and
 for the fan-out client (whose calls run on an event loop of its own); `call_once` runs a call with
@@ -39,14 +40,27 @@ RETRYABLE = frozenset({
 # RESOURCE_EXHAUSTED is retried only with this trailing metadata: a server with all its requests in
 # flight (busy now, another replica may not be). A request over a limit is refused alike by every replica.
 BUSY = ("retriever-busy", "1")
+# FAILED_PRECONDITION is retried only with this one: a replica serving another version of the datastore
+# than the request names (the router and the fan-out client name the version the shards agreed on at
+# start, so such a replica is one restarted on another build; the shard's other replicas may be current).
+STALE = ("retriever-stale-version", "1")
+
+
+def _marked(err: grpc.RpcError, mark: tuple[str, str]) -> bool:
+    try:
+        return mark in tuple(err.trailing_metadata() or ())
+    except Exception:  # noqa: BLE001 - a call that failed before any metadata came back
+        return False
 
 
 def is_busy(err: grpc.RpcError) -> bool:
     """Whether a failed call's server refused it only for being busy (`BUSY` in its trailing metadata)."""
-    try:
-        return BUSY in tuple(err.trailing_metadata() or ())
-    except Exception:  # noqa: BLE001 - a call that failed before any metadata came back
-        return False
+    return _marked(err, BUSY)
+
+
+def is_stale(err: grpc.RpcError) -> bool:
+    """Whether a failed call's server refused it for serving another datastore version (`STALE`)."""
+    return _marked(err, STALE)
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,9 @@ class FailoverPolicy:
         hedge: send a second attempt to the next replica when the first is slow.
         hedge_delay_s: how slow; None: the p95 of the shard's recent answers, within
             [hedge_min_s, hedge_max_s] (`hedge_initial_s` until 20 answers are known).
-        attempt_timeout_s: one attempt's timeout when the caller sets no deadline.
+        attempt_timeout_s: one attempt's timeout when the caller sets no deadline and another replica could
+            take over (a hung replica is given up after it); with one replica to try, a call without a
+            deadline has none.
     """
 
     hedge: bool = True
@@ -197,7 +213,7 @@ class Attempts:
             return None
         remaining = self.deadline.remaining()
         if remaining is None:
-            timeout = self.policy.attempt_timeout_s
+            timeout = None if len(self._order) == 1 else self.policy.attempt_timeout_s
         elif self.policy.hedge or not self.fail_over:
             timeout = remaining  # a slow attempt is overtaken by the hedge, not cut short
         else:
@@ -220,14 +236,17 @@ class Attempts:
         for slower in in_flight:
             self.replicas.failed(slower)
 
-    def failed(self, address: str, code: grpc.StatusCode, details: str | None, busy: bool = False) -> None:
+    def failed(self, address: str, code: grpc.StatusCode, details: str | None, busy: bool = False,
+               stale: bool = False) -> None:
         """Takes an attempt's error (`busy`: a RESOURCE_EXHAUSTED for requests in flight, not for the
-        request); raises CallFailed when it is the call's answer."""
+        request; `stale`: a FAILED_PRECONDITION for the replica's datastore version); raises CallFailed
+        when it is the call's answer."""
         name = self.replicas.name
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline.expired():
             raise CallFailed(code, f"deadline passed waiting for {name}")
         retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED \
-            or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy)  # its own timeout; a busy replica
+            or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy) \
+            or (code == grpc.StatusCode.FAILED_PRECONDITION and stale)  # its own timeout; a busy or stale replica
         if not (retryable and self.fail_over):
             raise CallFailed(code, details or code.name)
         self.replicas.failed(address)
@@ -251,7 +270,7 @@ def _only_start(attempts: Attempts) -> tuple[str, float | None]:
 
 def _only_failed(attempts: Attempts, address: str, err: grpc.RpcError) -> CallFailed:
     """Why a call with one replica ends when its attempt failed (raised at once when the status is the answer)."""
-    attempts.failed(address, err.code(), err.details(), is_busy(err))
+    attempts.failed(address, err.code(), err.details(), is_busy(err), is_stale(err))
     return attempts.exhausted()
 
 
@@ -313,7 +332,7 @@ async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awa
                 try:
                     reply = task.result()
                 except grpc.aio.AioRpcError as err:
-                    attempts.failed(address, err.code(), err.details(), is_busy(err))
+                    attempts.failed(address, err.code(), err.details(), is_busy(err), is_stale(err))
                     continue
                 attempts.succeeded(address, list(tasks.values()))
                 return reply

@@ -133,14 +133,18 @@ class RouterService(BaseRetrieverService):
                         "current connections", err)
             return
         log.info("new channels to the shards, with the changed TLS files")
-        now = time.monotonic()
-        for _, old in [r for r in self.retired if now - r[0] > RETIRED_CLOSE_S]:
-            self._close_later(old)
-        self.retired = [r for r in self.retired if now - r[0] <= RETIRED_CLOSE_S]
-        self.retired += [(now, c) for c in self.channels.values()]
+        self._retire(list(self.channels.values()))
         self.tls_generation += 1
         self.channels = channels
         self.stubs = {a: retriever_stub(c, aligned=False) for a, c in self.channels.items()}
+
+    def _retire(self, channels: list[grpc.aio.Channel]) -> None:
+        """Keeps `channels` open RETIRED_CLOSE_S more for the calls on their way; closes those retired
+        longer ago."""
+        now = time.monotonic()
+        for _, old in [r for r in self.retired if now - r[0] > RETIRED_CLOSE_S]:
+            self._close_later(old)
+        self.retired = [r for r in self.retired if now - r[0] <= RETIRED_CLOSE_S] + [(now, c) for c in channels]
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         closing = asyncio.ensure_future(channel.close())
@@ -312,9 +316,11 @@ class RouterService(BaseRetrieverService):
             await channel.close()  # kept nowhere: closed here or never
             raise
         if generation != self.tls_generation:  # the TLS files changed meanwhile: a channel with the new ones
-            self.retired.append((time.monotonic(), channel))
+            self._retire([channel])
             channel = open_aio_channel(address, self.config.shard_security, CHANNEL_OPTIONS)
             stub = retriever_stub(channel, aligned=False)
+        if address in self.channels:  # an address served before (a replica back where it was)
+            self._retire([self.channels[address]])
         self.channels[address], self.stubs[address] = channel, stub
         replicas.addresses[replica] = address
         return old

@@ -24,7 +24,7 @@ from retriever_server.logs import EventCounter
 from retriever_server.security.auth import AuthInterceptor, TokenSet
 from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import ServerCertificates
-from retriever_server.serving.failover import BUSY
+from retriever_server.serving.failover import BUSY, STALE
 from retriever_server.serving.grpc_setup import (
     add_health_and_reflection,
     keep_freed_memory,
@@ -109,7 +109,8 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("search", extra={"status": status, "nq": nq, "bytes": len(raw),
                                            "ms": round(seconds * 1e3, 3)})
-        await context.abort(failure.code, failure.message, trailing_metadata=(BUSY,) if failure.busy else ())
+        marks = (*((BUSY,) if failure.busy else ()), *((STALE,) if failure.stale else ()))
+        await context.abort(failure.code, failure.message, trailing_metadata=marks)
 
     async def GetInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         started = time.perf_counter()

@@ -101,11 +101,12 @@ class SearchSpec:
 class RequestError(Exception):
     """A request the server refuses, with the gRPC status code to refuse it with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, busy: bool = False):
+    def __init__(self, code: grpc.StatusCode, message: str, busy: bool = False, stale: bool = False):
         super().__init__(message)
         self.code = code
         self.message = message
         self.busy = busy  # refused for the work in flight, not for the request: another replica may take it
+        self.stale = stale  # refused for the datastore version this server has: another replica may have the one asked
 
 
 def _invalid(message: str) -> RequestError:
@@ -227,6 +228,7 @@ def _check_strings(request: pb.SearchRequest, view: DatastoreView, limits: Limit
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"expected_datastore_version is {safe_text(version)} but this datastore is version {view.version}",
+            stale=True,
         )
     if len(request.payloads) > limits.max_payloads:
         raise _exhausted(f"payloads names {len(request.payloads)} payloads, over the limit of {limits.max_payloads}")

@@ -1,0 +1,154 @@
+"""Replicas that are busy, hung, of another datastore version, or moved, as the router and the client's
+own fan-out meet them (in-process servers on loopback, 2 shards x 2 replicas): both answer alike, in
+time, and leave no connection open behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from conftest import build, serve, synthetic
+
+from retriever_server.serving.client import RetrieverClient, RetrieverError
+from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
+from retriever_server.wire.request import Limits
+
+pytestmark = [pytest.mark.ray]
+N, D = 3000, 16
+
+
+@pytest.fixture(scope="module")
+def keys() -> np.ndarray:
+    return synthetic(N, D, seed=11)
+
+
+@pytest.fixture(scope="module")
+def datastore(ray_cluster, keys, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("replica-faults"), keys, "ds", shards=2, factory="IVF8,Flat")
+
+
+async def hang(*_args, **_kwargs):
+    await asyncio.sleep(3600)
+
+
+def outcome(search) -> str:
+    """'OK', 'partial: <failed shards>' or the status code's name of `search()`."""
+    try:
+        found = search()
+    except RetrieverError as err:
+        return err.code.name
+    return f"partial: {','.join(sorted(found.failed_shards))}" if found.partial else "OK"
+
+
+def test_a_shard_whose_replicas_are_all_busy_is_unavailable_or_left_out_for_the_fan_out_as_for_the_router(
+        aio, datastore, keys):
+    """Every replica of shard 1 at its limit of requests in flight: the fan-out client, as the router,
+    answers UNAVAILABLE naming the shard, or a partial answer where allowed (it used to fail the whole call
+    with one replica's RESOURCE_EXHAUSTED)."""
+    with serve(aio, datastore, 2, replicas=2, limits=Limits(max_inflight=1)) as served, \
+            RetrieverClient(served.address, timeout=5) as router, \
+            RetrieverClient(served.shard_addresses(), timeout=5) as fan_out:
+        fan_out.search(keys[:2], k=5)  # the shards' infos, known before the replicas are busy
+        for replica in served.shards[1]:
+            replica.service.handle_search = lambda raw, context: asyncio.sleep(2.0, (b"", 0))
+        holders = [RetrieverClient(address, timeout=5) for address in served.shard_addresses()[1]]
+        threads = [threading.Thread(target=outcome, args=(lambda c=c: c.search(keys[:1], k=1),)) for c in holders]
+        try:
+            for thread in threads:
+                thread.start()
+            time.sleep(0.4)  # each replica of shard 1 holds one request now, its limit
+            seen = {name: (outcome(lambda c=client: c.search(keys[:2], k=5)),
+                           outcome(lambda c=client: c.search(keys[:2], k=5, allow_partial=True)))
+                    for name, client in (("router", router), ("fan-out", fan_out))}
+        finally:
+            for thread in threads:
+                thread.join()
+            for holder in holders:
+                holder.close()
+    assert seen == {name: ("UNAVAILABLE", "partial: shard-00001") for name in ("router", "fan-out")}
+
+
+def test_a_fresh_fan_out_client_answers_in_time_past_a_hung_replica_or_a_hung_shard(aio, datastore, keys):
+    """A new client's first search asks every shard and replica for its GetInfo: a replica that hangs
+    (the other answering) costs it at most a quarter of its 2 s deadline, and a whole shard that hangs
+    leaves the time for a partial answer (it used to wait 5 s for the replica, and to fail whole on the shard)."""
+    with serve(aio, datastore, 2, replicas=2) as served:
+        hung = served.shards[0][0].service
+        hung.handle_search = hung.handle_info = hang
+        began = time.monotonic()
+        with RetrieverClient(served.shard_addresses(), timeout=2.0) as client:
+            first = outcome(lambda: client.search(keys[:4], k=5))
+        past_replica = time.monotonic() - began
+        for replica in served.shards[1]:
+            replica.service.handle_search = replica.service.handle_info = hang
+        with RetrieverClient(served.shard_addresses(), timeout=2.0) as client:
+            partial = outcome(lambda: client.search(keys[:4], k=5, allow_partial=True))
+    assert first == "OK" and past_replica < 1.5
+    assert partial == "partial: shard-00001"
+
+
+def test_a_replica_serving_another_datastore_version_is_failed_over(aio, datastore, keys):
+    """One replica of shard 0 serves another version (as after a restart on a new build): every search,
+    through the router and the fan-out, is answered by its sibling; where every replica of the shard is
+    of another version, the shard is unavailable, named; a version the caller asks for and the datastore
+    lacks is still FAILED_PRECONDITION, from either."""
+    with serve(aio, datastore, 2, replicas=2) as served, \
+            RetrieverClient(served.address, timeout=5) as router, \
+            RetrieverClient(served.shard_addresses(), timeout=5) as fan_out:
+        expected = router.search(keys[:4], k=5).ids
+        fan_out.search(keys[:4], k=5)
+        stale = served.shards[0][0].service.shard
+        stale._view = dataclasses.replace(stale._view, version="0123456789abcdef")
+        found = [client.search(keys[:4], k=5).ids for client in (router, fan_out) for _ in range(10)]
+        other = served.shards[0][1].service.shard
+        other._view = dataclasses.replace(other._view, version="0123456789abcdef")
+        with pytest.raises(RetrieverError) as gone:
+            router.search(keys[:4], k=5)
+        asked = [outcome(lambda c=client: c.search(keys[:4], k=5, expected_version="feedfacefeedface"))
+                 for client in (router, fan_out)]
+    assert all(np.array_equal(ids, expected) for ids in found)
+    assert gone.value.code == grpc.StatusCode.UNAVAILABLE and "shard-00000 unavailable" in gone.value.message
+    assert asked == ["FAILED_PRECONDITION", "FAILED_PRECONDITION"]
+
+
+def test_a_replica_back_at_its_old_address_leaves_no_channel_open(aio, datastore):
+    """The router sends shard 0's replica to another address and back: the channel it had there is closed
+    by the time the router has drained (it used to be dropped open)."""
+    with serve(aio, datastore, 2) as served:
+        router, first = served.router.service, served.shard_addresses()[0][0]
+        moved = aio.run(start_shard_server(ShardServerConfig(datastore, 0, replica=1, metrics_port=None)))
+        try:
+            original = router.channels[first]
+            assert aio.run(router.replace_replica(0, 0, moved.address)) == first
+            assert aio.run(router.replace_replica(0, 0, first)) == moved.address
+            aio.run(served.router.drain(grace=0))
+
+            async def state(channel):
+                return channel.get_state()
+
+            assert aio.run(state(original)) == grpc.ChannelConnectivity.SHUTDOWN
+        finally:
+            aio.run(moved.drain(grace=0))
+
+
+def test_a_call_without_a_deadline_has_none_where_no_replica_could_take_over(aio, datastore, keys):
+    """timeout=None: the shard sees no deadline from a client of its address, nor through a router over
+    one replica per shard (it used to see 120 s, the time after which failover gives up an attempt)."""
+    with serve(aio, datastore, 2) as served:
+        shard = served.shards[0][0].service
+        search, seen = shard.handle_search, []
+
+        async def spy(raw, context):
+            seen.append(context.time_remaining())
+            return await search(raw, context)
+
+        shard.handle_search = spy
+        for address in (served.shards[0][0].address, served.address):
+            with RetrieverClient(address, timeout=None) as client:
+                client.search(keys[:1], k=3)
+    assert seen == [None, None]
