@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from conftest import build, serve, synthetic
 
 from retriever_server.serving.client import RetrieverClient, RetrieverError
+from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 from retriever_server.wire.request import Limits
 
@@ -152,3 +154,24 @@ def test_a_call_without_a_deadline_has_none_where_no_replica_could_take_over(aio
             with RetrieverClient(address, timeout=None) as client:
                 client.search(keys[:1], k=3)
     assert seen == [None, None]
+
+
+def test_a_router_above_its_shards_limits_says_so_at_start(aio, datastore, caplog):
+    """Shards that take k and batches up to 100 behind a router with the default limits: the router warns,
+    naming the flag to change, rather than accepting requests its shards refuse unannounced."""
+    small = Limits(max_k=100, max_batch=100)
+    shards = [aio.run(start_shard_server(ShardServerConfig(datastore, i, metrics_port=None, limits=small)))
+              for i in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="retriever_server.serving.router"):
+            router = aio.run(start_router(RouterConfig(((shards[0].address,), (shards[1].address,)),
+                                                       metrics_port=None)))
+            aio.run(router.drain(grace=0))
+    finally:
+        for shard in shards:
+            aio.run(shard.drain(grace=0))
+    warned = [r.getMessage() for r in caplog.records if "under this router's" in r.getMessage()]
+    assert warned == ["shards accept max_k up to 100, under this router's 2048: requests between are refused by the "
+                      "shards; give the router --max-k 100 or the shards a larger one",
+                      "shards accept max_batch up to 100, under this router's 16384: requests between are refused by "
+                      "the shards; give the router --max-batch 100 or the shards a larger one"]

@@ -209,8 +209,18 @@ class RouterService(BaseRetrieverService):
         elif self.shard_request_bytes < self.limits.max_request_bytes + FORWARD_SLACK:  # the same limit: the default
             log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
                      "refused here, as forwarding may add that much", self.shard_request_bytes, FORWARD_SLACK)
+        self._check_limits([i for shard_infos in infos for i in shard_infos])
         self.view = view_of(self.infos[0])
         self.overrides = forwarded_overrides(self.view.version)
+
+    def _check_limits(self, infos: list[pb.InfoResponse]) -> None:
+        """Warns where the shards refuse what this router accepts: a k or a batch over theirs."""
+        for name, mine in (("max_k", self.limits.max_k), ("max_batch", self.limits.max_batch)):
+            theirs = min((getattr(i, name) for i in infos if getattr(i, name)), default=mine)
+            if theirs < mine:
+                log.warning("shards accept %s up to %d, under this router's %d: requests between are refused by "
+                            "the shards; give the router --%s %d or the shards a larger one", name, theirs, mine,
+                            name.replace("_", "-"), theirs)
 
     async def _off_loop(self, elements: int, function, *args):
         if elements <= INLINE_ELEMENTS:
