@@ -134,11 +134,12 @@ def compare(config: AbConfig) -> dict[str, dict[str, float]]:
 def take_turns(sides: dict[str, tuple[int, Callable[..., bytes]]], batch: list[bytes], rounds: int,
                seconds_per_round: float) -> dict[str, dict[str, float]]:
     """Each side (name -> (the server's pid, a blocking call)) sends `batch`'s requests one at a time for
-    `seconds_per_round`, the sides taking turns for `rounds` rounds; the server's CPU ms per call and the
-    calls, by side."""
+    `seconds_per_round`, the sides taking turns for `rounds` rounds, each round in the order opposite the
+    last one's (so a machine whose speed drifts does not favour the side that goes first); the server's
+    CPU ms per call and the calls, by side."""
     used, calls = {name: 0.0 for name in sides}, {name: 0 for name in sides}
-    for _ in range(rounds):
-        for name, (pid, call) in sides.items():
+    for turn in range(rounds):
+        for name, (pid, call) in (list(sides.items()) if turn % 2 == 0 else list(sides.items())[::-1]):
             before, started, n = process_cpu_s(pid), time.perf_counter(), 0
             while time.perf_counter() - started < seconds_per_round:
                 call(batch[n % len(batch)], timeout=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -13,7 +14,7 @@ from conftest import build, synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from shard_ab import ROOT, AbConfig, compare, requests  # noqa: E402
+from shard_ab import ROOT, AbConfig, compare, requests, take_turns  # noqa: E402
 
 from retrieval.v1 import retriever_pb2 as pb  # noqa: E402
 
@@ -85,3 +86,18 @@ def test_the_router_benchmark_refuses_a_tree_that_is_not_a_source_tree(tmp_path)
 
     with pytest.raises(SystemExit, match="is not a source tree of this project"):
         router_ab(["--datastore", str(tmp_path), "--before", str(tmp_path / "nowhere")])
+
+
+def test_the_sides_take_turns_first_in_alternate_rounds():
+    order = []
+
+    def call_of(name: str):
+        def call(request, timeout):  # longer than a turn: one call per turn
+            order.append(name)
+            time.sleep(0.01)
+        return call
+
+    sides = {name: (os.getpid(), call_of(name)) for name in ("before", "after")}
+    found = take_turns(sides, [b""], rounds=4, seconds_per_round=0.005)
+    assert order == ["before", "after", "after", "before", "before", "after", "after", "before"]
+    assert found["before"]["calls"] == found["after"]["calls"] == 4
