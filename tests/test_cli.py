@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +101,8 @@ def test_log_level_is_any_case():
          "Failed to connect to Ray cluster at 10.0.0.1:6379"),
         (RuntimeError("Ray says:\n  some context\n\n  the line that matters\n\n"), "the line that matters"),
         (PermissionError(13, "Permission denied", "/data/ds"), "[Errno 13] Permission denied: '/data/ds'"),
+        (RuntimeError("FAILED_PRECONDITION: \x1b[2J\x1b]0;title\x07all good"),  # a server's words: no escape
+         "FAILED_PRECONDITION: \\x1b[2J\\x1b]0;title\\x07all good"),         # reaches the terminal
     ],
 )
 def test_runtime_and_os_errors_are_one_line(monkeypatch, capsys, error, shown):
@@ -175,6 +178,9 @@ def served_info_search_and_a_closed_pipe(datastore, directory_info: dict) -> Non
             time.sleep(0.2)  # polling, with a deadline
         address = json.loads(address_file.read_text())["address"]
         assert json.loads(address_file.read_text())["health_port"] == health_port
+        server.send_signal(signal.SIGHUP)  # every process reads its TLS and token files again; none stops
+        time.sleep(1.0)  # a stop would show by then
+        assert server.poll() is None
         assert health_status(f"127.0.0.1:{health_port}", timeout=5) == "SERVING"  # the router's, as given
         served = json.loads(run("info", address, "--json").stdout)
         assert served.keys() == directory_info.keys()

@@ -259,3 +259,15 @@ def test_eval_windows_fit_the_lm_unless_set_and_bad_lambdas_name_the_flag(run, c
     err = one_line_error(capsys, "eval", "--data", str(run / "data"), "--out", str(run / "eval"), "--lm",
                          str(run / "lm"), "--knnlm-datastore", str(run / "x"), "--lambdas", "0.1,abc")
     assert "--lambdas takes comma-separated numbers in [0, 1], got 'abc'" in err and not (run / "eval").exists()
+
+
+def test_an_errors_control_characters_reach_the_terminal_escaped(monkeypatch, capsys, tmp_path):
+    """A retrieval service's status text is the server's to write: its terminal escapes are shown, not sent."""
+    from lm_worker.cli import prepare
+
+    def fail(args):
+        raise RuntimeError("UNAVAILABLE: \x1b[2J\x1b]0;title\x07gone")
+
+    monkeypatch.setattr(prepare, "run_prepare", fail)
+    err = one_line_error(capsys, "prepare", "--out", str(tmp_path))
+    assert err == "lm-worker prepare: error: UNAVAILABLE: \\x1b[2J\\x1b]0;title\\x07gone" and "\x1b" not in err

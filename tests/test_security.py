@@ -5,6 +5,7 @@ rotated without a restart; a non-loopback port refused without TLS and a token."
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -561,3 +562,17 @@ def test_cli_refuses_a_public_port_in_one_line(datastore):
                            "--shard", "0", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "refusing to serve 0.0.0.0 without TLS (--tls-cert, --tls-key) and a token" in done.stderr
+
+
+def test_a_secret_file_others_can_read_is_named_in_a_warning(tmp_path, caplog):
+    """A token file or key of this user that others can read is accepted, with a warning naming it; one
+    for the owner alone, or of another owner (a Kubernetes Secret mounted for the pod), is not named."""
+    from retriever_server.security.auth import TokenSet
+
+    shared, private = write_private(tmp_path / "shared", b"a-token\n"), write_private(tmp_path / "private", b"t\n")
+    shared.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="retriever_server.security.tls"):
+        TokenSet(shared)
+        TokenSet(private)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"the token file {shared} can be read by other users (mode 644): `chmod 600` it"]

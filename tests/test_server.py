@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import build, serve, synthetic
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
@@ -20,7 +21,7 @@ from retriever_server.serving import router as router_module
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.serving.failover import is_busy
-from retriever_server.serving.grpc_setup import SERVICE_NAME, health_status
+from retriever_server.serving.grpc_setup import MAX_WATCHES, SERVICE_NAME, health_status
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard_server import ShardServerConfig, ShardService, start_shard_server
 from retriever_server.wire.request import Limits
@@ -423,6 +424,38 @@ def test_a_health_port_already_taken_is_refused_and_nothing_is_left_listening(ai
         assert port_is_free(port)
     finally:
         aio.run(first.drain(grace=0))
+
+
+def test_health_answers_without_a_token_but_within_bounds(aio, datastore):
+    """Health needs no token, so it holds nothing a caller sends: any service but the server's own is
+    NOT_FOUND at once (a Watch of any name used to stay open, holding its request), at most MAX_WATCHES
+    watches are open at once, and the health-only port reads requests of a few KiB at most."""
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
+    watches = []
+    try:
+        with grpc.insecure_channel(running.address) as channel, \
+                grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as health_channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            codes = []
+            for call in (lambda: stub.Check(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=5),
+                         lambda: next(stub.Watch(health_pb2.HealthCheckRequest(service="other"), timeout=5)),
+                         lambda: health_pb2_grpc.HealthStub(health_channel).Check(
+                             health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=5)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                codes.append(refused.value.code())
+            for _ in range(MAX_WATCHES):
+                watches.append(stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30))
+                next(watches[-1])  # open: its first answer came
+            with pytest.raises(grpc.RpcError) as crowded:
+                next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5))
+            for watch in watches:
+                watch.cancel()
+            assert health_status(running.address) == "SERVING"
+    finally:
+        aio.run(running.drain(grace=0))
+    assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, keys, datastore, monkeypatch):

@@ -69,7 +69,7 @@ class EvalJob:
     parent folder's. `encoder_lm` is the LM checkpoint of an LM-encoded RETRO datastore when it is not
     where the datastore says. `encoder_factory`, when given, builds the chunk encoder in each worker instead.
     `security` is the TLS and token files of the calls to the service (None: plaintext; a token from the
-    driver's RETRIEVER_AUTH_TOKEN travels to the workers in their environment, never in the job)."""
+    driver's RETRIEVER_AUTH_TOKEN goes to each worker as an argument of its actor, never in the job)."""
 
     kind: str
     checkpoint: Path

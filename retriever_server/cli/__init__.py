@@ -31,6 +31,7 @@ from retriever_server.cli.common import PROG, CliError, Parser  # noqa: E402
 from retriever_server.datastore.manifest import DatastoreError  # noqa: E402
 from retriever_server.logs import configure_logging  # noqa: E402
 from retriever_server.serving.client import RetrieverError  # noqa: E402
+from retriever_server.wire.untrusted import SHOWN_ERROR, one_line  # noqa: E402
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -96,7 +97,7 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError, OverflowError) as err:
-        print(f"{PROG} {args.command}: error: {last_line(err)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(last_line(err), SHOWN_ERROR)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

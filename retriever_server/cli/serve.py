@@ -164,6 +164,7 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
                                  log_format=args.log_format, cpus=args.cpus, security=security,
                                  restart=not args.no_restart, pin_shards=not args.no_pin_shards)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, lambda *_: deployment.reload_security())  # passed on, as each server takes it
     deployment.start()  # on an interrupt here, start() stops what it started
     try:
         _announce(deployment, args.address_file)

@@ -208,6 +208,13 @@ class LocalDeployment:
         takes, and what a client fans out to by itself, without the router's hop."""
         return ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
 
+    def reload_security(self) -> None:
+        """Has every running process read its TLS and token files again now (SIGHUP to each)."""
+        for process in self.processes():
+            if process.popen is not None and not process.exited():
+                process.popen.send_signal(signal.SIGHUP)
+        log.info("asked every process to read its TLS and token files again")
+
     def kill(self, shard: int, replica: int = 0, sig: int = signal.SIGKILL) -> None:
         """Sends `sig` to one shard replica and waits for it to exit (fault injection in tests and
         drills); the supervisor then restarts it."""

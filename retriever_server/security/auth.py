@@ -18,7 +18,7 @@ import grpc
 
 from retriever_server.logs import EventCounter
 from retriever_server.security.config import SecurityError, read_tokens
-from retriever_server.security.tls import file_stamps
+from retriever_server.security.tls import file_stamps, warn_if_shared
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class TokenSet:
         self.path = Path(path)
         self.lock = threading.Lock()
         self.tokens = [t.encode() for t in read_tokens(self.path)]
+        warn_if_shared(self.path, "the token file")
         self.seen = file_stamps([self.path])
         self.checked = time.monotonic()
 

@@ -8,6 +8,7 @@ effect for new connections without a restart; connections already open keep thei
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 from pathlib import Path
@@ -63,6 +64,18 @@ def file_stamps(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
+def warn_if_shared(path: Path, what: str) -> None:
+    """Warns where a secret's file (a key, a token file) of this process's user can be read by others too.
+    (A file of another owner, such as a Kubernetes Secret mounted read-only for the pod alone, was made
+    readable to this user on purpose.)"""
+    try:
+        found = Path(path).stat()
+    except OSError:
+        return  # reading it says why
+    if found.st_uid == os.getuid() and found.st_mode & 0o077:
+        log.warning("%s %s can be read by other users (mode %03o): `chmod 600` it", what, path, found.st_mode & 0o777)
+
+
 class ServerCertificates:
     """A server's certificate configuration, reloaded when its files change."""
 
@@ -73,6 +86,7 @@ class ServerCertificates:
         self.forced = False
         self.seen = file_stamps(self.paths)
         self.initial = self._config()
+        warn_if_shared(security.tls_key, "the TLS key")
 
     def _config(self) -> grpc.ServerCertificateConfiguration:
         s = self.security

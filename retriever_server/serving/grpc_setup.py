@@ -1,5 +1,5 @@
-"""What every server and channel here shares: message-size options, health, reflection (opt-in),
-and a server process's heap settings.
+"""What every server and channel here shares: message-size and concurrency options, health (bounded:
+it answers callers without a token), reflection (opt-in), and a server process's heap settings.
 
 A server's heap keeps freed memory for the next request instead of giving it back. glibc gives each
 allocation over 128 KiB-32 MiB its own mapping and unmaps it when freed, and trims the heap's free top
@@ -26,6 +26,10 @@ from retriever_server.security.tls import open_channel
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 MAX_MESSAGE = 1024 * 1024 * 1024 - 1
+OTHER_CALLS = 256  # calls a server takes at once beyond its searches in flight (health, GetInfo, refusals)
+MAX_WATCHES = 64  # health Watch streams open at once
+HEALTH_REQUEST_BYTES = 4096  # the largest request the health-only port reads
+HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
 
 
 def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
@@ -35,6 +39,40 @@ def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def most_calls(max_inflight: int) -> int:
+    """The calls a server holds at once (`grpc.aio.server(maximum_concurrent_rpcs=...)`): its searches'
+    limit, which it refuses past itself (RESOURCE_EXHAUSTED marked busy), and OTHER_CALLS more; past
+    that gRPC refuses a call before reading it, so callers, a token or not, hold a bounded memory."""
+    return max_inflight + OTHER_CALLS
+
+
+class BoundedHealth(health.aio.HealthServicer):
+    """grpc.health.v1, which answers without a token, bounded: Check and Watch answer for the server ("")
+    and the Retriever service alone, any other name NOT_FOUND at once (the stock servicer watches any
+    name for as long as the stream is open, holding its request); at most MAX_WATCHES Watch streams are
+    open at once, more are refused with RESOURCE_EXHAUSTED."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watching = 0
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        if request.service not in HEALTH_SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such service here")
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        if request.service not in HEALTH_SERVICES:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such service here")
+        if self.watching >= MAX_WATCHES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_WATCHES} health watches are open already")
+        self.watching += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watching -= 1
 
 
 # Failover is ours (serving.failover), so gRPC's own retries are off; a refused connection is retried
@@ -50,8 +88,9 @@ CHANNEL_OPTIONS = [
 
 
 def add_health_and_reflection(server: grpc.aio.Server, reflect: bool = False) -> health.aio.HealthServicer:
-    """Adds grpc.health.v1 (every service NOT_SERVING until told) and, when `reflect`, server reflection."""
-    servicer = health.aio.HealthServicer()
+    """Adds grpc.health.v1 (`BoundedHealth`; every service NOT_SERVING until told) and, when `reflect`,
+    server reflection."""
+    servicer = BoundedHealth()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     if reflect:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -26,8 +26,11 @@ from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import ServerCertificates
 from retriever_server.serving.failover import BUSY, STALE
 from retriever_server.serving.grpc_setup import (
+    HEALTH_REQUEST_BYTES,
+    OTHER_CALLS,
     add_health_and_reflection,
     keep_freed_memory,
+    most_calls,
     server_options,
     set_serving,
 )
@@ -225,7 +228,9 @@ def check_free(host: str, port: int, what: str = "") -> None:
 async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A plaintext server answering grpc.health.v1 alone, with the main server's health states."""
     check_free(host, port, "the health port ")
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # a port taken is refused, not shared
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),  # a port taken is refused, not shared
+                                      ("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES)],
+                             maximum_concurrent_rpcs=OTHER_CALLS)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -256,7 +261,8 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
     tokens = TokenSet(security.token_file) if security.token_file is not None else None
     unauthenticated = EventCounter(log)
     interceptors = [AuthInterceptor(tokens, unauthenticated)] if tokens is not None else []
-    server = grpc.aio.server(options=server_options(service.limits.max_request_bytes), interceptors=interceptors)
+    server = grpc.aio.server(options=server_options(service.limits.max_request_bytes), interceptors=interceptors,
+                             maximum_concurrent_rpcs=most_calls(service.limits.max_inflight))
     add_retriever_servicer(service, server)
     health = add_health_and_reflection(server, reflect=security.reflection)
     certificates = ServerCertificates(security) if security.tls else None

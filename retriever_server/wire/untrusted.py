@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 MAX_SHOWN = 48  # characters of an untrusted string shown
+SHOWN_ERROR = 4000  # characters of an error message a command line shows
 
 
 def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
@@ -19,8 +20,9 @@ def safe_text(value: object, limit: int = MAX_SHOWN) -> str:
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
-def one_line(text: str, limit: int = 400) -> str:
-    """A message for a log line: control characters (newlines above all) escaped, cut at `limit`
-    characters. For the server's own messages, whose untrusted parts `safe_text` has made safe."""
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+def one_line(text: str, limit: int = 400, newlines: bool = False) -> str:
+    """A message for a log line or a terminal: control characters (terminal escapes, and newlines unless
+    `newlines`) escaped, cut at `limit` characters. For the server's own messages, whose untrusted parts
+    `safe_text` has made safe, and for a server's messages shown by a client."""
+    escaped = "".join(c if c.isprintable() or (newlines and c == "\n") else repr(c)[1:-1] for c in text[:limit])
     return escaped + ("..." if len(text) > limit else "")
