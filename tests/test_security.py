@@ -576,3 +576,21 @@ def test_a_secret_file_others_can_read_is_named_in_a_warning(tmp_path, caplog):
         TokenSet(private)
     warned = [r.getMessage() for r in caplog.records]
     assert warned == [f"the token file {shared} can be read by other users (mode 644): `chmod 600` it"]
+
+
+def test_a_token_file_rewritten_in_place_with_its_old_times_is_read_again(tmp_path, monkeypatch):
+    """A rotation that keeps the file's size and sets its modification time back (`cp -p`) still counts
+    as a change: the file's change time moved."""
+    import os
+
+    from retriever_server.security import auth
+    from retriever_server.security.auth import TokenSet
+
+    path = write_private(tmp_path / "tokens", b"token-b\n")
+    before = path.stat()
+    tokens = TokenSet(path)
+    time.sleep(0.01)
+    path.write_bytes(b"token-c\n")  # the same size...
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...and modification time
+    monkeypatch.setattr(auth, "CHECK_EVERY_S", 0.0)
+    assert tokens.accepts("Bearer token-c") and not tokens.accepts("Bearer token-b")

@@ -53,12 +53,13 @@ def check_pem(cert: Path | None, key: Path | None, ca: Path | None, side: str = 
 
 
 def file_stamps(paths: list[Path]) -> tuple:
-    """What changes when any of the files is rewritten or replaced."""
+    """What changes when any of the files is rewritten or replaced: its change time too, which no copy
+    that keeps the modification time (`cp -p`, `rsync -t`) can set back."""
     out = []
     for path in paths:
         try:
             st = Path(path).stat()
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
         except OSError:
             out.append(None)
     return tuple(out)
