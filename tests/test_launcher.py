@@ -56,20 +56,26 @@ def test_without_restarts_wait_survives_one_replica_and_stops_when_a_shard_has_n
             assert "shard-00000-r0 exited" in caplog.text
             deployment.kill(shard=0, replica=1)
             waiter.join(30)
-        assert not waiter.is_alive() and waited == ["every replica of shard 0 exited"]
+        assert not waiter.is_alive() and len(waited) == 1
+        assert waited[0].startswith("every replica of shard 0 exited (shard-00000-r0: ")
+        assert waited[0].endswith(f"; logs in {deployment.log_dir})")
         assert all(p.popen.poll() is not None for p in deployment.processes())
     finally:
         deployment.stop()
+    assert (deployment.log_dir / "shard-00000-r0.log").is_file()  # kept: it says why the deployment stopped
+    shutil.rmtree(deployment.log_dir)
 
 
 def test_without_restarts_wait_stops_everything_when_the_router_exits(datastore):
     deployment = LocalDeployment(datastore, restart=False).start()
     try:
         deployment.router.popen.kill()
-        assert deployment.wait(poll_s=0.1).startswith("router exited")
+        assert deployment.wait(poll_s=0.1).startswith("router exited: ")
         assert all(p.popen.poll() is not None for p in deployment.processes())
     finally:
         deployment.stop()
+    assert (deployment.log_dir / "router.log").is_file()
+    shutil.rmtree(deployment.log_dir)
 
 
 def json_records(log_file: Path) -> list[dict]:
@@ -203,6 +209,9 @@ def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path
         assert len(processes_naming(str(datastore))) == 1 + 4  # this command and the shard replicas
         search_ids(written["address"], keys)
         serve.send_signal(signal.SIGTERM)
+        time.sleep(0.1)  # stopping now: a second SIGTERM and a Ctrl-C do not cut the drain short
+        serve.send_signal(signal.SIGTERM)
+        serve.send_signal(signal.SIGINT)
         out, err = serve.communicate(timeout=30)
     finally:
         if serve.poll() is None:  # the test failed early: stop it the way that also stops its children

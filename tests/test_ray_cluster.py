@@ -77,7 +77,8 @@ def test_an_address_that_names_no_cluster_is_refused_at_once(address, words):
 
 def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     """A port that accepts connections and says nothing (a hung head): the join is given
-    RETRIEVER_RAY_CONNECT_TIMEOUT seconds, then the command says so in one line and exits."""
+    RETRIEVER_RAY_CONNECT_TIMEOUT seconds in all, the token probe's seconds among them (it used to
+    take 3 s more), then the command says so in one line and exits."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
@@ -85,8 +86,8 @@ def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
         started = time.monotonic()
         result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), f"--address=127.0.0.1:{port}",
                      env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": "8"}, timeout=60)
-    assert 8 <= time.monotonic() - started < 25
-    one_line_error(result, "did not let this process join within")
+    assert 8 <= time.monotonic() - started < 10.5
+    one_line_error(result, "did not let this process join within 8 s")
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])

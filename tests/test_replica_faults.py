@@ -175,3 +175,21 @@ def test_a_router_above_its_shards_limits_says_so_at_start(aio, datastore, caplo
                       "shards; give the router --max-k 100 or the shards a larger one",
                       "shards accept max_batch up to 100, under this router's 16384: requests between are refused by "
                       "the shards; give the router --max-batch 100 or the shards a larger one"]
+
+
+def test_a_replica_failing_every_call_is_logged_once_in_a_while_with_a_count(caplog, monkeypatch):
+    """A replica down for a while fails every call sent to it: one warning, then one per WARN_EVERY_S
+    with the number left unlogged (the router's log used to take a line per request)."""
+    from retriever_server.serving import failover
+
+    replicas = failover.ReplicaSet("shard-00000", ["a:1", "a:2"])
+    with caplog.at_level(logging.WARNING, logger="retriever_server.serving.failover"):
+        for _ in range(5):
+            replicas.warn("a:1", grpc.StatusCode.UNAVAILABLE)
+        monkeypatch.setattr(failover, "WARN_EVERY_S", 0.0)
+        replicas.warn("a:1", grpc.StatusCode.UNAVAILABLE)
+        replicas.warn("a:2", grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert [r.getMessage() for r in caplog.records] == [
+        "shard-00000 replica a:1 failed: UNAVAILABLE",
+        "shard-00000 replica a:1 failed: UNAVAILABLE (4 more failures since the last one logged)",
+        "shard-00000 replica a:2 failed: DEADLINE_EXCEEDED"]

@@ -37,7 +37,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from lm_worker.cli import evaluate, generate, pipeline, prepare, sources  # noqa: E402
 from lm_worker.cli.common import PROG, Parser, retrieval_flags  # noqa: E402
-from retriever_server.wire.untrusted import SHOWN_ERROR, one_line  # noqa: E402
 
 log = logging.getLogger(__name__)
 FAMILIES = {"eval": ("knnlm-", "retro-"), "generate": ("",)}  # commands whose servers may share this machine
@@ -117,7 +116,7 @@ def run_command(args: argparse.Namespace) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if args.no_progress:
         hide_library_progress_bars()
-    from lm_worker.retrieval.errors import SERVICE_ERRORS
+    from lm_worker.retrieval.errors import SERVICE_ERRORS, shown
 
     try:
         share_cores_with_servers(args)  # reads the targets: a bad one is the command's error line
@@ -126,7 +125,7 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError, *SERVICE_ERRORS) as err:
-        print(f"{PROG} {args.command}: error: {one_line(str(err), SHOWN_ERROR, newlines=True)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {shown(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

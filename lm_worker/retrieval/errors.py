@@ -4,7 +4,9 @@
 - `DatastoreError`: a datastore folder is missing or damaged (e.g. a `--datastore` given);
 - `BuildError`: a datastore build cannot run with its inputs (an existing output, bad `--shards` or
   `--factory`), or failed;
-- `SecurityError`: a TLS or token file is missing (a ValueError).
+- `SecurityError`: a TLS or token file is missing (a ValueError);
+
+and `shown`, an error's message as a terminal may show it (a server's words can carry escapes).
 
 Example:
     >>> try:
@@ -19,7 +21,13 @@ from retriever_server.client import RetrieverError
 from retriever_server.datastore.build_inputs import BuildError
 from retriever_server.datastore.manifest import DatastoreError
 from retriever_server.security.config import SecurityError
+from retriever_server.wire.untrusted import SHOWN_ERROR, one_line
 
-__all__ = ["RetrieverError", "DatastoreError", "BuildError", "SecurityError", "SERVICE_ERRORS"]
+__all__ = ["RetrieverError", "DatastoreError", "BuildError", "SecurityError", "SERVICE_ERRORS", "shown"]
 
 SERVICE_ERRORS: tuple[type[Exception], ...] = (RetrieverError, DatastoreError, BuildError, SecurityError)
+
+
+def shown(err: BaseException) -> str:
+    """`err`'s message with its control characters but newlines escaped, cut at SHOWN_ERROR characters."""
+    return one_line(str(err), SHOWN_ERROR, newlines=True)

@@ -20,7 +20,6 @@ from retriever_server.cli.common import (
     failover_of,
     health_port_of,
     int_in,
-    interrupt,
     limits_of,
     metrics_port_named,
     metrics_port_of,
@@ -43,6 +42,7 @@ from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 
 WILDCARDS = ("0.0.0.0", "::")  # every address of the machine, 127.0.0.1 among them
+STOP_SLACK_S = 5.0  # what a stopping process gets beyond its --drain-delay and --grace before it is killed
 
 
 def add_parsers(command) -> None:
@@ -157,13 +157,23 @@ def _announce(deployment: LocalDeployment, address_file: Path | None) -> None:
                   health_port=router.health_port)
 
 
+def _interrupt_once(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT: unwinds like Ctrl-C, once; from then on both are ignored, so that the stop it
+    starts (each process given --drain-delay and --grace) is not cut short by a second one."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     shard_args, router_args = child_args(args)
     deployment = LocalDeployment(args.datastore, replicas=args.replicas, host=args.host, router_port=args.port,
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
                                  log_format=args.log_format, cpus=args.cpus, security=security,
-                                 restart=not args.no_restart, pin_shards=not args.no_pin_shards)
-    signal.signal(signal.SIGTERM, interrupt)
+                                 restart=not args.no_restart, pin_shards=not args.no_pin_shards,
+                                 stop_timeout_s=args.drain_delay + args.grace + STOP_SLACK_S)
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGHUP, lambda *_: deployment.reload_security())  # passed on, as each server takes it
     deployment.start()  # on an interrupt here, start() stops what it started
     try:

@@ -124,11 +124,12 @@ def _probe(target: str, source: str | None, host: str, port: int, timeout_s: flo
         time.sleep(0.25)
 
 
-def _check_token(named: str, host: str, port: int, client: bool) -> None:
+def _check_token(named: str, host: str, port: int, client: bool, timeout_s: float = AUTH_PROBE_S) -> None:
     """ClusterUnreachable at once when the head takes token authentication and this process would not
     present a token it takes (Ray's own join would retry for about 20 s, logging a warning a second).
     One call to the head's GCS (`client`: to its Ray Client server, a ray:// address), with the token Ray
-    would send; any other answer is left to ray.init. `named`: "at ADDRESS", or which cluster."""
+    would send, for at most `timeout_s` (AUTH_PROBE_S); any other answer is left to ray.init. `named`:
+    "at ADDRESS", or which cluster."""
     import grpc
     from ray._raylet import AuthenticationTokenLoader
 
@@ -137,8 +138,8 @@ def _check_token(named: str, host: str, port: int, client: bool) -> None:
     metadata = [("authorization", f"Bearer {token}")] if token else []
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
-            channel.unary_unary(CLIENT_PROBE_METHOD if client else GCS_PROBE_METHOD)(b"", timeout=AUTH_PROBE_S,
-                                                                                      metadata=metadata)
+            channel.unary_unary(CLIENT_PROBE_METHOD if client else GCS_PROBE_METHOD)(
+                b"", timeout=max(0.1, min(AUTH_PROBE_S, timeout_s)), metadata=metadata)
             return
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAUTHENTICATED:
@@ -164,9 +165,10 @@ class _NotMainThread(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
-def _init_within(target: str, timeout_s: float, **kwargs) -> None:
+def _init_within(target: str, timeout_s: float, waited_s: float | None = None, **kwargs) -> None:
     """ray.init, given `timeout_s` (in a thread, so that a head that never answers cannot hold the
-    caller); ClusterUnreachable when it has not joined by then."""
+    caller); ClusterUnreachable when it has not joined by then, naming the whole wait (`waited_s`, by
+    default `timeout_s`)."""
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -187,7 +189,8 @@ def _init_within(target: str, timeout_s: float, **kwargs) -> None:
         ray_worker_log.removeFilter(quiet)
     if not outcome:
         raise ClusterUnreachable(f"the Ray cluster at {target} accepted a connection but did not let this process "
-                                 f"join within {timeout_s:.0f} s ({TIMEOUT_ENV} sets the wait): check that it runs "
+                                 f"join within {waited_s or timeout_s:.0f} s ({TIMEOUT_ENV} sets the wait): check that "
+                                 "it runs "
                                  f"Ray {ray.__version__}, as here, and its token authentication (RAY_AUTH_MODE, "
                                  f"~/.ray/auth_token)")
     if isinstance(outcome[0], ConnectionError) and not isinstance(outcome[0], ClusterUnreachable):
@@ -239,11 +242,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
     if target == "auto":  # that cluster alone, never another one Ray's own "auto" would find running here
         target, named = _recorded_head(asked=source is not None), "auto"
     host, port = _head(target)
+    deadline = time.monotonic() + timeout_s  # the probes' time counts against the wait, not beside it
     _probe(named, source, host, port, timeout_s)
     _check_token("that `ray start` last made on this machine" if named == "auto" else f"at {named}", host, port,
-                 client=target.startswith("ray://"))
+                 client=target.startswith("ray://"), timeout_s=deadline - time.monotonic())
     log.info("joining the Ray cluster at %s", target)
-    _init_within(target, timeout_s, **kwargs)
+    _init_within(target, max(0.1, deadline - time.monotonic()), waited_s=timeout_s, **kwargs)
 
 
 def free_resources() -> str:

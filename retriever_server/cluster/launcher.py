@@ -25,6 +25,7 @@ from pathlib import Path
 
 from retriever_server.cluster.cpus import format_cpus
 from retriever_server.cluster.hop_credentials import HopCredentials, make_hop_credentials
+from retriever_server.cluster.reaper import remove_when_gone
 from retriever_server.cluster.supervisor import Child, RestartPolicy, Supervisor, without_option
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
@@ -55,7 +56,8 @@ class LocalDeployment:
     (`placement`): a process that stays on its cores finds its index and its code still in their
     caches, which cut a one-query search's CPU by about a sixth on a 2-core machine. The router runs on
     any of them. Their logs and address files live in `log_dir` until `stop()` removes it; it is kept
-    when a process fails to start, and the LaunchError names it.
+    when a process fails to start, and the LaunchError names it, or exits while the deployment serves.
+    `stop()` gives the router, then the shards, `stop_timeout_s` each to drain before it kills them.
 
     Once started, the deployment supervises its processes (unless `restart` is off): one that exits
     (a shard replica or the router) is started again by `restart_policy`, with backoff, under the same
@@ -77,6 +79,7 @@ class LocalDeployment:
     restart: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     pin_shards: bool = True
+    stop_timeout_s: float = 10.0
     shards: list[list[Child]] = field(default_factory=list)
     router: Child | None = None
 
@@ -86,6 +89,7 @@ class LocalDeployment:
         self.hops: HopCredentials | None = None
         self._supervisor: Supervisor | None = None
         self._stopped = threading.Event()
+        self._done = False  # stop() has run
 
     @property
     def log_dir(self) -> Path:
@@ -171,6 +175,7 @@ class LocalDeployment:
             self.security.check(self.host)  # before any process starts
             if self.security.tls or self.security.token_file is not None:
                 self.hops = make_hop_credentials(self._dir / "hops")
+                remove_when_gone(self._dir / "hops")  # the hops' keys go with this process, even killed
             threads = self._threads(len(manifest.shards) * self.replicas)
             cores = iter(self.placement(len(manifest.shards) * self.replicas, threads))
             for i in range(len(manifest.shards)):
@@ -222,23 +227,21 @@ class LocalDeployment:
         os.kill(process.popen.pid, sig)
         process.popen.wait(timeout=30)
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stops supervising, then SIGTERM to every process (router first, so it stops sending), then
-        waits; SIGKILL stragglers. Removes `log_dir` unless a process failed to start or was restarted
-        (the hops' credentials in it are removed either way)."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stops supervising, then SIGTERM to the router and waits for it (so it has stopped sending before
+        a shard drains), then to every shard, waiting for them all; each group gets `grace_s` (default
+        `stop_timeout_s`) before SIGKILL. Removes `log_dir` unless a process failed to start, exited or
+        was restarted (the hops' credentials in it are removed either way). Once is enough: a second
+        call does nothing."""
+        if self._done:
+            return
+        self._done = True
         if self._supervisor is not None:
             self._supervisor.stop()
         self._stopped.set()
-        for process in reversed(self.processes()):
-            if process.popen is not None and not process.exited():
-                process.popen.send_signal(signal.SIGTERM)
-        for process in reversed(self.processes()):
-            try:
-                if process.popen is not None:
-                    process.popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                process.popen.kill()
-                process.popen.wait()
+        grace_s = self.stop_timeout_s if grace_s is None else grace_s
+        _terminate([self.router] if self.router else [], grace_s)
+        _terminate([p for replicas in self.shards for p in replicas], grace_s)
         if self.hops is not None:  # the hops' keys and token go even where the logs are kept
             self.hops.remove()
         if not self._keep_dir and not any(p.restarts for p in self.processes()):  # a crash's logs stay
@@ -250,10 +253,13 @@ class LocalDeployment:
         """Without restarts: why the deployment must stop ("" while it can serve); warns once per
         replica that exits."""
         if self.router and self.router.exited():
-            return f"router exited with code {self.router.popen.returncode}"
+            self._keep_dir = True  # its log says why
+            return f"router exited: {self.router.last_error()} (logs in {self._dir})"
         for i, replicas in enumerate(self.shards):
             if all(p.exited() for p in replicas):
-                return f"every replica of shard {i} exited"
+                self._keep_dir = True
+                return f"every replica of shard {i} exited ({replicas[0].name}: {replicas[0].last_error()}; logs in " \
+                       f"{self._dir})"
             for process in replicas:
                 if process.exited() and process.name not in reported:
                     reported.add(process.name)
@@ -287,3 +293,20 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _terminate(processes: list[Child], grace_s: float) -> None:
+    """SIGTERM to every running one of `processes`, then waits for them all until `grace_s` from now;
+    SIGKILL for those still running then."""
+    for process in processes:
+        if process.popen is not None and not process.exited():
+            process.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        if process.popen is None:
+            continue
+        try:
+            process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()

@@ -6,6 +6,11 @@ Not in the actors' runtime environment: Ray's runtime-env agent logs every envir
 variables included, in the session's logs, which every user of the node (and the dashboard) can read.
 A constructor's arguments stay in Ray's object store; a restarted actor gets them again.
 
+An actor removes its folder when it stops. One that is killed (a crash, `ray.kill`, its node's raylet
+ending it) removes nothing, and Ray ends any process it could have left to do so; so each folder is
+named after its actor's process, and `sweep` removes those whose process has ended: every actor does
+when it starts, and a deployment's driver does on its own node when it stops or fails.
+
 Example:
     >>> secrets = pack({"shard.pem": pem, "hop-token": b"..."})   # ShardReplica.remote(..., secrets)
     >>> folder = materialize(secrets)                               # in the actor: its own copies
@@ -15,13 +20,16 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 
+from retriever_server.cluster.reaper import alive
 from retriever_server.security.certs import write_private
 
 Secrets = dict[str, str]  # file name -> its content, base64
+PREFIX = "retriever-secrets-"  # then the actor process's pid, "-", and mkdtemp's random part
 
 
 def pack(files: dict[str, bytes]) -> Secrets | None:
@@ -34,11 +42,28 @@ def materialize(secrets: Secrets | None) -> Path | None:
     when it carries none."""
     if not secrets:
         return None
-    folder = Path(tempfile.mkdtemp(prefix="retriever-secrets-"))
+    sweep()
+    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
     os.chmod(folder, 0o700)
     for name, data in secrets.items():
         write_private(folder / Path(name).name, base64.b64decode(data))
     return folder
+
+
+def sweep(directory: Path | None = None) -> list[Path]:
+    """Removes this user's folders of secrets (in `directory`, default the temp directory) whose actor's
+    process has ended; returns them."""
+    gone = []
+    for folder in Path(directory or tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+        pid = folder.name[len(PREFIX):].split("-", 1)[0]
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if pid.isdigit() and mine and not alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 def relocated(settings, folder: Path | None):

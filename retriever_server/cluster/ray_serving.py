@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from retriever_server.cluster.connect import connect, free_resources
 from retriever_server.cluster.placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
 from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
+from retriever_server.cluster.ray_secrets import sweep
 from retriever_server.cluster.ray_security import DeploymentSecurity, plan_security
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ClientSecurity, ServerSecurity
@@ -182,6 +183,7 @@ def _stop_actors(handles: list, grace_s: float) -> None:
             ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
     for handle in handles:
         ray.kill(handle, no_restart=True)
+    sweep()  # on this node, the copies of secrets of actors killed before (the next actor to start sweeps too)
 
 
 def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0) -> int:

@@ -1,4 +1,5 @@
-"""Ending a local Ray cluster with the command that started it, however the command ends.
+"""Ending a local Ray cluster with the command that started it, and removing a process's secrets when
+it dies, however it ends.
 
 `ray.init()` starts a local cluster's processes (GCS, raylet, dashboard and runtime-env agents,
 workers) as children of the command. A command that exits or is stopped shuts them down; one that is
@@ -8,13 +9,17 @@ that waits for the command to die, then ends every process that still has a file
 cluster's session directory (SIGTERM, then SIGKILL). It exits with the command when there is
 nothing left to end.
 
-    python -m retriever_server.cluster.reaper --parent PID --session DIR
+The same reaper removes folders of secrets (a Ray actor's copies of its certificates and token, the
+keys of `serve`'s hops) once their process has died: a process that is killed removes nothing itself.
+
+    python -m retriever_server.cluster.reaper --parent PID [--session DIR] [--remove DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +32,18 @@ GRACE_S = 2.0  # after SIGTERM, before SIGKILL
 
 def start_reaper(session_dir: str) -> subprocess.Popen:
     """Starts the reaper of this process's local Ray cluster (its session directory)."""
+    return _start(["--session", session_dir])
+
+
+def remove_when_gone(folder: Path) -> subprocess.Popen:
+    """Starts a reaper that removes `folder` (this process's secrets) once this process has died."""
+    return _start(["--remove", str(folder)])
+
+
+def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "retriever_server.cluster.reaper", "--parent", str(os.getpid()),
-                             "--session", session_dir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                             *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def alive(pid: int) -> bool:
@@ -72,13 +86,17 @@ def end(pids: list[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--session", required=True)
+    parser.add_argument("--session", help="a local Ray cluster's session directory: its processes are ended")
+    parser.add_argument("--remove", action="append", default=[], help="a folder to remove")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the command's terminal is the command's
     while alive(args.parent):
         time.sleep(POLL_S)
-    time.sleep(POLL_S)  # what Ray ends by itself
-    end(holding(args.session.rstrip("/") + "/"))
+    for folder in args.remove:
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.session:
+        time.sleep(POLL_S)  # what Ray ends by itself
+        end(holding(args.session.rstrip("/") + "/"))
     return 0
 
 

@@ -85,6 +85,7 @@ class FailoverPolicy:
 
 
 P95_EVERY = 16  # answers between two computations of a shard's p95 (each costs tens of µs)
+WARN_EVERY_S = 10.0  # a replica's failures are logged once in this long, with a count of the others
 
 
 @dataclass
@@ -101,6 +102,8 @@ class ReplicaSet:
     _latencies: deque = field(default_factory=lambda: deque(maxlen=256))
     _p95: float | None = None
     _since_p95: int = 0  # answers since _p95 was computed
+    _warned_at: dict[str, float] = field(default_factory=dict)
+    _unwarned: dict[str, int] = field(default_factory=dict)  # failures since the last one logged
 
     def order(self) -> list[str]:
         """The replicas in the order to try them for the next call."""
@@ -113,6 +116,18 @@ class ReplicaSet:
     def failed(self, address: str) -> None:
         """Tries `address` last for the cooldown (it failed, or a hedge beat it)."""
         self._failed_at[address] = time.monotonic()
+
+    def warn(self, address: str, code: grpc.StatusCode) -> None:
+        """Logs a replica's failure, once in WARN_EVERY_S per replica (a replica down for a while fails
+        every call sent to it), with how many went unlogged since."""
+        now = time.monotonic()
+        if now - self._warned_at.get(address, -1e9) < WARN_EVERY_S:
+            self._unwarned[address] = self._unwarned.get(address, 0) + 1
+            return
+        self._warned_at[address] = now
+        more = self._unwarned.pop(address, 0)
+        log.warning("%s replica %s failed: %s%s", self.name, address, code.name,
+                    f" ({more} more failures since the last one logged)" if more else "")
 
     def succeeded(self, address: str, seconds: float) -> None:
         self._failed_at.pop(address, None)
@@ -251,7 +266,7 @@ class Attempts:
             raise CallFailed(code, details or code.name)
         self.replicas.failed(address)
         self._last = (code, f"{address}: {code.name} {details or ''}".rstrip())
-        log.warning("%s replica %s failed: %s", name, address, code.name)
+        self.replicas.warn(address, code)
 
     def exhausted(self) -> CallFailed:
         """Why the call ends with no attempt left: its deadline, or every replica failed."""
