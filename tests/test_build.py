@@ -575,3 +575,18 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_in_one_line(tmp_path):
     assert build.returncode == 130, err
     assert err.strip().splitlines()[-1] == "retriever-server build: interrupted" and "SIGTERM received" not in err
     assert not (tmp_path / "ds").exists() and (tmp_path / ".ds.partial").is_dir()
+
+
+def test_a_manifest_that_cannot_be_read_is_named_as_such(tmp_path, monkeypatch):
+    """An unreadable manifest.json says it cannot be read (it used to be called "not valid JSON")."""
+    (tmp_path / "manifest.json").write_text("{}")
+    real = Path.read_bytes
+
+    def refused(path: Path) -> bytes:
+        if path.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(DatastoreError, match=r"^cannot read .*manifest.json: Permission denied$"):
+        read_manifest(tmp_path)

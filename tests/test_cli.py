@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import synthetic
+from conftest import build, synthetic
 
 from retriever_server import cli
 from retriever_server.cli import serve
@@ -72,6 +72,8 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "words.npy"], "queries file words.npy holds <U5 values: give float32"),
         (["build", "k.npy", "--out", "x", "--payload", "v=k.npy", "--payload", "v=k.npy"],
          "--payload v given twice: give each payload name once"),
+        (["build", "dir.npy", "--out", "x"], "keys file dir.npy is a directory, not a .npy array or a parts index"),
+        (["search", "127.0.0.1:1", "--queries", "dir.npy"], "queries file dir.npy is a directory, not a .npy array"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
@@ -79,7 +81,23 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     np.save(tmp_path / "k.npy", synthetic(50, 8))
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "words.npy", np.array(["hello", "world"]))
+    (tmp_path / "dir.npy").mkdir()
     one_line_error(run(*args), words)
+
+
+def test_serve_refuses_an_address_it_cannot_bind_and_flags_it_would_ignore(ray_cluster, tmp_path):
+    """A --host that is no address of this machine is named before gRPC tries it (it used to read "in
+    use?" after a C-level log line); a hedge delay with hedging off, or a --replica number without
+    --shard, is refused instead of ignored."""
+    datastore = build(tmp_path, synthetic(600, 8), "ds", shards=2, factory="IVF4,Flat")
+    for args, words in (
+            (["--shard", "0", "--host", "no such host!", "--insecure"],
+             "could not bind no such host!:0: not an address of this machine"),
+            (["--shard", "0", "--host", "192.0.2.1", "--insecure"], "could not bind 192.0.2.1:0: not an address of"),
+            (["--hedge-delay-ms", "50", "--no-hedge"],
+             "--hedge-delay-ms and --no-hedge: a hedge delay is for hedges, which --no-hedge turns off"),
+            (["--replica", "2"], "--replica 2 numbers one shard's server (with --shard)")):
+        one_line_error(run("serve", "--datastore", str(datastore), "--metrics-port", "-1", *args), words)
 
 
 def test_search_rerank_takes_an_optional_candidate_count():

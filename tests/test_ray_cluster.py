@@ -300,3 +300,30 @@ def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_clust
     assert "start it again (ray start --head) and deploy there" in lookup.stderr and "drop" not in lookup.stderr
     assert holding(head.session) == []
     shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_ctrl_c_while_ray_shuts_down_at_exit_is_ignored():
+    """A command that started a local cluster, interrupted while Ray shuts it down at exit: the process
+    ends as it would have, with no traceback (a KeyboardInterrupt inside Ray's shutdown used to print one,
+    or abort, or crash)."""
+    script = ("import os, signal, threading, time\n"
+              "from retriever_server.cluster.connect import connect\n"
+              "connect(num_cpus=1)\n"
+              "def interrupt():\n"
+              "    time.sleep(0.2)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "threading.Thread(target=interrupt, daemon=True).start()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr, \
+        done.stderr[-2000:]
+
+
+def test_a_build_on_its_own_cluster_that_has_no_room_for_a_shard_task_fails_at_once(keys_file, tmp_path):
+    """No node will join the local cluster a build starts for itself: a shard task larger than it fails
+    the build at once (it used to wait STALL_S, 5 minutes, for a node that cannot come)."""
+    started = time.monotonic()
+    result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), "--num-cpus", "1", "--cpus-per-shard", "4",
+                 "--no-progress", env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=120)
+    assert time.monotonic() - started < 60
+    one_line_error(result, "no room for a shard task (--cpus-per-shard) on this build's own cluster: 1.0 of 1.0 CPUs")
+    assert not (tmp_path / "ds").exists()

@@ -224,14 +224,23 @@ def add_failover(p: argparse.ArgumentParser) -> None:
                    "attempt timeouts alone")
 
 
+def check_failover(args: argparse.Namespace) -> None:
+    """CliError for --hedge-delay-ms with --no-hedge: a delay for hedges that are never sent."""
+    if args.no_hedge and args.hedge_delay_ms is not None:
+        raise CliError("--hedge-delay-ms and --no-hedge: a hedge delay is for hedges, which --no-hedge turns off; "
+                       "give one of them")
+
+
 def failover_of(args: argparse.Namespace) -> FailoverPolicy:
-    """The `FailoverPolicy` of --hedge-delay-ms and --no-hedge."""
+    """The `FailoverPolicy` of --hedge-delay-ms and --no-hedge (checked: `check_failover`)."""
+    check_failover(args)
     delay = None if args.hedge_delay_ms is None else args.hedge_delay_ms / 1000
     return FailoverPolicy(hedge=not args.no_hedge, hedge_delay_s=delay)
 
 
 def failover_args(args: argparse.Namespace) -> list[str]:
-    """--hedge-delay-ms and --no-hedge as given, to pass on to a router process."""
+    """--hedge-delay-ms and --no-hedge as given (checked: `check_failover`), to pass on to a router process."""
+    check_failover(args)
     given = [] if args.hedge_delay_ms is None else ["--hedge-delay-ms", str(args.hedge_delay_ms)]
     return given + (["--no-hedge"] if args.no_hedge else [])
 

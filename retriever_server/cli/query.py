@@ -126,7 +126,8 @@ def _shown(value: object) -> str:
 
 def _load_queries(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise CliError(f"queries file {path} not found")
+        raise CliError(f"queries file {path} is a directory, not a .npy array" if path.is_dir()
+                       else f"queries file {path} not found")
     try:
         queries = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:

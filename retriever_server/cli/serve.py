@@ -14,6 +14,7 @@ from retriever_server.cli.common import (
     add_failover,
     add_server,
     add_threads,
+    check_failover,
     check_room_for_shards,
     client_security_of,
     failover_args,
@@ -114,9 +115,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def check_local(args: argparse.Namespace) -> None:
     """Without --shard, before anything starts: CliError for a --max-request-mb that leaves no room for a
-    shard's 1 MiB more, or a --health-host the launcher cannot probe the router's health port on (it asks
-    127.0.0.1: a loopback or wildcard address)."""
+    shard's 1 MiB more, a --health-host the launcher cannot probe the router's health port on (it asks
+    127.0.0.1: a loopback or wildcard address), conflicting failover flags, or a --replica number (one
+    shard's server's)."""
     check_room_for_shards(args)
+    check_failover(args)
+    if args.replica:
+        raise CliError(f"--replica {args.replica} numbers one shard's server (with --shard); without --shard, "
+                       "--replicas says how many of each shard to start")
     if args.health_port >= 0 and not is_loopback_host(args.health_host) \
             and args.health_host.strip("[]") not in WILDCARDS:
         raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must answer on "

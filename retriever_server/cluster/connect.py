@@ -14,6 +14,7 @@ Ray's wait on a head that never answers.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -204,9 +205,19 @@ def _init_within(target: str, timeout_s: float, waited_s: float | None = None, *
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
 
+def _uninterrupted_exit() -> None:
+    """At exit, before Ray's own shutdown (atexit runs the last registered first): a Ctrl-C or SIGTERM
+    from now on is ignored, as one raised inside Ray's shutdown crashes the process (a traceback, an
+    abort or a segfault) instead of letting it end."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, existing: bool = False,
-            log_to_driver: bool = True, timeout_s: float | None = None) -> None:
-    """Connects this process to Ray unless it is already.
+            log_to_driver: bool = True, timeout_s: float | None = None) -> bool:
+    """Connects this process to Ray unless it is already; returns whether it started a local cluster (one
+    that no node will join).
 
     Args:
         address: a cluster address, or "auto" for the cluster `ray start` made on this machine; None:
@@ -221,7 +232,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
         ClusterUnreachable: no cluster answered at the address, named in the message with what to do.
     """
     if ray.is_initialized():
-        return
+        return False
     target = address or os.environ.get("RAY_ADDRESS") or ("auto" if existing else LOCAL)
     starting = target == LOCAL
     kwargs = {"num_cpus": num_cpus if starting else None, "include_dashboard": False,
@@ -234,8 +245,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
             ray.init(address=LOCAL, **kwargs)
         finally:
             notice.setLevel(level)
+        atexit.register(_uninterrupted_exit)  # after ray.init's own handler: runs before it
         start_reaper(ray._private.worker.global_worker.node.get_session_dir_path())  # ends it if we are killed
-        return
+        return True
     timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
     named = target
     source = "--address" if address else ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else None)
@@ -248,6 +260,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
                  client=target.startswith("ray://"), timeout_s=deadline - time.monotonic())
     log.info("joining the Ray cluster at %s", target)
     _init_within(target, max(0.1, deadline - time.monotonic()), waited_s=timeout_s, **kwargs)
+    atexit.register(_uninterrupted_exit)
+    return False
 
 
 def free_resources() -> str:

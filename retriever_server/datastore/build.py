@@ -382,7 +382,8 @@ def _build(config: BuildConfig, address: str | None, num_cpus: int | None, progr
     work = config.out.parent / f".{config.out.name}.partial"
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
-    connect(address, num_cpus)
+    if connect(address, num_cpus) and not _room_for_a_task(config):  # a cluster of its own: no node will join
+        raise BuildError(f"no room for a shard task (--cpus-per-shard) on this build's own cluster: {free_resources()}")
     on_ray()
     started = time.time()
     with as_build_error(f"preparing {work}", work):

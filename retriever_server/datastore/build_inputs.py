@@ -80,7 +80,8 @@ def as_build_error(what: str, path: Path) -> Iterator[None]:
 def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
     """Opens a .npy (memory-mapped) or a parts index; raises a one-line BuildError naming `what` when it cannot."""
     if not path.is_file():
-        raise BuildError(f"{what} file {path} not found")
+        raise BuildError(f"{what} file {path} is a directory, not a .npy array or a parts index" if path.is_dir()
+                         else f"{what} file {path} not found")
     kind = "parts index" if is_parts_index(path) else ".npy array"
     try:
         return open_rows(path)

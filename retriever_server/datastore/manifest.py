@@ -125,8 +125,12 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise DatastoreError(f"{path} not found: not a datastore directory (or its build has not finished)")
     try:
-        body = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatastoreError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        body = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatastoreError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise DatastoreError(f"{path} holds a JSON {type(body).__name__}, not an object")

@@ -206,22 +206,27 @@ class RunningServer:
 
 
 def check_free(host: str, port: int, what: str = "") -> None:
-    """OSError naming `host:port` and the reason when it cannot be bound (taken by a listening socket),
-    found before gRPC tries: gRPC's own failure adds a C-level log line to the caller's one-line error.
-    Port 0 (any free one) passes."""
-    if port == 0:
-        return
+    """OSError naming `host:port` and the reason when it cannot be bound (taken by a listening socket, or
+    `host` not an address of this machine), found before gRPC tries: gRPC's own failure adds a C-level
+    log line to the caller's one-line error. Port 0 (any free one) is probed for the host alone."""
     try:
         families = {info[0] for info in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)}
-    except OSError:
-        return  # a name gRPC resolves its own way: left to it
+    except OSError as err:
+        raise OSError(f"could not bind {what}{host}:{port}: not an address of this machine ({err.strerror or err})") \
+            from None
     for family in families:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # a family this machine lacks (IPv6): left to gRPC
+            continue
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: past TIME_WAIT, not a listener
             try:
                 probe.bind((host.strip("[]"), port))
             except OSError as err:
-                if err.errno in (errno.EADDRINUSE, errno.EACCES):  # else (no IPv6 here, ...): left to gRPC
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise OSError(f"could not bind {what}{host}:{port}: not an address of this machine") from None
+                if err.errno in (errno.EADDRINUSE, errno.EACCES) and port:  # else (no IPv6 here, ...): left to gRPC
                     raise OSError(f"could not bind {what}{host}:{port} ({err.strerror})") from None
 
 
