@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lm_worker.cli import main
 from lm_worker.data.token_store import TokenStore
@@ -32,7 +33,8 @@ def one_line_error(capsys, *args: str) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """RUN/data (a 300-token BPE over a tiny corpus), RUN/lm and RUN/retro (untrained tiny models) and
-    RUN/knnlm-source (a kNN-LM source's source.json, no arrays)."""
+    RUN/knnlm-source (a kNN-LM source's source.json, no arrays), RUN/knnlm-ds (a kNN-LM datastore's
+    manifest.json alone) and RUN/att-dir.png (a folder)."""
     root = tmp_path_factory.mktemp("inputs")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"def f_{i}(x):\n    return x + {i}\n" * 4}) + "\n"
@@ -47,6 +49,9 @@ def run(tmp_path_factory) -> Path:
     (root / "knnlm-source").mkdir()
     (root / "knnlm-source" / "source.json").write_text(json.dumps(SOURCE))
     (root / "afile").write_text("a file, not a folder")
+    (root / "knnlm-ds").mkdir()  # read for its kind before any server starts
+    (root / "knnlm-ds" / "manifest.json").write_text(json.dumps({"metadata": {"kind": "knnlm"}}))
+    (root / "att-dir.png").mkdir()
     return root
 
 
@@ -128,11 +133,16 @@ def test_prepare_refuses_a_negative_budget_before_any_work(run, tmp_path, capsys
     (["pipeline", "--run", "{tmp}/r", "--train-tokens", "-1"], "--train-tokens must be >= 0, got -1"),
     (["pipeline", "--run", "{tmp}/r", "--retro-tokens", "-5"], "--retro-tokens must be >= 0, got -5"),
     (["demo", "--quick", "--run", "{tmp}/r", "--workers", "-1"], "--workers must be >= 0, got -1"),
-    (["retrieval-demo", "--out", "{tmp}/r", "--keys", "0"], "--keys must be >= 1, got 0"),
-    (["retrieval-demo", "--out", "{tmp}/r", "--keys", "-1"], "--keys must be >= 1, got -1"),
     (["retrieval-demo", "--out", "{tmp}/r", "--queries", "0"], "--queries must be >= 1, got 0"),
     (["pipeline", "--run", "{run}/afile"], "--run {run}/afile exists and is not a folder"),
     (["demo", "--run", "{run}/afile/sub"], "--run {run}/afile/sub lies under {run}/afile, which is a file"),
+    (["pipeline", "--run", "{tmp}/r", "--train-tokens", "0"], "--train-tokens 0 trains the LM on every training "
+     "document, which leaves none for --retro-tokens 3200000: give a --train-tokens budget, or --retro-tokens 0"),
+    (["pipeline", "--run", "{run}/knnlm-ds"], "--run {run}/knnlm-ds is a datastore, not a run folder: give another "
+     "folder"),
+    (["demo", "--run", "{run}/lm"], "--run {run}/lm is a checkpoint folder, not a run folder: give another folder"),
+    (["retrieval-demo", "--out", "{run}/data"], "--out {run}/data is a prepared corpus, not a retrieval-demo folder "
+     "(source/, datastore/): give another folder"),
 ])
 def test_the_pipeline_and_demos_refuse_bad_flags_before_any_work(run, tmp_path, capsys, no_pipeline, args, words):
     err = one_line_error(capsys, *[a.format(run=run, tmp=tmp_path) for a in args])
@@ -159,6 +169,10 @@ def test_the_pipeline_and_demos_refuse_bad_flags_before_any_work(run, tmp_path, 
      "--pointer-agreement applies to followed pointers: give --pointer-steps too"),
     (["--lm", "{run}/lm", "--knnlm-datastore", "{run}/x", "--out", "{run}/afile"],
      "--out {run}/afile exists and is not a folder"),
+    (["--lm", "{run}/lm", "--knnlm-datastore", "{run}/x", "--lambdas", ""],
+     "--lambdas is empty: give comma-separated numbers in [0, 1], or leave it out for the default sweep"),
+    (["--lm", "{run}/lm", "--knnlm-datastore", "{run}/x", "--min-pointers", "3"],
+     "--min-pointers applies to followed pointers: give --pointer-steps too"),
 ])
 def test_eval_refuses_flags_that_do_not_apply_or_cannot_work(run, capsys, args, words):
     """Before any datastore is served ({run}/x is none) and before anything is written."""
@@ -216,12 +230,18 @@ def test_generate_takes_each_strategy_s_own_options(run, capsys):
     (["--out", "{run}/att.png", "--chunk", "-1"], "--chunk must be >= 0, got -1"),
     (["--out", "{run}/att.png", "--chunk", "3", "--text", "def f(x): return x"],
      "--chunk 3 is past the last whole chunk: --text holds "),
+    (["--out", "{run}/att.png", "--text", ""], "--text must be some text (leave it out for the held-out split), "
+     "got ''"),
+    (["--out", "{run}/att.png", "--k", "5"], "--k 5: RETRO retrieves its model's 2 neighbours per chunk"),
+    (["--out", "{run}/att-dir.png"], "--out must be a file to write, not a folder, got {run}/att-dir.png"),
+    (["--out", "{run}/att.png", "--datastore", "{run}/knnlm-ds"], "the datastore of --target / --datastore is a "
+     "'knnlm' datastore (its manifest's kind), not a RETRO one"),
 ])
 def test_attention_refuses_a_bad_out_or_chunk_before_retrieving(run, capsys, args, words):
     err = one_line_error(capsys, "attention", "--retro", run / "retro", "--data", run / "data", "--datastore",
                          run / "x", *[a.format(run=run) for a in args])
     assert err.startswith(f"lm-worker attention: error: {words.format(run=run)}"), err
-    assert not list(run.glob("att*"))
+    assert [p.name for p in run.glob("att*")] == ["att-dir.png"]
 
 
 def test_encode_knnlm_fits_its_default_window_to_the_lm(run, tmp_path, capsys):
@@ -234,3 +254,50 @@ def test_encode_knnlm_fits_its_default_window_to_the_lm(run, tmp_path, capsys):
     assert (details["context_len"], details["stride"]) == (128, 64)
     err = one_line_error(capsys, *base[3:], "--out", tmp_path / "big", "--context-len", "256")
     assert "--context-len 256 exceeds the max_len 128 of the LM at" in err and not (tmp_path / "big").exists()
+
+
+def test_neighbours_refuses_other_data_or_a_knnlm_datastore_before_writing(run, tmp_path, capsys):
+    """--data of another tokenizer than the source's, or a kNN-LM datastore: refused before any keys are
+    embedded again (the source's files stay as they were)."""
+    source = tmp_path / "retro-source"
+    source.mkdir()
+    (source / "source.json").write_text(json.dumps({**SOURCE, "kind": "retro", "chunk_len": 16}))
+    (source / "heldout-keys.npy").write_bytes(b"kept as it was")
+    base = ["neighbours", "--source", source, "--data", run / "data"]
+    err = one_line_error(capsys, *base, "--datastore", run / "x")
+    assert err.startswith(f"lm-worker neighbours: error: --source {source} holds tokens of tokenizer t, but "
+                          "--data's is bpe:"), err
+    record = json.loads((source / "source.json").read_text())
+    fingerprint = Tokenizer.load(run / "data" / "tokenizer.json").fingerprint
+    (source / "source.json").write_text(json.dumps({**record, "tokenizer_fingerprint": fingerprint}))
+    err = one_line_error(capsys, *base, "--datastore", run / "knnlm-ds")
+    assert err == ("lm-worker neighbours: error: the datastore of --target / --datastore is a 'knnlm' datastore "
+                   "(its manifest's kind), not a RETRO one")
+    assert sorted(p.name for p in source.iterdir()) == ["heldout-keys.npy", "source.json"]
+    assert (source / "heldout-keys.npy").read_bytes() == b"kept as it was"
+
+
+@pytest.mark.parametrize("out, words", [("knnlm-ds", "is a datastore, not a RETRO source"),
+                                        ("knnlm-source", "is a kNN-LM source, not a RETRO source"),
+                                        ("data", "is a prepared corpus, not a RETRO source")])
+def test_encode_refuses_an_out_of_another_kind(run, tmp_path, capsys, out, words):
+    shutil.copytree(run / out, tmp_path / out)
+    before = {p.name: p.read_bytes() for p in (tmp_path / out).rglob("*") if p.is_file()}
+    err = one_line_error(capsys, "encode", "retro", "--data", run / "data", "--out", tmp_path / out, "--workers", "0",
+                         "--encoder", "lm", "--checkpoint", run / "lm")
+    assert err == f"lm-worker encode: error: --out {tmp_path / out} {words}: give another folder"
+    assert {p.name: p.read_bytes() for p in (tmp_path / out).rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_encode_refuses_cuda_on_a_machine_without_it_before_any_ray_work(run, tmp_path, capsys, monkeypatch):
+    import lm_worker.jobs.encode_job
+
+    def started(*args, **kwargs):
+        raise AssertionError("the Ray job started before --device was checked")
+
+    monkeypatch.setattr(lm_worker.jobs.encode_job, "run_encode_job", started)
+    err = one_line_error(capsys, "encode", "retro", "--data", run / "data", "--out", tmp_path / "src", "--device",
+                         "cuda")
+    assert err.startswith("lm-worker encode: error: --device 'cuda': this machine has 0 CUDA devices"), err
+    assert not (tmp_path / "src").exists()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,22 @@ RETRO_KINDS = ("retro",)
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, with no usage dump."""
+    """An argument parser whose errors are one line, with no usage dump. `refuse`, when given, checks the
+    parsed flags together: its ValueError is the parser's error (exit 2), as a single flag's is."""
+
+    def __init__(self, *args, refuse: Callable[[argparse.Namespace], None] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.refuse = refuse
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, then `refuse` on the result."""
+        parsed, rest = super().parse_known_args(args, namespace)
+        if self.refuse is not None:
+            try:
+                self.refuse(parsed)
+            except ValueError as err:
+                self.error(str(err))
+        return parsed, rest
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -90,11 +106,22 @@ def add_encoder_lm_arg(p: argparse.ArgumentParser) -> None:
                    help="a RETRO datastore encoded with the LM: its checkpoint, if not where the datastore says")
 
 
+def ray_address_arg(text: str) -> str:
+    """An argparse type for a Ray cluster's address: auto, host:port or ray://host:port (port in [1, 65535])."""
+    host, _, port = text.removeprefix("ray://").rpartition(":")
+    if text != "auto" and not (host and port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected auto, host:port or ray://host:port with a port in [1, 65535], "
+                                         f"got {text!r}")
+    return text
+
+
 def add_ray_address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="Ray cluster to run on: this address (auto: the one `ray start` made on this "
-                                     "machine), else RAY_ADDRESS (as under `ray job submit`), else a new local "
-                                     "cluster that ends with the command; a cluster that does not answer fails "
-                                     "within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
+    """Adds --address, the Ray cluster a command runs on."""
+    p.add_argument("--address", type=ray_address_arg,
+                   help="Ray cluster to run on: this address (auto: the one `ray start` made on this machine), else "
+                        "RAY_ADDRESS (as under `ray job submit`), else a new local cluster that ends with the "
+                        "command; a cluster that does not answer fails within RETRIEVER_RAY_CONNECT_TIMEOUT seconds "
+                        "(30)")
 
 
 def retrieval_flags(args: argparse.Namespace, family: str = "") -> RetrievalFlags:
@@ -180,6 +207,24 @@ def check_datastore_tokenizer(retriever, tokenizer, flags: RetrievalFlags) -> No
                          f"tokenizer {made[:80]!r}, but --data's is {tokenizer.fingerprint}")
 
 
+def check_datastore_kind(flags: RetrievalFlags, kind: str, retriever=None) -> None:
+    """A ValueError naming the family's flags when the datastore records (its manifest's kind) another kind
+    than `kind` ("knnlm" or "retro"). Reads the retriever's metadata, or before any server starts, the
+    manifest of --datastore (one that cannot be read is left to the server to report)."""
+    if retriever is not None:
+        metadata = getattr(retriever, "metadata", None) or {}
+    else:
+        try:
+            metadata = json.loads((flags.datastore / "manifest.json").read_text()).get("metadata") or {}
+        except (OSError, TypeError, ValueError, AttributeError):
+            metadata = {}
+    made = metadata.get("kind") if isinstance(metadata, dict) else None
+    if made not in (None, kind):
+        names = {"knnlm": "kNN-LM", "retro": "RETRO"}
+        raise ValueError(f"the datastore of {flags.flag('target')} / {flags.flag('datastore')} is a {made!r} "
+                         f"datastore (its manifest's kind), not a {names.get(kind, kind)} one")
+
+
 def need(value, flag: str, why: str):
     """`value`, or a ValueError saying that `flag` is required `why`."""
     if value is None:
@@ -209,6 +254,34 @@ def positive_finite(value: float) -> bool:
     return 0 < value < math.inf
 
 
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high] (None: no upper bound); argparse puts the flag before
+    its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_finite_arg(text: str) -> float:
+    """An argparse type for a number > 0 and finite (not inf or NaN), such as a learning rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not positive_finite(value):
+        raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
+    return value
+
+
 @contextlib.contextmanager
 def fields_as_flags(flags: dict[str, str]) -> Iterator[None]:
     """Within it, a ValueError from a config names the command's flags instead of the config's fields
@@ -233,3 +306,30 @@ def check_folder(path: Path | None, flag: str) -> None:
                 where = "exists and is not a folder" if place == path else f"lies under {place}, which is a file"
                 raise ValueError(f"{flag} {path} {where}")
             return
+
+
+def folder_kind(path: Path) -> str:
+    """What an existing folder holds, by the file that marks it: "a datastore" (manifest.json), "a kNN-LM
+    source" or "a RETRO source" (source.json), "a prepared corpus" (tokenizer.json), "a checkpoint folder"
+    (checkpoint.pt); "" for an empty folder or one that is not there, "other files" otherwise."""
+    if not path.is_dir() or not any(path.iterdir()):
+        return ""
+    if (path / "manifest.json").exists():
+        return "a datastore"
+    if (path / "source.json").exists():
+        try:
+            kind = json.loads((path / "source.json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        return {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}.get(kind, "a datastore source")
+    marks = {"tokenizer.json": "a prepared corpus", "checkpoint.pt": "a checkpoint folder"}
+    return next((kind for mark, kind in marks.items() if (path / mark).exists()), "other files")
+
+
+def check_out_kind(path: Path, flag: str, takes: tuple[str, ...], what: str) -> None:
+    """Refuses an existing folder to write that holds something else: a ValueError naming `flag` unless
+    `folder_kind(path)` is empty or one of `takes`; `what` says what the command writes there."""
+    kind = folder_kind(path)
+    if kind and kind not in takes:
+        held = "holds other files" if kind == "other files" else f"is {kind}"
+        raise ValueError(f"{flag} {path} {held}, not {what}: give another folder")

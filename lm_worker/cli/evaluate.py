@@ -33,7 +33,7 @@ from lm_worker.cli.common import (
 DEFAULT_CONTEXT = 256  # tokens per evaluation window unless the LM takes fewer
 KNNLM_K = 1024  # --knnlm-k's default
 # kNN-LM's own options: (flag, dest, default); given without --lm they would do nothing
-KNNLM_OPTIONS = (("--lambdas", "lambdas", ""), ("--temperature", "temperature", 1.0),
+KNNLM_OPTIONS = (("--lambdas", "lambdas", None), ("--temperature", "temperature", 1.0),
                  ("--pointer-steps", "pointer_steps", 0), ("--min-pointers", "min_pointers", 1),
                  ("--pointer-temperature-scale", "pointer_temperature_scale", 2.0),
                  ("--pointer-agreement", "pointer_agreement", 0.0), ("--pointer-crowd", "pointer_crowd", 0))
@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
                         "--pointer-steps one per round of searches, each window a run of chains of its own, so "
                         "a larger B packs more windows into each round without changing which positions are "
                         "searched)")
-    v.add_argument("--lambdas", default="", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
+    v.add_argument("--lambdas", help="comma-separated λ values (default: a sweep from 0 to 0.9)")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--exclude-own-document", action="store_true")
     v.add_argument("--pointer-steps", type=int, default=0, metavar="N",
@@ -217,10 +217,13 @@ def _check_applies(args: argparse.Namespace) -> None:
                              f"give {model_flag}, or leave {'it' if one else 'them'} out")
 
 
-def _lambdas(text: str) -> tuple[float, ...] | None:
+def _lambdas(text: str | None) -> tuple[float, ...] | None:
     """--lambdas as numbers (None: not given); a ValueError naming the flag and the bad entry."""
-    if not text:
+    if text is None:
         return None
+    if not text.strip():
+        raise ValueError("--lambdas is empty: give comma-separated numbers in [0, 1], or leave it out for the "
+                         "default sweep")
     values = []
     for entry in text.split(","):
         try:

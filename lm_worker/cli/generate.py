@@ -12,10 +12,12 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_datastore_kind,
     check_datastore_tokenizer,
     check_flags,
     check_tokenizers,
     fields_as_flags,
+    int_in,
     need_retriever,
     open_retriever,
     positive_finite,
@@ -28,6 +30,7 @@ from lm_worker.cli.common import (
 # at 16 prompts and 1.05-1.38x at 32; in one later run, with both sending each request from within the
 # forward, 1.18x against 1.12x at 32 prompts and 1.08x against 1.10x at 8 (docs/results.md).
 PIPELINE_PROMPTS = 16
+MAX_BEAMS = 64  # each beam keeps its own cache and scores the whole vocabulary each step: more grows without use
 DEFAULT_LAM, DEFAULT_KNN_TEMPERATURE = 0.25, 1.0  # kNN-LM mixing unless --lam, --knn-temperature
 # Each strategy's own options: (flag, dest, GenerateConfig field); another strategy refuses them when given
 STRATEGY_OPTIONS = {"greedy": (), "sample": (("--temperature", "temperature", "temperature"),
@@ -57,7 +60,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--top-p", type=float, help="sample: keep the most likely tokens up to probability p "
                                                "(default 1: all)")
     g.add_argument("--seed", type=int, help="sample: seed of the samplers (default 0)")
-    g.add_argument("--beams", type=int, help="beam: beams per prompt (default 4)")
+    g.add_argument("--beams", type=int_in(1, MAX_BEAMS),
+                   help=f"beam: beams per prompt (default 4, at most {MAX_BEAMS})")
     g.add_argument("--length-penalty", type=float,
                    help="beam: alpha of the length normalisation, in [-10, 10] (default 0.6)")
     g.add_argument("--lam", type=float, help=f"kNN-LM: λ, the neighbours' weight (default {DEFAULT_LAM})")
@@ -149,7 +153,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 ("--temperature", args.temperature, given(args.temperature, positive_finite), "> 0 and finite"),
                 ("--top-k", args.top_k, given(args.top_k, lambda v: v >= 0), ">= 0 (0: all tokens)"),
                 ("--top-p", args.top_p, given(args.top_p, lambda v: 0 < v <= 1), "in (0, 1]"),
-                ("--beams", args.beams, given(args.beams, lambda v: v >= 1), ">= 1"),
                 ("--length-penalty", args.length_penalty,
                  given(args.length_penalty, lambda a: -MAX_LENGTH_PENALTY <= a <= MAX_LENGTH_PENALTY),
                  f"in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}]"),
@@ -319,11 +322,17 @@ def run_attention(args: argparse.Namespace) -> None:
     from lm_worker.models.checkpoint import load_checkpoint
 
     check_flags(("--chunk", args.chunk, args.chunk >= 0, ">= 0"),
-                ("--out", args.out, args.out.suffix.lower() == ".png", "a file name ending in .png"))
+                ("--out", args.out, args.out.suffix.lower() == ".png", "a file name ending in .png"),
+                ("--out", args.out, not args.out.is_dir(), "a file to write, not a folder"),
+                ("--text", repr(args.text), args.text is None or bool(args.text.strip()),
+                 "some text (leave it out for the held-out split)"))
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, heldout = load_prepared(args.data)
     model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
     L = model.config.chunk_len
+    if args.k and args.k != model.config.n_neighbours:
+        raise ValueError(f"--k {args.k}: RETRO retrieves its model's {model.config.n_neighbours} neighbours per "
+                         f"chunk ({args.retro} takes no other number; leave --k out)")
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     chunks, text = len(ids) // L, "--text" if args.text else f"the held-out split of {args.data}"
     if args.chunk >= chunks:  # before any server starts
@@ -331,8 +340,11 @@ def run_attention(args: argparse.Namespace) -> None:
         raise ValueError(f"--chunk {args.chunk} is past the last whole chunk: {text} holds {chunks} complete "
                          f"chunk{'s' * (chunks != 1)} of {L} tokens ({len(ids)} tokens); {pick}")
     flags = retrieval_flags(args)
+    check_datastore_kind(flags, "retro")
     with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
         retriever = need_retriever(retriever, flags, "to retrieve neighbours")
+        check_datastore_kind(flags, "retro", retriever)
+        check_datastore_tokenizer(retriever, tokenizer, flags)
         encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
         plot_retrieved_attention(model, ids, retriever, encoder, tokenizer, args.chunk, args.out)
     print(f"attention of chunk {args.chunk}'s readers -> {args.out}")

@@ -6,8 +6,9 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from lm_worker.cli.common import add_ray_address, check_flags, check_folder
+from lm_worker.cli.common import add_ray_address, check_flags, check_folder, check_out_kind, int_in
 from lm_worker.encoders.registry import ENCODERS
+from lm_worker.retrieval.demo import MIN_KEYS
 
 RETRO_INITS = ("lm", "scratch")
 RETRO_INIT_HELP = ("lm: retro-fit RETRO onto the trained base LM (frozen; only CCA and the neighbour encoder "
@@ -50,8 +51,9 @@ def add_parsers(sub) -> None:
 
     rd = sub.add_parser("retrieval-demo", help="encode the stdlib, build 2 shards, serve them, query over gRPC")
     rd.add_argument("--out", type=Path, default=Path("runs/retrieval-demo"), help="where it keeps what it builds")
-    rd.add_argument("--keys", type=int, default=12000,
-                    help="stdlib chunks in the datastore (>= 9984 for SQ8 codes; below, IVF-Flat)")
+    rd.add_argument("--keys", type=int_in(MIN_KEYS), default=12000,
+                    help=f"stdlib chunks in the datastore (at least {MIN_KEYS}, whose {MIN_KEYS // 39} inverted lists "
+                         "the examples probe; >= 9984 for SQ8 codes, below that IVF-Flat)")
     rd.add_argument("--queries", type=int, default=500, help="held-out chunks used as queries")
     rd.set_defaults(handler=run_retrieval_demo)
 
@@ -69,6 +71,13 @@ def _announce(config, what: str) -> None:
     print(f"{what}: {config.describe()}", flush=True)
 
 
+def check_run(run: Path) -> None:
+    """Refuses a --run that cannot be a run folder: a file, or a folder of one of its parts (a datastore, a
+    source, a prepared corpus, a checkpoint folder)."""
+    check_folder(run, "--run")
+    check_out_kind(run, "--run", ("other files",), "a run folder")
+
+
 def run_pipeline_command(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -80,7 +89,10 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
                     ("--retro-tokens", args.retro_tokens), ("--workers", args.workers))),
                 ("--lm-steps", args.lm_steps, args.lm_steps >= 1, ">= 1"),
                 ("--retro-steps", args.retro_steps, args.retro_steps >= 1, ">= 1"))
-    check_folder(args.run, "--run")
+    if args.train_tokens == 0 and args.retro_tokens:
+        raise ValueError(f"--train-tokens 0 trains the LM on every training document, which leaves none for "
+                         f"--retro-tokens {args.retro_tokens}: give a --train-tokens budget, or --retro-tokens 0")
+    check_run(args.run)
     base = PipelineConfig()
     config = replace(base, run=args.run, max_train_tokens=args.train_tokens, max_heldout_tokens=args.heldout_tokens,
                      max_retro_tokens=args.retro_tokens,
@@ -99,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> None:
     check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"))
     sizes = PipelineConfig.quick if args.quick else PipelineConfig.demo
     run = args.run or Path("runs/demo-quick" if args.quick else "runs/demo")
-    check_folder(run, "--run")
+    check_run(run)
     config = sizes(run, address=args.address, encode_workers=args.workers, eval_workers=args.workers,
                    retro_encoder=args.retro_encoder, retro_init=args.retro_init, progress=not args.no_progress)
     _announce(config, f"{'quick ' if args.quick else ''}demo into {config.run}")
@@ -113,8 +125,10 @@ def _snippet(text: str, width: int = 96) -> str:
 def run_retrieval_demo(args: argparse.Namespace) -> None:
     from lm_worker.retrieval.demo import DemoConfig, run_demo
 
-    check_flags(("--keys", args.keys, args.keys >= 1, ">= 1"), ("--queries", args.queries, args.queries >= 1, ">= 1"))
+    check_flags(("--queries", args.queries, args.queries >= 1, ">= 1"))
     check_folder(args.out, "--out")
+    if not (args.out.is_dir() and {p.name for p in args.out.iterdir()} <= {"source", "datastore"}):
+        check_out_kind(args.out, "--out", (), "a retrieval-demo folder (source/, datastore/)")
     report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
     info = report.info
     print(f"\ndatastore {report.datastore}: {info.ntotal} chunks, {info.factory}, {info.metric}, "

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lm_worker.cli.common import check_flags, check_folder
+from lm_worker.cli.common import check_flags, check_folder, check_out_kind, fields_as_flags, int_in, positive_finite_arg
+
+MAX_VOCAB = 1_000_000  # past this the BPE trainer's tables outgrow a machine's memory
 
 
 def add_parsers(sub) -> None:
     """Adds `prepare` and `train`."""
     p = sub.add_parser("prepare", help="split a corpus, train the BPE tokenizer, write token streams")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="the folder to write; one that `prepare` wrote before is replaced whole once the new one "
+                        "is complete")
     p.add_argument("--corpus", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
     p.add_argument("--id-field", help="JSONL field naming each document (default: the line number)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int_in(257, MAX_VOCAB), default=4096,
+                   help=f"tokens in the BPE vocabulary: 257 (the 256 bytes and one more) to {MAX_VOCAB}")
     p.add_argument("--heldout-fraction", type=float, default=0.05)
     p.add_argument("--max-train-tokens", type=int, default=0, help="0: every training document")
     p.add_argument("--max-heldout-tokens", type=int, default=0)
@@ -23,16 +28,17 @@ def add_parsers(sub) -> None:
                         "left out, for retro-fitting RETRO onto the LM (0: no such split)")
     p.set_defaults(handler=run_prepare)
 
-    t = sub.add_parser("train", help="train the base LM or RETRO")
+    t = sub.add_parser("train", help="train the base LM or RETRO", refuse=refuse_train)
     t.add_argument("--kind", choices=("lm", "retro"), default="lm")
     t.add_argument("--data", type=Path, required=True, help="a `prepare` output folder")
     t.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
     t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-SPLIT.npy (see `neighbours`)")
     t.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
-    for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16), ("warmup", 100),
+    for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16),
                           ("eval-every", 200), ("checkpoint-every", 500), ("chunk-len", 0), ("seed", 0)):
         t.add_argument(f"--{name}", type=int, default=default)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--warmup", type=int_in(0), default=100, help="steps of linear learning-rate warm-up")
+    t.add_argument("--lr", type=positive_finite_arg, default=3e-3, help="peak learning rate (> 0, finite)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
@@ -45,15 +51,23 @@ def add_parsers(sub) -> None:
     t.set_defaults(handler=run_train)
 
 
+def refuse_train(args: argparse.Namespace) -> None:
+    """Refuses `train` flags that would be ignored: --train-base without --init-from, --neighbours for the LM."""
+    if args.train_base and not args.init_from:
+        raise ValueError("--train-base applies with --init-from only: give --init-from, or leave it out")
+    if args.neighbours and args.kind == "lm":
+        raise ValueError("--neighbours applies to --kind retro only: the LM reads no neighbours")
+
+
 def run_prepare(args: argparse.Namespace) -> None:
     from lm_worker.data.prepare import PrepareConfig, prepare_corpus
 
     check_flags(*((flag, value, value >= 0, ">= 0") for flag, value in (
                     ("--max-train-tokens", args.max_train_tokens), ("--max-heldout-tokens", args.max_heldout_tokens),
                     ("--max-retro-tokens", args.max_retro_tokens))),
-                ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"),
-                ("--vocab-size", args.vocab_size, args.vocab_size > 256, "> 256 (the byte tokens)"))
+                ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"))
     check_folder(args.out, "--out")
+    check_out_kind(args.out, "--out", ("a prepared corpus",), "a folder that `prepare` wrote")
     r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
                                      heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
                                      max_heldout_tokens=args.max_heldout_tokens,
@@ -75,8 +89,9 @@ def run_train(args: argparse.Namespace) -> None:
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
                          init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
-    r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
-              progress=not args.no_progress)
+    with fields_as_flags({"lr": "--lr"}):
+        r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
+                  progress=not args.no_progress)
     speed = f", {r.tokens_per_s:.0f} tokens/s" if r.tokens_per_s else " (already trained: no step run)"
     print(f"{r.steps} steps: train loss {r.train_loss:.4f}, held-out loss {r.heldout_loss:.4f}{speed}\n"
           f"checkpoint {r.checkpoint}\nloss curves {r.plot}")

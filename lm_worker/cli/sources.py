@@ -13,9 +13,14 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_datastore_kind,
+    check_datastore_tokenizer,
     check_flags,
     check_folder,
+    check_out_kind,
     check_tokenizers,
+    fields_as_flags,
+    int_in,
     need,
     need_retriever,
     open_retriever,
@@ -44,7 +49,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--stride", type=int, help="kNN-LM: positions each window keys after the first window "
                                               "(default: half the context)")
     e.add_argument("--chunk-len", type=int, default=16, help="RETRO: tokens per chunk")
-    e.add_argument("--device", default="cpu", help="cpu or cuda (each worker actor then takes a GPU)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (each worker actor then takes a GPU), or "
+                                                   "auto (cuda where this machine has it)")
     e.add_argument("--workers", type=int, default=2,
                    help="Ray Data actors holding the model, writing the source in parts (resumed part by part); "
                         "0: a plain loop in this process, one .npy per array")
@@ -58,7 +64,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--factory", default="auto")
-    b.add_argument("--num-cpus", type=int)
+    b.add_argument("--num-cpus", type=int_in(1), help="CPUs of the local Ray cluster, when one is started")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(handler=run_build)
 
@@ -86,6 +92,18 @@ def encode_window(args: argparse.Namespace) -> tuple[int, int]:
     return context, args.stride if args.stride is not None else max(1, context // 2)
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """Refuses a --device this machine lacks before any Ray work, unless the workers run on a cluster that
+    --address or RAY_ADDRESS names (its GPUs are not this machine's); "auto" becomes cuda or cpu here."""
+    import os
+
+    from lm_worker.training.config import pick_device
+
+    if args.device == "auto" or args.workers == 0 or not (args.address or os.environ.get("RAY_ADDRESS")):
+        with fields_as_flags({"device": "--device"}):
+            args.device = str(pick_device(args.device))
+
+
 def run_encode(args: argparse.Namespace) -> None:
     check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
                 ("--chunk-len", args.chunk_len, args.chunk_len >= 1, ">= 1"),
@@ -93,6 +111,9 @@ def run_encode(args: argparse.Namespace) -> None:
                 ("--rows-per-part", args.rows_per_part, args.rows_per_part >= 0, ">= 0"),
                 ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"))
     check_folder(args.out, "--out")
+    own = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}[args.kind]
+    check_out_kind(args.out, "--out", (own, "other files"), own)  # other files: parts of an encode to resume
+    check_device(args)
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
     elif args.encoder == "lm":
@@ -160,14 +181,20 @@ def run_neighbours(args: argparse.Namespace) -> None:
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     source = read_source(args.source, kinds=("retro",), flag="--source")  # neighbours are RETRO's
     tokenizer, train, heldout = load_prepared(args.data)
+    if source.tokenizer_fingerprint != tokenizer.fingerprint:  # its chunks are other text: nothing is written
+        raise ValueError(f"--source {args.source} holds tokens of tokenizer {source.tokenizer_fingerprint}, but "
+                         f"--data's is {tokenizer.fingerprint}: give the --data it was encoded from")
     L = source.chunk_len
     splits = {"heldout": heldout}
     if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
         splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
     encoder = None  # loaded once, and only when some split's chunks still need embedding
     flags = retrieval_flags(args)
+    check_datastore_kind(flags, "retro")
     with open_retriever(flags, security=security_of(args)) as retriever:
         need_retriever(retriever, flags, "to fetch neighbours")
+        check_datastore_kind(flags, "retro", retriever)
+        check_datastore_tokenizer(retriever, tokenizer, flags)
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)

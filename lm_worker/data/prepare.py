@@ -21,7 +21,7 @@ import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lm_worker.data.corpus import Document, is_heldout, read_jsonl, read_stdlib, read_text_folder
@@ -122,14 +122,47 @@ def _split_documents(config: PrepareConfig) -> dict[str, list[Document]]:
 
 
 def prepare_corpus(config: PrepareConfig) -> PrepareReport:
-    """Splits, trains the tokenizer on the training split, and writes the splits (see module doc)."""
+    """Splits, trains the tokenizer on the training split, and writes the splits (see module doc) into a
+    sibling folder, which replaces OUT whole once complete: stopped midway, OUT stays as it was."""
     split = _split_documents(config)
     if not split["train"] or not split["heldout"]:
         count = len(split["train"]) + len(split["heldout"])
         raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
+    out = Path(config.out)
+    work = out.parent / f".{out.name}.preparing"  # a sibling: moved into place only when whole
+    if work.exists():
+        shutil.rmtree(work)  # left by a prepare that was stopped
+    try:
+        report = _write_prepared(replace(config, out=work), split)
+    except ValueError as err:  # told of the folder it was to be
+        shutil.rmtree(work, ignore_errors=True)
+        raise ValueError(str(err).replace(str(work), str(out))) from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _move_into_place(work, out)
+    return replace(report, out=out)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Replaces `out` (if there) with the complete folder `work`: `out` stays as it was until the swap."""
+    old = out.parent / f".{out.name}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+        log.info("replaced the earlier prepared corpus at %s", out)
+
+
+def _write_prepared(config: PrepareConfig, split: dict[str, list[Document]]) -> PrepareReport:
+    """Trains the tokenizer and writes every split into `config.out`."""
     budget = {"train": config.max_train_tokens, "heldout": config.max_heldout_tokens}
     tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size, config.progress)
     out = Path(config.out)
+    out.mkdir(parents=True)
     tokenizer.save(out / "tokenizer.json")
     counts_docs, counts_tokens = {}, {}
     for name in SPLITS:
@@ -140,9 +173,6 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
     if config.max_retro_tokens:
         store = prepare_retro_split(config, split["train"])
         counts_docs[RETRO_SPLIT], counts_tokens[RETRO_SPLIT] = len(store.documents), len(store)
-    elif (out / RETRO_SPLIT).is_dir():  # made with an earlier tokenizer and train split: its ids mean other text
-        log.warning("removing %s, left by an earlier prepare (max_retro_tokens writes it again)", out / RETRO_SPLIT)
-        shutil.rmtree(out / RETRO_SPLIT)
     return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
 
 

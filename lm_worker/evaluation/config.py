@@ -66,8 +66,9 @@ class EvalConfig:
             raise ValueError(f"pointer_temperature_scale must be > 0 and finite, got {self.pointer_temperature_scale}")
         if not 0.0 <= self.pointer_agreement <= 1.0:
             raise ValueError(f"pointer_agreement must be in [0, 1], got {self.pointer_agreement}")
-        if self.pointer_agreement and not self.pointer_steps:
-            raise ValueError("pointer_agreement applies to followed pointers: give pointer_steps too")
+        for name, default in (("min_pointers", 1), ("pointer_temperature_scale", 2.0), ("pointer_agreement", 0.0)):
+            if getattr(self, name) != default and not self.pointer_steps:
+                raise ValueError(f"{name} applies to followed pointers: give pointer_steps too")
         if self.pointer_crowd < 0:
             raise ValueError(f"pointer_crowd must be >= 0, got {self.pointer_crowd}")
         if self.pointer_crowd and not self.pointer_agreement:

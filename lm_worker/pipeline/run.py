@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -70,6 +71,8 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
 
     run = Path(config.run)
     config, stages = replace(config, run=run), Stages()
+    if config.address or os.environ.get("RAY_ADDRESS"):  # a cluster named: joined before any stage runs
+        connect_ray(config)
     (run / "report").mkdir(parents=True, exist_ok=True)
     with stages.stage("prepare corpus and tokenizer", reused=done(run / "data" / "heldout" / "documents.json")):
         if not done(run / "data" / "heldout" / "documents.json"):

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+EXAMPLES_NPROBE = 16  # lists the examples' search probes
+# the build's auto factory gives n keys at most n // 39 lists (39 training rows a list), and a search may
+# probe no more lists than there are: the fewest keys whose lists the examples can probe
+MIN_KEYS = 39 * EXAMPLES_NPROBE
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoReport:
         info = client.info()
         recall = _recall(client, vectors, config, info.nlist)
         rows = np.linspace(0, config.n_queries - 1, config.shown).astype(int)
-        found = client.search(np.asarray(vectors.queries)[rows], k=3, nprobe=16, exact_rerank=True,
+        found = client.search(np.asarray(vectors.queries)[rows], k=3, nprobe=EXAMPLES_NPROBE, exact_rerank=True,
                               rerank_candidates=100, payloads=["tokens", "doc"])
         report = DemoReport(datastore, deployment.router_address, info, recall)
         for j, row in enumerate(rows):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -150,6 +151,10 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     while step < end:
         tick = time.perf_counter()
         loss = _train_step(model, optimizer, windows, config, step, device)
+        if not math.isfinite(loss):  # the weights are lost: saving them would only spoil the last checkpoint
+            bar.close()
+            raise ValueError(f"the training loss became {loss} at step {step + 1}: training diverged (try a lower "
+                             f"lr than {config.lr}); stopped without saving a checkpoint")
         train_time += time.perf_counter() - tick
         step += 1
         losses["train"].append([step, loss])
