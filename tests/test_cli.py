@@ -40,7 +40,7 @@ def one_line_error(result, words):
         (["build", "missing.npy", "--out", "x"], "keys file missing.npy not found"),
         (["build", "k.npy"], "the following arguments are required: --out"),
         (["build", "k.npy", "--out", "x", "--payload", "oops"], "expected NAME=VALUE"),
-        (["build", "k.npy", "--out", "x", "--shards", "lots"], "invalid int value"),
+        (["build", "k.npy", "--out", "x", "--shards", "lots"], "argument --shards: expected an integer, got 'lots'"),
         (["serve", "--datastore", "nowhere", "--shard", "0"], "nowhere/manifest.json not found"),
         (["serve", "--datastore", "nowhere"], "nowhere/manifest.json not found"),
         (["router", "--shards", ","], "no shard addresses"),
@@ -74,6 +74,13 @@ def one_line_error(result, words):
          "--payload v given twice: give each payload name once"),
         (["build", "dir.npy", "--out", "x"], "keys file dir.npy is a directory, not a .npy array or a parts index"),
         (["search", "127.0.0.1:1", "--queries", "dir.npy"], "queries file dir.npy is a directory, not a .npy array"),
+        (["build", "k.npy", "--out", "x", "--shards", "0"], "argument --shards: the count must be in [1, "),
+        (["build", "k.npy", "--out", "x", "--metric", "cos"],
+         "argument --metric: a metric must be l2, ip or inner_product, got 'cos'"),
+        (["build", "k.npy", "--out", "x", "--train-size", "-1"], "argument --train-size: the number must be in [0, "),
+        (["search", "127.0.0.1:1", "--queries", "k.npy", "-k", "0"], "argument -k: the count must be in [1, "),
+        (["search", "127.0.0.1:1", "--queries", "k.npy", "--nprobe", "-1"], "argument --nprobe: the number must be in"),
+        (["search", "127.0.0.1:1", "--queries", "k.npy", "--rerank", "-1"], "argument --rerank: the number must be in"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):

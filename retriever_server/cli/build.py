@@ -6,7 +6,25 @@ import argparse
 import signal
 from pathlib import Path
 
-from retriever_server.cli.common import RAY_ADDRESS_HELP, CliError, int_in, interrupt, key_value, positive_int
+from retriever_server.cli.common import (
+    RAY_ADDRESS_HELP,
+    CliError,
+    int_in,
+    interrupt,
+    key_value,
+    non_negative_int,
+    positive_int,
+)
+from retriever_server.datastore.index import canonical_metric
+
+
+def metric_arg(text: str) -> str:
+    """argparse type for a datastore's metric: l2, ip or inner_product (any case)."""
+    try:
+        canonical_metric(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a metric must be l2, ip or inner_product, got {text!r}") from None
+    return text
 
 
 def add_parser(command) -> None:
@@ -21,11 +39,12 @@ def add_parser(command) -> None:
                    help='FAISS factory string (default "auto": IVF lists sized for N with 8-bit scalar codes, '
                         'SQ8; a graph over the lists from 8,192 lists; IVF-Flat below ~10k rows). An IVF index, or '
                         '"IDMap,Flat" for exact search')
-    b.add_argument("--metric", default="l2", help="l2 or ip (inner product)")
-    b.add_argument("--shards", type=int, default=2)
+    b.add_argument("--metric", type=metric_arg, default="l2", help="l2 or ip (inner product)")
+    b.add_argument("--shards", type=positive_int, default=2)
     b.add_argument("--seed", type=int_in(0, 2**31 - 2, "a seed"), default=0,
                    help="seed of the training sample and k-means, in [0, 2147483646]")
-    b.add_argument("--train-size", type=int, default=0, help="codec training sample; 0 sizes it for the index")
+    b.add_argument("--train-size", type=non_negative_int, default=0,
+                   help="codec training sample; 0 sizes it for the index")
     b.add_argument("--keep-keys", action="store_true", help="store float16 keys for exact re-ranking")
     b.add_argument("--meta", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="metadata recorded in the manifest (tokenizer, encoder, chunk length)")

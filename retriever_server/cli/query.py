@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.cli.common import CliError, add_client_security, client_security_of
+from retriever_server.cli.common import (
+    CliError,
+    add_client_security,
+    client_security_of,
+    non_negative_int,
+    positive_int,
+)
 from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.serving.fanout import parse_target
@@ -40,9 +46,10 @@ def add_parsers(command) -> None:
                                   "(HOST:PORT,HOST:PORT; a shard's replicas joined by |)")
     q.add_argument("--queries", type=Path, required=True,
                    help="(nq, d) float32 or float16 .npy (float64 is converted to float32, with a note)")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--nprobe", type=int, default=0, help="inverted lists probed (0: the datastore's default)")
-    q.add_argument("--rerank", type=int, nargs="?", const=0, metavar="N",
+    q.add_argument("-k", type=positive_int, default=10)
+    q.add_argument("--nprobe", type=non_negative_int, default=0,
+                   help="inverted lists probed (0: the datastore's default)")
+    q.add_argument("--rerank", type=non_negative_int, nargs="?", const=0, metavar="N",
                    help="re-rank N candidates (alone: k) by exact distance to the stored keys (a datastore built "
                         "with --keep-keys)")
     q.add_argument("--payload", action="append", default=[], help="payload to return and print; repeatable")
