@@ -202,7 +202,7 @@ def test_a_store_with_nothing_to_evaluate_is_refused_clearly(knn, data, tmp_path
     heldout = TokenStore.open(data / "heldout")
     write_token_store(tmp_path / "tiny", [("one", [])], eos_id=0, tokenizer_fingerprint=heldout.tokenizer_fingerprint)
     tiny = dataclasses.replace(job(knn, data), store=tmp_path / "tiny")
-    with pytest.raises(ValueError, match="tiny has nothing to evaluate: too few tokens for one window"):
+    with pytest.raises(ValueError, match="tiny: nothing to evaluate: the store holds 1 tokens, too few to score"):
         evaluate_distributed(tiny, pool(workers=1))
 
 

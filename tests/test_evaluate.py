@@ -20,7 +20,7 @@ from lm_worker.data.token_store import TokenStore, write_token_store
 from lm_worker.data.tokenizer import train_tokenizer
 from lm_worker.data.windows import Window, iter_windows
 from lm_worker.evaluation.config import EvalConfig, scored_positions
-from lm_worker.evaluation.knnlm_eval import evaluate_knnlm, evaluate_lm
+from lm_worker.evaluation.knnlm_eval import best_lambdas, evaluate_knnlm, evaluate_lm
 from lm_worker.evaluation.pointers import follow_pointers
 from lm_worker.evaluation.report import report_table, write_report
 from lm_worker.evaluation.retro_eval import evaluate_retro
@@ -418,6 +418,36 @@ def test_retro_checks_k_and_alignment(retro_model, stores, encoder, retro_datast
         with pytest.raises(ValueError, match="multiples of 4"):
             evaluate_retro(retro_model, stores[1], retriever, encoder, EvalConfig(context_len=30, stride=16),
                            progress=False)
+
+
+@pytest.mark.parametrize("docs", [[], [("doc", [])], [("doc", [7])]], ids=["0-tokens", "1-token", "2-tokens"])
+def test_a_store_too_short_to_score_is_refused_not_a_perplexity_of_one(tmp_path, tokenizer, lm, retro_model, encoder,
+                                                                      knn_datastore, retro_datastore, docs):
+    """A store of fewer than 2 tokens has no position to score, and RETRO needs a chunk of 4 and the token
+    after it: each evaluation raises, where it used to report perplexity 1.000 over 0 tokens."""
+    store = write_token_store(tmp_path / "short", docs, tokenizer.eos_id, tokenizer.fingerprint)
+    assert len(store) == len(docs) + sum(len(ids) for _, ids in docs)
+    with InProcessRetriever(retro_datastore[0], RETRO.retrieval) as retriever:
+        with pytest.raises(ValueError, match="nothing to evaluate: the store holds .* one chunk of 4 tokens"):
+            evaluate_retro(retro_model, store, retriever, encoder, RETRO, progress=False)
+    if len(store) >= 2:  # the LM and kNN-LM score its one position
+        assert evaluate_lm(lm, store, KNN, progress=False)[1] == 1
+        return
+    with pytest.raises(ValueError, match=f"nothing to evaluate: the store holds {len(store)} tokens"):
+        evaluate_lm(lm, store, KNN, progress=False)
+    with InProcessRetriever(knn_datastore[0], KNN.retrieval) as retriever:
+        with pytest.raises(ValueError, match="nothing to evaluate"):
+            evaluate_knnlm(lm, store, retriever, KNN, progress=False)
+
+
+def test_the_best_lambda_pair_is_the_same_whatever_the_order_of_the_lambdas():
+    """With pointers, λ=1 makes the searched and the followed positions' sums both infinite; their difference
+    (nan) is no best: the pair is (0.25, 0.25) whichever λ comes first."""
+    nll = {1.0: math.inf, 0.25: 90.0}
+    followed = {1.0: math.inf, 0.25: 40.0}
+    for order in (list(nll), list(reversed(nll))):
+        got = best_lambdas({lam: nll[lam] for lam in order}, {lam: followed[lam] for lam in order}, 10, 4)
+        assert got == (0.25, 0.25, pytest.approx(math.exp(9.0)))
 
 
 # ---------------------------------------------------------------------------------------------

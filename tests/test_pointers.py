@@ -42,6 +42,24 @@ def test_chains_fill_the_next_positions_until_too_few_hold():
     assert out.ids[4].tolist() == [15, 16, 17] and out.values[4].tolist() == [7, 7, 7]  # searched
 
 
+def test_a_chain_at_the_datastores_end_does_not_hold_and_the_next_position_is_searched():
+    """Position 0 finds rows 18 and 19 (values 7, 7), which both come true; row 19 is the datastore's last, so
+    only row 18's chain goes on to position 1, and at position 2 none is left. With min_pointers=2 position 1
+    is searched; with 1 it follows row 18 alone, row 19's place missing (-1, inf), not a row past the end."""
+    positions, targets = np.arange(3), np.array([7, 7, 7])
+    found = {0: [18, 19], 1: [12, 13], 2: [12, 13]}
+    calls = []
+    _, followed = follow_pointers(np.zeros((3, 2), np.float32), targets, positions, fake_search(found, calls),
+                                  steps=4, min_pointers=2)
+    assert calls == [[0], [1]] and followed.tolist() == [False, False, True]
+    calls = []
+    out, followed = follow_pointers(np.zeros((3, 2), np.float32), targets, positions, fake_search(found, calls),
+                                    steps=4, min_pointers=1)
+    assert calls == [[0], [2]] and followed.tolist() == [False, True, False]
+    assert out.ids[1].tolist() == [19, -1] and out.values[1].tolist() == [7, -1]
+    assert out.distances[1].tolist() == [0.0, np.inf]
+
+
 def test_runs_of_positions_start_with_a_search_and_steps_bound_a_chain():
     """Two runs (positions 0-2 and 10-11): each run's first position is searched; a chain that always holds
     is cut after `steps` positions."""

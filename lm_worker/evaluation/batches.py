@@ -70,6 +70,15 @@ def count_batches(store: TokenStore, config: EvalConfig, align: int = 1) -> int:
     return len(plan_batches(store, config, align))
 
 
+def check_scorable(store: TokenStore, config: EvalConfig, align: int = 1) -> None:
+    """Raises ValueError where an evaluation of `store` would score nothing: a perplexity over no tokens."""
+    if scored_positions(store, config.max_tokens) < align:  # RETRO (align: its chunk length) scores whole chunks
+        what = f"one chunk of {align} tokens and the token after it" if align > 1 else "one token after another"
+        raise ValueError(f"nothing to evaluate: the store holds {len(store)} tokens"
+                         f"{f' (max_tokens {config.max_tokens})' if config.max_tokens else ''}, too few to score "
+                         f"{what}")
+
+
 def select_batches(groups: list[list[Window]], batches: range | None) -> list[list[Window]]:
     if batches is None:
         return groups

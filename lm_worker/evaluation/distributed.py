@@ -246,7 +246,7 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
         >>> evaluate_distributed(job, WorkerPoolConfig(workers=4, num_gpus=1, address="ray://head:10001"))
     """
     from lm_worker.data.token_store import TokenStore
-    from lm_worker.evaluation.batches import check_window, count_batches
+    from lm_worker.evaluation.batches import check_scorable, check_window, count_batches
     from lm_worker.models.checkpoint import load_checkpoint
 
     started = time.perf_counter()
@@ -254,10 +254,12 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
                             flag=f"a {job.kind} evaluation").model  # before any worker starts
     check_window(model, job.config)
     align = model.config.chunk_len if job.kind == "retro" else 1
-    shares = plan_shares(count_batches(TokenStore.open(job.store), job.config, align), config.batches_per_share)
-    if not shares:
-        raise ValueError(f"{job.store} has nothing to evaluate: too few tokens for one window of context_len "
-                         f"{job.config.context_len}")
+    store = TokenStore.open(job.store)
+    try:
+        check_scorable(store, job.config, align)
+    except ValueError as e:
+        raise ValueError(f"{job.store}: {e}") from None
+    shares = plan_shares(count_batches(store, job.config, align), config.batches_per_share)
     if job.target.startswith(RAY_PREFIX):
         connect(config.address, config.num_cpus_local, log_to_driver=False)
     # the datastore answers and suits the model, checked here in one line before anything is written or

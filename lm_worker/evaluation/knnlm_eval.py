@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lm_worker.data.token_store import TokenStore
 from lm_worker.evaluation.batches import (
     Clock,
+    check_scorable,
     check_window,
     completed,
     lm_step,
@@ -62,9 +63,10 @@ def evaluate_lm(model: torch.nn.Module, store: TokenStore, config: EvalConfig = 
         (perplexity, tokens scored).
 
     Raises:
-        ValueError: the window is longer than the model's `max_len`.
+        ValueError: the window is longer than the model's `max_len`, or the store too short to score.
     """
     check_window(model, config)
+    check_scorable(store, config)
     model.eval()
     nll, tokens = 0.0, 0
     for windows in tqdm(plan_batches(store, config), desc="lm eval", unit="batch", disable=not progress):
@@ -128,7 +130,8 @@ def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], toke
     if not followed:
         best = min(nll, key=lambda lam: nll[lam])
         return best, best, perplexity(nll[best], tokens)
-    searched = {lam: nll[lam] - followed_nll[lam] for lam in nll}
+    # inf - inf (a λ at which both parts are impossible) is no total: it counts as inf, never as the best
+    searched = {lam: nll[lam] - followed_nll[lam] if math.isfinite(nll[lam]) else math.inf for lam in nll}
     lam_s = min(searched, key=lambda lam: searched[lam])
     lam_f = min(followed_nll, key=lambda lam: followed_nll[lam])
     return lam_s, lam_f, perplexity(searched[lam_s] + followed_nll[lam_f], tokens)
@@ -177,10 +180,11 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         A `KnnEvalResult`; its λ = 0 perplexity equals `evaluate_lm`'s exactly.
 
     Raises:
-        ValueError: the window exceeds the model's `max_len`, the keys' dimension is not the datastore's,
-            or `exclude_own_document` is set for a datastore not built from `store`.
+        ValueError: the window exceeds the model's `max_len`, the store is too short to score, the keys'
+            dimension is not the datastore's, or `exclude_own_document` is set for a datastore not built from `store`.
     """
     check_window(model, config)
+    check_scorable(store, config)
     check_knnlm_inputs(model, retriever)
     if config.exclude_own_document and retriever.ntotal != len(store) - 1:
         raise ValueError(f"exclude_own_document needs the datastore built from this store: it has "

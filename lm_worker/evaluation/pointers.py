@@ -105,8 +105,9 @@ def _chains(found: KnnNeighbours, rows: np.ndarray, targets: np.ndarray, followi
     here, again = rows, []
     for step in range(after.shape[2]):
         there = following[here]
-        holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
+        alive &= after[:, :, step] >= 0  # a chain at its shard's or the datastore's end has no successor
         coming = np.where(alive, after[:, :, step], -1)  # (m, k) the chains' next tokens (their successors' values)
+        holding = (there >= 0) & (alive.sum(axis=1) >= min_pointers)
         if agreement > 0 and holding.any():
             agreeing = agreement_share(coming, distances, temperature) >= agreement  # (m,)
             if crowd > 0:

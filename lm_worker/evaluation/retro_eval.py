@@ -23,6 +23,7 @@ from lm_worker.data.token_store import TokenStore
 from lm_worker.data.windows import Window
 from lm_worker.evaluation.batches import (
     Clock,
+    check_scorable,
     check_window,
     completed,
     make_batch,
@@ -113,12 +114,13 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         A `RetroEvalResult`.
 
     Raises:
-        ValueError: k is below the model's n_neighbours, the window is not chunk-aligned, or the
-            datastore's neighbours do not fit the model.
+        ValueError: k is below the model's n_neighbours, the window is not chunk-aligned, the store is
+            too short to score, or the datastore's neighbours do not fit the model.
     """
     check_retro_inputs(model, retriever)
     check_window(model, config)
     L, K = model.config.chunk_len, model.config.n_neighbours
+    check_scorable(store, config, align=L)
     if retriever.config.k < K:
         raise ValueError(f"the retriever asks for k={retriever.config.k} neighbours, the model takes {K}: ask for "
                          f"{K} or more (the nearest {K} are used, as RetroStepper does)")
