@@ -1,0 +1,70 @@
+"""scripts/setup.sh, run against a stand-in `.venv/bin/python` that records each pip command: one FAISS
+build at a time, nothing installed twice, and PyTorch's CPU index tried where pip finds no CPU torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/../calls"
+here="$(dirname "$0")/.."
+if [[ "$*" == *"-c constraints.txt"* ]] && [ -f "$here/no-cpu-torch" ] && [[ "$*" != *extra-index-url* ]]; then
+    echo "ERROR: No matching distribution found for torch==2.13.0+cpu" >&2
+    exit 1
+fi
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the set-up's inputs, with a stand-in virtual environment."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("scripts/setup.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    return tmp_path
+
+
+def setup(project: Path, extras: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    calls = project / ".venv" / "calls"
+    calls.unlink(missing_ok=True)
+    done = subprocess.run(["bash", str(project / "scripts" / "setup.sh"), extras], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "TORCH_INDEX_URL": "https://torch.example/cpu"})
+    return done, calls.read_text().splitlines() if calls.exists() else []
+
+
+def stamp(project: Path) -> str:
+    return (project / ".venv" / "setup.stamp").read_text().splitlines()[1]
+
+
+def test_both_faiss_builds_at_once_are_refused(project):
+    done, calls = setup(project, "cpu,gpu,lm")
+    assert done.returncode == 2 and "give cpu or gpu, not both" in done.stderr and calls == []
+
+
+def test_asking_for_the_other_faiss_build_swaps_it_and_keeps_the_other_extras(project):
+    done, _ = setup(project, "cpu,lm")
+    assert done.returncode == 0 and stamp(project) == "cpu,lm"
+    done, calls = setup(project, "cpu")  # fewer extras than installed: nothing to do
+    assert done.returncode == 0 and calls == []
+    done, calls = setup(project, "gpu,dev")
+    assert done.returncode == 0, done.stderr
+    assert "-m pip uninstall -q -y faiss-cpu" in calls
+    assert calls[-1].endswith('-e .[lm,gpu,dev]') and stamp(project) == "lm,gpu,dev"
+
+
+def test_a_missing_cpu_torch_is_tried_again_with_pytorchs_cpu_index(project):
+    (project / ".venv" / "no-cpu-torch").touch()
+    done, calls = setup(project, "cpu,lm")
+    assert done.returncode == 0, done.stderr
+    installs = [c for c in calls if " install " in f" {c} " and "--upgrade" not in c]
+    assert len(installs) == 2 and installs[1].endswith("--extra-index-url https://torch.example/cpu")
+    assert "trying again with https://torch.example/cpu" in done.stderr and stamp(project) == "cpu,lm"
