@@ -9,6 +9,9 @@
   Kubernetes schemas.
 - Every command in the manifests is parsed by the project's own CLI parsers, and the router's
   shard list by the router's own parser.
+- Every Ray container (head, workers, autoscaler, job submitter) turns Ray's token authentication on
+  with the token from a Secret and runs unprivileged; the pods that may run the evaluation mount the
+  files it reads.
 - The Dockerfiles are linted by hadolint and parsed by dockerfile-parse; the files they copy are
   built into the project's wheel.
 Negative tests show each validator rejecting a broken manifest. A missing tool fails, never skips.
@@ -516,6 +519,99 @@ def test_ray_pods_share_the_data_volume_and_match_the_images():
             assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
             gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
             assert container["image"].endswith("-cuda") == (gpus is not None), f"{_name(doc)}: {container['image']}"
+
+
+# Ray's token authentication is off unless RAY_AUTH_MODE=token; the token comes from this Secret
+# (deploy/README.md creates it).
+RAY_AUTH_SECRET = {"name": "retrieval-ray-auth", "key": "token"}
+
+
+def ray_pods(doc: dict) -> list[tuple[str, dict]]:
+    """Every pod spec a RayCluster or RayJob makes, by role: head, worker groups, a RayJob's submitter."""
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    pods = [(f"{_name(doc)} head", spec["headGroupSpec"]["template"]["spec"]),
+            *((f"{_name(doc)} {g['groupName']}", g["template"]["spec"]) for g in spec.get("workerGroupSpecs", []))]
+    if "submitterPodTemplate" in doc["spec"]:
+        pods.append((f"{_name(doc)} submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+    return pods
+
+
+def ray_containers(doc: dict) -> list[tuple[str, dict]]:
+    """Every container of ray_pods, and the autoscaler sidecar KubeRay adds to the head, whose env
+    and securityContext come from autoscalerOptions."""
+    found = [(f"{where} {c['name']}", c) for where, pod in ray_pods(doc)
+             for c in [*pod.get("initContainers", []), *pod["containers"]]]
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    if spec.get("enableInTreeAutoscaling"):
+        found.append((f"{_name(doc)} autoscaler", spec.get("autoscalerOptions", {})))
+    return found
+
+
+def test_every_ray_container_requires_the_ray_token():
+    """Head, workers and autoscaler turn token authentication on, with the token from the Secret (never
+    in the manifest); so does each RayJob's submitter: KubeRay's default one carries no token, and the
+    job API would refuse it."""
+    readme = (DEPLOY / "README.md").read_text()
+    assert re.search(rf"create secret generic {RAY_AUTH_SECRET['name']} --from-\w+={RAY_AUTH_SECRET['key']}=", readme)
+    for doc in load_manifests(RAY_MANIFESTS):
+        if doc["kind"] == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            assert "submitterPodTemplate" in doc["spec"], f"{_name(doc)}: the default submitter has no token"
+            submitter = doc["spec"]["submitterPodTemplate"]["spec"]
+            assert submitter["restartPolicy"] == "Never" and submitter["containers"][0]["image"] == \
+                _first_container(doc)["image"]  # the head's Ray runs `ray job submit`
+        for where, container in ray_containers(doc):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
+            token = env.get("RAY_AUTH_TOKEN", {})
+            ref = token.get("valueFrom", {}).get("secretKeyRef", {})
+            assert "value" not in token and {k: ref.get(k) for k in RAY_AUTH_SECRET} == RAY_AUTH_SECRET, where
+            assert not ref.get("optional"), where
+
+
+def _secret_file(pod: dict, container: dict, path: Path) -> tuple[str, str] | None:
+    """(Secret, key) whose file `path` is in `container`, or None if no mounted Secret holds it."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"]))
+    mount = next((m for m in mounts if path.is_relative_to(m["mountPath"])), None)
+    if mount is None or "secret" not in volumes[mount["name"]] or "subPath" in mount:
+        return None
+    secret, name = volumes[mount["name"]]["secret"], str(path.relative_to(mount["mountPath"]))
+    key = {i["path"]: i["key"] for i in secret["items"]}.get(name) if "items" in secret else name
+    return None if key is None else (secret["secretName"], key)
+
+
+def test_pods_that_run_the_evaluation_mount_what_it_reads(default_docs, capsys):
+    """The eval entry point reads the CA and the tokens of the chart's Secrets, on the head (the driver)
+    and on the workers (the LM workers call the router). It runs on its RayJob's cluster and on the
+    long-lived one (deploy/README.md: a RayJob with clusterSelector), so every pod of both mounts them."""
+    docs = {d["metadata"]["name"]: d for d in load_manifests(RAY_MANIFESTS)}
+    (evaluate,) = job_commands(docs["retrieval-eval"], capsys)
+    (sts, *_) = of_kind(default_docs, "StatefulSet")
+    chart = {v["name"]: v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    wanted = {evaluate.tls_ca: (chart["tls"], "ca.crt"), evaluate.auth_token_file: (chart["tokens"], "tokens")}
+    for doc in (docs["retrieval"], docs["retrieval-eval"]):
+        for template in pod_templates(doc):
+            (container,) = template["spec"]["containers"]
+            for path, source in wanted.items():
+                assert _secret_file(template["spec"], container, path) == source, f"{_name(doc)}: {path}"
+
+
+def test_ray_pods_run_unprivileged():
+    """What the chart's pods get (values.yaml), as the images' uid, less readOnlyRootFilesystem (Ray
+    writes /tmp/ray) and runAsGroup (Ray's images give their user another group)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    pod_wanted = {k: values["podSecurityContext"][k] for k in ("runAsNonRoot", "runAsUser", "seccompProfile")}
+    container_wanted = {k: v for k, v in values["securityContext"].items() if k != "readOnlyRootFilesystem"}
+    assert pod_wanted["runAsNonRoot"] is True and container_wanted["allowPrivilegeEscalation"] is False
+    assert "ALL" in container_wanted["capabilities"]["drop"]
+    for stage in [_stages(DOCKERFILE)["ray"], *_stages(DOCKERFILE_CUDA).values()]:
+        assert _values(stage, "USER")[-1].split(":")[0] == str(pod_wanted["runAsUser"])
+    for doc in load_manifests(RAY_MANIFESTS):
+        for where, pod in ray_pods(doc):
+            context = pod.get("securityContext", {})
+            assert {k: context.get(k) for k in pod_wanted} == pod_wanted, where
+        for where, container in ray_containers(doc):
+            assert container.get("securityContext") == container_wanted, where
 
 
 # ---------------------------------------------------------------- Dockerfiles
