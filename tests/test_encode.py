@@ -342,3 +342,9 @@ def test_a_models_fingerprint_is_remembered_until_its_weights_change():
     torch.manual_seed(0)
     model.load_state_dict(TransformerLM(LMConfig.tiny(vocab_size=64)).state_dict())  # the first weights again
     assert model_fingerprint(model) == first
+    weight = next(model.parameters())
+    weight.data = weight.data + 1.0  # a new tensor, its version counter at 0 again
+    assigned = model_fingerprint(model)
+    assert assigned != first
+    model.double()  # a cast: the same values, other bytes
+    assert model_fingerprint(model) not in (first, assigned)

@@ -19,6 +19,7 @@ from conftest import serve
 from lm_worker.data.token_store import TokenStore, write_token_store
 from lm_worker.data.tokenizer import train_tokenizer
 from lm_worker.data.windows import Window, iter_windows
+from lm_worker.decoding.retro_stepper import RetroStepper
 from lm_worker.evaluation.config import EvalConfig, scored_positions
 from lm_worker.evaluation.knnlm_eval import best_lambdas, evaluate_knnlm, evaluate_lm
 from lm_worker.evaluation.pointers import follow_pointers
@@ -418,6 +419,19 @@ def test_retro_checks_k_and_alignment(retro_model, stores, encoder, retro_datast
         with pytest.raises(ValueError, match="multiples of 4"):
             evaluate_retro(retro_model, stores[1], retriever, encoder, EvalConfig(context_len=30, stride=16),
                            progress=False)
+
+
+def test_retro_refuses_an_encoder_other_than_the_datastores(retro_model, stores, encoder, retro_datastore):
+    """The datastore's manifest names the encoder that made its keys: another one (here a copy under another
+    fingerprint) is refused by the evaluation and the decoder, before any search."""
+    other = FakeEncoder(retro_model.config.vocab_size)
+    other.fingerprint = "fake:another"
+    with InProcessRetriever(retro_datastore[0], RETRO.retrieval) as retriever:
+        assert retriever.metadata["encoder"] == encoder.fingerprint
+        for use in (lambda: evaluate_retro(retro_model, stores[1], retriever, other, RETRO, progress=False),
+                    lambda: RetroStepper(retro_model, retriever, other)):
+            with pytest.raises(ValueError, match="made by the encoder 'fake:proj24', not by this one .'fake:another'"):
+                use()
 
 
 @pytest.mark.parametrize("docs", [[], [("doc", [])], [("doc", [7])]], ids=["0-tokens", "1-token", "2-tokens"])

@@ -131,6 +131,20 @@ def test_a_damaged_checkpoint_is_one_line(run, tmp_path, capsys, error):
     assert f"error: {damaged} is not a readable checkpoint: " in err
 
 
+@pytest.mark.parametrize("change, words", [({"d_model": 64}, "does not hold a loadable retro model: Error(s) in "
+                                              "loading state_dict for Retro: size mismatch"),
+                                             ({"cca_layers": "12"}, "cca_layers must be a tuple")])
+def test_a_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(run, tmp_path, capsys, change, words):
+    payload = torch.load(run / "retro" / "checkpoint.pt", weights_only=True)
+    payload["config"].update(change)
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_checkpoint(tmp_path)
+    err = one_line_error(capsys, "generate", "--checkpoint", str(tmp_path), "--data", str(run / "data"),
+                         "--no-retrieval", "--prompt", "a")
+    assert words in err
+
+
 @pytest.mark.parametrize("line, words", [
     ("not json", ":2 is not valid JSON: Expecting value (column 1)"),
     ("[1, 2]", ":2 holds a JSON list, not an object"),

@@ -147,6 +147,12 @@ def test_config_defaults_and_validation():
         assert cfg.d_model % cfg.n_head == 0
     with pytest.raises(ValueError, match="cca_layers"):
         RetroConfig(vocab_size=10, n_layer=3, cca_layers=(3,))
+    for bad, match in ((dict(chunk_len=0), "chunk_len must be a positive integer"),
+                       (dict(n_neighbours=-1), "n_neighbours must be a positive integer"),
+                       (dict(n_layer=2), "no decoder layer attends to the neighbours"),
+                       (dict(cca_layers="12"), "cca_layers must be a tuple"), (dict(dropout=1.0), "dropout")):
+        with pytest.raises(ValueError, match=match):
+            RetroConfig(vocab_size=10, **bad)
 
 
 def _copy_task(batch: int, vocab: int, length: int = 4 * L):

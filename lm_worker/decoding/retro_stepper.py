@@ -41,7 +41,7 @@ class RetroStepper:
     """
 
     def __init__(self, model: torch.nn.Module, retriever, encoder, prefetch: int = 0, overlap: bool = False):
-        check_retro_inputs(model, retriever)
+        check_retro_inputs(model, retriever, encoder)
         L = model.config.chunk_len
         if not 0 <= prefetch < L:
             raise ValueError(f"prefetch must lie in [0, chunk_len={L}), got {prefetch}")

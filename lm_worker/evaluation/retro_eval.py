@@ -117,7 +117,7 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
         ValueError: k is below the model's n_neighbours, the window is not chunk-aligned, the store is
             too short to score, or the datastore's neighbours do not fit the model.
     """
-    check_retro_inputs(model, retriever)
+    check_retro_inputs(model, retriever, encoder)
     check_window(model, config)
     L, K = model.config.chunk_len, model.config.n_neighbours
     check_scorable(store, config, align=L)

@@ -158,9 +158,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
     if kind not in MODELS:
         raise ValueError(f"{file} holds a model of unknown kind {kind!r}")
     check_kind(kind, path, kinds, flag)
-    config = build_config(kind, payload["config"])
-    model = MODELS[kind][1](config)
-    model.load_state_dict(payload["model"])
+    try:
+        config = build_config(kind, payload["config"])
+        model = MODELS[kind][1](config)
+        model.load_state_dict(payload["model"])
+    except (TypeError, RuntimeError) as err:  # a config that is no config, or weights of another shape
+        raise ValueError(f"{file} does not hold a loadable {kind} model: {' '.join(str(err).split())[:300]}"
+                         ) from None
     model.to(device).eval()
     return LoadedModel(kind=kind, model=model, config=config, step=int(payload["step"]),
                        tokenizer_fingerprint=payload["tokenizer_fingerprint"], optimizer_state=payload["optimizer"],

@@ -14,9 +14,10 @@ _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys.
-    Remembered per model until one of its tensors changes in place (an optimizer step, a load): a large
+    Remembered per model until one of its tensors changes (an optimizer step, a load, a cast): a large
     model is hashed once, however many evaluations and decoders check it."""
-    versions = tuple(t._version for t in model.state_dict().values())  # torch counts each in-place change
+    # torch counts each in-place change; a cast or an assigned `.data` makes a new tensor (storage, dtype)
+    versions = tuple((t._version, t.data_ptr(), t.dtype) for t in model.state_dict().values())
     known = _MEMO.get(model)
     if known is not None and known[0] == versions:
         return known[1]

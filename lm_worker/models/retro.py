@@ -45,8 +45,20 @@ class RetroConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        for name in ("vocab_size", "chunk_len", "n_neighbours", "n_layer", "n_head", "d_model", "d_ff", "enc_n_layer"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        for name in ("cca_layers", "enc_cross_layers"):
+            layers = getattr(self, name)
+            if layers is not None and not (isinstance(layers, tuple) and all(isinstance(i, int) for i in layers)):
+                raise ValueError(f"{name} must be a tuple of layer indices or None, got {layers!r}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of even size")
+        if not self.decoder_cca_layers:
+            raise ValueError(f"no decoder layer attends to the neighbours: with cca_layers None, n_layer must be 3 "
+                             f"or more (got {self.n_layer}); or name the layers in cca_layers")
         if not all(0 <= i < self.n_layer for i in self.decoder_cca_layers):
             raise ValueError(f"cca_layers {self.cca_layers} out of range for {self.n_layer} layers")
         if not all(0 <= i < self.enc_n_layer for i in self.encoder_cross_layers):

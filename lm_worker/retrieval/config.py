@@ -55,12 +55,17 @@ class ChunkNeighbours:
     next_keys: np.ndarray | None = None
 
 
-def check_retro_inputs(model, retriever) -> None:
-    """ValueError when `model` is not a RETRO model (one whose config has a chunk_len), or `retriever`'s
-    datastore says (its manifest's kind) it is not a RETRO datastore."""
+def check_retro_inputs(model, retriever, encoder=None) -> None:
+    """ValueError when `model` is not a RETRO model (one whose config has a chunk_len), `retriever`'s
+    datastore says (its manifest's kind) it is not a RETRO datastore, or its keys were made by an encoder
+    other than `encoder` (both fingerprints known: the manifest's "encoder", `encoder.fingerprint`)."""
     if not hasattr(getattr(model, "config", None), "chunk_len"):
         raise ValueError(f"RETRO takes a Retro model, got {type(model).__name__}: decode a language model with "
                          "LMStepper or KnnLMStepper, evaluate it with evaluate_lm or evaluate_knnlm")
     kind = (getattr(retriever, "metadata", None) or {}).get("kind")
     if kind not in (None, "retro"):
         raise ValueError(f"the datastore is a {kind!r} datastore (its manifest's kind), not a RETRO one")
+    made_by, mine = (getattr(retriever, "metadata", None) or {}).get("encoder"), getattr(encoder, "fingerprint", None)
+    if made_by and mine and made_by != mine:  # the datastore's value escaped as repr, at most 80 characters
+        raise ValueError(f"the datastore's keys were made by the encoder {str(made_by)[:80]!r}, not by this one "
+                         f"({mine!r}): query it with the encoder that built it")
