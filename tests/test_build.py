@@ -402,8 +402,11 @@ def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):
         (np.inf, False, 300, r"^keys row 250 holds NaN or Inf; every key must be finite$"),  # in the training sample
         (1e5, True, 64, r"^shard-00001 failed: keys row 250 holds a value over 65504 in absolute value, which "
                         r"--keep-keys cannot store as float16"),
+        (1e20, False, 64, r"^shard-00001 failed: keys row 250 holds a value over 1e\+15 in absolute value, whose "
+                          r"squared distances would overflow float32"),  # FAISS would put it in no list
+        (-1e20, False, 300, r"^keys row 250 holds a value over 1e\+15"),  # FAISS's k-means would abort
     ],
-    ids=["nan-added", "inf-trained-on", "past-float16"],
+    ids=["nan-added", "inf-trained-on", "past-float16", "overflow-added", "overflow-trained-on"],
 )
 def test_keys_an_index_cannot_hold_are_refused_naming_the_row(ray_cluster, tmp_path, bad, keep_keys, train_size,
                                                               message):
@@ -555,6 +558,28 @@ def test_factories_whose_index_keeps_row_ids_are_accepted(factory):
     from retriever_server.datastore.index import check_factory
 
     check_factory(factory, 16, "l2")  # does not raise
+
+
+def test_an_ivf_index_of_no_lists_is_refused():
+    """FAISS makes "IVF0,Flat" and puts every row in no list: a datastore of empty shards."""
+    from retriever_server.datastore.index import check_factory
+
+    with pytest.raises(ValueError, match=r"factory string 'IVF0,Flat' makes an IVF index of 0 lists"):
+        check_factory("IVF0,Flat", 16, "l2")
+
+
+def test_a_symlinked_output_is_refused_and_what_it_points_to_is_left(datastore, keys, tmp_path):
+    """A build swaps its new folder into the output's place: that would replace a link, not the datastore it
+    points to. The link is refused before any work, naming its target; the datastore is left as it was."""
+    np.save(tmp_path / "keys.npy", keys)
+    link = tmp_path / "current"
+    link.symlink_to(datastore)
+    before = read_manifest(datastore).checksum
+    for overwrite in (False, True):
+        with pytest.raises(BuildError, match=r"current is a symbolic link \(to '.*'\); give the folder it points to"):
+            build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=link, overwrite=overwrite), progress=False)
+    assert link.is_symlink() and read_manifest(datastore).checksum == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "keys.npy"]
 
 
 @pytest.mark.slow

@@ -118,6 +118,26 @@ def test_a_shard_task_asked_to_stop_ends_before_its_next_block(rows, tmp_path):
     assert len(asked) == 4 and not (tmp_path / "index.faiss").exists()
 
 
+@pytest.mark.parametrize("spill_rows", [700, 10_000_000], ids=["spilled", "in-memory"])
+def test_a_shard_whose_rows_landed_in_no_list_fails_and_writes_no_index(rows, tmp_path, spill_rows):
+    """FAISS puts a row in list -1 (kept by no list, yet counted in ntotal) when no centroid is near it:
+    here every centroid is NaN. The shard task must fail, naming the rows lost, not write a short index."""
+    from retriever_server.datastore.build_inputs import BuildConfig, BuildError
+    from retriever_server.datastore.shard_fill import add_rows
+
+    np.save(tmp_path / "keys.npy", rows)
+    index = _load(_trained("IVF64,Flat"))
+    quantizer = faiss.downcast_index(index.quantizer)
+    faiss.rev_swig_ptr(quantizer.get_xb(), 64 * D)[:] = np.nan
+    faiss.write_index(index, str(tmp_path / "trained.index"))
+    config = BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "unused", add_block=256, spill_rows=spill_rows)
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    with pytest.raises(BuildError, match=r"^rows \[500, 3500\): the index holds 0 of them; FAISS placed 3000 in no "):
+        add_rows(config, str(tmp_path / "trained.index"), 500, 3500, shard)
+    assert not (shard / "index.faiss").exists()
+
+
 def test_a_short_spill_file_is_an_error_and_the_lists_stay(tmp_path, rows, monkeypatch):
     """A spill file that does not hold its lists' bytes (FAISS wrote another layout, or nothing) is an
     OSError, and the index keeps its rows."""

@@ -110,21 +110,25 @@ def _check_keys(config: BuildConfig) -> tuple[int, int]:
 
 PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # becomes part of a file name: payload.NAME.npy
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # the largest key `--keep-keys` stores as it is
+MAX_KEY_ABS = 1e15  # as a query's: d * (1e15)^2 stays far inside float32, so no distance overflows
 
 
 def check_key_rows(block: np.ndarray, rows: np.ndarray, keep_keys: bool) -> None:
     """Raises BuildError naming the first key of `block` (n, d), the keys' rows `rows` (n,), that holds NaN
-    or Inf (FAISS would train on it, or leave it out of every list) or, with `keep_keys`, a value past
-    float16's range."""
-    limit = FLOAT16_MAX if keep_keys else float(np.finfo(np.float32).max)
+    or Inf, or a value over MAX_KEY_ABS (FAISS would train on it and abort, or leave it out of every list)
+    or, with `keep_keys`, a value past float16's range."""
+    limit = FLOAT16_MAX if keep_keys else MAX_KEY_ABS
     if np.abs(block).max(initial=0.0) <= limit:  # a NaN makes the max NaN, which fails this
         return
     bad = np.isnan(block).any(axis=1) | ~(np.abs(block) <= limit).all(axis=1)
     row = int(rows[np.flatnonzero(bad)[0]])
-    if not np.isfinite(block).all():
+    if not np.isfinite(block[np.flatnonzero(bad)[0]]).all():
         raise BuildError(f"keys row {row} holds NaN or Inf; every key must be finite")
-    raise BuildError(f"keys row {row} holds a value over {FLOAT16_MAX:.0f} in absolute value, which "
-                     "--keep-keys cannot store as float16: scale the keys, or build without --keep-keys")
+    if keep_keys:
+        raise BuildError(f"keys row {row} holds a value over {FLOAT16_MAX:.0f} in absolute value, which "
+                         "--keep-keys cannot store as float16: scale the keys, or build without --keep-keys")
+    raise BuildError(f"keys row {row} holds a value over {MAX_KEY_ABS:.0e} in absolute value, whose squared "
+                     "distances would overflow float32: scale the keys")
 
 
 def _training_minimum(factory: str, d: int, metric: str) -> int:

@@ -68,7 +68,10 @@ def check_factory(factory: str, d: int, metric: str) -> None:
         raise ValueError(f"factory string {factory!r} makes a refine index, which a datastore's shards cannot "
                          "fill: build without RFlat / Refine(...), with --keep-keys, and search with exact "
                          "re-ranking instead")
-    if faiss.try_extract_index_ivf(index) is not None:
+    if (ivf := faiss.try_extract_index_ivf(index)) is not None:
+        if ivf.nlist < 1:
+            raise ValueError(f"factory string {factory!r} makes an IVF index of {ivf.nlist} lists: give it one "
+                             "or more (e.g. \"IVF256,Flat\")")
         return
     core = index
     while isinstance(core, faiss.IndexPreTransform):  # e.g. "PCA32,IDMap,Flat": the ids are kept inside

@@ -63,8 +63,13 @@ def move_new(work: Path, out: Path) -> None:
 
 def check_output(out: Path, overwrite: bool) -> None:
     """BuildError for an existing `out` unless `overwrite`, and for one that is not a readable datastore
-    (a folder that merely holds a manifest.json is not): it is never replaced."""
-    if not (out.exists() or out.is_symlink()):
+    (a folder that merely holds a manifest.json is not): it is never replaced. A symbolic link is refused
+    whatever it points to: the build renames its new folder into the output's place, which would replace
+    the link itself and leave the folder it points to behind."""
+    if out.is_symlink():
+        raise BuildError(f"{out} is a symbolic link (to {os.readlink(out)!r}); give the folder it points to, "
+                         f"{str(out.resolve())!r}, or another output path, and point the link there afterwards")
+    if not out.exists():
         return
     try:
         read_manifest(out)
@@ -82,6 +87,7 @@ def output_held(out: Path, overwrite: bool) -> Iterator[None]:
     check_output(out, overwrite)
     path = out.parent / f".{out.name}.lock"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a")
     except OSError as err:
         raise BuildError(f"cannot write in {out.parent}: {err.strerror or err}") from None

@@ -96,12 +96,26 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
         clock("index")
         if kept is not None:
             hashed["keys.npy"] = kept.close()
+    if spill is not None and held:  # the rows since the last spill
+        spill.spill()
+    _check_stored(spill.rows if spill is not None else _stored(index), start, end)
     if spill is None:
         ix.write_index(index, folder / "index.faiss")
     else:
-        if held:  # the rows since the last spill
-            spill.spill()
         hashed["index.faiss"] = spill.write_index(folder / "index.faiss")
         (folder / "spill").rmdir()
     clock("")
     return FilledShard(hashed, {k: round(v, 3) for k, v in clock.seconds.items()})
+
+
+def _stored(index: faiss.Index) -> int:
+    """The rows an index holds: for IVF, those in its lists (FAISS counts in ntotal a row it put in none)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.invlists.compute_ntotal()) if ivf is not None else int(index.ntotal)
+
+
+def _check_stored(stored: int, start: int, end: int) -> None:
+    """BuildError unless the shard holds every one of its rows [start, end): nothing is published short."""
+    if stored != end - start:
+        raise BuildError(f"rows [{start}, {end}): the index holds {stored} of them; FAISS placed "
+                         f"{end - start - stored} in no list (a key far from every centroid); nothing was published")
