@@ -143,7 +143,7 @@ def test_greedy_equals_cache_free_argmax_path(model, prompt):
     assert out.lengths.tolist() == [10] * B
 
 
-def test_top_k_filter_keeps_exactly_the_top_k():
+def test_top_k_filter_keeps_exactly_the_top_k_without_ties():
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
         lp = torch.log_softmax(torch.randn(4, V, generator=g) * 2, -1)
@@ -155,6 +155,13 @@ def test_top_k_filter_keeps_exactly_the_top_k():
         assert kept.gather(1, top).all()
         torch.testing.assert_close(out.exp().sum(-1), torch.ones(4))
         torch.testing.assert_close(out[kept], (lp - lp.gather(1, top).logsumexp(-1, keepdim=True))[kept])
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """As Hugging Face's top-k: a tie at the k-th place keeps all its tokens, whichever `topk` lists first."""
+    lp = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 0.0], [3.0, 2.0, 1.0, 1.0]]), -1)
+    kept = torch.isfinite(top_k_filter(lp, 2))
+    assert kept.tolist() == [[True] * 4, [True, True, True, False], [True, True, False, False]]
 
 
 def test_top_k_sampling_never_leaves_the_top_k():

@@ -410,6 +410,18 @@ def test_a_close_call_is_judged_on_the_strides_a_plan_can_choose():
     assert [i for i in range(40) if scheduler.plan()] == [3, 11, 27]
 
 
+def test_where_stride_one_is_best_but_no_plan_the_best_longer_stride_that_beats_serial_is_chosen(monkeypatch):
+    """Synchronously a stride of 1 is no plan; when it has the best rate, a longer stride that still beats
+    serial is the plan (the best of them), not a serial step; one that does not beat serial is not."""
+    scheduler = StrideScheduler(SpeculationConfig(max_stride=4))
+    scheduler.observe(0, work_s=0.004, verify_s=0.010)
+    scheduler.observe(1, work_s=0.004, verify_s=0.011, accepted=1, verified=2, settle_s=0.001)
+    monkeypatch.setattr(scheduler, "rates", lambda: (1.0, np.array([1.5, 1.03, 1.1, 0.9])))
+    assert scheduler.plan() == 3
+    monkeypatch.setattr(scheduler, "rates", lambda: (1.0, np.array([1.5, 0.99, 0.98, 0.9])))
+    assert scheduler.plan() == 0
+
+
 def test_a_probe_of_a_small_batch_lasts_until_it_has_made_enough_guesses(monkeypatch):
     scheduler = StrideScheduler(SpeculationConfig(max_stride=3))
     scheduler.rows = 1  # one row: a probe of four one-step windows

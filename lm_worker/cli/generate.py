@@ -185,6 +185,18 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
     if args.no_retrieval and args.ralmspec:
         raise ValueError("--ralmspec speculates retrieval: --no-retrieval decodes with the model alone")
+    unused = [flag for flag, value in (("--k", args.k), ("--nprobe", args.nprobe), ("--rerank", args.rerank),
+                                       ("--no-overlap", args.no_overlap), ("--encoder-lm", args.encoder_lm),
+                                       ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                                       ("--tls-key", args.tls_key), ("--tls-server-name", args.tls_server_name),
+                                       ("--auth-token-file", args.auth_token_file),
+                                       ("--allow-plaintext-token", args.allow_plaintext_token)) if value]
+    if args.no_retrieval and unused:
+        raise ValueError(f"{_names(unused)} set{'s' * (len(unused) == 1)} retrieval: --no-retrieval decodes with "
+                         "the model alone")
+    if retro and args.stride:
+        raise ValueError("--stride sets how many steps kNN-LM's --ralmspec guesses between verifications: RETRO's "
+                         "--ralmspec guesses each chunk's neighbours and has no stride")
     if retro and args.k:
         raise ValueError(f"--k sets kNN-LM's neighbours per query: RETRO retrieves its model's {n_neighbours} "
                          "per chunk")

@@ -24,12 +24,13 @@ def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tens
 
 
 def top_k_filter(log_probs: torch.Tensor, k: int) -> torch.Tensor:
-    """Keeps exactly the k most likely tokens per row (ties broken by `topk`), renormalised; k = 0 keeps all."""
+    """Keeps the k most likely tokens per row, and every token tied with the k-th, renormalised; k = 0 keeps
+    all. Ties kept whole, as Hugging Face's top-k does, give the same tokens on every device (which of two
+    tied tokens `topk` returns first differs between CPU and CUDA)."""
     if k <= 0 or k >= log_probs.shape[-1]:
         return log_probs
-    kept = log_probs.topk(k, dim=-1).indices  # (B, k)
-    mask = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, kept, False)  # True: drop
-    return torch.log_softmax(log_probs.masked_fill(mask, -math.inf), dim=-1)
+    kth = log_probs.topk(k, dim=-1).values[..., -1:]  # (B, 1) the k-th largest
+    return torch.log_softmax(log_probs.masked_fill(log_probs < kth, -math.inf), dim=-1)
 
 
 TOP_P_SLACK = 1e-6  # how far below p a float32 distribution's summed mass still counts as reaching p

@@ -91,11 +91,11 @@ class StrideScheduler:
         if self.gamma is not None and self.step_s is not None and self.plain_verify_s is not None:
             serial, guessing = self.rates()
             least = 0 if self.spec.asynchronous else 1  # a stride of 1 overlaps only asynchronously
-            if guessing.max() > serial and int(np.argmax(guessing)) >= least:
+            best = guessing[least:].max(initial=0.0)  # the strides a plan can choose
+            if best > serial:
                 self.probe_every = self.until_probe = _PROBE_FIRST
                 self.burst = 0
-                return int(np.argmax(guessing)) + 1
-            best = guessing[least:].max(initial=0.0)  # the strides a plan can choose
+                return least + int(np.argmax(guessing[least:])) + 1
             if probed and not self.burst and best < _CLEAR * serial:  # the probe left the plan clearly
                 self.probe_every = min(2 * self.probe_every, _PROBE_LAST)  # serial: probe less often
         if self.burst:  # the probe goes on
