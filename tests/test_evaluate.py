@@ -353,6 +353,7 @@ def test_service_retriever_matches_in_process(aio, lm, stores, knn_datastore):
     with serve(aio, datastore, n_shards=2) as served:
         for target in (served.address, served.shard_addresses()):  # router, then client fan-out
             with ServiceRetriever(target, KNN.retrieval) as retriever:
+                assert retriever.metric == "l2"  # from GetInfo: the kNN-LM check reads it
                 got = evaluate_knnlm(lm, heldout, retriever, KNN, progress=False)
             assert got.tokens == want.tokens
             assert got.perplexity == pytest.approx(want.perplexity, rel=1e-9)

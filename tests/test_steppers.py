@@ -537,6 +537,10 @@ def test_a_model_and_a_datastore_that_do_not_belong_together_are_refused(lm, ret
     fake_knn.metadata = {"kind": "retro"}
     with pytest.raises(ValueError, match="the datastore is a 'retro' datastore .* not a kNN-LM one"):
         KnnLMStepper(lm, fake_knn)
+    fake_knn.metadata, fake_knn.metric = {}, "ip"  # similarities taken as distances: the least similar would win
+    with pytest.raises(ValueError, match="by their squared L2 distances; the datastore's metric is 'ip'"):
+        KnnLMStepper(lm, fake_knn)
+    del fake_knn.metric
     with pytest.raises(ValueError, match="RETRO takes a Retro model, got TransformerLM"):
         RetroStepper(lm, fake_chunks, FakeEncoder())
     fake_chunks.metadata = {"kind": "knnlm"}

@@ -70,7 +70,8 @@ def check_mixing(lam: float, temperature: float) -> None:
 
 def check_knnlm_inputs(model: torch.nn.Module, retriever) -> None:
     """ValueError when `model` cannot query `retriever`'s datastore as a kNN-LM: a RETRO model (it makes
-    no kNN-LM keys), a datastore whose manifest says it is another kind, or one whose keys another model
+    no kNN-LM keys), a datastore of inner products (the neighbours' weights are softmax(-d / T) of squared
+    L2 distances d), a datastore whose manifest says it is another kind, or one whose keys another model
     made (the manifest's `encoder`, a model fingerprint, is not this model's: its queries would live in
     another space, and the scores come out plausible and wrong). A datastore whose manifest says
     neither (keys of your own) passes."""
@@ -80,6 +81,10 @@ def check_knnlm_inputs(model: torch.nn.Module, retriever) -> None:
     if isinstance(model, Retro):
         raise ValueError("kNN-LM takes a language model (a TransformerLM or a Hugging Face causal LM), got a "
                          "Retro model: decode it with RetroStepper, evaluate it with evaluate_retro")
+    metric = getattr(retriever, "metric", None)
+    if metric not in (None, "", "l2"):  # softmax(-d / T) of an inner product would favour the least similar
+        raise ValueError(f"kNN-LM weighs neighbours by their squared L2 distances; the datastore's metric is "
+                         f"{shown(str(metric))}: build it with --metric l2")
     metadata = getattr(retriever, "metadata", None) or {}
     kind = metadata.get("kind")
     if kind not in (None, "knnlm"):

@@ -64,6 +64,7 @@ class ServiceRetriever(Retriever):
         info = self.client.info()
         self.dimension: int = info.dimension
         self.ntotal: int = info.ntotal
+        self.metric: str = info.metric  # "l2" or "ip", as the datastore was built
         self.metadata: dict[str, str] = dict(info.metadata)
         self.version: str = info.datastore_version
 
