@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lm_worker.data.corpus import is_heldout
+from lm_worker.data.corpus import is_heldout, read_jsonl
 from lm_worker.data.prepare import (
     PrepareConfig,
     hashed_order,
@@ -159,3 +162,66 @@ def test_a_store_fingerprint_changes_with_any_token_and_only_then(tmp_path):
     again = store_fingerprint(write_token_store(tmp_path / "again", [("doc", [5, 6, 7, 8])], 0, "fp").directory)
     other = store_fingerprint(write_token_store(tmp_path / "b", [("doc", [5, 6, 7, 9])], 0, "fp").directory)
     assert a == again != other
+
+
+def test_eos_text_inside_a_document_is_text_not_a_document_end(tokenizer):
+    """A document may hold EOS's own text ("<|endoftext|>" in a JSONL record): it stays text, so EOS ends
+    documents alone, and it decodes back as it was."""
+    text = 'before = "<|endoftext|>"\nafter'
+    ids = tokenizer.encode(text)
+    assert tokenizer.eos_id not in ids and tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch([text]) == [ids]
+
+
+@pytest.mark.parametrize("line, words", [
+    (b'{"id": "x", "text": "caf\xe9"}', ":2 is not UTF-8: byte 0xe9 at column 25"),
+    (b'{"id": "x", "text": null}', ":2: field 'text' is null, not a string"),
+    (b'{"id": "x", "text": ["a", "b"]}', ":2: field 'text' is a JSON list, not a string"),
+    (b'{"id": "x", "text": "a\\ud800b"}', ":2: field 'text' holds a lone surrogate '\\ud800' at character 1"),
+    (b'{"id": "x", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ":2 is not JSON this reader takes: nested "
+                                                                      "too deep"),
+    (b'{"id": 1' + b"0" * 5000 + b', "text": "a"}', ":2 is not JSON this reader takes: Exceeds the limit"),
+], ids=["latin-1", "null", "list", "surrogate", "nesting", "long-int"])
+def test_a_jsonl_record_that_is_no_text_names_the_file_and_the_line(tmp_path, line, words):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_bytes(json.dumps({"id": "a", "text": "first"}).encode() + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{corpus}{words}")):
+        list(read_jsonl(corpus, id_field="id"))
+
+
+def test_jsonl_documents_without_ids_are_named_by_their_line_from_one(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [d.name for d in read_jsonl(corpus)] == ["c.jsonl:1", "c.jsonl:3"]
+
+
+def test_empty_documents_are_counted_and_files_not_utf8_named(tmp_path, caplog):
+    """Whitespace-only documents are left out, and the report counts them; a file that is not UTF-8 is read
+    with U+FFFD for its other bytes and named in a warning."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"# module {i}\n" + CODE)
+    (corpus / "empty.py").write_text("")
+    (corpus / "blank.txt").write_text("  \n\t\n")
+    (corpus / "latin.txt").write_bytes("# café\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING, logger="lm_worker.data.corpus"):
+        report = prepare_corpus(PrepareConfig(out=tmp_path / "data", corpus=str(corpus), vocab_size=300,
+                                              heldout_fraction=0.2, progress=False))
+    assert report.empty == 2 and sum(report.documents.values()) == 41
+    assert "1 of 43 files are not UTF-8 and were read with U+FFFD in place of their other bytes: 'latin.txt'" \
+        in caplog.text
+
+
+def test_the_current_folder_is_refused_as_the_output(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text(f"# module {i}\n" + CODE)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", ".."):
+        with pytest.raises(ValueError, match=f"out '{re.escape(out)}' is the current folder or holds it"):
+            prepare_corpus(PrepareConfig(out=Path(out), corpus=str(corpus), vocab_size=300, heldout_fraction=0.2,
+                                         progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "here"] and not list(Path(".").iterdir())

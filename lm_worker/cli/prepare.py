@@ -77,6 +77,8 @@ def run_prepare(args: argparse.Namespace) -> None:
     print("| split | documents | tokens |\n|---|---:|---:|")
     for split in r.documents:
         print(f"| {split} | {r.documents[split]} | {r.tokens[split]} |")
+    if r.empty:
+        print(f"left out {r.empty} empty document{'s' * (r.empty != 1)} (whitespace alone)")
 
 
 def run_train(args: argparse.Namespace) -> None:

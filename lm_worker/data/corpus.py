@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,31 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
 def read_stdlib(root: Path | None = None) -> Iterator[Document]:
     """Documents of the CPython standard library, named by path relative to the stdlib root."""
     root = root or stdlib_root()
-    for path in stdlib_files(root):
-        yield Document(path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace"))
+    yield from _read_files(root, stdlib_files(root))
 
 
 def read_text_folder(folder: Path, suffixes: tuple[str, ...] = (".txt", ".md", ".py")) -> Iterator[Document]:
     """Every file under `folder` with one of `suffixes`, named by relative path."""
     folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix in suffixes:
-            yield Document(path.relative_to(folder).as_posix(), path.read_text(encoding="utf-8", errors="replace"))
+    yield from _read_files(folder, [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in suffixes])
+
+
+def _read_files(root: Path, paths: list[Path]) -> Iterator[Document]:
+    """The files as UTF-8 text (newlines as "\n"); bytes that are not UTF-8 read as U+FFFD, and the files
+    that hold any are named in one warning once all are read."""
+    mangled = []
+    for path in paths:
+        name = path.relative_to(root).as_posix()
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = data.decode("utf-8", errors="replace")
+            mangled.append(name)
+        yield Document(name, text.replace("\r\n", "\n").replace("\r", "\n"))
+    if mangled:
+        log.warning("%d of %d files are not UTF-8 and were read with U+FFFD in place of their other bytes: %s%s",
+                    len(mangled), len(paths), ", ".join(repr(m) for m in mangled[:5]), " ..." * (len(mangled) > 5))
 
 
 def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None) -> Iterator[Document]:
@@ -61,24 +79,42 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
     Raises:
         ValueError: a line that is not a JSON object, or lacks a field, named as PATH:LINE.
     """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
-            record = _record(path, number + 1, line)
+            record = _record(path, number, raw)
             for needed in (text_field, id_field) if id_field else (text_field,):
                 if needed not in record:
-                    raise ValueError(f"{path}:{number + 1} has no field {needed!r}")
+                    raise ValueError(f"{path}:{number} has no field {needed!r}")
+            text = record[text_field]
+            if not isinstance(text, str):
+                what = "null" if text is None else f"a JSON {type(text).__name__}"
+                raise ValueError(f"{path}:{number}: field {text_field!r} is {what}, not a string")
             name = str(record[id_field]) if id_field else f"{Path(path).name}:{number}"
-            yield Document(name, str(record[text_field]))
+            for field, value in ((text_field, text), (id_field, name)):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as err:  # JSON's "\ud800": a lone surrogate, no character
+                    raise ValueError(f"{path}:{number}: field {field!r} holds a lone surrogate "
+                                     f"{value[err.start]!r} at character {err.start}, not text") from None
+            yield Document(name, text)
 
 
-def _record(path: Path, line_number: int, line: str) -> dict:
+def _record(path: Path, line_number: int, raw: bytes) -> dict:
     """The JSON object on line `line_number` of `path`; a ValueError naming the file and line otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{line_number} is not UTF-8: byte 0x{raw[err.start]:02x} at column "
+                         f"{err.start + 1}") from None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{line_number} is not valid JSON: {err.msg} (column {err.colno})") from None
+    except (RecursionError, ValueError) as err:  # nested too deep; an integer past Python's digit limit
+        reason = "nested too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise ValueError(f"{path}:{line_number} is not JSON this reader takes: {reason}") from None
     if not isinstance(record, dict):
         raise ValueError(f"{path}:{line_number} holds a JSON {type(record).__name__}, not an object")
     return record

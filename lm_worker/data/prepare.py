@@ -69,6 +69,7 @@ class PrepareReport:
     vocab_size: int
     documents: dict[str, int]
     tokens: dict[str, int]
+    empty: int = 0  # documents of the corpus left out for holding no text but whitespace
 
 
 def read_corpus(corpus: str, id_field: str | None = None) -> Iterator[Document]:
@@ -112,23 +113,32 @@ def _tokenize_within(docs: list[Document], tokenizer: Tokenizer, budget: int, ba
     return kept
 
 
-def _split_documents(config: PrepareConfig) -> dict[str, list[Document]]:
-    """The corpus's non-empty documents by side, "train" and "heldout", each in the fixed hashed order."""
-    docs = [d for d in read_corpus(config.corpus, config.id_field) if d.text.strip()]
+def _split_documents(config: PrepareConfig) -> tuple[dict[str, list[Document]], int]:
+    """The corpus's non-empty documents by side, "train" and "heldout", each in the fixed hashed order, and
+    how many documents were left out as empty."""
+    every = list(read_corpus(config.corpus, config.id_field))
+    docs = [d for d in every if d.text.strip()]
     if not docs:
         raise ValueError(f"corpus {config.corpus!r} has no non-empty documents")
-    return {s: hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
-            for s in SPLITS}
+    if len(docs) < len(every):
+        log.info("left out %d of the corpus's %d documents: empty, or whitespace alone", len(every) - len(docs),
+                 len(every))
+    split = {s: hashed_order([d for d in docs if is_heldout(d.name, config.heldout_fraction) == (s == "heldout")])
+             for s in SPLITS}
+    return split, len(every) - len(docs)
 
 
 def prepare_corpus(config: PrepareConfig) -> PrepareReport:
     """Splits, trains the tokenizer on the training split, and writes the splits (see module doc) into a
     sibling folder, which replaces OUT whole once complete: stopped midway, OUT stays as it was."""
-    split = _split_documents(config)
+    split, empty = _split_documents(config)
     if not split["train"] or not split["heldout"]:
         count = len(split["train"]) + len(split["heldout"])
         raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
-    out = Path(config.out)
+    out = Path(config.out).resolve()  # "." names its folder: the work folder is its sibling
+    if out == Path.cwd() or out in Path.cwd().parents:
+        raise ValueError(f"out {str(config.out)!r} is the current folder or holds it: prepare replaces its output "
+                         "whole; give a folder of its own, e.g. data")
     work = out.parent / f".{out.name}.preparing"  # a sibling: moved into place only when whole
     if work.exists():
         shutil.rmtree(work)  # left by a prepare that was stopped
@@ -141,7 +151,7 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _move_into_place(work, out)
-    return replace(report, out=out)
+    return replace(report, out=out, empty=empty)
 
 
 def _move_into_place(work: Path, out: Path) -> None:
@@ -198,7 +208,7 @@ def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None
     out = Path(config.out)
     tokenizer = Tokenizer.load(out / "tokenizer.json")
     in_train = {d.name for d in TokenStore.open(out / "train").documents}
-    side = _split_documents(config)["train"] if train_side is None else train_side
+    side = _split_documents(config)[0]["train"] if train_side is None else train_side
     left = [d for d in side if d.name not in in_train]
     if not left:
         raise ValueError(f"{out / 'train'} holds all {len(side)} training-side documents of {config.corpus!r}: "

@@ -35,9 +35,10 @@ class Tokenizer:
         self.eos_id: int = eos
         self.vocab_size: int = self._tok.get_vocab_size()
         self.fingerprint: str = "bpe:" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+        self._tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a text is text, not EOS
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no EOS appended)."""
+        """Token ids of `text` (no EOS appended; EOS's own text in it is encoded as plain text)."""
         return self._tok.encode(text).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
