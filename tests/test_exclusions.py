@@ -126,6 +126,24 @@ def test_side_by_side_bitmaps_hold_each_query_alone():
         assert got == want[row]
 
 
+@pytest.mark.parametrize("n", [7, 9, 300, 1500, 1501])
+def test_a_range_that_runs_into_the_next_querys_row_still_excludes_all_of_it(n):
+    """A range that ends at a shard's end, beside the next query's range from 0, joins it side by side:
+    each query's selector must still exclude the whole of its own, for widths not a multiple of 8."""
+    from retriever_server.datastore import index as ix
+
+    cases = [Exclude(ranges=[(0, n)]), Exclude(ranges=[(n - 3, n)]), Exclude(ranges=[(0, 2), (n - 1, n)]),
+             Exclude(ids=[0, n - 1]), Exclude(ranges=[(0, n)])]
+    request = make_request(np.zeros((len(cases), 4), dtype=np.float32), k=5, exclude_per_query=cases,
+                           exclude=Exclude(ids=[1]))
+    exclusions = Exclusions.parse(request, len(cases)).within(0, n)
+    rows = np.arange(len(cases))
+    selectors = ix.bitmap_selectors(len(rows), n, *exclusions.side_by_side(rows, n))
+    for case, selector in zip(cases, selectors):
+        want = {1} | set(case.ids) | {i for a, b in case.ranges for i in range(a, b)}
+        assert {i for i in range(n) if not selector.is_member(i)} == want
+
+
 def test_a_query_fetches_more_neighbours_by_what_it_excludes():
     from retriever_server.serving.overfetch import overfetch
 

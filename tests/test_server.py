@@ -698,6 +698,23 @@ def test_an_exact_idmap_flat_datastore_answers_the_brute_force_neighbours(aio, k
     assert np.array_equal(found.ids, np.argsort(distances, axis=1, kind="stable")[:, :5])
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ivf_ties_at_the_kth_place_keep_the_smallest_ids(aio, tmp_path, metric):
+    """Small integer keys tie often. An IVF scan keeps a tied candidate only when it is strictly better than
+    its worst, so which ones of a tie straddling the k-th place it keeps depends on its scan order: the
+    shards must still answer a float64 brute-force search with ties by id, probing every list."""
+    rng = np.random.default_rng(5)
+    keys = rng.integers(-2, 3, (1500, D)).astype(np.float32)
+    datastore = build(tmp_path, keys, f"ties-{metric}", shards=2, factory="IVF8,Flat", metric=metric)
+    queries = rng.integers(-2, 3, (100, D)).astype(np.float32)
+    q64, k64 = queries.astype(np.float64), keys.astype(np.float64)
+    scores = ((q64[:, None, :] - k64[None]) ** 2).sum(-1) if metric == "l2" else -(q64 @ k64.T)  # smaller: better
+    truth = np.argsort(scores, axis=1, kind="stable")  # ties by id
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address, timeout=10) as router:
+        for k in (3, 10):
+            np.testing.assert_array_equal(router.search(queries, k=k, nprobe=8).ids, truth[:, :k], err_msg=f"k={k}")
+
+
 def test_inner_product_ties_at_the_kth_place_keep_the_smallest_ids(aio, tmp_path):
     """Rows stored three times each, inner product, three shards: at every k, with and without
     exclusions, through the router and the fan-out client, the neighbours are a float64 brute-force

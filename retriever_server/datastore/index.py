@@ -306,8 +306,10 @@ def bitmap_selectors(count: int, width: int, ids: np.ndarray, ranges: np.ndarray
     row_bytes = (width + 7) // 8
     bitmap = np.zeros(count * row_bytes, dtype=np.uint8)  # untouched pages cost no memory
     _mark_ids(bitmap, ids + ids // width * (row_bytes * 8 - width))  # rows start on whole bytes
-    place = ranges[:, :1] // width  # a range ends at its row's end at most
-    _mark_ranges(bitmap, ranges + place * (row_bytes * 8 - width))
+    # a range may run on into the next rows (side_by_side joins one row's last range to the next row's
+    # first): its start moves with its first row, its end with its last, and the padding between is marked
+    rows = np.concatenate([ranges[:, :1] // width, (ranges[:, 1:] - 1) // width], axis=1)  # (m, 2)
+    _mark_ranges(bitmap, ranges + rows * (row_bytes * 8 - width))
     selectors = []
     for i in range(count):
         row = bitmap[i * row_bytes:(i + 1) * row_bytes]

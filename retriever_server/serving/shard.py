@@ -54,6 +54,11 @@ def _by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return distances, ids
 
 
+def _as_given(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """L2 candidates as FAISS orders them: best first, ties by smallest id."""
+    return distances, ids
+
+
 def _check(stop: StopCheck) -> None:
     """Raises SearchStopped when `stop` says the search should end."""
     if stop is not None and stop():
@@ -170,24 +175,25 @@ class Shard:
 
     def _widen_ties(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], n: int, m: int):
         """The top m candidates (n, m) of `search(rows, width)` (the candidates of those of the n queries),
-        with the smallest ids kept where tied candidates straddle the m-th place. FAISS's inner-product
-        heap keeps the largest ids of such a tie (its L2 heap the smallest, as promised): so for an
-        inner-product index one more candidate is fetched, and rows whose m-th and (m+1)-th candidates tie
-        are searched again, wider, until the tie ends inside what was fetched; every row comes back in
-        order, ties by id (as `drop_excluded` needs them)."""
+        with the smallest ids kept where tied candidates straddle the m-th place. Which candidates of
+        such a tie FAISS keeps depends on the order it scans them (an IVF scan takes a candidate only when
+        strictly better than its worst), so one more candidate is fetched, and rows whose m-th and
+        (m+1)-th candidates tie are searched again, wider, until the tie ends inside what was fetched:
+        then every tied candidate was taken. Every row comes back in order, ties by id (as
+        `drop_excluded` needs them): FAISS's L2 heap orders a tie so, its inner-product heap by largest id
+        first, which `_by_id` reverses."""
         most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
         every = np.arange(n)
-        if self.manifest.metric == "l2":
-            return search(every, m)
+        ordered = _as_given if self.manifest.metric == "l2" else _by_id
         if m >= most:  # every candidate there is
-            return _by_id(*search(every, m))
-        distances, ids = _by_id(*search(every, m + 1))
+            return ordered(*search(every, m))
+        distances, ids = ordered(*search(every, m + 1))
         tied = np.flatnonzero((ids[:, m] >= 0) & (distances[:, m] == distances[:, m - 1]))
         distances, ids = distances[:, :m], ids[:, :m]
         wide = m + 1
         while len(tied):
             wide = min(most, 2 * wide)
-            d, i = _by_id(*search(tied, wide))
+            d, i = ordered(*search(tied, wide))
             distances[tied], ids[tied] = d[:, :m], i[:, :m]
             if wide >= most:
                 break
