@@ -231,6 +231,34 @@ TINY_SPLITS = {"train": ("argparse.py", "difflib.py"), "retro": ("functools.py",
                "heldout": ("fractions.py", "calendar.py")}
 
 
+@pytest.fixture
+def by_value(request):
+    """Ray workers cannot import a test module: its classes travel pickled by value while a test runs."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(request.module)
+    yield
+    cloudpickle.unregister_pickle_by_value(request.module)
+
+
+def stdlib_data(out: Path, vocab_size: int, chars: int | None = None) -> Path:
+    """A prepared corpus of real stdlib code in `out`: bisect.py and heapq.py the train split, keyword.py the
+    heldout one, each cut to its first `chars` characters (None: whole), with a BPE of `vocab_size`."""
+    import sysconfig
+
+    from lm_worker.data.token_store import write_token_store
+    from lm_worker.data.tokenizer import train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text()[:chars] for name in ("bisect.py", "heapq.py", "keyword.py")]
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    tokenizer.save(out / "tokenizer.json")
+    encoded = [(f"doc{i}", tokenizer.encode(t)) for i, t in enumerate(texts)]
+    write_token_store(out / "train", encoded[:2], tokenizer.eos_id, tokenizer.fingerprint)
+    write_token_store(out / "heldout", encoded[2:], tokenizer.eos_id, tokenizer.fingerprint)
+    return out
+
+
 def tiny_pipeline_run(run_dir: Path, lm_steps: int, seq_len: int = 64, doc_tokens: int = 2500) -> Path:
     """RUN laid out as the pipeline lays it out, at test size: RUN/data from real stdlib files cut to
     `doc_tokens` tokens each (`TINY_SPLITS`; heldout cut into valid and test) with a 300-token BPE,

@@ -7,16 +7,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import stdlib_data
 
-from lm_worker.data.token_store import TokenStore, write_token_store
-from lm_worker.data.tokenizer import train_tokenizer
+from lm_worker.data.token_store import TokenStore
 from lm_worker.jobs.encode_job import run_encode_job
 from lm_worker.jobs.encode_plan import EncodeError, EncodeJobConfig, part_dir
 from lm_worker.models.checkpoint import load_checkpoint, save_checkpoint
@@ -25,6 +23,7 @@ from lm_worker.retrieval.config import RetrievalConfig
 from lm_worker.retrieval.in_process import InProcessRetriever
 from lm_worker.sources.build import build_source
 from lm_worker.sources.knnlm import encode_knnlm
+from lm_worker.sources.output import job_work_dir
 from lm_worker.sources.retro import encode_retro
 from lm_worker.sources.source import read_source
 from retriever_server.datastore.build_inputs import BuildConfig, BuildError, check_inputs
@@ -37,15 +36,7 @@ W, S, L = 32, 16, 16  # kNN-LM windows; RETRO chunk length
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A prepared corpus of real stdlib code: ~8k train tokens, a ~1k-token heldout split."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text() for name in ("bisect.py", "heapq.py", "keyword.py")]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    out = tmp_path_factory.mktemp("data")
-    tokenizer.save(out / "tokenizer.json")
-    encoded = [(f"doc{i}", tokenizer.encode(t)) for i, t in enumerate(texts)]
-    write_token_store(out / "train", encoded[:2], tokenizer.eos_id, tokenizer.fingerprint)
-    write_token_store(out / "heldout", encoded[2:], tokenizer.eos_id, tokenizer.fingerprint)
-    return out
+    return stdlib_data(tmp_path_factory.mktemp("data"), 300)
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +76,6 @@ class TableFactory:
 
     def __call__(self, tokenizer) -> TableEncoder:
         return TableEncoder(None if self.poison is None else np.array(self.poison))
-
-
-@pytest.fixture
-def by_value():
-    """Ray workers cannot import this test module: its classes travel pickled by value."""
-    from ray import cloudpickle
-
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    yield
-    cloudpickle.unregister_pickle_by_value(module)
 
 
 def _same_source(job, ref) -> None:
@@ -313,18 +293,19 @@ def test_failed_and_damaged_parts_are_redone_alone(data, tmp_path, ray_cluster, 
     poison = tuple(int(t) for t in store.tokens[5 * 64 * L:5 * 64 * L + L])  # the first chunk of part 5
     with pytest.raises(EncodeError, match=r"^part 5 failed: ValueError: poisoned chunk$"):
         run_encode_job(config, out, TableFactory(poison))
-    assert not (out / "source.json").exists() and not (out / "keys.parts.json").exists()
-    kept = _part_stamps(out)
-    assert "00005" not in kept
+    assert not out.exists()  # the parts wait beside it, in the job's work folder
+    kept = _part_stamps(job_work_dir(out))
+    assert "00005" not in kept and kept
     job = run_encode_job(config, out, TableFactory())
     _same_source(job, ref)
     now = _part_stamps(out)
     assert len(now) == job.details["parts"] == -(-ref.rows // 64) and all(now[p] == kept[p] for p in kept)
+    assert not job_work_dir(out).exists()
 
     (part_dir(out, 1) / "part.json").unlink()  # a part whose marker is missing is not finished
     (part_dir(out, 3) / "keys.npy").write_bytes(b"")  # nor one whose files differ from it
     stale = out / "parts" / ".00002.tmp-dead"
-    stale.mkdir()
+    stale.mkdir()  # the finished parts of the same job are reused (linked), the rest encoded again
     before = _part_stamps(out)
     config = dataclasses.replace(config, workers=1)
     _same_source(run_encode_job(config, out, TableFactory()), ref)

@@ -98,5 +98,19 @@ def test_datastore_names_its_encoder(ray_cluster, checkpoint, tmp_path):
             assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
 
 
-def test_other_fingerprints_get_minilm():
-    assert isinstance(chunk_encoder_for({"encoder": "minilm-l6-v2:abc/wp64"}, tokenizer=None), ChunkEncoder)
+def test_the_encoder_found_has_the_fingerprint_the_metadata_names():
+    """MiniLM is made for its own fingerprint (its word-piece limit too) or for metadata naming no encoder;
+    any other fingerprint (other weights or settings, an encoder this project does not make) is refused,
+    naming both, the datastore's words escaped and cut."""
+    minilm = ChunkEncoder(tokenizer=None)
+    assert chunk_encoder_for({"encoder": minilm.fingerprint}, tokenizer=None).fingerprint == minilm.fingerprint
+    wp32 = minilm.fingerprint.replace("/wp64", "/wp32")
+    assert chunk_encoder_for({"encoder": wp32}, tokenizer=None).fingerprint == wp32
+    assert isinstance(chunk_encoder_for({}, tokenizer=None), ChunkEncoder)  # keys of the user's own, no encoder named
+    for other in ("minilm-l6-v2:000000000000/wp64", "minilm-l6-v2:000000000000/wp32", "my-custom-encoder:abc",
+                  "forged\n2026-01-01 ERROR a forged line\x1b[31m" + "x" * 200):
+        with pytest.raises(ValueError) as refused:
+            chunk_encoder_for({"encoder": other}, tokenizer=None)
+        message = str(refused.value)
+        assert repr(other[:80]) in message and f"here is '{minilm.fingerprint.split('/')[0]}/wp" in message, message
+        assert "\n" not in message and "\x1b" not in message and "x" * 100 not in message

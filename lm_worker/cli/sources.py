@@ -37,7 +37,9 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("encode", help="write a kNN-LM or RETRO datastore source")
     e.add_argument("kind", choices=("knnlm", "retro"))
     e.add_argument("--data", type=Path, required=True)
-    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True,
+                   help="the source folder: new, empty, or a source of this kind to replace (it stays whole until "
+                        "the new one is; the folder's other files are kept)")
     e.add_argument("--checkpoint", type=Path,
                    help="the base LM: kNN-LM, whose keys are stored; RETRO with --encoder lm, whose keys embed chunks")
     e.add_argument("--encoder", choices=ENCODERS, default="minilm",
@@ -105,6 +107,8 @@ def check_device(args: argparse.Namespace) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> None:
+    from lm_worker.sources.output import check_out
+
     check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
                 ("--chunk-len", args.chunk_len, args.chunk_len >= 1, ">= 1"),
                 ("--context-len", args.context_len, args.context_len is None or args.context_len >= 1, ">= 1"),
@@ -112,7 +116,8 @@ def run_encode(args: argparse.Namespace) -> None:
                 ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"))
     check_folder(args.out, "--out")
     own = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}[args.kind]
-    check_out_kind(args.out, "--out", (own, "other files"), own)  # other files: parts of an encode to resume
+    check_out_kind(args.out, "--out", (own, "other files"), own)  # other files: parts of an encode to resume,
+    check_out(args.out, "--out")  # and nothing else: an encode never replaces files it did not write
     check_device(args)
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
@@ -199,10 +204,12 @@ def run_neighbours(args: argparse.Namespace) -> None:
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)
             if not keys_made_from(keys, record):  # not there, or made from other chunks or by another encoder
-                if keys.is_file():
-                    print(f"{name}: {keys} was made from other data, or by another encoder: embedding again")
                 encoder = encoder or chunk_encoder_for(source.encoder_metadata, tokenizer, args.encoder_lm)
-                embed_chunks(store, encoder, L, keys, progress=not args.no_progress, record=record)
+                record = {**record, "encoder": encoder.fingerprint}  # the encoder that runs, as the record says
+                if not keys_made_from(keys, record):
+                    if keys.is_file():
+                        print(f"{name}: {keys} was made from other data, or by another encoder: embedding again")
+                    embed_chunks(store, encoder, L, keys, progress=not args.no_progress, record=record)
             jobs.append((name, np.load(keys, mmap_mode="r"), None))
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"

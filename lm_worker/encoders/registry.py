@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
                       device: str = "cpu"):
     """The encoder that made the keys of a RETRO datastore (or source), from its metadata.
 
+    The encoder made has exactly the fingerprint the metadata names: an LM's ("lm-last:...") or the
+    MiniLM chunk encoder's ("minilm-l6-v2:<weights>/wp<N>", N word pieces a chunk). Metadata that
+    names no encoder (a datastore built from keys of the user's own, without `--meta encoder=...`)
+    gets the MiniLM chunk encoder.
+
     Args:
         metadata: the manifest's metadata (`retriever.metadata`) or a source's
             (`SourceInfo.encoder_metadata`); "encoder" is the fingerprint, "encoder_checkpoint" the
@@ -46,14 +52,19 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
         lm_checkpoint: overrides "encoder_checkpoint" (a run moved elsewhere).
 
     Raises:
-        ValueError: an LM encoder without a checkpoint, or one whose weights differ from those
-            that made the keys.
+        ValueError: an LM encoder without a checkpoint, or an encoder here whose fingerprint differs from
+            the one that made the keys (another LM, other MiniLM weights or settings, an encoder this
+            project does not make); the message names both, the metadata's escaped and cut.
     """
     from lm_worker.encoders.lm_chunks import PREFIX, LMChunkEncoder
 
-    fingerprint = metadata.get("encoder", "")
+    fingerprint = str(metadata.get("encoder", "") or "")
     if not fingerprint.startswith(PREFIX):
-        return make_chunk_encoder("minilm", tokenizer, threads=threads, device=device)
+        encoder = _minilm_for(fingerprint, tokenizer, threads, device)
+        if fingerprint and encoder.fingerprint != fingerprint:  # the metadata's value, from the datastore: repr, cut
+            raise ValueError(f"the datastore's keys were made by the encoder {fingerprint[:80]!r}, but the MiniLM "
+                             f"chunk encoder here is {encoder.fingerprint!r}: queries it embeds would not match them")
+        return encoder
     path = lm_checkpoint or metadata.get("encoder_checkpoint")
     if not path:
         raise ValueError(f"the datastore's keys were made by the LM {fingerprint[:80]!r} but it names no "
@@ -63,3 +74,13 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
         raise ValueError(f"the datastore's keys were made by {fingerprint[:80]!r}, but {str(path)[:200]!r} is "
                          f"{encoder.fingerprint!r}: pass the base LM that encoded the RETRO source")
     return encoder
+
+
+def _minilm_for(fingerprint: str, tokenizer, threads: int, device: str):
+    """The MiniLM chunk encoder with the word-piece limit that `fingerprint` names ("/wpN"), else the default."""
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
+
+    match = re.fullmatch(r"minilm-l6-v2:[0-9a-f]+/wp([1-9][0-9]{0,3})", fingerprint)
+    if match is None:
+        return make_chunk_encoder("minilm", tokenizer, threads=threads, device=device)
+    return ChunkEncoder(tokenizer, max_wordpieces=int(match.group(1)), threads=threads, device=device)

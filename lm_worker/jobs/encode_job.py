@@ -4,8 +4,10 @@ The driver splits the rows into parts (kNN-LM: runs of whole sliding windows, RE
 chunks), and Ray Data maps the parts over a pool of actors that each load the model once (one GPU
 each where there are GPUs). An actor computes its part's rows with the same code as the in-process
 loop (`encode_knnlm`, `encode_retro`), writes them to a temporary folder and renames it to
-`parts/NNNNN/` with `part.json` inside, so a part on disk is whole or absent. When every part is
-there the driver writes the parts indexes and, last, source.json:
+`parts/NNNNN/` with `part.json` inside, so a part on disk is whole or absent. Parts go to a work
+folder beside OUT; when every part is there the driver writes the parts indexes and, last,
+source.json, and moves the work folder into OUT's place (`lm_worker.sources.output`), so an earlier
+source at OUT stays whole until the new one is:
 
     OUT/parts/job.json                 what the parts were planned from (a change discards them)
     OUT/parts/00000/keys.npy           float32 (rows, d), rows [row_start, row_end) of the source
@@ -13,8 +15,11 @@ there the driver writes the parts indexes and, last, source.json:
     OUT/parts/00000/part.json          its rows, encoder fingerprint, node and seconds; written last
     OUT/keys.parts.json, OUT/values.parts.json (or tokens.parts.json), OUT/source.json
 
-Run again after a failure or a kill, the job keeps every finished part and encodes the rest. The
-folder must be reachable at the same path from every node (a shared file system on a cluster).
+Run again after a failure or a kill, the job keeps every finished part of the work folder
+(`.OUT.encoding/`) and encodes the rest; run again over a finished source of the same job, it reuses
+that source's parts (hard links). Parts are kept only while the job's inputs (the token store's
+contents included), model and plan are the same. The folders must be reachable at the same path
+from every node (a shared file system on a cluster).
 `retriever-server build` and `build_source` read the parts indexes as they read .npy files.
 
 Example:
@@ -31,13 +36,13 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from lm_worker.data.token_store import TokenStore
 from lm_worker.jobs.encode_plan import (
-    JOB_JSON,
     PART_JSON,
     PARTS,
     EncodeError,
@@ -48,7 +53,9 @@ from lm_worker.jobs.encode_plan import (
     plan_parts,
 )
 from lm_worker.jobs.encode_worker import PartEncoder
-from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, Encoder, SourceInfo, start_source
+from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, replace_source
+from lm_worker.sources.retro import tokens_digest
+from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, SOURCE_JSON, Encoder, SourceInfo
 from retriever_server.cluster.connect import connect
 from retriever_server.datastore.row_parts import PARTS_SUFFIX, write_parts_index
 
@@ -88,7 +95,8 @@ def _job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec],
         factory = encoder_factory or ChunkEncoder  # its name only: parts record the fingerprint of what ran
         model = getattr(factory, "__qualname__", None) or type(factory).__qualname__
     stamp = {"kind": config.kind, "store": str(store.directory.resolve()), "tokens": len(store),
-             "tokenizer": store.tokenizer_fingerprint, "model": model, "eos_id": eos_id,
+             "token_digest": tokens_digest(store), "tokenizer": store.tokenizer_fingerprint, "model": model,
+             "eos_id": eos_id,
              "windows": [config.context_len, config.stride] if config.kind == "knnlm" else None,
              "chunk_len": config.chunk_len if config.kind == "retro" else None,
              "plan": [[p.first, p.last, p.row_start, p.row_end] for p in plan]}
@@ -101,12 +109,19 @@ def _absolute(config: EncodeJobConfig) -> EncodeJobConfig:
     return replace(config, data=Path(config.data).absolute(), checkpoint=checkpoint)
 
 
-def _keep_finished(out_dir: Path, plan: list[PartSpec], stamp: dict) -> dict[int, dict]:
+def _changed(old, stamp: dict) -> str:
+    """The fields of `stamp` that the earlier job's `old` stamp records otherwise."""
+    old = old if isinstance(old, dict) else {}
+    return ", ".join(k for k in stamp if old.get(k) != stamp[k])
+
+
+def _keep_finished(work: Path, plan: list[PartSpec], stamp: dict) -> dict[int, dict]:
     """Keeps the finished parts of an earlier run of this same job; clears everything else in parts/."""
-    parts = out_dir / PARTS
-    if parts.exists() and _read_json(parts / JOB_JSON) != stamp:
-        if any(parts.iterdir()):
-            log.warning("discarding %s: parts of a different job (inputs, model or plan changed)", parts)
+    parts = work / PARTS
+    old = _read_json(parts / JOB_JSON)
+    if parts.exists() and old != stamp:
+        if any(p.name != JOB_JSON for p in parts.iterdir()):
+            log.warning("discarding %s: parts of a different job (changed: %s)", parts, _changed(old, stamp))
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     (parts / JOB_JSON).write_text(json.dumps(stamp))
@@ -114,15 +129,37 @@ def _keep_finished(out_dir: Path, plan: list[PartSpec], stamp: dict) -> dict[int
         shutil.rmtree(leftover, ignore_errors=True)
     done = {}
     for part in plan:
-        record = finished_part(out_dir, part)
+        record = finished_part(work, part)
         if record is not None:
             done[part.index] = record
-        elif part_dir(out_dir, part.index).exists():
+        elif part_dir(work, part.index).exists():
             log.warning("part %d from an earlier run is unfinished or damaged; encoding it again", part.index)
-            shutil.rmtree(part_dir(out_dir, part.index))
-    if done:
-        log.info("keeping %d of %d parts from an earlier run", len(done), len(plan))
+            shutil.rmtree(part_dir(work, part.index))
     return done
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link to `source` at `target` (parts are never changed in place), or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _reuse_published(out_dir: Path, work: Path, plan: list[PartSpec], stamp: dict, done: dict[int, dict]) -> None:
+    """Adds to `work` (and `done`) the finished parts of the source at `out_dir` when this same job made it."""
+    if _read_json(Path(out_dir) / PARTS / JOB_JSON) != stamp:
+        return
+    for part in plan:
+        record = None if part.index in done else finished_part(out_dir, part)
+        if record is not None:
+            final = part_dir(work, part.index)
+            tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+            for name in [*record["files"], PART_JSON]:  # part.json last: a part is whole or absent
+                _link(part_dir(out_dir, part.index) / name, tmp / name)
+            os.replace(tmp, final)
+            done[part.index] = record
 
 
 @contextlib.contextmanager
@@ -166,18 +203,16 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
                 bar.update(1)
 
 
-def _publish(config: EncodeJobConfig, out_dir: Path, plan: list[PartSpec], records: dict[int, dict],
+def _publish(config: EncodeJobConfig, work: Path, plan: list[PartSpec], records: dict[int, dict],
              store: TokenStore, eos_id: int, seconds: float) -> SourceInfo:
-    """Writes the parts indexes and then source.json; removes plain arrays a plain-loop run left there."""
+    """Writes the parts indexes and then source.json into the work folder."""
     encoders = {records[p.index]["encoder"] for p in plan}
     if len(encoders) != 1:
-        raise EncodeError(f"the parts in {out_dir / PARTS} were encoded by different models {sorted(encoders)}; "
+        raise EncodeError(f"the parts in {work / PARTS} were encoded by different models {sorted(encoders)}; "
                           f"remove that folder and run again")
     name, plain = PAYLOAD_FILES[config.kind]
-    write_parts_index(out_dir / KEYS_PARTS, [part_dir(out_dir, p.index) / KEYS for p in plan])
-    write_parts_index(out_dir / f"{name}{PARTS_SUFFIX}", [part_dir(out_dir, p.index) / plain for p in plan])
-    for stale in (KEYS, plain):
-        (out_dir / stale).unlink(missing_ok=True)
+    write_parts_index(work / KEYS_PARTS, [part_dir(work, p.index) / KEYS for p in plan])
+    write_parts_index(work / f"{name}{PARTS_SUFFIX}", [part_dir(work, p.index) / plain for p in plan])
     first = records[plan[0].index]
     details = {**first["details"], "store": str(store.directory), "seconds": round(seconds, 3), "layout": PARTS_LAYOUT,
                "parts": len(plan), "rows_per_part": config.part_rows, "workers": config.workers,
@@ -186,11 +221,9 @@ def _publish(config: EncodeJobConfig, out_dir: Path, plan: list[PartSpec], recor
         details.update(context_len=config.context_len, stride=config.stride)
     else:
         details.update(eos_id=eos_id)
-    info = SourceInfo(out_dir, config.kind, plan[-1].row_end, int(first["dimension"]), store.tokenizer_fingerprint,
+    info = SourceInfo(work, config.kind, plan[-1].row_end, int(first["dimension"]), store.tokenizer_fingerprint,
                       encoders.pop(), config.chunk_len if config.kind == "retro" else 0, details=details)
     info.write()
-    log.info("%s source %s: %d rows of dimension %d in %d parts", config.kind, out_dir, info.rows, info.dimension,
-             len(plan))
     return info
 
 
@@ -203,7 +236,8 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
 
     Args:
         config: what to encode and with how many workers.
-        out_dir: the source directory (created; finished parts of the same job are reused).
+        out_dir: the source directory (created; an earlier source there is replaced once the new one
+            is whole, and the folder's other files are kept; finished parts of the same job are reused).
         encoder_factory: RETRO: `factory(tokenizer) -> encoder` called once in each actor, for an
             encoder other than the MiniLM `ChunkEncoder` (it must pickle).
 
@@ -211,8 +245,10 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
         The source's `SourceInfo` (`parted` is true).
 
     Raises:
-        ValueError, FileNotFoundError: a bad config or missing inputs (before any work starts).
-        EncodeError: a part failed (finished parts stay on disk for the next run).
+        ValueError, FileNotFoundError: a bad config, missing inputs, or an `out_dir` holding files but
+            no source (before any work starts).
+        EncodeError: a part failed (finished parts stay in the work folder for the next run; `out_dir`
+            is as it was).
 
     Example:
         >>> run_encode_job(EncodeJobConfig(kind="knnlm", data=Path("run/data"), checkpoint=Path("run/lm"),
@@ -231,14 +267,25 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
                              f"not {tokenizer.fingerprint}")
     plan = plan_parts(config, len(store))
     eos_id = int(store.tokens[-1])
-    out_dir = start_source(out_dir)
-    records = _keep_finished(out_dir, plan, _job_stamp(config, store, plan, eos_id, encoder_factory))
+    check_out(out_dir)
+    stamp = _job_stamp(config, store, plan, eos_id, encoder_factory)
+    work = job_work_dir(out_dir)  # every check done: the first write, beside out_dir
+    work.mkdir(parents=True, exist_ok=True)
+    (work / SOURCE_JSON).unlink(missing_ok=True)  # what a run killed while publishing left
+    records = _keep_finished(work, plan, stamp)
+    _reuse_published(out_dir, work, plan, stamp, records)
+    if records:
+        log.info("keeping %d of %d parts from an earlier run", len(records), len(plan))
     todo = [p for p in plan if p.index not in records]
     if todo:
-        _encode_parts(config, out_dir, todo, len(plan), eos_id, encoder_factory)
-        records.update({p.index: finished_part(out_dir, p) for p in todo})
+        _encode_parts(config, work, todo, len(plan), eos_id, encoder_factory)
+        records.update({p.index: finished_part(work, p) for p in todo})
     missing = [i for i, r in records.items() if r is None]
     if missing:
-        raise EncodeError(f"parts {missing} were reported done but are not whole in {out_dir / PARTS}")
-    return _publish(config, out_dir, plan, records, store, eos_id, time.time() - started)
+        raise EncodeError(f"parts {missing} were reported done but are not whole in {work / PARTS}")
+    info = _publish(config, work, plan, records, store, eos_id, time.time() - started)
+    replace_source(work, out_dir)
+    log.info("%s source %s: %d rows of dimension %d in %d parts", config.kind, out_dir, info.rows, info.dimension,
+             len(plan))
+    return replace(info, directory=Path(out_dir))
 

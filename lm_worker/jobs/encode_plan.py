@@ -7,15 +7,10 @@ from pathlib import Path
 
 from lm_worker.encoders.registry import ENCODERS
 from lm_worker.sources.knnlm import knn_windows
+from lm_worker.sources.output import PARTS
 from lm_worker.sources.source import PAYLOAD_FILES
 
-PARTS = "parts"
-
-
 PART_JSON = "part.json"
-
-
-JOB_JSON = "job.json"
 
 
 DEFAULT_ROWS_PER_PART = {"knnlm": 65536, "retro": 4096}

@@ -103,6 +103,18 @@ def _write_part(out_dir: Path, part: PartSpec, keys: np.ndarray, payload_name: s
     os.replace(tmp, final)
 
 
+def _one_line(err: Exception) -> str:
+    """An error as "Type: message", on one line (the driver's EncodeError shows it)."""
+    return f"{type(err).__name__}: {err}".replace("\n", " ")
+
+
+def _log_failure(message: str, *args) -> None:
+    """Logs a failure as one line at ERROR, its traceback only at DEBUG: Ray forwards a worker's log to the
+    driver, whose EncodeError already says what failed."""
+    log.error(message, *args)
+    log.debug("the traceback of that failure", exc_info=True)
+
+
 class PartEncoder:
     """A Ray Data actor: holds the model, and per call encodes and writes the one part in its batch.
 
@@ -122,8 +134,8 @@ class PartEncoder:
             self.encoder = (KnnlmRows(config, store) if config.kind == "knnlm"
                             else RetroRows(config, store, eos_id, encoder_factory))
         except Exception as err:  # reported per part by __call__
-            log.exception("the encoder of this worker could not be loaded")
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = _one_line(err)
+            _log_failure("the encoder of this worker could not be loaded: %s", self.error)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -138,7 +150,7 @@ class PartEncoder:
                           "node": ray.get_runtime_context().get_node_id(), "seconds": round(time.time() - started, 3)}
                 _write_part(self.out_dir, part, keys, self.payload_name, payload, record)
             except Exception as err:
-                log.exception("part %d failed", part.index)
-                error = f"{type(err).__name__}: {err}"
+                error = _one_line(err)
+                _log_failure("part %d failed: %s", part.index, error)
         return {"index": np.array([part.index]), "error": np.array([error])}
 

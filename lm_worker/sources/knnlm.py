@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 from lm_worker.data.token_store import TokenStore
 from lm_worker.data.windows import iter_windows
 from lm_worker.models.fingerprint import describe_model, model_fingerprint
-from lm_worker.sources.source import KEYS, SourceInfo, start_source
+from lm_worker.sources.output import new_source
+from lm_worker.sources.source import KEYS, SourceInfo
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
         model: anything called as `model(tokens (B, T), return_keys=True) -> (logits, keys (B, T, d))`,
             e.g. `TransformerLM` or a Hugging Face adapter, already on `device`; it is put in eval mode.
         store: the train split; its last position has no next token and gets no row.
-        out_dir: the source directory (created; an existing source there is overwritten).
+        out_dir: the source directory (created; an existing source there is replaced once the new
+            one is whole, and the folder's other files are kept; see `lm_worker.sources.output`).
         context_len: window length, at most the model's `config.max_len`.
         stride: positions kept per window after the first; each key sees >= context_len - stride tokens.
         batch_size: windows per forward pass.
@@ -69,7 +72,8 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
         The source's `SourceInfo` (kind "knnlm").
 
     Raises:
-        ValueError: a stream of fewer than 2 tokens, a bad stride, or context_len above the model's max_len.
+        ValueError: a stream of fewer than 2 tokens, a bad stride, context_len above the model's max_len, or
+            an `out_dir` holding files but no source (each before anything is written).
     """
     n = len(store) - 1
     if n < 1:
@@ -78,29 +82,35 @@ def encode_knnlm(model: torch.nn.Module, store: TokenStore, out_dir: Path, conte
     if isinstance(max_len, int) and context_len > max_len:
         raise ValueError(f"context_len {context_len} exceeds the model's max_len {max_len}")
     windows = knn_windows(n, context_len, stride)
-    out_dir = start_source(out_dir)
     started = time.time()
     model.eval()
-    tokens = store.tokens
-    values = np.lib.format.open_memmap(out_dir / "values.npy", mode="w+", dtype=np.int32, shape=(n,))
-    values[:] = tokens[1:n + 1]
-    values.flush()
-    del values
+    with new_source(out_dir) as work:  # out_dir keeps its earlier source until this one is whole
+        values = np.lib.format.open_memmap(work / "values.npy", mode="w+", dtype=np.int32, shape=(n,))
+        values[:] = store.tokens[1:n + 1]
+        values.flush()
+        del values
+        dimension = _write_keys(model, store.tokens, windows, work / KEYS, batch_size, device, progress)
+        info = SourceInfo(
+            work, "knnlm", n, dimension, store.tokenizer_fingerprint, fingerprint or model_fingerprint(model),
+            details={"context_len": context_len, "stride": stride, "model": describe_model(model),
+                     "store": str(store.directory), "seconds": round(time.time() - started, 3)})
+        info.write()
+    log.info("kNN-LM source %s: %d rows of dimension %d", out_dir, n, dimension)
+    return dataclasses.replace(info, directory=Path(out_dir))
+
+
+def _write_keys(model, tokens: np.ndarray, windows: list[tuple[int, int, int]], path: Path, batch_size: int,
+                device: str, progress: bool) -> int:
+    """Writes the keys of every window's kept positions into the .npy at `path`; returns their dimension."""
     keys = None
     for b in tqdm(range(0, len(windows), batch_size), desc="kNN-LM keys", unit="batch", disable=not progress):
         group = windows[b:b + batch_size]
         rows = window_keys(model, tokens, group, device)  # (rows, d)
         if keys is None:
-            keys = np.lib.format.open_memmap(out_dir / KEYS, mode="w+", dtype=np.float32, shape=(n, rows.shape[1]))
+            keys = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(windows[-1][2], rows.shape[1]))
         keys[group[0][1]:group[-1][2]] = rows
     dimension = keys.shape[1]
     keys.flush()
     del keys
-    info = SourceInfo(
-        out_dir, "knnlm", n, dimension, store.tokenizer_fingerprint, fingerprint or model_fingerprint(model),
-        details={"context_len": context_len, "stride": stride, "model": describe_model(model),
-                 "store": str(store.directory), "seconds": round(time.time() - started, 3)})
-    info.write()
-    log.info("kNN-LM source %s: %d rows of dimension %d", out_dir, n, dimension)
-    return info
+    return dimension
 

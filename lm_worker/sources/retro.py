@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,7 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm_worker.data.token_store import TokenStore
-from lm_worker.sources.source import KEYS, Encoder, SourceInfo, start_source, written_whole
+from lm_worker.sources.output import new_source
+from lm_worker.sources.source import KEYS, Encoder, SourceInfo, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,20 @@ def _embed_into(keys: np.ndarray, store: TokenStore, encoder: Encoder, chunk_len
     return keys
 
 
+def tokens_digest(store: TokenStore, end: int | None = None) -> str:
+    """The sha256 (hex) of the store's token ids [0, end) (default: all of them), as int32 bytes."""
+    digest, end = hashlib.sha256(), len(store) if end is None else end
+    for first in range(0, end, 1 << 22):  # a block at a time: a split may not fit in memory twice
+        digest.update(np.ascontiguousarray(store.tokens[first:min(end, first + (1 << 22))]).tobytes())
+    return digest.hexdigest()
+
+
 def keys_record(store: TokenStore, chunk_len: int, encoder_fingerprint: str) -> dict:
     """What a split's keys file was made from: the encoder, the chunk length, and the store's tokens (their
     count, tokenizer and a digest of the chunked ones)."""
-    digest, end = hashlib.sha256(), len(store) // chunk_len * chunk_len
-    for first in range(0, end, 1 << 22):  # a block at a time: a split may not fit in memory twice
-        digest.update(np.ascontiguousarray(store.tokens[first:min(end, first + (1 << 22))]).tobytes())
+    end = len(store) // chunk_len * chunk_len
     return {"encoder": encoder_fingerprint, "chunk_len": chunk_len, "tokens": len(store),
-            "tokenizer": store.tokenizer_fingerprint, "digest": digest.hexdigest()}
+            "tokenizer": store.tokenizer_fingerprint, "digest": tokens_digest(store, end)}
 
 
 def keys_made_from(path: Path, record: dict) -> bool:
@@ -101,7 +109,8 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
         store: the train split; its last len(store) % chunk_len tokens only appear as a continuation.
         encoder: `ChunkEncoder`, or anything with `.embed(chunks (n, L)) -> (n, dim)`, `.dimension`, `.fingerprint`.
         chunk_len: tokens per chunk (the RETRO model's chunk_len).
-        out_dir: the source directory (created; an existing source there is overwritten).
+        out_dir: the source directory (created; an existing source there is replaced once the new
+            one is whole, and the folder's other files are kept; see `lm_worker.sources.output`).
         progress: show progress bars.
         batch: chunks embedded and written per step.
         eos_id: pads continuations past the end of the stream; default the stream's last token, which
@@ -111,28 +120,31 @@ def encode_retro(store: TokenStore, encoder: Encoder, chunk_len: int, out_dir: P
         The source's `SourceInfo` (kind "retro").
 
     Raises:
-        ValueError: chunk_len < 1, or the store holds no complete chunk.
+        ValueError: chunk_len < 1, the store holds no complete chunk, or `out_dir` holds files but no
+            source (each before anything is written).
     """
-    if chunk_len < 1:  # before an old source there is set aside
+    if chunk_len < 1:  # every check before the work starts: a failed encode leaves out_dir as it was
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
-    out_dir = start_source(out_dir)
+    if len(store) // chunk_len == 0:
+        raise ValueError(f"{store.directory} has {len(store)} tokens: no complete chunk of {chunk_len}")
     started = time.time()
-    eos = int(store.tokens[-1]) if eos_id is None and len(store) else eos_id
-    keys = embed_chunks(store, encoder, chunk_len, out_dir / KEYS, batch, progress)
-    C = len(keys)
-    del keys
-    payload = np.lib.format.open_memmap(out_dir / "tokens.npy", mode="w+", dtype=np.int32, shape=(C, 2 * chunk_len))
-    for first in range(0, C, batch):
-        last = min(C, first + batch)
-        payload[first:last] = chunk_payload(store.tokens, first, last, chunk_len, eos)
-    payload.flush()
-    del payload
-    info = SourceInfo(out_dir, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,
-                      chunk_len, details={"eos_id": eos, "store": str(store.directory),
-                                          "seconds": round(time.time() - started, 3), **encoder_details(encoder)})
-    info.write()
+    eos = int(store.tokens[-1]) if eos_id is None else eos_id
+    with new_source(out_dir) as work:
+        keys = embed_chunks(store, encoder, chunk_len, work / KEYS, batch, progress)
+        C = len(keys)
+        del keys
+        payload = np.lib.format.open_memmap(work / "tokens.npy", mode="w+", dtype=np.int32, shape=(C, 2 * chunk_len))
+        for first in range(0, C, batch):
+            last = min(C, first + batch)
+            payload[first:last] = chunk_payload(store.tokens, first, last, chunk_len, eos)
+        payload.flush()
+        del payload
+        info = SourceInfo(work, "retro", C, int(encoder.dimension), store.tokenizer_fingerprint, encoder.fingerprint,
+                          chunk_len, details={"eos_id": eos, "store": str(store.directory),
+                                              "seconds": round(time.time() - started, 3), **encoder_details(encoder)})
+        info.write()
     log.info("RETRO source %s: %d chunks of %d tokens", out_dir, C, chunk_len)
-    return info
+    return dataclasses.replace(info, directory=Path(out_dir))
 
 
 def encoder_details(encoder) -> dict[str, str]:

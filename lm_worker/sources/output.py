@@ -1,0 +1,138 @@
+"""Where a source is written: the checks on its folder, a work folder beside it, and the swap.
+
+A source is encoded into a work folder beside its output folder and moved into place only when it
+is complete, so a failed or interrupted encode leaves an earlier source there as it was. The swap
+keeps whatever else the output folder held (the user's files, a split's keys), and removes only
+the earlier source's own files. An output folder that holds files but no source is refused: this
+project never replaces files it did not write.
+
+    OUT/                       the finished source (source.json last), as readers see it
+    .OUT.encoding/             the encode job's work folder: its parts, resumed by a rerun of the job
+    .OUT.encoding-XXXXXXXX/    an in-process encode's work folder, removed if the encode fails
+
+Example:
+    >>> check_out(Path("run/retro-source"), "--out")
+    >>> with new_source(Path("run/retro-source")) as work:
+    ...     write_the_source_into(work)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from lm_worker.sources.source import KEYS, KEYS_PARTS, PAYLOAD_FILES, SOURCE_JSON
+from retriever_server.datastore.row_parts import PARTS_SUFFIX
+
+log = logging.getLogger(__name__)
+
+PARTS = "parts"  # the encode job's parts folder
+
+
+JOB_JSON = "job.json"  # in PARTS: what the parts were planned from
+
+
+SOURCE_ENTRIES = frozenset({SOURCE_JSON, KEYS, KEYS_PARTS, PARTS, *(file for _, file in PAYLOAD_FILES.values()),
+                            *(name + PARTS_SUFFIX for name, _ in PAYLOAD_FILES.values())})  # a source's own files
+
+
+def place_of(out_dir: Path) -> Path:
+    """The absolute path of `out_dir` with symbolic links resolved: where its files are swapped."""
+    return Path(os.path.realpath(out_dir))
+
+
+def job_work_dir(out_dir: Path) -> Path:
+    """The encode job's work folder for the source at `out_dir` (beside it; a rerun resumes its parts)."""
+    place = place_of(out_dir)
+    return place.with_name(f".{place.name}.encoding")
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    """A few names, each escaped and cut, and how many more there are."""
+    quoted = ", ".join(repr(name[:60]) for name in names[:shown])
+    return quoted + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_out(out_dir: Path, flag: str = "") -> None:
+    """Refuses a source folder that holds something other than a source of this project.
+
+    Args:
+        out_dir: where a source is to be written: absent, empty, a source (source.json) or an
+            unfinished encode (parts/job.json) are taken.
+        flag: the option that named it (e.g. "--out"), for the message.
+
+    Raises:
+        ValueError: `out_dir` is not a folder, or holds other files (one line naming a few of them).
+    """
+    out = Path(out_dir)
+    where = f"{flag} {out}" if flag else str(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{where} exists and is not a folder")
+    names = sorted(p.name for p in out.iterdir())
+    if names and SOURCE_JSON not in names and not (out / PARTS / JOB_JSON).is_file():
+        raise ValueError(f"{where} holds {_names(names)} but no datastore source: encoding there would replace "
+                         "files this project did not write; give an empty or new folder")
+
+
+def _remove_source_files(folder: Path) -> None:
+    """Removes a source's own files from `folder`, then the folder if nothing else is left in it."""
+    for name in SOURCE_ENTRIES:
+        entry = folder / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("left %s: it holds files that are not the replaced source's", folder)
+
+
+def replace_source(work: Path, out_dir: Path) -> None:
+    """Moves the finished source in `work` into the place of `out_dir`.
+
+    An earlier source there stays whole until the swap (two renames); afterwards the files that
+    were not its own are moved into the new folder, and its own files are removed.
+    """
+    place = place_of(out_dir)
+    if not place.exists():
+        place.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(work, place)
+        return
+    old = place.with_name(f".{place.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.rename(place, old)
+    os.rename(work, place)
+    for entry in sorted(old.iterdir()):
+        if entry.name not in SOURCE_ENTRIES and not (place / entry.name).exists():
+            os.rename(entry, place / entry.name)
+    _remove_source_files(old)
+    log.info("replaced the earlier source at %s", out_dir)
+
+
+@contextlib.contextmanager
+def new_source(out_dir: Path) -> Iterator[Path]:
+    """Yields a new work folder beside `out_dir` to write a whole source into; once the block ends it
+    replaces the source at `out_dir` (`replace_source`); if the block raises, it is removed and
+    `out_dir` stays as it was.
+
+    Raises:
+        ValueError: `out_dir` holds files but no source (`check_out`), before anything is written.
+    """
+    check_out(out_dir)
+    place = place_of(out_dir)
+    place.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{place.name}.encoding-", dir=place.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    replace_source(work, out_dir)
