@@ -175,7 +175,8 @@ def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut()
 def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
     config, _ = first_run
     before = (config.run / "retro-source" / "source.json").read_text()
-    with pytest.raises(ValueError, match=r"holds chunks of 16 tokens, RETRO's chunk_len is 8: remove .*retro-source"):
+    with pytest.raises(ValueError, match=r"retro was trained with other settings .*: retro.chunk_len 16 -> 8: remove "
+                                         r".*retro-source, .*retro-datastore, .*retro and .*report"):
         run_pipeline(replace(config, retro=replace(config.retro, chunk_len=8)))
     assert (config.run / "retro-source" / "source.json").read_text() == before
 
@@ -286,24 +287,28 @@ def retrained_lm(config: PipelineConfig) -> PipelineConfig:
     return replace(config, lm=replace(config.lm, steps=config.lm.steps + 5))
 
 
-def test_a_retrained_lm_is_refused_naming_everything_it_made_before_encoding(first_run, tmp_path):
-    """The LM trained on: its kNN-LM source, the RETRO source it encoded, their datastores and the RETRO
-    retro-fitted onto it are all stale, and one message names them all before anything is encoded."""
+def test_an_lm_to_train_on_is_refused_naming_everything_it_made_before_it_trains(first_run, tmp_path):
+    """More LM steps: its kNN-LM source, the RETRO source it encoded, their datastores and the RETRO
+    retro-fitted onto it would all be stale, so one message names them all before the LM trains on."""
     config = retrained_lm(copy_of(first_run, tmp_path))
-    with pytest.raises(ValueError, match=r"knnlm-source was encoded by another LM \(lm:\w+\) than .*checkpoint.pt "
-                                         r"\(lm:\w+\)") as refused:
+    with pytest.raises(ValueError, match=rf"lm holds the LM at step {config.lm.steps - 5}: training it to lm.steps "
+                                         rf"{config.lm.steps} would leave what was made from it stale") as refused:
         run_pipeline(config)
-    assert "with other the" not in str(refused.value)
     assert to_remove(refused, config) == {"knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore",
                                           "retro", "report"}
+    assert load_checkpoint(config.run / "lm").step == config.lm.steps - 5  # refused before it trained
 
 
 def test_a_retro_fitted_onto_another_lm_is_refused_then_retrained(first_run, tmp_path):
-    """Sources and datastores removed after the LM trained on, but not RETRO: it was retro-fitted onto the
-    old LM, so it is refused (not reused); removed as told, it is fitted onto the new LM."""
+    """The LM trained on outside the pipeline (`lm-worker train`) after its sources and datastores were removed,
+    but not RETRO: it was retro-fitted onto the old LM, so it is refused (not reused); removed as told, it
+    is fitted onto the new LM."""
+    from lm_worker.training.train import train
+
     config = retrained_lm(copy_of(first_run, tmp_path))
     for name in ("knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore", "report"):
         shutil.rmtree(config.run / name)
+    train(config.lm, config.run / "data", config.run / "lm", progress=False)
     with pytest.raises(ValueError, match=r"retro was retro-fitted onto another LM") as refused:
         run_pipeline(config)
     assert to_remove(refused, config) == {"retro"}

@@ -218,6 +218,14 @@ def test_bad_inputs(data, neighbours_dir, tmp_path):
         TrainConfig(preset="huge")
 
 
+def test_a_diverged_model_is_never_saved(data, tmp_path):
+    """lr 1e30 leaves finite weights whose held-out loss is nan: the checkpoint then due is evaluated, not written."""
+    good = train(replace(BASE, steps=2, checkpoint_every=1), data, tmp_path, progress=False).checkpoint.read_bytes()
+    with pytest.raises(ValueError, match=r"held-out loss became nan at step 3: .*lr than 1e\+30\); stopped without"):
+        train(replace(BASE, steps=9, lr=1e30, eval_every=100, checkpoint_every=1), data, tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
 def test_resume_refuses_another_model(lm_run, data):
     out, _ = lm_run
     with pytest.raises(ValueError, match="resume=False"):
@@ -335,7 +343,7 @@ def test_retrofit_trains_on_the_split_it_names(lm_run, retro_split, tmp_path):
 
 
 def test_split_bad_inputs(data, neighbours_dir, tmp_path):
-    for bad in ("", "heldout", "../train", "a/b", "."):
+    for bad in ("", "heldout", "valid", "test", "../train", "a/b", "."):
         with pytest.raises(ValueError, match="split must name a split folder"):
             TrainConfig(split=bad)
     retro = replace(BASE, kind="retro", seq_len=16, steps=2, split="retro")

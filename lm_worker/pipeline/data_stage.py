@@ -3,17 +3,22 @@ validation part (where kNN-LM's temperature is chosen) and a test part (where pe
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from lm_worker.data.prepare import PrepareConfig, prepare_corpus, prepare_retro_split
-from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, write_token_store
+from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, read_json_object, write_token_store
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import done
 
 log = logging.getLogger(__name__)
+
+PREPARED = "prepared.json"  # in RUN/data: the corpus and vocab_size the pipeline prepared it from
 
 
 def prepare_config(config: PipelineConfig):
@@ -23,8 +28,63 @@ def prepare_config(config: PipelineConfig):
 
 
 def prepare_data(config: PipelineConfig) -> None:
+    """RUN/data from the corpus, with RUN/data/prepared.json: the corpus and vocab_size it was made from."""
     report = prepare_corpus(replace(prepare_config(config), max_retro_tokens=0))
+    record, path = {"corpus": corpus_of(config.corpus), "vocab_size": config.vocab_size}, config.run / "data" / PREPARED
+    path.with_name(PREPARED + ".tmp").write_text(json.dumps(record, indent=2))
+    os.replace(path.with_name(PREPARED + ".tmp"), path)  # whole or not there
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
+
+
+def corpus_of(corpus: str) -> str:
+    """The corpus as recorded: "stdlib", or the absolute path of a folder or JSONL file."""
+    return corpus if corpus == "stdlib" else str(Path(corpus).expanduser().resolve())
+
+
+def check_prepared_corpus(config: PipelineConfig) -> None:
+    """ValueError when RUN/data was prepared from another corpus or with another vocab_size than the config's:
+    everything in the run was made from it, so the message names every folder to remove. Compared with
+    RUN/data/prepared.json; in a run prepared before that was written, with what prepare wrote: the
+    tokenizer's vocabulary (a corpus too small to fill `vocab_size` gives fewer tokens, so only a larger
+    one tells) and the documents' names (files of the stdlib or of a corpus folder; a JSONL corpus cannot tell).
+    """
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.pipeline.staleness import removal
+
+    data, corpus = config.run / "data", corpus_of(config.corpus)
+    if not done(data / "heldout" / "documents.json"):
+        return
+    try:
+        recorded = read_json_object(data / PREPARED) if done(data / PREPARED) else None
+    except (OSError, ValueError) as err:  # a damaged record: judged as a run prepared before it was written
+        log.warning("%s is unreadable (%s): checking RUN/data's tokenizer and documents instead", data / PREPARED, err)
+        recorded = None
+    why = []
+    if recorded is not None:
+        if recorded.get("corpus") != corpus:
+            why.append(f"from corpus {recorded.get('corpus')!r}, corpus is {corpus!r}")
+        if recorded.get("vocab_size") != config.vocab_size:
+            why.append(f"with vocab_size {recorded.get('vocab_size')}, vocab_size is {config.vocab_size}")
+    else:
+        if holds_names_of(corpus, data) is False:
+            why.append(f"from another corpus than {corpus!r} (it holds documents that are not files of it)")
+        if (vocab := Tokenizer.load(data / "tokenizer.json").vocab_size) > config.vocab_size:
+            why.append(f"with a {vocab}-token vocabulary, vocab_size is {config.vocab_size}")
+    if why:
+        raise ValueError(f"{data} was prepared {' and '.join(why)}, and every stage after it was made from it: remove "
+                         f"{removal(config, {'data': ''})} to make them again, or use another run folder")
+
+
+def holds_names_of(corpus: str, data: Path) -> bool | None:
+    """Whether every document of RUN/data's train and held-out splits names a file of `corpus` (the stdlib or a
+    folder); None where that cannot tell (a JSONL file, or a corpus no longer there)."""
+    from lm_worker.data.corpus import stdlib_root
+
+    root = stdlib_root() if corpus == "stdlib" else Path(corpus)
+    if not root.is_dir():
+        return None
+    names = [d.name for split in ("train", "heldout") for d in TokenStore.open(data / split).documents]
+    return all((root / name).is_file() for name in names)
 
 
 def prepare_retro(config: PipelineConfig) -> None:

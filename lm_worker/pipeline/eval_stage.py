@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -20,26 +21,46 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config
                      ) -> tuple[float, dict[float, float], bool]:
     """kNN-LM's softmax temperature, chosen on the validation documents (in this process, through the
     service): the best T, T -> best perplexity over the λ sweep, and whether they were read from
-    RUN/report/temperature.json (kept there with the temperatures tried, the LM and the text's length,
-    and chosen again when any of them changed)."""
+    RUN/report/temperature.json (kept there with the temperatures tried, the LM, the text's length and the
+    kNN retrieval settings, and chosen again when any of them changed, or when the file is unreadable)."""
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.models.fingerprint import model_fingerprint
 
     path = config.run / "report" / "temperature.json"
-    asked = {"temperatures": list(config.temperatures), "lm": model_fingerprint(lm), "valid_tokens": len(valid)}
+    knn = eval_config.retrieval  # what the neighbours are: how many, how searched
+    asked = {"temperatures": list(config.temperatures), "lm": model_fingerprint(lm), "valid_tokens": len(valid),
+             "retrieval": {"k": knn.k, "nprobe": knn.nprobe, "exact_rerank": knn.exact_rerank,
+                           "rerank_candidates": knn.rerank_candidates}}
     if done(path):
-        saved = json.loads(path.read_text())
-        if {key: saved.get(key) for key in asked} == asked:  # chosen among the same temperatures, same LM and text
-            return saved["chosen"], {float(t): p for t, p in saved["best_perplexity_by_temperature"].items()}, True
-        log.info("choosing kNN-LM's temperature again: %s changed", path)
+        saved = read_choice(path)
+        if saved is not None and {key: saved.get(key) for key in asked} == asked:  # same temperatures, LM, text, kNN
+            return saved["chosen"], saved["best_perplexity_by_temperature"], True
+        log.info("choosing kNN-LM's temperature again: %s %s", path,
+                 "is unreadable" if saved is None else "was chosen for other settings")
     best: dict[float, float] = {}
     for T in config.temperatures:
         best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
                                  ).best_perplexity
         log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
     chosen = min(best, key=best.get)
-    path.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked}, indent=2))
+    partial = path.with_name(path.name + ".tmp")  # renamed into place whole: a stopped write leaves no half file
+    partial.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked}, indent=2))
+    os.replace(partial, path)
     return chosen, best, False
+
+
+def read_choice(path: Path) -> dict | None:
+    """temperature.json with its choice as numbers (T -> perplexity with float keys); None, logged, when it is
+    not JSON or lacks them (a file cut short by a run stopped while writing it, before writes were atomic)."""
+    try:
+        saved = json.loads(path.read_text())
+        saved["chosen"] = float(saved["chosen"])
+        saved["best_perplexity_by_temperature"] = {float(t): float(p) for t, p in
+                                                   saved["best_perplexity_by_temperature"].items()}
+        return saved
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        log.warning("%s is unreadable (%s: %s): the temperature is chosen again", path, type(err).__name__, err)
+        return None
 
 
 def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, served: tuple, eval_config, model,

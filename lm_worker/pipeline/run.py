@@ -34,6 +34,7 @@ from lm_worker.data.prepare import load_prepared
 from lm_worker.data.token_store import RETRO_SPLIT
 from lm_worker.pipeline.config import PipelineConfig, PipelineReport
 from lm_worker.pipeline.data_stage import (
+    check_prepared_corpus,
     check_prepared_splits,
     check_retro_split,
     prepare_data,
@@ -52,7 +53,7 @@ from lm_worker.pipeline.datastore_stage import (
 from lm_worker.pipeline.eval_stage import attention_map, evaluate_test, tune_temperature, write_samples
 from lm_worker.pipeline.model_stage import is_trained, retro_train_config, train_model, trained_parameters
 from lm_worker.pipeline.stages import Stages, connect_ray, done
-from lm_worker.pipeline.staleness import check_made_from
+from lm_worker.pipeline.staleness import check_made_from, check_models
 from lm_worker.retrieval.config import RetrievalConfig
 
 
@@ -61,8 +62,10 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
 
     Raises:
         ValueError: the held-out split is too small to leave test documents after the validation ones, or
-            the run holds a retro split, sources, datastores, neighbours or a RETRO made with other settings
-            or from another LM or encoder than this run's (the message names everything to remove).
+            the run holds data prepared from another corpus or vocabulary, a model trained with other
+            settings (or one that would train on under what was made from it), a retro split, sources,
+            datastores, neighbours or a RETRO made with other settings or from another LM or encoder than
+            this run's (the message names everything to remove).
         RuntimeError, OSError: a stage failed (what it finished stays for the next run).
     """
     from lm_worker.evaluation.config import EvalConfig
@@ -73,12 +76,14 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     config, stages = replace(config, run=run), Stages()
     if config.address or os.environ.get("RAY_ADDRESS"):  # a cluster named: joined before any stage runs
         connect_ray(config)
+    check_prepared_corpus(config)  # each check refuses, before any work, what was made otherwise than asked
     (run / "report").mkdir(parents=True, exist_ok=True)
     with stages.stage("prepare corpus and tokenizer", reused=done(run / "data" / "heldout" / "documents.json")):
         if not done(run / "data" / "heldout" / "documents.json"):
             prepare_data(config)
     check_prepared_splits(config)
     check_retro_split(config)
+    check_models(config)
     if config.retro_split == RETRO_SPLIT:
         retro_documents = run / "data" / RETRO_SPLIT / "documents.json"
         with stages.stage(f"prepare the retro split ({config.max_retro_tokens} tokens the LM never sees)",

@@ -1,7 +1,9 @@
-"""What a run folder holds that was made from other inputs than this run's: sources encoded by another
-LM, encoder or window, datastores built from a source since removed, and a RETRO retro-fitted onto
-another LM. Reused, each would answer for a model it was not made from, so the run is refused up
-front, before anything is encoded, with one message that names every folder to remove."""
+"""What a run folder holds that was made from other inputs than this run's: models trained with other
+settings (`check_models`, before any model trains: also an LM that would train on under what was made
+from it), sources encoded by another LM, encoder or window, datastores built from a source since
+removed, and a RETRO retro-fitted onto another LM. Reused, each would answer for a model it was not
+made from, so the run is refused up front, before anything is trained or encoded, with one message
+that names every folder to remove."""
 
 from __future__ import annotations
 
@@ -11,14 +13,18 @@ from pathlib import Path
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import done
 
-# Each output and what is made from it, in pipeline order: removing an output means remaking these too.
-MADE_FROM = {"knnlm-source": ("knnlm-source", "knnlm-datastore", "report"),
+# Each output and what is made from it, in pipeline order: removing an output means remaking these too. The
+# LM's own outputs are found by `made_from_lm` (a RETRO source of MiniLM keys, or RETRO from scratch, are not).
+MADE_FROM = {"data": ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore", "retro",
+                      "report"),
+             "lm": ("lm", "report"),
+             "knnlm-source": ("knnlm-source", "knnlm-datastore", "report"),
              "knnlm-datastore": ("knnlm-datastore", "report"),
              "retro-source": ("retro-source", "retro-datastore", "retro", "report"),
              "retro-datastore": ("retro-datastore", "retro-source/neighbours-*.npy", "retro", "report"),
              "retro": ("retro", "report")}
-ORDER = ("knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore", "retro-source/neighbours-*.npy",
-         "retro", "report")
+ORDER = ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore",
+         "retro-source/neighbours-*.npy", "retro", "report")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,67 @@ def check_made_from(config: PipelineConfig, lm_checkpoint: Path) -> None:
     if stale:
         raise ValueError(f"{'; '.join(stale.values())}: remove {removal(config, stale)} to make them again, "
                          "or use another run folder")
+
+
+def check_models(config: PipelineConfig) -> None:
+    """Refuses, before any model trains, a run folder whose LM or RETRO was trained with other settings than
+    this run's or for more steps (`model_stage.settings_refusal`), or whose LM is to train on (more steps,
+    or afresh) while what was made from it is there: training would leave that stale, and the LM it was
+    made from would be gone.
+
+    Raises:
+        ValueError: one message with every reason and every folder to remove: a refused LM with all that
+            was made from it, a refused RETRO with the report.
+    """
+    from lm_worker.pipeline.model_stage import (
+        changed_settings,
+        changes,
+        retro_train_config,
+        saved_settings,
+        settings_refusal,
+    )
+
+    reasons, remove, lm = [], set(), config.run / "lm"
+    if why := settings_refusal(config, config.lm, "lm"):
+        reasons.append(why)
+        remove |= {"lm", *made_from_lm(config)}
+    elif (step := changes(config, config.lm, "lm")) is not None and (made := made_from_lm(config)):
+        reasons.append(f"{lm} holds the LM at step {step}: training it to lm.steps {config.lm.steps} would leave "
+                       f"what was made from it stale (or keep lm.steps at {step})")
+        remove |= set(made)
+    retro = retro_train_config(config)
+    if why := settings_refusal(config, retro, "retro"):
+        reasons.append(why)
+        remove.add("retro")
+        if "chunk_len" in changed_settings(saved_settings(config, "retro")[1], retro):
+            remove.add("retro-source")  # its chunks (so its datastore and neighbours) are of the old length
+    if reasons:
+        raise ValueError(f"{'; '.join(reasons)}: remove {removal(config, dict.fromkeys(remove, ''))} to make them "
+                         "again, or use another run folder")
+
+
+def made_from_lm(config: PipelineConfig) -> dict[str, str]:
+    """The outputs in RUN made from its LM (what is made from them follows, `MADE_FROM`): the kNN-LM source,
+    a RETRO source of the LM's keys, a datastore whose source is gone, and a RETRO retro-fitted onto the LM
+    (while this run retro-fits it too: else it is trained afresh)."""
+    from lm_worker.encoders.lm_chunks import PREFIX
+    from lm_worker.pipeline.model_stage import saved_settings
+    from lm_worker.sources.source import read_source
+
+    made = {}
+    for kind in ("knnlm", "retro"):
+        source, datastore = config.run / f"{kind}-source", config.run / f"{kind}-datastore"
+        if done(source / "source.json"):
+            if kind == "knnlm" or read_source(source).encoder_fingerprint.startswith(PREFIX):
+                made[f"{kind}-source"] = f"{source} was encoded by the LM"
+        elif present(source) and (kind == "knnlm" or config.retro_encoder == "lm"):  # parts of an unfinished one
+            made[f"{kind}-source"] = f"{source} holds parts encoded by the LM"
+        elif present(datastore):
+            made[f"{kind}-datastore"] = f"{datastore} was built from a source no longer in {config.run}"
+    retro = saved_settings(config, "retro") if config.retro_init == "lm" else None
+    if retro is not None and retro[1].get("init_from"):
+        made["retro"] = f"{config.run / 'retro'} was retro-fitted onto the LM"
+    return made
 
 
 def removal(config: PipelineConfig, stale: dict[str, str]) -> str:

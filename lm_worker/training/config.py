@@ -17,6 +17,9 @@ KINDS = MODELS  # kind -> (config class, model class)
 
 
 PRESETS = ("tiny", "small", "gpu")
+# The held-out text and the pipeline's two parts of it (`lm_worker.pipeline.data_stage.split_heldout`): "valid",
+# where kNN-LM's temperature is chosen, and "test", where perplexity is reported. A model never trains on them.
+HELD_OUT = ("heldout", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class TrainConfig:
     base LM checkpoint to retro-fit (`lm_worker.training.retrofit`): the decoder takes the LM's shape and
     weights, and with `freeze_base` only the new layers train. `split` is the folder of the data the model
     trains on: "train", or "retro" (`prepare_retro_split`), text the LM never trained on, for retro-fitting
-    RETRO onto it."""
+    RETRO onto it; never a held-out one (`HELD_OUT`)."""
 
     kind: str = "lm"
     preset: str = "small"
@@ -64,9 +67,9 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
-        if not self.split or self.split != Path(self.split).name or self.split in (".", "..", "heldout"):
-            raise ValueError(f"split must name a split folder of the data other than heldout (train, retro), "
-                             f"got {self.split!r}")
+        if not self.split or self.split != Path(self.split).name or self.split in (".", "..", *HELD_OUT):
+            raise ValueError(f"split must name a split folder of the data to train on (train, retro), not a "
+                             f"held-out one ({', '.join(HELD_OUT)}), got {self.split!r}")
         if self.init_from and self.kind != "retro":
             raise ValueError(f"init_from retro-fits a base LM into RETRO: it needs kind 'retro', not {self.kind!r}")
 

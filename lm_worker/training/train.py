@@ -8,7 +8,9 @@ start at chunk boundaries and come with the precomputed neighbours of their chun
 neighbours step). AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
 
 The output folder receives `checkpoint.pt` (every `checkpoint_every` steps and at the end),
-`losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint.
+`losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint. Each checkpoint's
+held-out loss is evaluated (and recorded) before it is written: a training loss or held-out loss that is
+not finite stops training with a ValueError, and the last good checkpoint stays as it was.
 
 Example:
     >>> report = train(TrainConfig(kind="lm", preset="small", steps=2000), Path("run/data"), Path("run/lm"))
@@ -117,7 +119,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     Raises:
         FileNotFoundError: missing data folder, tokenizer, split or neighbours file.
         ValueError: inconsistent inputs (seq_len vs chunk_len, neighbours shape, a checkpoint of another model,
-            or of a RETRO retro-fitted onto another LM than `init_from`'s).
+            or of a RETRO retro-fitted onto another LM than `init_from`'s), or training diverged (a training or
+            held-out loss that is not finite; nothing is saved).
     """
     device = pick_device(config.device)  # before the data is opened or anything written
     windows, heldout, mcfg, fingerprint = open_data(config, data_dir, neighbours_dir)
@@ -145,31 +148,48 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
         return save_checkpoint(out_dir / CHECKPOINT_NAME, kind=config.kind, model=model, config=mcfg, step=done,
                                tokenizer_fingerprint=fingerprint, extra=extra, optimizer=optimizer)
 
+    def heldout_at(done: int) -> float:
+        """The held-out loss after step `done`, evaluated and recorded unless it was; a ValueError when it is
+        not finite: weights that give nan (or 1e30 weights whose forward overflows) are never saved."""
+        if not (losses["heldout"] and losses["heldout"][-1][0] == done):
+            losses["heldout"].append([done, evaluate(model, heldout, eval_indices, config.batch_size, device,
+                                                     config.amp)])
+        value = losses["heldout"][-1][1]
+        if not math.isfinite(value):
+            raise ValueError(f"held-out loss became {value} at step {done}: training diverged (try a lower lr than "
+                             f"{config.lr}); stopped without saving a checkpoint")
+        return value
+
     model.train()
     train_time, start_step = 0.0, step
     bar = tqdm(total=end, initial=step, desc=f"train {config.kind}", disable=not progress, unit="step")
-    while step < end:
-        tick = time.perf_counter()
-        loss = _train_step(model, optimizer, windows, config, step, device)
-        if not math.isfinite(loss):  # the weights are lost: saving them would only spoil the last checkpoint
-            bar.close()
-            raise ValueError(f"the training loss became {loss} at step {step + 1}: training diverged (try a lower "
-                             f"lr than {config.lr}); stopped without saving a checkpoint")
-        train_time += time.perf_counter() - tick
-        step += 1
-        losses["train"].append([step, loss])
-        tokens_per_s = (step - start_step) * config.batch_size * config.seq_len / max(train_time, 1e-9)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
-        bar.update()
-        if step % config.eval_every == 0 or step == config.steps:
-            losses["heldout"].append([step, evaluate(model, heldout, eval_indices, config.batch_size, device,
-                                                     config.amp)])
-            log.info("step %d: train %.4f, held-out %.4f", step, loss, losses["heldout"][-1][1])
-        if step % config.checkpoint_every == 0 and step != end:
-            checkpoint(step)
-    bar.close()
-    unchanged = step == start_step and (out_dir / CHECKPOINT_NAME).is_file()  # a finished run resumed: kept as is,
-    path = out_dir / CHECKPOINT_NAME if unchanged else checkpoint(step)  # so what its file stamps stays valid
+    try:
+        while step < end:
+            tick = time.perf_counter()
+            loss = _train_step(model, optimizer, windows, config, step, device)
+            if not math.isfinite(loss):  # the weights are lost: saving them would only spoil the last checkpoint
+                raise ValueError(f"the training loss became {loss} at step {step + 1}: training diverged (try a "
+                                 f"lower lr than {config.lr}); stopped without saving a checkpoint")
+            train_time += time.perf_counter() - tick
+            step += 1
+            losses["train"].append([step, loss])
+            tokens_per_s = (step - start_step) * config.batch_size * config.seq_len / max(train_time, 1e-9)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update()
+            saving = step % config.checkpoint_every == 0 and step != end
+            if step % config.eval_every == 0 or step == config.steps or saving:  # every checkpoint is evaluated
+                held_out = heldout_at(step)
+                log.info("step %d: train %.4f, held-out %.4f", step, loss, held_out)
+            if saving:
+                checkpoint(step)
+    finally:
+        bar.close()
+    # A finished run resumed is kept as it is, so that what its file stamps stays valid; else the last checkpoint
+    # is written once its held-out loss is known to be finite.
+    unchanged = step == start_step and (out_dir / CHECKPOINT_NAME).is_file()
+    if not unchanged:
+        heldout_at(step)
+    path = out_dir / CHECKPOINT_NAME if unchanged else checkpoint(step)
     plot = plot_losses(losses, out_dir / "loss.png", loss_plot_title(config))
     at_end = losses["heldout"] and losses["heldout"][-1][0] == step
     heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices, config.batch_size,

@@ -1,0 +1,209 @@
+"""The pipeline refuses, before any work, what a run folder holds that was made otherwise than the run asks:
+data of another corpus or vocabulary, a model trained with other settings or for more steps, an LM that
+would train on under the sources and RETRO made from it; and it chooses kNN-LM's temperature again when
+the kNN retrieval settings change or its file is unreadable. Fast: a tiny corpus prepared once, small
+checkpoints saved directly, and the pipeline stopped where it would start training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import lm_worker.pipeline.run as pipeline_run
+from lm_worker.data.tokenizer import Tokenizer
+from lm_worker.evaluation.config import EvalConfig
+from lm_worker.models.checkpoint import save_checkpoint
+from lm_worker.models.retro import Retro, RetroConfig
+from lm_worker.models.transformer_lm import LMConfig, TransformerLM
+from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.data_stage import prepare_data
+from lm_worker.pipeline.run import run_pipeline
+from lm_worker.retrieval.config import RetrievalConfig
+from lm_worker.training.config import TrainConfig
+
+
+class Trains(Exception):
+    """Raised where the pipeline would start training a model: every refusal must come before it."""
+
+
+def config_of(run: Path, corpus: Path) -> PipelineConfig:
+    return PipelineConfig(run=run, corpus=str(corpus), vocab_size=300, max_train_tokens=0, max_heldout_tokens=0,
+                          max_retro_tokens=0, tune_tokens=64, progress=False,
+                          lm=TrainConfig(kind="lm", preset="tiny", steps=6, seq_len=32, batch_size=2, device="cpu"),
+                          retro=TrainConfig(kind="retro", preset="tiny", steps=4, seq_len=32, batch_size=2,
+                                            chunk_len=8, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[PipelineConfig, Path]:
+    """A run folder with its data prepared by the pipeline from 50 small files (5 of them held out)."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i in range(50):
+        (corpus / f"mod{i}.py").write_text("".join(f"def f{j % 7}(x):\n    return x * {j % 4}\n" for j in range(30)))
+    config = config_of(tmp_path_factory.mktemp("prepared") / "run", corpus)
+    prepare_data(config)
+    return config, corpus
+
+
+@pytest.fixture
+def run(prepared, tmp_path, monkeypatch) -> PipelineConfig:
+    """A copy of the prepared run; the pipeline raises `Trains` where it would train a model."""
+    config, _ = prepared
+    shutil.copytree(config.run, tmp_path / "run")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def trains(*args, **kwargs):
+        raise Trains
+
+    monkeypatch.setattr(pipeline_run, "train_model", trains)
+    return replace(config, run=tmp_path / "run")
+
+
+def save_model(config: PipelineConfig, name: str, train_config: TrainConfig, step: int) -> Path:
+    """RUN/name/checkpoint.pt: a tiny model saved as training saves it, at `step`, with `train_config`."""
+    model = TransformerLM(LMConfig.tiny(300)) if name == "lm" else Retro(RetroConfig.tiny(300))
+    return save_checkpoint(config.run / name / "checkpoint.pt", kind=name, model=model, config=model.config,
+                           step=step, tokenizer_fingerprint="bpe:x", extra={"train_config": asdict(train_config)})
+
+
+def save_source(config: PipelineConfig, kind: str, encoder: str) -> None:
+    (config.run / f"{kind}-source").mkdir()
+    (config.run / f"{kind}-source" / "source.json").write_text(json.dumps(
+        {"kind": kind, "rows": 1, "dimension": 1, "tokenizer_fingerprint": "bpe:x", "encoder_fingerprint": encoder,
+         "chunk_len": 8 if kind == "retro" else 0}))
+
+
+def to_remove(refused: pytest.ExceptionInfo, config: PipelineConfig) -> set[str]:
+    """The run's folders a refusal names to remove, checking it names each once and says what else to do."""
+    message = str(refused.value)
+    assert message.endswith("to make them again, or use another run folder"), message
+    paths = re.split(r", | and ", message.split(": remove ")[-1].split(" to make ")[0])
+    assert len(paths) == len(set(paths)) and all(Path(p).parent == config.run for p in paths), message
+    return {Path(p).name for p in paths}
+
+
+def test_data_of_another_corpus_or_vocabulary_is_refused_before_any_work(run, prepared, tmp_path):
+    save_model(run, "lm", run.lm, run.lm.steps)
+    (run.run / "report").mkdir()
+    (run.run / "report" / "eval.json").write_text("{}")
+    with pytest.raises(Trains):  # the run as prepared goes on to its models
+        run_pipeline(run)
+    with pytest.raises(ValueError, match=r"data was prepared with vocab_size 300, vocab_size is 320, and every "
+                                         r"stage after it was made from it: remove ") as refused:
+        run_pipeline(replace(run, vocab_size=320))
+    assert to_remove(refused, run) == {"data", "lm", "report"}
+    other = tmp_path / "other"
+    shutil.copytree(prepared[1], other)  # the same files, but another corpus
+    with pytest.raises(ValueError, match=re.escape(f"data was prepared from corpus '{prepared[1].resolve()}', corpus "
+                                                   f"is '{other.resolve()}'")):
+        run_pipeline(replace(run, corpus=str(other)))
+    (run.run / "data" / "prepared.json").unlink()  # a run prepared before the record: its tokenizer and documents
+    with pytest.raises(Trains):
+        run_pipeline(run)
+    with pytest.raises(ValueError, match=r"data was prepared from another corpus than .*, and every stage after"):
+        run_pipeline(replace(run, corpus=str(tmp_path)))
+    vocab = Tokenizer.load(run.run / "data" / "tokenizer.json").vocab_size  # the corpus is too small to fill 300
+    with pytest.raises(ValueError, match=rf"data was prepared with a {vocab}-token vocabulary, vocab_size is 260, "):
+        run_pipeline(replace(run, vocab_size=260))
+
+
+def test_a_model_trained_with_other_settings_is_refused_naming_them_and_what_to_remove(run):
+    lm = save_model(run, "lm", run.lm, run.lm.steps)
+    save_source(run, "knnlm", "lm:x")
+    save_source(run, "retro", "minilm:x")  # MiniLM's keys: not made from the LM, so kept
+    written = lm.read_bytes()
+    asked = replace(run, lm=replace(run.lm, steps=4, lr=1e-3, seed=7))
+    with pytest.raises(ValueError, match=r"lm was trained with other settings than this run's \(saved -> asked\): "
+                                         r"lm.steps 6 -> 4, lm.lr 0.003 -> 0.001, lm.seed 0 -> 7: remove ") as refused:
+        run_pipeline(asked)
+    assert to_remove(refused, run) == {"lm", "knnlm-source"} and lm.read_bytes() == written
+    with pytest.raises(ValueError, match=r"lm.preset 'tiny' -> 'small'"):
+        run_pipeline(replace(run, lm=replace(run.lm, preset="small")))
+    fitted = replace(run.retro, init_from=str(run.run / "lm" / "checkpoint.pt"), split="train")
+    save_model(run, "retro", replace(fitted, lr=1e-2, init_from="elsewhere/lm/checkpoint.pt"), run.retro.steps)
+    with pytest.raises(ValueError, match=r"retro was trained with other settings .*: retro.lr 0.01 -> 0.003: ") \
+            as refused:  # the path of the LM it was fitted onto is no setting: a moved run still matches
+        run_pipeline(run)
+    assert to_remove(refused, run) == {"retro"}
+    save_model(run, "retro", replace(fitted, eval_every=1, checkpoint_every=2, threads=1, device="auto"), 4)
+    with pytest.raises(Trains):  # when it evaluates and saves, and where it runs, change no model: both reused
+        run_pipeline(replace(run, lm=replace(run.lm, eval_batches=1, amp=False)))
+
+
+def test_an_lm_is_not_trained_on_while_what_was_made_from_it_is_there(run):
+    lm = save_model(run, "lm", run.lm, run.lm.steps)
+    written = lm.read_bytes()
+    more = replace(run, lm=replace(run.lm, steps=run.lm.steps + 4))
+    with pytest.raises(Trains):  # nothing made from it yet: trained on
+        run_pipeline(more)
+    save_source(run, "knnlm", "lm:x")
+    save_source(run, "retro", "lm-last:x")
+    (run.run / "knnlm-datastore").mkdir()
+    (run.run / "knnlm-datastore" / "manifest.json").write_text("{}")
+    save_model(run, "retro", replace(run.retro, init_from=str(lm), split="train"), run.retro.steps)
+    with pytest.raises(ValueError, match=r"lm holds the LM at step 6: training it to lm.steps 10 would leave what was "
+                                         r"made from it stale \(or keep lm.steps at 6\): remove ") as refused:
+        run_pipeline(more)
+    assert to_remove(refused, run) == {"knnlm-source", "knnlm-datastore", "retro-source", "retro"}
+    assert lm.read_bytes() == written  # refused before it trained
+
+
+def tune(monkeypatch, tmp_path):
+    """`tune_temperature` on a run folder, with an evaluation whose perplexity is 10 + |T - 4|; the
+    temperatures it tried."""
+    from lm_worker.evaluation import knnlm_eval
+    from lm_worker.pipeline.eval_stage import tune_temperature
+
+    tried: list[float] = []
+
+    def fake_evaluate(lm, valid, retriever, config, progress):
+        tried.append(config.temperature)
+        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0))
+
+    monkeypatch.setattr(knnlm_eval, "evaluate_knnlm", fake_evaluate)
+    (tmp_path / "report").mkdir()
+    config = PipelineConfig(run=tmp_path, temperatures=(1.0, 5.0), progress=False)
+    lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
+    return (lambda knn=RetrievalConfig(k=8, nprobe=2): tune_temperature(config, lm, valid, None,
+                                                                         EvalConfig(retrieval=knn))), tried
+
+
+def test_the_temperature_is_chosen_again_when_the_knn_retrieval_changes(monkeypatch, tmp_path):
+    choose, tried = tune(monkeypatch, tmp_path)
+    assert choose()[::2] == (5.0, False) and choose()[::2] == (5.0, True) and len(tried) == 2
+    for knn in (RetrievalConfig(k=16, nprobe=2), RetrievalConfig(k=16, nprobe=4),
+                RetrievalConfig(k=16, nprobe=4, exact_rerank=True, rerank_candidates=64)):
+        assert choose(knn)[2] is False, knn  # each change chooses again
+    assert choose(knn)[2] is True and len(tried) == 8
+
+
+def test_an_unreadable_temperature_file_is_chosen_again_and_a_stopped_write_keeps_the_last(monkeypatch, tmp_path,
+                                                                                           caplog):
+    choose, tried = tune(monkeypatch, tmp_path)
+    path = tmp_path / "report" / "temperature.json"
+    choose()
+    whole = path.read_text()
+    path.write_text(whole[: len(whole) // 2])  # cut short
+    with caplog.at_level(logging.WARNING, logger="lm_worker"):
+        assert choose()[::2] == (5.0, False)
+    assert f"{path} is unreadable" in caplog.text and json.loads(path.read_text())["chosen"] == 5.0
+    written = path.read_text()
+    real_write = Path.write_text
+
+    def stopped(self, text, *args, **kwargs):  # the process dies halfway through the write
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        choose(RetrievalConfig(k=32))
+    monkeypatch.undo()
+    assert path.read_text() == written  # the last choice, whole
+    assert len(tried) == 6
