@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import sysconfig
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from lm_worker.evaluation.config import EvalConfig
 from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
 from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
 from lm_worker.evaluation.retro_eval import evaluate_retro
-from lm_worker.evaluation.shares import plan_shares
+from lm_worker.evaluation.shares import holds_another_job, open_saved, plan_shares
 from lm_worker.models.checkpoint import save_checkpoint
 from lm_worker.models.retro import Retro, RetroConfig
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
@@ -324,3 +326,65 @@ def test_a_share_that_fails_in_a_worker_raises_the_workers_own_error(retro, data
                         encoder_factory=failing_encoder)
     with pytest.raises(ValueError, match="^the chunk encoder failed on purpose$"):
         evaluate_distributed(retro_job, pool(workers=1))
+
+
+def _refusing_encoder():
+    raise RuntimeError("no encoder on this worker")
+
+
+def test_a_worker_that_fails_to_start_fails_the_evaluation_at_once(retro, data, caplog, by_value):
+    """An error in a worker's own start (here its encoder) would fail every replacement alike: the evaluation
+    stops at the first, naming it, instead of replacing workers until `max_replacements`."""
+    config = dataclasses.replace(CONFIG, retrieval=RetrievalConfig(k=2, nprobe=4))
+    retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=retro[3], config=config,
+                        encoder_factory=_refusing_encoder)
+    with pytest.raises(RuntimeError, match="an evaluation worker failed to start: .*no encoder on this worker"):
+        evaluate_distributed(retro_job, pool(workers=1))
+    assert "starting a replacement" not in caplog.text
+
+
+def test_a_job_is_described_by_what_changes_its_results_alone(tmp_path):
+    """How long a search may take and when it is sent change no result, nor do kNN-LM's mixing and pointers a
+    RETRO evaluation: shares saved under other such settings, or by a marker that still records them, are
+    reused; a setting that changes the results is refused."""
+    knn = EvalJob(kind="knnlm", checkpoint=Path("lm.pt"), store=Path("heldout"), target="127.0.0.1:1")
+    retro = dataclasses.replace(knn, kind="retro")
+    patient = EvalConfig(overlap=False, retrieval=RetrievalConfig(timeout_s=5.0))
+    mixing = EvalConfig(temperature=2.0, lambdas=(0.5,), pointer_steps=4)
+    assert dataclasses.replace(knn, config=patient).describe() == knn.describe()
+    assert dataclasses.replace(retro, config=patient).describe() == retro.describe()
+    assert dataclasses.replace(retro, config=mixing).describe() == retro.describe()
+    assert dataclasses.replace(knn, config=mixing).describe() != knn.describe()
+    older = knn.describe()  # a marker written when the timeout and overlap were part of the job
+    older["config"] = {**older["config"], "overlap": True, "retrieval": {**older["config"]["retrieval"],
+                                                                          "timeout_s": 300.0}}
+    (tmp_path / "job.json").write_text(json.dumps(older))
+    assert not holds_another_job(knn.describe(), tmp_path)
+    assert holds_another_job(dataclasses.replace(knn, config=EvalConfig(stride=64)).describe(), tmp_path)
+
+
+def test_damaged_share_files_are_computed_again_and_a_damaged_marker_is_named(tmp_path, caplog):
+    description = EvalJob(kind="knnlm", checkpoint=Path("lm.pt"), store=Path("heldout"), target="x").describe()
+    assert open_saved(description, tmp_path) == {}  # writes the marker
+    (tmp_path / "share-00000.json").write_text(json.dumps({"share": 0, "nll": 1.0}))
+    (tmp_path / "share-00001.json").write_text("")  # cut short by a crash
+    with caplog.at_level(logging.WARNING):
+        assert list(open_saved(description, tmp_path)) == [0]
+    assert "share-00001.json cannot be read" in caplog.text and "computed again" in caplog.text
+    (tmp_path / "job.json").write_text('{"kind": "kn')
+    with pytest.raises(ValueError, match=r"job.json cannot be read .*: remove .* or choose another checkpoint folder"):
+        open_saved(description, tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_service_retriever_that_finds_no_service_leaves_no_thread_or_socket():
+    from retriever_server.client import RetrieverError
+
+    before = threading.active_count()
+    for _ in range(5):
+        with pytest.raises(RetrieverError):
+            ServiceRetriever(["127.0.0.1:1", "127.0.0.1:2"], RetrievalConfig(timeout_s=2.0))
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling, with a deadline: closed threads end
+    assert threading.active_count() == before

@@ -96,7 +96,13 @@ class EvalJob:
         for name in PATH_FIELDS:
             body.pop(name)
         config = body["config"]
-        if not config["pointer_steps"]:  # so shares checkpointed before the pointer fields existed still match
+        config["retrieval"].pop("timeout_s")  # how long a search may take and when it is sent, not what it
+        config.pop("overlap")  # answers (`shares.holds_another_job` ignores what a marker holds beyond these)
+        if self.kind == "retro":  # kNN-LM's mixing and pointers do not touch a RETRO evaluation
+            for name in ("lambdas", "temperature", "pointer_steps", "min_pointers", "pointer_temperature_scale",
+                         "pointer_agreement", "pointer_crowd"):
+                config.pop(name)
+        elif not config["pointer_steps"]:  # so shares checkpointed before the pointer fields existed still match
             config.pop("pointer_agreement")
             config.pop("pointer_crowd")
         else:  # each window a run of chains of its own: shares from when a batch was one run differ
@@ -185,6 +191,9 @@ class _Pool:
                 try:
                     node, identity = ray.get(ref)
                 except ray.exceptions.RayActorError as err:  # its node lost, or its start failed there
+                    if err.actor_init_failed:  # an error of its own (no service, no model): another fails alike
+                        ray.kill(actor, no_restart=True)
+                        raise RuntimeError(f"an evaluation worker failed to start: {_last_line(err)}") from None
                     self._lost(actor, err)
                     continue
                 self._same(identity)

@@ -68,8 +68,21 @@ def holds_another_job(description: dict, directory: Path) -> bool:
     marker = directory / JOB_JSON
     if not marker.exists():
         return False
-    saved = {k: v for k, v in json.loads(marker.read_text()).items() if k not in PATH_FIELDS}  # older markers
-    return saved != description
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{marker} cannot be read ({err}): remove {directory} or choose another checkpoint "
+                         "folder") from None
+    return _within(saved, description) != description
+
+
+def _within(saved, description):
+    """`saved` without the keys that `description` (at the same place) does not hold: what an older marker
+    recorded and the job no longer counts (its paths, how long a search may take, kNN-LM settings of a
+    RETRO evaluation)."""
+    if not isinstance(saved, dict) or not isinstance(description, dict):
+        return saved
+    return {k: _within(v, description[k]) for k, v in saved.items() if k in description}
 
 
 def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
@@ -84,12 +97,22 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
             raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
                              "remove it or choose another checkpoint folder")
     else:
-        marker.write_text(json.dumps(description, indent=2))
+        _write_atomically(marker, json.dumps(description, indent=2))
     done = {}
     for path in sorted(directory.glob("share-*.json")):
-        body = json.loads(path.read_text())
-        done[int(body["share"])] = body
+        try:
+            body = json.loads(path.read_text())
+            done[int(body["share"])] = body
+        except (OSError, ValueError, KeyError, TypeError) as err:  # cut short by a crash: computed again
+            log.warning("%s cannot be read (%s): its share is computed again", path, err)
     return done
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `path` through a temporary name, so that it is whole or absent."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
@@ -122,7 +145,4 @@ def save_share(directory: Path | None, body: dict) -> None:
     """Writes a finished share's record into `directory` (atomically; None: nowhere)."""
     if directory is None:
         return
-    path = directory / f"share-{body['share']:05d}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
+    _write_atomically(directory / f"share-{body['share']:05d}.json", json.dumps(body))

@@ -59,8 +59,9 @@ def _source_arrays(config: DemoConfig):
     source = config.out / "source"
     source.mkdir(parents=True, exist_ok=True)
     for name, array in (("keys", vectors.keys), ("tokens", vectors.tokens), ("doc", vectors.doc_ids)):
-        if not (source / f"{name}.npy").is_file():
-            np.save(source / f"{name}.npy", np.asarray(array))
+        path, array = source / f"{name}.npy", np.asarray(array)
+        if not path.is_file() or np.load(path, mmap_mode="r").shape != array.shape:  # another --keys: written anew
+            np.save(path, array)
     return vectors, source
 
 

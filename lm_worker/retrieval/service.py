@@ -60,8 +60,16 @@ class ServiceRetriever(Retriever):
     def __init__(self, target: str | Sequence[str | Sequence[str]], config: RetrievalConfig = RetrievalConfig(),
                  security: ClientSecurity = ClientSecurity()):
         super().__init__(config)
-        self.client = RetrieverClient(target, timeout=config.timeout_s, security=security)
-        info = self.client.info()
+        try:
+            self.client = RetrieverClient(target, timeout=config.timeout_s, security=security)
+        except BaseException:
+            super().close()
+            raise
+        try:
+            info = self.client.info()
+        except BaseException:  # no service: its client's thread and channels, and the pool, go too
+            self.close()
+            raise
         self.dimension: int = info.dimension
         self.ntotal: int = info.ntotal
         self.metric: str = info.metric  # "l2" or "ip", as the datastore was built
