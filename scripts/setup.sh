@@ -4,6 +4,7 @@
 # A second run with the same project files and extras (or fewer) installs nothing: .venv/setup.stamp
 # records what the last install was made from. "cpu" and "gpu" (the two FAISS builds, which both
 # provide the module faiss) never go together: asking for one after the other swaps the build.
+# "faiss" asks for the build installed already, else "cpu" (the test and demo scripts ask so).
 # Where pip's indexes hold no CPU build of the pinned torch (PyPI holds none), the install is tried
 # again with TORCH_INDEX_URL (default: PyTorch's CPU index) added.
 set -euo pipefail
@@ -17,43 +18,53 @@ has() {  # has EXTRA LIST: LIST (comma-separated) names EXTRA
     case ",$2," in *",$1,"*) return 0 ;; *) return 1 ;; esac
 }
 
+without() {  # without EXTRA LIST: LIST less EXTRA
+    local out="" extra
+    for extra in ${2//,/ }; do
+        [ "$extra" = "$1" ] || out="$out,$extra"
+    done
+    echo "${out#,}"
+}
+
 if has cpu "$extras" && has gpu "$extras"; then
     echo "setup.sh: give cpu or gpu, not both: both FAISS builds provide the module faiss" >&2
     exit 2
 fi
-swap=""  # the FAISS package to remove: the other build was installed before
+installed=""
 if [ -x .venv/bin/python ] && [ -f "$stamp" ]; then
     installed="$(sed -n 2p "$stamp")"
-    if has gpu "$extras" && has cpu "$installed"; then
-        swap=faiss-cpu
-    elif has cpu "$extras" && has gpu "$installed"; then
-        swap=faiss-gpu
-    fi
-    kept=""
-    for extra in ${installed//,/ }; do
-        if ! { [ -n "$swap" ] && { [ "$extra" = cpu ] || [ "$extra" = gpu ]; }; }; then
-            kept="$kept,$extra"
-        fi
-    done
-    installed="${kept#,}"
-    if [ "$(sed -n 1p "$stamp")" = "$files" ] && [ -z "$swap" ]; then
-        missing=""
-        for extra in ${extras//,/ }; do
-            has "$extra" "$installed" || missing="$missing $extra"
-        done
-        if [ -z "$missing" ]; then
-            exit 0
-        fi
-    fi
-    for extra in ${extras//,/ }; do
-        has "$extra" "$installed" || installed="${installed:+$installed,}$extra"
-    done
-    extras="$installed"
 fi
+if has faiss "$extras"; then  # the build there is, else the CPU one
+    build=cpu
+    if has gpu "$installed" && ! has cpu "$installed"; then
+        build=gpu
+    fi
+    extras="$(without faiss "$extras"),$build"
+    extras="${extras#,}"
+fi
+swap=false  # FAISS to install afresh: the other build (or both, as an older set-up left them) is there
+if { has gpu "$extras" && has cpu "$installed"; } || { has cpu "$extras" && has gpu "$installed"; }; then
+    swap=true
+    installed="$(without gpu "$(without cpu "$installed")")"
+fi
+if [ -n "$installed" ] && [ "$(sed -n 1p "$stamp")" = "$files" ] && [ "$swap" = false ]; then
+    missing=""
+    for extra in ${extras//,/ }; do
+        has "$extra" "$installed" || missing="$missing $extra"
+    done
+    if [ -z "$missing" ]; then
+        exit 0
+    fi
+fi
+for extra in ${extras//,/ }; do
+    has "$extra" "$installed" || installed="${installed:+$installed,}$extra"
+done
+extras="$installed"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ -n "$swap" ]; then
-    .venv/bin/python -m pip uninstall -q -y "$swap"
+if [ "$swap" = true ]; then
+    rm -f "$stamp"  # until the install below ends well: a failed one is not taken as done
+    .venv/bin/python -m pip uninstall -q -y faiss-cpu faiss-gpu  # both: they share the files of `faiss`
 fi
 install=(.venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]")
 if ! "${install[@]}" 2> .venv/setup.err; then

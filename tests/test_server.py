@@ -715,6 +715,20 @@ def test_ivf_ties_at_the_kth_place_keep_the_smallest_ids(aio, tmp_path, metric):
             np.testing.assert_array_equal(router.search(queries, k=k, nprobe=8).ids, truth[:, :k], err_msg=f"k={k}")
 
 
+def test_fastscan_ties_come_back_by_id_and_a_smaller_k_is_a_prefix(aio, tmp_path):
+    """FastScan (`x4fs`) orders the neighbours of an L2 tie as its blocks meet them, past k = 20: every answer
+    must still hold each tie by id, so that an answer at a smaller k is the first k of a larger one."""
+    keys = np.repeat(np.random.default_rng(6).integers(-2, 3, (300, D)).astype(np.float32), 5, axis=0)
+    datastore = build(tmp_path, keys, "fastscan", shards=2, factory="IVF8,PQ4x4fs")
+    queries = keys[::37] + 0.25
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address, timeout=10) as router:
+        wide = router.search(queries, k=60, nprobe=8)
+        order = np.lexsort((wide.ids, wide.distances), axis=1)  # distance, then id
+        np.testing.assert_array_equal(wide.ids, np.take_along_axis(wide.ids, order, axis=1))
+        for k in (3, 21, 25):
+            np.testing.assert_array_equal(router.search(queries, k=k, nprobe=8).ids, wide.ids[:, :k], err_msg=f"k={k}")
+
+
 def test_inner_product_ties_at_the_kth_place_keep_the_smallest_ids(aio, tmp_path):
     """Rows stored three times each, inner product, three shards: at every k, with and without
     exclusions, through the router and the fan-out client, the neighbours are a float64 brute-force

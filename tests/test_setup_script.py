@@ -41,6 +41,10 @@ def setup(project: Path, extras: str) -> tuple[subprocess.CompletedProcess, list
     return done, calls.read_text().splitlines() if calls.exists() else []
 
 
+def stamp_files(project: Path) -> str:
+    return (project / ".venv" / "setup.stamp").read_text().splitlines()[0]
+
+
 def stamp(project: Path) -> str:
     return (project / ".venv" / "setup.stamp").read_text().splitlines()[1]
 
@@ -57,8 +61,29 @@ def test_asking_for_the_other_faiss_build_swaps_it_and_keeps_the_other_extras(pr
     assert done.returncode == 0 and calls == []
     done, calls = setup(project, "gpu,dev")
     assert done.returncode == 0, done.stderr
-    assert "-m pip uninstall -q -y faiss-cpu" in calls
+    assert "-m pip uninstall -q -y faiss-cpu faiss-gpu" in calls  # both: they share the files of `faiss`
     assert calls[-1].endswith('-e .[lm,gpu,dev]') and stamp(project) == "lm,gpu,dev"
+    done, calls = setup(project, "faiss,lm")  # the build there is: no swap back
+    assert done.returncode == 0 and calls == []
+
+
+def test_a_swap_whose_install_fails_is_done_again_by_the_next_run(project):
+    assert setup(project, "cpu,lm")[0].returncode == 0
+    (project / ".venv" / "no-cpu-torch").touch()  # the install fails (here: even with PyTorch's index)
+    (project / ".venv" / "bin" / "python").write_text(FAKE_PYTHON.replace("*extra-index-url*", "*never*"))
+    done, _ = setup(project, "gpu,lm")
+    assert done.returncode != 0 and not (project / ".venv" / "setup.stamp").exists()
+    (project / ".venv" / "no-cpu-torch").unlink()
+    done, calls = setup(project, "cpu,lm")  # FAISS was uninstalled: installed again, not "nothing to do"
+    assert done.returncode == 0 and calls[-1].endswith("-e .[cpu,lm]")
+
+
+def test_both_builds_left_by_an_older_set_up_are_installed_afresh_as_one(project):
+    setup(project, "lm")
+    (project / ".venv" / "setup.stamp").write_text(f"{stamp_files(project)}\ncpu,lm,gpu\n")
+    done, calls = setup(project, "faiss,lm")
+    assert done.returncode == 0, done.stderr
+    assert "-m pip uninstall -q -y faiss-cpu faiss-gpu" in calls and calls[-1].endswith("-e .[lm,cpu]")
 
 
 def test_a_missing_cpu_torch_is_tried_again_with_pytorchs_cpu_index(project):

@@ -43,19 +43,14 @@ class SearchStopped(Exception):
     """A search given up between chunks: its deadline passed or its caller went away."""
 
 
-def _by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product candidates (n, m), best first, ties by id (FAISS gives a tie's largest id first):
-    only the rows holding a tie are sorted."""
+def _by_id(distances: np.ndarray, ids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates (n, m), best first, ties by id: only the rows holding a tie are sorted (FAISS's
+    inner-product heap gives a tie's largest id first; FastScan and the GPU order ties as they come)."""
     tied = np.flatnonzero((distances[:, 1:] == distances[:, :-1]).any(axis=1))
     if len(tied):
-        order = sort_neighbours(ids[tied], distances[tied], "ip")
+        order = sort_neighbours(ids[tied], distances[tied], metric)
         distances[tied] = np.take_along_axis(distances[tied], order, axis=1)
         ids[tied] = np.take_along_axis(ids[tied], order, axis=1)
-    return distances, ids
-
-
-def _as_given(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """L2 candidates as FAISS orders them: best first, ties by smallest id."""
     return distances, ids
 
 
@@ -180,11 +175,14 @@ class Shard:
         strictly better than its worst), so one more candidate is fetched, and rows whose m-th and
         (m+1)-th candidates tie are searched again, wider, until the tie ends inside what was fetched:
         then every tied candidate was taken. Every row comes back in order, ties by id (as
-        `drop_excluded` needs them): FAISS's L2 heap orders a tie so, its inner-product heap by largest id
-        first, which `_by_id` reverses."""
+        `drop_excluded` needs them), by `_by_id`."""
         most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
         every = np.arange(n)
-        ordered = _as_given if self.manifest.metric == "l2" else _by_id
+        metric = self.manifest.metric
+
+        def ordered(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _by_id(distances, ids, metric)
+
         if m >= most:  # every candidate there is
             return ordered(*search(every, m))
         distances, ids = ordered(*search(every, m + 1))
