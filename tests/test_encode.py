@@ -4,6 +4,7 @@ definition, exclusions against brute force, the build, and precomputed neighbour
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 
 import numpy as np
@@ -348,3 +349,7 @@ def test_a_models_fingerprint_is_remembered_until_its_weights_change():
     assert assigned != first
     model.double()  # a cast: the same values, other bytes
     assert model_fingerprint(model) not in (first, assigned)
+    for _ in range(20):  # two new tensors between fingerprints: the second may take the first's freed memory
+        weight.data = weight.data + 1.0
+        weight.data = weight.data + 1.0
+        assert model_fingerprint(model) == model_fingerprint(copy.deepcopy(model))  # the copy is hashed afresh

@@ -5,6 +5,7 @@ failed part is one log line."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
@@ -123,6 +124,9 @@ def test_a_failed_re_encode_leaves_the_source_as_it_was(data, tmp_path):
     store = TokenStore.open(data / "train")
     out = tmp_path / "runs" / "src"
     first = encode_retro(store, TableEncoder(), L, out, progress=False, batch=16)
+    made = tmp_path / "made"
+    made.mkdir()
+    assert out.stat().st_mode & 0o777 == made.stat().st_mode & 0o777  # the umask's mode: others may read it
     (out / "notes.txt").write_text("the user's notes beside the source")
     before = files_of(out)
     short = write_token_store(tmp_path / "short", [("a", [5, 6])], 0, store.tokenizer_fingerprint)
@@ -219,6 +223,21 @@ def test_a_rerun_discards_parts_of_tokens_that_changed(data, tmp_path, ray_clust
     ref = encode_retro(TokenStore.open(corpus / "train"), TableEncoder(), L, tmp_path / "plain", progress=False)
     _same_rows(job, np.load(ref.keys_path), np.load(ref.payload[1]))
     assert "parts of a different job (changed: token_digest)" in caplog.text
+
+
+def test_parts_of_a_job_stamped_before_token_digests_are_kept(data, tmp_path, ray_cluster, by_value, caplog):
+    """A job interrupted under a version that stamped no digest of its tokens still resumes its parts."""
+    config = EncodeJobConfig(kind="retro", data=data, chunk_len=L, rows_per_part=64, batch_size=16, progress=False)
+    poison = tuple(int(t) for t in TokenStore.open(data / "train").tokens[2 * 64 * L:2 * 64 * L + L])
+    with pytest.raises(EncodeError, match="poisoned chunk"):
+        run_encode_job(config, tmp_path / "job", TableFactory(poison))
+    work = job_work_dir(tmp_path / "job")
+    stamp = json.loads((work / "parts" / "job.json").read_text())
+    (work / "parts" / "job.json").write_text(json.dumps({k: v for k, v in stamp.items() if k != "token_digest"}))
+    before = _stamps(work)
+    with caplog.at_level(logging.WARNING, logger="lm_worker.jobs.encode_job"):
+        run_encode_job(config, tmp_path / "job", TableFactory())
+    assert before and "discarding" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ a failed part

@@ -104,6 +104,10 @@ def test_data_of_another_corpus_or_vocabulary_is_refused_before_any_work(run, pr
     with pytest.raises(ValueError, match=re.escape(f"data was prepared from corpus '{prepared[1].resolve()}', corpus "
                                                    f"is '{other.resolve()}'")):
         run_pipeline(replace(run, corpus=str(other)))
+    record = json.loads((run.run / "data" / "prepared.json").read_text())
+    (run.run / "data" / "prepared.json").write_text(json.dumps({**record, "corpus": "corpus"}))
+    with pytest.raises(Trains):  # a relative corpus path, as given, in a moved project: still the same corpus
+        run_pipeline(replace(run, corpus="corpus"))
     (run.run / "data" / "prepared.json").unlink()  # a run prepared before the record: its tokenizer and documents
     with pytest.raises(Trains):
         run_pipeline(run)

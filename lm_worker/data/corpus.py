@@ -91,7 +91,7 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
             if not isinstance(text, str):
                 what = "null" if text is None else f"a JSON {type(text).__name__}"
                 raise ValueError(f"{path}:{number}: field {text_field!r} is {what}, not a string")
-            name = str(record[id_field]) if id_field else f"{Path(path).name}:{number}"
+            name = str(record[id_field]) if id_field else f"{Path(path).name}:{number - 1}"  # from 0, as runs recorded
             for field, value in ((text_field, text), (id_field, name)):
                 try:
                     value.encode("utf-8")

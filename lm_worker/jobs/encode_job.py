@@ -109,6 +109,14 @@ def _absolute(config: EncodeJobConfig) -> EncodeJobConfig:
     return replace(config, data=Path(config.data).absolute(), checkpoint=checkpoint)
 
 
+def _same_job(old, stamp: dict) -> bool:
+    """Whether an earlier job's stamp is this job's. A stamp from before jobs recorded their tokens' digest
+    is judged without it (its parts are kept where the store's path, length and tokenizer match)."""
+    if isinstance(old, dict) and "token_digest" not in old:
+        return old == {k: v for k, v in stamp.items() if k != "token_digest"}
+    return old == stamp
+
+
 def _changed(old, stamp: dict) -> str:
     """The fields of `stamp` that the earlier job's `old` stamp records otherwise."""
     old = old if isinstance(old, dict) else {}
@@ -119,7 +127,7 @@ def _keep_finished(work: Path, plan: list[PartSpec], stamp: dict) -> dict[int, d
     """Keeps the finished parts of an earlier run of this same job; clears everything else in parts/."""
     parts = work / PARTS
     old = _read_json(parts / JOB_JSON)
-    if parts.exists() and old != stamp:
+    if parts.exists() and not _same_job(old, stamp):
         if any(p.name != JOB_JSON for p in parts.iterdir()):
             log.warning("discarding %s: parts of a different job (changed: %s)", parts, _changed(old, stamp))
         shutil.rmtree(parts)
@@ -148,7 +156,7 @@ def _link(source: Path, target: Path) -> None:
 
 def _reuse_published(out_dir: Path, work: Path, plan: list[PartSpec], stamp: dict, done: dict[int, dict]) -> None:
     """Adds to `work` (and `done`) the finished parts of the source at `out_dir` when this same job made it."""
-    if _read_json(Path(out_dir) / PARTS / JOB_JSON) != stamp:
+    if not _same_job(_read_json(Path(out_dir) / PARTS / JOB_JSON), stamp):
         return
     for part in plan:
         record = None if part.index in done else finished_part(out_dir, part)

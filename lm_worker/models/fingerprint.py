@@ -16,14 +16,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys.
     Remembered per model until one of its tensors changes (an optimizer step, a load, a cast): a large
     model is hashed once, however many evaluations and decoders check it."""
-    # torch counts each in-place change; a cast or an assigned `.data` makes a new tensor (storage, dtype)
-    versions = tuple((t._version, t.data_ptr(), t.dtype) for t in model.state_dict().values())
+    # torch counts each in-place change; a cast or an assigned `.data` makes a new tensor (storage, dtype),
+    # whose freed storage a later one may reuse at version 0: its first and last values tell those apart
+    versions = tuple((t._version, t.data_ptr(), t.dtype, _ends(t)) for t in model.state_dict().values())
     known = _MEMO.get(model)
     if known is not None and known[0] == versions:
         return known[1]
     fingerprint = _hash(model)
     _MEMO[model] = (versions, fingerprint)
     return fingerprint
+
+
+def _ends(tensor: torch.Tensor) -> bytes:
+    """The bytes of a tensor's first and last values (none for an empty one)."""
+    flat = tensor.detach().reshape(-1)
+    return flat[[0, -1]].cpu().view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _hash(model: torch.nn.Module) -> str:

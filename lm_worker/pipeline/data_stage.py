@@ -30,23 +30,25 @@ def prepare_config(config: PipelineConfig):
 def prepare_data(config: PipelineConfig) -> None:
     """RUN/data from the corpus, with RUN/data/prepared.json: the corpus and vocab_size it was made from."""
     report = prepare_corpus(replace(prepare_config(config), max_retro_tokens=0))
-    record, path = {"corpus": corpus_of(config.corpus), "vocab_size": config.vocab_size}, config.run / "data" / PREPARED
+    record, path = {"corpus": config.corpus, "vocab_size": config.vocab_size}, config.run / "data" / PREPARED
     path.with_name(PREPARED + ".tmp").write_text(json.dumps(record, indent=2))
     os.replace(path.with_name(PREPARED + ".tmp"), path)  # whole or not there
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
 
 
 def corpus_of(corpus: str) -> str:
-    """The corpus as recorded: "stdlib", or the absolute path of a folder or JSONL file."""
+    """The corpus as a place: "stdlib", or the absolute path of a folder or JSONL file."""
     return corpus if corpus == "stdlib" else str(Path(corpus).expanduser().resolve())
 
 
 def check_prepared_corpus(config: PipelineConfig) -> None:
     """ValueError when RUN/data was prepared from another corpus or with another vocab_size than the config's:
     everything in the run was made from it, so the message names every folder to remove. Compared with
-    RUN/data/prepared.json; in a run prepared before that was written, with what prepare wrote: the
+    RUN/data/prepared.json, which records the corpus as it was given (a relative path still matches in a moved
+    project) or the place it named; in a run prepared before that was written, with what prepare wrote: the
     tokenizer's vocabulary (a corpus too small to fill `vocab_size` gives fewer tokens, so only a larger
-    one tells) and the documents' names (files of the stdlib or of a corpus folder; a JSONL corpus cannot tell).
+    one tells) and the documents' names (files of a corpus folder; the stdlib, whose files differ from one
+    Python to the next, and a JSONL corpus cannot tell).
     """
     from lm_worker.data.tokenizer import Tokenizer
     from lm_worker.pipeline.staleness import removal
@@ -61,7 +63,7 @@ def check_prepared_corpus(config: PipelineConfig) -> None:
         recorded = None
     why = []
     if recorded is not None:
-        if recorded.get("corpus") != corpus:
+        if recorded.get("corpus") not in (config.corpus, corpus):
             why.append(f"from corpus {recorded.get('corpus')!r}, corpus is {corpus!r}")
         if recorded.get("vocab_size") != config.vocab_size:
             why.append(f"with vocab_size {recorded.get('vocab_size')}, vocab_size is {config.vocab_size}")
@@ -76,11 +78,11 @@ def check_prepared_corpus(config: PipelineConfig) -> None:
 
 
 def holds_names_of(corpus: str, data: Path) -> bool | None:
-    """Whether every document of RUN/data's train and held-out splits names a file of `corpus` (the stdlib or a
-    folder); None where that cannot tell (a JSONL file, or a corpus no longer there)."""
-    from lm_worker.data.corpus import stdlib_root
-
-    root = stdlib_root() if corpus == "stdlib" else Path(corpus)
+    """Whether every document of RUN/data's train and held-out splits names a file of `corpus` (a folder); None
+    where that cannot tell (the stdlib, a JSONL file, or a corpus no longer there)."""
+    if corpus == "stdlib":  # this Python's stdlib may hold other files than the one the run was prepared from
+        return None
+    root = Path(corpus)
     if not root.is_dir():
         return None
     names = [d.name for split in ("train", "heldout") for d in TokenStore.open(data / split).documents]

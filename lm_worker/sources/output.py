@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +128,8 @@ def new_source(out_dir: Path) -> Iterator[Path]:
     check_out(out_dir)
     place = place_of(out_dir)
     place.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{place.name}.encoding-", dir=place.parent))
+    work = place.parent / f".{place.name}.encoding-{uuid.uuid4().hex[:12]}"
+    work.mkdir()  # with the umask's mode, as the source had: mkdtemp's 0700 would hide it from other users
     try:
         yield work
     except BaseException:
