@@ -36,6 +36,7 @@ SMALL_RERANK = 1 << 12  # candidates a small search may re-rank (queries x candi
 SMALL_ANSWER = 1 << 16  # values a small search's answer may hold (neighbours with their successors, x keys' width)
 EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
 GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
+TIE_SLACK = 16  # candidates fetched past the m-th, so that a tie there is seldom searched again (costs nothing seen)
 StopCheck = Callable[[], bool] | None
 
 
@@ -89,6 +90,10 @@ class Shard:
         # the memory-mapped CPU index, the others take turns on the GPU.
         self.gpu_index = ix.to_gpu(ix.read_index(base / "index.faiss", mmap=False)) if options.gpu else None
         self.gpu_lock = threading.Lock()
+        ivf = faiss.try_extract_index_ivf(self.index)
+        fastscan = ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
+        # FAISS's CPU L2 heap orders a tie by id; its inner-product heap, FastScan and the GPU do not
+        self._ties_ordered = manifest.metric == "l2" and not fastscan and self.gpu_index is None
         self._missing = np.float32(np.inf if manifest.metric == "l2" else -np.inf)  # a neighbour not found
         self._made_params: dict[tuple[int, int], object] = {}  # by (id(index), nprobe); FAISS only reads them
         self.threads = options.threads or faiss.omp_get_max_threads()
@@ -172,30 +177,30 @@ class Shard:
         """The top m candidates (n, m) of `search(rows, width)` (the candidates of those of the n queries),
         with the smallest ids kept where tied candidates straddle the m-th place. Which candidates of
         such a tie FAISS keeps depends on the order it scans them (an IVF scan takes a candidate only when
-        strictly better than its worst), so one more candidate is fetched, and rows whose m-th and
-        (m+1)-th candidates tie are searched again, wider, until the tie ends inside what was fetched:
-        then every tied candidate was taken. Every row comes back in order, ties by id (as
-        `drop_excluded` needs them), by `_by_id`."""
+        strictly better than its worst), so TIE_SLACK more candidates are fetched, and rows whose tie at the
+        m-th place runs past them are searched again, wider, until it ends inside what was fetched: then
+        every tied candidate was taken. Every row comes back in order, ties by id (as `drop_excluded`
+        needs them): sorted by `_by_id` where FAISS does not order them so."""
         most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
         every = np.arange(n)
         metric = self.manifest.metric
 
         def ordered(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return _by_id(distances, ids, metric)
+            return (distances, ids) if self._ties_ordered else _by_id(distances, ids, metric)
 
         if m >= most:  # every candidate there is
             return ordered(*search(every, m))
-        distances, ids = ordered(*search(every, m + 1))
-        tied = np.flatnonzero((ids[:, m] >= 0) & (distances[:, m] == distances[:, m - 1]))
-        distances, ids = distances[:, :m], ids[:, :m]
-        wide = m + 1
-        while len(tied):
+        wide = min(most, m + TIE_SLACK)
+        d, i = ordered(*search(every, wide))
+        distances, ids = np.ascontiguousarray(d[:, :m]), np.ascontiguousarray(i[:, :m])
+        tied = np.flatnonzero((i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])) if wide < most else every[:0]
+        while len(tied):  # the tie goes on past the last candidate fetched
             wide = min(most, 2 * wide)
             d, i = ordered(*search(tied, wide))
             distances[tied], ids[tied] = d[:, :m], i[:, :m]
             if wide >= most:
                 break
-            tied = tied[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]  # the tie goes on past the last fetched
+            tied = tied[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]
         return distances, ids
 
     def _selectors(self, exclusions: Exclusions, rows: np.ndarray) -> list:
