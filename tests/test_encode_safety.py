@@ -194,6 +194,9 @@ def test_a_failed_job_re_encode_keeps_the_source_and_a_rerun_resumes(data, tmp_p
     assert files_of(out) == before and read_source(out) == first
     kept = _stamps(job_work_dir(out))
     assert "00002" not in kept and kept
+    stamp_file = job_work_dir(out) / "parts" / "job.json"  # as a version that stamped no tokens' digest wrote it
+    stamp_file.write_text(json.dumps({k: v for k, v in json.loads(stamp_file.read_text()).items()
+                                      if k != "token_digest"}))
 
     again = run_encode_job(config, out, TableFactory())  # the same job: its finished parts are resumed
     _same_rows(again, *rows)
@@ -223,21 +226,6 @@ def test_a_rerun_discards_parts_of_tokens_that_changed(data, tmp_path, ray_clust
     ref = encode_retro(TokenStore.open(corpus / "train"), TableEncoder(), L, tmp_path / "plain", progress=False)
     _same_rows(job, np.load(ref.keys_path), np.load(ref.payload[1]))
     assert "parts of a different job (changed: token_digest)" in caplog.text
-
-
-def test_parts_of_a_job_stamped_before_token_digests_are_kept(data, tmp_path, ray_cluster, by_value, caplog):
-    """A job interrupted under a version that stamped no digest of its tokens still resumes its parts."""
-    config = EncodeJobConfig(kind="retro", data=data, chunk_len=L, rows_per_part=64, batch_size=16, progress=False)
-    poison = tuple(int(t) for t in TokenStore.open(data / "train").tokens[2 * 64 * L:2 * 64 * L + L])
-    with pytest.raises(EncodeError, match="poisoned chunk"):
-        run_encode_job(config, tmp_path / "job", TableFactory(poison))
-    work = job_work_dir(tmp_path / "job")
-    stamp = json.loads((work / "parts" / "job.json").read_text())
-    (work / "parts" / "job.json").write_text(json.dumps({k: v for k, v in stamp.items() if k != "token_digest"}))
-    before = _stamps(work)
-    with caplog.at_level(logging.WARNING, logger="lm_worker.jobs.encode_job"):
-        run_encode_job(config, tmp_path / "job", TableFactory())
-    assert before and "discarding" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ a failed part
