@@ -163,7 +163,7 @@ def actors_named(prefix: str, timeout_s: float = 10.0) -> list[str]:
                  if a["namespace"] == DEFAULT_NAMESPACE and a["name"].startswith(prefix)]
         if not names or time.monotonic() > deadline:
             return names
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling, with a deadline
 
 
 @pytest.mark.ray

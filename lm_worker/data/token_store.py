@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,13 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(body, dict):
         raise ValueError(f"{path} holds a JSON {type(body).__name__}, not an object")
     return body
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes `path` through a temporary name beside it, so that it is whole or absent."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_documents_json(path: Path) -> dict:

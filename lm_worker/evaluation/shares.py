@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lm_worker.data.token_store import write_text_atomically
 from lm_worker.models.fingerprint import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
             raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
                              "remove it or choose another checkpoint folder")
     else:
-        _write_atomically(marker, json.dumps(description, indent=2))
+        write_text_atomically(marker, json.dumps(description, indent=2))
     done = {}
     for path in sorted(directory.glob("share-*.json")):
         try:
@@ -106,13 +106,6 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
         except (OSError, ValueError, KeyError, TypeError) as err:  # cut short by a crash: computed again
             log.warning("%s cannot be read (%s): its share is computed again", path, err)
     return done
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes `path` through a temporary name, so that it is whole or absent."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
@@ -145,4 +138,4 @@ def save_share(directory: Path | None, body: dict) -> None:
     """Writes a finished share's record into `directory` (atomically; None: nowhere)."""
     if directory is None:
         return
-    _write_atomically(directory / f"share-{body['share']:05d}.json", json.dumps(body))
+    write_text_atomically(directory / f"share-{body['share']:05d}.json", json.dumps(body))

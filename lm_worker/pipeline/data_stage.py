@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from lm_worker.data.prepare import PrepareConfig, prepare_corpus, prepare_retro_split
-from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, read_json_object, write_token_store
+from lm_worker.data.token_store import (
+    RETRO_SPLIT,
+    TokenStore,
+    read_json_object,
+    write_text_atomically,
+    write_token_store,
+)
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import done
 
@@ -31,8 +36,7 @@ def prepare_data(config: PipelineConfig) -> None:
     """RUN/data from the corpus, with RUN/data/prepared.json: the corpus and vocab_size it was made from."""
     report = prepare_corpus(replace(prepare_config(config), max_retro_tokens=0))
     record, path = {"corpus": config.corpus, "vocab_size": config.vocab_size}, config.run / "data" / PREPARED
-    path.with_name(PREPARED + ".tmp").write_text(json.dumps(record, indent=2))
-    os.replace(path.with_name(PREPARED + ".tmp"), path)  # whole or not there
+    write_text_atomically(path, json.dumps(record, indent=2))  # whole or not there
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from lm_worker.data.token_store import write_text_atomically
 from lm_worker.pipeline.config import PROMPTS, PipelineConfig
 from lm_worker.pipeline.stages import done
 
@@ -43,9 +43,8 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config
                                  ).best_perplexity
         log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
     chosen = min(best, key=best.get)
-    partial = path.with_name(path.name + ".tmp")  # renamed into place whole: a stopped write leaves no half file
-    partial.write_text(json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked}, indent=2))
-    os.replace(partial, path)
+    write_text_atomically(path, json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked},
+                                           indent=2))  # whole: a stopped write leaves no half file
     return chosen, best, False
 
 

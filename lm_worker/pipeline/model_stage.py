@@ -5,6 +5,7 @@ trained with other settings than the run's (`MODEL_SETTINGS`), or for more steps
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import fields, replace
 from pathlib import Path
@@ -53,12 +54,20 @@ def training_start(train_config: TrainConfig) -> tuple[bool, str]:
 
 
 def saved_settings(config: PipelineConfig, name: str) -> tuple[int, dict] | None:
-    """RUN/name's checkpoint: its step and the training settings it recorded (train_config); None if there is none."""
-    from lm_worker.models.checkpoint import load_checkpoint
-
+    """RUN/name's checkpoint: its step and the training settings it recorded (train_config); None if there is none.
+    Read once per version of the file, however many checks ask (the dict is shared: not to be changed)."""
     path = config.run / name / "checkpoint.pt"
     if not path.exists():
         return None
+    stamp = path.stat()
+    return _settings_of(path, stamp.st_mtime_ns, stamp.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_of(path: Path, mtime_ns: int, size: int) -> tuple[int, dict]:
+    """`saved_settings` of the checkpoint file at `path` as it was at (mtime_ns, size)."""
+    from lm_worker.models.checkpoint import load_checkpoint
+
     loaded = load_checkpoint(path)
     return loaded.step, loaded.extra.get("train_config", {})
 

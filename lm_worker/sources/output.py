@@ -32,11 +32,7 @@ from retriever_server.datastore.row_parts import PARTS_SUFFIX
 log = logging.getLogger(__name__)
 
 PARTS = "parts"  # the encode job's parts folder
-
-
 JOB_JSON = "job.json"  # in PARTS: what the parts were planned from
-
-
 SOURCE_ENTRIES = frozenset({SOURCE_JSON, KEYS, KEYS_PARTS, PARTS, *(file for _, file in PAYLOAD_FILES.values()),
                             *(name + PARTS_SUFFIX for name, _ in PAYLOAD_FILES.values())})  # a source's own files
 

@@ -121,8 +121,9 @@ def check_key_rows(block: np.ndarray, rows: np.ndarray, keep_keys: bool) -> None
     if np.abs(block).max(initial=0.0) <= limit:  # a NaN makes the max NaN, which fails this
         return
     bad = np.isnan(block).any(axis=1) | ~(np.abs(block) <= limit).all(axis=1)
-    row = int(rows[np.flatnonzero(bad)[0]])
-    if not np.isfinite(block[np.flatnonzero(bad)[0]]).all():
+    first = np.flatnonzero(bad)[0]
+    row = int(rows[first])
+    if not np.isfinite(block[first]).all():
         raise BuildError(f"keys row {row} holds NaN or Inf; every key must be finite")
     if keep_keys:
         raise BuildError(f"keys row {row} holds a value over {FLOAT16_MAX:.0f} in absolute value, which "

@@ -182,26 +182,21 @@ class Shard:
         every tied candidate was taken. Every row comes back in order, ties by id (as `drop_excluded`
         needs them): sorted by `_by_id` where FAISS does not order them so."""
         most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
-        every = np.arange(n)
-        metric = self.manifest.metric
-
-        def ordered(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return (distances, ids) if self._ties_ordered else _by_id(distances, ids, metric)
-
+        rows = np.arange(n)
         if m >= most:  # every candidate there is
-            return ordered(*search(every, m))
+            return self._in_order(*search(rows, m))
         wide = min(most, m + TIE_SLACK)
-        d, i = ordered(*search(every, wide))
+        d, i = self._in_order(*search(rows, wide))
         distances, ids = np.ascontiguousarray(d[:, :m]), np.ascontiguousarray(i[:, :m])
-        tied = np.flatnonzero((i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])) if wide < most else every[:0]
-        while len(tied):  # the tie goes on past the last candidate fetched
-            wide = min(most, 2 * wide)
-            d, i = ordered(*search(tied, wide))
-            distances[tied], ids[tied] = d[:, :m], i[:, :m]
-            if wide >= most:
-                break
-            tied = tied[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]
+        while wide < most and len(rows := rows[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]):
+            wide = min(most, 2 * wide)  # the tie goes on past the last candidate fetched: wider
+            d, i = self._in_order(*search(rows, wide))
+            distances[rows], ids[rows] = d[:, :m], i[:, :m]
         return distances, ids
+
+    def _in_order(self, distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates best first, ties by id: as FAISS gives them where it orders ties so, else sorted."""
+        return (distances, ids) if self._ties_ordered else _by_id(distances, ids, self.manifest.metric)
 
     def _selectors(self, exclusions: Exclusions, rows: np.ndarray) -> list:
         """One selector per query of `rows`: a range selector for a query excluding one range, else
