@@ -73,6 +73,12 @@ def ray_session():
 RAY_ADDRESS_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` records its head
 
 
+# A removed node is declared dead within about 2 s instead of Ray's 15 to 30 s (its health checks), so a
+# test that follows its removal does not see it scheduled onto
+LOST_NODE_NOTICED = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                     "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
 @contextlib.contextmanager
 def simulated_cluster(workers: int = 2, cpus: float = 1, head_cpus: float | None = None) -> Iterator:
     """A head (`head_cpus`, default `cpus`) and `workers` worker nodes of `cpus` CPUs each
@@ -84,7 +90,8 @@ def simulated_cluster(workers: int = 2, cpus: float = 1, head_cpus: float | None
     if ray.is_initialized():
         ray.shutdown()
     head = cpus if head_cpus is None else head_cpus
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head, "include_dashboard": False,
+                                                            "_system_config": LOST_NODE_NOTICED})
     try:
         for _ in range(workers):
             cluster.add_node(num_cpus=cpus)

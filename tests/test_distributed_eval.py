@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from conftest import serve, simulated_cluster
 
@@ -101,8 +102,14 @@ def test_shares_cover_every_batch_once(data):
 
 def test_two_workers_equal_one_worker_and_the_in_process_evaluation(knn, data):
     nodes: list[set[str]] = [set(), set()]
+
+    def on_two(body: dict) -> None:
+        nodes[1].add(body["node"])
+        if len(nodes[1]) < 2:  # the driver waits here: the second worker starts before the first does every share
+            time.sleep(1.0)
+
     one = evaluate_distributed(job(knn, data), pool(workers=1), on_share=lambda b: nodes[0].add(b["node"]))
-    two = evaluate_distributed(job(knn, data), pool(workers=2), on_share=lambda b: nodes[1].add(b["node"]))
+    two = evaluate_distributed(job(knn, data), pool(workers=2), on_share=on_two)
     assert one.tokens == two.tokens == len(TokenStore.open(data / "heldout")) - 1
     assert one.base_perplexity == two.base_perplexity
     assert one.perplexity == two.perplexity and one.nll == two.nll  # to the last digit
@@ -276,6 +283,9 @@ def test_a_node_removed_mid_evaluation_changes_nothing(cluster, knn, data, tmp_p
     assert counted_replaced[-1] >= 1, caplog.text  # the lost worker was noticed and replaced
     assert sorted(counted) == list(range(total))  # every share counted once
     assert result.perplexity == reference.perplexity and result.tokens == reference.tokens
+    gone = time.monotonic() + 30  # the cluster knows the node lost before the module's next tests use it
+    while any(n["NodeID"] == removed[0] and n["Alive"] for n in ray.nodes()) and time.monotonic() < gone:
+        time.sleep(0.2)
 
 
 def test_a_job_without_pointers_is_described_as_before_the_pointer_fields_existed():

@@ -278,6 +278,9 @@ def test_a_caller_that_stops_waiting_cancels_its_calls():
             cancelled.set()
             raise
 
+    # Ctrl-C as a terminal's foreground process gets it, even where this run started with SIGINT ignored
+    # (a shell's background job)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
     interrupt.start()
     try:
@@ -286,6 +289,7 @@ def test_a_caller_that_stops_waiting_cancels_its_calls():
         assert cancelled.wait(5)
     finally:
         interrupt.cancel()
+        signal.signal(signal.SIGINT, handler)
         loop.close()
 
 

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from conftest import build, synthetic
 
-from retriever_server.cluster.launcher import LaunchError, LocalDeployment
+from retriever_server.cluster.launcher import NO_DRAIN, LaunchError, LocalDeployment
 from retriever_server.serving.client import RetrieverClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+NO_DRAINS = {"extra_args": NO_DRAIN, "router_args": NO_DRAIN}  # servers stopped as soon as a test is done with them
 N, D = 2000, 16
 
 
@@ -42,7 +43,7 @@ def search_ids(address: str, keys: np.ndarray) -> np.ndarray:
 
 
 def test_without_restarts_wait_survives_one_replica_and_stops_when_a_shard_has_none(datastore, keys, caplog):
-    deployment = LocalDeployment(datastore, replicas=2, restart=False).start()
+    deployment = LocalDeployment(datastore, replicas=2, restart=False, **NO_DRAINS).start()
     waited: list[str] = []
     waiter = threading.Thread(target=lambda: waited.append(deployment.wait(poll_s=0.1)), daemon=True)
     try:
@@ -67,7 +68,7 @@ def test_without_restarts_wait_survives_one_replica_and_stops_when_a_shard_has_n
 
 
 def test_without_restarts_wait_stops_everything_when_the_router_exits(datastore):
-    deployment = LocalDeployment(datastore, restart=False).start()
+    deployment = LocalDeployment(datastore, restart=False, **NO_DRAINS).start()
     try:
         deployment.router.popen.kill()
         assert deployment.wait(poll_s=0.1).startswith("router exited: ")
@@ -85,7 +86,7 @@ def json_records(log_file: Path) -> list[dict]:
 
 
 def test_children_get_log_options_report_metrics_ports_and_logs_are_removed(datastore):
-    deployment = LocalDeployment(datastore, log_level="info", log_format="json").start()
+    deployment = LocalDeployment(datastore, log_level="info", log_format="json", **NO_DRAINS).start()
     try:
         log_dir = deployment.log_dir
         for process in deployment.processes():
@@ -98,8 +99,18 @@ def test_children_get_log_options_report_metrics_ports_and_logs_are_removed(data
 
 def test_metrics_off_in_children(datastore):
     off = ("--metrics-port", "-1")
-    with LocalDeployment(datastore, extra_args=off, router_args=off) as deployment:
+    with LocalDeployment(datastore, extra_args=off + NO_DRAIN, router_args=off + NO_DRAIN) as deployment:
         assert all(p.metrics_port is None for p in deployment.processes())
+
+
+def test_a_deployment_for_one_command_stops_its_servers_without_a_drain_delay(datastore):
+    """No load balancer routes to the servers a command starts for itself: each gets --drain-delay 0 (the
+    default, 1 s, gives balancers time to notice a server going away, twice over: router, then shards)."""
+    with LocalDeployment.for_one_command(datastore) as deployment:
+        for process in deployment.processes():
+            args = list(process.popen.args)
+            assert args.count("--drain-delay") == 1 and args[args.index("--drain-delay") + 1] == "0", args
+    assert all(p.exited() for p in deployment.processes())
 
 
 def threads_flag(process) -> str:
@@ -115,11 +126,12 @@ def affinities(pid: int) -> set[frozenset[int]]:
 
 
 def test_shards_share_the_cores_unless_threads_are_given(datastore):
-    with LocalDeployment(datastore, extra_args=("--threads", "0")) as deployment:  # 0: the default, a share
+    # --threads 0: the default, a share
+    with LocalDeployment(datastore, extra_args=("--threads", "0", *NO_DRAIN), router_args=NO_DRAIN) as deployment:
         shards = [p for replicas in deployment.shards for p in replicas]
         assert len(shards) == 2
         assert {threads_flag(p) for p in shards} == {str(max(1, len(os.sched_getaffinity(0)) // 2))}
-    with LocalDeployment(datastore, extra_args=("--threads", "3")) as deployment:
+    with LocalDeployment(datastore, extra_args=("--threads", "3", *NO_DRAIN), router_args=NO_DRAIN) as deployment:
         assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"3"}
 
 
@@ -140,7 +152,7 @@ def test_placement_gives_each_shard_process_its_own_share_of_the_cores(datastore
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to give 2 shards one each")
 def test_shard_processes_run_on_cores_of_their_own_and_the_router_on_any(datastore, keys):
     pool = frozenset(os.sched_getaffinity(0))
-    with LocalDeployment(datastore) as deployment:
+    with LocalDeployment(datastore, **NO_DRAINS) as deployment:
         shards = [p for replicas in deployment.shards for p in replicas]
         cores = [affinities(p.popen.pid) for p in shards]
         assert all(len(c) == 1 for c in cores), cores  # every thread of a shard on the same cores
@@ -148,13 +160,13 @@ def test_shard_processes_run_on_cores_of_their_own_and_the_router_on_any(datasto
         assert first and second and not first & second and first | second <= pool
         assert affinities(deployment.router.popen.pid) == {pool}
         expected = search_ids(deployment.router_address, keys)
-    with LocalDeployment(datastore, pin_shards=False) as deployment:
+    with LocalDeployment(datastore, pin_shards=False, **NO_DRAINS) as deployment:
         assert {frozenset(a) for p in deployment.processes() for a in affinities(p.popen.pid)} == {pool}
         np.testing.assert_array_equal(search_ids(deployment.router_address, keys), expected)
 
 
 def test_cpus_confine_every_process_and_set_the_threads(datastore, keys):
-    with LocalDeployment(datastore, cpus=(0,)) as deployment:
+    with LocalDeployment(datastore, cpus=(0,), **NO_DRAINS) as deployment:
         assert {threads_flag(p) for replicas in deployment.shards for p in replicas} == {"1"}
         for process in deployment.processes():  # every thread of every server
             assert affinities(process.popen.pid) == {frozenset({0})}

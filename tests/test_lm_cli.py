@@ -90,7 +90,7 @@ def test_eval_knnlm_over_grpc(lm_run, capsys):
 
 @pytest.fixture(scope="module")
 def knn_servers(lm_run):
-    with LocalDeployment(lm_run / "knnlm-datastore") as deployment:
+    with LocalDeployment.for_one_command(lm_run / "knnlm-datastore") as deployment:
         yield deployment
 
 
@@ -151,7 +151,7 @@ def test_retro_half(lm_run, capsys):
     cli(capsys, "encode", "retro", "--data", str(run / "data"), "--out", str(run / "retro-source"),
         "--chunk-len", "8", "--workers", "0")  # the Ray Data job with MiniLM: test_encode_job
     cli(capsys, "build", str(run / "retro-source"), "--out", str(run / "retro-datastore"), "--factory", "IVF4,Flat")
-    with LocalDeployment(run / "retro-datastore") as deployment:
+    with LocalDeployment.for_one_command(run / "retro-datastore") as deployment:
         target = deployment.router_address
         out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
                   "--target", target, "--k", "2", "--nprobe", "4")

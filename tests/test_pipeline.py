@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.real]
 def tiny(run: Path) -> PipelineConfig:
     return PipelineConfig(
         run=run, vocab_size=512, max_train_tokens=40_000, max_heldout_tokens=6_000, max_retro_tokens=20_000,
-        tune_tokens=1024,
+        tune_tokens=1024, eval_tokens=6_000,
         lm=TrainConfig(kind="lm", preset="tiny", steps=30, batch_size=4, seq_len=64, warmup=5, eval_every=30,
                        checkpoint_every=30),
         retro=TrainConfig(kind="retro", preset="tiny", steps=20, batch_size=4, seq_len=64, chunk_len=16, warmup=5,
@@ -64,8 +64,8 @@ def test_the_report_folder_holds_every_output(first_run):
     for model, key in (("knnlm", "best_perplexity"), ("retro", "perplexity"), ("retro", "perplexity_without")):
         assert body[model]["tokens"] > 0 and 1 < body[model][key] < config.vocab_size * 4, (model, key)
     assert "kNN-LM" in report.summary and "RETRO" in report.summary and "total" in report.summary
-    evaluated = body["meta"]["evaluated_on"]  # every test token is predicted but the first
-    assert evaluated["predicted_tokens"] == body["knnlm"]["tokens"] == evaluated["tokens"] - 1
+    evaluated = body["meta"]["evaluated_on"]  # the first eval_tokens of the test split's (one long module's)
+    assert evaluated["predicted_tokens"] == body["knnlm"]["tokens"] == config.eval_tokens < evaluated["tokens"] - 1
     assert f"over the {body['knnlm']['tokens']} tokens predicted in the {evaluated['tokens']}-token" in report.summary
     assert (config.run / "knnlm-source" / "keys.parts.json").exists()  # written in parts by the Ray Data job
     encoder = read_manifest(config.run / "retro-datastore").metadata["encoder"]
@@ -112,10 +112,10 @@ def test_distributed_figures_equal_an_in_process_evaluation(first_run):
     test = TokenStore.open(config.run / "data" / "test")
     lm = load_checkpoint(config.run / "lm").model
     eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, retrieval=config.knn,
-                             temperature=chosen)
+                             temperature=chosen, max_tokens=config.eval_tokens)
     with InProcessRetriever(config.run / "knnlm-datastore", config.knn) as retriever:
         reference = evaluate_knnlm(lm, test, retriever, eval_config, progress=False)
-    assert body["knnlm"]["tokens"] == reference.tokens == len(test) - 1
+    assert body["knnlm"]["tokens"] == reference.tokens == config.eval_tokens
     assert body["knnlm"]["base_perplexity"] == pytest.approx(reference.base_perplexity, rel=1e-6)
     assert body["knnlm"]["best_perplexity"] == pytest.approx(reference.best_perplexity, rel=1e-5)
 

@@ -262,6 +262,7 @@ def test_a_ctrl_c_while_ray_shuts_down_at_exit_is_ignored():
     ends as it would have, with no traceback (a KeyboardInterrupt inside Ray's shutdown used to print one,
     or abort, or crash)."""
     script = ("import os, signal, threading, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, not a background job
               "from retriever_server.cluster.connect import connect\n"
               "connect(num_cpus=1)\n"
               "def interrupt():\n"

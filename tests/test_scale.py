@@ -1,4 +1,4 @@
-"""The scale benchmark at its smallest size, through the same code path as its full run: 10^5 rows
+"""The scale benchmark below its smallest size, through the same code path as its full run: 50,000 rows
 drawn around real MiniLM keys, built in two shards by the Ray build, served by `LocalDeployment`,
 queried through the router."""
 
@@ -18,8 +18,8 @@ from scale import ScaleConfig, build_cores, earlier_results, phase_table, run, s
 from retriever_server.datastore.build_inputs import BuildConfig, bytes_per_row, check_inputs  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.real, pytest.mark.slow]  # ~40 s; real MiniLM keys (shared cache)
-ROWS = 100_000
+pytestmark = [pytest.mark.ray, pytest.mark.real, pytest.mark.slow]  # ~30 s; real MiniLM keys (shared cache)
+ROWS = 50_000
 
 
 @pytest.fixture(scope="module")

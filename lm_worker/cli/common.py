@@ -150,7 +150,7 @@ def open_target(flags: RetrievalFlags) -> Iterator[str | None]:
     elif flags.datastore:
         from retriever_server.cluster.launcher import LocalDeployment
 
-        with LocalDeployment(flags.datastore) as deployment:
+        with LocalDeployment.for_one_command(flags.datastore) as deployment:
             yield deployment.shards_target
     else:
         yield None

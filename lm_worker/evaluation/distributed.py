@@ -181,9 +181,13 @@ class _Pool:
             self.running[actor.run.remote(share)] = (actor, share)
 
     def wait(self, queue: deque[Share], timeout_s: float = 1.0) -> list[dict]:
-        """Results that arrived within `timeout_s`; a dead worker's share goes back to the front of `queue`."""
+        """Results that arrived by the time the first did (at most `timeout_s`); a dead worker's share goes back
+        to the front of `queue`. It returns at the first result, not at the timeout, while a replacement
+        worker waits for room."""
         refs = [*self.starting, *self.running]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s) if refs else ([], [])
+        if ready:  # and whatever else is done by now
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         results = []
         for ref in ready:
             if ref in self.starting:

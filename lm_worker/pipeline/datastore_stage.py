@@ -81,7 +81,7 @@ def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Itera
     else:
         from retriever_server.cluster.launcher import LocalDeployment
 
-        with LocalDeployment(datastore) as deployment:
+        with LocalDeployment.for_one_command(datastore) as deployment:
             yield deployment.shards_target, ClientSecurity()  # the client fans out: no router hop
 
 

@@ -115,7 +115,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoReport:
     vectors, source = _source_arrays(config)
     datastore = _datastore(config, source)
     tokenizer = MiniLMEncoder.tokenizer_only()
-    with LocalDeployment(datastore) as deployment, RetrieverClient(deployment.router_address) as client:
+    with LocalDeployment.for_one_command(datastore) as deployment, RetrieverClient(deployment.router_address) as client:
         info = client.info()
         recall = _recall(client, vectors, config, info.nlist)
         rows = np.linspace(0, config.n_queries - 1, config.shown).astype(int)

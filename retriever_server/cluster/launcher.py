@@ -31,6 +31,7 @@ from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
 
 log = logging.getLogger(__name__)
+NO_DRAIN = ("--drain-delay", "0")  # servers that no load balancer routes to: nobody to tell before they stop
 
 
 class LaunchError(RuntimeError):
@@ -287,6 +288,13 @@ class LocalDeployment:
             return "stopped"
         finally:
             self.stop()
+
+    @classmethod
+    def for_one_command(cls, datastore: Path) -> LocalDeployment:
+        """A deployment that only the command starting it calls (`--datastore` of the LM worker's commands):
+        its servers stop without the drain delay, which gives load balancers time to notice, as none
+        sends it traffic. It stops about 2 s sooner."""
+        return cls(datastore, extra_args=NO_DRAIN, router_args=NO_DRAIN)
 
     def __enter__(self) -> LocalDeployment:
         return self.start()
