@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import synthetic
 
+from retriever_server.datastore.index import new_trained_index
 from retriever_server.datastore.spill import ListSpill, sizes_block, spillable
 
 D = 32
@@ -21,10 +22,19 @@ def rows():
 
 @functools.cache
 def _trained(factory: str) -> bytes:
-    """The factory's index, trained once on the module's rows, serialised."""
-    index = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
-    index.train(synthetic(4000, D, seed=11))
+    """The factory's index, trained once on the module's rows as a build trains it, serialised."""
+    index = new_trained_index(factory, "inner_product", synthetic(4000, D, seed=11), seed=0)
     return faiss.serialize_index(index).tobytes()
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ4", "OPQ4,IVF16,PQ4", "IDMap,PQ4", "PQ4"])
+def test_pq_codecs_train_without_the_polysemous_reordering(factory):
+    """FAISS's factory turns polysemous training on for PQ ("np" turns it off): a build trains a codec as
+    the "np" factory does, the same bytes."""
+    sample = synthetic(1000, D, seed=3)
+    as_np = factory.replace("PQ4", "PQ4np").replace("OPQ4np", "OPQ4")
+    trained, reference = (faiss.serialize_index(new_trained_index(f, "l2", sample, seed=0)) for f in (factory, as_np))
+    np.testing.assert_array_equal(trained, reference)
 
 
 def _load(body: bytes) -> faiss.Index:

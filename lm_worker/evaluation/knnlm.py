@@ -123,10 +123,15 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
     differ from it in the last bit (torch's logaddexp rounds differently over a few entries than over a
     whole row). Every decoder mixes with this function, so decoders agree with each other bit for bit.
     A decoding step so costs one pass over (N, V) instead of six (the log over the vocabulary and the
-    logaddexp were most of a step's mixing).
+    logaddexp were most of a step's mixing). With λ = 1 a row the service found no neighbour for takes
+    the LM's log-probs, as no token could be chosen from p_kNN = 0.
     """
-    if lam == 0.0 or lam == 1.0:
-        return interpolate(lm_log_probs, knn_log_probs(distances, values, lm_log_probs.shape[-1], temperature), lam)
+    if lam == 0.0:
+        return lm_log_probs
+    if lam == 1.0:  # p_kNN alone; a row with no neighbour has none (every entry -inf): it decodes from the LM
+        knn = knn_log_probs(distances, values, lm_log_probs.shape[-1], temperature)  # (N, V)
+        found = ((values >= 0) & torch.isfinite(distances)).any(dim=-1, keepdim=True)  # (N, 1)
+        return torch.where(found, knn, lm_log_probs)
     if not 0.0 < lam < 1.0:
         raise ValueError(f"lambda must lie in [0, 1], got {lam}")
     w = _neighbour_log_weights(distances, values, temperature).exp()  # (N, k), 0 for missing

@@ -95,6 +95,19 @@ def train_size_for(factory: str, d: int, metric: str) -> int:
     return max(39 * nlist, 39 * 256, 1000)
 
 
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """Turns off the polysemous training FAISS's factory turns on for a PQ codec ("PQ8", "IVF256,PQ32"; "np"
+    turns it off): it reorders each sub-quantizer's centroids (simulated annealing) so that Hamming distances
+    between codes follow their distances, which only a Hamming-filtered search (`polysemous_ht`) uses, and
+    this service never runs one. The centroids and every distance are the same either way; the training
+    took 28 of 30 s for IVF256,PQ32 on 20,000 rows of dimension 384."""
+    outer = faiss.downcast_index(index)
+    for part in (outer, faiss.try_extract_index_ivf(index), getattr(outer, "index", None)):
+        part = faiss.downcast_index(part) if part is not None else None
+        if part is not None and hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+
+
 def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, gpu: bool = False) -> faiss.Index:
     """Builds the index from `factory` and trains it on `sample` (float32 (n, d)) with a fixed seed;
     with `gpu`, the k-means of its inverted lists assigns rows on the GPUs (the result is saved on CPU)."""
@@ -111,10 +124,7 @@ def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, 
         pq = getattr(ivf, "pq", None)
         if pq is not None:
             pq.cp.seed = seed + 1
-        if hasattr(ivf, "do_polysemous_training"):
-            # Polysemous codes only help Hamming-filtered search, which we never run; their
-            # training (simulated annealing) would dominate the build.
-            ivf.do_polysemous_training = False
+    _skip_polysemous_training(index)
     log.info("training %s (%s) on %d vectors of dimension %d", factory, metric, len(sample), d)
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if coarse.is_large(index):
