@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -589,15 +590,21 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_in_one_line(tmp_path):
     np.save(tmp_path / "keys.npy", synthetic(200_000, 64, seed=4))  # k-means of 4096 lists: seconds of work
     command = [sys.executable, "-m", "retriever_server.cli", "build", str(tmp_path / "keys.npy"), "--out",
                str(tmp_path / "ds"), "--shards", "2", "--factory", "IVF4096,PQ16", "--num-cpus", "1", "--no-progress"]
-    build = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    build = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "RAY_ADDRESS": ""})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(build.stderr), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while not (tmp_path / ".ds.partial" / "build.json").exists():  # on Ray, the handler in place: training
-        assert build.poll() is None and time.monotonic() < deadline, build.communicate()
-        time.sleep(0.2)  # polling, with a deadline
+    while not any("training IVF4096,PQ16" in line for line in lines):  # on Ray, the handler in place: k-means
+        assert build.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)  # polling, with a deadline
     build.send_signal(signal.SIGTERM)
-    out, err = build.communicate(timeout=120)
-    assert build.returncode == 130, err
+    sent = time.strftime("%H:%M:%S")
+    build.wait(timeout=120)
+    reader.join(30)
+    err = "".join(lines)
+    assert build.returncode == 130, f"SIGTERM sent at {sent}\n{err}"
     assert err.strip().splitlines()[-1] == "retriever-server build: interrupted" and "SIGTERM received" not in err
     assert not (tmp_path / "ds").exists() and (tmp_path / ".ds.partial").is_dir()
 
