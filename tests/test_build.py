@@ -596,12 +596,15 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_in_one_line(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(build.stderr), daemon=True)
     reader.start()
     deadline = time.monotonic() + 120
-    while not any("training IVF4096,PQ16" in line for line in lines):  # on Ray, the handler in place: k-means
-        assert build.poll() is None and time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.05)  # polling, with a deadline
-    build.send_signal(signal.SIGTERM)
-    sent = time.strftime("%H:%M:%S")
-    build.wait(timeout=120)
+    try:
+        while not any("training IVF4096,PQ16" in line for line in lines):  # on Ray, the handler in place: k-means
+            assert build.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)  # polling, with a deadline
+        build.send_signal(signal.SIGTERM)
+        sent = time.strftime("%H:%M:%S")
+        build.wait(timeout=120)
+    finally:
+        build.kill()  # nothing once it has exited; a build still running when the test fails is not left behind
     reader.join(30)
     err = "".join(lines)
     assert build.returncode == 130, f"SIGTERM sent at {sent}\n{err}"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import build, synthetic
 
-from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.cluster.launcher import NO_DRAIN, LocalDeployment
 from retriever_server.cluster.supervisor import Child, RestartPolicy
 from retriever_server.serving.client import RetrieverClient, RetrieverError
 from retriever_server.serving.event_loop import LoopThread
@@ -55,7 +55,8 @@ def datastore(ray_cluster, keys, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def deployment(datastore):
-    with LocalDeployment(datastore, replicas=2, restart_policy=RestartPolicy(first_delay_s=0.2)) as d:
+    with LocalDeployment(datastore, replicas=2, restart_policy=RestartPolicy(first_delay_s=0.2), extra_args=NO_DRAIN,
+                         router_args=NO_DRAIN) as d:
         yield d
     assert d.log_dir.is_dir()  # kept: these tests restart processes on purpose...
     shutil.rmtree(d.log_dir)  # ...and leave nothing behind

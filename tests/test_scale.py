@@ -31,7 +31,7 @@ def real():
 
 
 def test_small_scale_run_measures_every_figure_and_recall_holds(ray_cluster, real, tmp_path):
-    config = ScaleConfig(sizes=(ROWS,), out=tmp_path, seconds_per_cell=0.3, reference_rows=ROWS)
+    config = ScaleConfig(sizes=(ROWS,), out=tmp_path, seconds_per_cell=0.1, reference_rows=ROWS)
     (result,) = run(config, vectors=real)
     folder = size_folder(tmp_path, ROWS, len(real[0]))
     manifest = read_manifest(folder / "ds")

@@ -15,7 +15,7 @@ from conftest import build, serve, synthetic
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retriever_server.client import RetrieverClient, RetrieverError
-from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.cluster.launcher import NO_DRAIN, LocalDeployment
 from retriever_server.security.certs import make_ca, make_leaf, write_private
 from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError, ServerSecurity
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
@@ -516,7 +516,7 @@ def test_serve_secures_its_own_hops(datastore, keys, pki, tmp_path):
     """`serve --tls-cert --tls-key --auth-token-file` alone: the router presents the user's certificate,
     the shards only answer the router's certificate from the deployment's own CA, with its own token."""
     security = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=pki["tokens"])
-    with LocalDeployment(datastore, security=security) as deployment:
+    with LocalDeployment(datastore, security=security, extra_args=NO_DRAIN, router_args=NO_DRAIN) as deployment:
         user = ClientSecurity(tls_ca=pki["ca.pem"], token="second-token")
         with RetrieverClient(deployment.router_address, security=user, timeout=10) as client:
             result = client.search(keys[:5], k=3)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
-from retriever_server.cluster.launcher import LocalDeployment
+from retriever_server.cluster.launcher import NO_DRAIN, LocalDeployment
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving import router as router_module
 from retriever_server.serving import shard as shard_module
@@ -477,7 +477,8 @@ def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, 
 
 @pytest.mark.slow
 def test_replica_killed_mid_test_leaves_answers_unchanged(keys, datastore):
-    with LocalDeployment(datastore, replicas=2) as deployment, RetrieverClient(deployment.router_address) as client:
+    with LocalDeployment(datastore, replicas=2, extra_args=NO_DRAIN, router_args=NO_DRAIN) as deployment, \
+            RetrieverClient(deployment.router_address) as client:
         before = [client.search(keys[i:i + 50], k=10, nprobe=8, payloads=["values"]) for i in range(0, 500, 50)]
         deployment.kill(shard=0, replica=0)
         deployment.kill(shard=1, replica=1)
@@ -491,7 +492,7 @@ def test_replica_killed_mid_test_leaves_answers_unchanged(keys, datastore):
 
 @pytest.mark.slow
 def test_shard_down_gives_partial_results_only_when_allowed(keys, datastore):
-    with LocalDeployment(datastore, replicas=1) as deployment:
+    with LocalDeployment(datastore, replicas=1, extra_args=NO_DRAIN, router_args=NO_DRAIN) as deployment:
         shards = deployment.shard_addresses
         with RetrieverClient(deployment.router_address) as client, RetrieverClient(shards[0][0]) as only_first:
             alone = only_first.search(keys[:20], k=10, nprobe=8)

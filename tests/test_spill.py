@@ -27,7 +27,7 @@ def _trained(factory: str) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-@pytest.mark.parametrize("factory", ["IVF16,PQ4", "OPQ4,IVF16,PQ4", "IDMap,PQ4", "PQ4"])
+@pytest.mark.parametrize("factory", ["IVF16,PQ4", "OPQ4,IVF16,PQ4", "IDMap,PQ4", "PCA16,IDMap,PQ4", "PQ4"])
 def test_pq_codecs_train_without_the_polysemous_reordering(factory):
     """FAISS's factory turns polysemous training on for PQ ("np" turns it off): a build trains a codec as
     the "np" factory does, the same bytes."""

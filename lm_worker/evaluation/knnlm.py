@@ -5,7 +5,8 @@
 
 d the squared L2 distance of the context's key to neighbour i's key, over the k neighbours found.
 Neighbours that are missing (value -1, distance inf) weigh nothing; a context with no neighbour at
-all has p_kNN = 0 everywhere, so its interpolated probability is (1 - λ) · p_LM.
+all has p_kNN = 0 everywhere, so its interpolated probability is (1 - λ) · p_LM (in decoding at λ = 1,
+where that is 0 for every token, such a row takes p_LM: `mix_log_probs`).
 
 Example:
     >>> knn = knn_target_log_prob(distances, values, targets, temperature=1.0)  # (N,)

@@ -101,11 +101,14 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
     between codes follow their distances, which only a Hamming-filtered search (`polysemous_ht`) uses, and
     this service never runs one. The centroids and every distance are the same either way; the training
     took 28 of 30 s for IVF256,PQ32 on 20,000 rows of dimension 384."""
-    outer = faiss.downcast_index(index)
-    for part in (outer, faiss.try_extract_index_ivf(index), getattr(outer, "index", None)):
-        part = faiss.downcast_index(part) if part is not None else None
-        if part is not None and hasattr(part, "do_polysemous_training"):
-            part.do_polysemous_training = False
+    ivf = faiss.try_extract_index_ivf(index)
+    for start in (index, ivf) if ivf is not None else (index,):
+        part = faiss.downcast_index(start)
+        while part is not None:  # down through IDMap and pre-transform wrappers, to the codec
+            if hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False
+            inner = getattr(part, "index", None)
+            part = faiss.downcast_index(inner) if inner is not None else None
 
 
 def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, gpu: bool = False) -> faiss.Index:
