@@ -121,7 +121,9 @@ class RaLMSpecKnnLM:
     def mix(self, lm_log_probs: torch.Tensor, distances: np.ndarray, values: np.ndarray) -> torch.Tensor:
         """log(λ p_kNN + (1-λ) p_LM) (n, V) from the LM's log-probs (n, V) and neighbours (n, k) (copied:
         an answer's arrays are read-only)."""
-        d, v = torch.tensor(distances, dtype=torch.float32), torch.tensor(values, dtype=torch.int64)  # copies
+        device = lm_log_probs.device  # the model's (the neighbours arrive as host arrays)
+        d = torch.tensor(distances, dtype=torch.float32, device=device)  # (n, k), a copy
+        v = torch.tensor(values, dtype=torch.int64, device=device)  # (n, k)
         return mix_log_probs(lm_log_probs, d, v, self.lam, self.temperature)  # (n, V)
 
     def model_step(self, cache: RaggedKVCache, tokens: torch.Tensor,
