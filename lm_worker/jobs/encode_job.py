@@ -190,7 +190,9 @@ def _quiet_ray_data() -> Iterator[None]:
 
 def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], total: int, eos_id: int,
                   encoder_factory) -> None:
-    """Maps the parts in `todo` over the actor pool; raises EncodeError on the first part that fails."""
+    """Maps the parts in `todo` over the actor pool; raises EncodeError naming the first part that failed,
+    once every part has ended: no worker is still writing a part when it raises (a rerun that discards the
+    parts folder would race it), and every part that could finish is kept for the next run."""
     import ray
     import ray.data
     from tqdm.auto import tqdm
@@ -205,10 +207,14 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
                             num_cpus=config.num_cpus, num_gpus=config.gpus)
         desc = f"encoding {config.kind} parts ({config.workers} worker{'s' if config.workers > 1 else ''})"
         with tqdm(total=total, initial=total - len(todo), unit="part", desc=desc, disable=not config.progress) as bar:
+            failed = ""
             for row in ds.iter_rows():
                 if row["error"]:
-                    raise EncodeError(f"part {row['index']} failed: {row['error']}")
+                    failed = failed or f"part {row['index']} failed: {row['error']}"
+                    continue
                 bar.update(1)
+    if failed:
+        raise EncodeError(failed)
 
 
 def _publish(config: EncodeJobConfig, work: Path, plan: list[PartSpec], records: dict[int, dict],
