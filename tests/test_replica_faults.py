@@ -13,8 +13,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import build, serve, synthetic
+from conftest import build, damaged_copy, serve, synthetic
 
+from retriever_server.datastore.manifest import DatastoreError
 from retriever_server.serving.client import RetrieverClient, RetrieverError
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
@@ -193,3 +194,35 @@ def test_a_replica_failing_every_call_is_logged_once_in_a_while_with_a_count(cap
         "shard-00000 replica a:1 failed: UNAVAILABLE",
         "shard-00000 replica a:1 failed: UNAVAILABLE (4 more failures since the last one logged)",
         "shard-00000 replica a:2 failed: DEADLINE_EXCEEDED"]
+
+
+def test_a_replica_whose_files_fail_at_load_leaves_its_shard_to_the_other_replica(aio, datastore, keys, tmp_path):
+    """Shard 0's first replica serves a copy whose index is damaged (started as `serve` starts it, without
+    waiting for the load): it answers UNAVAILABLE naming the file, so the router and the fan-out move every
+    call to the sound replica (it used to answer FAILED_PRECONDITION, which no failover retries)."""
+    damaged = damaged_copy(datastore, tmp_path / "damaged", "shard-00000/index.faiss")
+    bad = aio.run(start_shard_server(ShardServerConfig(damaged, 0, metrics_port=None), wait_loaded=False))
+    good = [aio.run(start_shard_server(ShardServerConfig(datastore, s, metrics_port=None))) for s in range(2)]
+    router = None
+    try:
+        async def loaded() -> None:
+            await bad.ready
+
+        with pytest.raises(DatastoreError, match="checksum"):
+            aio.run(loaded())
+        shards = ((bad.address, good[0].address), (good[1].address,))
+        router = aio.run(start_router(RouterConfig(shards, metrics_port=None)))
+        with RetrieverClient(bad.address, timeout=5) as alone:
+            refused = outcome(lambda: alone.search(keys[:2], k=5))
+            with pytest.raises(RetrieverError, match="shard failed to load: .*index.faiss"):
+                alone.search(keys[:2], k=5)
+        with RetrieverClient(router.address, timeout=5) as through_router, \
+                RetrieverClient([list(s) for s in shards], timeout=5) as fan_out:
+            found = [client.search(keys[:4], k=5).ids for client in (through_router, fan_out) for _ in range(4)]
+        with RetrieverClient([(good[0].address,), (good[1].address,)], timeout=5) as sound:
+            expected = sound.search(keys[:4], k=5).ids
+    finally:
+        for server in ([router] if router else []) + [bad, *good]:
+            aio.run(server.drain(grace=0))
+    assert refused == "UNAVAILABLE"
+    assert all(np.array_equal(ids, expected) for ids in found)

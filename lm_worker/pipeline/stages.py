@@ -32,7 +32,8 @@ class Stages:
 
     @contextlib.contextmanager
     def stage(self, name: str, reused: bool) -> Iterator[Stage]:
-        log.info("%s: %s", name, "reusing what is there" if reused else "running")
+        # "found": the stage may still find its output stale and run (the stage table says what it did)
+        log.info("%s: %s", name, "output found from an earlier run" if reused else "running")
         started = time.perf_counter()
         record = Stage(name, reused)
         yield record

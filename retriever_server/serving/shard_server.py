@@ -77,8 +77,8 @@ class ShardService(BaseRetrieverService):
         return self.shard
 
     def not_ready_error(self) -> RequestError | None:
-        if self.load_error is not None:
-            return RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"shard failed to load: {self.load_error}")
+        if self.load_error is not None:  # UNAVAILABLE: another replica, with its own files, may serve
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"shard failed to load: {self.load_error}")
         if self.broken is not None:
             return RequestError(grpc.StatusCode.UNAVAILABLE, f"shard files failed verification: {self.broken}")
         if self.shard is None:
