@@ -20,7 +20,12 @@ def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tens
     """Renormalised log softmax(log p / T): T < 1 sharpens, T > 1 flattens; -inf stays -inf."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return log_probs if temperature == 1.0 else torch.log_softmax(log_probs / temperature, dim=-1)
+    if temperature == 1.0:
+        return log_probs
+    # each row's best at 0 before dividing: a tiny T sends the others to -inf, not every token (NaN); the
+    # best stay 0 where T is 0 in the tensor's dtype (0 / 0)
+    shifted = log_probs - log_probs.max(dim=-1, keepdim=True).values  # (B, V)
+    return torch.log_softmax((shifted / temperature).masked_fill(shifted == 0, 0.0), dim=-1)
 
 
 def top_k_filter(log_probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -142,6 +142,7 @@ class RaggedKVCache:
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""
+        rows, lengths = rows.to(self.lengths.device), lengths.to(self.lengths.device)  # host ids welcome
         if bool((lengths > self.lengths[rows]).any()) or bool((lengths < 0).any()):
             raise ValueError("truncate can only shorten rows")
         self.lengths[rows] = lengths

@@ -74,7 +74,8 @@ class BeamDecode:
         self.local = LocalCaches(self.B, owner.speculation.cache_rows, owner.model.config.d_model)
         self.beams: list[_Beams] = []
         self.pending: list[list[_BeamStep]] = [[] for _ in range(self.B)]
-        self.next_input = torch.zeros(self.B * self.W, dtype=torch.long)
+        self.device = prompt.device  # the model's
+        self.next_input = torch.zeros(self.B * self.W, dtype=torch.long, device=self.device)
         self.window_s = 0.0  # this process's seconds on the steps since the last verification
 
     def run(self) -> GenerateOutput:
@@ -95,7 +96,7 @@ class BeamDecode:
         return max(len(p) + (b in stepping) for b, p in enumerate(self.pending)) >= max(stride, 1)
 
     def _rows(self, b: int) -> torch.Tensor:
-        return torch.arange(b * self.W, (b + 1) * self.W)
+        return torch.arange(b * self.W, (b + 1) * self.W, device=self.device)
 
     def _open(self, stride: int) -> list[int]:
         """Prompts that take another step now: not ended, window not full, no serial step waiting."""
@@ -111,11 +112,11 @@ class BeamDecode:
         found = wait_for(early[0], self.stats)
         log_probs = self.owner.mix(lm_log_probs, found.distances, found.values).float()  # (B, V)
         self.local.add_neighbours(np.arange(self.B), found, slice(None))
-        source = torch.zeros(self.B * self.W, dtype=torch.long)
+        source = torch.zeros(self.B * self.W, dtype=torch.long, device=self.device)
         for b in range(self.B):
-            scores = torch.full((1, self.W), -torch.inf)
+            scores = torch.full((1, self.W), -torch.inf, device=self.device)
             scores[0, 0] = 0.0  # the W copies are identical: start from one
-            start = _Beams(scores, torch.zeros(self.W, 0, dtype=torch.long), Hypotheses(self.W, self.config), 0, False)
+            start = _Beams(scores, torch.zeros(self.W, 0, dtype=torch.long, device=self.device), Hypotheses(self.W, self.config), 0, False)
             after, _, token = self._select(start, log_probs[b:b + 1].repeat(self.W, 1))
             self.beams.append(after)
             source[self._rows(b)] = b  # every beam continues the prompt's one row
@@ -146,12 +147,12 @@ class BeamDecode:
                 self.cache, self.next_input[:, None],
                 self._window_sender(open_prompts, stride, early) if fills else None)
         snapshot = self.cache.snapshot()
-        source = torch.arange(self.B * self.W)
+        source = torch.arange(self.B * self.W, device=self.device)
         if guess:
             distances, values = self.local.search(queries.reshape(self.B, self.W, -1), self.owner.k)  # (B, W, k)
         for b in open_prompts:
             rows = self._rows(b)
-            step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.numpy()], None, None, False, snapshot)
+            step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.cpu().numpy()], None, None, False, snapshot)
             if guess:
                 log_probs = self.owner.mix(lm_log_probs[rows], distances[b], values[b]).float()  # (W, V)
                 self.beams[b], step.source, step.token = self._select(self.beams[b], log_probs)
@@ -175,7 +176,7 @@ class BeamDecode:
         def send(keys: torch.Tensor) -> None:
             new, opened = last_keys(keys), set(open_prompts)  # (B*W, d)
             queries = [q for b, p in enumerate(self.pending)
-                       for q in [*(s.queries for s in p), *([new[self._rows(b).numpy()]] if b in opened else [])]]
+                       for q in [*(s.queries for s in p), *([new[self._rows(b).cpu().numpy()]] if b in opened else [])]]
             out.append(self.owner.send(np.concatenate(queries), stride > 0 or self.owner.scheduler.primes,
                                        in_flight=True))
 
@@ -239,11 +240,11 @@ class BeamDecode:
         return sum(guessed), sum(guessed)
 
     def _output(self) -> GenerateOutput:
-        outs = [finish_beams([b.hyps], b.scores, b.history, self.W, self.config.eos_id, torch.device("cpu"))
+        outs = [finish_beams([b.hyps], b.scores, b.history, self.W, self.config.eos_id, self.device)
                 for b in self.beams]
         width = max(o.tokens.shape[1] for o in outs)
         pad = self.config.eos_id if self.config.eos_id is not None else 0
-        tokens = torch.full((len(outs), width), pad, dtype=torch.long)
+        tokens = torch.full((len(outs), width), pad, dtype=torch.long, device=self.device)
         for i, o in enumerate(outs):
             tokens[i, :o.tokens.shape[1]] = o.tokens[0]
         return GenerateOutput(tokens, torch.cat([o.log_probs for o in outs]), torch.cat([o.lengths for o in outs]),

@@ -84,7 +84,7 @@ class RetroRowDecode:
             if not self.next:
                 waiting = [r for r in range(self.B) if self.guesses[r] is not None]
                 if not waiting:
-                    return self.rows.output()
+                    return self.rows.output(self.prompt.device)
                 self._settle(min(waiting, key=lambda r: self.guesses[r].request.pending.sent))
                 continue
             feeding = self._feeding()

@@ -55,8 +55,9 @@ class RowDecode:
         self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled
         self.sent = [0] * B  # of each row's pending steps, how many the request in flight carries
         self.in_flight: _InFlight | None = None
-        self.generators = row_generators(config.seed, config.row_indices(B)) if config.strategy == "sample" else None
-        self.next_input = torch.zeros(B, dtype=torch.long)
+        self.generators = row_generators(config.seed, config.row_indices(B), prompt.device) \
+            if config.strategy == "sample" else None
+        self.next_input = torch.zeros(B, dtype=torch.long, device=prompt.device)
         self.window_s = 0.0  # this process's seconds on the window being speculated
 
     def run(self) -> GenerateOutput:
@@ -79,7 +80,7 @@ class RowDecode:
             elif self._speculate(self._open_rows(), stride) and not self.owner.speculation.asynchronous:
                 self._settle()  # its window's request went out from within its model step
                 stride = scheduler.plan()
-        return self.rows.output()
+        return self.rows.output(self.prompt.device)
 
     def _open_rows(self) -> list[int]:
         """Rows that can take another speculative step: not done, and not at max_new_tokens already."""
@@ -263,7 +264,7 @@ class RowDecode:
             tokens = [self._choose(r, log_probs[i]) for i, r in enumerate(rows)]
             chosen = [float(log_probs[i, t]) for i, t in enumerate(tokens)]
         self.rows.commit_many(rows, tokens, chosen)
-        self.next_input[rows] = torch.tensor(tokens, dtype=torch.long)
+        self.next_input[rows] = torch.tensor(tokens, dtype=torch.long, device=self.next_input.device)
         for r in rows:
             self.pending[r] = []
 

@@ -39,9 +39,11 @@ class CommittedRows:
     def done(self, row: int) -> bool:
         return self.finished[row] or len(self.tokens[row]) >= self.config.max_new_tokens
 
-    def output(self) -> GenerateOutput:
+    def output(self, device: torch.device) -> GenerateOutput:
+        """What was committed, on `device` (the prompt's, as the serial decoders answer)."""
         width = max(len(t) for t in self.tokens)
         pad = self.config.eos_id if self.config.eos_id is not None else 0
         tokens = torch.tensor([t + [pad] * (width - len(t)) for t in self.tokens], dtype=torch.long)
         lengths = torch.tensor([len(t) for t in self.tokens], dtype=torch.long)
-        return GenerateOutput(tokens, self.total.clone(), lengths, self.total.clone())
+        total = self.total.to(device, copy=True)
+        return GenerateOutput(tokens.to(device), total, lengths.to(device), total.clone())
