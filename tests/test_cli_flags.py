@@ -182,3 +182,26 @@ def test_a_port_in_use_is_one_line_without_grpcs_own(flag, what):
     lines = [line for line in result.stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
     assert result.returncode == 1 and lines == [f"retriever-server router: error: could not bind {what}127.0.0.1:"
                                                 f"{port} (Address already in use)"], result.stderr
+
+
+def test_an_address_file_holding_something_else_is_left_as_it_is(capsys, datastore, tmp_path):
+    """--address-file naming a file that is not a server's address: refused, the file kept (it used to be
+    removed as a stale address before the server even bound its port)."""
+    kept = tmp_path / "important.txt"
+    kept.write_text("keep\n")
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--shard", "1", "--address-file", str(kept))
+    assert line == f"retriever-server serve: error: --address-file {kept} holds something other than a server's " \
+                   "address: refusing to replace it; give the name of a new file"
+    assert kept.read_text() == "keep\n"
+
+
+def test_a_shard_that_fails_to_load_leaves_no_address_file(capsys, datastore, tmp_path):
+    """The address is written once the port is bound, before the shard loads; a load that fails takes it
+    away again, and a stale address file of an earlier server is replaced, not refused."""
+    address_file = tmp_path / "shard.json"
+    address_file.write_text('{"address": "127.0.0.1:1", "pid": 1}')  # an earlier server's, left by a crash
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--shard", "0", "--metrics-port", "-1",
+                    "--address-file", str(address_file))
+    assert line.startswith("retriever-server serve: error: ") and "shard-00000" in line, line
+    assert not address_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no probe or .tmp left behind

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -268,13 +269,24 @@ def prepare_address_file(path: Path | None) -> None:
         return
     if path.is_dir():
         raise CliError(f"--address-file {path} is a directory: give the name of a file to write")
+    if path.exists() and not is_address_file(path):
+        raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
+                       "replace it; give the name of a new file")
     remove_address(path, stale=True)
-    probe = path.with_name(path.name + ".tmp")
     try:
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
     except OSError as err:
         raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
+
+
+def is_address_file(path: Path) -> bool:
+    """Whether `path` is empty or holds an address file's JSON (one a server wrote, or stale)."""
+    try:
+        text = path.read_text()
+        return not text.strip() or {"address", "pid"} <= set(json.loads(text))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def remove_address(path: Path | None, stale: bool = False) -> None:
@@ -347,6 +359,7 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
     done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)
     if running.ready in done and running.ready.exception() is not None:
         await running.drain(0)
+        remove_address(args.address_file)  # no server behind it any more
         raise CliError(str(running.ready.exception()))
     await stopper
     if watcher.done():  # the parent is gone: nothing routes here any more, so no grace either
