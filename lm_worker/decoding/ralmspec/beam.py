@@ -116,7 +116,8 @@ class BeamDecode:
         for b in range(self.B):
             scores = torch.full((1, self.W), -torch.inf, device=self.device)
             scores[0, 0] = 0.0  # the W copies are identical: start from one
-            start = _Beams(scores, torch.zeros(self.W, 0, dtype=torch.long, device=self.device), Hypotheses(self.W, self.config), 0, False)
+            no_tokens = torch.zeros(self.W, 0, dtype=torch.long, device=self.device)
+            start = _Beams(scores, no_tokens, Hypotheses(self.W, self.config), 0, False)
             after, _, token = self._select(start, log_probs[b:b + 1].repeat(self.W, 1))
             self.beams.append(after)
             source[self._rows(b)] = b  # every beam continues the prompt's one row
@@ -152,7 +153,8 @@ class BeamDecode:
             distances, values = self.local.search(queries.reshape(self.B, self.W, -1), self.owner.k)  # (B, W, k)
         for b in open_prompts:
             rows = self._rows(b)
-            step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.cpu().numpy()], None, None, False, snapshot)
+            step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.cpu().numpy()], None, None, False,
+                             snapshot)
             if guess:
                 log_probs = self.owner.mix(lm_log_probs[rows], distances[b], values[b]).float()  # (W, V)
                 self.beams[b], step.source, step.token = self._select(self.beams[b], log_probs)
