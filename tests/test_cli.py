@@ -81,6 +81,8 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "k.npy", "-k", "0"], "argument -k: the count must be in [1, "),
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--nprobe", "-1"], "argument --nprobe: the number must be in"),
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--rerank", "-1"], "argument --rerank: the number must be in"),
+        (["search", "127.0.0.1:1", "--queries", "z.npz"], "queries file z.npz is a .npz archive of arrays, not one"),
+        (["build", "z.npz", "--out", "x"], "keys file z.npz is not a loadable .npy array: z.npz is a .npz archive"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
@@ -89,6 +91,7 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "words.npy", np.array(["hello", "world"]))
     (tmp_path / "dir.npy").mkdir()
+    np.savez(tmp_path / "z.npz", synthetic(50, 8))  # as `search --out` writes its answers
     one_line_error(run(*args), words)
 
 

@@ -594,3 +594,29 @@ def test_a_token_file_rewritten_in_place_with_its_old_times_is_read_again(tmp_pa
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ...and modification time
     monkeypatch.setattr(auth, "CHECK_EVERY_S", 0.0)
     assert tokens.accepts("Bearer token-c") and not tokens.accepts("Bearer token-b")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfesecret\n", "the token file {} is not ASCII text (byte 0): a token is printable ASCII"),
+    (b"good\nsec\x01ret\n", "the token file {}: token 2 holds a control character; a token is printable ASCII"),
+])
+def test_a_token_file_that_no_header_can_carry_is_named_and_a_running_server_keeps_its_tokens(
+        tmp_path, monkeypatch, caplog, content, message):
+    """Bytes that are not printable ASCII: refused at start in one line naming the file (it used to be a
+    bare UnicodeDecodeError), and a server whose file is rewritten so keeps the tokens read before (it used
+    to fail the next call with UNKNOWN). The message never holds the token."""
+    from retriever_server.security import auth
+    from retriever_server.security.auth import TokenSet
+    from retriever_server.security.config import read_tokens
+
+    bad = write_private(tmp_path / "bad", content)
+    with pytest.raises(SecurityError) as refused:
+        read_tokens(bad)
+    assert str(refused.value) == message.format(bad)
+    path = write_private(tmp_path / "tokens", b"token-a\n")
+    tokens = TokenSet(path)
+    path.write_bytes(content)
+    monkeypatch.setattr(auth, "CHECK_EVERY_S", 0.0)
+    with caplog.at_level(logging.WARNING, logger="retriever_server.security.auth"):
+        assert tokens.accepts("Bearer token-a")
+    assert [r.getMessage() for r in caplog.records] == [message.format(path) + "; keeping the 1 tokens read before"]

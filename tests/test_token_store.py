@@ -226,3 +226,33 @@ def test_the_current_folder_is_refused_as_the_output(tmp_path, monkeypatch):
             prepare_corpus(PrepareConfig(out=Path(out), corpus=str(corpus), vocab_size=300, heldout_fraction=0.2,
                                          progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "here"] and not list(Path(".").iterdir())
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _as_npz(path: Path) -> None:
+    array = np.load(path)
+    with path.open("wb") as f:
+        np.savez(f, array)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "tokens.npy").write_bytes(b""), "tokens.npy is not a loadable .npy array (No data left in file)"),
+    (lambda d: _cut(d / "tokens.npy"), "tokens.npy is not a loadable .npy array"),
+    (lambda d: _as_npz(d / "doc_ids.npy"), "doc_ids.npy is a .npz archive, not a 1-D array of integer ids"),
+    (lambda d: np.save(d / "tokens.npy", np.zeros((2, 3), np.float32)), "tokens.npy holds float32 (2, 3), not a 1-D"),
+    (lambda d: np.save(d / "doc_ids.npy", np.zeros(3, np.int32)), "doc_ids.npy holds 3 ids for 7 tokens"),
+    (lambda d: (d / "documents.json").write_text(json.dumps(
+        {"tokenizer": "t", "documents": [{"name": "a", "start": 0, "end": 99}]})),
+     "documents.json: its documents do not lie within the 7 tokens of tokens.npy"),
+], ids=["empty", "cut-short", "npz", "2-d-floats", "doc-ids-short", "documents-past-the-end"])
+def test_a_damaged_token_store_is_named_when_opened(tmp_path, damage, words):
+    """A token store with a file damaged or out of step with the others: a ValueError naming the file, not a
+    numpy EOFError or a store whose documents run past its tokens."""
+    write_token_store(tmp_path / "split", [("a", [1, 2, 3]), ("b", [4, 5])], eos_id=0, tokenizer_fingerprint="t")
+    damage(tmp_path / "split")
+    with pytest.raises(ValueError, match=re.escape(words)) as refused:
+        TokenStore.open(tmp_path / "split")
+    assert str(tmp_path / "split") in str(refused.value) and refused.value.args[0].endswith("not a whole token store")

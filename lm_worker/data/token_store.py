@@ -57,8 +57,15 @@ class TokenStore:
         self.tokenizer_fingerprint: str = meta["tokenizer"]
         self.max_tokens: int | None = meta.get("max_tokens")
         self.documents = [DocumentSpan(d["name"], d["start"], d["end"]) for d in meta["documents"]]
-        self.tokens = np.load(self.directory / "tokens.npy", mmap_mode="r")
-        self.doc_ids = np.load(self.directory / "doc_ids.npy", mmap_mode="r")
+        self.tokens = _open_ids(self.directory / "tokens.npy")
+        self.doc_ids = _open_ids(self.directory / "doc_ids.npy")
+        if len(self.doc_ids) != len(self.tokens):
+            raise ValueError(f"{self.directory}: doc_ids.npy holds {len(self.doc_ids)} ids for "
+                             f"{len(self.tokens)} tokens: not a whole token store")
+        ends = [d.end for d in self.documents]
+        if any(not 0 <= d.start <= d.end for d in self.documents) or max(ends, default=0) > len(self.tokens):
+            raise ValueError(f"{meta_path}: its documents do not lie within the {len(self.tokens)} tokens of "
+                             "tokens.npy: not a whole token store")
 
     @classmethod
     def open(cls, directory: Path) -> TokenStore:
@@ -72,6 +79,22 @@ class TokenStore:
         """Token range [start, end) of document `doc`."""
         span = self.documents[doc]
         return span.start, span.end
+
+
+def _open_ids(path: Path) -> np.ndarray:
+    """A token store's 1-D integer array, memory-mapped; ValueError naming the file when it is not one
+    (empty, cut short, an archive, another shape or dtype), FileNotFoundError when it is missing."""
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as err:
+        raise ValueError(f"{path} is not a loadable .npy array ({err}): not a whole token store") from None
+    if not isinstance(ids, np.ndarray):
+        ids.close()
+        raise ValueError(f"{path} is a .npz archive, not a 1-D array of integer ids: not a whole token store")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"{path} holds {ids.dtype} {ids.shape}, not a 1-D array of integer ids: not a whole "
+                         "token store")
+    return ids
 
 
 def read_json_object(path: Path) -> dict:

@@ -139,6 +139,10 @@ def _load_queries(path: Path) -> np.ndarray:
         queries = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
         raise CliError(f"queries file {path} is not a loadable .npy array: {err}") from None
+    if not isinstance(queries, np.ndarray):  # a .npz archive, such as `search --out` writes
+        queries.close()
+        raise CliError(f"queries file {path} is a .npz archive of arrays, not one .npy array: save the queries "
+                       "with np.save")
     if queries.dtype.kind != "f":
         raise CliError(f"queries file {path} holds {queries.dtype} values: give float32 rows (float16 and float64 "
                        "are taken too)")

@@ -293,7 +293,11 @@ def open_rows(path: Path) -> np.ndarray | PartedArray:
         return open_parts(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    return np.load(path, mmap_mode="r")
+    rows = np.load(path, mmap_mode="r")
+    if not isinstance(rows, np.ndarray):  # a .npz archive (np.load opens those too, whatever the name)
+        rows.close()
+        raise ValueError(f"{path} is a .npz archive of arrays, not one .npy array: save the array with np.save")
+    return rows
 
 
 def stored_dtype(path: Path) -> np.dtype:

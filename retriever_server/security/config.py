@@ -62,12 +62,19 @@ def read_tokens(path: Path) -> list[str]:
         SecurityError: the file cannot be read or holds no token (the message names the file only).
     """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="ascii")
     except OSError as err:
         raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:  # the token travels in an HTTP header: printable ASCII only
+        raise SecurityError(f"the token file {path} is not ASCII text (byte {err.start}): a token is printable "
+                            "ASCII") from None
     tokens = [line.strip() for line in text.splitlines() if line.strip()]
     if not tokens:
         raise SecurityError(f"the token file {path} holds no token")
+    for n, token in enumerate(tokens, 1):
+        if not token.isprintable():  # the token itself is not echoed: it is a secret
+            raise SecurityError(f"the token file {path}: token {n} holds a control character; a token is "
+                                "printable ASCII")
     return tokens
 
 
