@@ -291,3 +291,64 @@ def test_an_errors_control_characters_reach_the_terminal_escaped(monkeypatch, ca
     monkeypatch.setattr(prepare, "run_prepare", fail)
     err = one_line_error(capsys, "prepare", "--out", str(tmp_path))
     assert err == "lm-worker prepare: error: UNAVAILABLE: \\x1b[2J\\x1b]0;title\\x07gone" and "\x1b" not in err
+
+
+def fake_datastore(path: Path, kind: str) -> Path:
+    """A folder whose manifest says what kind of datastore it is, and nothing else: a command that gets as
+    far as serving it fails there, so an error about its kind or a flag proves it was refused first."""
+    path.mkdir(exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"metadata": {"kind": kind}}))
+    return path
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "--data", "{run}/data", "--out", "{run}/ev", "--lm", "{run}/lm", "--knnlm-datastore", "{run}/kds",
+      "--retro", "{run}/retro", "--retro-datastore", "{run}/kds"],
+     "the datastore of --retro-target / --retro-datastore is a 'knnlm' datastore (its manifest's kind), not a RETRO"),
+    (["generate", "--data", "{run}/data", "--checkpoint", "{run}/retro", "--datastore", "{run}/kds", "--prompt", "a"],
+     "the datastore of --target / --datastore is a 'knnlm' datastore (its manifest's kind), not a RETRO one"),
+    (["generate", "--data", "{run}/data", "--checkpoint", "{run}/lm", "--datastore", "{run}/rds", "--prompt", "a"],
+     "the datastore of --target / --datastore is a 'retro' datastore (its manifest's kind), not a kNN-LM one"),
+    (["generate", "--data", "{run}/data", "--checkpoint", "{run}/lm", "--datastore", "{run}/kds", "--prompt", "a",
+      "--k", "10", "--rerank", "5"], "--rerank must be 0 (off) or at least the 10 neighbours asked for, got 5"),
+    (["neighbours", "--source", "{run}/knnlm-source", "--data", "{run}/data", "--datastore", "{run}/rds", "--k", "-1"],
+     "--k must be >= 1, got -1"),
+    (["neighbours", "--source", "{run}/knnlm-source", "--data", "{run}/data", "--datastore", "{run}/rds", "--nprobe",
+      "-5"], "--nprobe must be >= 0 (0: the datastore's default), got -5"),
+    (["neighbours", "--source", "{run}/knnlm-source", "--data", "{run}/data", "--datastore", "{run}/rds", "--rerank",
+      "1"], "--rerank must be 0 (off) or at least the 2 neighbours asked for, got 1"),
+    (["attention", "--data", "{run}/data", "--retro", "{run}/retro", "--datastore", "{run}/rds", "--out", "{run}/a.png",
+      "--nprobe", "-4"], "--nprobe must be >= 0 (0: the datastore's default), got -4"),
+    (["attention", "--data", "{run}/data", "--retro", "{run}/retro", "--datastore", "{run}/rds", "--out",
+      "{run}/corpus.jsonl/a.png"], "--out {run}/corpus.jsonl/a.png lies under {run}/corpus.jsonl, which is a file"),
+    (["train", "--data", "{run}/data", "--out", "{run}/kds", "--steps", "1", "--preset", "tiny"],
+     "--out {run}/kds is a datastore, not a checkpoint folder: give another folder"),
+    (["train", "--data", "{run}/data", "--out", "{run}/t", "--kind", "retro", "--steps", "1", "--preset", "tiny"],
+     "RETRO training needs --neighbours (the folder with neighbours-train.npy)"),
+])
+def test_work_whose_result_could_not_be_used_is_refused_before_it_starts(run, capsys, args, words):
+    """A datastore of the other kind, search numbers the service refuses and an output that cannot be
+    written: one line naming the flag before any evaluation, embedding, training or serving (each used
+    to be found after the work: a kNN-LM evaluation thrown away, a source's keys embedded again, a
+    datastore folder given a checkpoint). Nothing is written."""
+    fake_datastore(run / "kds", "knnlm"), fake_datastore(run / "rds", "retro")
+    before = sorted(p for p in run.rglob("*"))
+    err = one_line_error(capsys, *[a.format(run=run) for a in args])
+    assert words.format(run=run) in err, err
+    assert sorted(p for p in run.rglob("*")) == before
+
+
+def test_an_output_folder_this_user_cannot_write_is_refused_before_the_work(run, capsys, monkeypatch):
+    """eval --out under a folder without write permission: named before the evaluation (as root, which
+    may write anywhere, the refusal is injected through os.access)."""
+    import os
+
+    from lm_worker.cli import common
+
+    locked = run / "locked"
+    locked.mkdir(exist_ok=True)
+    access = os.access
+    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    err = one_line_error(capsys, "eval", "--data", str(run / "data"), "--out", str(locked / "ev"), "--lm",
+                         str(run / "lm"), "--knnlm-datastore", str(fake_datastore(run / "kds", "knnlm")))
+    assert err.endswith(f"error: --out {locked / 'ev'}: {locked} is not writable by this user")

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -249,6 +250,14 @@ def check_flags(*checks: tuple[str, object, bool, str]) -> None:
             raise ValueError(f"{flag} must be {what}, got {value}")
 
 
+def search_checks(flags: RetrievalFlags, k: int) -> tuple[tuple[str, object, bool, str], ...]:
+    """`check_flags` entries for a family's --nprobe and --rerank, where each request asks for k neighbours:
+    the numbers the service would refuse, said as the command's flags before any work."""
+    return ((flags.flag("nprobe"), flags.nprobe, flags.nprobe >= 0, ">= 0 (0: the datastore's default)"),
+            (flags.flag("rerank"), flags.rerank, flags.rerank == 0 or flags.rerank >= k,
+             f"0 (off) or at least the {k} neighbours asked for"))
+
+
 def positive_finite(value: float) -> bool:
     """Whether a number is > 0 and finite (not inf or NaN): what a temperature must be."""
     return 0 < value < math.inf
@@ -296,8 +305,9 @@ def fields_as_flags(flags: dict[str, str]) -> Iterator[None]:
 
 
 def check_folder(path: Path | None, flag: str) -> None:
-    """Refuses a folder to write that cannot be one: `path`, or the nearest of its parents that exists, is
-    a file. A ValueError naming `flag` and the path; None (not given) passes."""
+    """Refuses a folder to write that cannot be one, before the work whose result goes there: `path`, or
+    the nearest of its parents that exists, is a file, or a folder this user cannot write in. A ValueError
+    naming `flag` and the path; None (not given) passes."""
     if path is None:
         return
     for place in (path, *path.parents):
@@ -305,6 +315,20 @@ def check_folder(path: Path | None, flag: str) -> None:
             if not place.is_dir():
                 where = "exists and is not a folder" if place == path else f"lies under {place}, which is a file"
                 raise ValueError(f"{flag} {path} {where}")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: {'it' if place == path else place} is not writable by this user")
+            return
+
+
+def check_file_to_write(path: Path, flag: str) -> None:
+    """Refuses a file to write whose folder cannot hold it, before the work that makes it: the nearest
+    existing folder above it is a file, or this user cannot write in it (a ValueError naming `flag`)."""
+    for place in path.parents:
+        if place.exists():
+            if not place.is_dir():
+                raise ValueError(f"{flag} {path} lies under {place}, which is a file")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: {place} is not writable by this user")
             return
 
 

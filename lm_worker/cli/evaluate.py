@@ -15,6 +15,7 @@ from lm_worker.cli.common import (
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
+    check_datastore_kind,
     check_datastore_tokenizer,
     check_flags,
     check_folder,
@@ -109,13 +110,15 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
         lm = load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model
         flags = retrieval_flags(args, "knnlm-")
         with open_retriever(flags, security=security_of(args)) as retriever:
-            check_datastore_tokenizer(need_retriever(retriever, flags, "with --lm"), tokenizer, flags)
+            check_datastore_kind(flags, "knnlm", need_retriever(retriever, flags, "with --lm"))
+            check_datastore_tokenizer(retriever, tokenizer, flags)
             knn = evaluate_knnlm(lm, store, retriever, config, progress)
     if args.retro:
         model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
         flags = retrieval_flags(args, "retro-")
         with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
+            check_datastore_kind(flags, "retro", retriever)
             check_datastore_tokenizer(retriever, tokenizer, flags)
             encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
@@ -246,6 +249,9 @@ def run_eval(args: argparse.Namespace) -> None:
     check_folder(args.out, "--out")
     check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
                       ("--encoder-lm", args.encoder_lm, LM_KINDS))
+    for family, kind, model in (("knnlm-", "knnlm", args.lm), ("retro-", "retro", args.retro)):
+        if model:  # every --*-datastore's kind, before any evaluation runs
+            check_datastore_kind(retrieval_flags(args, family), kind)
     if args.retro and args.retro_k:
         from lm_worker.models.checkpoint import checkpoint_config
 

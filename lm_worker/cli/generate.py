@@ -14,6 +14,7 @@ from lm_worker.cli.common import (
     check_checkpoints,
     check_datastore_kind,
     check_datastore_tokenizer,
+    check_file_to_write,
     check_flags,
     check_tokenizers,
     fields_as_flags,
@@ -22,6 +23,7 @@ from lm_worker.cli.common import (
     open_retriever,
     positive_finite,
     retrieval_flags,
+    search_checks,
     security_of,
 )
 
@@ -300,9 +302,13 @@ def run_generate(args: argparse.Namespace) -> None:
     groups = _length_groups(ids)
     largest = max(len(rows) for rows in groups)
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
-    with open_retriever(retrieval_flags(args), k=k, security=security_of(args)) as retriever:
+    flags, kind = retrieval_flags(args), "retro" if loaded.kind == "retro" else "knnlm"
+    check_flags(*search_checks(flags, k))
+    check_datastore_kind(flags, kind)  # a --datastore's, before it is served
+    with open_retriever(flags, k=k, security=security_of(args)) as retriever:
         if retriever is not None:
-            check_datastore_tokenizer(retriever, tokenizer, retrieval_flags(args))
+            check_datastore_kind(flags, kind, retriever)
+            check_datastore_tokenizer(retriever, tokenizer, flags)
         stepper = _stepper(args, loaded, retriever, tokenizer, config, largest)
         decoded = {}
         for rows in groups:  # a batch per prompt length, in the order the lengths first come; each prompt's
@@ -338,6 +344,7 @@ def run_attention(args: argparse.Namespace) -> None:
                 ("--out", args.out, not args.out.is_dir(), "a file to write, not a folder"),
                 ("--text", repr(args.text), args.text is None or bool(args.text.strip()),
                  "some text (leave it out for the held-out split)"))
+    check_file_to_write(args.out, "--out")
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, heldout = load_prepared(args.data)
     model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
@@ -345,6 +352,7 @@ def run_attention(args: argparse.Namespace) -> None:
     if args.k and args.k != model.config.n_neighbours:
         raise ValueError(f"--k {args.k}: RETRO retrieves its model's {model.config.n_neighbours} neighbours per "
                          f"chunk ({args.retro} takes no other number; leave --k out)")
+    check_flags(*search_checks(retrieval_flags(args), model.config.n_neighbours))
     ids = tokenizer.encode(args.text) if args.text else np.asarray(heldout.tokens[: (args.chunk + 2) * L]).tolist()
     chunks, text = len(ids) // L, "--text" if args.text else f"the held-out split of {args.data}"
     if args.chunk >= chunks:  # before any server starts

@@ -34,9 +34,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--out", type=Path, required=True, help="checkpoint folder (resumed when it has one)")
     t.add_argument("--neighbours", type=Path, help="RETRO: folder with neighbours-SPLIT.npy (see `neighbours`)")
     t.add_argument("--preset", choices=("tiny", "small", "gpu"), default="small")
-    for name, default in (("steps", 2000), ("seq-len", 256), ("batch-size", 16),
-                          ("eval-every", 200), ("checkpoint-every", 500), ("chunk-len", 0), ("seed", 0)):
-        t.add_argument(f"--{name}", type=int, default=default)
+    for name, default, low in (("steps", 2000, 1), ("seq-len", 256, 1), ("batch-size", 16, 1), ("eval-every", 200, 1),
+                               ("checkpoint-every", 500, 1), ("chunk-len", 0, 0), ("seed", 0, 0)):
+        t.add_argument(f"--{name}", type=int_in(low), default=default)
     t.add_argument("--warmup", type=int_in(0), default=100, help="steps of linear learning-rate warm-up")
     t.add_argument("--lr", type=positive_finite_arg, default=3e-3, help="peak learning rate (> 0, finite)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -49,6 +49,11 @@ def add_parsers(sub) -> None:
     t.add_argument("--split", default="train", help="the split of --data to train on: train, or retro (prepare "
                                                     "--max-retro-tokens) to retro-fit RETRO on text the LM never saw")
     t.set_defaults(handler=run_train)
+
+
+# what `train`'s errors name, said as its flags
+TRAIN_FLAGS = {"lr": "--lr", "neighbours_dir": "--neighbours", "resume=False": "--restart", "init_from": "--init-from",
+               "split": "--split", "kind 'retro'": "--kind retro", "seq_len": "--seq-len"}
 
 
 def refuse_train(args: argparse.Namespace) -> None:
@@ -86,12 +91,13 @@ def run_train(args: argparse.Namespace) -> None:
     from lm_worker.training.train import train
 
     check_folder(args.out, "--out")
+    check_out_kind(args.out, "--out", ("a checkpoint folder", "other files"), "a checkpoint folder")
     config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
                          steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
                          eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
                          init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
-    with fields_as_flags({"lr": "--lr"}):
+    with fields_as_flags(TRAIN_FLAGS):
         r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
                   progress=not args.no_progress)
     speed = f", {r.tokens_per_s:.0f} tokens/s" if r.tokens_per_s else " (already trained: no step run)"

@@ -25,6 +25,7 @@ from lm_worker.cli.common import (
     need_retriever,
     open_retriever,
     retrieval_flags,
+    search_checks,
     security_of,
 )
 from lm_worker.encoders.registry import ENCODERS
@@ -183,6 +184,8 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.sources.retro import embed_chunks, keys_made_from, keys_record
     from lm_worker.sources.source import read_source
 
+    flags = retrieval_flags(args)
+    check_flags(("--k", args.k, args.k >= 1, ">= 1"), *search_checks(flags, args.k))
     check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
     source = read_source(args.source, kinds=("retro",), flag="--source")  # neighbours are RETRO's
     tokenizer, train, heldout = load_prepared(args.data)
@@ -194,7 +197,6 @@ def run_neighbours(args: argparse.Namespace) -> None:
     if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
         splits[RETRO_SPLIT] = TokenStore.open(args.data / RETRO_SPLIT)
     encoder = None  # loaded once, and only when some split's chunks still need embedding
-    flags = retrieval_flags(args)
     check_datastore_kind(flags, "retro")
     with open_retriever(flags, security=security_of(args)) as retriever:
         need_retriever(retriever, flags, "to fetch neighbours")

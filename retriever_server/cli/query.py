@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -168,6 +169,8 @@ def _out_path(out: Path | None) -> Path | None:
     path = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
     if not path.parent.is_dir():
         raise CliError(f"--out {out}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: folder {path.parent} is not writable by this user")
     return path
 
 
