@@ -287,6 +287,34 @@ def test_overwrite_replaces_a_datastore_only_and_one_build_at_a_time_writes_an_o
     assert read_manifest(other.out).ntotal == 2000 and not (tmp_path / ".fresh.lock").exists()
 
 
+def test_a_build_that_opened_the_lock_file_as_another_build_ended_does_not_share_the_lock(tmp_path, monkeypatch):
+    """Between this build's open of the lock file and its flock, the build holding it ends (unlinking the
+    file, releasing its lock) and a third one locks a new file at the path: this build is refused, not a
+    second holder of a lock on a file no one else can see."""
+    import fcntl
+
+    out = tmp_path / "ds"
+    first, third = publish.output_held(out, overwrite=False), publish.output_held(out, overwrite=False)
+    first.__enter__()
+    flock, turns = fcntl.flock, []
+
+    def others_meanwhile(f, operation):
+        if not turns:
+            turns.append(1)
+            first.__exit__(None, None, None)
+            third.__enter__()
+        return flock(f, operation)
+
+    monkeypatch.setattr(publish.fcntl, "flock", others_meanwhile)
+    try:
+        with pytest.raises(BuildError, match="another build is writing .*ds: wait for it to end"):
+            with publish.output_held(out, overwrite=False):
+                pass
+    finally:
+        third.__exit__(None, None, None)
+    assert turns and not (tmp_path / ".ds.lock").exists()
+
+
 def test_exchange_swaps_two_directories(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

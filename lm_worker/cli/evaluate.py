@@ -276,10 +276,9 @@ def run_eval(args: argparse.Namespace) -> None:
                             exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
                             min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
                             pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
-    if args.workers:
-        knn, retro = _distributed(args, store, config)
-    else:
-        knn, retro = _in_process(args, store, tokenizer, config)
+    with fields_as_flags({"context_len": "--context-len"}):  # a window the model cannot take, found as it loads
+        knn, retro = _distributed(args, store, config) if args.workers else _in_process(args, store, tokenizer,
+                                                                                        config)
     meta = {"data": str(args.data), "split": args.split, "lm": str(args.lm), "retro": str(args.retro),
             "workers": args.workers}
     if config.pointer_steps:

@@ -73,11 +73,13 @@ def run_prepare(args: argparse.Namespace) -> None:
                 ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"))
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a prepared corpus",), "a folder that `prepare` wrote")
-    r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
-                                     heldout_fraction=args.heldout_fraction, max_train_tokens=args.max_train_tokens,
-                                     max_heldout_tokens=args.max_heldout_tokens,
-                                     max_retro_tokens=args.max_retro_tokens, id_field=args.id_field,
-                                     progress=not args.no_progress))
+    with fields_as_flags({"heldout_fraction": "--heldout-fraction"}):
+        r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
+                                         heldout_fraction=args.heldout_fraction,
+                                         max_train_tokens=args.max_train_tokens,
+                                         max_heldout_tokens=args.max_heldout_tokens,
+                                         max_retro_tokens=args.max_retro_tokens, id_field=args.id_field,
+                                         progress=not args.no_progress))
     print(f"tokenizer {r.tokenizer_fingerprint} ({r.vocab_size} tokens) -> {r.out / 'tokenizer.json'}")
     print("| split | documents | tokens |\n|---|---:|---:|")
     for split in r.documents:

@@ -86,21 +86,41 @@ def output_held(out: Path, overwrite: bool) -> Iterator[None]:
     duration: BuildError where another build holds it. The kernel releases a killed build's lock."""
     check_output(out, overwrite)
     path = out.parent / f".{out.name}.lock"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")
-    except OSError as err:
-        raise BuildError(f"cannot write in {out.parent}: {err.strerror or err}") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildError(f"another build is writing {out}: wait for it to end, or choose another output "
-                             "path") from None
+    with _locked(path, out):
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # before the lock goes: a build that opened it meanwhile tries again
+
+
+@contextlib.contextmanager
+def _locked(path: Path, out: Path) -> Iterator[object]:
+    """The lock file at `path`, open and flocked. A file that a finishing build unlinked between our open
+    and our flock is no lock any more: take the one at `path` now instead."""
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")
+        except OSError as err:
+            raise BuildError(f"cannot write in {out.parent}: {err.strerror or err}") from None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BuildError(f"another build is writing {out}: wait for it to end, or choose another output "
+                                 "path") from None
+            if _same_file(f, path):
+                yield f
+                return
+
+
+def _same_file(f, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not unlinked or replaced since it was opened)."""
+    try:
+        here, there = os.fstat(f.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def replace_directory(work: Path, out: Path, overwrite: bool = True) -> Path | None:
