@@ -188,6 +188,20 @@ def test_mix_log_probs_is_the_dense_mixture(lam, seed):
     np.testing.assert_allclose(got.numpy(), want.astype(np.float32), rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.75])
+def test_a_row_mixed_alone_has_the_bits_it_has_in_a_batch(lam):
+    """A speculative decoder settles one row where serial decoding mixes the batch: the row's numbers must
+    not depend on its neighbours in the tensor (k = 6 entries a row: no whole SIMD vectors; p_LM and p_kNN
+    of one size, where rounding shows)."""
+    rng = np.random.default_rng(4)
+    n, vocab, k = 12, 64, 6
+    lm = torch.log_softmax(torch.from_numpy(rng.normal(0, 1, (n, vocab)).astype(np.float32)), -1)  # (n, V)
+    distances, values = as_torch(rng.uniform(0, 10, (n, k)).astype(np.float32), rng.integers(0, vocab, (n, k)))
+    batch = mix_log_probs(lm, distances, values, lam, 4.0)  # (n, V)
+    for r in range(n):
+        assert torch.equal(mix_log_probs(lm[r:r + 1], distances[r:r + 1], values[r:r + 1], lam, 4.0), batch[r:r + 1])
+
+
 @pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
 def test_bad_lambda_raises(lam):
     with pytest.raises(ValueError, match="lambda"):

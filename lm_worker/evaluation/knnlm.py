@@ -121,8 +121,8 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
     The numbers of `interpolate(lm_log_probs, knn_log_probs(...), lam)`, computed where p_kNN is not
     zero only: elsewhere the mixture is log(1 - λ) + log p_LM, and logaddexp with -inf returns its other
     operand exactly, so those entries are the dense mixture's bit for bit. Where p_kNN > 0 they may
-    differ from it in the last bit (torch's logaddexp rounds differently over a few entries than over a
-    whole row). Every decoder mixes with this function, so decoders agree with each other bit for bit.
+    differ from it in the last bit. Every decoder mixes with this function, and a row's numbers do not
+    depend on the rows mixed with it, so decoders agree with each other bit for bit.
     A decoding step so costs one pass over (N, V) instead of six (the log over the vocabulary and the
     logaddexp were most of a step's mixing). With λ = 1 a row the service found no neighbour for takes
     the LM's log-probs, as no token could be chosen from p_kNN = 0.
@@ -139,6 +139,16 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
     tokens = values.clamp(min=0)  # (N, k)
     probs = torch.zeros(lm_log_probs.shape, dtype=w.dtype, device=w.device)
     probs.scatter_add_(1, tokens, w)  # (N, V): summed in the order knn_log_probs sums, so equal sums
-    near = torch.logaddexp(lm_log_probs.gather(1, tokens) + math.log1p(-lam),
-                           probs.gather(1, tokens).log() + math.log(lam))  # (N, k)
+    near = _logaddexp(lm_log_probs.gather(1, tokens) + math.log1p(-lam),
+                      probs.gather(1, tokens).log() + math.log(lam))  # (N, k)
     return (lm_log_probs + math.log1p(-lam)).scatter_(1, tokens, near)  # (N, V)
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) + exp(b)) elementwise, each entry's bits whatever the tensor's size: torch.logaddexp
+    rounds the entries past the last whole SIMD vector otherwise than those within one, so a row mixed
+    alone (a speculative decoder settling one row) and in a batch (serial decoding) could differ in the last
+    bit. Where either operand is -inf the other is returned exactly."""
+    high = torch.maximum(a, b)
+    out = high + torch.log1p(torch.exp(-(a - b).abs()))
+    return torch.where(torch.isneginf(torch.minimum(a, b)), high, out)

@@ -8,8 +8,8 @@ rotates them from position lengths[b] and masks every slot past each row's own e
 masked slots change the attention's last bits (about 1e-7). With `by_length`, a forward of one
 position per row attends group by group of rows of one length, each over exactly its positions
 (`layers.attend_by_length`): a row then gets the bits it gets from a cache without padding, for a
-call per length (kNN-LM's speculative decoder, whose rows spread over many lengths, measured it
-slower: it keeps the mask).
+call per length (the speculative decoders use it, whose tokens must be serial decoding's; kNN-LM's,
+whose rows spread over many lengths, pays 10-15% of its speed for it, docs/results.md).
 
 Example:
     >>> cache = RaggedKVCache(model.config.n_layer)

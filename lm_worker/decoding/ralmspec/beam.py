@@ -70,7 +70,7 @@ class BeamDecode:
     def __init__(self, owner, prompt: torch.Tensor, config: GenerateConfig):
         self.owner, self.config, self.stats = owner, config, owner.stats
         self.prompt, self.B, self.W = prompt, prompt.shape[0], config.num_beams
-        self.cache = RaggedKVCache(len(owner.model.blocks))
+        self.cache = RaggedKVCache(len(owner.model.blocks), by_length=True)
         self.local = LocalCaches(self.B, owner.speculation.cache_rows, owner.model.config.d_model)
         self.beams: list[_Beams] = []
         self.pending: list[list[_BeamStep]] = [[] for _ in range(self.B)]

@@ -1,6 +1,7 @@
 """Speculative retrieval for batched kNN-LM decoding (RaLMSpec, Zhang et al., ICML 2024): each sequence
 guesses its neighbours from a local cache of the rows it has retrieved and their successors, and one
-batched request verifies the guesses of every row every s steps. The tokens are those of serial retrieval.
+batched request verifies the guesses of every row every s steps. The tokens and log-probs are those of
+serial retrieval, bit for bit (the row and beam decoders' cache attends per row length).
 
 Serial kNN-LM decoding sends one request per step (B queries) and waits for it. Here each step runs the
 model and takes the step's neighbours from the sequence's local cache (`LocalCaches`: an exact search

@@ -49,7 +49,7 @@ class RowDecode:
         self.prompt, self.prompt_len = prompt, prompt.shape[1]
         B = prompt.shape[0]
         self.rows = CommittedRows(B, config)
-        self.cache = RaggedKVCache(len(owner.model.blocks))
+        self.cache = RaggedKVCache(len(owner.model.blocks), by_length=True)
         self.local = LocalCaches(B, owner.speculation.cache_rows, owner.model.config.d_model) \
             if owner.speculation.guess == "cache" else None
         self.pending: list[list[_Step]] = [[] for _ in range(B)]  # speculated, not yet settled
