@@ -219,6 +219,14 @@ def test_top_p_of_equal_tokens_keeps_the_count_that_reaches_p(p):
     assert torch.isfinite(top_p_filter(torch.log_softmax(torch.arange(5.0), -1), 1e-9)).nonzero().tolist() == [[4]]
 
 
+def test_top_p_keeps_the_lower_ids_of_tokens_tied_at_the_cut():
+    """Which of two tied tokens a sort puts first differs between devices: the lower id is kept, always."""
+    kept = torch.isfinite(top_p_filter(torch.tensor([[0.3, 0.4, 0.3], [0.3, 0.3, 0.4]]).log(), 0.5))
+    assert kept.tolist() == [[True, True, False], [True, False, True]]
+    ten = torch.isfinite(top_p_filter(torch.full((1, 10), 0.1).log(), 0.3))
+    assert ten.nonzero()[:, 1].tolist() == [0, 1, 2]
+
+
 def test_temperature_matches_reference():
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     for temp in (0.1, 0.5, 1.0, 2.0, 7.0):

@@ -47,10 +47,13 @@ def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
     A token is kept when the mass of the tokens ranked before it is still below p, so the most likely
     token is always kept; p = 1 keeps all. Masses are summed in float64, and a mass within TOP_P_SLACK of
     p has reached it: float32 log-probs do not tell them apart (ten tokens of 0.1 reach p = 0.3 at three).
+    Of tokens tied where the set ends, those of lower id are kept.
     """
     if p >= 1.0:
         return log_probs
-    sorted_lp, order = log_probs.sort(dim=-1, descending=True)  # (B, V)
+    # stable: of tokens tied at the cut, the lower ids are kept, on every device (an unstable sort's tie
+    # order differs between CPU and CUDA)
+    sorted_lp, order = log_probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     cumulative = sorted_lp.double().exp().cumsum(dim=-1)  # (B, V)
     mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)  # (B, V), exclusive
     drop_sorted = mass_before >= p - TOP_P_SLACK
