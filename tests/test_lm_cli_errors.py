@@ -325,6 +325,10 @@ def fake_datastore(path: Path, kind: str) -> Path:
      "--out {run}/kds is a datastore, not a checkpoint folder: give another folder"),
     (["train", "--data", "{run}/data", "--out", "{run}/t", "--kind", "retro", "--steps", "1", "--preset", "tiny"],
      "RETRO training needs --neighbours (the folder with neighbours-train.npy)"),
+    (["train", "--data", "{run}/data", "--out", "{run}/t", "--split", "heldout"],
+     "--split must name a folder of the data to train on (train, retro), not a held-out one"),
+    (["train", "--data", "{run}/data", "--out", "{run}/t", "--init-from", "{run}/lm"],
+     "--init-from retro-fits a base LM into RETRO: it needs --kind retro, not 'lm'"),
 ])
 def test_work_whose_result_could_not_be_used_is_refused_before_it_starts(run, capsys, args, words):
     """A datastore of the other kind, search numbers the service refuses and an output that cannot be
@@ -352,3 +356,12 @@ def test_an_output_folder_this_user_cannot_write_is_refused_before_the_work(run,
     err = one_line_error(capsys, "eval", "--data", str(run / "data"), "--out", str(locked / "ev"), "--lm",
                          str(run / "lm"), "--knnlm-datastore", str(fake_datastore(run / "kds", "knnlm")))
     assert err.endswith(f"error: --out {locked / 'ev'}: {locked} is not writable by this user")
+
+
+def test_errors_name_flags_for_fields_but_leave_paths_as_they_are():
+    from lm_worker.cli.common import fields_as_flags
+
+    with pytest.raises(ValueError) as refused:
+        with fields_as_flags({"lr": "--lr", "split": "--split"}):
+            raise ValueError("lr must be > 0, got 0 (/home/lr/runs/split/checkpoint.pt, lr)")
+    assert str(refused.value) == "--lr must be > 0, got 0 (/home/lr/runs/split/checkpoint.pt, --lr)"

@@ -222,7 +222,8 @@ def check_datastore_kind(flags: RetrievalFlags, kind: str, retriever=None) -> No
     made = metadata.get("kind") if isinstance(metadata, dict) else None
     if made not in (None, kind):
         names = {"knnlm": "kNN-LM", "retro": "RETRO"}
-        raise ValueError(f"the datastore of {flags.flag('target')} / {flags.flag('datastore')} is a {made!r} "
+        shown = repr(made[:40]) if isinstance(made, str) else type(made).__name__  # the server's words: bounded
+        raise ValueError(f"the datastore of {flags.flag('target')} / {flags.flag('datastore')} is a {shown} "
                          f"datastore (its manifest's kind), not a {names.get(kind, kind)} one")
 
 
@@ -300,7 +301,7 @@ def fields_as_flags(flags: dict[str, str]) -> Iterator[None]:
     except ValueError as err:
         text = str(err)
         for field, flag in flags.items():
-            text = re.sub(rf"(?<![\w-]){re.escape(field)}(?![\w-])", flag, text)
+            text = re.sub(rf"(?<![\w/.-]){re.escape(field)}(?![\w/-])", flag, text)  # a word, not in a path
         raise ValueError(text) from None
 
 

@@ -53,7 +53,7 @@ def add_parsers(sub) -> None:
 
 # what `train`'s errors name, said as its flags
 TRAIN_FLAGS = {"lr": "--lr", "neighbours_dir": "--neighbours", "resume=False": "--restart", "init_from": "--init-from",
-               "split": "--split", "kind 'retro'": "--kind retro", "seq_len": "--seq-len"}
+               "kind 'retro'": "--kind retro", "seq_len": "--seq-len"}
 
 
 def refuse_train(args: argparse.Namespace) -> None:
@@ -94,11 +94,12 @@ def run_train(args: argparse.Namespace) -> None:
 
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a checkpoint folder", "other files"), "a checkpoint folder")
-    config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
-                         steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
-                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
-                         init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
+    with fields_as_flags({**TRAIN_FLAGS, "split": "--split"}):  # the config's own messages start with it
+        config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
+                             steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
+                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                             device=args.device, amp=not args.no_amp, chunk_len=args.chunk_len,
+                             init_from=str(args.init_from or ""), freeze_base=not args.train_base, split=args.split)
     with fields_as_flags(TRAIN_FLAGS):
         r = train(config, args.data, args.out, neighbours_dir=args.neighbours, resume=not args.restart,
                   progress=not args.no_progress)

@@ -127,6 +127,8 @@ def read_documents_json(path: Path) -> dict:
     for number, doc in enumerate(meta["documents"]):
         if not isinstance(doc, dict) or not {"name", "start", "end"} <= set(doc):
             raise ValueError(f"{path}: document {number} is not an object with 'name', 'start' and 'end'")
+        if not all(type(doc[key]) is int for key in ("start", "end")):  # bool is no token position either
+            raise ValueError(f"{path}: document {number}'s 'start' and 'end' are not whole numbers")
     return meta
 
 

@@ -23,9 +23,11 @@ def apply_temperature(log_probs: torch.Tensor, temperature: float) -> torch.Tens
     if temperature == 1.0:
         return log_probs
     # each row's best at 0 before dividing: a tiny T sends the others to -inf, not every token (NaN); the
-    # best stay 0 where T is 0 in the tensor's dtype (0 / 0)
+    # best stay 0 where T is 0 in the tensor's dtype (0 / 0), and ruled-out tokens -inf where T is inf
+    # in it (-inf / inf)
     shifted = log_probs - log_probs.max(dim=-1, keepdim=True).values  # (B, V)
-    return torch.log_softmax((shifted / temperature).masked_fill(shifted == 0, 0.0), dim=-1)
+    scaled = (shifted / temperature).masked_fill(shifted == 0, 0.0)
+    return torch.log_softmax(torch.where(torch.isneginf(shifted), shifted, scaled), dim=-1)
 
 
 def top_k_filter(log_probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ class TrainConfig:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
         if not self.split or self.split != Path(self.split).name or self.split in (".", "..", *HELD_OUT):
-            raise ValueError(f"split must name a split folder of the data to train on (train, retro), not a "
+            raise ValueError(f"split must name a folder of the data to train on (train, retro), not a "
                              f"held-out one ({', '.join(HELD_OUT)}), got {self.split!r}")
         if self.init_from and self.kind != "retro":
             raise ValueError(f"init_from retro-fits a base LM into RETRO: it needs kind 'retro', not {self.kind!r}")

@@ -81,7 +81,7 @@ class WatchedClientSecurity:
 
     def _read_token(self, path: Path) -> None:
         try:
-            token = read_tokens(path)[0]
+            token = read_tokens(path, first_only=True)[0]
         except SecurityError as err:
             log.warning("%s; keeping the token read before", err)
             return

@@ -55,26 +55,30 @@ def dialled_hosts(address: str) -> list[str]:
     return [host.strip("[]") or address]
 
 
-def read_tokens(path: Path) -> list[str]:
-    """The tokens of a token file: one per line, whitespace around them ignored, blank lines skipped.
+def read_tokens(path: Path, first_only: bool = False) -> list[str]:
+    """The tokens of a token file: one per line, whitespace around them ignored, blank lines skipped;
+    `first_only`: the first alone (what a client sends), the lines after it unread.
 
     Raises:
-        SecurityError: the file cannot be read or holds no token (the message names the file only).
+        SecurityError: the file cannot be read, holds no token, or a token that no HTTP header can carry
+            (not printable ASCII); the message names the file and the line, never the token.
     """
     try:
-        text = Path(path).read_text(encoding="ascii")
+        data = Path(path).read_bytes()
     except OSError as err:
         raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:  # the token travels in an HTTP header: printable ASCII only
-        raise SecurityError(f"the token file {path} is not ASCII text (byte {err.start}): a token is printable "
-                            "ASCII") from None
-    tokens = [line.strip() for line in text.splitlines() if line.strip()]
+    tokens = []
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        token = line.strip().decode("ascii", errors="replace")
+        if not token.isascii() or not token.isprintable():  # a byte past ASCII decodes as U+FFFD
+            raise SecurityError(f"the token file {path}: line {n} is not a token: a token is printable ASCII")
+        tokens.append(token)
+        if first_only:
+            break
     if not tokens:
         raise SecurityError(f"the token file {path} holds no token")
-    for n, token in enumerate(tokens, 1):
-        if not token.isprintable():  # the token itself is not echoed: it is a secret
-            raise SecurityError(f"the token file {path}: token {n} holds a control character; a token is "
-                                "printable ASCII")
     return tokens
 
 
@@ -191,5 +195,5 @@ class ClientSecurity:
         if self.token:
             return self.token
         if self.token_file is not None:
-            return read_tokens(self.token_file)[0]
+            return read_tokens(self.token_file, first_only=True)[0]
         return os.environ.get(TOKEN_ENV, "").strip() or None
