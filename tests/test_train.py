@@ -344,7 +344,7 @@ def test_retrofit_trains_on_the_split_it_names(lm_run, retro_split, tmp_path):
 
 def test_split_bad_inputs(data, neighbours_dir, tmp_path):
     for bad in ("", "heldout", "valid", "test", "../train", "a/b", "."):
-        with pytest.raises(ValueError, match="split must name a split folder"):
+        with pytest.raises(ValueError, match="split must name a folder of the data to train on"):
             TrainConfig(split=bad)
     retro = replace(BASE, kind="retro", seq_len=16, steps=2, split="retro")
     with pytest.raises(FileNotFoundError, match=r"no 'retro' split .* \(prepare with max_retro_tokens\)"):
