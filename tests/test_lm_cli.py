@@ -382,3 +382,27 @@ def test_a_model_or_datastore_of_another_tokenizer_is_refused_before_any_work(lm
         out, err = capsys.readouterr()
         assert code == 1 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "---" not in out and not (run / "x").exists()
+
+
+def test_a_retro_target_serving_a_knnlm_datastore_is_refused_before_knnlms_evaluation(lm_run, knn_servers, capsys,
+                                                                                      monkeypatch):
+    """eval --retro-target naming a server of a kNN-LM datastore: refused in one line naming the flag before
+    any evaluation runs (it used to be found once the kNN-LM evaluation had finished, and that lost)."""
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.evaluation import knnlm_eval
+    from lm_worker.models.checkpoint import save_checkpoint
+    from lm_worker.models.retro import Retro, RetroConfig
+
+    tokenizer = Tokenizer.load(lm_run / "data" / "tokenizer.json")
+    retro = Retro(RetroConfig.tiny(tokenizer.vocab_size))
+    save_checkpoint(lm_run / "retro-untrained" / "checkpoint.pt", kind="retro", model=retro, config=retro.config,
+                    step=0, tokenizer_fingerprint=tokenizer.fingerprint, extra={})
+    monkeypatch.setattr(knnlm_eval, "evaluate_knnlm", lambda *a, **k: pytest.fail("kNN-LM was evaluated first"))
+    shards = ",".join(s[0] for s in knn_servers.shard_addresses)
+    code = main(["--no-progress", "--log-level", "WARNING", "eval", "--data", str(lm_run / "data"), "--out",
+                 str(lm_run / "refused"), "--lm", str(lm_run / "lm"), "--knnlm-target", shards, "--retro",
+                 str(lm_run / "retro-untrained"), "--retro-target", shards, "--tokens", "64"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the datastore of --retro-target / --retro-datastore is a 'knnlm' datastore" in err
+    assert not (lm_run / "refused").exists()

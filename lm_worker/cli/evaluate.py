@@ -98,6 +98,18 @@ def add_parser(sub) -> None:
     v.set_defaults(handler=run_eval)
 
 
+def _check_targets(args: argparse.Namespace, tokenizer) -> None:
+    """Asks each family's --*-target for its datastore's kind and tokenizer before any evaluation runs (a
+    --*-datastore's were read from its manifest): a RETRO target serving a kNN-LM datastore must not be
+    found after the whole kNN-LM evaluation."""
+    for family, kind, model in (("knnlm-", "knnlm", args.lm), ("retro-", "retro", args.retro)):
+        flags = retrieval_flags(args, family)
+        if model and flags.target:
+            with open_retriever(flags, k=1, security=security_of(args)) as retriever:
+                check_datastore_kind(flags, kind, retriever)
+                check_datastore_tokenizer(retriever, tokenizer, flags)
+
+
 def _in_process(args: argparse.Namespace, store, tokenizer, config):
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
@@ -276,6 +288,7 @@ def run_eval(args: argparse.Namespace) -> None:
                             exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
                             min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
                             pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
+    _check_targets(args, tokenizer)
     with fields_as_flags({"context_len": "--context-len"}):  # a window the model cannot take, found as it loads
         knn, retro = _distributed(args, store, config) if args.workers else _in_process(args, store, tokenizer,
                                                                                         config)
