@@ -205,3 +205,11 @@ def test_a_shard_that_fails_to_load_leaves_no_address_file(capsys, datastore, tm
     assert line.startswith("retriever-server serve: error: ") and "shard-00000" in line, line
     assert not address_file.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no probe or .tmp left behind
+
+
+@pytest.mark.parametrize("name", ["a/b", ""])
+def test_a_deployment_name_no_actor_can_take_is_refused_naming_the_flag(capsys, datastore, name):
+    line = error_of(capsys, "deploy", "--datastore", str(datastore), "--host", "127.0.0.1", "--address", "127.0.0.1:1",
+                    "--name", name)  # a cluster that does not answer: refused before trying it
+    assert line == f"retriever-server deploy: error: --name {name!r}: a deployment's name is non-empty and holds no " \
+                   "'/' (its actors are named NAME/...)"

@@ -365,3 +365,29 @@ def test_errors_name_flags_for_fields_but_leave_paths_as_they_are():
         with fields_as_flags({"lr": "--lr", "split": "--split"}):
             raise ValueError("lr must be > 0, got 0 (/home/lr/runs/split/checkpoint.pt, lr)")
     assert str(refused.value) == "--lr must be > 0, got 0 (/home/lr/runs/split/checkpoint.pt, --lr)"
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(run, tmp_path):
+    """`kill` (or `ray job stop`) during training: the command unwinds as on Ctrl-C and says so in one line,
+    exit status 130 (it used to end silently with status 15)."""
+    import signal
+    import threading
+
+    command = [sys.executable, "-m", "lm_worker.cli", "--no-progress", "train", "--data", str(run / "data"), "--out",
+               str(tmp_path / "lm"), "--preset", "tiny", "--steps", "1000000", "--seq-len", "16", "--batch-size", "2"]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(90, child.kill)  # whatever happens, the child ends within 90 s
+    watchdog.start()
+    try:
+        lines = []
+        for line in child.stderr:  # its log says when training has begun
+            lines.append(line)
+            if "training lm" in line:
+                child.send_signal(signal.SIGTERM)
+                break
+        rest = child.communicate(timeout=60)[1]
+    finally:
+        watchdog.cancel()
+        child.kill()
+    assert child.returncode == 130, lines + [rest]
+    assert rest.strip().splitlines()[-1] == "lm-worker train: interrupted" and "Traceback" not in rest

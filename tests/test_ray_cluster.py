@@ -62,14 +62,19 @@ def test_a_cluster_that_is_not_there_fails_fast_in_one_line(keys_file, tmp_path)
 
 
 @pytest.mark.parametrize("address, words", [
-    ("http://127.0.0.1:8265", "Ray address 'http://127.0.0.1:8265' is a dashboard URL (what `ray job submit` takes)"),
-    ("127.0.0.1:99999", "Ray address '127.0.0.1:99999' is not host:port with a port in [1, 65535]"),
+    ("http://127.0.0.1:8265", "--address 'http://127.0.0.1:8265' is a dashboard URL (what `ray job submit` takes)"),
+    ("127.0.0.1:99999", "--address '127.0.0.1:99999' is not host:port with a port in [1, 65535]"),
+    ("RAY_ADDRESS=127.0.0.1:99999", "RAY_ADDRESS '127.0.0.1:99999' is not host:port with a port in [1, 65535]"),
+    ("RAY_ADDRESS=foo", "RAY_ADDRESS 'foo' is not host:port with a port in [1, 65535]"),
 ])
 def test_an_address_that_names_no_cluster_is_refused_at_once(address, words):
-    """The dashboard's URL (the one `ray job submit` takes) or a port past 65535: refused in one line,
-    not tried for the connect timeout."""
+    """The dashboard's URL (the one `ray job submit` takes) or a port past 65535, from --address or from
+    RAY_ADDRESS: refused in one line naming where it came from, not tried for the connect timeout."""
     started = time.monotonic()
-    result = run("lookup", "any", f"--address={address}", timeout=60)
+    if address.startswith("RAY_ADDRESS="):
+        result = run("lookup", "any", timeout=60, env={**os.environ, "RAY_ADDRESS": address.split("=", 1)[1]})
+    else:
+        result = run("lookup", "any", f"--address={address}", timeout=60)
     assert time.monotonic() - started < 20
     one_line_error(result, words)
 
@@ -253,6 +258,9 @@ def test_jobs_on_a_ray_start_head_then_a_clear_error_once_it_is_killed(ray_clust
     lookup = run("lookup", "demo", env=head.env, timeout=60)  # joins that cluster by default: no --address given
     one_line_error(lookup, "no Ray cluster answers at the cluster `ray start` last made on this machine")
     assert "start it again (ray start --head) and deploy there" in lookup.stderr and "drop" not in lookup.stderr
+    asked = run("lookup", "demo", "--address", "auto", env=head.env, timeout=60)  # lookup starts no cluster of its
+    one_line_error(asked, "no Ray cluster answers at the cluster `ray start` last made on this machine")
+    assert "start it again (ray start --head)" in asked.stderr and "new local cluster" not in asked.stderr  # own
     assert holding(head.session) == []
     shutil.rmtree(short, ignore_errors=True)
 

@@ -218,13 +218,22 @@ def test_a_replica_that_cannot_load_its_shard_is_named_and_nothing_is_left_runni
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cli_deploys_detached_then_looks_up_and_undeploys(cluster, datastore, keys, reference, capsys):
-    deployed = subprocess.run(
-        [sys.executable, "-m", "retriever_server.cli", "--log-level", "warning", "deploy", "--datastore",
-         str(datastore), "--name", "cli", "--address", cluster.address, "--detached", "--host", "127.0.0.1",
-         "--cpus-per-shard", "0.25", "--no-metrics"], capture_output=True, text=True, timeout=120)
+def test_cli_deploys_detached_then_looks_up_and_undeploys(cluster, datastore, keys, reference, capsys, tmp_path):
+    """A detached deployment serves after its command ends; a second deploy of its name is refused and
+    leaves the first one's address file as it was; lookup finds it, undeploy stops it."""
+    def deploy() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "retriever_server.cli", "--log-level", "warning", "deploy", "--datastore",
+             str(datastore), "--name", "cli", "--address", cluster.address, "--detached", "--host", "127.0.0.1",
+             "--cpus-per-shard", "0.25", "--no-metrics", "--address-file", str(tmp_path / "cli.json")],
+            capture_output=True, text=True, timeout=120)
+
+    deployed = deploy()
     assert deployed.returncode == 0, deployed.stderr
     router = next(line.split()[2] for line in deployed.stdout.splitlines() if line.startswith("cli: router "))
+    again = deploy()
+    assert again.returncode == 1 and "a deployment named 'cli' already runs in namespace" in again.stderr
+    assert json.loads((tmp_path / "cli.json").read_text())["address"] == router  # it used to be removed
     assert cli.main(["lookup", "cli", "--address", cluster.address]) == 0  # its driver is gone; the actors serve
     assert capsys.readouterr().out.strip() == router
     assert_answers_like_one_index(router, keys, reference)

@@ -29,7 +29,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 # gRPC's C core prints its own INFO lines (a failed TLS handshake, say) unless told its documented default,
 # ERROR; set before gRPC loads, so that a failed call is the command's one error line (a user's setting wins)
@@ -118,6 +120,9 @@ def run_command(args: argparse.Namespace) -> int:
         hide_library_progress_bars()
     from lm_worker.retrieval.errors import SERVICE_ERRORS, shown
 
+    # SIGTERM (`kill`, `ray job stop`) unwinds as Ctrl-C does: jobs stopped, "interrupted", exit 130
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         share_cores_with_servers(args)  # reads the targets: a bad one is the command's error line
         args.handler(args)
@@ -130,4 +135,11 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread and previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -262,9 +262,10 @@ def metrics_port_of(args: argparse.Namespace) -> int | None:
     return None if args.metrics_port < 0 else args.metrics_port
 
 
-def prepare_address_file(path: Path | None) -> None:
+def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
     """Before a server starts: removes a stale address file (a waiter must not take a stopped server's
-    address for its own), and checks one can be written there (CliError if not, before anything binds)."""
+    address for its own), and checks one can be written there (CliError if not, before anything binds).
+    `remove_stale=False` checks alone, for a caller that removes it once it knows the file is stale."""
     if path is None:
         return
     if path.is_dir():
@@ -272,7 +273,8 @@ def prepare_address_file(path: Path | None) -> None:
     if path.exists() and not is_address_file(path):
         raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
                        "replace it; give the name of a new file")
-    remove_address(path, stale=True)
+    if remove_stale:
+        remove_address(path, stale=True)
     try:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass

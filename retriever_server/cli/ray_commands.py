@@ -82,9 +82,12 @@ def run_deploy(args: argparse.Namespace) -> int:
     """Deploys the datastore; serves until interrupted, or returns at once with --detached."""
     from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
     from retriever_server.cluster.ray_security import check_exposure
-    from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, ray_address
+    from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
 
     check_room_for_shards(args)
+    if not args.name or "/" in args.name:  # the config would name its field
+        raise CliError(f"--name {args.name!r}: a deployment's name is non-empty and holds no '/' (its actors are "
+                       "named NAME/...)")
     config = RayServeConfig(
         datastore=args.datastore.resolve(), name=args.name, namespace=args.namespace, replicas=args.replicas,
         cpus_per_shard=args.cpus_per_shard, host=args.host, detached=args.detached, metrics=not args.no_metrics,
@@ -93,9 +96,11 @@ def run_deploy(args: argparse.Namespace) -> int:
         security=server_security_of(args))
     read_manifest(config.datastore)  # fail fast, before joining or starting a cluster
     check_exposure(config.host, config.security, config.secrets_dir)
-    prepare_address_file(args.address_file)
+    prepare_address_file(args.address_file, remove_stale=False)
     # detached actors need a lasting cluster; the actors' own logs stay in Ray's (their errors come back here)
     connect(args.address, args.num_cpus, existing=args.detached, log_to_driver=False)
+    check_name_free(args.name, args.namespace)  # a running deployment of that name keeps its address file...
+    remove_address(args.address_file, stale=True)  # ...else the file there is a stopped one's
     deployment = RayDeployment(config)
     signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started

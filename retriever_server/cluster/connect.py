@@ -60,55 +60,62 @@ def connect_timeout_s() -> float:
     return seconds
 
 
-def _advice(target: str, source: str | None) -> str:
+def _advice(target: str, source: str | None, local: bool) -> str:
     """What to do about a cluster that is not there; `source`: where its address came from ("--address",
-    "RAY_ADDRESS"), None for the `ray start` cluster that deploy, lookup and undeploy join by default."""
+    "RAY_ADDRESS"), None for the `ray start` cluster that deploy, lookup and undeploy join by default;
+    `local`: without an address the command would start a local cluster of its own."""
     if source is None:
         return ("start it again (ray start --head) and deploy there, or give the --address (or RAY_ADDRESS) of the "
                 "cluster that runs the deployment (Ray's record of the last `ray start` cluster on this machine "
                 "is stale)")
     if target == "auto":
         drop = "drop --address auto" if source == "--address" else "unset RAY_ADDRESS=auto"
-        return (f"start it again (ray start --head), or {drop} to run on a new local cluster (Ray's record of "
-                "the last `ray start` cluster on this machine is stale)")
-    return f"start that cluster, correct {source}, or unset it to run on a new local cluster"
+        instead = f", or {drop} to run on a new local cluster" if local else ""
+        return (f"start it again (ray start --head){instead} (Ray's record of the last `ray start` cluster on "
+                "this machine is stale)")
+    return f"start that cluster, correct {source}" + (", or unset it to run on a new local cluster" if local else "")
 
 
-def _recorded_head(asked: bool) -> str:
+def _recorded_head(source: str | None, local: bool) -> str:
     """The address Ray recorded for the last cluster `ray start` made on this machine (in its temp
-    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none. `asked`: the user gave
-    --address auto (else the command needs a running cluster and no address was given)."""
+    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none. `source`: where "auto" came
+    from (--address, RAY_ADDRESS), None where the command needs a running cluster and no address was
+    given; `local`: as for `_advice`."""
     from ray._common.utils import get_ray_address_file
 
     record = Path(get_ray_address_file(None))
     address = record.read_text().strip() if record.is_file() else ""
     if address:
         return address
-    if asked:
-        raise ClusterUnreachable(f"--address auto: no cluster made by `ray start` is recorded on this machine "
-                                 f"({record} is missing): start one with ray start --head, or drop --address auto "
-                                 f"to run on a new local cluster")
+    if source is not None:
+        given = "--address auto" if source == "--address" else "RAY_ADDRESS=auto"
+        drop = f", or {'drop' if source == '--address' else 'unset'} {given} to run on a new local cluster" \
+            if local else ""
+        raise ClusterUnreachable(f"{given}: no cluster made by `ray start` is recorded on this machine "
+                                 f"({record} is missing): start one with ray start --head{drop}")
     raise ClusterUnreachable(f"no Ray cluster runs on this machine ({record} is missing), and this command needs the "
                              "one that runs the deployment: give its address (--address, where the command takes "
                              "one, or RAY_ADDRESS), or start one with ray start --head and deploy there")
 
 
-def _head(target: str) -> tuple[str, int]:
-    """The host and port of the cluster's head (GCS) that `target` names ("auto": already resolved)."""
+def _head(target: str, source: str | None) -> tuple[str, int]:
+    """The host and port of the cluster's head (GCS) that `target` names ("auto": already resolved);
+    `source`: where it came from (--address, RAY_ADDRESS), named in the error."""
+    given = f"{source} {target!r}" if source else f"Ray address {target!r}"
     if target.startswith(("http://", "https://")):
-        raise ValueError(f"Ray address {target!r} is a dashboard URL (what `ray job submit` takes): give the "
+        raise ValueError(f"{given} is a dashboard URL (what `ray job submit` takes): give the "
                          "cluster's address, host:port of its head (6379 by default), or auto")
     address = target.removeprefix("ray://")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"Ray address {target!r} is not host:port with a port in [1, 65535] (or auto, or "
+        raise ValueError(f"{given} is not host:port with a port in [1, 65535] (or auto, or "
                          "ray://host:port)")
     return host.strip("[]"), int(port)
 
 
-def _probe(target: str, source: str | None, host: str, port: int, timeout_s: float) -> None:
+def _probe(target: str, source: str | None, local: bool, host: str, port: int, timeout_s: float) -> None:
     """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses for
-    REFUSED_S or does not answer within `timeout_s` (`source`: as for `_advice`)."""
+    REFUSED_S or does not answer within `timeout_s` (`source`, `local`: as for `_advice`)."""
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
@@ -121,7 +128,7 @@ def _probe(target: str, source: str | None, host: str, port: int, timeout_s: flo
                 why = "connection refused" if refused else (str(err) or type(err).__name__)
                 named = "the cluster `ray start` last made on this machine" if target == "auto" else target
                 raise ClusterUnreachable(f"no Ray cluster answers at {named} ({host}:{port}: {why}, for "
-                                         f"{elapsed:.0f} s): {_advice(target, source)}") from None
+                                         f"{elapsed:.0f} s): {_advice(target, source, local)}") from None
         time.sleep(0.25)
 
 
@@ -252,10 +259,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
     named = target
     source = "--address" if address else ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else None)
     if target == "auto":  # that cluster alone, never another one Ray's own "auto" would find running here
-        target, named = _recorded_head(asked=source is not None), "auto"
-    host, port = _head(target)
+        target, named = _recorded_head(source, local=not existing), "auto"
+    host, port = _head(target, source if named != "auto" else None)
     deadline = time.monotonic() + timeout_s  # the probes' time counts against the wait, not beside it
-    _probe(named, source, host, port, timeout_s)
+    _probe(named, source, not existing, host, port, timeout_s)
     _check_token("that `ray start` last made on this machine" if named == "auto" else f"at {named}", host, port,
                  client=target.startswith("ray://"), timeout_s=deadline - time.monotonic())
     log.info("joining the Ray cluster at %s", target)

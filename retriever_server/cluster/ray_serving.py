@@ -140,6 +140,13 @@ def _actor_names(name: str, namespace: str) -> list[str]:
     return sorted(names, key=lambda n: (n != router_actor_name(name), n))
 
 
+def check_name_free(name: str, namespace: str) -> None:
+    """DeploymentError where a deployment named `name` runs in `namespace` (connected to Ray already)."""
+    if _actor_names(name, namespace):
+        raise DeploymentError(f"a deployment named {name!r} already runs in namespace {namespace!r}; "
+                              "undeploy it first")
+
+
 def _not_found(name: str, namespace: str) -> DeploymentError:
     others = running_deployments(namespace)
     running = f"; running there: {', '.join(others)}" if others else "; none is running there"
@@ -281,9 +288,7 @@ class RayDeployment:
         self.security = plan_security(c.host, c.security, c.secrets_dir)  # before joining or starting a cluster
         connect()
         num_shards = len(read_manifest(c.datastore).shards)
-        if _actor_names(c.name, c.namespace):
-            raise DeploymentError(f"a deployment named {c.name!r} already runs in namespace {c.namespace!r}; "
-                                  "undeploy it first")
+        check_name_free(c.name, c.namespace)
         nodes = cluster_nodes()
         try:
             self.plan = plan_placement(nodes, num_shards, c.replicas, c.cpus_per_shard)
