@@ -309,27 +309,26 @@ def check_folder(path: Path | None, flag: str) -> None:
     """Refuses a folder to write that cannot be one, before the work whose result goes there: `path`, or
     the nearest of its parents that exists, is a file, or a folder this user cannot write in. A ValueError
     naming `flag` and the path; None (not given) passes."""
-    if path is None:
-        return
-    for place in (path, *path.parents):
+    if path is not None:
+        _check_writable(path, (path, *path.parents), flag)
+
+
+def check_file_to_write(path: Path, flag: str) -> None:
+    """Refuses a file to write whose folder cannot hold it, before the work that makes it: the nearest
+    existing folder above it is a file, or this user cannot write in it (a ValueError naming `flag`)."""
+    _check_writable(path, path.parents, flag)
+
+
+def _check_writable(path: Path, places, flag: str) -> None:
+    """The first of `places` that exists must be a folder this user can write in (a ValueError naming `flag`
+    and `path` otherwise)."""
+    for place in places:
         if place.exists():
             if not place.is_dir():
                 where = "exists and is not a folder" if place == path else f"lies under {place}, which is a file"
                 raise ValueError(f"{flag} {path} {where}")
             if not os.access(place, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {path}: {'it' if place == path else place} is not writable by this user")
-            return
-
-
-def check_file_to_write(path: Path, flag: str) -> None:
-    """Refuses a file to write whose folder cannot hold it, before the work that makes it: the nearest
-    existing folder above it is a file, or this user cannot write in it (a ValueError naming `flag`)."""
-    for place in path.parents:
-        if place.exists():
-            if not place.is_dir():
-                raise ValueError(f"{flag} {path} lies under {place}, which is a file")
-            if not os.access(place, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path}: {place} is not writable by this user")
             return
 
 

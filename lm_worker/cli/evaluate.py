@@ -98,12 +98,14 @@ def add_parser(sub) -> None:
     v.set_defaults(handler=run_eval)
 
 
-def _check_targets(args: argparse.Namespace, tokenizer) -> None:
-    """Asks each family's --*-target for its datastore's kind and tokenizer before any evaluation runs (a
-    --*-datastore's were read from its manifest): a RETRO target serving a kNN-LM datastore must not be
-    found after the whole kNN-LM evaluation."""
+def _check_datastores(args: argparse.Namespace, tokenizer) -> None:
+    """Each evaluated family's datastore is of its kind, before any evaluation runs: a --*-datastore's
+    manifest, and a --*-target asked (with its tokenizer). A RETRO datastore given a kNN-LM one must not
+    be found after the whole kNN-LM evaluation."""
     for family, kind, model in (("knnlm-", "knnlm", args.lm), ("retro-", "retro", args.retro)):
         flags = retrieval_flags(args, family)
+        if model:
+            check_datastore_kind(flags, kind)
         if model and flags.target:
             with open_retriever(flags, k=1, security=security_of(args)) as retriever:
                 check_datastore_kind(flags, kind, retriever)
@@ -122,15 +124,13 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
         lm = load_checkpoint(args.lm, kinds=KNNLM_KINDS, flag="--lm").model
         flags = retrieval_flags(args, "knnlm-")
         with open_retriever(flags, security=security_of(args)) as retriever:
-            check_datastore_kind(flags, "knnlm", need_retriever(retriever, flags, "with --lm"))
-            check_datastore_tokenizer(retriever, tokenizer, flags)
+            check_datastore_tokenizer(need_retriever(retriever, flags, "with --lm"), tokenizer, flags)
             knn = evaluate_knnlm(lm, store, retriever, config, progress)
     if args.retro:
         model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
         flags = retrieval_flags(args, "retro-")
         with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
-            check_datastore_kind(flags, "retro", retriever)
             check_datastore_tokenizer(retriever, tokenizer, flags)
             encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
@@ -261,9 +261,6 @@ def run_eval(args: argparse.Namespace) -> None:
     check_folder(args.out, "--out")
     check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
                       ("--encoder-lm", args.encoder_lm, LM_KINDS))
-    for family, kind, model in (("knnlm-", "knnlm", args.lm), ("retro-", "retro", args.retro)):
-        if model:  # every --*-datastore's kind, before any evaluation runs
-            check_datastore_kind(retrieval_flags(args, family), kind)
     if args.retro and args.retro_k:
         from lm_worker.models.checkpoint import checkpoint_config
 
@@ -288,7 +285,7 @@ def run_eval(args: argparse.Namespace) -> None:
                             exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
                             min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
                             pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
-    _check_targets(args, tokenizer)
+    _check_datastores(args, tokenizer)
     with fields_as_flags({"context_len": "--context-len"}):  # a window the model cannot take, found as it loads
         knn, retro = _distributed(args, store, config) if args.workers else _in_process(args, store, tokenizer,
                                                                                         config)
