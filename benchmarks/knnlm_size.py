@@ -499,8 +499,9 @@ def pipeline_report(run_dir: Path) -> dict | None:
     """The kNN-LM figures of the pipeline's own evaluation (RUN/report/eval.json), if it made one."""
     path = run_dir / "report" / "eval.json"
     knn = json.loads(path.read_text()).get("knnlm") if path.is_file() else None
-    return None if knn is None else {name: knn[name] for name in ("tokens", "base_perplexity", "best_lambda",
-                                                                   "best_perplexity", "temperature", "k")}
+    return None if knn is None else {**{name: knn[name] for name in ("tokens", "base_perplexity", "best_lambda",
+                                                                      "best_perplexity", "temperature", "k")},
+                                     "lambdas_from": knn.get("lambdas_from", "")}
 
 
 def agreement(results: dict) -> str:
@@ -508,11 +509,13 @@ def agreement(results: dict) -> str:
     ref, train = results["pipeline_report"], next(r for r in results["rows"] if r["source"] == TRAIN)
     if ref is None or ref["tokens"] != train["test_tokens"] or ref["temperature"] != train["temperature"]:
         return "the pipeline's report scored other tokens or chose another temperature: not compared"
-    same = math.isclose(ref["best_perplexity"], train["knn_perplexity"], rel_tol=1e-6) and \
+    ours = train["test_perplexity_at_valid_lambda"] if ref["lambdas_from"] else train["knn_perplexity"]  # its λ's
+    same = math.isclose(ref["best_perplexity"], ours, rel_tol=1e-6) and \
         math.isclose(ref["base_perplexity"], train["base_perplexity"], rel_tol=1e-6)
     verdict = "AGREE" if same else "DIFFER"
     return (f"the train row against the pipeline's report (its service, LM worker actors): {verdict} (report: base "
-            f"{ref['base_perplexity']:.3f}, kNN-LM {ref['best_perplexity']:.3f} at λ={ref['best_lambda']:g}, "
+            f"{ref['base_perplexity']:.3f}, kNN-LM {ref['best_perplexity']:.3f} at λ={ref['best_lambda']:g}"
+            f"{' chosen on ' + ref['lambdas_from'] if ref['lambdas_from'] else ''}, "
             f"T={ref['temperature']:g})")
 
 

@@ -21,7 +21,7 @@ from lm_worker.data.tokenizer import train_tokenizer
 from lm_worker.data.windows import Window, iter_windows
 from lm_worker.decoding.retro_stepper import RetroStepper
 from lm_worker.evaluation.config import EvalConfig, scored_positions
-from lm_worker.evaluation.knnlm_eval import best_lambdas, evaluate_knnlm, evaluate_lm
+from lm_worker.evaluation.knnlm_eval import at_lambdas, best_lambdas, evaluate_knnlm, evaluate_lm
 from lm_worker.evaluation.pointers import follow_pointers
 from lm_worker.evaluation.report import report_table, write_report
 from lm_worker.evaluation.retro_eval import evaluate_retro
@@ -455,6 +455,21 @@ def test_a_store_too_short_to_score_is_refused_not_a_perplexity_of_one(tmp_path,
             evaluate_knnlm(lm, store, retriever, KNN, progress=False)
 
 
+def test_a_figure_at_lambdas_chosen_elsewhere_is_this_texts_perplexity_at_them(lm, stores, knn_datastore):
+    """`at_lambdas` reports the evaluated text at a λ chosen on other text, however much better another λ of
+    its own sweep would do; the table says where the λ came from."""
+    train = stores[0]
+    with InProcessRetriever(knn_datastore[0], KNN.retrieval) as retriever:
+        knn = evaluate_knnlm(lm, train, retriever, KNN, progress=False)  # its own text: the best λ is not 0
+    assert knn.best_lambda > 0 and knn.lambdas_from == ""
+    chosen = at_lambdas(knn, 0.0, 0.0, "valid")
+    assert chosen.best_perplexity == knn.perplexity[0.0] == pytest.approx(knn.base_perplexity, rel=1e-6)
+    assert chosen.relative_reduction == pytest.approx(0.0, abs=1e-6) and chosen.perplexity == knn.perplexity
+    assert "| kNN-LM (λ=0 chosen on valid, k=16, T=1) |" in report_table(chosen, None)
+    with pytest.raises(ValueError, match=r"lam=0.33 is not among the evaluated λs"):
+        at_lambdas(knn, 0.33, 0.33, "valid")
+
+
 def test_the_best_lambda_pair_is_the_same_whatever_the_order_of_the_lambdas():
     """With pointers, λ=1 makes the searched and the followed positions' sums both infinite; their difference
     (nan) is no best: the pair is (0.25, 0.25) whichever λ comes first."""
@@ -488,8 +503,8 @@ def test_write_report(tmp_path, lm, retro_model, stores, encoder, knn_datastore,
     assert lines[0] == "| model | tokens | perplexity | vs base |" and len(lines) == 6
     assert lines[2] == f"| base LM | {knn.tokens} | {knn.base_perplexity:.3f} | base |"
     change = 100 * (knn.best_perplexity / knn.base_perplexity - 1)
-    assert lines[3].startswith(f"| kNN-LM (λ={knn.best_lambda:g}, k=16, T=1) | {knn.tokens} | "
-                               f"{knn.best_perplexity:.3f} | {change:+.1f}% |")
+    assert lines[3].startswith(f"| kNN-LM (λ={knn.best_lambda:g}, best of {len(KNN.lambdas)} on these tokens, k=16, "
+                               f"T=1) | {knn.tokens} | {knn.best_perplexity:.3f} | {change:+.1f}% |")
     assert lines[4] == f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |"
     assert lines[5].startswith(f"| RETRO (K=2) | {retro.tokens} | {retro.perplexity:.3f} | ")
 
@@ -560,6 +575,10 @@ def test_followed_positions_take_their_own_lambda_and_temperature(lm, stores, kn
     row = report_table(result, None, {"pointer_steps": 4, "pointer_agreement": 0.0, "pointer_crowd": 0}).splitlines()[3]
     assert f"{result.searched} positions searched; pointers N=4 followed {100 * followed.mean():.1f}%: " in row
     assert f"λ={lam_f:g}, T=6" in row and "θ" not in row  # no agreement check: no θ named
+    chosen = at_lambdas(result, 0.1, 0.9, "valid")  # λs chosen on other text: this text's figure at them
+    pair = (nll[0.1][~followed].sum() + nll[0.9][followed].sum()) / len(followed)
+    assert chosen.best_perplexity == pytest.approx(np.exp(pair), rel=1e-4)
+    assert (chosen.best_lambda, chosen.followed_lambda, chosen.lambdas_from) == (0.1, 0.9, "valid")
 
 
 def knn_probs(found, targets: np.ndarray, temperature: np.ndarray) -> np.ndarray:

@@ -113,11 +113,19 @@ def test_distributed_figures_equal_an_in_process_evaluation(first_run):
     lm = load_checkpoint(config.run / "lm").model
     eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, retrieval=config.knn,
                              temperature=chosen, max_tokens=config.eval_tokens)
+    valid = TokenStore.open(config.run / "data" / "valid")
     with InProcessRetriever(config.run / "knnlm-datastore", config.knn) as retriever:
         reference = evaluate_knnlm(lm, test, retriever, eval_config, progress=False)
+        on_valid = evaluate_knnlm(lm, valid, retriever, replace(eval_config, max_tokens=0), progress=False)
     assert body["knnlm"]["tokens"] == reference.tokens == config.eval_tokens
     assert body["knnlm"]["base_perplexity"] == pytest.approx(reference.base_perplexity, rel=1e-6)
-    assert body["knnlm"]["best_perplexity"] == pytest.approx(reference.best_perplexity, rel=1e-5)
+    for lam, ppl in reference.perplexity.items():
+        assert body["knnlm"]["perplexity"][str(lam)] == pytest.approx(ppl, rel=1e-5)
+    # The reported figure is the test split's at the λ that the validation text chose, not the test's own best.
+    lam = body["meta"]["temperature_tuning"]["lambda"]
+    assert lam == on_valid.best_lambda == body["knnlm"]["best_lambda"] and body["knnlm"]["lambdas_from"] == "valid"
+    assert body["knnlm"]["best_perplexity"] == pytest.approx(reference.perplexity[lam], rel=1e-5)
+    assert f"λ={lam:g} chosen on valid" in report.table
 
 
 def test_a_second_run_reuses_every_stage(first_run, caplog):
@@ -211,19 +219,25 @@ def test_the_temperature_is_chosen_again_when_what_it_was_chosen_on_changes(tmp_
 
     def fake_evaluate(lm, valid, retriever, config, progress):  # perplexity 10 + |T - 4|
         tried.append(config.temperature)
-        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0))
+        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0), temperature=config.temperature,
+                               best_lambda=config.temperature / 20, followed_lambda=config.temperature / 20)
+
+    def choose(config, lm, eval_config=EvalConfig()):
+        choice = tune_temperature(config, lm, valid, None, eval_config)
+        return choice.temperature, choice.lam, choice.reused
 
     monkeypatch.setattr(knnlm_eval, "evaluate_knnlm", fake_evaluate)
     (tmp_path / "report").mkdir()
     lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
     config = replace(tiny(tmp_path), temperatures=(1.0, 5.0))
-    assert tune_temperature(config, lm, valid, None, EvalConfig())[::2] == (5.0, False)
-    assert tune_temperature(config, lm, valid, None, EvalConfig())[::2] == (5.0, True) and tried == [1.0, 5.0]
+    assert choose(config, lm) == (5.0, 0.25, False)  # λ: the best at the chosen temperature
+    assert choose(config, lm) == (5.0, 0.25, True) and tried == [1.0, 5.0]
     wider = replace(config, temperatures=(1.0, 4.0, 5.0))  # more temperatures: chosen again, among them
-    assert tune_temperature(wider, lm, valid, None, EvalConfig())[::2] == (4.0, False)
+    assert choose(wider, lm) == (4.0, 0.2, False)
+    assert choose(wider, lm, EvalConfig(lambdas=(0.0, 0.2)))[2] is False  # other λs: chosen again
     torch.manual_seed(1)
     retrained = TransformerLM(LMConfig.tiny(vocab_size=50))  # another LM: chosen again
-    assert tune_temperature(wider, retrained, valid, None, EvalConfig())[2] is False
+    assert choose(wider, retrained)[2] is False
 
 
 def test_the_test_split_is_evaluated_again_when_the_chosen_temperature_changes(tmp_path, monkeypatch):

@@ -169,14 +169,18 @@ def tune(monkeypatch, tmp_path):
 
     def fake_evaluate(lm, valid, retriever, config, progress):
         tried.append(config.temperature)
-        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0))
+        return SimpleNamespace(best_perplexity=10.0 + abs(config.temperature - 4.0), temperature=config.temperature,
+                               best_lambda=0.25, followed_lambda=0.25)
 
     monkeypatch.setattr(knnlm_eval, "evaluate_knnlm", fake_evaluate)
     (tmp_path / "report").mkdir()
     config = PipelineConfig(run=tmp_path, temperatures=(1.0, 5.0), progress=False)
     lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
-    return (lambda knn=RetrievalConfig(k=8, nprobe=2): tune_temperature(config, lm, valid, None,
-                                                                         EvalConfig(retrieval=knn))), tried
+    def choose(knn=RetrievalConfig(k=8, nprobe=2)):
+        choice = tune_temperature(config, lm, valid, None, EvalConfig(retrieval=knn))
+        return choice.temperature, choice.lam, choice.reused
+
+    return choose, tried
 
 
 def test_the_temperature_is_chosen_again_when_the_knn_retrieval_changes(monkeypatch, tmp_path):
@@ -186,6 +190,17 @@ def test_the_temperature_is_chosen_again_when_the_knn_retrieval_changes(monkeypa
                 RetrievalConfig(k=16, nprobe=4, exact_rerank=True, rerank_candidates=64)):
         assert choose(knn)[2] is False, knn  # each change chooses again
     assert choose(knn)[2] is True and len(tried) == 8
+
+
+def test_a_temperature_file_written_before_lambda_was_chosen_with_it_is_chosen_again(monkeypatch, tmp_path):
+    choose, tried = tune(monkeypatch, tmp_path)
+    path = tmp_path / "report" / "temperature.json"
+    choose()
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps({key: value for key, value in body.items()
+                                if key not in ("lambda", "followed_lambda")}))  # "lambdas", the sweep, stays
+    assert choose() == (5.0, 0.25, False) and len(tried) == 4
+    assert json.loads(path.read_text())["lambda"] == 0.25
 
 
 def test_an_unreadable_temperature_file_is_chosen_again_and_a_stopped_write_keeps_the_last(monkeypatch, tmp_path,

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -90,6 +90,10 @@ class KnnEvalResult:
     with temperature `followed_temperature`; `perplexity` takes one λ everywhere, while `best_lambda`
     (searched positions) and `followed_lambda` (followed ones) are the best pair, which gives
     `best_perplexity`. `followed_nll` (per λ) is the followed positions' share of `nll`.
+
+    `best_lambda`, `followed_lambda` and `best_perplexity` are the best of this text's own sweep, an
+    optimistic figure, unless `lambdas_from` names the other text they were chosen on (`at_lambdas`):
+    a held-out figure takes its λs from validation text, as the pipeline does.
     """
 
     tokens: int
@@ -110,6 +114,7 @@ class KnnEvalResult:
     followed_lambda: float = 0.0
     followed_temperature: float = 0.0
     followed_nll: dict[float, float] = field(default_factory=dict)
+    lambdas_from: str = ""  # the text best_lambda and followed_lambda were chosen on; "": this one's sweep
 
     @property
     def tokens_per_second(self) -> float:
@@ -135,6 +140,24 @@ def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], toke
     lam_s = min(searched, key=lambda lam: searched[lam])
     lam_f = min(followed_nll, key=lambda lam: followed_nll[lam])
     return lam_s, lam_f, perplexity(searched[lam_s] + followed_nll[lam_f], tokens)
+
+
+def at_lambdas(result: KnnEvalResult, lam: float, followed_lam: float, chosen_on: str) -> KnnEvalResult:
+    """`result` with its headline at λs chosen on other text (`chosen_on`, e.g. the validation split):
+    `lam` at searched positions, `followed_lam` at followed ones, both among the λs it was evaluated at.
+
+    Raises:
+        ValueError: a λ that `result` was not evaluated at.
+    """
+    for name, value in (("lam", lam), ("followed_lam", followed_lam)):
+        if value not in result.nll:
+            raise ValueError(f"{name}={value:g} is not among the evaluated λs {sorted(result.nll)}")
+    followed = result.followed_nll or dict.fromkeys(result.nll, 0.0)
+    searched = result.nll[lam] - followed[lam] if math.isfinite(result.nll[lam]) else math.inf
+    ppl = perplexity(searched + followed[followed_lam], result.tokens)
+    base = result.base_perplexity
+    return replace(result, best_lambda=lam, followed_lambda=followed_lam, best_perplexity=ppl,
+                   relative_reduction=1.0 - ppl / base if math.isfinite(base) else 0.0, lambdas_from=chosen_on)
 
 
 class _Sums:

@@ -30,6 +30,15 @@ def _pointer_settings(meta: dict) -> str:
     return ", ".join(parts) + " " if parts else ""
 
 
+def _lambda_label(knn: KnnEvalResult) -> str:
+    """Where the reported λ comes from: other text (validation), or this text's own sweep, whose best is
+    an optimistic figure (λ fitted to the very tokens it scores)."""
+    if knn.lambdas_from:
+        return f"λ={knn.best_lambda:g} chosen on {knn.lambdas_from}"
+    return f"λ={knn.best_lambda:g}, best of {len(knn.perplexity)} on these tokens" if len(knn.perplexity) > 1 \
+        else f"λ={knn.best_lambda:g}"
+
+
 def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta: dict | None = None) -> str:
     """The markdown table: each model's perplexity and its change against its own base
     (the LM for kNN-LM; RETRO with its neighbours withheld for RETRO). With pointers, the kNN-LM row
@@ -41,7 +50,7 @@ def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta:
         pointers = (f", {knn.searched} positions searched; pointers {_pointer_settings(meta or {})}followed "
                     f"{100 * followed:.1f}%: λ={knn.followed_lambda:g}, T={knn.followed_temperature:g}") \
             if 0 < knn.searched < knn.tokens else ""
-        lines.append(f"| kNN-LM (λ={knn.best_lambda:g}, k={knn.k}, T={knn.temperature:g}{pointers}) | {knn.tokens} | "
+        lines.append(f"| kNN-LM ({_lambda_label(knn)}, k={knn.k}, T={knn.temperature:g}{pointers}) | {knn.tokens} | "
                      f"{knn.best_perplexity:.3f} | {_change(knn.best_perplexity, knn.base_perplexity)} |")
     if retro is not None:
         lines.append(f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |")
@@ -51,7 +60,8 @@ def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta:
 
 
 def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
-    """Perplexity against λ, the base LM as a line, the best λ marked."""
+    """Perplexity against λ, the base LM as a line, the reported λ marked (and, where it was chosen on other
+    text, this text's own best beside it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -68,8 +78,15 @@ def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
                 label=f"λ at followed positions (T={knn.followed_temperature:g}); searched at λ={knn.best_lambda:g}")
     ax.axhline(knn.base_perplexity, color="grey", linestyle="--", label=f"base LM alone ({knn.base_perplexity:.2f})")
     followed = f", followed λ={knn.followed_lambda:g}" if pointers else ""
+    how = f"chosen on {knn.lambdas_from}" if knn.lambdas_from else "best"
+    own = min(lambdas, key=lambda lam: knn.perplexity[lam])  # the sweep's own best on these tokens
+    if knn.lambdas_from and not pointers and own != knn.best_lambda:  # one the reported figure does not take
+        ax.plot([own], [knn.perplexity[own]], "o", markerfacecolor="none", markeredgecolor="black", markersize=12,
+                label=f"best on these tokens (not used): λ={own:g}, {knn.perplexity[own]:.2f}")
+    elif knn.lambdas_from and not pointers:
+        how += ", also the best on these tokens"
     ax.plot([knn.followed_lambda if pointers else knn.best_lambda], [knn.best_perplexity], "r*", markersize=14,
-            label=f"best: λ={knn.best_lambda:g}{followed}, {knn.best_perplexity:.2f} "
+            label=f"{how}: λ={knn.best_lambda:g}{followed}, {knn.best_perplexity:.2f} "
                   f"({-100 * knn.relative_reduction:+.1f}%)")
     ax.set_xlabel("λ: p = λ·p_kNN + (1 − λ)·p_LM")
     ax.set_ylabel("perplexity (lower is better)")

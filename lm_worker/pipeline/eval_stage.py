@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lm_worker.data.token_store import write_text_atomically
@@ -17,43 +17,63 @@ from lm_worker.pipeline.stages import done
 log = logging.getLogger(__name__)
 
 
-def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config
-                     ) -> tuple[float, dict[float, float], bool]:
-    """kNN-LM's softmax temperature, chosen on the validation documents (in this process, through the
-    service): the best T, T -> best perplexity over the λ sweep, and whether they were read from
-    RUN/report/temperature.json (kept there with the temperatures tried, the LM, the text's length and the
-    kNN retrieval settings, and chosen again when any of them changed, or when the file is unreadable)."""
+@dataclass(frozen=True)
+class KnnChoice:
+    """kNN-LM's settings chosen on the validation text: the temperature, λ at searched positions and λ at
+    followed ones (the same λ without pointers), with T -> the best perplexity over the λ sweep, and
+    whether they were read from RUN/report/temperature.json rather than chosen now."""
+
+    temperature: float
+    lam: float
+    followed_lam: float
+    by_temperature: dict[float, float]
+    reused: bool
+
+
+def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> KnnChoice:
+    """kNN-LM's softmax temperature and λ, chosen together on the validation documents (in this process,
+    through the service), never on the test split that reports them. Kept in RUN/report/temperature.json
+    with the temperatures and λs tried, the LM, the text's length and the kNN retrieval settings, and
+    chosen again when any of them changed, or when the file is unreadable."""
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.models.fingerprint import model_fingerprint
 
     path = config.run / "report" / "temperature.json"
     knn = eval_config.retrieval  # what the neighbours are: how many, how searched
-    asked = {"temperatures": list(config.temperatures), "lm": model_fingerprint(lm), "valid_tokens": len(valid),
+    asked = {"temperatures": list(config.temperatures), "lambdas": list(eval_config.lambdas),
+             "lm": model_fingerprint(lm), "valid_tokens": len(valid),
              "retrieval": {"k": knn.k, "nprobe": knn.nprobe, "exact_rerank": knn.exact_rerank,
                            "rerank_candidates": knn.rerank_candidates}}
     if done(path):
         saved = read_choice(path)
         if saved is not None and {key: saved.get(key) for key in asked} == asked:  # same temperatures, LM, text, kNN
-            return saved["chosen"], saved["best_perplexity_by_temperature"], True
-        log.info("choosing kNN-LM's temperature again: %s %s", path,
+            return KnnChoice(saved["chosen"], saved["lambda"], saved["followed_lambda"],
+                             saved["best_perplexity_by_temperature"], True)
+        log.info("choosing kNN-LM's temperature and λ again: %s %s", path,
                  "is unreadable" if saved is None else "was chosen for other settings")
-    best: dict[float, float] = {}
+    results = {}
     for T in config.temperatures:
-        best[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False
-                                 ).best_perplexity
-        log.info("temperature %g: best perplexity %.3f on %d validation tokens", T, best[T], len(valid))
-    chosen = min(best, key=best.get)
-    write_text_atomically(path, json.dumps({"chosen": chosen, "best_perplexity_by_temperature": best, **asked},
+        results[T] = evaluate_knnlm(lm, valid, retriever, replace(eval_config, temperature=T), progress=False)
+        log.info("temperature %g: best perplexity %.3f (λ=%g) on %d validation tokens", T,
+                 results[T].best_perplexity, results[T].best_lambda, len(valid))
+    best = {T: result.best_perplexity for T, result in results.items()}
+    chosen = results[min(best, key=best.get)]
+    choice = KnnChoice(chosen.temperature, chosen.best_lambda, chosen.followed_lambda, best, False)
+    write_text_atomically(path, json.dumps({"chosen": choice.temperature, "lambda": choice.lam,
+                                            "followed_lambda": choice.followed_lam,
+                                            "best_perplexity_by_temperature": best, **asked},
                                            indent=2))  # whole: a stopped write leaves no half file
-    return chosen, best, False
+    return choice
 
 
 def read_choice(path: Path) -> dict | None:
     """temperature.json with its choice as numbers (T -> perplexity with float keys); None, logged, when it is
-    not JSON or lacks them (a file cut short by a run stopped while writing it, before writes were atomic)."""
+    not JSON or lacks them (a file cut short by a run stopped while writing it, before writes were atomic, or
+    one written before λ was chosen with T)."""
     try:
         saved = json.loads(path.read_text())
-        saved["chosen"] = float(saved["chosen"])
+        for key in ("chosen", "lambda", "followed_lambda"):
+            saved[key] = float(saved[key])
         saved["best_perplexity_by_temperature"] = {float(t): float(p) for t, p in
                                                    saved["best_perplexity_by_temperature"].items()}
         return saved

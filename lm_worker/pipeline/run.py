@@ -69,6 +69,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
         RuntimeError, OSError: a stage failed (what it finished stays for the next run).
     """
     from lm_worker.evaluation.config import EvalConfig
+    from lm_worker.evaluation.knnlm_eval import at_lambdas
     from lm_worker.models.checkpoint import load_checkpoint
     from lm_worker.retrieval.service import ServiceRetriever, resolve_target
 
@@ -116,13 +117,15 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
                           reused=is_trained(config, retro_training, "retro")):
             retro_checkpoint = train_model(config, retro_training, "retro", neighbours=run / "retro-source")
         retro = load_checkpoint(retro_checkpoint).model
-        with stages.stage("choose kNN-LM's temperature on validation text",
+        with stages.stage("choose kNN-LM's temperature and λ on validation text",
                           reused=done(run / "report" / "temperature.json")) as stage:
-            temperature, tuning, stage.reused = tune_temperature(config, lm, valid, knn_retriever, eval_config)
+            choice = tune_temperature(config, lm, valid, knn_retriever, eval_config)
+            stage.reused = choice.reused
         with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False) as stage:
-            knn_result, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, (knn_target, knn_security),
-                                                     replace(eval_config, temperature=temperature), lm,
-                                                     knn_retriever, encoder)
+            swept, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, (knn_target, knn_security),
+                                                replace(eval_config, temperature=choice.temperature), lm,
+                                                knn_retriever, encoder)
+            knn_result = at_lambdas(swept, choice.lam, choice.followed_lam, "valid")  # never the test's own best
         with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False) as stage:
             retro_result, stage.reused = evaluate_test(config, "retro", retro_checkpoint, test,
                                                        (retro_target, retro_security),
@@ -132,11 +135,11 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
             attention = attention_map(config, retro, encoder, retro_retriever, tokenizer, test)
             samples = write_samples(config, tokenizer, lm, knn_retriever, knn_result, retro, retro_retriever, encoder) \
                 if config.samples else None
-    return write_pipeline_report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm,
+    return write_pipeline_report(config, stages, knn_result, retro_result, test, valid, choice, lm,
                                  retro, attention, samples)
 
 
-def write_pipeline_report(config, stages, knn_result, retro_result, test, valid, temperature, tuning, lm, retro,
+def write_pipeline_report(config, stages, knn_result, retro_result, test, valid, choice, lm, retro,
                           attention, samples) -> PipelineReport:
     from lm_worker.evaluation.report import report_table, write_report
 
@@ -151,8 +154,10 @@ def write_pipeline_report(config, stages, knn_result, retro_result, test, valid,
                              "predicted_tokens": knn_result.tokens,
                              "documents": len(test.documents)},
             "temperature_tuning": {"split": "valid (the last tune_tokens held-out tokens)", "tokens": len(valid),
-                                   "best_perplexity_by_temperature": {str(t): p for t, p in tuning.items()},
-                                   "chosen": temperature},
+                                   "best_perplexity_by_temperature": {str(t): p for t, p in
+                                                                      choice.by_temperature.items()},
+                                   "chosen": choice.temperature, "lambda": choice.lam,
+                                   "followed_lambda": choice.followed_lam},
             "lm_parameters": sum(p.numel() for p in lm.parameters()),
             "retro_parameters": sum(p.numel() for p in retro.parameters()),
             "retro_trained_parameters": trained_parameters(config, retro),
@@ -165,8 +170,8 @@ def write_pipeline_report(config, stages, knn_result, retro_result, test, valid,
             plots.append(Path(shutil.copy(config.run / name / "loss.png", report / f"loss_{name}.png")))
     table = report_table(knn_result, retro_result)
     summary = (f"Perplexity over the {knn_result.tokens} tokens predicted in the {len(test)}-token test split "
-               f"({len(test.documents)} held-out documents); kNN-LM's temperature T={temperature:g} chosen on the "
-               f"{len(valid)} held-out tokens after them.\n\n{table}\n{stages.table()}")
+               f"({len(test.documents)} held-out documents); kNN-LM's temperature T={choice.temperature:g} and "
+               f"λ={choice.lam:g} chosen on the {len(valid)} held-out tokens after them.\n\n{table}\n{stages.table()}")
     (report / "summary.md").write_text(summary)
     return PipelineReport(config.run, table, summary, report, report / "eval.json", plots, samples)
 
