@@ -222,12 +222,18 @@ def test_retro_keys_with_the_real_chunk_encoder(tmp_path):
     assert info.encoder_fingerprint == encoder.fingerprint and info.tokenizer_fingerprint == tokenizer.fingerprint
 
 
-def test_chunk_exclusions_equal_brute_force(retro_store):
+@pytest.mark.parametrize("window", [L, 2 * L, 5 * L])
+def test_chunk_exclusions_equal_brute_force(retro_store, window):
+    """Chunk c's neighbours reach, through the self-attention after the chunked cross-attention, every
+    later position of a window holding c: every document that such a window predicts is left out."""
     C, doc = len(retro_store) // L, np.asarray(retro_store.doc_ids)
-    ranges = chunk_exclusions(retro_store, L)
+    ranges = chunk_exclusions(retro_store, L, window)
     assert len(ranges) == C
     assert max(len(set(doc[c * L:(c + 1) * L])) for c in range(C)) == 3  # a chunk spans three documents
-    spans = [set(doc[c * L:(c + 2) * L]) for c in range(C)]  # chunk c, and chunk c + 1 its neighbours predict
+    reach = max(window, 2 * L - 1)  # at least chunk c + 1, which its neighbours predict in any window
+    spans = [set(doc[c * L:c * L + reach + 1]) for c in range(C)]  # chunk c's tokens and those it helps predict
+    if window == 5 * L:  # a window of five chunks reaches documents that chunk c + 1 does not hold
+        assert any(spans[c] > set(doc[c * L:(c + 2) * L]) for c in range(C))
     for c, (lo, hi) in enumerate(ranges):
         # row r is excluded when its payload (chunk + continuation) holds a token of a document of those
         expect = {r for r in range(C) if spans[c] & set(doc[r * L:r * L + 2 * L])}
@@ -296,7 +302,7 @@ def own_document_tokens(store, c: int) -> set[int]:
 def test_precompute_neighbours_exclude_own_document(retro_datastore, retro_store, aio, tmp_path, via):
     src, ds = retro_datastore
     queries = np.load(src / "keys.npy")
-    exclude = chunk_exclusions(retro_store, L)
+    exclude = chunk_exclusions(retro_store, L, 2 * L)
     config = RetrievalConfig(k=K)
     with contextlib.ExitStack() as stack:
         if via == "service":

@@ -75,6 +75,9 @@ def add_parsers(sub) -> None:
                                           "held-out and retro-split chunk")
     n.add_argument("--source", type=Path, required=True, help="the RETRO source folder; results go there")
     n.add_argument("--data", type=Path, required=True)
+    n.add_argument("--seq-len", type=int_in(1), default=256,
+                   help="the training window these neighbours serve (train --seq-len; default: 256): a train "
+                        "chunk leaves out every document that a window holding it predicts")
     add_retrieval_args(n, 2)
     add_encoder_lm_arg(n)
     add_security_args(n)
@@ -202,7 +205,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
         need_retriever(retriever, flags, "to fetch neighbours")
         check_datastore_kind(flags, "retro", retriever)
         check_datastore_tokenizer(retriever, tokenizer, flags)
-        jobs = [("train", source.open_keys(), chunk_exclusions(train, L))]
+        jobs = [("train", source.open_keys(), chunk_exclusions(train, L, args.seq_len))]
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)
             if not keys_made_from(keys, record):  # not there, or made from other chunks or by another encoder

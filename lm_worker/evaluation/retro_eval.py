@@ -63,9 +63,10 @@ class RetroEvalResult:
 class _ChunkNeighbours:
     """Neighbours of stream chunks: each chunk embedded and retrieved once (kept while windows overlap it)."""
 
-    def __init__(self, store: TokenStore, retriever, encoder, chunk_len: int, exclude: bool, clock: Clock):
+    def __init__(self, store: TokenStore, retriever, encoder, chunk_len: int, exclude: bool, clock: Clock,
+                 window: int):
         self.store, self.retriever, self.encoder, self.L, self.clock = store, retriever, encoder, chunk_len, clock
-        self.exclusions = chunk_exclusions(store, chunk_len) if exclude else None  # per chunk of the store
+        self.exclusions = chunk_exclusions(store, chunk_len, window) if exclude else None  # per chunk of the store
         self.cache: dict[int, np.ndarray] = {}  # chunk id -> (K, 2L)
 
     def submit(self, windows: list[Window]) -> tuple[np.ndarray, np.ndarray, Future]:
@@ -129,7 +130,7 @@ def evaluate_retro(model: torch.nn.Module, store: TokenStore, retriever, encoder
                          f"{retriever.ntotal} rows, the store {len(store)} tokens in chunks of {L}")
     model.eval()
     device, clock, started = model_device(model), Clock(model=0.0, embed=0.0, retrieval=0.0), time.perf_counter()
-    fetch = _ChunkNeighbours(store, retriever, encoder, L, config.exclude_own_document, clock)
+    fetch = _ChunkNeighbours(store, retriever, encoder, L, config.exclude_own_document, clock, config.context_len)
     nll_with = nll_without = 0.0
     tokens = 0
     for windows in tqdm(select_batches(plan_batches(store, config, align=L), batches), desc="RETRO eval", unit="batch",

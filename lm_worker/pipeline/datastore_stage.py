@@ -97,7 +97,7 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
             continue
         if split == "train":  # the datastore's own chunks: each leaves out its own document
             train = TokenStore.open(config.run / "data" / "train")
-            keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L)
+            keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L, config.retro.seq_len)
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none

@@ -31,24 +31,27 @@ def document_bounds(store: TokenStore) -> tuple[np.ndarray, np.ndarray]:
             np.array([d.end for d in store.documents], dtype=np.int64))
 
 
-def chunk_exclusions(store: TokenStore, chunk_len: int) -> list[tuple[int, int]]:
+def chunk_exclusions(store: TokenStore, chunk_len: int, window: int) -> list[tuple[int, int]]:
     """Per chunk c of the store, the RETRO rows [start, end) that hold any token of the document(s) of c
-    and of the tokens its neighbours help predict.
+    and of every token that a window holding c predicts.
 
-    Chunk c's neighbours are attended to by positions cL + L - 1 .. cL + 2L - 2, which predict tokens up
-    to (c + 2)L - 1: chunk c + 1. So the documents excluded run from that of c's first token to that of
-    token (c + 2)L - 1 (a chunk ending where its document ends would otherwise retrieve the next
-    document's first chunk, the very tokens it is scored on). Row r's payload is tokens[r*L : r*L + 2L],
-    so a document [ds, de) reaches rows ds // L - 1 (whose continuation holds the document's first
-    tokens) to ceil(de / L) - 1; documents are adjacent, so the union is one range. Rows are those of a
-    RETRO source made from this same store with this chunk_len.
+    Chunk c's neighbours are attended to from position cL + L - 1 on, and through the self-attention of
+    the layers after it they reach every later position of the window: a window of `window` positions
+    that holds chunk c starts at or before cL, so it predicts tokens up to cL + window. The documents
+    excluded therefore run from that of c's first token to that of token cL + max(window, 2L - 1):
+    otherwise chunk c could retrieve the very text the same window is scored on further on (a later
+    document's, or the next document's first chunk). Give the training window (`seq_len`) for training
+    neighbours and `context_len` for evaluation. Row r's payload is tokens[r*L : r*L + 2L], so a
+    document [ds, de) reaches rows ds // L - 1 (whose continuation holds the document's first tokens) to
+    ceil(de / L) - 1; documents are adjacent, so the union is one range. Rows are those of a RETRO source
+    made from this same store with this chunk_len.
     """
     L, C, N = chunk_len, len(store) // chunk_len, len(store)
     starts, ends = document_bounds(store)
     first_doc = np.asarray(store.doc_ids[0:C * L:L])  # (C,) the document of each chunk's first token
-    last_target = np.minimum(np.arange(C) * L + 2 * L - 1, N - 1)  # (C,) the last token its neighbours predict
+    reach = max(window, 2 * L - 1)  # tokens after a chunk's first that its neighbours help predict
+    last_target = np.minimum(np.arange(C) * L + reach, N - 1)  # (C,) the last token they help predict
     last_doc = np.asarray(store.doc_ids[last_target])  # (C,) ... and its document
     lo = np.maximum(starts[first_doc] // L - 1, 0)
     hi = np.minimum(-(-ends[last_doc] // L), C)
     return list(zip(lo.tolist(), hi.tolist()))
-

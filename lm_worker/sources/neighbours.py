@@ -3,7 +3,7 @@
 Example:
     >>> with InProcessRetriever(Path("run/retro-datastore"), RetrievalConfig(k=2)) as retriever:
     ...     keys = read_source(Path("run/retro-source")).open_keys()
-    ...     precompute_neighbours(retriever, keys, chunk_exclusions(train, 16),
+    ...     precompute_neighbours(retriever, keys, chunk_exclusions(train, 16, 256),
     ...                           Path("run/retro-source/neighbours-train.npy"))
 """
 
