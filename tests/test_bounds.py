@@ -303,3 +303,42 @@ def test_each_kind_of_exclusion_gives_the_filtered_search_of_its_query(datastore
         want_d, want_i = ix.search(shard.index, keys[q:q + 1], 10, 4, selector)
         np.testing.assert_array_equal(got.ids[q], want_i[0])
         np.testing.assert_allclose(got.distances[q], want_d[0], rtol=1e-5)
+
+
+def test_a_tie_as_wide_as_the_shard_is_searched_within_the_tie_budget(keys, tmp_path, monkeypatch):
+    """Zero queries against inner product: every row scores 0, one tie the size of the shard. Ties at the
+    k-th place are searched wider until they end, which here means the whole shard: past TIE_BUDGET
+    candidates the search stops widening and keeps FAISS's pick, so no request within the limits makes a
+    shard fetch every row for each query. Under the budget, the tie still comes back by smallest id."""
+    from retriever_server.serving.shard import Shard
+    from retriever_server.wire.request import parse_search
+
+    datastore = build(tmp_path, keys[:1000], "tied", shards=1, factory="IVF4,Flat", metric="ip")
+    shard = Shard.open(datastore, 0)
+    widths = []
+    search_rows = shard._search_rows
+    monkeypatch.setattr(shard, "_search_rows", lambda q, m, *rest: widths.append(m) or search_rows(q, m, *rest))
+    request = make_request(np.zeros((4, D), dtype=np.float32), k=2, nprobe=4)
+    whole = shard.search(parse_search(request, shard.view(), Limits()))
+    assert widths[-1] == 1000 and np.array_equal(whole.ids, np.tile([0, 1], (4, 1)))  # every tied row by id
+    widths.clear()
+    monkeypatch.setattr(shard_module, "TIE_BUDGET", 200)
+    bounded = shard.search(parse_search(request, shard.view(), Limits()))
+    assert widths == [18, 36] and 4 * widths[-1] <= 200  # 4 x 72 would pass the budget: no wider search
+    assert np.array_equal(bounded.distances, whole.distances)  # a tie all the same: every row scores 0
+    assert all(len(set(row)) == 2 and 0 <= row.min() and row.max() < 1000 for row in bounded.ids)
+
+
+def test_exclusion_entries_past_the_batch_limit_are_refused_before_they_are_counted():
+    """An exclude_per_query longer than any batch is refused by its length alone, naming the field, before
+    the per-entry counts that take time in proportion to it (they used to run first)."""
+    from retriever_server.wire.request import DatastoreView, RequestError, parse_search
+
+    view = DatastoreView(dimension=D, nlist=1, default_nprobe=1, has_keys=False, payload_row_bytes={}, version="")
+    request = make_request(np.zeros((1, D), dtype=np.float32), k=1)
+    for _ in range(5):
+        request.exclude_per_query.add().ids.extend(range(100))  # 500 ids: past max_excluded too
+    with pytest.raises(RequestError) as refused:
+        parse_search(request, view, Limits(max_batch=4, max_excluded=10))
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exclude_per_query has 5 entries, more than the batch limit of 4" in str(refused.value)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -156,6 +157,26 @@ def test_edited_manifest_and_wrong_format_are_refused(datastore, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(body))
     with pytest.raises(DatastoreError, match="format version 99"):
         read_manifest(copy)
+    body["format_version"] = "1\n2026-12-07 01:00:00 INFO all shards verified\x1b[2K"  # a forged log line
+    (copy / "manifest.json").write_text(json.dumps(body))
+    with pytest.raises(DatastoreError) as forged:
+        read_manifest(copy)
+    message = str(forged.value)
+    assert "\n" not in message and "\x1b" not in message and 'format version "1\\n2026' in message
+
+
+def test_a_shard_name_other_than_the_builds_is_refused_escaped(datastore, tmp_path):
+    """Shard names reach logs and statuses: a manifest whose checksum matches but whose name is not
+    `shard-00000`'s form (a newline in it, say) is refused, the name escaped."""
+    from retriever_server.datastore.manifest import ShardEntry
+
+    manifest = read_manifest(datastore)
+    evil = ShardEntry("shard-00000\nFORGED LINE", manifest.shards[0].id_start, manifest.shards[0].id_end,
+                      manifest.shards[0].files)
+    body = dataclasses.replace(manifest, shards=(evil, *manifest.shards[1:])).to_json()  # its own checksum
+    (tmp_path / "manifest.json").write_text(json.dumps(body))
+    with pytest.raises(DatastoreError, match=r'shards\[0\]\.name is "shard-00000\\nFORGED LINE", not \'shard-00000\''):
+        read_manifest(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -416,6 +437,57 @@ def test_a_failed_shard_stops_the_others_and_says_why(ray_cluster, keys, tmp_pat
     assert not list(config.out.glob("stop-*")), "stop files are not published"
 
 
+def test_relative_paths_are_this_process_folders_not_the_ray_workers(ray_cluster, keys, tmp_path, monkeypatch):
+    """Shard tasks run in their Ray workers' folder (here the one the cluster started in; under `ray start`,
+    that command's): relative keys, payload and output paths are this process's, and `--out .` builds in
+    place, its work folder beside it."""
+    monkeypatch.chdir(tmp_path)
+    np.save("keys.npy", keys[:1500])
+    np.save("values.npy", np.arange(1500, dtype=np.int64))
+    config = BuildConfig(keys=Path("keys.npy"), out=Path("ds"), payloads={"values": Path("values.npy")}, shards=2,
+                         factory="IVF8,Flat", keep_keys=True)
+    manifest = build_datastore(config, progress=False)
+    assert manifest.ntotal == 1500 and manifest.build["keys"] == str(tmp_path / "keys.npy")
+    stored = np.concatenate([np.load(tmp_path / "ds" / s.name / "keys.npy") for s in manifest.shards])
+    assert np.array_equal(stored, keys[:1500].astype(np.float16))
+    monkeypatch.chdir(tmp_path / "ds")
+    rebuilt = build_datastore(dataclasses.replace(config, keys=Path("../keys.npy"), out=Path("."), payloads={},
+                                      overwrite=True), progress=False)
+    assert rebuilt.ntotal == 1500 and (tmp_path / "ds" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "keys.npy", "values.npy"]  # no work left
+
+
+def test_overwrite_refuses_an_output_holding_its_inputs_or_other_files(ray_cluster, datastore, keys, tmp_path):
+    """--overwrite replaces the output folder whole: an input inside it, or files that are not the
+    datastore's, would go with it. Both are refused before any work, the folder as it was."""
+    out = tmp_path / "ds"
+    shutil.copytree(datastore, out)
+    np.save(out / "keys.npy", keys[:1000])
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(BuildError, match=f"{out / 'keys.npy'} is inside the output {out}, which the build replaces"):
+        build_datastore(BuildConfig(keys=out / "keys.npy", out=out, overwrite=True), progress=False)
+    np.save(tmp_path / "keys.npy", keys[:1000])
+    with pytest.raises(BuildError, match=r"holds 'keys.npy' besides its datastore, which --overwrite would delete"):
+        build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=out, overwrite=True), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before and read_manifest(out) == read_manifest(datastore)
+
+
+def test_a_trained_codec_that_does_not_read_is_trained_again_on_resume(ray_cluster, keys, tmp_path, monkeypatch,
+                                                                       caplog):
+    config = _saved_config(tmp_path, keys[:2000], shards=2)
+    monkeypatch.setattr(build_module, "_publish", lambda *args: (_ for _ in ()).throw(BuildError("stopped")))
+    with pytest.raises(BuildError, match="stopped"):
+        build_datastore(config, progress=False)
+    monkeypatch.undo()
+    trained = tmp_path / ".ds.partial" / "trained.index"
+    trained.write_bytes(trained.read_bytes()[:10])  # cut short, as a crash while writing it leaves it
+    with caplog.at_level(logging.WARNING, logger="retriever_server"):
+        manifest = build_datastore(config, progress=False)
+    assert f"training the codec again: {trained} does not read" in caplog.text
+    fresh = build_datastore(dataclasses.replace(config, out=tmp_path / "fresh"), progress=False)
+    assert manifest.version == fresh.version  # the same codec, trained again
+
+
 def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):
     config = _saved_config(tmp_path, synthetic(100, 16), shards=1, factory="IVF16,RQ2x8")
     with pytest.raises(BuildError, match=r"training IVF16,RQ2x8 .*Number of training points \(100\)") as failure:
@@ -484,7 +556,9 @@ def _save_payload_files(tmp_path) -> None:
         (dict(factory="IVF16,PQ8"), "factory IVF16,PQ8 needs at least 256 training rows; the keys have 100"),
         (dict(factory="IDMap,PQ4x10"), "factory IDMap,PQ4x10 needs at least 1024 training rows"),
         (dict(factory="OPQ4,IVF128,Flat"), "needs at least 128 training rows"),
-        (dict(factory="IVF64,Flat", train_size=50), "needs at least 64 training rows; train_size is 50"),
+        (dict(factory="IVF64,Flat", train_size=50),
+         "needs at least 64 training rows; train_size \\(--train-size\\) is 50"),
+        (dict(factory="IVF16,PQ8x0"), "makes a product quantizer of 0 bits per code, which FAISS cannot read back"),
         (dict(payloads={"p": "objects.npy"}), "payload 'p' .* has dtype object, which cannot be served"),
         (dict(payloads={"p": "strings.npy"}), "payload 'p' .* has dtype <U4, which cannot be served"),
         (dict(payloads={"p": "bytes.npy"}), "payload 'p' .* has dtype \\|S4, which cannot be served"),

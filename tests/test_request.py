@@ -88,6 +88,26 @@ def test_a_count_the_request_cannot_carry_is_named(argument, value, error, words
     assert make_request(np.zeros((1, 4), np.float32), k=np.int64(7), rerank_candidates=np.int32(9)).k == 7
 
 
+@pytest.mark.parametrize("exclude, words", [
+    (Exclude(ranges=[5, 10]), r"Exclude.ranges\[0\] must be a \(start, end\) pair of integers, got 5"),
+    (Exclude(ranges=[(1, 2), (1, 2, 3)]), r"Exclude.ranges\[1\] must be a \(start, end\) pair"),
+    (Exclude(ids=[4, 1.5]), r"Exclude.ids\[1\] must be an integer, got 1.5"),
+])
+def test_a_badly_shaped_exclusion_is_named(exclude, words):
+    with pytest.raises(TypeError, match=words):
+        make_request(Q, k=5, exclude=exclude)
+    shaped = make_request(Q, k=5, exclude=Exclude(ids=np.array([3, 4]), ranges=[np.array([7, 9]), (np.int64(1), 2)]))
+    assert list(shaped.exclude.ids) == [3, 4] and [(r.start, r.end) for r in shaped.exclude.ranges] == [(7, 9), (1, 2)]
+
+
+def test_one_payload_name_as_a_string_and_big_endian_float64_queries():
+    with pytest.raises(TypeError, match=r"payloads must be a list of names, got the string 'values': "
+                                        r"write \['values'\]"):
+        make_request(Q, k=5, payloads="values")
+    big_endian = make_request(Q.astype(">f8"), k=5)  # float64 in either byte order is sent as float32
+    assert np.array_equal(parse_search(big_endian, VIEW, LIMITS).queries, Q.astype(np.float32))
+
+
 def test_rerank_without_keys_is_a_failed_precondition():
     view = DatastoreView(8, 16, 2, False, {}, "v1")
     error = refused(make_request(Q, k=5, exact_rerank=True), view)

@@ -208,6 +208,26 @@ def test_a_router_takes_up_a_rotated_token_and_a_renewed_client_certificate(aio,
         assert wait_until(lambda: search_with("new-token") is None, seconds=10)
 
 
+def test_a_shard_refusing_the_routers_token_is_unavailable_not_the_callers_fault(aio, datastore, keys, pki, tmp_path):
+    """The shards stop accepting the router's own token while the caller's is sound: the caller gets
+    UNAVAILABLE naming the shard and the router's flags, never UNAUTHENTICATED (which would tell it to fix
+    a token that is fine)."""
+    tokens = write_private(tmp_path / "tokens", b"caller-token\nrouter-token\n")  # every server's
+    router_token = write_private(tmp_path / "router-token", b"router-token\n")  # the router's, to its shards
+    servers = ServerSecurity(tls_cert=pki["server.pem"], tls_key=pki["server.key"], token_file=tokens)
+    hops = ClientSecurity(tls_ca=pki["ca.pem"], token_file=router_token)
+    caller = ClientSecurity(tls_ca=pki["ca.pem"], token="caller-token")
+    with serve(aio, datastore, 2, security=servers, shard_client=hops) as served, \
+            RetrieverClient(served.address, security=caller, timeout=5) as client:
+        assert client.search(keys[:3], k=4).ids.shape == (3, 4)
+        tokens.write_text("caller-token\n")  # the router's token is no longer any shard's
+        assert wait_until(lambda: code_of(lambda: client.search(keys[:3], k=4)) == grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(RetrieverError) as refused:
+            client.search(keys[:3], k=4)
+    assert "refused the router's credentials (UNAUTHENTICATED)" in str(refused.value)
+    assert "--shard-auth-token-file" in str(refused.value) and "shard-0000" in str(refused.value)
+
+
 @pytest.mark.parametrize("fan_out", [False, True], ids=["one-address", "fan-out"])
 def test_a_client_takes_up_a_renewed_certificate_on_new_channels(aio, datastore, keys, pki, tmp_path, fan_out):
     """A long-lived client (an evaluation job) whose certificate is renewed by a new CA, which the shards

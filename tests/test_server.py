@@ -577,6 +577,28 @@ def test_an_internal_error_is_a_status_and_is_counted(aio, keys, datastore, monk
         aio.run(running.drain(grace=0))
 
 
+def test_a_search_past_its_deadline_is_counted_as_deadline_exceeded(aio, keys, datastore, monkeypatch):
+    """A search answered after its deadline (the caller has its DEADLINE_EXCEEDED by then) is counted as
+    DEADLINE_EXCEEDED, what the caller saw, not OK; nor, where gRPC cancels the handler, as CANCELLED."""
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=0)))
+    search = shard_module.Shard.search
+    try:
+        monkeypatch.setattr(shard_module.Shard, "search", lambda *args, **kw: time.sleep(1.0) or search(*args, **kw))
+        with pytest.raises(grpc.RpcError) as caught:
+            raw_search(running.address, good_request(keys), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def counted() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
+        deadline = time.monotonic() + 5
+        while 'status="DEADLINE_EXCEEDED"' not in counted() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 'retriever_requests_total{method="Search",status="DEADLINE_EXCEEDED"} 1.0' in counted()
+        assert 'status="CANCELLED"' not in counted() and 'status="OK"' not in counted()
+    finally:
+        aio.run(running.drain(grace=0))
+
+
 def _router_error(aio, shards) -> str:
     router = aio.run(start_router(RouterConfig(shards, metrics_port=None), wait_ready=False))
     try:
@@ -600,9 +622,9 @@ def test_router_refuses_a_shard_set_that_is_not_one_whole_datastore(aio, datasto
             RetrieverClient([a, a]).search(np.zeros((1, D), np.float32), k=1)
         router = aio.run(start_router(RouterConfig(((a,), (b,)), metrics_port=None)))
         try:  # a router given as a shard: its answers hold every shard's ids, merged again they come twice
-            not_a_shard = "the address given as shard 0 answers as a router, not a shard server"
+            not_a_shard = "the address given as shard 0 answers as a 'router', not a shard server"
             assert not_a_shard in _router_error(aio, ((router.address,), (b,)))
-            assert "given as shard 1 answers as a router" in _router_error(aio, ((a,), (b, router.address)))
+            assert "given as shard 1 answers as a 'router'" in _router_error(aio, ((a,), (b, router.address)))
             for shards in ([router.address, b], [[a, router.address], b]):  # a shard, or a shard's replica
                 with pytest.raises(RetrieverError, match=not_a_shard):
                     RetrieverClient(shards).search(np.zeros((1, D), np.float32), k=1)

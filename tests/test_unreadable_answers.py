@@ -135,3 +135,24 @@ def test_a_client_of_one_address_gets_internal(aio, fault):
         with pytest.raises(RetrieverError) as caught:
             client.search(queries(), k=K)
         assert caught.value.code == grpc.StatusCode.INTERNAL and "does not read" in caught.value.message
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("shard", "shard-00000\n2026-12-07 INFO FORGED\x1b[2K",
+     "names its shard 'shard-00000\\n2026-12-07 INFO FORGED\\x1b[2K'"),
+    ("role", "router\nFORGED", "answers as a 'router\\nFORGED', not a shard server"),
+    ("datastore_version", "v1\x1b[31m", "versions 'v1', 'v1\\x1b[31m'"),
+])
+def test_what_a_shard_says_of_itself_reaches_the_routers_refusal_escaped(field, value, words):
+    """A shard's name, role and version (from its GetInfo answer) go into the router's refusal, which is
+    logged and sent to callers: each escaped, on one line; a name other than a shard's own form refused."""
+    from retriever_server.serving.fanout import check_shards
+
+    first = info(0)
+    setattr(first, field, value)
+    if field == "shard":
+        first.shards[0].name = value
+    problem = check_shards([[first], [info(1)]])
+    assert problem is not None and words in problem, problem
+    assert "\n" not in problem and "\x1b" not in problem
+    assert check_shards([[info(0)], [info(1)]]) is None

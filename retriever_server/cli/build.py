@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     """Builds the datastore and prints what was built."""
     from retriever_server.datastore.build import BuildConfig, BuildError, build_datastore  # imports Ray: only here
 
-    names = [name for name, _ in args.payload]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        raise CliError(f"--payload {name} given twice: give each payload name once")
+    for flag, pairs in (("--payload", args.payload), ("--meta", args.meta)):
+        names = [name for name, _ in pairs]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise CliError(f"{flag} {name} given twice: give each name once")
     config = BuildConfig(keys=args.keys, out=args.out, payloads={k: Path(v) for k, v in args.payload},
                          factory=args.factory, metric=args.metric, shards=args.shards, seed=args.seed,
                          train_size=args.train_size, keep_keys=args.keep_keys, overwrite=args.overwrite,

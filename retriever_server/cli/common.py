@@ -114,6 +114,8 @@ def key_value(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a name before '=', got {text!r}")
     return key, value
 
 

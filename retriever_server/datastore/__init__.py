@@ -9,6 +9,7 @@
 - `stream_io`: a build's reads ahead and writes behind, on a thread, with O_DIRECT (off the page cache);
 - `row_parts`: one (N, ...) array stored as several .npy files (`NAME.parts.json`);
 - `build_inputs`: what a build is asked to do, checked before any work starts;
+- `resume`: what an unfinished build left that a rerun takes up (its work folder, codec, finished shards);
 - `build`: the Ray build job (train the codec once, fill shards in parallel, resume, publish);
 - `publish`: replacing a directory atomically.
 

@@ -31,9 +31,11 @@ from retriever_server.datastore.build_inputs import (
     BuildConfig,
     BuildError,
     BuildInputs,
+    absolute_paths,
     as_build_error,
     check_disk,
     check_inputs,
+    check_inputs_outside,
     check_key_rows,
     last_line,
 )
@@ -42,19 +44,17 @@ from retriever_server.datastore.manifest import (
     Manifest,
     ShardEntry,
     describe_files,
-    file_sha256,
     fsync_directory,
     shard_name,
     write_manifest,
 )
-from retriever_server.datastore.publish import check_output, output_held, replace_directory
-from retriever_server.datastore.row_parts import PartedArray, files_of, open_rows
+from retriever_server.datastore.publish import check_output, fsync_tree, output_held, replace_directory
+from retriever_server.datastore.resume import DONE, MARKER, prepare_workdir, reusable_codec, reusable_shard
+from retriever_server.datastore.row_parts import PartedArray, open_rows
 from retriever_server.datastore.shard_fill import add_rows
 
 log = logging.getLogger(__name__)
 TRAINED = "trained.index"
-MARKER = "build.json"
-DONE = ".done.json"
 STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
 # run's other shard tasks end at their next block (a later run has a token of its own)
 STALL_S = 300.0  # how long shard tasks may wait for a node with room for one before the build gives up
@@ -64,40 +64,10 @@ FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the
 GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
 
 
-def _fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
-    """What a resumed build must share with the one it resumes."""
-    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
-    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-    body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out", "spill_rows")}
-    return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
-
-
-def _read_json(path: Path):
-    """A JSON file's contents, or None when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> None:
-    """Creates the work directory, or keeps an unfinished one made with the same inputs and parameters."""
-    fingerprint = _fingerprint(config, inputs)
-    marker = work / MARKER
-    if work.exists() and _read_json(marker) != fingerprint:
-        log.warning("discarding %s: not an unfinished build of these inputs and parameters", work)
-        shutil.rmtree(work)
-    if work.exists():
-        log.info("resuming the unfinished build at %s", work)
-    work.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(fingerprint, indent=2))
-
-
 def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
     """Trains the codec on a seeded sample of the keys (once) and returns where it is saved."""
     path = work / TRAINED
-    if path.is_file():
-        log.info("reusing the trained codec at %s", path)
+    if reusable_codec(path):
         return path
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(inputs.n, size=inputs.train_rows, replace=False))
@@ -178,30 +148,6 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
 def _shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, n, shards + 1).astype(np.int64)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _intact(shard_dir: Path, entry, start: int, end: int) -> bool:
-    """Whether a finished shard covers [start, end) and its files have the sizes and sha256 it recorded."""
-    try:
-        return (entry["id_start"], entry["id_end"]) == (start, end) and all(
-            (shard_dir / name).is_file() and (shard_dir / name).stat().st_size == f["bytes"]
-            and file_sha256(shard_dir / name) == f["sha256"] for name, f in entry["files"].items()
-        )
-    except (KeyError, TypeError, AttributeError):
-        return False
-
-
-def _reusable_shard(shard_dir: Path, start: int, end: int) -> dict | None:
-    """The entry of a shard an earlier run finished, or None (after clearing what is left of it)."""
-    if not shard_dir.exists():
-        return None
-    entry = _read_json(shard_dir / DONE)
-    if _intact(shard_dir, entry, start, end):
-        log.info("reusing %s from the earlier run", shard_dir.name)
-        return entry
-    log.warning("%s from the earlier run is unfinished or damaged; building it again", shard_dir.name)
-    shutil.rmtree(shard_dir)
-    return None
 
 
 def _task_failure(err: ray.exceptions.RayError) -> str:
@@ -292,7 +238,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     counter = _Progress.remote()
     remaining = 0
     for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
-        entry = _reusable_shard(work / shard_name(i), start, end)
+        entry = reusable_shard(work / shard_name(i), start, end)
         if entry is not None:
             entries[i] = entry
             continue
@@ -313,6 +259,7 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
     path may have appeared there meanwhile), then tidies up."""
     check_output(config.out, config.overwrite)
     with as_build_error(f"publishing {config.out}", config.out):
+        fsync_tree(work)  # every shard file on disk before the manifest names it and the old folder goes
         write_manifest(work, manifest)
         try:
             old = replace_directory(work, config.out, overwrite=config.overwrite)
@@ -373,12 +320,16 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     Example:
         >>> build_datastore(BuildConfig(keys=Path("keys.npy"), out=Path("ds"), shards=2))
     """
+    config = absolute_paths(config, "out")  # `--out .` given a name to put its work and lock beside
+    check_inputs_outside(config)
     with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
         return _build(config, address, num_cpus, progress, on_ray or (lambda: None))
 
 
+
 def _build(config: BuildConfig, address: str | None, num_cpus: int | None, progress: bool, on_ray) -> Manifest:
-    inputs = check_inputs(config)
+    inputs = check_inputs(config)  # named as given; then absolute: Ray's tasks run in other folders (a cluster's)
+    config = absolute_paths(config, "keys", "payloads")
     work = config.out.parent / f".{config.out.name}.partial"
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)
@@ -387,7 +338,7 @@ def _build(config: BuildConfig, address: str | None, num_cpus: int | None, progr
     on_ray()
     started = time.time()
     with as_build_error(f"preparing {work}", work):
-        _prepare_workdir(config, inputs, work)
+        prepare_workdir(config, inputs, work)
     trained = _train(config, inputs, work)
     trained_at = time.time()
     with as_build_error(f"writing shards in {work}", work):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -14,7 +15,7 @@ import numpy as np
 
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import PayloadSpec
-from retriever_server.datastore.row_parts import PartedArray, is_parts_index, open_rows, stored_dtype
+from retriever_server.datastore.row_parts import PartedArray, files_of, is_parts_index, open_rows, stored_dtype
 
 PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
                             "uint8", "uint16", "uint32", "uint64", "bool"})  # what the wire format carries
@@ -154,7 +155,7 @@ def _check_factory(config: BuildConfig, n: int, d: int) -> tuple[str, int]:
     rows = min(config.train_size or ix.train_size_for(factory, d, metric), n)
     need = _training_minimum(factory, d, metric)
     if rows < need:
-        have = f"train_size is {config.train_size}" if rows < n else f"the keys have {n}"
+        have = f"train_size (--train-size) is {config.train_size}" if rows < n else f"the keys have {n}"
         raise BuildError(f"factory {factory} needs at least {need} training rows; {have}")
     return factory, rows
 
@@ -211,6 +212,32 @@ def check_disk(config: BuildConfig, inputs: BuildInputs, work: Path) -> int:
         raise BuildError(f"the build needs about {need / 2**30:.1f} GiB of disk at {parent} "
                          f"({bytes_per_row(inputs, config.keep_keys)} bytes per row); {free / 2**30:.1f} GiB is free")
     return need
+
+
+def absolute_paths(config: BuildConfig, *fields: str) -> BuildConfig:
+    """The config with these path fields ("keys", "payloads", "out") absolute, `.` and `..` taken out of
+    them and no link followed: a shard task opens its inputs from the folder its Ray worker runs in, and
+    `--out .` needs a name to put its work and lock beside."""
+    def absolute(path: Path) -> Path:
+        return Path(os.path.abspath(path))
+    changed = {name: ({k: absolute(v) for k, v in config.payloads.items()} if name == "payloads"
+                      else absolute(getattr(config, name))) for name in fields}
+    return replace(config, **changed)
+
+
+def check_inputs_outside(config: BuildConfig) -> None:
+    """BuildError for an input file inside the output folder: replacing the folder would delete it."""
+    if not config.out.is_dir() or config.out.is_symlink():
+        return
+    out = config.out.resolve()
+    for path in (config.keys, *config.payloads.values()):
+        try:
+            inside = [f for f in files_of(path) if f.resolve().is_relative_to(out)]
+        except (OSError, ValueError):
+            continue  # unreadable: check_inputs names it
+        if inside:
+            raise BuildError(f"{inside[0]} is inside the output {config.out}, which the build replaces whole: "
+                             "move the input out of it first")
 
 
 def check_inputs(config: BuildConfig) -> BuildInputs:

@@ -55,6 +55,17 @@ def resolve_factory(factory: str, n: int, d: int) -> str:
     return f"{lists},SQ8"
 
 
+def _parts(index: faiss.Index) -> list[faiss.Index]:
+    """The index and those inside it (a transform's, an id map's, an IVF index's), each downcast."""
+    parts, index = [], faiss.downcast_index(index)
+    while index is not None:
+        parts.append(index)
+        inner = getattr(index, "index", None)
+        index = faiss.downcast_index(inner) if isinstance(inner, faiss.Index) else None
+    ivf = faiss.try_extract_index_ivf(parts[0])
+    return parts + ([faiss.downcast_index(ivf)] if ivf is not None else [])
+
+
 def check_factory(factory: str, d: int, metric: str) -> None:
     """Raises ValueError when FAISS cannot build `factory` for dimension d, or builds an index that
     cannot hold a datastore: one that keeps no row ids (a bare "Flat" or "HNSW32"), or whose rows
@@ -64,6 +75,11 @@ def check_factory(factory: str, d: int, metric: str) -> None:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
         raise ValueError(f"FAISS cannot build factory string {factory!r} for dimension {d}: {first}") from None
+    for part in _parts(index):  # what FAISS builds but cannot read back (PQ8x0): found now, not after the shards
+        pq = getattr(part, "pq", None)
+        if pq is not None and not 1 <= pq.nbits <= 24:
+            raise ValueError(f"factory string {factory!r} makes a product quantizer of {pq.nbits} bits per code, "
+                             "which FAISS cannot read back: give 1 to 24 (e.g. PQ8x8)")
     if isinstance(index, faiss.IndexRefine):  # its rows are added to its base and refine index at once
         raise ValueError(f"factory string {factory!r} makes a refine index, which a datastore's shards cannot "
                          "fill: build without RFlat / Refine(...), with --keep-keys, and search with exact "

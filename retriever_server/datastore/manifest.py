@@ -119,6 +119,12 @@ def _from_json(body: dict) -> Manifest:
     return Manifest(payloads=payloads, shards=shards, **fields)
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A value from the file for a message: as JSON (control characters escaped: one line), cut at `limit`."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_manifest(directory: Path) -> Manifest:
     """Reads and checks `DIR/manifest.json`; raises DatastoreError naming what is wrong."""
     path = Path(directory) / MANIFEST
@@ -136,13 +142,18 @@ def read_manifest(directory: Path) -> Manifest:
         raise DatastoreError(f"{path} holds a JSON {type(body).__name__}, not an object")
     if body.get("format_version") != FORMAT_VERSION:
         raise DatastoreError(
-            f"{path} has format version {body.get('format_version')}; this server reads version {FORMAT_VERSION}"
+            f"{path} has format version {_shown(body.get('format_version'))}; this server reads version "
+            f"{FORMAT_VERSION}"
         )
     try:
         manifest = _from_json(body)
         checksums = (manifest.checksum, manifest.whole_checksum)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise DatastoreError(f"{path} is missing or has a malformed field: {type(err).__name__}: {err}") from None
+        raise DatastoreError(f"{path} is missing or has a malformed field: {type(err).__name__}: "
+                             f"{_shown(str(err))}") from None
+    for i, shard in enumerate(manifest.shards):
+        if shard.name != shard_name(i):  # names reach logs and statuses: only the form the build writes
+            raise DatastoreError(f"{path}: shards[{i}].name is {_shown(shard.name)}, not {shard_name(i)!r}")
     if body.get("checksum") not in checksums:
         raise DatastoreError(f"{path} checksum does not match its contents (edited or corrupted)")
     return manifest

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from retriever_server.datastore.build_inputs import BuildError
-from retriever_server.datastore.manifest import DatastoreError, read_manifest
+from retriever_server.datastore.manifest import MANIFEST, DatastoreError, fsync_directory, read_manifest
 
 log = logging.getLogger(__name__)
 AT_FDCWD = -100
@@ -61,6 +61,19 @@ def move_new(work: Path, out: Path) -> None:
     os.rename(work, out)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsyncs every file and folder under `root` (and `root`), so that what a build wrote survives a crash
+    once the manifest that names it is written: the shards' files are written without fsync."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(Path(folder))
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """BuildError for an existing `out` unless `overwrite`, and for one that is not a readable datastore
     (a folder that merely holds a manifest.json is not): it is never replaced. A symbolic link is refused
@@ -78,6 +91,13 @@ def check_output(out: Path, overwrite: bool) -> None:
                          f"path ({err})") from None
     if not overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
+    listed = {MANIFEST, *(shard.name for shard in read_manifest(out).shards)}
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in listed)
+    if others:  # --overwrite replaces the whole folder: what is not the datastore's would go with it
+        shown = ", ".join(repr(name) for name in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                                                 else "")
+        raise BuildError(f"{out} holds {shown} besides its datastore, which --overwrite would delete with it: "
+                         "move them out first, or choose another output path")
 
 
 @contextlib.contextmanager

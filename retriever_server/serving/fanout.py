@@ -3,11 +3,16 @@ replica sets, and the check that the shards are one whole datastore (failover it
 
 from __future__ import annotations
 
+import re
+
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.serving.failover import ReplicaSet
 from retriever_server.wire.request import DatastoreView
 from retriever_server.wire.tensors import nbytes, numpy_dtype
+from retriever_server.wire.untrusted import safe_text
+
+SHARD_NAME = re.compile(r"shard-[0-9]{5,9}")  # `shard_name`'s form
 
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")  # gRPC targets, left to gRPC
 
@@ -64,12 +69,14 @@ def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
     for position, replicas in enumerate(infos):
         for info in replicas:
             if info.role != "shard":  # a router's answers hold every shard's ids: merged again, each twice
-                return (f"the address given as shard {position} answers as a {info.role or 'server'}, not a shard "
-                        "server: give the shard servers' own addresses")
+                return (f"the address given as shard {position} answers as a {safe_text(info.role or 'server')}, "
+                        "not a shard server: give the shard servers' own addresses")
+            if not SHARD_NAME.fullmatch(info.shard):  # its name goes into logs and statuses: only a shard's own
+                return f"the address given as shard {position} names its shard {safe_text(info.shard)}"
     everyone = [info for replicas in infos for info in replicas]
     versions = sorted({info.datastore_version for info in everyone})
     if len(versions) > 1:
-        return f"the shards serve different datastores (versions {versions})"
+        return f"the shards serve different datastores (versions {', '.join(safe_text(v) for v in versions[:4])})"
     for replicas in infos:
         if len({info.shard for info in replicas}) > 1:
             return f"replicas given as one shard serve different shards {sorted({i.shard for i in replicas})}"

@@ -264,6 +264,13 @@ class RouterService(BaseRetrieverService):
         except CallFailed as err:
             if partial and err.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # a hung shard: answer without it
                 raise ShardFailed(err.code, err.message) from None
+            if err.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # the shard refused the router's own credentials, not the caller's: the service is what failed
+                log.error("%s refused the router's credentials (%s): %s", replicas.name, err.code.name,
+                          one_line(err.message, 200))
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{replicas.name} refused the router's credentials "
+                                   f"({err.code.name}): check the router's --shard-auth-token-file and --shard-tls-*") \
+                    from None
             message = err.message if err.code == grpc.StatusCode.DEADLINE_EXCEEDED else \
                 f"{replicas.name}: {err.message}"
             raise RequestError(err.code, message) from None

@@ -42,6 +42,11 @@ from retriever_server.wire.untrusted import one_line
 log = logging.getLogger(__name__)
 
 
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 class BaseRetrieverService(pb_grpc.RetrieverServicer):
     """The Retriever service's request handling, minus what a shard or a router does to answer."""
 
@@ -96,7 +101,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         except RequestError as err:
             status, failure = err.code.name, err
             self.refusals.record(f"{self.role} refused a search with {status}", err.message)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
             status = "CANCELLED"
             raise
         except Exception as err:  # noqa: BLE001 - a bug must still answer with a status, not a reset
@@ -107,6 +112,8 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         finally:  # accounted before the caller can see the answer or the error
             if counted:
                 self.inflight -= 1
+            if status in ("OK", "CANCELLED") and _deadline_passed(context):  # what the caller saw: an answer
+                status = "DEADLINE_EXCEEDED"  # past its deadline is dropped, and gRPC cancels a handler then
             seconds = time.perf_counter() - started
             self.metrics.observe("Search", status, seconds, nq if status == "OK" else 0)
             if log.isEnabledFor(logging.DEBUG):

@@ -37,6 +37,7 @@ SMALL_ANSWER = 1 << 16  # values a small search's answer may hold (neighbours wi
 EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
 GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
 TIE_SLACK = 16  # candidates fetched past the m-th, so that a tie there is seldom searched again (costs nothing seen)
+TIE_BUDGET = 1 << 20  # candidates (rows x width) a wider search for ties may fetch: all-equal distances stop there
 StopCheck = Callable[[], bool] | None
 
 
@@ -179,8 +180,10 @@ class Shard:
         such a tie FAISS keeps depends on the order it scans them (an IVF scan takes a candidate only when
         strictly better than its worst), so TIE_SLACK more candidates are fetched, and rows whose tie at the
         m-th place runs past them are searched again, wider, until it ends inside what was fetched: then
-        every tied candidate was taken. Every row comes back in order, ties by id (as `drop_excluded`
-        needs them): sorted by `_by_id` where FAISS does not order them so."""
+        every tied candidate was taken; or until the rows tied still would fetch more than TIE_BUDGET
+        candidates (a tie of nearly the whole shard), where those rows keep the tied candidates FAISS chose.
+        Every row comes back in order, ties by id (as `drop_excluded` needs them): sorted by `_by_id` where
+        FAISS does not order them so."""
         most = self.entry.ntotal if self.gpu_index is None else GPU_MAX_K
         rows = np.arange(n)
         if m >= most:  # every candidate there is
@@ -188,7 +191,11 @@ class Shard:
         wide = min(most, m + TIE_SLACK)
         d, i = self._in_order(*search(rows, wide))
         distances, ids = np.ascontiguousarray(d[:, :m]), np.ascontiguousarray(i[:, :m])
+        budget = max(TIE_BUDGET, n * wide)
         while wide < most and len(rows := rows[(i[:, -1] >= 0) & (d[:, -1] == d[:, m - 1])]):
+            if len(rows) * min(most, 2 * wide) > budget:  # a tie as wide as the shard (every distance equal:
+                log.debug("%d queries tie past %d candidates: FAISS's choice kept", len(rows), wide)  # zero or
+                break  # huge queries): FAISS's pick of it stands, so that no request makes a shard scan it all
             wide = min(most, 2 * wide)  # the tie goes on past the last candidate fetched: wider
             d, i = self._in_order(*search(rows, wide))
             distances[rows], ids[rows] = d[:, :m], i[:, :m]

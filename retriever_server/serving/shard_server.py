@@ -30,6 +30,7 @@ from retriever_server.serving.shard import SearchStopped, Shard, ShardOptions
 from retriever_server.wire.request import Limits, RequestError, SearchSpec, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.tensors import dtype_code
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 INLINE_REQUEST_BYTES = 1 << 14  # requests this small are parsed on the event loop (nq <= 10 at d=384)
@@ -72,7 +73,7 @@ class ShardService(BaseRetrieverService):
         try:
             self.shard = Shard.open(self.config.datastore, self.config.shard, self.config.options)
         except (DatastoreError, ValueError, OSError, RuntimeError) as err:
-            self.load_error = str(err)
+            self.load_error = one_line(str(err))  # its file's text may be in it: one line, escaped
             raise
         return self.shard
 
@@ -164,7 +165,7 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
         try:
             await loop.run_in_executor(service.pool, service.load)
         except Exception as err:  # noqa: BLE001 - every load failure is reported the same way
-            log.error("shard %d of %s refused: %s", config.shard, config.datastore, err)
+            log.error("shard %d of %s refused: %s", config.shard, config.datastore, one_line(str(err)))
             raise
         await running.mark_ready()
         log.info("shard %d of %s SERVING on %s", config.shard, config.datastore, running.address)
@@ -194,7 +195,7 @@ def _verify_in_background(service: ShardService, running: RunningServer) -> None
         try:
             verify_shard(shard.directory, shard.entry, full=True)
         except (DatastoreError, OSError) as err:
-            why = str(err)
+            why = one_line(str(err))  # file names from the manifest may be in it
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_broken(service, running, why)))
             return
         log.info("%s verified (sha256) while serving", shard.entry.name)

@@ -168,6 +168,9 @@ def _check_exclusion_counts(request: pb.SearchRequest, limits: Limits) -> None:
     if not request.exclude_per_query and not request.HasField("exclude"):
         return
     per_query, common = request.exclude_per_query, request.exclude
+    if len(per_query) > limits.max_batch:  # before any count over its entries, which grows with them
+        raise _invalid(f"exclude_per_query has {len(per_query)} entries, more than the batch limit of "
+                       f"{limits.max_batch} queries: give one entry per query")
     total = len(common.ids) + sum(len(e.ids) for e in per_query)
     if total > limits.max_excluded:
         raise _exhausted(f"the request excludes {total} ids, over the limit of {limits.max_excluded}")

@@ -27,9 +27,21 @@ class Exclude:
     ranges: Sequence[tuple[int, int]] = ()
 
     def to_proto(self) -> pb.Exclusion:
-        ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else self.ids
-        ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else self.ranges
+        """The Exclusion message; TypeError naming `ids` or `ranges[i]` where one is not an integer (pair)."""
+        ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else list(self.ids)
+        ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else list(self.ranges)
+        for i, pair in enumerate(ranges):
+            if isinstance(pair, str | bytes) or not isinstance(pair, Sequence | np.ndarray) or len(pair) != 2 \
+                    or not all(_is_int(end) for end in pair):
+                raise TypeError(f"Exclude.ranges[{i}] must be a (start, end) pair of integers, got {pair!r:.60}")
+        bad = next((i for i, value in enumerate(ids) if not _is_int(value)), None)
+        if bad is not None:
+            raise TypeError(f"Exclude.ids[{bad}] must be an integer, got {ids[bad]!r:.60}")
         return pb.Exclusion(ids=ids, ranges=[pb.IdRange(start=s, end=e) for s, e in ranges])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank: bool = False,
@@ -39,8 +51,10 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     """Builds a SearchRequest from a numpy (nq, d) array (float64 is sent as float32); TypeError or
     ValueError naming the argument for a count that is not an integer the request can carry."""
     _check_counts(k=k, nprobe=nprobe, rerank_candidates=rerank_candidates, successors=successors)
+    if isinstance(payloads, str):  # one name, not its letters
+        raise TypeError(f"payloads must be a list of names, got the string {payloads!r:.60}: write [{payloads!r:.60}]")
     queries = np.asarray(queries)
-    if queries.dtype == np.float64:
+    if queries.dtype.kind == "f" and queries.dtype.itemsize == 8:  # float64, whatever its byte order
         queries = queries.astype(np.float32)
     request = pb.SearchRequest(
         k=k, nprobe=nprobe, exact_rerank=exact_rerank,

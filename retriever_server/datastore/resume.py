@@ -1,0 +1,89 @@
+"""What an unfinished build left in its work folder that a rerun may take up: the folder itself (made
+with the same inputs and parameters), the trained codec (when it reads), and each finished shard
+(when its files are the ones it recorded). Anything else is cleared and made again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+
+from retriever_server.datastore.build_inputs import BuildConfig, BuildInputs
+from retriever_server.datastore.manifest import file_sha256
+from retriever_server.datastore.row_parts import files_of
+
+log = logging.getLogger(__name__)
+MARKER = "build.json"  # the work folder's inputs and parameters
+DONE = ".done.json"  # a finished shard's entry, in its folder
+
+
+def fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
+    """What a resumed build must share with the one it resumes."""
+    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out", "spill_rows")}
+    return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
+
+
+def read_json(path: Path):
+    """A JSON file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> None:
+    """Creates the work directory, or keeps an unfinished one made with the same inputs and parameters."""
+    made = fingerprint(config, inputs)
+    marker = work / MARKER
+    if work.exists() and read_json(marker) != made:
+        log.warning("discarding %s: not an unfinished build of these inputs and parameters", work)
+        shutil.rmtree(work)
+    if work.exists():
+        log.info("resuming the unfinished build at %s", work)
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(made, indent=2))
+
+
+def reusable_codec(path: Path) -> bool:
+    """Whether the trained codec an earlier run saved is there and reads; one cut short (a crash while it
+    was written) is removed, to be trained again."""
+    if not path.is_file():
+        return False
+    try:
+        faiss.read_index(str(path))
+    except RuntimeError as err:
+        log.warning("training the codec again: %s does not read (%s)", path, str(err).strip().splitlines()[-1])
+        path.unlink()
+        return False
+    log.info("reusing the trained codec at %s", path)
+    return True
+
+
+def intact(shard_dir: Path, entry, start: int, end: int) -> bool:
+    """Whether a finished shard covers [start, end) and its files have the sizes and sha256 it recorded."""
+    try:
+        return (entry["id_start"], entry["id_end"]) == (start, end) and all(
+            (shard_dir / name).is_file() and (shard_dir / name).stat().st_size == f["bytes"]
+            and file_sha256(shard_dir / name) == f["sha256"] for name, f in entry["files"].items()
+        )
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def reusable_shard(shard_dir: Path, start: int, end: int) -> dict | None:
+    """The entry of a shard an earlier run finished, or None (after clearing what is left of it)."""
+    if not shard_dir.exists():
+        return None
+    entry = read_json(shard_dir / DONE)
+    if intact(shard_dir, entry, start, end):
+        log.info("reusing %s from the earlier run", shard_dir.name)
+        return entry
+    log.warning("%s from the earlier run is unfinished or damaged; building it again", shard_dir.name)
+    shutil.rmtree(shard_dir)
+    return None
