@@ -37,12 +37,12 @@ def add_parsers(sub) -> None:
     pl.add_argument("--retro-init", choices=RETRO_INITS, default="lm", help=RETRO_INIT_HELP)
     pl.set_defaults(handler=run_pipeline_command)
 
-    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 13 minutes on "
-                                    "2 cores, --quick about 2; a second run reuses what the first built)")
+    d = sub.add_parser("demo", help="the whole pipeline at CPU sizes on the built-in corpus (about 5 minutes on "
+                                    "2 cores, --quick under 1; a second run reuses what the first built)")
     d.add_argument("--run", type=Path, help="where the demo keeps what it builds (default runs/demo, "
                                             "runs/demo-quick with --quick)")
     d.add_argument("--quick", action="store_true",
-                   help="every stage at the smallest sizes that still show each part working (a few minutes)")
+                   help="every stage at the smallest sizes that still show each part working (under a minute)")
     add_ray_address(d)
     d.add_argument("--workers", type=int, default=2, help="Ray Data encode actors and LM worker actors")
     d.add_argument("--retro-encoder", choices=ENCODERS, default="lm", help=ENCODER_HELP)

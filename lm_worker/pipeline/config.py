@@ -74,7 +74,7 @@ class PipelineConfig:
                                     checkpoint_every=100),
                      retro=TrainConfig(kind="retro", preset="small", steps=150, batch_size=8, chunk_len=8, warmup=30,
                                        eval_every=25, checkpoint_every=75),
-                     expected_minutes=13)
+                     expected_minutes=5)
         return cls(**{**sizes, **overrides})
 
     @classmethod
@@ -89,7 +89,7 @@ class PipelineConfig:
                      retro=TrainConfig(kind="retro", preset="tiny", steps=40, batch_size=8, seq_len=128, chunk_len=8,
                                        warmup=5, eval_every=10, checkpoint_every=40),
                      context_len=128, stride=64, knn=RetrievalConfig(k=64, nprobe=8), retro_nprobe=8,
-                     temperatures=(1.0, 5.0, 20.0), eval_tokens=8_000, sample_tokens=24, expected_minutes=2)
+                     temperatures=(1.0, 5.0, 20.0), eval_tokens=8_000, sample_tokens=24, expected_minutes=1)
         return cls(**{**sizes, **overrides})
 
     def describe(self) -> str:
