@@ -400,8 +400,8 @@ def choose_temperature(config: SizeBenchConfig, settings: Settings, spec: SizeSp
     tuning = PipelineConfig(run=config.out / "stores" / spec.name / "tuning", temperatures=settings.temperatures)
     (tuning.run / "report").mkdir(parents=True, exist_ok=True)
     (tuning.run / "report" / "temperature.json").unlink(missing_ok=True)  # never a choice made for another store
-    chosen, by_temperature, _ = tune_temperature(tuning, lm, valid, retriever, evaluation)
-    return chosen, by_temperature
+    choice = tune_temperature(tuning, lm, valid, retriever, evaluation)
+    return choice.temperature, choice.by_temperature
 
 
 def evaluate_size(config: SizeBenchConfig, settings: Settings, spec: SizeSpec, lm, valid: TokenStore,

@@ -462,14 +462,45 @@ def test_overwrite_refuses_an_output_holding_its_inputs_or_other_files(ray_clust
     datastore's, would go with it. Both are refused before any work, the folder as it was."""
     out = tmp_path / "ds"
     shutil.copytree(datastore, out)
+    inside = out / "shard-00000" / "input.npy"
+    np.save(inside, keys[:1000])
+    with pytest.raises(BuildError, match=f"{inside} is inside the output {out}, which the build replaces whole"):
+        build_datastore(BuildConfig(keys=inside, out=out, overwrite=True), progress=False)
+    inside.unlink()
     np.save(out / "keys.npy", keys[:1000])
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(BuildError, match=f"{out / 'keys.npy'} is inside the output {out}, which the build replaces"):
-        build_datastore(BuildConfig(keys=out / "keys.npy", out=out, overwrite=True), progress=False)
-    np.save(tmp_path / "keys.npy", keys[:1000])
     with pytest.raises(BuildError, match=r"holds 'keys.npy' besides its datastore, which --overwrite would delete"):
-        build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=out, overwrite=True), progress=False)
+        build_datastore(BuildConfig(keys=out / "keys.npy", out=out, overwrite=True), progress=False)
     assert sorted(p.name for p in out.iterdir()) == before and read_manifest(out) == read_manifest(datastore)
+    np.save(tmp_path / "keys.npy", keys[:1000])
+    plain = tmp_path / "plain"  # not a datastore: refused as such, whatever lies in it
+    plain.mkdir()
+    np.save(plain / "keys.npy", keys[:1000])
+    with pytest.raises(BuildError, match="plain exists and is not a datastore"):
+        build_datastore(BuildConfig(keys=plain / "keys.npy", out=plain, overwrite=True), progress=False)
+    (out / "keys.npy").unlink()
+    for leftover in ("build.json", "trained.index", "stop-0123"):  # a build stopped while it tidied up
+        (out / leftover).write_text("")
+    replaced = build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=out, overwrite=True, factory="IVF8,Flat"),
+                               progress=False)
+    assert replaced.ntotal == 1000 and sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000",
+                                                                                 "shard-00001"]
+
+
+def test_absolute_paths_join_this_folder_without_undoing_a_link(tmp_path, monkeypatch):
+    """`link/../keys.npy` is the link target's sibling, the file the input checks opened: joined to the
+    folder as it is, never shortened to `keys.npy` beside the link. Only an output ending in `.` or `..`
+    is resolved, to have a name."""
+    from retriever_server.datastore.build_inputs import absolute_paths
+
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(BuildConfig(keys=Path("link/../keys.npy"), out=Path("."),
+                                        payloads={"v": Path("v.npy")}), "keys", "payloads", "out")
+    assert config.keys == tmp_path / "link" / ".." / "keys.npy"
+    assert config.keys.resolve() == tmp_path / "real" / "keys.npy"
+    assert config.out == tmp_path and config.payloads == {"v": tmp_path / "v.npy"}
 
 
 def test_a_trained_codec_that_does_not_read_is_trained_again_on_resume(ray_cluster, keys, tmp_path, monkeypatch,

@@ -63,6 +63,8 @@ def one_line_error(result, words):
          "--out nowhere/found: folder nowhere does not exist"),
         (["search", "127.0.0.1:72636", "--queries", "k.npy"], "'127.0.0.1:72636': the port must be a number in [1,"),
         (["info", "127.0.0.1:99999"], "address '127.0.0.1:99999': the port must be a number in [1, 65535]"),
+        (["info", "127.0.0.1:1", "--tls-server-name", "router.internal"],
+         "--tls-server-name needs TLS: give --tls-ca, the CA that signed the server's certificate"),
         (["router", "--shards", "127.0.0.1:7000,garbage"], "address 'garbage' names no port: give HOST:PORT"),
         (["router", "--shards", "a:1", "--address-file", "nowhere/a.json"],
          "--address-file nowhere/a.json: cannot write there (No such file or directory)"),

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 import lm_worker.pipeline.run as pipeline_run
@@ -192,15 +193,18 @@ def test_the_temperature_is_chosen_again_when_the_knn_retrieval_changes(monkeypa
     assert choose(knn)[2] is True and len(tried) == 8
 
 
-def test_a_temperature_file_written_before_lambda_was_chosen_with_it_is_chosen_again(monkeypatch, tmp_path):
+def test_a_temperature_file_written_before_lambda_was_chosen_with_it_is_chosen_again(monkeypatch, tmp_path, caplog):
     choose, tried = tune(monkeypatch, tmp_path)
     path = tmp_path / "report" / "temperature.json"
     choose()
     body = json.loads(path.read_text())
-    path.write_text(json.dumps({key: value for key, value in body.items()
-                                if key not in ("lambda", "followed_lambda")}))  # "lambdas", the sweep, stays
-    assert choose() == (5.0, 0.25, False) and len(tried) == 4
-    assert json.loads(path.read_text())["lambda"] == 0.25
+    for old in ({key: value for key, value in body.items() if "lambda" not in key},  # as the code before wrote it
+                {key: value for key, value in body.items() if key not in ("lambda", "followed_lambda")}):
+        path.write_text(json.dumps(old))
+        with caplog.at_level(logging.INFO, logger="lm_worker"):
+            assert choose() == (5.0, 0.25, False)
+        assert json.loads(path.read_text())["lambda"] == 0.25 and "unreadable" not in caplog.text
+    assert len(tried) == 6
 
 
 def test_an_unreadable_temperature_file_is_chosen_again_and_a_stopped_write_keeps_the_last(monkeypatch, tmp_path,
@@ -226,3 +230,23 @@ def test_an_unreadable_temperature_file_is_chosen_again_and_a_stopped_write_keep
     monkeypatch.undo()
     assert path.read_text() == written  # the last choice, whole
     assert len(tried) == 6
+
+
+def test_train_neighbours_fetched_for_another_window_are_refused(tmp_path):
+    """Train-split neighbours leave out each chunk's documents for one training window: fetched for another
+    (or before the window was recorded, under the rule that stopped one chunk past the chunk's own), they
+    are refused, naming what to remove."""
+    from lm_worker.pipeline.datastore_stage import TRAIN_RECORD, check_neighbour_files
+
+    config = PipelineConfig(run=tmp_path, retro_init="scratch", n_neighbours=2, progress=False)
+    source = tmp_path / "retro-source"
+    source.mkdir()
+    np.save(source / "neighbours-train.npy", np.zeros((4, 2, 16), np.int32))
+    with pytest.raises(ValueError, match=r"neighbours-train.npy left out each chunk's documents for an older rule .* "
+                                         rf"retro.seq_len is {config.retro.seq_len}: remove it and .*retro"):
+        check_neighbour_files(config)
+    (source / TRAIN_RECORD).write_text(json.dumps({"window": 64}))
+    with pytest.raises(ValueError, match=r"for a window of 64 tokens, retro.seq_len is "):
+        check_neighbour_files(config)
+    (source / TRAIN_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))
+    check_neighbour_files(config)  # fetched for this window: kept

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +86,37 @@ def test_tokens_accepted_refused_and_health_open(aio, datastore, keys, pki, monk
         with RetrieverClient(served.address) as client:
             assert client.info().ntotal == N
         assert health(served.address) == "SERVING"  # probes carry no token
+
+
+def test_a_call_without_a_token_is_refused_before_its_request_is_read(aio, datastore, pki):
+    """The refusal reads nothing of the request: a caller without a token that never finishes sending
+    one (or sends hundreds of MiB) is refused at once, not held in a call slot until its body comes."""
+    gate = threading.Event()
+
+    def never_finished():  # the request's bytes, held back until the test ends
+        gate.wait(20)
+        yield b""
+
+    with serve(aio, datastore, 2, security=ServerSecurity(token_file=pki["tokens"]),
+               shard_client=ClientSecurity(token_file=pki["tokens"])) as served, \
+            grpc.insecure_channel(served.address) as channel:
+        for method in ("Search", "GetInfo"):
+            call = channel.stream_unary(f"/retrieval.v1.Retriever/{method}")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(never_finished(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        gate.set()
+
+
+def test_the_servers_serve_starts_do_not_inherit_the_callers_token(monkeypatch):
+    """`serve`'s children authenticate with their own files; the caller's RETRIEVER_AUTH_TOKEN stays out of
+    their environment, which is readable while they run."""
+    from retriever_server.cluster.supervisor import PARENT_ENV, child_environment
+
+    monkeypatch.setenv(TOKEN_ENV, "callers-secret")
+    environment = child_environment()
+    assert TOKEN_ENV not in environment and "callers-secret" not in environment.values()
+    assert environment[PARENT_ENV] == str(os.getpid()) and environment["PATH"] == os.environ["PATH"]
 
 
 def test_tls_and_mutual_tls(aio, datastore, keys, pki):

@@ -141,7 +141,7 @@ def test_a_client_of_one_address_gets_internal(aio, fault):
     ("shard", "shard-00000\n2026-12-07 INFO FORGED\x1b[2K",
      "names its shard 'shard-00000\\n2026-12-07 INFO FORGED\\x1b[2K'"),
     ("role", "router\nFORGED", "answers as a 'router\\nFORGED', not a shard server"),
-    ("datastore_version", "v1\x1b[31m", "versions 'v1', 'v1\\x1b[31m'"),
+    ("datastore_version", "v1\x1b[31m", "reports datastore version 'v1\\x1b[31m'"),
 ])
 def test_what_a_shard_says_of_itself_reaches_the_routers_refusal_escaped(field, value, words):
     """A shard's name, role and version (from its GetInfo answer) go into the router's refusal, which is

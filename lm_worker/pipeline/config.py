@@ -97,9 +97,10 @@ class PipelineConfig:
         fitted = "retro-fitted onto the LM" if self.retro_init == "lm" else "from scratch"
         return (f"prepare the corpus; train the LM ({self.lm.steps} steps); encode and build the kNN-LM and RETRO "
                 f"datastores ({self.shards} shards each); serve them; fetch RETRO's neighbours; train RETRO "
-                f"({self.retro.steps} steps, {fitted}); choose kNN-LM's temperature; evaluate both on "
-                f"{self.eval_workers} LM worker actors; write samples and the report. About {self.expected_minutes} "
-                f"minutes on 2 CPU cores from an empty run folder; a rerun reuses what is there.")
+                f"({self.retro.steps} steps, {fitted}); choose kNN-LM's temperature and λ on validation text; "
+                f"evaluate both on {self.eval_workers} LM worker actors; write samples and the report. About "
+                f"{self.expected_minutes} minute{'s' if self.expected_minutes != 1 else ''} on 2 CPU cores from an "
+                "empty run folder; a rerun reuses what is there.")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ run, and RETRO's neighbours fetched for every chunk of the splits that need them
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from lm_worker.data.token_store import TokenStore
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import Stages, done
+
+TRAIN_RECORD = "neighbours-train.json"  # the training window the train split's neighbours were fetched for
 
 
 def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
@@ -38,13 +41,27 @@ def query_splits(config: PipelineConfig) -> tuple[str, ...]:
 
 
 def check_neighbour_files(config: PipelineConfig) -> None:
-    """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's."""
+    """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's,
+    or train-split neighbours whose own-document exclusion was made for another training window."""
     source = config.run / "retro-source"
     for split in neighbour_splits(config):
         path = source / f"neighbours-{split}.npy"
         if done(path) and (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
             raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
                              f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
+        if split == "train" and done(path) and (window := excluded_window(source)) != config.retro.seq_len:
+            made = f"a window of {window} tokens" if window else "an older rule (one chunk past its own)"
+            raise ValueError(f"{path} left out each chunk's documents for {made}, retro.seq_len is "
+                             f"{config.retro.seq_len}: remove it and {config.run / 'retro'} to fetch and train again")
+
+
+def excluded_window(source: Path) -> int | None:
+    """The training window that RUN/retro-source/neighbours-train.npy left each chunk's documents out for
+    (`chunk_exclusions`), from neighbours-train.json; None where it was not recorded."""
+    try:
+        return int(json.loads((source / TRAIN_RECORD).read_text())["window"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def embed_split(config: PipelineConfig, encoder, split: str) -> None:
@@ -95,9 +112,10 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
         name = f"neighbours-{split}.npy"
         if done(source / name):
             continue
-        if split == "train":  # the datastore's own chunks: each leaves out its own document
+        if split == "train":  # the datastore's own chunks: each leaves out the documents its window predicts
             train = TokenStore.open(config.run / "data" / "train")
             keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L, config.retro.seq_len)
+            (source / TRAIN_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))  # before the file
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none

@@ -46,7 +46,7 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
                            "rerank_candidates": knn.rerank_candidates}}
     if done(path):
         saved = read_choice(path)
-        if saved is not None and {key: saved.get(key) for key in asked} == asked:  # same temperatures, LM, text, kNN
+        if saved is not None and saved["lambda"] is not None and {key: saved.get(key) for key in asked} == asked:
             return KnnChoice(saved["chosen"], saved["lambda"], saved["followed_lambda"],
                              saved["best_perplexity_by_temperature"], True)
         log.info("choosing kNN-LM's temperature and λ again: %s %s", path,
@@ -68,12 +68,13 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
 
 def read_choice(path: Path) -> dict | None:
     """temperature.json with its choice as numbers (T -> perplexity with float keys); None, logged, when it is
-    not JSON or lacks them (a file cut short by a run stopped while writing it, before writes were atomic, or
-    one written before λ was chosen with T)."""
+    not JSON or lacks them (a file cut short by a run stopped while writing it, before writes were atomic). A
+    file written before λ was chosen with T has no "lambdas": it was chosen for other settings."""
     try:
         saved = json.loads(path.read_text())
-        for key in ("chosen", "lambda", "followed_lambda"):
-            saved[key] = float(saved[key])
+        saved["chosen"] = float(saved["chosen"])
+        for key in ("lambda", "followed_lambda"):  # absent from a file written before λ was chosen with T
+            saved[key] = float(saved[key]) if key in saved else None
         saved["best_perplexity_by_temperature"] = {float(t): float(p) for t, p in
                                                    saved["best_perplexity_by_temperature"].items()}
         return saved

@@ -53,7 +53,8 @@ def add_parser(command) -> None:
     b.add_argument("--cpus-per-shard", type=positive_int, default=1, help="CPUs each shard task takes")
     b.add_argument("--gpu", action="store_true",
                    help="k-means and each row's list on the GPU (faiss GPU build); codes are still made on CPU")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing datastore at --out (one whose folder holds nothing else)")
     b.add_argument("--no-progress", action="store_true")
 
 

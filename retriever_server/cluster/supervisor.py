@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retriever_server.security.config import TOKEN_ENV
 from retriever_server.serving.grpc_setup import health_status
 from retriever_server.wire.untrusted import one_line
 
@@ -44,8 +45,11 @@ PARENT_ENV = "RETRIEVER_PARENT_PID"  # set in a child's environment: the process
 def child_environment() -> dict[str, str]:
     """The servers' environment: every process here shares this machine's cores, so OpenMP threads
     sleep between searches instead of spinning (a user's own OMP_WAIT_POLICY wins); and this process's
-    pid, so that a child whose parent dies, however it dies, stops too (`orphaned`)."""
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    pid, so that a child whose parent dies, however it dies, stops too (`orphaned`). Never the caller's
+    RETRIEVER_AUTH_TOKEN: the servers authenticate with their own files, and a child's environment is
+    readable as long as it runs."""
+    inherited = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    return {**inherited, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
             PARENT_ENV: str(os.getpid())}
 
 

@@ -49,14 +49,19 @@ from retriever_server.datastore.manifest import (
     write_manifest,
 )
 from retriever_server.datastore.publish import check_output, fsync_tree, output_held, replace_directory
-from retriever_server.datastore.resume import DONE, MARKER, prepare_workdir, reusable_codec, reusable_shard
+from retriever_server.datastore.resume import (
+    DONE,
+    MARKER,
+    STOP,
+    TRAINED,
+    prepare_workdir,
+    reusable_codec,
+    reusable_shard,
+)
 from retriever_server.datastore.row_parts import PartedArray, open_rows
 from retriever_server.datastore.shard_fill import add_rows
 
 log = logging.getLogger(__name__)
-TRAINED = "trained.index"
-STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
-# run's other shard tasks end at their next block (a later run has a token of its own)
 STALL_S = 300.0  # how long shard tasks may wait for a node with room for one before the build gives up
 STALL_REPORT_S = 30.0  # how often the build says that it waits for such a node
 STOP_WAIT_S = 120.0  # how long a failed build waits for the other shard tasks to end before it reports
@@ -321,8 +326,8 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
         >>> build_datastore(BuildConfig(keys=Path("keys.npy"), out=Path("ds"), shards=2))
     """
     config = absolute_paths(config, "out")  # `--out .` given a name to put its work and lock beside
-    check_inputs_outside(config)
     with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
+        check_inputs_outside(config)  # a datastore to replace, then: none of the inputs may be in it
         return _build(config, address, num_cpus, progress, on_ray or (lambda: None))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -215,11 +214,13 @@ def check_disk(config: BuildConfig, inputs: BuildInputs, work: Path) -> int:
 
 
 def absolute_paths(config: BuildConfig, *fields: str) -> BuildConfig:
-    """The config with these path fields ("keys", "payloads", "out") absolute, `.` and `..` taken out of
-    them and no link followed: a shard task opens its inputs from the folder its Ray worker runs in, and
-    `--out .` needs a name to put its work and lock beside."""
+    """The config with these path fields ("keys", "payloads", "out") absolute: a shard task opens its
+    inputs from the folder its Ray worker runs in. They are joined to this process's folder as they are
+    (a `..` after a link is the link's target's parent, as when the path was checked); an output that
+    ends in `.` or `..` is resolved, so that it has a name to put its work and lock beside."""
     def absolute(path: Path) -> Path:
-        return Path(os.path.abspath(path))
+        joined = Path.cwd() / path
+        return joined.resolve() if joined.name in ("", "..") else joined
     changed = {name: ({k: absolute(v) for k, v in config.payloads.items()} if name == "payloads"
                       else absolute(getattr(config, name))) for name in fields}
     return replace(config, **changed)

@@ -19,6 +19,10 @@ from retriever_server.datastore.row_parts import files_of
 log = logging.getLogger(__name__)
 MARKER = "build.json"  # the work folder's inputs and parameters
 DONE = ".done.json"  # a finished shard's entry, in its folder
+TRAINED = "trained.index"
+STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
+# run's other shard tasks end at their next block (a later run has a token of its own)
+LEFTOVERS = (MARKER, TRAINED, STOP)  # names (STOP: a prefix) in a published datastore's folder until they are removed
 
 
 def fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:

@@ -81,19 +81,13 @@ class TokenSet:
         return matched
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of `handler`'s kind that refuses with UNAUTHENTICATED, reading the request as raw bytes."""
+async def _refuse(requests, context) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
 
-    async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSED)
 
-    if handler is None or handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.stream_stream_rpc_method_handler(refuse)
+# Whatever the method's kind, the refusal takes its request as a stream and reads none of it: a unary handler
+# would first wait for the whole request (up to --max-request-mb) and hold a call slot until it came.
+REFUSAL = grpc.stream_stream_rpc_method_handler(_refuse)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -113,4 +107,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.tokens.accepts(header):
             return await continuation(details)
         self.refusals.record("unauthenticated call", "no token" if not header else "a token not accepted")
-        return _refusal(await continuation(details))
+        return REFUSAL

@@ -175,6 +175,9 @@ class ClientSecurity:
         f = self.flags
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SecurityError(f"--{f}tls-cert and --{f}tls-key go together")
+        if self.server_name and not self.tls:  # else ignored: the call would go in plaintext
+            raise SecurityError(f"--{f}tls-server-name needs TLS: give --{f}tls-ca, the CA that signed the server's "
+                                "certificate")
         _check_files({f"--{f}tls-ca": self.tls_ca, f"--{f}tls-cert": self.tls_cert, f"--{f}tls-key": self.tls_key})
 
     def check_channel(self, address: str) -> None:

@@ -73,6 +73,9 @@ def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
                         "not a shard server: give the shard servers' own addresses")
             if not SHARD_NAME.fullmatch(info.shard):  # its name goes into logs and statuses: only a shard's own
                 return f"the address given as shard {position} names its shard {safe_text(info.shard)}"
+            version = info.datastore_version
+            if not (version.isprintable() and 0 < len(version) <= 64):  # ...and so does its version
+                return f"the address given as shard {position} reports datastore version {safe_text(version)}"
     everyone = [info for replicas in infos for info in replicas]
     versions = sorted({info.datastore_version for info in everyone})
     if len(versions) > 1:

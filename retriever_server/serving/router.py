@@ -46,7 +46,7 @@ from retriever_server.wire.request import DatastoreView, Limits, RequestError, p
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.stub import retriever_stub
-from retriever_server.wire.untrusted import one_line
+from retriever_server.wire.untrusted import one_line, safe_text
 
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
@@ -327,8 +327,9 @@ class RouterService(BaseRetrieverService):
             info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
             expected = self.infos[shard]
             if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
-                raise ValueError(f"{address} serves {info.shard} of version {info.datastore_version}, "
-                                 f"not {expected.shard} of version {expected.datastore_version}")
+                raise ValueError(f"{address} serves {safe_text(info.shard)} of version "
+                                 f"{safe_text(info.datastore_version)}, not {expected.shard} of version "
+                                 f"{expected.datastore_version}")
         except BaseException:
             await channel.close()  # kept nowhere: closed here or never
             raise
