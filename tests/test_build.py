@@ -479,7 +479,11 @@ def test_overwrite_refuses_an_output_holding_its_inputs_or_other_files(ray_clust
     with pytest.raises(BuildError, match="plain exists and is not a datastore"):
         build_datastore(BuildConfig(keys=plain / "keys.npy", out=plain, overwrite=True), progress=False)
     (out / "keys.npy").unlink()
-    for leftover in ("build.json", "trained.index", "stop-0123"):  # a build stopped while it tidied up
+    (out / "stop-words.txt").write_text("")  # named like a leftover, but not one: refused
+    with pytest.raises(BuildError, match=r"holds 'stop-words.txt' besides its datastore"):
+        build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=out, overwrite=True), progress=False)
+    (out / "stop-words.txt").unlink()
+    for leftover in ("build.json", "trained.index", "stop-0123456789ab"):  # a build stopped while it tidied up
         (out / leftover).write_text("")
     replaced = build_datastore(BuildConfig(keys=tmp_path / "keys.npy", out=out, overwrite=True, factory="IVF8,Flat"),
                                progress=False)

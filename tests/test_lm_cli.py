@@ -154,8 +154,9 @@ def test_retro_half(lm_run, capsys):
     with LocalDeployment.for_one_command(run / "retro-datastore") as deployment:
         target = deployment.router_address
         out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
-                  "--target", target, "--k", "2", "--nprobe", "4")
+                  "--target", target, "--k", "2", "--nprobe", "4", "--seq-len", "32")
         assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
+        assert json.loads((run / "retro-source" / "neighbours-train.json").read_text()) == {"window": 32}
         cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(run / "data"),
             "--out", str(run / "retro"), "--neighbours", str(run / "retro-source"), "--steps", "10", "--seq-len",
             "32", "--batch-size", "4", "--eval-every", "5", "--warmup", "2")

@@ -236,17 +236,19 @@ def test_train_neighbours_fetched_for_another_window_are_refused(tmp_path):
     """Train-split neighbours leave out each chunk's documents for one training window: fetched for another
     (or before the window was recorded, under the rule that stopped one chunk past the chunk's own), they
     are refused, naming what to remove."""
-    from lm_worker.pipeline.datastore_stage import TRAIN_RECORD, check_neighbour_files
+    from lm_worker.pipeline.datastore_stage import check_neighbour_files
+    from lm_worker.sources.neighbours import WINDOW_RECORD
 
     config = PipelineConfig(run=tmp_path, retro_init="scratch", n_neighbours=2, progress=False)
     source = tmp_path / "retro-source"
     source.mkdir()
     np.save(source / "neighbours-train.npy", np.zeros((4, 2, 16), np.int32))
-    with pytest.raises(ValueError, match=r"neighbours-train.npy left out each chunk's documents for an older rule .* "
+    with pytest.raises(ValueError, match=r"neighbours-train.npy left out each chunk's documents for a window that was "
+                                         r"not recorded .* "
                                          rf"retro.seq_len is {config.retro.seq_len}: remove it and .*retro"):
         check_neighbour_files(config)
-    (source / TRAIN_RECORD).write_text(json.dumps({"window": 64}))
+    (source / WINDOW_RECORD).write_text(json.dumps({"window": 64}))
     with pytest.raises(ValueError, match=r"for a window of 64 tokens, retro.seq_len is "):
         check_neighbour_files(config)
-    (source / TRAIN_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))
+    (source / WINDOW_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))
     check_neighbour_files(config)  # fetched for this window: kept

@@ -183,7 +183,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.data.token_store import RETRO_SPLIT, TokenStore
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.sources.exclusions import chunk_exclusions
-    from lm_worker.sources.neighbours import precompute_neighbours
+    from lm_worker.sources.neighbours import precompute_neighbours, record_window
     from lm_worker.sources.retro import embed_chunks, keys_made_from, keys_record
     from lm_worker.sources.source import read_source
 
@@ -205,6 +205,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
         need_retriever(retriever, flags, "to fetch neighbours")
         check_datastore_kind(flags, "retro", retriever)
         check_datastore_tokenizer(retriever, tokenizer, flags)
+        record_window(args.source, args.seq_len)  # before neighbours-train.npy: the window it is fetched for
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L, args.seq_len))]
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)

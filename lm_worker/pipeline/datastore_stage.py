@@ -4,7 +4,6 @@ run, and RETRO's neighbours fetched for every chunk of the splits that need them
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,7 @@ import numpy as np
 from lm_worker.data.token_store import TokenStore
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import Stages, done
-
-TRAIN_RECORD = "neighbours-train.json"  # the training window the train split's neighbours were fetched for
+from lm_worker.sources.neighbours import record_window, recorded_window
 
 
 def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
@@ -49,19 +47,11 @@ def check_neighbour_files(config: PipelineConfig) -> None:
         if done(path) and (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
             raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
                              f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
-        if split == "train" and done(path) and (window := excluded_window(source)) != config.retro.seq_len:
-            made = f"a window of {window} tokens" if window else "an older rule (one chunk past its own)"
+        if split == "train" and done(path) and (window := recorded_window(source)) != config.retro.seq_len:
+            made = f"a window of {window} tokens" if window else "a window that was not recorded (an earlier version)"
             raise ValueError(f"{path} left out each chunk's documents for {made}, retro.seq_len is "
                              f"{config.retro.seq_len}: remove it and {config.run / 'retro'} to fetch and train again")
 
-
-def excluded_window(source: Path) -> int | None:
-    """The training window that RUN/retro-source/neighbours-train.npy left each chunk's documents out for
-    (`chunk_exclusions`), from neighbours-train.json; None where it was not recorded."""
-    try:
-        return int(json.loads((source / TRAIN_RECORD).read_text())["window"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def embed_split(config: PipelineConfig, encoder, split: str) -> None:
@@ -115,7 +105,7 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
         if split == "train":  # the datastore's own chunks: each leaves out the documents its window predicts
             train = TokenStore.open(config.run / "data" / "train")
             keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L, config.retro.seq_len)
-            (source / TRAIN_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))  # before the file
+            record_window(source, config.retro.seq_len)  # before the file it describes
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none

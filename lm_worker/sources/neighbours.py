@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lm_worker.sources.source import written_whole
+
+WINDOW_RECORD = "neighbours-train.json"  # beside neighbours-train.npy: the training window it was fetched for
+
+
+def record_window(source: Path, window: int) -> None:
+    """Records, before neighbours-train.npy is written, the training window its exclusions were made for
+    (`chunk_exclusions`): a file fetched for another window can then be told apart."""
+    (Path(source) / WINDOW_RECORD).write_text(json.dumps({"window": int(window)}))
+
+
+def recorded_window(source: Path) -> int | None:
+    """The training window neighbours-train.npy was fetched for; None where none was recorded."""
+    try:
+        return int(json.loads((Path(source) / WINDOW_RECORD).read_text())["window"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retriever_server.datastore.build_inputs import BuildError
 from retriever_server.datastore.manifest import MANIFEST, DatastoreError, fsync_directory, read_manifest
-from retriever_server.datastore.resume import LEFTOVERS
+from retriever_server.datastore.resume import is_leftover
 
 log = logging.getLogger(__name__)
 AT_FDCWD = -100
@@ -94,7 +94,7 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
     listed = {MANIFEST, *(shard.name for shard in read_manifest(out).shards)}
     others = sorted(entry.name for entry in out.iterdir()  # a build's leftovers (one stopped as it tidied) go
-                    if entry.name not in listed and not entry.name.startswith(LEFTOVERS))
+                    if entry.name not in listed and not is_leftover(entry.name))
     if others:  # --overwrite replaces the whole folder: what is not the datastore's would go with it
         shown = ", ".join(repr(name) for name in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
                                                                  else "")

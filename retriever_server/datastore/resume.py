@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,12 @@ DONE = ".done.json"  # a finished shard's entry, in its folder
 TRAINED = "trained.index"
 STOP = "stop-"  # + a run's token: left in the work directory when a shard of that run fails, so that the
 # run's other shard tasks end at their next block (a later run has a token of its own)
-LEFTOVERS = (MARKER, TRAINED, STOP)  # names (STOP: a prefix) in a published datastore's folder until they are removed
+
+
+def is_leftover(name: str) -> bool:
+    """Whether a name in a published datastore's folder is what its build leaves there until it tidies up:
+    the marker, the codec, or a run's stop file (`STOP` and 12 hex digits)."""
+    return name in (MARKER, TRAINED) or re.fullmatch(rf"{STOP}[0-9a-f]{{12}}", name) is not None
 
 
 def fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
