@@ -534,21 +534,24 @@ def test_faiss_training_error_is_a_one_line_build_error(ray_cluster, tmp_path):
 @pytest.mark.parametrize(
     "bad, keep_keys, train_size, message",
     [
-        (np.nan, False, 64, r"^shard-00001 failed: keys row 250 holds NaN or Inf; every key must be finite$"),
-        (np.inf, False, 300, r"^keys row 250 holds NaN or Inf; every key must be finite$"),  # in the training sample
+        (np.nan, False, 64, r"^shard-00001 failed: keys row 250 holds NaN or Inf, or a value past float32's range "
+                            r"\(3.4e38\), which the index stores keys in; every key must be finite$"),
+        (np.inf, False, 300, r"^keys row 250 holds NaN or Inf, or a value past float32's range"),  # trained on
+        (1e39, False, 64, r"^shard-00001 failed: keys row 250 holds NaN or Inf, or a value past float32's range"),
         (1e5, True, 64, r"^shard-00001 failed: keys row 250 holds a value over 65504 in absolute value, which "
                         r"--keep-keys cannot store as float16"),
         (1e20, False, 64, r"^shard-00001 failed: keys row 250 holds a value over 1e\+15 in absolute value, whose "
                           r"squared distances would overflow float32"),  # FAISS would put it in no list
         (-1e20, False, 300, r"^keys row 250 holds a value over 1e\+15"),  # FAISS's k-means would abort
     ],
-    ids=["nan-added", "inf-trained-on", "past-float16", "overflow-added", "overflow-trained-on"],
+    ids=["nan-added", "inf-trained-on", "float64-past-float32", "past-float16", "overflow-added",
+         "overflow-trained-on"],
 )
 def test_keys_an_index_cannot_hold_are_refused_naming_the_row(ray_cluster, tmp_path, bad, keep_keys, train_size,
                                                               message):
     """FAISS leaves a NaN key out of every list (the datastore would then disagree with its manifest) and
     float16 turns a key past 65504 into Inf: the build refuses both, naming the key's row."""
-    keys = synthetic(300, 16)
+    keys = synthetic(300, 16).astype(np.float64 if abs(bad) > 3.4e38 else np.float32)  # 1e39: a finite float64
     keys[250, 3] = bad
     config = _saved_config(tmp_path, keys, shards=2, factory="IVF4,Flat", train_size=train_size, keep_keys=keep_keys,
                            seed=1)
@@ -613,14 +616,14 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path, change, message)
     np.save(tmp_path / "ints.npy", np.zeros((100, 16), np.int64))
     np.save(tmp_path / "no_columns.npy", np.zeros((100, 0), np.float32))
     _save_payload_files(tmp_path)
-    fields = dict(keys="keys.npy", out=tmp_path / "out")
+    fields = dict(keys="keys.npy", out=tmp_path / "new" / "folders" / "out")  # folders that do not exist yet
     fields.update(change)
     fields["keys"] = tmp_path / fields["keys"]
     fields["payloads"] = {k: tmp_path / v for k, v in fields.get("payloads", {}).items()}
     with pytest.raises(BuildError, match=message) as refused:
         build_datastore(BuildConfig(**fields), progress=False)
     assert "\n" not in str(refused.value)
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / "new").exists()  # nothing made: no output, no work folder, no lock, no parent folders
 
 
 def test_shard_tasks_larger_than_every_node_are_reported_then_given_up_on(ray_cluster, tmp_path, monkeypatch,
@@ -747,6 +750,25 @@ def test_sigterm_stops_a_build_as_ctrl_c_does_in_one_line(tmp_path):
     assert build.returncode == 130, f"SIGTERM sent at {sent}\n{err}"
     assert err.strip().splitlines()[-1] == "retriever-server build: interrupted" and "SIGTERM received" not in err
     assert not (tmp_path / "ds").exists() and (tmp_path / ".ds.partial").is_dir()
+
+
+def test_sigterm_while_ray_starts_stops_a_build_as_ctrl_c_does(tmp_path):
+    """A SIGTERM that comes while the build joins Ray (before any handler of Ray's is in place) ends it as
+    Ctrl-C does: "interrupted", exit 130. It used to kill the command silently (-15, or 15 from the
+    handler the join leaves). The signal is sent from inside the join, so it comes at that moment."""
+    np.save(tmp_path / "keys.npy", synthetic(1000, 16))
+    script = ("import os, signal, sys, time\n"
+              "from retriever_server.datastore import build\n"
+              "def joining(*args, **kwargs):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(10)\n"
+              "build.connect = joining\n"
+              "from retriever_server.cli import main\n"
+              f"sys.exit(main(['build', {str(tmp_path / 'keys.npy')!r}, '--out', {str(tmp_path / 'ds')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "retriever-server build: interrupted"
+    assert not (tmp_path / "ds").exists()
 
 
 def test_a_manifest_that_cannot_be_read_is_named_as_such(tmp_path, monkeypatch):

@@ -70,12 +70,15 @@ def run(args: argparse.Namespace) -> int:
                          factory=args.factory, metric=args.metric, shards=args.shards, seed=args.seed,
                          train_size=args.train_size, keep_keys=args.keep_keys, overwrite=args.overwrite,
                          cpus_per_shard=args.cpus_per_shard, gpu=args.gpu, metadata=dict(args.meta))
+    previous = signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C, from the start: while Ray starts too
     try:
         manifest = build_datastore(config, address=args.address, num_cpus=args.num_cpus,
                                    progress=not args.no_progress,
-                                   on_ray=lambda: signal.signal(signal.SIGTERM, interrupt))  # as Ctrl-C: one line
+                                   on_ray=lambda: signal.signal(signal.SIGTERM, interrupt))  # over Ray's, if any
     except BuildError as err:
         raise CliError(str(err)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"built {args.out}: {manifest.ntotal} rows, {len(manifest.shards)} shards, {manifest.factory}, "
           f"{manifest.metric}, version {manifest.version}")
     return 0

@@ -326,15 +326,17 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
         >>> build_datastore(BuildConfig(keys=Path("keys.npy"), out=Path("ds"), shards=2))
     """
     config = absolute_paths(config, "out")  # `--out .` given a name to put its work and lock beside
+    check_output(config.out, config.overwrite)  # the output, then the inputs (named as given): both before
+    inputs = check_inputs(config)  # anything is made, the output's folders and lock included
     with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
         check_inputs_outside(config)  # a datastore to replace, then: none of the inputs may be in it
-        return _build(config, address, num_cpus, progress, on_ray or (lambda: None))
+        return _build(config, inputs, address, num_cpus, progress, on_ray or (lambda: None))
 
 
 
-def _build(config: BuildConfig, address: str | None, num_cpus: int | None, progress: bool, on_ray) -> Manifest:
-    inputs = check_inputs(config)  # named as given; then absolute: Ray's tasks run in other folders (a cluster's)
-    config = absolute_paths(config, "keys", "payloads")
+def _build(config: BuildConfig, inputs: BuildInputs, address: str | None, num_cpus: int | None, progress: bool,
+           on_ray) -> Manifest:
+    config = absolute_paths(config, "keys", "payloads")  # Ray's tasks run in other folders (a cluster's own)
     work = config.out.parent / f".{config.out.name}.partial"
     need = check_disk(config, inputs, work)
     log.info("building %d rows with %s: about %.2f GiB of disk", inputs.n, inputs.factory, need / 2 ** 30)

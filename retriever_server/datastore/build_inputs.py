@@ -124,7 +124,8 @@ def check_key_rows(block: np.ndarray, rows: np.ndarray, keep_keys: bool) -> None
     first = np.flatnonzero(bad)[0]
     row = int(rows[first])
     if not np.isfinite(block[first]).all():
-        raise BuildError(f"keys row {row} holds NaN or Inf; every key must be finite")
+        raise BuildError(f"keys row {row} holds NaN or Inf, or a value past float32's range (3.4e38), which the "
+                         "index stores keys in; every key must be finite")
     if keep_keys:
         raise BuildError(f"keys row {row} holds a value over {FLOAT16_MAX:.0f} in absolute value, which "
                          "--keep-keys cannot store as float16: scale the keys, or build without --keep-keys")
