@@ -128,6 +128,12 @@ class KnnEvalResult:
         return out
 
 
+def _searched_nll(nll: dict[float, float], followed_nll: dict[float, float], lam: float) -> float:
+    """The searched positions' share of λ's summed NLL: all of it less the followed positions' share. inf - inf
+    (a λ at which both parts are impossible) is no total: it counts as inf, never as the best."""
+    return nll[lam] - followed_nll.get(lam, 0.0) if math.isfinite(nll[lam]) else math.inf
+
+
 def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], tokens: int,
                  followed: int) -> tuple[float, float, float]:
     """(λ at searched positions, λ at followed ones, perplexity): the best pair, from the summed negative
@@ -135,8 +141,7 @@ def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], toke
     if not followed:
         best = min(nll, key=lambda lam: nll[lam])
         return best, best, perplexity(nll[best], tokens)
-    # inf - inf (a λ at which both parts are impossible) is no total: it counts as inf, never as the best
-    searched = {lam: nll[lam] - followed_nll[lam] if math.isfinite(nll[lam]) else math.inf for lam in nll}
+    searched = {lam: _searched_nll(nll, followed_nll, lam) for lam in nll}
     lam_s = min(searched, key=lambda lam: searched[lam])
     lam_f = min(followed_nll, key=lambda lam: followed_nll[lam])
     return lam_s, lam_f, perplexity(searched[lam_s] + followed_nll[lam_f], tokens)
@@ -152,9 +157,8 @@ def at_lambdas(result: KnnEvalResult, lam: float, followed_lam: float, chosen_on
     for name, value in (("lam", lam), ("followed_lam", followed_lam)):
         if value not in result.nll:
             raise ValueError(f"{name}={value:g} is not among the evaluated λs {sorted(result.nll)}")
-    followed = result.followed_nll or dict.fromkeys(result.nll, 0.0)
-    searched = result.nll[lam] - followed[lam] if math.isfinite(result.nll[lam]) else math.inf
-    ppl = perplexity(searched + followed[followed_lam], result.tokens)
+    searched = _searched_nll(result.nll, result.followed_nll, lam)
+    ppl = perplexity(searched + result.followed_nll.get(followed_lam, 0.0), result.tokens)
     base = result.base_perplexity
     return replace(result, best_lambda=lam, followed_lambda=followed_lam, best_perplexity=ppl,
                    relative_reduction=1.0 - ppl / base if math.isfinite(base) else 0.0, lambdas_from=chosen_on)

@@ -44,14 +44,15 @@ def check_neighbour_files(config: PipelineConfig) -> None:
     source = config.run / "retro-source"
     for split in neighbour_splits(config):
         path = source / f"neighbours-{split}.npy"
-        if done(path) and (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
+        if not done(path):
+            continue
+        if (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
             raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
                              f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
-        if split == "train" and done(path) and (window := recorded_window(source)) != config.retro.seq_len:
+        if split == "train" and (window := recorded_window(source)) != config.retro.seq_len:
             made = f"a window of {window} tokens" if window else "a window that was not recorded (an earlier version)"
             raise ValueError(f"{path} left out each chunk's documents for {made}, retro.seq_len is "
                              f"{config.retro.seq_len}: remove it and {config.run / 'retro'} to fetch and train again")
-
 
 
 def embed_split(config: PipelineConfig, encoder, split: str) -> None:

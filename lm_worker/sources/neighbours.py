@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lm_worker.sources.source import written_whole
 
+log = logging.getLogger(__name__)
 WINDOW_RECORD = "neighbours-train.json"  # beside neighbours-train.npy: the training window it was fetched for
 
 
@@ -34,8 +35,6 @@ def recorded_window(source: Path) -> int | None:
         return int(json.loads((Path(source) / WINDOW_RECORD).read_text())["window"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-log = logging.getLogger(__name__)
 
 
 def check_queries(retriever, queries: np.ndarray, exclude) -> None:
