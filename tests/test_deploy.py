@@ -267,19 +267,35 @@ def test_the_shards_take_every_request_the_router_forwards(docs_3x2, capsys):
         render({"limits": {"maxRequestMb": 2047}})  # its shards' 2048 is over gRPC's limit: the schema says so
 
 
+def _in(path, mount: str) -> bool:
+    return str(path).startswith(mount + "/")
+
+
 def test_every_server_needs_tls_and_a_token_from_the_secrets(docs_3x2, capsys):
+    """TLS everywhere; the router accepts the clients' tokens and sends the shards one of their own, which
+    the shards alone accept: a client's token opens the router, not the shards (no shard mounts it)."""
+    commands = []
     for doc in [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]:
         pod = doc["spec"]["template"]["spec"]
         args = server_args(pod["containers"][0], capsys)
+        commands.append(args.command)
         mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-        assert secrets == {"tls": "retrieval-datastore-tls", "tokens": "retrieval-datastore-tokens"}
-        assert str(args.tls_cert).startswith(mounts["tls"]) and str(args.tls_key).startswith(mounts["tls"])
-        assert str(args.auth_token_file).startswith(mounts["tokens"])
+        assert _in(args.tls_cert, mounts["tls"]) and _in(args.tls_key, mounts["tls"])
         assert not args.insecure and not args.reflection and args.metrics_host == "127.0.0.1"
         if args.command == "router":
-            assert str(args.shard_tls_ca).startswith(mounts["tls"]) and args.shard_auth_token_file == \
-                args.auth_token_file
+            assert secrets == {"tls": "retrieval-datastore-tls", "tokens": "retrieval-datastore-tokens",
+                               "shard-tokens": "retrieval-datastore-shard-tokens"}
+            assert _in(args.auth_token_file, mounts["tokens"])
+            assert _in(args.shard_tls_ca, mounts["tls"]) and _in(args.shard_auth_token_file, mounts["shard-tokens"])
+        else:
+            assert secrets == {"tls": "retrieval-datastore-tls", "shard-tokens": "retrieval-datastore-shard-tokens"}
+            assert _in(args.auth_token_file, mounts["shard-tokens"]) and "tokens" not in mounts
+    assert sorted(set(commands)) == ["router", "serve"]
+    renamed = render({"security": {"tokenSecret": "clients", "shardTokenSecret": "hop"}})
+    named = {v["secret"]["secretName"] for doc in [*of_kind(renamed, "StatefulSet"), *of_kind(renamed, "Deployment")]
+             for v in doc["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert named == {"retrieval-datastore-tls", "clients", "hop"}
     mutual = render({"security": {"mutualTLS": True}})
     (router,) = of_kind(mutual, "Deployment")
     args = server_args(router["spec"]["template"]["spec"]["containers"][0], capsys)
@@ -409,6 +425,7 @@ def test_disruption_budgets_cover_each_shard(docs_3x2):
     ({"shard": {"replica": 3}}, "replica"),                    # misspelt key
     ({"shard": {"antiAffinity": "sometimes"}}, "/shard/antiAffinity"),
     ({"router": {"port": 70000}}, "/router/port"),
+    ({"security": {"shardTokenSecret": ""}}, "/security/shardTokenSecret"),
 ])
 def test_values_schema_rejects_bad_values(values, message):
     helm = _need("helm_python", "helm-python-sdk")
@@ -586,14 +603,17 @@ def test_pods_that_run_the_evaluation_mount_what_it_reads(default_docs, capsys):
     long-lived one (deploy/README.md: a RayJob with clusterSelector), so every pod of both mounts them."""
     docs = {d["metadata"]["name"]: d for d in load_manifests(RAY_MANIFESTS)}
     (evaluate,) = job_commands(docs["retrieval-eval"], capsys)
-    (sts, *_) = of_kind(default_docs, "StatefulSet")
-    chart = {v["name"]: v["secret"]["secretName"] for v in sts["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    (router,) = of_kind(default_docs, "Deployment")
+    volumes = router["spec"]["template"]["spec"]["volumes"]
+    chart = {v["name"]: v["secret"]["secretName"] for v in volumes if "secret" in v}
     wanted = {evaluate.tls_ca: (chart["tls"], "ca.crt"), evaluate.auth_token_file: (chart["tokens"], "tokens")}
     for doc in (docs["retrieval"], docs["retrieval-eval"]):
         for template in pod_templates(doc):
             (container,) = template["spec"]["containers"]
             for path, source in wanted.items():
                 assert _secret_file(template["spec"], container, path) == source, f"{_name(doc)}: {path}"
+            secrets = {v["secret"]["secretName"] for v in template["spec"].get("volumes", []) if "secret" in v}
+            assert chart["shard-tokens"] not in secrets, f"{_name(doc)} holds the shards' tokens"
 
 
 def test_ray_pods_run_unprivileged():

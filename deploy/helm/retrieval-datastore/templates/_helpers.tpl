@@ -72,33 +72,39 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 - {{ .Values.logFormat | quote }}
 {{- end -}}
 
-{{/* Where the Secrets are mounted in every server. */}}
+{{/* Where the Secrets are mounted: the TLS Secret in every server, the clients' tokens in the router, and
+     the shards' own tokens (the hop from the router) in the shards and the router. */}}
 {{- define "rd.tlsDir" -}}/etc/retrieval/tls{{- end -}}
 {{- define "rd.tokenDir" -}}/etc/retrieval/tokens{{- end -}}
+{{- define "rd.shardTokenDir" -}}/etc/retrieval/shard-tokens{{- end -}}
 
-{{/* The flags that secure a server's own port: TLS and tokens from the Secrets, or --insecure. */}}
+{{/* The flags that secure a server's own port: TLS and tokens from the Secrets, or --insecure. A shard
+     accepts the tokens of security.shardTokenSecret, the router those of security.tokenSecret.
+     (dict "root" $ "shard" true|false) */}}
 {{- define "rd.securityArgs" -}}
-{{- $s := .Values.security -}}
+{{- $s := .root.Values.security -}}
+{{- $root := .root -}}
 {{- if $s.insecure }}
 - --insecure
 {{- else }}
 - --tls-cert
-- {{ include "rd.tlsDir" . }}/tls.crt
+- {{ include "rd.tlsDir" $root }}/tls.crt
 - --tls-key
-- {{ include "rd.tlsDir" . }}/tls.key
+- {{ include "rd.tlsDir" $root }}/tls.key
 {{- if $s.mutualTLS }}
 - --tls-ca
-- {{ include "rd.tlsDir" . }}/ca.crt
+- {{ include "rd.tlsDir" $root }}/ca.crt
 {{- end }}
 - --auth-token-file
-- {{ include "rd.tokenDir" . }}/tokens
+- {{ include (ternary "rd.shardTokenDir" "rd.tokenDir" (default false .shard)) $root }}/tokens
 {{- end }}
 {{- if $s.reflection }}
 - --reflection
 {{- end }}
 {{- end -}}
 
-{{/* The router's flags for its calls to the shards: the same CA and token (and certificate for mutual TLS). */}}
+{{/* The router's flags for its calls to the shards: the same CA (and certificate for mutual TLS), and the
+     first token of security.shardTokenSecret, which a client's token does not open. */}}
 {{- define "rd.shardClientArgs" -}}
 {{- $s := .Values.security -}}
 {{- if not $s.insecure }}
@@ -115,40 +121,54 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 - {{ . | quote }}
 {{- end }}
 - --shard-auth-token-file
-- {{ include "rd.tokenDir" . }}/tokens
+- {{ include "rd.shardTokenDir" . }}/tokens
 {{- end }}
 {{- end -}}
 
-{{/* The Secrets' volumes and mounts (none when insecure). Mode 0444: without an fsGroup the files
-     are root's, and the servers run as uid 1000; the mount is read-only and seen by this pod alone. */}}
+{{/* The Secrets' volumes and mounts (none when insecure): the TLS Secret and the shards' tokens in every
+     server, the clients' tokens in the router alone. Mode 0444: without an fsGroup the files are
+     root's, and the servers run as uid 1000; the mount is read-only and seen by this pod alone.
+     (dict "root" $ "shard" true|false) */}}
 {{- define "rd.secretVolumes" -}}
-{{- if not .Values.security.insecure }}
+{{- $s := .root.Values.security -}}
+{{- if not $s.insecure }}
 - name: tls
   secret:
-    secretName: {{ .Values.security.tlsSecret }}
+    secretName: {{ $s.tlsSecret }}
     defaultMode: 0444
+- name: shard-tokens
+  secret:
+    secretName: {{ $s.shardTokenSecret }}
+    defaultMode: 0444
+{{- if not .shard }}
 - name: tokens
   secret:
-    secretName: {{ .Values.security.tokenSecret }}
+    secretName: {{ $s.tokenSecret }}
     defaultMode: 0444
+{{- end }}
 {{- end }}
 {{- end -}}
 
 {{- define "rd.secretMounts" -}}
-{{- if not .Values.security.insecure }}
+{{- if not .root.Values.security.insecure }}
 - name: tls
-  mountPath: {{ include "rd.tlsDir" . }}
+  mountPath: {{ include "rd.tlsDir" .root }}
   readOnly: true
+- name: shard-tokens
+  mountPath: {{ include "rd.shardTokenDir" .root }}
+  readOnly: true
+{{- if not .shard }}
 - name: tokens
-  mountPath: {{ include "rd.tokenDir" . }}
+  mountPath: {{ include "rd.tokenDir" .root }}
   readOnly: true
+{{- end }}
 {{- end }}
 {{- end -}}
 
 {{/* The flags every server takes: drain, limits, security, health and metrics. (dict "root" $ "server" ...
      "shard" true|false) */}}
 {{- define "rd.serverArgs" -}}
-{{- include "rd.securityArgs" .root }}
+{{- include "rd.securityArgs" (dict "root" .root "shard" (default false .shard)) }}
 - --health-port
 - {{ .root.Values.healthPort | quote }}
 - --health-host
