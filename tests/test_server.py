@@ -17,6 +17,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_server.cluster.launcher import NO_DRAIN, LocalDeployment
 from retriever_server.security.config import ServerSecurity
+from retriever_server.serving import grpc_setup
 from retriever_server.serving import router as router_module
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
@@ -456,6 +457,70 @@ def test_health_answers_without_a_token_but_within_bounds(aio, datastore):
         aio.run(running.drain(grace=0))
     assert codes == [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def _idle_health_checks(target: str, count: int, release: asyncio.Event) -> list[asyncio.Task]:
+    """`count` health Checks at `target` whose request does not come until `release` is set."""
+    async def never_sent():
+        await release.wait()
+        yield health_pb2.HealthCheckRequest()
+
+    channel = grpc.aio.insecure_channel(target)
+    check = channel.stream_unary("/grpc.health.v1.Health/Check",
+                                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
+
+    async def one() -> grpc.StatusCode:
+        try:
+            await check(never_sent(), timeout=60)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    return [asyncio.ensure_future(one()) for _ in range(count)]
+
+
+async def _check(target: str) -> str:
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as err:
+            return err.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, monkeypatch):
+    """An open health call whose request never comes is refused after HEALTH_READ_S, so that idle calls
+    cannot hold a port's call slots (300 of them filled the health-only port's 256 slots for good, and
+    the probes failed); a main port reads HEALTH_READS health requests at once (each may be as large as a
+    search) and refuses more before reading them."""
+    monkeypatch.setattr(grpc_setup, "HEALTH_READ_S", 1.0)
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
+    health_port = f"127.0.0.1:{running.health_port}"
+
+    async def scenario():
+        release = asyncio.Event()
+        idle = await _idle_health_checks(health_port, 300, release)
+        await asyncio.sleep(0.5)
+        crowded = await _check(health_port)  # every slot held for the moment
+        idle_codes = await asyncio.wait_for(asyncio.gather(*idle), 20)
+        after = await _check(health_port)
+        main = await _idle_health_checks(running.address, grpc_setup.HEALTH_READS, release)
+        await asyncio.sleep(0.5)
+        fifth = await _check(running.address)
+        main_codes = await asyncio.wait_for(asyncio.gather(*main), 20)
+        release.set()
+        return crowded, idle_codes, after, fifth, main_codes, await _check(running.address)
+
+    try:
+        crowded, idle_codes, after, fifth, main_codes, main_after = aio.run(scenario())
+    finally:
+        aio.run(running.drain(grace=0))
+    refused = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert crowded == "RESOURCE_EXHAUSTED" and set(idle_codes) == refused, (crowded, set(idle_codes))
+    assert idle_codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 200
+    assert after == "SERVING" and main_after == "SERVING"
+    assert fifth == "RESOURCE_EXHAUSTED" and set(main_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, keys, datastore, monkeypatch):

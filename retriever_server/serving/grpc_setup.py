@@ -1,5 +1,6 @@
 """What every server and channel here shares: message-size and concurrency options, health (bounded:
-it answers callers without a token), reflection (opt-in), and a server process's heap settings.
+it answers callers without a token, so their requests are read with a deadline and a few at a time),
+reflection (opt-in), and a server process's heap settings.
 
 A server's heap keeps freed memory for the next request instead of giving it back. glibc gives each
 allocation over 128 KiB-32 MiB its own mapping and unmaps it when freed, and trims the heap's free top
@@ -11,6 +12,7 @@ and their pages stay mapped: memory grows to the peak a request needs, and stays
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -25,10 +27,15 @@ from retriever_server.security.tls import open_channel
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 MAX_MESSAGE = 1024 * 1024 * 1024 - 1
 OTHER_CALLS = 256  # calls a server takes at once beyond its searches in flight (health, GetInfo, refusals)
 MAX_WATCHES = 64  # health Watch streams open at once
 HEALTH_REQUEST_BYTES = 4096  # the largest request the health-only port reads
+HEALTH_READ_S = 5.0  # a health call whose request has not come whole by then is refused (DEADLINE_EXCEEDED)
+HEALTH_READS = 4  # health requests a main port reads at once (each up to --max-request-mb); more are refused
+# The health-only port closes a connection that has had no call for this long (the kubelet opens one per probe).
+HEALTH_IDLE_MS = 30_000
 HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
 
 
@@ -75,6 +82,55 @@ class BoundedHealth(health.aio.HealthServicer):
             self.watching -= 1
 
 
+class HealthReads:
+    """grpc.health.v1 for callers without a token, read with bounds. Health calls are open, so a stock
+    unary handler let anyone hold a call slot for good by never finishing a request, and made a main
+    port buffer requests up to its largest (`--max-request-mb`) for anyone. Here Check and Watch take
+    their request as a stream: a call waits at most HEALTH_READ_S for it, and with `at_once` at most that
+    many requests are read at once, a call past them refused (RESOURCE_EXHAUSTED) before it is read."""
+
+    def __init__(self, servicer: BoundedHealth, at_once: int | None = None):
+        self.servicer = servicer
+        self.at_once = at_once
+        self.reading = 0
+
+    async def _request(self, context) -> health_pb2.HealthCheckRequest:
+        if self.at_once is not None and self.reading >= self.at_once:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.at_once} health requests are being read")
+        self.reading += 1
+        try:
+            request = await asyncio.wait_for(context.read(), HEALTH_READ_S)
+        except asyncio.TimeoutError:
+            request = None
+        finally:
+            self.reading -= 1
+        if request is None:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no health request within {HEALTH_READ_S:g} s")
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a health call needs its request")
+        return request
+
+    async def check(self, _requests, context) -> health_pb2.HealthCheckResponse:
+        return await self.servicer.Check(await self._request(context), context)
+
+    async def watch(self, _requests, context) -> None:
+        await self.servicer.Watch(await self._request(context), context)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler of grpc.health.v1 to add to a server."""
+        kinds = {"request_deserializer": health_pb2.HealthCheckRequest.FromString,
+                 "response_serializer": health_pb2.HealthCheckResponse.SerializeToString}
+        return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+            "Check": grpc.stream_unary_rpc_method_handler(self.check, **kinds),
+            "Watch": grpc.stream_stream_rpc_method_handler(self.watch, **kinds)})
+
+
+def add_health(server: grpc.aio.Server, servicer: BoundedHealth, reads_at_once: int | None = None) -> None:
+    """Serves `servicer` on `server` as grpc.health.v1, its requests read with bounds (`HealthReads`):
+    a main port reads HEALTH_READS at once; the health-only port, whose requests are 4 KiB at most, any."""
+    server.add_generic_rpc_handlers((HealthReads(servicer, reads_at_once).handler(),))
+
+
 # Failover is ours (serving.failover), so gRPC's own retries are off; a refused connection is retried
 # after 0.1 s, backing off to at most 1 s, so a restarted replica is back within about a second.
 CHANNEL_OPTIONS = [
@@ -91,9 +147,9 @@ def add_health_and_reflection(server: grpc.aio.Server, reflect: bool = False) ->
     """Adds grpc.health.v1 (`BoundedHealth`; every service NOT_SERVING until told) and, when `reflect`,
     server reflection."""
     servicer = BoundedHealth()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    add_health(server, servicer, HEALTH_READS)
     if reflect:
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     return servicer
 

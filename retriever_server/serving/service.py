@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2_grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retrieval.v1 import retriever_pb2_grpc as pb_grpc
@@ -26,8 +25,10 @@ from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import ServerCertificates
 from retriever_server.serving.failover import BUSY, STALE
 from retriever_server.serving.grpc_setup import (
+    HEALTH_IDLE_MS,
     HEALTH_REQUEST_BYTES,
     OTHER_CALLS,
+    add_health,
     add_health_and_reflection,
     keep_freed_memory,
     most_calls,
@@ -241,9 +242,10 @@ async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Se
     """A plaintext server answering grpc.health.v1 alone, with the main server's health states."""
     check_free(host, port, "the health port ")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),  # a port taken is refused, not shared
-                                      ("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES)],
+                                      ("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES),
+                                      ("grpc.max_connection_idle_ms", HEALTH_IDLE_MS)],
                              maximum_concurrent_rpcs=OTHER_CALLS)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    add_health(server, health)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # gRPC's word for a port it cannot bind
