@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import lm_worker.data.prepare
@@ -106,3 +107,25 @@ def test_train_stops_without_a_checkpoint_once_the_loss_is_no_number(corpus, tmp
     assert err.startswith("lm-worker train: error: the training loss became ") and err.endswith(
         ": training diverged (try a lower --lr than 1e+30); stopped without saving a checkpoint\n"), err
     assert not list((tmp_path / "lm").glob("*"))
+
+
+def test_train_refuses_neighbours_fetched_for_another_window(corpus, tmp_path, capsys, caplog):
+    """RETRO's train neighbours leave out the documents of each chunk's window (`neighbours --seq-len`): a
+    training window longer than that one would predict text its chunks retrieved, so `train` refuses any
+    other --seq-len, names both, and writes nothing; an unrecorded window is trained on with a warning."""
+    prepared, neighbours = corpus.parent / "prepared", tmp_path / "source"
+    neighbours.mkdir()
+    np.save(neighbours / "neighbours-train.npy", np.zeros((1, 2, 16), dtype=np.int32))
+    (neighbours / "neighbours-train.json").write_text(json.dumps({"window": 32}))
+    args = [*QUIET, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(prepared),
+            "--neighbours", str(neighbours), "--steps", "1", "--batch-size", "1"]
+    code = main([*args, "--out", str(tmp_path / "retro"), "--seq-len", "64"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == (f"lm-worker train: error: --neighbours {neighbours}: neighbours-train.npy left out "
+                                 "each chunk's documents for a window of 32 tokens, --seq-len is 64: train with "
+                                 "--seq-len 32, or fetch them again with `lm-worker neighbours --seq-len 64`\n"), err
+    assert not (tmp_path / "retro").exists()
+    (neighbours / "neighbours-train.json").unlink()
+    with caplog.at_level("WARNING"):
+        main([*args, "--out", str(tmp_path / "retro"), "--seq-len", "64"])
+    assert "the window its own-document exclusions were made for is unknown" in caplog.text

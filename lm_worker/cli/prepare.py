@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from lm_worker.cli.common import check_flags, check_folder, check_out_kind, fields_as_flags, int_in, positive_finite_arg
 
+log = logging.getLogger(__name__)
 MAX_VOCAB = 1_000_000  # past this the BPE trainer's tables outgrow a machine's memory
 
 
@@ -88,12 +90,33 @@ def run_prepare(args: argparse.Namespace) -> None:
         print(f"left out {r.empty} empty document{'s' * (r.empty != 1)} (whitespace alone)")
 
 
+def check_train_window(args: argparse.Namespace) -> None:
+    """ValueError when --neighbours' train-split file left out each chunk's documents for another window than
+    --seq-len (`lm-worker neighbours --seq-len`): a longer window would predict text a chunk retrieved."""
+    from lm_worker.sources.neighbours import WINDOW_RECORD, recorded_window
+
+    if args.kind != "retro" or args.neighbours is None or args.split != "train":
+        return
+    path = args.neighbours / "neighbours-train.npy"
+    if not path.is_file():
+        return  # named as missing by the training's own checks
+    window = recorded_window(args.neighbours)
+    if window is None:
+        log.warning("%s has no %s beside it: the window its own-document exclusions were made for is unknown",
+                    path, WINDOW_RECORD)
+    elif window != args.seq_len:
+        raise ValueError(f"--neighbours {args.neighbours}: neighbours-train.npy left out each chunk's documents "
+                         f"for a window of {window} tokens, --seq-len is {args.seq_len}: train with --seq-len "
+                         f"{window}, or fetch them again with `lm-worker neighbours --seq-len {args.seq_len}`")
+
+
 def run_train(args: argparse.Namespace) -> None:
     from lm_worker.training.config import TrainConfig
     from lm_worker.training.train import train
 
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a checkpoint folder", "other files"), "a checkpoint folder")
+    check_train_window(args)
     with fields_as_flags({**TRAIN_FLAGS, "split": "--split"}):  # the config's own messages start with it
         config = TrainConfig(kind=args.kind, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
                              steps=args.steps, lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup,
