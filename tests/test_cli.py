@@ -89,6 +89,10 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--rerank", "-1"], "argument --rerank: the number must be in"),
         (["search", "127.0.0.1:1", "--queries", "z.npz"], "queries file z.npz is a .npz archive of arrays, not one"),
         (["build", "z.npz", "--out", "x"], "keys file z.npz is not a loadable .npy array: z.npz is a .npz archive"),
+        (["build", "keys.txt", "--out", "x"], "keys file keys.txt is not a loadable .npy array: keys.txt is not a "
+                                              ".npy file (it does not start as np.save writes one)"),
+        (["search", "127.0.0.1:1", "--queries", "keys.txt"], "queries file keys.txt is not a loadable .npy array: "
+                                                             "keys.txt is not a .npy file"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
@@ -98,6 +102,7 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     np.save(tmp_path / "words.npy", np.array(["hello", "world"]))
     (tmp_path / "dir.npy").mkdir()
     np.savez(tmp_path / "z.npz", synthetic(50, 8))  # as `search --out` writes its answers
+    np.savetxt(tmp_path / "keys.txt", synthetic(50, 8))  # numpy itself calls this "pickled data"
     one_line_error(run(*args), words)
 
 

@@ -21,6 +21,7 @@ from retriever_server.cli.common import (
     positive_int,
 )
 from retriever_server.datastore.manifest import Manifest, read_manifest
+from retriever_server.datastore.row_parts import check_npy_start
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.serving.fanout import parse_target
 from retriever_server.wire.tensors import numpy_dtype
@@ -137,6 +138,7 @@ def _load_queries(path: Path) -> np.ndarray:
         raise CliError(f"queries file {path} is a directory, not a .npy array" if path.is_dir()
                        else f"queries file {path} not found")
     try:
+        check_npy_start(path)
         queries = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
         raise CliError(f"queries file {path} is not a loadable .npy array: {err}") from None

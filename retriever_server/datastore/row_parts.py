@@ -29,6 +29,8 @@ import numpy as np
 
 PARTS_SUFFIX = ".parts.json"
 FORMAT = 1
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
+ZIP_MAGIC = b"PK\x03\x04"  # how a .npz (a zip archive) starts
 
 
 def is_parts_index(path: Path | str) -> bool:
@@ -281,6 +283,16 @@ def open_parts(index_path: Path) -> PartedArray:
     return PartedArray(paths, rows, dtype, shape[1:])
 
 
+def check_npy_start(path: Path) -> None:
+    """ValueError unless the file at `path` starts as np.save (or np.savez) writes one: for any other file
+    numpy's own message speaks of pickled data."""
+    with open(path, "rb") as f:
+        magic = f.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC and not magic.startswith(ZIP_MAGIC):
+        raise ValueError(f"{path} is not a .npy file (it does not start as np.save writes one): save the array "
+                         "with np.save")
+
+
 def open_rows(path: Path) -> np.ndarray | PartedArray:
     """A row-indexable read-only view of a .npy file (np.memmap) or a parts index (PartedArray).
 
@@ -293,6 +305,7 @@ def open_rows(path: Path) -> np.ndarray | PartedArray:
         return open_parts(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
+    check_npy_start(path)
     rows = np.load(path, mmap_mode="r")
     if not isinstance(rows, np.ndarray):  # a .npz archive (np.load opens those too, whatever the name)
         rows.close()
