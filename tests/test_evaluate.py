@@ -33,6 +33,7 @@ from lm_worker.retrieval.service import ServiceRetriever
 from lm_worker.sources.build import build_source
 from lm_worker.sources.knnlm import encode_knnlm, knn_windows
 from lm_worker.sources.retro import encode_retro
+from retriever_server.wire.request import Limits
 
 CONTEXT, STRIDE, L = 32, 16, 4
 LAMBDAS = (0.0, 0.25, 0.5, 0.9, 1.0)
@@ -633,3 +634,21 @@ def test_results_over_batch_ranges_combine_into_the_whole_with_pointers(lm, stor
     assert combined.best_perplexity == pytest.approx(whole.best_perplexity, rel=1e-9)
     for lam in config.lambdas:
         assert combined.followed_nll[lam] == pytest.approx(whole.followed_nll[lam], rel=1e-9)
+
+
+def test_the_in_process_reference_searches_past_the_servers_limits(knn_datastore):
+    """The in-process reference searches for its own process: a batch of nq x k over the servers' limit
+    (4,194,304 neighbours) is searched whole, as its two halves are, and a value no search can take is a
+    ValueError naming the field (it was a RequestError, which no caller catches)."""
+    datastore, keys, _ = knn_datastore
+    k = min(1024, len(keys))
+    queries = keys[np.random.default_rng(3).integers(0, len(keys), Limits().max_neighbours // k + 1)]
+    with InProcessRetriever(datastore, RetrievalConfig(k=k, nprobe=4)) as retriever:
+        whole = retriever.knn(queries)
+        halves = [retriever.knn(part) for part in np.array_split(queries, 2)]
+        bad = queries[:2].copy()
+        bad[1, 0] = np.nan
+        with pytest.raises(ValueError, match="in-process search: queries contains NaN"):
+            retriever.knn(bad)
+    np.testing.assert_array_equal(whole.ids, np.concatenate([h.ids for h in halves]))
+    np.testing.assert_array_equal(whole.distances, np.concatenate([h.distances for h in halves]))

@@ -13,7 +13,13 @@ from retriever_server.client import SearchResult, make_request
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.serving.merge import merge_results
 from retriever_server.serving.shard import Shard, ShardOptions
-from retriever_server.wire.request import Limits, parse_search
+from retriever_server.wire.request import Limits, RequestError, parse_search
+
+MANY = 1 << 40
+UNBOUNDED = Limits(max_k=1 << 30, max_batch=MANY, max_neighbours=MANY, max_request_bytes=MANY,
+                   max_excluded=MANY, max_excluded_ranges=MANY, max_excluded_per_query=MANY,
+                   max_excluded_ranges_per_query=MANY, max_payloads=1 << 20, max_string=1 << 20,
+                   max_response_bytes=MANY, max_successors=1 << 20)
 
 
 class InProcessRetriever(Retriever):
@@ -34,12 +40,16 @@ class InProcessRetriever(Retriever):
         self.dimension = manifest.dimension
         self.ntotal = manifest.ntotal
         self.metadata = dict(manifest.metadata)
-        self.limits = Limits(max_batch=1 << 30, max_request_bytes=1 << 40, max_response_bytes=1 << 40)
+        self.limits = UNBOUNDED  # the servers' limits guard them against callers; this searches for its own
 
     def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
                return_keys: bool = False) -> SearchResult:
         c = self.config
         request = make_request(queries, c.k, c.nprobe, c.exact_rerank, c.rerank_candidates, [payload],
                                return_keys, exclude_per_query=exclude_ranges(exclude), successors=successors)
-        parts = [shard.search(parse_search(request, shard.view(), self.limits)) for shard in self.shards]
+        try:
+            searches = [parse_search(request, shard.view(), self.limits) for shard in self.shards]
+        except RequestError as err:  # a value no search can take (k < 1, a NaN query, ...), named by its field
+            raise ValueError(f"in-process search: {err}") from None
+        parts = [shard.search(search) for shard, search in zip(self.shards, searches)]
         return merge_results(parts, c.k, self.metric)
