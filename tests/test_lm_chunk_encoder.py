@@ -104,13 +104,44 @@ def test_the_encoder_found_has_the_fingerprint_the_metadata_names():
     naming both, the datastore's words escaped and cut."""
     minilm = ChunkEncoder(tokenizer=None)
     assert chunk_encoder_for({"encoder": minilm.fingerprint}, tokenizer=None).fingerprint == minilm.fingerprint
-    wp32 = minilm.fingerprint.replace("/wp64", "/wp32")
-    assert chunk_encoder_for({"encoder": wp32}, tokenizer=None).fingerprint == wp32
+    assert minilm.fingerprint.endswith("/wp256")  # all-MiniLM-L6-v2's own max_seq_length
+    wp64 = minilm.fingerprint.replace("/wp256", "/wp64")  # the limit of datastores built before it
+    assert chunk_encoder_for({"encoder": wp64}, tokenizer=None).fingerprint == wp64
     assert isinstance(chunk_encoder_for({}, tokenizer=None), ChunkEncoder)  # keys of the user's own, no encoder named
+    weights = minilm.fingerprint.split("/")[0]
     for other in ("minilm-l6-v2:000000000000/wp64", "minilm-l6-v2:000000000000/wp32", "my-custom-encoder:abc",
+                  f"{weights}/wp600", f"{weights}/wp9999",  # past MiniLM's 512 positions
                   "forged\n2026-01-01 ERROR a forged line\x1b[31m" + "x" * 200):
         with pytest.raises(ValueError) as refused:
             chunk_encoder_for({"encoder": other}, tokenizer=None)
         message = str(refused.value)
         assert repr(other[:80]) in message and f"here is '{minilm.fingerprint.split('/')[0]}/wp" in message, message
         assert "\n" not in message and "\x1b" not in message and "x" * 100 not in message
+
+
+def test_minilm_reads_a_whole_chunk_and_its_fingerprint_every_weight(tmp_path, caplog):
+    """A chunk of 64 BPE tokens of code runs to about 70-100 word pieces: the default limit (MiniLM's own
+    256) embeds all of it, where the old 64 left its end out; a limit cuts what is over it and the log
+    counts such chunks. The weights' fingerprint covers the whole file: a byte changed past the first
+    MiB (where only the embeddings lie) gives another."""
+    from lm_worker.data.tokenizer import train_tokenizer
+    from lm_worker.encoders.minilm import files_digest
+
+    text = "def normalise(path_name, separator='/'):\n    return separator.join(p for p in path_name.split())\n"
+    tokenizer = train_tokenizer([text * 40], vocab_size=300)
+    chunk = np.asarray(tokenizer.encode(text * 8)[:64])[None]  # (1, 64)
+    whole, cut = ChunkEncoder(tokenizer), ChunkEncoder(tokenizer, max_wordpieces=64)
+    pieces = len(whole.minilm.token_ids(tokenizer.decode(chunk[0])))
+    assert 64 < pieces <= 256
+    reference = ChunkEncoder(tokenizer, max_wordpieces=pieces)  # exactly the chunk's own word pieces
+    np.testing.assert_allclose(whole.embed(chunk), reference.embed(chunk), atol=1e-6)
+    assert float(np.abs(cut.embed(chunk) - whole.embed(chunk)).max()) > 1e-3
+    with caplog.at_level("INFO", logger="lm_worker.encoders.minilm_chunks"):
+        cut.embed(np.repeat(chunk, 3, axis=0), progress=True)
+    assert "3 of 3 chunks were longer than 64 word pieces" in caplog.text and whole.cut == 0
+    with pytest.raises(ValueError, match=r"max_wordpieces must be in \[1, 510\]"):
+        ChunkEncoder(tokenizer, max_wordpieces=511)
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert files_digest((tmp_path / "a",)) != files_digest((tmp_path / "b",))

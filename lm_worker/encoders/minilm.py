@@ -6,11 +6,13 @@ sentence-transformers computes them. Nothing is downloaded: the weights are insi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 CLS, SEP = 101, 102
+
+
+def files_digest(paths: tuple[Path, ...]) -> str:
+    """The first 12 hex digits of the sha256 of the files' whole bytes (the weights and the word pieces:
+    every layer, not only the embeddings at the file's start), computed once per process and file state."""
+    return _digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(states: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in states:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -47,8 +65,7 @@ class MiniLMEncoder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.model = AutoModel.from_pretrained(str(path)).eval().to(config.device)
-        weights = (path / "model.safetensors").read_bytes()[: 1 << 20]
-        self.fingerprint = "minilm-l6-v2:" + hashlib.sha256(weights).hexdigest()[:12]
+        self.fingerprint = "minilm-l6-v2:" + files_digest((path / "model.safetensors", path / "tokenizer.json"))
 
     @staticmethod
     def tokenizer_only():
