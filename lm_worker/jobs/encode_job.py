@@ -89,11 +89,13 @@ def _job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec],
         path = Path(config.checkpoint).resolve()
         files = [path / n for n in sorted(os.listdir(path))] if path.is_dir() else [path]
         model = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()}
-    else:
-        from lm_worker.encoders.minilm_chunks import ChunkEncoder
+    elif encoder_factory is None:
+        from lm_worker.encoders.minilm import weights_fingerprint
+        from lm_worker.encoders.minilm_chunks import DEFAULT_WORDPIECES
 
-        factory = encoder_factory or ChunkEncoder  # its name only: parts record the fingerprint of what ran
-        model = getattr(factory, "__qualname__", None) or type(factory).__qualname__
+        model = f"{weights_fingerprint()}/wp{DEFAULT_WORDPIECES}"  # the fingerprint ChunkEncoder() will have
+    else:  # its repr: a partial's names its function and arguments; an object's holds its address, never reused
+        model = repr(encoder_factory)
     stamp = {"kind": config.kind, "store": str(store.directory.resolve()), "tokens": len(store),
              "token_digest": tokens_digest(store), "tokenizer": store.tokenizer_fingerprint, "model": model,
              "eos_id": eos_id,
