@@ -2,11 +2,13 @@
 datastore built by the Ray job, every shard and a router served locally, and neighbours queried
 over gRPC for held-out chunks.
 
-A second run reuses the cached embeddings and the datastore it built.
+A second run reuses the cached embeddings and the datastore it built from the same keys (the
+datastore records their digest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +62,23 @@ def _source_arrays(config: DemoConfig):
     source.mkdir(parents=True, exist_ok=True)
     for name, array in (("keys", vectors.keys), ("tokens", vectors.tokens), ("doc", vectors.doc_ids)):
         path, array = source / f"{name}.npy", np.asarray(array)
-        if not path.is_file() or np.load(path, mmap_mode="r").shape != array.shape:  # another --keys: written anew
+        if not _holds(path, array):  # another --keys, or vectors made anew (another Python's stdlib): rewritten
             np.save(path, array)
     return vectors, source
+
+
+def _holds(path: Path, array: np.ndarray) -> bool:
+    """Whether the .npy at `path` holds `array` exactly."""
+    try:
+        stored = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return stored.dtype == array.dtype and np.array_equal(stored, array)
+
+
+def _digest(path: Path) -> str:
+    """The keys' sha256 (first 16 hex digits): the datastore records the keys it was built from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _datastore(config: DemoConfig, source: Path) -> Path:
@@ -70,9 +86,10 @@ def _datastore(config: DemoConfig, source: Path) -> Path:
     from retriever_server.datastore.manifest import DatastoreError, read_manifest
 
     out = config.out / "datastore"
+    keys = _digest(source / "keys.npy")
     try:
         manifest = read_manifest(out)
-        if manifest.ntotal == config.n_keys and len(manifest.shards) == config.shards:
+        if manifest.metadata.get("keys") == keys and len(manifest.shards) == config.shards:
             log.info("reusing the datastore at %s", out)
             return out
     except DatastoreError:
@@ -82,7 +99,7 @@ def _datastore(config: DemoConfig, source: Path) -> Path:
     build_datastore(BuildConfig(
         keys=source / "keys.npy", out=out, payloads={"tokens": source / "tokens.npy", "doc": source / "doc.npy"},
         shards=config.shards, keep_keys=True, overwrite=out.exists(),
-        metadata={"encoder": "all-MiniLM-L6-v2", "chunk_len": "64", "corpus": "cpython-stdlib"},
+        metadata={"encoder": "all-MiniLM-L6-v2", "chunk_len": "64", "corpus": "cpython-stdlib", "keys": keys},
     ), num_cpus=config.num_cpus)
     ray.shutdown()
     return out
