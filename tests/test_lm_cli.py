@@ -280,6 +280,8 @@ def test_a_bad_log_level_is_one_line(capsys):
     (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "127.0.0.1:1,localhost:2"], True),
     (["generate", "--checkpoint", "c", "--data", "d", "--target", "127.0.0.1:1|127.0.0.1:3", "--prompt", "p"], True),
     (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "10.1.2.3:1,127.0.0.1:2"], False),
+    (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "localhost.example.com:1"], False),
+    (["eval", "--data", "d", "--out", "o", "--lm", "m", "--knnlm-target", "127.example.com:1"], False),
     (["train", "--kind", "lm", "--data", "d", "--out", "o"], False),
 ])
 def test_model_threads_wait_passively_only_beside_local_servers(monkeypatch, args, passive):

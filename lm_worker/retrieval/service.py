@@ -15,14 +15,19 @@ import numpy as np
 from lm_worker.retrieval.config import Ranges, RetrievalConfig
 from lm_worker.retrieval.retriever import Retriever, exclude_ranges
 from retriever_server.client import RetrieverClient, RetrieverError, SearchResult
-from retriever_server.security.config import TOKEN_ENV, ClientSecurity, SecurityError
+from retriever_server.security.config import (
+    TOKEN_ENV,
+    ClientSecurity,
+    SecurityError,
+    dialled_hosts,
+    is_loopback_host,
+)
 from retriever_server.serving.fanout import parse_shards, parse_target
 
 __all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "RAY_PREFIX",
            "resolve_target", "is_loopback"]
 
 RAY_PREFIX = "ray:"
-LOOPBACK = ("127.", "localhost", "[::1]", "unix:")
 
 
 def resolve_target(target: str) -> str | list[str]:
@@ -40,7 +45,8 @@ def is_loopback(target: str) -> bool:
     """Whether every address of a target ("HOST:PORT", shards comma-separated, replicas '|') is on this machine."""
     if target.startswith(RAY_PREFIX):
         return False
-    return all(address.startswith(LOOPBACK) for shard in parse_shards(target) for address in shard)
+    return all(is_loopback_host(host) for shard in parse_shards(target) for address in shard
+               for host in dialled_hosts(address))
 
 
 class ServiceRetriever(Retriever):
