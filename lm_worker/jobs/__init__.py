@@ -5,5 +5,5 @@
 - `encode_job`: the driver: keeps finished parts, runs the rest, publishes the source.
 
 Imports: lm_worker.jobs, lm_worker.data, lm_worker.models, lm_worker.encoders, lm_worker.sources,
-    retriever_server.cluster.connect, retriever_server.datastore.row_parts
+    retriever_server.cluster.connect, retriever_server.datastore.row_parts, retriever_server.datastore.publish
 """

@@ -57,6 +57,7 @@ from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, replace_
 from lm_worker.sources.retro import tokens_digest
 from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, SOURCE_JSON, Encoder, SourceInfo
 from retriever_server.cluster.connect import connect
+from retriever_server.datastore.publish import BuildError, held_lock
 from retriever_server.datastore.row_parts import PARTS_SUFFIX, write_parts_index
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def finished_part(out_dir: Path, part: PartSpec) -> dict | None:
     return record if whole else None
 
 
-def _job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], eos_id: int,
+def job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], eos_id: int,
                encoder_factory) -> dict:
     """What finished parts must share with this run to be kept."""
     if config.kind == "knnlm" or (config.encoder == "lm" and encoder_factory is None):
@@ -284,7 +285,31 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
     plan = plan_parts(config, len(store))
     eos_id = int(store.tokens[-1])
     check_out(out_dir)
-    stamp = _job_stamp(config, store, plan, eos_id, encoder_factory)
+    stamp = job_stamp(config, store, plan, eos_id, encoder_factory)
+    with _held(out_dir):
+        return _run(config, out_dir, store, plan, eos_id, stamp, encoder_factory, started)
+
+
+@contextlib.contextmanager
+def _held(out_dir: Path) -> Iterator[None]:
+    """The lock of the encode jobs of `out_dir` (OUT_PARENT/.NAME.encode.lock): a second job on the same
+    output would clear the first one's parts while it writes them."""
+    out_dir = Path(out_dir).absolute()
+    path = out_dir.parent / f".{out_dir.name}.encode.lock"
+    try:
+        with held_lock(path, out_dir, f"another encode job is writing {out_dir}: wait for it to end, or "
+                                      "choose another output folder"):
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # before the lock goes: a job that opened it meanwhile tries again
+    except BuildError as err:
+        raise EncodeError(str(err)) from None
+
+
+def _run(config: EncodeJobConfig, out_dir: Path, store: TokenStore, plan: list[PartSpec], eos_id: int,
+         stamp: dict, encoder_factory, started: float) -> SourceInfo:
+    """The job, once its checks are done and its lock is held."""
     work = job_work_dir(out_dir)  # every check done: the first write, beside out_dir
     work.mkdir(parents=True, exist_ok=True)
     (work / SOURCE_JSON).unlink(missing_ok=True)  # what a run killed while publishing left

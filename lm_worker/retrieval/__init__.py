@@ -14,8 +14,8 @@ Only this room imports the service's serving and wire modules (its client, shard
 checks). Models, scorers and decoders see neighbours as numpy arrays and take a retriever object.
 Outside this room, the LM side may use only these service APIs, for building and running datastores:
 
-- `retriever_server.datastore.build` (the build job) and `retriever_server.datastore.row_parts`
-  (sources written in parts);
+- `retriever_server.datastore.build` (the build job), `retriever_server.datastore.row_parts`
+  (sources written in parts) and `retriever_server.datastore.publish` (the lock a folder's writer holds);
 - `retriever_server.cluster.launcher` (a datastore served as local processes),
   `retriever_server.cluster.ray_serving` (served as Ray actors) and `retriever_server.cluster.connect`
   (joining a Ray cluster the way every job does).

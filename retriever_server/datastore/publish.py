@@ -108,7 +108,7 @@ def output_held(out: Path, overwrite: bool) -> Iterator[None]:
     duration: BuildError where another build holds it. The kernel releases a killed build's lock."""
     check_output(out, overwrite)
     path = out.parent / f".{out.name}.lock"
-    with _locked(path, out):
+    with held_lock(path, out, f"another build is writing {out}: wait for it to end, or choose another output path"):
         try:
             yield
         finally:
@@ -116,9 +116,10 @@ def output_held(out: Path, overwrite: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, out: Path) -> Iterator[object]:
-    """The lock file at `path`, open and flocked. A file that a finishing build unlinked between our open
-    and our flock is no lock any more: take the one at `path` now instead."""
+def held_lock(path: Path, out: Path, busy: str) -> Iterator[object]:
+    """The lock file at `path` (beside `out`), open and flocked: BuildError(`busy`) where another process
+    holds it. A file that a finishing writer unlinked between our open and our flock is no lock any more:
+    take the one at `path` now instead. The kernel releases a killed process's lock."""
     while True:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +130,7 @@ def _locked(path: Path, out: Path) -> Iterator[object]:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise BuildError(f"another build is writing {out}: wait for it to end, or choose another output "
-                                 "path") from None
+                raise BuildError(busy) from None
             if _same_file(f, path):
                 yield f
                 return
