@@ -321,6 +321,27 @@ def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
 
 
 @pytest.mark.ray
+def test_workers_lost_to_ray_end_the_job_in_one_line(data, tmp_path, ray_cluster, monkeypatch):
+    """A worker lost to Ray (out of memory, its node gone) surfaces from the dataset, not as a part's error:
+    it ends the job with an EncodeError in one line that says what Ray said, not with Ray's traceback."""
+    import ray.data
+    import ray.exceptions
+
+    def killed(self, *args, **kwargs):  # as Ray Data raises once a worker is killed
+        raise ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.\n"
+                                              "Memory on the node was 95%")
+        yield
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_rows", killed)
+    config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
+    with pytest.raises(EncodeError) as failed:
+        run_encode_job(config, tmp_path / "source", TableFactory())
+    assert str(failed.value).startswith("the encode job's workers failed (OutOfMemoryError: Task was killed due to "
+                                        "the node running low on memory.); the parts finished so far are kept in ")
+    assert "\n" not in str(failed.value) and not (tmp_path / "source").exists()
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_failed_and_damaged_parts_are_redone_alone(data, tmp_path, ray_cluster, by_value):
     store = TokenStore.open(data / "train")

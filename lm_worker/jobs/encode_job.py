@@ -211,11 +211,17 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
         desc = f"encoding {config.kind} parts ({config.workers} worker{'s' if config.workers > 1 else ''})"
         with tqdm(total=total, initial=total - len(todo), unit="part", desc=desc, disable=not config.progress) as bar:
             failed = ""
-            for row in ds.iter_rows():
-                if row["error"]:
-                    failed = failed or f"part {row['index']} failed: {row['error']}"
-                    continue
-                bar.update(1)
+            try:
+                for row in ds.iter_rows():
+                    if row["error"]:
+                        failed = failed or f"part {row['index']} failed: {row['error']}"
+                        continue
+                    bar.update(1)
+            except ray.exceptions.RayError as err:  # a worker lost (out of memory, its node gone), not a part's error
+                first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+                raise EncodeError(f"the encode job's workers failed ({type(err).__name__}: {first.strip()[:300]}); "
+                                  f"the parts finished so far are kept in {out_dir / PARTS} for the next "
+                                  "run") from None
     if failed:
         raise EncodeError(failed)
 
