@@ -137,6 +137,8 @@ def test_retro_split_is_the_next_training_side_documents_the_train_split_left_ou
     again = prepare_retro_split(config)  # e.g. a folder prepared before the retro split existed: the same
     assert [d.name for d in again.documents] == names["retro"]
     assert np.array_equal(np.asarray(again.tokens), np.asarray(retro.tokens))
+    other = prepare_retro_split(replace(config, heldout_fraction=0.05, max_retro_tokens=10_000))  # not OUT's
+    assert not {d.name for d in other.documents} & set(names["heldout"])  # held-out text never trains
 
 
 def test_retro_split_errors(tmp_path):

@@ -189,7 +189,8 @@ def _write_prepared(config: PrepareConfig, split: dict[str, list[Document]]) -> 
 def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None = None) -> TokenStore:
     """Writes OUT/retro: up to `config.max_retro_tokens` tokens of training-side documents that OUT/train
     does not hold, the next ones in hashed order, tokenized with OUT/tokenizer.json. Also for a folder
-    prepared before (it needs the same corpus and heldout_fraction).
+    prepared before (with the same corpus and heldout_fraction; a document OUT/heldout holds is never
+    taken, whatever they were).
 
     A frozen base LM has memorised much of its own training text, so on that text the neighbours
     have little left to add and RETRO's new layers learn to ignore them; on this text they have not.
@@ -208,8 +209,12 @@ def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None
     out = Path(config.out)
     tokenizer = Tokenizer.load(out / "tokenizer.json")
     in_train = {d.name for d in TokenStore.open(out / "train").documents}
+    held_out = {d.name for d in TokenStore.open(out / "heldout").documents}
     side = _split_documents(config)[0]["train"] if train_side is None else train_side
-    left = [d for d in side if d.name not in in_train]
+    if crossing := sum(d.name in held_out for d in side):  # OUT was prepared with another fraction or corpus
+        log.warning("%d of the corpus's training-side documents are held out in %s (prepared with another "
+                    "heldout_fraction or corpus?): left out of the %r split", crossing, out / "heldout", RETRO_SPLIT)
+    left = [d for d in side if d.name not in in_train and d.name not in held_out]
     if not left:
         raise ValueError(f"{out / 'train'} holds all {len(side)} training-side documents of {config.corpus!r}: "
                          f"none are left for the {RETRO_SPLIT!r} split (lower max_train_tokens)")
