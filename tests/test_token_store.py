@@ -248,11 +248,18 @@ def _as_npz(path: Path) -> None:
     (lambda d: np.save(d / "doc_ids.npy", np.zeros(3, np.int32)), "doc_ids.npy holds 3 ids for 7 tokens"),
     (lambda d: (d / "documents.json").write_text(json.dumps(
         {"tokenizer": "t", "documents": [{"name": "a", "start": 0, "end": 99}]})),
-     "documents.json: its documents do not lie within the 7 tokens of tokens.npy"),
+     "documents.json: its documents do not tile the 7 tokens of tokens.npy in order"),
+    (lambda d: (d / "documents.json").write_text(json.dumps(  # the old documents of new arrays: same length
+        {"tokenizer": "old", "documents": [{"name": "a", "start": 0, "end": 3}, {"name": "b", "start": 3, "end": 7}]})),
+     "doc_ids.npy does not agree with"),
+    (lambda d: (d / "documents.json").write_text(json.dumps(
+        {"tokenizer": "t", "documents": [{"name": "a", "start": 0, "end": 4}, {"name": "b", "start": 5, "end": 7}]})),
+     "documents.json: its documents do not tile the 7 tokens of tokens.npy in order"),
     (lambda d: (d / "documents.json").write_text(json.dumps(
         {"tokenizer": "t", "documents": [{"name": "a", "start": "0", "end": None}]})),
      "documents.json: document 0's 'start' and 'end' are not whole numbers"),
-], ids=["empty", "cut-short", "npz", "2-d-floats", "doc-ids-short", "documents-past-the-end", "positions-not-numbers"])
+], ids=["empty", "cut-short", "npz", "2-d-floats", "doc-ids-short", "documents-past-the-end", "spans-out-of-step",
+        "a-gap", "positions-not-numbers"])
 def test_a_damaged_token_store_is_named_when_opened(tmp_path, damage, words):
     """A token store with a file damaged or out of step with the others: a ValueError naming the file, not a
     numpy EOFError or a store whose documents run past its tokens."""
@@ -261,3 +268,29 @@ def test_a_damaged_token_store_is_named_when_opened(tmp_path, damage, words):
     with pytest.raises(ValueError, match=re.escape(words)) as refused:
         TokenStore.open(tmp_path / "split")
     assert str(tmp_path / "split") in str(refused.value)
+
+
+def test_a_split_written_again_is_swapped_in_whole(tmp_path, monkeypatch):
+    """A split is written beside its folder and swapped in: a write stopped half-way leaves the old split as
+    it was (its files were overwritten in place, one after another), and a finished one leaves no other files."""
+    split = tmp_path / "split"
+    old = write_token_store(split, [("a", [1, 2, 3]), ("b", [4, 5])], eos_id=0, tokenizer_fingerprint="old")
+    before = {p.name: p.read_bytes() for p in split.iterdir()}
+    real_save, saved = np.save, []
+
+    def stopped(path, array, *args, **kwargs):
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in split.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
+        "split"]
+    assert TokenStore.open(split).tokenizer_fingerprint == old.tokenizer_fingerprint
+    new = write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
+    assert new.tokenizer_fingerprint == "new" and np.asarray(new.tokens).tolist() == [6, 7, 8, 9, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]

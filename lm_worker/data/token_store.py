@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,25 @@ class TokenStore:
         if len(self.doc_ids) != len(self.tokens):
             raise ValueError(f"{self.directory}: doc_ids.npy holds {len(self.doc_ids)} ids for "
                              f"{len(self.tokens)} tokens: not a whole token store")
-        ends = [d.end for d in self.documents]
-        if any(not 0 <= d.start <= d.end for d in self.documents) or max(ends, default=0) > len(self.tokens):
-            raise ValueError(f"{meta_path}: its documents do not lie within the {len(self.tokens)} tokens of "
-                             "tokens.npy: not a whole token store")
+        self._check_spans(meta_path)
+
+    def _check_spans(self, meta_path: Path) -> None:
+        """ValueError unless the documents tile the tokens in order, each non-empty, and doc_ids agrees at
+        each one's first and last token: files of two writes side by side are no token store."""
+        starts = np.array([d.start for d in self.documents], dtype=np.int64)  # (D,)
+        ends = np.array([d.end for d in self.documents], dtype=np.int64)  # (D,)
+        if len(starts) == 0:
+            tiled = len(self.tokens) == 0
+        else:
+            tiled = starts[0] == 0 and ends[-1] == len(self.tokens) and bool(np.all(starts[1:] == ends[:-1])) \
+                and bool(np.all(ends > starts))
+        if not tiled:
+            raise ValueError(f"{meta_path}: its documents do not tile the {len(self.tokens)} tokens of tokens.npy "
+                             "in order: not a whole token store")
+        number = np.arange(len(starts))
+        if not (np.array_equal(self.doc_ids[starts], number) and np.array_equal(self.doc_ids[ends - 1], number)):
+            raise ValueError(f"{self.directory / 'doc_ids.npy'} does not agree with {meta_path} on which document "
+                             "each token is in: not a whole token store")
 
     @classmethod
     def open(cls, directory: Path) -> TokenStore:
@@ -137,7 +153,6 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
     """Writes (name, token ids) documents as one split, each followed by `eos_id`; `max_tokens`, the
     token budget the documents were chosen within (0: none), is recorded (`TokenStore.max_tokens`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     pieces, doc_pieces, spans, start = [], [], [], 0
     for number, (name, ids) in enumerate(docs):
         ids = np.asarray([*ids, eos_id], dtype=np.int32)
@@ -147,9 +162,29 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
         start += len(ids)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     doc_ids = np.concatenate(doc_pieces) if doc_pieces else np.zeros(0, np.int32)
-    np.save(directory / "tokens.npy", tokens)
-    np.save(directory / "doc_ids.npy", doc_ids)
     meta = {"tokenizer": tokenizer_fingerprint, "max_tokens": max_tokens, "documents": spans}
-    (directory / "documents.json").write_text(json.dumps(meta))
+    work = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")  # the split whole or not at all
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        np.save(work / "tokens.npy", tokens)
+        np.save(work / "doc_ids.npy", doc_ids)
+        (work / "documents.json").write_text(json.dumps(meta))
+        _swap_in(work, directory)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return TokenStore(directory)
+
+
+def _swap_in(work: Path, directory: Path) -> None:
+    """Puts the folder `work` at `directory`, replacing the split there: never the files of two writes."""
+    if not directory.exists():
+        os.replace(work, directory)
+        return
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+    os.replace(work, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
