@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -158,6 +159,47 @@ def test_checkpoint_errors(tmp_path):
         save_checkpoint(tmp_path / "y.pt", kind="lm", model=model, config=other, step=0, tokenizer_fingerprint="",
                         extra={})
     assert not (tmp_path / "y.pt").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("n_head"), "its LMConfig lacks the fields ['n_head']"),  # it loaded as the default 4 heads
+    (lambda c: c.update(max_len="abc"), "max_len must be a positive integer, got 'abc'"),
+    (lambda c: c.update(n_head=0), "n_head must be a positive integer, got 0"),  # a ZeroDivisionError
+    (lambda c: c.update(n_head=3), "d_model 32 must split into 3 heads of even size"),  # named no file
+    (lambda c: c.update(dropout="0.1"), "dropout must lie in [0, 1), got '0.1'"),
+])
+def test_a_checkpoint_config_edited_by_hand_is_refused_naming_the_file(tmp_path, change, words):
+    """Every config field is saved, so every one must be there when loading (a missing one took its default,
+    here another number of heads over the same tensors: another model, silently), and each error names
+    the file."""
+    model = TransformerLM(LMConfig.tiny(10))
+    path = save_checkpoint(tmp_path / "lm.pt", kind="lm", model=model, config=model.config, step=0,
+                           tokenizer_fingerprint="", extra={})
+    payload = torch.load(path, weights_only=True)
+    change(payload["config"])
+    torch.save(payload, path)
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value).startswith(f"{path} does not hold a loadable lm model: ") and words in str(refused.value)
+
+
+def test_a_checkpoint_that_could_not_be_loaded_is_not_saved(tmp_path):
+    """`save_checkpoint` refuses what `load_checkpoint` would refuse later: extras that are not plain data (a
+    numpy scalar, a Path: loading reads plain data only) and a model of another kind than the one named."""
+    model, retro = TransformerLM(LMConfig.tiny(10)), Retro(RetroConfig.tiny(10))
+    for extra, words in (({"loss": np.float32(1.5)}, "extra['loss'] is a numpy.float32"),
+                         ({"runs": [{"out": Path("/x")}]}, "extra['runs'][0]['out'] is a pathlib.PosixPath")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            save_checkpoint(tmp_path / "x.pt", kind="lm", model=model, config=model.config, step=0,
+                            tokenizer_fingerprint="", extra=extra)
+    with pytest.raises(ValueError, match="kind 'lm' holds TransformerLM models, not Retro"):
+        save_checkpoint(tmp_path / "x.pt", kind="lm", model=retro, config=retro.config, step=0,
+                        tokenizer_fingerprint="", extra={})
+    assert not list(tmp_path.iterdir())
+    plain = {"losses": {"train": [[1, 2.5]]}, "layers": (1, 2), "none": None, "flag": True}
+    path = save_checkpoint(tmp_path / "x.pt", kind="lm", model=model, config=model.config, step=0,
+                           tokenizer_fingerprint="", extra=plain)
+    assert load_checkpoint(path).extra == plain
 
 
 def test_retro_windows_align_with_neighbour_rows(data):

@@ -85,8 +85,11 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
         raise ValueError(f"cannot save kind {kind!r}: checkpoints hold {sorted(MODELS)} models")
     if not dataclasses.is_dataclass(config):
         raise ValueError(f"config must be a dataclass, got {type(config).__name__}")
-    if getattr(model, "config", config) != config:  # loading builds the model from the config saved
+    if not isinstance(model, MODELS[kind][1]):  # loading builds MODELS[kind] from the config saved
+        raise ValueError(f"kind {kind!r} holds {MODELS[kind][1].__name__} models, not {type(model).__name__}")
+    if getattr(model, "config", config) != config:
         raise ValueError(f"config does not describe the model: {config} against the model's {model.config}")
+    check_plain(extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -110,19 +113,41 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
     return path
 
 
+PLAIN = (str, int, float, bool, type(None))  # with dicts, lists and tuples of them: what loading unpickles
+
+
+def check_plain(extra: dict, where: str = "extra") -> None:
+    """ValueError unless `extra` is plain data (dicts, lists, tuples, strings, numbers, None): what
+    `load_checkpoint` reads back, as it loads without unpickling other objects (a numpy scalar or a
+    Path was saved, and the checkpoint then never loaded)."""
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            check_plain(key, f"{where} key {key!r}")
+            check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(extra, (list, tuple)):
+        for i, value in enumerate(extra):
+            check_plain(value, f"{where}[{i}]")
+    elif not isinstance(extra, PLAIN):
+        raise ValueError(f"{where} is a {type(extra).__module__}.{type(extra).__qualname__}: a checkpoint's extra "
+                         "holds plain data only (dicts, lists, strings, numbers); convert it first")
+
+
 def build_config(kind: str, values: dict) -> LMConfig | RetroConfig:
-    """Rebuilds a model config from its stored dict (lists become tuples again).
+    """Rebuilds a model config from its stored dict (lists become tuples again); every field must be there,
+    as `save_checkpoint` writes them all (a missing one would take its default silently).
 
     Raises:
-        ValueError: unknown kind or fields that the config does not have.
+        ValueError: unknown kind, fields the config does not have or lacks, or values it refuses.
     """
     if kind not in MODELS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODELS)}")
     config_cls = MODELS[kind][0]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(values) - names
+    unknown, missing = set(values) - names, names - set(values)
     if unknown:
         raise ValueError(f"{config_cls.__name__} has no fields {sorted(unknown)}")
+    if missing:
+        raise ValueError(f"its {config_cls.__name__} lacks the fields {sorted(missing)}")
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -162,7 +187,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
         config = build_config(kind, payload["config"])
         model = MODELS[kind][1](config)
         model.load_state_dict(payload["model"])
-    except (TypeError, RuntimeError) as err:  # a config that is no config, or weights of another shape
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as err:  # a config that is no config, or
+        # weights of another shape: the file named, the message on one line
         raise ValueError(f"{file} does not hold a loadable {kind} model: {' '.join(str(err).split())[:300]}"
                          ) from None
     model.to(device).eval()

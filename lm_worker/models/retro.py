@@ -46,9 +46,11 @@ class RetroConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "chunk_len", "n_neighbours", "n_layer", "n_head", "d_model", "d_ff", "enc_n_layer"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or \
+                not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         for name in ("cca_layers", "enc_cross_layers"):
             layers = getattr(self, name)
