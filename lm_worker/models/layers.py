@@ -15,6 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_sizes(config: object, names: tuple[str, ...]) -> None:
+    """ValueError unless the config's `names` are positive integers (not bools), its dropout a number in
+    [0, 1), and d_model splits into n_head heads of even size (rotary embeddings pair the channels)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    dropout = config.dropout
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    if config.d_model % config.n_head or (config.d_model // config.n_head) % 2:
+        raise ValueError(f"d_model {config.d_model} must split into {config.n_head} heads of even size")
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (no mean subtraction, no bias), as in RETRO and LLaMA."""
 

@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.models.layers import Block, CrossAttention, FeedForward, KVCache, RMSNorm, SelfAttention, init_weights
+from lm_worker.models.layers import (
+    Block,
+    CrossAttention,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    SelfAttention,
+    check_sizes,
+    init_weights,
+)
 from lm_worker.models.ragged_retro import RaggedRetroCache, cca_ragged, encode_ragged
 
 
@@ -45,19 +54,12 @@ class RetroConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name in ("vocab_size", "chunk_len", "n_neighbours", "n_layer", "n_head", "d_model", "d_ff", "enc_n_layer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or \
-                not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        check_sizes(self, ("vocab_size", "chunk_len", "n_neighbours", "n_layer", "n_head", "d_model", "d_ff",
+                           "enc_n_layer"))
         for name in ("cca_layers", "enc_cross_layers"):
             layers = getattr(self, name)
             if layers is not None and not (isinstance(layers, tuple) and all(isinstance(i, int) for i in layers)):
                 raise ValueError(f"{name} must be a tuple of layer indices or None, got {layers!r}")
-        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of even size")
         if not self.decoder_cca_layers:
             raise ValueError(f"no decoder layer attends to the neighbours: with cca_layers None, n_layer must be 3 "
                              f"or more (got {self.n_layer}); or name the layers in cca_layers")

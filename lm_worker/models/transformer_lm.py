@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.models.layers import Block, KVCache, RMSNorm, check_length, init_weights
+from lm_worker.models.layers import Block, KVCache, RMSNorm, check_length, check_sizes, init_weights
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,7 @@ class LMConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or \
-                not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of even size")
+        check_sizes(self, ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_len"))
 
     @classmethod
     def tiny(cls, vocab_size: int = 64, **overrides) -> LMConfig:
