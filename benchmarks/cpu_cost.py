@@ -63,11 +63,11 @@ from retriever_server.datastore.index import read_index  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 from retriever_server.security.config import ClientSecurity, ServerSecurity  # noqa: E402
 from retriever_server.serving.client import RetrieverClient, make_request  # noqa: E402
-from retriever_server.serving.merge import merge_results  # noqa: E402
+from retriever_server.serving.merge import merge_results, rank_neighbours  # noqa: E402
 from retriever_server.wire.response import encode_search_response  # noqa: E402
 from retriever_server.wire.result import SearchResult  # noqa: E402
 
-ONE_THREAD = ("--threads", "1")  # each shard searches on one FAISS thread, as the in-process reference does
+ONE_THREAD = ("--threads", "1")  # one FAISS thread a shard, as the reference searches (machines of many cores)
 
 FACTORY = "IVF256,PQ32"
 SHARDS = 2
@@ -142,8 +142,8 @@ class InProcess:
         results = []
         for part in self.parts:
             distances, ids = part.search(queries, k, params=params)
-            results.append(SearchResult(ids, distances))
-        return merge_results(results, k, self.metric)
+            results.append(rank_neighbours(SearchResult(ids, distances), k, self.metric))  # as a shard answers
+        return merge_results(results, k, self.metric, ranked=True)  # as the router merges
 
     def parallel(self, queries: np.ndarray, k: int) -> SearchResult:
         """The shards searched at once, one thread each (as the shard processes search), then merged."""
@@ -154,7 +154,8 @@ class InProcess:
             return part.search(queries, k, params=params)
 
         found = list(self.threads.map(search, self.parts))
-        return merge_results([SearchResult(ids, distances) for distances, ids in found], k, self.metric)
+        ranked = [rank_neighbours(SearchResult(ids, distances), k, self.metric) for distances, ids in found]
+        return merge_results(ranked, k, self.metric, ranked=True)
 
     def unsharded(self, queries: np.ndarray, k: int) -> SearchResult:
         distances, ids = self.whole.search(queries, k, params=faiss.SearchParametersIVF(nprobe=self.nprobe))
@@ -294,6 +295,23 @@ def cell(config: CostConfig, refs: InProcess, router: RetrieverClient, fan_out: 
     return row
 
 
+def serve_args() -> tuple[str, ...]:
+    """The shards' flags: none where `serve` itself gives each shard one core (2 shards on 2 cores: one
+    FAISS thread each, pinned to its core); else one thread asked for, as the in-process reference
+    searches (`--pin` then places them). An explicit --threads turns the launcher's pinning off."""
+    return () if len(os.sched_getaffinity(0)) // SHARDS == 1 else ONE_THREAD
+
+
+def check_placement(placement: dict[str, list[int]], pinned: bool) -> None:
+    """RuntimeError where each shard should have had a core of its own and has not (the figures would be
+    those of shards sharing cores, not of `serve`'s)."""
+    shards = [tuple(cores) for role, cores in placement.items() if role.startswith("shard")]
+    own = pinned or not serve_args()
+    if own and (len(set(shards)) != len(shards) or any(len(set(a) & set(b)) for a in shards for b in shards
+                                                       if a is not b)):
+        raise RuntimeError(f"the shards were not each placed on cores of their own: {placement}")
+
+
 def secure_costs(config: CostConfig, queries: np.ndarray, version: str,
                  plan: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
     """Router-path CPU per request, plaintext and TLS + bearer token, at k=10 (with `plan`, each
@@ -304,7 +322,7 @@ def secure_costs(config: CostConfig, queries: np.ndarray, version: str,
     rows = []
     for name, (server_side, client) in {"plaintext": (ServerSecurity(), ClientSecurity()),
                                         "TLS + token": (server, client_side)}.items():
-        with LocalDeployment(config.datastore, security=server_side, extra_args=ONE_THREAD) as deployment, \
+        with LocalDeployment(config.datastore, security=server_side, extra_args=serve_args()) as deployment, \
                 RetrieverClient(deployment.router_address, security=client) as router:
             if plan:
                 for role, pid in deployment_pids(deployment).items():
@@ -410,12 +428,13 @@ def run(config: CostConfig) -> dict:
     refs = in_process(config, keys)
     version = read_manifest(config.datastore).version
     rows = []
-    with LocalDeployment(config.datastore, extra_args=ONE_THREAD) as deployment, FloorDeployment() as floor, \
+    with LocalDeployment(config.datastore, extra_args=serve_args()) as deployment, FloorDeployment() as floor, \
             RetrieverClient(deployment.router_address) as router, \
             RetrieverClient(deployment.shard_addresses) as fan_out:
         if plan:
             pin_all(plan, deployment, floor)
         placement = process_cores(deployment_pids(deployment))
+        check_placement(placement, bool(plan))
         floor_placement = place_floor_as_service(placement, floor)
         for nq in config.nqs:
             for k in config.ks:

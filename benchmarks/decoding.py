@@ -184,6 +184,11 @@ class TimedStart:
     def reorder(self, indices):
         self.inner.reorder(indices)
 
+    def __getattr__(self, name: str):
+        """Everything else is the stepper's own (`expect_positions`, which `generate` looks up: without it a
+        RETRO stepper prefetched a chunk past the end of decoding, one call more than the decoders make)."""
+        return getattr(self.inner, name)
+
 
 class ProcessGone(RuntimeError):
     """A process whose CPU seconds a benchmark reads has exited, or was restarted under another pid: what

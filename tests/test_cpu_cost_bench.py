@@ -121,3 +121,19 @@ def test_the_figure_stacks_each_path_by_process_to_its_total_and_marks_its_floor
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(SystemExit, match="cannot read the rows of"):
         main([str(tmp_path / "broken.json")])
+
+
+def test_shards_that_share_cores_stop_the_run():
+    """The judged configuration is `serve`'s: on 2 cores each shard on a core of its own. A run whose shards
+    shared both cores (an explicit --threads turned the launcher's pinning off) measured another service;
+    it now stops. Where serve pins by itself, the benchmark passes it no --threads."""
+    from cpu_cost import check_placement, serve_args
+
+    shared = {"router": [0, 1], "shard 0": [0, 1], "shard 1": [0, 1]}
+    with pytest.raises(RuntimeError, match="not each placed on cores of their own"):
+        check_placement(shared, pinned=True)
+    check_placement({"router": [0, 1], "shard 0": [0], "shard 1": [1]}, pinned=True)
+    if len(os.sched_getaffinity(0)) == 2:
+        assert serve_args() == ()
+        with pytest.raises(RuntimeError):
+            check_placement(shared, pinned=False)

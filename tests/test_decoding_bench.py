@@ -146,3 +146,31 @@ def test_the_speed_bar_needs_one_exact_decoder_faster_by_half_with_the_same_toke
     assert bars_table(found).endswith("bar missed by every exact decoder")
     assert bars({"retro": {"greedy x8": {"rows": rows}}}) == []
     assert "did not run" in bars_table([])
+
+
+def test_the_timing_wrapper_leaves_a_retro_stepper_the_calls_it_makes_alone():
+    """The benchmark wraps RETRO's stepper to time its start: the overlapped stepper behind it must still
+    learn where decoding ends (`expect_positions`), or it prefetches a chunk no step completes: 9 searches
+    for the 8 it makes alone."""
+    import test_steppers as ts
+    from decoding import TimedStart
+
+    from lm_worker.decoding.config import GenerateConfig
+    from lm_worker.decoding.generate import generate
+    from lm_worker.decoding.retro_stepper import RetroStepper
+    from lm_worker.models.retro import Retro, RetroConfig
+
+    torch.manual_seed(1)
+    retro = ts.sharpened(Retro(RetroConfig.tiny(vocab_size=ts.V, chunk_len=8, n_neighbours=ts.K)))
+    payload = ts.random_tokens((40, 16), seed=4).numpy()
+    prompt, config = ts.random_tokens((2, 64), seed=10), GenerateConfig(max_new_tokens=64, eos_id=None)
+    searches = []
+    for wrap in (False, True):
+        retriever = ts.FakeRetriever(ts.FakeEncoder().embed(payload[:, :8]), payload, k=3)
+        stepper = RetroStepper(retro, retriever, ts.FakeEncoder(), prefetch=4, overlap=True)
+        try:
+            generate(TimedStart(stepper) if wrap else stepper, prompt, config)
+        finally:
+            stepper.close()
+        searches.append(len(retriever.calls))
+    assert searches[0] == searches[1] == 8, searches
