@@ -359,16 +359,3 @@ def test_a_models_fingerprint_is_remembered_until_its_weights_change():
         weight.data = weight.data + 1.0
         weight.data = weight.data + 1.0
         assert model_fingerprint(model) == model_fingerprint(copy.deepcopy(model))  # the copy is hashed afresh
-
-
-def test_the_same_weights_under_another_config_are_another_model():
-    """Two heads or four over the same tensors compute other keys: the fingerprint tells them apart (it
-    hashed the state dict alone)."""
-    torch.manual_seed(0)
-    two = TransformerLM(LMConfig.tiny(vocab_size=64, n_head=2))
-    four = TransformerLM(LMConfig.tiny(vocab_size=64, n_head=4))
-    four.load_state_dict(two.state_dict())
-    tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert not torch.allclose(two.eval()(tokens), four.eval()(tokens))
-    assert model_fingerprint(two) != model_fingerprint(four)

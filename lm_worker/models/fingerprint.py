@@ -13,11 +13,9 @@ _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its 
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """"lm:" + a hash of the model's class, its config (ours: the same tensors under another number of heads
-    are another model) and its state dict: which weights made a kNN-LM source's keys. Remembered per model
-    until one of its tensors changes (an optimizer step, a load, a cast): a large model is hashed once,
-    however many evaluations and decoders check it. An edit through a tensor's `.data` bypasses torch's
-    version count, and is seen only where it changes a tensor's first or last value."""
+    """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys.
+    Remembered per model until one of its tensors changes (an optimizer step, a load, a cast): a large
+    model is hashed once, however many evaluations and decoders check it."""
     # torch counts each in-place change; a cast or an assigned `.data` makes a new tensor (storage, dtype),
     # whose freed storage a later one may reuse at version 0: its first and last values tell those apart
     versions = tuple((t._version, t.data_ptr(), t.dtype, _ends(t)) for t in model.state_dict().values())
@@ -37,9 +35,6 @@ def _ends(tensor: torch.Tensor) -> bytes:
 
 def _hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config):  # a Hugging Face config holds its folder's path and library version
-        h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
