@@ -9,6 +9,7 @@ import torch
 
 from lm_worker.data.token_store import write_token_store
 from lm_worker.encoders.lm_chunks import PREFIX, LMChunkEncoder
+from lm_worker.encoders.minilm import legacy_weights_fingerprint
 from lm_worker.encoders.minilm_chunks import ChunkEncoder
 from lm_worker.encoders.registry import chunk_encoder_for, make_chunk_encoder
 from lm_worker.jobs.encode_plan import EncodeJobConfig, check_config
@@ -107,6 +108,8 @@ def test_the_encoder_found_has_the_fingerprint_the_metadata_names():
     assert minilm.fingerprint.endswith("/wp256")  # all-MiniLM-L6-v2's own max_seq_length
     wp64 = minilm.fingerprint.replace("/wp256", "/wp64")  # the limit of datastores built before it
     assert chunk_encoder_for({"encoder": wp64}, tokenizer=None).fingerprint == wp64
+    legacy = f"{legacy_weights_fingerprint()}/wp64"  # the same weights, as datastores built before recorded them
+    assert legacy != wp64 and chunk_encoder_for({"encoder": legacy}, tokenizer=None).fingerprint == legacy
     assert isinstance(chunk_encoder_for({}, tokenizer=None), ChunkEncoder)  # keys of the user's own, no encoder named
     weights = minilm.fingerprint.split("/")[0]
     for other in ("minilm-l6-v2:000000000000/wp64", "minilm-l6-v2:000000000000/wp32", "my-custom-encoder:abc",

