@@ -287,21 +287,26 @@ def _scaled_table(tokenizer, scale: float) -> TableEncoder:
     return TableEncoder()
 
 
-def test_thejob_stamp_tells_encoders_apart(data):
+def test_the_job_stamp_tells_encoders_apart(data):
     """Finished parts are kept only for the encoder that made them: the stamp names the default MiniLM
-    encoder by the fingerprint it will have, and a factory by its repr, so that two partials of one
-    function (or two lambdas) are told apart; it used to name both by their __qualname__ alone."""
+    encoder by the fingerprint it will have, and a factory by its `fingerprint` attribute, else by its
+    name and a partial's arguments (stable from one run to the next); it named both partials of one
+    function "partial"."""
     from lm_worker.data.tokenizer import Tokenizer
     from lm_worker.encoders.minilm_chunks import ChunkEncoder
-    from lm_worker.jobs.encode_job import job_stamp
+    from lm_worker.jobs.encode_job import factory_identity, job_stamp
 
     store = TokenStore.open(data / "heldout")
     config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
-    factories = [functools.partial(_scaled_table, scale=1.0), functools.partial(_scaled_table, scale=2.0),
-                 lambda tokenizer: TableEncoder(), lambda tokenizer: TableEncoder(), TableFactory()]
+    first, second = (lambda tokenizer: TableEncoder()), (lambda tokenizer: TableEncoder())
+    first.fingerprint, second.fingerprint = "table:first", "table:second"
+    factories = [functools.partial(_scaled_table, scale=1.0), functools.partial(_scaled_table, scale=2.0), first,
+                 second, TableFactory(), _scaled_table]
     models = [job_stamp(config, store, [], 0, factory)["model"] for factory in factories]
     assert len(set(models)) == len(models), models
-    assert job_stamp(config, store, [], 0, TableFactory())["model"] == models[-1]  # the same settings again
+    assert models[0] == "test_encode_job._scaled_table(scale=1.0)" and models[2] == "table:first"
+    assert models[5] == "test_encode_job._scaled_table"  # no address in it: the same in the next run
+    assert factory_identity(TableFactory()) == models[4]  # the same settings again
     default = job_stamp(config, store, [], 0, None)["model"]
     assert default == ChunkEncoder(Tokenizer.load(data / "tokenizer.json")).fingerprint
 
@@ -313,11 +318,16 @@ def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
 
     config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
     out = tmp_path / "source"
+    out.mkdir()  # empty: taken, as a fresh output
     with open(tmp_path / ".source.encode.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running job holds it
         with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
             run_encode_job(config, out, TableFactory())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".source.encode.lock"]
+        (tmp_path / "link").symlink_to(out)  # the same folder by another name: the same lock
+        with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
+            run_encode_job(config, tmp_path / "link", TableFactory())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".source.encode.lock", "link", "source"]
+    assert not list(out.iterdir())
 
 
 @pytest.mark.ray

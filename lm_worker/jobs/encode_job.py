@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ from lm_worker.jobs.encode_plan import (
     plan_parts,
 )
 from lm_worker.jobs.encode_worker import PartEncoder
-from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, replace_source
+from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, place_of, replace_source
 from lm_worker.sources.retro import tokens_digest
 from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, SOURCE_JSON, Encoder, SourceInfo
 from retriever_server.cluster.connect import connect
@@ -95,8 +96,8 @@ def job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], 
         from lm_worker.encoders.minilm_chunks import DEFAULT_WORDPIECES
 
         model = f"{weights_fingerprint()}/wp{DEFAULT_WORDPIECES}"  # the fingerprint ChunkEncoder() will have
-    else:  # its repr: a partial's names its function and arguments; an object's holds its address, never reused
-        model = repr(encoder_factory)
+    else:
+        model = factory_identity(encoder_factory)
     stamp = {"kind": config.kind, "store": str(store.directory.resolve()), "tokens": len(store),
              "token_digest": tokens_digest(store), "tokenizer": store.tokenizer_fingerprint, "model": model,
              "eos_id": eos_id,
@@ -104,6 +105,22 @@ def job_stamp(config: EncodeJobConfig, store: TokenStore, plan: list[PartSpec], 
              "chunk_len": config.chunk_len if config.kind == "retro" else None,
              "plan": [[p.first, p.last, p.row_start, p.row_end] for p in plan]}
     return json.loads(json.dumps(stamp))
+
+
+def factory_identity(factory) -> str:
+    """What tells encoder factories apart across runs: a `fingerprint` attribute where the factory has one
+    (give one to factories that one name cannot tell apart, such as lambdas); else its module and qualified
+    name, with a partial's arguments, or an object's repr where that holds no memory address."""
+    fingerprint = getattr(factory, "fingerprint", None)
+    if isinstance(fingerprint, str):
+        return fingerprint
+    if isinstance(factory, functools.partial):
+        arguments = [*map(repr, factory.args), *(f"{k}={v!r}" for k, v in sorted(factory.keywords.items()))]
+        return f"{factory_identity(factory.func)}({', '.join(arguments)})"
+    named = factory if hasattr(factory, "__qualname__") else type(factory)
+    name = f"{named.__module__}.{named.__qualname__}"
+    shown = repr(factory)
+    return name if named is factory or " at 0x" in shown else f"{name}:{shown}"
 
 
 def _absolute(config: EncodeJobConfig) -> EncodeJobConfig:
@@ -262,7 +279,8 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
         out_dir: the source directory (created; an earlier source there is replaced once the new one
             is whole, and the folder's other files are kept; finished parts of the same job are reused).
         encoder_factory: RETRO: `factory(tokenizer) -> encoder` called once in each actor, for an
-            encoder other than the MiniLM `ChunkEncoder` (it must pickle).
+            encoder other than the MiniLM `ChunkEncoder` (it must pickle). Finished parts are kept for
+            a factory of the same `factory_identity`.
 
     Returns:
         The source's `SourceInfo` (`parted` is true).
@@ -300,7 +318,7 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
 def _held(out_dir: Path) -> Iterator[None]:
     """The lock of the encode jobs of `out_dir` (OUT_PARENT/.NAME.encode.lock): a second job on the same
     output would clear the first one's parts while it writes them."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = place_of(out_dir)  # as the work folder is named: a link and its target share one lock
     path = out_dir.parent / f".{out_dir.name}.encode.lock"
     try:
         with held_lock(path, out_dir, f"another encode job is writing {out_dir}: wait for it to end, or "
