@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -291,6 +293,22 @@ def test_a_split_written_again_is_swapped_in_whole(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in split.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
         "split"]
     assert TokenStore.open(split).tokenizer_fingerprint == old.tokenizer_fingerprint
+    real_replace = os.replace
+
+    def stopped_between(src, dst):  # stopped as the new split was to take the old one's place
+        if ".tmp-" in str(src):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_between)
+    with pytest.raises(KeyboardInterrupt):
+        write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in split.iterdir()} == before  # the old split is put back
+    assert [p.name for p in tmp_path.iterdir()] == ["split"]
+    shutil.copytree(split, tmp_path / ".split.old-99999")  # what a write killed between its renames leaves
+    shutil.rmtree(split)
+    (tmp_path / ".split.tmp-99998").mkdir()  # and one killed while writing
     new = write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
     assert new.tokenizer_fingerprint == "new" and np.asarray(new.tokens).tolist() == [6, 7, 8, 9, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]

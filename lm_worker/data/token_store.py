@@ -163,8 +163,8 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     doc_ids = np.concatenate(doc_pieces) if doc_pieces else np.zeros(0, np.int32)
     meta = {"tokenizer": tokenizer_fingerprint, "max_tokens": max_tokens, "documents": spans}
+    _clear_leftovers(directory)
     work = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")  # the split whole or not at all
-    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         np.save(work / "tokens.npy", tokens)
@@ -177,14 +177,33 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
     return TokenStore(directory)
 
 
+def _clear_leftovers(directory: Path) -> None:
+    """Removes what a write of this split killed before it ended left beside it (`.NAME.tmp-PID` and
+    `.NAME.old-PID`), putting an old split back where the split itself is missing."""
+    if not directory.parent.is_dir():
+        return
+    for old in directory.parent.glob(f".{directory.name}.old-*"):
+        if not directory.exists():
+            os.replace(old, directory)  # killed between its two renames: the old split is the whole one
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for work in directory.parent.glob(f".{directory.name}.tmp-*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _swap_in(work: Path, directory: Path) -> None:
-    """Puts the folder `work` at `directory`, replacing the split there: never the files of two writes."""
+    """Puts the folder `work` at `directory`, replacing the split there: never the files of two writes.
+    Between the two renames the split is missing for a moment; stopped there, the old one goes back."""
     if not directory.exists():
         os.replace(work, directory)
         return
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
     os.replace(directory, old)
-    os.replace(work, directory)
+    try:
+        os.replace(work, directory)
+    except BaseException:
+        if not directory.exists():
+            os.replace(old, directory)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
