@@ -477,7 +477,9 @@ async def _idle_health_checks(target: str, count: int, release: asyncio.Event) -
             return err.code()
         return grpc.StatusCode.OK
 
-    return [asyncio.ensure_future(one()) for _ in range(count)]
+    calls = [asyncio.ensure_future(one()) for _ in range(count)]
+    asyncio.gather(*calls).add_done_callback(lambda _: asyncio.ensure_future(channel.close()))
+    return calls
 
 
 async def _check(target: str) -> str:
@@ -493,7 +495,7 @@ def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, m
     """An open health call whose request never comes is refused after HEALTH_READ_S, so that idle calls
     cannot hold a port's call slots (300 of them filled the health-only port's 256 slots for good, and
     the probes failed); a main port reads HEALTH_READS health requests at once (each may be as large as a
-    search) and refuses more before reading them."""
+    search), the others waiting their turn unread."""
     monkeypatch.setattr(grpc_setup, "HEALTH_READ_S", 1.0)
     running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
     health_port = f"127.0.0.1:{running.health_port}"
@@ -507,20 +509,24 @@ def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, m
         after = await _check(health_port)
         main = await _idle_health_checks(running.address, grpc_setup.HEALTH_READS, release)
         await asyncio.sleep(0.5)
-        fifth = await _check(running.address)
+        fifth = asyncio.ensure_future(_check(running.address))  # waits, unread, for a turn to be read
+        await asyncio.sleep(0.3)
+        waited = not fifth.done()
         main_codes = await asyncio.wait_for(asyncio.gather(*main), 20)
+        burst = await asyncio.gather(*(_check(running.address) for _ in range(3 * grpc_setup.HEALTH_READS)))
         release.set()
-        return crowded, idle_codes, after, fifth, main_codes, await _check(running.address)
+        return crowded, idle_codes, after, waited, await fifth, main_codes, burst
 
     try:
-        crowded, idle_codes, after, fifth, main_codes, main_after = aio.run(scenario())
+        crowded, idle_codes, after, waited, fifth, main_codes, burst = aio.run(scenario())
     finally:
         aio.run(running.drain(grace=0))
     refused = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert crowded == "RESOURCE_EXHAUSTED" and set(idle_codes) == refused, (crowded, set(idle_codes))
     assert idle_codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 200
-    assert after == "SERVING" and main_after == "SERVING"
-    assert fifth == "RESOURCE_EXHAUSTED" and set(main_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert after == "SERVING" and set(main_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert waited and fifth == "SERVING"  # read once the idle calls' turns ended
+    assert set(burst) == {"SERVING"}  # probes at once, more than read at once: each waits its turn
 
 
 def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, keys, datastore, monkeypatch):

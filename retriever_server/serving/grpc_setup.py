@@ -33,7 +33,7 @@ OTHER_CALLS = 256  # calls a server takes at once beyond its searches in flight 
 MAX_WATCHES = 64  # health Watch streams open at once
 HEALTH_REQUEST_BYTES = 4096  # the largest request the health-only port reads
 HEALTH_READ_S = 5.0  # a health call whose request has not come whole by then is refused (DEADLINE_EXCEEDED)
-HEALTH_READS = 4  # health requests a main port reads at once (each up to --max-request-mb); more are refused
+HEALTH_READS = 4  # health requests a main port reads at once (each up to --max-request-mb); more wait unread
 # The health-only port closes a connection that has had no call for this long (the kubelet opens one per probe).
 HEALTH_IDLE_MS = 30_000
 HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
@@ -86,26 +86,27 @@ class HealthReads:
     """grpc.health.v1 for callers without a token, read with bounds. Health calls are open, so a stock
     unary handler let anyone hold a call slot for good by never finishing a request, and made a main
     port buffer requests up to its largest (`--max-request-mb`) for anyone. Here Check and Watch take
-    their request as a stream: a call waits at most HEALTH_READ_S for it, and with `at_once` at most that
-    many requests are read at once, a call past them refused (RESOURCE_EXHAUSTED) before it is read."""
+    their request as a stream, and a call has HEALTH_READ_S to have it read (DEADLINE_EXCEEDED past
+    that); with `at_once`, at most that many requests are read at once, the others waiting their turn
+    unread (a burst of probes waits microseconds; calls that never send keep theirs for HEALTH_READ_S)."""
 
     def __init__(self, servicer: BoundedHealth, at_once: int | None = None):
         self.servicer = servicer
-        self.at_once = at_once
-        self.reading = 0
+        self.turns = asyncio.Semaphore(at_once) if at_once else None
+
+    async def _read(self, context):
+        if self.turns is None:
+            return await context.read()
+        async with self.turns:
+            return await context.read()
 
     async def _request(self, context) -> health_pb2.HealthCheckRequest:
-        if self.at_once is not None and self.reading >= self.at_once:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.at_once} health requests are being read")
-        self.reading += 1
         try:
-            request = await asyncio.wait_for(context.read(), HEALTH_READ_S)
+            request = await asyncio.wait_for(self._read(context), HEALTH_READ_S)
         except asyncio.TimeoutError:
             request = None
-        finally:
-            self.reading -= 1
         if request is None:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no health request within {HEALTH_READ_S:g} s")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no health request read within {HEALTH_READ_S:g} s")
         if request is grpc.aio.EOF:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a health call needs its request")
         return request
