@@ -187,6 +187,8 @@ class TimedStart:
     def __getattr__(self, name: str):
         """Everything else is the stepper's own (`expect_positions`, which `generate` looks up: without it a
         RETRO stepper prefetched a chunk past the end of decoding, one call more than the decoders make)."""
+        if name == "inner":  # not set yet (a copy being made): no stepper to ask
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 

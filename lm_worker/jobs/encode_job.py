@@ -212,7 +212,9 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
                   encoder_factory) -> None:
     """Maps the parts in `todo` over the actor pool; raises EncodeError naming the first part that failed,
     once every part has ended: no worker is still writing a part when it raises (a rerun that discards the
-    parts folder would race it), and every part that could finish is kept for the next run."""
+    parts folder would race it), and every part that could finish is kept for the next run. Workers Ray
+    itself loses (out of memory, a node gone) end it at once, the others stopped by Ray Data as the
+    dataset is dropped; a part one of them was writing is whole or absent (part.json is written last)."""
     import ray
     import ray.data
     from tqdm.auto import tqdm
