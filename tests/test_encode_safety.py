@@ -71,7 +71,7 @@ class TableEncoder:
 class TableFactory:
     """What the job's actors call with the tokenizer to build their encoder."""
 
-    poison: tuple[int, ...] | None = None
+    poison: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)  # a fault, not a setting
 
     def __call__(self, tokenizer) -> TableEncoder:
         return TableEncoder(poison=self.poison)

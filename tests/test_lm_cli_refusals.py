@@ -111,8 +111,9 @@ def test_train_stops_without_a_checkpoint_once_the_loss_is_no_number(corpus, tmp
 
 def test_train_refuses_neighbours_fetched_for_another_window(corpus, tmp_path, capsys, caplog):
     """RETRO's train neighbours leave out the documents of each chunk's window (`neighbours --seq-len`): a
-    training window longer than that one would predict text its chunks retrieved, so `train` refuses any
-    other --seq-len, names both, and writes nothing; an unrecorded window is trained on with a warning."""
+    training window longer than that one would predict text its chunks retrieved, so `train` refuses it,
+    names both, and writes nothing; a shorter one (more left out than needed) and an unrecorded window are
+    trained on with a warning."""
     prepared, neighbours = corpus.parent / "prepared", tmp_path / "source"
     neighbours.mkdir()
     np.save(neighbours / "neighbours-train.npy", np.zeros((1, 2, 16), dtype=np.int32))
@@ -125,6 +126,9 @@ def test_train_refuses_neighbours_fetched_for_another_window(corpus, tmp_path, c
                                  "each chunk's documents for a window of 32 tokens, --seq-len is 64: train with "
                                  "--seq-len 32, or fetch them again with `lm-worker neighbours --seq-len 64`\n"), err
     assert not (tmp_path / "retro").exists()
+    with caplog.at_level("WARNING"):
+        main([*args, "--out", str(tmp_path / "retro"), "--seq-len", "16"])
+    assert "for a window of 32 tokens, longer than --seq-len 16: more than needed" in caplog.text
     (neighbours / "neighbours-train.json").unlink()
     with caplog.at_level("WARNING"):
         main([*args, "--out", str(tmp_path / "retro"), "--seq-len", "64"])

@@ -91,8 +91,9 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 def check_train_window(args: argparse.Namespace) -> None:
-    """ValueError when --neighbours' train-split file left out each chunk's documents for another window than
-    --seq-len (`lm-worker neighbours --seq-len`): a longer window would predict text a chunk retrieved."""
+    """ValueError when --neighbours' train-split file left out each chunk's documents for a shorter window than
+    --seq-len (`lm-worker neighbours --seq-len`): the longer window would predict text a chunk retrieved. A
+    longer recorded window left out more than needed: trained on, with a warning."""
     from lm_worker.sources.neighbours import WINDOW_RECORD, recorded_window
 
     if args.kind != "retro" or args.neighbours is None or args.split != "train":
@@ -104,10 +105,14 @@ def check_train_window(args: argparse.Namespace) -> None:
     if window is None:
         log.warning("%s has no %s beside it: the window its own-document exclusions were made for is unknown",
                     path, WINDOW_RECORD)
-    elif window != args.seq_len:
+    elif window < args.seq_len:
         raise ValueError(f"--neighbours {args.neighbours}: neighbours-train.npy left out each chunk's documents "
                          f"for a window of {window} tokens, --seq-len is {args.seq_len}: train with --seq-len "
                          f"{window}, or fetch them again with `lm-worker neighbours --seq-len {args.seq_len}`")
+    elif window > args.seq_len:
+        log.warning("%s left out each chunk's documents for a window of %d tokens, longer than --seq-len %d: "
+                    "more than needed (`lm-worker neighbours --seq-len %d` leaves out just enough)", path, window,
+                    args.seq_len, args.seq_len)
 
 
 def run_train(args: argparse.Namespace) -> None:
