@@ -103,3 +103,21 @@ def test_a_checkpoint_that_could_not_be_loaded_is_not_saved(tmp_path):
     path = save_checkpoint(tmp_path / "x.pt", kind="lm", model=model, config=model.config, step=0,
                            tokenizer_fingerprint="", extra=plain)
     assert load_checkpoint(path).extra == plain
+
+
+def test_a_checkpoint_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """The file is fsynced before the rename that publishes it, and the folder after: a crash leaves the
+    old checkpoint or the new one, never an empty file under the name (the rename was not ordered)."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    model = TransformerLM(LMConfig.tiny(10))
+    path = save_checkpoint(tmp_path / "lm.pt", kind="lm", model=model, config=model.config, step=0,
+                           tokenizer_fingerprint="", extra={})
+    monkeypatch.undo()
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert ".lm.pt.tmp-" in events[0][1] and events[1][1] == str(path) and events[2][1] == str(tmp_path)
+    assert load_checkpoint(path).step == 0

@@ -249,6 +249,9 @@ def test_windows_score_every_position_once_with_context(n, context, stride, alig
 def test_bad_windows_raise():
     with pytest.raises(ValueError, match="multiples of 4"):
         list(iter_windows(100, 30, 16, align=4))
+    for stride in (0, -1, 31):  # 0 never ended; past context_len, windows started after what they scored
+        with pytest.raises(ValueError, match=r"stride must be in \[1, context_len=30\]"):
+            list(iter_windows(100, 30, stride))
     for bad in (dict(stride=0), dict(stride=40, context_len=32), dict(lambdas=(0.5, 1.2)), dict(lambdas=()),
                 dict(temperature=0.0), dict(batch_size=0), dict(max_tokens=-1)):
         with pytest.raises(ValueError):

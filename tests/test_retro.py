@@ -137,6 +137,8 @@ def test_bad_neighbours_raise(model, tokens, neighbours):
         model(tokens, neighbours[..., :L])
     with pytest.raises(ValueError, match="must be"):
         model(tokens, neighbours[0])
+    with pytest.raises(ValueError, match=f"1 neighbours per chunk, the model takes n_neighbours = {K}"):
+        model(tokens, neighbours[:, :, :1])  # one of its K: attended over as if they were all
 
 
 def test_config_defaults_and_validation():

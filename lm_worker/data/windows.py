@@ -27,6 +27,8 @@ def iter_windows(n_positions: int, context_len: int, stride: int, align: int = 1
     Every window holds at most `context_len` positions and starts at a multiple of `align`
     (RETRO's chunk length; `context_len` and `stride` must then be multiples of it).
     """
+    if not 1 <= stride <= context_len:  # 0 would never end; past context_len, positions would lose their context
+        raise ValueError(f"stride must be in [1, context_len={context_len}], got {stride}")
     if align > 1 and (context_len % align or stride % align):
         raise ValueError(f"context_len {context_len} and stride {stride} must be multiples of {align}")
     end = min(context_len, n_positions)

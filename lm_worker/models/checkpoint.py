@@ -105,12 +105,30 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the name: a crash leaves the old file or the new
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("saved %s checkpoint at step %d to %s", kind, step, path)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsyncs a folder, so that a rename in it survives a crash (where the file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 PLAIN = (str, int, float, bool, type(None))  # with dicts, lists and tuples of them: what loading unpickles

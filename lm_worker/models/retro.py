@@ -302,6 +302,9 @@ class Retro(nn.Module):
             raise ValueError(f"neighbours must be (B={tokens.shape[0]}, C, K, N), got {tuple(neighbours.shape)}")
         if neighbours.shape[3] != self.config.neighbour_len:
             raise ValueError(f"neighbour length {neighbours.shape[3]} != 2 * chunk_len = {self.config.neighbour_len}")
+        if neighbours.shape[2] != self.config.n_neighbours:  # the encoder would attend over another number
+            raise ValueError(f"{neighbours.shape[2]} neighbours per chunk, the model takes n_neighbours = "
+                             f"{self.config.n_neighbours}")
 
     def loss(self, tokens: torch.Tensor, neighbours: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int = -100) -> torch.Tensor:
