@@ -150,6 +150,10 @@ def test_a_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(run, tmp
     ("[1, 2]", ":2 holds a JSON list, not an object"),
     ('{"id": "x", "body": "y"}', ":2 has no field 'text'"),
     ('{"text": "y"}', ":2 has no field 'id'"),
+    ('{"id": "a", "text": "y"}', ":2: id 'a' was given on line 1 too: each document needs an id of its own"),
+    ('{"id": null, "text": "y"}', ":2: field 'id' is null, not a string or an integer"),
+    ('{"id": 1.5, "text": "y"}', ":2: field 'id' is a JSON float, not a string or an integer"),
+    ('{"id": true, "text": "y"}', ":2: field 'id' is a JSON bool, not a string or an integer"),
 ])
 def test_a_bad_jsonl_line_names_the_file_and_the_line(tmp_path, capsys, line, words):
     corpus = tmp_path / "bad.jsonl"

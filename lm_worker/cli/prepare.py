@@ -19,7 +19,8 @@ def add_parsers(sub) -> None:
                    help="the folder to write; one that `prepare` wrote before is replaced whole once the new one "
                         "is complete")
     p.add_argument("--corpus", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
-    p.add_argument("--id-field", help="JSONL field naming each document (default: the line number)")
+    p.add_argument("--id-field", help="JSONL field naming each document: a string or an integer, each given once "
+                                      "(default: the line number)")
     p.add_argument("--vocab-size", type=int_in(257, MAX_VOCAB), default=4096,
                    help=f"tokens in the BPE vocabulary: 257 (the 256 bytes and one more) to {MAX_VOCAB}")
     p.add_argument("--heldout-fraction", type=float, default=0.05)

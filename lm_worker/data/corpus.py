@@ -79,6 +79,7 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
     Raises:
         ValueError: a line that is not a JSON object, or lacks a field, named as PATH:LINE.
     """
+    seen: dict[str, int] = {}  # id -> the line that gave it
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -91,7 +92,7 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
             if not isinstance(text, str):
                 what = "null" if text is None else f"a JSON {type(text).__name__}"
                 raise ValueError(f"{path}:{number}: field {text_field!r} is {what}, not a string")
-            name = str(record[id_field]) if id_field else f"{Path(path).name}:{number - 1}"  # from 0, as runs recorded
+            name = _id_of(path, number, record, id_field, seen) if id_field else f"{Path(path).name}:{number - 1}"
             for field, value in ((text_field, text), (id_field, name)):
                 try:
                     value.encode("utf-8")
@@ -99,6 +100,21 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
                     raise ValueError(f"{path}:{number}: field {field!r} holds a lone surrogate "
                                      f"{value[err.start]!r} at character {err.start}, not text") from None
             yield Document(name, text)
+
+
+def _id_of(path: Path, number: int, record: dict, id_field: str, seen: dict[str, int]) -> str:
+    """A document's name from its `id_field`: a string or an integer, given once in the file (splits, the
+    retro split and evaluation shares tell documents apart by name); ValueError naming the lines otherwise."""
+    value = record[id_field]
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        what = "null" if value is None else f"a JSON {type(value).__name__}"
+        raise ValueError(f"{path}:{number}: field {id_field!r} is {what}, not a string or an integer")
+    name = str(value)
+    if name in seen:
+        raise ValueError(f"{path}:{number}: {id_field} {name[:80]!r} was given on line {seen[name]} too: each "
+                         "document needs an id of its own")
+    seen[name] = number
+    return name
 
 
 def _record(path: Path, line_number: int, raw: bytes) -> dict:
