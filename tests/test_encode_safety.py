@@ -259,3 +259,46 @@ def test_a_failed_part_is_one_log_line_with_its_traceback_at_debug(data, tmp_pat
     assert [r.getMessage() for r in shown] == [f"{logged}: {error}"] and shown[0].exc_info is None
     assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
     assert not (tmp_path / "parts").exists()
+
+
+def test_a_replacement_stopped_part_way_is_ended_by_the_next_write(tmp_path, monkeypatch):
+    """A source is replaced by two renames: stopped between them, the old source goes back at once; killed
+    there, or after them with the user's other files still in the old folder, the next write to that
+    output puts things right (it left no source at all, or the user's files hidden in .NAME.replaced-*)."""
+    import os
+
+    from lm_worker.sources.output import new_source
+
+    out = tmp_path / "src"
+
+    def write(folder: Path, marker: str) -> None:
+        (folder / "source.json").write_text(json.dumps({"kind": "retro", "marker": marker}))
+        np.save(folder / "keys.npy", np.zeros((2, 3), np.float32))
+
+    out.mkdir()
+    write(out, "old")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_rename = os.rename
+
+    def stopped(src, dst):
+        if ".encoding-" in str(src):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", stopped)
+    with pytest.raises(KeyboardInterrupt), new_source(out) as work:
+        write(work, "new")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and sorted(os.listdir(tmp_path)) == ["src"]
+
+    os.rename(out, tmp_path / ".src.replaced-dead0001")  # killed between the renames: no source at all
+    check_out(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and sorted(os.listdir(tmp_path)) == ["src"]
+
+    os.rename(out, tmp_path / ".src.replaced-dead0002")  # killed after them, the user's file not moved yet
+    out.mkdir()
+    write(out, "new")
+    check_out(out)
+    assert json.loads((out / "source.json").read_text())["marker"] == "new"
+    assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["src"]

@@ -66,6 +66,7 @@ def check_out(out_dir: Path, flag: str = "") -> None:
         ValueError: `out_dir` is not a folder, or holds other files (one line naming a few of them).
     """
     out = Path(out_dir)
+    finish_replacing(out)
     where = f"{flag} {out}" if flag else str(out)
     if not out.exists() and not out.is_symlink():
         return
@@ -91,6 +92,27 @@ def _remove_source_files(folder: Path) -> None:
         log.warning("left %s: it holds files that are not the replaced source's", folder)
 
 
+def finish_replacing(out_dir: Path) -> None:
+    """Ends what a `replace_source` killed part-way left beside `out_dir` (`.NAME.replaced-*`): killed
+    between its two renames, the old source goes back to its place (there is no other); killed after them,
+    the old folder's other files join the new source and its own files are removed."""
+    place = place_of(out_dir)
+    for old in sorted(place.parent.glob(f".{place.name}.replaced-*")) if place.parent.is_dir() else []:
+        if not place.exists():
+            os.rename(old, place)
+            log.warning("put back the source at %s: a replacement of it was stopped between its renames", out_dir)
+            continue
+        _move_others(old, place)
+        _remove_source_files(old)
+
+
+def _move_others(old: Path, place: Path) -> None:
+    """Moves the entries of the replaced source's folder `old` that are not a source's own into `place`."""
+    for entry in sorted(old.iterdir()):
+        if entry.name not in SOURCE_ENTRIES and not (place / entry.name).exists():
+            os.rename(entry, place / entry.name)
+
+
 def replace_source(work: Path, out_dir: Path) -> None:
     """Moves the finished source in `work` into the place of `out_dir`.
 
@@ -104,10 +126,13 @@ def replace_source(work: Path, out_dir: Path) -> None:
         return
     old = place.with_name(f".{place.name}.replaced-{uuid.uuid4().hex[:8]}")
     os.rename(place, old)
-    os.rename(work, place)
-    for entry in sorted(old.iterdir()):
-        if entry.name not in SOURCE_ENTRIES and not (place / entry.name).exists():
-            os.rename(entry, place / entry.name)
+    try:
+        os.rename(work, place)
+    except BaseException:
+        if not place.exists():
+            os.rename(old, place)
+        raise
+    _move_others(old, place)
     _remove_source_files(old)
     log.info("replaced the earlier source at %s", out_dir)
 
@@ -131,4 +156,8 @@ def new_source(out_dir: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    replace_source(work, out_dir)
+    try:
+        replace_source(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # not swapped in: the old source is back in its place
+        raise
