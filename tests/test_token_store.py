@@ -293,14 +293,14 @@ def test_a_split_written_again_is_swapped_in_whole(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in split.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == [
         "split"]
     assert TokenStore.open(split).tokenizer_fingerprint == old.tokenizer_fingerprint
-    real_replace = os.replace
+    real_rename = os.rename
 
     def stopped_between(src, dst):  # stopped as the new split was to take the old one's place
         if ".tmp-" in str(src):
             raise KeyboardInterrupt
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", stopped_between)
+    monkeypatch.setattr(os, "rename", stopped_between)
     with pytest.raises(KeyboardInterrupt):
         write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
     monkeypatch.undo()

@@ -4,7 +4,8 @@
 - `tokenizer`: a byte-level BPE tokenizer (Hugging Face `tokenizers`) with its fingerprint;
 - `token_store`: one split as a flat token stream with the document of every token (`TokenStore`);
 - `prepare`: a corpus split, tokenized and written (`prepare_corpus`, the retro split, `load_prepared`);
-- `windows`: the sliding windows shared by kNN-LM encoding and evaluation.
+- `windows`: the sliding windows shared by kNN-LM encoding and evaluation;
+- `folders`: a folder replaced whole by two renames, the old one put back when stopped between them.
 
 Imports: lm_worker.data
 """

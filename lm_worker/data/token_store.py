@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_worker.data.folders import swap_folders
+
 SPLITS = ("train", "heldout")
 
 
@@ -198,12 +200,6 @@ def _swap_in(work: Path, directory: Path) -> None:
         os.replace(work, directory)
         return
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    os.replace(directory, old)
-    try:
-        os.replace(work, directory)
-    except BaseException:
-        if not directory.exists():
-            os.replace(old, directory)
-        raise
+    swap_folders(work, directory, old)
     shutil.rmtree(old, ignore_errors=True)
 

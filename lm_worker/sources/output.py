@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from lm_worker.data.folders import swap_folders
 from lm_worker.sources.source import KEYS, KEYS_PARTS, PAYLOAD_FILES, SOURCE_JSON
 from retriever_server.datastore.row_parts import PARTS_SUFFIX
 
@@ -125,13 +126,7 @@ def replace_source(work: Path, out_dir: Path) -> None:
         os.rename(work, place)
         return
     old = place.with_name(f".{place.name}.replaced-{uuid.uuid4().hex[:8]}")
-    os.rename(place, old)
-    try:
-        os.rename(work, place)
-    except BaseException:
-        if not place.exists():
-            os.rename(old, place)
-        raise
+    swap_folders(work, place, old)
     _move_others(old, place)
     _remove_source_files(old)
     log.info("replaced the earlier source at %s", out_dir)
