@@ -141,6 +141,25 @@ def test_a_second_run_reuses_every_stage(first_run, caplog):
     assert "already trained, no step run" in caplog.text and not re.search(r"\b0 tokens/s", caplog.text)
 
 
+def test_a_copied_run_folder_reads_its_own_lm(first_run, tmp_path):
+    """The RETRO source and datastore record their LM encoder's checkpoint by its path. A copy of the run
+    folder uses its own LM: with the original's moved away, every stage of the copy is still reused (it
+    stopped at "no checkpoint at RUN/lm/checkpoint.pt", and a copy beside the original read the original's)."""
+    config, report = first_run
+    copy = tmp_path / "copied-run"
+    shutil.copytree(config.run, copy, symlinks=True)
+    hidden = config.run.with_name("lm-moved-away")
+    (config.run / "lm").rename(hidden)
+    try:
+        again = run_pipeline(replace(config, run=copy))
+    finally:
+        hidden.rename(config.run / "lm")
+    stages = json.loads(again.eval_json.read_text())["meta"]["stages"]
+    kept = ("encode", "build", "embed", "RETRO")
+    assert all(row["reused"] for row in stages if row["stage"].split()[0] in kept), stages
+    assert again.table == report.table
+
+
 def test_the_report_records_the_config_as_it_ran_and_each_splits_budget(first_run):
     """eval.json's config shows RETRO's training as it ran (retro-fitted from RUN/lm, on the retro
     split), and each split's token budget beside the tokens it holds (documents are kept whole)."""

@@ -126,7 +126,8 @@ def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint
             if not done(source / "source.json"):
                 encode_source(config, kind, lm_checkpoint)
         if kind == "retro":  # what was there before was checked by `check_made_from`
-            encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer)
+            encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer, lm_checkpoint)  # this
+            # run's LM, not the path the source recorded: a run folder moved or copied reads its own
             for split in query_splits(config):
                 with stages.stage(f"embed {split} chunks", reused=done(source / f"{split}-keys.npy")):
                     if not done(source / f"{split}-keys.npy"):

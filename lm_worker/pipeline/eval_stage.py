@@ -92,14 +92,17 @@ def evaluate_test(config: PipelineConfig, kind: str, checkpoint: Path, test, ser
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.evaluation.retro_eval import evaluate_retro
     from lm_worker.evaluation.shares import holds_another_job
+    from lm_worker.models.checkpoint import CHECKPOINT_NAME
 
     if config.eval_workers == 0:
         if kind == "knnlm":
             return evaluate_knnlm(model, test, retriever, eval_config, config.progress), False
         return evaluate_retro(model, test, retriever, encoder, eval_config, config.progress), False
     target, security = served  # the router's address, and how its clients reach it
+    encoder_lm = config.run / "lm" / CHECKPOINT_NAME if kind == "retro" and config.retro_encoder == "lm" else None
     job = EvalJob(kind=kind, checkpoint=checkpoint, store=test.directory, target=target, config=eval_config,
-                  tokenizer=config.run / "data" / "tokenizer.json", security=security)
+                  tokenizer=config.run / "data" / "tokenizer.json", security=security,
+                  encoder_lm=encoder_lm)  # this run's LM, not the path the datastore recorded
     shares = config.run / "report" / "shares" / kind
     if shares.is_dir() and holds_another_job(job.describe(), shares):  # e.g. another temperature chosen: the
         log.info("evaluating the test split again: %s holds another evaluation's shares", shares)  # run's own
