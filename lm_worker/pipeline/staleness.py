@@ -20,11 +20,12 @@ MADE_FROM = {"data": ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-so
              "lm": ("lm", "report"),
              "knnlm-source": ("knnlm-source", "knnlm-datastore", "report"),
              "knnlm-datastore": ("knnlm-datastore", "report"),
-             "retro-source": ("retro-source", "retro-datastore", "retro", "report"),
-             "retro-datastore": ("retro-datastore", "retro-source/neighbours-*.npy", "retro", "report"),
-             "retro": ("retro", "report")}
+             # RETRO's own figures only: kNN-LM's tuning and evaluation shares stay valid
+             "retro-source": ("retro-source", "retro-datastore", "retro", "report/shares/retro"),
+             "retro-datastore": ("retro-datastore", "retro-source/neighbours-*.npy", "retro", "report/shares/retro"),
+             "retro": ("retro", "report/shares/retro")}
 ORDER = ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore",
-         "retro-source/neighbours-*.npy", "retro", "report")
+         "retro-source/neighbours-*.npy", "retro", "report", "report/shares/retro")
 
 
 @dataclass(frozen=True)
