@@ -252,3 +252,18 @@ def test_train_neighbours_fetched_for_another_window_are_refused(tmp_path):
         check_neighbour_files(config)
     (source / WINDOW_RECORD).write_text(json.dumps({"window": config.retro.seq_len}))
     check_neighbour_files(config)  # fetched for this window: kept
+
+
+def test_a_minilm_source_of_other_weights_is_stale_and_this_minilms_is_not():
+    """A RETRO source of MiniLM keys was never checked against the MiniLM here: keys of other weights were
+    reused, and the run stopped later with no folder named. Keys of these weights, by either digest and
+    any word-piece limit, are this run's; others are refused with the rest of the stale outputs."""
+    from lm_worker.encoders.minilm import legacy_weights_fingerprint, weights_fingerprint
+    from lm_worker.pipeline.staleness import Made, encoded_by
+
+    config = replace(PipelineConfig(run=Path("run")), retro_encoder="minilm")
+    made = Made(checkpoint=Path("run/lm"), fingerprint="lm:0123", model=None)
+    for fingerprint in (f"{weights_fingerprint()}/wp256", f"{legacy_weights_fingerprint()}/wp64"):
+        assert encoded_by(config, "retro", fingerprint, made) is None
+    why = encoded_by(config, "retro", "minilm-l6-v2:000000000000/wp256", made)
+    assert why == "by a MiniLM (minilm-l6-v2:000000000000/wp256) other than this one's weights"

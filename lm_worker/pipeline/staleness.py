@@ -139,9 +139,20 @@ def encoded_by(config: PipelineConfig, kind: str, fingerprint: str, made: Made) 
     wanted = made.fingerprint if kind == "knnlm" else PREFIX + made.fingerprint.removeprefix("lm:")
     if kind == "retro" and by_lm != fingerprint.startswith(PREFIX):  # MiniLM for the LM, or the other way
         return f"by {fingerprint}, retro_encoder is {config.retro_encoder!r}"
-    if not by_lm or fingerprint == wanted:
+    if not by_lm:
+        return None if minilm_reads(fingerprint) else f"by a MiniLM ({fingerprint}) other than this one's weights"
+    if fingerprint == wanted:
         return None
     return f"by another LM ({fingerprint}) than {made.checkpoint} ({wanted})"
+
+
+def minilm_reads(fingerprint: str) -> bool:
+    """Whether the MiniLM here makes the keys `fingerprint` names (its weights, by either digest they were
+    recorded with; any word-piece limit, which queries take from the datastore)."""
+    from lm_worker.encoders.minilm import legacy_weights_fingerprint, weights_fingerprint
+
+    weights = fingerprint.rpartition("/wp")[0]
+    return weights in (weights_fingerprint(), legacy_weights_fingerprint())
 
 
 def orphaned(config: PipelineConfig, kind: str) -> dict[str, str]:
