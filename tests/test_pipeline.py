@@ -144,16 +144,18 @@ def test_a_second_run_reuses_every_stage(first_run, caplog):
 def test_a_copied_run_folder_reads_its_own_lm(first_run, tmp_path):
     """The RETRO source and datastore record their LM encoder's checkpoint by its path. A copy of the run
     folder uses its own LM: with the original's moved away, every stage of the copy is still reused (it
-    stopped at "no checkpoint at RUN/lm/checkpoint.pt", and a copy beside the original read the original's)."""
+    stopped at "no checkpoint at RUN/lm/checkpoint.pt", and a copy beside the original read the original's).
+    Run without samples, it leaves none of the last run's in its report."""
     config, report = first_run
     copy = tmp_path / "copied-run"
     shutil.copytree(config.run, copy, symlinks=True)
     hidden = config.run.with_name("lm-moved-away")
     (config.run / "lm").rename(hidden)
     try:
-        again = run_pipeline(replace(config, run=copy))
+        again = run_pipeline(replace(config, run=copy, samples=0))
     finally:
         hidden.rename(config.run / "lm")
+    assert not (copy / "report" / "samples.md").exists()  # no samples asked for: the last run's are not left
     stages = json.loads(again.eval_json.read_text())["meta"]["stages"]
     kept = ("encode", "build", "embed", "RETRO")
     assert all(row["reused"] for row in stages if row["stage"].split()[0] in kept), stages

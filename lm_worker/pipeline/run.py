@@ -131,12 +131,23 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
                                                        (retro_target, retro_security),
                                                        replace(eval_config, retrieval=retro_retrieval), retro,
                                                        retro_retriever, encoder)
+        clear_results(config.run / "report")  # from here on this run's files replace the last run's
         with stages.stage("attention map and samples", reused=False):
             attention = attention_map(config, retro, encoder, retro_retriever, tokenizer, test)
             samples = write_samples(config, tokenizer, lm, knn_retriever, knn_result, retro, retro_retriever, encoder) \
                 if config.samples else None
     return write_pipeline_report(config, stages, knn_result, retro_result, test, valid, choice, lm,
                                  retro, attention, samples)
+
+
+RESULTS = ("summary.md", "table.md", "eval.json", "samples.md")  # a run's figures and texts, rewritten each run
+
+
+def clear_results(report: Path) -> None:
+    """Removes the last run's figures and texts from `report` before this run writes its own: stopped
+    part-way, or with no samples asked for, it leaves none of the last run's beside this one's."""
+    for name in RESULTS:
+        (report / name).unlink(missing_ok=True)
 
 
 def write_pipeline_report(config, stages, knn_result, retro_result, test, valid, choice, lm, retro,
