@@ -204,8 +204,9 @@ def test_validation_is_the_last_tune_tokens_with_the_document_it_starts_in_cut()
 def test_another_chunk_len_is_refused_and_names_what_to_remove(first_run):
     config, _ = first_run
     before = (config.run / "retro-source" / "source.json").read_text()
-    with pytest.raises(ValueError, match=r"retro was trained with other settings .*: retro.chunk_len 16 -> 8: remove "
-                                         r".*retro-source, .*retro-datastore, .*retro and .*report/shares/retro to make"):
+    with pytest.raises(ValueError, match=r"retro was trained with other settings .*: retro.chunk_len 16 -> 8: "
+                                         r"remove .*retro-source, .*retro-datastore, .*retro and "
+                                         r".*report/shares/retro to make"):
         run_pipeline(replace(config, retro=replace(config.retro, chunk_len=8)))  # kNN-LM's figures stay
     assert (config.run / "retro-source" / "source.json").read_text() == before
 
