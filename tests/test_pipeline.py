@@ -312,11 +312,12 @@ def copy_of(first_run, tmp_path) -> PipelineConfig:
 
 
 def to_remove(refused: pytest.ExceptionInfo, config: PipelineConfig) -> set[str]:
-    """The run's folders a refusal says to remove (by name), after checking it names nothing twice."""
+    """The run's folders a refusal says to remove (by their paths in the run), after checking it names nothing
+    twice and nothing outside the run."""
     named = str(refused.value).split(": remove ")[-1].split(" to make ")[0]
     paths = re.split(r", | and ", named)
-    assert len(paths) == len(set(paths)) and all(Path(p).parent == config.run for p in paths), named
-    return {Path(p).name for p in paths}
+    assert len(paths) == len(set(paths)) and all(Path(p).is_relative_to(config.run) for p in paths), named
+    return {str(Path(p).relative_to(config.run)) for p in paths}
 
 
 def retrained_lm(config: PipelineConfig) -> PipelineConfig:
@@ -361,7 +362,7 @@ def test_another_retro_encoder_is_refused_and_names_what_to_remove(first_run, tm
     with pytest.raises(ValueError, match=r"retro-source was encoded by lm-last:\w+, retro_encoder is 'minilm'") \
             as refused:
         run_pipeline(replace(config, retro_encoder="minilm"))
-    assert to_remove(refused, config) == {"retro-source", "retro-datastore", "retro", "report"}
+    assert to_remove(refused, config) == {"retro-source", "retro-datastore", "retro", "report/shares/retro"}
 
 
 def test_switching_retro_init_retrains_retro_alone(first_run):
