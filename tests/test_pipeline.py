@@ -379,3 +379,14 @@ def test_switching_retro_init_retrains_retro_alone(first_run):
     assert retro.extra["train_config"]["split"] == "train"  # from scratch: on the LM's training text
     lm_layers = load_checkpoint(config.run / "lm").config.n_layer
     assert retro.config.n_layer == RetroConfig.tiny(config.vocab_size).n_layer != lm_layers
+
+
+def test_datastores_of_another_shard_count_are_refused_and_named(first_run, tmp_path):
+    """A datastore was reused whenever its manifest was there, whatever `shards` asked for (the run said it
+    built 3 shards and served the 2 it had); it is now refused with what was made from it."""
+    config = copy_of(first_run, tmp_path)
+    with pytest.raises(ValueError, match=r"knnlm-datastore holds 2 shards, shards is 3; .*retro-datastore holds 2 "
+                                         r"shards, shards is 3") as refused:
+        run_pipeline(replace(config, shards=3))
+    assert {"knnlm-datastore", "retro-datastore"} <= to_remove(refused, config)
+    assert "knnlm-source" not in to_remove(refused, config)  # the sources are built again into 3 shards

@@ -7,6 +7,7 @@ that names every folder to remove."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def check_made_from(config: PipelineConfig, lm_checkpoint: Path) -> None:
 
     lm = load_checkpoint(lm_checkpoint).model
     made = Made(Path(lm_checkpoint), model_fingerprint(lm), lm)
-    stale = {**stale_knnlm(config, made), **stale_retro_keys(config, made), **stale_retro(config, made)}
+    stale = {**stale_knnlm(config, made), **stale_retro_keys(config, made), **stale_retro(config, made),
+             **other_shards(config)}
     if stale:
         raise ValueError(f"{'; '.join(stale.values())}: remove {removal(config, stale)} to make them again, "
                          "or use another run folder")
@@ -153,6 +155,23 @@ def minilm_reads(fingerprint: str) -> bool:
 
     weights = fingerprint.rpartition("/wp")[0]
     return weights in (weights_fingerprint(), legacy_weights_fingerprint())
+
+
+def other_shards(config: PipelineConfig) -> dict[str, str]:
+    """RUN/KIND-datastore when built in another number of shards than this run's `shards` (it was reused
+    as it stood, while the run said it built `shards`)."""
+    stale = {}
+    for kind in ("knnlm", "retro"):
+        datastore = config.run / f"{kind}-datastore"
+        if not done(datastore / "manifest.json"):
+            continue
+        try:
+            shards = len(json.loads((datastore / "manifest.json").read_text())["shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # named by the servers' own checks when it is opened
+        if shards != config.shards:
+            stale[f"{kind}-datastore"] = f"{datastore} holds {shards} shards, shards is {config.shards}"
+    return stale
 
 
 def orphaned(config: PipelineConfig, kind: str) -> dict[str, str]:
