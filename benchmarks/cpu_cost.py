@@ -305,10 +305,9 @@ def serve_args() -> tuple[str, ...]:
 def check_placement(placement: dict[str, list[int]], pinned: bool) -> None:
     """RuntimeError where each shard should have had a core of its own and has not (the figures would be
     those of shards sharing cores, not of `serve`'s)."""
-    shards = [tuple(cores) for role, cores in placement.items() if role.startswith("shard")]
-    own = pinned or not serve_args()
-    if own and (len(set(shards)) != len(shards) or any(len(set(a) & set(b)) for a in shards for b in shards
-                                                       if a is not b)):
+    shards = [set(cores) for role, cores in placement.items() if role.startswith("shard")]
+    shared = any(not cores for cores in shards) or sum(map(len, shards)) != len(set().union(*shards))
+    if (pinned or not serve_args()) and shared:
         raise RuntimeError(f"the shards were not each placed on cores of their own: {placement}")
 
 

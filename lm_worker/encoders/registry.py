@@ -78,13 +78,13 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
 
 def _minilm_for(fingerprint: str, tokenizer, threads: int, device: str):
     """The MiniLM chunk encoder with the word-piece limit that `fingerprint` names ("/wpN"), else the default."""
-    from lm_worker.encoders.minilm import legacy_weights_fingerprint
+    from lm_worker.encoders.minilm import names_these_weights
     from lm_worker.encoders.minilm_chunks import MAX_WORDPIECES, ChunkEncoder
 
     match = re.fullmatch(r"(minilm-l6-v2:[0-9a-f]+)/wp([1-9][0-9]{0,3})", fingerprint)
     if match is None or int(match.group(2)) > MAX_WORDPIECES:  # refused by the caller, naming both fingerprints
         return make_chunk_encoder("minilm", tokenizer, threads=threads, device=device)
     encoder = ChunkEncoder(tokenizer, max_wordpieces=int(match.group(2)), threads=threads, device=device)
-    if match.group(1) == legacy_weights_fingerprint():  # these weights, as older datastores recorded them
+    if names_these_weights(match.group(1)):  # these weights, perhaps by the digest older datastores recorded
         encoder.fingerprint = fingerprint
     return encoder

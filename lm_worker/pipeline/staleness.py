@@ -151,10 +151,9 @@ def encoded_by(config: PipelineConfig, kind: str, fingerprint: str, made: Made) 
 def minilm_reads(fingerprint: str) -> bool:
     """Whether the MiniLM here makes the keys `fingerprint` names (its weights, by either digest they were
     recorded with; any word-piece limit, which queries take from the datastore)."""
-    from lm_worker.encoders.minilm import legacy_weights_fingerprint, weights_fingerprint
+    from lm_worker.encoders.minilm import names_these_weights
 
-    weights = fingerprint.rpartition("/wp")[0]
-    return weights in (weights_fingerprint(), legacy_weights_fingerprint())
+    return names_these_weights(fingerprint.rpartition("/wp")[0])
 
 
 def other_shards(config: PipelineConfig) -> dict[str, str]:
