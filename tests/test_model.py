@@ -119,6 +119,19 @@ def test_on_keys_sees_the_keys_before_the_last_ffn_and_the_head(model, tokens):
     assert torch.equal(seen[0], keys) and torch.equal(keys, plain_keys) and torch.equal(logits, plain_logits)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("bad", [V, -1])
+def test_token_ids_outside_the_vocabulary_raise_a_clear_error(model, tokens, bad):
+    wrong = tokens.clone()
+    wrong[1, 4] = bad
+    with pytest.raises(ValueError, match=rf"tokens holds token id {bad}, outside the model's vocabulary \[0, {V}\)"):
+        model(wrong)
+    cache = model.new_cache()  # nothing is cached from a refused call
+    with pytest.raises(ValueError, match="outside"):
+        model(wrong, cache=cache)
+    assert cache.offset == 0
+
+
 def test_max_len_is_enforced(model):
     with pytest.raises(ValueError, match="max_len"):
         model(torch.zeros(1, model.config.max_len + 1, dtype=torch.long))

@@ -141,6 +141,20 @@ def test_bad_neighbours_raise(model, tokens, neighbours):
         model(tokens, neighbours[:, :, :1])  # one of its K: attended over as if they were all
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("bad", [V, -1])
+def test_token_ids_outside_the_vocabulary_raise_a_clear_error(model, tokens, neighbours, bad):
+    wrong = neighbours.clone()
+    wrong[1, 0, 1, 3] = bad  # e.g. a datastore's token stream from another tokenizer
+    with pytest.raises(ValueError, match=rf"neighbours holds token id {bad}, outside the model's vocabulary \[0, {V}"):
+        model(tokens, wrong)
+    wrong = tokens.clone()
+    wrong[2, 5] = bad
+    with pytest.raises(ValueError, match=rf"tokens holds token id {bad}, outside"):
+        model(wrong, neighbours)
+    assert model(tokens, neighbours).shape == (B, T, V)  # in-range ids pass
+
+
 def test_config_defaults_and_validation():
     assert RetroConfig(vocab_size=10, n_layer=12).decoder_cca_layers == (2, 5, 8, 11)
     assert RetroConfig(vocab_size=10).neighbour_len == 128

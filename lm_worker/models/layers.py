@@ -272,6 +272,17 @@ def check_length(offset: int | torch.Tensor, length: int, max_len: int) -> None:
         raise ValueError(f"sequence length {longest + length} exceeds max_len {max_len}")
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """ValueError when `ids` holds an id outside [0, vocab_size): the embedding would raise a bare
+    IndexError on a CPU, and a device-side assert (the CUDA context lost) on a GPU."""
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
 def init_weights(module: nn.Module) -> None:
     """GPT-2 style initialisation: normal(0, 0.02) weights, zero biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -31,6 +31,7 @@ from lm_worker.models.layers import (
     RMSNorm,
     SelfAttention,
     check_sizes,
+    check_token_ids,
     init_weights,
 )
 from lm_worker.models.ragged_retro import RaggedRetroCache, cca_ragged, encode_ragged
@@ -251,8 +252,10 @@ class Retro(nn.Module):
             logits (B, T, V), or (logits, weights) when `return_attention`.
 
         Raises:
-            ValueError: if `neighbours` has the wrong rank, batch size or neighbour length.
+            ValueError: if `neighbours` has the wrong rank, batch size or neighbour length, or a token id
+                (input or neighbour) is outside the vocabulary.
         """
+        check_token_ids(tokens, self.config.vocab_size)
         self._check_neighbours(tokens, neighbours)
         ragged = isinstance(cache, RaggedRetroCache)
         if ragged and return_attention:
@@ -305,6 +308,7 @@ class Retro(nn.Module):
         if neighbours.shape[2] != self.config.n_neighbours:  # the encoder would attend over another number
             raise ValueError(f"{neighbours.shape[2]} neighbours per chunk, the model takes n_neighbours = "
                              f"{self.config.n_neighbours}")
+        check_token_ids(neighbours, self.config.vocab_size, "neighbours")
 
     def loss(self, tokens: torch.Tensor, neighbours: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int = -100) -> torch.Tensor:

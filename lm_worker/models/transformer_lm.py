@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.models.layers import Block, KVCache, RMSNorm, check_length, check_sizes, init_weights
+from lm_worker.models.layers import Block, KVCache, RMSNorm, check_length, check_sizes, check_token_ids, init_weights
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,11 @@ class TransformerLM(nn.Module):
             logits (B, T, V), or (logits, keys (B, T, d_model)) when `return_keys`.
 
         Raises:
-            ValueError: if the sequence would grow past `config.max_len`.
+            ValueError: if the sequence would grow past `config.max_len`, or a token id is outside the
+                vocabulary.
         """
         T = tokens.shape[1]
+        check_token_ids(tokens, self.config.vocab_size)
         check_length(cache.offset if cache is not None else 0, T, self.config.max_len)
         x = self.drop(self.tok_emb(tokens))  # (B, T, C)
         last = len(self.blocks) - 1
