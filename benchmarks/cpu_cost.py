@@ -72,6 +72,7 @@ ONE_THREAD = ("--threads", "1")  # one FAISS thread a shard, as the reference se
 FACTORY = "IVF256,PQ32"
 SHARDS = 2
 SEED = 0
+SETTLE_S = 0.05  # after a side's last call, before its servers' CPU is read
 
 # The bars: efficiency through the router by (nq, k); fan-out at nq=1 against floor + in-process;
 # the router's own CPU at nq=64, k=1024.
@@ -202,9 +203,11 @@ class Tally:
         while calls < min_calls or time.perf_counter() - started < seconds:
             call(batches[(self.calls + calls) % len(batches)])
             calls += 1
+        wall = time.perf_counter() - started
+        time.sleep(SETTLE_S)  # what the servers do after the last answer (freeing it, a hedge's cancel) is this side's
         used = {"client": time.process_time() - mine,
                 **{name: process_cpu_s(pid) - before[name] for name, pid in self.pids.items()}}
-        self.wall_s += time.perf_counter() - started
+        self.wall_s += wall
         self.faults += sum(page_faults(pid) for pid in self.pids.values()) - faults
         self.calls += calls
         for name, seconds_used in used.items():
@@ -227,8 +230,9 @@ def measure_sides(sides: dict[str, tuple[Callable[[np.ndarray], object], dict[st
         for i in range(config.warmup_calls):
             call(batches[i % len(batches)])
     share, least = config.seconds_per_cell / config.rounds, -(-config.min_calls // config.rounds)
-    for _ in range(config.rounds):
-        for name, (call, _) in sides.items():
+    for turn in range(config.rounds):  # every other round in reverse: no side always follows the same one
+        order = list(sides.items()) if turn % 2 == 0 else list(sides.items())[::-1]
+        for name, (call, _) in order:
             tallies[name].run(call, batches, share, least)
     return {name: tally.per_call() for name, tally in tallies.items()}
 

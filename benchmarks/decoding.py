@@ -253,9 +253,9 @@ def decode_once(make: Callable[[], object], prompt: torch.Tensor, gen: GenerateC
 def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen: GenerateConfig,
             repeats: int, servers_cpu: Callable[[], float], time_start: bool = False) -> dict[str, dict]:
     """Each variant once to warm up, then `repeats` rounds, variants interleaved; the median run of each
-    (of an even count, the faster of the middle two). Its `tokens_digest` holds every distinct output of
-    all the variant's runs, the warm-up's included: two variants decode the same tokens only where each
-    decoded one output every time, the same one."""
+    (of an even count, the faster of the middle two), its `cpu_ms_per_token` over all the timed runs. Its
+    `tokens_digest` holds every distinct output of all the variant's runs, the warm-up's included: two
+    variants decode the same tokens only where each decoded one output every time, the same one."""
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     outputs: dict[str, list[list]] = {name: [] for name in variants}
     for name, make in variants.items():
@@ -270,7 +270,9 @@ def measure(variants: dict[str, Callable[[], object]], prompt: torch.Tensor, gen
         generated = prompt.shape[0] * median["new_tokens"]
         median["tokens_per_s"] = generated / median["seconds"]
         median["calls_per_token"] = median["stats"]["retrieval_calls"] / generated
-        median["cpu_ms_per_token"] = 1e3 * (median["worker_cpu_s"] + median["server_cpu_s"]) / generated
+        # CPU over every timed run, not the median's alone: decoders near serial's CPU pass or miss on one run's noise
+        cpu_s = sum(r["worker_cpu_s"] + r["server_cpu_s"] for r in done)
+        median["cpu_ms_per_token"] = 1e3 * cpu_s / sum(prompt.shape[0] * r["new_tokens"] for r in done)
         median["all_seconds"] = [r["seconds"] for r in done]
         median["tokens_digest"] = [t for i, t in enumerate(outputs[name]) if t not in outputs[name][:i]]
         result[name] = median

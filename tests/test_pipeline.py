@@ -25,6 +25,7 @@ from lm_worker.models.checkpoint import load_checkpoint
 from lm_worker.models.fingerprint import model_fingerprint
 from lm_worker.models.retro import RetroConfig
 from lm_worker.pipeline.config import PipelineConfig
+from lm_worker.pipeline.datastore_stage import SEARCH_RECORD
 from lm_worker.pipeline.run import run_pipeline
 from lm_worker.retrieval.config import RetrievalConfig
 from lm_worker.retrieval.in_process import InProcessRetriever
@@ -103,6 +104,9 @@ def test_retro_trains_on_text_the_lm_never_saw_with_its_datastore_neighbours(fir
     with InProcessRetriever(config.run / "retro-datastore", retrieval) as retriever:
         expected = retriever.chunks(np.load(source / "retro-keys.npy")[:64], None)  # (64, K, 2L)
     assert np.array_equal(neighbours[:64], expected)
+    searches = json.loads((source / SEARCH_RECORD).read_text())  # what a rerun compares its retro_nprobe with
+    settings = {"nprobe": config.retro_nprobe, "exact_rerank": True, "rerank_candidates": 8 * K}
+    assert searches == {"retro": settings, "heldout": settings}
 
 
 def test_distributed_figures_equal_an_in_process_evaluation(first_run):

@@ -254,6 +254,29 @@ def test_train_neighbours_fetched_for_another_window_are_refused(tmp_path):
     check_neighbour_files(config)  # fetched for this window: kept
 
 
+def test_neighbours_fetched_by_another_nprobe_are_refused(tmp_path, caplog):
+    """RETRO's neighbours depend on the search's nprobe (`retro_nprobe`): a file fetched with another was
+    reused as it stood. Now the search is recorded beside them, and another one refused, naming what to
+    remove; a file from before the record is reused with a warning."""
+    from lm_worker.pipeline.datastore_stage import SEARCH_RECORD, check_neighbour_files
+
+    config = PipelineConfig(run=tmp_path, retro_init="scratch", n_neighbours=2, retro_nprobe=16, progress=False)
+    source = tmp_path / "retro-source"
+    source.mkdir()
+    np.save(source / "neighbours-heldout.npy", np.zeros((4, 2, 16), np.int32))
+    with caplog.at_level(logging.WARNING, logger="lm_worker.pipeline.datastore_stage"):
+        check_neighbour_files(config)
+    assert "neighbours-heldout.npy does not record the search it was fetched by" in caplog.text
+    settings = {"nprobe": 8, "exact_rerank": True, "rerank_candidates": 16}
+    (source / SEARCH_RECORD).write_text(json.dumps({"heldout": settings}))
+    with pytest.raises(ValueError, match=r"neighbours-heldout.npy was fetched with exact_rerank True, nprobe 8, "
+                                         r"rerank_candidates 16; this run searches with retro_nprobe 16: remove it "
+                                         r"and .*retro to fetch and train again"):
+        check_neighbour_files(config)
+    (source / SEARCH_RECORD).write_text(json.dumps({"heldout": {**settings, "nprobe": 16}}))
+    check_neighbour_files(config)  # fetched by this search: kept
+
+
 def test_a_minilm_source_of_other_weights_is_stale_and_this_minilms_is_not():
     """A RETRO source of MiniLM keys was never checked against the MiniLM here: keys of other weights were
     reused, and the run stopped later with no folder named. Keys of these weights, by either digest and

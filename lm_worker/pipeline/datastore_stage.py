@@ -4,6 +4,8 @@ run, and RETRO's neighbours fetched for every chunk of the splits that need them
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,11 @@ import numpy as np
 from lm_worker.data.token_store import TokenStore
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import Stages, done
+from lm_worker.retrieval.config import RetrievalConfig
 from lm_worker.sources.neighbours import record_window, recorded_window
+
+log = logging.getLogger(__name__)
+SEARCH_RECORD = "neighbours-search.json"  # in RUN/retro-source: per split, the search its neighbours were fetched by
 
 
 def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
@@ -38,9 +44,35 @@ def query_splits(config: PipelineConfig) -> tuple[str, ...]:
     return tuple(split for split in neighbour_splits(config) if split != "train")
 
 
+def retro_search(config: PipelineConfig) -> RetrievalConfig:
+    """How RETRO's neighbours are searched: `n_neighbours` of them, nprobe `retro_nprobe`, re-ranked exactly."""
+    return RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,
+                           rerank_candidates=8 * config.n_neighbours)
+
+
+def _search_settings(search: RetrievalConfig) -> dict:
+    """What of a search, beyond k (a neighbours file's shape), changes the neighbours it finds."""
+    return {"nprobe": search.nprobe, "exact_rerank": search.exact_rerank, "rerank_candidates": search.rerank_candidates}
+
+
+def _recorded_searches(source: Path) -> dict:
+    try:
+        recorded = json.loads((source / SEARCH_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _record_search(source: Path, split: str, search: RetrievalConfig) -> None:
+    """Records, before neighbours-SPLIT.npy is written, the search it is fetched by."""
+    recorded = {**_recorded_searches(source), split: _search_settings(search)}
+    (source / SEARCH_RECORD).write_text(json.dumps(recorded, indent=2, sort_keys=True))
+
+
 def check_neighbour_files(config: PipelineConfig) -> None:
     """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's,
-    or train-split neighbours whose own-document exclusion was made for another training window."""
+    by another search (`retro_nprobe`), or train-split neighbours whose own-document exclusion was made for
+    another training window."""
     source = config.run / "retro-source"
     for split in neighbour_splits(config):
         path = source / f"neighbours-{split}.npy"
@@ -49,10 +81,22 @@ def check_neighbour_files(config: PipelineConfig) -> None:
         if (k := np.load(path, mmap_mode="r").shape[1]) != config.n_neighbours:
             raise ValueError(f"{path} holds {k} neighbours per chunk, n_neighbours is {config.n_neighbours}: remove "
                              f"{source}/neighbours-*.npy and {config.run / 'retro'} to fetch and train again")
+        _check_search(config, split, path)
         if split == "train" and (window := recorded_window(source)) != config.retro.seq_len:
             made = f"a window of {window} tokens" if window else "a window that was not recorded (an earlier version)"
             raise ValueError(f"{path} left out each chunk's documents for {made}, retro.seq_len is "
                              f"{config.retro.seq_len}: remove it and {config.run / 'retro'} to fetch and train again")
+
+
+def _check_search(config: PipelineConfig, split: str, path: Path) -> None:
+    wanted, found = _search_settings(retro_search(config)), _recorded_searches(path.parent).get(split)
+    if found is None:
+        log.warning("%s does not record the search it was fetched by (an earlier version): reused as if by "
+                    "nprobe %d", path, config.retro_nprobe)
+    elif found != wanted:
+        given = ", ".join(f"{name} {value}" for name, value in sorted(found.items()))
+        raise ValueError(f"{path} was fetched with {given}; this run searches with retro_nprobe "
+                         f"{config.retro_nprobe}: remove it and {config.run / 'retro'} to fetch and train again")
 
 
 def embed_split(config: PipelineConfig, encoder, split: str) -> None:
@@ -109,6 +153,7 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
             record_window(source, config.retro.seq_len)  # before the file it describes
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
+        _record_search(source, split, retriever.config)  # before the file it describes
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none
 
 

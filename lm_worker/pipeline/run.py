@@ -47,6 +47,7 @@ from lm_worker.pipeline.datastore_stage import (
     check_neighbour_files,
     fetch_neighbours,
     neighbour_splits,
+    retro_search,
     serve_datastore,
     sources_and_datastores,
 )
@@ -54,7 +55,6 @@ from lm_worker.pipeline.eval_stage import attention_map, evaluate_test, tune_tem
 from lm_worker.pipeline.model_stage import is_trained, retro_train_config, train_model, trained_parameters
 from lm_worker.pipeline.stages import Stages, connect_ray, done
 from lm_worker.pipeline.staleness import check_made_from, check_models
-from lm_worker.retrieval.config import RetrievalConfig
 
 
 def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
@@ -101,8 +101,7 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
     check_neighbour_files(config)
     eval_config = EvalConfig(context_len=config.context_len, stride=config.stride, max_tokens=config.eval_tokens,
                              retrieval=config.knn)
-    retro_retrieval = RetrievalConfig(k=config.n_neighbours, nprobe=config.retro_nprobe, exact_rerank=True,
-                                      rerank_candidates=8 * config.n_neighbours)
+    retro_retrieval = retro_search(config)
     lm = load_checkpoint(lm_checkpoint).model
     with serve_datastore(config, run / "retro-datastore", "retro") as (retro_target, retro_security), \
             serve_datastore(config, run / "knnlm-datastore", "knnlm") as (knn_target, knn_security), \
