@@ -177,8 +177,8 @@ def tune(monkeypatch, tmp_path):
     (tmp_path / "report").mkdir()
     config = PipelineConfig(run=tmp_path, temperatures=(1.0, 5.0), progress=False)
     lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
-    def choose(knn=RetrievalConfig(k=8, nprobe=2)):
-        choice = tune_temperature(config, lm, valid, None, EvalConfig(retrieval=knn))
+    def choose(knn=RetrievalConfig(k=8, nprobe=2), retriever=None):
+        choice = tune_temperature(config, lm, valid, retriever, EvalConfig(retrieval=knn))
         return choice.temperature, choice.lam, choice.reused
 
     return choose, tried
@@ -191,6 +191,17 @@ def test_the_temperature_is_chosen_again_when_the_knn_retrieval_changes(monkeypa
                 RetrievalConfig(k=16, nprobe=4, exact_rerank=True, rerank_candidates=64)):
         assert choose(knn)[2] is False, knn  # each change chooses again
     assert choose(knn)[2] is True and len(tried) == 8
+
+
+def test_the_temperature_is_chosen_again_on_another_datastore(monkeypatch, tmp_path):
+    """T and λ were kept when the kNN-LM datastore was rebuilt by hand (another index, other neighbours):
+    the datastore's version is now recorded with them."""
+    choose, tried = tune(monkeypatch, tmp_path)
+    built, rebuilt = SimpleNamespace(version="a" * 64), SimpleNamespace(version="b" * 64)
+    assert choose(retriever=built)[2] is False and choose(retriever=built)[2] is True
+    assert choose(retriever=rebuilt)[2] is False and choose(retriever=rebuilt)[2] is True
+    assert json.loads((tmp_path / "report" / "temperature.json").read_text())["datastore"] == "b" * 64
+    assert len(tried) == 4
 
 
 def test_a_temperature_file_written_before_lambda_was_chosen_with_it_is_chosen_again(monkeypatch, tmp_path, caplog):

@@ -33,8 +33,8 @@ class KnnChoice:
 def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> KnnChoice:
     """kNN-LM's softmax temperature and λ, chosen together on the validation documents (in this process,
     through the service), never on the test split that reports them. Kept in RUN/report/temperature.json
-    with the temperatures and λs tried, the LM, the text's length and the kNN retrieval settings, and
-    chosen again when any of them changed, or when the file is unreadable."""
+    with the temperatures and λs tried, the LM, the text's length, the kNN retrieval settings and the
+    datastore's version, and chosen again when any of them changed, or when the file is unreadable."""
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.models.fingerprint import model_fingerprint
 
@@ -43,7 +43,8 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
     asked = {"temperatures": list(config.temperatures), "lambdas": list(eval_config.lambdas),
              "lm": model_fingerprint(lm), "valid_tokens": len(valid),
              "retrieval": {"k": knn.k, "nprobe": knn.nprobe, "exact_rerank": knn.exact_rerank,
-                           "rerank_candidates": knn.rerank_candidates}}
+                           "rerank_candidates": knn.rerank_candidates},
+             "datastore": getattr(retriever, "version", None)}  # a datastore rebuilt by hand finds other neighbours
     if done(path):
         saved = read_choice(path)
         if saved is not None and saved["lambda"] is not None and {key: saved.get(key) for key in asked} == asked:
