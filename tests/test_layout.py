@@ -80,3 +80,43 @@ def test_a_planted_import_past_the_gateway_is_reported(tmp_path):
     assert gateway_apis(tmp_path) == ("retriever_server.datastore.build",)
     assert outside_gateway(tmp_path) == ["lm_worker/jobs/bad.py:1 imports retriever_server.serving.merge."
                                          "merge_results, which only lm_worker.retrieval may import"]
+
+
+# Standard-library names newer than pyproject's requires-python (3.10), with the version that added them.
+NEWER_STDLIB = {"hashlib.file_digest": "3.11", "asyncio.TaskGroup": "3.11", "asyncio.timeout": "3.11",
+                "asyncio.Runner": "3.11", "contextlib.chdir": "3.11", "datetime.UTC": "3.11", "enum.StrEnum": "3.11",
+                "typing.Self": "3.11", "typing.Never": "3.11", "typing.assert_never": "3.11", "tomllib": "3.11",
+                "itertools.batched": "3.12", "ExceptionGroup": "3.11", "BaseExceptionGroup": "3.11"}
+
+
+def newer_stdlib_uses(files: list[Path]) -> list[str]:
+    """FILE:LINE name (version) for each use of a NEWER_STDLIB name: as an attribute, import or bare name."""
+    import ast
+
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Name):
+                names = [node.id]
+            found += [f"{path.name}:{node.lineno} {n} ({NEWER_STDLIB[n]})" for n in names if n in NEWER_STDLIB]
+    return found
+
+
+def test_the_code_runs_on_the_oldest_python_it_claims(tmp_path):
+    """pyproject says Python 3.10: no module uses a standard-library name that came later (`hashlib.file_digest`
+    did, and every distributed evaluation failed on 3.10)."""
+    assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text()
+    tops = ("retriever_server", "lm_worker", "benchmarks", "scripts")
+    files = [p for top in tops for p in (ROOT / top).rglob("*.py")]
+    assert len(files) > 100 and newer_stdlib_uses(files) == []
+    planted = tmp_path / "planted.py"
+    planted.write_text("import hashlib\nimport tomllib\nfrom typing import Self\nhashlib.file_digest(f, 'sha256')\n")
+    assert newer_stdlib_uses([planted]) == ["planted.py:2 tomllib (3.11)", "planted.py:3 typing.Self (3.11)",
+                                            "planted.py:4 hashlib.file_digest (3.11)"]
