@@ -380,6 +380,12 @@ def test_failed_and_damaged_parts_are_redone_alone(data, tmp_path, ray_cluster, 
     _same_source(run_encode_job(config, out, TableFactory()), ref)
     after = _part_stamps(out)
     assert not stale.exists() and {p for p in after if after[p] != before.get(p)} == {"00001", "00003"}
+    # Run again over its own whole source (a RayJob retried after the build failed), the job keeps it as it is:
+    # indexes written again were new inputs to the build's resume check, which then started over.
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    _same_source(run_encode_job(config, out, TableFactory()), ref)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == written and _part_stamps(out) == after
+    assert not job_work_dir(out).exists()
 
     again = run_encode_job(dataclasses.replace(config, rows_per_part=100), out, TableFactory())  # another plan
     _same_source(again, ref)

@@ -16,10 +16,11 @@ source at OUT stays whole until the new one is:
     OUT/keys.parts.json, OUT/values.parts.json (or tokens.parts.json), OUT/source.json
 
 Run again after a failure or a kill, the job keeps every finished part of the work folder
-(`.OUT.encoding/`) and encodes the rest; run again over a finished source of the same job, it reuses
-that source's parts (hard links). Parts are kept only while the job's inputs (the token store's
-contents included), model and plan are the same. The folders must be reachable at the same path
-from every node (a shared file system on a cluster).
+(`.OUT.encoding/`) and encodes the rest; run again over a whole source of the same job, it keeps that
+source as it is (a datastore build reading it then resumes: its inputs are unchanged), and over a source
+of the same job with parts missing, it reuses the parts there (hard links). Parts are kept only while
+the job's inputs (the token store's contents included), model and plan are the same. The folders must
+be reachable at the same path from every node (a shared file system on a cluster).
 `retriever-server build` and `build_source` read the parts indexes as they read .npy files.
 
 Example:
@@ -56,7 +57,16 @@ from lm_worker.jobs.encode_plan import (
 from lm_worker.jobs.encode_worker import PartEncoder
 from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, place_of, replace_source
 from lm_worker.sources.retro import tokens_digest
-from lm_worker.sources.source import KEYS, KEYS_PARTS, PARTS_LAYOUT, PAYLOAD_FILES, SOURCE_JSON, Encoder, SourceInfo
+from lm_worker.sources.source import (
+    KEYS,
+    KEYS_PARTS,
+    PARTS_LAYOUT,
+    PAYLOAD_FILES,
+    SOURCE_JSON,
+    Encoder,
+    SourceInfo,
+    read_source,
+)
 from retriever_server.cluster.connect import connect
 from retriever_server.datastore.publish import BuildError, held_lock
 from retriever_server.datastore.row_parts import PARTS_SUFFIX, write_parts_index
@@ -188,6 +198,20 @@ def _reuse_published(out_dir: Path, work: Path, plan: list[PartSpec], stamp: dic
                 _link(part_dir(out_dir, part.index) / name, tmp / name)
             os.replace(tmp, final)
             done[part.index] = record
+
+
+def _whole_source(out_dir: Path, plan: list[PartSpec], stamp: dict) -> SourceInfo | None:
+    """The source at `out_dir` where this same job made it and every part of it is whole; else None.
+    Written again, its indexes would be new files to a build's resume check, which would start over."""
+    if not _same_job(_read_json(Path(out_dir) / PARTS / JOB_JSON), stamp):
+        return None
+    try:
+        info = read_source(out_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not info.parted or info.rows != plan[-1].row_end or any(finished_part(out_dir, p) is None for p in plan):
+        return None
+    return info
 
 
 @contextlib.contextmanager
@@ -336,6 +360,9 @@ def _held(out_dir: Path) -> Iterator[None]:
 def _run(config: EncodeJobConfig, out_dir: Path, store: TokenStore, plan: list[PartSpec], eos_id: int,
          stamp: dict, encoder_factory, started: float) -> SourceInfo:
     """The job, once its checks are done and its lock is held."""
+    if (whole := _whole_source(out_dir, plan, stamp)) is not None:
+        log.info("%s holds this job's whole source: kept as it is", out_dir)
+        return whole
     work = job_work_dir(out_dir)  # every check done: the first write, beside out_dir
     work.mkdir(parents=True, exist_ok=True)
     (work / SOURCE_JSON).unlink(missing_ok=True)  # what a run killed while publishing left
