@@ -55,7 +55,8 @@ def lm_run(run):
          "--steps", "40", "--seq-len", "64", "--batch-size", "8", "--eval-every", "20", "--warmup", "5"],
         ["encode", "knnlm", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), "--out",
          str(run / "knnlm-source"), "--context-len", "64", "--stride", "32"],
-        ["build", str(run / "knnlm-source"), "--out", str(run / "knnlm-datastore"), "--factory", "IVF4,Flat"],
+        ["build", str(run / "knnlm-source"), "--out", str(run / "knnlm-datastore"), "--factory", "IVF4,Flat",
+         "--cpus-per-shard", "2"],  # the shard tasks in turn, each with both CPUs of the cluster
     ]
     for args in steps:
         assert main(["--no-progress", "--log-level", "WARNING", *args]) == 0, args

@@ -76,6 +76,8 @@ def test_a_missing_datastore_is_one_line(run, capsys, args):
     (["--out", "{run}/plain"], "{run}/plain exists and is not a datastore"),
     (["--out", "{run}/ds0", "--shards", "0"], "--shards must be in [1, "),
     (["--out", "{run}/dsg", "--factory", "garbage"], "FAISS cannot build factory string 'garbage'"),
+    (["--out", "{run}/dsa", "--address", "127.0.0.1:1"],  # the cluster asked for, not a local one of its own
+     "no Ray cluster answers at 127.0.0.1:1 (127.0.0.1:1: connection refused"),
 ])
 def test_a_refused_build_is_one_line(run, capsys, args, words):
     (run / "built").mkdir(exist_ok=True)
@@ -83,7 +85,7 @@ def test_a_refused_build_is_one_line(run, capsys, args, words):
     (run / "plain").mkdir(exist_ok=True)
     err = one_line_error(capsys, "build", str(run / "knnlm-source"), *[a.format(run=run) for a in args])
     assert err.startswith("lm-worker build: error: ") and words.format(run=run) in err
-    assert not (run / "ds0").exists() and not (run / "dsg").exists()
+    assert not any((run / name).exists() for name in ("ds0", "dsg", "dsa"))
 
 
 @pytest.mark.parametrize("args, words", [

@@ -68,7 +68,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--shards", type=int, default=2)
     b.add_argument("--factory", default="auto")
     b.add_argument("--num-cpus", type=int_in(1), help="CPUs of the local Ray cluster, when one is started")
+    b.add_argument("--cpus-per-shard", type=int_in(1), default=1,
+                   help="CPUs each shard's build task takes, and FAISS's threads in it (default: 1)")
     b.add_argument("--overwrite", action="store_true")
+    add_ray_address(b)
     b.set_defaults(handler=run_build)
 
     n = sub.add_parser("neighbours", help="fetch RETRO neighbours of every train (own document excluded), "
@@ -172,7 +175,8 @@ def run_build(args: argparse.Namespace) -> None:
     from lm_worker.sources.build import build_source
 
     out = build_source(args.source, args.out, shards=args.shards, factory=args.factory, num_cpus=args.num_cpus,
-                       overwrite=args.overwrite, progress=not args.no_progress)
+                       overwrite=args.overwrite, progress=not args.no_progress, address=args.address,
+                       cpus_per_shard=args.cpus_per_shard)
     print(f"datastore {out}")
 
 
