@@ -95,6 +95,76 @@ def test_a_fresh_fan_out_client_answers_in_time_past_a_hung_replica_or_a_hung_sh
     assert partial == "partial: shard-00001"
 
 
+def test_a_lost_shard_fails_the_call_at_once_and_cancels_the_others_search(aio, datastore, keys):
+    """Without `allow_partial`, a shard whose replicas all failed fails the call: UNAVAILABLE naming it,
+    at once, the other shards' searches cancelled. The router and the fan-out client waited for every
+    shard first: behind a slow shard, the whole deadline, and then said DEADLINE_EXCEEDED naming the slow one."""
+    cancelled = threading.Event()
+
+    async def refuse(raw, context):  # as a draining replica refuses
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+
+    async def slow(*_args, **_kwargs):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    seen = {}
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address, timeout=4) as router, \
+            RetrieverClient(served.shard_addresses(), timeout=4) as fan_out:
+        fan_out.search(keys[:2], k=5)  # the shards' infos, known before they fail
+        served.shards[0][0].service.handle_search = refuse
+        served.shards[1][0].service.handle_search = slow
+        for name, client in (("router", router), ("fan-out", fan_out)):
+            cancelled.clear()
+            began = time.monotonic()
+            with pytest.raises(RetrieverError) as refused:
+                client.search(keys[:2], k=5)
+            seen[name] = (refused.value.code.name, time.monotonic() - began < 2.0, cancelled.wait(2.0))
+            assert "shard-00000 unavailable (" in str(refused.value) and "shard-00001" not in str(refused.value)
+    assert seen == {name: ("UNAVAILABLE", True, True) for name in ("router", "fan-out")}
+
+
+def test_a_shard_list_that_is_not_one_datastore_is_refused_while_a_shard_is_down(aio, datastore, keys):
+    """The fan-out client checks that its shard list is one datastore's shards, each once, before a search;
+    it skipped that check while any shard was down, and then merged a shard's rows twice (duplicate ids)."""
+    nowhere = "127.0.0.1:1"  # nothing listens there: a shard that is down
+    with serve(aio, datastore, 2) as served:
+        (s0,), (s1,) = served.shard_addresses()
+        also_s0 = s0.replace("127.0.0.1", "localhost")
+        lists = {"a shard twice": [[s0], [also_s0], [nowhere]], "a router as a shard": [[served.address], [nowhere]],
+                 "more than the datastore's": [[s0], [s1], [nowhere]]}
+        seen = {}
+        for name, shards in lists.items():
+            with RetrieverClient(shards, timeout=3) as client, pytest.raises(RetrieverError) as refused:
+                client.search(keys[:4], k=5, allow_partial=True)
+            seen[name] = (refused.value.code.name, str(refused.value))
+    assert {name: code for name, (code, _) in seen.items()} == dict.fromkeys(lists, "FAILED_PRECONDITION")
+    assert "shards given more than once: ['shard-00000']" in seen["a shard twice"][1]
+    assert "answers as a 'router', not a shard server" in seen["a router as a shard"][1]
+    assert "the datastore has 2 shards but 3 were given" in seen["more than the datastore's"][1]
+
+
+def test_a_shard_down_is_named_as_itself_in_a_list_out_of_order(aio, datastore, keys):
+    """Shards listed out of the datastore's order, shard-00000 down from the first search: the partial
+    answer names shard-00000 as failed (it named the position, shard-00001, whose rows it returned)."""
+    async def refuse(*_args):
+        raise RuntimeError("down")  # the servicer answers UNKNOWN: a replica failed, retryable
+
+    with serve(aio, datastore, 2) as served:
+        (s0,), (s1,) = served.shard_addresses()
+        down = served.shards[0][0].service
+        down.handle_search = down.handle_info = refuse
+        with RetrieverClient([[s1], [s0]], timeout=3) as client:
+            found = client.search(keys[:4], k=5, allow_partial=True)
+            with pytest.raises(RetrieverError, match=r"^UNAVAILABLE: shard-00000 unavailable \("):
+                client.search(keys[:4], k=5)
+    assert found.partial and set(found.failed_shards) == {"shard-00000"}
+    assert found.ids.min() >= N // 2  # shard-00001's rows alone
+
+
 def test_a_replica_serving_another_datastore_version_is_failed_over(aio, datastore, keys):
     """One replica of shard 0 serves another version (as after a restart on a new build): every search,
     through the router and the fan-out, is answered by its sibling; where every replica of the shard is

@@ -375,7 +375,7 @@ def port_is_free(port: int) -> bool:
 def test_a_request_over_a_shards_limit_is_refused_by_one_replica_not_retried_on_all(aio, keys, datastore,
                                                                                     monkeypatch):
     """Shards with a smaller batch limit than their router's: the first replica's RESOURCE_EXHAUSTED is
-    the answer, naming the limit; the other replica is not asked, and both stay in rotation."""
+    the answer, naming the limit; the shard's other replica is not asked, and both stay in rotation."""
     asked: list[str] = []
     original = ShardService.handle_search
 
@@ -393,7 +393,8 @@ def test_a_request_over_a_shards_limit_is_refused_by_one_replica_not_retried_on_
             raw_search(router.address, make_request(keys[:16], k=5))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "batch limit of 8" in caught.value.details()
-        assert sorted(a.split("/")[0] for a in asked) == ["0", "1"]  # one replica of each shard, once
+        shards_asked = [a.split("/")[0] for a in asked]  # one replica of a shard, once; the first refusal
+        assert shards_asked and len(set(shards_asked)) == len(shards_asked)  # ends the call, the other cancelled
         asked.clear()
         raw_search(router.address, make_request(keys[:4], k=5))
         assert len(asked) == 2

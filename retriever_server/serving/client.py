@@ -14,7 +14,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -35,9 +35,10 @@ from retriever_server.serving.failover import (
     call_once,
     failure_code,
     failure_message,
+    gather_until,
     shard_deadline,
 )
-from retriever_server.serving.fanout import check_address, check_shards, replica_sets
+from retriever_server.serving.fanout import check_address, check_shards, combined_info, name_in_part, replica_sets
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.wire.result import SearchResult
@@ -245,25 +246,16 @@ class RetrieverClient:
         except CallFailed as err:
             return err
 
-    async def _every_shard(self, method: str, request, deadline: Deadline) -> list:
-        return await asyncio.gather(*(self._attempts(s, method, request, deadline) for s in self.sets))
+    async def _every_shard(self, method: str, request, deadline: Deadline,
+                           ends_call: Callable[[object], bool] = lambda outcome: False) -> list:
+        """Each shard's answer or CallFailed, asked at once; None for those cancelled once one `ends_call`."""
+        return await gather_until([self._attempts(s, method, request, deadline) for s in self.sets], ends_call)
 
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""
         deadline = Deadline(timeout or self.timeout)
         infos = [self._call(s, "GetInfo", pb.GetInfoRequest(), deadline) for s in self.sets]
-        if len(infos) == 1:
-            return infos[0]
-        combined = pb.InfoResponse()
-        combined.CopyFrom(infos[0])
-        combined.role, combined.shard, combined.ntotal = "client-fanout", "", sum(i.ntotal for i in infos)
-        del combined.shards[:]
-        for replicas, info in zip(self.sets, infos):
-            shard = pb.ShardInfo()
-            shard.CopyFrom(info.shards[0])
-            shard.replicas = len(replicas.addresses)
-            combined.shards.append(shard)
-        return combined
+        return infos[0] if len(infos) == 1 else combined_info(self.sets, infos)
 
     def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
         """GetInfo of the shards that answer within `_probe_timeout`, all asked at once (a shard whose
@@ -273,10 +265,11 @@ class RetrieverClient:
         if self._infos is not None:
             return self._infos
         outcomes = self._on_loop(self._every_shard("GetInfo", pb.GetInfoRequest(), self._probe_deadline(deadline)))
-        infos, down = [], {}
+        infos, answered, down = [], [], {}
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):
                 infos.append(outcome)
+                answered.append(replicas)
             elif isinstance(outcome, ShardFailed) or outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 down[replicas.name] = outcome.message
             else:
@@ -286,6 +279,10 @@ class RetrieverClient:
             self._check_not_closed_since()
             raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
         if down:
+            problem = check_shards([[info] for info in infos], given=len(self.sets))
+            if problem is not None:
+                raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+            name_in_part(self.sets, answered, infos)
             return infos
         every = self._on_loop(self._replica_infos(deadline))
         problem = check_shards([[info, *replicas] for info, replicas in zip(infos, every)])
@@ -369,12 +366,19 @@ class RetrieverClient:
                                  f"but this datastore is version {version}")
         request.expected_datastore_version = version  # a replica of another version fails over (`STALE`)
         body = request.SerializeToString()  # once, for every shard
-        outcomes = self._on_loop(self._every_shard("Search", body, deadline))
+        late = grpc.StatusCode.DEADLINE_EXCEEDED if allow_partial else None  # a shard not answering in time
+
+        def ends_call(outcome) -> bool:  # a refusal, or, unless a partial answer is allowed, a shard lost
+            return isinstance(outcome, CallFailed) and not (
+                allow_partial and (isinstance(outcome, ShardFailed) or outcome.code == late))
+
+        outcomes = self._on_loop(self._every_shard("Search", body, deadline, ends_call))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
         answers, failed = [], {}
-        late = grpc.StatusCode.DEADLINE_EXCEEDED if allow_partial else None  # a shard not answering in time
         for replicas, outcome in zip(self.sets, outcomes):
+            if outcome is None:  # cancelled: another shard's failure ended the call
+                continue
             if not isinstance(outcome, CallFailed):
                 answers.append(outcome)
             elif isinstance(outcome, ShardFailed) or outcome.code == late:  # every replica failed (busy too)

@@ -185,6 +185,32 @@ def failure_message(failures: dict[str, str]) -> str:
     return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
 
 
+async def gather_until(awaitables: list[Awaitable], ends_call: Callable[[object], bool]) -> list:
+    """The outcomes of `awaitables` run at once (each its result or the exception it raised), in their
+    order, as `asyncio.gather(..., return_exceptions=True)` gives them; but as soon as one outcome
+    `ends_call` (a shard's failure that fails the whole call), the others are cancelled (their searches
+    with them) and their outcomes are None: the call fails at once, not when its slowest shard answers."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(ends_call(_outcome(task)) for task in done):
+                break
+    finally:
+        unfinished = [task for task in tasks if not task.done()]
+        for task in unfinished:
+            task.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)  # their cancellation has run through
+    return [_outcome(task) for task in tasks]
+
+
+def _outcome(task: asyncio.Future) -> object:
+    if task.cancelled():
+        return None
+    return task.exception() or task.result()
+
+
 class CallFailed(Exception):
     """A call's final status: `code` and `message` (the router and the client turn it into theirs)."""
 

@@ -1,5 +1,6 @@
 """S shards x R replicas as the router and the fan-out client see them: the `--shards` syntax, the
-replica sets, and the check that the shards are one whole datastore (failover itself: `failover`)."""
+replica sets and their names, and the check that the shards are one whole datastore (failover itself:
+`failover`)."""
 
 from __future__ import annotations
 
@@ -60,11 +61,15 @@ def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
     return [ReplicaSet(shard_name(i), list(addresses)) for i, addresses in enumerate(shards)]
 
 
-def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
+def check_shards(infos: list[list[pb.InfoResponse]], given: int | None = None) -> str | None:
     """Why shards (each the infos of its answering replicas) are not one whole datastore, or None.
 
     Every replica must be a shard server (not a router) of the same datastore version, the shards must
     be all of the datastore's shards, each once, and their id ranges must tile [0, ntotal).
+
+    `given`: the number of shards listed, where some did not answer (`infos` then holds those that did):
+    they are checked for what they can show, no more listed than the datastore has, and id ranges that
+    overlap nowhere within [0, ntotal) (a shard listed twice, or a router as a shard, returned its rows twice).
     """
     for position, replicas in enumerate(infos):
         for info in replicas:
@@ -86,14 +91,44 @@ def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
     names = [replicas[0].shard for replicas in infos]
     if len(set(names)) != len(names):
         return f"shards given more than once: {sorted({n for n in names if names.count(n) > 1})}"
-    expected = everyone[0].num_shards
-    if expected and expected != len(infos):
-        return f"the datastore has {expected} shards but {len(infos)} were given ({', '.join(names)})"
+    expected, listed = everyone[0].num_shards, len(infos) if given is None else given
+    if expected and (expected != listed if given is None else listed > expected):
+        return f"the datastore has {expected} shards but {listed} were given ({', '.join(names)})"
     ranges = sorted((r[0].shards[0].id_start, r[0].shards[0].id_end) for r in infos)
     ends = [0] + [end for _, end in ranges]
-    if any(start != end for (start, _), end in zip(ranges, ends)) or ends[-1] != everyone[0].datastore_ntotal:
-        return f"the shards' id ranges {ranges} do not cover [0, {everyone[0].datastore_ntotal}) once"
+    ntotal = everyone[0].datastore_ntotal
+    if given is not None:  # some shards missing: their ranges are gaps, but none may overlap
+        if any(start < end for (start, _), end in zip(ranges, ends)) or ends[-1] > ntotal:
+            return f"the shards' id ranges {ranges} overlap, or pass {ntotal}"
+    elif any(start != end for (start, _), end in zip(ranges, ends)) or ends[-1] != ntotal:
+        return f"the shards' id ranges {ranges} do not cover [0, {ntotal}) once"
     return None
+
+
+def name_in_part(sets: list[ReplicaSet], answered: list[ReplicaSet], infos: list[pb.InfoResponse]) -> None:
+    """Names the shards that answered (`answered`, their `infos`) as they name themselves, and the others
+    by the one name left where one is down, else by address: a list out of the datastore's order named by
+    position would name an answering shard as the one that failed."""
+    for replicas, info in zip(answered, infos):
+        replicas.name = info.shard
+    down = [replicas for replicas in sets if replicas not in answered]
+    left = sorted({shard_name(i) for i in range(infos[0].num_shards)} - {info.shard for info in infos})
+    for replicas in down:
+        replicas.name = left[0] if len(down) == len(left) == 1 else f"the shard at {replicas.addresses[0]}"
+
+
+def combined_info(sets: list[ReplicaSet], infos: list[pb.InfoResponse]) -> pb.InfoResponse:
+    """One GetInfo for a shard list, as a router's: the first shard's, with every shard and the total."""
+    combined = pb.InfoResponse()
+    combined.CopyFrom(infos[0])
+    combined.role, combined.shard, combined.ntotal = "client-fanout", "", sum(i.ntotal for i in infos)
+    del combined.shards[:]
+    for replicas, info in zip(sets, infos):
+        shard = pb.ShardInfo()
+        shard.CopyFrom(info.shards[0])
+        shard.replicas = len(replicas.addresses)
+        combined.shards.append(shard)
+    return combined
 
 
 def view_of(info: pb.InfoResponse) -> DatastoreView:

@@ -35,6 +35,7 @@ from retriever_server.serving.failover import (
     call_async,
     failure_code,
     failure_message,
+    gather_until,
     shard_deadline,
 )
 from retriever_server.serving.fanout import check_shards, replica_sets, view_of
@@ -279,8 +280,11 @@ class RouterService(BaseRetrieverService):
         forwarded, spec = await self._off_loop(len(raw) // 4, self._checked, raw)
         self._refresh_credentials()
         deadline = shard_deadline(context.time_remaining(), spec.allow_partial)
-        outcomes = await asyncio.gather(*(self._search_shard(s, forwarded, deadline, spec.allow_partial)
-                                          for s in self.sets), return_exceptions=True)
+        def ends_call(outcome) -> bool:  # a refusal, or, unless a partial answer is allowed, a shard lost
+            return isinstance(outcome, BaseException) and not (spec.allow_partial and isinstance(outcome, ShardFailed))
+
+        outcomes = await gather_until([self._search_shard(s, forwarded, deadline, spec.allow_partial)
+                                       for s in self.sets], ends_call)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
                 raise outcome
