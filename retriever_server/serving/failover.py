@@ -191,17 +191,15 @@ async def gather_until(awaitables: list[Awaitable], ends_call: Callable[[object]
     `ends_call` (a shard's failure that fails the whole call), the others are cancelled (their searches
     with them) and their outcomes are None: the call fails at once, not when its slowest shard answers."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(ends_call(_outcome(task)) for task in done):
-                break
-    finally:
-        unfinished = [task for task in tasks if not task.done()]
-        for task in unfinished:
-            task.cancel()
-        await asyncio.gather(*unfinished, return_exceptions=True)  # their cancellation has run through
+
+    def settled(task: asyncio.Future) -> None:
+        if ends_call(_outcome(task)):
+            for other in tasks:
+                other.cancel()  # a task done already: nothing
+
+    for task in tasks:
+        task.add_done_callback(settled)
+    await asyncio.gather(*tasks, return_exceptions=True)  # the caller cancelled: every task with it
     return [_outcome(task) for task in tasks]
 
 
