@@ -119,11 +119,13 @@ def test_a_whole_datastore_leaves_its_shards_room_under_grpcs_request_limit(caps
                          "1 MiB more than the router)")
 
 
-def test_a_whole_datastore_refuses_a_health_host_it_cannot_probe_before_starting(capsys, datastore):
-    line = error_of(capsys, "serve", "--datastore", str(datastore), "--health-port", "7904", "--health-host",
-                    "192.0.2.7")
-    assert line.startswith("retriever-server serve: error: --health-host 192.0.2.7: without --shard the router's "
-                           "health port must answer on 127.0.0.1 too"), line
+@pytest.mark.parametrize("host", ["192.0.2.7", "[::1]", "::1", "127.0.0.2", "::"])
+def test_a_whole_datastore_refuses_a_health_host_it_cannot_probe_before_starting(capsys, datastore, host):
+    """serve asks its children's health ports on 127.0.0.1: a loopback address other than that one (taken
+    before, and then waited on for the whole start-up timeout) is refused as any other."""
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--health-port", "7904", "--health-host", host)
+    assert line.startswith(f"retriever-server serve: error: --health-host {host}: without --shard the router's "
+                           "health port must answer on 127.0.0.1, where serve checks it"), line
 
 
 def test_an_address_file_that_is_a_directory_is_refused_before_starting(capsys, datastore, tmp_path):

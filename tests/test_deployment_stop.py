@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,22 @@ def drain(*_):
     log("exit")
     sys.exit(0)
 signal.signal(signal.SIGTERM, drain)
+log("ready")
+while True:
+    time.sleep(0.1)
+"""
+
+
+STARTS = """
+import json, signal, sys, time
+from pathlib import Path
+name, events, address_file = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+def log(what):
+    with open(events, "a") as out:
+        out.write(f"{name} {what} {time.monotonic()}\\n")
+time.sleep(1.0)  # as a server starting: imports, loading, binding; SIGHUP's default action (exit) until here
+signal.signal(signal.SIGHUP, lambda *_: log("hup"))
+address_file.write_text(json.dumps({"address": "127.0.0.1:1"}))  # as a server does once its handlers are in
 log("ready")
 while True:
     time.sleep(0.1)
@@ -114,3 +131,53 @@ def test_a_sweep_removes_the_secrets_of_actors_whose_process_has_ended(tmp_path)
         (folder / "hop-token").write_text("secret\n")
     assert sweep(tmp_path) == [dead]
     assert not dead.exists() and live.is_dir()
+
+
+def test_a_reload_spares_a_process_still_starting(tmp_path):
+    """SIGHUP (serve's reload of its TLS and token files) went to every child, one still starting too,
+    which it ended (its handler not yet in place); now only to those that wrote their address file."""
+    deployment = LocalDeployment(tmp_path / "unused", stop_timeout_s=2.0)
+    address_file = tmp_path / "router.json"
+    deployment.router = Child("router", [sys.executable, "-c", STARTS, "router", str(tmp_path / "events"),
+                                         str(address_file)], tmp_path / "router.log", address_file)
+    deployment.router.spawn()
+    try:
+        time.sleep(0.3)
+        deployment.reload_security()  # while it starts
+        assert events(tmp_path, 1) == [("router", "ready")]
+        deployment.reload_security()  # once it is up: it reads its files again
+        assert events(tmp_path, 2) == [("router", "ready"), ("router", "hup")]
+        assert not deployment.router.exited()
+    finally:
+        deployment.stop()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_signal_during_a_stop_cuts_no_drain_short(tmp_path):
+    """A stop that no signal began (a child exited under --no-restart, a failed start) ran with serve's
+    handlers armed: a Ctrl-C then broke out of it, the drains cut short and the processes left running,
+    and a second stop() did nothing. Now SIGINT and SIGTERM wait until every process has ended."""
+    deployment = LocalDeployment(tmp_path / "unused", stop_timeout_s=5.0)
+    deployment.router = child(tmp_path, "router", drain_s=1.0)
+    deployment.shards = [[child(tmp_path, "shard-0", drain_s=1.0)]]
+    assert len(events(tmp_path, 2)) == 2
+
+    def interrupted(*_):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGINT, interrupted)  # as serve's handler, which raises
+    signals = threading.Timer(0.3, lambda: [os.kill(os.getpid(), sig) for sig in (signal.SIGINT, signal.SIGTERM)])
+    previous_term = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        signals.start()
+        deployment.stop()  # ends, the router drained, then the shard
+    finally:
+        signals.join()
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+    assert events(tmp_path, 6)[2:] == [("router", "term"), ("router", "exit"), ("shard-0", "term"), ("shard-0", "exit")]
+    assert all(p.popen.returncode == 0 for p in deployment.processes())
+    assert signal.getsignal(signal.SIGINT) is previous  # the handlers are back

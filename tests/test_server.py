@@ -428,6 +428,19 @@ def test_a_health_port_already_taken_is_refused_and_nothing_is_left_listening(ai
         aio.run(first.drain(grace=0))
 
 
+def test_a_server_binds_an_ipv6_address_as_given(aio, datastore):
+    """`--host ::1` or `--health-host ::1` (no brackets) made "::1:PORT", which gRPC cannot bind."""
+    from retriever_server.serving.grpc_setup import health_status
+
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, host="::1", metrics_port=None, health_port=0,
+                                                           health_host="::1")))
+    try:
+        assert running.address.startswith("[::1]:")
+        assert health_status(running.address) == health_status(f"[::1]:{running.health_port}") == "SERVING"
+    finally:
+        aio.run(running.drain(grace=0))
+
+
 def test_health_answers_without_a_token_but_within_bounds(aio, datastore):
     """Health needs no token, so it holds nothing a caller sends: any service but the server's own is
     NOT_FOUND at once (a Watch of any name used to stay open, holding its request), at most MAX_WATCHES

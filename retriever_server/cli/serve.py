@@ -35,14 +35,16 @@ from retriever_server.cli.common import (
 )
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.datastore.manifest import read_manifest
-from retriever_server.security.config import ServerSecurity, is_loopback_host
+from retriever_server.security.config import ServerSecurity
 from retriever_server.security.tls import check_pem
 from retriever_server.serving.fanout import parse_shards
 from retriever_server.serving.router import FORWARD_SLACK, RouterConfig, start_router
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 
-WILDCARDS = ("0.0.0.0", "::")  # every address of the machine, 127.0.0.1 among them
+# The --health-host values whose port answers on 127.0.0.1, where serve checks its children (not [::1],
+# 127.0.0.2, or "::", which takes IPv4 only where the system maps it).
+PROBED_HEALTH_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 STOP_SLACK_S = 5.0  # what a stopping process gets beyond its --drain-delay and --grace before it is killed
 
 
@@ -123,11 +125,10 @@ def check_local(args: argparse.Namespace) -> None:
     if args.replica:
         raise CliError(f"--replica {args.replica} numbers one shard's server (with --shard); without --shard, "
                        "--replicas says how many of each shard to start")
-    if args.health_port >= 0 and not is_loopback_host(args.health_host) \
-            and args.health_host.strip("[]") not in WILDCARDS:
-        raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must answer on "
-                       "127.0.0.1 too, where serve checks it: give 127.0.0.1 or 0.0.0.0, or run each shard and a "
-                       "`router`")
+    if args.health_port >= 0 and args.health_host not in PROBED_HEALTH_HOSTS:
+        raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must "
+                       "answer on 127.0.0.1, where serve checks it: give 127.0.0.1 (or localhost), or 0.0.0.0, or "
+                       "run each shard and a `router`")
 
 
 def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"  # ray.init's name for "start a new local cluster", whatever clusters this machine has
 TIMEOUT_ENV = "RETRIEVER_RAY_CONNECT_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
-REFUSED_S = 3.0  # how long a head that refuses connections gets (it may be starting)
+REFUSED_S = 3.0  # how long a head that refuses connections, or a name that does not resolve, gets (it may be starting)
 # Ray announces at WARNING, from this logger, that a new local cluster uses token authentication (its
 # default in the Ray this project pins: the token is made once in ~/.ray/auth_token). That is the setting the project
 # wants, so a cluster a command starts for itself does not repeat it; RAY_AUTH_MODE still decides.
@@ -114,8 +114,9 @@ def _head(target: str, source: str | None) -> tuple[str, int]:
 
 
 def _probe(target: str, source: str | None, local: bool, host: str, port: int, timeout_s: float) -> None:
-    """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses for
-    REFUSED_S or does not answer within `timeout_s` (`source`, `local`: as for `_advice`)."""
+    """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses, or its name
+    does not resolve, for REFUSED_S, or it does not answer within `timeout_s` (`source`, `local`: as for
+    `_advice`)."""
     started = time.monotonic()
     while True:
         elapsed = time.monotonic() - started
@@ -124,8 +125,10 @@ def _probe(target: str, source: str | None, local: bool, host: str, port: int, t
                 return
         except OSError as err:
             refused = isinstance(err, ConnectionRefusedError)
-            if elapsed >= (min(REFUSED_S, timeout_s) if refused else timeout_s):
-                why = "connection refused" if refused else (str(err) or type(err).__name__)
+            unknown = isinstance(err, socket.gaierror) and err.errno == socket.EAI_NONAME  # a typo, as a rule
+            if elapsed >= (min(REFUSED_S, timeout_s) if refused or unknown else timeout_s):
+                why = "connection refused" if refused else \
+                    "no such host" if unknown else (str(err) or type(err).__name__)
                 named = "the cluster `ray start` last made on this machine" if target == "auto" else target
                 raise ClusterUnreachable(f"no Ray cluster answers at {named} ({host}:{port}: {why}, for "
                                          f"{elapsed:.0f} s): {_advice(target, source, local)}") from None

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,9 +217,11 @@ class LocalDeployment:
         return ",".join("|".join(p.address for p in replicas) for replicas in self.shards)
 
     def reload_security(self) -> None:
-        """Has every running process read its TLS and token files again now (SIGHUP to each)."""
+        """Has every running process read its TLS and token files again now (SIGHUP to each). A process
+        still starting (no address file yet) is left alone: SIGHUP would end it before its handler is in
+        place, and it reads the files as it starts."""
         for process in self.processes():
-            if process.popen is not None and not process.exited():
+            if process.popen is not None and not process.exited() and process.address_file.is_file():
                 process.popen.send_signal(signal.SIGHUP)
         log.info("asked every process to read its TLS and token files again")
 
@@ -233,7 +237,8 @@ class LocalDeployment:
         a shard drains), then to every shard, waiting for them all; each group gets `grace_s` (default
         `stop_timeout_s`) before SIGKILL. Removes `log_dir` unless a process failed to start, exited or
         was restarted (the hops' credentials in it are removed either way). Once is enough: a second
-        call does nothing."""
+        call does nothing. On the main thread, SIGINT and SIGTERM are ignored until every process has
+        ended: a second Ctrl-C cuts no drain short (and leaves no process running)."""
         if self._done:
             return
         self._done = True
@@ -241,8 +246,9 @@ class LocalDeployment:
             self._supervisor.stop()
         self._stopped.set()
         grace_s = self.stop_timeout_s if grace_s is None else grace_s
-        _terminate([self.router] if self.router else [], grace_s)
-        _terminate([p for replicas in self.shards for p in replicas], grace_s)
+        with _uninterrupted():
+            _terminate([self.router] if self.router else [], grace_s)
+            _terminate([p for replicas in self.shards for p in replicas], grace_s)
         if self.hops is not None:  # the hops' keys and token go even where the logs are kept
             self.hops.remove()
         if not self._keep_dir and not any(p.restarts for p in self.processes()):  # a crash's logs stay
@@ -301,6 +307,23 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored for the duration, on the main thread (their handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
+             if (handler := signal.getsignal(sig)) is not None}  # None: not set from Python, left as it is
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _terminate(processes: list[Child], grace_s: float) -> None:

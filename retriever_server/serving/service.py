@@ -170,7 +170,7 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     async def mark_ready(self, serving: bool = True) -> None:
         """Health SERVING (or, with serving=False, NOT_SERVING again: the service cannot answer)."""
@@ -213,6 +213,11 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+def host_port(host: str, port: int) -> str:
+    """"HOST:PORT", an IPv6 address in brackets ("[::1]:7000"): gRPC reads "::1:7000" as no address."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def check_free(host: str, port: int, what: str = "") -> None:
     """OSError naming `host:port` and the reason when it cannot be bound (taken by a listening socket, or
     `host` not an address of this machine), found before gRPC tries: gRPC's own failure adds a C-level
@@ -247,7 +252,7 @@ async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Se
                              maximum_concurrent_rpcs=OTHER_CALLS)
     add_health(server, health)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_insecure_port(host_port(host, port))
     except RuntimeError:  # gRPC's word for a port it cannot bind
         bound = 0
     if bound == 0:
@@ -280,7 +285,7 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
     add_retriever_servicer(service, server)
     health = add_health_and_reflection(server, reflect=security.reflection)
     certificates = ServerCertificates(security) if security.tls else None
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     try:
         bound = server.add_secure_port(address, certificates.credentials()) if certificates else \
             server.add_insecure_port(address)
