@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import Recorder
@@ -219,6 +220,21 @@ def test_top_p_of_equal_tokens_keeps_the_count_that_reaches_p(p):
     assert torch.isfinite(top_p_filter(torch.log_softmax(torch.arange(5.0), -1), 1e-9)).nonzero().tolist() == [[4]]
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.000001])
+def test_top_p_measures_mass_within_the_row_whose_total_is_not_one(temperature):
+    """A kNN-LM row whose search found no neighbour holds 1 - λ of mass. At temperature 1 (no rescaling)
+    top-p measured it against p as it was, so a p above 1 - λ kept every token; at any other temperature
+    the row was renormalised first. The nucleus is now the same on both sides of 1."""
+    from lm_worker.decoding.config import GenerateConfig
+    from lm_worker.decoding.sampling import filter_log_probs
+
+    normal = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])
+    config = GenerateConfig(strategy="sample", temperature=temperature, top_k=0, top_p=0.9)
+    kept = torch.isfinite(filter_log_probs((0.75 * normal).log(), config))  # λ = 0.25, no neighbours
+    assert kept.tolist() == torch.isfinite(filter_log_probs(normal.log(), config)).tolist() == \
+        [[True, True, True, False, False]]
+
+
 def test_top_p_keeps_the_lower_ids_of_tokens_tied_at_the_cut():
     """Which of two tied tokens a sort puts first differs between devices: the lower id is kept, always."""
     kept = torch.isfinite(top_p_filter(torch.tensor([[0.3, 0.4, 0.3], [0.3, 0.3, 0.4]]).log(), 0.5))
@@ -426,6 +442,15 @@ def test_config_rejects_bad_values():
                        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5")):
         with pytest.raises(ValueError, match=words):  # the value at fault, by its name
             GenerateConfig(**bad)
+    for name, value in (("top_k", 2.5), ("top_k", True), ("max_new_tokens", 3.5), ("num_beams", 2.0), ("seed", 1.5),
+                        ("eos_id", 1.0)):
+        with pytest.raises(ValueError, match=rf"^{name} must be an integer, got {value!r}$"):
+            GenerateConfig(**{name: value})  # each failed a step or more later, in torch, with a bare TypeError
+    with pytest.raises(ValueError, match="eos_id must be >= 0, got -1"):
+        GenerateConfig(eos_id=-1)
+    with pytest.raises(ValueError, match="rows must be distinct row indices >= 0"):
+        GenerateConfig(rows=(0, 1.5))
+    assert GenerateConfig(eos_id=np.int64(3), max_new_tokens=np.int32(4)).eos_id == 3
     with pytest.raises(ValueError):
         generate(TableStepper(short_or_long), torch.zeros(0, 3, dtype=torch.long))
 

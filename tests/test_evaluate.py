@@ -256,6 +256,10 @@ def test_bad_windows_raise():
                 dict(temperature=0.0), dict(batch_size=0), dict(max_tokens=-1)):
         with pytest.raises(ValueError):
             EvalConfig(**bad)
+    for name, value in (("stride", 8.0), ("batch_size", 2.5), ("pointer_steps", 2.0), ("context_len", True)):
+        with pytest.raises(ValueError, match=rf"^{name} must be an integer, got {value!r}$"):
+            EvalConfig(**{name: value})  # 8.0 failed mid-evaluation in a slice, 2.5 ran batches of 3
+    assert EvalConfig(stride=np.int64(8), context_len=np.int32(16)).stride == 8  # numpy's integers are integers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +310,13 @@ def test_knnlm_lambda_zero_equals_lm_exactly(lm, stores, knn_datastore):
     assert result.perplexity[0.0] == ppl
     assert result.base_perplexity == ppl
     assert in_step.perplexity == result.perplexity  # overlapping retrieval with the model changes nothing
+
+
+def test_a_knnlm_result_reports_the_k_its_retriever_searched(lm, stores, knn_datastore):
+    """The retriever's config sets k: the result (and the report's table) said the EvalConfig's instead."""
+    with InProcessRetriever(knn_datastore[0], RetrievalConfig(k=4, **EXACT)) as retriever:
+        result = evaluate_knnlm(lm, stores[1], retriever, KNN, progress=False)  # KNN.retrieval.k is 16
+    assert result.k == 4
 
 
 def test_knnlm_on_its_own_text_is_far_better(lm, stores, knn_datastore):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -47,10 +48,17 @@ class GenerateConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.length_norm not in LENGTH_NORMS:
             raise ValueError(f"length_norm must be one of {LENGTH_NORMS}, got {self.length_norm!r}")
-        for name, least in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0), ("first_row", 0)):
-            if getattr(self, name) < least:
-                raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
-        if any(r < 0 for r in self.rows) or len(set(self.rows)) != len(self.rows):
+        for name, least in (("max_new_tokens", 1), ("num_beams", 1), ("top_k", 0), ("first_row", 0), ("seed", None),
+                            ("eos_id", 0)):
+            value = getattr(self, name)
+            if name == "eos_id" and value is None:
+                continue
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # 2.5 failed steps later, in torch
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if least is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in self.rows) or \
+                any(r < 0 for r in self.rows) or len(set(self.rows)) != len(self.rows):
             raise ValueError(f"rows must be distinct row indices >= 0, got {self.rows[:8]}")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"temperature must be > 0 and finite, got {self.temperature}")

@@ -44,7 +44,8 @@ TOP_P_SLACK = 1e-6  # how far below p a float32 distribution's summed mass still
 
 
 def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Keeps the smallest set of most likely tokens whose probability sums to >= p, renormalised.
+    """Keeps the smallest set of most likely tokens whose probability sums to >= p, renormalised (the
+    probabilities taken relative to the row's total, where it is not 1).
 
     A token is kept when the mass of the tokens ranked before it is still below p, so the most likely
     token is always kept; p = 1 keeps all. Masses are summed in float64, and a mass within TOP_P_SLACK of
@@ -57,6 +58,7 @@ def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
     # order differs between CPU and CUDA)
     sorted_lp, order = log_probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     cumulative = sorted_lp.double().exp().cumsum(dim=-1)  # (B, V)
+    cumulative = cumulative / cumulative[..., -1:]  # of the row's mass: a kNN-LM row without neighbours has 1 - λ
     mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)  # (B, V), exclusive
     drop_sorted = mass_before >= p - TOP_P_SLACK
     drop_sorted[..., 0] = False  # the most likely token, whatever p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from lm_worker.data.token_store import TokenStore
@@ -50,6 +51,11 @@ class EvalConfig:
     pointer_crowd: int = 0
 
     def __post_init__(self):
+        for name in ("context_len", "stride", "batch_size", "max_tokens", "pointer_steps", "min_pointers",
+                     "pointer_crowd"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # 8.0 failed late, 2.5 ran as 3
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.context_len < 1 or not 1 <= self.stride <= self.context_len:
             raise ValueError(f"need 1 <= stride <= context_len, got stride {self.stride}, "
                              f"context_len {self.context_len}")

@@ -272,7 +272,7 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
     log.log(logging.INFO if batches is None else logging.DEBUG,
             "kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
             sums.tokens, base, best, best_ppl, 100 * reduction)
-    return KnnEvalResult(sums.tokens, base, per_lambda, best, best_ppl, reduction, config.retrieval.k,
+    return KnnEvalResult(sums.tokens, base, per_lambda, best, best_ppl, reduction, retriever.config.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
                          time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched, best_followed,
                          followed_temperature, dict(sums.followed))
