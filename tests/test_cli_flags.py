@@ -215,3 +215,13 @@ def test_a_deployment_name_no_actor_can_take_is_refused_naming_the_flag(capsys, 
                     "--name", name)  # a cluster that does not answer: refused before trying it
     assert line == f"retriever-server deploy: error: --name {name!r}: a deployment's name is non-empty and holds no " \
                    "'/' (its actors are named NAME/...)"
+
+
+def test_a_request_as_large_as_a_server_takes_can_be_sent_to_it():
+    """--max-request-mb goes up to 2047 MiB, but the router's channels to its shards (and the client's)
+    sent at most 1 GiB: a request the router took failed on the way to the shards. Their send limit is
+    now gRPC's largest, the receiving server's own limit the bound."""
+    from retriever_server.cli.common import MAX_REQUEST_MB
+    from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
+
+    assert dict(CHANNEL_OPTIONS)["grpc.max_send_message_length"] >= (MAX_REQUEST_MB << 20) == 2047 << 20

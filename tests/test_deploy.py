@@ -696,7 +696,7 @@ def test_cpu_images_install_with_constraints_and_expose_the_ports(default_docs, 
     exposed = {int(p) for value in _values(stages["server"], "EXPOSE") for p in value.split()}
     for doc in [*of_kind(default_docs, "StatefulSet"), *of_kind(default_docs, "Deployment")]:
         args = server_args(doc["spec"]["template"]["spec"]["containers"][0], capsys)
-        assert {args.port, args.metrics_port} <= exposed, _name(doc)
+        assert {args.port, args.metrics_port, args.health_port} <= exposed, _name(doc)
     for stage in stages.values():
         assert _values(stage, "USER")[-1].split(":")[0] not in ("root", "0")
 

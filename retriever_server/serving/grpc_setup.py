@@ -28,7 +28,8 @@ from retriever_server.security.tls import open_channel
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-MAX_MESSAGE = 1024 * 1024 * 1024 - 1
+MAX_MESSAGE = 1024 * 1024 * 1024 - 1  # responses, either way
+MAX_SENT_REQUEST = 2 ** 31 - 1  # gRPC's int32: the receiving server's --max-request-mb (up to 2047 MiB) bounds them
 OTHER_CALLS = 256  # calls a server takes at once beyond its searches in flight (health, GetInfo, refusals)
 MAX_WATCHES = 64  # health Watch streams open at once
 HEALTH_REQUEST_BYTES = 4096  # the largest request the health-only port reads
@@ -136,7 +137,7 @@ def add_health(server: grpc.aio.Server, servicer: BoundedHealth, reads_at_once: 
 # after 0.1 s, backing off to at most 1 s, so a restarted replica is back within about a second.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_SENT_REQUEST),  # a router forwards what its --max-request-mb took
     ("grpc.enable_retries", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
