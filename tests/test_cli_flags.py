@@ -225,3 +225,18 @@ def test_a_request_as_large_as_a_server_takes_can_be_sent_to_it():
     from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 
     assert dict(CHANNEL_OPTIONS)["grpc.max_send_message_length"] >= (MAX_REQUEST_MB << 20) == 2047 << 20
+
+
+def test_cores_the_system_refuses_are_one_line_naming_cpus(capsys, datastore, monkeypatch):
+    """--cpus with a core outside the container's cpuset (the system's EINVAL, injected here): one line
+    naming --cpus and the cores, where it was a traceback's bare "[Errno 22] Invalid argument"."""
+    import errno
+    import os
+
+    def refused(pid, cpus):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "sched_setaffinity", refused)
+    line = error_of(capsys, "serve", "--datastore", str(datastore), "--shard", "0", "--cpus", "0")
+    assert line == "retriever-server serve: error: --cpus: cannot run on cores 0 (Invalid argument): give cores " \
+                   "this container or cgroup allows (see /sys/fs/cgroup/cpuset.cpus.effective)"

@@ -334,9 +334,12 @@ def with_metrics(address: str, metrics_port: int | None) -> str:
 
 
 def pin_to_cpus(args: argparse.Namespace) -> None:
-    """Runs this server on the cores of --cpus, if given."""
+    """Runs this server on the cores of --cpus, if given (CliError where the system refuses them)."""
     if args.cpus:
-        pin(args.cpus)
+        try:
+            pin(args.cpus)
+        except ValueError as err:
+            raise CliError(f"--cpus: {err}") from None
 
 
 def interrupt(signum: int, frame: object) -> None:

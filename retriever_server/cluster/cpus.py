@@ -34,7 +34,12 @@ def format_cpus(cpus: tuple[int, ...]) -> str:
 
 
 def pin(cpus: tuple[int, ...], pid: int = 0) -> None:
-    """Runs every thread of process `pid` (0: this one) on `cpus` only; threads started later inherit it."""
+    """Runs every thread of process `pid` (0: this one) on `cpus` only; threads started later inherit it.
+
+    Raises:
+        ValueError: the cores are not among those the system lets this process run on (a container's
+            cpuset, say), naming them.
+    """
     tasks = Path(f"/proc/{pid or os.getpid()}/task")
     threads = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [pid]
     for thread in threads:
@@ -42,3 +47,6 @@ def pin(cpus: tuple[int, ...], pid: int = 0) -> None:
             os.sched_setaffinity(thread, cpus)
         except ProcessLookupError:  # a thread that has ended meanwhile
             pass
+        except OSError as err:  # EINVAL: none of the cores is in this process's cpuset
+            raise ValueError(f"cannot run on cores {format_cpus(cpus)} ({err.strerror}): give cores this "
+                             f"container or cgroup allows (see /sys/fs/cgroup/cpuset.cpus.effective)") from None
