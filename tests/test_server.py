@@ -428,6 +428,31 @@ def test_a_health_port_already_taken_is_refused_and_nothing_is_left_listening(ai
         aio.run(first.drain(grace=0))
 
 
+def test_a_server_that_cannot_bind_releases_what_its_service_holds(aio, datastore, monkeypatch):
+    """A router or shard server whose port is taken raised, leaving its service's thread pool (and the
+    router's channels to its shards) behind in a library caller's process; they are released now."""
+    closed = []
+
+    def recorded(close):
+        async def recording(self):
+            closed.append(type(self).__name__)
+            await close(self)
+        return recording
+
+    monkeypatch.setattr(ShardService, "close", recorded(ShardService.close))
+    monkeypatch.setattr(router_module.RouterService, "close", recorded(router_module.RouterService.close))
+    first = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None)))
+    taken = int(first.address.rsplit(":", 1)[1])
+    try:
+        with pytest.raises(OSError, match="could not bind"):
+            aio.run(start_shard_server(ShardServerConfig(datastore, 0, port=taken, metrics_port=None)))
+        with pytest.raises(OSError, match="could not bind"):
+            aio.run(start_router(RouterConfig(((first.address,),), port=taken, metrics_port=None)))
+    finally:
+        aio.run(first.drain(grace=0))
+    assert closed == ["ShardService", "RouterService", "ShardService"]  # the last: the first server's drain
+
+
 def test_a_server_binds_an_ipv6_address_as_given(aio, datastore):
     """`--host ::1` or `--health-host ::1` (no brackets) made "::1:PORT", which gRPC cannot bind."""
     from retriever_server.serving.grpc_setup import health_status
