@@ -364,12 +364,8 @@ async def start_router(config: RouterConfig, wait_ready: bool = True) -> Running
         The running router; `await running.drain()` stops it.
     """
     service = RouterService(config)
-    try:
-        running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
-                                     config.metrics_host, config.health_port, config.health_host)
-    except BaseException:  # a port taken, bad TLS files: the service's pool and channels go too
-        await service.close()
-        raise
+    running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
+                                 config.metrics_host, config.health_port, config.health_host)
 
     async def become_ready() -> None:
         await service.discover()

@@ -273,7 +273,18 @@ async def start_server(service: BaseRetrieverService, host: str, port: int, metr
     Raises:
         SecurityError: the security settings cannot work, or would leave a non-loopback port unprotected.
         OSError: an address cannot be bound.
+        Either way the service is closed (its threads, a router's channels to its shards).
     """
+    try:
+        return await _serve(service, host, port, metrics_port, security, metrics_host, health_port, health_host)
+    except BaseException:
+        await service.close()
+        raise
+
+
+async def _serve(service: BaseRetrieverService, host: str, port: int, metrics_port: int | None,
+                 security: ServerSecurity, metrics_host: str, health_port: int | None, health_host: str
+                 ) -> RunningServer:
     security.check(host)
     check_free(host, port)
     keep_freed_memory()

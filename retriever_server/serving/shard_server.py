@@ -157,12 +157,8 @@ async def start_shard_server(config: ShardServerConfig, wait_loaded: bool = True
         DatastoreError: the shard's files do not match its manifest (when wait_loaded).
     """
     service = ShardService(config)
-    try:
-        running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
-                                     config.metrics_host, config.health_port, config.health_host)
-    except BaseException:  # a port taken, bad TLS files: the service's pool and channels go too
-        await service.close()
-        raise
+    running = await start_server(service, config.host, config.port, config.metrics_port, config.security,
+                                 config.metrics_host, config.health_port, config.health_host)
 
     async def load() -> None:
         loop = asyncio.get_running_loop()
