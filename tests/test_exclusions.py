@@ -126,6 +126,26 @@ def test_side_by_side_bitmaps_hold_each_query_alone():
         assert got == want[row]
 
 
+def test_a_querys_own_selector_excludes_what_its_key_holds():
+    """The selector of a query's ranges and ids (for shards whose bitmaps would span too many ids)
+    excludes exactly what the query's key holds, the request-wide part included, at ids far past 2^32."""
+    from retriever_server.datastore import index as ix
+
+    rng = np.random.default_rng(5)
+    n = 300
+    request, want = random_request(rng, 12, n)
+    exclusions = Exclusions.parse(request, len(want)).within(0, n)
+    for row in range(12):
+        key = exclusions.key(row)
+        selector = ix.exclusion_selector(key.ids, key.ranges)
+        got = {i for i in range(n) if selector is not None and not selector.is_member(i)}
+        assert got == want[row]
+    far = 5 << 32
+    selector = ix.exclusion_selector(np.array([far + 3]), np.array([[far + 10, far + 20]]))
+    assert [i - far for i in range(far, far + 25) if not selector.is_member(i)] == [3, *range(10, 20)]
+    assert ix.exclusion_selector(np.array([], dtype=np.int64), np.zeros((0, 2), dtype=np.int64)) is None
+
+
 @pytest.mark.parametrize("n", [7, 9, 300, 1500, 1501])
 def test_a_range_that_runs_into_the_next_querys_row_still_excludes_all_of_it(n):
     """A range that ends at a shard's end, beside the next query's range from 0, joins it side by side:

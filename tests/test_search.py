@@ -105,8 +105,14 @@ def test_payloads_follow_their_neighbours(aio, real, datastores):
     np.testing.assert_array_equal(got.payloads["doc"], np.asarray(real.doc_ids)[got.ids])
 
 
-def test_exclusions_remove_own_document_and_match_filtered_search(aio, real, datastores):
-    """Each datastore row as a query, excluding its own document: it never comes back."""
+@pytest.mark.parametrize("bitmap_bytes", [None, 0], ids=["bitmaps", "own-selectors"])
+def test_exclusions_remove_own_document_and_match_filtered_search(aio, real, datastores, monkeypatch, bitmap_bytes):
+    """Each datastore row as a query, excluding its own document: it never comes back. The same with each
+    query's own selector instead of the bitmaps (a shard whose bitmaps would span too many ids)."""
+    from retriever_server.serving import shard as shard_module
+
+    if bitmap_bytes is not None:
+        monkeypatch.setattr(shard_module, "MAX_BITMAP_BYTES", bitmap_bytes)
     keys, doc_ids = np.asarray(real.keys), np.asarray(real.doc_ids)
     rows = np.arange(0, N, 37)
     spans = {d: (int(np.flatnonzero(doc_ids == d)[0]), int(np.flatnonzero(doc_ids == d)[-1]) + 1)

@@ -328,6 +328,24 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selecto
     return index.search(queries, k, params=search_params(index, nprobe, selector) if params is None else params)
 
 
+def exclusion_selector(ids: np.ndarray, ranges: np.ndarray):
+    """A FAISS selector accepting every id except `ids` and those in the [start, end) `ranges` (m, 2): a
+    few comparisons per candidate, and memory by the exclusion's size alone, where a bitmap spans every id
+    below its largest (`bitmap_selectors`). None if there are none."""
+    parts = [faiss.IDSelectorRange(int(a), int(b)) for a, b in np.asarray(ranges).reshape(-1, 2).tolist()]
+    if len(ids):
+        parts.append(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+    if not parts:
+        return None
+    excluded, kept = parts[0], list(parts)
+    for part in parts[1:]:
+        excluded = faiss.IDSelectorOr(excluded, part)
+        kept.append(excluded)
+    selector = faiss.IDSelectorNot(excluded)
+    selector.referenced_objects = tuple(kept)  # SWIG does not keep the children alive
+    return selector
+
+
 def bitmap_selectors(count: int, width: int, ids: np.ndarray, ranges: np.ndarray) -> list:
     """`count` selectors, selector i excluding the ids and ranges among [i * width, (i + 1) * width)
     (shifted down by i * width), from one bitmap marked in one pass for all of them. `ids` sorted

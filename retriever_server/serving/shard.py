@@ -35,6 +35,9 @@ SMALL_SEARCH_CODES = 1 << 16  # codes a search may scan and still count as small
 SMALL_RERANK = 1 << 12  # candidates a small search may re-rank (queries x candidates)
 SMALL_ANSWER = 1 << 16  # values a small search's answer may hold (neighbours with their successors, x keys' width)
 EACH_CHUNK = 64  # queries searched one by one (each its own exclusion) between two stop checks
+# The most bytes the bitmaps of a chunk's queries may span (each spans the ids below the shard's end, the
+# datastore's ids before it included); past it, each query gets a selector of its ranges and ids instead.
+MAX_BITMAP_BYTES = 64 << 20
 GPU_MAX_K = 2048  # the most neighbours a FAISS GPU search returns
 TIE_SLACK = 16  # candidates fetched past the m-th, so that a tie there is seldom searched again (costs nothing seen)
 TIE_BUDGET = 1 << 20  # candidates (rows x width) a wider search for ties may fetch: all-equal distances stop there
@@ -207,12 +210,17 @@ class Shard:
 
     def _selectors(self, exclusions: Exclusions, rows: np.ndarray) -> list:
         """One selector per query of `rows`: a range selector for a query excluding one range, else
-        a bitmap over the shard's ids (all of them marked in one pass)."""
+        a bitmap over the shard's ids (all of them marked in one pass), or, where those bitmaps would
+        pass MAX_BITMAP_BYTES (a shard far into a large datastore), a selector of each query's own."""
         lone = exclusions.lone_ranges(rows)
         selectors = [ix.range_selector(start, end) if start >= 0 else None for start, end in lone.tolist()]
         others = np.flatnonzero(lone[:, 0] < 0)
-        if len(others):
-            width = self.entry.id_end  # FAISS asks a bitmap about global ids
+        width = self.entry.id_end  # FAISS asks a bitmap about global ids
+        if len(others) * ((width + 7) // 8) > MAX_BITMAP_BYTES:
+            for i in others.tolist():
+                key = exclusions.key(int(rows[i]))
+                selectors[i] = ix.exclusion_selector(key.ids, key.ranges)
+        elif len(others):
             marked = ix.bitmap_selectors(len(others), width, *exclusions.side_by_side(rows[others], width))
             for i, selector in zip(others.tolist(), marked):
                 selectors[i] = selector
