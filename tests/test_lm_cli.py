@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+import lm_worker.sources.neighbours as neighbours_module
 from lm_worker.cli import build_parser, main
 from lm_worker.data.prepare import load_prepared
 from lm_worker.evaluation.config import EvalConfig
@@ -143,7 +144,11 @@ def test_generate_pipelines_many_prompts_by_default(lm_run, knn_servers, capsys,
     fewer = cli(capsys, *args, *prompts[:2 * (PIPELINE_PROMPTS - 1)])  # one prompt fewer: one batch, sent early
     assert "pipelined" not in fewer and "each request sent once the keys were out" in fewer
 
-def test_retro_half(lm_run, capsys):
+def failing_fetch(*_args, **_kwargs):
+    raise ValueError("the service failed")
+
+
+def test_retro_half(lm_run, capsys, monkeypatch):
     """The RETRO half with MiniLM chunks; the commands that retrieve share one deployment (`--target`;
     `--datastore`, which serves for the command's duration, is the other tests' way)."""
     from retriever_server.cluster.launcher import LocalDeployment
@@ -157,6 +162,15 @@ def test_retro_half(lm_run, capsys):
         out = cli(capsys, "neighbours", "--source", str(run / "retro-source"), "--data", str(run / "data"),
                   "--target", target, "--k", "2", "--nprobe", "4", "--seq-len", "32")
         assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
+        assert json.loads((run / "retro-source" / "neighbours-train.json").read_text()) == {"window": 32}
+        with monkeypatch.context() as patched:  # a fetch for another window fails (the service, say)
+            patched.setattr(neighbours_module, "precompute_neighbours", failing_fetch)
+            assert main(["--no-progress", "--log-level", "ERROR", "neighbours", "--source",
+                         str(run / "retro-source"), "--data", str(run / "data"), "--target", target, "--k", "2",
+                         "--nprobe", "4", "--seq-len", "64"]) == 1
+        capsys.readouterr()
+        # The old file stays, and so does its record: the new window was recorded before the fetch, and a
+        # `train --seq-len 64` then took neighbours that leak the text its windows are scored on.
         assert json.loads((run / "retro-source" / "neighbours-train.json").read_text()) == {"window": 32}
         cli(capsys, "train", "--kind", "retro", "--preset", "tiny", "--chunk-len", "8", "--data", str(run / "data"),
             "--out", str(run / "retro"), "--neighbours", str(run / "retro-source"), "--steps", "10", "--seq-len",

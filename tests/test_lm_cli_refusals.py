@@ -6,6 +6,7 @@ servers, no Ray."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,17 @@ def test_an_interrupted_prepare_leaves_the_prepared_folder_as_it_was(corpus, tmp
         patch.setattr(lm_worker.data.prepare, "write_token_store", interrupted)
         assert main([*args, "--vocab-size", "320"]) == 130
     assert files_of(data) == before and [p.name for p in tmp_path.iterdir()] == ["data"]
+    real_rename = os.rename  # stopped between the swap's two renames: the old folder is put back
+
+    def second_stopped(source, target):
+        if Path(target) == data and Path(source).name != ".data.replaced":  # the new folder's move, not the undo
+            raise KeyboardInterrupt
+        real_rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", second_stopped)
+        assert main([*args, "--vocab-size", "320"]) == 130
+    assert files_of(data) == before
     assert main([*args, "--vocab-size", "320"]) == 0
     assert files_of(data)["tokenizer.json"] != before["tokenizer.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["data"]

@@ -19,6 +19,7 @@ from lm_worker.cli.common import (
     check_datastore_tokenizer,
     check_flags,
     check_folder,
+    check_out_kind,
     check_tokenizers,
     fields_as_flags,
     need,
@@ -259,6 +260,7 @@ def run_eval(args: argparse.Namespace) -> None:
     _check_numbers(args)
     _check_applies(args)
     check_folder(args.out, "--out")
+    check_out_kind(args.out, "--out", ("other files",), "an evaluation folder")  # a datastore, a checkpoint...
     check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
                       ("--encoder-lm", args.encoder_lm, LM_KINDS))
     if args.retro and args.retro_k:

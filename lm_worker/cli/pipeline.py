@@ -129,7 +129,7 @@ def run_retrieval_demo(args: argparse.Namespace) -> None:
     check_folder(args.out, "--out")
     if not (args.out.is_dir() and {p.name for p in args.out.iterdir()} <= {"source", "datastore"}):
         check_out_kind(args.out, "--out", (), "a retrieval-demo folder (source/, datastore/)")
-    report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries))
+    report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries, progress=not args.no_progress))
     info = report.info
     print(f"\ndatastore {report.datastore}: {info.ntotal} chunks, {info.factory}, {info.metric}, "
           f"{len(info.shards)} shards, version {info.datastore_version}")

@@ -209,7 +209,6 @@ def run_neighbours(args: argparse.Namespace) -> None:
         need_retriever(retriever, flags, "to fetch neighbours")
         check_datastore_kind(flags, "retro", retriever)
         check_datastore_tokenizer(retriever, tokenizer, flags)
-        record_window(args.source, args.seq_len)  # before neighbours-train.npy: the window it is fetched for
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L, args.seq_len))]
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)
@@ -224,4 +223,6 @@ def run_neighbours(args: argparse.Namespace) -> None:
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"
             precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
+            if name == "train":  # the window it was fetched for, recorded once it is whole
+                record_window(args.source, args.seq_len)
             print(f"{name}: neighbours -> {out}")

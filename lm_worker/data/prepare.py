@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lm_worker.data.corpus import Document, is_heldout, read_jsonl, read_stdlib, read_text_folder
+from lm_worker.data.folders import swap_folders
 from lm_worker.data.token_store import RETRO_SPLIT, SPLITS, TokenStore, write_token_store
 from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -155,16 +156,17 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
 
 
 def _move_into_place(work: Path, out: Path) -> None:
-    """Replaces `out` (if there) with the complete folder `work`: `out` stays as it was until the swap."""
+    """Replaces `out` (if there) with the complete folder `work`: `out` stays as it was until the swap,
+    and is put back if the swap is stopped between its two renames."""
     old = out.parent / f".{out.name}.replaced"
     if old.exists():
         shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-        log.info("replaced the earlier prepared corpus at %s", out)
+    if not out.exists():
+        work.rename(out)
+        return
+    swap_folders(work, out, old)
+    shutil.rmtree(old)
+    log.info("replaced the earlier prepared corpus at %s", out)
 
 
 def _write_prepared(config: PrepareConfig, split: dict[str, list[Document]]) -> PrepareReport:

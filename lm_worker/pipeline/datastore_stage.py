@@ -64,7 +64,8 @@ def _recorded_searches(source: Path) -> dict:
 
 
 def _record_search(source: Path, split: str, search: RetrievalConfig) -> None:
-    """Records, before neighbours-SPLIT.npy is written, the search it is fetched by."""
+    """Records, once neighbours-SPLIT.npy is written, the search it was fetched by (not before: a fetch
+    that fails keeps the old file)."""
     recorded = {**_recorded_searches(source), split: _search_settings(search)}
     (source / SEARCH_RECORD).write_text(json.dumps(recorded, indent=2, sort_keys=True))
 
@@ -150,11 +151,12 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
         if split == "train":  # the datastore's own chunks: each leaves out the documents its window predicts
             train = TokenStore.open(config.run / "data" / "train")
             keys, exclude = read_source(source).open_keys(), chunk_exclusions(train, L, config.retro.seq_len)
-            record_window(source, config.retro.seq_len)  # before the file it describes
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
-        _record_search(source, split, retriever.config)  # before the file it describes
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none
+        _record_search(source, split, retriever.config)  # once the file is whole (a failed fetch keeps the old)
+        if split == "train":
+            record_window(source, config.retro.seq_len)
 
 
 def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint: Path, tokenizer):

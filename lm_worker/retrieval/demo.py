@@ -34,6 +34,7 @@ class DemoConfig:
     nprobe_sweep: tuple[int, ...] = (1, 4, 16, 64)
     shown: int = 3
     num_cpus: int = 2
+    progress: bool = True
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DemoReport:
 def _source_arrays(config: DemoConfig):
     from lm_worker.encoders.stdlib_vectors import stdlib_vectors
 
-    vectors = stdlib_vectors(config.n_keys, config.n_queries, progress=True)
+    vectors = stdlib_vectors(config.n_keys, config.n_queries, progress=config.progress)
     source = config.out / "source"
     source.mkdir(parents=True, exist_ok=True)
     for name, array in (("keys", vectors.keys), ("tokens", vectors.tokens), ("doc", vectors.doc_ids)):
@@ -100,7 +101,7 @@ def _datastore(config: DemoConfig, source: Path) -> Path:
         keys=source / "keys.npy", out=out, payloads={"tokens": source / "tokens.npy", "doc": source / "doc.npy"},
         shards=config.shards, keep_keys=True, overwrite=out.exists(),
         metadata={"encoder": "all-MiniLM-L6-v2", "chunk_len": "64", "corpus": "cpython-stdlib", "keys": keys},
-    ), num_cpus=config.num_cpus)
+    ), num_cpus=config.num_cpus, progress=config.progress)
     ray.shutdown()
     return out
 

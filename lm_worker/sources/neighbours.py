@@ -24,8 +24,10 @@ WINDOW_RECORD = "neighbours-train.json"  # beside neighbours-train.npy: the trai
 
 
 def record_window(source: Path, window: int) -> None:
-    """Records, before neighbours-train.npy is written, the training window its exclusions were made for
-    (`chunk_exclusions`): a file fetched for another window can then be told apart."""
+    """Records, once neighbours-train.npy is written, the training window its exclusions were made for
+    (`chunk_exclusions`): a file fetched for another window can then be told apart. Not before: a fetch
+    that fails keeps the old file, which a new record would misname (a stop between the file and its
+    record leaves the old record, which refuses the new file: safe)."""
     (Path(source) / WINDOW_RECORD).write_text(json.dumps({"window": int(window)}))
 
 
