@@ -179,6 +179,29 @@ def test_a_shard_name_other_than_the_builds_is_refused_escaped(datastore, tmp_pa
         read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda m, s: dataclasses.replace(s, files={}), r"shards\[0\]\.files lists \[\], not the shard's files"),
+    (lambda m, s: dataclasses.replace(s, files={**s.files, "/etc/hostname": s.files["index.faiss"]}),
+     r"shards\[0\]\.files lists .*/etc/hostname"),
+    (lambda m, s: dataclasses.replace(m, metric="cosine"), r'metric is "cosine", not one of'),
+    (lambda m, s: dataclasses.replace(m, payloads=(dataclasses.replace(m.payloads[0], name="../x"),)),
+     r'payload name "../x" is not a plain name'),
+], ids=["a-file-left-out", "a-path-outside", "a-metric-faiss-lacks", "a-payload-path"])
+def test_a_manifest_listing_other_files_than_a_server_opens_is_refused(datastore, tmp_path, change, words):
+    """A server opens index.faiss, keys.npy and payload.NAME.npy by name: a manifest (its checksum made to
+    match) that left one out let it load unchecked, one that listed /etc/hostname had it read. Each shard
+    must list exactly its files, payload names must be plain, and the metric one FAISS has."""
+    manifest = read_manifest(datastore)
+    if not manifest.payloads:
+        pytest.skip("needs a datastore with a payload")
+    changed = change(manifest, manifest.shards[0])
+    if isinstance(changed, type(manifest.shards[0])):
+        changed = dataclasses.replace(manifest, shards=(changed, *manifest.shards[1:]))
+    (tmp_path / "manifest.json").write_text(json.dumps(changed.to_json()))  # its own checksum
+    with pytest.raises(DatastoreError, match=words):
+        read_manifest(tmp_path)
+
+
 @pytest.mark.parametrize(
     "malform",
     [
@@ -261,6 +284,40 @@ def test_replacing_without_renameat2_falls_back_to_two_renames(ray_cluster, keys
     assert "renameat2" in caplog.text
     assert read_manifest(config.out).version == manifest.version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "keys.npy"]
+
+
+def test_overwrite_deletes_nothing_that_came_into_the_output_while_it_published(ray_cluster, keys, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """--overwrite checked the output once before the fsync of every shard file (minutes, on a large build):
+    a file put in the old datastore's folder meanwhile was swapped out and deleted with it. The output is
+    checked again after the fsync, and what the swap took out is deleted only if it is a datastore alone."""
+    config = dataclasses.replace(_saved_config(tmp_path, keys[:2000], shards=2), overwrite=True)
+    build_datastore(config, progress=False)
+    real_fsync, real_replace = build_module.fsync_tree, build_module.replace_directory
+
+    def notes_during_fsync(path):
+        real_fsync(path)
+        (config.out / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(build_module, "fsync_tree", notes_during_fsync)
+    with pytest.raises(BuildError, match=r"holds 'notes.txt' besides its datastore"):
+        build_datastore(dataclasses.replace(config, seed=1), progress=False)
+    assert (config.out / "notes.txt").read_text() == "mine"
+    (config.out / "notes.txt").unlink()
+    monkeypatch.setattr(build_module, "fsync_tree", real_fsync)
+    replaced = []
+
+    def notes_at_the_swap(work, out, overwrite=True):  # after the last check, before the swap
+        (out / "notes.txt").write_text("mine")
+        replaced.append(real_replace(work, out, overwrite=overwrite))
+        return replaced[-1]
+
+    monkeypatch.setattr(build_module, "replace_directory", notes_at_the_swap)
+    with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
+        manifest = build_datastore(dataclasses.replace(config, seed=2), progress=False)
+    assert read_manifest(config.out).version == manifest.version  # published...
+    assert (replaced[0] / "notes.txt").read_text() == "mine"  # ...and the file kept where the swap put it
+    assert f"kept the folder this build replaced, at {replaced[0]}" in caplog.text
 
 
 def test_a_folder_that_appears_at_the_output_during_the_build_is_never_replaced(ray_cluster, keys, tmp_path,

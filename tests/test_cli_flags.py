@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from retriever_server import cli
-from retriever_server.datastore.manifest import Manifest, ShardEntry, write_manifest
+from retriever_server.datastore.manifest import FileEntry, Manifest, ShardEntry, write_manifest
 from retriever_server.security.certs import make_ca, make_leaf, write_private
 
 # a log record ("2026-01-01 10:00:00,123 INFO ..."), not the command's message
@@ -26,7 +26,8 @@ def datastore(tmp_path: Path) -> Path:
     gets as far as loading a shard fails there, so an error about a flag proves it was refused first."""
     out = tmp_path / "ds"
     out.mkdir()
-    shards = (ShardEntry("shard-00000", 0, 10, {}), ShardEntry("shard-00001", 10, 20, {}))
+    files = {"index.faiss": FileEntry(bytes=1, sha256="0" * 64)}  # listed, not there
+    shards = (ShardEntry("shard-00000", 0, 10, files), ShardEntry("shard-00001", 10, 20, files))
     write_manifest(out, Manifest(dimension=8, metric="l2", factory="Flat", ntotal=20, nlist=1, default_nprobe=1,
                                  has_keys=False, payloads=(), shards=shards))
     return out

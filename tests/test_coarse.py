@@ -35,6 +35,15 @@ def test_two_level_centroids_quantize_about_as_well_as_flat_kmeans():
     assert fit_two >= 0.98 * fit_flat
 
 
+def test_the_largest_seed_a_build_takes_trains_two_levels():
+    """--seed goes to 2^31 - 2; the sub-clusters were seeded seed + 1 + c, past FAISS's C int (OverflowError,
+    a traceback from the CLI). They wrap now."""
+    from retriever_server.datastore.build_inputs import MAX_SEED
+
+    x = synthetic(3000, 8, seed=4)
+    assert two_level_centroids(x, 64, spherical=False, seed=MAX_SEED).shape == (64, 8)
+
+
 def ivf_flat(centroids: np.ndarray) -> faiss.IndexIVFFlat:
     d = centroids.shape[1]
     quantizer = faiss.IndexFlatIP(d)

@@ -266,6 +266,7 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
     with as_build_error(f"publishing {config.out}", config.out):
         fsync_tree(work)  # every shard file on disk before the manifest names it and the old folder goes
         write_manifest(work, manifest)
+        check_output(config.out, config.overwrite)  # again: the fsync of a large build takes minutes
         try:
             old = replace_directory(work, config.out, overwrite=config.overwrite)
         except FileExistsError:
@@ -275,7 +276,19 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
         for leftover in (MARKER, TRAINED, *(p.name for p in config.out.glob(f"{STOP}*"))):
             (config.out / leftover).unlink(missing_ok=True)  # not in the manifest: readers ignore them meanwhile
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_replaced(old)
+
+
+def _remove_replaced(old: Path) -> None:
+    """Removes the datastore a build replaced, unless something else came into its folder between the
+    last check and the swap: that is kept, and named."""
+    try:
+        check_output(old, overwrite=True)
+    except BuildError as err:
+        log.warning("kept the folder this build replaced, at %s: it is not a datastore alone any more (%s)", old,
+                    err)
+        return
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: list[dict], seconds: float,

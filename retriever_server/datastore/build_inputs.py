@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -13,7 +12,7 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore import index as ix
-from retriever_server.datastore.manifest import PayloadSpec
+from retriever_server.datastore.manifest import PAYLOAD_NAME, PayloadSpec
 from retriever_server.datastore.row_parts import PartedArray, files_of, is_parts_index, open_rows, stored_dtype
 
 PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
@@ -108,7 +107,6 @@ def _check_keys(config: BuildConfig) -> tuple[int, int]:
     return keys.shape
 
 
-PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # becomes part of a file name: payload.NAME.npy
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # the largest key `--keep-keys` stores as it is
 MAX_KEY_ABS = 1e15  # as a query's: d * (1e15)^2 stays far inside float32, so no distance overflows
 

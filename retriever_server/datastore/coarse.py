@@ -30,6 +30,7 @@ NITER = 10  # k-means iterations, as FAISS trains an IVF quantizer
 REFINE_PASSES = 3  # k-means iterations over every centroid at once, after the two levels
 REFINE_PROBE = 8  # first-level clusters a row looks in during those iterations
 GRAPH_M = 32  # HNSW links per centroid
+C_INT_SEEDS = 2**31 - 1  # the sub-clusters' seeds (seed + 1 + c) wrap below this: FAISS takes a C int
 GRAPH_SEARCH_EF = 64  # the least HNSW search breadth when a query looks for its nprobe lists
 GRAPH_EF = 16  # HNSW breadth when assigning rows: 99.75% the flat list at 16,384 lists (benchmarks/assignment.py)
 
@@ -77,7 +78,7 @@ def two_level_centroids(sample: np.ndarray, nlist: int, spherical: bool, seed: i
     _, assign = faiss.knn(sample, first, 1, metric=metric)
     assign = assign.ravel()
     shares = proportional_shares(np.bincount(assign, minlength=top), nlist)
-    parts = [_kmeans(sample[assign == c], int(shares[c]), spherical, seed + 1 + c, gpu)
+    parts = [_kmeans(sample[assign == c], int(shares[c]), spherical, (seed + 1 + c) % C_INT_SEEDS, gpu)
              for c in range(top) if shares[c]]
     centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     for _ in range(REFINE_PASSES):

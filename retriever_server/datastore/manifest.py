@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -107,6 +108,10 @@ def _sha256_json(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+PAYLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # becomes part of a file name: payload.NAME.npy
+METRIC_NAMES = ("l2", "inner_product")
+
+
 def _from_json(body: dict) -> Manifest:
     shards = tuple(
         ShardEntry(s["name"], int(s["id_start"]), int(s["id_end"]),
@@ -154,9 +159,32 @@ def read_manifest(directory: Path) -> Manifest:
     for i, shard in enumerate(manifest.shards):
         if shard.name != shard_name(i):  # names reach logs and statuses: only the form the build writes
             raise DatastoreError(f"{path}: shards[{i}].name is {_shown(shard.name)}, not {shard_name(i)!r}")
+    _check_files(path, manifest)
     if body.get("checksum") not in checksums:
         raise DatastoreError(f"{path} checksum does not match its contents (edited or corrupted)")
     return manifest
+
+
+def shard_files(manifest: Manifest) -> set[str]:
+    """The files of every shard of `manifest`, as a server opens them: its index, keys, payloads."""
+    return {"index.faiss", *(["keys.npy"] if manifest.has_keys else []),
+            *(f"payload.{p.name}.npy" for p in manifest.payloads)}
+
+
+def _check_files(path: Path, manifest: Manifest) -> None:
+    """DatastoreError unless the metric is one FAISS is built with, payload names are plain file-name
+    parts, and each shard lists the files a server opens, no more: a file left out was served unchecked,
+    and a name such as /etc/hostname was read from outside the datastore."""
+    if manifest.metric not in METRIC_NAMES:
+        raise DatastoreError(f"{path}: metric is {_shown(manifest.metric)}, not one of {list(METRIC_NAMES)}")
+    for p in manifest.payloads:
+        if not PAYLOAD_NAME.fullmatch(p.name):
+            raise DatastoreError(f"{path}: payload name {_shown(p.name)} is not a plain name ({PAYLOAD_NAME.pattern})")
+    expected = shard_files(manifest)
+    for i, shard in enumerate(manifest.shards):
+        if set(shard.files) != expected:
+            raise DatastoreError(f"{path}: shards[{i}].files lists {_shown(sorted(shard.files))}, not the shard's "
+                                 f"files {sorted(expected)}")
 
 
 def fsync_directory(directory: Path) -> None:
