@@ -234,7 +234,7 @@ class RouterService(BaseRetrieverService):
         A request of known fields alone goes on as it came (the shards parse the same bytes the router
         parsed and checked), those two fields written again after it (the last value read wins); one
         with unknown fields is written anew."""
-        request = decode_search(raw)
+        request = decode_search(raw, self.limits)
         spec = parse_search(request, self.view, self.limits, read_exclusions=False)
         size = request.ByteSize()
         request.DiscardUnknownFields()

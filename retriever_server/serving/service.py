@@ -37,6 +37,7 @@ from retriever_server.serving.grpc_setup import (
 )
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.wire.request import Limits, RequestError
+from retriever_server.wire.request_counts import check_wire_counts
 from retriever_server.wire.response import add_retriever_servicer
 from retriever_server.wire.untrusted import one_line
 
@@ -140,8 +141,10 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         return info
 
 
-def decode_search(raw: bytes) -> pb.SearchRequest:
-    """A SearchRequest from its wire bytes; bytes that do not parse are INVALID_ARGUMENT."""
+def decode_search(raw: bytes, limits: Limits) -> pb.SearchRequest:
+    """A SearchRequest from its wire bytes, its repeated fields counted against `limits` before protobuf
+    makes an object of each (`check_wire_counts`); bytes that do not parse are INVALID_ARGUMENT."""
+    check_wire_counts(raw, limits)
     try:
         return pb.SearchRequest.FromString(raw)
     except DecodeError:

@@ -87,7 +87,7 @@ class ShardService(BaseRetrieverService):
         return None
 
     def _parse(self, raw: bytes) -> SearchSpec:
-        return parse_search(decode_search(raw), self.shard.view(), self.limits)
+        return parse_search(decode_search(raw, self.limits), self.shard.view(), self.limits)
 
     def _answer(self, spec: SearchSpec, stop) -> bytes:
         """The answer's bytes to a checked request."""

@@ -2,6 +2,8 @@
 
 - `tensors`: arrays <-> `retrieval.v1.Tensor` (raw bytes, dtype, shape);
 - `request`: a Search request checked field by field (`parse_search`, `Limits`, `RequestError`);
+- `request_counts`: its repeated fields counted from the wire bytes, before protobuf parses it;
+- `wire_scan`: the protobuf wire format read by hand (varints, a message's fields);
 - `search_args`: a Search request built from a client's numpy arguments (`make_request`, `Exclude`);
 - `exclusions`: every query's excluded rows, read into flat arrays (`Exclusions`, `ExclusionKey`);
 - `untrusted`: strings from a caller, cut and escaped before they reach a status or a log;

@@ -20,17 +20,17 @@ import numpy as np
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import checked_dtype
+from retriever_server.wire.wire_scan import LENGTH as _LENGTH
+from retriever_server.wire.wire_scan import VARINT as _VARINT
+from retriever_server.wire.wire_scan import WireError as _Unusual  # bytes left to protobuf's parser
+from retriever_server.wire.wire_scan import fields as _fields
+from retriever_server.wire.wire_scan import varint as _varint
 
 IN_PLACE_BYTES = 1 << 15  # answers this large are read in place
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5  # wire types
 _MAX_FIELDS = 1 << 16  # fields of one answer read here at most, all depths (a shard's answer has a few dozen)
 _MAX_DIMS = 64  # dimensions of one tensor's shape read here at most
 _TENSORS = {1: "ids", 2: "distances", 4: "keys", 8: "successor_ids", 10: "successor_keys"}
 _MAPS = {3: "payloads", 9: "successor_payloads"}
-
-
-class _Unusual(Exception):
-    """Bytes this reader leaves to protobuf's parser: damage, merged fields, over-long varints."""
 
 
 @dataclass
@@ -40,46 +40,6 @@ class _Tensor:
     code: int = 0
     shape: list[int] = field(default_factory=list)
     data: tuple[int, int] = (0, 0)
-
-
-def _varint(raw: memoryview, at: int, most: int = 10) -> tuple[int, int]:
-    """The varint at `at` (unsigned 64-bit; at most `most` bytes) and the position after it."""
-    value, end = 0, min(at + most, len(raw))
-    for position in range(at, end):
-        byte = raw[position]
-        value |= (byte & 0x7F) << (7 * (position - at))
-        if byte < 0x80:
-            return value & 0xFFFFFFFFFFFFFFFF, position + 1
-    raise _Unusual
-
-
-def _fields(raw: memoryview, start: int, end: int, budget: list[int]):
-    """(field number, wire type, value) of each field of the message in raw[start:end]: a varint's
-    value, the (start, end) of a length-delimited field, None for a fixed-size one. Keys and lengths
-    take at most 5 bytes, field numbers under 2^29, as protobuf's parser requires. `budget` holds how
-    many more fields the whole answer may have (past it, the parser reads it, quicker in C)."""
-    at = start
-    while at < end:
-        key, at = _varint(raw, at, 5)
-        number, wire = key >> 3, key & 7
-        budget[0] -= 1
-        if number == 0 or number >= 1 << 29 or budget[0] < 0:
-            raise _Unusual
-        value = None
-        if wire == _VARINT:
-            value, at = _varint(raw, at)
-        elif wire == _LENGTH:
-            size, at = _varint(raw, at, 5)
-            if size >= 1 << 31:
-                raise _Unusual
-            value, at = (at, at + size), at + size
-        elif wire in (_FIXED64, _FIXED32):
-            at += 8 if wire == _FIXED64 else 4
-        else:
-            raise _Unusual  # a group, or no wire type at all
-        if at > end:
-            raise _Unusual
-        yield number, wire, value
 
 
 def _signed(value: int) -> int:
