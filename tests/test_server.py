@@ -568,6 +568,38 @@ def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, m
     assert set(burst) == {"SERVING"}  # probes at once, more than read at once: each waits its turn
 
 
+def test_calls_without_a_token_cannot_take_the_slots_of_callers_with_one(aio, datastore, monkeypatch, tmp_path):
+    """Health calls need no token and could wait HEALTH_READ_S unread: 270 of them held every call slot
+    of a server of 4 searches in flight (260), and a caller with a token got RESOURCE_EXHAUSTED. A main
+    port now holds HEALTH_WAITING of them unread, and refuses the next at once."""
+    from retriever_server.security.certs import write_private
+    from retriever_server.security.config import ClientSecurity
+
+    monkeypatch.setattr(grpc_setup, "HEALTH_READ_S", 2.0)
+    tokens = write_private(tmp_path / "tokens", b"the-token\n")
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None,
+                                                           limits=Limits(max_inflight=4),
+                                                           security=ServerSecurity(token_file=tokens))))
+
+    async def scenario():
+        release = asyncio.Event()
+        idle = await _idle_health_checks(running.address, grpc_setup.most_calls(4) + 10, release)
+        await asyncio.sleep(0.5)
+        with RetrieverClient(running.address, security=ClientSecurity(token="the-token"), timeout=5) as client:
+            info = await asyncio.get_running_loop().run_in_executor(None, client.info)
+        codes = await asyncio.wait_for(asyncio.gather(*idle), 20)
+        release.set()
+        return info, codes
+
+    try:
+        info, codes = aio.run(scenario())
+    finally:
+        aio.run(running.drain(grace=0))
+    assert info.role == "shard"
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(codes) - grpc_setup.HEALTH_WAITING
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == grpc_setup.HEALTH_WAITING
+
+
 def test_a_replacement_replica_that_does_not_answer_leaves_no_channel_open(aio, keys, datastore, monkeypatch):
     opened = []
     real_open = router_module.open_aio_channel

@@ -35,6 +35,9 @@ MAX_WATCHES = 64  # health Watch streams open at once
 HEALTH_REQUEST_BYTES = 4096  # the largest request the health-only port reads
 HEALTH_READ_S = 5.0  # a health call whose request has not come whole by then is refused (DEADLINE_EXCEEDED)
 HEALTH_READS = 4  # health requests a main port reads at once (each up to --max-request-mb); more wait unread
+# Health calls a main port holds unread at once; more are refused at once (RESOURCE_EXHAUSTED), so that calls
+# without a token (these and MAX_WATCHES watches) cannot take the call slots that callers with one need.
+HEALTH_WAITING = 32
 # The health-only port closes a connection that has had no call for this long (the kubelet opens one per probe).
 HEALTH_IDLE_MS = 30_000
 HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
@@ -89,11 +92,13 @@ class HealthReads:
     port buffer requests up to its largest (`--max-request-mb`) for anyone. Here Check and Watch take
     their request as a stream, and a call has HEALTH_READ_S to have it read (DEADLINE_EXCEEDED past
     that); with `at_once`, at most that many requests are read at once, the others waiting their turn
-    unread (a burst of probes waits microseconds; calls that never send keep theirs for HEALTH_READ_S)."""
+    unread (a burst of probes waits microseconds; calls that never send keep theirs for HEALTH_READ_S);
+    with `waiting`, at most that many calls wait or read at once, the next refused (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, servicer: BoundedHealth, at_once: int | None = None):
+    def __init__(self, servicer: BoundedHealth, at_once: int | None = None, waiting: int | None = None):
         self.servicer = servicer
         self.turns = asyncio.Semaphore(at_once) if at_once else None
+        self.waiting, self.most_waiting = 0, waiting
 
     async def _read(self, context):
         if self.turns is None:
@@ -102,10 +107,16 @@ class HealthReads:
             return await context.read()
 
     async def _request(self, context) -> health_pb2.HealthCheckRequest:
+        if self.most_waiting is not None and self.waiting >= self.most_waiting:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.most_waiting} health calls are being read already")
+        self.waiting += 1
         try:
             request = await asyncio.wait_for(self._read(context), HEALTH_READ_S)
         except asyncio.TimeoutError:
             request = None
+        finally:
+            self.waiting -= 1
         if request is None:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no health request read within {HEALTH_READ_S:g} s")
         if request is grpc.aio.EOF:
@@ -127,10 +138,12 @@ class HealthReads:
             "Watch": grpc.stream_stream_rpc_method_handler(self.watch, **kinds)})
 
 
-def add_health(server: grpc.aio.Server, servicer: BoundedHealth, reads_at_once: int | None = None) -> None:
-    """Serves `servicer` on `server` as grpc.health.v1, its requests read with bounds (`HealthReads`):
-    a main port reads HEALTH_READS at once; the health-only port, whose requests are 4 KiB at most, any."""
-    server.add_generic_rpc_handlers((HealthReads(servicer, reads_at_once).handler(),))
+def add_health(server: grpc.aio.Server, servicer: BoundedHealth, main_port: bool = False) -> None:
+    """Serves `servicer` on `server` as grpc.health.v1, its requests read with bounds (`HealthReads`): a
+    main port reads HEALTH_READS at once and holds HEALTH_WAITING calls unread at most; the health-only
+    port (a server of its own, its requests 4 KiB at most) reads any number."""
+    reads = HealthReads(servicer, HEALTH_READS, HEALTH_WAITING) if main_port else HealthReads(servicer)
+    server.add_generic_rpc_handlers((reads.handler(),))
 
 
 # Failover is ours (serving.failover), so gRPC's own retries are off; a refused connection is retried
@@ -149,7 +162,7 @@ def add_health_and_reflection(server: grpc.aio.Server, reflect: bool = False) ->
     """Adds grpc.health.v1 (`BoundedHealth`; every service NOT_SERVING until told) and, when `reflect`,
     server reflection."""
     servicer = BoundedHealth()
-    add_health(server, servicer, HEALTH_READS)
+    add_health(server, servicer, main_port=True)
     if reflect:
         names = (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
