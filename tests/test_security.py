@@ -437,7 +437,7 @@ def test_a_non_loopback_port_needs_tls_and_a_token(pki):
     assert "s3cret" not in repr(ClientSecurity(token="s3cret")) and "token=***" in repr(ClientSecurity(token="s3cret"))
     for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"):
         ServerSecurity().check(host)
-    for name in ("127.attacker.example", "127.0.0.1.nip.io"):  # names that may resolve anywhere
+    for name in ("127.attacker.example", "127.0.0.1.nip.io", "ip6-localhost"):  # names that may resolve anywhere
         with pytest.raises(SecurityError, match="without TLS .* and a token"):
             ServerSecurity().check(name)
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOKEN_ENV = "RETRIEVER_AUTH_TOKEN"  # where clients find their token when no file is given
-LOOPBACK_NAMES = ("localhost", "ip6-localhost", "::1", "[::1]")
+# "localhost" is reserved to the machine (RFC 6761); "ip6-localhost" is only a hosts-file name, which a
+# machine without that line resolves through DNS, anywhere
+LOOPBACK_NAMES = ("localhost", "::1", "[::1]")
 
 
 class SecurityError(ValueError):
