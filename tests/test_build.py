@@ -393,6 +393,23 @@ def test_a_build_that_opened_the_lock_file_as_another_build_ended_does_not_share
     assert turns and not (tmp_path / ".ds.lock").exists()
 
 
+@pytest.mark.parametrize("error, words", [
+    (FileNotFoundError("part /in/b.npy listed in /in/k.parts.json not found"),
+     "failed: part /in/b.npy listed in /in/k.parts.json not found"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/keys.npy"),
+     "failed: cannot read /in/keys.npy: No such file or directory"),
+    (OSError(errno.ENOSPC, "No space left on device"), "failed: cannot write /out/s.tmp: No space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied", "/out/s.tmp/index.faiss"),
+     "failed: cannot write /out/s.tmp/index.faiss: Permission denied"),
+], ids=["a-part-gone", "an-input-gone", "disk-full", "not-writable"])
+def test_a_build_error_says_whether_an_input_or_the_output_failed(error, words):
+    """An input part deleted while the build ran was reported as "cannot write" the shard's folder."""
+    with pytest.raises(BuildError) as failed, build_inputs.as_build_error("adding rows [0, 5) to s",
+                                                                          Path("/out/s.tmp")):
+        raise error
+    assert str(failed.value) == f"adding rows [0, 5) to s {words}"
+
+
 def test_exchange_swaps_two_directories(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

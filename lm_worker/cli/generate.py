@@ -102,7 +102,8 @@ def add_parsers(sub) -> None:
                         "picks kNN-LM's token)")
     g.add_argument("--no-retrieval", action="store_true",
                    help="the model alone (else --target or --datastore is required)")
-    add_retrieval_args(g, 0)
+    add_retrieval_args(g, 0, k_help="neighbours per query: kNN-LM's (0, the default: 1024); RETRO takes its "
+                                    "model's n_neighbours whatever is given")
     add_encoder_lm_arg(g)
     add_security_args(g)
     g.set_defaults(handler=run_generate)

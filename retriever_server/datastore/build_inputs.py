@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -67,13 +68,18 @@ def last_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def as_build_error(what: str, path: Path) -> Iterator[None]:
-    """Turns a FAISS RuntimeError or an OSError (permissions, disk full) in `what` into a one-line BuildError."""
+    """Turns a FAISS RuntimeError or an OSError (permissions, disk full, an input gone) in `what` into a
+    one-line BuildError; a file under `path` (what is being written) could not be written, any other read."""
     try:
         yield
     except RuntimeError as err:
         raise BuildError(f"{what} failed: {last_line(err)}") from None
     except OSError as err:
-        raise BuildError(f"{what} failed: cannot write {err.filename or path}: {err.strerror or err}") from None
+        if err.filename is None and isinstance(err, FileNotFoundError):  # it names its file (an input's part)
+            raise BuildError(f"{what} failed: {err.strerror or err}") from None
+        name = os.fsdecode(err.filename) if err.filename is not None else str(path)
+        verb = "write" if Path(name).is_relative_to(path) else "read"
+        raise BuildError(f"{what} failed: cannot {verb} {name}: {err.strerror or err}") from None
 
 
 def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
