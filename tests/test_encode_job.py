@@ -170,6 +170,8 @@ def test_bad_parts_indexes_are_named(tmp_path):
         (edited("dims.parts.json", shape=[10, "three"]), ValueError, r"dims.parts.json: its dtype '<f4' and shape"),
         (edited("cut.parts.json", parts=[body["parts"][0], {"path": "cut.npy", "rows": 6}]), ValueError,
          r"cut.npy is truncated: \d+ bytes, its header needs \d+"),
+        (edited("twice.parts.json", parts=[body["parts"][0], {"path": "./" + body["parts"][0]["path"], "rows": 4}],
+                shape=[8, 3]), ValueError, r"twice.parts.json lists the part .*00000/keys.npy more than once"),
     ]
     np.save(tmp_path / "cut.npy", np.zeros((6, 3), np.float32))
     with open(tmp_path / "cut.npy", "r+b") as f:

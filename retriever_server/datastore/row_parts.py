@@ -265,7 +265,8 @@ def open_parts(index_path: Path) -> PartedArray:
 
     Raises:
         FileNotFoundError: the index or one of its parts is missing.
-        ValueError: a malformed index, or a part whose dtype, shape or row count differs from it.
+        ValueError: a malformed index, a part listed twice, or a part whose dtype, shape or row count
+            differs from it.
     """
     index_path = Path(index_path)
     body = _read_index(index_path)
@@ -277,6 +278,10 @@ def open_parts(index_path: Path) -> PartedArray:
     if not shape:
         raise ValueError(f"parts index {index_path}: shape must have at least one dimension")
     paths = [_check_part(index_path, e, dtype, shape[1:]) for e in body["parts"]]
+    seen = [path.resolve() for path in paths]
+    if len(set(seen)) != len(seen):  # its rows would be read twice, as rows of their own
+        twice = next(path for path, where in zip(paths, seen) if seen.count(where) > 1)
+        raise ValueError(f"parts index {index_path} lists the part {twice} more than once")
     rows = [e["rows"] for e in body["parts"]]
     if sum(rows) != shape[0]:
         raise ValueError(f"parts index {index_path} says {shape[0]} rows; its parts hold {sum(rows)}")
