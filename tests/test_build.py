@@ -316,6 +316,7 @@ def test_overwrite_deletes_nothing_that_came_into_the_output_while_it_published(
     with caplog.at_level(logging.WARNING, logger="retriever_server.datastore.build"):
         manifest = build_datastore(dataclasses.replace(config, seed=2), progress=False)
     assert read_manifest(config.out).version == manifest.version  # published...
+    assert 0 < manifest.build["train_size"] <= 2000  # the rows the codec was trained on (it said 0 for "auto")
     assert (replaced[0] / "notes.txt").read_text() == "mine"  # ...and the file kept where the swap put it
     assert f"kept the folder this build replaced, at {replaced[0]}" in caplog.text
 

@@ -142,8 +142,7 @@ def test_a_reload_spares_a_process_still_starting(tmp_path):
                                          str(address_file)], tmp_path / "router.log", address_file)
     deployment.router.spawn()
     try:
-        time.sleep(0.3)
-        deployment.reload_security()  # while it starts
+        deployment.reload_security()  # while it starts (its interpreter has not even begun the script)
         assert events(tmp_path, 1) == [("router", "ready")]
         deployment.reload_security()  # once it is up: it reads its files again
         assert events(tmp_path, 2) == [("router", "ready"), ("router", "hup")]

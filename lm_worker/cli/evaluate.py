@@ -29,6 +29,7 @@ from lm_worker.cli.common import (
     positive_finite,
     retrieval_config,
     retrieval_flags,
+    search_checks,
     security_of,
 )
 
@@ -209,7 +210,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 ("--retro-k", args.retro_k, args.retro_k >= 0, ">= 0"),
                 *((f"--{family}{name}", value, value >= 0, ">= 0") for family in ("knnlm-", "retro-")
                   for name, value in (("nprobe", vars(args)[f"{family[:-1]}_nprobe"]),
-                                      ("rerank", vars(args)[f"{family[:-1]}_rerank"]))))
+                                      ("rerank", vars(args)[f"{family[:-1]}_rerank"]))),
+                *(search_checks(retrieval_flags(args, "knnlm-"), args.knnlm_k) if args.lm else ()))
 
 
 def _check_applies(args: argparse.Namespace) -> None:

@@ -306,7 +306,7 @@ def _manifest(config: BuildConfig, inputs: BuildInputs, trained: Path, entries: 
         dimension=inputs.d, metric=ix.canonical_metric(config.metric), factory=inputs.factory,
         ntotal=inputs.n, nlist=nlist, default_nprobe=ix.default_nprobe(nlist), has_keys=config.keep_keys,
         payloads=inputs.payloads, shards=shards, metadata=dict(config.metadata),
-        build={"seed": config.seed, "train_size": config.train_size, "keys": str(config.keys),
+        build={"seed": config.seed, "train_size": inputs.train_rows, "keys": str(config.keys),
                "faiss": faiss.__version__, "seconds": round(seconds, 3), **phases,
                "nodes": [e.get("node") for e in entries], "shard_seconds": [e.get("seconds") for e in entries],
                "shard_phases": [e.get("phases") for e in entries]},
