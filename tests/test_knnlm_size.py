@@ -62,6 +62,7 @@ class ExactRetriever:
     def __init__(self, keys: np.ndarray, values: np.ndarray, k: int):
         self.keys, self.values, self.k = keys.astype(np.float64), values.astype(np.int64), k
         self.dimension, self.ntotal = keys.shape[1], len(keys)
+        self.config = RetrievalConfig(k=k)  # a retriever's config sets its k
 
     def knn(self, queries: np.ndarray, exclude=None) -> KnnNeighbours:
         q = queries.astype(np.float64)  # (n, d)
