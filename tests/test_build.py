@@ -317,8 +317,12 @@ def test_overwrite_deletes_nothing_that_came_into_the_output_while_it_published(
         manifest = build_datastore(dataclasses.replace(config, seed=2), progress=False)
     assert read_manifest(config.out).version == manifest.version  # published...
     assert 0 < manifest.build["train_size"] <= 2000  # the rows the codec was trained on (it said 0 for "auto")
-    assert (replaced[0] / "notes.txt").read_text() == "mine"  # ...and the file kept where the swap put it
-    assert f"kept the folder this build replaced, at {replaced[0]}" in caplog.text
+    (kept,) = tmp_path.glob(".ds.replaced-*")  # ...and the file kept, under a name no later build clears
+    assert (kept / "notes.txt").read_text() == "mine" and not replaced[0].exists()
+    assert f"kept the folder this build replaced, at {kept}" in caplog.text
+    monkeypatch.setattr(build_module, "replace_directory", real_replace)
+    build_datastore(dataclasses.replace(config, seed=3), progress=False)
+    assert (kept / "notes.txt").read_text() == "mine"
 
 
 def test_a_folder_that_appears_at_the_output_during_the_build_is_never_replaced(ray_cluster, keys, tmp_path,
@@ -409,6 +413,9 @@ def test_a_build_error_says_whether_an_input_or_the_output_failed(error, words):
                                                                           Path("/out/s.tmp")):
         raise error
     assert str(failed.value) == f"adding rows [0, 5) to s {words}"
+    with pytest.raises(BuildError, match=r"cannot write /out/\.ds\.partial/manifest.json"), \
+            build_inputs.as_build_error("publishing /out/ds", Path("/out/ds"), also_written=Path("/out/.ds.partial")):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/.ds.partial/manifest.json")  # publishing's
 
 
 def test_exchange_swaps_two_directories(tmp_path):

@@ -126,6 +126,20 @@ def test_a_lost_shard_fails_the_call_at_once_and_cancels_the_others_search(aio, 
     assert seen == {name: ("UNAVAILABLE", True) for name in ("router", "fan-out")}
 
 
+def test_an_error_that_is_no_shards_status_is_raised_not_merged(aio, datastore, keys):
+    """A shard call that raises something other than its final status (a channel closed under it, a
+    bug) was taken by the fan-out client for that shard's answer, and merged (AttributeError)."""
+    def closed(*_args, **_kwargs):
+        raise grpc.aio.UsageError("Channel is closed.")
+
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.shard_addresses(), timeout=3) as client:
+        client.search(keys[:2], k=5)
+        for stub in client.stubs.values():
+            stub.Search = closed
+        with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+            client.search(keys[:2], k=5)
+
+
 def test_a_shard_list_that_is_not_one_datastore_is_refused_while_a_shard_is_down(aio, datastore, keys):
     """The fan-out client checks that its shard list is one datastore's shards, each once, before a search;
     it skipped that check while any shard was down, and then merged a shard's rows twice (duplicate ids)."""

@@ -56,6 +56,20 @@ def test_more_per_query_exclusions_than_queries_allowed_are_refused_unparsed(mon
                                                    "queries: give one entry per query")
 
 
+def test_a_long_shape_in_the_leading_queries_is_counted():
+    """The fast path passed the leading queries' field whole, its shape too: 8 MiB of one-byte shape
+    entries took 128 MiB parsed. Only the queries' data passes uncounted now."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    shape = b"\x01" * (2 << 20)  # 2 MiB of dimensions, past the 1 MiB counted from
+    tensor = b"\x12" + _VarintBytes(len(shape)) + shape
+    raw = b"\x0a" + _VarintBytes(len(tensor)) + tensor + b"\x10\x02"
+    assert refusal(lambda: check_wire_counts(raw, Limits())) == \
+        ("INVALID_ARGUMENT", f"queries has a shape of {len(shape)} dimensions; give (nq, d)")
+    data = make_request(np.zeros((4096, 128), dtype=np.float32), k=2).SerializeToString()  # 2 MiB of data alone
+    check_wire_counts(data, LIMITS)
+
+
 @pytest.mark.parametrize("tail, words", [
     (b"\x08\x01" * 10, "exclude_per_query"),  # ids written unpacked: each id its own field
     (b"\x12\x00" * 10, "ranges"),

@@ -58,7 +58,8 @@ def top_p_filter(log_probs: torch.Tensor, p: float) -> torch.Tensor:
     # order differs between CPU and CUDA)
     sorted_lp, order = log_probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
     cumulative = sorted_lp.double().exp().cumsum(dim=-1)  # (B, V)
-    cumulative = cumulative / cumulative[..., -1:]  # of the row's mass: a kNN-LM row without neighbours has 1 - λ
+    total = cumulative[..., -1:].clamp_min(torch.finfo(torch.float64).tiny)  # a row of no mass: no NaN
+    cumulative = cumulative / total  # of the row's mass: a kNN-LM row without neighbours has 1 - λ
     mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)  # (B, V), exclusive
     drop_sorted = mass_before >= p - TOP_P_SLACK
     drop_sorted[..., 0] = False  # the most likely token, whatever p

@@ -241,12 +241,12 @@ class LocalDeployment:
         ended: a second Ctrl-C cuts no drain short (and leaves no process running)."""
         if self._done:
             return
-        self._done = True
-        if self._supervisor is not None:
-            self._supervisor.stop()
-        self._stopped.set()
         grace_s = self.stop_timeout_s if grace_s is None else grace_s
-        with _uninterrupted():
+        with _uninterrupted():  # from the first step: the supervisor's join too
+            self._done = True
+            if self._supervisor is not None:
+                self._supervisor.stop()
+            self._stopped.set()
             _terminate([self.router] if self.router else [], grace_s)
             _terminate([p for replicas in self.shards for p in replicas], grace_s)
         if self.hops is not None:  # the hops' keys and token go even where the logs are kept

@@ -263,7 +263,7 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
     """Writes the manifest into the finished work directory, moves it to `config.out` (checked again: a
     path may have appeared there meanwhile), then tidies up."""
     check_output(config.out, config.overwrite)
-    with as_build_error(f"publishing {config.out}", config.out):
+    with as_build_error(f"publishing {config.out}", config.out, also_written=work):
         fsync_tree(work)  # every shard file on disk before the manifest names it and the old folder goes
         write_manifest(work, manifest)
         check_output(config.out, config.overwrite)  # again: the fsync of a large build takes minutes
@@ -276,16 +276,18 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
         for leftover in (MARKER, TRAINED, *(p.name for p in config.out.glob(f"{STOP}*"))):
             (config.out / leftover).unlink(missing_ok=True)  # not in the manifest: readers ignore them meanwhile
     if old is not None:
-        _remove_replaced(old)
+        _remove_replaced(old, config.out)
 
 
-def _remove_replaced(old: Path) -> None:
+def _remove_replaced(old: Path, out: Path) -> None:
     """Removes the datastore a build replaced, unless something else came into its folder between the
-    last check and the swap: that is kept, and named."""
+    last check and the swap: that is moved to a name no build reuses (`.OUT.replaced-TIME`), and named."""
     try:
         check_output(old, overwrite=True)
     except BuildError as err:
-        log.warning("kept the folder this build replaced, at %s: it is not a datastore alone any more (%s)", old,
+        kept = out.parent / f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        os.rename(old, kept)
+        log.warning("kept the folder this build replaced, at %s: it is not a datastore alone any more (%s)", kept,
                     err)
         return
     shutil.rmtree(old, ignore_errors=True)

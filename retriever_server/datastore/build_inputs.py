@@ -67,9 +67,10 @@ def last_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def as_build_error(what: str, path: Path) -> Iterator[None]:
+def as_build_error(what: str, path: Path, also_written: Path | None = None) -> Iterator[None]:
     """Turns a FAISS RuntimeError or an OSError (permissions, disk full, an input gone) in `what` into a
-    one-line BuildError; a file under `path` (what is being written) could not be written, any other read."""
+    one-line BuildError; a file under `path` or `also_written` (what is being written) could not be
+    written, any other read."""
     try:
         yield
     except RuntimeError as err:
@@ -78,7 +79,8 @@ def as_build_error(what: str, path: Path) -> Iterator[None]:
         if err.filename is None and isinstance(err, FileNotFoundError):  # it names its file (an input's part)
             raise BuildError(f"{what} failed: {err.strerror or err}") from None
         name = os.fsdecode(err.filename) if err.filename is not None else str(path)
-        verb = "write" if Path(name).is_relative_to(path) else "read"
+        written = any(Path(name).is_relative_to(p) for p in (path, also_written) if p is not None)
+        verb = "write" if written else "read"
         raise BuildError(f"{what} failed: cannot {verb} {name}: {err.strerror or err}") from None
 
 

@@ -36,6 +36,7 @@ from retriever_server.serving.failover import (
     failure_code,
     failure_message,
     gather_until,
+    not_a_status,
     shard_deadline,
 )
 from retriever_server.serving.fanout import check_address, check_shards, combined_info, name_in_part, replica_sets
@@ -248,8 +249,13 @@ class RetrieverClient:
 
     async def _every_shard(self, method: str, request, deadline: Deadline,
                            ends_call: Callable[[object], bool] = lambda outcome: False) -> list:
-        """Each shard's answer or CallFailed, asked at once; None for those cancelled once one `ends_call`."""
-        return await gather_until([self._attempts(s, method, request, deadline) for s in self.sets], ends_call)
+        """Each shard's answer or CallFailed, asked at once; None for those cancelled once one `ends_call`.
+        Any other exception (a channel closed under the call) ends the call too, and is raised."""
+        outcomes = await gather_until([self._attempts(s, method, request, deadline) for s in self.sets],
+                                      lambda outcome: ends_call(outcome) or not_a_status(outcome))
+        for outcome in filter(not_a_status, outcomes):
+            raise outcome
+        return outcomes
 
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
         """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""

@@ -203,6 +203,11 @@ async def gather_until(awaitables: list[Awaitable], ends_call: Callable[[object]
     return [_outcome(task) for task in tasks]
 
 
+def not_a_status(outcome: object) -> bool:
+    """Whether an outcome of `gather_until` is an exception other than a call's final status (CallFailed)."""
+    return isinstance(outcome, BaseException) and not isinstance(outcome, CallFailed)
+
+
 def _outcome(task: asyncio.Future) -> object:
     if task.cancelled():
         return None

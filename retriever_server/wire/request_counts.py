@@ -20,7 +20,7 @@ from retriever_server.wire.wire_scan import LENGTH, VARINT, TooManyFields, WireE
 MAX_DIMS = 8  # dimensions of the queries' shape read here at most (a request's is (nq, d))
 UNCOUNTED_BYTES = 1 << 20  # bytes outside the queries' tensor that a request may have and not be counted
 _QUERIES, _PAYLOADS, _EXCLUDE, _EXCLUDE_PER_QUERY = 1, 6, 8, 9  # SearchRequest's field numbers
-_SHAPE, _IDS, _RANGES = 2, 1, 2  # Tensor.shape, Exclusion.ids, Exclusion.ranges
+_SHAPE, _DATA, _IDS, _RANGES = 2, 3, 1, 2  # Tensor.shape and .data, Exclusion.ids and .ranges
 
 
 def field_budget(limits: Limits) -> int:
@@ -35,7 +35,7 @@ def check_wire_counts(raw: bytes, limits: Limits, uncounted_bytes: int = UNCOUNT
     request with at most `uncounted_bytes` besides its queries' tensor passes uncounted. Bytes that do
     not read as a message are left to protobuf's parser to refuse."""
     view, budget = memoryview(raw), [field_budget(limits)]
-    if len(view) - _leading_queries_bytes(view) <= uncounted_bytes:
+    if len(view) - _leading_query_data(view) <= uncounted_bytes:
         return
     counts = {"dims": 0, "payloads": 0, "entries": 0, "ids": 0, "ranges": 0}
     try:
@@ -57,14 +57,20 @@ def check_wire_counts(raw: bytes, limits: Limits, uncounted_bytes: int = UNCOUNT
     _check(counts, limits)
 
 
-def _leading_queries_bytes(view: memoryview) -> int:
-    """The bytes of the queries' field where it comes first, as every client writes it; else 0."""
+def _leading_query_data(view: memoryview) -> int:
+    """The bytes of the queries' data where the queries come first, as every client writes them; else 0.
+    Their shape is not data: each of its entries takes a byte on the wire and eight parsed."""
     try:
         key, at = varint(view, 0, 5)
-        size, at = varint(view, at, 5) if key == (_QUERIES << 3 | LENGTH) else (0, 0)
-    except WireError:
+        if key != (_QUERIES << 3 | LENGTH):
+            return 0
+        size, at = varint(view, at, 5)
+        for number, wire, value in fields(view, at, min(at + size, len(view)), [MAX_DIMS + 8]):
+            if number == _DATA and wire == LENGTH:
+                return value[1] - value[0]
+    except WireError:  # damage, or more fields than a tensor has: counted
         return 0
-    return at + size if at + size <= len(view) else 0
+    return 0
 
 
 def _repeated(view: memoryview, span: tuple[int, int], packed: int, budget: list[int]) -> tuple[int, int]:
@@ -84,14 +90,14 @@ def _repeated(view: memoryview, span: tuple[int, int], packed: int, budget: list
 def _check(counts: dict[str, int], limits: Limits) -> None:
     """The refusals of `request.parse_search`, from the counts."""
     invalid, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
-    refusals = (
-        ("dims", MAX_DIMS, invalid, "queries has a shape of {n} dimensions; give (nq, d)"),
+    refusals = (  # in parse_search's order
         ("payloads", limits.max_payloads, exhausted, "payloads names {n} payloads, over the limit of {most}"),
         ("entries", limits.max_batch, invalid, "exclude_per_query has {n} entries, more than the batch limit of "
                                                "{most} queries: give one entry per query"),
         ("ids", limits.max_excluded, exhausted, "the request excludes {n} ids, over the limit of {most}"),
         ("ranges", limits.max_excluded_ranges, exhausted, "the request excludes {n} id ranges, over the limit of "
                                                           "{most}"),
+        ("dims", MAX_DIMS, invalid, "queries has a shape of {n} dimensions; give (nq, d)"),
     )
     for name, most, code, words in refusals:
         if counts[name] > most:
