@@ -277,7 +277,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str = "tokens") ->
     IndexError on a CPU, and a device-side assert (the CUDA context lost) on a GPU."""
     if ids.numel() == 0:
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read back from a GPU, not two
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
