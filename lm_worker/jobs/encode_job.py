@@ -147,6 +147,11 @@ def _same_job(old, stamp: dict) -> bool:
     return old == stamp
 
 
+def _made_by(folder: Path, stamp: dict) -> bool:
+    """Whether the parts in `folder` were planned by the job of `stamp` (FOLDER/parts/job.json)."""
+    return _same_job(_read_json(Path(folder) / PARTS / JOB_JSON), stamp)
+
+
 def _changed(old, stamp: dict) -> str:
     """The fields of `stamp` that the earlier job's `old` stamp records otherwise."""
     old = old if isinstance(old, dict) else {}
@@ -186,7 +191,7 @@ def _link(source: Path, target: Path) -> None:
 
 def _reuse_published(out_dir: Path, work: Path, plan: list[PartSpec], stamp: dict, done: dict[int, dict]) -> None:
     """Adds to `work` (and `done`) the finished parts of the source at `out_dir` when this same job made it."""
-    if not _same_job(_read_json(Path(out_dir) / PARTS / JOB_JSON), stamp):
+    if not _made_by(out_dir, stamp):
         return
     for part in plan:
         record = None if part.index in done else finished_part(out_dir, part)
@@ -203,7 +208,7 @@ def _reuse_published(out_dir: Path, work: Path, plan: list[PartSpec], stamp: dic
 def _whole_source(out_dir: Path, plan: list[PartSpec], stamp: dict) -> SourceInfo | None:
     """The source at `out_dir` where this same job made it and every part of it is whole; else None.
     Written again, its indexes would be new files to a build's resume check, which would start over."""
-    if not _same_job(_read_json(Path(out_dir) / PARTS / JOB_JSON), stamp):
+    if not _made_by(out_dir, stamp):
         return None
     try:
         info = read_source(out_dir)

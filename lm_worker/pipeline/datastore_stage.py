@@ -50,11 +50,6 @@ def retro_search(config: PipelineConfig) -> RetrievalConfig:
                            rerank_candidates=8 * config.n_neighbours)
 
 
-def _search_settings(search: RetrievalConfig) -> dict:
-    """What of a search, beyond k (a neighbours file's shape), changes the neighbours it finds."""
-    return {"nprobe": search.nprobe, "exact_rerank": search.exact_rerank, "rerank_candidates": search.rerank_candidates}
-
-
 def _recorded_searches(source: Path) -> dict:
     try:
         recorded = json.loads((source / SEARCH_RECORD).read_text())
@@ -66,7 +61,7 @@ def _recorded_searches(source: Path) -> dict:
 def _record_search(source: Path, split: str, search: RetrievalConfig) -> None:
     """Records, once neighbours-SPLIT.npy is written, the search it was fetched by (not before: a fetch
     that fails keeps the old file)."""
-    recorded = {**_recorded_searches(source), split: _search_settings(search)}
+    recorded = {**_recorded_searches(source), split: search.search_settings()}
     (source / SEARCH_RECORD).write_text(json.dumps(recorded, indent=2, sort_keys=True))
 
 
@@ -90,7 +85,7 @@ def check_neighbour_files(config: PipelineConfig) -> None:
 
 
 def _check_search(config: PipelineConfig, split: str, path: Path) -> None:
-    wanted, found = _search_settings(retro_search(config)), _recorded_searches(path.parent).get(split)
+    wanted, found = retro_search(config).search_settings(), _recorded_searches(path.parent).get(split)
     if found is None:
         log.warning("%s does not record the search it was fetched by (an earlier version): reused as if by "
                     "nprobe %d", path, config.retro_nprobe)

@@ -42,8 +42,7 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
     knn = eval_config.retrieval  # what the neighbours are: how many, how searched
     asked = {"temperatures": list(config.temperatures), "lambdas": list(eval_config.lambdas),
              "lm": model_fingerprint(lm), "valid_tokens": len(valid),
-             "retrieval": {"k": knn.k, "nprobe": knn.nprobe, "exact_rerank": knn.exact_rerank,
-                           "rerank_candidates": knn.rerank_candidates},
+             "retrieval": {"k": knn.k, **knn.search_settings()},
              "datastore": getattr(retriever, "version", None)}  # a datastore rebuilt by hand finds other neighbours
     if done(path):
         saved = read_choice(path)

@@ -21,6 +21,10 @@ class RetrievalConfig:
     rerank_candidates: int = 0
     timeout_s: float = 300.0
 
+    def search_settings(self) -> dict:
+        """What of a search, beyond k, changes the neighbours it finds (not its deadline), as a record says it."""
+        return {"nprobe": self.nprobe, "exact_rerank": self.exact_rerank, "rerank_candidates": self.rerank_candidates}
+
 
 @dataclass
 class KnnNeighbours:

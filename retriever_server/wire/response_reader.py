@@ -20,11 +20,7 @@ import numpy as np
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.result import SearchResult
 from retriever_server.wire.tensors import checked_dtype
-from retriever_server.wire.wire_scan import LENGTH as _LENGTH
-from retriever_server.wire.wire_scan import VARINT as _VARINT
-from retriever_server.wire.wire_scan import WireError as _Unusual  # bytes left to protobuf's parser
-from retriever_server.wire.wire_scan import fields as _fields
-from retriever_server.wire.wire_scan import varint as _varint
+from retriever_server.wire.wire_scan import LENGTH, VARINT, WireError, fields, varint
 
 IN_PLACE_BYTES = 1 << 15  # answers this large are read in place
 _MAX_FIELDS = 1 << 16  # fields of one answer read here at most, all depths (a shard's answer has a few dozen)
@@ -50,38 +46,38 @@ def _text(raw: memoryview, span: tuple[int, int]) -> str:
     try:
         return bytes(raw[span[0]:span[1]]).decode("utf-8")
     except UnicodeDecodeError:
-        raise _Unusual from None
+        raise WireError from None
 
 
 def _tensor(raw: memoryview, span: tuple[int, int], budget: list[int]) -> _Tensor:
     """Where the Tensor message in raw[span] keeps its fields (first pass: the structure alone)."""
     tensor, seen = _Tensor(), set()
-    for number, wire, value in _fields(raw, *span, budget):
-        if number == 2 and wire == _LENGTH:  # the shape, packed
+    for number, wire, value in fields(raw, *span, budget):
+        if number == 2 and wire == LENGTH:  # the shape, packed
             if value[1] - value[0] > 10 * _MAX_DIMS:
-                raise _Unusual
+                raise WireError
             at = value[0]
             while at < value[1]:
-                dim, at = _varint(raw, at)
+                dim, at = varint(raw, at)
                 tensor.shape.append(_signed(dim))
             if at != value[1]:
-                raise _Unusual
-        elif number == 2 and wire == _VARINT:  # a dimension written unpacked
+                raise WireError
+        elif number == 2 and wire == VARINT:  # a dimension written unpacked
             tensor.shape.append(_signed(value))
-        elif (number, wire) in ((1, _VARINT), (3, _LENGTH)):
+        elif (number, wire) in ((1, VARINT), (3, LENGTH)):
             if number in seen:
-                raise _Unusual  # sent twice: the parser keeps the last
+                raise WireError  # sent twice: the parser keeps the last
             seen.add(number)
             if number == 1:
                 tensor.code = _signed(value)
             else:
                 tensor.data = value
         elif number in (1, 3):
-            raise _Unusual  # a known field of another wire type: the parser's to settle
+            raise WireError  # a known field of another wire type: the parser's to settle
         if len(tensor.shape) > _MAX_DIMS:
-            raise _Unusual
+            raise WireError
     if not -(1 << 31) <= tensor.code < 1 << 31:
-        raise _Unusual  # an enum outside int32: the parser truncates it
+        raise WireError  # an enum outside int32: the parser truncates it
     return tensor
 
 
@@ -89,13 +85,13 @@ def _pair(raw: memoryview, span: tuple[int, int], entry: bool, budget: list[int]
     """A map entry (`entry`) or a ShardFailure: field 1's text and field 2's span (None when absent).
     An entry with any other field is the parser's to settle."""
     first, second, seen = "", None, set()
-    for number, wire, value in _fields(raw, *span, budget):
+    for number, wire, value in fields(raw, *span, budget):
         if number not in (1, 2):
             if entry:
-                raise _Unusual
+                raise WireError
             continue
-        if wire != _LENGTH or number in seen:
-            raise _Unusual
+        if wire != LENGTH or number in seen:
+            raise WireError
         seen.add(number)
         if number == 1:
             first = _text(raw, value)
@@ -116,21 +112,21 @@ class _Layout:
 
 
 def _layout(raw: memoryview) -> _Layout:
-    """The first pass over a whole SearchResponse: _Unusual unless every field reads plainly."""
+    """The first pass over a whole SearchResponse: WireError unless every field reads plainly."""
     layout, budget = _Layout(), [_MAX_FIELDS]
-    for number, wire, value in _fields(raw, 0, len(raw), budget):
+    for number, wire, value in fields(raw, 0, len(raw), budget):
         if number > 10:
             continue  # unknown: skipped, as the parser skips it
-        if wire != (_VARINT if number == 5 else _LENGTH):
-            raise _Unusual
+        if wire != (VARINT if number == 5 else LENGTH):
+            raise WireError
         if number in _TENSORS:
             if number in layout.tensors:
-                raise _Unusual  # a message sent twice is merged: the parser does that
+                raise WireError  # a message sent twice is merged: the parser does that
             layout.tensors[number] = _tensor(raw, value, budget)
         elif number in _MAPS:
             key, span = _pair(raw, value, True, budget)
             if key in layout.maps[number]:
-                raise _Unusual  # the later entry replaces the earlier: the parser's to settle
+                raise WireError  # the later entry replaces the earlier: the parser's to settle
             layout.maps[number][key] = _tensor(raw, span, budget) if span is not None else _Tensor()
         elif number == 5:
             layout.partial = value != 0
@@ -187,6 +183,6 @@ def decode_search_response(raw: bytes, aligned: bool = True) -> SearchResult:
     if len(raw) >= IN_PLACE_BYTES:
         try:
             return _read(memoryview(raw).cast("B"), aligned)
-        except _Unusual:
+        except WireError:
             pass
     return SearchResult.from_proto(pb.SearchResponse.FromString(raw))
