@@ -102,3 +102,55 @@ def test_a_caller_still_waiting_when_its_loop_thread_closes_is_cancelled_not_str
         pass
     else:
         raise AssertionError("a closed LoopThread ran a coroutine")
+
+
+def test_closing_a_loop_thread_ends_what_runs_on_it(caplog):
+    """close() with calls in flight from other threads: each call's coroutine is cancelled and finishes
+    (its finally runs), its caller gets CancelledError, and asyncio reports no task destroyed pending and
+    no coroutine never awaited (a coroutine handed over just before close() used to be both)."""
+    import gc
+    import warnings
+
+    caplog.set_level("ERROR", logger="asyncio")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for round_ in range(30):
+            _close_with_calls_in_flight(wait_until_started=round_ % 2 == 1)
+            gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+def _close_with_calls_in_flight(wait_until_started: bool) -> None:
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from retriever_server.serving.event_loop import LoopThread
+
+    loop, ended, outcomes = LoopThread("test-close"), [], []
+    started = [threading.Event() for _ in range(3)]
+
+    async def long_call(event: threading.Event) -> None:
+        event.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.append(True)
+
+    def caller(event: threading.Event) -> None:
+        try:
+            loop.run(long_call(event))
+        except concurrent.futures.CancelledError:
+            outcomes.append("cancelled")
+
+    threads = [threading.Thread(target=caller, args=(event,)) for event in started]
+    for thread in threads:
+        thread.start()
+    if wait_until_started:  # the calls surely under way; else some may just have been handed over
+        assert all(event.wait(5) for event in started)
+    loop.close()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == ["cancelled"] * 3
+    assert len(ended) == sum(event.is_set() for event in started)

@@ -9,38 +9,21 @@ by name too, its new address; the router sends to it once it answers as the same
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import shutil
-import threading
 
 import ray
 
 from retriever_server.cluster.ray_secrets import Secrets, materialize, relocated
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.logs import configure_logging
+from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.service import RunningServer
 from retriever_server.serving.shard_server import ShardServerConfig, start_shard_server
 
 log = logging.getLogger(__name__)
-
-
-class _LoopThread:
-    """An asyncio loop in a daemon thread, where an actor's gRPC server lives."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
 
 
 class _ServerActor:
@@ -51,7 +34,7 @@ class _ServerActor:
     def __init__(self, host: str | None, log_level: str, secrets: Secrets | None):
         configure_logging(log_level)
         self.host = host or ray.util.get_node_ip_address()
-        self.loop = _LoopThread()
+        self.loop = LoopThread("grpc-loop")  # where the gRPC server lives
         self.secrets_dir = materialize(secrets)  # this actor's copies of its certificates and token, if any
 
     def address(self) -> str:

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+CLOSE_S = 5.0  # how long close() waits for the loop's tasks to end, then for its thread
 
 
 class LoopThread:
@@ -56,17 +61,37 @@ class LoopThread:
                 self._pending.discard(future)
 
     def close(self) -> None:
-        """Stops the loop and waits for its thread (at most 5 s). A caller of `run` still waiting, from
-        another thread, gets CancelledError: the stopped loop will never finish its coroutine."""
+        """Cancels what runs on the loop, waits for it to finish (at most CLOSE_S: its `finally` blocks, its
+        calls' cancellations), then stops the loop and waits for its thread (at most CLOSE_S again). A
+        caller of `run` still waiting, from another thread, gets CancelledError."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("LoopThread.close was called from its own loop")
         with self._lock:
-            self._closing = True
+            self._closing = True  # from here no run() hands the loop a coroutine
         if self.loop.is_closed():
             return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+        if self._thread.is_alive():
+            finished = asyncio.run_coroutine_threadsafe(_cancel_others(CLOSE_S), self.loop)
+            try:
+                finished.result(CLOSE_S + 1)
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                log.warning("the loop %s did not finish its tasks within %.0f s", self._thread.name, CLOSE_S)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(CLOSE_S)
         with self._lock:
             stranded = list(self._pending)
         for future in stranded:
             future.cancel()
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_others(timeout: float) -> None:
+    """Cancels every other task of the running loop and waits up to `timeout` s for them to end. The tasks
+    of coroutines handed to the loop before this one were created before it ran (call_soon order), so none
+    is left pending, its coroutine never started."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=timeout)
