@@ -387,7 +387,7 @@ def reference_retro(model: Retro, store: TokenStore, encoder, ds_keys: np.ndarra
     for w in windows_of(store, config, align=L):
         inputs, targets, scored = window_tensors(store, w)
         chunks = inputs[0, :(w.end - w.start) // L * L].view(-1, L).numpy()  # (C, L)
-        emb = encoder.embed(chunks).astype(np.float64)  # (C, d)
+        emb = encoder.embed(chunks).astype(np.float64) if len(chunks) else np.zeros((0, 1))  # (C, d)
         rows = []
         for c, e in enumerate(emb):
             d = ((ds_keys.astype(np.float64) - e) ** 2).sum(-1)
@@ -397,7 +397,8 @@ def reference_retro(model: Retro, store: TokenStore, encoder, ds_keys: np.ndarra
                 last = store.documents[store.doc_ids[min(chunk * L + 2 * L - 1, len(store) - 1)]]  # chunk + 1's
                 d[max(first.start // L - 1, 0):math.ceil(last.end / L)] = np.inf
             rows.append(ds_tokens[np.argsort(d, kind="stable")[:K]])
-        neighbours = torch.from_numpy(np.stack(rows)[None].astype(np.int64))  # (1, C, K, 2L)
+        neighbours = torch.from_numpy(np.stack(rows)[None].astype(np.int64)) if rows else \
+            torch.zeros((1, 0, K, 2 * L), dtype=torch.long)  # (1, C, K, 2L); C = 0 in a window under a chunk
         p_with.append(target_probs(model(inputs, neighbours), targets, scored))
         p_without.append(target_probs(model(inputs, None), targets, scored))
     return (float(np.exp(-np.log(np.concatenate(p_with)).mean())),
@@ -420,6 +421,20 @@ def test_retro_with_and_without_neighbours_match_reference(retro_model, stores, 
     assert result.perplexity != pytest.approx(result.perplexity_without, rel=1e-3)  # neighbours do matter
     assert len(recorder.excludes) == scored_positions(store) // L  # each chunk embedded and retrieved once
     assert all((e is not None) == exclude for e in recorder.excludes)
+
+
+def test_retro_windows_of_one_chunk_score_the_last_short_one(retro_model, stores, encoder, retro_datastore):
+    """context = stride = one chunk: the last window, shorter than a chunk, holds no chunk to retrieve for
+    (it raised ValueError: neighbours (B, 0)). Both perplexities match the window-by-window reference."""
+    store = stores[1]
+    config = EvalConfig(context_len=L, stride=L, batch_size=3, retrieval=RETRO.retrieval)
+    assert scored_positions(store) % L, "the store ends on a chunk boundary: no short last window"
+    with InProcessRetriever(retro_datastore[0], config.retrieval) as retriever:
+        result = evaluate_retro(retro_model, store, retriever, encoder, config, progress=False)
+    want_with, want_without = reference_retro(retro_model, store, encoder, *retro_datastore[1:], config, False)
+    assert result.tokens == len(store) - 1
+    assert result.perplexity_without == pytest.approx(want_without, rel=1e-5)
+    assert result.perplexity == pytest.approx(want_with, rel=1e-5)
 
 
 def test_retro_checks_k_and_alignment(retro_model, stores, encoder, retro_datastore):

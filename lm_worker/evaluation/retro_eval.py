@@ -94,6 +94,8 @@ class _ChunkNeighbours:
                              f"({K}, {2 * self.L}): is it a RETRO datastore with chunk_len {self.L}?")
         fetched = {} if found is None else {int(c): found[i] for i, c in enumerate(missing)}
         self.cache = {int(c): fetched.get(int(c), self.cache.get(int(c))) for c in np.unique(ids)}
+        if ids.shape[1] == 0:  # windows shorter than a chunk (the last, where the stride is one chunk)
+            return torch.zeros((len(ids), 0, K, 2 * self.L), dtype=torch.long)  # (B, 0, K, 2L)
         return torch.from_numpy(np.stack([[self.cache[int(c)] for c in row] for row in ids]))  # (B, C, K, 2L)
 
 
