@@ -1,4 +1,5 @@
-"""A shard whose Search answer does not read (a tensor shorter than its shape, bytes cut short) fails
+"""A shard whose Search answer does not read (a tensor shorter than its shape, bytes cut short) or is not
+of the shape its request asks for (k - 1 neighbours a query, float64 distances, uint8 keys) fails
 that attempt with INTERNAL, on blocking and on asyncio channels alike: the router moves on to the next
 replica, or names the shard; the fan-out client raises RetrieverError. Never an answer silently short
 of a shard's neighbours. Fake shard servers (the fault), a real router and a real client."""
@@ -17,9 +18,11 @@ from retriever_server.serving.client import RetrieverClient, RetrieverError
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.response_reader import IN_PLACE_BYTES
-from retriever_server.wire.result import SearchResult
+from retriever_server.wire.result import AnswerShape, SearchResult
+from retriever_server.wire.tensors import TensorError, fill_tensor
 
 ROWS, DIM, NQ, K = 1000, 8, 64, 64  # an answer of 64 x 64 neighbours: read in place
+FAULTS = ["short tensor", "cut short", "short k", "float64 distances", "uint8 keys"]
 
 
 def info(shard: int) -> pb.InfoResponse:
@@ -42,7 +45,16 @@ def bad_answer(fault: str, nq: int, k: int) -> bytes:
         return pb.SearchResponse(ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[nq, k], data=bytes(8 * nq * k - 8)),
                                  distances=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[nq, k], data=bytes(4 * nq * k)),
                                  datastore_version="v1").SerializeToString()
-    return good_answer(1, nq, k)[:-3]  # bytes that do not parse
+    if fault == "short k":  # arrays that agree, one neighbour short of the k asked for
+        return good_answer(1, nq, k - 1)
+    answer = pb.SearchResponse.FromString(good_answer(1, nq, k))
+    if fault == "float64 distances":
+        fill_tensor(answer.distances, np.zeros((nq, k), dtype=np.float64))
+    elif fault == "uint8 keys":  # never asked for, and 4x their bytes once widened to float32
+        fill_tensor(answer.keys, np.zeros((nq, k, DIM), dtype=np.uint8))
+    else:
+        return good_answer(1, nq, k)[:-3]  # bytes that do not parse
+    return answer.SerializeToString()
 
 
 @contextlib.contextmanager
@@ -90,10 +102,55 @@ def queries() -> np.ndarray:
 
 
 def test_the_answers_are_read_in_place():
-    assert len(bad_answer("short tensor", NQ, K)) >= IN_PLACE_BYTES and len(good_answer(0, NQ, K)) >= IN_PLACE_BYTES
+    assert all(len(bad_answer(fault, NQ, K)) >= IN_PLACE_BYTES for fault in FAULTS)
+    assert len(good_answer(0, NQ, K)) >= IN_PLACE_BYTES
 
 
-@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+def test_an_answer_holds_what_its_request_asks_for_and_nothing_else():
+    """AnswerShape.of a request checks payloads, keys and successors too, naming the field."""
+    nq, k, n, d = 3, 4, 2, 5
+    request = pb.SearchRequest(k=k, payloads=["values", "values"], return_keys=True, successors=n)
+    fill_tensor(request.queries, np.zeros((nq, d), dtype=np.float32))
+    expect = AnswerShape.of(request)
+    assert expect == AnswerShape(nq, k, ("values",), True, n)
+
+    def answer(**changed) -> SearchResult:
+        parts = dict(ids=np.zeros((nq, k), np.int64), distances=np.zeros((nq, k), np.float32),
+                     payloads={"values": np.zeros((nq, k), np.int32)}, keys=np.zeros((nq, k, d), np.float32),
+                     successor_ids=np.zeros((nq, k, n), np.int64),
+                     successor_payloads={"values": np.zeros((nq, k, n), np.int32)},
+                     successor_keys=np.zeros((nq, k, n, d), np.float32))
+        return SearchResult(**{**parts, **changed})
+
+    good = answer()
+    assert expect.check(good) is good
+    faults = {
+        "ids.shape is [3, 3], expected [3, 4] alone": answer(ids=np.zeros((nq, k - 1), np.int64)),
+        "ids.dtype is int32, expected int64": answer(ids=np.zeros((nq, k), np.int32)),
+        "payloads holds 0 not asked for and lacks ['values']": answer(payloads={}),
+        "payloads holds 1 not asked for": answer(payloads={"values": np.zeros((nq, k), np.int32),
+                                                           "tokens": np.zeros((nq, k, 8), np.int32)}),
+        "payloads[values].shape is [4, 3], expected [3, 4]": answer(payloads={"values": np.zeros((k, nq), np.int32)}),
+        "keys are missing": answer(keys=None, successor_keys=None),
+        "keys.shape is [3, 4], expected [3, 4] and 1 more": answer(keys=np.zeros((nq, k), np.float32)),
+        "successor_ids are missing": answer(successor_ids=None),
+        "successor_ids.shape is [3, 4, 3], expected [3, 4, 2] alone": answer(successor_ids=np.zeros((nq, k, 3),
+                                                                                                    np.int64)),
+        "successor_keys.shape [3, 4, 2, 6] is not as wide as keys.shape [3, 4, 5]":
+            answer(successor_keys=np.zeros((nq, k, n, d + 1), np.float32)),
+    }
+    for words, result in faults.items():
+        with pytest.raises(TensorError) as caught:
+            expect.check(result)
+        assert str(caught.value) == words
+    bare = AnswerShape(nq, k)
+    with pytest.raises(TensorError, match="keys were not asked for"):
+        bare.check(answer(payloads={}, successor_ids=None, successor_payloads={}, successor_keys=None))
+    with pytest.raises(TensorError, match="successor_ids were not asked for"):
+        bare.check(answer(payloads={}, keys=None, successor_payloads={}, successor_keys=None))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_the_router_moves_on_from_a_replica_whose_answer_does_not_read(aio, fault):
     with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, bad_calls), \
             fake_shard(aio, 1, None) as (good, _), router(aio, ((zero,), (bad, good))) as address, \
@@ -106,7 +163,7 @@ def test_the_router_moves_on_from_a_replica_whose_answer_does_not_read(aio, faul
     assert bad_calls, "the replica with the unreadable answer was never tried"
 
 
-@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_the_router_names_a_shard_whose_only_answer_does_not_read(aio, fault):
     with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, _), \
             router(aio, ((zero,), (bad,))) as address, RetrieverClient(address, timeout=10) as client:
@@ -119,7 +176,7 @@ def test_the_router_names_a_shard_whose_only_answer_does_not_read(aio, fault):
         assert set(np.unique(result.ids // (ROWS // 2))) == {0}
 
 
-@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_the_fan_out_client_fails_on_a_shard_whose_answer_does_not_read(aio, fault):
     with fake_shard(aio, 0, None) as (zero, _), fake_shard(aio, 1, fault) as (bad, bad_calls), \
             RetrieverClient([zero, bad], timeout=10) as client:
@@ -129,7 +186,7 @@ def test_the_fan_out_client_fails_on_a_shard_whose_answer_does_not_read(aio, fau
         assert bad_calls
 
 
-@pytest.mark.parametrize("fault", ["short tensor", "cut short"])
+@pytest.mark.parametrize("fault", FAULTS)
 def test_a_client_of_one_address_gets_internal(aio, fault):
     with fake_shard(aio, 1, fault) as (bad, _), RetrieverClient(bad, timeout=10) as client:
         with pytest.raises(RetrieverError) as caught:

@@ -39,10 +39,17 @@ from retriever_server.serving.failover import (
     not_a_status,
     shard_deadline,
 )
-from retriever_server.serving.fanout import check_address, check_shards, combined_info, name_in_part, replica_sets
+from retriever_server.serving.fanout import (
+    check_address,
+    check_shards,
+    combined_info,
+    name_in_part,
+    replica_infos,
+    replica_sets,
+)
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
-from retriever_server.wire.result import SearchResult
+from retriever_server.wire.result import AnswerShape, SearchResult
 from retriever_server.wire.search_args import Exclude, make_request
 from retriever_server.wire.stub import retriever_stub
 from retriever_server.wire.untrusted import safe_text
@@ -224,10 +231,10 @@ class RetrieverClient:
         if self._closed:
             raise RetrieverError(grpc.StatusCode.CANCELLED, "the client was closed during the call") from None
 
-    def _attempt(self, method: str, request):
+    def _attempt(self, method: str, request, **expect):
         """`attempt(address, timeout)`: one call of `method` to one address, as the failover policy makes it."""
         def attempt(address: str, timeout: float | None):
-            return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata)
+            return getattr(self.stubs[address], method)(request, timeout=timeout, metadata=self.metadata, **expect)
 
         return attempt
 
@@ -239,19 +246,20 @@ class RetrieverClient:
         except CallFailed as err:
             return err
 
-    async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+    async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline, **expect):
         """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""
         attempts = Attempts(replicas, self.failover, deadline, fail_over=self.fan_out)
         try:
-            return await call_async(attempts, self._attempt(method, request))
+            return await call_async(attempts, self._attempt(method, request, **expect))
         except CallFailed as err:
             return err
 
     async def _every_shard(self, method: str, request, deadline: Deadline,
-                           ends_call: Callable[[object], bool] = lambda outcome: False) -> list:
+                           ends_call: Callable[[object], bool] = lambda outcome: False, **expect) -> list:
         """Each shard's answer or CallFailed, asked at once; None for those cancelled once one `ends_call`.
-        Any other exception (a channel closed under the call) ends the call too, and is raised."""
-        outcomes = await gather_until([self._attempts(s, method, request, deadline) for s in self.sets],
+        Any other exception (a channel closed under the call) ends the call too, and is raised. A Search's
+        answers must have the shape `expect=` (an AnswerShape) names."""
+        outcomes = await gather_until([self._attempts(s, method, request, deadline, **expect) for s in self.sets],
                                       lambda outcome: ends_call(outcome) or not_a_status(outcome))
         for outcome in filter(not_a_status, outcomes):
             raise outcome
@@ -290,7 +298,7 @@ class RetrieverClient:
                 raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
             name_in_part(self.sets, answered, infos)
             return infos
-        every = self._on_loop(self._replica_infos(deadline))
+        every = self._on_loop(replica_infos(self.stubs, self.sets, self._probe_timeout(deadline), self.metadata))
         problem = check_shards([[info, *replicas] for info, replicas in zip(infos, every)])
         if problem is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
@@ -308,20 +316,6 @@ class RetrieverClient:
 
     def _probe_deadline(self, deadline: Deadline) -> Deadline:
         return Deadline(self._probe_timeout(deadline))
-
-    async def _replica_infos(self, deadline: Deadline) -> list[list[pb.InfoResponse]]:
-        """GetInfo of every replica of each shard that answers within `_probe_timeout`, so that a replica
-        that is not what the others are (another shard, a router) is found before it answers a search."""
-        timeout = self._probe_timeout(deadline)
-
-        async def one(address: str) -> pb.InfoResponse | None:
-            try:
-                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=self.metadata)
-            except grpc.aio.AioRpcError:
-                return None  # down now: not checked (failover copes with a replica that fails)
-
-        found = await asyncio.gather(*(asyncio.gather(*(one(a) for a in s.addresses)) for s in self.sets))
-        return [[info for info in infos if info is not None] for infos in found]
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
@@ -378,7 +372,7 @@ class RetrieverClient:
             return isinstance(outcome, CallFailed) and not (
                 allow_partial and (isinstance(outcome, ShardFailed) or outcome.code == late))
 
-        outcomes = self._on_loop(self._every_shard("Search", body, deadline, ends_call))
+        outcomes = self._on_loop(self._every_shard("Search", body, deadline, ends_call, expect=AnswerShape.of(request)))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
         answers, failed = [], {}

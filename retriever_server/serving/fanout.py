@@ -1,10 +1,13 @@
 """S shards x R replicas as the router and the fan-out client see them: the `--shards` syntax, the
-replica sets and their names, and the check that the shards are one whole datastore (failover itself:
-`failover`)."""
+replica sets and their names, and the check, from every replica's GetInfo, that the shards are one
+whole datastore (failover itself: `failover`)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+
+import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import shard_name
@@ -136,3 +139,19 @@ def view_of(info: pb.InfoResponse) -> DatastoreView:
     row_bytes = {p.name: nbytes(numpy_dtype(p.dtype), p.row_shape) for p in info.payloads}
     return DatastoreView(info.dimension, info.nlist, info.default_nprobe, info.has_keys, row_bytes,
                          info.datastore_version)
+
+
+async def replica_infos(stubs: dict, sets: list[ReplicaSet], timeout: float,
+                        metadata: tuple) -> list[list[pb.InfoResponse]]:
+    """GetInfo of every replica of each shard that answers within `timeout` s (asyncio `stubs` by
+    address), so that a replica that is not what the others are (another shard, a router) is found
+    before it answers a search. A replica down now is left out: failover copes with one that fails."""
+
+    async def one(address: str) -> pb.InfoResponse | None:
+        try:
+            return await stubs[address].GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError:
+            return None
+
+    found = await asyncio.gather(*(asyncio.gather(*(one(a) for a in s.addresses)) for s in sets))
+    return [[info for info in infos if info is not None] for infos in found]

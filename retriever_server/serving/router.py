@@ -45,7 +45,7 @@ from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
 from retriever_server.wire.response import encode_search_response
-from retriever_server.wire.result import SearchResult
+from retriever_server.wire.result import AnswerShape, SearchResult
 from retriever_server.wire.stub import retriever_stub
 from retriever_server.wire.untrusted import one_line, safe_text
 
@@ -251,12 +251,12 @@ class RouterService(BaseRetrieverService):
                                f"{self.shard_request_bytes} bytes")
         return forwarded, spec
 
-    async def _search_shard(self, replicas: ReplicaSet, request: bytes, deadline: Deadline,
-                            partial: bool):
+    async def _search_shard(self, replicas: ReplicaSet, request: bytes, deadline: Deadline, partial: bool,
+                            expect: AnswerShape):
         """One shard's answer, by the failover policy; ShardFailed when the others may answer without it
         (every replica failed, or, with `partial`, its time ran out); RequestError when the call must fail whole."""
         def attempt(address: str, timeout: float | None):
-            return self.stubs[address].Search(request, timeout=timeout, metadata=self.metadata)
+            return self.stubs[address].Search(request, expect=expect, timeout=timeout, metadata=self.metadata)
 
         try:
             return await call_async(Attempts(replicas, self.config.failover, deadline), attempt)
@@ -283,7 +283,8 @@ class RouterService(BaseRetrieverService):
         def ends_call(outcome) -> bool:  # a refusal, or, unless a partial answer is allowed, a shard lost
             return isinstance(outcome, BaseException) and not (spec.allow_partial and isinstance(outcome, ShardFailed))
 
-        outcomes = await gather_until([self._search_shard(s, forwarded, deadline, spec.allow_partial)
+        expect = AnswerShape(spec.nq, spec.k, spec.payloads, spec.return_keys, spec.successors)  # each shard's answer
+        outcomes = await gather_until([self._search_shard(s, forwarded, deadline, spec.allow_partial, expect)
                                        for s in self.sets], ends_call)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.wire.result import SearchResult
+from retriever_server.wire.result import SearchResult, float_keys
 from retriever_server.wire.tensors import checked_dtype
 from retriever_server.wire.wire_scan import LENGTH, VARINT, WireError, fields, varint
 
@@ -160,10 +160,10 @@ def _read(raw: memoryview, aligned: bool) -> SearchResult:
         return {key: _array(raw, t, f"{_MAPS[number]}[{key}]", aligned) for key, t in layout.maps[number].items()}
 
     ids, distances, payloads = array(1), array(2), named(3)  # from_proto's order
-    keys = array(4).astype(np.float32, copy=False) if 4 in layout.tensors else None
+    keys = float_keys(array(4), "keys") if 4 in layout.tensors else None
     successor_ids = array(8) if 8 in layout.tensors else None
     successor_payloads = named(9)
-    successor_keys = array(10).astype(np.float32, copy=False) if 10 in layout.tensors else None
+    successor_keys = float_keys(array(10), "successor_keys") if 10 in layout.tensors else None
     return SearchResult(ids, distances, payloads=payloads, keys=keys, partial=layout.partial,
                         failed_shards=dict(layout.failures), datastore_version=layout.version,
                         successor_ids=successor_ids, successor_payloads=successor_payloads,

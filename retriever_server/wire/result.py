@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
-from retriever_server.wire.tensors import fill_tensor, from_tensor
+from retriever_server.wire.tensors import TensorError, fill_tensor, from_tensor, shown_shape
+
+KEY_DTYPES = (np.dtype("<f4"), np.dtype("<f2"))  # the keys an answer may carry (float16 is read as float32)
 
 
 @dataclass
@@ -64,8 +66,7 @@ class SearchResult:
             ids=from_tensor(response.ids, "ids"),
             distances=from_tensor(response.distances, "distances"),
             payloads={name: from_tensor(t, f"payloads[{name}]") for name, t in response.payloads.items()},
-            keys=from_tensor(response.keys, "keys").astype(np.float32, copy=False)
-            if response.HasField("keys") else None,
+            keys=float_keys(from_tensor(response.keys, "keys"), "keys") if response.HasField("keys") else None,
             partial=response.partial,
             failed_shards={f.shard: f.reason for f in response.failed_shards},
             datastore_version=response.datastore_version,
@@ -73,6 +74,83 @@ class SearchResult:
             if response.HasField("successor_ids") else None,
             successor_payloads={name: from_tensor(t, f"successor_payloads[{name}]")
                                 for name, t in response.successor_payloads.items()},
-            successor_keys=from_tensor(response.successor_keys, "successor_keys").astype(np.float32, copy=False)
+            successor_keys=float_keys(from_tensor(response.successor_keys, "successor_keys"), "successor_keys")
             if response.HasField("successor_keys") else None,
         )
+
+
+def float_keys(array: np.ndarray, name: str) -> np.ndarray:
+    """An answer's keys as float32; TensorError for keys of another dtype (uint8 keys widened would take 4x
+    their bytes in the caller's memory)."""
+    if array.dtype not in KEY_DTYPES:
+        raise TensorError(f"{name}.dtype is {array.dtype.name}: keys travel as float32 or float16")
+    return array.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class AnswerShape:
+    """What the answer to one Search request must hold: its arrays' dtypes and leading dimensions, the
+    payloads asked for and nothing else, keys and successors when asked for. A caller checks a server's
+    answer with `check` before it trusts its shapes (a merge, an LM worker indexing by them)."""
+
+    nq: int
+    k: int
+    payloads: tuple[str, ...] = ()
+    keys: bool = False
+    successors: int = 0
+
+    @classmethod
+    def of(cls, request: pb.SearchRequest) -> AnswerShape:
+        """The shape of the answer to `request`, as a server answers it."""
+        nq = int(request.queries.shape[0]) if len(request.queries.shape) else 0
+        return cls(nq, int(request.k), tuple(dict.fromkeys(request.payloads)), bool(request.return_keys),
+                   int(request.successors))
+
+    def check(self, result: SearchResult) -> SearchResult:
+        """`result` itself; TensorError naming the first field that is not what the request asked for."""
+        rows, grown = (self.nq, self.k), (self.nq, self.k, self.successors)
+        _expect(result.ids, "ids", rows, 0, np.int64)
+        _expect(result.distances, "distances", rows, 0, np.float32)
+        _expect_named(result.payloads, "payloads", self.payloads, rows)
+        if self.keys != (result.keys is not None):
+            raise TensorError("keys " + ("are missing" if self.keys else "were not asked for"))
+        if result.keys is not None:
+            _expect(result.keys, "keys", rows, 1, np.float32)
+        successors = bool(self.successors)
+        if successors != (result.successor_ids is not None):
+            raise TensorError("successor_ids " + ("are missing" if successors else "were not asked for"))
+        if result.successor_ids is not None:
+            _expect(result.successor_ids, "successor_ids", grown, 0, np.int64)
+        _expect_named(result.successor_payloads, "successor_payloads", self.payloads if successors else (), grown)
+        if (self.keys and successors) != (result.successor_keys is not None):
+            raise TensorError("successor_keys " + ("are missing" if self.keys and successors else
+                                                   "were not asked for"))
+        if result.successor_keys is not None:
+            _expect(result.successor_keys, "successor_keys", grown, 1, np.float32)
+            if result.successor_keys.shape[-1] != result.keys.shape[-1]:
+                raise TensorError(f"successor_keys.shape {shown_shape(result.successor_keys.shape)} is not as wide "
+                                  f"as keys.shape {shown_shape(result.keys.shape)}")
+        return result
+
+
+def _expect(array: np.ndarray, name: str, leading: tuple[int, ...], more: int | None,
+            dtype: type | None = None) -> None:
+    """TensorError unless `array` starts with the dimensions `leading`, has `more` after them (None: any
+    number), and has `dtype` (None: any)."""
+    shape = array.shape
+    if shape[:len(leading)] != leading or (more is not None and len(shape) != len(leading) + more):
+        tail = "" if more is None else f" and {more} more" if more else " alone"
+        raise TensorError(f"{name}.shape is {shown_shape(shape)}, expected {list(leading)}{tail}")
+    if dtype is not None and array.dtype != dtype:
+        raise TensorError(f"{name}.dtype is {array.dtype.name}, expected {np.dtype(dtype).name}")
+
+
+def _expect_named(arrays: dict[str, np.ndarray], name: str, names: tuple[str, ...],
+                  leading: tuple[int, ...]) -> None:
+    """TensorError unless `arrays` holds exactly `names`, each starting with the dimensions `leading`."""
+    if set(arrays) != set(names):
+        extra, missing = sorted(set(arrays) - set(names)), sorted(set(names) - set(arrays))
+        raise TensorError(f"{name} holds {len(extra)} not asked for and lacks {missing[:8]}" if missing
+                          else f"{name} holds {len(extra)} not asked for")
+    for key in names:
+        _expect(arrays[key], f"{name}[{key}]", leading, None)

@@ -22,6 +22,7 @@ import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.response_reader import decode_search_response
+from retriever_server.wire.result import AnswerShape
 from retriever_server.wire.untrusted import one_line
 
 SERVICE = "/retrieval.v1.Retriever"
@@ -49,28 +50,44 @@ class _ReadingCall:
         self._asyncio = isinstance(channel, grpc.aio.Channel)
 
     def __call__(self, request, **kwargs):
+        return self._issue(request, self._read, kwargs)
+
+    def _issue(self, request, read: Callable[[bytes], object], kwargs: dict):
         if self._asyncio:
-            return self._read_when_done(self._call(request, **kwargs))
-        return self._answer(self._call(request, **kwargs))
+            return self._read_when_done(self._call(request, **kwargs), read)
+        return self._answer(self._call(request, **kwargs), read)
 
-    async def _read_when_done(self, call) -> object:
-        return self._answer(await call)
+    async def _read_when_done(self, call, read: Callable[[bytes], object]) -> object:
+        return self._answer(await call, read)
 
-    def _answer(self, raw: bytes) -> object:
+    def _answer(self, raw: bytes, read: Callable[[bytes], object]) -> object:
         try:
-            return self._read(raw)
+            return read(raw)
         except Exception as err:  # noqa: BLE001 - any answer that does not read fails the call alike
             raise _unreadable(self._method, err) from None
 
 
+class _SearchCall(_ReadingCall):
+    """Search, whose answer must also have the shape its request asks for: `expect`, else the request's
+    own where it is a message (bytes forwarded as they came are checked with `expect` alone)."""
+
+    def __call__(self, request, expect: AnswerShape | None = None, **kwargs):
+        if expect is None and isinstance(request, pb.SearchRequest):
+            expect = AnswerShape.of(request)
+        if expect is None:
+            return self._issue(request, self._read, kwargs)
+        return self._issue(request, lambda raw: expect.check(self._read(raw)), kwargs)
+
+
 class _Stub:
     def __init__(self, channel, aligned: bool):
-        self.Search = _ReadingCall(channel, "Search", functools.partial(decode_search_response, aligned=aligned))
+        self.Search = _SearchCall(channel, "Search", functools.partial(decode_search_response, aligned=aligned))
         self.GetInfo = _ReadingCall(channel, "GetInfo", pb.InfoResponse.FromString)
 
 
 def retriever_stub(channel, aligned: bool = True):
-    """The stub of the Retriever service on `channel` (blocking or asyncio): `.Search(request, ...)`
-    and `.GetInfo(request, ...)`, with the keyword arguments of any gRPC call. `aligned=False` leaves
+    """The stub of the Retriever service on `channel` (blocking or asyncio): `.Search(request, expect=None,
+    ...)`, whose answer not of the shape `expect` (else the request's) fails the call with INTERNAL, and
+    `.GetInfo(request, ...)`, with the keyword arguments of any gRPC call. `aligned=False` leaves
     misaligned arrays as views (a router, whose merge copies them anyway)."""
     return _Stub(channel, aligned)
