@@ -4,6 +4,7 @@ exclusion checked on the ids the retriever returns; the service equals the in-pr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sysconfig
@@ -281,6 +282,14 @@ def test_lm_perplexity_matches_window_by_window_reference(lm, stores):
         evaluate_lm(lm, heldout, EvalConfig(context_len=128, stride=64), progress=False)
 
 
+def test_a_model_whose_log_probabilities_hold_nan_is_an_error_not_a_perplexity_of_inf(lm, stores):
+    broken = copy.deepcopy(lm)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="tokens is NaN: the model's log-probabilities hold NaN"):
+        evaluate_lm(broken, stores[1], KNN, progress=False)
+
+
 @pytest.mark.parametrize("exclude, temperature", [(False, 1.0), (True, 1.0), (True, 3.0)],
                          ids=["all-rows", "exclude-own-document", "exclude-own-document-T3"])
 def test_knnlm_matches_brute_force_reference(lm, stores, knn_datastore, exclude, temperature):
@@ -537,6 +546,9 @@ def test_write_report(tmp_path, lm, retro_model, stores, encoder, knn_datastore,
                                f"T=1) | {knn.tokens} | {knn.best_perplexity:.3f} | {change:+.1f}% |")
     assert lines[4] == f"| RETRO, neighbours withheld | {retro.tokens} | {retro.perplexity_without:.3f} | base |"
     assert lines[5].startswith(f"| RETRO (K=2) | {retro.tokens} | {retro.perplexity:.3f} | ")
+    write_report(tmp_path / "eval", None, retro, {"run": "retro alone"})  # the same folder, RETRO alone
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["eval.json", "table.md"]  # no stale plot
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["knnlm"] is None
 
 
 def test_following_pointers_searches_less_and_equals_full_retrieval_when_no_chain_holds(lm, stores, knn_datastore):

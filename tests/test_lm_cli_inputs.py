@@ -301,3 +301,15 @@ def test_encode_refuses_cuda_on_a_machine_without_it_before_any_ray_work(run, tm
                          "cuda")
     assert err.startswith("lm-worker encode: error: --device 'cuda': this machine has 0 CUDA devices"), err
     assert not (tmp_path / "src").exists()
+
+
+@pytest.mark.parametrize("cpus, threads", [("0.5", 1), ("1", 1), ("4", 4), ("2.5", 2)])
+def test_eval_workers_compute_with_the_cpus_they_reserve(cpus, threads):
+    """--worker-cpus 4 reserved 4 CPUs a worker and computed with one PyTorch thread."""
+    from lm_worker.cli import build_parser
+    from lm_worker.cli.evaluate import worker_pool
+
+    args = build_parser().parse_args(["eval", "--data", "d", "--out", "o", "--lm", "m", "--workers", "2",
+                                      "--worker-cpus", cpus])
+    pool = worker_pool(args)
+    assert (pool.num_cpus, pool.torch_threads, pool.workers) == (float(cpus), threads, 2)

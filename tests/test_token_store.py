@@ -312,3 +312,20 @@ def test_a_split_written_again_is_swapped_in_whole(tmp_path, monkeypatch):
     new = write_token_store(split, [("c", [6, 7, 8, 9])], eos_id=0, tokenizer_fingerprint="new")
     assert new.tokenizer_fingerprint == "new" and np.asarray(new.tokens).tolist() == [6, 7, 8, 9, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]
+
+
+def test_a_file_name_that_is_not_utf8_is_named_by_its_escapes(tmp_path):
+    """A folder corpus holding a file whose name's bytes are not UTF-8 prepares (it stopped prepare with
+    UnicodeEncodeError), the document named by its escapes, held out or not by those bytes alone."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"f{i}.txt").write_text(CODE)
+    with open(os.path.join(os.fsencode(folder), b"bad\xff.txt"), "w") as f:
+        f.write(CODE)
+    config = PrepareConfig(out=tmp_path / "data", corpus=str(folder), vocab_size=300, heldout_fraction=0.5,
+                           progress=False)
+    prepare_corpus(config)
+    names = [d.name for s in ("train", "heldout") for d in TokenStore.open(config.out / s).documents]
+    assert sorted(names) == sorted(["bad\\xff.txt", *(f"f{i}.txt" for i in range(12))])
+    assert [d.name for d in read_corpus(str(folder))][0] == "bad\\xff.txt"

@@ -59,7 +59,8 @@ def add_parser(sub) -> None:
                    help="spread the evaluation over this many LM worker actors on the Ray cluster (0: in this "
                         "process); finished shares are checkpointed in OUT/shares and reused by a rerun with "
                         "the same model, datastore version and token store")
-    v.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
+    v.add_argument("--worker-cpus", type=float, default=1.0,
+                   help="CPUs per worker actor; its PyTorch threads are the whole CPUs of it, at least 1")
     v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
     v.add_argument("--batches-per-share", type=int, default=4)
     add_ray_address(v)
@@ -139,12 +140,20 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
     return knn, retro
 
 
-def _distributed(args: argparse.Namespace, store, config):
-    from lm_worker.evaluation.distributed import EvalJob, WorkerPoolConfig, evaluate_distributed
+def worker_pool(args: argparse.Namespace):
+    """The WorkerPoolConfig of eval's flags: each worker computes with the whole CPUs it reserves."""
+    from lm_worker.evaluation.distributed import WorkerPoolConfig
 
-    pool = WorkerPoolConfig(workers=args.workers, batches_per_share=args.batches_per_share, num_cpus=args.worker_cpus,
+    return WorkerPoolConfig(workers=args.workers, batches_per_share=args.batches_per_share, num_cpus=args.worker_cpus,
                             num_gpus=args.worker_gpus, device="cuda" if args.worker_gpus else "cpu",
-                            address=args.address, progress=not args.no_progress)
+                            torch_threads=max(1, int(args.worker_cpus)), address=args.address,
+                            progress=not args.no_progress)
+
+
+def _distributed(args: argparse.Namespace, store, config):
+    from lm_worker.evaluation.distributed import EvalJob, evaluate_distributed
+
+    pool = worker_pool(args)
     results = {}
     for kind, model_flag, checkpoint in (("knnlm", "lm", args.lm), ("retro", "retro", args.retro)):
         if not checkpoint:

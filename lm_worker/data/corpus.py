@@ -57,10 +57,11 @@ def read_text_folder(folder: Path, suffixes: tuple[str, ...] = (".txt", ".md", "
 
 def _read_files(root: Path, paths: list[Path]) -> Iterator[Document]:
     """The files as UTF-8 text (newlines as "\n"); bytes that are not UTF-8 read as U+FFFD, and the files
-    that hold any are named in one warning once all are read."""
+    that hold any are named in one warning once all are read. A file name's bytes that are not UTF-8 are
+    named by their escapes (`bad\\xff.txt`)."""
     mangled = []
     for path in paths:
-        name = path.relative_to(root).as_posix()
+        name = _shown(path.relative_to(root).as_posix())
         data = path.read_bytes()
         try:
             text = data.decode("utf-8")
@@ -134,3 +135,9 @@ def _record(path: Path, line_number: int, raw: bytes) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{path}:{line_number} holds a JSON {type(record).__name__}, not an object")
     return record
+
+
+def _shown(name: str) -> str:
+    """A file name that is text: the bytes of a name that are not UTF-8 (which Python holds as lone
+    surrogates, refused by every encoder) as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -91,7 +91,14 @@ def scored_positions(store: TokenStore, max_tokens: int = 0) -> int:
 
 
 def perplexity(nll: float, tokens: int) -> float:
-    """exp(nll / tokens): the perplexity of a summed negative log-likelihood (inf when it overflows)."""
+    """exp(nll / tokens): the perplexity of a summed negative log-likelihood (inf when it overflows).
+
+    Raises:
+        ValueError: `nll` is NaN (a model whose log-probabilities hold NaN), which no perplexity stands for.
+    """
+    if math.isnan(nll):
+        raise ValueError(f"the negative log-likelihood of {tokens} tokens is NaN: the model's log-probabilities hold "
+                         "NaN (an overflow in half precision, or weights that hold NaN)")
     mean = nll / max(tokens, 1)
     return math.exp(mean) if mean < 700 else math.inf
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
+from lm_worker.data.token_store import write_text_atomically
 from lm_worker.evaluation.config import perplexity
 from lm_worker.evaluation.knnlm_eval import KnnEvalResult
 from lm_worker.evaluation.retro_eval import RetroEvalResult
@@ -110,14 +112,20 @@ def _json_safe(value):
 
 def write_report(out_dir: Path, knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta: dict) -> str:
     """Writes OUT/eval.json (every number; non-finite as null), OUT/table.md and, with a kNN-LM result,
-    OUT/ppl_vs_lambda.png. Returns the table's text."""
+    OUT/ppl_vs_lambda.png (without one, an earlier run's is removed); each file whole or as it was. Returns
+    the table's text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     body = {"meta": meta, "knnlm": knn.to_dict() if knn else None, "retro": retro.to_dict() if retro else None}
-    (out / "eval.json").write_text(json.dumps(_json_safe(body), indent=2, default=str))
     table = report_table(knn, retro, meta)
-    (out / "table.md").write_text(table)
-    if knn is not None:
-        _plot_lambdas(knn, out / "ppl_vs_lambda.png")
+    plot = out / "ppl_vs_lambda.png"
+    if knn is not None:  # each file whole or as it was: through a temporary name beside it
+        drawn = out / f".ppl_vs_lambda.{os.getpid()}.tmp.png"
+        _plot_lambdas(knn, drawn)
+        os.replace(drawn, plot)
+    else:
+        plot.unlink(missing_ok=True)  # an earlier run's, of a kNN-LM this report does not hold
+    write_text_atomically(out / "eval.json", json.dumps(_json_safe(body), indent=2, default=str))
+    write_text_atomically(out / "table.md", table)
     log.info("wrote the evaluation report to %s", out)
     return table
