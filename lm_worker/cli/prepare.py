@@ -56,7 +56,9 @@ def add_parsers(sub) -> None:
 
 # what `train`'s errors name, said as its flags
 TRAIN_FLAGS = {"lr": "--lr", "neighbours_dir": "--neighbours", "resume=False": "--restart", "init_from": "--init-from",
-               "kind 'retro'": "--kind retro", "seq_len": "--seq-len"}
+               "kind 'retro'": "--kind retro", "seq_len": "--seq-len", "out_dir": "--out",
+               "freeze_base=False": "--train-base", "freeze_base=True": "no --train-base",
+               "freeze_base": "--train-base"}
 
 
 def refuse_train(args: argparse.Namespace) -> None:

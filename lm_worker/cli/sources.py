@@ -103,11 +103,15 @@ def encode_window(args: argparse.Namespace) -> tuple[int, int]:
 
 def check_device(args: argparse.Namespace) -> None:
     """Refuses a --device this machine lacks before any Ray work, unless the workers run on a cluster that
-    --address or RAY_ADDRESS names (its GPUs are not this machine's); "auto" becomes cuda or cpu here."""
+    --address or RAY_ADDRESS names (its GPUs are not this machine's); "auto" becomes cuda or cpu here. A device
+    index (cuda:N) is refused with --workers > 0: each worker actor sees only the GPU it was given, as cuda."""
     import os
 
     from lm_worker.training.config import pick_device
 
+    if args.workers > 0 and args.device.startswith("cuda:"):
+        raise ValueError(f"--device {args.device} names one GPU, but each of the --workers {args.workers} actors "
+                         "takes a GPU of its own (seen as cuda): give --device cuda, or --workers 0")
     if args.device == "auto" or args.workers == 0 or not (args.address or os.environ.get("RAY_ADDRESS")):
         with fields_as_flags({"device": "--device"}):
             args.device = str(pick_device(args.device))

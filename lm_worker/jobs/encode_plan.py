@@ -107,6 +107,8 @@ def check_config(config: EncodeJobConfig) -> None:
         raise ValueError(f"num_cpus must be > 0 and num_gpus >= 0, got {config.num_cpus} and {config.gpus}")
     if config.device.startswith("cuda") and config.gpus == 0:
         raise ValueError(f"device {config.device!r} needs num_gpus > 0 per worker")
+    if config.device.startswith("cuda:"):  # an actor sees only the GPUs Ray gave it, numbered from 0
+        raise ValueError(f"device {config.device!r} names one GPU, but each worker actor takes its own: give 'cuda'")
     if config.encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {config.encoder!r}")
     if config.kind == "knnlm" or config.encoder == "lm":

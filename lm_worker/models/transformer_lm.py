@@ -108,6 +108,7 @@ class TransformerLM(nn.Module):
     def keys(self, tokens: torch.Tensor) -> torch.Tensor:
         """kNN-LM keys (B, T, d_model) of `tokens` (B, T) alone: stops before the last feed-forward
         block and skips the output head, so encoding a datastore costs less than a full forward."""
+        check_token_ids(tokens, self.config.vocab_size)
         check_length(0, tokens.shape[1], self.config.max_len)
         x = self.drop(self.tok_emb(tokens))  # (B, T, C)
         for block in self.blocks[:-1]:

@@ -79,7 +79,7 @@ def load_neighbours(path: Path, chunk_len: int, vocab_size: int, store: TokenSto
             the vocabulary.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"RETRO training needs precomputed neighbours at {path} (run the encode step)")
+        raise FileNotFoundError(f"RETRO training needs precomputed neighbours at {path} (run lm-worker neighbours)")
     try:
         neighbours = np.load(path, mmap_mode="r", allow_pickle=False)
     except (EOFError, ValueError, OSError) as err:

@@ -30,7 +30,7 @@ class TrainConfig:
     base LM checkpoint to retro-fit (`lm_worker.training.retrofit`): the decoder takes the LM's shape and
     weights, and with `freeze_base` only the new layers train. `split` is the folder of the data the model
     trains on: "train", or "retro" (`prepare_retro_split`), text the LM never trained on, for retro-fitting
-    RETRO onto it; never a held-out one (`HELD_OUT`)."""
+    RETRO onto it; never a held-out one (`HELD_OUT`). `grad_clip` 0 clips no gradient."""
 
     kind: str = "lm"
     preset: str = "small"
@@ -67,6 +67,11 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        for name in ("weight_decay", "grad_clip"):  # grad_clip 0: no clipping; < 0 would flip the gradients
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")
         if not self.split or self.split != Path(self.split).name or self.split in (".", "..", *HELD_OUT):
             raise ValueError(f"split must name a folder of the data to train on (train, retro), not a "
                              f"held-out one ({', '.join(HELD_OUT)}), got {self.split!r}")

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
     if loaded.optimizer_state is None:
         raise ValueError(f"{out_dir / CHECKPOINT_NAME} has no optimizer state to resume from")
     previous = loaded.extra.get("train_config", {})
+    _check_same_parameters(out_dir / CHECKPOINT_NAME, optimizer, loaded.optimizer_state, previous, config)
     changed = {k for k, v in dataclasses.asdict(config).items() if previous.get(k) != v}
     if changed:
         log.warning("resuming with changed training settings: %s", sorted(changed))
@@ -97,6 +99,39 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
     optimizer.load_state_dict(loaded.optimizer_state)
     log.info("resuming from step %d of %s", loaded.step, out_dir / CHECKPOINT_NAME)
     return loaded.step, loaded.extra.get("losses", {"train": [], "heldout": []})
+
+
+def _check_same_parameters(file: Path, optimizer: torch.optim.Optimizer, state: dict, previous: dict,
+                           config: TrainConfig) -> None:
+    """ValueError when the checkpoint's optimizer state is for other trainable parameters than this run's
+    (`freeze_base` toggled, or `init_from` given or left out), naming the setting, before torch's opaque one."""
+    if config.init_from and "freeze_base" in previous and previous["freeze_base"] != config.freeze_base:
+        raise ValueError(f"resuming {file} with freeze_base={config.freeze_base} would change which parameters "
+                         f"train (it was trained with freeze_base={previous['freeze_base']}): keep that setting, or "
+                         "start afresh with resume=False")
+    saved = [len(group["params"]) for group in state.get("param_groups", [])]
+    now = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != now:
+        raise ValueError(f"{file} trained other parameters ({sum(saved)} tensors) than this run would "
+                         f"({sum(now)}; init_from or freeze_base changed?): start afresh with resume=False")
+
+
+def _check_out_dir(config: TrainConfig, out_dir: Path) -> None:
+    """ValueError for an `out_dir` whose checkpoint is `init_from`'s own file (training there would replace the
+    base LM, with or without resume), or that holds a model folder of another kind (config.json, which loading
+    the folder would then take instead of its checkpoint.pt)."""
+    if (out_dir / "config.json").exists():
+        raise ValueError(f"out_dir {out_dir} holds config.json: a model folder of another kind (Hugging Face), "
+                         "which loading it would take instead of a checkpoint written there; give another folder")
+    if not config.init_from:
+        return
+    from lm_worker.models.checkpoint import checkpoint_file
+
+    base = checkpoint_file(Path(config.init_from))  # FileNotFoundError when there is none
+    mine = out_dir / CHECKPOINT_NAME
+    if base is not None and mine.exists() and os.path.samefile(base, mine):
+        raise ValueError(f"out_dir {out_dir} holds the base LM that init_from {config.init_from} names: training "
+                         "there would replace it; give another output folder")
 
 
 def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Path | None = None,
@@ -127,9 +162,10 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(config, out_dir)
     torch.manual_seed(config.seed)
-    model, mcfg, base = _new_model(config, mcfg, fingerprint)
+    model, mcfg, base = _new_model(config, mcfg, fingerprint)  # init_from checked before out_dir is made
+    out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device)
     optimizer = make_optimizer(model, config)
     step, losses = 0, {"train": [], "heldout": []}
@@ -229,7 +265,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, windows: Win
     loss = _loss(model, windows.random(config.seed, step, config.batch_size, device), device, config.amp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if config.grad_clip:
+    if config.grad_clip:  # 0: no clipping
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     optimizer.step()
     return loss.item()
