@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_data import L, fake_neighbours, small_corpus
 
 from lm_worker.data.prepare import PrepareConfig, prepare_corpus
 from lm_worker.data.token_store import TokenStore, write_token_store
@@ -27,32 +28,16 @@ from lm_worker.training.train import evaluate, train
 
 BASE = TrainConfig(kind="lm", preset="tiny", seq_len=32, batch_size=8, steps=30, lr=3e-3, min_lr=3e-4, warmup=5,
                    eval_every=10, eval_batches=2, checkpoint_every=10, device="cpu")
-L = 4  # RetroConfig.tiny's chunk length
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """A repetitive corpus of 12 small files, prepared with a 300-token BPE vocabulary."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        lines = [f"def f{j % 5}(x):\n    return x + {j % 3}\n" for j in range(i, i + 60)]
-        (corpus / f"mod{i}.py").write_text("".join(lines))
-    out = tmp_path_factory.mktemp("data")
-    prepare_corpus(PrepareConfig(out=out, corpus=str(corpus), vocab_size=300, heldout_fraction=0.25, progress=False))
-    return out
+    return small_corpus(tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def neighbours_dir(data, tmp_path_factory) -> Path:
-    """Neighbours of every chunk: two chunk + continuation windows taken from elsewhere in the stream."""
-    out = tmp_path_factory.mktemp("retro-source")
-    for split in ("train", "heldout"):
-        tokens = np.asarray(TokenStore.open(data / split).tokens)
-        n = len(tokens) // L
-        starts = (np.arange(n)[:, None] * 7 + np.array([[3, 11]])) % (len(tokens) - 2 * L)  # (n, K)
-        rows = tokens[starts[..., None] + np.arange(2 * L)]  # (n, K, 2L)
-        np.save(out / f"neighbours-{split}.npy", rows.astype(np.int32))
-    return out
+    return fake_neighbours(data, tmp_path_factory.mktemp("retro-source"))
 
 
 @pytest.fixture(scope="module")

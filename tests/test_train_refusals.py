@@ -8,13 +8,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from train_data import fake_neighbours, small_corpus
 
 from lm_worker.cli import main
-from lm_worker.data.prepare import PrepareConfig, prepare_corpus
-from lm_worker.data.token_store import TokenStore
 from lm_worker.jobs.encode_plan import EncodeJobConfig, check_config
 from lm_worker.models.checkpoint import load_checkpoint
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
@@ -24,32 +22,17 @@ from lm_worker.training.train import train
 BASE = TrainConfig(kind="lm", preset="tiny", seq_len=16, batch_size=4, steps=2, lr=3e-3, min_lr=3e-4, warmup=1,
                    eval_every=2, eval_batches=1, checkpoint_every=10, device="cpu")
 RETRO = replace(BASE, kind="retro")
-L = 4  # RetroConfig.tiny's chunk length
 QUIET = ["--no-progress", "--log-level", "ERROR"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """A repetitive corpus of 12 small files, prepared with a 300-token BPE vocabulary."""
-    corpus = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (corpus / f"mod{i}.py").write_text("".join(f"def f{j % 5}(x):\n    return x + {j % 3}\n"
-                                                   for j in range(i, i + 60)))
-    out = tmp_path_factory.mktemp("data")
-    prepare_corpus(PrepareConfig(out=out, corpus=str(corpus), vocab_size=300, heldout_fraction=0.25, progress=False))
-    return out
+    return small_corpus(tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
 def neighbours_dir(data, tmp_path_factory) -> Path:
-    """Two neighbours of every chunk, windows taken from elsewhere in the stream."""
-    out = tmp_path_factory.mktemp("retro-source")
-    for split in ("train", "heldout"):
-        tokens = np.asarray(TokenStore.open(data / split).tokens)
-        n = len(tokens) // L
-        starts = (np.arange(n)[:, None] * 7 + np.array([[3, 11]])) % (len(tokens) - 2 * L)  # (n, K)
-        np.save(out / f"neighbours-{split}.npy", tokens[starts[..., None] + np.arange(2 * L)].astype(np.int32))
-    return out
+    return fake_neighbours(data, tmp_path_factory.mktemp("retro-source"))
 
 
 @pytest.fixture(scope="module")
