@@ -1,14 +1,15 @@
 """deploy/: the Helm chart, the KubeRay manifests and the Dockerfiles, checked by real tools.
 
 - The chart is linted and rendered by Helm's own engine (Helm's Go SDK, through helm-python-sdk),
-  with its default values and with 3 shards x 2 replicas, and every rendered object is validated
-  strictly against the Kubernetes JSON schemas (kubernetes-validate) of the chart's oldest
-  supported Kubernetes and of the newest one bundled.
+  with its default values and with 3 shards x 2 replicas, for the chart's oldest supported Kubernetes
+  and the newest one bundled, and every rendered object is validated strictly against that version's
+  Kubernetes JSON schemas (kubernetes-validate).
 - RayCluster and RayJob (ray.io/v1) are validated against deploy/schemas/kuberay-ray.io-v1.schema.json,
   KubeRay's spec fields, whose pod templates and other Kubernetes types resolve into the same
   Kubernetes schemas.
 - Every command in the manifests is parsed by the project's own CLI parsers, and the router's
-  shard list by the router's own parser.
+  shard list by the router's own parser. A RayJob's entry point must be one command as KubeRay
+  submits it (no shell operators outside quotes; several commands go in one `bash -c '...'`).
 - Every Ray container (head, workers, autoscaler, job submitter) turns Ray's token authentication on
   with the token from a Secret and runs unprivileged; the pods that may run the evaluation mount the
   files it reads.
@@ -66,11 +67,19 @@ def _hadolint() -> str:
 # ---------------------------------------------------------------- rendering and validation
 
 
-def render(values: dict | None = None) -> list[dict]:
-    """The chart's objects as `helm template RELEASE -n NAMESPACE` renders them."""
+def render(values: dict | None = None, kube_version: str | None = None) -> list[dict]:
+    """The chart's objects as `helm template RELEASE -n NAMESPACE [--kube-version V]` renders them (without
+    a version, Helm's default, a recent one)."""
     helm = _need("helm_python", "helm-python-sdk")
     with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+        if kube_version is None:
+            files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+        else:  # an option of the SDK's render that Chart.render does not pass on: its own native call, with it
+            from helm_python import _native
+
+            options = {"name": RELEASE, "namespace": NAMESPACE, "kube_version": f"v{kube_version}.0"}
+            files = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values or {}),
+                                                   json.dumps(options)))
     return [doc for path, text in sorted(files.items()) if path.endswith(".yaml")
             for doc in yaml.safe_load_all(text) if doc]
 
@@ -169,21 +178,59 @@ def server_args(container: dict, capsys):
     return parse_cli("retriever_server.cli", argv[1:], capsys)
 
 
+SHELL_OPERATORS = "();<>|&\n"
+
+
+def shell_words(line: str) -> list[str]:
+    """`line` split into words as a shell splits it, each run of operator characters outside quotes (`&&`,
+    `;`, `|`, `>`, a newline, ...) a word of its own. (A quoted `'&&'` is one too: refused alike.)"""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=SHELL_OPERATORS)
+    lexer.whitespace, lexer.whitespace_split, lexer.commenters = " \t\r", True, ""
+    return list(lexer)
+
+
+def _shell_syntax(words: list[str]) -> list[str]:
+    """Operators, comments and expansions among `words`."""
+    return [w for w in words if (w and set(w) <= set(SHELL_OPERATORS)) or w.startswith("#") or set(w) & set("$`")]
+
+
 def entrypoint_commands(entrypoint: str) -> list[list[str]]:
-    """A RayJob entry point (a shell command line) as its `&&`-joined commands."""
-    commands, current = [], []
-    for word in shlex.split(entrypoint):
+    """A RayJob entry point as the commands Ray runs; ValueError if it is not one command as submitted.
+
+    KubeRay pastes the entry point unquoted into its submitter's script, `... ray job submit ... --
+    ENTRYPOINT ; fi ; ray job logs ...`: after an operator (`&&`, `;`, `|`, a newline) the rest would run in
+    the submitter pod, not on Ray, and an expansion or comment would be the submitter's. Several commands go
+    in one `bash -c 'A && B'` (each only once the one before succeeded); Ray passes that script on in double
+    quotes (`subprocess.list2cmdline`), so it holds no `"`, `$`, `\\` or backquote."""
+    words = shell_words(entrypoint)
+    if bad := _shell_syntax(words):
+        raise ValueError(f"shell syntax outside quotes, which KubeRay pastes into the submitter's script: {bad}")
+    if words[:2] != ["bash", "-c"]:
+        return [words]
+    if len(words) != 3:
+        raise ValueError(f"bash -c takes the commands as one quoted script, got {words[2:]}")
+    if bad := set(words[2]) & set('"$`\\'):
+        raise ValueError(f"the script holds {sorted(bad)}, which Ray's double quotes around it would change")
+    commands: list[list[str]] = [[]]
+    for word in shell_words(words[2]):
         if word == "&&":
-            commands.append(current)
-            current = []
+            commands.append([])
+        elif _shell_syntax([word]):
+            raise ValueError(f"join the commands of the script with && alone, got {word!r}")
         else:
-            current.append(word)
-    return [*commands, current]
+            commands[-1].append(word)
+    if not all(commands):
+        raise ValueError(f"an empty command in {words[2]!r}")
+    return commands
 
 
 def job_commands(doc: dict, capsys) -> list:
+    try:
+        commands = entrypoint_commands(doc["spec"]["entrypoint"])
+    except ValueError as err:
+        pytest.fail(f"{_name(doc)}: {err}")
     parsed = []
-    for argv in entrypoint_commands(doc["spec"]["entrypoint"]):
+    for argv in commands:
         assert argv[:2] == ["python", "-m"], f"{_name(doc)}: run jobs as `python -m MODULE`: {argv}"
         parsed.append(parse_cli(argv[2], argv[3:], capsys))
     return parsed
@@ -212,7 +259,8 @@ def test_chart_lints_clean():
 @pytest.mark.parametrize("values", [{}, THREE_BY_TWO], ids=["defaults", "3x2"])
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_chart_renders_valid_kubernetes_objects(values, version):
-    docs = render(values)
+    docs = render(values, version)
+    assert docs == render(values)  # as for any newer version: nothing depends on it
     assert {d["kind"] for d in docs} == {"StatefulSet", "Service", "Deployment", "PodDisruptionBudget"}
     for doc in docs:
         assert errors(doc, version) is None, f"{_name(doc)}: {errors(doc, version)}"
@@ -347,6 +395,49 @@ def test_drain_fits_the_termination_grace_period(docs_3x2, capsys):
     assert sts["terminationGracePeriodSeconds"] == 7 + 11 + 30 + 10
 
 
+def test_fractional_drain_seconds_as_the_cli_takes_them(capsys):
+    """--drain-delay and --grace take fractions; the grace period, whole seconds, is their sum rounded up."""
+    docs = render({"shard": {"drainDelaySeconds": 2.5, "graceSeconds": 0.25, "terminationMarginSeconds": 0},
+                   "router": {"drainDelaySeconds": 0.5, "graceSeconds": 7.5}})
+    for doc in [*of_kind(docs, "StatefulSet"), *of_kind(docs, "Deployment")]:
+        assert errors(doc, K8S_VERSIONS[0]) is None, f"{_name(doc)}: {errors(doc, K8S_VERSIONS[0])}"
+        pod = doc["spec"]["template"]["spec"]
+        args = server_args(pod["containers"][0], capsys)
+        wanted = (2.5, 0.25, 3) if args.command == "serve" else (0.5, 7.5, 8 + 10)
+        assert (args.drain_delay, args.grace, pod["terminationGracePeriodSeconds"]) == wanted, _name(doc)
+
+
+@pytest.mark.parametrize("version", ["1.28", "1.29", "1.30", K8S_VERSIONS[-1]])
+@pytest.mark.parametrize("server", ["shard", "router"])
+def test_prestop_sleep_needs_kubernetes_1_30(server, version):
+    """A preStop hook's `sleep` action came with Kubernetes 1.30, below the chart's floor: there the chart
+    refuses preStopSleepSeconds rather than render what the API server rejects; its default renders."""
+    helm = _need("helm_python", "helm-python-sdk")
+    values = {server: {"preStopSleepSeconds": 3}}
+    if version in ("1.28", "1.29"):
+        with pytest.raises(helm.HelmError, match=re.escape(f"{server}.preStopSleepSeconds needs Kubernetes 1.30")):
+            render(values, version)
+        return
+    docs = render(values, version)
+    for doc in docs:
+        assert errors(doc, version) is None, f"{_name(doc)}: {errors(doc, version)}"
+    hooks = [d["spec"]["template"]["spec"]["containers"][0].get("lifecycle") for d in docs
+             if d["kind"] in ("StatefulSet", "Deployment")]
+    assert {"preStop": {"sleep": {"seconds": 3}}} in hooks
+
+
+@pytest.mark.parametrize("anti_affinity, rolling", [
+    ("soft", {"maxUnavailable": 0, "maxSurge": 1}),
+    ("none", {"maxUnavailable": 0, "maxSurge": 1}),
+    ("hard", {"maxUnavailable": 1, "maxSurge": 0}),
+])
+def test_router_rollout_fits_its_anti_affinity(anti_affinity, rolling):
+    """A surge router needs a node of its own under hard anti-affinity, which there may not be (routers >=
+    eligible nodes): the rollout would stall, so then an old router stops first."""
+    (router,) = of_kind(render({"router": {"antiAffinity": anti_affinity}}), "Deployment")
+    assert router["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": rolling}
+
+
 def test_router_is_given_every_replica_by_dns_name(docs_3x2, capsys):
     from retriever_server.serving.fanout import parse_shards
 
@@ -418,6 +509,21 @@ def test_disruption_budgets_cover_each_shard(docs_3x2):
     for sts in of_kind(docs_3x2, "StatefulSet"):
         budget = budgets[sts["metadata"]["name"]]
         assert budget["spec"]["selector"] == sts["spec"]["selector"] and budget["spec"]["maxUnavailable"] == 1
+    for value in ("50%", 0):  # Kubernetes takes a number or a percentage; 0 blocks voluntary evictions
+        budget = {"podDisruptionBudget": {"enabled": True, "maxUnavailable": value}}
+        docs = of_kind(render({"shard": budget, "router": budget}), "PodDisruptionBudget")
+        assert len(docs) == 3 and {d["spec"]["maxUnavailable"] for d in docs} == {value}
+        for doc in docs:
+            assert errors(doc, K8S_VERSIONS[0]) is None, f"{_name(doc)}: {errors(doc, K8S_VERSIONS[0])}"
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning", "ERROR"])
+def test_log_level_in_any_case_as_the_cli_takes_it(level, capsys):
+    docs = render({"logLevel": level})
+    for doc in [*of_kind(docs, "StatefulSet"), *of_kind(docs, "Deployment")]:
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        assert server_args(container, capsys).log_level == level.upper()
+        assert container["args"][container["args"].index("--log-level") + 1] == level.upper()
 
 
 @pytest.mark.parametrize("values, message", [
@@ -426,6 +532,11 @@ def test_disruption_budgets_cover_each_shard(docs_3x2):
     ({"shard": {"antiAffinity": "sometimes"}}, "/shard/antiAffinity"),
     ({"router": {"port": 70000}}, "/router/port"),
     ({"security": {"shardTokenSecret": ""}}, "/security/shardTokenSecret"),
+    ({"security": {"tlsSecret": ""}}, "/security/tlsSecret"),     # would render secretName: null
+    ({"logLevel": "verbose"}, "/logLevel"),
+    ({"shard": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "150%"}}}, "/maxUnavailable"),
+    ({"router": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": -1}}}, "/maxUnavailable"),
+    ({"shard": {"drainDelaySeconds": -0.5}}, "/shard/drainDelaySeconds"),
 ])
 def test_values_schema_rejects_bad_values(values, message):
     helm = _need("helm_python", "helm-python-sdk")
@@ -511,6 +622,44 @@ def test_job_entry_points_parse_and_match_the_chart(default_docs, capsys):
     # The actors fit the jobs' GPU workers.
     assert encode.device == "cuda" and encode.workers <= _gpus(jobs["retrieval-build"])
     assert evaluate.worker_gpus == 1 and evaluate.workers <= _gpus(jobs["retrieval-eval"])
+
+
+def test_every_rayjob_submits_one_command(capsys):
+    """Every RayJob under deploy/: its entry point is one command as KubeRay submits it, every command
+    inside it a `python -m` the project's parsers take."""
+    paths = sorted(p for p in DEPLOY.rglob("*.yaml") if not p.is_relative_to(CHART))
+    jobs = [d for d in load_manifests(paths) if d["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job_commands(job, capsys)
+
+
+@pytest.mark.parametrize("entrypoint", [
+    "python -m a --x 1 && python -m b",  # only `python -m a` would be submitted, the rest run in the submitter
+    "python -m a&&python -m b",
+    "python -m a; python -m b",
+    "python -m a || true",
+    "python -m a | tee log",
+    "python -m a\npython -m b",
+    "python -m a > log",
+    "python -m a &",
+    "python -m a --out $HOME",
+    "python -m a # note",
+    "bash -c 'python -m a; python -m b'",
+    "bash -c 'python -m a\npython -m b'",
+    "bash -c 'python -m a && python -m b' extra",
+    "bash -c 'python -m a --out \"x y\"'",
+    "bash -c 'python -m a &&'",
+])
+def test_entry_points_with_shell_syntax_are_refused(entrypoint):
+    with pytest.raises(ValueError):
+        entrypoint_commands(entrypoint)
+
+
+def test_entry_point_commands_inside_bash_c():
+    assert entrypoint_commands("python -m a --x 'y z'") == [["python", "-m", "a", "--x", "y z"]]
+    assert entrypoint_commands("bash -c 'python -m a --x 1 && python -m b:c'") == [
+        ["python", "-m", "a", "--x", "1"], ["python", "-m", "b:c"]]
 
 
 def _gpus(job: dict) -> int:

@@ -67,7 +67,7 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{/* The flags of `retriever-server` itself, before the command. */}}
 {{- define "rd.globalArgs" -}}
 - --log-level
-- {{ .Values.logLevel | quote }}
+- {{ .Values.logLevel | upper | quote }}
 - --log-format
 - {{ .Values.logFormat | quote }}
 {{- end -}}
@@ -193,10 +193,11 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end }}
 {{- end -}}
 
-{{/* Pod-level settings shared by shards and router: (dict "root" $ "server" ... "selector" dict). */}}
+{{/* Pod-level settings shared by shards and router: (dict "root" $ "server" ... "selector" dict). The grace
+     period is whole seconds: the sum of the (possibly fractional) seconds, rounded up. */}}
 {{- define "rd.podSpec" -}}
 {{- $server := .server -}}
-terminationGracePeriodSeconds: {{ add $server.preStopSleepSeconds $server.drainDelaySeconds $server.graceSeconds $server.terminationMarginSeconds }}
+terminationGracePeriodSeconds: {{ addf $server.preStopSleepSeconds $server.drainDelaySeconds $server.graceSeconds $server.terminationMarginSeconds | ceil | int }}
 {{- with .root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
@@ -231,7 +232,7 @@ affinity:
 {{- end }}
 {{- end -}}
 
-{{/* Container-level settings shared by shards and router: (dict "root" $ "server" ...). */}}
+{{/* Container-level settings shared by shards and router: (dict "root" $ "server" ... "values" "shard"|"router"). */}}
 {{- define "rd.containerCommon" -}}
 {{- $server := .server -}}
 image: {{ include "rd.image" .root }}
@@ -261,6 +262,10 @@ livenessProbe:
     port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.liveness | nindent 2 }}
 {{- if gt (int $server.preStopSleepSeconds) 0 }}
+{{- /* The preStop hook's `sleep` action came with Kubernetes 1.30; the chart supports 1.28. */}}
+{{- if not (semverCompare ">=1.30.0-0" .root.Capabilities.KubeVersion.Version) }}
+{{- fail (printf "%s.preStopSleepSeconds needs Kubernetes 1.30 or newer (a preStop hook's sleep action), and this cluster is %s: set it to 0 (the server's own drain delay, %s.drainDelaySeconds, holds requests off while it stops)" .values .root.Capabilities.KubeVersion.Version .values) }}
+{{- end }}
 lifecycle:
   preStop:
     sleep:
