@@ -102,6 +102,35 @@ def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     one_line_error(result, "did not let this process join within 8 s")
 
 
+@pytest.mark.parametrize("command", [["undeploy", "--name", "x"], ["lookup", "x"]])
+def test_sigterm_while_joining_a_cluster_is_an_interrupt(command):
+    """SIGTERM while a Ray command waits to join a cluster ends it as Ctrl-C does: "interrupted", status 130
+    (it was killed by the signal, no word said; after the join, status 15)."""
+    with socket.socket() as listener:  # a head that accepts and never answers: the join waits
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        process = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", *command,
+                                    f"--address=127.0.0.1:{listener.getsockname()[1]}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": "60"})
+        try:
+            lines = []
+            for line in process.stderr:  # until it waits for the join
+                lines.append(line)
+                if "joining the Ray cluster" in line:
+                    break
+            process.send_signal(signal.SIGTERM)
+            lines += process.stderr.readlines()
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    err = "".join(lines)
+    assert process.returncode == 130, err
+    assert f"retriever-server {command[0]}: interrupted\n" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
 def test_a_connect_timeout_that_is_no_time_is_refused_in_one_line(keys_file, tmp_path, value):
     result = run("build", str(keys_file), "--out", str(tmp_path / "ds"), "--address=127.0.0.1:1",

@@ -189,6 +189,9 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
             RayDeployment(config(datastore, "two", replicas=1)).start()
         with pytest.raises(DeploymentError, match="no deployment named 'nope'.*running there: two"):
             lookup("nope")
+        ray.kill(deployment.router, no_restart=True)  # Ray's error, as a deployment's (a traceback in the CLI)
+        with pytest.raises(DeploymentError, match="the router of 'two' is gone: "):
+            assert deployment.router_address
     assert actors_named("two/") == []
     with pytest.raises(DeploymentError, match="no deployment named 'two'"):
         lookup("two")
@@ -243,7 +246,7 @@ def test_cli_deploys_detached_then_looks_up_and_undeploys(cluster, datastore, ke
     assert cli.main(["lookup", "cli"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["retriever-server lookup: error: no deployment named 'cli' in namespace 'retrieval-datastore'; "
-                   "none is running there"]
+                   "running there: none"]
 
 
 @pytest.mark.ray

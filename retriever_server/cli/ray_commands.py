@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def add_parsers(command) -> None:
     d.add_argument("--detached", action="store_true",
                    help="return once serving and leave the actors running (needs a running cluster)")
     _add_ray_target(d)
-    d.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray cluster started when there is none")
+    d.add_argument("--num-cpus", type=positive_int,
+                   help="CPUs of the local Ray cluster deploy starts without --address or RAY_ADDRESS (not with "
+                        "--detached, which joins a running cluster)")
     d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     add_threads(d, "FAISS OpenMP threads per replica (0: FAISS default)")
     d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
@@ -84,7 +87,12 @@ def run_deploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.ray_security import check_exposure
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
 
+    signal.signal(signal.SIGTERM, interrupt)  # from the start, as Ctrl-C: "interrupted", what started stopped
     check_room_for_shards(args)
+    if args.num_cpus and (args.detached or args.address or os.environ.get("RAY_ADDRESS")):
+        raise CliError(f"--num-cpus sizes the local cluster deploy starts; with "
+                       f"{'--detached' if args.detached else '--address' if args.address else 'RAY_ADDRESS'} it "
+                       "joins a running one")
     if not args.name or "/" in args.name:  # the config would name its field
         raise CliError(f"--name {args.name!r}: a deployment's name is non-empty and holds no '/' (its actors are "
                        "named NAME/...)")
@@ -99,11 +107,12 @@ def run_deploy(args: argparse.Namespace) -> int:
     prepare_address_file(args.address_file, remove_stale=False)
     # detached actors need a lasting cluster; the actors' own logs stay in Ray's (their errors come back here)
     connect(args.address, args.num_cpus, existing=args.detached, log_to_driver=False)
+    signal.signal(signal.SIGTERM, interrupt)  # again: a local cluster's ray.init sets its own (an exit, status 15)
     check_name_free(args.name, args.namespace)  # a running deployment of that name keeps its address file...
     remove_address(args.address_file, stale=True)  # ...else the file there is a stopped one's
     deployment = RayDeployment(config)
-    signal.signal(signal.SIGTERM, interrupt)
     deployment.start()  # on an interrupt here, start() stops what it started
+    detached = False
     try:
         router = deployment.router_address
         for (shard, replica), node in sorted(deployment.placements.items()):
@@ -112,13 +121,16 @@ def run_deploy(args: argparse.Namespace) -> int:
         write_address(args.address_file, router, None, shards=deployment.shard_addresses, name=args.name,
                       namespace=args.namespace, **({"pid": None} if args.detached else {}))  # detached: no process
         if args.detached:
+            detached = True
             print(f"detached; stop it with: {PROG} undeploy --name {args.name}")
             return 0
         why = deployment.wait()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop a deploy that serves; a detached one is
+        if args.detached:  # stopped before it said so: it is undone, and the command was interrupted
+            raise
         return 0
     finally:
-        if not args.detached:
+        if not detached:  # serving until now, or a detached deploy that failed or was stopped on its way
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
             deployment.stop()
             remove_address(args.address_file)
@@ -130,6 +142,7 @@ def run_undeploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.connect import connect
     from retriever_server.cluster.ray_serving import undeploy
 
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C (the actors are killed, drained or not)
     connect(args.address, existing=True)
     count = undeploy(args.name, namespace=args.namespace, grace_s=args.grace)
     print(f"stopped {args.name}: {count} actors")
@@ -141,6 +154,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     from retriever_server.cluster.connect import connect
     from retriever_server.cluster.ray_serving import lookup
 
+    signal.signal(signal.SIGTERM, interrupt)
     connect(args.address, existing=True)
     print(lookup(args.name, namespace=args.namespace))
     return 0

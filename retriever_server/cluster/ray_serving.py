@@ -148,9 +148,8 @@ def check_name_free(name: str, namespace: str) -> None:
 
 
 def _not_found(name: str, namespace: str) -> DeploymentError:
-    others = running_deployments(namespace)
-    running = f"; running there: {', '.join(others)}" if others else "; none is running there"
-    return DeploymentError(f"no deployment named {name!r} in namespace {namespace!r}{running}")
+    others = ", ".join(running_deployments(namespace)) or "none"
+    return DeploymentError(f"no deployment named {name!r} in namespace {namespace!r}; running there: {others}")
 
 
 def lookup(name: str, namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.0) -> str:
@@ -178,19 +177,22 @@ def lookup(name: str, namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.
         raise _not_found(name, namespace) from None
     try:
         return ray.get(router.address.remote(), timeout=timeout_s)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+    except ray.exceptions.RayError as err:  # dead, restarting past the timeout
         raise DeploymentError(f"the router of {name!r} did not answer: {_failure(err)}") from None
 
 
 def _stop_actors(handles: list, grace_s: float) -> None:
-    """Drains the servers (the first handle, the router, before the others), then kills the actors."""
-    for group in (handles[:1], handles[1:]):
-        refs = [h.stop.remote(grace_s) for h in group]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
-    for handle in handles:
-        ray.kill(handle, no_restart=True)
-    sweep()  # on this node, the copies of secrets of actors killed before (the next actor to start sweeps too)
+    """Drains the servers (the first handle, the router, before the others), then kills every actor, a
+    drain cut short (Ctrl-C, SIGTERM) too."""
+    try:
+        for group in (handles[:1], handles[1:]):
+            refs = [h.stop.remote(grace_s) for h in group]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
+    finally:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+        sweep()  # on this node, the copies of secrets of actors killed before (the next actor to start sweeps too)
 
 
 def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0) -> int:
@@ -339,12 +341,21 @@ class RayDeployment:
     @property
     def router_address(self) -> str:
         """HOST:PORT of the router (asked of its actor, so current after a restart)."""
-        return ray.get(self._running_router().address.remote(), timeout=self.config.startup_timeout_s)
+        return self._answer(self._running_router().address.remote(), "the router")
 
     @property
     def shard_addresses(self) -> list[list[str]]:
         """Per shard, the addresses of its replicas that the router sends to now."""
-        return ray.get(self._running_router().replicas.remote(), timeout=self.config.startup_timeout_s)
+        return self._answer(self._running_router().replicas.remote(), "the router")
+
+    def _answer(self, refs, asked: str):
+        """`ray.get(refs)` within the startup timeout; DeploymentError, naming `asked`, for Ray's errors."""
+        try:
+            return ray.get(refs, timeout=self.config.startup_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise DeploymentError(f"{asked} of {self.config.name!r} did not answer in time") from None
+        except ray.exceptions.RayError as err:
+            raise DeploymentError(f"{asked} of {self.config.name!r} is gone: {_failure(err)}") from None
 
     def _running_router(self):
         if self.router is None:
@@ -355,7 +366,7 @@ class RayDeployment:
     def placements(self) -> dict[tuple[int, int], str]:
         """{(shard, replica): node_id} where each replica runs now."""
         handles = {(s, r): h for s, replicas in enumerate(self.shards) for r, h in enumerate(replicas)}
-        found = ray.get([h.describe.remote() for h in handles.values()], timeout=self.config.startup_timeout_s)
+        found = self._answer([h.describe.remote() for h in handles.values()], "a shard replica")
         return {key: d["node_id"] for key, d in zip(handles, found)}
 
     def wait(self, poll_s: float = 2.0) -> str:
