@@ -301,6 +301,16 @@ def test_a_job_without_pointers_is_described_as_before_the_pointer_fields_existe
     assert pointers.describe() != plain.describe()
 
 
+def test_a_job_names_its_files_as_workers_in_other_folders_see_them(tmp_path, monkeypatch):
+    """Workers run in folders of Ray's: a job's relative paths are made absolute (they named files there)."""
+    monkeypatch.chdir(tmp_path)
+    job = EvalJob(kind="retro", checkpoint=Path("retro"), store=Path("data/heldout"), target="127.0.0.1:1",
+                  tokenizer=Path("data/tokenizer.json"), encoder_lm=Path("lm"))
+    assert (job.checkpoint, job.store, job.tokenizer, job.encoder_lm) == (
+        tmp_path / "retro", tmp_path / "data/heldout", tmp_path / "data/tokenizer.json", tmp_path / "lm")
+    assert dataclasses.replace(job, tokenizer=None).tokenizer is None
+
+
 def test_a_service_down_or_of_another_kind_is_refused_before_any_worker_starts(knn, retro, data, tmp_path):
     """The driver asks the service first, as an evaluation in one process does: its error in one line
     (a RetrieverError, a ValueError naming the kind), not a worker's traceback from Ray."""

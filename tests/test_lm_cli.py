@@ -163,6 +163,8 @@ def test_retro_half(lm_run, capsys, monkeypatch):
                   "--target", target, "--k", "2", "--nprobe", "4", "--seq-len", "32")
         assert "train: neighbours" in out and (run / "retro-source" / "neighbours-heldout.npy").is_file()
         assert json.loads((run / "retro-source" / "neighbours-train.json").read_text()) == {"window": 32}
+        searched = json.loads((run / "retro-source" / "neighbours-search.json").read_text())  # as the pipeline's
+        assert searched["train"] == searched["heldout"] == {"nprobe": 4, "exact_rerank": False, "rerank_candidates": 0}
         with monkeypatch.context() as patched:  # a fetch for another window fails (the service, say)
             patched.setattr(neighbours_module, "precompute_neighbours", failing_fetch)
             assert main(["--no-progress", "--log-level", "ERROR", "neighbours", "--source",

@@ -138,6 +138,8 @@ def test_prepare_refuses_a_negative_budget_before_any_work(run, tmp_path, capsys
     (["demo", "--run", "{run}/afile/sub"], "--run {run}/afile/sub lies under {run}/afile, which is a file"),
     (["pipeline", "--run", "{tmp}/r", "--train-tokens", "0"], "--train-tokens 0 trains the LM on every training "
      "document, which leaves none for --retro-tokens 3200000: give a --train-tokens budget, or --retro-tokens 0"),
+    (["pipeline", "--run", "{run}/afile", "--train-tokens", "0", "--retro-init", "scratch"],  # no retro split:
+     "--run {run}/afile exists and is not a folder"),  # --retro-tokens is not used, so not refused
     (["pipeline", "--run", "{run}/knnlm-ds"], "--run {run}/knnlm-ds is a datastore, not a run folder: give another "
      "folder"),
     (["demo", "--run", "{run}/lm"], "--run {run}/lm is a checkpoint folder, not a run folder: give another folder"),
@@ -313,3 +315,27 @@ def test_eval_workers_compute_with_the_cpus_they_reserve(cpus, threads):
                                       "--worker-cpus", cpus])
     pool = worker_pool(args)
     assert (pool.num_cpus, pool.torch_threads, pool.workers) == (float(cpus), threads, 2)
+
+
+def test_neighbours_refuse_a_datastore_built_from_another_source():
+    """The train split's exclusions are --source's rows: a datastore of other rows, another chunk length or
+    another encoder (whose kind and tokenizer agree) is refused, naming what differs."""
+    from types import SimpleNamespace
+
+    from lm_worker.cli.sources import check_built_from
+
+    source = SimpleNamespace(rows=100, chunk_len=8, encoder_fingerprint="minilm/wp256")
+    flags = SimpleNamespace(flag=lambda name: f"--{name}")
+
+    def retriever(ntotal: int = 100, **metadata) -> SimpleNamespace:
+        return SimpleNamespace(ntotal=ntotal, metadata={"kind": "retro", "chunk_len": "8", "encoder": "minilm/wp256",
+                                                        **metadata})
+
+    check_built_from(retriever(), source, "src", flags)
+    for made, words in ((retriever(ntotal=200), "200 rows, --source 100"),
+                        (retriever(chunk_len="4"), "chunk_len '4', --source 8"),
+                        (retriever(encoder="lm:abc"), "encoder 'lm:abc', --source 'minilm/wp256'")):
+        with pytest.raises(ValueError) as caught:
+            check_built_from(made, source, "src", flags)
+        assert str(caught.value) == f"the datastore of --target / --datastore was not built from --source src: it " \
+                                    f"has {words}"

@@ -25,10 +25,10 @@ from lm_worker.models.checkpoint import load_checkpoint
 from lm_worker.models.fingerprint import model_fingerprint
 from lm_worker.models.retro import RetroConfig
 from lm_worker.pipeline.config import PipelineConfig
-from lm_worker.pipeline.datastore_stage import SEARCH_RECORD
 from lm_worker.pipeline.run import run_pipeline
 from lm_worker.retrieval.config import RetrievalConfig
 from lm_worker.retrieval.in_process import InProcessRetriever
+from lm_worker.sources.neighbours import SEARCH_RECORD
 from lm_worker.training.config import TrainConfig
 from retriever_server.datastore.manifest import read_manifest
 

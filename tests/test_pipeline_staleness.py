@@ -177,8 +177,8 @@ def tune(monkeypatch, tmp_path):
     (tmp_path / "report").mkdir()
     config = PipelineConfig(run=tmp_path, temperatures=(1.0, 5.0), progress=False)
     lm, valid = TransformerLM(LMConfig.tiny(vocab_size=50)), list(range(100))
-    def choose(knn=RetrievalConfig(k=8, nprobe=2), retriever=None):
-        choice = tune_temperature(config, lm, valid, retriever, EvalConfig(retrieval=knn))
+    def choose(knn=RetrievalConfig(k=8, nprobe=2), retriever=None, **scoring):
+        choice = tune_temperature(config, lm, valid, retriever, EvalConfig(retrieval=knn, **scoring))
         return choice.temperature, choice.lam, choice.reused
 
     return choose, tried
@@ -202,6 +202,17 @@ def test_the_temperature_is_chosen_again_on_another_datastore(monkeypatch, tmp_p
     assert choose(retriever=rebuilt)[2] is False and choose(retriever=rebuilt)[2] is True
     assert json.loads((tmp_path / "report" / "temperature.json").read_text())["datastore"] == "b" * 64
     assert len(tried) == 4
+
+
+def test_the_temperature_is_chosen_again_when_other_tokens_are_scored(monkeypatch, tmp_path):
+    """T and λ were kept when the evaluation's token budget or windows changed (tuned on part of the
+    validation text, or other contexts): what is scored is now recorded with them; its batch size is not."""
+    choose, tried = tune(monkeypatch, tmp_path)
+    assert choose()[2] is False and choose(batch_size=3)[2] is True
+    for scoring in ({"max_tokens": 50}, {"max_tokens": 50, "context_len": 64, "stride": 32},
+                    {"max_tokens": 50, "context_len": 64, "stride": 32, "pointer_steps": 2}):
+        assert choose(**scoring)[2] is False and choose(**scoring)[2] is True, scoring
+    assert len(tried) == 8
 
 
 def test_a_temperature_file_written_before_lambda_was_chosen_with_it_is_chosen_again(monkeypatch, tmp_path, caplog):
@@ -269,7 +280,8 @@ def test_neighbours_fetched_by_another_nprobe_are_refused(tmp_path, caplog):
     """RETRO's neighbours depend on the search's nprobe (`retro_nprobe`): a file fetched with another was
     reused as it stood. Now the search is recorded beside them, and another one refused, naming what to
     remove; a file from before the record is reused with a warning."""
-    from lm_worker.pipeline.datastore_stage import SEARCH_RECORD, check_neighbour_files
+    from lm_worker.pipeline.datastore_stage import check_neighbour_files
+    from lm_worker.sources.neighbours import SEARCH_RECORD
 
     config = PipelineConfig(run=tmp_path, retro_init="scratch", n_neighbours=2, retro_nprobe=16, progress=False)
     source = tmp_path / "retro-source"

@@ -89,7 +89,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
                     ("--retro-tokens", args.retro_tokens), ("--workers", args.workers))),
                 ("--lm-steps", args.lm_steps, args.lm_steps >= 1, ">= 1"),
                 ("--retro-steps", args.retro_steps, args.retro_steps >= 1, ">= 1"))
-    if args.train_tokens == 0 and args.retro_tokens:
+    if args.train_tokens == 0 and args.retro_tokens and args.retro_init == "lm":  # scratch: RETRO trains on train
         raise ValueError(f"--train-tokens 0 trains the LM on every training document, which leaves none for "
                          f"--retro-tokens {args.retro_tokens}: give a --train-tokens budget, or --retro-tokens 0")
     check_run(args.run)

@@ -191,7 +191,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
     from lm_worker.data.token_store import RETRO_SPLIT, TokenStore
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.sources.exclusions import chunk_exclusions
-    from lm_worker.sources.neighbours import precompute_neighbours, record_window
+    from lm_worker.sources.neighbours import precompute_neighbours, record_search, record_window
     from lm_worker.sources.retro import embed_chunks, keys_made_from, keys_record
     from lm_worker.sources.source import read_source
 
@@ -213,6 +213,7 @@ def run_neighbours(args: argparse.Namespace) -> None:
         need_retriever(retriever, flags, "to fetch neighbours")
         check_datastore_kind(flags, "retro", retriever)
         check_datastore_tokenizer(retriever, tokenizer, flags)
+        check_built_from(retriever, source, args.source, flags)  # the train rows it excludes are --source's
         jobs = [("train", source.open_keys(), chunk_exclusions(train, L, args.seq_len))]
         for name, store in splits.items():
             keys, record = args.source / f"{name}-keys.npy", keys_record(store, L, source.encoder_fingerprint)
@@ -227,6 +228,24 @@ def run_neighbours(args: argparse.Namespace) -> None:
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"
             precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
+            record_search(args.source, name, retriever.config)  # once the file is whole, as the pipeline does
             if name == "train":  # the window it was fetched for, recorded once it is whole
                 record_window(args.source, args.seq_len)
             print(f"{name}: neighbours -> {out}")
+
+
+def check_built_from(retriever, source, path: Path, flags) -> None:
+    """A ValueError naming the flags when the datastore was not built from the RETRO source at `path`: other
+    rows, another chunk length or another encoder (the train split's exclusions are the source's rows, and
+    its queries that encoder's)."""
+    metadata = getattr(retriever, "metadata", None) or {}
+    differ = []
+    if retriever.ntotal != source.rows:
+        differ.append(f"{retriever.ntotal} rows, --source {source.rows}")
+    if str(metadata.get("chunk_len", source.chunk_len)) != str(source.chunk_len):
+        differ.append(f"chunk_len {str(metadata['chunk_len'])[:20]!r}, --source {source.chunk_len}")
+    if str(metadata.get("encoder", source.encoder_fingerprint)) != source.encoder_fingerprint:
+        differ.append(f"encoder {str(metadata['encoder'])[:80]!r}, --source {source.encoder_fingerprint!r}")
+    if differ:
+        raise ValueError(f"the datastore of {flags.flag('target')} / {flags.flag('datastore')} was not built from "
+                         f"--source {path}: it has {'; '.join(differ)}")

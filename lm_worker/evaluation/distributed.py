@@ -84,6 +84,9 @@ class EvalJob:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("checkpoint", "store", "tokenizer", "encoder_lm"):  # as workers in other folders see them
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).absolute())
 
     def describe(self) -> dict:
         """What identifies the job apart from its files: its kind and config. A checkpoint folder holding

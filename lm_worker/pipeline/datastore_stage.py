@@ -4,7 +4,6 @@ run, and RETRO's neighbours fetched for every chunk of the splits that need them
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -16,10 +15,9 @@ from lm_worker.data.token_store import TokenStore
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import Stages, done
 from lm_worker.retrieval.config import RetrievalConfig
-from lm_worker.sources.neighbours import record_window, recorded_window
+from lm_worker.sources.neighbours import record_search, record_window, recorded_searches, recorded_window
 
 log = logging.getLogger(__name__)
-SEARCH_RECORD = "neighbours-search.json"  # in RUN/retro-source: per split, the search its neighbours were fetched by
 
 
 def encode_source(config: PipelineConfig, kind: str, lm_checkpoint: Path | None = None) -> None:
@@ -50,21 +48,6 @@ def retro_search(config: PipelineConfig) -> RetrievalConfig:
                            rerank_candidates=8 * config.n_neighbours)
 
 
-def _recorded_searches(source: Path) -> dict:
-    try:
-        recorded = json.loads((source / SEARCH_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
-
-
-def _record_search(source: Path, split: str, search: RetrievalConfig) -> None:
-    """Records, once neighbours-SPLIT.npy is written, the search it was fetched by (not before: a fetch
-    that fails keeps the old file)."""
-    recorded = {**_recorded_searches(source), split: search.search_settings()}
-    (source / SEARCH_RECORD).write_text(json.dumps(recorded, indent=2, sort_keys=True))
-
-
 def check_neighbour_files(config: PipelineConfig) -> None:
     """ValueError when RUN/retro-source holds neighbours fetched with another n_neighbours than the config's,
     by another search (`retro_nprobe`), or train-split neighbours whose own-document exclusion was made for
@@ -85,7 +68,7 @@ def check_neighbour_files(config: PipelineConfig) -> None:
 
 
 def _check_search(config: PipelineConfig, split: str, path: Path) -> None:
-    wanted, found = retro_search(config).search_settings(), _recorded_searches(path.parent).get(split)
+    wanted, found = retro_search(config).search_settings(), recorded_searches(path.parent).get(split)
     if found is None:
         log.warning("%s does not record the search it was fetched by (an earlier version): reused as if by "
                     "nprobe %d", path, config.retro_nprobe)
@@ -121,7 +104,7 @@ def serve_datastore(config: PipelineConfig, datastore: Path, name: str) -> Itera
         from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig
 
         on_cluster = bool(config.address or os.environ.get("RAY_ADDRESS"))
-        serve = RayServeConfig(datastore, name=f"{config.run.name}-{name}", cpus_per_shard=0.5,
+        serve = RayServeConfig(Path(datastore).absolute(), name=f"{config.run.name}-{name}", cpus_per_shard=0.5,
                                host=None if on_cluster else "127.0.0.1", metrics=False,
                                secrets_dir=config.run / "secrets" / name if on_cluster else None)
         with RayDeployment(serve) as deployment:
@@ -149,7 +132,7 @@ def fetch_neighbours(config: PipelineConfig, retriever) -> None:
         else:  # no document of these is in the datastore: nothing to leave out
             keys, exclude = np.load(source / f"{split}-keys.npy", mmap_mode="r"), None
         precompute_neighbours(retriever, keys, exclude, source / name, progress=config.progress)  # whole or none
-        _record_search(source, split, retriever.config)  # once the file is whole (a failed fetch keeps the old)
+        record_search(source, split, retriever.config)  # once the file is whole (a failed fetch keeps the old)
         if split == "train":
             record_window(source, config.retro.seq_len)
 

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from lm_worker.data.token_store import write_text_atomically
@@ -30,11 +30,19 @@ class KnnChoice:
     reused: bool
 
 
+def scoring_settings(eval_config) -> dict:
+    """The settings of an evaluation that change which tokens it scores and how, apart from the λs, the
+    temperature and the retrieval (the windows, the token budget, own-document exclusion, pointers)."""
+    skipped = {"lambdas", "temperature", "retrieval", "batch_size"}
+    return {f.name: getattr(eval_config, f.name) for f in fields(eval_config) if f.name not in skipped}
+
+
 def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) -> KnnChoice:
     """kNN-LM's softmax temperature and λ, chosen together on the validation documents (in this process,
     through the service), never on the test split that reports them. Kept in RUN/report/temperature.json
-    with the temperatures and λs tried, the LM, the text's length, the kNN retrieval settings and the
-    datastore's version, and chosen again when any of them changed, or when the file is unreadable."""
+    with the temperatures and λs tried, the LM, the text's length, the kNN retrieval settings, the
+    datastore's version and what is scored (windows, token budget, pointers), and chosen again when any of
+    them changed, or when the file is unreadable."""
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.models.fingerprint import model_fingerprint
 
@@ -43,7 +51,8 @@ def tune_temperature(config: PipelineConfig, lm, valid, retriever, eval_config) 
     asked = {"temperatures": list(config.temperatures), "lambdas": list(eval_config.lambdas),
              "lm": model_fingerprint(lm), "valid_tokens": len(valid),
              "retrieval": {"k": knn.k, **knn.search_settings()},
-             "datastore": getattr(retriever, "version", None)}  # a datastore rebuilt by hand finds other neighbours
+             "datastore": getattr(retriever, "version", None),  # a datastore rebuilt by hand finds other neighbours
+             "scoring": scoring_settings(eval_config)}  # which tokens are scored, and how
     if done(path):
         saved = read_choice(path)
         if saved is not None and saved["lambda"] is not None and {key: saved.get(key) for key in asked} == asked:

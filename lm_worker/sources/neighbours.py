@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from lm_worker.data.token_store import write_text_atomically
 from lm_worker.sources.source import written_whole
 
 log = logging.getLogger(__name__)
 WINDOW_RECORD = "neighbours-train.json"  # beside neighbours-train.npy: the training window it was fetched for
+SEARCH_RECORD = "neighbours-search.json"  # per split, the search its neighbours were fetched by
 
 
 def record_window(source: Path, window: int) -> None:
@@ -37,6 +39,23 @@ def recorded_window(source: Path) -> int | None:
         return int(json.loads((Path(source) / WINDOW_RECORD).read_text())["window"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def recorded_searches(source: Path) -> dict:
+    """Per split, the search settings its neighbours-SPLIT.npy was fetched by (`record_search`); {} where
+    none was recorded."""
+    try:
+        recorded = json.loads((Path(source) / SEARCH_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def record_search(source: Path, split: str, search) -> None:
+    """Records, once neighbours-SPLIT.npy is written, the search it was fetched by (`search`, a
+    RetrievalConfig): not before, as `record_window`."""
+    recorded = {**recorded_searches(source), split: search.search_settings()}
+    write_text_atomically(Path(source) / SEARCH_RECORD, json.dumps(recorded, indent=2, sort_keys=True))
 
 
 def check_queries(retriever, queries: np.ndarray, exclude) -> None:
