@@ -8,21 +8,22 @@
 #
 #     bash benchmarks/device_speed.sh --fetch
 #
-# puts into .device/ (ignored by git, about 50 MiB): the wheels that machine lacks for its Python
+# puts into .device/speed/ (ignored by git, about 50 MiB): the wheels that machine lacks for its Python
 # (faiss-cpu, grpcio and its health and reflection services, protobuf, cryptography), the datastore,
 # and the MiniLM vectors as float16 (their token arrays, which the benchmark does not read, as
-# placeholders). There, with `.device` carried:
+# placeholders). There, with `.device/speed` carried (that folder alone: not `.device`, which also
+# holds gpu_scale.sh's `.device/gpu`, and the two together pass the 64 MiB that may be carried):
 #
 #     bash benchmarks/device_speed.sh [--quick]
 #
 # installs the wheels into a folder over the machine's own packages, restores the vectors, runs the
 # benchmark under /tmp and copies its table and figure (cpu_cost.json, cpu_cost.png) into $OUT (or
-# .device/out): the vectors and datastore stay behind, too big and too many to come back.
+# .device/speed/out): the vectors and datastore stay behind, too big and too many to come back.
 # --quick: about 0.5 s per side and cell, under 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEVICE=${DEVICE:-.device}
+DEVICE=${DEVICE:-.device}/speed  # carried alone; gpu_scale.sh's is ${DEVICE:-.device}/gpu
 N_KEYS=20000
 N_QUERIES=1000
 source benchmarks/device_wheels.sh

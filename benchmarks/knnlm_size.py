@@ -31,7 +31,8 @@ perplexity is λ = 0 of the same evaluation (identical for every size).
         [--temperature tune|pipeline|T] [--out bench_out/knnlm_size]
 
 Writes OUT/knnlm_size.json and OUT/knnlm_size.png (perplexity against datastore keys, log x) and
-prints a markdown table. Sources, datastores and the retro split's keys are kept in OUT and reused.
+prints a markdown table. Sources, datastores and the retro split's keys are kept in OUT and reused (a datastore
+when its rows, shards, encoder and factory, `--factory` resolved as the build resolves it, are this run's).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from lm_worker.retrieval.config import RetrievalConfig  # noqa: E402
 from lm_worker.retrieval.in_process import InProcessRetriever  # noqa: E402
 from lm_worker.sources.build import build_source  # noqa: E402
 from lm_worker.sources.source import PARTS_LAYOUT, SourceInfo, read_source, start_source  # noqa: E402
+from retriever_server.datastore.index import resolve_factory  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 from retriever_server.datastore.row_parts import PartedArray, open_rows, write_parts_index  # noqa: E402
 
@@ -299,7 +301,7 @@ def size_specs(config: SizeBenchConfig, shards: int, train: SourceInfo, retro: S
     specs = [SizeSpec(f"prefix-{n}", TRAIN_PREFIX, n, stores / f"prefix-{n}" / "source",
                       stores / f"prefix-{n}" / "datastore") for n in sorted(set(config.prefixes)) if 0 < n < train.rows]
     pipeline_store = config.run / "knnlm-datastore"
-    reuse = config.factory == "auto" and built(pipeline_store, train, shards)
+    reuse = config.factory == "auto" and built(pipeline_store, train, shards, config.factory)
     specs.append(SizeSpec(TRAIN, TRAIN, train.rows, train.directory,
                           pipeline_store if reuse else stores / TRAIN / "datastore"))
     if retro is not None and config.retro_alone:
@@ -315,18 +317,20 @@ def size_specs(config: SizeBenchConfig, shards: int, train: SourceInfo, retro: S
 # Datastores
 # ---------------------------------------------------------------------------------------------
 
-def built(datastore: Path, source: SourceInfo, shards: int) -> bool:
-    """Whether `datastore` already holds this source's rows, keys and shard count."""
+def built(datastore: Path, source: SourceInfo, shards: int, factory: str) -> bool:
+    """Whether `datastore` already holds this source's rows, keys and shard count, in the index `factory`
+    gives (resolved as the build resolves it: "auto" sized for the rows and dimension)."""
     if not (datastore / "manifest.json").is_file():
         return False
     manifest = read_manifest(datastore)
     return (manifest.ntotal == source.rows and len(manifest.shards) == shards
-            and manifest.metadata.get("encoder") == source.encoder_fingerprint)
+            and manifest.metadata.get("encoder") == source.encoder_fingerprint
+            and manifest.factory == resolve_factory(factory, source.rows, manifest.dimension))
 
 
 def ensure_datastore(source: SourceInfo, datastore: Path, shards: int, factory: str, progress: bool) -> float:
     """Builds the source's datastore as the pipeline builds its own, unless it is there; the seconds it took."""
-    if built(datastore, source, shards):
+    if built(datastore, source, shards, factory):
         log.info("reusing %s", datastore)
         return 0.0
     started = time.perf_counter()

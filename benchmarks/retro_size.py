@@ -18,7 +18,8 @@ count, stored keys) and searched in this process (`InProcessRetriever`) with the
 retrieval: k = n_neighbours, its nprobe (capped at a small store's lists), exact re-rank of
 8·n_neighbours candidates. Each size reports perplexity with the neighbours and with them withheld
 (the same model and tokens; identical for every size). With `--knnlm` (knnlm_size.py's JSON on the
-same run) the plot puts kNN-LM's change beside RETRO's.
+same run) the plot puts kNN-LM's change beside RETRO's; a JSON made on another run, another test split
+or another cap on the test tokens (its `--tokens` against this run's) is left out with a warning.
 
     python benchmarks/retro_size.py --run RUN [--tokens 0] [--prefixes 4000,12000]
         [--knnlm bench_out/knnlm_size/knnlm_size.json] [--out bench_out/retro_size]
@@ -166,7 +167,7 @@ def sources(config: RetroSizeConfig, settings: Settings, train: SourceInfo) -> l
             sizes.append((f"prefix-{n}", TRAIN_PREFIX, joined_source([train], n, folder / "source"),
                           folder / "datastore"))
     own = config.run / "retro-datastore"
-    reuse = config.factory == "auto" and built(own, train, settings.shards)
+    reuse = config.factory == "auto" and built(own, train, settings.shards, config.factory)
     sizes.append((TRAIN, TRAIN, train, own if reuse else stores / TRAIN / "datastore"))
     if config.retro:
         retro = encode_retro_chunks(config, settings, train)
@@ -216,7 +217,7 @@ def run(config: RetroSizeConfig) -> dict:
     for name, kind, _, store in tqdm(sizes, desc="datastore sizes", unit="size", disable=not config.progress):
         rows.append(evaluate_size(config, settings, name, kind, store, model, encoder, test))
         rows[-1].built_seconds = built_s[name]
-    knnlm = json.loads(config.knnlm.read_text()) if config.knnlm and config.knnlm.is_file() else None
+    knnlm = knnlm_beside(config.knnlm, config.run, len(test), settings.tokens)
     results = {"config": {**asdict(config), "run": str(config.run), "out": str(config.out),
                           "knnlm": str(config.knnlm) if config.knnlm else None},
                "settings": asdict(settings), "train_chunks": train.rows, "chunk_len": train.chunk_len,
@@ -227,6 +228,32 @@ def run(config: RetroSizeConfig) -> dict:
     (config.out / "retro_size.json").write_text(json.dumps(results, indent=2, default=str))
     plot(rows, train.chunk_len, knnlm, config.out / "quality_size.png")
     return results
+
+
+def capped(max_tokens: int, test_tokens: int) -> int:
+    """The test tokens a cap of `max_tokens` (0: none) leaves of a split of `test_tokens`."""
+    return min(max_tokens, test_tokens) if max_tokens > 0 else test_tokens
+
+
+def knnlm_beside(path: Path | None, run_dir: Path, test_tokens: int, max_tokens: int) -> dict | None:
+    """knnlm_size.py's results at `path`, when they scored the same test text as this run: the same run
+    folder, a test split of `test_tokens` tokens, and the same cap on the tokens scored (`max_tokens`, 0:
+    all); else None, with a warning saying why (a default --knnlm may hold another run's)."""
+    if path is None or not path.is_file():
+        return None
+    knnlm = json.loads(path.read_text())
+    ran, why = knnlm.get("config", {}), ""
+    if not ran.get("run") or Path(ran["run"]).resolve() != Path(run_dir).resolve():
+        why = f"it was made on run {ran.get('run')}, not {run_dir}"
+    elif knnlm.get("splits", {}).get("test") != test_tokens:
+        why = f"its test split had {knnlm.get('splits', {}).get('test')} tokens, this run's {test_tokens}"
+    elif capped(ran.get("tokens", 0), test_tokens) != capped(max_tokens, test_tokens):
+        why = (f"it scored the first {capped(ran.get('tokens', 0), test_tokens)} test tokens, this run the first "
+               f"{capped(max_tokens, test_tokens)} (pass the same --tokens to both)")
+    if why:
+        log.warning("not plotting kNN-LM beside RETRO from %s: %s", path, why)
+        return None
+    return knnlm
 
 
 def pipeline_report(run_dir: Path) -> dict | None:

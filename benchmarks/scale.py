@@ -19,7 +19,8 @@ Per size N, in one run:
   `shard_phases`: FAISS's add, the keys' float16 copy, spills, the index file, waiting for keys);
 - **disk**: bytes per row of the published datastore;
 - **serve**: `LocalDeployment` start-up seconds, each shard's RssAnon and RssFile, an idle shard's
-  measured the same way;
+  measured the same way; each shard searches with one FAISS thread, as the in-process reference does
+  (`serve --threads 1` where the launcher would give it more: `cpu_cost.serve_args`);
 - **queries**: q/s, p50 latency and CPU ms per request over every process (client, router, shards,
   from /proc) at nq=1 and nq=64, k=10 and k=1024, through the router at the default nprobe; and the
   latency of the first request after the index and key files' pages are dropped
@@ -37,7 +38,8 @@ Per size N, in one run:
 
 Default sizes 10^5, 10^6, 3·10^6 and 10^7; `--quick` runs 10^5 and 10^6. Writes OUT/scale.json and
 OUT/scale.png (log-log: build seconds, peak memory, disk, query CPU and recall against rows) and prints
-the table. Datastores are kept in OUT and reused when their rows and real keys match (OUT/nN-realR).
+the table. Datastores are kept in OUT and reused when their rows and real keys match (OUT/nN-realR) and
+OUT/nN-realR/build.json says they were built with the same `--build-cpus` and `--gpu` (else rebuilt).
 `--keep-others` re-measures only `--sizes` and keeps the other sizes an earlier run wrote to
 OUT/scale.json in the JSON, table and plot.
 """
@@ -58,6 +60,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_cost import serve_args  # noqa: E402
 from decoding import ProcessGone, process_cpu_s  # noqa: E402
 
 from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
@@ -275,14 +278,33 @@ def drop_pages(paths: list[Path]) -> None:
 # One size
 # ---------------------------------------------------------------------------------------------
 
+BUILD_FIGURES = ("build_s", "train_s", "add_s", "add_rows_per_s_per_core", "peak_build_anon_gib",
+                 "peak_build_file_gib")
+
+
+def reusable_figures(config: ScaleConfig, out: Path, rows: int) -> dict | None:
+    """The build figures OUT/../build.json kept for the datastore at `out`, when that datastore holds `rows`
+    rows and was built as this run would build it (the same --build-cpus and --gpu); else None."""
+    figures = out.parent / "build.json"
+    if not ((out / "manifest.json").is_file() and figures.is_file() and read_manifest(out).ntotal == rows):
+        return None
+    kept = json.loads(figures.read_text())
+    if kept.get("build_cpus") != config.build_cpus or kept.get("gpu") != config.gpu:
+        print(f"  rebuilding {out}: built with --build-cpus {kept.get('build_cpus')}, gpu {kept.get('gpu')}; "
+              f"this run: --build-cpus {config.build_cpus}, gpu {config.gpu}", flush=True)
+        return None
+    return {name: kept[name] for name in BUILD_FIGURES}
+
+
 def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> None:
-    """Builds (or reuses) the datastore of `result.rows` rows with `retriever-server build` in a child
-    process (its own local Ray cluster, 2 CPUs), and records its build figures: peak memory is summed
-    over that process and every process below it (the Ray cluster it starts), as a user's build runs."""
-    figures = out.parent / "build.json"  # the build's figures, kept beside the datastore for reuse
-    if (out / "manifest.json").is_file() and read_manifest(out).ntotal == result.rows and figures.is_file():
+    """Builds (or reuses, `reusable_figures`) the datastore of `result.rows` rows with `retriever-server
+    build` in a child process (its own local Ray cluster, 2 CPUs), and records its build figures: peak memory
+    is summed over that process and every process below it (the Ray cluster it starts), as a user's build runs."""
+    figures = out.parent / "build.json"  # the build's figures and settings, kept beside the datastore for reuse
+    kept = reusable_figures(config, out, result.rows)
+    if kept is not None:
         print(f"  reusing {out} (build figures from the run that built it)", flush=True)
-        for name, value in json.loads(figures.read_text()).items():
+        for name, value in kept.items():
             setattr(result, name, value)
         return
     command = [sys.executable, "-m", "retriever_server.cli", "build", str(keys), "--out", str(out),
@@ -302,8 +324,8 @@ def build(config: ScaleConfig, keys: Path, out: Path, result: SizeResult) -> Non
     result.add_rows_per_s_per_core = result.rows / result.add_s / build_cores(config.build_cpus)
     result.peak_build_anon_gib = memory.anon_kib / 2 ** 20
     result.peak_build_file_gib = memory.file_kib / 2 ** 20
-    names = ("build_s", "train_s", "add_s", "add_rows_per_s_per_core", "peak_build_anon_gib", "peak_build_file_gib")
-    figures.write_text(json.dumps({name: getattr(result, name) for name in names}))
+    figures.write_text(json.dumps({**{name: getattr(result, name) for name in BUILD_FIGURES},
+                                   "build_cpus": config.build_cpus, "gpu": config.gpu}))
 
 
 def faiss_reference(config: ScaleConfig, real: np.ndarray, keys_path: Path, out: Path, result: SizeResult) -> None:
@@ -401,8 +423,8 @@ def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: 
     files = [out / shard.name / name for shard in manifest.shards for name in shard.files]
     drop_pages(files)
     started = time.perf_counter()
-    on_gpu = ["--gpu"] if config.gpu else []
-    with LocalDeployment(out, extra_args=on_gpu) as deployment, RetrieverClient(deployment.router_address) as client:
+    args = [*(["--gpu"] if config.gpu else []), *serve_args()]  # one FAISS thread a shard, as in process
+    with LocalDeployment(out, extra_args=args) as deployment, RetrieverClient(deployment.router_address) as client:
         result.serve_ready_s = time.perf_counter() - started
         shard_pids = [r[0].popen.pid for r in deployment.shards]
         result.idle_shard_anon_mib = status_kib(shard_pids[0], "RssAnon") / 1024  # before any search
@@ -469,8 +491,8 @@ def table(results: list[SizeResult], build_cpus: int = BUILD_CPUS) -> str:
                      f"{_joined(r.shard_anon_mib)} / {_joined(r.shard_file_mib)} ({r.idle_shard_anon_mib:.0f}) | "
                      f"{_joined(r.index_file_mib)} | {r.cold_ms:.1f} / {r.warm_ms:.1f} | "
                      f"{r.recall_rerank:.3f} / {r.recall_plain:.3f} |")
-    lines += ["", "| rows | nq | k | service q/s | p50 ms | service CPU ms per request (all processes) "
-              "| in-process q/s | in-process CPU ms | efficiency |",
+    lines += ["", "| rows | nq | k | service q/s | p50 ms | service CPU ms per request (all processes; 1 FAISS "
+              "thread a shard) | in-process q/s | in-process CPU ms (1 thread) | efficiency |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         for c, f in zip(r.queries, r.in_process):

@@ -134,12 +134,13 @@ def datastore_matches(directory: Path, n: int) -> bool:
     if not (directory / "manifest.json").is_file():
         return False
     manifest = read_manifest(directory)
-    from retriever_server.datastore.index import resolve_factory
+    from retriever_server.datastore.index import resolve_factory, train_size_for
 
+    factory = resolve_factory("auto", n, manifest.dimension)
+    trained_on = min(train_size_for(factory, manifest.dimension, "l2"), n)  # what the build records: its sample
     return (manifest.ntotal == n and len(manifest.shards) == SHARDS and manifest.has_keys
             and manifest.metric == "l2" and manifest.build.get("seed") == SEED
-            and manifest.build.get("train_size") == 0
-            and manifest.factory == resolve_factory("auto", n, manifest.dimension))
+            and manifest.build.get("train_size") == trained_on and manifest.factory == factory)
 
 
 def ensure_datastore(config: BenchConfig, keys: np.ndarray) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,8 +44,11 @@ sys.path.insert(0, str(ROOT / "proto"))
 from retrieval.v1 import retriever_pb2 as pb  # noqa: E402
 from retriever_server.wire.tensors import to_tensor  # noqa: E402
 
-START_TIMEOUT_S = 60.0
-SEARCH = "/retrieval.v1.Retriever/Search"
+START_TIMEOUT_S = 60.0  # to bind its port, and again to turn SERVING (its files' checksums verified)
+SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"].full_name  # the name the server's health answers for
+SEARCH = f"/{SERVICE}/Search"
+# A shard's answers to nq x k neighbours pass gRPC's default 4 MiB receive limit (nq 512, k 1024: about 6 MiB).
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1)]
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,28 @@ def start_shard(tree: Path, config: AbConfig, address_file: Path, cpus: str = ""
     return process, json.loads(address_file.read_text())["address"]
 
 
+def wait_serving(channel: grpc.Channel, process: subprocess.Popen, what: str,
+                 timeout_s: float = START_TIMEOUT_S) -> None:
+    """Waits for the server's grpc.health.v1 to say SERVING for the Retriever service: `serve --shard` binds
+    its port first and answers searches UNAVAILABLE ("shard is loading") until its files are checked.
+    RuntimeError naming `what` and the last answer if the process exits or `timeout_s` passes first."""
+    check = health_pb2_grpc.HealthStub(channel).Check
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while True:
+        try:
+            status = check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as err:
+            last = f"{err.code().name}: {err.details()}"
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}) before its health said SERVING ({last})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not turn SERVING within {timeout_s:g} s (health: {last})")
+        time.sleep(0.1)
+
+
 def requests(config: AbConfig, count: int = 8) -> list[bytes]:
     """`count` Search requests of nq consecutive rows of `config.queries` (else of the shard's stored
     keys, else random ones)."""
@@ -109,15 +135,16 @@ def requests(config: AbConfig, count: int = 8) -> list[bytes]:
 def compare(config: AbConfig) -> dict[str, dict[str, float]]:
     """CPU ms per call, calls and the server's cores, for "before" and "after"."""
     batch = requests(config)
-    sides, processes, cores = {}, [], {}
+    sides, processes, channels, cores = {}, [], [], {}
     with tempfile.TemporaryDirectory(prefix="shard-ab-") as scratch:
         try:
             for name, tree, cpus in (("before", config.before, config.before_cpus),
                                      ("after", config.after, config.after_cpus)):
                 process, address = start_shard(Path(tree).resolve(), config, Path(scratch) / f"{name}.json", cpus)
                 processes.append(process)
-                channel = grpc.insecure_channel(address)
-                grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT_S)
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channels.append(channel)
+                wait_serving(channel, process, f"the shard server from {tree}")
                 call = channel.unary_unary(SEARCH)
                 for request in batch:  # warm up
                     call(request, timeout=30)
@@ -125,6 +152,8 @@ def compare(config: AbConfig) -> dict[str, dict[str, float]]:
                 cores[name] = sorted(os.sched_getaffinity(process.pid))
             result = take_turns(sides, batch, config.rounds, config.seconds_per_round)
         finally:
+            for channel in channels:
+                channel.close()
             for process in processes:
                 process.terminate()
                 process.wait(10)
