@@ -217,6 +217,12 @@ def test_a_bad_target_is_one_line(run, capsys, monkeypatch, flag, target):
      "--k, --nprobe and --no-overlap set retrieval: --no-retrieval decodes with the model alone"),
     (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--auth-token-file", "{run}/x"],
      "--auth-token-file sets retrieval: --no-retrieval decodes with the model alone"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--no-retrieval", "--knn-pipeline"],  # ran, doing nothing
+     "--knn-pipeline sets retrieval: --no-retrieval decodes with the model alone"),
+    (["--checkpoint", "{run}/retro", "--prompt", "a", "--no-retrieval", "--prefetch", "3"],
+     "--prefetch sets retrieval: --no-retrieval decodes with the model alone"),
+    (["--checkpoint", "{run}/lm", "--prompt", "a", "--datastore", "{run}/x", "--ralmspec", "--no-overlap"],
+     "--no-overlap retrieves serially: --ralmspec speculates retrieval and verifies it as it decodes"),
     (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--ralmspec", "--stride", "3"],
      "RETRO's --ralmspec guesses each chunk's neighbours and has no stride"),
     (["--checkpoint", "{run}/retro", "--prompt", "a", "--datastore", "{run}/x", "--knn-pipeline"],

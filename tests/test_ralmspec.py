@@ -454,6 +454,9 @@ def test_bad_settings_and_datastores_fail_clearly(lm, retriever, aio, tmp_path):
         SpeculationConfig(successors=17)
     with pytest.raises(ValueError, match="guess must be one of cache, lm"):
         SpeculationConfig(guess="model")
+    for name, value in (("stride", 1.5), ("stride", True), ("max_stride", 2.5), ("cache_rows", 64.5)):
+        with pytest.raises(ValueError, match=f"^{name} must be an integer, got {value!r}$"):
+            SpeculationConfig(**{name: value})  # strides of 1.5 were decoded; 64.5 rows a bare TypeError later
     decoder = RaLMSpecKnnLM(lm, retriever, lam=LAM, temperature=TEMP)
     with pytest.raises(ValueError, match="prompt length 100 \\+ max_new_tokens 30 - 1 exceeds the model's max_len 128"):
         generate(decoder, random_tokens((2, 100), seed=1), GenerateConfig(max_new_tokens=30))

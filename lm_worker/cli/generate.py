@@ -76,7 +76,8 @@ def add_parsers(sub) -> None:
                         "and the output head runs while the service searches), and no prompt-group pipeline")
     g.add_argument("--knn-pipeline", action="store_true",
                    help="kNN-LM: decode two groups of prompts in turn so one's retrieval overlaps the other's "
-                        f"model step; the default for greedy and sampling from {PIPELINE_PROMPTS} prompts on "
+                        f"model step; the default for greedy and sampling from {PIPELINE_PROMPTS} prompts of one "
+                        "length on (prompts of each length decode as a batch of their own) "
                         "(below, and with beam search, each step's request leaves as soon as the model has its "
                         "keys, and the output head runs while the service searches); with beam search, on "
                         "request only")
@@ -102,8 +103,8 @@ def add_parsers(sub) -> None:
                         "picks kNN-LM's token)")
     g.add_argument("--no-retrieval", action="store_true",
                    help="the model alone (else --target or --datastore is required)")
-    add_retrieval_args(g, 0, k_help="neighbours per query: kNN-LM's (0, the default: 1024); RETRO takes its "
-                                    "model's n_neighbours whatever is given")
+    add_retrieval_args(g, 0, k_help="neighbours per query: kNN-LM's (0, the default: 1024); RETRO retrieves its "
+                                    "model's n_neighbours and takes no --k")
     add_encoder_lm_arg(g)
     add_security_args(g)
     g.set_defaults(handler=run_generate)
@@ -190,6 +191,8 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError("--ralmspec speculates retrieval: --no-retrieval decodes with the model alone")
     unused = [flag for flag, value in (("--k", args.k), ("--nprobe", args.nprobe), ("--rerank", args.rerank),
                                        ("--no-overlap", args.no_overlap), ("--encoder-lm", args.encoder_lm),
+                                       ("--knn-pipeline", args.knn_pipeline),
+                                       ("--prefetch", args.prefetch if retro else 0),  # else: RETRO's, said below
                                        ("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
                                        ("--tls-key", args.tls_key), ("--tls-server-name", args.tls_server_name),
                                        ("--auth-token-file", args.auth_token_file),
@@ -208,6 +211,9 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
     check_flags(("--prefetch", args.prefetch, args.prefetch >= 0, ">= 0"))
     if retro and args.ralmspec and args.prefetch:
         raise ValueError("--ralmspec speculates RETRO's exact queries: it takes no --prefetch")
+    if args.ralmspec and args.no_overlap:
+        raise ValueError("--no-overlap retrieves serially: --ralmspec speculates retrieval and verifies it as it "
+                         "decodes")
     if args.stride and not args.ralmspec:
         raise ValueError("--stride sets --ralmspec's steps between verifications: it takes --ralmspec")
     if args.guess != "cache" and (not args.ralmspec or retro):
@@ -232,7 +238,7 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
                          "model alone)")
 
 
-def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, prompts: int):
+def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer):
     from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.decoding.lm_stepper import LMStepper
 
@@ -255,9 +261,8 @@ def _stepper(args: argparse.Namespace, loaded, retriever, tokenizer, config, pro
         speculation = SpeculationConfig(stride=args.stride, guess=args.guess, asynchronous=args.guess == "lm")
         return RaLMSpecKnnLM(loaded.model, retriever, lam=_lam(args), temperature=_knn_temperature(args),
                              speculation=speculation)
-    pipeline = args.knn_pipeline or (prompts >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap)
     return KnnLMStepper(loaded.model, retriever, lam=_lam(args), temperature=_knn_temperature(args),
-                        overlap=pipeline, early=not args.no_overlap)
+                        overlap=args.knn_pipeline, early=not args.no_overlap)  # else set per batch (run_generate)
 
 
 def _lam(args: argparse.Namespace) -> float:
@@ -284,6 +289,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from lm_worker.data.prepare import load_prepared
     from lm_worker.decoding.config import GenerateConfig
     from lm_worker.decoding.generate import check_room, generate
+    from lm_worker.decoding.knnlm_stepper import KnnLMStepper
     from lm_worker.models.checkpoint import load_checkpoint
 
     _check_numbers(args)
@@ -301,7 +307,6 @@ def run_generate(args: argparse.Namespace) -> None:
                                 **chosen)
         check_room(loaded, max(len(row) for row in ids), config.max_new_tokens)  # before any server starts
     groups = _length_groups(ids)
-    largest = max(len(rows) for rows in groups)
     k = n_neighbours if loaded.kind == "retro" else (args.k or 1024)
     flags, kind = retrieval_flags(args), "retro" if loaded.kind == "retro" else "knnlm"
     check_flags(*search_checks(flags, k))
@@ -310,10 +315,13 @@ def run_generate(args: argparse.Namespace) -> None:
         if retriever is not None:
             check_datastore_kind(flags, kind, retriever)
             check_datastore_tokenizer(retriever, tokenizer, flags)
-        stepper = _stepper(args, loaded, retriever, tokenizer, config, largest)
-        decoded = {}
+        stepper = _stepper(args, loaded, retriever, tokenizer)
+        decoded, pipelined = {}, False
         for rows in groups:  # a batch per prompt length, in the order the lengths first come; each prompt's
             # place among the prompts seeds its sampler, whichever prompts share its length
+            if isinstance(stepper, KnnLMStepper) and not args.knn_pipeline:  # pipelined by the batch's size
+                stepper.overlap = len(rows) >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap
+            pipelined |= getattr(stepper, "pipelined", False) and len(rows) > 1
             out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long),
                            dataclasses.replace(config, rows=tuple(rows)))
             decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
@@ -326,7 +334,7 @@ def run_generate(args: argparse.Namespace) -> None:
             unit = "chunks" if loaded.kind == "retro" else "steps"
             rolled = "batch rollbacks" if getattr(stepper, "rollback", "row") == "batch" else "rows rolled back"
             guesses = f"; {s.accepted} of {s.verified} guessed {unit} held, {s.rollbacks} {rolled}"
-        pipeline = "; two prompt groups pipelined" if getattr(stepper, "pipelined", False) and largest > 1 else ""
+        pipeline = "; two prompt groups pipelined" if pipelined else ""
         early = "; each request sent once the keys were out" if getattr(stepper, "early", False) else ""
         print(f"\nretrieval: {s.retrieval_calls} calls, {s.retrieval_s:.2f} s, blocked {s.wait_s:.2f} s; "
               f"model {s.compute_s:.2f} s{guesses}{pipeline}{early}")

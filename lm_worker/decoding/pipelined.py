@@ -19,7 +19,9 @@ is not CPU work competing with the model for the same cores.
 
 Groups never exchange rows: greedy and sampling rows are independent (a row samples from its own
 generator, seeded by its index in the whole batch: `decode.row_generators`), and beam search keeps each
-prompt's beams inside its group, so every prompt gets the tokens serial `generate` gives it.
+prompt's beams inside its group, so every prompt gets the tokens serial `generate` gives it. A group's
+forward runs on fewer rows than serial's, whose matrix products round differently in the last bits: the
+log-probs agree with serial's to about 1e-6, not bit for bit, and a token could differ at an exact near-tie.
 
 Example:
     >>> stepper = KnnLMStepper(lm, retriever, lam=0.25, overlap=True)   # generate() pipelines it
@@ -75,7 +77,8 @@ def generate_pipelined(stepper: ForkableStepper, prompt: torch.Tensor, config: G
         groups: how many groups (at most B); 1 decodes serially with the stepper itself.
 
     Returns:
-        The `GenerateOutput` serial `generate` returns for the same prompts (rows in prompt order).
+        The `GenerateOutput` serial `generate` returns for the same prompts (rows in prompt order; log-probs
+        equal to about 1e-6, see the module doc).
 
     Raises:
         ValueError: an empty or non-2-D prompt.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from lm_worker.decoding.stepper_stats import StepperStats
@@ -33,6 +34,10 @@ class SpeculationConfig:
     guess: str = "cache"
 
     def __post_init__(self):
+        for name in ("stride", "max_stride", "successors", "cache_rows"):  # 1.5 decoded strides of 1.5
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.stride < 0 or self.max_stride < 1 or not 0 <= self.successors <= 16 or self.cache_rows < 1:
             raise ValueError("stride >= 0, max_stride >= 1, successors in 0..16 and cache_rows >= 1 required")
         if self.guess not in GUESSES:
