@@ -81,14 +81,22 @@ def test_unpacked_ids_and_empty_ranges_are_counted(tail, words):
     assert code == "RESOURCE_EXHAUSTED" and message.startswith("the request excludes 10 ")
 
 
-def test_a_request_within_the_limits_passes_and_bytes_that_do_not_read_are_left_to_the_parser():
-    """And one with few bytes besides its queries is not counted (a few MiB parsed at most)."""
+def test_a_request_within_the_limits_passes_and_one_that_does_not_read_is_refused():
+    """And one with few bytes besides its queries is not counted (a few MiB parsed at most). One counted
+    whose bytes the count cannot read is refused: an empty unknown group (2 bytes, which protobuf's parser
+    takes) ahead of 16 M empty per-query exclusions let them be parsed whole, 586 MiB, before any limit."""
     many = make_request(np.zeros((1, 4), dtype=np.float32), k=2, payloads=["a"] * 5).SerializeToString()
     check_wire_counts(many, LIMITS)  # parse_search refuses it
     raw = make_request(np.zeros((4, 4), dtype=np.float32), k=2, payloads=["a"], exclude=Exclude(ids=[1]),
                        exclude_per_query=[Exclude(ranges=[(2, 3)])] * 4).SerializeToString()
     check_wire_counts(raw, LIMITS, uncounted_bytes=0)
-    check_wire_counts(b"\xff\xff\xff", LIMITS, uncounted_bytes=0)  # damaged: protobuf's parser refuses it
+    unreadable = ("INVALID_ARGUMENT", "the request does not read as a SearchRequest as protobuf writes one "
+                                      "(damaged bytes, or a group field)")
+    assert refusal(lambda: check_wire_counts(b"\xff\xff\xff", LIMITS, uncounted_bytes=0)) == unreadable
     with pytest.raises(RequestError) as refused:
-        decode_search(b"\xff\xff\xff", LIMITS)
+        decode_search(b"\xff\xff\xff", LIMITS)  # uncounted (3 bytes): protobuf's parser refuses it
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    grouped = make_request(np.zeros((1, 4), dtype=np.float32), k=2).SerializeToString() + b"\x7b\x7c" + \
+        b"\x4a\x00" * (1 << 20)  # field 15 as an empty group, then 1 M empty per-query exclusions
+    pb.SearchRequest.FromString(grouped)  # protobuf takes it whole
+    assert refusal(lambda: decode_search(grouped, Limits())) == unreadable

@@ -32,8 +32,9 @@ def field_budget(limits: Limits) -> int:
 def check_wire_counts(raw: bytes, limits: Limits, uncounted_bytes: int = UNCOUNTED_BYTES) -> None:
     """RequestError where the request's queries' dimensions, payload names, per-query exclusions, excluded
     ids or excluded ranges are past `limits`, or it holds more fields than any request within them; a
-    request with at most `uncounted_bytes` besides its queries' tensor passes uncounted. Bytes that do
-    not read as a message are left to protobuf's parser to refuse."""
+    request with at most `uncounted_bytes` besides its queries' tensor passes uncounted. A counted request
+    whose bytes do not read here is refused (INVALID_ARGUMENT): protobuf's parser takes an unknown group,
+    which a hand reading that left it to the parser would have let pass with everything after it uncounted."""
     view, budget = memoryview(raw), [field_budget(limits)]
     if len(view) - _leading_query_data(view) <= uncounted_bytes:
         return
@@ -52,8 +53,9 @@ def check_wire_counts(raw: bytes, limits: Limits, uncounted_bytes: int = UNCOUNT
     except TooManyFields:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request holds over {field_budget(limits)} "
                            "fields, more than any request within this server's limits") from None
-    except WireError:
-        return
+    except WireError:  # protobuf takes some of these (an unknown group) and parses the rest whole, uncounted
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the request does not read as a SearchRequest as "
+                           "protobuf writes one (damaged bytes, or a group field)") from None
     _check(counts, limits)
 
 
