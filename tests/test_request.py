@@ -76,6 +76,19 @@ def test_nan_and_inf_are_refused_with_the_row(value):
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "row 2" in error.message
 
 
+def test_the_answer_size_and_keys_are_checked_before_the_queries_are_read():
+    """Every limit before any query is read (converted, scanned for NaN), as parse_search says."""
+    queries = np.full((40, 8), np.nan, dtype=np.float16)  # read, these would be refused for their NaN
+    small = Limits(max_k=100, max_batch=50, max_response_bytes=1 << 10)
+    with pytest.raises(RequestError) as caught:
+        parse_search(make_request(queries, k=10, return_keys=True), VIEW, small)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the answer would take" in caught.value.message
+    without_keys = DatastoreView(dimension=8, nlist=16, default_nprobe=2, has_keys=False, payload_row_bytes={},
+                                 version="v1")
+    error = refused(make_request(queries, k=5, return_keys=True), without_keys)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and "return_keys needs stored keys" in error.message
+
+
 @pytest.mark.parametrize("argument, value, error, words", [
     ("k", 2.5, TypeError, "k must be an integer, got 2.5"),
     ("nprobe", True, TypeError, "nprobe must be an integer, got True"),

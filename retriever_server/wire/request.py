@@ -263,13 +263,13 @@ def parse_search(request: pb.SearchRequest, view: DatastoreView, limits: Limits,
         raise _invalid(f"successors must be in [0, {limits.max_successors}], got {request.successors}")
     _check_work(nq, request, limits)
     _check_exclusion_counts(request, limits)
-    queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
     if request.return_keys and not view.has_keys:
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "return_keys needs stored keys, and this datastore was built without them (--keep-keys)",
         )
-    _check_response_size(request, queries.shape[0], view, limits)
+    _check_response_size(request, nq, view, limits)  # nq of a shape that is not (nq, d) is 0: refused below
+    queries = parse_queries(request.queries, view, limits, request.HasField("queries"))
     return SearchSpec(
         queries=queries,
         k=int(request.k),
