@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -677,3 +678,16 @@ def test_a_token_file_that_no_header_can_carry_is_named_and_a_running_server_kee
     if content.startswith(b"good\n"):  # a client sends the first line: what follows it is not its business
         assert read_tokens(bad, first_only=True) == ["good"]
         assert ClientSecurity(token_file=bad).bearer_token() == "good"
+
+
+def test_a_private_file_is_replaced_whole_and_an_old_reader_does_not_see_it(tmp_path):
+    """write_private over a file others could read: its old readers keep the old bytes (it was truncated
+    and written in place, so an open handle read the new key), the new file is 0600, nothing else is left."""
+    path = tmp_path / "token"
+    path.write_bytes(b"old-token\n")
+    os.chmod(path, 0o644)
+    with open(path, "rb") as reader:
+        write_private(path, b"new-token\n")
+        assert reader.read() == b"old-token\n"
+    assert path.read_bytes() == b"new-token\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["token"]

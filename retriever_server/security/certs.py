@@ -89,12 +89,21 @@ def make_leaf(ca: KeyPair, common_name: str, hosts: list[str], days: int = DAYS)
 
 
 def write_private(path: Path, data: bytes) -> Path:
-    """Writes `data` readable by this user alone (keys, tokens), an existing file's mode narrowed too."""
+    """Writes `data` readable by this user alone (keys, tokens) as a new file that replaces `path` whole: a
+    reader sees the old file or the new one, never half of it, and one who opened the old file (perhaps
+    while others could read it) does not see the new data through it."""
     path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # the mode above applies only to a file this call creates
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
