@@ -19,6 +19,7 @@ from retriever_server.cluster.launcher import NO_DRAIN, LocalDeployment
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving import grpc_setup
 from retriever_server.serving import router as router_module
+from retriever_server.serving import service as service_module
 from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.serving.failover import is_busy
@@ -536,6 +537,7 @@ def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, m
     the probes failed); a main port reads HEALTH_READS health requests at once (each may be as large as a
     search), the others waiting their turn unread."""
     monkeypatch.setattr(grpc_setup, "HEALTH_READ_S", 1.0)
+    monkeypatch.setattr(service_module, "HEALTH_PORT_CALLS", 256)  # as it was: 300 idle calls crowd it
     running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
     health_port = f"127.0.0.1:{running.health_port}"
 
@@ -566,6 +568,28 @@ def test_health_calls_that_send_no_request_are_refused_in_time(aio, datastore, m
     assert after == "SERVING" and set(main_codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
     assert waited and fifth == "SERVING"  # read once the idle calls' turns ended
     assert set(burst) == {"SERVING"}  # probes at once, more than read at once: each waits its turn
+
+
+def test_calls_that_never_send_do_not_crowd_out_probes_on_the_health_port(aio, datastore, monkeypatch):
+    """The health-only port took 256 calls at once: 260 Checks that never sent their request, renewed every
+    HEALTH_READ_S, refused the kubelet's probe (RESOURCE_EXHAUSTED). It takes HEALTH_PORT_CALLS."""
+    monkeypatch.setattr(grpc_setup, "HEALTH_READ_S", 3.0)
+    running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
+    health_port = f"127.0.0.1:{running.health_port}"
+
+    async def scenario():
+        release = asyncio.Event()
+        idle = [call for _ in range(20) for call in await _idle_health_checks(health_port, 16, release)]
+        await asyncio.sleep(1.0)
+        probe = await _check(health_port)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*idle), 20)
+        return probe
+
+    try:
+        assert aio.run(scenario()) == "SERVING"  # 320 idle calls on 20 connections
+    finally:
+        aio.run(running.drain(grace=0))
 
 
 def test_calls_without_a_token_cannot_take_the_slots_of_callers_with_one(aio, datastore, monkeypatch, tmp_path):

@@ -40,6 +40,9 @@ HEALTH_READS = 4  # health requests a main port reads at once (each up to --max-
 HEALTH_WAITING = 32
 # The health-only port closes a connection that has had no call for this long (the kubelet opens one per probe).
 HEALTH_IDLE_MS = 30_000
+# The health-only port's calls at once (each request 4 KiB at most: 16 MiB in all): calls that never send their
+# request, each held HEALTH_READ_S, crowd out a probe only past this many.
+HEALTH_PORT_CALLS = 4096
 HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
 
 

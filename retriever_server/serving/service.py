@@ -26,8 +26,8 @@ from retriever_server.security.tls import ServerCertificates
 from retriever_server.serving.failover import BUSY, STALE
 from retriever_server.serving.grpc_setup import (
     HEALTH_IDLE_MS,
+    HEALTH_PORT_CALLS,
     HEALTH_REQUEST_BYTES,
-    OTHER_CALLS,
     add_health,
     add_health_and_reflection,
     keep_freed_memory,
@@ -252,7 +252,7 @@ async def _health_only_server(health, host: str, port: int) -> tuple[grpc.aio.Se
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0),  # a port taken is refused, not shared
                                       ("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES),
                                       ("grpc.max_connection_idle_ms", HEALTH_IDLE_MS)],
-                             maximum_concurrent_rpcs=OTHER_CALLS)
+                             maximum_concurrent_rpcs=HEALTH_PORT_CALLS)
     add_health(server, health)
     try:
         bound = server.add_insecure_port(host_port(host, port))
