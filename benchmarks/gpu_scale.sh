@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_scale.sh [OUT]          # default OUT: bench_out/gpu
 #
 # Needs the project installed with the GPU build of FAISS instead of the CPU one (never both) and a
-# CUDA build of torch:  pip install -e ".[gpu,lm,cluster]"  (scripts/setup.sh "gpu,lm,cluster,dev").
+# CUDA build of torch:  pip install -e ".[gpu,lm,cluster]"  (not scripts/setup.sh, which pins CPU torch).
 # Without faiss-gpu the datastore is built and served on CPU and only the LM runs on CUDA; without
 # CUDA torch the LM runs on CPU. SIZES (default 1000000,3000000) sets the scale benchmark's rows, or
 # `none` to skip it; RUN names a run directory to evaluate instead of making `lm-worker demo --quick`.

@@ -68,7 +68,9 @@ if [ "$swap" = true ]; then
 fi
 install=(.venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]")
 if ! "${install[@]}" 2> .venv/setup.err; then
-    if grep -q "No matching distribution found for torch" .venv/setup.err; then
+    # pip says so only where torch is asked for directly; through an extra, its resolver says only that
+    # the pinned version cannot be installed (ResolutionImpossible)
+    if grep -qE "No matching distribution found for torch|ResolutionImpossible" .venv/setup.err; then
         echo "setup.sh: no CPU build of the pinned torch on pip's indexes; trying again with $torch_index" >&2
         "${install[@]}" --extra-index-url "$torch_index"
     else
