@@ -147,6 +147,12 @@ def test_too_long_is_refused(lm):
 
 
 @torch.no_grad()
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(lm):
+    V = lm.config.vocab_size
+    with pytest.raises(ValueError, match=rf"tokens holds token id {V}, outside the model's vocabulary \[0, {V}\)"):
+        lm(torch.tensor([[1, V]]))  # a bare IndexError from the embedding (a device-side assert on a GPU)
+
+
 def test_load_checkpoint_on_a_folder(gpt2_dir, lm, tokens):
     loaded = load_checkpoint(gpt2_dir)
     assert loaded.kind == "hf" and loaded.step == 0 and loaded.tokenizer_fingerprint == ""

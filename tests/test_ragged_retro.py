@@ -69,6 +69,23 @@ def test_a_row_rolled_back_alone_replays_its_logits_bit_for_bit(decoded, back):
     assert cache.lengths.tolist() == [end, end, end, end + back, end + back]
 
 
+def test_neighbours_that_come_late_for_several_chunks_are_all_encoded_at_once(decoded):
+    """Decoded one token a step without neighbours, then given them: every chunk they cover is encoded at
+    that step, as a `RetroCache` does (one a step, the others lagging, gave other logits, by up to 0.15)."""
+    model, tokens, neighbours, _ = decoded
+    late = 14  # positions decoded before any neighbours come: three chunks complete by then
+    logits = {}
+    for ragged in (False, True):
+        cache, out = model.new_cache(ragged=ragged), []
+        with torch.no_grad():
+            model(tokens[:, :1], None, cache=cache)
+            for t in range(1, S + STEPS):
+                out.append(model(tokens[:, t:t + 1], neighbours if t >= late else None, cache=cache)[:, -1])
+        logits[ragged] = torch.stack(out, dim=1)
+    assert cache.n_encoded.tolist() == [(S + STEPS) // L] * B  # the ragged cache's
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
 def test_a_forward_of_several_positions_needs_every_row_at_one_length(decoded):
     model, tokens, neighbours, _ = decoded
     cache = model.new_cache(ragged=True)

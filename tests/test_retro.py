@@ -141,6 +141,17 @@ def test_bad_neighbours_raise(model, tokens, neighbours):
         model(tokens, neighbours[:, :, :1])  # one of its K: attended over as if they were all
 
 
+def test_the_loss_under_bfloat16_autocast_is_float32s_to_its_precision(model, tokens, neighbours):
+    """Training on a GPU runs under autocast (amp): the chunked cross-attention's bfloat16 output was put
+    into a float32 tensor, and the first RETRO step raised "Index put requires the source and destination
+    dtypes match"."""
+    with torch.no_grad():
+        exact = model.loss(tokens, neighbours, tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.loss(tokens, neighbours, tokens)
+    assert torch.isfinite(mixed) and abs(float(mixed) - float(exact)) < 0.05 * float(exact)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("bad", [V, -1])
 def test_token_ids_outside_the_vocabulary_raise_a_clear_error(model, tokens, neighbours, bad):

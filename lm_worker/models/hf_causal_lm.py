@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_worker.models.layers import check_length
+from lm_worker.models.layers import check_length, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ class HFCausalLM(nn.Module):
         (B, T, d_model), exactly as `TransformerLM.forward` (`on_keys` too: called with the keys before the
         last feed-forward block runs); `cache` is an `HFCache` from `new_cache()`."""
         T = tokens.shape[1]
+        check_token_ids(tokens, self.config.vocab_size)  # else a bare IndexError, or a device-side assert
         check_length(cache.offset if cache is not None else 0, T, self.config.max_len)
         captured: list[torch.Tensor] = []
         hook = _capture_into(captured, tokens.shape, on_keys)

@@ -40,7 +40,8 @@ class RaggedRetroCache(RaggedKVCache):
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         super().truncate(rows, lengths)
-        if self.n_encoded is not None:
+        if self.n_encoded is not None:  # the caller's rows and lengths may be on the CPU, the cache on a GPU
+            rows, lengths = rows.to(self.n_encoded.device), lengths.to(self.n_encoded.device)
             self.n_encoded[rows] = torch.minimum(self.n_encoded[rows], lengths // self.chunk_len)
 
     def reorder(self, indices: torch.Tensor) -> None:
@@ -120,18 +121,20 @@ def encode_ragged(model: nn.Module, x: torch.Tensor, neighbours: torch.Tensor | 
             index = torch.arange(n_done, n_ready, device=x.device).repeat(B)
             cache.store_encoded(rows, index, new.flatten(0, 1))
         return
-    due = ready > done  # (B,) rows whose position completes their next chunk (held rows' is dropped)
-    due[cache.idle] = False
-    if not bool(due.any()):
-        return
-    chunk = torch.clamp(done, max=neighbours.shape[1] - 1)  # (B,) each row's next chunk (any, where not due)
-    positions = chunk[:, None] * L + torch.arange(L, device=x.device)  # (B, L)
-    positions = positions.clamp(max=cache.hidden.shape[1] - 1)
-    inputs = cache.hidden[torch.arange(B, device=x.device)[:, None], positions][:, None]  # (B, 1, L, E)
-    found = neighbours[torch.arange(B, device=x.device), chunk][:, None]  # (B, 1, K, N)
-    new = model.encoder(model.tok_emb(found), inputs)[:, 0]  # (B, K, N, E)
-    rows = due.nonzero()[:, 0]
-    cache.store_encoded(rows, chunk[rows], new[rows])
+    while True:  # one chunk a row a pass: more where neighbours came for several complete chunks at once
+        due = ready > done  # (B,) rows whose position completes their next chunk (held rows' is dropped)
+        due[cache.idle] = False
+        if not bool(due.any()):
+            return
+        chunk = torch.clamp(done, max=neighbours.shape[1] - 1)  # (B,) each row's next chunk (any, where not due)
+        positions = chunk[:, None] * L + torch.arange(L, device=x.device)  # (B, L)
+        positions = positions.clamp(max=cache.hidden.shape[1] - 1)
+        inputs = cache.hidden[torch.arange(B, device=x.device)[:, None], positions][:, None]  # (B, 1, L, E)
+        found = neighbours[torch.arange(B, device=x.device), chunk][:, None]  # (B, 1, K, N)
+        new = model.encoder(model.tok_emb(found), inputs)[:, 0]  # (B, K, N, E)
+        rows = due.nonzero()[:, 0]
+        cache.store_encoded(rows, chunk[rows], new[rows])
+        done = torch.where(due, done + 1, done)
 
 
 def cca_ragged(cca: nn.Module, x: torch.Tensor, cache: RaggedRetroCache) -> torch.Tensor:

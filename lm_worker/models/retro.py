@@ -199,11 +199,11 @@ class ChunkedCrossAttention(nn.Module):
         grid[:, slot] = x[:, pos - offset]
         memory = encoded[:, c_lo:c_hi + 1].reshape(B * n_c, K * N, E)  # (B*n_c, K*N, E)
         y, w = self.attn(grid.view(B * n_c, L, E), memory)  # (B*n_c, L, E), (B*n_c, H, L, K*N)
-        out[:, pos - offset] = y.view(B, n_c * L, E)[:, slot]
+        out[:, pos - offset] = y.view(B, n_c * L, E)[:, slot].to(out.dtype)  # bfloat16 under autocast
         if not need_weights:
             return out, None
         w = w.view(B, n_c, H, L, K, N).transpose(1, 2).reshape(B, H, n_c * L, K, N)
-        weights[:, :, pos - offset] = w[:, :, slot]
+        weights[:, :, pos - offset] = w[:, :, slot].to(weights.dtype)
         return out, weights
 
 
