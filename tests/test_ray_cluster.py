@@ -102,10 +102,14 @@ def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     one_line_error(result, "did not let this process join within 8 s")
 
 
-@pytest.mark.parametrize("command", [["undeploy", "--name", "x"], ["lookup", "x"]])
-def test_sigterm_while_joining_a_cluster_is_an_interrupt(command):
+@pytest.mark.parametrize("command", [["undeploy", "--name", "x"], ["lookup", "x"], ["deploy", "--datastore"]])
+def test_sigterm_while_joining_a_cluster_is_an_interrupt(command, ray_cluster, tmp_path):
     """SIGTERM while a Ray command waits to join a cluster ends it as Ctrl-C does: "interrupted", status 130
-    (it was killed by the signal, no word said; after the join, status 15)."""
+    (it was killed by the signal, no word said; after the join, status 15). deploy takes SIGHUP so too (a
+    closed terminal ended it with no stop)."""
+    if command[0] == "deploy":
+        command = [*command, str(build(tmp_path, synthetic(500, 8), "ds", shards=1, factory="IVF4,Flat")), "--host",
+                   "127.0.0.1"]
     with socket.socket() as listener:  # a head that accepts and never answers: the join waits
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
@@ -119,7 +123,7 @@ def test_sigterm_while_joining_a_cluster_is_an_interrupt(command):
                 lines.append(line)
                 if "joining the Ray cluster" in line:
                     break
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGHUP if command[0] == "deploy" else signal.SIGTERM)
             lines += process.stderr.readlines()
             process.wait(timeout=30)
         finally:

@@ -147,15 +147,16 @@ def add_threads(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--threads", type=count, default=0, help=help_text)
 
 
-def add_server_security(p: argparse.ArgumentParser) -> None:
+def add_server_security(p: argparse.ArgumentParser, reread: bool = True) -> None:
     """--tls-cert, --tls-key, --tls-ca, --auth-token-file, --insecure and --reflection of a server."""
     g = p.add_argument_group("security (a non-loopback --host needs TLS and a token, or --insecure)")
     g.add_argument("--tls-cert", type=Path, help="the server's certificate chain (PEM): TLS on the port")
     g.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
     g.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA (mutual TLS)")
     g.add_argument("--auth-token-file", type=Path,
-                   help="accepted bearer tokens, one per line; calls must carry one (health excepted). Re-read "
-                        "when it changes or on SIGHUP, as are the TLS files")
+                   help="accepted bearer tokens, one per line; calls must carry one (health excepted). " + (
+                       "Re-read when it changes or on SIGHUP, as are the TLS files" if reread else
+                       "Read once, with the TLS files: the actors serve copies of them; deploy again to rotate"))
     g.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback address without TLS or without a token anyway")
     g.add_argument("--reflection", action="store_true", help="offer gRPC server reflection (off by default)")

@@ -69,7 +69,7 @@ def add_parsers(command) -> None:
     d.add_argument("--timeout", type=positive_float, default=300.0, help="seconds every actor gets to turn SERVING")
     d.add_argument("--address-file", type=Path, help="write the router's address here as JSON once serving")
     add_limits(d)
-    add_server_security(d)
+    add_server_security(d, reread=False)
 
     u = command("undeploy", "drain and stop the actors of a deployment on a Ray cluster")
     u.add_argument("--name", required=True, help="deployment name")
@@ -88,6 +88,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
 
     signal.signal(signal.SIGTERM, interrupt)  # from the start, as Ctrl-C: "interrupted", what started stopped
+    signal.signal(signal.SIGHUP, interrupt)  # a closed terminal too: it ended the command with no stop at all
     check_room_for_shards(args)
     if args.num_cpus and (args.detached or args.address or os.environ.get("RAY_ADDRESS")):
         raise CliError(f"--num-cpus sizes the local cluster deploy starts; with "
