@@ -53,6 +53,7 @@ def test_training_never_replaces_the_base_lm_it_retro_fits(lm, data, neighbours_
                                                  "replace it; give another output folder"):
                 train(replace(RETRO, init_from=str(init_from)), data, lm, neighbours_dir, resume=resume,
                       progress=False)
+    capsys.readouterr()  # what the library calls logged (through another test's handler, maybe a closed one)
     for restart in ([], ["--restart"]):
         code = main([*QUIET, "train", "--kind", "retro", "--preset", "tiny", "--seq-len", "16", "--steps", "1",
                      "--data", str(data), "--neighbours", str(neighbours_dir), "--init-from", str(lm), "--out",
