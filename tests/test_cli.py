@@ -97,6 +97,9 @@ def one_line_error(result, words):
                                               ".npy file (it does not start as np.save writes one)"),
         (["search", "127.0.0.1:1", "--queries", "keys.txt"], "queries file keys.txt is not a loadable .npy array: "
                                                              "keys.txt is not a .npy file"),
+        (["router", "--shards", "a:1", "--address-file", "live.json"],  # it removed a running server's file
+         f"--address-file live.json is the address of a server still running (pid {os.getpid()}): give another "
+         "file, or stop that server first"),
     ],
 )
 def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
@@ -107,7 +110,9 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     (tmp_path / "dir.npy").mkdir()
     np.savez(tmp_path / "z.npz", synthetic(50, 8))  # as `search --out` writes its answers
     np.savetxt(tmp_path / "keys.txt", synthetic(50, 8))  # numpy itself calls this "pickled data"
+    (tmp_path / "live.json").write_text(json.dumps({"address": "127.0.0.1:1", "pid": os.getpid()}))  # this test's
     one_line_error(run(*args), words)
+    assert (tmp_path / "live.json").is_file()
 
 
 def test_serve_refuses_an_address_it_cannot_bind_and_flags_it_would_ignore(ray_cluster, tmp_path):

@@ -180,3 +180,36 @@ def test_a_signal_during_a_stop_cuts_no_drain_short(tmp_path):
     assert events(tmp_path, 6)[2:] == [("router", "term"), ("router", "exit"), ("shard-0", "term"), ("shard-0", "exit")]
     assert all(p.popen.returncode == 0 for p in deployment.processes())
     assert signal.getsignal(signal.SIGINT) is previous  # the handlers are back
+
+
+def test_a_restart_that_cannot_start_backs_off(tmp_path, monkeypatch, caplog):
+    """A restart whose start fails (its log folder gone, no fork) counts as a quick exit: it was tried again
+    every poll after the first delay, forever, a traceback each time (19 tries in 20 s here); it now backs off."""
+    from types import SimpleNamespace
+
+    from retriever_server.cluster import supervisor
+    from retriever_server.cluster.supervisor import RestartPolicy, Supervisor
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    child = Child("shard-0", [sys.executable, "-c", "pass"], logs / "shard-0.log", tmp_path / "shard-0.json")
+    child.spawn()
+    child.popen.wait(30)
+    clock = [child.started_at + 100.0]  # it served 100 s, then exited
+    monkeypatch.setattr(supervisor, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    for log_file in logs.iterdir():
+        log_file.unlink()
+    logs.rmdir()  # a tmp cleaner took the log folder: every start now fails
+    tries = []
+    real_spawn = Child.spawn
+    monkeypatch.setattr(Child, "spawn", lambda self: (tries.append(clock[0]), real_spawn(self)))
+    watch = Supervisor(children=lambda: [child], policy=RestartPolicy(first_delay_s=1.0, max_delay_s=8.0))
+    start = clock[0]
+    for _ in range(200):  # 20 s, a look every 0.1 s
+        clock[0] += 0.1
+        try:
+            watch.tend(child)
+        except Exception:  # noqa: BLE001 - as the supervisor's own loop takes it
+            pass
+    assert [round(t - start) for t in tries] == [1, 3, 7, 15]  # 1 s, then 2, 4, 8: backed off
+    assert caplog.text.count("could not start (FileNotFoundError") == 4

@@ -11,7 +11,8 @@
 
 Global options go before the command: `retriever-server --log-level DEBUG --log-format json serve ...`.
 Each command's parser and code live in one module of this package: `build`, `serve` (serve, router),
-`query` (info, search) and `ray_commands` (deploy, undeploy, lookup); `common` holds what they share.
+`query` (info, search) and `ray_commands` (deploy, undeploy, lookup); `common` holds what they share, and
+`address_file` the `--address-file` a server writes.
 
 Imports: retrieval, retriever_server
 """

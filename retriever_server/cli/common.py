@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import os
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -265,48 +262,6 @@ def metrics_port_of(args: argparse.Namespace) -> int | None:
     return None if args.metrics_port < 0 else args.metrics_port
 
 
-def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
-    """Before a server starts: removes a stale address file (a waiter must not take a stopped server's
-    address for its own), and checks one can be written there (CliError if not, before anything binds).
-    `remove_stale=False` checks alone, for a caller that removes it once it knows the file is stale."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise CliError(f"--address-file {path} is a directory: give the name of a file to write")
-    if path.exists() and not is_address_file(path):
-        raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
-                       "replace it; give the name of a new file")
-    if remove_stale:
-        remove_address(path, stale=True)
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as err:
-        raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
-
-
-def is_address_file(path: Path) -> bool:
-    """Whether `path` is empty or holds an address file's JSON (one a server wrote, or stale)."""
-    try:
-        text = path.read_text()
-        return not text.strip() or {"address", "pid"} <= set(json.loads(text))
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def remove_address(path: Path | None, stale: bool = False) -> None:
-    """Removes the address file: one this process wrote, when it stops, or with `stale` whatever is there
-    (a server starting), so that whoever waits for the file never reads a stopped server's address."""
-    if path is None:
-        return
-    try:
-        if not stale and json.loads(path.read_text()).get("pid") != os.getpid():
-            return  # another process's now
-        path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass  # gone already, or not an address file of ours: left as it is
-
-
 @contextlib.contextmanager
 def metrics_port_named(args: argparse.Namespace) -> Iterator[None]:
     """Rewords a failed bind of the metrics port (an OSError from the socket, with an errno and no file
@@ -318,15 +273,6 @@ def metrics_port_named(args: argparse.Namespace) -> Iterator[None]:
             raise
         raise CliError(f"--metrics-port {args.metrics_port}: could not bind the metrics port {args.metrics_host}:"
                        f"{args.metrics_port} ({err.strerror or err})") from None
-
-
-def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
-    """Writes the address JSON atomically, so a reader never sees half of it."""
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(), **more}))
-    os.replace(tmp, path)
 
 
 def with_metrics(address: str, metrics_port: int | None) -> str:
@@ -355,6 +301,8 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
         CliError: the server failed to become ready (a shard that cannot load, shards that are not
             one datastore).
     """
+    from retriever_server.cli.address_file import remove_address, write_address  # which imports this module
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+from retriever_server.cli.address_file import prepare_address_file, remove_address, write_address
 from retriever_server.cli.common import (
     PROG,
     CliError,
@@ -19,10 +20,7 @@ from retriever_server.cli.common import (
     non_negative_float,
     positive_float,
     positive_int,
-    prepare_address_file,
-    remove_address,
     server_security_of,
-    write_address,
 )
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.serving.shard import ShardOptions

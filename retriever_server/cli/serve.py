@@ -7,6 +7,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+from retriever_server.cli.address_file import prepare_address_file, remove_address, write_address
 from retriever_server.cli.common import (
     INT32_MAX,
     CliError,
@@ -26,12 +27,9 @@ from retriever_server.cli.common import (
     metrics_port_of,
     pin_to_cpus,
     positive_int,
-    prepare_address_file,
-    remove_address,
     run_until_signal,
     server_security_of,
     with_metrics,
-    write_address,
 )
 from retriever_server.cluster.launcher import LocalDeployment
 from retriever_server.datastore.manifest import read_manifest

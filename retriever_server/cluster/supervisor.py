@@ -198,6 +198,13 @@ class Supervisor:
         elif child.restart_at is not None and now >= child.restart_at:
             child.restart_at = None
             child.restarts += 1
-            child.spawn()
+            try:
+                child.spawn()
+            except Exception as err:  # noqa: BLE001 - no fork, no log folder, no files: a quick exit, backed off
+                child.quick_exits += 1
+                delay = self.policy.delay(child.quick_exits)
+                child.restart_at = now + delay
+                log.warning("%s could not start (%s: %s); trying again in %.1fs", child.name, type(err).__name__,
+                            err, delay)
         elif child.restarts and not child.serving and not child.exited() and child.check_serving():
             log.warning("%s SERVING again at %s (restart %d)", child.name, child.address, child.restarts)

@@ -1,0 +1,75 @@
+"""The address file a server writes once it serves (`--address-file`): its address, metrics port and pid as
+JSON, written whole; removed when it stops, and, stale, before a server starts, unless a live server's."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from retriever_server.cli.common import CliError
+from retriever_server.cluster.reaper import alive
+
+
+def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
+    """Before a server starts: removes a stale address file (a waiter must not take a stopped server's
+    address for its own), and checks one can be written there (CliError if not, before anything binds).
+    `remove_stale=False` checks alone, for a caller that removes it once it knows the file is stale."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise CliError(f"--address-file {path} is a directory: give the name of a file to write")
+    if path.exists() and not is_address_file(path):
+        raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
+                       "replace it; give the name of a new file")
+    if (pid := _writer(path)) is not None and pid != os.getpid() and alive(pid):
+        raise CliError(f"--address-file {path} is the address of a server still running (pid {pid}): give "
+                       "another file, or stop that server first")
+    if remove_stale:
+        remove_address(path, stale=True)
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
+
+
+def _writer(path: Path) -> int | None:
+    """The pid of the process that wrote the address file at `path`; None for none (or not an int)."""
+    try:
+        pid = json.loads(path.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+
+def is_address_file(path: Path) -> bool:
+    """Whether `path` is empty or holds an address file's JSON (one a server wrote, or stale)."""
+    try:
+        text = path.read_text()
+        return not text.strip() or {"address", "pid"} <= set(json.loads(text))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def remove_address(path: Path | None, stale: bool = False) -> None:
+    """Removes the address file: one this process wrote, when it stops, or with `stale` whatever is there
+    (a server starting), so that whoever waits for the file never reads a stopped server's address."""
+    if path is None:
+        return
+    try:
+        if not stale and json.loads(path.read_text()).get("pid") != os.getpid():
+            return  # another process's now
+        path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass  # gone already, or not an address file of ours: left as it is
+
+
+def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
+    """Writes the address JSON atomically, so a reader never sees half of it."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(), **more}))
+    os.replace(tmp, path)
