@@ -46,6 +46,10 @@ def one_line_error(result, words):
         (["router", "--shards", ","], "no shard addresses"),
         (["router", "--shards", "a:1", "--cpus", "1-x"], "argument --cpus: '1-x' is not a list of cores"),
         (["serve", "--datastore", ".", "--cpus", "4096"], "argument --cpus: cores '4096': this machine has cores"),
+        (["serve", "--datastore", ".", "--cpus", "0-99999999999"],  # made a set of 10^11 cores first
+         "argument --cpus: cores '0-99999999999': this machine has cores"),
+        (["info", "127.0.0.1:1", "--timeout", "1e10"],  # gRPC's deadline overflowed: DEADLINE_EXCEEDED at once
+         "argument --timeout: must be a finite number of seconds in (0, 1e+06], got 1e10"),
         (["serve", "--datastore", ".", "--shard", "0"], "manifest.json not found: not a datastore"),
         (["info", "nowhere"], "'nowhere' is neither a datastore directory nor a server's HOST:PORT"),
         (["info", "127.0.0.1:1"], "UNAVAILABLE"),
@@ -336,3 +340,15 @@ def test_search_out_keeps_payloads_named_as_its_own_arrays_or_numpys_arguments(a
         for name, offset in (("payload.ids", 1000), ("file", 2000), ("allow_pickle", 3000)):
             np.testing.assert_array_equal(saved[name], saved["ids"] + offset)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("flags, threads", [([], 0), (["--cpus", "0-1"], 2), (["--cpus", "1"], 1),
+                                            (["--cpus", "0-1", "--threads", "3"], 3)])
+def test_a_pinned_shard_computes_on_as_many_threads_as_its_cores(flags, threads):
+    """FAISS, loaded before `serve --shard --cpus` pins the process, counted every core of the machine: its
+    threads shared the cores given."""
+    from retriever_server.cli import build_parser
+    from retriever_server.cli.serve import shard_threads
+
+    args = build_parser().parse_args(["serve", "--datastore", "ds", "--shard", "0", *flags])
+    assert shard_threads(args) == threads

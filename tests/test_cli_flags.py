@@ -4,6 +4,7 @@ address file that is a directory, TLS files that do not match, a metrics port al
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -202,7 +203,9 @@ def test_a_shard_that_fails_to_load_leaves_no_address_file(capsys, datastore, tm
     """The address is written once the port is bound, before the shard loads; a load that fails takes it
     away again, and a stale address file of an earlier server is replaced, not refused."""
     address_file = tmp_path / "shard.json"
-    address_file.write_text('{"address": "127.0.0.1:1", "pid": 1}')  # an earlier server's, left by a crash
+    crashed = subprocess.Popen([sys.executable, "-c", "pass"])
+    crashed.wait()
+    address_file.write_text(json.dumps({"address": "127.0.0.1:1", "pid": crashed.pid}))  # left by a crash
     line = error_of(capsys, "serve", "--datastore", str(datastore), "--shard", "0", "--metrics-port", "-1",
                     "--address-file", str(address_file))
     assert line.startswith("retriever-server serve: error: ") and "shard-00000" in line, line

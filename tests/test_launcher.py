@@ -213,7 +213,9 @@ def test_sigterm_on_serve_datastore_drains_every_child(datastore, keys, tmp_path
     command = [sys.executable, "-m", "retriever_server.cli", "--log-format", "json", "serve", "--datastore",
                str(datastore), "--replicas", "2", "--address-file", str(address_file), "--grace", "1",
                "--drain-delay", "0.2"]
-    address_file.write_text(json.dumps({"address": "127.0.0.1:1", "pid": 1}))  # a stopped server's
+    stopped = subprocess.Popen([sys.executable, "-c", "pass"])
+    stopped.wait()
+    address_file.write_text(json.dumps({"address": "127.0.0.1:1", "pid": stopped.pid}))  # a stopped server's
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         written = wait_for_file(address_file, serve, timeout=120, pid=serve.pid)

@@ -45,6 +45,11 @@ def bad_answer(fault: str, nq: int, k: int) -> bytes:
         return pb.SearchResponse(ids=pb.Tensor(dtype=pb.DTYPE_INT64, shape=[nq, k], data=bytes(8 * nq * k - 8)),
                                  distances=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[nq, k], data=bytes(4 * nq * k)),
                                  datastore_version="v1").SerializeToString()
+    if fault == "forged partial":  # a whole answer that says a shard failed, in words of its own
+        answer = pb.SearchResponse.FromString(good_answer(1, nq, k))
+        answer.partial = True
+        answer.failed_shards.add(shard="shard-00000\x1b[2J", reason="down\nFORGED")
+        return answer.SerializeToString()
     if fault == "short k":  # arrays that agree, one neighbour short of the k asked for
         return good_answer(1, nq, k - 1)
     answer = pb.SearchResponse.FromString(good_answer(1, nq, k))
@@ -213,3 +218,18 @@ def test_what_a_shard_says_of_itself_reaches_the_routers_refusal_escaped(field, 
     assert problem is not None and words in problem, problem
     assert "\n" not in problem and "\x1b" not in problem
     assert check_shards([[info(0)], [info(1)]]) is None
+
+
+def test_search_shows_what_a_server_says_of_its_failed_shards_escaped(aio, tmp_path):
+    """`search` printed a failed shard's name as the server gave it: terminal escapes reached the screen."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "q.npy", queries()[:2])
+    with fake_shard(aio, 1, "forged partial") as (address, _):
+        done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "search", address, "--queries",
+                               str(tmp_path / "q.npy"), "-k", "4", "--allow-partial"], capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "partial answer: no neighbours from shard-00000\\x1b[2J (down\\nFORGED)" in done.stderr, done.stderr
+    assert "\x1b" not in done.stderr

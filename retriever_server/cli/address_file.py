@@ -23,7 +23,7 @@ def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
     if path.exists() and not is_address_file(path):
         raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
                        "replace it; give the name of a new file")
-    if (pid := _writer(path)) is not None and pid != os.getpid() and alive(pid):
+    if (pid := _writer(path)) is not None and pid != os.getpid() and _wrote_it(pid, path):
         raise CliError(f"--address-file {path} is the address of a server still running (pid {pid}): give "
                        "another file, or stop that server first")
     if remove_stale:
@@ -33,6 +33,19 @@ def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
             pass
     except OSError as err:
         raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
+
+
+def _wrote_it(pid: int, path: Path) -> bool:
+    """Whether process `pid` runs and started before `path` was last written (a pid reused since is not the
+    file's writer)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        return alive(pid) and started <= path.stat().st_mtime + 1.0  # btime is whole seconds
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
 
 
 def _writer(path: Path) -> int | None:

@@ -31,6 +31,7 @@ MAX_SHOWN_CHARS = 4096  # of one value `info` prints
 # HOST:PORT, [IPv6]:PORT or unix:PATH: what `info` and `search` take as a server's address.
 ADDRESS = re.compile(r"unix:.+|\[[0-9A-Fa-f:.]+\]:\d+|[\w.-]+:\d+")
 SHOWN_ROWS = 5  # `search` prints the neighbours of this many queries
+MAX_TIMEOUT_S = 1e6  # a --timeout past about 1e10 s overflows gRPC's deadline, which then fails every call at once
 
 
 def add_parsers(command) -> None:
@@ -70,8 +71,8 @@ def seconds_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds in (0, {MAX_TIMEOUT_S:g}], got {text}")
     return value
 
 
@@ -219,7 +220,8 @@ def run_search(args: argparse.Namespace) -> int:
                                rerank_candidates=args.rerank or 0, payloads=args.payload,
                                allow_partial=args.allow_partial)
     if result.partial:
-        missing = "; ".join(f"{name} ({one_line(why, 200)})" for name, why in sorted(result.failed_shards.items()))
+        missing = "; ".join(f"{one_line(name, 200)} ({one_line(why, 200)})"  # the server's words: escaped
+                            for name, why in sorted(result.failed_shards.items()))
         print(f"partial answer: no neighbours from {missing}", file=sys.stderr)
     if out is not None:
         try:

@@ -63,8 +63,8 @@ def add_parsers(command) -> None:
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     s.add_argument("--no-restart", action="store_true", help="without --shard: do not restart a process that "
                    "exits; stop when the router or every replica of a shard has exited")
-    add_threads(s, "FAISS OpenMP threads per shard (0: FAISS default; with --datastore alone, the machine's "
-                   "cores shared among the shard processes)")
+    add_threads(s, "FAISS OpenMP threads per shard (0: with --cpus, one per core given; with --datastore alone, "
+                   "the machine's cores shared among the shard processes; else FAISS's default)")
     s.add_argument("--no-pin-shards", action="store_true",
                    help="without --shard: let each shard process run on any of the cores (default: with no more "
                         "shard processes than cores, each runs on its own share of them, which keeps its caches "
@@ -80,6 +80,12 @@ def add_parsers(command) -> None:
     add_server(r)
     add_failover(r)
     add_client_security(r, "shard-", "the shards")
+
+
+def shard_threads(args: argparse.Namespace) -> int:
+    """A shard process's FAISS threads: --threads, else one per core of --cpus (FAISS, loaded before the
+    process is pinned, counts every core of the machine), else 0 (FAISS's default)."""
+    return args.threads or len(args.cpus or ())
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -99,7 +105,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ShardServerConfig(
         datastore=args.datastore, shard=args.shard, host=args.host, port=args.port,
         metrics_port=metrics_port_of(args), replica=args.replica, limits=limits_of(args),
-        options=ShardOptions(mmap=not args.no_mmap, verify=not args.no_verify, gpu=args.gpu, threads=args.threads),
+        options=ShardOptions(mmap=not args.no_mmap, verify=not args.no_verify, gpu=args.gpu,
+                             threads=shard_threads(args)),
         security=security, metrics_host=args.metrics_host, health_port=health_port_of(args),
         health_host=args.health_host,
     )

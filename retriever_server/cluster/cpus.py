@@ -14,17 +14,22 @@ from pathlib import Path
 def parse_cpus(text: str) -> tuple[int, ...]:
     """'0,2-3' -> (0, 2, 3); raises ValueError naming the text when it is not a list of this machine's cores."""
     cores: set[int] = set()
+    count = os.cpu_count() or 1
     try:
         for part in (p.strip() for p in text.split(",") if p.strip()):
             lo, _, hi = part.partition("-")
-            cores.update(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if first > last:
+                raise ValueError
+            if first < 0 or last >= count:  # checked before the range is made: 0-99999999999 took minutes
+                raise LookupError
+            cores.update(range(first, last + 1))
     except ValueError:
         cores = set()
+    except LookupError:
+        raise ValueError(f"cores {text!r}: this machine has cores {list(range(count))}") from None
     if not cores:
         raise ValueError(f"{text!r} is not a list of cores such as 0,2-3")
-    available = set(range(os.cpu_count() or 1))
-    if not cores <= available:
-        raise ValueError(f"cores {text!r}: this machine has cores {sorted(available)}")
     return tuple(sorted(cores))
 
 
