@@ -674,7 +674,13 @@ def _save_payload_files(tmp_path) -> None:
         (dict(keys="garbage.npy"), "keys file .*garbage.npy is not a loadable .npy array"),
         (dict(factory="IVF256,PQ8"), "factory IVF256,PQ8 needs at least 256 training rows; the keys have 100"),
         (dict(factory="IVF16,PQ8"), "factory IVF16,PQ8 needs at least 256 training rows; the keys have 100"),
-        (dict(factory="IDMap,PQ4x10"), "factory IDMap,PQ4x10 needs at least 1024 training rows"),
+        (dict(factory="IVF4,PQ4x10"), "factory IVF4,PQ4x10 needs at least 1024 training rows"),
+        (dict(factory="IDMap,PQ4"), "'IDMap,PQ4' puts an IndexPQ under its id map, which FAISS searches with no "
+                                    "exclusions"),  # every request with exclusions failed, after the build
+        (dict(factory="IDMap,LSH"), "puts an IndexLSH under its id map"),
+        (dict(factory="IVF16,PQ4+4"), "'IVF16,PQ4\\+4' makes an IVFPQR index, whose refine codes are found by row "
+                                      "id"),  # a shard's global ids aborted its server at the first search
+        (dict(factory="IMI2x2,Flat"), "makes a multi-index \\(IMI\\) quantizer"),
         (dict(factory="OPQ4,IVF128,Flat"), "needs at least 128 training rows"),
         (dict(factory="IVF64,Flat", train_size=50),
          "needs at least 64 training rows; train_size \\(--train-size\\) is 50"),

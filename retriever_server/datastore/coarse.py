@@ -144,6 +144,7 @@ def quantizer_stand_in(index: faiss.IndexIVF, stand_in: faiss.Index):
     finally:
         index.quantizer = own
         index.own_fields = owned
+        stand_in.this.acquire()  # setting it as the quantizer disowned it: freed with its Python object again
 
 
 @contextlib.contextmanager

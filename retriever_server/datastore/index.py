@@ -36,7 +36,7 @@ PQ_MIN_ROWS = 39 * 256  # below this many rows `auto` keeps the vectors whole (I
 def resolve_factory(factory: str, n: int, d: int) -> str:
     """Turns "auto" into a concrete factory string sized for n rows of dimension d: IVF with about
     4*sqrt(n) lists and an 8-bit scalar quantizer of each list's residuals (d bytes a row), or
-    IVF-Flat when n is under PQ_MIN_ROWS or d is odd. From `coarse.LARGE_NLIST` lists on, an HNSW
+    IVF-Flat when n is under PQ_MIN_ROWS. From `coarse.LARGE_NLIST` lists on, an HNSW
     graph over the centroids finds a query's lists (and a row's, when it is added).
 
     The codec was chosen by `benchmarks/recall_sweep.py` (docs/scaling.md): on 384-d keys drawn around
@@ -49,7 +49,7 @@ def resolve_factory(factory: str, n: int, d: int) -> str:
         return factory
     nlist = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     nlist = int(max(1, min(nlist, 65536, n // 39 or 1)))
-    if d % 2 or n < PQ_MIN_ROWS:
+    if n < PQ_MIN_ROWS:
         return f"IVF{nlist},Flat"
     lists = f"IVF{nlist}_HNSW32" if nlist >= coarse.LARGE_NLIST else f"IVF{nlist}"  # see `coarse`
     return f"{lists},SQ8"
@@ -84,10 +84,18 @@ def check_factory(factory: str, d: int, metric: str) -> None:
         raise ValueError(f"factory string {factory!r} makes a refine index, which a datastore's shards cannot "
                          "fill: build without RFlat / Refine(...), with --keep-keys, and search with exact "
                          "re-ranking instead")
+    if any(isinstance(part, faiss.IndexIVFPQR) for part in _parts(index)):  # its refine codes are found by id:
+        raise ValueError(f"factory string {factory!r} makes an IVFPQR index, whose refine codes are found by "
+                         "row id: a shard's global ids end its server's first search. Build without the +N "
+                         "refinement, with --keep-keys, and search with exact re-ranking instead")
     if (ivf := faiss.try_extract_index_ivf(index)) is not None:
         if ivf.nlist < 1:
             raise ValueError(f"factory string {factory!r} makes an IVF index of {ivf.nlist} lists: give it one "
                              "or more (e.g. \"IVF256,Flat\")")
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.MultiIndexQuantizer):
+            raise ValueError(f"factory string {factory!r} makes a multi-index (IMI) quantizer, which the build "
+                             "cannot train in parts nor add to: use an IVF index (\"auto\", or e.g. "
+                             "\"IVF4096,SQ8\")")
         return
     core = index
     while isinstance(core, faiss.IndexPreTransform):  # e.g. "PCA32,IDMap,Flat": the ids are kept inside
@@ -95,6 +103,11 @@ def check_factory(factory: str, d: int, metric: str) -> None:
     if not isinstance(core, faiss.IndexIDMap | faiss.IndexIDMap2):
         raise ValueError(f"factory string {factory!r} makes an index that keeps no row ids: use an IVF index "
                          f"(\"auto\", or e.g. \"IVF256,Flat\"), or, for exact search, \"IDMap,Flat\"")
+    inner = faiss.downcast_index(core.index)
+    if not isinstance(inner, faiss.IndexFlat | faiss.IndexScalarQuantizer | faiss.IndexHNSW):  # HNSW: below
+        raise ValueError(f"factory string {factory!r} puts an {type(inner).__name__} under its id map, which "
+                         "FAISS searches with no exclusions (it takes no search parameters): use an IVF index "
+                         "(\"auto\", or e.g. \"IVF256,PQ32\"), or, for exact search, \"IDMap,Flat\"")
     try:
         index.sa_code_size()
     except RuntimeError:
