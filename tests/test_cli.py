@@ -352,3 +352,23 @@ def test_a_pinned_shard_computes_on_as_many_threads_as_its_cores(flags, threads)
 
     args = build_parser().parse_args(["serve", "--datastore", "ds", "--shard", "0", *flags])
     assert shard_threads(args) == threads
+
+
+def test_an_address_file_of_another_host_or_of_no_process_is_stale(tmp_path):
+    """A pid is this machine's to check: another host's file (shared storage), or a detached deployment's
+    (no pid), is replaced; this host's running writer's is refused."""
+    from retriever_server.cli.address_file import prepare_address_file, write_address
+    from retriever_server.cli.common import CliError
+
+    for body in ({"address": "10.0.0.9:1", "pid": os.getpid(), "host": "another-host"},
+                 {"address": "10.0.0.9:1", "pid": None, "name": "detached"}):
+        path = tmp_path / "a.json"
+        path.write_text(json.dumps(body))
+        prepare_address_file(path)
+        assert not path.exists()
+    write_address(path, "127.0.0.1:1", None)  # this process's own: replaced when it starts again
+    prepare_address_file(path)
+    assert not path.exists()
+    path.write_text(json.dumps({"address": "127.0.0.1:1", "pid": os.getppid()}))  # the test runner's parent runs
+    with pytest.raises(CliError, match="is the address of a server still running"):
+        prepare_address_file(path)

@@ -1,10 +1,13 @@
-"""The address file a server writes once it serves (`--address-file`): its address, metrics port and pid as
-JSON, written whole; removed when it stops, and, stale, before a server starts, unless a live server's."""
+"""The address file a server writes once it serves (`--address-file`): its address, metrics port, pid and
+host as JSON, written whole; removed when it stops, and, stale, before a server starts, unless a live
+server's. A file of another host (shared storage), or of a detached deployment (no pid), is taken as stale:
+this machine cannot tell whether its writer runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -49,12 +52,15 @@ def _wrote_it(pid: int, path: Path) -> bool:
 
 
 def _writer(path: Path) -> int | None:
-    """The pid of the process that wrote the address file at `path`; None for none (or not an int)."""
+    """The pid of the process on this host that wrote the address file at `path`; None for none (no pid, not
+    an int, or another host's: a file from before hosts were written is taken as this host's)."""
     try:
-        pid = json.loads(path.read_text()).get("pid")
+        body = json.loads(path.read_text())
+        pid, host = body.get("pid"), body.get("host", socket.gethostname())
     except (OSError, ValueError, AttributeError):
         return None
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+    mine = host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+    return pid if mine else None
 
 
 def is_address_file(path: Path) -> bool:
@@ -84,5 +90,6 @@ def write_address(path: Path | None, address: str, metrics_port: int | None, **m
     if path is None:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(), **more}))
+    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(),
+                               "host": socket.gethostname(), **more}))
     os.replace(tmp, path)

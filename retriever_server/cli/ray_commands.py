@@ -86,7 +86,8 @@ def run_deploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
 
     signal.signal(signal.SIGTERM, interrupt)  # from the start, as Ctrl-C: "interrupted", what started stopped
-    signal.signal(signal.SIGHUP, interrupt)  # a closed terminal too: it ended the command with no stop at all
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a closed terminal is nothing to it
+        signal.signal(signal.SIGHUP, interrupt)  # else it ended the command with no stop at all
     check_room_for_shards(args)
     if args.num_cpus and (args.detached or args.address or os.environ.get("RAY_ADDRESS")):
         raise CliError(f"--num-cpus sizes the local cluster deploy starts; with "
@@ -130,7 +131,8 @@ def run_deploy(args: argparse.Namespace) -> int:
         return 0
     finally:
         if not detached:  # serving until now, or a detached deploy that failed or was stopped on its way
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the drain short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (or hangup) does not cut the drain
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # short: a hangup often comes twice
             deployment.stop()
             remove_address(args.address_file)
     raise CliError(f"stopped: {why}")
