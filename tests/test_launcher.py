@@ -282,3 +282,13 @@ def test_a_folder_that_is_not_a_datastore_is_refused_and_leaves_no_log_folder(tm
     with pytest.raises(DatastoreError):
         deployment.start()
     assert not deployment.log_dir.exists()
+
+
+def test_serve_gives_its_processes_the_startup_time_it_is_told(datastore, tmp_path):
+    """serve's start-up deadline was a fixed 300 s (a large datastore's sha256 check takes longer); it is
+    --startup-timeout now. Too short a time stops every process it started, with a one-line error."""
+    done = subprocess.run([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore),
+                           "--startup-timeout", "0.01"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "did not turn SERVING within 0.01s" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert processes_naming(str(datastore)) == []

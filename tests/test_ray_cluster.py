@@ -102,11 +102,13 @@ def test_a_head_that_never_answers_is_given_up_on(keys_file, tmp_path):
     one_line_error(result, "did not let this process join within 8 s")
 
 
-@pytest.mark.parametrize("command", [["undeploy", "--name", "x"], ["lookup", "x"], ["deploy", "--datastore"]])
-def test_sigterm_while_joining_a_cluster_is_an_interrupt(command, ray_cluster, tmp_path):
+@pytest.mark.parametrize("command, nohup", [(["undeploy", "--name", "x"], False), (["lookup", "x"], False),
+                                            (["deploy", "--datastore"], False), (["deploy", "--datastore"], True)],
+                         ids=["undeploy", "lookup", "deploy", "deploy-under-nohup"])
+def test_sigterm_while_joining_a_cluster_is_an_interrupt(command, nohup, ray_cluster, tmp_path):
     """SIGTERM while a Ray command waits to join a cluster ends it as Ctrl-C does: "interrupted", status 130
     (it was killed by the signal, no word said; after the join, status 15). deploy takes SIGHUP so too (a
-    closed terminal ended it with no stop)."""
+    closed terminal ended it with no stop), unless SIGHUP was ignored when it started (nohup)."""
     if command[0] == "deploy":
         command = [*command, str(build(tmp_path, synthetic(500, 8), "ds", shards=1, factory="IVF4,Flat")), "--host",
                    "127.0.0.1"]
@@ -116,7 +118,8 @@ def test_sigterm_while_joining_a_cluster_is_an_interrupt(command, ray_cluster, t
         process = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", *command,
                                     f"--address=127.0.0.1:{listener.getsockname()[1]}"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": "60"})
+                                   env={**os.environ, "RETRIEVER_RAY_CONNECT_TIMEOUT": "60"},
+                                   preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None)
         try:
             lines = []
             for line in process.stderr:  # until it waits for the join
@@ -124,6 +127,10 @@ def test_sigterm_while_joining_a_cluster_is_an_interrupt(command, ray_cluster, t
                 if "joining the Ray cluster" in line:
                     break
             process.send_signal(signal.SIGHUP if command[0] == "deploy" else signal.SIGTERM)
+            if nohup:  # the hangup is ignored as nohup asked: still waiting to join; then SIGTERM
+                with pytest.raises(subprocess.TimeoutExpired):
+                    process.wait(timeout=2)
+                process.send_signal(signal.SIGTERM)
             lines += process.stderr.readlines()
             process.wait(timeout=30)
         finally:

@@ -1,5 +1,5 @@
 """A shard whose Search answer does not read (a tensor shorter than its shape, bytes cut short) or is not
-of the shape its request asks for (k - 1 neighbours a query, float64 distances, uint8 keys) fails
+what its request asks for (k - 1 neighbours a query, float64 distances, uint8 keys, partial unasked) fails
 that attempt with INTERNAL, on blocking and on asyncio channels alike: the router moves on to the next
 replica, or names the shard; the fan-out client raises RetrieverError. Never an answer silently short
 of a shard's neighbours. Fake shard servers (the fault), a real router and a real client."""
@@ -22,7 +22,7 @@ from retriever_server.wire.result import AnswerShape, SearchResult
 from retriever_server.wire.tensors import TensorError, fill_tensor
 
 ROWS, DIM, NQ, K = 1000, 8, 64, 64  # an answer of 64 x 64 neighbours: read in place
-FAULTS = ["short tensor", "cut short", "short k", "float64 distances", "uint8 keys"]
+FAULTS = ["short tensor", "cut short", "short k", "float64 distances", "uint8 keys", "forged partial"]
 
 
 def info(shard: int) -> pb.InfoResponse:
@@ -117,7 +117,7 @@ def test_an_answer_holds_what_its_request_asks_for_and_nothing_else():
     request = pb.SearchRequest(k=k, payloads=["values", "values"], return_keys=True, successors=n)
     fill_tensor(request.queries, np.zeros((nq, d), dtype=np.float32))
     expect = AnswerShape.of(request)
-    assert expect == AnswerShape(nq, k, ("values",), True, n)
+    assert expect == AnswerShape(nq, k, ("values",), True, n, partial=False)
 
     def answer(**changed) -> SearchResult:
         parts = dict(ids=np.zeros((nq, k), np.int64), distances=np.zeros((nq, k), np.float32),
@@ -141,6 +141,7 @@ def test_an_answer_holds_what_its_request_asks_for_and_nothing_else():
         "successor_ids are missing": answer(successor_ids=None),
         "successor_ids.shape is [3, 4, 3], expected [3, 4, 2] alone": answer(successor_ids=np.zeros((nq, k, 3),
                                                                                                     np.int64)),
+        "the answer is partial, but its request did not allow one (allow_partial)": answer(partial=True),
         "successor_keys.shape [3, 4, 2, 6] is not as wide as keys.shape [3, 4, 5]":
             answer(successor_keys=np.zeros((nq, k, n, d + 1), np.float32)),
     }

@@ -20,6 +20,7 @@ Imports: retrieval, retriever_server
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -30,7 +31,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from retriever_server.cli import build, query, ray_commands, serve  # noqa: E402
 from retriever_server.cli.common import PROG, CliError, Parser  # noqa: E402
 from retriever_server.datastore.manifest import DatastoreError  # noqa: E402
-from retriever_server.logs import configure_logging  # noqa: E402
+from retriever_server.logs import JsonFormatter, configure_logging  # noqa: E402
 from retriever_server.serving.client import RetrieverError  # noqa: E402
 from retriever_server.wire.untrusted import SHOWN_ERROR, one_line  # noqa: E402
 
@@ -88,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         return quiet_broken_pipe()
 
 
+def last_words(args: argparse.Namespace, line: str) -> None:
+    """The command's last line, why it ended, on stderr: a JSON object under --log-format json, as every
+    other line there then is (an ERROR record of the logger PROG, whatever --log-level), else the text."""
+    if getattr(args, "log_format", "text") == "json":
+        line = JsonFormatter().format(logging.LogRecord(PROG, logging.ERROR, __file__, 0, line, None, None))
+    print(line, file=sys.stderr)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Runs a parsed command line."""
     configure_logging(args.log_level, args.log_format)
@@ -98,8 +107,8 @@ def run_command(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise
     except (CliError, DatastoreError, RetrieverError, ValueError, RuntimeError, OSError, OverflowError) as err:
-        print(f"{PROG} {args.command}: error: {one_line(last_line(err), SHOWN_ERROR)}", file=sys.stderr)
+        last_words(args, f"{PROG} {args.command}: error: {one_line(last_line(err), SHOWN_ERROR)}")
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        last_words(args, f"{PROG} {args.command}: interrupted")
         return 130

@@ -26,6 +26,7 @@ from retriever_server.cli.common import (
     metrics_port_named,
     metrics_port_of,
     pin_to_cpus,
+    positive_float,
     positive_int,
     run_until_signal,
     server_security_of,
@@ -63,6 +64,9 @@ def add_parsers(command) -> None:
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     s.add_argument("--no-restart", action="store_true", help="without --shard: do not restart a process that "
                    "exits; stop when the router or every replica of a shard has exited")
+    s.add_argument("--startup-timeout", type=positive_float, default=300.0,
+                   help="without --shard: seconds every process gets to turn SERVING (default 300; a large "
+                        "datastore's sha256 check takes longer, or give --no-verify)")
     add_threads(s, "FAISS OpenMP threads per shard (0: with --cpus, one per core given; with --datastore alone, "
                    "the machine's cores shared among the shard processes; else FAISS's default)")
     s.add_argument("--no-pin-shards", action="store_true",
@@ -183,7 +187,8 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
                                  extra_args=shard_args, router_args=router_args, log_level=args.log_level,
                                  log_format=args.log_format, cpus=args.cpus, security=security,
                                  restart=not args.no_restart, pin_shards=not args.no_pin_shards,
-                                 stop_timeout_s=args.drain_delay + args.grace + STOP_SLACK_S)
+                                 stop_timeout_s=args.drain_delay + args.grace + STOP_SLACK_S,
+                                 startup_timeout_s=args.startup_timeout)
     signal.signal(signal.SIGTERM, _interrupt_once)
     signal.signal(signal.SIGINT, _interrupt_once)
     signal.signal(signal.SIGHUP, lambda *_: deployment.reload_security())  # passed on, as each server takes it

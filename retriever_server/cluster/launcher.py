@@ -121,7 +121,7 @@ class LocalDeployment:
             if process.check_serving():
                 return
             time.sleep(0.1)
-        raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:.0f}s")
+        raise self._failed(process, f"did not turn SERVING within {self.startup_timeout_s:g}s")
 
     def _spawn_shard(self, shard: int, replica: int, threads: list[str], cpus: tuple[int, ...]) -> Child:
         extra = without_option(self.extra_args, "--threads") if threads else list(self.extra_args)

@@ -90,24 +90,27 @@ def float_keys(array: np.ndarray, name: str) -> np.ndarray:
 @dataclass(frozen=True)
 class AnswerShape:
     """What the answer to one Search request must hold: its arrays' dtypes and leading dimensions, the
-    payloads asked for and nothing else, keys and successors when asked for. A caller checks a server's
-    answer with `check` before it trusts its shapes (a merge, an LM worker indexing by them)."""
+    payloads asked for and nothing else, keys and successors when asked for, partial only when allowed. A
+    caller checks a server's answer with `check` before it trusts it (a merge, an LM worker indexing by it)."""
 
     nq: int
     k: int
     payloads: tuple[str, ...] = ()
     keys: bool = False
     successors: int = 0
+    partial: bool = False  # whether the answer may be partial (some shards missing)
 
     @classmethod
     def of(cls, request: pb.SearchRequest) -> AnswerShape:
         """The shape of the answer to `request`, as a server answers it."""
         nq = int(request.queries.shape[0]) if len(request.queries.shape) else 0
         return cls(nq, int(request.k), tuple(dict.fromkeys(request.payloads)), bool(request.return_keys),
-                   int(request.successors))
+                   int(request.successors), bool(request.allow_partial))
 
     def check(self, result: SearchResult) -> SearchResult:
         """`result` itself; TensorError naming the first field that is not what the request asked for."""
+        if result.partial and not self.partial:
+            raise TensorError("the answer is partial, but its request did not allow one (allow_partial)")
         rows, grown = (self.nq, self.k), (self.nq, self.k, self.successors)
         _expect(result.ids, "ids", rows, 0, np.int64)
         _expect(result.distances, "distances", rows, 0, np.float32)
