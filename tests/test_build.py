@@ -346,9 +346,32 @@ def test_a_folder_that_appears_at_the_output_during_the_build_is_never_replaced(
     config.out.rmdir()
     monkeypatch.setattr(publish, "check_output", lambda out, overwrite: None)  # as if it came after the check
     monkeypatch.setattr(build_module, "check_output", lambda out, overwrite: None)
-    with pytest.raises(BuildError, match="appeared while the build ran; refusing to replace it"):
+    with pytest.raises(BuildError, match="appeared or was replaced while the build ran; refusing to replace it"):
         build_datastore(config, progress=False)
     assert (config.out / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_datastore_put_at_the_output_while_the_build_ran_is_not_replaced(ray_cluster, keys, datastore, tmp_path,
+                                                                           monkeypatch):
+    """--overwrite replaces the datastore that was at the output when the build began, and nothing else: one
+    put there while it ran (the output was absent, or held another) was swapped out and deleted."""
+    config = dataclasses.replace(_saved_config(tmp_path, keys[:2000], shards=2), overwrite=True)
+    real_manifest = build_module._manifest
+    version = read_manifest(datastore).version
+
+    def meanwhile(*args, **kwargs):  # another datastore is copied to where the build will publish
+        shutil.rmtree(config.out, ignore_errors=True)
+        shutil.copytree(datastore, config.out)
+        return real_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_manifest", meanwhile)
+    for before in ("absent", "another datastore"):
+        if before != "absent":
+            shutil.copytree(datastore, config.out, dirs_exist_ok=False)
+        with pytest.raises(BuildError, match="appeared or was replaced while the build ran"):
+            build_datastore(config, progress=False)
+        assert read_manifest(config.out).version == version  # kept as it was put there
+        shutil.rmtree(config.out)
 
 
 def test_overwrite_replaces_a_datastore_only_and_one_build_at_a_time_writes_an_output(ray_cluster, keys, tmp_path):
@@ -447,7 +470,7 @@ def test_resume_rebuilds_a_damaged_shard(ray_cluster, keys, tmp_path, monkeypatc
     config = _saved_config(tmp_path, keys[:3000], shards=3, payloads={"values": tmp_path / "values.npy"})
     np.save(tmp_path / "values.npy", np.arange(3000, dtype=np.int64))
 
-    def crash(config, work, manifest):
+    def crash(config, work, manifest, found):
         raise BuildError("crashed before publishing")
 
     monkeypatch.setattr(build_module, "_publish", crash)

@@ -259,19 +259,33 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     return [entries[i] for i in range(config.shards)]
 
 
-def _publish(config: BuildConfig, work: Path, manifest: Manifest) -> None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(device, inode, change time) of what is at `path`, None where nothing is: the same folder, or another
+    put there (which may get the inode of one just removed)."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino, found.st_ctime_ns
+
+
+def _publish(config: BuildConfig, work: Path, manifest: Manifest, found: tuple[int, int, int] | None) -> None:
     """Writes the manifest into the finished work directory, moves it to `config.out` (checked again: a
-    path may have appeared there meanwhile), then tidies up."""
+    path may have appeared there meanwhile), then tidies up. `found` is what the output was when the build
+    began: one put there since (a datastore too) is not replaced, even with --overwrite."""
     check_output(config.out, config.overwrite)
     with as_build_error(f"publishing {config.out}", config.out, also_written=work):
         fsync_tree(work)  # every shard file on disk before the manifest names it and the old folder goes
         write_manifest(work, manifest)
         check_output(config.out, config.overwrite)  # again: the fsync of a large build takes minutes
         try:
-            old = replace_directory(work, config.out, overwrite=config.overwrite)
+            if _identity(config.out) != found:
+                raise FileExistsError(config.out)
+            old = replace_directory(work, config.out, overwrite=config.overwrite and found is not None)
         except FileExistsError:
-            raise BuildError(f"{config.out} appeared while the build ran; refusing to replace it (the build is "
-                             f"kept in {work}: run again with --overwrite, or choose another output)") from None
+            raise BuildError(f"{config.out} appeared or was replaced while the build ran; refusing to replace it "
+                             f"(the build is kept in {work}: run again, with --overwrite to replace it, or choose "
+                             "another output)") from None
         fsync_directory(config.out.parent)
         for leftover in (MARKER, TRAINED, *(p.name for p in config.out.glob(f"{STOP}*"))):
             (config.out / leftover).unlink(missing_ok=True)  # not in the manifest: readers ignore them meanwhile
@@ -345,12 +359,13 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     inputs = check_inputs(config)  # anything is made, the output's folders and lock included
     with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
         check_inputs_outside(config)  # a datastore to replace, then: none of the inputs may be in it
-        return _build(config, inputs, address, num_cpus, progress, on_ray or (lambda: None))
+        found = _identity(config.out)  # the datastore --overwrite replaces, or none: nothing else at publish
+        return _build(config, inputs, address, num_cpus, progress, on_ray or (lambda: None), found)
 
 
 
 def _build(config: BuildConfig, inputs: BuildInputs, address: str | None, num_cpus: int | None, progress: bool,
-           on_ray) -> Manifest:
+           on_ray, found: tuple[int, int, int] | None) -> Manifest:
     config = absolute_paths(config, "keys", "payloads")  # Ray's tasks run in other folders (a cluster's own)
     work = config.out.parent / f".{config.out.name}.partial"
     need = check_disk(config, inputs, work)
@@ -367,7 +382,7 @@ def _build(config: BuildConfig, inputs: BuildInputs, address: str | None, num_cp
         entries = _fill_shards(config, inputs, work, trained, progress)
     phases = {"train_seconds": round(trained_at - started, 3), "add_seconds": round(time.time() - trained_at, 3)}
     manifest = _manifest(config, inputs, trained, entries, time.time() - started, phases)
-    _publish(config, work, manifest)
+    _publish(config, work, manifest, found)
     log.info("published datastore %s (version %s, %d rows, %d shards)", config.out, manifest.version,
              inputs.n, config.shards)
     return manifest
