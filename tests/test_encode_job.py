@@ -315,12 +315,14 @@ def test_the_job_stamp_tells_encoders_apart(data):
 
 def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
     """Two jobs on one output folder: the second would clear the first one's parts while it writes them, so
-    it is refused while the first holds the lock, before it touches anything."""
+    it is refused while the first holds the lock, before it touches anything (the first one's swap of the
+    folder, part-way, included: the second finished it)."""
     import fcntl
 
     config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
     out = tmp_path / "source"
     out.mkdir()  # empty: taken, as a fresh output
+    (tmp_path / ".source.replaced-1").mkdir()  # the running job's swap, between its renames: not the second's
     with open(tmp_path / ".source.encode.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running job holds it
         with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
@@ -328,7 +330,8 @@ def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
         (tmp_path / "link").symlink_to(out)  # the same folder by another name: the same lock
         with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
             run_encode_job(config, tmp_path / "link", TableFactory())
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".source.encode.lock", "link", "source"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".source.encode.lock", ".source.replaced-1", "link",
+                                                          "source"]
     assert not list(out.iterdir())
 
 

@@ -339,9 +339,9 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
                              f"not {tokenizer.fingerprint}")
     plan = plan_parts(config, len(store))
     eos_id = int(store.tokens[-1])
-    check_out(out_dir)
     stamp = job_stamp(config, store, plan, eos_id, encoder_factory)
     with _held(out_dir):
+        check_out(out_dir)  # under the lock: it may finish another job's interrupted swap of the folder
         return _run(config, out_dir, store, plan, eos_id, stamp, encoder_factory, started)
 
 
