@@ -292,3 +292,19 @@ def test_serve_gives_its_processes_the_startup_time_it_is_told(datastore, tmp_pa
     assert done.returncode == 1
     assert "did not turn SERVING within 0.01s" in done.stderr.strip().splitlines()[-1], done.stderr
     assert processes_naming(str(datastore)) == []
+
+
+def test_serve_whose_output_reader_is_gone_stops_every_process_before_it_ends(datastore):
+    """stdout's reader gone before serve prints its addresses (`serve | head -0`): the print raised and serve
+    ended at once, its children left to notice their parent's death; it now stops them first."""
+    serve = subprocess.Popen([sys.executable, "-m", "retriever_server.cli", "serve", "--datastore", str(datastore)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    serve.stdout.close()  # no reader: the first flush of its output fails
+    try:
+        _, err = serve.communicate(timeout=120)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode == 0, err
+    assert processes_naming(str(datastore)) == []  # none left when it ended, drained and stopped

@@ -199,6 +199,9 @@ def _serve_local(args: argparse.Namespace, security: ServerSecurity) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
         deployment.stop()
         return 0
+    except BaseException:  # stdout's reader gone (`serve | head -1`), or anything else: nothing left running
+        deployment.stop()
+        raise
     finally:
         remove_address(args.address_file)
     raise CliError(f"stopped: {why}")
