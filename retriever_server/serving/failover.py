@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from retriever_server.wire.untrusted import one_line
+
 log = logging.getLogger(__name__)
 
 # A replica answering with one of these may be down: try the next replica of its shard.
@@ -86,6 +88,7 @@ class FailoverPolicy:
 
 P95_EVERY = 16  # answers between two computations of a shard's p95 (each costs tens of µs)
 WARN_EVERY_S = 10.0  # a replica's failures are logged once in this long, with a count of the others
+SHOWN_DETAILS = 400  # characters of a replica's status details passed on in the call's own status
 
 
 @dataclass
@@ -286,6 +289,7 @@ class Attempts:
         request; `stale`: a FAILED_PRECONDITION for the replica's datastore version); raises CallFailed
         when it is the call's answer."""
         name = self.replicas.name
+        details = one_line(details, SHOWN_DETAILS) if details else details  # a replica's words: on one line, bounded
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and self.deadline.expired():
             raise CallFailed(code, f"deadline passed waiting for {name}")
         retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED \

@@ -55,6 +55,14 @@ FORWARD_SLACK = 1 << 20  # what the router may add to a request it forwards (its
 DISCOVERY_REPORT_S = 10.0  # how often a router waiting for its shards says which have not answered
 
 
+def merge_values(spec, answers: int, dimension: int) -> int:
+    """What a merge of `answers` shard answers to `spec` moves, in neighbours (an id and its distance), each
+    key's values and each payload counting one more, successors too: whether it runs on the event loop. A
+    merge of ids and distances alone counts its neighbours, as INLINE_ELEMENTS was measured by."""
+    per_row = 1 + (dimension if spec.return_keys else 0) + len(spec.payloads)
+    return spec.nq * spec.k * answers * (1 + spec.successors) * per_row
+
+
 def shard_limits(router: Limits) -> Limits:
     """The limits a router's shards need for every request the router accepts under `router`: a request
     it forwards may be FORWARD_SLACK bytes larger than the one it received."""
@@ -294,7 +302,8 @@ class RouterService(BaseRetrieverService):
         answers = [o for o in outcomes if isinstance(o, SearchResult)]
         if failures and (not spec.allow_partial or not answers):
             raise RequestError(failure_code(failed, spec.allow_partial), failure_message(failures))
-        answer = await self._off_loop(spec.nq * spec.k * len(answers), self._merge, answers, spec.k, failures)
+        answer = await self._off_loop(merge_values(spec, len(answers), self.view.dimension), self._merge, answers,
+                                      spec.k, failures)
         return answer, spec.nq
 
     def _merge(self, answers: list[SearchResult], k: int, failures: dict[str, str]) -> bytes:
