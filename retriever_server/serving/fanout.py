@@ -141,16 +141,19 @@ def view_of(info: pb.InfoResponse) -> DatastoreView:
                          info.datastore_version)
 
 
-async def replica_infos(stubs: dict, sets: list[ReplicaSet], timeout: float,
-                        metadata: tuple) -> list[list[pb.InfoResponse]]:
+async def replica_infos(stubs: dict, sets: list[ReplicaSet], timeout: float, metadata: tuple,
+                        silent: dict[str, str] | None = None) -> list[list[pb.InfoResponse]]:
     """GetInfo of every replica of each shard that answers within `timeout` s (asyncio `stubs` by
     address), so that a replica that is not what the others are (another shard, a router) is found
-    before it answers a search. A replica down now is left out: failover copes with one that fails."""
+    before it answers a search. A replica down now is left out (failover copes with one that fails);
+    why it did not answer goes to `silent`, when given."""
 
     async def one(address: str) -> pb.InfoResponse | None:
         try:
             return await stubs[address].GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=metadata)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as err:
+            if silent is not None:
+                silent[address] = f"{err.code().name} {err.details()}"
             return None
 
     found = await asyncio.gather(*(asyncio.gather(*(one(a) for a in s.addresses)) for s in sets))

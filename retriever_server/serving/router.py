@@ -38,7 +38,7 @@ from retriever_server.serving.failover import (
     gather_until,
     shard_deadline,
 )
-from retriever_server.serving.fanout import check_shards, replica_sets, view_of
+from retriever_server.serving.fanout import check_shards, replica_infos, replica_sets, view_of
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.serving.metrics import ServerMetrics
@@ -167,19 +167,6 @@ class RouterService(BaseRetrieverService):
             return RequestError(grpc.StatusCode.UNAVAILABLE, "router is waiting for its shards to load")
         return None
 
-    async def _replica_infos(self, replicas: ReplicaSet, silent: dict[str, str]) -> list[pb.InfoResponse]:
-        """The GetInfo answers of the shard's replicas; why each silent one did not answer goes to `silent`."""
-        async def one(address: str) -> pb.InfoResponse | None:
-            try:
-                return await self.stubs[address].GetInfo(pb.GetInfoRequest(), timeout=self.config.info_timeout_s,
-                                                         metadata=self.metadata)
-            except grpc.aio.AioRpcError as err:
-                silent[address] = f"{err.code().name} {err.details()}"
-                return None
-
-        infos = await asyncio.gather(*(one(a) for a in replicas.addresses))
-        return [i for i in infos if i is not None]
-
     async def discover(self, poll_s: float = 0.2) -> None:
         """Waits until every shard has a replica answering GetInfo, checks they form one whole
         datastore, then is ready; raises RuntimeError (and refuses requests) when they do not. While it
@@ -188,7 +175,7 @@ class RouterService(BaseRetrieverService):
         while True:
             self._refresh_credentials()
             silent: dict[str, str] = {}
-            infos = await asyncio.gather(*(self._replica_infos(s, silent) for s in self.sets))
+            infos = await replica_infos(self.stubs, self.sets, self.config.info_timeout_s, self.metadata, silent)
             if all(infos):
                 break
             if time.monotonic() >= report_at:
