@@ -850,6 +850,26 @@ def test_successors_are_the_rows_after_each_neighbour_within_its_shard(aio, keys
             assert plain.successor_ids is None and plain.successor_payloads == {}
 
 
+def test_successors_a_request_excludes_do_not_reach_it(aio, keys, datastore):
+    """A successor is a row the caller receives: one its request excludes (for all queries, or for its
+    own query) comes back -1 with zero payloads, through the router and the fan-out, as a neighbour would."""
+    from retriever_server.client import Exclude
+    with serve(aio, datastore, 2) as served, RetrieverClient(served.address) as router, \
+            RetrieverClient([s[0].address for s in served.shards]) as fan_out:
+        queries = keys[[100, 300]]
+        common = Exclude(ranges=[(101, 103)])  # the first query's own row's next two rows
+        own = [Exclude(), Exclude(ids=[302])]  # the second query's row's second successor, for it alone
+        for client in (router, fan_out):
+            found = client.search(queries, k=4, nprobe=16, payloads=["values"], successors=4,
+                                  exclude=common, exclude_per_query=own)
+            assert found.ids[0, 0] == 100 and found.ids[1, 0] == 300  # each query's own row, nearest
+            assert found.successor_ids[0, 0].tolist() == [-1, -1, 103, 104]
+            assert found.successor_ids[1, 0].tolist() == [301, -1, 303, 304]
+            assert found.successor_payloads["values"][0, 0].tolist() == [0, 0, 103, 104]
+            after = found.successor_ids[found.successor_ids >= 0]
+            assert not np.isin(after, [101, 102]).any()
+
+
 def test_a_client_of_one_address_calls_from_the_callers_thread_and_gives_the_fan_out_answer(aio, keys, datastore):
     """No event loop thread for one address (a hop that cost a call ~0.3 ms of CPU); a shard list gets one.
     Both give the same neighbours, and a refusal keeps its status and message."""

@@ -323,15 +323,20 @@ class Shard:
         ranked.keys = self._stored_keys(ids) if spec.return_keys else None
         ranked.datastore_version = self.manifest.version
         if spec.successors:
-            after = self.successor_ids(ids, spec.successors)
+            after = self.successor_ids(ids, spec.successors, spec.exclusions)
             ranked.successor_ids = after
             ranked.successor_payloads = {name: self._payload(name, after) for name in spec.payloads}
             ranked.successor_keys = self._stored_keys(after) if spec.return_keys else None
         return ranked
 
-    def successor_ids(self, ids: np.ndarray, n: int) -> np.ndarray:
+    def successor_ids(self, ids: np.ndarray, n: int, exclusions: Exclusions | None = None) -> np.ndarray:
         """(nq, k, n) int64: the ids of the n rows after each neighbour of `ids` (nq, k), -1 past the end
-        of this shard and for missing neighbours."""
+        of this shard, for missing neighbours and for rows `exclusions` excludes for that query (a
+        successor is a row the caller receives: one its request excludes must not reach it that way)."""
         after = ids[..., None] + np.arange(1, n + 1, dtype=np.int64)  # (nq, k, n)
         after[(ids[..., None] < 0) | (after >= self.entry.id_end)] = -1
+        if exclusions:
+            nq = after.shape[0]
+            excluded = exclusions.mask(np.arange(nq, dtype=np.int64), after.reshape(nq, -1))
+            after[excluded.reshape(after.shape)] = -1
         return after
