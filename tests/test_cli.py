@@ -96,6 +96,9 @@ def one_line_error(result, words):
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--nprobe", "-1"], "argument --nprobe: the number must be in"),
         (["search", "127.0.0.1:1", "--queries", "k.npy", "--rerank", "-1"], "argument --rerank: the number must be in"),
         (["search", "127.0.0.1:1", "--queries", "z.npz"], "queries file z.npz is a .npz archive of arrays, not one"),
+        (["search", "127.0.0.1:1", "--queries", "badzip.npy"], "queries file badzip.npy is not a loadable .npy array"),
+        (["search", "127.0.0.1:1", "--queries", "huge.npy"],  # a header of 29 TiB over 8 bytes: nothing allocated
+         "queries file huge.npy is not a loadable .npy array"),
         (["build", "z.npz", "--out", "x"], "keys file z.npz is not a loadable .npy array: z.npz is a .npz archive"),
         (["build", "keys.txt", "--out", "x"], "keys file keys.txt is not a loadable .npy array: keys.txt is not a "
                                               ".npy file (it does not start as np.save writes one)"),
@@ -113,6 +116,10 @@ def test_bad_arguments_are_one_line(tmp_path, monkeypatch, args, words):
     np.save(tmp_path / "words.npy", np.array(["hello", "world"]))
     (tmp_path / "dir.npy").mkdir()
     np.savez(tmp_path / "z.npz", synthetic(50, 8))  # as `search --out` writes its answers
+    (tmp_path / "badzip.npy").write_bytes(b"PK\x03\x04 not a zip archive")
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 8)})
+        f.write(bytes(8))
     np.savetxt(tmp_path / "keys.txt", synthetic(50, 8))  # numpy itself calls this "pickled data"
     (tmp_path / "live.json").write_text(json.dumps({"address": "127.0.0.1:1", "pid": os.getpid()}))  # this test's
     one_line_error(run(*args), words)

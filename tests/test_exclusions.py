@@ -171,3 +171,23 @@ def test_a_query_fetches_more_neighbours_by_what_it_excludes():
     assert overfetch(sizes, 100_000, 128).tolist() == [0, 32, 32, 64, 128, 32, 32, 128]
     assert overfetch(sizes, 100_000, 40).tolist() == [0, 32, 32, 32, 32, 32, 32, 32]
     assert overfetch(sizes, 100_000, 0).tolist() == [0] * 8
+    assert overfetch(sizes, 100_000, -1).tolist() == [0] * 8  # a GPU shard asked past its 2048: none more
+
+
+def test_a_gpu_shard_takes_k_up_to_what_a_faiss_gpu_search_returns(caplog):
+    """--max-k past 2048 on a GPU shard is lowered to 2048 (and said so): a larger k is refused by name
+    rather than failing inside FAISS; a CPU shard keeps its limit."""
+    from pathlib import Path
+
+    from retriever_server.serving.shard import ShardOptions
+    from retriever_server.serving.shard_server import ShardServerConfig, ShardService
+    from retriever_server.wire.request import Limits
+
+    def served(gpu: bool) -> int:
+        config = ShardServerConfig(Path("unused"), 0, limits=Limits(max_k=4096), options=ShardOptions(gpu=gpu))
+        service = ShardService(config)
+        service.pool.shutdown()
+        return service.limits.max_k
+
+    assert served(gpu=False) == 4096
+    assert served(gpu=True) == 2048 and "takes k up to 2048" in caplog.text

@@ -8,6 +8,8 @@ import math
 import os
 import re
 import sys
+import tokenize
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -140,13 +142,17 @@ def _load_queries(path: Path) -> np.ndarray:
                        else f"queries file {path} not found")
     try:
         check_npy_start(path)
-        queries = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as err:
-        raise CliError(f"queries file {path} is not a loadable .npy array: {err}") from None
-    if not isinstance(queries, np.ndarray):  # a .npz archive, such as `search --out` writes
-        queries.close()
-        raise CliError(f"queries file {path} is a .npz archive of arrays, not one .npy array: save the queries "
-                       "with np.save")
+        # mapped first: a header that claims more than the file holds is refused before anything is allocated
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(mapped, np.ndarray):  # a .npz archive, such as `search --out` writes
+            mapped.close()
+            raise CliError(f"queries file {path} is a .npz archive of arrays, not one .npy array: save the "
+                           "queries with np.save")
+        queries = np.array(mapped)
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile) as err:
+        raise CliError(f"queries file {path} is not a loadable .npy array: {one_line(str(err), 300)}") from None
+    except MemoryError:
+        raise CliError(f"queries file {path} is larger than this machine's free memory") from None
     if queries.dtype.kind != "f":
         raise CliError(f"queries file {path} holds {queries.dtype} values: give float32 rows (float16 and float64 "
                        "are taken too)")

@@ -28,7 +28,7 @@ FEW = 0.1  # a query excluding more rows than the largest bucket, but under this
 def overfetch(sizes: np.ndarray, shard_rows: int, most: int) -> np.ndarray:
     """How many more neighbours each query fetches, by how many of the shard's rows it excludes
     (`sizes`, (nq,)), at most `most`."""
-    buckets = np.array([b for b in OVERFETCH_BUCKETS if b <= most])
+    buckets = np.array([b for b in OVERFETCH_BUCKETS if b <= max(most, 0)])  # 0 always: no more than asked
     bound = buckets[np.minimum(np.searchsorted(buckets, sizes), len(buckets) - 1)]
     few = (sizes > buckets[-1]) & (sizes < FEW * shard_rows)
     return np.where(few, buckets[min(1, len(buckets) - 1)], bound)

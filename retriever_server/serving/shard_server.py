@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -26,7 +26,7 @@ from retriever_server.datastore.manifest import DatastoreError, verify_shard
 from retriever_server.security.config import ServerSecurity
 from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
-from retriever_server.serving.shard import SearchStopped, Shard, ShardOptions
+from retriever_server.serving.shard import GPU_MAX_K, SearchStopped, Shard, ShardOptions
 from retriever_server.wire.request import Limits, RequestError, SearchSpec, parse_search
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.tensors import dtype_code
@@ -55,13 +55,24 @@ class ShardServerConfig:
     health_host: str = "127.0.0.1"
 
 
+def _gpu_limits(config: ShardServerConfig) -> Limits:
+    """The limits a shard serves under: on a GPU, k (and re-rank candidates) at most what a FAISS GPU
+    search returns, so that a larger k is refused by name (INVALID_ARGUMENT) rather than failing in FAISS."""
+    limits = config.limits
+    if not config.options.gpu or limits.max_k <= GPU_MAX_K:
+        return limits
+    log.warning("--max-k %d is past the %d neighbours a FAISS GPU search returns: this GPU shard takes k up to %d",
+                limits.max_k, GPU_MAX_K, GPU_MAX_K)
+    return replace(limits, max_k=GPU_MAX_K)
+
+
 class ShardService(BaseRetrieverService):
     """Answers Search and GetInfo from one loaded `Shard`."""
 
     role = "shard"
 
     def __init__(self, config: ShardServerConfig):
-        super().__init__(config.limits, ServerMetrics("shard"))
+        super().__init__(_gpu_limits(config), ServerMetrics("shard"))
         self.config = config
         self.shard: Shard | None = None
         self.load_error: str | None = None
