@@ -142,12 +142,15 @@ def _check_token(named: str, host: str, port: int, client: bool, timeout_s: floa
     would send, for at most `timeout_s` (AUTH_PROBE_S); any other answer is left to ray.init. `named`:
     "at ADDRESS", or which cluster."""
     import grpc
+    from ray._private.ray_constants import GLOBAL_GRPC_OPTIONS
     from ray._raylet import AuthenticationTokenLoader
 
     token_mode = os.environ.get(AUTH_MODE_ENV, "").lower() == "token"
     token = AuthenticationTokenLoader.instance().get_raw_token(ignore_auth_mode=True) if token_mode else ""
     metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    # Ray's own options: no HTTP proxy (unless RAY_grpc_enable_http_proxy), so that Ray's token goes
+    # where Ray itself would send it, never in plaintext to a proxy of http_proxy
+    with grpc.insecure_channel(f"{host}:{port}", options=list(GLOBAL_GRPC_OPTIONS)) as channel:
         try:
             channel.unary_unary(CLIENT_PROBE_METHOD if client else GCS_PROBE_METHOD)(
                 b"", timeout=max(0.1, min(AUTH_PROBE_S, timeout_s)), metadata=metadata)

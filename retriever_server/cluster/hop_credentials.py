@@ -77,10 +77,14 @@ class HopCredentials:
 
 def make_hop_credentials(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> HopCredentials:
     """Makes a CA, the shard and router certificates (for `hosts` and `SHARD_NAME`) and a token in
-    `directory` (created 0700)."""
+    `directory`, each file 0600: a folder created here is 0700; one that existed keeps its mode (a
+    caller's folder is the caller's to set)."""
     directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
     ca = make_ca()
     shard = make_leaf(ca, "retriever shard", [*hosts, SHARD_NAME])
     router = make_leaf(ca, "retriever router", [*hosts, ROUTER_NAME])

@@ -41,9 +41,9 @@ class TokenSet:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.lock = threading.Lock()
+        self.seen = file_stamps([self.path])  # before the read: a file replaced after it is read again
         self.tokens = [t.encode() for t in read_tokens(self.path)]
         warn_if_shared(self.path, "the token file")
-        self.seen = file_stamps([self.path])
         self.checked = time.monotonic()
 
     def reload(self) -> None:

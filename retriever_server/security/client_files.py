@@ -43,11 +43,13 @@ class WatchedClientSecurity:
     def __init__(self, security: ClientSecurity, check_every_s: float = CHECK_EVERY_S):
         self.security = security
         self.check_every_s = check_every_s
-        self.metadata = bearer_metadata(security.bearer_token())
         self._token_file = None if security.token else security.token_file
         self._tls_files = [p for p in (security.tls_ca, security.tls_cert, security.tls_key) if p is not None]
+        # stamped before the token is read: a file replaced in between is read again at the next refresh
         self._token_seen = file_stamps([self._token_file]) if self._token_file is not None else None
         self._tls_seen = file_stamps(self._tls_files)
+        self._tls_refused: tuple | None = None  # the TLS files' stamp last reported unusable: reported once
+        self.metadata = bearer_metadata(security.bearer_token())
         self._checked = time.monotonic()
 
     def refresh(self) -> bool:
@@ -72,8 +74,10 @@ class WatchedClientSecurity:
         try:
             check_pem(s.tls_cert, s.tls_key, s.tls_ca, side=s.flags)
         except SecurityError as err:  # half-written, or a pair that does not match yet: try again later
-            log.warning("TLS files of the calls out changed but cannot be used yet (%s); keeping the current ones",
-                        err)
+            if stamp != self._tls_refused:  # once per change, not at every call out until the rotation ends
+                self._tls_refused = stamp
+                log.warning("TLS files of the calls out changed but cannot be used yet (%s); keeping the current "
+                            "ones", err)
             return False
         self._tls_seen = stamp
         log.info("TLS files of the calls out changed: %s", ", ".join(str(p) for p in self._tls_files))

@@ -57,6 +57,23 @@ def dialled_hosts(address: str) -> list[str]:
     return [host.strip("[]") or address]
 
 
+def is_header_token(token: str) -> bool:
+    """Whether an HTTP header (gRPC metadata) can carry `token`: printable ASCII, spaces inside it only."""
+    return token.isascii() and token.isprintable()
+
+
+def env_token() -> str | None:
+    """The token in RETRIEVER_AUTH_TOKEN, whitespace around it ignored; None when unset or blank.
+
+    Raises:
+        SecurityError: it is not printable ASCII, which no header can carry; the message never holds it.
+    """
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token and not is_header_token(token):
+        raise SecurityError(f"{TOKEN_ENV} is not a token: a token is printable ASCII")
+    return token or None
+
+
 def read_tokens(path: Path, first_only: bool = False) -> list[str]:
     """The tokens of a token file: one per line, whitespace around them ignored, blank lines skipped;
     `first_only`: the first alone (what a client sends), the lines after it unread.
@@ -73,8 +90,8 @@ def read_tokens(path: Path, first_only: bool = False) -> list[str]:
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
-        token = line.strip().decode("ascii", errors="replace")
-        if not token.isascii() or not token.isprintable():  # a byte past ASCII decodes as U+FFFD
+        token = line.strip().decode("ascii", errors="replace")  # a byte past ASCII decodes as U+FFFD
+        if not is_header_token(token):
             raise SecurityError(f"the token file {path}: line {n} is not a token: a token is printable ASCII")
         tokens.append(token)
         if first_only:
@@ -196,9 +213,10 @@ class ClientSecurity:
                             f"--{f}allow-plaintext-token on a network you trust")
 
     def bearer_token(self) -> str | None:
-        """The token to send: the token given, else the token file's first, else RETRIEVER_AUTH_TOKEN."""
+        """The token to send: the token given, else the token file's first, else RETRIEVER_AUTH_TOKEN
+        (SecurityError, naming the file or the variable, where it is not one a header can carry)."""
         if self.token:
             return self.token
         if self.token_file is not None:
             return read_tokens(self.token_file, first_only=True)[0]
-        return os.environ.get(TOKEN_ENV, "").strip() or None
+        return env_token()

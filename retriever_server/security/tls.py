@@ -15,7 +15,13 @@ from pathlib import Path
 
 import grpc
 
-from retriever_server.security.config import ClientSecurity, SecurityError, ServerSecurity
+from retriever_server.security.config import (
+    ClientSecurity,
+    SecurityError,
+    ServerSecurity,
+    dialled_hosts,
+    is_loopback_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +138,27 @@ def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-def channel_options(security: ClientSecurity, options: list[tuple[str, object]]) -> list[tuple[str, object]]:
-    """`options`, plus the name a server's certificate must carry when it is not the host dialled."""
+def channel_options(security: ClientSecurity, options: list[tuple[str, object]],
+                    address: str = "") -> list[tuple[str, object]]:
+    """`options`, plus the name a server's certificate must carry when it is not the host dialled, and,
+    where every host `address` dials is loopback, no HTTP proxy: gRPC would send such a call (a token in
+    plaintext, as `check_channel` lets through on loopback) to the proxy of grpc_proxy, https_proxy or
+    http_proxy, off this machine, where this machine's loopback is not even reachable."""
+    options = list(options)
     if security.tls and security.server_name:
-        return [*options, ("grpc.ssl_target_name_override", security.server_name)]
-    return list(options)
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    if address and all(is_loopback_host(host) for host in dialled_hosts(address)):
+        options.append(("grpc.enable_http_proxy", 0))
+    return options
 
 
 def open_channel(address: str, security: ClientSecurity, options: list[tuple[str, object]]) -> grpc.Channel:
     """A blocking channel to `address`: TLS when the security says so, else plaintext (SecurityError
     where that would carry a token off this machine: `ClientSecurity.check_channel`)."""
     security.check_channel(address)
+    options = channel_options(security, options, address)
     if security.tls:
-        return grpc.secure_channel(address, channel_credentials(security), channel_options(security, options))
+        return grpc.secure_channel(address, channel_credentials(security), options)
     return grpc.insecure_channel(address, options=options)
 
 
@@ -153,6 +167,7 @@ def open_aio_channel(address: str, security: ClientSecurity,
     """An asyncio channel to `address`: TLS when the security says so, else plaintext (SecurityError
     where that would carry a token off this machine: `ClientSecurity.check_channel`)."""
     security.check_channel(address)
+    options = channel_options(security, options, address)
     if security.tls:
-        return grpc.aio.secure_channel(address, channel_credentials(security), channel_options(security, options))
+        return grpc.aio.secure_channel(address, channel_credentials(security), options)
     return grpc.aio.insecure_channel(address, options=options)
