@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ SPLITS = ("train", "heldout")
 
 
 RETRO_SPLIT = "retro"
+
+CHECK_SLICE = 1 << 20  # doc_ids read this many at a time when a store is opened (8 MiB of int64 expected ids)
+
+POSITION_LIMIT = 2**63  # token positions in documents.json lie in [0, POSITION_LIMIT): numpy's int64
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,8 @@ class TokenStore:
         self._check_spans(meta_path)
 
     def _check_spans(self, meta_path: Path) -> None:
-        """ValueError unless the documents tile the tokens in order, each non-empty, and doc_ids agrees at
-        each one's first and last token: files of two writes side by side are no token store."""
+        """ValueError unless the documents tile the tokens in order, each non-empty, and doc_ids names each
+        token's document: files of two writes side by side, or a damaged doc_ids.npy, are no token store."""
         starts = np.array([d.start for d in self.documents], dtype=np.int64)  # (D,)
         ends = np.array([d.end for d in self.documents], dtype=np.int64)  # (D,)
         if len(starts) == 0:
@@ -80,10 +85,11 @@ class TokenStore:
         if not tiled:
             raise ValueError(f"{meta_path}: its documents do not tile the {len(self.tokens)} tokens of tokens.npy "
                              "in order: not a whole token store")
-        number = np.arange(len(starts))
-        if not (np.array_equal(self.doc_ids[starts], number) and np.array_equal(self.doc_ids[ends - 1], number)):
+        wrong = first_wrong_doc_id(self.doc_ids, starts, ends)
+        if wrong is not None:
             raise ValueError(f"{self.directory / 'doc_ids.npy'} does not agree with {meta_path} on which document "
-                             "each token is in: not a whole token store")
+                             f"each token is in (token {wrong} is marked document {int(self.doc_ids[wrong])}): not a "
+                             "whole token store")
 
     @classmethod
     def open(cls, directory: Path) -> TokenStore:
@@ -99,13 +105,29 @@ class TokenStore:
         return span.start, span.end
 
 
+def first_wrong_doc_id(doc_ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int | None:
+    """The first position whose id in `doc_ids` (N,) is not the number of the document [starts[d], ends[d])
+    holding it, or None; the documents tile [0, N). Read `CHECK_SLICE` ids at a time (the array may be
+    memory-mapped and larger than memory), O(N) in all."""
+    for low in range(0, len(doc_ids), CHECK_SLICE):
+        high = min(low + CHECK_SLICE, len(doc_ids))
+        first, last = np.searchsorted(ends, low, side="right"), np.searchsorted(starts, high, side="left")
+        lengths = np.minimum(ends[first:last], high) - np.maximum(starts[first:last], low)  # within [low, high)
+        expected = np.repeat(np.arange(first, last, dtype=np.int64), lengths)  # (high - low,)
+        wrong = np.flatnonzero(np.asarray(doc_ids[low:high]) != expected)
+        if len(wrong):
+            return low + int(wrong[0])
+    return None
+
+
 def _open_ids(path: Path) -> np.ndarray:
     """A token store's 1-D integer array, memory-mapped; ValueError naming the file when it is not one
     (empty, cut short, an archive, another shape or dtype), FileNotFoundError when it is missing."""
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError) as err:
-        raise ValueError(f"{path} is not a loadable .npy array ({err}): not a whole token store") from None
+    except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as err:  # the last two: a damaged header
+        raise ValueError(f"{path} is not a loadable .npy array ({str(err)[:200]}): not a whole token "
+                         "store") from None
     if not isinstance(ids, np.ndarray):
         ids.close()
         raise ValueError(f"{path} is a .npz archive, not a 1-D array of integer ids: not a whole token store")
@@ -135,7 +157,8 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 def read_documents_json(path: Path) -> dict:
     """A split's documents.json, checked: a ValueError naming the file when it is not JSON, not an object,
-    or lacks "tokenizer" or "documents", or a document lacks its "name", "start" or "end"."""
+    or lacks "tokenizer" or "documents", or a document lacks its "name", "start" or "end", or they are not
+    whole numbers with 0 <= start <= end < 2**63."""
     meta = read_json_object(path)
     missing = [key for key in ("tokenizer", "documents") if key not in meta]
     if missing:
@@ -147,6 +170,9 @@ def read_documents_json(path: Path) -> dict:
             raise ValueError(f"{path}: document {number} is not an object with 'name', 'start' and 'end'")
         if not all(type(doc[key]) is int for key in ("start", "end")):  # bool is no token position either
             raise ValueError(f"{path}: document {number}'s 'start' and 'end' are not whole numbers")
+        if not 0 <= doc["start"] <= doc["end"] < POSITION_LIMIT:
+            raise ValueError(f"{path}: document {number}'s 'start' and 'end' ({str(doc['start'])[:30]}, "
+                             f"{str(doc['end'])[:30]}) are not positions 0 <= start <= end < 2**63")
     return meta
 
 

@@ -87,19 +87,21 @@ def check_knnlm_inputs(model: torch.nn.Module, retriever) -> None:
         raise ValueError(f"kNN-LM weighs neighbours by their squared L2 distances; the datastore's metric is "
                          f"{shown(str(metric))}: build it with --metric l2")
     metadata = getattr(retriever, "metadata", None) or {}
-    kind = metadata.get("kind")
-    if kind not in (None, "knnlm"):
+    kind = metadata.get("kind")  # the manifest's values may be anything JSON holds: compared as text
+    if kind is not None and str(kind) != "knnlm":
         raise ValueError(f"the datastore is a {shown(kind)} datastore (its manifest's kind), not a kNN-LM one")
-    made_by = metadata.get("encoder", "")
+    made_by = str(metadata.get("encoder") or "")
     if made_by.startswith("lm:") and made_by != (mine := model_fingerprint(model)):
         raise ValueError(f"the datastore's keys were made by the model {shown(made_by)}, not by this one "
                          f"({mine!r}): query it with the model that built it, or build one with this model")
 
 
-def shown(value: str, limit: int = 80) -> str:
-    """A datastore's metadata value (the datastore may come from anyone) for a message: `repr` of its first
-    `limit` characters, so that no newline or control character it holds reaches a terminal or a log."""
-    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+def shown(value: object, limit: int = 80) -> str:
+    """A datastore's metadata value (the datastore may come from anyone) for a message: `repr` of the first
+    `limit` characters of its text (`str`, for a value that is no string), so that no newline or control
+    character it holds reaches a terminal or a log."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def interpolate(lm_log_prob: torch.Tensor, knn_log_prob: torch.Tensor, lam: float) -> torch.Tensor:

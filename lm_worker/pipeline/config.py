@@ -60,6 +60,9 @@ class PipelineConfig:
             raise ValueError(f"retro_init must be 'lm' or 'scratch', got {self.retro_init!r}")
         if self.max_retro_tokens < 0:
             raise ValueError(f"max_retro_tokens must be >= 0, got {self.max_retro_tokens}")
+        if self.tune_tokens < 2:  # one token is only an EOS: no validation text to choose kNN-LM's temperature on
+            raise ValueError(f"tune_tokens must be at least 2 (the last held-out tokens kNN-LM's temperature and λ "
+                             f"are chosen on), got {self.tune_tokens}")
 
     @property
     def retro_split(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,9 +36,32 @@ def prepare_config(config: PipelineConfig):
 def prepare_data(config: PipelineConfig) -> None:
     """RUN/data from the corpus, with RUN/data/prepared.json: the corpus and vocab_size it was made from."""
     report = prepare_corpus(replace(prepare_config(config), max_retro_tokens=0))
-    record, path = {"corpus": config.corpus, "vocab_size": config.vocab_size}, config.run / "data" / PREPARED
-    write_text_atomically(path, json.dumps(record, indent=2))  # whole or not there
+    path = config.run / "data" / PREPARED
+    write_text_atomically(path, json.dumps(prepared_record(config), indent=2))  # whole or not there
     log.info("prepared: documents %s, tokens %s", report.documents, report.tokens)
+
+
+def prepared_record(config: PipelineConfig) -> dict:
+    """RUN/data/prepared.json's record: the corpus as given ("corpus"), the place it names ("corpus_place",
+    `corpus_of`) and the vocab_size."""
+    return {"corpus": config.corpus, "corpus_place": corpus_of(config.corpus), "vocab_size": config.vocab_size}
+
+
+def same_corpus(recorded: dict, corpus: str) -> bool:
+    """Whether a prepared.json record names `corpus`: the same string as given (a relative path still matches in a
+    moved project), the same once normalised ("./corpus", "corpus/"), or the same place. A record written before
+    it held the place ("corpus_place") is judged by the place its string names from here."""
+    given = recorded.get("corpus")
+    if not isinstance(given, str):
+        return False
+    if given == corpus or _normalised(given) == _normalised(corpus):
+        return True
+    place = recorded.get("corpus_place") if "corpus_place" in recorded else corpus_of(given)
+    return place == corpus_of(corpus)
+
+
+def _normalised(corpus: str) -> str:
+    return corpus if corpus == "stdlib" else os.path.normpath(os.path.expanduser(corpus))
 
 
 def corpus_of(corpus: str) -> str:
@@ -49,9 +73,9 @@ def check_prepared_corpus(config: PipelineConfig) -> None:
     """ValueError when RUN/data was prepared from another corpus or with another vocab_size than the config's:
     everything in the run was made from it, so the message names every folder to remove. Compared with
     RUN/data/prepared.json, which records the corpus as it was given (a relative path still matches in a moved
-    project) or the place it named; in a run prepared before that was written, with what prepare wrote: the
-    tokenizer's vocabulary (a corpus too small to fill `vocab_size` gives fewer tokens, so only a larger
-    one tells) and the documents' names (files of a corpus folder; the stdlib, whose files differ from one
+    project) and the place it named (`same_corpus`); in a run prepared before that was written, with what
+    prepare wrote: the tokenizer's vocabulary (a corpus too small to fill `vocab_size` gives fewer tokens, so
+    only a larger one tells) and the documents' names (files of a corpus folder; the stdlib, whose files differ from one
     Python to the next, and a JSONL corpus cannot tell).
     """
     from lm_worker.data.tokenizer import Tokenizer
@@ -67,8 +91,8 @@ def check_prepared_corpus(config: PipelineConfig) -> None:
         recorded = None
     why = []
     if recorded is not None:
-        if recorded.get("corpus") not in (config.corpus, corpus):
-            why.append(f"from corpus {recorded.get('corpus')!r}, corpus is {corpus!r}")
+        if not same_corpus(recorded, config.corpus):
+            why.append(f"from corpus {str(recorded.get('corpus'))[:200]!r}, corpus is {corpus!r}")
         if recorded.get("vocab_size") != config.vocab_size:
             why.append(f"with vocab_size {recorded.get('vocab_size')}, vocab_size is {config.vocab_size}")
     else:
@@ -130,11 +154,23 @@ def split_heldout(config: PipelineConfig, heldout):
         for name, part, budget in (("valid", valid, config.tune_tokens), ("test", test, 0)):
             write_token_store(data / name, part, eos, heldout.tokenizer_fingerprint, max_tokens=budget)
     valid = TokenStore.open(data / "valid")
-    if valid.max_tokens and valid.max_tokens != config.tune_tokens:  # 0: a split made before it was recorded
-        raise ValueError(f"{data / 'valid'} holds the last {valid.max_tokens} held-out tokens, tune_tokens is "
-                         f"{config.tune_tokens}: remove {data / 'valid'}, {data / 'test'} and {config.run / 'report'} "
-                         "to split and evaluate again")
+    check_validation_split(config, valid)
     return valid, TokenStore.open(data / "test")
+
+
+def check_validation_split(config: PipelineConfig, valid: TokenStore) -> None:
+    """ValueError, naming what to remove, when RUN/data/valid holds no tokens (cut with tune_tokens below 2) or was
+    cut with another `tune_tokens` than the config's. A recorded budget of None or 0 with tokens is a split written
+    before its budget was recorded (`write_token_store` then recorded its default, 0), taken as it is."""
+    recorded = valid.max_tokens
+    if not len(valid):
+        held = f"holds no validation tokens (cut with tune_tokens {recorded})"
+    elif recorded and recorded != config.tune_tokens:
+        held = f"holds the last {recorded} held-out tokens"
+    else:
+        return
+    raise ValueError(f"{valid.directory} {held}, tune_tokens is {config.tune_tokens}: remove {valid.directory}, "
+                     f"{config.run / 'data' / 'test'} and {config.run / 'report'} to split and evaluate again")
 
 
 def split_size(config: PipelineConfig, split: str) -> dict:
