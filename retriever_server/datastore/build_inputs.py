@@ -13,12 +13,8 @@ import faiss
 import numpy as np
 
 from retriever_server.datastore import index as ix
-from retriever_server.datastore.manifest import PAYLOAD_NAME, PayloadSpec
+from retriever_server.datastore.manifest import PAYLOAD_DTYPES, PAYLOAD_NAME, PayloadSpec
 from retriever_server.datastore.row_parts import PartedArray, files_of, is_parts_index, open_rows, stored_dtype
-
-PAYLOAD_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                            "uint8", "uint16", "uint32", "uint64", "bool"})  # what the wire format carries
-
 
 MAX_SEED = 2**31 - 2  # FAISS takes a seed as a C int, and the PQ codebooks seed + 1
 
@@ -255,6 +251,10 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
     if config.cpus_per_shard < 1:
         raise BuildError(f"--cpus-per-shard must be >= 1, got {config.cpus_per_shard}")
+    for name in ("add_block", "spill_rows"):  # rows a shard task adds, and holds in memory, at a time
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BuildError(f"BuildConfig.{name} must be an integer >= 1, got {value!r}")
     if not 0 <= config.seed <= MAX_SEED:
         raise BuildError(f"--seed must be in [0, {MAX_SEED}], got {config.seed} (FAISS seeds are C ints)")
     factory, train_rows = _check_factory(config, n, d)

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from retriever_server.datastore.build_inputs import BuildError
-from retriever_server.datastore.manifest import MANIFEST, DatastoreError, fsync_directory, read_manifest
-from retriever_server.datastore.resume import is_leftover
+from retriever_server.datastore.manifest import MANIFEST, DatastoreError, Manifest, fsync_directory, read_manifest
+from retriever_server.datastore.resume import DONE, is_leftover
 
 log = logging.getLogger(__name__)
 AT_FDCWD = -100
@@ -86,20 +86,38 @@ def check_output(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     try:
-        read_manifest(out)
+        manifest = read_manifest(out)
     except (DatastoreError, OSError, ValueError) as err:
         raise BuildError(f"{out} exists and is not a datastore; refusing to replace it: choose another output "
                          f"path ({err})") from None
     if not overwrite:
         raise BuildError(f"{out} already exists; pass --overwrite to replace it")
-    listed = {MANIFEST, *(shard.name for shard in read_manifest(out).shards)}
-    others = sorted(entry.name for entry in out.iterdir()  # a build's leftovers (one stopped as it tidied) go
-                    if entry.name not in listed and not is_leftover(entry.name))
+    try:
+        others = foreign_entries(out, manifest)
+    except OSError as err:
+        raise BuildError(f"cannot list {out} to check that it holds only its datastore: {err.strerror or err}; "
+                         "refusing to replace it") from None
     if others:  # --overwrite replaces the whole folder: what is not the datastore's would go with it
         shown = ", ".join(repr(name) for name in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
                                                                  else "")
         raise BuildError(f"{out} holds {shown} besides its datastore, which --overwrite would delete with it: "
                          "move them out first, or choose another output path")
+
+
+def foreign_entries(out: Path, manifest: Manifest) -> list[str]:
+    """What is in the datastore folder `out` besides its datastore, which replacing the folder would delete:
+    names beside the manifest and the shard folders other than a build's leftovers (one stopped as it
+    tidied), and in each shard folder anything but the files the manifest lists for it and the build's
+    `.done.json` (as `shard-00000/NAME`). A shard folder that is a symbolic link is left out: removing the
+    folder removes the link, not what it points to."""
+    listed = {MANIFEST, *(shard.name for shard in manifest.shards)}
+    found = sorted(entry.name for entry in out.iterdir() if entry.name not in listed and not is_leftover(entry.name))
+    for shard in manifest.shards:
+        folder = out / shard.name
+        if folder.is_dir() and not folder.is_symlink():
+            own = {*shard.files, DONE}
+            found += sorted(f"{shard.name}/{entry.name}" for entry in folder.iterdir() if entry.name not in own)
+    return found
 
 
 @contextlib.contextmanager

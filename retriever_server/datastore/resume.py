@@ -43,7 +43,7 @@ def read_json(path: Path):
     """A JSON file's contents, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return None
 
 

@@ -218,6 +218,8 @@ def _read_index(index_path: Path) -> dict:
         body = json.loads(index_path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"parts index {index_path} is not readable JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"parts index {index_path} is not readable JSON: nested too deeply") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise ValueError(f"parts index {index_path} is not format {FORMAT} (got {body.get('format')!r})"
                          if isinstance(body, dict) else f"parts index {index_path} is not a JSON object")
