@@ -6,11 +6,12 @@ sentence-transformers computes them. Nothing is downloaded: the weights are insi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +65,28 @@ def _digest(states: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Runs the block on `threads` torch threads and gives the process back its own count after it
+    (0: the process's count throughout). torch's count is process-wide: the encoder sets it only while
+    it encodes, so the other models of the process (RETRO's, the LM's) keep theirs."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads and threads != before:
+            torch.set_num_threads(before)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     batch_size: int = 64
     device: str = "cpu"
-    threads: int = 0  # torch threads; 0 keeps torch's default
+    threads: int = 0  # torch threads while encoding (`torch_threads`); 0 keeps the process's
 
 
 class MiniLMEncoder:
@@ -77,14 +95,11 @@ class MiniLMEncoder:
     dimension = 384
 
     def __init__(self, config: EncoderConfig = EncoderConfig()):
-        import torch
         from tokenizers import Tokenizer
         from transformers import AutoModel
 
         path = model_path()
-        self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        self.config = config  # its threads are set only while it encodes (`torch_threads`)
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
@@ -120,7 +135,7 @@ class MiniLMEncoder:
 
         out = np.empty((len(chunks), self.dimension), dtype=np.float32)
         steps = range(0, len(chunks), self.config.batch_size)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.config.threads):
             for start in tqdm(steps, desc="encoding chunks", unit="batch", disable=not progress):
                 batch = torch.as_tensor(np.asarray(chunks[start:start + self.config.batch_size], dtype=np.int64))
                 ids = torch.cat([torch.full((len(batch), 1), CLS), batch, torch.full((len(batch), 1), SEP)], 1)

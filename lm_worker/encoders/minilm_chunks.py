@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from lm_worker.data.tokenizer import Tokenizer
-from lm_worker.encoders.minilm import CLS, SEP, EncoderConfig, MiniLMEncoder
+from lm_worker.encoders.minilm import CLS, SEP, EncoderConfig, MiniLMEncoder, torch_threads
 
 log = logging.getLogger(__name__)
 DEFAULT_WORDPIECES = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
@@ -58,7 +58,7 @@ class ChunkEncoder:
         cut_before = self.cut
         out = np.empty((len(chunks), self.dimension), dtype=np.float32)
         steps = range(0, len(chunks), self.batch_size)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.minilm.config.threads):
             for start in tqdm(steps, desc="embedding chunks", unit="batch", disable=not progress):
                 pieces = self._wordpieces(chunks[start:start + self.batch_size])
                 width = max(len(p) for p in pieces)

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,9 +53,10 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
         lm_checkpoint: overrides "encoder_checkpoint" (a run moved elsewhere).
 
     Raises:
-        ValueError: an LM encoder without a checkpoint, or an encoder here whose fingerprint differs from
-            the one that made the keys (another LM, other MiniLM weights or settings, an encoder this
-            project does not make); the message names both, the metadata's escaped and cut.
+        ValueError: an LM encoder without a checkpoint, or whose checkpoint is not here (pass
+            `lm_checkpoint`: --encoder-lm); or an encoder here whose fingerprint differs from the one
+            that made the keys (another LM, other MiniLM weights or settings, an encoder this project
+            does not make); the message names both, the metadata's escaped and cut.
     """
     from lm_worker.encoders.lm_chunks import PREFIX, LMChunkEncoder
 
@@ -69,11 +71,25 @@ def chunk_encoder_for(metadata: Mapping[str, str], tokenizer, lm_checkpoint: Pat
     if not path:
         raise ValueError(f"the datastore's keys were made by the LM {fingerprint[:80]!r} but it names no "
                          "checkpoint: pass the base LM's checkpoint")
+    check_checkpoint_here(str(path), fingerprint, given=lm_checkpoint is not None)
     encoder = LMChunkEncoder.load(Path(path), device=device)
     if encoder.fingerprint != fingerprint:  # the metadata's values, from the datastore, escaped as repr
         raise ValueError(f"the datastore's keys were made by {fingerprint[:80]!r}, but {str(path)[:200]!r} is "
                          f"{encoder.fingerprint!r}: pass the base LM that encoded the RETRO source")
     return encoder
+
+
+def check_checkpoint_here(path: str, fingerprint: str, given: bool) -> None:
+    """ValueError, naming `path` escaped and cut, where no LM checkpoint is at it: the path the
+    datastore's metadata recorded (a run moved elsewhere, another machine), or the one `given`."""
+    if os.path.exists(path):  # False also where the path cannot be looked at (too long, not a folder)
+        return
+    shown = f"{path[:200]!r}{' (cut)' if len(path) > 200 else ''}"
+    if given:
+        raise ValueError(f"no LM checkpoint at {shown} (--encoder-lm): pass the base LM's checkpoint that "
+                         f"encoded the RETRO source ({fingerprint[:80]!r})")
+    raise ValueError(f"the datastore's keys were made by the LM {fingerprint[:80]!r} from the checkpoint {shown}, "
+                     "which is not here: pass the base LM's checkpoint with --encoder-lm (lm_checkpoint=)")
 
 
 def _minilm_for(fingerprint: str, tokenizer, threads: int, device: str):

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +116,34 @@ def stdlib_vectors(n_keys: int, n_queries: int, chunk_len: int = 64, max_per_doc
     query_tokens, _, _ = _take_chunks(encoder, heldout, n_queries, chunk_len, 4 * max_per_doc)
     log.info("encoding %d stdlib chunks with MiniLM (cached under %s)", n_keys + n_queries, root)
     out = root / f"{stem}-n{n_keys}-q{n_queries}"
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "keys.npy", encoder.encode(tokens, progress))
-    np.save(tmp / "queries.npy", encoder.encode(query_tokens, progress))
-    np.save(tmp / "tokens.npy", tokens)
-    np.save(tmp / "doc_ids.npy", doc_ids)
-    np.save(tmp / "query_tokens.npy", query_tokens)
-    (tmp / "docs.json").write_text(json.dumps(names))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")  # one per encode, even in a process
+    tmp.mkdir(parents=True)
+    try:
+        np.save(tmp / "keys.npy", encoder.encode(tokens, progress))
+        np.save(tmp / "queries.npy", encoder.encode(query_tokens, progress))
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "doc_ids.npy", doc_ids)
+        np.save(tmp / "query_tokens.npy", query_tokens)
+        (tmp / "docs.json").write_text(json.dumps(names))
+        publish(tmp, out)
+    except BaseException:  # a failed or interrupted encode leaves no work folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return _load(out, n_keys, n_queries)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Renames the complete cache folder `tmp` to `out`; where another process published `out` meanwhile
+    (its docs.json, written last, is there), that one is kept and `tmp` removed. A published cache is
+    never deleted: only an `out` without docs.json (an unfinished one of an older version) is replaced."""
+    for _ in range(2):
+        try:
+            os.replace(tmp, out)  # onto a missing or empty folder only
+            return
+        except OSError:
+            if (out / "docs.json").is_file():
+                log.info("kept the vector cache %s another process made meanwhile", out)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)

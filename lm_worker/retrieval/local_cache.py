@@ -64,8 +64,9 @@ class LocalCaches:
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore rows ids (n,), keys (n, d), values (n,) to sequence `row`'s cache; ids < 0 and
         rows it already holds are skipped."""
-        ids = ids.reshape(-1)
-        self.add_many(np.full(len(ids), row, dtype=np.int64), ids, keys.reshape(len(ids), -1), values.reshape(-1))
+        ids = np.asarray(ids).reshape(-1)
+        keys = np.asarray(keys).reshape(len(ids), self.keys.shape[2])  # (n, d): n may be 0
+        self.add_many(np.full(len(ids), row, dtype=np.int64), ids, keys, np.asarray(values).reshape(-1))
 
     def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore row ids[i] (key keys[i], value values[i]) to sequence rows[i]'s cache, for every

@@ -32,20 +32,41 @@ def knn_neighbours(result: SearchResult) -> KnnNeighbours:
                          result.keys, result.successor_keys)
 
 
+class TooFewNeighbours(ValueError):
+    """Some chunk queries found fewer than k neighbours: `short` holds their places among the `queries`
+    of one request. The message names the first by its place, or, given the `total` chunks of a split
+    whose request began at chunk `offset`, by its chunk (`in_split`)."""
+
+    def __init__(self, short: np.ndarray, queries: int, k: int, offset: int = 0, total: int | None = None):
+        self.short, self.queries, self.k, self.offset, self.total = short, queries, k, offset, total
+        where = (f"query {int(short[0])}" if total is None
+                 else f"chunk {offset + int(short[0])} of {total}, in the request of chunks {offset} to "
+                      f"{offset + queries - 1}")
+        super().__init__(f"{len(short)} of {queries} chunk queries found fewer than k={k} neighbours (first: "
+                         f"{where}): search more lists (nprobe), exclude fewer rows, or ask for fewer "
+                         "neighbours than the datastore holds")
+
+    def __reduce__(self):  # pickled whole (a Ray task's error): its args are the message alone
+        return TooFewNeighbours, (self.short, self.queries, self.k, self.offset, self.total)
+
+    def in_split(self, offset: int, total: int) -> TooFewNeighbours:
+        """The same shortfall, named by chunk in a split of `total` chunks whose request began at `offset`."""
+        return TooFewNeighbours(self.short, self.queries, self.k, offset, total)
+
+
 def chunk_neighbours(result: SearchResult) -> np.ndarray:
     """A RETRO datastore's answer as int64 (n, k, 2L) token ids: each neighbour chunk and its continuation.
 
     Raises:
-        ValueError: some query found fewer than k neighbours. RETRO attends to k chunks; a missing one has
-            no tokens (its payload reads as token 0), and nothing in the model tells it apart.
+        TooFewNeighbours: (a ValueError) some query found fewer than k neighbours. RETRO attends to k
+            chunks; a missing one has no tokens (its payload reads as token 0), and nothing in the model
+            tells it apart.
     """
     if "tokens" not in result.payloads:
         raise ValueError("the datastore has no 'tokens' payload: is it a RETRO datastore?")
     short = np.flatnonzero((result.ids < 0).any(axis=1))
     if len(short):
-        raise ValueError(f"{len(short)} of {len(result.ids)} chunk queries found fewer than k={result.ids.shape[1]} "
-                         f"neighbours (first: query {int(short[0])}): search more lists (nprobe), exclude fewer "
-                         "rows, or ask for fewer neighbours than the datastore holds")
+        raise TooFewNeighbours(short, len(result.ids), result.ids.shape[1])
     return result.payloads["tokens"].astype(np.int64)  # (n, k, 2L)
 
 
@@ -113,13 +134,20 @@ class Retriever:
         self.check_open()
         return self.pool.submit(self.chunks, np.array(embeddings, dtype=np.float32), exclude)
 
-    def close(self) -> None:
-        """Waits for the look-ups under way, then refuses any more (`check_open`)."""
-        self.pool.shutdown(wait=True)
+    def interrupt(self) -> None:
+        """Ends the look-ups under way where the datastore allows it (a subclass's; here none can be)."""
+
+    def close(self, cancel: bool = False) -> None:
+        """Waits for the look-ups under way, then refuses any more (`check_open`). With `cancel` (the
+        with-block raised: Ctrl-C, SIGTERM, an error) the look-ups not yet started are dropped and those
+        under way are ended first (`interrupt`), so closing does not wait out their deadline."""
+        if cancel:
+            self.interrupt()
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
         self.closed = True
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(cancel=exc_type is not None)

@@ -65,11 +65,24 @@ def check_queries(retriever, queries: np.ndarray, exclude) -> None:
         raise ValueError(f"queries must be (C > 0, {retriever.dimension}), got {queries.shape}")
     if exclude is not None and len(exclude) != C:
         raise ValueError(f"{len(exclude)} exclusions for {C} queries")
-    left = np.array([ntotal - (0 if r is None else r[1] - r[0]) for r in ([None] if exclude is None else exclude)])
+    ranges = [None] if exclude is None else list(exclude)
+    left = np.array([ntotal - (0 if r is None else r[1] - r[0]) for r in ranges])
     if (left < K).any():
         q = int(np.argmin(left))
-        raise ValueError(f"query {q} keeps {left[q]} of {ntotal} rows after excluding "
-                         f"{'nothing' if exclude is None else tuple(exclude[q])}: fewer than k={K}")
+        excluded = "nothing" if ranges[q] is None else tuple(int(i) for i in ranges[q])
+        raise ValueError(f"query {q} keeps {left[q]} of {ntotal} rows after excluding {excluded}: fewer than k={K}")
+
+
+def batch_result(pending, first: int, total: int) -> np.ndarray:
+    """The neighbours of the request of chunks first..., its shortfall (`TooFewNeighbours`) named by chunk of
+    the `total`, not by place in the request."""
+    try:
+        return pending.result()
+    except ValueError as err:
+        in_split = getattr(err, "in_split", None)
+        if in_split is None:
+            raise
+        raise in_split(first, total) from None
 
 
 def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tuple[int, int] | None] | None,
@@ -91,7 +104,7 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
 
     Raises:
         ValueError: no queries, a dimension or exclusion count mismatch, or fewer than K rows left to
-            some query after its exclusion.
+            some query after its exclusion; or some chunk found fewer than K neighbours (named by its index).
     """
     C = len(queries)
     check_queries(retriever, queries, exclude)
@@ -105,7 +118,7 @@ def precompute_neighbours(retriever, queries: np.ndarray, exclude: Sequence[tupl
     with written_whole(Path(out_path)) as partial:
         pending = submit(0)
         for first in tqdm(range(0, C, batch), desc="RETRO neighbours", unit="batch", disable=not progress):
-            found = pending.result()  # (b, K, 2L)
+            found = batch_result(pending, first, C)  # (b, K, 2L)
             if first + batch < C:
                 pending = submit(first + batch)
             if out is None:

@@ -8,7 +8,8 @@ project never replaces files it did not write.
 
     OUT/                       the finished source (source.json last), as readers see it
     .OUT.encoding/             the encode job's work folder: its parts, resumed by a rerun of the job
-    .OUT.encoding-XXXXXXXX/    an in-process encode's work folder, removed if the encode fails
+    .OUT.encoding-XXXXXXXX/    an in-process encode's work folder, removed if the encode fails; one whose
+                               encode was killed is removed by the next encode (or check) of OUT on its host
 
 Example:
     >>> check_out(Path("run/retro-source"), "--out")
@@ -19,9 +20,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PARTS = "parts"  # the encode job's parts folder
 JOB_JSON = "job.json"  # in PARTS: what the parts were planned from
+OWNER = ".encoding-owner"  # in an in-process encode's work folder: "PID HOST" of the process writing it
 SOURCE_ENTRIES = frozenset({SOURCE_JSON, KEYS, KEYS_PARTS, PARTS, *(file for _, file in PAYLOAD_FILES.values()),
                             *(name + PARTS_SUFFIX for name, _ in PAYLOAD_FILES.values())})  # a source's own files
 
@@ -56,7 +60,9 @@ def _names(names: list[str], shown: int = 4) -> str:
 
 
 def check_out(out_dir: Path, flag: str = "") -> None:
-    """Refuses a source folder that holds something other than a source of this project.
+    """Refuses a source folder that holds something other than a source of this project. First ends a
+    replacement stopped part-way (`finish_replacing`) and removes killed encodes' work folders
+    (`remove_abandoned`).
 
     Args:
         out_dir: where a source is to be written: absent, empty, a source (source.json) or an
@@ -68,6 +74,7 @@ def check_out(out_dir: Path, flag: str = "") -> None:
     """
     out = Path(out_dir)
     finish_replacing(out)
+    remove_abandoned(out)
     where = f"{flag} {out}" if flag else str(out)
     if not out.exists() and not out.is_symlink():
         return
@@ -77,6 +84,50 @@ def check_out(out_dir: Path, flag: str = "") -> None:
     if names and SOURCE_JSON not in names and not (out / PARTS / JOB_JSON).is_file():
         raise ValueError(f"{where} holds {_names(names)} but no datastore source: encoding there would replace "
                          "files this project did not write; give an empty or new folder")
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_of(work: Path) -> tuple[int, str] | None:
+    """The (pid, host) an in-process encode recorded in its work folder; None where it recorded none."""
+    try:
+        pid, host = (work / OWNER).read_text().split(" ", 1)
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def remove_abandoned(out_dir: Path) -> None:
+    """Removes the work folders of in-process encodes of `out_dir` (`.NAME.encoding-*`) whose encode was
+    killed: recorded by a process of this host that no longer runs. Those of another host, of a process
+    still running, or that record no owner are left, and named in the log."""
+    place = place_of(out_dir)
+    removed, running, unknown = [], [], []
+    for work in sorted(place.parent.glob(f".{glob.escape(place.name)}.encoding-*")) if place.parent.is_dir() else []:
+        owner = owner_of(work)
+        if owner is None or owner[1] != socket.gethostname():
+            unknown.append(work.name)
+        elif is_running(owner[0]):
+            running.append(work.name)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work.name)
+    if removed:
+        log.warning("removed %s beside %s: the work of encodes that were killed", _names(removed), out_dir)
+    if running:
+        log.info("left %s beside %s: encodes still running", _names(running), out_dir)
+    if unknown:
+        log.warning("left %s beside %s: encodes of another host or of no recorded owner; remove one by hand "
+                    "once no encode writes it", _names(unknown), out_dir)
 
 
 def _remove_source_files(folder: Path) -> None:
@@ -147,11 +198,13 @@ def new_source(out_dir: Path) -> Iterator[Path]:
     work = place.parent / f".{place.name}.encoding-{uuid.uuid4().hex[:12]}"
     work.mkdir()  # with the umask's mode, as the source had: mkdtemp's 0700 would hide it from other users
     try:
+        (work / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")  # a killed encode's is reaped
         yield work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     try:
+        (work / OWNER).unlink(missing_ok=True)  # not part of the source
         replace_source(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # not swapped in: the old source is back in its place
