@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from retriever_server.cli.address_file import prepare_address_file, remove_address, write_address
@@ -84,6 +85,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
     from retriever_server.cluster.ray_security import check_exposure
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
+    from retriever_server.cluster.supervisor import uninterrupted
 
     signal.signal(signal.SIGTERM, interrupt)  # from the start, as Ctrl-C: "interrupted", what started stopped
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a closed terminal is nothing to it
@@ -118,24 +120,43 @@ def run_deploy(args: argparse.Namespace) -> int:
         for (shard, replica), node in sorted(deployment.placements.items()):
             print(f"{args.name}/shard-{shard}/replica-{replica}: node {node}")
         print(f"{args.name}: router {router} (Ray cluster {ray_address()}, namespace {args.namespace})", flush=True)
-        write_address(args.address_file, router, None, shards=deployment.shard_addresses, name=args.name,
-                      namespace=args.namespace, **({"pid": None} if args.detached else {}))  # detached: no process
+        write = _address_writer(args, deployment)
+        write(router)
         if args.detached:
             detached = True
             print(f"detached; stop it with: {PROG} undeploy --name {args.name}")
             return 0
-        why = deployment.wait()
+        why = deployment.wait(on_address=write)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop a deploy that serves; a detached one is
         if args.detached:  # stopped before it said so: it is undone, and the command was interrupted
             raise
         return 0
     finally:
         if not detached:  # serving until now, or a detached deploy that failed or was stopped on its way
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (or hangup) does not cut the drain
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # short: a hangup often comes twice
-            deployment.stop()
-            remove_address(args.address_file)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a second Ctrl-C, SIGTERM or hangup (it often comes
+            with uninterrupted():  # twice) does not cut the drain short
+                try:
+                    deployment.stop()
+                finally:
+                    remove_address(args.address_file)
     raise CliError(f"stopped: {why}")
+
+
+def _address_writer(args: argparse.Namespace, deployment) -> Callable[[str], None]:
+    """What writes deploy's address file with the router's address: again only where it changed (Ray
+    restarted the router on another port), with the shards' addresses asked of the router then."""
+    written: list[str] = []
+
+    def write(address: str) -> None:
+        if written and address == written[-1]:
+            return
+        if written:
+            print(f"{args.name}: router moved to {address}", flush=True)
+        write_address(args.address_file, address, None, shards=deployment.shard_addresses, name=args.name,
+                      namespace=args.namespace, **({"pid": None} if args.detached else {}))  # detached: no process
+        written.append(address)
+
+    return write
 
 
 def run_undeploy(args: argparse.Namespace) -> int:

@@ -2,9 +2,9 @@
 
 - `launcher`: every shard (x replicas) and a router as local processes (`LocalDeployment`);
 - `supervisor`: those processes restarted with backoff, on their ports, when they exit, and ended
-  when their parent dies;
+  when their parent dies; `uninterrupted`, a cleanup that no second Ctrl-C or SIGTERM cuts short;
 - `ray_serving`: the same as named Ray actors on a cluster (`RayDeployment`, `lookup`, `undeploy`);
-- `ray_actors`: the shard replica and router actors;
+- `ray_actors`: the shard replica and router actors, and `stop_actors` (drained, then killed);
 - `placement`: which node each replica goes to;
 - `connect`: joining a Ray cluster the same way for every job, failing fast when it is not there;
 - `reaper`: a local Ray cluster a command started, ended when the command dies, however it dies;

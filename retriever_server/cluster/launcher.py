@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -21,14 +20,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retriever_server.cluster.cpus import format_cpus
 from retriever_server.cluster.hop_credentials import HopCredentials, make_hop_credentials
 from retriever_server.cluster.reaper import remove_when_gone
-from retriever_server.cluster.supervisor import Child, RestartPolicy, Supervisor, without_option
+from retriever_server.cluster.supervisor import Child, RestartPolicy, Supervisor, uninterrupted, without_option
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
 
@@ -90,6 +88,7 @@ class LocalDeployment:
         self._dir = Path(tempfile.mkdtemp(prefix="retriever-local-"))
         self._keep_dir = False
         self.hops: HopCredentials | None = None
+        self._reaper: subprocess.Popen | None = None  # removes the hops' folder should this process be killed
         self._supervisor: Supervisor | None = None
         self._stopped = threading.Event()
         self._done = False  # stop() has run
@@ -178,7 +177,7 @@ class LocalDeployment:
             self.security.check(self.host)  # before any process starts
             if self.security.tls or self.security.token_file is not None:
                 self.hops = make_hop_credentials(self._dir / "hops")
-                remove_when_gone(self._dir / "hops")  # the hops' keys go with this process, even killed
+                self._reaper = remove_when_gone(self._dir / "hops")  # the keys go with this process, even killed
             threads = self._threads(len(manifest.shards) * self.replicas)
             cores = iter(self.placement(len(manifest.shards) * self.replicas, threads))
             for i in range(len(manifest.shards)):
@@ -189,13 +188,14 @@ class LocalDeployment:
                                                  "--port", str(self.router_port), *self.router_args,
                                                  *self._router_security_args()])
             self._wait_serving(self.router, deadline)
+            if self.restart:  # known to stop() before its thread starts
+                self._supervisor = Supervisor(self.processes, self.restart_policy)
+                self._supervisor.start()
+            log.info("datastore %s served by %d shards x %d replicas behind %s", self.datastore,
+                     len(self.shards), self.replicas, self.router_address)
         except BaseException:
             self.stop()
             raise
-        if self.restart:
-            self._supervisor = Supervisor(self.processes, self.restart_policy).start()
-        log.info("datastore %s served by %d shards x %d replicas behind %s", self.datastore,
-                 len(self.shards), self.replicas, self.router_address)
         return self
 
     def processes(self) -> list[Child]:
@@ -236,13 +236,13 @@ class LocalDeployment:
         """Stops supervising, then SIGTERM to the router and waits for it (so it has stopped sending before
         a shard drains), then to every shard, waiting for them all; each group gets `grace_s` (default
         `stop_timeout_s`) before SIGKILL. Removes `log_dir` unless a process failed to start, exited or
-        was restarted (the hops' credentials in it are removed either way). Once is enough: a second
-        call does nothing. On the main thread, SIGINT and SIGTERM are ignored until every process has
-        ended: a second Ctrl-C cuts no drain short (and leaves no process running)."""
+        was restarted (the hops' credentials in it are removed either way, and their reaper ended). Once is
+        enough: a second call does nothing. On the main thread, SIGINT and SIGTERM are ignored until every
+        process has ended: a second Ctrl-C cuts no drain short (and leaves no process running)."""
         if self._done:
             return
         grace_s = self.stop_timeout_s if grace_s is None else grace_s
-        with _uninterrupted():  # from the first step: the supervisor's join too
+        with uninterrupted():  # from the first step: the supervisor's join too
             self._done = True
             if self._supervisor is not None:
                 self._supervisor.stop()
@@ -251,6 +251,13 @@ class LocalDeployment:
             _terminate([p for replicas in self.shards for p in replicas], grace_s)
         if self.hops is not None:  # the hops' keys and token go even where the logs are kept
             self.hops.remove()
+        if self._reaper is not None:  # nothing left for it to remove
+            self._reaper.terminate()
+            try:
+                self._reaper.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
         if not self._keep_dir and not any(p.restarts for p in self.processes()):  # a crash's logs stay
             shutil.rmtree(self._dir, ignore_errors=True)
         elif self._dir.is_dir():
@@ -307,23 +314,6 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored for the duration, on the main thread (their handlers live there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
-             if (handler := signal.getsignal(sig)) is not None}  # None: not set from Python, left as it is
-    for sig in saved:
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
 
 
 def _terminate(processes: list[Child], grace_s: float) -> None:

@@ -4,7 +4,7 @@ An actor runs the shard server or the router (`grpc.aio`) on an asyncio loop in 
 own process, on an ephemeral port of `host` (its node's IP when None). The router finds the
 replicas by their actor names. A replica that Ray restarts (its node died) gives the router, found
 by name too, its new address; the router sends to it once it answers as the same shard.
-`ray_serving.RayDeployment` creates, places and names these actors.
+`ray_serving.RayDeployment` creates, places and names these actors; `stop_actors` drains and kills them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 
 import ray
 
-from retriever_server.cluster.ray_secrets import Secrets, materialize, relocated
+from retriever_server.cluster.ray_secrets import Secrets, materialize, relocated, sweep
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.logs import configure_logging
 from retriever_server.serving.event_loop import LoopThread
@@ -126,3 +126,24 @@ class RouterActor(_ServerActor):
         old = self.loop.run(self.running.service.replace_replica(shard, replica, address, timeout_s))
         if old is not None:
             log.warning("router: %s replica %d moved from %s to %s", shard_name(shard), replica, old, address)
+
+
+def stop_actors(handles: list, grace_s: float, up: list | None = None) -> None:
+    """Stops these actors of a deployment: kills at once those not in `up` (default: all are up), whose drain
+    call would wait for them to start; then drains the others, the first (the router) before the rest, each
+    given `grace_s`, and kills them, a drain cut short (Ctrl-C, SIGTERM) too."""
+    drained = handles if up is None else [h for h in handles if any(h is u for u in up)]
+    try:
+        for handle in handles:
+            if not any(handle is d for d in drained):
+                ray.kill(handle, no_restart=True)
+    finally:
+        try:
+            for group in (drained[:1], drained[1:]):
+                refs = [h.stop.remote(grace_s) for h in group]
+                if refs:
+                    ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
+        finally:
+            for handle in drained:
+                ray.kill(handle, no_restart=True)
+            sweep()  # on this node, the copies of secrets of actors killed before (the next actor to start sweeps too)

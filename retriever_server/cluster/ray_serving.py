@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from retriever_server.cluster.connect import connect, free_resources
 from retriever_server.cluster.placement import NodeSlot, PlacementError, cluster_nodes, plan_placement
-from retriever_server.cluster.ray_actors import RouterActor, ShardReplica
-from retriever_server.cluster.ray_secrets import sweep
+from retriever_server.cluster.ray_actors import RouterActor, ShardReplica, stop_actors
 from retriever_server.cluster.ray_security import DeploymentSecurity, plan_security
+from retriever_server.cluster.supervisor import uninterrupted
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ClientSecurity, ServerSecurity
 from retriever_server.serving.router import RouterConfig, shard_limits
@@ -181,20 +182,6 @@ def lookup(name: str, namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.
         raise DeploymentError(f"the router of {name!r} did not answer: {_failure(err)}") from None
 
 
-def _stop_actors(handles: list, grace_s: float) -> None:
-    """Drains the servers (the first handle, the router, before the others), then kills every actor, a
-    drain cut short (Ctrl-C, SIGTERM) too."""
-    try:
-        for group in (handles[:1], handles[1:]):
-            refs = [h.stop.remote(grace_s) for h in group]
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
-    finally:
-        for handle in handles:
-            ray.kill(handle, no_restart=True)
-        sweep()  # on this node, the copies of secrets of actors killed before (the next actor to start sweeps too)
-
-
 def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0) -> int:
     """Drains and kills every actor of deployment `name`; returns how many there were.
 
@@ -212,7 +199,7 @@ def undeploy(name: str, namespace: str = DEFAULT_NAMESPACE, grace_s: float = 5.0
             handles.append(ray.get_actor(actor, namespace=namespace))
         except ValueError:
             pass  # gone meanwhile
-    _stop_actors(handles, grace_s)
+    stop_actors(handles, grace_s)
     log.info("undeployed %s: %d actors", name, len(handles))
     return len(handles)
 
@@ -298,11 +285,12 @@ class RayDeployment:
             raise DeploymentError(str(err)) from None
         try:
             self._start_actors(num_shards, nodes)
+            address = self.router_address  # asked once, within the cleanup: the answer may take a while
+            log.info("%s serves %s (%d shards x %d replicas) at %s", c.name, c.datastore, num_shards, c.replicas,
+                     address)
         except BaseException:
             self.stop()
             raise
-        log.info("%s serves %s (%d shards x %d replicas) at %s", c.name, c.datastore, num_shards, c.replicas,
-                 self.router_address)
         return self
 
     def _start_replica(self, shard: int, replica: int):
@@ -369,12 +357,16 @@ class RayDeployment:
         found = self._answer([h.describe.remote() for h in handles.values()], "a shard replica")
         return {key: d["node_id"] for key, d in zip(handles, found)}
 
-    def wait(self, poll_s: float = 2.0) -> str:
+    def wait(self, poll_s: float = 2.0, on_address: Callable[[str], None] | None = None) -> str:
         """Blocks while the router actor lives (waiting out its restarts); returns why it is gone,
-        e.g. when `undeploy` stopped it from another driver."""
+        e.g. when `undeploy` stopped it from another driver. `on_address` gets the router's address at
+        each look (a restart of the router moves it to another port, maybe another node)."""
         while True:
             try:
-                ray.get(self.router.ready.remote(), timeout=self.config.startup_timeout_s)
+                refs = [self.router.ready.remote()] + ([self.router.address.remote()] if on_address else [])
+                answers = ray.get(refs, timeout=self.config.startup_timeout_s)
+                if on_address:
+                    on_address(answers[1])
             except ray.exceptions.RayActorError as err:
                 return f"the router actor is gone: {_failure(err)}"
             except ray.exceptions.GetTimeoutError:
@@ -383,15 +375,15 @@ class RayDeployment:
             time.sleep(poll_s)
 
     def stop(self) -> None:
-        """Drains the router, then the replicas, and kills every actor of this deployment."""
+        """Kills the actors that never came up, drains the router, then the replicas, and kills every actor
+        of this deployment, a drain cut short too; on the main thread, SIGINT and SIGTERM are ignored
+        meanwhile (a second Ctrl-C leaves no actor running)."""
         handles = ([self.router] if self.router else []) + [h for replicas in self.shards for h in replicas]
-        up = [h for h in handles if any(h is u for u in self._up)]  # a drain call to the others would wait
-        if up:  # for them to start
-            _stop_actors(up, self.config.grace_s)
-        for handle in handles:
-            if not any(handle is u for u in up):
-                ray.kill(handle, no_restart=True)
-        self.shards, self.router, self._up = [], None, []
+        try:
+            with uninterrupted():
+                stop_actors(handles, self.config.grace_s, up=self._up)
+        finally:
+            self.shards, self.router, self._up = [], None, []
 
     def __enter__(self) -> RayDeployment:
         return self.start()

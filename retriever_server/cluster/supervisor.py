@@ -4,10 +4,12 @@ had, so that whoever calls it (the router, a client) finds it at the same addres
 A child writes its bound address to a JSON file once listening (`--address-file`) and answers health
 checks on a plaintext port (`--health-port 0`); `Child` reads both. `Supervisor` is a thread that
 watches the children, restarts the ones that exit, and logs each exit and each return to SERVING.
+`uninterrupted` holds off SIGINT and SIGTERM while a deployment stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +93,7 @@ class Child:
     serving: bool = False
     restarts: int = 0
     started_at: float = 0.0
+    served_at: float | None = None  # when this run turned SERVING; None until it has
     restart_at: float | None = None
     quick_exits: int = 0
     log_start: int = 0  # where this run's lines begin in the log (the log is appended to on a restart)
@@ -98,7 +101,7 @@ class Child:
     def spawn(self) -> None:
         """Starts the process (its log appended to on a restart), in a session of its own."""
         self.address_file.unlink(missing_ok=True)
-        self.serving, self.health_port = False, None
+        self.serving, self.health_port, self.served_at = False, None, None
         self.log_start = self.log_file.stat().st_size if self.popen and self.log_file.is_file() else 0
         with open(self.log_file, "a" if self.popen else "w") as out:
             self.popen = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
@@ -119,8 +122,9 @@ class Child:
         return lines[-1] if lines else ""
 
     def last_error(self) -> str:
-        """`last_line`, or the exit code where the process wrote nothing."""
-        return self.last_line() or f"exit code {self.popen.returncode}"
+        """`last_line` made safe for a message (one line, control characters escaped, at most 300
+        characters), or the exit code where the process wrote nothing."""
+        return one_line(self.last_line(), 300) or f"exit code {self.popen.returncode}"
 
     def check_serving(self) -> bool:
         """Reads the address file once written, then asks the health port; True once SERVING. From then
@@ -134,6 +138,7 @@ class Child:
         if health_status(f"127.0.0.1:{self.health_port}", timeout=1.0) != "SERVING":
             return False
         self.serving = True
+        self.served_at = time.monotonic() if self.served_at is None else self.served_at
         pinned = {"--port": self.address.rsplit(":", 1)[1], "--metrics-port": self.metrics_port,
                   "--health-port": self.health_port}
         for option, port in pinned.items():
@@ -190,7 +195,8 @@ class Supervisor:
         now = time.monotonic()
         if child.restart_at is None and child.exited():
             ran = now - child.started_at
-            child.quick_exits = 1 if ran >= self.policy.healthy_after_s else child.quick_exits + 1
+            served = 0.0 if child.served_at is None else now - child.served_at  # a long load is no health
+            child.quick_exits = 1 if served >= self.policy.healthy_after_s else child.quick_exits + 1
             delay = self.policy.delay(child.quick_exits)
             child.restart_at = now + delay
             log.warning("%s %s after %.1fs; restarting it in %.1fs (log: %s)", child.name, exit_reason(child),
@@ -208,3 +214,21 @@ class Supervisor:
                             err, delay)
         elif child.restarts and not child.serving and not child.exited() and child.check_serving():
             log.warning("%s SERVING again at %s (restart %d)", child.name, child.address, child.restarts)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored for the duration, on the main thread (their handlers live there; elsewhere
+    this does nothing): a second Ctrl-C cuts no cleanup short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM)
+             if (handler := signal.getsignal(sig)) is not None}  # None: not set from Python, left as it is
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
