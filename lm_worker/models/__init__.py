@@ -7,6 +7,7 @@
 - `ragged_retro`: RETRO's cache with a length per row (`RaggedRetroCache`), each row rewound on its own;
 - `hf_causal_lm`: a local Hugging Face causal LM as a kNN-LM base (`HFCausalLM`);
 - `checkpoint`: saving and loading any of them with its config and training state;
+- `checkpoint_checks`: what loading a checkpoint checks: plain data, its fields, tied weights, a digest;
 - `fingerprint`: which weights made a datastore's keys.
 
 Imports: lm_worker.models, lm_worker.data.tokenizer

@@ -2,8 +2,10 @@
 optimizer state, the training step, the tokenizer's fingerprint and free-form `extra` data.
 
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a reader never sees
-half a checkpoint, even when training is killed mid-save. A directory holding a Hugging Face
-`config.json` loads as a causal LM through `lm_worker.models.hf_causal_lm` (kind "hf").
+half a checkpoint, even when training is killed mid-save. A sha256 digest over the config and the weights,
+checked on load, refuses a file damaged or edited by hand (`lm_worker.models.checkpoint_checks`). A
+directory holding a Hugging Face `config.json` loads as a causal LM through `lm_worker.models.hf_causal_lm`
+(kind "hf").
 
 Example:
     >>> save_checkpoint(Path("run/lm/checkpoint.pt"), kind="lm", model=model, config=model.config,
@@ -27,6 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lm_worker.models.checkpoint_checks import (
+    check_digest,
+    check_payload,
+    check_plain,
+    check_tied,
+    payload_digest,
+    plain_config,
+)
 from lm_worker.models.retro import Retro, RetroConfig
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 
@@ -72,14 +82,15 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
         config: the model's frozen config dataclass (stored as a plain dict).
         step: training steps done.
         tokenizer_fingerprint: the fingerprint of the tokenizer of the training data.
-        extra: plain data (dicts, lists, numbers, strings) stored alongside.
+        extra: plain data (dicts, lists, tuples, numbers, strings, None; exactly those types) stored alongside.
         optimizer: its state is saved too when given, so training can resume.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: unknown kind, a config that is not a dataclass, or not the model's own.
+        ValueError: unknown kind, a config that is not a dataclass, or not the model's own, or a config,
+            extra or fingerprint that loading would refuse (each before anything is written).
     """
     if kind not in MODELS:
         raise ValueError(f"cannot save kind {kind!r}: checkpoints hold {sorted(MODELS)} models")
@@ -89,15 +100,21 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
         raise ValueError(f"kind {kind!r} holds {MODELS[kind][1].__name__} models, not {type(model).__name__}")
     if getattr(model, "config", config) != config:
         raise ValueError(f"config does not describe the model: {config} against the model's {model.config}")
+    values = plain_config(config)  # numpy scalars become Python ones; anything else not plain is refused
+    if type(extra) is not dict or type(tokenizer_fingerprint) is not str:
+        raise ValueError(f"extra must be a dict and tokenizer_fingerprint a str, got {type(extra).__name__} and "
+                         f"{type(tokenizer_fingerprint).__name__}")
     check_plain(extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
-        "config": dataclasses.asdict(config),
-        "model": model.state_dict(),
+        "config": values,
+        "model": state,
+        "digest": payload_digest(values, state),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "step": int(step),
         "tokenizer_fingerprint": tokenizer_fingerprint,
@@ -129,25 +146,6 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-PLAIN = (str, int, float, bool, type(None))  # with dicts, lists and tuples of them: what loading unpickles
-
-
-def check_plain(extra: dict, where: str = "extra") -> None:
-    """ValueError unless `extra` is plain data (dicts, lists, tuples, strings, numbers, None): what
-    `load_checkpoint` reads back, as it loads without unpickling other objects (a numpy scalar or a
-    Path was saved, and the checkpoint then never loaded)."""
-    if isinstance(extra, dict):
-        for key, value in extra.items():
-            check_plain(key, f"{where} key {key!r}")
-            check_plain(value, f"{where}[{key!r}]")
-    elif isinstance(extra, (list, tuple)):
-        for i, value in enumerate(extra):
-            check_plain(value, f"{where}[{i}]")
-    elif not isinstance(extra, PLAIN):
-        raise ValueError(f"{where} is a {type(extra).__module__}.{type(extra).__qualname__}: a checkpoint's extra "
-                         "holds plain data only (dicts, lists, strings, numbers); convert it first")
 
 
 def build_config(kind: str, values: dict) -> LMConfig | RetroConfig:
@@ -186,7 +184,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
     Raises:
         FileNotFoundError: nothing loadable at `path`.
         ValueError: the file is not a readable lm_worker checkpoint, or is of an unknown kind or
-            version, or of none of `kinds`.
+            version, or of none of `kinds`, or a field is missing or of another type, or its config and
+            weights do not match the digest saved with them (damaged or edited); each names the file.
 
     Example:
         >>> retro = load_checkpoint(Path("run/retro"), kinds=("retro",), flag="--retro").model
@@ -196,23 +195,23 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
     if file is None:
         check_kind("hf", path, kinds, flag)
         return _load_hf(path, device)
-    payload = _read(file, device)
+    payload = _read(file, device)  # its fields checked (`check_payload`)
     kind = payload["kind"]
-    if kind not in MODELS:
-        raise ValueError(f"{file} holds a model of unknown kind {kind!r}")
     check_kind(kind, path, kinds, flag)
     try:
         config = build_config(kind, payload["config"])
         model = MODELS[kind][1](config)
+        check_tied(model, payload["model"])
         model.load_state_dict(payload["model"])
     except (TypeError, ValueError, RuntimeError, ArithmeticError) as err:  # a config that is no config, or
         # weights of another shape: the file named, the message on one line
         raise ValueError(f"{file} does not hold a loadable {kind} model: {' '.join(str(err).split())[:300]}"
                          ) from None
+    check_digest(file, payload)  # after the checks above, whose errors say more; none in older files
     model.to(device).eval()
-    return LoadedModel(kind=kind, model=model, config=config, step=int(payload["step"]),
+    return LoadedModel(kind=kind, model=model, config=config, step=payload["step"],
                        tokenizer_fingerprint=payload["tokenizer_fingerprint"], optimizer_state=payload["optimizer"],
-                       extra=payload.get("extra") or {})
+                       extra=payload["extra"] or {})
 
 
 def checkpoint_file(path: Path) -> Path | None:
@@ -263,7 +262,7 @@ def checkpoint_tokenizer(path: Path) -> str:
         from lm_worker.models.hf_causal_lm import tokenizer_fingerprint
 
         return tokenizer_fingerprint(path)
-    return str(_read_mapped(file).get("tokenizer_fingerprint") or "")
+    return _read_mapped(file)["tokenizer_fingerprint"]
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -272,7 +271,7 @@ def checkpoint_kind(path: Path) -> str:
     file = checkpoint_file(path)
     if file is None:
         return "hf"
-    return str(_read_mapped(file)["kind"])
+    return _read_mapped(file)["kind"]
 
 
 def check_kind(kind: str, path: Path, kinds: tuple[str, ...], flag: str = "this use") -> None:
@@ -289,7 +288,7 @@ def require_kind(path: Path, kinds: tuple[str, ...], flag: str = "this use") -> 
 
 
 def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
-    """The checked payload dict of a checkpoint file."""
+    """The payload dict of a checkpoint file, its format, version and fields checked."""
     try:
         with warnings.catch_warnings():  # the unpickler's warnings about a damaged file's bytes
             warnings.simplefilter("ignore")
@@ -308,6 +307,7 @@ def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
         raise ValueError(f"{path} is not an lm_worker checkpoint (no format {FORMAT!r})")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads {VERSION}")
+    check_payload(path, payload, tuple(MODELS))
     return payload
 
 

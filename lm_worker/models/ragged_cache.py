@@ -125,11 +125,13 @@ class RaggedKVCache:
         """Within the block, a forward of the whole batch keeps its new positions only for the rows not
         in `rows`: the held rows go back to their lengths after it. A held row already `max_len` long
         has that dropped position written over its last slot instead of past `max_len`, so it must be a
-        row whose last slot is never read again (a row that holds all its tokens, its last never fed)."""
+        row whose last slot is never read again (a row that holds all its tokens, its last never fed).
+        The held rows go back to their lengths however the block ends, a forward that raised included."""
         if not rows:
             yield
             return
         before = self.lengths.clone()
+        held = torch.tensor(rows, device=before.device)
         full = [r for r in rows if int(before[r]) >= max_len]
         if full:
             self.truncate(torch.tensor(full), before[full] - 1)
@@ -138,7 +140,9 @@ class RaggedKVCache:
             yield
         finally:
             self.idle = []
-        self.truncate(torch.tensor(rows), before[rows])
+            # a forward that raised left the full rows one short: their slot is there, as the docstring says
+            self.lengths[held] = torch.maximum(self.lengths[held], before[held])
+            self.truncate(held, before[held])
 
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Row rows[i] keeps only its first lengths[i] positions (no longer than it has)."""

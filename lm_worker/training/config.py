@@ -65,10 +65,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError(f"need lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ValueError(f"min_lr must be >= 0 and finite, got {self.min_lr}")
+        for name in ("warmup", "threads"):  # threads 0: torch's default
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):  # grad_clip 0: no clipping; < 0 would flip the gradients
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)}")

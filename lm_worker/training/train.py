@@ -8,9 +8,11 @@ start at chunk boundaries and come with the precomputed neighbours of their chun
 neighbours step). AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on CUDA.
 
 The output folder receives `checkpoint.pt` (every `checkpoint_every` steps and at the end),
-`losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint. Each checkpoint's
-held-out loss is evaluated (and recorded) before it is written: a training loss or held-out loss that is
-not finite stops training with a ValueError, and the last good checkpoint stays as it was.
+`losses.json` and `loss.png`; with `resume=True` a run continues from its checkpoint. The held-out loss is
+recorded every `eval_every` steps and at the last; each checkpoint's is evaluated before it is written (and
+recorded only at those steps, so a run stopped and resumed records what an uninterrupted one does): a
+training loss or held-out loss that is not finite stops training with a ValueError, and the last good
+checkpoint stays as it was.
 
 Example:
     >>> report = train(TrainConfig(kind="lm", preset="small", steps=2000), Path("run/data"), Path("run/lm"))
@@ -185,12 +187,15 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
                                tokenizer_fingerprint=fingerprint, extra=extra, optimizer=optimizer)
 
     def heldout_at(done: int) -> float:
-        """The held-out loss after step `done`, evaluated and recorded unless it was; a ValueError when it is
-        not finite: weights that give nan (or 1e30 weights whose forward overflows) are never saved."""
-        if not (losses["heldout"] and losses["heldout"][-1][0] == done):
-            losses["heldout"].append([done, evaluate(model, heldout, eval_indices, config.batch_size, device,
-                                                     config.amp)])
-        value = losses["heldout"][-1][1]
+        """The held-out loss after step `done`, evaluated unless it was recorded, and recorded at an eval step
+        (every `eval_every` and the last) only; a ValueError when it is not finite: weights that give nan (or
+        1e30 weights whose forward overflows) are never saved."""
+        if losses["heldout"] and losses["heldout"][-1][0] == done:
+            value = losses["heldout"][-1][1]
+        else:
+            value = evaluate(model, heldout, eval_indices, config.batch_size, device, config.amp)
+            if done % config.eval_every == 0 or done == config.steps:
+                losses["heldout"].append([done, value])
         if not math.isfinite(value):
             raise ValueError(f"held-out loss became {value} at step {done}: training diverged (try a lower lr than "
                              f"{config.lr}); stopped without saving a checkpoint")
@@ -223,13 +228,13 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, neighbours_dir: Pa
     # A finished run resumed is kept as it is, so that what its file stamps stays valid; else the last checkpoint
     # is written once its held-out loss is known to be finite.
     unchanged = step == start_step and (out_dir / CHECKPOINT_NAME).is_file()
-    if not unchanged:
-        heldout_at(step)
+    heldout_loss = None if unchanged else heldout_at(step)
     path = out_dir / CHECKPOINT_NAME if unchanged else checkpoint(step)
     plot = plot_losses(losses, out_dir / "loss.png", loss_plot_title(config))
-    at_end = losses["heldout"] and losses["heldout"][-1][0] == step
-    heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices, config.batch_size,
-                                                                    device, config.amp)
+    if heldout_loss is None:
+        at_end = losses["heldout"] and losses["heldout"][-1][0] == step
+        heldout_loss = losses["heldout"][-1][1] if at_end else evaluate(model, heldout, eval_indices,
+                                                                        config.batch_size, device, config.amp)
     recent = [v for _, v in losses["train"][-10:]]
     tokens_done = (step - start_step) * config.batch_size * config.seq_len
     return TrainReport(steps=step, train_loss=float(np.mean(recent)) if recent else float("nan"),
