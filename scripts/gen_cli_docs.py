@@ -54,9 +54,14 @@ def main() -> int:
     text = render()
     if check:
         if not OUT.is_file() or OUT.read_text() != text:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run python scripts/gen_cli_docs.py", file=sys.stderr)
+            print(f"{OUT.relative_to(ROOT)} is out of date: run .venv/bin/python scripts/gen_cli_docs.py",
+                  file=sys.stderr)
             return 1
         return 0
+    if sys.version_info[:2] != (3, 11):  # argparse lays help out differently from one Python to the next
+        print(f"{OUT.relative_to(ROOT)} is generated on Python 3.11 (the one CI checks it on), this is "
+              f"{sys.version.split()[0]}: nothing written", file=sys.stderr)
+        return 1
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(text)
     print(f"wrote {OUT.relative_to(ROOT)}")

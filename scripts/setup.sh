@@ -6,7 +6,8 @@
 # provide the module faiss) never go together: asking for one after the other swaps the build.
 # "faiss" asks for the build installed already, else "cpu" (the test and demo scripts ask so).
 # Where pip's indexes hold no CPU build of the pinned torch (PyPI holds none), the install is tried
-# again with TORCH_INDEX_URL (default: PyTorch's CPU index) added.
+# again with TORCH_INDEX_URL (default: PyTorch's CPU index) added; any other failure is shown as pip
+# gave it. A .venv of a Python older than 3.10, or without pip, is refused: remove it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu,lm}"
@@ -60,6 +61,10 @@ for extra in ${extras//,/ }; do
     has "$extra" "$installed" || installed="${installed:+$installed,}$extra"
 done
 extras="$installed"
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c 'import sys, pip; assert sys.version_info >= (3, 10)' 2>/dev/null; then
+    echo "setup.sh: .venv is of a Python older than 3.10 or has no pip: remove it (rm -rf .venv) and run again" >&2
+    exit 1
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "$swap" = true ]; then
@@ -70,10 +75,16 @@ install=(.venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
 if ! "${install[@]}" 2> .venv/setup.err; then
     # pip says so only where torch is asked for directly; through an extra, its resolver says only that
     # the pinned version cannot be installed (ResolutionImpossible)
-    if grep -qE "No matching distribution found for torch|ResolutionImpossible" .venv/setup.err; then
+    # ... so a conflict is put down to torch only where pip cannot fetch the pinned torch by itself
+    probe="$(mktemp -d)"
+    if grep -qE "No matching distribution found for torch|ResolutionImpossible" .venv/setup.err &&
+        ! .venv/bin/python -m pip download -q --no-deps -c constraints.txt -d "$probe" torch 2>/dev/null; then
+        rm -rf "$probe"
+        cat .venv/setup.err >&2
         echo "setup.sh: no CPU build of the pinned torch on pip's indexes; trying again with $torch_index" >&2
         "${install[@]}" --extra-index-url "$torch_index"
     else
+        rm -rf "$probe"
         cat .venv/setup.err >&2
         exit 1
     fi

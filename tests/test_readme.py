@@ -53,7 +53,10 @@ def as_script(blocks: list[tuple[str, str]]) -> str:
 
 
 def copy_of_repository(target: Path) -> Path:
-    """The files of a fresh clone of this working tree (tracked, or untracked and not ignored)."""
+    """The files of a fresh clone of this working tree (tracked, or untracked and not ignored); the test
+    is skipped where this tree is no git checkout (a source archive) or git is missing."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("the README's commands are run in a copy of a git checkout: this tree is none")
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, listed):

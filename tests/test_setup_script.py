@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/../calls"
 here="$(dirname "$0")/.."
+if [ "$1" = "-c" ] && [ -f "$here/old-python" ]; then
+    exit 1
+fi
+if [[ "$*" == *"install -q -c constraints.txt"* ]] && [ -f "$here/conflict" ]; then
+    cat "$here/conflict" >&2
+    exit 1
+fi
 if [[ "$*" == *"-c constraints.txt"* ]] && [ -f "$here/no-cpu-torch" ] && [[ "$*" != *extra-index-url* ]]; then
     cat "$here/no-cpu-torch" >&2
     exit 1
@@ -98,3 +105,18 @@ def test_a_missing_cpu_torch_is_tried_again_with_pytorchs_cpu_index(project, sai
     installs = [c for c in calls if " install " in f" {c} " and "--upgrade" not in c]
     assert len(installs) == 2 and installs[1].endswith("--extra-index-url https://torch.example/cpu")
     assert "trying again with https://torch.example/cpu" in done.stderr and stamp(project) == "cpu,lm"
+
+
+def test_a_conflict_that_is_not_torch_is_shown_and_not_tried_again(project):
+    """pip fetches the pinned torch by itself: the conflict is another, shown as pip gave it, no retry."""
+    (project / ".venv" / "conflict").write_text(THROUGH_EXTRA.replace("retrieval-datastore", "protobuf"))
+    done, calls = setup(project, "cpu,lm")
+    assert done.returncode == 1 and "protobuf==0.1.0" in done.stderr and "trying again" not in done.stderr
+    assert not any("extra-index-url" in c for c in calls)
+
+
+def test_a_venv_of_an_old_python_or_without_pip_is_refused(project):
+    (project / ".venv" / "old-python").write_text("")
+    done, calls = setup(project, "cpu,lm")
+    assert done.returncode == 1 and "remove it (rm -rf .venv)" in done.stderr
+    assert not any(" install " in f" {c} " for c in calls)
