@@ -42,13 +42,16 @@ def lm() -> TransformerLM:
     return sharpened(TransformerLM(LMConfig.tiny(vocab_size=V)))
 
 
-@pytest.fixture(scope="module")
-def datastore(lm, tmp_path_factory):
+def knn_store(lm: TransformerLM, folder) -> object:
     """The LM's keys over random text, the next token as value, in 2 shards that keep their keys."""
     with torch.no_grad():
         keys, values = knn_datastore(lm, n_seq=6, length=60)
-    return build(tmp_path_factory.mktemp("ralmspec"), keys, "ds", shards=2, factory="IVF8,Flat", keep_keys=True,
-                 payload_arrays={"values": values})
+    return build(folder, keys, "ds", shards=2, factory="IVF8,Flat", keep_keys=True, payload_arrays={"values": values})
+
+
+@pytest.fixture(scope="module")
+def datastore(lm, tmp_path_factory):
+    return knn_store(lm, tmp_path_factory.mktemp("ralmspec"))
 
 
 @pytest.fixture(scope="module")

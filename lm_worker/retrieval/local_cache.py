@@ -14,6 +14,10 @@ Example:
     >>> caches = LocalCaches(rows=8, capacity=2048, dimension=32)
     >>> caches.add_neighbours(0, found, 0)                 # query 0 of a `KnnNeighbours` with successors, keys
     >>> distances, values = caches.search(queries, k=16)   # (8, 16) squared L2 ascending, (8, 16) next tokens
+
+The answers that fill these caches carry each neighbour's successors and stored keys, some 20 x d bytes a
+neighbour against 12 for a plain one: `queries_per_request` says how many queries one request may carry
+for its answer to stay within the service's limits.
 """
 
 from __future__ import annotations
@@ -22,8 +26,28 @@ import numpy as np
 import torch
 
 from lm_worker.retrieval.config import KnnNeighbours
+from retriever_server.wire.request import Limits
 
 _ROW_SHIFT = 1 << 40  # a (sequence, datastore id) pair as one int64: sequence * _ROW_SHIFT + id
+SERVER_LIMITS = Limits()  # what a shard server or router enforces unless configured otherwise
+RESPONSE_BUDGET = SERVER_LIMITS.max_response_bytes // 2  # an answer's bytes at most: well inside the default
+
+
+def queries_per_request(retriever, k: int, dimension: int, successors: int, keys: bool, payload_bytes: int) -> int:
+    """The most queries one request of `retriever` may carry (at least 1) so that its answer, k neighbours
+    a query with `successors` rows after each, a payload of `payload_bytes` a row (an upper bound) and,
+    with `keys`, float32 keys of `dimension`, stays within `RESPONSE_BUDGET` (or the retriever's own
+    `limits`, where it has them: `InProcessRetriever.limits`, if lower), counted as a server counts it,
+    and within their batch and neighbour limits (k or, re-ranking, its candidates) and half their request
+    size limit."""
+    limits = getattr(retriever, "limits", None) or SERVER_LIMITS
+    config = getattr(retriever, "config", None)
+    scored = max(k, config.rerank_candidates if config is not None and config.exact_rerank else 0, 1)
+    per_row = payload_bytes + (4 * dimension if keys else 0)
+    per_query = k * (12 + per_row + successors * (8 + per_row))
+    most = min(RESPONSE_BUDGET, limits.max_response_bytes) // per_query
+    sent = limits.max_request_bytes // 2 // (4 * dimension + 16)  # a query's floats, and its share of framing
+    return max(1, min(most, sent, limits.max_batch, limits.max_neighbours // scored))
 
 
 class LocalCaches:
@@ -71,8 +95,9 @@ class LocalCaches:
     def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds datastore row ids[i] (key keys[i], value values[i]) to sequence rows[i]'s cache, for every
         i of (n,), (n,), (n, d), (n,) at once: per sequence in the given order, ids < 0, repeats and rows
-        it already holds when the call begins skipped, its oldest rows overwritten past capacity (a row
-        that the call itself overwrites is not added again; add in several calls where that matters)."""
+        it already holds when the call begins skipped, its oldest rows overwritten past capacity (more new
+        rows than slots: the last given are kept; a row that the call itself overwrites is not added
+        again; add in several calls where that matters)."""
         rows, ids = np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64)
         order = np.argsort(rows, kind="stable")  # each sequence's rows together, in their order
         order = order[ids[order] >= 0]
@@ -101,23 +126,41 @@ class LocalCaches:
         self.norms[seq, slots] = np.einsum("nd,nd->n", keys[take], keys[take])
         self.values[seq, slots] = values[take]
 
+    def add_ranked(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+        """Adds answers' rows: query q's ids (m, n) ranked nearest first, keys (m, n, d) and values (m, n),
+        to sequence rows[q]'s cache (rows (m,)), query after query. Each query's rows go in nearest last,
+        so where a sequence gets more new rows than it has slots the newest query's nearest rows are the
+        ones kept, and they are the last that later answers overwrite; a row found twice goes in where it
+        comes last (its best rank in the newest query that found it)."""
+        m, n = ids.shape
+        flat = np.ascontiguousarray(ids[:, ::-1]).reshape(-1)  # (m n,) each query's farthest first
+        owners = np.repeat(np.asarray(rows, dtype=np.int64), n)  # (m n,)
+        codes = owners * _ROW_SHIFT + flat
+        _, last = np.unique(codes[::-1], return_index=True)  # each (sequence, id)'s last place, from the end
+        keep = np.zeros(len(flat), dtype=bool)
+        keep[len(flat) - 1 - last] = True
+        self.add_many(owners, np.where(keep, flat, -1), keys[:, ::-1].reshape(m * n, -1),
+                      values[:, ::-1].reshape(-1))
+
     def add_neighbours(self, row: int | np.ndarray, found: KnnNeighbours, queries: slice | int | np.ndarray) -> None:
         """Adds the neighbours of `found`'s queries `queries` and their successors, which must have been
         asked for with keys (`Retriever.knn(..., successors=s, return_keys=True)`), to sequence `row`, or
-        with `row` an array, query queries[i]'s to sequence row[i]."""
+        with `row` an array, query queries[i]'s to sequence row[i]; ranked as `add_ranked` ranks them (a
+        neighbour, then its successors)."""
         if found.keys is None:
             raise ValueError("the neighbours carry no keys: ask with return_keys=True")
         d = found.keys.shape[-1]
         ids, keys, values = found.ids[queries], found.keys[queries], found.values[queries]  # (m, k), (m, k, d), (m, k)
-        if found.next_ids is not None and found.next_keys is not None:
+        with_next = found.next_ids is not None and found.next_keys is not None
+        if with_next:
             ids = np.concatenate([ids[..., None], found.next_ids[queries]], axis=-1)  # (m, k, 1 + s)
             keys = np.concatenate([keys[..., None, :], found.next_keys[queries]], axis=-2)  # (m, k, 1 + s, d)
             values = np.concatenate([values[..., None], found.next_values[queries]], axis=-1)  # (m, k, 1 + s)
-        if np.ndim(row):  # one sequence per query
-            owners = np.repeat(np.asarray(row, dtype=np.int64), ids.size // len(row))
-        else:
-            owners = np.full(ids.size, row, dtype=np.int64)
-        self.add_many(owners, ids.reshape(-1), keys.reshape(-1, d), values.reshape(-1))
+        per_query = found.ids.shape[1] * (1 + found.next_ids.shape[-1] if with_next else 1)  # k (1 + s)
+        m = ids.size // per_query
+        owners = np.asarray(row, dtype=np.int64) if np.ndim(row) else np.full(m, row, dtype=np.int64)
+        self.add_ranked(owners, ids.reshape(m, per_query), keys.reshape(m, per_query, d),
+                        values.reshape(m, per_query))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sequence's k rows nearest its query (B, d), or each of its m queries (B, m, d), by squared

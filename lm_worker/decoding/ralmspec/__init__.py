@@ -12,6 +12,7 @@ verified in batched requests; and its RETRO form, per chunk.
 - `retro_batch`: `RetroBatchDecode`, its loop with the batch rolled back together (the default);
 - `retro_rows`: `RetroRowDecode`, its loop with rows at their own positions, each rolled back alone;
 - `chunk_caches`: `ChunkCaches`, each sequence's cache of the RETRO chunks it found, and the guesses from it.
+- `split`: requests split into pieces whose answers fit the service's response limit, joined in order.
 
 Imports: lm_worker.decoding, lm_worker.evaluation.knnlm, lm_worker.models.ragged_cache, lm_worker.models.transformer_lm,
     lm_worker.retrieval

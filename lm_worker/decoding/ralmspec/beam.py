@@ -8,8 +8,10 @@ verified state with the service's neighbours: while a replayed selection continu
 the same tokens (and ends the prompt, or not, alike), the step holds and its verified scores and
 finished hypotheses replace the guessed ones. At the first step that differs the prompt takes the
 replayed selection and rolls back: its rows of the key/value cache return to their state before that
-step (`RaggedKVCache.snapshot`, `restore_rows`), reordered by the replayed selection, and its later
-steps are dropped; the other prompts go on from where they are.
+step, reordered by the replayed selection, and its later steps are dropped; the other prompts go on
+from where they are. The window keeps the cache as of its first step (`RaggedKVCache.snapshot`) and,
+for each later step, only the position each row wrote and how the beams were reordered (`_Window`):
+about one copy of the cache however long the stride, not one per step.
 
 Example (through `RaLMSpecKnnLM`, which runs this for `strategy="beam"`):
     >>> out = generate(RaLMSpecKnnLM(lm, retriever), prompt, GenerateConfig(strategy="beam", num_beams=4))
@@ -53,7 +55,7 @@ class _Beams:
 class _BeamStep:
     """A prompt's step awaiting verification: its state before the selection, the LM's log-probs (W, V)
     and queries (W, d) of its beams, the guessed selection (rows (W,) within the prompt and tokens
-    (W,); None: a serial step, not guessed) and the cache before the selection reordered it."""
+    (W,); None: a serial step, not guessed) and its place in the window (its `_Window` tick)."""
 
     before: _Beams
     lm_log_probs: torch.Tensor
@@ -61,7 +63,41 @@ class _BeamStep:
     source: torch.Tensor | None
     token: torch.Tensor | None
     ended: bool
-    snapshot: CacheSnapshot
+    tick: int
+
+
+class _Window:
+    """The key/value cache over a verification window's batched steps (ticks), as a rollback needs it: the
+    cache after the first tick's forward (a snapshot: the buffers a reorder then leaves behind), then per
+    later tick only the position each row wrote, keys and values per layer (B*W, H, D), and per tick the
+    reorder (B*W,) that followed its forward. A row's cache after tick j's forward is its ancestor's at the
+    first tick plus the positions its ancestors wrote at ticks 1..j."""
+
+    def __init__(self, cache: RaggedKVCache):
+        self.base: CacheSnapshot = cache.snapshot()
+        self.written: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # ticks 1.. of the window
+        self.orders: list[torch.Tensor] = []  # per tick: new row r continues old row orders[t][r]
+
+    def record(self, cache: RaggedKVCache) -> None:
+        """After a later tick's forward: the position each row wrote (its last; an idle row's is unused)."""
+        rows, slots = torch.arange(len(cache.lengths), device=cache.lengths.device), cache.lengths - 1
+        self.written.append(([k[rows, :, slots] for k in cache.keys], [v[rows, :, slots] for v in cache.values]))
+
+    def restore(self, cache: RaggedKVCache, tick: int, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Row rows[i] of `cache` becomes row sources[i] as it was after tick `tick`'s forward (before its
+        reorder): rows (n,), sources (n,) long. The rows' ancestors at every tick of the window were open."""
+        ancestors = [sources]  # the rows at tick `tick`, then at each tick before it
+        for order in reversed(self.orders[:tick]):
+            ancestors.append(order[ancestors[-1]])
+        ancestors.reverse()  # ancestors[t]: the rows at tick t
+        cache.restore_rows(self.base, rows, ancestors[0])
+        start = self.base.lengths[ancestors[0]]  # (n,) their length after the first tick's forward
+        for t in range(1, tick + 1):
+            keys, values = self.written[t - 1]
+            for layer, (k, v) in enumerate(zip(keys, values)):
+                cache.keys[layer][rows, :, start + t - 1] = k[ancestors[t]]  # (n, H, D)
+                cache.values[layer][rows, :, start + t - 1] = v[ancestors[t]]
+        cache.lengths[rows] = start + tick
 
 
 class BeamDecode:
@@ -77,6 +113,7 @@ class BeamDecode:
         self.device = prompt.device  # the model's
         self.next_input = torch.zeros(self.B * self.W, dtype=torch.long, device=self.device)
         self.window_s = 0.0  # this process's seconds on the steps since the last verification
+        self.window: _Window | None = None  # the cache over the pending steps' ticks
 
     def run(self) -> GenerateOutput:
         self._first_step()
@@ -147,14 +184,18 @@ class BeamDecode:
             lm_log_probs, queries = self.owner.model_step(  # (B*W, V), (B*W, d)
                 self.cache, self.next_input[:, None],
                 self._window_sender(open_prompts, stride, early) if fills else None)
-        snapshot = self.cache.snapshot()
+        if not any(self.pending):  # the window's first tick
+            self.window = _Window(self.cache)
+        else:
+            self.window.record(self.cache)
+        tick = len(self.window.orders)
         source = torch.arange(self.B * self.W, device=self.device)
         if guess:
             distances, values = self.local.search(queries.reshape(self.B, self.W, -1), self.owner.k)  # (B, W, k)
         for b in open_prompts:
             rows = self._rows(b)
             step = _BeamStep(self.beams[b], lm_log_probs[rows], queries[rows.cpu().numpy()], None, None, False,
-                             snapshot)
+                             tick)
             if guess:
                 log_probs = self.owner.mix(lm_log_probs[rows], distances[b], values[b]).float()  # (W, V)
                 self.beams[b], step.source, step.token = self._select(self.beams[b], log_probs)
@@ -164,8 +205,10 @@ class BeamDecode:
             self.pending[b].append(step)
         if guess:
             self.cache.reorder(source)
+        self.window.orders.append(source)
         self.stats.ticks += 1
-        self.stats.speculated += len(open_prompts) if guess else 0
+        self.stats.steps += 1  # a model step, as `StepperStats` counts them
+        self.stats.speculated += len(open_prompts) if guess else 0  # prompt-steps: a prompt guesses as one
         elapsed = time.perf_counter() - started
         self.stats.compute_s += elapsed
         self.window_s += elapsed
@@ -208,13 +251,13 @@ class BeamDecode:
             accepted, guessed = accepted + held, guessed + checked
             rolled_back += int(held < checked)
             first += count * self.W
+        self.window = None  # no step pending: the next tick opens a window
         self.stats.verifications += 1
         self.stats.strides.append(stride)
         self.stats.windows.append((len(prompts), rolled_back))
         self.stats.rollbacks += rolled_back
         self.stats.verified += guessed
         self.stats.accepted += accepted
-        self.stats.steps += 1
         settle_s = time.perf_counter() - started
         self.stats.compute_s += settle_s
         self.owner.scheduler.observe(stride, self.window_s, latency, accepted, guessed, settle_s)
@@ -234,9 +277,10 @@ class BeamDecode:
                 state = after
                 continue
             rows = self._rows(b)
-            self.cache.restore_rows(step.snapshot, rows, rows[source])
+            self.window.restore(self.cache, step.tick, rows, rows[source])
             self.next_input[rows] = token
             self.beams[b] = after
+            self.stats.wasted += len(steps) - j - 1  # the later steps, dropped unchecked
             return sum(guessed[:j]), sum(guessed[:j + 1])
         self.beams[b] = state  # the same selections, with the verified scores and hypotheses
         return sum(guessed), sum(guessed)

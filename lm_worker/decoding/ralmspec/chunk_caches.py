@@ -47,12 +47,13 @@ class ChunkCaches:
         for chunk_tokens, chunk_id in zip(tokens.reshape(-1, tokens.shape[-1]), ids.reshape(-1).tolist()):
             if chunk_id >= 0:
                 self.tokens.setdefault(chunk_id, chunk_tokens.astype(np.int64))
-        per_query = ids[0].size
-        owners = np.repeat(np.asarray(rows, dtype=np.int64), per_query)  # each found chunk's row
-        group = len(rows) // chunks
-        for first in range(0, len(rows), group):
-            part, owned = slice(first, first + group), slice(first * per_query, (first + group) * per_query)
-            self.local.add_many(owners[owned], ids[part].reshape(-1), keys[part].reshape(-1, d), ids[part].reshape(-1))
+        n, per_query = len(rows), ids[0].size  # k (1 + s) chunks a query, ranked nearest first
+        owners = np.asarray(rows, dtype=np.int64)
+        ids, keys = ids.reshape(n, per_query), keys.reshape(n, per_query, d)
+        group = n // chunks
+        for first in range(0, n, group):  # the nearest of the newest query kept where a row's cache is full
+            part = slice(first, first + group)
+            self.local.add_ranked(owners[part], ids[part], keys[part], ids[part])
 
     def guess(self, queries: np.ndarray, K: int, rows: list[int] | None = None) -> torch.Tensor | None:
         """The K cached chunks nearest each sequence's query (queries (B, d), every sequence's), as tokens

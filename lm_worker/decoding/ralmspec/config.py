@@ -52,7 +52,11 @@ class SpeculationStats(StepperStats):
     service (a row's up to its first wrong guess or its end); accepted: those whose token held; rollbacks:
     rows rolled back; wasted: row-steps dropped unverified by a rollback; verifications: batched verification
     requests; ticks: batched model steps; strides: the stride of each verification window (0: a serial
-    step); windows: per verification, the rows it verified and how many of them rolled back.
+    step); windows: per verification, the rows it verified and how many of them rolled back. In beam
+    search the row is a prompt, whose beams guess, are verified and roll back together: each of these
+    counts prompt-steps (speculated = verified + wasted). `steps` counts model steps as `StepperStats`
+    does: the prompt's forward and every batched step after it (kNN-LM: 1 + ticks; settling runs none);
+    `retrieval_calls` counts requests, a request split to fit the service's limits as its pieces.
     """
 
     speculated: int = 0

@@ -56,10 +56,15 @@ from lm_worker.decoding.ralmspec.beam import BeamDecode
 from lm_worker.decoding.ralmspec.config import SpeculationConfig, SpeculationStats
 from lm_worker.decoding.ralmspec.row_decode import RowDecode
 from lm_worker.decoding.ralmspec.scheduler import StrideScheduler
+from lm_worker.decoding.ralmspec.split import search_split, submit_split
 from lm_worker.decoding.stepper_stats import Pending, last_keys, last_log_probs
 from lm_worker.evaluation.knnlm import check_knnlm_inputs, check_mixing, mix_log_probs
 from lm_worker.models.ragged_cache import RaggedKVCache
 from lm_worker.models.transformer_lm import TransformerLM
+from lm_worker.retrieval.config import KnnNeighbours
+from lm_worker.retrieval.local_cache import queries_per_request
+
+VALUE_BYTES = 8  # a kNN-LM datastore's value (its "values" payload row) takes at most an int64
 
 
 class RaLMSpecKnnLM:
@@ -105,17 +110,24 @@ class RaLMSpecKnnLM:
     def send(self, queries: np.ndarray, for_cache: bool = True, in_flight: bool | None = None) -> Pending:
         """Asks the service for the neighbours of queries (n, d); `for_cache`: with their successors and
         keys, for the local caches (never when guessing from the LM). `in_flight` (default: `asynchronous`):
-        a future in flight; else answered before it returns."""
+        a future in flight; else answered before it returns. A request whose answer would pass the service's
+        response limit goes out in pieces (`split`), their answers joined in order."""
         getattr(self.retriever, "check_open", lambda: None)()  # a closed retriever says so, not its pool
-        self.stats.queries += len(queries)
-        self.stats.retrieval_calls += 1
         for_cache = for_cache and self.speculation.guess == "cache"
         successors = self.speculation.successors if for_cache else 0
+        per_request = queries_per_request(self.retriever, self.k, queries.shape[1], successors, for_cache,
+                                          VALUE_BYTES)
+        self.stats.queries += len(queries)
+        self.stats.retrieval_calls += -(-len(queries) // per_request)  # the pieces it goes out in
+
+        def search(part: np.ndarray) -> KnnNeighbours:  # (m, d) -> m queries' neighbours
+            return self.retriever.knn(part, None, successors, for_cache)
+
         if self.speculation.asynchronous if in_flight is None else in_flight:
-            return Pending(self.retriever.pool.submit(self.retriever.knn, queries, None, successors, for_cache))
+            return Pending(submit_split(self.retriever.pool, search, queries, per_request))
         future: Future = Future()
         pending = Pending(future)  # sent now
-        future.set_result(self.retriever.knn(queries, None, successors, for_cache))
+        future.set_result(search_split(search, queries, per_request))
         self.stats.wait_s += time.perf_counter() - pending.sent  # blocked all along
         return pending
 

@@ -53,8 +53,10 @@ from lm_worker.decoding.config import GenerateConfig, GenerateOutput
 from lm_worker.decoding.ralmspec.config import SpeculationStats
 from lm_worker.decoding.ralmspec.retro_batch import RetroBatchDecode
 from lm_worker.decoding.ralmspec.retro_rows import RetroRowDecode
+from lm_worker.decoding.ralmspec.split import search_split, submit_split
 from lm_worker.decoding.stepper_stats import Pending
-from lm_worker.retrieval.config import ChunkNeighbours
+from lm_worker.retrieval.config import ChunkNeighbours, check_retro_inputs
+from lm_worker.retrieval.local_cache import queries_per_request
 
 ROLLBACKS = ("batch", "row")  # what a failed guess sends back (`RaLMSpecRetro.rollback`)
 
@@ -93,6 +95,7 @@ class RaLMSpecRetro:
 
     def __init__(self, model: torch.nn.Module, retriever, encoder, successors: int = 2, cache_rows: int = 1024,
                  adaptive: bool = True, rollback: str = "batch"):
+        check_retro_inputs(model, retriever, encoder)  # as `RetroStepper` checks them
         if not 1 <= successors <= 16 or cache_rows < 1:
             raise ValueError(f"successors must lie in 1..16 and cache_rows be >= 1, got {successors}, {cache_rows}")
         if rollback not in ROLLBACKS:
@@ -135,15 +138,27 @@ class RaLMSpecRetro:
         return np.ascontiguousarray(queries)
 
     def search(self, queries: np.ndarray) -> ChunkNeighbours:
-        """The service's neighbours of query embeddings (n, d), with their successors and keys."""
+        """The service's neighbours of query embeddings (n, d), with their successors and keys, asked in
+        pieces where one request's answer would pass the service's response limit (`split`)."""
+        return search_split(self._search, queries, self.per_request(queries))
+
+    def per_request(self, queries: np.ndarray) -> int:
+        """The most of these query embeddings (n, d) one request carries (`local_cache.queries_per_request`)."""
+        token_bytes = 8 * 2 * self.chunk_len  # a chunk's payload: its 2L tokens, int64 at most
+        return queries_per_request(self.retriever, self.retriever.config.k, queries.shape[1], self.successors,
+                                   True, token_bytes)
+
+    def _search(self, queries: np.ndarray) -> ChunkNeighbours:
         return self.retriever.chunk_rows(queries, self.successors, return_keys=True)
 
     def send(self, queries: np.ndarray) -> Pending:
-        """`search` of query embeddings (n, d), in flight on the retriever's pool; counted."""
-        self.stats.retrieval_calls += 1
-        self.stats.queries += len(queries)
+        """`search` of query embeddings (n, d), in flight on the retriever's pool (its pieces together); counted."""
         getattr(self.retriever, "check_open", lambda: None)()  # a closed retriever says so, not its pool
-        return Pending(self.retriever.pool.submit(self.search, np.ascontiguousarray(queries)))
+        queries = np.ascontiguousarray(queries)
+        per_request = self.per_request(queries)
+        self.stats.retrieval_calls += -(-len(queries) // per_request)
+        self.stats.queries += len(queries)
+        return Pending(submit_split(self.retriever.pool, self._search, queries, per_request))
 
     def neighbour_tokens(self, found: ChunkNeighbours, device: torch.device) -> torch.Tensor:
         """An answer's first K neighbours' tokens (n, K, 2L), the K the model takes."""

@@ -151,6 +151,7 @@ class RowDecode:
                 self.next_input[r] = token
             self.pending[r].append(_Step(lm_log_probs[r], queries[r], token, state))
         self.stats.ticks += 1
+        self.stats.steps += 1  # a model step, as `StepperStats` counts them
         self.stats.speculated += len(open_rows) if guess else 0
         elapsed = time.perf_counter() - started
         self.stats.compute_s += elapsed
@@ -251,7 +252,6 @@ class RowDecode:
         self.stats.windows.append((sum(1 for n in flight.sent if n), self.stats.rollbacks - rolled_back))
         self.stats.verified += checked
         self.stats.accepted += accepted
-        self.stats.steps += 1
         latency = (flight.pending.finished or time.perf_counter()) - flight.pending.sent
         self.owner.scheduler.observe(flight.window, flight.work_s, latency, accepted, checked, settle_s)
 
