@@ -33,19 +33,20 @@ from retriever_server.serving.failover import (
     ShardFailed,
     call_async,
     call_once,
-    failure_code,
-    failure_message,
-    gather_until,
-    not_a_status,
-    shard_deadline,
 )
 from retriever_server.serving.fanout import (
     check_address,
+    check_late_replicas,
     check_shards,
     combined_info,
+    failure_message,
+    gather_until,
     name_in_part,
+    not_a_status,
     replica_infos,
     replica_sets,
+    shard_answers,
+    shard_deadline,
 )
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
@@ -140,6 +141,7 @@ class RetrieverClient:
                 self._loop.close()
             raise
         self._infos: list[pb.InfoResponse] | None = None
+        self._rechecking: concurrent.futures.Future | None = None  # `check_late_replicas`, on the loop
 
     def _open(self, addresses: list[str]) -> None:
         """Channels and stubs to `addresses`, with the TLS files as they are now."""
@@ -204,17 +206,16 @@ class RetrieverClient:
         when the file changes, as the TLS files are: see `_refresh_credentials`)."""
         return self.credentials.metadata
 
-    def _call(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
+    def _call(self, method: str, request, deadline: Deadline):
+        """The answer of the client's one address (a router or a shard), called from the caller's thread."""
         self._check_open()
         self._refresh_credentials()
-        if self._loop is None:
-            outcome = self._blocking_attempt(replicas, method, request, deadline)
-        else:
-            outcome = self._on_loop(self._attempts(replicas, method, request, deadline))
-        if isinstance(outcome, CallFailed):
+        attempts = Attempts(self.sets[0], self.failover, deadline, fail_over=False)
+        try:
+            return call_once(attempts, self._attempt(method, request))
+        except CallFailed as err:
             self._check_not_closed_since()
-            raise RetrieverError(outcome.code, outcome.message)
-        return outcome
+            raise RetrieverError(err.code, err.message) from None
 
     def _on_loop(self, coroutine):
         """The coroutine's result, run on the client's loop; a call cut short by `close()` from another
@@ -238,14 +239,6 @@ class RetrieverClient:
 
         return attempt
 
-    def _blocking_attempt(self, replicas: ReplicaSet, method: str, request, deadline: Deadline):
-        """The answer of the client's one address, or the CallFailed that ended the call."""
-        attempts = Attempts(replicas, self.failover, deadline, fail_over=False)
-        try:
-            return call_once(attempts, self._attempt(method, request))
-        except CallFailed as err:
-            return err
-
     async def _attempts(self, replicas: ReplicaSet, method: str, request, deadline: Deadline, **expect):
         """One shard's answer by the failover policy, or the CallFailed that ended its call (on the loop)."""
         attempts = Attempts(replicas, self.failover, deadline, fail_over=self.fan_out)
@@ -265,11 +258,33 @@ class RetrieverClient:
             raise outcome
         return outcomes
 
+    def _answers(self, method: str, request, deadline: Deadline, ends_call: Callable[[object], bool],
+                 allow_partial: bool = False, late: grpc.StatusCode | None = None, **expect) -> tuple[list, dict]:
+        """Every shard's answer (`_every_shard`) and the shards left out of them (`shard_answers`: with
+        `allow_partial`, those whose replicas all failed, or whose status is `late`); RetrieverError for a
+        call that fails (CANCELLED where `close()` ran meanwhile)."""
+        outcomes = self._on_loop(self._every_shard(method, request, deadline, ends_call, **expect))
+        if any(isinstance(outcome, CallFailed) for outcome in outcomes):
+            self._check_not_closed_since()
+        try:
+            return shard_answers(self.sets, outcomes, allow_partial, late)
+        except CallFailed as err:  # a refusal, or shards failed and no partial answer may (or can) be made
+            raise RetrieverError(err.code, err.message) from None
+
     def info(self, timeout: float | None = None) -> pb.InfoResponse:
-        """The datastore's description (GetInfo); over a shard list, the shards' infos combined."""
+        """The datastore's description (GetInfo); over a shard list, the shards' infos, asked at once,
+        combined, once they are checked to be one whole datastore, as a search checks them (else
+        RetrieverError FAILED_PRECONDITION)."""
         deadline = Deadline(timeout or self.timeout)
-        infos = [self._call(s, "GetInfo", pb.GetInfoRequest(), deadline) for s in self.sets]
-        return infos[0] if len(infos) == 1 else combined_info(self.sets, infos)
+        if not self.fan_out:
+            return self._call("GetInfo", pb.GetInfoRequest(), deadline)
+        self._check_open()
+        self._refresh_credentials()
+        infos, _ = self._answers("GetInfo", pb.GetInfoRequest(), deadline, lambda o: isinstance(o, CallFailed))
+        problem = check_shards([[info] for info in infos])
+        if problem is not None:
+            raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        return combined_info(self.sets, infos)
 
     def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
         """GetInfo of the shards that answer within `_probe_timeout`, all asked at once (a shard whose
@@ -278,7 +293,8 @@ class RetrieverClient:
         once each, and remembers them."""
         if self._infos is not None:
             return self._infos
-        outcomes = self._on_loop(self._every_shard("GetInfo", pb.GetInfoRequest(), self._probe_deadline(deadline)))
+        probe = Deadline(self._probe_timeout(deadline))
+        outcomes = self._on_loop(self._every_shard("GetInfo", pb.GetInfoRequest(), probe))
         infos, answered, down = [], [], {}
         for replicas, outcome in zip(self.sets, outcomes):
             if not isinstance(outcome, CallFailed):
@@ -298,12 +314,17 @@ class RetrieverClient:
                 raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
             name_in_part(self.sets, answered, infos)
             return infos
-        every = self._on_loop(replica_infos(self.stubs, self.sets, self._probe_timeout(deadline), self.metadata))
+        silent: dict[str, str] = {}  # the replicas that do not answer now: out of rotation until checked
+        every = self._on_loop(replica_infos(self.stubs, self.sets, self._probe_timeout(deadline), self.metadata,
+                                            silent))
         problem = check_shards([[info, *replicas] for info, replicas in zip(infos, every)])
         if problem is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         for replicas, info in zip(self.sets, infos):
-            replicas.name = info.shard
+            replicas.name, replicas.unchecked = info.shard, set(replicas.addresses) & set(silent)
+        if silent:
+            self._rechecking = asyncio.run_coroutine_threadsafe(check_late_replicas(
+                self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S, lambda: self.metadata), self._loop.loop)
         self._infos = infos
         return infos
 
@@ -313,9 +334,6 @@ class RetrieverClient:
         the search's time, so that one hung replica or shard leaves the search the rest."""
         remaining = deadline.remaining()
         return REPLICA_INFO_S if remaining is None else min(REPLICA_INFO_S, PROBE_SHARE * remaining)
-
-    def _probe_deadline(self, deadline: Deadline) -> Deadline:
-        return Deadline(self._probe_timeout(deadline))
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
@@ -350,7 +368,7 @@ class RetrieverClient:
                                exclude, exclude_per_query, allow_partial, expected_version, successors)
         timeout = timeout or self.timeout
         if not self.fan_out:
-            return self._call(self.sets[0], "Search", request, Deadline(timeout))
+            return self._call("Search", request, Deadline(timeout))
         return self._fan_out(request, k, shard_deadline(timeout, allow_partial))
 
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
@@ -372,22 +390,8 @@ class RetrieverClient:
             return isinstance(outcome, CallFailed) and not (
                 allow_partial and (isinstance(outcome, ShardFailed) or outcome.code == late))
 
-        outcomes = self._on_loop(self._every_shard("Search", body, deadline, ends_call, expect=AnswerShape.of(request)))
-        if any(isinstance(outcome, CallFailed) for outcome in outcomes):
-            self._check_not_closed_since()
-        answers, failed = [], {}
-        for replicas, outcome in zip(self.sets, outcomes):
-            if outcome is None:  # cancelled: another shard's failure ended the call
-                continue
-            if not isinstance(outcome, CallFailed):
-                answers.append(outcome)
-            elif isinstance(outcome, ShardFailed) or outcome.code == late:  # every replica failed (busy too)
-                failed[replicas.name] = outcome
-            else:
-                raise RetrieverError(outcome.code, outcome.message)
-        failures = {name: outcome.message for name, outcome in failed.items()}
-        if failures and (not allow_partial or not answers):
-            raise RetrieverError(failure_code(failed, allow_partial), failure_message(failures))
+        answers, failures = self._answers("Search", body, deadline, ends_call, allow_partial, late,
+                                          expect=AnswerShape.of(request))
         merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

@@ -1,6 +1,7 @@
 """Failover between the replicas of a shard: one policy for the router and the fan-out client.
 
-A call tries the replicas of one shard in turn (round-robin, recently failed or slow ones last).
+A call tries the replicas of one shard in turn (round-robin, recently failed or slow ones last, the
+longer the more they failed in a row).
 Each attempt has a timeout taken from the caller's deadline. When an attempt has not answered after
 the hedge delay (by default the p95 of the shard's recent answers), a second attempt goes to the next
 replica (one hedge at a time), and the first answer wins; the other attempt is cancelled, and its
@@ -11,7 +12,8 @@ call on to the next replica; any other status, a request over a limit among them
 
 `Attempts` holds that policy for one call; `call_async` runs it on asyncio stubs, for the router and
 for the fan-out client (whose calls run on an event loop of its own); `call_once` runs a call with
-one replica to try on a blocking stub, for a client of one address.
+one replica to try on a blocking stub, for a client of one address. The calls to every shard at once,
+and what a call lacking some shards answers: `fanout`.
 """
 
 from __future__ import annotations
@@ -95,13 +97,24 @@ SHOWN_DETAILS = 400  # characters of a replica's status details passed on in the
 class ReplicaSet:
     """The replicas of one shard, tried round-robin, recently failed ones last; and how long the
     shard's recent answers took (for the hedge delay: their p95, computed again every `P95_EVERY`
-    answers, not on every call)."""
+    answers, not on every call).
+
+    A replica that failed is tried last for `cooldown_s`, twice as long for each failure in a row after
+    the first, up to `max_cooldown_s` (a hung replica is not given every call's first attempt every few
+    seconds); an answer ends its run. The replicas in `unchecked` (down when the shards were checked at
+    start: what they serve is unknown) are not tried while another is, until `fanout.check_late_replicas`
+    takes them out of it. `clock`: seconds, monotonic (tests pass their own).
+    """
 
     name: str
     addresses: list[str]
     cooldown_s: float = 2.0
+    max_cooldown_s: float = 30.0
+    unchecked: set[str] = field(default_factory=set)
+    clock: Callable[[], float] = time.monotonic
     _turn: itertools.count = field(default_factory=itertools.count)
     _failed_at: dict[str, float] = field(default_factory=dict)
+    _failures: dict[str, int] = field(default_factory=dict)  # failures in a row, by replica
     _latencies: deque = field(default_factory=lambda: deque(maxlen=256))
     _p95: float | None = None
     _since_p95: int = 0  # answers since _p95 was computed
@@ -112,18 +125,23 @@ class ReplicaSet:
         """The replicas in the order to try them for the next call."""
         start = next(self._turn) % len(self.addresses)
         rotated = self.addresses[start:] + self.addresses[:start]
-        now = time.monotonic()
-        fresh = [a for a in rotated if now - self._failed_at.get(a, -1e9) > self.cooldown_s]
+        rotated = [a for a in rotated if a not in self.unchecked] or rotated  # none checked: all, not none
+        now = self.clock()
+        fresh = [a for a in rotated if now - self._failed_at.get(a, -1e9) > self._cooldown(a)]
         return fresh + [a for a in rotated if a not in fresh]
 
+    def _cooldown(self, address: str) -> float:
+        return min(self.max_cooldown_s, self.cooldown_s * 2.0 ** min(self._failures.get(address, 1) - 1, 30))
+
     def failed(self, address: str) -> None:
-        """Tries `address` last for the cooldown (it failed, or a hedge beat it)."""
-        self._failed_at[address] = time.monotonic()
+        """Tries `address` last for its cooldown (it failed, or a hedge beat it), longer for each in a row."""
+        self._failed_at[address] = self.clock()
+        self._failures[address] = self._failures.get(address, 0) + 1
 
     def warn(self, address: str, code: grpc.StatusCode) -> None:
         """Logs a replica's failure, once in WARN_EVERY_S per replica (a replica down for a while fails
         every call sent to it), with how many went unlogged since."""
-        now = time.monotonic()
+        now = self.clock()
         if now - self._warned_at.get(address, -1e9) < WARN_EVERY_S:
             self._unwarned[address] = self._unwarned.get(address, 0) + 1
             return
@@ -133,7 +151,9 @@ class ReplicaSet:
                     f" ({more} more failures since the last one logged)" if more else "")
 
     def succeeded(self, address: str, seconds: float) -> None:
+        """`address` answered in `seconds`: its cooldown ends, its run of failures too."""
         self._failed_at.pop(address, None)
+        self._failures.pop(address, None)
         self._latencies.append(seconds)
         self._since_p95 += 1
 
@@ -149,27 +169,6 @@ class ReplicaSet:
         return min(policy.hedge_max_s, max(policy.hedge_min_s, self._p95))
 
 
-PARTIAL_RESERVE = 0.2  # with allow_partial, the share of the caller's time kept back (at most...
-PARTIAL_RESERVE_MAX_S = 1.0  # ...this long) to answer with the shards that answered in time
-
-
-def shard_deadline(timeout: float | None, allow_partial: bool) -> Deadline:
-    """The deadline of a call's attempts on the shards: the caller's own; with `allow_partial`, a share
-    of it earlier, so that a shard that does not answer in time (a hung one) leaves the time to answer
-    with the others, flagged partial, instead of the whole call running out of time."""
-    if timeout is None or not allow_partial:
-        return Deadline(timeout)
-    return Deadline(timeout - min(PARTIAL_RESERVE * timeout, PARTIAL_RESERVE_MAX_S))
-
-
-def failure_code(failures: dict[str, CallFailed], allow_partial: bool) -> grpc.StatusCode:
-    """The status of a call that lacks some shards' answers: UNAVAILABLE, or, where a partial answer was
-    allowed (so a shard's lost time counts as its failure) and every failed shard ran out of time,
-    DEADLINE_EXCEEDED."""
-    timed_out = allow_partial and all(f.code == grpc.StatusCode.DEADLINE_EXCEEDED for f in failures.values())
-    return grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.UNAVAILABLE
-
-
 class Deadline:
     """The caller's deadline, shared by every attempt of one call (None: no deadline)."""
 
@@ -181,40 +180,6 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.at is not None and time.monotonic() >= self.at
-
-
-def failure_message(failures: dict[str, str]) -> str:
-    """'shard-00001 unavailable (reason); ...' for a status message."""
-    return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
-
-
-async def gather_until(awaitables: list[Awaitable], ends_call: Callable[[object], bool]) -> list:
-    """The outcomes of `awaitables` run at once (each its result or the exception it raised), in their
-    order, as `asyncio.gather(..., return_exceptions=True)` gives them; but as soon as one outcome
-    `ends_call` (a shard's failure that fails the whole call), the others are cancelled (their searches
-    with them) and their outcomes are None: the call fails at once, not when its slowest shard answers."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-
-    def settled(task: asyncio.Future) -> None:
-        if ends_call(_outcome(task)):
-            for other in tasks:
-                other.cancel()  # a task done already: nothing
-
-    for task in tasks:
-        task.add_done_callback(settled)
-    await asyncio.gather(*tasks, return_exceptions=True)  # the caller cancelled: every task with it
-    return [_outcome(task) for task in tasks]
-
-
-def not_a_status(outcome: object) -> bool:
-    """Whether an outcome of `gather_until` is an exception other than a call's final status (CallFailed)."""
-    return isinstance(outcome, BaseException) and not isinstance(outcome, CallFailed)
-
-
-def _outcome(task: asyncio.Future) -> object:
-    if task.cancelled():
-        return None
-    return task.exception() or task.result()
 
 
 class CallFailed(Exception):
@@ -381,6 +346,9 @@ async def call_async(attempts: Attempts, call: Callable[[str, float | None], Awa
                     reply = task.result()
                 except grpc.aio.AioRpcError as err:
                     attempts.failed(address, err.code(), err.details(), is_busy(err), is_stale(err))
+                    continue
+                except asyncio.CancelledError:  # its call cancelled on this side (its channel closed), not this one
+                    attempts.failed(address, grpc.StatusCode.CANCELLED, "cancelled on this side: its channel closed")
                     continue
                 attempts.succeeded(address, list(tasks.values()))
                 return reply

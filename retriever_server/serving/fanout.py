@@ -1,20 +1,29 @@
 """S shards x R replicas as the router and the fan-out client see them: the `--shards` syntax, the
-replica sets and their names, and the check, from every replica's GetInfo, that the shards are one
-whole datastore (failover itself: `failover`)."""
+replica sets and their names, the check, from every replica's GetInfo, that the shards are one whole
+datastore (and, later, that a replica down then serves what it was given as); the calls to every shard
+at once, and what a call lacking some shards' answers says (failover between replicas: `failover`)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import shard_name
-from retriever_server.serving.failover import ReplicaSet
+from retriever_server.serving.failover import CallFailed, Deadline, ReplicaSet, ShardFailed
 from retriever_server.wire.request import DatastoreView
 from retriever_server.wire.tensors import nbytes, numpy_dtype
 from retriever_server.wire.untrusted import safe_text
+
+log = logging.getLogger(__name__)
+RECHECK_FIRST_S = 1.0  # a replica down when the shards were checked is asked for its GetInfo after this long...
+RECHECK_MOST_S = 30.0  # ...then twice as long each time, up to this, until it answers as expected
+# The outcome of a shard's call cancelled on this side, not by `gather_until`: its channel closed under it.
+CANCELLED_HERE = "CANCELLED on this side (its channel was closed during the call)"
 
 SHARD_NAME = re.compile(r"shard-[0-9]{5,9}")  # `shard_name`'s form
 
@@ -148,13 +157,123 @@ async def replica_infos(stubs: dict, sets: list[ReplicaSet], timeout: float, met
     before it answers a search. A replica down now is left out (failover copes with one that fails);
     why it did not answer goes to `silent`, when given."""
 
-    async def one(address: str) -> pb.InfoResponse | None:
-        try:
-            return await stubs[address].GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=metadata)
-        except grpc.aio.AioRpcError as err:
-            if silent is not None:
-                silent[address] = f"{err.code().name} {err.details()}"
-            return None
-
-    found = await asyncio.gather(*(asyncio.gather(*(one(a) for a in s.addresses)) for s in sets))
+    found = await asyncio.gather(*(asyncio.gather(*(replica_info(stubs[a], timeout, metadata, silent, a)
+                                                    for a in s.addresses)) for s in sets))
     return [[info for info in infos if info is not None] for infos in found]
+
+
+async def replica_info(stub, timeout: float, metadata: tuple, silent: dict[str, str] | None = None,
+                       address: str = "") -> pb.InfoResponse | None:
+    """A replica's GetInfo, or None when it does not answer (why, in `silent` by `address`, when given)."""
+    try:
+        return await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout, metadata=metadata)
+    except grpc.aio.AioRpcError as err:
+        if silent is not None:
+            silent[address] = f"{err.code().name} {err.details()}"
+        return None
+
+
+def replica_problem(info: pb.InfoResponse, expected: pb.InfoResponse) -> str | None:
+    """Why a replica's GetInfo is not that of the shard `expected` (its name, datastore version, a shard
+    server's role), in words escaped; None when it is."""
+    if (info.role, info.shard, info.datastore_version) == ("shard", expected.shard, expected.datastore_version):
+        return None
+    return (f"it answers as {safe_text(info.shard)} of version {safe_text(info.datastore_version)}, role "
+            f"{safe_text(info.role)}, not as {expected.shard} of version {expected.datastore_version}")
+
+
+async def check_late_replicas(sets: list[ReplicaSet], expected: list[pb.InfoResponse], stub_of: Callable,
+                              timeout: float, metadata: Callable[[], tuple]) -> None:
+    """Puts each replica in `ReplicaSet.unchecked` (down when the shards were checked) into rotation once
+    its GetInfo shows the shard `expected` of its set (`replica_problem`), asking RECHECK_FIRST_S after the
+    start, then twice as long each time up to RECHECK_MOST_S, until none is left. One that answers as
+    anything else stays out, logged once. `stub_of(address)`: the asyncio stub to ask."""
+    wait, told = RECHECK_FIRST_S, set()
+    while any(replicas.unchecked for replicas in sets):
+        await asyncio.sleep(wait)
+        wait = min(RECHECK_MOST_S, 2 * wait)
+        asked = [(replicas, info, a) for replicas, info in zip(sets, expected) for a in sorted(replicas.unchecked)]
+        found = await asyncio.gather(*(replica_info(stub_of(a), timeout, metadata()) for _, _, a in asked))
+        for (replicas, info, address), answer in zip(asked, found):
+            problem = None if answer is None else replica_problem(answer, info)
+            if answer is not None and problem is None:
+                replicas.unchecked.discard(address)
+                log.info("%s replica %s, down at start, answers as that shard: in rotation", replicas.name, address)
+            elif problem is not None and address not in told:
+                told.add(address)
+                log.warning("%s replica %s stays out of rotation: %s", replicas.name, address, problem)
+
+
+PARTIAL_RESERVE = 0.2  # with allow_partial, the share of the caller's time kept back (at most...
+PARTIAL_RESERVE_MAX_S = 1.0  # ...this long) to answer with the shards that answered in time
+
+
+def shard_deadline(timeout: float | None, allow_partial: bool) -> Deadline:
+    """The deadline of a call's attempts on the shards: the caller's own; with `allow_partial`, a share
+    of it earlier, so that a shard that does not answer in time (a hung one) leaves the time to answer
+    with the others, flagged partial, instead of the whole call running out of time."""
+    if timeout is None or not allow_partial:
+        return Deadline(timeout)
+    return Deadline(timeout - min(PARTIAL_RESERVE * timeout, PARTIAL_RESERVE_MAX_S))
+
+
+def failure_code(failures: dict[str, CallFailed], allow_partial: bool) -> grpc.StatusCode:
+    """The status of a call that lacks some shards' answers: UNAVAILABLE, or, where a partial answer was
+    allowed (so a shard's lost time counts as its failure) and every failed shard ran out of time,
+    DEADLINE_EXCEEDED."""
+    timed_out = allow_partial and all(f.code == grpc.StatusCode.DEADLINE_EXCEEDED for f in failures.values())
+    return grpc.StatusCode.DEADLINE_EXCEEDED if timed_out else grpc.StatusCode.UNAVAILABLE
+
+
+def failure_message(failures: dict[str, str]) -> str:
+    """'shard-00001 unavailable (reason); ...' for a status message."""
+    return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
+
+
+def shard_answers(sets: list[ReplicaSet], outcomes: list, allow_partial: bool,
+                  late: grpc.StatusCode | None = None) -> tuple[list, dict[str, str]]:
+    """The answers among the `outcomes` of `gather_until` (one per shard of `sets`; None: cancelled once
+    another ended the call) and the shards left out ({name: why}): those that failed whole (ShardFailed,
+    or a CallFailed with code `late`). Raises any other exception among them (a CallFailed: the call's
+    status), or a CallFailed naming the failed shards when no partial answer may (or can) be made."""
+    failed = {}
+    for replicas, outcome in zip(sets, outcomes):
+        if isinstance(outcome, ShardFailed) or (isinstance(outcome, CallFailed) and outcome.code == late):
+            failed[replicas.name] = outcome
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    answers = [outcome for outcome in outcomes if outcome is not None and not isinstance(outcome, BaseException)]
+    failures = {name: outcome.message for name, outcome in failed.items()}
+    if failures and (not allow_partial or not answers):
+        raise CallFailed(failure_code(failed, allow_partial), failure_message(failures))
+    return answers, failures
+
+
+async def gather_until(awaitables: list[Awaitable], ends_call: Callable[[object], bool]) -> list:
+    """The outcomes of `awaitables` run at once (each its result or the exception it raised), in their
+    order, as `asyncio.gather(..., return_exceptions=True)` gives them; but as soon as one outcome
+    `ends_call` (a shard's failure that fails the whole call), the others are cancelled (their searches
+    with them) and their outcomes are None: the call fails at once, not when its slowest shard answers.
+    One cancelled otherwise (its call's channel closed on this side) is a ShardFailed (CANCELLED_HERE)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    stopped: set[asyncio.Future] = set()  # the tasks cancelled here
+
+    def settled(task: asyncio.Future) -> None:
+        if ends_call(_outcome(task, stopped)):
+            stopped.update(other for other in tasks if other.cancel())  # a task done already: nothing
+
+    for task in tasks:
+        task.add_done_callback(settled)
+    await asyncio.gather(*tasks, return_exceptions=True)  # the caller cancelled: every task with it
+    return [_outcome(task, stopped) for task in tasks]
+
+
+def not_a_status(outcome: object) -> bool:
+    """Whether an outcome of `gather_until` is an exception other than a call's final status (CallFailed)."""
+    return isinstance(outcome, BaseException) and not isinstance(outcome, CallFailed)
+
+
+def _outcome(task: asyncio.Future, stopped: set[asyncio.Future]) -> object:
+    if task.cancelled():
+        return None if task in stopped else ShardFailed(grpc.StatusCode.CANCELLED, CANCELLED_HERE)
+    return task.exception() or task.result()

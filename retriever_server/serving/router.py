@@ -33,12 +33,17 @@ from retriever_server.serving.failover import (
     ReplicaSet,
     ShardFailed,
     call_async,
-    failure_code,
-    failure_message,
-    gather_until,
-    shard_deadline,
 )
-from retriever_server.serving.fanout import check_shards, replica_infos, replica_sets, view_of
+from retriever_server.serving.fanout import (
+    check_late_replicas,
+    check_shards,
+    gather_until,
+    replica_infos,
+    replica_sets,
+    shard_answers,
+    shard_deadline,
+    view_of,
+)
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.serving.metrics import ServerMetrics
@@ -104,7 +109,6 @@ class RouterService(BaseRetrieverService):
         super().__init__(config.limits, ServerMetrics("router"))
         self.config = config
         self.sets = replica_sets([list(s) for s in config.shards])
-        self.metrics.watch_hedge_delays({s.name: self._hedge_delay_of(s) for s in self.sets})
         self.credentials = WatchedClientSecurity(config.shard_security)  # its token and TLS files, watched
         self.channels = {a: open_aio_channel(a, config.shard_security, CHANNEL_OPTIONS)
                          for s in config.shards for a in s}
@@ -118,6 +122,7 @@ class RouterService(BaseRetrieverService):
         self.overrides = b""  # written after each request forwarded as it came (`forwarded_overrides`)
         self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="merge")
+        self.rechecking: asyncio.Future | None = None  # `check_late_replicas`, while replicas down at start remain
 
     def _hedge_delay_of(self, replicas: ReplicaSet) -> Callable[[], float]:
         policy = self.config.failover
@@ -192,10 +197,15 @@ class RouterService(BaseRetrieverService):
             raise RuntimeError(problem)
         for replicas, shard_infos in zip(self.sets, infos):
             replicas.name = shard_infos[0].shard
-            if len(shard_infos) < len(replicas.addresses):
-                log.warning("%s: %d of %d replicas answered at start", replicas.name, len(shard_infos),
-                            len(replicas.addresses))
+            replicas.unchecked = {a for a in replicas.addresses if a in silent}  # in rotation once checked
+            if replicas.unchecked:
+                log.warning("%s: %d of %d replicas answered at start; the others join once they answer as %s",
+                            replicas.name, len(shard_infos), len(replicas.addresses), replicas.name)
+        self.metrics.watch_hedge_delays({s.name: self._hedge_delay_of(s) for s in self.sets})  # named now
         self.infos = [shard_infos[0] for shard_infos in infos]
+        if any(replicas.unchecked for replicas in self.sets):
+            self.rechecking = asyncio.ensure_future(check_late_replicas(  # on the channels current then
+                self.sets, self.infos, lambda a: self.stubs[a], self.config.info_timeout_s, lambda: self.metadata))
         self.shard_request_bytes = min(i.max_request_bytes or self.limits.max_request_bytes
                                        for shard_infos in infos for i in shard_infos)
         if self.shard_request_bytes < self.limits.max_request_bytes:
@@ -281,14 +291,10 @@ class RouterService(BaseRetrieverService):
         expect = AnswerShape(spec.nq, spec.k, spec.payloads, spec.return_keys, spec.successors)  # each shard's answer
         outcomes = await gather_until([self._search_shard(s, forwarded, deadline, spec.allow_partial, expect)
                                        for s in self.sets], ends_call)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, ShardFailed):
-                raise outcome
-        failed = {s.name: o for s, o in zip(self.sets, outcomes) if isinstance(o, ShardFailed)}
-        failures = {name: o.message for name, o in failed.items()}
-        answers = [o for o in outcomes if isinstance(o, SearchResult)]
-        if failures and (not spec.allow_partial or not answers):
-            raise RequestError(failure_code(failed, spec.allow_partial), failure_message(failures))
+        try:
+            answers, failures = shard_answers(self.sets, outcomes, spec.allow_partial)
+        except CallFailed as err:  # shards failed, and no partial answer may (or can) be made
+            raise RequestError(err.code, err.message) from None
         answer = await self._off_loop(merge_values(spec, len(answers), self.view.dimension), self._merge, answers,
                                       spec.k, failures)
         return answer, spec.nq
@@ -342,9 +348,12 @@ class RouterService(BaseRetrieverService):
             self._retire([self.channels[address]])
         self.channels[address], self.stubs[address] = channel, stub
         replicas.addresses[replica] = address
+        replicas.unchecked.discard(old)
         return old
 
     async def close(self) -> None:
+        if self.rechecking is not None:
+            self.rechecking.cancel()
         await asyncio.gather(*(c.close() for c in [*self.channels.values(), *(c for _, c in self.retired)]))
         self.pool.shutdown(wait=False, cancel_futures=True)
 

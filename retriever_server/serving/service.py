@@ -176,8 +176,10 @@ class RunningServer:
         return host_port(self.host, self.port)
 
     async def mark_ready(self, serving: bool = True) -> None:
-        """Health SERVING (or, with serving=False, NOT_SERVING again: the service cannot answer)."""
-        await set_serving(self.health, serving)
+        """Health SERVING (or, with serving=False, NOT_SERVING again: the service cannot answer); once
+        draining, NOT_SERVING for good: a shard done loading, or a router done waiting for its shards,
+        after the drain began does not turn it SERVING."""
+        await set_serving(self.health, serving and not self.service.draining)
 
     def reload_security(self) -> None:
         """Reads the TLS files and the token file again, changed or not."""
@@ -194,10 +196,12 @@ class RunningServer:
                 counter.flush()
 
     async def drain(self, grace: float = 5.0, delay: float = 0.0) -> None:
-        """Drains: health NOT_SERVING and new searches refused (UNAVAILABLE) for `delay` seconds,
-        so load balancers and routers move away, then the port closes and in-flight requests
-        get `grace` seconds to finish."""
+        """Drains: health NOT_SERVING for good (a load or discovery still running is cancelled) and new
+        searches refused (UNAVAILABLE) for `delay` seconds, so load balancers and routers move away, then
+        the port closes and in-flight requests get `grace` seconds to finish."""
         self.service.draining = True
+        if self.ready is not None:
+            self.ready.cancel()  # still loading, or waiting for the shards: it never turns SERVING now
         await set_serving(self.health, False)
         log.info("%s at %s draining (delay %.1fs, grace %.1fs)", self.service.role, self.address, delay, grace)
         if delay > 0:
