@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command."""
     parser = Parser(prog=PROG, description="LM workers that retrieve from the datastore over gRPC.")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
-                        metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+                        metavar="LEVEL", help="DEBUG, INFO (default), WARNING or ERROR; goes before the command")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars; goes before the command")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     prepare.add_parsers(sub)
     sources.add_parsers(sub)
@@ -96,6 +97,22 @@ def hide_library_progress_bars() -> None:
         transformers_logging.disable_progress_bar()
 
 
+def stdout_is_gone() -> bool:
+    """Whether stdout's reader has gone: a write left in its buffer fails again as it is flushed, and with
+    nothing left there (python -u) a pipe without its reader polls as an error. A BrokenPipeError of another
+    pipe leaves stdout as it was."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no such descriptor (a captured stdout), or no poll here
+        return False
+
+
 def quiet_broken_pipe() -> int:
     """Ends quietly when the reader of stdout has gone (`... | head`)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -108,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     output cut short by its reader (`lm-worker --help | head`) ends quietly."""
     try:
         return run_command(build_parser().parse_args(argv))
-    except BrokenPipeError:
-        return quiet_broken_pipe()
+    except BrokenPipeError as err:
+        if stdout_is_gone():
+            return quiet_broken_pipe()
+        print(f"{PROG}: error: {err}", file=sys.stderr)  # another pipe's (the parser's own is stdout)
+        return 1
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -127,9 +147,9 @@ def run_command(args: argparse.Namespace) -> int:
         share_cores_with_servers(args)  # reads the targets: a bad one is the command's error line
         args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
-    except BrokenPipeError:
-        raise
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError, *SERVICE_ERRORS) as err:
+        if isinstance(err, BrokenPipeError) and stdout_is_gone():
+            raise  # stdout's reader has gone: `main` ends quietly
         print(f"{PROG} {args.command}: error: {shown(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

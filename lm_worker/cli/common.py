@@ -251,6 +251,19 @@ def check_flags(*checks: tuple[str, object, bool, str]) -> None:
             raise ValueError(f"{flag} must be {what}, got {value}")
 
 
+def refuse_given(flags: list[str], where: str) -> None:
+    """Refuses flags given where they do nothing: a ValueError "FLAGS apply(ies) WHERE", where `where` says
+    where they apply and what to do instead ("{them}" in it becomes "it" or "them"). None given: passes.
+
+    Example:
+        >>> refuse_given(["--stride"], "to `encode knnlm` only: leave {them} out")
+    """
+    if flags:
+        one = len(flags) == 1
+        names = flags[0] if one else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        raise ValueError(f"{names} {'applies' if one else 'apply'} {where.format(them='it' if one else 'them')}")
+
+
 def search_checks(flags: RetrievalFlags, k: int) -> tuple[tuple[str, object, bool, str], ...]:
     """`check_flags` entries for a family's --nprobe and --rerank, where each request asks for k neighbours:
     the numbers the service would refuse, said as the command's flags before any work."""

@@ -27,6 +27,7 @@ from lm_worker.cli.common import (
     open_retriever,
     open_target,
     positive_finite,
+    refuse_given,
     retrieval_config,
     retrieval_flags,
     search_checks,
@@ -40,6 +41,9 @@ KNNLM_OPTIONS = (("--lambdas", "lambdas", None), ("--temperature", "temperature"
                  ("--pointer-steps", "pointer_steps", 0), ("--min-pointers", "min_pointers", 1),
                  ("--pointer-temperature-scale", "pointer_temperature_scale", 2.0),
                  ("--pointer-agreement", "pointer_agreement", 0.0), ("--pointer-crowd", "pointer_crowd", 0))
+# the worker actors' options: (flag, dest, default); given without --workers they would do nothing
+WORKER_OPTIONS = (("--worker-cpus", "worker_cpus", 1.0), ("--worker-gpus", "worker_gpus", 0.0),
+                  ("--batches-per-share", "batches_per_share", 4), ("--address", "address", None))
 # EvalConfig's fields as eval's flags, for the config's own errors
 EVAL_FIELDS = {"context_len": "--context-len", "batch_size": "--batch-size", "max_tokens": "--tokens",
                **{dest: flag for flag, dest, _ in KNNLM_OPTIONS}, "exclude_own_document": "--exclude-own-document"}
@@ -59,10 +63,11 @@ def add_parser(sub) -> None:
                    help="spread the evaluation over this many LM worker actors on the Ray cluster (0: in this "
                         "process); finished shares are checkpointed in OUT/shares and reused by a rerun with "
                         "the same model, datastore version and token store")
-    v.add_argument("--worker-cpus", type=float, default=1.0,
+    v.add_argument("--worker-cpus", type=float, default=WORKER_OPTIONS[0][2],
                    help="CPUs per worker actor; its PyTorch threads are the whole CPUs of it, at least 1")
-    v.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per worker actor (1 on a GPU cluster)")
-    v.add_argument("--batches-per-share", type=int, default=4)
+    v.add_argument("--worker-gpus", type=float, default=WORKER_OPTIONS[1][2],
+                   help="GPUs per worker actor (1 on a GPU cluster)")
+    v.add_argument("--batches-per-share", type=int, default=WORKER_OPTIONS[2][2])
     add_ray_address(v)
     v.add_argument("--context-len", type=int, help=f"tokens per window (default: {DEFAULT_CONTEXT}, or the LM's "
                                                     "max_len where that is shorter)")
@@ -176,15 +181,16 @@ def _distributed(args: argparse.Namespace, store, config):
 
 
 def eval_window(args: argparse.Namespace) -> tuple[int, int]:
-    """--context-len and --stride, or their defaults: DEFAULT_CONTEXT cut to the LM's max_len, and half of it."""
+    """--context-len and --stride, or their defaults: DEFAULT_CONTEXT cut to the LM's max_len, and half of it.
+    An explicit --context-len past the LM's max_len is refused, naming the flag."""
     from lm_worker.models.checkpoint import checkpoint_max_len
 
     context = args.context_len
+    max_len = checkpoint_max_len(args.lm) if args.lm else None  # from its config: the model is not built
     if context is None:
-        context = DEFAULT_CONTEXT
-        max_len = checkpoint_max_len(args.lm) if args.lm else None  # from its config: the model is not built
-        if max_len is not None and max_len < context:
-            context = max_len  # the LM takes no longer window
+        context = DEFAULT_CONTEXT if max_len is None else min(DEFAULT_CONTEXT, max_len)  # no longer than it takes
+    elif max_len is not None and context > max_len:
+        raise ValueError(f"--context-len {context} exceeds the max_len {max_len} of the LM at {args.lm}")
     return context, args.stride if args.stride is not None else max(1, context // 2)
 
 
@@ -213,8 +219,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
                 ("--pointer-agreement", args.pointer_agreement, 0 <= args.pointer_agreement <= 1, "in [0, 1]"),
                 ("--pointer-crowd", args.pointer_crowd, args.pointer_crowd >= 0, ">= 0"),
                 ("--batches-per-share", args.batches_per_share, args.batches_per_share >= 1, ">= 1"),
-                ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"),
-                ("--worker-gpus", args.worker_gpus, args.worker_gpus >= 0, ">= 0"),
+                ("--worker-cpus", args.worker_cpus, positive_finite(args.worker_cpus), "> 0 and finite"),
+                ("--worker-gpus", args.worker_gpus, args.worker_gpus == 0 or positive_finite(args.worker_gpus),
+                 ">= 0 and finite"),
                 ("--knnlm-k", args.knnlm_k, args.knnlm_k >= 1, ">= 1"),
                 ("--retro-k", args.retro_k, args.retro_k >= 0, ">= 0"),
                 *((f"--{family}{name}", value, value >= 0, ">= 0") for family in ("knnlm-", "retro-")
@@ -225,7 +232,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_applies(args: argparse.Namespace) -> None:
     """Refuses options for a model that is not evaluated: a family of retrieval options without its model,
-    kNN-LM's λs, temperature and pointers without --lm."""
+    kNN-LM's λs, temperature and pointers without --lm; and the worker actors' options without --workers."""
+    if not args.workers:
+        refuse_given([flag for flag, dest, default in WORKER_OPTIONS if getattr(args, dest) != default],
+                     "with --workers N > 0 only (without, the evaluation runs in this process): give --workers, or "
+                     "leave {them} out")
     for model_flag, checkpoint, family, k in (("--lm", args.lm, "knnlm-", KNNLM_K),
                                               ("--retro", args.retro, "retro-", 0)):
         if checkpoint:
@@ -274,13 +285,14 @@ def run_eval(args: argparse.Namespace) -> None:
     check_out_kind(args.out, "--out", ("other files",), "an evaluation folder")  # a datastore, a checkpoint...
     check_checkpoints(("--lm", args.lm, KNNLM_KINDS), ("--retro", args.retro, RETRO_KINDS),
                       ("--encoder-lm", args.encoder_lm, LM_KINDS))
-    if args.retro and args.retro_k:
+    if args.retro:
         from lm_worker.models.checkpoint import checkpoint_config
 
         K = checkpoint_config(args.retro).n_neighbours
-        if args.retro_k != K:
+        if args.retro_k and args.retro_k != K:
             raise ValueError(f"--retro-k {args.retro_k}: RETRO retrieves its model's {K} neighbours per chunk "
                              f"({args.retro} takes no other number; leave --retro-k out)")
+        check_flags(*search_checks(retrieval_flags(args, "retro-"), K))  # --retro-rerank: at least K
     tokenizer = Tokenizer.load(args.data / "tokenizer.json")
     store = TokenStore.open(args.data / args.split)
     if store.tokenizer_fingerprint != tokenizer.fingerprint:

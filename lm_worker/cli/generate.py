@@ -127,7 +127,7 @@ def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[
     texts = list(args.prompt)
     if args.prompt_file:
         try:
-            text = args.prompt_file.read_text(encoding="utf-8")
+            text = args.prompt_file.read_text(encoding="utf-8-sig")  # a byte order mark is not the prompt's
         except UnicodeDecodeError as err:
             raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
                              f"{err.reason})") from None
@@ -300,6 +300,9 @@ def run_generate(args: argparse.Namespace) -> None:
     texts, ids = _prompts(args, tokenizer)
     n_neighbours = getattr(loaded.model.config, "n_neighbours", None)
     _check_options(args, loaded.kind, n_neighbours)
+    if loaded.kind == "retro":  # before any server starts (RetroStepper would name its own field, later)
+        L = loaded.model.config.chunk_len
+        check_flags(("--prefetch", args.prefetch, args.prefetch < L, f"below --checkpoint's chunk length {L}"))
     chosen = {field: getattr(args, dest) for _, dest, field in STRATEGY_OPTIONS[args.strategy]
               if getattr(args, dest) is not None}  # the rest: GenerateConfig's defaults
     with fields_as_flags(GENERATE_FIELDS):
@@ -354,8 +357,9 @@ def run_attention(args: argparse.Namespace) -> None:
                 ("--text", repr(args.text), args.text is None or bool(args.text.strip()),
                  "some text (leave it out for the held-out split)"))
     check_file_to_write(args.out, "--out")
-    check_checkpoints(("--encoder-lm", args.encoder_lm, LM_KINDS))
+    check_checkpoints(("--retro", args.retro, RETRO_KINDS), ("--encoder-lm", args.encoder_lm, LM_KINDS))
     tokenizer, _, heldout = load_prepared(args.data)
+    check_tokenizers(tokenizer, ("--retro", args.retro))
     model = load_checkpoint(args.retro, kinds=RETRO_KINDS, flag="--retro").model
     L = model.config.chunk_len
     if args.k and args.k != model.config.n_neighbours:

@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("prepare", help="split a corpus, train the BPE tokenizer, write token streams")
     p.add_argument("--out", type=Path, required=True,
                    help="the folder to write; one that `prepare` wrote before is replaced whole once the new one "
-                        "is complete")
+                        "is complete (refused while it holds --corpus or files prepare did not write)")
     p.add_argument("--corpus", default="stdlib", help="'stdlib', a folder of text files, or a .jsonl file")
     p.add_argument("--id-field", help="JSONL field naming each document: a string or an integer, each given once "
                                       "(default: the line number)")
@@ -62,11 +62,29 @@ TRAIN_FLAGS = {"lr": "--lr", "neighbours_dir": "--neighbours", "resume=False": "
 
 
 def refuse_train(args: argparse.Namespace) -> None:
-    """Refuses `train` flags that would be ignored: --train-base without --init-from, --neighbours for the LM."""
+    """Refuses `train` flags that would be ignored: --train-base without --init-from, --neighbours and
+    --chunk-len for the LM."""
     if args.train_base and not args.init_from:
         raise ValueError("--train-base applies with --init-from only: give --init-from, or leave it out")
     if args.neighbours and args.kind == "lm":
         raise ValueError("--neighbours applies to --kind retro only: the LM reads no neighbours")
+    if args.chunk_len and args.kind == "lm":
+        raise ValueError("--chunk-len applies to --kind retro only: the LM reads no chunks")
+
+
+def check_prepare_out(out: Path, corpus: str) -> None:
+    """Refuses an --out that prepare's whole replacement would take more from than it wrote: one that holds
+    --corpus, or a prepared folder that holds other entries too (a few named). A ValueError naming the flags."""
+    from lm_worker.data.prepare import foreign_entries
+
+    place = out.resolve()
+    if corpus != "stdlib" and (place == Path(corpus).resolve() or place in Path(corpus).resolve().parents):
+        raise ValueError(f"--corpus {corpus} lies inside --out {out}, which prepare replaces whole: move the "
+                         "corpus out of it, or choose another --out")
+    if names := foreign_entries(out):
+        shown = ", ".join(repr(name[:60]) for name in names[:3]) + (f" and {len(names) - 3} more" * (len(names) > 3))
+        raise ValueError(f"--out {out} holds {shown}, which prepare did not write and would delete as it replaces "
+                         "the folder whole: move them out of it, or choose another --out")
 
 
 def run_prepare(args: argparse.Namespace) -> None:
@@ -78,6 +96,7 @@ def run_prepare(args: argparse.Namespace) -> None:
                 ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"))
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a prepared corpus",), "a folder that `prepare` wrote")
+    check_prepare_out(args.out, args.corpus)
     with fields_as_flags({"heldout_fraction": "--heldout-fraction"}):
         r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
                                          heldout_fraction=args.heldout_fraction,

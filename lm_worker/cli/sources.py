@@ -24,6 +24,8 @@ from lm_worker.cli.common import (
     need,
     need_retriever,
     open_retriever,
+    positive_finite,
+    refuse_given,
     retrieval_flags,
     search_checks,
     security_of,
@@ -117,18 +119,55 @@ def check_device(args: argparse.Namespace) -> None:
             args.device = str(pick_device(args.device))
 
 
-def run_encode(args: argparse.Namespace) -> None:
-    from lm_worker.sources.output import check_out
+def check_encode_applies(args: argparse.Namespace) -> None:
+    """Refuses encode's flags given where they do nothing: kNN-LM's window for RETRO, RETRO's chunks and
+    encoder for kNN-LM, --checkpoint for MiniLM chunks, the job's options without --workers."""
+    if args.kind == "retro":
+        refuse_given([flag for flag, value in (("--context-len", args.context_len), ("--stride", args.stride))
+                      if value is not None], "to `encode knnlm` only: RETRO keys chunks of --chunk-len; leave {them} "
+                                             "out")
+        if args.encoder != "lm":
+            refuse_given(["--checkpoint"] if args.checkpoint else [],
+                         f"to `encode knnlm` and --encoder lm only: --encoder {args.encoder} embeds the chunks "
+                         "without it; leave {them} out, or give --encoder lm")
+    else:
+        refuse_given([flag for flag, value, default in (("--chunk-len", args.chunk_len, 16),
+                                                        ("--encoder", args.encoder, "minilm")) if value != default],
+                     "to `encode retro` only: kNN-LM keys each position with the LM; leave {them} out")
+    if not args.workers:
+        refuse_given([flag for flag, value, default in (("--worker-cpus", args.worker_cpus, 1.0),
+                                                        ("--rows-per-part", args.rows_per_part, 0),
+                                                        ("--address", args.address, None)) if value != default],
+                     "with --workers N > 0 only (--workers 0 encodes in this process): give --workers, or leave "
+                     "{them} out")
 
+
+def check_source_out(out: Path) -> None:
+    """Refuses an --out that holds files but no source, reading only: what an interrupted swap left beside it
+    is finished by the encode itself, under its lock (`check_out` renames)."""
+    from lm_worker.sources.output import JOB_JSON, PARTS
+    from lm_worker.sources.source import SOURCE_JSON
+
+    if not out.is_dir():
+        return  # not there (a file is refused by check_folder)
+    names = sorted(p.name for p in out.iterdir())
+    if names and SOURCE_JSON not in names and not (out / PARTS / JOB_JSON).is_file():
+        shown = ", ".join(repr(name[:60]) for name in names[:4]) + (f" and {len(names) - 4} more" * (len(names) > 4))
+        raise ValueError(f"--out {out} holds {shown} but no datastore source: encoding there would replace files "
+                         "this project did not write; give an empty or new folder")
+
+
+def run_encode(args: argparse.Namespace) -> None:
     check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
                 ("--chunk-len", args.chunk_len, args.chunk_len >= 1, ">= 1"),
                 ("--context-len", args.context_len, args.context_len is None or args.context_len >= 1, ">= 1"),
                 ("--rows-per-part", args.rows_per_part, args.rows_per_part >= 0, ">= 0"),
-                ("--worker-cpus", args.worker_cpus, args.worker_cpus > 0, "> 0"))
+                ("--worker-cpus", args.worker_cpus, positive_finite(args.worker_cpus), "> 0 and finite"))
+    check_encode_applies(args)
     check_folder(args.out, "--out")
     own = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}[args.kind]
     check_out_kind(args.out, "--out", (own, "other files"), own)  # other files: parts of an encode to resume,
-    check_out(args.out, "--out")  # and nothing else: an encode never replaces files it did not write
+    check_source_out(args.out)  # and nothing else: an encode never replaces files it did not write
     check_device(args)
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))

@@ -30,6 +30,7 @@ from lm_worker.data.token_store import RETRO_SPLIT, SPLITS, TokenStore, write_to
 from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
+PREPARED_ENTRIES = frozenset({"tokenizer.json", *SPLITS, RETRO_SPLIT})  # all that `prepare_corpus` writes in OUT
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,14 @@ def prepare_corpus(config: PrepareConfig) -> PrepareReport:
         raise
     _move_into_place(work, out)
     return replace(report, out=out, empty=empty)
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """The names in an existing folder `out` that `prepare_corpus` does not write (sorted; [] where `out` is
+    not a folder): replacing `out` whole would delete them."""
+    if not Path(out).is_dir():
+        return []
+    return sorted(p.name for p in Path(out).iterdir() if p.name not in PREPARED_ENTRIES)
 
 
 def _move_into_place(work: Path, out: Path) -> None:

@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +120,23 @@ def plot_chunk_attention(model: Retro, tokens: torch.Tensor, neighbours: torch.T
         bar = fig.colorbar(image, ax=ax, fraction=0.02)
         bar.set_label("attention weight (mean over heads; a row sums to 1)", fontsize=7)
     fig.tight_layout()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120, bbox_inches="tight")  # long token labels are not cut off
+    save_whole(fig, Path(out_path))
     log.info("wrote the CCA map of chunk %d to %s", chunk, out_path)
     return maps[0] if layer is not None else maps
+
+
+def save_whole(fig: Figure, out_path: Path) -> None:
+    """Saves `fig` at `out_path` in the format its suffix names (PNG without one), through a file beside it
+    that replaces `out_path` only once written whole: a save that fails leaves an earlier file as it was."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    work = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fig.savefig(work, format=out_path.suffix[1:].lower() or "png", dpi=120,
+                    bbox_inches="tight")  # long token labels are not cut off
+        os.replace(work, out_path)
+    except BaseException:
+        work.unlink(missing_ok=True)
+        raise
 
 
 def plot_retrieved_attention(model: Retro, token_ids, retriever, encoder, tokenizer, chunk: int,
