@@ -140,7 +140,7 @@ def test_deploy_rewrites_its_address_file_when_ray_moves_the_router(monkeypatch,
     written = []
 
     class Deployment:
-        router_address, placements, shard_addresses = "h:1", {}, [["s:1"]]
+        router_address, placements = "h:1", {}
 
         def __init__(self, config):
             pass
@@ -149,10 +149,19 @@ def test_deploy_rewrites_its_address_file_when_ray_moves_the_router(monkeypatch,
             return self
 
         def wait(self, poll_s: float = 2.0, on_address=None):
-            for address in ("h:1", "h:2", "h:2", "h:3"):
+            for address in ("h:1", "h:2", "h:2", "h:3", "h:4", "h:4"):
+                Deployment.down = address == "h:4" and not Deployment.down  # its shards not asked the first time
                 on_address(address)
                 written.append(json.loads(address_file.read_text())["address"])
             return "the router actor is gone: undeployed"
+
+        down = False
+
+        @property
+        def shard_addresses(self):
+            if Deployment.down:
+                raise ray_serving.DeploymentError("the router of 'x' did not answer: timed out")
+            return [["s:1"]]
 
         def stop(self):
             pass
@@ -167,7 +176,7 @@ def test_deploy_rewrites_its_address_file_when_ray_moves_the_router(monkeypatch,
     args = build_parser().parse_args(["deploy", "--datastore", str(tmp_path), "--address-file", str(address_file)])
     with pytest.raises(CliError, match="undeployed"):
         ray_commands.run_deploy(args)
-    assert written == ["h:1", "h:2", "h:2", "h:3"]
+    assert written == ["h:1", "h:2", "h:2", "h:3", "h:3", "h:4"]  # a failed rewrite is tried again, deploy goes on
     assert not address_file.exists()
 
 

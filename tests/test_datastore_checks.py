@@ -198,3 +198,31 @@ def test_block_sizes_below_one_are_refused_before_any_work(tmp_path, field, valu
     check_inputs(config)
     with pytest.raises(BuildError, match=rf"{field} must be an integer >= 1, got {value!r}"):
         check_inputs(dataclasses.replace(config, **{field: value}))
+
+
+def damaged_header(path: Path) -> Path:
+    """A .npy whose header's shape is cut short, which numpy's header parser fails on with a TokenError."""
+    np.save(path, np.zeros((4, 2), dtype=np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"(4, 2)", b"(4, 2\x01", 1))
+    return path
+
+
+def test_a_damaged_npy_header_is_named_by_the_shard_loader_and_the_build(tmp_path):
+    """A shard's file and a build's input with a header numpy cannot parse: the readers' own errors, naming
+    the file, not numpy's TokenError."""
+    from retriever_server.datastore.headers import load_checked_array
+
+    path = damaged_header(tmp_path / "keys.npy")
+    with pytest.raises(DatastoreError, match=re.escape(f"{path} is not a readable .npy array")):
+        load_checked_array(path, "float32", (4, 2))
+    with pytest.raises(BuildError, match=re.escape(f"keys file {path} is not a loadable .npy array")):
+        check_inputs(BuildConfig(keys=path, out=path.parent / "ds"))
+
+
+def test_metadata_that_is_not_text_is_refused_before_the_build(tmp_path):
+    """A manifest's metadata maps names to text (read_manifest refuses anything else): a build given an
+    int is refused before any work, not published as a datastore no server reads."""
+    np.save(tmp_path / "keys.npy", np.zeros((64, 4), dtype=np.float32))
+    with pytest.raises(BuildError, match="BuildConfig.metadata maps names to text: 'chunk_len' is given int"):
+        check_inputs(BuildConfig(keys=tmp_path / "keys.npy", out=tmp_path / "ds", metadata={"chunk_len": 64}))

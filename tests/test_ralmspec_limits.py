@@ -207,3 +207,26 @@ def test_beam_search_pending_steps_hold_no_copy_of_the_cache_per_step(lm, knn_st
     assert same(generate(decoder, prompt, cfg), want)
     assert decoder.stats.rollbacks > 0 and len(ratios) > 1
     assert max(ratios) < 1.6, ratios  # before: about 8 (a cache per pending step)
+
+
+def test_a_split_request_cancelled_drops_its_pieces_and_raises_nothing_later(caplog):
+    """Cancelling the joined future of a split request cancels the pieces not yet started; a piece that
+    ends after it leaves nothing to log (set_result on the cancelled future raised in the callback)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lm_worker.decoding.ralmspec.split import submit_split
+
+    gate, ran = threading.Event(), []
+
+    def search(part: np.ndarray) -> KnnNeighbours:
+        gate.wait(5)
+        ran.append(len(part))
+        return KnnNeighbours(np.zeros((len(part), 1), np.float32), np.zeros((len(part), 1), np.int64),
+                             np.zeros((len(part), 1), np.int64))
+
+    with ThreadPoolExecutor(1) as pool:
+        joined = submit_split(pool, search, np.zeros((6, 2), np.float32), 2)
+        assert joined.cancel()
+        gate.set()
+    assert ran == [2] and "Traceback" not in caplog.text and "exception calling callback" not in caplog.text

@@ -190,8 +190,11 @@ def test_two_shards_on_different_nodes_found_by_name_answer_like_one_index(clust
         with pytest.raises(DeploymentError, match="no deployment named 'nope'.*running there: two"):
             lookup("nope")
         ray.kill(deployment.router, no_restart=True)  # Ray's error, as a deployment's (a traceback in the CLI)
+        killed_by = time.monotonic() + 30  # ray.kill returns before the actor is gone: a call may still land
         with pytest.raises(DeploymentError, match="the router of 'two' is gone: "):
-            assert deployment.router_address
+            while time.monotonic() < killed_by:
+                assert deployment.router_address
+                time.sleep(0.1)
     assert actors_named("two/") == []
     with pytest.raises(DeploymentError, match="no deployment named 'two'"):
         lookup("two")

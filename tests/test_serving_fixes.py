@@ -299,3 +299,36 @@ def test_a_replica_failing_in_a_row_backs_off_and_a_success_resets_it():
     while not tried_first():
         now[0] += 0.5
     assert now[0] - start == 2.5
+
+
+def test_a_replica_that_loses_hedges_is_tried_last_for_the_first_cooldown_alone():
+    """A replica a hedge beat may be healthy, only slower: each loss puts it last for 2 s, never longer
+    (a run of lost hedges doubled it to 30 s, every first attempt going to the other replica)."""
+    now = [0.0]
+    replicas = ReplicaSet("shard-00000", ["a", "b"], clock=lambda: now[0])
+    for _ in range(5):
+        replicas.failed("a", slower=True)
+    now[0] += 2.5
+    assert "a" in (replicas.order()[0], replicas.order()[0])
+
+
+def test_an_error_asking_one_late_replica_does_not_end_the_checks_of_the_others(monkeypatch):
+    """A late replica whose stub cannot be had (its channel closed by a TLS refresh) is asked again later;
+    the others still join (the error ended the whole re-probe task, and they never joined)."""
+    monkeypatch.setattr(fanout, "RECHECK_FIRST_S", 0.01)
+    expected = pb.InfoResponse(role="shard", shard="shard-00000", datastore_version="v1")
+    tries = {"bad": 0}
+
+    class Stub:
+        async def GetInfo(self, request, timeout, metadata):  # noqa: N802 - gRPC's name
+            return expected
+
+    def stub_of(address: str):
+        if address == "bad" and tries["bad"] < 2:
+            tries["bad"] += 1
+            raise ValueError("channel closed")
+        return Stub()
+
+    replicas = ReplicaSet("shard-00000", ["good", "bad", "late"], unchecked={"bad", "late"})
+    asyncio.run(asyncio.wait_for(fanout.check_late_replicas([replicas], [expected], stub_of, 1.0, lambda: ()), 10))
+    assert replicas.unchecked == set() and tries["bad"] == 2

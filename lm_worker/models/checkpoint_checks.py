@@ -90,7 +90,8 @@ def check_payload(path: Path, payload: dict, kinds: tuple[str, ...]) -> None:
         raise ValueError(f"{path} is not a loadable checkpoint: it lacks the field {missing[0]!r}")
     kind, step, state, optimizer = payload["kind"], payload["step"], payload["model"], payload["optimizer"]
     if type(kind) is not str or kind not in kinds:
-        raise ValueError(f"{path} holds a model of unknown kind {kind!r} (field 'kind'); expected one of {kinds}")
+        raise ValueError(f"{path} holds a model of unknown kind {str(kind)[:80]!r} (field 'kind'); expected one of "
+                         f"{kinds}")
     problems = {  # dicts as isinstance: a state_dict is an OrderedDict (the unpickler makes nothing else)
         "config": not isinstance(payload["config"], dict),
         "model": not isinstance(state, dict) or not all(type(k) is str and isinstance(v, torch.Tensor)

@@ -68,7 +68,7 @@ def check_retro_inputs(model, retriever, encoder=None) -> None:
                          "LMStepper or KnnLMStepper, evaluate it with evaluate_lm or evaluate_knnlm")
     kind = (getattr(retriever, "metadata", None) or {}).get("kind")
     if kind not in (None, "retro"):
-        raise ValueError(f"the datastore is a {kind!r} datastore (its manifest's kind), not a RETRO one")
+        raise ValueError(f"the datastore is a {str(kind)[:80]!r} datastore (its manifest's kind), not a RETRO one")
     made_by, mine = (getattr(retriever, "metadata", None) or {}).get("encoder"), getattr(encoder, "fingerprint", None)
     if made_by and mine and made_by != mine:  # the datastore's value escaped as repr, at most 80 characters
         raise ValueError(f"the datastore's keys were made by the encoder {str(made_by)[:80]!r}, not by this one "

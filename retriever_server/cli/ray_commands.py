@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from retriever_server.cli.common import (
 )
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.serving.shard import ShardOptions
+from retriever_server.wire.untrusted import one_line
 
 
 def _add_ray_target(p: argparse.ArgumentParser) -> None:
@@ -145,15 +147,25 @@ def run_deploy(args: argparse.Namespace) -> int:
 def _address_writer(args: argparse.Namespace, deployment) -> Callable[[str], None]:
     """What writes deploy's address file with the router's address: again only where it changed (Ray
     restarted the router on another port), with the shards' addresses asked of the router then."""
+    from retriever_server.cluster.ray_serving import DeploymentError
+
     written: list[str] = []
 
     def write(address: str) -> None:
         if written and address == written[-1]:
             return
+        try:
+            shards = deployment.shard_addresses
+            write_address(args.address_file, address, None, shards=shards, name=args.name, namespace=args.namespace,
+                          **({"pid": None} if args.detached else {}))  # detached: no process
+        except (DeploymentError, OSError) as err:
+            if not written:  # the first write: deploy has not said it serves yet
+                raise
+            print(f"{args.name}: router moved to {address}; the address file is not rewritten yet "
+                  f"({one_line(str(err), 300)}): trying again at the next check", file=sys.stderr, flush=True)
+            return
         if written:
             print(f"{args.name}: router moved to {address}", flush=True)
-        write_address(args.address_file, address, None, shards=deployment.shard_addresses, name=args.name,
-                      namespace=args.namespace, **({"pid": None} if args.detached else {}))  # detached: no process
         written.append(address)
 
     return write

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -90,7 +91,7 @@ def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
         return open_rows(path)
     except FileNotFoundError as err:  # a part of a parts index
         raise BuildError(f"{what}: {err}") from None
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as err:  # the last: a damaged header
         raise BuildError(f"{what} file {path} is not a loadable {kind}: {last_line(err)}") from None
 
 
@@ -98,7 +99,7 @@ def _stored_dtype(path: Path) -> np.dtype | None:
     """The dtype in a .npy header or a parts index without loading the array (object arrays do not memory-map)."""
     try:
         return stored_dtype(path)
-    except (OSError, ValueError, EOFError, TypeError):
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError):
         return None  # _open_rows says what is wrong
 
 
@@ -251,6 +252,10 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
     if config.cpus_per_shard < 1:
         raise BuildError(f"--cpus-per-shard must be >= 1, got {config.cpus_per_shard}")
+    odd = [key for key, value in config.metadata.items() if type(key) is not str or type(value) is not str]
+    if odd:  # what read_manifest takes: else the build would publish a datastore no server reads
+        raise BuildError(f"BuildConfig.metadata maps names to text: {str(odd[0])[:60]!r} is given "
+                         f"{type(config.metadata[odd[0]]).__name__}")
     for name in ("add_block", "spill_rows"):  # rows a shard task adds, and holds in memory, at a time
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

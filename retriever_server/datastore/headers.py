@@ -6,6 +6,7 @@ file and the field, before any search runs on it.
 
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import faiss
@@ -45,8 +46,8 @@ def load_checked_array(path: Path, dtype: str, shape: tuple[int, ...]) -> np.nda
     """Maps a .npy file read-only after checking its header's dtype and shape."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DatastoreError(f"{path} is not a readable .npy array: {err}") from None
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as err:  # the last: a damaged header
+        raise DatastoreError(f"{path} is not a readable .npy array: {str(err)[:200]}") from None
     if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
         raise DatastoreError(f"{path} header says {array.dtype} {tuple(array.shape)}; the manifest says "
                              f"{np.dtype(dtype)} {tuple(shape)}")

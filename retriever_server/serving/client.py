@@ -289,8 +289,7 @@ class RetrieverClient:
     def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
         """GetInfo of the shards that answer within `_probe_timeout`, all asked at once (a shard whose
         replicas all fail or do not answer in that time is down for now: the search itself finds it down
-        or answers without it). Once all have answered, checks they are all the shards of one datastore,
-        once each, and remembers them."""
+        or answers without it). Once all have answered, checks they are one datastore's, and keeps them."""
         if self._infos is not None:
             return self._infos
         probe = Deadline(self._probe_timeout(deadline))
@@ -322,9 +321,13 @@ class RetrieverClient:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         for replicas, info in zip(self.sets, infos):
             replicas.name, replicas.unchecked = info.shard, set(replicas.addresses) & set(silent)
-        if silent:
-            self._rechecking = asyncio.run_coroutine_threadsafe(check_late_replicas(
-                self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S, lambda: self.metadata), self._loop.loop)
+        if silent and (self._rechecking is None or self._rechecking.done()):
+            checks = check_late_replicas(self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S,
+                                         lambda: self.metadata)
+            try:
+                self._rechecking = asyncio.run_coroutine_threadsafe(checks, self._loop.loop)
+            except RuntimeError:  # the loop closed meanwhile (close() from another thread): nothing to check
+                checks.close()
         self._infos = infos
         return infos
 

@@ -133,10 +133,12 @@ class ReplicaSet:
     def _cooldown(self, address: str) -> float:
         return min(self.max_cooldown_s, self.cooldown_s * 2.0 ** min(self._failures.get(address, 1) - 1, 30))
 
-    def failed(self, address: str) -> None:
-        """Tries `address` last for its cooldown (it failed, or a hedge beat it), longer for each in a row."""
+    def failed(self, address: str, slower: bool = False) -> None:
+        """Tries `address` last for its cooldown, longer for each failure in a row; `slower` (a hedge beat
+        it: it may be healthy) for the first cooldown alone, its run of failures not lengthened."""
         self._failed_at[address] = self.clock()
-        self._failures[address] = self._failures.get(address, 0) + 1
+        if not slower:
+            self._failures[address] = self._failures.get(address, 0) + 1
 
     def warn(self, address: str, code: grpc.StatusCode) -> None:
         """Logs a replica's failure, once in WARN_EVERY_S per replica (a replica down for a while fails
@@ -246,7 +248,7 @@ class Attempts:
         """`address` answered; the attempts still `in_flight` lost to it (their replicas go last)."""
         self.replicas.succeeded(address, time.monotonic() - self._started[address])
         for slower in in_flight:
-            self.replicas.failed(slower)
+            self.replicas.failed(slower, slower=True)
 
     def failed(self, address: str, code: grpc.StatusCode, details: str | None, busy: bool = False,
                stale: bool = False) -> None:

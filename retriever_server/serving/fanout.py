@@ -193,7 +193,7 @@ async def check_late_replicas(sets: list[ReplicaSet], expected: list[pb.InfoResp
         await asyncio.sleep(wait)
         wait = min(RECHECK_MOST_S, 2 * wait)
         asked = [(replicas, info, a) for replicas, info in zip(sets, expected) for a in sorted(replicas.unchecked)]
-        found = await asyncio.gather(*(replica_info(stub_of(a), timeout, metadata()) for _, _, a in asked))
+        found = await asyncio.gather(*(_late_info(stub_of, a, timeout, metadata()) for _, _, a in asked))
         for (replicas, info, address), answer in zip(asked, found):
             problem = None if answer is None else replica_problem(answer, info)
             if answer is not None and problem is None:
@@ -202,6 +202,16 @@ async def check_late_replicas(sets: list[ReplicaSet], expected: list[pb.InfoResp
             elif problem is not None and address not in told:
                 told.add(address)
                 log.warning("%s replica %s stays out of rotation: %s", replicas.name, address, problem)
+
+
+async def _late_info(stub_of: Callable, address: str, timeout: float, metadata: tuple) -> pb.InfoResponse | None:
+    """`replica_info` of a late replica; None, to ask again later, on any error (a channel closed by a TLS
+    refresh, say): one replica's error must not end the checks of the others."""
+    try:
+        return await replica_info(stub_of(address), timeout, metadata)
+    except Exception as err:  # noqa: BLE001 - asked again at the next check
+        log.debug("asking late replica %s failed: %s", address, err)
+        return None
 
 
 PARTIAL_RESERVE = 0.2  # with allow_partial, the share of the caller's time kept back (at most...

@@ -61,13 +61,21 @@ def submit_split(pool: Executor, search: Callable[[np.ndarray], Answer], queries
     def done(_: Future) -> None:
         with lock:
             left[0] -= 1
-            if left[0]:
+            if left[0] or joined.done():  # a cancelled request: its pieces' answers go nowhere
                 return
         try:
-            joined.set_result(join([f.result() for f in futures]))
+            answer = join([f.result() for f in futures])
         except BaseException as err:  # a piece failed or was cancelled: the whole request did
             joined.set_exception(err)
+            return
+        joined.set_result(answer)
+
+    def cancelled(_: Future) -> None:
+        if joined.cancelled():  # the pieces not yet started are dropped
+            for future in futures:
+                future.cancel()
 
     for future in futures:
         future.add_done_callback(done)
+    joined.add_done_callback(cancelled)
     return joined
