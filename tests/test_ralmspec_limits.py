@@ -230,3 +230,18 @@ def test_a_split_request_cancelled_drops_its_pieces_and_raises_nothing_later(cap
         assert joined.cancel()
         gate.set()
     assert ran == [2] and "Traceback" not in caplog.text and "exception calling callback" not in caplog.text
+
+
+def test_a_services_own_batch_limit_sizes_the_split(aio, lm, knn_store):
+    """A service started with a lower --max-batch than the default: RaLMSpec's verification requests are
+    split to fit it (its GetInfo says it) and decode as serial retrieval does (they were refused)."""
+    from conftest import serve
+
+    from lm_worker.retrieval.service import ServiceRetriever
+
+    prompts, config = random_tokens((8, 6), seed=3), GenerateConfig(max_new_tokens=12)
+    with serve(aio, knn_store, 2, limits=Limits(max_batch=8)) as served, \
+            ServiceRetriever(served.address, RetrievalConfig(k=KNN_K, nprobe=8)) as service:
+        serial = generate(KnnLMStepper(lm, service, lam=LAM, temperature=TEMP), prompts, config)  # 8 a step
+        spec = RaLMSpecKnnLM(lm, service, lam=LAM, temperature=TEMP, speculation=SpeculationConfig(stride=3))
+        assert same(generate(spec, prompts, config), serial)  # a window of 3 steps: 24 queries, in pieces

@@ -23,6 +23,7 @@ from retriever_server.security.config import (
     is_loopback_host,
 )
 from retriever_server.serving.fanout import parse_shards, parse_target
+from retriever_server.wire.request import Limits
 
 __all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "RAY_PREFIX",
            "resolve_target", "is_loopback"]
@@ -81,6 +82,9 @@ class ServiceRetriever(Retriever):
         self.metric: str = info.metric  # "l2" or "ip", as the datastore was built
         self.metadata: dict[str, str] = dict(info.metadata)
         self.version: str = info.datastore_version
+        # the bounds it reports on a request, for callers that size their requests (RaLMSpec's verifications)
+        self.limits = Limits(max_k=info.max_k or Limits.max_k, max_batch=info.max_batch or Limits.max_batch,
+                             max_request_bytes=info.max_request_bytes or Limits.max_request_bytes)
 
     def search(self, queries: np.ndarray, payload: str, exclude: Ranges, successors: int = 0,
                return_keys: bool = False) -> SearchResult:
