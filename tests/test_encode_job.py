@@ -316,8 +316,10 @@ def test_the_job_stamp_tells_encoders_apart(data):
 def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
     """Two jobs on one output folder: the second would clear the first one's parts while it writes them, so
     it is refused while the first holds the lock, before it touches anything (the first one's swap of the
-    folder, part-way, included: the second finished it)."""
+    folder, part-way, included: the second finished it). An in-process encode takes the same lock."""
     import fcntl
+
+    from lm_worker.sources.output import new_source
 
     config = EncodeJobConfig(kind="retro", data=data, split="heldout", chunk_len=L, progress=False)
     out = tmp_path / "source"
@@ -325,10 +327,13 @@ def test_a_second_encode_job_on_the_same_output_is_refused(data, tmp_path):
     (tmp_path / ".source.replaced-1").mkdir()  # the running job's swap, between its renames: not the second's
     with open(tmp_path / ".source.encode.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running job holds it
-        with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
+        with pytest.raises(EncodeError, match=f"another encode is writing {out}: wait for it to end"):
             run_encode_job(config, out, TableFactory())
+        with pytest.raises(ValueError, match=f"another encode is writing {out}: wait for it to end"):
+            with new_source(out):  # an in-process encode (--workers 0): it finished the job's swap before
+                pass
         (tmp_path / "link").symlink_to(out)  # the same folder by another name: the same lock
-        with pytest.raises(EncodeError, match=f"another encode job is writing {out}: wait for it to end"):
+        with pytest.raises(EncodeError, match=f"another encode is writing {out}: wait for it to end"):
             run_encode_job(config, tmp_path / "link", TableFactory())
     assert sorted(p.name for p in tmp_path.iterdir()) == [".source.encode.lock", ".source.replaced-1", "link",
                                                           "source"]

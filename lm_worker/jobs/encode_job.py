@@ -55,7 +55,7 @@ from lm_worker.jobs.encode_plan import (
     plan_parts,
 )
 from lm_worker.jobs.encode_worker import PartEncoder
-from lm_worker.sources.output import JOB_JSON, check_out, job_work_dir, place_of, replace_source
+from lm_worker.sources.output import JOB_JSON, check_out, encode_lock, job_work_dir, replace_source
 from lm_worker.sources.retro import tokens_digest
 from lm_worker.sources.source import (
     KEYS,
@@ -68,7 +68,6 @@ from lm_worker.sources.source import (
     read_source,
 )
 from retriever_server.cluster.connect import connect
-from retriever_server.datastore.publish import BuildError, held_lock
 from retriever_server.datastore.row_parts import PARTS_SUFFIX, write_parts_index
 
 log = logging.getLogger(__name__)
@@ -345,21 +344,10 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
         return _run(config, out_dir, store, plan, eos_id, stamp, encoder_factory, started)
 
 
-@contextlib.contextmanager
-def _held(out_dir: Path) -> Iterator[None]:
-    """The lock of the encode jobs of `out_dir` (OUT_PARENT/.NAME.encode.lock): a second job on the same
-    output would clear the first one's parts while it writes them."""
-    out_dir = place_of(out_dir)  # as the work folder is named: a link and its target share one lock
-    path = out_dir.parent / f".{out_dir.name}.encode.lock"
-    try:
-        with held_lock(path, out_dir, f"another encode job is writing {out_dir}: wait for it to end, or "
-                                      "choose another output folder"):
-            try:
-                yield
-            finally:
-                path.unlink(missing_ok=True)  # before the lock goes: a job that opened it meanwhile tries again
-    except BuildError as err:
-        raise EncodeError(str(err)) from None
+def _held(out_dir: Path):
+    """The lock of the encodes of `out_dir` (`encode_lock`): a second job, or an in-process encode, on the
+    same output would clear the first one's parts while it writes them, or swap its output meanwhile."""
+    return encode_lock(out_dir, EncodeError)
 
 
 def _run(config: EncodeJobConfig, out_dir: Path, store: TokenStore, plan: list[PartSpec], eos_id: int,

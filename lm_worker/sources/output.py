@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lm_worker.data.folders import swap_folders
 from lm_worker.sources.source import KEYS, KEYS_PARTS, PAYLOAD_FILES, SOURCE_JSON
+from retriever_server.datastore.publish import BuildError, held_lock
 from retriever_server.datastore.row_parts import PARTS_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -192,20 +193,39 @@ def new_source(out_dir: Path) -> Iterator[Path]:
     Raises:
         ValueError: `out_dir` holds files but no source (`check_out`), before anything is written.
     """
-    check_out(out_dir)
+    with encode_lock(out_dir):  # no other encode of out_dir, job or in-process, swaps it meanwhile
+        check_out(out_dir)
+        place = place_of(out_dir)
+        work = place.parent / f".{place.name}.encoding-{uuid.uuid4().hex[:12]}"
+        work.mkdir()  # with the umask's mode, as the source had: mkdtemp's 0700 would hide it from other users
+        try:
+            (work / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")  # a killed encode's is reaped
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        try:
+            (work / OWNER).unlink(missing_ok=True)  # not part of the source
+            replace_source(work, out_dir)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # not swapped in: the old source is back in its place
+            raise
+
+
+@contextlib.contextmanager
+def encode_lock(out_dir: Path, error: type[Exception] = ValueError) -> Iterator[None]:
+    """The lock of the encodes of `out_dir` (OUT_PARENT/.NAME.encode.lock), held by an encode job for its
+    whole run and by an in-process encode while it writes and swaps in its source: `error` (naming the
+    output) where another encode holds it. A link and its target share one lock."""
     place = place_of(out_dir)
-    place.parent.mkdir(parents=True, exist_ok=True)
-    work = place.parent / f".{place.name}.encoding-{uuid.uuid4().hex[:12]}"
-    work.mkdir()  # with the umask's mode, as the source had: mkdtemp's 0700 would hide it from other users
-    try:
-        (work / OWNER).write_text(f"{os.getpid()} {socket.gethostname()}")  # a killed encode's is reaped
-        yield work
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    try:
-        (work / OWNER).unlink(missing_ok=True)  # not part of the source
-        replace_source(work, out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # not swapped in: the old source is back in its place
-        raise
+    path = place.parent / f".{place.name}.encode.lock"
+    with contextlib.ExitStack() as stack:
+        try:  # the errors of taking the lock alone: the block's own go as they are
+            stack.enter_context(held_lock(path, place, f"another encode is writing {place}: wait for it to "
+                                                       "end, or choose another output folder"))
+        except BuildError as err:
+            raise error(str(err)) from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # before the lock goes: an encode that opened it meanwhile tries again
