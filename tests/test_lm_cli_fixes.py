@@ -200,6 +200,8 @@ def test_encode_still_refuses_a_folder_of_other_files(run, tmp_path, capsys, no_
     (["eval", "--data", "{run}/data", "--out", "{tmp}/e", "--lm", "{run}/lm", "--knnlm-target", NOWHERE,
       "--workers", "0", "--worker-gpus", "1", "--batches-per-share", "2", "--address", "auto"],
      "--worker-gpus, --batches-per-share and --address apply with --workers N > 0 only"),
+    (["prepare", "--corpus", "stdlib", "--out", "{tmp}/p", "--id-field", "id"],
+     "--id-field names a field of a .jsonl corpus; corpus 'stdlib' is not one"),
 ])
 def test_flags_that_do_not_apply_are_refused(run, tmp_path, capsys, no_ray, args, words):
     err = one_line_error(capsys, *[a.format(run=run, tmp=tmp_path) for a in args])

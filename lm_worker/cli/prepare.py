@@ -97,7 +97,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a prepared corpus",), "a folder that `prepare` wrote")
     check_prepare_out(args.out, args.corpus)
-    with fields_as_flags({"heldout_fraction": "--heldout-fraction"}):
+    with fields_as_flags({"heldout_fraction": "--heldout-fraction", "id_field": "--id-field"}):
         r = prepare_corpus(PrepareConfig(out=args.out, corpus=args.corpus, vocab_size=args.vocab_size,
                                          heldout_fraction=args.heldout_fraction,
                                          max_train_tokens=args.max_train_tokens,

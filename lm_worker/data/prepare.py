@@ -75,7 +75,11 @@ class PrepareReport:
 
 
 def read_corpus(corpus: str, id_field: str | None = None) -> Iterator[Document]:
-    """Documents of the built-in stdlib corpus, a text folder or a JSONL file."""
+    """Documents of the built-in stdlib corpus, a text folder or a JSONL file (`id_field`: the JSONL field
+    naming each document; ValueError for any other corpus, which it would not name)."""
+    jsonl = corpus != "stdlib" and Path(corpus).is_file() and Path(corpus).suffix == ".jsonl"
+    if id_field is not None and not jsonl:
+        raise ValueError(f"id_field names a field of a .jsonl corpus; corpus {corpus!r} is not one")
     if corpus == "stdlib":
         return read_stdlib()
     path = Path(corpus)
