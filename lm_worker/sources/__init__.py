@@ -9,5 +9,5 @@
 - `build`: a source's datastore, by the service's build job (`build_source`).
 
 Imports: lm_worker.sources, lm_worker.data, lm_worker.models.fingerprint,
-    retriever_server.datastore.row_parts, retriever_server.datastore.build
+    retriever_server.datastore.row_parts, retriever_server.datastore.build, retriever_server.datastore.publish
 """
