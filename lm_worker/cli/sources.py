@@ -142,22 +142,9 @@ def check_encode_applies(args: argparse.Namespace) -> None:
                      "{them} out")
 
 
-def check_source_out(out: Path) -> None:
-    """Refuses an --out that holds files but no source, reading only: what an interrupted swap left beside it
-    is finished by the encode itself, under its lock (`check_out` renames)."""
-    from lm_worker.sources.output import JOB_JSON, PARTS
-    from lm_worker.sources.source import SOURCE_JSON
-
-    if not out.is_dir():
-        return  # not there (a file is refused by check_folder)
-    names = sorted(p.name for p in out.iterdir())
-    if names and SOURCE_JSON not in names and not (out / PARTS / JOB_JSON).is_file():
-        shown = ", ".join(repr(name[:60]) for name in names[:4]) + (f" and {len(names) - 4} more" * (len(names) > 4))
-        raise ValueError(f"--out {out} holds {shown} but no datastore source: encoding there would replace files "
-                         "this project did not write; give an empty or new folder")
-
-
 def run_encode(args: argparse.Namespace) -> None:
+    from lm_worker.sources.output import refuse_foreign
+
     check_flags(("--workers", args.workers, args.workers >= 0, ">= 0"),
                 ("--chunk-len", args.chunk_len, args.chunk_len >= 1, ">= 1"),
                 ("--context-len", args.context_len, args.context_len is None or args.context_len >= 1, ">= 1"),
@@ -167,7 +154,8 @@ def run_encode(args: argparse.Namespace) -> None:
     check_folder(args.out, "--out")
     own = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}[args.kind]
     check_out_kind(args.out, "--out", (own, "other files"), own)  # other files: parts of an encode to resume,
-    check_source_out(args.out)  # and nothing else: an encode never replaces files it did not write
+    refuse_foreign(args.out, "--out")  # and nothing else, reading only: an interrupted swap is finished under
+    # the encode's lock (`check_out`); an encode never replaces files it did not write
     check_device(args)
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))

@@ -73,9 +73,15 @@ def check_out(out_dir: Path, flag: str = "") -> None:
     Raises:
         ValueError: `out_dir` is not a folder, or holds other files (one line naming a few of them).
     """
+    finish_replacing(Path(out_dir))
+    remove_abandoned(Path(out_dir))
+    refuse_foreign(out_dir, flag)
+
+
+def refuse_foreign(out_dir: Path, flag: str = "") -> None:
+    """`check_out`'s refusal alone, reading only (a caller without the encode lock): ValueError where
+    `out_dir` is not a folder, or holds files but no source of this project."""
     out = Path(out_dir)
-    finish_replacing(out)
-    remove_abandoned(out)
     where = f"{flag} {out}" if flag else str(out)
     if not out.exists() and not out.is_symlink():
         return

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import sys
-import tokenize
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from retriever_server.cli.common import (
     positive_int,
 )
 from retriever_server.datastore.manifest import Manifest, read_manifest
-from retriever_server.datastore.row_parts import check_npy_start
+from retriever_server.datastore.row_parts import NPY_ERRORS, check_npy_start
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.serving.fanout import parse_target
 from retriever_server.wire.tensors import numpy_dtype
@@ -149,7 +148,7 @@ def _load_queries(path: Path) -> np.ndarray:
             raise CliError(f"queries file {path} is a .npz archive of arrays, not one .npy array: save the "
                            "queries with np.save")
         queries = np.array(mapped)
-    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile) as err:
+    except (*NPY_ERRORS, zipfile.BadZipFile) as err:
         raise CliError(f"queries file {path} is not a loadable .npy array: {one_line(str(err), 300)}") from None
     except MemoryError:
         raise CliError(f"queries file {path} is larger than this machine's free memory") from None

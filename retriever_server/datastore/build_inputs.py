@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +14,14 @@ import numpy as np
 
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import PAYLOAD_DTYPES, PAYLOAD_NAME, PayloadSpec
-from retriever_server.datastore.row_parts import PartedArray, files_of, is_parts_index, open_rows, stored_dtype
+from retriever_server.datastore.row_parts import (
+    NPY_ERRORS,
+    PartedArray,
+    files_of,
+    is_parts_index,
+    open_rows,
+    stored_dtype,
+)
 
 MAX_SEED = 2**31 - 2  # FAISS takes a seed as a C int, and the PQ codebooks seed + 1
 
@@ -91,7 +97,7 @@ def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
         return open_rows(path)
     except FileNotFoundError as err:  # a part of a parts index
         raise BuildError(f"{what}: {err}") from None
-    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as err:  # the last: a damaged header
+    except NPY_ERRORS as err:
         raise BuildError(f"{what} file {path} is not a loadable {kind}: {last_line(err)}") from None
 
 
@@ -99,7 +105,7 @@ def _stored_dtype(path: Path) -> np.dtype | None:
     """The dtype in a .npy header or a parts index without loading the array (object arrays do not memory-map)."""
     try:
         return stored_dtype(path)
-    except (OSError, ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError):
+    except (*NPY_ERRORS, TypeError):
         return None  # _open_rows says what is wrong
 
 

@@ -6,7 +6,6 @@ file and the field, before any search runs on it.
 
 from __future__ import annotations
 
-import tokenize
 from pathlib import Path
 
 import faiss
@@ -14,6 +13,7 @@ import numpy as np
 
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import DatastoreError, Manifest, ShardEntry
+from retriever_server.datastore.row_parts import NPY_ERRORS
 
 
 def read_checked_index(path: Path, manifest: Manifest, entry: ShardEntry, mmap: bool) -> faiss.Index:
@@ -46,7 +46,7 @@ def load_checked_array(path: Path, dtype: str, shape: tuple[int, ...]) -> np.nda
     """Maps a .npy file read-only after checking its header's dtype and shape."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as err:  # the last: a damaged header
+    except NPY_ERRORS as err:
         raise DatastoreError(f"{path} is not a readable .npy array: {str(err)[:200]}") from None
     if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
         raise DatastoreError(f"{path} header says {array.dtype} {tuple(array.shape)}; the manifest says "

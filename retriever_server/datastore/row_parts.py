@@ -21,6 +21,7 @@ import json
 import mmap
 import numbers
 import os
+import tokenize
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ PARTS_SUFFIX = ".parts.json"
 FORMAT = 1
 NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
 ZIP_MAGIC = b"PK\x03\x04"  # how a .npz (a zip archive) starts
+# what np.load raises for a file that is no readable .npy: numpy's header parser adds the last two
+NPY_ERRORS = (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError)
 
 
 def is_parts_index(path: Path | str) -> bool:
