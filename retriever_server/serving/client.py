@@ -394,7 +394,7 @@ class RetrieverClient:
                 allow_partial and (isinstance(outcome, ShardFailed) or outcome.code == late))
 
         answers, failures = self._answers("Search", body, deadline, ends_call, allow_partial, late,
-                                          expect=AnswerShape.of(request))
+                                          expect=AnswerShape.of(request, infos[0]))
         merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures
         return merged

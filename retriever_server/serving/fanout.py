@@ -16,7 +16,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.serving.failover import CallFailed, Deadline, ReplicaSet, ShardFailed
 from retriever_server.wire.request import DatastoreView
-from retriever_server.wire.tensors import nbytes, numpy_dtype
+from retriever_server.wire.tensors import TensorError, nbytes, numpy_dtype
 from retriever_server.wire.untrusted import safe_text
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,15 @@ def check_shards(infos: list[list[pb.InfoResponse]], given: int | None = None) -
             version = info.datastore_version
             if not (version.isprintable() and 0 < len(version) <= 64):  # ...and so does its version
                 return f"the address given as shard {position} reports datastore version {safe_text(version)}"
+            problem = payload_problem(info)  # its answers are checked against its payloads: no array, no answer
+            if problem is not None:
+                return f"the address given as shard {position} reports {problem}"
     everyone = [info for replicas in infos for info in replicas]
     versions = sorted({info.datastore_version for info in everyone})
     if len(versions) > 1:
         return f"the shards serve different datastores (versions {', '.join(safe_text(v) for v in versions[:4])})"
+    if len({(i.dimension, tuple((p.name, p.dtype, tuple(p.row_shape)) for p in i.payloads)) for i in everyone}) > 1:
+        return "the shards describe different dimensions or payloads: the shards of one datastore all have the same"
     for replicas in infos:
         if len({info.shard for info in replicas}) > 1:
             return f"replicas given as one shard serve different shards {sorted({i.shard for i in replicas})}"
@@ -129,11 +134,34 @@ def name_in_part(sets: list[ReplicaSet], answered: list[ReplicaSet], infos: list
         replicas.name = left[0] if len(down) == len(left) == 1 else f"the shard at {replicas.addresses[0]}"
 
 
+def payload_problem(info: pb.InfoResponse) -> str | None:
+    """Why a shard's GetInfo describes a payload that no array can be (an unknown dtype, a row shape of
+    more dimensions than an array has, or too large), in words escaped; None when it does not."""
+    for payload in info.payloads:
+        try:
+            nbytes(numpy_dtype(payload.dtype), payload.row_shape)
+        except TensorError as err:
+            return f"payload {safe_text(payload.name)} as no array can be: {err}"
+    return None
+
+
+LIMITS = ("max_k", "max_batch", "max_request_bytes")  # the InfoResponse fields that bound a request
+
+
+def least_limits(infos: list[pb.InfoResponse]) -> dict[str, int]:
+    """Each of LIMITS at its least over `infos`, leaving out those that report none (0); 0 where none does:
+    a request over any shard's limit is refused, so the least is the datastore's."""
+    return {name: min((getattr(i, name) for i in infos if getattr(i, name)), default=0) for name in LIMITS}
+
+
 def combined_info(sets: list[ReplicaSet], infos: list[pb.InfoResponse]) -> pb.InfoResponse:
-    """One GetInfo for a shard list, as a router's: the first shard's, with every shard and the total."""
+    """One GetInfo for a shard list, as a router's: the first shard's, with every shard, the total, and each
+    limit the least of the shards' (`least_limits`)."""
     combined = pb.InfoResponse()
     combined.CopyFrom(infos[0])
     combined.role, combined.shard, combined.ntotal = "client-fanout", "", sum(i.ntotal for i in infos)
+    for name, least in least_limits(infos).items():
+        setattr(combined, name, least)
     del combined.shards[:]
     for replicas, info in zip(sets, infos):
         shard = pb.ShardInfo()
@@ -144,7 +172,8 @@ def combined_info(sets: list[ReplicaSet], infos: list[pb.InfoResponse]) -> pb.In
 
 
 def view_of(info: pb.InfoResponse) -> DatastoreView:
-    """What requests are checked against, from a shard's GetInfo."""
+    """What requests are checked against, from a shard's GetInfo; TensorError for a payload no array can be
+    (`payload_problem`: `check_shards` refuses such a shard first)."""
     row_bytes = {p.name: nbytes(numpy_dtype(p.dtype), p.row_shape) for p in info.payloads}
     return DatastoreView(info.dimension, info.nlist, info.default_nprobe, info.has_keys, row_bytes,
                          info.datastore_version)

@@ -38,6 +38,7 @@ from retriever_server.serving.fanout import (
     check_late_replicas,
     check_shards,
     gather_until,
+    least_limits,
     replica_infos,
     replica_sets,
     shard_answers,
@@ -50,7 +51,7 @@ from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.service import BaseRetrieverService, RunningServer, decode_search, start_server
 from retriever_server.wire.request import DatastoreView, Limits, RequestError, parse_search
 from retriever_server.wire.response import encode_search_response
-from retriever_server.wire.result import AnswerShape, SearchResult
+from retriever_server.wire.result import AnswerShape, PayloadRows, SearchResult, payload_rows
 from retriever_server.wire.stub import retriever_stub
 from retriever_server.wire.untrusted import one_line, safe_text
 
@@ -118,6 +119,8 @@ class RouterService(BaseRetrieverService):
         self.tls_generation = 0  # how many times the TLS files changed: channels made before are retired
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
+        self.rows: PayloadRows = {}  # each payload's dtype and row shape: what the shards' answers must hold
+        self.shard_caps: dict[str, int] = {}  # the least of the shards' limits (`least_limits`)
         self.config_error: str | None = None
         self.overrides = b""  # written after each request forwarded as it came (`forwarded_overrides`)
         self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
@@ -216,13 +219,15 @@ class RouterService(BaseRetrieverService):
             log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
                      "refused here, as forwarding may add that much", self.shard_request_bytes, FORWARD_SLACK)
         self._check_limits([i for shard_infos in infos for i in shard_infos])
-        self.view = view_of(self.infos[0])
+        self.view, self.rows = view_of(self.infos[0]), payload_rows(self.infos[0])
         self.overrides = forwarded_overrides(self.view.version)
 
     def _check_limits(self, infos: list[pb.InfoResponse]) -> None:
-        """Warns where the shards refuse what this router accepts: a k or a batch over theirs."""
+        """Keeps the least of the shards' limits, and warns where they refuse what this router accepts: a k or a
+        batch over theirs."""
+        self.shard_caps = least_limits(infos)
         for name, mine in (("max_k", self.limits.max_k), ("max_batch", self.limits.max_batch)):
-            theirs = min((getattr(i, name) for i in infos if getattr(i, name)), default=mine)
+            theirs = self.shard_caps[name] or mine
             if theirs < mine:
                 log.warning("shards accept %s up to %d, under this router's %d: requests between are refused by "
                             "the shards; give the router --%s %d or the shards a larger one", name, theirs, mine,
@@ -288,7 +293,8 @@ class RouterService(BaseRetrieverService):
         def ends_call(outcome) -> bool:  # a refusal, or, unless a partial answer is allowed, a shard lost
             return isinstance(outcome, BaseException) and not (spec.allow_partial and isinstance(outcome, ShardFailed))
 
-        expect = AnswerShape(spec.nq, spec.k, spec.payloads, spec.return_keys, spec.successors)  # each shard's answer
+        expect = AnswerShape(spec.nq, spec.k, spec.payloads, spec.return_keys, spec.successors,  # each shard's answer
+                             rows=self.rows, dimension=self.view.dimension)
         outcomes = await gather_until([self._search_shard(s, forwarded, deadline, spec.allow_partial, expect)
                                        for s in self.sets], ends_call)
         try:
@@ -309,8 +315,9 @@ class RouterService(BaseRetrieverService):
         info = pb.InfoResponse()
         info.CopyFrom(self.infos[0])
         info.role, info.shard, info.replica = "router", "", 0
-        info.max_k, info.max_batch = self.limits.max_k, self.limits.max_batch
-        info.max_request_bytes = self.limits.max_request_bytes
+        for name in ("max_k", "max_batch"):  # the least of its own and its shards': what it accepts
+            setattr(info, name, min(getattr(self.limits, name), self.shard_caps[name] or getattr(self.limits, name)))
+        info.max_request_bytes = min(self.limits.max_request_bytes, self.shard_request_bytes - len(self.overrides))
         info.ntotal = sum(i.ntotal for i in self.infos)
         del info.shards[:]
         for replicas, shard in zip(self.sets, self.infos):

@@ -19,12 +19,11 @@ import numpy as np
 
 from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.wire.result import SearchResult, float_keys
-from retriever_server.wire.tensors import checked_dtype
+from retriever_server.wire.tensors import MAX_DIMS, checked_dtype
 from retriever_server.wire.wire_scan import LENGTH, VARINT, WireError, fields, varint
 
 IN_PLACE_BYTES = 1 << 15  # answers this large are read in place
 _MAX_FIELDS = 1 << 16  # fields of one answer read here at most, all depths (a shard's answer has a few dozen)
-_MAX_DIMS = 64  # dimensions of one tensor's shape read here at most
 _TENSORS = {1: "ids", 2: "distances", 4: "keys", 8: "successor_ids", 10: "successor_keys"}
 _MAPS = {3: "payloads", 9: "successor_payloads"}
 
@@ -54,7 +53,7 @@ def _tensor(raw: memoryview, span: tuple[int, int], budget: list[int]) -> _Tenso
     tensor, seen = _Tensor(), set()
     for number, wire, value in fields(raw, *span, budget):
         if number == 2 and wire == LENGTH:  # the shape, packed
-            if value[1] - value[0] > 10 * _MAX_DIMS:
+            if value[1] - value[0] > 10 * MAX_DIMS:
                 raise WireError
             at = value[0]
             while at < value[1]:
@@ -74,7 +73,7 @@ def _tensor(raw: memoryview, span: tuple[int, int], budget: list[int]) -> _Tenso
                 tensor.data = value
         elif number in (1, 3):
             raise WireError  # a known field of another wire type: the parser's to settle
-        if len(tensor.shape) > _MAX_DIMS:
+        if len(tensor.shape) > MAX_DIMS:
             raise WireError
     if not -(1 << 31) <= tensor.code < 1 << 31:
         raise WireError  # an enum outside int32: the parser truncates it

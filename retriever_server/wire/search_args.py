@@ -27,17 +27,32 @@ class Exclude:
     ranges: Sequence[tuple[int, int]] = ()
 
     def to_proto(self) -> pb.Exclusion:
-        """The Exclusion message; TypeError naming `ids` or `ranges[i]` where one is not an integer (pair)."""
+        """The Exclusion message; TypeError naming `ids[i]` or `ranges[i]` where one is not an integer (pair),
+        ValueError naming it where one does not fit the message's int64."""
         ids = self.ids.tolist() if isinstance(self.ids, np.ndarray) else list(self.ids)
         ranges = self.ranges.tolist() if isinstance(self.ranges, np.ndarray) else list(self.ranges)
         for i, pair in enumerate(ranges):
             if isinstance(pair, str | bytes) or not isinstance(pair, Sequence | np.ndarray) or len(pair) != 2 \
                     or not all(_is_int(end) for end in pair):
                 raise TypeError(f"Exclude.ranges[{i}] must be a (start, end) pair of integers, got {pair!r:.60}")
+            if not all(_INT64[0] <= end <= _INT64[1] for end in pair):
+                raise ValueError(f"Exclude.ranges[{i}] must fit in 64 bits (an int64), got "
+                                 f"({_shown(pair[0])}, {_shown(pair[1])})")
         bad = next((i for i, value in enumerate(ids) if not _is_int(value)), None)
         if bad is not None:
             raise TypeError(f"Exclude.ids[{bad}] must be an integer, got {ids[bad]!r:.60}")
+        if ids and not _INT64[0] <= min(ids) <= max(ids) <= _INT64[1]:
+            bad = next(i for i, value in enumerate(ids) if not _INT64[0] <= value <= _INT64[1])
+            raise ValueError(f"Exclude.ids[{bad}] must fit in 64 bits (an int64), got {_shown(ids[bad])}")
         return pb.Exclusion(ids=ids, ranges=[pb.IdRange(start=s, end=e) for s, e in ranges])
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)  # the ids an Exclusion carries
+
+
+def _shown(value: int) -> str:
+    """An integer for a message: in digits, unless it has too many of them to show."""
+    return str(value) if int(value).bit_length() <= 256 else f"an integer of {int(value).bit_length()} bits"
 
 
 def _is_int(value: object) -> bool:

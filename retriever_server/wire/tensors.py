@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,6 +25,8 @@ _TO_NUMPY: dict[int, np.dtype] = {
 }
 _FROM_NUMPY: dict[str, int] = {dt.newbyteorder("=").str.lstrip("<>=|"): code for code, dt in _TO_NUMPY.items()}
 _CODE_OF: dict[object, int] = {}  # dtype_code's answers by the dtype (or name, or type) it was asked about
+MAX_DIMS = 64  # dimensions of an array's shape at most (numpy's own bound): a shape of more is refused unread
+MAX_BYTES = (1 << 63) - 1  # what an array's dimensions other than 0, times its item size, make at most (numpy's)
 
 
 class TensorError(ValueError):
@@ -48,9 +51,29 @@ def numpy_dtype(code: int) -> np.dtype:
     return _TO_NUMPY[code]
 
 
-def nbytes(dtype: np.dtype | str, shape) -> int:
-    """Bytes of an array of `dtype` and `shape`."""
-    return math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+def shape_bytes(shape: Sequence[int], dtype: np.dtype, name: str = "shape") -> int:
+    """Bytes of an array of `dtype` and `shape` (Python ints); TensorError, naming `name`, for a shape no numpy
+    array has: over MAX_DIMS dimensions (told before any is read: the work is bounded whatever the shape's
+    length), a negative one, or dimensions too large (their product past MAX_BYTES, zeros aside, as numpy
+    refuses it)."""
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"{name} has {len(shape)} dimensions, over the {MAX_DIMS} an array may have")
+    if min(shape, default=1) > 0:  # the usual shape: its product is what numpy checks
+        size = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if size <= MAX_BYTES:
+            return size
+    elif min(shape) < 0:
+        raise TensorError(f"{name} {shown_shape(shape)} has a negative dimension")
+    elif max(shape) <= MAX_BYTES and math.prod(s for s in shape if s) * dtype.itemsize <= MAX_BYTES:
+        return 0
+    raise TensorError(f"{name} {shown_shape(shape)} is too large for an array of {dtype.name}")
+
+
+def nbytes(dtype: np.dtype | str, shape: Sequence[int]) -> int:
+    """Bytes of an array of `dtype` and `shape`; TensorError for a shape no array has (`shape_bytes`)."""
+    if len(shape) > MAX_DIMS:
+        return shape_bytes(shape, np.dtype(dtype))  # refused before any dimension is read
+    return shape_bytes([int(s) for s in shape], np.dtype(dtype))
 
 
 def fill_tensor(field: pb.Tensor, array: np.ndarray) -> pb.Tensor:
@@ -76,18 +99,16 @@ def shown_shape(shape: tuple[int, ...] | list[int], most: int = 8) -> str:
     return str(dims) if len(shape) <= most else f"{str(dims)[:-1]}, ...] ({len(shape)} dimensions)"
 
 
-def checked_dtype(code: int, shape: tuple[int, ...] | list[int], size: int, name: str) -> np.dtype:
+def checked_dtype(code: int, shape: Sequence[int], size: int, name: str) -> np.dtype:
     """The dtype of a Tensor of dtype `code`, `shape` and `size` bytes of data; TensorError, naming
-    the field `name`, unless they make an array."""
+    the field `name`, unless they make an array (work bounded by MAX_DIMS, whatever the shape's length)."""
     if code == pb.DTYPE_UNSPECIFIED:
         raise TensorError(f"{name}.dtype is unset")
     try:
         dtype = numpy_dtype(code)
     except TensorError as err:
         raise TensorError(f"{name}.dtype: {err}") from None
-    if any(s < 0 for s in shape):
-        raise TensorError(f"{name}.shape {shown_shape(shape)} has a negative dimension")
-    expected = nbytes(dtype, shape)
+    expected = shape_bytes(shape, dtype, f"{name}.shape")
     if size != expected:
         raise TensorError(f"{name}.data has {size} bytes but shape {shown_shape(shape)} of {dtype.name} needs "
                           f"{expected}")
@@ -96,7 +117,6 @@ def checked_dtype(code: int, shape: tuple[int, ...] | list[int], size: int, name
 
 def from_tensor(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """Reads a Tensor as a read-only numpy array without copying; `name` appears in errors."""
-    shape = tuple(tensor.shape)  # Python ints
     data = tensor.data
-    dtype = checked_dtype(tensor.dtype, shape, len(data), name)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    dtype = checked_dtype(tensor.dtype, tensor.shape, len(data), name)  # its length checked before it is read
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.shape))
