@@ -1,5 +1,5 @@
-"""What checkpoints check: a digest over config and weights refuses a damaged or edited file (one saved
-without it still loads); a payload of odd fields is refused naming the file and the field; what loading
+"""What checkpoints check: a digest over what they hold refuses a damaged or edited file (a version-1 file
+saved without one still loads); a payload of odd fields is refused naming the file and the field; what loading
 would refuse is never saved over the last good file. Also: a ragged cache's `holding` restores its rows
 when the forward raises, a stopped and resumed run records the held-out losses of an uninterrupted one,
 and `TrainConfig` refuses rates that are not finite and negative thread counts."""
@@ -82,20 +82,25 @@ def test_an_edited_config_field_the_weights_do_not_show_is_refused(tmp_path, kin
         load_checkpoint(path)
 
 
-def test_a_checkpoint_saved_without_a_digest_still_loads(tmp_path):
-    """Older files have no digest; and the digest covers the config and weights only, not step or extra."""
+def as_version_1(payload: dict) -> None:
+    """The payload as version 1 saved it before digests: no digest at all."""
+    payload.update(version=1)
+    for name in ("digest", "meta_digest"):
+        payload.pop(name)
+
+
+def test_a_version_1_checkpoint_saved_without_a_digest_still_loads(tmp_path):
+    """Older files have no digest, and load unchecked, step and extra as they are."""
     torch.manual_seed(0)
     model = TransformerLM(LMConfig.tiny(10)).eval()
     path = save_lm(tmp_path / "lm.pt", model)
     payload = torch.load(path, weights_only=True)
+    assert str(payload["digest"]).startswith("sha256:") and str(payload["meta_digest"]).startswith("sha256:")
+    as_version_1(payload)
     payload.update(step=9, extra={"note": 1})
     torch.save(payload, path)
-    assert (load_checkpoint(path).step, load_checkpoint(path).extra) == (9, {"note": 1})
-    payload.update(step=3)
-    assert str(payload.pop("digest")).startswith("sha256:")
-    torch.save(payload, path)
     loaded = load_checkpoint(path)
-    assert loaded.config == model.config and loaded.step == 3
+    assert loaded.config == model.config and (loaded.step, loaded.extra) == (9, {"note": 1})
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
 
 
@@ -182,12 +187,16 @@ def test_a_payload_of_odd_fields_is_refused_naming_the_file_and_the_field(tmp_pa
         assert str(refused.value).startswith(str(path)) and words in str(refused.value), str(refused.value)
 
 
-def test_tied_weights_that_differ_are_refused_without_a_digest(tmp_path):
+@pytest.mark.parametrize("change, words", [
+    (untie, "'head.weight'.*'tok_emb.weight'|'tok_emb.weight'.*'head.weight'"),
+    (lambda c: c["model"].update({"tok_emb.weight": c["model"]["tok_emb.weight"].double()}), "'tok_emb.weight'"),
+])
+def test_odd_weights_are_refused_without_a_digest(tmp_path, change, words):
     payload = torch.load(save_lm(tmp_path / "a.pt"), weights_only=True)
-    del payload["digest"]
-    untie(payload)
+    as_version_1(payload)
+    change(payload)
     torch.save(payload, tmp_path / "b.pt")
-    with pytest.raises(ValueError, match="'head.weight'.*'tok_emb.weight'|'tok_emb.weight'.*'head.weight'"):
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'b.pt'} does not hold a loadable lm model: .*({words})"):
         load_checkpoint(tmp_path / "b.pt")
 
 

@@ -2,8 +2,10 @@
 optimizer state, the training step, the tokenizer's fingerprint and free-form `extra` data.
 
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a reader never sees
-half a checkpoint, even when training is killed mid-save. A sha256 digest over the config and the weights,
-checked on load, refuses a file damaged or edited by hand (`lm_worker.models.checkpoint_checks`). A
+half a checkpoint, even when training is killed mid-save. A sha256 digest over everything saved, checked on
+load before the model is built, refuses a file damaged or edited by hand; a second one over all but the
+tensors lets the readers that build no model check what they read (`lm_worker.models.checkpoint_checks`;
+files of VERSION 1 load as that version did, unchecked where they hold no digest). A
 directory holding a Hugging Face `config.json` loads as a causal LM through `lm_worker.models.hf_causal_lm`
 (kind "hf").
 
@@ -34,7 +36,7 @@ from lm_worker.models.checkpoint_checks import (
     check_payload,
     check_plain,
     check_tied,
-    payload_digest,
+    content_digests,
     plain_config,
 )
 from lm_worker.models.retro import Retro, RetroConfig
@@ -43,7 +45,8 @@ from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 log = logging.getLogger(__name__)
 
 FORMAT = "lm_worker.models.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: digests over all fields, required; 1: an optional digest over the config and weights
+READS = (1, VERSION)
 CHECKPOINT_NAME = "checkpoint.pt"
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {"lm": (LMConfig, TransformerLM), "retro": (RetroConfig, Retro)}
 
@@ -107,19 +110,18 @@ def save_checkpoint(path: Path, *, kind: str, model: nn.Module, config: Any, ste
     check_plain(extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "kind": kind,
         "config": values,
-        "model": state,
-        "digest": payload_digest(values, state),
+        "model": model.state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "step": int(step),
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "extra": extra,
     }
+    payload.update(content_digests(payload))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -184,8 +186,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
     Raises:
         FileNotFoundError: nothing loadable at `path`.
         ValueError: the file is not a readable lm_worker checkpoint, or is of an unknown kind or
-            version, or of none of `kinds`, or a field is missing or of another type, or its config and
-            weights do not match the digest saved with them (damaged or edited); each names the file.
+            version, or of none of `kinds`, or a field is missing or of another type, or what it holds does
+            not match the digests saved with it (damaged or edited; checked before the model is built), or
+            it is of this version and lacks them; each names the file.
 
     Example:
         >>> retro = load_checkpoint(Path("run/retro"), kinds=("retro",), flag="--retro").model
@@ -198,16 +201,14 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", kinds: tuple
     payload = _read(file, device)  # its fields checked (`check_payload`)
     kind = payload["kind"]
     check_kind(kind, path, kinds, flag)
+    config = _config(file, payload)  # the config and the weights' fit checked before the digests: their errors
+    _check_fits(file, kind, config, payload["model"])  # say more
+    check_digest(file, payload)  # before the model is built: an edited d_ff allocates nothing
     try:
-        config = build_config(kind, payload["config"])
         model = MODELS[kind][1](config)
-        check_tied(model, payload["model"])
         model.load_state_dict(payload["model"])
-    except (TypeError, ValueError, RuntimeError, ArithmeticError) as err:  # a config that is no config, or
-        # weights of another shape: the file named, the message on one line
-        raise ValueError(f"{file} does not hold a loadable {kind} model: {' '.join(str(err).split())[:300]}"
-                         ) from None
-    check_digest(file, payload)  # after the checks above, whose errors say more; none in older files
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as err:  # no memory for it, say
+        raise _unloadable(file, kind, err) from None
     model.to(device).eval()
     return LoadedModel(kind=kind, model=model, config=config, step=payload["step"],
                        tokenizer_fingerprint=payload["tokenizer_fingerprint"], optimizer_state=payload["optimizer"],
@@ -235,43 +236,43 @@ def checkpoint_file(path: Path) -> Path | None:
 
 def checkpoint_max_len(path: Path) -> int | None:
     """The longest sequence the model at `path` takes (None: no limit, as RETRO's), read without building
-    the model. Raises as `load_checkpoint` does."""
+    the model. Raises as `load_checkpoint` does (its config, the weights' names and shapes, and `meta_digest`
+    checked; the weights' bytes are hashed when it loads)."""
     file = checkpoint_file(path)
     if file is None:
         from lm_worker.models.hf_causal_lm import folder_max_len
 
         return folder_max_len(path)
-    return _read_mapped(file)["config"].get("max_len")
+    return getattr(_read_checked(file)[1], "max_len", None)
 
 
 def checkpoint_config(path: Path) -> LMConfig | RetroConfig | None:
     """The model config of the checkpoint at `path` (None for a Hugging Face folder), read without building
-    the model. Raises as `load_checkpoint` does."""
+    the model. Raises as `checkpoint_max_len` does."""
     file = checkpoint_file(path)
     if file is None:
         return None
-    payload = _read_mapped(file)
-    return build_config(payload["kind"], payload["config"])
+    return _read_checked(file)[1]
 
 
 def checkpoint_tokenizer(path: Path) -> str:
     """The fingerprint of the tokenizer the model at `path` was trained with ("" where none is recorded),
-    read without building the model. Raises as `load_checkpoint` does."""
+    read without building the model. Raises as `checkpoint_max_len` does."""
     file = checkpoint_file(path)
     if file is None:
         from lm_worker.models.hf_causal_lm import tokenizer_fingerprint
 
         return tokenizer_fingerprint(path)
-    return _read_mapped(file)["tokenizer_fingerprint"]
+    return _read_checked(file)[0]["tokenizer_fingerprint"]
 
 
 def checkpoint_kind(path: Path) -> str:
     """The kind of model at `path` ("lm", "retro" or "hf"), read without building the model (the
-    file's tensors are memory-mapped, not read). Raises as `load_checkpoint` does."""
+    file's tensors are memory-mapped, not read). Raises as `checkpoint_max_len` does."""
     file = checkpoint_file(path)
     if file is None:
         return "hf"
-    return _read_mapped(file)["kind"]
+    return _read_checked(file)[0]["kind"]
 
 
 def check_kind(kind: str, path: Path, kinds: tuple[str, ...], flag: str = "this use") -> None:
@@ -305,8 +306,9 @@ def _read(path: Path, device: str | torch.device, mmap: bool = False) -> dict:
                          f"({_reason(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an lm_worker checkpoint (no format {FORMAT!r})")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads {VERSION}")
+    if payload.get("version") not in READS:
+        raise ValueError(f"{path} has checkpoint version {payload.get('version')}; this code reads "
+                         f"{' and '.join(map(str, READS))}")
     check_payload(path, payload, tuple(MODELS))
     return payload
 
@@ -315,6 +317,42 @@ def _read_mapped(file: Path) -> dict:
     """The payload of a checkpoint file with its tensors memory-mapped, not read (torch maps only its zip
     format)."""
     return _read(file, "cpu", mmap=zipfile.is_zipfile(file))
+
+
+def _read_checked(file: Path) -> tuple[dict, LMConfig | RetroConfig]:
+    """The payload of a checkpoint file (tensors memory-mapped) and its config, both checked as loading checks
+    them but for the tensors' bytes (`check_digest` with `meta_only`)."""
+    payload = _read_mapped(file)
+    config = _config(file, payload)
+    _check_fits(file, payload["kind"], config, payload["model"])
+    check_digest(file, payload, meta_only=True)
+    return payload, config
+
+
+def _config(file: Path, payload: dict) -> LMConfig | RetroConfig:
+    """The payload's config, built; a ValueError naming the file for one that is no config."""
+    try:
+        return build_config(payload["kind"], payload["config"])
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise _unloadable(file, payload["kind"], err) from None
+
+
+def _check_fits(file: Path, kind: str, config: LMConfig | RetroConfig, state: dict) -> None:
+    """A ValueError naming the file when `state` does not fit the model of `config`: names, shapes, tied weights
+    (`check_tied`), checked on the model built on the meta device, which allocates nothing."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # loading into a meta model copies nothing, and torch says so
+            skeleton = MODELS[kind][1](config)
+            check_tied(skeleton, state)
+            skeleton.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, ArithmeticError) as err:
+        raise _unloadable(file, kind, err) from None
+
+
+def _unloadable(file: Path, kind: str, err: Exception) -> ValueError:
+    """The error for a file whose config or weights make no model: the file named, the message on one line."""
+    return ValueError(f"{file} does not hold a loadable {kind} model: {' '.join(str(err).split())[:300]}")
 
 
 def _reason(err: Exception) -> str:

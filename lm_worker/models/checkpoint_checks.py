@@ -1,10 +1,16 @@
 """What `lm_worker.models.checkpoint` checks in a checkpoint's payload: plain data only (what loading reads
-back), the fields and their types, tied weights equal, and a sha256 digest over the config and the
-weights, which finds a file damaged (torch's zip reader checks no CRC) or edited by hand (a config field no
-tensor shape shows, such as chunk_len or n_head).
+back), the fields and their types, tied weights equal, and sha256 digests, which find a file damaged (torch's
+zip reader checks no CRC) or edited by hand (a config field no tensor shape shows, such as chunk_len or n_head;
+the step, the tokenizer fingerprint that pairs a model with its data, the extras).
 
-The digest hashes every tensor's bytes once on save and once on load: O(size of the model), small for this
-project's models. Hugging Face model folders load through another path and are never hashed.
+A version-2 file holds two digests, both required: `digest` over everything saved (kind, config, weights,
+optimizer state, step, tokenizer fingerprint, extra) and `meta_digest` over all of it but the tensors, which
+the readers that build no model check cheaply. A version-1 file held at most a digest over the config and the
+weights (`payload_digest`); one saved before digests had none, and loads unchecked.
+
+The digest hashes every tensor's bytes once on save and once on load: O(size of the model and its optimizer
+state), small for this project's models. Hugging Face model folders load through another path and are never
+hashed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 
 PLAIN = (str, int, float, bool, type(None))  # with dicts, lists and tuples of them: what loading unpickles
 FIELDS = ("kind", "config", "model", "optimizer", "step", "tokenizer_fingerprint", "extra")
+META_FIELDS = ("kind", "config", "step", "tokenizer_fingerprint", "extra")  # what `meta_digest` covers
+DIGESTS = ("digest", "meta_digest")  # a version-2 file's, each a str: over FIELDS, over META_FIELDS
 
 
 def check_plain(extra: Any, where: str = "extra") -> None:
@@ -60,8 +68,8 @@ def _python_scalars(value: Any) -> Any:
 
 
 def payload_digest(config: dict, state: dict) -> str:
-    """"sha256:" + the hash of the config (canonical JSON) and every tensor (names sorted; name, dtype and
-    shape, then its bytes) of `state`."""
+    """Version 1's digest: "sha256:" + the hash of the config (canonical JSON) and every tensor (names sorted;
+    name, dtype and shape, then its bytes) of `state`."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=repr).encode())
     for name in sorted(state):
         tensor = state[name].detach()
@@ -70,16 +78,69 @@ def payload_digest(config: dict, state: dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_digest(path: Path, payload: dict) -> None:
-    """ValueError naming `path` when the payload's config and weights do not hash to the digest saved with
-    them. A checkpoint written before digests were saved has none, and still loads, unchecked."""
-    saved = payload.get("digest")
-    if saved is None:
-        log.debug("%s was saved without a digest: its weights and config are not checked", path)
+def content_digests(payload: dict) -> dict[str, str]:
+    """The digests a version-2 checkpoint holds (`DIGESTS`): "sha256:" + the hash of its FIELDS, and of its
+    META_FIELDS, each value fed by type (`_feed`): a tuple is not a list, 1 is not 1.0 nor True."""
+    return {"digest": _digest(payload, FIELDS), "meta_digest": _digest(payload, META_FIELDS)}
+
+
+def _digest(payload: dict, names: tuple[str, ...]) -> str:
+    """"sha256:" + the hash of the payload's fields `names` (`_feed`)."""
+    h = hashlib.sha256()
+    _feed(h, {name: payload[name] for name in names})
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Feeds `value` (plain data, tensors, dicts of them) to the hash `h`, each part typed and sized, so that no
+    two values feed the same bytes; a dict's items in the order of their keys' `_key`."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        h.update(f"T{tensor.dtype}{list(tensor.shape)};".encode())
+        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):  # a state_dict is an OrderedDict
+        h.update(f"D{len(value)};".encode())
+        for key in sorted(value, key=_key):
+            _feed(h, key)
+            _feed(h, value[key])
+    elif type(value) in (list, tuple):
+        h.update(f"{'L' if type(value) is list else 'U'}{len(value)};".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        text = _key(value).encode()
+        h.update(f"S{len(text)};".encode() + text)
+
+
+def _key(value: Any) -> str:
+    """A plain value as text that tells its type: a dict's keys sort by it."""
+    return f"{type(value).__name__}:{value!r}"
+
+
+def check_digest(path: Path, payload: dict, meta_only: bool = False) -> None:
+    """ValueError naming `path` when the payload does not hash to the digests saved with it, or when a version-2
+    payload lacks one. `meta_only` checks `meta_digest` alone, which reads no tensor. A version-1 file is checked
+    against its digest over the config and weights where it has one (none with `meta_only`); a file written
+    before digests were saved has none, and still loads, unchecked."""
+    if payload["version"] == 1:
+        saved = payload.get("digest")
+        if saved is None:
+            log.debug("%s was saved without a digest: its weights and config are not checked", path)
+        elif not meta_only and saved != payload_digest(payload["config"], payload["model"]):
+            _refuse(path, "its config and weights do not match the digest saved with them")
         return
-    if saved != payload_digest(payload["config"], payload["model"]):
-        raise ValueError(f"{path} is damaged or edited: its config and weights do not match the digest saved "
-                         "with them; train it again or restore a copy")
+    for name in DIGESTS:
+        if name not in payload:
+            _refuse(path, f"it lacks the field {name!r} that version {payload['version']} checkpoints hold")
+    if payload["meta_digest"] != _digest(payload, META_FIELDS):
+        _refuse(path, "its config, step, tokenizer fingerprint or extras do not match the digest saved with them")
+    if not meta_only and payload["digest"] != _digest(payload, FIELDS):
+        _refuse(path, "what it holds (its weights, optimizer state, config...) does not match the digest saved "
+                "with it")
+
+
+def _refuse(path: Path, why: str) -> None:
+    raise ValueError(f"{path} is damaged or edited: {why}; train it again or restore a copy")
 
 
 def check_payload(path: Path, payload: dict, kinds: tuple[str, ...]) -> None:
@@ -101,10 +162,11 @@ def check_payload(path: Path, payload: dict, kinds: tuple[str, ...]) -> None:
         "step": type(step) is not int,
         "tokenizer_fingerprint": type(payload["tokenizer_fingerprint"]) is not str,
         "extra": payload["extra"] is not None and not isinstance(payload["extra"], dict),  # older files: None
-        "digest": "digest" in payload and type(payload["digest"]) is not str,
+        **{name: name in payload and type(payload[name]) is not str for name in DIGESTS},
     }
     wanted = {"config": "a dict", "model": "a dict of named tensors", "optimizer": "None or an optimizer state",
-              "step": "an int", "tokenizer_fingerprint": "a str", "extra": "a dict", "digest": "a str"}
+              "step": "an int", "tokenizer_fingerprint": "a str", "extra": "a dict", "digest": "a str",
+              "meta_digest": "a str"}
     for name, bad in problems.items():
         if bad:
             found = "None" if payload[name] is None else f"a {type(payload[name]).__name__}"

@@ -80,6 +80,7 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
             mcfg, fingerprint: str, base: str | None, device: torch.device) -> tuple[int, dict]:
     """Loads the checkpoint in `out_dir` into model and optimizer; returns its step and losses."""
     loaded = load_checkpoint(out_dir / CHECKPOINT_NAME, device=device)
+    previous, losses = _resume_extras(out_dir / CHECKPOINT_NAME, loaded.extra)
     fitted_onto = loaded.extra.get(BASE_FINGERPRINT)
     if base and fitted_onto and fitted_onto != base:
         raise ValueError(f"{out_dir / CHECKPOINT_NAME} was retro-fitted onto another LM ({fitted_onto}) than "
@@ -92,7 +93,6 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
                          f"the data uses {fingerprint}")
     if loaded.optimizer_state is None:
         raise ValueError(f"{out_dir / CHECKPOINT_NAME} has no optimizer state to resume from")
-    previous = loaded.extra.get("train_config", {})
     _check_same_parameters(out_dir / CHECKPOINT_NAME, optimizer, loaded.optimizer_state, previous, config)
     changed = {k for k, v in dataclasses.asdict(config).items() if previous.get(k) != v}
     if changed:
@@ -100,7 +100,32 @@ def _resume(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, c
     model.load_state_dict(loaded.model.state_dict())
     optimizer.load_state_dict(loaded.optimizer_state)
     log.info("resuming from step %d of %s", loaded.step, out_dir / CHECKPOINT_NAME)
-    return loaded.step, loaded.extra.get("losses", {"train": [], "heldout": []})
+    return loaded.step, losses
+
+
+def _resume_extras(file: Path, extra: dict) -> tuple[dict, dict]:
+    """The training config and the losses a checkpoint's extras record (what `train` saves there), each checked;
+    a ValueError naming the file and the extra for one of another shape (it failed deep in the training loop)."""
+    losses = extra.get("losses", {"train": [], "heldout": []})
+    shapes = {
+        "train_config": (type(extra.get("train_config", {})) is dict, "a dict"),
+        BASE_FINGERPRINT: (type(extra.get(BASE_FINGERPRINT, "")) is str, "a str"),
+        "losses": (type(losses) is dict and set(losses) == {"train", "heldout"}
+                   and all(type(series) is list and all(_is_loss(point) for point in series)
+                           for series in losses.values()),
+                   "a dict of 'train' and 'heldout' lists of [step, loss] pairs"),
+    }
+    for name, (good, wanted) in shapes.items():
+        if not good:
+            raise ValueError(f"{file} cannot be resumed: its extra {name!r} must be {wanted}, got "
+                             f"{str(extra[name])[:120]!r}")
+    return extra.get("train_config", {}), losses
+
+
+def _is_loss(point: object) -> bool:
+    """Whether `point` is a [step, loss] pair as `train` records it: an int and a number, no bools."""
+    return (type(point) in (list, tuple) and len(point) == 2 and type(point[0]) is int
+            and type(point[1]) in (int, float))
 
 
 def _check_same_parameters(file: Path, optimizer: torch.optim.Optimizer, state: dict, previous: dict,
