@@ -78,22 +78,39 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = None
     """One document per JSON line; named by `id_field` when given, else by line number.
 
     Raises:
-        ValueError: a line that is not a JSON object, or lacks a field, named as PATH:LINE.
+        ValueError: `id_field` is "" (at once), or a line that is not a JSON object, or lacks a field, named as
+            PATH:LINE (as it is read).
     """
+    check_id_field(id_field)
+    return _jsonl_documents(path, text_field, id_field)
+
+
+def check_id_field(id_field: str | None) -> None:
+    """ValueError for an empty `id_field`: "" names no field, and is not "not given" either."""
+    if id_field == "":
+        raise ValueError("id_field is empty: give the JSONL field that names each document, or leave it out to "
+                         "name them by line")
+
+
+def _jsonl_documents(path: Path, text_field: str, id_field: str | None) -> Iterator[Document]:
+    """`read_jsonl`'s documents, read as they are asked for."""
     seen: dict[str, int] = {}  # id -> the line that gave it
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             record = _record(path, number, raw)
-            for needed in (text_field, id_field) if id_field else (text_field,):
+            for needed in (text_field, id_field) if id_field is not None else (text_field,):
                 if needed not in record:
                     raise ValueError(f"{path}:{number} has no field {needed!r}")
             text = record[text_field]
             if not isinstance(text, str):
                 what = "null" if text is None else f"a JSON {type(text).__name__}"
                 raise ValueError(f"{path}:{number}: field {text_field!r} is {what}, not a string")
-            name = _id_of(path, number, record, id_field, seen) if id_field else f"{Path(path).name}:{number - 1}"
+            if id_field is None:
+                name = f"{Path(path).name}:{number - 1}"
+            else:
+                name = _id_of(path, number, record, id_field, seen)
             for field, value in ((text_field, text), (id_field, name)):
                 try:
                     value.encode("utf-8")

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lm_worker.data.corpus import Document, is_heldout, read_jsonl, read_stdlib, read_text_folder
-from lm_worker.data.folders import swap_folders
+from lm_worker.data.corpus import Document, check_id_field, is_heldout, read_jsonl, read_stdlib, read_text_folder
+from lm_worker.data.folders import exclusive_lock, swap_folders
 from lm_worker.data.token_store import RETRO_SPLIT, SPLITS, TokenStore, write_token_store
 from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -60,6 +61,7 @@ class PrepareConfig:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size {self.vocab_size} must exceed the 256 byte tokens")
+        check_id_field(self.id_field)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class PrepareReport:
 def read_corpus(corpus: str, id_field: str | None = None) -> Iterator[Document]:
     """Documents of the built-in stdlib corpus, a text folder or a JSONL file (`id_field`: the JSONL field
     naming each document; ValueError for any other corpus, which it would not name)."""
+    check_id_field(id_field)
     jsonl = corpus != "stdlib" and Path(corpus).is_file() and Path(corpus).suffix == ".jsonl"
     if id_field is not None and not jsonl:
         raise ValueError(f"id_field names a field of a .jsonl corpus; corpus {corpus!r} is not one")
@@ -136,18 +139,30 @@ def _split_documents(config: PrepareConfig) -> tuple[dict[str, list[Document]], 
 
 def prepare_corpus(config: PrepareConfig) -> PrepareReport:
     """Splits, trains the tokenizer on the training split, and writes the splits (see module doc) into a
-    sibling folder, which replaces OUT whole once complete: stopped midway, OUT stays as it was."""
-    split, empty = _split_documents(config)
-    if not split["train"] or not split["heldout"]:
-        count = len(split["train"]) + len(split["heldout"])
-        raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
+    sibling folder, which replaces OUT whole once complete: stopped midway, OUT stays as it was.
+
+    Raises:
+        ValueError: a corpus or settings that cannot be prepared, OUT the current folder, or another prepare
+            (`prepare_corpus`, `prepare_retro_split`) writing OUT now.
+    """
     out = Path(config.out).resolve()  # "." names its folder: the work folder is its sibling
     if out == Path.cwd() or out in Path.cwd().parents:
         raise ValueError(f"out {str(config.out)!r} is the current folder or holds it: prepare replaces its output "
                          "whole; give a folder of its own, e.g. data")
+    with _prepare_lock(config.out, out):
+        return _prepare_held(config, out)
+
+
+def _prepare_held(config: PrepareConfig, out: Path) -> PrepareReport:
+    """`prepare_corpus` into the resolved `out`, whose prepare lock the caller holds."""
+    _finish_replacing(out)
+    split, empty = _split_documents(config)
+    if not split["train"] or not split["heldout"]:
+        count = len(split["train"]) + len(split["heldout"])
+        raise ValueError(f"{count} documents leave a split empty at heldout_fraction {config.heldout_fraction}")
     work = out.parent / f".{out.name}.preparing"  # a sibling: moved into place only when whole
     if work.exists():
-        shutil.rmtree(work)  # left by a prepare that was stopped
+        shutil.rmtree(work)  # left by a prepare that was stopped (no other runs: we hold the lock)
     try:
         report = _write_prepared(replace(config, out=work), split)
     except ValueError as err:  # told of the folder it was to be
@@ -166,6 +181,28 @@ def foreign_entries(out: Path) -> list[str]:
     if not Path(out).is_dir():
         return []
     return sorted(p.name for p in Path(out).iterdir() if p.name not in PREPARED_ENTRIES)
+
+
+def _prepare_lock(given: Path, out: Path):
+    """The lock of the prepares of the resolved `out` (OUT_PARENT/.NAME.prepare.lock), held for a whole
+    prepare: ValueError naming `given` (OUT as the caller named it) where another prepare holds it."""
+    return exclusive_lock(out.parent / f".{out.name}.prepare.lock",
+                          f"another prepare is writing {given}: wait for it to end, or choose another output folder")
+
+
+def _finish_replacing(out: Path) -> None:
+    """Ends what a prepare stopped as it moved its folder into place left (`.NAME.replaced`): stopped between
+    its two renames, OUT is missing and the old corpus goes back to its place (there is no other); stopped
+    after them, the old one is removed."""
+    old = out.parent / f".{out.name}.replaced"
+    if not old.exists():
+        return
+    if out.exists():
+        shutil.rmtree(old)
+        return
+    os.rename(old, out)
+    log.warning("put back the prepared corpus at %s: a prepare that was replacing it was stopped between its "
+                "renames", out)
 
 
 def _move_into_place(work: Path, out: Path) -> None:
@@ -196,7 +233,7 @@ def _write_prepared(config: PrepareConfig, split: dict[str, list[Document]]) -> 
         counts_docs[name], counts_tokens[name] = len(store.documents), len(store)
         log.info("%s: %d documents, %d tokens", name, len(store.documents), len(store))
     if config.max_retro_tokens:
-        store = prepare_retro_split(config, split["train"])
+        store = _write_retro_split(config, split["train"])
         counts_docs[RETRO_SPLIT], counts_tokens[RETRO_SPLIT] = len(store.documents), len(store)
     return PrepareReport(out, tokenizer.fingerprint, tokenizer.vocab_size, counts_docs, counts_tokens)
 
@@ -215,12 +252,21 @@ def prepare_retro_split(config: PrepareConfig, train_side: list[Document] | None
         train_side: the training-side documents in hashed order, when the caller has them already.
 
     Raises:
-        ValueError: max_retro_tokens < 1, or OUT/train holds every training-side document.
+        ValueError: max_retro_tokens < 1, OUT/train holds every training-side document, or another prepare
+            is writing OUT now.
         FileNotFoundError: OUT has no tokenizer or train split.
     """
     if config.max_retro_tokens < 1:
         raise ValueError(f"max_retro_tokens must be at least 1 to write a {RETRO_SPLIT!r} split, "
                          f"got {config.max_retro_tokens}")
+    out = Path(config.out).resolve()
+    with _prepare_lock(config.out, out):
+        _finish_replacing(out)
+        return _write_retro_split(config, train_side)
+
+
+def _write_retro_split(config: PrepareConfig, train_side: list[Document] | None) -> TokenStore:
+    """`prepare_retro_split` into `config.out`, which no other prepare writes meanwhile."""
     out = Path(config.out)
     tokenizer = Tokenizer.load(out / "tokenizer.json")
     in_train = {d.name for d in TokenStore.open(out / "train").documents}

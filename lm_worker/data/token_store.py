@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tokenize
 from collections.abc import Iterable
@@ -207,16 +208,24 @@ def write_token_store(directory: Path, docs: Iterable[tuple[str, list[int]]], eo
 
 def _clear_leftovers(directory: Path) -> None:
     """Removes what a write of this split killed before it ended left beside it (`.NAME.tmp-PID` and
-    `.NAME.old-PID`), putting an old split back where the split itself is missing."""
+    `.NAME.old-PID`, these names exactly: never another split's), putting an old split back where the split
+    itself is missing."""
     if not directory.parent.is_dir():
         return
-    for old in directory.parent.glob(f".{directory.name}.old-*"):
+    for old in _leftovers(directory, "old"):
         if not directory.exists():
             os.replace(old, directory)  # killed between its two renames: the old split is the whole one
         else:
             shutil.rmtree(old, ignore_errors=True)
-    for work in directory.parent.glob(f".{directory.name}.tmp-*"):
+    for work in _leftovers(directory, "tmp"):
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _leftovers(directory: Path, kind: str) -> list[Path]:
+    """The entries beside `directory` named `.NAME.KIND-PID` for its own NAME (sorted): a glob would take a
+    NAME's `[`, `*` or `?` as a pattern, and another split's leftovers for its own."""
+    pattern = re.compile(rf"\.{re.escape(directory.name)}\.{kind}-\d+")
+    return sorted(p for p in directory.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def _swap_in(work: Path, directory: Path) -> None:

@@ -74,7 +74,7 @@ def load_neighbours(path: Path, chunk_len: int, vocab_size: int, store: TokenSto
     and token ids.
 
     Raises:
-        FileNotFoundError: no file. ValueError: not a readable .npy, not (n, K, 2 * chunk_len), another
+        FileNotFoundError: no file. ValueError: not a readable .npy, not integers, not (n, K, 2 * chunk_len), another
             number of rows than the store's chunks (made for another version of the split), or ids outside
             the vocabulary.
     """
@@ -84,6 +84,12 @@ def load_neighbours(path: Path, chunk_len: int, vocab_size: int, store: TokenSto
         neighbours = np.load(path, mmap_mode="r", allow_pickle=False)
     except (EOFError, ValueError, OSError) as err:
         raise ValueError(f"{path} is not a readable .npy file ({err}): run lm-worker neighbours again") from None
+    if not isinstance(neighbours, np.ndarray):
+        neighbours.close()
+        raise ValueError(f"{path} is a .npz archive, not an array of neighbours: run lm-worker neighbours again")
+    if neighbours.dtype.kind not in "iu":  # floats would be cut to integers without a word
+        raise ValueError(f"{path} holds {neighbours.dtype} neighbours, not integer token ids: run lm-worker "
+                         "neighbours again")
     if neighbours.ndim != 3 or neighbours.shape[2] != 2 * chunk_len:
         raise ValueError(f"{path} must be (n_chunks, K, 2 * chunk_len = {2 * chunk_len}), got {neighbours.shape}")
     if store is not None and len(neighbours) != len(store) // chunk_len:
