@@ -219,6 +219,9 @@ def test_knnlm_job_equals_the_plain_loop(knn_sources, ray_cluster):
     assert records[0]["row_start"] == 0 and records[-1]["row_end"] == ref.rows
     assert all(a["row_end"] == b["row_start"] for a, b in zip(records, records[1:]))
     assert {r["node"] for r in records} == {ray.get_runtime_context().get_node_id()}
+    # parts of whole batches of 4 windows keying 16 rows each (the first 32): not the rows asked for, recorded
+    assert job.details["rows_per_part"] == max(r["row_end"] - r["row_start"] for r in records) != ref.rows // 4 - 100
+    assert all((r["row_end"] - r["row_start"]) % (4 * S) == 0 for r in records[1:-1])
 
 
 @pytest.mark.ray

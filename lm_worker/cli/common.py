@@ -358,7 +358,8 @@ def folder_kind(path: Path) -> str:
             kind = json.loads((path / "source.json").read_text()).get("kind")
         except (OSError, ValueError, AttributeError):
             kind = None
-        return {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}.get(kind, "a datastore source")
+        kinds = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}
+        return kinds.get(kind, "a datastore source") if isinstance(kind, str) else "a datastore source"
     marks = {"tokenizer.json": "a prepared corpus", "checkpoint.pt": "a checkpoint folder"}
     return next((kind for mark, kind in marks.items() if (path / mark).exists()), "other files")
 

@@ -59,7 +59,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--workers", type=int, default=2,
                    help="Ray Data actors holding the model, writing the source in parts (resumed part by part); "
                         "0: a plain loop in this process, one .npy per array")
-    e.add_argument("--rows-per-part", type=int, default=0, help="rows per part (0: 65536 kNN-LM, 4096 RETRO)")
+    e.add_argument("--rows-per-part", type=int, default=0,
+                   help="rows per part (0: 65536 kNN-LM, 4096 RETRO); kNN-LM parts hold whole batches of 16 "
+                        "windows: at least 16 x --stride rows, rounded up to a multiple of that")
     e.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per worker actor")
     add_ray_address(e)
     e.set_defaults(handler=run_encode)
@@ -160,7 +162,11 @@ def run_encode(args: argparse.Namespace) -> None:
     if args.kind == "knnlm":
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for a kNN-LM source"), KNNLM_KINDS))
     elif args.encoder == "lm":
+        from lm_worker.jobs.encode_plan import check_lm_chunk_len
+
         check_checkpoints(("--checkpoint", need(args.checkpoint, "--checkpoint", "for --encoder lm"), LM_KINDS))
+        with fields_as_flags({"chunk_len": "--chunk-len"}):
+            check_lm_chunk_len(args.chunk_len, args.checkpoint)
     if args.kind == "knnlm" or args.encoder == "lm":  # the LM reads the split's token ids
         from lm_worker.data.tokenizer import Tokenizer
 

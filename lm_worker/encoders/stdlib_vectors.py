@@ -79,10 +79,21 @@ def _find_cached(root: Path, stem: str, n_keys: int, n_queries: int) -> Path | N
 
 def load_cached(path: Path, n_keys: int, n_queries: int) -> RealVectors:
     """The first n_keys keys and n_queries queries of one cache folder (memory-mapped), wherever it lies:
-    e.g. one carried to another machine."""
+    e.g. one carried to another machine.
+
+    Raises:
+        FileNotFoundError: `path` is not a cache folder (no docs.json).
+        ValueError: it holds fewer keys or queries than asked for.
+    """
     if not (path / "docs.json").is_file():
         raise FileNotFoundError(f"{path} is not a vector cache folder (no docs.json)")
-    return _load(path, n_keys, n_queries)
+    vectors = _load(path, n_keys, n_queries)
+    keys = min(len(vectors.keys), len(vectors.tokens), len(vectors.doc_ids))
+    queries = min(len(vectors.queries), len(vectors.query_tokens))
+    if keys < n_keys or queries < n_queries:
+        raise ValueError(f"{path} holds {keys} keys and {queries} queries, fewer than the {n_keys} keys and "
+                         f"{n_queries} queries asked for")
+    return vectors
 
 
 def _load(path: Path, n_keys: int, n_queries: int) -> RealVectors:

@@ -44,6 +44,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lm_worker.data.token_store import TokenStore
+from lm_worker.data.tokenizer import Tokenizer
 from lm_worker.jobs.encode_plan import (
     PART_JSON,
     PARTS,
@@ -51,6 +52,8 @@ from lm_worker.jobs.encode_plan import (
     EncodeJobConfig,
     PartSpec,
     check_config,
+    check_lm_chunk_len,
+    no_room_for_a_worker,
     part_dir,
     plan_parts,
 )
@@ -247,7 +250,12 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
     import ray.data
     from tqdm.auto import tqdm
 
-    connect(config.address)
+    own = connect(config.address)
+    if why := no_room_for_a_worker(config, ray.nodes()):
+        if own:  # no node will join a cluster the job started itself
+            raise ValueError(f"{why}; this job's own cluster takes no other node: ask for less, or give --address "
+                             "of a cluster that has one")
+        log.warning("%s: the job waits for such a node to join", why)  # an autoscaler may add one
     actor_args = {"config": config, "out_dir": str(out_dir.absolute()), "eos_id": eos_id,
                   "encoder_factory": encoder_factory}
     with _quiet_ray_data():
@@ -285,7 +293,8 @@ def _publish(config: EncodeJobConfig, work: Path, plan: list[PartSpec], records:
     write_parts_index(work / f"{name}{PARTS_SUFFIX}", [part_dir(work, p.index) / plain for p in plan])
     first = records[plan[0].index]
     details = {**first["details"], "store": str(store.directory), "seconds": round(seconds, 3), "layout": PARTS_LAYOUT,
-               "parts": len(plan), "rows_per_part": config.part_rows, "workers": config.workers,
+               "parts": len(plan), "workers": config.workers,
+               "rows_per_part": max(p.row_end - p.row_start for p in plan),  # as planned: kNN-LM's are rounded up
                "part_seconds": round(sum(records[p.index]["seconds"] for p in plan), 3)}
     if config.kind == "knnlm":
         details.update(context_len=config.context_len, stride=config.stride)
@@ -316,8 +325,9 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
         The source's `SourceInfo` (`parted` is true).
 
     Raises:
-        ValueError, FileNotFoundError: a bad config, missing inputs, or an `out_dir` holding files but
-            no source (before any work starts).
+        ValueError, FileNotFoundError: a bad config, missing inputs, a split of another tokenizer than
+            DATA/tokenizer.json, or an `out_dir` holding files but no source (before any work starts); a
+            worker no node of the job's own Ray cluster can take (before any part starts).
         EncodeError: a part failed (finished parts stay in the work folder for the next run; `out_dir`
             is as it was).
 
@@ -326,16 +336,15 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
         ...                                workers=2), Path("run/knnlm-source"))
     """
     check_config(config)
+    if config.kind == "retro" and config.encoder == "lm" and encoder_factory is None:
+        check_lm_chunk_len(config.chunk_len, Path(config.checkpoint))
     started = time.time()
     config = _absolute(config)
     store = TokenStore.open(Path(config.data) / config.split)
-    if config.kind == "retro":
-        from lm_worker.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(Path(config.data) / "tokenizer.json")
-        if tokenizer.fingerprint != store.tokenizer_fingerprint:
-            raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
-                             f"not {tokenizer.fingerprint}")
+    tokenizer = Tokenizer.load(Path(config.data) / "tokenizer.json")  # the one the model and encoder take
+    if tokenizer.fingerprint != store.tokenizer_fingerprint:
+        raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
+                         f"not {tokenizer.fingerprint}")
     plan = plan_parts(config, len(store))
     eos_id = int(store.tokens[-1])
     stamp = job_stamp(config, store, plan, eos_id, encoder_factory)

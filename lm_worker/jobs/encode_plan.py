@@ -36,8 +36,10 @@ class EncodeJobConfig:
         encoder: RETRO: the frozen chunk encoder, "minilm" or "lm" (see `lm_worker.encoders.registry`).
         chunk_len: RETRO: tokens per chunk.
         context_len, stride: kNN-LM: the sliding windows (see `knn_windows`).
-        rows_per_part: rows per part (kNN-LM parts hold whole windows, so about this many);
-            0: 65536 (kNN-LM) or 4096 (RETRO).
+        rows_per_part: rows per part; 0: 65536 (kNN-LM) or 4096 (RETRO). kNN-LM parts hold whole
+            batches of `batch` windows, so this is rounded up to a multiple of batch x stride rows (at
+            least that many: 2048 with the defaults and a stride of 128); source.json records the most
+            rows a part holds.
         workers: actors in the pool, each holding the model.
         batch_size: windows (kNN-LM) or chunks (RETRO) per forward; 0: 16 or 1024.
         device: "cpu" or "cuda" (each actor then gets `num_gpus` of a GPU).
@@ -117,12 +119,45 @@ def check_config(config: EncodeJobConfig) -> None:
             raise ValueError(f"checkpoint is required for {what}")
         if not Path(config.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint {config.checkpoint} not found")
-    if config.kind == "retro" and not (Path(config.data) / "tokenizer.json").is_file():
+    if not (Path(config.data) / "tokenizer.json").is_file():  # the split must be of its tokenizer
         raise FileNotFoundError(f"{config.data} holds no tokenizer.json (run lm-worker prepare)")
+
+
+def check_lm_chunk_len(chunk_len: int, checkpoint: Path) -> None:
+    """Refuses RETRO chunks longer than the LM at `checkpoint` takes, where it embeds them (encoder "lm"):
+    a ValueError naming `chunk_len`, before any chunk is embedded."""
+    from lm_worker.models.checkpoint import checkpoint_max_len
+
+    max_len = checkpoint_max_len(checkpoint)
+    if max_len is not None and chunk_len > max_len:
+        raise ValueError(f"chunk_len {chunk_len} exceeds the max_len {max_len} of the LM at {checkpoint}, which "
+                         "embeds each chunk whole")
+
+
+def _count(n: float, what: str) -> str:
+    """`n` `what`s, e.g. "1 GPU", "0.5 CPUs"."""
+    return f"{n:g} {what}{'' if n == 1 else 's'}"
+
+
+def no_room_for_a_worker(config: EncodeJobConfig, nodes: list[dict]) -> str:
+    """Why no worker actor of `config` can start on `nodes` (as `ray.nodes()` lists them), in one line that
+    names the flags; "" where a live node has, in all, the CPUs and GPUs one worker takes. Ray Data waits
+    for a worker no node can take until one joins: forever on a cluster that takes no node."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    if any(r.get("CPU", 0.0) >= config.num_cpus and r.get("GPU", 0.0) >= config.gpus for r in alive):
+        return ""
+    most = {name: max((r.get(name, 0.0) for r in alive), default=0.0) for name in ("CPU", "GPU")}
+    takes, have = _count(config.num_cpus, "CPU") + " (--worker-cpus)", _count(most["CPU"], "CPU")
+    if config.gpus:
+        takes += f" and {_count(config.gpus, 'GPU')} (--device {config.device})"
+        have += f", {_count(most['GPU'], 'GPU')}"
+    return f"no node of the Ray cluster can take an encode worker of {takes}: its live nodes have at most {have}"
 
 
 def plan_parts(config: EncodeJobConfig, n_tokens: int) -> list[PartSpec]:
     """The parts of a stream of `n_tokens` tokens, in row order; together they cover every row once.
+    RETRO parts hold `part_rows` chunks; kNN-LM parts whole batches of windows, each keying `stride` rows
+    (the first `context_len`), so `part_rows` rounded up to a multiple of batch x stride.
 
     Raises:
         ValueError: a stream too short for one row, or a stride outside [1, context_len].

@@ -8,7 +8,7 @@ project never replaces files it did not write.
 
     OUT/                       the finished source (source.json last), as readers see it
     .OUT.encoding/             the encode job's work folder: its parts, resumed by a rerun of the job
-    .OUT.encoding-XXXXXXXX/    an in-process encode's work folder, removed if the encode fails; one whose
+    .OUT.encoding-XXXXXXXXXXXX/ an in-process encode's work folder, removed if the encode fails; one whose
                                encode was killed is removed by the next encode (or check) of OUT on its host
 
 Example:
@@ -20,9 +20,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -113,13 +113,23 @@ def owner_of(work: Path) -> tuple[int, str] | None:
         return None
 
 
+def _beside(place: Path, pattern: str) -> list[Path]:
+    """The entries beside `place` named `.NAME.` and then a whole match of `pattern`, where NAME is `place`'s
+    own name taken literally (never as a glob), in name order. `pattern` matches no dot, so the leftovers of
+    another output whose name begins with NAME (`NAME.replaced-1`) are never `place`'s."""
+    if not place.parent.is_dir():
+        return []
+    own = re.compile(re.escape(f".{place.name}.") + pattern)
+    return sorted(entry for entry in place.parent.iterdir() if own.fullmatch(entry.name))
+
+
 def remove_abandoned(out_dir: Path) -> None:
     """Removes the work folders of in-process encodes of `out_dir` (`.NAME.encoding-*`) whose encode was
     killed: recorded by a process of this host that no longer runs. Those of another host, of a process
     still running, or that record no owner are left, and named in the log."""
     place = place_of(out_dir)
     removed, running, unknown = [], [], []
-    for work in sorted(place.parent.glob(f".{glob.escape(place.name)}.encoding-*")) if place.parent.is_dir() else []:
+    for work in _beside(place, r"encoding-[^.]+"):  # any suffix without a dot: those of older encodes too
         owner = owner_of(work)
         if owner is None or owner[1] != socket.gethostname():
             unknown.append(work.name)
@@ -156,7 +166,7 @@ def finish_replacing(out_dir: Path) -> None:
     between its two renames, the old source goes back to its place (there is no other); killed after them,
     the old folder's other files join the new source and its own files are removed."""
     place = place_of(out_dir)
-    for old in sorted(place.parent.glob(f".{place.name}.replaced-*")) if place.parent.is_dir() else []:
+    for old in _beside(place, r"replaced-[0-9a-f]{8}"):  # the names replace_source gives, and no others
         if not place.exists():
             os.rename(old, place)
             log.warning("put back the source at %s: a replacement of it was stopped between its renames", out_dir)

@@ -123,7 +123,8 @@ def read_source(directory: Path, kinds: tuple[str, ...] = (), flag: str = "") ->
     Raises:
         FileNotFoundError: there is no source.json.
         ValueError: source.json is not JSON, not an object, lacks a field or has one SourceInfo does not
-            know, names an unknown kind, or the source is of a kind not in `kinds` (each names the file).
+            know, records a field of the wrong type or range, names an unknown kind, or the source is of a
+            kind not in `kinds` (each names the file).
     """
     path = Path(directory) / SOURCE_JSON
     if not path.is_file():
@@ -140,12 +141,29 @@ def read_source(directory: Path, kinds: tuple[str, ...] = (), flag: str = "") ->
         what += [f"has unknown {', '.join(map(repr, unknown))}"] if unknown else []
         raise ValueError(f"{path} is not a datastore source's record: it {' and '.join(what)} "
                          f"(fields: {', '.join(known)})")
-    if body["kind"] not in PAYLOAD_FILES:
-        raise ValueError(f"{path} records kind {body['kind']!r}, not one of {', '.join(map(repr, PAYLOAD_FILES))}")
+    _check_fields(path, body)
     if kinds and body["kind"] not in kinds:
         raise ValueError(f"{flag + ' ' if flag else ''}{directory} is {KIND_NAMES[body['kind']]} source, not "
                          f"{' or '.join(KIND_NAMES[k] for k in kinds)} one")
     return SourceInfo(directory=Path(directory), **body)
+
+
+def _check_fields(path: Path, body: dict) -> None:
+    """A ValueError naming `path` and the first field of `body` (source.json's) of the wrong type or range."""
+    def bad(name: str, need: str) -> ValueError:
+        return ValueError(f"{path} records {name} {repr(body[name])[:60]}, {need}")
+
+    if not isinstance(body["kind"], str) or body["kind"] not in PAYLOAD_FILES:
+        raise bad("kind", f"not one of {', '.join(map(repr, PAYLOAD_FILES))}")
+    for name in ("rows", "dimension", "chunk_len"):
+        value = body.get(name, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(name, "not an integer >= 0")
+    for name in ("tokenizer_fingerprint", "encoder_fingerprint"):
+        if not isinstance(body[name], str):
+            raise bad(name, "not a string")
+    if not isinstance(body.get("details", {}), dict):
+        raise bad("details", "not an object")
 
 
 def start_source(out_dir: Path) -> Path:
