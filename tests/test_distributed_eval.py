@@ -363,6 +363,73 @@ def test_a_worker_that_fails_to_start_fails_the_evaluation_at_once(retro, data, 
     assert "starting a replacement" not in caplog.text
 
 
+class _Staged:
+    """A chunk encoder whose worker plays a part in `test_results_gathered_with_a_failure_are_saved`: the
+    first worker ("z") finishes a share once the second ("y") is inside one; "y" finishes its share only
+    once the driver has counted the first; the third ("x") fails to start then."""
+
+    def __init__(self, inner, role: str, folder: Path):
+        self.inner, self.role, self.folder = inner, role, folder
+
+    def embed(self, chunks):
+        if self.role == "y":
+            (self.folder / "y-inside").touch()
+            _wait_for(self.folder / "counted")
+        elif self.role == "z":
+            _wait_for(self.folder / "y-inside")
+        return self.inner.embed(chunks)
+
+
+def _wait_for(path: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _staged_encoder(lm_checkpoint: Path, folder: Path):
+    from lm_worker.encoders.lm_chunks import LMChunkEncoder
+
+    role = next(r for r in ("z", "y", "x") if _claimed(folder / r))  # in the order the workers start
+    if role == "x":
+        _wait_for(folder / "counted")
+        raise RuntimeError("the third worker fails to start on purpose")
+    return _Staged(LMChunkEncoder.load(lm_checkpoint), role, folder)
+
+
+def _claimed(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+def test_results_gathered_with_a_failure_are_saved(knn, retro, data, tmp_path, by_value):
+    """A share finished while another worker failed, found by the driver in the same wait, is saved
+    before the evaluation fails: the rerun does not compute it again."""
+    import functools
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    config = dataclasses.replace(CONFIG, retrieval=RetrievalConfig(k=2, nprobe=4))
+    retro_job = EvalJob(kind="retro", checkpoint=retro[0], store=data / "heldout", target=retro[3], config=config,
+                        encoder_factory=functools.partial(_staged_encoder, knn[0], staged))
+    counted: list[int] = []
+
+    def on_share(body: dict) -> None:  # the driver holds here while "y" finishes and "x" fails
+        counted.append(body["share"])
+        if len(counted) == 1:
+            (staged / "counted").touch()
+            time.sleep(3.0)
+
+    shares = tmp_path / "shares"
+    with pytest.raises(RuntimeError, match="an evaluation worker failed to start: .*fails to start on purpose"):
+        evaluate_distributed(retro_job, pool(workers=3, num_cpus=0.25, checkpoint_dir=shares),  # on one node too
+                             on_share=on_share)
+    assert len(counted) >= 2, counted  # "y"'s share too, found beside "x"'s failure
+    assert sorted(int(p.stem[len("share-"):]) for p in shares.glob("share-*.json")) == sorted(counted)
+
+
 def test_a_job_is_described_by_what_changes_its_results_alone(tmp_path):
     """How long a search may take and when it is sent change no result, nor do kNN-LM's mixing and pointers a
     RETRO evaluation: shares saved under other such settings, or by a marker that still records them, are

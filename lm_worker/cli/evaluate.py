@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from lm_worker.cli.common import (
     LM_KINDS,
     RETRO_KINDS,
     add_encoder_lm_arg,
-    add_ray_address,
     add_retrieval_args,
     add_security_args,
     check_checkpoints,
@@ -27,6 +27,7 @@ from lm_worker.cli.common import (
     open_retriever,
     open_target,
     positive_finite,
+    ray_address_arg,
     refuse_given,
     retrieval_config,
     retrieval_flags,
@@ -41,7 +42,8 @@ KNNLM_OPTIONS = (("--lambdas", "lambdas", None), ("--temperature", "temperature"
                  ("--pointer-steps", "pointer_steps", 0), ("--min-pointers", "min_pointers", 1),
                  ("--pointer-temperature-scale", "pointer_temperature_scale", 2.0),
                  ("--pointer-agreement", "pointer_agreement", 0.0), ("--pointer-crowd", "pointer_crowd", 0))
-# the worker actors' options: (flag, dest, default); given without --workers they would do nothing
+# the worker actors' options: (flag, dest, default); given without --workers they would do nothing (but --address
+# with a ray:NAME target)
 WORKER_OPTIONS = (("--worker-cpus", "worker_cpus", 1.0), ("--worker-gpus", "worker_gpus", 0.0),
                   ("--batches-per-share", "batches_per_share", 4), ("--address", "address", None))
 # EvalConfig's fields as eval's flags, for the config's own errors
@@ -68,7 +70,12 @@ def add_parser(sub) -> None:
     v.add_argument("--worker-gpus", type=float, default=WORKER_OPTIONS[1][2],
                    help="GPUs per worker actor (1 on a GPU cluster)")
     v.add_argument("--batches-per-share", type=int, default=WORKER_OPTIONS[2][2])
-    add_ray_address(v)
+    v.add_argument("--address", type=ray_address_arg,
+                   help="the Ray cluster of the --workers and of a ray:NAME --*-target's deployment: this address "
+                        "(auto: the one `ray start` made on this machine), else RAY_ADDRESS (as under `ray job "
+                        "submit`), else a new local cluster for the workers that ends with the command, or the "
+                        "`ray start` cluster of this machine for a ray:NAME target; a cluster that does not answer "
+                        "fails within RETRIEVER_RAY_CONNECT_TIMEOUT seconds (30)")
     v.add_argument("--context-len", type=int, help=f"tokens per window (default: {DEFAULT_CONTEXT}, or the LM's "
                                                     "max_len where that is shorter)")
     v.add_argument("--stride", type=int, help="positions each window scores after the first window (default: half "
@@ -106,10 +113,12 @@ def add_parser(sub) -> None:
     v.set_defaults(handler=run_eval)
 
 
-def _check_datastores(args: argparse.Namespace, tokenizer) -> None:
+def _check_datastores(args: argparse.Namespace, tokenizer) -> dict | None:
     """Each evaluated family's datastore is of its kind, before any evaluation runs: a --*-datastore's
     manifest, and a --*-target asked (with its tokenizer). A RETRO datastore given a kNN-LM one must not
-    be found after the whole kNN-LM evaluation."""
+    be found after the whole kNN-LM evaluation. Returns the RETRO datastore's metadata (its service's, or
+    its manifest's; None: without --retro, or a manifest that cannot be read)."""
+    metadata = None
     for family, kind, model in (("knnlm-", "knnlm", args.lm), ("retro-", "retro", args.retro)):
         flags = retrieval_flags(args, family)
         if model:
@@ -118,9 +127,50 @@ def _check_datastores(args: argparse.Namespace, tokenizer) -> None:
             with open_retriever(flags, k=1, security=security_of(args)) as retriever:
                 check_datastore_kind(flags, kind, retriever)
                 check_datastore_tokenizer(retriever, tokenizer, flags)
+                metadata = dict(retriever.metadata) if kind == "retro" else metadata
+        elif model and kind == "retro" and flags.datastore:
+            metadata = _manifest_metadata(flags.datastore)
+    return metadata
 
 
-def _in_process(args: argparse.Namespace, store, tokenizer, config):
+def _manifest_metadata(datastore: Path) -> dict | None:
+    """A datastore's manifest metadata before it is served; None where it cannot be read (the server says why)."""
+    try:
+        metadata = json.loads((datastore / "manifest.json").read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def _join_ray(args: argparse.Namespace) -> None:
+    """Joins the Ray cluster of an evaluated model's ray:NAME target (--address, else RAY_ADDRESS, else the
+    cluster `ray start` made on this machine) before the deployment is looked up."""
+    from lm_worker.retrieval.service import join_cluster_of
+
+    for target, model in ((args.knnlm_target, args.lm), (args.retro_target, args.retro)):
+        if model:
+            join_cluster_of(target, args.address)
+
+
+def _check_retro(args: argparse.Namespace, store, config, tokenizer, metadata: dict | None):
+    """With --lm and --retro, what would fail RETRO's evaluation only after the whole kNN-LM one, found
+    first: with --workers, OUT/shares/retro holding another evaluation's shares; then RETRO's chunk
+    encoder (an LM-encoded datastore whose LM is not where it recorded and no --encoder-lm, or an encoder
+    here that did not make its keys). Returns the encoder for the evaluation in this process; None with
+    --workers (each makes its own), without --lm, or where the datastore's metadata is not known yet."""
+    from lm_worker.encoders.registry import chunk_encoder_for
+    from lm_worker.evaluation.shares import refuse_another_job
+
+    if not (args.lm and args.retro):
+        return None
+    if args.workers:  # the job's target does not describe it: the one served later is not needed here
+        refuse_another_job(_job(args, "retro", store, config, "").describe(), args.out / "shares" / "retro")
+    encoder = chunk_encoder_for(metadata, tokenizer, args.encoder_lm) if metadata is not None else None
+    return None if args.workers else encoder
+
+
+def _in_process(args: argparse.Namespace, store, tokenizer, config, encoder=None):
+    """The evaluations in this process; `encoder`: RETRO's chunk encoder when made already."""
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.evaluation.knnlm_eval import evaluate_knnlm
     from lm_worker.evaluation.retro_eval import evaluate_retro
@@ -140,7 +190,8 @@ def _in_process(args: argparse.Namespace, store, tokenizer, config):
         with open_retriever(flags, k=model.config.n_neighbours, security=security_of(args)) as retriever:
             retriever = need_retriever(retriever, flags, "with --retro")
             check_datastore_tokenizer(retriever, tokenizer, flags)
-            encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
+            if encoder is None:
+                encoder = chunk_encoder_for(retriever.metadata, tokenizer, args.encoder_lm)
             retro = evaluate_retro(model, store, retriever, encoder, config, progress)
     return knn, retro
 
@@ -155,8 +206,22 @@ def worker_pool(args: argparse.Namespace):
                             progress=not args.no_progress)
 
 
+def _job(args: argparse.Namespace, kind: str, store, config, target: str):
+    """The `EvalJob` of the model of `kind` ("knnlm": --lm, "retro": --retro, which asks for its model's K)."""
+    from lm_worker.evaluation.distributed import EvalJob
+    from lm_worker.models.checkpoint import checkpoint_config
+
+    flags = retrieval_flags(args, f"{kind}-")
+    checkpoint = args.lm if kind == "knnlm" else args.retro
+    if kind == "retro":
+        config = replace(config, retrieval=retrieval_config(flags, k=checkpoint_config(checkpoint).n_neighbours))
+    security = security_of(args) if flags.target else None  # a --datastore is served on loopback
+    return EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=config,
+                   tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm, security=security)
+
+
 def _distributed(args: argparse.Namespace, store, config):
-    from lm_worker.evaluation.distributed import EvalJob, evaluate_distributed
+    from lm_worker.evaluation.distributed import evaluate_distributed
 
     pool = worker_pool(args)
     results = {}
@@ -164,18 +229,9 @@ def _distributed(args: argparse.Namespace, store, config):
         if not checkpoint:
             continue
         flags = retrieval_flags(args, f"{kind}-")
-        if kind == "knnlm":
-            job_config = config
-        else:  # RETRO asks for its model's K
-            from lm_worker.models.checkpoint import checkpoint_config
-
-            k = checkpoint_config(checkpoint).n_neighbours
-            job_config = replace(config, retrieval=retrieval_config(flags, k=k))
         with open_target(flags) as target:
             target = need(target, f"{flags.flag('target')} or {flags.flag('datastore')}", f"with --{model_flag}")
-            security = security_of(args) if flags.target else None  # a --datastore is served on loopback
-            job = EvalJob(kind=kind, checkpoint=checkpoint, store=store.directory, target=target, config=job_config,
-                          tokenizer=args.data / "tokenizer.json", encoder_lm=args.encoder_lm, security=security)
+            job = _job(args, kind, store, config, target)
             results[kind] = evaluate_distributed(job, replace(pool, checkpoint_dir=args.out / "shares" / kind))
     return results.get("knnlm"), results.get("retro")
 
@@ -232,11 +288,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _check_applies(args: argparse.Namespace) -> None:
     """Refuses options for a model that is not evaluated: a family of retrieval options without its model,
-    kNN-LM's λs, temperature and pointers without --lm; and the worker actors' options without --workers."""
+    kNN-LM's λs, temperature and pointers without --lm, --encoder-lm without --retro; and the worker actors'
+    options without --workers (but --address with a ray:NAME target, whose deployment it finds)."""
     if not args.workers:
-        refuse_given([flag for flag, dest, default in WORKER_OPTIONS if getattr(args, dest) != default],
-                     "with --workers N > 0 only (without, the evaluation runs in this process): give --workers, or "
-                     "leave {them} out")
+        ray_target = any(str(target).startswith("ray:") for target in (args.knnlm_target, args.retro_target))
+        given = [flag for flag, dest, default in WORKER_OPTIONS
+                 if getattr(args, dest) != default and not (flag == "--address" and ray_target)]
+        also = "; --address also finds a ray:NAME target's deployment" if "--address" in given else ""
+        refuse_given(given, f"with --workers N > 0 only (without, the evaluation runs in this process{also}): give "
+                            "--workers, or leave {them} out")
     for model_flag, checkpoint, family, k in (("--lm", args.lm, "knnlm-", KNNLM_K),
                                               ("--retro", args.retro, "retro-", 0)):
         if checkpoint:
@@ -247,6 +307,8 @@ def _check_applies(args: argparse.Namespace) -> None:
             ("nprobe", flags.nprobe, 0), ("rerank", flags.rerank, 0)) if value != default]
         if model_flag == "--lm":
             given += [flag for flag, dest, default in KNNLM_OPTIONS if getattr(args, dest) != default]
+        elif args.encoder_lm is not None:  # the LM that encoded a RETRO datastore
+            given.append("--encoder-lm")
         if given:
             what = "kNN-LM" if model_flag == "--lm" else "RETRO"
             one = len(given) == 1
@@ -310,10 +372,11 @@ def run_eval(args: argparse.Namespace) -> None:
                             exclude_own_document=args.exclude_own_document, pointer_steps=args.pointer_steps,
                             min_pointers=args.min_pointers, pointer_temperature_scale=args.pointer_temperature_scale,
                             pointer_agreement=args.pointer_agreement, pointer_crowd=args.pointer_crowd)
-    _check_datastores(args, tokenizer)
+    _join_ray(args)  # before a ray:NAME target is looked up: on the cluster --address names
+    encoder = _check_retro(args, store, config, tokenizer, _check_datastores(args, tokenizer))
     with fields_as_flags({"context_len": "--context-len"}):  # a window the model cannot take, found as it loads
         knn, retro = _distributed(args, store, config) if args.workers else _in_process(args, store, tokenizer,
-                                                                                        config)
+                                                                                        config, encoder)
     meta = {"data": str(args.data), "split": args.split, "lm": str(args.lm), "retro": str(args.retro),
             "workers": args.workers}
     if config.pointer_steps:

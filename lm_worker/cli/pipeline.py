@@ -66,8 +66,13 @@ def _print_report(report) -> None:
     print("\n".join(f"written: {p}" for p in written if p is not None))
 
 
-def _announce(config, what: str) -> None:
-    """Says before the work starts what will run and about how long it takes."""
+def _announce(config, stock, what: str) -> None:
+    """Says before the work starts what will run, and about how long it takes where `config` runs the
+    sizes that time was measured at (`stock`, where it runs and how it shows progress apart)."""
+    from dataclasses import replace
+
+    if config != replace(stock, run=config.run, address=config.address, progress=config.progress):
+        config = replace(config, expected_minutes=None)  # other sizes, workers or models: not measured
     print(f"{what}: {config.describe()}", flush=True)
 
 
@@ -100,7 +105,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
                      retro=replace(base.retro, steps=args.retro_steps, preset=args.preset),
                      address=args.address, encode_workers=args.workers, eval_workers=args.workers,
                      retro_encoder=args.retro_encoder, retro_init=args.retro_init, progress=not args.no_progress)
-    _announce(config, f"pipeline into {config.run}")
+    _announce(config, base, f"pipeline into {config.run}")
     _print_report(run_pipeline(config))
 
 
@@ -114,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> None:
     check_run(run)
     config = sizes(run, address=args.address, encode_workers=args.workers, eval_workers=args.workers,
                    retro_encoder=args.retro_encoder, retro_init=args.retro_init, progress=not args.no_progress)
-    _announce(config, f"{'quick ' if args.quick else ''}demo into {config.run}")
+    _announce(config, sizes(run), f"{'quick ' if args.quick else ''}demo into {config.run}")
     _print_report(run_pipeline(config))
 
 

@@ -50,7 +50,7 @@ from lm_worker.evaluation.shares import (
     planned,
     save_share,
 )
-from lm_worker.retrieval.service import RAY_PREFIX, TOKEN_ENV, ClientSecurity
+from lm_worker.retrieval.service import TOKEN_ENV, ClientSecurity, join_cluster_of
 from retriever_server.cluster.connect import connect, free_resources
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 KINDS = ("knnlm", "retro")
 STALL_REPORT_S = 30.0  # how often a pool whose workers cannot start says so
 MODEL_KINDS = {"knnlm": ("lm", "hf"), "retro": ("retro",)}  # the checkpoint kinds each evaluation takes
+SECURITY_FILES = ("tls_ca", "tls_cert", "tls_key", "token_file")  # the files a `ClientSecurity` names
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class EvalJob:
         for name in ("checkpoint", "store", "tokenizer", "encoder_lm"):  # as workers in other folders see them
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)).absolute())
+        if self.security is not None:  # its TLS and token files too
+            files = {name: Path(value).absolute() for name in SECURITY_FILES
+                     if (value := getattr(self.security, name)) is not None}
+            object.__setattr__(self, "security", dataclasses.replace(self.security, **files))
 
     def describe(self) -> dict:
         """What identifies the job apart from its files: its kind and config. A checkpoint folder holding
@@ -121,7 +126,8 @@ class WorkerPoolConfig:
     `workers` actors, each with `num_cpus`/`num_gpus` (1 GPU each on a GPU cluster) and extra custom
     `resources`, running `torch_threads` threads; `batches_per_share` batches per unit of work;
     `checkpoint_dir` keeps finished shares (None: nothing kept); `address` is the Ray cluster
-    (None: RAY_ADDRESS, as under `ray job submit`, else a local cluster with `num_cpus_local`);
+    (None: RAY_ADDRESS, as under `ray job submit`, else a local cluster with `num_cpus_local`, or for a
+    "ray:NAME" target the cluster `ray start` made on this machine, which runs the deployment);
     `max_replacements` bounds how many dead workers are replaced; `stall_timeout_s` how long the pool
     may have no worker alive before giving up."""
 
@@ -183,40 +189,51 @@ class _Pool:
             actor, share = self.idle.pop(), queue.popleft()
             self.running[actor.run.remote(share)] = (actor, share)
 
-    def wait(self, queue: deque[Share], timeout_s: float = 1.0) -> list[dict]:
+    def wait(self, queue: deque[Share], timeout_s: float = 1.0) -> tuple[list[dict], Exception | None]:
         """Results that arrived by the time the first did (at most `timeout_s`); a dead worker's share goes back
         to the front of `queue`. It returns at the first result, not at the timeout, while a replacement
-        worker waits for room."""
+        worker waits for room. A failure (a worker that failed to start, or raised in a share; one dead
+        worker too many) comes back beside the results found with it, for the caller to save them first."""
         refs = [*self.starting, *self.running]
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s) if refs else ([], [])
         if ready:  # and whatever else is done by now
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        results = []
+        results: list[dict] = []
+        failure = None
         for ref in ready:
-            if ref in self.starting:
-                actor = self.starting.pop(ref)
-                try:
-                    node, identity = ray.get(ref)
-                except ray.exceptions.RayActorError as err:  # its node lost, or its start failed there
-                    if err.actor_init_failed:  # an error of its own (no service, no model): another fails alike
-                        ray.kill(actor, no_restart=True)
-                        raise RuntimeError(f"an evaluation worker failed to start: {_last_line(err)}") from None
-                    self._lost(actor, err)
-                    continue
-                self._same(identity)
-                self.nodes.add(node)
-                self.idle.append(actor)
+            if failure is not None and ref in self.starting:  # no worker is started or replaced past a failure
                 continue
-            actor, share = self.running.pop(ref)
             try:
-                results.append(ray.get(ref))
-                self.idle.append(actor)
-            except ray.exceptions.RayActorError as err:
-                queue.appendleft(share)
+                self._take(ref, queue, results)
+            except Exception as err:  # noqa: BLE001 - raised by the caller once the results are saved
+                failure = failure or err
+        return results, failure
+
+    def _take(self, ref, queue: deque[Share], results: list[dict]) -> None:
+        """One ready ref: a worker started (idle now), a share's result (added to `results`), or a dead worker."""
+        if ref in self.starting:
+            actor = self.starting.pop(ref)
+            try:
+                node, identity = ray.get(ref)
+            except ray.exceptions.RayActorError as err:  # its node lost, or its start failed there
+                if err.actor_init_failed:  # an error of its own (no service, no model): another fails alike
+                    ray.kill(actor, no_restart=True)
+                    raise RuntimeError(f"an evaluation worker failed to start: {_last_line(err)}") from None
                 self._lost(actor, err)
-            except ray.exceptions.RayTaskError as err:  # the share failed in the worker: its error, not Ray's
-                raise _worker_error(err) from None
-        return results
+                return
+            self._same(identity)
+            self.nodes.add(node)
+            self.idle.append(actor)
+            return
+        actor, share = self.running.pop(ref)
+        try:
+            results.append(ray.get(ref))
+            self.idle.append(actor)
+        except ray.exceptions.RayActorError as err:
+            queue.appendleft(share)
+            self._lost(actor, err)
+        except ray.exceptions.RayTaskError as err:  # the share failed in the worker: its error, not Ray's
+            raise _worker_error(err) from None
 
     def _same(self, identity: dict[str, str]) -> None:
         """Every worker must compute with what the driver (or the first worker) found: RuntimeError if the
@@ -276,8 +293,7 @@ def evaluate_distributed(job: EvalJob, config: WorkerPoolConfig = WorkerPoolConf
     except ValueError as e:
         raise ValueError(f"{job.store}: {e}") from None
     shares = plan_shares(count_batches(store, job.config, align), config.batches_per_share)
-    if job.target.startswith(RAY_PREFIX):
-        connect(config.address, config.num_cpus_local, log_to_driver=False)
+    join_cluster_of(job.target, config.address)  # a ray:NAME deployment runs on a cluster already up
     # the datastore answers and suits the model, checked here in one line before anything is written or
     # any worker starts; the saved shares and every worker are held to what the driver finds
     identity = identity_of(model, _checked_datastore_version(job, model), job.store)
@@ -358,12 +374,15 @@ def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: d
     last_alive = reported = time.monotonic()
     while queue or pool.running:
         pool.dispatch(queue)
-        for body in pool.wait(queue):
+        results, failure = pool.wait(queue)
+        for body in results:
             if body["share"] in done:  # never counted twice
                 continue
             save_share(config.checkpoint_dir, body)
             done[body["share"]] = body
             on_share({**body, "replaced": pool.replaced})  # what the caller sees: workers replaced so far
+        if failure is not None:  # once the shares found with it are saved: a rerun does not compute them again
+            raise failure
         now = time.monotonic()
         if pool.alive:
             last_alive = now

@@ -227,7 +227,11 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
             return follow(keys, batch)
         searched += len(keys)
         sent = time.perf_counter()
-        future = retriever.submit_knn(keys, exclude) if config.overlap else completed(retriever.knn(keys, exclude))
+        if config.overlap:
+            future = retriever.submit_knn(keys, exclude)
+        else:  # the search blocks: all of it is waited for
+            with clock.timing("wait"):
+                future = completed(retriever.knn(keys, exclude))
         future.add_done_callback(lambda _: clock.add("retrieval", time.perf_counter() - sent))
         return future
 

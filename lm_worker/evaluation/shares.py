@@ -88,6 +88,14 @@ def _within(saved, description):
     return {k: _within(v, description[k]) for k, v in saved.items() if k in description}
 
 
+def refuse_another_job(description: dict, directory: Path) -> None:
+    """ValueError if `directory` holds the shares of another job than `description` (`EvalJob.describe()`);
+    reads, never writes: a check before any work."""
+    if holds_another_job(description, directory):
+        raise ValueError(f"{directory} holds the shares of a different evaluation ({directory / JOB_JSON} differs): "
+                         "remove it or choose another checkpoint folder")
+
+
 def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
     """Finished shares from an earlier run of the job `description` (its `EvalJob.describe()`);
     ValueError if the folder holds another job's."""
@@ -96,9 +104,7 @@ def open_saved(description: dict, directory: Path | None) -> dict[int, dict]:
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / JOB_JSON
     if marker.exists():
-        if holds_another_job(description, directory):
-            raise ValueError(f"{directory} holds the shares of a different evaluation ({marker} differs): "
-                             "remove it or choose another checkpoint folder")
+        refuse_another_job(description, directory)
     else:
         write_text_atomically(marker, json.dumps(description, indent=2))
     done = {}

@@ -53,7 +53,8 @@ class PipelineConfig:
     samples: int = 3
     sample_tokens: int = 48
     progress: bool = True
-    expected_minutes: int = 51  # from an empty run folder on 2 CPU cores (measured; `describe` says it)
+    expected_minutes: int | None = 51  # of these sizes, from an empty run folder on 2 CPU cores (measured;
+    # `describe` says it); None: not measured (other sizes), and `describe` says nothing of the time
 
     def __post_init__(self):
         if self.retro_init not in ("lm", "scratch"):
@@ -83,7 +84,7 @@ class PipelineConfig:
     @classmethod
     def quick(cls, run: Path = Path("runs/demo-quick"), **overrides) -> PipelineConfig:
         """The smallest sizes at which every stage still runs and shows what it does (a tiny LM and
-        RETRO, small datastores, a short evaluation): a few minutes on 2 cores. Its figures show the
+        RETRO, small datastores, a short evaluation): about a minute on 2 cores. Its figures show the
         pipeline working, not what retrieval gains (the demo and the full pipeline show that)."""
         sizes = dict(run=run, vocab_size=1024, max_train_tokens=60_000, max_heldout_tokens=8_000,
                      max_retro_tokens=40_000, tune_tokens=1024,
@@ -95,15 +96,23 @@ class PipelineConfig:
                      temperatures=(1.0, 5.0, 20.0), eval_tokens=8_000, sample_tokens=24, expected_minutes=1)
         return cls(**{**sizes, **overrides})
 
+    @property
+    def eval_place(self) -> str:
+        """Where the test split is evaluated: "on N LM worker actors", or "in this process" (0 workers)."""
+        return f"on {self.eval_workers} LM worker actors" if self.eval_workers else "in this process"
+
     def describe(self) -> str:
-        """What the run will do, and about how long it takes on 2 CPU cores from an empty run folder."""
+        """What the run will do, and (`expected_minutes`, where measured) about how long it takes on 2 CPU
+        cores from an empty run folder."""
         fitted = "retro-fitted onto the LM" if self.retro_init == "lm" else "from scratch"
+        minutes = self.expected_minutes
+        took = "" if minutes is None else \
+            f"About {minutes} minute{'s' if minutes != 1 else ''} on 2 CPU cores from an empty run folder; "
         return (f"prepare the corpus; train the LM ({self.lm.steps} steps); encode and build the kNN-LM and RETRO "
                 f"datastores ({self.shards} shards each); serve them; fetch RETRO's neighbours; train RETRO "
                 f"({self.retro.steps} steps, {fitted}); choose kNN-LM's temperature and λ on validation text; "
-                f"evaluate both on {self.eval_workers} LM worker actors; write samples and the report. About "
-                f"{self.expected_minutes} minute{'s' if self.expected_minutes != 1 else ''} on 2 CPU cores from an "
-                "empty run folder; a rerun reuses what is there.")
+                f"evaluate both {self.eval_place}; write samples and the report. {took}"
+                f"{'a' if took else 'A'} rerun reuses what is there.")
 
 
 @dataclass(frozen=True)

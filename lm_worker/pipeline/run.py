@@ -120,12 +120,13 @@ def run_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineReport:
                           reused=done(run / "report" / "temperature.json")) as stage:
             choice = tune_temperature(config, lm, valid, knn_retriever, eval_config)
             stage.reused = choice.reused
-        with stages.stage(f"evaluate kNN-LM ({config.eval_workers} workers)", reused=False) as stage:
+        where = f"{config.eval_workers} workers" if config.eval_workers else "in this process"
+        with stages.stage(f"evaluate kNN-LM ({where})", reused=False) as stage:
             swept, stage.reused = evaluate_test(config, "knnlm", lm_checkpoint, test, (knn_target, knn_security),
                                                 replace(eval_config, temperature=choice.temperature), lm,
                                                 knn_retriever, encoder)
             knn_result = at_lambdas(swept, choice.lam, choice.followed_lam, "valid")  # never the test's own best
-        with stages.stage(f"evaluate RETRO ({config.eval_workers} workers)", reused=False) as stage:
+        with stages.stage(f"evaluate RETRO ({where})", reused=False) as stage:
             retro_result, stage.reused = evaluate_test(config, "retro", retro_checkpoint, test,
                                                        (retro_target, retro_security),
                                                        replace(eval_config, retrieval=retro_retrieval), retro,

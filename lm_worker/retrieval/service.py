@@ -26,18 +26,35 @@ from retriever_server.serving.fanout import parse_shards, parse_target
 from retriever_server.wire.request import Limits
 
 __all__ = ["ServiceRetriever", "RetrieverError", "ClientSecurity", "SecurityError", "TOKEN_ENV", "RAY_PREFIX",
-           "resolve_target", "is_loopback"]
+           "resolve_target", "join_cluster_of", "is_loopback"]
 
 RAY_PREFIX = "ray:"
 
 
-def resolve_target(target: str) -> str | list[str]:
+def join_cluster_of(target: str | None, address: str | None = None) -> None:
+    """For a "ray:NAME" target, joins the Ray cluster that runs the deployment, unless this process is in
+    one already: `address` (host:port, ray://host:port, or "auto"), else RAY_ADDRESS, else the cluster
+    `ray start` made on this machine; never a new local cluster, where no deployment runs. Any other
+    target (or None): nothing.
+
+    Raises:
+        ClusterUnreachable: no cluster answers there (a ConnectionError naming it and what to do).
+    """
+    if target and target.startswith(RAY_PREFIX):
+        from retriever_server.cluster.connect import connect  # Ray: only for ray: targets
+
+        connect(address, existing=True, log_to_driver=False)
+
+
+def resolve_target(target: str, address: str | None = None) -> str | list[str]:
     """A retrieval target as `ServiceRetriever` takes it: "ray:NAME" becomes the router address of the
-    deployment NAME on the connected Ray cluster, "a:1|a:2,b:1" the replicas of each shard (the client
-    fans out to them itself), else the address."""
+    deployment NAME on the Ray cluster (joined by `join_cluster_of(target, address)` if this process is
+    in none), "a:1|a:2,b:1" the replicas of each shard (the client fans out to them itself), else the
+    address."""
     if target.startswith(RAY_PREFIX):
         from retriever_server.cluster.ray_serving import lookup  # Ray: only for ray: targets
 
+        join_cluster_of(target, address)
         return lookup(target[len(RAY_PREFIX):])
     return parse_target(target)
 
