@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_cost_plot import plot_costs  # noqa: E402
-from decoding import ProcessGone, process_cpu_s  # noqa: E402
+from decoding import process_cpu_s  # noqa: E402
 from grpc_floor import FloorDeployment, request_bytes  # noqa: E402
 from pinning import core_plan, pin_process, wall_table  # noqa: E402
 from search_service import load_vectors, query_batches, save_keys  # noqa: E402
@@ -62,7 +62,7 @@ from retriever_server.cluster.launcher import LocalDeployment  # noqa: E402
 from retriever_server.datastore.index import read_index  # noqa: E402
 from retriever_server.datastore.manifest import read_manifest  # noqa: E402
 from retriever_server.security.config import ClientSecurity, ServerSecurity  # noqa: E402
-from retriever_server.serving.client import RetrieverClient, make_request  # noqa: E402
+from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request  # noqa: E402
 from retriever_server.serving.merge import merge_results, rank_neighbours  # noqa: E402
 from retriever_server.wire.response import encode_search_response  # noqa: E402
 from retriever_server.wire.result import SearchResult  # noqa: E402
@@ -70,6 +70,7 @@ from retriever_server.wire.result import SearchResult  # noqa: E402
 ONE_THREAD = ("--threads", "1")  # one FAISS thread a shard, as the reference searches (machines of many cores)
 
 FACTORY = "IVF256,PQ32"
+NLIST = int(FACTORY.split(",")[0].removeprefix("IVF"))  # the lists of every datastore this benchmark builds or reuses
 SHARDS = 2
 SEED = 0
 SETTLE_S = 0.05  # after a side's last call, before its servers' CPU is read
@@ -302,7 +303,8 @@ def cell(config: CostConfig, refs: InProcess, router: RetrieverClient, fan_out: 
 def serve_args() -> tuple[str, ...]:
     """The shards' flags: none where `serve` itself gives each shard one core (2 shards on 2 cores: one
     FAISS thread each, pinned to its core); else one thread asked for, as the in-process reference
-    searches (`--pin` then places them). An explicit --threads turns the launcher's pinning off."""
+    searches (`--pin` then places them: read before `pin_client`). An explicit --threads turns the
+    launcher's pinning off."""
     return () if len(os.sched_getaffinity(0)) // SHARDS == 1 else ONE_THREAD
 
 
@@ -316,16 +318,16 @@ def check_placement(placement: dict[str, list[int]], pinned: bool) -> None:
 
 
 def secure_costs(config: CostConfig, queries: np.ndarray, version: str,
-                 plan: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+                 plan: dict[str, tuple[int, ...]] | None = None, shard_args: tuple[str, ...] = ()) -> list[dict]:
     """Router-path CPU per request, plaintext and TLS + bearer token, at k=10 (with `plan`, each
-    process on its cores)."""
+    process on its cores; `shard_args`, the shards' flags: `serve_args`)."""
     from chaos import private_pki
 
     server, client_side = private_pki(config.out / "cpu-cost-pki")
     rows = []
     for name, (server_side, client) in {"plaintext": (ServerSecurity(), ClientSecurity()),
                                         "TLS + token": (server, client_side)}.items():
-        with LocalDeployment(config.datastore, security=server_side, extra_args=serve_args()) as deployment, \
+        with LocalDeployment(config.datastore, security=server_side, extra_args=shard_args) as deployment, \
                 RetrieverClient(deployment.router_address, security=client) as router:
             if plan:
                 for role, pid in deployment_pids(deployment).items():
@@ -422,16 +424,25 @@ def place_floor_as_service(placement: dict[str, list[int]], floor: FloorDeployme
     return process_cores(floor.pids)
 
 
-def run(config: CostConfig) -> dict:
+def pin_client(config: CostConfig) -> tuple[dict[str, tuple[int, ...]] | None, tuple[str, ...]]:
+    """With --pin, each process's cores (`core_plan`) and this process on the client's; and the shards'
+    flags (`serve_args`), read first: on the client's cores alone it would leave the shards to the
+    launcher, which would place (and restart) them on the client's cores."""
+    shard_args = serve_args()
     plan = core_plan(sorted(os.sched_getaffinity(0)), SHARDS) if config.pin else None
     if plan:
         pin_process(os.getpid(), plan["client"])
+    return plan, shard_args
+
+
+def run(config: CostConfig) -> dict:
+    plan, shard_args = pin_client(config)
     keys, queries = load_vectors()
     ensure_datastore(config, keys)
     refs = in_process(config, keys)
     version = read_manifest(config.datastore).version
     rows = []
-    with LocalDeployment(config.datastore, extra_args=serve_args()) as deployment, FloorDeployment() as floor, \
+    with LocalDeployment(config.datastore, extra_args=shard_args) as deployment, FloorDeployment() as floor, \
             RetrieverClient(deployment.router_address) as router, \
             RetrieverClient(deployment.shard_addresses) as fan_out:
         if plan:
@@ -441,8 +452,10 @@ def run(config: CostConfig) -> dict:
         floor_placement = place_floor_as_service(placement, floor)
         for nq in config.nqs:
             for k in config.ks:
+                if plan:  # again: a process restarted since (under a new pid) starts on this process's cores
+                    pin_all(plan, deployment, floor)
                 rows.append(cell(config, refs, router, fan_out, deployment, floor, queries, nq, k, version))
-    secure = secure_costs(config, queries, version, plan)
+    secure = secure_costs(config, queries, version, plan, shard_args)
     return {"config": {**asdict(config), "out": str(config.out), "factory": FACTORY, "shards": SHARDS,
                        "keys": len(keys)},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__,
@@ -458,13 +471,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pin", action="store_true",
                         help="client, router and each shard on 2 cores of their own (8 cores), and wall-clock ratios")
     args = parser.parse_args(argv)
+    if not 1 <= args.nprobe <= NLIST:  # in-process FAISS fails or caps it where the service refuses it
+        sys.exit(f"cpu_cost.py: --nprobe must be between 1 and {NLIST} (the lists of {FACTORY}), got {args.nprobe}")
     config = CostConfig(out=args.out, nprobe=args.nprobe, pin=args.pin)
     if args.quick:
         config = replace(config, seconds_per_cell=0.5, min_calls=5)
     try:
         results = run(config)
-    except (ValueError, ProcessGone) as err:  # too few cores for --pin; a server gone mid-measurement
-        sys.exit(f"cpu_cost.py: {err}")
+    except (ValueError, RuntimeError, RetrieverError) as err:  # too few cores for --pin; RuntimeError: a server
+        sys.exit(f"cpu_cost.py: {err}")  # gone mid-measurement or not started, shards sharing cores, FAISS
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_cost.json").write_text(json.dumps(results, indent=2))
     print()

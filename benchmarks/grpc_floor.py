@@ -30,6 +30,8 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retriever_server.cli.common import stop_when_orphaned  # noqa: E402
+from retriever_server.cluster.supervisor import child_environment  # noqa: E402
 from retriever_server.serving.grpc_setup import keep_freed_memory  # noqa: E402
 
 METHOD = "/floor.v1.Floor/Call"
@@ -68,7 +70,13 @@ async def _serve(handler, port_file: Path) -> None:
     written = port_file.with_suffix(".tmp")
     written.write_text(str(port))
     written.replace(port_file)  # whole, never half-written, when the parent reads it
-    await server.wait_for_termination()
+    await stop_when_orphaned(asyncio.Event())  # returns once the parent is gone (a SIGTERM ends it sooner)
+    await server.stop(0)
+    port_file.unlink(missing_ok=True)  # the parent never cleans up now: the last process out removes the folder
+    try:
+        port_file.parent.rmdir()
+    except OSError:
+        pass
 
 
 async def _shard(port_file: Path) -> None:
@@ -95,6 +103,7 @@ async def _relay(port_file: Path, shards: list[str]) -> None:
 class FloorDeployment:
     """Two shard processes and a relay on 127.0.0.1; `call(request)` goes through the relay,
     `fan_out(request)` calls both shards at once from this process (the client's direct fan-out).
+    They stop with this process however it ends, as the service's servers do (`child_environment`).
 
     Example:
         >>> with FloorDeployment() as floor:
@@ -122,7 +131,8 @@ class FloorDeployment:
 
     def _spawn(self, role: str, *args: str) -> str:
         port_file = self._dir / f"{role}-{len(self._processes)}.port"
-        self._processes.append(subprocess.Popen([sys.executable, __file__, role, str(port_file), *args]))
+        self._processes.append(subprocess.Popen([sys.executable, __file__, role, str(port_file), *args],
+                                                env=child_environment()))  # stops when this process dies
         deadline = time.monotonic() + START_TIMEOUT_S
         while not port_file.is_file():
             if self._processes[-1].poll() is not None or time.monotonic() > deadline:

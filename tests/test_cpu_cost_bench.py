@@ -137,3 +137,64 @@ def test_shards_that_share_cores_stop_the_run():
         assert serve_args() == ()
         with pytest.raises(RuntimeError):
             check_placement(shared, pinned=False)
+
+
+@pytest.mark.parametrize("nprobe", ["0", "-1", "257", "300"])
+def test_an_nprobe_outside_the_datastores_lists_is_refused_before_anything_runs(nprobe, tmp_path, monkeypatch):
+    """In-process FAISS fails on nprobe 0, overflows on -1 and caps 300 at nlist where the service answers
+    INVALID_ARGUMENT: the benchmark refuses them in one line, before it encodes or builds anything."""
+    import cpu_cost
+
+    def never(config):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(cpu_cost, "run", never)
+    with pytest.raises(SystemExit) as exited:
+        cpu_cost.main(["--out", str(tmp_path), "--nprobe", nprobe])
+    assert str(exited.value) == (f"cpu_cost.py: --nprobe must be between 1 and 256 (the lists of IVF256,PQ32), "
+                                 f"got {nprobe}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failure_during_the_run_is_one_line(monkeypatch, tmp_path):
+    """A run that stops (shards without cores of their own, a server that did not start, the service refusing
+    a search, a FAISS error) ends in one line and a nonzero exit, not a traceback."""
+    import cpu_cost
+    import grpc
+
+    from retriever_server.cluster.launcher import LaunchError
+    from retriever_server.serving.client import RetrieverError
+
+    for err in (RuntimeError("the shards were not each placed on cores of their own: {}"),
+                LaunchError("shard 0 did not start"), RetrieverError(grpc.StatusCode.INVALID_ARGUMENT, "nprobe")):
+        def fail(config, err=err):
+            raise err
+
+        monkeypatch.setattr(cpu_cost, "run", fail)
+        with pytest.raises(SystemExit) as exited:
+            cpu_cost.main(["--out", str(tmp_path)])
+        assert str(exited.value) == f"cpu_cost.py: {err}"
+
+
+def test_pin_reads_the_shards_flags_before_it_pins_the_client(monkeypatch):
+    """On 16 cores `--pin` pins the client to 2; read after that, `serve_args` saw 2 cores and left the shards
+    to the launcher, which put one on each of the client's cores (and would restart them there). Read
+    before, the shards ask for one FAISS thread each, as the reference searches, and `pin_all` places them."""
+    import cpu_cost
+
+    cores = {0: set(range(16))}  # this process's cores, as the fake pinning leaves them
+    pinned = []
+
+    def pin(pid, to):
+        pinned.append((pid, to))
+        cores[0] = set(to)
+
+    monkeypatch.setattr(cpu_cost.os, "sched_getaffinity", lambda pid: cores[0])
+    monkeypatch.setattr(cpu_cost, "pin_process", pin)
+    plan, shard_args = cpu_cost.pin_client(CostConfig(pin=True))
+    assert plan == {"client": (0, 1), "router": (2, 3), "shard 0": (4, 5), "shard 1": (6, 7)}
+    assert pinned == [(os.getpid(), (0, 1))]
+    assert shard_args == ("--threads", "1")
+    cores[0], pinned[:] = {0, 1}, []
+    assert cpu_cost.pin_client(CostConfig()) == (None, ())  # unpinned on 2 cores: `serve` gives each shard one
+    assert pinned == []

@@ -131,8 +131,9 @@ def test_the_speed_bar_needs_one_exact_decoder_faster_by_half_with_the_same_toke
             "knn-lm early request": decoded(660.0, 1.8),  # faster, but too little and dearer
             "knn-lm pipelined": decoded(950.0, 1.6, same=False),  # fast enough, cheap enough, other tokens
             "knn-lm ralmspec lm guess": decoded(900.0, 1.7)}  # exactly 1.5x, exactly serial's CPU
-    found = bars({"knnlm": {"greedy x1": {"rows": {}}, "greedy x8": {"rows": rows}}})
+    found = bars({"knnlm": {"greedy x1": {"rows": {}}, "greedy x8": {"rows": rows}}}, server_cpus=(1,))
     assert [b["pass"] for b in found] == [False, False, True]
+    assert all(b["server_cpus"] == [1] for b in found)
     assert found[0]["speedup"] == pytest.approx(1.1) and found[0]["cpu_per_token_vs_serial"] == pytest.approx(1.8 / 1.7)
     assert found[1]["same_tokens"] is False
     table = bars_table(found)
@@ -141,10 +142,10 @@ def test_the_speed_bar_needs_one_exact_decoder_faster_by_half_with_the_same_toke
     assert table.endswith("bar met by: knn-lm ralmspec lm guess")
 
     rows["knn-lm ralmspec lm guess"] = decoded(900.0, 1.71)  # a hair more CPU per token than serial's
-    found = bars({"knnlm": {"greedy x8": {"rows": rows}}})
+    found = bars({"knnlm": {"greedy x8": {"rows": rows}}}, server_cpus=(1,))
     assert not any(b["pass"] for b in found)
     assert bars_table(found).endswith("bar missed by every exact decoder")
-    assert bars({"retro": {"greedy x8": {"rows": rows}}}) == []
+    assert bars({"retro": {"greedy x8": {"rows": rows}}}, server_cpus=(1,)) == []
     assert "did not run" in bars_table([])
 
 
@@ -174,3 +175,41 @@ def test_the_timing_wrapper_leaves_a_retro_stepper_the_calls_it_makes_alone():
             stepper.close()
         searches.append(len(retriever.calls))
     assert searches[0] == searches[1] == 8, searches
+
+
+def test_retros_exact_and_ralmspec_rows_are_judged_against_exact_serial_and_prefetch_rows_against_theirs():
+    """RaLMSpec's RETRO queries are exact: its share hidden is of exact serial retrieval's time, and exact
+    serial itself hides nothing; only the prefetch rows compare with the prefetch serial run."""
+    from decoding import annotate_retro
+
+    rows = {"retro (no retrieval)": run(1.0, 0.0, 0.9, 0.0), "retro exact (prefetch 0)": run(1.30, 0.30, 1.2, 0.1),
+            "retro prefetch 32 serial": run(1.20, 0.20, 1.1, 0.1),
+            "retro prefetch 32 overlapped": run(1.05, 0.20, 1.0, 0.1),
+            "retro ralmspec": run(1.15, 0.30, 1.0, 0.1)}
+    annotate_retro(rows, "retro prefetch 32 serial", Cores(model=1, servers=1, shared=False))
+    assert "hidden_fraction" not in rows["retro (no retrieval)"]
+    assert rows["retro exact (prefetch 0)"]["hidden_fraction"] == 0.0  # was -(1.30 - 1.20) / 0.20
+    assert rows["retro exact (prefetch 0)"]["ceiling"] == pytest.approx((1.30 - 1.2) / 0.30)
+    assert rows["retro ralmspec"]["hidden_fraction"] == pytest.approx((1.30 - 1.15) / 0.30)
+    assert rows["retro ralmspec"]["ceiling"] == pytest.approx((1.30 - 1.0) / 0.30)
+    assert rows["retro prefetch 32 serial"]["hidden_fraction"] == 0.0
+    assert rows["retro prefetch 32 overlapped"]["hidden_fraction"] == pytest.approx((1.20 - 1.05) / 0.20)
+    assert rows["retro prefetch 32 overlapped"]["ceiling"] == pytest.approx((1.20 - 1.0) / 0.20)
+
+
+def test_the_speed_bar_gives_no_verdict_where_the_model_and_the_servers_share_every_core():
+    """The bar is judged with the model on one core and the servers on the other (`--server-cpus 1`); a run
+    without --server-cpus records its layout and its figures, and neither PASS nor MISS."""
+    rows = {"knn-lm serial": decoded(600.0, 1.7), "knn-lm ralmspec lm guess": decoded(900.0, 1.7),
+            "knn-lm early request": decoded(660.0, 1.8)}
+    found = bars({"knnlm": {"greedy x8": {"rows": rows}}}, server_cpus=())
+    assert [(b["decoder"], b["server_cpus"], b["pass"], b["verdict"]) for b in found] == [
+        ("knn-lm ralmspec lm guess", [], None, "not the judged configuration"),
+        ("knn-lm early request", [], None, "not the judged configuration")]
+    table = bars_table(found)
+    assert "| knn-lm ralmspec lm guess | 1.50x | 1.00x | yes | not the judged configuration |" in table
+    assert "PASS" not in table and "MISS" not in table
+    assert table.endswith("no verdict: model and servers shared every core; the bar is judged with the servers on "
+                          "cores of their own (--server-cpus 1)")
+    judged = bars({"knnlm": {"greedy x8": {"rows": rows}}}, server_cpus=(1,))
+    assert [(b["pass"], b["verdict"]) for b in judged] == [(True, "PASS"), (False, "MISS")]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,44 @@ def test_the_relay_reuses_its_heap_for_large_answers():
         for _ in range(30):
             floor.call(request, timeout=10)
         assert (minor_faults(floor.pids["relay"]) - before) / 30 < 200
+
+
+OWNER = ("import sys, time\nsys.path.insert(0, {bench!r})\nfrom grpc_floor import FloorDeployment\n"
+         "floor = FloorDeployment().__enter__()\n"
+         "print(floor._dir, *floor.pids.values(), flush=True)\ntime.sleep(60)\n")
+
+
+def exited(pid: int) -> bool:
+    """Whether process `pid` has exited (gone, or a zombie no one reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_the_floors_processes_stop_when_the_process_that_started_them_is_killed():
+    """A benchmark killed by a signal never reaches `__exit__`: its floor's shards and relay stop by
+    themselves once their parent is gone, and the last one removes the floor's folder."""
+    import signal
+    import subprocess
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    owner = subprocess.Popen([sys.executable, "-c", OWNER.format(bench=bench)], stdout=subprocess.PIPE, text=True)
+    try:
+        directory, *pids = owner.stdout.readline().split()
+        assert len(pids) == 3, pids
+        owner.send_signal(signal.SIGTERM)
+        owner.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(exited(int(pid)) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in pids if not exited(int(pid))]
+        for pid in left:  # never leave them running, even when the test fails
+            os.kill(int(pid), signal.SIGKILL)
+        assert not left, f"still running after their parent died: {left}"
+        while Path(directory).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(directory).exists()
+    finally:
+        owner.kill()
+        owner.wait()
