@@ -504,6 +504,30 @@ def test_gpu_shards_on_nfs_without_router(capsys):
         assert {"name": "datastore", "nfs": nfs} in sts["spec"]["template"]["spec"]["volumes"]
 
 
+def test_shard_faiss_threads_match_the_cpu_request(default_docs, capsys):
+    """--threads 0 is FAISS's default, one thread per core OpenMP sees: every core of the node, whatever the
+    pod requests. The chart's default gives a shard as many FAISS threads as it requests CPUs."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["shard"]["threads"] == int(values["shard"]["resources"]["requests"]["cpu"])
+    for sts in of_kind(default_docs, "StatefulSet"):
+        container = sts["spec"]["template"]["spec"]["containers"][0]
+        threads = server_args(container, capsys).threads
+        assert threads > 0 and threads == int(container["resources"]["requests"]["cpu"]), _name(sts)
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `shard.threads`"))
+    assert row.split("|")[2].strip().startswith(f"`{values['shard']['threads']}`"), row
+
+
+def test_probes_take_a_success_threshold_kubernetes_allows():
+    """Readiness may ask for several successes; liveness and startup take 1 alone, which renders."""
+    probes = {"readiness": {"successThreshold": 2}, "liveness": {"successThreshold": 1},
+              "startup": {"successThreshold": 1}}
+    docs = render({"shard": {"probes": probes}, "router": {"probes": probes}})
+    for doc in [*of_kind(docs, "StatefulSet"), *of_kind(docs, "Deployment")]:
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        assert container["readinessProbe"]["successThreshold"] == 2, _name(doc)
+        assert errors(doc, K8S_VERSIONS[0]) is None, f"{_name(doc)}: {errors(doc, K8S_VERSIONS[0])}"
+
+
 def test_disruption_budgets_cover_each_shard(docs_3x2):
     budgets = by_name(docs_3x2, "PodDisruptionBudget")
     for sts in of_kind(docs_3x2, "StatefulSet"):
@@ -537,6 +561,11 @@ def test_log_level_in_any_case_as_the_cli_takes_it(level, capsys):
     ({"shard": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": "150%"}}}, "/maxUnavailable"),
     ({"router": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": -1}}}, "/maxUnavailable"),
     ({"shard": {"drainDelaySeconds": -0.5}}, "/shard/drainDelaySeconds"),
+    # Kubernetes requires successThreshold 1 for liveness and startup probes (the API server refuses more)
+    ({"shard": {"probes": {"liveness": {"successThreshold": 2}}}}, "/shard/probes/liveness/successThreshold"),
+    ({"shard": {"probes": {"startup": {"successThreshold": 3}}}}, "/shard/probes/startup/successThreshold"),
+    ({"router": {"probes": {"liveness": {"successThreshold": 2}}}}, "/router/probes/liveness/successThreshold"),
+    ({"router": {"probes": {"startup": {"successThreshold": 2}}}}, "/router/probes/startup/successThreshold"),
 ])
 def test_values_schema_rejects_bad_values(values, message):
     helm = _need("helm_python", "helm-python-sdk")
@@ -581,7 +610,10 @@ def _first_container(doc: dict) -> dict:
     (lambda d: d["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
     (lambda d: _first_container(d).update(imagee="ray"), "template/spec/containers/0: Additional properties"),
     (lambda d: _first_container(d)["resources"]["limits"].update(cpu=[2]), "resources/limits/cpu"),
-], ids=["no-head", "misspelt-field", "string-replicas", "no-group-name", "pod-template-typo", "bad-quantity"])
+    (lambda d: d["spec"]["authOptions"].update(mode="on"), "spec/authOptions/mode"),
+    (lambda d: d["spec"]["authOptions"].update(secretname="x"), "spec/authOptions: Additional properties"),
+], ids=["no-head", "misspelt-field", "string-replicas", "no-group-name", "pod-template-typo", "bad-quantity",
+        "bad-auth-mode", "misspelt-auth-field"])
 def test_kuberay_validator_rejects_broken_raycluster(break_it, where):
     (cluster,) = [d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayCluster"]
     cluster = copy.deepcopy(cluster)
@@ -597,7 +629,9 @@ def test_kuberay_validator_rejects_broken_raycluster(break_it, where):
     (lambda d: d["spec"].update(apiVersion="ray.io/v1alpha1"), "'apiVersion' was unexpected"),
     (lambda d: _first_container(d)["resources"]["limits"].update({"nvidia.com/gpu": {"x": 1}}),
      "rayClusterSpec/headGroupSpec/template/spec/containers/0/resources/limits/nvidia.com/gpu"),
-], ids=["bad-mode", "list-entrypoint", "no-start-params", "unknown-field", "bad-gpu-quantity"])
+    (lambda d: d["spec"]["rayClusterSpec"]["authOptions"].update(secretName=1),
+     "rayClusterSpec/authOptions/secretName"),
+], ids=["bad-mode", "list-entrypoint", "no-start-params", "unknown-field", "bad-gpu-quantity", "bad-auth-secret"])
 def test_kuberay_validator_rejects_broken_rayjob(break_it, where):
     job = copy.deepcopy([d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayJob"][0])
     assert kuberay_errors(job, K8S_VERSIONS[-1]) is None
@@ -687,14 +721,26 @@ def test_ray_pods_share_the_data_volume_and_match_the_images():
             assert container["image"].endswith("-cuda") == (gpus is not None), f"{_name(doc)}: {container['image']}"
 
 
-# Ray's token authentication is off unless RAY_AUTH_MODE=token; the token comes from this Secret
-# (deploy/README.md creates it).
-RAY_AUTH_SECRET = {"name": "retrieval-ray-auth", "key": "token"}
+# Ray's token authentication is off unless RAY_AUTH_MODE=token. KubeRay polls a RayJob's status from the job
+# API (GET /api/jobs/ID), which then refuses a request without the token: the operator sends it only for a
+# cluster whose spec.authOptions.mode is token (KubeRay 1.5.1+; authOptions.secretName 1.6+). So the
+# manifests switch it on there, never by hand in the pods' env, and the token is the key `auth_token`
+# (utils.RAY_AUTH_TOKEN_SECRET_KEY) of the Secret that deploy/README.md creates.
+RAY_AUTH = {"mode": "token", "secretName": "retrieval-ray-auth"}
+RAY_AUTH_KEY = "auth_token"
+KUBERAY_FLOOR = "1.6"  # authOptions.secretName; BackoffLimit refused with clusterSelector
+RAY_FOR_TOKEN_AUTH = (2, 52, 0)  # KubeRay's validation refuses authOptions token on an older rayVersion
+README = DEPLOY / "README.md"
+
+
+def cluster_spec(doc: dict) -> dict:
+    """A RayCluster's spec, or the spec of the cluster a RayJob makes."""
+    return doc["spec"].get("rayClusterSpec", doc["spec"])
 
 
 def ray_pods(doc: dict) -> list[tuple[str, dict]]:
     """Every pod spec a RayCluster or RayJob makes, by role: head, worker groups, a RayJob's submitter."""
-    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    spec = cluster_spec(doc)
     pods = [(f"{_name(doc)} head", spec["headGroupSpec"]["template"]["spec"]),
             *((f"{_name(doc)} {g['groupName']}", g["template"]["spec"]) for g in spec.get("workerGroupSpecs", []))]
     if "submitterPodTemplate" in doc["spec"]:
@@ -707,31 +753,32 @@ def ray_containers(doc: dict) -> list[tuple[str, dict]]:
     and securityContext come from autoscalerOptions."""
     found = [(f"{where} {c['name']}", c) for where, pod in ray_pods(doc)
              for c in [*pod.get("initContainers", []), *pod["containers"]]]
-    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    spec = cluster_spec(doc)
     if spec.get("enableInTreeAutoscaling"):
         found.append((f"{_name(doc)} autoscaler", spec.get("autoscalerOptions", {})))
     return found
 
 
-def test_every_ray_container_requires_the_ray_token():
-    """Head, workers and autoscaler turn token authentication on, with the token from the Secret (never
-    in the manifest); so does each RayJob's submitter: KubeRay's default one carries no token, and the
-    job API would refuse it."""
-    readme = (DEPLOY / "README.md").read_text()
-    assert re.search(rf"create secret generic {RAY_AUTH_SECRET['name']} --from-\w+={RAY_AUTH_SECRET['key']}=", readme)
+def test_ray_token_auth_is_switched_on_through_kuberay():
+    """Every Ray cluster (the long-lived one, each RayJob's) turns token authentication on with
+    authOptions, the token from the Secret; KubeRay then sets RAY_AUTH_MODE and RAY_AUTH_TOKEN in the
+    head, the workers, the autoscaler and the submitter, and sends the token when it polls the job API.
+    No container sets them by hand: KubeRay skips a container that has them (SetContainerTokenAuthEnvVars).
+    Each K8sJobMode RayJob has its own submitter, unprivileged, running the head's Ray."""
+    readme = README.read_text()
+    assert re.search(rf"create secret generic {RAY_AUTH['secretName']} --from-literal={RAY_AUTH_KEY}=", readme)
+    assert f"KubeRay operator {KUBERAY_FLOOR} or newer" in " ".join(readme.split())
     for doc in load_manifests(RAY_MANIFESTS):
+        spec = cluster_spec(doc)
+        assert spec.get("authOptions") == RAY_AUTH, _name(doc)
+        assert tuple(int(p) for p in spec["rayVersion"].split(".")) >= RAY_FOR_TOKEN_AUTH, _name(doc)
         if doc["kind"] == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
-            assert "submitterPodTemplate" in doc["spec"], f"{_name(doc)}: the default submitter has no token"
             submitter = doc["spec"]["submitterPodTemplate"]["spec"]
             assert submitter["restartPolicy"] == "Never" and submitter["containers"][0]["image"] == \
                 _first_container(doc)["image"]  # the head's Ray runs `ray job submit`
         for where, container in ray_containers(doc):
-            env = {e["name"]: e for e in container.get("env", [])}
-            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
-            token = env.get("RAY_AUTH_TOKEN", {})
-            ref = token.get("valueFrom", {}).get("secretKeyRef", {})
-            assert "value" not in token and {k: ref.get(k) for k in RAY_AUTH_SECRET} == RAY_AUTH_SECRET, where
-            assert not ref.get("optional"), where
+            by_hand = {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+            assert not by_hand, f"{where} sets {sorted(by_hand)}: KubeRay's authOptions does"
 
 
 def _secret_file(pod: dict, container: dict, path: Path) -> tuple[str, str] | None:
@@ -763,6 +810,114 @@ def test_pods_that_run_the_evaluation_mount_what_it_reads(default_docs, capsys):
                 assert _secret_file(template["spec"], container, path) == source, f"{_name(doc)}: {path}"
             secrets = {v["secret"]["secretName"] for v in template["spec"].get("volumes", []) if "secret" in v}
             assert chart["shard-tokens"] not in secrets, f"{_name(doc)} holds the shards' tokens"
+
+def kuberay_cluster_selector_refusal(job: dict) -> str | None:
+    """What KubeRay (1.6-1.7, ValidateRayJobSpec in ray-operator/controllers/ray/utils/validation.go)
+    refuses in a RayJob that runs on an existing cluster (clusterSelector), or None."""
+    spec = job["spec"]
+    if not spec.get("clusterSelector"):
+        return None if "rayClusterSpec" in spec else "one of RayClusterSpec or ClusterSelector must be set"
+    if not spec["clusterSelector"].get("ray.io/cluster"):
+        return "cluster name in ClusterSelector should not be empty"
+    if spec.get("suspend"):
+        return "the ClusterSelector mode doesn't support the suspend operation"
+    if spec.get("submissionMode") == "SidecarMode":
+        return "ClusterSelector is not supported in SidecarMode"
+    if spec.get("backoffLimit", 0) > 0:
+        return "BackoffLimit is incompatible with ClusterSelector mode"
+    return None
+
+
+def _paragraph(text: str, needle: str) -> str:
+    """The paragraph (blank-line separated) of `text` holding `needle`."""
+    (found,) = [p for p in re.split(r"\n\s*\n", text) if needle in p]
+    return found
+
+
+def test_a_rayjob_on_the_long_lived_cluster_as_the_readme_says():
+    """deploy/README.md: replace a RayJob's rayClusterSpec by clusterSelector to run it on the long-lived
+    cluster. KubeRay refuses some fields there (backoffLimit: it retries by recreating a cluster it did
+    not make); the README names each, and the RayJob without them is valid."""
+    docs = load_manifests(RAY_MANIFESTS)
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    selector = {"ray.io/cluster": cluster["metadata"]["name"]}
+    paragraph = _paragraph(README.read_text(), "clusterSelector: {ray.io/cluster: ")
+    assert f"clusterSelector: {{ray.io/cluster: {selector['ray.io/cluster']}}}" in paragraph
+    for job in [d for d in docs if d["kind"] == "RayJob"]:
+        job = copy.deepcopy(job)
+        assert kuberay_cluster_selector_refusal(job) is None
+        job["spec"].pop("rayClusterSpec")
+        job["spec"]["clusterSelector"] = selector
+        while refusal := kuberay_cluster_selector_refusal(job):
+            field = {"BackoffLimit": "backoffLimit"}[refusal.split()[0]]
+            assert f"`{field}`" in paragraph, f"{_name(job)} with clusterSelector: {refusal}; the README keeps it"
+            job["spec"].pop(field)
+        assert kuberay_errors(job, K8S_VERSIONS[-1]) is None
+
+
+def _readme_creates(readme: str, secret: str) -> int:
+    """Where deploy/README.md creates the Secret `secret` (-1: nowhere); its `$R` is the release."""
+    found = re.search(rf"create secret generic {re.escape(secret)}(?![\w-])", readme.replace("$R-", f"{RELEASE}-"))
+    return found.start() if found else -1
+
+
+def test_the_long_lived_cluster_starts_before_the_chart_is_installed(default_docs):
+    """deploy/README.md prepares and trains on the long-lived cluster (step 2) before it makes the chart's
+    Secrets (step 4). Its pods mount those optionally (only the evaluation reads them), and every Secret its
+    pods need to start (Ray's token, from authOptions) is created before the README's first `ray job submit`
+    command."""
+    readme = README.read_text()
+    (cluster,) = [d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayCluster"]
+    (router,) = of_kind(default_docs, "Deployment")
+    chart = {v["secret"]["secretName"] for v in router["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    needed = {name for name in [cluster_spec(cluster).get("authOptions", {}).get("secretName")] if name}
+    for _, pod in ray_pods(cluster):
+        for volume in pod.get("volumes", []):
+            if "secret" in volume and not volume["secret"].get("optional"):
+                needed.add(volume["secret"]["secretName"])
+        for container in pod["containers"]:
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    needed.add(ref["name"])
+    assert not needed & chart, f"the long-lived cluster's pods wait for the chart's Secrets {sorted(needed & chart)}"
+    first_job = re.search(r"^ray job submit ", readme.replace("$R-", f"{RELEASE}-"), re.M).start()
+    for secret in needed:
+        assert 0 <= _readme_creates(readme, secret) < first_job, f"{secret} is made after the first job"
+
+
+def readme_job_submissions() -> list[list[str]]:
+    """The `ray job submit` commands of deploy/README.md's shell blocks, as words (continuations joined)."""
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)).replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in blocks.splitlines()
+            if line.lstrip().startswith("ray job submit ")]
+
+
+def test_training_on_the_long_lived_cluster_runs_on_a_gpu_worker(capsys):
+    """`ray job submit` runs an entry point that asks for no resources on the head, which has no GPU
+    (CPU image, num-cpus 0); lm-worker train runs in that process. So the README's training asks for a GPU
+    (--entrypoint-num-gpus) and --device cuda, and the long-lived cluster has GPU workers that can take it."""
+    from ray.dashboard.modules.job.cli import submit
+
+    (cluster,) = [d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayCluster"]
+    spec = cluster_spec(cluster)
+    head = spec["headGroupSpec"]
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))]
+    assert gpu_groups and all(g["maxReplicas"] >= 1 for g in gpu_groups) and spec["enableInTreeAutoscaling"]
+    assert all(g["template"]["spec"]["containers"][0]["image"].endswith("-cuda") for g in gpu_groups)
+    submissions = readme_job_submissions()
+    trains = [words for words in submissions if words[words.index("--") + 1:][2:4] == ["lm_worker.cli", "train"]]
+    assert trains
+    for words in submissions:
+        submit.make_context("submit", words[3:])  # as `ray job submit` takes it
+    for words in trains:
+        options, entry = words[3:words.index("--")], words[words.index("--") + 1:]
+        gpus = float(options[options.index("--entrypoint-num-gpus") + 1]) if "--entrypoint-num-gpus" in options else 0
+        args = parse_cli("lm_worker.cli", entry[3:], capsys)
+        assert gpus >= 1 and args.device.startswith("cuda"), shlex.join(words)
+
 
 
 def test_ray_pods_run_unprivileged():
@@ -856,8 +1011,13 @@ def test_cuda_image_installs_gpu_extra_with_cuda_torch():
     assert ".[gpu,lm]" in pip and "-c" not in pip and "constraints.txt" not in " ".join(pip)
     args = _stage_args(DOCKERFILE_CUDA)
     pinned = re.search(r"^torch==([^+\s]+)", (ROOT / "constraints.txt").read_text(), re.M)[1]  # 2.13.0 of +cpu
-    assert "torch==${TORCH_VERSION}" in pip and args["TORCH_VERSION"] == pinned
-    assert re.search(r"/whl/cu\d+$", args["TORCH_INDEX_URL"]) and args["RAY_GPU_IMAGE"].endswith("-gpu")
+    assert args["TORCH_VERSION"] == pinned and re.fullmatch(r"cu\d+", args["TORCH_CUDA"])
+    # The local version (+cu128) that only PyTorch's index has: without it, pip takes PyPI's torch of that
+    # version (another build) whenever the index has no wheel for it, silently.
+    assert "torch==${TORCH_VERSION}+${TORCH_CUDA}" in pip
+    index = args["TORCH_INDEX_URL"].replace("${TORCH_CUDA}", args["TORCH_CUDA"])
+    assert index.endswith(f"/whl/{args['TORCH_CUDA']}") and pip[pip.index("--extra-index-url") + 1] == \
+        "${TORCH_INDEX_URL}" and args["RAY_GPU_IMAGE"].endswith("-gpu")
     assert _values(stage, "USER")[-1] not in ("root", "0")
 
 
