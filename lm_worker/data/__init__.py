@@ -8,5 +8,5 @@
 - `folders`: a folder replaced whole by two renames, the old one put back when stopped between them, and the
   lock that keeps a folder to one writer at a time.
 
-Imports: lm_worker.data, retriever_server.datastore.publish
+Imports: lm_worker.data
 """

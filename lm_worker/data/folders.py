@@ -5,11 +5,10 @@ of a folder at a time (`exclusive_lock`)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-from retriever_server.datastore.publish import BuildError, held_lock
 
 
 def swap_folders(new: Path, place: Path, old: Path) -> None:
@@ -26,15 +25,30 @@ def swap_folders(new: Path, place: Path, old: Path) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, busy: str) -> Iterator[None]:
-    """Holds the lock file at `path` (an flock, as a build holds its output's) for the block and removes it at
-    the end: ValueError(`busy`) where another process, or another block of this one, holds it. The kernel
-    releases a killed process's lock."""
-    with contextlib.ExitStack() as stack:
-        try:  # the errors of taking the lock alone: the block's own go as they are
-            stack.enter_context(held_lock(path, path, busy))
-        except BuildError as err:
-            raise ValueError(str(err)) from None
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # before the lock goes: one that opened it meanwhile tries again
+    """Holds the lock file at `path` (an flock) for the block and removes it at the end: ValueError(`busy`)
+    where another process, or another block of this one, holds it. A file that a finishing holder removed
+    between our open and our flock is no lock any more: the one at `path` now is taken instead. The kernel
+    releases a killed process's lock. (The service's build lock works alike; the data room imports nothing
+    of the service, whose datastore modules load FAISS.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(busy) from None
+            if _same_file(f, path):
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)  # before the lock goes: one that opened it meanwhile tries again
+                return
+
+
+def _same_file(f, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path` (not removed or replaced since it was opened)."""
+    try:
+        here, there = os.fstat(f.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
