@@ -189,6 +189,9 @@ def _check_options(args: argparse.Namespace, kind: str, n_neighbours: int | None
         raise ValueError("--no-retrieval decodes with the model alone: it takes no --target or --datastore")
     if args.no_retrieval and args.ralmspec:
         raise ValueError("--ralmspec speculates retrieval: --no-retrieval decodes with the model alone")
+    if args.ralmspec and kind == "hf":  # RaLMSpecKnnLM's own refusal, before any server starts
+        raise ValueError("--ralmspec speculative retrieval needs a TransformerLM (per-row positions): it takes a "
+                         "checkpoint of kind 'lm', and --checkpoint is a Hugging Face model (kind 'hf')")
     unused = [flag for flag, value in (("--k", args.k), ("--nprobe", args.nprobe), ("--rerank", args.rerank),
                                        ("--no-overlap", args.no_overlap), ("--encoder-lm", args.encoder_lm),
                                        ("--knn-pipeline", args.knn_pipeline),
@@ -320,14 +323,20 @@ def run_generate(args: argparse.Namespace) -> None:
             check_datastore_tokenizer(retriever, tokenizer, flags)
         stepper = _stepper(args, loaded, retriever, tokenizer)
         decoded, pipelined = {}, False
-        for rows in groups:  # a batch per prompt length, in the order the lengths first come; each prompt's
-            # place among the prompts seeds its sampler, whichever prompts share its length
-            if isinstance(stepper, KnnLMStepper) and not args.knn_pipeline:  # pipelined by the batch's size
-                stepper.overlap = len(rows) >= PIPELINE_PROMPTS and config.strategy != "beam" and not args.no_overlap
-            pipelined |= getattr(stepper, "pipelined", False) and len(rows) > 1
-            out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long),
-                           dataclasses.replace(config, rows=tuple(rows)))
-            decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
+        try:
+            for rows in groups:  # a batch per prompt length, in the order the lengths first come; each prompt's
+                # place among the prompts seeds its sampler, whichever prompts share its length
+                if isinstance(stepper, KnnLMStepper) and not args.knn_pipeline:  # pipelined by the batch's size
+                    stepper.overlap = (len(rows) >= PIPELINE_PROMPTS and config.strategy != "beam"
+                                       and not args.no_overlap)
+                pipelined |= getattr(stepper, "pipelined", False) and len(rows) > 1
+                out = generate(stepper, torch.tensor([ids[r] for r in rows], dtype=torch.long),
+                               dataclasses.replace(config, rows=tuple(rows)))
+                decoded.update({r: out.tokens[i, :int(out.lengths[i])].tolist() for i, r in enumerate(rows)})
+        finally:
+            close = getattr(stepper, "close", None)  # RetroStepper's prefetch thread
+            if close is not None:
+                close()
     for r, text in enumerate(texts):
         print(f"--- {text!r}\n{tokenizer.decode(decoded[r])}")
     s = getattr(stepper, "stats", None)

@@ -25,7 +25,8 @@ class GenerateConfig:
     likely tokens whose probability reaches p (1.0: all). length_penalty is alpha of `length_norm`
     (`lm_worker.decoding.beam`). eos_id: rows stop after emitting it (None: no EOS). seed: of the samplers,
     one per row (`row_generators`). first_row: the index of the prompt batch's first row in a larger batch
-    decoded in parts: row r samples with the generator of row first_row + r, as it would in the whole batch.
+    decoded in parts: row r samples with the generator of row first_row + r, seeded as in the whole batch
+    (its log-probs agree with the whole batch's to about 1e-6, so its tokens do except at near-ties).
     rows: instead, each row's index in the whole batch, one per prompt row (a part whose rows are not
     consecutive there, e.g. the prompts of one length); () for first_row + r.
     """

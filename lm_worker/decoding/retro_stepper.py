@@ -60,7 +60,10 @@ class RetroStepper:
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Log-probs (B, V) after the prompt (B, T); the prompt's complete chunks are retrieved in one call."""
+        """Log-probs (B, V) after the prompt (B, T); the prompt's complete chunks are retrieved in one call.
+        Prefetches a previous decoding left unused (one that ended without `end_decoding`) are dropped first."""
+        if self._pending:
+            self.end_decoding()
         self.cache = self.model.new_cache()
         self.history = prompt.long().clone()
         self.neighbours = torch.zeros(len(prompt), 0, self.n_neighbours, 2 * self.chunk_len, dtype=torch.long,
@@ -88,6 +91,13 @@ class RetroStepper:
         self.cache.reorder(indices)
         for pending in self._pending.values():
             pending.reorder(indices)
+
+    def end_decoding(self) -> None:
+        """Drops the prefetches decoding will not use (its loop ended early, on EOS or a finished beam search):
+        queued ones are cancelled, and the prefetch thread ends once a search it has begun is done, so none
+        runs ahead of the next decoding's (a new thread serves it)."""
+        self._pending = {}
+        self.close()
 
     def close(self) -> None:
         """Stops the prefetch thread (a prefetch never needed, e.g. past an early EOS, is dropped)."""

@@ -2,7 +2,9 @@
 
 The filters (`apply_temperature`, `top_k_filter`, `top_p_filter`) are pure functions on log-prob
 tensors (B, V), applied in that order when sampling. Each row samples from its own generator, seeded
-with (seed, row index) (`row_generators`), so a row's tokens do not depend on which rows share its batch.
+with (seed, row index) (`row_generators`), so a row's generator is seeded the same whatever rows share its
+batch. The model's forward is not exactly batch-independent: a row's log-probs agree between batches to
+about 1e-6, so its tokens agree except where two tokens' probabilities are that near a draw's boundary.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def filter_log_probs(log_probs: torch.Tensor, config: GenerateConfig) -> torch.T
 
 def row_generators(seed: int, rows: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """Samplers for `rows` of a batch (`GenerateConfig.row_indices`): row r's is seeded from (seed, r)
-    through numpy's `SeedSequence`, so a row draws the same tokens whether it is decoded alone or in any batch."""
+    through numpy's `SeedSequence`, so a row's generator is seeded the same whether it is decoded alone or in
+    any batch (its tokens agree too, except at near-ties: see the module doc)."""
     def row_seed(row: int) -> int:
         return int(np.random.SeedSequence((seed % 2 ** 64, row)).generate_state(1)[0])
 

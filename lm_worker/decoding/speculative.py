@@ -19,7 +19,8 @@ speculative neighbours (same key, same neighbours). The tokens are exactly those
 The guess is right wherever the neighbours do not move the argmax: most steps of greedy decoding with
 a small λ or a high kNN temperature, fewer when sampling. Rows that have emitted `eos_id` are guessed
 to emit it again, as the decoder does. Beam search reorders rows between steps, which drops every
-speculation (their work is wasted): use `KnnLMStepper(overlap=True)` there.
+speculation (its work is wasted, its request cancelled where not yet started) and counts as a miss, so
+with `adaptive` the stepper stops guessing after a few steps: use `KnnLMStepper(overlap=True)` there.
 
 A guess pays only when every row's holds: one wrong row costs a second forward (on a CPU a forward
 costs about the same for one row as for all) and a second request. So, with `adaptive`, the stepper
@@ -157,20 +158,27 @@ class SpeculativeKnnLMStepper(KnnLMStepper):
     def end_decoding(self) -> None:
         """Drops a speculative step made for a step that will not come (the loop ended early, on EOS or a
         finished beam search): its cache position, and its request where it has not started."""
+        self._drop_guess()
+
+    @torch.no_grad()
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Selects batch rows (B',); drops a speculative step first (as `end_decoding` does) and counts the
+        guess, made or only computed, as missed: beam search reorders every step, so there it never holds,
+        and the adaptive rule soon stops guessing."""
+        if self._candidate is not None:
+            self.hold_rate = _average(self.hold_rate, 0.0)
+            self.stats.steps_checked += 1
+        self._drop_guess()
+        self.cache.reorder(indices)
+        self._last = None if self._last is None else self._last.index_select(0, indices)
+
+    def _drop_guess(self) -> None:
+        """Forgets the speculative step, if any: its cache position, and its request where it has not started."""
         if self._guess is not None:
             self.cache.rewind(1)
             if isinstance(self._guess.step.found, Pending):
                 self._guess.step.found.future.cancel()
         self._guess, self._candidate = None, None
-
-    @torch.no_grad()
-    def reorder(self, indices: torch.Tensor) -> None:
-        """Selects batch rows (B',); drops a speculative step first (its position is forgotten)."""
-        if self._guess is not None:
-            self.cache.rewind(1)
-        self._guess, self._candidate = None, None
-        self.cache.reorder(indices)
-        self._last = None if self._last is None else self._last.index_select(0, indices)
 
     def _guess_tokens(self, lm_log_probs: torch.Tensor) -> torch.Tensor:
         """The guess (B,): the LM's argmax, eos for rows that have emitted it."""

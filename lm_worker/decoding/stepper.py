@@ -60,6 +60,10 @@ class WholeSteps:
     def reorder(self, indices: torch.Tensor) -> None:
         self.stepper.reorder(indices)
 
+    def end_decoding(self) -> None:
+        """The stepper's own `end_decoding`, where it has one (a RETRO stepper drops its unused prefetches)."""
+        end_decoding(self.stepper)
+
 
 def split_phase(stepper: Stepper | SplitStepper) -> SplitStepper:
     """The stepper itself if it has the two-phase API, else an adapter that runs whole steps."""

@@ -8,7 +8,8 @@ likely neighbours of the next position (RetoMaton's observation). The guess is t
 service's answer; the cache itself never decides a token.
 
 The caches of a batch's sequences share one array per field, (B, capacity, ...), so that one batched
-distance computation searches every sequence's own rows. A full cache overwrites its oldest rows.
+distance computation searches every sequence's own rows. A full cache overwrites its oldest rows: those
+least recently added, or found again by an answer (`add_ranked`).
 
 Example:
     >>> caches = LocalCaches(rows=8, capacity=2048, dimension=32)
@@ -69,8 +70,10 @@ class LocalCaches:
         self.norms = np.full((rows, capacity), np.inf, dtype=np.float32)  # (B, C) squared norms; inf: empty
         self.values = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C)
         self.ids = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C) datastore id per slot, -1: empty
-        self.written = np.zeros(rows, dtype=np.int64)  # rows ever written per sequence: next slot % capacity
-        self._codes: set[int] = set()  # sequence * _ROW_SHIFT + id of every row held
+        self.written = np.zeros(rows, dtype=np.int64)  # rows ever written per sequence: slots [0, written) used
+        self.stamps = np.full((rows, capacity), -1, dtype=np.int64)  # (B, C) when each slot was last added; -1: empty
+        self._clock = 0  # the next stamp
+        self._slots: dict[int, int] = {}  # sequence * _ROW_SHIFT + id of every row held -> its slot
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,8 +84,7 @@ class LocalCaches:
 
     def held(self, row: int) -> np.ndarray:
         """The datastore ids sequence `row` holds, oldest first."""
-        age = (np.arange(self.capacity) - self.written[row]) % self.capacity  # the next slot written is oldest
-        ids = self.ids[row, np.argsort(age, kind="stable")]
+        ids = self.ids[row, np.argsort(self.stamps[row], kind="stable")]
         return ids[ids >= 0]
 
     def add(self, row: int, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
@@ -92,12 +94,14 @@ class LocalCaches:
         keys = np.asarray(keys).reshape(len(ids), self.keys.shape[2])  # (n, d): n may be 0
         self.add_many(np.full(len(ids), row, dtype=np.int64), ids, keys, np.asarray(values).reshape(-1))
 
-    def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
+    def add_many(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                 refresh: bool = False) -> None:
         """Adds datastore row ids[i] (key keys[i], value values[i]) to sequence rows[i]'s cache, for every
-        i of (n,), (n,), (n, d), (n,) at once: per sequence in the given order, ids < 0, repeats and rows
-        it already holds when the call begins skipped, its oldest rows overwritten past capacity (more new
-        rows than slots: the last given are kept; a row that the call itself overwrites is not added
-        again; add in several calls where that matters)."""
+        i of (n,), (n,), (n, d), (n,) at once: per sequence in the given order, ids < 0 and repeats skipped,
+        its oldest rows overwritten past capacity (more rows than slots: the last given are kept). A row it
+        already holds when the call begins is skipped, or with `refresh` made newer in its place in the
+        order, as if added again (without: a row that the call itself overwrites is not added again; add
+        in several calls where that matters)."""
         rows, ids = np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64)
         order = np.argsort(rows, kind="stable")  # each sequence's rows together, in their order
         order = order[ids[order] >= 0]
@@ -106,32 +110,48 @@ class LocalCaches:
         codes = rows[order] * _ROW_SHIFT + ids[order]
         _, first = np.unique(codes, return_index=True)
         keep = np.sort(first)  # first time each (sequence, id) comes
-        held = self._codes
-        keep = keep[np.fromiter((c not in held for c in codes[keep].tolist()), dtype=bool, count=len(keep))]
-        take, seq = order[keep], rows[order][keep]  # grouped by sequence, ascending
+        held = np.fromiter((c in self._slots for c in codes[keep].tolist()), dtype=bool, count=len(keep))
+        if not refresh:
+            keep, held = keep[~held], held[~held]
+        take, seq, codes = order[keep], rows[order][keep], codes[keep]  # grouped by sequence, ascending
         if not len(take):
             return
-        start = np.searchsorted(seq, seq, side="left")
-        rank = np.arange(len(seq)) - start  # place of each within its sequence's new rows
-        count = np.bincount(seq, minlength=len(self.ids))  # new rows per sequence
-        past = rank < count[seq] - self.capacity  # more new rows than slots: the earliest give way
-        take, seq, rank = take[~past], seq[~past], rank[~past] - np.maximum(count[seq[~past]] - self.capacity, 0)
-        slots = (self.written[seq] + rank) % self.capacity
-        self.written += np.minimum(count, self.capacity)
+        rank = np.arange(len(seq)) - np.searchsorted(seq, seq, side="left")  # place within its sequence's rows
+        count = np.bincount(seq, minlength=len(self.ids))  # rows per sequence
+        kept = rank >= count[seq] - self.capacity  # more rows than slots: the earliest give way
+        take, seq, codes, held = take[kept], seq[kept], codes[kept], held[kept]
+        stamps = self._clock + np.arange(len(take))  # ascending within each sequence, past every stamp held
+        self._clock += len(take)
+        again = np.fromiter((self._slots[c] for c in codes[held].tolist()), dtype=np.int64, count=int(held.sum()))
+        self.stamps[seq[held], again] = stamps[held]  # the rows held, found again: newer, in the same slots
+        self._write(take[~held], seq[~held], codes[~held], stamps[~held], ids, keys, values)
+
+    def _write(self, take: np.ndarray, seq: np.ndarray, codes: np.ndarray, stamps: np.ndarray, ids: np.ndarray,
+               keys: np.ndarray, values: np.ndarray) -> None:
+        """Writes rows take (n,) of ids, keys and values, new to their sequences seq (n,) (grouped, ascending),
+        over each sequence's oldest slots: no more than the slots not stamped by this call."""
+        if not len(take):
+            return
+        first, where = np.unique(seq, return_inverse=True)
+        rank = np.arange(len(seq)) - np.searchsorted(seq, seq, side="left")
+        slots = np.argsort(self.stamps[first], axis=1, kind="stable")[where, rank]  # oldest (empty first) slots
+        self.written += np.bincount(seq, minlength=len(self.ids))
         gone = self.ids[seq, slots]  # the rows overwritten
-        held.difference_update((seq[gone >= 0] * _ROW_SHIFT + gone[gone >= 0]).tolist())
-        held.update((seq * _ROW_SHIFT + ids[take]).tolist())
+        for c in (seq[gone >= 0] * _ROW_SHIFT + gone[gone >= 0]).tolist():
+            del self._slots[c]
+        self._slots.update(zip(codes.tolist(), slots.tolist()))
         self.ids[seq, slots] = ids[take]
         self.keys[seq, slots] = keys[take]
         self.norms[seq, slots] = np.einsum("nd,nd->n", keys[take], keys[take])
         self.values[seq, slots] = values[take]
+        self.stamps[seq, slots] = stamps
 
     def add_ranked(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds answers' rows: query q's ids (m, n) ranked nearest first, keys (m, n, d) and values (m, n),
         to sequence rows[q]'s cache (rows (m,)), query after query. Each query's rows go in nearest last,
-        so where a sequence gets more new rows than it has slots the newest query's nearest rows are the
-        ones kept, and they are the last that later answers overwrite; a row found twice goes in where it
-        comes last (its best rank in the newest query that found it)."""
+        so where a sequence gets more rows than it has slots the newest query's nearest rows are the ones
+        kept, and they are the last that later answers overwrite; a row found twice, or already held, goes
+        in where it comes last (its best rank in the newest query that found it: `add_many` with refresh)."""
         m, n = ids.shape
         flat = np.ascontiguousarray(ids[:, ::-1]).reshape(-1)  # (m n,) each query's farthest first
         owners = np.repeat(np.asarray(rows, dtype=np.int64), n)  # (m n,)
@@ -140,7 +160,7 @@ class LocalCaches:
         keep = np.zeros(len(flat), dtype=bool)
         keep[len(flat) - 1 - last] = True
         self.add_many(owners, np.where(keep, flat, -1), keys[:, ::-1].reshape(m * n, -1),
-                      values[:, ::-1].reshape(-1))
+                      values[:, ::-1].reshape(-1), refresh=True)
 
     def add_neighbours(self, row: int | np.ndarray, found: KnnNeighbours, queries: slice | int | np.ndarray) -> None:
         """Adds the neighbours of `found`'s queries `queries` and their successors, which must have been
