@@ -1,8 +1,11 @@
 """Speculative kNN-LM decoding: the same tokens, scores and per-step log-probs as serial decoding for
 every strategy (guesses right and wrong, rows finished with EOS, beams reordered), and the retrieval
-hidden behind the speculative forward when the guesses hold."""
+hidden behind the speculative forward when the guesses hold; with beam search, whose reorders drop every
+guess, it soon stops guessing and retrieves as serial decoding does."""
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -168,3 +171,63 @@ def test_no_speculation_past_the_models_length(lm, fake_knn):
     spec = SpeculativeKnnLMStepper(lm, fake_knn, lam=LAM, temperature=TEMP, adaptive=False)
     assert torch.equal(generate(spec, prompt, cfg).tokens, serial.tokens)
     assert spec.cache.offset == lm.config.max_len and spec.stats.guessed == 2 * 5
+
+
+GUESSES_BEFORE_IT_STOPS = 3  # the hold rate falls 1, 0.8, 0.64, ...: below any break-even within a few steps
+
+
+def test_beam_search_stops_guessing_and_retrieves_as_serial_does(lm):
+    keys, values = knn_datastore(lm)
+    prompt = random_tokens((3, 5), seed=11)
+    cfg = GenerateConfig(strategy="beam", num_beams=3, max_new_tokens=12)
+    serial = KnnLMStepper(lm, FakeRetriever(keys, values, k=6, delay_s=0.002), lam=0.5, temperature=TEMP)
+    fake = FakeRetriever(keys, values, k=6, delay_s=0.002)
+    spec = SpeculativeKnnLMStepper(lm, fake, lam=0.5, temperature=TEMP)
+    want, got = generate(serial, prompt, cfg), generate(spec, prompt, cfg)
+    assert torch.equal(want.tokens, got.tokens) and torch.equal(want.scores, got.scores)
+    extra_calls = spec.stats.retrieval_calls - serial.stats.retrieval_calls
+    extra_queries = spec.stats.queries - serial.stats.queries
+    assert 0 <= extra_calls <= GUESSES_BEFORE_IT_STOPS, (spec.stats.retrieval_calls, serial.stats.retrieval_calls)
+    assert 0 <= extra_queries <= GUESSES_BEFORE_IT_STOPS * 3 * 3
+    assert spec.hold_rate < 0.5 and spec.stats.steps_held == 0 < spec.stats.steps_checked
+    assert spec.stats.guessed_right == 0
+
+
+class Deferred(Future):
+    """A search run only when its result is asked for: one never asked for stays pending, unless cancelled."""
+
+    def __init__(self, search):
+        super().__init__()
+        self.search = search
+
+    def result(self, timeout=None):
+        if self.set_running_or_notify_cancel():
+            self.set_result(self.search())
+        return super().result(timeout)
+
+
+class DeferredRetriever(FakeRetriever):
+    """Its requests run when waited for; keeps every request's future."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.futures: list[Deferred] = []
+
+    def submit_knn(self, keys, exclude=None):
+        self.futures.append(Deferred(lambda: self.knn(keys)))
+        return self.futures[-1]
+
+
+def test_a_guess_dropped_by_a_reorder_has_its_request_cancelled(lm):
+    """Guessing at every step (adaptive=False), each guess is dropped by the next reorder: its request,
+    never waited for, is cancelled, so none is left pending once decoding is over."""
+    keys, values = knn_datastore(lm)
+    prompt = random_tokens((2, 5), seed=12)
+    cfg = GenerateConfig(strategy="beam", num_beams=2, max_new_tokens=6)
+    fake = DeferredRetriever(keys, values, k=6)
+    want = generate(KnnLMStepper(lm, FakeRetriever(keys, values, k=6), lam=0.5, temperature=TEMP), prompt, cfg)
+    spec = SpeculativeKnnLMStepper(lm, fake, lam=0.5, temperature=TEMP, adaptive=False)
+    assert torch.equal(generate(spec, prompt, cfg).tokens, want.tokens)
+    assert spec.stats.retrieval_calls > spec.stats.steps  # guesses were made
+    assert [f for f in fake.futures if not f.done()] == []
+    assert sum(f.cancelled() for f in fake.futures) == len(fake.futures) - len(fake.calls) > 0
