@@ -5,6 +5,7 @@ vector cache smaller than asked for is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lm_worker.cli.common import folder_kind
 from lm_worker.data.token_store import TokenStore, write_token_store
 from lm_worker.encoders.stdlib_vectors import load_cached
 from lm_worker.jobs.encode_job import run_encode_job
-from lm_worker.jobs.encode_plan import EncodeJobConfig, no_room_for_a_worker
+from lm_worker.jobs.encode_plan import EncodeJobConfig, no_room_for_a_worker, plan_parts
 from lm_worker.models.checkpoint import save_checkpoint
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 from lm_worker.sources.output import check_out, new_source
@@ -163,11 +164,26 @@ def test_the_knnlm_job_needs_the_tokenizer(short_lm, tmp_path):
 # 4. kNN-LM parts hold whole batches of windows, as --help says
 
 
-def test_rows_per_part_help_says_the_floor(capsys):
+def test_rows_per_part_help_says_the_rounding(capsys):
     with pytest.raises(SystemExit):
         main(["encode", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "kNN-LM parts hold whole batches of 16 windows: at least 16 x --stride rows" in text
+
+
+def test_rows_per_part_is_rounded_up_to_whole_batches_of_windows(tmp_path):
+    """1650 rows at a stride of 100 take 17 windows, so 2 batches of 16: parts of 3200 rows (the first keys
+    256 more), never fewer rows than asked for; a count that is whole batches already stays as it is."""
+    config = EncodeJobConfig(kind="knnlm", data=tmp_path, checkpoint=tmp_path, context_len=256, stride=100,
+                             rows_per_part=1650)
+    plan = plan_parts(config, 1 + 256 + 47 * 100)  # 48 windows
+    assert [(p.first, p.last) for p in plan] == [(0, 32), (32, 48)]
+    assert [p.row_end - p.row_start for p in plan] == [256 + 31 * 100, 1600]
+    assert all(p.row_end - p.row_start >= 1650 for p in plan[:-1])
+    exact = plan_parts(dataclasses.replace(config, rows_per_part=3200), 1 + 256 + 47 * 100)
+    assert exact == plan  # 32 windows exactly: the plan (and so the job) of an earlier run is unchanged
+    defaults = plan_parts(EncodeJobConfig(kind="knnlm", data=tmp_path, stride=128), 1 + 256 + 1199 * 128)
+    assert [p.last - p.first for p in defaults] == [512, 512, 176]  # 65536 rows: 512 windows, as before
 
 
 # 5. a vector cache smaller than asked for is refused
@@ -234,3 +250,4 @@ def test_the_job_refuses_a_worker_its_own_cluster_cannot_take(data, short_lm, tm
     assert str(err.value) == ("no node of the Ray cluster can take an encode worker of 4 CPUs (--worker-cpus): its "
                               "live nodes have at most 2 CPUs; this job's own cluster takes no other node: ask for "
                               "less, or give --address of a cluster that has one")
+    assert not list(tmp_path.iterdir())  # refused before its work folder (or anything else) was written

@@ -162,6 +162,7 @@ class _Pool:
         self.running: dict = {}  # run() ref -> (actor, share)
         self.idle: list = []
         self.replaced = 0
+        self.dead: list[BaseException] = []  # why each worker died that `wait` has yet to replace
         self.nodes: set[str] = set()
         self.identity = identity  # what every worker must compute with (None: what the first one does)
         for _ in range(config.workers):
@@ -175,14 +176,20 @@ class _Pool:
         self.starting[actor.started.remote()] = actor
 
     def _lost(self, actor, why: BaseException) -> None:
-        """A worker died: kill what is left of it and start another in its place."""
+        """A worker died: kill what is left of it; `wait` starts another in its place unless it found a failure."""
         ray.kill(actor, no_restart=True)
-        if self.replaced >= self.config.max_replacements:
-            raise RuntimeError(f"{self.replaced} evaluation workers were replaced and another died: "
-                               f"{type(why).__name__}: {_last_line(why)}")
-        self.replaced += 1
-        log.warning("an evaluation worker died (%s); starting a replacement", type(why).__name__)
-        self._start_worker()
+        self.dead.append(why)
+
+    def _replace_dead(self) -> RuntimeError | None:
+        """Starts a worker in place of each one that died; past `max_replacements`, the error to raise."""
+        for why in self.dead:
+            if self.replaced >= self.config.max_replacements:
+                return RuntimeError(f"{self.replaced} evaluation workers were replaced and another died: "
+                                    f"{type(why).__name__}: {_last_line(why)}")
+            self.replaced += 1
+            log.warning("an evaluation worker died (%s); starting a replacement", type(why).__name__)
+            self._start_worker()
+        return None
 
     def dispatch(self, queue: deque[Share]) -> None:
         while queue and self.idle:
@@ -193,21 +200,22 @@ class _Pool:
         """Results that arrived by the time the first did (at most `timeout_s`); a dead worker's share goes back
         to the front of `queue`. It returns at the first result, not at the timeout, while a replacement
         worker waits for room. A failure (a worker that failed to start, or raised in a share; one dead
-        worker too many) comes back beside the results found with it, for the caller to save them first."""
+        worker too many) comes back beside the results found with it, for the caller to save them first;
+        a dead worker found in the same wait is killed and its share queued again, but not replaced."""
         refs = [*self.starting, *self.running]
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s) if refs else ([], [])
         if ready:  # and whatever else is done by now
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         results: list[dict] = []
-        failure = None
+        failure, self.dead = None, []
         for ref in ready:
-            if failure is not None and ref in self.starting:  # no worker is started or replaced past a failure
+            if failure is not None and ref in self.starting:  # no worker is taken on past a failure
                 continue
             try:
                 self._take(ref, queue, results)
             except Exception as err:  # noqa: BLE001 - raised by the caller once the results are saved
                 failure = failure or err
-        return results, failure
+        return results, failure or self._replace_dead()  # none is replaced beside a failure, before it or after
 
     def _take(self, ref, queue: deque[Share], results: list[dict]) -> None:
         """One ready ref: a worker started (idle now), a share's result (added to `results`), or a dead worker."""
@@ -344,11 +352,6 @@ def _last_line(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def _stalled(config: WorkerPoolConfig) -> RuntimeError:
-    return RuntimeError(f"no evaluation worker could start for {config.stall_timeout_s:.0f} s: "
-                        f"does the cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
-
-
 def _run_shares(job: EvalJob, config: WorkerPoolConfig, queue: deque[Share], done: dict[int, dict],
                 identity: dict[str, str] | None, on_share: Callable[[dict], None] | None, total: int) -> None:
     """Computes the queued shares on a pool of workers (each computing with `identity`, when given),
@@ -387,7 +390,8 @@ def _compute(pool: _Pool, config: WorkerPoolConfig, queue: deque[Share], done: d
         if pool.alive:
             last_alive = now
         elif now - last_alive > config.stall_timeout_s:
-            raise _stalled(config)
+            raise RuntimeError(f"no evaluation worker could start for {config.stall_timeout_s:.0f} s: does the "
+                               f"cluster have {config.num_cpus} CPUs / {config.num_gpus} GPUs free?")
         elif now - reported > STALL_REPORT_S:  # say why nothing moves, long before giving up
             reported = now
             log.warning("no evaluation worker has started for %.0f s (gives up after %.0f s): the cluster has %s; "

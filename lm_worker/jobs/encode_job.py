@@ -239,6 +239,19 @@ def _quiet_ray_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _join_cluster(config: EncodeJobConfig) -> None:
+    """Connects to the job's Ray cluster; ValueError where none of its nodes can take a worker and none will
+    join (the job started that cluster itself): Ray Data would wait for the workers forever."""
+    import ray
+
+    own = connect(config.address)
+    if why := no_room_for_a_worker(config, ray.nodes()):
+        if own:
+            raise ValueError(f"{why}; this job's own cluster takes no other node: ask for less, or give --address "
+                             "of a cluster that has one")
+        log.warning("%s: the job waits for such a node to join", why)  # an autoscaler may add one
+
+
 def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], total: int, eos_id: int,
                   encoder_factory) -> None:
     """Maps the parts in `todo` over the actor pool; raises EncodeError naming the first part that failed,
@@ -250,12 +263,6 @@ def _encode_parts(config: EncodeJobConfig, out_dir: Path, todo: list[PartSpec], 
     import ray.data
     from tqdm.auto import tqdm
 
-    own = connect(config.address)
-    if why := no_room_for_a_worker(config, ray.nodes()):
-        if own:  # no node will join a cluster the job started itself
-            raise ValueError(f"{why}; this job's own cluster takes no other node: ask for less, or give --address "
-                             "of a cluster that has one")
-        log.warning("%s: the job waits for such a node to join", why)  # an autoscaler may add one
     actor_args = {"config": config, "out_dir": str(out_dir.absolute()), "eos_id": eos_id,
                   "encoder_factory": encoder_factory}
     with _quiet_ray_data():
@@ -327,7 +334,7 @@ def run_encode_job(config: EncodeJobConfig, out_dir: Path,
     Raises:
         ValueError, FileNotFoundError: a bad config, missing inputs, a split of another tokenizer than
             DATA/tokenizer.json, or an `out_dir` holding files but no source (before any work starts); a
-            worker no node of the job's own Ray cluster can take (before any part starts).
+            worker no node of the job's own Ray cluster can take (before anything is written).
         EncodeError: a part failed (finished parts stay in the work folder for the next run; `out_dir`
             is as it was).
 
@@ -365,8 +372,11 @@ def _run(config: EncodeJobConfig, out_dir: Path, store: TokenStore, plan: list[P
     if (whole := _whole_source(out_dir, plan, stamp)) is not None:
         log.info("%s holds this job's whole source: kept as it is", out_dir)
         return whole
-    work = job_work_dir(out_dir)  # every check done: the first write, beside out_dir
-    work.mkdir(parents=True, exist_ok=True)
+    work = job_work_dir(out_dir)
+    sources = [folder for folder in (work, out_dir) if _made_by(folder, stamp)]  # what a part may be kept from
+    if any(all(finished_part(folder, p) is None for folder in sources) for p in plan):
+        _join_cluster(config)  # parts to encode: the cluster first, and a worker it cannot take is refused
+    work.mkdir(parents=True, exist_ok=True)  # every check done: the first write, beside out_dir
     (work / SOURCE_JSON).unlink(missing_ok=True)  # what a run killed while publishing left
     records = _keep_finished(work, plan, stamp)
     _reuse_published(out_dir, work, plan, stamp, records)

@@ -172,7 +172,8 @@ def plan_parts(config: EncodeJobConfig, n_tokens: int) -> list[PartSpec]:
     if n < 1:
         raise ValueError(f"the {config.split} split has {n_tokens} tokens; a kNN-LM source needs at least 2")
     windows = knn_windows(n, config.context_len, config.stride)
-    per_part = -(-max(1, config.part_rows // config.stride) // config.batch) * config.batch  # whole batches
+    windows_per_part = -(-config.part_rows // config.stride)  # rounded up: at least part_rows rows
+    per_part = -(-windows_per_part // config.batch) * config.batch  # whole batches, rounded up again
     bounds = [(a, min(len(windows), a + per_part)) for a in range(0, len(windows), per_part)]
     return [PartSpec(i, a, z, windows[a][1], windows[z - 1][2]) for i, (a, z) in enumerate(bounds)]
 
