@@ -29,6 +29,7 @@ ROWS, DIM, NQ, K = 1000, 4, 8, 4
 HALF = ROWS // 2
 VALUES = pb.PayloadInfo(name="values", dtype=pb.DTYPE_INT32)
 TOKENS = pb.PayloadInfo(name="tokens", dtype=pb.DTYPE_INT32, row_shape=[3])
+VERSION_BYTES = len(pb.SearchRequest(expected_datastore_version="v1").SerializeToString())  # a fan-out client adds
 
 
 # --- tensors: bounded work, TensorError alone ---
@@ -54,9 +55,9 @@ def test_one_dimension_past_numpys_bound_is_refused_before_any_product():
 @pytest.mark.parametrize("shape, dtype, words", [
     ([0, 2 ** 62], pb.DTYPE_INT16, "ids.shape [0, 4611686018427387904] is too large for an array of int16"),
     ([0, 2 ** 63 - 1, 2], pb.DTYPE_INT8, "ids.shape [0, 9223372036854775807, 2] is too large for an array of int8"),
-    ([2 ** 63 - 1] * 64, pb.DTYPE_INT64, "ids.shape [9223372036854775807, 9223372036854775807, 9223372036854775807, "
-     "9223372036854775807, 9223372036854775807, 9223372036854775807, 9223372036854775807, 9223372036854775807, ...] "
-     "(64 dimensions) is too large for an array of int64"),
+    ([2 ** 63 - 1] * MAX_DIMS, pb.DTYPE_INT64, "ids.shape [9223372036854775807, 9223372036854775807, "
+     "9223372036854775807, 9223372036854775807, 9223372036854775807, 9223372036854775807, 9223372036854775807, "
+     f"9223372036854775807, ...] ({MAX_DIMS} dimensions) is too large for an array of int64"),
     ([2, -1], pb.DTYPE_INT64, "ids.shape [2, -1] has a negative dimension"),
 ])
 def test_a_shape_no_array_has_is_a_tensor_error_on_both_readers(shape, dtype, words):
@@ -179,9 +180,11 @@ def answer_of(shard: int, values: Callable[[np.ndarray], np.ndarray] = lambda id
 
 
 @contextlib.contextmanager
-def fake_shard(aio, info: pb.InfoResponse, answer: Callable[[pb.SearchRequest], bytes]) -> Iterator[tuple]:
-    """A shard server answering GetInfo with `info` and Search with `answer`; yields its address and the
-    list of its Search calls."""
+def fake_shard(aio, info: pb.InfoResponse, answer: Callable[[pb.SearchRequest], bytes],
+               port: int = 0) -> Iterator[tuple]:
+    """A shard server on `port` (0: any) answering GetInfo with `info` and Search with `answer`, refusing a
+    request over its max_request_bytes as a shard server does; yields its address and the list of its
+    Search calls."""
     calls: list[int] = []
 
     async def search(raw: bytes, context) -> bytes:
@@ -192,17 +195,17 @@ def fake_shard(aio, info: pb.InfoResponse, answer: Callable[[pb.SearchRequest], 
         return info.SerializeToString()
 
     async def start():
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", info.max_request_bytes or -1)])
         handlers = {"Search": grpc.unary_unary_rpc_method_handler(search),
                     "GetInfo": grpc.unary_unary_rpc_method_handler(get_info)}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("retrieval.v1.Retriever", handlers),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        return server, port
+        return server, bound
 
-    server, port = aio.run(start())
+    server, bound = aio.run(start())
     try:
-        yield f"127.0.0.1:{port}", calls
+        yield f"127.0.0.1:{bound}", calls
     finally:
         aio.run(server.stop(0))
 
@@ -280,9 +283,9 @@ def test_the_fan_out_client_fails_over_from_a_replica_whose_row_shape_is_not_the
 def test_a_fan_out_clients_info_has_the_least_limits_of_its_shards():
     first, second = shard_info(0, max_batch=16384, max_k=0), shard_info(1, max_batch=8, max_k=64,
                                                                          max_request_bytes=1 << 20)
-    for infos in ([first, second], [second, first]):
+    for infos in ([first, second], [second, first]):  # the request size less the version the client adds
         combined = combined_info(replica_sets([["a:1"], ["b:1"]]), infos)
-        assert (combined.max_k, combined.max_batch, combined.max_request_bytes) == (64, 8, 1 << 20)
+        assert (combined.max_k, combined.max_batch, combined.max_request_bytes) == (64, 8, (1 << 20) - VERSION_BYTES)
     unset = combined_info(replica_sets([["a:1"], ["b:1"]]), [shard_info(0, max_k=0), shard_info(1, max_k=0)])
     assert unset.max_k == 0  # none reported: none reported
 
@@ -292,7 +295,7 @@ def test_a_fan_out_client_over_shards_reports_the_lower_batch_limit(aio):
             fake_shard(aio, shard_info(1, max_batch=8), answer_of(1)) as (one, _), \
             RetrieverClient([zero, one], timeout=10) as client:
         info = client.info()
-    assert (info.max_k, info.max_batch, info.max_request_bytes) == (2048, 8, 257 << 20)
+    assert (info.max_k, info.max_batch, info.max_request_bytes) == (2048, 8, (257 << 20) - VERSION_BYTES)
 
 
 def test_a_routers_info_has_the_least_of_its_own_and_its_shards_limits(aio):

@@ -41,6 +41,7 @@ from retriever_server.serving.fanout import (
     combined_info,
     failure_message,
     gather_until,
+    least_limits,
     name_in_part,
     not_a_status,
     replica_infos,
@@ -128,12 +129,11 @@ class RetrieverClient:
             self.sets[0].name = target
         security.check()
         self.credentials = WatchedClientSecurity(security)  # its token and TLS files, read again on a change
-        self._loop: LoopThread | None = None
         self._closed = False
         self._refreshing = threading.Lock()
         self._retired: list[tuple[float, object]] = []  # (when, channel) of TLS files since changed
-        if self.fan_out:  # one address: no failover, so no event loop (a loop hop costs a call CPU)
-            self._loop = LoopThread("retriever-client")
+        # one address: no failover, so no event loop (a loop hop costs a call CPU)
+        self._loop: LoopThread | None = LoopThread("retriever-client") if self.fan_out else None
         try:
             self._open([a for s in shards for a in s])
         except BaseException:
@@ -322,8 +322,8 @@ class RetrieverClient:
         for replicas, info in zip(self.sets, infos):
             replicas.name, replicas.unchecked = info.shard, set(replicas.addresses) & set(silent)
         if silent and (self._rechecking is None or self._rechecking.done()):
-            checks = check_late_replicas(self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S,
-                                         lambda: self.metadata)
+            checks = check_late_replicas(self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S,  # limits kept true
+                                         lambda: self.metadata, least_limits(infos + [i for r in every for i in r]))
             try:
                 self._rechecking = asyncio.run_coroutine_threadsafe(checks, self._loop.loop)
             except RuntimeError:  # the loop closed meanwhile (close() from another thread): nothing to check

@@ -1,7 +1,8 @@
 """S shards x R replicas as the router and the fan-out client see them: the `--shards` syntax, the
 replica sets and their names, the check, from every replica's GetInfo, that the shards are one whole
-datastore (and, later, that a replica down then serves what it was given as); the calls to every shard
-at once, and what a call lacking some shards' answers says (failover between replicas: `failover`)."""
+datastore (and, later, that a replica down then serves what it was given as, within the limits reported);
+the calls to every shard at once, and what a call lacking some shards' answers says (failover between
+replicas: `failover`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from retrieval.v1 import retriever_pb2 as pb
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.serving.failover import CallFailed, Deadline, ReplicaSet, ShardFailed
 from retriever_server.wire.request import DatastoreView
-from retriever_server.wire.tensors import TensorError, nbytes, numpy_dtype
+from retriever_server.wire.tensors import TensorError, nbytes, numpy_dtype, shown_shape
 from retriever_server.wire.untrusted import safe_text
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def check_shards(infos: list[list[pb.InfoResponse]], given: int | None = None) -
     versions = sorted({info.datastore_version for info in everyone})
     if len(versions) > 1:
         return f"the shards serve different datastores (versions {', '.join(safe_text(v) for v in versions[:4])})"
-    if len({(i.dimension, tuple((p.name, p.dtype, tuple(p.row_shape)) for p in i.payloads)) for i in everyone}) > 1:
+    if len({described(info) for info in everyone}) > 1:
         return "the shards describe different dimensions or payloads: the shards of one datastore all have the same"
     for replicas in infos:
         if len({info.shard for info in replicas}) > 1:
@@ -145,6 +146,12 @@ def payload_problem(info: pb.InfoResponse) -> str | None:
     return None
 
 
+def described(info: pb.InfoResponse) -> tuple:
+    """What a shard's answers hold, as its GetInfo describes it: the keys' width and each payload's name,
+    dtype and row shape, by name (the same at every replica of every shard of one datastore)."""
+    return info.dimension, tuple(sorted((p.name, p.dtype, tuple(p.row_shape)) for p in info.payloads))
+
+
 LIMITS = ("max_k", "max_batch", "max_request_bytes")  # the InfoResponse fields that bound a request
 
 
@@ -154,14 +161,47 @@ def least_limits(infos: list[pb.InfoResponse]) -> dict[str, int]:
     return {name: min((getattr(i, name) for i in infos if getattr(i, name)), default=0) for name in LIMITS}
 
 
+def version_bytes(version: str) -> int:
+    """What a fan-out client adds to a request it sends to the shards, at most: the datastore's `version`
+    as its expected_datastore_version (and takes away: allow_partial, always false to a shard)."""
+    return len(pb.SearchRequest(expected_datastore_version=version).SerializeToString())
+
+
+def router_limits(own, caps: dict[str, int], shard_bytes: int, added: int) -> tuple[dict[str, int], dict[str, int]]:
+    """What a router reports of LIMITS, and what a replica that joins later must take of each not to make
+    that untrue: each the least of the router's own (`own`, its Limits) and its shards' (`caps`, their
+    `least_limits`); the request size the shards' least (`shard_bytes`) less the `added` bytes the router
+    writes after a request it forwards, which a replica joining later must take with those bytes added."""
+    reported = {name: min(getattr(own, name), caps[name] or getattr(own, name)) for name in LIMITS[:2]}
+    reported["max_request_bytes"] = min(own.max_request_bytes, shard_bytes - added)
+    return reported, {**reported, "max_request_bytes": reported["max_request_bytes"] + added}
+
+
+def shard_request_bytes(infos: list[pb.InfoResponse], own: int, slack: int) -> int:
+    """The size of the requests a router's shards take (`infos`: every replica's GetInfo): the least they
+    report, or the router's own limit `own` where none reports one; said in the log where it is under `own`
+    plus `slack`, what the router may add to a request it forwards."""
+    least = min(info.max_request_bytes or own for info in infos)
+    if least < own:
+        log.warning("shards accept requests up to %d bytes, under this router's %d (+%d): give them a larger "
+                    "--max-request-mb, or larger requests are refused here", least, own, slack)
+    elif least < own + slack:  # the same limit: the default
+        log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
+                 "refused here, as forwarding may add that much", least, slack)
+    return least
+
+
 def combined_info(sets: list[ReplicaSet], infos: list[pb.InfoResponse]) -> pb.InfoResponse:
     """One GetInfo for a shard list, as a router's: the first shard's, with every shard, the total, and each
-    limit the least of the shards' (`least_limits`)."""
+    limit the least of the shards' (`least_limits`), the request size less what the client adds to each
+    request it sends them (`version_bytes`)."""
     combined = pb.InfoResponse()
     combined.CopyFrom(infos[0])
     combined.role, combined.shard, combined.ntotal = "client-fanout", "", sum(i.ntotal for i in infos)
     for name, least in least_limits(infos).items():
         setattr(combined, name, least)
+    if combined.max_request_bytes:
+        combined.max_request_bytes = max(1, combined.max_request_bytes - version_bytes(combined.datastore_version))
     del combined.shards[:]
     for replicas, info in zip(sets, infos):
         shard = pb.ShardInfo()
@@ -202,21 +242,46 @@ async def replica_info(stub, timeout: float, metadata: tuple, silent: dict[str, 
         return None
 
 
-def replica_problem(info: pb.InfoResponse, expected: pb.InfoResponse) -> str | None:
+def replica_problem(info: pb.InfoResponse, expected: pb.InfoResponse,
+                    needs: dict[str, int] | None = None) -> str | None:
     """Why a replica's GetInfo is not that of the shard `expected` (its name, datastore version, a shard
-    server's role), in words escaped; None when it is."""
-    if (info.role, info.shard, info.datastore_version) == ("shard", expected.shard, expected.datastore_version):
-        return None
-    return (f"it answers as {safe_text(info.shard)} of version {safe_text(info.datastore_version)}, role "
-            f"{safe_text(info.role)}, not as {expected.shard} of version {expected.datastore_version}")
+    server's role, its keys' width and payloads: `described`), or takes less of a limit than `needs` (those
+    of LIMITS that requests are let through with; 0, or one the replica does not report: none), in words
+    escaped; None when it is neither."""
+    if (info.role, info.shard, info.datastore_version) != ("shard", expected.shard, expected.datastore_version):
+        return (f"it answers as {safe_text(info.shard)} of version {safe_text(info.datastore_version)}, role "
+                f"{safe_text(info.role)}, not as {expected.shard} of version {expected.datastore_version}")
+    if info.dimension != expected.dimension:
+        return f"it describes keys of dimension {info.dimension}, not the datastore's {expected.dimension}"
+    if described(info) != described(expected):
+        theirs, ours = ({p.name: p for p in i.payloads} for i in (info, expected))
+        name = next((n for n in sorted({*theirs, *ours}) if theirs.get(n) != ours.get(n)), None)
+        if name is None:
+            return "it describes one of its payloads twice"
+        return (f"it describes payload {safe_text(name)} as {_payload_words(theirs.get(name))}, not as the "
+                f"datastore's {_payload_words(ours.get(name))}")
+    for name, least in (needs or {}).items():
+        theirs = getattr(info, name)
+        if least and 0 < theirs < least:
+            return f"it takes {name} up to {theirs}, under the {least} that requests to it are let through with"
+    return None
+
+
+def _payload_words(payload: pb.PayloadInfo | None) -> str:
+    if payload is None:
+        return "none"
+    dtype = pb.DType.Name(payload.dtype) if payload.dtype in pb.DType.values() else str(payload.dtype)
+    return f"{dtype} rows of shape {shown_shape(payload.row_shape)}"
 
 
 async def check_late_replicas(sets: list[ReplicaSet], expected: list[pb.InfoResponse], stub_of: Callable,
-                              timeout: float, metadata: Callable[[], tuple]) -> None:
+                              timeout: float, metadata: Callable[[], tuple],
+                              needs: dict[str, int] | None = None) -> None:
     """Puts each replica in `ReplicaSet.unchecked` (down when the shards were checked) into rotation once
-    its GetInfo shows the shard `expected` of its set (`replica_problem`), asking RECHECK_FIRST_S after the
-    start, then twice as long each time up to RECHECK_MOST_S, until none is left. One that answers as
-    anything else stays out, logged once. `stub_of(address)`: the asyncio stub to ask."""
+    its GetInfo shows the shard `expected` of its set, taking the limits `needs` (`replica_problem`: what
+    the router or client reports stays true), asking RECHECK_FIRST_S after the start, then twice as long
+    each time up to RECHECK_MOST_S, until none is left. One that answers as anything else stays out, logged
+    once, and is asked again. `stub_of(address)`: the asyncio stub to ask."""
     wait, told = RECHECK_FIRST_S, set()
     while any(replicas.unchecked for replicas in sets):
         await asyncio.sleep(wait)
@@ -224,7 +289,7 @@ async def check_late_replicas(sets: list[ReplicaSet], expected: list[pb.InfoResp
         asked = [(replicas, info, a) for replicas, info in zip(sets, expected) for a in sorted(replicas.unchecked)]
         found = await asyncio.gather(*(_late_info(stub_of, a, timeout, metadata()) for _, _, a in asked))
         for (replicas, info, address), answer in zip(asked, found):
-            problem = None if answer is None else replica_problem(answer, info)
+            problem = None if answer is None else replica_problem(answer, info, needs)
             if answer is not None and problem is None:
                 replicas.unchecked.discard(address)
                 log.info("%s replica %s, down at start, answers as that shard: in rotation", replicas.name, address)

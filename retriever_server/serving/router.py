@@ -40,9 +40,12 @@ from retriever_server.serving.fanout import (
     gather_until,
     least_limits,
     replica_infos,
+    replica_problem,
     replica_sets,
+    router_limits,
     shard_answers,
     shard_deadline,
+    shard_request_bytes,
     view_of,
 )
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
@@ -53,7 +56,7 @@ from retriever_server.wire.request import DatastoreView, Limits, RequestError, p
 from retriever_server.wire.response import encode_search_response
 from retriever_server.wire.result import AnswerShape, PayloadRows, SearchResult, payload_rows
 from retriever_server.wire.stub import retriever_stub
-from retriever_server.wire.untrusted import one_line, safe_text
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 INLINE_ELEMENTS = 1 << 18  # requests and answers this small are checked and merged on the event loop (~2 ms)
@@ -120,7 +123,9 @@ class RouterService(BaseRetrieverService):
         self.infos: list[pb.InfoResponse] | None = None
         self.view: DatastoreView | None = None
         self.rows: PayloadRows = {}  # each payload's dtype and row shape: what the shards' answers must hold
-        self.shard_caps: dict[str, int] = {}  # the least of the shards' limits (`least_limits`)
+        # what GetInfo reports of its limits, and what a replica joining later must take (`router_limits`)
+        self.reported: dict[str, int] = {}
+        self.needs: dict[str, int] = {}
         self.config_error: str | None = None
         self.overrides = b""  # written after each request forwarded as it came (`forwarded_overrides`)
         self.shard_request_bytes = config.limits.max_request_bytes + FORWARD_SLACK
@@ -205,33 +210,28 @@ class RouterService(BaseRetrieverService):
                 log.warning("%s: %d of %d replicas answered at start; the others join once they answer as %s",
                             replicas.name, len(shard_infos), len(replicas.addresses), replicas.name)
         self.metrics.watch_hedge_delays({s.name: self._hedge_delay_of(s) for s in self.sets})  # named now
-        self.infos = [shard_infos[0] for shard_infos in infos]
-        if any(replicas.unchecked for replicas in self.sets):
+        self.infos, everyone = [shard_infos[0] for shard_infos in infos], [i for found in infos for i in found]
+        self.shard_request_bytes = shard_request_bytes(everyone, self.limits.max_request_bytes, FORWARD_SLACK)
+        self.overrides = forwarded_overrides(self.infos[0].datastore_version)
+        self.reported, self.needs = router_limits(self.limits, self._check_limits(everyone), self.shard_request_bytes,
+                                                  len(self.overrides))
+        if any(replicas.unchecked for replicas in self.sets):  # let in once as the others, limits and all
             self.rechecking = asyncio.ensure_future(check_late_replicas(  # on the channels current then
-                self.sets, self.infos, lambda a: self.stubs[a], self.config.info_timeout_s, lambda: self.metadata))
-        self.shard_request_bytes = min(i.max_request_bytes or self.limits.max_request_bytes
-                                       for shard_infos in infos for i in shard_infos)
-        if self.shard_request_bytes < self.limits.max_request_bytes:
-            log.warning("shards accept requests up to %d bytes, under this router's %d (+%d): give them a larger "
-                        "--max-request-mb, or larger requests are refused here", self.shard_request_bytes,
-                        self.limits.max_request_bytes, FORWARD_SLACK)
-        elif self.shard_request_bytes < self.limits.max_request_bytes + FORWARD_SLACK:  # the same limit: the default
-            log.info("shards accept requests up to %d bytes, as this router: requests within %d bytes of it are "
-                     "refused here, as forwarding may add that much", self.shard_request_bytes, FORWARD_SLACK)
-        self._check_limits([i for shard_infos in infos for i in shard_infos])
+                self.sets, self.infos, lambda a: self.stubs[a], self.config.info_timeout_s, lambda: self.metadata,
+                self.needs))
         self.view, self.rows = view_of(self.infos[0]), payload_rows(self.infos[0])
-        self.overrides = forwarded_overrides(self.view.version)
 
-    def _check_limits(self, infos: list[pb.InfoResponse]) -> None:
-        """Keeps the least of the shards' limits, and warns where they refuse what this router accepts: a k or a
-        batch over theirs."""
-        self.shard_caps = least_limits(infos)
+    def _check_limits(self, infos: list[pb.InfoResponse]) -> dict[str, int]:
+        """The least of the shards' limits (`least_limits`); warns where they refuse what this router accepts:
+        a k or a batch over theirs."""
+        caps = least_limits(infos)
         for name, mine in (("max_k", self.limits.max_k), ("max_batch", self.limits.max_batch)):
-            theirs = self.shard_caps[name] or mine
+            theirs = caps[name] or mine
             if theirs < mine:
                 log.warning("shards accept %s up to %d, under this router's %d: requests between are refused by "
                             "the shards; give the router --%s %d or the shards a larger one", name, theirs, mine,
                             name.replace("_", "-"), theirs)
+        return caps
 
     async def _off_loop(self, elements: int, function, *args):
         if elements <= INLINE_ELEMENTS:
@@ -315,9 +315,8 @@ class RouterService(BaseRetrieverService):
         info = pb.InfoResponse()
         info.CopyFrom(self.infos[0])
         info.role, info.shard, info.replica = "router", "", 0
-        for name in ("max_k", "max_batch"):  # the least of its own and its shards': what it accepts
-            setattr(info, name, min(getattr(self.limits, name), self.shard_caps[name] or getattr(self.limits, name)))
-        info.max_request_bytes = min(self.limits.max_request_bytes, self.shard_request_bytes - len(self.overrides))
+        for name, least in self.reported.items():  # the least of its own and its shards': what it accepts
+            setattr(info, name, least)
         info.ntotal = sum(i.ntotal for i in self.infos)
         del info.shards[:]
         for replicas, shard in zip(self.sets, self.infos):
@@ -328,7 +327,8 @@ class RouterService(BaseRetrieverService):
 
     async def replace_replica(self, shard: int, replica: int, address: str, timeout_s: float = 10.0) -> str | None:
         """Sends replica `replica` of `shard`'s share to `address` once it answers GetInfo as that shard of
-        this datastore version (ValueError if not); returns the old address, None when unchanged. The old
+        this datastore version, taking what the router reports (ValueError if not: `replica_problem`, as a
+        replica down at start is checked); returns the old address, None when unchanged. The old
         channel stays open until close(), for calls already on their way (they fail over as any failed call)."""
         replicas = self.sets[shard]
         old = replicas.addresses[replica]
@@ -339,11 +339,11 @@ class RouterService(BaseRetrieverService):
         stub = retriever_stub(channel, aligned=False)
         try:
             info = await stub.GetInfo(pb.GetInfoRequest(), timeout=timeout_s, metadata=self.metadata)
-            expected = self.infos[shard]
-            if (info.shard, info.datastore_version) != (expected.shard, expected.datastore_version):
-                raise ValueError(f"{address} serves {safe_text(info.shard)} of version "
-                                 f"{safe_text(info.datastore_version)}, not {expected.shard} of version "
-                                 f"{expected.datastore_version}")
+            problem = replica_problem(info, self.infos[shard], self.needs)  # as a replica down at start is let in
+            if problem is not None:
+                problem = f"{address} is not taken as replica {replica} of {self.infos[shard].shard}: {problem}"
+                log.warning("%s", problem)  # as a late replica's is (the caller may be a Ray actor's call, unread)
+                raise ValueError(problem)
         except BaseException:
             await channel.close()  # kept nowhere: closed here or never
             raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +25,19 @@ _TO_NUMPY: dict[int, np.dtype] = {
 }
 _FROM_NUMPY: dict[str, int] = {dt.newbyteorder("=").str.lstrip("<>=|"): code for code, dt in _TO_NUMPY.items()}
 _CODE_OF: dict[object, int] = {}  # dtype_code's answers by the dtype (or name, or type) it was asked about
-MAX_DIMS = 64  # dimensions of an array's shape at most (numpy's own bound): a shape of more is refused unread
+
+
+def numpy_max_dims(make: Callable[[tuple[int, ...]], object] = np.empty) -> int:
+    """The most dimensions an array may have, as the array constructor `make` (numpy's) shows: 64 from
+    numpy 2, 32 before (the project takes numpy 1.24 on)."""
+    try:
+        make((1,) * 64)
+    except ValueError:  # numpy 1: "maximum supported dimension for an ndarray is 32, found 64"
+        return 32
+    return 64
+
+
+MAX_DIMS = numpy_max_dims()  # dimensions of an array's shape at most (numpy's own): a shape of more is refused unread
 MAX_BYTES = (1 << 63) - 1  # what an array's dimensions other than 0, times its item size, make at most (numpy's)
 
 
