@@ -44,6 +44,7 @@ from retriever_server.datastore.manifest import (
     Manifest,
     ShardEntry,
     describe_files,
+    file_sha256,
     fsync_directory,
     shard_name,
     write_manifest,
@@ -54,6 +55,8 @@ from retriever_server.datastore.resume import (
     MARKER,
     STOP,
     TRAINED,
+    check_inputs_unchanged,
+    drop_codec,
     prepare_workdir,
     reusable_codec,
     reusable_shard,
@@ -84,7 +87,7 @@ def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
                                          gpu=config.gpu)
             ix.write_index(index, path)
     except BuildError:
-        shutil.rmtree(work, ignore_errors=True)  # it holds nothing worth resuming yet
+        drop_codec(work)  # the folder, unless it holds a resumed build's shards
         raise
     return path
 
@@ -136,6 +139,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
     with as_build_error(f"adding rows [{start}, {end}) to {final.name}", tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        codec = file_sha256(Path(trained))  # the codec the shard is built with: a rerun reuses it with this one only
         began = time.perf_counter()
         filled = add_rows(config, trained, start, end, tmp, progress, stopped=stop.exists)
         seconds = time.perf_counter() - began
@@ -144,7 +148,7 @@ def _build_shard(config: BuildConfig, trained: str, shard_dir: str, start: int, 
         files = {k: asdict(v) for k, v in describe_files(tmp, filled.hashed).items()}
         entry = {"name": final.name, "id_start": start, "id_end": end, "files": files,
                  "node": ray.get_runtime_context().get_node_id(), "seconds": round(seconds, 3),
-                 "phases": filled.seconds}
+                 "phases": filled.seconds, "codec": codec}
         (tmp / DONE).write_text(json.dumps(entry))
         os.replace(tmp, final)
     return entry
@@ -241,9 +245,9 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     pending = {}
     stop = work / f"{STOP}{uuid.uuid4().hex[:12]}"  # this run's: an earlier run's tasks keep seeing theirs
     counter = _Progress.remote()
-    remaining = 0
+    remaining, codec = 0, file_sha256(trained)
     for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
-        entry = reusable_shard(work / shard_name(i), start, end)
+        entry = reusable_shard(work / shard_name(i), start, end, codec)
         if entry is not None:
             entries[i] = entry
             continue
@@ -278,6 +282,7 @@ def _publish(config: BuildConfig, work: Path, manifest: Manifest, found: tuple[i
         fsync_tree(work)  # every shard file on disk before the manifest names it and the old folder goes
         write_manifest(work, manifest)
         check_output(config.out, config.overwrite)  # again: the fsync of a large build takes minutes
+        check_inputs_unchanged(work)  # and the inputs: a datastore never mixes rows of two
         try:
             if _identity(config.out) != found:
                 raise FileExistsError(config.out)
@@ -356,12 +361,14 @@ def build_datastore(config: BuildConfig, address: str | None = None, num_cpus: i
     """
     config = absolute_paths(config, "out")  # `--out .` given a name to put its work and lock beside
     check_output(config.out, config.overwrite)  # the output, then the inputs (named as given): both before
+    found = _identity(config.out)  # the datastore --overwrite replaces, or none: nothing else, ever
     inputs = check_inputs(config)  # anything is made, the output's folders and lock included
     with output_held(config.out, config.overwrite):  # checked, and one build at a time writes it
+        if _identity(config.out) != found:  # another build published there while this one read its inputs
+            raise BuildError(f"{config.out} appeared or was replaced while the build started; refusing to replace "
+                             "it: run again, with --overwrite to replace it, or choose another output")
         check_inputs_outside(config)  # a datastore to replace, then: none of the inputs may be in it
-        found = _identity(config.out)  # the datastore --overwrite replaces, or none: nothing else at publish
         return _build(config, inputs, address, num_cpus, progress, on_ray or (lambda: None), found)
-
 
 
 def _build(config: BuildConfig, inputs: BuildInputs, address: str | None, num_cpus: int | None, progress: bool,

@@ -80,6 +80,9 @@ def check_factory(factory: str, d: int, metric: str) -> None:
         if pq is not None and not 1 <= pq.nbits <= 24:
             raise ValueError(f"factory string {factory!r} makes a product quantizer of {pq.nbits} bits per code, "
                              "which FAISS cannot read back: give 1 to 24 (e.g. PQ8x8)")
+        if isinstance(part, faiss.IndexIVFFlatDedup):  # one index drops a row equal to one it holds; shards cannot
+            raise ValueError(f"factory string {factory!r} makes an IVF FlatDedup index, which drops rows equal to "
+                             f"others as shards filled in parts cannot: use {factory.replace('FlatDedup', 'Flat')!r}")
     if isinstance(index, faiss.IndexRefine):  # its rows are added to its base and refine index at once
         raise ValueError(f"factory string {factory!r} makes a refine index, which a datastore's shards cannot "
                          "fill: build without RFlat / Refine(...), with --keep-keys, and search with exact "
@@ -136,8 +139,7 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
         while part is not None:  # down through IDMap and pre-transform wrappers, to the codec
             if hasattr(part, "do_polysemous_training"):
                 part.do_polysemous_training = False
-            inner = getattr(part, "index", None)
-            part = faiss.downcast_index(inner) if inner is not None else None
+            part = faiss.downcast_index(part.index) if getattr(part, "index", None) is not None else None
 
 
 def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, gpu: bool = False) -> faiss.Index:
@@ -152,9 +154,7 @@ def new_trained_index(factory: str, metric: str, sample: np.ndarray, seed: int, 
         if gpu:  # FAISS's own way: a GPU flat index does the k-means assignment steps
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, METRICS[metric]))
         ivf.cp.seed = seed
-        ivf = faiss.downcast_index(ivf)
-        pq = getattr(ivf, "pq", None)
-        if pq is not None:
+        if (pq := getattr(faiss.downcast_index(ivf), "pq", None)) is not None:
             pq.cp.seed = seed + 1
     _skip_polysemous_training(index)
     log.info("training %s (%s) on %d vectors of dimension %d", factory, metric, len(sample), d)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import faiss
 
-from retriever_server.datastore.build_inputs import BuildConfig, BuildInputs
+from retriever_server.datastore.build_inputs import BuildConfig, BuildError, BuildInputs
 from retriever_server.datastore.manifest import file_sha256
 from retriever_server.datastore.row_parts import files_of
 
@@ -34,7 +34,7 @@ def is_leftover(name: str) -> bool:
 def fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
     """What a resumed build must share with the one it resumes."""
     files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
-    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    stamp = {str(p): _stamp(p) for p in files}
     body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out", "spill_rows")}
     return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
 
@@ -58,6 +58,39 @@ def prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> Non
         log.info("resuming the unfinished build at %s", work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(made, indent=2))
+
+
+def _stamp(path: Path) -> list[int]:
+    found = path.stat()
+    return [found.st_size, found.st_mtime_ns]
+
+
+def check_inputs_unchanged(work: Path) -> None:
+    """BuildError naming an input file whose size or modification time is not what `build.json` recorded when
+    the build began: shards and codec read at other times may hold rows of two inputs (an encode replaced it)."""
+    recorded = read_json(work / MARKER)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("inputs"), dict):
+        raise BuildError(f"{work / MARKER} is gone or unreadable: cannot tell whether the inputs changed while the "
+                         "build ran; nothing was published: run the build again")
+    for name, stamp in recorded["inputs"].items():
+        try:
+            same = _stamp(Path(name)) == stamp
+        except OSError:
+            same = False
+        if not same:
+            raise BuildError(f"{name} changed while the build ran (its size or modification time is not what it was "
+                             "when the build began): nothing was published, as the shards may hold rows of both; "
+                             "run the build again once the inputs are final")
+
+
+def drop_codec(work: Path) -> None:
+    """After training failed: removes the work folder, or, where a resumed build's shards are in it, only the
+    codec (and its temporary file), so that the next run resumes them."""
+    if not any(work.glob("shard-*")):
+        shutil.rmtree(work, ignore_errors=True)  # it holds nothing worth resuming yet
+        return
+    for name in (TRAINED, f"{TRAINED}.tmp"):
+        (work / name).unlink(missing_ok=True)
 
 
 def reusable_codec(path: Path) -> bool:
@@ -86,14 +119,17 @@ def intact(shard_dir: Path, entry, start: int, end: int) -> bool:
         return False
 
 
-def reusable_shard(shard_dir: Path, start: int, end: int) -> dict | None:
-    """The entry of a shard an earlier run finished, or None (after clearing what is left of it)."""
+def reusable_shard(shard_dir: Path, start: int, end: int, codec: str) -> dict | None:
+    """The entry of a shard an earlier run finished with the codec whose sha256 is `codec`, or None (after
+    clearing what is left of it)."""
     if not shard_dir.exists():
         return None
     entry = read_json(shard_dir / DONE)
-    if intact(shard_dir, entry, start, end):
+    other = isinstance(entry, dict) and entry.get("codec") != codec  # trained again since (on a GPU: not alike)
+    if not other and intact(shard_dir, entry, start, end):
         log.info("reusing %s from the earlier run", shard_dir.name)
         return entry
-    log.warning("%s from the earlier run is unfinished or damaged; building it again", shard_dir.name)
+    log.warning("%s from the earlier run %s; building it again", shard_dir.name,
+                "was built with another codec" if other else "is unfinished or damaged")
     shutil.rmtree(shard_dir)
     return None

@@ -81,15 +81,10 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
             block = np.ascontiguousarray(rows, dtype=np.float32)  # (e - s, d)
             ids = np.arange(s, e, dtype=np.int64)
             check_key_rows(block, ids, config.keep_keys)
-            index.add_with_ids(block, ids)
+            held = _add_spilling(index, spill, block, ids, held, config.spill_rows, clock)
             if kept is not None:
                 clock("keys")
                 kept.write_as(block, np.float16)  # converted into the writer's buffers
-            held += e - s
-            if spill is not None and held >= config.spill_rows:
-                clock("spill")
-                spill.spill()
-                held = 0
             if progress is not None:
                 progress.add.remote(e - s)
             clock("read")
@@ -106,6 +101,24 @@ def add_rows(config: BuildConfig, trained: str, start: int, end: int, folder: Pa
         (folder / "spill").rmdir()
     clock("")
     return FilledShard(hashed, {k: round(v, 3) for k, v in clock.seconds.items()})
+
+
+def _add_spilling(index: faiss.Index, spill: ListSpill | None, block: np.ndarray, ids: np.ndarray, held: int,
+                  spill_rows: int, clock: _Clock) -> int:
+    """Adds the block's rows, spilling the lists whenever they hold `spill_rows` rows (a block larger than what
+    is left of that is added in parts: FAISS adds each row alone, so the lists are the same); returns the rows
+    held since the last spill."""
+    done = 0
+    while done < len(block):
+        take = len(block) - done if spill is None else min(len(block) - done, spill_rows - held)
+        index.add_with_ids(block[done:done + take], ids[done:done + take])
+        done, held = done + take, held + take
+        if spill is not None and held >= spill_rows:
+            clock("spill")
+            spill.spill()
+            clock("add")
+            held = 0
+    return held
 
 
 def _stored(index: faiss.Index) -> int:
