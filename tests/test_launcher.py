@@ -58,7 +58,7 @@ def test_without_restarts_wait_survives_one_replica_and_stops_when_a_shard_has_n
             deployment.kill(shard=0, replica=1)
             waiter.join(30)
         assert not waiter.is_alive() and len(waited) == 1
-        assert waited[0].startswith("every replica of shard 0 exited (shard-00000-r0: ")
+        assert waited[0].startswith("every replica of shard 0 exited (shard-00000-r0 was killed by SIGKILL; ")
         assert waited[0].endswith(f"; logs in {deployment.log_dir})")
         assert all(p.popen.poll() is not None for p in deployment.processes())
     finally:
@@ -71,7 +71,7 @@ def test_without_restarts_wait_stops_everything_when_the_router_exits(datastore)
     deployment = LocalDeployment(datastore, restart=False, **NO_DRAINS).start()
     try:
         deployment.router.popen.kill()
-        assert deployment.wait(poll_s=0.1).startswith("router exited: ")
+        assert deployment.wait(poll_s=0.1).startswith("router was killed by SIGKILL (logs in ")
         assert all(p.popen.poll() is not None for p in deployment.processes())
     finally:
         deployment.stop()

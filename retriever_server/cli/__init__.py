@@ -29,7 +29,7 @@ import sys
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from retriever_server.cli import build, query, ray_commands, serve  # noqa: E402
-from retriever_server.cli.common import PROG, CliError, Parser  # noqa: E402
+from retriever_server.cli.common import PROG, CliError, Parser, stdout_to_devnull  # noqa: E402
 from retriever_server.datastore.manifest import DatastoreError  # noqa: E402
 from retriever_server.logs import JsonFormatter, configure_logging  # noqa: E402
 from retriever_server.serving.client import RetrieverError  # noqa: E402
@@ -71,8 +71,7 @@ def last_line(err: BaseException) -> str:
 def quiet_broken_pipe() -> int:
     """Ends quietly when the reader of stdout has gone (`... | head`): stdout goes to /dev/null so
     Python's own flush at exit raises nothing more."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    stdout_to_devnull()
     return 0
 
 

@@ -1,18 +1,25 @@
 """The address file a server writes once it serves (`--address-file`): its address, metrics port, pid and
 host as JSON, written whole; removed when it stops, and, stale, before a server starts, unless a live
 server's. A file of another host (shared storage), or of a detached deployment (no pid), is taken as stale:
-this machine cannot tell whether its writer runs."""
+this machine cannot tell whether its writer runs. Only a regular file is read, replaced or removed, never
+a link, a pipe, a socket or a device, and no more of it than an address file holds (MAX_BYTES)."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
+import stat
 import tempfile
 from pathlib import Path
 
 from retriever_server.cli.common import CliError
 from retriever_server.cluster.reaper import alive
+
+MAX_BYTES = 1 << 20  # far more than an address file holds (a deployment's shard addresses too): a larger one is not
+KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory"}
 
 
 def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
@@ -21,9 +28,18 @@ def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
     `remove_stale=False` checks alone, for a caller that removes it once it knows the file is stale."""
     if path is None:
         return
-    if path.is_dir():
-        raise CliError(f"--address-file {path} is a directory: give the name of a file to write")
-    if path.exists() and not is_address_file(path):
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        kind = None
+    except OSError as err:
+        raise CliError(f"--address-file {path}: cannot look at it ({err.strerror})") from None
+    if kind in (stat.S_IFDIR, stat.S_IFLNK):
+        raise CliError(f"--address-file {path} is {KINDS[kind]}: give the name of a file to write")
+    if kind is not None and kind != stat.S_IFREG:
+        raise CliError(f"--address-file {path} is {KINDS.get(kind, 'a special file')}, not a regular file: give the "
+                       "name of a file to write")
+    if kind is not None and not is_address_file(path):
         raise CliError(f"--address-file {path} holds something other than a server's address: refusing to "
                        "replace it; give the name of a new file")
     if (pid := _writer(path)) is not None and pid != os.getpid() and _wrote_it(pid, path):
@@ -46,7 +62,7 @@ def _wrote_it(pid: int, path: Path) -> bool:
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         started = boot + ticks / os.sysconf("SC_CLK_TCK")
-        return alive(pid) and started <= path.stat().st_mtime + 1.0  # btime is whole seconds
+        return alive(pid) and started <= os.lstat(path).st_mtime + 1.0  # btime is whole seconds
     except (OSError, ValueError, IndexError, StopIteration):
         return False
 
@@ -54,22 +70,47 @@ def _wrote_it(pid: int, path: Path) -> bool:
 def _writer(path: Path) -> int | None:
     """The pid of the process on this host that wrote the address file at `path`; None for none (no pid, not
     an int, or another host's: a file from before hosts were written is taken as this host's)."""
-    try:
-        body = json.loads(path.read_text())
-        pid, host = body.get("pid"), body.get("host", socket.gethostname())
-    except (OSError, ValueError, AttributeError):
+    body = _address_json(path)
+    if body is None:
         return None
+    pid, host = body.get("pid"), body.get("host", socket.gethostname())
     mine = host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
     return pid if mine else None
 
 
-def is_address_file(path: Path) -> bool:
-    """Whether `path` is empty or holds an address file's JSON (one a server wrote, or stale)."""
+def _read_regular(path: Path) -> bytes | None:
+    """The bytes of the regular file at `path` (not a link to one), or None: not there, not a regular file,
+    unreadable, or over MAX_BYTES. Opened without following a link or waiting on a pipe, read no further."""
     try:
-        text = path.read_text()
-        return not text.strip() or {"address", "pid"} <= set(json.loads(text))
-    except (OSError, ValueError, TypeError):
-        return False
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped since the lstat
+                return None
+            data = f.read(MAX_BYTES + 1)
+    except OSError:
+        return None
+    return data if len(data) <= MAX_BYTES else None
+
+
+def _address_json(path: Path) -> dict | None:
+    """The JSON object of an address file at `path` (it has `address` and `pid`, as `write_address` writes),
+    or None for anything else (an empty file too)."""
+    data = _read_regular(path)
+    try:
+        body = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and {"address", "pid"} <= body.keys() else None
+
+
+def is_address_file(path: Path) -> bool:
+    """Whether `path` is a regular file holding an address file's JSON (one a server wrote, or stale)."""
+    return _address_json(path) is not None
 
 
 def remove_address(path: Path | None, stale: bool = False) -> None:
@@ -77,19 +118,27 @@ def remove_address(path: Path | None, stale: bool = False) -> None:
     (a server starting), so that whoever waits for the file never reads a stopped server's address."""
     if path is None:
         return
+    body = _address_json(path)
+    if body is None or (not stale and body.get("pid") != os.getpid()):
+        return  # gone already, not an address file, or another process's now: left as it is
     try:
-        if not stale and json.loads(path.read_text()).get("pid") != os.getpid():
-            return  # another process's now
         path.unlink()
-    except (OSError, ValueError, AttributeError):
-        pass  # gone already, or not an address file of ours: left as it is
+    except OSError:
+        pass
 
 
 def write_address(path: Path | None, address: str, metrics_port: int | None, **more) -> None:
     """Writes the address JSON atomically, so a reader never sees half of it."""
     if path is None:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(),
-                               "host": socket.gethostname(), **more}))
-    os.replace(tmp, path)
+    body = json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(),
+                       "host": socket.gethostname(), **more})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file (never a link planted there)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

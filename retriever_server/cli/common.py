@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -289,6 +291,15 @@ def pin_to_cpus(args: argparse.Namespace) -> None:
             raise CliError(f"--cpus: {err}") from None
 
 
+def stdout_to_devnull() -> None:
+    """Points stdout at /dev/null once its reader has gone, so that Python's own flush at exit (of what
+    could not be written) raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != sys.stdout.fileno():
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def interrupt(signum: int, frame: object) -> None:
     """SIGTERM handler: unwinds like Ctrl-C, so a deployment stops and every child drains."""
     raise KeyboardInterrupt
@@ -309,7 +320,14 @@ async def run_until_signal(running, args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, running.reload_security)
     write_address(args.address_file, running.address, running.metrics_port, health_port=running.health_port)
-    print(f"listening on {with_metrics(running.address, running.metrics_port)}", flush=True)
+    try:
+        print(f"listening on {with_metrics(running.address, running.metrics_port)}", flush=True)
+    except BrokenPipeError:  # `... | true`: nobody learns where it listens, so nothing may stay listening
+        stdout_to_devnull()
+        await running.drain(0, 0)
+        remove_address(args.address_file)
+        raise CliError("stdout was closed before the server could say where it listens (its reader is gone): "
+                       "stopped") from None
     stopper = asyncio.ensure_future(stop.wait())
     watcher = asyncio.ensure_future(stop_when_orphaned(stop))
     done, _ = await asyncio.wait({stopper, running.ready}, return_when=asyncio.FIRST_COMPLETED)

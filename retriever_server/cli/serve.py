@@ -44,6 +44,7 @@ from retriever_server.serving.shard_server import ShardServerConfig, start_shard
 # The --health-host values whose port answers on 127.0.0.1, where serve checks its children (not [::1],
 # 127.0.0.2, or "::", which takes IPv4 only where the system maps it).
 PROBED_HEALTH_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
+STARTUP_TIMEOUT_S = 300.0  # --startup-timeout's default
 STOP_SLACK_S = 5.0  # what a stopping process gets beyond its --drain-delay and --grace before it is killed
 
 
@@ -64,9 +65,10 @@ def add_parsers(command) -> None:
     s.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     s.add_argument("--no-restart", action="store_true", help="without --shard: do not restart a process that "
                    "exits; stop when the router or every replica of a shard has exited")
-    s.add_argument("--startup-timeout", type=positive_float, default=300.0,
-                   help="without --shard: seconds every process gets to turn SERVING (default 300; a large "
-                        "datastore's sha256 check takes longer, or give --no-verify)")
+    s.add_argument("--startup-timeout", type=positive_float, default=STARTUP_TIMEOUT_S,
+                   help="without --shard: seconds from the start within which every shard, then the router, must "
+                        "turn SERVING, one deadline for them all (default 300; a large datastore's sha256 check "
+                        "takes longer, or give --no-verify)")
     add_threads(s, "FAISS OpenMP threads per shard (0: with --cpus, one per core given; with --datastore alone, "
                    "the machine's cores shared among the shard processes; else FAISS's default)")
     s.add_argument("--no-pin-shards", action="store_true",
@@ -102,6 +104,8 @@ def run_serve(args: argparse.Namespace) -> int:
     check_pem(security.tls_cert, security.tls_key, security.tls_ca)  # a mismatch found before any process starts
     if args.shard is None:
         check_local(args)
+    else:
+        check_lone_shard(args)
     prepare_address_file(args.address_file)
     if args.shard is None:
         return _serve_local(args, security)
@@ -138,6 +142,20 @@ def check_local(args: argparse.Namespace) -> None:
         raise CliError(f"--health-host {args.health_host}: without --shard the router's health port must "
                        "answer on 127.0.0.1, where serve checks it: give 127.0.0.1 (or localhost), or 0.0.0.0, or "
                        "run each shard and a `router`")
+
+
+def check_lone_shard(args: argparse.Namespace) -> None:
+    """With --shard: CliError for the flags of a whole local deployment (its replicas, their supervision and
+    start-up deadline, the cores they share, the router's failover), which a lone shard would ignore."""
+    given = [flag for flag, is_given in (
+        ("--replicas", args.replicas != 1), ("--no-restart", args.no_restart),
+        ("--startup-timeout", args.startup_timeout != STARTUP_TIMEOUT_S), ("--no-pin-shards", args.no_pin_shards),
+        ("--hedge-delay-ms", args.hedge_delay_ms is not None), ("--no-hedge", args.no_hedge)) if is_given]
+    if given:
+        many = len(given) > 1
+        raise CliError(f"{' and '.join(given)} {'apply' if many else 'applies'} only without --shard (to the shards "
+                       f"and the router serve starts then): --shard {args.shard} serves that shard alone; drop "
+                       f"{'them' if many else 'it'}")
 
 
 def child_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,17 +27,26 @@ from pathlib import Path
 from retriever_server.cluster.cpus import format_cpus
 from retriever_server.cluster.hop_credentials import HopCredentials, make_hop_credentials
 from retriever_server.cluster.reaper import remove_when_gone
-from retriever_server.cluster.supervisor import Child, RestartPolicy, Supervisor, uninterrupted, without_option
+from retriever_server.cluster.supervisor import (
+    Child,
+    RestartPolicy,
+    Supervisor,
+    exit_reason,
+    uninterrupted,
+    without_option,
+)
 from retriever_server.datastore.manifest import read_manifest
 from retriever_server.security.config import ServerSecurity
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
+ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b|: error: ")  # a log record's level (text or JSON), a command's error
 NO_DRAIN = ("--drain-delay", "0")  # servers that no load balancer routes to: nobody to tell before they stop
 
 
 class LaunchError(RuntimeError):
-    """A server process did not come up; the message names it, quotes its last error line and
-    gives the directory that keeps its log."""
+    """A server process did not come up; the message names it, says how it ended (the signal that killed
+    it, or its exit code and last log line) and gives the directory that keeps its log."""
 
 
 @dataclass
@@ -114,9 +124,11 @@ class LocalDeployment:
         return LaunchError(f"{process.name} {why} (logs in {self._dir})")
 
     def _wait_serving(self, process: Child, deadline: float) -> None:
+        """Until `process` is SERVING: LaunchError naming any process started so far that exits meanwhile
+        (a shard killed while the router waits for it), or `process` at the deadline."""
         while time.monotonic() < deadline:
-            if process.exited():
-                raise self._failed(process, f"exited: {process.last_error()}")
+            if exited := next((p for p in self.processes() if p.exited()), None):
+                raise self._failed(exited, _ended(exited))
             if process.check_serving():
                 return
             time.sleep(0.1)
@@ -176,8 +188,8 @@ class LocalDeployment:
             manifest = read_manifest(self.datastore)
             self.security.check(self.host)  # before any process starts
             if self.security.tls or self.security.token_file is not None:
-                self.hops = make_hop_credentials(self._dir / "hops")
-                self._reaper = remove_when_gone(self._dir / "hops")  # the keys go with this process, even killed
+                self._reaper = remove_when_gone(self._dir / "hops")  # first: the keys go with this process, even
+                self.hops = make_hop_credentials(self._dir / "hops")  # killed as they are written
             threads = self._threads(len(manifest.shards) * self.replicas)
             cores = iter(self.placement(len(manifest.shards) * self.replicas, threads))
             for i in range(len(manifest.shards)):
@@ -268,11 +280,11 @@ class LocalDeployment:
         replica that exits."""
         if self.router and self.router.exited():
             self._keep_dir = True  # its log says why
-            return f"router exited: {self.router.last_error()} (logs in {self._dir})"
+            return f"router {_ended(self.router)} (logs in {self._dir})"
         for i, replicas in enumerate(self.shards):
             if all(p.exited() for p in replicas):
                 self._keep_dir = True
-                return f"every replica of shard {i} exited ({replicas[0].name}: {replicas[0].last_error()}; logs in " \
+                return f"every replica of shard {i} exited ({replicas[0].name} {_ended(replicas[0])}; logs in " \
                        f"{self._dir})"
             for process in replicas:
                 if process.exited() and process.name not in reported:
@@ -314,6 +326,15 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _ended(process: Child) -> str:
+    """How an exited process ended (`exit_reason`: its signal, or its exit code and last log line); for one
+    killed by a signal, also its last log line where that is an error line (an INFO line says nothing)."""
+    reason = exit_reason(process)
+    if process.popen.returncode < 0 and ERROR_LINE.search(line := process.last_line()):
+        reason += f"; its last error line: {one_line(line, 300)}"
+    return reason
 
 
 def _terminate(processes: list[Child], grace_s: float) -> None:

@@ -372,6 +372,8 @@ class RayDeployment:
             except ray.exceptions.GetTimeoutError:
                 log.warning("the router of %s has not answered for %.0fs", self.config.name,
                             self.config.startup_timeout_s)
+            except ray.exceptions.RayError as err:  # RaySystemError, RpcError, ...: the head went away
+                return f"lost touch with the Ray cluster: {_failure(err)}"
             time.sleep(poll_s)
 
     def stop(self) -> None:
@@ -382,6 +384,9 @@ class RayDeployment:
         try:
             with uninterrupted():
                 stop_actors(handles, self.config.grace_s, up=self._up)
+        except ray.exceptions.RayError as err:  # not the actors' own errors (they are killed): the cluster's
+            raise DeploymentError(f"could not stop the actors of {self.config.name!r} (lost touch with the Ray "
+                                  f"cluster: {_failure(err)})") from None
         finally:
             self.shards, self.router, self._up = [], None, []
 

@@ -55,7 +55,9 @@ def alive(pid: int) -> bool:
 
 
 def holding(session_dir: str) -> list[int]:
-    """The processes, other than this one, with a file open under `session_dir`."""
+    """The processes, other than this one, with a file open under the folder `session_dir` (resolved, as
+    /proc gives each open file's real path: RAY_TMPDIR may go through a symbolic link)."""
+    session_dir = os.path.realpath(session_dir).rstrip("/") + "/"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     if args.session:
         time.sleep(POLL_S)  # what Ray ends by itself
-        end(holding(args.session.rstrip("/") + "/"))
+        end(holding(args.session))
     return 0
 
 

@@ -1,0 +1,141 @@
+"""LocalDeployment names the process that failed, and how it ended: a shard killed while the router
+starts (it was missed until the start-up timeout, which then blamed the router), a process killed by a
+signal (its last INFO line was quoted as the reason), and its hop keys are never on disk before the
+reaper that removes them runs. The datastore here is two tiny Flat shards written by hand (no Ray)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from retriever_server.cluster import launcher
+from retriever_server.cluster.launcher import LaunchError, LocalDeployment
+from retriever_server.datastore.manifest import FileEntry, Manifest, ShardEntry, write_manifest
+from retriever_server.security.config import ServerSecurity
+
+NO_DRAINS = {"extra_args": ("--drain-delay", "0"), "router_args": ("--drain-delay", "0")}
+
+
+@pytest.fixture(scope="module")
+def datastore(tmp_path_factory) -> Path:
+    """Two shards of 10 rows of 8 dimensions each, exact search: what a server loads in milliseconds."""
+    out = tmp_path_factory.mktemp("faults") / "ds"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    shards = []
+    for i in range(2):
+        index = faiss.IndexFlatL2(8)
+        index.add(rng.standard_normal((10, 8)).astype(np.float32))
+        (out / f"shard-{i:05d}").mkdir()
+        path = out / f"shard-{i:05d}" / "index.faiss"
+        faiss.write_index(index, str(path))
+        data = path.read_bytes()
+        entry = FileEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        shards.append(ShardEntry(f"shard-{i:05d}", 10 * i, 10 * i + 10, {"index.faiss": entry}))
+    write_manifest(out, Manifest(dimension=8, metric="l2", factory="Flat", ntotal=20, nlist=0, default_nprobe=1,
+                                 has_keys=False, payloads=(), shards=tuple(shards)))
+    return out
+
+
+def all_ended(deployment: LocalDeployment) -> bool:
+    return all(p.popen.poll() is not None for p in deployment.processes())
+
+
+def test_a_shard_killed_while_the_router_starts_is_named_at_once(datastore):
+    deployment = LocalDeployment(datastore, startup_timeout_s=15, restart=False, **NO_DRAINS)
+    done = threading.Event()
+
+    def kill_shard_once_the_router_starts() -> None:
+        while deployment.router is None and not done.wait(0.005):
+            pass
+        if deployment.router is not None:
+            os.kill(deployment.shards[0][0].popen.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_shard_once_the_router_starts, daemon=True)
+    killer.start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(LaunchError) as failed:
+            deployment.start()
+    finally:
+        done.set()
+        killer.join(5)
+        deployment.stop()
+    assert str(failed.value) == f"shard-00000-r0 was killed by SIGKILL (logs in {deployment.log_dir})"
+    assert time.monotonic() - began < 10  # not the start-up timeout
+    assert all_ended(deployment)
+    shutil.rmtree(deployment.log_dir)
+
+
+@pytest.mark.parametrize("error_line", [False, True], ids=["info-last", "error-last"])
+def test_without_restarts_a_killed_router_is_reported_by_its_signal(datastore, error_line):
+    """Its last log line (an INFO line) was the reason given; an error line is still quoted."""
+    deployment = LocalDeployment(datastore, restart=False, log_level="INFO", **NO_DRAINS).start()
+    try:
+        deployment.router.popen.kill()
+        deployment.router.popen.wait(10)
+        line = "2026-01-01 00:00:00,000 ERROR retriever_server.serving.router: out of file descriptors"
+        if error_line:
+            with open(deployment.router.log_file, "a") as log_file:
+                log_file.write(line + "\n")
+        why = deployment.wait(poll_s=0.05)
+    finally:
+        deployment.stop()
+    quoted = f"; its last error line: {line}" if error_line else ""
+    assert why == f"router was killed by SIGKILL{quoted} (logs in {deployment.log_dir})"
+    assert all_ended(deployment)
+    shutil.rmtree(deployment.log_dir)
+
+
+def test_without_restarts_a_shard_whose_replicas_were_all_killed_is_reported_by_the_signal(datastore):
+    deployment = LocalDeployment(datastore, restart=False, log_level="INFO", **NO_DRAINS).start()
+    try:
+        deployment.kill(shard=1)
+        why = deployment.wait(poll_s=0.05)
+    finally:
+        deployment.stop()
+    assert why == f"every replica of shard 1 exited (shard-00001-r0 was killed by SIGKILL; logs in " \
+                  f"{deployment.log_dir})"
+    shutil.rmtree(deployment.log_dir)
+
+
+class Reaper:
+    """A stand-in for the reaper process."""
+
+    def terminate(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def test_the_reaper_of_the_hop_keys_runs_before_they_are_written(monkeypatch, datastore, tmp_path):
+    """The keys were written first: a SIGKILL between the two left them on disk."""
+    calls: list[str] = []
+
+    def make_hop_credentials(directory: Path):
+        calls.append("keys")
+        raise RuntimeError("stop here")
+
+    def remove_when_gone(folder: Path) -> Reaper:
+        calls.append("reaper")
+        return Reaper()
+
+    monkeypatch.setattr(launcher, "make_hop_credentials", make_hop_credentials)
+    monkeypatch.setattr(launcher, "remove_when_gone", remove_when_gone)
+    token = tmp_path / "tokens"
+    token.write_text("a-token-of-the-clients\n")
+    deployment = LocalDeployment(datastore, security=ServerSecurity(token_file=token))
+    with pytest.raises(RuntimeError, match="stop here"):
+        deployment.start()
+    assert calls == ["reaper", "keys"]
+    assert not deployment.log_dir.exists()
