@@ -134,7 +134,7 @@ class LocalCaches:
             return
         first, where = np.unique(seq, return_inverse=True)
         rank = np.arange(len(seq)) - np.searchsorted(seq, seq, side="left")
-        slots = np.argsort(self.stamps[first], axis=1, kind="stable")[where, rank]  # oldest (empty first) slots
+        slots = self._oldest(first, int(rank.max()) + 1)[where, rank]
         self.written += np.bincount(seq, minlength=len(self.ids))
         gone = self.ids[seq, slots]  # the rows overwritten
         for c in (seq[gone >= 0] * _ROW_SHIFT + gone[gone >= 0]).tolist():
@@ -145,6 +145,16 @@ class LocalCaches:
         self.norms[seq, slots] = np.einsum("nd,nd->n", keys[take], keys[take])
         self.values[seq, slots] = values[take]
         self.stamps[seq, slots] = stamps
+
+    def _oldest(self, seqs: np.ndarray, n: int) -> np.ndarray:
+        """(len(seqs), n) the slots of sequences seqs, oldest first (empty ones first, by slot): a stable sort of
+        their stamps, of the n oldest alone (a partition first, where n is below the capacity)."""
+        capacity = self.stamps.shape[1]
+        order = self.stamps[seqs] * capacity + np.arange(capacity)  # (S, C) unique keys, in the stamps' stable order
+        if n >= capacity:
+            return np.argsort(order, axis=1)
+        part = np.argpartition(order, n - 1, axis=1)[:, :n]  # (S, n) the n oldest, unordered
+        return np.take_along_axis(part, np.argsort(np.take_along_axis(order, part, axis=1), axis=1), axis=1)
 
     def add_ranked(self, rows: np.ndarray, ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> None:
         """Adds answers' rows: query q's ids (m, n) ranked nearest first, keys (m, n, d) and values (m, n),
