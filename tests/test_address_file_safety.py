@@ -1,8 +1,9 @@
 """`--address-file` (serve, router, deploy) reads, replaces and removes only a regular file holding a
-server's address: a named pipe, a socket, a device, a symbolic link, an empty or an oversized file is
-refused in one line and left as it is (a character device was deleted and replaced, a pipe hung the
-command, /dev/zero was read without end). A server whose stdout reader is gone before it says where it
-listens stops, in one line, and leaves no address file behind."""
+server's address, or an empty one made in advance (`mktemp`): a named pipe, a socket, a device, a symbolic
+link, an oversized file or one holding anything else is refused in one line and left as it is (a character
+device was deleted and replaced, a pipe hung the command, /dev/zero was read without end). A name the
+start-up check accepts is one the address can be written to. A server whose stdout reader is gone before it
+says where it listens stops, in one line, and leaves no address file behind."""
 
 from __future__ import annotations
 
@@ -81,15 +82,43 @@ def test_a_link_to_a_device_is_refused(tmp_path):
     assert link.is_symlink()
 
 
-@pytest.mark.parametrize("body", ["", "\n  \n", json.dumps({"address": "127.0.0.1:1", "pid": None,
-                                                            "pad": "x" * (2 << 20)})],
-                         ids=["empty", "blank", "oversized"])
-def test_an_empty_or_oversized_file_is_not_taken_for_an_address_file(tmp_path, body):
+@pytest.mark.parametrize("body", ["{}", "not json\n", json.dumps({"address": "127.0.0.1:1", "pid": None,
+                                                                      "pad": "x" * (2 << 20)})],
+                         ids=["other json", "text", "oversized"])
+def test_a_file_of_other_content_or_oversized_is_not_taken_for_an_address_file(tmp_path, body):
     path = tmp_path / "a.json"
     path.write_text(body)
     with pytest.raises(CliError, match=r"holds something other than a server's address: refusing to replace it"):
         prepare_address_file(path)
     assert path.read_text() == body
+
+
+@pytest.mark.parametrize("body", ["", "\n  \t\n"], ids=["empty", "blank"])
+def test_an_empty_file_made_in_advance_is_accepted_and_replaced(tmp_path, body):
+    """`ADDR=$(mktemp)` was refused as "something other than a server's address"; a link to one still is."""
+    path = tmp_path / "a.json"
+    path.write_text(body)
+    (tmp_path / "link.json").symlink_to(path)
+    with pytest.raises(CliError, match=r"is a symbolic link"):
+        prepare_address_file(tmp_path / "link.json")
+    prepare_address_file(path)
+    write_address(path, "127.0.0.1:5", None)
+    assert json.loads(path.read_text())["address"] == "127.0.0.1:5"
+
+
+@pytest.mark.parametrize("length", range(236, 244))
+def test_a_name_accepted_at_start_up_is_one_the_address_can_be_written_to(tmp_path, length):
+    """The start-up probe's name was 4-6 characters shorter than the temporary file's: a name of 234-239
+    characters passed, the server bound, and writing its address failed with ENAMETOOLONG."""
+    path = tmp_path / ("a" * (length - 5) + ".json")
+    try:
+        prepare_address_file(path)
+    except CliError as err:
+        assert "cannot write there" in str(err)
+        assert list(tmp_path.iterdir()) == []
+        return
+    write_address(path, "127.0.0.1:5", None)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
 
 
 def test_a_stale_address_file_is_still_replaced(tmp_path):

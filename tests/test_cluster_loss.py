@@ -30,6 +30,43 @@ def test_wait_reports_a_cluster_that_went_away_in_one_line(monkeypatch):
                                           "address: the head is gone"
 
 
+def raising(err: Exception):
+    def get(*args, **kwargs):
+        raise err
+    return get
+
+
+def waiting(monkeypatch, get) -> RayDeployment:
+    import ray
+
+    monkeypatch.setattr(ray, "get", get)
+    deployment = RayDeployment(RayServeConfig(Path("ds"), name="wiki"))
+    deployment.router = SimpleNamespace(ready=SimpleNamespace(remote=lambda: "ready-ref"))
+    return deployment
+
+
+@pytest.mark.parametrize("name", ["RpcError", "LocalRayletDiedError"])
+def test_wait_reports_other_connection_losses_as_such(monkeypatch, name):
+    import ray
+
+    deployment = waiting(monkeypatch, raising(getattr(ray.exceptions, name)("the head is gone")))
+    assert deployment.wait(poll_s=0.0).startswith("lost touch with the Ray cluster: ")
+
+
+def test_wait_reports_an_error_of_the_router_as_the_router_failing_in_one_line(monkeypatch):
+    """Every Ray error was "lost touch with the Ray cluster": a router call that raised, an OOM kill too."""
+    import ray
+
+    raised = ray.exceptions.RayTaskError("address", "Traceback ...", ValueError("router not started\n\x1b[31myet"))
+    assert waiting(monkeypatch, raising(raised)).wait(poll_s=0.0) == \
+        "the router of 'wiki' failed: RayTaskError: \\x1b[31myet"
+    oom = ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.")
+    assert waiting(monkeypatch, raising(oom)).wait(poll_s=0.0) == \
+        "the router of 'wiki' failed: OutOfMemoryError: Task was killed due to the node running low on memory."
+    cancelled = waiting(monkeypatch, raising(ray.exceptions.TaskCancelledError())).wait(poll_s=0.0)
+    assert cancelled == "the router of 'wiki' failed: TaskCancelledError"
+
+
 def test_stopping_on_a_cluster_that_went_away_is_a_deployment_error(monkeypatch):
     import ray
 

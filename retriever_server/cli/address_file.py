@@ -2,21 +2,24 @@
 host as JSON, written whole; removed when it stops, and, stale, before a server starts, unless a live
 server's. A file of another host (shared storage), or of a detached deployment (no pid), is taken as stale:
 this machine cannot tell whether its writer runs. Only a regular file is read, replaced or removed, never
-a link, a pipe, a socket or a device, and no more of it than an address file holds (MAX_BYTES)."""
+a link, a pipe, a socket or a device, and no more of it than an address file holds (MAX_BYTES); an empty
+one made in advance (`ADDR=$(mktemp)`) is replaced too. The address goes through a new temporary file
+beside it, named as the start-up check's: a name that check accepts is one the address can be written to."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import socket
 import stat
-import tempfile
 from pathlib import Path
 
 from retriever_server.cli.common import CliError
 from retriever_server.cluster.reaper import alive
 
+TEMPORARY_TRIES = 100  # names drawn for a temporary file before giving up (each is 32 random bits)
 MAX_BYTES = 1 << 20  # far more than an address file holds (a deployment's shard addresses too): a larger one is not
 KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
          stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a directory"}
@@ -48,10 +51,23 @@ def prepare_address_file(path: Path | None, remove_stale: bool = True) -> None:
     if remove_stale:
         remove_address(path, stale=True)
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
+        fd, probe = _temporary(path)  # as `write_address` will make it: the same name, the same length
     except OSError as err:
         raise CliError(f"--address-file {path}: cannot write there ({err.strerror})") from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+
+
+def _temporary(path: Path) -> tuple[int, Path]:
+    """A new file `.NAME.XXXXXXXX.tmp` beside `path`, open for writing, and its path. Created with O_EXCL
+    (never a file or a link planted there, nor followed), mode 0o666 less the umask, as an address file."""
+    for _ in range(TEMPORARY_TRIES):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside it in {TEMPORARY_TRIES} tries")
 
 
 def _wrote_it(pid: int, path: Path) -> bool:
@@ -100,7 +116,10 @@ def _read_regular(path: Path) -> bytes | None:
 def _address_json(path: Path) -> dict | None:
     """The JSON object of an address file at `path` (it has `address` and `pid`, as `write_address` writes),
     or None for anything else (an empty file too)."""
-    data = _read_regular(path)
+    return _parsed(_read_regular(path))
+
+
+def _parsed(data: bytes | None) -> dict | None:
     try:
         body = json.loads(data) if data is not None else None
     except ValueError:
@@ -109,8 +128,10 @@ def _address_json(path: Path) -> dict | None:
 
 
 def is_address_file(path: Path) -> bool:
-    """Whether `path` is a regular file holding an address file's JSON (one a server wrote, or stale)."""
-    return _address_json(path) is not None
+    """Whether `path` is a regular file holding an address file's JSON (one a server wrote, or stale), or an
+    empty or blank one (made in advance, as `mktemp` does: replacing it loses nothing)."""
+    data = _read_regular(path)
+    return data is not None and (not data.strip() or _parsed(data) is not None)
 
 
 def remove_address(path: Path | None, stale: bool = False) -> None:
@@ -133,8 +154,7 @@ def write_address(path: Path | None, address: str, metrics_port: int | None, **m
         return
     body = json.dumps({"address": address, "metrics_port": metrics_port, "pid": os.getpid(),
                        "host": socket.gethostname(), **more})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # a new file (never a link planted there)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(body)

@@ -39,6 +39,7 @@ from retriever_server.serving.router import RouterConfig, shard_limits
 from retriever_server.serving.shard import ShardOptions
 from retriever_server.serving.shard_server import ShardServerConfig
 from retriever_server.wire.request import Limits
+from retriever_server.wire.untrusted import one_line
 
 log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "retrieval-datastore"
@@ -312,8 +313,7 @@ class RayDeployment:
             self.shards.append([])
             for r in range(c.replicas):
                 self.shards[-1].append(self._start_replica(s, r))
-        self._await([h for replicas in self.shards for h in replicas], sum(names, []),
-                    c.cpus_per_shard)
+        self._await([h for replicas in self.shards for h in replicas], sum(names, []), c.cpus_per_shard)
         heads = [n.node_id for n in nodes if n.head]
         router_node = heads[0] if heads else ray.get_runtime_context().get_node_id()
         s = self.security
@@ -372,8 +372,11 @@ class RayDeployment:
             except ray.exceptions.GetTimeoutError:
                 log.warning("the router of %s has not answered for %.0fs", self.config.name,
                             self.config.startup_timeout_s)
-            except ray.exceptions.RayError as err:  # RaySystemError, RpcError, ...: the head went away
-                return f"lost touch with the Ray cluster: {_failure(err)}"
+            except (ray.exceptions.RaySystemError, ray.exceptions.RpcError, ray.exceptions.LocalRayletDiedError) as err:
+                return f"lost touch with the Ray cluster: {_failure(err)}"  # the head or this node's raylet went away
+            except ray.exceptions.RayError as err:  # the router's call raised, was cancelled, killed (OOM), lost
+                why, name = one_line(_failure(err), 300), type(err).__name__
+                return f"the router of {self.config.name!r} failed: {name}" + (f": {why}" if why != name else "")
             time.sleep(poll_s)
 
     def stop(self) -> None:
