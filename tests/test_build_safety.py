@@ -1,12 +1,15 @@
 """A build publishes only what it made from the inputs it began with, and keeps what a rerun can resume:
-the output it may replace is fixed before the inputs are read, an input changed mid-build is refused,
-a failed retrain keeps the finished shards, a shard of another codec is built again; a shard task holds
-at most `spill_rows` rows' codes; and an index the shards cannot fill (IVF FlatDedup) is refused."""
+the output it may replace is fixed before the inputs are read, an input changed mid-build (or between its
+check and the work folder) is refused, a failed retrain keeps the finished shards, a shard of another codec
+is built again (one an earlier version finished, which names no codec, only if the codec was trained again);
+a shard task holds at most `spill_rows` rows' codes; and an index the shards cannot fill (IVF FlatDedup) is
+refused."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -21,8 +24,9 @@ from retriever_server.datastore import build as build_module
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.build import BuildConfig, BuildError, build_datastore
 from retriever_server.datastore.build_inputs import check_inputs
-from retriever_server.datastore.manifest import Manifest, read_manifest, write_manifest
+from retriever_server.datastore.manifest import Manifest, file_sha256, read_manifest, write_manifest
 from retriever_server.datastore.publish import exchange
+from retriever_server.datastore.resume import reusable_shard
 from retriever_server.datastore.shard_fill import add_rows
 from retriever_server.datastore.spill import ListSpill
 
@@ -154,6 +158,24 @@ def test_an_input_changed_while_the_build_ran_is_not_published(ray_cluster, tmp_
     assert manifest.ntotal == len(keys)
 
 
+def test_an_input_replaced_after_it_was_checked_is_refused_before_any_work(ray_cluster, tmp_path, keys, monkeypatch):
+    """The keys are replaced (more rows) between the check that reads their row count and the work folder
+    (the output's lock and Ray's start lie between): the build refuses, as it would at publishing, rather
+    than build the old row count over the new file and compare the publish check with the new file."""
+    config = _config(tmp_path, keys, shards=2)
+    real = build_module.check_inputs
+
+    def then_replaced(config):
+        inputs = real(config)
+        np.save(config.keys, synthetic(1200, D, seed=8))
+        return inputs
+
+    monkeypatch.setattr(build_module, "check_inputs", then_replaced)
+    with pytest.raises(BuildError, match=re.escape(f"{config.keys} changed while the build ran")):
+        build_datastore(config, progress=False)
+    assert not config.out.exists() and not (tmp_path / ".ds.partial").exists()
+
+
 def test_a_shard_built_with_another_codec_is_built_again(ray_cluster, tmp_path, keys, monkeypatch, caplog):
     """The codec in the work folder is not the one its finished shards were built with (trained again,
     on a GPU not reproducibly): the shards are built again with it, never published beside it."""
@@ -168,3 +190,18 @@ def test_a_shard_built_with_another_codec_is_built_again(ray_cluster, tmp_path, 
     for shard in manifest.shards:
         built = faiss.read_index(str(config.out / shard.name / "index.faiss"))
         np.testing.assert_array_equal(faiss.extract_index_ivf(built).quantizer.reconstruct_n(0, 8), centroids)
+
+
+@pytest.mark.parametrize("retrained", [False, True], ids=["codec-reused", "codec-trained-again"])
+def test_a_shard_finished_before_shards_named_their_codec_is_reused_with_the_codec_of_its_run(tmp_path, retrained):
+    """A `.done.json` an earlier version wrote names no codec: its shard was built with the codec saved beside
+    it, so it is reused while that codec is (an upgrade loses no finished shard), and built again after a
+    retrain."""
+    shard = tmp_path / "shard-00000"
+    shard.mkdir()
+    (shard / "index.faiss").write_bytes(b"codes")
+    entry = {"name": shard.name, "id_start": 0, "id_end": 10, "files": {"index.faiss": {
+        "bytes": 5, "sha256": file_sha256(shard / "index.faiss")}}}
+    (shard / ".done.json").write_text(json.dumps(entry))
+    assert reusable_shard(shard, 0, 10, "a" * 64, retrained=retrained) == (None if retrained else entry)
+    assert shard.exists() is not retrained

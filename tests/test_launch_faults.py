@@ -1,7 +1,8 @@
 """LocalDeployment names the process that failed, and how it ended: a shard killed while the router
 starts (it was missed until the start-up timeout, which then blamed the router), a process killed by a
-signal (its last INFO line was quoted as the reason), and its hop keys are never on disk before the
-reaper that removes them runs. The datastore here is two tiny Flat shards written by hand (no Ray)."""
+signal (its last INFO line was quoted as the reason; stub children, no servers), and its hop keys are
+never on disk before the reaper that removes them runs. The datastore here is two tiny Flat shards
+written by hand (no Ray)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from retriever_server.cluster import launcher
 from retriever_server.cluster.launcher import LaunchError, LocalDeployment
+from retriever_server.cluster.supervisor import Child
 from retriever_server.datastore.manifest import FileEntry, Manifest, ShardEntry, write_manifest
 from retriever_server.security.config import ServerSecurity
 
@@ -76,35 +78,35 @@ def test_a_shard_killed_while_the_router_starts_is_named_at_once(datastore):
     shutil.rmtree(deployment.log_dir)
 
 
+def stub(name: str, folder: Path) -> Child:
+    """A child that only sleeps (no server), started: what `wait` judges by its exit and its log."""
+    child = Child(name, ["sleep", "60"], folder / f"{name}.log", folder / f"{name}.json")
+    child.spawn()
+    return child
+
+
 @pytest.mark.parametrize("error_line", [False, True], ids=["info-last", "error-last"])
-def test_without_restarts_a_killed_router_is_reported_by_its_signal(datastore, error_line):
-    """Its last log line (an INFO line) was the reason given; an error line is still quoted."""
-    deployment = LocalDeployment(datastore, restart=False, log_level="INFO", **NO_DRAINS).start()
+@pytest.mark.parametrize("who", ["router", "shard"])
+def test_without_restarts_a_killed_process_is_reported_by_its_signal(tmp_path, who, error_line):
+    """Its last log line (an INFO line) was the reason given; an error line is still quoted. Stub children
+    stand for the servers (tests/test_launcher.py kills real ones)."""
+    deployment = LocalDeployment(tmp_path, restart=False, **NO_DRAINS)
+    deployment.shards = [[stub("shard-00000-r0", tmp_path)]]
+    deployment.router = stub("router", tmp_path)
+    killed = deployment.router if who == "router" else deployment.shards[0][0]
     try:
-        deployment.router.popen.kill()
-        deployment.router.popen.wait(10)
+        killed.popen.kill()
+        killed.popen.wait(10)
         line = "2026-01-01 00:00:00,000 ERROR retriever_server.serving.router: out of file descriptors"
-        if error_line:
-            with open(deployment.router.log_file, "a") as log_file:
-                log_file.write(line + "\n")
-        why = deployment.wait(poll_s=0.05)
+        with open(killed.log_file, "a") as log_file:
+            log_file.write(line + "\n" if error_line else "2026-01-01 00:00:00,000 INFO listening\n")
+        why = deployment.wait(poll_s=0.01)
     finally:
         deployment.stop()
-    quoted = f"; its last error line: {line}" if error_line else ""
-    assert why == f"router was killed by SIGKILL{quoted} (logs in {deployment.log_dir})"
+    ended = "was killed by SIGKILL" + (f"; its last error line: {line}" if error_line else "")
+    assert why == (f"router {ended} (logs in {deployment.log_dir})" if who == "router" else
+                   f"every replica of shard 0 exited (shard-00000-r0 {ended}; logs in {deployment.log_dir})")
     assert all_ended(deployment)
-    shutil.rmtree(deployment.log_dir)
-
-
-def test_without_restarts_a_shard_whose_replicas_were_all_killed_is_reported_by_the_signal(datastore):
-    deployment = LocalDeployment(datastore, restart=False, log_level="INFO", **NO_DRAINS).start()
-    try:
-        deployment.kill(shard=1)
-        why = deployment.wait(poll_s=0.05)
-    finally:
-        deployment.stop()
-    assert why == f"every replica of shard 1 exited (shard-00001-r0 was killed by SIGKILL; logs in " \
-                  f"{deployment.log_dir})"
     shutil.rmtree(deployment.log_dir)
 
 

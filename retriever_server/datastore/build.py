@@ -72,11 +72,12 @@ FAULT_ENV = "RETRIEVER_SERVER_FAULT_KILL_AFTER_SHARDS"  # test hook: SIGKILL the
 GPU_SHARE = 0.125  # a shard task's share of a GPU with --gpu: eight tasks assign rows on one GPU at once
 
 
-def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
-    """Trains the codec on a seeded sample of the keys (once) and returns where it is saved."""
+def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> tuple[Path, bool]:
+    """Trains the codec on a seeded sample of the keys (once); returns where it is saved, and whether this run
+    trained it (False: an earlier run's was reused)."""
     path = work / TRAINED
     if reusable_codec(path):
-        return path
+        return path, False
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(inputs.n, size=inputs.train_rows, replace=False))
     sample = np.asarray(open_rows(config.keys)[rows], dtype=np.float32)
@@ -89,7 +90,7 @@ def _train(config: BuildConfig, inputs: BuildInputs, work: Path) -> Path:
     except BuildError:
         drop_codec(work)  # the folder, unless it holds a resumed build's shards
         raise
-    return path
+    return path, True
 
 
 @ray.remote
@@ -236,8 +237,10 @@ def _stop_others(pending: dict, stop: Path) -> None:
                     len(running), STOP_WAIT_S)
 
 
-def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, progress: bool) -> list[dict]:
-    """Builds every shard not already finished as a Ray task; returns the shard entries in order.
+def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: Path, retrained: bool,
+                 progress: bool) -> list[dict]:
+    """Builds every shard not already finished (with this codec; `retrained`: by this run) as a Ray task;
+    returns the shard entries in order.
 
     The tasks are spread over the cluster's nodes (one shard per node while there are more nodes).
     """
@@ -247,7 +250,7 @@ def _fill_shards(config: BuildConfig, inputs: BuildInputs, work: Path, trained: 
     counter = _Progress.remote()
     remaining, codec = 0, file_sha256(trained)
     for i, (start, end) in enumerate(_shard_ranges(inputs.n, config.shards)):
-        entry = reusable_shard(work / shard_name(i), start, end, codec)
+        entry = reusable_shard(work / shard_name(i), start, end, codec, retrained)
         if entry is not None:
             entries[i] = entry
             continue
@@ -383,10 +386,10 @@ def _build(config: BuildConfig, inputs: BuildInputs, address: str | None, num_cp
     started = time.time()
     with as_build_error(f"preparing {work}", work):
         prepare_workdir(config, inputs, work)
-    trained = _train(config, inputs, work)
+    trained, retrained = _train(config, inputs, work)
     trained_at = time.time()
     with as_build_error(f"writing shards in {work}", work):
-        entries = _fill_shards(config, inputs, work, trained, progress)
+        entries = _fill_shards(config, inputs, work, trained, retrained, progress)
     phases = {"train_seconds": round(trained_at - started, 3), "add_seconds": round(time.time() - trained_at, 3)}
     manifest = _manifest(config, inputs, trained, entries, time.time() - started, phases)
     _publish(config, work, manifest, found)

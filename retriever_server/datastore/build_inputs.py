@@ -54,13 +54,15 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class BuildInputs:
-    """The checked inputs: rows, dimension, the concrete factory, training rows, payload specs."""
+    """The checked inputs: rows, dimension, the concrete factory, training rows, payload specs, and each input
+    file's stamp (`input_stamps`) taken before they were read, which the build publishes only if unchanged."""
 
     n: int
     d: int
     factory: str
     train_rows: int
     payloads: tuple[PayloadSpec, ...]
+    stamps: dict[str, list[int]]
 
 
 def last_line(err: BaseException) -> str:
@@ -236,6 +238,18 @@ def absolute_paths(config: BuildConfig, *fields: str) -> BuildConfig:
     return replace(config, **changed)
 
 
+def file_stamp(path: Path) -> list[int]:
+    """[size, modification time in ns] of a file: what an input replaced (an encode run again) changes."""
+    found = path.stat()
+    return [found.st_size, found.st_mtime_ns]
+
+
+def input_stamps(config: BuildConfig) -> dict[str, list[int]]:
+    """The `file_stamp` of each input file (a parts index and its parts), by path joined to this folder."""
+    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
+    return {str(Path.cwd() / f): file_stamp(f) for f in files}
+
+
 def check_inputs_outside(config: BuildConfig) -> None:
     """BuildError for an input file inside the output folder: replacing the folder would delete it."""
     if not config.out.is_dir() or config.out.is_symlink():
@@ -253,6 +267,10 @@ def check_inputs_outside(config: BuildConfig) -> None:
 
 def check_inputs(config: BuildConfig) -> BuildInputs:
     """Checks everything about the inputs that can be checked before any work starts."""
+    try:
+        stamps = input_stamps(config)  # before they are read: an input replaced after this differs from it
+    except (*NPY_ERRORS, KeyError, TypeError):
+        stamps = None  # missing or unreadable: named below
     n, d = _check_keys(config)
     if not 1 <= config.shards <= n:
         raise BuildError(f"--shards must be in [1, {n}] for {n} rows, got {config.shards}")
@@ -275,4 +293,4 @@ def check_inputs(config: BuildConfig) -> BuildInputs:
         except RuntimeError as err:
             raise BuildError(str(err)) from None
     specs = tuple(_check_payload(name, path, n) for name, path in sorted(config.payloads.items()))
-    return BuildInputs(n, d, factory, train_rows, specs)
+    return BuildInputs(n, d, factory, train_rows, specs, input_stamps(config) if stamps is None else stamps)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import faiss
 
-from retriever_server.datastore.build_inputs import BuildConfig, BuildError, BuildInputs
+from retriever_server.datastore.build_inputs import BuildConfig, BuildError, BuildInputs, file_stamp
 from retriever_server.datastore.manifest import file_sha256
-from retriever_server.datastore.row_parts import files_of
 
 log = logging.getLogger(__name__)
 MARKER = "build.json"  # the work folder's inputs and parameters
@@ -32,11 +31,9 @@ def is_leftover(name: str) -> bool:
 
 
 def fingerprint(config: BuildConfig, inputs: BuildInputs) -> dict:
-    """What a resumed build must share with the one it resumes."""
-    files = [f for path in (config.keys, *config.payloads.values()) for f in files_of(path)]
-    stamp = {str(p): _stamp(p) for p in files}
+    """What a resumed build must share with the one it resumes (the inputs' stamps as `check_inputs` took them)."""
     body = {k: v for k, v in asdict(config).items() if k not in ("overwrite", "out", "spill_rows")}
-    return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": stamp}, default=str))
+    return json.loads(json.dumps({**body, "factory": inputs.factory, "inputs": inputs.stamps}, default=str))
 
 
 def read_json(path: Path):
@@ -48,7 +45,9 @@ def read_json(path: Path):
 
 
 def prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> None:
-    """Creates the work directory, or keeps an unfinished one made with the same inputs and parameters."""
+    """Creates the work directory, or keeps an unfinished one made with the same inputs and parameters;
+    BuildError, before either, when an input is not what `check_inputs` read (replaced since)."""
+    _refuse_changed(inputs.stamps)
     made = fingerprint(config, inputs)
     marker = work / MARKER
     if work.exists() and read_json(marker) != made:
@@ -60,11 +59,6 @@ def prepare_workdir(config: BuildConfig, inputs: BuildInputs, work: Path) -> Non
     marker.write_text(json.dumps(made, indent=2))
 
 
-def _stamp(path: Path) -> list[int]:
-    found = path.stat()
-    return [found.st_size, found.st_mtime_ns]
-
-
 def check_inputs_unchanged(work: Path) -> None:
     """BuildError naming an input file whose size or modification time is not what `build.json` recorded when
     the build began: shards and codec read at other times may hold rows of two inputs (an encode replaced it)."""
@@ -72,9 +66,14 @@ def check_inputs_unchanged(work: Path) -> None:
     if not isinstance(recorded, dict) or not isinstance(recorded.get("inputs"), dict):
         raise BuildError(f"{work / MARKER} is gone or unreadable: cannot tell whether the inputs changed while the "
                          "build ran; nothing was published: run the build again")
-    for name, stamp in recorded["inputs"].items():
+    _refuse_changed(recorded["inputs"])
+
+
+def _refuse_changed(stamps: dict) -> None:
+    """BuildError naming the first input file whose stamp (`file_stamp`, by path) is not the one given."""
+    for name, stamp in stamps.items():
         try:
-            same = _stamp(Path(name)) == stamp
+            same = file_stamp(Path(name)) == stamp
         except OSError:
             same = False
         if not same:
@@ -119,13 +118,15 @@ def intact(shard_dir: Path, entry, start: int, end: int) -> bool:
         return False
 
 
-def reusable_shard(shard_dir: Path, start: int, end: int, codec: str) -> dict | None:
+def reusable_shard(shard_dir: Path, start: int, end: int, codec: str, retrained: bool) -> dict | None:
     """The entry of a shard an earlier run finished with the codec whose sha256 is `codec`, or None (after
-    clearing what is left of it)."""
+    clearing what is left of it). An entry that names no codec (an earlier version's) was built with the
+    codec saved beside it: it is reused unless this run `retrained` the codec."""
     if not shard_dir.exists():
         return None
     entry = read_json(shard_dir / DONE)
-    other = isinstance(entry, dict) and entry.get("codec") != codec  # trained again since (on a GPU: not alike)
+    named = entry.get("codec", None if retrained else codec) if isinstance(entry, dict) else codec
+    other = named != codec  # trained again since (on a GPU: not alike)
     if not other and intact(shard_dir, entry, start, end):
         log.info("reusing %s from the earlier run", shard_dir.name)
         return entry
