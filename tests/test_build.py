@@ -502,7 +502,7 @@ def test_shards_failing_together_are_one_error_and_nothing_is_cancelled(ray_clus
     def untrained(config, inputs, work):
         path = work / "trained.index"
         faiss.write_index(faiss.index_factory(D, "IVF16,Flat"), str(path))
-        return path
+        return path, True  # the codec's path, and that it was trained (not reused) in this run
 
     cancelled = []
     monkeypatch.setattr(build_module, "_train", untrained)
