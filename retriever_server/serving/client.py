@@ -44,6 +44,7 @@ from retriever_server.serving.fanout import (
     least_limits,
     name_in_part,
     not_a_status,
+    probe_outcomes,
     replica_infos,
     replica_sets,
     shard_answers,
@@ -106,7 +107,8 @@ class RetrieverClient:
             (hedging, attempt timeouts), as the router does.
 
     Raises:
-        SecurityError: a TLS file is missing, or a certificate was given without its key.
+        SecurityError: a TLS file is missing, a certificate was given without its key, or a bearer token would
+            go in plaintext to an address that is not loopback (unless `security.plaintext_token`).
         ValueError: an address names no port, or one outside [1, 65535].
     """
 
@@ -140,8 +142,9 @@ class RetrieverClient:
             if self._loop is not None:
                 self._loop.close()
             raise
-        self._infos: list[pb.InfoResponse] | None = None
-        self._rechecking: concurrent.futures.Future | None = None  # `check_late_replicas`, on the loop
+        self._infos: list[pb.InfoResponse] | None = None  # once every shard is checked
+        self._checked: list[list[pb.InfoResponse]] = [[] for _ in shards]  # each shard's replicas' infos, once checked
+        self._rechecking: list[concurrent.futures.Future] = []  # `check_late_replicas`, on the loop
 
     def _open(self, addresses: list[str]) -> None:
         """Channels and stubs to `addresses`, with the TLS files as they are now."""
@@ -247,27 +250,28 @@ class RetrieverClient:
         except CallFailed as err:
             return err
 
-    async def _every_shard(self, method: str, request, deadline: Deadline,
+    async def _every_shard(self, sets: list[ReplicaSet], method: str, request, deadline: Deadline,
                            ends_call: Callable[[object], bool] = lambda outcome: False, **expect) -> list:
-        """Each shard's answer or CallFailed, asked at once; None for those cancelled once one `ends_call`.
-        Any other exception (a channel closed under the call) ends the call too, and is raised. A Search's
-        answers must have the shape `expect=` (an AnswerShape) names."""
-        outcomes = await gather_until([self._attempts(s, method, request, deadline, **expect) for s in self.sets],
+        """The answer or CallFailed of each shard of `sets`, asked at once; None for those cancelled once one
+        `ends_call`. Any other exception (a channel closed under the call) ends the call too, and is raised. A
+        Search's answers must have the shape `expect=` (an AnswerShape) names."""
+        outcomes = await gather_until([self._attempts(s, method, request, deadline, **expect) for s in sets],
                                       lambda outcome: ends_call(outcome) or not_a_status(outcome))
         for outcome in filter(not_a_status, outcomes):
             raise outcome
         return outcomes
 
-    def _answers(self, method: str, request, deadline: Deadline, ends_call: Callable[[object], bool],
-                 allow_partial: bool = False, late: grpc.StatusCode | None = None, **expect) -> tuple[list, dict]:
-        """Every shard's answer (`_every_shard`) and the shards left out of them (`shard_answers`: with
-        `allow_partial`, those whose replicas all failed, or whose status is `late`); RetrieverError for a
-        call that fails (CANCELLED where `close()` ran meanwhile)."""
-        outcomes = self._on_loop(self._every_shard(method, request, deadline, ends_call, **expect))
+    def _answers(self, sets: list[ReplicaSet], method: str, request, deadline: Deadline,
+                 ends_call: Callable[[object], bool], allow_partial: bool = False, late: grpc.StatusCode | None = None,
+                 down: dict[str, CallFailed] | None = None, **expect) -> tuple[list, dict]:
+        """The answers of the shards of `sets` (`_every_shard`) and the shards left out of them (`shard_answers`:
+        with `allow_partial`, those whose replicas all failed, or whose status is `late`, and those `down`);
+        RetrieverError for a call that fails (CANCELLED where `close()` ran meanwhile)."""
+        outcomes = self._on_loop(self._every_shard(sets, method, request, deadline, ends_call, **expect))
         if any(isinstance(outcome, CallFailed) for outcome in outcomes):
             self._check_not_closed_since()
         try:
-            return shard_answers(self.sets, outcomes, allow_partial, late)
+            return shard_answers(sets, outcomes, allow_partial, late, down)
         except CallFailed as err:  # a refusal, or shards failed and no partial answer may (or can) be made
             raise RetrieverError(err.code, err.message) from None
 
@@ -280,63 +284,57 @@ class RetrieverClient:
             return self._call("GetInfo", pb.GetInfoRequest(), deadline)
         self._check_open()
         self._refresh_credentials()
-        infos, _ = self._answers("GetInfo", pb.GetInfoRequest(), deadline, lambda o: isinstance(o, CallFailed))
-        problem = check_shards([[info] for info in infos])
-        if problem is not None:
+        infos, _ = self._answers(self.sets, "GetInfo", pb.GetInfoRequest(), deadline,
+                                 lambda outcome: isinstance(outcome, CallFailed))
+        if (problem := check_shards([[info] for info in infos])) is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         return combined_info(self.sets, infos)
 
-    def _shard_infos(self, deadline: Deadline) -> list[pb.InfoResponse]:
-        """GetInfo of the shards that answer within `_probe_timeout`, all asked at once (a shard whose
-        replicas all fail or do not answer in that time is down for now: the search itself finds it down
-        or answers without it). Once all have answered, checks they are one datastore's, and keeps them."""
+    def _shard_infos(self, deadline: Deadline, partial: bool) -> tuple[list[ReplicaSet], list[pb.InfoResponse], dict]:
+        """The shards to search, their GetInfo, and those down ({name: CallFailed}: not searched). Asks the shards
+        not yet checked (one whose replicas all fail, or do not answer in `_probe_timeout`, is down for now), then
+        each replica of those that answer, and checks them with those checked before (`check_shards`); a replica
+        silent then is searched once `check_late_replicas` finds it as expected. Keeps them once all are checked."""
         if self._infos is not None:
-            return self._infos
-        probe = Deadline(self._probe_timeout(deadline))
-        outcomes = self._on_loop(self._every_shard("GetInfo", pb.GetInfoRequest(), probe))
-        infos, answered, down = [], [], {}
-        for replicas, outcome in zip(self.sets, outcomes):
-            if not isinstance(outcome, CallFailed):
-                infos.append(outcome)
-                answered.append(replicas)
-            elif isinstance(outcome, ShardFailed) or outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                down[replicas.name] = outcome.message
-            else:
-                self._check_not_closed_since()
-                raise RetrieverError(outcome.code, outcome.message)
-        if not infos:
+            return self.sets, self._infos, {}
+        asked = [i for i, known in enumerate(self._checked) if not known]  # every shard at first, then those down
+        outcomes = self._on_loop(self._every_shard([self.sets[i] for i in asked], "GetInfo", pb.GetInfoRequest(),
+                                                   Deadline(self._probe_timeout(deadline, partial))))
+        try:
+            answered, down = probe_outcomes(self.sets, asked, outcomes)
+        except CallFailed as err:
             self._check_not_closed_since()
-            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message(down))
-        if down:
-            problem = check_shards([[info] for info in infos], given=len(self.sets))
-            if problem is not None:
-                raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
-            name_in_part(self.sets, answered, infos)
-            return infos
+            raise RetrieverError(err.code, err.message) from None
         silent: dict[str, str] = {}  # the replicas that do not answer now: out of rotation until checked
-        every = self._on_loop(replica_infos(self.stubs, self.sets, self._probe_timeout(deadline), self.metadata,
-                                            silent))
-        problem = check_shards([[info, *replicas] for info, replicas in zip(infos, every)])
-        if problem is not None:
+        every = self._on_loop(replica_infos(self.stubs, [self.sets[i] for i in answered],
+                                            self._probe_timeout(deadline, True), self.metadata, silent))
+        found = {i: [info, *replicas] for (i, info), replicas in zip(answered.items(), every)}
+        checked = [found.get(i, known) for i, known in enumerate(self._checked)]
+        if (problem := check_shards(checked)) is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
-        for replicas, info in zip(self.sets, infos):
-            replicas.name, replicas.unchecked = info.shard, set(replicas.addresses) & set(silent)
-        if silent and (self._rechecking is None or self._rechecking.done()):
-            checks = check_late_replicas(self.sets, infos, lambda a: self.stubs[a], REPLICA_INFO_S,  # limits kept true
-                                         lambda: self.metadata, least_limits(infos + [i for r in every for i in r]))
+        self._checked = checked
+        for i in answered:
+            self.sets[i].unchecked = set(self.sets[i].addresses) & set(silent)
+        if silent:  # each checked again later, against the limits known now
+            checks = check_late_replicas([self.sets[i] for i in answered], [found[i][0] for i in answered],
+                                         lambda a: self.stubs[a], REPLICA_INFO_S, lambda: self.metadata,
+                                         least_limits([info for known in checked for info in known]))
             try:
-                self._rechecking = asyncio.run_coroutine_threadsafe(checks, self._loop.loop)
+                self._rechecking.append(asyncio.run_coroutine_threadsafe(checks, self._loop.loop))
             except RuntimeError:  # the loop closed meanwhile (close() from another thread): nothing to check
                 checks.close()
-        self._infos = infos
-        return infos
+        up, infos = [r for r, known in zip(self.sets, checked) if known], [known[0] for known in checked if known]
+        name_in_part(self.sets, up, infos)
+        self._infos = None if down else infos
+        return up, infos, {self.sets[i].name: failed for i, failed in down.items()}
 
     @staticmethod
-    def _probe_timeout(deadline: Deadline) -> float:
-        """How long the first search's GetInfo calls may take: REPLICA_INFO_S, and at most PROBE_SHARE of
-        the search's time, so that one hung replica or shard leaves the search the rest."""
+    def _probe_timeout(deadline: Deadline, partial: bool) -> float:
+        """How long a search's GetInfo calls may take: REPLICA_INFO_S, at most PROBE_SHARE of its time; a shard's
+        all of it without `partial` (one left unchecked would fail the call); a replica's never (`partial`)."""
         remaining = deadline.remaining()
-        return REPLICA_INFO_S if remaining is None else min(REPLICA_INFO_S, PROBE_SHARE * remaining)
+        return REPLICA_INFO_S if remaining is None else remaining if not partial else min(REPLICA_INFO_S,
+                                                                                          PROBE_SHARE * remaining)
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
@@ -377,14 +375,16 @@ class RetrieverClient:
     def _fan_out(self, request: pb.SearchRequest, k: int, deadline: Deadline) -> SearchResult:
         self._check_open()
         self._refresh_credentials()
-        infos = self._shard_infos(deadline)
         allow_partial = request.allow_partial
+        sets, infos, down = self._shard_infos(deadline, allow_partial)
         request.allow_partial = False
         version = infos[0].datastore_version
         if request.expected_datastore_version and request.expected_datastore_version != version:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION,  # as a shard would: its replicas all agree
                                  f"expected_datastore_version is {safe_text(request.expected_datastore_version)} "
                                  f"but this datastore is version {version}")
+        if down and not allow_partial:  # a shard down is not searched: the call fails at once, naming it
+            raise RetrieverError(grpc.StatusCode.UNAVAILABLE, failure_message({n: f.message for n, f in down.items()}))
         request.expected_datastore_version = version  # a replica of another version fails over (`STALE`)
         body = request.SerializeToString()  # once, for every shard
         late = grpc.StatusCode.DEADLINE_EXCEEDED if allow_partial else None  # a shard not answering in time
@@ -393,7 +393,7 @@ class RetrieverClient:
             return isinstance(outcome, CallFailed) and not (
                 allow_partial and (isinstance(outcome, ShardFailed) or outcome.code == late))
 
-        answers, failures = self._answers("Search", body, deadline, ends_call, allow_partial, late,
+        answers, failures = self._answers(sets, "Search", body, deadline, ends_call, allow_partial, late, down,
                                           expect=AnswerShape.of(request, infos[0]))
         merged = merge_results(answers, k, infos[0].metric, ranked=True)
         merged.partial, merged.failed_shards = bool(failures), failures

@@ -74,15 +74,13 @@ def replica_sets(shards: list[list[str]]) -> list[ReplicaSet]:
     return [ReplicaSet(shard_name(i), list(addresses)) for i, addresses in enumerate(shards)]
 
 
-def check_shards(infos: list[list[pb.InfoResponse]], given: int | None = None) -> str | None:
-    """Why shards (each the infos of its answering replicas) are not one whole datastore, or None.
+def check_shards(infos: list[list[pb.InfoResponse]]) -> str | None:
+    """Why shards (each the infos of its answering replicas, in the order listed) are not one whole datastore, or None.
 
-    Every replica must be a shard server (not a router) of the same datastore version, the shards must
-    be all of the datastore's shards, each once, and their id ranges must tile [0, ntotal).
-
-    `given`: the number of shards listed, where some did not answer (`infos` then holds those that did):
-    they are checked for what they can show, no more listed than the datastore has, and id ranges that
-    overlap nowhere within [0, ntotal) (a shard listed twice, or a router as a shard, returned its rows twice).
+    Every replica must be a shard server (not a router) of the same datastore version, the replicas listed as one
+    shard must serve that shard, the shards must be all of the datastore's shards, each once, and their id ranges
+    must tile [0, ntotal). A shard with no infos (no replica answered) is down: the others are checked as fully,
+    their id ranges for overlaps alone (a shard twice, or a router as one, returns rows twice). One must answer.
     """
     for position, replicas in enumerate(infos):
         for info in replicas:
@@ -106,21 +104,39 @@ def check_shards(infos: list[list[pb.InfoResponse]], given: int | None = None) -
     for replicas in infos:
         if len({info.shard for info in replicas}) > 1:
             return f"replicas given as one shard serve different shards {sorted({i.shard for i in replicas})}"
-    names = [replicas[0].shard for replicas in infos]
+    names = [replicas[0].shard for replicas in infos if replicas]
     if len(set(names)) != len(names):
         return f"shards given more than once: {sorted({n for n in names if names.count(n) > 1})}"
-    expected, listed = everyone[0].num_shards, len(infos) if given is None else given
-    if expected and (expected != listed if given is None else listed > expected):
-        return f"the datastore has {expected} shards but {listed} were given ({', '.join(names)})"
-    ranges = sorted((r[0].shards[0].id_start, r[0].shards[0].id_end) for r in infos)
+    expected = everyone[0].num_shards
+    if expected and expected != len(infos):
+        return f"the datastore has {expected} shards but {len(infos)} were given ({', '.join(names)})"
+    ranges = sorted((r[0].shards[0].id_start, r[0].shards[0].id_end) for r in infos if r)
     ends = [0] + [end for _, end in ranges]
     ntotal = everyone[0].datastore_ntotal
-    if given is not None:  # some shards missing: their ranges are gaps, but none may overlap
+    if len(names) < len(infos):  # some shards down: their ranges are gaps, but none may overlap
         if any(start < end for (start, _), end in zip(ranges, ends)) or ends[-1] > ntotal:
             return f"the shards' id ranges {ranges} overlap, or pass {ntotal}"
     elif any(start != end for (start, _), end in zip(ranges, ends)) or ends[-1] != ntotal:
         return f"the shards' id ranges {ranges} do not cover [0, {ntotal}) once"
     return None
+
+
+def probe_outcomes(sets: list[ReplicaSet], asked: list[int], outcomes: list) -> tuple[dict[int, pb.InfoResponse],
+                                                                                    dict[int, CallFailed]]:
+    """The GetInfo answers among `outcomes` (`gather_until`'s, of the shards of `sets` at the positions `asked`)
+    and the shards down (every replica failed, or none answered in time), by position. Raises any other status
+    (a refusal: the call's), or UNAVAILABLE naming every shard where all were asked and none answered."""
+    answered, down = {}, {}
+    for position, outcome in zip(asked, outcomes):
+        if not isinstance(outcome, CallFailed):
+            answered[position] = outcome
+        elif isinstance(outcome, ShardFailed) or outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            down[position] = outcome
+        else:
+            raise outcome
+    if not answered and len(asked) == len(sets):  # nothing to search
+        raise CallFailed(grpc.StatusCode.UNAVAILABLE, failure_message({sets[i].name: down[i].message for i in down}))
+    return answered, down
 
 
 def name_in_part(sets: list[ReplicaSet], answered: list[ReplicaSet], infos: list[pb.InfoResponse]) -> None:
@@ -334,13 +350,14 @@ def failure_message(failures: dict[str, str]) -> str:
     return "; ".join(f"{name} unavailable ({reason})" for name, reason in sorted(failures.items()))
 
 
-def shard_answers(sets: list[ReplicaSet], outcomes: list, allow_partial: bool,
-                  late: grpc.StatusCode | None = None) -> tuple[list, dict[str, str]]:
+def shard_answers(sets: list[ReplicaSet], outcomes: list, allow_partial: bool, late: grpc.StatusCode | None = None,
+                  down: dict[str, CallFailed] | None = None) -> tuple[list, dict[str, str]]:
     """The answers among the `outcomes` of `gather_until` (one per shard of `sets`; None: cancelled once
     another ended the call) and the shards left out ({name: why}): those that failed whole (ShardFailed,
-    or a CallFailed with code `late`). Raises any other exception among them (a CallFailed: the call's
-    status), or a CallFailed naming the failed shards when no partial answer may (or can) be made."""
-    failed = {}
+    or a CallFailed with code `late`), and those `down` (not asked: failed before). Raises any other exception
+    among them (a CallFailed: the call's status), or a CallFailed naming the failed shards when no partial
+    answer may (or can) be made."""
+    failed = dict(down or {})
     for replicas, outcome in zip(sets, outcomes):
         if isinstance(outcome, ShardFailed) or (isinstance(outcome, CallFailed) and outcome.code == late):
             failed[replicas.name] = outcome

@@ -77,10 +77,15 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
     async def close(self) -> None:
         """Releases what the service holds (channels, threads) after the server stops."""
 
-    def _admit(self) -> None:
+    def _draining_error(self) -> RequestError | None:
+        """UNAVAILABLE once a drain began (Search and GetInfo alike, so that routers and clients count a
+        draining server as down), else None."""
         if self.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{self.role} is draining (shutting down)")
-        error = self.not_ready_error()
+            return RequestError(grpc.StatusCode.UNAVAILABLE, f"{self.role} is draining (shutting down)")
+        return None
+
+    def _admit(self) -> None:
+        error = self._draining_error() or self.not_ready_error()
         if error is not None:
             raise error
         if self.inflight >= self.limits.max_inflight:
@@ -132,6 +137,7 @@ class BaseRetrieverService(pb_grpc.RetrieverServicer):
         except DecodeError:
             error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a GetInfoRequest "
                                                                    f"({len(raw)} bytes that do not parse)")
+        error = self._draining_error() or error  # as Search: a draining server is refused before anything else
         if error is not None:
             self.metrics.observe("GetInfo", error.code.name, time.perf_counter() - started)
             self.refusals.record(f"{self.role} refused GetInfo with {error.code.name}", error.message)

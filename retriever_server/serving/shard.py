@@ -268,16 +268,21 @@ class Shard:
             distances[alone], ids[alone] = self._search_each(spec, exclusions, alone, stop)
         return distances, ids
 
-    def _local_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rows_of(self, array: np.ndarray, ids: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+        """The rows of `array` (one per row of this shard) for the global `ids` (any shape), zeros for a
+        missing neighbour (-1): every one of them where the shard holds no rows, as it may in a datastore
+        not built here (a missing neighbour is otherwise read from row 0, then zeroed)."""
+        shape = (*ids.shape, *array.shape[1:])
+        if len(array) == 0:
+            return np.zeros(shape, dtype=dtype or array.dtype)
         valid = ids >= 0
         rows = np.where(valid, ids - self.entry.id_start, 0)
-        return rows, valid
+        out = np.asarray(array[rows.ravel()], dtype=dtype).reshape(shape)
+        out[~valid] = 0
+        return out
 
     def _stored_keys(self, ids: np.ndarray) -> np.ndarray:
-        rows, valid = self._local_rows(ids)
-        keys = np.asarray(self.keys[rows.ravel()], dtype=np.float32).reshape(*ids.shape, -1)  # (nq, m, d)
-        keys[~valid] = 0
-        return keys
+        return self._rows_of(self.keys, ids, np.float32)  # (nq, m, d)
 
     def _rerank(self, spec: SearchSpec, ids: np.ndarray, stop: StopCheck) -> np.ndarray:
         """Exact distances (nq, m) to the stored keys, a chunk of queries at a time (bounded memory),
@@ -297,11 +302,7 @@ class Shard:
         return out
 
     def _payload(self, name: str, ids: np.ndarray) -> np.ndarray:
-        rows, valid = self._local_rows(ids)
-        array = self.payloads[name]
-        out = np.asarray(array[rows.ravel()]).reshape(*ids.shape, *array.shape[1:])
-        out[~valid] = 0
-        return out
+        return self._rows_of(self.payloads[name], ids)
 
     def search(self, spec: SearchSpec, stop: StopCheck = None) -> SearchResult:
         """Top-k neighbours of the checked request, exactly re-ranked when asked.
