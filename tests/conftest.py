@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,7 +70,9 @@ def ray_session():
     ray.shutdown()
 
 
-RAY_ADDRESS_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` records its head
+# where `ray start` records its head, in Ray's temp directory (RAY_TMPDIR, else TMPDIR, else /tmp)
+RAY_TEMP_DIR = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray"
+RAY_ADDRESS_FILE = RAY_TEMP_DIR / "ray_current_cluster"
 
 
 # A removed node is declared dead within about 2 s instead of Ray's 15 to 30 s (its health checks), so a
@@ -123,6 +125,34 @@ def build(tmp: Path, keys: np.ndarray, name: str, **kwargs) -> Path:
     out = tmp / name
     build_datastore(BuildConfig(keys=keys_path, out=out, payloads=payloads, **kwargs), progress=False)
     return out
+
+
+def manifest_without_shard_files(out: Path) -> Path:
+    """A datastore at `out` whose manifest is valid and whose one shard's file is missing: anything that
+    loads the shard fails there (so a refusal before it proves a flag was refused first)."""
+    from retriever_server.datastore.manifest import FileEntry, Manifest, ShardEntry, write_manifest
+
+    out.mkdir()
+    files = {"index.faiss": FileEntry(bytes=1, sha256="0" * 64)}
+    write_manifest(out, Manifest(dimension=8, metric="l2", factory="Flat", ntotal=10, nlist=1, default_nprobe=1,
+                                 has_keys=False, payloads=(), shards=(ShardEntry("shard-00000", 0, 10, files),)))
+    return out
+
+
+def knn_result_impossible_at_one():
+    """A kNN-LM result over 100 tokens, 60 searched, whose sums at λ = 1 are inf at searched and followed
+    positions alike (λ 0, 0.5 finite), without the searched positions' own sums."""
+    import math
+
+    from lm_worker.evaluation.knnlm_eval import KnnEvalResult
+
+    nll, followed_nll = {0.0: 500.0, 0.5: 450.0, 1.0: math.inf}, {0.0: 100.0, 0.5: 80.0, 1.0: math.inf}
+    return KnnEvalResult(tokens=100, base_perplexity=math.exp(5),
+                         perplexity={lam: math.exp(v / 100) for lam, v in nll.items()}, best_lambda=0.5,
+                         best_perplexity=math.exp(4.5), relative_reduction=0.1, k=16, temperature=1.0,
+                         model_seconds=0, retrieval_seconds=0, retrieval_wait_seconds=0, seconds=0, base_nll=500.0,
+                         nll=nll, searched=60, followed_lambda=0.5, followed_temperature=2.0,
+                         followed_nll=followed_nll)
 
 
 def damaged_copy(datastore: Path, to: Path, file: str, mask: int = 0xFF) -> Path:

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import manifest_without_shard_files
 
 from retriever_server import cli
 from retriever_server.cli.address_file import prepare_address_file, remove_address, write_address
 from retriever_server.cli.common import CliError
-from retriever_server.datastore.manifest import FileEntry, Manifest, ShardEntry, write_manifest
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ")  # a log record, not the command's line
 
@@ -166,12 +166,7 @@ def test_a_router_whose_output_reader_is_gone_stops_in_one_line_and_removes_its_
 def datastore(tmp_path: Path) -> Path:
     """A datastore whose manifest is valid but whose shard file is missing: a shard that got as far as
     loading fails there, so a refusal proves the flag was refused first."""
-    out = tmp_path / "ds"
-    out.mkdir()
-    files = {"index.faiss": FileEntry(bytes=1, sha256="0" * 64)}
-    write_manifest(out, Manifest(dimension=8, metric="l2", factory="Flat", ntotal=10, nlist=1, default_nprobe=1,
-                                 has_keys=False, payloads=(), shards=(ShardEntry("shard-00000", 0, 10, files),)))
-    return out
+    return manifest_without_shard_files(tmp_path / "ds")
 
 
 @pytest.mark.parametrize("flags", [["--no-restart"], ["--no-pin-shards"], ["--replicas", "2"],

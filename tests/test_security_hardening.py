@@ -21,7 +21,7 @@ import pytest
 
 from retriever_server.cluster.hop_credentials import make_hop_credentials
 from retriever_server.cluster.ray_security import check_exposure, plan_security
-from retriever_server.security import auth, config
+from retriever_server.security import auth, client_files
 from retriever_server.security.auth import TokenSet, bearer_metadata
 from retriever_server.security.certs import make_ca, make_leaf, write_private
 from retriever_server.security.client_files import WatchedClientSecurity
@@ -293,9 +293,9 @@ def test_a_half_rotated_client_certificate_is_reported_once_per_change(pki, tmp_
 
 
 def replaced_after_first_read(monkeypatch, module, path: Path, content: bytes) -> None:
-    """`module.read_tokens` replaces `path` with `content` right after its first read: a rotation
+    """`module.read_token_file` replaces `path` with `content` right after its first read: a rotation
     that lands between a reader's read and its stamp of the file."""
-    real = module.read_tokens
+    real = module.read_token_file
     calls = []
 
     def read_then_replace(*args, **kwargs):
@@ -305,7 +305,7 @@ def replaced_after_first_read(monkeypatch, module, path: Path, content: bytes) -
             write_private(path, content)
         return tokens
 
-    monkeypatch.setattr(module, "read_tokens", read_then_replace)
+    monkeypatch.setattr(module, "read_token_file", read_then_replace)
 
 
 def test_a_token_file_replaced_while_a_server_reads_it_is_read_again(tmp_path, monkeypatch):
@@ -318,7 +318,7 @@ def test_a_token_file_replaced_while_a_server_reads_it_is_read_again(tmp_path, m
 
 def test_a_token_file_replaced_while_a_client_reads_it_is_read_again(tmp_path, monkeypatch):
     path = write_private(tmp_path / "tokens", b"token-old\n")
-    replaced_after_first_read(monkeypatch, config, path, b"token-new\n")
+    replaced_after_first_read(monkeypatch, client_files, path, b"token-new\n")
     watched = WatchedClientSecurity(ClientSecurity(token_file=path), check_every_s=0)
     assert watched.metadata == bearer_metadata("token-old")
     watched.refresh()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -57,11 +56,12 @@ def add_parsers(command) -> None:
     d.add_argument("--cpus-per-shard", type=positive_float, default=1.0, help="CPUs each shard replica reserves")
     d.add_argument("--host", help="address each server binds (default: its node's IP)")
     d.add_argument("--detached", action="store_true",
-                   help="return once serving and leave the actors running (needs a running cluster)")
+                   help="return once serving and leave the actors running (needs a running cluster: "
+                        "`ray start --head`, never one the command starts)")
     _add_ray_target(d)
     d.add_argument("--num-cpus", type=positive_int,
-                   help="CPUs of the local Ray cluster deploy starts without --address or RAY_ADDRESS (not with "
-                        "--detached, which joins a running cluster)")
+                   help="CPUs of the local Ray cluster deploy starts without --address or RAY_ADDRESS, or with "
+                        "--address local (not with --detached, which joins a running cluster)")
     d.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256, at load")
     add_threads(d, "FAISS OpenMP threads per replica (0: FAISS default)")
     d.add_argument("--no-metrics", action="store_true", help="no Prometheus /metrics port on the servers")
@@ -84,7 +84,7 @@ def add_parsers(command) -> None:
 
 def run_deploy(args: argparse.Namespace) -> int:
     """Deploys the datastore; serves until interrupted, or returns at once with --detached."""
-    from retriever_server.cluster.connect import connect  # Ray: imported by the commands that use it
+    from retriever_server.cluster.connect import LOCAL, cluster_target, connect  # Ray: imported where used
     from retriever_server.cluster.ray_security import check_exposure
     from retriever_server.cluster.ray_serving import RayDeployment, RayServeConfig, check_name_free, ray_address
     from retriever_server.cluster.supervisor import uninterrupted
@@ -93,7 +93,13 @@ def run_deploy(args: argparse.Namespace) -> int:
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, a closed terminal is nothing to it
         signal.signal(signal.SIGHUP, interrupt)  # else it ended the command with no stop at all
     check_room_for_shards(args)
-    if args.num_cpus and (args.detached or args.address or os.environ.get("RAY_ADDRESS")):
+    own_cluster = cluster_target(args.address, existing=args.detached) == LOCAL  # one that ends with the command
+    if args.detached and own_cluster:
+        given = f"--address {LOCAL}" if args.address else f"RAY_ADDRESS={LOCAL}"
+        raise CliError(f"--detached leaves the deployment serving after this command, but with {given} the command "
+                       "starts a Ray cluster of its own, which ends with it: start one with `ray start --head` and "
+                       "pass its address (--address HOST:PORT, or --address auto on its head)")
+    if args.num_cpus and not own_cluster:
         raise CliError(f"--num-cpus sizes the local cluster deploy starts; with "
                        f"{'--detached' if args.detached else '--address' if args.address else 'RAY_ADDRESS'} it "
                        "joins a running one")
@@ -110,7 +116,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     check_exposure(config.host, config.security, config.secrets_dir)
     prepare_address_file(args.address_file, remove_stale=False)
     # detached actors need a lasting cluster; the actors' own logs stay in Ray's (their errors come back here)
-    connect(args.address, args.num_cpus, existing=args.detached, log_to_driver=False)
+    connect(args.address, args.num_cpus, existing=args.detached, log_to_driver=False, lasting=args.detached)
     signal.signal(signal.SIGTERM, interrupt)  # again: a local cluster's ray.init sets its own (an exit, status 15)
     check_name_free(args.name, args.namespace)  # a running deployment of that name keeps its address file...
     remove_address(args.address_file, stale=True)  # ...else the file there is a stopped one's

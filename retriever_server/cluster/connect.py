@@ -4,7 +4,9 @@ Which cluster a command joins: `--address` when given, else RAY_ADDRESS (which `
 for a job's entry point), else a new local cluster on this machine, started for the command and
 ended with it, even when the command is killed (`reaper`). A command never joins by surprise a
 cluster that `ray start` made (or once made) on the machine; `--address auto` joins that one on
-purpose.
+purpose, and Ray's record of it (in Ray's temp directory, which every user may write in) is taken only
+as a file of this user's that no one else may write. What is to outlive the command (`lasting`: detached
+actors) never goes to a local cluster the command starts.
 
 Joining a cluster that is not there fails fast with `ClusterUnreachable`, naming the address and
 what to do: the head's port is probed first (a refused connection fails within REFUSED_S), and
@@ -20,6 +22,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -76,15 +79,50 @@ def _advice(target: str, source: str | None, local: bool) -> str:
     return f"start that cluster, correct {source}" + (", or unset it to run on a new local cluster" if local else "")
 
 
+def cluster_target(address: str | None, existing: bool = False) -> str:
+    """What `connect(address, existing=existing)` joins: `address`, else RAY_ADDRESS, else "auto" (`existing`)
+    or LOCAL, a new local cluster that ends with this process."""
+    return address or os.environ.get("RAY_ADDRESS") or ("auto" if existing else LOCAL)
+
+
+def _read_record(record: Path) -> str:
+    """The address in Ray's record of the last `ray start` cluster, "" where there is none. Ray's temp
+    directory is everyone's to write in (/tmp/ray), so the record is taken only as a regular file of this
+    user (or root) that no one else may write (its group may where the group is this user's own, as a
+    umask of 002 leaves it): else ClusterUnreachable, as another user could have pointed it at a cluster
+    of theirs, to be sent this command's Ray token and its deployment's secrets."""
+    try:  # no link followed, no wait on a FIFO; what is checked is what is read (fstat of the file opened)
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return ""
+    except OSError as err:
+        why = "a symbolic link" if os.path.islink(record) else (err.strerror or type(err).__name__)
+    else:
+        with os.fdopen(fd, "rb") as file:
+            found = os.fstat(file.fileno())
+            if not stat.S_ISREG(found.st_mode):
+                why = "not a regular file"
+            elif found.st_uid not in (os.getuid(), 0):
+                why = f"owned by uid {found.st_uid}, not by this user (uid {os.getuid()})"
+            elif found.st_mode & stat.S_IWOTH or (found.st_mode & stat.S_IWGRP and found.st_gid != os.getgid()):
+                why = f"writable by other users (mode {stat.S_IMODE(found.st_mode):o}; chmod go-w it if it is yours)"
+            else:
+                return file.read(4096).decode(errors="replace").strip()
+    raise ClusterUnreachable(f"{record}, Ray's record of the last `ray start` cluster on this machine, is not to be "
+                             f"trusted ({why}): another user may have written it, to have this command join their "
+                             "cluster; give the cluster's address (--address, where the command takes one, or "
+                             "RAY_ADDRESS)")
+
+
 def _recorded_head(source: str | None, local: bool) -> str:
     """The address Ray recorded for the last cluster `ray start` made on this machine (in its temp
-    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none. `source`: where "auto" came
-    from (--address, RAY_ADDRESS), None where the command needs a running cluster and no address was
-    given; `local`: as for `_advice`."""
+    directory: RAY_TMPDIR, else /tmp); ClusterUnreachable when there is none, or the record is not this
+    user's own (`_read_record`). `source`: where "auto" came from (--address, RAY_ADDRESS), None where the
+    command needs a running cluster and no address was given; `local`: as for `_advice`."""
     from ray._common.utils import get_ray_address_file
 
     record = Path(get_ray_address_file(None))
-    address = record.read_text().strip() if record.is_file() else ""
+    address = _read_record(record)
     if address:
         return address
     if source is not None:
@@ -113,6 +151,11 @@ def _head(target: str, source: str | None) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def dial_target(host: str, port: int) -> str:
+    """HOST:PORT as gRPC and Ray parse it: an IPv6 host in brackets ("[::1]:6379")."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _probe(target: str, source: str | None, local: bool, host: str, port: int, timeout_s: float) -> None:
     """Returns once the head accepts a TCP connection; ClusterUnreachable when it refuses, or its name
     does not resolve, for REFUSED_S, or it does not answer within `timeout_s` (`source`, `local`: as for
@@ -130,7 +173,7 @@ def _probe(target: str, source: str | None, local: bool, host: str, port: int, t
                 why = "connection refused" if refused else \
                     "no such host" if unknown else (str(err) or type(err).__name__)
                 named = "the cluster `ray start` last made on this machine" if target == "auto" else target
-                raise ClusterUnreachable(f"no Ray cluster answers at {named} ({host}:{port}: {why}, for "
+                raise ClusterUnreachable(f"no Ray cluster answers at {named} ({dial_target(host, port)}: {why}, for "
                                          f"{elapsed:.0f} s): {_advice(target, source, local)}") from None
         time.sleep(0.25)
 
@@ -150,7 +193,8 @@ def _check_token(named: str, host: str, port: int, client: bool, timeout_s: floa
     metadata = [("authorization", f"Bearer {token}")] if token else []
     # Ray's own options: no HTTP proxy (unless RAY_grpc_enable_http_proxy), so that Ray's token goes
     # where Ray itself would send it, never in plaintext to a proxy of http_proxy
-    with grpc.insecure_channel(f"{host}:{port}", options=list(GLOBAL_GRPC_OPTIONS)) as channel:
+    head = dial_target(host, port)
+    with grpc.insecure_channel(head, options=list(GLOBAL_GRPC_OPTIONS)) as channel:
         try:
             channel.unary_unary(CLIENT_PROBE_METHOD if client else GCS_PROBE_METHOD)(
                 b"", timeout=max(0.1, min(AUTH_PROBE_S, timeout_s)), metadata=metadata)
@@ -158,7 +202,7 @@ def _check_token(named: str, host: str, port: int, client: bool, timeout_s: floa
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                 return
-    where = f"the Ray cluster {named}" + ("" if named.endswith(f"{host}:{port}") else f" ({host}:{port})")
+    where = f"the Ray cluster {named}" + ("" if named.endswith(head) else f" ({head})")
     if not token_mode:
         raise ClusterUnreachable(f"{where} takes token authentication, and this shell does not use it: set "
                                  f"{AUTH_MODE_ENV}=token (the token is then read from RAY_AUTH_TOKEN, else the file "
@@ -228,7 +272,7 @@ def _uninterrupted_exit() -> None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, existing: bool = False,
-            log_to_driver: bool = True, timeout_s: float | None = None) -> bool:
+            log_to_driver: bool = True, timeout_s: float | None = None, lasting: bool = False) -> bool:
     """Connects this process to Ray unless it is already; returns whether it started a local cluster (one
     that no node will join).
 
@@ -240,14 +284,23 @@ def connect(address: str | None = None, num_cpus: int | None = None, existing: b
             instead of starting one.
         log_to_driver: show the workers' output here.
         timeout_s: how long joining a cluster may take (default: `connect_timeout_s()`).
+        lasting: what the caller starts is to outlive it (detached actors): a running cluster, never a new
+            local one, which ends with this process.
 
     Raises:
         ClusterUnreachable: no cluster answered at the address, named in the message with what to do.
+        ValueError: `lasting`, and the address ("local") says to start a new local cluster.
     """
     if ray.is_initialized():
         return False
-    target = address or os.environ.get("RAY_ADDRESS") or ("auto" if existing else LOCAL)
+    target = cluster_target(address, existing)
     starting = target == LOCAL
+    if starting and lasting:
+        given = f"address {LOCAL!r}" if address else \
+            f"RAY_ADDRESS={LOCAL}" if os.environ.get("RAY_ADDRESS") else "no address and no RAY_ADDRESS"
+        raise ValueError(f"with {given}, this process would start a new local Ray cluster, which ends with it, and "
+                         "what runs there is to outlive it: start a cluster with `ray start --head` and give its "
+                         "address")
     kwargs = {"num_cpus": num_cpus if starting else None, "include_dashboard": False,
               "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if starting:

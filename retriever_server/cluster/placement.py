@@ -1,11 +1,13 @@
 """Where a deployment's shard replicas go on a Ray cluster: a deterministic plan over its nodes.
 
-Replica 0 of every shard is placed first, then replica 1, and so on. In each round the shards get
-nodes that do not hold them yet (a maximum matching over the nodes' free CPUs, so that one shard's
-choice does not take the only node another could use), preferring the node with the fewest replicas,
-then the first (worker nodes before the head node, which also runs the cluster's own services). So
-shards spread one per node while there are nodes, a shard's replicas land on different nodes, and a
-replica shares a node with its shard's, with a warning, only when its round has no such node left.
+Replica 0 of every shard is placed first, then replica 1, and so on, each on a node that does not
+hold its shard yet, preferring the node with the fewest replicas, then the first (worker nodes before
+the head node, which also runs the cluster's own services). Where every such node is full, replicas
+placed earlier move to make room (an augmenting path of a maximum matching of replicas to the nodes'
+CPUs), so that an early choice never takes the only nodes a later replica could use: the plan keeps
+as many of a shard's replicas on different nodes as any plan can. So shards spread one per node while
+there are nodes, a shard's replicas land on different nodes, and a replica shares a node with its
+shard's, with a warning, only when no plan keeps them apart.
 
 Example:
     >>> plan_placement(cluster_nodes(), shards=2, replicas=2, cpus_per_shard=1)
@@ -15,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from dataclasses import dataclass
 
 import ray
@@ -23,6 +27,7 @@ from retriever_server.datastore.manifest import shard_name
 
 log = logging.getLogger(__name__)
 HEAD_RESOURCE = "node:__internal_head__"
+Unit = tuple[int, int]  # (shard, replica)
 
 
 class PlacementError(RuntimeError):
@@ -68,53 +73,64 @@ def plan_placement(nodes: list[NodeSlot], shards: int, replicas: int,
 
     Raises:
         PlacementError: the nodes' CPUs cannot hold every replica.
+        ValueError: `cpus_per_shard` is not a finite number above 0.
     """
-    room = {n.node_id: n.cpus for n in nodes}
-    load = {n.node_id: 0 for n in nodes}
-    held: dict[str, set[int]] = {n.node_id: set() for n in nodes}
+    if not (math.isfinite(cpus_per_shard) and cpus_per_shard > 0):
+        raise ValueError(f"cpus_per_shard must be a finite number of CPUs > 0, got {cpus_per_shard}")
     rank = {n.node_id: i for i, n in enumerate(nodes)}
-    plan: dict[tuple[int, int], str] = {}
-    for r in range(replicas):
-        spread = _spread(shards, room, load, held, rank, cpus_per_shard)
-        for s in sorted(range(shards), key=lambda s: s not in spread):  # the spread ones first: their room is kept
-            fits = [node for node in rank if room[node] >= cpus_per_shard - 1e-9]
-            if not fits:
-                raise _no_room(nodes, shards, replicas, cpus_per_shard)
-            best = spread[s] if s in spread else min(fits, key=lambda node: (s in held[node], load[node], rank[node]))
-            if s in held[best]:
-                log.warning("%s replica %d shares node %s with another replica of its shard: %d nodes with room "
-                            "for %d replicas", shard_name(s), r, best, len(fits), replicas)
-            plan[s, r] = best
-            room[best] -= cpus_per_shard
-            load[best] += 1
-            held[best].add(s)
-    return plan
+    slots = {n.node_id: int((n.cpus + 1e-9) // cpus_per_shard) for n in nodes}
+    if sum(slots.values()) < shards * replicas:
+        raise _no_room(nodes, shards, replicas, cpus_per_shard)
+    on: dict[str, list[Unit]] = {node: [] for node in rank}  # the replicas each node holds
+    plan: dict[Unit, str] = {}
+    units = [(s, r) for r in range(replicas) for s in range(shards)]
+    shared = [unit for unit in units if not _place(unit, on, plan, slots, rank)]
+    for s, r in shared:  # no plan keeps these apart from their shard's other replicas (see `_place`)
+        fits = [node for node in rank if len(on[node]) < slots[node]]
+        best = min(fits, key=lambda node: (len(on[node]), rank[node]))
+        log.warning("%s replica %d shares node %s with another replica of its shard: %d nodes with room "
+                    "for %d replicas", shard_name(s), r, best, len(fits), replicas)
+        on[best].append((s, r))
+        plan[s, r] = best
+    return dict(sorted(plan.items(), key=lambda item: (item[0][1], item[0][0])))
 
 
-def _spread(shards: int, room: dict[str, float], load: dict[str, int], held: dict[str, set[int]],
-            rank: dict[str, int], cpus: float) -> dict[int, str]:
-    """One replica of as many shards as can have one on a node not holding that shard yet: a maximum
-    matching of shards to the nodes' free slots (augmenting paths), each shard trying the nodes with the
-    fewest replicas first. A greedy pass alone can fill the one node a later shard could use."""
-    slots = {node: int((room[node] + 1e-9) // cpus) for node in rank}
-    taken: dict[str, list[int]] = {node: [] for node in rank}
-    chosen: dict[int, str] = {}
+def _place(unit: Unit, on: dict[str, list[Unit]], plan: dict[Unit, str], slots: dict[str, int],
+           rank: dict[str, int]) -> bool:
+    """Puts `unit` on a node not holding its shard, the emptiest free one first; where those are full,
+    moves replicas placed earlier along the shortest chain that ends on a free node (an augmenting path,
+    found breadth first). False when there is none: none appears later either, as placing other replicas
+    changes the nodes' holdings only outside the nodes this search reached."""
+    def open_to(shard: int) -> list[str]:
+        """The nodes not reached yet that may take a replica of `shard`, the emptiest first."""
+        return sorted((node for node in rank if node not in came and slots[node]
+                       and all(s != shard for s, _ in on[node])), key=lambda node: (len(on[node]), rank[node]))
 
-    def place(s: int, seen: set[str]) -> bool:
-        """Puts shard s on a node, moving a shard placed earlier to another node if that makes room."""
-        free = [node for node in rank if s not in held[node] and node not in seen and slots[node]]
-        for node in sorted(free, key=lambda node: (load[node] + len(taken[node]), rank[node])):
-            seen.add(node)
-            if len(taken[node]) >= slots[node]:
-                moved = next((other for other in list(taken[node]) if place(other, seen)), None)
-                if moved is None:
-                    continue
-                taken[node].remove(moved)  # `place` put it on another node
-            taken[node].append(s)
-            chosen[s] = node
+    came: dict[str, tuple[str | None, Unit]] = {}  # node -> (the node its new replica comes from, that replica)
+    queue = deque[str]()
+    for node in open_to(unit[0]):
+        came[node] = (None, unit)
+        queue.append(node)
+    while queue:
+        node = queue.popleft()
+        if len(on[node]) < slots[node]:
+            _shift(node, came, on, plan)
             return True
-        return False
+        for other in on[node]:
+            for dest in open_to(other[0]):
+                came[dest] = (node, other)
+                queue.append(dest)
+    return False
 
-    for s in range(shards):
-        place(s, set())
-    return chosen
+
+def _shift(node: str, came: dict[str, tuple[str | None, Unit]], on: dict[str, list[Unit]],
+           plan: dict[Unit, str]) -> None:
+    """Moves each replica of the chain that ends on `node` one node on, the new replica joining first."""
+    while True:
+        source, moved = came[node]
+        on[node].append(moved)
+        plan[moved] = node
+        if source is None:
+            return
+        on[source].remove(moved)
+        node = source

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 
 import ray
@@ -18,6 +19,7 @@ import ray
 from retriever_server.cluster.ray_secrets import Secrets, materialize, relocated, sweep
 from retriever_server.datastore.manifest import shard_name
 from retriever_server.logs import configure_logging
+from retriever_server.security.config import TOKEN_ENV
 from retriever_server.serving.event_loop import LoopThread
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.service import RunningServer
@@ -32,6 +34,9 @@ class _ServerActor:
     running: RunningServer
 
     def __init__(self, host: str | None, log_level: str, secrets: Secrets | None):
+        # the servers authenticate with their own files alone, never with the token of the user who deployed
+        # (a Ray worker inherits its environment from the raylet, which may have it from the driver)
+        os.environ.pop(TOKEN_ENV, None)
         configure_logging(log_level)
         self.host = host or ray.util.get_node_ip_address()
         self.loop = LoopThread("grpc-loop")  # where the gRPC server lives

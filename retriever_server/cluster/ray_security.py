@@ -4,6 +4,8 @@ loopback; and, whenever the router's port is secured, the hops from the router t
 mutual TLS and a token of the deployment's own. The actors get their files as a constructor argument
 (`ray_secrets`), under names of their own; the deployment's CA and keys are made in a private temporary
 folder, removed once read, and `secrets_dir` gets what clients need alone (`ca.pem`, `client-token`).
+The servers authenticate with these files alone: never with the RETRIEVER_AUTH_TOKEN of the user who
+deploys (the router's calls to the shards are `OwnCredentials`, and the actors drop that variable).
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from retriever_server.cluster.ray_secrets import Secrets, pack, read_files, relo
 from retriever_server.security.certs import write_private
 from retriever_server.security.config import ClientSecurity, ServerSecurity, is_loopback_host
 from retriever_server.security.tls import check_pem
+
+
+class OwnCredentials(ClientSecurity):
+    """A server's calls out (the router's, to its shards): the token given, or the token file's, never
+    RETRIEVER_AUTH_TOKEN, the token of the user who deploys (Ray actors inherit their environment), which
+    would go to the shards, in plaintext where the hops are."""
+
+    def bearer_token(self) -> str | None:
+        return super().bearer_token() if self.token or self.token_file is not None else None
 
 
 @dataclass(frozen=True)
@@ -61,14 +72,14 @@ def plan_security(host: str | None, public: ServerSecurity, secrets_dir: Path | 
     by_itself = not (public.tls or public.token_file) and secrets_dir is not None and not public.insecure
     if not (public.tls or public.token_file or by_itself):
         shard = ServerSecurity(insecure=public.insecure)  # --insecure: the shards on the node IPs too
-        return DeploymentSecurity(shard, None, public, ClientSecurity(), None, ClientSecurity())
+        return DeploymentSecurity(shard, None, public, OwnCredentials(), None, ClientSecurity())
     folder = Path(tempfile.mkdtemp(prefix="retriever-hops-"))  # 0700, this process's alone
     try:
         hops = make_hop_credentials(folder, ("127.0.0.1", "localhost") + ((host,) if host else ()))
         shard = hops.shard_server()
-        source = hops.router_server() if by_itself else public
+        source = replace(hops.router_server(), reflection=public.reflection) if by_itself else public  # asked for
         router = replace(source, **{name: Path(f"public-{name}") for name in _paths(source)})
-        to_shards = hops.client()
+        to_shards = OwnCredentials(**vars(hops.client()))  # its hop token: no fallback, were it ever missing
         files = {f"public-{name}": path for name, path in _paths(source).items()}
         files.update({path.name: path for path in _paths(to_shards).values()})
         shard_files = {path.name: path for path in _paths(shard).values()}

@@ -268,7 +268,7 @@ class RayDeployment:
 
     def start(self) -> RayDeployment:
         """Places and starts every replica, then the router; returns once the router is SERVING.
-        Connects to Ray first (`connect()`) unless this process is connected already.
+        Connects to Ray first unless connected already (`connect()`; detached: to a running cluster alone).
 
         Raises:
             DeploymentError: the name is taken, the cluster has no node for a shard, or an actor
@@ -276,7 +276,7 @@ class RayDeployment:
         """
         c = self.config
         self.security = plan_security(c.host, c.security, c.secrets_dir)  # before joining or starting a cluster
-        connect()
+        connect(existing=c.detached, lasting=c.detached)  # detached actors outlive this process: never its own cluster
         num_shards = len(read_manifest(c.datastore).shards)
         check_name_free(c.name, c.namespace)
         nodes = cluster_nodes()

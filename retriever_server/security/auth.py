@@ -1,7 +1,9 @@
 """Bearer tokens: the `authorization: Bearer <token>` metadata every call but health carries when a
 server has a token file, checked in constant time against each accepted token. The file is read
 again when it changes (checked at most once a second) or on `reload()` (SIGHUP), so tokens rotate
-without a restart: add the new token as a line, move the clients over, remove the old one.
+without a restart: add the new token as a line, move the clients over, remove the old one. Each
+read of a token file, the server's or a client's (`read_token_file`), warns where the file read can
+be read by other users, so a rotation that puts such a file in place is named too.
 
 A refused call gets UNAUTHENTICATED, whose message never repeats what the caller sent.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,8 +20,8 @@ from pathlib import Path
 import grpc
 
 from retriever_server.logs import EventCounter
-from retriever_server.security.config import SecurityError, read_tokens
-from retriever_server.security.tls import file_stamps, warn_if_shared
+from retriever_server.security.config import SecurityError, parse_tokens
+from retriever_server.security.tls import file_stamps
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,34 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((HEADER, f"Bearer {token}"),) if token else ()
 
 
+def read_token_file(path: Path, first_only: bool = False) -> list[str]:
+    """The tokens of a token file, as `config.read_tokens` reads them, with a warning where the file read
+    is this user's and other users can read it too. The mode checked is the opened file's (fstat), so it is
+    the file whose tokens are returned, whatever a rotation puts at `path` before or after.
+
+    Args:
+        path: the token file: one token per line, whitespace around them ignored, blank lines skipped.
+        first_only: the first token alone (what a client sends), the lines after it not checked.
+
+    Returns:
+        The tokens, in the file's order.
+
+    Raises:
+        SecurityError: the file cannot be read, holds no token, or a token that no HTTP header can carry
+            (not printable ASCII); the message names the file and the line, never the token.
+    """
+    try:
+        with open(path, "rb") as file:
+            found = os.fstat(file.fileno())
+            data = file.read()
+    except OSError as err:
+        raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
+    if found.st_uid == os.getuid() and found.st_mode & 0o077:  # another owner's (a mounted Secret) is on purpose
+        log.warning("the token file %s can be read by other users (mode %03o): `chmod 600` it", path,
+                    found.st_mode & 0o777)
+    return parse_tokens(data, path, first_only)
+
+
 class TokenSet:
     """The accepted tokens of a token file, read again when the file changes."""
 
@@ -42,14 +73,14 @@ class TokenSet:
         self.path = Path(path)
         self.lock = threading.Lock()
         self.seen = file_stamps([self.path])  # before the read: a file replaced after it is read again
-        self.tokens = [t.encode() for t in read_tokens(self.path)]
-        warn_if_shared(self.path, "the token file")
+        self.tokens = [t.encode() for t in read_token_file(self.path)]  # warns where others can read it
         self.checked = time.monotonic()
 
     def reload(self) -> None:
-        """Reads the file now (SIGHUP); a file that cannot be read or is empty keeps the current tokens."""
+        """Reads the file now (SIGHUP), with a warning where others can read it; a file that cannot be read
+        or is empty keeps the current tokens."""
         try:
-            tokens = [t.encode() for t in read_tokens(self.path)]
+            tokens = [t.encode() for t in read_token_file(self.path)]
         except SecurityError as err:
             log.warning("%s; keeping the %d tokens read before", err, len(self.tokens))
             return

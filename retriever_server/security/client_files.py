@@ -4,11 +4,12 @@ file and certificates without a restart (`auth`, `tls`); their clients do too, s
 servers took up does not cut them off.
 
 The files are checked at most once a second, when a call is about to go out. A token file that
-changed is read again (its first token is sent from then on); TLS files that changed are reported,
-for the caller to open new channels (the router and `RetrieverClient` do, and keep the channels they
-replace open RETIRED_CLOSE_S for the calls on them; connections already open keep their TLS session).
-Files that cannot be read, or do not hold a certificate and its key, keep the current credentials, as
-the servers do.
+changed is read again (its first token is sent from then on); one that other users can read is named
+in a warning each time it is read, as a server's is (`auth.read_token_file`). TLS files that changed
+are reported, for the caller to open new channels (the router and `RetrieverClient` do, and keep the
+channels they replace open RETIRED_CLOSE_S for the calls on them; connections already open keep their
+TLS session). Files that cannot be read, or do not hold a certificate and its key, keep the current
+credentials, as the servers do.
 
 Example:
     >>> watched = WatchedClientSecurity(ClientSecurity(token_file=Path("tokens")))
@@ -23,8 +24,8 @@ import logging
 import time
 from pathlib import Path
 
-from retriever_server.security.auth import bearer_metadata
-from retriever_server.security.config import ClientSecurity, SecurityError, read_tokens
+from retriever_server.security.auth import bearer_metadata, read_token_file
+from retriever_server.security.config import ClientSecurity, SecurityError
 from retriever_server.security.tls import check_pem, file_stamps
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ class WatchedClientSecurity:
         self._token_seen = file_stamps([self._token_file]) if self._token_file is not None else None
         self._tls_seen = file_stamps(self._tls_files)
         self._tls_refused: tuple | None = None  # the TLS files' stamp last reported unusable: reported once
-        self.metadata = bearer_metadata(security.bearer_token())
+        if self._token_file is not None:  # read here, as at each change, to warn where others can read it
+            self.metadata = bearer_metadata(read_token_file(self._token_file, first_only=True)[0])
+        else:
+            self.metadata = bearer_metadata(security.bearer_token())
         self._checked = time.monotonic()
 
     def refresh(self) -> bool:
@@ -85,7 +89,7 @@ class WatchedClientSecurity:
 
     def _read_token(self, path: Path) -> None:
         try:
-            token = read_tokens(path, first_only=True)[0]
+            token = read_token_file(path, first_only=True)[0]
         except SecurityError as err:
             log.warning("%s; keeping the token read before", err)
             return

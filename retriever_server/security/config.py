@@ -86,6 +86,11 @@ def read_tokens(path: Path, first_only: bool = False) -> list[str]:
         data = Path(path).read_bytes()
     except OSError as err:
         raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
+    return parse_tokens(data, path, first_only)
+
+
+def parse_tokens(data: bytes, path: Path, first_only: bool = False) -> list[str]:
+    """The tokens in the bytes `data` of the token file `path` (named in errors), as `read_tokens` reads them."""
     tokens = []
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
