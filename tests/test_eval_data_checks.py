@@ -4,17 +4,17 @@ datastore's manifest metadata, and a report of a λ that is impossible on the te
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import knn_result_impossible_at_one
 
 from lm_worker.data.token_store import TokenStore, write_token_store
 from lm_worker.evaluation.knnlm import check_knnlm_inputs
-from lm_worker.evaluation.knnlm_eval import KnnEvalResult, at_lambdas
+from lm_worker.evaluation.knnlm_eval import at_lambdas
 from lm_worker.evaluation.report import write_report
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 from lm_worker.pipeline.config import PipelineConfig
@@ -112,13 +112,7 @@ def test_the_corpus_is_compared_as_a_place_in_a_record_of_its_resolved_path(tmp_
 def test_a_report_of_a_lambda_impossible_on_the_test_text_is_written(tmp_path):
     """λ chosen on validation whose NLL on the test text is inf at searched and followed positions alike:
     the plot's searched share is inf, not inf - inf = NaN."""
-    nll, followed_nll = {0.0: 500.0, 0.5: 450.0, 1.0: math.inf}, {0.0: 100.0, 0.5: 80.0, 1.0: math.inf}
-    result = KnnEvalResult(tokens=100, base_perplexity=math.exp(5),
-                           perplexity={lam: math.exp(v / 100) for lam, v in nll.items()}, best_lambda=0.5,
-                           best_perplexity=math.exp(4.5), relative_reduction=0.1, k=16, temperature=1.0,
-                           model_seconds=0, retrieval_seconds=0, retrieval_wait_seconds=0, seconds=0, base_nll=500.0,
-                           nll=nll, searched=60, followed_lambda=0.5, followed_temperature=2.0,
-                           followed_nll=followed_nll)
+    result = knn_result_impossible_at_one()
     chosen = at_lambdas(result, 1.0, 0.5, "valid")
     table = write_report(tmp_path / "report", chosen, None, {})
     assert "| inf |" in table and (tmp_path / "report" / "ppl_vs_lambda.png").is_file()

@@ -52,13 +52,32 @@ def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, vocab_size: int
                   temperature: float = 1.0) -> torch.Tensor:
     """log p_kNN over the whole vocabulary: distances (N, k), values (N, k) long -> (N, V).
 
+    Computed in log space, as `knn_target_log_prob`: a neighbour far beyond the nearest (d - d_min
+    over ~100·T, whose weight exp(-d / T) would underflow in float32) keeps its log-probability.
     Decoding, where the next token is not known yet, mixes with `mix_log_probs` instead: the same
     mixture without building this (N, V) array; this is its dense reference.
     """
-    w = _neighbour_log_weights(distances, values, temperature).exp()  # (N, k), 0 for missing
-    probs = torch.zeros(values.shape[0], vocab_size, dtype=w.dtype, device=w.device)
-    probs.scatter_add_(1, values.clamp(min=0), w)  # (N, V)
-    return probs.log()
+    tokens = values.clamp(min=0)  # (N, k): missing neighbours (weight 0) point at token 0
+    at_tokens = _token_log_probs(_neighbour_log_weights(distances, values, temperature), tokens, vocab_size)  # (N, k)
+    out = torch.full((values.shape[0], vocab_size), -math.inf, dtype=at_tokens.dtype, device=at_tokens.device)
+    return out.scatter_(1, tokens, at_tokens)  # (N, V)
+
+
+def _token_log_probs(log_weights: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p_kNN of each neighbour's token, at each neighbour: log weights (N, k) (-inf for missing
+    neighbours), tokens (N, k) long -> (N, k), equal wherever two neighbours carry one token.
+
+    Each token's logsumexp over its neighbours, shifted by that token's own largest log weight, so that
+    no weight underflows however far the token's neighbours lie. One (N, V) scratch row per context holds
+    first the per-token maxima, then the per-token sums (added in neighbour order); only the neighbours'
+    tokens of it are written or read.
+    """
+    scratch = torch.zeros(tokens.shape[0], vocab_size, dtype=log_weights.dtype, device=log_weights.device)
+    scratch.scatter_reduce_(1, tokens, log_weights, "amax", include_self=False)  # (N, V): max at each token
+    shift = scratch.gather(1, tokens)  # (N, k)
+    shift = shift.masked_fill(torch.isneginf(shift), 0.0)  # a token of missing neighbours only: weights all 0
+    scratch.scatter_(1, tokens, 0.0).scatter_add_(1, tokens, (log_weights - shift).exp())  # (N, V): sums
+    return scratch.gather(1, tokens).log() + shift  # (N, k)
 
 
 def check_mixing(lam: float, temperature: float) -> None:
@@ -122,10 +141,11 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
 
     The numbers of `interpolate(lm_log_probs, knn_log_probs(...), lam)`, computed where p_kNN is not
     zero only: elsewhere the mixture is log(1 - λ) + log p_LM, and logaddexp with -inf returns its other
-    operand exactly, so those entries are the dense mixture's bit for bit. Where p_kNN > 0 they may
-    differ from it in the last bit. Every decoder mixes with this function, and a row's numbers do not
-    depend on the rows mixed with it, so decoders agree with each other bit for bit.
-    A decoding step so costs one pass over (N, V) instead of six (the log over the vocabulary and the
+    operand exactly, so those entries are the dense mixture's bit for bit. Where p_kNN > 0 they take
+    log p_kNN from the same log-space sums as `knn_log_probs` (a far neighbour's token keeps its tiny
+    p_kNN) and may differ from the dense mixture in the last bit. Every decoder mixes with this function,
+    and a row's numbers do not depend on the rows mixed with it, so decoders agree with each other bit for
+    bit. A decoding step so costs one pass over (N, V) instead of six (the log over the vocabulary and the
     logaddexp were most of a step's mixing). With λ = 1 a row the service found no neighbour for takes
     the LM's log-probs, as no token could be chosen from p_kNN = 0.
     """
@@ -137,12 +157,10 @@ def mix_log_probs(lm_log_probs: torch.Tensor, distances: torch.Tensor, values: t
         return torch.where(found, knn, lm_log_probs)
     if not 0.0 < lam < 1.0:
         raise ValueError(f"lambda must lie in [0, 1], got {lam}")
-    w = _neighbour_log_weights(distances, values, temperature).exp()  # (N, k), 0 for missing
     tokens = values.clamp(min=0)  # (N, k)
-    probs = torch.zeros(lm_log_probs.shape, dtype=w.dtype, device=w.device)
-    probs.scatter_add_(1, tokens, w)  # (N, V): summed in the order knn_log_probs sums, so equal sums
-    near = _logaddexp(lm_log_probs.gather(1, tokens) + math.log1p(-lam),
-                      probs.gather(1, tokens).log() + math.log(lam))  # (N, k)
+    weights = _neighbour_log_weights(distances, values, temperature)  # (N, k)
+    knn = _token_log_probs(weights, tokens, lm_log_probs.shape[-1])  # (N, k), as knn_log_probs sums it
+    near = _logaddexp(lm_log_probs.gather(1, tokens) + math.log1p(-lam), knn + math.log(lam))  # (N, k)
     return (lm_log_probs + math.log1p(-lam)).scatter_(1, tokens, near)  # (N, V)
 
 

@@ -89,7 +89,10 @@ class KnnEvalResult:
     With pointers (`EvalConfig.pointer_steps`), the `tokens - searched` followed positions score
     with temperature `followed_temperature`; `perplexity` takes one λ everywhere, while `best_lambda`
     (searched positions) and `followed_lambda` (followed ones) are the best pair, which gives
-    `best_perplexity`. `followed_nll` (per λ) is the followed positions' share of `nll`.
+    `best_perplexity`. `followed_nll` and `searched_nll` (per λ) are the followed and the searched
+    positions' shares of `nll`, each summed on its own: a λ impossible at one followed position (inf)
+    leaves the searched positions' sum finite. A result made without `searched_nll` (saved before
+    results kept it) takes it as `nll` less `followed_nll`, inf wherever `nll` is, as those results did.
 
     `best_lambda`, `followed_lambda` and `best_perplexity` are the best of this text's own sweep, an
     optimistic figure, unless `lambdas_from` names the other text they were chosen on (`at_lambdas`):
@@ -115,6 +118,12 @@ class KnnEvalResult:
     followed_temperature: float = 0.0
     followed_nll: dict[float, float] = field(default_factory=dict)
     lambdas_from: str = ""  # the text best_lambda and followed_lambda were chosen on; "": this one's sweep
+    searched_nll: dict[float, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.searched_nll:  # made before results kept it: every position's less the followed ones'
+            object.__setattr__(self, "searched_nll", {lam: _searched_by_difference(self.nll, self.followed_nll, lam)
+                                                      for lam in self.nll})
 
     @property
     def tokens_per_second(self) -> float:
@@ -125,24 +134,28 @@ class KnnEvalResult:
         out["perplexity"] = {str(lam): ppl for lam, ppl in self.perplexity.items()}
         out["nll"] = {str(lam): v for lam, v in self.nll.items()}
         out["followed_nll"] = {str(lam): v for lam, v in self.followed_nll.items()}
+        out["searched_nll"] = {str(lam): v for lam, v in self.searched_nll.items()}
         return out
 
 
-def _searched_nll(nll: dict[float, float], followed_nll: dict[float, float], lam: float) -> float:
-    """The searched positions' share of λ's summed NLL: all of it less the followed positions' share. inf - inf
-    (a λ at which both parts are impossible) is no total: it counts as inf, never as the best."""
+def _searched_by_difference(nll: dict[float, float], followed_nll: dict[float, float], lam: float) -> float:
+    """The searched positions' share of λ's summed NLL where only the whole and the followed positions' share
+    are known: their difference, exact where nothing was followed. inf - inf (a λ at which both parts are
+    impossible) is no total: it counts as inf, never as the best."""
     return nll[lam] - followed_nll.get(lam, 0.0) if math.isfinite(nll[lam]) else math.inf
 
 
-def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], tokens: int,
-                 followed: int) -> tuple[float, float, float]:
+def best_lambdas(nll: dict[float, float], followed_nll: dict[float, float], tokens: int, followed: int,
+                 searched_nll: dict[float, float] | None = None) -> tuple[float, float, float]:
     """(λ at searched positions, λ at followed ones, perplexity): the best pair, from the summed negative
-    log-likelihoods per λ over every position (`nll`) and over the `followed` positions alone."""
+    log-likelihoods per λ over every position (`nll`), over the `followed` positions alone (`followed_nll`)
+    and over the searched ones alone (`searched_nll`; None: `nll` less `followed_nll`, which makes a λ
+    impossible at every searched position wherever it is at one followed position)."""
     if not followed:
         best = min(nll, key=lambda lam: nll[lam])
         return best, best, perplexity(nll[best], tokens)
-    searched = {lam: _searched_nll(nll, followed_nll, lam) for lam in nll}
-    lam_s = min(searched, key=lambda lam: searched[lam])
+    searched = searched_nll or {lam: _searched_by_difference(nll, followed_nll, lam) for lam in nll}
+    lam_s = min(nll, key=lambda lam: searched[lam])
     lam_f = min(followed_nll, key=lambda lam: followed_nll[lam])
     return lam_s, lam_f, perplexity(searched[lam_s] + followed_nll[lam_f], tokens)
 
@@ -157,21 +170,22 @@ def at_lambdas(result: KnnEvalResult, lam: float, followed_lam: float, chosen_on
     for name, value in (("lam", lam), ("followed_lam", followed_lam)):
         if value not in result.nll:
             raise ValueError(f"{name}={value:g} is not among the evaluated λs {sorted(result.nll)}")
-    searched = _searched_nll(result.nll, result.followed_nll, lam)
-    ppl = perplexity(searched + result.followed_nll.get(followed_lam, 0.0), result.tokens)
+    ppl = perplexity(result.searched_nll[lam] + result.followed_nll.get(followed_lam, 0.0), result.tokens)
     base = result.base_perplexity
     return replace(result, best_lambda=lam, followed_lambda=followed_lam, best_perplexity=ppl,
                    relative_reduction=1.0 - ppl / base if math.isfinite(base) else 0.0, lambdas_from=chosen_on)
 
 
 class _Sums:
-    """Summed negative log-likelihoods: the base LM's, and each λ's over every position and over the
-    followed ones."""
+    """Summed negative log-likelihoods: the base LM's, and each λ's over every position, over the
+    followed ones and over the searched ones (each its own sum: a followed position impossible at λ
+    leaves the searched ones' sum finite)."""
 
     def __init__(self, lambdas: tuple[float, ...]):
         self.tokens, self.followed_tokens, self.base = 0, 0, 0.0
         self.per_lambda = dict.fromkeys(lambdas, 0.0)
         self.followed = dict.fromkeys(lambdas, 0.0)
+        self.searched = dict.fromkeys(lambdas, 0.0)
 
     def add(self, lm: torch.Tensor, targets: torch.Tensor, found: KnnNeighbours, temperature: float,
             followed: np.ndarray | None = None, followed_temperature: float = 1.0) -> None:
@@ -189,6 +203,7 @@ class _Sums:
             mixed = interpolate(lm, knn, lam).double()  # (n,)
             self.per_lambda[lam] += -mixed.sum().item()
             self.followed[lam] += -mixed[mask].sum().item()
+            self.searched[lam] += -mixed[~mask].sum().item()
 
 
 def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config: EvalConfig = EvalConfig(),
@@ -271,7 +286,8 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
         score(*pending)
     base = perplexity(sums.base, sums.tokens)
     per_lambda = {lam: perplexity(nll, sums.tokens) for lam, nll in sums.per_lambda.items()}
-    best, best_followed, best_ppl = best_lambdas(sums.per_lambda, sums.followed, sums.tokens, sums.followed_tokens)
+    best, best_followed, best_ppl = best_lambdas(sums.per_lambda, sums.followed, sums.tokens, sums.followed_tokens,
+                                                 sums.searched)
     reduction = 1.0 - best_ppl / base if math.isfinite(base) else 0.0
     log.log(logging.INFO if batches is None else logging.DEBUG,
             "kNN-LM over %d tokens: base perplexity %.3f, best λ %.2f gives %.3f (%.1f%% lower)",
@@ -279,4 +295,4 @@ def evaluate_knnlm(model: torch.nn.Module, store: TokenStore, retriever, config:
     return KnnEvalResult(sums.tokens, base, per_lambda, best, best_ppl, reduction, retriever.config.k,
                          config.temperature, clock["model"], clock["retrieval"], clock["wait"],
                          time.perf_counter() - started, sums.base, dict(sums.per_lambda), searched, best_followed,
-                         followed_temperature, dict(sums.followed))
+                         followed_temperature, dict(sums.followed), searched_nll=dict(sums.searched))

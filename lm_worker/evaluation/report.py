@@ -61,13 +61,6 @@ def report_table(knn: KnnEvalResult | None, retro: RetroEvalResult | None, meta:
     return "\n".join(lines) + "\n"
 
 
-def _searched_share(knn: KnnEvalResult, lam: float) -> float:
-    """The searched positions' share of λ's summed NLL; inf where the whole is (inf - inf is no share), as
-    `at_lambdas` counts it."""
-    whole = knn.nll[lam]
-    return whole - knn.followed_nll.get(lam, 0.0) if math.isfinite(whole) else math.inf
-
-
 def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
     """Perplexity against λ, the base LM as a line, the reported λ marked (and, where it was chosen on other
     text, this text's own best beside it)."""
@@ -82,7 +75,7 @@ def _plot_lambdas(knn: KnnEvalResult, path: Path) -> None:
     ax.plot(lambdas, [knn.perplexity[lam] for lam in lambdas], "o-",
             label="kNN-LM, one λ at every position" if pointers else "kNN-LM")
     if pointers:  # the followed positions' λ swept, the searched ones' at their best
-        searched = _searched_share(knn, knn.best_lambda)
+        searched = knn.searched_nll[knn.best_lambda]
         ax.plot(lambdas, [perplexity(searched + knn.followed_nll[lam], knn.tokens) for lam in lambdas], "s--",
                 label=f"λ at followed positions (T={knn.followed_temperature:g}); searched at λ={knn.best_lambda:g}")
     ax.axhline(knn.base_perplexity, color="grey", linestyle="--", label=f"base LM alone ({knn.base_perplexity:.2f})")

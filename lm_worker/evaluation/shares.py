@@ -5,6 +5,8 @@ alone. Each finished share is written to `CHECKPOINT/share-00012.json` (atomical
 covers and what it was computed with: the model's fingerprint, the datastore's version and the token
 store's fingerprint (`identity`). A rerun reuses a saved share only when all of these are still the
 same, so a retrained model or a rebuilt datastore at the same paths is evaluated again, not mixed in.
+A kNN-LM share's result carries its searched positions' own sums (`searched_nll`); one saved without
+them that followed pointers and holds an inf sum is evaluated again too (elsewhere they are recovered).
 
 Checking saved shares needs the datastore's version, so a rerun asks the service for it (one GetInfo),
 even when every share is saved already; it starts workers only for the shares left to compute.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +133,14 @@ def planned(done: dict[int, dict], shares: list[Share]) -> dict[int, dict]:
 
 def current(done: dict[int, dict], identity: dict[str, str]) -> dict[int, dict]:
     """The finished shares computed with `identity` (model, datastore version, token store): a share
-    from other weights or another datastore at the same paths is computed again."""
+    from other weights or another datastore at the same paths is computed again, and so is a kNN-LM
+    share that followed pointers, saved before shares kept the searched positions' own sums, whose sums
+    at some λ are inf (`_lacks_searched_sums`)."""
+    lacking = {i for i, body in done.items() if _lacks_searched_sums(body)}
+    if lacking:
+        log.warning("%d saved kNN-LM shares followed pointers but were saved before shares kept the searched "
+                    "positions' own sums: computing them again", len(lacking))
+        done = {i: body for i, body in done.items() if i not in lacking}
     kept = {i: body for i, body in done.items() if body.get("identity") == identity}
     unrecorded = sum("identity" not in body for body in done.values())
     if unrecorded:
@@ -141,6 +151,19 @@ def current(done: dict[int, dict], identity: dict[str, str]) -> dict[int, dict]:
         log.warning("%d saved shares were computed with another model, datastore or token store than this run's "
                     "(%s): computing them again", len(done) - len(kept) - unrecorded, now)
     return kept
+
+
+def _lacks_searched_sums(body: dict) -> bool:
+    """Whether `body` is a kNN-LM share (its result has `followed_nll`) that followed pointers (fewer positions
+    searched than scored) with no `searched_nll`, and a sum at some λ is inf: every position's sum less the
+    followed ones' is then no sum of the searched positions, which cannot be recovered. Where every sum is
+    finite the difference is theirs (up to rounding), and where none was followed every position's is."""
+    result = body.get("result")
+    if not (isinstance(result, dict) and "followed_nll" in result and "searched_nll" not in result
+            and result.get("searched", 0) < result.get("tokens", 0)):
+        return False
+    sums = [*dict(result.get("nll") or {}).values(), *dict(result["followed_nll"] or {}).values()]
+    return not all(math.isfinite(float(v)) for v in sums)
 
 
 def save_share(directory: Path | None, body: dict) -> None:

@@ -55,9 +55,11 @@ class RaggedRetroCache(RaggedKVCache):
         raise NotImplementedError("RaggedRetroCache rows go back with truncate")
 
     def counts(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's cached positions and encoded chunks, (B,) long each, zeros before any (B of `like`)."""
+        """Each row's cached positions and encoded chunks, (B,) long each, zeros before any (B of `like`):
+        copies, which stay as they are while the cache advances (`store_encoded` raises its own in place)."""
         zeros = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-        return (zeros if self.lengths is None else self.lengths), (zeros if self.n_encoded is None else self.n_encoded)
+        lengths = zeros if self.lengths is None else self.lengths.clone()
+        return lengths, (zeros if self.n_encoded is None else self.n_encoded.clone())
 
     def write_hidden(self, x: torch.Tensor) -> None:
         """Stores hidden states x (B, T, E) after each row's cached positions (the lengths before this
