@@ -424,7 +424,8 @@ def serve_and_query(config: ScaleConfig, out: Path, queries: np.ndarray, truth: 
     drop_pages(files)
     started = time.perf_counter()
     args = [*(["--gpu"] if config.gpu else []), *serve_args()]  # one FAISS thread a shard, as in process
-    with LocalDeployment(out, extra_args=args) as deployment, RetrieverClient(deployment.router_address) as client:
+    with LocalDeployment(out, extra_args=args) as deployment, \
+            RetrieverClient(deployment.router_address, timeout=300) as client:  # a cold search on a loaded host
         result.serve_ready_s = time.perf_counter() - started
         shard_pids = [r[0].popen.pid for r in deployment.shards]
         result.idle_shard_anon_mib = status_kib(shard_pids[0], "RssAnon") / 1024  # before any search

@@ -1,4 +1,5 @@
-"""Sharded FAISS IVFPQ retrieval datastore served over gRPC.
+"""Sharded FAISS IVF retrieval datastore served over gRPC: SQ8 codes by default (`auto`; IVF-Flat
+under 9,984 rows), PQ or any other FAISS factory on request.
 
 Rooms, each a package with its own docstring:
 
@@ -15,7 +16,9 @@ Rooms, each a package with its own docstring:
 Beside them: `client` (the public import path of `RetrieverClient`) and `logs` (log formats, and
 repeated events logged as counts).
 
-Nothing here imports `lm_worker` or `torch`: a shard container needs FAISS, gRPC and numpy only.
+Nothing here imports `lm_worker` or `torch`: a shard container needs FAISS, gRPC, numpy and Ray, with
+the package's other core dependencies (prometheus_client for metrics, cryptography for certificates),
+and never PyTorch.
 
 Imports: retrieval, retriever_server.serving, retriever_server.wire, retriever_server.security
 """
