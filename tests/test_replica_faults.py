@@ -309,3 +309,33 @@ def test_a_replica_whose_files_fail_at_load_leaves_its_shard_to_the_other_replic
             aio.run(server.drain(grace=0))
     assert refused == "UNAVAILABLE"
     assert all(np.array_equal(ids, expected) for ids in found)
+
+
+def test_first_searches_made_at_once_start_one_recheck_of_a_silent_replica(aio, datastore, keys, monkeypatch):
+    """Threads whose first searches on one fan-out client overlap while a replica's GetInfo hangs: one loop
+    rechecks that replica (each search used to start its own, and a replica that never answers kept each
+    going for the client's life), and every search answers as the router does."""
+    import retriever_server.serving.client as client_module
+
+    started = []
+    real = client_module.check_late_replicas
+
+    def counted(*args, **kwargs):
+        started.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "check_late_replicas", counted)
+    with serve(aio, datastore, 2, replicas=2) as served:
+        served.shards[0][0].service.handle_info = hang
+        with RetrieverClient(served.address, timeout=30) as router:
+            expected = router.search(keys[:4], k=5).ids
+        with RetrieverClient(served.shard_addresses(), timeout=30) as client:
+            found: list = []
+            threads = [threading.Thread(target=lambda: found.append(client.search(keys[:4], k=5).ids))
+                       for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert len(found) == 4 and all(np.array_equal(ids, expected) for ids in found)
+    assert len(started) == 1 and [s.name for s in started[0]] == ["shard-00000"]

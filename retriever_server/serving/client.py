@@ -145,6 +145,7 @@ class RetrieverClient:
         self._infos: list[pb.InfoResponse] | None = None  # once every shard is checked
         self._checked: list[list[pb.InfoResponse]] = [[] for _ in shards]  # each shard's replicas' infos, once checked
         self._rechecking: list[concurrent.futures.Future] = []  # `check_late_replicas`, on the loop
+        self._rechecked: set[int] = set()  # the shards whose silent replicas a `check_late_replicas` loop has
 
     def _open(self, addresses: list[str]) -> None:
         """Channels and stubs to `addresses`, with the TLS files as they are now."""
@@ -291,10 +292,9 @@ class RetrieverClient:
         return combined_info(self.sets, infos)
 
     def _shard_infos(self, deadline: Deadline, partial: bool) -> tuple[list[ReplicaSet], list[pb.InfoResponse], dict]:
-        """The shards to search, their GetInfo, and those down ({name: CallFailed}: not searched). Asks the shards
-        not yet checked (one whose replicas all fail, or do not answer in `_probe_timeout`, is down for now), then
-        each replica of those that answer, and checks them with those checked before (`check_shards`); a replica
-        silent then is searched once `check_late_replicas` finds it as expected. Keeps them once all are checked."""
+        """The shards to search, their GetInfo, those down ({name: CallFailed}). Asks those not yet checked (down for
+        now where each replica fails or is silent past `_probe_timeout`), then each replica of those that answer; checks
+        them with those before (`check_shards`), keeps all once all are; the silent go to `check_late_replicas`."""
         if self._infos is not None:
             return self.sets, self._infos, {}
         asked = [i for i, known in enumerate(self._checked) if not known]  # every shard at first, then those down
@@ -313,10 +313,11 @@ class RetrieverClient:
         if (problem := check_shards(checked)) is not None:
             raise RetrieverError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         self._checked = checked
-        for i in answered:
+        for i in set(answered) - self._rechecked:  # a shard a recheck loop has keeps the loop's view of it
             self.sets[i].unchecked = set(self.sets[i].addresses) & set(silent)
-        if silent:  # each checked again later, against the limits known now
-            checks = check_late_replicas([self.sets[i] for i in answered], [found[i][0] for i in answered],
+        if fresh := [i for i in answered if self.sets[i].unchecked and i not in self._rechecked]:  # one loop a shard
+            self._rechecked.update(fresh)
+            checks = check_late_replicas([self.sets[i] for i in fresh], [found[i][0] for i in fresh],
                                          lambda a: self.stubs[a], REPLICA_INFO_S, lambda: self.metadata,
                                          least_limits([info for known in checked for info in known]))
             try:
@@ -332,9 +333,8 @@ class RetrieverClient:
     def _probe_timeout(deadline: Deadline, partial: bool) -> float:
         """How long a search's GetInfo calls may take: REPLICA_INFO_S, at most PROBE_SHARE of its time; a shard's
         all of it without `partial` (one left unchecked would fail the call); a replica's never (`partial`)."""
-        remaining = deadline.remaining()
-        return REPLICA_INFO_S if remaining is None else remaining if not partial else min(REPLICA_INFO_S,
-                                                                                          PROBE_SHARE * remaining)
+        left = deadline.remaining()
+        return REPLICA_INFO_S if left is None else min(REPLICA_INFO_S, PROBE_SHARE * left) if partial else left
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int = 0, *, exact_rerank: bool = False,
                rerank_candidates: int = 0, payloads: Sequence[str] = (), return_keys: bool = False,
