@@ -21,7 +21,7 @@ import grpc
 
 from retriever_server.logs import EventCounter
 from retriever_server.security.config import SecurityError, parse_tokens
-from retriever_server.security.tls import file_stamps
+from retriever_server.security.tls import file_stamps, warn_if_shared
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ def read_token_file(path: Path, first_only: bool = False) -> list[str]:
             data = file.read()
     except OSError as err:
         raise SecurityError(f"cannot read the token file {path}: {err.strerror or err}") from None
-    if found.st_uid == os.getuid() and found.st_mode & 0o077:  # another owner's (a mounted Secret) is on purpose
-        log.warning("the token file %s can be read by other users (mode %03o): `chmod 600` it", path,
-                    found.st_mode & 0o777)
+    warn_if_shared(path, "the token file", found)
     return parse_tokens(data, path, first_only)
 
 

@@ -71,14 +71,16 @@ def file_stamps(paths: list[Path]) -> tuple:
     return tuple(out)
 
 
-def warn_if_shared(path: Path, what: str) -> None:
-    """Warns where a secret's file (a key, a token file) of this process's user can be read by others too.
+def warn_if_shared(path: Path, what: str, found: os.stat_result | None = None) -> None:
+    """Warns where a secret's file (a key, a token file) of this process's user can be read by others too;
+    `found`: the file's status as read (an opened file's fstat), else it is looked up by `path`.
     (A file of another owner, such as a Kubernetes Secret mounted read-only for the pod alone, was made
     readable to this user on purpose.)"""
-    try:
-        found = Path(path).stat()
-    except OSError:
-        return  # reading it says why
+    if found is None:
+        try:
+            found = Path(path).stat()
+        except OSError:
+            return  # reading it says why
     if found.st_uid == os.getuid() and found.st_mode & 0o077:
         log.warning("%s %s can be read by other users (mode %03o): `chmod 600` it", what, path, found.st_mode & 0o777)
 
