@@ -174,8 +174,10 @@ class Shard:
 
     def _search_tied(self, queries: np.ndarray, m: int, nprobe: int, stop: StopCheck):
         """`_search_rows`, ties at the m-th place kept by smallest id (see `_widen_ties`)."""
-        return self._widen_ties(lambda rows, wide: self._search_rows(queries[rows], wide, nprobe, stop),
-                                len(queries), m)
+        def search(rows: np.ndarray, wide: int):  # every row at first (no copy of the queries), then the tied ones
+            return self._search_rows(queries if len(rows) == len(queries) else queries[rows], wide, nprobe, stop)
+
+        return self._widen_ties(search, len(queries), m)
 
     def _widen_ties(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], n: int, m: int):
         """The top m candidates (n, m) of `search(rows, width)` (the candidates of those of the n queries),
@@ -313,12 +315,15 @@ class Shard:
                 `SearchStopped` (a passed deadline, a cancelled call), so no work outlives its caller
                 by more than about a chunk (CHUNK_SECONDS).
         """
-        distances, ids = self._search_candidates(spec, stop)
+        distances, ids = self._search_candidates(spec, stop)  # (nq, m): best first, ties by id, missing last
         if spec.exact_rerank:
             distances = self._rerank(spec, ids, stop)
-        ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)
+            ranked = rank_neighbours(SearchResult(ids, distances), spec.k, self.manifest.metric)
+        else:  # m == k, and in the order an answer takes: nothing to check again
+            ranked = SearchResult(ids, distances)
         ids = ranked.ids
-        ranked.distances[ids < 0] = np.inf if self.manifest.metric == "l2" else -np.inf
+        if ids.size and ids.min() < 0:
+            ranked.distances[ids < 0] = self._missing
         _check(stop)  # before the gathers of payloads and keys (up to max_response_bytes)
         ranked.payloads = {name: self._payload(name, ids) for name in spec.payloads}
         ranked.keys = self._stored_keys(ids) if spec.return_keys else None
