@@ -310,3 +310,28 @@ def test_a_merge_of_no_queries_is_empty():
     parts = [SearchResult(np.zeros((0, 5), np.int64), np.zeros((0, 5), np.float32)) for _ in range(2)]
     merged = merge_results(parts, 5, "l2")
     assert merged.ids.shape == (0, 5) and merged.distances.shape == (0, 5)
+
+
+@pytest.mark.parametrize("value, error, words", [
+    (0, ValueError, "timeout must be a positive, finite number of seconds .or None: no deadline., got 0"),
+    (-1.5, ValueError, "got -1.5"),
+    (float("nan"), ValueError, "got nan"),
+    (float("inf"), ValueError, "got inf"),
+    ("5", TypeError, "timeout must be a number of seconds or None, got '5'"),
+    (True, TypeError, "got True"),
+])
+def test_a_timeout_that_is_no_deadline_in_seconds_is_refused_by_name(value, error, words):
+    """A timeout of 0 is a call that cannot succeed, not the client's default: refused, as are the
+    other values that are no number of seconds, by the constructor, `search` and `info`, before any call."""
+    from retriever_server.serving.client import RetrieverClient
+
+    with pytest.raises(error, match=words):
+        RetrieverClient("127.0.0.1:9", timeout=value)
+    for target in ("127.0.0.1:9", ["127.0.0.1:9", "127.0.0.1:10"]):
+        with RetrieverClient(target, timeout=None) as client:
+            assert client.timeout is None
+            with pytest.raises(error, match=words):
+                client.search(Q, k=1, timeout=value)
+            with pytest.raises(error, match=words):
+                client.info(timeout=value)
+    assert RetrieverClient("127.0.0.1:9", timeout=np.float32(2.5)).timeout == 2.5

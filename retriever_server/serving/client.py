@@ -53,7 +53,7 @@ from retriever_server.serving.fanout import (
 from retriever_server.serving.grpc_setup import CHANNEL_OPTIONS
 from retriever_server.serving.merge import merge_results
 from retriever_server.wire.result import AnswerShape, SearchResult
-from retriever_server.wire.search_args import Exclude, make_request
+from retriever_server.wire.search_args import Exclude, check_timeout, make_request
 from retriever_server.wire.stub import retriever_stub
 from retriever_server.wire.untrusted import safe_text
 
@@ -100,7 +100,7 @@ class RetrieverClient:
     Args:
         target: "host:port" of a router or shard; or a list with one entry per shard, each an
             address or a list of replica addresses (the client fails over between them).
-        timeout: default deadline in seconds for each call (None: no deadline).
+        timeout: default deadline in seconds for each call, positive (None: no deadline).
         security: TLS and the bearer token (default: plaintext, and the RETRIEVER_AUTH_TOKEN
             environment variable's token when it is set).
         failover: how calls move between the replicas of a shard when the client fans out
@@ -124,7 +124,7 @@ class RetrieverClient:
             raise ValueError("RetrieverClient needs at least one address")
         for address in (a for replicas in shards for a in replicas):
             check_address(address)
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.failover = failover
         self.sets = replica_sets(shards)
         if not self.fan_out:  # a router or a shard: its errors name the address dialled
@@ -280,7 +280,7 @@ class RetrieverClient:
         """The datastore's description (GetInfo); over a shard list, the shards' infos, asked at once,
         combined, once they are checked to be one whole datastore, as a search checks them (else
         RetrieverError FAILED_PRECONDITION)."""
-        deadline = Deadline(timeout or self.timeout)
+        deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         if not self.fan_out:
             return self._call("GetInfo", pb.GetInfoRequest(), deadline)
         self._check_open()
@@ -356,7 +356,7 @@ class RetrieverClient:
             successors: also return the n rows after each neighbour in the datastore (within its
                 shard), with the same payloads and keys: `successor_ids`, `successor_payloads`,
                 `successor_keys` (in a kNN-LM datastore, row i+1 continues row i).
-            timeout: deadline in seconds for the whole call.
+            timeout: deadline in seconds for the whole call (None: the client's; 0 is refused, ValueError).
 
         Returns:
             SearchResult with ids int64 (nq, k), distances float32 (nq, k), payloads, keys.
@@ -367,7 +367,7 @@ class RetrieverClient:
         """
         request = make_request(queries, k, nprobe, exact_rerank, rerank_candidates, payloads, return_keys,
                                exclude, exclude_per_query, allow_partial, expected_version, successors)
-        timeout = timeout or self.timeout
+        timeout = self.timeout if timeout is None else check_timeout(timeout)
         if not self.fan_out:
             return self._call("Search", request, Deadline(timeout))
         return self._fan_out(request, k, shard_deadline(timeout, allow_partial))

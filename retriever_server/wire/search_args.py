@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,6 +81,18 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     )
     fill_tensor(request.queries, queries)
     return request
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """`timeout` as seconds, None kept (no deadline); TypeError unless a number, ValueError unless positive
+    and finite (0 would be a call that cannot succeed, not "the default")."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise TypeError(f"{name} must be a number of seconds or None, got {timeout!r:.60}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number of seconds (or None: no deadline), got {timeout}")
+    return float(timeout)
 
 
 def _check_counts(**counts: object) -> None:
