@@ -5,6 +5,7 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -24,6 +25,7 @@ from retriever_server.serving import shard as shard_module
 from retriever_server.serving.client import RetrieverClient, RetrieverError, make_request
 from retriever_server.serving.failover import is_busy
 from retriever_server.serving.grpc_setup import MAX_WATCHES, SERVICE_NAME, health_status
+from retriever_server.serving.metrics import ServerMetrics
 from retriever_server.serving.router import RouterConfig, start_router
 from retriever_server.serving.shard_server import ShardServerConfig, ShardService, start_shard_server
 from retriever_server.wire.request import Limits
@@ -258,7 +260,9 @@ def test_in_flight_limit_refuses_extra_work(aio, keys, datastore, monkeypatch):
         assert metrics.get_sample_value("retriever_inflight_requests") == 0.0
 
 
-def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore):
+def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore, capfd):
+    """/metrics counts requests by status; a scrape writes nothing to stderr; a drain closes the port and ends
+    the thread serving it."""
     running = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=0)))
     try:
         raw_search(running.address, good_request(keys))
@@ -268,8 +272,26 @@ def test_prometheus_metrics_count_requests_by_status(aio, keys, datastore):
         assert 'retriever_requests_total{method="Search",status="OK"} 1.0' in text
         assert 'retriever_requests_total{method="Search",status="INVALID_ARGUMENT"} 1.0' in text
         assert 'retriever_request_seconds_count{method="Search"} 2.0' in text
+        assert "GET /metrics" not in capfd.readouterr().err
     finally:
         aio.run(running.drain(grace=0))
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=5)
+    assert "metrics" not in [t.name for t in threading.enumerate()]
+
+
+def test_metrics_serve_on_an_ipv6_loopback():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    metrics = ServerMetrics("shard")
+    try:
+        port = metrics.serve("::1", 0)
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    try:
+        assert "retriever_requests" in urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5).read().decode()
+    finally:
+        metrics.stop()
 
 
 def test_a_router_waiting_for_a_shard_says_which_and_why(aio, datastore, monkeypatch, caplog):

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+STOP_POLL_S = 0.1  # how often the /metrics server looks for a stop: what a stop waits at most (0.5 s by default)
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress holds up no exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged (to stderr, as the base class does)."""
 
 
 class ServerMetrics:
@@ -52,7 +66,11 @@ class ServerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Starts the /metrics HTTP endpoint; returns its port (useful with port 0)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts too
+        server = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+        self._http = make_server(host, port, make_wsgi_app(self.registry), server, handler_class=_QuietHandler)
+        threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": STOP_POLL_S},
+                         name="metrics", daemon=True).start()
         bound = self._http.server_address[1]
         log.info("%s metrics on http://%s:%d/metrics", self.role, host, bound)
         return bound
