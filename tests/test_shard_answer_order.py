@@ -53,3 +53,25 @@ def test_every_answer_is_best_first_ties_by_id_missing_last(tmp_path, factory, m
                 assert_in_answer_order(found, metric)
         found = answers(shard, queries, ntotal + 5, min(8, shard.manifest.nlist))
         assert (found.ids < 0).any(axis=1).all()  # past the shard: the missing ones are there, and last
+
+
+def test_a_flat_store_whose_rows_were_added_out_of_id_order_still_answers_ties_by_id(tmp_path):
+    """A flat index orders a tie as its rows were added, by id only where they were added by id (as the build
+    adds them): a shard's index written elsewhere, its rows added in another order, still answers by id."""
+    import faiss
+
+    rng = np.random.default_rng(12)
+    keys = np.repeat(rng.integers(-2, 3, (200, D)).astype(np.float32), 3, axis=0)
+    datastore = build(tmp_path, keys, "flat", shards=1, factory="IDMap,Flat")
+    shuffled = rng.permutation(len(keys))
+    index = faiss.IndexIDMap(faiss.IndexFlatL2(D))
+    index.add_with_ids(keys[shuffled], shuffled.astype(np.int64))
+    shard = Shard.open(datastore, 0, ShardOptions(verify=False))
+    faiss.write_index(index, str(datastore / shard.entry.name / "index.faiss"))  # the same size: passes that check
+    shard = Shard.open(datastore, 0, ShardOptions(verify=False))
+    queries = rng.integers(-2, 3, (30, D)).astype(np.float32)
+    found = answers(shard, queries, 10, 1)
+    assert_in_answer_order(found, "l2")
+    q64, k64 = queries.astype(np.float64), keys.astype(np.float64)
+    truth = np.argsort(((q64[:, None, :] - k64[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(found.ids, truth)

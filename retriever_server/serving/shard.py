@@ -96,8 +96,9 @@ class Shard:
         self.gpu_lock = threading.Lock()
         ivf = faiss.try_extract_index_ivf(self.index)
         fastscan = ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFastScan)
-        # FAISS's CPU L2 heap orders a tie by id; its inner-product heap, FastScan and the GPU do not
-        self._ties_ordered = manifest.metric == "l2" and not fastscan and self.gpu_index is None
+        # FAISS's CPU L2 heap of an IVF scan orders a tie by id; its inner-product heap, FastScan, the GPU and
+        # a flat index (ties in the order rows were added: by id only where a build added them so) do not
+        self._ties_ordered = manifest.metric == "l2" and ivf is not None and not fastscan and self.gpu_index is None
         self._missing = np.float32(np.inf if manifest.metric == "l2" else -np.inf)  # a neighbour not found
         self._made_params: dict[tuple[int, int], object] = {}  # by (id(index), nprobe); FAISS only reads them
         self.threads = options.threads or faiss.omp_get_max_threads()
