@@ -25,6 +25,7 @@ from retriever_server.datastore.manifest import Manifest, read_manifest
 from retriever_server.datastore.row_parts import NPY_ERRORS, check_npy_start
 from retriever_server.serving.client import RetrieverClient
 from retriever_server.serving.fanout import parse_target
+from retriever_server.wire.search_args import MAX_TIMEOUT_S
 from retriever_server.wire.tensors import numpy_dtype
 from retriever_server.wire.untrusted import one_line
 
@@ -32,7 +33,6 @@ MAX_SHOWN_CHARS = 4096  # of one value `info` prints
 # HOST:PORT, [IPv6]:PORT or unix:PATH: what `info` and `search` take as a server's address.
 ADDRESS = re.compile(r"unix:.+|\[[0-9A-Fa-f:.]+\]:\d+|[\w.-]+:\d+")
 SHOWN_ROWS = 5  # `search` prints the neighbours of this many queries
-MAX_TIMEOUT_S = 1e6  # a --timeout past about 1e10 s overflows gRPC's deadline, which then fails every call at once
 
 
 def add_parsers(command) -> None:

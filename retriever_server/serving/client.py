@@ -100,7 +100,7 @@ class RetrieverClient:
     Args:
         target: "host:port" of a router or shard; or a list with one entry per shard, each an
             address or a list of replica addresses (the client fails over between them).
-        timeout: default deadline in seconds for each call, positive (None: no deadline).
+        timeout: default deadline in seconds for each call, in (0, 1e6] (None: no deadline).
         security: TLS and the bearer token (default: plaintext, and the RETRIEVER_AUTH_TOKEN
             environment variable's token when it is set).
         failover: how calls move between the replicas of a shard when the client fans out
@@ -356,7 +356,7 @@ class RetrieverClient:
             successors: also return the n rows after each neighbour in the datastore (within its
                 shard), with the same payloads and keys: `successor_ids`, `successor_payloads`,
                 `successor_keys` (in a kNN-LM datastore, row i+1 continues row i).
-            timeout: deadline in seconds for the whole call (None: the client's; 0 is refused, ValueError).
+            timeout: deadline in seconds for the whole call, in (0, 1e6] (None: the client's).
 
         Returns:
             SearchResult with ids int64 (nq, k), distances float32 (nq, k), payloads, keys.

@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +82,9 @@ def make_request(queries: np.ndarray, k: int = 10, nprobe: int = 0, exact_rerank
     return request
 
 
+MAX_TIMEOUT_S = 1e6  # a timeout past about 1e10 s overflows gRPC's deadline, which then fails every call at once
+
+
 def check_timeout(timeout: object, name: str = "timeout") -> float | None:
     """`timeout` as seconds, None kept (no deadline); TypeError unless a number, ValueError unless positive
     and finite (0 would be a call that cannot succeed, not "the default")."""
@@ -90,8 +92,9 @@ def check_timeout(timeout: object, name: str = "timeout") -> float | None:
         return None
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
         raise TypeError(f"{name} must be a number of seconds or None, got {timeout!r:.60}")
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds (or None: no deadline), got {timeout}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # NaN fails it too
+        raise ValueError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}] (or None: no deadline), "
+                         f"got {timeout!r:.40}")
     return float(timeout)
 
 
