@@ -109,6 +109,45 @@ def test_the_corpus_is_compared_as_a_place_in_a_record_of_its_resolved_path(tmp_
         check_prepared_corpus(PipelineConfig(run=run, corpus="other"))
 
 
+@pytest.mark.parametrize("given", ["./stdlib", "stdlib/"])
+def test_a_folder_named_stdlib_is_not_the_built_in_corpus(tmp_path, monkeypatch, given):
+    """"./stdlib" and "stdlib/" name a folder, not the built-in corpus "stdlib": data prepared from one is not
+    taken for the other's, either way round."""
+    from lm_worker.pipeline.data_stage import prepared_record
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stdlib").mkdir()
+    run = _prepared_run(tmp_path, {})
+    for prepared, asked in (("stdlib", given), (given, "stdlib")):
+        (run / "data" / PREPARED).write_text(json.dumps(prepared_record(PipelineConfig(run=run, corpus=prepared))))
+        with pytest.raises(ValueError, match=re.escape(f"was prepared from corpus {prepared!r}")):
+            check_prepared_corpus(PipelineConfig(run=run, corpus=asked))
+        check_prepared_corpus(PipelineConfig(run=run, corpus=prepared))
+
+
+@pytest.mark.parametrize("sizes, refused", [
+    ({"stride": 100}, "context_len (256) and stride (100) must be multiples of RETRO's chunk_len (8)"),
+    ({"stride": 512}, "stride must be at most context_len (256), got 512"),
+    ({"stride": 0}, "stride must be an integer >= 1, got 0"),
+    ({"context_len": 260, "stride": 130}, "must be multiples of RETRO's chunk_len (8)"),
+    ({"temperatures": ()}, "temperatures must be one or more positive, finite numbers, got ()"),
+    ({"temperatures": (1.0, float("nan"))}, "temperatures must be one or more positive, finite numbers"),
+    ({"temperatures": (0.0,)}, "temperatures must be one or more positive, finite numbers"),
+    ({"n_neighbours": 0}, "n_neighbours must be an integer >= 1, got 0"),
+    ({"shards": 0}, "shards must be an integer >= 1, got 0"),
+    ({"shards": 2.5}, "shards must be an integer >= 1, got 2.5"),
+    ({"eval_workers": -1}, "eval_workers must be an integer >= 0, got -1"),
+    ({"samples": -2}, "samples must be an integer >= 0, got -2"),
+])
+def test_a_size_no_stage_could_run_with_is_refused_before_any_stage(sizes, refused):
+    """Each of these failed only when its stage came (a stride RETRO cannot evaluate over, after the kNN-LM
+    half had run on it; no temperatures, after RETRO's training): now the config is refused, naming it."""
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        PipelineConfig(**sizes)
+    for sizes_of in (PipelineConfig, PipelineConfig.demo, PipelineConfig.quick):
+        sizes_of()  # the sizes the pipeline ships with pass
+
+
 def test_a_report_of_a_lambda_impossible_on_the_test_text_is_written(tmp_path):
     """λ chosen on validation whose NLL on the test text is inf at searched and followed positions alike:
     the plot's searched share is inf, not inf - inf = NaN."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,25 @@ class PipelineConfig:
         if self.tune_tokens < 2:  # one token is only an EOS: no validation text to choose kNN-LM's temperature on
             raise ValueError(f"tune_tokens must be at least 2 (the last held-out tokens kNN-LM's temperature and λ "
                              f"are chosen on), got {self.tune_tokens}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """ValueError naming the first size no stage could run with, before any stage runs (each would
+        otherwise fail only when it is reached, the stages before it done for nothing)."""
+        for name in ("shards", "n_neighbours", "context_len", "stride"):
+            if not isinstance(value := getattr(self, name), int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r:.40}")
+        for name in ("encode_workers", "eval_workers", "eval_tokens", "samples"):
+            if not isinstance(value := getattr(self, name), int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r:.40}")
+        if self.stride > self.context_len:  # windows further apart than they are long would skip tokens
+            raise ValueError(f"stride must be at most context_len ({self.context_len}), got {self.stride}")
+        if self.context_len % self.retro.chunk_len or self.stride % self.retro.chunk_len:  # RETRO's windows too
+            raise ValueError(f"context_len ({self.context_len}) and stride ({self.stride}) must be multiples of "
+                             f"RETRO's chunk_len ({self.retro.chunk_len}): RETRO is evaluated over the same windows")
+        if not self.temperatures or not all(isinstance(t, int | float) and 0 < t < math.inf for t in self.temperatures):
+            raise ValueError(f"temperatures must be one or more positive, finite numbers, "
+                             f"got {self.temperatures!r:.80}")
 
     @property
     def retro_split(self) -> str:

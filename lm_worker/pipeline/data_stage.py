@@ -60,8 +60,9 @@ def same_corpus(recorded: dict, corpus: str) -> bool:
     return place == corpus_of(corpus)
 
 
-def _normalised(corpus: str) -> str:
-    return corpus if corpus == "stdlib" else os.path.normpath(os.path.expanduser(corpus))
+def _normalised(corpus: str) -> tuple[str, str]:
+    """The built-in corpus, or a path normalised: apart, so that a folder given as "./stdlib" is never it."""
+    return ("built-in", corpus) if corpus == "stdlib" else ("path", os.path.normpath(os.path.expanduser(corpus)))
 
 
 def corpus_of(corpus: str) -> str:
