@@ -6,7 +6,9 @@ a chunk at a time; after each chunk FAISS writes the lists to a spill file (as i
 inverted lists, "ilar": the list sizes, then each list's codes and ids) and the index is given fresh,
 empty lists. At the end the index file is written from the spills, list by list, in the layout
 `faiss.write_index` uses, so the file is the same, byte for byte, as FAISS's own of the index filled in
-one go (the tests compare them).
+one go (the tests compare them). The pieces go from the spills to the file a window at a time, never
+joined, so however many rows one list holds (duplicate keys put most of a shard in one), the task holds
+no more than the spills' read windows and the file's write buffers.
 
 Spills are written and read back with O_DIRECT (`stream_io`): through the page cache each of their
 bytes would cost the task's core a kernel copy and a page allocation, twice.
@@ -126,17 +128,23 @@ class ListSpill:
         """Writes the index holding every spilled row to `path` (through a temporary name), removes the
         spills and returns the file's sha256."""
         total = np.sum(self.sizes, axis=0) if self.sizes else np.zeros(self.nlist, dtype=np.int64)
-        row_bytes, cs = self.code_size + 8, self.code_size
+        cs = self.code_size
         tmp = path.with_name(path.name + ".tmp")
         with StreamWriter(tmp) as out, contextlib.ExitStack() as stack:
             chunks = [(stack.enter_context(SequentialReader(self._chunk(c), self._body_start(s))), s.tolist())
                       for c, s in enumerate(self.sizes)]  # each read front to back, list by list
-            out.write(_empty_header(self.index, int(total.sum())))
-            out.write(sizes_block(total))
+            write = out.write
+            write(_empty_header(self.index, int(total.sum())))
+            write(sizes_block(total))
+            # List i is every chunk's codes of it, then every chunk's ids of it. A chunk holds its codes
+            # of list i just before its ids, so each reader still goes front to back; the bytes pass
+            # from a reader's window to the writer's buffers, a window at most at a time.
             for i in np.flatnonzero(total).tolist():
-                spans = [(reader.take(sizes[i] * row_bytes), sizes[i] * cs) for reader, sizes in chunks if sizes[i]]
-                out.write(b"".join([span[:n] for span, n in spans]))  # every chunk's codes of list i,
-                out.write(b"".join([span[n:] for span, n in spans]))  # then their ids
+                pieces = [(reader, sizes[i]) for reader, sizes in chunks if sizes[i]]
+                for reader, rows in pieces:
+                    reader.copy_to(write, rows * cs)
+                for reader, rows in pieces:
+                    reader.copy_to(write, rows * 8)
             sha256 = out.close()
         tmp.replace(path)
         for f in self.folder.glob("lists-*.bin"):

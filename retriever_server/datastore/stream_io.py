@@ -9,7 +9,7 @@ Here the bytes move by DMA instead (`O_DIRECT`), on a thread, while the task add
   (sha256, for the manifest) and writes it.
 - `RowBlocks` reads the next block of rows while the task adds the current one;
 - `SequentialReader` reads a file front to back, a window at a time (the build's spills, when it
-  writes the index file from them).
+  writes the index file from them), and can hand a long span on a window at a time.
 
 Where a filesystem refuses `O_DIRECT` (tmpfs, some network filesystems), they use ordinary buffered
 I/O instead. The bytes written and the rows read are the same either way.
@@ -25,7 +25,7 @@ import mmap
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -258,15 +258,18 @@ def _read_at(fd: int, view: memoryview, offset: int, direct: bool) -> tuple[int,
 class SequentialReader:
     """A file read front to back, `window` bytes at a time, with O_DIRECT where allowed.
 
-    `take(n)` returns the next n bytes as a view into the reader's buffer, valid until the next `take`.
-    Use it as a context manager, or call `close`.
+    `take(n)` returns the next n bytes as a view into the reader's buffer, valid until the next `take`;
+    `copy_to(write, n)` hands the next n bytes to `write` a window at most at a time. The reader keeps
+    one window's buffer: a `take` larger than that reads into a buffer of its own, dropped by the next
+    `take` or `copy_to`. Use it as a context manager, or call `close`.
     """
 
     def __init__(self, path: Path, start: int = 0, window: int = 2 << 20):
         if window <= 0 or window % ALIGN:
             raise ValueError(f"window must be a positive multiple of {ALIGN}, got {window}")
         self.path, self.window = Path(path), window
-        self._buffer = mmap.mmap(-1, window)
+        self._window = mmap.mmap(-1, window)
+        self._buffer = self._window  # what the last read filled: the window's, or a large take's
         self.fd, self.direct = _open_direct(self.path, os.O_RDONLY)
         self._base, self._have, self._at = 0, 0, start  # the buffer's file offset, its bytes, the next byte
 
@@ -276,11 +279,28 @@ class SequentialReader:
         Raises:
             EOFError: the file ends before them.
         """
-        if self._at + n > self._base + self._have or self._at < self._base:
-            self._fill(n)
+        if self._at + n > self._base + self._have or self._at < self._base or self._buffer is not self._window:
+            self._fill(n)  # after a large take, this reads its last page again rather than keep its buffer
         first = self._at - self._base
         self._at += n
         return memoryview(self._buffer)[first:first + n]
+
+    def copy_to(self, write: Callable[[memoryview], object], n: int) -> None:
+        """Hands the next `n` bytes to `write` in order, as views of at most a window each; a view is
+        valid only during its call.
+
+        Raises:
+            EOFError: the file ends before them.
+        """
+        while n > 0:
+            first = self._at - self._base
+            if first < 0 or first >= self._have or self._buffer is not self._window:
+                self._fill(min(n, self.window - self._at % ALIGN))  # one window from the next byte's page
+                first = self._at - self._base
+            k = min(n, self._have - first)
+            self._at += k
+            write(memoryview(self._buffer)[first:first + k])
+            n -= k
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -294,12 +314,12 @@ class SequentialReader:
         self.close()
 
     def _fill(self, n: int) -> None:
-        """Reads from the page that holds the next byte: a window, or as much as `n` bytes need."""
+        """Reads from the page that holds the next byte: a window, or as much as `n` bytes need (into a
+        buffer of that size, kept only until the next take)."""
         base = self._at - self._at % ALIGN
         need = self._at + n - base
         size = max(self.window, -(-need // ALIGN) * ALIGN)
-        if size > len(self._buffer):
-            self._buffer = mmap.mmap(-1, size)
+        self._buffer = self._window if size == self.window else mmap.mmap(-1, size)
         self._have = 0  # the buffer is being overwritten
         got, self.direct = _read_at(self.fd, memoryview(self._buffer)[:size], base, self.direct)
         if got < need:
