@@ -17,6 +17,7 @@ from retriever_server.datastore.manifest import PAYLOAD_DTYPES, PAYLOAD_NAME, Pa
 from retriever_server.datastore.row_parts import (
     NPY_ERRORS,
     PartedArray,
+    escaped,
     files_of,
     is_parts_index,
     open_rows,
@@ -66,9 +67,10 @@ class BuildInputs:
 
 
 def last_line(err: BaseException) -> str:
-    """The last non-empty line of an error's message: FAISS puts its reason there."""
+    """The last non-empty line of an error's message (what Ray reports of a failed task ends with the task's
+    own error), control characters escaped."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    return escaped(lines[-1]) if lines else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -79,7 +81,7 @@ def as_build_error(what: str, path: Path, also_written: Path | None = None) -> I
     try:
         yield
     except RuntimeError as err:
-        raise BuildError(f"{what} failed: {last_line(err)}") from None
+        raise BuildError(f"{what} failed: {ix.faiss_reason(err)}") from None
     except OSError as err:
         if err.filename is None and isinstance(err, FileNotFoundError):  # it names its file (an input's part)
             raise BuildError(f"{what} failed: {err.strerror or err}") from None
@@ -98,9 +100,9 @@ def _open_rows(path: Path, what: str) -> np.ndarray | PartedArray:
     try:
         return open_rows(path)
     except FileNotFoundError as err:  # a part of a parts index
-        raise BuildError(f"{what}: {err}") from None
-    except NPY_ERRORS as err:
-        raise BuildError(f"{what} file {path} is not a loadable {kind}: {last_line(err)}") from None
+        raise BuildError(f"{what}: {escaped(err)}") from None
+    except NPY_ERRORS as err:  # the whole message, on one line: it may name a part whose name holds a newline
+        raise BuildError(f"{what} file {path} is not a loadable {kind}: {escaped(err)}") from None
 
 
 def _stored_dtype(path: Path) -> np.dtype | None:

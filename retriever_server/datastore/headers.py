@@ -13,7 +13,7 @@ import numpy as np
 
 from retriever_server.datastore import index as ix
 from retriever_server.datastore.manifest import DatastoreError, Manifest, ShardEntry
-from retriever_server.datastore.row_parts import NPY_ERRORS
+from retriever_server.datastore.row_parts import NPY_ERRORS, escaped
 
 
 def read_checked_index(path: Path, manifest: Manifest, entry: ShardEntry, mmap: bool) -> faiss.Index:
@@ -21,7 +21,7 @@ def read_checked_index(path: Path, manifest: Manifest, entry: ShardEntry, mmap: 
     try:
         index = ix.read_index(path, mmap=mmap)
     except RuntimeError as err:
-        raise DatastoreError(f"{path} is not a readable FAISS index: {str(err).splitlines()[0]}") from None
+        raise DatastoreError(f"{escaped(path)} is not a readable FAISS index: {ix.faiss_reason(err)}") from None
     check_index(path, index, manifest, entry)
     return index
 
@@ -47,7 +47,10 @@ def load_checked_array(path: Path, dtype: str, shape: tuple[int, ...]) -> np.nda
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except NPY_ERRORS as err:
-        raise DatastoreError(f"{path} is not a readable .npy array: {str(err)[:200]}") from None
+        raise DatastoreError(f"{path} is not a readable .npy array: {escaped(err, 200)}") from None
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive too, whatever the file's name
+        array.close()
+        raise DatastoreError(f"{path} is a .npz archive, not a .npy array: a shard's arrays are saved with np.save")
     if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
         raise DatastoreError(f"{path} header says {array.dtype} {tuple(array.shape)}; the manifest says "
                              f"{np.dtype(dtype)} {tuple(shape)}")

@@ -14,7 +14,9 @@ from pathlib import Path
 import faiss
 
 from retriever_server.datastore.build_inputs import BuildConfig, BuildError, BuildInputs, file_stamp
+from retriever_server.datastore.index import faiss_reason
 from retriever_server.datastore.manifest import file_sha256
+from retriever_server.datastore.row_parts import escaped
 
 log = logging.getLogger(__name__)
 MARKER = "build.json"  # the work folder's inputs and parameters
@@ -100,7 +102,7 @@ def reusable_codec(path: Path) -> bool:
     try:
         faiss.read_index(str(path))
     except RuntimeError as err:
-        log.warning("training the codec again: %s does not read (%s)", path, str(err).strip().splitlines()[-1])
+        log.warning("training the codec again: %s does not read (%s)", escaped(path), faiss_reason(err))
         path.unlink()
         return False
     log.info("reusing the trained codec at %s", path)

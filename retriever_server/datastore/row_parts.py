@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import numbers
 import os
@@ -34,6 +35,14 @@ NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
 ZIP_MAGIC = b"PK\x03\x04"  # how a .npz (a zip archive) starts
 # what np.load raises for a file that is no readable .npy: numpy's header parser adds the last two
 NPY_ERRORS = (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError)
+
+
+def escaped(text: object, limit: int = 400) -> str:
+    """Text from outside (a path a parts index lists, a library's error) for a one-line message: control
+    characters (newlines, terminal escapes) escaped, the rest as it is, cut at `limit` characters."""
+    text = os.fsdecode(text) if isinstance(text, bytes | os.PathLike) else str(text)
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 def is_parts_index(path: Path | str) -> bool:
@@ -82,7 +91,7 @@ class PartedArray:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -242,9 +251,9 @@ def _npy_header(path: Path, whole: bool = False) -> tuple[tuple[int, ...], np.dt
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f)
-        need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        need = f.tell() + math.prod(int(s) for s in shape) * dtype.itemsize  # Python ints: no wrapping
     if whole and path.stat().st_size < need:
-        raise ValueError(f"{path} is truncated: {path.stat().st_size} bytes, its header needs {need}")
+        raise ValueError(f"{escaped(path)} is truncated: {path.stat().st_size} bytes, its header needs {need}")
     return tuple(shape), dtype
 
 
@@ -254,13 +263,14 @@ def _check_part(index_path: Path, entry, dtype: np.dtype, row_shape: tuple[int, 
         raise ValueError(f"parts index {index_path}: each part needs a 'path' and a 'rows' count, got {entry!r}")
     path = index_path.parent / entry["path"]
     if not path.is_file():
-        raise FileNotFoundError(f"part {path} listed in {index_path} not found")
+        raise FileNotFoundError(f"part {escaped(path)} listed in {escaped(index_path)} not found")
     try:
         shape, part_dtype = _npy_header(path, whole=True)
     except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"part {path} listed in {index_path} is not a loadable .npy: {err}") from None
+        raise ValueError(f"part {escaped(path)} listed in {escaped(index_path)} is not a loadable .npy: "
+                         f"{escaped(err)}") from None
     if part_dtype != dtype or shape[1:] != row_shape or not shape or shape[0] != entry["rows"]:
-        raise ValueError(f"part {path} is {part_dtype} {shape}; parts index {index_path} says "
+        raise ValueError(f"part {escaped(path)} is {part_dtype} {shape}; parts index {escaped(index_path)} says "
                          f"{dtype} ({entry['rows']}, {', '.join(map(str, row_shape))})")
     return path
 
@@ -277,8 +287,8 @@ def open_parts(index_path: Path) -> PartedArray:
     body = _read_index(index_path)
     try:
         dtype, shape = np.dtype(body["dtype"]), tuple(int(s) for s in body["shape"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"parts index {index_path}: its dtype {str(body['dtype'])[:40]!r} and shape "
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: a shape of 1e400 (inf)
+        raise ValueError(f"parts index {escaped(index_path)}: its dtype {str(body['dtype'])[:40]!r} and shape "
                          f"{str(body['shape'])[:80]!r} do not make an array ({err})") from None
     if not shape:
         raise ValueError(f"parts index {index_path}: shape must have at least one dimension")
@@ -286,7 +296,7 @@ def open_parts(index_path: Path) -> PartedArray:
     seen = [path.resolve() for path in paths]
     if len(set(seen)) != len(seen):  # its rows would be read twice, as rows of their own
         twice = next(path for path, where in zip(paths, seen) if seen.count(where) > 1)
-        raise ValueError(f"parts index {index_path} lists the part {twice} more than once")
+        raise ValueError(f"parts index {escaped(index_path)} lists the part {escaped(twice)} more than once")
     rows = [e["rows"] for e in body["parts"]]
     if sum(rows) != shape[0]:
         raise ValueError(f"parts index {index_path} says {shape[0]} rows; its parts hold {sum(rows)}")
