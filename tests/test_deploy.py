@@ -15,6 +15,9 @@
   files it reads.
 - The Dockerfiles are linted by hadolint and parsed by dockerfile-parse; the files they copy are
   built into the project's wheel.
+- What deploy/README.md has the reader run: its Secrets block (kubectl and openssl stubbed) leaves no
+  token file readable by others, its `--set` flags render, its `info` commands parse; the plain manifests
+  (the volume's owner Job, the Ray NetworkPolicy) fit the Ray manifests.
 Negative tests show each validator rejecting a broken manifest. A missing tool fails, never skips.
 """
 
@@ -297,8 +300,21 @@ def test_grpc_probes_check_the_plaintext_health_port(docs_3x2, capsys):
         args = server_args(container, capsys)
         assert (args.health_host, args.health_port) == ("0.0.0.0", port_of(container, "health"))
         assert args.health_port != args.port
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": args.health_port}, f"{_name(doc)} {probe}"
+
+
+def test_liveness_checks_only_that_the_server_is_up(docs_3x2, capsys):
+    """A shard that fails its background sha256 check says NOT_SERVING for good, on purpose: liveness must
+    not restart it (the new process would check sizes only and serve the corrupt files again). So liveness
+    opens the health port (tcpSocket) and readiness alone reads the health status."""
+    servers = [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]
+    for doc in servers:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        args = server_args(container, capsys)
+        liveness = container["livenessProbe"]
+        assert liveness["tcpSocket"] == {"port": args.health_port} and "grpc" not in liveness, _name(doc)
+        assert container["readinessProbe"]["grpc"] == {"port": args.health_port}, _name(doc)
 
 
 def test_the_shards_take_every_request_the_router_forwards(docs_3x2, capsys):
@@ -594,7 +610,7 @@ def test_kubernetes_validator_rejects_broken_objects(default_docs, break_it, whe
 def test_ray_and_plain_manifests_are_valid(version):
     docs = load_manifests(RAY_MANIFESTS + PLAIN_MANIFESTS)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob"], kinds
+    assert kinds == ["Job", "NetworkPolicy", "PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob"], kinds
     for doc in docs:
         assert errors(doc, version) is None, f"{_name(doc)}: {errors(doc, version)}"
 
@@ -1046,3 +1062,217 @@ def test_files_the_images_copy_build_the_package(tmp_path):
     modules = {str(p.relative_to(ROOT)) for package in packages for p in package.rglob("*.py")}
     assert modules | {"retrieval/v1/retriever_pb2.py"} <= names, "modules left out of the wheel"
     assert "retriever-server = retriever_server.cli:main" in entry_points
+
+
+# ---------------------------------------------------------------- what deploy/README.md has the reader run
+
+
+def readme_bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_token_files_are_the_owners_alone_and_deleted(tmp_path):
+    """The README's block making the Secrets, run under the usual umask 022 with kubectl and openssl
+    stubbed: every token file kubectl reads is readable by its owner alone, and none is left behind."""
+    (block,) = [b for b in readme_bash_blocks() if "create secret generic $R-tokens" in b]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python").symlink_to(sys.executable)
+    (stubs / "openssl").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "kubectl").write_text('#!/bin/bash\nfor a in "$@"; do case "$a" in --from-file=*) '
+                                   'f="${a#--from-file=}"; f="${f#*=}"; '
+                                   'if [ -e "$f" ]; then stat -c "%a %n" "$f" >> kubectl.log; fi;; esac; done\n')
+    for stub in ("openssl", "kubectl"):
+        (stubs / stub).chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(["bash", "-ec", "umask 022\n" + block], cwd=work, capture_output=True, text=True,
+                          env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    read = dict(reversed(line.split(maxsplit=1)) for line in (work / "kubectl.log").read_text().splitlines())
+    token_files = {name: mode for name, mode in read.items() if Path(name).name == "tokens"}
+    assert sorted(token_files) == ["shard/tokens", "tokens"], read
+    assert set(token_files.values()) == {"600"}, token_files
+    assert not [p for p in work.rglob("tokens")], "token files left behind"
+
+
+def test_the_build_job_is_not_retried():
+    """A build publishes its datastore and refuses an existing one without --overwrite: a retry of a job that
+    got that far fails ('already exists'), each try on a new Ray cluster with GPUs. The evaluation reuses
+    its finished shares, so a retry of it can succeed."""
+    jobs = {d["metadata"]["name"]: d for d in load_manifests(RAY_MANIFESTS) if d["kind"] == "RayJob"}
+    commands = {name: entrypoint_commands(job["spec"]["entrypoint"]) for name, job in jobs.items()}
+    publishing = [name for name, argvs in commands.items()
+                  if any(argv[2:4] == ["lm_worker.cli", "build"] and "--overwrite" not in argv for argv in argvs)]
+    assert publishing == ["retrieval-build"]
+    for name in publishing:
+        assert jobs[name]["spec"].get("backoffLimit", 0) == 0, name
+    assert jobs["retrieval-eval"]["spec"]["backoffLimit"] > 0
+    assert "`backoffLimit: 0`" in _paragraph(README.read_text(), "bash -c 'ENCODE && BUILD'")
+
+
+def _notes(values: dict) -> str:
+    helm = _need("helm_python", "helm-python-sdk")
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    (text,) = [text for path, text in files.items() if path.endswith("NOTES.txt")]
+    return text
+
+
+def info_commands(text: str) -> list[list[str]]:
+    """The `retriever-server info` commands of `text`, as the words after `retriever-server`."""
+    lines = text.replace("\\\n", " ").splitlines()
+    words = [shlex.split(line, comments=True) for line in lines if "retriever-server info " in line]
+    return [w[w.index("retriever-server") + 1:] for w in words]
+
+
+def test_clients_present_a_certificate_where_mutual_tls_is_on(capsys):
+    """With security.mutualTLS every server requires a client certificate: NOTES.txt's `info` gives one
+    then (not otherwise), the README shows the client's Secret and the flags of a client, and the eval
+    entry point takes them."""
+    for mutual in (False, True):
+        (argv,) = info_commands(_notes({"security": {"mutualTLS": mutual}}))
+        args = parse_cli("retriever_server.cli", argv, capsys)
+        assert args.tls_ca and (args.tls_cert is not None, args.tls_key is not None) == (mutual, mutual), argv
+    readme = README.read_text()
+    parsed = [parse_cli("retriever_server.cli", argv, capsys) for block in readme_bash_blocks()
+              for argv in info_commands(block)]
+    assert any(a.tls_cert and a.tls_key for a in parsed) and any(a.tls_cert is None for a in parsed)
+    assert re.search(r"create secret tls \$R-client-tls --cert=client\.crt --key=client\.key", readme)
+    mount = "/etc/retrieval/client-tls"
+    assert f"secretName: {RELEASE}-client-tls" in readme and f"mountPath: {mount}" in readme
+    flags = re.search(rf"--tls-cert ({mount}/[\w./-]+) --tls-key ({mount}/[\w./-]+)", readme)
+    assert flags, "the README gives the eval entry point's client certificate flags"
+    jobs = {d["metadata"]["name"]: d for d in load_manifests(RAY_MANIFESTS)}
+    (argv,) = entrypoint_commands(jobs["retrieval-eval"]["spec"]["entrypoint"])
+    args = parse_cli("lm_worker.cli", [*argv[3:], "--tls-cert", flags[1], "--tls-key", flags[2]], capsys)
+    assert (str(args.tls_cert), str(args.tls_key)) == (flags[1], flags[2])
+    values = (CHART / "values.yaml").read_text()
+    assert "--tls-cert" in values and "--tls-key" in values
+
+
+def helm_set(flags: list[str]) -> dict:
+    """`--set` flags as Helm takes them: dotted keys (`\\.` a literal dot), `name[i]` list items, and
+    true, false, null and integers typed."""
+    values: dict = {}
+    for flag in flags:
+        key, _, raw = flag.partition("=")
+        path: list = []
+        for part in re.split(r"(?<!\\)\.", key):
+            name, *indices = re.split(r"\[(\d+)\]", part.replace("\\.", "."))
+            path += [name, *(int(i) for i in indices if i)]
+        value = {"true": True, "false": False, "null": None}.get(raw, int(raw) if re.fullmatch(r"-?\d+", raw) else raw)
+        node = values
+        for here, following in zip(path, path[1:]):
+            empty = [] if isinstance(following, int) else {}
+            if isinstance(node, list):
+                node.extend(None for _ in range(here + 1 - len(node)))
+                node[here] = empty if node[here] is None else node[here]
+            else:
+                node.setdefault(here, empty)
+            node = node[here]
+        if isinstance(node, list):
+            node.extend(None for _ in range(path[-1] + 1 - len(node)))
+        node[path[-1]] = value
+    return values
+
+
+def test_helm_set_as_helm_takes_it():
+    assert helm_set(["a.b=1", "a.c=x.y", "l[1].k=true", "l[0].k=v", "m.n\\.o/p=2"]) == {
+        "a": {"b": 1, "c": "x.y"}, "l": [{"k": "v"}, {"k": True}], "m": {"n.o/p": 2}}
+
+
+def test_the_readmes_gpu_shards_tolerate_the_gpu_nodes_taint():
+    """The README's GPU shards land on the nodes the Ray GPU workers do: they tolerate the same taint."""
+    ray_tolerations = [t for doc in load_manifests(RAY_MANIFESTS) for _, pod in ray_pods(doc)
+                       if int(pod["containers"][0]["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+                       for t in [pod.get("tolerations")]]
+    assert ray_tolerations and all(t == ray_tolerations[0] for t in ray_tolerations)
+    helm_commands = [shlex.split(line) for block in readme_bash_blocks()
+                     for line in block.replace("\\\n", " ").splitlines() if "--set shard.gpu=true" in line]
+    assert helm_commands
+    for words in helm_commands:
+        docs = render(helm_set([words[i + 1] for i, w in enumerate(words) if w == "--set"]))
+        for sts in of_kind(docs, "StatefulSet"):
+            pod = sts["spec"]["template"]["spec"]
+            assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 1
+            assert pod.get("tolerations") == ray_tolerations[0], _name(sts)
+            assert errors(sts, K8S_VERSIONS[0]) is None, errors(sts, K8S_VERSIONS[0])
+
+
+DATA_OWNER = DEPLOY / "k8s" / "data-owner-job.yaml"
+RAY_POLICY = DEPLOY / "k8s" / "ray-networkpolicy.yaml"
+
+
+def _readme_runs(readme: str, command: str) -> int:
+    found = re.search(rf"^{re.escape(command)}\s*(#.*)?$", readme, re.M)
+    return found.start() if found else -1
+
+
+def test_ray_pods_can_write_a_fresh_shared_volume():
+    """A fresh shared volume's root belongs to root, and the Ray pods run as uid 1000: they take the volume's
+    group (fsGroup, re-owning the volume only when its root is not already theirs) where the volume type
+    supports it, and a one-off Job, which the README runs before the first write, gives /data to uid 1000
+    where it does not (NFS, EFS, Filestore)."""
+    uid = yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]
+    for doc in load_manifests(RAY_MANIFESTS):
+        for where, pod in ray_pods(doc):
+            if any(v.get("persistentVolumeClaim") for v in pod.get("volumes", [])):
+                context = pod["securityContext"]
+                assert (context.get("fsGroup"), context.get("fsGroupChangePolicy")) == (uid, "OnRootMismatch"), where
+    claims = {d["metadata"]["name"] for d in load_manifests(PLAIN_MANIFESTS) if d["kind"] == "PersistentVolumeClaim"}
+    (job,) = [d for d in load_manifests([DATA_OWNER]) if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (volume,) = [v for v in pod["volumes"] if v.get("persistentVolumeClaim")]
+    assert volume["persistentVolumeClaim"]["claimName"] in claims and mounts[volume["name"]] == "/data"
+    assert container["command"] == ["chown", f"{uid}:{uid}", "/data"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    readme = README.read_text()
+    owner = _readme_runs(readme, f"kubectl -n retrieval apply -f deploy/k8s/{DATA_OWNER.name}")
+    first_job = re.search(r"^ray job submit ", readme, re.M).start()
+    assert 0 <= owner < first_job and owner < readme.index("apply -f deploy/ray/")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # matchExpressions are not read here
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_only_ray_pods_reach_the_ray_ports(default_docs):
+    """Ray's control plane (GCS, dashboard and job API, the nodes' ports) takes Ray's token but is not
+    encrypted: a NetworkPolicy admits the Ray pods alone (heads, workers, submitters, of any Ray cluster
+    here), and the KubeRay operator's namespace to the dashboard's port alone."""
+    (policy,) = [d for d in load_manifests([RAY_POLICY]) if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    ray_labels, dashboard = [], set()
+    for doc in load_manifests(RAY_MANIFESTS):
+        spec_ = cluster_spec(doc)
+        templates = [spec_["headGroupSpec"]["template"], *(g["template"] for g in spec_.get("workerGroupSpecs", []))]
+        if "submitterPodTemplate" in doc["spec"]:
+            templates.append(doc["spec"]["submitterPodTemplate"])
+        ray_labels += [t.get("metadata", {}).get("labels", {}) for t in templates]
+        head = spec_["headGroupSpec"]["template"]["spec"]["containers"][0]
+        dashboard.add(port_of(head, "dashboard"))
+    assert all(_selects(spec["podSelector"], labels) for labels in ray_labels)
+    others = [d["spec"]["template"]["metadata"].get("labels", {}) for d in default_docs if "template" in d["spec"]]
+    others += [d["spec"]["template"].get("metadata", {}).get("labels", {}) for d in load_manifests([DATA_OWNER])]
+    pod_peers = 0
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, peer
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"].get("matchLabels"), "every namespace"
+                assert {p["port"] for p in rule.get("ports", [{"port": None}])} == dashboard, rule
+            else:
+                pod_peers += 1
+                assert all(_selects(peer["podSelector"], labels) for labels in ray_labels)
+                assert not any(_selects(peer["podSelector"], labels) for labels in others), peer
+    assert pod_peers
+    readme = " ".join(README.read_text().split())
+    assert _readme_runs(README.read_text(), f"kubectl -n retrieval apply -f deploy/k8s/{RAY_POLICY.name}") >= 0
+    assert "token-authenticated but not encrypted" in readme

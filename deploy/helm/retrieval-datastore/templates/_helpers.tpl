@@ -257,8 +257,10 @@ readinessProbe:
   grpc:
     port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.readiness | nindent 2 }}
+{{- /* Liveness only opens the health port: a server that says NOT_SERVING on purpose (a shard whose
+    background sha256 check failed) must stay out of rotation, not be restarted into serving again. */}}
 livenessProbe:
-  grpc:
+  tcpSocket:
     port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.liveness | nindent 2 }}
 {{- if gt (int $server.preStopSleepSeconds) 0 }}
