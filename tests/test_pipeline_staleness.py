@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import asdict, replace
@@ -313,3 +314,159 @@ def test_a_minilm_source_of_other_weights_is_stale_and_this_minilms_is_not():
         assert encoded_by(config, "retro", fingerprint, made) is None
     why = encoded_by(config, "retro", "minilm-l6-v2:000000000000/wp256", made)
     assert why == "by a MiniLM (minilm-l6-v2:000000000000/wp256) other than this one's weights"
+
+
+class TinyEncoder:
+    """A chunk encoder of 4 dimensions: each chunk's first 4 token ids, as floats."""
+
+    dimension = 4
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        return np.asarray(chunks[:, :4], np.float32)
+
+
+def write_source(folder: Path, kind: str, encoder: str, rows: int = 10, **details) -> None:
+    """FOLDER/source.json, as an encode writes it (`SourceInfo.write`)."""
+    from lm_worker.sources.source import SourceInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    SourceInfo(folder, kind, rows, 4, "bpe:x", encoder, 8 if kind == "retro" else 0, details).write()
+
+
+def write_manifest(run: Path, kind: str, ntotal: int, metadata: dict) -> None:
+    """RUN/KIND-datastore/manifest.json in two shards, shaped as the build writes it."""
+    shards = [{"name": f"shard-{i:05d}", "id_start": i * ntotal // 2, "id_end": (i + 1) * ntotal // 2, "files": {}}
+              for i in range(2)]
+    (run / f"{kind}-datastore").mkdir(parents=True, exist_ok=True)
+    (run / f"{kind}-datastore" / "manifest.json").write_text(json.dumps(
+        {"dimension": 4, "metric": "l2", "factory": "Flat", "ntotal": ntotal, "nlist": 0, "default_nprobe": 1,
+         "has_keys": True, "payloads": [], "shards": shards, "build": {}, "metadata": metadata,
+         "format_version": 1, "checksum": "0" * 64, "version": "0" * 16}))
+
+
+def built_from(run: Path, kind: str) -> dict:
+    """The metadata the build writes for the source at RUN/KIND-source (`build_source`)."""
+    from lm_worker.sources.source import read_source
+
+    info = read_source(run / f"{kind}-source")
+    window = {"chunk_len": str(info.chunk_len)} if kind == "retro" else {
+        "context_len": str(info.details.get("context_len", ""))}
+    return {"kind": kind, "tokenizer": info.tokenizer_fingerprint, **info.encoder_metadata, **window}
+
+
+def test_a_datastore_built_from_another_source_is_stale(tmp_path):
+    """A datastore was reused whenever its manifest was there: re-encoded by `lm-worker encode` (another LM,
+    other windows or chunks), its source was checked but the datastore built from the old one was served.
+    Its manifest's metadata and row count are now compared with the source it would serve."""
+    from lm_worker.encoders.lm_chunks import PREFIX
+    from lm_worker.pipeline.staleness import Made, orphaned, other_shards, removal, stale_knnlm, stale_retro_keys
+
+    config = replace(PipelineConfig(run=tmp_path, context_len=128, stride=64, progress=False), retro_init="scratch")
+    made = Made(checkpoint=tmp_path / "lm", fingerprint="lm:abc", model=None)
+    write_source(tmp_path / "knnlm-source", "knnlm", "lm:abc", context_len=128, stride=64)
+    write_manifest(tmp_path, "knnlm", 10, {"kind": "knnlm", "tokenizer": "bpe:x", "encoder": "lm:OLD",
+                                           "context_len": "256"})
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "eval.json").write_text("{}")
+    assert other_shards(config) == {} and orphaned(config, "knnlm") == {}
+    stale = stale_knnlm(config, made)
+    assert set(stale) == {"knnlm-datastore"}, stale
+    assert "'lm:OLD'" in stale["knnlm-datastore"] and "'256'" in stale["knnlm-datastore"], stale
+    assert removal(config, stale) == f"{tmp_path / 'knnlm-datastore'} and {tmp_path / 'report'}"
+    write_manifest(tmp_path, "knnlm", 10, built_from(tmp_path, "knnlm"))
+    assert stale_knnlm(config, made) == {}  # built from this source: reused
+    write_manifest(tmp_path, "knnlm", 12, built_from(tmp_path, "knnlm"))
+    assert "12 rows" in stale_knnlm(config, made)["knnlm-datastore"]
+    write_manifest(tmp_path, "knnlm", 10, {})  # not built from a source by this project: it cannot tell
+    assert "records no encoder" in stale_knnlm(config, made)["knnlm-datastore"]
+
+    write_source(tmp_path / "retro-source", "retro", PREFIX + "abc")
+    write_manifest(tmp_path, "retro", 10, {**built_from(tmp_path, "retro"), "chunk_len": "16"})
+    assert set(stale_retro_keys(config, made)) == {"retro-datastore"}
+    write_manifest(tmp_path, "retro", 10, built_from(tmp_path, "retro"))
+    assert stale_retro_keys(config, made) == {}
+
+
+def retro_run(tmp_path: Path) -> PipelineConfig:
+    """A run folder with a held-out split and a RETRO source of LM keys (chunks of 8)."""
+    from lm_worker.data.token_store import write_token_store
+    from lm_worker.encoders.lm_chunks import PREFIX
+
+    write_token_store(tmp_path / "data" / "heldout", [("a", list(range(1, 30))), ("b", list(range(5, 40)))], 0,
+                      "bpe:x")
+    write_source(tmp_path / "retro-source", "retro", PREFIX + "abc")
+    return replace(config_of(tmp_path, tmp_path), retro_init="scratch")
+
+
+def test_query_keys_made_for_another_source_are_stale_and_those_made_for_this_one_are_not(tmp_path, caplog):
+    """RUN/retro-source/SPLIT-keys.npy was reused whenever it was there: the held-out chunks' queries of an
+    encoder the source, re-encoded, no longer holds. The pipeline now records what it embeds them from
+    (`keys_record`, as `lm-worker neighbours` does) and refuses keys of another encoder or chunks."""
+    from lm_worker.encoders.lm_chunks import PREFIX
+    from lm_worker.pipeline.datastore_stage import embed_split
+    from lm_worker.pipeline.staleness import Made, removal, stale_retro_keys
+    from lm_worker.sources.output import new_source
+
+    config, keys = retro_run(tmp_path), tmp_path / "retro-source" / "heldout-keys.npy"
+    embed_split(config, TinyEncoder(PREFIX + "abc"), "heldout")
+    assert stale_retro_keys(config, Made(tmp_path / "lm", "lm:abc", None)) == {}  # its own keys: reused
+    with new_source(tmp_path / "retro-source") as work:  # `lm-worker encode retro` with another LM
+        write_source(work, "retro", PREFIX + "new")
+    assert keys.is_file()  # a split's keys stay with the folder
+    stale = stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None))
+    assert set(stale) == {"retro-source/heldout-keys.npy"}, stale
+    assert removal(config, stale) == str(keys)
+    keys.with_suffix(".json").unlink()  # keys of an earlier version, with no record
+    os.utime(keys, ns=(1, 1))  # older than the source: made for an earlier one
+    assert "older than" in stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None))[
+        "retro-source/heldout-keys.npy"]
+    os.utime(keys)  # embedded after the source was: reused, with a warning
+    with caplog.at_level(logging.WARNING, logger="lm_worker"):
+        assert stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None)) == {}
+    assert "heldout-keys.npy does not record" in caplog.text
+
+
+def test_a_re_encode_leaves_the_old_sources_neighbours_out_and_keeps_the_rest(tmp_path):
+    """A re-encode carried every other file of the folder into the new source: neighbours fetched from the
+    old source's rows were then reported reused. They now go with the old source; a split's keys (whose
+    record says what they were made from) and the user's own files stay."""
+    from lm_worker.sources.neighbours import SEARCH_RECORD, WINDOW_RECORD
+    from lm_worker.sources.output import new_source
+
+    out = tmp_path / "retro-source"
+    write_source(out, "retro", "lm-last:abc")
+    kept = ("heldout-keys.npy", "heldout-keys.json", "notes.md")
+    for name in (*kept, "neighbours-train.npy", "neighbours-heldout.npy", SEARCH_RECORD, WINDOW_RECORD):
+        (out / name).write_text(name)
+    with new_source(out) as work:
+        (work / "source.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == sorted(("source.json", *kept))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retro-source"]  # no replaced folder left beside
+
+
+def test_values_read_from_the_run_folder_cannot_forge_a_line_in_a_message(tmp_path):
+    from lm_worker.pipeline.datastore_stage import check_neighbour_files
+    from lm_worker.pipeline.staleness import Made, stale_knnlm
+    from lm_worker.sources.neighbours import SEARCH_RECORD
+
+    config = replace(PipelineConfig(run=tmp_path, context_len=128, stride=64, progress=False), retro_init="scratch")
+    made = Made(checkpoint=tmp_path / "lm", fingerprint="lm:abc", model=None)
+    forged = "\nERROR: \x1b[2Kforged line"
+    write_source(tmp_path / "knnlm-source", "knnlm", "lm:x" + forged, context_len=128, stride=64)
+    messages = [stale_knnlm(config, made)["knnlm-source"]]  # encoded by another LM
+    write_source(tmp_path / "knnlm-source", "knnlm", "lm:abc", context_len="128" + forged, stride=64)
+    write_manifest(tmp_path, "knnlm", 10, {**built_from(tmp_path, "knnlm"), "encoder": "lm:abc" + forged})
+    stale = stale_knnlm(config, made)  # other windows, and a datastore of another encoder
+    assert set(stale) == {"knnlm-source", "knnlm-datastore"}, stale
+    messages += stale.values()
+    source = tmp_path / "retro-source"
+    source.mkdir()
+    np.save(source / "neighbours-heldout.npy", np.zeros((4, config.n_neighbours, 16), np.int32))
+    (source / SEARCH_RECORD).write_text(json.dumps({"heldout": {"nprobe": "8" + forged}}))
+    with pytest.raises(ValueError) as refused:
+        check_neighbour_files(config)
+    for message in (*messages, str(refused.value)):
+        assert "\n" not in message and "\x1b" not in message and r"\x1b" in message, message

@@ -14,6 +14,7 @@ import numpy as np
 from lm_worker.data.token_store import TokenStore
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import Stages, done
+from lm_worker.pipeline.staleness import plain, refusal, stale_query_keys
 from lm_worker.retrieval.config import RetrievalConfig
 from lm_worker.sources.neighbours import record_search, record_window, recorded_searches, recorded_window
 
@@ -73,17 +74,21 @@ def _check_search(config: PipelineConfig, split: str, path: Path) -> None:
         log.warning("%s does not record the search it was fetched by (an earlier version): reused as if by "
                     "nprobe %d", path, config.retro_nprobe)
     elif found != wanted:
-        given = ", ".join(f"{name} {value}" for name, value in sorted(found.items()))
+        given = ", ".join(f"{plain(name)} {plain(value)}" for name, value in sorted(found.items()))
         raise ValueError(f"{path} was fetched with {given}; this run searches with retro_nprobe "
                          f"{config.retro_nprobe}: remove it and {config.run / 'retro'} to fetch and train again")
 
 
 def embed_split(config: PipelineConfig, encoder, split: str) -> None:
-    """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks."""
-    from lm_worker.sources.retro import embed_chunks
+    """RUN/retro-source/SPLIT-keys.npy: the RETRO queries of a split's chunks, with the record of what they
+    were embedded from beside them (`keys_record`: the source's encoder, the split's chunks)."""
+    from lm_worker.sources.retro import embed_chunks, keys_record
+    from lm_worker.sources.source import read_source
 
-    embed_chunks(TokenStore.open(config.run / "data" / split), encoder, config.retro.chunk_len,
-                 config.run / "retro-source" / f"{split}-keys.npy", progress=config.progress)  # whole or none
+    source, store = config.run / "retro-source", TokenStore.open(config.run / "data" / split)
+    record = keys_record(store, config.retro.chunk_len, read_source(source).encoder_fingerprint)
+    embed_chunks(store, encoder, config.retro.chunk_len, source / f"{split}-keys.npy", progress=config.progress,
+                 record=record)  # whole or none, its record once it is whole
 
 
 def build_datastore_of(config: PipelineConfig, source: Path, datastore: Path) -> None:
@@ -146,10 +151,12 @@ def sources_and_datastores(config: PipelineConfig, stages: Stages, lm_checkpoint
     run, encoder = config.run, None
     for kind in ("knnlm", "retro"):
         source, datastore = run / f"{kind}-source", run / f"{kind}-datastore"
-        with stages.stage(f"encode {kind} (Ray Data, {max(config.encode_workers, 1)} workers)",
-                          reused=done(source / "source.json")):
-            if not done(source / "source.json"):
+        encoded = not done(source / "source.json")
+        with stages.stage(f"encode {kind} (Ray Data, {max(config.encode_workers, 1)} workers)", reused=not encoded):
+            if encoded:
                 encode_source(config, kind, lm_checkpoint)
+        if kind == "retro" and encoded and (stale := stale_query_keys(config, read_source(source))):
+            raise ValueError(refusal(config, stale))  # keys left in the folder, made for the source before
         if kind == "retro":  # what was there before was checked by `check_made_from`
             encoder = chunk_encoder_for(read_source(source).encoder_metadata, tokenizer, lm_checkpoint)  # this
             # run's LM, not the path the source recorded: a run folder moved or copied reads its own

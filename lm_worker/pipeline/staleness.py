@@ -7,12 +7,16 @@ that names every folder to remove."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.stages import done
+
+log = logging.getLogger(__name__)
 
 # Each output and what is made from it, in pipeline order: removing an output means remaking these too. The
 # LM's own outputs are found by `made_from_lm` (a RETRO source of MiniLM keys, or RETRO from scratch, are not).
@@ -24,9 +28,16 @@ MADE_FROM = {"data": ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-so
              # RETRO's own figures only: kNN-LM's tuning and evaluation shares stay valid
              "retro-source": ("retro-source", "retro-datastore", "retro", "report/shares/retro"),
              "retro-datastore": ("retro-datastore", "retro-source/neighbours-*.npy", "retro", "report/shares/retro"),
+             # a split's queries (RETRO trains and validates on their neighbours)
+             **{f"retro-source/{split}-keys.npy": (f"retro-source/{split}-keys.npy",
+                                                   f"retro-source/neighbours-{split}.npy", "retro",
+                                                   "report/shares/retro") for split in ("heldout", "retro")},
              "retro": ("retro", "report/shares/retro")}
 ORDER = ("data", "lm", "knnlm-source", "knnlm-datastore", "retro-source", "retro-datastore",
-         "retro-source/neighbours-*.npy", "retro", "report", "report/shares/retro")
+         "retro-source/heldout-keys.npy", "retro-source/retro-keys.npy", "retro-source/neighbours-*.npy",
+         "retro-source/neighbours-heldout.npy", "retro-source/neighbours-retro.npy", "retro", "report",
+         "report/shares/retro")
+WINDOW_KEY = {"knnlm": "context_len", "retro": "chunk_len"}  # the window a datastore's metadata records
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,29 @@ def check_made_from(config: PipelineConfig, lm_checkpoint: Path) -> None:
     stale = {**stale_knnlm(config, made), **stale_retro_keys(config, made), **stale_retro(config, made),
              **other_shards(config)}
     if stale:
-        raise ValueError(f"{'; '.join(stale.values())}: remove {removal(config, stale)} to make them again, "
-                         "or use another run folder")
+        raise ValueError(refusal(config, stale))
+
+
+def refusal(config: PipelineConfig, stale: dict[str, str]) -> str:
+    """The message refusing a run folder's `stale` outputs: every reason, then every path to remove."""
+    return (f"{'; '.join(stale.values())}: remove {removal(config, stale)} to make them again, or use another "
+            "run folder")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value read from a run folder's file, for a message, as `safe_text` shows untrusted text: the repr
+    of its first `limit` characters (newlines, quotes and terminal escapes escaped: it cannot forge a line),
+    and its length when cut."""
+    text = str(value)
+    quoted = repr(text[:limit])
+    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+
+
+def plain(value: object, limit: int = 80) -> str:
+    """A value read from a run folder's file, for a message: as it is when it is at most `limit` printable
+    characters (a fingerprint), else as `shown`."""
+    text = str(value)
+    return text if text.isprintable() and len(text) <= limit else shown(value, limit)
 
 
 def check_models(config: PipelineConfig) -> None:
@@ -122,15 +154,16 @@ def removal(config: PipelineConfig, stale: dict[str, str]) -> str:
     """The paths to remove, in pipeline order, each once (a file under a folder already named left out)."""
     names = {name for output in stale for name in MADE_FROM[output]}
     names -= {name for name in names if "/" in name and name.split("/")[0] in names}
+    names -= {name for name in names for glob in names if "*" in glob and name != glob and fnmatch.fnmatch(name, glob)}
     paths = [str(config.run / name) for name in ORDER if name in names and present(config.run / name)]
     return paths[0] if len(paths) == 1 else f"{', '.join(paths[:-1])} and {paths[-1]}"
 
 
 def present(path: Path) -> bool:
-    """Whether there is anything at `path` to remove (a glob: any match; a folder: anything in it)."""
+    """Whether there is anything at `path` to remove (a glob: any match; a folder: anything in it; a file)."""
     if "*" in path.name:
         return any(path.parent.glob(path.name))
-    return path.is_dir() and any(path.iterdir())
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
 def encoded_by(config: PipelineConfig, kind: str, fingerprint: str, made: Made) -> str | None:
@@ -140,12 +173,13 @@ def encoded_by(config: PipelineConfig, kind: str, fingerprint: str, made: Made) 
     by_lm = kind == "knnlm" or config.retro_encoder == "lm"
     wanted = made.fingerprint if kind == "knnlm" else PREFIX + made.fingerprint.removeprefix("lm:")
     if kind == "retro" and by_lm != fingerprint.startswith(PREFIX):  # MiniLM for the LM, or the other way
-        return f"by {fingerprint}, retro_encoder is {config.retro_encoder!r}"
+        return f"by {plain(fingerprint)}, retro_encoder is {config.retro_encoder!r}"
     if not by_lm:
-        return None if minilm_reads(fingerprint) else f"by a MiniLM ({fingerprint}) other than this one's weights"
+        return None if minilm_reads(fingerprint) else (f"by a MiniLM ({plain(fingerprint)}) other than this one's "
+                                                        "weights")
     if fingerprint == wanted:
         return None
-    return f"by another LM ({fingerprint}) than {made.checkpoint} ({wanted})"
+    return f"by another LM ({plain(fingerprint)}) than {made.checkpoint} ({wanted})"
 
 
 def minilm_reads(fingerprint: str) -> bool:
@@ -182,6 +216,102 @@ def orphaned(config: PipelineConfig, kind: str) -> dict[str, str]:
     return {}
 
 
+def other_source(config: PipelineConfig, kind: str) -> dict[str, str]:
+    """RUN/KIND-datastore when its manifest, as `build_source` writes it, names another source than
+    RUN/KIND-source (one encoded again since, by `lm-worker encode`): another encoder, window (context_len,
+    chunk_len), kind, tokenizer, dimension or row count. One whose metadata records none of these was not
+    built from a source by this project and cannot be shown to hold this one: stale too. An unreadable
+    manifest is left to the servers' own checks, which name it when it is opened."""
+    from lm_worker.sources.source import read_source
+
+    source, datastore = config.run / f"{kind}-source", config.run / f"{kind}-datastore"
+    if not (done(datastore / "manifest.json") and done(source / "source.json")):
+        return {}
+    try:
+        manifest = json.loads((datastore / "manifest.json").read_text())
+        metadata, rows, dimension = manifest["metadata"], manifest["ntotal"], manifest["dimension"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(metadata, dict):
+        return {}
+    info = read_source(source)
+    window = str(info.chunk_len) if kind == "retro" else str(info.details.get("context_len", ""))
+    wanted = {"encoder": info.encoder_fingerprint, WINDOW_KEY[kind]: window, "kind": info.kind,
+              "tokenizer": info.tokenizer_fingerprint}
+    if missing := [key for key in wanted if key not in metadata]:
+        return {f"{kind}-datastore": f"{datastore} records no {', '.join(missing)}: it cannot be shown to be built "
+                                     f"from {source}"}
+    differ = [f"{key} {shown(metadata[key])}, the source's {shown(value)}" for key, value in wanted.items()
+              if metadata[key] != value]
+    differ += [f"{plain(found)} {what}, the source's {value}" for what, found, value in
+               (("rows", rows, info.rows), ("dimensions", dimension, info.dimension)) if found != value]
+    if differ:
+        return {f"{kind}-datastore": f"{datastore} was built from another source than {source}: it has "
+                                     f"{'; '.join(differ)}"}
+    return {}
+
+
+def stale_query_keys(config: PipelineConfig, info) -> dict[str, str]:
+    """RUN/retro-source/SPLIT-keys.npy, the queries of a split that is not in the datastore, when the record
+    beside it (`keys_record`, written by the pipeline and by `lm-worker neighbours`) names another encoder
+    than the source's (`info`), or other chunks than the split's. One with no record (an earlier version)
+    is stale when older than the source (made for an earlier one), else reused with a warning."""
+    from lm_worker.data.token_store import TokenStore
+    from lm_worker.pipeline.datastore_stage import query_splits
+    from lm_worker.sources.retro import keys_record
+
+    stale = {}
+    for split in query_splits(config):
+        path, data = info.directory / f"{split}-keys.npy", config.run / "data" / split
+        if not path.is_file() or not data.is_dir():
+            continue
+        recorded = keys_recorded(path)
+        if recorded is None:
+            if path.stat().st_mtime_ns < (info.directory / "source.json").stat().st_mtime_ns:
+                stale[f"retro-source/{split}-keys.npy"] = (f"{path} records nothing of what it was embedded from "
+                                                           "(an earlier version) and is older than the source: "
+                                                           "made for an earlier one")
+            else:
+                log.warning("%s does not record what it was embedded from (an earlier version): reused as the "
+                            "queries of %s", path, info.directory)
+            continue
+        wanted = keys_record(TokenStore.open(data), info.chunk_len, info.encoder_fingerprint)
+        if not recorded:
+            stale[f"retro-source/{split}-keys.npy"] = f"{path.with_suffix('.json')} is unreadable"
+        elif not same_encoder(recorded.get("encoder"), info.encoder_fingerprint):
+            stale[f"retro-source/{split}-keys.npy"] = (f"{path} was embedded by {plain(recorded.get('encoder'))}, "
+                                                       f"the source's keys by {plain(info.encoder_fingerprint)}")
+        elif differ := [key for key in wanted if key != "encoder" and recorded.get(key) != wanted[key]]:
+            stale[f"retro-source/{split}-keys.npy"] = (f"{path} was embedded from other chunks than {data}'s "
+                                                       f"({', '.join(differ)} differ)")
+    return stale
+
+
+def keys_recorded(path: Path) -> dict | None:
+    """The record beside a split's keys file (`keys_record`); None where there is none, {} if unreadable."""
+    record = path.with_suffix(".json")
+    if not record.exists():
+        return None
+    try:
+        body = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def same_encoder(recorded: object, fingerprint: str) -> bool:
+    """Whether keys recorded as embedded by `recorded` are of the encoder `fingerprint` names: the same
+    fingerprint, or the MiniLM here by either digest, with the same word-piece limit."""
+    from lm_worker.encoders.lm_chunks import PREFIX
+
+    if recorded == fingerprint:
+        return True
+    if not isinstance(recorded, str) or recorded.startswith(PREFIX) or fingerprint.startswith(PREFIX):
+        return False
+    return (recorded.rpartition("/wp")[2] == fingerprint.rpartition("/wp")[2] and minilm_reads(recorded)
+            and minilm_reads(fingerprint))
+
+
 def stale_knnlm(config: PipelineConfig, made: Made) -> dict[str, str]:
     """RUN/knnlm-source when encoded by another LM or with other windows than this run's; its datastore
     when the source is gone."""
@@ -195,8 +325,9 @@ def stale_knnlm(config: PipelineConfig, made: Made) -> dict[str, str]:
             stale["knnlm-source"] = f"{source} was encoded {why}"
         elif windows != (config.context_len, config.stride):
             stale["knnlm-source"] = (f"{source} was encoded with another context_len and stride than this run's "
-                                     f"({windows} against {(config.context_len, config.stride)})")
-    return {**stale, **orphaned(config, "knnlm")}
+                                     f"(({', '.join(map(plain, windows))}) against "
+                                     f"{(config.context_len, config.stride)})")
+    return {**stale, **orphaned(config, "knnlm"), **other_source(config, "knnlm")}
 
 
 def stale_retro_keys(config: PipelineConfig, made: Made) -> dict[str, str]:
@@ -212,7 +343,9 @@ def stale_retro_keys(config: PipelineConfig, made: Made) -> dict[str, str]:
                                      f"{chunk_len}")
         elif why := encoded_by(config, "retro", info.encoder_fingerprint, made):
             stale["retro-source"] = f"{source} was encoded {why}"
-    return {**stale, **orphaned(config, "retro")}
+        else:
+            stale.update(stale_query_keys(config, info))
+    return {**stale, **orphaned(config, "retro"), **other_source(config, "retro")}
 
 
 def stale_retro(config: PipelineConfig, made: Made) -> dict[str, str]:
@@ -228,7 +361,7 @@ def stale_retro(config: PipelineConfig, made: Made) -> dict[str, str]:
     base = fitted_onto(saved, made)
     if base in (None, made.fingerprint):
         return {}
-    return {"retro": f"{path.parent} was retro-fitted onto another LM ({base}) than {made.checkpoint} "
+    return {"retro": f"{path.parent} was retro-fitted onto another LM ({plain(base)}) than {made.checkpoint} "
                      f"({made.fingerprint})"}
 
 
