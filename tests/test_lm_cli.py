@@ -386,7 +386,7 @@ def test_a_model_or_datastore_of_another_tokenizer_is_refused_before_any_work(lm
     write_manifest(foreign, dataclasses.replace(manifest, metadata={**manifest.metadata, "tokenizer": theirs}))
     for args, words in [
         (["generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"), "--no-retrieval",
-          "--prompt", "x"], f"was trained with tokenizer {ours}, but --data's is {theirs}"),
+          "--prompt", "x"], f"was trained with tokenizer {ours!r}, but --data's is {theirs}"),
         (["eval", "--data", str(run / "data-280"), "--lm", str(run / "lm"), "--out", str(run / "x"),
           "--knnlm-datastore", str(run / "knnlm-datastore")], f"--lm {run / 'lm'} was trained with tokenizer"),
         (["generate", "--checkpoint", str(run / "lm"), "--data", str(run / "data"), "--datastore", str(foreign),
@@ -394,7 +394,7 @@ def test_a_model_or_datastore_of_another_tokenizer_is_refused_before_any_work(lm
         (["eval", "--data", str(run / "data"), "--lm", str(run / "lm"), "--out", str(run / "x"),
           "--knnlm-datastore", str(foreign)], "the datastore of --knnlm-target / --knnlm-datastore holds tokens"),
         (["encode", "knnlm", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"), "--out",
-          str(run / "x")], f"--checkpoint {run / 'lm'} was trained with tokenizer {ours}"),
+          str(run / "x")], f"--checkpoint {run / 'lm'} was trained with tokenizer {ours!r}"),
         (["encode", "retro", "--encoder", "lm", "--checkpoint", str(run / "lm"), "--data", str(run / "data-280"),
           "--out", str(run / "x"), "--chunk-len", "8", "--workers", "0"], "was trained with tokenizer"),
     ]:

@@ -267,7 +267,7 @@ def test_neighbours_refuses_other_data_or_a_knnlm_datastore_before_writing(run, 
     (source / "heldout-keys.npy").write_bytes(b"kept as it was")
     base = ["neighbours", "--source", source, "--data", run / "data"]
     err = one_line_error(capsys, *base, "--datastore", run / "x")
-    assert err.startswith(f"lm-worker neighbours: error: --source {source} holds tokens of tokenizer t, but "
+    assert err.startswith(f"lm-worker neighbours: error: --source {source} holds tokens of tokenizer 't', but "
                           "--data's is bpe:"), err
     record = json.loads((source / "source.json").read_text())
     fingerprint = Tokenizer.load(run / "data" / "tokenizer.json").fingerprint

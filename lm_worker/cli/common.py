@@ -22,6 +22,23 @@ PROG = "lm-worker"
 LM_KINDS = ("lm",)  # the checkpoint kinds a flag takes: the base LM (the LM chunk encoder)
 KNNLM_KINDS = ("lm", "hf")  # models with kNN-LM keys: the base LM or a Hugging Face causal LM
 RETRO_KINDS = ("retro",)
+SHOWN_TEXT = 1 << 22  # characters of a model's text a command prints: more than any decode
+
+
+def shown_text(text: str, limit: int = SHOWN_TEXT) -> str:
+    """A model's text for the terminal: newlines kept, every other control character (a terminal escape
+    among them) escaped, cut past `limit` characters."""
+    from lm_worker.retrieval.errors import one_line  # the service's modules load only when a command needs them
+
+    return one_line(text, limit, newlines=True)
+
+
+def safe_text(value: object) -> str:
+    """A value read from a file (a fingerprint in documents.json, source.json, a checkpoint), for a message:
+    quoted, escaped and cut (`untrusted.safe_text`), so that it cannot forge a line."""
+    from lm_worker.retrieval.errors import safe_text as quoted
+
+    return quoted(value)
 
 
 class Parser(argparse.ArgumentParser):
@@ -195,7 +212,7 @@ def check_tokenizers(tokenizer, *checkpoints: tuple[str, Path | None]) -> None:
     for flag, path in checkpoints:
         made = checkpoint_tokenizer(path) if path is not None else ""
         if made and made != tokenizer.fingerprint:
-            raise ValueError(f"{flag} {path} was trained with tokenizer {made}, but --data's is "
+            raise ValueError(f"{flag} {path} was trained with tokenizer {safe_text(made)}, but --data's is "
                              f"{tokenizer.fingerprint}: give the --data it was trained on")
 
 
@@ -348,7 +365,8 @@ def _check_writable(path: Path, places, flag: str) -> None:
 def folder_kind(path: Path) -> str:
     """What an existing folder holds, by the file that marks it: "a datastore" (manifest.json), "a kNN-LM
     source" or "a RETRO source" (source.json), "a prepared corpus" (tokenizer.json), "a checkpoint folder"
-    (checkpoint.pt); "" for an empty folder or one that is not there, "other files" otherwise."""
+    (checkpoint.pt), "a split of a prepared corpus" (documents.json); "" for an empty folder or one that is
+    not there, "other files" otherwise."""
     if not path.is_dir() or not any(path.iterdir()):
         return ""
     if (path / "manifest.json").exists():
@@ -360,7 +378,8 @@ def folder_kind(path: Path) -> str:
             kind = None
         kinds = {"knnlm": "a kNN-LM source", "retro": "a RETRO source"}
         return kinds.get(kind, "a datastore source") if isinstance(kind, str) else "a datastore source"
-    marks = {"tokenizer.json": "a prepared corpus", "checkpoint.pt": "a checkpoint folder"}
+    marks = {"tokenizer.json": "a prepared corpus", "checkpoint.pt": "a checkpoint folder",
+             "documents.json": "a split of a prepared corpus"}
     return next((kind for mark, kind in marks.items() if (path / mark).exists()), "other files")
 
 

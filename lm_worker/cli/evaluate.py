@@ -31,6 +31,7 @@ from lm_worker.cli.common import (
     refuse_given,
     retrieval_config,
     retrieval_flags,
+    safe_text,
     search_checks,
     security_of,
 )
@@ -358,7 +359,7 @@ def run_eval(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.load(args.data / "tokenizer.json")
     store = TokenStore.open(args.data / args.split)
     if store.tokenizer_fingerprint != tokenizer.fingerprint:
-        raise ValueError(f"{store.directory} was tokenized with {store.tokenizer_fingerprint}, "
+        raise ValueError(f"{store.directory} was tokenized with {safe_text(store.tokenizer_fingerprint)}, "
                          f"not {tokenizer.fingerprint}")
     check_tokenizers(tokenizer, ("--lm", args.lm), ("--retro", args.retro))
     lambdas = _lambdas(args.lambdas) or DEFAULT_LAMBDAS

@@ -25,6 +25,7 @@ from lm_worker.cli.common import (
     retrieval_flags,
     search_checks,
     security_of,
+    shown_text,
 )
 
 # From this many prompts on, kNN-LM greedy and sampling decode two prompt groups in turn by default: in
@@ -133,7 +134,8 @@ def _prompts(args: argparse.Namespace, tokenizer) -> tuple[list[str], list[list[
                              f"{err.reason})") from None
         except OSError as err:
             raise ValueError(f"--prompt-file {args.prompt_file} cannot be read: {err.strerror or err}") from None
-        lines = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+        # "\n" alone ends a line (str.splitlines also splits on form feeds, \x1c-\x1e, \x85 and U+2028)
+        lines = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not lines and not texts:
             raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one per line)")
         texts += lines
@@ -338,7 +340,7 @@ def run_generate(args: argparse.Namespace) -> None:
             if close is not None:
                 close()
     for r, text in enumerate(texts):
-        print(f"--- {text!r}\n{tokenizer.decode(decoded[r])}")
+        print(f"--- {text!r}\n{shown_text(tokenizer.decode(decoded[r]))}")
     s = getattr(stepper, "stats", None)
     if s is not None and s.retrieval_calls:
         guesses = f"; next token guessed right for {s.guessed_right} of {s.guessed} rows" if s.guessed else ""

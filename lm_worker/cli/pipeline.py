@@ -6,7 +6,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from lm_worker.cli.common import add_ray_address, check_flags, check_folder, check_out_kind, int_in
+from lm_worker.cli.common import add_ray_address, check_flags, check_folder, check_out_kind, int_in, shown_text
 from lm_worker.encoders.registry import ENCODERS
 from lm_worker.retrieval.demo import MIN_KEYS
 
@@ -61,7 +61,7 @@ def add_parsers(sub) -> None:
 def _print_report(report) -> None:
     print("\n" + report.summary)
     if report.samples is not None:
-        print(report.samples.read_text())
+        print(shown_text(report.samples.read_text()))  # a model's text: no terminal escapes
     written = [report.report / "summary.md", report.eval_json, *report.plots, report.samples]
     print("\n".join(f"written: {p}" for p in written if p is not None))
 
@@ -128,12 +128,15 @@ def _snippet(text: str, width: int = 96) -> str:
 
 
 def run_retrieval_demo(args: argparse.Namespace) -> None:
-    from lm_worker.retrieval.demo import DemoConfig, run_demo
+    from lm_worker.retrieval.demo import DemoConfig, foreign_to_demo, run_demo
 
     check_flags(("--queries", args.queries, args.queries >= 1, ">= 1"))
     check_folder(args.out, "--out")
+    what = "a retrieval-demo folder (source/, datastore/)"
     if not (args.out.is_dir() and {p.name for p in args.out.iterdir()} <= {"source", "datastore"}):
-        check_out_kind(args.out, "--out", (), "a retrieval-demo folder (source/, datastore/)")
+        check_out_kind(args.out, "--out", (), what)
+    elif foreign := foreign_to_demo(args.out):  # the demo rewrites source/'s arrays and rebuilds datastore/
+        raise ValueError(f"--out {args.out} holds {foreign}, not {what}: give another folder")
     report = run_demo(DemoConfig(out=args.out, n_keys=args.keys, n_queries=args.queries, progress=not args.no_progress))
     info = report.info
     print(f"\ndatastore {report.datastore}: {info.ntotal} chunks, {info.factory}, {info.metric}, "

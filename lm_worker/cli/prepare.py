@@ -94,6 +94,10 @@ def run_prepare(args: argparse.Namespace) -> None:
                     ("--max-train-tokens", args.max_train_tokens), ("--max-heldout-tokens", args.max_heldout_tokens),
                     ("--max-retro-tokens", args.max_retro_tokens))),
                 ("--heldout-fraction", args.heldout_fraction, 0 < args.heldout_fraction < 1, "in (0, 1)"))
+    if args.max_retro_tokens and not args.max_train_tokens:  # the retro split takes what train left out
+        raise ValueError(f"--max-train-tokens 0 trains on every training document, which leaves none for "
+                         f"--max-retro-tokens {args.max_retro_tokens}: give a --max-train-tokens budget, or leave "
+                         "--max-retro-tokens out")
     check_folder(args.out, "--out")
     check_out_kind(args.out, "--out", ("a prepared corpus",), "a folder that `prepare` wrote")
     check_prepare_out(args.out, args.corpus)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from lm_worker.cli.common import (
@@ -27,6 +28,7 @@ from lm_worker.cli.common import (
     positive_finite,
     refuse_given,
     retrieval_flags,
+    safe_text,
     search_checks,
     security_of,
 )
@@ -221,10 +223,10 @@ def run_neighbours(args: argparse.Namespace) -> None:
     import numpy as np
 
     from lm_worker.data.prepare import load_prepared
-    from lm_worker.data.token_store import RETRO_SPLIT, TokenStore
+    from lm_worker.data.token_store import RETRO_SPLIT, TokenStore, write_text_atomically
     from lm_worker.encoders.registry import chunk_encoder_for
     from lm_worker.sources.exclusions import chunk_exclusions
-    from lm_worker.sources.neighbours import precompute_neighbours, record_search, record_window
+    from lm_worker.sources.neighbours import WINDOW_RECORD, precompute_neighbours, record_search
     from lm_worker.sources.retro import embed_chunks, keys_made_from, keys_record
     from lm_worker.sources.source import read_source
 
@@ -234,8 +236,9 @@ def run_neighbours(args: argparse.Namespace) -> None:
     source = read_source(args.source, kinds=("retro",), flag="--source")  # neighbours are RETRO's
     tokenizer, train, heldout = load_prepared(args.data)
     if source.tokenizer_fingerprint != tokenizer.fingerprint:  # its chunks are other text: nothing is written
-        raise ValueError(f"--source {args.source} holds tokens of tokenizer {source.tokenizer_fingerprint}, but "
-                         f"--data's is {tokenizer.fingerprint}: give the --data it was encoded from")
+        raise ValueError(f"--source {args.source} holds tokens of tokenizer "
+                         f"{safe_text(source.tokenizer_fingerprint)}, but --data's is {tokenizer.fingerprint}: "
+                         "give the --data it was encoded from")
     L = source.chunk_len
     splits = {"heldout": heldout}
     if (args.data / RETRO_SPLIT).is_dir():  # text the LM never saw: no document of it is in the datastore
@@ -260,10 +263,12 @@ def run_neighbours(args: argparse.Namespace) -> None:
             jobs.append((name, np.load(keys, mmap_mode="r"), None))
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"
+            if name == "train":  # no record of the window while the file may be replaced: none beats a wrong one
+                (args.source / WINDOW_RECORD).unlink(missing_ok=True)
             precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
             record_search(args.source, name, retriever.config)  # once the file is whole, as the pipeline does
-            if name == "train":  # the window it was fetched for, recorded once it is whole
-                record_window(args.source, args.seq_len)
+            if name == "train":  # the window it was fetched for (`recorded_window` reads it), whole or not at all
+                write_text_atomically(args.source / WINDOW_RECORD, json.dumps({"window": int(args.seq_len)}))
             print(f"{name}: neighbours -> {out}")
 
 

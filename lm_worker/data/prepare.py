@@ -32,6 +32,7 @@ from lm_worker.data.tokenizer import Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 PREPARED_ENTRIES = frozenset({"tokenizer.json", *SPLITS, RETRO_SPLIT})  # all that `prepare_corpus` writes in OUT
+SPLIT_FILES = frozenset({"tokens.npy", "doc_ids.npy", "documents.json"})  # all `write_token_store` writes in a split
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class PrepareConfig:
     max_heldout_tokens: int = 0
     max_retro_tokens: int = 0
     id_field: str | None = None
-    progress: bool = True
+    progress: bool = True  # taken for the callers' sake: nothing here draws a bar (`train_tokenizer` says why)
 
     def __post_init__(self):
         for name in ("max_train_tokens", "max_heldout_tokens", "max_retro_tokens"):
@@ -176,11 +177,23 @@ def _prepare_held(config: PrepareConfig, out: Path) -> PrepareReport:
 
 
 def foreign_entries(out: Path) -> list[str]:
-    """The names in an existing folder `out` that `prepare_corpus` does not write (sorted; [] where `out` is
-    not a folder): replacing `out` whole would delete them."""
-    if not Path(out).is_dir():
+    """The paths (relative to `out`, sorted; [] where `out` is not a folder) in an existing folder `out` that
+    `prepare_corpus` does not write, its splits' contents included: replacing `out` whole would delete them.
+    An entry of the wrong type (a folder named tokenizer.json, a file or a link named as a split) is one; a
+    foreign folder is named, not what it holds."""
+    out = Path(out)
+    if not out.is_dir():
         return []
-    return sorted(p.name for p in Path(out).iterdir() if p.name not in PREPARED_ENTRIES)
+    found = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == "tokenizer.json" and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name in PREPARED_ENTRIES - {"tokenizer.json"} and entry.is_dir() and not entry.is_symlink():
+            found += [f"{entry.name}/{p.name}" for p in sorted(entry.iterdir())
+                      if p.name not in SPLIT_FILES or not p.is_file() or p.is_symlink()]
+            continue
+        found.append(entry.name)
+    return found
 
 
 def _prepare_lock(given: Path, out: Path):
@@ -222,7 +235,7 @@ def _move_into_place(work: Path, out: Path) -> None:
 def _write_prepared(config: PrepareConfig, split: dict[str, list[Document]]) -> PrepareReport:
     """Trains the tokenizer and writes every split into `config.out`."""
     budget = {"train": config.max_train_tokens, "heldout": config.max_heldout_tokens}
-    tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size, config.progress)
+    tokenizer = train_tokenizer(_char_sample(split["train"], budget["train"]), config.vocab_size)
     out = Path(config.out)
     out.mkdir(parents=True)
     tokenizer.save(out / "tokenizer.json")

@@ -73,8 +73,9 @@ class Tokenizer:
             raise ValueError(f"{path} is not a tokenizer file: {err}") from None
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, progress: bool = False) -> Tokenizer:
-    """Trains a byte-level BPE tokenizer with `vocab_size` tokens (EOS included) on `texts`."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+    """Trains a byte-level BPE tokenizer with `vocab_size` tokens (EOS included) on `texts`. The trainer
+    draws no progress bars: `tokenizers` draws them on stdout, which is a command's output."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -84,9 +85,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, progress: bool
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], show_progress=progress,
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
+    log.info("training a BPE tokenizer of %d tokens", vocab_size)
     tok.train_from_iterator(texts, trainer)
     log.info("trained a BPE tokenizer with %d tokens", tok.get_vocab_size())
     return Tokenizer(tok)

@@ -74,12 +74,11 @@ def refusal(config: PipelineConfig, stale: dict[str, str]) -> str:
 
 
 def shown(value: object, limit: int = 80) -> str:
-    """A value read from a run folder's file, for a message, as `safe_text` shows untrusted text: the repr
-    of its first `limit` characters (newlines, quotes and terminal escapes escaped: it cannot forge a line),
-    and its length when cut."""
-    text = str(value)
-    quoted = repr(text[:limit])
-    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+    """A value read from a run folder's file, for a message: quoted, escaped and cut (`untrusted.safe_text`),
+    so that it cannot forge a line."""
+    from lm_worker.retrieval.errors import safe_text
+
+    return safe_text(value, limit)
 
 
 def plain(value: object, limit: int = 80) -> str:

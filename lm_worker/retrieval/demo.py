@@ -9,6 +9,7 @@ datastore records their digest).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,10 @@ EXAMPLES_NPROBE = 16  # lists the examples' search probes
 # the build's auto factory gives n keys at most n // 39 lists (39 training rows a list), and a search may
 # probe no more lists than there are: the fewest keys whose lists the examples can probe
 MIN_KEYS = 39 * EXAMPLES_NPROBE
+DEMO_MARK = "retrieval-demo.json"  # in OUT/source: the demo wrote that folder
+SOURCE_FILES = frozenset({"keys.npy", "tokens.npy", "doc.npy", DEMO_MARK})  # all the demo writes in OUT/source
+# what the demo's datastore records in its manifest's metadata, with "keys", the digest of the keys it holds
+DEMO_METADATA = {"encoder": "all-MiniLM-L6-v2", "chunk_len": "64", "corpus": "cpython-stdlib"}
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,60 @@ def _source_arrays(config: DemoConfig):
 
     vectors = stdlib_vectors(config.n_keys, config.n_queries, progress=config.progress)
     source = config.out / "source"
-    source.mkdir(parents=True, exist_ok=True)
+    mark_demo_source(source)
     for name, array in (("keys", vectors.keys), ("tokens", vectors.tokens), ("doc", vectors.doc_ids)):
         path, array = source / f"{name}.npy", np.asarray(array)
         if not _holds(path, array):  # another --keys, or vectors made anew (another Python's stdlib): rewritten
             np.save(path, array)
     return vectors, source
+
+
+def mark_demo_source(source: Path) -> None:
+    """Makes the folder `source` (OUT/source) if missing and marks it as the demo's (`DEMO_MARK`)."""
+    source.mkdir(parents=True, exist_ok=True)
+    if not (source / DEMO_MARK).is_file():
+        (source / DEMO_MARK).write_text(json.dumps({"written_by": "lm-worker retrieval-demo"}))
+
+
+def _demo_keys(datastore: Path) -> str | None:
+    """The digest of the keys the demo's datastore at `datastore` was built from; None where that is no
+    datastore the demo built (its manifest's metadata says)."""
+    from retriever_server.datastore.manifest import DatastoreError, read_manifest
+
+    try:
+        metadata = read_manifest(datastore).metadata
+    except (DatastoreError, OSError, ValueError):
+        return None
+    ours = all(metadata.get(name) == value for name, value in DEMO_METADATA.items())
+    return metadata.get("keys") if ours and isinstance(metadata.get("keys"), str) else None
+
+
+def foreign_to_demo(out: Path) -> str | None:
+    """What in `out` (a folder holding at most source/ and datastore/) the demo did not write, in a few
+    words; None where all it holds is the demo's own, or nothing. Its source/ holds only the demo's files
+    and either its mark or the keys its datastore was built from; its datastore/ is empty, or one whose
+    manifest records the demo's metadata (`DEMO_METADATA`)."""
+    from retriever_server.wire.untrusted import safe_text
+
+    source, datastore = Path(out) / "source", Path(out) / "datastore"
+    keys = None
+    if datastore.exists() or datastore.is_symlink():
+        folder = datastore.is_dir() and not datastore.is_symlink()
+        if not (folder and not any(datastore.iterdir())):  # an empty folder: nothing to lose
+            keys = _demo_keys(datastore) if folder else None
+            if keys is None:
+                return "datastore/, which is no datastore the retrieval demo built (its manifest's metadata)"
+    if not source.exists():
+        return None
+    if not source.is_dir() or source.is_symlink():
+        return "source, which is not a folder"
+    names = sorted(p.name for p in source.iterdir())
+    if foreign := [n for n in names if n not in SOURCE_FILES or not (source / n).is_file()]:
+        return f"source/{safe_text(foreign[0])[1:-1]}, which the retrieval demo does not write"
+    marked = (source / DEMO_MARK).is_file()
+    if names and not marked and not (keys is not None and "keys.npy" in names and _digest(source / "keys.npy") == keys):
+        return f"source/ without the retrieval demo's mark ({DEMO_MARK}) or the keys of its datastore"
+    return None
 
 
 def _holds(path: Path, array: np.ndarray) -> bool:
@@ -100,7 +153,7 @@ def _datastore(config: DemoConfig, source: Path) -> Path:
     build_datastore(BuildConfig(
         keys=source / "keys.npy", out=out, payloads={"tokens": source / "tokens.npy", "doc": source / "doc.npy"},
         shards=config.shards, keep_keys=True, overwrite=out.exists(),
-        metadata={"encoder": "all-MiniLM-L6-v2", "chunk_len": "64", "corpus": "cpython-stdlib", "keys": keys},
+        metadata={**DEMO_METADATA, "keys": keys},
     ), num_cpus=config.num_cpus, progress=config.progress)
     ray.shutdown()
     return out

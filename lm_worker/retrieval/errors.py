@@ -6,7 +6,9 @@
   `--factory`), or failed;
 - `SecurityError`: a TLS or token file is missing (a ValueError);
 
-and `shown`, an error's message as a terminal may show it (a server's words can carry escapes).
+and `shown`, an error's message as a terminal may show it (a server's words can carry escapes); `safe_text`
+and `one_line` (from the service's `untrusted`), for the LM side's own untrusted text: values read from files,
+a model's output.
 
 Example:
     >>> try:
@@ -21,9 +23,10 @@ from retriever_server.client import RetrieverError
 from retriever_server.datastore.build_inputs import BuildError
 from retriever_server.datastore.manifest import DatastoreError
 from retriever_server.security.config import SecurityError
-from retriever_server.wire.untrusted import SHOWN_ERROR, one_line
+from retriever_server.wire.untrusted import SHOWN_ERROR, one_line, safe_text
 
-__all__ = ["RetrieverError", "DatastoreError", "BuildError", "SecurityError", "SERVICE_ERRORS", "shown"]
+__all__ = ["RetrieverError", "DatastoreError", "BuildError", "SecurityError", "SERVICE_ERRORS", "shown", "one_line",
+           "safe_text"]
 
 SERVICE_ERRORS: tuple[type[Exception], ...] = (RetrieverError, DatastoreError, BuildError, SecurityError)
 
