@@ -42,6 +42,8 @@ UNSIZED = {
     "IVF4(RQ0x8),Flat": "IndexResidualQuantizer's quantizer has 0 sub-quantizers",
     "IVF4(PQ1x0),Flat": "product quantizer of 0 bits per code",
     "IVF4_HNSW0,Flat": "IndexHNSWFlat graph has 0 neighbours per node",
+    "IVF4_HNSW1,Flat": "IndexHNSWFlat graph has 0 neighbours per node",  # M=1: FAISS's graph has no level
+    "IDMap,HNSW1": "IndexHNSWFlat graph has 0 neighbours per node",
 }
 
 

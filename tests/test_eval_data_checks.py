@@ -19,6 +19,7 @@ from lm_worker.evaluation.report import write_report
 from lm_worker.models.transformer_lm import LMConfig, TransformerLM
 from lm_worker.pipeline.config import PipelineConfig
 from lm_worker.pipeline.data_stage import PREPARED, check_prepared_corpus, split_heldout
+from lm_worker.training.config import TrainConfig
 
 DOCS = [("a", [1, 2, 3, 4, 5]), ("b", [6, 7, 8]), ("c", [9, 10, 11, 12])]  # tokens 0-5, 6-9, 10-14 with EOS
 
@@ -138,6 +139,7 @@ def test_a_folder_named_stdlib_is_not_the_built_in_corpus(tmp_path, monkeypatch,
     ({"shards": 2.5}, "shards must be an integer >= 1, got 2.5"),
     ({"eval_workers": -1}, "eval_workers must be an integer >= 0, got -1"),
     ({"samples": -2}, "samples must be an integer >= 0, got -2"),
+    ({"retro": TrainConfig(kind="retro", preset="small")}, "retro.chunk_len must be given (>= 1)"),  # the preset's
 ])
 def test_a_size_no_stage_could_run_with_is_refused_before_any_stage(sizes, refused):
     """Each of these failed only when its stage came (a stride RETRO cannot evaluate over, after the kNN-LM

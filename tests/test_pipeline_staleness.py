@@ -419,31 +419,30 @@ def test_query_keys_made_for_another_source_are_stale_and_those_made_for_this_on
     stale = stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None))
     assert set(stale) == {"retro-source/heldout-keys.npy"}, stale
     assert removal(config, stale) == str(keys)
-    keys.with_suffix(".json").unlink()  # keys of an earlier version, with no record
-    os.utime(keys, ns=(1, 1))  # older than the source: made for an earlier one
-    assert "older than" in stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None))[
-        "retro-source/heldout-keys.npy"]
-    os.utime(keys)  # embedded after the source was: reused, with a warning
+    keys.with_suffix(".json").unlink()  # keys of an earlier version, with no record: reused, with a warning,
+    os.utime(keys, ns=(1, 1))  # whatever their file times say (a copy of the run folder sets its own)
     with caplog.at_level(logging.WARNING, logger="lm_worker"):
         assert stale_retro_keys(config, Made(tmp_path / "lm", "lm:new", None)) == {}
     assert "heldout-keys.npy does not record" in caplog.text
 
 
-def test_a_re_encode_leaves_the_old_sources_neighbours_out_and_keeps_the_rest(tmp_path):
-    """A re-encode carried every other file of the folder into the new source: neighbours fetched from the
-    old source's rows were then reported reused. They now go with the old source; a split's keys (whose
-    record says what they were made from) and the user's own files stay."""
+def test_a_re_encode_keeps_the_folders_other_files_and_the_datastore_is_then_stale(tmp_path):
+    """A re-encode keeps every other file of the folder (a split's keys with their record, RETRO's neighbours, the
+    user's own): none is deleted. What was made from the old source is then named by the pipeline, the datastore
+    first (test_a_datastore_built_from_another_source_is_stale)."""
     from lm_worker.sources.neighbours import SEARCH_RECORD, WINDOW_RECORD
     from lm_worker.sources.output import new_source
 
     out = tmp_path / "retro-source"
     write_source(out, "retro", "lm-last:abc")
-    kept = ("heldout-keys.npy", "heldout-keys.json", "notes.md")
-    for name in (*kept, "neighbours-train.npy", "neighbours-heldout.npy", SEARCH_RECORD, WINDOW_RECORD):
+    kept = ("heldout-keys.npy", "heldout-keys.json", "notes.md", "neighbours-train.npy", "neighbours-heldout.npy",
+            SEARCH_RECORD, WINDOW_RECORD)
+    for name in kept:
         (out / name).write_text(name)
     with new_source(out) as work:
         (work / "source.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == sorted(("source.json", *kept))
+    assert all((out / name).read_text() == name for name in kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["retro-source"]  # no replaced folder left beside
 
 

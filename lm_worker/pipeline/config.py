@@ -78,6 +78,9 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r:.40}")
         if self.stride > self.context_len:  # windows further apart than they are long would skip tokens
             raise ValueError(f"stride must be at most context_len ({self.context_len}), got {self.stride}")
+        if self.retro.chunk_len < 1:  # TrainConfig's 0 ("the preset's"): the pipeline encodes in chunks of it itself
+            raise ValueError(f"retro.chunk_len must be given (>= 1): RETRO's source is encoded in chunks of it, "
+                             f"got {self.retro.chunk_len}")
         if self.context_len % self.retro.chunk_len or self.stride % self.retro.chunk_len:  # RETRO's windows too
             raise ValueError(f"context_len ({self.context_len}) and stride ({self.stride}) must be multiples of "
                              f"RETRO's chunk_len ({self.retro.chunk_len}): RETRO is evaluated over the same windows")

@@ -254,7 +254,7 @@ def stale_query_keys(config: PipelineConfig, info) -> dict[str, str]:
     """RUN/retro-source/SPLIT-keys.npy, the queries of a split that is not in the datastore, when the record
     beside it (`keys_record`, written by the pipeline and by `lm-worker neighbours`) names another encoder
     than the source's (`info`), or other chunks than the split's. One with no record (an earlier version)
-    is stale when older than the source (made for an earlier one), else reused with a warning."""
+    is reused with a warning."""
     from lm_worker.data.token_store import TokenStore
     from lm_worker.pipeline.datastore_stage import query_splits
     from lm_worker.sources.retro import keys_record
@@ -265,14 +265,9 @@ def stale_query_keys(config: PipelineConfig, info) -> dict[str, str]:
         if not path.is_file() or not data.is_dir():
             continue
         recorded = keys_recorded(path)
-        if recorded is None:
-            if path.stat().st_mtime_ns < (info.directory / "source.json").stat().st_mtime_ns:
-                stale[f"retro-source/{split}-keys.npy"] = (f"{path} records nothing of what it was embedded from "
-                                                           "(an earlier version) and is older than the source: "
-                                                           "made for an earlier one")
-            else:
-                log.warning("%s does not record what it was embedded from (an earlier version): reused as the "
-                            "queries of %s", path, info.directory)
+        if recorded is None:  # file times cannot tell: a copy of the run folder sets them in its own order
+            log.warning("%s does not record what it was embedded from (an earlier version): reused as the "
+                        "queries of %s", path, info.directory)
             continue
         wanted = keys_record(TokenStore.open(data), info.chunk_len, info.encoder_fingerprint)
         if not recorded:

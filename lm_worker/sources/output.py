@@ -2,11 +2,9 @@
 
 A source is encoded into a work folder beside its output folder and moved into place only when it
 is complete, so a failed or interrupted encode leaves an earlier source there as it was. The swap
-keeps whatever else the output folder held (the user's files, a split's keys with the record of
-what they were embedded from), and removes the earlier source's own files with the RETRO neighbours
-fetched from its rows (`neighbours-*.npy` and their records: ids of its datastore, never of the new
-one). An output folder that holds files but no source is refused: this project never replaces
-files it did not write.
+keeps whatever else the output folder held (the user's files, a split's keys), and removes only
+the earlier source's own files. An output folder that holds files but no source is refused: this
+project never replaces files it did not write.
 
     OUT/                       the finished source (source.json last), as readers see it
     .OUT.encoding/             the encode job's work folder: its parts, resumed by a rerun of the job
@@ -22,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import os
 import re
@@ -33,7 +30,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lm_worker.data.folders import swap_folders
-from lm_worker.sources.neighbours import SEARCH_RECORD, WINDOW_RECORD
 from lm_worker.sources.source import KEYS, KEYS_PARTS, PAYLOAD_FILES, SOURCE_JSON
 from retriever_server.datastore.publish import BuildError, held_lock
 from retriever_server.datastore.row_parts import PARTS_SUFFIX
@@ -151,24 +147,14 @@ def remove_abandoned(out_dir: Path) -> None:
                     "once no encode writes it", _names(unknown), out_dir)
 
 
-def made_from_rows(name: str) -> bool:
-    """Whether a file named `name` in a source's folder was made from the source's rows: RETRO's neighbours
-    (`neighbours-SPLIT.npy`, ids and payloads of its datastore) and their records. They go with the source."""
-    return name in (SEARCH_RECORD, WINDOW_RECORD) or fnmatch.fnmatchcase(name, "neighbours-*.npy")
-
-
 def _remove_source_files(folder: Path) -> None:
-    """Removes a source's own files, and those made from its rows, from `folder`, then the folder if nothing
-    else is left in it."""
+    """Removes a source's own files from `folder`, then the folder if nothing else is left in it."""
     for name in SOURCE_ENTRIES:
         entry = folder / name
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
             entry.unlink(missing_ok=True)
-    for entry in sorted(folder.iterdir()):
-        if made_from_rows(entry.name) and not entry.is_dir():
-            entry.unlink()
     try:
         folder.rmdir()
     except OSError:
@@ -178,8 +164,7 @@ def _remove_source_files(folder: Path) -> None:
 def finish_replacing(out_dir: Path) -> None:
     """Ends what a `replace_source` killed part-way left beside `out_dir` (`.NAME.replaced-*`): killed
     between its two renames, the old source goes back to its place (there is no other); killed after them,
-    the old folder's other files join the new source and its own files (with the neighbours fetched from its
-    rows, `made_from_rows`) are removed."""
+    the old folder's other files join the new source and its own files are removed."""
     place = place_of(out_dir)
     for old in _beside(place, r"replaced-[0-9a-f]{8}"):  # the names replace_source gives, and no others
         if not place.exists():
@@ -191,10 +176,9 @@ def finish_replacing(out_dir: Path) -> None:
 
 
 def _move_others(old: Path, place: Path) -> None:
-    """Moves the entries of the replaced source's folder `old` that are neither a source's own nor made from
-    its rows into `place`."""
+    """Moves the entries of the replaced source's folder `old` that are not a source's own into `place`."""
     for entry in sorted(old.iterdir()):
-        if entry.name not in SOURCE_ENTRIES and not made_from_rows(entry.name) and not (place / entry.name).exists():
+        if entry.name not in SOURCE_ENTRIES and not (place / entry.name).exists():
             os.rename(entry, place / entry.name)
 
 

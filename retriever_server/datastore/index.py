@@ -81,7 +81,8 @@ def _unsized(part: faiss.Index) -> str | None:
     sizes = [(f"{type(t).__name__} transform", t.d_out, "output dimensions") for t in chain]
     sizes += [("OPQMatrix transform", t.M, "sub-quantizers") for t in chain if isinstance(t, faiss.OPQMatrix)]
     if (graph := getattr(part, "hnsw", None)) is not None:
-        sizes.append((f"{type(part).__name__} graph", graph.nb_neighbors(0), "neighbours per node"))
+        levels = faiss.vector_to_array(graph.cum_nneighbor_per_level)  # HNSW1's has no level: 0 neighbours
+        sizes.append((f"{type(part).__name__} graph", int(levels[1]) if len(levels) > 1 else 0, "neighbours per node"))
     for q in (q for name in ("pq", "aq", "sq", "rabitq") if (q := getattr(part, name, None)) is not None):
         bits = q.nbits if hasattr(q, "nbits") else getattr(q, "bits", 1)  # an additive quantizer's: one each
         bits = bits if isinstance(bits, int) else min(faiss.vector_to_array(bits).tolist(), default=0)
@@ -304,8 +305,7 @@ def id_selector(excluded_ids, ranges):
     """A FAISS selector accepting every id except the given ids and disjoint [start, end) ranges (sequences or
     arrays: (n,) ids, (m, 2) ranges); None if there are none. The excluded rows are bits of one bitmap
     (`IDSelectorBitmap`), so whatever their number a candidate is checked in constant time; the bitmap spans ids
-    up to the largest excluded one (ids past it are accepted without a look), and its untouched pages cost no
-    memory."""
+    up to the largest excluded one (ids past it are accepted without a look), its untouched pages free."""
     ids = np.asarray(excluded_ids, dtype=np.int64)
     if not (ids[1:] > ids[:-1]).all():
         ids = np.unique(ids)
