@@ -108,7 +108,7 @@ def demo_datastore(path: Path, **metadata) -> None:
     (path / "manifest.json").write_text(json.dumps({"metadata": metadata}))
 
 
-@pytest.mark.parametrize("layout", ["user-keys", "other-datastore", "source-json"])
+@pytest.mark.parametrize("layout", ["other-datastore", "source-json"])
 def test_retrieval_demo_refuses_source_and_datastore_it_did_not_write(tmp_path, capsys, monkeypatch, layout):
     called = demo_stub(monkeypatch)
     out = tmp_path / "r"
@@ -134,7 +134,19 @@ def test_retrieval_demo_takes_a_folder_it_wrote(tmp_path, capsys, monkeypatch):
     mark_demo_source(out / "source")
     np.save(out / "source" / "keys.npy", np.zeros((3, 2), np.float32))
     assert "stub: the demo would run now" in one_line_error(capsys, "retrieval-demo", "--out", out)
-    assert len(called) == 3
+    older = tmp_path / "older"  # an earlier version's output: no mark; its build stopped, or its manifest has no
+    for name in ("keys.npy", "tokens.npy", "doc.npy"):  # digest of the keys
+        np.save(older / "source" / name if (older / "source").is_dir() else _mkdir(older / "source") / name,
+                np.zeros(3, np.int32))
+    assert "stub: the demo would run now" in one_line_error(capsys, "retrieval-demo", "--out", older)
+    demo_datastore(older / "datastore", encoder="all-MiniLM-L6-v2", chunk_len="64", corpus="cpython-stdlib")
+    assert "stub: the demo would run now" in one_line_error(capsys, "retrieval-demo", "--out", older)
+    assert len(called) == 5
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
 
 
 # 3. prepare's progress is not on stdout
@@ -286,7 +298,23 @@ def test_neighbours_stopped_after_the_train_file_leaves_no_stale_window(run, tmp
     assert main([*QUIET, "neighbours", "--source", str(source), "--data", str(run / "data"), "--target",
                  "127.0.0.1:1", "--seq-len", "32"]) == 130
     assert np.load(source / "neighbours-train.npy").tolist() == [1, 1]  # fetched for a window of 32
-    assert neighbours.recorded_window(source) is None  # not 64: no record is better than a wrong one
+    assert neighbours.recorded_window(source) == 32  # recorded as soon as the file was whole, not left at 64
+
+
+def test_a_failed_fetch_keeps_the_train_file_and_its_window(run, tmp_path, capsys, fake_service):
+    import lm_worker.sources.neighbours as neighbours
+
+    source = tmp_path / "src"
+    retro_source(run, source)
+
+    def unreachable(retriever, keys, exclude, out, progress):
+        raise KeyboardInterrupt  # the service gone, or a Ctrl-C, before the file is replaced
+
+    fake_service.setattr(neighbours, "precompute_neighbours", unreachable)
+    assert main([*QUIET, "neighbours", "--source", str(source), "--data", str(run / "data"), "--target",
+                 "127.0.0.1:1", "--seq-len", "32"]) == 130
+    assert np.load(source / "neighbours-train.npy").tolist() == [0]  # the earlier fetch's file...
+    assert neighbours.recorded_window(source) == 64  # ...with its record, which still describes it
 
 
 def test_neighbours_records_the_window_once_the_train_file_is_whole(run, tmp_path, capsys, fake_service):

@@ -263,12 +263,10 @@ def run_neighbours(args: argparse.Namespace) -> None:
             jobs.append((name, np.load(keys, mmap_mode="r"), None))
         for name, keys, exclude in jobs:
             out = args.source / f"neighbours-{name}.npy"
-            if name == "train":  # no record of the window while the file may be replaced: none beats a wrong one
-                (args.source / WINDOW_RECORD).unlink(missing_ok=True)
-            precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)
-            record_search(args.source, name, retriever.config)  # once the file is whole, as the pipeline does
-            if name == "train":  # the window it was fetched for (`recorded_window` reads it), whole or not at all
+            precompute_neighbours(retriever, keys, exclude, out, progress=not args.no_progress)  # whole or none: a
+            if name == "train":  # failed fetch keeps the old file and its record; the window it was fetched for
                 write_text_atomically(args.source / WINDOW_RECORD, json.dumps({"window": int(args.seq_len)}))
+            record_search(args.source, name, retriever.config)  # once the file is whole, as the pipeline does
             print(f"{name}: neighbours -> {out}")
 
 

@@ -80,44 +80,34 @@ def mark_demo_source(source: Path) -> None:
         (source / DEMO_MARK).write_text(json.dumps({"written_by": "lm-worker retrieval-demo"}))
 
 
-def _demo_keys(datastore: Path) -> str | None:
-    """The digest of the keys the demo's datastore at `datastore` was built from; None where that is no
-    datastore the demo built (its manifest's metadata says)."""
-    from retriever_server.datastore.manifest import DatastoreError, read_manifest
-
+def _built_by_demo(datastore: Path) -> bool:
+    """Whether the datastore at `datastore` is one the demo built, as its manifest's metadata says (read alone:
+    the demo checks the rest when it opens it, and builds again what it finds stale or damaged)."""
     try:
-        metadata = read_manifest(datastore).metadata
-    except (DatastoreError, OSError, ValueError):
-        return None
-    ours = all(metadata.get(name) == value for name, value in DEMO_METADATA.items())
-    return metadata.get("keys") if ours and isinstance(metadata.get("keys"), str) else None
+        metadata = json.loads((datastore / "manifest.json").read_text()).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(metadata, dict) and all(metadata.get(name) == value for name, value in DEMO_METADATA.items())
 
 
 def foreign_to_demo(out: Path) -> str | None:
     """What in `out` (a folder holding at most source/ and datastore/) the demo did not write, in a few
-    words; None where all it holds is the demo's own, or nothing. Its source/ holds only the demo's files
-    and either its mark or the keys its datastore was built from; its datastore/ is empty, or one whose
-    manifest records the demo's metadata (`DEMO_METADATA`)."""
+    words; None where all it holds is the demo's own, or nothing: its source/ holds only files of the names
+    the demo writes (an earlier demo's, a build stopped part-way: the next run builds again), its datastore/
+    is empty, or one whose manifest records the demo's metadata (`DEMO_METADATA`)."""
     from retriever_server.wire.untrusted import safe_text
 
     source, datastore = Path(out) / "source", Path(out) / "datastore"
-    keys = None
     if datastore.exists() or datastore.is_symlink():
         folder = datastore.is_dir() and not datastore.is_symlink()
-        if not (folder and not any(datastore.iterdir())):  # an empty folder: nothing to lose
-            keys = _demo_keys(datastore) if folder else None
-            if keys is None:
-                return "datastore/, which is no datastore the retrieval demo built (its manifest's metadata)"
+        if not (folder and (not any(datastore.iterdir()) or _built_by_demo(datastore))):
+            return "datastore/, which is no datastore the retrieval demo built (its manifest's metadata)"
     if not source.exists():
         return None
     if not source.is_dir() or source.is_symlink():
         return "source, which is not a folder"
-    names = sorted(p.name for p in source.iterdir())
-    if foreign := [n for n in names if n not in SOURCE_FILES or not (source / n).is_file()]:
+    if foreign := sorted(p.name for p in source.iterdir() if p.name not in SOURCE_FILES or not p.is_file()):
         return f"source/{safe_text(foreign[0])[1:-1]}, which the retrieval demo does not write"
-    marked = (source / DEMO_MARK).is_file()
-    if names and not marked and not (keys is not None and "keys.npy" in names and _digest(source / "keys.npy") == keys):
-        return f"source/ without the retrieval demo's mark ({DEMO_MARK}) or the keys of its datastore"
     return None
 
 
