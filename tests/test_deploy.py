@@ -307,13 +307,16 @@ def test_grpc_probes_check_the_plaintext_health_port(docs_3x2, capsys):
 def test_liveness_checks_only_that_the_server_is_up(docs_3x2, capsys):
     """A shard that fails its background sha256 check says NOT_SERVING for good, on purpose: liveness must
     not restart it (the new process would check sizes only and serve the corrupt files again). So liveness
-    opens the health port (tcpSocket) and readiness alone reads the health status."""
+    asks for the "liveness" health service (SERVING while the process answers: test_server.py) and readiness
+    alone reads the server's status."""
+    from retriever_server.serving.grpc_setup import LIVENESS
+
     servers = [*of_kind(docs_3x2, "StatefulSet"), *of_kind(docs_3x2, "Deployment")]
     for doc in servers:
         (container,) = doc["spec"]["template"]["spec"]["containers"]
         args = server_args(container, capsys)
         liveness = container["livenessProbe"]
-        assert liveness["tcpSocket"] == {"port": args.health_port} and "grpc" not in liveness, _name(doc)
+        assert liveness["grpc"] == {"port": args.health_port, "service": LIVENESS}, _name(doc)
         assert container["readinessProbe"]["grpc"] == {"port": args.health_port}, _name(doc)
 
 

@@ -199,3 +199,11 @@ def test_an_empty_validation_split_recorded_with_budget_zero_is_not_reused(tmp_p
     write_token_store(data / "valid", DOCS[:1], eos_id=0, tokenizer_fingerprint="t", max_tokens=0)
     valid, test = split_heldout(config, None)
     assert len(valid) == 6 and len(test) == 15
+
+
+def test_a_vocab_size_read_from_the_run_folder_cannot_forge_a_line(tmp_path):
+    run = _prepared_run(tmp_path, {"corpus": "corpus", "vocab_size": "4096\nERROR \x1b[2K forged line"})
+    with pytest.raises(ValueError) as refused:
+        check_prepared_corpus(PipelineConfig(run=run, corpus=str(tmp_path / "proj" / "corpus")))
+    message = str(refused.value)
+    assert "with vocab_size '4096\\nERROR \\x1b[2K forged" in message and "\n" not in message and "\x1b" not in message

@@ -99,12 +99,17 @@ def test_a_lost_shard_fails_the_call_at_once_and_cancels_the_others_search(aio, 
     """Without `allow_partial`, a shard whose replicas all failed fails the call: UNAVAILABLE naming it,
     at once, the other shards' searches cancelled. The router and the fan-out client waited for every
     shard first: behind a slow shard, the whole deadline, and then said DEADLINE_EXCEEDED naming the slow one."""
-    cancelled = threading.Event()
+    cancelled, searching = threading.Event(), threading.Event()
 
-    async def refuse(raw, context):  # as a draining replica refuses
+    async def refuse(raw, context):  # as a draining replica refuses, once the other shard's search is under way
+        for _ in range(500):  # (refused first, the other call may be cancelled before its search starts: nothing
+            if searching.is_set():  # of it to cancel then, on a loaded machine)
+                break
+            await asyncio.sleep(0.01)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
 
     async def slow(*_args, **_kwargs):
+        searching.set()
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:
@@ -119,6 +124,7 @@ def test_a_lost_shard_fails_the_call_at_once_and_cancels_the_others_search(aio, 
         served.shards[1][0].service.handle_search = slow
         for name, client in (("router", router), ("fan-out", fan_out)):
             cancelled.clear()
+            searching.clear()
             with pytest.raises(RetrieverError) as refused:  # waiting for the slow shard: DEADLINE_EXCEEDED
                 client.search(keys[:2], k=5)
             seen[name] = (refused.value.code.name, cancelled.wait(10.0))  # well before the deadline would end it

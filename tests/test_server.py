@@ -439,6 +439,38 @@ def test_a_router_that_cannot_serve_its_shards_leaves_nothing_listening(aio, dat
             aio.run(server.drain(grace=0))
 
 
+def test_liveness_is_serving_while_the_server_is_not_on_purpose(aio, datastore, monkeypatch):
+    """The "liveness" health service answers SERVING whenever the process answers at all: while the shard
+    loads, while it serves, once it turns itself NOT_SERVING (files that failed verification, a drain). A
+    liveness probe asking for it restarts a wedged process, never one out of rotation on purpose."""
+    from retriever_server.serving.grpc_setup import LIVENESS, set_serving
+
+    def status(address: str, service: str) -> str:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    release, original = threading.Event(), shard_module.Shard.open
+    monkeypatch.setattr(shard_module.Shard, "open", lambda *a, **k: (release.wait(30), original(*a, **k))[1])
+    config = ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)  # the port probes ask, and the main one
+    running = aio.run(start_shard_server(config, wait_loaded=False))
+    ports = (running.address, f"127.0.0.1:{running.health_port}")
+    try:
+        assert [(status(a, ""), status(a, LIVENESS)) for a in ports] == [("NOT_SERVING", "SERVING")] * 2
+        release.set()
+
+        async def loaded() -> None:
+            await running.ready
+
+        aio.run(loaded())
+        assert [(status(a, ""), status(a, LIVENESS)) for a in ports] == [("SERVING", "SERVING")] * 2
+        aio.run(set_serving(running.health, False))  # as a shard whose files failed the background sha256
+        assert [(status(a, SERVICE_NAME), status(a, LIVENESS)) for a in ports] == [("NOT_SERVING", "SERVING")] * 2
+    finally:
+        release.set()
+        aio.run(running.drain(grace=0))
+
+
 def test_a_health_port_already_taken_is_refused_and_nothing_is_left_listening(aio, datastore):
     first = aio.run(start_shard_server(ShardServerConfig(datastore, 0, metrics_port=None, health_port=0)))
     port = free_port()

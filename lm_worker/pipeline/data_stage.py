@@ -95,7 +95,11 @@ def check_prepared_corpus(config: PipelineConfig) -> None:
         if not same_corpus(recorded, config.corpus):
             why.append(f"from corpus {str(recorded.get('corpus'))[:200]!r}, corpus is {corpus!r}")
         if recorded.get("vocab_size") != config.vocab_size:
-            why.append(f"with vocab_size {recorded.get('vocab_size')}, vocab_size is {config.vocab_size}")
+            from lm_worker.retrieval.errors import safe_text  # a value from the run folder: it forges no line
+
+            size = recorded.get("vocab_size")
+            why.append(f"with vocab_size {size if isinstance(size, int) else safe_text(size)}, vocab_size is "
+                       f"{config.vocab_size}")
     else:
         if holds_names_of(corpus, data) is False:
             why.append(f"from another corpus than {corpus!r} (it holds documents that are not files of it)")

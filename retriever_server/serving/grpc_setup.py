@@ -43,7 +43,11 @@ HEALTH_IDLE_MS = 30_000
 # The health-only port's calls at once (each request 4 KiB at most: 16 MiB in all): calls that never send their
 # request, each held HEALTH_READ_S, crowd out a probe only past this many.
 HEALTH_PORT_CALLS = 4096
-HEALTH_SERVICES = ("", SERVICE_NAME)  # what health answers for; any other name is NOT_FOUND at once
+# The process itself: SERVING from its first health status on, whatever the server's ("" and the Retriever
+# service, which turn NOT_SERVING to leave rotation: loading, draining, files that failed verification), so
+# that a liveness probe asking for it restarts a process whose event loop no longer answers, and no other.
+LIVENESS = "liveness"
+HEALTH_SERVICES = ("", SERVICE_NAME, LIVENESS)  # what health answers for; any other name is NOT_FOUND at once
 
 
 def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
@@ -63,8 +67,8 @@ def most_calls(max_inflight: int) -> int:
 
 
 class BoundedHealth(health.aio.HealthServicer):
-    """grpc.health.v1, which answers without a token, bounded: Check and Watch answer for the server ("")
-    and the Retriever service alone, any other name NOT_FOUND at once (the stock servicer watches any
+    """grpc.health.v1, which answers without a token, bounded: Check and Watch answer for the server (""),
+    the Retriever service and `LIVENESS` alone, any other name NOT_FOUND at once (the stock servicer watches any
     name for as long as the stream is open, holding its request); at most MAX_WATCHES Watch streams are
     open at once, more are refused with RESOURCE_EXHAUSTED."""
 
@@ -173,10 +177,11 @@ def add_health_and_reflection(server: grpc.aio.Server, reflect: bool = False) ->
 
 
 async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    """Marks the whole server and the Retriever service SERVING or NOT_SERVING."""
+    """Marks the whole server and the Retriever service SERVING or NOT_SERVING (and `LIVENESS` SERVING)."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
+    await servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
 
 def health_status(target: str, timeout: float = 2.0, security: ClientSecurity = ClientSecurity()) -> str:

@@ -257,11 +257,13 @@ readinessProbe:
   grpc:
     port: {{ .root.Values.healthPort }}
   {{- toYaml $server.probes.readiness | nindent 2 }}
-{{- /* Liveness only opens the health port: a server that says NOT_SERVING on purpose (a shard whose
-    background sha256 check failed) must stay out of rotation, not be restarted into serving again. */}}
+{{- /* Liveness asks for the health service "liveness", SERVING while the process's event loop answers,
+    whatever the server's own status: a server that says NOT_SERVING on purpose (a shard whose background
+    sha256 check failed) stays out of rotation, not restarted into serving again; a wedged one is restarted. */}}
 livenessProbe:
-  tcpSocket:
+  grpc:
     port: {{ .root.Values.healthPort }}
+    service: liveness
   {{- toYaml $server.probes.liveness | nindent 2 }}
 {{- if gt (int $server.preStopSleepSeconds) 0 }}
 {{- /* The preStop hook's `sleep` action came with Kubernetes 1.30; the chart supports 1.28. */}}
