@@ -13,5 +13,5 @@
 - `build`: the Ray build job (train the codec once, fill shards in parallel, resume, publish);
 - `publish`: replacing a directory atomically.
 
-Imports: retriever_server.datastore, retriever_server.cluster.connect
+Imports: retriever_server.datastore, retriever_server.cluster.connect, retriever_server.wire.untrusted
 """

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retriever_server.wire.untrusted import one_line
+
 PARTS_SUFFIX = ".parts.json"
 FORMAT = 1
 NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
@@ -38,11 +40,9 @@ NPY_ERRORS = (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError)
 
 
 def escaped(text: object, limit: int = 400) -> str:
-    """Text from outside (a path a parts index lists, a library's error) for a one-line message: control
-    characters (newlines, terminal escapes) escaped, the rest as it is, cut at `limit` characters."""
-    text = os.fsdecode(text) if isinstance(text, bytes | os.PathLike) else str(text)
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
+    """Text from outside (a path a parts index lists, a library's error) for a one-line message (`one_line`:
+    control characters escaped, the rest as it is, cut at `limit` characters); paths and bytes decoded."""
+    return one_line(os.fsdecode(text) if isinstance(text, bytes | os.PathLike) else str(text), limit)
 
 
 def is_parts_index(path: Path | str) -> bool:
